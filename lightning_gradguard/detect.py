@@ -1,0 +1,271 @@
+"""Exploding and vanishing gradient detectors. State lives on the device; decisions are tensors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
+
+# Norms are compared in log space: gradient norms span orders of magnitude and a spike is a *ratio*.
+_TINY = 1e-30
+
+
+class ExplodingResult(NamedTuple):
+    """What :meth:`ExplodingDetector.update` found this step (device tensors).
+
+    Attributes:
+        total: 0-d bool, the total norm spiked or crossed the ceiling.
+        layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling.
+        any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
+    """
+
+    total: Tensor
+    layers: Tensor
+    any: Tensor
+
+
+class VanishingResult(NamedTuple):
+    """What :meth:`VanishingDetector.update` found this step (device tensors).
+
+    Attributes:
+        layers: ``[L]`` bool, layers whose norm has stayed below the floor for at least ``patience`` steps.
+        new: ``[L]`` bool, layers that reached ``patience`` on this very step (one event each).
+    """
+
+    layers: Tensor
+    new: Tensor
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
+
+
+class ExplodingDetector:
+    """Flags steps whose gradient norm jumps far above its recent history, per layer as well as in total.
+
+    The log of each norm is tracked with an exponential moving average (mean and variance). After ``warmup_steps``
+    valid steps, a step is *exploding* when its log-norm lies more than ``z_thresh`` standard deviations above the
+    mean **and** the norm is at least ``min_ratio`` times the mean norm (so a very steady history does not turn
+    small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. Spikes enter the average
+    clipped to the top of the band, so one explosion does not hide the next. Non-finite and AMP-overflow steps are
+    not fed in at all.
+
+    Per layer the same test runs on each layer's own norm; a layer is only named when it carries at least
+    ``min_share`` of the step's total norm, so a layer that is usually silent (norm ~0) does not raise alarms
+    when it wakes up with a tiny gradient.
+
+    Args:
+        z_thresh: z-score (in log-norm) above which a norm is a spike.
+        alpha: EMA decay of the mean and variance (closer to 1: longer memory).
+        warmup_steps: valid steps observed before any spike can be reported.
+        min_ratio: a spike must also be at least this multiple of the EMA norm.
+        max_norm: absolute ceiling for the total norm (``None``: none).
+        max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
+        per_layer: also test each layer.
+        min_share: fraction of the total norm a layer must carry to be reported as exploding.
+
+    Example:
+        >>> import torch
+        >>> det = ExplodingDetector(warmup_steps=5)
+        >>> valid = torch.tensor(True)
+        >>> for n in [1.0, 1.1, 0.9, 1.0, 1.05, 0.95]:
+        ...     r = det.update(torch.tensor(n), torch.tensor([n]), valid)
+        >>> bool(det.update(torch.tensor(100.0), torch.tensor([100.0]), valid).total)
+        True
+    """
+
+    def __init__(
+        self,
+        z_thresh: float = 6.0,
+        alpha: float = 0.95,
+        warmup_steps: int = 20,
+        min_ratio: float = 2.0,
+        max_norm: float | None = None,
+        max_layer_norm: float | None = None,
+        per_layer: bool = True,
+        min_share: float = 0.05,
+    ) -> None:
+        _check_positive("z_thresh", z_thresh)
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"`alpha` must lie in (0, 1), got {alpha!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"`warmup_steps` must be an int >= 1, got {warmup_steps!r}")
+        if not isinstance(min_ratio, (int, float)) or not min_ratio >= 1.0:
+            raise ValueError(f"`min_ratio` must be a number >= 1, got {min_ratio!r}")
+        if max_norm is not None:
+            _check_positive("max_norm", max_norm)
+        if max_layer_norm is not None:
+            _check_positive("max_layer_norm", max_layer_norm)
+        if not 0.0 <= min_share <= 1.0:
+            raise ValueError(f"`min_share` must lie in [0, 1], got {min_share!r}")
+        self.z_thresh = float(z_thresh)
+        self.alpha = float(alpha)
+        self.warmup_steps = warmup_steps
+        self.min_ratio = float(min_ratio)
+        self.max_norm = max_norm
+        self.max_layer_norm = max_layer_norm
+        self.per_layer = per_layer
+        self.min_share = float(min_share)
+        # Device state, created on the first update: [mean, var, count] for the total (index 0) and each layer.
+        self._mean: Tensor | None = None
+        self._var: Tensor | None = None
+        self._count: Tensor | None = None
+
+    def _ensure_state(self, num_layers: int, device: torch.device) -> None:
+        if self._mean is None or self._mean.numel() != num_layers + 1:
+            self._mean = torch.zeros(num_layers + 1, device=device)
+            self._var = torch.zeros(num_layers + 1, device=device)
+            self._count = torch.zeros(num_layers + 1, device=device)
+        elif self._mean.device != device:
+            self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
+
+    def _min_std(self) -> float:
+        # The ratio test already demands min_ratio; the std floor keeps z finite on a perfectly steady history.
+        return math.log(self.min_ratio) / self.z_thresh
+
+    def update(
+        self, total_norm: Tensor, layer_norm: Tensor, valid: Tensor, layer_present: Tensor | None = None
+    ) -> ExplodingResult:
+        """Test this step's norms, then fold them into the history.
+
+        Args:
+            total_norm: 0-d total gradient norm.
+            layer_norm: ``[L]`` per-layer norms.
+            valid: 0-d bool; ``False`` (non-finite gradients, AMP overflow) leaves the state untouched and reports nothing.
+            layer_present: ``[L]`` bool, layers that received a gradient this step (default: all).
+        """
+        layer_norm = layer_norm.detach().float()
+        device = layer_norm.device
+        self._ensure_state(layer_norm.numel(), device)
+        mean, var, count = self._mean, self._var, self._count
+        assert mean is not None and var is not None and count is not None
+        norms = torch.cat([total_norm.detach().float().reshape(1).to(device), layer_norm])
+        if layer_present is None:
+            present = torch.ones_like(norms, dtype=torch.bool)
+        else:
+            present = torch.cat([torch.ones(1, dtype=torch.bool, device=device), layer_present.to(device)])
+        use = present & valid.to(device) & torch.isfinite(norms)
+        x = norms.clamp_min(_TINY).log()
+
+        std = var.sqrt().clamp_min(self._min_std())
+        warm = count >= self.warmup_steps
+        spike = warm & ((x - mean) > self.z_thresh * std) & ((x - mean) > math.log(self.min_ratio))
+        ceilings = torch.full_like(norms, math.inf)
+        if self.max_norm is not None:
+            ceilings[0] = self.max_norm
+        if self.max_layer_norm is not None:
+            ceilings[1:] = self.max_layer_norm
+        flags = use & (spike | (norms > ceilings))
+        if not self.per_layer:
+            flags[1:] = False
+        flags[1:] &= layer_norm >= self.min_share * norms[0]
+
+        # Warm-up uses a plain running mean (1/n), afterwards the EMA; spikes enter clipped to the band's edge.
+        rate = torch.where(warm, torch.full_like(count, 1.0 - self.alpha), 1.0 / (count + 1.0))
+        x_in = torch.where(warm, torch.minimum(x, mean + self.z_thresh * std), x)
+        delta = x_in - mean
+        new_mean = mean + rate * delta
+        new_var = (1.0 - rate) * (var + rate * delta.square())
+        mean.copy_(torch.where(use, new_mean, mean))
+        var.copy_(torch.where(use, new_var, var))
+        count.add_(use.to(count.dtype))
+        return ExplodingResult(total=flags[0], layers=flags[1:], any=flags.any())
+
+    def band(self) -> Tensor:
+        """``[3]`` device tensor: the EMA total norm and the lower/upper edges of its detection band."""
+        if self._mean is None or self._var is None:
+            return torch.full((3,), math.nan)
+        mean, std = self._mean[0], self._var[0].sqrt().clamp_min(self._min_std())
+        half = torch.maximum(self.z_thresh * std, torch.tensor(math.log(self.min_ratio), device=std.device))
+        return torch.stack([mean.exp(), (mean - half).exp(), (mean + half).exp()])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mean": None if self._mean is None else self._mean.clone(),
+            "var": None if self._var is None else self._var.clone(),
+            "count": None if self._count is None else self._count.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._mean, self._var, self._count = state["mean"], state["var"], state["count"]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(z_thresh={self.z_thresh}, alpha={self.alpha}, warmup_steps={self.warmup_steps},"
+            f" min_ratio={self.min_ratio}, max_norm={self.max_norm}, max_layer_norm={self.max_layer_norm},"
+            f" per_layer={self.per_layer}, min_share={self.min_share})"
+        )
+
+
+class VanishingDetector:
+    """Flags layers whose gradient stays tiny for ``patience`` consecutive steps.
+
+    A layer is *low* on a step when its norm is below the absolute floor ``min_norm`` or below ``ratio`` times the
+    largest layer norm of that step. It is *vanishing* once it has been low for ``patience`` consecutive valid steps
+    in which it received a gradient; the step on which it gets there counts as one event. A layer without a
+    gradient on a step (unused branch, frozen) keeps its streak unchanged.
+
+    Args:
+        min_norm: absolute floor on a layer's gradient norm.
+        ratio: floor relative to the largest layer's norm on the same step.
+        patience: consecutive low steps before a layer is reported.
+
+    Example:
+        >>> import torch
+        >>> det = VanishingDetector(patience=2)
+        >>> valid = torch.tensor(True)
+        >>> for _ in range(2):
+        ...     r = det.update(torch.tensor([1.0, 1e-9]), valid)
+        >>> r.new.tolist()
+        [False, True]
+    """
+
+    def __init__(self, min_norm: float = 1e-9, ratio: float = 1e-4, patience: int = 25) -> None:
+        _check_positive("min_norm", min_norm, allow_zero=True)
+        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"`ratio` must lie in [0, 1), got {ratio!r}")
+        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+            raise ValueError(f"`patience` must be an int >= 1, got {patience!r}")
+        self.min_norm = float(min_norm)
+        self.ratio = float(ratio)
+        self.patience = patience
+        self._run: Tensor | None = None
+
+    def update(self, layer_norm: Tensor, valid: Tensor, layer_present: Tensor | None = None) -> VanishingResult:
+        """Test this step's per-layer norms.
+
+        Args:
+            layer_norm: ``[L]`` per-layer norms.
+            valid: 0-d bool; ``False`` leaves the streaks untouched.
+            layer_present: ``[L]`` bool, layers that received a gradient this step (default: all).
+        """
+        layer_norm = layer_norm.detach().float()
+        if self._run is None or self._run.numel() != layer_norm.numel():
+            self._run = torch.zeros(layer_norm.numel(), dtype=torch.int64, device=layer_norm.device)
+        elif self._run.device != layer_norm.device:
+            self._run = self._run.to(layer_norm.device)
+        present = torch.ones_like(layer_norm, dtype=torch.bool) if layer_present is None else layer_present
+        finite = torch.where(torch.isfinite(layer_norm), layer_norm, torch.zeros_like(layer_norm))
+        floor = torch.clamp_min(self.ratio * finite.max(), self.min_norm)
+        low = layer_norm < floor
+        use = present & valid
+        run = torch.where(use, torch.where(low, self._run + 1, torch.zeros_like(self._run)), self._run)
+        self._run.copy_(run)
+        vanishing = run >= self.patience
+        return VanishingResult(layers=vanishing, new=use & (run == self.patience))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run": None if self._run is None else self._run.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._run = state["run"]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"

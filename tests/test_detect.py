@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+
+from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+
+T = torch.tensor
+
+
+def _feed(det: ExplodingDetector, norms: list[float], layers: int = 1) -> list[bool]:
+    out = []
+    for n in norms:
+        r = det.update(T(n), torch.full((layers,), n), T(True))
+        out.append(bool(r.total))
+    return out
+
+
+def test_exploding_after_warmup_only() -> None:
+    det = ExplodingDetector(warmup_steps=10)
+    torch.manual_seed(0)
+    history = (1.0 + 0.1 * torch.randn(30)).abs().tolist()
+    assert not any(_feed(det, history[:5] + [50.0]))  # a spike during warm-up is not reported
+    det = ExplodingDetector(warmup_steps=10)
+    assert not any(_feed(det, history))
+    assert _feed(det, [50.0]) == [True]
+    assert _feed(det, [1.0]) == [False]
+    assert _feed(det, [60.0]) == [True]  # the first spike entered clipped, so the next one is still seen
+
+
+def test_invalid_steps_do_not_enter_the_history() -> None:
+    det = ExplodingDetector(warmup_steps=3)
+    _feed(det, [1.0, 1.0, 1.0])
+    before = det.state_dict()
+    r = det.update(T(float("nan")), T([float("nan")]), T(False))
+    assert not bool(r.any)
+    after = det.state_dict()
+    for k in before:
+        assert torch.equal(before[k], after[k])
+
+
+def test_ceiling_and_per_layer() -> None:
+    det = ExplodingDetector(warmup_steps=100, max_norm=10.0, max_layer_norm=5.0)
+    r = det.update(T(11.0), T([1.0, 11.0]), T(True))
+    assert bool(r.total) and r.layers.tolist() == [False, True]
+    det = ExplodingDetector(warmup_steps=3)
+    for _ in range(5):
+        det.update(T(1.0), T([0.7, 0.7]), T(True))
+    r = det.update(T(20.0), T([0.7, 20.0]), T(True))
+    assert r.layers.tolist() == [False, True]
+
+
+def test_exploding_state_round_trip() -> None:
+    a, b = ExplodingDetector(warmup_steps=3), ExplodingDetector(warmup_steps=3)
+    seq = [1.0, 1.2, 0.9, 1.1, 30.0, 1.0, 25.0]
+    _feed(a, seq[:4])
+    b.load_state_dict(a.state_dict())
+    assert _feed(a, seq[4:]) == _feed(b, seq[4:])
+    band = a.band()
+    assert band[1] < band[0] < band[2]
+
+
+def test_vanishing_needs_patience_and_absent_layers_keep_their_streak() -> None:
+    det = VanishingDetector(ratio=1e-3, patience=3)
+    norms = T([1.0, 1e-6, 0.5])
+    present = T([True, True, True])
+    news = []
+    for step in range(5):
+        r = det.update(norms, T(True), present)
+        news.append(r.new.tolist())
+    assert news[2] == [False, True, False] and news[3] == [False, False, False]
+    assert r.layers.tolist() == [False, True, False]
+    det2 = VanishingDetector(ratio=1e-3, patience=2)
+    det2.update(norms, T(True))
+    det2.update(norms, T(True), T([True, False, True]))  # absent: streak kept at 1
+    assert det2.update(norms, T(True)).new.tolist() == [False, True, False]
+    det3 = VanishingDetector(min_norm=1e-3, ratio=0.0, patience=1)
+    assert det3.update(T([1e-4, 1.0]), T(True)).new.tolist() == [True, False]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"z_thresh": 0},
+        {"z_thresh": -1.0},
+        {"alpha": 1.0},
+        {"alpha": 0.0},
+        {"warmup_steps": 0},
+        {"min_ratio": 0.5},
+        {"max_norm": -1.0},
+        {"max_layer_norm": math.inf},
+        {"min_share": 2.0},
+    ],
+)
+def test_exploding_invalid_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ExplodingDetector(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"min_norm": -1.0}, {"ratio": 1.0}, {"ratio": -0.1}, {"patience": 0}, {"patience": 1.5}])
+def test_vanishing_invalid_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        VanishingDetector(**kwargs)
