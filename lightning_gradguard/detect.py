@@ -53,7 +53,9 @@ class ExplodingDetector:
     The log of each norm is tracked with an exponential moving average (mean and variance). After ``warmup_steps``
     valid steps, a step is *exploding* when its log-norm lies more than ``z_thresh`` standard deviations above the
     mean **and** the norm is at least ``min_ratio`` times the mean norm (so a very steady history does not turn
-    small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. Spikes enter the average
+    small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. A run that diverges from its
+    first steps gives no calm history to compare with, so from the second step on a norm more than ``max_ratio``
+    times the (geometric) mean so far is exploding too, warm-up or not. Spikes enter the average
     clipped to the top of the band, so one explosion does not hide the next. Non-finite and AMP-overflow steps are
     not fed in at all.
 
@@ -66,6 +68,7 @@ class ExplodingDetector:
         alpha: EMA decay of the mean and variance (closer to 1: longer memory).
         warmup_steps: valid steps observed before any spike can be reported.
         min_ratio: a spike must also be at least this multiple of the EMA norm.
+        max_ratio: a norm this many times the EMA norm is exploding even during warm-up (``None``: off).
         max_norm: absolute ceiling for the total norm (``None``: none).
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.
@@ -87,6 +90,7 @@ class ExplodingDetector:
         alpha: float = 0.95,
         warmup_steps: int = 20,
         min_ratio: float = 2.0,
+        max_ratio: float | None = 100.0,
         max_norm: float | None = None,
         max_layer_norm: float | None = None,
         per_layer: bool = True,
@@ -99,6 +103,8 @@ class ExplodingDetector:
             raise ValueError(f"`warmup_steps` must be an int >= 1, got {warmup_steps!r}")
         if not isinstance(min_ratio, (int, float)) or not min_ratio >= 1.0:
             raise ValueError(f"`min_ratio` must be a number >= 1, got {min_ratio!r}")
+        if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not max_ratio > min_ratio):
+            raise ValueError(f"`max_ratio` must be None or a number > min_ratio ({min_ratio}), got {max_ratio!r}")
         if max_norm is not None:
             _check_positive("max_norm", max_norm)
         if max_layer_norm is not None:
@@ -109,6 +115,7 @@ class ExplodingDetector:
         self.alpha = float(alpha)
         self.warmup_steps = warmup_steps
         self.min_ratio = float(min_ratio)
+        self.max_ratio = max_ratio
         self.max_norm = max_norm
         self.max_layer_norm = max_layer_norm
         self.per_layer = per_layer
@@ -157,6 +164,9 @@ class ExplodingDetector:
         std = var.sqrt().clamp_min(self._min_std())
         warm = count >= self.warmup_steps
         spike = warm & ((x - mean) > self.z_thresh * std) & ((x - mean) > math.log(self.min_ratio))
+        jump_cap = math.log(self.max_ratio) if self.max_ratio is not None else math.inf
+        started = count >= 1
+        spike |= started & ((x - mean) > jump_cap)
         ceilings = torch.full_like(norms, math.inf)
         if self.max_norm is not None:
             ceilings[0] = self.max_norm
@@ -170,6 +180,7 @@ class ExplodingDetector:
         # Warm-up uses a plain running mean (1/n), afterwards the EMA; spikes enter clipped to the band's edge.
         rate = torch.where(warm, torch.full_like(count, 1.0 - self.alpha), 1.0 / (count + 1.0))
         x_in = torch.where(warm, torch.minimum(x, mean + self.z_thresh * std), x)
+        x_in = torch.where(started, torch.minimum(x_in, mean + jump_cap), x_in)
         delta = x_in - mean
         new_mean = mean + rate * delta
         new_var = (1.0 - rate) * (var + rate * delta.square())
@@ -199,7 +210,7 @@ class ExplodingDetector:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(z_thresh={self.z_thresh}, alpha={self.alpha}, warmup_steps={self.warmup_steps},"
-            f" min_ratio={self.min_ratio}, max_norm={self.max_norm}, max_layer_norm={self.max_layer_norm},"
+            f" min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, max_norm={self.max_norm}, max_layer_norm={self.max_layer_norm},"
             f" per_layer={self.per_layer}, min_share={self.min_share})"
         )
 

@@ -20,7 +20,8 @@ def test_exploding_after_warmup_only() -> None:
     det = ExplodingDetector(warmup_steps=10)
     torch.manual_seed(0)
     history = (1.0 + 0.1 * torch.randn(30)).abs().tolist()
-    assert not any(_feed(det, history[:5] + [50.0]))  # a spike during warm-up is not reported
+    assert not any(_feed(det, history[:5] + [50.0]))  # a 50x spike during warm-up is not reported...
+    assert _feed(det, [5000.0]) == [True]  # ...but a jump past max_ratio is, warm-up or not
     det = ExplodingDetector(warmup_steps=10)
     assert not any(_feed(det, history))
     assert _feed(det, [50.0]) == [True]
@@ -87,6 +88,7 @@ def test_vanishing_needs_patience_and_absent_layers_keep_their_streak() -> None:
         {"alpha": 0.0},
         {"warmup_steps": 0},
         {"min_ratio": 0.5},
+        {"max_ratio": 1.5},
         {"max_norm": -1.0},
         {"max_layer_norm": math.inf},
         {"min_share": 2.0},

@@ -1,0 +1,871 @@
+"""Gradient clippers: :class:`NormClip`, :class:`AutoClip`, :class:`ZClip` and :class:`AGC`.
+
+Each clipper can be used on its own in a plain PyTorch loop, like :func:`torch.nn.utils.clip_grad_norm_`::
+
+    loss.backward()
+    total_norm = clipper.clip_(model)       # or model.parameters()
+    optimizer.step()
+
+:class:`~lightning_gradguard.GradGuard` calls :meth:`Clipper.clip_grads_` instead, handing over the norms it has
+already measured so that the gradients are read only once more (to scale them).
+
+All decisions are made on the device with tensor arithmetic: a call never waits for the device (no ``.item()``, no
+Python ``if`` on a tensor), so clipping does not stall the training loop. State (histories, EMAs) lives on the
+gradients' device and round-trips through :meth:`Clipper.state_dict` / :meth:`Clipper.load_state_dict` as plain
+tensors, loadable with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import numbers
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils._foreach_utils import _device_has_foreach_support, _group_tensors_by_device_and_dtype
+
+__all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip"]
+
+# Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
+_NORM_EPS = 1e-6
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    # Half-precision norms overflow easily (fp16 max 65504), so accumulate them in fp32; fp64 cannot be narrowed by
+    # the norm kernels and is cast afterwards.
+    return torch.float32 if dtype in _LOW_PRECISION else None
+
+
+def _total_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
+    """The ``norm_type``-norm of all ``grads`` seen as one vector: a 0-d fp32 tensor on the first gradient's device.
+
+    One ``torch._foreach_norm`` per (device, dtype) group; no host synchronisation.
+    """
+    if len(grads) == 0:
+        return torch.tensor(0.0)
+    first_device = grads[0].device
+    per_group: list[Tensor] = []
+    for (device, dtype), ([tensors], _) in _group_tensors_by_device_and_dtype([list(grads)]).items():
+        if _device_has_foreach_support(device):
+            norms = torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(dtype))
+        else:
+            norms = [torch.linalg.vector_norm(t, norm_type, dtype=_norm_dtype(dtype)) for t in tensors]
+        group_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        per_group.append(group_norm.to(device=first_device, dtype=torch.float32))
+    if len(per_group) == 1:
+        return per_group[0]
+    return torch.linalg.vector_norm(torch.stack(per_group), norm_type)
+
+
+def _scale_(grads: Sequence[Tensor], coef: Tensor) -> None:
+    """Multiply every gradient in place by the 0-d ``coef``.
+
+    ``coef`` stays fp32: a foreach multiply by an fp32 tensor computes in fp32 and rounds once into fp16/bf16, which is
+    more accurate than rounding the coefficient to the gradient's dtype first (this is also what
+    ``torch.nn.utils.clip_grad_norm_`` does).
+    """
+    on_device: dict[torch.device, Tensor] = {}
+    for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([list(grads)]).items():
+        if device not in on_device:
+            on_device[device] = coef.to(device)
+        if _device_has_foreach_support(device):
+            torch._foreach_mul_(tensors, on_device[device])
+        else:
+            for t in tensors:
+                t.mul_(on_device[device])
+
+
+def _collect(
+    parameters: Tensor | Iterable[Tensor] | nn.Module,
+) -> tuple[list[Tensor], list[Tensor], list[str] | None, list[type] | None]:
+    """Gradients, their parameters and, for a module, their qualified names and owning module types."""
+    if isinstance(parameters, nn.Module):
+        grads: list[Tensor] = []
+        params: list[Tensor] = []
+        names: list[str] = []
+        owner_types: list[type] = []
+        seen: set[int] = set()
+        for module_name, module in parameters.named_modules():
+            for param_name, param in module.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if param.grad is None:
+                    continue
+                grads.append(param.grad)
+                params.append(param)
+                names.append(f"{module_name}.{param_name}" if module_name else param_name)
+                owner_types.append(type(module))
+        return grads, params, names, owner_types
+    tensors = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    with_grad = [p for p in tensors if p.grad is not None]
+    return [p.grad for p in with_grad], with_grad, None, None  # type: ignore[misc]
+
+
+def _check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = False,
+    high_inclusive: bool = False,
+    allow_inf: bool = False,
+) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+    value = float(value)
+    if math.isinf(value) and not allow_inf:
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    bad_low = low is not None and (value < low if low_inclusive else value <= low)
+    bad_high = high is not None and (value > high if high_inclusive else value >= high)
+    if bad_low or bad_high:
+        left = "" if low is None else f"{low} {'<=' if low_inclusive else '<'} "
+        right = "" if high is None else f" {'<=' if high_inclusive else '<'} {high}"
+        raise ValueError(f"`{name}` must satisfy {left}{name}{right}, got {value!r}.")
+    return value
+
+
+def _check_int(name: str, value: Any, *, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+    return int(value)
+
+
+def _state_float_dtype(device: torch.device) -> torch.dtype:
+    # Scalar statistics are kept in fp64 where the device has it (free for a handful of scalars), so long EMA chains
+    # track the reference arithmetic (Python floats); MPS has no fp64.
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _to_cpu(t: Tensor) -> Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+class Clipper(abc.ABC):
+    """Base class of the gradient clippers.
+
+    A clipper rescales gradients in place. :meth:`clip_` measures the norm itself (standalone use in a plain loop);
+    :meth:`clip_grads_` takes a norm that was already measured (used by ``GradGuard``). Neither synchronises with the
+    device: every decision is a tensor.
+
+    Attributes:
+        needs_params: ``True`` when :meth:`clip_grads_` needs the parameters themselves (``AGC``).
+        last_threshold: 0-d fp32 tensor, the clipping threshold of the last call (``inf`` when there is none).
+        last_coef: 0-d fp32 tensor, the clipping coefficient of the last call (``1.0`` = gradients unchanged).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> (100 * model(torch.ones(8, 4))).sum().backward()
+        >>> clipper = NormClip(max_norm=1.0)
+        >>> total_norm = clipper.clip_(model)  # the norm before clipping, like clip_grad_norm_
+        >>> bool(total_norm > 1.0), round(float(clipper.last_coef * total_norm), 3)
+        (True, 1.0)
+    """
+
+    needs_params: bool = False
+
+    def __init__(self) -> None:
+        self.last_threshold: Tensor = torch.tensor(math.inf)
+        self.last_coef: Tensor = torch.tensor(1.0)
+
+    @torch.no_grad()
+    def clip_(self, parameters: Tensor | Iterable[Tensor] | nn.Module) -> Tensor:
+        """Clip the gradients of ``parameters`` in place and return their total norm before clipping.
+
+        Works like :func:`torch.nn.utils.clip_grad_norm_`: parameters whose ``.grad`` is ``None`` are ignored, and a
+        step with a non-finite norm is left untouched (and does not enter the clipper's statistics). Passing an
+        ``nn.Module`` gives :class:`AGC` the parameter names and owning module types it needs for ``exclude`` /
+        ``exclude_types``.
+
+        Args:
+            parameters: a module, an iterable of parameters, or a single parameter.
+
+        Returns:
+            The total gradient norm before clipping (0-d fp32 tensor; L2, or ``norm_type`` for :class:`NormClip`).
+        """
+        grads, params, names, owner_types = _collect(parameters)
+        if not grads:
+            return torch.tensor(0.0)
+        total_norm = self._standalone_norm(grads)
+        self._clip(grads, total_norm, torch.isfinite(total_norm), params, names, owner_types)
+        return total_norm
+
+    @torch.no_grad()
+    def clip_grads_(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        *,
+        params: list[Tensor] | None = None,
+        names: list[str] | None = None,
+        owner_types: list[type] | None = None,
+    ) -> Tensor:
+        """Clip ``grads`` in place given their already computed total L2 norm.
+
+        Args:
+            grads: the non-``None`` gradients, clipped in place.
+            total_norm: 0-d fp32 tensor, the L2 norm of all ``grads`` together.
+            valid: 0-d bool tensor; ``False`` when the step's gradients are non-finite or an AMP overflow. The
+                clipper then leaves the gradients and its own state (history, EMA, warm-up) untouched.
+            params: the parameters of ``grads`` (same order); required when :attr:`needs_params` is ``True``.
+            names: qualified parameter names (same order), used by :class:`AGC` ``exclude``.
+            owner_types: types of the modules owning the parameters (same order), used by :class:`AGC`
+                ``exclude_types``.
+
+        Returns:
+            The clipping coefficient applied (0-d fp32 tensor, also stored in :attr:`last_coef`).
+        """
+        grads = list(grads)
+        for arg_name, seq in (("params", params), ("names", names), ("owner_types", owner_types)):
+            if seq is not None and len(seq) != len(grads):
+                raise ValueError(f"`{arg_name}` must have one entry per gradient ({len(grads)}), got {len(seq)}.")
+        if self.needs_params and params is None:
+            raise ValueError(f"{type(self).__name__} needs `params` (the parameters of `grads`).")
+        if not isinstance(valid, Tensor):
+            valid = torch.tensor(bool(valid), device=total_norm.device)
+        if total_norm.dtype != torch.float32:
+            total_norm = total_norm.float()
+        total_norm = self._norm_for_clipping(grads, total_norm)
+        return self._clip(grads, total_norm, valid, params, names, owner_types)
+
+    def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
+        return _total_norm(grads)
+
+    def _norm_for_clipping(self, grads: list[Tensor], l2_norm: Tensor) -> Tensor:
+        return l2_norm
+
+    @abc.abstractmethod
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        params: list[Tensor] | None,
+        names: list[str] | None,
+        owner_types: list[type] | None,
+    ) -> Tensor:
+        """Scale ``grads`` in place, update the state, set ``last_coef``/``last_threshold``, return the coef."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clipper's state: plain Python values and CPU tensors (empty for stateless clippers)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless, got state keys {sorted(state)}.")
+
+    def extra_repr(self) -> str:
+        """The constructor arguments, as shown by ``repr``."""
+        return ""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+
+class NormClip(Clipper):
+    """Clip the total gradient norm to ``max_norm`` (Pascanu et al., 2013), like ``torch.nn.utils.clip_grad_norm_``.
+
+    The gradients are scaled by ``min(1, max_norm / (norm + 1e-6))``.
+
+    Args:
+        max_norm: the largest total norm allowed (``> 0``).
+        norm_type: the p of the p-norm (``> 0``); ``float("inf")`` for the largest absolute entry. With a norm other
+            than L2, :meth:`clip_grads_` computes that norm itself (one extra pass over the gradients).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> (100 * model(torch.ones(8, 4))).sum().backward()
+        >>> clipper = NormClip(max_norm=1.0)
+        >>> total_norm = clipper.clip_(model.parameters())
+        >>> grads = [p.grad for p in model.parameters()]
+        >>> round(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))), 3)
+        1.0
+        >>> clipper
+        NormClip(max_norm=1.0, norm_type=2.0)
+    """
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        super().__init__()
+        self.max_norm = _check_number("max_norm", max_norm, low=0.0)
+        self.norm_type = _check_number("norm_type", norm_type, low=0.0, allow_inf=True)
+        self._threshold: dict[torch.device, Tensor] = {}
+
+    def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
+        return _total_norm(grads, self.norm_type)
+
+    def _norm_for_clipping(self, grads: list[Tensor], l2_norm: Tensor) -> Tensor:
+        if self.norm_type == 2.0:
+            return l2_norm
+        return _total_norm(grads, self.norm_type).to(l2_norm.device)
+
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        params: list[Tensor] | None,
+        names: list[str] | None,
+        owner_types: list[type] | None,
+    ) -> Tensor:
+        device = total_norm.device
+        if device not in self._threshold:
+            self._threshold[device] = torch.tensor(self.max_norm, dtype=torch.float32, device=device)
+        # An inf norm gives coef 0 (not NaN): max_norm / inf.
+        coef = torch.clamp(self.max_norm / (total_norm + _NORM_EPS), max=1.0)
+        coef = torch.where(valid, coef, 1.0)
+        _scale_(grads, coef)
+        self.last_threshold = self._threshold[device]
+        self.last_coef = coef
+        return coef
+
+    def extra_repr(self) -> str:
+        return f"max_norm={self.max_norm}, norm_type={self.norm_type}"
+
+
+class AutoClip(Clipper):
+    """Clip to a percentile of the gradient norms seen so far: AutoClip (Seetharaman et al., 2020).
+
+    Each valid step appends its total L2 norm to the history; the threshold is the ``percentile``-th percentile of
+    the history, the current norm included (linear interpolation, as ``numpy.percentile``'s default), and the
+    gradients are scaled by ``min(1, threshold / (norm + 1e-6))``. Invalid steps (non-finite norm, AMP overflow)
+    never enter the history.
+
+    Cost: with ``history=None`` (the paper's setting) every norm of the run is kept, sorted, on the gradients'
+    device: 4 bytes per step, and each step inserts with ``searchsorted`` in a constant number of kernels that read
+    and write the whole history (O(steps) memory traffic: about 20 MB per step after a million steps, microseconds on
+    a GPU but milliseconds on a CPU; the buffer doubles when full). With ``history=N`` a ring buffer keeps only the
+    last ``N`` norms and each step sorts those ``N`` values.
+
+    Args:
+        percentile: the percentile of the history used as threshold, in ``[0, 100]``; the paper recommends 10.
+        history: ``None`` to keep every norm, or the number of most recent norms to keep (``>= 1``).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> clipper = AutoClip(percentile=10.0, history=1000)
+        >>> for scale in (1.0, 2.0, 100.0):
+        ...     model.zero_grad()
+        ...     (scale * model(torch.ones(8, 4))).sum().backward()
+        ...     total_norm = clipper.clip_(model)
+        >>> bool(clipper.last_coef < 0.1)  # the last step was a spike
+        True
+    """
+
+    _INITIAL_CAPACITY = 1024
+
+    def __init__(self, percentile: float = 10.0, history: int | None = None) -> None:
+        super().__init__()
+        self.percentile = _check_number("percentile", percentile, low=0.0, high=100.0, low_inclusive=True,
+                                        high_inclusive=True)
+        self.history = None if history is None else _check_int("history", history, low=1)
+        self._calls = 0  # host-side, an upper bound of the number of valid entries: sizes the unbounded buffer
+        self._values: Tensor | None = None  # sorted (history=None, +inf padded) or a ring buffer (history=N)
+        self._count: Tensor | None = None  # valid steps seen, int64 on the device
+        self._arange: Tensor | None = None
+
+    def _prepare(self, device: torch.device) -> None:
+        if self._values is None or self._count is None:
+            self._values, self._count = self._empty_state(device)
+        elif self._values.device != device:
+            self._values = self._values.to(device)
+            self._count = self._count.to(device)
+        if self.history is None and self._calls >= self._values.numel():
+            # Capacity comes from the host call counter, never from the device count, so growing never syncs.
+            capacity = max(self._values.numel(), 1)
+            while capacity <= self._calls:
+                capacity *= 2
+            pad = torch.full((capacity - self._values.numel(),), math.inf, device=device)
+            self._values = torch.cat([self._values, pad])
+        if self._arange is None or self._arange.device != device or self._arange.numel() != self._values.numel():
+            self._arange = torch.arange(self._values.numel(), device=device)
+
+    def _empty_state(self, device: torch.device | str) -> tuple[Tensor, Tensor]:
+        size = self.history if self.history is not None else self._INITIAL_CAPACITY
+        return torch.full((size,), math.inf, device=device), torch.zeros((), dtype=torch.int64, device=device)
+
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        params: list[Tensor] | None,
+        names: list[str] | None,
+        owner_types: list[type] | None,
+    ) -> Tensor:
+        device = total_norm.device
+        self._prepare(device)
+        values, count, arange = self._values, self._count, self._arange
+        assert values is not None and count is not None and arange is not None
+        norm = total_norm.reshape(())
+        # Whatever the caller says, a non-finite norm must never enter the history: it would poison it for good.
+        ok = valid.to(device) & torch.isfinite(norm)
+        new_count = count + ok
+        if self.history is None:
+            # Insert into the sorted history: the +inf padding sorts last, so searchsorted lands among the entries.
+            pos = torch.searchsorted(values, norm.reshape(1))
+            shifted = torch.roll(values, 1)
+            inserted = torch.where(arange < pos, values, torch.where(arange == pos, norm, shifted))
+            values = torch.where(ok, inserted, values)
+            ordered = values
+            n = new_count
+        else:
+            values = torch.where(ok & (arange == count % self.history), norm, values)
+            ordered = torch.sort(values).values
+            n = torch.clamp(new_count, max=self.history)
+        threshold = _sorted_percentile(ordered, n, self.percentile)
+        coef = torch.clamp(threshold / (norm + _NORM_EPS), max=1.0)
+        coef = torch.where(ok, coef, 1.0)
+        _scale_(grads, coef)
+        self._values, self._count = values, new_count
+        self._calls += 1
+        self.last_threshold = threshold
+        self.last_coef = coef
+        return coef
+
+    def state_dict(self) -> dict[str, Any]:
+        """The history (``values``: sorted for ``history=None``, a ring buffer otherwise), the valid-step count and
+        the host call counter."""
+        if self._values is None or self._count is None:
+            values, count = self._empty_state("cpu")
+        else:
+            values, count = _to_cpu(self._values), _to_cpu(self._count)
+        return {"values": values, "count": count, "calls": self._calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
+        call."""
+        if set(state) != {"values", "count", "calls"}:
+            raise ValueError(f"Not an AutoClip state: keys {sorted(state)}.")
+        values = torch.as_tensor(state["values"], dtype=torch.float32)
+        if values.ndim != 1 or (self.history is not None and values.numel() != self.history):
+            raise ValueError(f"AutoClip(history={self.history}) cannot load a history of shape {tuple(values.shape)}.")
+        self._values = values.clone()
+        self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
+        self._calls = int(state["calls"])
+
+    def extra_repr(self) -> str:
+        return f"percentile={self.percentile}, history={self.history}"
+
+
+def _sorted_percentile(ordered: Tensor, n: Tensor, percentile: float) -> Tensor:
+    """``numpy.percentile(ordered[:n], percentile)`` (linear method) with ``n`` a device tensor; ``inf`` if ``n == 0``.
+
+    ``ordered`` holds the ``n`` values sorted first; everything happens on the device.
+    """
+    last = (n - 1).clamp_min(0)
+    # The rank is taken in fp64 where available so that its floor matches numpy's float64 arithmetic.
+    rank = last.to(_state_float_dtype(ordered.device)) * (percentile / 100.0)
+    low = rank.floor()
+    frac = (rank - low).to(torch.float32)
+    low_index = low.to(torch.int64)
+    high_index = torch.minimum(low_index + 1, last)
+    pair = ordered.index_select(0, torch.stack([low_index, high_index]))
+    below, above = pair[0], pair[1]
+    diff = above - below
+    # numpy's lerp, which is exact at both ends of the interval.
+    value = torch.where(frac >= 0.5, above - diff * (1.0 - frac), below + diff * frac)
+    return torch.where(n > 0, value, math.inf)
+
+
+class ZClip(Clipper):
+    """Z-score based adaptive clipping: ZClip (Kumar et al., 2025, arXiv:2504.02507).
+
+    Follows the authors' reference implementation step for step. The first ``warmup_steps`` valid steps only collect
+    the total norms (clipped to ``max_grad_norm`` if set); then the EMA mean and variance are initialised from them
+    (population variance). After the warm-up, with ``std = sqrt(var)``:
+
+    - ``mode="zscore"``: ``z = (norm - mean) / (std + eps)``; when ``z > z_thresh`` the step is a spike and is
+      clipped to ``clip_factor * (mean + z_thresh * std / (z / z_thresh))`` (``clip_option="adaptive_scaling"``: the
+      larger the outlier, the harder it is clipped) or to ``mean`` (``clip_option="mean"``);
+    - ``mode="percentile"``: a norm above ``mean + z_thresh * std`` is a spike and is clipped to that value
+      (``clip_option`` and ``clip_factor`` are not used).
+
+    The clip value is capped by ``max_grad_norm`` when set; gradients above it are scaled by
+    ``clip / (norm + 1e-6)``. The EMA is then updated with the clip value on a spike (the raw norm otherwise):
+    ``mean = alpha * mean + (1 - alpha) * x`` followed by ``var = alpha * var + (1 - alpha) * (x - mean) ** 2`` with
+    the *new* mean, unless ``skip_update_on_spike`` is set and the step was a spike. Steps that are not valid
+    (non-finite, AMP overflow) neither count towards the warm-up nor touch the EMA.
+
+    :attr:`last_threshold` is the norm the gradients were clipped to on a clipped step, and otherwise the norm above
+    which they would have been (the z-score boundary ``mean + z_thresh * (std + eps)``, or ``mean + z_thresh * std``
+    in percentile mode, capped by ``max_grad_norm``); during the warm-up it is ``max_grad_norm`` or ``inf``.
+
+    Args:
+        alpha: EMA smoothing factor, in ``(0, 1)``.
+        z_thresh: z-score above which a norm is a spike (``> 0``); in percentile mode, the number of standard
+            deviations above the mean of the threshold.
+        warmup_steps: number of valid steps collected before the EMA starts (``>= 1``).
+        mode: ``"zscore"`` or ``"percentile"``.
+        clip_option: in zscore mode, ``"adaptive_scaling"`` or ``"mean"``.
+        clip_factor: multiplier of the adaptive-scaling threshold (``> 0``; 0.3 to 0.7 clips more aggressively).
+        max_grad_norm: optional absolute cap on the clipping threshold (``> 0``), also applied during warm-up.
+        skip_update_on_spike: leave the EMA unchanged on a spike.
+        eps: added to the standard deviation in the z-score (``> 0``).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> clipper = ZClip(warmup_steps=5)
+        >>> for step in range(10):
+        ...     model.zero_grad()
+        ...     scale = 100.0 if step == 9 else 1.0 + 0.01 * step
+        ...     (scale * model(torch.ones(8, 4))).sum().backward()
+        ...     total_norm = clipper.clip_(model)
+        >>> bool(clipper.last_coef < 0.05)  # the spike was clipped back towards the mean
+        True
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        mode: Literal["zscore", "percentile"] = "zscore",
+        clip_option: Literal["adaptive_scaling", "mean"] = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        max_grad_norm: float | None = None,
+        skip_update_on_spike: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.alpha = _check_number("alpha", alpha, low=0.0, high=1.0)
+        self.z_thresh = _check_number("z_thresh", z_thresh, low=0.0)
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=1)
+        if mode not in ("zscore", "percentile"):
+            raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}.")
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}.")
+        self.mode = mode
+        self.clip_option = clip_option
+        self.clip_factor = _check_number("clip_factor", clip_factor, low=0.0)
+        self.max_grad_norm = None if max_grad_norm is None else _check_number("max_grad_norm", max_grad_norm, low=0.0)
+        if not isinstance(skip_update_on_spike, bool):
+            raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}.")
+        self.skip_update_on_spike = skip_update_on_spike
+        self.eps = _check_number("eps", eps, low=0.0)
+        self._buffer: Tensor | None = None  # warm-up norms
+        self._count: Tensor | None = None  # valid steps seen (int64); the EMA is live once it reaches warmup_steps
+        self._mean: Tensor | None = None
+        self._var: Tensor | None = None
+        self._arange: Tensor | None = None
+
+    def _empty_state(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
+        return {
+            "buffer": torch.zeros(self.warmup_steps, dtype=dtype, device=device),
+            "count": torch.zeros((), dtype=torch.int64, device=device),
+            "mean": torch.zeros((), dtype=dtype, device=device),
+            "var": torch.zeros((), dtype=dtype, device=device),
+        }
+
+    def _prepare(self, device: torch.device) -> None:
+        dtype = _state_float_dtype(device)
+        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
+            state = self._empty_state(device, dtype)
+            self._buffer, self._count, self._mean, self._var = state["buffer"], state["count"], state["mean"], state["var"]
+        elif self._count.device != device or self._mean.dtype != dtype:
+            self._buffer = self._buffer.to(device=device, dtype=dtype)
+            self._count = self._count.to(device)
+            self._mean = self._mean.to(device=device, dtype=dtype)
+            self._var = self._var.to(device=device, dtype=dtype)
+        if self._arange is None or self._arange.device != device:
+            self._arange = torch.arange(self.warmup_steps, device=device)
+
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        params: list[Tensor] | None,
+        names: list[str] | None,
+        owner_types: list[type] | None,
+    ) -> Tensor:
+        device = total_norm.device
+        self._prepare(device)
+        buffer, count, mean, var, arange = self._buffer, self._count, self._mean, self._var, self._arange
+        assert buffer is not None and count is not None and mean is not None and var is not None
+        assert arange is not None
+        x = total_norm.reshape(()).to(mean.dtype)
+        # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good.
+        ok = valid.to(device) & torch.isfinite(x)
+        warm = count < self.warmup_steps
+        # Warm-up: store the norm; the step that fills the buffer initialises the EMA from it.
+        collect = ok & warm
+        buffer = torch.where(collect & (arange == count), x, buffer)
+        init_now = collect & (count == self.warmup_steps - 1)
+        init_mean = buffer.mean()
+        init_var = (buffer - init_mean).square().mean()
+
+        # After the warm-up: the authors' spike test and clip value, from the statistics before this step.
+        std = var.sqrt()
+        if self.mode == "percentile":
+            boundary = mean + self.z_thresh * std
+            spike = x > boundary
+            clip_value = boundary
+        else:
+            z = (x - mean) / (std + self.eps)
+            boundary = mean + self.z_thresh * (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                eta = z / self.z_thresh
+                clip_value = (mean + (self.z_thresh * std) / eta) * self.clip_factor
+            else:
+                clip_value = mean
+        effective = torch.where(spike, clip_value, x)
+        shown = torch.where(spike & ok, clip_value, boundary)
+        if self.max_grad_norm is not None:
+            effective = torch.clamp(effective, max=self.max_grad_norm)
+            shown = torch.clamp(shown, max=self.max_grad_norm)
+            # During warm-up the reference calls torch.nn.utils.clip_grad_norm_(max_grad_norm).
+            warm_coef = torch.clamp(self.max_grad_norm / (x + _NORM_EPS), max=1.0)
+            warm_threshold = self.max_grad_norm
+        else:
+            warm_coef = torch.ones_like(x)
+            warm_threshold = math.inf
+        live_coef = torch.where(x > effective, effective / (x + _NORM_EPS), 1.0)
+        coef = torch.where(ok, torch.where(warm, warm_coef, live_coef), 1.0).to(torch.float32)
+
+        # EMA update with the clip value on a spike (not capped by max_grad_norm), the raw norm otherwise.
+        update = ok & ~warm
+        if self.skip_update_on_spike:
+            update = update & ~spike
+        target = torch.where(spike, clip_value, x)
+        new_mean = self.alpha * mean + (1.0 - self.alpha) * target
+        new_var = self.alpha * var + (1.0 - self.alpha) * (target - new_mean).square()
+        self._mean = torch.where(update, new_mean, torch.where(init_now, init_mean, mean))
+        self._var = torch.where(update, new_var, torch.where(init_now, init_var, var))
+        self._buffer = buffer
+        self._count = count + ok
+
+        _scale_(grads, coef)
+        self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
+        self.last_coef = coef
+        return coef
+
+    def state_dict(self) -> dict[str, Any]:
+        """Warm-up buffer, valid-step count, EMA mean and variance."""
+        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
+            return self._empty_state("cpu", torch.float64)
+        return {
+            "buffer": _to_cpu(self._buffer),
+            "count": _to_cpu(self._count),
+            "mean": _to_cpu(self._mean),
+            "var": _to_cpu(self._var),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
+        call."""
+        if set(state) != {"buffer", "count", "mean", "var"}:
+            raise ValueError(f"Not a ZClip state: keys {sorted(state)}.")
+        # fp64 here; the next call casts to the device's state dtype.
+        buffer = torch.as_tensor(state["buffer"], dtype=torch.float64).detach().clone()
+        if buffer.shape != (self.warmup_steps,):
+            raise ValueError(
+                f"ZClip(warmup_steps={self.warmup_steps}) cannot load a warm-up buffer of shape {tuple(buffer.shape)}."
+            )
+        self._buffer = buffer
+        self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
+        self._mean = torch.as_tensor(state["mean"], dtype=torch.float64).reshape(()).clone()
+        self._var = torch.as_tensor(state["var"], dtype=torch.float64).reshape(()).clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
+            f"clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, max_grad_norm={self.max_grad_norm}, "
+            f"skip_update_on_spike={self.skip_update_on_spike}, eps={self.eps}"
+        )
+
+
+class AGC(Clipper):
+    """Unit-wise adaptive gradient clipping (Brock et al., 2021, NFNets).
+
+    Each unit's gradient is clipped relative to the norm of its weights::
+
+        max_norm_i = clip_factor * max(||W_i||, eps)
+        G_i <- G_i * min(1, max_norm_i / max(||G_i||, 1e-6))
+
+    For a parameter with 2 or more dimensions a unit is one output unit: the norm runs over every dimension but the
+    first (a row of a ``Linear`` weight, a filter of a convolution); 1-D and 0-d parameters form a single unit.
+    ``total_norm`` plays no part in the decision. :attr:`last_coef` is the smallest unit coefficient of the step
+    (``1.0`` = nothing clipped); :attr:`last_threshold` is ``inf`` (there is no single threshold).
+
+    The NFNets practice is to exclude the final classifier layer, e.g. ``exclude=r"^fc\\."`` or
+    ``exclude_types=(MyHead,)``. Exclusion goes by qualified parameter name (a regular expression searched in names
+    such as ``"layer1.0.conv1.weight"``) or by the type of the module that owns the parameter, never by position:
+    :meth:`Clipper.clip_` needs the ``nn.Module`` for it, :meth:`Clipper.clip_grads_` the ``names`` /
+    ``owner_types``. By default nothing is excluded.
+
+    Units with the same length, dtype and device are batched together (bounded temporary buffers), so a step costs a
+    few kernels per distinct unit length rather than several per parameter. Under FSDP2 (``DTensor`` parameters
+    sharded on dim 0) an output unit never straddles shards, so AGC works on each rank's local shard with no
+    communication; 1-D parameters are then clipped per local shard.
+
+    Args:
+        clip_factor: the largest allowed ratio of gradient norm to weight norm per unit (``> 0``); NFNets use
+            0.01 to 0.16 depending on batch size.
+        eps: floor of the weight norm, so that zero-initialised units can still move (``> 0``).
+        exclude: regular expression; parameters whose qualified name matches (``re.search``) are not clipped.
+        exclude_types: module types whose own parameters are not clipped.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> (1000 * model(torch.ones(3, 4))).sum().backward()
+        >>> clipper = AGC(clip_factor=0.01, exclude=r"^1\\.")  # leave the head alone
+        >>> head_grad = model[1].weight.grad.clone()
+        >>> total_norm = clipper.clip_(model)
+        >>> torch.equal(model[1].weight.grad, head_grad), bool(clipper.last_coef < 1.0)
+        (True, True)
+    """
+
+    needs_params = True
+
+    # Elements per temporary buffer (per gradient and per parameter): bounds the extra memory of batching.
+    _CHUNK_NUMEL = 1 << 24
+
+    def __init__(
+        self,
+        clip_factor: float = 0.01,
+        eps: float = 1e-3,
+        exclude: str | None = None,
+        exclude_types: tuple[type, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.clip_factor = _check_number("clip_factor", clip_factor, low=0.0)
+        self.eps = _check_number("eps", eps, low=0.0)
+        if exclude is not None:
+            if not isinstance(exclude, str):
+                raise ValueError(f"`exclude` must be a regular expression string or None, got {exclude!r}.")
+            try:
+                self._exclude_re: re.Pattern[str] | None = re.compile(exclude)
+            except re.error as err:
+                raise ValueError(f"`exclude` is not a valid regular expression ({err}): {exclude!r}.") from None
+        else:
+            self._exclude_re = None
+        self.exclude = exclude
+        if isinstance(exclude_types, type):
+            exclude_types = (exclude_types,)
+        if not isinstance(exclude_types, (tuple, list)) or not all(isinstance(t, type) for t in exclude_types):
+            raise ValueError(f"`exclude_types` must be a tuple of classes, got {exclude_types!r}.")
+        self.exclude_types = tuple(exclude_types)
+        self._excluded_names: dict[str, bool] = {}
+
+    def _selected(self, n: int, names: list[str] | None, owner_types: list[type] | None) -> list[int]:
+        if self._exclude_re is not None and names is None:
+            raise ValueError("AGC(exclude=...) needs the parameter `names` (pass the nn.Module to clip_).")
+        if self.exclude_types and owner_types is None:
+            raise ValueError("AGC(exclude_types=...) needs `owner_types` (pass the nn.Module to clip_).")
+        keep = []
+        for i in range(n):
+            if names is not None and self._exclude_re is not None:
+                name = names[i]
+                hit = self._excluded_names.get(name)
+                if hit is None:
+                    hit = self._excluded_names[name] = self._exclude_re.search(name) is not None
+                if hit:
+                    continue
+            if owner_types is not None and self.exclude_types and issubclass(owner_types[i], self.exclude_types):
+                continue
+            keep.append(i)
+        return keep
+
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        params: list[Tensor] | None,
+        names: list[str] | None,
+        owner_types: list[type] | None,
+    ) -> Tensor:
+        if params is None:
+            raise ValueError("AGC needs `params` (the parameters of `grads`).")
+        grads = [_local(g) for g in grads]
+        params = [_local(p) for p in params]
+        # Units of equal length (and dtype, device) are stacked as rows of one matrix: one norm kernel per batch.
+        buckets: dict[tuple[torch.device, torch.dtype, torch.dtype, int], list[int]] = {}
+        for i in self._selected(len(grads), names, owner_types):
+            grad = grads[i]
+            numel = grad.numel()
+            if numel == 0:
+                continue
+            rows = grad.shape[0] if grad.ndim >= 2 else 1
+            key = (grad.device, grad.dtype, params[i].dtype, numel // rows)
+            buckets.setdefault(key, []).append(i)
+
+        minima: list[Tensor] = []
+        valid_on: dict[torch.device, Tensor] = {}
+        for (device, _, _, unit_len), indices in buckets.items():
+            if device not in valid_on:
+                valid_on[device] = valid.to(device)
+            for chunk in _chunks(indices, grads, self._CHUNK_NUMEL):
+                chunk_grads = [grads[i] for i in chunk]
+                chunk_params = [params[i] for i in chunk]
+                grad_rows, is_view = _as_rows(chunk_grads, unit_len)
+                param_rows, _ = _as_rows(chunk_params, unit_len)
+                grad_norm = _row_norms(grad_rows)
+                max_norm = _row_norms(param_rows).clamp_min_(self.eps).mul_(self.clip_factor)
+                coef = max_norm.div_(grad_norm.clamp_min_(_NORM_EPS)).clamp_max_(1.0)
+                coef = torch.where(valid_on[device], coef, 1.0)
+                grad_rows.mul_(coef.unsqueeze(1))
+                if not is_view:
+                    flat = grad_rows.view(-1).split([g.numel() for g in chunk_grads])
+                    torch._foreach_copy_(chunk_grads, [f.view(g.shape) for f, g in zip(flat, chunk_grads)])
+                minima.append(coef.amin().to(total_norm.device))
+
+        if not minima:
+            min_coef = torch.ones((), device=total_norm.device)
+        elif len(minima) == 1:
+            min_coef = minima[0]
+        else:
+            min_coef = torch.stack(minima).amin()
+        self.last_threshold = torch.full((), math.inf, device=total_norm.device)
+        self.last_coef = min_coef
+        return min_coef
+
+    def extra_repr(self) -> str:
+        types = "(" + ", ".join(t.__name__ for t in self.exclude_types) + ("," if len(self.exclude_types) == 1 else "")
+        return f"clip_factor={self.clip_factor}, eps={self.eps}, exclude={self.exclude!r}, exclude_types={types})"
+
+
+def _local(t: Tensor) -> Tensor:
+    # FSDP2 shards parameters (and gradients) as DTensors on dim 0: output units are whole on every rank.
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _chunks(indices: list[int], tensors: list[Tensor], limit: int) -> Iterable[list[int]]:
+    chunk: list[int] = []
+    size = 0
+    for i in indices:
+        numel = tensors[i].numel()
+        if chunk and size + numel > limit:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(i)
+        size += numel
+    if chunk:
+        yield chunk
+
+
+def _as_rows(tensors: list[Tensor], unit_len: int) -> tuple[Tensor, bool]:
+    """The tensors as one ``[units, unit_len]`` matrix, and whether it is a view of the (single) tensor."""
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].view(-1, unit_len), True
+    return torch.cat([t.reshape(-1) for t in tensors]).view(-1, unit_len), False
+
+
+def _row_norms(rows: Tensor) -> Tensor:
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(rows.dtype))
+    return norms if norms.dtype == torch.float32 else norms.float()

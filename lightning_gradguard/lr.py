@@ -1,0 +1,283 @@
+"""A learning-rate multiplier that backs off on exploding gradients and survives LR schedulers.
+
+Schedulers own ``param_group["lr"]``: some overwrite it every step (``OneCycleLR``, ``LambdaLR``), others read it
+back and multiply (``CosineAnnealingLR``, ``StepLR``, ``ReduceLROnPlateau``). A multiplier that simply rescaled the
+value would be erased by the first kind and compounded by the second. :class:`LRGuard` therefore puts
+``scheduled * m`` into the optimizer only for the duration of ``optimizer.step`` and puts the scheduled value back
+right after, so every scheduler only ever sees its own numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["LRGuard", "LRGuardHandle"]
+
+_RECOVERY_MODES = ("linear", "exponential")
+
+
+@dataclass
+class _KeyState:
+    anchor: float = 1.0  # multiplier in force since the last exploding event
+    calm: int = 0  # consecutive calm steps since that event
+    pending: int = 0  # exploding events counted towards ``patience``
+
+
+@dataclass
+class _Swap:
+    scheduled: float | Tensor
+    applied: float | Tensor
+    # For a tensor lr: the applied copy's version counter, so an in-place write by a scheduler is noticed.
+    version: int | None
+
+
+class LRGuardHandle:
+    """Detaches an :class:`LRGuard` from an optimizer: removes its step hooks and puts the scheduled lr back.
+
+    Returned by :meth:`LRGuard.attach`; behaves like :class:`torch.utils.hooks.RemovableHandle` (``remove()`` and
+    use as a context manager).
+
+    Args:
+        guard: the guard that was attached.
+        optimizer: the optimizer it was attached to.
+        key: the optimizer's key in the guard.
+        handles: the step pre- and post-hook handles.
+    """
+
+    def __init__(
+        self, guard: LRGuard, optimizer: torch.optim.Optimizer, key: int, handles: tuple[RemovableHandle, ...]
+    ) -> None:
+        self._guard = guard
+        self._optimizer = optimizer
+        self._key = key
+        self._handles = handles
+
+    def remove(self) -> None:
+        """Remove the hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._guard.restore(self._optimizer, self._key)
+
+    def __enter__(self) -> LRGuardHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class LRGuard:
+    """Lower the learning rate when gradients explode, hold it, then recover to the scheduled value.
+
+    One multiplier ``m`` (starting at 1) is kept per optimizer ``key``. Call :meth:`update` once per optimizer
+    step with the step's exploding flag (a Python bool; it may arrive one step late). The rules:
+
+    * **Reduction.** Exploding events are counted; when ``patience`` of them have been counted,
+      ``m <- max(m * factor, min_scale)`` and the count restarts. The count is forgotten after more than
+      ``cooldown`` consecutive calm steps, so with ``cooldown=0`` the events must be consecutive, and with the
+      default they must fall within ``cooldown`` calm steps of each other. ``m`` is taken at its current value,
+      so an event during recovery lowers it from wherever recovery had reached.
+    * **Hold.** Every exploding event (reducing or not) freezes ``m`` at its current value and restarts the hold:
+      ``m`` stays put for ``cooldown`` consecutive calm steps.
+    * **Recovery.** Over the next ``recovery_steps`` calm steps ``m`` returns from the held value ``a`` to exactly
+      1: ``"linear"`` in equal increments (``a + (1 - a) * t``), ``"exponential"`` in equal ratios
+      (``a ** (1 - t)``), with ``t`` the fraction of recovery done.
+
+    The multiplier reaches the optimizer through :meth:`attach` (recommended: it scales ``group["lr"]`` only
+    inside ``optimizer.step``, so a step that is never taken, e.g. skipped by ``GradScaler``, leaves the lr
+    untouched) or explicitly through :meth:`apply` before the step and :meth:`restore` after it and before the
+    scheduler steps.
+
+    Args:
+        factor: multiplier applied on a reduction, in ``(0, 1)``.
+        patience: number of exploding events that trigger a reduction, ``>= 1``.
+        cooldown: calm steps the reduced multiplier is held before recovery starts, ``>= 0``. Also the longest calm
+            gap over which events still count towards ``patience``.
+        min_scale: lowest multiplier, in ``(0, 1]``.
+        recovery_steps: calm steps over which the multiplier returns to 1 after the hold, ``>= 1``.
+        recovery: ``"linear"`` or ``"exponential"``.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=2)
+        >>> handle = guard.attach(opt)
+        >>> guard.update(True)
+        True
+        >>> guard.scale()
+        0.5
+        >>> for _ in range(3):
+        ...     _ = guard.update(False)
+        >>> guard.scale()
+        0.75
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> opt.step()  # runs with lr 0.075
+        >>> opt.param_groups[0]["lr"]  # the scheduled value is back
+        0.1
+    """
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        patience: int = 1,
+        cooldown: int = 20,
+        min_scale: float = 1e-2,
+        recovery_steps: int = 100,
+        recovery: str = "linear",
+    ) -> None:
+        if not (isinstance(factor, (int, float)) and 0.0 < factor < 1.0):
+            raise ValueError(f"`factor` must be a number in (0, 1), got {factor!r}")
+        if not (isinstance(patience, int) and patience >= 1):
+            raise ValueError(f"`patience` must be an integer >= 1, got {patience!r}")
+        if not (isinstance(cooldown, int) and cooldown >= 0):
+            raise ValueError(f"`cooldown` must be an integer >= 0, got {cooldown!r}")
+        if not (isinstance(min_scale, (int, float)) and 0.0 < min_scale <= 1.0):
+            raise ValueError(f"`min_scale` must be a number in (0, 1], got {min_scale!r}")
+        if not (isinstance(recovery_steps, int) and recovery_steps >= 1):
+            raise ValueError(f"`recovery_steps` must be an integer >= 1, got {recovery_steps!r}")
+        if recovery not in _RECOVERY_MODES:
+            raise ValueError(f"`recovery` must be one of {_RECOVERY_MODES}, got {recovery!r}")
+        self.factor = float(factor)
+        self.patience = patience
+        self.cooldown = cooldown
+        self.min_scale = float(min_scale)
+        self.recovery_steps = recovery_steps
+        self.recovery = recovery
+        self._states: dict[int, _KeyState] = {}
+        self._swaps: dict[int, list[_Swap]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"LRGuard(factor={self.factor!r}, patience={self.patience!r}, cooldown={self.cooldown!r}, "
+            f"min_scale={self.min_scale!r}, recovery_steps={self.recovery_steps!r}, recovery={self.recovery!r})"
+        )
+
+    # ------------------------------------------------------------------ multiplier
+
+    def _multiplier(self, state: _KeyState) -> float:
+        done = (state.calm - self.cooldown) / self.recovery_steps
+        if done <= 0.0:
+            return state.anchor
+        if done >= 1.0:
+            return 1.0
+        if self.recovery == "linear":
+            return state.anchor + (1.0 - state.anchor) * done
+        return state.anchor ** (1.0 - done)
+
+    def scale(self, key: int = 0) -> float:
+        """The current multiplier of optimizer ``key`` (1.0 for a key never updated)."""
+        state = self._states.get(key)
+        return 1.0 if state is None else self._multiplier(state)
+
+    def update(self, exploding: bool, key: int = 0) -> bool:
+        """Advance optimizer ``key`` by one step.
+
+        Args:
+            exploding: whether this step's gradients exploded (a host-side Python bool).
+            key: which optimizer.
+
+        Returns:
+            ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
+        """
+        state = self._states.setdefault(key, _KeyState())
+        if not exploding:
+            # Capped where recovery is complete, so an idle guard's state stays small and canonical.
+            state.calm = min(state.calm + 1, self.cooldown + self.recovery_steps)
+            if state.calm > self.cooldown:
+                state.pending = 0
+            if state.calm == self.cooldown + self.recovery_steps:
+                state.anchor = 1.0
+            return False
+        current = self._multiplier(state)
+        state.calm = 0
+        state.pending += 1
+        if state.pending < self.patience:
+            state.anchor = current
+            return False
+        state.pending = 0
+        state.anchor = max(current * self.factor, self.min_scale)
+        return state.anchor < current
+
+    # ------------------------------------------------------------------ optimizer
+
+    def apply(self, optimizer: torch.optim.Optimizer, key: int = 0) -> None:
+        """Set every param group's lr to its scheduled value times the multiplier of ``key``.
+
+        The scheduled values are remembered for :meth:`restore`. Calling ``apply`` twice does not compound.
+        A tensor lr is replaced by a scaled copy; the scheduler's tensor is never written to.
+        """
+        self.restore(optimizer, key)
+        m = self.scale(key)
+        if m == 1.0:
+            return
+        swaps = []
+        for group in optimizer.param_groups:
+            scheduled = group["lr"]
+            applied = scheduled * m
+            group["lr"] = applied
+            swaps.append(_Swap(scheduled, applied, applied._version if isinstance(applied, Tensor) else None))
+        self._swaps[key] = swaps
+
+    def restore(self, optimizer: torch.optim.Optimizer, key: int = 0) -> None:
+        """Put back the lrs remembered by :meth:`apply` (idempotent; a no-op when nothing is applied).
+
+        A group whose lr was replaced since :meth:`apply` (by a scheduler that stepped before ``restore``) keeps
+        the new value; a tensor lr filled in place keeps the value written into it.
+        """
+        swaps = self._swaps.pop(key, None)
+        if swaps is None:
+            return
+        for group, swap in zip(optimizer.param_groups, swaps):
+            current = group["lr"]
+            if current is not swap.applied:
+                continue
+            if swap.version is not None and current._version != swap.version:
+                swap.scheduled.copy_(current)
+            group["lr"] = swap.scheduled
+
+    def attach(self, optimizer: torch.optim.Optimizer, key: int = 0) -> LRGuardHandle:
+        """Scale the lr of ``optimizer`` inside each ``optimizer.step`` call only.
+
+        Registers a step pre-hook that calls :meth:`apply` and a step post-hook that calls :meth:`restore`. A
+        step that is never taken (skipped by ``GradScaler``, or not called) therefore never shows the scaled lr
+        to a scheduler. Hooks registered on ``optimizer`` after this call see the scaled lr.
+
+        Returns:
+            A handle whose ``remove()`` removes both hooks.
+        """
+
+        def pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.apply(opt, key)
+
+        def post_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.restore(opt, key)
+
+        handles = (optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook))
+        return LRGuardHandle(self, optimizer, key, handles)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Multipliers and counters per optimizer key (keys as strings; plain Python values only)."""
+        return {
+            "keys": {
+                str(key): {"anchor": s.anchor, "calm": s.calm, "pending": s.pending}
+                for key, s in self._states.items()
+            }
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the state returned by :meth:`state_dict`."""
+        states = {}
+        for key, s in state_dict["keys"].items():
+            anchor = float(s["anchor"])
+            if not (math.isfinite(anchor) and 0.0 < anchor <= 1.0):
+                raise ValueError(f"invalid multiplier {anchor!r} for key {key!r} in the LRGuard state")
+            states[int(key)] = _KeyState(anchor=anchor, calm=int(s["calm"]), pending=int(s["pending"]))
+        self._states = states

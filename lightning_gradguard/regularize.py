@@ -1,0 +1,425 @@
+"""Weight penalties applied as gradient terms: L1, L2 and soft orthogonality.
+
+A regularizer selects parameters once (:meth:`Regularizer.bind`) and then either returns a differentiable
+penalty to add to the loss (:meth:`Regularizer.penalty`) or adds that penalty's exact gradient straight to
+``.grad`` (:meth:`Regularizer.add_grad_`). The second form runs once per optimizer step, after the gradients are
+complete, so it is unaffected by gradient accumulation and can follow the AMP loss scale.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+import weakref
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+__all__ = ["L1", "L2", "Orthogonal", "Regularizer"]
+
+# _NormBase is the common base of BatchNorm*, SyncBatchNorm and InstanceNorm* (lazy variants included).
+_NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+_EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+# Recurrent layers whose input/hidden weights stack one [H, *] block per gate along dim 0.
+_GATE_BLOCKS: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
+    ((nn.LSTM, nn.LSTMCell), 4),
+    ((nn.GRU, nn.GRUCell), 3),
+)
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision sums and Gram matrices lose too much; fp64 stays fp64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+class Regularizer(abc.ABC):
+    """Base class of the weight penalties: parameter selection, adaptive strength, gradient application.
+
+    **Selection.** A parameter is selected when all of the following hold:
+
+    * it requires grad;
+    * ``modules`` is ``None``, or the regex is found (``re.search``) in the qualified name of the module owning
+      the parameter (``"encoder.0"``) or in the parameter's qualified name (``"encoder.0.weight"``);
+    * ``module_types`` is ``None`` and the owner is not a normalization layer (BatchNorm, SyncBatchNorm,
+      InstanceNorm, LayerNorm, GroupNorm, RMSNorm), or the owner is an instance of one of ``module_types``;
+    * ``include_bias`` is true, or the parameter is not bias-like. Bias-like means: fewer than two dimensions
+      (biases, normalization gains, scalars) or an own name ending in ``"bias"``;
+    * the subclass accepts it (:class:`Orthogonal` needs matrices, see there).
+
+    Shared parameters are considered once, under the module that defines them first.
+
+    **Adaptive strength.** With ``adaptive=True`` a strength ``s`` (starting at 1) multiplies ``weight``: each
+    :meth:`on_exploding` call with an exploding step sets ``s <- min(s * adaptive_factor, max_strength)``, each
+    call with a calm step sets ``s <- 1 + (s - 1) * decay``. Without ``adaptive``, ``s`` stays 1.
+
+    Args:
+        weight: penalty coefficient, ``>= 0``.
+        modules: regex selecting parameters by module or parameter name (see above); ``None`` selects all.
+        module_types: module classes whose own parameters are selected; ``None`` selects every module except
+            normalization layers.
+        include_bias: also select bias-like parameters.
+        adaptive: raise the strength on exploding gradients and let it decay back.
+        adaptive_factor: strength multiplier per exploding step, ``>= 1``.
+        max_strength: upper bound of the strength, ``>= 1``.
+        decay: per calm step, the fraction of the excess strength ``s - 1`` that remains, in ``[0, 1)``.
+        name: name used in logs (``gradguard/reg/<name>``); defaults to the class name in lower case.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 2)
+        >>> reg = L2(1e-2)
+        >>> reg.bind(model)
+        ['weight']
+        >>> model(torch.randn(4, 3)).sum().backward()
+        >>> reg.add_grad_()  # same gradient as adding reg.penalty() to the loss
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        modules: str | None = None,
+        module_types: tuple[type, ...] | None = None,
+        include_bias: bool = False,
+        adaptive: bool = False,
+        adaptive_factor: float = 2.0,
+        max_strength: float = 10.0,
+        decay: float = 0.99,
+        name: str | None = None,
+    ) -> None:
+        if not (isinstance(weight, (int, float)) and 0.0 <= weight < float("inf")):
+            raise ValueError(f"`weight` must be a finite number >= 0, got {weight!r}")
+        self._pattern: re.Pattern[str] | None = None
+        if modules is not None:
+            try:
+                self._pattern = re.compile(modules)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"`modules` must be a regular expression or None, got {modules!r}: {err}") from err
+        if module_types is not None:
+            module_types = tuple(module_types)
+            if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
+                raise ValueError(
+                    f"`module_types` must be None or a non-empty tuple of nn.Module subclasses, got {module_types!r}"
+                )
+        if not (isinstance(adaptive_factor, (int, float)) and adaptive_factor >= 1.0):
+            raise ValueError(f"`adaptive_factor` must be a number >= 1, got {adaptive_factor!r}")
+        if not (isinstance(max_strength, (int, float)) and 1.0 <= max_strength < float("inf")):
+            raise ValueError(f"`max_strength` must be a finite number >= 1, got {max_strength!r}")
+        if not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
+            raise ValueError(f"`decay` must be a number in [0, 1), got {decay!r}")
+        if name is not None and not (isinstance(name, str) and name):
+            raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
+        self.weight = float(weight)
+        self.modules = modules
+        self.module_types = module_types
+        self.include_bias = bool(include_bias)
+        self.adaptive = bool(adaptive)
+        self.adaptive_factor = float(adaptive_factor)
+        self.max_strength = float(max_strength)
+        self.decay = float(decay)
+        self.name: str = name if name is not None else type(self).__name__.lower()
+        self.param_names: list[str] = []
+        self._params: list[nn.Parameter] = []
+        self._layouts: list[Any] = []
+        self._module_ref: weakref.ref[nn.Module] | None = None
+        self._strength = 1.0
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(weight={self.weight!r}, modules={self.modules!r}, "
+            f"module_types={self.module_types!r}, include_bias={self.include_bias!r}, adaptive={self.adaptive!r}, "
+            f"adaptive_factor={self.adaptive_factor!r}, max_strength={self.max_strength!r}, decay={self.decay!r}, "
+            f"name={self.name!r})"
+        )
+
+    # ------------------------------------------------------------------ selection
+
+    def _selects(self, owner_name: str, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
+        if not param.requires_grad:
+            return False
+        if self._pattern is not None:
+            qualified = f"{owner_name}.{param_name}" if owner_name else param_name
+            if not (self._pattern.search(owner_name) or self._pattern.search(qualified)):
+                return False
+        if self.module_types is not None:
+            if not isinstance(owner, self.module_types):
+                return False
+        elif isinstance(owner, _NORM_TYPES):
+            return False
+        if not self.include_bias and (param.ndim < 2 or param_name.endswith("bias")):
+            return False
+        return self._accepts(owner, param_name, param)
+
+    def _accepts(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
+        """Subclass hook: a further condition on a parameter that passed the common selection."""
+        return True
+
+    def _layout(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> Any:
+        """Subclass hook: per-parameter information kept with the selection and passed to ``_grad_terms``."""
+        return None
+
+    def bind(self, module: nn.Module) -> list[str]:
+        """Select the parameters of ``module`` (see the class docstring) and remember them.
+
+        Returns:
+            The qualified names of the selected parameters.
+
+        Raises:
+            ValueError: nothing was selected, or a selected parameter is still uninitialized (lazy module).
+        """
+        params: list[nn.Parameter] = []
+        names: list[str] = []
+        layouts: list[Any] = []
+        seen: set[int] = set()
+        for owner_name, owner in module.named_modules():
+            for param_name, param in owner.named_parameters(recurse=False):
+                if id(param) in seen:
+                    continue
+                seen.add(id(param))
+                qualified = f"{owner_name}.{param_name}" if owner_name else param_name
+                if isinstance(param, nn.parameter.UninitializedParameter):
+                    raise ValueError(f"parameter {qualified!r} is uninitialized; run a forward pass before binding")
+                if self._selects(owner_name, owner, param_name, param):
+                    params.append(param)
+                    names.append(qualified)
+                    layouts.append(self._layout(owner, param_name, param))
+        if not params:
+            raise ValueError(
+                f"{self!r} selected no parameter of {type(module).__name__}; "
+                "check `modules`, `module_types` and `include_bias`"
+            )
+        self._params, self.param_names, self._layouts = params, names, layouts
+        self._module_ref = weakref.ref(module)
+        return list(names)
+
+    def _bound_params(self, module: nn.Module | None) -> list[nn.Parameter]:
+        if module is not None and (self._module_ref is None or self._module_ref() is not module):
+            self.bind(module)
+        if not self._params:
+            raise RuntimeError(f"{type(self).__name__} is not bound to a module: call bind(module) first")
+        return self._params
+
+    # ------------------------------------------------------------------ strength
+
+    @property
+    def strength(self) -> float:
+        """Current adaptive strength (1.0 when not adaptive)."""
+        return self._strength
+
+    @property
+    def effective_weight(self) -> float:
+        """``weight * strength``: the coefficient used by :meth:`penalty` and :meth:`add_grad_`."""
+        return self.weight * self._strength
+
+    def on_exploding(self, exploding: bool) -> None:
+        """Update the adaptive strength with this step's exploding flag (a host-side Python bool)."""
+        if not self.adaptive:
+            return
+        if exploding:
+            self._strength = min(self._strength * self.adaptive_factor, self.max_strength)
+        else:
+            self._strength = 1.0 + (self._strength - 1.0) * self.decay
+
+    # ------------------------------------------------------------------ penalty and gradient
+
+    @abc.abstractmethod
+    def _penalty_sum(self, params: list[Tensor], layouts: list[Any], dtype: torch.dtype) -> Tensor:
+        """Unweighted, differentiable penalty of one device/dtype group, a 0-d tensor of ``dtype``."""
+
+    @abc.abstractmethod
+    def _grad_terms(self, params: list[Tensor], layouts: list[Any]) -> list[Tensor]:
+        """Gradient of the unweighted penalty for each parameter of one device/dtype group, in its dtype.
+
+        May return the parameters themselves; callers must not write into the result.
+        """
+
+    def penalty(self, module: nn.Module | None = None) -> Tensor:
+        """The penalty times ``weight * strength``: a differentiable 0-d fp32 tensor.
+
+        Args:
+            module: bind to this module first if it is not the bound one; ``None`` uses the bound parameters.
+        """
+        params = self._bound_params(module)
+        out_device = params[0].device
+        total = torch.zeros((), dtype=torch.float32, device=out_device)
+        groups = _group_tensors_by_device_and_dtype([params], with_indices=True)
+        for (_, dtype), ((group,), indices) in groups.items():
+            value = self._penalty_sum(group, [self._layouts[i] for i in indices], _accumulation_dtype(dtype))
+            total = total + value.to(device=out_device, dtype=torch.float32)
+        return total * self.effective_weight
+
+    @torch.no_grad()
+    def add_grad_(self, scale: Tensor | float = 1.0) -> None:
+        """Add the gradient of :meth:`penalty` times ``scale`` to each selected parameter's ``.grad``.
+
+        Equivalent to adding ``penalty()`` to the loss once per optimizer step. A missing ``.grad`` is created
+        (as adding the penalty to the loss would do). No host-device synchronization.
+
+        Args:
+            scale: extra factor, a Python number or a 0-d tensor on any device (e.g. the AMP loss scale while
+                gradients are still scaled).
+        """
+        params = self._bound_params(None)
+        coef = self.effective_weight
+        if coef == 0.0:
+            return
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            elif param.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients")
+        grads = [p.grad for p in params]
+        groups = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
+        for (device, dtype), ((group_params, group_grads), indices) in groups.items():
+            terms = self._grad_terms(group_params, [self._layouts[i] for i in indices])
+            if isinstance(scale, Tensor):
+                factor = (scale.detach().to(device=device, dtype=torch.float32) * coef).to(dtype)
+                torch._foreach_add_(group_grads, torch._foreach_mul(terms, factor))
+            else:
+                torch._foreach_add_(group_grads, terms, alpha=coef * float(scale))
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """The adaptive strength (plain Python values only)."""
+        return {"strength": self._strength}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the state returned by :meth:`state_dict`."""
+        self._strength = float(state_dict["strength"])
+
+
+class L1(Regularizer):
+    """L1 penalty ``weight * sum(|w|)``; its gradient is ``weight * sign(w)`` (0 at exactly 0).
+
+    Pushes weights towards exact zeros (sparsity). Arguments and selection as in :class:`Regularizer`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, -3.0]]))
+        >>> reg = L1(0.5)
+        >>> _ = reg.bind(model)
+        >>> reg.penalty()
+        tensor(2., grad_fn=<MulBackward0>)
+        >>> reg.add_grad_()
+        >>> model.weight.grad
+        tensor([[ 0.5000, -0.5000]])
+    """
+
+    def _penalty_sum(self, params: list[Tensor], layouts: list[Any], dtype: torch.dtype) -> Tensor:
+        return torch.stack(torch._foreach_norm(params, 1, dtype=dtype)).sum()
+
+    def _grad_terms(self, params: list[Tensor], layouts: list[Any]) -> list[Tensor]:
+        return list(torch._foreach_sign(params))
+
+
+class L2(Regularizer):
+    """L2 penalty ``weight / 2 * sum(||w||^2)``; its gradient is ``weight * w``.
+
+    With the ``1/2`` the gradient is the classic (coupled) weight decay with coefficient ``weight``, the same as
+    ``torch.optim.SGD(weight_decay=weight)``; unlike an optimizer's ``weight_decay`` it follows the parameter
+    selection (biases and normalization layers left out by default). Arguments as in :class:`Regularizer`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad():
+        ...     _ = model.weight.copy_(torch.tensor([[1.0, -3.0]]))
+        >>> reg = L2(0.5)
+        >>> _ = reg.bind(model)
+        >>> reg.penalty()
+        tensor(2.5000, grad_fn=<MulBackward0>)
+        >>> reg.add_grad_()
+        >>> model.weight.grad
+        tensor([[ 0.5000, -1.5000]])
+    """
+
+    def _penalty_sum(self, params: list[Tensor], layouts: list[Any], dtype: torch.dtype) -> Tensor:
+        return 0.5 * torch.stack(torch._foreach_norm(params, 2, dtype=dtype)).pow(2).sum()
+
+    def _grad_terms(self, params: list[Tensor], layouts: list[Any]) -> list[Tensor]:
+        return params
+
+
+class Orthogonal(Regularizer):
+    """Soft orthogonality ``weight * sum ||W^T W - I||_F^2`` over the selected weight matrices.
+
+    Each parameter is viewed as a matrix ``[rows, -1]`` (a convolution kernel ``[out, in, kh, kw]`` becomes
+    ``[out, in * kh * kw]``) and the smaller Gram matrix is used: ``W^T W`` when ``rows >= cols``, ``W W^T`` when
+    ``rows < cols``, so a wide matrix is pushed towards orthonormal rows and a tall one towards orthonormal
+    columns. The gradient is analytic: ``4 W (W^T W - I)``, respectively ``4 (W W^T - I) W``.
+
+    The input and hidden weights of ``nn.LSTM``/``nn.LSTMCell`` (4 gates) and ``nn.GRU``/``nn.GRUCell``
+    (3 gates), ``weight_ih*`` and ``weight_hh*``, stack one block per gate along the rows; each gate block
+    ``[H, cols]`` is penalized on its own, since the stacked matrix ``[k*H, H]`` cannot be orthogonal.
+
+    By default every matrix-shaped parameter (``ndim >= 2``) is selected except those of embeddings and
+    normalization layers; ``module_types`` overrides the module filter. ``include_bias`` is not supported.
+    Other arguments as in :class:`Regularizer`.
+
+    Example:
+        >>> import torch
+        >>> lstm = torch.nn.LSTM(8, 16)
+        >>> reg = Orthogonal(1e-3, modules=r"weight_hh")
+        >>> reg.bind(lstm)
+        ['weight_hh_l0']
+        >>> bool(reg.penalty() > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        modules: str | None = None,
+        module_types: tuple[type, ...] | None = None,
+        include_bias: bool = False,
+        adaptive: bool = False,
+        adaptive_factor: float = 2.0,
+        max_strength: float = 10.0,
+        decay: float = 0.99,
+        name: str | None = None,
+    ) -> None:
+        if include_bias:
+            raise ValueError("`include_bias` must be False for Orthogonal: vectors have no orthogonality")
+        super().__init__(
+            weight, modules, module_types, include_bias, adaptive, adaptive_factor, max_strength, decay, name
+        )
+
+    def _accepts(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
+        if param.ndim < 2:
+            return False
+        return self.module_types is not None or not isinstance(owner, _EMBEDDING_TYPES)
+
+    def _layout(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> int:
+        if param_name.startswith(("weight_ih", "weight_hh")):
+            for types, gates in _GATE_BLOCKS:
+                if isinstance(owner, types) and param.shape[0] % gates == 0:
+                    return gates
+        return 1
+
+    @staticmethod
+    def _blocks(param: Tensor, gates: int, dtype: torch.dtype) -> Tensor:
+        return param.to(dtype).reshape(gates, param.shape[0] // gates, -1)
+
+    def _penalty_sum(self, params: list[Tensor], layouts: list[int], dtype: torch.dtype) -> Tensor:
+        total = torch.zeros((), dtype=dtype, device=params[0].device)
+        for param, gates in zip(params, layouts):
+            w = self._blocks(param, gates, dtype)
+            gram = w @ w.mT if w.shape[-2] < w.shape[-1] else w.mT @ w
+            eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
+            total = total + (gram - eye).pow(2).sum()
+        return total
+
+    def _grad_terms(self, params: list[Tensor], layouts: list[int]) -> list[Tensor]:
+        terms = []
+        for param, gates in zip(params, layouts):
+            w = self._blocks(param, gates, _accumulation_dtype(param.dtype))
+            wide = w.shape[-2] < w.shape[-1]
+            gram = w @ w.mT if wide else w.mT @ w
+            gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+            term = gram @ w if wide else w @ gram
+            terms.append(term.mul_(4.0).reshape(param.shape).to(param.dtype))
+        return terms

@@ -1,0 +1,260 @@
+"""GradGuard on real Trainer.fit runs: measurement, detection, logging, and the no-sync rule."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_gradguard import ExplodingDetector, GradGuard, VanishingDetector
+from tests.models import Regressor, regression_data, trainer
+
+SYNC_CALLS = {"item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"}
+
+
+class TiedFrozenMixed(nn.Module):
+    """Tied weights, a frozen layer, a layer without gradient, and fp64 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+        self.out.weight = self.inp.weight  # tied
+        self.frozen = nn.Linear(16, 16)
+        self.frozen.requires_grad_(False)
+        self.unused = nn.Linear(16, 4)
+        self.wide = nn.Linear(16, 1).double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.mid(h))
+        h = self.frozen(self.out(h))
+        return self.wide(h.double()).float()
+
+
+class ReferenceNorms(Regressor):
+    """Computes per-module reference norms in its own on_before_optimizer_step (runs after the callbacks)."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        seen: set[int] = set()
+        ref = {}
+        for name, module in self.named_modules():
+            grads = []
+            for p in module.parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.grad is not None:
+                    grads.append(p.grad.double().flatten())
+            if grads:
+                ref[name] = torch.linalg.vector_norm(torch.cat(grads)).item()
+        self.reference = ref
+
+
+def test_norms_match_naive_reference_in_fit() -> None:
+    torch.manual_seed(0)
+    model = ReferenceNorms(net=TiedFrozenMixed())
+    guard = GradGuard(clip=None, lr_guard=None)
+    trainer(max_steps=7, callbacks=[guard]).fit(model, regression_data())
+    st = guard._states[0]
+    got = dict(zip(st.index.names, st.layer_last.tolist()))
+    assert set(model.reference) == {"net.inp", "net.mid", "net.out", "net.wide"}  # net.out: its own bias
+    for name, value in model.reference.items():
+        assert got[name] == pytest.approx(value, rel=1e-6)
+    assert got["net.unused"] == 0.0 and got["net.frozen"] == 0.0
+    total = math.sqrt(sum(v * v for v in model.reference.values()))
+    assert st.scalars[0].item() == pytest.approx(total, rel=1e-6)
+
+
+def _deep_sigmoid(depth: int = 12, width: int = 32) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(16, width), nn.Sigmoid()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+def test_deep_sigmoid_network_is_reported_as_vanishing_earliest_layers_first() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(clip=None, lr_guard=None, vanishing=VanishingDetector(patience=5))
+    model = Regressor(net=_deep_sigmoid())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=20, callbacks=[guard], log_every_n_steps=10).fit(model, regression_data())
+    messages = [str(w.message) for w in caught if "vanishing gradients" in str(w.message)]
+    assert messages, "no vanishing warning"
+    assert "layer 'net.0'" in messages[0] and "step" in messages[0]
+    assert guard.summary()["vanishing"] >= 1
+    vanishing_layers = [m.split("layer '")[1].split("'")[0] for m in messages]
+    assert "net.22" not in vanishing_layers  # the output layer has healthy gradients
+    assert guard.summary()["exploding"] == 0
+
+
+def test_unstable_model_is_reported_as_exploding() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.0)  # large init
+    model = Regressor(net=net, lr=0.3)  # too-high LR
+    guard = GradGuard(clip=None, lr_guard=None, exploding=ExplodingDetector(warmup_steps=10), on_nonfinite="warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=4, callbacks=[guard]).fit(model, regression_data())
+    assert guard.summary()["exploding"] >= 1
+    assert any("exploding gradients in layer" in str(w.message) for w in caught)
+
+
+def test_healthy_mlp_has_no_events_in_200_steps() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard()
+    model = Regressor(optimizer="adam", lr=1e-3)
+    trainer(max_steps=200, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
+    assert guard.summary() == dict.fromkeys(guard.summary(), 0)
+    assert model.losses[-1] < model.losses[0]
+
+
+class SyncRecorder(TorchFunctionMode):
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__()
+        self.sink = sink
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in SYNC_CALLS:
+            self.sink.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class RecordingGuard(GradGuard):
+    """Runs every hook under a recorder and files what it saw under logging / non-logging steps."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.quiet_calls: list[tuple[int, str, str]] = []
+        self.logging_calls: list[str] = []
+        self.logging_steps: list[int] = []
+
+    def _run(self, hook: str, logging_step: bool, trainer: Any, fn: Any) -> Any:
+        sink: list[str] = []
+        with SyncRecorder(sink):
+            out = fn()
+        if logging_step:
+            self.logging_calls += sink
+        else:
+            self.quiet_calls += [(trainer.global_step, hook, s) for s in sink]
+        return out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
+        return self._run("on_train_batch_start", False, trainer,
+                         lambda: super(RecordingGuard, self).on_train_batch_start(trainer, pl_module, batch, batch_idx))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001, ANN201
+        return self._run("on_before_optimizer_step", False, trainer,
+                         lambda: super(RecordingGuard, self).on_before_optimizer_step(trainer, pl_module, optimizer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
+        logging_step = trainer.global_step >= self._next_log_step
+        if logging_step:
+            self.logging_steps.append(trainer.global_step)
+        return self._run("on_train_batch_end", logging_step, trainer,
+                         lambda: super(RecordingGuard, self).on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx))
+
+
+def test_recorder_catches_a_sync() -> None:
+    sink: list[str] = []
+    with SyncRecorder(sink):
+        torch.ones(1).item()
+        bool(torch.ones(1))
+    assert sink == ["item", "__bool__"]
+
+
+@pytest.mark.parametrize("clip", ["default", None])
+def test_no_host_sync_on_steps_that_do_not_log(tmp_path: Any, clip: Any) -> None:
+    torch.manual_seed(0)
+    guard = RecordingGuard(clip=clip, on_nonfinite="zero", histogram_every_n_steps=10)
+    logger = TensorBoardLogger(tmp_path)
+    trainer(max_steps=30, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=10).fit(
+        Regressor(optimizer="adam", lr=1e-3), regression_data()
+    )
+    assert guard.logging_steps == [10, 20, 30]
+    assert guard.logging_calls, "the logging step must have copied to the host (the recorder must see it)"
+    assert guard.quiet_calls == []
+
+
+def _scalars(logdir: Any) -> EventAccumulator:
+    files = glob.glob(f"{logdir}/**/events.out.tfevents.*", recursive=True)
+    assert files
+    acc = EventAccumulator(str(logdir / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_tags(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    guard = GradGuard()
+    logger = TensorBoardLogger(tmp_path)
+    trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(Regressor(), regression_data())
+    acc = _scalars(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    for tag in [
+        "gradguard/total_norm",
+        "gradguard/total_norm_max",
+        "gradguard/clip_threshold",
+        "gradguard/clip_coef",
+        "gradguard/lr_scale",
+        "gradguard/ema_mean",
+        "gradguard/layer/net.0",
+        "gradguard/layer/net.2",
+        *(f"gradguard/events/{k}" for k in ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced")),
+    ]:
+        assert tag in tags, tag
+    steps = [e.step for e in acc.Scalars("gradguard/total_norm")]
+    assert steps == [5, 10, 15, 20]
+    maxes = [e.value for e in acc.Scalars("gradguard/total_norm_max")]
+    lasts = [e.value for e in acc.Scalars("gradguard/total_norm")]
+    assert all(m >= v - 1e-6 for m, v in zip(maxes, lasts))
+
+
+def test_csv_logger_gets_the_summary_scalars(tmp_path: Any) -> None:
+    guard = GradGuard()
+    logger = CSVLogger(tmp_path)
+    trainer(max_steps=10, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(Regressor(), regression_data())
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"gradguard/total_norm", "gradguard/clip_coef", "gradguard/events/exploding"} <= set(rows[0])
+    values = [float(r["gradguard/total_norm"]) for r in rows if r.get("gradguard/total_norm")]
+    assert len(values) == 2 and all(v > 0 for v in values)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"on_nonfinite": "ignore"},
+        {"on_exploding": "stop"},
+        {"on_vanishing": None},
+        {"log_every_n_steps": 0},
+        {"image_every_n_steps": -5},
+        {"histogram_every_n_steps": 1.5},
+        {"max_warnings": -1},
+        {"clip": "zclip"},
+        {"lr_guard": 0.5},
+        {"exploding": VanishingDetector()},
+        {"vanishing": ExplodingDetector()},
+        {"regularizers": ["l2"]},
+    ],
+)
+def test_invalid_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        GradGuard(**kwargs)

@@ -1,0 +1,691 @@
+"""Tests of the clippers against straightforward re-implementations of their papers' formulas."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+RTOL = 1e-6
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Host-side references, on Python floats, written from the papers (and for ZClip from the authors' published code).
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RefZClip:
+    """ZClip (Kumar et al., 2025) step by step, as the authors' reference implementation does it."""
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        max_grad_norm: float | None = None,
+        skip_update_on_spike: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
+        self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
+        self.max_grad_norm, self.skip, self.eps = max_grad_norm, skip_update_on_spike, eps
+        self.buffer: list[float] = []
+        self.initialized = False
+        self.mean = 0.0
+        self.var = 0.0
+
+    def step(self, norm: float) -> tuple[float, float | None]:
+        """Returns (coefficient applied to the gradients, clip target when clipped after the warm-up)."""
+        if not self.initialized:
+            self.buffer.append(norm)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((b - self.mean) ** 2 for b in self.buffer) / len(self.buffer)
+                self.initialized = True
+                self.buffer = []
+            if self.max_grad_norm is None:
+                return 1.0, None
+            return min(1.0, self.max_grad_norm / (norm + 1e-6)), None  # torch.nn.utils.clip_grad_norm_
+        std = self.var**0.5
+        clip_value = None
+        if self.mode == "percentile":
+            threshold = self.mean + self.z_thresh * std
+            if norm > threshold:
+                clip_value = threshold
+        else:
+            z = (norm - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    eta = z / self.z_thresh
+                    clip_value = (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
+                else:
+                    clip_value = self.mean
+        effective = clip_value if clip_value is not None else norm
+        if self.max_grad_norm is not None:
+            effective = min(effective, self.max_grad_norm)
+        coef = effective / (norm + 1e-6) if norm > effective else 1.0
+        if not (clip_value is not None and self.skip):
+            x = clip_value if clip_value is not None else norm
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return coef, (effective if coef < 1.0 else None)
+
+
+def ref_autoclip(norms: list[float], percentile: float, history: int | None) -> tuple[list[float], list[float]]:
+    """AutoClip (Seetharaman et al., 2020): threshold = percentile of the norms so far, current included."""
+    seen: list[float] = []
+    thresholds, coefs = [], []
+    for norm in norms:
+        seen.append(norm)
+        window = seen if history is None else seen[-history:]
+        threshold = float(np.percentile(np.asarray(window, dtype=np.float64), percentile))
+        thresholds.append(threshold)
+        coefs.append(min(1.0, threshold / (norm + 1e-6)))
+    return thresholds, coefs
+
+
+def ref_agc(grad: Tensor, weight: Tensor, clip_factor: float, eps: float) -> Tensor:
+    """AGC (Brock et al., 2021), unit-wise in float64: one unit per output row, 1-D/0-d tensors are one unit."""
+    g, w = grad.double(), weight.detach().double()
+    if g.ndim >= 2:
+        shape = (-1,) + (1,) * (g.ndim - 1)
+        g_norm = g.flatten(1).norm(dim=1).view(shape)
+        w_norm = w.flatten(1).norm(dim=1).view(shape)
+    else:
+        g_norm, w_norm = g.norm(), w.norm()
+    max_norm = clip_factor * w_norm.clamp_min(eps)
+    return g * torch.clamp(max_norm / g_norm.clamp_min(1e-6), max=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def norm_sequence(n: int, seed: int, spikes: int = 6) -> list[float]:
+    """Log-normal norms drifting slowly, with a few injected spikes (x10 to x200) and near-zero dips."""
+    gen = np.random.default_rng(seed)
+    base = np.exp(gen.normal(0.0, 0.25, n)) * np.linspace(1.0, 0.5, n)
+    for i in gen.choice(np.arange(3, n), size=spikes, replace=False):
+        base[i] *= gen.choice([10.0, 50.0, 200.0, 1e-4])
+    # Exactly the fp32 values the clipper sees, so the references start from the same inputs.
+    return [float(v) for v in torch.tensor(base, dtype=torch.float32)]
+
+
+def drive(clipper: Clipper, norm: float, device: str, valid: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """One clip_grads_ call on a single gradient whose L2 norm is ``norm``; returns (coef, grad before, grad after)."""
+    direction = torch.tensor([3.0, -4.0, 12.0], device=device) / 13.0
+    grad = (direction * norm) if math.isfinite(norm) else torch.full((3,), norm, device=device)
+    before = grad.clone()
+    coef = clipper.clip_grads_(
+        [grad],
+        torch.tensor(norm, dtype=torch.float32, device=device),
+        torch.tensor(valid, device=device),
+        params=[torch.ones(3, device=device)],  # for AGC
+        names=["weight"],
+    )
+    return coef, before, grad
+
+
+def assert_rel(actual: float, expected: float, rtol: float = RTOL, what: str = "") -> None:
+    assert math.isclose(actual, expected, rel_tol=rtol, abs_tol=1e-12), f"{what}: {actual} != {expected}"
+
+
+def roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+class Head(nn.Linear):
+    """A classifier head type, to test exclusion by module type."""
+
+
+class Scalar(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(1.5))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.LayerNorm(8)
+        self.body = nn.Linear(8, 16)
+        self.zero = nn.Linear(16, 16)
+        nn.init.zeros_(self.zero.weight)  # eps floor of the weight norm
+        self.scalar = Scalar()
+        self.fc = Head(16, 4)
+
+
+def clone_with_grads(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+    return twin
+
+
+def random_grads_(model: nn.Module, gen: torch.Generator, spike: bool = False) -> None:
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen, dtype=p.dtype) * (1e3 if spike else 0.05)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# NormClip
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_normclip_matches_clip_grad_norm(norm_type: float, max_norm: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    model = Net()
+    random_grads_(model, gen, spike=True)
+    model.body.bias.grad = None
+    twin = clone_with_grads(model)
+    clipper = NormClip(max_norm, norm_type=norm_type)
+
+    total = clipper.clip_(model)
+    expected_total = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm, norm_type=norm_type)
+
+    assert total.dtype == torch.float32 and total.ndim == 0
+    assert_rel(float(total), float(expected_total), 1e-5, "pre-clip norm")
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], norm_type)
+    if float(expected_total) > max_norm:
+        assert_rel(float(after), max_norm, 1e-5, "post-clip norm")
+        assert float(clipper.last_coef) < 1.0
+    else:
+        assert_rel(float(after), float(expected_total), 1e-6, "untouched norm")
+    assert float(clipper.last_threshold) == max_norm
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_normclip_clip_grads_computes_its_own_norm(norm_type: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(5, 7, generator=gen) * 3, torch.randn(11, generator=gen)]
+    expected = [g.clone() for g in grads]
+    ref_coef = min(1.0, 1.0 / (float(torch.nn.utils.get_total_norm(expected, norm_type)) + 1e-6))
+    l2 = torch.nn.utils.get_total_norm(grads, 2.0).float()
+    coef = NormClip(1.0, norm_type).clip_grads_(grads, l2, torch.tensor(True))
+    assert_rel(float(coef), ref_coef, 1e-6, "coef")
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e * ref_coef, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AutoClip
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("history", [None, 1, 7, 64])
+@pytest.mark.parametrize("percentile", [10.0, 0.0, 37.5, 100.0])
+def test_autoclip_matches_numpy_percentile(
+    device: str, history: int | None, percentile: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(AutoClip, "_INITIAL_CAPACITY", 4)  # the unbounded buffer must grow several times
+    norms = norm_sequence(150, seed=2)
+    thresholds, coefs = ref_autoclip(norms, percentile, history)
+    clipper = AutoClip(percentile=percentile, history=history)
+    for step, norm in enumerate(norms):
+        coef, before, after = drive(clipper, norm, device)
+        assert_rel(float(clipper.last_threshold), thresholds[step], what=f"threshold at step {step}")
+        assert_rel(float(coef), coefs[step], what=f"coef at step {step}")
+        torch.testing.assert_close(after, before * coefs[step], rtol=1e-6, atol=0)
+    assert int(clipper.state_dict()["count"]) == len(norms)
+
+
+@pytest.mark.parametrize("history", [None, 5])
+def test_autoclip_invalid_steps_stay_out_of_history(history: int | None) -> None:
+    norms = norm_sequence(60, seed=3)
+    invalid = {0, 4, 5, 17, 40}
+    kept = [n for i, n in enumerate(norms) if i not in invalid]
+    thresholds, _ = ref_autoclip(kept, 10.0, history)
+    clipper = AutoClip(10.0, history=history)
+    k = 0
+    for step, norm in enumerate(norms):
+        if step in invalid:
+            state = clipper.state_dict()
+            for bad_norm, valid in ((math.inf, False), (math.nan, False), (norm, False), (math.inf, True)):
+                coef, before, after = drive(clipper, bad_norm, "cpu", valid=valid)
+                assert float(coef) == 1.0 or (valid and not math.isnan(float(coef)))
+                if not valid:
+                    assert float(coef) == 1.0
+                    torch.testing.assert_close(after, before, equal_nan=True, rtol=0, atol=0)
+                assert_state_equal(clipper.state_dict(), state, ignore=("calls",))
+        else:
+            drive(clipper, norm, "cpu")
+            assert_rel(float(clipper.last_threshold), thresholds[k], what=f"threshold at step {step}")
+            k += 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ZClip
+# --------------------------------------------------------------------------------------------------------------------
+
+ZCLIP_CONFIGS = [
+    dict(mode="zscore", clip_option="adaptive_scaling"),
+    dict(mode="zscore", clip_option="adaptive_scaling", clip_factor=0.5, skip_update_on_spike=True),
+    dict(mode="zscore", clip_option="adaptive_scaling", max_grad_norm=1.2, alpha=0.9),
+    dict(mode="zscore", clip_option="mean"),
+    dict(mode="zscore", clip_option="mean", skip_update_on_spike=True, max_grad_norm=0.9, z_thresh=2.0),
+    dict(mode="percentile"),
+    dict(mode="percentile", max_grad_norm=1.1, skip_update_on_spike=True, z_thresh=1.5),
+    dict(mode="percentile", alpha=0.8, eps=1e-3),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("warmup_steps", [1, 25])
+@pytest.mark.parametrize("config", ZCLIP_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_zclip_matches_reference(device: str, warmup_steps: int, config: dict) -> None:
+    norms = norm_sequence(140, seed=4, spikes=10)
+    ref = RefZClip(warmup_steps=warmup_steps, **config)
+    clipper = ZClip(warmup_steps=warmup_steps, **config)
+    clipped = 0
+    for step, norm in enumerate(norms):
+        expected_coef, target = ref.step(norm)
+        coef, before, after = drive(clipper, norm, device)
+        assert_rel(float(coef), expected_coef, what=f"coef at step {step}")
+        torch.testing.assert_close(after, before * expected_coef, rtol=1e-6, atol=0)
+        if target is not None:
+            clipped += 1
+            assert_rel(float(clipper.last_threshold), target, what=f"threshold at step {step}")
+        if ref.initialized:
+            state = clipper.state_dict()
+            assert_rel(float(state["mean"]), ref.mean, what=f"mean at step {step}")
+            assert_rel(float(state["var"]), ref.var, what=f"var at step {step}")
+    assert clipped >= 3  # the sequence does exercise the clipping branch
+
+
+def test_zclip_adaptive_threshold_formula() -> None:
+    # EMA mean 1, std 0.5, z_thresh 2, norm 3: z = 4, eta = 2, threshold = 1 + 2 * 0.5 / 2 = 1.5 (paper, eq. 6).
+    clipper = ZClip(z_thresh=2.0, warmup_steps=1, eps=1e-6)
+    clipper.load_state_dict(
+        {"buffer": torch.ones(1), "count": torch.tensor(1), "mean": torch.tensor(1.0), "var": torch.tensor(0.25)}
+    )
+    coef, _, _ = drive(clipper, 3.0, "cpu")
+    z = (3.0 - 1.0) / (0.5 + 1e-6)
+    assert_rel(float(clipper.last_threshold), 1.0 + 2.0 * 0.5 / (z / 2.0))
+    assert_rel(float(coef), float(clipper.last_threshold) / (3.0 + 1e-6))
+
+
+@pytest.mark.parametrize("config", [dict(mode="zscore"), dict(mode="percentile", max_grad_norm=1.0)])
+def test_zclip_invalid_steps_do_not_count(config: dict) -> None:
+    norms = norm_sequence(80, seed=5)
+    invalid = {1, 2, 10, 26, 30, 31, 60}  # inside and after the warm-up
+    ref = RefZClip(warmup_steps=8, **config)
+    clipper = ZClip(warmup_steps=8, **config)
+    for step, norm in enumerate(norms):
+        if step in invalid:
+            state = clipper.state_dict()
+            for bad_norm, valid in ((math.inf, False), (math.nan, False), (norm * 100, False), (math.inf, True)):
+                coef, before, after = drive(clipper, bad_norm, "cpu", valid=valid)
+                assert not math.isnan(float(coef))
+                if not valid:
+                    assert float(coef) == 1.0
+                    torch.testing.assert_close(after, before, equal_nan=True, rtol=0, atol=0)
+                assert_state_equal(clipper.state_dict(), state)
+            continue
+        expected_coef, _ = ref.step(norm)
+        coef, _, _ = drive(clipper, norm, "cpu")
+        assert_rel(float(coef), expected_coef, what=f"coef at step {step}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# AGC
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("exclusion", ["none", "name", "type"])
+@pytest.mark.parametrize("chunk", [None, 200])
+def test_agc_matches_reference(device: str, exclusion: str, chunk: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk is not None:
+        monkeypatch.setattr(AGC, "_CHUNK_NUMEL", chunk)  # several batches per unit length, single-tensor views too
+    kwargs = {"name": dict(exclude=r"^fc\."), "type": dict(exclude_types=(Head,)), "none": {}}[exclusion]
+    clipper = AGC(clip_factor=0.02, eps=1e-3, **kwargs)
+    model = Net().to(device)
+    gen = torch.Generator().manual_seed(6)
+    for step in range(6):
+        random_grads_(model, gen, spike=step in (2, 5))
+        model.conv.weight.grad = model.conv.weight.grad.to(memory_format=torch.channels_last)  # non-contiguous
+        model.norm.bias.grad.zero_()  # a zero gradient must stay zero, not NaN
+        for p in model.parameters():
+            p.grad = p.grad.to(device)
+        expected = {}
+        for name, p in model.named_parameters():
+            excluded = exclusion != "none" and name.startswith("fc.")
+            expected[name] = p.grad.double() if excluded else ref_agc(p.grad, p, 0.02, 1e-3)
+        clipper.clip_(model)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.double(), expected[name], rtol=RTOL, atol=1e-12, msg=name)
+        assert float(clipper.last_threshold) == math.inf
+        if step in (2, 5):
+            assert float(clipper.last_coef) < 1e-2  # spikes are clipped hard
+        else:
+            assert 0.0 < float(clipper.last_coef) <= 1.0
+
+
+def test_agc_last_coef_is_min_unit_coef_and_total_norm_is_ignored() -> None:
+    gen = torch.Generator().manual_seed(7)
+    weight = nn.Parameter(torch.randn(4, 6, generator=gen))
+    grad = torch.randn(4, 6, generator=gen)
+    grad[2] *= 1e4  # one exploding unit
+    expected = ref_agc(grad, weight, 0.01, 1e-3)
+    unit_coef = (expected.norm(dim=1) / grad.double().norm(dim=1)).min()
+    for total_norm in (0.0, 1e9):  # AGC does not look at it
+        g = grad.clone()
+        coef = AGC().clip_grads_([g], torch.tensor(total_norm), torch.tensor(True), params=[weight])
+        torch.testing.assert_close(g.double(), expected, rtol=RTOL, atol=1e-12)
+        assert_rel(float(coef), float(unit_coef), 1e-5)
+        assert float(coef) < 1e-2
+
+
+def test_agc_clip_grads_with_names_and_owner_types() -> None:
+    model = Net()
+    random_grads_(model, torch.Generator().manual_seed(8), spike=True)
+    named = [(n, p) for n, p in model.named_parameters()]
+    owners = {id(p): type(m) for m in model.modules() for p in m.parameters(recurse=False)}
+    grads = [p.grad for _, p in named]
+    before = {n: p.grad.clone() for n, p in named}
+    clipper = AGC(exclude=r"^zero\.", exclude_types=(Head,))
+    clipper.clip_grads_(
+        grads,
+        torch.tensor(1.0),
+        torch.tensor(True),
+        params=[p for _, p in named],
+        names=[n for n, _ in named],
+        owner_types=[owners[id(p)] for _, p in named],
+    )
+    for name, p in named:
+        if name.startswith(("fc.", "zero.")):
+            assert torch.equal(p.grad, before[name]), name
+        else:
+            torch.testing.assert_close(p.grad.double(), ref_agc(before[name], p, 0.01, 1e-3), rtol=RTOL, atol=1e-12)
+    with pytest.raises(ValueError, match="names"):
+        AGC(exclude="fc").clip_grads_(grads, torch.tensor(1.0), torch.tensor(True), params=[p for _, p in named])
+    with pytest.raises(ValueError, match="owner_types"):
+        AGC(exclude_types=(Head,)).clip_grads_(grads, torch.tensor(1.0), torch.tensor(True), params=list(model.parameters()))
+    with pytest.raises(ValueError, match="params"):
+        AGC().clip_grads_(grads, torch.tensor(1.0), torch.tensor(True))
+    with pytest.raises(ValueError, match="names"):
+        AGC().clip_grads_(grads, torch.tensor(1.0), torch.tensor(True), params=list(model.parameters()), names=["a"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every clipper
+# --------------------------------------------------------------------------------------------------------------------
+
+CLIPPERS: dict[str, Callable[[], Clipper]] = {
+    "normclip": lambda: NormClip(1.0),
+    "normclip-inf": lambda: NormClip(1.0, norm_type=math.inf),
+    "autoclip": lambda: AutoClip(10.0),
+    "autoclip-ring": lambda: AutoClip(25.0, history=16),
+    "zclip": lambda: ZClip(warmup_steps=5),
+    "zclip-percentile": lambda: ZClip(warmup_steps=5, mode="percentile", max_grad_norm=2.0),
+    "agc": lambda: AGC(exclude=r"^fc\."),
+}
+
+
+def assert_state_equal(actual: dict, expected: dict, ignore: tuple[str, ...] = ()) -> None:
+    assert set(actual) == set(expected)
+    for key in expected:
+        if key in ignore:
+            continue
+        a, e = actual[key], expected[key]
+        if isinstance(e, Tensor):
+            assert torch.equal(a, e), key
+        else:
+            assert a == e, key
+
+
+@pytest.mark.parametrize("make", CLIPPERS.values(), ids=CLIPPERS.keys())
+def test_state_dict_roundtrip_continues_like_uninterrupted(make: Callable[[], Clipper]) -> None:
+    norms = norm_sequence(40, seed=9)
+    straight = make()
+    expected = []
+    for n in norms:
+        coef = drive(straight, n, "cpu")[0]
+        expected.append((coef, straight.last_threshold))
+    for cut in (3, 20):  # inside the warm-up and after it
+        first = make()
+        for n in norms[:cut]:
+            drive(first, n, "cpu")
+        second = make()
+        second.load_state_dict(roundtrip(first.state_dict()))
+        for i, n in enumerate(norms[cut:], start=cut):
+            coef = drive(second, n, "cpu")[0]
+            assert torch.equal(coef, expected[i][0]), f"coef at step {i}"
+            assert torch.equal(second.last_threshold, expected[i][1]), f"threshold at step {i}"
+
+
+@pytest.mark.parametrize("make", CLIPPERS.values(), ids=CLIPPERS.keys())
+def test_invalid_step_leaves_grads_and_state_untouched(make: Callable[[], Clipper]) -> None:
+    model = Net()
+    gen = torch.Generator().manual_seed(10)
+    clipper = make()
+    for _ in range(8):
+        random_grads_(model, gen, spike=True)
+        clipper.clip_(model)
+    state = roundtrip(clipper.state_dict())
+    random_grads_(model, gen, spike=True)
+    model.body.weight.grad[0, 0] = math.inf
+    model.conv.weight.grad[0, 0, 0, 0] = math.nan
+    before = [p.grad.clone() for p in model.parameters()]
+    total = clipper.clip_(model)  # non-finite: valid is False
+    assert not torch.isfinite(total)
+    assert float(clipper.last_coef) == 1.0
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.grad.nan_to_num(), b.nan_to_num())
+    assert_state_equal(clipper.state_dict(), state, ignore=("calls",))
+    # An explicitly invalid step (an AMP overflow) with finite gradients: same.
+    random_grads_(model, gen, spike=True)
+    before = [p.grad.clone() for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    coef = clipper.clip_grads_(
+        grads, torch.tensor(1e6), torch.tensor(False), params=list(model.parameters()),
+        names=[n for n, _ in model.named_parameters()],
+    )
+    assert float(coef) == 1.0
+    assert all(torch.equal(g, b) for g, b in zip(grads, before))
+    assert_state_equal(clipper.state_dict(), state, ignore=("calls",))
+
+
+@pytest.mark.parametrize("make", CLIPPERS.values(), ids=CLIPPERS.keys())
+def test_mixed_dtypes_and_none_grads(make: Callable[[], Clipper]) -> None:
+    model = nn.ModuleDict(
+        {"fp16": nn.Linear(6, 5).half(), "fp32": nn.Linear(5, 4), "fp64": nn.Linear(4, 3).double(),
+         "fc": nn.Linear(3, 2), "unused": nn.Linear(3, 3)}
+    )
+    gen = torch.Generator().manual_seed(11)
+    clipper = make()
+    reference = make()
+    for step in range(10):
+        for name, p in model.named_parameters():
+            p.grad = None if name.startswith("unused") else torch.randn(p.shape, generator=gen).to(p.dtype) * (
+                30.0 if step == 9 else 1.0
+            )
+        twin = clone_with_grads(model)
+        for p in twin.parameters():  # the same clipping, computed in float64
+            p.data = p.data.double()
+            p.grad = None if p.grad is None else p.grad.double()
+        total = clipper.clip_(model)
+        expected_total = reference.clip_(twin)
+        assert total.dtype == torch.float32
+        assert_rel(float(total), float(expected_total), 1e-5, "total norm")
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert (p.grad is None) == name.startswith("unused")
+            if p.grad is not None:
+                assert p.grad.dtype == p.dtype
+                rtol = 2e-3 if p.dtype == torch.float16 else 1e-5
+                torch.testing.assert_close(p.grad.double(), q.grad, rtol=rtol, atol=1e-6, msg=name)
+    assert float(clipper.last_coef) < 1.0  # the last step's spike was clipped
+
+
+@pytest.mark.parametrize("make", CLIPPERS.values(), ids=CLIPPERS.keys())
+def test_zero_gradients_and_infinite_norms_never_give_nan(make: Callable[[], Clipper]) -> None:
+    model = Net()
+    nn.init.zeros_(model.body.weight)
+    clipper = make()
+    for _ in range(8):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        total = clipper.clip_(model)
+        assert float(total) == 0.0
+        assert not torch.isnan(clipper.last_coef) and not torch.isnan(clipper.last_threshold)
+        assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
+    # A caller that flags an inf norm as valid still gets a number, and the statistics are not poisoned.
+    state = clipper.state_dict()
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    coef = clipper.clip_grads_(
+        grads, torch.tensor(math.inf), torch.tensor(True), params=list(model.parameters()),
+        names=[n for n, _ in model.named_parameters()],
+    )
+    assert not torch.isnan(coef)
+    if not isinstance(clipper, (NormClip, AGC)):
+        assert_state_equal(clipper.state_dict(), state, ignore=("calls",))
+    random_grads_(model, torch.Generator().manual_seed(12))
+    clipper.clip_(model)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class SyncRecorder(TorchFunctionMode):
+    """Records the tensor methods that copy a value to the host (each one waits for the device)."""
+
+    FORBIDDEN = {
+        Tensor.item, Tensor.tolist, Tensor.__bool__, Tensor.__float__, Tensor.__int__, Tensor.__index__,
+        Tensor.numpy, Tensor.cpu,
+    }
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func in self.FORBIDDEN:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sync_recorder_catches_host_reads() -> None:
+    t = torch.tensor(2.0)
+    with SyncRecorder() as recorder:
+        t.item()
+        bool(t > 1)
+        float(t)
+    assert recorder.calls == ["item", "__bool__", "__float__"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("make", CLIPPERS.values(), ids=CLIPPERS.keys())
+def test_no_host_sync(make: Callable[[], Clipper], device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(AutoClip, "_INITIAL_CAPACITY", 2)  # growing the unbounded history must not sync either
+    model = Net().to(device)
+    names = [n for n, _ in model.named_parameters()]
+    owner_types = [type(m) for m in model.modules() for _ in m.parameters(recurse=False)]
+    gen = torch.Generator().manual_seed(13)
+    clipper = make()
+    cuda = device == "cuda"
+    with SyncRecorder() as recorder:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for step in range(12):  # through the warm-up, several capacity doublings
+                grads = [torch.randn(p.shape, generator=gen).to(device) * (50.0 if step == 10 else 1.0)
+                         for p in model.parameters()]
+                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                clipper.clip_grads_(grads, total, torch.isfinite(total), params=list(model.parameters()),
+                                    names=names, owner_types=owner_types)
+                for p, g in zip(model.parameters(), grads):
+                    p.grad = g
+                clipper.clip_(model)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    assert recorder.calls == []
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, argument",
+    [
+        (NormClip, dict(max_norm=0.0), "max_norm"),
+        (NormClip, dict(max_norm=-1.0), "max_norm"),
+        (NormClip, dict(max_norm=math.inf), "max_norm"),
+        (NormClip, dict(max_norm="1"), "max_norm"),
+        (NormClip, dict(max_norm=1.0, norm_type=0.0), "norm_type"),
+        (NormClip, dict(max_norm=1.0, norm_type=math.nan), "norm_type"),
+        (AutoClip, dict(percentile=-0.1), "percentile"),
+        (AutoClip, dict(percentile=100.5), "percentile"),
+        (AutoClip, dict(history=0), "history"),
+        (AutoClip, dict(history=2.5), "history"),
+        (AutoClip, dict(history=True), "history"),
+        (ZClip, dict(alpha=0.0), "alpha"),
+        (ZClip, dict(alpha=1.0), "alpha"),
+        (ZClip, dict(z_thresh=0.0), "z_thresh"),
+        (ZClip, dict(warmup_steps=0), "warmup_steps"),
+        (ZClip, dict(warmup_steps=2.0), "warmup_steps"),
+        (ZClip, dict(mode="zScore"), "mode"),
+        (ZClip, dict(clip_option="max"), "clip_option"),
+        (ZClip, dict(clip_factor=0.0), "clip_factor"),
+        (ZClip, dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (ZClip, dict(skip_update_on_spike=1), "skip_update_on_spike"),
+        (ZClip, dict(eps=0.0), "eps"),
+        (AGC, dict(clip_factor=0.0), "clip_factor"),
+        (AGC, dict(eps=-1.0), "eps"),
+        (AGC, dict(exclude="fc("), "exclude"),
+        (AGC, dict(exclude=3), "exclude"),
+        (AGC, dict(exclude_types=("Linear",)), "exclude_types"),
+    ],
+)
+def test_invalid_arguments(cls: type, kwargs: dict, argument: str) -> None:
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        cls(**kwargs)
+
+
+def test_load_state_dict_rejects_mismatched_state() -> None:
+    with pytest.raises(ValueError):
+        AutoClip(history=4).load_state_dict({"values": torch.zeros(8), "count": torch.tensor(0), "calls": 0})
+    with pytest.raises(ValueError):
+        ZClip(warmup_steps=3).load_state_dict(
+            {"buffer": torch.zeros(4), "count": torch.tensor(0), "mean": torch.tensor(0.0), "var": torch.tensor(0.0)}
+        )
+    with pytest.raises(ValueError):
+        NormClip(1.0).load_state_dict({"mean": torch.tensor(0.0)})
+
+
+def test_repr_shows_arguments() -> None:
+    assert repr(NormClip(2.0, norm_type=math.inf)) == "NormClip(max_norm=2.0, norm_type=inf)"
+    assert repr(AutoClip(5.0, history=100)) == "AutoClip(percentile=5.0, history=100)"
+    zclip = repr(ZClip(mode="percentile", max_grad_norm=1.0))
+    for argument in ("alpha=0.97", "z_thresh=2.5", "warmup_steps=25", "mode='percentile'", "clip_factor=1.0",
+                     "clip_option='adaptive_scaling'", "max_grad_norm=1.0", "skip_update_on_spike=False", "eps=1e-06"):
+        assert argument in zclip
+    assert repr(AGC(0.02, exclude=r"^fc\.", exclude_types=(Head,))) == (
+        r"AGC(clip_factor=0.02, eps=0.001, exclude='^fc\\.', exclude_types=(Head,))"
+    )
+    assert eval(repr(ZClip(alpha=0.9)), {"ZClip": ZClip}).alpha == 0.9

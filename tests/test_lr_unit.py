@@ -1,0 +1,344 @@
+"""Unit tests for LRGuard in plain torch loops (no Lightning)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard.lr import LRGuard
+
+# ---------------------------------------------------------------------------------------------- multiplier
+
+
+def _calm(guard: LRGuard, n: int, key: int = 0) -> list[float]:
+    scales = []
+    for _ in range(n):
+        assert guard.update(False, key) is False
+        scales.append(guard.scale(key))
+    return scales
+
+
+def test_untouched_guard_has_unit_scale():
+    guard = LRGuard()
+    assert guard.scale() == 1.0
+    assert _calm(guard, 5) == [1.0] * 5
+
+
+@pytest.mark.parametrize("recovery", ["linear", "exponential"])
+def test_drop_hold_and_exact_recovery(recovery):
+    guard = LRGuard(factor=0.25, cooldown=4, recovery_steps=8, recovery=recovery, min_scale=0.01)
+    assert guard.update(True) is True
+    assert guard.scale() == 0.25
+    assert _calm(guard, 4) == [0.25] * 4  # hold for `cooldown` calm steps
+    scales = [0.25] + _calm(guard, 8)
+    assert scales[-1] == 1.0  # exactly back, not 0.9999999
+    assert all(a < b for a, b in zip(scales, scales[1:]))
+    if recovery == "linear":
+        steps = [b - a for a, b in zip(scales, scales[1:])]
+        assert steps == pytest.approx([0.75 / 8] * 8, rel=1e-9)
+    else:
+        ratios = [b / a for a, b in zip(scales, scales[1:])]
+        assert ratios == pytest.approx([4.0 ** (1 / 8)] * 8, rel=1e-9)
+    assert _calm(guard, 20) == [1.0] * 20
+
+
+def test_min_scale_floor():
+    guard = LRGuard(factor=0.5, min_scale=0.1, cooldown=3)
+    lowered = [guard.update(True) for _ in range(6)]
+    assert lowered == [True, True, True, True, False, False]  # 0.5, 0.25, 0.125, 0.1, 0.1, 0.1
+    assert guard.scale() == 0.1
+
+
+def test_event_during_recovery_lowers_from_current_value():
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard.update(True)
+    _calm(guard, 4)  # hold 2, then half-way through recovery
+    current = guard.scale()
+    assert current == pytest.approx(0.75)
+    assert guard.update(True) is True
+    assert guard.scale() == pytest.approx(current * 0.5)
+    assert _calm(guard, 2) == pytest.approx([current * 0.5] * 2)  # a fresh hold
+
+
+def test_patience_counts_events_within_cooldown_gaps():
+    guard = LRGuard(factor=0.5, patience=3, cooldown=2, recovery_steps=5)
+    assert guard.update(True) is False
+    _calm(guard, 2)  # a gap of `cooldown` calm steps keeps the count
+    assert guard.update(True) is False
+    assert guard.update(True) is True  # third event
+    assert guard.scale() == 0.5
+    # After a reduction the count restarts.
+    assert guard.update(True) is False
+    assert guard.update(True) is False
+    assert guard.scale() == 0.5
+    assert guard.update(True) is True
+    assert guard.scale() == 0.25
+
+
+def test_patience_count_forgotten_after_long_calm():
+    guard = LRGuard(factor=0.5, patience=2, cooldown=2)
+    guard.update(True)
+    _calm(guard, 3)  # more than `cooldown` calm steps
+    assert guard.update(True) is False
+    assert guard.scale() == 1.0
+    assert guard.update(True) is True
+
+
+def test_patience_with_zero_cooldown_needs_consecutive_events():
+    guard = LRGuard(factor=0.5, patience=2, cooldown=0, recovery_steps=3)
+    for _ in range(4):
+        assert guard.update(True) is False
+        _calm(guard, 1)
+    assert guard.scale() == 1.0
+    guard.update(True)
+    assert guard.update(True) is True
+
+
+def test_event_below_patience_freezes_recovery_and_restarts_hold():
+    guard = LRGuard(factor=0.5, patience=2, cooldown=2, recovery_steps=4)
+    guard.update(True)
+    guard.update(True)
+    _calm(guard, 3)  # 0.5 held for 2, then one recovery step
+    frozen = guard.scale()
+    assert 0.5 < frozen < 1.0
+    assert guard.update(True) is False
+    assert _calm(guard, 2) == [frozen, frozen]
+    assert _calm(guard, 4)[-1] == 1.0
+
+
+def test_keys_are_independent():
+    guard = LRGuard(factor=0.5, cooldown=1, recovery_steps=1)
+    guard.update(True, key=1)
+    guard.update(False, key=0)
+    assert guard.scale(1) == 0.5
+    assert guard.scale(0) == 1.0
+    guard.update(True, key=0)
+    guard.update(True, key=0)
+    assert guard.scale(0) == 0.25
+    assert guard.scale(1) == 0.5
+    assert guard.scale(7) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"factor": 0.0}, "factor"),
+        ({"factor": 1.0}, "factor"),
+        ({"patience": 0}, "patience"),
+        ({"cooldown": -1}, "cooldown"),
+        ({"min_scale": 0.0}, "min_scale"),
+        ({"min_scale": 1.5}, "min_scale"),
+        ({"recovery_steps": 0}, "recovery_steps"),
+        ({"recovery": "cosine"}, "recovery"),
+    ],
+)
+def test_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LRGuard(**kwargs)
+
+
+def test_state_dict_round_trip_continues_identically():
+    guard = LRGuard(factor=0.5, patience=2, cooldown=3, recovery_steps=5, recovery="exponential")
+    pattern = [True, False, True, False, False, True, True, False]
+    for step, exploding in enumerate(pattern):
+        guard.update(exploding, key=0)
+        guard.update(step % 3 == 0, key=2)
+
+    buffer = io.BytesIO()
+    torch.save(guard.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert all(isinstance(k, str) for k in state["keys"])
+
+    resumed = LRGuard(factor=0.5, patience=2, cooldown=3, recovery_steps=5, recovery="exponential")
+    resumed.load_state_dict(state)
+    for key in (0, 2):
+        assert resumed.scale(key) == guard.scale(key)
+    for step in range(20):
+        exploding = step in (4, 5, 11)
+        for key in (0, 2):
+            assert resumed.update(exploding, key) == guard.update(exploding, key)
+            assert resumed.scale(key) == guard.scale(key)
+    assert resumed.state_dict() == guard.state_dict()
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+
+def _model_and_optimizer(lr_type=float):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    groups = [
+        {"params": model[0].parameters(), "lr": lr_type(0.1)},
+        {"params": model[1].parameters(), "lr": lr_type(0.01)},
+    ]
+    return model, torch.optim.SGD(groups, lr=lr_type(0.1), momentum=0.9)
+
+
+def _lrs(opt):
+    return [float(g["lr"]) for g in opt.param_groups]
+
+
+def _flat(rows):
+    return [v for row in rows for v in row]
+
+
+def test_apply_restore_several_groups_and_idempotent():
+    _, opt = _model_and_optimizer()
+    guard = LRGuard(factor=0.5)
+    guard.update(True)
+    guard.apply(opt)
+    assert _lrs(opt) == [0.05, 0.005]
+    guard.apply(opt)  # does not compound
+    assert _lrs(opt) == [0.05, 0.005]
+    guard.restore(opt)  # the step was skipped: optimizer.step never ran
+    assert _lrs(opt) == [0.1, 0.01]
+    guard.restore(opt)
+    assert _lrs(opt) == [0.1, 0.01]
+
+
+def test_restore_without_apply_and_unit_scale_are_noops():
+    _, opt = _model_and_optimizer()
+    guard = LRGuard()
+    guard.restore(opt)
+    guard.apply(opt)
+    assert _lrs(opt) == [0.1, 0.01]
+    guard.restore(opt)
+    assert _lrs(opt) == [0.1, 0.01]
+
+
+def test_keys_apply_to_their_own_optimizer():
+    _, opt_a = _model_and_optimizer()
+    _, opt_b = _model_and_optimizer()
+    guard = LRGuard(factor=0.5)
+    guard.update(True, key=1)
+    guard.apply(opt_a, key=0)
+    guard.apply(opt_b, key=1)
+    assert _lrs(opt_a) == [0.1, 0.01]
+    assert _lrs(opt_b) == [0.05, 0.005]
+    guard.restore(opt_b, key=1)
+    assert _lrs(opt_b) == [0.1, 0.01]
+
+
+def test_tensor_lr_is_scaled_as_a_copy():
+    _, opt = _model_and_optimizer(lr_type=torch.tensor)
+    originals = [g["lr"] for g in opt.param_groups]
+    guard = LRGuard(factor=0.5)
+    guard.update(True)
+    guard.apply(opt)
+    for group, original in zip(opt.param_groups, originals):
+        assert group["lr"] is not original
+    assert _lrs(opt) == pytest.approx([0.05, 0.005])
+    assert [float(t) for t in originals] == pytest.approx([0.1, 0.01])  # never mutated
+    guard.restore(opt)
+    assert all(g["lr"] is t for g, t in zip(opt.param_groups, originals))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_restore_after_a_scheduler_already_stepped_keeps_the_scheduler_value():
+    # The documented order is restore-then-schedule; if a scheduler got there first, its value must win.
+    _, opt = _model_and_optimizer()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    guard = LRGuard(factor=0.5)
+    guard.update(True)
+    guard.apply(opt)
+    sched.step()
+    guard.restore(opt)
+    assert _lrs(opt) == pytest.approx([0.05, 0.005])  # LambdaLR's own 0.1 / 2, not the guard's
+
+    _, opt = _model_and_optimizer(lr_type=torch.tensor)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 3 * s))
+    guard.apply(opt)
+    sched.step()  # fills the applied copy in place
+    guard.restore(opt)
+    assert _lrs(opt) == pytest.approx([0.025, 0.0025])
+
+
+def test_attach_handle_removes_hooks_and_restores():
+    model, opt = _model_and_optimizer()
+    guard = LRGuard(factor=0.5)
+    guard.update(True)
+    seen = []
+    with guard.attach(opt):
+        opt.register_step_pre_hook(lambda o, a, k: seen.append(_lrs(o)))
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        assert _lrs(opt) == [0.1, 0.01]
+    opt.step()
+    assert seen == [[0.05, 0.005], [0.1, 0.01]]
+
+
+N_STEPS = 40
+EVENTS = {5, 6, 24}  # two reductions, a partial recovery, one more
+
+
+def _make_scheduler(name, opt):
+    lr_sched = torch.optim.lr_scheduler
+    if name == "none":
+        return None
+    if name == "onecycle":
+        return lr_sched.OneCycleLR(opt, max_lr=[0.1, 0.01], total_steps=N_STEPS + 1)
+    if name in ("lambda", "lambda_tensor"):
+        return lr_sched.LambdaLR(opt, [lambda s: 1.0 / (1 + 0.1 * s), lambda s: 0.97**s])
+    if name == "cosine":
+        return lr_sched.CosineAnnealingLR(opt, T_max=15, eta_min=1e-3)
+    if name == "step":
+        return lr_sched.StepLR(opt, step_size=4, gamma=0.7)
+    if name == "plateau":
+        return lr_sched.ReduceLROnPlateau(opt, factor=0.5, patience=2, min_lr=1e-4)
+    raise AssertionError(name)
+
+
+def _train(sched_name, mode, events=frozenset(), skipped=frozenset()):
+    """Plain loop; returns the scheduled lrs per step, the lrs seen inside optimizer.step, and the scales."""
+    model, opt = _model_and_optimizer(lr_type=torch.tensor if sched_name == "lambda_tensor" else float)
+    sched = _make_scheduler(sched_name, opt)
+    guard = LRGuard(factor=0.5, cooldown=3, recovery_steps=6)
+    if mode == "attach":
+        guard.attach(opt)
+    seen = {}
+    step_index = [0]
+    opt.register_step_pre_hook(lambda o, a, k: seen.__setitem__(step_index[0], _lrs(o)))
+    scheduled, scales = [], []
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    for step in range(N_STEPS):
+        step_index[0] = step
+        scheduled.append(_lrs(opt))
+        guard.update(step in events)
+        scales.append(guard.scale())
+        if mode == "explicit":
+            guard.apply(opt)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        if step not in skipped:
+            opt.step()
+        if mode == "explicit":
+            guard.restore(opt)  # the post-step restore (also for a skipped step)
+        assert _lrs(opt) == scheduled[-1]
+        if sched_name == "plateau":
+            sched.step(1.0)  # a flat metric: reduces every `patience + 1` steps
+        elif sched is not None:
+            sched.step()
+    return scheduled, seen, scales
+
+
+@pytest.mark.parametrize("mode", ["attach", "explicit"])
+@pytest.mark.parametrize("sched_name", ["none", "onecycle", "lambda", "lambda_tensor", "cosine", "step", "plateau"])
+def test_schedulers_see_their_own_lr_and_step_sees_scaled_lr(sched_name, mode):
+    baseline, _, _ = _train(sched_name, mode)
+    skipped = {7, 8}  # skipped steps inside the reduction window
+    scheduled, seen, scales = _train(sched_name, mode, events=EVENTS, skipped=skipped)
+
+    assert min(scales) == 0.25 and scales[-1] == 1.0  # the run really had a reduction window and recovered
+    assert _flat(scheduled) == pytest.approx(_flat(baseline), rel=1e-12, abs=0)
+    if sched_name != "none":
+        assert len({tuple(v) for v in baseline}) > 3  # the scheduler really moved the lr
+    assert sorted(seen) == [s for s in range(N_STEPS) if s not in skipped]
+    for step, lrs in seen.items():
+        expected = [lr * scales[step] for lr in scheduled[step]]
+        assert lrs == pytest.approx(expected, rel=1e-6, abs=0)
+    assert any(not math.isclose(seen[s][0], scheduled[s][0]) for s in seen)

@@ -1,0 +1,317 @@
+"""Unit tests for the L1, L2 and Orthogonal regularizers in plain torch (no Lightning)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
+
+
+class Net(nn.Module):
+    """A bit of everything: embedding, linear, norms, conv, LSTM, root parameters, a frozen layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.fc = nn.Linear(4, 8)
+        self.ln = nn.LayerNorm(8)
+        self.bn = nn.BatchNorm1d(8)
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.lstm = nn.LSTM(8, 8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+        self.gain = nn.Parameter(torch.ones(8))
+        self.proj = nn.Parameter(torch.randn(8, 8))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: on a busy CPU, OpenMP thread hand-off costs far more than the arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _autograd_grads(reg: Regularizer, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    for p in params:
+        p.grad = None
+    reg.penalty().backward()
+    grads = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+GRAD_CASES = {
+    "l1_mlp": (lambda: L1(0.3), lambda: nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))),
+    "l2_mlp": (lambda: L2(0.3), lambda: nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3))),
+    "orth_lstm": (lambda: Orthogonal(0.3), lambda: nn.LSTM(6, 5, num_layers=2)),
+    "orth_lstm_cell": (lambda: Orthogonal(0.3), lambda: nn.LSTMCell(3, 4)),
+    "orth_gru": (lambda: Orthogonal(0.3), lambda: nn.GRU(4, 6)),
+    "orth_conv": (lambda: Orthogonal(0.3), lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 40, 1))),
+    "orth_wide_tall": (lambda: Orthogonal(0.3), lambda: nn.Sequential(nn.Linear(10, 3), nn.Linear(3, 10))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRAD_CASES))
+@pytest.mark.parametrize("scale", [1.0, 2.5, "tensor"])
+def test_add_grad_equals_autograd_of_penalty(case, scale):
+    make_reg, make_model = GRAD_CASES[case]
+    torch.manual_seed(0)
+    model = make_model().double()
+    reg = make_reg()
+    reg.bind(model)
+    params = list(reg._params)
+    with torch.no_grad():
+        params[0].view(-1)[:3] = 0.0  # L1's subgradient at exactly 0 must match autograd's
+    expected_terms = _autograd_grads(reg, params)
+    assert any(t.abs().max() > 1e-3 for t in expected_terms)
+
+    # Half of the parameters already hold a gradient, the others have none yet.
+    existing = [torch.randn_like(p) if i % 2 == 0 else None for i, p in enumerate(params)]
+    for p, g in zip(params, existing):
+        p.grad = None if g is None else g.clone()
+    factor = 3.0 if scale == "tensor" else scale
+    reg.add_grad_(torch.tensor(3.0) if scale == "tensor" else scale)
+    for p, g, term in zip(params, existing, expected_terms):
+        want = factor * term if g is None else g + factor * term
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=0)
+
+
+def test_add_grad_equals_autograd_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(6, 8))
+    reg = Orthogonal(0.1)
+    reg.bind(model)
+    params = list(reg._params)
+    expected = _autograd_grads(reg, params)
+    reg.add_grad_()
+    for p, want in zip(params, expected):
+        torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
+
+
+def test_mixed_dtypes_and_missing_grads():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4), nn.Linear(4, 4).double())
+    reg = L2(0.5)
+    reg.bind(model)
+    reg.add_grad_(torch.tensor(2.0))
+    for layer in model:
+        assert layer.weight.grad.dtype == layer.weight.dtype
+        torch.testing.assert_close(layer.weight.grad, layer.weight.detach() * 1.0)
+        assert layer.bias.grad is None
+    value = reg.penalty()
+    assert value.dtype == torch.float32
+    manual = sum(0.25 * layer.weight.double().pow(2).sum() for layer in model)
+    torch.testing.assert_close(value.double(), manual, rtol=1e-6, atol=0)
+
+
+def test_orthogonal_half_precision_gradient():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 6, bias=False).to(torch.bfloat16)
+    reg = Orthogonal(1.0)
+    reg.bind(layer)
+    reg.add_grad_()
+    w = layer.weight.detach().double()
+    want = 4 * (w @ w.T - torch.eye(6, dtype=torch.float64)) @ w
+    assert layer.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.weight.grad.double(), want, rtol=1e-2, atol=1e-2)
+
+
+def _orth_manual(w: torch.Tensor, gates: int) -> torch.Tensor:
+    total = w.new_zeros(())
+    for block in w.reshape(w.shape[0], -1).chunk(gates, dim=0):
+        small = block @ block.T if block.shape[0] < block.shape[1] else block.T @ block
+        total = total + (small - torch.eye(small.shape[0], dtype=w.dtype)).pow(2).sum()
+    return total
+
+
+def test_orthogonal_penalty_per_gate_block_and_smaller_gram():
+    torch.manual_seed(0)
+    lstm, gru = nn.LSTM(3, 5).double(), nn.GRU(7, 5).double()
+    wide, tall = nn.Linear(9, 4, bias=False).double(), nn.Linear(4, 9, bias=False).double()
+    conv = nn.Conv2d(2, 3, 2, bias=False).double()
+    cases = [
+        (lstm, 4),  # weight_ih [20, 3], weight_hh [20, 5]
+        (gru, 3),  # weight_ih [15, 7], weight_hh [15, 5]
+        (wide, 1),
+        (tall, 1),
+        (conv, 1),  # [3, 8]
+    ]
+    for module, gates in cases:
+        reg = Orthogonal(2.0)
+        reg.bind(module)
+        manual = sum(_orth_manual(p.detach(), gates) for p in reg._params)
+        torch.testing.assert_close(reg.penalty().double(), 2.0 * manual, rtol=1e-6, atol=0)
+    # The smaller Gram matters: for a tall matrix the larger one differs by rows - cols.
+    w = tall.weight.detach()
+    big = (w @ w.T - torch.eye(9, dtype=w.dtype)).pow(2).sum()
+    assert big - _orth_manual(w, 1) == pytest.approx(9 - 4)
+
+
+def test_orthogonal_sgd_drives_lstm_gate_blocks_orthogonal():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(8, 16)
+    reg = Orthogonal(1.0, modules=r"weight_hh")
+    assert reg.bind(lstm) == ["weight_hh_l0"]
+    weight_ih = lstm.weight_ih_l0.detach().clone()
+    opt = torch.optim.SGD(lstm.parameters(), lr=0.02)
+
+    def block_errors():
+        return [float((b.T @ b - torch.eye(16)).norm()) for b in lstm.weight_hh_l0.detach().chunk(4)]
+
+    start, start_blocks = float(reg.penalty().detach()), block_errors()
+    for _ in range(300):
+        opt.zero_grad()
+        reg.add_grad_()
+        opt.step()
+    end, end_blocks = float(reg.penalty().detach()), block_errors()
+    assert end < start / 10
+    assert all(e < s / 3 for s, e in zip(start_blocks, end_blocks))
+    assert torch.equal(lstm.weight_ih_l0.detach(), weight_ih)  # not selected, untouched
+
+
+def _sparse_regression(reg: Regularizer | None) -> torch.Tensor:
+    """Least squares with 5 relevant of 20 features; SGD with a decaying lr so the L1 oscillation settles."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 20)
+    w_true = torch.zeros(20)
+    w_true[:5] = torch.tensor([2.0, -1.5, 1.0, 3.0, -2.0])
+    y = x @ w_true + 0.5 * torch.randn(64)
+    model = nn.Linear(20, 1, bias=False)
+    if reg is not None:
+        reg.bind(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=400, eta_min=1e-4)
+    for _ in range(400):
+        opt.zero_grad()
+        (model(x).squeeze(1) - y).pow(2).mean().backward()
+        if reg is not None:
+            reg.add_grad_()
+        opt.step()
+        sched.step()
+    return model.weight.detach()[0]
+
+
+def test_l1_with_sgd_makes_weights_sparse():
+    dense = _sparse_regression(None)
+    sparse = _sparse_regression(L1(0.2))
+    assert (dense.abs() < 1e-3).float().mean() < 0.1
+    assert (sparse.abs() < 1e-3).float().mean() >= 0.6
+    assert (sparse[:5].abs() > 0.5).all()  # the relevant weights survive
+
+
+def test_default_selection_skips_biases_norms_and_frozen():
+    net = Net()
+    assert L2(1e-3).bind(net) == [
+        "proj",
+        "emb.weight",
+        "fc.weight",
+        "conv.weight",
+        "lstm.weight_ih_l0",
+        "lstm.weight_hh_l0",
+    ]
+    assert Orthogonal(1e-3).bind(net) == ["proj", "fc.weight", "conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"]
+    with_bias = L1(1e-3, include_bias=True).bind(net)
+    assert {"gain", "fc.bias", "conv.bias", "lstm.bias_ih_l0", "lstm.bias_hh_l0"} <= set(with_bias)
+    assert not [n for n in with_bias if n.startswith(("ln.", "bn.", "frozen."))]
+
+
+def test_regex_and_type_selection():
+    net = Net()
+    assert L2(1e-3, modules=r"^fc$").bind(net) == ["fc.weight"]
+    assert L2(1e-3, modules=r"lstm\.weight_hh").bind(net) == ["lstm.weight_hh_l0"]
+    assert L2(1e-3, module_types=(nn.Conv1d, nn.Embedding)).bind(net) == ["emb.weight", "conv.weight"]
+    assert L2(1e-3, module_types=(nn.LayerNorm,), include_bias=True).bind(net) == ["ln.weight", "ln.bias"]
+    assert Orthogonal(1e-3, module_types=(nn.Embedding,)).bind(net) == ["emb.weight"]
+    with pytest.raises(ValueError, match="selected no parameter"):
+        L2(1e-3, modules=r"nothing_here").bind(net)
+    with pytest.raises(ValueError, match="selected no parameter"):
+        L2(1e-3, module_types=(nn.LayerNorm,)).bind(net)  # only bias-like parameters there
+
+
+def test_penalty_rebinds_and_requires_binding():
+    reg = L2(1.0)
+    with pytest.raises(RuntimeError, match="bind"):
+        reg.penalty()
+    with pytest.raises(RuntimeError, match="bind"):
+        reg.add_grad_()
+    a, b = nn.Linear(2, 2, bias=False), nn.Linear(3, 3, bias=False)
+    torch.testing.assert_close(reg.penalty(a), 0.5 * a.weight.pow(2).sum())
+    torch.testing.assert_close(reg.penalty(b), 0.5 * b.weight.pow(2).sum())
+    assert reg.param_names == ["weight"] and reg._params[0] is b.weight
+
+
+def test_adaptive_strength_rises_is_bounded_and_decays():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 3, bias=False)
+    reg = L2(0.1, adaptive=True, adaptive_factor=3.0, max_strength=20.0, decay=0.5)
+    reg.bind(model)
+    base = float(reg.penalty().detach())
+    strengths = []
+    for _ in range(4):
+        reg.on_exploding(True)
+        strengths.append(reg.strength)
+    assert strengths == [3.0, 9.0, 20.0, 20.0]
+    assert float(reg.penalty().detach()) == pytest.approx(20 * base, rel=1e-6)
+    reg.add_grad_()
+    torch.testing.assert_close(model.weight.grad, 0.1 * 20 * model.weight.detach())
+    calm = []
+    for _ in range(30):
+        reg.on_exploding(False)
+        calm.append(reg.strength)
+    assert calm[0] == pytest.approx(1 + 19 * 0.5)
+    assert all(a > b for a, b in zip(calm, calm[1:]))
+    assert calm[-1] == pytest.approx(1.0, abs=1e-6)
+
+    fixed = L2(0.1)
+    fixed.on_exploding(True)
+    assert fixed.strength == 1.0
+
+
+def test_state_dict_round_trip():
+    reg = Orthogonal(1e-3, adaptive=True)
+    reg.on_exploding(True)
+    reg.on_exploding(False)
+    buffer = io.BytesIO()
+    torch.save(reg.state_dict(), buffer)
+    buffer.seek(0)
+    restored = Orthogonal(1e-3, adaptive=True)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.strength == reg.strength != 1.0
+    restored.on_exploding(True)
+    reg.on_exploding(True)
+    assert restored.state_dict() == reg.state_dict()
+
+
+def test_names():
+    assert (L1(1.0).name, L2(1.0).name, Orthogonal(1.0).name) == ("l1", "l2", "orthogonal")
+    assert L2(1.0, name="decay").name == "decay"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"weight": -1.0}, "weight"),
+        ({"weight": float("nan")}, "weight"),
+        ({"weight": 1.0, "modules": "("}, "modules"),
+        ({"weight": 1.0, "module_types": (int,)}, "module_types"),
+        ({"weight": 1.0, "adaptive_factor": 0.5}, "adaptive_factor"),
+        ({"weight": 1.0, "max_strength": 0.5}, "max_strength"),
+        ({"weight": 1.0, "decay": 1.0}, "decay"),
+        ({"weight": 1.0, "name": ""}, "name"),
+    ],
+)
+def test_invalid_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        L2(**kwargs)
+
+
+def test_orthogonal_refuses_include_bias():
+    with pytest.raises(ValueError, match="include_bias"):
+        Orthogonal(1.0, include_bias=True)

@@ -1,0 +1,462 @@
+"""Unit tests of the TensorBoard writer: layout, scalars, images, histograms, text, history and sampling."""
+
+from __future__ import annotations
+
+import doctest
+import io
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch.utils.tensorboard import SummaryWriter
+
+import lightning_gradguard.tensorboard as tb_module
+from lightning_gradguard.tensorboard import (
+    GradGuardBoard,
+    group_layer_names,
+    heatmap_rows,
+    layer_row_spans,
+    render_bars,
+    render_heatmap,
+    sample_gradients,
+)
+
+LAYERS = [
+    "embed", "enc.0.attn", "enc.0.mlp", "enc.1.attn", "enc.1.mlp", "enc.2.attn",
+    "enc.2.mlp", "enc.3.attn", "enc.3.mlp", "norm", "head.0", "head.1",
+]
+STEPS = list(range(0, 400, 10))  # 40 logging steps
+SPIKE_STEP, SPIKE_LAYER = 250, 5
+VANISH_FROM, VANISH_LAYER = 300, 2
+
+
+def _load(logdir) -> ea.EventAccumulator:
+    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0,
+                                                          ea.HISTOGRAMS: 0})
+    acc.Reload()
+    return acc
+
+
+def _layout(acc: ea.EventAccumulator) -> layout_pb2.Layout:
+    events = acc.Tensors("custom_scalars__config__")
+    assert len(events) == 1
+    return layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+
+
+def _synthetic_norms(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    base = 10 ** rng.uniform(-2, 0, size=len(LAYERS))
+    norms = base[:, None] * np.exp(0.05 * rng.standard_normal((len(LAYERS), len(STEPS))))
+    exploding = np.zeros_like(norms, dtype=bool)
+    vanishing = np.zeros_like(norms, dtype=bool)
+    spike = STEPS.index(SPIKE_STEP)
+    norms[SPIKE_LAYER, spike] *= 1000.0
+    exploding[SPIKE_LAYER, spike] = True
+    vanish = STEPS.index(VANISH_FROM)
+    norms[VANISH_LAYER, vanish:] = 1e-12
+    vanishing[VANISH_LAYER, vanish:] = True
+    return norms, exploding, vanishing
+
+
+@pytest.fixture(scope="module")
+def written_run(tmp_path_factory):
+    """A 12-layer, 40-step run written through GradGuardBoard, read back with EventAccumulator."""
+    logdir = tmp_path_factory.mktemp("run")
+    norms, exploding, vanishing = _synthetic_norms()
+    writer = SummaryWriter(str(logdir))
+    board = GradGuardBoard(writer, {0: LAYERS}, ["SGD"], image_every_n_steps=100, histogram_every_n_steps=200)
+    board.write_layout()
+    board.write_config({"clip": {"class": "ZClip", "z_thresh": 2.5}, "on_nonfinite": "skip"})
+    board.set_bands(0, 1e-8, 50.0)
+    grads = [(f"{name}.weight", torch.randn(32, 16) * (i + 1)) for i, name in enumerate(LAYERS)]
+    image_steps, histogram_steps = [], []
+    for col, step in enumerate(STEPS):
+        board.write_scalars(step, {"total_norm": float(np.linalg.norm(norms[:, col])), "gradguard/clip_coef": 1.0,
+                                   board.tag("events/exploding"): float(step >= SPIKE_STEP)})
+        board.write_layer_norms(step, 0, norms[:, col], exploding[:, col], vanishing[:, col])
+        if step == SPIKE_STEP:
+            board.write_events(step, [{"step": step, "kind": "exploding", "layer": LAYERS[SPIKE_LAYER],
+                                       "value": float(norms[SPIKE_LAYER, col]), "action": "clip | lr"}])
+        if board.should_write_histograms(step):
+            board.write_histograms(step, sample_gradients(grads, lambda n: n.split(".")[0], max_per_block=256))
+            histogram_steps.append(step)
+        if board.should_write_images(step):
+            board.write_images(step)
+            image_steps.append(step)
+    board.write_layout()  # a second call must not write a second layout
+    board.close_run(STEPS[-1])
+    writer.close()
+    return {"acc": _load(logdir), "norms": norms, "image_steps": image_steps + [STEPS[-1]],
+            "histogram_steps": histogram_steps}
+
+
+# ------------------------------------------------------------------------------------------------------------- layout
+def test_group_layer_names_resnet_like_model_gives_about_ten_small_charts():
+    names = ["conv1", "bn1"]
+    for stage in (1, 2, 3):
+        for block in range(8):
+            names += [f"layer{stage}.{block}.conv1", f"layer{stage}.{block}.bn1",
+                      f"layer{stage}.{block}.conv2", f"layer{stage}.{block}.bn2"]
+    names.append("linear")
+    groups = group_layer_names(names)
+    assert [name for _, group in groups for name in group] == names  # every layer once, definition order kept
+    assert all(len(group) <= 12 for _, group in groups)
+    assert 8 <= len(groups) <= 14
+    # Blocks stay together: a chart never splits the four layers of one residual block.
+    for _, group in groups:
+        blocks = {".".join(name.split(".")[:2]) for name in group if name.startswith("layer")}
+        for block in blocks:
+            assert sum(name.startswith(block + ".") for name in names) == sum(
+                name.startswith(block + ".") for name in group)
+
+
+def test_group_layer_names_flat_sequential_is_chunked():
+    names = [str(i) for i in range(100)]
+    groups = group_layer_names(names, max_lines=12)
+    assert len(groups) == 9
+    assert groups[0] == ("0 .. 11", names[:12])
+
+
+def test_layout_once_per_writer_with_anchored_regexes(tmp_path):
+    names = ["a.1", "a.10", "a.1x", "(root)", "b"]
+    writer = SummaryWriter(str(tmp_path))
+    board = GradGuardBoard(writer, {0: names}, ["Adam"])
+    board.write_layout()
+    board.write_layout()
+    GradGuardBoard(writer, {0: names}, ["Adam"]).write_layout()  # same writer: still one layout
+    writer.close()
+    layout = _layout(_load(tmp_path))
+    categories = {category.title: category for category in layout.category}
+    assert set(categories) == {"GradGuard", "GradGuard layers"}
+
+    charts = {chart.title: chart for chart in categories["GradGuard"].chart}
+    assert list(charts["total norm"].multiline.tag)[:2] == ["^gradguard/total_norm$", "^gradguard/total_norm_max$"]
+    assert "^gradguard/clip_threshold$" in charts["total norm"].multiline.tag
+    series = charts["EMA band"].margin.series[0]
+    assert (series.value, series.lower, series.upper) == ("gradguard/ema_mean", "gradguard/ema_lower",
+                                                          "gradguard/ema_upper")
+    assert re.match(charts["events"].multiline.tag[0], "gradguard/events/lr_reduced")
+    for title in ("clip coef", "lr scale", "learning rate", "regularizers", "saturation"):
+        assert title in charts
+
+    regexes = [tag for chart in categories["GradGuard layers"].chart for tag in chart.multiline.tag]
+    for name in names:
+        tag = f"gradguard/layer/{name}"
+        # The plugin matches with re.match: each layer tag must hit exactly its own regex.
+        assert sum(bool(re.match(regex, tag)) for regex in regexes) == 1
+
+
+def test_layout_with_two_optimizers_has_per_optimizer_charts():
+    board = GradGuardBoard(_FakeWriter(), {0: ["gen.0", "gen.1"], 1: ["disc.0"]}, ["Adam", "SGD"])
+    layout = board.layout()
+    assert board.tag("total_norm", 1) == "gradguard/opt1/total_norm"
+    chart = layout["GradGuard"]["total norm (opt1: SGD)"]
+    assert chart[1][0] == "^gradguard/opt1/total_norm$"
+    assert layout["GradGuard"]["EMA band (opt0: Adam)"][1] == ["gradguard/opt0/ema_mean", "gradguard/opt0/ema_lower",
+                                                              "gradguard/opt0/ema_upper"]
+    assert any("disc" in title and title.startswith("opt1") for title in layout["GradGuard layers"])
+
+
+# ------------------------------------------------------------------------------------------------------------ writing
+def test_scalars_and_layer_norms_read_back(written_run):
+    acc, norms = written_run["acc"], written_run["norms"]
+    tags = acc.Tags()["scalars"]
+    assert [t for t in tags if t.startswith("gradguard/layer/")] == [f"gradguard/layer/{n}" for n in LAYERS]
+    spike = acc.Scalars(f"gradguard/layer/{LAYERS[SPIKE_LAYER]}")
+    assert [e.step for e in spike] == STEPS
+    np.testing.assert_allclose([e.value for e in spike], norms[SPIKE_LAYER].astype(np.float32), rtol=1e-6)
+    assert [e.value for e in acc.Scalars("gradguard/events/exploding")] == [float(s >= SPIKE_STEP) for s in STEPS]
+    assert [e.value for e in acc.Scalars("gradguard/clip_coef")] == [1.0] * len(STEPS)
+
+
+def test_images_written_at_expected_steps_and_decode(written_run):
+    acc = written_run["acc"]
+    assert written_run["image_steps"] == [0, 100, 200, 300, 390]
+    for tag in ("gradguard/gradient_flow", "gradguard/gradient_flow_bars"):
+        events = acc.Images(tag)
+        assert [e.step for e in events] == written_run["image_steps"]
+        img = np.asarray(Image.open(io.BytesIO(events[-1].encoded_image_string)).convert("RGB"))
+        assert img.shape[0] > 100 and img.shape[1] > 500
+        assert img.std() > 10  # a drawn figure, not a blank canvas
+
+
+def test_histograms_and_text(written_run):
+    acc = written_run["acc"]
+    assert written_run["histogram_steps"] == [0, 200]
+    assert {"gradguard/grad_hist/enc", "gradguard/grad_hist/head", "gradguard/grad_hist/embed"} <= set(
+        acc.Tags()["histograms"])
+    hist = acc.Histograms("gradguard/grad_hist/enc")
+    assert [h.step for h in hist] == [0, 200]
+    assert hist[0].histogram_value.num == 256  # 8 tensors of 512 values sampled down to the block budget
+
+    events_log = acc.Tensors("gradguard/events_log/text_summary")
+    assert [e.step for e in events_log] == [SPIKE_STEP]
+    table = events_log[0].tensor_proto.string_val[0].decode()
+    assert table.splitlines()[0] == "| step | kind | layer | value | action |"
+    assert f"| {SPIKE_STEP} | exploding | {LAYERS[SPIKE_LAYER]} |" in table
+    assert "clip \\| lr" in table  # a pipe inside a cell must not break the table
+
+    config = acc.Tensors("gradguard/config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| clip.class | ZClip |" in config and "| clip.z_thresh | 2.5 |" in config
+
+
+def test_present_mask_skips_absent_layers(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    board = GradGuardBoard(writer, {0: ["a", "b", "c"]}, ["SGD"])
+    board.write_layer_norms(0, 0, np.array([1.0, 2.0, 3.0]), np.zeros(3, bool), np.zeros(3, bool),
+                            present=np.array([True, False, True]))
+    writer.close()
+    tags = _load(tmp_path).Tags()["scalars"]
+    assert tags == ["gradguard/layer/a", "gradguard/layer/c"]
+    _, hist_norms, _, _ = board._histories[0].columns()
+    assert hist_norms[1, 0] < 0  # drawn as "no gradient"
+
+
+def test_events_table_keeps_last_rows_and_multi_optimizer_column():
+    writer = _FakeWriter()
+    board = GradGuardBoard(writer, {0: ["a"], 1: ["b"]}, ["Adam", "SGD"])
+    board.write_events(1, [])
+    assert writer.texts == []
+    for step in range(250):
+        board.write_events(step, [{"step": step, "kind": "vanishing", "layer": "b", "value": np.float32(1e-9),
+                                   "action": "warn", "opt": 1}])
+    table = writer.texts[-1][1]
+    lines = table.splitlines()
+    assert len(lines) == 2 + 200
+    assert lines[0] == "| step | optimizer | kind | layer | value | action |"
+    assert lines[2].startswith("| 50 | opt1: SGD | vanishing | b | 1e-09 |")
+
+
+def test_multi_optimizer_image_tags():
+    writer = _FakeWriter()
+    board = GradGuardBoard(writer, {0: ["a", "b"], 1: ["c"]}, ["Adam", "SGD"], image_every_n_steps=None)
+    assert not board.should_write_images(0)
+    board.write_layer_norms(5, 0, np.array([1.0, 2.0]), np.zeros(2, bool), np.zeros(2, bool))
+    board.write_layer_norms(5, 1, np.array([3.0]), np.zeros(1, bool), np.zeros(1, bool))
+    board.close_run(5)
+    assert sorted(tag for tag, _ in writer.images) == [
+        "gradguard/gradient_flow/opt0", "gradguard/gradient_flow/opt1",
+        "gradguard/gradient_flow_bars/opt0", "gradguard/gradient_flow_bars/opt1"]
+
+
+def test_should_write_crosses_multiples_not_exact_steps():
+    board = GradGuardBoard(_FakeWriter(), {0: ["a"]}, ["SGD"], image_every_n_steps=100)
+    assert board.should_write_images(30)
+    board.write_images(30)  # nothing to draw yet, but the schedule advances
+    assert not board.should_write_images(90)
+    assert board.should_write_images(120)  # logging every 30 steps never lands on 100 exactly
+
+
+def test_nonfinite_histogram_values_are_dropped():
+    writer = _FakeWriter()
+    board = GradGuardBoard(writer, {0: ["a"]}, ["SGD"])
+    board.write_histograms(3, {"a": torch.tensor([1.0, float("inf"), float("nan"), -2.0]),
+                               "b": torch.tensor([float("nan")])})
+    assert [tag for tag, _ in writer.histograms] == ["gradguard/grad_hist/a"]
+    np.testing.assert_array_equal(writer.histograms[0][1], [1.0, -2.0])
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        ({"layer_names": {1: ["a"]}}, "layer_names"),
+        ({"layer_names": {0: ["a", "a"]}}, "layer_names"),
+        ({"optimizer_names": []}, "optimizer_names"),
+        ({"image_every_n_steps": 0}, "image_every_n_steps"),
+        ({"histogram_every_n_steps": -5}, "histogram_every_n_steps"),
+        ({"max_heatmap_rows": 1}, "max_heatmap_rows"),
+        ({"history": 1}, "history"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, arg):
+    base = {"writer": _FakeWriter(), "layer_names": {0: ["a"]}, "optimizer_names": ["SGD"]}
+    with pytest.raises(ValueError, match=arg):
+        GradGuardBoard(**{**base, **kwargs})
+
+
+def test_wrong_lengths_and_bands_are_rejected():
+    board = GradGuardBoard(_FakeWriter(), {0: ["a", "b"]}, ["SGD"])
+    with pytest.raises(ValueError, match="norms"):
+        board.write_layer_norms(0, 0, np.ones(3), np.zeros(3, bool), np.zeros(3, bool))
+    with pytest.raises(ValueError, match="opt_idx"):
+        board.write_layer_norms(0, 2, np.ones(2), np.zeros(2, bool), np.zeros(2, bool))
+    with pytest.raises(ValueError, match="low"):
+        board.set_bands(0, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------- heatmap
+def test_heatmap_rows_group_500_layers():
+    names = [f"block{i // 10}.layer{i % 10}" for i in range(500)]
+    norms = np.ones((500, 7))
+    norms[37, 3] = 1e4
+    absent_span = layer_row_spans(500, 64)[5]
+    norms[absent_span[0] : absent_span[1], 5] = -1.0  # a whole row without gradient
+    norms[absent_span[0], 6] = -1.0  # one layer of the row without gradient: the row still has a value
+    norms[123, 1] = np.inf
+    exploding = np.zeros_like(norms, dtype=bool)
+    exploding[37, 3] = True
+    rows = heatmap_rows(norms, names, exploding, max_rows=64)
+    assert rows.values.shape == (64, 7) and len(rows.labels) == 64
+    assert rows.spans[0][0] == 0 and rows.spans[-1][1] == 500
+    assert all(a[1] == b[0] for a, b in zip(rows.spans, rows.spans[1:]))
+    assert max(stop - start for start, stop in rows.spans) - min(stop - start for start, stop in rows.spans) <= 1
+    row = next(i for i, (start, stop) in enumerate(rows.spans) if start <= 37 < stop)
+    start, stop = rows.spans[row]
+    assert rows.labels[row] == f"{names[start]} .. layer{(stop - 1) % 10} ({stop - start} layers)"
+    assert rows.values[row, 3] == 1e4 and rows.exploding[row, 3] and rows.exploding.sum() == 1
+    assert rows.values[5, 5] < 0 and rows.values[5, 6] == 1.0
+    assert np.isnan(rows.values[next(i for i, (s, e) in enumerate(rows.spans) if s <= 123 < e), 1])
+    rms = heatmap_rows(norms, names, max_rows=64, reduce="rms")
+    assert rms.values[row, 3] == pytest.approx(np.sqrt((1e8 + (stop - start - 1)) / (stop - start)))
+    # Few layers: one row each, labelled by the layer name.
+    assert heatmap_rows(np.ones((3, 2)), ["x", "y", "z"]).labels == ["x", "y", "z"]
+    assert layer_row_spans(500, 64)[0] == (0, 8)
+
+
+def test_render_heatmap_shapes_and_speed():
+    rng = np.random.default_rng(1)
+    small = render_heatmap(10 ** rng.normal(-2, 1, (10, 40)), [f"l{i}" for i in range(10)], list(range(40)))
+    assert small.dtype == np.uint8 and small.ndim == 3 and small.shape[2] == 3
+    assert small.std() > 10
+
+    norms = 10 ** rng.normal(-2, 1, (500, 200))
+    norms[3, 4], norms[5, 6] = np.inf, 0.0
+    flags = rng.random((500, 200)) < 0.01
+    names = [f"encoder.layers.{i // 5}.sub{i % 5}" for i in range(500)]
+    render_heatmap(norms[:5, :5], names[:5], list(range(5)))  # warm up fonts and caches
+    start = time.perf_counter()
+    big = render_heatmap(norms, names, list(range(0, 2000, 10)), flags, ~flags & (rng.random((500, 200)) < 0.01))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 3.0  # ~0.5 s on one core; generous for a shared CI machine
+    assert big.shape[0] > small.shape[0]  # the figure grows with its rows
+    assert big.shape[1] == small.shape[1]  # fixed width
+    # Identical data renders identically (fixed DPI and layout).
+    again = render_heatmap(10 ** rng.normal(-2, 1, (10, 40)), [f"l{i}" for i in range(10)], list(range(40)))
+    assert again.shape == small.shape
+
+
+def test_render_heatmap_marks_exploding_cells_in_red():
+    norms = np.ones((4, 6))
+    plain = render_heatmap(norms, list("abcd"), list(range(6)))
+    exploding = np.zeros((4, 6), dtype=bool)
+    exploding[1, 2] = True
+    marked = render_heatmap(norms, list("abcd"), list(range(6)), exploding=exploding)
+    red = (marked[..., 0] > 200) & (marked[..., 1] < 60) & (marked[..., 2] < 60)
+    red_plain = (plain[..., 0] > 200) & (plain[..., 1] < 60) & (plain[..., 2] < 60)
+    assert red.sum() > red_plain.sum() + 20
+
+
+def test_render_bars_draws_bands():
+    norms = np.array([1e-9, 0.3, 2.0, np.nan, 0.0])
+    names = ["emb", "a", "b", "c", "d"]
+    plain = render_bars(norms, names)
+    banded = render_bars(norms, names, low=1e-6, high=1.0, exploding=np.array([0, 0, 1, 0, 0], bool))
+    assert plain.shape == banded.shape and plain.dtype == np.uint8
+    assert np.abs(plain.astype(int) - banded.astype(int)).sum() > 0
+    with pytest.raises(ValueError, match="high"):
+        render_bars(norms, names, high=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------- history
+def test_history_is_bounded_and_keeps_spikes_and_flags():
+    board = GradGuardBoard(_FakeWriter(), {0: ["a", "b"]}, ["SGD"], history=8, image_every_n_steps=None)
+    for step in range(37):
+        norms = np.array([1.0, 2.0])
+        exploding = np.zeros(2, bool)
+        if step == 5:
+            norms[0], exploding[0] = 1e6, True
+        board.write_layer_norms(step, 0, norms, exploding, np.array([False, step == 20]))
+    steps, norms, exploding, vanishing = board._histories[0].columns()
+    assert norms.shape[1] <= 9  # 8 full columns plus a partial one
+    assert steps[-1] == 36 and np.all(np.diff(steps) > 0)
+    assert norms[0].max() == 1e6 and exploding[0].sum() == 1  # the spike survived decimation
+    assert steps[np.argmax(norms[0])] >= 5 and vanishing[1].sum() == 1
+
+
+def test_state_dict_round_trip_with_weights_only(tmp_path):
+    board = GradGuardBoard(_FakeWriter(), {0: ["a", "b", "c"]}, ["SGD"], history=4)
+    rng = np.random.default_rng(2)
+    for step in range(11):
+        board.write_layer_norms(step, 0, rng.random(3), rng.random(3) < 0.3, rng.random(3) < 0.3)
+    board.write_events(10, [{"step": 10, "kind": "exploding", "layer": None, "value": np.float64(3.0),
+                             "action": "clip"}])
+    board.write_images(10)
+    torch.save(board.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    restored = GradGuardBoard(_FakeWriter(), {0: ["a", "b", "c"]}, ["SGD"], history=4)
+    restored.load_state_dict(state)
+    for got, want in zip(restored._histories[0].columns(), board._histories[0].columns()):
+        np.testing.assert_array_equal(got, want)
+    assert restored._events == board._events and not restored.should_write_images(10)
+    # Continuing after a restore behaves as continuing the original.
+    for b in (board, restored):
+        b.write_layer_norms(11, 0, np.ones(3), np.zeros(3, bool), np.zeros(3, bool))
+    for got, want in zip(restored._histories[0].columns(), board._histories[0].columns()):
+        np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------- sampling
+def test_sample_gradients_budget_values_and_no_rng():
+    torch.manual_seed(0)
+    grads = [
+        ("enc.0.weight", torch.randn(100, 50)),
+        ("enc.0.bias", torch.randn(50).to(torch.bfloat16)),
+        ("enc.1.weight", torch.randn(30, 30).to(torch.float16)),
+        ("enc.1.bias", None),
+        ("head.weight", torch.randn(7, dtype=torch.float64)),
+    ]
+    rng_state = torch.get_rng_state()
+    samples = sample_gradients(grads, lambda n: n.split(".")[0], max_per_block=500)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # the training's random stream is untouched
+    assert list(samples) == ["enc", "head"]
+    assert all(t.dtype == torch.float32 and t.ndim == 1 for t in samples.values())
+    assert 1 <= samples["enc"].numel() <= 500
+    torch.testing.assert_close(samples["head"], grads[4][1].float())  # small tensors are taken whole
+    pool = torch.cat([g.float().reshape(-1) for _, g in grads[:3]])
+    assert torch.isin(samples["enc"], pool).all()  # only real gradient values
+    assert samples["enc"].unique().numel() == samples["enc"].numel()  # no index drawn twice
+    # The sample spreads over the tensor instead of taking its first rows.
+    idx = torch.nonzero(torch.isin(grads[0][1].reshape(-1), samples["enc"])).flatten()
+    assert idx.max() > 0.9 * grads[0][1].numel()
+    again = sample_gradients(grads, lambda n: n.split(".")[0], max_per_block=500)
+    assert all(torch.equal(samples[k], again[k]) for k in samples)
+
+
+def test_module_doctests():
+    result = doctest.testmod(tb_module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 5 and result.failed == 0
+
+
+class _FakeWriter:
+    """Records what the board writes without touching the disk."""
+
+    def __init__(self) -> None:
+        self.scalars: list[tuple[str, float, int]] = []
+        self.images: list[tuple[str, int]] = []
+        self.texts: list[tuple[str, str, int]] = []
+        self.histograms: list[tuple[str, np.ndarray]] = []
+        self.layouts: list[dict] = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, value, step))
+
+    def add_image(self, tag, img, step, dataformats="CHW"):
+        assert dataformats == "HWC" and img.dtype == np.uint8
+        self.images.append((tag, step))
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text, step))
+
+    def add_histogram(self, tag, values, step):
+        self.histograms.append((tag, np.asarray(values)))
+
+    def add_custom_scalars(self, layout):
+        self.layouts.append(layout)
+
+    def flush(self):
+        pass
