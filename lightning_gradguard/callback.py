@@ -245,6 +245,7 @@ class GradGuard(Callback):
         self._lr_hooks: list[Any] = []
         self._event_rows: list[dict[str, Any]] = []
         self._hist_samples: dict[str, Tensor] = {}
+        self._last_hist_step = -1
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -354,6 +355,10 @@ class GradGuard(Callback):
             self._next_log_step = trainer.global_step + self._log_every(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
+        for optimizer in trainer.optimizers:
+            key = self._optimizer_key(trainer, optimizer)
+            self._state_for(trainer, optimizer, key)
         if self._next_log_step <= trainer.global_step:
             self._next_log_step = (trainer.global_step // self._log_every(trainer) + 1) * self._log_every(trainer)
 
@@ -476,7 +481,7 @@ class GradGuard(Callback):
         # The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see `LRGuard.attach`), so a
         # step that GradScaler skips never shows the lowered LR to a scheduler.
         self._record(st, stats, valid, expl, van, coef, step, scaler is not None)
-        if self.histogram_every_n_steps and trainer.global_step + 1 >= self._next_log_step:
+        if self._histogram_due(trainer.global_step + 1):
             self._sample_histograms(st, stats)
 
     def _handle_nonfinite(self, trainer: pl.Trainer, st: _OptimizerState, stats: StepStats) -> bool:
@@ -588,6 +593,10 @@ class GradGuard(Callback):
         # Only reached when stopping training: a host read is fine here.
         rows = [(n, v) for n, s, v in zip(st.index.names, steps.tolist(), values.tolist()) if s >= 0]
         return ", ".join(f"{n!r} (norm {v:.3g})" for n, v in rows[:5]) or "the total norm"
+
+    def _histogram_due(self, step: int) -> bool:
+        every = self.histogram_every_n_steps
+        return bool(every) and step >= self._next_log_step and step // every > self._last_hist_step // every  # type: ignore[operator]
 
     def _sample_histograms(self, st: _OptimizerState, stats: StepStats) -> None:
         from lightning_gradguard.tensorboard import sample_gradients
@@ -711,7 +720,7 @@ class GradGuard(Callback):
         if board is not None:
             for key, st, last, present, expl_step, van_step in layer_rows:
                 if self.log_layers:
-                    board.write_layer_norms(step, key, last, expl_step >= 0, van_step >= 0)
+                    board.write_layer_norms(step, key, last, expl_step >= 0, van_step >= 0, present=present > 0)
             if self._event_rows:
                 board.write_events(step, self._event_rows)
                 self._event_rows = []
@@ -719,6 +728,7 @@ class GradGuard(Callback):
                 board.write_images(step)
             if self._hist_samples:
                 board.write_histograms(step, self._hist_samples)
+                self._last_hist_step = step
         self._hist_samples = {}
         for _, st in states:
             self._reset_since_log(st)
@@ -731,7 +741,7 @@ class GradGuard(Callback):
             ("nonfinite", nf_step, None, self.on_nonfinite),
         ):
             for i in (steps >= 0).nonzero()[0]:
-                rows.append({"step": int(steps[i]), "kind": kind, "layer": st.index.names[i],
+                rows.append({"step": int(steps[i]), "kind": kind, "layer": st.index.names[i], "opt": key,
                              "value": float(values[i]) if values is not None else math.nan, "action": action})
         rows.sort(key=lambda r: (r["step"], r["kind"]))
         self._event_rows.extend(rows)
@@ -811,7 +821,12 @@ class GradGuard(Callback):
                 high = st.exploding.max_layer_norm if st.exploding is not None else None
                 self._board.set_bands(key, low, high)
         self._board.write_layout()
-        self._board.write_config(self.config())
+        config = self.config()
+        self._board.write_config(config)
+        try:  # also as hparams, so runs can be compared by their GradGuard settings
+            tb.log_hyperparams({f"gradguard/{k}": str(v) for k, v in config.items() if k != "layers"})
+        except Exception as err:  # a logger that refuses late hparams must not stop training
+            log.debug("GradGuard: hparams not written: %s", err)
         return self._board
 
     # ------------------------------------------------------------------ introspection

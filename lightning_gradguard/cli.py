@@ -13,7 +13,8 @@ Trouble is judged from the per-layer norms (``gradguard/layer/<name>``) alone, s
 * non-finite: a layer's norm is NaN or infinite.
 
 "Earliest" means definition order, which is the order in which the layer tags were first written: GradGuard writes
-every layer of a logging step in definition order, and TensorBoard keeps tags in first-seen order.
+every layer of a logging step in definition order, and TensorBoard keeps tags in first-seen order. (A layer left out
+of the first logging steps, because it had no gradient yet, therefore sorts after the layers written before it.)
 
 Usage::
 
@@ -275,7 +276,7 @@ def summarize_run(run: RunData) -> dict[str, Any]:
         "steps": {
             "first": int(all_steps[0]) if len(all_steps) else None,
             "last": int(all_steps[-1]) if len(all_steps) else None,
-            "logged": int(len(all_steps)),
+            "logged": len(all_steps),
         },
         "num_layers": len(names),
         "optimizers": {opt or "opt0": _optimizer_summary(run, opt) for opt in optimizers},
@@ -309,7 +310,7 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = N
     if not table:
         return ""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    lines = [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
+    lines = [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     if header:
         lines.insert(1, indent + "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -398,7 +399,7 @@ def render_run_png(run: RunData, path: str) -> None:
     names, steps, norms, present = layer_matrix(run)
     if not names:
         raise ReportError(f"run {run.name!r} has no per-layer scalars ({_LAYER_PREFIX}<name>) to draw")
-    explode, vanish, nonfinite = trouble_masks(norms, present)
+    explode, vanish, _ = trouble_masks(norms, present)
     # The renderers read a negative norm as "no gradient at this step".
     drawn = np.where(present, norms, -1.0)
     heatmap = render_heatmap(drawn, names, steps.tolist(), explode, vanish,

@@ -28,6 +28,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _device_has_foreach_support, _group_tensors_by_device_and_dtype
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed support
+    _DTensor = None  # type: ignore[assignment,misc]
+
 __all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip"]
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
@@ -706,8 +711,8 @@ class AGC(Clipper):
     :meth:`Clipper.clip_` needs the ``nn.Module`` for it, :meth:`Clipper.clip_grads_` the ``names`` /
     ``owner_types``. By default nothing is excluded.
 
-    Units with the same length, dtype and device are batched together (bounded temporary buffers), so a step costs a
-    few kernels per distinct unit length rather than several per parameter. Under FSDP2 (``DTensor`` parameters
+    Parameters of the same shape, dtype and device are batched together (in bounded temporary buffers), so a step
+    costs a few kernels per distinct parameter shape rather than several per parameter. Under FSDP2 (``DTensor`` parameters
     sharded on dim 0) an output unit never straddles shards, so AGC works on each rank's local shard with no
     communication; 1-D parameters are then clipped per local shard.
 
@@ -761,11 +766,13 @@ class AGC(Clipper):
         self.exclude_types = tuple(exclude_types)
         self._excluded_names: dict[str, bool] = {}
 
-    def _selected(self, n: int, names: list[str] | None, owner_types: list[type] | None) -> list[int]:
+    def _selected(self, n: int, names: list[str] | None, owner_types: list[type] | None) -> Iterable[int]:
         if self._exclude_re is not None and names is None:
             raise ValueError("AGC(exclude=...) needs the parameter `names` (pass the nn.Module to clip_).")
         if self.exclude_types and owner_types is None:
             raise ValueError("AGC(exclude_types=...) needs `owner_types` (pass the nn.Module to clip_).")
+        if self._exclude_re is None and not self.exclude_types:
+            return range(n)
         keep = []
         for i in range(n):
             if names is not None and self._exclude_re is not None:
@@ -791,37 +798,43 @@ class AGC(Clipper):
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
-        grads = [_local(g) for g in grads]
-        params = [_local(p) for p in params]
-        # Units of equal length (and dtype, device) are stacked as rows of one matrix: one norm kernel per batch.
-        buckets: dict[tuple[torch.device, torch.dtype, torch.dtype, int], list[int]] = {}
+        grads, params = _local_tensors(grads), _local_tensors(params)
+        # Same-shaped tensors are stacked into one [units, unit_len] matrix: a handful of kernels per distinct shape
+        # (one norm for all their units, one multiply, one foreach copy back) instead of several per parameter.
+        groups: dict[tuple[torch.device, torch.dtype, torch.dtype, torch.Size], list[int]] = {}
         for i in self._selected(len(grads), names, owner_types):
             grad = grads[i]
-            numel = grad.numel()
-            if numel == 0:
-                continue
-            rows = grad.shape[0] if grad.ndim >= 2 else 1
-            key = (grad.device, grad.dtype, params[i].dtype, numel // rows)
-            buckets.setdefault(key, []).append(i)
+            groups.setdefault((grad.device, grad.dtype, params[i].dtype, grad.shape), []).append(i)
 
         minima: list[Tensor] = []
         valid_on: dict[torch.device, Tensor] = {}
-        for (device, _, _, unit_len), indices in buckets.items():
+        for (device, _, _, shape), indices in groups.items():
+            numel = shape.numel()
+            if numel == 0:
+                continue
+            units = shape[0] if len(shape) >= 2 else 1
             if device not in valid_on:
                 valid_on[device] = valid.to(device)
-            for chunk in _chunks(indices, grads, self._CHUNK_NUMEL):
-                chunk_grads = [grads[i] for i in chunk]
-                chunk_params = [params[i] for i in chunk]
-                grad_rows, is_view = _as_rows(chunk_grads, unit_len)
-                param_rows, _ = _as_rows(chunk_params, unit_len)
-                grad_norm = _row_norms(grad_rows)
+            per_batch = max(1, self._CHUNK_NUMEL // numel)
+            for start in range(0, len(indices), per_batch):
+                batch = indices[start : start + per_batch]
+                batch_grads = [grads[i] for i in batch]
+                batch_params = [params[i] for i in batch]
+                in_place = len(batch) == 1 and batch_grads[0].is_contiguous()
+                if in_place:
+                    grad_rows = batch_grads[0].view(units, -1)
+                else:
+                    grad_rows = torch.stack(batch_grads).reshape(len(batch) * units, -1)
+                if len(batch) == 1:
+                    param_rows = batch_params[0].detach().reshape(units, -1)
+                else:
+                    param_rows = torch.stack([p.detach() for p in batch_params]).reshape(len(batch) * units, -1)
                 max_norm = _row_norms(param_rows).clamp_min_(self.eps).mul_(self.clip_factor)
-                coef = max_norm.div_(grad_norm.clamp_min_(_NORM_EPS)).clamp_max_(1.0)
+                coef = max_norm.div_(_row_norms(grad_rows).clamp_min_(_NORM_EPS)).clamp_max_(1.0)
                 coef = torch.where(valid_on[device], coef, 1.0)
                 grad_rows.mul_(coef.unsqueeze(1))
-                if not is_view:
-                    flat = grad_rows.view(-1).split([g.numel() for g in chunk_grads])
-                    torch._foreach_copy_(chunk_grads, [f.view(g.shape) for f, g in zip(flat, chunk_grads)])
+                if not in_place:
+                    torch._foreach_copy_(batch_grads, grad_rows.view(len(batch), *shape).unbind(0))
                 minima.append(coef.amin().to(total_norm.device))
 
         if not minima:
@@ -839,31 +852,11 @@ class AGC(Clipper):
         return f"clip_factor={self.clip_factor}, eps={self.eps}, exclude={self.exclude!r}, exclude_types={types})"
 
 
-def _local(t: Tensor) -> Tensor:
+def _local_tensors(tensors: list[Tensor]) -> list[Tensor]:
     # FSDP2 shards parameters (and gradients) as DTensors on dim 0: output units are whole on every rank.
-    to_local = getattr(t, "to_local", None)
-    return to_local() if callable(to_local) else t
-
-
-def _chunks(indices: list[int], tensors: list[Tensor], limit: int) -> Iterable[list[int]]:
-    chunk: list[int] = []
-    size = 0
-    for i in indices:
-        numel = tensors[i].numel()
-        if chunk and size + numel > limit:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(i)
-        size += numel
-    if chunk:
-        yield chunk
-
-
-def _as_rows(tensors: list[Tensor], unit_len: int) -> tuple[Tensor, bool]:
-    """The tensors as one ``[units, unit_len]`` matrix, and whether it is a view of the (single) tensor."""
-    if len(tensors) == 1 and tensors[0].is_contiguous():
-        return tensors[0].view(-1, unit_len), True
-    return torch.cat([t.reshape(-1) for t in tensors]).view(-1, unit_len), False
+    if _DTensor is None or not any(isinstance(t, _DTensor) for t in tensors):
+        return tensors
+    return [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
 
 
 def _row_norms(rows: Tensor) -> Tensor:

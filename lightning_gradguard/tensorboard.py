@@ -10,6 +10,7 @@ package import stay fast.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import weakref
@@ -535,10 +536,12 @@ def sample_gradients(
                 k = 1
             if k == 0:
                 continue
-            flat = grad.detach().reshape(-1)
             if k < n:
                 index = torch.arange(k, device=grad.device, dtype=torch.int64).mul_(_coprime_stride(n)).remainder_(n)
-                flat = flat.index_select(0, index)
+                # take() indexes in row-major order without first copying a non-contiguous gradient.
+                flat = torch.take(grad.detach(), index)
+            else:
+                flat = grad.detach().reshape(-1)
             pieces.append(flat.to(device=device, dtype=torch.float32, non_blocking=True))
         out[block] = torch.cat(pieces)
     return out
@@ -675,10 +678,7 @@ class _LayerHistory:
 def _md_cell(value: Any) -> str:
     if value is None:
         return ""
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    else:
-        text = str(value)
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
     return text.replace("|", "\\|").replace("\n", " ")
 
 
@@ -820,16 +820,18 @@ class GradGuardBoard:
         main: dict[str, list[Any]] = {}
         for idx in range(len(self.optimizer_names)):
             suffix = f" ({self._opt_label(idx)})" if self.multi_optimizer else ""
-            t = lambda name: self.tag(name, idx)  # noqa: E731
-            main[f"total norm{suffix}"] = [
-                "Multiline", exact(t("total_norm"), t("total_norm_max"), t("total_norm_min"), t("clip_threshold"))
-            ]
+            total, total_max, total_min, threshold, ema_mean, ema_lower, ema_upper, clip_coef, lr_scale, lr, events = (
+                self.tag(name, idx) for name in ("total_norm", "total_norm_max", "total_norm_min", "clip_threshold",
+                                                 "ema_mean", "ema_lower", "ema_upper", "clip_coef", "lr_scale", "lr",
+                                                 "events/")
+            )
+            main[f"total norm{suffix}"] = ["Multiline", exact(total, total_max, total_min, threshold)]
             # Margin series name exact tags, not regexes.
-            main[f"EMA band{suffix}"] = ["Margin", [t("ema_mean"), t("ema_lower"), t("ema_upper")]]
-            main[f"clip coef{suffix}"] = ["Multiline", exact(t("clip_coef"))]
-            main[f"lr scale{suffix}"] = ["Multiline", exact(t("lr_scale"))]
-            main[f"learning rate{suffix}"] = ["Multiline", exact(t("lr"))]
-            main[f"events{suffix}"] = ["Multiline", [f"^{re.escape(t('events/'))}.*"]]
+            main[f"EMA band{suffix}"] = ["Margin", [ema_mean, ema_lower, ema_upper]]
+            main[f"clip coef{suffix}"] = ["Multiline", exact(clip_coef)]
+            main[f"lr scale{suffix}"] = ["Multiline", exact(lr_scale)]
+            main[f"learning rate{suffix}"] = ["Multiline", exact(lr)]
+            main[f"events{suffix}"] = ["Multiline", [f"^{re.escape(events)}.*"]]
         main["regularizers"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg/')}.*"]]
         main["regularizer strength"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg_strength/')}.*"]]
         main["saturation"] = ["Multiline", [f"^{re.escape(_PREFIX + 'saturation/')}.*"]]
@@ -851,10 +853,9 @@ class GradGuardBoard:
             return
         self.writer.add_custom_scalars(self.layout())
         self._layout_written = True
-        try:
+        # A writer that cannot be weakly referenced is guarded by this board's flag alone.
+        with contextlib.suppress(TypeError):
             _LAYOUT_WRITTEN.add(self.writer)
-        except TypeError:  # a writer that cannot be weakly referenced is guarded by this board's flag alone
-            pass
 
     # ---------------------------------------------------------------------------------------------------- scalars
     def _add_scalars(self, step: int, items: Sequence[tuple[str, float]]) -> None:

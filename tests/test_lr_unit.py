@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.lr import LRGuard
+from tests.test_saturation_unit import SyncRecorder
 
 # ---------------------------------------------------------------------------------------------- multiplier
 
@@ -236,6 +237,16 @@ def test_tensor_lr_is_scaled_as_a_copy():
     assert [float(t) for t in originals] == pytest.approx([0.1, 0.01])  # never mutated
     guard.restore(opt)
     assert all(g["lr"] is t for g, t in zip(opt.param_groups, originals))
+
+
+def test_tensor_lr_apply_and_restore_have_no_host_sync():
+    _, opt = _model_and_optimizer(lr_type=torch.tensor)
+    guard = LRGuard(factor=0.5)
+    guard.update(True)
+    with SyncRecorder() as recorder:
+        guard.apply(opt)
+        guard.restore(opt)
+    assert recorder.calls == []
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")

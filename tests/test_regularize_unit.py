@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
+from tests.test_saturation_unit import SyncRecorder
 
 
 class Net(nn.Module):
@@ -93,6 +94,19 @@ def test_add_grad_equals_autograd_in_float32():
     reg.add_grad_()
     for p, want in zip(params, expected):
         torch.testing.assert_close(p.grad, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_reg", [L1, L2, Orthogonal], ids=["l1", "l2", "orthogonal"])
+def test_add_grad_has_no_host_sync(make_reg):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"fc": nn.Linear(4, 6), "lstm": nn.LSTM(6, 3), "low": nn.Linear(3, 5).to(torch.bfloat16)})
+    reg = make_reg(0.1)
+    reg.bind(model)
+    with SyncRecorder() as recorder:
+        reg.add_grad_(torch.tensor(4.0))
+        reg.add_grad_(2.0)
+    assert recorder.calls == []
+    assert all(p.grad is not None for p in reg._params)
 
 
 def test_mixed_dtypes_and_missing_grads():
