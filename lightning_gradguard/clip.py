@@ -235,7 +235,7 @@ class Clipper(abc.ABC):
         if self.needs_params and params is None:
             raise ValueError(f"{type(self).__name__} needs `params` (the parameters of `grads`).")
         if not isinstance(valid, Tensor):
-            valid = torch.tensor(bool(valid), device=total_norm.device)
+            valid = torch.full((), bool(valid), dtype=torch.bool, device=total_norm.device)
         if total_norm.dtype != torch.float32:
             total_norm = total_norm.float()
         total_norm = self._norm_for_clipping(grads, total_norm)
@@ -324,7 +324,7 @@ class NormClip(Clipper):
     ) -> Tensor:
         device = total_norm.device
         if device not in self._threshold:
-            self._threshold[device] = torch.tensor(self.max_norm, dtype=torch.float32, device=device)
+            self._threshold[device] = torch.full((), self.max_norm, dtype=torch.float32, device=device)
         # An inf norm gives coef 0 (not NaN): max_norm / inf.
         coef = torch.clamp(self.max_norm / (total_norm + _NORM_EPS), max=1.0)
         coef = torch.where(valid, coef, 1.0)
@@ -826,9 +826,9 @@ class AGC(Clipper):
                 else:
                     grad_rows = torch.stack(batch_grads).reshape(len(batch) * units, -1)
                 if len(batch) == 1:
-                    param_rows = batch_params[0].detach().reshape(units, -1)
+                    param_rows = batch_params[0].reshape(units, -1)
                 else:
-                    param_rows = torch.stack([p.detach() for p in batch_params]).reshape(len(batch) * units, -1)
+                    param_rows = torch.stack(batch_params).reshape(len(batch) * units, -1)
                 max_norm = _row_norms(param_rows).clamp_min_(self.eps).mul_(self.clip_factor)
                 coef = max_norm.div_(_row_norms(grad_rows).clamp_min_(_NORM_EPS)).clamp_max_(1.0)
                 coef = torch.where(valid_on[device], coef, 1.0)

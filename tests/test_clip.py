@@ -604,21 +604,25 @@ def test_no_host_sync(make: Callable[[], Clipper], device: str, monkeypatch: pyt
     names = [n for n, _ in model.named_parameters()]
     owner_types = [type(m) for m in model.modules() for _ in m.parameters(recurse=False)]
     gen = torch.Generator().manual_seed(13)
+    steps = [
+        [(torch.randn(p.shape, generator=gen) * (50.0 if step == 10 else 1.0)).to(device) for p in model.parameters()]
+        for step in range(12)  # through the warm-up and several capacity doublings
+    ]
     clipper = make()
     cuda = device == "cuda"
     with SyncRecorder() as recorder:
         if cuda:
-            torch.cuda.set_sync_debug_mode("error")
+            torch.cuda.set_sync_debug_mode("error")  # the driver-level check: raises on any synchronising call
         try:
-            for step in range(12):  # through the warm-up, several capacity doublings
-                grads = [torch.randn(p.shape, generator=gen).to(device) * (50.0 if step == 10 else 1.0)
-                         for p in model.parameters()]
-                total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-                clipper.clip_grads_(grads, total, torch.isfinite(total), params=list(model.parameters()),
-                                    names=names, owner_types=owner_types)
-                for p, g in zip(model.parameters(), grads):
-                    p.grad = g
-                clipper.clip_(model)
+            for step, grads in enumerate(steps):
+                if step % 2:
+                    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                    clipper.clip_grads_(grads, total, torch.isfinite(total), params=list(model.parameters()),
+                                        names=names, owner_types=owner_types)
+                else:
+                    for p, g in zip(model.parameters(), grads):
+                        p.grad = g
+                    clipper.clip_(model)
         finally:
             if cuda:
                 torch.cuda.set_sync_debug_mode(0)
