@@ -100,7 +100,6 @@ class _OptimizerState:
     vanishing: VanishingDetector | None
     scalars: Tensor  # [_NUM_SCALARS] since the last log
     layer_last: Tensor  # [L]
-    layer_max: Tensor  # [L] since the last log
     layer_present: Tensor  # [L] bool, seen a gradient since the last log
     counts: Tensor  # [4] cumulative device counters
     # Per layer, since the last log: first step of an event (-1 none) and the norm at that step.
@@ -242,10 +241,11 @@ class GradGuard(Callback):
         self._board_checked = False
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
-        self._lr_hooks: list[Any] = []
+        self._lr_hooks: dict[int, Any] = {}
         self._event_rows: list[dict[str, Any]] = []
         self._hist_samples: dict[str, Tensor] = {}
         self._last_hist_step = -1
+        self._last_saturation: dict[str, float] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -335,6 +335,7 @@ class GradGuard(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._opt_keys.clear()  # a new fit brings new optimizer objects
         index = build_layer_index(pl_module, self.group_depth, self.group_fn, include_frozen=True)
         if not index.params:
             raise MisconfigurationException(
@@ -359,6 +360,8 @@ class GradGuard(Callback):
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
             self._state_for(trainer, optimizer, key)
+            if self.lr_guard is not None and key not in self._lr_hooks:
+                self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
         if self._next_log_step <= trainer.global_step:
             self._next_log_step = (trainer.global_step // self._log_every(trainer) + 1) * self._log_every(trainer)
 
@@ -399,7 +402,6 @@ class GradGuard(Callback):
             vanishing=copy.deepcopy(self.vanishing),
             scalars=torch.tensor([0.0, 0, 0, math.inf, 1.0, math.nan, math.nan, math.nan, 0.0], device=device),
             layer_last=torch.zeros(layers, device=device),
-            layer_max=torch.zeros(layers, device=device),
             layer_present=torch.zeros(layers, dtype=torch.bool, device=device),
             counts=torch.zeros(4, dtype=torch.int64, device=device),
             expl_step=torch.full((layers,), -1.0, device=device),
@@ -416,8 +418,6 @@ class GradGuard(Callback):
             st.steps = old.steps
         self._reset_since_log(st)
         self._restore_optimizer_state(key, st)
-        if self.lr_guard is not None and old is None:
-            self._lr_hooks.append(self.lr_guard.attach(optimizer, key))
         self._states[key] = st
         return st
 
@@ -428,7 +428,6 @@ class GradGuard(Callback):
         st.scalars[_S_MIN] = math.inf
         st.scalars[_S_COEF] = 1.0
         st.scalars[_S_STEPS] = 0.0
-        st.layer_max.fill_(0.0)
         st.layer_present.fill_(False)
         st.expl_step.fill_(-1.0)
         st.van_step.fill_(-1.0)
@@ -532,7 +531,6 @@ class GradGuard(Callback):
         s[_S_STEPS] += 1
         present = stats.layer_present
         st.layer_last.copy_(torch.where(present, stats.layer_norm, st.layer_last))
-        st.layer_max.copy_(torch.where(present & torch.isfinite(stats.layer_norm), torch.maximum(st.layer_max, stats.layer_norm), st.layer_max))
         st.layer_present |= present
 
         zero = torch.zeros((), dtype=torch.bool, device=s.device)
@@ -621,7 +619,7 @@ class GradGuard(Callback):
         if self._board is not None and trainer.is_global_zero:
             self._board.close_run(trainer.global_step)
         self._disarm_saturation()
-        for handle in self._lr_hooks:
+        for handle in self._lr_hooks.values():
             handle.remove()
         self._lr_hooks.clear()
 
@@ -646,17 +644,23 @@ class GradGuard(Callback):
             with torch.no_grad():
                 penalties = [r.penalty(pl_module).detach().float().reshape(1) for r in self.regularizers]
         device = states[0][1].scalars.device
-        parts: list[Tensor] = []
-        for _, st in states:
-            parts += [st.scalars, st.counts.float(), st.layer_last, st.layer_max, st.layer_present.float(),
-                      st.expl_step, st.expl_value, st.van_step, st.van_value, st.nf_step]
-        parts += [p.to(device) for p in penalties]
+        parts: list[Tensor] = [p.to(device) for p in penalties]
         parts += [v.detach().float().reshape(1).to(device) for v in saturation.values()]
+        for _, st in states:
+            parts += [st.scalars, st.counts.float(), st.layer_last, st.layer_present.float(),
+                      st.expl_step, st.expl_value, st.van_step, st.van_value, st.nf_step]
         host = torch.cat([p.reshape(-1).float().to(device) for p in parts]).cpu().numpy()  # the one transfer
 
         step = trainer.global_step
         metrics: dict[str, float] = {}
-        offset = 0
+        for r, value in zip(self.regularizers, host[: len(penalties)]):
+            metrics[f"gradguard/reg/{r.name}"] = float(value)
+            metrics[f"gradguard/reg_strength/{r.name}"] = float(r.strength)
+        offset = len(penalties)
+        self._last_saturation = dict(zip(saturation, (float(v) for v in host[offset : offset + len(saturation)])))
+        for name, value in self._last_saturation.items():
+            metrics[f"gradguard/saturation/{name}"] = value
+        offset += len(saturation)
         layer_rows: list[tuple[int, _OptimizerState, Any, Any, Any, Any]] = []
         for key, st in states:
             L = st.index.num_layers
@@ -664,9 +668,9 @@ class GradGuard(Callback):
             offset += _NUM_SCALARS
             counts = host[offset : offset + 4]
             offset += 4
-            blocks = [host[offset + i * L : offset + (i + 1) * L] for i in range(8)]
-            offset += 8 * L
-            last, lmax, present, expl_step, expl_value, van_step, van_value, nf_step = blocks
+            blocks = [host[offset + i * L : offset + (i + 1) * L] for i in range(7)]
+            offset += 7 * L
+            last, present, expl_step, expl_value, van_step, van_value, nf_step = blocks
             prefix = self._prefix(key)
             metrics[prefix + "total_norm"] = float(sc[_S_LAST])
             if sc[_S_MAX] > -math.inf:
@@ -696,14 +700,7 @@ class GradGuard(Callback):
             for kind, value in events.items():
                 metrics[f"{prefix}events/{kind}"] = float(value)
             layer_rows.append((key, st, last, present, expl_step, van_step))
-            self._warn_events(st, key, step, expl_step, expl_value, van_step, van_value, nf_step, saturation, host, offset)
-        for r, value in zip(self.regularizers, host[offset : offset + len(penalties)]):
-            metrics[f"gradguard/reg/{r.name}"] = float(value)
-            metrics[f"gradguard/reg_strength/{r.name}"] = float(r.strength)
-        offset += len(penalties)
-        for name, value in zip(saturation, host[offset : offset + len(saturation)]):
-            metrics[f"gradguard/saturation/{name}"] = float(value)
-        self._last_saturation = dict(zip(saturation, (float(v) for v in host[offset : offset + len(saturation)])))
+            self._collect_events(st, key, step, expl_step, expl_value, van_step, van_value, nf_step)
 
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -733,7 +730,18 @@ class GradGuard(Callback):
         for _, st in states:
             self._reset_since_log(st)
 
-    def _warn_events(self, st, key, step, expl_step, expl_value, van_step, van_value, nf_step, saturation, host, offset) -> None:  # noqa: ANN001
+    def _collect_events(
+        self,
+        st: _OptimizerState,
+        key: int,
+        step: int,
+        expl_step: np.ndarray,
+        expl_value: np.ndarray,
+        van_step: np.ndarray,
+        van_value: np.ndarray,
+        nf_step: np.ndarray,
+    ) -> None:
+        """Turn the per-layer first-event records of one logging window into event rows and warnings."""
         rows = []
         for kind, steps, values, action in (
             ("exploding", expl_step, expl_value, self._explode_action()),
@@ -783,7 +791,7 @@ class GradGuard(Callback):
         return ", ".join(actions) or "none"
 
     def _saturation_hint(self, layer: str) -> str:
-        fractions = getattr(self, "_last_saturation", None)
+        fractions = self._last_saturation
         if not fractions or self._saturation is None:
             return ""
         top = self._saturation.most_saturated(fractions, upstream_of=layer)

@@ -500,7 +500,9 @@ class ZClip(Clipper):
     ``clip / (norm + 1e-6)``. The EMA is then updated with the clip value on a spike (the raw norm otherwise):
     ``mean = alpha * mean + (1 - alpha) * x`` followed by ``var = alpha * var + (1 - alpha) * (x - mean) ** 2`` with
     the *new* mean, unless ``skip_update_on_spike`` is set and the step was a spike. Steps that are not valid
-    (non-finite, AMP overflow) neither count towards the warm-up nor touch the EMA.
+    (non-finite, AMP overflow) neither count towards the warm-up nor touch the EMA. The statistics are kept in fp64
+    (fp32 on MPS), as the reference's Python floats are. Despite its name, ``mode="percentile"`` (the authors' term)
+    uses no percentile: its threshold is the fixed ``mean + z_thresh * std``.
 
     :attr:`last_threshold` is the norm the gradients were clipped to on a clipped step, and otherwise the norm above
     which they would have been (the z-score boundary ``mean + z_thresh * (std + eps)``, or ``mean + z_thresh * std``
@@ -765,6 +767,7 @@ class AGC(Clipper):
             raise ValueError(f"`exclude_types` must be a tuple of classes, got {exclude_types!r}.")
         self.exclude_types = tuple(exclude_types)
         self._excluded_names: dict[str, bool] = {}
+        self._no_threshold: dict[torch.device, Tensor] = {}
 
     def _selected(self, n: int, names: list[str] | None, owner_types: list[type] | None) -> Iterable[int]:
         if self._exclude_re is not None and names is None:
@@ -843,7 +846,9 @@ class AGC(Clipper):
             min_coef = minima[0]
         else:
             min_coef = torch.stack(minima).amin()
-        self.last_threshold = torch.full((), math.inf, device=total_norm.device)
+        if total_norm.device not in self._no_threshold:
+            self._no_threshold[total_norm.device] = torch.full((), math.inf, device=total_norm.device)
+        self.last_threshold = self._no_threshold[total_norm.device]
         self.last_coef = min_coef
         return min_coef
 

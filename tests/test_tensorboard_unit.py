@@ -382,6 +382,28 @@ def test_history_is_bounded_and_keeps_spikes_and_flags():
     assert np.nanmax(norms[1]) == 2.0
 
 
+@pytest.mark.parametrize("capacity", [3, 4, 5, 7])
+def test_history_columns_are_exact_merges_of_their_spans(capacity):
+    # Each column covers the logged steps after the previous column's step up to its own: its norm must be the
+    # largest norm of that span and its flags the OR of the span's flags, whatever the capacity (odd ones included).
+    rng = np.random.default_rng(capacity)
+    board = GradGuardBoard(_FakeWriter(), {0: ["a", "b", "c"]}, ["SGD"], history=capacity)
+    raw_steps = np.arange(0, 600, 10)
+    raw = 10 ** rng.normal(0, 1, (3, raw_steps.size))
+    raw_exp, raw_van = rng.random(raw.shape) < 0.1, rng.random(raw.shape) < 0.1
+    for col, step in enumerate(raw_steps.tolist()):
+        board.write_layer_norms(step, 0, raw[:, col], raw_exp[:, col], raw_van[:, col])
+    steps, norms, exploding, vanishing = board._histories[0].columns()
+    assert norms.shape[1] <= capacity + 1 and steps[-1] == raw_steps[-1]
+    lo = -1
+    for i, step in enumerate(steps.tolist()):
+        span = (raw_steps > lo) & (raw_steps <= step)
+        np.testing.assert_allclose(norms[:, i], raw[:, span].max(axis=1).astype(np.float32))
+        np.testing.assert_array_equal(exploding[:, i], raw_exp[:, span].any(axis=1))
+        np.testing.assert_array_equal(vanishing[:, i], raw_van[:, span].any(axis=1))
+        lo = step
+
+
 def test_state_dict_round_trip_with_weights_only(tmp_path):
     board = GradGuardBoard(_FakeWriter(), {0: ["a", "b", "c"]}, ["SGD"], history=4)
     rng = np.random.default_rng(2)
