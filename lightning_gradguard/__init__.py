@@ -1,42 +1,67 @@
 """lightning-gradguard: watch per-layer gradients, clip adaptively and rescue unstable training in PyTorch Lightning."""
 
-from lightning_gradguard.callback import (
-    GradGuard,
-    GradientExplosionError,
-    NonFiniteGradientError,
-    VanishingGradientError,
-)
-from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
-from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
-from lightning_gradguard.layers import LayerIndex, build_layer_index
-from lightning_gradguard.lr import LRGuard
-from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
-from lightning_gradguard.saturation import SaturationMonitor
-from lightning_gradguard.stats import GradStats, StepStats, total_norm
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AGC",
-    "AutoClip",
-    "Clipper",
-    "ExplodingDetector",
-    "GradGuard",
-    "GradStats",
-    "GradientExplosionError",
-    "L1",
-    "L2",
-    "LRGuard",
-    "LayerIndex",
-    "NonFiniteGradientError",
-    "NormClip",
-    "Orthogonal",
-    "Regularizer",
-    "SaturationMonitor",
-    "StepStats",
-    "VanishingDetector",
-    "VanishingGradientError",
-    "ZClip",
-    "build_layer_index",
-    "total_norm",
-]
+# Public name -> defining module. Names load on first use, so `gradguard report` and plain-PyTorch users of the
+# clippers do not pay for importing Lightning.
+_EXPORTS = {
+    "GradGuard": "callback",
+    "GradientExplosionError": "callback",
+    "NonFiniteGradientError": "callback",
+    "VanishingGradientError": "callback",
+    "AGC": "clip",
+    "AutoClip": "clip",
+    "Clipper": "clip",
+    "NormClip": "clip",
+    "ZClip": "clip",
+    "ExplodingDetector": "detect",
+    "VanishingDetector": "detect",
+    "LayerIndex": "layers",
+    "build_layer_index": "layers",
+    "LRGuard": "lr",
+    "L1": "regularize",
+    "L2": "regularize",
+    "Orthogonal": "regularize",
+    "Regularizer": "regularize",
+    "SaturationMonitor": "saturation",
+    "GradStats": "stats",
+    "StepStats": "stats",
+    "total_norm": "stats",
+    "GradGuardBoard": "tensorboard",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from lightning_gradguard.callback import (
+        GradGuard,
+        GradientExplosionError,
+        NonFiniteGradientError,
+        VanishingGradientError,
+    )
+    from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
+    from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+    from lightning_gradguard.layers import LayerIndex, build_layer_index
+    from lightning_gradguard.lr import LRGuard
+    from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
+    from lightning_gradguard.saturation import SaturationMonitor
+    from lightning_gradguard.stats import GradStats, StepStats, total_norm
+    from lightning_gradguard.tensorboard import GradGuardBoard
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lightning_gradguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lightning_gradguard.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -341,6 +341,25 @@ class GradGuard(Callback):
             raise MisconfigurationException(
                 "GradGuard found no parameters in the LightningModule: there are no gradients to watch."
             )
+        if not any(p.requires_grad for p in index.params):
+            raise MisconfigurationException(
+                "GradGuard found no trainable parameters in the LightningModule (all have `requires_grad=False`):"
+                " there are no gradients to watch. Unfreeze some parameters or remove GradGuard."
+            )
+        scaler = _grad_scaler(trainer)
+        if (
+            scaler is not None
+            and self.clip is not None
+            and self.clip.needs_params
+            and any(getattr(opt, "_step_supports_amp_scaling", False) for opt in trainer.optimizers)
+        ):
+            # AGC compares each unit's gradient with its weights; a fused optimizer unscales inside `step`, so here
+            # the gradients still carry the loss scale and the ratio would be off by that factor.
+            raise MisconfigurationException(
+                f"GradGuard(clip={type(self.clip).__name__}(...)) cannot run under 16-bit AMP with a GradScaler and an"
+                " optimizer that unscales inside `step` (a fused optimizer): the gradients are still scaled when they"
+                " are compared with the weights. Use a non-fused optimizer, or ZClip, AutoClip or NormClip."
+            )
         self._model_index = index
         if self.regularizers:
             for r in self.regularizers:
@@ -552,8 +571,9 @@ class GradGuard(Callback):
             first = van_new & (st.van_step < 0)
             st.van_step.copy_(torch.where(first, step, st.van_step))
             st.van_value.copy_(torch.where(first, stats.layer_norm, st.van_value))
-        first_nf = stats.layer_nonfinite & (st.nf_step < 0)
-        st.nf_step.copy_(torch.where(first_nf, step, st.nf_step))
+        if not under_scaler:  # a GradScaler overflow is routine (scale calibration): counted, not warned about
+            first_nf = stats.layer_nonfinite & (st.nf_step < 0)
+            st.nf_step.copy_(torch.where(first_nf, step, st.nf_step))
 
         flags = torch.stack([expl_any, nonfinite, van_new.any()]).to(torch.float32)
         buf = st.free.pop() if st.free else _HostFlags.create(3, s.device)
@@ -569,10 +589,13 @@ class GradGuard(Callback):
             exploding, nonfinite, vanishing = (bool(v) for v in buf.values)
             step = buf.step
             st.free.append(buf)
-            if self.lr_guard is not None and self.lr_guard.update(exploding, key):
-                st.host_counts["lr_reduced"] += 1
-            for r in self.regularizers:
-                r.on_exploding(exploding)
+            # A non-finite step (AMP overflow, skipped step) is no observation: it is neither an explosion nor a calm
+            # step, so the LR guard's hold/recovery and the adaptive strengths do not advance on it.
+            if not nonfinite:
+                if self.lr_guard is not None and self.lr_guard.update(exploding, key):
+                    st.host_counts["lr_reduced"] += 1
+                for r in self.regularizers:
+                    r.on_exploding(exploding)
             if exploding and self.on_exploding == "raise":
                 raise GradientExplosionError(
                     f"GradGuard: exploding gradients at step {step} (optimizer {key}); see"
@@ -832,7 +855,7 @@ class GradGuard(Callback):
         config = self.config()
         self._board.write_config(config)
         try:  # also as hparams, so runs can be compared by their GradGuard settings
-            tb.log_hyperparams({f"gradguard/{k}": str(v) for k, v in config.items() if k != "layers"})
+            tb.log_hyperparams({f"gradguard/{k}": str(v) for k, v in config.items()})
         except Exception as err:  # a logger that refuses late hparams must not stop training
             log.debug("GradGuard: hparams not written: %s", err)
         return self._board
@@ -851,7 +874,7 @@ class GradGuard(Callback):
             "vanishing": repr(self.vanishing),
             "log_every_n_steps": self.log_every_n_steps,
             "group_depth": self.group_depth,
-            "layers": {str(k): list(st.index.names) for k, st in sorted(self._states.items())},
+            "layers": {f"opt{k}": st.index.num_layers for k, st in sorted(self._states.items())},
         }
 
     def summary(self) -> dict[str, int]:

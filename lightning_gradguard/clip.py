@@ -579,7 +579,8 @@ class ZClip(Clipper):
         dtype = _state_float_dtype(device)
         if self._buffer is None or self._count is None or self._mean is None or self._var is None:
             state = self._empty_state(device, dtype)
-            self._buffer, self._count, self._mean, self._var = state["buffer"], state["count"], state["mean"], state["var"]
+            self._buffer, self._count = state["buffer"], state["count"]
+            self._mean, self._var = state["mean"], state["var"]
         elif self._count.device != device or self._mean.dtype != dtype:
             self._buffer = self._buffer.to(device=device, dtype=dtype)
             self._count = self._count.to(device)
@@ -714,9 +715,9 @@ class AGC(Clipper):
     ``owner_types``. By default nothing is excluded.
 
     Parameters of the same shape, dtype and device are batched together (in bounded temporary buffers), so a step
-    costs a few kernels per distinct parameter shape rather than several per parameter. Under FSDP2 (``DTensor`` parameters
-    sharded on dim 0) an output unit never straddles shards, so AGC works on each rank's local shard with no
-    communication; 1-D parameters are then clipped per local shard.
+    costs a few kernels per distinct parameter shape rather than several per parameter. Under FSDP2 (``DTensor``
+    parameters sharded on dim 0) an output unit never straddles shards, so AGC works on each rank's local shard with
+    no communication; 1-D parameters are then clipped per local shard.
 
     Args:
         clip_factor: the largest allowed ratio of gradient norm to weight norm per unit (``> 0``); NFNets use

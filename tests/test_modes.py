@@ -214,7 +214,7 @@ def test_16_mixed_gradscaler_measures_unscaled_norms_and_counts_overflow(fused: 
     model = AmpRegressor(fused=fused, inf_at=inf_at)
     pre, post, snaps = NormProbe(), NormProbe(), ParamSnapshots()
     guard = Recorder(
-        clip=clip, lr_guard=LRGuard(cooldown=1, recovery_steps=3), exploding=ExplodingDetector(warmup_steps=2)
+        clip=clip, lr_guard=LRGuard(cooldown=1, recovery_steps=100), exploding=ExplodingDetector(warmup_steps=2)
     )
     trainer(max_steps=8, callbacks=[pre, guard, post, snaps], plugins=[_gradscaler_plugin()]).fit(
         model, regression_data()
@@ -240,13 +240,16 @@ def test_16_mixed_gradscaler_measures_unscaled_norms_and_counts_overflow(fused: 
     assert summary["overflow"] == 1 and summary["nonfinite"] == 0 and summary["skipped"] == 0
     assert summary["exploding"] == 0 and summary["lr_reduced"] == 0
     # The overflow step feeds nothing: detectors, clipper and LR guard are as they were before it.
-    before, during = guard.after_batch[inf_at - 1], guard.after_batch[inf_at]
+    before, during, later = guard.after_batch[inf_at - 1 : inf_at + 2]
     for part in ("clip", "exploding", "vanishing"):
-        assert_same_state(before["optimizers"]["0"][part], during["optimizers"]["0"][part], part)
-    assert_same_state(before["lr_guard"], during["lr_guard"], "lr_guard")
-    after = guard.after_batch[inf_at + 1]
-    assert _differs(during["optimizers"]["0"]["clip"], after["optimizers"]["0"]["clip"])  # a normal step does feed it
-    assert _differs(during["optimizers"]["0"]["exploding"], after["optimizers"]["0"]["exploding"])
+        a, b = dict(before["optimizers"]["0"][part]), dict(during["optimizers"]["0"][part])
+        # AutoClip's host call counter only sizes its buffer (it counts calls, valid or not, to stay sync-free).
+        a.pop("calls", None), b.pop("calls", None)
+        assert_same_state(a, b, part)
+    assert_same_state(before["lr_guard"], during["lr_guard"], "lr_guard")  # not a calm step either
+    assert _differs(during["lr_guard"], later["lr_guard"])
+    assert _differs(during["optimizers"]["0"]["clip"], later["optimizers"]["0"]["clip"])  # a normal step does feed it
+    assert _differs(during["optimizers"]["0"]["exploding"], later["optimizers"]["0"]["exploding"])
     # The scaler skipped the step: parameters unchanged, and finite throughout.
     assert all(torch.equal(a, b) for a, b in zip(snaps.params[inf_at - 1], snaps.params[inf_at]))
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -257,3 +260,209 @@ def test_16_mixed_fused_optimizer_with_agc_is_refused() -> None:
     guard = GradGuard(clip=AGC())
     with pytest.raises(MisconfigurationException, match="AGC.*fused"):
         trainer(max_steps=2, callbacks=[guard], plugins=[_gradscaler_plugin()]).fit(model, regression_data())
+
+
+# ---------------------------------------------------------------------------------------------------- bf16-mixed
+class NaNRegressor(Regressor):
+    """Adam; puts a NaN into one gradient after the backward pass of step ``nan_at``."""
+
+    def __init__(self, nan_at: int) -> None:
+        super().__init__(lr=1e-2, optimizer="adam")
+        self.nan_at = nan_at
+        self.autocast_dtypes: set[torch.dtype] = set()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        self.autocast_dtypes.add(out.dtype)
+        loss = nn.functional.mse_loss(out.float(), y)
+        self.losses.append(loss.detach())
+        return loss
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step == self.nan_at:
+            with torch.no_grad():
+                self.net[2].weight.grad[0, 3] = math.nan
+
+
+def test_bf16_mixed_skip_leaves_parameters_and_adam_state_bit_identical() -> None:
+    torch.manual_seed(0)
+    nan_at = 3
+    model = NaNRegressor(nan_at)
+    guard = Recorder(on_nonfinite="skip")
+    snaps = ParamSnapshots()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(precision="bf16-mixed", max_steps=7, callbacks=[guard, snaps], log_every_n_steps=5).fit(
+            model, regression_data()
+        )
+    assert model.autocast_dtypes == {torch.bfloat16}
+    summary = guard.summary()
+    assert summary["nonfinite"] == 1 and summary["skipped"] == 1 and summary["overflow"] == 0
+    assert any("non-finite gradients in layer 'net.2'" in str(w.message) for w in caught)
+    before, during = nan_at - 1, nan_at
+    assert all(torch.equal(a, b) for a, b in zip(snaps.params[before], snaps.params[during]))
+    state_before, state_during = snaps.opt_state[before], snaps.opt_state[during]
+    assert set(state_before) == set(state_during) and state_before
+    for i in state_before:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(state_before[i][key], state_during[i][key]), (i, key)
+    # Training goes on: the next step moves every parameter, and nothing became NaN.
+    assert all(not torch.equal(a, b) for a, b in zip(snaps.params[during], snaps.params[during + 1]))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(loss) for loss in model.losses) and len(model.losses) == 7
+
+
+# ---------------------------------------------------------------------------------------------------- accumulation
+class StepCounter(Callback):
+    """Counts real ``optimizer.step`` calls with a step post-hook."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._handles: list[Any] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for opt in trainer.optimizers:
+            self._handles.append(opt.register_step_post_hook(lambda *a: setattr(self, "count", self.count + 1)))
+
+
+def test_gradient_accumulation_acts_once_per_optimizer_step_on_the_large_batch_gradient() -> None:
+    data = regression_data(n=128, batch_size=16)  # 8 micro-batches per epoch -> 2 optimizer steps
+    runs = {}
+    for name, accumulate, loader in (
+        ("accumulated", 4, data),
+        ("large_batch", 1, regression_data(n=128, batch_size=64)),
+    ):
+        torch.manual_seed(0)
+        model = Regressor(lr=0.05)
+        guard = Recorder(regularizers=[L2(1e-2)], exploding=ExplodingDetector(warmup_steps=2))
+        counter = StepCounter()
+        trainer(max_epochs=3, accumulate_grad_batches=accumulate, callbacks=[guard, counter]).fit(model, loader)
+        runs[name] = (guard, counter, model)
+
+    guard, counter, model = runs["accumulated"]
+    big_guard, big_counter, big_model = runs["large_batch"]
+    assert counter.count == big_counter.count == 6 == model.trainer.global_step
+    st = guard._states[0]
+    assert st.steps == len(guard.measured) == 6
+    assert st.exploding is not None and st.exploding.state_dict()["count"][0].item() == 6
+    assert guard.state_dict()["optimizers"]["0"]["clip"]["count"].item() == 6  # ZClip saw 6 norms
+    assert guard.lr_guard is not None and guard.lr_guard.state_dict()["keys"]["0"]["calm"] == 6
+    # Lightning divides each micro-batch loss by 4, so the accumulated gradient is the large batch's (regularizer
+    # included, added once per optimizer step).
+    for acc, big in zip(guard.measured, big_guard.measured, strict=True):
+        assert acc["total"] == pytest.approx(big["total"], rel=1e-5)
+        for layer, value in big["layers"].items():
+            assert acc["layers"][layer] == pytest.approx(value, rel=1e-5)
+    for a, b in zip(model.parameters(), big_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- manual optimization
+class TinyGAN(L.LightningModule):
+    """Manual optimization with two optimizers: D steps every batch, G every second batch.
+
+    At G's step ``spike_at`` its gradients are blown up, so that only G's guard state sees an explosion.
+    """
+
+    def __init__(self, spike_at: int = 5) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.spike_at = spike_at
+        self.g_steps = 0
+        self.d_steps = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, noise = batch[0][:, :8], batch[0][:, 8:12]
+        opt_d, opt_g = self.optimizers()
+        bce = nn.functional.binary_cross_entropy_with_logits
+        fake = self.g(noise)
+        logits_real, logits_fake = self.d(real), self.d(fake.detach())
+        loss_d = bce(logits_real, torch.ones_like(logits_real)) + bce(logits_fake, torch.zeros_like(logits_fake))
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.d_steps += 1
+        if batch_idx % 2 == 0:
+            logits = self.d(self.g(noise))
+            loss_g = bce(logits, torch.ones_like(logits))
+            opt_g.zero_grad()
+            self.manual_backward(loss_g * (1e4 if self.g_steps == self.spike_at else 1.0))
+            opt_g.step()
+            self.g_steps += 1
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.d.parameters(), lr=1e-3), torch.optim.SGD(self.g.parameters(), lr=1e-3)]
+
+
+def test_manual_optimization_two_optimizers_keep_separate_state_and_tags(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = TinyGAN(spike_at=5)
+    pre = NormProbe()
+    guard = Recorder(
+        clip=ZClip(warmup_steps=3), lr_guard=LRGuard(cooldown=5, recovery_steps=100),
+        exploding=ExplodingDetector(warmup_steps=3),
+    )
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    with pytest.warns(UserWarning, match=r"exploding gradients in layer 'g\.\d' at step \d+ \(optimizer 1\)"):
+        trainer(max_steps=30, max_epochs=-1, callbacks=[pre, guard], logger=logger, log_every_n_steps=6).fit(
+            model, regression_data(n=320, dim=16, batch_size=16)
+        )
+    # 30 optimizer steps in all (manual optimization counts each opt.step): 20 for D, 10 for G.
+    assert model.d_steps == 20 and model.g_steps == 10
+    d_state, g_state = guard._states[0], guard._states[1]
+    assert d_state.steps == 20 and g_state.steps == 10
+    assert all(n.startswith("d.") for n in d_state.index.names) and all(n.startswith("g.") for n in g_state.index.names)
+    assert d_state.exploding.state_dict()["count"][0].item() == 20
+    assert g_state.exploding.state_dict()["count"][0].item() == 10
+    # GradGuard measured inside opt.step(): each optimizer's own gradients.
+    for ref, got in zip(pre.steps, guard.measured, strict=True):
+        for layer, value in ref["layers"].items():
+            assert got["layers"][layer] == pytest.approx(value, rel=1e-5)
+    # Only G exploded: its LR multiplier is down, D's untouched; the events are G's.
+    assert guard.lr_guard.scale(1) < 1.0 and guard.lr_guard.scale(0) == 1.0
+    assert g_state.counts[0].item() >= 1 and d_state.counts[0].item() == 0
+    assert g_state.host_counts["lr_reduced"] == 1 and d_state.host_counts["lr_reduced"] == 0
+
+    acc = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in (0, 1):
+        assert f"gradguard/opt{key}/total_norm" in tags and f"gradguard/opt{key}/lr_scale" in tags
+    assert "gradguard/total_norm" not in tags
+    lr_scales = {key: [e.value for e in acc.Scalars(f"gradguard/opt{key}/lr_scale")] for key in (0, 1)}
+    assert min(lr_scales[1]) < 1.0 and set(lr_scales[0]) == {1.0}
+
+
+# ---------------------------------------------------------------------------------------------------- Lightning's clipping too
+class PreStepNorms(Callback):
+    """The total gradient norm each ``optimizer.step`` really receives (after every clipping)."""
+
+    def __init__(self) -> None:
+        self.norms: list[float] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.norms.append(_total(layer_norms(pl_module, _optimizer_params(opt))))
+
+        trainer.optimizers[0].register_step_pre_hook(hook)
+
+
+def test_lightning_gradient_clip_val_too_warns_once_and_both_clip() -> None:
+    torch.manual_seed(0)
+    pre, received = NormProbe(), PreStepNorms()
+    guard = Recorder(clip=NormClip(max_norm=2.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, gradient_clip_val=0.5, callbacks=[pre, guard, received]).fit(
+            Regressor(), regression_data(n=64)
+        )
+    twice = [w for w in caught if "clipping happens twice" in str(w.message)]
+    assert len(twice) == 1
+    assert len(guard.measured) == len(received.norms) == 8
+    for ref, got, final in zip(pre.steps, guard.measured, received.norms):
+        assert got["total"] == pytest.approx(_total(ref["layers"]), rel=1e-5)  # GradGuard measures before both
+        assert final <= 0.5 * (1 + 1e-5)  # Lightning's clip is applied after GradGuard's
+    assert any(got["coef"] < 1.0 for got in guard.measured)

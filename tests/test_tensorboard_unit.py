@@ -395,13 +395,17 @@ def test_history_columns_are_exact_merges_of_their_spans(capacity):
         board.write_layer_norms(step, 0, raw[:, col], raw_exp[:, col], raw_van[:, col])
     steps, norms, exploding, vanishing = board._histories[0].columns()
     assert norms.shape[1] <= capacity + 1 and steps[-1] == raw_steps[-1]
-    lo = -1
+    lo, spans = -1, []
     for i, step in enumerate(steps.tolist()):
         span = (raw_steps > lo) & (raw_steps <= step)
         np.testing.assert_allclose(norms[:, i], raw[:, span].max(axis=1).astype(np.float32))
         np.testing.assert_array_equal(exploding[:, i], raw_exp[:, span].any(axis=1))
         np.testing.assert_array_equal(vanishing[:, i], raw_van[:, span].any(axis=1))
         lo = step
+        spans.append(int(span.sum()))
+    # Committed columns all span the same number of logged steps, so the time axis stays uniform.
+    history = board._histories[0]
+    assert set(spans[: history.size]) == {history.stride} and history.stride > 1
 
 
 def test_state_dict_round_trip_with_weights_only(tmp_path):
