@@ -244,7 +244,7 @@ class GradGuard(Callback):
         self._lr_hooks: dict[int, Any] = {}
         self._event_rows: list[dict[str, Any]] = []
         self._hist_samples: dict[str, Tensor] = {}
-        self._last_hist_step = -1
+        self._last_hist_step = 0
         self._last_saturation: dict[str, float] = {}
 
     # ------------------------------------------------------------------ identity and state
@@ -492,6 +492,12 @@ class GradGuard(Callback):
         if st.clipper is not None and not skipped:
             names = [st.index.param_names[i] for i in stats.param_indices] if st.clipper.needs_params else None
             owners = [st.index.owner_types[i] for i in stats.param_indices] if st.clipper.needs_params else None
+            if st.clipper.needs_params and any(g.is_sparse for g in stats.grads):
+                raise MisconfigurationException(
+                    f"GradGuard(clip={type(st.clipper).__name__}(...)) cannot clip sparse gradients (e.g."
+                    " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip or"
+                    " AutoClip, which clip sparse gradients."
+                )
             coef = st.clipper.clip_grads_(
                 stats.grads, stats.total_norm, valid, params=stats.params, names=names, owner_types=owners
             )
@@ -620,9 +626,14 @@ class GradGuard(Callback):
         return bool(every) and step >= self._next_log_step and step // every > self._last_hist_step // every  # type: ignore[operator]
 
     def _sample_histograms(self, st: _OptimizerState, stats: StepStats) -> None:
+        from lightning_gradguard.stats import _dense, _local
         from lightning_gradguard.tensorboard import sample_gradients
 
-        named = [(st.index.names[st.index.layer_of_param[i]], g) for i, g in zip(stats.param_indices, stats.grads)]
+        # Histograms take plain tensors: a DTensor's local shard, a sparse gradient's stored values.
+        named = [
+            (st.index.names[st.index.layer_of_param[i]], _dense(_local(g)))
+            for i, g in zip(stats.param_indices, stats.grads)
+        ]
         self._hist_samples.update(sample_gradients(named, _block_of))
 
     # ------------------------------------------------------------------ logging

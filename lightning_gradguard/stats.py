@@ -166,6 +166,10 @@ class GradStats:
         for i, p in enumerate(self.params):
             g = p.grad
             if g is not None:
+                if g.is_sparse and not g.is_coalesced():
+                    # Same gradient, duplicates summed (as the optimizer would do): norms, clipping and the in-place
+                    # non-finite repair then all work on one tensor whose values are the gradient's entries.
+                    g = p.grad = g.coalesce()
                 grads.append(g)
                 params.append(p)
                 present.append(i)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -224,9 +225,9 @@ def test_adding_problem_baseline_and_markers() -> None:
     values = x[..., 0]
     assert values.min() >= 0 and values.max() <= 1
     assert torch.allclose((values * markers).sum(1, keepdim=True), y)
-    again = lstm_adding.adding_problem(5, seq_len, torch.Generator().manual_seed(0))
-    assert torch.equal(again[0], x[:5]) is False or torch.equal(again[0], x[:5])  # same seed: same stream start
-    assert torch.equal(again[0], lstm_adding.adding_problem(5, seq_len, torch.Generator().manual_seed(0))[0])
+    first = lstm_adding.adding_problem(5, seq_len, torch.Generator().manual_seed(1))
+    second = lstm_adding.adding_problem(5, seq_len, torch.Generator().manual_seed(1))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 def test_adding_models() -> None:
@@ -253,8 +254,9 @@ def _guard(trainer: object) -> GradGuard:
     return guards[0]
 
 
-def test_cifar_cli_config_builds_the_guard(tmp_path: Path) -> None:
+def test_cifar_cli_config_builds_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("jsonargparse")
+    monkeypatch.setattr(sys, "argv", ["cifar_resnet"])  # LightningCLI warns when pytest's own argv is present
     path = CONFIGS / "cifar_resnet.yaml"
     config = yaml.safe_load(path.read_text())
     cli = cifar_resnet.cli_main(
@@ -277,8 +279,9 @@ def test_cifar_cli_config_builds_the_guard(tmp_path: Path) -> None:
     assert cli.datamodule.batch_size == config["data"]["batch_size"]
 
 
-def test_lstm_cli_config_builds_the_guard(tmp_path: Path) -> None:
+def test_lstm_cli_config_builds_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("jsonargparse")
+    monkeypatch.setattr(sys, "argv", ["lstm_adding"])
     path = CONFIGS / "lstm_adding.yaml"
     config = yaml.safe_load(path.read_text())
     cli = lstm_adding.cli_main(

@@ -466,3 +466,299 @@ def test_lightning_gradient_clip_val_too_warns_once_and_both_clip() -> None:
         assert got["total"] == pytest.approx(_total(ref["layers"]), rel=1e-5)  # GradGuard measures before both
         assert final <= 0.5 * (1 + 1e-5)  # Lightning's clip is applied after GradGuard's
     assert any(got["coef"] < 1.0 for got in guard.measured)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoint resume
+def _spiky_data() -> DataLoader:
+    """8 batches per epoch; batch 5 has targets 1000x too large, so every epoch has an explosion."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, generator=g)
+    y = x @ torch.randn(16, 1, generator=g)
+    y[80:96] *= 1000.0
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+def _resume_guard() -> GradGuard:
+    return GradGuard(
+        clip=ZClip(warmup_steps=3),
+        lr_guard=LRGuard(cooldown=1, recovery_steps=20),
+        regularizers=[L2(1e-3, adaptive=True)],
+        exploding=ExplodingDetector(warmup_steps=3),
+        vanishing=VanishingDetector(patience=3),
+    )
+
+
+def test_checkpoint_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    full_model, full_guard = Regressor(lr=1e-2, optimizer="adam"), _resume_guard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, callbacks=[full_guard]).fit(full_model, _spiky_data())
+
+        torch.manual_seed(0)
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+        first_guard = _resume_guard()
+        trainer(max_epochs=1, callbacks=[first_guard, ckpt], enable_checkpointing=True).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data()
+        )
+        saved = torch.load(ckpt.last_model_path, weights_only=True)  # plain containers only
+        state = saved["callbacks"][first_guard.state_key]
+        # The checkpoint is taken while the guard is busy: LR lowered and the regularizer strengthened.
+        assert state["lr_guard"]["keys"]["0"]["anchor"] < 1.0 and first_guard.lr_guard.scale(0) < 1.0
+        assert state["regularizers"]["l2"]["strength"] > 1.0
+        assert first_guard.summary()["exploding"] >= 1 and first_guard.summary()["lr_reduced"] == 1
+
+        torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
+        resumed_model, resumed_guard = Regressor(lr=1e-2, optimizer="adam"), _resume_guard()
+        resumed_trainer = trainer(max_epochs=2, callbacks=[resumed_guard, ModelCheckpoint(dirpath=tmp_path / "b")],
+                                  enable_checkpointing=True)
+        resumed_trainer.fit(resumed_model, _spiky_data(), ckpt_path=ckpt.last_model_path)
+
+    assert resumed_trainer.global_step == 16
+    for a, b in zip(full_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    assert_same_state(full_guard.state_dict(), resumed_guard.state_dict())
+    assert full_guard.summary() == resumed_guard.summary()
+    assert full_guard.summary()["lr_reduced"] == 2
+    assert resumed_guard.lr_guard.scale(0) == full_guard.lr_guard.scale(0) < 1.0
+    assert resumed_guard.regularizers[0].strength == full_guard.regularizers[0].strength > 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- unusual parameters
+class Frozen(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.requires_grad_(False)
+
+
+class Paramless(L.LightningModule):
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        return None
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("model_cls", [Frozen, Paramless])
+def test_model_without_trainable_parameters_is_refused_at_fit_start(model_cls: type) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's "no optimizer" notice
+        with pytest.raises(MisconfigurationException, match="GradGuard found no (trainable )?parameters"):
+            trainer(max_steps=2, callbacks=[GradGuard()]).fit(model_cls(), regression_data())
+
+
+class Finetune(Regressor):
+    """A backbone frozen by ``BackboneFinetuning`` for epoch 0, a head, and a layer that never gets a gradient."""
+
+    def __init__(self) -> None:
+        super().__init__(net=nn.Identity())
+        self.backbone = nn.Sequential(nn.Linear(16, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+
+def test_layers_unfrozen_mid_run_join_the_watch_and_unused_layers_stay_silent() -> None:
+    torch.manual_seed(0)
+    model = Finetune()
+    pre = NormProbe()
+    guard = Recorder(vanishing=VanishingDetector(patience=2), clip=ZClip(warmup_steps=2))
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, callbacks=[finetuning, pre, guard]).fit(model, regression_data(n=64))
+    assert not [w for w in caught if "GradGuard" in str(w.message)]  # the unused layer is not "vanishing"
+    epoch0, epoch1 = guard.measured[:4], guard.measured[4:]
+    assert len(epoch1) == 4
+    assert all("backbone.0" not in m["layers"] for m in epoch0)
+    assert guard._states[0].index.names == ["backbone.0", "head", "unused"]
+    assert guard._states[0].steps == 8  # counters survive the rebuild
+    for ref, got in zip(pre.steps[4:], epoch1):
+        assert got["present"]["backbone.0"] and not got["present"]["unused"]
+        assert got["layers"]["unused"] == 0.0
+        assert got["layers"]["backbone.0"] > 0
+        for layer, value in ref["layers"].items():
+            assert got["layers"][layer] == pytest.approx(value, rel=1e-5)
+    assert guard.summary()["vanishing"] == 0
+
+
+class SparseBag(L.LightningModule):
+    """An ``nn.Embedding(sparse=True)`` trained by ``SparseAdam``: every gradient is a sparse COO tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8, sparse=True)
+        self.register_buffer("readout", torch.randn(8, 1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        idx = (x[:, :6].abs() * 7).long() % 50  # repeated indices: the raw gradient is not coalesced
+        return nn.functional.mse_loss(self.emb(idx).sum(1) @ self.readout, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SparseAdam(self.parameters(), lr=1e-2)
+
+
+@pytest.mark.parametrize("clip", [NormClip(max_norm=0.5), ZClip(warmup_steps=2, max_grad_norm=0.5),
+                                  AutoClip(percentile=10.0)], ids=["normclip", "zclip", "autoclip"])
+def test_sparse_gradients_are_measured_on_coalesced_values_and_clipped(clip: Any) -> None:
+    torch.manual_seed(0)
+    model = SparseBag()
+    pre, post = NormProbe(), NormProbe()
+    guard = Recorder(clip=clip)
+    trainer(max_steps=6, callbacks=[pre, guard, post]).fit(model, regression_data())
+    assert len(guard.measured) == 6
+    for ref, got, after in zip(pre.steps, guard.measured, post.steps):
+        assert got["layers"]["emb"] == pytest.approx(ref["layers"]["emb"], rel=1e-5)
+        assert after["layers"]["emb"] == pytest.approx(min(got["total"], got["threshold"]), rel=1e-4)
+    assert any(g["coef"] < 1.0 for g in guard.measured)
+    assert model.emb.weight.grad is None or model.emb.weight.grad.is_sparse
+    assert torch.isfinite(model.emb.weight).all()
+
+
+def test_sparse_gradients_with_agc_give_a_clear_error() -> None:
+    with pytest.raises((ValueError, RuntimeError, MisconfigurationException), match="(?i)sparse"):
+        trainer(max_steps=2, callbacks=[GradGuard(clip=AGC())]).fit(SparseBag(), regression_data())
+
+
+class ComplexModel(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(16, 4, dtype=torch.complex64) * 0.3)
+        self.out = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.out((x.to(torch.complex64) @ self.w).abs()), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_complex_parameters_have_the_modulus_norm() -> None:
+    torch.manual_seed(0)
+    model = ComplexModel()
+    pre, post = NormProbe(), NormProbe()
+    guard = Recorder(clip=NormClip(max_norm=0.5))
+    trainer(max_steps=4, callbacks=[pre, guard, post]).fit(model, regression_data())
+    for ref, got, after in zip(pre.steps, guard.measured, post.steps, strict=True):
+        # sqrt(sum |z|^2), i.e. the norm of the real and imaginary parts together
+        z = ref["layers"][""]
+        assert got["layers"]["(root)"] == pytest.approx(z, rel=1e-5)
+        assert got["total"] == pytest.approx(math.hypot(z, ref["layers"]["out"]), rel=1e-5)
+        assert _total(after["layers"]) == pytest.approx(min(got["total"], 0.5), rel=1e-4)
+    assert torch.isfinite(torch.view_as_real(model.w)).all()
+
+
+class ManyTensors(L.LightningModule):
+    """5,000 parameter tensors in 1,250 layers, half fp32 and half fp64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells = nn.ModuleList(nn.ParameterDict({
+            "a": nn.Parameter(torch.randn(3)), "b": nn.Parameter(torch.randn(1)),
+            "c": nn.Parameter(torch.randn(2, dtype=torch.float64)), "d": nn.Parameter(torch.randn(1, dtype=torch.float64)),
+        }) for _ in range(1250))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        a = torch.stack([c["a"] for c in self.cells]).sum(0) + torch.stack([c["b"] for c in self.cells]).sum()
+        c = torch.stack([c["c"] for c in self.cells]).sum(0) + torch.stack([c["d"] for c in self.cells]).sum()
+        pred = x[:, :3] @ a / 1250 + (x[:, 3:5].double() @ c).float().unsqueeze(1) / 1250
+        return nn.functional.mse_loss(pred.unsqueeze(1) if pred.ndim == 1 else pred, y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class CountingGuard(Recorder):
+    """Counts ``torch._foreach_norm`` calls made inside GradGuard's per-step hook."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.norm_calls: list[int] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        calls = []
+        original = torch._foreach_norm
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            calls.append(len(args[0]))
+            return original(*args, **kwargs)
+
+        torch._foreach_norm = counting
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        finally:
+            torch._foreach_norm = original
+        self.norm_calls.append(len(calls))
+        self.tensors_per_call = calls
+
+
+def test_five_thousand_parameter_tensors_take_one_norm_call_per_dtype() -> None:
+    torch.manual_seed(0)
+    model = ManyTensors()
+    assert sum(1 for _ in model.parameters()) == 5000
+    pre = NormProbe()
+    guard = CountingGuard(vanishing=None, clip=ZClip(warmup_steps=2))
+    trainer(max_steps=3, callbacks=[pre, guard]).fit(model, regression_data())
+    assert guard.norm_calls == [2, 2, 2]  # one fp32 group, one fp64 group
+    assert sorted(guard.tensors_per_call) == [2500, 2500]
+    assert len(guard._states[0].index.names) == 1250
+    ref, got = pre.steps[-1], guard.measured[-1]
+    for layer, value in ref["layers"].items():
+        assert got["layers"][layer] == pytest.approx(value, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- runs without training
+class EvalRegressor(Regressor):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x), y))
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+
+@pytest.mark.parametrize("kind", ["fast_dev_run", "limit_0", "limit_3", "validate", "predict"])
+def test_runs_without_regular_training(tmp_path: Any, kind: str) -> None:
+    torch.manual_seed(0)
+    guard = GradGuard()
+    model = EvalRegressor()
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    data = regression_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "fast_dev_run":
+            trainer(fast_dev_run=True, callbacks=[guard], logger=logger).fit(model, data, data)
+        elif kind == "limit_0":
+            trainer(limit_train_batches=0, callbacks=[guard], logger=logger).fit(model, data, data)
+        elif kind == "limit_3":
+            trainer(limit_train_batches=3, limit_val_batches=2, callbacks=[guard], logger=logger,
+                    log_every_n_steps=50).fit(model, data, data)
+        elif kind == "validate":
+            trainer(callbacks=[guard], logger=logger).validate(model, data)
+        else:
+            predictions = trainer(callbacks=[guard], logger=logger).predict(model, data)
+            assert len(predictions) == 16
+    tags = _event_tags(tmp_path)
+    gg_tags = [t for t in tags if t.startswith("gradguard/")]
+    if kind == "limit_3":
+        # One optimizer step per batch; the partial logging window is flushed when training ends.
+        assert guard._states[0].steps == 3
+        acc = EventAccumulator(str(tmp_path / "version_0"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("gradguard/total_norm")] == [3]
+    elif kind == "fast_dev_run":
+        assert guard._states[0].steps == 1  # it ran; fast_dev_run swaps in a dummy logger, so nothing is written
+        assert gg_tags == []
+    else:
+        assert guard._states == {} and gg_tags == []
+        assert guard.summary() == dict.fromkeys(guard.summary(), 0)
+    if kind == "validate":
+        assert "val_loss" in tags  # the logger did write: just nothing of GradGuard's

@@ -1,0 +1,100 @@
+"""The dashboard a real run writes, and `gradguard report` on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_gradguard import GradGuard, VanishingDetector
+from lightning_gradguard.cli import main as gradguard
+from tests.models import Regressor, regression_data, trainer
+
+
+def _deep_sigmoid(depth: int = 10) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(16, 32), nn.Sigmoid()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(32, 32), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(32, 1))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real runs under one directory: a deep sigmoid net (vanishing) and a healthy MLP."""
+    root = tmp_path_factory.mktemp("logs")
+    torch.manual_seed(0)
+    guard = GradGuard(vanishing=VanishingDetector(patience=3), image_every_n_steps=10, histogram_every_n_steps=10)
+    logger = TensorBoardLogger(root, name="sigmoid")
+    with pytest.warns(UserWarning, match="vanishing gradients"):
+        trainer(max_steps=30, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+            Regressor(net=_deep_sigmoid()), regression_data()
+        )
+    torch.manual_seed(0)
+    trainer(max_steps=30, max_epochs=-1, callbacks=[GradGuard()], logger=TensorBoardLogger(root, name="mlp"),
+            log_every_n_steps=5).fit(Regressor(), regression_data())
+    return root
+
+
+def _acc(path: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_layout_images_histograms_and_text_are_written(run_dir: Path) -> None:
+    acc = _acc(run_dir / "sigmoid" / "version_0")
+    tags = acc.Tags()
+    assert "custom_scalars__config__" in tags["tensors"]
+    images = {tag: [e.step for e in acc.Images(tag)] for tag in tags["images"]}
+    assert {10, 20, 30} <= set(images["gradguard/gradient_flow"])  # every 10 steps, and at the end
+    assert "gradguard/gradient_flow_bars" in images
+    hists = [t for t in tags["histograms"] if t.startswith("gradguard/grad_hist/")]
+    assert hists and [e.step for e in acc.Histograms(hists[0])] == [10, 20, 30]  # sampled on those steps only
+    text_tags = {t for t in tags["tensors"] if t.startswith("gradguard/")}
+    assert {"gradguard/events_log/text_summary", "gradguard/config/text_summary"} <= text_tags
+    log = acc.Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert "vanishing" in log and "net.0" in log
+    # The heatmap is a real picture: many distinct colours, one row per layer (11 layers here).
+    from io import BytesIO
+
+    from PIL import Image
+
+    picture = np.asarray(Image.open(BytesIO(acc.Images("gradguard/gradient_flow")[-1].encoded_image_string)))
+    assert picture.ndim == 3 and len(np.unique(picture.reshape(-1, picture.shape[-1]), axis=0)) > 20
+
+
+def test_report_numbers_match_the_raw_scalars(run_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    png = tmp_path / "flow.png"
+    assert gradguard(["report", str(run_dir), "--json", "--png", str(png), "--run", "sigmoid/version_0"]) == 0
+    report = json.loads(capsys.readouterr().out)["runs"]["sigmoid/version_0"]
+    acc = _acc(run_dir / "sigmoid" / "version_0")
+    totals = np.array([e.value for e in acc.Scalars("gradguard/total_norm")])
+    maxes = np.array([e.value for e in acc.Scalars("gradguard/total_norm_max")])
+    got = report["optimizers"]["opt0"]["total_norm"]
+    assert got["p50"] == pytest.approx(float(np.percentile(totals, 50)), rel=1e-6)
+    assert got["max"] == pytest.approx(float(max(totals.max(), maxes.max())), rel=1e-6)
+    vanishing = acc.Scalars("gradguard/events/vanishing")[-1].value
+    assert report["optimizers"]["opt0"]["events"]["vanishing"] == int(vanishing) > 0
+    assert report["first_trouble"]["layer"] == "net.0"  # the earliest layer is the root-cause hint
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_compares_several_runs(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gradguard(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "comparison" in out and "sigmoid/version_0" in out and "mlp/version_0" in out
+
+
+def test_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gradguard(["report", str(tmp_path / "missing")]) == 2
+    assert "error" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert gradguard(["report", str(empty)]) == 2

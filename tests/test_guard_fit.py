@@ -1,0 +1,497 @@
+"""LR guard, regularizers and saturation inside real ``Trainer.fit`` runs (CPU, tiny models)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import L1, L2, ExplodingDetector, GradGuard, LRGuard, Orthogonal, VanishingDetector
+from lightning_gradguard.regularize import Regularizer
+from tests.models import Regressor, regression_data, trainer
+
+
+class Shifting(Regressor):
+    """A regressor whose data stream misbehaves at known optimizer steps.
+
+    Args:
+        hard: ``(start, stop)`` optimizer steps whose inputs and targets are multiplied by ``gain`` (a regime in
+            which the learning rate is far too high).
+        spikes: optimizer steps whose loss is multiplied by ``spike`` (one large, finite gradient).
+        scheduler: builds an LR scheduler (interval ``"step"``) from the optimizer.
+        penalties: regularizers whose penalty is added to the loss (the reference for the gradient terms).
+    """
+
+    def __init__(
+        self,
+        hard: tuple[int, int] = (0, 0),
+        gain: float = 1.0,
+        spikes: tuple[int, ...] = (),
+        spike: float = 1e4,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        penalties: list[Regularizer] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.hard, self.gain, self.spikes, self.spike = hard, gain, spikes, spike
+        self.scheduler_fn = scheduler
+        self.penalties = penalties or []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.hard[0] <= self.global_step < self.hard[1]:
+            x, y = x * self.gain, y * self.gain
+        loss = nn.functional.mse_loss(self(x), y)
+        self.losses.append(loss.detach())
+        if self.global_step in self.spikes:
+            loss = loss * self.spike
+        for r in self.penalties:
+            # Lightning divides the returned loss by `accumulate_grad_batches`: adding the full penalty to every
+            # micro-batch gives exactly one penalty gradient per optimizer step.
+            loss = loss + r.penalty(self)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        if self.scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_fn(optimizer), "interval": "step"}}
+
+
+class LRProbe(L.Callback):
+    """Placed after the guard: records, per optimizer step, the scheduled LR, the LR seen inside
+    ``optimizer.step`` and the guard's multiplier."""
+
+    def __init__(self, guard: GradGuard | None = None) -> None:
+        self.guard = guard
+        self.scheduled: list[float] = []  # param group 0 before optimizer.step
+        self.effective: list[float] = []  # inside optimizer.step, after the guard's pre-hook
+        self.after: list[float] = []  # after the scheduler stepped
+        self.scheduler_lr: list[float] = []  # scheduler.get_last_lr()
+        self.scales: list[float] = []  # multiplier after the step's flags reached the guard
+        self._handle: Any = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Registered after GradGuard's own hook (GradGuard attaches in its on_train_start, which runs first).
+        self._handle = trainer.optimizers[0].register_step_pre_hook(
+            lambda opt, args, kwargs: self.effective.append(float(opt.param_groups[0]["lr"]))
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self.scheduled.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.after.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
+        if trainer.lr_scheduler_configs:
+            self.scheduler_lr.append(float(trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0]))
+        if self.guard is not None and self.guard.lr_guard is not None:
+            self.scales.append(self.guard.lr_guard.scale(0))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._handle.remove()
+
+
+def _quiet_fit(trainer_: L.Trainer, model: L.LightningModule, data: Any, **kwargs: Any) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_.fit(model, data, **kwargs)
+    return [str(w.message) for w in caught]
+
+
+def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+# ---------------------------------------------------------------------------------------------- LR guard
+
+
+def test_lr_guard_rescues_a_run_that_diverges_without_it() -> None:
+    # Steps 25..49 feed inputs 5x larger: the curvature grows 25x and the LR is ~10x past the stability limit.
+    def fit(lr_guard: LRGuard | None) -> tuple[list[float], LRProbe, GradGuard, Shifting]:
+        torch.manual_seed(0)
+        model = Shifting(hard=(25, 50), gain=5.0, net=nn.Linear(16, 1), lr=0.05)
+        guard = GradGuard(
+            clip=None,
+            lr_guard=lr_guard,
+            exploding=ExplodingDetector(warmup_steps=10),
+            vanishing=None,
+            on_nonfinite="warn",
+        )
+        probe = LRProbe(guard)
+        _quiet_fit(trainer(max_steps=110, max_epochs=-1, callbacks=[guard, probe]), model, regression_data())
+        return torch.stack(model.losses).tolist(), probe, guard, model
+
+    bare, _, bare_guard, _ = fit(None)
+    losses, probe, guard, model = fit(LRGuard(factor=0.1, cooldown=25, recovery_steps=20))
+    assert bare_guard.summary()["exploding"] >= 1
+
+    # Without the guard the loss blows up by many orders of magnitude and is still huge at the end.
+    assert not math.isfinite(max(bare)) or max(bare) > 1e15
+    assert not math.isfinite(bare[-1]) or bare[-1] > 1e4
+
+    # With it: finite throughout, and training ends far below where it started.
+    assert all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first / 5 and last < 1.0
+    assert max(losses) < 1e-6 * max(bare) or not math.isfinite(max(bare))
+
+    # The multiplier drops on the explosion, holds through the bad regime and comes back to exactly 1.
+    scales = probe.scales
+    assert len(scales) == 110
+    assert scales[:25] == [1.0] * 25
+    assert scales[25] < 1.0  # the first hard step's flag lowers it right after that step
+    assert min(scales) <= 0.1
+    assert all(s < 1.0 for s in scales[25:50])
+    back = next(i for i in range(25, 110) if scales[i] == 1.0)
+    assert 50 < back < 100
+    assert scales[back:] == [1.0] * (110 - back)
+    assert guard.summary()["lr_reduced"] >= 1
+    # Inside optimizer.step the LR was scaled by the multiplier decided on the step before; outside, never.
+    assert probe.effective == pytest.approx([0.05] + [0.05 * s for s in scales[:-1]], rel=1e-12)
+    assert probe.scheduled == [0.05] * 110 and probe.after == [0.05] * 110
+    assert model.optimizers().optimizer.param_groups[0]["lr"] == 0.05
+
+
+def _one_cycle(total: int) -> Callable[[torch.optim.Optimizer], Any]:
+    return lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=total)
+
+
+def _lambda(total: int) -> Callable[[torch.optim.Optimizer], Any]:
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1.0 + 0.1 * s))
+
+
+def _cosine(total: int) -> Callable[[torch.optim.Optimizer], Any]:
+    return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=1e-4)
+
+
+@pytest.mark.parametrize("make_scheduler", [_one_cycle, _lambda, _cosine], ids=["onecycle", "lambda", "cosine"])
+def test_lr_guard_leaves_the_schedule_alone_and_scales_it_inside_the_step(make_scheduler: Any) -> None:
+    steps, spike, cooldown, recovery = 40, 12, 4, 8
+
+    def fit(spikes: tuple[int, ...]) -> tuple[LRProbe, GradGuard]:
+        torch.manual_seed(0)
+        model = Shifting(spikes=spikes, spike=1e4, scheduler=make_scheduler(steps), lr=0.05)
+        guard = GradGuard(
+            lr_guard=LRGuard(factor=0.5, cooldown=cooldown, recovery_steps=recovery),
+            exploding=ExplodingDetector(warmup_steps=5),
+            vanishing=None,
+        )
+        probe = LRProbe(guard)
+        _quiet_fit(trainer(max_steps=steps, max_epochs=-1, callbacks=[guard, probe]), model, regression_data())
+        return probe, guard
+
+    calm, calm_guard = fit(())
+    hit, guard = fit((spike,))
+    assert calm_guard.summary()["exploding"] == 0 and calm.scales == [1.0] * steps
+    assert calm.effective == calm.scheduled
+    assert guard.summary()["exploding"] == 1 and guard.summary()["lr_reduced"] == 1
+
+    # The scheduler's own sequence is the same as in the run without events, to the last bit.
+    assert hit.scheduler_lr == calm.scheduler_lr
+    assert hit.scheduled == calm.scheduled
+    assert hit.after == calm.after
+    assert len(set(calm.scheduled)) > steps // 2  # the schedule really moves
+
+    # Inside optimizer.step: scheduled x multiplier, the multiplier decided after the previous step.
+    multipliers = [1.0] + hit.scales[:-1]
+    assert hit.effective == pytest.approx([s * m for s, m in zip(hit.scheduled, multipliers)], rel=1e-12)
+    assert multipliers[: spike + 1] == [1.0] * (spike + 1)
+    held = multipliers[spike + 1 : spike + 2 + cooldown]
+    assert held == [0.5] * (cooldown + 1)
+    rising = multipliers[spike + 1 + cooldown : spike + 2 + cooldown + recovery]
+    assert all(a < b for a, b in zip(rising, rising[1:])) and rising[-1] == 1.0
+    assert multipliers[spike + 1 + cooldown + recovery :] == [1.0] * (steps - spike - 1 - cooldown - recovery)
+
+
+# ---------------------------------------------------------------------------------------------- regularizers
+
+
+class SequenceRegressor(Shifting):
+    """An LSTM reading a short sequence, then a linear head."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(net=nn.Linear(8, 1), **kwargs)
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.net(out[:, -1])
+
+
+def _sequence_data(n: int = 128, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, 4, generator=g)
+    y = x.sum(dim=(1, 2)).unsqueeze(1) / 5.0
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def _final_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["fp32", "16-mixed", "accumulate", "orthogonal-lstm"],
+)
+def test_gradient_terms_equal_penalties_added_to_the_loss(case: str) -> None:
+    def regs() -> list[Regularizer]:
+        if case == "orthogonal-lstm":
+            return [Orthogonal(1e-2, modules=r"lstm\.weight_hh"), L2(1e-2)]
+        return [L2(1e-2), L1(1e-3)]
+
+    def make(penalties: list[Regularizer] | None) -> Shifting:
+        torch.manual_seed(0)
+        if case == "orthogonal-lstm":
+            return SequenceRegressor(penalties=penalties, lr=0.1, optimizer="sgd")
+        return Shifting(penalties=penalties, lr=0.05)
+
+    extra: dict[str, Any] = {}
+    if case == "16-mixed":
+        # On the CPU `precision="16-mixed"` silently becomes bf16: ask for fp16 with a GradScaler explicitly.
+        extra = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    elif case == "accumulate":
+        extra = {"accumulate_grad_batches": 2}
+    data = _sequence_data() if case == "orthogonal-lstm" else regression_data()
+    steps = 12
+
+    def fit(model: Shifting, callbacks: list[L.Callback]) -> dict[str, torch.Tensor]:
+        _quiet_fit(trainer(max_steps=steps, max_epochs=-1, callbacks=callbacks, **extra), model, data)
+        return _final_params(model)
+
+    start = _final_params(make(None))
+    guard = GradGuard(clip=None, lr_guard=None, regularizers=regs(), exploding=None, vanishing=None)
+    a = fit(make(None), [guard])
+    b = fit(make(regs()), [])
+    plain = fit(make(None), [])
+    tol = 1e-6 if case != "16-mixed" else 1e-5
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    # The penalties matter: without them the parameters end up elsewhere.
+    moved = max((a[k] - plain[k]).abs().max().item() for k in a)
+    assert moved > 100 * tol
+    assert any((a[k] - start[k]).abs().max().item() > 0 for k in a)
+
+
+def test_orthogonal_penalty_drives_lstm_gate_blocks_orthogonal(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SequenceRegressor(lr=0.05, optimizer="adam")
+    reg = Orthogonal(0.1, modules=r"lstm\.weight_hh")
+    guard = GradGuard(clip=None, lr_guard=None, regularizers=[reg], exploding=None, vanishing=None)
+    hidden = 8
+
+    def gate_error() -> float:
+        w = model.lstm.weight_hh_l0.detach().reshape(4, hidden, hidden)
+        return (w.mT @ w - torch.eye(hidden)).norm(dim=(1, 2)).max().item()
+
+    before = gate_error()
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _quiet_fit(
+        trainer(max_steps=60, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=10),
+        model,
+        _sequence_data(),
+    )
+    logged = [v for _, v in _scalars(tmp_path)["gradguard/reg/orthogonal"]]
+    assert len(logged) == 6
+    assert logged[-1] < 0.05 * logged[0]
+    assert gate_error() < 0.2 * before
+    # The logged value is the penalty of the weights at that step, times the weight.
+    assert logged[-1] == pytest.approx(reg.penalty(model).item(), rel=1e-5)
+
+
+def test_l1_makes_weights_sparse_in_fit() -> None:
+    torch.manual_seed(0)
+    model = Shifting(net=nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)), lr=0.05)
+    guard = GradGuard(clip=None, lr_guard=None, regularizers=[L1(2e-2)], exploding=None, vanishing=None)
+
+    def near_zero() -> float:
+        w = torch.cat([model.net[0].weight.flatten(), model.net[2].weight.flatten()]).detach()
+        return (w.abs() < 2e-3).float().mean().item()  # SGD on |w| hovers within lr * weight = 1e-3 of zero
+
+    before = near_zero()
+    _quiet_fit(trainer(max_steps=150, max_epochs=-1, callbacks=[guard]), model, regression_data())
+    assert before < 0.05
+    assert near_zero() > 0.3
+
+
+# ---------------------------------------------------------------------------------------------- saturation
+
+
+def _saturated_sigmoid_net() -> nn.Sequential:
+    net = nn.Sequential(
+        nn.Linear(16, 32), nn.Sigmoid(),  # huge weights: pre-activations far out on both sides
+        nn.Linear(32, 32), nn.Sigmoid(),  # huge bias: stuck at 1
+        nn.Linear(32, 32), nn.Sigmoid(),  # tiny weights: near 0.5, healthy
+        nn.Linear(32, 1),
+    )
+    with torch.no_grad():
+        net[0].weight.mul_(50.0)
+        net[2].bias.fill_(20.0)
+        net[4].weight.mul_(0.01)
+    return net
+
+
+def _dead_relu_net() -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        net[2].bias.fill_(-100.0)  # every unit of the second ReLU is dead
+    return net
+
+
+@pytest.mark.parametrize(
+    ("make_net", "expected"),
+    [
+        (_saturated_sigmoid_net, {"net.1": (0.9, 1.0), "net.3": (0.9, 1.0), "net.5": (0.0, 0.1)}),
+        (_dead_relu_net, {"net.1": (0.2, 0.8), "net.3": (0.999, 1.0)}),
+    ],
+    ids=["sigmoid", "relu"],
+)
+def test_saturation_is_logged_per_activation(tmp_path: Path, make_net: Any, expected: dict) -> None:
+    torch.manual_seed(0)
+    model = Shifting(net=make_net(), lr=1e-3)
+    guard = GradGuard(lr_guard=None, exploding=None, vanishing=None)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _quiet_fit(
+        trainer(max_steps=10, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5),
+        model,
+        regression_data(),
+    )
+    scalars = _scalars(tmp_path)
+    logged = {tag.split("/", 2)[2]: series for tag, series in scalars.items() if tag.startswith("gradguard/saturation/")}
+    assert set(logged) == set(expected)
+    for name, (low, high) in expected.items():
+        assert [step for step, _ in logged[name]] == [5, 10]
+        assert all(low <= value <= high for _, value in logged[name]), (name, logged[name])
+
+
+def test_vanishing_warning_names_the_saturated_activations(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(6):
+        linear = nn.Linear(16, 16)
+        with torch.no_grad():
+            linear.bias.fill_(12.0)  # every sigmoid pinned at 1: almost no gradient reaches the early layers
+        layers += [linear, nn.Sigmoid()]
+    model = Shifting(net=nn.Sequential(*layers, nn.Linear(16, 1)), lr=1e-3)
+    guard = GradGuard(lr_guard=None, clip=None, exploding=None, vanishing=VanishingDetector(patience=3))
+    messages = _quiet_fit(
+        trainer(max_steps=10, max_epochs=-1, callbacks=[guard], log_every_n_steps=5), model, regression_data()
+    )
+    vanishing = [m for m in messages if "vanishing gradients" in m]
+    assert vanishing, messages
+    assert guard.summary()["vanishing"] >= 1
+    first = vanishing[0]
+    assert "layer 'net.0'" in first
+    assert "Most saturated activations upstream" in first
+    assert "'net.1' (100% saturated)" in first
+    assert "non-saturating activations" in first  # the suggested fix
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+class StartProbe(L.Callback):
+    """Placed after the guard: what the guard holds when training (re)starts."""
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.seen: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen = {
+            "scale": self.guard.lr_guard.scale(0),
+            "lr_guard": self.guard.lr_guard.state_dict(),
+            "strength": self.guard.regularizers[0].strength,
+            "summary": self.guard.summary(),
+            "global_step": trainer.global_step,
+        }
+
+
+def test_checkpoint_resume_keeps_lr_multiplier_cooldown_and_strength(tmp_path: Path) -> None:
+    def make_guard() -> GradGuard:
+        return GradGuard(
+            lr_guard=LRGuard(factor=0.5, cooldown=8, recovery_steps=10),
+            regularizers=[L2(1e-4, adaptive=True, decay=0.9)],
+            exploding=ExplodingDetector(warmup_steps=5),
+            vanishing=None,
+        )
+
+    def model() -> Shifting:
+        torch.manual_seed(0)
+        return Shifting(spikes=(14,), spike=1e4, lr=0.05)
+
+    guard = make_guard()
+    probe = LRProbe(guard)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=18, save_top_k=0)
+    _quiet_fit(trainer(max_steps=18, max_epochs=-1, callbacks=[guard, probe, ckpt]), model(), regression_data())
+    assert guard.summary()["lr_reduced"] == 1
+    saved_scale = guard.lr_guard.scale(0)
+    saved_lr_state = guard.lr_guard.state_dict()
+    saved_strength = guard.regularizers[0].strength
+    assert saved_scale == 0.5  # still in the hold: 3 calm steps after the event at step 14
+    assert saved_lr_state["keys"]["0"]["calm"] == 3
+    assert saved_strength > 1.0
+
+    path = tmp_path / "last.ckpt"
+    state = torch.load(path, weights_only=True)["callbacks"][guard.state_key]
+    assert state["lr_guard"] == saved_lr_state
+    assert state["regularizers"]["l2"] == {"strength": saved_strength}
+
+    resumed = make_guard()
+    start = StartProbe(resumed)
+    after = LRProbe(resumed)
+    _quiet_fit(
+        trainer(max_steps=36, max_epochs=-1, callbacks=[resumed, start, after]),
+        model(),
+        regression_data(),
+        ckpt_path=str(path),
+    )
+    assert start.seen["global_step"] == 18
+    assert start.seen["scale"] == saved_scale
+    assert start.seen["lr_guard"] == saved_lr_state
+    assert start.seen["strength"] == saved_strength
+    assert start.seen["summary"]["lr_reduced"] == 1 and start.seen["summary"]["exploding"] == 1
+
+    # The restored hold continues where it stopped: an uninterrupted run takes the same multipliers.
+    straight = make_guard()
+    whole = LRProbe(straight)
+    _quiet_fit(trainer(max_steps=36, max_epochs=-1, callbacks=[straight, whole]), model(), regression_data())
+    assert whole.scales[:18] == probe.scales
+    assert after.scales == whole.scales[18:]
+    assert after.effective[0] == pytest.approx(0.05 * saved_scale, rel=1e-12)  # the first resumed step is scaled
+
+
+def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Shifting(spikes=(12,), spike=1e4, lr=0.05)
+    reg = L2(1e-3, adaptive=True, adaptive_factor=4.0, decay=0.8)
+    guard = GradGuard(regularizers=[reg], exploding=ExplodingDetector(warmup_steps=5), vanishing=None)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _quiet_fit(
+        trainer(max_steps=40, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=4),
+        model,
+        regression_data(),
+    )
+    assert guard.summary()["exploding"] == 1
+    strength = dict(_scalars(tmp_path)["gradguard/reg_strength/l2"])
+    assert [strength[s] for s in (4, 8, 12)] == [1.0, 1.0, 1.0]
+    # The spike of step 12 is drained right after that step: 4x, then 0.8 of the excess per calm step (13, 14, 15).
+    assert strength[16] == pytest.approx(1.0 + 3.0 * 0.8**3, rel=1e-6)
+    later = [strength[s] for s in range(16, 41, 4)]
+    assert all(a > b for a, b in zip(later, later[1:]))
+    assert later[-1] < 1.01
+    penalty = dict(_scalars(tmp_path)["gradguard/reg/l2"])
+    assert penalty[16] / strength[16] == pytest.approx(penalty[12] / strength[12], rel=0.2)
