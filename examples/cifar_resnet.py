@@ -207,7 +207,10 @@ def download_cifar10(root: str | Path) -> Path:
             # Refuse anything that would land outside root (absolute paths, "..", links).
             if not (member.isfile() or member.isdir()) or Path(member.name).is_absolute() or ".." in Path(member.name).parts:
                 raise ValueError(f"{archive}: unexpected archive member {member.name!r}")
-        tar.extractall(root, members=members)
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 / 3.12: refuse unsafe metadata as well
+            tar.extractall(root, members=members, filter="data")
+        else:
+            tar.extractall(root, members=members)
     return _batch_folder(root)
 
 
