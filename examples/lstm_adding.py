@@ -8,17 +8,19 @@ the mean, 1, whatever the input gives an MSE of ``Var(U + U) = 1/6 ~ 0.167``: a 
 that baseline once it carries information across up to ``T`` steps. A test MSE below 0.01 counts as
 solved.
 
-Recurrent nets are where gradients explode (and vanish): the guarded run clips with ZClip, backs
-the learning rate off on an exploding event, skips non-finite steps and nudges the recurrent
-weights towards orthogonality. ``--unstable`` multiplies the learning rate by ten to show the
-difference between a guarded and an unguarded run.
+Recurrent nets are where gradients explode (and vanish): the guarded run clips with ZClip (capped
+at norm 1, the classic clipping norm for RNNs), backs the learning rate off on an exploding event,
+skips non-finite steps and nudges the recurrent weights towards orthogonality. ``--unstable``
+trains with SGD (momentum 0.9) at learning rate 1.0, ten times the 0.1 that plain SGD survives
+here: without the guard the loss overflows to inf/NaN within a dozen steps; with it training stays
+finite (SGD is far slower than Adam on this task, so do not expect it to solve the problem).
 
 Usage::
 
     python -m examples.lstm_adding                          # LSTM, T=200, guarded
     python -m examples.lstm_adding --seq-len 100            # shorter sequences, solved sooner
     python -m examples.lstm_adding --model rnn              # plain tanh RNN
-    python -m examples.lstm_adding --unstable               # learning rate x10, guarded
+    python -m examples.lstm_adding --unstable               # SGD at 10x a stable learning rate, guarded
     python -m examples.lstm_adding --unstable --no-guard    # the same run without the guard
     python -m examples.lstm_adding --quick                  # a few steps, runs in seconds
 
@@ -50,10 +52,13 @@ from lightning_gradguard import GradGuard, LRGuard, Orthogonal, ZClip
 BASELINE_MSE: float = 1.0 / 6.0
 #: Test MSE under which the task counts as solved.
 SOLVED_MSE: float = 0.01
+#: SGD learning rate of ``--unstable``: ten times the 0.1 that SGD with momentum 0.9 trains at without diverging.
+UNSTABLE_LR: float = 1.0
 
 __all__ = [
     "BASELINE_MSE",
     "SOLVED_MSE",
+    "UNSTABLE_LR",
     "AddingDataModule",
     "AddingModule",
     "AddingStream",
@@ -290,17 +295,25 @@ class AddingModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-def build_guard(orthogonal: float = 1e-4) -> GradGuard:
+def build_guard(orthogonal: float = 1e-4, max_grad_norm: float | None = 1.0) -> GradGuard:
     """The guard of this example: ZClip, LR backoff, skip non-finite steps, orthogonal ``weight_hh``.
+
+    ZClip clips norms that jump above the run's own recent history; its cap ``max_grad_norm`` (1,
+    the usual norm for clipping RNN gradients, Pascanu et al. 2013) also holds during ZClip's
+    warm-up, when there is no history yet: a learning rate far too high diverges in the very first
+    steps, and once the weights have overflowed no later clipping can bring them back.
 
     Args:
         orthogonal: Strength of the orthogonality penalty on the recurrent weights (0 disables it).
+        max_grad_norm: Absolute cap of ZClip's threshold (``None``: adaptive only).
 
     Example:
         >>> guard = build_guard()
     """
     regularizers = [Orthogonal(orthogonal, modules=r"(rnn|lstm)\.weight_hh")] if orthogonal > 0 else []
-    return GradGuard(clip=ZClip(), lr_guard=LRGuard(), regularizers=regularizers, on_nonfinite="skip")
+    return GradGuard(
+        clip=ZClip(max_grad_norm=max_grad_norm), lr_guard=LRGuard(), regularizers=regularizers, on_nonfinite="skip"
+    )
 
 
 class _Progress(Callback):
@@ -333,8 +346,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=200, help="sequence length T (default: 200)")
     p.add_argument("--hidden", type=int, default=128, help="hidden size (default: 128)")
     p.add_argument("--batch-size", type=int, default=50, help="batch size (default: 50)")
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="optimizer (default: adam)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3; x10 with --unstable)")
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default=None, help="optimizer (default: adam)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 1e-3 for adam, 0.1 for sgd)")
     p.add_argument("--max-steps", type=int, default=10000, help="training steps at most (default: 10000)")
     p.add_argument("--val-every", type=int, default=100, help="steps between validations (default: 100)")
     p.add_argument(
@@ -343,19 +356,24 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1e-3,
         help="stop once the validation MSE falls below this (default: 1e-3; 0 trains all --max-steps)",
     )
-    p.add_argument("--unstable", action="store_true", help="learning rate x10: shows what the guard is for")
+    p.add_argument(
+        "--unstable",
+        action="store_true",
+        help=f"SGD at lr {UNSTABLE_LR:g}, ten times a stable rate: diverges without the guard",
+    )
     p.add_argument("--no-guard", action="store_true", help="train without GradGuard")
     p.add_argument("--orthogonal", type=float, default=1e-4, help="orthogonal penalty on weight_hh (default: 1e-4)")
     p.add_argument("--quick", action="store_true", help="a few steps on short sequences (seconds; for tests)")
     p.add_argument("--logdir", default="gradguard_logs", help="TensorBoard log root (default: gradguard_logs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     args = p.parse_args(argv)
+    if args.unstable:
+        if args.lr is not None or args.optimizer is not None:
+            p.error("--unstable sets the optimizer and learning rate; do not combine it with --lr or --optimizer")
+        args.optimizer, args.lr = "sgd", UNSTABLE_LR
+    args.optimizer = args.optimizer or "adam"
     if args.lr is None:
-        args.lr = 1e-3
-        if args.unstable:
-            args.lr *= 10
-    elif args.unstable:
-        p.error("--unstable sets the learning rate; do not combine it with --lr")
+        args.lr = 1e-3 if args.optimizer == "adam" else 0.1
     if args.quick:
         args.seq_len, args.hidden, args.batch_size = 30, 16, 16
         args.max_steps, args.val_every, args.stop_mse = 8, 4, 0.0
@@ -369,9 +387,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         argv: Command-line arguments (``sys.argv[1:]`` when ``None``); see ``--help``.
 
     Returns:
-        A dict with ``test_mse``, ``solved_step`` (first step with validation MSE below 0.01, or
-        ``None``), ``steps``, ``wall_s``, ``guard`` (the guard's ``summary()``, or ``None``) and
-        ``log_dir``.
+        A dict with ``test_mse``, ``train_mse`` (the last logged one), ``solved_step`` (first step
+        with validation MSE below 0.01, or ``None``), ``steps``, ``wall_s``, ``guard`` (the guard's
+        ``summary()``, or ``None``) and ``log_dir``.
     """
     args = _parse(argv)
     L.seed_everything(args.seed, verbose=False)
@@ -387,8 +405,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     guard = None if args.no_guard else build_guard(args.orthogonal)
     # Without a terminal (a log file) a line per validation reads better than a progress bar.
     progress_bar = not args.quick and sys.stderr.isatty()
-    timer = _Progress(verbose=not args.quick and not progress_bar)
-    callbacks: list[Callback] = [timer]
+    progress = _Progress(verbose=not args.quick and not progress_bar)
+    callbacks: list[Callback] = [progress]
     if guard is not None:
         callbacks.insert(0, guard)
     if args.stop_mse > 0:
@@ -413,22 +431,30 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     wall_s = time.perf_counter() - start
+    train_mse = float(trainer.callback_metrics.get("train_mse", float("nan")))
     test_mse = trainer.test(module, datamodule=dm, verbose=False)[0]["test_mse"]
 
     summary = guard.summary() if guard is not None else None
     print()
     print(f"Adding problem, {args.model.upper()}, T={args.seq_len}, {args.optimizer} lr={args.lr:g}, "
-          f"{trainer.global_step} steps in {wall_s:.0f} s" + (" (no guard)" if guard is None else ""))
+          f"{trainer.global_step} steps in {wall_s:.0f} s, last training MSE {train_mse:.4g}"
+          + (" (no guard)" if guard is None else ""))
     if summary is not None:
         print("GradGuard events: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
-    verdict = "solved" if test_mse < SOLVED_MSE else ("diverged" if not math.isfinite(test_mse) else "not solved")
+    if test_mse < SOLVED_MSE:
+        verdict = "solved"
+    elif not math.isfinite(test_mse) or test_mse > 10 * BASELINE_MSE:
+        verdict = "diverged"
+    else:
+        verdict = "not solved"
     print(f"Test MSE: {test_mse:.4g} (predict-1 baseline {BASELINE_MSE:.3f}, solved below {SOLVED_MSE}): {verdict}")
-    if timer.solved_step is not None:
-        print(f"Validation MSE first below {SOLVED_MSE} at step {timer.solved_step} ({timer.solved_s:.0f} s)")
+    if progress.solved_step is not None:
+        print(f"Validation MSE first below {SOLVED_MSE} at step {progress.solved_step} ({progress.solved_s:.0f} s)")
     print(f"TensorBoard logs: {logger.log_dir}\n  tensorboard --logdir {args.logdir}")
     return {
         "test_mse": test_mse,
-        "solved_step": timer.solved_step,
+        "train_mse": train_mse,
+        "solved_step": progress.solved_step,
         "steps": trainer.global_step,
         "wall_s": wall_s,
         "guard": summary,

@@ -7,6 +7,7 @@ import logging
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -94,7 +95,7 @@ class _OptimizerState:
 
     index: LayerIndex
     engine: GradStats
-    signature: tuple[int, ...]
+    signature: tuple[tuple[int, int], ...]  # per param group: size and id of its first parameter
     clipper: Clipper | None
     exploding: ExplodingDetector | None
     vanishing: VanishingDetector | None
@@ -239,6 +240,7 @@ class GradGuard(Callback):
         self._model_index: LayerIndex | None = None
         self._board: Any = None
         self._board_checked = False
+        self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
         self._lr_hooks: dict[int, Any] = {}
@@ -381,8 +383,11 @@ class GradGuard(Callback):
             self._state_for(trainer, optimizer, key)
             if self.lr_guard is not None and key not in self._lr_hooks:
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
-        if self._next_log_step <= trainer.global_step:
-            self._next_log_step = (trainer.global_step // self._log_every(trainer) + 1) * self._log_every(trainer)
+        every = self._log_every(trainer)
+        # Out of (global_step, global_step + every]: a stale value, or one left by an earlier fit of a Trainer that
+        # ran further (the guard reused with a new Trainer, which starts at step 0).
+        if not trainer.global_step < self._next_log_step <= trainer.global_step + every:
+            self._next_log_step = (trainer.global_step // every + 1) * every
 
     def _log_every(self, trainer: pl.Trainer) -> int:
         return self.log_every_n_steps or max(int(trainer.log_every_n_steps or 50), 1)
@@ -400,7 +405,9 @@ class GradGuard(Callback):
         return key
 
     def _state_for(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> _OptimizerState:
-        signature = tuple(len(g["params"]) for g in optimizer.param_groups)
+        # The first parameter's identity tells a new model (the guard reused for another fit) from the same one; the
+        # state holds its parameters, so their ids cannot be reused while it lives.
+        signature = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in optimizer.param_groups)
         st = self._states.get(key)
         if st is not None and st.signature == signature:
             return st
@@ -431,7 +438,8 @@ class GradGuard(Callback):
         )
         old = self._states.get(key)
         if old is not None:
-            # A param group was added (fine-tuning schedule): keep the counters, restart per-layer statistics.
+            # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
+            # per-layer statistics.
             st.counts.copy_(old.counts)
             st.host_counts = old.host_counts
             st.steps = old.steps
@@ -652,6 +660,14 @@ class GradGuard(Callback):
             self._flush(trainer, pl_module, prog_bar=False)
         if self._board is not None and trainer.is_global_zero:
             self._board.close_run(trainer.global_step)
+        self._release_hooks()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # A fit stopped by an error (e.g. on_exploding="raise") never reaches on_train_end: without this the LR hooks
+        # would stay on the dead optimizer and keep the next fit's optimizer from getting its own.
+        self._release_hooks()
+
+    def _release_hooks(self) -> None:
         self._disarm_saturation()
         for handle in self._lr_hooks.values():
             handle.remove()
@@ -836,9 +852,10 @@ class GradGuard(Callback):
         return f"Most saturated activations upstream: {listed}. {SaturationMonitor.advice()}"
 
     def _get_board(self, trainer: pl.Trainer) -> Any:
-        if self._board_checked:
+        if self._board_checked and self._board_trainer is not None and self._board_trainer() is trainer:
             return self._board
-        self._board_checked = True
+        # First log, or the guard reused with another Trainer: its logger, not the previous run's directory.
+        self._board, self._board_checked, self._board_trainer = None, True, weakref.ref(trainer)
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if tb is None:
             if trainer.loggers:

@@ -40,6 +40,13 @@ class VanishingResult(NamedTuple):
     new: Tensor
 
 
+def _as_float(t: Tensor) -> Tensor:
+    # ``detach().float()`` without the two dispatcher calls when they would change nothing.
+    if t.requires_grad:
+        t = t.detach()
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok:
@@ -124,6 +131,7 @@ class ExplodingDetector:
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
         self._count: Tensor | None = None
+        self._const_cache: tuple[tuple[int, torch.device], Tensor, Tensor | None] | None = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
         if self._mean is None or self._mean.numel() != num_layers + 1:
@@ -132,6 +140,23 @@ class ExplodingDetector:
             self._count = torch.zeros(num_layers + 1, device=device)
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
+
+    def _constants(self, size: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+        # Built once per shape and device: a per-step ``torch.full``/``torch.ones`` would be one more kernel (and on
+        # a GPU one more host-to-device copy) every step.
+        key = (size, device)
+        hit = self._const_cache
+        if hit is None or hit[0] != key:
+            one = torch.ones(1, dtype=torch.bool, device=device)
+            ceilings = None
+            if self.max_norm is not None or self.max_layer_norm is not None:
+                ceilings = torch.full((size,), math.inf, device=device)
+                if self.max_norm is not None:
+                    ceilings[0] = self.max_norm
+                if self.max_layer_norm is not None:
+                    ceilings[1:] = self.max_layer_norm
+            hit = self._const_cache = (key, one, ceilings)
+        return hit[1], hit[2]
 
     def _min_std(self) -> float:
         # The ratio test already demands min_ratio; the std floor keeps z finite on a perfectly steady history.
@@ -148,45 +173,59 @@ class ExplodingDetector:
             valid: 0-d bool; ``False`` (non-finite gradients, AMP overflow) leaves the state untouched and reports nothing.
             layer_present: ``[L]`` bool, layers that received a gradient this step (default: all).
         """
-        layer_norm = layer_norm.detach().float()
+        # Every tensor operation below is one kernel launch per step: no-ops (detach of a tensor that needs no
+        # gradient, a cast to its own dtype, a move to its own device) are skipped on the host, and the arithmetic
+        # is shared where the formula repeats. The results are bit-for-bit those of the plain formulas.
+        layer_norm = _as_float(layer_norm)
         device = layer_norm.device
         self._ensure_state(layer_norm.numel(), device)
         mean, var, count = self._mean, self._var, self._count
         assert mean is not None and var is not None and count is not None
-        norms = torch.cat([total_norm.detach().float().reshape(1).to(device), layer_norm])
+        total = _as_float(total_norm)
+        if total.device != device:
+            total = total.to(device)
+        norms = torch.cat([total.reshape(1), layer_norm])
+        one, ceilings = self._constants(norms.numel(), device)
+        if valid.device != device:
+            valid = valid.to(device)
+        finite = torch.isfinite(norms)
         if layer_present is None:
-            present = torch.ones_like(norms, dtype=torch.bool)
+            use = finite & valid
         else:
-            present = torch.cat([torch.ones(1, dtype=torch.bool, device=device), layer_present.to(device)])
-        use = present & valid.to(device) & torch.isfinite(norms)
+            if layer_present.device != device:
+                layer_present = layer_present.to(device)
+            use = torch.cat([one, layer_present]) & valid & finite
         x = norms.clamp_min(_TINY).log()
 
         std = var.sqrt().clamp_min(self._min_std())
+        z_std = self.z_thresh * std
+        dev = x - mean
         warm = count >= self.warmup_steps
-        spike = warm & ((x - mean) > self.z_thresh * std) & ((x - mean) > math.log(self.min_ratio))
-        jump_cap = math.log(self.max_ratio) if self.max_ratio is not None else math.inf
-        started = count >= 1
-        spike |= started & ((x - mean) > jump_cap)
-        ceilings = torch.full_like(norms, math.inf)
-        if self.max_norm is not None:
-            ceilings[0] = self.max_norm
-        if self.max_layer_norm is not None:
-            ceilings[1:] = self.max_layer_norm
-        flags = use & (spike | (norms > ceilings))
+        # (dev > z * std) & (dev > log(min_ratio)) in one comparison.
+        spike = warm & (dev > z_std.clamp_min(math.log(self.min_ratio)))
+        started = None
+        if self.max_ratio is not None:  # with no cap, ``dev > inf`` never holds: nothing to compute
+            jump_cap = math.log(self.max_ratio)
+            started = count >= 1
+            spike |= started & (dev > jump_cap)
+        if ceilings is not None:  # without ceilings, ``norms > inf`` never holds
+            spike |= norms > ceilings
+        flags = use & spike
         if not self.per_layer:
             flags[1:] = False
         flags[1:] &= layer_norm >= self.min_share * norms[0]
 
         # Warm-up uses a plain running mean (1/n), afterwards the EMA; spikes enter clipped to the band's edge.
-        rate = torch.where(warm, torch.full_like(count, 1.0 - self.alpha), 1.0 / (count + 1.0))
-        x_in = torch.where(warm, torch.minimum(x, mean + self.z_thresh * std), x)
-        x_in = torch.where(started, torch.minimum(x_in, mean + jump_cap), x_in)
+        rate = torch.where(warm, 1.0 - self.alpha, (count + 1.0).reciprocal())
+        x_in = torch.where(warm, torch.minimum(x, mean + z_std), x)
+        if started is not None:
+            x_in = torch.where(started, torch.minimum(x_in, mean + jump_cap), x_in)
         delta = x_in - mean
         new_mean = mean + rate * delta
         new_var = (1.0 - rate) * (var + rate * delta.square())
-        mean.copy_(torch.where(use, new_mean, mean))
-        var.copy_(torch.where(use, new_var, var))
-        count.add_(use.to(count.dtype))
+        self._mean = torch.where(use, new_mean, mean)
+        self._var = torch.where(use, new_var, var)
+        self._count = count.add_(use)
         return ExplodingResult(total=flags[0], layers=flags[1:], any=flags.any())
 
     def band(self) -> Tensor:
@@ -194,8 +233,8 @@ class ExplodingDetector:
         if self._mean is None or self._var is None:
             return torch.full((3,), math.nan)
         mean, std = self._mean[0], self._var[0].sqrt().clamp_min(self._min_std())
-        half = torch.maximum(self.z_thresh * std, torch.tensor(math.log(self.min_ratio), device=std.device))
-        return torch.stack([mean.exp(), (mean - half).exp(), (mean + half).exp()])
+        half = (self.z_thresh * std).clamp_min(math.log(self.min_ratio))
+        return torch.stack([mean, mean - half, mean + half]).exp()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -257,20 +296,19 @@ class VanishingDetector:
             valid: 0-d bool; ``False`` leaves the streaks untouched.
             layer_present: ``[L]`` bool, layers that received a gradient this step (default: all).
         """
-        layer_norm = layer_norm.detach().float()
+        layer_norm = _as_float(layer_norm)
         if self._run is None or self._run.numel() != layer_norm.numel():
             self._run = torch.zeros(layer_norm.numel(), dtype=torch.int64, device=layer_norm.device)
         elif self._run.device != layer_norm.device:
             self._run = self._run.to(layer_norm.device)
-        present = torch.ones_like(layer_norm, dtype=torch.bool) if layer_present is None else layer_present
-        finite = torch.where(torch.isfinite(layer_norm), layer_norm, torch.zeros_like(layer_norm))
-        floor = torch.clamp_min(self.ratio * finite.max(), self.min_norm)
+        finite_max = torch.where(torch.isfinite(layer_norm), layer_norm, 0.0).max()
+        floor = torch.clamp_min(self.ratio * finite_max, self.min_norm)
         low = layer_norm < floor
-        use = present & valid
-        run = torch.where(use, torch.where(low, self._run + 1, torch.zeros_like(self._run)), self._run)
-        self._run.copy_(run)
-        vanishing = run >= self.patience
-        return VanishingResult(layers=vanishing, new=use & (run == self.patience))
+        use = valid if layer_present is None else layer_present & valid
+        # run + 1 where low, 0 where not, unchanged where not used: (run + 1) * low == where(low, run + 1, 0).
+        run = torch.where(use, (self._run + 1) * low, self._run)
+        self._run = run
+        return VanishingResult(layers=run >= self.patience, new=use & (run == self.patience))
 
     def state_dict(self) -> dict[str, Any]:
         return {"run": None if self._run is None else self._run.clone()}
