@@ -225,7 +225,7 @@ def _available(variant: _Variant) -> bool:
 # ------------------------------------------------------------------------------------------------------------ clocks
 @dataclass
 class _Clock:
-    """Which clock is primary, and the device synchronization around every reading."""
+    """Which clock is primary, and the device synchronization around readings."""
 
     device: torch.device
     primary: str  # "cpu" or "wall"
@@ -234,8 +234,9 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def now(self) -> tuple[float, float]:
-        self.sync()
+    def now(self, sync: bool = True) -> tuple[float, float]:
+        if sync:
+            self.sync()
         return time.perf_counter(), time.process_time()
 
     def pick(self, wall: float, cpu: float) -> float:
@@ -244,32 +245,50 @@ class _Clock:
 
 class _StepTimer(Callback):
     """Marks the end of each training batch (appended after every other callback) and sums the time spent in wrapped
-    hooks since the previous mark."""
+    hooks since the previous mark.
 
-    def __init__(self, clock: _Clock) -> None:
+    On the CPU every step is timed on its own. On a GPU a synchronization at every mark would stop the host from
+    running ahead of the device, which is part of what is being measured: there the device is synchronized only at
+    the start and the end of the timed window, which gives the mean step, and hooks are timed on the host alone (the
+    launch cost that a sync-free hook adds).
+    """
+
+    def __init__(self, clock: _Clock, skip: int = 0) -> None:
         self.clock = clock
+        self.per_step = clock.device.type != "cuda"
+        self.skip = skip
         self.marks: list[tuple[int, float, float, float, float]] = []  # step, wall, cpu, hook wall, hook cpu
         self._hook = [0.0, 0.0]
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        wall, cpu = self.clock.now()
+        edge = len(self.marks) == self.skip or trainer.global_step >= (trainer.max_steps or 0)
+        wall, cpu = self.clock.now(sync=self.per_step or edge)
         self.marks.append((trainer.global_step, wall, cpu, self._hook[0], self._hook[1]))
         self._hook = [0.0, 0.0]
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            w0, c0 = self.clock.now()
+            w0, c0 = self.clock.now(sync=self.per_step)
             try:
                 return fn(*args, **kwargs)
             finally:
-                w1, c1 = self.clock.now()
+                w1, c1 = self.clock.now(sync=self.per_step)
                 self._hook[0] += w1 - w0
                 self._hook[1] += c1 - c0
 
         return timed
 
     def periods(self, skip: int, log_every: int) -> list[tuple[float, float, float, float]]:
-        """(wall, cpu, hook wall, hook cpu) of each step after the first ``skip``, logging steps left out."""
+        """(wall, cpu, hook wall, hook cpu) of each step after the first ``skip``, logging steps left out; on a GPU
+        one entry, the mean over the window."""
+        if not self.per_step:
+            window = self.marks[skip:]
+            n = len(window) - 1
+            if n < 1:
+                return []
+            hooks = [m[3] for m in window[1:]], [m[4] for m in window[1:]]
+            return [((window[-1][1] - window[0][1]) / n, (window[-1][2] - window[0][2]) / n,
+                     statistics.median(hooks[0]), statistics.median(hooks[1]))]
         out = []
         for i in range(1, len(self.marks)):
             step, wall, cpu, hook_wall, hook_cpu = self.marks[i]
@@ -368,9 +387,10 @@ class _Samples:
 
 
 def _run_fit(
-    args: argparse.Namespace, clock: _Clock, module: _BenchModule, variant: _Variant, steps: int, logdir: str | None
+    args: argparse.Namespace, clock: _Clock, module: _BenchModule, variant: _Variant, steps: int, logdir: str | None,
+    skip: int = 0,
 ) -> tuple[_StepTimer, float]:
-    timer = _StepTimer(clock)
+    timer = _StepTimer(clock, skip)
     callbacks: list[Callback] = []
     wrap: list[tuple[Any, list[str]]] = [(module, ["configure_gradient_clipping"])]
     if variant.callback is not None:
@@ -412,7 +432,7 @@ def bench_steps(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, varia
         for v in order:
             # --quick leaves TensorBoard out here: its end-of-fit pictures (about 1 s each) would be most of the run.
             logdir = None if args.quick else os.path.join(logroot, v.key, str(rep))
-            timer, peak = _run_fit(args, clock, module, v, skip + steps + 1, logdir)
+            timer, peak = _run_fit(args, clock, module, v, skip + steps + 1, logdir, skip)
             periods = timer.periods(skip, LOG_EVERY)
             samples[v.key].periods += periods
             samples[v.key].per_rep.append(statistics.median(clock.pick(w, c) for w, c, _, _ in periods))
@@ -559,7 +579,8 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
     guard: GradGuard | None = None
     for rep in range(1 if args.quick else 2):
         for every, sink in ((1, logging_steps), (LOG_EVERY, quiet_steps)):
-            guard = GradGuard(log_every_n_steps=every, **per_tensor)
+            # Pictures are timed on their own below (drawn every 500 steps by default, never inside this window).
+            guard = GradGuard(log_every_n_steps=every, image_every_n_steps=None, **per_tensor)
             timer = _StepTimer(clock)
             trainer = _trainer(args, n + 2, [guard, timer], os.path.join(logroot, "logging", f"{every}-{rep}"))
             with _wrapped(guard, ["on_train_batch_end"], timer):
@@ -577,7 +598,7 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
     image_ms = math.nan
     if board is not None:
         drawn = []
-        for step in range(2):  # the second drawing: the first may still load fonts
+        for step in range(1 if args.quick else 2):  # the second drawing: the first may still load fonts
             w0, c0 = clock.now()
             board.write_images(10**6 + step)
             w1, c1 = clock.now()
@@ -681,7 +702,8 @@ def bench_memory(args: argparse.Namespace, logroot: str) -> list[dict[str, Any]]
         guard = v.callback()  # type: ignore[misc]
         assert isinstance(guard, GradGuard)
         probe = _MemoryProbe(guard, (few, many))
-        trainer = _trainer(args, many, [guard, probe], os.path.join(logroot, "memory", v.key),
+        # --quick leaves TensorBoard out: its pictures, drawn under tracemalloc, would take most of the run.
+        trainer = _trainer(args, many, [guard, probe], None if args.quick else os.path.join(logroot, "memory", v.key),
                            log_every_n_steps=10 if args.quick else LOG_EVERY)
         tracemalloc.start(1)
         try:
@@ -692,8 +714,9 @@ def bench_memory(args: argparse.Namespace, logroot: str) -> list[dict[str, Any]]
         rows.append({
             "variant": v.key, "steps": [few, many],
             **{f"{k}_{few}": a[k] for k in a}, **{f"{k}_{many}": b[k] for k in b},
-            "growth_bytes": (b["state_bytes"] - a["state_bytes"]) + (b["held_bytes"] - a["held_bytes"])
-            + (b["python_bytes"] - a["python_bytes"]),
+            # Checkpoint and held tensors/arrays are exact; the Python heap also moves with library caches (fonts,
+            # text layout of the pictures) and is shown, not counted.
+            "growth_bytes": (b["state_bytes"] - a["state_bytes"]) + (b["held_bytes"] - a["held_bytes"]),
         })
     return rows
 
@@ -843,6 +866,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "meta": {
             "command": "python -m benchmarks.overhead " + " ".join(args.argv),
+            "device_type": device.type,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "clock": clock.primary,
@@ -852,28 +876,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     started = time.perf_counter()
+    sections: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def section(name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        sections[name] = time.perf_counter() - t0
+
     with tempfile.TemporaryDirectory() as logroot:
         if "steps" not in args.skip_set:
             result["steps"] = []
-            for m in args.model_list:
-                result["steps"] += bench_steps(args, clock, SPECS[m], variants, os.path.join(logroot, m))
+            with section("steps"):
+                for m in args.model_list:
+                    result["steps"] += bench_steps(args, clock, SPECS[m], variants, os.path.join(logroot, m))
         if "micro" not in args.skip_set:
             result["micro"] = []
-            for m in args.model_list:
-                result["micro"] += bench_micro(args, clock, SPECS[m])
+            with section("micro"):
+                for m in args.model_list:
+                    result["micro"] += bench_micro(args, clock, SPECS[m])
         if "logging" not in args.skip_set:
             model = "mlp800" if "mlp800" in args.model_list else args.model_list[0]
             plain = next((r["step_ms"] for r in result.get("steps", []) if r["model"] == model and r["variant"] == "plain"), None)
-            result["logging"] = bench_logging(args, clock, SPECS[model], logroot, plain)
+            with section("logging"):
+                result["logging"] = bench_logging(args, clock, SPECS[model], logroot, plain)
         if "memory" not in args.skip_set:
-            result["memory"] = bench_memory(args, logroot)
+            with section("memory"):
+                result["memory"] = bench_memory(args, logroot)
         if device.type == "cuda" and "syncs" not in args.skip_set:
             result["syncs"] = []
-            for m in args.model_list:
-                result["syncs"] += bench_syncs(args, SPECS[m], variants, os.path.join(logroot, m))
+            with section("syncs"):
+                for m in args.model_list:
+                    result["syncs"] += bench_syncs(args, SPECS[m], variants, os.path.join(logroot, m))
         if args.profile:
-            result["profile"] = profile_guard(args, SPECS[args.model_list[0]])
+            with section("profile"):
+                result["profile"] = profile_guard(args, SPECS[args.model_list[0]])
     result["meta"]["seconds"] = time.perf_counter() - started
+    result["meta"]["section_seconds"] = sections
     result["goals"] = evaluate_goals(result)
     return result
 
@@ -882,16 +921,21 @@ def report(result: dict[str, Any]) -> str:
     """The results as text tables."""
     meta = result["meta"]
     clock = "CPU time" if meta["clock"] == "cpu" else "wall time"
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in meta.get("section_seconds", {}).items())
     out = [
         f"GradGuard overhead: {meta['device']}, torch {meta['torch']}, lightning {meta['lightning']}, "
-        f"{meta['threads']} thread(s), clock: {clock}, {meta['seconds']:.0f} s",
+        f"{meta['threads']} thread(s), clock: {clock}, {meta['seconds']:.0f} s ({took})",
         f"command: {meta['command']}",
     ]
     out += [f"  {m}: {d}" for m, d in meta["describe"].items()]
     out += [f"skipped: {s}" for s in meta["skipped"]]
     if result.get("steps"):
-        out += ["", "Training steps (Trainer.fit; medians over non-logging steps; ratio: per-repetition pairs vs plain, "
-                "median [min-max]; hook: time inside the variant's hooks)"]
+        if meta["device_type"] == "cuda":
+            how = ("mean step of each fit, synchronized at both ends of the window; median and IQR over repetitions; "
+                   "hook: host time inside the variant's hooks")
+        else:
+            how = "median and IQR over non-logging steps; hook: time inside the variant's hooks"
+        out += ["", f"Training steps (Trainer.fit; {how}; ratio: per-repetition pairs vs plain, median [min-max])"]
         rows = [[r["model"], r["label"], r["step_ms"], f"{r['step_ms_p25']:.2f}-{r['step_ms_p75']:.2f}",
                  f"{r['ratio']:.3f} [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]", r["hook_ms"],
                  f"{100 * r['hook_share']:.2f}%", r["peak_mb"], f"{r['reps']}x{r['steps_timed'] // max(r['reps'], 1)}"]
@@ -921,7 +965,7 @@ def report(result: dict[str, Any]) -> str:
                          f"{r[f'held_bytes_{a}']} -> {r[f'held_bytes_{b}']}",
                          f"{r[f'python_bytes_{a}']} -> {r[f'python_bytes_{b}']}",
                          f"{r[f'rss_mb_{a}']:.0f} -> {r[f'rss_mb_{b}']:.0f}", r["growth_bytes"]])
-        out.append(_table(["variant", "steps", "checkpoint B", "tensors+arrays B", "python heap B", "RSS MB",
+        out.append(_table(["variant", "steps", "checkpoint B", "tensors+arrays B", "python heap B (info)", "RSS MB",
                            "growth B"], rows))
     if result.get("syncs"):
         out += ["", "Host-device syncs inside the hooks, per non-logging step"]

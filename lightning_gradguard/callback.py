@@ -25,7 +25,7 @@ from lightning_gradguard.clip import Clipper, ZClip
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
-from lightning_gradguard.regularize import Regularizer
+from lightning_gradguard.regularize import Orthogonal, Regularizer
 from lightning_gradguard.saturation import SaturationMonitor
 from lightning_gradguard.stats import GradStats, StepStats
 
@@ -323,17 +323,21 @@ class GradGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        # By class, so that subclasses are caught too; the name test covers integrations outside Lightning.
         strategy = type(trainer.strategy).__name__
-        if "DeepSpeed" in strategy:
+        if isinstance(trainer.strategy, DeepSpeedStrategy) or "DeepSpeed" in strategy:
             raise MisconfigurationException(
-                "GradGuard does not support DeepSpeed: DeepSpeed keeps gradients inside its engine (`param.grad` is"
-                " None) and calls `on_before_optimizer_step` on every micro-batch, so per-layer norms cannot be read"
-                " there. Use DDP or FSDP2 (`ModelParallelStrategy`)."
+                f"GradGuard does not support DeepSpeed (`{strategy}`): DeepSpeed keeps gradients inside its engine"
+                " (`param.grad` is None) and calls `on_before_optimizer_step` on every micro-batch, so per-layer norms"
+                " cannot be read there. Use DDP or FSDP2 (`ModelParallelStrategy`)."
             )
-        if strategy == "FSDPStrategy":
+        if isinstance(trainer.strategy, FSDPStrategy):
             raise MisconfigurationException(
-                "GradGuard does not support `FSDPStrategy` (FSDP1): its flattened, sharded parameters do not map to"
-                " layers. Use `ModelParallelStrategy` (FSDP2, `fully_shard`), which GradGuard supports."
+                f"GradGuard does not support `FSDPStrategy` (FSDP1, got `{strategy}`): its flattened, sharded"
+                " parameters do not map to layers. Use `ModelParallelStrategy` (FSDP2, `fully_shard`), which GradGuard"
+                " supports."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -366,6 +370,12 @@ class GradGuard(Callback):
         if self.regularizers:
             for r in self.regularizers:
                 r.bind(pl_module)
+            sharded = any(hasattr(p, "placements") for p in index.params)
+            if sharded and any(isinstance(r, Orthogonal) for r in self.regularizers):
+                raise MisconfigurationException(
+                    "GradGuard: the Orthogonal regularizer needs whole weight matrices (W^T W), but the parameters are"
+                    " sharded DTensors (FSDP2). Use L1/L2 with FSDP2, or Orthogonal with DDP."
+                )
         if trainer.gradient_clip_val:
             rank_zero_warn(
                 f"GradGuard clips gradients and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` clips them"
@@ -684,15 +694,16 @@ class GradGuard(Callback):
 
     def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True) -> None:
         saturation = self._disarm_saturation()
+        penalties: list[Tensor] = []
+        if self.regularizers:
+            # On every rank: under FSDP2 a penalty is a DTensor whose reduction is a collective.
+            with torch.no_grad():
+                penalties = [_gathered(r.penalty(pl_module)).detach().float().reshape(1) for r in self.regularizers]
         if not trainer.is_global_zero:
             for st in self._states.values():
                 self._reset_since_log(st)
             return
         states = sorted(self._states.items())
-        penalties: list[Tensor] = []
-        if self.regularizers:
-            with torch.no_grad():
-                penalties = [r.penalty(pl_module).detach().float().reshape(1) for r in self.regularizers]
         device = states[0][1].scalars.device
         parts: list[Tensor] = [p.to(device) for p in penalties]
         parts += [v.detach().float().reshape(1).to(device) for v in saturation.values()]
@@ -930,6 +941,12 @@ def _block_of(layer: str) -> str:
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _gathered(t: Tensor) -> Tensor:
+    # A DTensor (FSDP2) as the plain tensor it stands for; other tensors as they are.
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
 
 
 def _to_device(state: Any, device: torch.device) -> Any:

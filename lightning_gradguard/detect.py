@@ -225,7 +225,7 @@ class ExplodingDetector:
         new_var = (1.0 - rate) * (var + rate * delta.square())
         self._mean = torch.where(use, new_mean, mean)
         self._var = torch.where(use, new_var, var)
-        self._count = count.add_(use)
+        self._count = count + use
         return ExplodingResult(total=flags[0], layers=flags[1:], any=flags.any())
 
     def band(self) -> Tensor:

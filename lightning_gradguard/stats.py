@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 __all__ = ["GradStats", "StepStats", "total_norm"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_PLAIN = {Tensor}
 
 
 def _local(t: Tensor) -> Tensor:
@@ -34,18 +36,30 @@ def _foreach_norms(tensors: list[Tensor]) -> Tensor:
         norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
     else:
         norms = torch._foreach_norm(tensors, 2.0)
-    return torch.stack(norms).to(torch.float32)
+    stacked = torch.stack(norms)
+    return stacked if stacked.dtype == torch.float32 else stacked.to(torch.float32)
 
 
-def _grouped_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[int]]:
-    """Norms of ``tensors`` (any devices/dtypes) on ``device``, and the order of the result as indices into ``tensors``."""
+def _grouped_norms(
+    tensors: list[Tensor], device: torch.device
+) -> tuple[Tensor, list[int] | None, list[list[Tensor]]]:
+    """Norms of ``tensors`` (any devices/dtypes) on ``device``, the order of the result as indices into ``tensors``
+    (``None``: the order of ``tensors``, the usual case of a single device and dtype), and the groups themselves."""
+    # Asking for the indices costs a third more; with a single group the order is the input order anyway.
+    groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    if len(groups) == 1:
+        (group_device, _), ([group], _) = next(iter(groups.items()))
+        norms = _foreach_norms(group)  # type: ignore[arg-type]
+        return (norms if group_device == device else norms.to(device, non_blocking=True)), None, [group]  # type: ignore[list-item]
     groups = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
     parts: list[Tensor] = []
     order: list[int] = []
+    lists: list[list[Tensor]] = []
     for (_, _), ([group], indices) in groups.items():
         parts.append(_foreach_norms(group).to(device, non_blocking=True))  # type: ignore[arg-type]
         order.extend(indices)
-    return (parts[0] if len(parts) == 1 else torch.cat(parts)), order
+        lists.append(group)  # type: ignore[arg-type]
+    return torch.cat(parts), order, lists
 
 
 def total_norm(grads: Sequence[Tensor]) -> Tensor:
@@ -62,8 +76,19 @@ def total_norm(grads: Sequence[Tensor]) -> Tensor:
     tensors = [_dense(_local(g)) for g in grads]
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    norms, _ = _grouped_norms(tensors, tensors[0].device)
+    norms, _, _ = _grouped_norms(tensors, tensors[0].device)
     return norms.square().sum().sqrt()
+
+
+@dataclass
+class _Segments:
+    """Device-side index tensors for one pattern of parameters with gradients."""
+
+    layer_ids: Tensor  # [P] layer of each norm, in the order the norms come out
+    present: Tensor  # [L] bool
+    order: list[int] | None  # order of the norms (None: parameter order)
+    index: Tensor  # [2P] layer_ids followed by layer_ids + L
+    zeros: Tensor  # [2L] fp32 zeros, the base of the index_add
 
 
 @dataclass
@@ -80,6 +105,8 @@ class StepStats:
         params: their parameters.
         param_indices: their positions in the engine's parameter list.
         layer_param_norm: ``[L]`` fp32 L2 norm of each layer's parameters, when asked for.
+        grad_groups: ``grads`` split by device and dtype (each list fit for one ``torch._foreach_*`` call), when the
+            gradients are plain dense tensors; ``None`` otherwise.
     """
 
     layer_norm: Tensor
@@ -91,6 +118,7 @@ class StepStats:
     params: list[Tensor]
     param_indices: list[int]
     layer_param_norm: Tensor | None = None
+    grad_groups: list[list[Tensor]] | None = None
 
 
 class GradStats:
@@ -137,20 +165,31 @@ class GradStats:
         self.num_layers = num_layers
         self.distributed_sum = distributed_sum
         # Keyed by which parameters have gradients, which rarely changes: the device-side index tensors are built once.
-        self._cache: dict[tuple[int, ...] | None, tuple[Tensor, Tensor, list[int]]] = {}
+        self._cache: dict[tuple[int, ...] | None, _Segments] = {}
+        self._all = list(range(len(self.params)))
 
-    def _segments(self, present: list[int], order: list[int], device: torch.device, all_present: bool) -> tuple[Tensor, Tensor]:
+    def _segments(
+        self, present: list[int], order: list[int] | None, device: torch.device, all_present: bool
+    ) -> _Segments:
         key = None if all_present else tuple(present)
         hit = self._cache.get(key)
-        if hit is None or hit[2] != order or hit[0].device != device:
-            layer_ids = torch.tensor([self.layer_of_param[present[i]] for i in order], dtype=torch.long, device=device)
+        if hit is None or hit.order != order or hit.layer_ids.device != device:
+            positions = range(len(present)) if order is None else order
+            layer_ids = torch.tensor([self.layer_of_param[present[i]] for i in positions], dtype=torch.long, device=device)
             mask = torch.zeros(self.num_layers, dtype=torch.bool)
             mask[[self.layer_of_param[i] for i in present]] = True
-            hit = (layer_ids, mask.to(device), order)
+            hit = _Segments(
+                layer_ids=layer_ids,
+                present=mask.to(device),
+                order=order,
+                # [layer ids | layer ids + L]: squared norms and non-finite counts are summed by one index_add.
+                index=torch.cat([layer_ids, layer_ids + self.num_layers]),
+                zeros=torch.zeros(2 * self.num_layers, dtype=torch.float32, device=device),
+            )
             if len(self._cache) > 64:  # layers appearing mid-run (unfreezing) must not grow this forever
                 self._cache.clear()
             self._cache[key] = hit
-        return hit[0], hit[1]
+        return hit
 
     def compute(self, *, param_norms: bool = False, grad_scale: Tensor | None = None) -> StepStats:
         """Measure the gradients currently in ``.grad``.
@@ -160,11 +199,18 @@ class GradStats:
             grad_scale: the factor the gradients are still multiplied by (a GradScaler's scale when the optimizer
                 unscales inside ``step``); the norms reported are those of the true, unscaled gradients.
         """
+        all_grads = [p.grad for p in self.params]
+        # The usual step: every parameter has a plain tensor gradient (no None, no DTensor), so the gradient list is
+        # the parameter list's and nothing needs converting. A set of the types is the cheapest test of that.
+        if all_grads and {type(g) for g in all_grads} == _PLAIN:
+            try:
+                return self._measure(all_grads, list(self.params), list(self._all), all_grads, param_norms, grad_scale)
+            except NotImplementedError:
+                pass  # a sparse gradient (no norm kernel for it): the general path below takes its values
         grads: list[Tensor] = []
         params: list[Tensor] = []
         present: list[int] = []
-        for i, p in enumerate(self.params):
-            g = p.grad
+        for i, (p, g) in enumerate(zip(self.params, all_grads)):
             if g is not None:
                 if g.is_sparse and not g.is_coalesced():
                     # Same gradient, duplicates summed (as the optimizer would do): norms, clipping and the in-place
@@ -173,23 +219,33 @@ class GradStats:
                 grads.append(g)
                 params.append(p)
                 present.append(i)
-        device = grads[0].device if grads else (self.params[0].device if self.params else torch.device("cpu"))
         if not grads:
+            device = self.params[0].device if self.params else torch.device("cpu")
             zeros = torch.zeros(self.num_layers, device=device)
             false = torch.zeros((), dtype=torch.bool, device=device)
             return StepStats(zeros, zeros.sum(), false, zeros.bool(), zeros.bool(), [], [], [])
-
         local = [_dense(_local(g)) for g in grads]
+        return self._measure(grads, params, present, local, param_norms, grad_scale)
+
+    def _measure(
+        self,
+        grads: list[Tensor],
+        params: list[Tensor],
+        present: list[int],
+        local: list[Tensor],
+        param_norms: bool,
+        grad_scale: Tensor | None,
+    ) -> StepStats:
         device = local[0].device
-        norms, order = _grouped_norms(local, device)
-        layer_ids, layer_present = self._segments(present, order, device, len(present) == len(self.params))
+        norms, order, groups = _grouped_norms(local, device)
+        seg = self._segments(present, order, device, len(present) == len(self.params))
         if grad_scale is not None:
             norms = norms / grad_scale.to(device=device, dtype=torch.float32)
 
-        # One vector of [squared norms | non-finite counts] so that a sharded run needs one all_reduce, not two.
-        values = torch.cat([norms.square(), (~torch.isfinite(norms)).to(torch.float32)])
-        index = torch.cat([layer_ids, layer_ids + self.num_layers])
-        per_layer = torch.zeros(2 * self.num_layers, dtype=torch.float32, device=device).index_add_(0, index, values)
+        # One vector of [squared norms | non-finite flags] so that a sharded run needs one all_reduce, not two.
+        # Norms are >= 0, inf or NaN: ``norms < inf`` is ``isfinite`` in one kernel instead of four.
+        bad = torch.where(norms < math.inf, 0.0, 1.0)
+        per_layer = torch.index_add(seg.zeros, 0, seg.index, torch.cat([norms * norms, bad]))
         if self._should_all_reduce(grads[0]):
             torch.distributed.all_reduce(per_layer)
         layer_sq, layer_bad = per_layer[: self.num_layers], per_layer[self.num_layers :]
@@ -201,15 +257,19 @@ class GradStats:
             total_norm=total,
             nonfinite=layer_nonfinite.any(),
             layer_nonfinite=layer_nonfinite,
-            layer_present=layer_present,
+            layer_present=seg.present,
             grads=grads,
             params=params,
             param_indices=present,
+            # The grouping pass is reused by whoever scales the gradients next (a clipper's foreach multiply), but
+            # only when the groups hold the gradients themselves (not local shards or sparse values).
+            grad_groups=groups if local is grads else None,
         )
         if param_norms:
-            pnorms, porder = _grouped_norms([_local(p.detach()) for p in params], device)
-            pids = layer_ids if porder == order else torch.tensor(
-                [self.layer_of_param[present[i]] for i in porder], dtype=torch.long, device=device
+            pnorms, porder, _ = _grouped_norms([_local(p.detach()) for p in params], device)
+            positions = range(len(present)) if porder is None else porder
+            pids = seg.layer_ids if porder == order else torch.tensor(
+                [self.layer_of_param[present[i]] for i in positions], dtype=torch.long, device=device
             )
             psq = torch.zeros(self.num_layers, dtype=torch.float32, device=device).index_add_(0, pids, pnorms.square())
             if self._should_all_reduce(grads[0]):

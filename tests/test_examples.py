@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,14 @@ def test_cifar_quick_run_logs_gradguard(tmp_path: Path, capsys: pytest.CaptureFi
     assert {"gradguard/total_norm", "gradguard/clip_threshold"} <= tags
     # One scalar per layer: the first convolution of the stem is a layer of its own.
     assert any(t.startswith("gradguard/layer/") and "stem" in t for t in tags)
+
+
+def test_cifar_without_batch_norm_diverges_unguarded_only(tmp_path: Path) -> None:
+    argv = ["--quick", "--depth", "14", "--no-bn", "--logdir", str(tmp_path)]
+    bare = cifar_resnet.main([*argv, "--no-guard"])
+    assert not np.isfinite(bare["train_loss"])  # the paper's learning rate without batch norm: NaN within 8 steps
+    guarded = cifar_resnet.main(argv)
+    assert np.isfinite(guarded["train_loss"]) and guarded["train_loss"] < 10
 
 
 def test_lstm_quick_run_logs_gradguard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -138,6 +149,28 @@ def test_load_cifar10_rejects_mismatched_batch(tiny_cifar: tuple, entry: object,
 def test_load_cifar10_without_batches(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="--download"):
         cifar_resnet.load_cifar10(tmp_path)
+
+
+def test_download_verifies_md5_before_extracting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The official archive's layout, served from a file:// URL (no network in tests).
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            blob = pickle.dumps({b"data": np.full((2, 3072), 7, np.uint8), b"labels": [1, 2]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    source = tmp_path / "cifar-10-python.tar.gz"
+    source.write_bytes(archive.getvalue())
+    monkeypatch.setattr(cifar_resnet, "CIFAR10_URL", source.as_uri())
+    root = tmp_path / "data"
+    with pytest.raises(ValueError, match="MD5"):  # the real checksum does not match the stand-in archive
+        cifar_resnet.download_cifar10(root)
+    assert not list(root.iterdir())  # nothing kept, nothing extracted
+    monkeypatch.setattr(cifar_resnet, "CIFAR10_MD5", hashlib.md5(archive.getvalue()).hexdigest())
+    assert cifar_resnet.download_cifar10(root) == root / "cifar-10-batches-py"
+    train_x, train_y, _, _ = cifar_resnet.load_cifar10(root)
+    assert train_x.shape == (10, 3, 32, 32) and bool((train_x == 7).all()) and train_y.tolist() == [1, 2] * 5
 
 
 def test_synthetic_cifar_is_deterministic_and_class_dependent() -> None:
@@ -295,7 +328,8 @@ def test_lstm_cli_config_builds_the_guard(tmp_path: Path, monkeypatch: pytest.Mo
     yaml_guard = config["trainer"]["callbacks"][0]["init_args"]
     assert isinstance(guard.clip, ZClip) and guard.clip.z_thresh == yaml_guard["clip"]["init_args"]["z_thresh"]
     assert guard.clip.max_grad_norm == yaml_guard["clip"]["init_args"]["max_grad_norm"]
-    assert isinstance(guard.lr_guard, LRGuard) and guard.lr_guard.factor == yaml_guard["lr_guard"]["init_args"]["factor"]
+    assert isinstance(guard.lr_guard, LRGuard)
+    assert guard.lr_guard.factor == yaml_guard["lr_guard"]["init_args"]["factor"]
     (reg,) = guard.regularizers
     yaml_reg = yaml_guard["regularizers"][0]["init_args"]
     assert isinstance(reg, Orthogonal) and reg.weight == yaml_reg["weight"] and reg.modules == yaml_reg["modules"]

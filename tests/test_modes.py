@@ -39,7 +39,7 @@ from lightning_gradguard import (
 from tests.models import Regressor, regression_data, trainer
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------------------------- helpers
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for g in optimizer.param_groups for p in g["params"]}
 
@@ -156,7 +156,7 @@ def _event_tags(logdir: Any) -> list[str]:
     return tags
 
 
-# ---------------------------------------------------------------------------------------------------- 16-mixed
+# ------------------------------------------------------------------------------------------------------------ 16-mixed
 class AmpRegressor(Regressor):
     """Adam (optionally fused); puts an inf into one gradient after the backward pass of step ``inf_at``."""
 
@@ -262,7 +262,7 @@ def test_16_mixed_fused_optimizer_with_agc_is_refused() -> None:
         trainer(max_steps=2, callbacks=[guard], plugins=[_gradscaler_plugin()]).fit(model, regression_data())
 
 
-# ---------------------------------------------------------------------------------------------------- bf16-mixed
+# ---------------------------------------------------------------------------------------------------------- bf16-mixed
 class NaNRegressor(Regressor):
     """Adam; puts a NaN into one gradient after the backward pass of step ``nan_at``."""
 
@@ -313,7 +313,7 @@ def test_bf16_mixed_skip_leaves_parameters_and_adam_state_bit_identical() -> Non
     assert all(torch.isfinite(loss) for loss in model.losses) and len(model.losses) == 7
 
 
-# ---------------------------------------------------------------------------------------------------- accumulation
+# -------------------------------------------------------------------------------------------------------- accumulation
 class StepCounter(Callback):
     """Counts real ``optimizer.step`` calls with a step post-hook."""
 
@@ -358,7 +358,7 @@ def test_gradient_accumulation_acts_once_per_optimizer_step_on_the_large_batch_g
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------- manual optimization
+# ------------------------------------------------------------------------------------------------- manual optimization
 class TinyGAN(L.LightningModule):
     """Manual optimization with two optimizers: D steps every batch, G every second batch.
 
@@ -436,7 +436,7 @@ def test_manual_optimization_two_optimizers_keep_separate_state_and_tags(tmp_pat
     assert min(lr_scales[1]) < 1.0 and set(lr_scales[0]) == {1.0}
 
 
-# ---------------------------------------------------------------------------------------------------- Lightning's clipping too
+# -------------------------------------------------------------------------------------------- Lightning's clipping too
 class PreStepNorms(Callback):
     """The total gradient norm each ``optimizer.step`` really receives (after every clipping)."""
 
@@ -468,7 +468,7 @@ def test_lightning_gradient_clip_val_too_warns_once_and_both_clip() -> None:
     assert any(got["coef"] < 1.0 for got in guard.measured)
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoint resume
+# --------------------------------------------------------------------------------------------------- checkpoint resume
 def _spiky_data() -> DataLoader:
     """8 batches per epoch; batch 5 has targets 1000x too large, so every epoch has an explosion."""
     g = torch.Generator().manual_seed(0)
@@ -524,7 +524,7 @@ def test_checkpoint_resume_continues_exactly_like_an_uninterrupted_run(tmp_path:
     assert resumed_guard.regularizers[0].strength == full_guard.regularizers[0].strength > 1.0
 
 
-# ---------------------------------------------------------------------------------------------------- unusual parameters
+# -------------------------------------------------------------------------------------------------- unusual parameters
 class Frozen(Regressor):
     def __init__(self) -> None:
         super().__init__()
@@ -680,15 +680,16 @@ class ManyTensors(L.LightningModule):
         super().__init__()
         self.cells = nn.ModuleList(nn.ParameterDict({
             "a": nn.Parameter(torch.randn(3)), "b": nn.Parameter(torch.randn(1)),
-            "c": nn.Parameter(torch.randn(2, dtype=torch.float64)), "d": nn.Parameter(torch.randn(1, dtype=torch.float64)),
+            "c": nn.Parameter(torch.randn(2, dtype=torch.float64)),
+            "d": nn.Parameter(torch.randn(1, dtype=torch.float64)),
         }) for _ in range(1250))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         a = torch.stack([c["a"] for c in self.cells]).sum(0) + torch.stack([c["b"] for c in self.cells]).sum()
         c = torch.stack([c["c"] for c in self.cells]).sum(0) + torch.stack([c["d"] for c in self.cells]).sum()
-        pred = x[:, :3] @ a / 1250 + (x[:, 3:5].double() @ c).float().unsqueeze(1) / 1250
-        return nn.functional.mse_loss(pred.unsqueeze(1) if pred.ndim == 1 else pred, y)
+        pred = x[:, :3] @ a / 1250 + (x[:, 3:5].double() @ c).float() / 1250
+        return nn.functional.mse_loss(pred.unsqueeze(1), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -733,7 +734,7 @@ def test_five_thousand_parameter_tensors_take_one_norm_call_per_dtype() -> None:
         assert got["layers"][layer] == pytest.approx(value, rel=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------------- runs without training
+# ----------------------------------------------------------------------------------------------- runs without training
 class EvalRegressor(Regressor):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch

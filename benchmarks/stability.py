@@ -1,0 +1,639 @@
+"""Does GradGuard rescue unstable training, and does it leave healthy training alone?
+
+Each config of a small suite is trained twice from the same seed, on the same batches in the same order: once
+without a guard and once with GradGuard, then evaluated on held-out data. The table reports, per run:
+
+* **held-out**: the loss on data the run never trained on (MSE for the adding problem, cross-entropy and accuracy
+  for classification), computed from the final weights;
+* **diverged?**: the held-out loss is NaN/inf or above the config's threshold (10x the predict-the-mean MSE of the
+  adding problem, 3 ln(classes) for classification, i.e. far worse than guessing);
+* **NaN at**: the first training step (counting from 1) whose loss was not finite, ``-`` if none, and how many
+  steps had a non-finite loss; a run stops early after 20 non-finite losses in a row (marked ``stopped``),
+  since nothing can bring it back;
+* the guard's events from ``GradGuard.summary()`` (exploding, nonfinite/skipped, lr_reduced, vanishing, with the
+  layer named first by a vanishing warning), and how many warnings it raised (kept out of the output, counted).
+
+The suite (``--configs`` picks a subset):
+
+* ``lstm_10x``: the adding problem with an LSTM at ten times the example's learning rate;
+* ``rnn_tanh``: the adding problem with a plain tanh RNN;
+* ``resnet20_nobn``: CIFAR ResNet-20 without batch norm at learning rate 0.5, on synthetic CIFAR-shaped data;
+* ``mlp_sigmoid50``: a 50-layer plain sigmoid MLP (vanishing gradients: GradGuard reports, it cannot repair);
+* ``resnet20``: ResNet-20 at the paper's recipe (SGD 0.1, momentum 0.9, weight decay 1e-4, steps at 50%/75%),
+  short: the healthy control, where the guarded run must do as well as the unguarded one.
+
+The guard is plain ``GradGuard()`` (ZClip, LRGuard, ``on_nonfinite="skip"``) unless the table says otherwise.
+The default suite fits a couple of CPU cores in minutes (short sequences, a few hundred steps, small batches; the
+table header lists the settings); ``--full`` trains longer on larger batches, meant for a GPU (``--device cuda``);
+``--quick`` runs a few steps per config and only checks that everything works.
+
+Run from the repository root::
+
+    python benchmarks/stability.py                              # default suite, a few minutes on 2 CPU cores
+    python benchmarks/stability.py --configs lstm_10x,resnet20 --json out.json
+    python benchmarks/stability.py --full --device cuda
+    python benchmarks/stability.py --quick --json -             # seconds; JSON on stdout
+
+TensorBoard logs go to a fresh temporary folder unless ``--logdir`` names one (``tensorboard --logdir DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard
+
+try:
+    from examples.cifar_resnet import CifarDataModule, ResNetModule
+    from examples.lstm_adding import BASELINE_MSE, AddingModule, AddingStream, adding_problem
+except ImportError:  # run as a script: the repository root is not on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from examples.cifar_resnet import CifarDataModule, ResNetModule
+    from examples.lstm_adding import BASELINE_MSE, AddingModule, AddingStream, adding_problem
+
+__all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
+
+Size = Literal["quick", "default", "full"]
+VARIANTS = ("unguarded", "guarded")
+#: Consecutive non-finite training losses after which a run is stopped: it cannot recover.
+STOP_AFTER_NONFINITE = 20
+_CHECK_EVERY = 10  # losses are read from the device in chunks, not every step
+
+
+# ------------------------------------------------------------------------------------------------------ models
+class DeepMLPModule(L.LightningModule):
+    """A deep plain MLP classifier (``depth`` Linear + activation layers, no normalisation, no shortcuts).
+
+    With a sigmoid, whose slope is at most 1/4, the gradient reaching the first layers shrinks geometrically with
+    depth: the classic vanishing-gradient net.
+
+    Args:
+        depth: Number of hidden Linear layers (a Linear head comes on top).
+        width: Width of every hidden layer.
+        in_features: Input features.
+        num_classes: Output classes.
+        lr: SGD learning rate (momentum 0.9).
+        activation: ``"sigmoid"``, ``"tanh"`` or ``"relu"``.
+
+    Example:
+        >>> m = DeepMLPModule(depth=3, width=8, in_features=4, num_classes=2)
+        >>> m(torch.zeros(5, 4)).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        depth: int = 50,
+        width: int = 64,
+        in_features: int = 32,
+        num_classes: int = 10,
+        lr: float = 0.1,
+        activation: Literal["sigmoid", "tanh", "relu"] = "sigmoid",
+    ) -> None:
+        super().__init__()
+        acts: dict[str, type[nn.Module]] = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
+        if activation not in acts:
+            raise ValueError(f"activation must be one of {tuple(acts)}, got {activation!r}")
+        for name, value in (("depth", depth), ("width", width), ("in_features", in_features)):
+            if value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.save_hyperparameters()
+        self.net = nn.Sequential()
+        for i in range(depth):
+            self.net.add_module(f"fc{i}", nn.Linear(in_features if i == 0 else width, width))
+            self.net.add_module(f"act{i}", acts[activation]())
+        self.net.add_module("head", nn.Linear(width, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+def _teacher_data(n: int, in_features: int, num_classes: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Gaussian inputs labelled by a fixed random linear teacher: a shallow net learns it in a few hundred steps."""
+    teacher = torch.randn(in_features, num_classes, generator=torch.Generator().manual_seed(4321))
+    x = torch.randn(n, in_features, generator=torch.Generator().manual_seed(seed))
+    return x, (x @ teacher).argmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+@dataclass
+class _Job:
+    """One config at one size: factories for everything a run needs (called afresh for each variant)."""
+
+    name: str
+    title: str
+    settings: str
+    steps: int
+    module: Callable[[], L.LightningModule]
+    data: Callable[[], DataLoader | L.LightningDataModule]
+    evaluate: Callable[[L.LightningModule, Any, torch.device], dict[str, float]]
+    metric: Literal["mse", "acc"]
+    threshold: float
+    guard_label: str = "GradGuard()"
+    guard: Callable[[], GradGuard] = GradGuard
+    log_every: int = 10
+    parallel: bool = False  # worth more than one CPU thread
+
+
+def _adding_eval(n: int, seq_len: int, seed: int) -> Callable[[L.LightningModule, Any, torch.device], dict[str, float]]:
+    def evaluate(module: L.LightningModule, data: Any, device: torch.device) -> dict[str, float]:
+        x, y = adding_problem(n, seq_len, torch.Generator().manual_seed(seed + 777))
+        total = 0.0
+        for xb, yb in zip(x.split(500), y.split(500)):
+            total += float(F.mse_loss(module(xb.to(device)), yb.to(device), reduction="sum"))
+        return {"loss": total / n}
+
+    return evaluate
+
+
+def _adding(name: str, size: Size, seed: int, model: Literal["lstm", "rnn"], optimizer: Literal["adam", "sgd"],
+            lr: float, title: str) -> _Job:
+    seq_len, hidden, batch, steps, n_test = {
+        "quick": (10, 16, 8, 6, 64),
+        "default": (50, 128, 32, 400, 1000),
+        "full": (200, 128, 50, 3000, 10000),
+    }[size]
+    return _Job(
+        name=name,
+        title=title,
+        settings=f"T={seq_len}, hidden {hidden}, batch {batch}, {steps} steps, {optimizer} lr {lr:g}, "
+        f"{n_test} held-out sequences",
+        steps=steps,
+        module=lambda: AddingModule(model=model, hidden_size=hidden, optimizer=optimizer, lr=lr),
+        data=lambda: DataLoader(AddingStream(seq_len, batch, steps, seed=seed), batch_size=None),
+        evaluate=_adding_eval(n_test, seq_len, seed),
+        metric="mse",
+        threshold=10 * BASELINE_MSE,
+        log_every=2 if size == "quick" else 10,
+    )
+
+
+def _resnet(name: str, size: Size, seed: int, batch_norm: bool, lr: float, title: str) -> _Job:
+    batch, steps, n_train, n_test = {
+        "quick": (8, 4, 64, 32),
+        "default": (32, 250 if batch_norm else 150, 4096, 1000),
+        "full": (128, 4000 if batch_norm else 2000, 10000, 2000),
+    }[size]
+
+    def data() -> CifarDataModule:
+        dm = CifarDataModule(batch_size=batch, synthetic_train=n_train, synthetic_test=n_test, seed=seed)
+        with contextlib.redirect_stdout(io.StringIO()):  # the data module announces its synthetic data
+            dm.setup("fit")
+        return dm
+
+    def evaluate(module: L.LightningModule, dm: CifarDataModule, device: torch.device) -> dict[str, float]:
+        dm.augment = False  # on_after_batch_transfer then only normalises
+        loss = correct = 0.0
+        for batch_ in dm.test_dataloader():
+            x, y = dm.on_after_batch_transfer((batch_[0].to(device), batch_[1].to(device)), 0)
+            logits = module(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += float((logits.argmax(1) == y).sum())
+        return {"loss": loss / n_test, "acc": correct / n_test}
+
+    return _Job(
+        name=name,
+        title=title,
+        settings=f"synthetic CIFAR-shaped data ({n_train} train / {n_test} held-out images), batch {batch}, "
+        f"{steps} steps, SGD lr {lr:g} momentum 0.9 wd 1e-4, lr /10 at 50% and 75%, crop+flip",
+        steps=steps,
+        module=lambda: ResNetModule(depth=20, batch_norm=batch_norm, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="acc",
+        threshold=3 * math.log(10),
+        log_every=2 if size == "quick" else 10,
+        parallel=True,
+    )
+
+
+def _mlp(name: str, size: Size, seed: int) -> _Job:
+    depth, width, batch, steps, n_train, n_test = {
+        "quick": (50, 16, 8, 30, 256, 64),
+        "default": (50, 64, 64, 300, 8192, 2000),
+        "full": (50, 64, 128, 3000, 50000, 10000),
+    }[size]
+    in_features, classes, lr = 32, 10, 0.1
+
+    def data() -> DataLoader:
+        x, y = _teacher_data(n_train, in_features, classes, seed)
+        return DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True)
+
+    def evaluate(module: L.LightningModule, data_: Any, device: torch.device) -> dict[str, float]:
+        x, y = _teacher_data(n_test, in_features, classes, seed + 1)
+        logits = module(x.to(device))
+        y = y.to(device)
+        return {"loss": float(F.cross_entropy(logits, y)), "acc": float((logits.argmax(1) == y).float().mean())}
+
+    return _Job(
+        name=name,
+        title=f"{depth}-layer plain sigmoid MLP (vanishing gradients)",
+        settings=f"width {width}, teacher-labelled Gaussian data ({in_features} features, {classes} classes, "
+        f"{n_train} train / {n_test} held-out), batch {batch}, {steps} steps, SGD lr {lr:g} momentum 0.9",
+        steps=steps,
+        module=lambda: DeepMLPModule(depth=depth, width=width, in_features=in_features, num_classes=classes, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="acc",
+        threshold=3 * math.log(classes),
+        # Patience 25 of the vanishing detector: the quick run must get past it to show an event.
+        log_every=5 if size == "quick" else 10,
+    )
+
+
+CONFIGS: dict[str, Callable[[Size, int], _Job]] = {
+    "lstm_10x": lambda size, seed: _adding(
+        "lstm_10x", size, seed, "lstm", "adam", 1e-2, "LSTM adding problem at 10x the example's learning rate"
+    ),
+    "rnn_tanh": lambda size, seed: _adding(
+        "rnn_tanh", size, seed, "rnn", "adam", 1e-3, "tanh-RNN adding problem"
+    ),
+    "resnet20_nobn": lambda size, seed: _resnet(
+        "resnet20_nobn", size, seed, False, 0.5, "ResNet-20 without batch norm at lr 0.5"
+    ),
+    "mlp_sigmoid50": lambda size, seed: _mlp("mlp_sigmoid50", size, seed),
+    "resnet20": lambda size, seed: _resnet(
+        "resnet20", size, seed, True, 0.1, "ResNet-20 at the paper's recipe, short (healthy control)"
+    ),
+}
+
+
+# -------------------------------------------------------------------------------------------------------- runs
+class _LossTrace(Callback):
+    """Records every training loss; stops the run after ``STOP_AFTER_NONFINITE`` non-finite losses in a row."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.stopped = False
+        self._pending: list[Tensor] = []
+        self._run = 0
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._pending.append(loss.detach().float().reshape(1))
+        if len(self._pending) >= _CHECK_EVERY:
+            self._read(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._read(trainer)
+
+    def _read(self, trainer: L.Trainer) -> None:
+        if not self._pending:
+            return
+        values = torch.cat(self._pending).cpu().tolist()  # one copy per chunk, not one per step
+        self._pending = []
+        for v in values:
+            self._run = 0 if math.isfinite(v) else self._run + 1
+        self.losses.extend(values)
+        if self._run >= STOP_AFTER_NONFINITE:
+            self.stopped = True
+            trainer.should_stop = True
+
+
+_VANISHING = re.compile(r"vanishing gradients in layer '([^']+)' at step (\d+)")
+
+
+def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    L.seed_everything(args.seed, verbose=False)
+    module = job.module()
+    data = job.data()
+    guard = job.guard() if variant == "guarded" else None
+    trace = _LossTrace()
+    callbacks: list[Callback] = [trace] if guard is None else [guard, trace]
+    logger = TensorBoardLogger(args.logdir, name=job.name, version=variant, default_hp_metric=False)
+    trainer = L.Trainer(
+        max_steps=job.steps,
+        max_epochs=-1,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=job.log_every,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        accelerator=args.device,
+        devices=1,
+    )
+    fit_kwargs: dict[str, Any] = (
+        {"datamodule": data} if isinstance(data, L.LightningDataModule) else {"train_dataloaders": data}
+    )
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, **fit_kwargs)
+    wall_s = time.perf_counter() - start
+    module.eval()
+    with torch.no_grad():
+        held_out = job.evaluate(module, data, module.device)
+
+    guard_warnings = [str(w.message) for w in caught if str(w.message).startswith("GradGuard")]
+    first_vanishing = None
+    for message in guard_warnings:
+        match = _VANISHING.search(message)
+        if match:
+            first_vanishing = {"layer": match.group(1), "step": int(match.group(2))}
+            break
+    losses = trace.losses
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    finite_tail = [v for v in losses[-10:] if math.isfinite(v)]
+    loss = held_out["loss"]
+    return {
+        "config": job.name,
+        "variant": variant,
+        "guard": job.guard_label if guard is not None else None,
+        "steps_planned": job.steps,
+        "steps": len(losses),
+        "stopped_early": trace.stopped,
+        "heldout_loss": loss,
+        "heldout_acc": held_out.get("acc"),
+        "metric": job.metric,
+        "threshold": job.threshold,
+        "diverged": not math.isfinite(loss) or loss > job.threshold,
+        "first_nan_step": bad[0] + 1 if bad else None,
+        "nonfinite_losses": len(bad),
+        "train_loss_last10": sum(finite_tail) / len(finite_tail) if finite_tail else math.nan,
+        "events": guard.summary() if guard is not None else None,
+        "first_vanishing": first_vanishing,
+        "guard_warnings": len(guard_warnings),
+        "guard_warning_samples": guard_warnings[:3],
+        "wall_s": wall_s,
+        "log_dir": logger.log_dir,
+    }
+
+
+def _machine(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    info: dict[str, Any] = {
+        "cpus": cpus,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "device": args.device,
+    }
+    if args.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the selected configs, unguarded then guarded, and return ``{"meta": ..., "configs": ..., "rows": ...}``."""
+    size: Size = "quick" if args.quick else "full" if args.full else "default"
+    machine = _machine(args)
+    threads_before = torch.get_num_threads()
+    jobs = [CONFIGS[name](size, args.seed) for name in args.configs]
+    rows: list[dict[str, Any]] = []
+    configs: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        for job in jobs:
+            # Small recurrent nets and MLPs gain nothing from intra-op threads; convolutions do.
+            threads = args.threads or (machine["cpus"] if job.parallel else 1)
+            if args.device == "cpu":
+                torch.set_num_threads(threads)
+            configs.append({"config": job.name, "title": job.title, "settings": job.settings, "steps": job.steps,
+                            "guard": job.guard_label, "metric": job.metric, "threshold": job.threshold,
+                            "threads": threads if args.device == "cpu" else None})
+            for variant in VARIANTS:
+                row = _run_one(job, variant, args)
+                rows.append(row)
+                print(f"  {job.name:<14} {variant:<9} {row['steps']:>5} steps  {row['wall_s']:6.1f} s",
+                      file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    meta = {
+        "command": args.command,
+        "size": size,
+        "seed": args.seed,
+        "logdir": args.logdir,
+        "machine": machine,
+        "threads": args.threads,
+        "wall_s": time.perf_counter() - start,
+        "stop_after_nonfinite": STOP_AFTER_NONFINITE,
+    }
+    return {"meta": meta, "configs": configs, "rows": rows}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    if x is None:
+        return "-"
+    return format(x, fmt) if math.isfinite(x) else str(x)
+
+
+def _heldout(row: dict[str, Any]) -> str:
+    if row["metric"] == "mse":
+        return f"MSE {_num(row['heldout_loss'])}"
+    acc = row["heldout_acc"]
+    acc_s = f"{100 * acc:.1f}%" if acc is not None and math.isfinite(acc) else _num(acc)
+    return f"CE {_num(row['heldout_loss'], '.3g')}, acc {acc_s}"
+
+
+def _verdict(cfg: dict[str, Any], rows: dict[str, dict[str, Any]]) -> str:
+    """One line per config: what the pair of runs shows."""
+    un, gu = rows["unguarded"], rows["guarded"]
+    name = cfg["config"]
+    if name == "resnet20" or (not un["diverged"] and not gu["diverged"] and un["nonfinite_losses"] == 0):
+        if un["heldout_acc"] is not None and gu["heldout_acc"] is not None:
+            a, b = gu["heldout_acc"], un["heldout_acc"]
+            n = 1000  # a tolerance from the held-out sampling error, not a tuned constant
+            se = math.sqrt(max(b * (1 - b), 1e-4) / n)
+            tag = "as good" if a >= b - 2 * se else "WORSE"
+            extra = ""
+            if gu["events"] and gu["events"]["vanishing"]:
+                fv = gu["first_vanishing"]
+                where = f", first {fv['layer']!r} at step {fv['step']}" if fv else ""
+                extra = f"; guard reported {gu['events']['vanishing']} vanishing event(s){where}"
+            return (f"{name}: neither run diverged; guarded acc {100 * a:.1f}% vs unguarded {100 * b:.1f}% "
+                    f"({tag}, 2 s.e. = {200 * se:.1f} points){extra}")
+        return (f"{name}: neither run diverged; guarded MSE {_num(gu['heldout_loss'])} vs unguarded "
+                f"{_num(un['heldout_loss'])}")
+    parts = [f"{name}: unguarded " + ("diverged" if un["diverged"] else "did not diverge")]
+    if un["first_nan_step"]:
+        parts[0] += f" (NaN loss from step {un['first_nan_step']})"
+    if gu["diverged"]:
+        parts.append("guarded diverged too (not rescued)")
+    elif gu["nonfinite_losses"]:
+        parts.append(f"guarded finished finite ({gu['nonfinite_losses']} non-finite steps skipped): rescued")
+    else:
+        parts.append("guarded stayed finite: rescued" if un["diverged"] else "guarded stayed finite")
+    parts[-1] += f", held-out {_heldout(gu)} vs {_heldout(un)}"
+    return "; ".join(parts)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The result of :func:`run` as a text table."""
+    meta, m = result["meta"], result["meta"]["machine"]
+    lines = [
+        "GradGuard stability benchmark",
+        f"command: {meta['command']}",
+        f"machine: {m['cpus']} CPUs available ({m['cpu_count']} in total, {m['processor']}), python {m['python']}, "
+        f"torch {m['torch']}, lightning {m['lightning']}, device {m['device']}" + (f" ({m['gpu']})" if "gpu" in m else ""),
+        f"suite: {meta['size']}, seed {meta['seed']}, both runs of a config start from the same weights and see the "
+        f"same batches; TensorBoard logs: {meta['logdir']}",
+        f"diverged = held-out loss NaN/inf or above the threshold; NaN at = first training step (from 1) with a "
+        f"non-finite loss (count); runs stop after {meta['stop_after_nonfinite']} non-finite losses in a row",
+        "events (guarded runs, GradGuard.summary()): expl = exploding, nonfin/skip = nonfinite/skipped, "
+        "lr_red = lr_reduced, van = vanishing (first layer named); warns = guard warnings (hidden, counted)",
+        "",
+        "configs:",
+    ]
+    for cfg in result["configs"]:
+        threads = f", {cfg['threads']} thread(s)" if cfg["threads"] else ""
+        lines.append(f"  {cfg['config']}: {cfg['title']}; {cfg['settings']}; guard {cfg['guard']}; "
+                     f"diverged above {cfg['threshold']:.3g}{threads}")
+    header = ("config", "run", "steps", "held-out", "diverged?", "NaN at", "expl", "nonfin/skip", "lr_red", "van",
+              "warns", "wall s")
+    table: list[tuple[str, ...]] = []
+    for row in result["rows"]:
+        ev = row["events"]
+        nan_at = "-" if row["first_nan_step"] is None else f"{row['first_nan_step']} ({row['nonfinite_losses']})"
+        steps = f"{row['steps']}" + (" stopped" if row["stopped_early"] else "")
+        van = "-"
+        if ev is not None:
+            van = str(ev["vanishing"])
+            if row["first_vanishing"]:
+                van += f" ({row['first_vanishing']['layer']})"
+        table.append((
+            row["config"], row["variant"], steps, _heldout(row), "YES" if row["diverged"] else "no", nan_at,
+            str(ev["exploding"]) if ev else "-",
+            f"{ev['nonfinite']}/{ev['skipped']}" if ev else "-",
+            str(ev["lr_reduced"]) if ev else "-",
+            van,
+            str(row["guard_warnings"]) if ev else "-",
+            f"{row['wall_s']:.1f}",
+        ))
+    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h) for i, h in enumerate(header)]
+    lines.append("")
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in table]
+    lines.append("")
+    by_config: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in result["rows"]:
+        by_config.setdefault(row["config"], {})[row["variant"]] = row
+    for cfg in result["configs"]:
+        pair = by_config.get(cfg["config"], {})
+        if all(v in pair for v in VARIANTS):
+            lines.append(_verdict(cfg, pair))
+    lines.append(f"total wall time {meta['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def _plain(value: Any) -> Any:
+    """JSON without NaN/inf literals: a non-finite number becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/stability.py",
+        description="Train each config unguarded and with GradGuard; print what diverged and what the guard did.",
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
+    size.add_argument("--full", action="store_true", help="longer runs on larger batches (meant for a GPU)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: 1 for the small recurrent nets and the MLP, all available for ResNets)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
+    p.add_argument("--logdir", default=None, help="TensorBoard log root (default: a new temporary folder)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown or not names:
+        p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    args.configs = names
+    if args.threads < 0:
+        p.error("--threads must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device available")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
+    if argv is None:
+        argv = sys.argv[1:]
+        command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    else:
+        argv = list(argv)
+        command = shlex.join(["python", "benchmarks/stability.py", *argv])
+    args = _parse(argv)
+    args.command = command
+    if args.logdir is None:
+        args.logdir = tempfile.mkdtemp(prefix="gradguard_stability_")
+    quiet = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        result = run(args)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    if args.json == "-":
+        print(json.dumps(_plain(result), indent=1))
+    else:
+        print(report(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(_plain(result), f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

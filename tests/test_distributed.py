@@ -1,0 +1,521 @@
+"""GradGuard under DDP and FSDP2 on two CPU processes (gloo), and its refusal of FSDP1 and DeepSpeed.
+
+Each distributed scenario is one real ``Trainer.fit`` in two worker processes, launched the way ``torchrun`` does it
+(``LOCAL_RANK``/``WORLD_SIZE``/``MASTER_PORT`` in the environment, so Lightning does not launch them itself). The
+workers run this very file (``python -m tests.test_distributed <scenario> <dir>``) and write what they saw, per
+optimizer step, to ``<dir>/<scenario>_rank<r>.pt``; the tests compare the ranks with each other and with a
+single-process run of the same model on the same samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_gradguard import AGC, L2, AutoClip, ExplodingDetector, GradGuard, LRGuard, NormClip, Orthogonal, ZClip
+from tests.models import Regressor, regression_data
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD = 2
+_QUIET = dict(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+
+# ------------------------------------------------------------------------------------------------------- shared pieces
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "full_tensor") and hasattr(t, "placements")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def full_layer_norms(module: nn.Module, l2: dict[str, float] | None = None) -> dict[str, float]:
+    """fp64 per-module gradient norms of the *whole* gradients (DTensor shards gathered): the reference.
+
+    ``l2`` maps parameter names to an L2 coefficient whose gradient term (``coef * w``) is added first, as GradGuard's
+    L2 regularizer does before it measures.
+    """
+    l2 = l2 or {}
+    out: dict[str, float] = {}
+    for name, sub in module.named_modules():
+        grads = []
+        for pname, p in sub.named_parameters(recurse=False):
+            if p.grad is not None:
+                g = _full(p.grad).double()
+                qualified = f"{name}.{pname}" if name else pname
+                if qualified in l2:
+                    g = g + l2[qualified] * _full(p.detach()).double()
+                grads.append(g.flatten())
+        if grads:
+            out[name] = torch.linalg.vector_norm(torch.cat(grads)).item()
+    return out
+
+
+class CountCollectives:
+    """Counts collectives (c10d calls and DTensor redistributions) made inside a ``with`` block."""
+
+    def __enter__(self) -> CountCollectives:
+        from torch.distributed.tensor.debug import CommDebugMode
+
+        self.all_reduce_calls = 0
+        self._original = torch.distributed.all_reduce
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.all_reduce_calls += 1
+            return self._original(*args, **kwargs)
+
+        torch.distributed.all_reduce = counting
+        self._mode = CommDebugMode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._mode.__exit__(*exc)
+        torch.distributed.all_reduce = self._original
+        self.total = self._mode.get_total_counts()
+        self.ops = sorted(str(op) for op in self._mode.get_comm_counts())
+
+
+class RefProbe(Callback):
+    """The whole-gradient per-layer norms at ``on_before_optimizer_step`` (before or after GradGuard in the list).
+
+    Before GradGuard, pass the guard: its L2 regularizers' gradient terms are added to the reference.
+    """
+
+    def __init__(self, guard: GradGuard | None = None) -> None:
+        self.guard = guard
+        self.steps: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        l2: dict[str, float] = {}
+        for r in self.guard.regularizers if self.guard is not None else []:
+            assert isinstance(r, L2)
+            names = r.param_names or [n for n, p in pl_module.named_parameters() if p.ndim >= 2]  # bound on 1st step
+            l2.update(dict.fromkeys(names, r.effective_weight))
+        self.steps.append(full_layer_norms(pl_module, l2))
+
+
+class DumpGuard(GradGuard):
+    """GradGuard that records, per optimizer step, what it measured and decided, and the collectives it made."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps_seen: list[dict[str, Any]] = []
+        self.batches: list[dict[str, Any]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if torch.distributed.is_initialized():
+            with CountCollectives() as comm:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            collectives = {"all_reduce": comm.all_reduce_calls, "total": comm.total, "ops": comm.ops}
+        else:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            collectives = {}
+        st = self._states[0]
+        self.steps_seen.append({
+            "layers": dict(zip(st.index.names, st.layer_last.tolist())),
+            "layer_last": st.layer_last.clone(),
+            "scalars": st.scalars.clone(),
+            "counts": st.counts.clone(),
+            "threshold": st.clipper.last_threshold.item() if st.clipper is not None else math.inf,
+            "collectives": collectives,
+        })
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        self.batches.append({
+            "lr_scale": self.lr_guard.scale(0) if self.lr_guard is not None else 1.0,
+            "strengths": [r.strength for r in self.regularizers],
+            "state": copy.deepcopy(self.state_dict()),
+            "summary": self.summary(),
+        })
+
+
+def _rank_data(rank: int) -> DataLoader:
+    """This rank's part of ``regression_data(n=256)``, 16 samples per batch: samples ``rank, rank + 2, ...``.
+
+    Lightning's own distributed sampler shuffles training data; without shuffling, one process with batches of 32 sees
+    exactly the samples the two ranks see together, so the runs can be compared step by step.
+    """
+    dataset = regression_data(n=256).dataset
+    sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=16, sampler=sampler)
+
+
+# ----------------------------------------------------------------------------------------------------------------- DDP
+class DDPRegressor(Regressor):
+    """Rank 1 turns one micro-batch's loss into NaN, rank 0 blows one up: after the all-reduce both ranks must see
+    (and act on) the same NaN and the same spike."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.current_epoch == 0 and batch_idx == 5 and self.global_rank == 1:
+            loss = loss * math.nan
+        if self.current_epoch == 1 and batch_idx == 3 and self.global_rank == 0:
+            loss = loss * 1e3
+        return loss
+
+
+def _ddp_guard(cls: type[GradGuard] = DumpGuard) -> GradGuard:
+    return cls(
+        clip=ZClip(warmup_steps=3),
+        lr_guard=LRGuard(cooldown=2, recovery_steps=50),
+        regularizers=[L2(1e-3, adaptive=True)],
+        exploding=ExplodingDetector(warmup_steps=3),
+        on_nonfinite="skip",
+    )
+
+
+DDP_SETTINGS = dict(max_epochs=3, accumulate_grad_batches=2, log_every_n_steps=2)
+
+
+def _ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    guard = _ddp_guard()
+    pre = RefProbe(guard)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy="ddp", callbacks=[pre, guard],
+        logger=TensorBoardLogger(outdir, name="tb", version=0), use_distributed_sampler=False, **DDP_SETTINGS, **_QUIET,
+    )
+    trainer.fit(DDPRegressor(), _rank_data(rank))  # 8 micro-batches per rank and epoch
+    return {"steps": guard.steps_seen, "batches": guard.batches, "reference": pre.steps,
+            "global_step": trainer.global_step}
+
+
+# --------------------------------------------------------------------------------------------------------------- FSDP2
+class ShardedRegressor(Regressor):
+    """Shards every ``Linear`` with ``fully_shard`` under ``ModelParallelStrategy``; a plain module otherwise.
+
+    The widths make uneven shards: 5 rows over 2 ranks (3 + 2), and 1 row (1 + an empty shard).
+    """
+
+    def __init__(self) -> None:
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5), nn.ReLU(), nn.Linear(5, 1))
+        super().__init__(net=net, lr=0.05)
+
+    def configure_model(self) -> None:
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def _fsdp_guard(cls: type[GradGuard] = DumpGuard) -> GradGuard:
+    return cls(clip=ZClip(warmup_steps=2, max_grad_norm=0.3), regularizers=[L2(1e-3)], lr_guard=LRGuard())
+
+
+FSDP_STEPS = 4
+
+
+def _fsdp2_strategy() -> ModelParallelStrategy:
+    return ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1)  # FSDP2 only, no tensor parallel
+
+
+class ClipperCheck(Callback):
+    """At one step, runs each clipper on copies of the sharded (DTensor) gradients and on the gathered ones."""
+
+    def __init__(self, at_step: int = 1) -> None:
+        self.at_step = at_step
+        self.results: dict[str, list[dict[str, Any]]] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        names = [n for n, p in pl_module.named_parameters() if p.grad is not None]
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        assert all(_is_dtensor(p.grad) for p in params)
+        full_grads = [_full(p.grad) for p in params]
+        full_params = [_full(p.detach()) for p in params]
+        total = torch.linalg.vector_norm(torch.stack([g.norm() for g in full_grads]))
+        history = torch.full((4,), math.inf)
+        history[0] = 0.05 * total  # AutoClip(percentile=0) then clips to this norm
+        for clipper in (NormClip(max_norm=0.05), ZClip(warmup_steps=1, max_grad_norm=0.05),
+                        AutoClip(percentile=0.0, history=4), AGC(clip_factor=0.01)):
+            if isinstance(clipper, AutoClip):
+                clipper.load_state_dict({"values": history, "count": torch.tensor(1), "calls": 1})
+            sharded, gathered = copy.deepcopy(clipper), copy.deepcopy(clipper)
+            shard_grads = [p.grad.detach().clone() for p in params]
+            ref_grads = [g.clone() for g in full_grads]
+            coef = sharded.clip_grads_(shard_grads, total, torch.tensor(True), params=params, names=names)
+            gathered.clip_grads_(ref_grads, total, torch.tensor(True), params=full_params, names=names)
+            self.results[type(clipper).__name__] = [
+                {"name": n, "ndim": g.ndim, "max_diff": (_full(s) - g).abs().max().item(),
+                 "changed": not torch.equal(g, f), "is_dtensor": _is_dtensor(s)}
+                for n, s, g, f in zip(names, shard_grads, ref_grads, full_grads)
+            ]
+            self.results[type(clipper).__name__ + "_coef"] = float(_full(coef)) if torch.is_tensor(coef) else coef
+
+
+def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    guard, post, check = _fsdp_guard(), RefProbe(), ClipperCheck()
+    pre = RefProbe(guard)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy=_fsdp2_strategy(),
+        callbacks=[pre, guard, post, check], max_steps=FSDP_STEPS, log_every_n_steps=2,
+        logger=TensorBoardLogger(outdir, name="tb", version=0), use_distributed_sampler=False, **_QUIET,
+    )
+    model = ShardedRegressor()
+    trainer.fit(model, _rank_data(rank))
+    grad_types = {type(p).__name__ for p in model.parameters()}
+    refusal = ""
+    try:  # last: a second fit in the same processes, refused at fit start on every rank
+        L.Trainer(
+            accelerator="cpu", devices=WORLD, strategy=_fsdp2_strategy(),
+            callbacks=[GradGuard(regularizers=[Orthogonal(1e-3)])], max_steps=1, logger=False,
+            use_distributed_sampler=False, **_QUIET,
+        ).fit(ShardedRegressor(), _rank_data(rank))
+    except MisconfigurationException as err:
+        refusal = str(err)
+    return {"steps": guard.steps_seen, "batches": guard.batches, "reference": pre.steps, "after": post.steps,
+            "clippers": check.results, "param_types": sorted(grad_types), "global_step": trainer.global_step,
+            "orthogonal_refusal": refusal}
+
+
+WORKERS = {"ddp": _ddp_worker, "fsdp2": _fsdp2_worker}
+
+
+def _main(scenario: str, outdir: str) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["LOCAL_RANK"])
+    result = WORKERS[scenario](Path(outdir), rank)
+    torch.save(result, Path(outdir) / f"{scenario}_rank{rank}.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------- launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(scenario: str, outdir: Path, timeout: float = 180.0) -> list[dict[str, Any]]:
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
+               "NODE_RANK": "0", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.test_distributed", scenario, str(outdir)], cwd=ROOT, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        ))
+    deadline = time.monotonic() + timeout
+    outputs = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=max(deadline - time.monotonic(), 1.0))
+            outputs.append(out)
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # our own worker's process group
+        pytest.fail(f"{scenario} workers did not finish within {timeout} s")
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0, f"{scenario} rank {rank} failed:\n{out[-6000:]}"
+    return [torch.load(outdir / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_identical(a: Any, b: Any, path: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) if a.is_floating_point() else torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_identical(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_identical(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
+
+
+class _Recorder(GradGuard):
+    """Single-process counterpart of DumpGuard: the per-step layer norms."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.steps_seen: list[dict[str, float]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        st = self._states[0]
+        self.steps_seen.append({"layers": dict(zip(st.index.names, st.layer_last.tolist())),
+                                "total": st.scalars[0].item()})
+
+
+def _single_process(model_cls: type[L.LightningModule], guard: _Recorder, **kwargs: Any) -> _Recorder:
+    # Batches of 32: the samples the two ranks see together at each step (see `_rank_data`).
+    torch.manual_seed(0)
+    L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[guard], **kwargs, **_QUIET).fit(
+        model_cls(), regression_data(n=256, batch_size=32)
+    )
+    return guard
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    outdir = tmp_path_factory.mktemp("ddp")
+    return _launch("ddp", outdir), outdir
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
+    outdir = tmp_path_factory.mktemp("fsdp2")
+    return _launch("fsdp2", outdir), outdir
+
+
+# ----------------------------------------------------------------------------------------------------------- DDP tests
+def test_ddp_ranks_measure_and_decide_identically(ddp_results: Any) -> None:
+    (r0, r1), _ = ddp_results
+    assert r0["global_step"] == r1["global_step"] == 12  # 3 epochs x 8 micro-batches / accumulation 2
+    assert len(r0["steps"]) == len(r1["steps"]) == 12
+    for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"])):
+        for key in ("layer_last", "scalars", "counts", "threshold"):
+            _assert_identical(a[key], b[key], f"step {step} {key}")
+    _assert_identical(r0["batches"], r1["batches"], "after each batch")
+    # The decisions were not trivial: rank 1's NaN was skipped on both ranks, rank 0's spike lowered both LRs.
+    summary = r0["batches"][-1]["summary"]
+    assert summary["nonfinite"] == 1 and summary["skipped"] == 1
+    assert summary["exploding"] >= 1 and summary["lr_reduced"] == 1
+    assert min(b["lr_scale"] for b in r0["batches"]) < 1.0
+    assert max(b["strengths"][0] for b in r0["batches"]) > 1.0
+
+
+def test_ddp_norms_are_those_of_the_averaged_gradient(ddp_results: Any) -> None:
+    (r0, r1), _ = ddp_results
+    for rank in (r0, r1):
+        for got, ref in zip(rank["steps"], rank["reference"], strict=True):
+            if not all(math.isfinite(v) for v in ref.values()):
+                continue
+            for layer, value in ref.items():
+                assert got["layers"][layer] == pytest.approx(value, rel=1e-6)
+        assert all(s["collectives"]["total"] == 0 for s in rank["steps"])  # DDP gradients are already whole
+    single = _single_process(Regressor, _ddp_guard(_Recorder), max_steps=2, accumulate_grad_batches=2)
+    for got, ref in zip(r0["steps"][:2], single.steps_seen, strict=True):  # before the injected NaN and spike
+        for layer, value in ref["layers"].items():
+            assert got["layers"][layer] == pytest.approx(value, rel=1e-5)
+
+
+def test_ddp_only_rank_zero_writes_tensorboard(ddp_results: Any) -> None:
+    _, outdir = ddp_results
+    files = glob.glob(f"{outdir}/tb/**/events.out.tfevents.*", recursive=True)
+    assert len(files) == 1
+    acc = EventAccumulator(files[0])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("gradguard/total_norm")] == [2, 4, 6, 8, 10, 12]
+    assert "gradguard/reg/l2" in acc.Tags()["scalars"]
+
+
+# --------------------------------------------------------------------------------------------------------- FSDP2 tests
+def test_fsdp2_norms_equal_a_single_process_run(fsdp2_results: Any) -> None:
+    (r0, r1), _ = fsdp2_results
+    assert r0["param_types"] == ["DTensor"]  # really sharded
+    assert r0["global_step"] == r1["global_step"] == FSDP_STEPS
+    for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
+        for key in ("layer_last", "scalars", "counts", "threshold"):
+            _assert_identical(a[key], b[key], f"step {step} {key}")
+    _assert_identical(r0["batches"], r1["batches"], "after each batch")
+    for rank in (r0, r1):  # against the gathered gradients in the same run
+        for got, ref in zip(rank["steps"], rank["reference"], strict=True):
+            assert set(got["layers"]) == set(ref)
+            for layer, value in ref.items():
+                assert got["layers"][layer] == pytest.approx(value, rel=1e-6)
+            assert got["scalars"][0].item() == pytest.approx(math.sqrt(sum(v * v for v in ref.values())), rel=1e-6)
+    single = _single_process(ShardedRegressor, _fsdp_guard(_Recorder), max_steps=FSDP_STEPS)
+    for got, ref in zip(r0["steps"], single.steps_seen, strict=True):
+        for layer, value in ref["layers"].items():
+            assert got["layers"][layer] == pytest.approx(value, rel=1e-6)
+        assert got["scalars"][0].item() == pytest.approx(ref["total"], rel=1e-6)
+
+
+def test_fsdp2_takes_one_all_reduce_per_step(fsdp2_results: Any) -> None:
+    (r0, r1), _ = fsdp2_results
+    for rank in (r0, r1):
+        for s in rank["steps"]:
+            assert s["collectives"]["all_reduce"] == 1
+            assert s["collectives"]["total"] == 1 and s["collectives"]["ops"] == ["c10d.allreduce_"]
+
+
+def test_fsdp2_clipping_acts_on_the_whole_gradient(fsdp2_results: Any) -> None:
+    (r0, _), outdir = fsdp2_results
+    for got, after in zip(r0["steps"], r0["after"], strict=True):
+        total_after = math.sqrt(sum(v * v for v in after.values()))
+        assert total_after == pytest.approx(min(got["scalars"][0].item(), got["threshold"]), rel=1e-5)
+    assert any(s["threshold"] < s["scalars"][0].item() for s in r0["steps"])  # it did clip
+    files = glob.glob(f"{outdir}/tb/**/events.out.tfevents.*", recursive=True)
+    assert len(files) == 1  # the logging steps (with a regularizer penalty to reduce) ran on both ranks
+
+
+@pytest.mark.parametrize("name", ["NormClip", "ZClip", "AutoClip", "AGC"])
+def test_fsdp2_clippers_on_sharded_gradients_match_the_gathered_ones(fsdp2_results: Any, name: str) -> None:
+    (r0, r1), _ = fsdp2_results
+    for rank in (r0, r1):
+        rows = rank["clippers"][name]
+        assert all(row["is_dtensor"] for row in rows)
+        assert any(row["changed"] for row in rows), "the clipper did not clip: the check proves nothing"
+        for row in rows:
+            if name == "AGC" and row["ndim"] < 2:
+                continue  # AGC: a 1-D parameter is one unit, clipped per local shard under FSDP2 (documented)
+            assert row["max_diff"] <= 1e-7, row
+    assert r0["clippers"][name + "_coef"] == r1["clippers"][name + "_coef"] or name == "AGC"
+
+
+def test_fsdp2_with_orthogonal_regularizer_is_refused(fsdp2_results: Any) -> None:
+    (r0, r1), _ = fsdp2_results
+    for rank in (r0, r1):
+        assert "Orthogonal regularizer needs whole weight matrices" in rank["orthogonal_refusal"]
+
+
+# ------------------------------------------------------------------------------------------------------------ refusals
+def _stub_trainer(strategy: Any) -> Any:
+    return SimpleNamespace(strategy=strategy)
+
+
+def test_fsdp1_is_refused_with_a_clear_error() -> None:
+    # Lightning itself only runs FSDPStrategy on GPUs; the refusal is GradGuard's own, tested on a real instance.
+    class MyFSDP(FSDPStrategy):
+        pass
+
+    for strategy in (FSDPStrategy(), MyFSDP()):
+        with pytest.raises(MisconfigurationException, match=r"FSDPStrategy.*FSDP1.*ModelParallelStrategy"):
+            GradGuard().setup(_stub_trainer(strategy), Regressor(), "fit")
+    GradGuard().setup(_stub_trainer(FSDPStrategy()), Regressor(), "validate")  # only training is watched
+
+
+def test_deepspeed_is_refused_with_a_clear_error() -> None:
+    # DeepSpeed is not installed here, and DeepSpeedStrategy.__init__ refuses to run without it: the instance is made
+    # without __init__, which is all GradGuard.setup looks at (its class).
+    strategy = object.__new__(DeepSpeedStrategy)
+    with pytest.raises(MisconfigurationException, match=r"does not support DeepSpeed.*param.grad"):
+        GradGuard().setup(_stub_trainer(strategy), Regressor(), "fit")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], sys.argv[2])
