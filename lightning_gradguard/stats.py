@@ -62,6 +62,13 @@ def _grouped_norms(
     return torch.cat(parts), order, lists
 
 
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a small index tensor built on the host to ``device`` without making the host wait (pinned + async)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def total_norm(grads: Sequence[Tensor]) -> Tensor:
     """The L2 norm of all ``grads`` together, as a 0-d fp32 tensor, without a host-device sync.
 
@@ -175,12 +182,14 @@ class GradStats:
         hit = self._cache.get(key)
         if hit is None or hit.order != order or hit.layer_ids.device != device:
             positions = range(len(present)) if order is None else order
-            layer_ids = torch.tensor([self.layer_of_param[present[i]] for i in positions], dtype=torch.long, device=device)
+            layer_ids = _upload(
+                torch.tensor([self.layer_of_param[present[i]] for i in positions], dtype=torch.long), device
+            )
             mask = torch.zeros(self.num_layers, dtype=torch.bool)
             mask[[self.layer_of_param[i] for i in present]] = True
             hit = _Segments(
                 layer_ids=layer_ids,
-                present=mask.to(device),
+                present=_upload(mask, device),
                 order=order,
                 # [layer ids | layer ids + L]: squared norms and non-finite counts are summed by one index_add.
                 index=torch.cat([layer_ids, layer_ids + self.num_layers]),
