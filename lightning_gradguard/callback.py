@@ -497,7 +497,8 @@ class GradGuard(Callback):
         if not stats.grads:
             return
         valid = ~stats.nonfinite
-        step = float(trainer.global_step)
+        # Events are stamped with the step count *after* this optimizer step, the x-axis value of the logged scalars.
+        step = float(trainer.global_step + 1)
 
         expl = st.exploding.update(stats.total_norm, stats.layer_norm, valid, stats.layer_present) if st.exploding else None
         van = st.vanishing.update(stats.layer_norm, valid, stats.layer_present) if st.vanishing else None
@@ -541,7 +542,7 @@ class GradGuard(Callback):
         if mode == "raise":
             bad = [n for n, f in zip(st.index.names, stats.layer_nonfinite.tolist()) if f]
             raise NonFiniteGradientError(
-                f"GradGuard: non-finite gradients at step {trainer.global_step} in layer(s) {bad[:5]}"
+                f"GradGuard: non-finite gradients at step {trainer.global_step + 1} in layer(s) {bad[:5]}"
                 f"{' and more' if len(bad) > 5 else ''}."
             )
         for p in st.index.params:

@@ -1,0 +1,133 @@
+"""Smoke test of the stability benchmark: the --quick suite runs in-process and reports every config and run.
+
+Only the structure is checked, plus one outcome that is certain at any size (a 50-layer sigmoid MLP trained past
+the vanishing detector's patience is reported as vanishing). Timings on a shared machine say nothing, and whether
+a few quick steps diverge says little: neither is asserted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.stability import CONFIGS, DeepMLPModule, main
+from lightning_gradguard.callback import EVENT_KINDS
+
+ROW_FIELDS = {
+    "config", "variant", "guard", "steps_planned", "steps", "stopped_early", "metric", "heldout_loss", "heldout_acc",
+    "threshold", "diverged", "first_nan_step", "nonfinite_losses", "train_loss_last10", "events", "first_vanishing",
+    "guard_warnings", "other_warnings", "wall_s", "log_dir",
+}
+MARKS = ("nan", "inf", "-inf")
+
+
+def _reject_constant(name: str) -> Any:
+    raise AssertionError(f"non-standard JSON constant {name}: non-finite numbers must be written as strings")
+
+
+def _finite_or_marked(value: Any) -> bool:
+    if isinstance(value, str):
+        return value in MARKS
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any], dict[str, Any], Path]:
+    tmp = tmp_path_factory.mktemp("stability")
+    out = tmp / "result.json"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        result = main(["--quick", "--json", str(out), "--logdir", str(tmp / "logs")])
+    saved = json.loads(out.read_text(), parse_constant=_reject_constant)
+    return stdout.getvalue(), result, saved, tmp / "logs"
+
+
+def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict, dict, Path]) -> None:
+    _, result, saved, _ = quick
+    assert [c["config"] for c in saved["configs"]] == list(CONFIGS)
+    for cfg in saved["configs"]:
+        variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
+        assert variants == cfg["variants"], cfg["config"]
+        assert variants[:2] == ["unguarded", "guarded"] and set(variants) <= {"unguarded", "guarded", "guarded_example"}
+        assert cfg["guards"]["unguarded"] is None and cfg["guards"]["guarded"] == "GradGuard()"
+        if "guarded_example" in variants:
+            assert cfg["guards"]["guarded_example"].endswith("build_guard()")
+    assert len(saved["rows"]) == len(result["rows"])
+
+
+def test_rows_hold_the_documented_fields(quick: tuple[str, dict, dict, Path]) -> None:
+    _, _, saved, _ = quick
+    for row in saved["rows"]:
+        where = f"{row['config']}/{row['variant']}"
+        assert ROW_FIELDS <= set(row), where
+        assert 1 <= row["steps"] <= row["steps_planned"], where
+        for key in ("heldout_loss", "threshold", "train_loss_last10", "wall_s"):
+            assert _finite_or_marked(row[key]), (where, key, row[key])
+        if row["metric"] == "acc":
+            assert _finite_or_marked(row["heldout_acc"]), where
+        else:
+            assert row["metric"] == "mse" and row["heldout_acc"] is None, where
+        loss = float(row["heldout_loss"])  # "nan" and "inf" parse back
+        assert row["diverged"] == (not math.isfinite(loss) or loss > row["threshold"]), where
+        if row["first_nan_step"] is None:
+            assert row["nonfinite_losses"] == 0, where
+        else:
+            assert 1 <= row["first_nan_step"] <= row["steps"] and row["nonfinite_losses"] >= 1, where
+        if row["variant"] == "unguarded":
+            assert row["guard"] is None and row["events"] is None and row["first_vanishing"] is None, where
+        else:
+            assert set(row["events"]) == set(EVENT_KINDS), where
+            assert all(isinstance(v, int) and v >= 0 for v in row["events"].values()), where
+            assert isinstance(row["guard_warnings"], int) and row["guard_warnings"] >= 0, where
+
+
+def test_the_table_names_machine_command_and_every_run(quick: tuple[str, dict, dict, Path]) -> None:
+    text, _, saved, logs = quick
+    assert "command: python benchmarks/stability.py --quick --json" in text
+    assert "machine:" in text and f"torch {saved['meta']['machine']['torch']}" in text
+    for column in ("held-out", "diverged?", "NaN at", "expl", "nonfin/skip", "lr_red", "van", "warns"):
+        assert column in text, column
+    lines = text.splitlines()
+    for row in saved["rows"]:
+        assert any(line.split()[:2] == [row["config"], row["variant"]] for line in lines), row["config"]
+    for name in CONFIGS:
+        assert any(line.startswith(f"{name}: unguarded") for line in lines), name  # the per-config verdict
+    # Guard warnings are counted, not shown.
+    assert "UserWarning" not in text and "GradGuard: " not in text
+    # Every run wrote its TensorBoard events where --logdir said.
+    for row in saved["rows"]:
+        assert Path(row["log_dir"]).parent.parent == logs
+        assert any(Path(row["log_dir"]).glob("events.out.tfevents.*")), row["log_dir"]
+
+
+def test_the_deep_sigmoid_mlp_is_reported_as_vanishing(quick: tuple[str, dict, dict, Path]) -> None:
+    _, _, saved, _ = quick
+    guarded = next(r for r in saved["rows"] if r["config"] == "mlp_sigmoid50" and r["variant"] == "guarded")
+    assert guarded["steps"] > 25  # past the detector's default patience
+    assert guarded["events"]["vanishing"] >= 1
+    layers = [f"net.{name}" for name, m in DeepMLPModule(depth=50).net.named_children() if any(m.parameters())]
+    first = guarded["first_vanishing"]
+    assert first is not None and first["layer"] in layers and 25 <= first["step"] <= guarded["steps"]
+    # The gradient fades towards the input: what vanishes first is nearer the input than the output.
+    assert layers.index(first["layer"]) < len(layers) // 2
+
+
+def test_json_to_stdout_and_config_selection(tmp_path: Path) -> None:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        main(["--quick", "--configs", "rnn_tanh", "--json", "-", "--logdir", str(tmp_path)])
+    result = json.loads(stdout.getvalue(), parse_constant=_reject_constant)
+    assert [c["config"] for c in result["configs"]] == ["rnn_tanh"]
+    assert {r["config"] for r in result["rows"]} == {"rnn_tanh"}
+
+
+@pytest.mark.parametrize("argv", [["--configs", "nope"], ["--quick", "--full"], ["--threads", "-1"]])
+def test_bad_arguments_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
