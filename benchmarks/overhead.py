@@ -209,7 +209,7 @@ def _zclip_callback() -> Callback:
 
 VARIANTS: tuple[_Variant, ...] = (
     _Variant("plain", "plain Lightning"),
-    _Variant("gg_defaults", "GradGuard() [ZClip+LRGuard+detectors+TB]", GradGuard),
+    _Variant("gg_defaults", "GradGuard() [ZClip, LRGuard, detectors]", GradGuard),
     _Variant("gg_monitor", "GradGuard(clip=None, lr_guard=None)", lambda: GradGuard(clip=None, lr_guard=None)),
     _Variant("gg_normclip", "GradGuard(clip=NormClip(1.0))", lambda: GradGuard(clip=NormClip(1.0))),
     _Variant("gg_autoclip", "GradGuard(clip=AutoClip())", lambda: GradGuard(clip=AutoClip())),
@@ -255,9 +255,9 @@ class _StepTimer(Callback):
     launch cost that a sync-free hook adds).
     """
 
-    def __init__(self, clock: _Clock, skip: int = 0) -> None:
+    def __init__(self, clock: _Clock, skip: int = 0, per_step: bool | None = None) -> None:
         self.clock = clock
-        self.per_step = clock.device.type != "cuda"
+        self.per_step = clock.device.type != "cuda" if per_step is None else per_step
         self.skip = skip
         self.marks: list[tuple[int, float, float, float, float]] = []  # step, wall, cpu, hook wall, hook cpu
         self._hook = [0.0, 0.0]
@@ -491,6 +491,7 @@ def _micro_cases(
         _fit(module, trainer, 1)
         guards[v.key] = guard
         cases[v.key] = _guard_step(guard, trainer, module)
+    module.to(args.device)  # the end of a fit moves the model to the CPU; parameters stay the same objects
     if ZClipLightningCallback is not None:
         zc = ZClipLightningCallback()
         _set_grads(module, fixed)
@@ -583,7 +584,7 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
         for every, sink in ((1, logging_steps), (LOG_EVERY, quiet_steps)):
             # Pictures are timed on their own below (drawn every 500 steps by default, never inside this window).
             guard = GradGuard(log_every_n_steps=every, image_every_n_steps=None, **per_tensor)
-            timer = _StepTimer(clock)
+            timer = _StepTimer(clock, per_step=True)  # every step on its own, on a GPU too
             trainer = _trainer(args, n + 2, [guard, timer], os.path.join(logroot, "logging", f"{every}-{rep}"))
             with _wrapped(guard, ["on_train_batch_end"], timer):
                 _fit(module, trainer, n + 2)

@@ -287,7 +287,8 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
         log_every_n_steps=4,
         logger=TensorBoardLogger(tmp_path / "a", name="", version=""),
     )
-    with pytest.raises(GradientExplosionError, match="step 11"),  # the spike is in batch 10: the 11th optimizer step, warnings.catch_warnings():
+    # The spike is in batch 10, i.e. the 11th optimizer step.
+    with pytest.raises(GradientExplosionError, match="step 11"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first_trainer.fit(first, regression_data())
     assert guard.lr_guard.scale(0) == 0.5
