@@ -33,14 +33,15 @@ __all__ = ["GradGuard", "GradientExplosionError", "NonFiniteGradientError", "Van
 
 log = logging.getLogger(__name__)
 
-EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced")
+EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
 _NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 _EVENT_MODES = ("warn", "raise", "ignore")
 # Per-optimizer scalar accumulator slots (device vector), filled every step and read on logging steps.
 _S_LAST, _S_MAX, _S_MIN, _S_THRESH, _S_COEF, _S_EMA, _S_LOW, _S_HIGH, _S_STEPS = range(9)
 _NUM_SCALARS = 9
-# Device-side cumulative counters: exploding, vanishing, nonfinite, overflow.
-_C_EXPL, _C_VAN, _C_NF, _C_OVF = range(4)
+# Device-side cumulative counters: exploding, vanishing, nonfinite, overflow, clipped steps.
+_C_EXPL, _C_VAN, _C_NF, _C_OVF, _C_CLIP = range(5)
+_NUM_COUNTS = 5
 
 
 class GradientExplosionError(RuntimeError):
@@ -439,7 +440,7 @@ class GradGuard(Callback):
             scalars=torch.tensor([0.0, 0, 0, math.inf, 1.0, math.nan, math.nan, math.nan, 0.0], device=device),
             layer_last=torch.zeros(layers, device=device),
             layer_present=torch.zeros(layers, dtype=torch.bool, device=device),
-            counts=torch.zeros(4, dtype=torch.int64, device=device),
+            counts=torch.zeros(_NUM_COUNTS, dtype=torch.int64, device=device),
             expl_step=torch.full((layers,), -1.0, device=device),
             expl_value=torch.zeros(layers, device=device),
             van_step=torch.full((layers,), -1.0, device=device),
@@ -582,8 +583,9 @@ class GradGuard(Callback):
         van_new = van.new if van is not None else torch.zeros_like(present)
         nonfinite = stats.nonfinite
         nf = nonfinite.long()
+        clipped = (coef < 1.0).long() if coef is not None else nf * 0
         st.counts += torch.stack(
-            [expl_any.long(), van_new.long().sum(), nf * int(not under_scaler), nf * int(under_scaler)]
+            [expl_any.long(), van_new.long().sum(), nf * int(not under_scaler), nf * int(under_scaler), clipped]
         )
         if expl is not None:
             first = expl.layers & (st.expl_step < 0)
@@ -614,13 +616,14 @@ class GradGuard(Callback):
             exploding, nonfinite, vanishing = (bool(v) for v in buf.values)
             step = buf.step
             st.free.append(buf)
-            # A non-finite step (AMP overflow, skipped step) is no observation: it is neither an explosion nor a calm
-            # step, so the LR guard's hold/recovery and the adaptive strengths do not advance on it.
-            if not nonfinite:
-                if self.lr_guard is not None and self.lr_guard.update(exploding, key):
+            # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
+            # step. Without a GradScaler, gradients that overflow mean the run is diverging: treated as an explosion.
+            if not (nonfinite and _grad_scaler(trainer) is not None):
+                signal = exploding or nonfinite
+                if self.lr_guard is not None and self.lr_guard.update(signal, key):
                     st.host_counts["lr_reduced"] += 1
                 for r in self.regularizers:
-                    r.on_exploding(exploding)
+                    r.on_exploding(signal)
             if exploding and self.on_exploding == "raise":
                 raise GradientExplosionError(
                     f"GradGuard: exploding gradients at step {step} (optimizer {key}); see"
@@ -728,8 +731,8 @@ class GradGuard(Callback):
             L = st.index.num_layers
             sc = host[offset : offset + _NUM_SCALARS]
             offset += _NUM_SCALARS
-            counts = host[offset : offset + 4]
-            offset += 4
+            counts = host[offset : offset + _NUM_COUNTS]
+            offset += _NUM_COUNTS
             blocks = [host[offset + i * L : offset + (i + 1) * L] for i in range(7)]
             offset += 7 * L
             last, present, expl_step, expl_value, van_step, van_value, nf_step = blocks
@@ -758,6 +761,7 @@ class GradGuard(Callback):
                 "skipped": st.host_counts["skipped"],
                 "overflow": int(counts[_C_OVF]),
                 "lr_reduced": st.host_counts["lr_reduced"],
+                "clipped": int(counts[_C_CLIP]),
             }
             for kind, value in events.items():
                 metrics[f"{prefix}events/{kind}"] = float(value)
@@ -769,7 +773,9 @@ class GradGuard(Callback):
         status = {"gn": metrics.get("gradguard/total_norm", metrics.get("gradguard/opt0/total_norm", math.nan))}
         if "gradguard/clip_coef" in metrics:
             status["clip"] = metrics["gradguard/clip_coef"]
-        status["ev"] = float(sum(v for k, v in metrics.items() if "/events/" in k and not k.endswith("lr_reduced")))
+        status["ev"] = float(
+            sum(v for k, v in metrics.items() if "/events/" in k and not k.endswith(("lr_reduced", "clipped")))
+        )
         if prog_bar:  # Lightning allows self.log in on_train_batch_end only
             pl_module.log_dict(
                 {f"gg_{k}": v for k, v in status.items()}, prog_bar=True, logger=False, on_step=True, on_epoch=False
@@ -928,6 +934,7 @@ class GradGuard(Callback):
             totals["overflow"] += counts[_C_OVF]
             totals["skipped"] += st.host_counts["skipped"]
             totals["lr_reduced"] += st.host_counts["lr_reduced"]
+            totals["clipped"] += counts[_C_CLIP]
         return totals
 
     def layer_names(self, optimizer_index: int = 0) -> list[str]:

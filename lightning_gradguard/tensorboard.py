@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 #: Event counters written as ``gradguard/events/<kind>``.
-EVENT_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced")
+EVENT_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
 
 _PREFIX = "gradguard/"
 _EVENT_COLUMNS = ("step", "kind", "layer", "value", "action")

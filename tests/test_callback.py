@@ -121,7 +121,9 @@ def test_healthy_mlp_has_no_events_in_200_steps() -> None:
     guard = GradGuard()
     model = Regressor(optimizer="adam", lr=1e-3)
     trainer(max_steps=200, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
-    assert guard.summary() == dict.fromkeys(guard.summary(), 0)
+    summary = guard.summary()
+    assert summary.pop("clipped") < 20  # ZClip trims the odd step of a healthy run; nothing else happens
+    assert summary == dict.fromkeys(summary, 0)
     assert model.losses[-1] < model.losses[0]
 
 
@@ -217,7 +219,7 @@ def test_tensorboard_tags(tmp_path: Any) -> None:
         "gradguard/ema_mean",
         "gradguard/layer/net.0",
         "gradguard/layer/net.2",
-        *(f"gradguard/events/{k}" for k in ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced")),
+        *(f"gradguard/events/{k}" for k in ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")),
     ]:
         assert tag in tags, tag
     steps = [e.step for e in acc.Scalars("gradguard/total_norm")]

@@ -91,7 +91,7 @@ def test_the_table_names_machine_command_and_every_run(quick: tuple[str, dict, d
     text, _, saved, logs = quick
     assert "command: python benchmarks/stability.py --quick --json" in text
     assert "machine:" in text and f"torch {saved['meta']['machine']['torch']}" in text
-    for column in ("held-out", "diverged?", "NaN at", "expl", "nonfin/skip", "lr_red", "van", "warns"):
+    for column in ("held-out", "diverged?", "NaN at", "clipped", "expl", "nonfin/skip", "lr_red", "van", "warns"):
         assert column in text, column
     lines = text.splitlines()
     for row in saved["rows"]:
@@ -111,7 +111,8 @@ def test_the_deep_sigmoid_mlp_is_reported_as_vanishing(quick: tuple[str, dict, d
     guarded = next(r for r in saved["rows"] if r["config"] == "mlp_sigmoid50" and r["variant"] == "guarded")
     assert guarded["steps"] > 25  # past the detector's default patience
     assert guarded["events"]["vanishing"] >= 1
-    layers = [f"net.{name}" for name, m in DeepMLPModule(depth=50).net.named_children() if any(m.parameters())]
+    layers = [f"net.{name}" for name, m in DeepMLPModule(depth=50).net.named_children()
+              if next(m.parameters(), None) is not None]
     first = guarded["first_vanishing"]
     assert first is not None and first["layer"] in layers and 25 <= first["step"] <= guarded["steps"]
     # The gradient fades towards the input: what vanishes first is nearer the input than the output.
