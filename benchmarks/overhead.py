@@ -386,6 +386,7 @@ class _Samples:
     periods: list[tuple[float, float, float, float]] = field(default_factory=list)
     per_rep: list[float] = field(default_factory=list)  # median step of each repetition (primary clock)
     peak_mb: list[float] = field(default_factory=list)
+    timed: int = 0  # steps inside the timed windows
 
 
 def _run_fit(
@@ -437,6 +438,7 @@ def bench_steps(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, varia
             timer, peak = _run_fit(args, clock, module, v, skip + n + 1, None, skip)
             periods = timer.periods(skip, LOG_EVERY)
             samples[v.key].periods += periods
+            samples[v.key].timed += len(periods) if timer.per_step else n
             samples[v.key].per_rep.append(statistics.median(clock.pick(w, c) for w, c, _, _ in periods))
             samples[v.key].peak_mb.append(peak)
     plain = samples["plain"]
@@ -455,7 +457,7 @@ def bench_steps(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, varia
             "hook_ms": hook_med, "hook_ms_p25": hook_lo, "hook_ms_p75": hook_hi,
             "hook_share": hook_med / _quantiles([clock.pick(w, c) * 1e3 for w, c, _, _ in plain.periods])[0],
             "peak_mb": max(s.peak_mb) if args.device == "cuda" else None,
-            "reps": len(s.per_rep), "steps_timed": len(s.periods),
+            "reps": len(s.per_rep), "steps_timed": s.timed,
         })
     return rows
 

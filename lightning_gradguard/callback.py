@@ -154,6 +154,9 @@ class GradGuard(Callback):
         image_every_n_steps: steps between gradient-flow pictures (TensorBoard only); ``None`` disables them.
         histogram_every_n_steps: steps between gradient histograms (TensorBoard only); ``None`` disables them.
         max_warnings: warnings per kind per logging step; the rest are counted in one summary line.
+        clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to the top of
+            the detector's band. A safety net for the first steps of a run, while an adaptive clipper is still
+            warming up (ZClip does not clip during its warm-up); folded into the clipper's coefficient, no extra pass.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -183,6 +186,7 @@ class GradGuard(Callback):
         image_every_n_steps: int | None = 500,
         histogram_every_n_steps: int | None = None,
         max_warnings: int = 5,
+        clip_exploding: bool = True,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -233,6 +237,7 @@ class GradGuard(Callback):
         self.image_every_n_steps = image_every_n_steps
         self.histogram_every_n_steps = histogram_every_n_steps
         self.max_warnings = max_warnings
+        self.clip_exploding = clip_exploding
 
         self._states: dict[int, _OptimizerState] = {}
         self._opt_keys: dict[int, int] = {}  # id(optimizer) -> optimizer index
@@ -518,8 +523,9 @@ class GradGuard(Callback):
                     " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip or"
                     " AutoClip, which clip sparse gradients."
                 )
+            cap = expl.cap if (expl is not None and self.clip_exploding) else None
             coef = st.clipper.clip_grads_(
-                stats.grads, stats.total_norm, valid, params=stats.params, names=names, owner_types=owners
+                stats.grads, stats.total_norm, valid, params=stats.params, names=names, owner_types=owners, cap=cap
             )
 
         # The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see `LRGuard.attach`), so a

@@ -179,6 +179,7 @@ class Clipper(abc.ABC):
     def __init__(self) -> None:
         self.last_threshold: Tensor = torch.tensor(math.inf)
         self.last_coef: Tensor = torch.tensor(1.0)
+        self._cap: Tensor | None = None
 
     @torch.no_grad()
     def clip_(self, parameters: Tensor | Iterable[Tensor] | nn.Module) -> Tensor:
@@ -212,6 +213,7 @@ class Clipper(abc.ABC):
         params: list[Tensor] | None = None,
         names: list[str] | None = None,
         owner_types: list[type] | None = None,
+        cap: Tensor | None = None,
     ) -> Tensor:
         """Clip ``grads`` in place given their already computed total L2 norm.
 
@@ -224,6 +226,10 @@ class Clipper(abc.ABC):
             names: qualified parameter names (same order), used by :class:`AGC` ``exclude``.
             owner_types: types of the modules owning the parameters (same order), used by :class:`AGC`
                 ``exclude_types``.
+            cap: optional 0-d tensor, an upper bound on the total norm after clipping for this step only (``inf``:
+                none). GradGuard passes the exploding detector's band edge on a flagged step, a safety net while an
+                adaptive clipper is still warming up. It is folded into the clipper's own coefficient (no extra
+                pass) and never enters the clipper's statistics. Ignored by :class:`AGC`.
 
         Returns:
             The clipping coefficient applied (0-d fp32 tensor, also stored in :attr:`last_coef`).
@@ -239,7 +245,21 @@ class Clipper(abc.ABC):
         if total_norm.dtype != torch.float32:
             total_norm = total_norm.float()
         total_norm = self._norm_for_clipping(grads, total_norm)
-        return self._clip(grads, total_norm, valid, params, names, owner_types)
+        self._cap = cap
+        try:
+            return self._clip(grads, total_norm, valid, params, names, owner_types)
+        finally:
+            self._cap = None
+
+    def _capped(self, coef: Tensor, total_norm: Tensor) -> Tensor:
+        """``coef`` lowered so that the clipped norm stays under this call's ``cap`` (no NaN on inf/NaN norms)."""
+        cap = getattr(self, "_cap", None)
+        if cap is None:
+            return coef
+        cap = cap.to(device=coef.device, dtype=torch.float32)
+        after = total_norm.to(coef.device) * coef
+        limit = torch.where(torch.isfinite(after) & (after > cap), cap / (after + _NORM_EPS), 1.0)
+        return coef * limit
 
     def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
         return _total_norm(grads)
@@ -327,7 +347,7 @@ class NormClip(Clipper):
             self._threshold[device] = torch.full((), self.max_norm, dtype=torch.float32, device=device)
         # An inf norm gives coef 0 (not NaN): max_norm / inf.
         coef = torch.clamp(self.max_norm / (total_norm + _NORM_EPS), max=1.0)
-        coef = torch.where(valid, coef, 1.0)
+        coef = self._capped(torch.where(valid, coef, 1.0), total_norm)
         _scale_(grads, coef)
         self.last_threshold = self._threshold[device]
         self.last_coef = coef
@@ -430,7 +450,7 @@ class AutoClip(Clipper):
             n = torch.clamp(new_count, max=self.history)
         threshold = _sorted_percentile(ordered, n, self.percentile)
         coef = torch.clamp(threshold / (norm + _NORM_EPS), max=1.0)
-        coef = torch.where(ok, coef, 1.0)
+        coef = self._capped(torch.where(ok, coef, 1.0), norm)
         _scale_(grads, coef)
         self._values, self._count = values, new_count
         self._calls += 1
@@ -655,6 +675,7 @@ class ZClip(Clipper):
         self._buffer = buffer
         self._count = count + ok
 
+        coef = self._capped(coef, x.to(torch.float32))
         _scale_(grads, coef)
         self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
         self.last_coef = coef

@@ -21,11 +21,14 @@ class ExplodingResult(NamedTuple):
         total: 0-d bool, the total norm spiked or crossed the ceiling.
         layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling.
         any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
+        cap: 0-d, the top of the detection band (or the ceiling ``max_norm``) when ``total`` is set, else ``inf``:
+            the norm a flagged step can be clipped to.
     """
 
     total: Tensor
     layers: Tensor
     any: Tensor
+    cap: Tensor
 
 
 class VanishingResult(NamedTuple):
@@ -214,6 +217,12 @@ class ExplodingDetector:
         if not self.per_layer:
             flags[1:] = False
         flags[1:] &= layer_norm >= self.min_share * norms[0]
+        # Where a flagged total may be clipped to: the band's upper edge, judged before this step enters it.
+        edge = (mean[0] + z_std[0].clamp_min(math.log(self.min_ratio))).exp()
+        edge = torch.where(count[0] >= 1, edge, math.inf)
+        if self.max_norm is not None:
+            edge = torch.clamp_max(edge, self.max_norm)
+        cap = torch.where(flags[0], edge, math.inf)
 
         # Warm-up uses a plain running mean (1/n), afterwards the EMA; spikes enter clipped to the band's edge.
         rate = torch.where(warm, 1.0 - self.alpha, (count + 1.0).reciprocal())
@@ -226,7 +235,7 @@ class ExplodingDetector:
         self._mean = torch.where(use, new_mean, mean)
         self._var = torch.where(use, new_var, var)
         self._count = count + use
-        return ExplodingResult(total=flags[0], layers=flags[1:], any=flags.any())
+        return ExplodingResult(total=flags[0], layers=flags[1:], any=flags.any(), cap=cap)
 
     def band(self) -> Tensor:
         """``[3]`` device tensor: the EMA total norm and the lower/upper edges of its detection band."""
