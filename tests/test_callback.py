@@ -260,3 +260,37 @@ def test_csv_logger_gets_the_summary_scalars(tmp_path: Any) -> None:
 def test_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         GradGuard(**kwargs)
+
+
+class SpikeAt(Regressor):
+    """Multiplies the loss of one step by 1e4 and records the gradient norm the optimizer receives."""
+
+    def __init__(self, spike_step: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spike_step = spike_step
+        self.seen: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if self.global_step == self.spike_step else loss
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:  # runs after the callbacks: post-clip gradients
+        grads = [p.grad for p in self.parameters() if p.grad is not None]  # None: a skipped step
+        self.seen.append(torch.nn.utils.get_total_norm(grads).item() if grads else math.nan)
+
+
+@pytest.mark.parametrize("clip_exploding", [True, False])
+def test_a_spike_during_the_clipper_warmup_is_clipped_to_the_detector_band(clip_exploding: bool) -> None:
+    torch.manual_seed(0)
+    model = SpikeAt(spike_step=6)
+    guard = GradGuard(lr_guard=None, clip_exploding=clip_exploding)  # ZClip: 25 warm-up steps without clipping
+    trainer(max_steps=10, callbacks=[guard]).fit(model, regression_data())
+    before, spike = max(model.seen[:6]), model.seen[6]
+    if clip_exploding:
+        assert spike < 10 * before  # held near the band instead of 1e4 times larger
+        band_upper = guard._states[0].exploding.band()[2].item()
+        assert spike <= band_upper * 1.01
+        assert guard._states[0].clipper.state_dict()["count"] == 10  # ZClip's own statistics saw every step
+    else:
+        assert spike > 1000 * before  # let through: the weights are thrown far off
+    assert guard.summary()["exploding"] >= 1

@@ -705,3 +705,26 @@ def test_repr_shows_arguments() -> None:
         r"AGC(clip_factor=0.02, eps=0.001, exclude='^fc\\.', exclude_types=(Head,))"
     )
     assert eval(repr(ZClip(alpha=0.9)), {"ZClip": ZClip}).alpha == 0.9
+
+
+@pytest.mark.parametrize("make", [lambda: NormClip(100.0), lambda: AutoClip(), lambda: ZClip(warmup_steps=3)])
+def test_cap_bounds_the_clipped_norm_without_touching_the_statistics(make: Callable[[], Clipper]) -> None:
+    capped, plain = make(), make()
+    for step in range(6):
+        grads_a = [torch.full((4, 4), 1.0 + step), torch.full((3,), 2.0, dtype=torch.float64)]
+        grads_b = [g.clone() for g in grads_a]
+        norm = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads_a])).float()
+        cap = torch.tensor(0.5 if step == 4 else math.inf)
+        capped.clip_grads_(grads_a, norm, torch.tensor(True), cap=cap)
+        plain.clip_grads_(grads_b, norm, torch.tensor(True))
+        after = torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads_a])).item()
+        if step == 4:
+            assert after <= 0.5 * (1 + 1e-5) and capped.last_coef.item() < plain.last_coef.item()
+        else:
+            assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    for key, value in plain.state_dict().items():  # the cap never enters the clipper's state
+        other = capped.state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    bad = [torch.full((2,), math.nan)]
+    coef = capped.clip_grads_(bad, torch.tensor(math.nan), torch.tensor(False), cap=torch.tensor(0.5))
+    assert coef.item() == 1.0  # an invalid step with a cap: untouched, no NaN coefficient
