@@ -100,7 +100,9 @@ class _OptimizerState:
     clipper: Clipper | None
     exploding: ExplodingDetector | None
     vanishing: VanishingDetector | None
-    scalars: Tensor  # [_NUM_SCALARS] since the last log
+    last_total: Tensor  # 0-d, the last total norm
+    extremes: Tensor  # [3] since the last log: max and min valid total norm, min clip coefficient
+    consts: dict[str, Tensor]  # small device constants, made once (no host-to-device copy per step)
     layer_last: Tensor  # [L]
     layer_present: Tensor  # [L] bool, seen a gradient since the last log
     counts: Tensor  # [4] cumulative device counters
@@ -117,6 +119,30 @@ class _OptimizerState:
     steps_since_log: int = 0
     warned: set[tuple[str, str]] = field(default_factory=set)
     last_flags: Any = None  # last host flags read (numpy)
+
+    @property
+    def scalars(self) -> Tensor:
+        """``[_NUM_SCALARS]``: last, max and min total norm, clip threshold, min clip coefficient, EMA band, steps.
+
+        Assembled on demand (logging steps): the step itself only keeps the running extremes.
+        """
+        device = self.last_total.device
+        threshold = (
+            self.clipper.last_threshold.to(device, torch.float32).reshape(1)
+            if self.clipper is not None
+            else self.consts["inf"]
+        )
+        band = self.exploding.band().to(device) if self.exploding is not None else self.consts["nan3"]
+        return torch.cat(
+            [
+                self.last_total.reshape(1).float(),
+                self.extremes[:2],
+                threshold,
+                self.extremes[2:],
+                band,
+                torch.full((1,), float(self.steps_since_log), device=device),
+            ]
+        )
 
 
 def _default(value: Any, factory: Callable[[], Any]) -> Any:
@@ -183,7 +209,7 @@ class GradGuard(Callback):
         group_fn: Callable[[str], str] | None = None,
         log_layers: bool = True,
         saturation: bool = True,
-        image_every_n_steps: int | None = 500,
+        image_every_n_steps: int | None = 5000,
         histogram_every_n_steps: int | None = None,
         max_warnings: int = 5,
         clip_exploding: bool = True,
@@ -442,7 +468,20 @@ class GradGuard(Callback):
             clipper=copy.deepcopy(self.clip),
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
-            scalars=torch.tensor([0.0, 0, 0, math.inf, 1.0, math.nan, math.nan, math.nan, 0.0], device=device),
+            last_total=torch.zeros((), device=device),
+            extremes=torch.tensor([-math.inf, math.inf, 1.0], device=device),
+            consts={
+                "extremes": torch.tensor([-math.inf, math.inf, 1.0], device=device),
+                "is_max": torch.tensor([True, False, False], device=device),
+                "gated": torch.tensor([True, True, False], device=device),  # move on valid steps only
+                "one": torch.ones((), device=device),
+                "zero": torch.zeros((), dtype=torch.int64, device=device),
+                "false": torch.zeros((), dtype=torch.bool, device=device),
+                "inf": torch.full((1,), math.inf, device=device),
+                "nan3": torch.full((3,), math.nan, device=device),
+                "counts_amp": torch.tensor([_C_EXPL, _C_VAN, _C_OVF, _C_CLIP], device=device),
+                "counts": torch.tensor([_C_EXPL, _C_VAN, _C_NF, _C_CLIP], device=device),
+            },
             layer_last=torch.zeros(layers, device=device),
             layer_present=torch.zeros(layers, dtype=torch.bool, device=device),
             counts=torch.zeros(_NUM_COUNTS, dtype=torch.int64, device=device),
@@ -467,10 +506,7 @@ class GradGuard(Callback):
     @staticmethod
     def _reset_since_log(st: _OptimizerState) -> None:
         # "Last" values survive a log; extremes and counts restart.
-        st.scalars[_S_MAX] = -math.inf
-        st.scalars[_S_MIN] = math.inf
-        st.scalars[_S_COEF] = 1.0
-        st.scalars[_S_STEPS] = 0.0
+        st.extremes = st.consts["extremes"].clone()
         st.layer_present.fill_(False)
         st.expl_step.fill_(-1.0)
         st.van_step.fill_(-1.0)
@@ -568,48 +604,49 @@ class GradGuard(Callback):
         step: float,
         under_scaler: bool,
     ) -> None:
+        # Few, small ops: this runs every step. Values that are only "the latest" (threshold, EMA band) are read
+        # from their owners on logging steps instead of being copied here.
+        c = st.consts
         total = stats.total_norm
-        s = st.scalars
-        finite_total = torch.where(valid, total, torch.zeros_like(total))
-        s[_S_LAST] = total
-        s[_S_MAX] = torch.where(valid, torch.maximum(s[_S_MAX], total), s[_S_MAX])
-        s[_S_MIN] = torch.where(valid, torch.minimum(s[_S_MIN], finite_total), s[_S_MIN])
-        if st.clipper is not None:
-            s[_S_THRESH] = st.clipper.last_threshold.to(s.device).float()
-            s[_S_COEF] = torch.minimum(s[_S_COEF], st.clipper.last_coef.to(s.device).float())
-        if st.exploding is not None:
-            s[_S_EMA:_S_HIGH + 1] = st.exploding.band().to(s.device)
-        s[_S_STEPS] += 1
-        present = stats.layer_present
-        st.layer_last.copy_(torch.where(present, stats.layer_norm, st.layer_last))
-        st.layer_present |= present
+        st.last_total = total
+        coef_now = st.clipper.last_coef if st.clipper is not None else c["one"]
+        candidates = torch.stack([total, total, coef_now.to(total.device, torch.float32)])
+        running = torch.where(
+            c["is_max"], torch.maximum(st.extremes, candidates), torch.minimum(st.extremes, candidates)
+        )
+        st.extremes = torch.where(c["gated"] & ~valid, st.extremes, running)
 
-        zero = torch.zeros((), dtype=torch.bool, device=s.device)
-        expl_any = expl.any if expl is not None else zero
-        van_new = van.new if van is not None else torch.zeros_like(present)
+        present = stats.layer_present
+        ln = stats.layer_norm
+        st.layer_last = torch.where(present, ln, st.layer_last)
+        st.layer_present = st.layer_present | present
+
+        expl_any = expl.any if expl is not None else c["false"]
+        van_new = van.new if van is not None else None
         nonfinite = stats.nonfinite
-        nf = nonfinite.long()
-        clipped = (coef < 1.0).long() if coef is not None else nf * 0
-        st.counts += torch.stack(
-            [expl_any.long(), van_new.long().sum(), nf * int(not under_scaler), nf * int(under_scaler), clipped]
+        clipped = (coef < 1.0).long() if coef is not None else c["zero"]
+        van_count = van_new.sum() if van_new is not None else c["zero"]
+        st.counts.index_add_(
+            0,
+            c["counts_amp"] if under_scaler else c["counts"],
+            torch.stack([expl_any.long(), van_count, nonfinite.long(), clipped]),
         )
         if expl is not None:
-            first = expl.layers & (st.expl_step < 0)
             # A total-norm explosion with no single layer to blame is filed under the largest layer.
-            blame = expl.total & ~expl.layers.any() & (stats.layer_norm == stats.layer_norm.max())
-            first = first | (blame & (st.expl_step < 0))
-            st.expl_step.copy_(torch.where(first, step, st.expl_step))
-            st.expl_value.copy_(torch.where(first, stats.layer_norm, st.expl_value))
-        if van is not None:
+            blame = expl.total & ~expl.layers.any() & (ln == ln.max())
+            first = (expl.layers | blame) & (st.expl_step < 0)
+            st.expl_step = torch.where(first, step, st.expl_step)
+            st.expl_value = torch.where(first, ln, st.expl_value)
+        if van_new is not None:
             first = van_new & (st.van_step < 0)
-            st.van_step.copy_(torch.where(first, step, st.van_step))
-            st.van_value.copy_(torch.where(first, stats.layer_norm, st.van_value))
+            st.van_step = torch.where(first, step, st.van_step)
+            st.van_value = torch.where(first, ln, st.van_value)
         if not under_scaler:  # a GradScaler overflow is routine (scale calibration): counted, not warned about
             first_nf = stats.layer_nonfinite & (st.nf_step < 0)
-            st.nf_step.copy_(torch.where(first_nf, step, st.nf_step))
+            st.nf_step = torch.where(first_nf, step, st.nf_step)
 
-        flags = torch.stack([expl_any, nonfinite, van_new.any()]).to(torch.float32)
-        buf = st.free.pop() if st.free else _HostFlags.create(3, s.device)
+        flags = torch.stack([expl_any, nonfinite, van_new.any() if van_new is not None else c["false"]]).float()
+        buf = st.free.pop() if st.free else _HostFlags.create(3, total.device)
         buf.fill(flags, int(step))
         st.pending.append(buf)
         st.steps += 1
@@ -714,7 +751,7 @@ class GradGuard(Callback):
                 self._reset_since_log(st)
             return
         states = sorted(self._states.items())
-        device = states[0][1].scalars.device
+        device = states[0][1].last_total.device
         parts: list[Tensor] = [p.to(device) for p in penalties]
         parts += [v.detach().float().reshape(1).to(device) for v in saturation.values()]
         for _, st in states:
