@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import gc
 import io
+import inspect
 import json
 import logging
 import math
@@ -81,6 +82,8 @@ except ImportError:
 
 MODELS = ("mlp800", "resnet20", "lstm")
 LOG_EVERY = 50  # Lightning's default logging interval
+# GradGuard's default picture interval: the logging share amortizes one picture over it.
+IMAGE_EVERY: int = inspect.signature(GradGuard).parameters["image_every_n_steps"].default
 _GUARD_HOOKS = ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end")
 
 
@@ -584,7 +587,7 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
     guard: GradGuard | None = None
     for rep in range(1 if args.quick else 2):
         for every, sink in ((1, logging_steps), (LOG_EVERY, quiet_steps)):
-            # Pictures are timed on their own below (drawn every 500 steps by default, never inside this window).
+            # Pictures are timed on their own below (drawn every IMAGE_EVERY steps by default, never in this window).
             guard = GradGuard(log_every_n_steps=every, image_every_n_steps=None, **per_tensor)
             timer = _StepTimer(clock, per_step=True)  # every step on its own, on a GPU too
             trainer = _trainer(args, n + 2, [guard, timer], os.path.join(logroot, "logging", f"{every}-{rep}"))
@@ -621,7 +624,7 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
     writer.close()
     extra = statistics.median(logging_steps) * 1e3 - statistics.median(quiet_steps) * 1e3
     base = plain_step_ms if plain_step_ms else statistics.median(quiet_steps) * 1e3
-    amortized = (extra + (image_ms if not math.isnan(image_ms) else 0.0) * LOG_EVERY / 500) / (LOG_EVERY * base)
+    amortized = (extra + (image_ms if not math.isnan(image_ms) else 0.0) * LOG_EVERY / IMAGE_EVERY) / (LOG_EVERY * base)
     return {
         "model": spec.name, "layers": layers, "scalars": scalars,
         "logging_step_extra_ms": extra, "flush_hook_ms": statistics.median(flush_ms),
@@ -956,7 +959,7 @@ def report(result: dict[str, Any]) -> str:
     if log:
         out += ["", f"Logging step ({log['model']}, {log['layers']} layers = one per tensor, {log['scalars']} scalars)"]
         out.append(_table(
-            ["logging-step extra ms", "flush hook ms", "images ms (every 500)", f"add_scalar x{log['scalars']} ms",
+            ["logging-step extra ms", "flush hook ms", f"images ms (every {IMAGE_EVERY})", f"add_scalar x{log['scalars']} ms",
              f"share of training (every {LOG_EVERY})"],
             [[log["logging_step_extra_ms"], log["flush_hook_ms"], log["images_ms"], log["add_scalar_ms"],
               f"{100 * log['share_of_training']:.2f}%"]],
