@@ -37,7 +37,7 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers and IDEs
     from lightning_gradguard.callback import (
         GradGuard,
         GradientExplosionError,

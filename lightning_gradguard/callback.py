@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 import re
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -514,7 +513,9 @@ class GradGuard(Callback):
         st.steps_since_log = 0
 
     # ------------------------------------------------------------------ the step
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         # Activation hooks exist only for the forward passes that lead to a logging step.
         if self._saturation is not None and not self._sat_armed and trainer.global_step + 1 >= self._next_log_step:
             self._saturation.arm()
@@ -542,7 +543,9 @@ class GradGuard(Callback):
         # Events are stamped with the step count *after* this optimizer step, the x-axis value of the logged scalars.
         step = float(trainer.global_step + 1)
 
-        expl = st.exploding.update(stats.total_norm, stats.layer_norm, valid, stats.layer_present) if st.exploding else None
+        expl = None
+        if st.exploding is not None:
+            expl = st.exploding.update(stats.total_norm, stats.layer_norm, valid, stats.layer_present)
         van = st.vanishing.update(stats.layer_norm, valid, stats.layer_present) if st.vanishing else None
 
         skipped = False
@@ -678,7 +681,9 @@ class GradGuard(Callback):
                     f" {self._layer_report(st, st.van_step, st.van_value)}."
                 )
             if nonfinite and self.on_nonfinite == "warn" and _grad_scaler(trainer) is None:
-                rank_zero_warn(f"GradGuard: non-finite gradients at step {step} (optimizer {key}); the step was applied.")
+                rank_zero_warn(
+                    f"GradGuard: non-finite gradients at step {step} (optimizer {key}); the step was applied."
+                )
 
     @staticmethod
     def _layer_report(st: _OptimizerState, steps: Tensor, values: Tensor) -> str:
@@ -826,7 +831,7 @@ class GradGuard(Callback):
 
         board = self._get_board(trainer)
         if board is not None:
-            for key, st, last, present, expl_step, van_step in layer_rows:
+            for key, _, last, present, expl_step, van_step in layer_rows:
                 if self.log_layers:
                     board.write_layer_norms(step, key, last, expl_step >= 0, van_step >= 0, present=present > 0)
             if self._event_rows:
@@ -876,7 +881,9 @@ class GradGuard(Callback):
             if shown[kind] > self.max_warnings:
                 continue
             st.warned.add((row["layer"], kind))
-            where = f"layer {row['layer']!r} at step {row['step']}" + (f" (optimizer {key})" if len(self._states) > 1 else "")
+            where = f"layer {row['layer']!r} at step {row['step']}"
+            if len(self._states) > 1:
+                where += f" (optimizer {key})"
             if kind == "exploding":
                 msg = f"GradGuard: exploding gradients in {where}: norm {row['value']:.3g}; action: {row['action']}."
             elif kind == "vanishing":

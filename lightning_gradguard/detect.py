@@ -173,7 +173,8 @@ class ExplodingDetector:
         Args:
             total_norm: 0-d total gradient norm.
             layer_norm: ``[L]`` per-layer norms.
-            valid: 0-d bool; ``False`` (non-finite gradients, AMP overflow) leaves the state untouched and reports nothing.
+            valid: 0-d bool; ``False`` (non-finite gradients, AMP overflow) leaves the state untouched and reports
+                nothing.
             layer_present: ``[L]`` bool, layers that received a gradient this step (default: all).
         """
         # Every tensor operation below is one kernel launch per step: no-ops (detach of a tensor that needs no
@@ -258,7 +259,8 @@ class ExplodingDetector:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(z_thresh={self.z_thresh}, alpha={self.alpha}, warmup_steps={self.warmup_steps},"
-            f" min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, max_norm={self.max_norm}, max_layer_norm={self.max_layer_norm},"
+            f" min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, max_norm={self.max_norm},"
+            f" max_layer_norm={self.max_layer_norm},"
             f" per_layer={self.per_layer}, min_share={self.min_share})"
         )
 

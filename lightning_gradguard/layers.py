@@ -66,11 +66,15 @@ class LayerIndex:
         return sub
 
 
-def _group_name(module_name: str, param_name: str, group_depth: int | None, group_fn: Callable[[str], str] | None) -> str:
+def _group_name(
+    module_name: str, param_name: str, group_depth: int | None, group_fn: Callable[[str], str] | None
+) -> str:
     if group_fn is not None:
         group = group_fn(param_name)
         if not isinstance(group, str) or not group:
-            raise ValueError(f"`group_fn` must return a non-empty str for every parameter name, got {group!r} for {param_name!r}")
+            raise ValueError(
+                f"`group_fn` must return a non-empty str for every parameter name, got {group!r} for {param_name!r}"
+            )
         return group
     if not module_name:
         return ROOT_LAYER
@@ -96,8 +100,8 @@ def build_layer_index(
             unfrozen mid-run (fine-tuning schedules) are already indexed; a frozen layer has no gradient and is
             simply absent from every step's figures.
 
-    Frozen parameters (``requires_grad=False``) are left out unless ``include_frozen``; a parameter shared by several modules (tied weights)
-    is counted once, in the layer where it first appears.
+    Frozen parameters (``requires_grad=False``) are left out unless ``include_frozen``; a parameter shared by several
+    modules (tied weights) is counted once, in the layer where it first appears.
 
     Raises:
         ValueError: on an invalid ``group_depth``.
