@@ -117,7 +117,6 @@ class _OptimizerState:
     steps: int = 0
     steps_since_log: int = 0
     warned: set[tuple[str, str]] = field(default_factory=set)
-    last_flags: Any = None  # last host flags read (numpy)
 
     @property
     def scalars(self) -> Tensor:
