@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
-import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,8 +36,8 @@ EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr
 _NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 _EVENT_MODES = ("warn", "raise", "ignore")
 # Per-optimizer scalar accumulator slots (device vector), filled every step and read on logging steps.
-_S_LAST, _S_MAX, _S_MIN, _S_THRESH, _S_COEF, _S_EMA, _S_LOW, _S_HIGH, _S_STEPS = range(9)
-_NUM_SCALARS = 9
+_S_LAST, _S_MAX, _S_MIN, _S_THRESH, _S_COEF, _S_EMA, _S_LOW, _S_HIGH = range(8)
+_NUM_SCALARS = 8
 # Device-side cumulative counters: exploding, vanishing, nonfinite, overflow, clipped steps.
 _C_EXPL, _C_VAN, _C_NF, _C_OVF, _C_CLIP = range(5)
 _NUM_COUNTS = 5
@@ -118,9 +118,21 @@ class _OptimizerState:
     steps_since_log: int = 0
     warned: set[tuple[str, str]] = field(default_factory=set)
 
+    def event_counts(self, counts: Any) -> dict[str, int]:
+        """Cumulative count of each event kind, from the device counters (as host values) and the host counters."""
+        return {
+            "exploding": int(counts[_C_EXPL]),
+            "vanishing": int(counts[_C_VAN]),
+            "nonfinite": int(counts[_C_NF]),
+            "skipped": self.host_counts["skipped"],
+            "overflow": int(counts[_C_OVF]),
+            "lr_reduced": self.host_counts["lr_reduced"],
+            "clipped": int(counts[_C_CLIP]),
+        }
+
     @property
     def scalars(self) -> Tensor:
-        """``[_NUM_SCALARS]``: last, max and min total norm, clip threshold, min clip coefficient, EMA band, steps.
+        """``[_NUM_SCALARS]``: last, max and min total norm, clip threshold, min clip coefficient, EMA band.
 
         Assembled on demand (logging steps): the step itself only keeps the running extremes.
         """
@@ -138,7 +150,6 @@ class _OptimizerState:
                 threshold,
                 self.extremes[2:],
                 band,
-                torch.full((1,), float(self.steps_since_log), device=device),
             ]
         )
 
@@ -696,14 +707,15 @@ class GradGuard(Callback):
 
     def _sample_histograms(self, st: _OptimizerState, stats: StepStats) -> None:
         from lightning_gradguard.stats import _dense, _local
-        from lightning_gradguard.tensorboard import sample_gradients
+        from lightning_gradguard.tensorboard import block_name, sample_gradients
 
         # Histograms take plain tensors: a DTensor's local shard, a sparse gradient's stored values.
         named = [
             (st.index.names[st.index.layer_of_param[i]], _dense(_local(g)))
             for i, g in zip(stats.param_indices, stats.grads)
         ]
-        self._hist_samples.update(sample_gradients(named, _block_of))
+        # Blocks are the first two name components ("encoder.3.linear" -> "encoder.3").
+        self._hist_samples.update(sample_gradients(named, functools.partial(block_name, depth=2)))
 
     # ------------------------------------------------------------------ logging
     def on_train_batch_end(
@@ -773,7 +785,7 @@ class GradGuard(Callback):
         for name, value in self._last_saturation.items():
             metrics[f"gradguard/saturation/{name}"] = value
         offset += len(saturation)
-        layer_rows: list[tuple[int, _OptimizerState, Any, Any, Any, Any]] = []
+        layer_rows: list[tuple[int, Any, Any, Any, Any]] = []
         for key, st in states:
             L = st.index.num_layers
             sc = host[offset : offset + _NUM_SCALARS]
@@ -801,18 +813,9 @@ class GradGuard(Callback):
                 opt = trainer.optimizers[key] if key < len(trainer.optimizers) else None
                 if opt is not None:
                     metrics[prefix + "lr"] = float(opt.param_groups[0]["lr"]) * scale
-            events = {
-                "exploding": int(counts[_C_EXPL]),
-                "vanishing": int(counts[_C_VAN]),
-                "nonfinite": int(counts[_C_NF]),
-                "skipped": st.host_counts["skipped"],
-                "overflow": int(counts[_C_OVF]),
-                "lr_reduced": st.host_counts["lr_reduced"],
-                "clipped": int(counts[_C_CLIP]),
-            }
-            for kind, value in events.items():
+            for kind, value in st.event_counts(counts).items():
                 metrics[f"{prefix}events/{kind}"] = float(value)
-            layer_rows.append((key, st, last, present, expl_step, van_step))
+            layer_rows.append((key, last, present, expl_step, van_step))
             self._collect_events(st, key, step, expl_step, expl_value, van_step, van_value, nf_step)
 
         for logger in trainer.loggers:
@@ -830,7 +833,7 @@ class GradGuard(Callback):
 
         board = self._get_board(trainer)
         if board is not None:
-            for key, _, last, present, expl_step, van_step in layer_rows:
+            for key, last, present, expl_step, van_step in layer_rows:
                 if self.log_layers:
                     board.write_layer_norms(step, key, last, expl_step >= 0, van_step >= 0, present=present > 0)
             if self._event_rows:
@@ -976,24 +979,13 @@ class GradGuard(Callback):
         """Cumulative event counts over all optimizers (reads device counters: call it after training)."""
         totals = dict.fromkeys(EVENT_KINDS, 0)
         for st in self._states.values():
-            counts = st.counts.tolist()
-            totals["exploding"] += counts[_C_EXPL]
-            totals["vanishing"] += counts[_C_VAN]
-            totals["nonfinite"] += counts[_C_NF]
-            totals["overflow"] += counts[_C_OVF]
-            totals["skipped"] += st.host_counts["skipped"]
-            totals["lr_reduced"] += st.host_counts["lr_reduced"]
-            totals["clipped"] += counts[_C_CLIP]
+            for kind, value in st.event_counts(st.counts.tolist()).items():
+                totals[kind] += value
         return totals
 
     def layer_names(self, optimizer_index: int = 0) -> list[str]:
         """The layers GradGuard watches for one optimizer, in definition order."""
         return list(self._states[optimizer_index].index.names)
-
-
-def _block_of(layer: str) -> str:
-    # Histogram blocks: the first two name components ("encoder.3.linear" -> "encoder.3").
-    return ".".join(re.split(r"\.", layer)[:2])
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
