@@ -40,26 +40,22 @@ def _foreach_norms(tensors: list[Tensor]) -> Tensor:
     return stacked if stacked.dtype == torch.float32 else stacked.to(torch.float32)
 
 
-def _grouped_norms(
-    tensors: list[Tensor], device: torch.device
-) -> tuple[Tensor, list[int] | None, list[list[Tensor]]]:
-    """Norms of ``tensors`` (any devices/dtypes) on ``device``, the order of the result as indices into ``tensors``
-    (``None``: the order of ``tensors``, the usual case of a single device and dtype), and the groups themselves."""
+def _grouped_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor, list[int] | None]:
+    """Norms of ``tensors`` (any devices/dtypes) on ``device``, and the order of the result as indices into ``tensors``
+    (``None``: the order of ``tensors``, the usual case of a single device and dtype)."""
     # Asking for the indices costs a third more; with a single group the order is the input order anyway.
     groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
     if len(groups) == 1:
         (group_device, _), ([group], _) = next(iter(groups.items()))
         norms = _foreach_norms(group)  # type: ignore[arg-type]
-        return (norms if group_device == device else norms.to(device, non_blocking=True)), None, [group]  # type: ignore[list-item]
+        return (norms if group_device == device else norms.to(device, non_blocking=True)), None
     groups = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
     parts: list[Tensor] = []
     order: list[int] = []
-    lists: list[list[Tensor]] = []
     for (_, _), ([group], indices) in groups.items():
         parts.append(_foreach_norms(group).to(device, non_blocking=True))  # type: ignore[arg-type]
         order.extend(indices)
-        lists.append(group)  # type: ignore[arg-type]
-    return torch.cat(parts), order, lists
+    return torch.cat(parts), order
 
 
 def _upload(host: Tensor, device: torch.device) -> Tensor:
@@ -83,7 +79,7 @@ def total_norm(grads: Sequence[Tensor]) -> Tensor:
     tensors = [_dense(_local(g)) for g in grads]
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
-    norms, _, _ = _grouped_norms(tensors, tensors[0].device)
+    norms, _ = _grouped_norms(tensors, tensors[0].device)
     return norms.square().sum().sqrt()
 
 
@@ -112,8 +108,6 @@ class StepStats:
         params: their parameters.
         param_indices: their positions in the engine's parameter list.
         layer_param_norm: ``[L]`` fp32 L2 norm of each layer's parameters, when asked for.
-        grad_groups: ``grads`` split by device and dtype (each list fit for one ``torch._foreach_*`` call), when the
-            gradients are plain dense tensors; ``None`` otherwise.
     """
 
     layer_norm: Tensor
@@ -125,7 +119,6 @@ class StepStats:
     params: list[Tensor]
     param_indices: list[int]
     layer_param_norm: Tensor | None = None
-    grad_groups: list[list[Tensor]] | None = None
 
 
 class GradStats:
@@ -175,16 +168,18 @@ class GradStats:
         self._cache: dict[tuple[int, ...] | None, _Segments] = {}
         self._all = list(range(len(self.params)))
 
+    def _layer_ids(self, present: list[int], order: list[int] | None, device: torch.device) -> Tensor:
+        """The layer of each norm, in the order ``_grouped_norms`` returned them (``None``: parameter order)."""
+        positions = range(len(present)) if order is None else order
+        return _upload(torch.tensor([self.layer_of_param[present[i]] for i in positions], dtype=torch.long), device)
+
     def _segments(
         self, present: list[int], order: list[int] | None, device: torch.device, all_present: bool
     ) -> _Segments:
         key = None if all_present else tuple(present)
         hit = self._cache.get(key)
         if hit is None or hit.order != order or hit.layer_ids.device != device:
-            positions = range(len(present)) if order is None else order
-            layer_ids = _upload(
-                torch.tensor([self.layer_of_param[present[i]] for i in positions], dtype=torch.long), device
-            )
+            layer_ids = self._layer_ids(present, order, device)
             mask = torch.zeros(self.num_layers, dtype=torch.bool)
             mask[[self.layer_of_param[i] for i in present]] = True
             hit = _Segments(
@@ -246,7 +241,7 @@ class GradStats:
         grad_scale: Tensor | None,
     ) -> StepStats:
         device = local[0].device
-        norms, order, groups = _grouped_norms(local, device)
+        norms, order = _grouped_norms(local, device)
         seg = self._segments(present, order, device, len(present) == len(self.params))
         if grad_scale is not None:
             norms = norms / grad_scale.to(device=device, dtype=torch.float32)
@@ -270,16 +265,10 @@ class GradStats:
             grads=grads,
             params=params,
             param_indices=present,
-            # The grouping pass is reused by whoever scales the gradients next (a clipper's foreach multiply), but
-            # only when the groups hold the gradients themselves (not local shards or sparse values).
-            grad_groups=groups if local is grads else None,
         )
         if param_norms:
-            pnorms, porder, _ = _grouped_norms([_local(p.detach()) for p in params], device)
-            positions = range(len(present)) if porder is None else porder
-            pids = seg.layer_ids if porder == order else torch.tensor(
-                [self.layer_of_param[present[i]] for i in positions], dtype=torch.long, device=device
-            )
+            pnorms, porder = _grouped_norms([_local(p.detach()) for p in params], device)
+            pids = seg.layer_ids if porder == order else self._layer_ids(present, porder, device)
             psq = torch.zeros(self.num_layers, dtype=torch.float32, device=device).index_add_(0, pids, pnorms.square())
             if self._should_all_reduce(grads[0]):
                 torch.distributed.all_reduce(psq)
