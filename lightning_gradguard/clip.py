@@ -253,10 +253,9 @@ class Clipper(abc.ABC):
 
     def _capped(self, coef: Tensor, total_norm: Tensor) -> Tensor:
         """``coef`` lowered so that the clipped norm stays under this call's ``cap`` (no NaN on inf/NaN norms)."""
-        cap = getattr(self, "_cap", None)
-        if cap is None:
+        if self._cap is None:
             return coef
-        cap = cap.to(device=coef.device, dtype=torch.float32)
+        cap = self._cap.to(device=coef.device, dtype=torch.float32)
         after = total_norm.to(coef.device) * coef
         limit = torch.where(torch.isfinite(after) & (after > cap), cap / (after + _NORM_EPS), 1.0)
         return coef * limit
