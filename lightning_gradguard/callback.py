@@ -189,9 +189,10 @@ class GradGuard(Callback):
         image_every_n_steps: steps between gradient-flow pictures (TensorBoard only); ``None`` disables them.
         histogram_every_n_steps: steps between gradient histograms (TensorBoard only); ``None`` disables them.
         max_warnings: warnings per kind per logging step; the rest are counted in one summary line.
-        clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to the top of
-            the detector's band. A safety net for the first steps of a run, while an adaptive clipper is still
-            warming up (ZClip does not clip during its warm-up); folded into the clipper's coefficient, no extra pass.
+        clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to the lowest
+            of the detector's boundaries (the top of its band, ``max_ratio`` times its average, its ceiling). A safety
+            net for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip
+            during its warm-up); folded into the clipper's coefficient, no extra pass.
 
     Raises:
         ValueError: for an argument outside its allowed values.

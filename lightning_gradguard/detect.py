@@ -21,8 +21,8 @@ class ExplodingResult(NamedTuple):
         total: 0-d bool, the total norm spiked or crossed the ceiling.
         layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling.
         any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
-        cap: 0-d, the top of the detection band (or the ceiling ``max_norm``) when ``total`` is set, else ``inf``:
-            the norm a flagged step can be clipped to.
+        cap: 0-d, when ``total`` is set the lowest of the band's upper edge, ``max_ratio`` times the EMA norm and
+            the ceiling ``max_norm``, else ``inf``: the norm a flagged step can be clipped to.
     """
 
     total: Tensor
@@ -218,8 +218,12 @@ class ExplodingDetector:
         if not self.per_layer:
             flags[1:] = False
         flags[1:] &= layer_norm >= self.min_share * norms[0]
-        # Where a flagged total may be clipped to: the band's upper edge, judged before this step enters it.
+        # Where a flagged total may be clipped to: the lowest of the band's upper edge, the max_ratio boundary and
+        # the ceiling, judged before this step enters the history. A few noisy warm-up steps can put the band's
+        # edge above a norm that the max_ratio test flags; the boundary it crossed still holds it.
         edge = (mean[0] + z_std[0].clamp_min(math.log(self.min_ratio))).exp()
+        if started is not None:
+            edge = torch.minimum(edge, (mean[0] + jump_cap).exp())
         edge = torch.where(count[0] >= 1, edge, math.inf)
         if self.max_norm is not None:
             edge = torch.clamp_max(edge, self.max_norm)

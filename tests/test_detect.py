@@ -29,6 +29,34 @@ def test_exploding_after_warmup_only() -> None:
     assert _feed(det, [60.0]) == [True]  # the first spike entered clipped, so the next one is still seen
 
 
+def test_cap_is_the_lowest_boundary() -> None:
+    # Unflagged steps carry no cap.
+    det = ExplodingDetector(warmup_steps=5, max_ratio=10.0)
+    r = det.update(T(1.0), T([1.0]), T(True))
+    assert math.isinf(float(r.cap))
+    # A noisy warm-up history pushes the band's edge far above a norm that the max_ratio test flags: the cap is
+    # the max_ratio boundary (10x the geometric mean so far).
+    det = ExplodingDetector(warmup_steps=20, max_ratio=10.0)
+    _feed(det, [0.5, 2.0, 0.5, 2.0])  # geometric mean 1, log-std ~0.7: the z-band's edge is ~60
+    r = det.update(T(500.0), T([500.0]), T(True))
+    assert bool(r.total)
+    assert float(r.cap) == pytest.approx(10.0, rel=1e-5)
+    # After warm-up a z-score spike below max_ratio is capped at the band's upper edge.
+    det = ExplodingDetector(warmup_steps=5, max_ratio=1000.0)
+    _feed(det, [1.0, 1.1, 0.9, 1.0, 1.05, 0.95])
+    edge = float(det.band()[2])
+    r = det.update(T(50.0), T([50.0]), T(True))
+    assert bool(r.total)
+    assert float(r.cap) == pytest.approx(edge, rel=1e-5)
+    # A steady history keeps the band's edge at min_ratio (2x) times the mean; a lower ceiling wins.
+    det = ExplodingDetector(warmup_steps=5, max_norm=3.0)
+    _feed(det, [1.0, 1.0])
+    assert float(det.update(T(50.0), T([50.0]), T(True)).cap) == pytest.approx(2.0)
+    det = ExplodingDetector(warmup_steps=5, max_norm=1.5)
+    _feed(det, [1.0, 1.0])
+    assert float(det.update(T(50.0), T([50.0]), T(True)).cap) == pytest.approx(1.5)
+
+
 def test_invalid_steps_do_not_enter_the_history() -> None:
     det = ExplodingDetector(warmup_steps=3)
     _feed(det, [1.0, 1.0, 1.0])
