@@ -638,12 +638,13 @@ class GradGuard(Callback):
         expl_any = expl.any if expl is not None else c["false"]
         van_new = van.new if van is not None else None
         nonfinite = stats.nonfinite
-        clipped = (coef < 1.0).long() if coef is not None else c["zero"]
+        clipped = coef < 1.0 if coef is not None else c["zero"]
         van_count = van_new.sum() if van_new is not None else c["zero"]
+        # ``stack`` promotes the bools to the int64 of the sum: no separate casts.
         st.counts.index_add_(
             0,
             c["counts_amp"] if under_scaler else c["counts"],
-            torch.stack([expl_any.long(), van_count, nonfinite.long(), clipped]),
+            torch.stack([expl_any, van_count, nonfinite, clipped]),
         )
         if expl is not None:
             # A total-norm explosion with no single layer to blame is filed under the largest layer.

@@ -200,7 +200,7 @@ class Clipper(abc.ABC):
         if not grads:
             return torch.tensor(0.0)
         total_norm = self._standalone_norm(grads)
-        self._clip(grads, total_norm, torch.isfinite(total_norm), params, names, owner_types)
+        self._clip(grads, total_norm, total_norm < math.inf, params, names, owner_types)
         return total_norm
 
     @torch.no_grad()
@@ -255,10 +255,15 @@ class Clipper(abc.ABC):
         """``coef`` lowered so that the clipped norm stays under this call's ``cap`` (no NaN on inf/NaN norms)."""
         if self._cap is None:
             return coef
-        cap = self._cap.to(device=coef.device, dtype=torch.float32)
-        after = total_norm.to(coef.device) * coef
-        limit = torch.where(torch.isfinite(after) & (after > cap), cap / (after + _NORM_EPS), 1.0)
-        return coef * limit
+        cap = self._cap
+        if cap.device != coef.device or cap.dtype != torch.float32:
+            cap = cap.to(device=coef.device, dtype=torch.float32)
+        if total_norm.device != coef.device:
+            total_norm = total_norm.to(coef.device)
+        # An inf cap gives 1; a non-finite norm (an invalid step) keeps its coefficient rather than 0 or NaN. Norms
+        # are >= 0, inf or NaN, so ``< inf`` is ``isfinite`` in one kernel instead of four.
+        limit = (cap / (total_norm + _NORM_EPS)).clamp_max(1.0)
+        return torch.where(total_norm < math.inf, torch.minimum(coef, limit), coef)
 
     def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
         return _total_norm(grads)
@@ -433,7 +438,7 @@ class AutoClip(Clipper):
         assert values is not None and count is not None and arange is not None
         norm = total_norm.reshape(())
         # Whatever the caller says, a non-finite norm must never enter the history: it would poison it for good.
-        ok = valid.to(device) & torch.isfinite(norm)
+        ok = valid.to(device) & (norm < math.inf)  # a norm is >= 0: ``< inf`` is isfinite in one kernel
         new_count = count + ok
         if self.history is None:
             # Insert into the sorted history: the +inf padding sorts last, so searchsorted lands among the entries.
@@ -624,7 +629,7 @@ class ZClip(Clipper):
         assert arange is not None
         x = total_norm.reshape(()).to(mean.dtype)
         # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good.
-        ok = valid.to(device) & torch.isfinite(x)
+        ok = valid.to(device) & (x < math.inf)  # a norm is >= 0: ``< inf`` is isfinite in one kernel
         warm = count < self.warmup_steps
         # Warm-up: store the norm; the step that fills the buffer initialises the EMA from it.
         collect = ok & warm
@@ -648,25 +653,25 @@ class ZClip(Clipper):
                 clip_value = (mean + (self.z_thresh * std) / eta) * self.clip_factor
             else:
                 clip_value = mean
-        effective = torch.where(spike, clip_value, x)
+        # The clip value on a spike, the raw norm otherwise: what the step is clipped to (before max_grad_norm) and
+        # what enters the EMA (never capped by max_grad_norm).
+        target = torch.where(spike, clip_value, x)
         shown = torch.where(spike & ok, clip_value, boundary)
+        live = ok & ~warm
+        effective = target
         if self.max_grad_norm is not None:
-            effective = torch.clamp(effective, max=self.max_grad_norm)
+            effective = torch.clamp(target, max=self.max_grad_norm)
             shown = torch.clamp(shown, max=self.max_grad_norm)
+        coef = torch.where(live & (x > effective), effective / (x + _NORM_EPS), 1.0)
+        if self.max_grad_norm is not None:
             # During warm-up the reference calls torch.nn.utils.clip_grad_norm_(max_grad_norm).
-            warm_coef = torch.clamp(self.max_grad_norm / (x + _NORM_EPS), max=1.0)
+            coef = torch.where(collect, torch.clamp(self.max_grad_norm / (x + _NORM_EPS), max=1.0), coef)
             warm_threshold = self.max_grad_norm
         else:
-            warm_coef = torch.ones_like(x)
             warm_threshold = math.inf
-        live_coef = torch.where(x > effective, effective / (x + _NORM_EPS), 1.0)
-        coef = torch.where(ok, torch.where(warm, warm_coef, live_coef), 1.0).to(torch.float32)
+        coef = coef.to(torch.float32)
 
-        # EMA update with the clip value on a spike (not capped by max_grad_norm), the raw norm otherwise.
-        update = ok & ~warm
-        if self.skip_update_on_spike:
-            update = update & ~spike
-        target = torch.where(spike, clip_value, x)
+        update = live & ~spike if self.skip_update_on_spike else live
         new_mean = self.alpha * mean + (1.0 - self.alpha) * target
         new_var = self.alpha * var + (1.0 - self.alpha) * (target - new_mean).square()
         self._mean = torch.where(update, new_mean, torch.where(init_now, init_mean, mean))
@@ -674,7 +679,7 @@ class ZClip(Clipper):
         self._buffer = buffer
         self._count = count + ok
 
-        coef = self._capped(coef, x.to(torch.float32))
+        coef = self._capped(coef, total_norm)
         _scale_(grads, coef)
         self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
         self.last_coef = coef

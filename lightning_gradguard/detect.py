@@ -192,7 +192,7 @@ class ExplodingDetector:
         one, ceilings = self._constants(norms.numel(), device)
         if valid.device != device:
             valid = valid.to(device)
-        finite = torch.isfinite(norms)
+        finite = norms < math.inf  # norms are >= 0: isfinite in one kernel instead of four
         if layer_present is None:
             use = finite & valid
         else:
@@ -205,8 +205,9 @@ class ExplodingDetector:
         z_std = self.z_thresh * std
         dev = x - mean
         warm = count >= self.warmup_steps
-        # (dev > z * std) & (dev > log(min_ratio)) in one comparison.
-        spike = warm & (dev > z_std.clamp_min(math.log(self.min_ratio)))
+        # The band's half-width: (dev > z * std) & (dev > log(min_ratio)) in one comparison.
+        half = z_std.clamp_min(math.log(self.min_ratio))
+        spike = warm & (dev > half)
         started = None
         if self.max_ratio is not None:  # with no cap, ``dev > inf`` never holds: nothing to compute
             jump_cap = math.log(self.max_ratio)
@@ -214,19 +215,18 @@ class ExplodingDetector:
             spike |= started & (dev > jump_cap)
         if ceilings is not None:  # without ceilings, ``norms > inf`` never holds
             spike |= norms > ceilings
-        flags = use & spike
+        # A layer must carry min_share of the total to be named; the total itself always passes (x >= share * x).
+        flags = use & spike & (norms >= norms[0] * self.min_share) if self.min_share > 0 else use & spike
         if not self.per_layer:
             flags[1:] = False
-        flags[1:] &= layer_norm >= self.min_share * norms[0]
         # Where a flagged total may be clipped to: the lowest of the band's upper edge, the max_ratio boundary and
         # the ceiling, judged before this step enters the history. A few noisy warm-up steps can put the band's
         # edge above a norm that the max_ratio test flags; the boundary it crossed still holds it.
-        edge = (mean[0] + z_std[0].clamp_min(math.log(self.min_ratio))).exp()
-        if started is not None:
-            edge = torch.minimum(edge, (mean[0] + jump_cap).exp())
-        edge = torch.where(count[0] >= 1, edge, math.inf)
+        top = half[0] if self.max_ratio is None else half[0].clamp_max(jump_cap)
+        edge = (mean[0] + top).exp()
         if self.max_norm is not None:
-            edge = torch.clamp_max(edge, self.max_norm)
+            # Only the ceiling can flag the very first step, before there is any average to clip towards.
+            edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
         cap = torch.where(flags[0], edge, math.inf)
 
         # Warm-up uses a plain running mean (1/n), afterwards the EMA; spikes enter clipped to the band's edge.
@@ -316,7 +316,7 @@ class VanishingDetector:
             self._run = torch.zeros(layer_norm.numel(), dtype=torch.int64, device=layer_norm.device)
         elif self._run.device != layer_norm.device:
             self._run = self._run.to(layer_norm.device)
-        finite_max = torch.where(torch.isfinite(layer_norm), layer_norm, 0.0).max()
+        finite_max = torch.where(layer_norm < math.inf, layer_norm, 0.0).max()  # norms are >= 0: < inf is isfinite
         floor = torch.clamp_min(self.ratio * finite_max, self.min_norm)
         low = layer_norm < floor
         use = valid if layer_present is None else layer_present & valid
