@@ -179,7 +179,6 @@ class Clipper(abc.ABC):
     def __init__(self) -> None:
         self.last_threshold: Tensor = torch.tensor(math.inf)
         self.last_coef: Tensor = torch.tensor(1.0)
-        self._cap: Tensor | None = None
 
     @torch.no_grad()
     def clip_(self, parameters: Tensor | Iterable[Tensor] | nn.Module) -> Tensor:
@@ -200,7 +199,7 @@ class Clipper(abc.ABC):
         if not grads:
             return torch.tensor(0.0)
         total_norm = self._standalone_norm(grads)
-        self._clip(grads, total_norm, total_norm < math.inf, params, names, owner_types)
+        self._clip(grads, total_norm, total_norm < math.inf, params, names, owner_types, None)
         return total_norm
 
     @torch.no_grad()
@@ -245,17 +244,13 @@ class Clipper(abc.ABC):
         if total_norm.dtype != torch.float32:
             total_norm = total_norm.float()
         total_norm = self._norm_for_clipping(grads, total_norm)
-        self._cap = cap
-        try:
-            return self._clip(grads, total_norm, valid, params, names, owner_types)
-        finally:
-            self._cap = None
+        return self._clip(grads, total_norm, valid, params, names, owner_types, cap)
 
-    def _capped(self, coef: Tensor, total_norm: Tensor) -> Tensor:
-        """``coef`` lowered so that the clipped norm stays under this call's ``cap`` (no NaN on inf/NaN norms)."""
-        if self._cap is None:
+    @staticmethod
+    def _capped(coef: Tensor, total_norm: Tensor, cap: Tensor | None) -> Tensor:
+        """``coef`` lowered so that the clipped norm stays under ``cap`` (no NaN on inf/NaN norms)."""
+        if cap is None:
             return coef
-        cap = self._cap
         if cap.device != coef.device or cap.dtype != torch.float32:
             cap = cap.to(device=coef.device, dtype=torch.float32)
         if total_norm.device != coef.device:
@@ -280,8 +275,12 @@ class Clipper(abc.ABC):
         params: list[Tensor] | None,
         names: list[str] | None,
         owner_types: list[type] | None,
+        cap: Tensor | None,
     ) -> Tensor:
-        """Scale ``grads`` in place, update the state, set ``last_coef``/``last_threshold``, return the coef."""
+        """Scale ``grads`` in place, update the state, set ``last_coef``/``last_threshold``, return the coef.
+
+        ``cap`` (or ``None``) is :meth:`clip_grads_`'s; a global-norm clipper folds it in with :meth:`_capped`.
+        """
 
     def state_dict(self) -> dict[str, Any]:
         """The clipper's state: plain Python values and CPU tensors (empty for stateless clippers)."""
@@ -345,13 +344,14 @@ class NormClip(Clipper):
         params: list[Tensor] | None,
         names: list[str] | None,
         owner_types: list[type] | None,
+        cap: Tensor | None,
     ) -> Tensor:
         device = total_norm.device
         if device not in self._threshold:
             self._threshold[device] = torch.full((), self.max_norm, dtype=torch.float32, device=device)
         # An inf norm gives coef 0 (not NaN): max_norm / inf.
         coef = torch.clamp(self.max_norm / (total_norm + _NORM_EPS), max=1.0)
-        coef = self._capped(torch.where(valid, coef, 1.0), total_norm)
+        coef = self._capped(torch.where(valid, coef, 1.0), total_norm, cap)
         _scale_(grads, coef)
         self.last_threshold = self._threshold[device]
         self.last_coef = coef
@@ -431,6 +431,7 @@ class AutoClip(Clipper):
         params: list[Tensor] | None,
         names: list[str] | None,
         owner_types: list[type] | None,
+        cap: Tensor | None,
     ) -> Tensor:
         device = total_norm.device
         self._prepare(device)
@@ -454,7 +455,7 @@ class AutoClip(Clipper):
             n = torch.clamp(new_count, max=self.history)
         threshold = _sorted_percentile(ordered, n, self.percentile)
         coef = torch.clamp(threshold / (norm + _NORM_EPS), max=1.0)
-        coef = self._capped(torch.where(ok, coef, 1.0), norm)
+        coef = self._capped(torch.where(ok, coef, 1.0), norm, cap)
         _scale_(grads, coef)
         self._values, self._count = values, new_count
         self._calls += 1
@@ -621,6 +622,7 @@ class ZClip(Clipper):
         params: list[Tensor] | None,
         names: list[str] | None,
         owner_types: list[type] | None,
+        cap: Tensor | None,
     ) -> Tensor:
         device = total_norm.device
         self._prepare(device)
@@ -679,7 +681,7 @@ class ZClip(Clipper):
         self._buffer = buffer
         self._count = count + ok
 
-        coef = self._capped(coef, total_norm)
+        coef = self._capped(coef, total_norm, cap)
         _scale_(grads, coef)
         self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
         self.last_coef = coef
@@ -824,6 +826,7 @@ class AGC(Clipper):
         params: list[Tensor] | None,
         names: list[str] | None,
         owner_types: list[type] | None,
+        cap: Tensor | None,
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
