@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import pickle
 import shutil
 import sys
@@ -66,12 +67,15 @@ CIFAR10_FOLDER = "cifar-10-batches-py"
 #: Per-channel mean and standard deviation of the CIFAR-10 training images, on the [0, 1] scale.
 CIFAR10_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: tuple[float, float, float] = (0.2470, 0.2435, 0.2616)
-#: Test error (%) reported by He et al. 2016, table 6.
+#: Images in the real CIFAR-10 training set: an epoch at batch 128 is 391 steps.
+CIFAR_TRAIN_SIZE = 50000
+#: Test error (%) of the CIFAR ResNets in He et al. 2016, table 6.
 PAPER_ERROR: dict[int, float] = {20: 8.75, 32: 7.51, 44: 7.17, 56: 6.97, 110: 6.43}
 
 __all__ = [
     "CifarDataModule",
     "ResNetModule",
+    "StepTimer",
     "build_guard",
     "cifar_resnet",
     "cli_main",
@@ -676,6 +680,45 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+class StepTimer(Callback):
+    """Wall time of each training step (batch start to batch end: forward, backward, guard, optimizer step).
+
+    Validation, data-module setup and the first ``skip`` steps (allocator and kernel warm-up) are left out, so
+    :attr:`per_step_s` times the number of steps in an epoch is the training time of that epoch.
+
+    Args:
+        skip: Leading steps not counted.
+
+    Example:
+        >>> timer = StepTimer(skip=5)
+        >>> timer.per_step_s  # nothing timed yet
+        nan
+    """
+
+    def __init__(self, skip: int = 5) -> None:
+        if not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"`skip` must be an int >= 0, got {skip!r}")
+        self.skip = skip
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # the step's kernels, not just their launches
+        self.times.append(time.perf_counter() - self._start)
+
+    @property
+    def per_step_s(self) -> float:
+        """Mean seconds per training step after the first ``skip`` (``nan`` when none was timed)."""
+        timed = self.times[self.skip :]
+        return sum(timed) / len(timed) if timed else float("nan")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains a CIFAR ResNet and prints what the guard did; returns the figures.
 
@@ -684,7 +727,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     Returns:
         A dict with ``test_acc``, ``train_loss`` (the last logged one), ``synthetic``, ``steps``,
-        ``wall_s``, ``guard`` (the guard's ``summary()``, or ``None``) and ``log_dir``.
+        ``wall_s``, ``step_s`` (mean seconds per training step after the first 5), ``guard`` (the guard's
+        ``summary()``, or ``None``) and ``log_dir``.
     """
     args = _parse(argv)
     L.seed_everything(args.seed, verbose=False)
@@ -707,7 +751,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         weight_decay=0.0 if args.l2 else 1e-4,
     )
     guard = None if args.no_guard else build_guard(1e-4 if args.l2 else 0.0)
-    callbacks: list[Callback] = [guard] if guard is not None else []
+    timer = StepTimer(skip=2 if quick else 5)
+    callbacks: list[Callback] = [timer] if guard is None else [guard, timer]
     name = f"{'plain' if args.plain else 'resnet'}{args.depth}{args.shortcut}" + ("_nobn" if args.no_bn else "")
     name += "_noguard" if args.no_guard else ""
     logger = TensorBoardLogger(args.logdir, name=name)
@@ -739,6 +784,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{arch}, lr={args.lr:g}, {trainer.global_step} steps in {wall_s:.0f} s, last training loss {train_loss:.4g}"
         + (" (no guard)" if guard is None else "")
     )
+    batch_size = dm.batch_size
+    print(
+        f"Time per training step: {1000 * timer.per_step_s:.0f} ms at batch {batch_size}, i.e."
+        f" {timer.per_step_s * math.ceil(CIFAR_TRAIN_SIZE / batch_size) / 60:.1f} min per epoch of the real"
+        f" training set ({CIFAR_TRAIN_SIZE} images)"
+    )
     if summary is not None:
         print("GradGuard events: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     data = "SYNTHETIC data, not comparable to the paper" if dm.synthetic else "CIFAR-10"
@@ -753,6 +804,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "synthetic": dm.synthetic,
         "steps": trainer.global_step,
         "wall_s": wall_s,
+        "step_s": timer.per_step_s,
         "guard": summary,
         "log_dir": logger.log_dir,
     }

@@ -42,6 +42,9 @@ def test_cifar_quick_run_logs_gradguard(tmp_path: Path, capsys: pytest.CaptureFi
     assert result["synthetic"] and "SYNTHETIC data" in out
     assert result["steps"] == 8
     assert 0.0 <= result["test_acc"] <= 1.0
+    # Six of the eight steps timed (two skipped as warm-up): each is a part of the whole run's wall time.
+    assert 0.0 < 6 * result["step_s"] < result["wall_s"]
+    assert "Time per training step" in out and "min per epoch of the real training set (50000 images)" in out
     assert set(result["guard"]) == EVENT_KINDS
     assert "GradGuard events:" in out and f"tensorboard --logdir {tmp_path}" in out
     tags = _scalar_tags(result["log_dir"])
