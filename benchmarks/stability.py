@@ -1,9 +1,10 @@
 """Does GradGuard rescue unstable training, and does it leave healthy training alone?
 
-Each config of a small suite is trained from the same seed, on the same batches in the same order, without a guard
-and with plain ``GradGuard()`` (ZClip, LRGuard, ``on_nonfinite="skip"``); the configs taken from an example that
-recommends its own guard (``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a
-third run with that guard. Every run is then evaluated on held-out data. The table reports, per run:
+Each config of a small suite is trained from the same seed, on the same batches in the same order, without a guard,
+with plain ``GradGuard()`` (ZClip, LRGuard, ``on_nonfinite="skip"``) and with ``GradGuard()`` whose exploding
+detector holds the total norm to 5x its running mean (``ExplodingDetector(max_ratio=5)``: the guard for runs that
+may diverge in their first steps); the configs taken from an example that recommends its own guard (``build_guard()``
+of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a fourth run with that guard. Every run is then evaluated on held-out data. The table reports, per run:
 
 * **held-out**: the loss of the final weights on data the run never trained on (MSE for the adding problem,
   cross-entropy and accuracy for classification);
@@ -75,7 +76,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard
+from lightning_gradguard import ExplodingDetector, GradGuard
 
 try:
     from examples import cifar_resnet, lstm_adding
@@ -90,8 +91,17 @@ except ImportError:  # run as a script: the repository root is not on the path
 __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
 Size = Literal["quick", "default", "full"]
-#: Every config runs these two; some add "guarded_example", with the guard their example recommends.
-VARIANTS = ("unguarded", "guarded")
+#: Every config runs these three; some add "guarded_example", with the guard their example recommends.
+VARIANTS = ("unguarded", "guarded", "guarded_ratio5")
+#: The guard of each variant (besides the example's), as written in user code, and how to build it.
+GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
+    "guarded": ("GradGuard()", GradGuard),
+    # The ratio test held to 5x for the total norm: it catches a too-high learning rate in the first steps.
+    "guarded_ratio5": (
+        "GradGuard(exploding=ExplodingDetector(max_ratio=5))",
+        lambda: GradGuard(exploding=ExplodingDetector(max_ratio=5.0)),
+    ),
+}
 #: Consecutive non-finite training losses after which a run is stopped: its NaN steps would only cost time.
 STOP_AFTER_NONFINITE = 20
 _CHECK_EVERY = 10  # losses are read from the device in chunks, not every step
@@ -189,21 +199,18 @@ class _Job:
     def variants(self) -> list[str]:
         return [*VARIANTS, "guarded_example"] if self.example_guard is not None else list(VARIANTS)
 
-    def guard_label(self, variant: str) -> str | None:
-        if variant == "guarded":
-            return "GradGuard()"
+    def _guard(self, variant: str) -> tuple[str, Callable[[], GradGuard]] | None:
         if variant == "guarded_example":
-            assert self.example_guard is not None
-            return self.example_guard[0]
-        return None
+            return self.example_guard
+        return GUARDS.get(variant)
+
+    def guard_label(self, variant: str) -> str | None:
+        guard = self._guard(variant)
+        return None if guard is None else guard[0]
 
     def make_guard(self, variant: str) -> GradGuard | None:
-        if variant == "guarded":
-            return GradGuard()
-        if variant == "guarded_example":
-            assert self.example_guard is not None
-            return self.example_guard[1]()
-        return None
+        guard = self._guard(variant)
+        return None if guard is None else guard[1]()
 
 
 def _adding(
@@ -680,7 +687,7 @@ def _plain(value: Any) -> Any:
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/stability.py",
-        description="Train each config unguarded and with GradGuard; print what diverged and what the guard did.",
+        description="Train each config unguarded and with GradGuards; print what diverged and what the guard did.",
     )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")

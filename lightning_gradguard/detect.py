@@ -57,6 +57,25 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
 
 
+def _per_entry(
+    size: int,
+    device: torch.device,
+    total: float | None,
+    layer: float | None,
+    off: float,
+    transform: Any = float,
+) -> Tensor | None:
+    """``[size]`` tensor: ``total`` at index 0 and ``layer`` after it (``off`` where ``None``); ``None`` if both are."""
+    if total is None and layer is None:
+        return None
+    values = torch.full((size,), off, device=device)
+    if total is not None:
+        values[0] = transform(total)
+    if layer is not None:
+        values[1:] = transform(layer)
+    return values
+
+
 class ExplodingDetector:
     """Flags steps whose gradient norm jumps far above its recent history, per layer as well as in total.
 
@@ -64,21 +83,30 @@ class ExplodingDetector:
     valid steps, a step is *exploding* when its log-norm lies more than ``z_thresh`` standard deviations above the
     mean **and** the norm is at least ``min_ratio`` times the mean norm (so a very steady history does not turn
     small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. A run that diverges from its
-    first steps gives no calm history to compare with, so from the second step on a norm more than ``max_ratio``
-    times the (geometric) mean so far is exploding too, warm-up or not. Spikes enter the average
-    clipped to the top of the band, so one explosion does not hide the next. Non-finite and AMP-overflow steps are
-    not fed in at all.
+    first steps gives no calm history to compare with, so from the second step on a total norm more than
+    ``max_ratio`` times the (geometric) mean so far is exploding too, warm-up or not. Spikes enter the average
+    clipped (to ``z_thresh`` standard deviations above it, or to the ratio boundary where that is lower), so one
+    explosion does not hide the next and a steady climb is absorbed only slowly. Non-finite and AMP-overflow steps
+    are not fed in at all.
 
-    Per layer the same test runs on each layer's own norm; a layer is only named when it carries at least
-    ``min_share`` of the step's total norm, so a layer that is usually silent (norm ~0) does not raise alarms
-    when it wakes up with a tiny gradient.
+    Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``; a layer
+    is only named when it carries at least ``min_share`` of the step's total norm, so a layer that is usually silent
+    (norm ~0) does not raise alarms when it wakes up with a tiny gradient.
+
+    The two ratio limits are separate because they trade differently. ``max_ratio=5`` catches a too-high learning
+    rate in its very first steps (with GradGuard's clip and LR guard it kept every diverging run of the stability
+    suite finite), but on a healthy, spiky run (the LSTM example on the adding problem, Adam) it flagged 67 steps
+    and the task took 5500 steps to solve instead of 3400; the same 5x on single layers, which swing far more than
+    their sum, gave a healthy ResNet-20 75 events and cost it most of its accuracy. Hence 100x for both by default.
 
     Args:
         z_thresh: z-score (in log-norm) above which a norm is a spike.
         alpha: EMA decay of the mean and variance (closer to 1: longer memory).
         warmup_steps: valid steps observed before any spike can be reported.
         min_ratio: a spike must also be at least this multiple of the EMA norm.
-        max_ratio: a norm this many times the EMA norm is exploding even during warm-up (``None``: off).
+        max_ratio: a total norm this many times its EMA is exploding even during warm-up (``None``: off); 5 guards
+            the first steps of a run against a too-high learning rate.
+        max_layer_ratio: the same test for each layer's norm (``None``: off).
         max_norm: absolute ceiling for the total norm (``None``: none).
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.
@@ -101,6 +129,7 @@ class ExplodingDetector:
         warmup_steps: int = 20,
         min_ratio: float = 2.0,
         max_ratio: float | None = 100.0,
+        max_layer_ratio: float | None = 100.0,
         max_norm: float | None = None,
         max_layer_norm: float | None = None,
         per_layer: bool = True,
@@ -115,6 +144,12 @@ class ExplodingDetector:
             raise ValueError(f"`min_ratio` must be a number >= 1, got {min_ratio!r}")
         if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not max_ratio > min_ratio):
             raise ValueError(f"`max_ratio` must be None or a number > min_ratio ({min_ratio}), got {max_ratio!r}")
+        if max_layer_ratio is not None and (
+            not isinstance(max_layer_ratio, (int, float)) or not max_layer_ratio > min_ratio
+        ):
+            raise ValueError(
+                f"`max_layer_ratio` must be None or a number > min_ratio ({min_ratio}), got {max_layer_ratio!r}"
+            )
         if max_norm is not None:
             _check_positive("max_norm", max_norm)
         if max_layer_norm is not None:
@@ -126,6 +161,7 @@ class ExplodingDetector:
         self.warmup_steps = warmup_steps
         self.min_ratio = float(min_ratio)
         self.max_ratio = max_ratio
+        self.max_layer_ratio = max_layer_ratio
         self.max_norm = max_norm
         self.max_layer_norm = max_layer_norm
         self.per_layer = per_layer
@@ -144,22 +180,21 @@ class ExplodingDetector:
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
 
-    def _constants(self, size: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
+    def _constants(self, size: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
         # Built once per shape and device: a per-step ``torch.full``/``torch.ones`` would be one more kernel (and on
         # a GPU one more host-to-device copy) every step.
         key = (size, device)
         hit = self._const_cache
         if hit is None or hit[0] != key:
             one = torch.ones(1, dtype=torch.bool, device=device)
-            ceilings = None
-            if self.max_norm is not None or self.max_layer_norm is not None:
-                ceilings = torch.full((size,), math.inf, device=device)
-                if self.max_norm is not None:
-                    ceilings[0] = self.max_norm
-                if self.max_layer_norm is not None:
-                    ceilings[1:] = self.max_layer_norm
-            hit = self._const_cache = (key, one, ceilings)
-        return hit[1], hit[2]
+            hit = self._const_cache = (
+                key,
+                one,
+                _per_entry(size, device, self.max_norm, self.max_layer_norm, math.inf),
+                # The ratio tests in log space; an ``inf`` entry never fires.
+                _per_entry(size, device, self.max_ratio, self.max_layer_ratio, math.inf, transform=math.log),
+            )
+        return hit[1], hit[2], hit[3]
 
     def _min_std(self) -> float:
         # The ratio test already demands min_ratio; the std floor keeps z finite on a perfectly steady history.
@@ -189,7 +224,7 @@ class ExplodingDetector:
         if total.device != device:
             total = total.to(device)
         norms = torch.cat([total.reshape(1), layer_norm])
-        one, ceilings = self._constants(norms.numel(), device)
+        one, ceilings, jumps = self._constants(norms.numel(), device)
         if valid.device != device:
             valid = valid.to(device)
         finite = norms < math.inf  # norms are >= 0: isfinite in one kernel instead of four
@@ -209,10 +244,9 @@ class ExplodingDetector:
         half = z_std.clamp_min(math.log(self.min_ratio))
         spike = warm & (dev > half)
         started = None
-        if self.max_ratio is not None:  # with no cap, ``dev > inf`` never holds: nothing to compute
-            jump_cap = math.log(self.max_ratio)
+        if jumps is not None:  # with no ratio test, ``dev > inf`` never holds: nothing to compute
             started = count >= 1
-            spike |= started & (dev > jump_cap)
+            spike |= started & (dev > jumps)
         if ceilings is not None:  # without ceilings, ``norms > inf`` never holds
             spike |= norms > ceilings
         # A layer must carry min_share of the total to be named; the total itself always passes (x >= share * x).
@@ -222,7 +256,7 @@ class ExplodingDetector:
         # Where a flagged total may be clipped to: the lowest of the band's upper edge, the max_ratio boundary and
         # the ceiling, judged before this step enters the history. A few noisy warm-up steps can put the band's
         # edge above a norm that the max_ratio test flags; the boundary it crossed still holds it.
-        top = half[0] if self.max_ratio is None else half[0].clamp_max(jump_cap)
+        top = half[0] if self.max_ratio is None else half[0].clamp_max(math.log(self.max_ratio))
         edge = (mean[0] + top).exp()
         if self.max_norm is not None:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
@@ -233,7 +267,7 @@ class ExplodingDetector:
         rate = torch.where(warm, 1.0 - self.alpha, (count + 1.0).reciprocal())
         x_in = torch.where(warm, torch.minimum(x, mean + z_std), x)
         if started is not None:
-            x_in = torch.where(started, torch.minimum(x_in, mean + jump_cap), x_in)
+            x_in = torch.where(started, torch.minimum(x_in, mean + jumps), x_in)
         delta = x_in - mean
         new_mean = mean + rate * delta
         new_var = (1.0 - rate) * (var + rate * delta.square())
@@ -263,7 +297,8 @@ class ExplodingDetector:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(z_thresh={self.z_thresh}, alpha={self.alpha}, warmup_steps={self.warmup_steps},"
-            f" min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, max_norm={self.max_norm},"
+            f" min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, max_layer_ratio={self.max_layer_ratio},"
+            f" max_norm={self.max_norm},"
             f" max_layer_norm={self.max_layer_norm},"
             f" per_layer={self.per_layer}, min_share={self.min_share})"
         )

@@ -57,6 +57,25 @@ def test_cap_is_the_lowest_boundary() -> None:
     assert float(det.update(T(50.0), T([50.0]), T(True)).cap) == pytest.approx(1.5)
 
 
+def test_total_and_layer_ratio_tests_have_their_own_limits() -> None:
+    # Layers fluctuate more than their sum: the total can be held to 5x while a layer must still jump 100x.
+    assert (ExplodingDetector().max_ratio, ExplodingDetector().max_layer_ratio) == (100.0, 100.0)
+    det = ExplodingDetector(warmup_steps=50, max_ratio=5.0)
+    for _ in range(3):
+        det.update(T(1.5), T([1.0, 1.0]), T(True))
+    r = det.update(T(1.5), T([20.0, 1.0]), T(True))  # a layer 20x up, the total steady
+    assert not bool(r.any)
+    r = det.update(T(1.5), T([500.0, 1.0]), T(True))  # a layer 500x up
+    assert r.layers.tolist() == [True, False] and not bool(r.total)
+    r = det.update(T(15.0), T([1.0, 1.0]), T(True))  # the total 10x up
+    assert bool(r.total) and r.layers.tolist() == [False, False]
+    # Either test can be switched off on its own.
+    det = ExplodingDetector(warmup_steps=50, max_ratio=None, max_layer_ratio=3.0)
+    det.update(T(1.0), T([1.0]), T(True))
+    r = det.update(T(1e3), T([100.0]), T(True))  # the total 1000x (untested), the layer 100x (> 3x)
+    assert r.layers.tolist() == [True] and not bool(r.total)
+
+
 def test_invalid_steps_do_not_enter_the_history() -> None:
     det = ExplodingDetector(warmup_steps=3)
     _feed(det, [1.0, 1.0, 1.0])
@@ -117,6 +136,8 @@ def test_vanishing_needs_patience_and_absent_layers_keep_their_streak() -> None:
         {"warmup_steps": 0},
         {"min_ratio": 0.5},
         {"max_ratio": 1.5},
+        {"max_layer_ratio": 2.0},
+        {"max_layer_ratio": "10"},
         {"max_norm": -1.0},
         {"max_layer_norm": math.inf},
         {"min_share": 2.0},

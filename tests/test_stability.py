@@ -54,8 +54,10 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
     for cfg in saved["configs"]:
         variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
         assert variants == cfg["variants"], cfg["config"]
-        assert variants[:2] == ["unguarded", "guarded"] and set(variants) <= {"unguarded", "guarded", "guarded_example"}
+        assert variants[:3] == ["unguarded", "guarded", "guarded_ratio5"]
+        assert set(variants) <= {"unguarded", "guarded", "guarded_ratio5", "guarded_example"}
         assert cfg["guards"]["unguarded"] is None and cfg["guards"]["guarded"] == "GradGuard()"
+        assert cfg["guards"]["guarded_ratio5"] == "GradGuard(exploding=ExplodingDetector(max_ratio=5))"
         if "guarded_example" in variants:
             assert cfg["guards"]["guarded_example"].endswith("build_guard()")
     assert len(saved["rows"]) == len(result["rows"])
