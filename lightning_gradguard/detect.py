@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -63,7 +64,7 @@ def _per_entry(
     total: float | None,
     layer: float | None,
     off: float,
-    transform: Any = float,
+    transform: Callable[[float], float] = float,
 ) -> Tensor | None:
     """``[size]`` tensor: ``total`` at index 0 and ``layer`` after it (``off`` where ``None``); ``None`` if both are."""
     if total is None and layer is None:
