@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import Clipper, ZClip
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
 from lightning_gradguard.layers import LayerIndex, build_layer_index
@@ -236,11 +237,15 @@ class GradGuard(Callback):
             ("log_every_n_steps", log_every_n_steps),
             ("image_every_n_steps", image_every_n_steps),
             ("histogram_every_n_steps", histogram_every_n_steps),
+            ("group_depth", group_depth),
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
-        if not isinstance(max_warnings, int) or max_warnings < 0:
-            raise ValueError(f"`max_warnings` must be an int >= 0, got {max_warnings!r}")
+        max_warnings = check_int("max_warnings", max_warnings, low=0)
+        for name, flag in (("log_layers", log_layers), ("saturation", saturation), ("clip_exploding", clip_exploding)):
+            check_bool(name, flag)
+        if group_fn is not None and not callable(group_fn):
+            raise ValueError(f"`group_fn` must be a callable or None, got {group_fn!r}")
         for name, value, cls in (
             ("clip", clip, Clipper),
             ("lr_guard", lr_guard, LRGuard),
@@ -249,6 +254,8 @@ class GradGuard(Callback):
         ):
             if value is not None and value != "default" and not isinstance(value, cls):
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+        if regularizers is not None and not isinstance(regularizers, (list, tuple)):
+            raise ValueError(f"`regularizers` must be a list of Regularizer instances or None, got {regularizers!r}")
         regularizers = list(regularizers or [])
         for r in regularizers:
             if not isinstance(r, Regularizer):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
@@ -27,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _device_has_foreach_support, _group_tensors_by_device_and_dtype
+
+from lightning_gradguard._validation import check_bool, check_int, check_number
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -110,36 +111,6 @@ def _collect(
     tensors = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     with_grad = [p for p in tensors if p.grad is not None]
     return [p.grad for p in with_grad], with_grad, None, None  # type: ignore[misc]
-
-
-def _check_number(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_inclusive: bool = False,
-    high_inclusive: bool = False,
-    allow_inf: bool = False,
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
-    value = float(value)
-    if math.isinf(value) and not allow_inf:
-        raise ValueError(f"`{name}` must be finite, got {value!r}.")
-    bad_low = low is not None and (value < low if low_inclusive else value <= low)
-    bad_high = high is not None and (value > high if high_inclusive else value >= high)
-    if bad_low or bad_high:
-        left = "" if low is None else f"{low} {'<=' if low_inclusive else '<'} "
-        right = "" if high is None else f" {'<=' if high_inclusive else '<'} {high}"
-        raise ValueError(f"`{name}` must satisfy {left}{name}{right}, got {value!r}.")
-    return value
-
-
-def _check_int(name: str, value: Any, *, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
-    return int(value)
 
 
 def _state_float_dtype(device: torch.device) -> torch.dtype:
@@ -324,8 +295,8 @@ class NormClip(Clipper):
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         super().__init__()
-        self.max_norm = _check_number("max_norm", max_norm, low=0.0)
-        self.norm_type = _check_number("norm_type", norm_type, low=0.0, allow_inf=True)
+        self.max_norm = check_number("max_norm", max_norm, low=0.0)
+        self.norm_type = check_number("norm_type", norm_type, low=0.0, allow_inf=True)
         self._threshold: dict[torch.device, Tensor] = {}
 
     def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
@@ -395,9 +366,9 @@ class AutoClip(Clipper):
 
     def __init__(self, percentile: float = 10.0, history: int | None = None) -> None:
         super().__init__()
-        self.percentile = _check_number("percentile", percentile, low=0.0, high=100.0, low_inclusive=True,
+        self.percentile = check_number("percentile", percentile, low=0.0, high=100.0, low_inclusive=True,
                                         high_inclusive=True)
-        self.history = None if history is None else _check_int("history", history, low=1)
+        self.history = None if history is None else check_int("history", history, low=1)
         self._calls = 0  # host-side, an upper bound of the number of valid entries: sizes the unbounded buffer
         self._values: Tensor | None = None  # sorted (history=None, +inf padded) or a ring buffer (history=N)
         self._count: Tensor | None = None  # valid steps seen, int64 on the device
@@ -571,21 +542,19 @@ class ZClip(Clipper):
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.alpha = _check_number("alpha", alpha, low=0.0, high=1.0)
-        self.z_thresh = _check_number("z_thresh", z_thresh, low=0.0)
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, low=1)
+        self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
+        self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
         if mode not in ("zscore", "percentile"):
             raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}.")
         if clip_option not in ("adaptive_scaling", "mean"):
             raise ValueError(f"`clip_option` must be 'adaptive_scaling' or 'mean', got {clip_option!r}.")
         self.mode = mode
         self.clip_option = clip_option
-        self.clip_factor = _check_number("clip_factor", clip_factor, low=0.0)
-        self.max_grad_norm = None if max_grad_norm is None else _check_number("max_grad_norm", max_grad_norm, low=0.0)
-        if not isinstance(skip_update_on_spike, bool):
-            raise ValueError(f"`skip_update_on_spike` must be True or False, got {skip_update_on_spike!r}.")
-        self.skip_update_on_spike = skip_update_on_spike
-        self.eps = _check_number("eps", eps, low=0.0)
+        self.clip_factor = check_number("clip_factor", clip_factor, low=0.0)
+        self.max_grad_norm = None if max_grad_norm is None else check_number("max_grad_norm", max_grad_norm, low=0.0)
+        self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
+        self.eps = check_number("eps", eps, low=0.0)
         self._buffer: Tensor | None = None  # warm-up norms
         self._count: Tensor | None = None  # valid steps seen (int64); the EMA is live once it reaches warmup_steps
         self._mean: Tensor | None = None
@@ -777,8 +746,8 @@ class AGC(Clipper):
         exclude_types: tuple[type, ...] = (),
     ) -> None:
         super().__init__()
-        self.clip_factor = _check_number("clip_factor", clip_factor, low=0.0)
-        self.eps = _check_number("eps", eps, low=0.0)
+        self.clip_factor = check_number("clip_factor", clip_factor, low=0.0)
+        self.eps = check_number("eps", eps, low=0.0)
         if exclude is not None:
             if not isinstance(exclude, str):
                 raise ValueError(f"`exclude` must be a regular expression string or None, got {exclude!r}.")

@@ -9,6 +9,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from lightning_gradguard._validation import check_bool, check_int, check_number
+
 __all__ = ["ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
 
 # Norms are compared in log space: gradient norms span orders of magnitude and a spike is a *ratio*.
@@ -49,13 +51,6 @@ def _as_float(t: Tensor) -> Tensor:
     if t.requires_grad:
         t = t.detach()
     return t if t.dtype == torch.float32 else t.float()
-
-
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}")
 
 
 def _per_entry(
@@ -136,37 +131,23 @@ class ExplodingDetector:
         per_layer: bool = True,
         min_share: float = 0.05,
     ) -> None:
-        _check_positive("z_thresh", z_thresh)
-        if not 0.0 < alpha < 1.0:
-            raise ValueError(f"`alpha` must lie in (0, 1), got {alpha!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"`warmup_steps` must be an int >= 1, got {warmup_steps!r}")
-        if not isinstance(min_ratio, (int, float)) or not min_ratio >= 1.0:
-            raise ValueError(f"`min_ratio` must be a number >= 1, got {min_ratio!r}")
-        if max_ratio is not None and (not isinstance(max_ratio, (int, float)) or not max_ratio > min_ratio):
-            raise ValueError(f"`max_ratio` must be None or a number > min_ratio ({min_ratio}), got {max_ratio!r}")
-        if max_layer_ratio is not None and (
-            not isinstance(max_layer_ratio, (int, float)) or not max_layer_ratio > min_ratio
-        ):
-            raise ValueError(
-                f"`max_layer_ratio` must be None or a number > min_ratio ({min_ratio}), got {max_layer_ratio!r}"
-            )
-        if max_norm is not None:
-            _check_positive("max_norm", max_norm)
-        if max_layer_norm is not None:
-            _check_positive("max_layer_norm", max_layer_norm)
-        if not 0.0 <= min_share <= 1.0:
-            raise ValueError(f"`min_share` must lie in [0, 1], got {min_share!r}")
-        self.z_thresh = float(z_thresh)
-        self.alpha = float(alpha)
-        self.warmup_steps = warmup_steps
-        self.min_ratio = float(min_ratio)
-        self.max_ratio = max_ratio
-        self.max_layer_ratio = max_layer_ratio
-        self.max_norm = max_norm
-        self.max_layer_norm = max_layer_norm
-        self.per_layer = per_layer
-        self.min_share = float(min_share)
+        self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
+        self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
+        self.min_ratio = check_number("min_ratio", min_ratio, low=1.0, low_inclusive=True)
+        # ``None`` switches a test off; a ratio limit at or below min_ratio would flag every step.
+        self.max_ratio = None if max_ratio is None else check_number("max_ratio", max_ratio, low=self.min_ratio)
+        self.max_layer_ratio = (
+            None if max_layer_ratio is None else check_number("max_layer_ratio", max_layer_ratio, low=self.min_ratio)
+        )
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
+        self.max_layer_norm = (
+            None if max_layer_norm is None else check_number("max_layer_norm", max_layer_norm, low=0.0)
+        )
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.min_share = check_number(
+            "min_share", min_share, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True
+        )
         # Device state, created on the first update: [mean, var, count] for the total (index 0) and each layer.
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
@@ -329,14 +310,9 @@ class VanishingDetector:
     """
 
     def __init__(self, min_norm: float = 1e-9, ratio: float = 1e-4, patience: int = 25) -> None:
-        _check_positive("min_norm", min_norm, allow_zero=True)
-        if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-            raise ValueError(f"`ratio` must lie in [0, 1), got {ratio!r}")
-        if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-            raise ValueError(f"`patience` must be an int >= 1, got {patience!r}")
-        self.min_norm = float(min_norm)
-        self.ratio = float(ratio)
-        self.patience = patience
+        self.min_norm = check_number("min_norm", min_norm, low=0.0, low_inclusive=True)
+        self.ratio = check_number("ratio", ratio, low=0.0, high=1.0, low_inclusive=True)
+        self.patience = check_int("patience", patience, low=1)
         self._run: Tensor | None = None
 
     def update(self, layer_norm: Tensor, valid: Tensor, layer_present: Tensor | None = None) -> VanishingResult:

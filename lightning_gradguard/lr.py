@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._validation import check_int, check_number
+
 __all__ = ["LRGuard", "LRGuardHandle"]
 
 _RECOVERY_MODES = ("linear", "exponential")
@@ -131,23 +133,13 @@ class LRGuard:
         recovery_steps: int = 100,
         recovery: str = "linear",
     ) -> None:
-        if not (isinstance(factor, (int, float)) and 0.0 < factor < 1.0):
-            raise ValueError(f"`factor` must be a number in (0, 1), got {factor!r}")
-        if not (isinstance(patience, int) and patience >= 1):
-            raise ValueError(f"`patience` must be an integer >= 1, got {patience!r}")
-        if not (isinstance(cooldown, int) and cooldown >= 0):
-            raise ValueError(f"`cooldown` must be an integer >= 0, got {cooldown!r}")
-        if not (isinstance(min_scale, (int, float)) and 0.0 < min_scale <= 1.0):
-            raise ValueError(f"`min_scale` must be a number in (0, 1], got {min_scale!r}")
-        if not (isinstance(recovery_steps, int) and recovery_steps >= 1):
-            raise ValueError(f"`recovery_steps` must be an integer >= 1, got {recovery_steps!r}")
+        self.factor = check_number("factor", factor, low=0.0, high=1.0)
+        self.patience = check_int("patience", patience, low=1)
+        self.cooldown = check_int("cooldown", cooldown, low=0)
+        self.min_scale = check_number("min_scale", min_scale, low=0.0, high=1.0, high_inclusive=True)
+        self.recovery_steps = check_int("recovery_steps", recovery_steps, low=1)
         if recovery not in _RECOVERY_MODES:
             raise ValueError(f"`recovery` must be one of {_RECOVERY_MODES}, got {recovery!r}")
-        self.factor = float(factor)
-        self.patience = patience
-        self.cooldown = cooldown
-        self.min_scale = float(min_scale)
-        self.recovery_steps = recovery_steps
         self.recovery = recovery
         self._states: dict[int, _KeyState] = {}
         self._swaps: dict[int, list[_Swap]] = {}

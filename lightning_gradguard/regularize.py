@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from lightning_gradguard._validation import check_bool, check_number
+
 __all__ = ["L1", "L2", "Orthogonal", "Regularizer"]
 
 # _NormBase is the common base of BatchNorm*, SyncBatchNorm and InstanceNorm* (lazy variants included).
@@ -88,8 +90,7 @@ class Regularizer(abc.ABC):
         decay: float = 0.99,
         name: str | None = None,
     ) -> None:
-        if not (isinstance(weight, (int, float)) and 0.0 <= weight < float("inf")):
-            raise ValueError(f"`weight` must be a finite number >= 0, got {weight!r}")
+        weight = check_number("weight", weight, low=0.0, low_inclusive=True)
         self._pattern: re.Pattern[str] | None = None
         if modules is not None:
             try:
@@ -97,27 +98,32 @@ class Regularizer(abc.ABC):
             except (re.error, TypeError) as err:
                 raise ValueError(f"`modules` must be a regular expression or None, got {modules!r}: {err}") from err
         if module_types is not None:
+            if isinstance(module_types, type):
+                module_types = (module_types,)
+            elif not isinstance(module_types, (tuple, list)):
+                raise ValueError(
+                    f"`module_types` must be None or a non-empty tuple of nn.Module subclasses, got {module_types!r}"
+                )
             module_types = tuple(module_types)
             if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
                 raise ValueError(
                     f"`module_types` must be None or a non-empty tuple of nn.Module subclasses, got {module_types!r}"
                 )
-        if not (isinstance(adaptive_factor, (int, float)) and adaptive_factor >= 1.0):
-            raise ValueError(f"`adaptive_factor` must be a number >= 1, got {adaptive_factor!r}")
-        if not (isinstance(max_strength, (int, float)) and 1.0 <= max_strength < float("inf")):
-            raise ValueError(f"`max_strength` must be a finite number >= 1, got {max_strength!r}")
-        if not (isinstance(decay, (int, float)) and 0.0 <= decay < 1.0):
-            raise ValueError(f"`decay` must be a number in [0, 1), got {decay!r}")
+        adaptive_factor = check_number("adaptive_factor", adaptive_factor, low=1.0, low_inclusive=True)
+        max_strength = check_number("max_strength", max_strength, low=1.0, low_inclusive=True)
+        decay = check_number("decay", decay, low=0.0, high=1.0, low_inclusive=True)
+        include_bias = check_bool("include_bias", include_bias)
+        adaptive = check_bool("adaptive", adaptive)
         if name is not None and not (isinstance(name, str) and name):
             raise ValueError(f"`name` must be a non-empty string or None, got {name!r}")
-        self.weight = float(weight)
+        self.weight = weight
         self.modules = modules
         self.module_types = module_types
-        self.include_bias = bool(include_bias)
-        self.adaptive = bool(adaptive)
-        self.adaptive_factor = float(adaptive_factor)
-        self.max_strength = float(max_strength)
-        self.decay = float(decay)
+        self.include_bias = include_bias
+        self.adaptive = adaptive
+        self.adaptive_factor = adaptive_factor
+        self.max_strength = max_strength
+        self.decay = decay
         self.name: str = name if name is not None else type(self).__name__.lower()
         self.param_names: list[str] = []
         self._params: list[nn.Parameter] = []

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._validation import check_int, check_number
+
 __all__ = ["SaturationMonitor"]
 
 _Rule = Callable[[Tensor], Tensor]
@@ -68,15 +70,11 @@ class SaturationMonitor:
         sigmoid_low: float = 0.01,
         sigmoid_high: float = 0.99,
     ) -> None:
-        if not (isinstance(tanh_threshold, (int, float)) and 0.0 < tanh_threshold < 1.0):
-            raise ValueError(f"`tanh_threshold` must be a number in (0, 1), got {tanh_threshold!r}")
-        if not (isinstance(sigmoid_low, (int, float)) and 0.0 < sigmoid_low < 1.0):
-            raise ValueError(f"`sigmoid_low` must be a number in (0, 1), got {sigmoid_low!r}")
-        if not (isinstance(sigmoid_high, (int, float)) and sigmoid_low < sigmoid_high < 1.0):
-            raise ValueError(f"`sigmoid_high` must be a number in (sigmoid_low, 1), got {sigmoid_high!r}")
-        self.tanh_threshold = float(tanh_threshold)
-        self.sigmoid_low = float(sigmoid_low)
-        self.sigmoid_high = float(sigmoid_high)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"`module` must be an nn.Module, got {module!r}")
+        self.tanh_threshold = check_number("tanh_threshold", tanh_threshold, low=0.0, high=1.0)
+        self.sigmoid_low = check_number("sigmoid_low", sigmoid_low, low=0.0, high=1.0)
+        self.sigmoid_high = check_number("sigmoid_high", sigmoid_high, low=self.sigmoid_low, high=1.0)
 
         # Position of every module (not only activations) in definition order, for most_saturated().
         self._order: dict[str, int] = {}
@@ -182,10 +180,9 @@ class SaturationMonitor:
             ``(name, fraction)`` pairs, most saturated first (ties in definition order).
 
         Raises:
-            ValueError: ``k < 1``.
+            ValueError: ``k`` is not an integer >= 1.
         """
-        if k < 1:
-            raise ValueError(f"`k` must be >= 1, got {k!r}")
+        check_int("k", k, low=1)
         # Warnings call this: an unknown name widens the search instead of failing the training run.
         start = self._order.get(upstream_of, 0) if upstream_of is not None else 0
         candidates = [
