@@ -239,8 +239,8 @@ class GradGuard(Callback):
             ("histogram_every_n_steps", histogram_every_n_steps),
             ("group_depth", group_depth),
         ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"`{name}` must be a positive int or None, got {value!r}")
+            if value is not None:
+                check_int(name, value, low=1)
         max_warnings = check_int("max_warnings", max_warnings, low=0)
         for name, flag in (("log_layers", log_layers), ("saturation", saturation), ("clip_exploding", clip_exploding)):
             check_bool(name, flag)

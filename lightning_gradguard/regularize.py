@@ -98,17 +98,17 @@ class Regularizer(abc.ABC):
             except (re.error, TypeError) as err:
                 raise ValueError(f"`modules` must be a regular expression or None, got {modules!r}: {err}") from err
         if module_types is not None:
-            if isinstance(module_types, type):
+            if isinstance(module_types, type):  # one class for a one-class tuple
                 module_types = (module_types,)
-            elif not isinstance(module_types, (tuple, list)):
+            if not (
+                isinstance(module_types, (tuple, list))
+                and module_types
+                and all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types)
+            ):
                 raise ValueError(
                     f"`module_types` must be None or a non-empty tuple of nn.Module subclasses, got {module_types!r}"
                 )
             module_types = tuple(module_types)
-            if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
-                raise ValueError(
-                    f"`module_types` must be None or a non-empty tuple of nn.Module subclasses, got {module_types!r}"
-                )
         adaptive_factor = check_number("adaptive_factor", adaptive_factor, low=1.0, low_inclusive=True)
         max_strength = check_number("max_strength", max_strength, low=1.0, low_inclusive=True)
         decay = check_number("decay", decay, low=0.0, high=1.0, low_inclusive=True)
