@@ -4,7 +4,8 @@ Each config of a small suite is trained from the same seed, on the same batches 
 with plain ``GradGuard()`` (ZClip, LRGuard, ``on_nonfinite="skip"``) and with ``GradGuard()`` whose exploding
 detector holds the total norm to 5x its running mean (``ExplodingDetector(max_ratio=5)``: the guard for runs that
 may diverge in their first steps); the configs taken from an example that recommends its own guard (``build_guard()``
-of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a fourth run with that guard. Every run is then evaluated on held-out data. The table reports, per run:
+of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a fourth run with that guard. Every run is then
+evaluated on held-out data. The table reports, per run:
 
 * **held-out**: the loss of the final weights on data the run never trained on (MSE for the adding problem,
   cross-entropy and accuracy for classification);
