@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import Clipper, ZClip
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
@@ -57,40 +58,6 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 @dataclass
-class _HostFlags:
-    """A small device vector copied to host memory without waiting: read once the copy has landed.
-
-    On CUDA the copy goes to pinned memory behind an event; ``ready()`` polls the event, so a decision that needs
-    the flags on the host is taken at most a step late instead of stalling the step. On the CPU the copy is
-    immediate.
-    """
-
-    host: Tensor
-    values: Any  # numpy view of ``host``: reading it is not a tensor operation
-    event: Any = None
-    step: int = -1
-    filled: bool = False
-
-    @classmethod
-    def create(cls, size: int, device: torch.device) -> _HostFlags:
-        if device.type == "cuda":
-            host = torch.zeros(size, dtype=torch.float32, pin_memory=True)
-            return cls(host=host, values=host.numpy(), event=torch.cuda.Event())
-        values = np.zeros(size, dtype=np.float32)
-        return cls(host=torch.from_numpy(values), values=values)
-
-    def fill(self, flags: Tensor, step: int) -> None:
-        self.host.copy_(flags, non_blocking=self.event is not None)
-        if self.event is not None:
-            self.event.record()
-        self.step = step
-        self.filled = True
-
-    def ready(self) -> bool:
-        return self.filled and (self.event is None or self.event.query())
-
-
-@dataclass
 class _OptimizerState:
     """Everything GradGuard keeps for one optimizer."""
 
@@ -112,8 +79,8 @@ class _OptimizerState:
     van_step: Tensor
     van_value: Tensor
     nf_step: Tensor
-    pending: list[_HostFlags] = field(default_factory=list)
-    free: list[_HostFlags] = field(default_factory=list)
+    pending: list[HostFlags] = field(default_factory=list)
+    free: list[HostFlags] = field(default_factory=list)
     host_counts: dict[str, int] = field(default_factory=lambda: {"skipped": 0, "lr_reduced": 0})
     steps: int = 0
     steps_since_log: int = 0
@@ -668,7 +635,7 @@ class GradGuard(Callback):
             st.nf_step = torch.where(first_nf, step, st.nf_step)
 
         flags = torch.stack([expl_any, nonfinite, van_new.any() if van_new is not None else c["false"]]).float()
-        buf = st.free.pop() if st.free else _HostFlags.create(3, total.device)
+        buf = st.free.pop() if st.free else HostFlags.create(3, total.device)
         buf.fill(flags, int(step))
         st.pending.append(buf)
         st.steps += 1

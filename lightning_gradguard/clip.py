@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _device_has_foreach_support, _group_tensors_by_device_and_dtype
 
+from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_int, check_number
 
 try:
@@ -560,6 +561,11 @@ class ZClip(Clipper):
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
         self._arange: Tensor | None = None
+        # Once the host knows the warm-up is over, the warm-up bookkeeping (about 15 small kernels) is skipped. It
+        # learns it from a copy of ``count >= warmup_steps`` that lands without a wait (see ``_watch_warmup``).
+        self._warm_known = False
+        self._warm_probe: HostFlags | None = None
+        self._calls = 0
 
     def _empty_state(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
         return {
@@ -575,7 +581,9 @@ class ZClip(Clipper):
             state = self._empty_state(device, dtype)
             self._buffer, self._count = state["buffer"], state["count"]
             self._mean, self._var = state["mean"], state["var"]
+            self._forget_warmup()
         elif self._count.device != device or self._mean.dtype != dtype:
+            self._forget_warmup()
             self._buffer = self._buffer.to(device=device, dtype=dtype)
             self._count = self._count.to(device)
             self._mean = self._mean.to(device=device, dtype=dtype)
@@ -598,18 +606,15 @@ class ZClip(Clipper):
         buffer, count, mean, var, arange = self._buffer, self._count, self._mean, self._var, self._arange
         assert buffer is not None and count is not None and mean is not None and var is not None
         assert arange is not None
+        if not self._warm_known and self._warm_probe is not None and self._warm_probe.ready():
+            self._warm_known = bool(self._warm_probe.values[0])
+            self._warm_probe.filled = False
+        in_warmup = not self._warm_known  # on the host: the warm-up bookkeeping below may still matter
         x = total_norm.reshape(()).to(mean.dtype)
         # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good.
         ok = valid.to(device) & (x < math.inf)  # a norm is >= 0: ``< inf`` is isfinite in one kernel
-        warm = count < self.warmup_steps
-        # Warm-up: store the norm; the step that fills the buffer initialises the EMA from it.
-        collect = ok & warm
-        buffer = torch.where(collect & (arange == count), x, buffer)
-        init_now = collect & (count == self.warmup_steps - 1)
-        init_mean = buffer.mean()
-        init_var = (buffer - init_mean).square().mean()
 
-        # After the warm-up: the authors' spike test and clip value, from the statistics before this step.
+        # The authors' spike test and clip value, from the statistics before this step.
         std = var.sqrt()
         if self.mode == "percentile":
             boundary = mean + self.z_thresh * std
@@ -628,33 +633,67 @@ class ZClip(Clipper):
         # what enters the EMA (never capped by max_grad_norm).
         target = torch.where(spike, clip_value, x)
         shown = torch.where(spike & ok, clip_value, boundary)
-        live = ok & ~warm
         effective = target
         if self.max_grad_norm is not None:
             effective = torch.clamp(target, max=self.max_grad_norm)
             shown = torch.clamp(shown, max=self.max_grad_norm)
+        live = ok
+        if in_warmup:
+            # Warm-up: store the norm; the step that fills the buffer initialises the EMA from it.
+            warm = count < self.warmup_steps
+            collect = ok & warm
+            live = ok & ~warm
+            buffer = torch.where(collect & (arange == count), x, buffer)
+            init_now = collect & (count == self.warmup_steps - 1)
+            init_mean = buffer.mean()
+            init_var = (buffer - init_mean).square().mean()
         coef = torch.where(live & (x > effective), effective / (x + _NORM_EPS), 1.0)
-        if self.max_grad_norm is not None:
+        if in_warmup and self.max_grad_norm is not None:
             # During warm-up the reference calls torch.nn.utils.clip_grad_norm_(max_grad_norm).
             coef = torch.where(collect, torch.clamp(self.max_grad_norm / (x + _NORM_EPS), max=1.0), coef)
-            warm_threshold = self.max_grad_norm
-        else:
-            warm_threshold = math.inf
         coef = coef.to(torch.float32)
 
         update = live & ~spike if self.skip_update_on_spike else live
         new_mean = self.alpha * mean + (1.0 - self.alpha) * target
         new_var = self.alpha * var + (1.0 - self.alpha) * (target - new_mean).square()
-        self._mean = torch.where(update, new_mean, torch.where(init_now, init_mean, mean))
-        self._var = torch.where(update, new_var, torch.where(init_now, init_var, var))
-        self._buffer = buffer
+        if in_warmup:
+            new_mean = torch.where(update, new_mean, torch.where(init_now, init_mean, mean))
+            new_var = torch.where(update, new_var, torch.where(init_now, init_var, var))
+            self._buffer = buffer
+        else:
+            new_mean = torch.where(update, new_mean, mean)
+            new_var = torch.where(update, new_var, var)
+        self._mean, self._var = new_mean, new_var
         self._count = count + ok
 
         coef = self._capped(coef, total_norm, cap)
         _scale_(grads, coef)
-        self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
+        if in_warmup:
+            warm_threshold = math.inf if self.max_grad_norm is None else self.max_grad_norm
+            self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
+            self._watch_warmup(device)
+        else:
+            self.last_threshold = shown.to(torch.float32)
         self.last_coef = coef
         return coef
+
+    def _watch_warmup(self, device: torch.device) -> None:
+        """Start a host copy of "the warm-up is over" once it can be, unless one is still on its way."""
+        self._calls += 1
+        # Invalid steps do not count, so only the device knows; before ``warmup_steps`` calls it cannot be over.
+        # Other backends (MPS, XLA) would wait for the copy: they keep the warm-up bookkeeping instead.
+        if self._calls < self.warmup_steps or device.type not in ("cpu", "cuda"):
+            return
+        if self._warm_probe is None:
+            self._warm_probe = HostFlags.create(1, device)
+        if not self._warm_probe.filled:
+            assert self._count is not None
+            self._warm_probe.fill((self._count >= self.warmup_steps).reshape(1).to(torch.float32), self._calls)
+
+    def _forget_warmup(self) -> None:
+        self._warm_known = False
+        self._warm_probe = None
+        self._calls = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-up buffer, valid-step count, EMA mean and variance."""
@@ -682,6 +721,7 @@ class ZClip(Clipper):
         self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
         self._mean = torch.as_tensor(state["mean"], dtype=torch.float64).reshape(()).clone()
         self._var = torch.as_tensor(state["var"], dtype=torch.float64).reshape(()).clone()
+        self._forget_warmup()
 
     def extra_repr(self) -> str:
         return (

@@ -322,6 +322,33 @@ def test_zclip_matches_reference(device: str, warmup_steps: int, config: dict) -
     assert clipped >= 3  # the sequence does exercise the clipping branch
 
 
+@pytest.mark.parametrize("config", ZCLIP_CONFIGS[:3], ids=["adaptive", "skip", "max_grad_norm"])
+def test_zclip_drops_its_warmup_bookkeeping_once_warm_with_identical_results(
+    config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    norms = norm_sequence(80, seed=6, spikes=6)
+    invalid = {3, 12}  # one inside the warm-up (which then ends a call late), one after it
+    lean = ZClip(warmup_steps=10, **config)
+    full = ZClip(warmup_steps=10, **config)
+    monkeypatch.setattr(full, "_watch_warmup", lambda device: None)  # never learns that the warm-up is over
+    known_at = None
+    for step, norm in enumerate(norms):
+        valid = step not in invalid
+        a, _, after_a = drive(lean, norm, "cpu", valid=valid)
+        b, _, after_b = drive(full, norm, "cpu", valid=valid)
+        assert torch.equal(a, b) and torch.equal(after_a, after_b), step
+        assert torch.equal(lean.last_threshold, full.last_threshold), step
+        if known_at is None and lean._warm_known:
+            known_at = step
+    # On the CPU the host copy lands at once: the call after the 10th valid step (step 10) runs the lean path.
+    assert known_at == 11
+    assert not full._warm_known
+    for key, value in full.state_dict().items():
+        assert torch.equal(value, lean.state_dict()[key]), key
+    lean.load_state_dict(lean.state_dict())  # a loaded state may be anywhere: the host learns it again
+    assert not lean._warm_known
+
+
 def test_zclip_adaptive_threshold_formula() -> None:
     # EMA mean 1, std 0.5, z_thresh 2, norm 3: z = 4, eta = 2, threshold = 1 + 2 * 0.5 / 2 = 1.5 (paper, eq. 6).
     clipper = ZClip(z_thresh=2.0, warmup_steps=1, eps=1e-6)

@@ -1,0 +1,44 @@
+"""Reading small device tensors on the host without stalling the step that produced them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass
+class HostFlags:
+    """A small device vector copied to host memory without waiting: read once the copy has landed.
+
+    On CUDA the copy goes to pinned memory behind an event; ``ready()`` polls the event, so a decision that needs
+    the flags on the host is taken at most a step late instead of stalling the step. On the CPU the copy is
+    immediate.
+    """
+
+    host: Tensor
+    values: Any  # numpy view of ``host``: reading it is not a tensor operation
+    event: Any = None
+    step: int = -1
+    filled: bool = False
+
+    @classmethod
+    def create(cls, size: int, device: torch.device) -> HostFlags:
+        if device.type == "cuda":
+            host = torch.zeros(size, dtype=torch.float32, pin_memory=True)
+            return cls(host=host, values=host.numpy(), event=torch.cuda.Event())
+        values = np.zeros(size, dtype=np.float32)
+        return cls(host=torch.from_numpy(values), values=values)
+
+    def fill(self, flags: Tensor, step: int) -> None:
+        self.host.copy_(flags, non_blocking=self.event is not None)
+        if self.event is not None:
+            self.event.record()
+        self.step = step
+        self.filled = True
+
+    def ready(self) -> bool:
+        return self.filled and (self.event is None or self.event.query())
