@@ -46,7 +46,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from lightning_gradguard import GradGuard, LRGuard, Orthogonal, ZClip
+from lightning_gradguard import ExplodingDetector, GradGuard, LRGuard, Orthogonal, ZClip
 
 #: MSE of always predicting 1, the mean target: ``Var(U1 + U2) = 2 / 12``.
 BASELINE_MSE: float = 1.0 / 6.0
@@ -292,7 +292,9 @@ class AddingModule(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
-def build_guard(orthogonal: float = 1e-4, max_grad_norm: float | None = 1.0) -> GradGuard:
+def build_guard(
+    orthogonal: float = 1e-4, max_grad_norm: float | None = 1.0, max_ratio: float | None = None
+) -> GradGuard:
     """The guard of this example: ZClip, LR backoff, skip non-finite steps, orthogonal ``weight_hh``.
 
     ZClip clips norms that jump above the run's own recent history; its cap ``max_grad_norm`` (1,
@@ -303,13 +305,20 @@ def build_guard(orthogonal: float = 1e-4, max_grad_norm: float | None = 1.0) -> 
     Args:
         orthogonal: Strength of the orthogonality penalty on the recurrent weights (0 disables it).
         max_grad_norm: Absolute cap of ZClip's threshold (``None``: adaptive only).
+        max_ratio: The exploding detector's ratio limit for the total norm (``None``: its default, 100).
 
     Example:
-        >>> guard = build_guard()
+        >>> guard = build_guard(max_ratio=5.0)
+        >>> guard.exploding.max_ratio
+        5.0
     """
     regularizers = [Orthogonal(orthogonal, modules=r"(rnn|lstm)\.weight_hh")] if orthogonal > 0 else []
     return GradGuard(
-        clip=ZClip(max_grad_norm=max_grad_norm), lr_guard=LRGuard(), regularizers=regularizers, on_nonfinite="skip"
+        clip=ZClip(max_grad_norm=max_grad_norm),
+        lr_guard=LRGuard(),
+        regularizers=regularizers,
+        on_nonfinite="skip",
+        exploding="default" if max_ratio is None else ExplodingDetector(max_ratio=max_ratio),
     )
 
 
@@ -360,6 +369,12 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--no-guard", action="store_true", help="train without GradGuard")
     p.add_argument("--orthogonal", type=float, default=1e-4, help="orthogonal penalty on weight_hh (default: 1e-4)")
+    p.add_argument(
+        "--max-ratio",
+        type=float,
+        default=None,
+        help="flag a total gradient norm this many times its running mean as exploding (default: 100)",
+    )
     p.add_argument("--quick", action="store_true", help="8 steps on short sequences (seconds; for tests)")
     p.add_argument("--logdir", default="gradguard_logs", help="TensorBoard log root (default: gradguard_logs)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -399,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         seed=args.seed,
     )
     module = AddingModule(model=args.model, hidden_size=args.hidden, optimizer=args.optimizer, lr=args.lr)
-    guard = None if args.no_guard else build_guard(args.orthogonal)
+    guard = None if args.no_guard else build_guard(args.orthogonal, max_ratio=args.max_ratio)
     # Without a terminal (a log file) a line per validation reads better than a progress bar.
     progress_bar = not args.quick and sys.stderr.isatty()
     progress = _Progress(verbose=not args.quick and not progress_bar)

@@ -8,6 +8,7 @@ import pickle
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,6 +60,21 @@ def test_cifar_without_batch_norm_diverges_unguarded_only(tmp_path: Path) -> Non
     assert not np.isfinite(bare["train_loss"])  # the paper's learning rate without batch norm: NaN within 8 steps
     guarded = cifar_resnet.main(argv)
     assert np.isfinite(guarded["train_loss"]) and guarded["train_loss"] < 10
+
+
+def test_lstm_max_ratio_flag_reaches_the_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[GradGuard] = []
+    build = lstm_adding.build_guard
+
+    def spy(*args: Any, **kwargs: Any) -> GradGuard:
+        built.append(build(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(lstm_adding, "build_guard", spy)
+    lstm_adding.main(["--quick", "--max-ratio", "5", "--logdir", str(tmp_path)])
+    lstm_adding.main(["--quick", "--logdir", str(tmp_path)])
+    assert [g.exploding.max_ratio for g in built] == [5.0, 100.0]
+    assert all(g.exploding.max_layer_ratio == 100.0 for g in built)
 
 
 def test_lstm_quick_run_logs_gradguard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
