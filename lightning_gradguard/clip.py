@@ -565,7 +565,7 @@ class ZClip(Clipper):
         # learns it from a copy of ``count >= warmup_steps`` that lands without a wait (see ``_watch_warmup``).
         self._warm_known = False
         self._warm_probe: HostFlags | None = None
-        self._calls = 0
+        self._warmup_calls = 0
 
     def _empty_state(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, Tensor]:
         return {
@@ -679,21 +679,21 @@ class ZClip(Clipper):
 
     def _watch_warmup(self, device: torch.device) -> None:
         """Start a host copy of "the warm-up is over" once it can be, unless one is still on its way."""
-        self._calls += 1
+        self._warmup_calls += 1
         # Invalid steps do not count, so only the device knows; before ``warmup_steps`` calls it cannot be over.
         # Other backends (MPS, XLA) would wait for the copy: they keep the warm-up bookkeeping instead.
-        if self._calls < self.warmup_steps or device.type not in ("cpu", "cuda"):
+        if self._warmup_calls < self.warmup_steps or device.type not in ("cpu", "cuda"):
             return
         if self._warm_probe is None:
             self._warm_probe = HostFlags.create(1, device)
         if not self._warm_probe.filled:
             assert self._count is not None
-            self._warm_probe.fill((self._count >= self.warmup_steps).reshape(1).to(torch.float32), self._calls)
+            self._warm_probe.fill((self._count >= self.warmup_steps).reshape(1).to(torch.float32), self._warmup_calls)
 
     def _forget_warmup(self) -> None:
         self._warm_known = False
         self._warm_probe = None
-        self._calls = 0
+        self._warmup_calls = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-up buffer, valid-step count, EMA mean and variance."""
