@@ -649,13 +649,13 @@ class GradGuard(Callback):
             step = buf.step
             st.free.append(buf)
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
-            # step. Without a GradScaler, gradients that overflow mean the run is diverging: treated as an explosion.
+            # step. Without a GradScaler, one non-finite step is a bad batch (skipped, counted); the LR guard lowers
+            # the rate only when they repeat (``LRGuard.nonfinite_patience``).
             if not (nonfinite and _grad_scaler(trainer) is not None):
-                signal = exploding or nonfinite
-                if self.lr_guard is not None and self.lr_guard.update(signal, key):
+                if self.lr_guard is not None and self.lr_guard.update(exploding, key, nonfinite=nonfinite):
                     st.host_counts["lr_reduced"] += 1
                 for r in self.regularizers:
-                    r.on_exploding(signal)
+                    r.on_exploding(exploding)
             if exploding and self.on_exploding == "raise":
                 raise GradientExplosionError(
                     f"GradGuard: exploding gradients at step {step} (optimizer {key}); see"

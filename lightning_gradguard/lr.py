@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradguard._validation import check_int, check_number
+from lightning_gradguard._validation import check_bool, check_int, check_number
 
 __all__ = ["LRGuard", "LRGuardHandle"]
 
@@ -29,6 +29,15 @@ class _KeyState:
     anchor: float = 1.0  # multiplier in force since the last exploding event
     calm: int = 0  # consecutive calm steps since that event
     pending: int = 0  # exploding events counted towards ``patience``
+    ceiling: float = 1.0  # highest multiplier recovery returns to: just below the lowest rate that exploded
+    nonfinite: int = 0  # non-finite steps counted towards ``nonfinite_patience``
+    since_nonfinite: int = 0  # steps since the last non-finite one
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {name: getattr(self, name) for name in _STATE_FIELDS}
+
+
+_STATE_FIELDS = ("anchor", "calm", "pending", "ceiling", "nonfinite", "since_nonfinite")
 
 
 @dataclass
@@ -74,21 +83,29 @@ class LRGuardHandle:
 
 
 class LRGuard:
-    """Lower the learning rate when gradients explode, hold it, then recover to the scheduled value.
+    """Lower the learning rate when gradients explode, hold it, then recover to a rate that has not exploded.
 
     One multiplier ``m`` (starting at 1) is kept per optimizer ``key``. Call :meth:`update` once per optimizer
-    step with the step's exploding flag (a Python bool; it may arrive one step late). The rules:
+    step with the step's exploding and non-finite flags (Python bools; they may arrive one step late). The rules:
 
     * **Reduction.** Exploding events are counted; when ``patience`` of them have been counted,
       ``m <- max(m * factor, min_scale)`` and the count restarts. The count is forgotten after more than
       ``cooldown`` consecutive calm steps, so with ``cooldown=0`` the events must be consecutive, and with the
       default they must fall within ``cooldown`` calm steps of each other. ``m`` is taken at its current value,
       so an event during recovery lowers it from wherever recovery had reached.
+    * **Non-finite steps.** One isolated non-finite step (a bad batch, skipped by GradGuard) is no evidence that
+      the learning rate is too high: it changes nothing. ``nonfinite_patience`` of them with at most ``cooldown``
+      steps between each and the next count as one exploding event (which reduces at once).
+    * **Memory.** A reduction remembers the rate that exploded: recovery returns to ``ceiling``, the lowest
+      multiplier that exploded times ``sqrt(factor)``, not to 1. Repeated explosions therefore converge on a rate
+      that trains instead of oscillating between the scheduled rate and the reduced one. Once recovered, the
+      ceiling creeps back up by ``increase`` (relative) per calm step, up to 1, so a rate that was too high early
+      in training is tried again later (multiplicative decrease, slow increase).
     * **Hold.** Every exploding event (reducing or not) freezes ``m`` at its current value and restarts the hold:
       ``m`` stays put for ``cooldown`` consecutive calm steps.
-    * **Recovery.** Over the next ``recovery_steps`` calm steps ``m`` returns from the held value ``a`` to exactly
-      1: ``"linear"`` in equal increments (``a + (1 - a) * t``), ``"exponential"`` in equal ratios
-      (``a ** (1 - t)``), with ``t`` the fraction of recovery done.
+    * **Recovery.** Over the next ``recovery_steps`` calm steps ``m`` returns from the held value ``a`` to the
+      ceiling ``c``: ``"linear"`` in equal increments (``a + (c - a) * t``), ``"exponential"`` in equal ratios
+      (``a * (c / a) ** t``), with ``t`` the fraction of recovery done.
 
     The multiplier reaches the optimizer through :meth:`attach` (recommended: it scales ``group["lr"]`` only
     inside ``optimizer.step``, so a step that is never taken, e.g. skipped by ``GradScaler``, leaves the lr
@@ -99,16 +116,21 @@ class LRGuard:
         factor: multiplier applied on a reduction, in ``(0, 1)``.
         patience: number of exploding events that trigger a reduction, ``>= 1``.
         cooldown: calm steps the reduced multiplier is held before recovery starts, ``>= 0``. Also the longest calm
-            gap over which events still count towards ``patience``.
+            gap over which events (exploding or non-finite) still count towards their patience.
         min_scale: lowest multiplier, in ``(0, 1]``.
-        recovery_steps: calm steps over which the multiplier returns to 1 after the hold, ``>= 1``.
+        recovery_steps: calm steps over which the multiplier returns to its ceiling after the hold, ``>= 1``.
         recovery: ``"linear"`` or ``"exponential"``.
+        nonfinite_patience: non-finite steps (within ``cooldown`` steps of each other) that count as one exploding
+            event, ``>= 1``; 1 treats every non-finite step as an explosion.
+        memory: remember the rate that exploded and recover to just below it (see above); ``False`` recovers to 1.
+        increase: relative rise of the ceiling per calm step once recovered, ``>= 0`` (1e-3: doubles in about 700
+            calm steps).
 
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=2)
+        >>> guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=2, memory=False)
         >>> handle = guard.attach(opt)
         >>> guard.update(True)
         True
@@ -118,6 +140,8 @@ class LRGuard:
         ...     _ = guard.update(False)
         >>> guard.scale()
         0.75
+        >>> guard.update(False, nonfinite=True)  # one bad batch changes nothing
+        False
         >>> model(torch.ones(1, 2)).sum().backward()
         >>> opt.step()  # runs with lr 0.075
         >>> opt.param_groups[0]["lr"]  # the scheduled value is back
@@ -132,6 +156,9 @@ class LRGuard:
         min_scale: float = 1e-2,
         recovery_steps: int = 100,
         recovery: str = "linear",
+        nonfinite_patience: int = 2,
+        memory: bool = True,
+        increase: float = 1e-3,
     ) -> None:
         self.factor = check_number("factor", factor, low=0.0, high=1.0)
         self.patience = check_int("patience", patience, low=1)
@@ -141,13 +168,17 @@ class LRGuard:
         if recovery not in _RECOVERY_MODES:
             raise ValueError(f"`recovery` must be one of {_RECOVERY_MODES}, got {recovery!r}")
         self.recovery = recovery
+        self.nonfinite_patience = check_int("nonfinite_patience", nonfinite_patience, low=1)
+        self.memory = check_bool("memory", memory)
+        self.increase = check_number("increase", increase, low=0.0, low_inclusive=True)
         self._states: dict[int, _KeyState] = {}
         self._swaps: dict[int, list[_Swap]] = {}
 
     def __repr__(self) -> str:
         return (
             f"LRGuard(factor={self.factor!r}, patience={self.patience!r}, cooldown={self.cooldown!r}, "
-            f"min_scale={self.min_scale!r}, recovery_steps={self.recovery_steps!r}, recovery={self.recovery!r})"
+            f"min_scale={self.min_scale!r}, recovery_steps={self.recovery_steps!r}, recovery={self.recovery!r}, "
+            f"nonfinite_patience={self.nonfinite_patience!r}, memory={self.memory!r}, increase={self.increase!r})"
         )
 
     # ------------------------------------------------------------------ multiplier
@@ -156,44 +187,73 @@ class LRGuard:
         done = (state.calm - self.cooldown) / self.recovery_steps
         if done <= 0.0:
             return state.anchor
+        target = max(state.ceiling, state.anchor)  # never "recover" downwards
         if done >= 1.0:
-            return 1.0
+            return target
         if self.recovery == "linear":
-            return state.anchor + (1.0 - state.anchor) * done
-        return state.anchor ** (1.0 - done)
+            return state.anchor + (target - state.anchor) * done
+        return state.anchor * (target / state.anchor) ** done
 
     def scale(self, key: int = 0) -> float:
         """The current multiplier of optimizer ``key`` (1.0 for a key never updated)."""
         state = self._states.get(key)
         return 1.0 if state is None else self._multiplier(state)
 
-    def update(self, exploding: bool, key: int = 0) -> bool:
+    def ceiling(self, key: int = 0) -> float:
+        """The multiplier that recovery of optimizer ``key`` returns to (1.0 until a rate has exploded)."""
+        state = self._states.get(key)
+        return 1.0 if state is None else state.ceiling
+
+    def update(self, exploding: bool, key: int = 0, nonfinite: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.
 
         Args:
             exploding: whether this step's gradients exploded (a host-side Python bool).
             key: which optimizer.
+            nonfinite: whether this step's gradients were non-finite (the step was skipped or zeroed); only
+                ``nonfinite_patience`` of them close together count as an exploding event.
 
         Returns:
             ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
         """
         state = self._states.setdefault(key, _KeyState())
-        if not exploding:
-            # Capped where recovery is complete, so an idle guard's state stays small and canonical.
-            state.calm = min(state.calm + 1, self.cooldown + self.recovery_steps)
-            if state.calm > self.cooldown:
-                state.pending = 0
-            if state.calm == self.cooldown + self.recovery_steps:
-                state.anchor = 1.0
+        if nonfinite:
+            recent = state.nonfinite > 0 and state.since_nonfinite <= self.cooldown
+            state.nonfinite = state.nonfinite + 1 if recent else 1
+            state.since_nonfinite = 0
+            if state.nonfinite < self.nonfinite_patience:
+                return False  # an isolated bad batch: neither calm nor an explosion
+            state.nonfinite = 0
+            return self._explode(state, force=True)
+        state.since_nonfinite += 1
+        if exploding:
+            return self._explode(state, force=False)
+        recovered = self.cooldown + self.recovery_steps
+        if state.calm >= recovered:
+            # Recovered: the ceiling creeps back towards 1 (slow increase), and the multiplier with it.
+            if state.ceiling < 1.0:
+                state.ceiling = min(1.0, state.ceiling * (1.0 + self.increase))
+                state.anchor = state.ceiling
             return False
+        state.calm += 1
+        if state.calm > self.cooldown:
+            state.pending = 0
+        if state.calm == recovered:
+            state.anchor = max(state.ceiling, state.anchor)
+        return False
+
+    def _explode(self, state: _KeyState, force: bool) -> bool:
         current = self._multiplier(state)
         state.calm = 0
         state.pending += 1
-        if state.pending < self.patience:
+        if state.pending < self.patience and not force:
             state.anchor = current
             return False
         state.pending = 0
         state.anchor = max(current * self.factor, self.min_scale)
+        if self.memory:
+            # Just below the rate that exploded: the geometric middle of it and the reduced rate.
+            state.ceiling = max(min(state.ceiling, current * math.sqrt(self.factor)), state.anchor)
         return state.anchor < current
 
     # ------------------------------------------------------------------ optimizer
@@ -257,19 +317,19 @@ class LRGuard:
 
     def state_dict(self) -> dict[str, Any]:
         """Multipliers and counters per optimizer key (keys as strings; plain Python values only)."""
-        return {
-            "keys": {
-                str(key): {"anchor": s.anchor, "calm": s.calm, "pending": s.pending}
-                for key, s in self._states.items()
-            }
-        }
+        return {"keys": {str(key): s.as_dict() for key, s in self._states.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the state returned by :meth:`state_dict`."""
+        """Load the state returned by :meth:`state_dict` (a state saved before ``ceiling`` existed loads too)."""
         states = {}
         for key, s in state_dict["keys"].items():
-            anchor = float(s["anchor"])
-            if not (math.isfinite(anchor) and 0.0 < anchor <= 1.0):
-                raise ValueError(f"invalid multiplier {anchor!r} for key {key!r} in the LRGuard state")
-            states[int(key)] = _KeyState(anchor=anchor, calm=int(s["calm"]), pending=int(s["pending"]))
+            state = _KeyState()
+            for name in _STATE_FIELDS:
+                if name in s:
+                    setattr(state, name, type(getattr(state, name))(s[name]))
+            for name in ("anchor", "ceiling"):
+                value = getattr(state, name)
+                if not (math.isfinite(value) and 0.0 < value <= 1.0):
+                    raise ValueError(f"invalid {name} {value!r} for key {key!r} in the LRGuard state")
+            states[int(key)] = state
         self._states = states

@@ -31,7 +31,7 @@ def test_untouched_guard_has_unit_scale():
 
 @pytest.mark.parametrize("recovery", ["linear", "exponential"])
 def test_drop_hold_and_exact_recovery(recovery):
-    guard = LRGuard(factor=0.25, cooldown=4, recovery_steps=8, recovery=recovery, min_scale=0.01)
+    guard = LRGuard(factor=0.25, cooldown=4, recovery_steps=8, recovery=recovery, min_scale=0.01, memory=False)
     assert guard.update(True) is True
     assert guard.scale() == 0.25
     assert _calm(guard, 4) == [0.25] * 4  # hold for `cooldown` calm steps
@@ -55,7 +55,7 @@ def test_min_scale_floor():
 
 
 def test_event_during_recovery_lowers_from_current_value():
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4, memory=False)
     guard.update(True)
     _calm(guard, 4)  # hold 2, then half-way through recovery
     current = guard.scale()
@@ -100,7 +100,7 @@ def test_patience_with_zero_cooldown_needs_consecutive_events():
 
 
 def test_event_below_patience_freezes_recovery_and_restarts_hold():
-    guard = LRGuard(factor=0.5, patience=2, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, patience=2, cooldown=2, recovery_steps=4, memory=False)
     guard.update(True)
     guard.update(True)
     _calm(guard, 3)  # 0.5 held for 2, then one recovery step
@@ -308,7 +308,7 @@ def _train(sched_name, mode, events=frozenset(), skipped=frozenset()):
     """Plain loop; returns the scheduled lrs per step, the lrs seen inside optimizer.step, and the scales."""
     model, opt = _model_and_optimizer(lr_type=torch.tensor if sched_name == "lambda_tensor" else float)
     sched = _make_scheduler(sched_name, opt)
-    guard = LRGuard(factor=0.5, cooldown=3, recovery_steps=6)
+    guard = LRGuard(factor=0.5, cooldown=3, recovery_steps=6, memory=False)
     if mode == "attach":
         guard.attach(opt)
     seen = {}
