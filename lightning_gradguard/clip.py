@@ -338,8 +338,8 @@ class AutoClip(Clipper):
 
     Each valid step appends its total L2 norm to the history; the threshold is the ``percentile``-th percentile of
     the history, the current norm included (linear interpolation, as ``numpy.percentile``'s default), and the
-    gradients are scaled by ``min(1, threshold / (norm + 1e-6))``. Invalid steps (non-finite norm, AMP overflow)
-    never enter the history.
+    gradients are scaled by ``min(1, threshold / (norm + 1e-6))``. Invalid steps (non-finite norm, AMP overflow) and
+    exactly-zero norms (a fully masked batch) never enter the history.
 
     Cost: with ``history=None`` (the paper's setting) every norm of the run is kept, sorted, on the gradients'
     device: 4 bytes per step, and each step inserts with ``searchsorted`` in a constant number of kernels that read
@@ -410,8 +410,9 @@ class AutoClip(Clipper):
         values, count, arange = self._values, self._count, self._arange
         assert values is not None and count is not None and arange is not None
         norm = total_norm.reshape(())
-        # Whatever the caller says, a non-finite norm must never enter the history: it would poison it for good.
-        ok = valid.to(device) & (norm < math.inf)  # a norm is >= 0: ``< inf`` is isfinite in one kernel
+        # Whatever the caller says, a non-finite norm must never enter the history: it would poison it for good. An
+        # exactly-zero norm (a fully masked batch) is no observation either: it would drag the percentile down.
+        ok = valid.to(device) & (norm > 0) & (norm < math.inf)  # also False for NaN
         new_count = count + ok
         if self.history is None:
             # Insert into the sorted history: the +inf padding sorts last, so searchsorted lands among the entries.
@@ -516,6 +517,13 @@ class ZClip(Clipper):
         max_grad_norm: optional absolute cap on the clipping threshold (``> 0``), also applied during warm-up.
         skip_update_on_spike: leave the EMA unchanged on a spike.
         eps: added to the standard deviation in the z-score (``> 0``).
+        warmup_ratio: optional ceiling during the warm-up, as a multiple (``>= 1``) of the lower median of the norms
+            collected so far; the warm-up buffer then keeps the clipped norms, so a run that diverges in its first
+            steps meets a ceiling at once and the EMA starts from the calm level. ``None`` (default) follows the
+            reference implementation: no clipping during the warm-up except ``max_grad_norm``.
+
+    Exactly-zero norms (a fully masked batch) are no observation: they neither count towards the warm-up nor move
+    the EMA, which would otherwise make every ordinary norm after them look like a spike.
 
     Example:
         >>> import torch
@@ -541,6 +549,7 @@ class ZClip(Clipper):
         max_grad_norm: float | None = None,
         skip_update_on_spike: bool = False,
         eps: float = 1e-6,
+        warmup_ratio: float | None = None,
     ) -> None:
         super().__init__()
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
@@ -556,6 +565,8 @@ class ZClip(Clipper):
         self.max_grad_norm = None if max_grad_norm is None else check_number("max_grad_norm", max_grad_norm, low=0.0)
         self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
         self.eps = check_number("eps", eps, low=0.0)
+        self.warmup_ratio = None if warmup_ratio is None else check_number("warmup_ratio", warmup_ratio, low=1.0,
+                                                                           low_inclusive=True)
         self._buffer: Tensor | None = None  # warm-up norms
         self._count: Tensor | None = None  # valid steps seen (int64); the EMA is live once it reaches warmup_steps
         self._mean: Tensor | None = None
@@ -611,8 +622,9 @@ class ZClip(Clipper):
             self._warm_probe.filled = False
         in_warmup = not self._warm_known  # on the host: the warm-up bookkeeping below may still matter
         x = total_norm.reshape(()).to(mean.dtype)
-        # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good.
-        ok = valid.to(device) & (x < math.inf)  # a norm is >= 0: ``< inf`` is isfinite in one kernel
+        # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good. An
+        # exactly-zero norm (a fully masked batch) is no observation either: it would make ordinary norms spikes.
+        ok = valid.to(device) & (x > 0) & (x < math.inf)  # also False for NaN
 
         # The authors' spike test and clip value, from the statistics before this step.
         std = var.sqrt()
@@ -643,14 +655,28 @@ class ZClip(Clipper):
             warm = count < self.warmup_steps
             collect = ok & warm
             live = ok & ~warm
-            buffer = torch.where(collect & (arange == count), x, buffer)
+            stored = x
+            if self.warmup_ratio is not None:
+                # A ceiling from the calm first steps: ``warmup_ratio`` times the (lower) median of the norms
+                # collected so far. A run that diverges inside the warm-up meets it at once; the median does not
+                # follow a climb until half the warm-up has climbed, and the buffer keeps the clipped values, so
+                # the EMA starts from the calm level too.
+                ordered = torch.where(arange < count, buffer, math.inf).sort().values
+                median = ordered.gather(0, ((count - 1).clamp_min(0) // 2).reshape(1)).reshape(())
+                warm_cap = torch.where(count > 0, self.warmup_ratio * median, math.inf)
+                stored = torch.minimum(x, warm_cap)
+            buffer = torch.where(collect & (arange == count), stored, buffer)
             init_now = collect & (count == self.warmup_steps - 1)
             init_mean = buffer.mean()
             init_var = (buffer - init_mean).square().mean()
         coef = torch.where(live & (x > effective), effective / (x + _NORM_EPS), 1.0)
-        if in_warmup and self.max_grad_norm is not None:
+        if in_warmup:
             # During warm-up the reference calls torch.nn.utils.clip_grad_norm_(max_grad_norm).
-            coef = torch.where(collect, torch.clamp(self.max_grad_norm / (x + _NORM_EPS), max=1.0), coef)
+            warm_limit = None if self.max_grad_norm is None else torch.full_like(x, self.max_grad_norm)
+            if self.warmup_ratio is not None:
+                warm_limit = warm_cap if warm_limit is None else torch.minimum(warm_cap, warm_limit)
+            if warm_limit is not None:
+                coef = torch.where(collect, torch.clamp(warm_limit / (x + _NORM_EPS), max=1.0), coef)
         coef = coef.to(torch.float32)
 
         update = live & ~spike if self.skip_update_on_spike else live
@@ -669,7 +695,7 @@ class ZClip(Clipper):
         coef = self._capped(coef, total_norm, cap)
         _scale_(grads, coef)
         if in_warmup:
-            warm_threshold = math.inf if self.max_grad_norm is None else self.max_grad_norm
+            warm_threshold = math.inf if warm_limit is None else warm_limit
             self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
             self._watch_warmup(device)
         else:
@@ -727,7 +753,7 @@ class ZClip(Clipper):
         return (
             f"alpha={self.alpha}, z_thresh={self.z_thresh}, warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
             f"clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, max_grad_norm={self.max_grad_norm}, "
-            f"skip_update_on_spike={self.skip_update_on_spike}, eps={self.eps}"
+            f"skip_update_on_spike={self.skip_update_on_spike}, eps={self.eps}, warmup_ratio={self.warmup_ratio}"
         )
 
 

@@ -80,14 +80,18 @@ class ExplodingDetector:
     mean **and** the norm is at least ``min_ratio`` times the mean norm (so a very steady history does not turn
     small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. A run that diverges from its
     first steps gives no calm history to compare with, so from the second step on a total norm more than
-    ``max_ratio`` times the (geometric) mean so far is exploding too, warm-up or not. Spikes enter the average
-    clipped (to ``z_thresh`` standard deviations above it, or to the ratio boundary where that is lower), so one
-    explosion does not hide the next and a steady climb is absorbed only slowly. Non-finite and AMP-overflow steps
-    are not fed in at all.
+    ``max_ratio`` times the (geometric) mean so far is exploding too, warm-up or not. Observations enter the average
+    winsorized on both sides (to ``z_thresh`` standard deviations around it after the warm-up, to the ratio
+    boundaries before), so one outlier, a spike or a nearly-zero gradient, moves it by a bounded amount: one
+    explosion does not hide the next, and a steady climb is absorbed only slowly. Non-finite and AMP-overflow
+    steps are not fed in at all, and neither is an exactly-zero norm (a fully masked batch, LoRA's ``A`` while ``B``
+    is still zero): its log would pull the average towards log(0) and turn every ordinary norm after it into a spike.
 
-    Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``; a layer
-    is only named when it carries at least ``min_share`` of the step's total norm, so a layer that is usually silent
-    (norm ~0) does not raise alarms when it wakes up with a tiny gradient.
+    Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``, once the
+    layer has its own ``warmup_steps`` observations: a layer that starts receiving gradients late (an unfrozen
+    backbone, a LoRA adapter leaving zero, a new param group) starts its own statistics silently. A layer is only
+    named when it carries at least ``min_share`` of the step's total norm, so a layer that is usually silent (norm ~0)
+    does not raise alarms when it wakes up with a tiny gradient.
 
     The two ratio limits are separate because they trade differently. ``max_ratio=5`` catches a too-high learning
     rate in its very first steps (with GradGuard's clip and LR guard it kept every diverging run of the stability
@@ -102,7 +106,7 @@ class ExplodingDetector:
         min_ratio: a spike must also be at least this multiple of the EMA norm.
         max_ratio: a total norm this many times its EMA is exploding even during warm-up (``None``: off); 5 guards
             the first steps of a run against a too-high learning rate.
-        max_layer_ratio: the same test for each layer's norm (``None``: off).
+        max_layer_ratio: the same test for each layer's norm, after the layer's own warm-up (``None``: off).
         max_norm: absolute ceiling for the total norm (``None``: none).
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.
@@ -152,7 +156,7 @@ class ExplodingDetector:
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
         self._count: Tensor | None = None
-        self._const_cache: tuple[tuple[int, torch.device], Tensor, Tensor | None] | None = None
+        self._const_cache: tuple[tuple[int, torch.device], Tensor, Tensor | None, Tensor | None, Tensor] | None = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
         if self._mean is None or self._mean.numel() != num_layers + 1:
@@ -162,21 +166,24 @@ class ExplodingDetector:
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
 
-    def _constants(self, size: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _constants(self, size: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         # Built once per shape and device: a per-step ``torch.full``/``torch.ones`` would be one more kernel (and on
         # a GPU one more host-to-device copy) every step.
         key = (size, device)
         hit = self._const_cache
         if hit is None or hit[0] != key:
             one = torch.ones(1, dtype=torch.bool, device=device)
+            start_at = torch.full((size,), float(self.warmup_steps), device=device)
+            start_at[0] = 1.0
             hit = self._const_cache = (
                 key,
                 one,
                 _per_entry(size, device, self.max_norm, self.max_layer_norm, math.inf),
                 # The ratio tests in log space; an ``inf`` entry never fires.
                 _per_entry(size, device, self.max_ratio, self.max_layer_ratio, math.inf, transform=math.log),
+                start_at,
             )
-        return hit[1], hit[2], hit[3]
+        return hit[1], hit[2], hit[3], hit[4]
 
     def _min_std(self) -> float:
         # The ratio test already demands min_ratio; the std floor keeps z finite on a perfectly steady history.
@@ -206,16 +213,19 @@ class ExplodingDetector:
         if total.device != device:
             total = total.to(device)
         norms = torch.cat([total.reshape(1), layer_norm])
-        one, ceilings, jumps = self._constants(norms.numel(), device)
+        one, ceilings, jumps, start_at = self._constants(norms.numel(), device)
         if valid.device != device:
             valid = valid.to(device)
-        finite = norms < math.inf  # norms are >= 0: isfinite in one kernel instead of four
+        # An exactly-zero norm (a masked batch, LoRA's A before B leaves zero, an unused branch) is no observation:
+        # its log would drag the average towards log(0) and make every ordinary norm afterwards look like a spike.
+        # ``0 < norm < inf`` also drops inf and NaN (comparisons with NaN are False).
+        observed = (norms > 0) & (norms < math.inf)
         if layer_present is None:
-            use = finite & valid
+            use = observed & valid
         else:
             if layer_present.device != device:
                 layer_present = layer_present.to(device)
-            use = torch.cat([one, layer_present]) & valid & finite
+            use = torch.cat([one, layer_present]) & valid & observed
         x = norms.clamp_min(_TINY).log()
 
         std = var.sqrt().clamp_min(self._min_std())
@@ -225,9 +235,11 @@ class ExplodingDetector:
         # The band's half-width: (dev > z * std) & (dev > log(min_ratio)) in one comparison.
         half = z_std.clamp_min(math.log(self.min_ratio))
         spike = warm & (dev > half)
-        started = None
+        # The ratio test runs on the total from its second observation (a run that diverges from its first steps),
+        # but on a layer only after the layer's own warm-up: a layer that starts receiving gradients late (an
+        # unfrozen backbone, LoRA's A once B leaves zero) grows by orders of magnitude before it settles.
+        started = count >= start_at
         if jumps is not None:  # with no ratio test, ``dev > inf`` never holds: nothing to compute
-            started = count >= 1
             spike |= started & (dev > jumps)
         if ceilings is not None:  # without ceilings, ``norms > inf`` never holds
             spike |= norms > ceilings
@@ -245,11 +257,13 @@ class ExplodingDetector:
             edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
         cap = torch.where(flags[0], edge, math.inf)
 
-        # Warm-up uses a plain running mean (1/n), afterwards the EMA; spikes enter clipped to the band's edge.
+        # Warm-up uses a plain running mean (1/n), afterwards the EMA. Every observation enters winsorized, on both
+        # sides: to the band after warm-up, to the ratio boundaries before it. One outlier (a spike, or a batch
+        # whose gradient is nearly zero) then moves the statistics by a bounded amount, so it neither hides the
+        # next spike nor turns ordinary norms into spikes.
         rate = torch.where(warm, 1.0 - self.alpha, (count + 1.0).reciprocal())
-        x_in = torch.where(warm, torch.minimum(x, mean + z_std), x)
-        if started is not None:
-            x_in = torch.where(started, torch.minimum(x_in, mean + jumps), x_in)
+        bound = torch.where(warm, z_std, math.inf if jumps is None else torch.where(count >= 1, jumps, math.inf))
+        x_in = torch.clamp(x, mean - bound, mean + bound)
         delta = x_in - mean
         new_mean = mean + rate * delta
         new_var = (1.0 - rate) * (var + rate * delta.square())

@@ -32,12 +32,14 @@ class _KeyState:
     ceiling: float = 1.0  # highest multiplier recovery returns to: just below the lowest rate that exploded
     nonfinite: int = 0  # non-finite steps counted towards ``nonfinite_patience``
     since_nonfinite: int = 0  # steps since the last non-finite one
+    since_cut: int = 1 << 30  # steps since the last reduction
+    reset_due: int = 0  # 1: zero the optimizer's momentum before its next step
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
 
 
-_STATE_FIELDS = ("anchor", "calm", "pending", "ceiling", "nonfinite", "since_nonfinite")
+_STATE_FIELDS = ("anchor", "calm", "pending", "ceiling", "nonfinite", "since_nonfinite", "since_cut", "reset_due")
 
 
 @dataclass
@@ -46,6 +48,25 @@ class _Swap:
     applied: float | Tensor
     # For a tensor lr: the applied copy's version counter, so an in-place write by a scheduler is noticed.
     version: int | None
+
+
+def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the first-moment buffers (SGD's momentum, Adam's ``exp_avg``): the velocity the exploding steps built
+    would otherwise keep moving the weights at the old rate for ~1/(1 - momentum) steps (SPAM, arXiv 2501.06842,
+    resets the moments for the same reason). Second moments are kept: zeroing them would make Adam's next steps
+    larger, not smaller."""
+    buffers = [
+        buffer
+        for group in optimizer.param_groups
+        for p in group["params"]
+        for name in _FIRST_MOMENTS
+        if isinstance(buffer := optimizer.state.get(p, {}).get(name), Tensor)
+    ]
+    if buffers:
+        torch._foreach_zero_(buffers)
+
+
+_FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 
 
 class LRGuardHandle:
@@ -159,6 +180,8 @@ class LRGuard:
         nonfinite_patience: int = 2,
         memory: bool = True,
         increase: float = 1e-3,
+        settle_steps: int = 2,
+        reset_momentum: bool = True,
     ) -> None:
         self.factor = check_number("factor", factor, low=0.0, high=1.0)
         self.patience = check_int("patience", patience, low=1)
@@ -171,6 +194,8 @@ class LRGuard:
         self.nonfinite_patience = check_int("nonfinite_patience", nonfinite_patience, low=1)
         self.memory = check_bool("memory", memory)
         self.increase = check_number("increase", increase, low=0.0, low_inclusive=True)
+        self.settle_steps = check_int("settle_steps", settle_steps, low=0)
+        self.reset_momentum = check_bool("reset_momentum", reset_momentum)
         self._states: dict[int, _KeyState] = {}
         self._swaps: dict[int, list[_Swap]] = {}
 
@@ -178,7 +203,8 @@ class LRGuard:
         return (
             f"LRGuard(factor={self.factor!r}, patience={self.patience!r}, cooldown={self.cooldown!r}, "
             f"min_scale={self.min_scale!r}, recovery_steps={self.recovery_steps!r}, recovery={self.recovery!r}, "
-            f"nonfinite_patience={self.nonfinite_patience!r}, memory={self.memory!r}, increase={self.increase!r})"
+            f"nonfinite_patience={self.nonfinite_patience!r}, memory={self.memory!r}, increase={self.increase!r}, "
+            f"settle_steps={self.settle_steps!r}, reset_momentum={self.reset_momentum!r})"
         )
 
     # ------------------------------------------------------------------ multiplier
@@ -217,6 +243,7 @@ class LRGuard:
             ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
         """
         state = self._states.setdefault(key, _KeyState())
+        state.since_cut = min(state.since_cut + 1, 1 << 30)
         if nonfinite:
             recent = state.nonfinite > 0 and state.since_nonfinite <= self.cooldown
             state.nonfinite = state.nonfinite + 1 if recent else 1
@@ -245,15 +272,22 @@ class LRGuard:
     def _explode(self, state: _KeyState, force: bool) -> bool:
         current = self._multiplier(state)
         state.calm = 0
+        state.anchor = current
+        if state.since_cut <= self.settle_steps:
+            # The last reduction has not had time to show in the gradients (the flag arrives a step late, and
+            # the step after a reduction still carries the weights that the old rate produced): hold, don't cut.
+            return False
         state.pending += 1
         if state.pending < self.patience and not force:
-            state.anchor = current
             return False
         state.pending = 0
+        state.since_cut = 0
         state.anchor = max(current * self.factor, self.min_scale)
         if self.memory:
             # Just below the rate that exploded: the geometric middle of it and the reduced rate.
             state.ceiling = max(min(state.ceiling, current * math.sqrt(self.factor)), state.anchor)
+        if self.reset_momentum:
+            state.reset_due = 1
         return state.anchor < current
 
     # ------------------------------------------------------------------ optimizer
@@ -265,6 +299,10 @@ class LRGuard:
         A tensor lr is replaced by a scaled copy; the scheduler's tensor is never written to.
         """
         self.restore(optimizer, key)
+        state = self._states.get(key)
+        if state is not None and state.reset_due:
+            state.reset_due = 0
+            _zero_momentum(optimizer)
         m = self.scale(key)
         if m == 1.0:
             return

@@ -755,3 +755,48 @@ def test_cap_bounds_the_clipped_norm_without_touching_the_statistics(make: Calla
     bad = [torch.full((2,), math.nan)]
     coef = capped.clip_grads_(bad, torch.tensor(math.nan), torch.tensor(False), cap=torch.tensor(0.5))
     assert coef.item() == 1.0  # an invalid step with a cap: untouched, no NaN coefficient
+
+
+# ---------------------------------------------------------------- robust statistics
+
+
+def _feed_norms(clipper: Clipper, norms: list[float]) -> list[float]:
+    """One single-entry gradient per step with the given norm; returns the coefficient of each step."""
+    coefs = []
+    for n in norms:
+        grad = torch.tensor([float(n)])
+        clipper.clip_grads_([grad], grad.norm(), torch.tensor(True))
+        coefs.append(float(clipper.last_coef))
+    return coefs
+
+
+def test_zclip_warmup_ratio_clips_to_a_multiple_of_the_calm_median():
+    norms = [1.0, 1.2, 0.8, 50.0, 1.1, 0.9]
+    clipper = ZClip(warmup_steps=6, warmup_ratio=3.0)
+    coefs = _feed_norms(clipper, norms)
+    # Step 4 meets 3 x the lower median of (1.0, 1.2, 0.8) = 3.0; the others are under their ceilings.
+    assert coefs[:3] == [1.0, 1.0, 1.0]
+    assert coefs[3] == pytest.approx(3.0 / (50.0 + 1e-6))
+    assert coefs[4:] == [1.0, 1.0]
+    # The warm-up buffer keeps the clipped value, so the EMA starts from the calm level.
+    stored = [1.0, 1.2, 0.8, 3.0, 1.1, 0.9]
+    assert float(clipper.state_dict()["mean"]) == pytest.approx(np.mean(stored))
+    assert float(clipper.state_dict()["var"]) == pytest.approx(np.var(stored))
+    # Without warmup_ratio the reference behaviour is unchanged: nothing is clipped during the warm-up.
+    reference = ZClip(warmup_steps=6)
+    assert _feed_norms(reference, norms) == [1.0] * 6
+    assert float(reference.state_dict()["mean"]) == pytest.approx(np.mean(norms))
+
+
+def test_zero_norms_are_no_observation_for_zclip_and_autoclip():
+    zclip = ZClip(warmup_steps=3)
+    _feed_norms(zclip, [1.0, 0.0, 1.1, 0.0, 0.9])  # two masked batches inside the warm-up
+    assert int(zclip.state_dict()["count"]) == 3
+    before = zclip.state_dict()
+    assert _feed_norms(zclip, [0.0] * 5) == [1.0] * 5
+    after = zclip.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    auto = AutoClip(percentile=50.0, history=10)
+    _feed_norms(auto, [1.0, 0.0, 0.0, 2.0])
+    assert int(auto.state_dict()["count"]) == 2
+    assert float(auto.last_threshold) == pytest.approx(1.5)

@@ -58,22 +58,31 @@ def test_cap_is_the_lowest_boundary() -> None:
 
 
 def test_total_and_layer_ratio_tests_have_their_own_limits() -> None:
-    # Layers fluctuate more than their sum: the total can be held to 5x while a layer must still jump 100x.
+    # Layers fluctuate more than their sum: the total can be held to 5x while a layer must still jump 100x. A huge
+    # z_thresh leaves the ratio tests as the only ones that can fire.
     assert (ExplodingDetector().max_ratio, ExplodingDetector().max_layer_ratio) == (100.0, 100.0)
-    det = ExplodingDetector(warmup_steps=50, max_ratio=5.0)
-    for _ in range(3):
-        det.update(T(1.5), T([1.0, 1.0]), T(True))
-    r = det.update(T(1.5), T([20.0, 1.0]), T(True))  # a layer 20x up, the total steady
+    det = ExplodingDetector(warmup_steps=3, z_thresh=1e3, max_ratio=5.0)
+    det.update(T(1.5), T([1.0, 1.0]), T(True))
+    r = det.update(T(1.5), T([500.0, 1.0]), T(True))  # a layer 500x up inside its own warm-up: no event yet
     assert not bool(r.any)
-    r = det.update(T(1.5), T([500.0, 1.0]), T(True))  # a layer 500x up
+    det = ExplodingDetector(warmup_steps=4, z_thresh=1e3, max_ratio=5.0)
+    for noisy in (1.0, 10.0, 1.0, 10.0):  # the first layer's band becomes very wide; its geometric mean is ~3.2
+        det.update(T(1.5), T([noisy, 1.0]), T(True))
+    r = det.update(T(1.5), T([20.0, 1.0]), T(True))  # a layer ~6x its mean, the total steady
+    assert not bool(r.any)
+    r = det.update(T(1.5), T([500.0, 1.0]), T(True))  # a layer ~160x its mean
     assert r.layers.tolist() == [True, False] and not bool(r.total)
     r = det.update(T(15.0), T([1.0, 1.0]), T(True))  # the total 10x up
     assert bool(r.total) and r.layers.tolist() == [False, False]
-    # Either test can be switched off on its own.
-    det = ExplodingDetector(warmup_steps=50, max_ratio=None, max_layer_ratio=3.0)
+    # Either test can be switched off on its own; the total's ratio test runs from its second observation.
+    det = ExplodingDetector(warmup_steps=2, z_thresh=1e3, max_ratio=None, max_layer_ratio=3.0)
     det.update(T(1.0), T([1.0]), T(True))
-    r = det.update(T(1e3), T([100.0]), T(True))  # the total 1000x (untested), the layer 100x (> 3x)
-    assert r.layers.tolist() == [True] and not bool(r.total)
+    r = det.update(T(1e3), T([1.0]), T(True))  # the total 1000x: untested
+    assert not bool(r.any)
+    det = ExplodingDetector(warmup_steps=2, z_thresh=1e3, max_ratio=5.0, max_layer_ratio=None)
+    det.update(T(1.0), T([1.0]), T(True))
+    r = det.update(T(10.0), T([10.0]), T(True))  # the total 10x on its second step; the layer untested
+    assert bool(r.total) and r.layers.tolist() == [False]
 
 
 def test_invalid_steps_do_not_enter_the_history() -> None:

@@ -48,7 +48,7 @@ def test_drop_hold_and_exact_recovery(recovery):
 
 
 def test_min_scale_floor():
-    guard = LRGuard(factor=0.5, min_scale=0.1, cooldown=3)
+    guard = LRGuard(factor=0.5, min_scale=0.1, cooldown=3, settle_steps=0)
     lowered = [guard.update(True) for _ in range(6)]
     assert lowered == [True, True, True, True, False, False]  # 0.5, 0.25, 0.125, 0.1, 0.1, 0.1
     assert guard.scale() == 0.1
@@ -66,7 +66,7 @@ def test_event_during_recovery_lowers_from_current_value():
 
 
 def test_patience_counts_events_within_cooldown_gaps():
-    guard = LRGuard(factor=0.5, patience=3, cooldown=2, recovery_steps=5)
+    guard = LRGuard(factor=0.5, patience=3, cooldown=2, recovery_steps=5, settle_steps=0)
     assert guard.update(True) is False
     _calm(guard, 2)  # a gap of `cooldown` calm steps keeps the count
     assert guard.update(True) is False
@@ -112,7 +112,7 @@ def test_event_below_patience_freezes_recovery_and_restarts_hold():
 
 
 def test_keys_are_independent():
-    guard = LRGuard(factor=0.5, cooldown=1, recovery_steps=1)
+    guard = LRGuard(factor=0.5, cooldown=1, recovery_steps=1, settle_steps=0)
     guard.update(True, key=1)
     guard.update(False, key=0)
     assert guard.scale(1) == 0.5
@@ -308,7 +308,7 @@ def _train(sched_name, mode, events=frozenset(), skipped=frozenset()):
     """Plain loop; returns the scheduled lrs per step, the lrs seen inside optimizer.step, and the scales."""
     model, opt = _model_and_optimizer(lr_type=torch.tensor if sched_name == "lambda_tensor" else float)
     sched = _make_scheduler(sched_name, opt)
-    guard = LRGuard(factor=0.5, cooldown=3, recovery_steps=6, memory=False)
+    guard = LRGuard(factor=0.5, cooldown=3, recovery_steps=6, memory=False, settle_steps=0)
     if mode == "attach":
         guard.attach(opt)
     seen = {}
@@ -353,3 +353,111 @@ def test_schedulers_see_their_own_lr_and_step_sees_scaled_lr(sched_name, mode):
         expected = [lr * scales[step] for lr in scheduled[step]]
         assert lrs == pytest.approx(expected, rel=1e-6, abs=0)
     assert any(not math.isclose(seen[s][0], scheduled[s][0]) for s in seen)
+
+
+# ---------------------------------------------------------------- do no harm, then converge
+
+
+def test_isolated_nonfinite_step_changes_nothing_repeated_ones_reduce():
+    guard = LRGuard(factor=0.5, cooldown=3, nonfinite_patience=2)
+    _calm(guard, 5)
+    assert guard.update(False, nonfinite=True) is False
+    assert guard.scale() == 1.0
+    _calm(guard, 4)  # more than `cooldown` steps later: the first one is forgotten
+    assert guard.update(False, nonfinite=True) is False
+    assert guard.scale() == 1.0
+    _calm(guard, 3)  # within `cooldown` steps of the previous one: two in a row count as one explosion
+    assert guard.update(False, nonfinite=True) is True
+    assert guard.scale() == 0.5
+    # nonfinite_patience=1 treats every non-finite step as an explosion.
+    strict = LRGuard(factor=0.5, nonfinite_patience=1)
+    assert strict.update(False, nonfinite=True) is True
+
+
+def test_memory_recovers_below_the_rate_that_exploded_then_creeps_up():
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4, increase=0.1)
+    assert guard.update(True) is True
+    assert guard.ceiling() == pytest.approx(math.sqrt(0.5))
+    scales = _calm(guard, 6)  # hold 2, recover over 4
+    assert scales[:2] == [0.5, 0.5]
+    assert scales[-1] == pytest.approx(math.sqrt(0.5))
+    # Once recovered, the ceiling (and the multiplier with it) rises by `increase` per calm step, capped at 1.
+    after = _calm(guard, 3)
+    assert after == pytest.approx([math.sqrt(0.5) * 1.1**k for k in (1, 2, 3)])
+    assert _calm(guard, 50)[-1] == 1.0
+    # An explosion at a recovered multiplier lowers the ceiling again: repeated explosions converge.
+    guard = LRGuard(factor=0.5, cooldown=0, recovery_steps=1, increase=0.0, settle_steps=0)
+    guard.update(True)
+    _calm(guard, 1)
+    first = guard.scale()
+    guard.update(True)
+    _calm(guard, 1)
+    assert guard.scale() == pytest.approx(first * math.sqrt(0.5))
+
+
+def test_settle_steps_hold_without_cutting_again():
+    guard = LRGuard(factor=0.5, settle_steps=2)
+    assert guard.update(True) is True
+    assert guard.update(True) is False  # the next two flags reflect weights from before the cut
+    assert guard.update(True) is False
+    assert guard.scale() == 0.5
+    assert guard.update(True) is True
+    assert guard.scale() == 0.25
+
+
+@pytest.mark.parametrize("reset", [True, False])
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=0.1),
+])
+def test_a_reduction_zeroes_the_first_moments_before_the_next_step(reset, make_opt):
+    model = torch.nn.Linear(3, 1)
+    opt = make_opt(model.parameters())
+    guard = LRGuard(factor=0.5, reset_momentum=reset)
+    guard.attach(opt)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    model(x).sum().backward()
+    opt.step()
+    name = "momentum_buffer" if isinstance(opt, torch.optim.SGD) else "exp_avg"
+    before = {id(p): opt.state[p][name].clone() for p in model.parameters()}
+    second = {id(p): opt.state[p].get("exp_avg_sq", torch.zeros(())).clone() for p in model.parameters()}
+    guard.update(True)
+    opt.step()  # the same gradients again
+    for p in model.parameters():
+        grad_term = p.grad if name == "momentum_buffer" else 0.1 * p.grad  # (1 - beta1) * grad for Adam
+        expected = grad_term if reset else opt.state[p][name]
+        if reset:
+            assert torch.allclose(opt.state[p][name], expected)
+            # Adam's second moments are kept: zeroing them would enlarge the next steps.
+            if "exp_avg_sq" in opt.state[p]:
+                assert not torch.equal(opt.state[p]["exp_avg_sq"], torch.zeros_like(second[id(p)]))
+        else:
+            assert not torch.allclose(opt.state[p][name], grad_term)
+        assert before[id(p)].abs().sum() > 0
+
+
+def test_state_round_trip_keeps_memory_and_old_states_load():
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=3)
+    guard.update(True)
+    guard.update(False, nonfinite=True)
+    _calm(guard, 2)
+    state = guard.state_dict()
+    resumed = LRGuard(factor=0.5, cooldown=2, recovery_steps=3)
+    resumed.load_state_dict(torch.load(_roundtrip(state), weights_only=True))
+    assert resumed.state_dict() == state
+    assert _calm(resumed, 10) == _calm(guard, 10)
+    # A state saved before the ceiling existed still loads (recovery then returns to 1).
+    old = LRGuard()
+    old.load_state_dict({"keys": {"0": {"anchor": 0.5, "calm": 0, "pending": 0}}})
+    assert old.scale() == 0.5 and old.ceiling() == 1.0
+    with pytest.raises(ValueError, match="ceiling"):
+        old.load_state_dict({"keys": {"0": {"anchor": 0.5, "calm": 0, "pending": 0, "ceiling": 0.0}}})
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
