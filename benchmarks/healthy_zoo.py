@@ -1,0 +1,1264 @@
+"""Does the default ``GradGuard()`` leave healthy training alone? A zoo of healthy but unusual training setups.
+
+GradGuard's detectors and its clipper learn what "normal" gradients look like from the run itself. Healthy training
+has plenty that does not look normal: adapters whose gradients are exactly zero at the first step, batches that
+contribute nothing, a learning rate that starts at almost zero and jumps back up at a warm restart, a backbone that
+joins training half-way, two optimizers taking turns, a thousand layers, dropout noise on tiny batches. None of
+these needs a guard; the guard must not lower the learning rate, report an explosion or change the result there.
+
+Each config is trained twice from the same seed (``L.seed_everything`` before the model is built), on the same
+batches in the same order (tensors generated up front from the seed, ``shuffle=False``): once unguarded and once
+with plain ``GradGuard()`` (ZClip, LRGuard, ``on_nonfinite="skip"``, every default). Each run is then evaluated on
+held-out data it never trained on. The table reports, per run:
+
+* **held-out**: the metric of the final weights on held-out data (lower is better; MSE, cross-entropy, or an MMD
+  for the GAN), and **init**: the same metric for the untrained weights (equal in both runs: same start);
+* **rel. diff**: ``(guarded - unguarded) / unguarded`` of the held-out metric, in percent;
+* **non-finite**: training losses that were NaN/inf (a NaN loss never stops a run here);
+* the guard's events from ``GradGuard.summary()`` (exploding, lr_reduced, skipped, clipped, vanishing), the lowest
+  LR multiplier of its ``LRGuard`` over the run (over all optimizers), and how many warnings the guard raised;
+* the wall time of the run (``fit`` only).
+
+Under the table one verdict per config: **PASS** when the guarded run had no exploding event and no LR reduction
+and its held-out metric is within 2% (relative) of the unguarded one; for ``nan_batch`` the guard must also have
+skipped exactly one step. Otherwise **FAIL** with the reasons. A config whose unguarded run itself looks unhealthy
+(non-finite losses, or a held-out metric no better than at initialisation) is flagged: the config needs adjusting,
+not the guard.
+
+The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iterations of one D and one G step):
+
+* ``lora``: a frozen random 3-layer MLP (64 wide) with LoRA adapters (rank 4) on its three Linear layers,
+  ``lora_A`` kaiming-initialised, ``lora_B`` zero (as in the LoRA paper and peft), so ``lora_A``'s gradients are
+  exactly zero at the first step; only the adapters train (AdamW 5e-3), regressing a teacher that is the same base
+  plus a random rank-4 delta per layer. 200 steps.
+* ``masked``: an MLP regression (Adam 1e-3) whose batches 10-14 (steps 11-15) are fully masked: the loss is
+  multiplied by a zero mask, so all gradients are exactly 0 for five steps. 200 steps.
+* ``rezero``: a residual MLP with ReZero gates (``alpha = nn.Parameter(torch.zeros(()))`` on each of 4 residual
+  branches): the branch weights get exactly-zero gradients at the first step. Adam 1e-3. 200 steps.
+* ``warmup``: an MLP classifier, SGD (0.1, momentum 0.9), a linear warm-up from 1e-4 of the rate over 50 steps,
+  then cosine decay with one warm restart (cycles of 100 and 150 steps), stepped every step. 300 steps.
+* ``nan_batch``: an MLP regression (Adam 1e-3) where one batch (index 30, step 31) holds a NaN input, so that step's
+  loss and gradients are NaN. Unguarded, that batch destroys the weights; the unguarded reference of the verdict is
+  therefore the same run with that batch replaced by a clean one (``unguarded``), and the run that trains on the
+  NaN batch without a guard (``unguarded_nan``) is shown for information. The guarded run trains on the NaN batch
+  and must skip exactly that step (``summary()["skipped"] == 1``) without lowering the LR.
+* ``unfreeze``: a backbone (2 Linear layers) and a head; the backbone is frozen (``requires_grad_(False)``) for the
+  first 50 steps and unfrozen in ``on_train_batch_start`` at step 50; AdamW (1e-3) holds all parameters from the
+  start (frozen ones simply have no gradient). 200 steps.
+* ``transformer_bf16``: a tiny causal transformer LM (2 pre-norm layers, d_model 64, 4 heads, vocab 64, sequences
+  of 32) on a synthetic language (a random sparse Markov chain: 4 successors per token), ``precision="bf16-mixed"``,
+  batches of 4 with ``accumulate_grad_batches=2``, AdamW 3e-3 with a 20-step linear warm-up, then cosine decay. 150
+  optimizer steps. Held-out: cross-entropy in nats per token (the chain's entropy rate, the best possible, is in the
+  settings). The batches are small because CPUs without bf16 units emulate bf16 matmuls (about 5x slower than fp32).
+* ``gan``: a GAN (MLP generator and discriminator, 128 wide) on a ring of 8 Gaussians (std 0.2), manual
+  optimization with two Adam optimizers (2e-3, betas (0.5, 0.999); one D step and one G step per batch; the guard
+  keeps state per optimizer and ``summary()`` sums over both). Held-out: the (biased, multi-bandwidth RBF) MMD
+  between 1000 generated samples from fixed noise and 1000 held-out real ones; the MMD of two real sample sets, the
+  floor, is in the settings. 300 iterations.
+* ``deep1000``: 600 residual blocks ``x + LayerNorm(Linear(x))`` (width 16: 1200 layers) and a LayerNorm and
+  Linear head, Adam 1e-3, regression. 50 steps (it is slow per step).
+* ``dropout``: an MLP classifier with dropout 0.5 on batches of 8 (noisy gradients), SGD (0.01, momentum 0.9).
+  300 steps.
+
+The default zoo takes about five minutes on two CPU cores (one thread per run). ``--quick`` runs a few steps per
+config with smaller data (the event positions above move inside those steps): it checks that everything runs, its
+verdicts mean nothing. ``--steps N`` trains every selected config for N steps (events at or before the default
+positions, scaled down for a shorter run). On the CPU a rerun reproduces the table (wall times aside).
+
+Run from the repository root::
+
+    python benchmarks/healthy_zoo.py                            # the default zoo, about 5 minutes on 2 CPU cores
+    python benchmarks/healthy_zoo.py --configs lora,gan --json out.json
+    python benchmarks/healthy_zoo.py --quick --json -           # seconds; JSON on stdout
+
+Nothing is logged unless ``--logdir DIR`` names a TensorBoard log root (``tensorboard --logdir DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+try:
+    from lightning_gradguard import GradGuard
+except ImportError:  # run as a script from a checkout that is not installed
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from lightning_gradguard import GradGuard
+
+__all__ = [
+    "CONFIGS",
+    "DeepResidualModule",
+    "GANModule",
+    "LoRAModule",
+    "MLPClassifierModule",
+    "ReZeroModule",
+    "RegressionModule",
+    "TinyLMModule",
+    "UnfreezeModule",
+    "main",
+    "report",
+    "run",
+]
+
+Size = Literal["quick", "default"]
+#: Largest relative difference (%) of the held-out metric between the guarded and the unguarded run for a PASS.
+TOLERANCE_PCT = 2.0
+#: The guard under test, as written in user code.
+GUARD_LABEL = "GradGuard()"
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+def _gen(seed: int, salt: int) -> torch.Generator:
+    """A private generator: data and teachers never touch (or depend on) the global RNG."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + salt)
+
+
+def _scaled(position: int, steps: int, default_steps: int) -> int:
+    """An event position of the default schedule, moved proportionally into a shorter run."""
+    if steps >= default_steps:
+        return position
+    return max(1, int(position * steps / default_steps))
+
+
+def _mlp(sizes: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class _Teacher:
+    """A fixed random 2-layer tanh network: the regression target (its own generator, not the global RNG)."""
+
+    def __init__(self, in_features: int, out_features: int, seed: int, hidden: int = 32) -> None:
+        g = _gen(seed, 11)
+        self.w1 = torch.randn(in_features, hidden, generator=g) / math.sqrt(in_features)
+        self.w2 = torch.randn(hidden, out_features, generator=g) * (2.0 / math.sqrt(hidden))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.tanh(2.0 * x @ self.w1) @ self.w2
+
+
+def _regression(
+    n: int, in_features: int, teacher: Callable[[Tensor], Tensor], g: torch.Generator
+) -> tuple[Tensor, Tensor]:
+    x = torch.randn(n, in_features, generator=g)
+    return x, teacher(x)
+
+
+def _classification(n: int, in_features: int, classes: int, seed: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Gaussian inputs labelled by a fixed random teacher MLP (nonlinear, so a linear model is not enough)."""
+    t = _gen(seed, 21)
+    w1 = torch.randn(in_features, 64, generator=t) / math.sqrt(in_features)
+    w2 = torch.randn(64, classes, generator=t)
+    x = torch.randn(n, in_features, generator=g)
+    return x, (torch.tanh(2.0 * x @ w1) @ w2).argmax(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------- models
+class RegressionModule(L.LightningModule):
+    """An MLP regressor on batches ``(x, y, mask)``; the loss is the masked MSE ``mean(mask * (f(x) - y) ** 2)``.
+
+    A batch whose mask is all zero contributes a loss of exactly 0 and gradients of exactly 0 (``masked``); a NaN in
+    ``x`` makes the loss and every gradient NaN (``nan_batch``).
+
+    Example:
+        >>> m = RegressionModule(in_features=4, out_features=2, hidden=8)
+        >>> m(torch.zeros(3, 4)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(self, in_features: int = 32, out_features: int = 4, hidden: int = 64, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net = _mlp([in_features, hidden, hidden, out_features])
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y, mask = batch
+        return (mask * (self(x) - y) ** 2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha / rank) * B @ A`` (LoRA, as in peft).
+
+    ``lora_A`` is kaiming-uniform initialised, ``lora_B`` zero: the adapter starts as the identity update, and at the
+    first step ``lora_A``'s gradient is exactly zero (it is multiplied by ``lora_B``).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int = 4, alpha: float = 8.0) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+
+
+def _lora_base(seed: int, sizes: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+    """The frozen base network's weights (the "pretrained" model): PyTorch's Linear init, from a private generator."""
+    g = _gen(seed, 31)
+    out = []
+    for a, b in itertools.pairwise(sizes):
+        bound = 1 / math.sqrt(a)
+        out.append(((torch.rand(b, a, generator=g) * 2 - 1) * bound, (torch.rand(b, generator=g) * 2 - 1) * bound))
+    return out
+
+
+class LoRAModule(L.LightningModule):
+    """A frozen MLP with LoRA adapters on every Linear layer; only the adapters are trainable (AdamW).
+
+    Example:
+        >>> base = _lora_base(0, [4, 8, 2])
+        >>> m = LoRAModule(base, rank=2)
+        >>> [n for n, p in m.named_parameters() if p.requires_grad]
+        ['net.0.lora_A', 'net.0.lora_B', 'net.2.lora_A', 'net.2.lora_B']
+    """
+
+    def __init__(self, base: list[tuple[Tensor, Tensor]], rank: int = 4, alpha: float = 8.0, lr: float = 5e-3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, (w, b) in enumerate(base):
+            lin = nn.Linear(w.shape[1], w.shape[0])
+            with torch.no_grad():
+                lin.weight.copy_(w)
+                lin.bias.copy_(b)
+            layers.append(LoRALinear(lin, rank, alpha))
+            if i < len(base) - 1:
+                layers.append(nn.ReLU())
+        self.net = nn.Sequential(*layers)
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=0.0)
+
+
+class _LoRATeacher:
+    """The base network with a random rank-``rank`` delta added to each weight (what the adapters can learn)."""
+
+    def __init__(self, base: list[tuple[Tensor, Tensor]], seed: int, rank: int = 4, rel: float = 0.5) -> None:
+        g = _gen(seed, 32)
+        self.layers = []
+        for w, b in base:
+            delta = torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w.shape[1], generator=g)
+            self.layers.append((w + delta * (rel * w.norm() / delta.norm()), b))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        for i, (w, b) in enumerate(self.layers):
+            x = F.linear(x, w, b)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class ReZeroModule(L.LightningModule):
+    """A residual MLP ``x + alpha_i * f_i(x)`` with ReZero gates ``alpha_i`` starting at exactly zero (Adam).
+
+    Example:
+        >>> m = ReZeroModule(in_features=4, out_features=1, width=8, blocks=2)
+        >>> [float(a) for a in m.alphas]
+        [0.0, 0.0]
+    """
+
+    def __init__(
+        self, in_features: int = 32, out_features: int = 4, width: int = 64, blocks: int = 4, lr: float = 1e-3
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Linear(in_features, width)
+        self.branches = nn.ModuleList(_mlp([width, width, width]) for _ in range(blocks))
+        self.alphas = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(blocks))
+        self.head = nn.Linear(width, out_features)
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for branch, alpha in zip(self.branches, self.alphas):
+            h = h + alpha * branch(h)
+        return self.head(F.relu(h))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _warmup_restart(
+    warmup: int, cycles: Sequence[int], start: float = 1e-4, floor: float = 0.01
+) -> Callable[[int], float]:
+    """LR factor: linear warm-up from ``start`` to 1 over ``warmup`` steps, then cosine cycles (1 -> ``floor``)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1.0 - start) * step / warmup
+        t = step - warmup
+        for length in cycles:
+            if t < length:
+                return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t / length))
+            t -= length
+        return floor
+
+    return factor
+
+
+class MLPClassifierModule(L.LightningModule):
+    """An MLP classifier with SGD (momentum 0.9), optional dropout and an optional per-step LR schedule.
+
+    Example:
+        >>> m = MLPClassifierModule(in_features=4, classes=3, hidden=8, dropout=0.5)
+        >>> m(torch.zeros(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        in_features: int = 32,
+        classes: int = 10,
+        hidden: int = 128,
+        dropout: float = 0.0,
+        lr: float = 0.1,
+        schedule: Callable[[int], float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = _mlp([in_features, hidden, hidden, classes], dropout=dropout)
+        self.lr = lr
+        self.schedule = schedule
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        if self.schedule is None:
+            return opt
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self.schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class UnfreezeModule(L.LightningModule):
+    """A backbone and a head; the backbone is frozen until ``unfreeze_at`` (AdamW holds every parameter throughout).
+
+    Example:
+        >>> m = UnfreezeModule(in_features=4, classes=3, hidden=8, unfreeze_at=5)
+        >>> sorted({p.requires_grad for p in m.backbone.parameters()})
+        [False]
+    """
+
+    def __init__(
+        self, in_features: int = 32, classes: int = 10, hidden: int = 128, unfreeze_at: int = 50, lr: float = 1e-3
+    ) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, classes)
+        self.backbone.requires_grad_(False)
+        self.unfreeze_at = unfreeze_at
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.backbone(x))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == self.unfreeze_at:
+            self.backbone.requires_grad_(True)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+
+
+class TinyLMModule(L.LightningModule):
+    """A tiny causal transformer language model (pre-norm ``nn.TransformerEncoderLayer`` with a causal mask).
+
+    Example:
+        >>> m = TinyLMModule(vocab=16, seq_len=8, d_model=16, heads=2, layers=1)
+        >>> m(torch.zeros(2, 8, dtype=torch.long)).shape
+        torch.Size([2, 8, 16])
+    """
+
+    def __init__(
+        self,
+        vocab: int = 64,
+        seq_len: int = 32,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+        lr: float = 3e-3,
+        warmup: int = 20,
+        total_steps: int = 150,
+    ) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model)
+        self.pos = nn.Parameter(torch.randn(seq_len, d_model) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            d_model, heads, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        self.mask: Tensor
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq_len), persistent=False)
+        self.lr, self.warmup, self.total_steps = lr, warmup, total_steps
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        t = tokens.shape[1]
+        h = self.tok(tokens) + self.pos[:t]
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+    def loss(self, tokens: Tensor) -> Tensor:
+        logits = self(tokens[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+
+    def training_step(self, batch: tuple[Tensor], batch_idx: int) -> Tensor:
+        return self.loss(batch[0])
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        warmup, total = self.warmup, max(self.total_steps, self.warmup + 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (total - warmup))))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _markov_chain(vocab: int, successors: int, seed: int) -> tuple[Tensor, float]:
+    """A random sparse transition matrix (``successors`` next tokens per token) and its entropy rate in nats."""
+    g = _gen(seed, 41)
+    probs = torch.zeros(vocab, vocab)
+    for i in range(vocab):
+        nxt = torch.randperm(vocab, generator=g)[:successors]
+        w = -torch.log(torch.rand(successors, generator=g))  # Dirichlet(1, ..., 1)
+        probs[i, nxt] = w / w.sum()
+    # The stationary distribution (power iteration) weighs each token's entropy.
+    pi = torch.full((vocab,), 1.0 / vocab)
+    for _ in range(500):
+        pi = pi @ probs
+    ent = -(probs * torch.log(probs.clamp_min(1e-30))).sum(1)
+    return probs, float((pi * ent).sum())
+
+
+def _markov_sequences(probs: Tensor, n: int, length: int, g: torch.Generator) -> Tensor:
+    tokens = torch.empty(n, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, probs.shape[0], (n,), generator=g)
+    for t in range(1, length):
+        tokens[:, t] = torch.multinomial(probs[tokens[:, t - 1]], 1, generator=g).squeeze(1)
+    return tokens
+
+
+class GANModule(L.LightningModule):
+    """A GAN with MLP generator and discriminator, manual optimization, one D step then one G step per batch.
+
+    Batches are ``(real, z)``: the generator's noise comes with the data, so both runs of a config see the same.
+
+    Example:
+        >>> m = GANModule(latent=4, hidden=8)
+        >>> m(torch.zeros(5, 4)).shape
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, latent: int = 8, hidden: int = 128, lr: float = 2e-3) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(
+            nn.Linear(latent, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2)
+        )
+        self.discriminator = nn.Sequential(
+            nn.Linear(2, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1)
+        )
+        self.lr = lr
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.generator(z)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        real, z = batch
+        optimizers = self.optimizers()
+        assert isinstance(optimizers, list), "configure_optimizers returns two optimizers"
+        opt_g, opt_d = optimizers
+        ones = torch.ones(real.shape[0], 1, device=real.device)
+        zeros = torch.zeros_like(ones)
+        fake = self.generator(z)
+        bce = F.binary_cross_entropy_with_logits
+        d_loss = bce(self.discriminator(real), ones) + bce(self.discriminator(fake.detach()), zeros)
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = bce(self.discriminator(fake), ones)  # the non-saturating generator loss
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+        return (d_loss + g_loss).detach()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        betas = (0.5, 0.999)
+        return [
+            torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=betas),
+            torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=betas),
+        ]
+
+
+def _ring(n: int, g: torch.Generator, modes: int = 8, radius: float = 2.0, std: float = 0.2) -> Tensor:
+    k = torch.randint(0, modes, (n,), generator=g).float()
+    angle = 2 * math.pi * k / modes
+    centres = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+    return centres + std * torch.randn(n, 2, generator=g)
+
+
+def _mmd(a: Tensor, b: Tensor, bandwidths: Sequence[float] = (0.05, 0.2, 1.0)) -> float:
+    """The biased MMD (a V-statistic, always >= 0) with a sum of RBF kernels."""
+    xx, yy, xy = torch.cdist(a, a) ** 2, torch.cdist(b, b) ** 2, torch.cdist(a, b) ** 2
+    total = 0.0
+    for s in bandwidths:
+        k_xx, k_yy, k_xy = (torch.exp(-d / (2 * s * s)).mean() for d in (xx, yy, xy))
+        total += float(k_xx + k_yy - 2 * k_xy)
+    return math.sqrt(max(total, 0.0))
+
+
+class DeepResidualModule(L.LightningModule):
+    """``depth`` residual blocks ``x + LayerNorm(Linear(x))`` (2 * depth layers), a LayerNorm and a Linear head.
+
+    Example:
+        >>> m = DeepResidualModule(depth=3, width=4, out_features=1)
+        >>> len(m.blocks), m(torch.zeros(2, 4)).shape
+        (3, torch.Size([2, 1]))
+    """
+
+    def __init__(self, depth: int = 600, width: int = 16, out_features: int = 4, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width)) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, out_features)
+        self.lr = lr
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(self.norm(x))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # foreach: one kernel per op over all 2400 tensors instead of a Python loop (PyTorch's CPU default is the loop).
+        return torch.optim.Adam(self.parameters(), lr=self.lr, foreach=True)
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+@dataclass
+class _Job:
+    """One config at one size: factories for everything a run needs (called afresh for each run)."""
+
+    name: str
+    title: str
+    settings: str
+    steps: int  # optimizer steps (GAN: iterations, one step of each optimizer)
+    module: Callable[[], L.LightningModule]
+    data: Callable[[str], DataLoader]  # the variant's batches
+    evaluate: Callable[[L.LightningModule], float]  # the held-out metric, lower is better
+    metric: str
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[str, ...] = ("unguarded", "guarded")
+    #: The variant that trains without a guard and is compared with "guarded".
+    reference: str = "unguarded"
+    expect_skipped: int = 0  # skipped steps the guarded run must show
+    note: str | None = None
+
+    @property
+    def max_steps(self) -> int:
+        """The Trainer's ``max_steps``: it counts every optimizer's steps, two per iteration for the GAN."""
+        return self.steps * self.trainer_kwargs.get("_steps_per_iteration", 1)
+
+
+def _loader(*tensors: Tensor, batch: int) -> DataLoader:
+    return DataLoader(TensorDataset(*tensors), batch_size=batch, shuffle=False)
+
+
+def _job_lora(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (8 if size == "quick" else 200)
+    batch, n_test, sizes, rank, lr = 64, 2000, [32, 64, 64, 8], 4, 5e-3
+    base = _lora_base(seed, sizes)
+    teacher = _LoRATeacher(base, seed, rank)
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_regression(steps * batch, sizes[0], teacher, _gen(seed, 1)), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _regression(n_test, sizes[0], teacher, _gen(seed, 2))
+        return float(F.mse_loss(module(x), y))
+
+    return _Job(
+        name="lora",
+        title="LoRA adapters (lora_B = 0) on a frozen MLP",
+        settings=f"MLP {'-'.join(map(str, sizes))} frozen, LoRA rank {rank} alpha 8 on all 3 Linear layers, teacher = "
+        f"base + rank-{rank} delta (0.5x the weight norm), batch {batch}, {steps} steps, AdamW lr {lr:g}, "
+        f"{n_test} held-out",
+        steps=steps,
+        module=lambda: LoRAModule(base, rank=rank, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+    )
+
+
+def _regression_job(
+    name: str, size: Size, seed: int, steps: int | None, kind: Literal["masked", "nan_batch"]
+) -> _Job:
+    default_steps = 200
+    steps = steps or (10 if size == "quick" else default_steps)
+    batch, n_test, d_in, d_out, lr = 64, 2000, 32, 4, 1e-3
+    teacher = _Teacher(d_in, d_out, seed)
+    if kind == "masked":
+        first = _scaled(10, steps, default_steps)
+        count = min(5, max(1, steps - first - 1)) if steps < default_steps else 5
+        bad = list(range(first, first + count))
+    else:
+        bad = [_scaled(30, steps, default_steps)]
+
+    def data(variant: str) -> DataLoader:
+        x, y = _regression(steps * batch, d_in, teacher, _gen(seed, 3))
+        mask = torch.ones(steps, batch, 1)
+        if kind == "masked":
+            mask[bad] = 0.0
+        elif variant != "unguarded":  # "unguarded" is the clean reference; the others train on the NaN batch
+            x = x.clone()
+            x[bad[0] * batch, 0] = math.nan
+        return _loader(x, y, mask.reshape(-1, 1), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _regression(n_test, d_in, teacher, _gen(seed, 4))
+        return float(F.mse_loss(module(x), y))
+
+    common = f"MLP {d_in}-64-64-{d_out}, teacher-generated regression, batch {batch}, {steps} steps, Adam lr {lr:g}, "
+    common += f"{n_test} held-out"
+    if kind == "masked":
+        return _Job(
+            name=name,
+            title="five fully masked batches (all gradients exactly 0)",
+            settings=f"{common}; batches {bad[0]}-{bad[-1]} (steps {bad[0] + 1}-{bad[-1] + 1}) have an all-zero "
+            "loss mask",
+            steps=steps,
+            module=lambda: RegressionModule(d_in, d_out, lr=lr),
+            data=data,
+            evaluate=evaluate,
+            metric="MSE",
+        )
+    return _Job(
+        name=name,
+        title="one batch with a NaN input (fp32)",
+        settings=f"{common}; batch {bad[0]} (step {bad[0] + 1}) holds one NaN input",
+        steps=steps,
+        module=lambda: RegressionModule(d_in, d_out, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+        variants=("unguarded", "guarded", "unguarded_nan"),
+        expect_skipped=1,
+        note=f"nan_batch: 'unguarded' trains on a clean batch {bad[0]} in place of the NaN one (the reference); "
+        "'unguarded_nan' trains on the NaN batch without a guard (for information)",
+    )
+
+
+def _job_rezero(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (8 if size == "quick" else 200)
+    batch, n_test, d_in, d_out, lr, blocks = 64, 2000, 32, 4, 1e-3, 4
+    teacher = _Teacher(d_in, d_out, seed)
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_regression(steps * batch, d_in, teacher, _gen(seed, 5)), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _regression(n_test, d_in, teacher, _gen(seed, 6))
+        return float(F.mse_loss(module(x), y))
+
+    return _Job(
+        name="rezero",
+        title="ReZero residual MLP (gates start at 0)",
+        settings=f"stem {d_in}-64, {blocks} branches 64-64-64 gated by alpha=0, head 64-{d_out}, teacher regression, "
+        f"batch {batch}, {steps} steps, Adam lr {lr:g}, {n_test} held-out",
+        steps=steps,
+        module=lambda: ReZeroModule(d_in, d_out, blocks=blocks, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+    )
+
+
+def _classifier_job(name: str, size: Size, seed: int, steps: int | None, kind: Literal["warmup", "dropout"]) -> _Job:
+    default_steps = 300
+    steps = steps or (10 if size == "quick" else default_steps)
+    d_in, classes, n_test = 32, 10, 2000
+    if kind == "warmup":
+        batch, lr, dropout = 64, 0.1, 0.0
+        warm = _scaled(50, steps, default_steps)
+        first = _scaled(100, steps, default_steps)
+        cycles = (first, max(1, steps - warm - first))
+        schedule: Callable[[int], float] | None = _warmup_restart(warm, cycles)
+        title = "SGD, warm-up from 1e-4 of the rate, cosine with a warm restart"
+        extra = (f"linear warm-up from 1e-4 of the rate over {warm} steps, cosine cycles of {cycles[0]} and "
+                 f"{cycles[1]} steps (restart at step {warm + cycles[0] + 1})")
+    else:
+        batch, lr, dropout = 8, 0.01, 0.5  # 0.05 (0.5 with momentum) on batches of 8 does not learn
+        schedule = None
+        title = "dropout 0.5 on batches of 8 (noisy gradients)"
+        extra = "dropout 0.5 after each hidden layer"
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_classification(steps * batch, d_in, classes, seed, _gen(seed, 7)), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _classification(n_test, d_in, classes, seed, _gen(seed, 8))
+        return float(F.cross_entropy(module(x), y))
+
+    return _Job(
+        name=name,
+        title=title,
+        settings=f"MLP {d_in}-128-128-{classes}, teacher-labelled Gaussian data, batch {batch}, {steps} steps, SGD lr "
+        f"{lr:g} momentum 0.9, {extra}, {n_test} held-out",
+        steps=steps,
+        module=lambda: MLPClassifierModule(d_in, classes, dropout=dropout, lr=lr, schedule=schedule),
+        data=data,
+        evaluate=evaluate,
+        metric="CE",
+    )
+
+
+def _job_unfreeze(size: Size, seed: int, steps: int | None) -> _Job:
+    default_steps = 200
+    steps = steps or (8 if size == "quick" else default_steps)
+    at = _scaled(50, steps, default_steps)
+    batch, d_in, classes, n_test, lr = 64, 32, 10, 2000, 1e-3
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_classification(steps * batch, d_in, classes, seed, _gen(seed, 9)), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _classification(n_test, d_in, classes, seed, _gen(seed, 10))
+        return float(F.cross_entropy(module(x), y))
+
+    return _Job(
+        name="unfreeze",
+        title="backbone frozen, then unfrozen mid-run",
+        settings=f"backbone {d_in}-128-128 (frozen for steps 1-{at}, unfrozen at step {at + 1}) + head 128-{classes}, "
+        f"teacher-labelled data, batch {batch}, {steps} steps, AdamW lr {lr:g} on all parameters, {n_test} held-out",
+        steps=steps,
+        module=lambda: UnfreezeModule(d_in, classes, unfreeze_at=at, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="CE",
+    )
+
+
+def _job_transformer(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (6 if size == "quick" else 150)
+    # Batches of 4: bf16 matmuls are emulated on CPUs without bf16 units (5x slower than fp32).
+    vocab, seq_len, batch, accumulate, n_test, lr = 64, 32, 4, 2, 256, 3e-3
+    warmup = min(20, max(1, steps // 5))
+    probs, entropy = _markov_chain(vocab, 4, seed)
+
+    def data(variant: str) -> DataLoader:
+        tokens = _markov_sequences(probs, steps * accumulate * batch, seq_len + 1, _gen(seed, 12))
+        return _loader(tokens, batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        tokens = _markov_sequences(probs, n_test, seq_len + 1, _gen(seed, 13))
+        return float(module.loss(tokens))  # type: ignore[operator]
+
+    return _Job(
+        name="transformer_bf16",
+        title="tiny causal transformer LM, bf16-mixed, gradient accumulation",
+        settings=f"2 pre-norm layers, d_model 64, 4 heads, vocab {vocab}, {seq_len} tokens, random Markov chain with 4 "
+        f"successors per token (entropy rate {entropy:.3f} nats: the best held-out CE; uniform {math.log(vocab):.3f}), "
+        f"batch {batch} x accumulate {accumulate}, {steps} optimizer steps, AdamW lr {lr:g}, warm-up {warmup} steps "
+        f"then cosine to 0.1x, precision bf16-mixed, {n_test} held-out sequences (CE in fp32)",
+        steps=steps,
+        module=lambda: TinyLMModule(vocab, seq_len, lr=lr, warmup=warmup, total_steps=steps),
+        data=data,
+        evaluate=evaluate,
+        metric="CE",
+        trainer_kwargs={"precision": "bf16-mixed", "accumulate_grad_batches": accumulate},
+    )
+
+
+def _job_gan(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (6 if size == "quick" else 300)
+    batch, latent, hidden, n_test, lr = 128, 8, 128, 1000, 2e-3
+    floor = _mmd(_ring(n_test, _gen(seed, 14)), _ring(n_test, _gen(seed, 15)))
+
+    def data(variant: str) -> DataLoader:
+        g = _gen(seed, 16)
+        real = _ring(steps * batch, g)
+        return _loader(real, torch.randn(steps * batch, latent, generator=g), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        z = torch.randn(n_test, latent, generator=_gen(seed, 17))
+        return _mmd(module(z), _ring(n_test, _gen(seed, 14)))
+
+    return _Job(
+        name="gan",
+        title="GAN, manual optimization, two optimizers",
+        settings=f"generator {latent}-{hidden}-{hidden}-2, discriminator 2-{hidden}-{hidden}-1 (LeakyReLU), ring of 8 "
+        f"Gaussians (radius 2, std 0.2), batch {batch}, {steps} iterations (one D step, one G step), Adam lr {lr:g} "
+        f"betas (0.5, 0.999) each; "
+        f"held-out: MMD (RBF 0.05+0.2+1) of {n_test} generated vs {n_test} held-out real samples (real vs real: "
+        f"{floor:.3f})",
+        steps=steps,
+        module=lambda: GANModule(latent, hidden, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MMD",
+        trainer_kwargs={"_steps_per_iteration": 2},
+    )
+
+
+def _job_deep(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (3 if size == "quick" else 50)
+    depth, width, d_out, batch, n_test, lr = 600, 16, 4, 64, 2000, 1e-3
+    teacher = _Teacher(width, d_out, seed)
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_regression(steps * batch, width, teacher, _gen(seed, 18)), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _regression(n_test, width, teacher, _gen(seed, 19))
+        return float(F.mse_loss(module(x), y))
+
+    return _Job(
+        name="deep1000",
+        title=f"{depth} residual Linear+LayerNorm blocks ({2 * depth} layers)",
+        settings=f"{depth} x (x + LayerNorm(Linear({width},{width})(x))), LayerNorm + Linear head to {d_out}, teacher "
+        f"regression, batch {batch}, {steps} steps, Adam lr {lr:g} (foreach), {n_test} held-out",
+        steps=steps,
+        module=lambda: DeepResidualModule(depth, width, d_out, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+    )
+
+
+CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
+    "lora": _job_lora,
+    "masked": lambda size, seed, steps: _regression_job("masked", size, seed, steps, "masked"),
+    "rezero": _job_rezero,
+    "warmup": lambda size, seed, steps: _classifier_job("warmup", size, seed, steps, "warmup"),
+    "nan_batch": lambda size, seed, steps: _regression_job("nan_batch", size, seed, steps, "nan_batch"),
+    "unfreeze": _job_unfreeze,
+    "transformer_bf16": _job_transformer,
+    "gan": _job_gan,
+    "deep1000": _job_deep,
+    "dropout": lambda size, seed, steps: _classifier_job("dropout", size, seed, steps, "dropout"),
+}
+
+
+# -------------------------------------------------------------------------------------------------------- runs
+class _Trace(Callback):
+    """Records every training loss and the lowest LR multiplier of the guard's LRGuard (after the guard's hooks)."""
+
+    def __init__(self, guard: GradGuard | None) -> None:
+        self.guard = guard
+        self.losses: list[Tensor] = []
+        self.min_lr_scale = 1.0
+
+    def _watch(self, trainer: L.Trainer) -> None:
+        lr_guard = self.guard.lr_guard if self.guard is not None else None
+        if lr_guard is not None:
+            for key in range(len(trainer.optimizers)):
+                self.min_lr_scale = min(self.min_lr_scale, lr_guard.scale(key))
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            self.losses.append(loss.detach().float().reshape(1))
+        self._watch(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._watch(trainer)
+
+    def values(self) -> list[float]:
+        return torch.cat(self.losses).tolist() if self.losses else []
+
+
+@torch.no_grad()
+def _evaluate(job: _Job, module: L.LightningModule) -> float:
+    was_training = module.training
+    module.eval()
+    try:
+        return job.evaluate(module)
+    finally:
+        module.train(was_training)
+
+
+def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    L.seed_everything(args.seed, verbose=False)
+    module = job.module()
+    data = job.data(variant)
+    init = _evaluate(job, module)  # no global RNG is drawn: the training run is unaffected
+    guard = GradGuard() if variant == "guarded" else None
+    trace = _Trace(guard)
+    callbacks: list[Callback] = [trace] if guard is None else [guard, trace]  # the trace reads after the guard
+    logger: TensorBoardLogger | bool = False
+    if args.logdir:
+        logger = TensorBoardLogger(args.logdir, name=job.name, version=variant, default_hp_metric=False)
+    kwargs = {k: v for k, v in job.trainer_kwargs.items() if not k.startswith("_")}
+    deterministic_before = torch.are_deterministic_algorithms_enabled()
+    cublas_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=job.max_steps,
+        max_epochs=-1,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=10,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+        **kwargs,
+    )
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, train_dataloaders=data)
+    finally:
+        # deterministic=True sets process-wide flags: leave the process as it was.
+        torch.use_deterministic_algorithms(deterministic_before)
+        if cublas_before is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas_before
+    wall_s = time.perf_counter() - start
+    held_out = _evaluate(job, module)
+
+    messages = [str(w.message) for w in caught]
+    guard_warnings = [m for m in messages if m.startswith("GradGuard")]
+    losses = trace.values()
+    bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
+    finite = [v for v in losses if math.isfinite(v)]
+    head, tail = finite[: max(1, len(finite) // 10)], finite[-max(1, len(finite) // 10):]
+    return {
+        "config": job.name,
+        "variant": variant,
+        "guard": GUARD_LABEL if guard is not None else None,
+        "steps": job.steps,
+        "global_step": trainer.global_step,
+        "metric": job.metric,
+        "init_heldout": init,
+        "heldout": held_out,
+        "train_loss_first10pct": sum(head) / len(head) if head else math.nan,
+        "train_loss_last10pct": sum(tail) / len(tail) if tail else math.nan,
+        "losses_recorded": len(losses),
+        "nonfinite_losses": len(bad),
+        "first_nonfinite_batch": bad[0] if bad else None,
+        "events": guard.summary() if guard is not None else None,
+        "min_lr_scale": trace.min_lr_scale if guard is not None and guard.lr_guard is not None else None,
+        "guard_warnings": len(guard_warnings),
+        "guard_warning_samples": guard_warnings[:3],
+        "other_warnings": len(messages) - len(guard_warnings),
+        "wall_s": wall_s,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return {
+        "cpus": cpus,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+    }
+
+
+def _unhealthy(cfg: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """Why the unguarded reference run does not look like healthy training (empty: it does)."""
+    why = []
+    if ref["nonfinite_losses"]:
+        why.append(f"{ref['nonfinite_losses']} non-finite training loss(es)")
+    if not math.isfinite(ref["heldout"]):
+        why.append(f"held-out {cfg['metric']} is {ref['heldout']}")
+    elif not ref["heldout"] < 0.95 * ref["init_heldout"]:
+        why.append(
+            f"held-out {cfg['metric']} {ref['heldout']:.4g} is not below 95% of its initial {ref['init_heldout']:.4g}"
+        )
+    return why
+
+
+def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """PASS/FAIL of one config, with the reasons and the relative difference of the held-out metric."""
+    ref, g = runs[cfg["reference"]], runs["guarded"]
+    ev = g["events"] or {}
+    u, v = ref["heldout"], g["heldout"]
+    rel = (v - u) / abs(u) * 100 if math.isfinite(u) and math.isfinite(v) and u != 0 else (0.0 if u == v else math.nan)
+    reasons = []
+    if ev.get("lr_reduced", 0):
+        reasons.append(f"lr_reduced={ev['lr_reduced']} (min LR multiplier {g['min_lr_scale']:.3g})")
+    if ev.get("exploding", 0):
+        reasons.append(f"exploding={ev['exploding']}")
+    if not (math.isfinite(rel) and abs(rel) <= TOLERANCE_PCT):
+        reasons.append(
+            f"held-out {cfg['metric']} {v:.4g} vs {u:.4g} unguarded ({rel:+.2f}%, limit +-{TOLERANCE_PCT:g}%)"
+        )
+    if cfg["expect_skipped"] and ev.get("skipped") != cfg["expect_skipped"]:
+        reasons.append(f"skipped={ev.get('skipped')} (expected exactly {cfg['expect_skipped']})")
+    return {
+        "config": cfg["config"],
+        "verdict": "FAIL" if reasons else "PASS",
+        "reasons": reasons,
+        "rel_diff_pct": rel,
+        "unguarded_unhealthy": _unhealthy(cfg, ref),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train the selected configs unguarded and with ``GradGuard()``; return meta, configs, rows and verdicts.
+
+    Args:
+        args: The parsed command line (see ``--help``), plus ``command``, the command as typed.
+    """
+    size: Size = "quick" if args.quick else "default"
+    jobs = [CONFIGS[name](size, args.seed, args.steps) for name in args.configs]
+    rows: list[dict[str, Any]] = []
+    configs: list[dict[str, Any]] = []
+    verdicts: list[dict[str, Any]] = []
+    threads_before = torch.get_num_threads()
+    start = time.perf_counter()
+    try:
+        torch.set_num_threads(1)  # small nets: extra threads only add synchronisation (and load a shared machine)
+        for job in jobs:
+            cfg = {
+                "config": job.name, "title": job.title, "settings": job.settings, "steps": job.steps,
+                "variants": list(job.variants), "reference": job.reference, "metric": job.metric,
+                "expect_skipped": job.expect_skipped, "note": job.note,
+            }
+            configs.append(cfg)
+            runs = {}
+            for variant in job.variants:
+                row = _run_one(job, variant, args)
+                rows.append(row)
+                runs[variant] = row
+                print(f"  {job.name:<17} {variant:<14} {row['global_step']:>5} steps {row['wall_s']:7.1f} s",
+                      file=sys.stderr, flush=True)
+            verdicts.append(_verdict(cfg, runs))
+    finally:
+        torch.set_num_threads(threads_before)
+    meta = {
+        "command": args.command,
+        "size": size,
+        "seed": args.seed,
+        "steps_override": args.steps,
+        "logdir": args.logdir,
+        "machine": _machine(),
+        "threads": 1,
+        "tolerance_pct": TOLERANCE_PCT,
+        "wall_s": time.perf_counter() - start,
+    }
+    return {"meta": meta, "configs": configs, "rows": rows, "verdicts": verdicts}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def _num(x: float | None, fmt: str = ".4g") -> str:
+    if x is None:
+        return "-"
+    return format(x, fmt) if math.isfinite(x) else str(x)
+
+
+def report(result: dict[str, Any]) -> str:
+    """The result of :func:`run` as a markdown table, one verdict line per config underneath."""
+    meta, m = result["meta"], result["meta"]["machine"]
+    steps = f", {meta['steps_override']} steps per config" if meta["steps_override"] else ""
+    lines = [
+        "# GradGuard healthy zoo: does the default GradGuard() leave healthy training alone?",
+        "",
+        f"command: `{meta['command']}`  ",
+        (
+            f"machine: {m['cpus']} CPUs available ({m['cpu_count']} in total, {m['processor']}), {meta['threads']} "
+            f"thread per run, python {m['python']}, torch {m['torch']}, lightning {m['lightning']}  "
+        ),
+        (
+            f"zoo: {meta['size']}, seed {meta['seed']}{steps}; both runs of a config start from the same weights and "
+            "see the same batches"
+        ),
+        "",
+        "configs:",
+        "",
+    ]
+    for cfg in result["configs"]:
+        lines.append(f"* `{cfg['config']}`: {cfg['title']}. {cfg['settings']}")
+    header = ("config", "run", "steps", "metric", "init", "held-out", "rel. diff", "non-finite", "exploding",
+              "lr_reduced", "min LR x", "skipped", "clipped", "vanishing", "warns", "wall s")
+    rel = {v["config"]: v["rel_diff_pct"] for v in result["verdicts"]}
+    refs = {c["config"]: c["reference"] for c in result["configs"]}
+    table: list[tuple[str, ...]] = []
+    for row in result["rows"]:
+        ev = row["events"]
+        diff = "-"
+        if row["variant"] == "guarded":
+            diff = f"{rel[row['config']]:+.2f}%" if math.isfinite(rel[row["config"]]) else "nan"
+        elif row["variant"] == refs[row["config"]]:
+            diff = "(ref)"
+        table.append((
+            row["config"],
+            row["variant"],
+            str(row["steps"]),
+            row["metric"],
+            _num(row["init_heldout"]),
+            _num(row["heldout"]),
+            diff,
+            str(row["nonfinite_losses"]),
+            *((str(ev["exploding"]), str(ev["lr_reduced"]), _num(row["min_lr_scale"], ".3g"), str(ev["skipped"]),
+               str(ev["clipped"]), str(ev["vanishing"]), str(row["guard_warnings"])) if ev else ("-",) * 7),
+            f"{row['wall_s']:.1f}",
+        ))
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in table]
+    lines.append("")
+    notes = [c["note"] for c in result["configs"] if c["note"]]
+    lines += [f"note: {n}  " for n in notes]
+    lines.append(
+        f"PASS: the guarded run had exploding == 0 and lr_reduced == 0 and its held-out metric is within "
+        f"{meta['tolerance_pct']:g}% of the unguarded reference (nan_batch: also skipped == 1)"
+    )
+    lines.append("")
+    for v in result["verdicts"]:
+        line = f"- **{v['verdict']}** `{v['config']}`"
+        line += f": {'; '.join(v['reasons'])}" if v["reasons"] else f" (held-out {v['rel_diff_pct']:+.2f}%)"
+        if v["unguarded_unhealthy"] and meta["size"] != "quick":
+            line += f" -- WARNING, the unguarded run looks unhealthy ({'; '.join(v['unguarded_unhealthy'])}): " \
+                    "adjust the config"
+        lines.append(line)
+    passed = sum(v["verdict"] == "PASS" for v in result["verdicts"])
+    lines.append("")
+    lines.append(f"{passed}/{len(result['verdicts'])} configs PASS; total wall time {meta['wall_s']:.0f} s")
+    if meta["size"] == "quick":
+        lines.append("(--quick: a few steps per config, to check that everything runs; these verdicts mean nothing)")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def _plain(value: Any) -> Any:
+    """JSON without NaN/inf literals: a non-finite number becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/healthy_zoo.py",
+        description="Train healthy but unusual configs unguarded and with GradGuard(); check the guard does no harm.",
+    )
+    p.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps of every selected config (GAN: iterations), instead of its default")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
+    p.add_argument("--logdir", default=None, help="TensorBoard log root (default: no logger)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown or not names:
+        p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    args.configs = names
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
+    if argv is None:
+        argv = sys.argv[1:]
+        command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    else:
+        argv = list(argv)
+        command = shlex.join(["python", "benchmarks/healthy_zoo.py", *argv])
+    args = _parse(argv)
+    args.command = command
+    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
+    quiet = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        result = run(args)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    if args.json == "-":
+        print(json.dumps(_plain(result), indent=1))
+    else:
+        print(report(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(_plain(result), f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""Do no harm, end to end: healthy runs with awkward but harmless patterns, guarded by the default ``GradGuard()``.
+
+DESIGN, "Decisions: first, do no harm". Each run below is healthy: nothing in it should count as an explosion,
+the learning rate should never be lowered, and where an unguarded twin is trained from the same seed on the same
+batches the guarded run must end where it does:
+
+1. LoRA: ``lora_A`` gets an exactly-zero gradient until ``lora_B`` leaves zero;
+2. fully masked batches (loss * 0): exactly-zero gradients for a few steps;
+3. one NaN batch: skipped and counted, not punished with a lower LR (two close together are);
+4. 1500 layers, one of them ReZero-gated (exactly-zero gradient on the first step);
+5. LR warm-up from ~0 and a cosine schedule with a warm restart.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _fit(
+    model: L.LightningModule,
+    data: DataLoader,
+    steps: int,
+    guard: GradGuard | None = None,
+    logger: Any = False,
+) -> None:
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        max_epochs=-1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1 if logger else 50,
+        callbacks=[guard] if guard is not None else [],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, data)
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
+    # In order: the guarded and the unguarded run see the very same batches.
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    loss = float(nn.functional.mse_loss(model(x), y))
+    model.train(was_training)
+    return loss
+
+
+def _logged(logger: CSVLogger, name: str) -> list[float]:
+    """Every logged value of ``name`` in the CSV logger's metrics.csv, in step order."""
+    logger.save()
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [float(row[name]) for row in rows if row.get(name) not in (None, "")]
+
+
+def _assert_close(guarded: float, bare: float, what: str, rel: float = 0.05) -> None:
+    assert abs(guarded - bare) <= rel * bare, f"{what}: guarded {guarded:.5g} vs unguarded {bare:.5g}"
+
+
+def _no_harm(guard: GradGuard) -> dict[str, int]:
+    events = guard.summary()
+    assert events["exploding"] == 0, f"healthy run flagged as exploding: {events}"
+    assert events["lr_reduced"] == 0, f"healthy run had its LR lowered: {events}"
+    return events
+
+
+class _Task(L.LightningModule):
+    """Regression of ``net`` towards targets; ``hook(step, x, y, loss) -> (x, y, loss)`` misbehaves on cue."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        nan_steps: tuple[int, ...] = (),
+        masked_steps: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.make_optimizer = optimizer
+        self.make_scheduler = scheduler
+        self.nan_steps = nan_steps
+        self.masked_steps = masked_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step in self.nan_steps:
+            x = x.clone()
+            x[0, 0] = math.nan  # fp32: one NaN input makes every gradient NaN
+        loss = nn.functional.mse_loss(self(x), y)
+        if self.global_step in self.masked_steps:
+            loss = loss * 0.0  # a fully masked batch: every gradient exactly zero
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.make_optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.make_scheduler is None:
+            return optimizer
+        scheduler = self.make_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _mlp(dim: int = 16, hidden: int = 64, out: int = 1) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, out)
+    )
+
+
+def _teacher_data(n: int, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    teacher = _mlp(dim)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+        x = torch.randn(n, dim, generator=g)
+        y = teacher(x) + 0.05 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+# ---------------------------------------------------------------------------------------------- 1. LoRA
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``base`` Linear plus a trainable low-rank update ``lora_B(lora_A(x))`` (PEFT's layout).
+
+    ``lora_A`` is kaiming-initialised and ``lora_B`` zero, so the update starts at exactly 0 and ``lora_A``'s
+    gradient (which runs through ``lora_B``) is exactly zero on the first step.
+    """
+
+    def __init__(self, fin: int, fout: int, rank: int = 4, alpha: float = 8.0) -> None:
+        super().__init__()
+        self.base = nn.Linear(fin, fout)
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Linear(fin, rank, bias=False)
+        self.lora_B = nn.Linear(rank, fout, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def _lora_net(dim: int = 16, hidden: int = 64, out: int = 8) -> nn.Module:
+    return nn.Sequential(
+        LoRALinear(dim, hidden), nn.Tanh(), LoRALinear(hidden, hidden), nn.Tanh(), LoRALinear(hidden, out)
+    )
+
+
+def test_lora_fine_tuning_is_left_alone() -> None:
+    steps, batch, dim = 150, 32, 16
+    # The teacher is the frozen base plus a random low-rank update, so the adapters can fit it.
+    L.seed_everything(0, verbose=False)
+    teacher = _lora_net(dim)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.copy_(0.1 * torch.randn(m.lora_B.weight.shape, generator=g))
+        x = torch.randn(steps * batch, dim, generator=g)
+        y = teacher(x)
+        x_held = torch.randn(1024, dim, generator=g)
+        y_held = teacher(x_held)
+
+    def run(guard: GradGuard | None) -> _Task:
+        L.seed_everything(0, verbose=False)  # the same frozen base (the teacher's) and the same adapters
+        model = _Task(_lora_net(dim), lambda params: torch.optim.AdamW(params, lr=1e-2))
+        _fit(model, _loader(x, y, batch), steps, guard)
+        return model
+
+    L.seed_everything(0, verbose=False)
+    start = _lora_net(dim)  # both runs' starting point: the base alone (lora_B = 0)
+    initial_train, initial_held = _mse(start, x, y), _mse(start, x_held, y_held)
+    bare = run(None)
+    guard = GradGuard()
+    guarded = run(guard)
+
+    _no_harm(guard)
+    for what, xs, ys, initial in (("train", x, y, initial_train), ("held-out", x_held, y_held, initial_held)):
+        loss_bare, loss_guarded = _mse(bare, xs, ys), _mse(guarded, xs, ys)
+        _assert_close(loss_guarded, loss_bare, f"final {what} loss")
+        assert loss_guarded < 0.2 * initial, f"{what}: {loss_guarded:.4g} is not far below the initial {initial:.4g}"
+
+
+# ---------------------------------------------------------------------------------------------- 2. masked batches
+
+
+def test_fully_masked_batches_are_no_observation(tmp_path: Path) -> None:
+    steps, batch = 100, 32
+    x_all, y_all = _teacher_data(steps * batch + 1024, seed=2)
+    x, y, x_held, y_held = x_all[:-1024], y_all[:-1024], x_all[-1024:], y_all[-1024:]
+
+    def run(guard: GradGuard | None, logger: Any = False) -> _Task:
+        L.seed_everything(0, verbose=False)
+        model = _Task(_mlp(), lambda params: torch.optim.Adam(params, lr=3e-3), masked_steps=tuple(range(10, 15)))
+        _fit(model, _loader(x, y, batch), steps, guard, logger)
+        return model
+
+    bare = run(None)
+    guard = GradGuard()
+    logger = CSVLogger(tmp_path, name="masked")
+    guarded = run(guard, logger)
+
+    _no_harm(guard)
+    _assert_close(_mse(guarded, x, y), _mse(bare, x, y), "final train loss")
+    _assert_close(_mse(guarded, x_held, y_held), _mse(bare, x_held, y_held), "final held-out loss")
+    coefs = _logged(logger, "gradguard/clip_coef")
+    assert len(coefs) >= steps - 1
+    # Never (effectively) 0: zeros that enter the statistics make every ordinary norm afterwards a huge spike, and
+    # the gradients were then scaled by 1e-8.
+    assert min(coefs) > 0.1, f"ordinary gradients clipped to almost nothing: min clip_coef {min(coefs):.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- 3. NaN batches
+
+
+def _nan_run(nan_steps: tuple[int, ...], logger: Any = False, steps: int = 60) -> tuple[GradGuard, _Task]:
+    batch = 32
+    x, y = _teacher_data(steps * batch, seed=3)
+    L.seed_everything(0, verbose=False)
+    model = _Task(_mlp(), lambda params: torch.optim.Adam(params, lr=3e-3), nan_steps=nan_steps)
+    guard = GradGuard()
+    _fit(model, _loader(x, y, batch), steps, guard, logger)
+    return guard, model
+
+
+def test_one_nan_batch_is_skipped_not_punished(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, name="nan")
+    guard, model = _nan_run((30,), logger)
+    events = guard.summary()
+    assert events["skipped"] == 1, events
+    assert events["lr_reduced"] == 0, f"one bad batch lowered the LR: {events}"
+    assert events["exploding"] == 0, events
+    scales = _logged(logger, "gradguard/lr_scale")
+    assert len(scales) >= 59
+    assert scales == [1.0] * len(scales), f"lr_scale left 1.0 after one NaN batch: {scales}"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_two_nan_batches_close_together_lower_the_lr() -> None:
+    guard, model = _nan_run((30, 33))
+    events = guard.summary()
+    assert events["skipped"] == 2, events
+    assert events["lr_reduced"] >= 1, f"two NaN batches 3 steps apart did not lower the LR: {events}"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- 4. 1500 layers
+
+
+class _Block(nn.Module):
+    """``x + norm(linear(x))``: two layers. ``gated``: ReZero, ``x + gate * norm(linear(x))`` with ``gate = 0`` at
+    first, so that the block's own parameters get an exactly-zero gradient on the first step."""
+
+    def __init__(self, dim: int, scale: float, gated: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.gate = nn.Parameter(torch.zeros(())) if gated else None
+        if not gated:
+            # The residual branch's scale, folded into the norm's weight: one op less per block than a multiply.
+            nn.init.constant_(self.norm.weight, scale)
+
+
+class _Deep(nn.Module):
+    def __init__(self, depth: int = 750, dim: int = 16, gated: int = 375) -> None:
+        super().__init__()
+        scale = 1.0 / math.sqrt(depth)  # keeps the residual stream's scale independent of the depth
+        blocks = [_Block(dim, scale, gated=i == gated) for i in range(depth)]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(dim, 1)
+        # The blocks' tensors, looked up once: 750 blocks make module attribute look-ups a real cost per step.
+        self._flat: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]] = [
+            (b.linear.weight, b.linear.bias, b.norm.weight, b.norm.bias, b.gate) for b in blocks
+        ]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (x.shape[-1],)
+        for w, b, nw, nb, gate in self._flat:
+            h = nn.functional.layer_norm(nn.functional.linear(x, w, b), shape, nw, nb)
+            x = x + (h if gate is None else gate * h)
+        return self.head(x)
+
+
+def test_1500_layers_with_a_rezero_block_raise_nothing() -> None:
+    steps, batch = 40, 16
+    x, y = _teacher_data(steps * batch, seed=4)
+    L.seed_everything(0, verbose=False)
+    # fused: one kernel for the 3000 parameter tensors instead of a dozen each (this test is about GradGuard).
+    net = _Deep()
+    model = _Task(net, lambda params: torch.optim.Adam(params, lr=1e-2, fused=True))
+    guard = GradGuard()
+    _fit(model, _loader(x, y, batch), steps, guard)
+    assert len(guard.layer_names()) >= 1500
+    _no_harm(guard)
+    gate = cast(_Block, net.blocks[375]).gate
+    assert gate is not None and float(gate.detach()) != 0.0  # the gated block did wake up
+
+
+# ---------------------------------------------------------------------------------------------- 5. LR schedule
+
+
+def _warmup_cosine_restart(warmup: int = 20, period: int = 50, floor: float = 0.01) -> Callable[[int], float]:
+    """LR factor: linear warm-up from 1e-4, then cosine periods from 1 down to ``floor``, restarting at 1."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return 1e-4 + (1.0 - 1e-4) * step / warmup
+        t = ((step - warmup) % period) / period
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+def test_lr_warmup_and_warm_restart_raise_nothing() -> None:
+    # Large batches and a peak LR near SGD's limit: the restart from ~0 to the peak lifts the norm ~8x in one step.
+    steps, batch = 120, 128
+    x, y = _teacher_data(steps * batch, seed=5)
+    factor = _warmup_cosine_restart()
+    assert factor(0) == 1e-4 and factor(70) == 1.0 and factor(69) < 0.02  # a restart from ~0 to the peak
+
+    def run(guard: GradGuard | None) -> _Task:
+        L.seed_everything(0, verbose=False)
+        model = _Task(
+            _mlp(),
+            lambda params: torch.optim.SGD(params, lr=0.08, momentum=0.9),
+            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        )
+        _fit(model, _loader(x, y, batch), steps, guard)
+        return model
+
+    guard = GradGuard()
+    guarded = run(guard)
+    _no_harm(guard)
+    bare = run(None)
+    _assert_close(_mse(guarded, x, y), _mse(bare, x, y), "final train loss")

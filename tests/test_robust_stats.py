@@ -1,0 +1,341 @@
+"""Do no harm, unit level: each statistic fed the patterns of a healthy run that must raise no alarm.
+
+DESIGN, "Decisions: first, do no harm":
+
+* an exactly-zero or absent gradient norm is no observation for explosion statistics (``log(0)`` must never enter
+  an EMA): after zeros, ordinary norms are not flagged;
+* a layer that starts receiving gradients later (unfrozen, LoRA ``B`` leaving zero) starts its own statistics
+  silently: no exploding event for its first norms (its own warm-up);
+* one outlier never poisons running statistics: after one 1000x spike the next ordinary steps are not flagged, and
+  a second spike of the same size some steps later is still flagged;
+* an isolated non-finite step is skipped and counted, not punished with a lower LR; repeated ones do lower it.
+
+Every pattern goes straight into one component (no Lightning).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from lightning_gradguard.clip import AutoClip, ZClip
+from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+from lightning_gradguard.lr import LRGuard
+
+VALID = torch.tensor(True)
+
+
+def _noisy(n: int, sigma: float = 0.1, level: float = 1.0, seed: int = 0) -> list[float]:
+    """``n`` log-normal norms around ``level``: a steady, slightly noisy run."""
+    g = torch.Generator().manual_seed(seed)
+    return (level * torch.exp(sigma * torch.randn(n, generator=g))).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- ExplodingDetector
+
+
+def _feed(
+    det: ExplodingDetector, total: float, layers: list[float], present: list[bool] | None = None
+) -> tuple[bool, list[bool]]:
+    """One step; returns (any event, per-layer flags) as host values."""
+    res = det.update(
+        torch.tensor(total),
+        torch.tensor(layers),
+        VALID,
+        None if present is None else torch.tensor(present),
+    )
+    return bool(res.any), [bool(v) for v in res.layers]
+
+
+def _split(total: float) -> list[float]:
+    # Two layers carrying 0.6 and 0.8 of the total (0.36 + 0.64 = 1: consistent L2 shares).
+    return [0.6 * total, 0.8 * total]
+
+
+def test_exploding_one_zero_step_then_constant_norms_raise_nothing() -> None:
+    # (a) A first step with an exactly-zero gradient (a fully masked batch) must not put log(0) into the EMA.
+    det = ExplodingDetector()
+    _feed(det, 0.0, [0.0, 0.0])
+    flagged = [step for step in range(300) if _feed(det, 1.0, _split(1.0))[0]]
+    assert flagged == [], f"{len(flagged)} of 300 constant steps flagged after one zero step (first: {flagged[:5]})"
+
+
+def test_exploding_zero_steps_mid_run_leave_the_band_alone() -> None:
+    # (b) Five exactly-zero steps (masked batches) in the middle of a steady, noisy run.
+    det = ExplodingDetector()
+    before, after = _noisy(100, seed=1), _noisy(100, seed=2)
+    flagged_before = [i for i, n in enumerate(before) if _feed(det, n, _split(n))[0]]
+    assert flagged_before == []
+    band0 = det.band()
+    assert torch.isfinite(band0).all()
+    for _ in range(5):
+        assert not _feed(det, 0.0, [0.0, 0.0])[0]
+    bands = [det.band()]
+    flagged = []
+    for i, n in enumerate(after):
+        if _feed(det, n, _split(n))[0]:
+            flagged.append(i)
+        bands.append(det.band())
+    assert flagged == [], f"ordinary steps flagged after 5 zero steps: {flagged[:10]} (of {len(flagged)})"
+    # The EMA mean and both edges stay within a small factor of where they were before the zeros.
+    factor = 1.5
+    for k, band in enumerate(bands):
+        ratio = band / band0
+        assert torch.isfinite(ratio).all() and bool(((ratio < factor) & (ratio > 1 / factor)).all()), (
+            f"band {band.tolist()} {k} steps after the zeros, {band0.tolist()} before them"
+        )
+
+
+def test_exploding_layer_waking_up_starts_its_own_statistics_silently() -> None:
+    # (c) Layer 1 gets exact-zero gradients for 30 steps (frozen, LoRA A while B is 0), then grows smoothly from
+    # 1e-6 (x1.3 per step for 20 steps) and holds; the total stays steady. Layer 0 carries ~1e-3, so the waking layer
+    # ends near 19% of the total: it is large enough to be named (min_share), but it is no explosion.
+    det = ExplodingDetector()
+    base = _noisy(100, sigma=0.05, level=1e-3, seed=3)
+    waking = [0.0] * 30 + [1e-6 * 1.3**k for k in range(20)] + [1e-6 * 1.3**19] * 50
+    events = []
+    for step, (a, b) in enumerate(zip(base, waking)):
+        total = math.hypot(a, b)
+        any_flag, layers = _feed(det, total, [a, b])
+        if any_flag:
+            events.append((step, layers))
+    assert events == [], f"a layer waking up from zero raised exploding events: {events[:5]} (of {len(events)})"
+
+
+def test_exploding_one_spike_does_not_poison_the_statistics() -> None:
+    # (d) After warm-up: one 1000x spike is flagged, the 10 ordinary steps after it are not, and a second 1000x
+    # spike 30 steps after the first is flagged again.
+    det = ExplodingDetector()
+    norms = _noisy(120, seed=4)
+    first, second = 60, 90
+    norms[first] *= 1000.0
+    norms[second] *= 1000.0
+    flags = [_feed(det, n, _split(n))[0] for n in norms]
+    assert flags[first], "the first 1000x spike was not flagged"
+    assert not any(flags[first + 1 : first + 11]), f"steps after the spike flagged: {flags[first + 1 : first + 11]}"
+    assert flags[second], "a second 1000x spike 30 steps later was not flagged: the first one poisoned the EMA"
+    flagged = {i for i, f in enumerate(flags) if f}
+    assert flagged == {first, second}
+
+
+def test_exploding_absent_layer_state_never_changes() -> None:
+    # (e) A layer that receives no gradient (layer_present False) keeps its state, whatever norm sits in its slot.
+    det = ExplodingDetector()
+    for n in _noisy(40, seed=5):
+        _feed(det, n, _split(n))
+    before = det.state_dict()
+    junk = [0.0, 1e6, 1e-12, 0.0, 5.0, 1e30, 0.0]
+    for j, n in zip(junk, _noisy(len(junk), seed=6)):
+        any_flag, layers = _feed(det, n, [0.6 * n, j], present=[True, False])
+        assert not layers[1], f"absent layer flagged with norm {j}"
+        assert not any_flag
+    after = det.state_dict()
+    for key in ("mean", "var", "count"):
+        assert torch.equal(after[key][2], before[key][2]), f"absent layer's {key} changed"
+
+
+# ---------------------------------------------------------------------------------------------- VanishingDetector
+
+
+def test_vanishing_short_run_of_zeros_is_no_event() -> None:
+    # A few fully masked batches (every layer exactly 0) are fewer than `patience` steps: no event.
+    det = VanishingDetector(patience=10)
+    events = 0
+    for step in range(60):
+        zero = 20 <= step < 29  # 9 < patience
+        norms = torch.tensor([0.0, 0.0, 0.0] if zero else [1.0, 0.5, 0.2])
+        events += int(det.update(norms, VALID).new.sum())
+    assert events == 0
+
+
+def test_vanishing_layer_at_zero_for_patience_steps_is_one_event() -> None:
+    # An exactly-zero gradient is a vanishing candidate through its own rule and patience: one event, not one per step
+    # and not none.
+    det = VanishingDetector(patience=10)
+    new_per_layer = torch.zeros(3, dtype=torch.int64)
+    first_step = None
+    for step in range(40):
+        res = det.update(torch.tensor([1.0, 0.0, 0.3]), VALID)
+        new_per_layer += res.new.to(torch.int64)
+        if first_step is None and bool(res.new.any()):
+            first_step = step
+    assert new_per_layer.tolist() == [0, 1, 0]
+    assert first_step == 9  # the 10th consecutive zero step
+
+
+# ---------------------------------------------------------------------------------------------- ZClip
+
+
+def _grads(norm: float, seed: int) -> list[torch.Tensor]:
+    """Real gradient tensors whose total L2 norm is ``norm`` (all exactly zero for 0)."""
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(8, 4, generator=g), torch.randn(4, generator=g)]
+    scale = norm / math.sqrt(sum(float(t.square().sum()) for t in grads))
+    return [t * scale for t in grads]
+
+
+def _zclip_step(clipper: ZClip | AutoClip, norm: float, seed: int) -> float:
+    grads = _grads(norm, seed)
+    total = torch.linalg.vector_norm(torch.cat([t.flatten() for t in grads]))
+    return float(clipper.clip_grads_(grads, total, torch.tensor(True)))
+
+
+def test_zclip_zero_norms_after_warmup_do_not_enter_the_statistics() -> None:
+    clipper = ZClip()
+    for step, n in enumerate(_noisy(40, sigma=0.05, seed=7)):
+        _zclip_step(clipper, n, step)
+    before = clipper.state_dict()
+    for step in range(5):
+        assert _zclip_step(clipper, 0.0, 100 + step) == 1.0
+    after = clipper.state_dict()
+    assert float(after["mean"]) == float(before["mean"]), "a zero norm moved ZClip's EMA mean"
+    assert float(after["var"]) == float(before["var"]), "a zero norm moved ZClip's EMA variance"
+    coefs = [_zclip_step(clipper, n, 200 + step) for step, n in enumerate(_noisy(20, sigma=0.02, seed=8))]
+    assert coefs == [1.0] * 20, f"ordinary norms clipped after zero steps: {coefs}"
+    assert float(clipper.last_coef) == 1.0
+
+
+def test_zclip_zero_norm_does_not_count_towards_the_warmup() -> None:
+    clipper = ZClip(warmup_steps=25)
+    ones = _noisy(30, sigma=0.05, seed=9)
+    for step in range(10):
+        _zclip_step(clipper, ones[step], step)
+    for step in range(5):
+        _zclip_step(clipper, 0.0, 50 + step)
+    for step in range(10, 24):
+        _zclip_step(clipper, ones[step], step)
+    # 29 calls, 24 of them with a gradient: still warming up (no threshold yet), and no zero in the warm-up buffer.
+    assert math.isinf(float(clipper.last_threshold)), "the zero-norm steps counted towards ZClip's warm-up"
+    state = clipper.state_dict()
+    assert int(state["count"]) == 24
+    _zclip_step(clipper, ones[24], 24)
+    state = clipper.state_dict()
+    assert int(state["count"]) == 25
+    assert float(state["buffer"].min()) > 0.5, f"a zero norm entered the warm-up buffer: {state['buffer'].tolist()}"
+    assert float(state["mean"]) == pytest.approx(sum(ones[:25]) / 25, rel=1e-6)
+    # Warm: an ordinary norm goes through untouched.
+    assert _zclip_step(clipper, ones[25], 25) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- AutoClip
+
+
+@pytest.mark.parametrize("history", [None, 50])
+def test_autoclip_zero_norms_do_not_enter_the_history(history: int | None) -> None:
+    clipper = AutoClip(percentile=10.0, history=history)
+    for step, n in enumerate(_noisy(30, sigma=0.05, seed=10)):
+        _zclip_step(clipper, n, step)
+    count = int(clipper.state_dict()["count"])
+    assert count == 30
+    for step in range(5):
+        _zclip_step(clipper, 0.0, 100 + step)
+    assert int(clipper.state_dict()["count"]) == count, "zero norms entered AutoClip's history"
+    # The 10th percentile is still that of the ordinary norms, not 0: an ordinary norm is not clipped to nothing.
+    coef = _zclip_step(clipper, 1.0, 200)
+    assert coef > 0.5
+
+
+# ---------------------------------------------------------------------------------------------- LRGuard
+
+
+def test_lrguard_isolated_nonfinite_step_changes_nothing() -> None:
+    guard = LRGuard()
+    for _ in range(10):
+        assert guard.update(False) is False
+    assert guard.update(False, nonfinite=True) is False
+    assert guard.scale() == 1.0
+    for _ in range(50):
+        assert guard.update(False) is False
+        assert guard.scale() == 1.0
+
+
+def test_lrguard_two_nonfinite_steps_within_cooldown_reduce() -> None:
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    for _ in range(10):
+        guard.update(False)
+    assert guard.update(False, nonfinite=True) is False
+    for _ in range(3):
+        guard.update(False)
+    assert guard.update(False, nonfinite=True) is True
+    assert guard.scale() == 0.5
+
+
+def test_lrguard_two_nonfinite_steps_far_apart_do_not_reduce() -> None:
+    guard = LRGuard(factor=0.5, cooldown=5, nonfinite_patience=2)
+    assert guard.update(False, nonfinite=True) is False
+    for _ in range(6):  # more than `cooldown` calm steps
+        guard.update(False)
+    assert guard.update(False, nonfinite=True) is False
+    assert guard.scale() == 1.0
+
+
+def _calm(guard: LRGuard, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        assert guard.update(False) is False
+        out.append(guard.scale())
+    return out
+
+
+def test_lrguard_recovers_to_just_below_the_rate_that_exploded_then_creeps_up() -> None:
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    assert guard.update(True) is True
+    assert guard.scale() == 0.5
+    ceiling = math.sqrt(0.5)
+    assert guard.ceiling() == pytest.approx(ceiling)
+    scales = _calm(guard, 6)  # hold 2, recover 4
+    assert scales[-1] == pytest.approx(ceiling), f"recovered to {scales[-1]}, not to sqrt(factor)"
+    assert scales[-1] < 1.0
+    # Then the ceiling creeps up by `increase` per calm step (relative), and the multiplier with it, up to 1.
+    creep = _calm(guard, 10)
+    assert creep[0] == pytest.approx(ceiling * (1 + guard.increase))
+    assert all(b > a for a, b in itertools.pairwise(creep))
+    steps = math.ceil(math.log(1 / ceiling) / math.log1p(guard.increase)) + 10
+    rest = _calm(guard, steps)
+    assert all(b >= a for a, b in itertools.pairwise(rest))
+    assert rest[-1] == 1.0 and guard.ceiling() == 1.0
+
+
+def test_lrguard_second_explosion_at_the_ceiling_lowers_it() -> None:
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard.update(True)
+    _calm(guard, 6)
+    first = guard.ceiling()
+    assert guard.scale() == pytest.approx(first)
+    assert guard.update(True) is True
+    assert guard.ceiling() < first
+    assert guard.ceiling() == pytest.approx(first * math.sqrt(0.5))
+    scales = _calm(guard, 6)
+    assert scales[-1] == pytest.approx(guard.ceiling())
+
+
+def test_lrguard_state_round_trip_keeps_ceiling_and_nonfinite_counters() -> None:
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard.update(True)
+    _calm(guard, 6)
+    assert guard.update(False, nonfinite=True) is False  # one bad batch pending
+    state = guard.state_dict()
+    restored = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    restored.load_state_dict(state)
+    assert restored.ceiling() == guard.ceiling() == pytest.approx(math.sqrt(0.5))
+    assert restored.scale() == guard.scale()
+    assert restored.state_dict() == state
+    # The pending non-finite step survived: a second one within `cooldown` reduces in both, and identically.
+    assert guard.update(False, nonfinite=True) is True
+    assert restored.update(False, nonfinite=True) is True
+    assert restored.scale() == guard.scale()
+    assert restored.state_dict() == guard.state_dict()
+
+
+def test_lrguard_loads_a_state_saved_before_ceiling_and_nonfinite_existed() -> None:
+    old = {"keys": {"0": {"anchor": 0.5, "calm": 1, "pending": 0}}}
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard.load_state_dict(old)
+    assert guard.scale() == 0.5
+    assert guard.ceiling() == 1.0
+    # One non-finite step is still an isolated one (no counter carried over).
+    assert guard.update(False, nonfinite=True) is False
+    assert guard.scale() == 0.5
