@@ -17,6 +17,11 @@ evaluated on held-out data. The table reports, per run:
 * the guard's events from ``GradGuard.summary()`` (clipped steps, exploding, nonfinite/skipped, lr_reduced,
   vanishing with the layer named first), and how many warnings the guard raised (kept out of the output, counted).
 
+The configs that diverge unguarded (``lstm_10x``, ``rnn_tanh``, ``resnet20_nobn``) also train unguarded at three
+lower learning rates (variants ``unguarded_lr<rate>``; ``--no-sweep`` skips them): the best of them is the *tuned
+rate*, and a guarded run at the too-high rate counts as **rescued** only when its held-out loss is no worse than
+the tuned rate's, in the same number of steps. A run that merely stays finite is not a rescue.
+
 Under the table one line per config says what its runs show (diverged, rescued, finite but not learning, as good).
 
 The suite (``--configs`` picks a subset):
@@ -103,6 +108,8 @@ GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
         lambda: GradGuard(exploding=ExplodingDetector(max_ratio=5.0)),
     ),
 }
+#: Variant name prefix of the unguarded tuned-rate sweep runs ("unguarded_lr0.3").
+SWEEP_PREFIX = "unguarded_lr"
 #: Consecutive non-finite training losses after which a run is stopped: its NaN steps would only cost time.
 STOP_AFTER_NONFINITE = 20
 _CHECK_EVERY = 10  # losses are read from the device in chunks, not every step
@@ -196,9 +203,19 @@ class _Job:
     example_guard: tuple[str, Callable[[], GradGuard]] | None = None
     log_every: int = 10
     parallel: bool = False  # convolutions: worth more than one CPU thread
+    # The tuned-rate sweep: unguarded runs at these learning rates, and the module at a given rate.
+    sweep: tuple[float, ...] = ()
+    module_at: Callable[[float], L.LightningModule] | None = None
 
-    def variants(self) -> list[str]:
-        return [*VARIANTS, "guarded_example"] if self.example_guard is not None else list(VARIANTS)
+    def variants(self, sweep: bool = True) -> list[str]:
+        variants = [*VARIANTS, "guarded_example"] if self.example_guard is not None else list(VARIANTS)
+        if sweep:
+            variants += [f"{SWEEP_PREFIX}{lr:g}" for lr in self.sweep]
+        return variants
+
+    def sweep_lr(self, variant: str) -> float | None:
+        """The learning rate of a sweep variant (``None`` for the others)."""
+        return float(variant[len(SWEEP_PREFIX):]) if variant.startswith(SWEEP_PREFIX) else None
 
     def _guard(self, variant: str) -> tuple[str, Callable[[], GradGuard]] | None:
         if variant == "guarded_example":
@@ -215,7 +232,14 @@ class _Job:
 
 
 def _adding(
-    name: str, size: Size, seed: int, model: Literal["lstm", "rnn"], lr: float, title: str, seq_len: int
+    name: str,
+    size: Size,
+    seed: int,
+    model: Literal["lstm", "rnn"],
+    lr: float,
+    title: str,
+    seq_len: int,
+    sweep: tuple[float, ...] = (),
 ) -> _Job:
     hidden, batch, steps, n_test = {
         "quick": (16, 8, 6, 64),
@@ -239,6 +263,8 @@ def _adding(
         f"{n_test} held-out sequences",
         steps=steps,
         module=lambda: AddingModule(model=model, hidden_size=hidden, optimizer="sgd", lr=lr),
+        module_at=lambda rate: AddingModule(model=model, hidden_size=hidden, optimizer="sgd", lr=rate),
+        sweep=sweep,
         data=lambda: DataLoader(AddingStream(seq_len, batch, steps, seed=seed), batch_size=None),
         evaluate=evaluate,
         metric="mse",
@@ -250,7 +276,9 @@ def _adding(
     )
 
 
-def _resnet(name: str, size: Size, seed: int, batch_norm: bool, lr: float, title: str) -> _Job:
+def _resnet(
+    name: str, size: Size, seed: int, batch_norm: bool, lr: float, title: str, sweep: tuple[float, ...] = ()
+) -> _Job:
     batch, steps, n_train, n_test = {
         "quick": (8, 4, 64, 32),
         "default": (32, 400 if batch_norm else 150, 4096, 1000),
@@ -280,6 +308,8 @@ def _resnet(name: str, size: Size, seed: int, batch_norm: bool, lr: float, title
         f"{steps} steps, SGD lr {lr:g} momentum 0.9 wd 1e-4, lr /10 at 50% and 75%, crop+flip",
         steps=steps,
         module=lambda: ResNetModule(depth=20, batch_norm=batch_norm, lr=lr),
+        module_at=lambda rate: ResNetModule(depth=20, batch_norm=batch_norm, lr=rate),
+        sweep=sweep,
         data=data,
         evaluate=evaluate,
         metric="acc",
@@ -332,14 +362,19 @@ def _mlp(name: str, size: Size, seed: int) -> _Job:
 CONFIGS: dict[str, Callable[[Size, int], _Job]] = {
     # Adam's step is bounded by its learning rate, so 10x the example's Adam rate (1e-2) trains without incident;
     # SGD's rate is the one that breaks. The example runs SGD stably at 0.1 (its --unstable uses 5x).
+    # The diverging configs also train unguarded at a few lower rates (the sweep): the best of them is the "tuned
+    # rate" that a guarded run at the too-high rate should match.
     "lstm_10x": lambda size, seed: _adding(
-        "lstm_10x", size, seed, "lstm", 1.0, "LSTM adding problem at 10x the example's stable SGD rate (0.1)", 10
+        "lstm_10x", size, seed, "lstm", 1.0, "LSTM adding problem at 10x the example's stable SGD rate (0.1)", 10,
+        sweep=(0.3, 0.1, 0.03),
     ),
     "rnn_tanh": lambda size, seed: _adding(
-        "rnn_tanh", size, seed, "rnn", 0.1, "tanh-RNN adding problem at the SGD rate the example's LSTM takes", 50
+        "rnn_tanh", size, seed, "rnn", 0.1, "tanh-RNN adding problem at the SGD rate the example's LSTM takes", 50,
+        sweep=(0.03, 0.01, 0.003),
     ),
     "resnet20_nobn": lambda size, seed: _resnet(
-        "resnet20_nobn", size, seed, False, 0.5, "ResNet-20 without batch norm (--no-bn) at lr 0.5"
+        "resnet20_nobn", size, seed, False, 0.5, "ResNet-20 without batch norm (--no-bn) at lr 0.5",
+        sweep=(0.15, 0.05, 0.015),
     ),
     "mlp_sigmoid50": lambda size, seed: _mlp("mlp_sigmoid50", size, seed),
     "resnet20": lambda size, seed: _resnet(
@@ -387,7 +422,8 @@ _VANISHING = re.compile(r"vanishing gradients in layer '([^']+)' at step (\d+)")
 
 def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any]:
     L.seed_everything(args.seed, verbose=False)
-    module = job.module()
+    rate = job.sweep_lr(variant)
+    module = job.module() if rate is None or job.module_at is None else job.module_at(rate)
     data = job.data()
     guard = job.make_guard(variant)
     trace = _LossTrace()
@@ -436,6 +472,7 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
         "config": job.name,
         "variant": variant,
         "guard": job.guard_label(variant),
+        "sweep_lr": rate,
         "steps_planned": job.steps,
         "steps": len(losses),
         "stopped_early": trace.stopped,
@@ -515,11 +552,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.set_num_threads(threads)
             configs.append({
                 "config": job.name, "title": job.title, "settings": job.settings, "steps": job.steps,
-                "variants": job.variants(), "guards": {v: job.guard_label(v) for v in job.variants()},
+                "variants": job.variants(args.sweep),
+                "guards": {v: job.guard_label(v) for v in job.variants(args.sweep)},
                 "metric": job.metric, "threshold": job.threshold, "chance": job.chance, "n_test": job.n_test,
                 "threads": threads,
             })
-            for variant in job.variants():
+            for variant in job.variants(args.sweep):
                 row = _run_one(job, variant, args)
                 rows.append(row)
                 print(f"  {job.name:<14} {variant:<16} {row['steps']:>5} steps {row['wall_s']:7.1f} s",
@@ -570,19 +608,27 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
         chance = "" if _learned(cfg, un) else ", no better than chance"
         head = f"unguarded did not diverge ({_heldout(un)}{chance})"
     parts = [f"{name}: {head}"]
+    tuned = _tuned(runs)
+    if tuned is not None:
+        parts.append(f"tuned rate (best of the unguarded sweep): lr {tuned['sweep_lr']:g}, {_heldout(tuned)}")
     for variant in cfg["variants"][1:]:
         g = runs[variant]
+        if g["sweep_lr"] is not None:
+            continue
         label = g["guard"]
         if g["diverged"]:
             nan = f", NaN loss from step {g['first_nan_step']}" if g["first_nan_step"] else ""
             parts.append(f"{label}: diverged too ({_heldout(g)}{nan}): not rescued")
         elif un["diverged"]:
             if g["metric"] == "mse" and g["heldout_loss"] < SOLVED_MSE:
-                how = f"rescued, and solved the task (MSE below {SOLVED_MSE})"
+                how = f"solved the task (MSE below {SOLVED_MSE})"
             elif _learned(cfg, g):
-                how = "rescued, and learning"
+                how = "learning"
             else:
-                how = "kept from diverging, but no better than chance: it did not learn in this budget"
+                how = "no better than chance: it did not learn in this budget"
+            if tuned is not None:
+                rescued = g["heldout_loss"] <= tuned["heldout_loss"]
+                how += ": RESCUED (no worse than the tuned rate)" if rescued else ": worse than the tuned rate"
             parts.append(f"{label}: stayed finite ({_heldout(g)}), {how}")
         else:
             if g["heldout_loss"] == un["heldout_loss"]:
@@ -603,6 +649,12 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
             where = f", first {fv['layer']!r} at step {fv['step']}" if fv else ""
             parts[-1] += f"; {ev['vanishing']} vanishing event(s){where}"
     return "; ".join(parts)
+
+
+def _tuned(runs: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The sweep run with the lowest finite held-out loss (``None`` without a sweep)."""
+    sweep = [r for r in runs.values() if r["sweep_lr"] is not None and math.isfinite(r["heldout_loss"])]
+    return min(sweep, key=lambda r: r["heldout_loss"]) if sweep else None
 
 
 def report(result: dict[str, Any]) -> str:
@@ -698,6 +750,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads (default 0: 1 for the recurrent nets, the MLP and anything in --quick; for the "
                    "ResNets the cores that the load average shows idle, at least 1)")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false",
+                   help="skip the unguarded tuned-rate sweep of the diverging configs")
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: a new temporary folder)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")

@@ -80,12 +80,13 @@ class ExplodingDetector:
     mean **and** the norm is at least ``min_ratio`` times the mean norm (so a very steady history does not turn
     small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. A run that diverges from its
     first steps gives no calm history to compare with, so from the second step on a total norm more than
-    ``max_ratio`` times the (geometric) mean so far is exploding too, warm-up or not. Observations enter the average
-    winsorized on both sides (to ``z_thresh`` standard deviations around it after the warm-up, to the ratio
-    boundaries before), so one outlier, a spike or a nearly-zero gradient, moves it by a bounded amount: one
-    explosion does not hide the next, and a steady climb is absorbed only slowly. Non-finite and AMP-overflow
-    steps are not fed in at all, and neither is an exactly-zero norm (a fully masked batch, LoRA's ``A`` while ``B``
-    is still zero): its log would pull the average towards log(0) and turn every ordinary norm after it into a spike.
+    ``warmup_ratio`` times the (geometric) mean so far is exploding too during the warm-up, and more than
+    ``max_ratio`` times it at any time. Observations enter the average winsorized on both sides (to ``z_thresh``
+    standard deviations around it after the warm-up, to the ratio boundaries before), so one outlier, a spike or a
+    nearly-zero gradient, moves it by a bounded amount: one explosion does not hide the next, and a steady climb is
+    absorbed only slowly. Non-finite and AMP-overflow steps are not fed in at all, and neither is an exactly-zero
+    norm (a fully masked batch, LoRA's ``A`` while ``B`` is still zero): its log would pull the average towards
+    log(0) and turn every ordinary norm after it into a spike.
 
     Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``, once the
     layer has its own ``warmup_steps`` observations: a layer that starts receiving gradients late (an unfrozen
@@ -93,11 +94,12 @@ class ExplodingDetector:
     named when it carries at least ``min_share`` of the step's total norm, so a layer that is usually silent (norm ~0)
     does not raise alarms when it wakes up with a tiny gradient.
 
-    The two ratio limits are separate because they trade differently. ``max_ratio=5`` catches a too-high learning
-    rate in its very first steps (with GradGuard's clip and LR guard it kept every diverging run of the stability
-    suite finite), but on a healthy, spiky run (the LSTM example on the adding problem, Adam) it flagged 67 steps
-    and the task took 5500 steps to solve instead of 3400; the same 5x on single layers, which swing far more than
-    their sum, gave a healthy ResNet-20 75 events and cost it most of its accuracy. Hence 100x for both by default.
+    The ratio limits trade differently, hence three of them. 5x on the total catches a too-high learning rate in
+    its very first steps, but held for the whole run (``max_ratio=5``) it flagged 67 steps of a healthy, spiky run
+    (the LSTM example on the adding problem, Adam), which then took 5500 steps to solve the task instead of 3400:
+    so 5x applies during the warm-up only (``warmup_ratio``), and 100x afterwards. The same 5x on single layers,
+    which swing far more than their sum, gave a healthy ResNet-20 75 events and cost it most of its accuracy: layers
+    get 100x (``max_layer_ratio``), after their own warm-up.
 
     Args:
         z_thresh: z-score (in log-norm) above which a norm is a spike.
@@ -107,6 +109,11 @@ class ExplodingDetector:
         max_ratio: a total norm this many times its EMA is exploding even during warm-up (``None``: off); 5 guards
             the first steps of a run against a too-high learning rate.
         max_layer_ratio: the same test for each layer's norm, after the layer's own warm-up (``None``: off).
+        warmup_ratio: during the warm-up, a total norm this many times its running (geometric) mean is exploding
+            (``None``: only ``max_ratio``). Before there is a band, this is what catches a run that diverges in its
+            first steps; a flagged step is clipped to the boundary (GradGuard's ``clip_exploding``) and the LR guard
+            backs off. After the warm-up the band and ``max_ratio`` take over, so healthy but spiky runs are not
+            held to it.
         max_norm: absolute ceiling for the total norm (``None``: none).
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.
@@ -130,6 +137,7 @@ class ExplodingDetector:
         min_ratio: float = 2.0,
         max_ratio: float | None = 100.0,
         max_layer_ratio: float | None = 100.0,
+        warmup_ratio: float | None = 5.0,
         max_norm: float | None = None,
         max_layer_norm: float | None = None,
         per_layer: bool = True,
@@ -144,6 +152,9 @@ class ExplodingDetector:
         self.max_layer_ratio = (
             None if max_layer_ratio is None else check_number("max_layer_ratio", max_layer_ratio, low=self.min_ratio)
         )
+        self.warmup_ratio = (
+            None if warmup_ratio is None else check_number("warmup_ratio", warmup_ratio, low=self.min_ratio)
+        )
         self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
         self.max_layer_norm = (
             None if max_layer_norm is None else check_number("max_layer_norm", max_layer_norm, low=0.0)
@@ -156,7 +167,7 @@ class ExplodingDetector:
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
         self._count: Tensor | None = None
-        self._const_cache: tuple[tuple[int, torch.device], Tensor, Tensor | None, Tensor | None, Tensor] | None = None
+        self._const_cache: Any = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
         if self._mean is None or self._mean.numel() != num_layers + 1:
@@ -166,7 +177,9 @@ class ExplodingDetector:
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
 
-    def _constants(self, size: int, device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    def _constants(
+        self, size: int, device: torch.device
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor]:
         # Built once per shape and device: a per-step ``torch.full``/``torch.ones`` would be one more kernel (and on
         # a GPU one more host-to-device copy) every step.
         key = (size, device)
@@ -175,15 +188,24 @@ class ExplodingDetector:
             one = torch.ones(1, dtype=torch.bool, device=device)
             start_at = torch.full((size,), float(self.warmup_steps), device=device)
             start_at[0] = 1.0
+            # The ratio tests in log space (an ``inf`` entry never fires): after the warm-up, and during it, where
+            # the total is held to ``warmup_ratio`` (or ``max_ratio`` where that is lower).
+            limits = [r for r in (self.warmup_ratio, self.max_ratio) if r is not None]
+            early_total = min(limits) if limits else None
+            late = _per_entry(size, device, self.max_ratio, self.max_layer_ratio, math.inf, transform=math.log)
+            early = _per_entry(size, device, early_total, self.max_layer_ratio, math.inf, transform=math.log)
+            if late is not None or early is not None:
+                never = torch.full((size,), math.inf, device=device)
+                late, early = (never if late is None else late), (never if early is None else early)
             hit = self._const_cache = (
                 key,
                 one,
                 _per_entry(size, device, self.max_norm, self.max_layer_norm, math.inf),
-                # The ratio tests in log space; an ``inf`` entry never fires.
-                _per_entry(size, device, self.max_ratio, self.max_layer_ratio, math.inf, transform=math.log),
+                late,
+                early,
                 start_at,
             )
-        return hit[1], hit[2], hit[3], hit[4]
+        return hit[1], hit[2], hit[3], hit[4], hit[5]
 
     def _min_std(self) -> float:
         # The ratio test already demands min_ratio; the std floor keeps z finite on a perfectly steady history.
@@ -213,7 +235,7 @@ class ExplodingDetector:
         if total.device != device:
             total = total.to(device)
         norms = torch.cat([total.reshape(1), layer_norm])
-        one, ceilings, jumps, start_at = self._constants(norms.numel(), device)
+        one, ceilings, late_jumps, early_jumps, start_at = self._constants(norms.numel(), device)
         if valid.device != device:
             valid = valid.to(device)
         # An exactly-zero norm (a masked batch, LoRA's A before B leaves zero, an unused branch) is no observation:
@@ -239,7 +261,9 @@ class ExplodingDetector:
         # but on a layer only after the layer's own warm-up: a layer that starts receiving gradients late (an
         # unfrozen backbone, LoRA's A once B leaves zero) grows by orders of magnitude before it settles.
         started = count >= start_at
-        if jumps is not None:  # with no ratio test, ``dev > inf`` never holds: nothing to compute
+        jumps = None
+        if late_jumps is not None and early_jumps is not None:  # with no ratio test, nothing to compute
+            jumps = late_jumps if late_jumps is early_jumps else torch.where(warm, late_jumps, early_jumps)
             spike |= started & (dev > jumps)
         if ceilings is not None:  # without ceilings, ``norms > inf`` never holds
             spike |= norms > ceilings
@@ -250,7 +274,7 @@ class ExplodingDetector:
         # Where a flagged total may be clipped to: the lowest of the band's upper edge, the max_ratio boundary and
         # the ceiling, judged before this step enters the history. A few noisy warm-up steps can put the band's
         # edge above a norm that the max_ratio test flags; the boundary it crossed still holds it.
-        top = half[0] if self.max_ratio is None else half[0].clamp_max(math.log(self.max_ratio))
+        top = half[0] if jumps is None else torch.minimum(half[0], jumps[0])
         edge = (mean[0] + top).exp()
         if self.max_norm is not None:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
@@ -294,6 +318,7 @@ class ExplodingDetector:
         return (
             f"{type(self).__name__}(z_thresh={self.z_thresh}, alpha={self.alpha}, warmup_steps={self.warmup_steps},"
             f" min_ratio={self.min_ratio}, max_ratio={self.max_ratio}, max_layer_ratio={self.max_layer_ratio},"
+            f" warmup_ratio={self.warmup_ratio},"
             f" max_norm={self.max_norm},"
             f" max_layer_norm={self.max_layer_norm},"
             f" per_layer={self.per_layer}, min_share={self.min_share})"

@@ -146,6 +146,11 @@ class LRGuard:
         memory: remember the rate that exploded and recover to just below it (see above); ``False`` recovers to 1.
         increase: relative rise of the ceiling per calm step once recovered, ``>= 0`` (1e-3: doubles in about 700
             calm steps).
+        settle_steps: after a reduction, exploding events in the next ``settle_steps`` steps only hold the
+            multiplier (they may still reflect weights from before the cut), ``>= 0``.
+        reset_momentum: on a reduction, zero the optimizer's first moments (SGD ``momentum_buffer``, Adam
+            ``exp_avg``) before its next step, so the velocity built by the exploding steps stops at once (as SPAM,
+            arXiv 2501.06842, resets moments on spikes). Needs :meth:`attach` or :meth:`apply`.
 
     Example:
         >>> import torch
@@ -180,7 +185,7 @@ class LRGuard:
         nonfinite_patience: int = 2,
         memory: bool = True,
         increase: float = 1e-3,
-        settle_steps: int = 2,
+        settle_steps: int = 0,
         reset_momentum: bool = True,
     ) -> None:
         self.factor = check_number("factor", factor, low=0.0, high=1.0)

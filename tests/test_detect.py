@@ -17,11 +17,15 @@ def _feed(det: ExplodingDetector, norms: list[float], layers: int = 1) -> list[b
 
 
 def test_exploding_after_warmup_only() -> None:
-    det = ExplodingDetector(warmup_steps=10)
+    det = ExplodingDetector(warmup_steps=10, warmup_ratio=None)
     torch.manual_seed(0)
     history = (1.0 + 0.1 * torch.randn(30)).abs().tolist()
     assert not any(_feed(det, history[:5] + [50.0]))  # a 50x spike during warm-up is not reported...
     assert _feed(det, [5000.0]) == [True]  # ...but a jump past max_ratio is, warm-up or not
+    # By default the total is held to warmup_ratio (5x) of its mean during the warm-up.
+    det = ExplodingDetector(warmup_steps=10)
+    assert _feed(det, history[:5] + [4.0, 10.0]) == [False] * 6 + [True]
+    assert ExplodingDetector().warmup_ratio == 5.0
     det = ExplodingDetector(warmup_steps=10)
     assert not any(_feed(det, history))
     assert _feed(det, [50.0]) == [True]
@@ -36,7 +40,7 @@ def test_cap_is_the_lowest_boundary() -> None:
     assert math.isinf(float(r.cap))
     # A noisy warm-up history pushes the band's edge far above a norm that the max_ratio test flags: the cap is
     # the max_ratio boundary (10x the geometric mean so far).
-    det = ExplodingDetector(warmup_steps=20, max_ratio=10.0)
+    det = ExplodingDetector(warmup_steps=20, max_ratio=10.0, warmup_ratio=None)
     _feed(det, [0.5, 2.0, 0.5, 2.0])  # geometric mean 1, log-std ~0.7: the z-band's edge is ~60
     r = det.update(T(500.0), T([500.0]), T(True))
     assert bool(r.total)
@@ -61,7 +65,7 @@ def test_total_and_layer_ratio_tests_have_their_own_limits() -> None:
     # Layers fluctuate more than their sum: the total can be held to 5x while a layer must still jump 100x. A huge
     # z_thresh leaves the ratio tests as the only ones that can fire.
     assert (ExplodingDetector().max_ratio, ExplodingDetector().max_layer_ratio) == (100.0, 100.0)
-    det = ExplodingDetector(warmup_steps=3, z_thresh=1e3, max_ratio=5.0)
+    det = ExplodingDetector(warmup_steps=3, z_thresh=1e3, max_ratio=5.0, warmup_ratio=None)
     det.update(T(1.5), T([1.0, 1.0]), T(True))
     r = det.update(T(1.5), T([500.0, 1.0]), T(True))  # a layer 500x up inside its own warm-up: no event yet
     assert not bool(r.any)
@@ -75,7 +79,7 @@ def test_total_and_layer_ratio_tests_have_their_own_limits() -> None:
     r = det.update(T(15.0), T([1.0, 1.0]), T(True))  # the total 10x up
     assert bool(r.total) and r.layers.tolist() == [False, False]
     # Either test can be switched off on its own; the total's ratio test runs from its second observation.
-    det = ExplodingDetector(warmup_steps=2, z_thresh=1e3, max_ratio=None, max_layer_ratio=3.0)
+    det = ExplodingDetector(warmup_steps=2, z_thresh=1e3, max_ratio=None, max_layer_ratio=3.0, warmup_ratio=None)
     det.update(T(1.0), T([1.0]), T(True))
     r = det.update(T(1e3), T([1.0]), T(True))  # the total 1000x: untested
     assert not bool(r.any)

@@ -403,8 +403,8 @@ def test_ddp_ranks_measure_and_decide_identically(ddp_results: Any) -> None:
     # The decisions were not trivial: rank 1's NaN was skipped on both ranks, rank 0's spike lowered both LRs.
     summary = r0["batches"][-1]["summary"]
     assert summary["nonfinite"] == 1 and summary["skipped"] == 1
-    # Both lowered the LR: the NaN (outside AMP, overflowing gradients count as an explosion) and the spike.
-    assert summary["exploding"] >= 1 and summary["lr_reduced"] == 2
+    # The spike lowered the LR; the one NaN step was skipped but is no reason to (LRGuard.nonfinite_patience=2).
+    assert summary["exploding"] >= 1 and summary["lr_reduced"] == 1
     assert min(b["lr_scale"] for b in r0["batches"]) < 1.0
     assert max(b["strengths"][0] for b in r0["batches"]) > 1.0
 

@@ -172,7 +172,7 @@ def test_lr_guard_rescues_a_run_that_diverges_without_it() -> None:
         return torch.stack(model.losses).tolist(), probe, guard, model
 
     bare, _, bare_guard, _ = fit(None)
-    losses, probe, guard, model = fit(LRGuard(factor=0.1, cooldown=25, recovery_steps=20))
+    losses, probe, guard, model = fit(LRGuard(factor=0.1, cooldown=25, recovery_steps=20, memory=False))
     assert bare_guard.summary()["exploding"] >= 1
 
     # Without the guard the loss blows up by many orders of magnitude and is still huge at the end.
@@ -248,7 +248,7 @@ def test_lr_guard_leaves_the_schedule_alone_and_scales_it_inside_the_step(tmp_pa
         model = Shifting(spikes=spikes, spike=1e4, scheduler=make_scheduler(steps), lr=0.05)
         guard = GradGuard(
             clip=ZClip(warmup_steps=5),  # clips the spike, so the run goes on calmly after it
-            lr_guard=LRGuard(factor=0.5, cooldown=cooldown, recovery_steps=recovery),
+            lr_guard=LRGuard(factor=0.5, cooldown=cooldown, recovery_steps=recovery, memory=False),
             exploding=ExplodingDetector(warmup_steps=5),
             vanishing=None,
         )

@@ -55,7 +55,13 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
         variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
         assert variants == cfg["variants"], cfg["config"]
         assert variants[:3] == ["unguarded", "guarded", "guarded_ratio5"]
-        assert set(variants) <= {"unguarded", "guarded", "guarded_ratio5", "guarded_example"}
+        sweep = [v for v in variants if v.startswith("unguarded_lr")]
+        assert set(variants) - set(sweep) <= {"unguarded", "guarded", "guarded_ratio5", "guarded_example"}
+        # The configs that diverge unguarded get the tuned-rate sweep: lower rates, unguarded.
+        diverging = cfg["config"] in ("lstm_10x", "rnn_tanh", "resnet20_nobn")
+        assert len(sweep) == (3 if diverging else 0), cfg["config"]
+        for v in sweep:
+            assert cfg["guards"][v] is None
         assert cfg["guards"]["unguarded"] is None and cfg["guards"]["guarded"] == "GradGuard()"
         assert cfg["guards"]["guarded_ratio5"] == "GradGuard(exploding=ExplodingDetector(max_ratio=5))"
         if "guarded_example" in variants:
@@ -81,8 +87,9 @@ def test_rows_hold_the_documented_fields(quick: tuple[str, dict, dict, Path]) ->
             assert row["nonfinite_losses"] == 0, where
         else:
             assert 1 <= row["first_nan_step"] <= row["steps"] and row["nonfinite_losses"] >= 1, where
-        if row["variant"] == "unguarded":
+        if row["variant"].startswith("unguarded"):
             assert row["guard"] is None and row["events"] is None and row["first_vanishing"] is None, where
+            assert (row["sweep_lr"] is None) == (row["variant"] == "unguarded"), where
         else:
             assert set(row["events"]) == set(EVENT_KINDS), where
             assert all(isinstance(v, int) and v >= 0 for v in row["events"].values()), where
@@ -134,3 +141,22 @@ def test_json_to_stdout_and_config_selection(tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         main(argv)
+
+
+def test_a_guarded_run_is_rescued_only_when_it_matches_the_tuned_rate() -> None:
+    from benchmarks.stability import _verdict
+
+    def row(variant: str, loss: float, rate: float | None = None, guard: str | None = None) -> dict:
+        return {"variant": variant, "guard": guard, "sweep_lr": rate, "metric": "mse", "heldout_loss": loss,
+                "heldout_acc": None, "diverged": not math.isfinite(loss), "first_nan_step": 3 if loss != loss else None,
+                "events": None, "first_vanishing": None}
+
+    cfg = {"config": "c", "variants": ["unguarded", "guarded", "unguarded_lr0.3", "unguarded_lr0.1"], "chance": 0.167,
+           "n_test": 100}
+    runs = {"unguarded": row("unguarded", math.nan), "unguarded_lr0.3": row("unguarded_lr0.3", 0.05, 0.3),
+            "unguarded_lr0.1": row("unguarded_lr0.1", 0.12, 0.1)}
+    worse = _verdict(cfg, {**runs, "guarded": row("guarded", 0.08, guard="GradGuard()")})
+    assert "tuned rate (best of the unguarded sweep): lr 0.3, MSE 0.05" in worse
+    assert "worse than the tuned rate" in worse and "RESCUED" not in worse
+    rescued = _verdict(cfg, {**runs, "guarded": row("guarded", 0.05, guard="GradGuard()")})
+    assert "RESCUED" in rescued
