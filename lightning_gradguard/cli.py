@@ -1,25 +1,28 @@
 """``gradguard report LOGDIR``: what happened to the gradients of a run, read back from its TensorBoard event files.
 
 A *run* is every directory under ``LOGDIR`` (``LOGDIR`` included) whose ``events.out.tfevents.*`` files hold
-``gradguard/`` scalars. For each run the report gives its length, total-norm percentiles, the final event counts, LR
-reductions, the layers with the largest norms and the longest vanishing spells, and a root-cause hint: the first
-logged step where a layer was in trouble and, among the layers in trouble at that step, the earliest one.
+``gradguard/`` scalars; a directory with event files but no GradGuard data is listed as skipped, with the reason. For
+each run the report gives its length, total-norm percentiles, the final event counts, the lowest LR scale, the layers
+with the largest norms, the weakest layers, and a root-cause hint.
 
-Trouble is judged from the per-layer norms (``gradguard/layer/<name>``) alone, so it works on any run:
+Events have one definition, the detectors' (the same that TensorBoard's pictures mark): GradGuard writes each event
+that names a layer as ``gradguard/trouble/<kind>/<layer>`` (kind ``exploding``, ``vanishing`` or ``nonfinite``) at the
+event's step, and the counts as ``gradguard/events/<kind>``. The **root-cause hint** is the first event: its step and,
+among the layers with an event at that step, the earliest in definition order. Runs written before the trouble tags
+existed fall back to the first logging step at which an event count rose (no layer is named then).
 
-* explode: a layer's norm exceeds :data:`EXPLODE_FACTOR` times its own median over the run;
-* vanish: a layer's norm falls below :data:`VANISH_RELATIVE` times the largest layer norm at that step, or below
-  :data:`VANISH_ABSOLUTE`;
-* non-finite: a layer's norm is NaN or infinite.
+The report's own measure is labelled as such: *weak* layers are those whose norm falls below :data:`WEAK_RELATIVE`
+times the largest layer norm at that step, or below :data:`WEAK_ABSOLUTE` (the "top weak layers" list). It is not an
+event and is not marked on the picture.
 
-"Earliest" means definition order, which is the order in which the layer tags were first written: GradGuard writes
-every layer of a logging step in definition order, and TensorBoard keeps tags in first-seen order. (A layer left out
-of the first logging steps, because it had no gradient yet, therefore sorts after the layers written before it.)
+"Definition order" is the order in which the layer tags were first written: GradGuard writes every layer of a logging
+step in definition order, and TensorBoard keeps tags in first-seen order. (A layer left out of the first logging
+steps, because it had no gradient yet, therefore sorts after the layers written before it.)
 
 Usage::
 
     gradguard report lightning_logs                  # one summary per run, plus a comparison table
-    gradguard report lightning_logs --json           # the same as one JSON object {"runs": {name: summary}}
+    gradguard report lightning_logs --json           # {"runs": {name: summary}, "skipped": {name: reason}}
     gradguard report lightning_logs --run version_3 --png flow.png   # gradient-flow picture of one run
 """
 
@@ -38,31 +41,36 @@ from typing import Any
 
 import numpy as np
 
+from lightning_gradguard.board import TROUBLE_KINDS
+
 __all__ = [
-    "EXPLODE_FACTOR",
-    "VANISH_ABSOLUTE",
-    "VANISH_RELATIVE",
+    "TROUBLE_KINDS",
+    "WEAK_ABSOLUTE",
+    "WEAK_RELATIVE",
     "ReportError",
     "RunData",
     "build_parser",
+    "event_masks",
     "find_runs",
+    "layer_events",
     "layer_matrix",
     "load_run",
     "main",
     "summarize_run",
-    "trouble_masks",
+    "weak_mask",
 ]
 
-#: A layer explodes when its norm exceeds this many times its own median over the run.
-EXPLODE_FACTOR = 10.0
-#: A layer vanishes when its norm falls below this fraction of the largest layer norm at the same step ...
-VANISH_RELATIVE = 1e-6
+#: The report's own measure (not an event): a layer is *weak* at a step when its norm is below this fraction of the
+#: largest layer norm at that step ...
+WEAK_RELATIVE = 1e-6
 #: ... or below this absolute value.
-VANISH_ABSOLUTE = 1e-10
+WEAK_ABSOLUTE = 1e-10
 TOP_K = 5
 
 _PREFIX = "gradguard/"
 _LAYER_PREFIX = "gradguard/layer/"
+_TROUBLE_PREFIX = "gradguard/trouble/"
+_NO_DATA = "no gradguard/ scalars (was GradGuard used with a TensorBoard logger?)"
 _EVENT_FILE = "events.out.tfevents."
 _OPT_RE = re.compile(r"^gradguard/(opt\d+)/")
 _PER_OPTIMIZER = re.compile(r"^gradguard/(?:(opt\d+)/)?(total_norm|total_norm_max|lr_scale|events/[^/]+)$")
@@ -157,23 +165,54 @@ def layer_matrix(run: RunData) -> tuple[list[str], np.ndarray, np.ndarray, np.nd
     return names, steps, norms, present
 
 
-def trouble_masks(norms: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(explode, vanish, nonfinite)`` ``[L, T]`` masks by the rules in the module docstring."""
+def layer_events(run: RunData) -> list[dict[str, Any]]:
+    """The detectors' per-layer events of a run (``gradguard/trouble/<kind>/<layer>``), sorted by step.
+
+    Each is ``{"step", "kind", "layer", "value"}``; ``value`` is the layer's norm when the event fired (``None`` for a
+    non-finite one).
+    """
+    events: list[dict[str, Any]] = []
+    for tag, (steps, values) in run.scalars.items():
+        if not tag.startswith(_TROUBLE_PREFIX):
+            continue
+        kind, _, layer = tag[len(_TROUBLE_PREFIX) :].partition("/")
+        if kind not in TROUBLE_KINDS or not layer:
+            continue
+        for step, value in zip(steps.tolist(), values.tolist(), strict=True):
+            events.append({"step": int(step), "kind": kind, "layer": layer, "value": _num(value)})
+    events.sort(key=lambda e: e["step"])
+    return events
+
+
+def event_masks(events: list[dict[str, Any]], names: list[str], steps: np.ndarray) -> dict[str, np.ndarray]:
+    """``{kind: [L, T] bool}``: the logged column each event of :func:`layer_events` falls in.
+
+    An event belongs to the first logged step at or after it (the logging step that closed its window), as in the
+    TensorBoard heatmap. Events of layers without per-layer scalars are left out.
+    """
+    masks = {kind: np.zeros((len(names), len(steps)), dtype=bool) for kind in TROUBLE_KINDS}
+    if not len(steps):
+        return masks
+    row = {name: i for i, name in enumerate(names)}
+    for event in events:
+        if event["layer"] in row:
+            col = min(int(np.searchsorted(steps, event["step"], side="left")), len(steps) - 1)
+            masks[event["kind"]][row[event["layer"]], col] = True
+    return masks
+
+
+def weak_mask(norms: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """``[L, T]``: where a layer was *weak* by the report's own rule (see :data:`WEAK_RELATIVE`); not an event."""
     finite = present & np.isfinite(norms)
-    nonfinite = present & ~np.isfinite(norms)
     if norms.size == 0:
-        return finite, finite.copy(), nonfinite
+        return finite
     clean = np.where(finite, norms, np.nan)
     with warnings.catch_warnings():
-        # All-NaN slices (a layer never written, a step without layers) are expected and simply match nothing.
+        # All-NaN slices (a step without layers) are expected and simply match nothing.
         warnings.simplefilter("ignore", RuntimeWarning)
-        median = np.nanmedian(clean, axis=1, keepdims=True)
         largest = np.nanmax(clean, axis=0, keepdims=True)
     with np.errstate(invalid="ignore"):
-        # A layer whose median is 0 (mostly without gradient) has no scale to explode against.
-        explode = finite & (median > 0) & (clean > EXPLODE_FACTOR * median)
-        vanish = finite & ((clean < VANISH_RELATIVE * largest) | (clean < VANISH_ABSOLUTE))
-    return explode, vanish, nonfinite
+        return finite & ((clean < WEAK_RELATIVE * largest) | (clean < WEAK_ABSOLUTE))
 
 
 def _num(value: float | None) -> float | None:
@@ -205,57 +244,63 @@ def _optimizer_summary(run: RunData, opt: str | None) -> dict[str, Any]:
             last = _last(run, tag)
             events[tag[len(base + "events/") :]] = int(last) if last is not None and math.isfinite(last) else 0
     summary["events"] = events
-    summary["lr_reductions"] = events.get("lr_reduced")
     lr_scale = run.scalars.get(base + "lr_scale", (None, np.zeros(0)))[1]
     lr_scale = lr_scale[np.isfinite(lr_scale)]
     summary["min_lr_scale"] = float(lr_scale.min()) if lr_scale.size else None
     return summary
 
 
-def _first_event(run: RunData, optimizers: list[str | None]) -> dict[str, Any] | None:
+_KIND_ORDER = {"nonfinite": 0, "exploding": 1, "vanishing": 2}  # one layer, several kinds at one step
+
+
+def _first(events: list[dict[str, Any]], order: dict[str, int]) -> dict[str, Any] | None:
+    """The first event and, among the layers with an event at its step, the earliest in definition order."""
+    if not events:
+        return None
+    step = events[0]["step"]
+    at_step = [e for e in events if e["step"] == step]
+    unknown = len(order)  # a layer without per-layer scalars sorts last
+    best = min(at_step, key=lambda e: (order.get(e["layer"], unknown), _KIND_ORDER[e["kind"]]))
+    return {
+        "step": step,
+        "kind": best["kind"],
+        "layer": best["layer"],
+        "value": best["value"],
+        "layers": len({e["layer"] for e in at_step}),
+    }
+
+
+def _first_from_counts(run: RunData, optimizers: list[str | None]) -> dict[str, Any] | None:
+    # Runs without trouble tags: the first logging step at which a count of a layer event kind rose.
     best: dict[str, Any] | None = None
     for opt in optimizers:
         base = f"{_PREFIX}{opt}/events/" if opt else f"{_PREFIX}events/"
-        for tag, (steps, values) in run.scalars.items():
-            if not tag.startswith(base):
-                continue
+        for kind in TROUBLE_KINDS:
+            steps, values = run.scalars.get(base + kind, (np.zeros(0, dtype=np.int64), np.zeros(0)))
             hit = np.flatnonzero(values > 0)
             if hit.size and (best is None or steps[hit[0]] < best["step"]):
-                best = {"step": int(steps[hit[0]]), "kind": tag[len(base) :], "optimizer": opt or "opt0"}
+                best = {"step": int(steps[hit[0]]), "kind": kind, "layer": None, "value": None, "layers": None}
     return best
-
-
-def _first_of(mask: np.ndarray, names: list[str], steps: np.ndarray, norms: np.ndarray) -> dict[str, Any] | None:
-    cols = np.flatnonzero(mask.any(axis=0))
-    if not cols.size:
-        return None
-    col = cols[0]
-    row = int(np.flatnonzero(mask[:, col])[0])
-    return {
-        "step": int(steps[col]),
-        "layer": names[row],
-        "value": _num(float(norms[row, col])),
-        "layers_in_trouble": int(mask[:, col].sum()),
-    }
 
 
 def summarize_run(run: RunData) -> dict[str, Any]:
     """The report of one run as plain JSON-ready data (non-finite numbers become ``None``)."""
-    all_steps = np.unique(np.concatenate([steps for steps, _ in run.scalars.values()])) if run.scalars else []
-    prefixes = sorted({m.group(1) for tag in run.scalars if (m := _PER_OPTIMIZER.match(tag)) and m.group(1)},
-                      key=_natural_key)
+    logged = [steps for tag, (steps, _) in run.scalars.items() if not tag.startswith(_TROUBLE_PREFIX)]
+    all_steps = np.unique(np.concatenate(logged)) if logged else np.zeros(0, dtype=np.int64)
+    prefixes = sorted(
+        {m.group(1) for tag in run.scalars if (m := _PER_OPTIMIZER.match(tag)) and m.group(1)}, key=_natural_key
+    )
     optimizers: list[str | None] = list(prefixes) if prefixes else [None]
 
     names, steps, norms, present = layer_matrix(run)
-    explode, vanish, nonfinite = trouble_masks(norms, present)
-    trouble = explode | vanish | nonfinite
-    first_trouble = _first_of(trouble, names, steps, norms)
-    if first_trouble is not None:
-        col = int(np.searchsorted(steps, first_trouble["step"]))
-        row = names.index(first_trouble["layer"])
-        first_trouble["kind"] = (
-            "nonfinite" if nonfinite[row, col] else "explode" if explode[row, col] else "vanish"
-        )
+    order = {name: i for i, name in enumerate(names)}
+    events = layer_events(run)
+    first_by_kind = {
+        kind: _first([e for e in events if e["kind"] == kind], order)
+        for kind in TROUBLE_KINDS
+        if any(e["kind"] == kind for e in events)
+    }
+    first_event = _first(events, order) if events else _first_from_counts(run, optimizers)
 
     finite = present & np.isfinite(norms)
     top_max: list[dict[str, Any]] = []
@@ -265,10 +310,10 @@ def summarize_run(run: RunData) -> dict[str, Any]:
         peak = masked[np.arange(len(names)), peak_col]
         for row in sorted(np.flatnonzero(np.isfinite(peak)).tolist(), key=lambda r: (-peak[r], r))[:TOP_K]:
             top_max.append({"layer": names[row], "max_norm": float(peak[row]), "step": int(steps[peak_col[row]])})
-    vanish_steps = vanish.sum(axis=1) if names else np.zeros(0, dtype=int)
-    top_vanish = [
-        {"layer": names[row], "steps": int(vanish_steps[row])}
-        for row in sorted(np.flatnonzero(vanish_steps > 0).tolist(), key=lambda r: (-vanish_steps[r], r))[:TOP_K]
+    weak_steps = weak_mask(norms, present).sum(axis=1) if names else np.zeros(0, dtype=int)
+    top_weak = [
+        {"layer": names[row], "steps": int(weak_steps[row])}
+        for row in sorted(np.flatnonzero(weak_steps > 0).tolist(), key=lambda r: (-weak_steps[r], r))[:TOP_K]
     ]
 
     return {
@@ -280,12 +325,10 @@ def summarize_run(run: RunData) -> dict[str, Any]:
         },
         "num_layers": len(names),
         "optimizers": {opt or "opt0": _optimizer_summary(run, opt) for opt in optimizers},
-        "first_event": _first_event(run, optimizers),
-        "first_trouble": first_trouble,
-        "first_explode": _first_of(explode | nonfinite, names, steps, norms),
-        "first_vanish": _first_of(vanish, names, steps, norms),
+        "first_event": first_event,
+        "first_by_kind": first_by_kind,
         "top_max_norm": top_max,
-        "top_vanishing": top_vanish,
+        "top_weak": top_weak,
     }
 
 
@@ -317,7 +360,11 @@ def format_table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = N
 
 
 def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
-    """The scalar metrics of a summary as ``(label, text)`` rows, shared by the per-run and comparison tables."""
+    """The scalar metrics of a summary as ``(label, text)`` rows, shared by the per-run and comparison tables.
+
+    Each figure appears once: the ``lr_reduced`` count is the "lr reductions" row, and the first event (the
+    root-cause hint) is the detectors' first event.
+    """
     rows = [
         ("first step", _fmt(summary["steps"]["first"])),
         ("last step", _fmt(summary["steps"]["last"])),
@@ -330,24 +377,17 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         for q in ("p50", "p90", "p99", "max"):
             rows.append((f"{prefix}total norm {q}", _fmt(data["total_norm"][q])))
         for kind, count in data["events"].items():
-            rows.append((f"{prefix}events {kind}", _fmt(count)))
-        rows.append((f"{prefix}lr reductions", _fmt(data["lr_reductions"])))
+            label = "lr reductions" if kind == "lr_reduced" else f"events {kind}"
+            rows.append((f"{prefix}{label}", _fmt(count)))
         rows.append((f"{prefix}min lr scale", _fmt(data["min_lr_scale"])))
     event = summary["first_event"]
     rows.append(("first event step", _fmt(event and event["step"])))
-    rows.append(("first event kind", _fmt(event and event["kind"])))
-    trouble = summary["first_trouble"]
-    rows.append(("first trouble step", _fmt(trouble and trouble["step"])))
-    rows.append(("first trouble layer", _fmt(trouble and trouble["layer"])))
-    if trouble is not None:
-        many = trouble["layers_in_trouble"]
-        rows.append(("first trouble kind", trouble["kind"] + (f" ({many} layers in trouble)" if many > 1 else "")))
+    if event is not None:
+        many = event["layers"]
+        rows.append(("first event kind", event["kind"] + (f" ({many} layers)" if many and many > 1 else "")))
     else:
-        rows.append(("first trouble kind", "-"))
-    for what in ("explode", "vanish"):
-        hit = summary[f"first_{what}"]
-        rows.append((f"first {what} step", _fmt(hit and hit["step"])))
-        rows.append((f"first {what} layer", _fmt(hit and hit["layer"])))
+        rows.append(("first event kind", "-"))
+    rows.append(("first event layer", _fmt(event and event["layer"])))
     top = summary["top_max_norm"]
     rows.append(("largest norm layer", top[0]["layer"] if top else "-"))
     return rows
@@ -358,14 +398,25 @@ def format_summary(name: str, summary: dict[str, Any]) -> str:
     parts = [f"run {name}  ({summary['path']})", format_table(metric_rows(summary), indent="  ")]
     if summary["top_max_norm"]:
         parts.append(f"  top {TOP_K} layers by max norm")
-        rows = [[str(i + 1), t["layer"], _fmt(t["max_norm"]), str(t["step"])] for i, t in
-                enumerate(summary["top_max_norm"])]
+        rows = [
+            [str(i + 1), t["layer"], _fmt(t["max_norm"]), str(t["step"])] for i, t in enumerate(summary["top_max_norm"])
+        ]
         parts.append(format_table(rows, ["#", "layer", "max norm", "at step"], indent="    "))
-    if summary["top_vanishing"]:
-        parts.append(f"  top {TOP_K} layers by logged steps vanishing")
-        rows = [[str(i + 1), t["layer"], str(t["steps"])] for i, t in enumerate(summary["top_vanishing"])]
+    if summary["top_weak"]:
+        parts.append(
+            f"  top {TOP_K} weak layers: logged steps below {WEAK_RELATIVE:g} x the largest layer or {WEAK_ABSOLUTE:g}"
+            " (the report's measure, not the detector's)"
+        )
+        rows = [[str(i + 1), t["layer"], str(t["steps"])] for i, t in enumerate(summary["top_weak"])]
         parts.append(format_table(rows, ["#", "layer", "steps"], indent="    "))
     return "\n".join(parts)
+
+
+def format_skipped(skipped: dict[str, str]) -> str:
+    """The notice of the runs left out, one line each with the reason."""
+    lines = [f"skipped {len(skipped)} run{'s' if len(skipped) > 1 else ''} without GradGuard data:"]
+    lines += [f"  {name}: {reason}" for name, reason in skipped.items()]
+    return "\n".join(lines)
 
 
 def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
@@ -393,26 +444,30 @@ def _json_ready(value: Any) -> Any:
 # picture
 # --------------------------------------------------------------------------------------------------------------------
 def render_run_png(run: RunData, path: str) -> None:
-    """Write the gradient-flow heatmap of a run, with the bar chart of its last logged step below, to a PNG file."""
-    from lightning_gradguard.tensorboard import render_bars, render_heatmap
+    """Write the gradient-flow heatmap of a run, with the bar chart of its last logged step below, to a PNG file.
+
+    Exploding (red) and vanishing (blue) marks are the detectors' events, as on TensorBoard's picture.
+    """
+    from lightning_gradguard.render import flow_figure
 
     names, steps, norms, present = layer_matrix(run)
     if not names:
         raise ReportError(f"run {run.name!r} has no per-layer scalars ({_LAYER_PREFIX}<name>) to draw")
-    explode, vanish, _ = trouble_masks(norms, present)
+    masks = event_masks(layer_events(run), names, steps)
     # The renderers read a negative norm as "no gradient at this step".
     drawn = np.where(present, norms, -1.0)
-    heatmap = render_heatmap(drawn, names, steps.tolist(), explode, vanish,
-                             title=f"gradient flow: log10 ||grad|| per layer ({run.name})")
     last = int(np.flatnonzero(present.any(axis=0))[-1])
-    bars = render_bars(drawn[:, last], names, exploding=explode[:, last], vanishing=vanish[:, last],
-                       title=f"gradient flow at step {int(steps[last])} ({run.name})")
-    width = max(heatmap.shape[1], bars.shape[1])
-    pad = lambda img: np.pad(img, ((0, 0), (0, width - img.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
-    from matplotlib.image import imsave
-
+    figure = flow_figure(
+        drawn,
+        names,
+        steps.tolist(),
+        masks["exploding"],
+        masks["vanishing"],
+        column=last,
+        title=f"gradient flow: log10 ||grad|| per layer ({run.name})",
+    )
     try:
-        imsave(path, np.concatenate([pad(heatmap), pad(bars)], axis=0), format="png")
+        figure.savefig(path, format="png", bbox_inches="tight", pad_inches=0.1)
     except OSError as err:
         raise ReportError(f"cannot write {path!r}: {err.strerror or err}") from err
 
@@ -431,9 +486,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("logdir", metavar="LOGDIR", help="a TensorBoard log directory (searched recursively)")
     report.add_argument("--png", metavar="FILE", help="write the gradient-flow heatmap of the first (or --run) run")
-    report.add_argument("--json", action="store_true", help='print {"runs": {name: summary}} as JSON')
+    report.add_argument(
+        "--json", action="store_true", help='print {"runs": {name: summary}, "skipped": {name: reason}} as JSON'
+    )
     report.add_argument("--run", metavar="NAME", help="report only this run (its path relative to LOGDIR)")
     return parser
+
+
+def _load_runs(candidates: list[tuple[str, str]]) -> tuple[list[RunData], dict[str, str]]:
+    """The runs with GradGuard data, and ``{name: reason}`` for the others."""
+    runs: list[RunData] = []
+    skipped: dict[str, str] = {}
+    for name, path in candidates:
+        try:
+            run = load_run(name, path)
+        except Exception as err:  # a damaged file must not hide the other runs; it is named with the reason
+            skipped[name] = f"event files could not be read ({type(err).__name__}: {err})"
+            continue
+        if run.scalars:
+            runs.append(run)
+        else:
+            skipped[name] = _NO_DATA
+    return runs, skipped
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -443,21 +517,21 @@ def _report(args: argparse.Namespace) -> int:
         if not chosen:
             raise ReportError(f"no run named {args.run!r}; runs: {', '.join(name for name, _ in candidates)}")
         candidates = chosen
-    runs = [run for run in (load_run(name, path) for name, path in candidates) if run.scalars]
+    runs, skipped = _load_runs(candidates)
     if not runs:
-        raise ReportError(
-            f"event files under {args.logdir!r} hold no {_PREFIX} scalars "
-            "(was GradGuard used with a TensorBoard logger?)"
-        )
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
+        raise ReportError(f"event files under {args.logdir!r} hold no GradGuard data ({reasons})")
     summaries = {run.name: summarize_run(run) for run in runs}
     if args.png:
         render_run_png(runs[0], args.png)
     if args.json:
-        print(json.dumps({"runs": _json_ready(summaries)}, indent=2, allow_nan=False))
+        print(json.dumps({"runs": _json_ready(summaries), "skipped": skipped}, indent=2, allow_nan=False))
     else:
         blocks = [format_summary(name, summary) for name, summary in summaries.items()]
         if len(summaries) > 1:
             blocks.append("comparison\n" + format_comparison(summaries))
+        if skipped:
+            blocks.append(format_skipped(skipped))
         if args.png:
             blocks.append(f"gradient flow of run {runs[0].name} written to {args.png}")
         print("\n\n".join(blocks))

@@ -9,15 +9,26 @@ import pytest
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_gradguard.cli import EXPLODE_FACTOR, VANISH_RELATIVE, main
+from lightning_gradguard.cli import WEAK_RELATIVE, event_masks, layer_events, layer_matrix, load_run, main
 from lightning_gradguard.tensorboard import GradGuardBoard
 
 LAYERS = [
-    "embed", "enc.0.attn", "enc.0.mlp", "enc.1.attn", "enc.1.mlp", "enc.2.attn",
-    "enc.2.mlp", "enc.3.attn", "enc.3.mlp", "norm", "head.0", "head.1",
+    "embed",
+    "enc.0.attn",
+    "enc.0.mlp",
+    "enc.1.attn",
+    "enc.1.mlp",
+    "enc.2.attn",
+    "enc.2.mlp",
+    "enc.3.attn",
+    "enc.3.mlp",
+    "norm",
+    "head.0",
+    "head.1",
 ]
 STEPS = np.arange(0, 400, 10)  # 40 logging steps
-SPIKE_STEP = 250
+SPIKE_STEP = 250  # the logging step whose window holds the explosion ...
+EVENT_STEP = 247  # ... which the detector flagged at this exact step
 SPIKE_LAYERS = (7, 5)  # both spike together: the root cause is the earlier one in definition order, 5
 VANISH_FROM, VANISH_LAYER = 300, 2  # earlier in definition order, but later in time
 
@@ -28,42 +39,77 @@ def _f32(x) -> np.ndarray:
 
 
 def write_run(logdir, seed: int = 0, trouble: bool = True) -> dict:
-    """A synthetic 12-layer run written through GradGuardBoard; returns the raw values written."""
+    """A synthetic 12-layer run written through GradGuardBoard, events included; returns the raw values written."""
     rng = np.random.default_rng(seed)
     base = 10 ** rng.uniform(-2, 0, size=len(LAYERS))
     norms = base[:, None] * np.exp(0.05 * rng.standard_normal((len(LAYERS), len(STEPS))))
+    exploding_flags = np.zeros(norms.shape, dtype=bool)
+    vanishing_flags = np.zeros(norms.shape, dtype=bool)
+    spike, vanish = int(np.searchsorted(STEPS, SPIKE_STEP)), int(np.searchsorted(STEPS, VANISH_FROM))
     if trouble:
-        spike = int(np.searchsorted(STEPS, SPIKE_STEP))
         for layer in SPIKE_LAYERS:
             norms[layer, spike] *= 1000.0
-        norms[VANISH_LAYER, np.searchsorted(STEPS, VANISH_FROM) :] = 1e-12
+            exploding_flags[layer, spike] = True
+        norms[VANISH_LAYER, vanish:] = 1e-12
+        vanishing_flags[VANISH_LAYER, vanish] = True  # an onset: one event
     total = np.sqrt((norms**2).sum(axis=0))
     total_max = total * np.where(np.arange(len(STEPS)) % 2 == 1, 1.2, 1.0)
     exploding = np.cumsum(trouble & (STEPS == SPIKE_STEP))
-    vanishing = np.cumsum(trouble & (STEPS >= VANISH_FROM))
+    vanishing = np.cumsum(trouble & (STEPS == VANISH_FROM))
     lr_scale = np.where(trouble & (STEPS >= SPIKE_STEP) & (STEPS < 350), 0.5, 1.0)
 
     writer = SummaryWriter(str(logdir))
     board = GradGuardBoard(writer, {0: LAYERS}, ["AdamW"], image_every_n_steps=None)
     board.write_layout()
     for col, step in enumerate(STEPS.tolist()):
-        board.write_scalars(step, {
-            "total_norm": total[col], "total_norm_max": total_max[col], "clip_threshold": 5.0,
-            "lr_scale": lr_scale[col], "events/exploding": exploding[col], "events/vanishing": vanishing[col],
-            "events/nonfinite": 0.0, "events/lr_reduced": exploding[col],
-        })
-        board.write_layer_norms(step, 0, norms[:, col], np.zeros(len(LAYERS), bool), np.zeros(len(LAYERS), bool))
+        board.write_scalars(
+            step,
+            {
+                "total_norm": total[col],
+                "total_norm_max": total_max[col],
+                "clip_threshold": 5.0,
+                "lr_scale": lr_scale[col],
+                "events/exploding": exploding[col],
+                "events/vanishing": vanishing[col],
+                "events/nonfinite": 0.0,
+                "events/lr_reduced": exploding[col],
+            },
+        )
+        board.write_layer_norms(step, 0, norms[:, col], exploding_flags[:, col], vanishing_flags[:, col])
+        # The rows the callback hands over: one per flagged layer and kind, stamped with the event's own step.
+        rows = [
+            {
+                "step": EVENT_STEP if kind == "exploding" else step,
+                "kind": kind,
+                "layer": LAYERS[i],
+                "value": float(norms[i, col]),
+                "action": "clip",
+            }
+            for kind, flags in (("exploding", exploding_flags), ("vanishing", vanishing_flags))
+            for i in np.flatnonzero(flags[:, col])
+        ]
+        board.write_events(step, rows)
     writer.add_scalar("train/loss", 1.0, 0)  # foreign tags are ignored
     writer.close()
-    return {"norms": norms, "total": total, "total_max": total_max, "lr_scale": lr_scale,
-            "exploding": exploding, "vanishing": vanishing}
+    return {
+        "norms": norms,
+        "total": total,
+        "total_max": total_max,
+        "lr_scale": lr_scale,
+        "exploding": exploding,
+        "vanishing": vanishing,
+        "exploding_flags": exploding_flags,
+        "vanishing_flags": vanishing_flags,
+    }
 
 
 @pytest.fixture(scope="module")
 def logdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("logs")
-    raw = {"version_0": write_run(root / "version_0", seed=0), "version_1": write_run(root / "version_1", seed=1,
-                                                                                      trouble=False)}
+    raw = {
+        "version_0": write_run(root / "version_0", seed=0),
+        "version_1": write_run(root / "version_1", seed=1, trouble=False),
+    }
     return root, raw
 
 
@@ -75,9 +121,10 @@ def _json(capsys, argv) -> dict:
 def test_json_numbers_match_raw_scalars(logdir, capsys):
     root, raw = logdir
     report = _json(capsys, ["report", str(root), "--json"])
-    assert list(report["runs"]) == ["version_0", "version_1"]
+    assert list(report["runs"]) == ["version_0", "version_1"] and report["skipped"] == {}
     summary, data = report["runs"]["version_0"], raw["version_0"]
 
+    # The trouble tags are stamped with event steps (247): they are not logged steps.
     assert summary["steps"] == {"first": 0, "last": int(STEPS[-1]), "logged": len(STEPS)}
     assert summary["num_layers"] == len(LAYERS)
     opt = summary["optimizers"]["opt0"]
@@ -85,10 +132,14 @@ def test_json_numbers_match_raw_scalars(logdir, capsys):
     for q in (50, 90, 99):
         assert opt["total_norm"][f"p{q}"] == pytest.approx(np.percentile(total, q), rel=1e-9)
     assert opt["total_norm"]["max"] == pytest.approx(max(total.max(), _f32(data["total_max"]).max()), rel=1e-9)
-    assert opt["events"] == {"exploding": int(data["exploding"][-1]), "vanishing": int(data["vanishing"][-1]),
-                             "nonfinite": 0, "lr_reduced": 1}
-    assert opt["lr_reductions"] == 1 and opt["min_lr_scale"] == 0.5
-    assert summary["first_event"] == {"step": SPIKE_STEP, "kind": "exploding", "optimizer": "opt0"}
+    assert opt["events"] == {
+        "exploding": int(data["exploding"][-1]),
+        "vanishing": int(data["vanishing"][-1]),
+        "nonfinite": 0,
+        "lr_reduced": 1,
+    }
+    assert "lr_reductions" not in opt  # one figure, one place: events["lr_reduced"]
+    assert opt["min_lr_scale"] == 0.5
 
     norms = _f32(data["norms"])
     peak = norms.max(axis=1)
@@ -96,45 +147,81 @@ def test_json_numbers_match_raw_scalars(logdir, capsys):
     assert [t["layer"] for t in summary["top_max_norm"]] == [LAYERS[i] for i in order]
     assert [t["max_norm"] for t in summary["top_max_norm"]] == pytest.approx(peak[order].tolist(), rel=1e-9)
     assert summary["top_max_norm"][0]["step"] == SPIKE_STEP
-    vanish_steps = int((STEPS >= VANISH_FROM).sum())
-    assert summary["top_vanishing"] == [{"layer": LAYERS[VANISH_LAYER], "steps": vanish_steps}]
+    weak_steps = int((STEPS >= VANISH_FROM).sum())
+    assert summary["top_weak"] == [{"layer": LAYERS[VANISH_LAYER], "steps": weak_steps}]
 
 
-def test_root_cause_is_first_step_then_definition_order(logdir, capsys):
+def test_root_cause_is_the_detectors_first_event_then_definition_order(logdir, capsys):
     root, raw = logdir
     summary = _json(capsys, ["report", str(root), "--json", "--run", "version_0"])["runs"]["version_0"]
-    trouble = summary["first_trouble"]
-    assert trouble["step"] == SPIKE_STEP
-    assert trouble["layer"] == LAYERS[min(SPIKE_LAYERS)]
-    assert trouble["kind"] == "explode" and trouble["layers_in_trouble"] == len(SPIKE_LAYERS)
     spike_col = int(np.searchsorted(STEPS, SPIKE_STEP))
-    assert trouble["value"] == pytest.approx(_f32(raw["version_0"]["norms"])[min(SPIKE_LAYERS), spike_col])
-    assert summary["first_explode"]["layer"] == LAYERS[min(SPIKE_LAYERS)]
-    assert summary["first_vanish"]["step"] == VANISH_FROM
-    assert summary["first_vanish"]["layer"] == LAYERS[VANISH_LAYER]
-    # The healthy run has no trouble at all under the same rules.
+    norms = _f32(raw["version_0"]["norms"])
+    first = summary["first_event"]
+    assert first == {
+        "step": EVENT_STEP,
+        "kind": "exploding",
+        "layer": LAYERS[min(SPIKE_LAYERS)],
+        "value": pytest.approx(norms[min(SPIKE_LAYERS), spike_col]),
+        "layers": len(SPIKE_LAYERS),
+    }
+    assert summary["first_by_kind"]["exploding"]["step"] == EVENT_STEP
+    assert summary["first_by_kind"]["vanishing"] == {
+        "step": VANISH_FROM,
+        "kind": "vanishing",
+        "layer": LAYERS[VANISH_LAYER],
+        "value": pytest.approx(1e-12),
+        "layers": 1,
+    }
+    # The healthy run has no event at all.
     healthy = _json(capsys, ["report", str(root), "--json", "--run", "version_1"])["runs"]["version_1"]
-    assert healthy["first_trouble"] is None and healthy["top_vanishing"] == []
+    assert healthy["first_event"] is None and healthy["first_by_kind"] == {} and healthy["top_weak"] == []
     assert healthy["optimizers"]["opt0"]["events"]["exploding"] == 0
 
 
-def test_trouble_rules_own_median_and_relative_floor(tmp_path, capsys):
-    # "big" is large all along: not exploding. "small" jumps above 10x its own median while staying far below "big":
-    # exploding. "tiny" drops below 1e-6 x the largest layer while staying above the 1e-10 absolute floor: vanishing.
+def test_report_marks_the_same_cells_as_the_tensorboard_heatmap(logdir):
+    # One definition of an event: the flags the board marks on its heatmap are the cells the report marks.
+    root, raw = logdir
+    run = load_run("version_0", str(root / "version_0"))
+    names, steps, _, _ = layer_matrix(run)
+    masks = event_masks(layer_events(run), names, steps)
+    np.testing.assert_array_equal(masks["exploding"], raw["version_0"]["exploding_flags"])
+    np.testing.assert_array_equal(masks["vanishing"], raw["version_0"]["vanishing_flags"])
+    assert not masks["nonfinite"].any()
+
+
+def test_the_reports_own_rule_is_not_an_event(tmp_path, capsys):
+    # "small" jumps 20x above its own median, "tiny" drops below 1e-6 x the largest layer: neither is an event unless
+    # a detector said so. Only "big" has one (the detector's), at step 40, where its norm is ordinary.
     steps = list(range(0, 100, 10))
-    writer = SummaryWriter(str(tmp_path))
+    writer = SummaryWriter(str(tmp_path / "run"))
     board = GradGuardBoard(writer, {0: ["big", "small", "tiny"]}, ["SGD"], image_every_n_steps=None)
     for step in steps:
-        small = 1e-3 * (EXPLODE_FACTOR * 2 if step == 60 else 1.0)
-        tiny = 100.0 * VANISH_RELATIVE * (0.5 if step >= 80 else 2.0)
-        board.write_layer_norms(step, 0, np.array([100.0, small, tiny]), np.zeros(3, bool), np.zeros(3, bool))
-        board.write_scalars(step, {"total_norm": 100.0})
+        small = 1e-3 * (20.0 if step == 60 else 1.0)
+        tiny = 100.0 * WEAK_RELATIVE * (0.5 if step >= 80 else 2.0)
+        board.write_layer_norms(
+            step, 0, np.array([100.0, small, tiny]), np.array([step == 40, False, False]), np.zeros(3, bool)
+        )
+        board.write_scalars(step, {"total_norm": 100.0, "events/exploding": float(step >= 40)})
+        if step == 40:
+            board.write_events(step, [{"step": 38, "kind": "exploding", "layer": "big", "value": 100.0}])
     writer.close()
-    summary = _json(capsys, ["report", str(tmp_path), "--json"])["runs"][tmp_path.name]
-    assert summary["first_trouble"]["step"] == 60 and summary["first_trouble"]["layer"] == "small"
-    assert summary["first_explode"]["layer"] == "small"
-    assert summary["first_vanish"]["step"] == 80 and summary["first_vanish"]["layer"] == "tiny"
-    assert summary["top_vanishing"] == [{"layer": "tiny", "steps": 2}]
+    summary = _json(capsys, ["report", str(tmp_path), "--json"])["runs"]["run"]
+    assert summary["first_event"] == {"step": 38, "kind": "exploding", "layer": "big", "value": 100.0, "layers": 1}
+    assert list(summary["first_by_kind"]) == ["exploding"]
+    assert summary["top_weak"] == [{"layer": "tiny", "steps": 2}]  # the report's measure, labelled as such
+    assert main(["report", str(tmp_path)]) == 0
+    assert "weak layers" in capsys.readouterr().out
+
+
+def test_runs_without_trouble_tags_fall_back_to_the_counts(tmp_path, capsys):
+    writer = SummaryWriter(str(tmp_path / "old"))
+    for step, count in ((10, 0.0), (20, 0.0), (30, 2.0)):
+        writer.add_scalar("gradguard/total_norm", 1.0, step)
+        writer.add_scalar("gradguard/events/vanishing", count, step)
+        writer.add_scalar("gradguard/events/clipped", 5.0, step)  # routine: not a layer event
+    writer.close()
+    summary = _json(capsys, ["report", str(tmp_path), "--json"])["runs"]["old"]
+    assert summary["first_event"] == {"step": 30, "kind": "vanishing", "layer": None, "value": None, "layers": None}
 
 
 def test_text_report_and_comparison(logdir, capsys):
@@ -143,10 +230,15 @@ def test_text_report_and_comparison(logdir, capsys):
     out = capsys.readouterr().out
     assert "run version_0" in out and "run version_1" in out
     per_run = out[: out.index("run version_1")].splitlines()
-    assert any(line.split() == ["first", "trouble", "layer", LAYERS[min(SPIKE_LAYERS)]] for line in per_run)
-    assert any(line.split() == ["first", "trouble", "kind", "explode", "(2", "layers", "in", "trouble)"]
-               for line in per_run)
-    assert "top 5 layers by max norm" in out and "top 5 layers by logged steps vanishing" in out
+    assert any(line.split() == ["first", "event", "layer", LAYERS[min(SPIKE_LAYERS)]] for line in per_run)
+    assert any(line.split() == ["first", "event", "kind", "exploding", "(2", "layers)"] for line in per_run)
+    assert any(line.split() == ["first", "event", "step", str(EVENT_STEP)] for line in per_run)
+    # One definition each, no repeats: no second "first explode" rule, the lr_reduced count appears once.
+    labels = [" ".join(line.split()[:3]) for line in per_run]
+    assert not any(label.startswith(("first explode", "first vanish", "first trouble")) for label in labels)
+    assert sum("lr reductions" in line for line in per_run) == 1
+    assert not any("events lr_reduced" in line for line in per_run)
+    assert "top 5 layers by max norm" in out and "top 5 weak layers" in out and "not the detector's" in out
 
     table = out[out.index("comparison") :].splitlines()[1:]
     assert table[0].split() == ["metric", "version_0", "version_1"]
@@ -161,21 +253,73 @@ def test_text_report_and_comparison(logdir, capsys):
     assert rows["total norm p50"] == p50
     assert rows["logged steps"] == [str(len(STEPS))] * 2
     assert rows["events exploding"] == ["1", "0"]
-    assert rows["first trouble step"] == [str(SPIKE_STEP), "-"]
-    assert rows["first vanish layer"] == [LAYERS[VANISH_LAYER], "-"]
+    assert rows["lr reductions"] == ["1", "0"]
+    assert rows["first event step"] == [str(EVENT_STEP), "-"]
+    assert rows["first event layer"] == [LAYERS[min(SPIKE_LAYERS)], "-"]
 
 
-def test_png_is_a_valid_image(logdir, tmp_path, capsys):
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def _red(img: np.ndarray) -> np.ndarray:
+    return (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)
+
+
+def test_png_is_one_tight_picture_with_the_detectors_marks(logdir, tmp_path, capsys):
     root, _ = logdir
     out = tmp_path / "flow.png"
     assert main(["report", str(root), "--run", "version_0", "--png", str(out)]) == 0
     assert "written to" in capsys.readouterr().out
-    data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    img = np.asarray(Image.open(out).convert("RGB"))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = _png(out)
     assert img.shape[0] > 300 and img.shape[1] >= 800 and img.std() > 10
-    # Exploding cells are marked in red.
-    assert ((img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] < 60)).sum() > 10
+    assert _red(img).sum() > 10  # the detector's exploding events, marked in red
+    # No large empty band between the heatmap and the bar chart (constrained layout, tight bounding box).
+    blank_rows = (img > 245).all(axis=(1, 2))
+    longest, run = 0, 0
+    for blank in blank_rows.tolist():
+        run = run + 1 if blank else 0
+        longest = max(longest, run)
+    assert longest < 40
+    # The bar chart's y label is inside the picture: ink within the first 20 columns of its lower half.
+    lower = img[img.shape[0] // 2 :]
+    assert (lower[:, :20] < 128).any()
+
+    # The same norms without the detector's events carry no red mark, however large the spike.
+    _write_without_events(tmp_path / "unflagged")
+    quiet = tmp_path / "quiet.png"
+    assert main(["report", str(tmp_path / "unflagged"), "--png", str(quiet)]) == 0
+    capsys.readouterr()
+    assert _red(_png(quiet)).sum() < _red(img).sum() // 4
+
+
+def _write_without_events(logdir) -> None:
+    # The norms of write_run(seed=0), the 1000x spike included, but no detector event.
+    rng = np.random.default_rng(0)
+    base = 10 ** rng.uniform(-2, 0, size=len(LAYERS))
+    norms = base[:, None] * np.exp(0.05 * rng.standard_normal((len(LAYERS), len(STEPS))))
+    norms[list(SPIKE_LAYERS), int(np.searchsorted(STEPS, SPIKE_STEP))] *= 1000.0
+    writer = SummaryWriter(str(logdir))
+    board = GradGuardBoard(writer, {0: LAYERS}, ["AdamW"], image_every_n_steps=None)
+    for col, step in enumerate(STEPS.tolist()):
+        board.write_scalars(step, {"total_norm": 1.0})
+        board.write_layer_norms(step, 0, norms[:, col], np.zeros(len(LAYERS), bool), np.zeros(len(LAYERS), bool))
+    writer.close()
+
+
+def test_skipped_runs_are_named_with_the_reason(logdir, tmp_path, capsys):
+    root, _ = logdir
+    write_run(tmp_path / "guarded", seed=0, trouble=False)
+    other = SummaryWriter(str(tmp_path / "plain"))
+    other.add_scalar("train/loss", 0.5, 1)
+    other.close()
+    report = _json(capsys, ["report", str(tmp_path), "--json"])
+    assert list(report["runs"]) == ["guarded"]
+    assert list(report["skipped"]) == ["plain"] and "no gradguard/ scalars" in report["skipped"]["plain"]
+    assert main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "skipped 1 run without GradGuard data:" in out and "  plain: no gradguard/ scalars" in out
 
 
 def test_single_run_directory_and_nested_runs(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,13 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             Regressor(net=_deep_sigmoid()), regression_data()
         )
     torch.manual_seed(0)
-    trainer(max_steps=30, max_epochs=-1, callbacks=[GradGuard()], logger=TensorBoardLogger(root, name="mlp"),
-            log_every_n_steps=5).fit(Regressor(), regression_data())
+    trainer(
+        max_steps=30,
+        max_epochs=-1,
+        callbacks=[GradGuard()],
+        logger=TensorBoardLogger(root, name="mlp"),
+        log_every_n_steps=5,
+    ).fit(Regressor(), regression_data())
     return root
 
 
@@ -70,10 +76,13 @@ def test_layout_images_histograms_and_text_are_written(run_dir: Path) -> None:
     assert picture.ndim == 3 and len(np.unique(picture.reshape(-1, picture.shape[-1]), axis=0)) > 20
 
 
-def test_report_numbers_match_the_raw_scalars(run_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_report_numbers_match_the_raw_scalars(
+    run_dir: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     png = tmp_path / "flow.png"
     assert gradguard(["report", str(run_dir), "--json", "--png", str(png), "--run", "sigmoid/version_0"]) == 0
-    report = json.loads(capsys.readouterr().out)["runs"]["sigmoid/version_0"]
+    output = json.loads(capsys.readouterr().out)
+    report = output["runs"]["sigmoid/version_0"]
     acc = _acc(run_dir / "sigmoid" / "version_0")
     totals = np.array([e.value for e in acc.Scalars("gradguard/total_norm")])
     maxes = np.array([e.value for e in acc.Scalars("gradguard/total_norm_max")])
@@ -82,8 +91,69 @@ def test_report_numbers_match_the_raw_scalars(run_dir: Path, capsys: pytest.Capt
     assert got["max"] == pytest.approx(float(max(totals.max(), maxes.max())), rel=1e-6)
     vanishing = acc.Scalars("gradguard/events/vanishing")[-1].value
     assert report["optimizers"]["opt0"]["events"]["vanishing"] == int(vanishing) > 0
-    assert report["first_trouble"]["layer"] == "net.0"  # the earliest layer is the root-cause hint
+    assert output["skipped"] == {}
+    # The root-cause hint is the detector's first event: the first row of the events table (earliest layer first).
+    rows = _event_rows(acc)
+    first_step = min(row["step"] for row in rows)
+    first_layers = [row["layer"] for row in rows if row["step"] == first_step]
+    assert report["first_event"]["step"] == first_step
+    assert report["first_event"]["layer"] == first_layers[0] == "net.0"
+    assert report["first_event"]["layers"] == len(set(first_layers))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _event_rows(acc: EventAccumulator) -> list[dict[str, Any]]:
+    table = acc.Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = []
+    for line in table.splitlines()[2:]:
+        step, kind, layer, value, _ = (cell.strip() for cell in line.strip("|").split("|"))
+        rows.append({"step": int(step), "kind": kind, "layer": layer, "value": float(value)})
+    return rows
+
+
+def test_events_reach_the_event_files_as_trouble_tags(run_dir: Path) -> None:
+    # Every layer event of the text table is a gradguard/trouble/<kind>/<layer> point at the same step, charted by
+    # a "layers in trouble" regex.
+    acc = _acc(run_dir / "sigmoid" / "version_0")
+    rows = _event_rows(acc)
+    assert rows and {row["kind"] for row in rows} == {"vanishing"}
+    points = sorted(
+        (e.step, tag.split("/")[2], tag.split("/", 3)[3], e.value)
+        for tag in acc.Tags()["scalars"]
+        if tag.startswith("gradguard/trouble/")
+        for e in acc.Scalars(tag)
+    )
+    assert [(s, k, layer) for s, k, layer, _ in points] == sorted((r["step"], r["kind"], r["layer"]) for r in rows)
+    assert [v for *_, v in points] == pytest.approx(
+        [r["value"] for r in sorted(rows, key=lambda r: (r["step"], r["kind"], r["layer"]))], rel=1e-3
+    )
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    regexes = [
+        tag
+        for category in layout.category
+        for chart in category.chart
+        if chart.title == "layers in trouble: vanishing"
+        for tag in chart.multiline.tag
+    ]
+    assert regexes and all(
+        any(re.match(r, f"gradguard/trouble/vanishing/{row['layer']}") for r in regexes) for row in rows
+    )
+
+
+def test_image_every_n_steps_none_draws_no_picture(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    trainer(
+        max_steps=10,
+        max_epochs=-1,
+        callbacks=[GradGuard(image_every_n_steps=None)],
+        logger=TensorBoardLogger(tmp_path, name="quiet"),
+        log_every_n_steps=5,
+    ).fit(Regressor(), regression_data())
+    acc = _acc(tmp_path / "quiet" / "version_0")
+    assert acc.Tags()["images"] == []  # not during training, not at the end
+    assert "gradguard/layer/net.0" in acc.Tags()["scalars"]
 
 
 def test_report_compares_several_runs(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,786 @@
+"""GradGuard's TensorBoard board: the custom-scalars layout, scalars, gradient-flow images, histograms and text.
+
+The callback calls :class:`GradGuardBoard` on logging steps only, with values already copied to the host, so nothing
+here touches the training hot path. The pictures are drawn by :mod:`lightning_gradguard.render` (shared with
+``gradguard report --png``).
+
+This module imports neither Lightning nor (at import time) torch or matplotlib, so the command line tool and the
+package import stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from lightning_gradguard._validation import check_bool, check_int
+from lightning_gradguard.render import ABSENT as _ABSENT
+from lightning_gradguard.render import group_layer_names, layer_blocks, render_bars, render_heatmap
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.tensorboard import SummaryWriter
+
+__all__ = ["EVENT_KINDS", "TROUBLE_KINDS", "GradGuardBoard", "sample_gradients"]
+
+#: Event counters written as ``gradguard/events/<kind>``.
+EVENT_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
+#: Event kinds that name a layer: each event is also written as ``gradguard/trouble/<kind>/<layer>``.
+TROUBLE_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite")
+
+_PREFIX = "gradguard/"
+# The "layers in trouble" charts: a regex over the trouble tags of these kinds each. Exploding and non-finite norms
+# are large (or NaN), vanishing ones tiny: on one linear axis the vanishing lines would sit flat on zero.
+_TROUBLE_CHARTS: dict[str, tuple[str, ...]] = {
+    "layers in trouble: exploding, non-finite": ("exploding", "nonfinite"),
+    "layers in trouble: vanishing": ("vanishing",),
+}
+_EMA_PARTS = ("mean", "lower", "upper")
+_EVENT_COLUMNS = ("step", "kind", "layer", "value", "action")
+_MAX_EVENT_ROWS = 200
+
+# ``add_custom_scalars`` may be called only once per writer; several boards can share one writer (e.g. a callback
+# re-created in the same process), so the guard lives with the writer, not with the board.
+_LAYOUT_WRITTEN: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# gradient sampling for histograms
+# --------------------------------------------------------------------------------------------------------------------
+# A multiplicative-hash stride: i * P mod n visits distinct, well scattered indices whenever gcd(P, n) == 1, so a
+# sample needs no random generator (drawing from the global one would change the training's random stream).
+_HASH_STRIDE = 2654435761
+
+
+def _coprime_stride(n: int) -> int:
+    stride = _HASH_STRIDE % n or 1
+    while math.gcd(stride, n) != 1:
+        stride += 1
+    return stride
+
+
+def sample_gradients(
+    named_grads: Sequence[tuple[str, torch.Tensor | None]],
+    blocks: Callable[[str], str],
+    max_per_block: int = 4096,
+) -> dict[str, torch.Tensor]:
+    """Sample gradient values per block on their device, for histograms.
+
+    Each block gets at most ``max_per_block`` values, shared among its tensors in proportion to their sizes (a
+    tensor smaller than its share is taken whole). Indices are a fixed, scattered stride (no random generator is
+    touched, no host-device synchronisation happens); the result stays on the device, cast to float32.
+
+    Args:
+        named_grads: ``(name, grad)`` pairs; ``None`` gradients are skipped. Pass local shards of distributed tensors.
+        blocks: maps a name to its block (e.g. ``lambda n: block_name(n, 1)``).
+        max_per_block: the most values kept per block.
+
+    Returns:
+        ``{block: 1-d float32 tensor}`` in first-seen block order.
+
+    Example:
+        >>> import torch
+        >>> grads = [("enc.0.weight", torch.randn(64, 64)), ("enc.0.bias", torch.randn(64)),
+        ...          ("head.weight", torch.ones(3))]
+        >>> samples = sample_gradients(grads, lambda n: n.split(".")[0], max_per_block=100)
+        >>> {block: tuple(t.shape) for block, t in samples.items()}
+        {'enc': (99,), 'head': (3,)}
+    """
+    import torch
+
+    if max_per_block < 1:
+        raise ValueError(f"`max_per_block` must be an integer >= 1, got {max_per_block!r}")
+    per_block: dict[str, list[torch.Tensor]] = {}
+    for name, grad in named_grads:
+        if grad is not None and grad.numel() > 0:
+            per_block.setdefault(blocks(name), []).append(grad)
+
+    out: dict[str, torch.Tensor] = {}
+    for block, grads in per_block.items():
+        total = sum(g.numel() for g in grads)
+        device = grads[0].device
+        largest = max(range(len(grads)), key=lambda i: grads[i].numel())
+        pieces = []
+        for i, grad in enumerate(grads):
+            n = grad.numel()
+            # Shapes are host metadata: sizing the sample costs no synchronisation.
+            k = n if total <= max_per_block else (max_per_block * n) // total
+            if k == 0 and i == largest:
+                k = 1
+            if k == 0:
+                continue
+            if k < n:
+                index = torch.arange(k, device=grad.device, dtype=torch.int64).mul_(_coprime_stride(n)).remainder_(n)
+                # take() indexes in row-major order without first copying a non-contiguous gradient.
+                flat = torch.take(grad.detach(), index)
+            else:
+                flat = grad.detach().reshape(-1)
+            pieces.append(flat.to(device=device, dtype=torch.float32, non_blocking=True))
+        out[block] = torch.cat(pieces)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# bounded per-layer history
+# --------------------------------------------------------------------------------------------------------------------
+def _merge_max(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # The larger norm survives so that a spike is never averaged away; a non-finite value (NaN) must survive too,
+    # which plain np.fmax would drop and np.maximum would spread from absent entries.
+    out = np.fmax(a, b)
+    out[np.isnan(a) | np.isnan(b)] = np.nan
+    return out
+
+
+class _LayerHistory:
+    """The last ``capacity`` heatmap columns of one optimizer's layers.
+
+    When full, neighbouring columns are merged pairwise (max of norms, OR of flags) and later steps are folded into
+    columns spanning twice as many logged steps, so the heatmap always covers the whole run at a bounded cost.
+    """
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.size = 0
+        self.stride = 1
+        self.steps = np.zeros(capacity, dtype=np.int64)
+        self.norms = np.zeros((num_layers, capacity), dtype=np.float32)
+        self.exploding = np.zeros((num_layers, capacity), dtype=bool)
+        self.vanishing = np.zeros((num_layers, capacity), dtype=bool)
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self.pending_count = 0
+        self.pending_step = 0
+        self.pending_norms = np.full(self.num_layers, _ABSENT, dtype=np.float32)
+        self.pending_exploding = np.zeros(self.num_layers, dtype=bool)
+        self.pending_vanishing = np.zeros(self.num_layers, dtype=bool)
+
+    def append(self, step: int, norms: np.ndarray, exploding: np.ndarray, vanishing: np.ndarray) -> None:
+        self.pending_norms = _merge_max(self.pending_norms, norms.astype(np.float32))
+        self.pending_exploding |= exploding
+        self.pending_vanishing |= vanishing
+        self.pending_step = step
+        self.pending_count += 1
+        if self.pending_count >= self.stride:
+            self._commit()
+
+    def _commit(self) -> None:
+        if self.size == self.capacity:
+            half = self.size // 2
+            odd = self.size % 2 == 1
+            a, b = slice(0, 2 * half, 2), slice(1, 2 * half, 2)
+            leftover = (
+                (self.norms[:, 2 * half].copy(), self.exploding[:, 2 * half].copy(), self.vanishing[:, 2 * half].copy())
+                if odd
+                else None
+            )
+            self.norms[:, :half] = _merge_max(self.norms[:, a], self.norms[:, b])
+            self.exploding[:, :half] = self.exploding[:, a] | self.exploding[:, b]
+            self.vanishing[:, :half] = self.vanishing[:, a] | self.vanishing[:, b]
+            self.steps[:half] = self.steps[b]
+            self.size = half
+            self.stride *= 2
+            if leftover is not None:
+                # The odd column left over is older than the pending one; together they span the new stride.
+                self.pending_norms = _merge_max(leftover[0], self.pending_norms)
+                self.pending_exploding |= leftover[1]
+                self.pending_vanishing |= leftover[2]
+                self.pending_count += self.stride // 2
+            if self.pending_count < self.stride:
+                return
+        self.steps[self.size] = self.pending_step
+        self.norms[:, self.size] = self.pending_norms
+        self.exploding[:, self.size] = self.pending_exploding
+        self.vanishing[:, self.size] = self.pending_vanishing
+        self.size += 1
+        self._reset_pending()
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(steps [T], norms [L, T], exploding [L, T], vanishing [L, T])``, a partly filled column included."""
+        n = self.size
+        steps, norms = self.steps[:n], self.norms[:, :n]
+        exploding, vanishing = self.exploding[:, :n], self.vanishing[:, :n]
+        if self.pending_count:
+            steps = np.append(steps, self.pending_step)
+            norms = np.concatenate([norms, self.pending_norms[:, None]], axis=1)
+            exploding = np.concatenate([exploding, self.pending_exploding[:, None]], axis=1)
+            vanishing = np.concatenate([vanishing, self.pending_vanishing[:, None]], axis=1)
+        return steps, norms, exploding, vanishing
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        n = self.size
+        return {
+            "size": n,
+            "stride": self.stride,
+            "steps": torch.from_numpy(self.steps[:n].copy()),
+            "norms": torch.from_numpy(self.norms[:, :n].copy()),
+            "exploding": torch.from_numpy(self.exploding[:, :n].copy()),
+            "vanishing": torch.from_numpy(self.vanishing[:, :n].copy()),
+            "pending_count": self.pending_count,
+            "pending_step": self.pending_step,
+            "pending_norms": torch.from_numpy(self.pending_norms.copy()),
+            "pending_exploding": torch.from_numpy(self.pending_exploding.copy()),
+            "pending_vanishing": torch.from_numpy(self.pending_vanishing.copy()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        norms = state["norms"].numpy()
+        if norms.shape[0] != self.num_layers:
+            raise ValueError(f"history has {norms.shape[0]} layers, expected {self.num_layers}")
+        self.size, self.stride = 0, int(state["stride"])
+        self._reset_pending()
+        steps = state["steps"].numpy()
+        # A smaller capacity than when saved keeps the newest columns.
+        keep = min(len(steps), self.capacity)
+        n0 = len(steps) - keep
+        self.size = keep
+        self.steps[:keep] = steps[n0:]
+        self.norms[:, :keep] = norms[:, n0:]
+        self.exploding[:, :keep] = state["exploding"].numpy()[:, n0:]
+        self.vanishing[:, :keep] = state["vanishing"].numpy()[:, n0:]
+        self.pending_count = int(state["pending_count"])
+        self.pending_step = int(state["pending_step"])
+        self.pending_norms = state["pending_norms"].numpy().astype(np.float32).copy()
+        self.pending_exploding = state["pending_exploding"].numpy().astype(bool).copy()
+        self.pending_vanishing = state["pending_vanishing"].numpy().astype(bool).copy()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the board
+# --------------------------------------------------------------------------------------------------------------------
+def _md_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_md_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out += _flatten(value, f"{prefix}{key}.")
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
+def _plain(value: Any) -> Any:
+    # Checkpoints load with weights_only=True: numpy scalars must become Python ones.
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+class GradGuardBoard:
+    """Writes GradGuard's TensorBoard dashboard: custom-scalar layout, scalars, gradient-flow images, histograms and
+    text.
+
+    It is called on logging steps only, with host values (numpy arrays and Python numbers). Tags follow
+    ``gradguard/...``; with several optimizers, per-optimizer tags get ``opt{i}/`` after ``gradguard/`` (see
+    :meth:`tag`) and image tags get a ``/opt{i}`` suffix, while layer, trouble, regularizer and saturation tags are
+    shared. Scalars go to the writer as one multi-value event per step, so thousands of per-layer norms stay cheap.
+
+    The custom-scalars layout stays browsable at any depth (at most ``max_charts`` charts): the run-level charts, two
+    *layers in trouble* charts over ``gradguard/trouble/<kind>/<layer>`` (written by :meth:`write_events` for each
+    layer the detectors flag, at the event's step, with the layer's norm then), and per-layer charts of at most 12
+    lines while those fit in the budget; beyond it, one chart per block of consecutive layers with the block's largest
+    and median norm (``gradguard/block/<block>/max``, ``/median``, written by :meth:`write_layer_norms`). The
+    gradient-flow heatmap is the per-layer view then.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter`` (any object with the same ``add_*`` methods works).
+        layer_names: for each optimizer index, its layer names in definition order.
+        optimizer_names: display names of the optimizers, one per index.
+        image_every_n_steps: draw the gradient-flow images when the step crosses a multiple of this (and once more at
+            :meth:`close_run`); ``None`` = no pictures at all.
+        histogram_every_n_steps: write gradient histograms when the step crosses a multiple of this; ``None`` = never.
+        max_heatmap_rows: the most heatmap rows (and bars); more layers are grouped into consecutive ranges.
+        history: the most heatmap columns kept per optimizer; older columns are merged pairwise beyond it.
+        regularizers: the names of the configured regularizers: their two charts are laid out only when there is at
+            least one; ``None`` (not told) lays them out.
+        saturation: whether saturation is measured: its chart is laid out only then.
+        max_charts: the most custom-scalar charts; the per-layer or per-block charts get what the others leave.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> writer = SummaryWriter(tempfile.mkdtemp())
+        >>> board = GradGuardBoard(writer, {0: ["encoder.0", "encoder.1", "head"]}, ["Adam"])
+        >>> board.write_layout()
+        >>> board.write_scalars(10, {"total_norm": 1.5, "gradguard/clip_coef": 1.0})
+        >>> board.write_layer_norms(10, 0, np.array([0.5, 0.2, 1.0]), np.zeros(3, bool), np.zeros(3, bool))
+        >>> board.should_write_images(500)
+        True
+        >>> board.close_run(10)
+        >>> writer.close()
+    """
+
+    def __init__(
+        self,
+        writer: SummaryWriter,
+        layer_names: dict[int, list[str]],
+        optimizer_names: list[str],
+        image_every_n_steps: int | None = 500,
+        histogram_every_n_steps: int | None = None,
+        max_heatmap_rows: int = 64,
+        history: int = 2000,
+        regularizers: Sequence[str] | None = None,
+        saturation: bool = True,
+        max_charts: int = 30,
+    ) -> None:
+        if writer is None or not hasattr(writer, "add_scalar"):
+            raise ValueError(f"`writer` must be a SummaryWriter-like object with `add_scalar`, got {writer!r}")
+        if not optimizer_names:
+            raise ValueError("`optimizer_names` must name at least one optimizer")
+        if not isinstance(layer_names, dict) or sorted(layer_names) != list(range(len(optimizer_names))):
+            raise ValueError(
+                f"`layer_names` must map every optimizer index 0..{len(optimizer_names) - 1} to its layer names, "
+                f"got keys {sorted(layer_names) if isinstance(layer_names, dict) else layer_names!r}"
+            )
+        for idx, names in layer_names.items():
+            if len(set(names)) != len(names):
+                raise ValueError(f"`layer_names[{idx}]` must not repeat a name")
+        for arg, value in (
+            ("image_every_n_steps", image_every_n_steps),
+            ("histogram_every_n_steps", histogram_every_n_steps),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"`{arg}` must be None or an integer >= 1, got {value!r}")
+        if not isinstance(max_heatmap_rows, int) or max_heatmap_rows < 2:
+            raise ValueError(f"`max_heatmap_rows` must be an integer >= 2, got {max_heatmap_rows!r}")
+        if not isinstance(history, int) or history < 2:
+            raise ValueError(f"`history` must be an integer >= 2, got {history!r}")
+        if regularizers is not None and (
+            isinstance(regularizers, str) or not all(isinstance(name, str) for name in regularizers)
+        ):
+            raise ValueError(f"`regularizers` must be None or a list of names, got {regularizers!r}")
+        check_bool("saturation", saturation)
+        check_int("max_charts", max_charts, low=1)
+
+        self.writer = writer
+        self.layer_names = {idx: list(names) for idx, names in layer_names.items()}
+        self.optimizer_names = list(optimizer_names)
+        self.image_every_n_steps = image_every_n_steps
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.max_heatmap_rows = max_heatmap_rows
+        self.history = history
+        self.regularizers = None if regularizers is None else list(regularizers)
+        self.saturation = saturation
+        self.max_charts = max_charts
+
+        self._layer_tags = {
+            idx: [f"{_PREFIX}layer/{name}" for name in names] for idx, names in self.layer_names.items()
+        }
+        self._histories = {idx: _LayerHistory(len(names), history) for idx, names in self.layer_names.items()}
+        self._latest: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._bands: dict[int, tuple[float | None, float | None, float | None]] = {}
+        # Optimizers whose layers are charted as block summaries: (block, max tag, median tag, layer indices) each.
+        self._blocks: dict[int, list[tuple[str, str, str, np.ndarray]]] = {}
+        budget = self._layer_chart_budget()
+        for idx, names in self.layer_names.items():
+            if len(group_layer_names(names)) > budget:
+                self._blocks[idx] = [
+                    (
+                        block,
+                        self.tag(f"block/{block}/max", idx),
+                        self.tag(f"block/{block}/median", idx),
+                        np.asarray(members, dtype=np.int64),
+                    )
+                    for block, members in layer_blocks(names, budget)
+                ]
+        self._events: list[dict[str, Any]] = []
+        self._last_image_step: int | None = None
+        self._last_histogram_step: int | None = None
+        self._layout_written = False
+        self._config_written = False
+
+    # ---------------------------------------------------------------------------------------------------- naming
+    @property
+    def multi_optimizer(self) -> bool:
+        """Whether per-optimizer tags carry an ``opt{i}`` component."""
+        return len(self.optimizer_names) > 1
+
+    def tag(self, name: str, opt_idx: int = 0) -> str:
+        """The full tag of a per-optimizer scalar, e.g. ``tag("total_norm", 1) -> "gradguard/opt1/total_norm"``.
+
+        With a single optimizer no ``opt{i}`` component is inserted.
+        """
+        return f"{_PREFIX}opt{opt_idx}/{name}" if self.multi_optimizer else f"{_PREFIX}{name}"
+
+    def _image_tag(self, name: str, opt_idx: int) -> str:
+        return f"{_PREFIX}{name}/opt{opt_idx}" if self.multi_optimizer else f"{_PREFIX}{name}"
+
+    def _opt_label(self, opt_idx: int) -> str:
+        return f"opt{opt_idx}: {self.optimizer_names[opt_idx]}"
+
+    # ---------------------------------------------------------------------------------------------------- layout
+    def _main_charts(self) -> int:
+        charts = 6 * len(self.optimizer_names)
+        charts += 0 if self.regularizers is not None and not self.regularizers else 2
+        return charts + int(self.saturation)
+
+    def _layer_chart_budget(self) -> int:
+        # What the run-level charts and the two "layers in trouble" charts leave, shared by the optimizers.
+        spare = self.max_charts - self._main_charts() - len(_TROUBLE_CHARTS)
+        return max(1, spare // len(self.optimizer_names))
+
+    def layout(self) -> dict[str, dict[str, list[Any]]]:
+        """The custom-scalars layout written by :meth:`write_layout` (tags are anchored regexes).
+
+        "GradGuard" holds the run-level charts, "GradGuard layers" the layers in trouble and then per-layer charts
+        (small models) or block summaries (large ones); at most ``max_charts`` charts in all.
+        """
+
+        def exact(*tags: str) -> list[str]:
+            return [f"^{re.escape(tag)}$" for tag in tags]
+
+        main: dict[str, list[Any]] = {}
+        for idx in range(len(self.optimizer_names)):
+            suffix = f" ({self._opt_label(idx)})" if self.multi_optimizer else ""
+            total, total_max, total_min, threshold, clip_coef, lr_scale, lr, events = (
+                self.tag(name, idx)
+                for name in (
+                    "total_norm",
+                    "total_norm_max",
+                    "total_norm_min",
+                    "clip_threshold",
+                    "clip_coef",
+                    "lr_scale",
+                    "lr",
+                    "events/",
+                )
+            )
+            main[f"total norm{suffix}"] = ["Multiline", exact(total, total_max, total_min, threshold)]
+            # The band's upper edge can sit three decades above its mean early in a run; in log10 both stay readable.
+            # Margin series name exact tags, not regexes.
+            main[f"EMA band, log10{suffix}"] = ["Margin", [self.tag(f"ema_log10/{part}", idx) for part in _EMA_PARTS]]
+            main[f"clip coef{suffix}"] = ["Multiline", exact(clip_coef)]
+            main[f"lr scale{suffix}"] = ["Multiline", exact(lr_scale)]
+            main[f"learning rate{suffix}"] = ["Multiline", exact(lr)]
+            main[f"events{suffix}"] = ["Multiline", [f"^{re.escape(events)}.*"]]
+        if self.regularizers is None or self.regularizers:
+            main["regularizers"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg/')}.*"]]
+            main["regularizer strength"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg_strength/')}.*"]]
+        if self.saturation:
+            main["saturation"] = ["Multiline", [f"^{re.escape(_PREFIX + 'saturation/')}.*"]]
+
+        layers: dict[str, list[Any]] = {
+            title: ["Multiline", [f"^{re.escape(f'{_PREFIX}trouble/{kind}/')}" for kind in kinds]]
+            for title, kinds in _TROUBLE_CHARTS.items()
+        }
+
+        def add(title: str, tags: list[str]) -> None:
+            title = f"{self._opt_label(idx)} · {title}" if self.multi_optimizer else title
+            unique, n = title, 2
+            while unique in layers:
+                unique, n = f"{title} ({n})", n + 1
+            layers[unique] = ["Multiline", tags]
+
+        for idx, names in self.layer_names.items():
+            if idx in self._blocks:
+                for block, max_tag, median_tag, members in self._blocks[idx]:
+                    add(f"{block} ({len(members)} layers): max, median", exact(max_tag, median_tag))
+            else:
+                for title, group in group_layer_names(names):
+                    add(title, exact(*(f"{_PREFIX}layer/{name}" for name in group)))
+        return {"GradGuard": main, "GradGuard layers": layers}
+
+    def write_layout(self) -> None:
+        """Write the "GradGuard" custom-scalars dashboard; once per writer, later calls do nothing."""
+        if self._layout_written or self.writer in _LAYOUT_WRITTEN:
+            self._layout_written = True
+            return
+        self.writer.add_custom_scalars(self.layout())
+        self._layout_written = True
+        # A writer that cannot be weakly referenced is guarded by this board's flag alone.
+        with contextlib.suppress(TypeError):
+            _LAYOUT_WRITTEN.add(self.writer)
+
+    # ---------------------------------------------------------------------------------------------------- scalars
+    def _add_scalars(self, step: int, items: Sequence[tuple[str, float]]) -> None:
+        if not items:
+            return
+        file_writer = getattr(self.writer, "_get_file_writer", None)
+        if _is_torch_writer(self.writer) and file_writer is not None:
+            # One event holding every value costs ~0.1% of one add_scalar call per value (measured with 500
+            # layers) and reads back identically; a plain float scalar is what add_scalar writes too.
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in items])
+            file_writer().add_summary(summary, step)
+        else:
+            for tag, value in items:
+                self.writer.add_scalar(tag, value, step)
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Write scalars; a key without the ``gradguard/`` prefix gets it (use :meth:`tag` for per-optimizer names).
+
+        Example: ``board.write_scalars(step, {board.tag("total_norm", i): 1.3, "events/exploding": 2})``.
+        """
+        items = [(key if key.startswith(_PREFIX) else _PREFIX + key, float(value)) for key, value in scalars.items()]
+        self._add_scalars(int(step), items)
+
+    def write_layer_norms(
+        self,
+        step: int,
+        opt_idx: int,
+        norms: np.ndarray,
+        exploding: np.ndarray,
+        vanishing: np.ndarray,
+        present: np.ndarray | None = None,
+    ) -> None:
+        """Write ``gradguard/layer/<name>`` for each layer of one optimizer and add a heatmap column.
+
+        When the layout charts this optimizer's layers as blocks, also write ``gradguard/block/<block>/max`` and
+        ``/median`` (over the block's layers with a finite gradient).
+
+        Args:
+            step: the global step.
+            opt_idx: the optimizer index.
+            norms: ``[L]`` per-layer gradient norms, in the order of ``layer_names[opt_idx]``.
+            exploding: ``[L]`` flags of layers exploding at this step.
+            vanishing: ``[L]`` flags of layers vanishing at this step.
+            present: optional ``[L]`` flags of layers that had a gradient; others are not written and show as "no
+                gradient" in the heatmap.
+        """
+        names = self._names(opt_idx)
+        num = len(names)
+        norms = np.asarray(norms, dtype=np.float64).reshape(-1)
+        exploding = np.asarray(exploding, dtype=bool).reshape(-1)
+        vanishing = np.asarray(vanishing, dtype=bool).reshape(-1)
+        mask = np.ones(num, dtype=bool) if present is None else np.asarray(present, dtype=bool).reshape(-1)
+        for arg, arr in (("norms", norms), ("exploding", exploding), ("vanishing", vanishing), ("present", mask)):
+            if arr.shape != (num,):
+                raise ValueError(f"`{arg}` must have {num} entries (the layers of optimizer {opt_idx}), got {arr.size}")
+        tags = self._layer_tags[opt_idx]
+        items = [(tags[i], float(norms[i])) for i in np.flatnonzero(mask).tolist()]
+        if opt_idx in self._blocks:
+            # Block summaries over the layers that had a finite gradient; a block with none is not written.
+            usable = mask & np.isfinite(norms) & (norms >= 0)
+            for _, max_tag, median_tag, members in self._blocks[opt_idx]:
+                values = norms[members[usable[members]]]
+                if values.size:
+                    items += [(max_tag, float(values.max())), (median_tag, float(np.median(values)))]
+        self._add_scalars(int(step), items)
+        column = np.where(mask, norms, _ABSENT)
+        self._histories[opt_idx].append(int(step), column, exploding & mask, vanishing & mask)
+        self._latest[opt_idx] = (int(step), column, exploding & mask, vanishing & mask)
+
+    def _names(self, opt_idx: int) -> list[str]:
+        if opt_idx not in self.layer_names:
+            raise ValueError(f"`opt_idx` must be one of {sorted(self.layer_names)}, got {opt_idx!r}")
+        return self.layer_names[opt_idx]
+
+    # ---------------------------------------------------------------------------------------------------- images
+    def set_bands(self, opt_idx: int, low: float | None, high: float | None, low_ratio: float | None = None) -> None:
+        """Set the vanishing floor and exploding ceiling drawn on the bar chart of optimizer ``opt_idx``.
+
+        Args:
+            opt_idx: the optimizer index.
+            low: the absolute vanishing floor (``VanishingDetector.min_norm``).
+            high: the exploding ceiling per layer (``ExplodingDetector.max_layer_norm``).
+            low_ratio: the relative vanishing floor (``VanishingDetector.ratio``): the floor drawn is then the
+                detector's, ``max(low, low_ratio * largest layer norm)`` of the step drawn.
+
+        A value of 0 (a detector without that bound, e.g. ``VanishingDetector(min_norm=0)``) draws no band, as
+        ``None``.
+        """
+        self._names(opt_idx)
+        for arg, value in (("low", low), ("high", high), ("low_ratio", low_ratio)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{arg}` must be None or a finite float >= 0, got {value!r}")
+        low, high, low_ratio = (float(v) if v else None for v in (low, high, low_ratio))
+        self._bands[opt_idx] = (low, high, low_ratio)
+
+    @staticmethod
+    def _crossed(step: int, every: int | None, last: int | None) -> bool:
+        if every is None:
+            return False
+        # "Crossed a multiple since the last write" rather than "step % every == 0": logging steps need not land on
+        # multiples of the image interval.
+        return last is None or step // every > last // every
+
+    def should_write_images(self, step: int) -> bool:
+        """Whether ``step`` crossed a multiple of ``image_every_n_steps`` since the images were last drawn."""
+        return self._crossed(step, self.image_every_n_steps, self._last_image_step)
+
+    def should_write_histograms(self, step: int) -> bool:
+        """Whether ``step`` crossed a multiple of ``histogram_every_n_steps`` since histograms were last written."""
+        return self._crossed(step, self.histogram_every_n_steps, self._last_histogram_step)
+
+    def heatmap_image(self, opt_idx: int = 0) -> np.ndarray | None:
+        """The current gradient-flow heatmap of one optimizer, or ``None`` before any layer norms were written."""
+        names = self._names(opt_idx)
+        steps, norms, exploding, vanishing = self._histories[opt_idx].columns()
+        if not names or steps.size == 0:
+            return None
+        title = "gradient flow: log10 ||grad|| per layer"
+        if self.multi_optimizer:
+            title += f" ({self._opt_label(opt_idx)})"
+        return render_heatmap(
+            norms, names, steps.tolist(), exploding, vanishing, max_rows=self.max_heatmap_rows, title=title
+        )
+
+    def bars_image(self, opt_idx: int = 0) -> np.ndarray | None:
+        """The latest per-layer bar chart of one optimizer, or ``None`` before any layer norms were written."""
+        names = self._names(opt_idx)
+        if not names or opt_idx not in self._latest:
+            return None
+        step, norms, exploding, vanishing = self._latest[opt_idx]
+        low, high, low_ratio = self._bands.get(opt_idx, (None, None, None))
+        finite = norms[np.isfinite(norms) & (norms > 0)]
+        if low_ratio is not None and finite.size:
+            low = max(low or 0.0, low_ratio * float(finite.max()))
+        title = f"gradient flow at step {step}"
+        if self.multi_optimizer:
+            title += f" ({self._opt_label(opt_idx)})"
+        return render_bars(
+            norms,
+            names,
+            low=low,
+            high=high,
+            exploding=exploding,
+            vanishing=vanishing,
+            max_bars=self.max_heatmap_rows,
+            title=title,
+        )
+
+    def write_images(self, step: int) -> None:
+        """Draw ``gradguard/gradient_flow`` (heatmap) and ``gradguard/gradient_flow_bars`` (latest norms)."""
+        for idx in self.layer_names:
+            heatmap = self.heatmap_image(idx)
+            if heatmap is not None:
+                self.writer.add_image(self._image_tag("gradient_flow", idx), heatmap, step, dataformats="HWC")
+            bars = self.bars_image(idx)
+            if bars is not None:
+                self.writer.add_image(self._image_tag("gradient_flow_bars", idx), bars, step, dataformats="HWC")
+        self._last_image_step = int(step)
+
+    # ---------------------------------------------------------------------------------------------------- others
+    def write_histograms(self, step: int, samples: dict[str, torch.Tensor]) -> None:
+        """Write ``gradguard/grad_hist/<block>`` from small gradient samples (see :func:`sample_gradients`)."""
+        for block, values in samples.items():
+            data = values.detach().float().cpu().numpy().reshape(-1) if hasattr(values, "detach") else values
+            data = np.asarray(data, dtype=np.float64).reshape(-1)
+            # numpy cannot bin inf or NaN; those are counted by the non-finite events instead.
+            data = data[np.isfinite(data)]
+            if data.size:
+                self.writer.add_histogram(f"{_PREFIX}grad_hist/{block}", data, step)
+        self._last_histogram_step = int(step)
+
+    def write_events(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Write the detectors' events: the ``gradguard/events_log`` table and the ``gradguard/trouble/`` scalars.
+
+        Each row has the keys ``step``, ``kind``, ``layer``, ``value``, ``action`` (and ``opt``, the optimizer
+        index, shown as a column when there are several optimizers). The markdown table shows the last 200 rows. A
+        row of a kind in :data:`TROUBLE_KINDS` that names a layer is also written as the scalar
+        ``gradguard/trouble/<kind>/<layer>`` at the row's own step, valued at the layer's norm then (NaN for a
+        non-finite one): a complete, machine-readable record of which layer the detectors flagged when, charted as
+        "layers in trouble" and read back by ``gradguard report``. Nothing is written when ``rows`` is empty.
+        """
+        if not rows:
+            return
+        trouble: dict[int, list[tuple[str, float]]] = {}
+        for row in rows:
+            kind, layer = row.get("kind"), row.get("layer")
+            if kind in TROUBLE_KINDS and layer is not None:
+                value = row.get("value")
+                number = float(value) if isinstance(value, (int, float, np.number)) else math.nan
+                at = row.get("step")
+                at = int(at) if isinstance(at, (int, np.integer)) else int(step)
+                trouble.setdefault(at, []).append((f"{_PREFIX}trouble/{kind}/{layer}", number))
+        for at, items in sorted(trouble.items()):
+            self._add_scalars(at, items)
+        for row in rows:
+            self._events.append({key: _plain(row.get(key)) for key in (*_EVENT_COLUMNS, "opt")})
+        del self._events[:-_MAX_EVENT_ROWS]
+        header = list(_EVENT_COLUMNS)
+        if self.multi_optimizer:
+            header.insert(1, "optimizer")
+        table_rows = []
+        for event in self._events:
+            cells = [event[key] for key in _EVENT_COLUMNS]
+            if self.multi_optimizer:
+                opt = event["opt"]
+                cells.insert(1, self._opt_label(opt) if isinstance(opt, int) and opt in self.layer_names else opt)
+            table_rows.append(cells)
+        self.writer.add_text(f"{_PREFIX}events_log", _md_table(header, table_rows), step)
+
+    def write_derived(self, step: int, metrics: dict[str, float]) -> None:
+        """Write the tags the board derives from the run-level metrics that went to the loggers.
+
+        Today: ``gradguard/ema_log10/{mean,lower,upper}`` (per optimizer, see :meth:`tag`), the ``log10`` of the
+        exploding detector's EMA band, charted as "EMA band, log10": early in a run the band's upper edge sits
+        decades above its mean and would squash a linear chart. Values that are missing, non-finite or not positive
+        are left out.
+
+        Args:
+            step: the global step.
+            metrics: the metrics of this logging step, keyed by full tag (``gradguard/ema_mean``, ...).
+        """
+        items = []
+        for idx in range(len(self.optimizer_names)):
+            for part in _EMA_PARTS:
+                value = metrics.get(self.tag(f"ema_{part}", idx))
+                if value is not None and math.isfinite(value) and value > 0:
+                    items.append((self.tag(f"ema_log10/{part}", idx), math.log10(value)))
+        self._add_scalars(int(step), items)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        """Write ``gradguard/config``, a markdown table of the (flattened) configuration; once per board."""
+        if self._config_written:
+            return
+        self.writer.add_text(f"{_PREFIX}config", _md_table(["setting", "value"], _flatten(config)), 0)
+        self._config_written = True
+
+    def close_run(self, step: int) -> None:
+        """Draw the final images (unless already drawn at ``step``, or pictures are off) and flush the writer."""
+        if self.image_every_n_steps is not None and self._latest and self._last_image_step != step:
+            self.write_images(step)
+        flush = getattr(self.writer, "flush", None)
+        if flush is not None:
+            flush()
+
+    # ---------------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """The heatmap history, event table and image/histogram schedule (plain values and tensors only)."""
+        return {
+            "histories": {idx: history.state_dict() for idx, history in self._histories.items()},
+            "events": [dict(event) for event in self._events],
+            "last_image_step": self._last_image_step,
+            "last_histogram_step": self._last_histogram_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; histories of optimizers whose layer count changed are dropped."""
+        for idx, history_state in state.get("histories", {}).items():
+            idx = int(idx)
+            if idx in self._histories and history_state["norms"].shape[0] == len(self.layer_names[idx]):
+                self._histories[idx].load_state_dict(history_state)
+        self._events = [dict(event) for event in state.get("events", [])][-_MAX_EVENT_ROWS:]
+        self._last_image_step = state.get("last_image_step")
+        self._last_histogram_step = state.get("last_histogram_step")
+
+
+def _is_torch_writer(writer: Any) -> bool:
+    from torch.utils.tensorboard import SummaryWriter
+
+    return isinstance(writer, SummaryWriter)

@@ -1,0 +1,134 @@
+"""The dashboard at depth: 1500 layers give a browsable custom-scalars layout (block summaries, layers in trouble)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from lightning_gradguard import GradGuard
+from lightning_gradguard.tensorboard import GradGuardBoard
+from tests.models import Regressor, regression_data, trainer
+
+MAX_CHARTS = 30
+DEEP = [f"net.{i}" for i in range(1500)]
+
+
+def _load(logdir: Path) -> ea.EventAccumulator:
+    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})
+    acc.Reload()
+    return acc
+
+
+def _charts(acc: ea.EventAccumulator) -> dict[str, list[str]]:
+    """``{chart title: its tag regexes (or Margin tags)}`` over every category of the one written layout."""
+    events = acc.Tensors("custom_scalars__config__")
+    assert len(events) == 1
+    layout = layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+    charts: dict[str, list[str]] = {}
+    for category in layout.category:
+        for chart in category.chart:
+            if chart.HasField("margin"):
+                charts[chart.title] = [t for s in chart.margin.series for t in (s.value, s.lower, s.upper)]
+            else:
+                charts[chart.title] = list(chart.multiline.tag)
+    return charts
+
+
+def _block_range(tag: str) -> range:
+    # "gradguard/block/net.94..187/max" -> layers 94..187 (the names are net.<index>)
+    first, last = re.fullmatch(r"gradguard/block/net\.(\d+)\.\.(\d+)/(?:max|median)", tag).groups()
+    return range(int(first), int(last) + 1)
+
+
+def test_1500_layers_board_writes_block_summaries_within_the_chart_budget(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    writer = SummaryWriter(str(tmp_path))
+    board = GradGuardBoard(writer, {0: DEEP}, ["AdamW"], image_every_n_steps=None, regularizers=[])
+    board.write_layout()
+    norms = 10 ** rng.normal(-2, 1, (1500, 3))
+    norms[5, 1] = np.nan  # a non-finite layer is left out of its block's summary
+    present = np.ones(1500, dtype=bool)
+    present[300:400] = False  # layers without a gradient too
+    for col, step in enumerate((10, 20, 30)):
+        board.write_layer_norms(step, 0, norms[:, col], np.zeros(1500, bool), np.zeros(1500, bool), present=present)
+    writer.close()
+
+    acc = _load(tmp_path)
+    charts = _charts(acc)
+    assert len(charts) <= MAX_CHARTS
+    block_charts = {title: tags for title, tags in charts.items() if ": max, median" in title}
+    assert 10 <= len(block_charts) <= MAX_CHARTS - 9
+    scalars = acc.Tags()["scalars"]
+    block_tags = [tag for tag in scalars if tag.startswith("gradguard/block/")]
+    assert len(block_tags) == 2 * len(block_charts)
+    covered = sorted(i for tag in block_tags if tag.endswith("/max") for i in _block_range(tag))
+    assert covered == list(range(1500))  # the blocks cover every layer once
+    for tags in block_charts.values():
+        assert all(sum(bool(re.match(regex, tag)) for tag in scalars) == 1 for regex in tags)
+    for tag in block_tags:
+        members = np.array(list(_block_range(tag)))
+        for event, col in zip(acc.Scalars(tag), range(3), strict=True):
+            values = norms[members, col]
+            values = values[present[members] & np.isfinite(values)]
+            want = values.max() if tag.endswith("/max") else np.median(values)
+            assert event.value == pytest.approx(want, rel=1e-6)
+    assert sum(tag.startswith("gradguard/layer/") for tag in scalars) == 1400
+
+
+def test_two_deep_optimizers_share_the_chart_budget() -> None:
+    board = GradGuardBoard(_NoWriter(), {0: DEEP, 1: [f"disc.{i}" for i in range(900)]}, ["G", "D"])
+    layout = board.layout()
+    assert sum(len(charts) for charts in layout.values()) <= MAX_CHARTS
+    blocks = [title for title in layout["GradGuard layers"] if title.endswith(": max, median")]
+    assert any(title.startswith("opt0: G · net.0..") for title in blocks)
+    assert any(title.startswith("opt1: D · disc.0..") for title in blocks)
+    assert layout["GradGuard layers"][blocks[0]][1][0].startswith("^" + re.escape("gradguard/opt0/block/"))
+    # A small model keeps its per-layer charts.
+    small = GradGuardBoard(_NoWriter(), {0: [f"l{i}" for i in range(30)]}, ["SGD"]).layout()["GradGuard layers"]
+    assert [title for title in small if "trouble" not in title] == ["l0 .. l11", "l12 .. l23", "l24 .. l29"]
+
+
+def test_fit_1500_layers_layout_stays_browsable(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(750) for m in (nn.Linear(16, 16), nn.LayerNorm(16))], nn.Linear(16, 1))
+    logger = TensorBoardLogger(tmp_path, name="deep")
+    trainer(max_steps=10, max_epochs=-1, callbacks=[GradGuard()], logger=logger, log_every_n_steps=5).fit(
+        Regressor(net=net), regression_data()
+    )
+    acc = _load(tmp_path / "deep" / "version_0")
+    charts = _charts(acc)
+    assert len(charts) <= MAX_CHARTS
+    scalars = acc.Tags()["scalars"]
+    assert sum(tag.startswith("gradguard/layer/") for tag in scalars) == 1501  # per-layer scalars all written
+    blocks = {title: tags for title, tags in charts.items() if ": max, median" in title}
+    assert len(blocks) >= 10
+    for tags in blocks.values():  # each block chart has its two lines on every logging step
+        for regex in tags:
+            (tag,) = [t for t in scalars if re.match(regex, t)]
+            assert [e.step for e in acc.Scalars(tag)] == [5, 10]
+    # Block maxima cover the largest layer, medians lie within the layers' range.
+    last = {
+        tag: acc.Scalars(tag)[-1].value for tag in scalars if tag.startswith(("gradguard/layer/", "gradguard/block/"))
+    }
+    layer_values = [v for tag, v in last.items() if tag.startswith("gradguard/layer/")]
+    block_max = [v for tag, v in last.items() if tag.endswith("/max")]
+    assert max(block_max) == pytest.approx(max(layer_values))
+    assert all(min(layer_values) <= v <= max(layer_values) for tag, v in last.items() if tag.endswith("/median"))
+    assert "layers in trouble: vanishing" in charts
+    assert {e.step for e in acc.Images("gradguard/gradient_flow")} == {5, 10}
+
+
+class _NoWriter:
+    """Enough of a writer for a board whose layout is only inspected."""
+
+    def add_scalar(self, tag, value, step):  # pragma: no cover - never called
+        raise AssertionError("nothing is written")
