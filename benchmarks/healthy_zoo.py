@@ -78,11 +78,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import logging
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -100,9 +97,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 try:
+    from benchmarks._common import machine, num, run_quietly_and_emit
     from lightning_gradguard import GradGuard
-except ImportError:  # run as a script from a checkout that is not installed
+except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._common import machine, num, run_quietly_and_emit
     from lightning_gradguard import GradGuard
 
 __all__ = [
@@ -1015,21 +1014,6 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     }
 
 
-def _machine() -> dict[str, Any]:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return {
-        "cpus": cpus,
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-    }
-
-
 def _unhealthy(cfg: dict[str, Any], ref: dict[str, Any]) -> list[str]:
     """Why the unguarded reference run does not look like healthy training (empty: it does)."""
     why = []
@@ -1109,7 +1093,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "steps_override": args.steps,
         "logdir": args.logdir,
-        "machine": _machine(),
+        "machine": machine(),
         "threads": 1,
         "tolerance_pct": TOLERANCE_PCT,
         "wall_s": time.perf_counter() - start,
@@ -1118,12 +1102,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def _num(x: float | None, fmt: str = ".4g") -> str:
-    if x is None:
-        return "-"
-    return format(x, fmt) if math.isfinite(x) else str(x)
-
-
 def report(result: dict[str, Any]) -> str:
     """The result of :func:`run` as a markdown table, one verdict line per config underneath."""
     meta, m = result["meta"], result["meta"]["machine"]
@@ -1163,11 +1141,11 @@ def report(result: dict[str, Any]) -> str:
             row["variant"],
             str(row["steps"]),
             row["metric"],
-            _num(row["init_heldout"]),
-            _num(row["heldout"]),
+            num(row["init_heldout"]),
+            num(row["heldout"]),
             diff,
             str(row["nonfinite_losses"]),
-            *((str(ev["exploding"]), str(ev["lr_reduced"]), _num(row["min_lr_scale"], ".3g"), str(ev["skipped"]),
+            *((str(ev["exploding"]), str(ev["lr_reduced"]), num(row["min_lr_scale"], ".3g"), str(ev["skipped"]),
                str(ev["clipped"]), str(ev["vanishing"]), str(row["guard_warnings"])) if ev else ("-",) * 7),
             f"{row['wall_s']:.1f}",
         ))
@@ -1197,17 +1175,6 @@ def report(result: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def _plain(value: Any) -> Any:
-    """JSON without NaN/inf literals: a non-finite number becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/healthy_zoo.py",
@@ -1241,24 +1208,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         command = shlex.join(["python", "benchmarks/healthy_zoo.py", *argv])
     args = _parse(argv)
     args.command = command
-    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
-    quiet = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in quiet]
-    try:
-        for lg in quiet:
-            lg.setLevel(logging.ERROR)
-        result = run(args)
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
-    if args.json == "-":
-        print(json.dumps(_plain(result), indent=1))
-    else:
-        print(report(result))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(_plain(result), f, indent=1)
-    return result
+    return run_quietly_and_emit(run, report, args)
 
 
 if __name__ == "__main__":

@@ -59,11 +59,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import logging
 import math
 import os
-import platform
 import re
 import shlex
 import sys
@@ -85,11 +82,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import ExplodingDetector, GradGuard
 
 try:
+    from benchmarks._common import machine, num, run_quietly_and_emit
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._common import machine, num, run_quietly_and_emit
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
@@ -494,25 +493,6 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     }
 
 
-def _machine(device: str) -> dict[str, Any]:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    info: dict[str, Any] = {
-        "cpus": cpus,
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": L.__version__,
-        "device": device,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _auto_threads(job: _Job, cpus: int) -> int:
     """Intra-op threads for a config: 1 for the small nets, the idle cores for convolutions.
 
@@ -537,7 +517,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args: The parsed command line (see ``--help``), plus ``command``, the command as typed.
     """
     size: Size = "quick" if args.quick else "full" if args.full else "default"
-    machine = _machine(args.device)
+    host = machine(args.device)
     threads_before = torch.get_num_threads()
     jobs = [CONFIGS[name](size, args.seed) for name in args.configs]
     rows: list[dict[str, Any]] = []
@@ -548,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             threads = None
             if args.device == "cpu":
                 # --quick's batches are too small to share between threads.
-                threads = args.threads or (1 if size == "quick" else _auto_threads(job, machine["cpus"]))
+                threads = args.threads or (1 if size == "quick" else _auto_threads(job, host["cpus"]))
                 torch.set_num_threads(threads)
             configs.append({
                 "config": job.name, "title": job.title, "settings": job.settings, "steps": job.steps,
@@ -569,7 +549,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": size,
         "seed": args.seed,
         "logdir": args.logdir,
-        "machine": machine,
+        "machine": host,
         "wall_s": time.perf_counter() - start,
         "stop_after_nonfinite": STOP_AFTER_NONFINITE,
     }
@@ -577,17 +557,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-def _num(x: float | None, fmt: str = ".4g") -> str:
-    if x is None:
-        return "-"
-    return format(x, fmt) if math.isfinite(x) else str(x)
-
-
 def _heldout(row: dict[str, Any]) -> str:
     if row["metric"] == "mse":
-        return f"MSE {_num(row['heldout_loss'])}"
+        return f"MSE {num(row['heldout_loss'])}"
     acc = row["heldout_acc"]
-    return f"CE {_num(row['heldout_loss'], '.3g')}, acc " + (f"{100 * acc:.1f}%" if math.isfinite(acc) else str(acc))
+    return f"CE {num(row['heldout_loss'], '.3g')}, acc " + (f"{100 * acc:.1f}%" if math.isfinite(acc) else str(acc))
 
 
 def _learned(cfg: dict[str, Any], row: dict[str, Any]) -> bool:
@@ -641,7 +615,7 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
                 cmp = f"{100 * diff:+.1f} points vs unguarded: {ok} (2 s.e. = {200 * se:.1f} points)"
             else:
                 ok = "as good" if g["heldout_loss"] <= 1.1 * un["heldout_loss"] else "WORSE"
-                cmp = f"vs unguarded MSE {_num(un['heldout_loss'])}: {ok}"
+                cmp = f"vs unguarded MSE {num(un['heldout_loss'])}: {ok}"
             parts.append(f"{label}: {_heldout(g)}, {cmp}")
         ev = g["events"]
         if ev and ev["vanishing"]:
@@ -726,17 +700,6 @@ def report(result: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- main
-def _plain(value: Any) -> Any:
-    """JSON without NaN/inf literals: a non-finite number becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/stability.py",
@@ -780,24 +743,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.command = command
     if args.logdir is None:
         args.logdir = tempfile.mkdtemp(prefix="gradguard_stability_")
-    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
-    quiet = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in quiet]
-    try:
-        for lg in quiet:
-            lg.setLevel(logging.ERROR)
-        result = run(args)
-    finally:
-        for lg, level in zip(quiet, levels):
-            lg.setLevel(level)
-    if args.json == "-":
-        print(json.dumps(_plain(result), indent=1))
-    else:
-        print(report(result))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(_plain(result), f, indent=1)
-    return result
+    return run_quietly_and_emit(run, report, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,78 @@
+"""Plumbing shared by the benchmark scripts: machine description, number formatting, JSON output, quiet logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+
+_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
+
+
+def machine(device: str = "cpu") -> dict[str, Any]:
+    """The CPUs this process may use, the Python/torch/lightning versions and the device (and GPU name)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    info: dict[str, Any] = {
+        "cpus": cpus,
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": L.__version__,
+        "device": device,
+    }
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def num(x: float | None, fmt: str = ".4g") -> str:
+    """A number for a table: ``-`` for ``None``, ``nan``/``inf`` spelled out."""
+    if x is None:
+        return "-"
+    return format(x, fmt) if math.isfinite(x) else str(x)
+
+
+def plain(value: Any) -> Any:
+    """JSON without NaN/inf literals: a non-finite number becomes the string ``"nan"``, ``"inf"`` or ``"-inf"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def run_quietly_and_emit(
+    run: Callable[[Any], dict[str, Any]], report: Callable[[dict[str, Any]], str], args: Any
+) -> dict[str, Any]:
+    """``run(args)`` with Lightning's and GradGuard's info logs silenced, then print the report (or the JSON on
+    stdout for ``--json -``) and write ``--json PATH``."""
+    quiet = [logging.getLogger(n) for n in _LOGGERS]
+    levels = [lg.level for lg in quiet]
+    try:
+        for lg in quiet:
+            lg.setLevel(logging.ERROR)
+        result = run(args)
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    if args.json == "-":
+        print(json.dumps(plain(result), indent=1))
+    else:
+        print(report(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(plain(result), f, indent=1)
+    return result
