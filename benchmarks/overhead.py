@@ -12,7 +12,8 @@ Everything runs in one process, in one run:
   ``hook`` is the time spent inside the variant's own hooks on those steps (GradGuard's three hooks, the module's
   ``on_before_optimizer_step`` for the recipe, ``configure_gradient_clipping`` for ``gradient_clip_val``).
 * **micro**: the per-step work alone, called directly on fixed gradients: GradGuard's hooks of a non-logging step
-  against one ``torch._foreach_norm`` and against ``torch.nn.utils.clip_grad_norm_`` over the same gradients.
+  against one ``torch._foreach_norm`` and against ``torch.nn.utils.clip_grad_norm_`` over the same gradients, with the
+  number of top-level torch ops each case runs per call (``torch.profiler``; on a GPU each is at least one launch).
 * **logging**: the extra cost of a GradGuard logging step with one layer per parameter tensor, next to writing the
   same number of scalars with ``SummaryWriter.add_scalar``, and its share of training time at the default interval.
 * **memory**: GradGuard's state after a few and after many steps (checkpoint bytes, tensors and numpy arrays it
@@ -20,6 +21,9 @@ Everything runs in one process, in one run:
   memory of each variant's fit.
 * **syncs** (``--device cuda`` only): host-device synchronizations inside each variant's hooks on non-logging steps,
   counted with ``torch.cuda.set_sync_debug_mode("warn")``.
+* **profile** (``--profile``): top-level torch ops per quiet step of the defaults and of monitor-only, split by
+  component (measure, each detector, the clipper, the record, engine and callback glue), for every model; with
+  ``--compile`` also for ``GradGuard(compile=True)`` (on a CPU each compilation takes tens of seconds).
 
 On the CPU the default clock is the process's CPU time (``time.process_time``) and PyTorch runs one thread: on a
 machine shared with other work, wall-clock time mostly measures the neighbours. ``--clock wall`` switches to
@@ -31,6 +35,7 @@ Run from the repository root::
     python -m benchmarks.overhead                      # all models, ~8 minutes on 2 CPU cores
     python -m benchmarks.overhead --quick --models mlp800 --json out.json
     python -m benchmarks.overhead --device cuda --profile
+    python -m benchmarks.overhead --models lstm --profile --skip steps,micro,logging,memory   # op counts only
 
 ``zclip`` is an optional dependency (``pip install zclip``); its rows are skipped with a message when it is absent.
 """
@@ -80,7 +85,7 @@ try:
 except ImportError:
     ZClipLightningCallback = None
 
-MODELS = ("mlp800", "resnet20", "lstm")
+MODELS = ("mlp800", "mlp3000", "resnet20", "lstm")
 LOG_EVERY = 50  # Lightning's default logging interval
 # GradGuard's default picture interval: the logging share amortizes one picture over it.
 IMAGE_EVERY: int = inspect.signature(GradGuard).parameters["image_every_n_steps"].default
@@ -116,6 +121,10 @@ def _mlp(blocks: int, width: int) -> nn.Module:
     return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(width, width), nn.LayerNorm(width), nn.GELU())])
 
 
+def _linear_norm_stack(blocks: int, width: int) -> nn.Module:
+    return nn.Sequential(*[m for _ in range(blocks) for m in (nn.Linear(width, width), nn.LayerNorm(width))])
+
+
 def _adding_batch(g: torch.Generator, batch: int, seq: int) -> tuple[Tensor, Tensor]:
     values = torch.rand(batch, seq, generator=g)
     marks = torch.zeros(batch, seq)
@@ -131,6 +140,12 @@ SPECS: dict[str, _ModelSpec] = {
         lambda g, quick: (torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)) if quick
         else (torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)),
         F.mse_loss, "200 x [Linear(64,64), LayerNorm(64), GELU], batch 64 (800 tensors)", 20, 3, 5,
+    ),
+    "mlp3000": _ModelSpec(
+        "mlp3000", lambda quick: _linear_norm_stack(8 if quick else 750, 16),
+        lambda g, quick: (torch.randn(8 if quick else 64, 16, generator=g),
+                          torch.randn(8 if quick else 64, 16, generator=g)),
+        F.mse_loss, "750 x [Linear(16,16), LayerNorm(16)], batch 64 (3000 tensors)", 10, 3, 3,
     ),
     "resnet20": _ModelSpec(
         "resnet20", lambda quick: cifar_resnet(8 if quick else 20),
@@ -220,6 +235,14 @@ VARIANTS: tuple[_Variant, ...] = (
     _Variant("lightning_grad_norm", "log_dict(grad_norm(self, 2)) recipe", recipe=True, max_steps=8),
     _Variant("zclip_callback", "zclip.ZClipLightningCallback()", _zclip_callback, requires="zclip"),
     _Variant("gradient_clip_val", "Trainer(gradient_clip_val=1.0)", clip_val=1.0),
+)
+
+
+# With --compile: the defaults and monitor-only with the fused per-step tail compiled (GradGuard(compile=True)).
+COMPILED_VARIANTS: tuple[_Variant, ...] = (
+    _Variant("gg_defaults_compiled", "GradGuard(compile=True)", lambda: GradGuard(compile=True)),
+    _Variant("gg_monitor_compiled", "GradGuard(clip=None, lr_guard=None, compile=True)",
+             lambda: GradGuard(clip=None, lr_guard=None, compile=True)),
 )
 
 
@@ -487,7 +510,7 @@ def _micro_cases(
         "clip_grad_norm_(1.0)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
     }
     guards: dict[str, GradGuard] = {}
-    for v in VARIANTS:
+    for v in VARIANTS + (COMPILED_VARIANTS if getattr(args, "compile", False) else ()):
         if v.callback is None or not v.key.startswith("gg_"):
             continue
         guard = v.callback()
@@ -538,19 +561,85 @@ def bench_micro(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec) -> li
             extra_mb[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
     ref_norm = statistics.median(times["torch._foreach_norm"])
     ref_clip = statistics.median(times["clip_grad_norm_(1.0)"])
+    ops = {name: _ops_per_call(cases[name]) for name in names}
     rows = []
     for name in names:
         med, lo, hi = _quantiles(times[name])
         rows.append({
-            "model": spec.name, "case": name, "ms": med, "ms_p25": lo, "ms_p75": hi,
+            "model": spec.name, "case": name, "ms": med, "ms_p25": lo, "ms_p75": hi, "ops": ops[name],
             "x_foreach_norm": med / ref_norm, "x_clip_grad_norm": med / ref_clip,
             "extra_mb": extra_mb.get(name), "rounds": rounds, "calls": calls,
         })
     return rows
 
 
-def profile_guard(args: argparse.Namespace, spec: _ModelSpec) -> str:
-    """torch.profiler table of GradGuard's per-step work (defaults and monitor-only) on fixed gradients."""
+_SCOPE = "gradguard::"
+
+
+def _top_level(events: Any) -> list[Any]:
+    """The profiler events called from Python (not from inside another op), the component scopes left out."""
+    return [e for e in events if not e.name.startswith(_SCOPE)
+            and (e.cpu_parent is None or e.cpu_parent.name.startswith(_SCOPE))]
+
+
+def _ops_per_call(fn: Callable[[], Any], calls: int = 3) -> float:
+    """Top-level torch ops per call of ``fn`` (``torch.profiler``, CPU activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    return len(_top_level(prof.events())) / calls
+
+
+@contextlib.contextmanager
+def _component_scopes() -> Iterator[None]:
+    """Label each component's ops with a ``record_function`` scope (only while profiling: the classes are patched)."""
+    from torch.profiler import record_function
+
+    from lightning_gradguard import engine as engine_module
+    from lightning_gradguard.clip import Clipper
+    from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+    from lightning_gradguard.stats import GradStats
+
+    targets = [
+        (GradStats, "measure", "measure"), (ExplodingDetector, "update", "exploding detector"),
+        (VanishingDetector, "update", "vanishing detector"), (Clipper, "clip_grads_", "clipper"),
+        (engine_module._Record, "update", "record"), (engine_module.GuardEngine, "step", "engine glue"),
+    ]
+    originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in targets]
+
+    def scoped(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with record_function(_SCOPE + label):
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    def run(tail: Any, part: str, *args: Any) -> Any:
+        # A compiled part runs as one region: its ops are the part's, whatever the components inside.
+        label = {"pre": "derive + detectors", "post": "record", "whole": "whole tail"}[part] + " (compiled)"
+        with record_function(_SCOPE + (label if tail.compiled else "engine glue")):
+            return original_run(tail, part, *args)
+
+    original_run = engine_module._Tail.__call__
+    try:
+        for cls, name, label in targets:
+            setattr(cls, name, scoped(cls.__dict__[name], label))
+        engine_module._Tail.__call__ = run  # type: ignore[method-assign]
+        yield
+    finally:
+        for cls, name, fn in originals:
+            setattr(cls, name, fn)
+        engine_module._Tail.__call__ = original_run  # type: ignore[method-assign]
+
+
+_COMPONENTS = ("measure", "exploding detector", "vanishing detector", "clipper", "record", "engine glue",
+               "derive + detectors (compiled)", "record (compiled)", "whole tail (compiled)", "callback glue")
+
+
+def profile_components(args: argparse.Namespace, spec: _ModelSpec, table: bool = False) -> dict[str, Any]:
+    """Top-level ops per quiet step of each GradGuard variant on ``spec``, split by component."""
     from torch.profiler import ProfilerActivity, profile
 
     module = _BenchModule(spec, torch.device(args.device), args.quick)
@@ -558,18 +647,39 @@ def profile_guard(args: argparse.Namespace, spec: _ModelSpec) -> str:
     fixed = _fixed_grads(module)
     cases, _ = _micro_cases(args, module, fixed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
-    out = []
     n = 10
-    for name in ("gg_monitor", "gg_defaults"):
-        for _ in range(ZClip().warmup_steps + 5):  # steady state: past the default clipper's warm-up
+    result: dict[str, Any] = {"model": spec.name, "variants": {}, "tables": {}}
+    names = ["gg_monitor", "gg_defaults"] + (["gg_monitor_compiled", "gg_defaults_compiled"] if args.compile else [])
+    for name in names:
+        for _ in range(ZClip().warmup_steps + 5):  # steady state: past the default clipper's warm-up (and compiled)
             cases[name]()
-        with profile(activities=activities) as prof:
+        with _component_scopes(), profile(activities=activities) as prof:
             for _ in range(n):
                 cases[name]()
-        top = [e for e in prof.events() if e.cpu_parent is None]
-        out.append(f"{name} on {spec.name}: {len(top) / n:.0f} top-level ops per step")
-        out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    return "\n".join(out)
+        per: dict[str, float] = dict.fromkeys(_COMPONENTS, 0.0)
+        for e in _top_level(prof.events()):
+            scope = e.cpu_parent.name[len(_SCOPE):] if e.cpu_parent is not None else "callback glue"
+            per[scope] = per.get(scope, 0.0) + 1.0 / n
+        result["variants"][name] = {"total": sum(per.values()), **per}
+        if table:
+            result["tables"][name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    return result
+
+
+def profile_guard(args: argparse.Namespace, specs: Sequence[_ModelSpec]) -> str:
+    """Per-component op counts for every model, and a torch.profiler table of the first."""
+    rows = []
+    out = []
+    for i, spec in enumerate(specs):
+        found = profile_components(args, spec, table=i == 0)
+        for name, per in found["variants"].items():
+            rows.append([spec.name, name, f"{per['total']:.0f}"]
+                        + [f"{per[c]:.0f}" if per[c] else "-" for c in _COMPONENTS])
+        for name, text in found["tables"].items():
+            out += [f"{name} on {spec.name}: {found['variants'][name]['total']:.0f} top-level ops per step", text]
+    header = ["model", "variant", "ops/step", *_COMPONENTS]
+    return "\n".join(["Top-level torch ops per quiet step, by component (torch.profiler, CPU activity)",
+                      _table(header, rows), ""] + out)
 
 
 # ----------------------------------------------------------------------------------------------------------- logging
@@ -802,7 +912,15 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         if (model, "gg_monitor") in micro:
             add(f"{model}: monitor-only work / one _foreach_norm", micro[model, "gg_monitor"]["x_foreach_norm"], 1.2)
         if (model, "gg_defaults") in micro:
-            add(f"{model}: defaults work / clip_grad_norm_", micro[model, "gg_defaults"]["x_clip_grad_norm"], 1.1)
+            add(f"{model}: defaults work / clip_grad_norm_", micro[model, "gg_defaults"]["x_clip_grad_norm"],
+                2.0 if model == "lstm" else 1.1)
+            add(f"{model}: defaults ops per quiet step", micro[model, "gg_defaults"]["ops"], 30, fmt="{:.0f}")
+        if (model, "gg_monitor") in micro:
+            add(f"{model}: monitor-only ops per quiet step", micro[model, "gg_monitor"]["ops"], 12, fmt="{:.0f}")
+        for case in ("gg_defaults_compiled", "gg_monitor_compiled"):
+            if (model, case) in micro:
+                add(f"{model}: {case} ops per quiet step", micro[model, case]["ops"],
+                    30 if case.startswith("gg_defaults") else 12, fmt="{:.0f}")
         if (model, "zclip_callback") in micro and (model, "gg_defaults") in micro:
             add(f"{model}: ZClipLightningCallback work / defaults work",
                 micro[model, "zclip_callback"]["ms"] / micro[model, "gg_defaults"]["ms"], 2.0, lower_is_better=False)
@@ -837,7 +955,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--clock", choices=("cpu", "wall"), default=None,
                    help="cpu = process CPU time (CPU default), wall = perf_counter (CUDA default)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': to stdout only)")
-    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of GradGuard's per-step work")
+    p.add_argument("--profile", action="store_true",
+                   help="print GradGuard's top-level ops per quiet step by component, and a torch.profiler table")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure GradGuard(compile=True) in micro and profile (slow to compile on a CPU)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: steps,micro,logging,memory,syncs")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -918,7 +1039,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["syncs"] += bench_syncs(args, SPECS[m], variants)
         if args.profile:
             with section("profile"):
-                result["profile"] = profile_guard(args, SPECS[args.model_list[0]])
+                result["profile"] = profile_guard(args, [SPECS[m] for m in args.model_list])
     result["meta"]["seconds"] = time.perf_counter() - started
     result["meta"]["section_seconds"] = sections
     result["goals"] = evaluate_goals(result)
@@ -953,8 +1074,9 @@ def report(result: dict[str, Any]) -> str:
     if result.get("micro"):
         out += ["", "Per-step work on fixed gradients (GradGuard: its 3 hooks of a non-logging step), median over rounds"]
         rows = [[r["model"], r["case"], r["ms"], f"{r['ms_p25']:.3f}-{r['ms_p75']:.3f}", r["x_foreach_norm"],
-                 r["x_clip_grad_norm"], r["extra_mb"]] for r in result["micro"]]
-        out.append(_table(["model", "case", "ms", "IQR", "x _foreach_norm", "x clip_grad_norm_", "extra MB"], rows))
+                 r["x_clip_grad_norm"], f"{r['ops']:.0f}", r["extra_mb"]] for r in result["micro"]]
+        out.append(_table(["model", "case", "ms", "IQR", "x _foreach_norm", "x clip_grad_norm_", "ops/call",
+                           "extra MB"], rows))
     log = result.get("logging")
     if log:
         out += ["", f"Logging step ({log['model']}, {log['layers']} layers = one per tensor, {log['scalars']} scalars)"]

@@ -19,6 +19,9 @@ _EXPORTS = {
     "Clipper": "clip",
     "NormClip": "clip",
     "ZClip": "clip",
+    "EngineSnapshot": "engine",
+    "GuardEngine": "engine",
+    "StepEvent": "engine",
     "ExplodingDetector": "detect",
     "VanishingDetector": "detect",
     "LayerIndex": "layers",
@@ -29,6 +32,7 @@ _EXPORTS = {
     "Orthogonal": "regularize",
     "Regularizer": "regularize",
     "SaturationMonitor": "saturation",
+    "FlatStats": "stats",
     "GradStats": "stats",
     "StepStats": "stats",
     "total_norm": "stats",
@@ -46,11 +50,12 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
     )
     from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
     from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+    from lightning_gradguard.engine import EngineSnapshot, GuardEngine, StepEvent
     from lightning_gradguard.layers import LayerIndex, build_layer_index
     from lightning_gradguard.lr import LRGuard
     from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
     from lightning_gradguard.saturation import SaturationMonitor
-    from lightning_gradguard.stats import GradStats, StepStats, total_norm
+    from lightning_gradguard.stats import FlatStats, GradStats, StepStats, total_norm
     from lightning_gradguard.tensorboard import GradGuardBoard
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["GradStats", "StepStats", "total_norm"]
+__all__ = ["FlatStats", "GradStats", "StepStats", "total_norm"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _PLAIN = {Tensor}
@@ -58,6 +58,21 @@ def _grouped_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor,
     return torch.cat(parts), order
 
 
+def _flat_source(
+    local: list[Tensor], device: torch.device, grad_scale: Tensor | None
+) -> tuple[Tensor, list[int] | None]:
+    """``[2P]`` fp32 on ``device``: the squared norms, then the norms; and their order (see :func:`_grouped_norms`).
+
+    The norms are stacked into one vector before squaring: a ``_foreach_mul`` over the list of 0-d norms would save
+    an op on paper, but allocates one tensor per parameter and, on a CPU, runs one kernel per parameter (twice the
+    time of the whole measurement on a 3000-tensor model).
+    """
+    vector, order = _grouped_norms(local, device)
+    if grad_scale is not None:
+        vector = vector / grad_scale.to(device=device, dtype=torch.float32)
+    return torch.cat([vector * vector, vector]), order
+
+
 def _upload(host: Tensor, device: torch.device) -> Tensor:
     """Copy a small index tensor built on the host to ``device`` without making the host wait (pinned + async)."""
     if device.type == "cuda":
@@ -90,8 +105,53 @@ class _Segments:
     layer_ids: Tensor  # [P] layer of each norm, in the order the norms come out
     present: Tensor  # [L] bool
     order: list[int] | None  # order of the norms (None: parameter order)
-    index: Tensor  # [2P] layer_ids followed by layer_ids + L
+    index: Tensor  # [2P] layer_ids followed by layer_ids + L: where each entry of the source goes
     zeros: Tensor  # [2L] fp32 zeros, the base of the index_add
+
+
+@dataclass
+class FlatStats:
+    """One step's gradient measurement as a single flat device vector, the input of the per-step pipeline.
+
+    Attributes:
+        flat: ``[2L]`` fp32: each layer's squared norm, then each layer's sum of parameter norms (finite exactly when
+            every gradient entry of the layer is; the summation order does not matter for that).
+        present: ``[L]`` bool, which layers received a gradient this step.
+        grads: the gradients that are not ``None``, in parameter order.
+        params: their parameters.
+        param_indices: their positions in the engine's parameter list.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+        >>> model(torch.ones(1, 2)).sum().backward()
+        >>> params = list(model.parameters())
+        >>> measured = GradStats(params, [0, 0, 1, 1], 2).measure()
+        >>> total, layer_norm, finite = measured.split()
+        >>> measured.flat.shape, layer_norm.shape, finite.tolist()
+        (torch.Size([4]), torch.Size([2]), [True, True])
+    """
+
+    flat: Tensor
+    present: Tensor
+    grads: list[Tensor]
+    params: list[Tensor]
+    param_indices: list[int]
+
+    def split(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "all entries finite" (four ops)."""
+        return split_flat(self.flat, self.present.numel())
+
+
+def split_flat(flat: Tensor, num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "all entries finite" of a
+    :attr:`FlatStats.flat` vector."""
+    # The square root of the norm sums changes nothing that matters (finite stays finite, inf and NaN stay), and
+    # taking it on the whole vector is one op.
+    layer_norm, sums = flat.sqrt().split(num_layers)
+    # The total is a fixed-order reduction over the layers (not an atomic sum over parameters), so every rank of a
+    # distributed run, and every rerun, gets the same bits and takes the same decisions.
+    return torch.linalg.vector_norm(layer_norm), layer_norm, sums < math.inf
 
 
 @dataclass
@@ -186,7 +246,7 @@ class GradStats:
                 layer_ids=layer_ids,
                 present=_upload(mask, device),
                 order=order,
-                # [layer ids | layer ids + L]: squared norms and non-finite counts are summed by one index_add.
+                # One index_add fills the per-layer squares and the per-layer norm sums (see FlatStats).
                 index=torch.cat([layer_ids, layer_ids + self.num_layers]),
                 zeros=torch.zeros(2 * self.num_layers, dtype=torch.float32, device=device),
             )
@@ -195,22 +255,13 @@ class GradStats:
             self._cache[key] = hit
         return hit
 
-    def compute(self, *, param_norms: bool = False, grad_scale: Tensor | None = None) -> StepStats:
-        """Measure the gradients currently in ``.grad``.
-
-        Args:
-            param_norms: also compute each layer's parameter norm (AGC-style ratios, logging).
-            grad_scale: the factor the gradients are still multiplied by (a GradScaler's scale when the optimizer
-                unscales inside ``step``); the norms reported are those of the true, unscaled gradients.
-        """
+    def _gradients(self, general: bool = False) -> tuple[list[Tensor], list[Tensor], list[int], list[Tensor]] | None:
+        """Gradients, parameters, positions and plain local tensors of the parameters that have a gradient."""
         all_grads = [p.grad for p in self.params]
         # The usual step: every parameter has a plain tensor gradient (no None, no DTensor), so the gradient list is
         # the parameter list's and nothing needs converting. A set of the types is the cheapest test of that.
-        if all_grads and {type(g) for g in all_grads} == _PLAIN:
-            try:
-                return self._measure(all_grads, list(self.params), list(self._all), all_grads, param_norms, grad_scale)
-            except NotImplementedError:
-                pass  # a sparse gradient (no norm kernel for it): the general path below takes its values
+        if not general and all_grads and {type(g) for g in all_grads} == _PLAIN:
+            return all_grads, list(self.params), list(self._all), all_grads  # type: ignore[return-value]
         grads: list[Tensor] = []
         params: list[Tensor] = []
         present: list[int] = []
@@ -224,53 +275,70 @@ class GradStats:
                 params.append(p)
                 present.append(i)
         if not grads:
+            return None
+        return grads, params, present, [_dense(_local(g)) for g in grads]
+
+    def measure(self, *, grad_scale: Tensor | None = None) -> FlatStats | None:
+        """Measure the gradients currently in ``.grad`` into one flat vector (``None``: no parameter has one).
+
+        Five ops in the usual case (one device and dtype): ``_foreach_norm``, ``stack``, the squares, ``cat`` and
+        ``index_add``; under FSDP2 one ``all_reduce`` more.
+
+        Args:
+            grad_scale: the factor the gradients are still multiplied by (a GradScaler's scale when the optimizer
+                unscales inside ``step``); the norms reported are those of the true, unscaled gradients.
+        """
+        found = self._gradients()
+        if found is None:
+            return None
+        grads, params, present, local = found
+        device = local[0].device
+        try:
+            source, order = _flat_source(local, device, grad_scale)
+        except NotImplementedError:  # a sparse gradient (no norm kernel for it): measure its coalesced values
+            found = self._gradients(general=True)
+            assert found is not None
+            grads, params, present, local = found
+            source, order = _flat_source(local, device, grad_scale)
+        seg = self._segments(present, order, device, len(present) == len(self.params))
+        flat = torch.index_add(seg.zeros, 0, seg.index, source)
+        if self._should_all_reduce(grads[0]):
+            torch.distributed.all_reduce(flat)
+        return FlatStats(flat=flat, present=seg.present, grads=grads, params=params, param_indices=present)
+
+    def compute(self, *, param_norms: bool = False, grad_scale: Tensor | None = None) -> StepStats:
+        """Measure the gradients currently in ``.grad``.
+
+        Args:
+            param_norms: also compute each layer's parameter norm (AGC-style ratios, logging).
+            grad_scale: the factor the gradients are still multiplied by (a GradScaler's scale when the optimizer
+                unscales inside ``step``); the norms reported are those of the true, unscaled gradients.
+        """
+        measured = self.measure(grad_scale=grad_scale)
+        if measured is None:
             device = self.params[0].device if self.params else torch.device("cpu")
             zeros = torch.zeros(self.num_layers, device=device)
             false = torch.zeros((), dtype=torch.bool, device=device)
             return StepStats(zeros, zeros.sum(), false, zeros.bool(), zeros.bool(), [], [], [])
-        local = [_dense(_local(g)) for g in grads]
-        return self._measure(grads, params, present, local, param_norms, grad_scale)
-
-    def _measure(
-        self,
-        grads: list[Tensor],
-        params: list[Tensor],
-        present: list[int],
-        local: list[Tensor],
-        param_norms: bool,
-        grad_scale: Tensor | None,
-    ) -> StepStats:
-        device = local[0].device
-        norms, order = _grouped_norms(local, device)
-        seg = self._segments(present, order, device, len(present) == len(self.params))
-        if grad_scale is not None:
-            norms = norms / grad_scale.to(device=device, dtype=torch.float32)
-
-        # One vector of [squared norms | non-finite flags] so that a sharded run needs one all_reduce, not two.
-        # Norms are >= 0, inf or NaN: ``norms < inf`` is ``isfinite`` in one kernel instead of four.
-        bad = torch.where(norms < math.inf, 0.0, 1.0)
-        per_layer = torch.index_add(seg.zeros, 0, seg.index, torch.cat([norms * norms, bad]))
-        if self._should_all_reduce(grads[0]):
-            torch.distributed.all_reduce(per_layer)
-        layer_sq, layer_bad = per_layer[: self.num_layers], per_layer[self.num_layers :]
-        layer_nonfinite = layer_bad > 0
-        # A NaN anywhere must show in the total, even if the square sum of another layer overflowed to inf.
-        total = layer_sq.sum().sqrt()
+        total, layer_norm, layer_finite = measured.split()
+        layer_nonfinite = ~layer_finite
         stats = StepStats(
-            layer_norm=layer_sq.sqrt(),
+            layer_norm=layer_norm,
             total_norm=total,
             nonfinite=layer_nonfinite.any(),
             layer_nonfinite=layer_nonfinite,
-            layer_present=seg.present,
-            grads=grads,
-            params=params,
-            param_indices=present,
+            layer_present=measured.present,
+            grads=measured.grads,
+            params=measured.params,
+            param_indices=measured.param_indices,
         )
         if param_norms:
+            params = measured.params
+            device = layer_norm.device
             pnorms, porder = _grouped_norms([_local(p.detach()) for p in params], device)
-            pids = seg.layer_ids if porder == order else self._layer_ids(present, porder, device)
+            pids = self._layer_ids(measured.param_indices, porder, device)
             psq = torch.zeros(self.num_layers, dtype=torch.float32, device=device).index_add_(0, pids, pnorms.square())
-            if self._should_all_reduce(grads[0]):
+            if self._should_all_reduce(measured.grads[0]):
                 torch.distributed.all_reduce(psq)
             stats.layer_param_norm = psq.sqrt()
         return stats

@@ -255,6 +255,7 @@ def test_csv_logger_gets_the_summary_scalars(tmp_path: Any) -> None:
         {"exploding": VanishingDetector()},
         {"vanishing": ExplodingDetector()},
         {"regularizers": ["l2"]},
+        {"compile": "cuda"},
     ],
 )
 def test_invalid_arguments(kwargs: dict) -> None:

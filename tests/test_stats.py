@@ -34,15 +34,16 @@ def _reference(model: nn.Module) -> tuple[dict[str, float], float]:
     seen: set[int] = set()
     per_layer: dict[str, float] = {}
     for name, module in model.named_modules():
-        grads = []
-        for p in module.parameters(recurse=False):
+        grads: dict[str, list[torch.Tensor]] = {}
+        for attr, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
             if p.grad is not None:
-                grads.append(p.grad.double().flatten())
-        if grads:
-            per_layer[name or ROOT_LAYER] = torch.linalg.vector_norm(torch.cat(grads)).item()
+                # A parameter set on the root module is a layer of its own, named by its attribute.
+                grads.setdefault(name or attr, []).append(p.grad.double().flatten())
+        for layer, parts in grads.items():
+            per_layer[layer] = torch.linalg.vector_norm(torch.cat(parts)).item()
     total = math.sqrt(sum(v * v for v in per_layer.values()))
     return per_layer, total
 
@@ -63,7 +64,8 @@ def test_per_layer_and_total_norms_match_a_naive_reference() -> None:
         assert got[name] == pytest.approx(value, rel=1e-6)
     assert got["unused"] == 0.0
     present = dict(zip(index.names, stats.layer_present.tolist()))
-    assert not present["unused"] and present["wide"] and present[ROOT_LAYER]
+    assert not present["unused"] and present["wide"] and present["temperature"]
+    assert ROOT_LAYER not in index.names
     assert stats.total_norm.item() == pytest.approx(ref_total, rel=1e-6)
     assert not stats.nonfinite.item()
     assert stats.layer_param_norm is not None

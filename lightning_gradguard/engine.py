@@ -1,0 +1,808 @@
+"""GuardEngine: GradGuard's per-step gradient pipeline as a plain PyTorch object, usable without Lightning.
+
+One call per optimizer step, after ``backward`` and before ``optimizer.step()``: regularize, measure, detect, act
+(non-finite skip/zero/raise, clip) and record. Everything a step records lives in a few flat device buffers, each
+declared once (:data:`_BUFFERS`) with its reset value; set-up, the start of each logging window, saving and restoring
+loop over that table. Nothing is copied to the host on a step (with the one documented exception of
+``on_nonfinite="skip"``/``"raise"``: one boolean, as a GradScaler reads): the host learns what happened from a small
+copy that lands without a wait (:meth:`GuardEngine.drain`), and reads the logged figures with one batched copy on
+logging steps (:meth:`GuardEngine.snapshot`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lightning_gradguard._host import HostFlags
+from lightning_gradguard._validation import check_bool
+from lightning_gradguard.clip import Clipper, ZClip
+from lightning_gradguard.detect import ExplodingDetector, ExplodingResult, VanishingDetector, VanishingResult
+from lightning_gradguard.layers import LayerIndex, build_layer_index
+from lightning_gradguard.lr import LRGuard, LRGuardHandle
+from lightning_gradguard.regularize import Regularizer
+from lightning_gradguard.stats import FlatStats, GradStats, StepStats, split_flat
+
+__all__ = [
+    "EVENT_KINDS",
+    "EngineSnapshot",
+    "GradientExplosionError",
+    "GuardEngine",
+    "NonFiniteGradientError",
+    "StepEvent",
+    "VanishingGradientError",
+]
+
+log = logging.getLogger(__name__)
+
+EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
+NONFINITE_MODES = ("skip", "zero", "raise", "warn")
+# What ``torch.compile`` uses for the fused per-step tail (tests swap in a cheaper backend).
+_COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+_MAX_EVENTS = 1000  # undrained events kept (a plain loop that never calls drain() must not grow without bound)
+
+
+class GradientExplosionError(RuntimeError):
+    """Raised by ``GradGuard(on_exploding="raise")``."""
+
+
+class VanishingGradientError(RuntimeError):
+    """Raised by ``GradGuard(on_vanishing="raise")``."""
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``on_nonfinite="raise"`` (:class:`GuardEngine`, ``GradGuard``)."""
+
+
+class SparseGradientError(ValueError):
+    """A clipper that works on rows of dense tensors (AGC) met a sparse gradient."""
+
+
+# ---------------------------------------------------------------------------------------------------- flat state
+class _Buffer(NamedTuple):
+    """One device buffer of the per-step record."""
+
+    name: str
+    rows: int  # first dimension
+    per_layer: bool  # second dimension: the number of layers
+    dtype: torch.dtype
+    reset: tuple[float, ...]  # value of each row at set-up
+    window: slice | None  # rows set back to ``reset`` at the start of each logging window (None: kept)
+    saved: bool  # part of state_dict()
+
+
+# Device counters (cumulative, saved): one slot per kind, in this order.
+_COUNTS = ("exploding", "vanishing", "nonfinite", "overflow", "clipped")
+# Per-layer rows. "last" (the latest norm) survives a log; the others describe the window since the last log: the
+# last step with a gradient ("seen"), and the first step of each event with the layer's norm at that step.
+_ROWS = ("last", "seen", "exploding_step", "exploding_value", "vanishing_step", "vanishing_value", "nonfinite_step")
+_STEP_ROWS = (False, True, True, False, True, False, True)  # rows that record a step number rather than a norm
+_FIRST_ONLY = (False, False, True, True, True, True, True)  # rows that keep their first value of the window
+_UNSET = -1.0  # steps and norms are >= 0 (NaN aside): a negative entry was never written
+# Window extremes, all as maxima: [max total norm, -(min total norm), -(min clip coefficient)].
+_EXTREMES_RESET = (-math.inf, -math.inf, -1.0)
+
+_BUFFERS = (
+    _Buffer("counts", len(_COUNTS), False, torch.int64, (0,) * len(_COUNTS), None, True),
+    # Steps since the window started: the step rows record this local index (a device value, so that a compiled
+    # tail never sees a Python number that changes every step); the host maps it back to the caller's step numbers.
+    _Buffer("clock", 1, False, torch.int64, (0,), slice(None), False),
+    _Buffer("extremes", 3, False, torch.float32, _EXTREMES_RESET, slice(None), False),
+    _Buffer("layers", len(_ROWS), True, torch.float32, (0.0,) + (_UNSET,) * (len(_ROWS) - 1), slice(1, None), False),
+)
+
+
+def _reset_value(buffer: _Buffer, num_layers: int, device: torch.device) -> Tensor:
+    value = torch.tensor(buffer.reset, dtype=buffer.dtype, device=device)
+    return value.reshape(-1, 1).expand(buffer.rows, num_layers).clone() if buffer.per_layer else value
+
+
+class _Record:
+    """The flat device buffers of one :class:`GuardEngine` and the few fused ops that fold a step into them."""
+
+    def __init__(self, num_layers: int, device: torch.device) -> None:
+        self.num_layers = num_layers
+        self.device = device
+        # Each buffer's reset value, made once on the device: starting a window is then a device-side copy.
+        self.resets = {b.name: _reset_value(b, num_layers, device) for b in _BUFFERS}
+        self.buffers: dict[str, Tensor] = {name: value.clone() for name, value in self.resets.items()}
+        # Constants made once: a per-step torch.tensor would be one more op and, on a GPU, a host-to-device copy.
+        rows = len(_ROWS)
+        self.step_rows = torch.tensor(_STEP_ROWS, device=device).reshape(rows, 1)
+        self.every_step = ~torch.tensor(_FIRST_ONLY, device=device).reshape(rows, 1)
+        self.signs = torch.tensor([1.0, -1.0, -1.0], device=device)
+        self.gated = torch.tensor([True, True, False], device=device)  # extremes that only move on valid steps
+        self.one = torch.ones((), device=device)
+        self.zero = torch.zeros((), dtype=torch.int64, device=device)
+        self.false = torch.zeros((), dtype=torch.bool, device=device)
+        self.no_layers = torch.zeros(num_layers, dtype=torch.bool, device=device)
+        self.unclipped = torch.zeros((), dtype=torch.bool, device=device)  # an input of update(): not aliased inside
+
+    def start_window(self) -> None:
+        for b in _BUFFERS:
+            if b.window is not None:
+                self.buffers[b.name][b.window] = self.resets[b.name][b.window]
+
+    def update(
+        self,
+        total: Tensor,
+        layer_norm: Tensor,
+        layer_finite: Tensor,
+        valid: Tensor,
+        present: Tensor,
+        exploding: ExplodingResult | None,
+        vanishing: VanishingResult | None,
+        coef: Tensor,
+        clipped: Tensor,
+        grad_scaler: bool,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Fold one step into the buffers.
+
+        Returns:
+            The ``[5]`` int64 increment of the counters (the host's flags), the step's non-finite flag and, without
+            a GradScaler, the per-layer non-finite flags.
+        """
+        nonfinite = ~valid
+        extremes = self.buffers["extremes"]
+        candidates = torch.stack([total, total, coef]) * self.signs
+        self.buffers["extremes"] = torch.where(self.gated & nonfinite, extremes, torch.maximum(extremes, candidates))
+
+        if exploding is not None:
+            # A total-norm explosion with no single layer to blame is filed under the largest layer.
+            exploding_layers = torch.where(
+                exploding.layers.any(), exploding.layers, exploding.total & (layer_norm == layer_norm.max())
+            )
+        else:
+            exploding_layers = self.no_layers
+        vanishing_layers = vanishing.new if vanishing is not None else self.no_layers
+        # A GradScaler overflow is routine (scale calibration): counted, not recorded per layer.
+        layer_nonfinite = None if grad_scaler else ~layer_finite
+        nonfinite_layers = self.no_layers if layer_nonfinite is None else layer_nonfinite
+        flags = torch.stack(
+            [present, present, exploding_layers, exploding_layers, vanishing_layers, vanishing_layers, nonfinite_layers]
+        )
+        layers, clock = self.buffers["layers"], self.buffers["clock"]
+        clock.add_(1)
+        take = flags & ((layers < 0) | self.every_step)
+        self.buffers["layers"] = torch.where(take, torch.where(self.step_rows, clock, layer_norm), layers)
+
+        increment = torch.stack(
+            [
+                exploding.any if exploding is not None else self.false,
+                vanishing.new.sum() if vanishing is not None else self.zero,
+                self.false if grad_scaler else nonfinite,
+                nonfinite if grad_scaler else self.false,
+                clipped,
+            ]
+        )
+        self.buffers["counts"].add_(increment)
+        return increment, nonfinite, layer_nonfinite
+
+
+class _Tail:
+    """The fused parts of the per-step tail, run eagerly or compiled: ``pre`` (from the measurement through the
+    detectors) and ``post`` (the record) around the clipper, or ``whole`` (both) when nothing runs between them.
+
+    The first step always runs eagerly (the detectors and the clipper create their state); compiled parts take
+    only tensors of fixed shapes, so they compile once. A compiler that fails falls back to eager, said once.
+    """
+
+    def __init__(self, parts: dict[str, Callable[..., Any]], compile: bool | str, device: torch.device) -> None:
+        self.parts = parts
+        self.wanted = compile is True or (compile == "auto" and device.type == "cuda")
+        self.state = "pending"  # "pending" (the first step), "on" or "off"
+        self.compiled: dict[str, Callable[..., Any]] | None = None
+
+    def __call__(self, part: str, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled[part](*args)
+            except Exception as err:  # a compiler that cannot handle this setup: eager from now on
+                log.warning("GradGuard: torch.compile of the per-step tail failed (%s); running it eagerly.", err)
+                self.state, self.compiled = "off", None
+        return self.parts[part](*args)
+
+    def step_done(self) -> None:
+        if self.state == "pending":
+            self.state = "on" if self.wanted else "off"
+            if self.wanted:  # torch.compile is lazy: a part compiles on its first call
+                options: dict[str, Any] = {"backend": _COMPILE_BACKEND, "fullgraph": True, "dynamic": False}
+                self.compiled = {name: torch.compile(fn, **options) for name, fn in self.parts.items()}
+
+
+# ------------------------------------------------------------------------------------------------- host results
+class StepEvent(NamedTuple):
+    """A step on which something happened, as the host learned it (at most a step late, from a copy that landed
+    without a wait). Returned by :meth:`GuardEngine.drain`.
+
+    Attributes:
+        step: the step number given to :meth:`GuardEngine.step`.
+        exploding: the exploding detector flagged the step.
+        vanishing: some layer reached the vanishing detector's patience on this step.
+        nonfinite: the gradients held inf/NaN (and no GradScaler handled it).
+        overflow: the gradients held inf/NaN under a GradScaler (routine loss-scale calibration).
+        lr_reduced: the LR guard lowered its multiplier on this step.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(3, 1)
+        >>> engine = GuardEngine(model, on_nonfinite="skip")
+        >>> model.weight.grad, model.bias.grad = torch.full((1, 3), float("inf")), torch.zeros(1)
+        >>> _ = engine.step()
+        >>> engine.drain()
+        [StepEvent(step=1, exploding=False, vanishing=False, nonfinite=True, overflow=False, lr_reduced=False)]
+    """
+
+    step: int
+    exploding: bool
+    vanishing: bool
+    nonfinite: bool
+    overflow: bool
+    lr_reduced: bool
+
+
+@dataclass
+class EngineSnapshot:
+    """What one logging window recorded, on the host (from one batched device-to-host copy).
+
+    Attributes:
+        layer_names: the layers, in the order of the per-layer arrays.
+        total_norm: the last step's total gradient norm.
+        total_norm_max: the largest finite total norm of the window (``-inf``: no valid step).
+        total_norm_min: the smallest finite total norm of the window.
+        clip_threshold: the clipper's last threshold (``None``: no clipper).
+        clip_coef: the smallest clipping coefficient of the window (``None``: no clipper).
+        ema: the exploding detector's EMA total norm and band edges (``None``: no detector, or not started).
+        lr_scale: the LR guard's multiplier (``None``: no LR guard).
+        counts: cumulative count of each kind of :data:`EVENT_KINDS`.
+        layer_norms: ``[L]`` the latest norm of each layer.
+        present: ``[L]`` which layers had a gradient during the window.
+        exploding: ``[L]`` which layers had an exploding event during the window.
+        vanishing: ``[L]`` which layers had a vanishing event during the window.
+        events: one row per layer and kind, the first event of the window: ``step``, ``kind``, ``layer``, ``value``
+            (the layer's norm then; NaN for non-finite), sorted by step.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        >>> engine = GuardEngine(model, clip=None)
+        >>> for _ in range(3):
+        ...     model.zero_grad()
+        ...     model(torch.ones(4, 3)).sum().backward()
+        ...     _ = engine.step()
+        >>> snap = engine.snapshot()
+        >>> snap.layer_names, snap.present.tolist(), snap.counts["exploding"]
+        (['0', '1'], [True, True], 0)
+        >>> round(snap.metrics()["gradguard/total_norm"], 4) == round(snap.total_norm, 4)
+        True
+    """
+
+    layer_names: list[str]
+    total_norm: float
+    total_norm_max: float
+    total_norm_min: float
+    clip_threshold: float | None
+    clip_coef: float | None
+    ema: tuple[float, float, float] | None
+    lr_scale: float | None
+    counts: dict[str, int]
+    layer_norms: np.ndarray
+    present: np.ndarray
+    exploding: np.ndarray
+    vanishing: np.ndarray
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "gradguard/", lr: float | None = None) -> dict[str, float]:
+        """The run-level scalars under their TensorBoard tags (``prefix`` + ``total_norm``, ``events/exploding``, ...).
+
+        Args:
+            prefix: prepended to every tag.
+            lr: the scheduled learning rate, to log the effective one (``lr * lr_scale``) as ``lr``.
+        """
+        metrics = {prefix + "total_norm": self.total_norm}
+        if self.total_norm_max > -math.inf:
+            metrics[prefix + "total_norm_max"] = self.total_norm_max
+            metrics[prefix + "total_norm_min"] = self.total_norm_min
+        if self.clip_threshold is not None and self.clip_coef is not None:
+            metrics[prefix + "clip_threshold"] = self.clip_threshold
+            metrics[prefix + "clip_coef"] = self.clip_coef
+        if self.ema is not None:
+            metrics[prefix + "ema_mean"], metrics[prefix + "ema_lower"], metrics[prefix + "ema_upper"] = self.ema
+        if self.lr_scale is not None:
+            metrics[prefix + "lr_scale"] = self.lr_scale
+            if lr is not None:
+                metrics[prefix + "lr"] = lr * self.lr_scale
+        for kind, value in self.counts.items():
+            metrics[f"{prefix}events/{kind}"] = float(value)
+        return metrics
+
+    @classmethod
+    def from_gathered(
+        cls,
+        values: np.ndarray,
+        layer_names: list[str],
+        step_number: Callable[[int], int],
+        host_counts: dict[str, int],
+        clipped: bool,
+        lr_scale: float | None,
+    ) -> EngineSnapshot:
+        """Parse a host copy of :meth:`GuardEngine.gather` (``step_number`` maps window indices to step numbers)."""
+        scalars, counts = values[:8], values[8 : 8 + len(_COUNTS)]
+        row = dict(zip(_ROWS, values[8 + len(_COUNTS) :].reshape(len(_ROWS), len(layer_names))))
+        events = []
+        for kind in ("exploding", "vanishing", "nonfinite"):
+            steps, norms = row[f"{kind}_step"], row.get(f"{kind}_value")
+            for i in np.flatnonzero(steps >= 0):
+                value = float(norms[i]) if norms is not None else math.nan
+                events.append(
+                    {"step": step_number(int(steps[i])), "kind": kind, "layer": layer_names[i], "value": value}
+                )
+        events.sort(key=lambda r: (r["step"], r["kind"]))
+        device_counts = dict(zip(_COUNTS, (int(c) for c in counts)))
+        return cls(
+            layer_names=layer_names,
+            total_norm=float(scalars[0]),
+            total_norm_max=float(scalars[1]),
+            total_norm_min=float(scalars[2]),
+            clip_threshold=float(scalars[3]) if clipped else None,
+            clip_coef=float(scalars[4]) if clipped else None,
+            ema=None if math.isnan(scalars[5]) else (float(scalars[5]), float(scalars[6]), float(scalars[7])),
+            lr_scale=lr_scale,
+            counts={kind: device_counts.get(kind, host_counts.get(kind, 0)) for kind in EVENT_KINDS},
+            layer_norms=row["last"],
+            present=row["seen"] >= 0,
+            exploding=row["exploding_step"] >= 0,
+            vanishing=row["vanishing_step"] >= 0,
+            events=events,
+        )
+
+
+def _default(value: Any, factory: Callable[[], Any]) -> Any:
+    return factory() if isinstance(value, str) and value == "default" else value
+
+
+def _to_device(state: Any, device: torch.device) -> Any:
+    if isinstance(state, Tensor):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_device(v, device) for v in state]
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------ engine
+class GuardEngine:
+    r"""GradGuard's per-step pipeline for one optimizer's parameters, in plain PyTorch (no Lightning).
+
+    Call :meth:`step` once per optimizer step, after ``backward`` (and after ``scaler.unscale_`` under AMP) and
+    before ``optimizer.step()``. It adds the regularizers' gradient terms, measures the per-layer gradient norms in
+    one pass, runs the detectors, handles non-finite gradients (``"skip"`` sets every ``.grad`` to ``None``, so
+    ``optimizer.step()`` leaves parameters and optimizer state untouched), clips, and folds the step into a few flat
+    device buffers. :meth:`drain` returns the steps on which something happened (and feeds the LR guard and the
+    adaptive regularizers from them); :meth:`snapshot` reads everything recorded since the last snapshot with one
+    device-to-host copy. :class:`~lightning_gradguard.GradGuard` is a thin Lightning adapter around one engine per
+    optimizer.
+
+    With ``compile=True`` (``"auto"``: on CUDA only) the per-step tail, from the measured norms through the detectors
+    (before the clipper) and the record (after it), runs as two functions compiled once with ``torch.compile``; their
+    shapes do not depend on which layers have gradients, so nothing recompiles when that set changes. A compilation
+    failure falls back to the eager path with one message. Compiling takes seconds on a GPU and tens of seconds on a
+    CPU, which is why ``"auto"`` leaves the CPU eager.
+
+    Args:
+        model: the model (its parameters are grouped into layers as by :func:`~lightning_gradguard.build_layer_index`,
+            frozen ones included so that unfreezing later needs no rebuild), or a ready :class:`LayerIndex`.
+        clip: the clipper; ``"default"`` is ``ZClip()``, ``None`` disables clipping.
+        exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
+        vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
+        lr_guard: an :class:`LRGuard` fed from the exploding and non-finite steps (connect it to the optimizer with
+            :meth:`attach`); ``None``: no LR guard.
+        regularizers: gradient-term regularizers, bound to ``model`` when it is a module.
+        on_nonfinite: ``"skip"``, ``"zero"`` (the non-finite entries), ``"raise"`` (:class:`NonFiniteGradientError`)
+            or ``"warn"`` (let it through; reported by :meth:`drain`).
+        clip_exploding: also clip a step that the exploding detector flags down to the detector's boundary.
+        compile: compile the per-step tail with ``torch.compile``: ``True``, ``False`` or ``"auto"`` (on CUDA).
+        key: this engine's key in a shared :class:`LRGuard` (one per optimizer).
+        group_depth: layer grouping, when ``model`` is a module (see ``build_layer_index``).
+        group_fn: layer grouping by parameter name, when ``model`` is a module.
+
+    Raises:
+        ValueError: for an argument outside its allowed values.
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradguard import GuardEngine, LRGuard
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> engine = GuardEngine(model, lr_guard=LRGuard())
+        >>> handle = engine.attach(opt)  # the LR guard's multiplier applies inside opt.step()
+        >>> for step in range(1, 21):
+        ...     opt.zero_grad()
+        ...     loss = model(torch.randn(16, 4)).square().mean()
+        ...     if step == 12:
+        ...         loss = loss * float("nan")  # a bad batch
+        ...     loss.backward()
+        ...     _ = engine.step()  # regularize, measure, detect, skip/clip, record
+        ...     opt.step()
+        >>> [(e.step, e.nonfinite) for e in engine.drain()]
+        [(12, True)]
+        >>> snap = engine.snapshot()  # one device-to-host copy
+        >>> snap.counts["nonfinite"], snap.counts["skipped"], snap.layer_names
+        (1, 1, ['0', '2'])
+        >>> sorted(snap.metrics())[:3]
+        ['gradguard/clip_coef', 'gradguard/clip_threshold', 'gradguard/ema_lower']
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | LayerIndex,
+        clip: Clipper | None | Literal["default"] = "default",
+        exploding: ExplodingDetector | None | Literal["default"] = "default",
+        vanishing: VanishingDetector | None | Literal["default"] = "default",
+        lr_guard: LRGuard | None = None,
+        regularizers: Sequence[Regularizer] = (),
+        on_nonfinite: Literal["skip", "zero", "raise", "warn"] = "skip",
+        clip_exploding: bool = True,
+        compile: bool | Literal["auto"] = "auto",
+        key: int = 0,
+        group_depth: int | None = None,
+        group_fn: Callable[[str], str] | None = None,
+    ) -> None:
+        if on_nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+        if compile != "auto":
+            check_bool("compile", compile)
+        check_bool("clip_exploding", clip_exploding)
+        for name, value, cls in (
+            ("clip", clip, Clipper),
+            ("exploding", exploding, ExplodingDetector),
+            ("vanishing", vanishing, VanishingDetector),
+            ("lr_guard", lr_guard, LRGuard),
+        ):
+            if value is not None and value != "default" and not isinstance(value, cls):
+                raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+        if isinstance(model, LayerIndex):
+            index = model
+        elif isinstance(model, nn.Module):
+            index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
+            for r in regularizers:
+                r.bind(model)
+        else:
+            raise ValueError(f"`model` must be an nn.Module or a LayerIndex, got {type(model).__name__}")
+        if not index.params:
+            raise ValueError("GuardEngine: the model has no parameters, so there are no gradients to watch.")
+        self.index = index
+        self.clipper: Clipper | None = _default(clip, ZClip)
+        self.exploding: ExplodingDetector | None = _default(exploding, ExplodingDetector)
+        self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
+        self.lr_guard = lr_guard
+        self.regularizers = list(regularizers)
+        self.on_nonfinite = on_nonfinite
+        self.clip_exploding = clip_exploding
+        self.compile = compile
+        self.key = key
+        self.steps = 0  # steps recorded (cumulative, saved)
+        self.steps_since_log = 0
+        self.host_counts = {"skipped": 0, "lr_reduced": 0}
+        self.skipped = False  # whether the last step was skipped
+        self._stats = GradStats(index.params, index.layer_of_param, index.num_layers)
+        self._record = _Record(index.num_layers, index.params[0].device)
+        self._last_total = torch.zeros((), device=self._record.device)
+        self._pending: deque[tuple[HostFlags, bool]] = deque()
+        self._free: list[HostFlags] = []
+        self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
+        # (index in the window, step number) where the caller's step numbers stop running consecutively.
+        self._stamps: list[tuple[int, int]] = []
+        self._tail = _Tail({"pre": self._pre, "post": self._post, "whole": self._whole}, compile, self._record.device)
+
+    def __repr__(self) -> str:
+        return (
+            f"GuardEngine(layers={self.index.num_layers}, clip={self.clipper!r}, exploding={self.exploding!r},"
+            f" vanishing={self.vanishing!r}, lr_guard={self.lr_guard!r}, on_nonfinite={self.on_nonfinite!r},"
+            f" compile={self.compile!r})"
+        )
+
+    # -------------------------------------------------------------------------------------------- the step
+    def attach(self, optimizer: torch.optim.Optimizer) -> LRGuardHandle:
+        """Apply the LR guard's multiplier inside ``optimizer.step()`` (see :meth:`LRGuard.attach`)."""
+        if self.lr_guard is None:
+            raise ValueError("GuardEngine.attach: the engine has no lr_guard.")
+        return self.lr_guard.attach(optimizer, self.key)
+
+    @torch.no_grad()
+    def step(
+        self, step: int | None = None, *, grad_scale: Tensor | None = None, grad_scaler: bool = False
+    ) -> StepStats | None:
+        """Run the pipeline on the gradients in ``.grad``; call it before ``optimizer.step()``.
+
+        Args:
+            step: the number events are stamped with (default: the count of steps so far, plus one).
+            grad_scale: the factor the gradients are still multiplied by (a GradScaler's scale, when a fused
+                optimizer unscales inside ``step``): norms and clipping work on the true gradients.
+            grad_scaler: a GradScaler skips non-finite steps itself (16-bit AMP): they are counted as overflow and
+                neither handled, nor fed to the LR guard.
+
+        Returns:
+            The step's measurements (device tensors), or ``None`` when no parameter had a gradient. After a skipped
+            step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``.
+
+        Raises:
+            NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
+        """
+        self._process_landed()
+        for r in self.regularizers:
+            r.add_grad_(grad_scale if grad_scale is not None else 1.0)
+        measured = self._stats.measure(grad_scale=grad_scale)
+        self.skipped = False
+        if measured is None:
+            return None
+        number = self.steps + 1 if step is None else int(step)
+        if self.clipper is None and self.on_nonfinite != "raise":
+            # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
+            # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
+            (total, layer_norm, layer_finite, valid, _, _), (increment, nonfinite, layer_nonfinite) = self._tail(
+                "whole", measured.flat, measured.present, grad_scaler
+            )
+            if not grad_scaler:
+                self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+        else:
+            total, layer_norm, layer_finite, valid, exploding, vanishing = self._tail(
+                "pre", measured.flat, measured.present
+            )
+            if not grad_scaler:
+                self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+            coef, clipped = self._clip(measured, total, valid, exploding)
+            increment, nonfinite, layer_nonfinite = self._tail(
+                "post", total, layer_norm, layer_finite, valid, measured.present, exploding, vanishing, coef, clipped,
+                grad_scaler,
+            )  # fmt: skip
+        self._last_total = total
+        if not self._stamps or self._stamps[-1][1] + (self.steps_since_log - self._stamps[-1][0]) != number:
+            self._stamps.append((self.steps_since_log, number))  # runs of consecutive step numbers: O(1) memory
+        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS), total.device)
+        flags.fill(increment, number)
+        self._pending.append((flags, grad_scaler))
+        self.steps += 1
+        self.steps_since_log += 1
+        self._tail.step_done()
+        return StepStats(
+            layer_norm=layer_norm, total_norm=total, nonfinite=nonfinite,
+            layer_nonfinite=~layer_finite if layer_nonfinite is None else layer_nonfinite,
+            layer_present=measured.present, grads=measured.grads, params=measured.params,
+            param_indices=measured.param_indices,
+        )  # fmt: skip
+
+    def _pre(
+        self, flat: Tensor, present: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ExplodingResult | None, VanishingResult | None]:
+        """From the flat measurement to the detectors' verdicts (the first compiled part)."""
+        total, layer_norm, layer_finite = split_flat(flat, self.index.num_layers)
+        valid = layer_finite.all()
+        exploding = self.exploding.update(total, layer_norm, valid, present) if self.exploding is not None else None
+        vanishing = self.vanishing.update(layer_norm, valid, present) if self.vanishing is not None else None
+        return total, layer_norm, layer_finite, valid, exploding, vanishing
+
+    def _post(self, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The record (the second compiled part); see :meth:`_Record.update`."""
+        return self._record.update(*args)
+
+    def _whole(self, flat: Tensor, present: Tensor, grad_scaler: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        """``_pre`` and ``_post`` as one part, for an engine without a clipper."""
+        found = self._pre(flat, present)
+        total, layer_norm, layer_finite, valid, exploding, vanishing = found
+        record = self._record
+        args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, record.one, record.false)
+        return found, record.update(*args, grad_scaler)
+
+    def _handle_nonfinite(self, measured: FlatStats, valid: Tensor, layer_finite: Tensor, step: int) -> bool:
+        mode = self.on_nonfinite
+        if mode == "zero":
+            # One kernel per gradient, sync-free; only inf/NaN entries change.
+            for g in measured.grads:
+                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+            return False
+        if mode == "warn":
+            return False  # reported by drain(), at most a step late
+        # "skip" and "raise" must decide before optimizer.step: the one documented host read per step.
+        if bool(valid):
+            return False
+        if mode == "raise":
+            bad = [n for n, ok in zip(self.index.names, layer_finite.tolist()) if not ok]
+            raise NonFiniteGradientError(
+                f"GradGuard: non-finite gradients at step {step} in layer(s) {bad[:5]}"
+                f"{' and more' if len(bad) > 5 else ''}."
+            )
+        for p in self.index.params:
+            p.grad = None  # torch optimizers then leave the parameter and its state (moments, step) untouched
+        self.host_counts["skipped"] += 1
+        return True
+
+    def _clip(
+        self, measured: FlatStats, total: Tensor, valid: Tensor, exploding: ExplodingResult | None
+    ) -> tuple[Tensor, Tensor]:
+        """Clip (unless skipped): the coefficient for the record (the clipper's last one on a skipped step, as the
+        extremes always did) and whether it clipped."""
+        clipper, record = self.clipper, self._record
+        if clipper is None:
+            return record.one, record.unclipped
+        if self.skipped:
+            return clipper.last_coef.to(total.device, torch.float32), record.unclipped
+        names = owners = None
+        if clipper.needs_params:
+            if any(g.is_sparse for g in measured.grads):
+                raise SparseGradientError(
+                    f"GradGuard(clip={type(clipper).__name__}(...)) cannot clip sparse gradients (e.g."
+                    " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip or"
+                    " AutoClip, which clip sparse gradients."
+                )
+            names = [self.index.param_names[i] for i in measured.param_indices]
+            owners = [self.index.owner_types[i] for i in measured.param_indices]
+        cap = exploding.cap if (exploding is not None and self.clip_exploding) else None
+        coef = clipper.clip_grads_(
+            measured.grads, total, valid, params=measured.params, names=names, owner_types=owners, cap=cap
+        )
+        if coef.device != total.device or coef.dtype != torch.float32:
+            coef = coef.to(total.device, torch.float32)
+        return coef, coef < 1.0
+
+    # ------------------------------------------------------------------------------------------ host side
+    def _process_landed(self) -> None:
+        """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
+        while self._pending and self._pending[0][0].ready():
+            flags, grad_scaler = self._pending.popleft()
+            exploding, vanishing, nonfinite, overflow, _ = (bool(v) for v in flags.values)
+            self._free.append(flags)
+            lr_reduced = False
+            # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
+            # step. Without a GradScaler, one non-finite step is a bad batch (skipped, counted); the LR guard lowers
+            # the rate only when they repeat (``LRGuard.nonfinite_patience``).
+            if not (grad_scaler and overflow):
+                if self.lr_guard is not None and self.lr_guard.update(exploding, self.key, nonfinite=nonfinite):
+                    self.host_counts["lr_reduced"] += 1
+                    lr_reduced = True
+                for r in self.regularizers:
+                    r.on_exploding(exploding)
+            if exploding or vanishing or nonfinite or overflow or lr_reduced:
+                self._events.append(StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced))
+
+    def drain(self) -> list[StepEvent]:
+        """The steps on which something happened, as far as the host has learned (never waits for the device).
+
+        Also advances the LR guard and the adaptive regularizers by every step whose flags have landed. Call it
+        once per step (``GradGuard`` does, in its hooks) or whenever events matter; :meth:`step` advances the LR
+        guard by itself.
+        """
+        self._process_landed()
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    @property
+    def scalars(self) -> Tensor:
+        """``[8]`` device vector: last, max and min total norm, clip threshold, min clip coefficient, EMA band."""
+        device = self._record.device
+        extremes = self._record.buffers["extremes"] * self._record.signs
+        threshold = self.clipper.last_threshold if self.clipper is not None else torch.tensor(math.inf)
+        band = self.exploding.band() if self.exploding is not None else torch.full((3,), math.nan)
+        return torch.cat(
+            [
+                self._last_total.reshape(1).float(),
+                extremes[:2],
+                threshold.to(device, torch.float32).reshape(1),
+                extremes[2:],
+                band.to(device, torch.float32),
+            ]
+        )
+
+    @property
+    def counts(self) -> Tensor:
+        """``[5]`` int64 device counters: exploding, vanishing, non-finite, overflow and clipped steps."""
+        return self._record.buffers["counts"]
+
+    @property
+    def layer_last(self) -> Tensor:
+        """``[L]`` device vector: each layer's latest gradient norm (0 until it has had a gradient)."""
+        return self._record.buffers["layers"][0]
+
+    @property
+    def layer_present(self) -> Tensor:
+        """``[L]`` bool device vector: the layers that had a gradient since the last snapshot."""
+        return self._record.buffers["layers"][1] >= 0
+
+    def gather(self) -> Tensor:
+        """Everything :meth:`snapshot` reads, as one flat fp32 device vector (to batch several engines' copies)."""
+        return torch.cat([self.scalars, self.counts.float(), self._record.buffers["layers"].reshape(-1)])
+
+    def snapshot(self, values: np.ndarray | None = None, reset: bool = True) -> EngineSnapshot:
+        """What was recorded since the last snapshot, on the host.
+
+        Args:
+            values: this engine's part of a batched copy of :meth:`gather` (default: the engine copies it itself, the
+                one device-to-host transfer).
+            reset: start a new logging window (extremes, first events and "seen" restart; counters go on).
+        """
+        if values is None:
+            values = self.gather().cpu().numpy()
+        snap = EngineSnapshot.from_gathered(
+            values,
+            list(self.index.names),
+            self._step_number,
+            self.host_counts,
+            clipped=self.clipper is not None,
+            lr_scale=self.lr_guard.scale(self.key) if self.lr_guard is not None else None,
+        )
+        if reset:
+            self.start_window()
+        return snap
+
+    def start_window(self) -> None:
+        """Start a new logging window (what :meth:`snapshot` does after reading)."""
+        self._record.start_window()
+        self.steps_since_log = 0
+        self._stamps = []
+
+    def _step_number(self, local: int) -> int:
+        """The caller's step number of the window's ``local``-th step (1-based)."""
+        position = bisect.bisect_right(self._stamps, (local - 1, math.inf)) - 1
+        first, number = self._stamps[position]
+        return number + (local - 1 - first)
+
+    def layer_report(self, kind: str) -> str:
+        """The layers with a ``kind`` event in the current window and their norms (a host read: for error messages)."""
+        rows = self._record.buffers["layers"]
+        steps, values = rows[_ROWS.index(f"{kind}_step")].tolist(), rows[_ROWS.index(f"{kind}_value")].tolist()
+        found = [(n, v) for n, s, v in zip(self.index.names, steps, values) if s >= 0]
+        return ", ".join(f"{n!r} (norm {v:.3g})" for n, v in found[:5]) or "the total norm"
+
+    # ----------------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Detector, clipper and counter state (plain values and tensors: loads with ``weights_only=True``)."""
+        state: dict[str, Any] = {
+            "clip": self.clipper.state_dict() if self.clipper is not None else None,
+            "exploding": self.exploding.state_dict() if self.exploding is not None else None,
+            "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
+        }
+        for b in _BUFFERS:
+            if b.saved:
+                state[b.name] = self._record.buffers[b.name].clone()
+        state.update(host_counts=dict(self.host_counts), steps=self.steps, layers=list(self.index.names))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict`.
+
+        Raises:
+            ValueError: when the state was saved for other layers (nothing is restored then).
+        """
+        if state.get("layers") != list(self.index.names):
+            raise ValueError("the saved layers differ from the model's; detector and clipper state is not restored.")
+        device = self._record.device
+        for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
+            if part is not None and state.get(name) is not None:
+                part.load_state_dict(_to_device(state[name], device))
+        for b in _BUFFERS:
+            if b.saved and b.name in state:
+                self._record.buffers[b.name].copy_(state[b.name].to(device))
+        self.host_counts.update(state.get("host_counts", {}))
+        self.steps = int(state.get("steps", 0))
+
+    def carry_over(self, old: GuardEngine) -> None:
+        """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed)."""
+        self._record.buffers["counts"].copy_(old.counts)
+        self.host_counts = old.host_counts
+        self.steps = old.steps
+
+    def summary(self) -> dict[str, int]:
+        """Cumulative count of each event kind (reads the device counters: a host sync)."""
+        device_counts = dict(zip(_COUNTS, self.counts.tolist()))
+        return {kind: int(device_counts.get(kind, self.host_counts.get(kind, 0))) for kind in EVENT_KINDS}

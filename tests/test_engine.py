@@ -1,0 +1,374 @@
+"""GuardEngine in a plain PyTorch loop: the same decisions as GradGuard, state round-trips, skipping, no host sync,
+and the compiled tail (against the eager one, bit for bit)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_gradguard.engine as engine_module
+from lightning_gradguard import (
+    L2,
+    ExplodingDetector,
+    GradGuard,
+    GuardEngine,
+    LRGuard,
+    NormClip,
+    VanishingDetector,
+    ZClip,
+)
+from lightning_gradguard.engine import NonFiniteGradientError, StepEvent
+from tests.models import Regressor, regression_data, trainer
+from tests.test_callback import SyncRecorder
+
+SPIKE, NAN = 9, 14
+
+
+class Troubled(Regressor):
+    """Healthy steps, a 1e4 loss spike at step ``SPIKE`` and a NaN loss at step ``NAN`` (steps counted from 1)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.scaled(super().training_step(batch, batch_idx), self.global_step + 1)
+
+    @staticmethod
+    def scaled(loss: torch.Tensor, step: int) -> torch.Tensor:
+        if step == SPIKE:
+            return loss * 1e4
+        if step == NAN:
+            return loss * math.nan
+        return loss
+
+
+def _parts() -> dict[str, Any]:
+    return dict(
+        clip=ZClip(warmup_steps=5),
+        exploding=ExplodingDetector(warmup_steps=5),
+        vanishing=VanishingDetector(patience=3),
+        lr_guard=LRGuard(cooldown=3, recovery_steps=5),
+        regularizers=[L2(1e-3)],
+    )
+
+
+def assert_same(a: Any, b: Any, path: str = "state") -> None:
+    """Bitwise equality of nested state (NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) if a.is_floating_point() else torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> None:
+    steps = 24
+    torch.manual_seed(0)
+    fitted = Troubled(optimizer="adam", lr=1e-2)
+    guard = GradGuard(**_parts(), log_every_n_steps=5)
+    with pytest.warns(UserWarning):
+        trainer(max_steps=steps, max_epochs=-1, callbacks=[guard]).fit(fitted, regression_data())
+
+    torch.manual_seed(0)
+    model = Troubled(optimizer="adam", lr=1e-2)  # the LightningModule as a plain nn.Module: same layer names
+    parts = _parts()
+    optimizer = model.configure_optimizers()
+    engine = GuardEngine(model, **parts)
+    handle = engine.attach(optimizer)
+    events: list[StepEvent] = []
+    step = 0
+    while step < steps:
+        for x, y in regression_data():
+            step += 1
+            optimizer.zero_grad()
+            Troubled.scaled(nn.functional.mse_loss(model(x), y), step).backward()
+            events += engine.drain()
+            engine.step()
+            optimizer.step()
+            if step == steps:
+                break
+    handle.remove()
+    events += engine.drain()
+
+    for a, b in zip(fitted.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert_same(guard.state_dict()["optimizers"]["0"], engine.state_dict())
+    assert guard.lr_guard is not None and guard.lr_guard.state_dict() == parts["lr_guard"].state_dict()
+    assert guard.summary() == engine.summary()
+    summary = engine.summary()
+    assert summary["exploding"] >= 1 and summary["nonfinite"] == summary["skipped"] == 1
+    assert [e.step for e in events if e.nonfinite] == [NAN]
+    assert any(e.exploding and e.step == SPIKE for e in events)
+
+
+def _grads(step: int, model: nn.Module, g: torch.Generator) -> None:
+    """A fixed sequence of gradients: a spike, a NaN step and a layer without gradients for a while."""
+    for i, p in enumerate(model.parameters()):
+        grad = torch.randn(p.shape, generator=g)  # drawn either way: the stream does not depend on the pattern
+        p.grad = None if (i in (2, 3) and 10 <= step < 15) else grad
+    if step == 8:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1e3)
+    if step == 18:
+        next(model.parameters()).grad[0, 0] = math.nan
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def _run(
+    engine_of: Callable[[nn.Module], GuardEngine],
+    steps: range,
+    engine: GuardEngine | None = None,
+    model: nn.Module | None = None,
+) -> tuple[GuardEngine, nn.Module, list[torch.Tensor]]:
+    model = model if model is not None else _model()
+    engine = engine if engine is not None else engine_of(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps.start - 1):  # the same random stream whatever the first step
+        for p in model.parameters():
+            torch.randn(p.shape, generator=g)
+    gathered = []
+    for step in steps:
+        _grads(step, model, g)
+        engine.step()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.grad is not None:
+                    p -= 0.01 * p.grad
+        gathered.append(engine.gather().clone())
+    return engine, model, gathered
+
+
+def _engine(model: nn.Module, **kwargs: Any) -> GuardEngine:
+    return GuardEngine(
+        model,
+        exploding=ExplodingDetector(warmup_steps=3),
+        vanishing=VanishingDetector(patience=3),
+        clip=ZClip(warmup_steps=3),
+        **kwargs,
+    )
+
+
+def test_state_dict_round_trip_continues_exactly() -> None:
+    whole, _, straight = _run(_engine, range(1, 31))
+    first, model, _ = _run(_engine, range(1, 16))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _engine(model)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    resumed.snapshot()  # the window starts over; the cumulative state does not
+    second, _, after = _run(_engine, range(16, 31), engine=resumed, model=model)
+    assert_same(whole.state_dict(), second.state_dict())
+    assert whole.summary() == second.summary()
+    # The detectors and the clipper continue as if never interrupted: the recorded counters follow the same path.
+    for a, b in zip(straight[15:], after):
+        assert torch.equal(a[8:13], b[8:13])
+
+
+def test_load_state_dict_refuses_other_layers() -> None:
+    engine = _engine(_model())
+    other = GuardEngine(nn.Linear(3, 1))
+    with pytest.raises(ValueError, match="layers differ"):
+        other.load_state_dict(engine.state_dict())
+
+
+def test_a_non_finite_step_is_skipped_in_a_plain_loop() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(optimizer)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for step in range(1, 8):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * (math.nan if step == 5 else 1.0)
+        loss.backward()
+        before = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()["state"])
+        engine.step()
+        optimizer.step()
+        if step == 5:
+            assert engine.skipped and all(p.grad is None for p in model.parameters())
+            assert_same(before[0], model.state_dict())
+            assert_same(before[1], optimizer.state_dict()["state"])  # Adam's moments and step count untouched
+        else:
+            assert not engine.skipped
+    assert [(e.step, e.nonfinite, e.lr_reduced) for e in engine.drain()] == [(5, True, False)]
+    snap = engine.snapshot()
+    assert snap.counts["nonfinite"] == snap.counts["skipped"] == 1 and snap.counts["lr_reduced"] == 0
+    assert {(r["kind"], r["step"]) for r in snap.events} == {("nonfinite", 5)}
+    assert {r["layer"] for r in snap.events} == {"0", "2"}
+    assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0  # one bad batch changes nothing
+
+
+def test_raise_names_the_layers() -> None:
+    model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
+    engine = GuardEngine(model, on_nonfinite="raise")
+    model(torch.randn(3, 4)).sum().backward()
+    model[1].weight.grad[0, 0] = math.inf
+    with pytest.raises(NonFiniteGradientError, match=r"step 1 in layer\(s\) \['1'\]"):
+        engine.step()
+
+
+def test_snapshot_reads_the_window_once_and_starts_the_next() -> None:
+    engine, _, _ = _run(_engine, range(1, 12))
+    snap = engine.snapshot()
+    assert snap.layer_names == ["0", "2", "4"]
+    assert snap.present.tolist() == [True, True, True]
+    assert snap.total_norm_max >= snap.total_norm >= snap.total_norm_min > 0
+    assert {r["step"] for r in snap.events if r["kind"] == "exploding"} == {8}  # every layer jumped 1000x
+    metrics = snap.metrics("gradguard/", lr=0.1)
+    assert {"gradguard/total_norm", "gradguard/clip_coef", "gradguard/ema_mean", "gradguard/events/exploding"} <= set(
+        metrics
+    )
+    assert "gradguard/lr" not in metrics  # no LR guard
+    # Layer "2" had no gradient on steps 10 and 11: the next window starts without it.
+    _run(_engine, range(12, 13), engine=engine, model=_model())
+    later = engine.snapshot()
+    assert later.events == [] and later.total_norm_max > -math.inf
+    assert engine.snapshot().total_norm_max == -math.inf  # an empty window
+
+
+def test_event_steps_follow_the_callers_numbers() -> None:
+    model = nn.Sequential(nn.Linear(3, 1))
+    engine = GuardEngine(model, clip=None, exploding=ExplodingDetector(warmup_steps=2))
+    for number in (10, 12, 14, 15, 16, 18):  # two optimizers alternating, then one
+        model[0].weight.grad = torch.ones(1, 3) * (1e4 if number == 16 else 1.0)
+        model[0].bias.grad = torch.ones(1)
+        engine.step(number)
+    assert [(r["step"], r["layer"]) for r in engine.snapshot().events] == [(16, "0")]
+    assert [e.step for e in engine.drain()] == [16]
+
+
+def test_no_host_sync_in_the_engine_on_quiet_steps() -> None:
+    model = _model()
+    engine = _engine(model, on_nonfinite="zero", lr_guard=LRGuard())
+    g = torch.Generator().manual_seed(1)
+    calls: list[str] = []
+    for step in range(1, 31):
+        _grads(step, model, g)
+        with SyncRecorder(calls):
+            engine.step()
+            engine.drain()
+    assert calls == []
+    with SyncRecorder(calls):
+        engine.snapshot()
+    assert calls, "the snapshot must copy to the host (the recorder must see it)"
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"on_nonfinite": "ignore"},
+        {"compile": "yes"},
+        {"clip_exploding": 1},
+        {"clip": "zclip"},
+        {"exploding": VanishingDetector()},
+        {"lr_guard": 0.5},
+    ],
+)
+def test_invalid_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        GuardEngine(nn.Linear(2, 1), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- compiled tail
+class _CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is (the same kernels as eager) and counts graphs."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        self.graphs += 1
+        return gm.forward
+
+
+@pytest.mark.parametrize("clip", [ZClip(warmup_steps=3), NormClip(1.0), None], ids=["zclip", "normclip", "none"])
+def test_the_compiled_tail_matches_the_eager_one_and_compiles_once(clip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch._dynamo.reset()
+    backend = _CountingBackend()
+    monkeypatch.setattr(engine_module, "_COMPILE_BACKEND", backend)
+
+    def make(compile: bool) -> Callable[[nn.Module], GuardEngine]:
+        return lambda model: GuardEngine(
+            model,
+            clip=copy.deepcopy(clip),
+            compile=compile,
+            exploding=ExplodingDetector(warmup_steps=3),
+            vanishing=VanishingDetector(patience=3),
+        )
+
+    eager, eager_model, eager_gathered = _run(make(False), range(1, 25))
+    compiled, compiled_model, compiled_gathered = _run(make(True), range(1, 25))
+    assert compiled._tail.state == "on"
+    # Two graphs (before and after the clipper; one without a clipper), and no recompilation although a layer lost
+    # and regained its gradients, a step was non-finite and the clipper left its warm-up.
+    assert backend.graphs == (1 if clip is None else 2)
+    for step, (a, b) in enumerate(zip(eager_gathered, compiled_gathered), 1):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), step
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.equal(a, b)
+    assert_same(eager.state_dict(), compiled.state_dict())
+    assert eager.drain() == compiled.drain()
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_message(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine_module, "_COMPILE_BACKEND", broken)
+    with caplog.at_level(logging.WARNING, logger="lightning_gradguard.engine"):
+        compiled, _, got = _run(lambda m: _engine(m, compile=True), range(1, 8))
+    _, _, expected = _run(_engine, range(1, 8))
+    assert compiled._tail.state == "off"
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1 and len(caplog.records) == 1
+    assert "running it eagerly" in caplog.records[0].message
+    for a, b in zip(expected, got):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+
+
+def test_auto_compiles_on_cuda_only() -> None:
+    model = _model()
+    engine = _engine(model)
+    assert engine.compile == "auto"
+    _run(lambda m: engine, range(1, 3), engine=engine, model=model)
+    assert engine._tail.state == "off"  # a CPU engine stays eager
+
+
+def test_gradguard_compiles_inside_the_optimizer_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning calls on_before_optimizer_step from the closure that runs inside optimizer.step(): the compiled tail
+    # must still compile there (and, under AMP or not, decide as the eager one does).
+    torch._dynamo.reset()
+    backend = _CountingBackend()
+    monkeypatch.setattr(engine_module, "_COMPILE_BACKEND", backend)
+    guards = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        guards[compile] = GradGuard(**_parts(), compile=compile)
+        with pytest.warns(UserWarning):
+            trainer(max_steps=16, max_epochs=-1, callbacks=[guards[compile]]).fit(
+                Troubled(optimizer="adam", lr=1e-2), regression_data()
+            )
+    assert guards[True]._states[0]._tail.state == "on" and backend.graphs == 2
+    assert_same(guards[False].state_dict(), guards[True].state_dict())
