@@ -1,13 +1,37 @@
-"""Which parameters form a "layer", and what the layer is called in the logs."""
+"""Which parameters form a "layer", and what the layer is called in the logs.
+
+Names read as in the plain, uncompiled model: the wrapper that ``torch.compile`` puts around a module
+(``net._orig_mod.0`` is ``net.0``) and the activation-checkpoint wrapper are looked through, the parameters of a
+parametrized tensor (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) belong to
+the module that uses the tensor (``net.0``, not ``net.0.parametrizations.weight``), and a parameter set directly on the
+root module is called by its attribute name (``scale``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from torch import nn
+from torch.nn.utils import parametrize
 
+# The name of the root module itself where a module name is needed (SaturationMonitor, for a model that is a single
+# activation). Layers are never called this: a parameter of the root module is named by its attribute.
 ROOT_LAYER = "(root)"
+
+# Kinds of parameters, for callers that treat the parameters behind a parametrized tensor by what they mean
+# (regularize.py): the magnitude ``g`` and direction ``v`` of a weight-normalized weight, the raw weight of a spectrally
+# normalized one, the unconstrained original of an orthogonal one, the originals of any other (or stacked)
+# parametrization, and a parameter of a parametrization module itself (e.g. LoRA factors).
+PLAIN = ""
+WEIGHT_NORM_G = "weight_norm.g"
+WEIGHT_NORM_V = "weight_norm.v"
+SPECTRAL_NORM = "spectral_norm"
+ORTHOGONAL = "orthogonal"
+PARAMETRIZED = "parametrized"
+PARAMETRIZATION = "parametrization"
 
 
 @dataclass
@@ -21,9 +45,11 @@ class LayerIndex:
     Attributes:
         names: layer names, in definition order.
         params: the unique trainable parameters, in definition order.
-        param_names: the qualified name of each parameter (the first one, for tied weights).
+        param_names: the qualified name of each parameter (the first one, for tied weights), as in the uncompiled
+            model (``torch.compile``'s ``_orig_mod.`` left out).
         layer_of_param: for each parameter, the index of its layer in ``names``.
-        owner_types: for each parameter, the type of the module that owns it.
+        owner_types: for each parameter, the type of the module that owns it (for the parameters of a parametrized
+            tensor, the parametrized module, e.g. ``ParametrizedLinear``, a subclass of ``nn.Linear``).
 
     Example:
         >>> from torch import nn
@@ -66,21 +92,230 @@ class LayerIndex:
         return sub
 
 
-def _group_name(
-    module_name: str, param_name: str, group_depth: int | None, group_fn: Callable[[str], str] | None
-) -> str:
+# ---------------------------------------------------------------------- walking a model under its plain names
+
+
+class ModuleSite(NamedTuple):
+    """A module of a model, under the name it has in the plain model.
+
+    Attributes:
+        name: the module's qualified name with wrappers looked through (``""`` for the root).
+        module: the module.
+        compiled: whether the module runs inside code compiled by ``torch.compile``: it is (inside) a module wrapped by
+            ``torch.compile(module)`` or compiled in place with ``module.compile()``, or the root is a LightningModule
+            that was compiled and handed to ``Trainer.fit`` (Lightning compiles its ``training_step``).
+        wrapper: the innermost ``torch.compile`` wrapper (``OptimizedModule``) around the module, if any: it runs
+            eagerly, outside the compiled code.
+    """
+
+    name: str
+    module: nn.Module
+    compiled: bool
+    wrapper: nn.Module | None
+
+
+class ParamSite(NamedTuple):
+    """A parameter of a model, with the module it belongs to in the plain model.
+
+    Attributes:
+        param: the parameter.
+        name: its qualified name, wrappers looked through (``net.0.parametrizations.weight.original0``).
+        module_name: the module it belongs to (``""`` for the root). For a parameter behind a parametrized tensor
+            (``torch.nn.utils.parametrize``), the parametrized module (``net.0``).
+        module: that module.
+        attr: its name on that module: its own name, or for the originals of a parametrized tensor the tensor's
+            name (``weight``).
+        kind: what it is (:data:`PLAIN`, or for parametrizations :data:`WEIGHT_NORM_G`, :data:`WEIGHT_NORM_V`,
+            :data:`SPECTRAL_NORM`, :data:`ORTHOGONAL`, :data:`PARAMETRIZED`, :data:`PARAMETRIZATION`). The deprecated
+            hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` are recognised too.
+    """
+
+    param: nn.Parameter
+    name: str
+    module_name: str
+    module: nn.Module
+    attr: str
+    kind: str
+
+
+def _loaded_type(module_name: str, type_name: str) -> type | None:
+    # Only look where the type would come from if it was imported already: no wrapper exists otherwise, and importing
+    # torch._dynamo or torch.distributed just to find out is slow.
+    found = getattr(sys.modules.get(module_name), type_name, None)
+    return found if isinstance(found, type) else None
+
+
+def _wrapped_child(module: nn.Module) -> str | None:
+    """The attribute holding the wrapped module, when ``module`` is a pass-through wrapper."""
+    compiled = _loaded_type("torch._dynamo.eval_frame", "OptimizedModule")
+    if compiled is not None and isinstance(module, compiled):
+        return "_orig_mod"
+    checkpointed = _loaded_type("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper")
+    if checkpointed is not None and isinstance(module, checkpointed):
+        return "_checkpoint_wrapped_module"
+    return None
+
+
+def _is_compile_wrapper(module: nn.Module) -> bool:
+    compiled = _loaded_type("torch._dynamo.eval_frame", "OptimizedModule")
+    return compiled is not None and isinstance(module, compiled)
+
+
+def _compiled_in_place(module: nn.Module) -> bool:
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+class _Node(NamedTuple):
+    path: str  # qualified name, wrappers looked through, parametrization containers kept
+    site: ModuleSite | None  # None for a parametrization container or a parametrization module
+    owner_name: str  # the module the node's own parameters belong to
+    owner: nn.Module
+    plist_of: str | None = None  # for a ParametrizationList, the name of the tensor it parametrizes
+    in_parametrization: bool = False  # a parametrization module, or a module inside one
+
+
+def _walk(root: nn.Module) -> Iterator[tuple[nn.Module, _Node]]:
+    """Every module of ``root`` in ``named_modules(remove_duplicate=False)`` order, with its plain-model names."""
+    compiled = _is_compile_wrapper(root) or _compiled_in_place(root) or getattr(root, "_compiler_ctx", None) is not None
+    wrapper = root if _is_compile_wrapper(root) else None
+    stack = [(root, _Node("", ModuleSite("", root, compiled, wrapper), "", root))]
+    while stack:
+        module, node = stack.pop()
+        yield module, node
+        through = _wrapped_child(module)
+        parametrized = node.site is not None and parametrize.is_parametrized(module)
+        children = []
+        for child_name, child in module._modules.items():
+            if child is None:
+                continue
+            path = _join(node.path, child_name)
+            if node.site is None:
+                # Inside `parametrizations`: first the ParametrizationList of each tensor, then the parametrization
+                # modules. Their parameters belong to the parametrized module.
+                if node.plist_of is None and not node.in_parametrization:
+                    child_node = _Node(path, None, node.owner_name, node.owner, plist_of=child_name)
+                else:
+                    child_node = _Node(path, None, node.owner_name, node.owner, in_parametrization=True)
+            elif parametrized and child_name == "parametrizations":
+                child_node = _Node(path, None, node.owner_name, node.owner)
+            else:
+                if child_name == through:  # the wrapped module takes the wrapper's place, and name
+                    path, name = node.path, node.site.name
+                else:
+                    name = _join(node.site.name, child_name)
+                is_wrapper = _is_compile_wrapper(child)
+                site = ModuleSite(
+                    name,
+                    child,
+                    node.site.compiled or is_wrapper or _compiled_in_place(child),
+                    child if is_wrapper else node.site.wrapper,
+                )
+                child_node = _Node(path, site, name, child)
+            children.append((child, child_node))
+        stack.extend(reversed(children))
+
+
+def module_sites(root: nn.Module) -> Iterator[ModuleSite]:
+    """The modules of ``root`` in definition order, each once, under their plain-model names.
+
+    A ``torch.compile`` (or activation-checkpoint) wrapper is replaced by the module it wraps, and the modules that
+    implement a parametrization (``torch.nn.utils.parametrize``) are left out: they transform weights, they are not
+    layers of the network.
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> net = nn.Sequential(weight_norm(nn.Linear(2, 2)), nn.Tanh())
+        >>> [site.name for site in module_sites(net)]
+        ['', '0', '1']
+    """
+    seen: set[int] = set()
+    for module, node in _walk(root):
+        if node.site is None or id(module) in seen or _wrapped_child(module) is not None:
+            continue
+        seen.add(id(module))
+        yield node.site
+
+
+def _legacy_kinds(module: nn.Module) -> dict[str, tuple[str, str]]:
+    """``{parameter name: (tensor name, kind)}`` for the deprecated hook-based weight and spectral norms."""
+    kinds: dict[str, tuple[str, str]] = {}
+    for hook in module._forward_pre_hooks.values():
+        name = getattr(hook, "name", None)
+        if not isinstance(name, str) or not type(hook).__module__.startswith("torch.nn.utils"):
+            continue
+        if type(hook).__name__ == "WeightNorm":
+            kinds[f"{name}_g"] = (name, WEIGHT_NORM_G)
+            kinds[f"{name}_v"] = (name, WEIGHT_NORM_V)
+        elif type(hook).__name__ == "SpectralNorm":
+            kinds[f"{name}_orig"] = (name, SPECTRAL_NORM)
+    return kinds
+
+
+def _original_kind(plist: nn.Module, local_name: str) -> str:
+    parametrizations = list(plist.children())  # a ParametrizationList: the parametrizations, in order
+    if len(parametrizations) != 1:
+        return PARAMETRIZED
+    kind = type(parametrizations[0]).__name__
+    if kind == "_WeightNorm" and local_name in ("original0", "original1"):
+        # right_inverse returns (g, v): original0 is the magnitude, original1 the direction.
+        return WEIGHT_NORM_G if local_name == "original0" else WEIGHT_NORM_V
+    if kind == "_SpectralNorm" and local_name == "original":
+        return SPECTRAL_NORM
+    if kind == "_Orthogonal" and local_name == "original":
+        return ORTHOGONAL
+    return PARAMETRIZED
+
+
+def parameter_sites(root: nn.Module) -> Iterator[ParamSite]:
+    """The parameters of ``root`` in definition order, each once (tied weights where they first appear), frozen ones
+    included, with the module each belongs to in the plain model (see :class:`ParamSite`).
+
+    Example:
+        >>> from torch import nn
+        >>> from torch.nn.utils.parametrizations import weight_norm
+        >>> net = nn.Sequential(weight_norm(nn.Linear(2, 3)))
+        >>> [(s.name, s.module_name, s.attr, s.kind) for s in parameter_sites(net)]  # doctest: +NORMALIZE_WHITESPACE
+        [('0.bias', '0', 'bias', ''),
+         ('0.parametrizations.weight.original0', '0', 'weight', 'weight_norm.g'),
+         ('0.parametrizations.weight.original1', '0', 'weight', 'weight_norm.v')]
+    """
+    seen: set[int] = set()
+    for module, node in _walk(root):
+        legacy = _legacy_kinds(module) if node.site is not None and module._forward_pre_hooks else {}
+        for local_name, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if node.plist_of is not None:
+                attr, kind = node.plist_of, _original_kind(module, local_name)
+            elif node.in_parametrization:
+                attr, kind = local_name, PARAMETRIZATION
+            else:
+                attr, kind = legacy.get(local_name, (local_name, PLAIN))
+            yield ParamSite(param, _join(node.path, local_name), node.owner_name, node.owner, attr, kind)
+
+
+# ---------------------------------------------------------------------- layers
+
+
+def _group_name(site: ParamSite, group_depth: int | None, group_fn: Callable[[str], str] | None) -> str:
     if group_fn is not None:
-        group = group_fn(param_name)
+        group = group_fn(site.name)
         if not isinstance(group, str) or not group:
             raise ValueError(
-                f"`group_fn` must return a non-empty str for every parameter name, got {group!r} for {param_name!r}"
+                f"`group_fn` must return a non-empty str for every parameter name, got {group!r} for {site.name!r}"
             )
         return group
-    if not module_name:
-        return ROOT_LAYER
+    if not site.module_name:
+        return site.attr  # a parameter set directly on the root module is its own layer, called by its attribute
     if group_depth is not None:
-        return ".".join(module_name.split(".")[:group_depth])
-    return module_name
+        return ".".join(site.module_name.split(".")[:group_depth])
+    return site.module_name
 
 
 def build_layer_index(
@@ -91,11 +326,22 @@ def build_layer_index(
 ) -> LayerIndex:
     """Group the trainable parameters of ``module`` into layers.
 
+    Layer names read as in the plain model (see the module docstring):
+
+    * a module wrapped by ``torch.compile`` keeps its own name (``net.0``, not ``net._orig_mod.0``), and so does a
+      compiled model passed in whole;
+    * the parameters behind a parametrized tensor (``weight_norm``'s ``original0``/``original1``, ``spectral_norm``'s
+      and ``orthogonal``'s ``original``, and the parameters of any parametrization module, e.g. LoRA factors) belong
+      to the parametrized module: ``net.0`` is one layer with its bias;
+    * a parameter set directly on ``module`` (``self.scale = nn.Parameter(...)``) is a layer named by its attribute,
+      ``scale``.
+
     Args:
         module: the model.
         group_depth: group by the first ``group_depth`` components of the owning module's name
             (``encoder.3.linear`` with ``group_depth=2`` is in layer ``encoder.3``). ``None``: the owning module itself.
-        group_fn: a callable mapping a parameter's qualified name to its layer name; overrides ``group_depth``.
+        group_fn: a callable mapping a parameter's qualified name (as in :attr:`LayerIndex.param_names`) to its layer
+            name; overrides ``group_depth``.
         include_frozen: also list parameters with ``requires_grad=False``. GradGuard uses this so that layers
             unfrozen mid-run (fine-tuning schedules) are already indexed; a frozen layer has no gradient and is
             simply absent from every step's figures.
@@ -115,20 +361,16 @@ def build_layer_index(
     if group_depth is not None and (not isinstance(group_depth, int) or group_depth < 1):
         raise ValueError(f"`group_depth` must be a positive int or None, got {group_depth!r}")
     index = LayerIndex()
-    seen: set[int] = set()
     layer_ids: dict[str, int] = {}
-    for module_name, sub in module.named_modules(remove_duplicate=False):
-        for local_name, p in sub.named_parameters(recurse=False):
-            if p is None or (not p.requires_grad and not include_frozen) or id(p) in seen:
-                continue
-            seen.add(id(p))
-            qualified = f"{module_name}.{local_name}" if module_name else local_name
-            layer = _group_name(module_name, qualified, group_depth, group_fn)
-            if layer not in layer_ids:
-                layer_ids[layer] = len(index.names)
-                index.names.append(layer)
-            index.params.append(p)
-            index.param_names.append(qualified)
-            index.layer_of_param.append(layer_ids[layer])
-            index.owner_types.append(type(sub))
+    for site in parameter_sites(module):
+        if not site.param.requires_grad and not include_frozen:
+            continue
+        layer = _group_name(site, group_depth, group_fn)
+        if layer not in layer_ids:
+            layer_ids[layer] = len(index.names)
+            index.names.append(layer)
+        index.params.append(site.param)
+        index.param_names.append(site.name)
+        index.layer_of_param.append(layer_ids[layer])
+        index.owner_types.append(type(site.module))
     return index

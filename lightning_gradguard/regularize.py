@@ -15,9 +15,18 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, foreach_sign, group_by_device_and_dtype
 from lightning_gradguard._validation import check_bool, check_number
+from lightning_gradguard.layers import (
+    PARAMETRIZATION,
+    PARAMETRIZED,
+    PLAIN,
+    SPECTRAL_NORM,
+    WEIGHT_NORM_G,
+    WEIGHT_NORM_V,
+    parameter_sites,
+)
 
 __all__ = ["L1", "L2", "Orthogonal", "Regularizer"]
 
@@ -43,7 +52,8 @@ class Regularizer(abc.ABC):
 
     * it requires grad;
     * ``modules`` is ``None``, or the regex is found (``re.search``) in the qualified name of the module owning
-      the parameter (``"encoder.0"``) or in the parameter's qualified name (``"encoder.0.weight"``);
+      the parameter (``"encoder.0"``) or in the parameter's qualified name (``"encoder.0.weight"``). Names read as
+      in the plain model: ``torch.compile``'s ``_orig_mod.`` is left out (``net.0``, not ``net._orig_mod.0``);
     * ``module_types`` is ``None`` and the owner is not a normalization layer (BatchNorm, SyncBatchNorm,
       InstanceNorm, LayerNorm, GroupNorm, RMSNorm), or the owner is an instance of one of ``module_types``;
     * ``include_bias`` is true, or the parameter is not bias-like. Bias-like means: fewer than two dimensions
@@ -51,6 +61,25 @@ class Regularizer(abc.ABC):
     * the subclass accepts it (:class:`Orthogonal` needs matrices, see there).
 
     Shared parameters are considered once, under the module that defines them first.
+
+    **Parametrized weights** (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``,
+    ``spectral_norm``, ``orthogonal``; the deprecated hook-based ``torch.nn.utils.weight_norm`` and
+    ``spectral_norm`` alike). The module (``ParametrizedLinear``, a ``Linear``) owns the weight, whose name is the
+    weight's (``modules`` is matched against ``"net.0.weight"`` as well as the real
+    ``"net.0.parametrizations.weight.original0"``), and the penalty falls on the parameters that exist,
+    ``original*``, chosen by what the weight ``W`` is made of; the gradient term is always the exact gradient of
+    the stated penalty with respect to those parameters:
+
+    * ``weight_norm``, ``W = g * v / ||v||`` (``original0 = g``, ``original1 = v``): :class:`L2` and :class:`L1`
+      penalize the magnitude ``g``, :class:`Orthogonal` the direction ``v``. See each class for what this means
+      for ``W``; ``g`` counts as a weight, not a bias, whatever its shape;
+    * ``spectral_norm``, ``W = original / sigma(original)``: the raw weight ``original`` (``W`` does not depend on
+      its scale, so a penalty on ``W`` would shrink nothing; penalizing the raw weight is what weight decay does);
+    * ``orthogonal``: nothing. ``W`` is orthogonal by construction, so ``||W||^2`` and ``W^T W - I`` are constant:
+      the L2 and orthogonality penalties of ``W`` have zero gradient, and an L1 pull on the entries of an
+      orthogonal matrix is not wanted;
+    * any other or stacked parametrization: its originals, and the parameters of the parametrization modules
+      themselves (e.g. LoRA factors), as ordinary parameters under the rules above.
 
     **Adaptive strength.** With ``adaptive=True`` a strength ``s`` (starting at 1) multiplies ``weight``: each
     :meth:`on_exploding` call with an exploding step sets ``s <- min(s * adaptive_factor, max_strength)``, each
@@ -141,19 +170,37 @@ class Regularizer(abc.ABC):
 
     # ------------------------------------------------------------------ selection
 
-    def _selects(self, owner_name: str, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
-        if not param.requires_grad:
+    # Kinds of parameters (lightning_gradguard.layers) this regularizer penalizes; see "Parametrized weights".
+    _kinds: frozenset[str] = frozenset({PLAIN, WEIGHT_NORM_G, SPECTRAL_NORM, PARAMETRIZED, PARAMETRIZATION})
+
+    def _selects(
+        self,
+        owner_name: str,
+        owner: nn.Module,
+        param_name: str,
+        param: nn.Parameter,
+        *,
+        qualified: str | None = None,
+        kind: str = PLAIN,
+    ) -> bool:
+        """The common selection. ``param_name`` is the parameter's name on ``owner`` (for the originals of a
+        parametrized tensor, the tensor's name), ``qualified`` its real qualified name, ``kind`` what it is."""
+        if not param.requires_grad or kind not in self._kinds:
             return False
         if self._pattern is not None:
-            qualified = f"{owner_name}.{param_name}" if owner_name else param_name
-            if not (self._pattern.search(owner_name) or self._pattern.search(qualified)):
+            names = [owner_name, f"{owner_name}.{param_name}" if owner_name else param_name]
+            if qualified is not None:
+                names.append(qualified)
+            if not any(self._pattern.search(name) for name in names):
                 return False
         if self.module_types is not None:
             if not isinstance(owner, self.module_types):
                 return False
         elif isinstance(owner, _NORM_TYPES):
             return False
-        if not self.include_bias and (param.ndim < 2 or param_name.endswith("bias")):
+        # weight_norm's magnitude g has the weight's role whatever its shape (0-d with dim=None).
+        bias_like = param_name.endswith("bias") or (param.ndim < 2 and kind != WEIGHT_NORM_G)
+        if not self.include_bias and bias_like:
             return False
         return self._accepts(owner, param_name, param)
 
@@ -169,7 +216,8 @@ class Regularizer(abc.ABC):
         """Select the parameters of ``module`` (see the class docstring) and remember them.
 
         Returns:
-            The qualified names of the selected parameters.
+            The qualified names of the selected parameters, as in the uncompiled model
+            (``"net.0.parametrizations.weight.original0"`` for weight_norm's ``g``).
 
         Raises:
             ValueError: nothing was selected, or a selected parameter is still uninitialized (lazy module).
@@ -177,19 +225,13 @@ class Regularizer(abc.ABC):
         params: list[nn.Parameter] = []
         names: list[str] = []
         layouts: list[Any] = []
-        seen: set[int] = set()
-        for owner_name, owner in module.named_modules():
-            for param_name, param in owner.named_parameters(recurse=False):
-                if id(param) in seen:
-                    continue
-                seen.add(id(param))
-                qualified = f"{owner_name}.{param_name}" if owner_name else param_name
-                if isinstance(param, nn.parameter.UninitializedParameter):
-                    raise ValueError(f"parameter {qualified!r} is uninitialized; run a forward pass before binding")
-                if self._selects(owner_name, owner, param_name, param):
-                    params.append(param)
-                    names.append(qualified)
-                    layouts.append(self._layout(owner, param_name, param))
+        for site in parameter_sites(module):
+            if isinstance(site.param, nn.parameter.UninitializedParameter):
+                raise ValueError(f"parameter {site.name!r} is uninitialized; run a forward pass before binding")
+            if self._selects(site.module_name, site.module, site.attr, site.param, qualified=site.name, kind=site.kind):
+                params.append(site.param)
+                names.append(site.name)
+                layouts.append(self._layout(site.module, site.attr, site.param))
         if not params:
             raise ValueError(
                 f"{self!r} selected no parameter of {type(module).__name__}; "
@@ -249,7 +291,7 @@ class Regularizer(abc.ABC):
         params = self._bound_params(module)
         out_device = params[0].device
         total = torch.zeros((), dtype=torch.float32, device=out_device)
-        groups = _group_tensors_by_device_and_dtype([params], with_indices=True)
+        groups = group_by_device_and_dtype([params], with_indices=True)
         for (_, dtype), ((group,), indices) in groups.items():
             value = self._penalty_sum(group, [self._layouts[i] for i in indices], _accumulation_dtype(dtype))
             total = total + value.to(device=out_device, dtype=torch.float32)
@@ -276,14 +318,14 @@ class Regularizer(abc.ABC):
             elif param.grad.is_sparse:
                 raise ValueError(f"{type(self).__name__} does not support sparse gradients")
         grads = [p.grad for p in params]
-        groups = _group_tensors_by_device_and_dtype([params, grads], with_indices=True)
+        groups = group_by_device_and_dtype([params, grads], with_indices=True)
         for (device, dtype), ((group_params, group_grads), indices) in groups.items():
             terms = self._grad_terms(group_params, [self._layouts[i] for i in indices])
             if isinstance(scale, Tensor):
                 factor = (scale.detach().to(device=device, dtype=torch.float32) * coef).to(dtype)
-                torch._foreach_add_(group_grads, torch._foreach_mul(terms, factor))
+                foreach_add_(group_grads, foreach_mul(terms, factor))
             else:
-                torch._foreach_add_(group_grads, terms, alpha=coef * float(scale))
+                foreach_add_(group_grads, terms, alpha=coef * float(scale))
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -301,6 +343,10 @@ class L1(Regularizer):
 
     Pushes weights towards exact zeros (sparsity). Arguments and selection as in :class:`Regularizer`.
 
+    A ``weight_norm`` weight ``W = g * v / ||v||`` is penalized through its magnitude: ``sum |g|``, which is the
+    sum of the norms of ``W``'s output units (a group lasso: it pushes whole units to zero, not single entries);
+    the direction ``v`` is left alone.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -316,10 +362,10 @@ class L1(Regularizer):
     """
 
     def _penalty_sum(self, params: list[Tensor], layouts: list[Any], dtype: torch.dtype) -> Tensor:
-        return torch.stack(torch._foreach_norm(params, 1, dtype=dtype)).sum()
+        return torch.stack(foreach_norm(params, 1, dtype=dtype)).sum()
 
     def _grad_terms(self, params: list[Tensor], layouts: list[Any]) -> list[Tensor]:
-        return list(torch._foreach_sign(params))
+        return foreach_sign(params)
 
 
 class L2(Regularizer):
@@ -328,6 +374,10 @@ class L2(Regularizer):
     With the ``1/2`` the gradient is the classic (coupled) weight decay with coefficient ``weight``, the same as
     ``torch.optim.SGD(weight_decay=weight)``; unlike an optimizer's ``weight_decay`` it follows the parameter
     selection (biases and normalization layers left out by default). Arguments as in :class:`Regularizer`.
+
+    A ``weight_norm`` weight ``W = g * v / ||v||`` gets exactly the L2 penalty of ``W``: each output unit of ``W``
+    has norm ``|g|``, so ``||W||^2 = ||g||^2``, whose gradient is ``g`` on the magnitude and zero on the direction
+    ``v`` (decaying ``v`` would not shrink ``W``, only speed up its direction's updates). Only ``g`` is selected.
 
     Example:
         >>> import torch
@@ -344,7 +394,7 @@ class L2(Regularizer):
     """
 
     def _penalty_sum(self, params: list[Tensor], layouts: list[Any], dtype: torch.dtype) -> Tensor:
-        return 0.5 * torch.stack(torch._foreach_norm(params, 2, dtype=dtype)).pow(2).sum()
+        return 0.5 * torch.stack(foreach_norm(params, 2, dtype=dtype)).pow(2).sum()
 
     def _grad_terms(self, params: list[Tensor], layouts: list[Any]) -> list[Tensor]:
         return params
@@ -365,6 +415,10 @@ class Orthogonal(Regularizer):
     By default every matrix-shaped parameter (``ndim >= 2``) is selected except those of embeddings and
     normalization layers; ``module_types`` overrides the module filter. ``include_bias`` is not supported.
     Other arguments as in :class:`Regularizer`.
+
+    A ``weight_norm`` weight ``W = g * v / ||v||`` is penalized through its direction: the matrix ``v`` (its
+    magnitude ``g`` is a vector and is left alone). A ``spectral_norm`` weight through its raw weight ``original``,
+    and an ``orthogonal`` one not at all (it is orthogonal already).
 
     Example:
         >>> import torch
@@ -393,6 +447,8 @@ class Orthogonal(Regularizer):
         super().__init__(
             weight, modules, module_types, include_bias, adaptive, adaptive_factor, max_strength, decay, name
         )
+
+    _kinds = frozenset({PLAIN, WEIGHT_NORM_V, SPECTRAL_NORM, PARAMETRIZED, PARAMETRIZATION})
 
     def _accepts(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
         if param.ndim < 2:

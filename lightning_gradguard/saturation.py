@@ -8,18 +8,76 @@ any training step.
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradguard._validation import check_int, check_number
+from lightning_gradguard._validation import check_bool, check_int, check_number
+from lightning_gradguard.layers import ROOT_LAYER, module_sites
 
 __all__ = ["SaturationMonitor"]
 
 _Rule = Callable[[Tensor], Tensor]
+
+
+class _Probe:
+    """The forward hook of one activation module: while active, adds ``[saturated fraction, 1]`` to :attr:`total`.
+
+    One object per module and monitor (per module, under ``torch.compile``), registered again and again as the same
+    object, so that a compiled graph that traced it stays valid: its side effect is replayed on this object, and
+    its ``active`` flag is a guard of the graph.
+    """
+
+    def __init__(self, rule: _Rule | None, key: Any = None) -> None:
+        self.rule = rule
+        self.key = key  # what the rule depends on, to reuse an equal rule (and the graphs that traced it)
+        self.active = False
+        self.total: Tensor | None = None  # [sum of fractions, number of calls], fp32 on the outputs' device
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> None:
+        if not self.active or self.rule is None:
+            return
+        y = output[0] if isinstance(output, tuple) and not isinstance(output, PackedSequence) else output
+        if isinstance(y, PackedSequence):
+            y = y.data
+        if not isinstance(y, Tensor) or y.numel() == 0:
+            return
+        with torch.no_grad():
+            fraction = torch.count_nonzero(self.rule(y.detach())).to(torch.float32) / y.numel()
+            # The call count is a tensor too: a Python counter would be a guard of a compiled graph, one more
+            # recompilation per micro-batch of gradient accumulation.
+            stat = torch.stack((fraction, torch.ones_like(fraction)))
+            self.total = stat if self.total is None else self.total + stat
+
+    # A copy of the model (deepcopy, pickling) gets an inert hook: no rule, no measurement, nothing to pickle.
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(None)  # type: ignore[misc]
+
+
+class _Spy:
+    """Eager forward hook on a ``torch.compile`` wrapper: notes that the compiled module ran."""
+
+    def __init__(self) -> None:
+        self.ran = False
+
+    def __call__(self, module: nn.Module, args: object, output: object) -> None:
+        self.ran = True
+
+
+# The probes of activation modules that run inside compiled code: registered once and never removed, so that the
+# graphs compiled with them stay valid. torch.compile does not guard on hooks (`skip_nnmodule_hook_guards`): a graph
+# compiled while a module had no hook ignores a hook added later, and one compiled with a hook may run it after it was
+# removed. Keyed weakly: the entry goes with the module.
+_PERSISTENT: weakref.WeakKeyDictionary[nn.Module, _Probe] = weakref.WeakKeyDictionary()
 
 
 class SaturationMonitor:
@@ -38,14 +96,31 @@ class SaturationMonitor:
     monitored, nor are ``nn.LSTM``/``nn.GRU``, whose gate activations are internal to the fused kernel and not
     visible in the output, nor activations called as functions (``F.relu``) rather than as modules.
 
-    Hooks exist only between :meth:`arm` and :meth:`disarm`, so other steps pay nothing. Inside the hooks
-    everything stays on the device.
+    Hooks exist only between :meth:`arm` and :meth:`disarm` (in compiled code they are only active then), so other
+    steps pay nothing. Inside the hooks everything stays on the device.
+
+    Modules are named as in the plain model (see :func:`~lightning_gradguard.layers.module_sites`): ``net.1``, not
+    ``net._orig_mod.1``; the modules inside a parametrization are not watched.
+
+    **torch.compile.** An activation module that runs inside compiled code (a submodule wrapped by
+    ``torch.compile``, a module compiled in place with ``module.compile()``, every module of a LightningModule that
+    was compiled and passed to ``Trainer.fit``, or any module when ``compiled=True``) is measured too, inside the
+    compiled graph: its hook is registered once, here, and stays registered (inactive between measurements, where
+    the compiled graph does not contain it), because ``torch.compile`` ignores hooks added after it compiled a graph
+    and may keep running hooks that were removed. This costs one more compiled graph (two with gradient
+    accumulation) and leaves an inactive hook on those modules for their lifetime; copies of the model get an inert
+    one. A graph compiled *before* the monitor existed (the compiled module ran before training started) does not
+    contain the hooks: when a ``torch.compile``-wrapped module runs while armed and none of its activations report,
+    the monitor warns once that their saturation cannot be measured and how to fix it (create the monitor first,
+    or call ``torch._dynamo.reset()``). One monitor at a time per compiled module: a new one takes the hooks over.
 
     Args:
         module: the model to watch; its activation modules are found once, here.
         tanh_threshold: ``|y|`` above which a tanh output is saturated, in ``(0, 1)``.
         sigmoid_low: sigmoid output below which it is saturated, in ``(0, sigmoid_high)``.
         sigmoid_high: sigmoid output above which it is saturated, in ``(sigmoid_low, 1)``.
+        compiled: whether the activation modules run inside code compiled by ``torch.compile``. ``None`` detects
+            it per module (see above); pass ``True`` when your own compiled function calls the modules.
 
     Example:
         >>> import torch
@@ -69,26 +144,56 @@ class SaturationMonitor:
         tanh_threshold: float = 0.99,
         sigmoid_low: float = 0.01,
         sigmoid_high: float = 0.99,
+        compiled: bool | None = None,
     ) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"`module` must be an nn.Module, got {module!r}")
         self.tanh_threshold = check_number("tanh_threshold", tanh_threshold, low=0.0, high=1.0)
         self.sigmoid_low = check_number("sigmoid_low", sigmoid_low, low=0.0, high=1.0)
         self.sigmoid_high = check_number("sigmoid_high", sigmoid_high, low=self.sigmoid_low, high=1.0)
+        self.compiled = None if compiled is None else check_bool("compiled", compiled)
 
         # Position of every module (not only activations) in definition order, for most_saturated().
         self._order: dict[str, int] = {}
-        self._watched: list[tuple[str, nn.Module, _Rule]] = []
-        for index, (name, sub) in enumerate(module.named_modules()):
-            name = name or "(root)"
+        # (name, module, probe, persistent): persistent probes stay registered (compiled code), the others are
+        # registered by arm() and removed by disarm().
+        self._watched: list[tuple[str, nn.Module, _Probe, bool]] = []
+        # torch.compile wrappers around watched modules: {id: (wrapper, its name, names of the modules inside)}.
+        self._wrappers: dict[int, tuple[nn.Module, str, list[str]]] = {}
+        names_of: dict[int, str] = {}
+        for index, site in enumerate(module_sites(module)):
+            name = site.name or ROOT_LAYER
             self._order[name] = index
-            rule = self._rule_for(sub)
-            if rule is not None:
-                self._watched.append((name, sub, rule))
-        self.names: list[str] = [name for name, _, _ in self._watched]
+            names_of.setdefault(id(site.module), name)
+            rule = self._rule_for(site.module)
+            if rule is None:
+                continue
+            persistent = site.compiled if self.compiled is None else self.compiled
+            probe = self._persistent_probe(site.module, rule) if persistent else _Probe(rule)
+            self._watched.append((name, site.module, probe, persistent))
+            if persistent and site.wrapper is not None:
+                inner = names_of.get(id(getattr(site.wrapper, "_orig_mod", None)), name)
+                self._wrappers.setdefault(id(site.wrapper), (site.wrapper, inner, []))[2].append(name)
+        self.names: list[str] = [name for name, _, _, _ in self._watched]
+        self._armed = False
         self._handles: list[RemovableHandle] = []
-        self._sums: dict[str, Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._spies: dict[int, _Spy] = {}
+        self._warned: set[int] = set()
+
+    def _rule_key(self) -> tuple[float, float, float]:
+        return (self.tanh_threshold, self.sigmoid_low, self.sigmoid_high)
+
+    def _persistent_probe(self, module: nn.Module, rule: _Rule) -> _Probe:
+        probe = _PERSISTENT.get(module)
+        if probe is None:
+            probe = _PERSISTENT[module] = _Probe(rule, self._rule_key())
+        elif probe.key != self._rule_key():
+            # A new rule changes the compiled graph (one recompilation); an equal one keeps the old graphs valid.
+            probe.rule, probe.key = rule, self._rule_key()
+        if not any(hook is probe for hook in module._forward_hooks.values()):
+            module.register_forward_hook(probe)
+        probe.active, probe.total = False, None  # taken over from an earlier monitor, if any
+        return probe
 
     def _rule_for(self, module: nn.Module) -> _Rule | None:
         tanh_threshold, low, high = self.tanh_threshold, self.sigmoid_low, self.sigmoid_high
@@ -118,46 +223,61 @@ class SaturationMonitor:
 
     @property
     def armed(self) -> bool:
-        """Whether the hooks are registered."""
-        return bool(self._handles)
+        """Whether the hooks are measuring."""
+        return self._armed
 
     def arm(self) -> None:
-        """Register the forward hooks and start a fresh measurement (a no-op when already armed)."""
-        if self._handles:
+        """Register the forward hooks (activate them, in compiled code) and start a fresh measurement (a no-op when
+        already armed)."""
+        if self._armed:
             return
-        self._sums, self._counts = {}, {}
-        for name, module, rule in self._watched:
-            self._handles.append(module.register_forward_hook(self._make_hook(name, rule)))
-
-    def _make_hook(self, name: str, rule: _Rule) -> Callable[[nn.Module, object, object], None]:
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            y = output[0] if isinstance(output, tuple) and not isinstance(output, PackedSequence) else output
-            if isinstance(y, PackedSequence):
-                y = y.data
-            if not isinstance(y, Tensor) or y.numel() == 0:
-                return
-            with torch.no_grad():
-                fraction = torch.count_nonzero(rule(y.detach())).to(torch.float32) / y.numel()
-                previous = self._sums.get(name)
-                self._sums[name] = fraction if previous is None else previous + fraction
-            self._counts[name] = self._counts.get(name, 0) + 1
-
-        return hook
+        self._armed = True
+        for _, module, probe, persistent in self._watched:
+            probe.total = None
+            probe.active = True
+            if not persistent:
+                self._handles.append(module.register_forward_hook(probe))
+        for key, (wrapper, _, _) in self._wrappers.items():
+            if key not in self._warned:
+                spy = self._spies[key] = _Spy()
+                self._handles.append(wrapper.register_forward_hook(spy))
 
     def disarm(self) -> dict[str, Tensor]:
-        """Remove the hooks and return the saturated fraction per activation module.
+        """Remove the hooks (deactivate them, in compiled code) and return the saturated fraction per activation module.
 
         Returns:
             ``{name: 0-d fp32 tensor}`` on the device of the module's outputs, averaged over the forward calls
             seen while armed, in definition order. Modules that did not run are left out; nothing is returned
             when the monitor was not armed.
         """
+        if not self._armed:
+            return {}
+        self._armed = False
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        sums, counts = self._sums, self._counts
-        self._sums, self._counts = {}, {}
-        return {name: sums[name] / counts[name] for name in self.names if name in sums}
+        fractions: dict[str, Tensor] = {}
+        for name, _, probe, _ in self._watched:
+            probe.active = False
+            if probe.total is not None:
+                fractions[name] = probe.total[0] / probe.total[1]
+                probe.total = None
+        spies, self._spies = self._spies, {}
+        for key, spy in spies.items():
+            wrapper, wrapper_name, inside = self._wrappers[key]
+            if spy.ran and not any(name in fractions for name in inside):
+                self._warned.add(key)
+                warnings.warn(
+                    f"SaturationMonitor: `{wrapper_name}` ran under torch.compile without the forward hooks of its"
+                    f" activation modules ({', '.join(inside)}), so their saturation cannot be measured: its graph"
+                    " was compiled before the hooks were registered, and torch.compile does not notice hooks added"
+                    " later (`torch._dynamo.config.skip_nnmodule_hook_guards`). Create the monitor (add GradGuard to"
+                    " the Trainer) before the compiled module first runs, or call `torch._dynamo.reset()` before"
+                    " training.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return fractions
 
     # ------------------------------------------------------------------ reporting (host side)
 

@@ -667,7 +667,7 @@ def test_complex_parameters_have_the_modulus_norm() -> None:
     for ref, got, after in zip(pre.steps, guard.measured, post.steps, strict=True):
         # sqrt(sum |z|^2), i.e. the norm of the real and imaginary parts together
         z = ref["layers"][""]
-        assert got["layers"]["(root)"] == pytest.approx(z, rel=1e-5)
+        assert got["layers"]["w"] == pytest.approx(z, rel=1e-5)
         assert got["total"] == pytest.approx(math.hypot(z, ref["layers"]["out"]), rel=1e-5)
         assert _total(after["layers"]) == pytest.approx(min(got["total"], 0.5), rel=1e-4)
     assert torch.isfinite(torch.view_as_real(model.w)).all()
