@@ -477,6 +477,7 @@ class GradGuard(Callback):
 
         board = self._get_board(trainer)
         if board is not None:
+            board.write_derived(step, metrics)
             if self.log_layers:
                 for key, snap in snapshots:
                     board.write_layer_norms(
@@ -683,12 +684,15 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
         [f"opt{key}" for key in sorted(engines)],
         image_every_n_steps=guard.image_every_n_steps,
         histogram_every_n_steps=guard.histogram_every_n_steps,
+        regularizers=[r.name for r in guard.regularizers],
+        saturation=guard.saturation,
     )
     for key, engine in engines.items():
         if engine.vanishing is not None or engine.exploding is not None:
             low = engine.vanishing.min_norm if engine.vanishing is not None else None
+            ratio = engine.vanishing.ratio if engine.vanishing is not None else None
             high = engine.exploding.max_layer_norm if engine.exploding is not None else None
-            board.set_bands(key, low, high)
+            board.set_bands(key, low, high, low_ratio=ratio)
     board.write_layout()
     config = guard.config()
     board.write_config(config)

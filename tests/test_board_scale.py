@@ -132,3 +132,24 @@ class _NoWriter:
 
     def add_scalar(self, tag, value, step):  # pragma: no cover - never called
         raise AssertionError("nothing is written")
+
+
+def test_fit_writes_the_log10_ema_band_and_leaves_out_what_nothing_feeds(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="small")
+    guard = GradGuard(saturation=False, image_every_n_steps=None)
+    trainer(max_steps=30, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=10).fit(
+        Regressor(), regression_data()
+    )
+    acc = _load(tmp_path / "small" / "version_0")
+    scalars = acc.Tags()["scalars"]
+    for part in ("mean", "lower", "upper"):
+        linear = {e.step: e.value for e in acc.Scalars(f"gradguard/ema_{part}")}
+        log10 = {e.step: e.value for e in acc.Scalars(f"gradguard/ema_log10/{part}")}
+        assert log10 and set(log10) <= set(linear)
+        for step, value in log10.items():
+            assert value == pytest.approx(np.log10(linear[step]), rel=1e-5)
+    charts = _charts(acc)
+    assert not any("regulariz" in title or "saturation" in title for title in charts), sorted(charts)
+    assert not acc.Tags()["images"]
+    assert "gradguard/ema_log10/mean" in scalars
