@@ -195,10 +195,15 @@ class ExplodingDetector:
             limits = [r for r in (self.warmup_ratio, self.max_ratio) if r is not None]
             early_total = min(limits) if limits else None
             late = _per_entry(size, device, self.max_ratio, self.max_layer_ratio, math.inf, transform=math.log)
-            early = _per_entry(size, device, early_total, self.max_layer_ratio, math.inf, transform=math.log)
-            if late is not None or early is not None:
-                never = torch.full((size,), math.inf, device=device)
-                late, early = (never if late is None else late), (never if early is None else early)
+            early = (
+                late  # the same object: the step then needs no ``where`` between the two
+                if early_total == self.max_ratio
+                else _per_entry(size, device, early_total, self.max_layer_ratio, math.inf, transform=math.log)
+            )
+            if late is not None and early is None:
+                early = torch.full((size,), math.inf, device=device)
+            elif early is not None and late is None:
+                late = torch.full((size,), math.inf, device=device)
             hit = self._const_cache = (
                 key,
                 one,
