@@ -720,6 +720,35 @@ class StepTimer(Callback):
         timed = self.times[self.skip :]
         return sum(timed) / len(timed) if timed else float("nan")
 
+    @property
+    def n_timed(self) -> int:
+        """How many steps :attr:`per_step_s` averages (those after the first ``skip``)."""
+        return len(self.times[self.skip :])
+
+
+MIN_TIMED_STEPS = 20  # fewer timed steps give no per-epoch estimate: warm-up and machine load dominate them
+
+
+def epoch_estimate(per_step_s: float, n_timed: int, batch_size: int) -> str:
+    """The per-epoch training time on the real CIFAR-10 training set, as a phrase for the run's report.
+
+    Projected from ``per_step_s`` only when at least :data:`MIN_TIMED_STEPS` steps were timed, and labelled
+    as rough even then: a few steps on a shared machine say little about a whole epoch.
+
+    Example:
+        >>> epoch_estimate(0.05, 100, 128)
+        'per-epoch estimate: ~0.3 min (rough: from 100 timed steps, 391 steps per epoch of 50000 images)'
+        >>> epoch_estimate(0.05, 6, 128)
+        'too few steps timed for an epoch estimate (6 < 20)'
+    """
+    if n_timed < MIN_TIMED_STEPS or not math.isfinite(per_step_s):
+        return f"too few steps timed for an epoch estimate ({n_timed} < {MIN_TIMED_STEPS})"
+    steps = math.ceil(CIFAR_TRAIN_SIZE / batch_size)
+    return (
+        f"per-epoch estimate: ~{per_step_s * steps / 60:.1f} min (rough: from {n_timed} timed steps,"
+        f" {steps} steps per epoch of {CIFAR_TRAIN_SIZE} images)"
+    )
+
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Trains a CIFAR ResNet and prints what the guard did; returns the figures.
@@ -788,9 +817,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     batch_size = dm.batch_size
     print(
-        f"Time per training step: {1000 * timer.per_step_s:.0f} ms at batch {batch_size}, i.e."
-        f" {timer.per_step_s * math.ceil(CIFAR_TRAIN_SIZE / batch_size) / 60:.1f} min per epoch of the real"
-        f" training set ({CIFAR_TRAIN_SIZE} images)"
+        f"Time per training step: {1000 * timer.per_step_s:.0f} ms at batch {batch_size}"
+        f" (mean of {timer.n_timed} timed steps); {epoch_estimate(timer.per_step_s, timer.n_timed, batch_size)}"
     )
     if summary is not None:
         print("GradGuard events: " + ", ".join(f"{k}={v}" for k, v in summary.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from examples import cifar_resnet, lstm_adding
+from examples import cifar_resnet, demo, lstm_adding
 from lightning_gradguard import GradGuard, LRGuard, Orthogonal, VanishingDetector, ZClip
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
@@ -45,13 +46,67 @@ def test_cifar_quick_run_logs_gradguard(tmp_path: Path, capsys: pytest.CaptureFi
     assert 0.0 <= result["test_acc"] <= 1.0
     # Six of the eight steps timed (two skipped as warm-up): each is a part of the whole run's wall time.
     assert 0.0 < 6 * result["step_s"] < result["wall_s"]
-    assert "Time per training step" in out and "min per epoch of the real training set (50000 images)" in out
+    assert "Time per training step" in out and "(mean of 6 timed steps)" in out
+    # Six timed steps on a possibly loaded machine are no ground for a per-epoch projection.
+    assert "too few steps timed for an epoch estimate (6 < 20)" in out and "min per epoch" not in out
     assert set(result["guard"]) == EVENT_KINDS
     assert "GradGuard events:" in out and f"tensorboard --logdir {tmp_path}" in out
     tags = _scalar_tags(result["log_dir"])
     assert {"gradguard/total_norm", "gradguard/clip_threshold"} <= tags
     # One scalar per layer: the first convolution of the stem is a layer of its own.
     assert any(t.startswith("gradguard/layer/") and "stem" in t for t in tags)
+
+
+def test_epoch_estimate_is_rough_and_needs_enough_steps() -> None:
+    assert cifar_resnet.MIN_TIMED_STEPS == 20
+    few = cifar_resnet.epoch_estimate(0.5, 19, 128)
+    assert few == "too few steps timed for an epoch estimate (19 < 20)"
+    assert cifar_resnet.epoch_estimate(float("nan"), 0, 128).startswith("too few steps timed")
+    # 50000 / 128 -> 391 steps of 0.5 s: 3.3 min, labelled as a rough estimate with its sample size.
+    enough = cifar_resnet.epoch_estimate(0.5, 20, 128)
+    assert enough == "per-epoch estimate: ~3.3 min (rough: from 20 timed steps, 391 steps per epoch of 50000 images)"
+
+
+def test_step_timer_counts_the_timed_steps() -> None:
+    timer = cifar_resnet.StepTimer(skip=2)
+    assert timer.n_timed == 0
+    timer.times = [9.0, 9.0, 1.0, 3.0]
+    assert timer.n_timed == 2 and timer.per_step_s == 2.0
+
+
+def test_demo_quick_run_logs_both_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    result = demo.main(["--quick", "--logdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    bare, guarded = result["unguarded"], result["guarded"]
+    # Readable numbers: no raw floats such as 6843780608.0000 anywhere in the report.
+    assert re.search(r"\d{6,}\.\d", out) is None
+    assert f"clean-data MSE {demo.fmt(bare['mse'])}" in out and f"clean-data MSE {demo.fmt(guarded['mse'])}" in out
+    assert f"Predicting the mean gives a clean-data MSE of {result['baseline']:.3g}." in out
+    # The unguarded run was measured, with no action: spikes seen, nothing clipped, no LR change, no step skipped.
+    assert bare["events"]["exploding"] > 0
+    assert bare["events"]["clipped"] == bare["events"]["lr_reduced"] == bare["events"]["skipped"] == 0
+    assert guarded["events"]["clipped"] > 0
+    assert "measured only: exploding=" in out and "guard events: exploding=" in out
+    # Even in 60 steps the corrupted labels ruin the unguarded model and not the guarded one.
+    assert not bare["mse"] < result["baseline"] and guarded["mse"] < result["baseline"]
+    # One line says what was wrong in the data and what the guard did differently.
+    (why,) = [line for line in out.splitlines() if line.startswith("What went wrong:")]
+    seen = demo.corrupted_seen(demo.make_data()[0], 60)
+    assert seen > 0 and f"{seen} such samples in 60 steps" in why and "corrupted (300 instead of" in why
+    assert f"the monitor saw {bare['events']['exploding']} exploding steps and let them through" in why
+    assert f"GradGuard clipped {guarded['events']['clipped']} steps" in why and "the model kept learning" in why
+    # Both runs write the same gradient scalars, side by side under one log directory.
+    bare_tags, guarded_tags = _scalar_tags(bare["log_dir"]), _scalar_tags(guarded["log_dir"])
+    assert "gradguard/total_norm" in bare_tags and "gradguard/total_norm" in guarded_tags
+    assert Path(bare["log_dir"]).parent.parent == Path(guarded["log_dir"]).parent.parent == tmp_path
+    assert f"tensorboard --logdir {tmp_path.resolve()}" in out
+
+
+def test_demo_monitor_only_guard_takes_no_action() -> None:
+    guard = demo.monitor_only_guard()
+    assert guard.clip is None and guard.lr_guard is None
+    assert guard.on_nonfinite == "warn" and guard.on_exploding == "ignore" and guard.on_vanishing == "ignore"
+    assert not guard.regularizers
 
 
 def test_cifar_without_batch_norm_diverges_unguarded_only(tmp_path: Path) -> None:
@@ -314,8 +369,16 @@ def test_cifar_cli_config_builds_the_guard(tmp_path: Path, monkeypatch: pytest.M
     path = CONFIGS / "cifar_resnet.yaml"
     config = yaml.safe_load(path.read_text())
     cli = cifar_resnet.cli_main(
-        ["--config", str(path), "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.depth", "8",
-         "--trainer.max_epochs", "1"],
+        [
+            "--config",
+            str(path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--model.depth",
+            "8",
+            "--trainer.max_epochs",
+            "1",
+        ],
         run=False,
     )
     guard = _guard(cli.trainer)
@@ -339,8 +402,16 @@ def test_lstm_cli_config_builds_the_guard(tmp_path: Path, monkeypatch: pytest.Mo
     path = CONFIGS / "lstm_adding.yaml"
     config = yaml.safe_load(path.read_text())
     cli = lstm_adding.cli_main(
-        ["--config", str(path), "--trainer.logger.init_args.save_dir", str(tmp_path), "--data.seq_len", "20",
-         "--trainer.max_steps", "4"],
+        [
+            "--config",
+            str(path),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--data.seq_len",
+            "20",
+            "--trainer.max_steps",
+            "4",
+        ],
         run=False,
     )
     guard = _guard(cli.trainer)
