@@ -22,6 +22,15 @@ _EXPORTS = {
     "EngineSnapshot": "engine",
     "GuardEngine": "engine",
     "StepEvent": "engine",
+    "ActivationGradients": "diagnostics",
+    "EpochSummary": "diagnostics",
+    "LocalGradNorm": "diagnostics",
+    "NoiseScale": "diagnostics",
+    "UpdateRatio": "diagnostics",
+    "UpdateRatioHints": "diagnostics",
+    "ZeroFraction": "diagnostics",
+    "noise_scale_source": "diagnostics",
+    "squared_grad_norm": "diagnostics",
     "ExplodingDetector": "detect",
     "VanishingDetector": "detect",
     "LayerIndex": "layers",
@@ -50,6 +59,17 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
     )
     from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
     from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+    from lightning_gradguard.diagnostics import (
+        ActivationGradients,
+        EpochSummary,
+        LocalGradNorm,
+        NoiseScale,
+        UpdateRatio,
+        UpdateRatioHints,
+        ZeroFraction,
+        noise_scale_source,
+        squared_grad_norm,
+    )
     from lightning_gradguard.engine import EngineSnapshot, GuardEngine, StepEvent
     from lightning_gradguard.layers import LayerIndex, build_layer_index
     from lightning_gradguard.lr import LRGuard

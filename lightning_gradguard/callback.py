@@ -21,6 +21,18 @@ from torch import Tensor
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import Clipper, ZClip
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+from lightning_gradguard.diagnostics import (
+    NOISE_SCALE_NOTE,
+    ActivationGradients,
+    EpochSummary,
+    LocalGradNorm,
+    NoiseScale,
+    UpdateRatio,
+    UpdateRatioHints,
+    ZeroFraction,
+    noise_scale_source,
+    squared_grad_norm,
+)
 from lightning_gradguard.engine import (
     EVENT_KINDS,
     NONFINITE_MODES,
@@ -43,6 +55,8 @@ __all__ = ["GradGuard", "GradientExplosionError", "NonFiniteGradientError", "Van
 log = logging.getLogger(__name__)
 
 _EVENT_MODES = ("warn", "raise", "ignore")
+_DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
+DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
 
 
 def _default(value: Any, factory: Callable[[], Any]) -> Any:
@@ -88,6 +102,21 @@ class GradGuard(Callback):
             during its warm-up); folded into the clipper's coefficient, no extra pass.
         compile: run the fused per-step tail compiled with ``torch.compile`` (see :class:`GuardEngine`): ``True``,
             ``False``, or ``"auto"``: on CUDA only (compiling on a CPU takes tens of seconds).
+        diagnostics: the logging-step-only diagnostics to log: ``True`` (default) all of them, ``False`` none, or a
+            list of names (YAML: ``diagnostics: [update_ratio, noise_scale]``). None runs anything on steps that do
+            not log. ``"update_ratio"``: ``gradguard/update_ratio/<layer>``, ``‖Δθ‖/‖θ‖`` of the update the optimizer
+            step applied (costs one copy of the updated parameters on a logging step), with a warning for a layer
+            whose ratio stays above ``1e-2`` or below ``1e-5`` for 3 logs; ``"zero_fraction"``:
+            ``gradguard/zero_fraction/<layer>``, the fraction of exactly-zero gradient entries; ``"act_grad"``:
+            ``gradguard/act_grad/<layer>``, ``‖∂L/∂y‖`` of each layer module's output (hooks on the logging step's
+            forward/backward passes only; unscaled under AMP; model-wide, without an optimizer prefix);
+            ``"noise_scale"``: ``gradguard/noise_scale``, the gradient noise scale ``B_simple`` from gradient
+            accumulation (first micro-batch against the step) or DDP (this process against the average), automatic
+            optimization with one optimizer only; a run with neither gets one info message (with FSDP2's sharded
+            parameters the update ratio, zero fraction and noise scale are left out: each would add a collective);
+            ``"epoch"``:
+            ``gradguard/epoch/...``, per-epoch total-norm percentiles, maximum and event counts. Per-layer tags go to
+            TensorBoard only, the noise scale and the epoch summaries to every logger.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -119,6 +148,7 @@ class GradGuard(Callback):
         max_warnings: int = 5,
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
+        diagnostics: bool | list[str] = True,
     ) -> None:
         super().__init__()
         regularizers = _check_arguments(locals())
@@ -142,6 +172,10 @@ class GradGuard(Callback):
         self.max_warnings = max_warnings
         self.clip_exploding = clip_exploding
         self.compile = compile
+        self.diagnostics = diagnostics
+        self._diag_on: frozenset[str] = frozenset(
+            DIAGNOSTICS if diagnostics is True else () if diagnostics is False else diagnostics
+        )
 
         self._states: dict[int, GuardEngine] = {}  # optimizer key -> its engine
         self._signatures: dict[int, tuple[tuple[int, int], ...]] = {}  # per param group: size, id of first param
@@ -159,6 +193,7 @@ class GradGuard(Callback):
         self._hist_samples: dict[str, Tensor] = {}
         self._last_hist_step = 0
         self._last_saturation: dict[str, float] = {}
+        self._diag = _Diagnostics()
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -196,6 +231,18 @@ class GradGuard(Callback):
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The diagnostics' host-side state (noise-scale EMAs, hint streaks, the epoch so far) lives on global rank
+        # zero only, so it travels beside `state_dict` (which is identical on every rank), under this guard's key.
+        checkpoint.setdefault(_DIAG_CHECKPOINT_KEY, {})[self.state_key] = self._diag.state_dict()
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(self.state_key))  # absent: older
 
     def _restore_optimizer_state(self, key: int, engine: GuardEngine) -> None:
         if self._loaded is None:
@@ -254,6 +301,7 @@ class GradGuard(Callback):
             self._saturation = SaturationMonitor(pl_module)
         if self._next_log_step == 0:
             self._next_log_step = trainer.global_step + self._log_every(trainer)
+        self._diag.start_fit(self, trainer, pl_module, index)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
@@ -292,6 +340,7 @@ class GradGuard(Callback):
             return engine
         assert self._model_index is not None, "GradGuard.on_fit_start did not run"
         index = self._model_index.subset(p for g in optimizer.param_groups for p in g["params"])
+        self._diag.forget(key)
         if not index.params:
             raise MisconfigurationException(
                 f"GradGuard: optimizer {key} holds none of the LightningModule's parameters."
@@ -326,6 +375,12 @@ class GradGuard(Callback):
         if self._saturation is not None and not self._sat_armed and trainer.global_step + 1 >= self._next_log_step:
             self._saturation.arm()
             self._sat_armed = True
+        if self._diag.enabled and trainer.global_step + 1 >= self._next_log_step:
+            self._diag.batch_start(trainer, batch, batch_idx)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._diag.first_backward_pending:
+            self._diag.after_first_backward(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -342,10 +397,15 @@ class GradGuard(Callback):
         # Events are stamped with the step count *after* this optimizer step, the x-axis value of the logged scalars.
         # The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see `LRGuard.attach`), so a
         # step that GradScaler skips never shows the lowered LR to a scheduler.
+        logging = self._diag.enabled and trainer.global_step + 1 >= self._next_log_step
+        if logging:
+            self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
         try:
             stats = engine.step(trainer.global_step + 1, grad_scale=grad_scale, grad_scaler=scaler is not None)
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
+        if logging:
+            self._diag.after_engine_step(key, engine)
         if stats is not None and self._histogram_due(trainer.global_step + 1):
             self._sample_histograms(engine, stats)
 
@@ -404,6 +464,17 @@ class GradGuard(Callback):
             self._board.close_run(trainer.global_step)
         self._release_hooks()
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._diag.epoch_logged:  # the epoch's last batch was a logging step: the summary went with that log
+            self._diag.epoch_logged = False
+            return
+        if not _epoch_complete(trainer):
+            return  # an epoch cut short (max_steps, a stop request): its logs count in no summary of a full epoch
+        metrics = self._diag.end_epoch(self)
+        if metrics and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A fit stopped by an error (e.g. on_exploding="raise") never reaches on_train_end: without this the LR hooks
         # would stay on the dead optimizer and keep the next fit's optimizer from getting its own.
@@ -411,6 +482,7 @@ class GradGuard(Callback):
 
     def _release_hooks(self) -> None:
         self._disarm_saturation()
+        self._diag.disarm()
         for handle in self._lr_hooks.values():
             handle.remove()
         self._lr_hooks.clear()
@@ -426,6 +498,8 @@ class GradGuard(Callback):
 
     def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True) -> None:
         saturation = self._disarm_saturation()
+        # On every rank: the update ratio of sharded parameters sums over ranks (a collective).
+        diag_parts = self._diag.collect(self)
         penalties: list[Tensor] = []
         if self.regularizers:
             # On every rank: under FSDP2 a penalty is a DTensor whose reduction is a collective.
@@ -440,6 +514,8 @@ class GradGuard(Callback):
         parts: list[Tensor] = [p.to(device) for p in penalties]
         parts += [v.detach().float().reshape(1).to(device) for v in saturation.values()]
         parts += [engine.gather().to(device) for _, engine in engines]
+        engine_parts = parts[len(parts) - len(engines) :]
+        parts += [p.to(device) for _, p in diag_parts]
         host = torch.cat([p.reshape(-1).float() for p in parts]).cpu().numpy()  # the one transfer
 
         step = trainer.global_step
@@ -453,7 +529,7 @@ class GradGuard(Callback):
             metrics[f"gradguard/saturation/{name}"] = value
         offset += len(saturation)
         snapshots: list[tuple[int, EngineSnapshot]] = []
-        for (key, engine), part in zip(engines, parts[len(parts) - len(engines) :]):
+        for (key, engine), part in zip(engines, engine_parts):
             snap = engine.snapshot(host[offset : offset + part.numel()])
             offset += part.numel()
             opt = trainer.optimizers[key] if key < len(trainer.optimizers) else None
@@ -461,6 +537,16 @@ class GradGuard(Callback):
             metrics.update(snap.metrics(self._prefix(key), lr=lr))
             snapshots.append((key, snap))
             self._reporter.report(key, step, snap, several=len(self._states) > 1)
+        diag_values: dict[str, Any] = {}
+        for name, part in diag_parts:
+            diag_values[name] = host[offset : offset + part.numel()]
+            offset += part.numel()
+        layer_scalars = self._diag.report(self, trainer, diag_values, snapshots, metrics)
+        if "epoch" in self._diag.on and _epoch_complete(trainer) and prog_bar:
+            # The epoch ends with this batch: its summary goes into this log's row rather than a second row at the
+            # same step.
+            metrics.update(self._diag.end_epoch(self))
+            self._diag.epoch_logged = True
 
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -468,7 +554,11 @@ class GradGuard(Callback):
         if "gradguard/clip_coef" in metrics:
             status["clip"] = metrics["gradguard/clip_coef"]
         status["ev"] = float(
-            sum(v for k, v in metrics.items() if "/events/" in k and not k.endswith(("lr_reduced", "clipped")))
+            sum(
+                v
+                for k, v in metrics.items()
+                if "/events/" in k and "/epoch/" not in k and not k.endswith(("lr_reduced", "clipped"))
+            )
         )
         if prog_bar:  # Lightning allows self.log in on_train_batch_end only
             pl_module.log_dict(
@@ -483,6 +573,8 @@ class GradGuard(Callback):
                     board.write_layer_norms(
                         step, key, snap.layer_norms, snap.exploding, snap.vanishing, present=snap.present
                     )
+            if layer_scalars:
+                board.write_scalars(step, layer_scalars)
             rows = self._reporter.take_rows()
             if rows:
                 board.write_events(step, rows)
@@ -515,6 +607,7 @@ class GradGuard(Callback):
             "log_every_n_steps": self.log_every_n_steps,
             "group_depth": self.group_depth,
             "compile": self.compile,
+            "diagnostics": sorted(self._diag_on),
             "layers": {f"opt{k}": engine.index.num_layers for k, engine in sorted(self._states.items())},
         }
 
@@ -543,6 +636,13 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
     check_int("max_warnings", args["max_warnings"], low=0)
     for name in ("log_layers", "saturation", "clip_exploding"):
         check_bool(name, args[name])
+    diagnostics = args["diagnostics"]
+    if not isinstance(diagnostics, bool):
+        if isinstance(diagnostics, str) or not isinstance(diagnostics, (list, tuple)):
+            raise ValueError(f"`diagnostics` must be True, False or a list of {list(DIAGNOSTICS)}, got {diagnostics!r}")
+        unknown = [d for d in diagnostics if d not in DIAGNOSTICS]
+        if unknown:
+            raise ValueError(f"`diagnostics` names must be among {list(DIAGNOSTICS)}, got {unknown!r}")
     if args["compile"] != "auto":
         check_bool("compile", args["compile"])
     if args["group_fn"] is not None and not callable(args["group_fn"]):
@@ -589,6 +689,268 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
             " optimizer that unscales inside `step` (a fused optimizer): the gradients are still scaled when they"
             " are compared with the weights. Use a non-fused optimizer, or ZClip, AutoClip or NormClip."
         )
+
+
+class _Diagnostics:
+    """The logging-step-only diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
+
+    Everything here runs on logging steps only: every entry point is reached behind a test of the logging step (or a
+    flag set on one), so a quiet step runs no op and has no hook.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.on: frozenset[str] = frozenset()
+        self.act: ActivationGradients | None = None
+        self.local: LocalGradNorm | None = None
+        self.noise: NoiseScale | None = None
+        self.source: str | None = None
+        self.params: list[Tensor] = []
+        self.accumulate = 1
+        self.world_size = 1
+        self.ratios: dict[int, UpdateRatio] = {}
+        self.zeros: dict[int, ZeroFraction] = {}
+        self.hints: dict[int, UpdateRatioHints] = {}
+        self.epochs: dict[int, EpochSummary] = {}
+        self.loaded: dict[str, Any] = {}
+        self.noted = False
+        self.first_backward_pending = False
+        self.sizes: list[int] = []
+        self.small: Tensor | None = None
+        self.big: Tensor | None = None
+        self.act_norms: Tensor | None = None
+        self.zero: dict[int, Tensor] = {}
+        self.pending_ratio: set[int] = set()
+        self.step_armed: int | None = None
+        self.epoch_logged = False
+
+    # -------------------------------------------------------------- setup and state
+    def start_fit(
+        self, guard: GradGuard, trainer: pl.Trainer, pl_module: pl.LightningModule, index: LayerIndex
+    ) -> None:
+        self.disarm()
+        self.on = guard._diag_on
+        self.enabled = bool(self.on)
+        self.ratios, self.zeros = {}, {}
+        self.act = ActivationGradients(pl_module, index.names) if "act_grad" in self.on else None
+        if any(hasattr(p, "placements") for p in index.params):
+            # FSDP2: the per-layer sums and the gradient norms would each add a collective to the logging step.
+            self.on = self.on - {"update_ratio", "zero_fraction", "noise_scale"}
+            self.enabled = bool(self.on)
+        self.accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        self.world_size = int(getattr(trainer, "world_size", 1) or 1)
+        self.source, self.local, self.noise, self.params = None, None, None, []
+        if "noise_scale" in self.on:
+            automatic = getattr(pl_module, "automatic_optimization", True)
+            source = noise_scale_source(self.accumulate, self.world_size)
+            if source is None:
+                if not self.noted:
+                    self.noted = True
+                    rank_zero_info(NOISE_SCALE_NOTE)
+            elif automatic and len(trainer.optimizers) == 1:
+                self.source = source
+                self.params = [p for p in index.params if p.requires_grad]
+                self.noise = NoiseScale()
+                if source == "distributed":
+                    self.local = LocalGradNorm(self.params)
+                if "noise" in self.loaded:
+                    self.noise.load_state_dict(self.loaded.pop("noise"))
+
+    def forget(self, key: int) -> None:
+        """A new engine for optimizer ``key``: its per-layer measures follow its new layers."""
+        self.ratios.pop(key, None)
+        self.zeros.pop(key, None)
+
+    def _hints(self, key: int) -> UpdateRatioHints:
+        hints = self.hints.get(key)
+        if hints is None:
+            hints = self.hints[key] = UpdateRatioHints()
+            saved = self.loaded.get("hints", {}).pop(str(key), None)
+            if saved is not None:
+                hints.load_state_dict(saved)
+        return hints
+
+    def _epoch(self, key: int) -> EpochSummary:
+        epoch = self.epochs.get(key)
+        if epoch is None:
+            epoch = self.epochs[key] = EpochSummary()
+            saved = self.loaded.get("epoch", {}).pop(str(key), None)
+            if saved is not None:
+                epoch.load_state_dict(saved)
+        return epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        hints = {str(k): h.state_dict() for k, h in self.hints.items()}
+        epochs = {str(k): e.state_dict() for k, e in self.epochs.items()}
+        for name, target in (("hints", hints), ("epoch", epochs)):
+            for k, v in self.loaded.get(name, {}).items():  # not yet claimed: survives a save
+                target.setdefault(k, v)
+        state: dict[str, Any] = {"version": 1, "hints": hints, "epoch": epochs}
+        noise = self.noise.state_dict() if self.noise is not None else self.loaded.get("noise")
+        if noise is not None:
+            state["noise"] = noise
+        return state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        if state.get("version") != 1:
+            raise ValueError(f"Unsupported GradGuard diagnostics state version {state.get('version')!r}")
+        self.loaded = {"hints": dict(state.get("hints", {})), "epoch": dict(state.get("epoch", {}))}
+        if state.get("noise") is not None:
+            self.loaded["noise"] = state["noise"]
+        self.hints, self.epochs = {}, {}
+        if self.noise is not None and "noise" in self.loaded:
+            self.noise.load_state_dict(self.loaded.pop("noise"))
+
+    # -------------------------------------------------------------- the step (logging steps only)
+    def batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        if self.act is not None:
+            self.act.arm()
+        if self.noise is None:
+            return
+        if self.step_armed != trainer.global_step:  # the first micro-batch of the logging step
+            self.step_armed = trainer.global_step
+            self.sizes = []
+            self.small = self.big = None
+            self.first_backward_pending = True
+            if self.local is not None:
+                self.local.arm()
+        try:
+            from lightning.pytorch.utilities.data import extract_batch_size
+
+            self.sizes.append(int(extract_batch_size(batch)))
+        except Exception:  # a batch without a batch dimension Lightning can find: no noise scale this step
+            self.sizes.append(0)
+
+    def after_first_backward(self, trainer: pl.Trainer) -> None:
+        self.first_backward_pending = False
+        scaler = _grad_scaler(trainer)
+        loss_scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+        if self.source == "accumulation":
+            scale: Any = (loss_scale if loss_scale is not None else 1.0) / self.accumulate
+            self.small = squared_grad_norm(self.params, scale=scale)
+        elif self.local is not None:
+            self.small = self.local.disarm(scale=loss_scale)
+
+    def before_engine_step(
+        self, guard: GradGuard, key: int, engine: GuardEngine, scaler: Any, grad_scale: Tensor | None
+    ) -> None:
+        if "zero_fraction" in self.on:
+            zeros = self.zeros.get(key)
+            if zeros is None:
+                zeros = self.zeros[key] = ZeroFraction(engine.index)
+            self.zero[key] = zeros.compute()
+        if self.noise is not None and self.small is not None and self.big is None:
+            self.big = squared_grad_norm(self.params, scale=grad_scale)
+        if self.act is not None and self.act.armed:
+            scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+            self.act_norms = self.act.disarm(grad_scale=scale)
+
+    def after_engine_step(self, key: int, engine: GuardEngine) -> None:
+        if "update_ratio" in self.on:
+            ratio = self.ratios.get(key)
+            if ratio is None:
+                ratio = self.ratios[key] = UpdateRatio(engine.index)
+            ratio.before_step()
+            self.pending_ratio.add(key)
+
+    # -------------------------------------------------------------- logging
+    def collect(self, guard: GradGuard) -> list[tuple[str, Tensor]]:
+        """The device tensors of this logging step, for the one batched copy (and drop every measurement)."""
+        parts: list[tuple[str, Tensor]] = []
+        if not self.enabled:
+            return parts
+        for key in sorted(self.pending_ratio):
+            ratio = self.ratios[key].after_step()
+            if ratio is not None:
+                parts.append((f"ratio/{key}", ratio.float()))
+        self.pending_ratio.clear()
+        for key, zero in sorted(self.zero.items()):
+            parts.append((f"zero/{key}", zero.float()))
+        self.zero = {}
+        if self.act is not None and self.act.armed:  # no optimizer step came (e.g. an accumulation tail)
+            self.act.disarm()
+        if self.act_norms is not None:
+            parts.append(("act", self.act_norms.float()))
+            self.act_norms = None
+        if self.small is not None and self.big is not None:
+            parts.append(("noise", torch.stack([self.small.float().reshape(()), self.big.float().reshape(())])))
+        self.small = self.big = None
+        return parts
+
+    def report(
+        self,
+        guard: GradGuard,
+        trainer: pl.Trainer,
+        values: dict[str, Any],
+        snapshots: list[tuple[int, EngineSnapshot]],
+        metrics: dict[str, float],
+    ) -> dict[str, float]:
+        """Fold the host values into ``metrics`` (all loggers) and return the per-layer scalars (TensorBoard)."""
+        layer_scalars: dict[str, float] = {}
+        if not self.enabled:
+            return layer_scalars
+        for key, engine in sorted(guard._states.items()):
+            prefix = guard._prefix(key)
+            names = engine.index.names
+            ratio = values.get(f"ratio/{key}")
+            if ratio is not None and len(ratio) == len(names):
+                for name, value in zip(names, ratio):
+                    if math.isfinite(value):
+                        layer_scalars[f"{prefix}update_ratio/{name}"] = float(value)
+                for message in self._hints(key).update(names, ratio):
+                    where = f" (optimizer {key})" if len(guard._states) > 1 else ""
+                    rank_zero_warn(f"GradGuard: {message}{where}.", category=UserWarning)
+            zero = values.get(f"zero/{key}")
+            if zero is not None and len(zero) == len(names):
+                for name, value in zip(names, zero):
+                    if math.isfinite(value):
+                        layer_scalars[f"{prefix}zero_fraction/{name}"] = float(value)
+        act = values.get("act")
+        if act is not None and self.act is not None:
+            for name, value in zip(self.act.names, act):
+                if math.isfinite(value):
+                    layer_scalars[f"gradguard/act_grad/{name}"] = float(value)
+        noise = values.get("noise")
+        if noise is not None and self.noise is not None:
+            small, big = float(noise[0]), float(noise[1])
+            sizes = self.sizes
+            b_small, b_big = (sizes[0], sum(sizes) * self.world_size) if sizes else (0, 0)
+            if math.isfinite(small) and math.isfinite(big) and 0 < b_small < b_big:
+                value = self.noise.update(small, big, b_small, b_big)
+                if math.isfinite(value):
+                    metrics["gradguard/noise_scale"] = value
+        if "epoch" in self.on:
+            for key, snap in snapshots:
+                self._epoch(key).update(
+                    snap.total_norm,
+                    snap.total_norm_max if snap.total_norm_max > -math.inf else None,
+                    events={kind: float(count) for kind, count in snap.counts.items()},
+                )
+        return layer_scalars
+
+    def end_epoch(self, guard: GradGuard) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if "epoch" not in self.on:
+            return metrics
+        for key, epoch in sorted(self.epochs.items()):
+            metrics.update(epoch.end_epoch(prefix=f"{guard._prefix(key)}epoch/"))
+        return metrics
+
+    def disarm(self) -> None:
+        """Remove every hook and drop every pending measurement (end of fit, or an exception)."""
+        if self.act is not None and self.act.armed:
+            self.act.disarm()
+        if self.local is not None and self.local.armed:
+            self.local.disarm()
+        for ratio in self.ratios.values():
+            ratio.discard()
+        self.pending_ratio.clear()
+        self.zero = {}
+        self.small = self.big = self.act_norms = None
+        self.first_backward_pending = False
+        self.step_armed = None
 
 
 class _EventReporter:
@@ -701,6 +1063,12 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     except Exception as err:  # a logger that refuses late hparams must not stop training
         log.debug("GradGuard: hparams not written: %s", err)
     return board
+
+
+def _epoch_complete(trainer: pl.Trainer) -> bool:
+    """Whether the batch now running (or the last one) is the last of its epoch's data."""
+    progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
+    return bool(getattr(progress, "is_last_batch", True)) if progress is not None else True
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:

@@ -1,0 +1,251 @@
+"""GradGuard's logging-step diagnostics on real Trainer.fit runs, against manual computations."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard
+from lightning_gradguard.diagnostics import NOISE_SCALE_NOTE
+from tests.models import Regressor, regression_data, trainer
+
+
+def _tb(tmp_path: Any) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+
+
+def _csv(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+class Recording(Regressor):
+    """Records, per optimizer step, the per-layer gradients and parameters just before the step and after it."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.before: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _layers(self) -> dict[str, list[nn.Parameter]]:
+        return {f"net.{n}": list(m.parameters()) for n, m in self.net.named_children() if list(m.parameters())}
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:  # runs after the callbacks' hook
+        step = self.trainer.global_step + 1
+        self.before[step] = {
+            name: (
+                torch.cat([p.grad.flatten() for p in ps]).clone(),
+                torch.cat([p.detach().flatten() for p in ps]).clone(),
+            )
+            for name, ps in self._layers().items()
+        }
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.after[self.trainer.global_step] = {
+            name: torch.cat([p.detach().flatten() for p in ps]).clone() for name, ps in self._layers().items()
+        }
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_update_ratio_is_the_applied_update(tmp_path: Any, optimizer: str) -> None:
+    torch.manual_seed(0)
+    model = Recording(lr=0.05 if optimizer == "sgd" else 1e-2)
+    if optimizer == "adamw":
+        model.configure_optimizers = lambda: torch.optim.AdamW(model.parameters(), lr=1e-2)  # type: ignore[method-assign]
+    guard = GradGuard(clip=None, lr_guard=None, log_every_n_steps=1)
+    trainer(max_steps=6, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        model, regression_data()
+    )
+    logged = _tb(tmp_path)
+    for layer in ("net.0", "net.2"):
+        values = logged[f"gradguard/update_ratio/{layer}"]
+        assert sorted(values) == [1, 2, 3, 4, 5, 6]
+        for step, value in values.items():
+            grad, theta = model.before[step][layer]
+            if optimizer == "sgd":
+                expected = 0.05 * grad.norm() / theta.norm()
+            else:
+                expected = (model.after[step][layer] - theta).norm() / theta.norm()
+            assert value == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_zero_fraction_counts_dead_units(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    with torch.no_grad():
+        net[0].bias[:8] = -1e3  # 8 of 32 units never fire: their rows and the matching head columns get no gradient
+    guard = GradGuard(clip=None, lr_guard=None, log_every_n_steps=2)
+    trainer(max_steps=6, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        Regressor(net=net), regression_data()
+    )
+    logged = _tb(tmp_path)
+    first, head = logged["gradguard/zero_fraction/net.0"], logged["gradguard/zero_fraction/net.2"]
+    assert sorted(first) == [2, 4, 6]
+    assert all(v == pytest.approx(8 * 17 / (32 * 17)) for v in first.values())
+    assert all(v == pytest.approx(8 / 33) for v in head.values())
+
+
+class ActHooks(Regressor):
+    """Measures ‖∂L/∂y‖ of each layer's output with its own hooks, every step."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.norms: dict[int, dict[str, float]] = {}
+        for name in ("0", "2"):
+            self.net.get_submodule(name).register_forward_hook(self._hook(f"net.{name}"))
+
+    def _hook(self, name: str) -> Any:
+        def forward(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            step = self.trainer.global_step + 1
+            out.register_hook(lambda g: self.norms.setdefault(step, {}).__setitem__(name, float(g.norm())))
+
+        return forward
+
+
+def test_activation_gradient_norms_match_own_hooks(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = ActHooks()
+    guard = GradGuard(log_every_n_steps=3)
+    trainer(max_steps=9, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        model, regression_data()
+    )
+    logged = _tb(tmp_path)
+    for layer in ("net.0", "net.2"):
+        values = logged[f"gradguard/act_grad/{layer}"]
+        assert sorted(values) == [3, 6, 9]
+        for step, value in values.items():
+            assert value == pytest.approx(model.norms[step][layer], rel=1e-5)
+
+
+def test_noise_scale_from_accumulation_is_near_the_true_b_simple(tmp_path: Any) -> None:
+    g = torch.Generator().manual_seed(0)
+    n, dim = 4096, 8
+    x = torch.randn(n, dim, generator=g)
+    w_true = torch.randn(dim, 1, generator=g)
+    y = x @ w_true + 1.0 * torch.randn(n, 1, generator=g)
+    data = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = Regressor(net=nn.Linear(dim, 1), dim=dim, lr=0.003)
+    guard = GradGuard(clip=None, lr_guard=None, log_every_n_steps=1)
+    logger = CSVLogger(tmp_path)
+    trainer(max_steps=200, max_epochs=-1, accumulate_grad_batches=4, callbacks=[guard], logger=logger).fit(model, data)
+    values = [float(r["gradguard/noise_scale"]) for r in _csv(logger) if r.get("gradguard/noise_scale")]
+    assert len(values) > 150
+    # The truth at the final weights, from per-example gradients of the per-example loss (w·x + b - y)².
+    with torch.no_grad():
+        lin = model.net
+        residual = (lin(x) - y).squeeze(1)  # [n]
+        per_example = torch.cat([2 * residual[:, None] * x, 2 * residual[:, None]], dim=1).double()  # [n, dim + 1]
+        mean = per_example.mean(0)
+        true = float((per_example - mean).square().sum(1).mean() / mean.square().sum())
+    assert true / 2 <= values[-1] <= true * 2, (values[-1], true)
+
+
+def test_one_note_when_there_is_no_second_batch_size(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    guard = GradGuard(log_every_n_steps=2)
+    logger = CSVLogger(tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=6, max_epochs=-1, callbacks=[guard], logger=logger).fit(Regressor(), regression_data())
+    assert sum(NOISE_SCALE_NOTE in r.getMessage() for r in caplog.records) == 1
+    assert not any(r.get("gradguard/noise_scale") for r in _csv(logger))
+
+
+@pytest.mark.parametrize("every, logs", [(2, 8), (3, 5)])  # the epoch ends on a logging step, or between two
+def test_epoch_summaries_go_to_every_logger(tmp_path: Any, every: int, logs: int) -> None:
+    guard = GradGuard(log_every_n_steps=every)
+    logger = CSVLogger(tmp_path)
+    trainer(max_epochs=2, callbacks=[guard], logger=logger).fit(Regressor(), regression_data())  # 16 steps per epoch
+    rows = [r for r in _csv(logger) if r.get("gradguard/epoch/total_norm_p50")]
+    assert [int(r["step"]) for r in rows] == [16, 32]
+    assert all(float(r["gradguard/epoch/logs"]) == logs for r in rows)
+    assert all(float(r["gradguard/epoch/total_norm_max"]) >= float(r["gradguard/epoch/total_norm_p99"]) for r in rows)
+    if every == 2:  # one row per step: the summary rides with the step's log
+        assert all(r.get("gradguard/total_norm") for r in rows)
+
+
+def test_an_epoch_cut_short_gets_no_summary(tmp_path: Any) -> None:
+    logger = CSVLogger(tmp_path)
+    trainer(max_steps=8, max_epochs=-1, callbacks=[GradGuard(log_every_n_steps=2)], logger=logger).fit(
+        Regressor(), regression_data()
+    )
+    assert not any(k.startswith("gradguard/epoch/") and v for r in _csv(logger) for k, v in r.items())
+
+
+@pytest.mark.parametrize(
+    "diagnostics, absent",
+    [
+        (False, ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")),
+        (["noise_scale", "epoch"], ("update_ratio", "zero_fraction", "act_grad")),
+        (["update_ratio", "zero_fraction", "act_grad"], ("noise_scale", "epoch")),
+    ],
+)
+def test_switching_a_diagnostic_off_removes_its_tags(tmp_path: Any, diagnostics: Any, absent: tuple[str, ...]) -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(log_every_n_steps=2, diagnostics=diagnostics)
+    trainer(
+        max_steps=8, max_epochs=-1, accumulate_grad_batches=2, callbacks=[guard], logger=TensorBoardLogger(tmp_path)
+    ).fit(Regressor(), regression_data())
+    tags = {t.split("/")[1] for t in _tb(tmp_path) if t.startswith("gradguard/")}
+    present = {"update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch"} - set(absent)
+    assert not tags & set(absent)
+    assert present <= tags
+
+
+@pytest.mark.parametrize("value", ["all", ["noise"], 1, None])
+def test_invalid_diagnostics(value: Any) -> None:
+    with pytest.raises(ValueError, match="diagnostics"):
+        GradGuard(diagnostics=value)
+
+
+def test_diagnostics_state_round_trips_and_old_checkpoints_load() -> None:
+    guard = GradGuard(log_every_n_steps=1)
+    fit = trainer(max_steps=5, max_epochs=-1, accumulate_grad_batches=2, callbacks=[guard])
+    fit.fit(Regressor(), regression_data())
+    checkpoint: dict[str, Any] = {}
+    guard.on_save_checkpoint(fit, fit.lightning_module, checkpoint)
+    state = checkpoint["gradguard_diagnostics"][guard.state_key]
+    assert state["noise"]["count"] == 5
+    fresh = GradGuard()
+    fresh.on_load_checkpoint(fit, fit.lightning_module, checkpoint)
+    again: dict[str, Any] = {}
+    fresh.on_save_checkpoint(fit, fit.lightning_module, again)
+    assert again["gradguard_diagnostics"][guard.state_key]["noise"] == state["noise"]
+    GradGuard().on_load_checkpoint(fit, fit.lightning_module, {})  # a checkpoint from before the diagnostics
+    GradGuard().load_state_dict(guard.state_dict())  # the state_dict keeps its version-1 layout
+
+
+def test_quiet_steps_stay_free_of_syncs_and_hooks(tmp_path: Any) -> None:
+    from tests.test_callback import RecordingGuard
+
+    class Guard(RecordingGuard):
+        def on_after_backward(self, trainer, pl_module):  # noqa: ANN001, ANN201
+            return self._run(
+                "on_after_backward", False, trainer, lambda: super(Guard, self).on_after_backward(trainer, pl_module)
+            )
+
+    class HookCount(Regressor):
+        hooks: dict[int, int] = {}
+
+        def on_before_backward(self, loss: torch.Tensor) -> None:
+            self.hooks[self.trainer.global_step + 1] = sum(len(m._forward_hooks) for m in self.modules())
+
+    torch.manual_seed(0)
+    guard = Guard(log_every_n_steps=5, saturation=False, on_nonfinite="zero")
+    model = HookCount()
+    trainer(
+        max_steps=10, max_epochs=-1, accumulate_grad_batches=2, callbacks=[guard], logger=TensorBoardLogger(tmp_path)
+    ).fit(model, regression_data())
+    assert guard.logging_steps == [5, 10]
+    assert guard.quiet_calls == []
+    assert {s for s, n in model.hooks.items() if n} == {5, 10}  # hooks only on the passes of logging steps
+    assert "gradguard/noise_scale" in _tb(tmp_path)
