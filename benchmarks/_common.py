@@ -7,7 +7,9 @@ import logging
 import math
 import os
 import platform
-from collections.abc import Callable
+import shlex
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -52,6 +54,13 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+def command_line(argv: Sequence[str] | None, script: str) -> tuple[list[str], str]:
+    """The arguments to parse and the command as typed (``python benchmarks/<script> ...`` when called from code)."""
+    if argv is None:
+        return sys.argv[1:], shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    return list(argv), shlex.join(["python", f"benchmarks/{script}", *argv])
 
 
 def run_quietly_and_emit(

@@ -80,7 +80,6 @@ import argparse
 import itertools
 import math
 import os
-import shlex
 import sys
 import time
 import warnings
@@ -97,11 +96,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 try:
-    from benchmarks._common import machine, num, run_quietly_and_emit
+    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
     from lightning_gradguard import GradGuard
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import machine, num, run_quietly_and_emit
+    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
     from lightning_gradguard import GradGuard
 
 __all__ = [
@@ -1200,12 +1199,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
-    if argv is None:
-        argv = sys.argv[1:]
-        command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    else:
-        argv = list(argv)
-        command = shlex.join(["python", "benchmarks/healthy_zoo.py", *argv])
+    argv, command = command_line(argv, "healthy_zoo.py")
     args = _parse(argv)
     args.command = command
     return run_quietly_and_emit(run, report, args)

@@ -62,7 +62,6 @@ import io
 import math
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -82,13 +81,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import ExplodingDetector, GradGuard
 
 try:
-    from benchmarks._common import machine, num, run_quietly_and_emit
+    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import machine, num, run_quietly_and_emit
+    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
@@ -733,12 +732,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
-    if argv is None:
-        argv = sys.argv[1:]
-        command = shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
-    else:
-        argv = list(argv)
-        command = shlex.join(["python", "benchmarks/stability.py", *argv])
+    argv, command = command_line(argv, "stability.py")
     args = _parse(argv)
     args.command = command
     if args.logdir is None:

@@ -145,7 +145,10 @@ def group_by_device_and_dtype(
         return {}
     private = _private_util("_group_tensors_by_device_and_dtype")
     if private is not None:
-        return private(tensorlistlist, with_indices)  # type: ignore[no-any-return]
+        result: dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]] = private(
+            tensorlistlist, with_indices
+        )
+        return result
     first = tensorlistlist[0]
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[list[Tensor]], list[int]]] = {}
     for i, t in enumerate(first):

@@ -25,8 +25,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils._foreach_utils import _device_has_foreach_support, _group_tensors_by_device_and_dtype
 
+from lightning_gradguard._compat import foreach_copy_, foreach_mul_, foreach_norm, group_by_device_and_dtype
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_int, check_number
 
@@ -57,11 +57,8 @@ def _total_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
         return torch.tensor(0.0)
     first_device = grads[0].device
     per_group: list[Tensor] = []
-    for (device, dtype), ([tensors], _) in _group_tensors_by_device_and_dtype([list(grads)]).items():
-        if _device_has_foreach_support(device):
-            norms = torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(dtype))
-        else:
-            norms = [torch.linalg.vector_norm(t, norm_type, dtype=_norm_dtype(dtype)) for t in tensors]
+    for (_, dtype), ([tensors], _) in group_by_device_and_dtype([list(grads)]).items():
+        norms = foreach_norm(tensors, norm_type, dtype=_norm_dtype(dtype))
         group_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
         per_group.append(group_norm.to(device=first_device, dtype=torch.float32))
     if len(per_group) == 1:
@@ -77,14 +74,10 @@ def _scale_(grads: Sequence[Tensor], coef: Tensor) -> None:
     ``torch.nn.utils.clip_grad_norm_`` does).
     """
     on_device: dict[torch.device, Tensor] = {}
-    for (device, _), ([tensors], _) in _group_tensors_by_device_and_dtype([list(grads)]).items():
+    for (device, _), ([tensors], _) in group_by_device_and_dtype([list(grads)]).items():
         if device not in on_device:
             on_device[device] = coef.to(device)
-        if _device_has_foreach_support(device):
-            torch._foreach_mul_(tensors, on_device[device])
-        else:
-            for t in tensors:
-                t.mul_(on_device[device])
+        foreach_mul_(tensors, on_device[device])
 
 
 def _collect(
@@ -901,7 +894,7 @@ class AGC(Clipper):
                 coef = torch.where(valid_on[device], coef, 1.0)
                 grad_rows.mul_(coef.unsqueeze(1))
                 if not in_place:
-                    torch._foreach_copy_(batch_grads, grad_rows.view(len(batch), *shape).unbind(0))
+                    foreach_copy_(batch_grads, grad_rows.view(len(batch), *shape).unbind(0))
                 minima.append(coef.amin().to(total_norm.device))
 
         if not minima:

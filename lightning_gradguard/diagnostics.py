@@ -30,9 +30,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, group_by_device_and_dtype
 from lightning_gradguard._validation import check_int, check_number
 from lightning_gradguard.layers import LayerIndex, ModuleSite, build_layer_index, module_sites
 from lightning_gradguard.stats import _dense, _local, total_norm
@@ -68,12 +68,12 @@ NOISE_SCALE_NOTE = (
 def _norms(tensors: list[Tensor], ord: float, device: torch.device) -> tuple[Tensor, list[int]]:
     """``[P]`` fp32 ``ord``-norms of ``tensors`` (any devices and dtypes) on ``device``, and their order as indices
     into ``tensors``: one ``_foreach_norm`` per device and dtype (half precision is reduced in fp32)."""
-    groups = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
+    groups = group_by_device_and_dtype([tensors], with_indices=True)
     parts: list[Tensor] = []
     order: list[int] = []
     for (group_device, dtype), ([group], indices) in groups.items():
         low = dtype in _LOW_PRECISION
-        norms = torch.stack(torch._foreach_norm(group, ord, dtype=torch.float32 if low else None))  # type: ignore[arg-type]
+        norms = torch.stack(foreach_norm(group, ord, dtype=torch.float32 if low else None))
         if group_device != device or norms.dtype != torch.float32:
             # A copy towards the host must land before the host reads it; between accelerators it need not block.
             norms = norms.to(device=device, dtype=torch.float32, non_blocking=device.type != "cpu")
@@ -209,7 +209,7 @@ class UpdateRatio:
             self._before = []
             return
         with torch.no_grad():
-            self._before = list(torch._foreach_mul([_local(p.detach()) for p in self._params], 1.0))
+            self._before = foreach_mul([_local(p.detach()) for p in self._params], 1.0)
 
     def discard(self) -> None:
         """Drop the copy taken by :meth:`before_step` (e.g. the step did not happen)."""
@@ -235,7 +235,7 @@ class UpdateRatio:
         device = before[0].device
         with torch.no_grad():
             old, order = _norms(before, 2.0, device)
-            torch._foreach_sub_(before, [_local(p.detach()) for p in params])  # -Δθ, in place of the copy
+            foreach_add_(before, [_local(p.detach()) for p in params], alpha=-1.0)  # -Δθ, in place of the copy
             delta, _ = _norms(before, 2.0, device)  # same tensors, same grouping: same order
             ids, _ = self._ids.get(positions, order, device)
             squares = torch.zeros(2 * num_layers, dtype=torch.float32, device=device)

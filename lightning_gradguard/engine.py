@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_gradguard._compat import nan_to_num_
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool
 from lightning_gradguard.clip import Clipper, ZClip
@@ -609,7 +610,7 @@ class GuardEngine:
         if mode == "zero":
             # One kernel per gradient, sync-free; only inf/NaN entries change.
             for g in measured.grads:
-                torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+                nan_to_num_(g)
             return False
         if mode == "warn":
             return False  # reported by drain(), at most a step late

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._compat import foreach_zero_
 from lightning_gradguard._validation import check_bool, check_int, check_number
 
 __all__ = ["LRGuard", "LRGuardHandle"]
@@ -63,7 +64,7 @@ def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
         if isinstance(buffer := optimizer.state.get(p, {}).get(name), Tensor)
     ]
     if buffers:
-        torch._foreach_zero_(buffers)
+        foreach_zero_(buffers)
 
 
 _FIRST_MOMENTS = ("momentum_buffer", "exp_avg")

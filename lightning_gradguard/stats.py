@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from lightning_gradguard._compat import foreach_norm, group_by_device_and_dtype
 
 __all__ = ["FlatStats", "GradStats", "StepStats", "total_norm"]
 
@@ -24,7 +25,7 @@ def _local(t: Tensor) -> Tensor:
 
 def _dense(t: Tensor) -> Tensor:
     # A sparse gradient's norm is the norm of its (coalesced) values.
-    return t.coalesce()._values() if t.is_sparse else t
+    return t.coalesce().values() if t.is_sparse else t
 
 
 def _foreach_norms(tensors: list[Tensor]) -> Tensor:
@@ -33,9 +34,9 @@ def _foreach_norms(tensors: list[Tensor]) -> Tensor:
     Half-precision tensors are reduced in fp32, so a finite fp16 gradient whose norm exceeds 65504 does not read as inf.
     """
     if tensors[0].dtype in _LOW_PRECISION:
-        norms = torch._foreach_norm(tensors, 2.0, dtype=torch.float32)
+        norms = foreach_norm(tensors, 2.0, dtype=torch.float32)
     else:
-        norms = torch._foreach_norm(tensors, 2.0)
+        norms = foreach_norm(tensors, 2.0)
     stacked = torch.stack(norms)
     return stacked if stacked.dtype == torch.float32 else stacked.to(torch.float32)
 
@@ -44,16 +45,16 @@ def _grouped_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor,
     """Norms of ``tensors`` (any devices/dtypes) on ``device``, and the order of the result as indices into ``tensors``
     (``None``: the order of ``tensors``, the usual case of a single device and dtype)."""
     # Asking for the indices costs a third more; with a single group the order is the input order anyway.
-    groups = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    groups = group_by_device_and_dtype([tensors])
     if len(groups) == 1:
         (group_device, _), ([group], _) = next(iter(groups.items()))
-        norms = _foreach_norms(group)  # type: ignore[arg-type]
+        norms = _foreach_norms(group)
         return (norms if group_device == device else norms.to(device, non_blocking=True)), None
-    groups = _group_tensors_by_device_and_dtype([tensors], with_indices=True)  # type: ignore[list-item]
+    groups = group_by_device_and_dtype([tensors], with_indices=True)
     parts: list[Tensor] = []
     order: list[int] = []
     for (_, _), ([group], indices) in groups.items():
-        parts.append(_foreach_norms(group).to(device, non_blocking=True))  # type: ignore[arg-type]
+        parts.append(_foreach_norms(group).to(device, non_blocking=True))
         order.extend(indices)
     return torch.cat(parts), order
 

@@ -94,7 +94,7 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------------- norms
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOATS, ids=str)
-@pytest.mark.parametrize("ord", [2.0, 1, float("inf"), 0.5, 3.0])
+@pytest.mark.parametrize("ord", [2.0, 1, float("inf"), 0.5, 3.0, 0])
 def test_foreach_norm_fast_and_fallback_agree(device: str, dtype: torch.dtype, ord: float) -> None:
     ts = tensors(dtype, device)
     if ord == float("inf"):  # the max-norm of an empty tensor has no identity: both paths raise (tested below)
