@@ -1031,7 +1031,13 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     """The TensorBoard writer for ``trainer``'s TensorBoardLogger (layout and configuration written), or None."""
     tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     if tb is None:
-        if trainer.loggers:
+        if trainer.fast_dev_run:
+            # Lightning swaps every logger for a DummyLogger under fast_dev_run: say that, not "none attached".
+            rank_zero_info(
+                "GradGuard: `fast_dev_run` replaces the loggers with a dummy logger, so nothing GradGuard logs is"
+                " written (the guard still measures and acts). Run without `fast_dev_run` to get the TensorBoard logs."
+            )
+        elif trainer.loggers:
             rank_zero_info(
                 "GradGuard: no TensorBoardLogger attached; scalars go to the attached loggers, per-layer"
                 " scalars, pictures, histograms and text are skipped."

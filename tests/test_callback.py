@@ -295,3 +295,22 @@ def test_a_spike_during_the_clipper_warmup_is_clipped_to_the_detector_band(clip_
     else:
         assert spike > 1000 * before  # let through: the weights are thrown far off
     assert guard.summary()["exploding"] >= 1
+
+
+@pytest.mark.parametrize("fast_dev_run", [True, False])
+def test_the_logger_message_says_what_really_happened(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, fast_dev_run: bool
+) -> None:
+    # fast_dev_run swaps the TensorBoardLogger for a DummyLogger: GradGuard must not claim none was attached.
+    logger = CSVLogger(tmp_path) if not fast_dev_run else TensorBoardLogger(tmp_path)
+    kwargs: dict[str, Any] = {"fast_dev_run": True} if fast_dev_run else {"max_steps": 3, "log_every_n_steps": 1}
+    with caplog.at_level("INFO", logger="lightning_gradguard"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(logger=logger, callbacks=[GradGuard(log_every_n_steps=1)], **kwargs).fit(Regressor(), regression_data())
+    text = caplog.text
+    if fast_dev_run:
+        assert "`fast_dev_run` replaces the loggers with a dummy logger" in text
+        assert "no TensorBoardLogger attached" not in text
+    else:
+        assert "no TensorBoardLogger attached" in text
+        assert "fast_dev_run" not in text
