@@ -38,6 +38,21 @@ ABSENT = -1.0
 # --------------------------------------------------------------------------------------------------------------------
 # layer grouping
 # --------------------------------------------------------------------------------------------------------------------
+
+def _legend_above(ax: Any, handles: list[Any], font: float) -> None:
+    """One row of legend entries above the axes, right-aligned: inside them it would cover the data."""
+    ax.legend(
+        handles=handles,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncol=len(handles),
+        fontsize=font,
+        frameon=False,
+        borderaxespad=0.1,
+        handlelength=1.2,
+        columnspacing=1.0,
+    )
+
 def block_name(name: str, depth: int = 1) -> str:
     """The first ``depth`` dot-separated components of a layer or parameter name (its model block).
 
@@ -430,17 +445,7 @@ def _draw_heatmap(
         if present:
             handles.append(Patch(facecolor=color, edgecolor="0.5", label=label))
     if handles:
-        axes[-1].legend(
-            handles=handles,
-            loc="lower right",
-            bbox_to_anchor=(1.0, 1.0),
-            ncol=len(handles),
-            fontsize=font,
-            frameon=False,
-            borderaxespad=0.1,
-            handlelength=1.2,
-            columnspacing=1.0,
-        )
+        _legend_above(axes[-1], handles, font)
 
 
 class _BarData(NamedTuple):
@@ -549,18 +554,7 @@ def _draw_bars(ax: Any, data: _BarData, layers: int, font: float, title: str) ->
     for note in data.notes:
         handles.append(Line2D([], [], ls="", label=note))
     if handles:
-        # Above the axes, right of the title: inside it would cover the tallest bars.
-        ax.legend(
-            handles=handles,
-            loc="lower right",
-            bbox_to_anchor=(1.0, 1.0),
-            ncol=len(handles),
-            fontsize=font,
-            frameon=False,
-            borderaxespad=0.1,
-            handlelength=1.2,
-            columnspacing=1.0,
-        )
+        _legend_above(ax, handles, font)
     ax.set_ylim(lo, hi)
     ax.set_xlim(-0.6, n - 0.4)
     every = max(1, math.ceil(n / MAX_BAR_LABELS)) if n > MAX_BAR_LABELS else 1
