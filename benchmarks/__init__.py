@@ -1,1 +1,1 @@
-"""Measurements of lightning-gradguard: overhead per training step, printed as tables (``python -m benchmarks.overhead``)."""
+"""Measurements of lightning-gradguard, printed as tables (e.g. ``python -m benchmarks.overhead``)."""

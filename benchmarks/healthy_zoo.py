@@ -21,9 +21,9 @@ held-out data it never trained on. The table reports, per run:
 
 Under the table one verdict per config: **PASS** when the guarded run had no exploding event and no LR reduction
 and its held-out metric is at most 2% (relative) worse than the unguarded one; for ``nan_batch`` the guard must
-also have skipped exactly one step. Otherwise **FAIL** with the reasons. A config whose unguarded run itself looks unhealthy
-(non-finite losses, or a held-out metric no better than at initialisation) is flagged: the config needs adjusting,
-not the guard.
+also have skipped exactly one step. Otherwise **FAIL** with the reasons. A config whose unguarded run itself looks
+unhealthy (non-finite losses, or a held-out metric no better than at initialisation) is flagged: the config needs
+adjusting, not the guard.
 
 The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iterations of one D and one G step):
 
@@ -650,9 +650,7 @@ def _job_lora(size: Size, seed: int, steps: int | None) -> _Job:
     )
 
 
-def _regression_job(
-    name: str, size: Size, seed: int, steps: int | None, kind: Literal["masked", "nan_batch"]
-) -> _Job:
+def _regression_job(name: str, size: Size, seed: int, steps: int | None, kind: Literal["masked", "nan_batch"]) -> _Job:
     default_steps = 200
     steps = steps or (10 if size == "quick" else default_steps)
     batch, n_test, d_in, d_out, lr = 64, 2000, 32, 4, 1e-3
@@ -744,8 +742,10 @@ def _classifier_job(name: str, size: Size, seed: int, steps: int | None, kind: L
         cycles = (first, max(1, steps - warm - first))
         schedule: Callable[[int], float] | None = _warmup_restart(warm, cycles)
         title = "SGD, warm-up from 1e-4 of the rate, cosine with a warm restart"
-        extra = (f"linear warm-up from 1e-4 of the rate over {warm} steps, cosine cycles of {cycles[0]} and "
-                 f"{cycles[1]} steps (restart at step {warm + cycles[0] + 1})")
+        extra = (
+            f"linear warm-up from 1e-4 of the rate over {warm} steps, cosine cycles of {cycles[0]} and "
+            f"{cycles[1]} steps (restart at step {warm + cycles[0] + 1})"
+        )
     else:
         batch, lr, dropout = 8, 0.01, 0.5  # 0.05 (0.5 with momentum) on batches of 8 does not learn
         schedule = None
@@ -989,7 +989,7 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     losses = trace.values()
     bad = [i for i, v in enumerate(losses) if not math.isfinite(v)]
     finite = [v for v in losses if math.isfinite(v)]
-    head, tail = finite[: max(1, len(finite) // 10)], finite[-max(1, len(finite) // 10):]
+    head, tail = finite[: max(1, len(finite) // 10)], finite[-max(1, len(finite) // 10) :]
     return {
         "config": job.name,
         "variant": variant,
@@ -1071,9 +1071,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(1)  # small nets: extra threads only add synchronisation (and load a shared machine)
         for job in jobs:
             cfg = {
-                "config": job.name, "title": job.title, "settings": job.settings, "steps": job.steps,
-                "variants": list(job.variants), "reference": job.reference, "metric": job.metric,
-                "expect_skipped": job.expect_skipped, "note": job.note,
+                "config": job.name,
+                "title": job.title,
+                "settings": job.settings,
+                "steps": job.steps,
+                "variants": list(job.variants),
+                "reference": job.reference,
+                "metric": job.metric,
+                "expect_skipped": job.expect_skipped,
+                "note": job.note,
             }
             configs.append(cfg)
             runs = {}
@@ -1081,8 +1087,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row = _run_one(job, variant, args)
                 rows.append(row)
                 runs[variant] = row
-                print(f"  {job.name:<17} {variant:<14} {row['global_step']:>5} steps {row['wall_s']:7.1f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {job.name:<17} {variant:<14} {row['global_step']:>5} steps {row['wall_s']:7.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             verdicts.append(_verdict(cfg, runs))
     finally:
         torch.set_num_threads(threads_before)
@@ -1123,8 +1132,24 @@ def report(result: dict[str, Any]) -> str:
     ]
     for cfg in result["configs"]:
         lines.append(f"* `{cfg['config']}`: {cfg['title']}. {cfg['settings']}")
-    header = ("config", "run", "steps", "metric", "init", "held-out", "rel. diff", "non-finite", "exploding",
-              "lr_reduced", "min LR x", "skipped", "clipped", "vanishing", "warns", "wall s")
+    header = (
+        "config",
+        "run",
+        "steps",
+        "metric",
+        "init",
+        "held-out",
+        "rel. diff",
+        "non-finite",
+        "exploding",
+        "lr_reduced",
+        "min LR x",
+        "skipped",
+        "clipped",
+        "vanishing",
+        "warns",
+        "wall s",
+    )
     rel = {v["config"]: v["rel_diff_pct"] for v in result["verdicts"]}
     refs = {c["config"]: c["reference"] for c in result["configs"]}
     table: list[tuple[str, ...]] = []
@@ -1135,19 +1160,32 @@ def report(result: dict[str, Any]) -> str:
             diff = f"{rel[row['config']]:+.2f}%" if math.isfinite(rel[row["config"]]) else "nan"
         elif row["variant"] == refs[row["config"]]:
             diff = "(ref)"
-        table.append((
-            row["config"],
-            row["variant"],
-            str(row["steps"]),
-            row["metric"],
-            num(row["init_heldout"]),
-            num(row["heldout"]),
-            diff,
-            str(row["nonfinite_losses"]),
-            *((str(ev["exploding"]), str(ev["lr_reduced"]), num(row["min_lr_scale"], ".3g"), str(ev["skipped"]),
-               str(ev["clipped"]), str(ev["vanishing"]), str(row["guard_warnings"])) if ev else ("-",) * 7),
-            f"{row['wall_s']:.1f}",
-        ))
+        table.append(
+            (
+                row["config"],
+                row["variant"],
+                str(row["steps"]),
+                row["metric"],
+                num(row["init_heldout"]),
+                num(row["heldout"]),
+                diff,
+                str(row["nonfinite_losses"]),
+                *(
+                    (
+                        str(ev["exploding"]),
+                        str(ev["lr_reduced"]),
+                        num(row["min_lr_scale"], ".3g"),
+                        str(ev["skipped"]),
+                        str(ev["clipped"]),
+                        str(ev["vanishing"]),
+                        str(row["guard_warnings"]),
+                    )
+                    if ev
+                    else ("-",) * 7
+                ),
+                f"{row['wall_s']:.1f}",
+            )
+        )
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in table]
     lines.append("")
@@ -1162,8 +1200,10 @@ def report(result: dict[str, Any]) -> str:
         line = f"- **{v['verdict']}** `{v['config']}`"
         line += f": {'; '.join(v['reasons'])}" if v["reasons"] else f" (held-out {v['rel_diff_pct']:+.2f}%)"
         if v["unguarded_unhealthy"] and meta["size"] != "quick":
-            line += f" -- WARNING, the unguarded run looks unhealthy ({'; '.join(v['unguarded_unhealthy'])}): " \
-                    "adjust the config"
+            line += (
+                f" -- WARNING, the unguarded run looks unhealthy ({'; '.join(v['unguarded_unhealthy'])}): "
+                "adjust the config"
+            )
         lines.append(line)
     passed = sum(v["verdict"] == "PASS" for v in result["verdicts"])
     lines.append("")
@@ -1181,8 +1221,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
-    p.add_argument("--steps", type=int, default=None,
-                   help="optimizer steps of every selected config (GAN: iterations), instead of its default")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps of every selected config (GAN: iterations), instead of its default",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: no logger)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")

@@ -45,8 +45,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import io
 import inspect
+import io
 import json
 import logging
 import math
@@ -136,27 +136,54 @@ def _adding_batch(g: torch.Generator, batch: int, seq: int) -> tuple[Tensor, Ten
 # ``--quick`` shrinks every model (same structure, a fraction of the work): it only checks that everything runs.
 SPECS: dict[str, _ModelSpec] = {
     "mlp800": _ModelSpec(
-        "mlp800", lambda quick: _mlp(8, 16) if quick else _mlp(200, 64),
-        lambda g, quick: (torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)) if quick
-        else (torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g)),
-        F.mse_loss, "200 x [Linear(64,64), LayerNorm(64), GELU], batch 64 (800 tensors)", 20, 3, 5,
+        "mlp800",
+        lambda quick: _mlp(8, 16) if quick else _mlp(200, 64),
+        lambda g, quick: (
+            (torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g))
+            if quick
+            else (torch.randn(64, 64, generator=g), torch.randn(64, 64, generator=g))
+        ),
+        F.mse_loss,
+        "200 x [Linear(64,64), LayerNorm(64), GELU], batch 64 (800 tensors)",
+        20,
+        3,
+        5,
     ),
     "mlp3000": _ModelSpec(
-        "mlp3000", lambda quick: _linear_norm_stack(8 if quick else 750, 16),
-        lambda g, quick: (torch.randn(8 if quick else 64, 16, generator=g),
-                          torch.randn(8 if quick else 64, 16, generator=g)),
-        F.mse_loss, "750 x [Linear(16,16), LayerNorm(16)], batch 64 (3000 tensors)", 10, 3, 3,
+        "mlp3000",
+        lambda quick: _linear_norm_stack(8 if quick else 750, 16),
+        lambda g, quick: (
+            torch.randn(8 if quick else 64, 16, generator=g),
+            torch.randn(8 if quick else 64, 16, generator=g),
+        ),
+        F.mse_loss,
+        "750 x [Linear(16,16), LayerNorm(16)], batch 64 (3000 tensors)",
+        10,
+        3,
+        3,
     ),
     "resnet20": _ModelSpec(
-        "resnet20", lambda quick: cifar_resnet(8 if quick else 20),
-        lambda g, quick: (torch.randn(4 if quick else 128, 3, 32, 32, generator=g),
-                          torch.randint(0, 10, (4 if quick else 128,), generator=g)),
-        F.cross_entropy, "CIFAR ResNet-20, batch 128 (65 tensors)", 5, 1, 3,
+        "resnet20",
+        lambda quick: cifar_resnet(8 if quick else 20),
+        lambda g, quick: (
+            torch.randn(4 if quick else 128, 3, 32, 32, generator=g),
+            torch.randint(0, 10, (4 if quick else 128,), generator=g),
+        ),
+        F.cross_entropy,
+        "CIFAR ResNet-20, batch 128 (65 tensors)",
+        5,
+        1,
+        3,
     ),
     "lstm": _ModelSpec(
-        "lstm", lambda quick: _LSTMRegressor(16 if quick else 128),
-        lambda g, quick: _adding_batch(g, 8, 10) if quick else _adding_batch(g, 64, 100), F.mse_loss,
-        "LSTM(2,128) + Linear, adding problem, seq 100, batch 64 (6 tensors)", 20, 3, 4,
+        "lstm",
+        lambda quick: _LSTMRegressor(16 if quick else 128),
+        lambda g, quick: _adding_batch(g, 8, 10) if quick else _adding_batch(g, 64, 100),
+        F.mse_loss,
+        "LSTM(2,128) + Linear, adding problem, seq 100, batch 64 (6 tensors)",
+        20,
+        3,
+        4,
     ),
 }
 
@@ -241,8 +268,11 @@ VARIANTS: tuple[_Variant, ...] = (
 # With --compile: the defaults and monitor-only with the fused per-step tail compiled (GradGuard(compile=True)).
 COMPILED_VARIANTS: tuple[_Variant, ...] = (
     _Variant("gg_defaults_compiled", "GradGuard(compile=True)", lambda: GradGuard(compile=True)),
-    _Variant("gg_monitor_compiled", "GradGuard(clip=None, lr_guard=None, compile=True)",
-             lambda: GradGuard(clip=None, lr_guard=None, compile=True)),
+    _Variant(
+        "gg_monitor_compiled",
+        "GradGuard(clip=None, lr_guard=None, compile=True)",
+        lambda: GradGuard(clip=None, lr_guard=None, compile=True),
+    ),
 )
 
 
@@ -315,8 +345,14 @@ class _StepTimer(Callback):
             if n < 1:
                 return []
             hooks = [m[3] for m in window[1:]], [m[4] for m in window[1:]]
-            return [((window[-1][1] - window[0][1]) / n, (window[-1][2] - window[0][2]) / n,
-                     statistics.median(hooks[0]), statistics.median(hooks[1]))]
+            return [
+                (
+                    (window[-1][1] - window[0][1]) / n,
+                    (window[-1][2] - window[0][2]) / n,
+                    statistics.median(hooks[0]),
+                    statistics.median(hooks[1]),
+                )
+            ]
         out = []
         for i in range(1, len(self.marks)):
             step, wall, cpu, hook_wall, hook_cpu = self.marks[i]
@@ -343,7 +379,9 @@ def _own_hooks(callback: Callback) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------- utilities
-def _trainer(args: argparse.Namespace, steps: int, callbacks: list[Callback], logdir: str | None, **kwargs: Any) -> L.Trainer:
+def _trainer(
+    args: argparse.Namespace, steps: int, callbacks: list[Callback], logdir: str | None, **kwargs: Any
+) -> L.Trainer:
     logger: Any = False
     if logdir is not None:
         logger = TensorBoardLogger(logdir, name="", version="")
@@ -416,7 +454,12 @@ class _Samples:
 
 
 def _run_fit(
-    args: argparse.Namespace, clock: _Clock, module: _BenchModule, variant: _Variant, steps: int, logdir: str | None,
+    args: argparse.Namespace,
+    clock: _Clock,
+    module: _BenchModule,
+    variant: _Variant,
+    steps: int,
+    logdir: str | None,
     skip: int = 0,
 ) -> tuple[_StepTimer, float]:
     timer = _StepTimer(clock, skip)
@@ -444,7 +487,9 @@ def _run_fit(
     return timer, peak
 
 
-def bench_steps(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, variants: Sequence[_Variant]) -> list[dict[str, Any]]:
+def bench_steps(
+    args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, variants: Sequence[_Variant]
+) -> list[dict[str, Any]]:
     """Interleaved fits of every variant; per-step medians and pairwise ratios to the plain step."""
     module = _BenchModule(spec, torch.device(args.device), args.quick)
     steps, skip = args.steps or spec.steps, spec.skip
@@ -458,7 +503,7 @@ def bench_steps(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, varia
     for v in variants if not args.quick else variants[:1]:  # warm-up: imports, allocator, first-call costs
         _run_fit(args, clock, module, v, skip + 1, None)
     for rep in range(reps):
-        order = list(variants[rep % len(variants):]) + list(variants[: rep % len(variants)])
+        order = list(variants[rep % len(variants) :]) + list(variants[: rep % len(variants)])
         for v in order:
             n = min(steps, v.max_steps or steps)
             timer, peak = _run_fit(args, clock, module, v, skip + n + 1, None, skip)
@@ -474,17 +519,28 @@ def bench_steps(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, varia
         ratios = [a / b for a, b in zip(s.per_rep, plain.per_rep)]
         step_med, step_lo, step_hi = _quantiles([clock.pick(w, c) * 1e3 for w, c, _, _ in s.periods])
         hook_med, hook_lo, hook_hi = _quantiles([clock.pick(hw, hc) * 1e3 for _, _, hw, hc in s.periods])
-        rows.append({
-            "model": spec.name, "variant": v.key, "label": v.label,
-            "step_ms": step_med, "step_ms_p25": step_lo, "step_ms_p75": step_hi,
-            "step_wall_ms": _quantiles([w * 1e3 for w, _, _, _ in s.periods])[0],
-            "step_cpu_ms": _quantiles([c * 1e3 for _, c, _, _ in s.periods])[0],
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
-            "hook_ms": hook_med, "hook_ms_p25": hook_lo, "hook_ms_p75": hook_hi,
-            "hook_share": hook_med / _quantiles([clock.pick(w, c) * 1e3 for w, c, _, _ in plain.periods])[0],
-            "peak_mb": max(s.peak_mb) if args.device == "cuda" else None,
-            "reps": len(s.per_rep), "steps_timed": s.timed,
-        })
+        rows.append(
+            {
+                "model": spec.name,
+                "variant": v.key,
+                "label": v.label,
+                "step_ms": step_med,
+                "step_ms_p25": step_lo,
+                "step_ms_p75": step_hi,
+                "step_wall_ms": _quantiles([w * 1e3 for w, _, _, _ in s.periods])[0],
+                "step_cpu_ms": _quantiles([c * 1e3 for _, c, _, _ in s.periods])[0],
+                "ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "hook_ms": hook_med,
+                "hook_ms_p25": hook_lo,
+                "hook_ms_p75": hook_hi,
+                "hook_share": hook_med / _quantiles([clock.pick(w, c) * 1e3 for w, c, _, _ in plain.periods])[0],
+                "peak_mb": max(s.peak_mb) if args.device == "cuda" else None,
+                "reps": len(s.per_rep),
+                "steps_timed": s.timed,
+            }
+        )
     return rows
 
 
@@ -543,7 +599,7 @@ def bench_micro(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec) -> li
     for name in names:  # warm-up
         cases[name]()
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = cases[name]
             w0, c0 = clock.now()
             for _ in range(calls):
@@ -565,11 +621,21 @@ def bench_micro(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec) -> li
     rows = []
     for name in names:
         med, lo, hi = _quantiles(times[name])
-        rows.append({
-            "model": spec.name, "case": name, "ms": med, "ms_p25": lo, "ms_p75": hi, "ops": ops[name],
-            "x_foreach_norm": med / ref_norm, "x_clip_grad_norm": med / ref_clip,
-            "extra_mb": extra_mb.get(name), "rounds": rounds, "calls": calls,
-        })
+        rows.append(
+            {
+                "model": spec.name,
+                "case": name,
+                "ms": med,
+                "ms_p25": lo,
+                "ms_p75": hi,
+                "ops": ops[name],
+                "x_foreach_norm": med / ref_norm,
+                "x_clip_grad_norm": med / ref_clip,
+                "extra_mb": extra_mb.get(name),
+                "rounds": rounds,
+                "calls": calls,
+            }
+        )
     return rows
 
 
@@ -578,8 +644,11 @@ _SCOPE = "gradguard::"
 
 def _top_level(events: Any) -> list[Any]:
     """The profiler events called from Python (not from inside another op), the component scopes left out."""
-    return [e for e in events if not e.name.startswith(_SCOPE)
-            and (e.cpu_parent is None or e.cpu_parent.name.startswith(_SCOPE))]
+    return [
+        e
+        for e in events
+        if not e.name.startswith(_SCOPE) and (e.cpu_parent is None or e.cpu_parent.name.startswith(_SCOPE))
+    ]
 
 
 def _ops_per_call(fn: Callable[[], Any], calls: int = 3) -> float:
@@ -603,9 +672,12 @@ def _component_scopes() -> Iterator[None]:
     from lightning_gradguard.stats import GradStats
 
     targets = [
-        (GradStats, "measure", "measure"), (ExplodingDetector, "update", "exploding detector"),
-        (VanishingDetector, "update", "vanishing detector"), (Clipper, "clip_grads_", "clipper"),
-        (engine_module._Record, "update", "record"), (engine_module.GuardEngine, "step", "engine glue"),
+        (GradStats, "measure", "measure"),
+        (ExplodingDetector, "update", "exploding detector"),
+        (VanishingDetector, "update", "vanishing detector"),
+        (Clipper, "clip_grads_", "clipper"),
+        (engine_module._Record, "update", "record"),
+        (engine_module.GuardEngine, "step", "engine glue"),
     ]
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in targets]
 
@@ -634,8 +706,18 @@ def _component_scopes() -> Iterator[None]:
         engine_module._Tail.__call__ = original_run  # type: ignore[method-assign]
 
 
-_COMPONENTS = ("measure", "exploding detector", "vanishing detector", "clipper", "record", "engine glue",
-               "derive + detectors (compiled)", "record (compiled)", "whole tail (compiled)", "callback glue")
+_COMPONENTS = (
+    "measure",
+    "exploding detector",
+    "vanishing detector",
+    "clipper",
+    "record",
+    "engine glue",
+    "derive + detectors (compiled)",
+    "record (compiled)",
+    "whole tail (compiled)",
+    "callback glue",
+)
 
 
 def profile_components(args: argparse.Namespace, spec: _ModelSpec, table: bool = False) -> dict[str, Any]:
@@ -658,7 +740,7 @@ def profile_components(args: argparse.Namespace, spec: _ModelSpec, table: bool =
                 cases[name]()
         per: dict[str, float] = dict.fromkeys(_COMPONENTS, 0.0)
         for e in _top_level(prof.events()):
-            scope = e.cpu_parent.name[len(_SCOPE):] if e.cpu_parent is not None else "callback glue"
+            scope = e.cpu_parent.name[len(_SCOPE) :] if e.cpu_parent is not None else "callback glue"
             per[scope] = per.get(scope, 0.0) + 1.0 / n
         result["variants"][name] = {"total": sum(per.values()), **per}
         if table:
@@ -673,18 +755,22 @@ def profile_guard(args: argparse.Namespace, specs: Sequence[_ModelSpec]) -> str:
     for i, spec in enumerate(specs):
         found = profile_components(args, spec, table=i == 0)
         for name, per in found["variants"].items():
-            rows.append([spec.name, name, f"{per['total']:.0f}"]
-                        + [f"{per[c]:.0f}" if per[c] else "-" for c in _COMPONENTS])
+            rows.append(
+                [spec.name, name, f"{per['total']:.0f}"] + [f"{per[c]:.0f}" if per[c] else "-" for c in _COMPONENTS]
+            )
         for name, text in found["tables"].items():
             out += [f"{name} on {spec.name}: {found['variants'][name]['total']:.0f} top-level ops per step", text]
     header = ["model", "variant", "ops/step", *_COMPONENTS]
-    return "\n".join(["Top-level torch ops per quiet step, by component (torch.profiler, CPU activity)",
-                      _table(header, rows), ""] + out)
+    return "\n".join(
+        ["Top-level torch ops per quiet step, by component (torch.profiler, CPU activity)", _table(header, rows), ""]
+        + out
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- logging
-def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, logroot: str,
-                  plain_step_ms: float | None) -> dict[str, Any]:
+def bench_logging(
+    args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, logroot: str, plain_step_ms: float | None
+) -> dict[str, Any]:
     """A logging step with one layer per parameter tensor, against ``SummaryWriter.add_scalar`` of as many scalars."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -705,7 +791,9 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
                 _fit(module, trainer, n + 2)
             # Skip the first two steps: the first flush also writes the dashboard layout and the configuration.
             for i in range(3, len(timer.marks)):
-                sink.append(clock.pick(timer.marks[i][1] - timer.marks[i - 1][1], timer.marks[i][2] - timer.marks[i - 1][2]))
+                sink.append(
+                    clock.pick(timer.marks[i][1] - timer.marks[i - 1][1], timer.marks[i][2] - timer.marks[i - 1][2])
+                )
                 if every == 1:
                     flush_ms.append(clock.pick(timer.marks[i][3], timer.marks[i][4]) * 1e3)
     assert guard is not None
@@ -736,10 +824,15 @@ def bench_logging(args: argparse.Namespace, clock: _Clock, spec: _ModelSpec, log
     base = plain_step_ms if plain_step_ms else statistics.median(quiet_steps) * 1e3
     amortized = (extra + (image_ms if not math.isnan(image_ms) else 0.0) * LOG_EVERY / IMAGE_EVERY) / (LOG_EVERY * base)
     return {
-        "model": spec.name, "layers": layers, "scalars": scalars,
-        "logging_step_extra_ms": extra, "flush_hook_ms": statistics.median(flush_ms),
-        "images_ms": image_ms, "add_scalar_ms": statistics.median(add_ms),
-        "plain_step_ms": base, "share_of_training": amortized,
+        "model": spec.name,
+        "layers": layers,
+        "scalars": scalars,
+        "logging_step_extra_ms": extra,
+        "flush_hook_ms": statistics.median(flush_ms),
+        "images_ms": image_ms,
+        "add_scalar_ms": statistics.median(add_ms),
+        "plain_step_ms": base,
+        "share_of_training": amortized,
     }
 
 
@@ -805,11 +898,17 @@ def _rss_mb() -> float:
 
 
 def bench_memory(args: argparse.Namespace, logroot: str) -> list[dict[str, Any]]:
-    """GradGuard's state after ``few`` and after ``many`` steps of one fit (small model, so that many steps are cheap)."""
+    """GradGuard's state after ``few`` and after ``many`` steps of one fit (a small model, so many steps are cheap)."""
     few, many = (10, 30) if args.quick else (100, 1000)
     spec = _ModelSpec(
-        "tiny", lambda quick: nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(32, 32), nn.Tanh())]),
-        lambda g, quick: (torch.randn(32, 32, generator=g), torch.randn(32, 32, generator=g)), F.mse_loss, "", 0, 0, 0,
+        "tiny",
+        lambda quick: nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(32, 32), nn.Tanh())]),
+        lambda g, quick: (torch.randn(32, 32, generator=g), torch.randn(32, 32, generator=g)),
+        F.mse_loss,
+        "",
+        0,
+        0,
+        0,
     )
     variants = [v for v in VARIANTS if v.key in ("gg_defaults", "gg_autoclip")]
     if args.quick:
@@ -821,21 +920,30 @@ def bench_memory(args: argparse.Namespace, logroot: str) -> list[dict[str, Any]]
         assert isinstance(guard, GradGuard)
         probe = _MemoryProbe(guard, (few, many))
         # --quick leaves TensorBoard out: its pictures, drawn under tracemalloc, would take most of the run.
-        trainer = _trainer(args, many, [guard, probe], None if args.quick else os.path.join(logroot, "memory", v.key),
-                           log_every_n_steps=10 if args.quick else LOG_EVERY)
+        trainer = _trainer(
+            args,
+            many,
+            [guard, probe],
+            None if args.quick else os.path.join(logroot, "memory", v.key),
+            log_every_n_steps=10 if args.quick else LOG_EVERY,
+        )
         tracemalloc.start(1)
         try:
             _fit(module, trainer, many)
         finally:
             tracemalloc.stop()
         a, b = probe.rows[few], probe.rows[many]
-        rows.append({
-            "variant": v.key, "steps": [few, many],
-            **{f"{k}_{few}": a[k] for k in a}, **{f"{k}_{many}": b[k] for k in b},
-            # Checkpoint and held tensors/arrays are exact; the Python heap also moves with library caches (fonts,
-            # text layout of the pictures) and is shown, not counted.
-            "growth_bytes": (b["state_bytes"] - a["state_bytes"]) + (b["held_bytes"] - a["held_bytes"]),
-        })
+        rows.append(
+            {
+                "variant": v.key,
+                "steps": [few, many],
+                **{f"{k}_{few}": a[k] for k in a},
+                **{f"{k}_{many}": b[k] for k in b},
+                # Checkpoint and held tensors/arrays are exact; the Python heap also moves with library caches (fonts,
+                # text layout of the pictures) and is shown, not counted.
+                "growth_bytes": (b["state_bytes"] - a["state_bytes"]) + (b["held_bytes"] - a["held_bytes"]),
+            }
+        )
     return rows
 
 
@@ -900,11 +1008,24 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's goals, each with what was measured and whether it is met (``None``: not measured)."""
     goals: list[dict[str, Any]] = []
 
-    def add(goal: str, measured: float | None, target: float, lower_is_better: bool = True, fmt: str = "{:.2f}x") -> None:
-        met = None if measured is None or math.isnan(measured) else (measured <= target if lower_is_better else measured >= target)
-        goals.append({"goal": goal, "measured": measured, "target": target, "met": met,
-                      "text": "-" if measured is None else fmt.format(measured),
-                      "target_text": ("<= " if lower_is_better else ">= ") + fmt.format(target)})
+    def add(
+        goal: str, measured: float | None, target: float, lower_is_better: bool = True, fmt: str = "{:.2f}x"
+    ) -> None:
+        met = (
+            None
+            if measured is None or math.isnan(measured)
+            else (measured <= target if lower_is_better else measured >= target)
+        )
+        goals.append(
+            {
+                "goal": goal,
+                "measured": measured,
+                "target": target,
+                "met": met,
+                "text": "-" if measured is None else fmt.format(measured),
+                "target_text": ("<= " if lower_is_better else ">= ") + fmt.format(target),
+            }
+        )
 
     micro = {(r["model"], r["case"]): r for r in result.get("micro", [])}
     steps = {(r["model"], r["variant"]): r for r in result.get("steps", [])}
@@ -912,33 +1033,64 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
         if (model, "gg_monitor") in micro:
             add(f"{model}: monitor-only work / one _foreach_norm", micro[model, "gg_monitor"]["x_foreach_norm"], 1.2)
         if (model, "gg_defaults") in micro:
-            add(f"{model}: defaults work / clip_grad_norm_", micro[model, "gg_defaults"]["x_clip_grad_norm"],
-                2.0 if model == "lstm" else 1.1)
+            add(
+                f"{model}: defaults work / clip_grad_norm_",
+                micro[model, "gg_defaults"]["x_clip_grad_norm"],
+                2.0 if model == "lstm" else 1.1,
+            )
             add(f"{model}: defaults ops per quiet step", micro[model, "gg_defaults"]["ops"], 30, fmt="{:.0f}")
         if (model, "gg_monitor") in micro:
             add(f"{model}: monitor-only ops per quiet step", micro[model, "gg_monitor"]["ops"], 12, fmt="{:.0f}")
         for case in ("gg_defaults_compiled", "gg_monitor_compiled"):
             if (model, case) in micro:
-                add(f"{model}: {case} ops per quiet step", micro[model, case]["ops"],
-                    30 if case.startswith("gg_defaults") else 12, fmt="{:.0f}")
+                add(
+                    f"{model}: {case} ops per quiet step",
+                    micro[model, case]["ops"],
+                    30 if case.startswith("gg_defaults") else 12,
+                    fmt="{:.0f}",
+                )
         if (model, "zclip_callback") in micro and (model, "gg_defaults") in micro:
-            add(f"{model}: ZClipLightningCallback work / defaults work",
-                micro[model, "zclip_callback"]["ms"] / micro[model, "gg_defaults"]["ms"], 2.0, lower_is_better=False)
+            add(
+                f"{model}: ZClipLightningCallback work / defaults work",
+                micro[model, "zclip_callback"]["ms"] / micro[model, "gg_defaults"]["ms"],
+                2.0,
+                lower_is_better=False,
+            )
         if (model, "gg_defaults") in steps:
             target = 1.12 if model == "mlp800" else 1.01
-            add(f"{model}: defaults whole step / plain step", steps[model, "gg_defaults"]["ratio"], target, fmt="{:.3f}x")
+            add(
+                f"{model}: defaults whole step / plain step",
+                steps[model, "gg_defaults"]["ratio"],
+                target,
+                fmt="{:.3f}x",
+            )
         if (model, "lightning_grad_norm") in steps and (model, "gg_defaults") in steps:
-            add(f"{model}: defaults step / grad_norm-recipe step",
-                steps[model, "gg_defaults"]["ratio"] / steps[model, "lightning_grad_norm"]["ratio"], 1.0, fmt="{:.3f}x")
+            add(
+                f"{model}: defaults step / grad_norm-recipe step",
+                steps[model, "gg_defaults"]["ratio"] / steps[model, "lightning_grad_norm"]["ratio"],
+                1.0,
+                fmt="{:.3f}x",
+            )
     log = result.get("logging")
     if log:
-        add(f"{log['model']}: logging-step extra / add_scalar of {log['scalars']} scalars",
-            log["logging_step_extra_ms"] / log["add_scalar_ms"], 1.0)
-        add(f"{log['model']}: logging share of training at every {LOG_EVERY} steps", log["share_of_training"] * 100,
-            1.0, fmt="{:.2f}%")
+        add(
+            f"{log['model']}: logging-step extra / add_scalar of {log['scalars']} scalars",
+            log["logging_step_extra_ms"] / log["add_scalar_ms"],
+            1.0,
+        )
+        add(
+            f"{log['model']}: logging share of training at every {LOG_EVERY} steps",
+            log["share_of_training"] * 100,
+            1.0,
+            fmt="{:.2f}%",
+        )
     for row in result.get("memory", []):
-        add(f"memory growth {row['steps'][0]} -> {row['steps'][1]} steps ({row['variant']})", float(row["growth_bytes"]),
-            0.0, fmt="{:.0f} B")
+        add(
+            f"memory growth {row['steps'][0]} -> {row['steps'][1]} steps ({row['variant']})",
+            float(row["growth_bytes"]),
+            0.0,
+            fmt="{:.0f} B",
+        )
     return goals
 
 
@@ -952,13 +1104,23 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="repetitions of the interleaved fits (default: per model)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per fit (default: per model)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default on the CPU: 1)")
-    p.add_argument("--clock", choices=("cpu", "wall"), default=None,
-                   help="cpu = process CPU time (CPU default), wall = perf_counter (CUDA default)")
+    p.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="cpu = process CPU time (CPU default), wall = perf_counter (CUDA default)",
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': to stdout only)")
-    p.add_argument("--profile", action="store_true",
-                   help="print GradGuard's top-level ops per quiet step by component, and a torch.profiler table")
-    p.add_argument("--compile", action="store_true",
-                   help="also measure GradGuard(compile=True) in micro and profile (slow to compile on a CPU)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print GradGuard's top-level ops per quiet step by component, and a torch.profiler table",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure GradGuard(compile=True) in micro and profile (slow to compile on a CPU)",
+    )
     p.add_argument("--skip", default="", help="comma-separated sections to skip: steps,micro,logging,memory,syncs")
     args = p.parse_args(argv)
     args.model_list = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -997,10 +1159,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "command": "python -m benchmarks.overhead " + " ".join(args.argv),
             "device_type": device.type,
             "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "clock": clock.primary,
-            "quick": args.quick, "models": args.model_list, "variants": [v.key for v in variants],
-            "skipped": skipped, "log_every_n_steps": LOG_EVERY,
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "clock": clock.primary,
+            "quick": args.quick,
+            "models": args.model_list,
+            "variants": [v.key for v in variants],
+            "skipped": skipped,
+            "log_every_n_steps": LOG_EVERY,
             "describe": {m: SPECS[m].describe + (" (--quick: reduced)" if args.quick else "") for m in args.model_list},
         },
     }
@@ -1026,7 +1195,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     result["micro"] += bench_micro(args, clock, SPECS[m])
         if "logging" not in args.skip_set:
             model = "mlp800" if "mlp800" in args.model_list else args.model_list[0]
-            plain = next((r["step_ms"] for r in result.get("steps", []) if r["model"] == model and r["variant"] == "plain"), None)
+            plain = next(
+                (r["step_ms"] for r in result.get("steps", []) if r["model"] == model and r["variant"] == "plain"), None
+            )
             with section("logging"):
                 result["logging"] = bench_logging(args, clock, SPECS[model], logroot, plain)
         if "memory" not in args.skip_set:
@@ -1060,52 +1231,128 @@ def report(result: dict[str, Any]) -> str:
     out += [f"skipped: {s}" for s in meta["skipped"]]
     if result.get("steps"):
         if meta["device_type"] == "cuda":
-            how = ("mean step of each fit, synchronized at both ends of the window; median and IQR over repetitions; "
-                   "hook: host time inside the variant's hooks")
+            how = (
+                "mean step of each fit, synchronized at both ends of the window; median and IQR over repetitions; "
+                "hook: host time inside the variant's hooks"
+            )
         else:
             how = "median and IQR over non-logging steps; hook: time inside the variant's hooks"
         out += ["", f"Training steps (Trainer.fit; {how}; ratio: per-repetition pairs vs plain, median [min-max])"]
-        rows = [[r["model"], r["label"], r["step_ms"], f"{r['step_ms_p25']:.2f}-{r['step_ms_p75']:.2f}",
-                 f"{r['ratio']:.3f} [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]", r["hook_ms"],
-                 f"{100 * r['hook_share']:.2f}%", r["peak_mb"], f"{r['reps']}x{r['steps_timed'] // max(r['reps'], 1)}"]
-                for r in result["steps"]]
-        out.append(_table(["model", "variant", "step ms", "IQR", "ratio vs plain", "hook ms", "hook/plain", "peak MB",
-                           "reps x steps"], rows))
+        rows = [
+            [
+                r["model"],
+                r["label"],
+                r["step_ms"],
+                f"{r['step_ms_p25']:.2f}-{r['step_ms_p75']:.2f}",
+                f"{r['ratio']:.3f} [{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]",
+                r["hook_ms"],
+                f"{100 * r['hook_share']:.2f}%",
+                r["peak_mb"],
+                f"{r['reps']}x{r['steps_timed'] // max(r['reps'], 1)}",
+            ]
+            for r in result["steps"]
+        ]
+        out.append(
+            _table(
+                [
+                    "model",
+                    "variant",
+                    "step ms",
+                    "IQR",
+                    "ratio vs plain",
+                    "hook ms",
+                    "hook/plain",
+                    "peak MB",
+                    "reps x steps",
+                ],
+                rows,
+            )
+        )
     if result.get("micro"):
-        out += ["", "Per-step work on fixed gradients (GradGuard: its 3 hooks of a non-logging step), median over rounds"]
-        rows = [[r["model"], r["case"], r["ms"], f"{r['ms_p25']:.3f}-{r['ms_p75']:.3f}", r["x_foreach_norm"],
-                 r["x_clip_grad_norm"], f"{r['ops']:.0f}", r["extra_mb"]] for r in result["micro"]]
-        out.append(_table(["model", "case", "ms", "IQR", "x _foreach_norm", "x clip_grad_norm_", "ops/call",
-                           "extra MB"], rows))
+        out += [
+            "",
+            "Per-step work on fixed gradients (GradGuard: its 3 hooks of a non-logging step), median over rounds",
+        ]
+        rows = [
+            [
+                r["model"],
+                r["case"],
+                r["ms"],
+                f"{r['ms_p25']:.3f}-{r['ms_p75']:.3f}",
+                r["x_foreach_norm"],
+                r["x_clip_grad_norm"],
+                f"{r['ops']:.0f}",
+                r["extra_mb"],
+            ]
+            for r in result["micro"]
+        ]
+        out.append(
+            _table(["model", "case", "ms", "IQR", "x _foreach_norm", "x clip_grad_norm_", "ops/call", "extra MB"], rows)
+        )
     log = result.get("logging")
     if log:
         out += ["", f"Logging step ({log['model']}, {log['layers']} layers = one per tensor, {log['scalars']} scalars)"]
-        out.append(_table(
-            ["logging-step extra ms", "flush hook ms", f"images ms (every {IMAGE_EVERY})", f"add_scalar x{log['scalars']} ms",
-             f"share of training (every {LOG_EVERY})"],
-            [[log["logging_step_extra_ms"], log["flush_hook_ms"], log["images_ms"], log["add_scalar_ms"],
-              f"{100 * log['share_of_training']:.2f}%"]],
-        ))
+        out.append(
+            _table(
+                [
+                    "logging-step extra ms",
+                    "flush hook ms",
+                    f"images ms (every {IMAGE_EVERY})",
+                    f"add_scalar x{log['scalars']} ms",
+                    f"share of training (every {LOG_EVERY})",
+                ],
+                [
+                    [
+                        log["logging_step_extra_ms"],
+                        log["flush_hook_ms"],
+                        log["images_ms"],
+                        log["add_scalar_ms"],
+                        f"{100 * log['share_of_training']:.2f}%",
+                    ]
+                ],
+            )
+        )
     if result.get("memory"):
         out += ["", "Memory: GradGuard state after few vs many steps (small model)"]
         rows = []
         for r in result["memory"]:
             a, b = r["steps"]
-            rows.append([r["variant"], f"{a} -> {b}", f"{r[f'state_bytes_{a}']} -> {r[f'state_bytes_{b}']}",
-                         f"{r[f'held_bytes_{a}']} -> {r[f'held_bytes_{b}']}",
-                         f"{r[f'python_bytes_{a}']} -> {r[f'python_bytes_{b}']}",
-                         f"{r[f'rss_mb_{a}']:.0f} -> {r[f'rss_mb_{b}']:.0f}", r["growth_bytes"]])
-        out.append(_table(["variant", "steps", "checkpoint B", "tensors+arrays B", "python heap B (info)", "RSS MB",
-                           "growth B"], rows))
+            rows.append(
+                [
+                    r["variant"],
+                    f"{a} -> {b}",
+                    f"{r[f'state_bytes_{a}']} -> {r[f'state_bytes_{b}']}",
+                    f"{r[f'held_bytes_{a}']} -> {r[f'held_bytes_{b}']}",
+                    f"{r[f'python_bytes_{a}']} -> {r[f'python_bytes_{b}']}",
+                    f"{r[f'rss_mb_{a}']:.0f} -> {r[f'rss_mb_{b}']:.0f}",
+                    r["growth_bytes"],
+                ]
+            )
+        out.append(
+            _table(
+                ["variant", "steps", "checkpoint B", "tensors+arrays B", "python heap B (info)", "RSS MB", "growth B"],
+                rows,
+            )
+        )
     if result.get("syncs"):
         out += ["", "Host-device syncs inside the hooks, per non-logging step"]
-        out.append(_table(["model", "variant", "syncs/step"],
-                          [[r["model"], r["variant"], r["syncs_per_step"]] for r in result["syncs"]]))
+        out.append(
+            _table(
+                ["model", "variant", "syncs/step"],
+                [[r["model"], r["variant"], r["syncs_per_step"]] for r in result["syncs"]],
+            )
+        )
     if result.get("goals"):
         out += ["", "Goals (measured, not asserted)"]
-        out.append(_table(["goal", "measured", "target", "met"],
-                          [[g["goal"], g["text"], g["target_text"], {True: "yes", False: "NO", None: "-"}[g["met"]]]
-                           for g in result["goals"]]))
+        out.append(
+            _table(
+                ["goal", "measured", "target", "met"],
+                [
+                    [g["goal"], g["text"], g["target_text"], {True: "yes", False: "NO", None: "-"}[g["met"]]]
+                    for g in result["goals"]
+                ],
+            )
+        )
     if result.get("profile"):
         out += ["", "Profile of GradGuard's per-step work", result["profile"]]
     return "\n".join(out)
@@ -1119,7 +1366,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     if args.threads or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
-    quiet = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")]
+    quiet = [
+        logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
+    ]
     levels = [lg.level for lg in quiet]
     try:
         for lg in quiet:

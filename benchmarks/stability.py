@@ -213,7 +213,7 @@ class _Job:
 
     def sweep_lr(self, variant: str) -> float | None:
         """The learning rate of a sweep variant (``None`` for the others)."""
-        return float(variant[len(SWEEP_PREFIX):]) if variant.startswith(SWEEP_PREFIX) else None
+        return float(variant[len(SWEEP_PREFIX) :]) if variant.startswith(SWEEP_PREFIX) else None
 
     def _guard(self, variant: str) -> tuple[str, Callable[[], GradGuard]] | None:
         if variant == "guarded_example":
@@ -363,15 +363,32 @@ CONFIGS: dict[str, Callable[[Size, int], _Job]] = {
     # The diverging configs also train unguarded at a few lower rates (the sweep): the best of them is the "tuned
     # rate" that a guarded run at the too-high rate should match.
     "lstm_10x": lambda size, seed: _adding(
-        "lstm_10x", size, seed, "lstm", 1.0, "LSTM adding problem at 10x the example's stable SGD rate (0.1)", 10,
+        "lstm_10x",
+        size,
+        seed,
+        "lstm",
+        1.0,
+        "LSTM adding problem at 10x the example's stable SGD rate (0.1)",
+        10,
         sweep=(0.3, 0.1, 0.03),
     ),
     "rnn_tanh": lambda size, seed: _adding(
-        "rnn_tanh", size, seed, "rnn", 0.1, "tanh-RNN adding problem at the SGD rate the example's LSTM takes", 50,
+        "rnn_tanh",
+        size,
+        seed,
+        "rnn",
+        0.1,
+        "tanh-RNN adding problem at the SGD rate the example's LSTM takes",
+        50,
         sweep=(0.03, 0.01, 0.003),
     ),
     "resnet20_nobn": lambda size, seed: _resnet(
-        "resnet20_nobn", size, seed, False, 0.5, "ResNet-20 without batch norm (--no-bn) at lr 0.5",
+        "resnet20_nobn",
+        size,
+        seed,
+        False,
+        0.5,
+        "ResNet-20 without batch norm (--no-bn) at lr 0.5",
         sweep=(0.15, 0.05, 0.015),
     ),
     "mlp_sigmoid50": lambda size, seed: _mlp("mlp_sigmoid50", size, seed),
@@ -529,18 +546,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # --quick's batches are too small to share between threads.
                 threads = args.threads or (1 if size == "quick" else _auto_threads(job, host["cpus"]))
                 torch.set_num_threads(threads)
-            configs.append({
-                "config": job.name, "title": job.title, "settings": job.settings, "steps": job.steps,
-                "variants": job.variants(args.sweep),
-                "guards": {v: job.guard_label(v) for v in job.variants(args.sweep)},
-                "metric": job.metric, "threshold": job.threshold, "chance": job.chance, "n_test": job.n_test,
-                "threads": threads,
-            })
+            configs.append(
+                {
+                    "config": job.name,
+                    "title": job.title,
+                    "settings": job.settings,
+                    "steps": job.steps,
+                    "variants": job.variants(args.sweep),
+                    "guards": {v: job.guard_label(v) for v in job.variants(args.sweep)},
+                    "metric": job.metric,
+                    "threshold": job.threshold,
+                    "chance": job.chance,
+                    "n_test": job.n_test,
+                    "threads": threads,
+                }
+            )
             for variant in job.variants(args.sweep):
                 row = _run_one(job, variant, args)
                 rows.append(row)
-                print(f"  {job.name:<14} {variant:<16} {row['steps']:>5} steps {row['wall_s']:7.1f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {job.name:<14} {variant:<16} {row['steps']:>5} steps {row['wall_s']:7.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         torch.set_num_threads(threads_before)
     meta = {
@@ -655,8 +683,22 @@ def report(result: dict[str, Any]) -> str:
         threads = f"; {cfg['threads']} CPU thread(s)" if cfg["threads"] else ""
         lines.append(f"  {cfg['config']}: {cfg['title']}")
         lines.append(f"      {cfg['settings']}; diverged above {cfg['threshold']:.3g}{threads}")
-    header = ("config", "run", "guard", "steps", "held-out", "diverged?", "NaN at", "clipped", "expl", "nonfin/skip",
-              "lr_red", "van", "warns", "wall s")
+    header = (
+        "config",
+        "run",
+        "guard",
+        "steps",
+        "held-out",
+        "diverged?",
+        "NaN at",
+        "clipped",
+        "expl",
+        "nonfin/skip",
+        "lr_red",
+        "van",
+        "warns",
+        "wall s",
+    )
     table: list[tuple[str, ...]] = []
     for row in result["rows"]:
         ev = row["events"]
@@ -665,22 +707,24 @@ def report(result: dict[str, Any]) -> str:
             van = str(ev["vanishing"])
             if row["first_vanishing"]:
                 van += f" ({row['first_vanishing']['layer']} @{row['first_vanishing']['step']})"
-        table.append((
-            row["config"],
-            row["variant"],
-            row["guard"] or "-",
-            f"{row['steps']}" + (" stopped" if row["stopped_early"] else ""),
-            _heldout(row),
-            "YES" if row["diverged"] else "no",
-            "-" if row["first_nan_step"] is None else f"{row['first_nan_step']} ({row['nonfinite_losses']})",
-            str(ev.get("clipped", "?")) if ev else "-",
-            str(ev["exploding"]) if ev else "-",
-            f"{ev['nonfinite']}/{ev['skipped']}" if ev else "-",
-            str(ev["lr_reduced"]) if ev else "-",
-            van,
-            str(row["guard_warnings"]) if ev else "-",
-            f"{row['wall_s']:.1f}",
-        ))
+        table.append(
+            (
+                row["config"],
+                row["variant"],
+                row["guard"] or "-",
+                f"{row['steps']}" + (" stopped" if row["stopped_early"] else ""),
+                _heldout(row),
+                "YES" if row["diverged"] else "no",
+                "-" if row["first_nan_step"] is None else f"{row['first_nan_step']} ({row['nonfinite_losses']})",
+                str(ev.get("clipped", "?")) if ev else "-",
+                str(ev["exploding"]) if ev else "-",
+                f"{ev['nonfinite']}/{ev['skipped']}" if ev else "-",
+                str(ev["lr_reduced"]) if ev else "-",
+                van,
+                str(row["guard_warnings"]) if ev else "-",
+                f"{row['wall_s']:.1f}",
+            )
+        )
     widths = [max([len(h)] + [len(r[i]) for r in table]) for i, h in enumerate(header)]
     lines += ["", "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
@@ -709,11 +753,19 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="longer runs on larger batches (meant for a GPU)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default 0: 1 for the recurrent nets, the MLP and anything in --quick; for the "
-                   "ResNets the cores that the load average shows idle, at least 1)")
-    p.add_argument("--no-sweep", dest="sweep", action="store_false",
-                   help="skip the unguarded tuned-rate sweep of the diverging configs")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default 0: 1 for the recurrent nets, the MLP and anything in --quick; for the "
+        "ResNets the cores that the load average shows idle, at least 1)",
+    )
+    p.add_argument(
+        "--no-sweep",
+        dest="sweep",
+        action="store_false",
+        help="skip the unguarded tuned-rate sweep of the diverging configs",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: a new temporary folder)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")

@@ -69,9 +69,7 @@ __all__ = [
 ]
 
 
-def adding_problem(
-    n: int, seq_len: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
+def adding_problem(n: int, seq_len: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Draws ``n`` examples of the adding problem.
 
     Args:
@@ -448,9 +446,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     summary = guard.summary() if guard is not None else None
     print()
-    print(f"Adding problem, {args.model.upper()}, T={args.seq_len}, {args.optimizer} lr={args.lr:g}, "
-          f"{trainer.global_step} steps in {wall_s:.0f} s, last training MSE {train_mse:.4g}"
-          + (" (no guard)" if guard is None else ""))
+    print(
+        f"Adding problem, {args.model.upper()}, T={args.seq_len}, {args.optimizer} lr={args.lr:g}, "
+        f"{trainer.global_step} steps in {wall_s:.0f} s, last training MSE {train_mse:.4g}"
+        + (" (no guard)" if guard is None else "")
+    )
     if summary is not None:
         print("GradGuard events: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     if test_mse < SOLVED_MSE:

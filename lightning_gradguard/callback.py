@@ -317,7 +317,7 @@ class GradGuard(Callback):
             self._next_log_step = (trainer.global_step // every + 1) * every
 
     def _log_every(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or max(int(trainer.log_every_n_steps or 50), 1)
+        return self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", None) or 50), 1)
 
     def _optimizer_key(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
         key = self._opt_keys.get(id(optimizer))
@@ -647,8 +647,12 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         check_bool("compile", args["compile"])
     if args["group_fn"] is not None and not callable(args["group_fn"]):
         raise ValueError(f"`group_fn` must be a callable or None, got {args['group_fn']!r}")
-    for name, cls in (("clip", Clipper), ("lr_guard", LRGuard), ("exploding", ExplodingDetector),
-                      ("vanishing", VanishingDetector)):
+    for name, cls in (
+        ("clip", Clipper),
+        ("lr_guard", LRGuard),
+        ("exploding", ExplodingDetector),
+        ("vanishing", VanishingDetector),
+    ):
         value = args[name]
         if value is not None and value != "default" and not isinstance(value, cls):
             raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
@@ -1031,7 +1035,7 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     """The TensorBoard writer for ``trainer``'s TensorBoardLogger (layout and configuration written), or None."""
     tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     if tb is None:
-        if trainer.fast_dev_run:
+        if getattr(trainer, "fast_dev_run", False):
             # Lightning swaps every logger for a DummyLogger under fast_dev_run: say that, not "none attached".
             rank_zero_info(
                 "GradGuard: `fast_dev_run` replaces the loggers with a dummy logger, so nothing GradGuard logs is"

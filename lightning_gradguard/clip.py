@@ -360,8 +360,9 @@ class AutoClip(Clipper):
 
     def __init__(self, percentile: float = 10.0, history: int | None = None) -> None:
         super().__init__()
-        self.percentile = check_number("percentile", percentile, low=0.0, high=100.0, low_inclusive=True,
-                                        high_inclusive=True)
+        self.percentile = check_number(
+            "percentile", percentile, low=0.0, high=100.0, low_inclusive=True, high_inclusive=True
+        )
         self.history = None if history is None else check_int("history", history, low=1)
         self._calls = 0  # host-side, an upper bound of the number of valid entries: sizes the unbounded buffer
         self._values: Tensor | None = None  # sorted (history=None, +inf padded) or a ring buffer (history=N)
@@ -558,8 +559,9 @@ class ZClip(Clipper):
         self.max_grad_norm = None if max_grad_norm is None else check_number("max_grad_norm", max_grad_norm, low=0.0)
         self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
         self.eps = check_number("eps", eps, low=0.0)
-        self.warmup_ratio = None if warmup_ratio is None else check_number("warmup_ratio", warmup_ratio, low=1.0,
-                                                                           low_inclusive=True)
+        self.warmup_ratio = (
+            None if warmup_ratio is None else check_number("warmup_ratio", warmup_ratio, low=1.0, low_inclusive=True)
+        )
         self._buffer: Tensor | None = None  # warm-up norms
         self._count: Tensor | None = None  # valid steps seen (int64); the EMA is live once it reaches warmup_steps
         self._mean: Tensor | None = None

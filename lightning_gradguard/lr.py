@@ -333,8 +333,10 @@ class LRGuard:
             current = group["lr"]
             if current is not swap.applied:
                 continue
-            if swap.version is not None and current._version != swap.version:
-                swap.scheduled.copy_(current)
+            # A tensor lr that a scheduler filled in place since apply: keep what it wrote.
+            tensors = isinstance(current, Tensor) and isinstance(swap.scheduled, Tensor)
+            if tensors and swap.version is not None and current._version != swap.version:  # type: ignore[union-attr]
+                swap.scheduled.copy_(current)  # type: ignore[union-attr,arg-type]
             group["lr"] = swap.scheduled
 
     def attach(self, optimizer: torch.optim.Optimizer, key: int = 0) -> LRGuardHandle:

@@ -39,6 +39,7 @@ ABSENT = -1.0
 # layer grouping
 # --------------------------------------------------------------------------------------------------------------------
 
+
 def _legend_above(ax: Any, handles: list[Any], font: float) -> None:
     """One row of legend entries above the axes, right-aligned: inside them it would cover the data."""
     ax.legend(
@@ -52,6 +53,7 @@ def _legend_above(ax: Any, handles: list[Any], font: float) -> None:
         handlelength=1.2,
         columnspacing=1.0,
     )
+
 
 def block_name(name: str, depth: int = 1) -> str:
     """The first ``depth`` dot-separated components of a layer or parameter name (its model block).

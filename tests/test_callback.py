@@ -159,19 +159,31 @@ class RecordingGuard(GradGuard):
         return out
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001, ANN201
-        return self._run("on_train_batch_start", False, trainer,
-                         lambda: super(RecordingGuard, self).on_train_batch_start(trainer, pl_module, batch, batch_idx))
+        return self._run(
+            "on_train_batch_start",
+            False,
+            trainer,
+            lambda: super(RecordingGuard, self).on_train_batch_start(trainer, pl_module, batch, batch_idx),
+        )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001, ANN201
-        return self._run("on_before_optimizer_step", False, trainer,
-                         lambda: super(RecordingGuard, self).on_before_optimizer_step(trainer, pl_module, optimizer))
+        return self._run(
+            "on_before_optimizer_step",
+            False,
+            trainer,
+            lambda: super(RecordingGuard, self).on_before_optimizer_step(trainer, pl_module, optimizer),
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001, ANN201
         logging_step = trainer.global_step >= self._next_log_step
         if logging_step:
             self.logging_steps.append(trainer.global_step)
-        return self._run("on_train_batch_end", logging_step, trainer,
-                         lambda: super(RecordingGuard, self).on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx))
+        return self._run(
+            "on_train_batch_end",
+            logging_step,
+            trainer,
+            lambda: super(RecordingGuard, self).on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx),
+        )
 
 
 def test_recorder_catches_a_sync() -> None:
@@ -207,7 +219,9 @@ def test_tensorboard_tags(tmp_path: Any) -> None:
     torch.manual_seed(0)
     guard = GradGuard()
     logger = TensorBoardLogger(tmp_path)
-    trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(Regressor(), regression_data())
+    trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+        Regressor(), regression_data()
+    )
     acc = _scalars(tmp_path)
     tags = set(acc.Tags()["scalars"])
     for tag in [
@@ -219,7 +233,10 @@ def test_tensorboard_tags(tmp_path: Any) -> None:
         "gradguard/ema_mean",
         "gradguard/layer/net.0",
         "gradguard/layer/net.2",
-        *(f"gradguard/events/{k}" for k in ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")),
+        *(
+            f"gradguard/events/{k}"
+            for k in ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
+        ),
     ]:
         assert tag in tags, tag
     steps = [e.step for e in acc.Scalars("gradguard/total_norm")]

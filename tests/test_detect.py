@@ -126,7 +126,7 @@ def test_vanishing_needs_patience_and_absent_layers_keep_their_streak() -> None:
     norms = T([1.0, 1e-6, 0.5])
     present = T([True, True, True])
     news = []
-    for step in range(5):
+    for _ in range(5):
         r = det.update(norms, T(True), present)
         news.append(r.new.tolist())
     assert news[2] == [False, True, False] and news[3] == [False, False, False]
@@ -161,7 +161,9 @@ def test_exploding_invalid_arguments(kwargs: dict) -> None:
         ExplodingDetector(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"min_norm": -1.0}, {"ratio": 1.0}, {"ratio": -0.1}, {"patience": 0}, {"patience": 1.5}])
+@pytest.mark.parametrize(
+    "kwargs", [{"min_norm": -1.0}, {"ratio": 1.0}, {"ratio": -0.1}, {"patience": 0}, {"patience": 1.5}]
+)
 def test_vanishing_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         VanishingDetector(**kwargs)

@@ -133,23 +133,27 @@ class DumpGuard(GradGuard):
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
             collectives = {}
         st = self._states[0]
-        self.steps_seen.append({
-            "layers": dict(zip(st.index.names, st.layer_last.tolist())),
-            "layer_last": st.layer_last.clone(),
-            "scalars": st.scalars.clone(),
-            "counts": st.counts.clone(),
-            "threshold": st.clipper.last_threshold.item() if st.clipper is not None else math.inf,
-            "collectives": collectives,
-        })
+        self.steps_seen.append(
+            {
+                "layers": dict(zip(st.index.names, st.layer_last.tolist())),
+                "layer_last": st.layer_last.clone(),
+                "scalars": st.scalars.clone(),
+                "counts": st.counts.clone(),
+                "threshold": st.clipper.last_threshold.item() if st.clipper is not None else math.inf,
+                "collectives": collectives,
+            }
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
-        self.batches.append({
-            "lr_scale": self.lr_guard.scale(0) if self.lr_guard is not None else 1.0,
-            "strengths": [r.strength for r in self.regularizers],
-            "state": copy.deepcopy(self.state_dict()),
-            "summary": self.summary(),
-        })
+        self.batches.append(
+            {
+                "lr_scale": self.lr_guard.scale(0) if self.lr_guard is not None else 1.0,
+                "strengths": [r.strength for r in self.regularizers],
+                "state": copy.deepcopy(self.state_dict()),
+                "summary": self.summary(),
+            }
+        )
 
 
 def _rank_data(rank: int) -> DataLoader:
@@ -195,12 +199,22 @@ def _ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
     guard = _ddp_guard()
     pre = RefProbe(guard)
     trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD, strategy="ddp", callbacks=[pre, guard],
-        logger=TensorBoardLogger(outdir, name="tb", version=0), use_distributed_sampler=False, **DDP_SETTINGS, **_QUIET,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        callbacks=[pre, guard],
+        logger=TensorBoardLogger(outdir, name="tb", version=0),
+        use_distributed_sampler=False,
+        **DDP_SETTINGS,
+        **_QUIET,
     )
     trainer.fit(DDPRegressor(), _rank_data(rank))  # 8 micro-batches per rank and epoch
-    return {"steps": guard.steps_seen, "batches": guard.batches, "reference": pre.steps,
-            "global_step": trainer.global_step}
+    return {
+        "steps": guard.steps_seen,
+        "batches": guard.batches,
+        "reference": pre.steps,
+        "global_step": trainer.global_step,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------- FSDP2
@@ -255,8 +269,12 @@ class ClipperCheck(Callback):
         total = torch.linalg.vector_norm(torch.stack([g.norm() for g in full_grads]))
         history = torch.full((4,), math.inf)
         history[0] = 0.05 * total  # AutoClip(percentile=0) then clips to this norm
-        for clipper in (NormClip(max_norm=0.05), ZClip(warmup_steps=1, max_grad_norm=0.05),
-                        AutoClip(percentile=0.0, history=4), AGC(clip_factor=0.01)):
+        for clipper in (
+            NormClip(max_norm=0.05),
+            ZClip(warmup_steps=1, max_grad_norm=0.05),
+            AutoClip(percentile=0.0, history=4),
+            AGC(clip_factor=0.01),
+        ):
             if isinstance(clipper, AutoClip):
                 clipper.load_state_dict({"values": history, "count": torch.tensor(1), "calls": 1})
             sharded, gathered = copy.deepcopy(clipper), copy.deepcopy(clipper)
@@ -265,8 +283,13 @@ class ClipperCheck(Callback):
             coef = sharded.clip_grads_(shard_grads, total, torch.tensor(True), params=params, names=names)
             gathered.clip_grads_(ref_grads, total, torch.tensor(True), params=full_params, names=names)
             self.results[type(clipper).__name__] = [
-                {"name": n, "ndim": g.ndim, "max_diff": (_full(s) - g).abs().max().item(),
-                 "changed": not torch.equal(g, f), "is_dtensor": _is_dtensor(s)}
+                {
+                    "name": n,
+                    "ndim": g.ndim,
+                    "max_diff": (_full(s) - g).abs().max().item(),
+                    "changed": not torch.equal(g, f),
+                    "is_dtensor": _is_dtensor(s),
+                }
                 for n, s, g, f in zip(names, shard_grads, ref_grads, full_grads)
             ]
             self.results[type(clipper).__name__ + "_coef"] = float(_full(coef)) if torch.is_tensor(coef) else coef
@@ -277,9 +300,15 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
     guard, post, check = _fsdp_guard(), RefProbe(), ClipperCheck()
     pre = RefProbe(guard)
     trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=_fsdp2_strategy(),
-        callbacks=[pre, guard, post, check], max_steps=FSDP_STEPS, log_every_n_steps=2,
-        logger=TensorBoardLogger(outdir, name="tb", version=0), use_distributed_sampler=False, **_QUIET,
+        accelerator="cpu",
+        devices=WORLD,
+        strategy=_fsdp2_strategy(),
+        callbacks=[pre, guard, post, check],
+        max_steps=FSDP_STEPS,
+        log_every_n_steps=2,
+        logger=TensorBoardLogger(outdir, name="tb", version=0),
+        use_distributed_sampler=False,
+        **_QUIET,
     )
     model = ShardedRegressor()
     trainer.fit(model, _rank_data(rank))
@@ -287,15 +316,27 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
     refusal = ""
     try:  # last: a second fit in the same processes, refused at fit start on every rank
         L.Trainer(
-            accelerator="cpu", devices=WORLD, strategy=_fsdp2_strategy(),
-            callbacks=[GradGuard(regularizers=[Orthogonal(1e-3)])], max_steps=1, logger=False,
-            use_distributed_sampler=False, **_QUIET,
+            accelerator="cpu",
+            devices=WORLD,
+            strategy=_fsdp2_strategy(),
+            callbacks=[GradGuard(regularizers=[Orthogonal(1e-3)])],
+            max_steps=1,
+            logger=False,
+            use_distributed_sampler=False,
+            **_QUIET,
         ).fit(ShardedRegressor(), _rank_data(rank))
     except MisconfigurationException as err:
         refusal = str(err)
-    return {"steps": guard.steps_seen, "batches": guard.batches, "reference": pre.steps, "after": post.steps,
-            "clippers": check.results, "param_types": sorted(grad_types), "global_step": trainer.global_step,
-            "orthogonal_refusal": refusal}
+    return {
+        "steps": guard.steps_seen,
+        "batches": guard.batches,
+        "reference": pre.steps,
+        "after": post.steps,
+        "clippers": check.results,
+        "param_types": sorted(grad_types),
+        "global_step": trainer.global_step,
+        "orthogonal_refusal": refusal,
+    }
 
 
 WORKERS = {"ddp": _ddp_worker, "fsdp2": _fsdp2_worker}
@@ -319,12 +360,27 @@ def _launch(scenario: str, outdir: Path, timeout: float = 180.0) -> list[dict[st
     port = _free_port()
     procs = []
     for rank in range(WORLD):
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(WORLD),
-               "NODE_RANK": "0", "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.test_distributed", scenario, str(outdir)], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        ))
+        env = {
+            **os.environ,
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(WORLD),
+            "NODE_RANK": "0",
+            "LOCAL_RANK": str(rank),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONWARNINGS": "ignore",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.test_distributed", scenario, str(outdir)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
     deadline = time.monotonic() + timeout
     outputs = []
     try:
@@ -366,8 +422,9 @@ class _Recorder(GradGuard):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         st = self._states[0]
-        self.steps_seen.append({"layers": dict(zip(st.index.names, st.layer_last.tolist())),
-                                "total": st.scalars[0].item()})
+        self.steps_seen.append(
+            {"layers": dict(zip(st.index.names, st.layer_last.tolist())), "total": st.scalars[0].item()}
+        )
 
 
 def _single_process(model_cls: type[L.LightningModule], guard: _Recorder, **kwargs: Any) -> _Recorder:

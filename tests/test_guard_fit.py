@@ -428,7 +428,7 @@ def test_gradient_terms_equal_penalties_added_to_the_loss(case: str) -> None:
     plain = fit(make(None), [])
     tol = 1e-5 if case.startswith("16-mixed") else 1e-6
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a[name], b[name], rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
     # The penalties matter: without them the parameters end up elsewhere.
     moved = max((a[k] - plain[k]).abs().max().item() for k in a)
     assert moved > 100 * tol
@@ -488,9 +488,12 @@ def test_l1_makes_weights_sparse_in_fit() -> None:
 
 def _saturated_sigmoid_net() -> nn.Sequential:
     net = nn.Sequential(
-        nn.Linear(16, 32), nn.Sigmoid(),  # huge weights: pre-activations far out on both sides
-        nn.Linear(32, 32), nn.Sigmoid(),  # huge bias: stuck at 1
-        nn.Linear(32, 32), nn.Sigmoid(),  # tiny weights: near 0.5, healthy
+        nn.Linear(16, 32),
+        nn.Sigmoid(),  # huge weights: pre-activations far out on both sides
+        nn.Linear(32, 32),
+        nn.Sigmoid(),  # huge bias: stuck at 1
+        nn.Linear(32, 32),
+        nn.Sigmoid(),  # tiny weights: near 0.5, healthy
         nn.Linear(32, 1),
     )
     with torch.no_grad():
@@ -537,7 +540,7 @@ def test_saturation_is_logged_per_activation(tmp_path: Path, make_net: Any, expe
 def test_vanishing_warning_names_the_saturated_activations(tmp_path: Path) -> None:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
-    for i in range(6):
+    for _ in range(6):
         linear = nn.Linear(16, 16)
         with torch.no_grad():
             linear.bias.fill_(12.0)  # every sigmoid pinned at 1: almost no gradient reaches the early layers

@@ -376,10 +376,13 @@ def test_settle_steps_hold_without_cutting_again():
 
 
 @pytest.mark.parametrize("reset", [True, False])
-@pytest.mark.parametrize("make_opt", [
-    lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-    lambda p: torch.optim.AdamW(p, lr=0.1),
-])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        lambda p: torch.optim.AdamW(p, lr=0.1),
+    ],
+)
 def test_a_reduction_zeroes_the_first_moments_before_the_next_step(reset, make_opt):
     model = torch.nn.Linear(3, 1)
     opt = make_opt(model.parameters())

@@ -87,12 +87,14 @@ class NormProbe(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         scale = _loss_scale(trainer, optimizer)
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.steps.append({
-            "layers": layer_norms(pl_module, _optimizer_params(optimizer), divide=scale),
-            "scale": scale,
-            "has_nan": any(bool(torch.isnan(g.coalesce().values() if g.is_sparse else g).any()) for g in grads),
-            "finite": all(bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()) for g in grads),
-        })
+        self.steps.append(
+            {
+                "layers": layer_norms(pl_module, _optimizer_params(optimizer), divide=scale),
+                "scale": scale,
+                "has_nan": any(bool(torch.isnan(g.coalesce().values() if g.is_sparse else g).any()) for g in grads),
+                "finite": all(bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()) for g in grads),
+            }
+        )
 
 
 class Recorder(GradGuard):
@@ -107,14 +109,16 @@ class Recorder(GradGuard):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         key = self._opt_keys[id(optimizer)]
         st = self._states[key]
-        self.measured.append({
-            "key": key,
-            "layers": dict(zip(st.index.names, st.layer_last.tolist())),
-            "present": dict(zip(st.index.names, st.layer_present.tolist())),
-            "total": st.scalars[0].item(),
-            "threshold": st.clipper.last_threshold.item() if st.clipper is not None else math.inf,
-            "coef": st.clipper.last_coef.item() if st.clipper is not None else 1.0,
-        })
+        self.measured.append(
+            {
+                "key": key,
+                "layers": dict(zip(st.index.names, st.layer_last.tolist())),
+                "present": dict(zip(st.index.names, st.layer_present.tolist())),
+                "total": st.scalars[0].item(),
+                "threshold": st.clipper.last_threshold.item() if st.clipper is not None else math.inf,
+                "coef": st.clipper.last_coef.item() if st.clipper is not None else 1.0,
+            }
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
@@ -402,7 +406,8 @@ def test_manual_optimization_two_optimizers_keep_separate_state_and_tags(tmp_pat
     model = TinyGAN(spike_at=5)
     pre = NormProbe()
     guard = Recorder(
-        clip=ZClip(warmup_steps=3), lr_guard=LRGuard(cooldown=5, recovery_steps=100),
+        clip=ZClip(warmup_steps=3),
+        lr_guard=LRGuard(cooldown=5, recovery_steps=100),
         exploding=ExplodingDetector(warmup_steps=3),
     )
     logger = TensorBoardLogger(tmp_path, name="", version=0)
@@ -510,8 +515,9 @@ def test_checkpoint_resume_continues_exactly_like_an_uninterrupted_run(tmp_path:
 
         torch.manual_seed(1)  # a different initialisation: everything must come from the checkpoint
         resumed_model, resumed_guard = Regressor(lr=1e-2, optimizer="adam"), _resume_guard()
-        resumed_trainer = trainer(max_epochs=2, callbacks=[resumed_guard, ModelCheckpoint(dirpath=tmp_path / "b")],
-                                  enable_checkpointing=True)
+        resumed_trainer = trainer(
+            max_epochs=2, callbacks=[resumed_guard, ModelCheckpoint(dirpath=tmp_path / "b")], enable_checkpointing=True
+        )
         resumed_trainer.fit(resumed_model, _spiky_data(), ckpt_path=ckpt.last_model_path)
 
     assert resumed_trainer.global_step == 16
@@ -604,8 +610,11 @@ class SparseBag(L.LightningModule):
         return torch.optim.SparseAdam(self.parameters(), lr=1e-2)
 
 
-@pytest.mark.parametrize("clip", [NormClip(max_norm=0.5), ZClip(warmup_steps=2, max_grad_norm=0.5),
-                                  AutoClip(percentile=10.0)], ids=["normclip", "zclip", "autoclip"])
+@pytest.mark.parametrize(
+    "clip",
+    [NormClip(max_norm=0.5), ZClip(warmup_steps=2, max_grad_norm=0.5), AutoClip(percentile=10.0)],
+    ids=["normclip", "zclip", "autoclip"],
+)
 def test_sparse_gradients_are_measured_on_coalesced_values_and_clipped(clip: Any) -> None:
     torch.manual_seed(0)
     model = SparseBag()
@@ -678,11 +687,17 @@ class ManyTensors(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.cells = nn.ModuleList(nn.ParameterDict({
-            "a": nn.Parameter(torch.randn(3)), "b": nn.Parameter(torch.randn(1)),
-            "c": nn.Parameter(torch.randn(2, dtype=torch.float64)),
-            "d": nn.Parameter(torch.randn(1, dtype=torch.float64)),
-        }) for _ in range(1250))
+        self.cells = nn.ModuleList(
+            nn.ParameterDict(
+                {
+                    "a": nn.Parameter(torch.randn(3)),
+                    "b": nn.Parameter(torch.randn(1)),
+                    "c": nn.Parameter(torch.randn(2, dtype=torch.float64)),
+                    "d": nn.Parameter(torch.randn(1, dtype=torch.float64)),
+                }
+            )
+            for _ in range(1250)
+        )
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -758,8 +773,9 @@ def test_runs_without_regular_training(tmp_path: Any, kind: str) -> None:
         elif kind == "limit_0":
             trainer(limit_train_batches=0, callbacks=[guard], logger=logger).fit(model, data, data)
         elif kind == "limit_3":
-            trainer(limit_train_batches=3, limit_val_batches=2, callbacks=[guard], logger=logger,
-                    log_every_n_steps=50).fit(model, data, data)
+            trainer(
+                limit_train_batches=3, limit_val_batches=2, callbacks=[guard], logger=logger, log_every_n_steps=50
+            ).fit(model, data, data)
         elif kind == "validate":
             trainer(callbacks=[guard], logger=logger).validate(model, data)
         else:

@@ -173,7 +173,14 @@ def test_sync_recorder_catches_a_deliberate_sync():
 def test_no_host_sync_while_measuring():
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Sigmoid(), nn.Hardtanh(), nn.ReLU6(), nn.Hardsigmoid(), nn.ReLU()
+        nn.Linear(6, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Sigmoid(),
+        nn.Hardtanh(),
+        nn.ReLU6(),
+        nn.Hardsigmoid(),
+        nn.ReLU(),
     )
     rnn = nn.RNN(8, 8)
     monitor = SaturationMonitor(nn.ModuleDict({"net": net, "rnn": rnn}))
@@ -204,7 +211,14 @@ def test_forward_results_and_gradients_unchanged():
 
 def test_most_saturated_upstream_in_the_backward_pass():
     net = nn.Sequential(
-        nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2), nn.Tanh()
+        nn.Linear(2, 2),
+        nn.Tanh(),
+        nn.Linear(2, 2),
+        nn.Sigmoid(),
+        nn.Linear(2, 2),
+        nn.ReLU(),
+        nn.Linear(2, 2),
+        nn.Tanh(),
     )
     monitor = SaturationMonitor(net)
     fractions = {"1": 0.9, "3": 0.2, "5": 0.6, "7": 0.6}
