@@ -251,14 +251,22 @@ class UpdateRatio:
 class UpdateRatioHints:
     """Hints for layers whose update-to-weight ratio stays too high or too low, from the ratios of successive logs.
 
-    A layer whose ratio is above ``high`` (or below ``low``) on ``patience`` consecutive logging steps gets one
-    message per such streak, quoting the geometric mean of those ratios. A NaN, infinite or exactly-zero ratio (no
-    gradient, zero weights, a skipped step) is no observation: it neither extends nor breaks a streak.
+    A layer whose ratio is above ``high`` (or below ``low``) on ``patience`` consecutive logging steps is hinted about
+    once per such streak, quoting the geometric mean of those ratios; the layer is hinted about again only after it
+    came back into the band (or crossed to the other side) and then stayed out for ``patience`` logs anew. A NaN,
+    infinite or exactly-zero ratio (no gradient, zero weights, a skipped step) is no observation: it neither extends
+    nor breaks a streak. All the layers of one log go into one message, the furthest out of the band first (at most
+    ``max_named`` named, the rest counted), so a log yields at most one hint however many layers are out of band.
+
+    A ratio around ``1e-3`` is the usual rule of thumb, not a law: small layers trained with Adam at a high learning
+    rate can sit above ``1e-2`` and still train. The message therefore says what was measured and what it *may*
+    mean.
 
     Args:
-        high: a ratio above this counts as too high (learning rate likely too high for the layer), ``> low``.
+        high: a ratio above this counts as too high (the learning rate may be too high for the layer), ``> low``.
         low: a ratio below this counts as too low (the layer barely trains), ``> 0``.
         patience: consecutive logs before a hint, ``>= 1``.
+        max_named: the most layers named in one message (the others are counted), ``>= 1``.
 
     Raises:
         ValueError: an argument is out of range, naming it.
@@ -268,13 +276,15 @@ class UpdateRatioHints:
         >>> hints.update(["enc.3", "head"], [3.0e-2, 1e-3])
         []
         >>> hints.update(["enc.3", "head"], [3.2e-2, 1e-3])
-        ["update/weight ratio 3.1e-2 for 'enc.3' over the last 2 logs: learning rate likely too high for this layer"]
+        ["update/weight ratio above 1e-2 over the last 2 logs for 1 layer: 'enc.3' 3.1e-2; the learning rate may be \
+too high for it (about 1e-3 is usual)"]
     """
 
-    def __init__(self, high: float = 1e-2, low: float = 1e-5, patience: int = 3) -> None:
+    def __init__(self, high: float = 1e-2, low: float = 1e-5, patience: int = 3, max_named: int = 3) -> None:
         self.low = check_number("low", low, low=0.0)
         self.high = check_number("high", high, low=self.low)
         self.patience = check_int("patience", patience, low=1)
+        self.max_named = check_int("max_named", max_named, low=1)
         # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1)]
         self._streaks: dict[str, list[float]] = {}
 
@@ -286,11 +296,13 @@ class UpdateRatioHints:
             ratios: one ratio per name.
 
         Returns:
-            The hints that this log completes (one per layer and streak).
+            The hint this log completes, as a list of at most one message (empty when no streak reached
+            ``patience`` at this log).
         """
         if len(names) != len(ratios):
             raise ValueError(f"`ratios` must have one entry per name ({len(names)}), got {len(ratios)}")
-        messages: list[str] = []
+        # (decades out of the band, name, geometric mean) of the streaks this log completes, per direction
+        due: dict[int, list[tuple[float, str, float]]] = {1: [], -1: []}
         for name, value in zip(names, ratios):
             ratio = float(value)
             if not math.isfinite(ratio) or ratio <= 0.0:
@@ -298,7 +310,7 @@ class UpdateRatioHints:
             direction = 1 if ratio > self.high else -1 if ratio < self.low else 0
             streak = self._streaks.get(name)
             if direction == 0:
-                self._streaks.pop(name, None)
+                self._streaks.pop(name, None)  # recovered: a later streak is a new problem and hints again
                 continue
             if streak is None or streak[0] != direction:
                 streak = self._streaks[name] = [direction, 0, 0.0, 0]
@@ -307,12 +319,27 @@ class UpdateRatioHints:
             if streak[1] >= self.patience and not streak[3]:
                 streak[3] = 1
                 mean = 10 ** (streak[2] / streak[1])
-                advice = "too high for this layer" if direction > 0 else "too low for this layer (it barely trains)"
-                messages.append(
-                    f"update/weight ratio {_scientific(mean)} for '{name}' over the last {int(streak[1])} logs:"
-                    f" learning rate likely {advice}"
-                )
-        return messages
+                bound = self.high if direction > 0 else self.low
+                due[direction].append((abs(math.log10(mean / bound)), name, mean))
+        parts: list[str] = []
+        for direction, bound, advice in (
+            (1, self.high, "the learning rate may be too high for {them} (about 1e-3 is usual)"),
+            (-1, self.low, "{they} barely train{s}: the learning rate may be too low for {them}"),
+        ):
+            found = sorted(due[direction], key=lambda item: -item[0])
+            if not found:
+                continue
+            one = len(found) == 1
+            named = ", ".join(f"'{name}' {_scientific(mean)}" for _, name, mean in found[: self.max_named])
+            rest = len(found) - self.max_named
+            more = f" and {rest} more" if rest > 0 else ""
+            words = {"them": "it" if one else "them", "they": "it" if one else "they", "s": "s" if one else ""}
+            side = "above" if direction > 0 else "below"
+            parts.append(
+                f"{side} {_scientific(bound, digits=0)} over the last {self.patience} logs for {len(found)}"
+                f" layer{'' if one else 's'}: {named}{more}; {advice.format(**words)}"
+            )
+        return ["update/weight ratio " + "; and ".join(parts)] if parts else []
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": _STATE_VERSION, "streaks": {name: list(s) for name, s in self._streaks.items()}}
@@ -323,9 +350,9 @@ class UpdateRatioHints:
         self._streaks = {str(name): [float(v) for v in s] for name, s in state["streaks"].items()}
 
 
-def _scientific(value: float) -> str:
-    """``3.1e-2`` rather than Python's ``3.1e-02``."""
-    mantissa, exponent = f"{value:.1e}".split("e")
+def _scientific(value: float, digits: int = 1) -> str:
+    """``3.1e-2`` rather than Python's ``3.1e-02`` (``1e-2`` with ``digits=0``)."""
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
     return f"{mantissa}e{int(exponent)}"
 
 

@@ -159,20 +159,46 @@ def test_update_ratio_hints_fire_once_per_streak_and_ignore_non_observations() -
     restored.load_state_dict(state)
     for h in (hints, restored):
         assert h.update(names, [3.0e-2, 1e-6, 0.0]) == []
-        # Third observation of each streak; 3.1e-2 is the geometric mean of 3.0e-2, 3.0e-2 and 3.3e-2.
+        # Third observation of each streak; 3.1e-2 is the geometric mean of 3.0e-2, 3.0e-2 and 3.3e-2. Both layers
+        # in one message.
         assert h.update(names, [3.3e-2, 1e-6, 0.0]) == [
-            "update/weight ratio 3.1e-2 for 'encoder.3' over the last 3 logs: learning rate likely too high for this"
-            " layer",
-            "update/weight ratio 1.0e-6 for 'head' over the last 3 logs: learning rate likely too low for this layer"
-            " (it barely trains)",
+            "update/weight ratio above 1e-2 over the last 3 logs for 1 layer: 'encoder.3' 3.1e-2; the learning rate"
+            " may be too high for it (about 1e-3 is usual); and below 1e-5 over the last 3 logs for 1 layer: 'head'"
+            " 1.0e-6; it barely trains: the learning rate may be too low for it"
         ]
         assert h.update(names, [5e-2, 1e-6, 0.0]) == []  # once per streak
     assert hints.update(names, [1e-3, 1e-3, 0.0]) == []  # healthy: streaks end
     assert hints.update(names, [2e-2, 1e-3, 0.0]) == []
     assert hints.update(names, [2e-2, 1e-3, 0.0]) == []
-    assert len(hints.update(names, [2e-2, 1e-3, 0.0])) == 1  # a new streak hints again
+    assert len(hints.update(names, [2e-2, 1e-3, 0.0])) == 1  # out of band again after recovering: hints again
     with pytest.raises(ValueError, match="`ratios`"):
         hints.update(names, [1.0])
+
+
+def test_update_ratio_hints_name_the_worst_layers_in_one_message() -> None:
+    hints = UpdateRatioHints(patience=2, max_named=3)
+    names = [f"block.{i}" for i in range(9)]
+    ratios = [1.5e-2 * (i + 1) for i in range(9)]  # all nine above 1e-2, block.8 the furthest out
+    assert hints.update(names, ratios) == []
+    (message,) = hints.update(names, ratios)
+    assert message.startswith("update/weight ratio above 1e-2 over the last 2 logs for 9 layers:")
+    assert "'block.8' 1.4e-1, 'block.7' 1.2e-1, 'block.6' 1.0e-1 and 6 more;" in message
+    assert "block.5" not in message
+    # Streaks that already hinted stay quiet while they last, however long; a layer that joins later hints alone.
+    for _ in range(5):
+        assert hints.update(names, ratios) == []
+    ratios[0] = 1e-3
+    assert hints.update(names, ratios) == []  # block.0 recovered
+    ratios[0] = 2e-2
+    assert hints.update(names, ratios) == []
+    assert hints.update(names, ratios) == [
+        "update/weight ratio above 1e-2 over the last 2 logs for 1 layer: 'block.0' 2.0e-2; the learning rate may be"
+        " too high for it (about 1e-3 is usual)"
+    ]
+    # Crossing straight to the other side is a new streak too.
+    ratios[1] = 1e-7
+    assert hints.update(names, ratios) == []
+    assert "below 1e-5 over the last 2 logs for 1 layer: 'block.1' 1.0e-7" in hints.update(names, ratios)[0]
 
 
 # ---------------------------------------------------------------------- zero fraction
@@ -471,6 +497,7 @@ def test_host_state_survives_a_weights_only_checkpoint() -> None:
         (lambda: UpdateRatioHints(low=0.0), "low"),
         (lambda: UpdateRatioHints(patience=0), "patience"),
         (lambda: UpdateRatioHints(patience=True), "patience"),
+        (lambda: UpdateRatioHints(max_named=0), "max_named"),
         (lambda: ActivationGradients("model"), "module"),  # type: ignore[arg-type]
         (lambda: ActivationGradients(nn.Linear(1, 1), names="0"), "names"),
         (lambda: LocalGradNorm(torch.ones(1)), "params"),
