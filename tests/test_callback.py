@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import glob
 import math
 import warnings
 from typing import Any
@@ -13,12 +12,10 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard import ExplodingDetector, GradGuard, VanishingDetector
+from tests.helpers import SyncRecorder, event_files, load_events
 from tests.models import Regressor, regression_data, trainer
-
-SYNC_CALLS = {"item", "tolist", "__bool__", "__float__", "__int__", "numpy", "cpu"}
 
 
 class TiedFrozenMixed(nn.Module):
@@ -127,18 +124,6 @@ def test_healthy_mlp_has_no_events_in_200_steps() -> None:
     assert model.losses[-1] < model.losses[0]
 
 
-class SyncRecorder(TorchFunctionMode):
-    def __init__(self, sink: list[str]) -> None:
-        super().__init__()
-        self.sink = sink
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = getattr(func, "__name__", "")
-        if name in SYNC_CALLS:
-            self.sink.append(name)
-        return func(*args, **(kwargs or {}))
-
-
 class RecordingGuard(GradGuard):
     """Runs every hook under a recorder and files what it saw under logging / non-logging steps."""
 
@@ -149,9 +134,9 @@ class RecordingGuard(GradGuard):
         self.logging_steps: list[int] = []
 
     def _run(self, hook: str, logging_step: bool, trainer: Any, fn: Any) -> Any:
-        sink: list[str] = []
-        with SyncRecorder(sink):
+        with SyncRecorder() as recorder:
             out = fn()
+        sink = recorder.calls
         if logging_step:
             self.logging_calls += sink
         else:
@@ -187,11 +172,10 @@ class RecordingGuard(GradGuard):
 
 
 def test_recorder_catches_a_sync() -> None:
-    sink: list[str] = []
-    with SyncRecorder(sink):
+    with SyncRecorder() as recorder:
         torch.ones(1).item()
         bool(torch.ones(1))
-    assert sink == ["item", "__bool__"]
+    assert recorder.calls == ["item", "__bool__"]
 
 
 @pytest.mark.parametrize("clip", ["default", None])
@@ -208,11 +192,8 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path: Any, clip: Any) -> None
 
 
 def _scalars(logdir: Any) -> EventAccumulator:
-    files = glob.glob(f"{logdir}/**/events.out.tfevents.*", recursive=True)
-    assert files
-    acc = EventAccumulator(str(logdir / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc
+    assert event_files(logdir)
+    return load_events(logdir / "lightning_logs" / "version_0")
 
 
 def test_tensorboard_tags(tmp_path: Any) -> None:

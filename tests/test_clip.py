@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
+from tests.helpers import SyncRecorder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 RTOL = 1e-6
@@ -619,30 +619,6 @@ def test_zero_gradients_and_infinite_norms_never_give_nan(make: Callable[[], Cli
     random_grads_(model, torch.Generator().manual_seed(12))
     clipper.clip_(model)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-
-
-class SyncRecorder(TorchFunctionMode):
-    """Records the tensor methods that copy a value to the host (each one waits for the device)."""
-
-    FORBIDDEN = {
-        Tensor.item,
-        Tensor.tolist,
-        Tensor.__bool__,
-        Tensor.__float__,
-        Tensor.__int__,
-        Tensor.__index__,
-        Tensor.numpy,
-        Tensor.cpu,
-    }
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func in self.FORBIDDEN:
-            self.calls.append(func.__name__)
-        return func(*args, **(kwargs or {}))
 
 
 def test_sync_recorder_catches_host_reads() -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
-from tests.test_saturation_unit import SyncRecorder
+from tests.helpers import SyncRecorder
 
 
 class Net(nn.Module):
@@ -27,15 +27,6 @@ class Net(nn.Module):
         self.frozen.requires_grad_(False)
         self.gain = nn.Parameter(torch.ones(8))
         self.proj = nn.Parameter(torch.randn(8, 8))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: on a busy CPU, OpenMP thread hand-off costs far more than the arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _autograd_grads(reg: Regularizer, params: list[nn.Parameter]) -> list[torch.Tensor]:

@@ -6,33 +6,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
-from torch.overrides import TorchFunctionMode
 
 from lightning_gradguard.saturation import SaturationMonitor
-
-_SYNCING = {
-    Tensor.item: "item",
-    Tensor.tolist: "tolist",
-    Tensor.__bool__: "__bool__",
-    Tensor.__float__: "__float__",
-    Tensor.__int__: "__int__",
-    Tensor.__index__: "__index__",
-    Tensor.numpy: "numpy",
-    Tensor.cpu: "cpu",
-}
-
-
-class SyncRecorder(TorchFunctionMode):
-    """Records tensor methods that would force a host-device synchronization on an accelerator."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SYNCING:
-            self.calls.append(_SYNCING[func])
-        return func(*args, **(kwargs or {}))
+from tests.helpers import SyncRecorder
 
 
 def _measure(monitor: SaturationMonitor, net: nn.Module, *inputs) -> dict[str, float]:

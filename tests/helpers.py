@@ -1,0 +1,102 @@
+"""What several test files share: the host-sync recorder, nested-state equality, TensorBoard event readers, layers."""
+
+from __future__ import annotations
+
+import glob
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+# The tensor methods that copy a value to the host: on an accelerator each one waits for the device.
+SYNC_METHODS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
+
+# Twelve layers of a small transformer, in definition order: the layer names of the synthetic TensorBoard runs.
+LAYERS = [
+    "embed",
+    "enc.0.attn",
+    "enc.0.mlp",
+    "enc.1.attn",
+    "enc.1.mlp",
+    "enc.2.attn",
+    "enc.2.mlp",
+    "enc.3.attn",
+    "enc.3.mlp",
+    "norm",
+    "head.0",
+    "head.1",
+]
+
+
+class SyncRecorder(TorchFunctionMode):
+    """Records, by name and in order, each call of a method of ``SYNC_METHODS`` made while it is active.
+
+    Example:
+        >>> with SyncRecorder() as recorder:
+        ...     _ = torch.ones(1).item()
+        >>> recorder.calls
+        ['item']
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        name = getattr(func, "__name__", "")
+        if name in SYNC_METHODS:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
+    """Asserts bitwise equality of nested state: dicts, lists, tuples, tensors and plain values, NaN equal to NaN.
+
+    Tensors must agree in dtype and shape too; ``path`` names the part that differs in the assertion message.
+    """
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) if a.is_floating_point() else torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
+
+
+def event_files(root: str | Path) -> list[str]:
+    """The TensorBoard event files anywhere below ``root``."""
+    return glob.glob(f"{root}/**/events.out.tfevents.*", recursive=True)
+
+
+def load_events(path: str | Path) -> EventAccumulator:
+    """One event file, or the event files of one folder, read back whole (no reservoir sampling of any kind)."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    everything = {ea.SCALARS: 0, ea.IMAGES: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0}
+    acc = ea.EventAccumulator(str(path), size_guidance=everything)
+    acc.Reload()
+    return acc
+
+
+def scalars(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of ``path`` (as for ``load_events``): ``{tag: [(step, value), ...]}``."""
+    acc = load_events(path)
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
