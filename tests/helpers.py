@@ -37,6 +37,9 @@ LAYERS = [
 class SyncRecorder(TorchFunctionMode):
     """Records, by name and in order, each call of a method of ``SYNC_METHODS`` made while it is active.
 
+    Args:
+        calls: the list to append to (several recorders can share one); a new list when not given.
+
     Example:
         >>> with SyncRecorder() as recorder:
         ...     _ = torch.ones(1).item()
@@ -44,9 +47,9 @@ class SyncRecorder(TorchFunctionMode):
         ['item']
     """
 
-    def __init__(self) -> None:
+    def __init__(self, calls: list[str] | None = None) -> None:
         super().__init__()
-        self.calls: list[str] = []
+        self.calls: list[str] = [] if calls is None else calls
 
     def __torch_function__(
         self,

@@ -30,8 +30,8 @@ from lightning_gradguard.diagnostics import (
     squared_grad_norm,
 )
 from lightning_gradguard.layers import build_layer_index
+from tests.helpers import SyncRecorder
 from tests.models import trainer
-from tests.test_callback import SyncRecorder
 
 # ---------------------------------------------------------------------- helpers
 

@@ -26,8 +26,8 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.engine import NonFiniteGradientError, StepEvent
+from tests.helpers import SyncRecorder, assert_same_state
 from tests.models import Regressor, regression_data, trainer
-from tests.test_callback import SyncRecorder
 
 SPIKE, NAN = 9, 14
 
@@ -55,23 +55,6 @@ def _parts() -> dict[str, Any]:
         lr_guard=LRGuard(cooldown=3, recovery_steps=5),
         regularizers=[L2(1e-3)],
     )
-
-
-def assert_same(a: Any, b: Any, path: str = "state") -> None:
-    """Bitwise equality of nested state (NaN equal to NaN)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) if a.is_floating_point() else torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
-        for key in a:
-            assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
 
 
 def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> None:
@@ -105,7 +88,7 @@ def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> N
 
     for a, b in zip(fitted.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert_same(guard.state_dict()["optimizers"]["0"], engine.state_dict())
+    assert_same_state(guard.state_dict()["optimizers"]["0"], engine.state_dict())
     assert guard.lr_guard is not None and guard.lr_guard.state_dict() == parts["lr_guard"].state_dict()
     assert guard.summary() == engine.summary()
     summary = engine.summary()
@@ -176,7 +159,7 @@ def test_state_dict_round_trip_continues_exactly() -> None:
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     resumed.snapshot()  # the window starts over; the cumulative state does not
     second, _, after = _run(_engine, range(16, 31), engine=resumed, model=model)
-    assert_same(whole.state_dict(), second.state_dict())
+    assert_same_state(whole.state_dict(), second.state_dict())
     assert whole.summary() == second.summary()
     # The detectors and the clipper continue as if never interrupted: the recorded counters follow the same path.
     for a, b in zip(straight[15:], after):
@@ -206,8 +189,8 @@ def test_a_non_finite_step_is_skipped_in_a_plain_loop() -> None:
         optimizer.step()
         if step == 5:
             assert engine.skipped and all(p.grad is None for p in model.parameters())
-            assert_same(before[0], model.state_dict())
-            assert_same(before[1], optimizer.state_dict()["state"])  # Adam's moments and step count untouched
+            assert_same_state(before[0], model.state_dict())
+            assert_same_state(before[1], optimizer.state_dict()["state"])  # Adam's moments and step count untouched
         else:
             assert not engine.skipped
     assert [(e.step, e.nonfinite, e.lr_reduced) for e in engine.drain()] == [(5, True, False)]
@@ -326,7 +309,7 @@ def test_the_compiled_tail_matches_the_eager_one_and_compiles_once(clip: Any, mo
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), step
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
         assert torch.equal(a, b)
-    assert_same(eager.state_dict(), compiled.state_dict())
+    assert_same_state(eager.state_dict(), compiled.state_dict())
     assert eager.drain() == compiled.drain()
 
 
@@ -371,4 +354,4 @@ def test_gradguard_compiles_inside_the_optimizer_step(monkeypatch: pytest.Monkey
                 Troubled(optimizer="adam", lr=1e-2), regression_data()
             )
     assert guards[True]._states[0]._tail.state == "on" and backend.graphs == 2
-    assert_same(guards[False].state_dict(), guards[True].state_dict())
+    assert_same_state(guards[False].state_dict(), guards[True].state_dict())

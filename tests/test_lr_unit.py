@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_gradguard.lr import LRGuard
-from tests.test_saturation_unit import SyncRecorder
+from tests.helpers import SyncRecorder
 
 # ---------------------------------------------------------------------------------------------- multiplier
 
