@@ -88,14 +88,23 @@ class GradGuard(Callback):
         on_vanishing: ``"warn"``, ``"raise"`` (:class:`VanishingGradientError`) or ``"ignore"``.
         exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
         vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
-        log_every_n_steps: optimizer steps between logs; ``None`` takes the Trainer's ``log_every_n_steps``.
+        log_every_n_steps: optimizer steps between logs; ``None`` takes the Trainer's ``log_every_n_steps``. Logs
+            follow Lightning's own convention for ``self.log``: a log is written on the batch for which
+            ``(batches_that_stepped + 1) % log_every_n_steps == 0`` and carries Lightning's step for that batch
+            (``trainer.fit_loop.epoch_loop._batches_that_stepped``: 9, 19, ... for 10), so a logger row holds both
+            GradGuard's scalars and the module's ``train_loss``. Event steps, images and histograms use the same
+            numbers.
         group_depth: group parameters into layers by the first ``group_depth`` components of the module name.
         group_fn: a callable mapping a parameter name to a layer name (not settable from YAML).
         log_layers: write one scalar per layer (TensorBoard only).
         saturation: on logging steps, measure how saturated each activation module is (named in vanishing warnings).
         image_every_n_steps: steps between gradient-flow pictures (TensorBoard only); ``None`` disables them.
-        histogram_every_n_steps: steps between gradient histograms (TensorBoard only); ``None`` disables them.
-        max_warnings: warnings per kind per logging step; the rest are counted in one summary line.
+        histogram_every_n_steps: steps between gradient histograms (TensorBoard only), written on the logging step
+            that reaches each multiple (the default 1000 is ``wandb.watch``'s); ``None`` disables them. A histogram
+            step samples at most 4096 gradient values per block on the device and keeps them until that log only.
+        max_warnings: the most layers one warning names. GradGuard warns at most once per kind (exploding,
+            vanishing, non-finite; update-ratio hints high and low) per optimizer and logging step, about the layers
+            not reported before, naming the worst ``max_warnings`` of them and counting the rest; ``0`` names none.
         clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to the lowest
             of the detector's boundaries (the top of its band, ``max_ratio`` times its average, its ceiling). A safety
             net for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip
@@ -144,8 +153,8 @@ class GradGuard(Callback):
         log_layers: bool = True,
         saturation: bool = True,
         image_every_n_steps: int | None = 5000,
-        histogram_every_n_steps: int | None = None,
-        max_warnings: int = 5,
+        histogram_every_n_steps: int | None = 1000,
+        max_warnings: int = 3,
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
         diagnostics: bool | list[str] = True,
@@ -191,7 +200,11 @@ class GradGuard(Callback):
         self._lr_hooks: dict[int, Any] = {}
         self._reporter = _EventReporter(self)
         self._hist_samples: dict[str, Tensor] = {}
-        self._last_hist_step = 0
+        # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
+        self._last_hist_count = 0
+        self._last_image_count: int | None = None
+        self._batch_stepped = False  # an optimizer step ran in the current batch (Lightning logs only then)
+        self._last_stamp: int | None = None  # Lightning's step of the latest optimizer step
         self._last_saturation: dict[str, float] = {}
         self._diag = _Diagnostics()
 
@@ -300,7 +313,8 @@ class GradGuard(Callback):
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)
         if self._next_log_step == 0:
-            self._next_log_step = trainer.global_step + self._log_every(trainer)
+            self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
+        self._last_stamp = None
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -310,11 +324,12 @@ class GradGuard(Callback):
             self._state_for(trainer, optimizer, key)
             if self.lr_guard is not None and key not in self._lr_hooks:
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
-        every = self._log_every(trainer)
-        # Out of (global_step, global_step + every]: a stale value, or one left by an earlier fit of a Trainer that
-        # ran further (the guard reused with a new Trainer, which starts at step 0).
-        if not trainer.global_step < self._next_log_step <= trainer.global_step + every:
-            self._next_log_step = (trainer.global_step // every + 1) * every
+        every, done = self._log_every(trainer), _lightning_step(trainer)
+        # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
+        # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
+        # reused with a new Trainer, which starts at step 0).
+        if not done < self._next_log_step <= done + every:
+            self._next_log_step = (done // every + 1) * every
 
     def _log_every(self, trainer: pl.Trainer) -> int:
         return self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", None) or 50), 1)
@@ -371,11 +386,14 @@ class GradGuard(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Activation hooks exist only for the forward passes that lead to a logging step.
-        if self._saturation is not None and not self._sat_armed and trainer.global_step + 1 >= self._next_log_step:
+        self._batch_stepped = False
+        # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
+        # accumulation window sees the same `batches_that_stepped`).
+        due = _lightning_step(trainer) + 1 >= self._next_log_step
+        if self._saturation is not None and not self._sat_armed and due:
             self._saturation.arm()
             self._sat_armed = True
-        if self._diag.enabled and trainer.global_step + 1 >= self._next_log_step:
+        if self._diag.enabled and due:
             self._diag.batch_start(trainer, batch, batch_idx)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -394,19 +412,21 @@ class GradGuard(Callback):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and scaler._scale is not None:
             # Fused optimizers unscale inside step(): the gradients here are still multiplied by the loss scale.
             grad_scale = scaler._scale
-        # Events are stamped with the step count *after* this optimizer step, the x-axis value of the logged scalars.
-        # The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see `LRGuard.attach`), so a
-        # step that GradScaler skips never shows the lowered LR to a scheduler.
-        logging = self._diag.enabled and trainer.global_step + 1 >= self._next_log_step
+        # Events are stamped with Lightning's step for this batch, the x-axis value of its `self.log` metrics and of
+        # GradGuard's scalars. The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see
+        # `LRGuard.attach`), so a step that GradScaler skips never shows the lowered LR to a scheduler.
+        stamp = _lightning_step(trainer)
+        self._batch_stepped, self._last_stamp = True, stamp
+        logging = self._diag.enabled and stamp + 1 >= self._next_log_step
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
         try:
-            stats = engine.step(trainer.global_step + 1, grad_scale=grad_scale, grad_scaler=scaler is not None)
+            stats = engine.step(stamp, grad_scale=grad_scale, grad_scaler=scaler is not None)
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
         if logging:
             self._diag.after_engine_step(key, engine)
-        if stats is not None and self._histogram_due(trainer.global_step + 1):
+        if stats is not None and self._histogram_due(stamp + 1) and self._may_write_board(trainer):
             self._sample_histograms(engine, stats)
 
     def _drain(self, trainer: pl.Trainer, engine: GuardEngine, key: int) -> None:
@@ -430,9 +450,23 @@ class GradGuard(Callback):
                 f"GradGuard: non-finite gradients at step {event.step} (optimizer {key}); the step was applied."
             )
 
-    def _histogram_due(self, step: int) -> bool:
+    def _histogram_due(self, count: int) -> bool:
+        """Whether the batch numbered ``count`` (``batches_that_stepped + 1``) logs and reached a new multiple."""
         every = self.histogram_every_n_steps
-        return bool(every) and step >= self._next_log_step and step // every > self._last_hist_step // every  # type: ignore[operator]
+        return every is not None and count >= self._next_log_step and count // every > self._last_hist_count // every
+
+    def _may_write_board(self, trainer: pl.Trainer) -> bool:
+        """False where nothing would be written: other ranks, or this Trainer has no TensorBoardLogger."""
+        if not trainer.is_global_zero:
+            return False
+        same = self._board_trainer is not None and self._board_trainer() is trainer
+        return not (same and self._board is None)
+
+    def _image_due(self, count: int) -> bool:
+        """Pictures at the first log, then on the log that reaches each multiple of ``image_every_n_steps``."""
+        every = self.image_every_n_steps
+        last = self._last_image_count
+        return every is not None and (last is None or count // every > last // every)
 
     def _sample_histograms(self, engine: GuardEngine, stats: StepStats) -> None:
         from lightning_gradguard.stats import _dense, _local
@@ -452,16 +486,23 @@ class GradGuard(Callback):
     ) -> None:
         for key, engine in self._states.items():
             self._drain(trainer, engine, key)
-        if trainer.global_step >= self._next_log_step and any(e.steps_since_log for e in self._states.values()):
-            self._flush(trainer, pl_module)
-            every = self._log_every(trainer)
-            self._next_log_step = (trainer.global_step // every + 1) * every
+        # Lightning's rule (`LoggerConnector.should_update_logs`): log a batch that ran an optimizer step when
+        # `batches_that_stepped + 1` reaches a multiple, or when training was asked to stop.
+        count = _lightning_step(trainer) + 1
+        due = count >= self._next_log_step or trainer.should_stop
+        if self._batch_stepped and due and any(e.steps_since_log for e in self._states.values()):
+            self._flush(trainer, pl_module, count - 1)
+            if count >= self._next_log_step:
+                every = self._log_every(trainer)
+                self._next_log_step = (count // every + 1) * every
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The steps since the last log end with the latest optimizer step: its row, as Lightning numbers it.
+        last = self._last_stamp if self._last_stamp is not None else max(_lightning_step(trainer) - 1, 0)
         if any(e.steps_since_log for e in self._states.values()):
-            self._flush(trainer, pl_module, prog_bar=False)
+            self._flush(trainer, pl_module, last, prog_bar=False)
         if self._board is not None and trainer.is_global_zero:
-            self._board.close_run(trainer.global_step)
+            self._board.close_run(last)
         self._release_hooks()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -472,8 +513,10 @@ class GradGuard(Callback):
             return  # an epoch cut short (max_steps, a stop request): its logs count in no summary of a full epoch
         metrics = self._diag.end_epoch(self)
         if metrics and trainer.is_global_zero:
+            # Lightning logs epoch-end metrics at the epoch's last batch step (`batches_that_stepped - 1` here).
+            step = max(_lightning_step(trainer) - 1, 0)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=step)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A fit stopped by an error (e.g. on_exploding="raise") never reaches on_train_end: without this the LR hooks
@@ -496,7 +539,8 @@ class GradGuard(Callback):
     def _prefix(self, key: int) -> str:
         return "gradguard/" if len(self._states) <= 1 else f"gradguard/opt{key}/"
 
-    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prog_bar: bool = True) -> None:
+    def _flush(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int, prog_bar: bool = True) -> None:
+        """Log the window that ends with the optimizer step Lightning numbers ``step``."""
         saturation = self._disarm_saturation()
         # On every rank: the update ratio of sharded parameters sums over ranks (a collective).
         diag_parts = self._diag.collect(self)
@@ -508,6 +552,7 @@ class GradGuard(Callback):
         if not trainer.is_global_zero:
             for engine in self._states.values():
                 engine.start_window()
+            self._hist_samples = {}
             return
         engines = sorted(self._states.items())
         device = engines[0][1].layer_last.device
@@ -518,7 +563,6 @@ class GradGuard(Callback):
         parts += [p.to(device) for _, p in diag_parts]
         host = torch.cat([p.reshape(-1).float() for p in parts]).cpu().numpy()  # the one transfer
 
-        step = trainer.global_step
         metrics: dict[str, float] = {}
         for r, value in zip(self.regularizers, host[: len(penalties)]):
             metrics[f"gradguard/reg/{r.name}"] = float(value)
@@ -541,7 +585,7 @@ class GradGuard(Callback):
         for name, part in diag_parts:
             diag_values[name] = host[offset : offset + part.numel()]
             offset += part.numel()
-        layer_scalars = self._diag.report(self, trainer, diag_values, snapshots, metrics)
+        layer_scalars = self._diag.report(self, trainer, diag_values, snapshots, metrics, step)
         if "epoch" in self._diag.on and _epoch_complete(trainer) and prog_bar:
             # The epoch ends with this batch: its summary goes into this log's row rather than a second row at the
             # same step.
@@ -578,11 +622,13 @@ class GradGuard(Callback):
             rows = self._reporter.take_rows()
             if rows:
                 board.write_events(step, rows)
-            if self.image_every_n_steps and board.should_write_images(step):
+            if self._image_due(step + 1):
                 board.write_images(step)
+                self._last_image_count = step + 1
             if self._hist_samples:
                 board.write_histograms(step, self._hist_samples)
-                self._last_hist_step = step
+        if self._hist_samples:  # due on every rank alike, written or not
+            self._last_hist_count = step + 1
         self._hist_samples = {}
 
     def _get_board(self, trainer: pl.Trainer) -> Any:
@@ -590,6 +636,7 @@ class GradGuard(Callback):
             # First log, or the guard reused with another Trainer: its logger, not the previous run's directory.
             self._board_checked, self._board_trainer = True, weakref.ref(trainer)
             self._board = _open_board(self, trainer)
+            self._last_image_count = None  # a new board draws at its first log
         return self._board
 
     # ------------------------------------------------------------------ introspection
@@ -890,6 +937,7 @@ class _Diagnostics:
         values: dict[str, Any],
         snapshots: list[tuple[int, EngineSnapshot]],
         metrics: dict[str, float],
+        step: int,
     ) -> dict[str, float]:
         """Fold the host values into ``metrics`` (all loggers) and return the per-layer scalars (TensorBoard)."""
         layer_scalars: dict[str, float] = {}
@@ -903,9 +951,10 @@ class _Diagnostics:
                 for name, value in zip(names, ratio):
                     if math.isfinite(value):
                         layer_scalars[f"{prefix}update_ratio/{name}"] = float(value)
+                # At most one message per log (UpdateRatioHints groups the layers and directions itself).
+                where = f", optimizer {key}" if len(guard._states) > 1 else ""
                 for message in self._hints(key).update(names, ratio):
-                    where = f" (optimizer {key})" if len(guard._states) > 1 else ""
-                    rank_zero_warn(f"GradGuard: {message}{where}.", category=UserWarning)
+                    rank_zero_warn(f"GradGuard: {message} (step {step}{where}).", category=UserWarning)
             zero = values.get(f"zero/{key}")
             if zero is not None and len(zero) == len(names):
                 for name, value in zip(names, zero):
@@ -958,15 +1007,27 @@ class _Diagnostics:
 
 
 class _EventReporter:
-    """Turns the first-event records of each logging window into event rows (TensorBoard) and warnings."""
+    """Turns the first-event records of each logging window into event rows (TensorBoard) and warnings.
+
+    One warning per kind, optimizer and logging step, about the layers not reported before (each layer and kind warns
+    once): a spike that flags 28 layers is one warning naming the worst ``max_warnings`` and counting the rest.
+    """
+
+    _TITLES = {
+        "exploding": "exploding gradients",
+        "vanishing": "vanishing gradients",
+        "nonfinite": "non-finite gradients",
+    }
 
     def __init__(self, guard: GradGuard) -> None:
         self.guard = guard
         self.rows: list[dict[str, Any]] = []
         self.warned: dict[int, set[tuple[str, str]]] = {}  # optimizer key -> (layer, kind) already warned about
+        self.previous: dict[int, dict[str, float]] = {}  # optimizer key -> layer -> its norm at an earlier log
 
     def forget(self, key: int) -> None:
         self.warned[key] = set()
+        self.previous.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
         rows, self.rows = self.rows, []
@@ -982,7 +1043,7 @@ class _EventReporter:
         rows = [{**row, "opt": key, "action": actions[row["kind"]]} for row in snap.events]
         self.rows.extend(rows)
         warned = self.warned.setdefault(key, set())
-        shown: dict[str, int] = {}
+        fresh: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             kind = row["kind"]
             mode = {"exploding": guard.on_exploding, "vanishing": guard.on_vanishing}.get(kind, "warn")
@@ -990,24 +1051,68 @@ class _EventReporter:
                 continue
             if kind == "nonfinite" and guard.on_nonfinite not in ("warn", "skip", "zero"):
                 continue
-            shown[kind] = shown.get(kind, 0) + 1
-            if shown[kind] > guard.max_warnings:
-                continue
             warned.add((row["layer"], kind))
-            where = f"layer {row['layer']!r} at step {row['step']}" + (f" (optimizer {key})" if several else "")
-            if kind == "exploding":
-                msg = f"GradGuard: exploding gradients in {where}: norm {row['value']:.3g}; action: {row['action']}."
-            elif kind == "vanishing":
-                msg = f"GradGuard: vanishing gradients in {where}: norm {row['value']:.3g}."
-                hint = self._saturation_hint(row["layer"])
-                if hint:
-                    msg += " " + hint
-            else:
-                msg = f"GradGuard: non-finite gradients in {where}; action: {guard.on_nonfinite}."
-            rank_zero_warn(msg, category=UserWarning)
-        extra = {k: n - guard.max_warnings for k, n in shown.items() if n > guard.max_warnings}
-        if extra:
-            rank_zero_warn(f"GradGuard: {extra} more new events at step {step} (see the events log in TensorBoard).")
+            fresh.setdefault(kind, []).append(row)
+        previous = self.previous.setdefault(key, {})
+        where = f" (optimizer {key})" if several else ""
+        for kind, found in fresh.items():
+            rank_zero_warn(self._message(kind, found, previous, step, where), category=UserWarning)
+        # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer).
+        for name, norm, present in zip(snap.layer_names, snap.layer_norms, snap.present):
+            if present and math.isfinite(norm) and norm > 0:
+                previous[name] = float(norm)
+
+    def _message(self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], step: int, where: str) -> str:
+        """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""
+        guard = self.guard
+
+        def ratio(row: dict[str, Any]) -> float:
+            before = previous.get(row["layer"])
+            return row["value"] / before if before and math.isfinite(row["value"]) else math.nan
+
+        if kind == "exploding":  # the largest jump against the layer's norm at an earlier log, then the largest norm
+            rows = sorted(
+                rows,
+                key=lambda r: (
+                    (0, -ratio(r)) if math.isfinite(ratio(r)) else (1, -r["value"] if math.isfinite(r["value"]) else 0)
+                ),
+            )
+        # Vanishing and non-finite rows stay in event order: earliest step, then definition order (the root cause).
+
+        def detail(row: dict[str, Any], lead: bool) -> str:
+            if kind == "nonfinite":
+                return ""
+            text = f"norm {row['value']:.3g}"
+            jump = ratio(row) if kind == "exploding" else math.nan
+            if math.isfinite(jump):
+                text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
+            return text
+
+        action = {"exploding": f"; action: {self._explode_action()}", "nonfinite": f"; action: {guard.on_nonfinite}"}
+        title, named = self._TITLES[kind], guard.max_warnings
+        if named == 0:
+            layers = "layer" if len(rows) == 1 else "layers"
+            return f"GradGuard: {title} in {len(rows)} {layers} at step {step}{where}{action.get(kind, '')}."
+        lead = rows[0]
+        lead_detail = detail(lead, lead=True)
+        message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}{where}"
+        message += f": {lead_detail}" if lead_detail else ""
+        if len(rows) > 1:
+            others = []
+            for row in rows[1:named]:
+                text = detail(row, lead=False)
+                if row["step"] != lead["step"]:
+                    text += (", " if text else "") + f"at step {row['step']}"
+                others.append(f"{row['layer']!r}" + (f" ({text})" if text else ""))
+            layers = "layer" if len(rows) == 2 else "layers"
+            message += f"; also in {len(rows) - 1} more {layers}" + (": " if others else "")
+            message += _listing(others, len(rows) - 1)
+        message += action.get(kind, "") + "."
+        if kind == "vanishing":
+            hint = self._saturation_hint(lead["layer"])
+            if hint:
+                message += " " + hint
+        return message
 
     def _explode_action(self) -> str:
         guard = self.guard
@@ -1058,6 +1163,8 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
         histogram_every_n_steps=guard.histogram_every_n_steps,
         regularizers=[r.name for r in guard.regularizers],
         saturation=guard.saturation,
+        # The diagnostics that feed the board (the noise scale only with a second batch size to compare with).
+        diagnostics=[d for d in sorted(guard._diag.on) if d != "noise_scale" or guard._diag.noise is not None],
     )
     for key, engine in engines.items():
         if engine.vanishing is not None or engine.exploding is not None:
@@ -1067,6 +1174,9 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
             board.set_bands(key, low, high, low_ratio=ratio)
     board.write_layout()
     config = guard.config()
+    if guard._diag.noise is not None and guard._diag.sizes and min(guard._diag.sizes) > 0:
+        # Examples per optimizer step (micro-batches x processes), for the report to set against the noise scale.
+        config["batch_size"] = sum(guard._diag.sizes) * guard._diag.world_size
     board.write_config(config)
     try:  # also as hparams, so runs can be compared by their GradGuard settings
         tb.log_hyperparams({f"gradguard/{k}": str(v) for k, v in config.items()})
@@ -1079,6 +1189,25 @@ def _epoch_complete(trainer: pl.Trainer) -> bool:
     """Whether the batch now running (or the last one) is the last of its epoch's data."""
     progress = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "batch_progress", None)
     return bool(getattr(progress, "is_last_batch", True)) if progress is not None else True
+
+
+def _lightning_step(trainer: pl.Trainer) -> int:
+    """Lightning's count of batches that stepped an optimizer so far: the step it stamps this batch's ``self.log``
+    metrics with (it adds one after ``on_train_batch_end``). Counted once per batch whatever the number of optimizers,
+    held through an accumulation window, and restored on resume."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    value = getattr(loop, "_batches_that_stepped", None)
+    return int(value) if isinstance(value, int) else int(trainer.global_step)
+
+
+def _listing(named: list[str], total: int) -> str:
+    """``'a' (x), 'b' (y) and 25 more``: the named items, then how many of ``total`` were left out."""
+    rest = total - len(named)
+    if not named:
+        return ""
+    if rest <= 0:
+        return named[0] if len(named) == 1 else ", ".join(named[:-1]) + f" and {named[-1]}"
+    return ", ".join(named) + f" and {rest} more"
 
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:

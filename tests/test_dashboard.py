@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, VanishingDetector
 from lightning_gradguard.cli import main as gradguard
+from tests.helpers import custom_layout, load_events
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -48,21 +49,16 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _acc(path: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "images": 0, "histograms": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
 def test_layout_images_histograms_and_text_are_written(run_dir: Path) -> None:
-    acc = _acc(run_dir / "sigmoid" / "version_0")
+    acc = load_events(run_dir / "sigmoid" / "version_0")
     tags = acc.Tags()
     assert "custom_scalars__config__" in tags["tensors"]
     images = {tag: [e.step for e in acc.Images(tag)] for tag in tags["images"]}
-    assert {10, 20, 30} <= set(images["gradguard/gradient_flow"])  # every 10 steps, and at the end
+    every_10 = [n - 1 for n in (10, 20, 30)]  # Lightning's step of the 10th, 20th, 30th optimizer step
+    assert set(every_10) <= set(images["gradguard/gradient_flow"])  # every 10 steps, and at the end
     assert "gradguard/gradient_flow_bars" in images
     hists = [t for t in tags["histograms"] if t.startswith("gradguard/grad_hist/")]
-    assert hists and [e.step for e in acc.Histograms(hists[0])] == [10, 20, 30]  # sampled on those steps only
+    assert hists and [e.step for e in acc.Histograms(hists[0])] == every_10  # sampled on those steps only
     text_tags = {t for t in tags["tensors"] if t.startswith("gradguard/")}
     assert {"gradguard/events_log/text_summary", "gradguard/config/text_summary"} <= text_tags
     log = acc.Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
@@ -83,7 +79,7 @@ def test_report_numbers_match_the_raw_scalars(
     assert gradguard(["report", str(run_dir), "--json", "--png", str(png), "--run", "sigmoid/version_0"]) == 0
     output = json.loads(capsys.readouterr().out)
     report = output["runs"]["sigmoid/version_0"]
-    acc = _acc(run_dir / "sigmoid" / "version_0")
+    acc = load_events(run_dir / "sigmoid" / "version_0")
     totals = np.array([e.value for e in acc.Scalars("gradguard/total_norm")])
     maxes = np.array([e.value for e in acc.Scalars("gradguard/total_norm_max")])
     got = report["optimizers"]["opt0"]["total_norm"]
@@ -114,7 +110,7 @@ def _event_rows(acc: EventAccumulator) -> list[dict[str, Any]]:
 def test_events_reach_the_event_files_as_trouble_tags(run_dir: Path) -> None:
     # Every layer event of the text table is a gradguard/trouble/<kind>/<layer> point at the same step, charted by
     # a "layers in trouble" regex.
-    acc = _acc(run_dir / "sigmoid" / "version_0")
+    acc = load_events(run_dir / "sigmoid" / "version_0")
     rows = _event_rows(acc)
     assert rows and {row["kind"] for row in rows} == {"vanishing"}
     points = sorted(
@@ -127,9 +123,7 @@ def test_events_reach_the_event_files_as_trouble_tags(run_dir: Path) -> None:
     assert [v for *_, v in points] == pytest.approx(
         [r["value"] for r in sorted(rows, key=lambda r: (r["step"], r["kind"], r["layer"]))], rel=1e-3
     )
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    layout = custom_layout(acc)
     regexes = [
         tag
         for category in layout.category
@@ -151,7 +145,7 @@ def test_image_every_n_steps_none_draws_no_picture(tmp_path: Path) -> None:
         logger=TensorBoardLogger(tmp_path, name="quiet"),
         log_every_n_steps=5,
     ).fit(Regressor(), regression_data())
-    acc = _acc(tmp_path / "quiet" / "version_0")
+    acc = load_events(tmp_path / "quiet" / "version_0")
     assert acc.Tags()["images"] == []  # not during training, not at the end
     assert "gradguard/layer/net.0" in acc.Tags()["scalars"]
 
