@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
 
 # The tensor methods that copy a value to the host: on an accelerator each one waits for the device.
 SYNC_METHODS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
@@ -90,7 +91,7 @@ def event_files(root: str | Path) -> list[str]:
 
 
 def load_events(path: str | Path) -> EventAccumulator:
-    """One event file, or the event files of one folder, read back whole (no reservoir sampling of any kind)."""
+    """One event file, or the event files of one folder, read back: every scalar, image, histogram and tensor."""
     from tensorboard.backend.event_processing import event_accumulator as ea
 
     everything = {ea.SCALARS: 0, ea.IMAGES: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0}
@@ -99,7 +100,16 @@ def load_events(path: str | Path) -> EventAccumulator:
     return acc
 
 
-def scalars(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+def custom_layout(acc: EventAccumulator) -> layout_pb2.Layout:
+    """The custom-scalars layout of a run read by ``load_events``; it must have been written exactly once."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    events = acc.Tensors("custom_scalars__config__")
+    assert len(events) == 1
+    return layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+
+
+def scalar_series(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of ``path`` (as for ``load_events``): ``{tag: [(step, value), ...]}``."""
     acc = load_events(path)
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

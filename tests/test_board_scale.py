@@ -10,29 +10,21 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing import event_accumulator as ea
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.tensorboard import GradGuardBoard
+from tests.helpers import custom_layout, load_events
 from tests.models import Regressor, regression_data, trainer
 
 MAX_CHARTS = 30
 DEEP = [f"net.{i}" for i in range(1500)]
 
 
-def _load(logdir: Path) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})
-    acc.Reload()
-    return acc
-
-
 def _charts(acc: ea.EventAccumulator) -> dict[str, list[str]]:
     """``{chart title: its tag regexes (or Margin tags)}`` over every category of the one written layout."""
-    events = acc.Tensors("custom_scalars__config__")
-    assert len(events) == 1
-    layout = layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
+    layout = custom_layout(acc)
     charts: dict[str, list[str]] = {}
     for category in layout.category:
         for chart in category.chart:
@@ -62,7 +54,7 @@ def test_1500_layers_board_writes_block_summaries_within_the_chart_budget(tmp_pa
         board.write_layer_norms(step, 0, norms[:, col], np.zeros(1500, bool), np.zeros(1500, bool), present=present)
     writer.close()
 
-    acc = _load(tmp_path)
+    acc = load_events(tmp_path)
     charts = _charts(acc)
     assert len(charts) <= MAX_CHARTS
     block_charts = {title: tags for title, tags in charts.items() if ": max, median" in title}
@@ -104,7 +96,7 @@ def test_fit_1500_layers_layout_stays_browsable(tmp_path: Path) -> None:
     trainer(max_steps=10, max_epochs=-1, callbacks=[GradGuard()], logger=logger, log_every_n_steps=5).fit(
         Regressor(net=net), regression_data()
     )
-    acc = _load(tmp_path / "deep" / "version_0")
+    acc = load_events(tmp_path / "deep" / "version_0")
     charts = _charts(acc)
     assert len(charts) <= MAX_CHARTS
     scalars = acc.Tags()["scalars"]
@@ -141,7 +133,7 @@ def test_fit_writes_the_log10_ema_band_and_leaves_out_what_nothing_feeds(tmp_pat
     trainer(max_steps=30, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=10).fit(
         Regressor(), regression_data()
     )
-    acc = _load(tmp_path / "small" / "version_0")
+    acc = load_events(tmp_path / "small" / "version_0")
     scalars = acc.Tags()["scalars"]
     for part in ("mean", "lower", "upper"):
         linear = {e.step: e.value for e in acc.Scalars(f"gradguard/ema_{part}")}

@@ -11,21 +11,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gradguard.cli import WEAK_RELATIVE, event_masks, layer_events, layer_matrix, load_run, main
 from lightning_gradguard.tensorboard import GradGuardBoard
+from tests.helpers import LAYERS
 
-LAYERS = [
-    "embed",
-    "enc.0.attn",
-    "enc.0.mlp",
-    "enc.1.attn",
-    "enc.1.mlp",
-    "enc.2.attn",
-    "enc.2.mlp",
-    "enc.3.attn",
-    "enc.3.mlp",
-    "norm",
-    "head.0",
-    "head.1",
-]
 STEPS = np.arange(0, 400, 10)  # 40 logging steps
 SPIKE_STEP = 250  # the logging step whose window holds the explosion ...
 EVENT_STEP = 247  # ... which the detector flagged at this exact step

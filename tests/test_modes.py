@@ -9,7 +9,6 @@ optimization with several optimizers, Lightning's own gradient clipping, checkpo
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import warnings
 from typing import Any
@@ -21,7 +20,6 @@ from lightning.pytorch.callbacks import BackboneFinetuning, Callback, ModelCheck
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,6 +34,7 @@ from lightning_gradguard import (
     VanishingDetector,
     ZClip,
 )
+from tests.helpers import assert_same_state, event_files, load_events
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -125,23 +124,6 @@ class Recorder(GradGuard):
         self.after_batch.append(copy.deepcopy(self.state_dict()))
 
 
-def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
-    """Bitwise equality of nested state (tensors compared with ``torch.equal``, NaN equal to NaN)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))), path
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{path}: {sorted(a)} != {sorted(b)}"
-        for k in a:
-            assert_same_state(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
-
-
 def _differs(a: Any, b: Any) -> bool:
     try:
         assert_same_state(a, b)
@@ -152,9 +134,8 @@ def _differs(a: Any, b: Any) -> bool:
 
 def _event_tags(logdir: Any) -> list[str]:
     tags: list[str] = []
-    for path in glob.glob(f"{logdir}/**/events.out.tfevents.*", recursive=True):
-        acc = EventAccumulator(path)
-        acc.Reload()
+    for path in event_files(logdir):
+        acc = load_events(path)
         for kind in ("scalars", "images", "histograms", "tensors"):
             tags += acc.Tags().get(kind, [])
     return tags
@@ -431,8 +412,7 @@ def test_manual_optimization_two_optimizers_keep_separate_state_and_tags(tmp_pat
     assert g_state.counts[0].item() >= 1 and d_state.counts[0].item() == 0
     assert g_state.host_counts["lr_reduced"] == 1 and d_state.host_counts["lr_reduced"] == 0
 
-    acc = EventAccumulator(str(tmp_path / "version_0"), size_guidance={"scalars": 0})
-    acc.Reload()
+    acc = load_events(tmp_path / "version_0")
     tags = set(acc.Tags()["scalars"])
     for key in (0, 1):
         assert f"gradguard/opt{key}/total_norm" in tags and f"gradguard/opt{key}/lr_scale" in tags
@@ -786,8 +766,7 @@ def test_runs_without_regular_training(tmp_path: Any, kind: str) -> None:
     if kind == "limit_3":
         # One optimizer step per batch; the partial logging window is flushed when training ends.
         assert guard._states[0].steps == 3
-        acc = EventAccumulator(str(tmp_path / "version_0"))
-        acc.Reload()
+        acc = load_events(tmp_path / "version_0")
         assert [e.step for e in acc.Scalars("gradguard/total_norm")] == [3]
     elif kind == "fast_dev_run":
         assert guard._states[0].steps == 1  # it ran; fast_dev_run swaps in a dummy logger, so nothing is written

@@ -11,8 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing import event_accumulator as ea
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard import SummaryWriter
 
 import lightning_gradguard.board as board_module
@@ -28,36 +26,11 @@ from lightning_gradguard.tensorboard import (
     render_heatmap,
     sample_gradients,
 )
+from tests.helpers import LAYERS, custom_layout, load_events
 
-LAYERS = [
-    "embed",
-    "enc.0.attn",
-    "enc.0.mlp",
-    "enc.1.attn",
-    "enc.1.mlp",
-    "enc.2.attn",
-    "enc.2.mlp",
-    "enc.3.attn",
-    "enc.3.mlp",
-    "norm",
-    "head.0",
-    "head.1",
-]
 STEPS = list(range(0, 400, 10))  # 40 logging steps
 SPIKE_STEP, SPIKE_LAYER = 250, 5
 VANISH_FROM, VANISH_LAYER = 300, 2
-
-
-def _load(logdir) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(logdir), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0, ea.HISTOGRAMS: 0})
-    acc.Reload()
-    return acc
-
-
-def _layout(acc: ea.EventAccumulator) -> layout_pb2.Layout:
-    events = acc.Tensors("custom_scalars__config__")
-    assert len(events) == 1
-    return layout_pb2.Layout.FromString(events[0].tensor_proto.string_val[0])
 
 
 def _synthetic_norms(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,7 +93,7 @@ def written_run(tmp_path_factory):
     board.close_run(STEPS[-1])
     writer.close()
     return {
-        "acc": _load(logdir),
+        "acc": load_events(logdir),
         "norms": norms,
         "image_steps": [*image_steps, STEPS[-1]],
         "histogram_steps": histogram_steps,
@@ -167,7 +140,7 @@ def test_layout_once_per_writer_with_anchored_regexes(tmp_path):
     board.write_layout()
     GradGuardBoard(writer, {0: names}, ["Adam"]).write_layout()  # same writer: still one layout
     writer.close()
-    layout = _layout(_load(tmp_path))
+    layout = custom_layout(load_events(tmp_path))
     categories = {category.title: category for category in layout.category}
     assert set(categories) == {"GradGuard", "GradGuard layers"}
 
@@ -261,7 +234,7 @@ def test_present_mask_skips_absent_layers(tmp_path):
         0, 0, np.array([1.0, 2.0, 3.0]), np.zeros(3, bool), np.zeros(3, bool), present=np.array([True, False, True])
     )
     writer.close()
-    tags = _load(tmp_path).Tags()["scalars"]
+    tags = load_events(tmp_path).Tags()["scalars"]
     assert tags == ["gradguard/layer/a", "gradguard/layer/c"]
     _, hist_norms, _, _ = board._histories[0].columns()
     assert hist_norms[1, 0] < 0  # drawn as "no gradient"
@@ -533,7 +506,8 @@ def test_layout_leaves_out_charts_of_parts_not_configured(tmp_path):
         writer = SummaryWriter(str(tmp_path / sub))
         GradGuardBoard(writer, {0: ["a", "b"]}, ["SGD"], **kwargs).write_layout()
         writer.close()
-        titles = {chart.title for category in _layout(_load(tmp_path / sub)).category for chart in category.chart}
+        layout = custom_layout(load_events(tmp_path / sub))
+        titles = {chart.title for category in layout.category for chart in category.chart}
         assert titles & {"regularizers", "regularizer strength", "saturation"} == expect
         assert "EMA band, log10" in titles and "layers in trouble: vanishing" in titles
     with pytest.raises(ValueError, match="regularizers"):
@@ -556,7 +530,7 @@ def test_ema_band_is_written_in_log10_and_skips_unusable_values(tmp_path):
         },
     )
     writer.close()
-    acc = _load(tmp_path)
+    acc = load_events(tmp_path)
     values = {tag: acc.Scalars(tag)[0].value for tag in acc.Tags()["scalars"]}
     assert values == pytest.approx(
         {
@@ -588,7 +562,7 @@ def test_events_are_written_as_trouble_tags_at_their_own_steps(tmp_path):
     )
     board.write_events(20, [{"step": 14, "kind": "exploding", "layer": "head", "value": 50.0, "action": "clip"}])
     writer.close()
-    acc = _load(tmp_path)
+    acc = load_events(tmp_path)
     trouble = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     assert trouble.keys() == {
         "gradguard/trouble/exploding/head",
@@ -611,7 +585,7 @@ def test_no_pictures_at_all_when_images_are_off(tmp_path):
         assert not board.should_write_images(step)
     board.close_run(10)
     writer.close()
-    assert _load(tmp_path).Tags()["images"] == []
+    assert load_events(tmp_path).Tags()["images"] == []
 
 
 def test_bar_axis_follows_the_data_not_the_vanishing_floor():
