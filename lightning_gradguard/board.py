@@ -21,13 +21,20 @@ import numpy as np
 
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.render import ABSENT as _ABSENT
-from lightning_gradguard.render import group_layer_names, layer_blocks, render_bars, render_heatmap
+from lightning_gradguard.render import (
+    group_layer_names,
+    layer_blocks,
+    render_bars,
+    render_depth_flow,
+    render_heatmap,
+    render_update_ratio_heatmap,
+)
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.tensorboard import SummaryWriter
 
-__all__ = ["EVENT_KINDS", "TROUBLE_KINDS", "GradGuardBoard", "sample_gradients"]
+__all__ = ["DIAGNOSTIC_CHARTS", "EVENT_KINDS", "TROUBLE_KINDS", "GradGuardBoard", "sample_gradients"]
 
 #: Event counters written as ``gradguard/events/<kind>``.
 EVENT_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
@@ -42,6 +49,25 @@ _TROUBLE_CHARTS: dict[str, tuple[str, ...]] = {
     "layers in trouble: vanishing": ("vanishing",),
 }
 _EMA_PARTS = ("mean", "lower", "upper")
+#: The diagnostics (``GradGuard(diagnostics=...)`` names) that have custom-scalar charts and pictures; ``epoch`` is
+#: accepted by the board and has neither (its summaries are a handful of scalars per epoch).
+DIAGNOSTIC_CHARTS: tuple[str, ...] = ("update_ratio", "zero_fraction", "act_grad", "noise_scale")
+_DIAGNOSTIC_NAMES = (*DIAGNOSTIC_CHARTS, "epoch")
+# A per-layer diagnostic chart holds every layer while they fit in this many lines, else one line per block of
+# consecutive layers (the blocks of `layer_blocks`), with the block statistics below.
+_DIAG_LINES = 12
+# (quantity, per optimizer, chart title, block statistics): the largest update ratio of a block shows a layer moving
+# too fast, the smallest one barely training; the largest zero fraction shows dead units; the median
+# activation-gradient norm follows the flow through depth.
+_DIAG_SPECS: tuple[tuple[str, bool, str, tuple[str, ...]], ...] = (
+    ("update_ratio", True, "update/weight ratio", ("max", "min")),
+    ("zero_fraction", True, "zero fraction", ("max",)),
+    ("act_grad", False, "activation-gradient norm", ("median",)),
+)
+_STAT_WORDS = {"max": "largest", "min": "smallest", "median": "median"}
+_REDUCERS: dict[str, Callable[[np.ndarray], Any]] = {"max": np.max, "min": np.min, "median": np.median}
+#: Steps kept for the flow-through-depth picture (thinned evenly over the run when full).
+_FLOW_COLUMNS = 32
 _EVENT_COLUMNS = ("step", "kind", "layer", "value", "action")
 _MAX_EVENT_ROWS = 200
 
@@ -318,6 +344,13 @@ class GradGuardBoard:
             least one; ``None`` (not told) lays them out.
         saturation: whether saturation is measured: its chart is laid out only then.
         max_charts: the most custom-scalar charts; the per-layer or per-block charts get what the others leave.
+        diagnostics: the diagnostics that feed this board (names of ``GradGuard(diagnostics=...)``): only these get
+            charts ("GradGuard diagnostics") and pictures (``update_ratio``: the ``gradguard/update_ratio_heatmap``
+            image; ``act_grad``: ``gradguard/act_grad_flow``). Their per-layer scalars arrive through
+            :meth:`write_scalars` (``gradguard/update_ratio/<layer>``, ``gradguard/zero_fraction/<layer>``,
+            ``gradguard/act_grad/<layer>``); with more than 12 layers the board also writes block statistics for the
+            charts (``gradguard/update_ratio_block/<block>/max`` and ``/min``, ``zero_fraction_block/<block>/max``,
+            ``act_grad_block/<block>/median``).
 
     Example:
         >>> import tempfile
@@ -345,6 +378,7 @@ class GradGuardBoard:
         regularizers: Sequence[str] | None = None,
         saturation: bool = True,
         max_charts: int = 30,
+        diagnostics: Sequence[str] = (),
     ) -> None:
         if writer is None or not hasattr(writer, "add_scalar"):
             raise ValueError(f"`writer` must be a SummaryWriter-like object with `add_scalar`, got {writer!r}")
@@ -374,6 +408,10 @@ class GradGuardBoard:
             raise ValueError(f"`regularizers` must be None or a list of names, got {regularizers!r}")
         check_bool("saturation", saturation)
         check_int("max_charts", max_charts, low=1)
+        if isinstance(diagnostics, str) or not all(name in _DIAGNOSTIC_NAMES for name in diagnostics):
+            raise ValueError(
+                f"`diagnostics` must be a list of names among {list(_DIAGNOSTIC_NAMES)}, got {diagnostics!r}"
+            )
 
         self.writer = writer
         self.layer_names = {idx: list(names) for idx, names in layer_names.items()}
@@ -385,6 +423,7 @@ class GradGuardBoard:
         self.regularizers = None if regularizers is None else list(regularizers)
         self.saturation = saturation
         self.max_charts = max_charts
+        self.diagnostics = frozenset(diagnostics)
 
         self._layer_tags = {
             idx: [f"{_PREFIX}layer/{name}" for name in names] for idx, names in self.layer_names.items()
@@ -394,6 +433,7 @@ class GradGuardBoard:
         self._bands: dict[int, tuple[float | None, float | None, float | None]] = {}
         # Optimizers whose layers are charted as block summaries: (block, max tag, median tag, layer indices) each.
         self._blocks: dict[int, list[tuple[str, str, str, np.ndarray]]] = {}
+        self._setup_diagnostics()  # before the budget: the diagnostics' charts come out of it
         budget = self._layer_chart_budget()
         for idx, names in self.layer_names.items():
             if len(group_layer_names(names)) > budget:
@@ -435,7 +475,7 @@ class GradGuardBoard:
     def _main_charts(self) -> int:
         charts = 6 * len(self.optimizer_names)
         charts += 0 if self.regularizers is not None and not self.regularizers else 2
-        return charts + int(self.saturation)
+        return charts + int(self.saturation) + len(self._diagnostic_charts())
 
     def _layer_chart_budget(self) -> int:
         # What the run-level charts and the two "layers in trouble" charts leave, shared by the optimizers.
@@ -501,7 +541,11 @@ class GradGuardBoard:
             else:
                 for title, group in group_layer_names(names):
                     add(title, exact(*(f"{_PREFIX}layer/{name}" for name in group)))
-        return {"GradGuard": main, "GradGuard layers": layers}
+        layout = {"GradGuard": main, "GradGuard layers": layers}
+        diagnostics = self._diagnostic_charts()
+        if diagnostics:
+            layout["GradGuard diagnostics"] = diagnostics
+        return layout
 
     def write_layout(self) -> None:
         """Write the "GradGuard" custom-scalars dashboard; once per writer, later calls do nothing."""
@@ -513,6 +557,105 @@ class GradGuardBoard:
         # A writer that cannot be weakly referenced is guarded by this board's flag alone.
         with contextlib.suppress(TypeError):
             _LAYOUT_WRITTEN.add(self.writer)
+
+    # ---------------------------------------------------------------------------------------------------- diagnostics
+    def _setup_diagnostics(self) -> None:
+        """Tag tables, block statistics and picture histories of the diagnostics this board is fed."""
+        # Activation gradients are model-wide: their layers are the optimizers' layers in definition order.
+        self._act_names: list[str] = list(dict.fromkeys(name for names in self.layer_names.values() for name in names))
+        self._act_row = {f"{_PREFIX}act_grad/{name}": i for i, name in enumerate(self._act_names)}
+        # tag -> (quantity, optimizer index, layer row) of every per-layer diagnostic scalar fed to this board
+        self._diag_rows: dict[str, tuple[str, int, int]] = {}
+        # (quantity, optimizer index or -1 for model-wide) -> [(block, {statistic: tag}, layer rows)]
+        self._diag_blocks: dict[tuple[str, int], list[tuple[str, dict[str, str], np.ndarray]]] = {}
+        for quantity, per_optimizer, _, stats in _DIAG_SPECS:
+            if quantity not in self.diagnostics:
+                continue
+            owners = list(self.layer_names.items()) if per_optimizer else [(-1, self._act_names)]
+            for idx, names in owners:
+                for row, name in enumerate(names):
+                    self._diag_rows[self._diag_tag(f"{quantity}/{name}", idx)] = (quantity, idx, row)
+                if len(names) > _DIAG_LINES:
+                    self._diag_blocks[(quantity, idx)] = [
+                        (
+                            block,
+                            {stat: self._diag_tag(f"{quantity}_block/{block}/{stat}", idx) for stat in stats},
+                            np.asarray(members, dtype=np.int64),
+                        )
+                        for block, members in layer_blocks(names, _DIAG_LINES)
+                    ]
+        self._ratio_histories: dict[int, _LayerHistory] = {}
+        if "update_ratio" in self.diagnostics:
+            self._ratio_histories = {
+                idx: _LayerHistory(len(names), self.history) for idx, names in self.layer_names.items()
+            }
+        self._flow_columns: list[tuple[int, dict[int, float]]] = []  # (step, {act row: norm}), thinned when full
+
+    def _diag_tag(self, name: str, opt_idx: int) -> str:
+        # A per-optimizer diagnostic follows :meth:`tag`; a model-wide one (opt_idx -1) has no optimizer component.
+        return self.tag(name, opt_idx) if opt_idx >= 0 else f"{_PREFIX}{name}"
+
+    def _diagnostic_charts(self) -> dict[str, list[Any]]:
+        """The "GradGuard diagnostics" charts of the diagnostics fed (empty when none)."""
+        charts: dict[str, list[Any]] = {}
+        for quantity, per_optimizer, title, stats in _DIAG_SPECS:
+            if quantity not in self.diagnostics:
+                continue
+            for idx in range(len(self.optimizer_names)) if per_optimizer else [-1]:
+                suffix = f" ({self._opt_label(idx)})" if per_optimizer and self.multi_optimizer else ""
+                blocks = self._diag_blocks.get((quantity, idx))
+                if blocks is None:
+                    prefix = self._diag_tag(f"{quantity}/", idx)
+                    charts[f"{title}{suffix}"] = ["Multiline", [f"^{re.escape(prefix)}"]]
+                    continue
+                for stat in stats:
+                    tags = [f"^{re.escape(tags[stat])}$" for _, tags, _ in blocks]
+                    charts[f"{title}: {_STAT_WORDS[stat]} per block{suffix}"] = ["Multiline", tags]
+        if "noise_scale" in self.diagnostics:
+            charts["gradient noise scale (critical batch size)"] = [
+                "Multiline",
+                [f"^{re.escape(_PREFIX + 'noise_scale')}$"],
+            ]
+        return charts
+
+    def _take_diagnostics(self, step: int, items: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Feed the diagnostic scalars among ``items`` to the pictures; return the block statistics to write."""
+        if not self._diag_rows:
+            return []
+        columns: dict[tuple[str, int], np.ndarray] = {}
+        for tag, value in items:
+            found = self._diag_rows.get(tag)
+            if found is None:
+                continue
+            quantity, idx, row = found
+            column = columns.get((quantity, idx))
+            if column is None:
+                size = len(self._act_names) if idx < 0 else len(self.layer_names[idx])
+                column = columns[(quantity, idx)] = np.full(size, np.nan)
+            column[row] = value
+        out: list[tuple[str, float]] = []
+        for (quantity, idx), column in columns.items():
+            for _, tags, members in self._diag_blocks.get((quantity, idx), []):
+                values = column[members]
+                values = values[np.isfinite(values)]
+                if values.size:  # a block with no measured layer is not written
+                    out += [(tag, float(_REDUCERS[stat](values))) for stat, tag in tags.items()]
+            if quantity == "update_ratio" and idx in self._ratio_histories:
+                none = np.zeros(column.shape, dtype=bool)
+                measured = np.isfinite(column)
+                self._ratio_histories[idx].append(step, np.where(measured, column, _ABSENT), none, none)
+            elif quantity == "act_grad":
+                self._add_flow_column(step, {int(i): float(column[i]) for i in np.flatnonzero(np.isfinite(column))})
+        return out
+
+    def _add_flow_column(self, step: int, values: dict[int, float]) -> None:
+        if self._flow_columns and self._flow_columns[-1][0] == step:
+            self._flow_columns[-1][1].update(values)
+            return
+        if len(self._flow_columns) >= _FLOW_COLUMNS:
+            # Keep every other step: the columns kept stay spread evenly over the whole run.
+            self._flow_columns = self._flow_columns[::2]
+        self._flow_columns.append((step, values))
 
     # ---------------------------------------------------------------------------------------------------- scalars
     def _add_scalars(self, step: int, items: Sequence[tuple[str, float]]) -> None:
@@ -536,6 +679,7 @@ class GradGuardBoard:
         Example: ``board.write_scalars(step, {board.tag("total_norm", i): 1.3, "events/exploding": 2})``.
         """
         items = [(key if key.startswith(_PREFIX) else _PREFIX + key, float(value)) for key, value in scalars.items()]
+        items += self._take_diagnostics(int(step), items)
         self._add_scalars(int(step), items)
 
     def write_layer_norms(
@@ -663,8 +807,39 @@ class GradGuardBoard:
             title=title,
         )
 
+    def update_ratio_image(self, opt_idx: int = 0) -> np.ndarray | None:
+        """The update-to-weight ratio heatmap of one optimizer, or ``None`` before any ratio was written."""
+        names = self._names(opt_idx)
+        history = self._ratio_histories.get(opt_idx)
+        if history is None:
+            return None
+        steps, ratios, _, _ = history.columns()
+        if not names or steps.size == 0:
+            return None
+        title = "update/weight ratio ||Δθ|| / ||θ|| per layer (log10)"
+        if self.multi_optimizer:
+            title += f" ({self._opt_label(opt_idx)})"
+        return render_update_ratio_heatmap(ratios, names, steps.tolist(), max_rows=self.max_heatmap_rows, title=title)
+
+    def act_grad_flow_image(self) -> np.ndarray | None:
+        """The flow-through-depth picture of the activation-gradient norms, or ``None`` before any was written."""
+        if not self._flow_columns:
+            return None
+        # Layers in depth order: the board's layers first (definition order), others in first-seen order.
+        rows = sorted({row for _, values in self._flow_columns for row in values})
+        if not rows:
+            return None
+        norms = np.full((len(rows), len(self._flow_columns)), np.nan)
+        for col, (_, values) in enumerate(self._flow_columns):
+            for i, row in enumerate(rows):
+                norms[i, col] = values.get(row, np.nan)
+        names = [self._act_names[row] for row in rows]
+        steps = [step for step, _ in self._flow_columns]
+        return render_depth_flow(norms, names, steps, max_points=4 * self.max_heatmap_rows)
+
     def write_images(self, step: int) -> None:
-        """Draw ``gradguard/gradient_flow`` (heatmap) and ``gradguard/gradient_flow_bars`` (latest norms)."""
+        """Draw ``gradguard/gradient_flow`` (heatmap) and ``gradguard/gradient_flow_bars`` (latest norms), and for
+        the diagnostics fed, ``gradguard/update_ratio_heatmap`` and ``gradguard/act_grad_flow``."""
         for idx in self.layer_names:
             heatmap = self.heatmap_image(idx)
             if heatmap is not None:
@@ -672,6 +847,12 @@ class GradGuardBoard:
             bars = self.bars_image(idx)
             if bars is not None:
                 self.writer.add_image(self._image_tag("gradient_flow_bars", idx), bars, step, dataformats="HWC")
+            ratio = self.update_ratio_image(idx)
+            if ratio is not None:
+                self.writer.add_image(self._image_tag("update_ratio_heatmap", idx), ratio, step, dataformats="HWC")
+        flow = self.act_grad_flow_image()
+        if flow is not None:
+            self.writer.add_image(f"{_PREFIX}act_grad_flow", flow, step, dataformats="HWC")
         self._last_image_step = int(step)
 
     # ---------------------------------------------------------------------------------------------------- others
@@ -753,7 +934,10 @@ class GradGuardBoard:
 
     def close_run(self, step: int) -> None:
         """Draw the final images (unless already drawn at ``step``, or pictures are off) and flush the writer."""
-        if self.image_every_n_steps is not None and self._latest and self._last_image_step != step:
+        drawn = (
+            self._latest or self._flow_columns or any(h.size or h.pending_count for h in self._ratio_histories.values())
+        )
+        if self.image_every_n_steps is not None and drawn and self._last_image_step != step:
             self.write_images(step)
         flush = getattr(self.writer, "flush", None)
         if flush is not None:
@@ -761,20 +945,27 @@ class GradGuardBoard:
 
     # ---------------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """The heatmap history, event table and image/histogram schedule (plain values and tensors only)."""
+        """The heatmap histories (gradient norms, update ratios), event table and image/histogram schedule (plain
+        values and tensors only)."""
         return {
             "histories": {idx: history.state_dict() for idx, history in self._histories.items()},
+            "ratio_histories": {idx: history.state_dict() for idx, history in self._ratio_histories.items()},
             "events": [dict(event) for event in self._events],
             "last_image_step": self._last_image_step,
             "last_histogram_step": self._last_histogram_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; histories of optimizers whose layer count changed are dropped."""
+        """Restore :meth:`state_dict`; histories of optimizers whose layer count changed are dropped (the
+        flow-through-depth picture starts afresh)."""
         for idx, history_state in state.get("histories", {}).items():
             idx = int(idx)
             if idx in self._histories and history_state["norms"].shape[0] == len(self.layer_names[idx]):
                 self._histories[idx].load_state_dict(history_state)
+        for idx, history_state in state.get("ratio_histories", {}).items():
+            idx = int(idx)
+            if idx in self._ratio_histories and history_state["norms"].shape[0] == len(self.layer_names[idx]):
+                self._ratio_histories[idx].load_state_dict(history_state)
         self._events = [dict(event) for event in state.get("events", [])][-_MAX_EVENT_ROWS:]
         self._last_image_step = state.get("last_image_step")
         self._last_histogram_step = state.get("last_histogram_step")

@@ -252,8 +252,9 @@ class UpdateRatioHints:
     """Hints for layers whose update-to-weight ratio stays too high or too low, from the ratios of successive logs.
 
     A layer whose ratio is above ``high`` (or below ``low``) on ``patience`` consecutive logging steps is hinted about
-    once per such streak, quoting the geometric mean of those ratios; the layer is hinted about again only after it
-    came back into the band (or crossed to the other side) and then stayed out for ``patience`` logs anew. A NaN,
+    once per such streak, quoting the geometric mean of those ratios. The layer is hinted about again only after it
+    recovered (back in the band on ``patience`` consecutive logs: a layer hovering at the edge of the band does not
+    hint at every crossing) or crossed to the other side, and then stayed out for ``patience`` logs anew. A NaN,
     infinite or exactly-zero ratio (no gradient, zero weights, a skipped step) is no observation: it neither extends
     nor breaks a streak. All the layers of one log go into one message, the furthest out of the band first (at most
     ``max_named`` named, the rest counted), so a log yields at most one hint however many layers are out of band.
@@ -285,7 +286,8 @@ too high for it (about 1e-3 is usual)"]
         self.high = check_number("high", high, low=self.low)
         self.patience = check_int("patience", patience, low=1)
         self.max_named = check_int("max_named", max_named, low=1)
-        # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1)]
+        # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1),
+        # consecutive logs back in the band since the hint]
         self._streaks: dict[str, list[float]] = {}
 
     def update(self, names: Sequence[str], ratios: Sequence[float] | np.ndarray) -> list[str]:
@@ -310,10 +312,14 @@ too high for it (about 1e-3 is usual)"]
             direction = 1 if ratio > self.high else -1 if ratio < self.low else 0
             streak = self._streaks.get(name)
             if direction == 0:
-                self._streaks.pop(name, None)  # recovered: a later streak is a new problem and hints again
+                if streak is not None and streak[3]:
+                    streak[4] += 1  # a hinted layer counts as recovered after `patience` logs in the band
+                if streak is not None and (not streak[3] or streak[4] >= self.patience):
+                    del self._streaks[name]  # a later streak is a new problem and hints again
                 continue
             if streak is None or streak[0] != direction:
-                streak = self._streaks[name] = [direction, 0, 0.0, 0]
+                streak = self._streaks[name] = [direction, 0, 0.0, 0, 0]
+            streak[4] = 0
             streak[1] += 1
             streak[2] += math.log10(ratio)
             if streak[1] >= self.patience and not streak[3]:
@@ -347,7 +353,8 @@ too high for it (about 1e-3 is usual)"]
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"UpdateRatioHints: unknown state version {state.get('version')!r}")
-        self._streaks = {str(name): [float(v) for v in s] for name, s in state["streaks"].items()}
+        # A streak saved before the recovery count existed has four entries: none of its logs were in the band.
+        self._streaks = {str(name): [*(float(v) for v in s), 0.0][:5] for name, s in state["streaks"].items()}
 
 
 def _scientific(value: float, digits: int = 1) -> str:

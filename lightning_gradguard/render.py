@@ -27,7 +27,9 @@ __all__ = [
     "layer_blocks",
     "layer_row_spans",
     "render_bars",
+    "render_depth_flow",
     "render_heatmap",
+    "render_update_ratio_heatmap",
 ]
 
 # A norm below zero never comes from a gradient, so it marks "this layer had no gradient at this step" without a
@@ -359,9 +361,11 @@ class _Panels(NamedTuple):
     markers: list[list[tuple[np.ndarray, str, str, str]]]  # per panel: (flags, marker, colour, label)
 
 
-def _panels(rows: HeatmapRows, show_min: bool | None, reduce: str) -> _Panels:
-    exploding = (rows.exploding, "^", _EXPLODING_COLOR, "exploding")
-    vanishing = (rows.vanishing, "v", _VANISHING_COLOR, "vanishing")
+def _panels(
+    rows: HeatmapRows, show_min: bool | None, reduce: str, flag_labels: tuple[str, str] = ("exploding", "vanishing")
+) -> _Panels:
+    exploding = (rows.exploding, "^", _EXPLODING_COLOR, flag_labels[0])
+    vanishing = (rows.vanishing, "v", _VANISHING_COLOR, flag_labels[1])
     two = rows.grouped if show_min is None else bool(show_min)
     if not two:
         return _Panels([rows.values], [""], [[exploding, vanishing]])
@@ -371,6 +375,16 @@ def _panels(rows: HeatmapRows, show_min: bool | None, reduce: str) -> _Panels:
         [f"{'largest' if reduce == 'max' else 'rms'} layer of each row", "smallest layer of each row"],
         [[exploding], [vanishing]],
     )
+
+
+class _Labels(NamedTuple):
+    """What a heatmap's colours mean: the colour-bar label, the legend of zero and absent cells, reference marks."""
+
+    value: str = "log10 ||grad||"
+    zero: str = "zero"
+    absent: str = "no gradient"
+    marks: tuple[float, ...] = ()  # reference values, drawn as lines across the colour bar
+    marks_label: str = ""
 
 
 def _color_range(matrices: Sequence[np.ndarray]) -> tuple[float, float]:
@@ -393,6 +407,7 @@ def _draw_heatmap(
     font: float,
     title: str,
     marker_size: float,
+    labels: _Labels | None = None,
 ) -> None:
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
@@ -437,12 +452,22 @@ def _draw_heatmap(
     axes[0].set_title(title, fontsize=font + 2, loc="left")
     extend = {(False, False): "neither", (True, False): "min", (False, True): "max", (True, True): "both"}
     colorbar = fig.colorbar(image, cax=cax, extend=extend[(any_zero, any_nonfinite)], extendfrac=0.05)
-    colorbar.set_label("log10 ||grad||", fontsize=font + 1)
+    labels = labels or _Labels()
+    colorbar.set_label(labels.value, fontsize=font + 1)
     colorbar.ax.tick_params(labelsize=font)
+    marked = [value for value in labels.marks if value > 0 and vmin <= math.log10(value) <= vmax]
+    for value in marked:
+        # Reference values (a healthy band) as lines across the colour bar, where the colours reach them.
+        colorbar.ax.axhline(math.log10(value), color="white", lw=2.0)
+        colorbar.ax.axhline(math.log10(value), color="black", lw=1.0, ls=(0, (2, 1)))
+    if labels.marks:
+        band = " .. ".join(f"{value:g}" for value in labels.marks)
+        label = f"{labels.marks_label} {band}" + ("" if marked else " (outside the colours)")
+        handles.append(Line2D([], [], color="black", lw=1.0, ls=(0, (2, 1)), label=label))
     for present, color, label in (
         (any_nonfinite, _NONFINITE_COLOR, "non-finite"),
-        (any_zero, _ZERO_COLOR, "zero"),
-        (any_absent, _ABSENT_COLOR, "no gradient"),
+        (any_zero, _ZERO_COLOR, labels.zero),
+        (any_absent, _ABSENT_COLOR, labels.absent),
     ):
         if present:
             handles.append(Patch(facecolor=color, edgecolor="0.5", label=label))
@@ -624,11 +649,16 @@ def render_heatmap(
         (dtype('uint8'), 3)
     """
     rows = heatmap_rows(norms, layer_names, exploding, vanishing, max_rows=max_rows, reduce=reduce)
-    num_rows, num_cols = rows.values.shape
-    _check_steps(steps, num_cols)
+    _check_steps(steps, rows.values.shape[1])
     panels = _panels(rows, show_min, reduce)
-    count = len(panels.matrices)
+    return _heatmap_image(rows, panels, steps, title or "gradient flow: log10 ||grad|| per layer", dpi, _Labels())
 
+
+def _heatmap_image(
+    rows: HeatmapRows, panels: _Panels, steps: Sequence[int], title: str, dpi: int, labels: _Labels
+) -> np.ndarray:
+    num_rows, num_cols = rows.values.shape
+    count = len(panels.matrices)
     dense = num_rows > 64
     font = 5 if dense else 7
     # Fixed margins (in inches) instead of tight_layout: measuring every label doubles the drawing time.
@@ -645,7 +675,183 @@ def render_heatmap(
     cax = fig.add_axes(((_WIDTH_IN - right + 0.1) / _WIDTH_IN, bottom / height, 0.14 / _WIDTH_IN, ax_h / height))
     # Markers shrink with the cells so that 200 columns of 64 rows stay legible.
     size = float(np.clip(0.8 * 72 * min(ax_w / num_cols, ax_h / num_rows), 2.0, 9.0)) ** 2
-    _draw_heatmap(fig, axes, cax, rows, panels, steps, font, title or "gradient flow: log10 ||grad|| per layer", size)
+    _draw_heatmap(fig, axes, cax, rows, panels, steps, font, title, size, labels)
+    return _to_rgb(fig, canvas)
+
+
+#: The band of a healthy update-to-weight ratio (the hints' defaults): below it a layer barely trains, above it the
+#: learning rate may be too high for it.
+RATIO_BAND = (1e-5, 1e-2)
+
+
+def render_update_ratio_heatmap(
+    ratios: np.ndarray,
+    layer_names: Sequence[str],
+    steps: Sequence[int],
+    *,
+    band: tuple[float, float] | None = RATIO_BAND,
+    max_rows: int = 64,
+    title: str | None = None,
+    dpi: int = _DPI,
+) -> np.ndarray:
+    """Draw the update-to-weight ratio ``‖Δθ‖/‖θ‖`` per layer over the logged steps, on a ``log10`` colour scale.
+
+    The gradient-flow heatmap's layout (:func:`render_heatmap`): rows are layers in definition order, grouped beyond
+    ``max_rows`` into ranges drawn in two panels (the largest and the smallest ratio of each row, so one layer that
+    barely trains stays visible in a group). The healthy band is drawn across the colour bar; a cell above it gets a
+    red ``▲`` (on the largest-layer panel), one below it a blue ``▼`` (on the smallest-layer panel). A step that left
+    a layer unchanged (ratio 0, e.g. a step GradScaler skipped) is black, a layer not measured at a step grey.
+
+    Args:
+        ratios: ``[L, T]`` ratios; NaN or a negative value = not measured, inf = non-finite.
+        layer_names: the ``L`` layer names.
+        steps: the ``T`` step numbers of the columns.
+        band: ``(low, high)`` drawn on the colour bar (where the colours reach), or ``None``.
+        max_rows: the most rows drawn.
+        title: the figure title.
+        dpi: the resolution; the figure is 10 inches wide.
+
+    Returns:
+        An ``(H, W, 3)`` uint8 RGB image.
+
+    Example:
+        >>> img = render_update_ratio_heatmap(np.full((3, 4), 1e-3), ["a", "b", "c"], [10, 20, 30, 40])
+        >>> img.dtype, img.shape[2]
+        (dtype('uint8'), 3)
+    """
+    values = np.asarray(ratios, dtype=np.float64)
+    # NaN means "not measured" for a ratio (no gradient, zero weights), the heatmap's "absent"; inf stays non-finite.
+    values = np.where(np.isnan(values), ABSENT, values)
+    values = np.where(np.isinf(values), np.nan, values)
+    above = below = None
+    if band is not None:
+        low, high = band
+        if not (0 < low < high and math.isfinite(high)):
+            raise ValueError(f"`band` must be None or (low, high) with 0 < low < high, got {band!r}")
+        measured = np.isfinite(values) & (values > 0)
+        above, below = measured & (values > high), measured & (values < low)
+    rows = heatmap_rows(values, layer_names, above, below, max_rows=max_rows, reduce="max")
+    _check_steps(steps, rows.values.shape[1])
+    flag_labels = ("above the band", "below the band")
+    panels = _panels(rows, None, "max", flag_labels)
+    labels = _Labels(
+        value="log10 ||Δθ|| / ||θ||",
+        zero="unchanged",
+        absent="not measured",
+        marks=tuple(band) if band is not None else (),
+        marks_label="band",
+    )
+    return _heatmap_image(rows, panels, steps, title or "update/weight ratio per layer (log10)", dpi, labels)
+
+
+def _depth_columns(num_steps: int, max_lines: int) -> list[int]:
+    # The newest column always, then evenly spaced older ones back to the first.
+    if num_steps <= max_lines:
+        return list(range(num_steps))
+    picked = np.linspace(0, num_steps - 1, max_lines).round().astype(int)
+    return sorted(set(picked.tolist()))
+
+
+def render_depth_flow(
+    norms: np.ndarray,
+    layer_names: Sequence[str],
+    steps: Sequence[int],
+    *,
+    max_lines: int = 8,
+    max_points: int = 512,
+    title: str | None = None,
+    dpi: int = _DPI,
+) -> np.ndarray:
+    """Draw the gradient flow through depth: ``log10 ‖∂L/∂y‖`` of each layer's output against the layer's depth.
+
+    One line per logged step (at most ``max_lines``, spread over the history, the newest always), older steps lighter
+    and newer darker, each labelled with its step. A line that falls from right (the output) to left (the input) by
+    orders of magnitude is vanishing gradient flow; one that grows is exploding. With more than ``max_points``
+    layers, consecutive layers are combined (root mean square) so the lines stay readable.
+
+    Args:
+        norms: ``[L, T]`` activation-gradient norms in layer (depth) order; NaN, inf, zero or a negative value = not
+            drawn (a gap in the line).
+        layer_names: the ``L`` layer names, in depth order.
+        steps: the ``T`` step numbers of the columns.
+        max_lines: the most steps drawn.
+        max_points: the most points per line.
+        title: the figure title.
+        dpi: the resolution; the figure is 10 inches wide.
+
+    Returns:
+        An ``(H, W, 3)`` uint8 RGB image.
+
+    Example:
+        >>> img = render_depth_flow(np.array([[1e-3, 2e-3], [1e-1, 3e-1]]), ["enc", "head"], [10, 20])
+        >>> img.dtype, img.shape[2]
+        (dtype('uint8'), 3)
+    """
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    values = np.asarray(norms, dtype=np.float64)
+    if values.ndim != 2 or values.shape[0] == 0 or values.shape[1] == 0:
+        raise ValueError(f"`norms` must be a non-empty [layers, steps] matrix, got shape {values.shape}")
+    if len(layer_names) != values.shape[0]:
+        raise ValueError(f"`layer_names` has {len(layer_names)} names for {values.shape[0]} rows of `norms`")
+    _check_steps(steps, values.shape[1])
+    if max_lines < 1 or max_points < 2:
+        raise ValueError(f"`max_lines` must be >= 1 and `max_points` >= 2, got {max_lines!r} and {max_points!r}")
+    usable = np.isfinite(values) & (values > 0)
+    # Several layers per point beyond max_points: the RMS over the ones with a gradient, as heatmap_rows does.
+    rows = heatmap_rows(np.where(usable, values, ABSENT), layer_names, max_rows=max_points, reduce="rms")
+    points = np.where(rows.values > 0, rows.values, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(points)
+    depth = np.arange(points.shape[0])
+    columns = _depth_columns(points.shape[1], max_lines)
+
+    font = 7
+    tick_names = [_short(layer_names[start], 28) for start, _ in rows.spans]
+    # Fixed margins in inches, the bottom one sized from the rotated layer names (as the bar chart does).
+    plot_h, top, left, right = 3.2, 0.4, 0.8, 1.7
+    bottom = _text_inches(tick_names, font) + 0.55
+    height = plot_h + top + bottom
+    fig, canvas = _figure(_WIDTH_IN, height, dpi)
+    ax = fig.add_axes((left / _WIDTH_IN, bottom / height, 1 - (left + right) / _WIDTH_IN, plot_h / height))
+    cmap = colormaps["Blues"]
+    handles: list[Any] = []
+    for rank, column in enumerate(columns):
+        # Lightest 0.3 (still visible on white) to darkest 1.0 for the newest step.
+        shade = 0.3 + 0.7 * (rank + 1) / len(columns)
+        newest = rank == len(columns) - 1
+        (line,) = ax.plot(
+            depth,
+            logs[:, column],
+            color=cmap(shade),
+            lw=2.0 if newest else 1.1,
+            marker="o" if len(depth) <= 48 else None,
+            ms=3,
+            zorder=2 + rank,
+            label=f"step {int(steps[column])}" + (" (latest)" if newest else ""),
+        )
+        handles.append(line)
+    if not np.isfinite(logs[:, columns]).any():
+        ax.text(0.5, 0.5, "no activation gradient measured", transform=ax.transAxes, ha="center", fontsize=font + 2)
+        handles.append(Line2D([], [], ls="", label="(nothing to draw)"))
+    # Newest first in the legend: it is the line one reads first.
+    ax.legend(handles=handles[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=font, frameon=False)
+    every = max(1, math.ceil(len(depth) / MAX_BAR_LABELS))
+    shown = list(range(0, len(depth), every))
+    grouped = rows.grouped
+    ax.set_xticks(shown, [tick_names[i] for i in shown], rotation=90, fontsize=font)
+    ax.set_xlim(-0.5, len(depth) - 0.5)
+    ax.tick_params(axis="y", labelsize=font + 1)
+    ax.set_ylabel("log10 ||dL/dy||", fontsize=font + 2)
+    xlabel = "layer depth (definition order): input -> output"
+    if grouped:
+        xlabel += f"; {len(layer_names)} layers, about {math.ceil(len(layer_names) / len(depth))} per point (rms)"
+    ax.set_xlabel(xlabel, fontsize=font + 1)
+    ax.grid(lw=0.3, alpha=0.5)
+    ax.set_title(
+        title or "gradient flow through depth: activation-gradient norm per layer", fontsize=font + 3, loc="left"
+    )
     return _to_rgb(fig, canvas)
 
 
