@@ -11,6 +11,14 @@ event's step, and the counts as ``gradguard/events/<kind>``. The **root-cause hi
 among the layers with an event at that step, the earliest in definition order. Runs written before the trouble tags
 existed fall back to the first logging step at which an event count rose (no layer is named then).
 
+The diagnostics (``GradGuard(diagnostics=...)``), when the run logged them: the update-to-weight ratio per layer (its
+latest value and its median over the logged steps, and the layers whose median lies outside the
+:data:`RATIO_BAND`), the layers with the largest fraction of zero gradient entries, the activation-gradient flow
+through depth at the last logged step (the input-side and the output-side layer, and by how many decades the norm
+changes between them), and the gradient noise scale: "critical batch size about N; you train at B", with ``B`` the
+examples per optimizer step that GradGuard writes into the run's configuration text (``batch_size``, all
+micro-batches and processes).
+
 The report's own measure is labelled as such: *weak* layers are those whose norm falls below :data:`WEAK_RELATIVE`
 times the largest layer norm at that step, or below :data:`WEAK_ABSOLUTE` (the "top weak layers" list). It is not an
 event and is not marked on the picture.
@@ -42,8 +50,10 @@ from typing import Any
 import numpy as np
 
 from lightning_gradguard.board import TROUBLE_KINDS
+from lightning_gradguard.render import RATIO_BAND
 
 __all__ = [
+    "RATIO_BAND",
     "TROUBLE_KINDS",
     "WEAK_ABSOLUTE",
     "WEAK_RELATIVE",
@@ -69,6 +79,9 @@ TOP_K = 5
 
 _PREFIX = "gradguard/"
 _LAYER_PREFIX = "gradguard/layer/"
+_CONFIG_TAG = "gradguard/config/text_summary"
+_DIAG_RE = re.compile(r"^gradguard/(?:(opt\d+)/)?(update_ratio|zero_fraction)/(.+)$")
+_ACT_PREFIX = "gradguard/act_grad/"
 _TROUBLE_PREFIX = "gradguard/trouble/"
 _NO_DATA = "no gradguard/ scalars (was GradGuard used with a TensorBoard logger?)"
 _EVENT_FILE = "events.out.tfevents."
@@ -87,6 +100,7 @@ class RunData:
     name: str
     path: str
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    config: dict[str, str] = field(default_factory=dict)  # GradGuard's configuration text, setting -> value
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,7 +153,28 @@ def load_run(name: str, path: str) -> RunData:
         by_step = {int(event.step): float(event.value) for event in accumulator.Scalars(tag)}
         steps = np.array(sorted(by_step), dtype=np.int64)
         run.scalars[tag] = (steps, np.array([by_step[s] for s in steps.tolist()], dtype=np.float64))
+    if _CONFIG_TAG in accumulator.Tags().get("tensors", []):
+        events = accumulator.Tensors(_CONFIG_TAG)
+        if events and events[-1].tensor_proto.string_val:
+            run.config = parse_config_text(events[-1].tensor_proto.string_val[0].decode("utf-8", "replace"))
     return run
+
+
+def parse_config_text(text: str) -> dict[str, str]:
+    """``{setting: value}`` from GradGuard's configuration text (the markdown table of ``gradguard/config``).
+
+    Example:
+        >>> rows = ["| setting | value |", "|---|---|", "| batch_size | 64 |", "| clip | ZClip(a\\\\|b) |"]
+        >>> parse_config_text("\\n".join(rows))
+        {'batch_size': '64', 'clip': 'ZClip(a|b)'}
+    """
+    config: dict[str, str] = {}
+    for line in text.splitlines()[2:]:  # past the header and its rule
+        # Cells escape "|" as "\|": split on the unescaped ones only.
+        cells = [cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+        if len(cells) == 2:
+            config[cells[0]] = cells[1]
+    return config
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -283,6 +318,120 @@ def _first_from_counts(run: RunData, optimizers: list[str | None]) -> dict[str, 
     return best
 
 
+def _per_layer(run: RunData, quantity: str) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """``{optimizer ("opt0" when single): {layer: (steps, values)}}`` of a per-layer diagnostic, layers in first-written
+    (definition) order."""
+    out: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for tag, series in run.scalars.items():
+        match = _DIAG_RE.match(tag)
+        if match and match.group(2) == quantity:
+            out.setdefault(match.group(1) or "opt0", {})[match.group(3)] = series
+    return out
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def update_ratio_summary(run: RunData, band: tuple[float, float] = RATIO_BAND) -> dict[str, Any] | None:
+    """Per optimizer: every layer's latest and median update-to-weight ratio, and the layers whose median lies
+    outside ``band`` (furthest out first); ``None`` when the run logged no ratio.
+
+    The median over the logged steps, not the latest value, decides "out of the band": one log is a poor witness.
+    """
+    per_optimizer = _per_layer(run, "update_ratio")
+    if not per_optimizer:
+        return None
+    low, high = band
+    summary: dict[str, Any] = {"band": [low, high], "optimizers": {}}
+    for opt, layers in per_optimizer.items():
+        rows: list[dict[str, Any]] = []
+        for layer, (_, values) in layers.items():
+            finite = _finite(values)
+            if finite.size:
+                rows.append({"layer": layer, "latest": float(finite[-1]), "median": float(np.median(finite))})
+        out: list[dict[str, Any]] = []
+        for row in rows:
+            median = row["median"]
+            if median > high or (0 < median < low):
+                side = "above" if median > high else "below"
+                out.append({**row, "side": side, "decades": abs(math.log10(median / (high if median > high else low)))})
+        out.sort(key=lambda row: -row["decades"])
+        latest = [float(row["latest"]) for row in rows]
+        summary["optimizers"][opt] = {
+            "layers": rows,
+            "median_latest": float(np.median(latest)) if latest else None,
+            "out_of_band": out,
+        }
+    return summary
+
+
+def zero_fraction_summary(run: RunData) -> dict[str, Any] | None:
+    """Per optimizer: the layers with the largest latest fraction of exactly-zero gradient entries (those above 0,
+    largest first, at most :data:`TOP_K`); ``None`` when the run logged no zero fraction."""
+    per_optimizer = _per_layer(run, "zero_fraction")
+    if not per_optimizer:
+        return None
+    summary: dict[str, Any] = {}
+    for opt, layers in per_optimizer.items():
+        latest = [(layer, float(_finite(values)[-1])) for layer, (_, values) in layers.items() if _finite(values).size]
+        top = sorted((item for item in latest if item[1] > 0), key=lambda item: -item[1])[:TOP_K]
+        summary[opt] = {"layers": len(latest), "top": [{"layer": layer, "latest": value} for layer, value in top]}
+    return summary
+
+
+def act_grad_summary(run: RunData) -> dict[str, Any] | None:
+    """The activation-gradient flow through depth at the last logged step: the input-side (first in definition
+    order) and output-side (last) layer with their norms, the change between them in decades (``log10`` of input-side
+    over output-side: negative = the signal shrinks towards the input), and the smallest layer. ``None`` when the run
+    logged no activation gradient."""
+    series = {tag[len(_ACT_PREFIX) :]: value for tag, value in run.scalars.items() if tag.startswith(_ACT_PREFIX)}
+    if not series:
+        return None
+    step = max(int(steps[-1]) for steps, _ in series.values() if steps.size)
+    at_step: list[tuple[str, float]] = []
+    for layer, (steps, values) in series.items():
+        hit = np.flatnonzero(steps == step)
+        if hit.size and math.isfinite(values[hit[-1]]) and values[hit[-1]] > 0:
+            at_step.append((layer, float(values[hit[-1]])))
+    if not at_step:
+        return {"step": step, "layers": 0, "input_side": None, "output_side": None, "decades": None, "smallest": None}
+    (first, first_norm), (last, last_norm) = at_step[0], at_step[-1]
+    smallest = min(at_step, key=lambda item: item[1])
+    return {
+        "step": step,
+        "layers": len(at_step),
+        "input_side": {"layer": first, "norm": first_norm},
+        "output_side": {"layer": last, "norm": last_norm},
+        "decades": math.log10(first_norm / last_norm),
+        "smallest": {"layer": smallest[0], "norm": smallest[1]},
+    }
+
+
+def noise_scale_summary(run: RunData) -> dict[str, Any] | None:
+    """The gradient noise scale ``B_simple`` (the latest logged value: already a smoothed estimate) as the critical
+    batch size, and the batch size the run trained at (``batch_size`` of its configuration text, or ``None``);
+    ``None`` when the run logged no noise scale."""
+    _, values = run.scalars.get(f"{_PREFIX}noise_scale", (None, np.zeros(0)))
+    finite = _finite(values)
+    if not finite.size:
+        return None
+    batch: int | None = None
+    with_batch = run.config.get("batch_size")
+    if with_batch is not None:
+        try:
+            batch = int(float(with_batch))
+        except ValueError:
+            batch = None
+    critical = float(finite[-1])
+    return {
+        "critical_batch_size": critical,
+        "batch_size": batch,
+        "ratio": batch / critical if batch and critical > 0 else None,
+        "logs": int(finite.size),
+    }
+
+
 def summarize_run(run: RunData) -> dict[str, Any]:
     """The report of one run as plain JSON-ready data (non-finite numbers become ``None``)."""
     logged = [steps for tag, (steps, _) in run.scalars.items() if not tag.startswith(_TROUBLE_PREFIX)]
@@ -329,6 +478,10 @@ def summarize_run(run: RunData) -> dict[str, Any]:
         "first_by_kind": first_by_kind,
         "top_max_norm": top_max,
         "top_weak": top_weak,
+        "update_ratio": update_ratio_summary(run),
+        "zero_fraction": zero_fraction_summary(run),
+        "act_grad": act_grad_summary(run),
+        "noise_scale": noise_scale_summary(run),
     }
 
 
@@ -390,7 +543,86 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     rows.append(("first event layer", _fmt(event and event["layer"])))
     top = summary["top_max_norm"]
     rows.append(("largest norm layer", top[0]["layer"] if top else "-"))
+    ratio = summary.get("update_ratio")
+    if ratio is not None:
+        for opt, data in ratio["optimizers"].items():
+            prefix = f"{opt} " if len(ratio["optimizers"]) > 1 else ""
+            rows.append((f"{prefix}update ratio median (latest)", _fmt(data["median_latest"])))
+            rows.append((f"{prefix}layers out of ratio band", f"{len(data['out_of_band'])} of {len(data['layers'])}"))
+    act = summary.get("act_grad")
+    if act is not None and act["decades"] is not None:
+        rows.append(("act-grad input/output (decades)", f"{act['decades']:+.2f}"))
+    noise = summary.get("noise_scale")
+    if noise is not None:
+        rows.append(("critical batch size", _fmt(_round2(noise["critical_batch_size"]))))
+        rows.append(("batch size", _fmt(noise["batch_size"])))
     return rows
+
+
+def _round2(value: float) -> float | int:
+    """Two significant digits: the noise scale is an estimate, more digits would claim a precision it has not."""
+    if not math.isfinite(value) or value == 0:
+        return value
+    rounded = round(value, 1 - int(math.floor(math.log10(abs(value)))))
+    return int(rounded) if abs(rounded) >= 10 else rounded
+
+
+def _scientific(value: float) -> str:
+    return f"{value:.1e}".replace("e-0", "e-").replace("e+0", "e+")
+
+
+def format_diagnostics(summary: dict[str, Any]) -> list[str]:
+    """The text of the diagnostics of one run (empty when it logged none)."""
+    parts: list[str] = []
+    ratio = summary.get("update_ratio")
+    if ratio is not None:
+        low, high = ratio["band"]
+        for opt, data in ratio["optimizers"].items():
+            where = f" ({opt})" if len(ratio["optimizers"]) > 1 else ""
+            out = data["out_of_band"]
+            parts.append(
+                f"  update/weight ratio{where}: median over layers of the latest {_fmt(data['median_latest'])};"
+                f" {len(out)} of {len(data['layers'])} layers with a median outside {low:g}..{high:g}"
+            )
+            if out:
+                rows = [
+                    [row["layer"], _scientific(row["median"]), _scientific(row["latest"]), row["side"]]
+                    for row in out[:TOP_K]
+                ]
+                parts.append(format_table(rows, ["layer", "median", "latest", "band"], indent="    "))
+                if len(out) > TOP_K:
+                    parts.append(f"    ... and {len(out) - TOP_K} more (--json lists every layer)")
+    zero = summary.get("zero_fraction")
+    if zero is not None:
+        for opt, data in zero.items():
+            where = f" ({opt})" if len(zero) > 1 else ""
+            if data["top"]:
+                listed = ", ".join(f"{row['layer']} {row['latest']:.0%}" for row in data["top"])
+                parts.append(f"  zero gradient entries{where}, latest: {listed}")
+            else:
+                parts.append(f"  zero gradient entries{where}: none in the latest log")
+    act = summary.get("act_grad")
+    if act is not None and act["input_side"] is not None:
+        first, last, smallest = act["input_side"], act["output_side"], act["smallest"]
+        trend = "shrinks" if act["decades"] < 0 else "grows"
+        parts.append(
+            f"  activation-gradient flow at step {act['step']}: output side {last['layer']} {_scientific(last['norm'])}"
+            f" -> input side {first['layer']} {_scientific(first['norm'])} ({trend} {abs(act['decades']):.1f}"
+            f" decades towards the input); smallest {smallest['layer']} {_scientific(smallest['norm'])}"
+        )
+    noise = summary.get("noise_scale")
+    if noise is not None:
+        line = f"  gradient noise scale: critical batch size about {_fmt(_round2(noise['critical_batch_size']))}"
+        if noise["batch_size"] is not None:
+            line += f"; you train at {noise['batch_size']}"
+            if noise["ratio"] < 0.5:
+                line += " (well below: a larger batch would likely cut the steps needed about in proportion)"
+            elif noise["ratio"] > 2:
+                line += " (well above: extra examples per step likely bring little)"
+        else:
+            line += "; the batch size is not recorded in this run"
+        parts.append(line)
+    return parts
 
 
 def format_summary(name: str, summary: dict[str, Any]) -> str:
@@ -409,6 +641,10 @@ def format_summary(name: str, summary: dict[str, Any]) -> str:
         )
         rows = [[str(i + 1), t["layer"], str(t["steps"])] for i, t in enumerate(summary["top_weak"])]
         parts.append(format_table(rows, ["#", "layer", "steps"], indent="    "))
+    diagnostics = format_diagnostics(summary)
+    if diagnostics:
+        parts.append("  diagnostics")
+        parts += diagnostics
     return "\n".join(parts)
 
 
