@@ -1056,13 +1056,13 @@ class _EventReporter:
         previous = self.previous.setdefault(key, {})
         where = f" (optimizer {key})" if several else ""
         for kind, found in fresh.items():
-            rank_zero_warn(self._message(kind, found, previous, step, where), category=UserWarning)
+            rank_zero_warn(self._message(kind, found, previous, where), category=UserWarning)
         # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer).
         for name, norm, present in zip(snap.layer_names, snap.layer_norms, snap.present):
             if present and math.isfinite(norm) and norm > 0:
                 previous[name] = float(norm)
 
-    def _message(self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], step: int, where: str) -> str:
+    def _message(self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str) -> str:
         """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""
         guard = self.guard
 
@@ -1092,7 +1092,9 @@ class _EventReporter:
         title, named = self._TITLES[kind], guard.max_warnings
         if named == 0:
             layers = "layer" if len(rows) == 1 else "layers"
-            return f"GradGuard: {title} in {len(rows)} {layers} at step {step}{where}{action.get(kind, '')}."
+            first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+            at = f"at step {first}" if first == last else f"at steps {first} to {last}"
+            return f"GradGuard: {title} in {len(rows)} {layers} {at}{where}{action.get(kind, '')}."
         lead = rows[0]
         lead_detail = detail(lead, lead=True)
         message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}{where}"

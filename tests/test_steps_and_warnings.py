@@ -1,0 +1,200 @@
+"""GradGuard logs at Lightning's own steps (a logger row holds both), and warns once per kind and logging step."""
+
+from __future__ import annotations
+
+import csv
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from lightning_gradguard import ExplodingDetector, GradGuard
+from tests.helpers import load_events
+from tests.models import Regressor, regression_data, trainer
+
+
+class LossLogger(Regressor):
+    """Logs ``train_loss`` with ``self.log``, as most LightningModules do."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def _rows(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def _steps(rows: list[dict[str, str]], column: str) -> list[int]:
+    return sorted({int(r["step"]) for r in rows if r.get(column)})
+
+
+@pytest.mark.parametrize(("accumulate", "every"), [(1, 5), (3, 4)])
+def test_gradguard_scalars_share_their_rows_with_train_loss(tmp_path: Path, accumulate: int, every: int) -> None:
+    torch.manual_seed(0)
+    logger = CSVLogger(tmp_path, name="", version=0)
+    fit = trainer(
+        max_steps=4 * every,
+        max_epochs=-1,
+        callbacks=[GradGuard()],
+        logger=logger,
+        log_every_n_steps=every,
+        accumulate_grad_batches=accumulate,
+    )
+    fit.fit(LossLogger(), regression_data(n=512))
+    rows = _rows(logger)
+    loss_steps, guard_steps = _steps(rows, "train_loss"), _steps(rows, "gradguard/total_norm")
+    # Lightning numbers the n-th optimizer step n - 1 and logs every `every`-th one.
+    assert loss_steps == [n - 1 for n in range(every, 4 * every + 1, every)]
+    assert guard_steps == loss_steps
+
+
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization: two optimizers step on every batch, so ``global_step`` runs twice as fast as the batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = nn.Linear(16, 8), nn.Linear(8, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        opt_a, opt_b = self.optimizers()  # type: ignore[misc]
+        loss = nn.functional.mse_loss(self.b(torch.tanh(self.a(x))), y)
+        self.log("train_loss", loss)
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+        self.manual_backward(loss)
+        opt_a.step()
+        opt_b.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)]
+
+
+def test_two_optimizers_log_on_lightnings_rows(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = CSVLogger(tmp_path, name="", version=0)
+    trainer(max_steps=24, max_epochs=-1, callbacks=[GradGuard()], logger=logger, log_every_n_steps=4).fit(
+        TwoOptimizers(), regression_data()
+    )
+    rows = _rows(logger)
+    loss_steps = _steps(rows, "train_loss")
+    assert loss_steps == [3, 7, 11]  # 12 batches of two optimizer steps each
+    assert _steps(rows, "gradguard/opt0/total_norm") == loss_steps
+    assert _steps(rows, "gradguard/opt1/total_norm") == loss_steps
+
+
+def test_a_resumed_run_keeps_logging_on_lightnings_rows(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
+    first = trainer(
+        max_steps=7,
+        max_epochs=-1,
+        callbacks=[GradGuard(), checkpoints],
+        logger=CSVLogger(tmp_path, name="", version=0),
+        log_every_n_steps=5,
+        enable_checkpointing=True,
+    )
+    first.fit(LossLogger(), regression_data())
+    ckpt = next((tmp_path / "ckpt").glob("*.ckpt"))
+    logger = CSVLogger(tmp_path, name="", version=1)
+    second = trainer(max_steps=21, max_epochs=-1, callbacks=[GradGuard()], logger=logger, log_every_n_steps=5)
+    second.fit(LossLogger(), regression_data(), ckpt_path=str(ckpt))
+    rows = _rows(logger)
+    loss_steps = _steps(rows, "train_loss")
+    assert loss_steps == [9, 14, 19]  # as the uninterrupted run: optimizer steps 10, 15 and 20
+    # The tail (steps 20 and 21) is logged once more at the end, at the last optimizer step's row.
+    assert _steps(rows, "gradguard/total_norm") == [*loss_steps, 20]
+
+
+def test_histograms_images_and_events_use_lightnings_steps(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LossLogger(lr=0.05)
+    spike_at = 12  # the 13th optimizer step: Lightning's step 12
+
+    def step(batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = LossLogger.training_step(model, batch, batch_idx)
+        return loss * (50.0 if model.trainer.global_step == spike_at else 1.0)
+
+    model.training_step = step  # type: ignore[method-assign]
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5), histogram_every_n_steps=8, image_every_n_steps=8)
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=16, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=4).fit(
+            model, regression_data()
+        )
+    acc = load_events(tmp_path / "version_0")
+    tags = acc.Tags()
+    hist = next(t for t in tags["histograms"] if t.startswith("gradguard/grad_hist/"))
+    assert [e.step for e in acc.Histograms(hist)] == [7, 15]  # the 8th and 16th optimizer steps
+    assert [e.step for e in acc.Images("gradguard/gradient_flow")] == [3, 7, 15]  # first log, then every 8
+    trouble = [t for t in tags["scalars"] if t.startswith("gradguard/trouble/exploding/")]
+    assert trouble and {e.step for t in trouble for e in acc.Scalars(t)} == {spike_at}
+
+
+def _deep(depth: int = 12, width: int = 24) -> nn.Module:
+    layers: list[nn.Module] = [nn.Linear(16, width), nn.Tanh()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(width, 1))
+
+
+class Spiky(Regressor):
+    """The loss is multiplied by 50 on one optimizer step: every layer's gradient jumps 50x at once."""
+
+    def __init__(self, spike_at: int) -> None:
+        super().__init__(net=_deep(), lr=0.01)
+        self.spike_at = spike_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * (50.0 if self.trainer.global_step == self.spike_at else 1.0)
+
+
+def test_a_loss_spike_is_one_warning_naming_the_worst_layers() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], log_every_n_steps=10).fit(
+            Spiky(spike_at=12), regression_data()
+        )
+    messages = [str(w.message) for w in caught if str(w.message).startswith("GradGuard")]
+    exploding = [m for m in messages if "exploding gradients" in m]
+    assert len(exploding) == 1, messages
+    (message,) = exploding
+    # Lightning's step of the spike (its 13th optimizer step), the worst layer first, two more named, the rest counted.
+    lead = re.match(r"GradGuard: exploding gradients in layer '([^']+)' at step 12: norm \S+ \((\S+)x", message)
+    assert lead, message
+    more = re.search(
+        r"also in (\d+) more layers: '[^']+' \(norm \S+, (\S+)x\), '[^']+' \(norm \S+, (\S+)x\) and (\d+) more", message
+    )
+    assert more, message
+    flagged = int(more[1]) + 1
+    assert flagged >= 6 and int(more[4]) == flagged - 3
+    ratios = [float(lead[2]), float(more[2]), float(more[3])]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > 10  # largest jump first
+    assert guard.summary()["exploding"] >= 1
+
+
+def test_each_layer_warns_once_and_max_warnings_names_that_many() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False, max_warnings=0)
+    model = Spiky(spike_at=12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], log_every_n_steps=10).fit(model, regression_data())
+    exploding = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+    assert len(exploding) == 1 and re.match(r"GradGuard: exploding gradients in \d+ layers at step 12;", exploding[0])
+    assert "'" not in exploding[0].split(";")[0]  # no layer named
