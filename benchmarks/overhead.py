@@ -676,6 +676,8 @@ def _component_scopes() -> Iterator[None]:
         (ExplodingDetector, "update", "exploding detector"),
         (VanishingDetector, "update", "vanishing detector"),
         (Clipper, "clip_grads_", "clipper"),
+        (Clipper, "prepare_", "clipper"),
+        (Clipper, "scale_", "clipper"),
         (engine_module._Record, "update", "record"),
         (engine_module.GuardEngine, "step", "engine glue"),
     ]
@@ -690,7 +692,8 @@ def _component_scopes() -> Iterator[None]:
 
     def run(tail: Any, part: str, *args: Any) -> Any:
         # A compiled part runs as one region: its ops are the part's, whatever the components inside.
-        label = {"pre": "derive + detectors", "post": "record", "whole": "whole tail"}[part] + " (compiled)"
+        names = {"pre": "derive + detectors", "post": "record", "whole": "whole tail", "whole_clip": "whole tail"}
+        label = names[part] + " (compiled)"
         with record_function(_SCOPE + (label if tail.compiled else "engine glue")):
             return original_run(tail, part, *args)
 

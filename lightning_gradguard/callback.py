@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import Clipper, ZClip
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
@@ -207,6 +208,7 @@ class GradGuard(Callback):
         self._last_stamp: int | None = None  # Lightning's step of the latest optimizer step
         self._last_saturation: dict[str, float] = {}
         self._diag = _Diagnostics()
+        self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -305,17 +307,17 @@ class GradGuard(Callback):
                 "GradGuard: the Orthogonal regularizer needs whole weight matrices (W^T W), but the parameters are"
                 " sharded DTensors (FSDP2). Use L1/L2 with FSDP2, or Orthogonal with DDP."
             )
-        if trainer.gradient_clip_val:
-            rank_zero_warn(
-                f"GradGuard clips gradients and `Trainer(gradient_clip_val={trainer.gradient_clip_val})` clips them"
-                " again after it: clipping happens twice. Set one of them."
-            )
+        # Trainer(gradient_clip_val=...) clips after this hook: folded into the engines' clipping (see _trainer_clip).
+        self._clip_norm = take_over_clipping(trainer, pl_module, self.clip)
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
         self._diag.start_fit(self, trainer, pl_module, index)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        restore_clipping(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
@@ -371,6 +373,7 @@ class GradGuard(Callback):
             clip_exploding=self.clip_exploding,
             compile=self.compile,
             key=key,
+            max_norm=self._clip_norm,
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart

@@ -140,10 +140,37 @@ class Clipper(abc.ABC):
     """
 
     needs_params: bool = False
+    #: ``True`` when the clipper splits into :meth:`prepare_` (host bookkeeping), :meth:`coefficient_` (a pure tensor
+    #: function of fixed-shape state: what a compiled per-step tail can take in) and :meth:`scale_`.
+    fusable: bool = False
 
     def __init__(self) -> None:
         self.last_threshold: Tensor = torch.tensor(math.inf)
         self.last_coef: Tensor = torch.tensor(1.0)
+
+    def prepare_(self, device: torch.device) -> None:
+        """Host-side set-up before :meth:`coefficient_`: create or move the state to ``device`` (no tensor math)."""
+        if self.last_coef.device != device:
+            self.last_coef = self.last_coef.to(device, torch.float32)
+            self.last_threshold = self.last_threshold.to(device, torch.float32)
+
+    def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
+        """The clipping coefficient of a step whose gradients have the L2 norm ``total_norm``, from the clipper's
+        state alone; updates that state, :attr:`last_coef` and :attr:`last_threshold` (device tensors, no host
+        read, no Python decision on a value), but does not touch the gradients: :meth:`scale_` does. Only for a
+        :attr:`fusable` clipper, after :meth:`prepare_`. ``clip_grads_(grads, total_norm, valid, cap=cap)`` is
+        ``prepare_`` + ``coefficient_`` + ``scale_``.
+
+        Args:
+            total_norm: 0-d fp32 tensor, the L2 norm of the gradients.
+            valid: 0-d bool tensor; ``False`` leaves the state untouched (coefficient 1).
+            cap: as in :meth:`clip_grads_`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} clips in one piece: use clip_grads_.")
+
+    def scale_(self, grads: Sequence[Tensor], coef: Tensor) -> None:
+        """Multiply ``grads`` in place by the 0-d ``coef`` (one foreach kernel per device and dtype)."""
+        _scale_(grads, coef)
 
     @torch.no_grad()
     def clip_(self, parameters: Tensor | Iterable[Tensor] | nn.Module) -> Tensor:
@@ -292,6 +319,7 @@ class NormClip(Clipper):
         self.max_norm = check_number("max_norm", max_norm, low=0.0)
         self.norm_type = check_number("norm_type", norm_type, low=0.0, allow_inf=True)
         self._threshold: dict[torch.device, Tensor] = {}
+        self._device_threshold: Tensor = self.last_threshold  # the threshold on the device of the last prepare_
 
     def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
         return _total_norm(grads, self.norm_type)
@@ -311,14 +339,32 @@ class NormClip(Clipper):
         owner_types: list[type] | None,
         cap: Tensor | None,
     ) -> Tensor:
-        device = total_norm.device
+        self.prepare_(total_norm.device)
+        coef = self.coefficient_(total_norm, valid, cap)
+        _scale_(grads, coef)
+        return coef
+
+    @property
+    def fusable(self) -> bool:  # type: ignore[override]
+        # Another p-norm needs its own pass over the gradients.
+        return self.norm_type == 2.0
+
+    def prepare_(self, device: torch.device) -> None:
+        super().prepare_(device)
         if device not in self._threshold:
             self._threshold[device] = torch.full((), self.max_norm, dtype=torch.float32, device=device)
+        self._device_threshold = self._threshold[device]
+
+    def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
         # An inf norm gives coef 0 (not NaN): max_norm / inf.
         coef = torch.clamp(self.max_norm / (total_norm + _NORM_EPS), max=1.0)
         coef = self._capped(torch.where(valid, coef, 1.0), total_norm, cap)
-        _scale_(grads, coef)
-        self.last_threshold = self._threshold[device]
+        if torch.compiler.is_compiling():
+            # A constant made inside the graph: the cached tensor, stored as ``last_threshold`` and read back next
+            # step, would alias two inputs of a compiled tail on its first call only, and recompile it on the next.
+            self.last_threshold = torch.full((), self.max_norm, dtype=torch.float32, device=total_norm.device)
+        else:
+            self.last_threshold = self._device_threshold  # made once: no op per step
         self.last_coef = coef
         return coef
 
@@ -532,6 +578,8 @@ class ZClip(Clipper):
         True
     """
 
+    fusable = True
+
     def __init__(
         self,
         alpha: float = 0.97,
@@ -608,14 +656,29 @@ class ZClip(Clipper):
         cap: Tensor | None,
     ) -> Tensor:
         device = total_norm.device
+        self.prepare_(device)
+        coef = self.coefficient_(total_norm, valid, cap)
+        _scale_(grads, coef)
+        if not self._warm_known:
+            self._watch_warmup(device)
+        return coef
+
+    def prepare_(self, device: torch.device) -> None:
+        super().prepare_(device)
         self._prepare(device)
-        buffer, count, mean, var, arange = self._buffer, self._count, self._mean, self._var, self._arange
-        assert buffer is not None and count is not None and mean is not None and var is not None
-        assert arange is not None
         if not self._warm_known and self._warm_probe is not None and self._warm_probe.ready():
             self._warm_known = bool(self._warm_probe.values[0])
             self._warm_probe.filled = False
-        in_warmup = not self._warm_known  # on the host: the warm-up bookkeeping below may still matter
+
+    def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
+        device = total_norm.device
+        buffer, count, mean, var, arange = self._buffer, self._count, self._mean, self._var, self._arange
+        assert buffer is not None and count is not None and mean is not None and var is not None
+        assert arange is not None
+        # On the host: the warm-up bookkeeping below may still matter. A compiled tail always traces it (checked
+        # first, so the host flag is never read there): a Python flag inside the graph would recompile it when the
+        # warm-up ends, and once fused the bookkeeping costs nothing. After the warm-up it changes no value.
+        in_warmup = torch.compiler.is_compiling() or not self._warm_known
         x = total_norm.reshape(()).to(mean.dtype)
         # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good. An
         # exactly-zero norm (a fully masked batch) is no observation either: it would make ordinary norms spikes.
@@ -657,7 +720,10 @@ class ZClip(Clipper):
                 # follow a climb until half the warm-up has climbed, and the buffer keeps the clipped values, so
                 # the EMA starts from the calm level too.
                 ordered = torch.where(arange < count, buffer, math.inf).sort().values
-                median = ordered.gather(0, ((count - 1).clamp_min(0) // 2).reshape(1)).reshape(())
+                # The count is held to the buffer's size: a compiled tail runs this past the warm-up too, where the
+                # value is not used but the index must stay inside the buffer.
+                collected = count.clamp(1, self.warmup_steps)
+                median = ordered.gather(0, ((collected - 1) // 2).reshape(1)).reshape(())
                 warm_cap = torch.where(count > 0, self.warmup_ratio * median, math.inf)
                 stored = torch.minimum(x, warm_cap)
             buffer = torch.where(collect & (arange == count), stored, buffer)
@@ -688,11 +754,9 @@ class ZClip(Clipper):
         self._count = count + ok
 
         coef = self._capped(coef, total_norm, cap)
-        _scale_(grads, coef)
         if in_warmup:
             warm_threshold = math.inf if warm_limit is None else warm_limit
             self.last_threshold = torch.where(warm, warm_threshold, shown).to(torch.float32)
-            self._watch_warmup(device)
         else:
             self.last_threshold = shown.to(torch.float32)
         self.last_coef = coef

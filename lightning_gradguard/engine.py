@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from lightning_gradguard._compat import nan_to_num_
 from lightning_gradguard._host import HostFlags
-from lightning_gradguard._validation import check_bool
-from lightning_gradguard.clip import Clipper, ZClip
+from lightning_gradguard._validation import check_bool, check_number
+from lightning_gradguard.clip import Clipper, NormClip, ZClip
 from lightning_gradguard.detect import ExplodingDetector, ExplodingResult, VanishingDetector, VanishingResult
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
@@ -191,7 +191,9 @@ class _Record:
 
 class _Tail:
     """The fused parts of the per-step tail, run eagerly or compiled: ``pre`` (from the measurement through the
-    detectors) and ``post`` (the record) around the clipper, or ``whole`` (both) when nothing runs between them.
+    detectors) and ``post`` (the record) around the clipper, ``whole`` (both) when nothing runs between them, or
+    ``whole_clip`` (both and a :attr:`~Clipper.fusable` clipper's coefficient, compiled only: eagerly the split
+    order lets a skipped step leave the clipper out).
 
     The first step always runs eagerly (the detectors and the clipper create their state); compiled parts take
     only tensors of fixed shapes, so they compile once. A compiler that fails falls back to eager, said once.
@@ -412,6 +414,10 @@ class GuardEngine:
         on_nonfinite: ``"skip"``, ``"zero"`` (the non-finite entries), ``"raise"`` (:class:`NonFiniteGradientError`)
             or ``"warn"`` (let it through; reported by :meth:`drain`).
         clip_exploding: also clip a step that the exploding detector flags down to the detector's boundary.
+        max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
+            gradients are clipped to ``min(clipper's threshold, max_norm)``, which is what chaining
+            ``torch.nn.utils.clip_grad_norm_(max_norm)`` after the clipper does (``GradGuard`` folds
+            ``Trainer(gradient_clip_val=...)`` in here). Without a clipper, the clipper is ``NormClip(max_norm)``.
         compile: compile the per-step tail with ``torch.compile``: ``True``, ``False`` or ``"auto"`` (on CUDA).
         key: this engine's key in a shared :class:`LRGuard` (one per optimizer).
         group_depth: layer grouping, when ``model`` is a module (see ``build_layer_index``).
@@ -456,6 +462,7 @@ class GuardEngine:
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
         key: int = 0,
+        max_norm: float | None = None,
         group_depth: int | None = None,
         group_fn: Callable[[str], str] | None = None,
     ) -> None:
@@ -490,6 +497,20 @@ class GuardEngine:
         self.regularizers = list(regularizers)
         self.on_nonfinite = on_nonfinite
         self.clip_exploding = clip_exploding
+        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
+        # The bound as a device constant, folded into the clipper's coefficient as a cap (None: none, or the clipper
+        # is the bound itself).
+        self._max_norm_cap: Tensor | None = None
+        if self.max_norm is not None:
+            if self.clipper is None:
+                self.clipper = NormClip(self.max_norm)
+            elif self.clipper.needs_params or getattr(self.clipper, "norm_type", 2.0) != 2.0:
+                raise ValueError(
+                    f"`max_norm` bounds the total L2 norm, which {self.clipper!r} does not scale by: use a clipper"
+                    " that scales all gradients by one coefficient of the L2 norm (ZClip, AutoClip, NormClip)."
+                )
+            if not (isinstance(self.clipper, NormClip) and self.clipper.max_norm <= self.max_norm):
+                self._max_norm_cap = torch.full((), self.max_norm, dtype=torch.float32, device=index.params[0].device)
         self.compile = compile
         self.key = key
         self.steps = 0  # steps recorded (cumulative, saved)
@@ -504,7 +525,11 @@ class GuardEngine:
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
         # (index in the window, step number) where the caller's step numbers stop running consecutively.
         self._stamps: list[tuple[int, int]] = []
-        self._tail = _Tail({"pre": self._pre, "post": self._post, "whole": self._whole}, compile, self._record.device)
+        self._tail = _Tail(
+            {"pre": self._pre, "post": self._post, "whole": self._whole, "whole_clip": self._whole_clip},
+            compile,
+            self._record.device,
+        )
 
     def __repr__(self) -> str:
         return (
@@ -556,6 +581,22 @@ class GuardEngine:
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+        elif (
+            (clipper := self.clipper) is not None
+            and clipper.fusable
+            and self._tail.compiled is not None
+            and (self.on_nonfinite != "raise")
+        ):
+            # Compiled: the clipper's coefficient joins the one fused part; its host bookkeeping comes before, the
+            # scaling of the gradients after the non-finite handling (as in the eager order).
+            clipper.prepare_(measured.flat.device)
+            (total, layer_norm, layer_finite, valid, _, _), coef, (increment, nonfinite, layer_nonfinite) = self._tail(
+                "whole_clip", measured.flat, measured.present, grad_scaler
+            )
+            if not grad_scaler:
+                self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+            if not self.skipped:
+                clipper.scale_(measured.grads, coef)
         else:
             total, layer_norm, layer_finite, valid, exploding, vanishing = self._tail(
                 "pre", measured.flat, measured.present
@@ -605,6 +646,41 @@ class GuardEngine:
         args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, record.one, record.false)
         return found, record.update(*args, grad_scaler)
 
+    def _whole_clip(
+        self, flat: Tensor, present: Tensor, grad_scaler: bool
+    ) -> tuple[tuple[Any, ...], Tensor, tuple[Any, ...]]:
+        """``_pre``, the clipper's coefficient and ``_post`` as one part, for a :attr:`~Clipper.fusable` clipper.
+
+        Returns the ``_pre`` figures, the coefficient to scale the gradients by (unless the step is skipped) and the
+        record's results; the same values as the eager order (pre, skip, clip, post).
+        """
+        found = self._pre(flat, present)
+        total, layer_norm, layer_finite, valid, exploding, vanishing = found
+        clipper = self.clipper
+        assert clipper is not None
+        cap = self._cap(exploding)
+        old_coef, old_threshold = clipper.last_coef, clipper.last_threshold
+        coef = clipper.coefficient_(total, valid, cap)
+        clipped = coef < 1.0
+        if self.on_nonfinite == "skip" and not grad_scaler:
+            # Eagerly, a non-finite step is skipped before it reaches the clipper: its state is untouched (an invalid
+            # step changes none of it here either), it keeps its last figures, and the record takes its last
+            # coefficient. Here the skip is decided after this part, so the same choice is a ``where``.
+            coef = torch.where(valid, coef, old_coef)
+            clipper.last_coef = coef
+            clipper.last_threshold = torch.where(valid, clipper.last_threshold, old_threshold)
+            clipped = clipped & valid
+        record = self._record
+        args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, coef, clipped)
+        return found, coef, record.update(*args, grad_scaler)
+
+    def _cap(self, exploding: ExplodingResult | None) -> Tensor | None:
+        """The bound on this step's clipped norm beyond the clipper's own (``None``: none)."""
+        cap = exploding.cap if (exploding is not None and self.clip_exploding) else None
+        if self._max_norm_cap is not None:
+            cap = self._max_norm_cap if cap is None else torch.minimum(cap, self._max_norm_cap)
+        return cap
+
     def _handle_nonfinite(self, measured: FlatStats, valid: Tensor, layer_finite: Tensor, step: int) -> bool:
         mode = self.on_nonfinite
         if mode == "zero":
@@ -648,7 +724,7 @@ class GuardEngine:
                 )
             names = [self.index.param_names[i] for i in measured.param_indices]
             owners = [self.index.owner_types[i] for i in measured.param_indices]
-        cap = exploding.cap if (exploding is not None and self.clip_exploding) else None
+        cap = self._cap(exploding)
         coef = clipper.clip_grads_(
             measured.grads, total, valid, params=measured.params, names=names, owner_types=owners, cap=cap
         )
@@ -694,6 +770,8 @@ class GuardEngine:
         device = self._record.device
         extremes = self._record.buffers["extremes"] * self._record.signs
         threshold = self.clipper.last_threshold if self.clipper is not None else torch.tensor(math.inf)
+        if self._max_norm_cap is not None:  # the clipped norm's bound, whichever of the two is lower
+            threshold = torch.minimum(threshold.to(device, torch.float32), self._max_norm_cap.to(device))
         band = self.exploding.band() if self.exploding is not None else torch.full((3,), math.nan)
         return torch.cat(
             [

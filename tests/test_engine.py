@@ -17,6 +17,7 @@ from torch import nn
 import lightning_gradguard.engine as engine_module
 from lightning_gradguard import (
     L2,
+    AutoClip,
     ExplodingDetector,
     GradGuard,
     GuardEngine,
@@ -284,8 +285,15 @@ class _CountingBackend:
         return gm.forward
 
 
-@pytest.mark.parametrize("clip", [ZClip(warmup_steps=3), NormClip(1.0), None], ids=["zclip", "normclip", "none"])
-def test_the_compiled_tail_matches_the_eager_one_and_compiles_once(clip: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "clip",
+    [ZClip(warmup_steps=3), ZClip(warmup_steps=3, warmup_ratio=2.0), NormClip(1.0), AutoClip(history=8), None],
+    ids=["zclip", "zclip-warmup-ratio", "normclip", "autoclip", "none"],
+)
+@pytest.mark.parametrize("on_nonfinite", ["skip", "zero"])
+def test_the_compiled_tail_matches_the_eager_one_and_compiles_once(
+    clip: Any, on_nonfinite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch._dynamo.reset()
     backend = _CountingBackend()
     monkeypatch.setattr(engine_module, "_COMPILE_BACKEND", backend)
@@ -295,6 +303,7 @@ def test_the_compiled_tail_matches_the_eager_one_and_compiles_once(clip: Any, mo
             model,
             clip=copy.deepcopy(clip),
             compile=compile,
+            on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
             exploding=ExplodingDetector(warmup_steps=3),
             vanishing=VanishingDetector(patience=3),
         )
@@ -302,9 +311,10 @@ def test_the_compiled_tail_matches_the_eager_one_and_compiles_once(clip: Any, mo
     eager, eager_model, eager_gathered = _run(make(False), range(1, 25))
     compiled, compiled_model, compiled_gathered = _run(make(True), range(1, 25))
     assert compiled._tail.state == "on"
-    # Two graphs (before and after the clipper; one without a clipper), and no recompilation although a layer lost
-    # and regained its gradients, a step was non-finite and the clipper left its warm-up.
-    assert backend.graphs == (1 if clip is None else 2)
+    # One graph (the clipper's coefficient inside it when the clipper is fusable; two, before and after the
+    # clipper, otherwise), and no recompilation although a layer lost and regained its gradients, a step was
+    # non-finite and the clipper left its warm-up.
+    assert backend.graphs == (1 if clip is None or clip.fusable else 2)
     for step, (a, b) in enumerate(zip(eager_gathered, compiled_gathered), 1):
         assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), step
     for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
@@ -353,5 +363,5 @@ def test_gradguard_compiles_inside_the_optimizer_step(monkeypatch: pytest.Monkey
             trainer(max_steps=16, max_epochs=-1, callbacks=[guards[compile]]).fit(
                 Troubled(optimizer="adam", lr=1e-2), regression_data()
             )
-    assert guards[True]._states[0]._tail.state == "on" and backend.graphs == 2
+    assert guards[True]._states[0]._tail.state == "on" and backend.graphs == 1
     assert_same_state(guards[False].state_dict(), guards[True].state_dict())

@@ -1,0 +1,87 @@
+"""``Trainer(gradient_clip_val=...)`` next to GradGuard: folded into GradGuard's own clipping, so that the logged
+``clip_coef``, ``clip_threshold`` and ``events/clipped`` describe the gradients the optimizer receives.
+
+Lightning clips in ``configure_gradient_clipping``, after every ``on_before_optimizer_step`` hook, so GradGuard would
+log its own coefficient while the optimizer received gradients clipped once more. For clipping by norm, chaining
+``clip_grad_norm_(val)`` after the guard's clipper clips to ``min(guard threshold, val)``: GradGuard's engines take
+``val`` as their ``max_norm`` and Lightning's clipping is switched off for the fit (restored at teardown). Clipping by
+value cannot be folded into a norm coefficient (a clamp of each entry changes the gradient's direction), so it stays
+Lightning's and a warning says precisely what the logs then describe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_gradguard.clip import Clipper
+
+__all__ = ["restore_clipping", "take_over_clipping"]
+
+_ATTRIBUTE = "_gradguard_gradient_clip_val"  # where the Trainer keeps the value it was given while GradGuard holds it
+
+
+def _algorithm(trainer: Any) -> str:
+    algorithm = getattr(trainer, "gradient_clip_algorithm", None)
+    return str(getattr(algorithm, "value", algorithm) or "norm").lower()
+
+
+def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None) -> float | None:
+    """Fold ``Trainer(gradient_clip_val=...)`` into GradGuard's clipping where that is exact; warn where it is not.
+
+    Returns:
+        The norm bound GradGuard's engines take over (``GuardEngine(max_norm=...)``), or ``None``.
+    """
+    val = getattr(trainer, _ATTRIBUTE, None) or trainer.gradient_clip_val  # a second fit of the same Trainer
+    if not val:
+        return None
+    if not getattr(pl_module, "automatic_optimization", True):
+        return None  # Lightning refuses gradient_clip_val under manual optimization itself
+    clipping = f"`Trainer(gradient_clip_val={val})`"
+    before = (
+        "GradGuard's total_norm, clip_coef, clip_threshold and events/clipped describe the gradients before that"
+        " clipping; the optimizer receives gradients clipped by both."
+    )
+    if is_overridden("configure_gradient_clipping", pl_module):
+        rank_zero_warn(
+            f"GradGuard: {clipping} goes to the LightningModule's own `configure_gradient_clipping`, which runs after"
+            f" GradGuard's hook: clipping happens twice if it clips. {before}"
+        )
+        return None
+    if _algorithm(trainer) == "value":
+        rank_zero_warn(
+            f"GradGuard: {clipping[:-2]}, gradient_clip_algorithm='value')` clamps every gradient entry to"
+            f" [-{val}, {val}] after GradGuard's hook (clipping happens twice when GradGuard clips too). A clamp"
+            f" changes the gradient's direction, so no norm coefficient can describe it: {before}"
+        )
+        return None
+    if clip is not None and (clip.needs_params or getattr(clip, "norm_type", 2.0) != 2.0):
+        rank_zero_warn(
+            f"GradGuard clips gradients with {type(clip).__name__} and {clipping} clips their L2 norm again after it:"
+            f" clipping happens twice. {before} Set one of them."
+        )
+        return None
+    setattr(trainer, _ATTRIBUTE, val)
+    trainer.gradient_clip_val = None
+    if clip is not None:
+        rank_zero_warn(
+            f"GradGuard clips gradients and {clipping} would clip them again after it (clipping happens twice):"
+            f" GradGuard takes it over and clips to min(its clipper's threshold, {val}) once, so its logs describe"
+            " what the optimizer receives. Set one of them to silence this."
+        )
+    else:
+        rank_zero_info(
+            f"GradGuard: takes over {clipping} (clipping by norm, as Lightning would) so that its clip_coef,"
+            " clip_threshold and events/clipped describe what the optimizer receives; Lightning clips nothing more."
+        )
+    return float(val)
+
+
+def restore_clipping(trainer: Any) -> None:
+    """Give the Trainer back the ``gradient_clip_val`` that :func:`take_over_clipping` took (at the end of a fit)."""
+    val = getattr(trainer, _ATTRIBUTE, None)
+    if val is not None:
+        trainer.gradient_clip_val = val
+        delattr(trainer, _ATTRIBUTE)

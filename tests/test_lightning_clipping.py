@@ -1,0 +1,236 @@
+"""``Trainer(gradient_clip_val=...)`` next to GradGuard: the logged ``clip_coef``, ``clip_threshold`` and
+``events/clipped`` describe the gradients the optimizer actually receives (GradGuard takes clipping by norm over),
+and clipping by value, which cannot be described by a norm coefficient, is left to Lightning with a precise warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers.logger import Logger
+from torch import nn
+
+from lightning_gradguard import AGC, GradGuard, GuardEngine, NormClip, ZClip
+from tests.models import Regressor, regression_data, trainer
+
+
+class MetricsLogger(Logger):
+    """Keeps every logged metric dict with its step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, tag: str) -> list[float]:
+        return [m[tag] for _, m in self.rows if tag in m]
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps fp64 copies of the gradients it steps with. Lightning runs the closure (forward, backward,
+    ``on_before_optimizer_step``, its own clipping) inside ``step``: what is left after it is what the update uses."""
+
+    def __init__(self, params: Any, lr: float, received: list[list[torch.Tensor]]) -> None:
+        super().__init__(params, lr=lr)
+        self.received = received
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.received.append([p.grad.double().clone() for g in self.param_groups for p in g["params"]])
+        super().step()
+        return loss
+
+
+class Recorded(Regressor):
+    def __init__(self, received: list[list[torch.Tensor]], lr: float = 0.1) -> None:
+        super().__init__(lr=lr)
+        self.received = received
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return RecordingSGD(self.parameters(), self.lr, self.received)
+
+
+class Received(L.Callback):
+    """Per optimizer step: the gradients GradGuard is given (a callback placed before it) and the gradients the
+    optimizer's update uses (after Lightning's own clipping), as fp64 copies."""
+
+    def __init__(self) -> None:
+        self.before: list[list[torch.Tensor]] = []
+        self.received: list[list[torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.before.append([p.grad.double().clone() for p in pl_module.parameters()])
+
+    @staticmethod
+    def norm(grads: list[torch.Tensor]) -> float:
+        return math.sqrt(sum(float(g.square().sum()) for g in grads))
+
+
+def _fit(guard: GradGuard, steps: int, **kwargs: Any) -> tuple[Received, MetricsLogger, Regressor, L.Trainer]:
+    probe, logger = Received(), MetricsLogger()
+    torch.manual_seed(0)
+    model = Recorded(probe.received, lr=0.1)
+    callbacks = [probe, guard]
+    run = trainer(max_steps=steps, max_epochs=-1, logger=logger, log_every_n_steps=1, callbacks=callbacks, **kwargs)
+    run.fit(model, regression_data())
+    return probe, logger, model, run
+
+
+def _check_logs_describe_the_received_gradients(probe: Received, logger: MetricsLogger, steps: int) -> int:
+    """Each step's logged clip_coef is the received norm over the measured one; events/clipped counts the steps
+    whose gradients were scaled down. Returns the number of clipped steps."""
+    coefs, clipped = logger.series("gradguard/clip_coef"), logger.series("gradguard/events/clipped")
+    assert len(probe.before) == len(probe.received) == len(coefs) == steps
+    scaled = 0
+    for before, received, coef in zip(probe.before, probe.received, coefs):
+        for b, r in zip(before, received):  # one coefficient for every gradient: the direction is kept
+            torch.testing.assert_close(r, b * coef, rtol=1e-5, atol=1e-12)
+        scaled += coef < 1.0
+    assert clipped[-1] == scaled
+    return scaled
+
+
+def test_clip_none_takes_over_gradient_clip_val_and_logs_what_the_optimizer_received(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    val, lr = 0.01, 0.1
+    torch.manual_seed(0)
+    reference = Regressor(lr=lr)
+    x, y = next(iter(regression_data()))
+    nn.functional.mse_loss(reference(x), y).backward()
+    grads = [p.grad.clone() for p in reference.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = min(1.0, val / (float(norm) + 1e-6))  # torch.nn.utils.clip_grad_norm_'s coefficient
+    expected = [p.detach() - lr * coef * g for p, g in zip(reference.parameters(), grads)]
+
+    with caplog.at_level(logging.INFO):
+        probe, logger, model, run = _fit(GradGuard(clip=None, lr_guard=None), 1, gradient_clip_val=val)
+    assert sum("takes over `Trainer(gradient_clip_val=0.01)`" in r.getMessage() for r in caplog.records) == 1
+    for got, want in zip(model.parameters(), expected):  # the step the optimizer took, computed by hand
+        torch.testing.assert_close(got.detach(), want, rtol=1e-6, atol=1e-7)
+    assert Received.norm(probe.received[0]) == pytest.approx(val, rel=1e-5)  # clipped once, not twice
+    assert _check_logs_describe_the_received_gradients(probe, logger, 1) == 1
+    assert logger.series("gradguard/clip_threshold") == [pytest.approx(val)]
+    assert logger.series("gradguard/clip_coef")[0] == pytest.approx(val / float(norm), rel=1e-5)
+    assert run.gradient_clip_val == val  # given back at the end of the fit
+
+
+@pytest.mark.parametrize(
+    ("clip", "val"),
+    [(ZClip(warmup_steps=3), 0.5), (NormClip(0.3), 0.5), (NormClip(2.0), 0.5)],
+    ids=["zclip-then-val", "guard-lower", "val-lower"],
+)
+def test_a_guard_clipper_and_gradient_clip_val_clip_once_to_the_lower_threshold(clip: Any, val: float) -> None:
+    steps = 8
+    with pytest.warns(UserWarning, match="clipping happens twice.*takes it over"):
+        probe, logger, _, _ = _fit(GradGuard(clip=clip, lr_guard=None), steps, gradient_clip_val=val)
+    assert _check_logs_describe_the_received_gradients(probe, logger, steps) >= 1
+    thresholds = logger.series("gradguard/clip_threshold")
+    for before, received, threshold in zip(probe.before, probe.received, thresholds):
+        assert threshold <= val * (1 + 1e-6)  # the logged threshold is the one the optimizer met
+        assert Received.norm(received) <= min(Received.norm(before), threshold) * (1 + 1e-5)
+
+
+def test_bf16_mixed_with_accumulation_logs_what_the_optimizer_received() -> None:
+    steps = 4
+    probe, logger, _, _ = _fit(
+        GradGuard(clip=None, lr_guard=None),
+        steps,
+        gradient_clip_val=0.05,
+        precision="bf16-mixed",
+        accumulate_grad_batches=2,
+    )
+    assert _check_logs_describe_the_received_gradients(probe, logger, steps) == steps
+
+
+def test_value_clipping_stays_lightnings_and_the_warning_says_what_the_logs_describe() -> None:
+    val = 0.01
+    with pytest.warns(UserWarning, match="clamps every gradient entry") as caught:
+        probe, logger, _, run = _fit(
+            GradGuard(clip=None, lr_guard=None), 2, gradient_clip_val=val, gradient_clip_algorithm="value"
+        )
+    assert "describe the gradients before that clipping" in str(caught[0].message)
+    assert run.gradient_clip_val == val
+    for before, received in zip(probe.before, probe.received):
+        assert max(float(g.abs().max()) for g in received) <= val  # Lightning clamped...
+        assert Received.norm(received) < Received.norm(before)
+    # ...and GradGuard, without a clipper, claims no norm clipping of its own.
+    assert logger.series("gradguard/clip_coef") == [] and set(logger.series("gradguard/events/clipped")) == {0.0}
+
+
+def test_an_overridden_configure_gradient_clipping_is_left_alone() -> None:
+    class OwnClipping(Regressor):
+        def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, **kwargs: Any) -> None:
+            self.seen = gradient_clip_val
+
+    torch.manual_seed(0)
+    model = OwnClipping()
+    with pytest.warns(UserWarning, match="own `configure_gradient_clipping`"):
+        trainer(max_steps=1, max_epochs=-1, gradient_clip_val=0.5, callbacks=[GradGuard()]).fit(
+            model, regression_data()
+        )
+    assert model.seen == 0.5
+
+
+def test_a_second_fit_of_the_same_trainer_still_takes_it_over() -> None:
+    guard = GradGuard(clip=None, lr_guard=None)
+    probe, logger = Received(), MetricsLogger()
+    run = trainer(max_epochs=1, limit_train_batches=2, logger=logger, log_every_n_steps=1, callbacks=[probe, guard])
+    run.gradient_clip_val = 0.01
+    torch.manual_seed(0)
+    model = Recorded(probe.received)
+    run.fit(model, regression_data())
+    run.fit_loop.max_epochs = 2
+    run.fit(model, regression_data())
+    assert len(probe.received) == 4 and run.gradient_clip_val == 0.01
+    assert all(Received.norm(g) == pytest.approx(0.01, rel=1e-5) for g in probe.received)
+
+
+# ------------------------------------------------------------------------------------------------- the engine
+def test_engine_max_norm_is_the_clipper_chained_with_clip_grad_norm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    chained = copy.deepcopy(model)
+    engine = GuardEngine(model, clip=NormClip(1.0), exploding=None, vanishing=None, max_norm=0.2)
+    alone = NormClip(1.0)
+    g = torch.Generator().manual_seed(1)
+    for scale in (0.01, 1.0, 100.0):
+        for a, b in zip(model.parameters(), chained.parameters()):
+            a.grad = torch.randn(a.shape, generator=g) * scale
+            b.grad = a.grad.clone()
+        engine.step()
+        alone.clip_(chained.parameters())
+        torch.nn.utils.clip_grad_norm_(chained.parameters(), 0.2)
+        for a, b in zip(model.parameters(), chained.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+    snap = engine.snapshot()
+    assert snap.clip_threshold == pytest.approx(0.2) and snap.counts["clipped"] == 2
+
+
+def test_engine_max_norm_without_a_clipper_is_a_norm_clip_and_refuses_agc() -> None:
+    engine = GuardEngine(nn.Linear(2, 1), clip=None, max_norm=0.5)
+    assert isinstance(engine.clipper, NormClip) and engine.clipper.max_norm == 0.5
+    with pytest.raises(ValueError, match="max_norm"):
+        GuardEngine(nn.Linear(2, 1), clip=AGC(), max_norm=0.5)
