@@ -9,19 +9,19 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
 from lightning_gradguard.diagnostics import NOISE_SCALE_NOTE
+from tests.helpers import scalar_series
 from tests.models import Regressor, regression_data, trainer
 
 
 def _tb(tmp_path: Any) -> dict[str, dict[int, float]]:
-    acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
+    """Every scalar keyed by optimizer step (1-based): Lightning logs the n-th optimizer step at step n - 1."""
+    series = scalar_series(tmp_path / "lightning_logs" / "version_0")
+    return {tag: {step + 1: value for step, value in points} for tag, points in series.items()}
 
 
 def _csv(logger: CSVLogger) -> list[dict[str, str]]:

@@ -10,7 +10,6 @@ single-process run of the same model on the same samples.
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import os
 import signal
@@ -29,11 +28,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_gradguard import AGC, L2, AutoClip, ExplodingDetector, GradGuard, LRGuard, NormClip, Orthogonal, ZClip
+from tests.helpers import assert_same_state, event_files, load_events
 from tests.models import Regressor, regression_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -397,21 +396,6 @@ def _launch(scenario: str, outdir: Path, timeout: float = 180.0) -> list[dict[st
     return [torch.load(outdir / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-def _assert_identical(a: Any, b: Any, path: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) if a.is_floating_point() else torch.equal(a, b), path
-    elif isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _assert_identical(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), f"{path}: {a!r} != {b!r}"
-
-
 class _Recorder(GradGuard):
     """Single-process counterpart of DumpGuard: the per-step layer norms."""
 
@@ -455,8 +439,8 @@ def test_ddp_ranks_measure_and_decide_identically(ddp_results: Any) -> None:
     assert len(r0["steps"]) == len(r1["steps"]) == 12
     for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"])):
         for key in ("layer_last", "scalars", "counts", "threshold"):
-            _assert_identical(a[key], b[key], f"step {step} {key}")
-    _assert_identical(r0["batches"], r1["batches"], "after each batch")
+            assert_same_state(a[key], b[key], f"step {step} {key}")
+    assert_same_state(r0["batches"], r1["batches"], "after each batch")
     # The decisions were not trivial: rank 1's NaN was skipped on both ranks, rank 0's spike lowered both LRs.
     summary = r0["batches"][-1]["summary"]
     assert summary["nonfinite"] == 1 and summary["skipped"] == 1
@@ -483,11 +467,11 @@ def test_ddp_norms_are_those_of_the_averaged_gradient(ddp_results: Any) -> None:
 
 def test_ddp_only_rank_zero_writes_tensorboard(ddp_results: Any) -> None:
     _, outdir = ddp_results
-    files = glob.glob(f"{outdir}/tb/**/events.out.tfevents.*", recursive=True)
+    files = event_files(outdir / "tb")
     assert len(files) == 1
-    acc = EventAccumulator(files[0])
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("gradguard/total_norm")] == [2, 4, 6, 8, 10, 12]
+    acc = load_events(files[0])
+    # Lightning numbers the n-th optimizer step n - 1.
+    assert [e.step for e in acc.Scalars("gradguard/total_norm")] == [n - 1 for n in (2, 4, 6, 8, 10, 12)]
     assert "gradguard/reg/l2" in acc.Tags()["scalars"]
 
 
@@ -498,8 +482,8 @@ def test_fsdp2_norms_equal_a_single_process_run(fsdp2_results: Any) -> None:
     assert r0["global_step"] == r1["global_step"] == FSDP_STEPS
     for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"], strict=True)):
         for key in ("layer_last", "scalars", "counts", "threshold"):
-            _assert_identical(a[key], b[key], f"step {step} {key}")
-    _assert_identical(r0["batches"], r1["batches"], "after each batch")
+            assert_same_state(a[key], b[key], f"step {step} {key}")
+    assert_same_state(r0["batches"], r1["batches"], "after each batch")
     for rank in (r0, r1):  # against the gathered gradients in the same run
         for got, ref in zip(rank["steps"], rank["reference"], strict=True):
             assert set(got["layers"]) == set(ref)
@@ -527,7 +511,7 @@ def test_fsdp2_clipping_acts_on_the_whole_gradient(fsdp2_results: Any) -> None:
         total_after = math.sqrt(sum(v * v for v in after.values()))
         assert total_after == pytest.approx(min(got["scalars"][0].item(), got["threshold"]), rel=1e-5)
     assert any(s["threshold"] < s["scalars"][0].item() for s in r0["steps"])  # it did clip
-    files = glob.glob(f"{outdir}/tb/**/events.out.tfevents.*", recursive=True)
+    files = event_files(outdir / "tb")
     assert len(files) == 1  # the logging steps (with a regularizer penalty to reduce) ran on both ranks
 
 

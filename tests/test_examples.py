@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from examples import cifar_resnet, demo, lstm_adding
 from lightning_gradguard import GradGuard, LRGuard, Orthogonal, VanishingDetector, ZClip
+from tests.helpers import load_events
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 EVENT_KINDS = {"exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped"}
@@ -29,9 +29,7 @@ def _scalar_tags(log_dir: str) -> set[str]:
     assert events, f"no TensorBoard event file in {log_dir}"
     tags: set[str] = set()
     for path in events:
-        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
-        acc.Reload()
-        tags.update(acc.Tags()["scalars"])
+        tags.update(load_events(path).Tags()["scalars"])
     return tags
 
 

@@ -14,7 +14,6 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -30,16 +29,8 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.regularize import Regularizer
+from tests.helpers import scalar_series
 from tests.models import Regressor, regression_data, trainer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    # Tiny models: intra-op threads only add scheduling overhead (and much more on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Shifting(Regressor):
@@ -143,12 +134,6 @@ def _quiet_fit(trainer_: L.Trainer, model: L.LightningModule, data: Any, **kwarg
         warnings.simplefilter("always")
         trainer_.fit(model, data, **kwargs)
     return [str(w.message) for w in caught]
-
-
-def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 # ---------------------------------------------------------------------------------------------- LR guard
@@ -283,16 +268,17 @@ def test_lr_guard_leaves_the_schedule_alone_and_scales_it_inside_the_step(tmp_pa
     assert multipliers[spike + 1 + cooldown + recovery :] == [1.0] * (steps - spike - 1 - cooldown - recovery)
 
     # Logged after each logging step: the multiplier and the LR the next step will take (scheduled x multiplier).
-    scalars = _scalars(tmp_path)
+    scalars = scalar_series(tmp_path)
     logged_scale = dict(scalars["gradguard/lr_scale"])
     logged_lr = dict(scalars["gradguard/lr"])
-    assert sorted(logged_scale) == list(range(5, steps + 1, 5))
+    # Lightning numbers the n-th optimizer step n - 1: logged at 4, 9, ..., the values after steps 5, 10, ...
+    assert sorted(logged_scale) == [n - 1 for n in range(5, steps + 1, 5)]
     for s in logged_scale:
-        assert logged_scale[s] == pytest.approx(hit.scales[s - 1], rel=1e-6)
-        assert logged_lr[s] == pytest.approx(hit.after[s - 1] * hit.scales[s - 1], rel=1e-6)
+        assert logged_scale[s] == pytest.approx(hit.scales[s], rel=1e-6)
+        assert logged_lr[s] == pytest.approx(hit.after[s] * hit.scales[s], rel=1e-6)
     assert min(logged_scale.values()) == 0.5
     reduced = dict(scalars["gradguard/events/lr_reduced"])
-    assert reduced[10] == 0.0 and reduced[steps] == 1.0
+    assert reduced[10 - 1] == 0.0 and reduced[steps - 1] == 1.0
 
 
 class GradNorm(L.Callback):
@@ -324,8 +310,8 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
         log_every_n_steps=4,
         logger=TensorBoardLogger(tmp_path / "a", name="", version=""),
     )
-    # The spike is in batch 10, i.e. the 11th optimizer step.
-    with pytest.raises(GradientExplosionError, match="step 11"), warnings.catch_warnings():
+    # The spike is in batch 10, i.e. the 11th optimizer step: Lightning's step 10.
+    with pytest.raises(GradientExplosionError, match="step 10"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         first_trainer.fit(first, regression_data())
     assert guard.lr_guard.scale(0) == 0.5
@@ -354,13 +340,14 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     # The lowered multiplier carries over (same guard) and reaches the new optimizer.
     assert probe.effective[:3] == [0.025] * 3
     # The new run logs on its own cadence, with saturation, into its own directory only.
-    new = _scalars(tmp_path / "b")
-    assert [s for s, _ in new["gradguard/total_norm"]] == [4, 8]
-    assert [s for s, _ in new["gradguard/saturation/net.1"]] == [4, 8]
-    assert [s for s, _ in new["gradguard/layer/net.0"]] == [4, 8]
-    assert [s for s, _ in _scalars(tmp_path / "a")["gradguard/layer/net.0"]] == [4, 8]
+    new = scalar_series(tmp_path / "b")
+    logged = [n - 1 for n in (4, 8)]  # Lightning's steps of the 4th and 8th optimizer steps
+    assert [s for s, _ in new["gradguard/total_norm"]] == logged
+    assert [s for s, _ in new["gradguard/saturation/net.1"]] == logged
+    assert [s for s, _ in new["gradguard/layer/net.0"]] == logged
+    assert [s for s, _ in scalar_series(tmp_path / "a")["gradguard/layer/net.0"]] == logged
     # It measures the new model's gradients, not the stopped run's.
-    assert dict(new["gradguard/total_norm"])[8] == pytest.approx(norms.norms[-1], rel=1e-5)
+    assert dict(new["gradguard/total_norm"])[logged[-1]] == pytest.approx(norms.norms[-1], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- regularizers
@@ -454,7 +441,7 @@ def test_orthogonal_penalty_drives_lstm_gate_blocks_orthogonal(tmp_path: Path) -
         model,
         _sequence_data(),
     )
-    logged = [v for _, v in _scalars(tmp_path)["gradguard/reg/orthogonal"]]
+    logged = [v for _, v in scalar_series(tmp_path)["gradguard/reg/orthogonal"]]
     assert len(logged) == 6
     assert logged[0] < initial
     assert logged[-1] < 0.02 * initial
@@ -528,12 +515,12 @@ def test_saturation_is_logged_per_activation(tmp_path: Path, make_net: Any, expe
         model,
         regression_data(),
     )
-    scalars = _scalars(tmp_path)
+    scalars = scalar_series(tmp_path)
     prefix = "gradguard/saturation/"
     logged = {tag[len(prefix) :]: series for tag, series in scalars.items() if tag.startswith(prefix)}
     assert set(logged) == set(expected)
     for name, (low, high) in expected.items():
-        assert [step for step, _ in logged[name]] == [5, 10]
+        assert [step for step, _ in logged[name]] == [5 - 1, 10 - 1]  # Lightning's steps of steps 5 and 10
         assert all(low <= value <= high for _, value in logged[name]), (name, logged[name])
 
 
@@ -653,12 +640,13 @@ def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: P
         regression_data(),
     )
     assert guard.summary()["exploding"] == 1
-    strength = dict(_scalars(tmp_path)["gradguard/reg_strength/l2"])
+    # Keyed by optimizer step: Lightning logs the n-th one at step n - 1.
+    strength = {s + 1: v for s, v in scalar_series(tmp_path)["gradguard/reg_strength/l2"]}
     assert [strength[s] for s in (4, 8, 12)] == [1.0, 1.0, 1.0]
     # The spike of step 12 is drained right after that step: 4x, then 0.8 of the excess per calm step (13, 14, 15).
     assert strength[16] == pytest.approx(1.0 + 3.0 * 0.8**3, rel=1e-6)
     later = [strength[s] for s in range(16, 41, 4)]
     assert all(a > b for a, b in zip(later, later[1:]))
     assert later[-1] < 1.01
-    penalty = dict(_scalars(tmp_path)["gradguard/reg/l2"])
+    penalty = {s + 1: v for s, v in scalar_series(tmp_path)["gradguard/reg/l2"]}
     assert penalty[16] / strength[16] == pytest.approx(penalty[12] / strength[12], rel=0.2)
