@@ -1,4 +1,5 @@
-"""What several test files share: the host-sync recorder, nested-state equality, TensorBoard event readers, layers."""
+"""What several test files share: the host-sync recorder, a metrics-keeping logger, nested-state equality,
+TensorBoard event readers and the synthetic layer names."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lightning.pytorch.loggers import Logger
 from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
@@ -63,6 +65,32 @@ class SyncRecorder(TorchFunctionMode):
         if name in SYNC_METHODS:
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
+
+
+class MetricsLogger(Logger):
+    """A Lightning logger that keeps, in ``rows``, every metrics dict it is sent with its step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, tag: str) -> list[float]:
+        """The values logged under ``tag``, in order."""
+        return [m[tag] for _, m in self.rows if tag in m]
 
 
 def assert_same_state(a: Any, b: Any, path: str = "state") -> None:

@@ -13,36 +13,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers.logger import Logger
 from torch import nn
 
 from lightning_gradguard import AGC, GradGuard, GuardEngine, NormClip, ZClip
+from tests.helpers import MetricsLogger
 from tests.models import Regressor, regression_data, trainer
-
-
-class MetricsLogger(Logger):
-    """Keeps every logged metric dict with its step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def series(self, tag: str) -> list[float]:
-        return [m[tag] for _, m in self.rows if tag in m]
 
 
 class RecordingSGD(torch.optim.SGD):

@@ -14,7 +14,6 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.nn.utils import parametrizations as P
 from torch.nn.utils import parametrize
@@ -23,6 +22,7 @@ from lightning_gradguard import GradGuard
 from lightning_gradguard.layers import ROOT_LAYER, build_layer_index, module_sites, parameter_sites
 from lightning_gradguard.regularize import L1, L2, Orthogonal
 from lightning_gradguard.saturation import SaturationMonitor
+from tests.helpers import MetricsLogger
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -48,31 +48,14 @@ def _mlp() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Sigmoid())
 
 
-class Capture(Logger):
+class Capture(MetricsLogger):
     """Keeps what GradGuard sends to the loggers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
     def saturation(self) -> dict[int, dict[str, float]]:
         prefix = "gradguard/saturation/"
+        # Keyed by optimizer step (1-based): Lightning logs the n-th optimizer step at step n - 1.
         return {
-            step: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
+            step + 1: {k[len(prefix) :]: v for k, v in m.items() if k.startswith(prefix)}
             for step, m in self.rows
             if any(k.startswith("gradguard/") for k in m)
         }
