@@ -44,11 +44,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+log.setLevel(logging.INFO)
+# Compiling must never be a surprise: the one line that says so is shown even where logging is not configured
+# (Lightning does the same for its own logger); with a configured root logger the messages go there.
+if not logging.getLogger().hasHandlers():
+    log.addHandler(logging.StreamHandler())
+    log.propagate = False
 
 EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
 NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 # What ``torch.compile`` uses for the fused per-step tail (tests swap in a cheaper backend).
 _COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
+_compile_announced = False  # whether the line that says the tail compiles was shown
 _MAX_EVENTS = 1000  # undrained events kept (a plain loop that never calls drain() must not grow without bound)
 
 
@@ -202,6 +209,7 @@ class _Tail:
     def __init__(self, parts: dict[str, Callable[..., Any]], compile: bool | str, device: torch.device) -> None:
         self.parts = parts
         self.wanted = compile is True or (compile == "auto" and device.type == "cuda")
+        self.device = device
         self.state = "pending"  # "pending" (the first step), "on" or "off"
         self.compiled: dict[str, Callable[..., Any]] | None = None
 
@@ -218,6 +226,14 @@ class _Tail:
         if self.state == "pending":
             self.state = "on" if self.wanted else "off"
             if self.wanted:  # torch.compile is lazy: a part compiles on its first call
+                global _compile_announced
+                if not _compile_announced:  # once per process, not once per optimizer
+                    _compile_announced = True
+                    log.info(
+                        "GradGuard: compiling its per-step tail with torch.compile on %s (once, on the next step; on a"
+                        " CPU this takes tens of seconds). compile=False runs it eagerly.",
+                        self.device,
+                    )
                 options: dict[str, Any] = {"backend": _COMPILE_BACKEND, "fullgraph": True, "dynamic": False}
                 self.compiled = {name: torch.compile(fn, **options) for name, fn in self.parts.items()}
 

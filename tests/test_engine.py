@@ -365,3 +365,15 @@ def test_gradguard_compiles_inside_the_optimizer_step(monkeypatch: pytest.Monkey
             )
     assert guards[True]._states[0]._tail.state == "on" and backend.graphs == 1
     assert_same_state(guards[False].state_dict(), guards[True].state_dict())
+
+
+def test_compiling_is_announced_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    torch._dynamo.reset()
+    monkeypatch.setattr(engine_module, "_COMPILE_BACKEND", _CountingBackend())
+    monkeypatch.setattr(engine_module, "_compile_announced", False)
+    with caplog.at_level(logging.INFO, logger="lightning_gradguard.engine"):
+        for _ in range(2):  # two engines (two optimizers): one line
+            _run(lambda m: _engine(m, compile=True), range(1, 4))
+        _run(_engine, range(1, 4))  # an eager engine says nothing
+    lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(lines) == 1 and "compile=False" in lines[0]
