@@ -17,7 +17,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
-from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
@@ -26,22 +25,16 @@ from lightning_gradguard.cli import main as gradguard
 from lightning_gradguard.cli import parse_config_text
 from lightning_gradguard.render import _depth_columns, render_depth_flow, render_update_ratio_heatmap
 from lightning_gradguard.tensorboard import GradGuardBoard
+from tests.helpers import custom_layout, load_events
 from tests.models import Regressor, regression_data, trainer
 
 MAX_CHARTS = 30
 DIAG_IMAGES = ("gradguard/update_ratio_heatmap", "gradguard/act_grad_flow")
 
 
-def _load(path: Path) -> ea.EventAccumulator:
-    acc = ea.EventAccumulator(str(path), size_guidance={ea.SCALARS: 0, ea.IMAGES: 0, ea.TENSORS: 0})
-    acc.Reload()
-    return acc
-
-
 def _layout(acc: ea.EventAccumulator) -> dict[str, dict[str, list[str]]]:
     """``{category: {chart title: tag regexes}}`` of the one layout written."""
-    (event,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    layout = custom_layout(acc)
     return {
         category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
         for category in layout.category
@@ -79,7 +72,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_new_pictures_follow_the_gradient_flow_schedule(run: Path) -> None:
-    acc = _load(run)
+    acc = load_events(run)
     images = {tag: [e.step for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
     flow_steps = images["gradguard/gradient_flow"]
     assert len(flow_steps) >= 2  # on the schedule (every 4 steps), the last at the end of training
@@ -90,7 +83,7 @@ def test_new_pictures_follow_the_gradient_flow_schedule(run: Path) -> None:
 
 
 def test_diagnostics_charts_match_written_tags_within_the_budget(run: Path) -> None:
-    acc = _load(run)
+    acc = load_events(run)
     layout = _layout(acc)
     assert sum(len(charts) for charts in layout.values()) <= MAX_CHARTS
     charts = layout["GradGuard diagnostics"]
@@ -111,7 +104,7 @@ def test_diagnostics_charts_match_written_tags_within_the_budget(run: Path) -> N
 def test_batch_size_is_recorded_and_the_report_sets_it_against_the_noise_scale(
     run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    acc = _load(run)
+    acc = load_events(run)
     assert _config(acc)["batch_size"] == "32"  # 2 micro-batches of 16 per optimizer step
     scalars = _scalars(acc)
     assert gradguard(["report", str(run), "--json"]) == 0
@@ -152,7 +145,7 @@ def test_what_is_not_fed_gets_no_chart_and_no_picture(tmp_path: Path, capsys: py
     guard = GradGuard(log_every_n_steps=2, image_every_n_steps=4, diagnostics=["zero_fraction", "noise_scale"])
     logger = TensorBoardLogger(tmp_path, name="run")
     trainer(max_steps=6, max_epochs=-1, callbacks=[guard], logger=logger).fit(Regressor(), regression_data())
-    acc = _load(Path(logger.log_dir))
+    acc = load_events(Path(logger.log_dir))
     assert list(_layout(acc)["GradGuard diagnostics"]) == ["zero fraction"]
     images = acc.Tags()["images"]
     assert "gradguard/gradient_flow" in images and not set(DIAG_IMAGES) & set(images)
@@ -169,7 +162,7 @@ def test_no_pictures_at_all_when_off(tmp_path: Path) -> None:
     trainer(max_steps=6, max_epochs=-1, accumulate_grad_batches=2, callbacks=[guard], logger=logger).fit(
         Regressor(), regression_data()
     )
-    acc = _load(Path(logger.log_dir))
+    acc = load_events(Path(logger.log_dir))
     assert not acc.Tags()["images"]  # none on the schedule and none at the end of training
     assert any(tag.startswith("gradguard/update_ratio/") for tag in acc.Tags()["scalars"])
 
@@ -191,7 +184,7 @@ def test_1500_layers_diagnostics_charts_are_block_statistics_within_the_budget(t
         scalars.update({f"gradguard/act_grad/{n}": a for n, a in zip(names, act)})
         board.write_scalars(step, scalars)
     writer.close()
-    acc = _load(tmp_path)
+    acc = load_events(tmp_path)
     layout = _layout(acc)
     assert sum(len(charts) for charts in layout.values()) <= MAX_CHARTS
     assert sum(": max, median" in title for title in layout["GradGuard layers"]) >= 10  # the layer norms keep blocks
