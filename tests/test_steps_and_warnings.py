@@ -68,7 +68,7 @@ class TwoOptimizers(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch
-        opt_a, opt_b = self.optimizers()  # type: ignore[misc]
+        opt_a, opt_b = self.optimizers()  # type: ignore[attr-defined,misc]
         loss = nn.functional.mse_loss(self.b(torch.tanh(self.a(x))), y)
         self.log("train_loss", loss)
         opt_a.zero_grad()
