@@ -104,8 +104,9 @@ class GradGuard(Callback):
             that reaches each multiple (the default 1000 is ``wandb.watch``'s); ``None`` disables them. A histogram
             step samples at most 4096 gradient values per block on the device and keeps them until that log only.
         max_warnings: the most layers one warning names. GradGuard warns at most once per kind (exploding,
-            vanishing, non-finite; update-ratio hints high and low) per optimizer and logging step, about the layers
-            not reported before, naming the worst ``max_warnings`` of them and counting the rest; ``0`` names none.
+            vanishing, non-finite) per optimizer and logging step, about the layers not reported before, naming the
+            worst ``max_warnings`` of them and counting the rest; ``0`` names none. Update-ratio hints come as one
+            message per log.
         clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to the lowest
             of the detector's boundaries (the top of its band, ``max_ratio`` times its average, its ceiling). A safety
             net for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip
