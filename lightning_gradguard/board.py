@@ -42,6 +42,7 @@ EVENT_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite", "skipped"
 TROUBLE_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite")
 
 _PREFIX = "gradguard/"
+_ACT_PREFIX = f"{_PREFIX}act_grad/"
 # The "layers in trouble" charts: a regex over the trouble tags of these kinds each. Exploding and non-finite norms
 # are large (or NaN), vanishing ones tiny: on one linear axis the vanishing lines would sit flat on zero.
 _TROUBLE_CHARTS: dict[str, tuple[str, ...]] = {
@@ -346,11 +347,11 @@ class GradGuardBoard:
         max_charts: the most custom-scalar charts; the per-layer or per-block charts get what the others leave.
         diagnostics: the diagnostics that feed this board (names of ``GradGuard(diagnostics=...)``): only these get
             charts ("GradGuard diagnostics") and pictures (``update_ratio``: the ``gradguard/update_ratio_heatmap``
-            image; ``act_grad``: ``gradguard/act_grad_flow``). Their per-layer scalars arrive through
-            :meth:`write_scalars` (``gradguard/update_ratio/<layer>``, ``gradguard/zero_fraction/<layer>``,
-            ``gradguard/act_grad/<layer>``); with more than 12 layers the board also writes block statistics for the
-            charts (``gradguard/update_ratio_block/<block>/max`` and ``/min``, ``zero_fraction_block/<block>/max``,
-            ``act_grad_block/<block>/median``).
+            image; ``act_grad``: ``gradguard/act_grad_flow``, every layer written, in the order written). Their
+            per-layer scalars arrive through :meth:`write_scalars` (``gradguard/update_ratio/<layer>``,
+            ``gradguard/zero_fraction/<layer>``, ``gradguard/act_grad/<layer>``); with more than 12 layers the board
+            also writes block statistics for the charts (``gradguard/update_ratio_block/<block>/max`` and ``/min``,
+            ``zero_fraction_block/<block>/max``, ``act_grad_block/<block>/median``).
 
     Example:
         >>> import tempfile
@@ -563,7 +564,6 @@ class GradGuardBoard:
         """Tag tables, block statistics and picture histories of the diagnostics this board is fed."""
         # Activation gradients are model-wide: their layers are the optimizers' layers in definition order.
         self._act_names: list[str] = list(dict.fromkeys(name for names in self.layer_names.values() for name in names))
-        self._act_row = {f"{_PREFIX}act_grad/{name}": i for i, name in enumerate(self._act_names)}
         # tag -> (quantity, optimizer index, layer row) of every per-layer diagnostic scalar fed to this board
         self._diag_rows: dict[str, tuple[str, int, int]] = {}
         # (quantity, optimizer index or -1 for model-wide) -> [(block, {statistic: tag}, layer rows)]
@@ -589,7 +589,8 @@ class GradGuardBoard:
             self._ratio_histories = {
                 idx: _LayerHistory(len(names), self.history) for idx, names in self.layer_names.items()
             }
-        self._flow_columns: list[tuple[int, dict[int, float]]] = []  # (step, {act row: norm}), thinned when full
+        self._flow_columns: list[tuple[int, dict[str, float]]] = []  # (step, {layer: norm}), thinned when full
+        self._flow_order: list[str] = []  # the layers of the flow picture in depth (definition) order
 
     def _diag_tag(self, name: str, opt_idx: int) -> str:
         # A per-optimizer diagnostic follows :meth:`tag`; a model-wide one (opt_idx -1) has no optimizer component.
@@ -644,11 +645,21 @@ class GradGuardBoard:
                 none = np.zeros(column.shape, dtype=bool)
                 measured = np.isfinite(column)
                 self._ratio_histories[idx].append(step, np.where(measured, column, _ABSENT), none, none)
-            elif quantity == "act_grad":
-                self._add_flow_column(step, {int(i): float(column[i]) for i in np.flatnonzero(np.isfinite(column))})
+        if "act_grad" in self.diagnostics:
+            # Every activation-gradient tag, those of layers no optimizer holds (a frozen backbone) included: the
+            # callback writes them in definition order, which is the picture's depth order.
+            flow = {
+                tag[len(_ACT_PREFIX) :]: value
+                for tag, value in items
+                if tag.startswith(_ACT_PREFIX) and math.isfinite(value)
+            }
+            if flow:
+                self._add_flow_column(step, flow)
         return out
 
-    def _add_flow_column(self, step: int, values: dict[int, float]) -> None:
+    def _add_flow_column(self, step: int, values: dict[str, float]) -> None:
+        # The newest write's order first: older names it lacks follow, in their own order.
+        self._flow_order = list(dict.fromkeys([*values, *self._flow_order]))
         if self._flow_columns and self._flow_columns[-1][0] == step:
             self._flow_columns[-1][1].update(values)
             return
@@ -825,15 +836,8 @@ class GradGuardBoard:
         """The flow-through-depth picture of the activation-gradient norms, or ``None`` before any was written."""
         if not self._flow_columns:
             return None
-        # Layers in depth order: the board's layers first (definition order), others in first-seen order.
-        rows = sorted({row for _, values in self._flow_columns for row in values})
-        if not rows:
-            return None
-        norms = np.full((len(rows), len(self._flow_columns)), np.nan)
-        for col, (_, values) in enumerate(self._flow_columns):
-            for i, row in enumerate(rows):
-                norms[i, col] = values.get(row, np.nan)
-        names = [self._act_names[row] for row in rows]
+        names = self._flow_order
+        norms = np.array([[values.get(name, np.nan) for _, values in self._flow_columns] for name in names])
         steps = [step for step, _ in self._flow_columns]
         return render_depth_flow(norms, names, steps, max_points=4 * self.max_heatmap_rows)
 

@@ -19,6 +19,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 __all__ = [
+    "RATIO_BAND",
     "HeatmapRows",
     "block_name",
     "flow_figure",
