@@ -76,7 +76,8 @@ def _scale_(grads: Sequence[Tensor], coef: Tensor) -> None:
     on_device: dict[torch.device, Tensor] = {}
     for (device, _), ([tensors], _) in group_by_device_and_dtype([list(grads)]).items():
         if device not in on_device:
-            on_device[device] = coef.to(device)
+            # ``.to`` of a tensor already there is still one dispatched op per step: skip it.
+            on_device[device] = coef if coef.device == device else coef.to(device)
         foreach_mul_(tensors, on_device[device])
 
 
@@ -679,10 +680,13 @@ class ZClip(Clipper):
         # first, so the host flag is never read there): a Python flag inside the graph would recompile it when the
         # warm-up ends, and once fused the bookkeeping costs nothing. After the warm-up it changes no value.
         in_warmup = torch.compiler.is_compiling() or not self._warm_known
-        x = total_norm.reshape(()).to(mean.dtype)
+        # Reshape and move only when needed: each is one more dispatched op per step even when it changes nothing.
+        x = (total_norm if total_norm.dim() == 0 else total_norm.reshape(())).to(mean.dtype)
+        if valid.device != device:
+            valid = valid.to(device)
         # A non-finite norm must never reach the EMA, whatever the caller says: it would poison it for good. An
         # exactly-zero norm (a fully masked batch) is no observation either: it would make ordinary norms spikes.
-        ok = valid.to(device) & (x > 0) & (x < math.inf)  # also False for NaN
+        ok = valid & (x > 0) & (x < math.inf)  # also False for NaN
 
         # The authors' spike test and clip value, from the statistics before this step.
         std = var.sqrt()
