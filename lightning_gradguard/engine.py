@@ -412,11 +412,13 @@ class GuardEngine:
     device-to-host copy. :class:`~lightning_gradguard.GradGuard` is a thin Lightning adapter around one engine per
     optimizer.
 
-    With ``compile=True`` (``"auto"``: on CUDA only) the per-step tail, from the measured norms through the detectors
-    (before the clipper) and the record (after it), runs as two functions compiled once with ``torch.compile``; their
-    shapes do not depend on which layers have gradients, so nothing recompiles when that set changes. A compilation
-    failure falls back to the eager path with one message. Compiling takes seconds on a GPU and tens of seconds on a
-    CPU, which is why ``"auto"`` leaves the CPU eager.
+    With ``compile=True`` (``"auto"``: on CUDA only) the per-step tail, from the measured norms through the detectors,
+    the clipper's coefficient (:class:`ZClip`, :class:`NormClip`: their :meth:`~Clipper.coefficient_`) and the record,
+    runs as one function compiled once with ``torch.compile`` (two, before and after the clipper, for :class:`AutoClip`
+    and :class:`AGC`); its shapes do not depend on which layers have gradients, so nothing recompiles when that set
+    changes or a clipper leaves its warm-up. One info line says that it compiles; a compilation failure falls back to
+    the eager path with one message. Compiling takes seconds on a GPU and tens of seconds on a CPU (about 30 s for the
+    defaults on 2 CPU cores, paid back after some 20 000 steps), which is why ``"auto"`` leaves the CPU eager.
 
     Args:
         model: the model (its parameters are grouped into layers as by :func:`~lightning_gradguard.build_layer_index`,
