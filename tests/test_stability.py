@@ -143,7 +143,8 @@ def test_the_deep_sigmoid_mlp_is_reported_as_vanishing(quick: tuple[str, dict, d
         if next(m.parameters(), None) is not None
     ]
     first = guarded["first_vanishing"]
-    assert first is not None and first["layer"] in layers and 25 <= first["step"] <= guarded["steps"]
+    # The 25th optimizer step at the earliest (patience), which Lightning numbers 24.
+    assert first is not None and first["layer"] in layers and 25 - 1 <= first["step"] <= guarded["steps"]
     # The gradient fades towards the input: what vanishes first is nearer the input than the output.
     assert layers.index(first["layer"]) < len(layers) // 2
 
