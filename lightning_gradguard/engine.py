@@ -435,7 +435,8 @@ class GuardEngine:
         max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
             gradients are clipped to ``min(clipper's threshold, max_norm)``, which is what chaining
             ``torch.nn.utils.clip_grad_norm_(max_norm)`` after the clipper does (``GradGuard`` folds
-            ``Trainer(gradient_clip_val=...)`` in here). Without a clipper, the clipper is ``NormClip(max_norm)``.
+            ``Trainer(gradient_clip_val=...)`` in here). Without a clipper, the clipper is ``NormClip(max_norm)``,
+            and ``clip_exploding`` does not apply (it clips exactly as ``clip_grad_norm_(max_norm)`` would).
         compile: compile the per-step tail with ``torch.compile``: ``True``, ``False`` or ``"auto"`` (on CUDA).
         key: this engine's key in a shared :class:`LRGuard` (one per optimizer).
         group_depth: layer grouping, when ``model`` is a module (see ``build_layer_index``).
@@ -519,9 +520,13 @@ class GuardEngine:
         # The bound as a device constant, folded into the clipper's coefficient as a cap (None: none, or the clipper
         # is the bound itself).
         self._max_norm_cap: Tensor | None = None
+        # The detector's cap is for a clipper the caller chose: the NormClip that stands in for ``max_norm`` alone
+        # clips like clip_grad_norm_ and nothing more (as Trainer(gradient_clip_val=...) would under clip=None).
+        self._exploding_cap = clip_exploding
         if self.max_norm is not None:
             if self.clipper is None:
                 self.clipper = NormClip(self.max_norm)
+                self._exploding_cap = False
             elif self.clipper.needs_params or getattr(self.clipper, "norm_type", 2.0) != 2.0:
                 raise ValueError(
                     f"`max_norm` bounds the total L2 norm, which {self.clipper!r} does not scale by: use a clipper"
@@ -694,7 +699,7 @@ class GuardEngine:
 
     def _cap(self, exploding: ExplodingResult | None) -> Tensor | None:
         """The bound on this step's clipped norm beyond the clipper's own (``None``: none)."""
-        cap = exploding.cap if (exploding is not None and self.clip_exploding) else None
+        cap = exploding.cap if (exploding is not None and self._exploding_cap) else None
         if self._max_norm_cap is not None:
             cap = self._max_norm_cap if cap is None else torch.minimum(cap, self._max_norm_cap)
         return cap

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard import AGC, GradGuard, GuardEngine, NormClip, ZClip
+from lightning_gradguard import AGC, ExplodingDetector, GradGuard, GuardEngine, NormClip, ZClip
 from tests.helpers import MetricsLogger
 from tests.models import Regressor, regression_data, trainer
 
@@ -209,3 +209,17 @@ def test_engine_max_norm_without_a_clipper_is_a_norm_clip_and_refuses_agc() -> N
     assert isinstance(engine.clipper, NormClip) and engine.clipper.max_norm == 0.5
     with pytest.raises(ValueError, match="max_norm"):
         GuardEngine(nn.Linear(2, 1), clip=AGC(), max_norm=0.5)
+
+
+def test_engine_max_norm_alone_clips_like_clip_grad_norm_and_nothing_more() -> None:
+    # With no clipper of its own the engine must not add the exploding detector's cap: it stands in for
+    # Trainer(gradient_clip_val=...) under GradGuard(clip=None), which never clipped a spike by itself.
+    model = nn.Linear(4, 1)
+    engine = GuardEngine(model, clip=None, max_norm=1e6, exploding=ExplodingDetector(warmup_steps=3), vanishing=None)
+    g = torch.Generator().manual_seed(0)
+    for step in range(8):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * (1e4 if step == 7 else 1.0)
+        engine.step()
+    snap = engine.snapshot()
+    assert snap.counts["exploding"] >= 1 and snap.counts["clipped"] == 0 and snap.clip_coef == 1.0
