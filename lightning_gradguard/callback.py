@@ -78,7 +78,9 @@ class GradGuard(Callback):
 
     Args:
         clip: the clipper (:class:`ZClip`, :class:`AutoClip`, :class:`AGC`, :class:`NormClip`); ``"default"`` is
-            ``ZClip()``, ``None`` disables clipping.
+            ``ZClip()``, ``None`` disables clipping. With ``Trainer(gradient_clip_val=v)`` (by norm) GradGuard clips
+            once to ``min(this clipper's threshold, v)`` and switches Lightning's clipping off for the fit, so its logs
+            describe what the optimizer receives (README, "Clipping").
         lr_guard: the learning-rate guard; ``"default"`` is ``LRGuard()``, ``None`` disables it.
         regularizers: gradient-term regularizers (:class:`L1`, :class:`L2`, :class:`Orthogonal`).
         on_nonfinite: what to do with a step whose gradients hold inf/NaN: ``"skip"`` the optimizer step (parameters
