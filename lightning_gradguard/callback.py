@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard._validation import check_bool, check_int
-from lightning_gradguard.clip import Clipper, ZClip
+from lightning_gradguard.clip import Clipper, ZClip, default_clipper
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,
@@ -47,6 +47,7 @@ from lightning_gradguard.engine import (
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
 from lightning_gradguard.regularize import Orthogonal, Regularizer
+from lightning_gradguard.rollback import Rollback
 from lightning_gradguard.saturation import SaturationMonitor
 from lightning_gradguard.stats import StepStats
 
@@ -77,7 +78,7 @@ class GradGuard(Callback):
 
     Args:
         clip: the clipper (:class:`ZClip`, :class:`AutoClip`, :class:`AGC`, :class:`NormClip`); ``"default"`` is
-            ``ZClip()``, ``None`` disables clipping.
+            ``ZClip(z_thresh=4.0)`` (:func:`~lightning_gradguard.clip.default_clipper`), ``None`` disables clipping.
         lr_guard: the learning-rate guard; ``"default"`` is ``LRGuard()``, ``None`` disables it.
         regularizers: gradient-term regularizers (:class:`L1`, :class:`L2`, :class:`Orthogonal`).
         on_nonfinite: what to do with a step whose gradients hold inf/NaN: ``"skip"`` the optimizer step (parameters
@@ -117,6 +118,11 @@ class GradGuard(Callback):
             ``"epoch"``:
             ``gradguard/epoch/...``, per-epoch total-norm percentiles, maximum and event counts. Per-layer tags go to
             TensorBoard only, the noise scale and the epoch summaries to every logger.
+        rollback: when the LR guard lowers the rate, put back the last parameters and optimizer state known to have
+            trained calmly and skip the step (:class:`Rollback`; counted as ``rolled_back``); ``"default"`` is
+            ``Rollback()``, ``None`` disables it. Needs ``lr_guard``. Costs two copies of the trainable parameters
+            and their optimizer state (on their device) and one fused copy every ``Rollback.every`` steps; a run whose
+            rate is never lowered is not changed by it.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -149,12 +155,13 @@ class GradGuard(Callback):
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
         diagnostics: bool | list[str] = True,
+        rollback: Rollback | None | Literal["default"] = "default",
     ) -> None:
         super().__init__()
         regularizers = _check_arguments(locals())
         max_warnings = int(max_warnings)
 
-        self.clip: Clipper | None = _default(clip, ZClip)
+        self.clip: Clipper | None = _default(clip, default_clipper)
         self.lr_guard: LRGuard | None = _default(lr_guard, LRGuard)
         self.regularizers = regularizers
         self.on_nonfinite = on_nonfinite
@@ -173,6 +180,7 @@ class GradGuard(Callback):
         self.clip_exploding = clip_exploding
         self.compile = compile
         self.diagnostics = diagnostics
+        self.rollback: Rollback | None = _default(rollback, Rollback)
         self._diag_on: frozenset[str] = frozenset(
             DIAGNOSTICS if diagnostics is True else () if diagnostics is False else diagnostics
         )
@@ -356,6 +364,7 @@ class GradGuard(Callback):
             clip_exploding=self.clip_exploding,
             compile=self.compile,
             key=key,
+            rollback=copy.deepcopy(self.rollback),
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
@@ -401,7 +410,9 @@ class GradGuard(Callback):
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
         try:
-            stats = engine.step(trainer.global_step + 1, grad_scale=grad_scale, grad_scaler=scaler is not None)
+            stats = engine.step(
+                trainer.global_step + 1, grad_scale=grad_scale, grad_scaler=scaler is not None, optimizer=optimizer
+            )
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
         if logging:
@@ -604,6 +615,7 @@ class GradGuard(Callback):
             "on_vanishing": self.on_vanishing,
             "exploding": repr(self.exploding),
             "vanishing": repr(self.vanishing),
+            "rollback": repr(self.rollback),
             "log_every_n_steps": self.log_every_n_steps,
             "group_depth": self.group_depth,
             "compile": self.compile,
@@ -652,6 +664,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         ("lr_guard", LRGuard),
         ("exploding", ExplodingDetector),
         ("vanishing", VanishingDetector),
+        ("rollback", Rollback),
     ):
         value = args[name]
         if value is not None and value != "default" and not isinstance(value, cls):

@@ -35,7 +35,7 @@ try:
 except ImportError:  # torch built without distributed support
     _DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip"]
+__all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_clipper"]
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
 _NORM_EPS = 1e-6
@@ -926,3 +926,15 @@ def _local_tensors(tensors: list[Tensor]) -> list[Tensor]:
 def _row_norms(rows: Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(rows.dtype))
     return norms if norms.dtype == torch.float32 else norms.float()
+
+
+def default_clipper() -> ZClip:
+    """The clipper of ``GradGuard(clip="default")``: ``ZClip(z_thresh=4.0)``.
+
+    The paper's ``z_thresh=2.5`` clips 4-7% of the steps of a healthy GAN (24 to 39 of 600 in the healthy zoo), and
+    in a game every changed step changes where it ends (+10.6% and +14.1% held-out MMD on two seeds of three). At
+    4.0 the same runs clip 1 to 6 steps and end within 0.7% of unguarded. The rescue of a too-high learning rate
+    does not rest on the clipper (the exploding detector, the LR guard and the rollback do it); the stability suite
+    gives the same results at 2.5 and 4.0.
+    """
+    return ZClip(z_thresh=4.0)
