@@ -251,6 +251,11 @@ class Clipper(abc.ABC):
         """The clipper's state: plain Python values and CPU tensors (empty for stateless clippers)."""
         return {}
 
+    def device_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the tensors cloned where they are (no device-to-host copy, no wait): what a
+        :class:`~lightning_gradguard.Rollback` keeps; :meth:`load_state_dict` takes it back."""
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
         if state:
@@ -438,6 +443,11 @@ class AutoClip(Clipper):
         else:
             values, count = _to_cpu(self._values), _to_cpu(self._count)
         return {"values": values, "count": count, "calls": self._calls}
+
+    def device_state(self) -> dict[str, Any]:
+        if self._values is None or self._count is None:
+            return self.state_dict()
+        return {"values": self._values.clone(), "count": self._count.clone(), "calls": self._calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
@@ -726,6 +736,12 @@ class ZClip(Clipper):
             "mean": _to_cpu(self._mean),
             "var": _to_cpu(self._var),
         }
+
+    def device_state(self) -> dict[str, Any]:
+        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
+            return self.state_dict()
+        return {"buffer": self._buffer.clone(), "count": self._count.clone(), "mean": self._mean.clone(),
+                "var": self._var.clone()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next

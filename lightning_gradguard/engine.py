@@ -620,9 +620,9 @@ class GuardEngine:
             self._process_landed()
         due, self._rollback_due = self._rollback_due, False
         if not (due and self.lr_guard is not None and rollback.can_restore()):
-            rollback.before_step(self.steps + 1, self.index.params, optimizer)
+            rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
-        rollback.restore(optimizer)
+        self._load_statistics(rollback.restore(optimizer))
         self._free.extend(flags for flags, _, _ in self._pending)
         self._pending.clear()  # the flags of the abandoned trajectory
         for p in self.index.params:
@@ -633,6 +633,23 @@ class GuardEngine:
         self.skipped = True
         self.steps += 1
         return True
+
+    def _statistics(self) -> dict[str, Any]:
+        """The clipper's and the detectors' state, cloned on the device (no wait): kept with a rollback copy."""
+        return {
+            "clip": self.clipper.device_state() if self.clipper is not None else None,
+            "exploding": self.exploding.state_dict() if self.exploding is not None else None,
+            "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
+        }
+
+    def _load_statistics(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            return
+        for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
+            if part is not None and saved.get(name) is not None:
+                part.load_state_dict(
+                    {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved[name].items()}
+                )
 
     def _pre(
         self, flat: Tensor, present: Tensor

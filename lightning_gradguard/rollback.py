@@ -18,6 +18,7 @@ safe from the start.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,8 +58,9 @@ class _Slot:
         self.plain: dict[tuple[int, str], Any] = {}  # optimizer state that is not a tensor (ints, floats)
         self.step = -1  # the engine step (1-based) whose gradients were computed on these weights
         self.valid = False
+        self.extra: Any = None  # the caller's own state at the copy (the engine's statistics)
 
-    def take(self, params: list[Tensor], optimizer: torch.optim.Optimizer | None, step: int) -> None:
+    def take(self, params: list[Tensor], optimizer: torch.optim.Optimizer | None, step: int, extra: Any) -> None:
         sources = [p.detach() for p in params]
         if _same_layout(self.values, sources):
             _copy_(self.values, sources)
@@ -83,6 +85,7 @@ class _Slot:
             self.state_keys = keys
         self.plain = plain
         self.step = step
+        self.extra = extra
         self.valid = True
 
     def restore(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -128,7 +131,8 @@ class Rollback:
     candidate becomes the *safe* copy; the initial weights are the first safe copy. When the LR guard lowers the
     rate, the step is skipped, the safe copy is written back into the parameters and the optimizer state, and the
     flags of the steps taken since are dropped (they describe the abandoned trajectory). The clipper's and the
-    detectors' statistics are kept: they only ever learn from winsorized norms.
+    detectors' statistics go back to where they were at the copy (a small clone of each, taken with it): the norms
+    of the abandoned steps would otherwise make the next climb look ordinary.
 
     Cost: memory for two copies of the trainable parameters and their optimizer state, on their device (SGD with
     momentum: 4x the parameters; Adam: 6x); one fused copy every ``every`` steps; nothing on the other steps, and no
@@ -182,10 +186,17 @@ class Rollback:
         if troubled:
             self._last_event = max(self._last_event, step)
 
-    def before_step(self, step: int, params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+    def before_step(
+        self,
+        step: int,
+        params: list[Tensor],
+        optimizer: torch.optim.Optimizer | None,
+        capture: Callable[[], Any] | None = None,
+    ) -> None:
         """Take the copies that are due at engine step ``step`` (1-based), before its gradients are used.
 
-        The parameters hold the weights this step's gradients were computed on.
+        The parameters hold the weights this step's gradients were computed on. ``capture`` returns the caller's
+        own state to keep with a copy (given back by :meth:`restore`); it must not wait for the device.
         """
         candidate = self._candidate
         if candidate.valid and self._known >= candidate.step + self.every and self._last_event < candidate.step:
@@ -193,20 +204,21 @@ class Rollback:
             self._candidate.valid = False
         trainable = [p for p in params if p.requires_grad]
         if not self._safe.valid:
-            self._safe.take(trainable, optimizer, step)
+            self._safe.take(trainable, optimizer, step, capture() if capture is not None else None)
         elif step % self.every == 0 and not self._candidate.valid and self._last_event <= self._known - self.every:
-            self._candidate.take(trainable, optimizer, step)
+            self._candidate.take(trainable, optimizer, step, capture() if capture is not None else None)
 
     def can_restore(self) -> bool:
         """Whether a rollback is possible now."""
         return self._safe.valid and (self.max_rollbacks is None or self.count < self.max_rollbacks)
 
-    def restore(self, optimizer: torch.optim.Optimizer | None) -> int:
-        """Write the safe copy back into the parameters and ``optimizer``'s state; returns the step it was taken at."""
+    def restore(self, optimizer: torch.optim.Optimizer | None) -> Any:
+        """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
+        when the copy was taken."""
         self._safe.restore(optimizer)
         self._candidate.valid = False
         self.count += 1
-        return self._safe.step
+        return self._safe.extra
 
     def reset(self) -> None:
         """Forget the copies (the next step takes a new safe copy)."""
