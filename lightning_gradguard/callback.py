@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard._validation import check_bool, check_int
-from lightning_gradguard.clip import Clipper, ZClip, default_clipper
+from lightning_gradguard.clip import Clipper, default_clipper
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_gradguard._compat import nan_to_num_
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool
-from lightning_gradguard.clip import Clipper, ZClip, default_clipper
+from lightning_gradguard.clip import Clipper, default_clipper
 from lightning_gradguard.detect import ExplodingDetector, ExplodingResult, VanishingDetector, VanishingResult
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
@@ -410,7 +410,8 @@ class GuardEngine:
     Args:
         model: the model (its parameters are grouped into layers as by :func:`~lightning_gradguard.build_layer_index`,
             frozen ones included so that unfreezing later needs no rebuild), or a ready :class:`LayerIndex`.
-        clip: the clipper; ``"default"`` is ``ZClip(z_thresh=4.0)`` (see :func:`default_clipper`), ``None`` disables clipping.
+        clip: the clipper; ``"default"`` is ``ZClip(z_thresh=4.0)`` (:func:`~lightning_gradguard.clip.default_clipper`),
+            ``None`` disables clipping.
         exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
         vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
         lr_guard: an :class:`LRGuard` fed from the exploding and non-finite steps (connect it to the optimizer with
@@ -647,9 +648,7 @@ class GuardEngine:
             return
         for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
             if part is not None and saved.get(name) is not None:
-                part.load_state_dict(
-                    {k: v.clone() if isinstance(v, Tensor) else v for k, v in saved[name].items()}
-                )
+                part.load_state_dict({k: v.clone() if isinstance(v, Tensor) else v for k, v in saved[name].items()})
 
     def _pre(
         self, flat: Tensor, present: Tensor

@@ -18,7 +18,7 @@ safe from the start.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,8 @@ from lightning_gradguard._compat import foreach_copy_
 from lightning_gradguard._validation import check_bool, check_int
 
 __all__ = ["Rollback"]
+
+_NEVER = -(1 << 62)  # "no event yet", as a step number
 
 
 def _same_layout(a: list[Tensor], b: list[Tensor]) -> bool:
@@ -173,7 +175,7 @@ class Rollback:
         self.max_rollbacks = None if max_rollbacks is None else check_int("max_rollbacks", max_rollbacks, low=0)
         self._safe = _Slot()
         self._candidate = _Slot()
-        self._last_event = 0  # the last engine step with an exploding or non-finite event, as far as the host knows
+        self._last_event = _NEVER  # the last engine step with an exploding or non-finite event, as the host knows
         self._known = 0  # the last engine step whose flags the host has seen
         self.count = 0  # rollbacks so far
 
@@ -189,7 +191,7 @@ class Rollback:
     def before_step(
         self,
         step: int,
-        params: list[Tensor],
+        params: Sequence[Tensor],
         optimizer: torch.optim.Optimizer | None,
         capture: Callable[[], Any] | None = None,
     ) -> None:
@@ -231,5 +233,5 @@ class Rollback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the copies are forgotten, so the next step's weights become the safe copy."""
         self.count = int(state.get("count", 0))
-        self._last_event = self._known = 0
+        self._last_event, self._known = _NEVER, 0
         self.reset()
