@@ -647,8 +647,17 @@ class GuardEngine:
         if saved is None:
             return
         for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
-            if part is not None and saved.get(name) is not None:
-                part.load_state_dict({k: v.clone() if isinstance(v, Tensor) else v for k, v in saved[name].items()})
+            if part is None or saved.get(name) is None:
+                continue
+            state = {}
+            for key, value in saved[name].items():
+                current = getattr(part, f"_{key}", None)
+                if value is None and isinstance(current, Tensor):
+                    # Copied before the part's first step: its fresh state is zeros. Zeros of the current shape
+                    # (rather than None) keep a compiled tail from recompiling to create them.
+                    value = torch.zeros_like(current)
+                state[key] = value.clone() if isinstance(value, Tensor) else value
+            part.load_state_dict(state)
 
     def _pre(
         self, flat: Tensor, present: Tensor
