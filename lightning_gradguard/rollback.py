@@ -204,11 +204,14 @@ class Rollback:
         if candidate.valid and self._known >= candidate.step + self.every and self._last_event < candidate.step:
             self._safe, self._candidate = candidate, self._safe  # calm since the copy: trusted from now on
             self._candidate.valid = False
-        trainable = [p for p in params if p.requires_grad]
         if not self._safe.valid:
-            self._safe.take(trainable, optimizer, step, capture() if capture is not None else None)
+            slot = self._safe
         elif step % self.every == 0 and not self._candidate.valid and self._last_event <= self._known - self.every:
-            self._candidate.take(trainable, optimizer, step, capture() if capture is not None else None)
+            slot = self._candidate
+        else:
+            return  # the usual step: a few integer comparisons, nothing per parameter
+        trainable = [p for p in params if p.requires_grad]
+        slot.take(trainable, optimizer, step, capture() if capture is not None else None)
 
     def can_restore(self) -> bool:
         """Whether a rollback is possible now."""

@@ -251,6 +251,7 @@ def test_lr_guard_leaves_the_schedule_alone_and_scales_it_inside_the_step(tmp_pa
             lr_guard=LRGuard(factor=0.5, cooldown=cooldown, recovery_steps=recovery, memory=False),
             exploding=ExplodingDetector(warmup_steps=5),
             vanishing=None,
+            rollback=None,  # the LR guard's own timeline (a rollback would also skip the step after the cut)
         )
         probe = LRProbe(guard)
         _quiet_fit(
@@ -588,6 +589,7 @@ def test_checkpoint_resume_keeps_lr_multiplier_cooldown_and_strength(tmp_path: P
             regularizers=[L2(1e-4, adaptive=True, decay=0.9)],
             exploding=ExplodingDetector(warmup_steps=5),
             vanishing=None,
+            rollback=None,  # its copies are not checkpointed: a resumed run would roll back elsewhere
         )
 
     def model() -> Shifting:
@@ -644,7 +646,11 @@ def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: P
     model = Shifting(spikes=(12,), spike=1e4, lr=0.05)
     reg = L2(1e-3, adaptive=True, adaptive_factor=4.0, decay=0.8)
     guard = GradGuard(
-        clip=ZClip(warmup_steps=5), regularizers=[reg], exploding=ExplodingDetector(warmup_steps=5), vanishing=None
+        clip=ZClip(warmup_steps=5),
+        regularizers=[reg],
+        exploding=ExplodingDetector(warmup_steps=5),
+        vanishing=None,
+        rollback=None,  # the strength's own timeline
     )
     logger = TensorBoardLogger(tmp_path, name="", version="")
     _quiet_fit(
