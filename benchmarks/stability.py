@@ -674,8 +674,8 @@ def report(result: dict[str, Any]) -> str:
         f"NaN at: first training step (from 1) with a non-finite loss (how many); a run stops after "
         f"{meta['stop_after_nonfinite']} non-finite losses in a row",
         "events of guarded runs (GradGuard.summary()): clipped steps, expl = exploding, nonfin/skip = "
-        "nonfinite/skipped steps, lr_red = lr_reduced, van = vanishing (first layer @ step); warns = the guard's "
-        "warnings (hidden here, counted)",
+        "nonfinite/skipped steps, lr_red = lr_reduced, rollb = rolled_back, van = vanishing (first layer @ step); "
+        "warns = the guard's warnings (hidden here, counted)",
         "",
         "configs:",
     ]
@@ -695,6 +695,7 @@ def report(result: dict[str, Any]) -> str:
         "expl",
         "nonfin/skip",
         "lr_red",
+        "rollb",
         "van",
         "warns",
         "wall s",
@@ -720,6 +721,7 @@ def report(result: dict[str, Any]) -> str:
                 str(ev["exploding"]) if ev else "-",
                 f"{ev['nonfinite']}/{ev['skipped']}" if ev else "-",
                 str(ev["lr_reduced"]) if ev else "-",
+                str(ev.get("rolled_back", 0)) if ev else "-",
                 van,
                 str(row["guard_warnings"]) if ev else "-",
                 f"{row['wall_s']:.1f}",

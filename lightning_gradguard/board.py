@@ -37,7 +37,16 @@ if TYPE_CHECKING:
 __all__ = ["DIAGNOSTIC_CHARTS", "EVENT_KINDS", "TROUBLE_KINDS", "GradGuardBoard", "sample_gradients"]
 
 #: Event counters written as ``gradguard/events/<kind>``.
-EVENT_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
+EVENT_KINDS: tuple[str, ...] = (
+    "exploding",
+    "vanishing",
+    "nonfinite",
+    "skipped",
+    "overflow",
+    "lr_reduced",
+    "clipped",
+    "rolled_back",
+)
 #: Event kinds that name a layer: each event is also written as ``gradguard/trouble/<kind>/<layer>``.
 TROUBLE_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite")
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
-from lightning_gradguard.clip import Clipper, ZClip
+from lightning_gradguard.clip import Clipper, default_clipper
 from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,
@@ -48,6 +48,7 @@ from lightning_gradguard.engine import (
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
 from lightning_gradguard.regularize import Orthogonal, Regularizer
+from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.saturation import SaturationMonitor
 from lightning_gradguard.stats import StepStats
 
@@ -71,16 +72,19 @@ class GradGuard(Callback):
     (after AMP's ``unscale_``). Per optimizer step, in order: add the regularizers' gradient terms, measure the
     per-layer norms in one pass, run the detectors, handle non-finite gradients, clip, apply the LR guard, and fold
     the figures into device-side accumulators. Nothing is copied to the host on steps that do not log (with the one
-    documented exception of ``on_nonfinite="skip"`` outside 16-bit AMP: one boolean per step, as a GradScaler does).
+    documented exception of ``on_nonfinite="skip"`` outside 16-bit AMP: one boolean per step, as a GradScaler does;
+    under DDP/FSDP2 each step also waits for the previous step's small flag copy, so that the LR guard's cut falls on
+    the same step on every rank).
     On logging steps one batched copy feeds every scalar, warning and picture. The per-step work is done by one
     :class:`~lightning_gradguard.GuardEngine` per optimizer (usable without Lightning); this callback adds the hooks,
     the strategy and AMP checks, the loggers, the checkpoints and the raise/warn policy.
 
     Args:
         clip: the clipper (:class:`ZClip`, :class:`AutoClip`, :class:`AGC`, :class:`NormClip`); ``"default"`` is
-            ``ZClip()``, ``None`` disables clipping. With ``Trainer(gradient_clip_val=v)`` (by norm) GradGuard clips
-            once to ``min(this clipper's threshold, v)`` and switches Lightning's clipping off for the fit, so its logs
-            describe what the optimizer receives (README, "Clipping").
+            ``ZClip(z_thresh=4.0)`` (:func:`~lightning_gradguard.clip.default_clipper`), ``None`` disables clipping.
+            With ``Trainer(gradient_clip_val=v)`` (by norm) GradGuard clips once to ``min(this clipper's threshold,
+            v)`` and switches Lightning's clipping off for the fit, so its logs describe what the optimizer receives
+            (README, "Clipping").
         lr_guard: the learning-rate guard; ``"default"`` is ``LRGuard()``, ``None`` disables it.
         regularizers: gradient-term regularizers (:class:`L1`, :class:`L2`, :class:`Orthogonal`).
         on_nonfinite: what to do with a step whose gradients hold inf/NaN: ``"skip"`` the optimizer step (parameters
@@ -130,6 +134,12 @@ class GradGuard(Callback):
             ``"epoch"``:
             ``gradguard/epoch/...``, per-epoch total-norm percentiles, maximum and event counts. Per-layer tags go to
             TensorBoard only, the noise scale and the epoch summaries to every logger.
+        rollback: opt-in: a :class:`Rollback` (``True``: ``Rollback()``) skips the step on which the LR guard lowers
+            the rate and puts back the last parameters, optimizer state and statistics known to have trained calmly
+            (counted as ``rolled_back``); needs ``lr_guard``. ``None`` (default) or ``False``: no rollback. It keeps
+            two copies of the trainable parameters and their optimizer state on their device (4x the trainable
+            parameters' memory with SGD and momentum, 6x with Adam) and makes one fused copy every
+            ``Rollback.every`` steps; a run whose rate is never lowered is not changed by it.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -162,12 +172,13 @@ class GradGuard(Callback):
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
         diagnostics: bool | list[str] = True,
+        rollback: Rollback | bool | None = None,
     ) -> None:
         super().__init__()
         regularizers = _check_arguments(locals())
         max_warnings = int(max_warnings)
 
-        self.clip: Clipper | None = _default(clip, ZClip)
+        self.clip: Clipper | None = _default(clip, default_clipper)
         self.lr_guard: LRGuard | None = _default(lr_guard, LRGuard)
         self.regularizers = regularizers
         self.on_nonfinite = on_nonfinite
@@ -186,6 +197,7 @@ class GradGuard(Callback):
         self.clip_exploding = clip_exploding
         self.compile = compile
         self.diagnostics = diagnostics
+        self.rollback: Rollback | None = rollback_from(rollback)
         self._diag_on: frozenset[str] = frozenset(
             DIAGNOSTICS if diagnostics is True else () if diagnostics is False else diagnostics
         )
@@ -377,6 +389,7 @@ class GradGuard(Callback):
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
+            rollback=copy.deepcopy(self.rollback),
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
@@ -427,7 +440,7 @@ class GradGuard(Callback):
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
         try:
-            stats = engine.step(stamp, grad_scale=grad_scale, grad_scaler=scaler is not None)
+            stats = engine.step(stamp, grad_scale=grad_scale, grad_scaler=scaler is not None, optimizer=optimizer)
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
         if logging:
@@ -657,6 +670,7 @@ class GradGuard(Callback):
             "on_vanishing": self.on_vanishing,
             "exploding": repr(self.exploding),
             "vanishing": repr(self.vanishing),
+            "rollback": repr(self.rollback),
             "log_every_n_steps": self.log_every_n_steps,
             "group_depth": self.group_depth,
             "compile": self.compile,
@@ -709,6 +723,8 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         value = args[name]
         if value is not None and value != "default" and not isinstance(value, cls):
             raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+    if rollback_from(args["rollback"]) is not None and args["lr_guard"] is None:
+        raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
     regularizers = args["regularizers"]
     if regularizers is not None and not isinstance(regularizers, (list, tuple)):
         raise ValueError(f"`regularizers` must be a list of Regularizer instances or None, got {regularizers!r}")

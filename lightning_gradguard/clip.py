@@ -35,7 +35,7 @@ try:
 except ImportError:  # torch built without distributed support
     _DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip"]
+__all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_clipper"]
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
 _NORM_EPS = 1e-6
@@ -279,6 +279,11 @@ class Clipper(abc.ABC):
         """The clipper's state: plain Python values and CPU tensors (empty for stateless clippers)."""
         return {}
 
+    def device_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the tensors cloned where they are (no device-to-host copy, no wait): what a
+        :class:`~lightning_gradguard.Rollback` keeps; :meth:`load_state_dict` takes it back."""
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
         if state:
@@ -485,6 +490,11 @@ class AutoClip(Clipper):
         else:
             values, count = _to_cpu(self._values), _to_cpu(self._count)
         return {"values": values, "count": count, "calls": self._calls}
+
+    def device_state(self) -> dict[str, Any]:
+        if self._values is None or self._count is None:
+            return self.state_dict()
+        return {"values": self._values.clone(), "count": self._count.clone(), "calls": self._calls}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
@@ -795,6 +805,12 @@ class ZClip(Clipper):
             "var": _to_cpu(self._var),
         }
 
+    def device_state(self) -> dict[str, Any]:
+        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
+            return self.state_dict()
+        return {"buffer": self._buffer.clone(), "count": self._count.clone(), "mean": self._mean.clone(),
+                "var": self._var.clone()}  # fmt: skip
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
         call."""
@@ -994,3 +1010,15 @@ def _local_tensors(tensors: list[Tensor]) -> list[Tensor]:
 def _row_norms(rows: Tensor) -> Tensor:
     norms = torch.linalg.vector_norm(rows, dim=1, dtype=_norm_dtype(rows.dtype))
     return norms if norms.dtype == torch.float32 else norms.float()
+
+
+def default_clipper() -> ZClip:
+    """The clipper of ``GradGuard(clip="default")``: ``ZClip(z_thresh=4.0)``.
+
+    The paper's ``z_thresh=2.5`` clips 4-7% of the steps of a healthy GAN (24 to 39 of 600 in the healthy zoo), and
+    in a game every changed step changes where it ends (+10.6% and +14.1% held-out MMD on two seeds of three). At
+    4.0 the same runs clip 1 to 6 steps and end within 0.7% of unguarded. The rescue of a too-high learning rate
+    does not rest on the clipper (the exploding detector, the LR guard and the rollback do it); the stability suite
+    gives the same results at 2.5 and 4.0.
+    """
+    return ZClip(z_thresh=4.0)

@@ -5,8 +5,9 @@ One call per optimizer step, after ``backward`` and before ``optimizer.step()``:
 declared once (:data:`_BUFFERS`) with its reset value; set-up, the start of each logging window, saving and restoring
 loop over that table. Nothing is copied to the host on a step (with the one documented exception of
 ``on_nonfinite="skip"``/``"raise"``: one boolean, as a GradScaler reads): the host learns what happened from a small
-copy that lands without a wait (:meth:`GuardEngine.drain`), and reads the logged figures with one batched copy on
-logging steps (:meth:`GuardEngine.snapshot`).
+copy that lands without a wait (:meth:`GuardEngine.drain`; under several processes, a step waits for the previous
+step's copy, so that every rank takes the same decisions on the same step), and reads the logged figures with one
+batched copy on logging steps (:meth:`GuardEngine.snapshot`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from torch import Tensor, nn
 from lightning_gradguard._compat import nan_to_num_
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_number
-from lightning_gradguard.clip import Clipper, NormClip, ZClip
+from lightning_gradguard.clip import Clipper, NormClip, default_clipper
 from lightning_gradguard.detect import ExplodingDetector, ExplodingResult, VanishingDetector, VanishingResult
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer
+from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.stats import FlatStats, GradStats, StepStats, split_flat
 
 __all__ = [
@@ -51,7 +53,7 @@ if not logging.getLogger().hasHandlers():
     log.addHandler(logging.StreamHandler())
     log.propagate = False
 
-EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped")
+EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped", "rolled_back")
 NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 # What ``torch.compile`` uses for the fused per-step tail (tests swap in a cheaper backend).
 _COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
@@ -389,6 +391,12 @@ def _default(value: Any, factory: Callable[[], Any]) -> Any:
     return factory() if isinstance(value, str) and value == "default" else value
 
 
+def _distributed() -> bool:
+    """Whether this process is one of several (a default process group of more than one rank)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _to_device(state: Any, device: torch.device) -> Any:
     if isinstance(state, Tensor):
         return state.to(device)
@@ -420,10 +428,17 @@ class GuardEngine:
     the eager path with one message. Compiling takes seconds on a GPU and tens of seconds on a CPU (about 30 s for the
     defaults on 2 CPU cores, paid back after some 20 000 steps), which is why ``"auto"`` leaves the CPU eager.
 
+    The host acts on each step's flags (LR guard, rollback, adaptive regularizers) once their small copy has landed,
+    without waiting for it on a single device. Under several processes (a default process group of more than one
+    rank: DDP, FSDP2) and with something that acts on them, :meth:`step` first waits for the previous steps' copies
+    (issued a forward and backward pass earlier), so that the LR guard's cut and a rollback fall on the same step on
+    every rank; this caps how far the host runs ahead of the device at about one step.
+
     Args:
         model: the model (its parameters are grouped into layers as by :func:`~lightning_gradguard.build_layer_index`,
             frozen ones included so that unfreezing later needs no rebuild), or a ready :class:`LayerIndex`.
-        clip: the clipper; ``"default"`` is ``ZClip()``, ``None`` disables clipping.
+        clip: the clipper; ``"default"`` is ``ZClip(z_thresh=4.0)`` (:func:`~lightning_gradguard.clip.default_clipper`),
+            ``None`` disables clipping.
         exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
         vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
         lr_guard: an :class:`LRGuard` fed from the exploding and non-finite steps (connect it to the optimizer with
@@ -441,6 +456,10 @@ class GuardEngine:
         key: this engine's key in a shared :class:`LRGuard` (one per optimizer).
         group_depth: layer grouping, when ``model`` is a module (see ``build_layer_index``).
         group_fn: layer grouping by parameter name, when ``model`` is a module.
+        rollback: a :class:`~lightning_gradguard.Rollback` (``True``: ``Rollback()``): when the LR guard lowers the
+            rate, skip the step and put back the last parameters and optimizer state known to have trained calmly
+            (pass the optimizer to :meth:`step`); needs ``lr_guard``. ``None`` (default) or ``False``: no rollback
+            (it keeps two copies of the trainable parameters and their optimizer state, so it is opt-in).
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -484,9 +503,13 @@ class GuardEngine:
         max_norm: float | None = None,
         group_depth: int | None = None,
         group_fn: Callable[[str], str] | None = None,
+        rollback: Rollback | bool | None = None,
     ) -> None:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
+        rollback = rollback_from(rollback)
+        if rollback is not None and lr_guard is None:
+            raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
         if compile != "auto":
             check_bool("compile", compile)
         check_bool("clip_exploding", clip_exploding)
@@ -509,7 +532,7 @@ class GuardEngine:
         if not index.params:
             raise ValueError("GuardEngine: the model has no parameters, so there are no gradients to watch.")
         self.index = index
-        self.clipper: Clipper | None = _default(clip, ZClip)
+        self.clipper: Clipper | None = _default(clip, default_clipper)
         self.exploding: ExplodingDetector | None = _default(exploding, ExplodingDetector)
         self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
         self.lr_guard = lr_guard
@@ -538,12 +561,17 @@ class GuardEngine:
         self.key = key
         self.steps = 0  # steps recorded (cumulative, saved)
         self.steps_since_log = 0
-        self.host_counts = {"skipped": 0, "lr_reduced": 0}
+        self.host_counts = {"skipped": 0, "lr_reduced": 0, "rolled_back": 0}
+        self.rollback = rollback
+        self._rollback_due = False
+        # Host decisions from the flags that change training: under several processes they must fall on the same
+        # step on every rank (see ``step``).
+        self._acts_on_flags = lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
         self.skipped = False  # whether the last step was skipped
         self._stats = GradStats(index.params, index.layer_of_param, index.num_layers)
         self._record = _Record(index.num_layers, index.params[0].device)
         self._last_total = torch.zeros((), device=self._record.device)
-        self._pending: deque[tuple[HostFlags, bool]] = deque()
+        self._pending: deque[tuple[HostFlags, bool, int]] = deque()  # flags, GradScaler step, engine step
         self._free: list[HostFlags] = []
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
         # (index in the window, step number) where the caller's step numbers stop running consecutively.
@@ -570,7 +598,12 @@ class GuardEngine:
 
     @torch.no_grad()
     def step(
-        self, step: int | None = None, *, grad_scale: Tensor | None = None, grad_scaler: bool = False
+        self,
+        step: int | None = None,
+        *,
+        grad_scale: Tensor | None = None,
+        grad_scaler: bool = False,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> StepStats | None:
         """Run the pipeline on the gradients in ``.grad``; call it before ``optimizer.step()``.
 
@@ -580,15 +613,28 @@ class GuardEngine:
                 optimizer unscales inside ``step``): norms and clipping work on the true gradients.
             grad_scaler: a GradScaler skips non-finite steps itself (16-bit AMP): they are counted as overflow and
                 neither handled, nor fed to the LR guard.
+            optimizer: the optimizer about to step, whose state a :class:`~lightning_gradguard.Rollback` copies and
+                restores (without it, only the parameters are).
 
         Returns:
-            The step's measurements (device tensors), or ``None`` when no parameter had a gradient. After a skipped
-            step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``.
+            The step's measurements (device tensors), or ``None`` when no parameter had a gradient or the step rolled
+            back. After a skipped (or rolled-back) step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``.
 
         Raises:
             NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
         """
         self._process_landed()
+        if self._pending and self._acts_on_flags and _distributed():
+            # Several processes: a decision that changes training (the LR guard's cut, a rollback, an adaptive
+            # strength) must fall on the same step on every rank. Land the previous steps' flags now (copies issued
+            # a forward and backward pass ago) rather than whenever each rank sees them arrive. A single process
+            # never waits here.
+            for flags, _, _ in self._pending:
+                if flags.event is not None:
+                    flags.event.synchronize()
+            self._process_landed()
+        if self.rollback is not None and self._rollback_step(optimizer):
+            return None
         for r in self.regularizers:
             r.add_grad_(grad_scale if grad_scale is not None else 1.0)
         measured = self._stats.measure(grad_scale=grad_scale)
@@ -636,7 +682,7 @@ class GuardEngine:
             self._stamps.append((self.steps_since_log, number))  # runs of consecutive step numbers: O(1) memory
         flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS), total.device)
         flags.fill(increment, number)
-        self._pending.append((flags, grad_scaler))
+        self._pending.append((flags, grad_scaler, self.steps + 1))
         self.steps += 1
         self.steps_since_log += 1
         self._tail.step_done()
@@ -646,6 +692,51 @@ class GuardEngine:
             layer_present=measured.present, grads=measured.grads, params=measured.params,
             param_indices=measured.param_indices,
         )  # fmt: skip
+
+    def _rollback_step(self, optimizer: torch.optim.Optimizer | None) -> bool:
+        """Take the rollback's copies, or roll back when the LR guard lowered the rate; ``True``: rolled back (the
+        step is skipped)."""
+        rollback = self.rollback
+        assert rollback is not None
+        due, self._rollback_due = self._rollback_due, False
+        if not (due and self.lr_guard is not None and rollback.can_restore()):
+            rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
+            return False
+        self._load_statistics(rollback.restore(optimizer))
+        self._free.extend(flags for flags, _, _ in self._pending)
+        self._pending.clear()  # the flags of the abandoned trajectory
+        for p in self.index.params:
+            p.grad = None  # computed on the abandoned weights: the optimizer step leaves everything as restored
+        self.host_counts["rolled_back"] += 1
+        if rollback.pin_lr:
+            self.lr_guard.pin(self.key)
+        self.skipped = True
+        self.steps += 1
+        return True
+
+    def _statistics(self) -> dict[str, Any]:
+        """The clipper's and the detectors' state, cloned on the device (no wait): kept with a rollback copy."""
+        return {
+            "clip": self.clipper.device_state() if self.clipper is not None else None,
+            "exploding": self.exploding.state_dict() if self.exploding is not None else None,
+            "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
+        }
+
+    def _load_statistics(self, saved: dict[str, Any] | None) -> None:
+        if saved is None:
+            return
+        for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
+            if part is None or saved.get(name) is None:
+                continue
+            state = {}
+            for key, value in saved[name].items():
+                current = getattr(part, f"_{key}", None)
+                if value is None and isinstance(current, Tensor):
+                    # Copied before the part's first step: its fresh state is zeros. Zeros of the current shape
+                    # (rather than None) keep a compiled tail from recompiling to create them.
+                    value = torch.zeros_like(current)
+                state[key] = value.clone() if isinstance(value, Tensor) else value
+            part.load_state_dict(state)
 
     def _pre(
         self, flat: Tensor, present: Tensor
@@ -759,7 +850,7 @@ class GuardEngine:
     def _process_landed(self) -> None:
         """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
         while self._pending and self._pending[0][0].ready():
-            flags, grad_scaler = self._pending.popleft()
+            flags, grad_scaler, local = self._pending.popleft()
             exploding, vanishing, nonfinite, overflow, _ = (bool(v) for v in flags.values)
             self._free.append(flags)
             lr_reduced = False
@@ -770,6 +861,9 @@ class GuardEngine:
                 if self.lr_guard is not None and self.lr_guard.update(exploding, self.key, nonfinite=nonfinite):
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
+                    self._rollback_due = True
+                if self.rollback is not None:
+                    self.rollback.observe(local, exploding or nonfinite)
                 for r in self.regularizers:
                     r.on_exploding(exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced:
@@ -878,6 +972,8 @@ class GuardEngine:
             if b.saved:
                 state[b.name] = self._record.buffers[b.name].clone()
         state.update(host_counts=dict(self.host_counts), steps=self.steps, layers=list(self.index.names))
+        if self.rollback is not None:
+            state["rollback"] = self.rollback.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -897,6 +993,8 @@ class GuardEngine:
                 self._record.buffers[b.name].copy_(state[b.name].to(device))
         self.host_counts.update(state.get("host_counts", {}))
         self.steps = int(state.get("steps", 0))
+        if self.rollback is not None and state.get("rollback") is not None:
+            self.rollback.load_state_dict(state["rollback"])
 
     def carry_over(self, old: GuardEngine) -> None:
         """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed)."""

@@ -236,6 +236,13 @@ class LRGuard:
         state = self._states.get(key)
         return 1.0 if state is None else state.ceiling
 
+    def pin(self, key: int = 0) -> None:
+        """Lower the ceiling of optimizer ``key`` to its current multiplier: recovery stops there (used after a
+        rollback: the rate that exploded is not tried again; the slow ``increase`` still applies once recovered)."""
+        state = self._states.get(key)
+        if state is not None:
+            state.ceiling = min(state.ceiling, max(self._multiplier(state), self.min_scale))
+
     def update(self, exploding: bool, key: int = 0, nonfinite: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.
 

@@ -23,6 +23,7 @@ from lightning_gradguard import (
     GuardEngine,
     LRGuard,
     NormClip,
+    Rollback,
     VanishingDetector,
     ZClip,
 )
@@ -55,6 +56,7 @@ def _parts() -> dict[str, Any]:
         vanishing=VanishingDetector(patience=3),
         lr_guard=LRGuard(cooldown=3, recovery_steps=5),
         regularizers=[L2(1e-3)],
+        rollback=Rollback(every=5),
     )
 
 
@@ -80,7 +82,7 @@ def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> N
             optimizer.zero_grad()
             Troubled.scaled(nn.functional.mse_loss(model(x), y), step).backward()
             events += engine.drain()
-            engine.step()
+            engine.step(optimizer=optimizer)
             optimizer.step()
             if step == steps:
                 break

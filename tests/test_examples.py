@@ -21,7 +21,7 @@ from lightning_gradguard import GradGuard, LRGuard, Orthogonal, VanishingDetecto
 from tests.helpers import load_events
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-EVENT_KINDS = {"exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped"}
+EVENT_KINDS = {"exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped", "rolled_back"}
 
 
 def _scalar_tags(log_dir: str) -> set[str]:
