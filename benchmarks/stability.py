@@ -1,11 +1,12 @@
 """Does GradGuard rescue unstable training, and does it leave healthy training alone?
 
 Each config of a small suite is trained from the same seed, on the same batches in the same order, without a guard,
-with plain ``GradGuard()`` (ZClip, LRGuard, ``on_nonfinite="skip"``) and with ``GradGuard()`` whose exploding
-detector holds the total norm to 5x its running mean (``ExplodingDetector(max_ratio=5)``: the guard for runs that
-may diverge in their first steps); the configs taken from an example that recommends its own guard (``build_guard()``
-of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a fourth run with that guard. Every run is then
-evaluated on held-out data. The table reports, per run:
+with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="skip"``), with ``GradGuard()`` whose
+exploding detector holds the total norm to 5x its running mean (``ExplodingDetector(max_ratio=5)``: the guard for
+runs that may diverge in their first steps) and with the opt-in rollback (``GradGuard(rollback=Rollback())``: on an
+LR cut, back to the last weights and optimizer state known to have trained calmly); the configs taken from an example
+that recommends its own guard (``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get
+a fifth run with that guard. Every run is then evaluated on held-out data. The table reports, per run:
 
 * **held-out**: the loss of the final weights on data the run never trained on (MSE for the adding problem,
   cross-entropy and accuracy for classification);
@@ -15,7 +16,8 @@ evaluated on held-out data. The table reports, per run:
   steps had a non-finite loss; a run stops early after 20 non-finite losses in a row (marked ``stopped``): nothing
   brings it back, and NaN steps only cost time;
 * the guard's events from ``GradGuard.summary()`` (clipped steps, exploding, nonfinite/skipped, lr_reduced,
-  vanishing with the layer named first), and how many warnings the guard raised (kept out of the output, counted).
+  rolled_back, vanishing with the layer named first), and how many warnings the guard raised (kept out of the output,
+  counted).
 
 The configs that diverge unguarded (``lstm_10x``, ``rnn_tanh``, ``resnet20_nobn``) also train unguarded at three
 lower learning rates (variants ``unguarded_lr<rate>``; ``--no-sweep`` skips them): the best of them is the *tuned
@@ -78,7 +80,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import ExplodingDetector, GradGuard
+from lightning_gradguard import ExplodingDetector, GradGuard, Rollback
 
 try:
     from benchmarks._common import command_line, machine, num, run_quietly_and_emit
@@ -95,8 +97,8 @@ except ImportError:  # run as a script: the repository root is not on the path
 __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
 Size = Literal["quick", "default", "full"]
-#: Every config runs these three; some add "guarded_example", with the guard their example recommends.
-VARIANTS = ("unguarded", "guarded", "guarded_ratio5")
+#: Every config runs these four; some add "guarded_example", with the guard their example recommends.
+VARIANTS = ("unguarded", "guarded", "guarded_ratio5", "guarded_rollback")
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "guarded": ("GradGuard()", GradGuard),
@@ -105,6 +107,8 @@ GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
         "GradGuard(exploding=ExplodingDetector(max_ratio=5))",
         lambda: GradGuard(exploding=ExplodingDetector(max_ratio=5.0)),
     ),
+    # The opt-in rollback: on an LR cut, back to the last weights and optimizer state known to have trained calmly.
+    "guarded_rollback": ("GradGuard(rollback=Rollback())", lambda: GradGuard(rollback=Rollback())),
 }
 #: Variant name prefix of the unguarded tuned-rate sweep runs ("unguarded_lr0.3").
 SWEEP_PREFIX = "unguarded_lr"
