@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Public name -> defining module. Names load on first use, so `gradguard report` and plain-PyTorch users of the
 # clippers do not pay for importing Lightning.
