@@ -8,7 +8,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -59,6 +59,9 @@ log = logging.getLogger(__name__)
 _EVENT_MODES = ("warn", "raise", "ignore")
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
 DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
+
+
+_T = TypeVar("_T")
 
 
 def _default(value: Any, factory: Callable[[], Any]) -> Any:
@@ -835,22 +838,20 @@ class _Diagnostics:
         self.zeros.pop(key, None)
 
     def _hints(self, key: int) -> UpdateRatioHints:
-        hints = self.hints.get(key)
-        if hints is None:
-            hints = self.hints[key] = UpdateRatioHints()
-            saved = self.loaded.get("hints", {}).pop(str(key), None)
-            if saved is not None:
-                hints.load_state_dict(saved)
-        return hints
+        return self._per_optimizer(self.hints, "hints", key, UpdateRatioHints)
 
     def _epoch(self, key: int) -> EpochSummary:
-        epoch = self.epochs.get(key)
-        if epoch is None:
-            epoch = self.epochs[key] = EpochSummary()
-            saved = self.loaded.get("epoch", {}).pop(str(key), None)
+        return self._per_optimizer(self.epochs, "epoch", key, EpochSummary)
+
+    def _per_optimizer(self, store: dict[int, _T], section: str, key: int, factory: Callable[[], _T]) -> _T:
+        """``store[key]``, created on first use and given the state a checkpoint saved for it (``section``)."""
+        item = store.get(key)
+        if item is None:
+            item = store[key] = factory()
+            saved = self.loaded.get(section, {}).pop(str(key), None)
             if saved is not None:
-                epoch.load_state_dict(saved)
-        return epoch
+                item.load_state_dict(saved)  # type: ignore[attr-defined]
+        return item
 
     def state_dict(self) -> dict[str, Any]:
         hints = {str(k): h.state_dict() for k, h in self.hints.items()}
