@@ -1,12 +1,14 @@
 """Does GradGuard rescue unstable training, and does it leave healthy training alone?
 
 Each config of a small suite is trained from the same seed, on the same batches in the same order, without a guard,
-with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="skip"``), with ``GradGuard()`` whose
-exploding detector holds the total norm to 5x its running mean (``ExplodingDetector(max_ratio=5)``: the guard for
-runs that may diverge in their first steps) and with the opt-in rollback (``GradGuard(rollback=Rollback())``: on an
-LR cut, back to the last weights and optimizer state known to have trained calmly); the configs taken from an example
-that recommends its own guard (``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get
-a fifth run with that guard. Every run is then evaluated on held-out data. The table reports, per run:
+with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="skip"``, and the early restart of
+``default_rollback()``), with the same guard without that restart (``GradGuard(rollback=None)``), with
+``GradGuard()`` whose exploding detector holds the total norm to 5x its running mean
+(``ExplodingDetector(max_ratio=5)``: the guard for runs that may diverge in their first steps) and with the opt-in
+rollback (``GradGuard(rollback=Rollback())``: on an LR cut, back to the last weights and optimizer state known to
+have trained calmly); the configs taken from an example that recommends its own guard (``build_guard()`` of
+``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a sixth run with that guard. Every run is then
+evaluated on held-out data. The table reports, per run:
 
 * **held-out**: the loss of the final weights on data the run never trained on (MSE for the adding problem,
   cross-entropy and accuracy for classification);
@@ -98,10 +100,12 @@ __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
 Size = Literal["quick", "default", "full"]
 #: Every config runs these four; some add "guarded_example", with the guard their example recommends.
-VARIANTS = ("unguarded", "guarded", "guarded_ratio5", "guarded_rollback")
+VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback")
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "guarded": ("GradGuard()", GradGuard),
+    # The default without its early restart: what the clipper, the detectors and the LR guard do alone.
+    "guarded_norestart": ("GradGuard(rollback=None)", lambda: GradGuard(rollback=None)),
     # The ratio test held to 5x for the total norm: it catches a too-high learning rate in the first steps.
     "guarded_ratio5": (
         "GradGuard(exploding=ExplodingDetector(max_ratio=5))",

@@ -137,12 +137,14 @@ class GradGuard(Callback):
             ``"epoch"``:
             ``gradguard/epoch/...``, per-epoch total-norm percentiles, maximum and event counts. Per-layer tags go to
             TensorBoard only, the noise scale and the epoch summaries to every logger.
-        rollback: opt-in: a :class:`Rollback` (``True``: ``Rollback()``) skips the step on which the LR guard lowers
-            the rate and puts back the last parameters, optimizer state and statistics known to have trained calmly
-            (counted as ``rolled_back``); needs ``lr_guard``. ``None`` (default) or ``False``: no rollback. It keeps
-            two copies of the trainable parameters and their optimizer state on their device (4x the trainable
-            parameters' memory with SGD and momentum, 6x with Adam) and makes one fused copy every
-            ``Rollback.every`` steps; a run whose rate is never lowered is not changed by it.
+        rollback: a :class:`Rollback` skips the step on which the LR guard lowers the rate and puts back the last
+            parameters, optimizer state and statistics known to have trained calmly (counted as ``rolled_back``);
+            needs ``lr_guard``. ``"default"``: :func:`default_rollback`, an early restart: for the first 500 steps,
+            after two troubled steps in a row, back to the initial weights at the lowered rate (one copy of the
+            trainable parameters, only when it takes at most 1 GiB; off without an ``lr_guard``). ``True``:
+            ``Rollback()``, for the whole run, with two copies of the trainable parameters and their optimizer state
+            on their device (4x the trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or
+            ``False``: no rollback. A run whose rate is never lowered is not changed by any of them.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -175,7 +177,7 @@ class GradGuard(Callback):
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
         diagnostics: bool | list[str] = True,
-        rollback: Rollback | bool | None = None,
+        rollback: Rollback | bool | None | Literal["default"] = "default",
     ) -> None:
         super().__init__()
         regularizers = _check_arguments(locals())
@@ -200,7 +202,10 @@ class GradGuard(Callback):
         self.clip_exploding = clip_exploding
         self.compile = compile
         self.diagnostics = diagnostics
-        self.rollback: Rollback | None = rollback_from(rollback)
+        # The default restart needs the LR guard's cut to act on; without a guard it is simply off.
+        self.rollback: Rollback | None = (
+            None if rollback == "default" and self.lr_guard is None else rollback_from(rollback)
+        )
         self._diag_on: frozenset[str] = frozenset(
             DIAGNOSTICS if diagnostics is True else () if diagnostics is False else diagnostics
         )
@@ -726,7 +731,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         value = args[name]
         if value is not None and value != "default" and not isinstance(value, cls):
             raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
-    if rollback_from(args["rollback"]) is not None and args["lr_guard"] is None:
+    if args["rollback"] != "default" and rollback_from(args["rollback"]) is not None and args["lr_guard"] is None:
         raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
     regularizers = args["regularizers"]
     if regularizers is not None and not isinstance(regularizers, (list, tuple)):

@@ -699,7 +699,7 @@ class GuardEngine:
         rollback = self.rollback
         assert rollback is not None
         due, self._rollback_due = self._rollback_due, False
-        if not (due and self.lr_guard is not None and rollback.can_restore()):
+        if not (due and self.lr_guard is not None and rollback.can_restore(self.steps + 1)):
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         self._load_statistics(rollback.restore(optimizer))

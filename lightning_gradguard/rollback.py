@@ -15,12 +15,18 @@ copy, taken every ``every`` steps, becomes the *safe* copy once the ``every`` st
 restores the safe copy. The copy taken before the first optimizer step (the initial weights, no optimizer state) is
 safe from the start.
 
-Opt-in (``GradGuard(rollback=Rollback())``): the two copies cost memory that a callback on by default cannot take
-from a large model.
+``GradGuard()`` rolls back by default, but only early and cheaply (:func:`default_rollback`): one copy of the
+initial trainable parameters, kept for the first 500 optimizer steps and only when it takes at most 1 GiB, used only
+after two troubled steps in a row (so isolated spikes, bad batches between calm steps, never restart a run). That is
+where a too-high learning rate shows itself, and where a restart loses least. The full rollback
+(``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of their optimizer state for the whole
+run: opt-in, for its memory.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,7 +36,7 @@ from torch import Tensor
 from lightning_gradguard._compat import foreach_copy_
 from lightning_gradguard._validation import check_bool, check_int
 
-__all__ = ["Rollback", "rollback_from"]
+__all__ = ["Rollback", "default_rollback", "rollback_from"]
 
 _NEVER = -(1 << 62)  # "no event yet", as a step number
 
@@ -56,6 +62,10 @@ class _Slot:
     """One copy of some parameters and of their optimizer state (buffers reused from one copy to the next)."""
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop the copies (their memory is freed once nothing else holds them)."""
         self.params: list[Tensor] = []  # the parameters copied (references, to restore into)
         self.values: list[Tensor] = []  # their copies
         self.state_keys: list[tuple[int, str]] = []  # (position in ``params``, name) of each optimizer state tensor
@@ -122,14 +132,25 @@ class _Slot:
         _copy_(targets, sources)
 
 
+def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> int:
+    """The memory one copy of ``params`` and of their optimizer state takes."""
+    total = sum(p.numel() * p.element_size() for p in params)
+    if optimizer is not None:
+        for p in params:
+            for value in (optimizer.state.get(p) or {}).values():
+                if isinstance(value, Tensor):
+                    total += value.numel() * value.element_size()
+    return total
+
+
 class Rollback:
     """Go back to the last known-healthy parameters and optimizer state when the LR guard lowers the rate.
 
-    Opt-in: ``GradGuard(rollback=Rollback())`` (or ``rollback=True``) and ``GuardEngine(..., rollback=Rollback())``;
-    the default is no rollback, because the two copies it keeps cost memory that a large model may not have. It acts
-    only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where the guard lowers its multiplier
-    (an exploding step, repeated non-finite steps). A run that never has its rate lowered is never touched: the
-    copies change no number of it.
+    ``GradGuard()`` uses :func:`default_rollback` (early, one copy of the initial weights, at most 1 GiB);
+    ``GradGuard(rollback=Rollback())`` (or ``rollback=True``) and ``GuardEngine(..., rollback=Rollback())`` keep two
+    copies for the whole run. It acts only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where
+    the guard lowers its multiplier (an exploding step, repeated non-finite steps). A run that never has its rate
+    lowered is never touched: the copies change no number of it.
 
     Every ``every`` optimizer steps, the trainable parameters (``requires_grad``) of the optimizer and their optimizer
     state (momentum, Adam's moments and step) are copied into a spare buffer, one fused copy per device (the
@@ -143,17 +164,26 @@ class Rollback:
 
     Cost: memory for two copies of the trainable parameters and their optimizer state, on their device (the copies
     take 4x the memory of the trainable parameters with SGD and momentum, 6x with Adam; frozen parameters are not
-    copied, so LoRA pays for its adapters only); one fused copy every ``every`` steps; nothing on the other steps,
-    and no host-device synchronization on a single device (the decision uses the flags the LR guard already reads,
-    at most a step late). Under several processes (DDP, FSDP2) the engine waits, each step, for the previous step's
-    flags to land (a small copy issued a forward and backward pass earlier), so that the LR guard's cut and the
-    rollback fall on the same step on every rank; it does so with or without a rollback.
+    copied, so LoRA pays for its adapters only); with ``every=None`` one copy of the initial trainable parameters
+    (1x; the optimizer has no state yet). One fused copy every ``every`` steps; nothing on the other steps, and no
+    host-device synchronization on a single device (the decision uses the flags the LR guard already reads, at most
+    a step late). Under several processes (DDP, FSDP2) the engine waits, each step, for the previous step's flags to
+    land (a small copy issued a forward and backward pass earlier), so that the LR guard's cut and the rollback fall
+    on the same step on every rank; it does so with or without a rollback.
 
     Args:
         every: optimizer steps between copies, ``>= 1``; also the calm stretch after which a copy is trusted.
+            ``None``: no later copies, a rollback always returns to the first copy (the initial weights).
         pin_lr: after a rollback, recovery of the LR guard's multiplier stops at the lowered rate instead of
             returning to the guard's ceiling (just below the rate that exploded).
         max_rollbacks: the most rollbacks per optimizer (``None``: no limit); beyond it the LR guard acts alone.
+        until: the last optimizer step at which a rollback may happen, ``>= 1``; the copies are freed after it.
+            ``None``: the whole run.
+        patience: troubled steps (exploding or non-finite) within ``within`` steps that a rollback needs, ``>= 1``:
+            with 2, one isolated spike lowers the rate (the LR guard's decision) but does not roll back.
+        within: the span, in optimizer steps, over which ``patience`` counts, ``>= 1``.
+        max_bytes: the most memory the copies may take, ``> 0``: a larger model gets no rollback (one warning says
+            so) rather than a slower or out-of-memory run. ``None``: no limit.
 
     Checkpoints keep the counters only, not the copies (they would double a checkpoint's size): after resuming,
     the resumed weights become the safe copy.
@@ -180,24 +210,43 @@ class Rollback:
         (1, True)
     """
 
-    def __init__(self, every: int = 50, pin_lr: bool = False, max_rollbacks: int | None = None) -> None:
-        self.every = check_int("every", every, low=1)
+    def __init__(
+        self,
+        every: int | None = 50,
+        pin_lr: bool = False,
+        max_rollbacks: int | None = None,
+        until: int | None = None,
+        patience: int = 1,
+        within: int = 2,
+        max_bytes: int | None = None,
+    ) -> None:
+        self.every = None if every is None else check_int("every", every, low=1)
         self.pin_lr = check_bool("pin_lr", pin_lr)
         self.max_rollbacks = None if max_rollbacks is None else check_int("max_rollbacks", max_rollbacks, low=0)
+        self.until = None if until is None else check_int("until", until, low=1)
+        self.patience = check_int("patience", patience, low=1)
+        self.within = check_int("within", within, low=1)
+        self.max_bytes = None if max_bytes is None else check_int("max_bytes", max_bytes, low=1)
         self._safe = _Slot()
         self._candidate = _Slot()
         self._last_event = _NEVER  # the last engine step with an exploding or non-finite event, as the host knows
+        self._recent: deque[int] = deque(maxlen=self.patience)  # the last ``patience`` troubled steps
         self._known = 0  # the last engine step whose flags the host has seen
+        self._off = False  # past ``until``, or over ``max_bytes``: no copies, no rollback
         self.count = 0  # rollbacks so far
 
     def __repr__(self) -> str:
-        return f"Rollback(every={self.every}, pin_lr={self.pin_lr}, max_rollbacks={self.max_rollbacks})"
+        return (
+            f"Rollback(every={self.every}, pin_lr={self.pin_lr}, max_rollbacks={self.max_rollbacks}, "
+            f"until={self.until}, patience={self.patience}, within={self.within}, max_bytes={self.max_bytes})"
+        )
 
     def observe(self, step: int, troubled: bool) -> None:
         """Record the flags of engine step ``step`` (1-based) once they have reached the host."""
         self._known = max(self._known, step)
         if troubled:
             self._last_event = max(self._last_event, step)
+            self._recent.append(step)
 
     def before_step(
         self,
@@ -211,28 +260,67 @@ class Rollback:
         The parameters hold the weights this step's gradients were computed on. ``capture`` returns the caller's
         own state to keep with a copy (given back by :meth:`restore`); it must not wait for the device.
         """
+        if self._off:
+            return
+        if self.until is not None and step > self.until:
+            self._release()
+            return
         candidate = self._candidate
-        if candidate.valid and self._known >= candidate.step + self.every and self._last_event < candidate.step:
+        if (
+            self.every is not None
+            and candidate.valid
+            and self._known >= candidate.step + self.every
+            and self._last_event < candidate.step
+        ):
             self._safe, self._candidate = candidate, self._safe  # calm since the copy: trusted from now on
             self._candidate.valid = False
         if not self._safe.valid:
             slot = self._safe
-        elif step % self.every == 0 and not self._candidate.valid and self._last_event <= self._known - self.every:
+        elif (
+            self.every is not None
+            and step % self.every == 0
+            and not self._candidate.valid
+            and self._last_event <= self._known - self.every
+        ):
             slot = self._candidate
         else:
             return  # the usual step: a few integer comparisons, nothing per parameter
         trainable = [p for p in params if p.requires_grad]
+        if slot is self._safe and self.max_bytes is not None:
+            needed = _nbytes(trainable, optimizer) * (1 if self.every is None else 2)
+            if needed > self.max_bytes:
+                warnings.warn(
+                    f"GradGuard: no rollback in this run: its copies would take {needed / 2**20:.0f} MiB, more than "
+                    f"`Rollback(max_bytes={self.max_bytes})` allows. Raise `max_bytes` (or `None`) to keep it, or "
+                    "pass `rollback=None` to silence this.",
+                    stacklevel=2,
+                )
+                self._release()
+                return
         slot.take(trainable, optimizer, step, capture() if capture is not None else None)
 
-    def can_restore(self) -> bool:
-        """Whether a rollback is possible now."""
-        return self._safe.valid and (self.max_rollbacks is None or self.count < self.max_rollbacks)
+    def _release(self) -> None:
+        self._off = True
+        self._safe.clear()
+        self._candidate.clear()
+
+    def can_restore(self, step: int | None = None) -> bool:
+        """Whether a rollback is possible now (at engine step ``step``, when given)."""
+        if self._off or not self._safe.valid:
+            return False
+        if step is not None and self.until is not None and step > self.until:
+            return False
+        if self.max_rollbacks is not None and self.count >= self.max_rollbacks:
+            return False
+        # ``patience`` troubled steps, the oldest of them at most ``within`` steps before the newest.
+        return len(self._recent) >= self.patience and self._recent[-1] - self._recent[0] < self.within
 
     def restore(self, optimizer: torch.optim.Optimizer | None) -> Any:
         """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
         when the copy was taken."""
         self._safe.restore(optimizer)
         self._candidate.valid = False
+        self._recent.clear()  # the abandoned trajectory's events: the next rollback needs fresh evidence
         self.count += 1
         return self._safe.extra
 
@@ -245,27 +333,52 @@ class Rollback:
         return {"count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the copies are forgotten, so the next step's weights become the safe copy."""
+        """Restore a :meth:`state_dict`; the copies are forgotten, so the next step's weights become the safe copy
+        (unless the run is past ``until``)."""
         self.count = int(state.get("count", 0))
         self._last_event, self._known = _NEVER, 0
+        self._recent.clear()
+        self._off = False
         self.reset()
 
 
-def rollback_from(value: Rollback | bool | None) -> Rollback | None:
+def default_rollback() -> Rollback:
+    """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
+
+    ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB)``: one copy of the initial trainable
+    parameters (no optimizer state exists yet), kept for the first 500 optimizer steps and then freed. When the rate
+    is lowered after two exploding or non-finite steps in a row, the run restarts from the initial weights at the
+    lowered rate (the LR guard's ``factor``). A diverging run explodes on every step once its weights are wrecked;
+    bad batches (a corrupted label, a NaN) explode alone, between calm steps, and only lower the rate. A too-high
+    learning rate wrecks the weights in its first updates, before any statistic has a calm history, and lowering the
+    rate then leaves the run where it landed; a restart at the lower rate is what a person would do, and early on it
+    loses little. A model whose trainable parameters take more than 1 GiB gets no rollback (one warning), so the default
+    never makes a large run run out of memory.
+
+    Example:
+        >>> default_rollback()
+        Rollback(every=None, pin_lr=False, max_rollbacks=None, until=500, patience=2, within=2, max_bytes=1073741824)
+    """
+    return Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30)
+
+
+def rollback_from(value: Rollback | bool | str | None) -> Rollback | None:
     """The ``rollback=`` argument of ``GradGuard`` and ``GuardEngine``: a :class:`Rollback`, ``True`` (the same as
-    ``Rollback()``), ``False`` or ``None`` (no rollback, the default).
+    ``Rollback()``), ``"default"`` (:func:`default_rollback`), ``False`` or ``None`` (no rollback).
 
     Raises:
-        ValueError: for anything else (``"default"`` included: the default is no rollback).
+        ValueError: for anything else.
 
     Example:
         >>> rollback_from(True), rollback_from(None)
-        (Rollback(every=50, pin_lr=False, max_rollbacks=None), None)
+        (Rollback(every=50, pin_lr=False, max_rollbacks=None, until=None, patience=1, within=2, max_bytes=None), None)
     """
     if value is None or value is False:
         return None
     if value is True:
         return Rollback()
+    if isinstance(value, str) and value == "default":
+        return default_rollback()
     if isinstance(value, Rollback):
         return value
-    raise ValueError(f"`rollback` must be a Rollback, True (Rollback()), False or None, got {value!r}")
+    raise ValueError(f"`rollback` must be a Rollback, True (Rollback()), 'default', False or None, got {value!r}")

@@ -71,9 +71,9 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
     for cfg in saved["configs"]:
         variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
         assert variants == cfg["variants"], cfg["config"]
-        assert variants[:4] == ["unguarded", "guarded", "guarded_ratio5", "guarded_rollback"]
+        assert variants[:5] == ["unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback"]
         sweep = [v for v in variants if v.startswith("unguarded_lr")]
-        allowed = {"unguarded", "guarded", "guarded_ratio5", "guarded_rollback", "guarded_example"}
+        allowed = {"unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", "guarded_example"}
         assert set(variants) - set(sweep) <= allowed
         # The configs that diverge unguarded get the tuned-rate sweep: lower rates, unguarded.
         diverging = cfg["config"] in ("lstm_10x", "rnn_tanh", "resnet20_nobn")
@@ -82,6 +82,7 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
             assert cfg["guards"][v] is None
         assert cfg["guards"]["unguarded"] is None and cfg["guards"]["guarded"] == "GradGuard()"
         assert cfg["guards"]["guarded_ratio5"] == "GradGuard(exploding=ExplodingDetector(max_ratio=5))"
+        assert cfg["guards"]["guarded_norestart"] == "GradGuard(rollback=None)"
         assert cfg["guards"]["guarded_rollback"] == "GradGuard(rollback=Rollback())"
         if "guarded_example" in variants:
             assert cfg["guards"]["guarded_example"].endswith("build_guard()")

@@ -1,0 +1,158 @@
+"""The default early restart: a run whose rate explodes twice early starts again from its initial weights at the
+lowered rate; one isolated spike, a late explosion or a model too large for the copy never restarts anything."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard import GradGuard, GuardEngine, LRGuard, Rollback
+from lightning_gradguard.rollback import default_rollback
+from tests.models import Regressor, regression_data, trainer
+
+
+class SpikyRegressor(Regressor):
+    """Multiplies the loss by ``factor`` on the given optimizer steps (counted from 1): one bad batch each."""
+
+    def __init__(self, spikes: set[int], factor: float = 1e4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spikes = spikes
+        self.factor = factor
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.global_step + 1 in self.spikes else loss
+
+
+class RestartWatch(L.Callback):
+    """After the guard (listed before it): the steps on which it restarted, checked to hold the initial weights."""
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.initial: list[torch.Tensor] = []
+        self.restarts: list[int] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.guard.summary()["rolled_back"] > len(self.restarts):
+            self.restarts.append(trainer.global_step + 1)
+            assert all(torch.equal(p, w) for p, w in zip(pl_module.parameters(), self.initial))
+            assert all(p.grad is None for p in pl_module.parameters())  # the step is skipped
+
+
+def _fit(spikes: set[int], rollback: Any = "default", steps: int = 80) -> tuple[GradGuard, Regressor, list[int]]:
+    L.seed_everything(0, verbose=False)
+    model = SpikyRegressor(spikes, lr=0.02)
+    guard = GradGuard(rollback=rollback)
+    watch = RestartWatch(guard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=steps, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=1024))
+    return guard, model, watch.restarts
+
+
+def _engine_run(
+    rollback: Rollback, spikes: set[int], steps: int = 60
+) -> tuple[GuardEngine, nn.Module, list[torch.Tensor], list[int]]:
+    """A plain loop; returns the engine, the model, its initial weights and the steps that rolled back."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=rollback)
+    engine.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    restarts = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in spikes else 1.0)
+        loss.backward()
+        before = engine.summary()["rolled_back"]
+        engine.step(optimizer=opt)
+        if engine.summary()["rolled_back"] > before:
+            restarts.append(step)
+            assert all(torch.equal(p, w) for p, w in zip(model.parameters(), initial))
+            assert not opt.state or all(not s for s in opt.state.values())  # no optimizer state at the start
+        opt.step()
+    return engine, model, initial, restarts
+
+
+def test_the_default_guard_restarts_early_and_cheaply() -> None:
+    guard = GradGuard()
+    assert repr(guard.rollback) == repr(default_rollback())
+    rollback = guard.rollback
+    assert rollback is not None
+    assert (rollback.every, rollback.until, rollback.patience, rollback.within) == (None, 500, 2, 2)
+    assert rollback.max_bytes == 1 << 30 and not rollback.pin_lr
+    assert GradGuard(rollback="default").rollback is not None
+    assert GradGuard(lr_guard=None).rollback is None  # nothing to act on: off, not an error
+    with pytest.raises(ValueError, match="needs an `lr_guard`"):
+        GradGuard(lr_guard=None, rollback=default_rollback())
+    for bad in ({"until": 0}, {"patience": 0}, {"within": 0}, {"max_bytes": 0}, {"every": 0}, {"until": 2.5}):
+        with pytest.raises(ValueError):
+            Rollback(**bad)
+
+
+def test_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={30, 31})
+    # The flags of step 31 land before step 32: the cut is taken there, and with it the restart.
+    assert restarts == [32]
+    summary = engine.summary()
+    assert summary["lr_reduced"] == 2 and summary["rolled_back"] == 1
+    # Cut twice (1 -> 0.5 -> 0.25), recovering towards just below the lower rate that exploded.
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5 * 0.5**0.5)
+    assert 0.25 <= engine.lr_guard.scale() < 0.5
+
+
+def test_one_isolated_spike_or_two_with_a_calm_step_between_lower_the_rate_only() -> None:
+    for spikes in ({30}, {30, 32}):
+        engine, model, initial, restarts = _engine_run(default_rollback(), spikes=spikes)
+        assert restarts == [] and engine.summary()["rolled_back"] == 0
+        assert engine.summary()["lr_reduced"] == len(spikes)
+        assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), initial))
+
+
+def test_past_until_the_copy_is_freed_and_nothing_restarts() -> None:
+    rollback = Rollback(every=None, until=20, patience=2)
+    engine, _, _, restarts = _engine_run(rollback, spikes={30, 31})
+    assert restarts == [] and engine.summary()["lr_reduced"] == 2
+    assert not rollback._safe.valid and rollback._safe.values == []
+    assert not rollback.can_restore()
+
+
+def test_a_model_over_max_bytes_gets_no_copy_and_one_warning() -> None:
+    # 4*8 + 8 + 8 + 1 = 49 float32 values: 196 bytes, over a 100-byte budget.
+    with pytest.warns(UserWarning, match=r"no rollback in this run.*max_bytes=100") as caught:
+        engine, _, _, restarts = _engine_run(Rollback(every=None, patience=2, max_bytes=100), spikes={30, 31})
+    assert restarts == [] and engine.summary()["lr_reduced"] == 2
+    assert sum("no rollback" in str(w.message) for w in caught) == 1
+    # Two copies (``every`` set) count twice: 392 bytes fit in 400, not in 300.
+    _, _, _, restarts = _engine_run(Rollback(every=50, patience=2, max_bytes=400), spikes={30, 31})
+    assert restarts == [32]
+
+
+def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
+    single, _, restarts = _fit({40})
+    assert single.summary()["lr_reduced"] == 1 and single.summary()["rolled_back"] == 0 and restarts == []
+    double, _, restarts = _fit({40, 41})
+    assert double.summary()["lr_reduced"] == 2 and double.summary()["rolled_back"] == 1
+    assert restarts == [42]  # step 41's flags land before step 42: the restart skips step 42
+    assert double.lr_guard is not None and double.lr_guard.ceiling() < 1.0
+    off, _, restarts = _fit({40, 41}, rollback=None)
+    assert off.summary()["lr_reduced"] == 2 and off.summary()["rolled_back"] == 0 and restarts == []
+
+
+def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
+    def weights(rollback: Any) -> list[torch.Tensor]:
+        guard, model, _ = _fit(set(), rollback=rollback, steps=60)
+        assert guard.summary()["lr_reduced"] == 0 and guard.summary()["rolled_back"] == 0
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(weights("default"), weights(None)))
