@@ -13,6 +13,7 @@ batched copy on logging steps (:meth:`GuardEngine.snapshot`).
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import math
 from collections import deque
@@ -702,7 +703,12 @@ class GuardEngine:
         if not (due and self.lr_guard is not None and rollback.can_restore(self.steps + 1)):
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
+        before = rollback.stretch_start
         self._load_statistics(rollback.restore(optimizer))
+        if before is not None:
+            # The cuts taken during the stretch answered weights that the restart throws away: the restarted run
+            # gets one cut from the rate in force when the trouble began, not all of them.
+            self.lr_guard.rewind(before, self.key)
         self._free.extend(flags for flags, _, _ in self._pending)
         self._pending.clear()  # the flags of the abandoned trajectory
         for p in self.index.params:
@@ -858,12 +864,14 @@ class GuardEngine:
             # step. Without a GradScaler, one non-finite step is a bad batch (skipped, counted); the LR guard lowers
             # the rate only when they repeat (``LRGuard.nonfinite_patience``).
             if not (grad_scaler and overflow):
+                if self.rollback is not None:
+                    # Before the LR guard acts: a stretch of trouble remembers the guard as it was when it began.
+                    before = None if self.lr_guard is None else functools.partial(self.lr_guard.snapshot, self.key)
+                    self.rollback.observe(local, exploding, nonfinite, before=before)
                 if self.lr_guard is not None and self.lr_guard.update(exploding, self.key, nonfinite=nonfinite):
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
                     self._rollback_due = True
-                if self.rollback is not None:
-                    self.rollback.observe(local, exploding or nonfinite)
                 for r in self.regularizers:
                     r.on_exploding(exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced:

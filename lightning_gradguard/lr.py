@@ -243,6 +243,26 @@ class LRGuard:
         if state is not None:
             state.ceiling = min(state.ceiling, max(self._multiplier(state), self.min_scale))
 
+    def snapshot(self, key: int = 0) -> dict[str, Any]:
+        """The multiplier and counters of optimizer ``key`` (plain values), for :meth:`rewind`."""
+        return self._states.get(key, _KeyState()).as_dict()
+
+    def rewind(self, snapshot: dict[str, Any], key: int = 0) -> bool:
+        """Go back to a :meth:`snapshot` of optimizer ``key`` and take one reduction from there.
+
+        Used by a rollback: the reductions taken since the snapshot answered weights that the rollback throws away,
+        so the restarted run gets one reduction from the rate in force when the trouble began, not all of them.
+
+        Returns:
+            ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor).
+        """
+        state = _KeyState()
+        for name in _STATE_FIELDS:
+            setattr(state, name, snapshot[name])
+        state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
+        self._states[key] = state
+        return self._explode(state, force=True)
+
     def update(self, exploding: bool, key: int = 0, nonfinite: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.
 

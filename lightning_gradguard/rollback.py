@@ -26,7 +26,6 @@ run: opt-in, for its memory.
 from __future__ import annotations
 
 import warnings
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -179,9 +178,11 @@ class Rollback:
         max_rollbacks: the most rollbacks per optimizer (``None``: no limit); beyond it the LR guard acts alone.
         until: the last optimizer step at which a rollback may happen, ``>= 1``; the copies are freed after it.
             ``None``: the whole run.
-        patience: troubled steps (exploding or non-finite) within ``within`` steps that a rollback needs, ``>= 1``:
-            with 2, one isolated spike lowers the rate (the LR guard's decision) but does not roll back.
-        within: the span, in optimizer steps, over which ``patience`` counts, ``>= 1``.
+        patience: troubled steps (exploding or non-finite) in one stretch that a rollback needs, ``>= 1``: with 2,
+            one isolated spike lowers the rate (the LR guard's decision) but does not roll back. Above 1, a stretch of
+            non-finite steps only (bad batches in a row) needs twice as many.
+        within: troubled steps form one stretch while each comes fewer than ``within`` steps after the one before,
+            ``>= 1`` (2: in a row).
         max_bytes: the most memory the copies may take, ``> 0``: a larger model gets no rollback (one warning says
             so) rather than a slower or out-of-memory run. ``None``: no limit.
 
@@ -230,7 +231,9 @@ class Rollback:
         self._safe = _Slot()
         self._candidate = _Slot()
         self._last_event = _NEVER  # the last engine step with an exploding or non-finite event, as the host knows
-        self._recent: deque[int] = deque(maxlen=self.patience)  # the last ``patience`` troubled steps
+        # The current stretch of troubled steps: its length, its last step, whether one of them exploded (finite).
+        self._stretch = (0, _NEVER, False)
+        self.stretch_start: dict[str, Any] | None = None  # the LR guard's state when the stretch began
         self._known = 0  # the last engine step whose flags the host has seen
         self._off = False  # past ``until``, or over ``max_bytes``: no copies, no rollback
         self.count = 0  # rollbacks so far
@@ -241,12 +244,26 @@ class Rollback:
             f"until={self.until}, patience={self.patience}, within={self.within}, max_bytes={self.max_bytes})"
         )
 
-    def observe(self, step: int, troubled: bool) -> None:
-        """Record the flags of engine step ``step`` (1-based) once they have reached the host."""
+    def observe(
+        self,
+        step: int,
+        exploding: bool,
+        nonfinite: bool = False,
+        before: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        """Record the flags of engine step ``step`` (1-based) once they have reached the host.
+
+        ``before`` returns the LR guard's state (:meth:`LRGuard.snapshot`) before it acts on this step; it is called
+        only when the step begins a stretch of trouble, and kept as :attr:`stretch_start`.
+        """
         self._known = max(self._known, step)
-        if troubled:
+        if exploding or nonfinite:
             self._last_event = max(self._last_event, step)
-            self._recent.append(step)
+            length, last, exploded = self._stretch
+            if step - last >= self.within:
+                length, exploded = 0, False  # too far from the last one: a new stretch
+                self.stretch_start = before() if before is not None else None
+            self._stretch = (length + 1, step, exploded or (exploding and not nonfinite))
 
     def before_step(
         self,
@@ -312,15 +329,18 @@ class Rollback:
             return False
         if self.max_rollbacks is not None and self.count >= self.max_rollbacks:
             return False
-        # ``patience`` troubled steps, the oldest of them at most ``within`` steps before the newest.
-        return len(self._recent) >= self.patience and self._recent[-1] - self._recent[0] < self.within
+        # Without a finite explosion in it, a stretch needs twice the length: two non-finite batches in a row are
+        # bad data far more often than a wrecked model; a model wrecked straight into NaN stays there.
+        length, _, exploded = self._stretch
+        return length >= (self.patience if exploded or self.patience == 1 else 2 * self.patience)
 
     def restore(self, optimizer: torch.optim.Optimizer | None) -> Any:
         """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
         when the copy was taken."""
         self._safe.restore(optimizer)
         self._candidate.valid = False
-        self._recent.clear()  # the abandoned trajectory's events: the next rollback needs fresh evidence
+        self._stretch = (0, _NEVER, False)  # the abandoned trajectory's events: the next rollback needs fresh evidence
+        self.stretch_start = None
         self.count += 1
         return self._safe.extra
 
@@ -337,7 +357,8 @@ class Rollback:
         (unless the run is past ``until``)."""
         self.count = int(state.get("count", 0))
         self._last_event, self._known = _NEVER, 0
-        self._recent.clear()
+        self._stretch = (0, _NEVER, False)
+        self.stretch_start = None
         self._off = False
         self.reset()
 

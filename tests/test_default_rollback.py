@@ -3,6 +3,7 @@ lowered rate; one isolated spike, a late explosion or a model too large for the 
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -59,7 +60,7 @@ def _fit(spikes: set[int], rollback: Any = "default", steps: int = 80) -> tuple[
 
 
 def _engine_run(
-    rollback: Rollback, spikes: set[int], steps: int = 60
+    rollback: Rollback, spikes: set[int], steps: int = 60, nans: frozenset[int] = frozenset()
 ) -> tuple[GuardEngine, nn.Module, list[torch.Tensor], list[int]]:
     """A plain loop; returns the engine, the model, its initial weights and the steps that rolled back."""
     torch.manual_seed(0)
@@ -72,7 +73,8 @@ def _engine_run(
     restarts = []
     for step in range(1, steps + 1):
         opt.zero_grad()
-        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in spikes else 1.0)
+        scale = 1e4 if step in spikes else math.nan if step in nans else 1.0
+        loss = model(torch.randn(8, 4, generator=g)).square().mean() * scale
         loss.backward()
         before = engine.summary()["rolled_back"]
         engine.step(optimizer=opt)
@@ -106,9 +108,10 @@ def test_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
     assert restarts == [32]
     summary = engine.summary()
     assert summary["lr_reduced"] == 2 and summary["rolled_back"] == 1
-    # Cut twice (1 -> 0.5 -> 0.25), recovering towards just below the lower rate that exploded.
-    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5 * 0.5**0.5)
-    assert 0.25 <= engine.lr_guard.scale() < 0.5
+    # Cut twice (1 -> 0.5 -> 0.25) on the wrecked weights; the restart replaces both with one cut from the rate
+    # in force when the trouble began (1 -> 0.5), recovering towards just below the rate that exploded.
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+    assert 0.5 <= engine.lr_guard.scale() < 0.6
 
 
 def test_one_isolated_spike_or_two_with_a_calm_step_between_lower_the_rate_only() -> None:
@@ -117,6 +120,20 @@ def test_one_isolated_spike_or_two_with_a_calm_step_between_lower_the_rate_only(
         assert restarts == [] and engine.summary()["rolled_back"] == 0
         assert engine.summary()["lr_reduced"] == len(spikes)
         assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), initial))
+
+
+def test_non_finite_batches_in_a_row_need_twice_the_stretch_without_a_finite_explosion() -> None:
+    # Two or three NaN batches in a row: bad data far more often than a wrecked model. The LR guard cuts (its
+    # nonfinite_patience), the run goes on from where it is.
+    for nans in ({30, 31}, {30, 31, 32}):
+        engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), nans=frozenset(nans))
+        assert restarts == [] and engine.summary()["skipped"] == len(nans)
+    # Four in a row: a model wrecked straight into NaN stays there; the cut on the fourth restarts.
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), nans=frozenset({30, 31, 32, 33}))
+    assert restarts == [34] and engine.summary()["lr_reduced"] == 2
+    # A finite explosion (a cut), then NaN twice (the second cuts): the weights the explosion wrecked.
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={30}, nans=frozenset({31, 32}))
+    assert restarts == [33] and engine.summary()["rolled_back"] == 1
 
 
 def test_past_until_the_copy_is_freed_and_nothing_restarts() -> None:
@@ -156,3 +173,21 @@ def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
         return [p.detach().clone() for p in model.parameters()]
 
     assert all(torch.equal(a, b) for a, b in zip(weights("default"), weights(None)))
+
+
+def test_a_resumed_run_copies_the_resumed_weights_only_before_until() -> None:
+    engine, model, _, _ = _engine_run(default_rollback(), spikes=set(), steps=30)
+    state = engine.state_dict()
+    for until, copied in ((40, True), (25, False)):
+        resumed = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=None, until=until, patience=2))
+        resumed.load_state_dict(state)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        resumed.attach(opt)
+        at_resume = [p.detach().clone() for p in model.parameters()]
+        model(torch.ones(2, 4)).sum().backward()
+        resumed.step(optimizer=opt)  # engine step 31: the steps count on from the checkpoint
+        rollback = resumed.rollback
+        assert rollback is not None and rollback._safe.valid is copied
+        if copied:
+            assert all(torch.equal(v, w) for v, w in zip(rollback._safe.values, at_resume))
+        model.zero_grad()
