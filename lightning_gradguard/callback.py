@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _EVENT_MODES = ("warn", "raise", "ignore")
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
+_BOARD_CHECKPOINT_KEY = "gradguard_board"
 DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
 
 
@@ -140,8 +141,9 @@ class GradGuard(Callback):
         rollback: a :class:`Rollback` skips the step on which the LR guard lowers the rate and puts back the last
             parameters, optimizer state and statistics known to have trained calmly (counted as ``rolled_back``);
             needs ``lr_guard``. ``"default"``: :func:`default_rollback`, an early restart: for the first 500 steps,
-            after two troubled steps in a row, back to the initial weights at the lowered rate (one copy of the
-            trainable parameters, only when it takes at most 1 GiB; off without an ``lr_guard``). ``True``:
+            after two troubled steps in a row, back to the initial weights one cut below the rate in force when the
+            trouble began (one copy of the trainable parameters, only when it takes at most 1 GiB; off without an
+            ``lr_guard``). ``True``:
             ``Rollback()``, for the whole run, with two copies of the trainable parameters and their optimizer state
             on their device (4x the trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or
             ``False``: no rollback. A run whose rate is never lowered is not changed by any of them.
@@ -218,6 +220,7 @@ class GradGuard(Callback):
         self._model_index: LayerIndex | None = None
         self._board: Any = None
         self._board_checked = False
+        self._board_loaded: dict[str, Any] | None = None  # a checkpoint's board state, for the board once it opens
         self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
@@ -276,11 +279,16 @@ class GradGuard(Callback):
         # The diagnostics' host-side state (noise-scale EMAs, hint streaks, the epoch so far) lives on global rank
         # zero only, so it travels beside `state_dict` (which is identical on every rank), under this guard's key.
         checkpoint.setdefault(_DIAG_CHECKPOINT_KEY, {})[self.state_key] = self._diag.state_dict()
+        # The pictures' histories (gradient-norm and update-ratio heatmaps, events table) live with the TensorBoard
+        # writer on rank zero: a resumed run's pictures go on from them instead of starting blank.
+        if self._board is not None and trainer.is_global_zero:
+            checkpoint.setdefault(_BOARD_CHECKPOINT_KEY, {})[self.state_key] = self._board.state_dict()
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(self.state_key))  # absent: older
+        self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(self.state_key)
 
     def _restore_optimizer_state(self, key: int, engine: GuardEngine) -> None:
         if self._loaded is None:
@@ -664,6 +672,9 @@ class GradGuard(Callback):
             self._board_checked, self._board_trainer = True, weakref.ref(trainer)
             self._board = _open_board(self, trainer)
             self._last_image_count = None  # a new board draws at its first log
+            if self._board is not None and self._board_loaded is not None:
+                self._board.load_state_dict(self._board_loaded)
+            self._board_loaded = None
         return self._board
 
     # ------------------------------------------------------------------ introspection

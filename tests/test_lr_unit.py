@@ -427,3 +427,23 @@ def _roundtrip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_rewind_replaces_the_cuts_since_a_snapshot_with_one():
+    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    for _ in range(10):
+        guard.update(False)
+    before = guard.snapshot()
+    assert before["anchor"] == 1.0 and before["ceiling"] == 1.0
+    for _ in range(3):  # three cuts in a row on weights that a rollback is about to throw away
+        assert guard.update(True)
+    assert guard.scale() == 0.125 and guard.ceiling() == pytest.approx(0.25 * math.sqrt(0.5))
+    assert guard.rewind(before)
+    assert guard.scale() == 0.5 and guard.ceiling() == pytest.approx(math.sqrt(0.5))
+    # From there on it behaves as if that one cut had been the only one: hold, then recover to the ceiling.
+    for _ in range(2 + 4):
+        assert not guard.update(False)
+    assert guard.scale() == pytest.approx(math.sqrt(0.5))
+    # Another key is untouched; the snapshot of a key never updated is the fresh state.
+    assert guard.scale(1) == 1.0 and guard.snapshot(1)["anchor"] == 1.0
+    assert guard.rewind(guard.snapshot(1), key=1) and guard.scale(1) == 0.5
