@@ -866,7 +866,9 @@ class GuardEngine:
             if not (grad_scaler and overflow):
                 if self.rollback is not None:
                     # Before the LR guard acts: a stretch of trouble remembers the guard as it was when it began.
-                    before = None if self.lr_guard is None else functools.partial(self.lr_guard.snapshot, self.key)
+                    guard = self.lr_guard
+                    troubled = exploding or nonfinite
+                    before = functools.partial(guard.snapshot, self.key) if troubled and guard is not None else None
                     self.rollback.observe(local, exploding, nonfinite, before=before)
                 if self.lr_guard is not None and self.lr_guard.update(exploding, self.key, nonfinite=nonfinite):
                     self.host_counts["lr_reduced"] += 1

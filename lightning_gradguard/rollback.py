@@ -303,7 +303,8 @@ class Rollback:
         else:
             return  # the usual step: a few integer comparisons, nothing per parameter
         trainable = [p for p in params if p.requires_grad]
-        if slot is self._safe and self.max_bytes is not None:
+        if self.max_bytes is not None:
+            # Checked at every copy: the optimizer's state (Adam's moments) only exists after its first step.
             needed = _nbytes(trainable, optimizer) * (1 if self.every is None else 2)
             if needed > self.max_bytes:
                 warnings.warn(

@@ -191,3 +191,23 @@ def test_a_resumed_run_copies_the_resumed_weights_only_before_until() -> None:
         if copied:
             assert all(torch.equal(v, w) for v, w in zip(rollback._safe.values, at_resume))
         model.zero_grad()
+
+
+def test_max_bytes_counts_the_optimizer_state_once_it_exists() -> None:
+    # 49 float32 values: two copies of the parameters take 392 bytes and fit; once Adam has its two moments (and a
+    # step counter per tensor) the candidate copy would need three times that, and the rollback turns itself off.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rollback = Rollback(every=5, max_bytes=500)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=rollback)
+    engine.attach(opt)
+    with pytest.warns(UserWarning, match="no rollback in this run") as caught:
+        for step in range(1, 8):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).square().mean().backward()
+            engine.step(optimizer=opt)
+            if step < 5:
+                assert rollback._safe.valid  # the first copy (no optimizer state yet) fits
+            opt.step()
+    assert len(caught) == 1 and not rollback._safe.valid and not rollback.can_restore()
