@@ -457,10 +457,11 @@ class GuardEngine:
         key: this engine's key in a shared :class:`LRGuard` (one per optimizer).
         group_depth: layer grouping, when ``model`` is a module (see ``build_layer_index``).
         group_fn: layer grouping by parameter name, when ``model`` is a module.
-        rollback: a :class:`~lightning_gradguard.Rollback` (``True``: ``Rollback()``): when the LR guard lowers the
-            rate, skip the step and put back the last parameters and optimizer state known to have trained calmly
-            (pass the optimizer to :meth:`step`); needs ``lr_guard``. ``None`` (default) or ``False``: no rollback
-            (it keeps two copies of the trainable parameters and their optimizer state, so it is opt-in).
+        rollback: a :class:`~lightning_gradguard.Rollback` (``True``: ``Rollback()``; ``"default"``: the early
+            restart :func:`~lightning_gradguard.rollback.default_rollback` that ``GradGuard()`` uses): when the LR
+            guard lowers the rate, skip the step and put back the last parameters and optimizer state known to have
+            trained calmly (pass the optimizer to :meth:`step`); needs ``lr_guard``. ``None`` (default) or
+            ``False``: no rollback (the engine takes no copy of anything unless asked).
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -504,7 +505,7 @@ class GuardEngine:
         max_norm: float | None = None,
         group_depth: int | None = None,
         group_fn: Callable[[str], str] | None = None,
-        rollback: Rollback | bool | None = None,
+        rollback: Rollback | bool | Literal["default"] | None = None,
     ) -> None:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")

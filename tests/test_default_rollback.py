@@ -95,6 +95,10 @@ def test_the_default_guard_restarts_early_and_cheaply() -> None:
     assert rollback.max_bytes == 1 << 30 and not rollback.pin_lr
     assert GradGuard(rollback="default").rollback is not None
     assert GradGuard(lr_guard=None).rollback is None  # nothing to act on: off, not an error
+    # The engine takes no copy unless asked; it can be asked for the same early restart.
+    assert GuardEngine(nn.Linear(2, 1), lr_guard=LRGuard()).rollback is None
+    engine_rollback = GuardEngine(nn.Linear(2, 1), lr_guard=LRGuard(), rollback="default").rollback
+    assert repr(engine_rollback) == repr(default_rollback())
     with pytest.raises(ValueError, match="needs an `lr_guard`"):
         GradGuard(lr_guard=None, rollback=default_rollback())
     for bad in ({"until": 0}, {"patience": 0}, {"within": 0}, {"max_bytes": 0}, {"every": 0}, {"until": 2.5}):
