@@ -99,7 +99,7 @@ except ImportError:  # run as a script: the repository root is not on the path
 __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
 Size = Literal["quick", "default", "full"]
-#: Every config runs these four; some add "guarded_example", with the guard their example recommends.
+#: Every config runs these five; some add "guarded_example", with the guard their example recommends.
 VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback")
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
