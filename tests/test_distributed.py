@@ -338,7 +338,61 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
     }
 
 
-WORKERS = {"ddp": _ddp_worker, "fsdp2": _fsdp2_worker}
+# ------------------------------------------------------------------------------------------------ DDP, early restart
+class SpikyDDPRegressor(Regressor):
+    """Rank 0 blows up the loss on two optimizer steps in a row: after the all-reduce both ranks see a diverging run."""
+
+    SPIKES = (40, 41)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_rank == 0 and self.global_step + 1 in self.SPIKES:
+            loss = loss * 1e4
+        return loss
+
+
+class RestartProbe(Callback):
+    """After the guard: the steps on which it restarted, with whether the weights were then the initial ones."""
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.initial: list[torch.Tensor] = []
+        self.restarts: list[tuple[int, bool]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.guard.summary()["rolled_back"] > len(self.restarts):
+            at_start = all(torch.equal(p, w) for p, w in zip(pl_module.parameters(), self.initial))
+            self.restarts.append((trainer.global_step + 1, at_start))
+
+
+def _ddp_restart_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    guard = GradGuard()  # the default, with its early restart
+    probe = RestartProbe(guard)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        callbacks=[guard, probe],
+        logger=False,
+        use_distributed_sampler=False,
+        max_epochs=8,  # 8 steps per epoch: 64 steps
+        **_QUIET,
+    )
+    model = SpikyDDPRegressor(lr=0.02)
+    trainer.fit(model, _rank_data(rank))
+    return {
+        "summary": guard.summary(),
+        "restarts": probe.restarts,
+        "scale": guard.lr_guard.scale(0) if guard.lr_guard is not None else None,
+        "weights": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+WORKERS = {"ddp": _ddp_worker, "fsdp2": _fsdp2_worker, "ddp_restart": _ddp_restart_worker}
 
 
 def _main(scenario: str, outdir: str) -> None:
@@ -533,6 +587,16 @@ def test_fsdp2_with_orthogonal_regularizer_is_refused(fsdp2_results: Any) -> Non
     (r0, r1), _ = fsdp2_results
     for rank in (r0, r1):
         assert "Orthogonal regularizer needs whole weight matrices" in rank["orthogonal_refusal"]
+
+
+def test_ddp_ranks_restart_together_on_the_same_step(tmp_path: Path) -> None:
+    r0, r1 = _launch("ddp_restart", tmp_path)
+    for rank in (r0, r1):
+        # The flags of step 41 land before step 42: both ranks skip step 42 and go back to their initial weights.
+        assert rank["restarts"] == [(42, True)]
+        assert rank["summary"]["rolled_back"] == 1 and rank["summary"]["lr_reduced"] == 2
+    assert r0["summary"] == r1["summary"] and r0["scale"] == r1["scale"] < 1.0
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
 
 
 # ------------------------------------------------------------------------------------------------------------ refusals
