@@ -51,7 +51,8 @@ def test_a_resumed_run_keeps_its_heatmap_histories(tmp_path: Path) -> None:
     # The columns logged before the checkpoint come first, then the resumed run's own.
     assert list(norms[: len(before_norms)]) == list(before_norms) and len(norms) > len(before_norms)
     assert list(ratios[: len(before_ratios)]) == list(before_ratios) and len(ratios) > len(before_ratios)
-    assert np.all(np.diff(norms) > 0)
+    # In step order (Lightning 2.4 numbers a resumed run's first log one lower, so a step may repeat once there).
+    assert np.all(np.diff(norms) >= 0)
 
     # Without the checkpoint's board state (a checkpoint from an older version) the pictures start afresh.
     torch.manual_seed(1)
@@ -59,4 +60,5 @@ def test_a_resumed_run_keeps_its_heatmap_histories(tmp_path: Path) -> None:
     del saved["gradguard_board"]
     torch.save(saved, tmp_path / "older.ckpt")
     _fit(tmp_path, 2, 16, fresh, ckpt_path=str(tmp_path / "older.ckpt"))
-    assert fresh._board._histories[0].columns()[0][0] > before_norms[-1]
+    assert fresh._board._histories[0].columns()[0][0] >= before_norms[-1]
+    assert len(fresh._board._histories[0].columns()[0]) < len(norms)
