@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 from torch.overrides import TorchFunctionMode
@@ -91,6 +92,26 @@ class MetricsLogger(Logger):
     def series(self, tag: str) -> list[float]:
         """The values logged under ``tag``, in order."""
         return [m[tag] for _, m in self.rows if tag in m]
+
+
+class RestartWatch(L.Callback):
+    """Listed after a ``GradGuard``: records each step on which the guard rolled back, with whether the weights were
+    then the initial ones and every gradient was dropped (the step skipped)."""
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+        self.initial: list[torch.Tensor] = []
+        self.restarts: list[tuple[int, bool]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.initial = [p.detach().clone() for p in pl_module.parameters()]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.guard.summary()["rolled_back"] > len(self.restarts):
+            params = list(pl_module.parameters())
+            at_start = all(torch.equal(p, w) for p, w in zip(params, self.initial))
+            skipped = all(p.grad is None for p in params)
+            self.restarts.append((trainer.global_step + 1, at_start and skipped))
 
 
 def assert_same_state(a: Any, b: Any, path: str = "state") -> None:

@@ -1,5 +1,6 @@
-"""The default early restart: a run whose rate explodes twice early starts again from its initial weights at the
-lowered rate; one isolated spike, a late explosion or a model too large for the copy never restarts anything."""
+"""The default early restart: a run whose rate explodes twice in a row early starts again from its initial weights, one
+LR cut below the rate in force when the trouble began; one isolated spike, bad batches, a late explosion or a model too
+large for the copy never restarts anything."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, GuardEngine, LRGuard, Rollback
 from lightning_gradguard.rollback import default_rollback
+from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -30,24 +32,6 @@ class SpikyRegressor(Regressor):
         return loss * self.factor if self.global_step + 1 in self.spikes else loss
 
 
-class RestartWatch(L.Callback):
-    """After the guard (listed before it): the steps on which it restarted, checked to hold the initial weights."""
-
-    def __init__(self, guard: GradGuard) -> None:
-        self.guard = guard
-        self.initial: list[torch.Tensor] = []
-        self.restarts: list[int] = []
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.initial = [p.detach().clone() for p in pl_module.parameters()]
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if self.guard.summary()["rolled_back"] > len(self.restarts):
-            self.restarts.append(trainer.global_step + 1)
-            assert all(torch.equal(p, w) for p, w in zip(pl_module.parameters(), self.initial))
-            assert all(p.grad is None for p in pl_module.parameters())  # the step is skipped
-
-
 def _fit(spikes: set[int], rollback: Any = "default", steps: int = 80) -> tuple[GradGuard, Regressor, list[int]]:
     L.seed_everything(0, verbose=False)
     model = SpikyRegressor(spikes, lr=0.02)
@@ -56,7 +40,8 @@ def _fit(spikes: set[int], rollback: Any = "default", steps: int = 80) -> tuple[
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_steps=steps, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=1024))
-    return guard, model, watch.restarts
+    assert all(clean for _, clean in watch.restarts)  # back at the initial weights, the step skipped
+    return guard, model, [step for step, _ in watch.restarts]
 
 
 def _engine_run(

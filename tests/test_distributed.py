@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_gradguard import AGC, L2, AutoClip, ExplodingDetector, GradGuard, LRGuard, NormClip, Orthogonal, ZClip
-from tests.helpers import assert_same_state, event_files, load_events
+from tests.helpers import RestartWatch, assert_same_state, event_files, load_events
 from tests.models import Regressor, regression_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -351,27 +351,10 @@ class SpikyDDPRegressor(Regressor):
         return loss
 
 
-class RestartProbe(Callback):
-    """After the guard: the steps on which it restarted, with whether the weights were then the initial ones."""
-
-    def __init__(self, guard: GradGuard) -> None:
-        self.guard = guard
-        self.initial: list[torch.Tensor] = []
-        self.restarts: list[tuple[int, bool]] = []
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.initial = [p.detach().clone() for p in pl_module.parameters()]
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if self.guard.summary()["rolled_back"] > len(self.restarts):
-            at_start = all(torch.equal(p, w) for p, w in zip(pl_module.parameters(), self.initial))
-            self.restarts.append((trainer.global_step + 1, at_start))
-
-
 def _ddp_restart_worker(outdir: Path, rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
     guard = GradGuard()  # the default, with its early restart
-    probe = RestartProbe(guard)
+    probe = RestartWatch(guard)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=WORLD,
