@@ -193,20 +193,24 @@ def _ddp_guard(cls: type[GradGuard] = DumpGuard) -> GradGuard:
 DDP_SETTINGS = dict(max_epochs=3, accumulate_grad_batches=2, log_every_n_steps=2)
 
 
+def _ddp_trainer(callbacks: list[Callback], **kwargs: Any) -> L.Trainer:
+    """A 2-process CPU DDP Trainer that keeps each rank's own samples (see :func:`_rank_data`)."""
+    return L.Trainer(
+        accelerator="cpu",
+        devices=WORLD,
+        strategy="ddp",
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        **kwargs,
+        **_QUIET,
+    )
+
+
 def _ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
     guard = _ddp_guard()
     pre = RefProbe(guard)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy="ddp",
-        callbacks=[pre, guard],
-        logger=TensorBoardLogger(outdir, name="tb", version=0),
-        use_distributed_sampler=False,
-        **DDP_SETTINGS,
-        **_QUIET,
-    )
+    trainer = _ddp_trainer([pre, guard], logger=TensorBoardLogger(outdir, name="tb", version=0), **DDP_SETTINGS)
     trainer.fit(DDPRegressor(), _rank_data(rank))  # 8 micro-batches per rank and epoch
     return {
         "steps": guard.steps_seen,
@@ -355,16 +359,7 @@ def _ddp_restart_worker(outdir: Path, rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
     guard = GradGuard()  # the default, with its early restart
     probe = RestartWatch(guard)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=WORLD,
-        strategy="ddp",
-        callbacks=[guard, probe],
-        logger=False,
-        use_distributed_sampler=False,
-        max_epochs=8,  # 8 steps per epoch: 64 steps
-        **_QUIET,
-    )
+    trainer = _ddp_trainer([guard, probe], logger=False, max_epochs=8)  # 8 steps per epoch: 64 steps
     model = SpikyDDPRegressor(lr=0.02)
     trainer.fit(model, _rank_data(rank))
     return {
