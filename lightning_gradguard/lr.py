@@ -39,6 +39,15 @@ class _KeyState:
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> _KeyState:
+        """The state :meth:`as_dict` describes; fields it lacks (saved by an older version) keep their defaults."""
+        state = cls()
+        for name in _STATE_FIELDS:
+            if name in values:
+                setattr(state, name, type(getattr(state, name))(values[name]))
+        return state
+
 
 _STATE_FIELDS = ("anchor", "calm", "pending", "ceiling", "nonfinite", "since_nonfinite", "since_cut", "reset_due")
 
@@ -256,9 +265,7 @@ class LRGuard:
         Returns:
             ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor).
         """
-        state = _KeyState()
-        for name in _STATE_FIELDS:
-            setattr(state, name, snapshot[name])
+        state = _KeyState.from_dict(snapshot)
         state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
         self._states[key] = state
         return self._explode(state, force=True)
@@ -396,10 +403,7 @@ class LRGuard:
         """Load the state returned by :meth:`state_dict` (a state saved before ``ceiling`` existed loads too)."""
         states = {}
         for key, s in state_dict["keys"].items():
-            state = _KeyState()
-            for name in _STATE_FIELDS:
-                if name in s:
-                    setattr(state, name, type(getattr(state, name))(s[name]))
+            state = _KeyState.from_dict(s)
             for name in ("anchor", "ceiling"):
                 value = getattr(state, name)
                 if not (math.isfinite(value) and 0.0 < value <= 1.0):
