@@ -15,13 +15,13 @@ held-out data it never trained on. The table reports, per run:
   for the GAN), and **init**: the same metric for the untrained weights (equal in both runs: same start);
 * **rel. diff**: ``(guarded - unguarded) / unguarded`` of the held-out metric, in percent;
 * **non-finite**: training losses that were NaN/inf (a NaN loss never stops a run here);
-* the guard's events from ``GradGuard.summary()`` (exploding, lr_reduced, skipped, clipped, vanishing), the lowest
-  LR multiplier of its ``LRGuard`` over the run (over all optimizers), and how many warnings the guard raised;
+* the guard's events from ``GradGuard.summary()`` (exploding, diverging, lr_reduced, skipped, clipped, vanishing), the
+  lowest LR multiplier of its ``LRGuard`` over the run (over all optimizers), and how many warnings the guard raised;
 * the wall time of the run (``fit`` only).
 
-Under the table one verdict per config: **PASS** when the guarded run had no exploding event and no LR reduction
-and its held-out metric is at most 2% (relative) worse than the unguarded one; for ``nan_batch`` the guard must
-also have skipped exactly one step. Otherwise **FAIL** with the reasons. A config whose unguarded run itself looks
+Under the table one verdict per config: **PASS** when the guarded run had no exploding or diverging event and no LR
+reduction and its held-out metric is at most 2% (relative) worse than the unguarded one; for ``nan_batch`` the guard
+must also have skipped exactly one step. Otherwise **FAIL** with the reasons. A config whose unguarded run itself looks
 unhealthy (non-finite losses, or a held-out metric no better than at initialisation) is flagged: the config needs
 adjusting, not the guard.
 
@@ -1036,8 +1036,9 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, 
     reasons = []
     if ev.get("lr_reduced", 0):
         reasons.append(f"lr_reduced={ev['lr_reduced']} (min LR multiplier {g['min_lr_scale']:.3g})")
-    if ev.get("exploding", 0):
-        reasons.append(f"exploding={ev['exploding']}")
+    for kind in ("exploding", "diverging"):
+        if ev.get(kind, 0):
+            reasons.append(f"{kind}={ev[kind]}")
     # One-sided: a guarded run that ends better than the unguarded one did no harm.
     if not (math.isfinite(rel) and rel <= TOLERANCE_PCT):
         reasons.append(
@@ -1142,6 +1143,7 @@ def report(result: dict[str, Any]) -> str:
         "rel. diff",
         "non-finite",
         "exploding",
+        "diverging",
         "lr_reduced",
         "min LR x",
         "skipped",
@@ -1173,6 +1175,7 @@ def report(result: dict[str, Any]) -> str:
                 *(
                     (
                         str(ev["exploding"]),
+                        str(ev["diverging"]),
                         str(ev["lr_reduced"]),
                         num(row["min_lr_scale"], ".3g"),
                         str(ev["skipped"]),
@@ -1181,7 +1184,7 @@ def report(result: dict[str, Any]) -> str:
                         str(row["guard_warnings"]),
                     )
                     if ev
-                    else ("-",) * 7
+                    else ("-",) * 8
                 ),
                 f"{row['wall_s']:.1f}",
             )
@@ -1192,8 +1195,8 @@ def report(result: dict[str, Any]) -> str:
     notes = [c["note"] for c in result["configs"] if c["note"]]
     lines += [f"note: {n}  " for n in notes]
     lines.append(
-        f"PASS: the guarded run had exploding == 0 and lr_reduced == 0 and its held-out metric is at most "
-        f"{meta['tolerance_pct']:g}% worse than the unguarded reference (nan_batch: also skipped == 1)"
+        "PASS: the guarded run had exploding == 0, diverging == 0 and lr_reduced == 0 and its held-out metric is at "
+        f"most {meta['tolerance_pct']:g}% worse than the unguarded reference (nan_batch: also skipped == 1)"
     )
     lines.append("")
     for v in result["verdicts"]:

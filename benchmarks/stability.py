@@ -682,7 +682,8 @@ def report(result: dict[str, Any]) -> str:
         f"NaN at: first training step (from 1) with a non-finite loss (how many); a run stops after "
         f"{meta['stop_after_nonfinite']} non-finite losses in a row",
         "events of guarded runs (GradGuard.summary()): clipped steps, expl = exploding, nonfin/skip = "
-        "nonfinite/skipped steps, lr_red = lr_reduced, rollb = rolled_back, van = vanishing (first layer @ step); "
+        "nonfinite/skipped steps, div = diverging (the loss), lr_red = lr_reduced, rollb = rolled_back, van = "
+        "vanishing (first layer @ step); "
         "warns = the guard's warnings (hidden here, counted)",
         "",
         "configs:",
@@ -702,6 +703,7 @@ def report(result: dict[str, Any]) -> str:
         "clipped",
         "expl",
         "nonfin/skip",
+        "div",
         "lr_red",
         "rollb",
         "van",
@@ -728,6 +730,7 @@ def report(result: dict[str, Any]) -> str:
                 str(ev.get("clipped", "?")) if ev else "-",
                 str(ev["exploding"]) if ev else "-",
                 f"{ev['nonfinite']}/{ev['skipped']}" if ev else "-",
+                str(ev.get("diverging", 0)) if ev else "-",
                 str(ev["lr_reduced"]) if ev else "-",
                 str(ev.get("rolled_back", 0)) if ev else "-",
                 van,

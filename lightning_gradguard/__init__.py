@@ -12,6 +12,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "GradGuard": "callback",
     "GradientExplosionError": "callback",
+    "LossDivergenceError": "callback",
     "NonFiniteGradientError": "callback",
     "VanishingGradientError": "callback",
     "AGC": "clip",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "ZeroFraction": "diagnostics",
     "noise_scale_source": "diagnostics",
     "squared_grad_norm": "diagnostics",
+    "DivergenceDetector": "detect",
     "ExplodingDetector": "detect",
     "VanishingDetector": "detect",
     "LayerIndex": "layers",
@@ -55,11 +57,12 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
     from lightning_gradguard.callback import (
         GradGuard,
         GradientExplosionError,
+        LossDivergenceError,
         NonFiniteGradientError,
         VanishingGradientError,
     )
     from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
-    from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+    from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
     from lightning_gradguard.diagnostics import (
         ActivationGradients,
         EpochSummary,

@@ -46,6 +46,7 @@ EVENT_KINDS: tuple[str, ...] = (
     "lr_reduced",
     "clipped",
     "rolled_back",
+    "diverging",
 )
 #: Event kinds that name a layer: each event is also written as ``gradguard/trouble/<kind>/<layer>``.
 TROUBLE_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite")

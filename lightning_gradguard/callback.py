@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import Clipper, default_clipper
-from lightning_gradguard.detect import ExplodingDetector, VanishingDetector
+from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,
     ActivationGradients,
@@ -40,6 +40,7 @@ from lightning_gradguard.engine import (
     EngineSnapshot,
     GradientExplosionError,
     GuardEngine,
+    LossDivergenceError,
     NonFiniteGradientError,
     SparseGradientError,
     StepEvent,
@@ -52,7 +53,13 @@ from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.saturation import SaturationMonitor
 from lightning_gradguard.stats import StepStats
 
-__all__ = ["GradGuard", "GradientExplosionError", "NonFiniteGradientError", "VanishingGradientError"]
+__all__ = [
+    "GradGuard",
+    "GradientExplosionError",
+    "LossDivergenceError",
+    "NonFiniteGradientError",
+    "VanishingGradientError",
+]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +154,15 @@ class GradGuard(Callback):
             ``Rollback()``, for the whole run, with two copies of the trainable parameters and their optimizer state
             on their device (4x the trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or
             ``False``: no rollback. A run whose rate is never lowered is not changed by any of them.
+        divergence: the :class:`DivergenceDetector`, fed the training loss of each optimizer step (the losses
+            backpropagated since the previous step, taken in ``on_before_backward``: unscaled under 16-bit AMP,
+            the mean over an accumulation window, averaged over processes under DDP/FSDP2 with one scalar
+            ``all_reduce`` per step). A divergence event is an explosion to the LR guard, and a full stretch of
+            trouble to the rollback. ``"default"`` is ``DivergenceDetector()`` for a module with one optimizer;
+            with several (a GAN: one player's loss rises as the other gets better) the default watches none, an
+            explicit detector watches each optimizer's own loss. ``None`` disables it.
+        on_diverging: ``"warn"``, ``"raise"`` (:class:`LossDivergenceError`) or ``"ignore"`` (still acted on, and
+            listed in the events table).
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -180,6 +196,8 @@ class GradGuard(Callback):
         compile: bool | Literal["auto"] = "auto",
         diagnostics: bool | list[str] = True,
         rollback: Rollback | bool | None | Literal["default"] = "default",
+        divergence: DivergenceDetector | None | Literal["default"] = "default",
+        on_diverging: Literal["warn", "raise", "ignore"] = "warn",
     ) -> None:
         super().__init__()
         regularizers = _check_arguments(locals())
@@ -193,6 +211,11 @@ class GradGuard(Callback):
         self.on_vanishing = on_vanishing
         self.exploding: ExplodingDetector | None = _default(exploding, ExplodingDetector)
         self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
+        self.divergence: DivergenceDetector | None = _default(divergence, DivergenceDetector)
+        # The default watches a module with one optimizer only: with several (a GAN) each loss is one player's, and
+        # it rises whenever the other player gets better.
+        self._divergence_default = isinstance(divergence, str) and divergence == "default"
+        self.on_diverging = on_diverging
         self.log_every_n_steps = log_every_n_steps
         self.group_depth = group_depth
         self.group_fn = group_fn
@@ -235,6 +258,7 @@ class GradGuard(Callback):
         self._last_saturation: dict[str, float] = {}
         self._diag = _Diagnostics()
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
+        self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -398,6 +422,9 @@ class GradGuard(Callback):
             clip=copy.deepcopy(self.clip),
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
+            divergence=copy.deepcopy(self.divergence)
+            if not (self._divergence_default and len(trainer.optimizers) > 1)
+            else None,
             lr_guard=self.lr_guard,
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
@@ -431,6 +458,18 @@ class GradGuard(Callback):
         if self._diag.enabled and due:
             self._diag.batch_start(trainer, batch, batch_idx)
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self.divergence is None or loss.numel() != 1:
+            return
+        if self._divergence_default and len(trainer.optimizers) > 1:
+            return
+        value = loss.detach().float().reshape(())
+        scaler = _grad_scaler(trainer)
+        if scaler is not None and getattr(scaler, "_scale", None) is not None:
+            value = value / scaler._scale.to(value.device)  # 16-bit AMP hands over the scaled loss
+        # Lightning divides each micro-batch's loss by the accumulation: the sum is the window's mean.
+        self._loss = value if self._loss is None else self._loss + value
+
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._diag.first_backward_pending:
             self._diag.after_first_backward(trainer)
@@ -455,8 +494,14 @@ class GradGuard(Callback):
         logging = self._diag.enabled and stamp + 1 >= self._next_log_step
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
+        loss, self._loss = self._loss, None
+        if loss is not None and trainer.world_size > 1:
+            # Every rank must see the same loss, or the LR guard would cut (and restart) on some ranks only.
+            loss = _averaged(loss, trainer.world_size)
         try:
-            stats = engine.step(stamp, grad_scale=grad_scale, grad_scaler=scaler is not None, optimizer=optimizer)
+            stats = engine.step(
+                stamp, grad_scale=grad_scale, grad_scaler=scaler is not None, optimizer=optimizer, loss=loss
+            )
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
         if logging:
@@ -467,9 +512,9 @@ class GradGuard(Callback):
     def _drain(self, trainer: pl.Trainer, engine: GuardEngine, key: int) -> None:
         """Turn the steps the engine reports into raises and warnings (the LR guard already acted on them)."""
         for event in engine.drain():
-            self._on_event(engine, key, event)
+            self._on_event(trainer, engine, key, event)
 
-    def _on_event(self, engine: GuardEngine, key: int, event: StepEvent) -> None:
+    def _on_event(self, trainer: pl.Trainer, engine: GuardEngine, key: int, event: StepEvent) -> None:
         if event.exploding and self.on_exploding == "raise":
             raise GradientExplosionError(
                 f"GradGuard: exploding gradients at step {event.step} (optimizer {key}); see"
@@ -480,10 +525,39 @@ class GradGuard(Callback):
                 f"GradGuard: vanishing gradients at step {event.step} (optimizer {key}) in"
                 f" {engine.layer_report('vanishing')}."
             )
+        if event.diverging:
+            self._on_diverging(trainer, engine, key, event.step)
         if event.nonfinite and self.on_nonfinite == "warn":
             rank_zero_warn(
                 f"GradGuard: non-finite gradients at step {event.step} (optimizer {key}); the step was applied."
             )
+
+    def _on_diverging(self, trainer: pl.Trainer, engine: GuardEngine, key: int, step: int) -> None:
+        action = self._reporter.explode_action(diverging=True)
+        if self._may_write_board(trainer):  # the events table, as for the detectors' per-layer events
+            row = {
+                "step": step,
+                "kind": "diverging",
+                "layer": "(loss)",
+                "value": math.nan,
+                "opt": key,
+                "action": action,
+            }
+            self._reporter.rows.append(row)
+        if self.on_diverging == "ignore":
+            return
+        message = f"GradGuard: the training loss diverged at step {step} (optimizer {key})"
+        det = engine.divergence
+        if det is not None:
+            message += (
+                f": for {det.patience} steps in a row it stayed above {det.ratio:g}x its running mean and above the"
+                " first loss GradGuard saw (the untrained model's)"
+            )
+            if det.start_ratio is not None:
+                message += f", or above {det.start_ratio:g}x that first loss"
+        if self.on_diverging == "raise":
+            raise LossDivergenceError(message + ".")
+        rank_zero_warn(f"{message}. Action: {action}.")
 
     def _histogram_due(self, count: int) -> bool:
         """Whether the batch numbered ``count`` (``batches_that_stepped + 1``) logs and reached a new multiple."""
@@ -689,6 +763,8 @@ class GradGuard(Callback):
             "on_vanishing": self.on_vanishing,
             "exploding": repr(self.exploding),
             "vanishing": repr(self.vanishing),
+            "divergence": repr(self.divergence),
+            "on_diverging": self.on_diverging,
             "rollback": repr(self.rollback),
             "log_every_n_steps": self.log_every_n_steps,
             "group_depth": self.group_depth,
@@ -712,7 +788,12 @@ class GradGuard(Callback):
 
 def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
     """Reject what GradGuard cannot take (a ValueError naming the argument); returns the regularizers as a list."""
-    modes = (("on_nonfinite", NONFINITE_MODES), ("on_exploding", _EVENT_MODES), ("on_vanishing", _EVENT_MODES))
+    modes = (
+        ("on_nonfinite", NONFINITE_MODES),
+        ("on_exploding", _EVENT_MODES),
+        ("on_vanishing", _EVENT_MODES),
+        ("on_diverging", _EVENT_MODES),
+    )
     for name, allowed in modes:
         if args[name] not in allowed:
             raise ValueError(f"`{name}` must be one of {allowed}, got {args[name]!r}")
@@ -738,6 +819,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         ("lr_guard", LRGuard),
         ("exploding", ExplodingDetector),
         ("vanishing", VanishingDetector),
+        ("divergence", DivergenceDetector),
     ):
         value = args[name]
         if value is not None and value != "default" and not isinstance(value, cls):
@@ -1075,7 +1157,7 @@ class _EventReporter:
     def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
         guard = self.guard
         actions = {
-            "exploding": self._explode_action(),
+            "exploding": self.explode_action(),
             "vanishing": "none" if guard.on_vanishing != "raise" else "raise",
             "nonfinite": guard.on_nonfinite,
         }
@@ -1127,7 +1209,7 @@ class _EventReporter:
                 text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
             return text
 
-        action = {"exploding": f"; action: {self._explode_action()}", "nonfinite": f"; action: {guard.on_nonfinite}"}
+        action = {"exploding": f"; action: {self.explode_action()}", "nonfinite": f"; action: {guard.on_nonfinite}"}
         title, named = self._TITLES[kind], guard.max_warnings
         if named == 0:
             layers = "layer" if len(rows) == 1 else "layers"
@@ -1155,14 +1237,15 @@ class _EventReporter:
                 message += " " + hint
         return message
 
-    def _explode_action(self) -> str:
+    def explode_action(self, diverging: bool = False) -> str:
+        """What GradGuard does about an exploding step (or, with ``diverging``, a diverged loss), in words."""
         guard = self.guard
         actions = []
-        if guard.clip is not None:
+        if guard.clip is not None and not diverging:
             actions.append(f"clipped ({type(guard.clip).__name__})")
         if guard.lr_guard is not None:
-            actions.append("LR guard")
-        if guard.on_exploding == "raise":
+            actions.append("LR guard" + (" (and the rollback, while it is on)" if guard.rollback is not None else ""))
+        if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
             actions.append("raise")
         return ", ".join(actions) or "none"
 
@@ -1253,6 +1336,13 @@ def _listing(named: list[str], total: int) -> str:
 
 def _grad_scaler(trainer: pl.Trainer) -> Any:
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def _averaged(value: Tensor, world_size: int) -> Tensor:
+    """The mean of a 0-d tensor over all processes (one small all-reduce)."""
+    total = value.clone()
+    torch.distributed.all_reduce(total)
+    return total / world_size
 
 
 def _gathered(t: Tensor) -> Tensor:

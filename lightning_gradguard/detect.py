@@ -11,7 +11,7 @@ from torch import Tensor
 
 from lightning_gradguard._validation import check_bool, check_int, check_number
 
-__all__ = ["ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
+__all__ = ["DivergenceDetector", "ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
 
 # Norms are compared in log space: gradient norms span orders of magnitude and a spike is a *ratio*.
 _TINY = 1e-30
@@ -391,3 +391,117 @@ class VanishingDetector:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"
+
+
+class DivergenceDetector:
+    """Flags a training loss that has blown up: an order of magnitude above its running level, and above where
+    training started, for several steps in a row.
+
+    The gradient detectors see a diverging run through its gradient norms; an adaptive optimizer (Adam) normalises
+    those, so a too-high Adam rate can wreck a model while every norm looks ordinary: an MLP regression at Adam rate
+    1.0 went from MSE 16 to 5600 in two updates and stayed in the hundreds, without a single exploding step
+    (tests/test_divergence.py). The loss does not hide it. This detector watches the loss of each optimizer step (the
+    losses backpropagated since the previous step, summed: the mean over an accumulation window).
+
+    A step is *high* when its loss is more than ``ratio`` times the running mean of the losses before it **and**
+    above the first loss observed (the untrained model's): a healthy run does get worse than it was for a while (a
+    data shift, a restart of the schedule), but seldom worse than untrained, and by an order of magnitude at once.
+    After ``patience`` high steps in a row the step is one *divergence event*; the next one needs the loss to come
+    back down first, so a lasting climb is one event, not one per step. The default patience outlasts the transient
+    of Adam's first steps without warm-up: a healthy 1500-layer residual net went 54x up for four steps while Adam's
+    second moments settled, then trained on (tests/test_do_no_harm.py).
+
+    The running mean starts as the plain mean of the first losses, then is an EMA (``alpha``); every loss enters it
+    winsorized to within ``ratio`` of it, and a high loss with the EMA's small weight even in the first steps, so one
+    outlier moves it little and a genuinely new level is absorbed within a few dozen steps. A non-finite loss (the
+    non-finite gradient path handles it), an exactly-zero loss (a fully masked batch) and a step without a loss are
+    no observation; a running mean at or below 0 (a loss that can be negative: a density's log-likelihood, a critic's
+    score) reports nothing. The first loss stands for the untrained level, so it must not be much easier than the
+    typical batch: simulated flat runs (300 steps of a loss that is the mean of ``n`` squared Gaussians) had an event
+    in 13 of 200 runs with ``n=1`` and 7 with ``n=2``, none with 4, 8 or 32; for a loss of one or two samples per
+    step, pass ``divergence=None``.
+
+    ``start_ratio`` (opt-in) also calls high a loss more than that many times the first loss, which catches a climb
+    that is gradual rather than sudden (no step 10x the running mean, but the model ends worse than untrained). Its
+    reference is one batch's loss, so it suits a loss averaged over many samples (a language model's tokens): in the
+    same simulation ``start_ratio=2`` had an event in 40 of 200 runs with ``n=8`` and 5 with ``n=32``; ``3`` in none
+    with ``n=32``.
+
+    Args:
+        ratio: how many times its running mean a loss above the first loss must be to be high, ``> 1``.
+        start_ratio: how many times the first loss a loss must be to be high, ``> 1`` (``None``, the default:
+            only ``ratio``).
+        patience: high steps in a row that make one event, ``>= 1``.
+        alpha: EMA decay of the running mean, in ``(0, 1)`` (0.98: about the last 50 steps).
+
+    Example:
+        >>> import torch
+        >>> det = DivergenceDetector(patience=2)
+        >>> events = [bool(det.update(torch.tensor(loss))) for loss in [2.3, 2.1, 1.9, 60.0, 58.0, 61.0]]
+        >>> events
+        [False, False, False, False, True, False]
+    """
+
+    def __init__(
+        self, ratio: float = 10.0, start_ratio: float | None = None, patience: int = 5, alpha: float = 0.98
+    ) -> None:
+        self.ratio = check_number("ratio", ratio, low=1.0)
+        self.start_ratio = None if start_ratio is None else check_number("start_ratio", start_ratio, low=1.0)
+        self.patience = check_int("patience", patience, low=1)
+        self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
+        # Device state, created on the first update: [running mean, observations, first loss, high steps in a row].
+        self._state: Tensor | None = None
+
+    def update(self, loss: Tensor) -> Tensor:
+        """Test this step's loss (a 0-d tensor; NaN: no loss this step), then fold it into the running mean.
+
+        Returns:
+            0-d bool: this step completes a divergence event.
+        """
+        loss = _as_float(loss).reshape(())
+        if self._state is None:
+            self._state = torch.zeros(4, device=loss.device)
+        elif self._state.device != loss.device:
+            self._state = self._state.to(loss.device)
+        mean, count, first, streak = self._state.unbind()
+        # ``0 < |loss| < inf``: drops NaN, inf and the exact zero of a fully masked batch.
+        observed = (loss != 0) & (loss.abs() < math.inf)
+        started = count > 0
+        limit = self.ratio * mean
+        high = observed & started & (first > 0) & (mean > 0) & (loss > first) & (loss > limit)
+        if self.start_ratio is not None:
+            high |= observed & started & (first > 0) & (loss > self.start_ratio * first)
+        run = torch.where(observed, (streak + 1) * high, streak)
+        event = high & (run == self.patience)
+        # Winsorized into [mean / ratio, mean * ratio]; the first observation is taken as it is.
+        x = torch.where(started, torch.minimum(torch.maximum(loss, mean / self.ratio), limit), loss)
+        rate = torch.where(high, 1.0 - self.alpha, torch.clamp_min((count + 1.0).reciprocal(), 1.0 - self.alpha))
+        new = torch.stack(
+            [
+                torch.where(observed, mean + rate * (x - mean), mean),
+                count + observed,
+                torch.where(observed & ~started, loss, first),
+                run,
+            ]
+        )
+        self._state = new
+        return event
+
+    def level(self) -> Tensor:
+        """``[2]`` device tensor: the running mean of the loss and the first loss (NaN before any)."""
+        if self._state is None:
+            return torch.full((2,), math.nan)
+        started = self._state[1] > 0
+        return torch.where(started, self._state[[0, 2]], math.nan)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": None if self._state is None else self._state.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._state = state["state"]
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(ratio={self.ratio}, start_ratio={self.start_ratio}, patience={self.patience},"
+            f" alpha={self.alpha})"
+        )

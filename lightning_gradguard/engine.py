@@ -29,7 +29,13 @@ from lightning_gradguard._compat import nan_to_num_
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_number
 from lightning_gradguard.clip import Clipper, NormClip, default_clipper
-from lightning_gradguard.detect import ExplodingDetector, ExplodingResult, VanishingDetector, VanishingResult
+from lightning_gradguard.detect import (
+    DivergenceDetector,
+    ExplodingDetector,
+    ExplodingResult,
+    VanishingDetector,
+    VanishingResult,
+)
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer
@@ -41,6 +47,7 @@ __all__ = [
     "EngineSnapshot",
     "GradientExplosionError",
     "GuardEngine",
+    "LossDivergenceError",
     "NonFiniteGradientError",
     "StepEvent",
     "VanishingGradientError",
@@ -54,7 +61,17 @@ if not logging.getLogger().hasHandlers():
     log.addHandler(logging.StreamHandler())
     log.propagate = False
 
-EVENT_KINDS = ("exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped", "rolled_back")
+EVENT_KINDS = (
+    "exploding",
+    "vanishing",
+    "nonfinite",
+    "skipped",
+    "overflow",
+    "lr_reduced",
+    "clipped",
+    "rolled_back",
+    "diverging",
+)
 NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 # What ``torch.compile`` uses for the fused per-step tail (tests swap in a cheaper backend).
 _COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
@@ -64,6 +81,10 @@ _MAX_EVENTS = 1000  # undrained events kept (a plain loop that never calls drain
 
 class GradientExplosionError(RuntimeError):
     """Raised by ``GradGuard(on_exploding="raise")``."""
+
+
+class LossDivergenceError(RuntimeError):
+    """Raised by ``GradGuard(on_diverging="raise")``."""
 
 
 class VanishingGradientError(RuntimeError):
@@ -92,7 +113,7 @@ class _Buffer(NamedTuple):
 
 
 # Device counters (cumulative, saved): one slot per kind, in this order.
-_COUNTS = ("exploding", "vanishing", "nonfinite", "overflow", "clipped")
+_COUNTS = ("exploding", "vanishing", "nonfinite", "overflow", "clipped", "diverging")
 # Per-layer rows. "last" (the latest norm) survives a log; the others describe the window since the last log: the
 # last step with a gradient ("seen"), and the first step of each event with the layer's norm at that step.
 _ROWS = ("last", "seen", "exploding_step", "exploding_value", "vanishing_step", "vanishing_value", "nonfinite_step")
@@ -137,6 +158,7 @@ class _Record:
         self.false = torch.zeros((), dtype=torch.bool, device=device)
         self.no_layers = torch.zeros(num_layers, dtype=torch.bool, device=device)
         self.unclipped = torch.zeros((), dtype=torch.bool, device=device)  # an input of update(): not aliased inside
+        self.nan = torch.full((), math.nan, device=device)  # "no loss this step"
 
     def start_window(self) -> None:
         for b in _BUFFERS:
@@ -152,6 +174,7 @@ class _Record:
         present: Tensor,
         exploding: ExplodingResult | None,
         vanishing: VanishingResult | None,
+        diverging: Tensor | None,
         coef: Tensor,
         clipped: Tensor,
         grad_scaler: bool,
@@ -159,7 +182,7 @@ class _Record:
         """Fold one step into the buffers.
 
         Returns:
-            The ``[5]`` int64 increment of the counters (the host's flags), the step's non-finite flag and, without
+            The ``[6]`` int64 increment of the counters (the host's flags), the step's non-finite flag and, without
             a GradScaler, the per-layer non-finite flags.
         """
         nonfinite = ~valid
@@ -193,6 +216,7 @@ class _Record:
                 self.false if grad_scaler else nonfinite,
                 nonfinite if grad_scaler else self.false,
                 clipped,
+                diverging if diverging is not None else self.false,
             ]
         )
         self.buffers["counts"].add_(increment)
@@ -253,6 +277,7 @@ class StepEvent(NamedTuple):
         nonfinite: the gradients held inf/NaN (and no GradScaler handled it).
         overflow: the gradients held inf/NaN under a GradScaler (routine loss-scale calibration).
         lr_reduced: the LR guard lowered its multiplier on this step.
+        diverging: the divergence detector found the training loss blown up (see :class:`DivergenceDetector`).
 
     Example:
         >>> import torch
@@ -260,8 +285,8 @@ class StepEvent(NamedTuple):
         >>> engine = GuardEngine(model, on_nonfinite="skip")
         >>> model.weight.grad, model.bias.grad = torch.full((1, 3), float("inf")), torch.zeros(1)
         >>> _ = engine.step()
-        >>> engine.drain()
-        [StepEvent(step=1, exploding=False, vanishing=False, nonfinite=True, overflow=False, lr_reduced=False)]
+        >>> [(e.step, e.nonfinite, e.exploding, e.diverging) for e in engine.drain()]
+        [(1, True, False, False)]
     """
 
     step: int
@@ -270,6 +295,7 @@ class StepEvent(NamedTuple):
     nonfinite: bool
     overflow: bool
     lr_reduced: bool
+    diverging: bool = False
 
 
 @dataclass
@@ -462,6 +488,9 @@ class GuardEngine:
             guard lowers the rate, skip the step and put back the last parameters and optimizer state known to have
             trained calmly (pass the optimizer to :meth:`step`); needs ``lr_guard``. ``None`` (default) or
             ``False``: no rollback (the engine takes no copy of anything unless asked).
+        divergence: the :class:`~lightning_gradguard.DivergenceDetector`, fed the ``loss`` given to :meth:`step`
+            (a step without one is no observation); ``"default"`` is ``DivergenceDetector()``, ``None`` disables it.
+            A divergence event is an explosion to the LR guard and a full stretch of trouble to the rollback.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -479,7 +508,7 @@ class GuardEngine:
         ...     if step == 12:
         ...         loss = loss * float("nan")  # a bad batch
         ...     loss.backward()
-        ...     _ = engine.step()  # regularize, measure, detect, skip/clip, record
+        ...     _ = engine.step(loss=loss)  # regularize, measure, detect (the loss too), skip/clip, record
         ...     opt.step()
         >>> [(e.step, e.nonfinite) for e in engine.drain()]
         [(12, True)]
@@ -506,6 +535,7 @@ class GuardEngine:
         group_depth: int | None = None,
         group_fn: Callable[[str], str] | None = None,
         rollback: Rollback | bool | Literal["default"] | None = None,
+        divergence: DivergenceDetector | None | Literal["default"] = "default",
     ) -> None:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
@@ -520,6 +550,7 @@ class GuardEngine:
             ("exploding", exploding, ExplodingDetector),
             ("vanishing", vanishing, VanishingDetector),
             ("lr_guard", lr_guard, LRGuard),
+            ("divergence", divergence, DivergenceDetector),
         ):
             if value is not None and value != "default" and not isinstance(value, cls):
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
@@ -537,6 +568,7 @@ class GuardEngine:
         self.clipper: Clipper | None = _default(clip, default_clipper)
         self.exploding: ExplodingDetector | None = _default(exploding, ExplodingDetector)
         self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
+        self.divergence: DivergenceDetector | None = _default(divergence, DivergenceDetector)
         self.lr_guard = lr_guard
         self.regularizers = list(regularizers)
         self.on_nonfinite = on_nonfinite
@@ -587,7 +619,8 @@ class GuardEngine:
     def __repr__(self) -> str:
         return (
             f"GuardEngine(layers={self.index.num_layers}, clip={self.clipper!r}, exploding={self.exploding!r},"
-            f" vanishing={self.vanishing!r}, lr_guard={self.lr_guard!r}, on_nonfinite={self.on_nonfinite!r},"
+            f" vanishing={self.vanishing!r}, divergence={self.divergence!r}, lr_guard={self.lr_guard!r},"
+            f" on_nonfinite={self.on_nonfinite!r},"
             f" compile={self.compile!r})"
         )
 
@@ -606,6 +639,7 @@ class GuardEngine:
         grad_scale: Tensor | None = None,
         grad_scaler: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
+        loss: Tensor | float | None = None,
     ) -> StepStats | None:
         """Run the pipeline on the gradients in ``.grad``; call it before ``optimizer.step()``.
 
@@ -617,6 +651,8 @@ class GuardEngine:
                 neither handled, nor fed to the LR guard.
             optimizer: the optimizer about to step, whose state a :class:`~lightning_gradguard.Rollback` copies and
                 restores (without it, only the parameters are).
+            loss: this step's training loss (unscaled; summed over an accumulation window, i.e. the losses
+                backpropagated for this step), for the divergence detector; ``None``: no observation this step.
 
         Returns:
             The step's measurements (device tensors), or ``None`` when no parameter had a gradient or the step rolled
@@ -644,11 +680,12 @@ class GuardEngine:
         if measured is None:
             return None
         number = self.steps + 1 if step is None else int(step)
+        loss_in = self._loss_input(loss)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
-            (total, layer_norm, layer_finite, valid, _, _), (increment, nonfinite, layer_nonfinite) = self._tail(
-                "whole", measured.flat, measured.present, grad_scaler
+            (total, layer_norm, layer_finite, valid, *_), (increment, nonfinite, layer_nonfinite) = self._tail(
+                "whole", measured.flat, measured.present, loss_in, grad_scaler
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
@@ -661,23 +698,23 @@ class GuardEngine:
             # Compiled: the clipper's coefficient joins the one fused part; its host bookkeeping comes before, the
             # scaling of the gradients after the non-finite handling (as in the eager order).
             clipper.prepare_(measured.flat.device)
-            (total, layer_norm, layer_finite, valid, _, _), coef, (increment, nonfinite, layer_nonfinite) = self._tail(
-                "whole_clip", measured.flat, measured.present, grad_scaler
+            (total, layer_norm, layer_finite, valid, *_), coef, (increment, nonfinite, layer_nonfinite) = self._tail(
+                "whole_clip", measured.flat, measured.present, loss_in, grad_scaler
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
             if not self.skipped:
                 clipper.scale_(measured.grads, coef)
         else:
-            total, layer_norm, layer_finite, valid, exploding, vanishing = self._tail(
-                "pre", measured.flat, measured.present
+            total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = self._tail(
+                "pre", measured.flat, measured.present, loss_in
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
             coef, clipped = self._clip(measured, total, valid, exploding)
             increment, nonfinite, layer_nonfinite = self._tail(
-                "post", total, layer_norm, layer_finite, valid, measured.present, exploding, vanishing, coef, clipped,
-                grad_scaler,
+                "post", total, layer_norm, layer_finite, valid, measured.present, exploding, vanishing, diverging, coef,
+                clipped, grad_scaler,
             )  # fmt: skip
         self._last_total = total
         if not self._stamps or self._stamps[-1][1] + (self.steps_since_log - self._stamps[-1][0]) != number:
@@ -694,6 +731,21 @@ class GuardEngine:
             layer_present=measured.present, grads=measured.grads, params=measured.params,
             param_indices=measured.param_indices,
         )  # fmt: skip
+
+    def _loss_input(self, loss: Tensor | float | None) -> Tensor | None:
+        """The loss as the 0-d fp32 device tensor the tail takes (NaN: none this step), or ``None`` without a
+        divergence detector."""
+        if self.divergence is None:
+            return None
+        record = self._record
+        if loss is None:
+            return record.nan
+        if not isinstance(loss, Tensor):
+            return torch.full((), float(loss), device=record.device)
+        loss = loss.detach()
+        if loss.numel() != 1:
+            raise ValueError(f"GuardEngine.step: `loss` must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        return loss.reshape(()).to(record.device, torch.float32)
 
     def _rollback_step(self, optimizer: torch.optim.Optimizer | None) -> bool:
         """Take the rollback's copies, or roll back when the LR guard lowered the rate; ``True``: rolled back (the
@@ -727,12 +779,22 @@ class GuardEngine:
             "clip": self.clipper.device_state() if self.clipper is not None else None,
             "exploding": self.exploding.state_dict() if self.exploding is not None else None,
             "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
+            "divergence": self.divergence.state_dict() if self.divergence is not None else None,
         }
+
+    def _stateful(self) -> tuple[tuple[str, Any], ...]:
+        """The parts with statistics of their own, under their ``state_dict`` names."""
+        return (
+            ("clip", self.clipper),
+            ("exploding", self.exploding),
+            ("vanishing", self.vanishing),
+            ("divergence", self.divergence),
+        )
 
     def _load_statistics(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
             return
-        for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
+        for name, part in self._stateful():
             if part is None or saved.get(name) is None:
                 continue
             state = {}
@@ -746,37 +808,51 @@ class GuardEngine:
             part.load_state_dict(state)
 
     def _pre(
-        self, flat: Tensor, present: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ExplodingResult | None, VanishingResult | None]:
-        """From the flat measurement to the detectors' verdicts (the first compiled part)."""
+        self, flat: Tensor, present: Tensor, loss: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ExplodingResult | None, VanishingResult | None, Tensor | None]:
+        """From the flat measurement (and the loss) to the detectors' verdicts (the first compiled part)."""
         total, layer_norm, layer_finite = split_flat(flat, self.index.num_layers)
         valid = layer_finite.all()
         exploding = self.exploding.update(total, layer_norm, valid, present) if self.exploding is not None else None
         vanishing = self.vanishing.update(layer_norm, valid, present) if self.vanishing is not None else None
-        return total, layer_norm, layer_finite, valid, exploding, vanishing
+        diverging = self.divergence.update(loss) if self.divergence is not None and loss is not None else None
+        return total, layer_norm, layer_finite, valid, exploding, vanishing, diverging
 
     def _post(self, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """The record (the second compiled part); see :meth:`_Record.update`."""
         return self._record.update(*args)
 
-    def _whole(self, flat: Tensor, present: Tensor, grad_scaler: bool) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    def _whole(
+        self, flat: Tensor, present: Tensor, loss: Tensor | None, grad_scaler: bool
+    ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """``_pre`` and ``_post`` as one part, for an engine without a clipper."""
-        found = self._pre(flat, present)
-        total, layer_norm, layer_finite, valid, exploding, vanishing = found
+        found = self._pre(flat, present, loss)
+        total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = found
         record = self._record
-        args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, record.one, record.false)
+        args = (
+            total,
+            layer_norm,
+            layer_finite,
+            valid,
+            present,
+            exploding,
+            vanishing,
+            diverging,
+            record.one,
+            record.false,
+        )
         return found, record.update(*args, grad_scaler)
 
     def _whole_clip(
-        self, flat: Tensor, present: Tensor, grad_scaler: bool
+        self, flat: Tensor, present: Tensor, loss: Tensor | None, grad_scaler: bool
     ) -> tuple[tuple[Any, ...], Tensor, tuple[Any, ...]]:
         """``_pre``, the clipper's coefficient and ``_post`` as one part, for a :attr:`~Clipper.fusable` clipper.
 
         Returns the ``_pre`` figures, the coefficient to scale the gradients by (unless the step is skipped) and the
         record's results; the same values as the eager order (pre, skip, clip, post).
         """
-        found = self._pre(flat, present)
-        total, layer_norm, layer_finite, valid, exploding, vanishing = found
+        found = self._pre(flat, present, loss)
+        total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = found
         clipper = self.clipper
         assert clipper is not None
         cap = self._cap(exploding)
@@ -792,7 +868,7 @@ class GuardEngine:
             clipper.last_threshold = torch.where(valid, clipper.last_threshold, old_threshold)
             clipped = clipped & valid
         record = self._record
-        args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, coef, clipped)
+        args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, diverging, coef, clipped)
         return found, coef, record.update(*args, grad_scaler)
 
     def _cap(self, exploding: ExplodingResult | None) -> Tensor | None:
@@ -858,7 +934,7 @@ class GuardEngine:
         """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
         while self._pending and self._pending[0][0].ready():
             flags, grad_scaler, local = self._pending.popleft()
-            exploding, vanishing, nonfinite, overflow, _ = (bool(v) for v in flags.values)
+            exploding, vanishing, nonfinite, overflow, _, diverging = (bool(v) for v in flags.values)
             self._free.append(flags)
             lr_reduced = False
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
@@ -868,17 +944,21 @@ class GuardEngine:
                 if self.rollback is not None:
                     # Before the LR guard acts: a stretch of trouble remembers the guard as it was when it began.
                     guard = self.lr_guard
-                    troubled = exploding or nonfinite
+                    troubled = exploding or nonfinite or diverging
                     before = functools.partial(guard.snapshot, self.key) if troubled and guard is not None else None
-                    self.rollback.observe(local, exploding, nonfinite, before=before)
-                if self.lr_guard is not None and self.lr_guard.update(exploding, self.key, nonfinite=nonfinite):
+                    self.rollback.observe(local, exploding, nonfinite, before=before, diverging=diverging)
+                # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say.
+                too_high = exploding or diverging
+                if self.lr_guard is not None and self.lr_guard.update(too_high, self.key, nonfinite=nonfinite):
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
                     self._rollback_due = True
                 for r in self.regularizers:
                     r.on_exploding(exploding)
-            if exploding or vanishing or nonfinite or overflow or lr_reduced:
-                self._events.append(StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced))
+            if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
+                self._events.append(
+                    StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced, diverging)
+                )
 
     def drain(self) -> list[StepEvent]:
         """The steps on which something happened, as far as the host has learned (never waits for the device).
@@ -913,7 +993,7 @@ class GuardEngine:
 
     @property
     def counts(self) -> Tensor:
-        """``[5]`` int64 device counters: exploding, vanishing, non-finite, overflow and clipped steps."""
+        """``[6]`` int64 device counters: exploding, vanishing, non-finite, overflow, clipped and diverging steps."""
         return self._record.buffers["counts"]
 
     @property
@@ -978,6 +1058,7 @@ class GuardEngine:
             "clip": self.clipper.state_dict() if self.clipper is not None else None,
             "exploding": self.exploding.state_dict() if self.exploding is not None else None,
             "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
+            "divergence": self.divergence.state_dict() if self.divergence is not None else None,
         }
         for b in _BUFFERS:
             if b.saved:
@@ -996,12 +1077,14 @@ class GuardEngine:
         if state.get("layers") != list(self.index.names):
             raise ValueError("the saved layers differ from the model's; detector and clipper state is not restored.")
         device = self._record.device
-        for name, part in (("clip", self.clipper), ("exploding", self.exploding), ("vanishing", self.vanishing)):
+        for name, part in self._stateful():
             if part is not None and state.get(name) is not None:
                 part.load_state_dict(_to_device(state[name], device))
         for b in _BUFFERS:
             if b.saved and b.name in state:
-                self._record.buffers[b.name].copy_(state[b.name].to(device))
+                saved = state[b.name].to(device)
+                # A state saved before a kind was added has fewer counters: those it has keep their slots.
+                self._record.buffers[b.name][: saved.shape[0]].copy_(saved)
         self.host_counts.update(state.get("host_counts", {}))
         self.steps = int(state.get("steps", 0))
         if self.rollback is not None and state.get("rollback") is not None:

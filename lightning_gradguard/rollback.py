@@ -250,20 +250,25 @@ class Rollback:
         exploding: bool,
         nonfinite: bool = False,
         before: Callable[[], dict[str, Any]] | None = None,
+        diverging: bool = False,
     ) -> None:
         """Record the flags of engine step ``step`` (1-based) once they have reached the host.
 
         ``before`` returns the LR guard's state (:meth:`LRGuard.snapshot`) before it acts on this step; it is called
-        only when the step begins a stretch of trouble, and kept as :attr:`stretch_start`.
+        only when the step begins a stretch of trouble, and kept as :attr:`stretch_start`. ``diverging`` (the loss
+        has stayed blown up for the divergence detector's patience) is a full stretch by itself.
         """
         self._known = max(self._known, step)
-        if exploding or nonfinite:
+        if exploding or nonfinite or diverging:
             self._last_event = max(self._last_event, step)
             length, last, exploded = self._stretch
             if step - last >= self.within:
                 length, exploded = 0, False  # too far from the last one: a new stretch
                 self.stretch_start = before() if before is not None else None
-            self._stretch = (length + 1, step, exploded or (exploding and not nonfinite))
+            length += 1
+            if diverging:
+                length = max(length, self.patience)
+            self._stretch = (length, step, exploded or diverging or (exploding and not nonfinite))
 
     def before_step(
         self,

@@ -139,6 +139,7 @@ class DumpGuard(GradGuard):
                 "scalars": st.scalars.clone(),
                 "counts": st.counts.clone(),
                 "threshold": st.clipper.last_threshold.item() if st.clipper is not None else math.inf,
+                "loss_level": st.divergence.level().clone() if st.divergence is not None else None,
                 "collectives": collectives,
             }
         )
@@ -470,8 +471,10 @@ def test_ddp_ranks_measure_and_decide_identically(ddp_results: Any) -> None:
     assert r0["global_step"] == r1["global_step"] == 12  # 3 epochs x 8 micro-batches / accumulation 2
     assert len(r0["steps"]) == len(r1["steps"]) == 12
     for step, (a, b) in enumerate(zip(r0["steps"], r1["steps"])):
-        for key in ("layer_last", "scalars", "counts", "threshold"):
+        # The divergence detector judges the loss averaged over the ranks (each rank's own batches differ).
+        for key in ("layer_last", "scalars", "counts", "threshold", "loss_level"):
             assert_same_state(a[key], b[key], f"step {step} {key}")
+    assert r0["steps"][0]["loss_level"] is not None and r0["steps"][0]["loss_level"].isfinite().all()
     assert_same_state(r0["batches"], r1["batches"], "after each batch")
     # The decisions were not trivial: rank 1's NaN was skipped on both ranks, rank 0's spike lowered both LRs.
     summary = r0["batches"][-1]["summary"]
@@ -490,7 +493,8 @@ def test_ddp_norms_are_those_of_the_averaged_gradient(ddp_results: Any) -> None:
                 continue
             for layer, value in ref.items():
                 assert got["layers"][layer] == pytest.approx(value, rel=1e-6)
-        assert all(s["collectives"]["total"] == 0 for s in rank["steps"])  # DDP gradients are already whole
+        # DDP gradients are already whole: the one collective averages the loss for the divergence detector.
+        assert all(s["collectives"]["ops"] == ["c10d.allreduce_"] for s in rank["steps"])
     single = _single_process(Regressor, _ddp_guard(_Recorder), max_steps=2, accumulate_grad_batches=2)
     for got, ref in zip(r0["steps"][:2], single.steps_seen, strict=True):  # before the injected NaN and spike
         for layer, value in ref["layers"].items():
@@ -529,12 +533,13 @@ def test_fsdp2_norms_equal_a_single_process_run(fsdp2_results: Any) -> None:
         assert got["scalars"][0].item() == pytest.approx(ref["total"], rel=1e-6)
 
 
-def test_fsdp2_takes_one_all_reduce_per_step(fsdp2_results: Any) -> None:
+def test_fsdp2_takes_two_all_reduces_per_step(fsdp2_results: Any) -> None:
     (r0, r1), _ = fsdp2_results
     for rank in (r0, r1):
         for s in rank["steps"]:
-            assert s["collectives"]["all_reduce"] == 1
-            assert s["collectives"]["total"] == 1 and s["collectives"]["ops"] == ["c10d.allreduce_"]
+            # The loss for the divergence detector, then the per-layer squared norms of the sharded gradients.
+            assert s["collectives"]["all_reduce"] == 2
+            assert s["collectives"]["total"] == 2 and s["collectives"]["ops"] == ["c10d.allreduce_"]
 
 
 def test_fsdp2_clipping_acts_on_the_whole_gradient(fsdp2_results: Any) -> None:

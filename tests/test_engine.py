@@ -80,9 +80,10 @@ def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> N
         for x, y in regression_data():
             step += 1
             optimizer.zero_grad()
-            Troubled.scaled(nn.functional.mse_loss(model(x), y), step).backward()
+            loss = Troubled.scaled(nn.functional.mse_loss(model(x), y), step)
+            loss.backward()
             events += engine.drain()
-            engine.step(optimizer=optimizer)
+            engine.step(optimizer=optimizer, loss=loss)  # the loss GradGuard takes from on_before_backward
             optimizer.step()
             if step == steps:
                 break

@@ -17,11 +17,21 @@ import torch
 import yaml
 
 from examples import cifar_resnet, demo, lstm_adding
-from lightning_gradguard import GradGuard, LRGuard, Orthogonal, VanishingDetector, ZClip
+from lightning_gradguard import DivergenceDetector, GradGuard, LRGuard, Orthogonal, VanishingDetector, ZClip
 from tests.helpers import load_events
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
-EVENT_KINDS = {"exploding", "vanishing", "nonfinite", "skipped", "overflow", "lr_reduced", "clipped", "rolled_back"}
+EVENT_KINDS = {
+    "exploding",
+    "vanishing",
+    "nonfinite",
+    "skipped",
+    "overflow",
+    "lr_reduced",
+    "clipped",
+    "rolled_back",
+    "diverging",
+}
 
 
 def _scalar_tags(log_dir: str) -> set[str]:
@@ -422,5 +432,8 @@ def test_lstm_cli_config_builds_the_guard(tmp_path: Path, monkeypatch: pytest.Mo
     yaml_reg = yaml_guard["regularizers"][0]["init_args"]
     assert isinstance(reg, Orthogonal) and reg.weight == yaml_reg["weight"] and reg.modules == yaml_reg["modules"]
     assert reg.bind(cli.model) == ["rnn.weight_hh_l0"]
+    yaml_div = yaml_guard["divergence"]["init_args"]
+    assert isinstance(guard.divergence, DivergenceDetector)
+    assert (guard.divergence.ratio, guard.divergence.patience) == (yaml_div["ratio"], yaml_div["patience"])
     assert cli.trainer.max_steps == 4 and cli.datamodule.seq_len == 20
     assert cli.model.hparams.lr == config["model"]["lr"]

@@ -117,7 +117,8 @@ def test_the_table_prints_every_run_and_a_verdict_per_config(quick: tuple[str, d
     assert f"torch {saved['meta']['machine']['torch']}" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| config |"))
-    for column in ("held-out", "rel. diff", "exploding", "lr_reduced", "min LR x", "skipped", "clipped", "vanishing"):
+    columns = ("held-out", "rel. diff", "exploding", "diverging", "lr_reduced", "min LR x", "skipped", "clipped")
+    for column in (*columns, "vanishing"):
         assert f"| {column} |" in header, column
     for row in saved["rows"]:
         assert any(line.startswith(f"| {row['config']} | {row['variant']} |") for line in lines), row["variant"]

@@ -1,0 +1,272 @@
+"""The divergence detector: the training loss as a signal, for the runs whose gradient norms look ordinary.
+
+Unit tests feed loss patterns straight to :class:`DivergenceDetector`; the Trainer tests check where the loss comes
+from (accumulation, 16-bit AMP's scaled loss, several optimizers) and what a divergence does (LR cut, restart).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from lightning_gradguard import DivergenceDetector, GradGuard, GuardEngine, LossDivergenceError, LRGuard
+from tests.models import Regressor, regression_data, trainer
+
+
+def _feed(det: DivergenceDetector, losses: list[float]) -> list[int]:
+    """The 0-based positions of the losses that completed an event."""
+    return [i for i, loss in enumerate(losses) if bool(det.update(torch.tensor(loss)))]
+
+
+# ------------------------------------------------------------------------------------------------- the rule
+def test_a_blown_up_loss_is_one_event_after_patience_high_steps() -> None:
+    det = DivergenceDetector()
+    losses = [2.3, 2.2, 2.0, 1.9] + [60.0] * 8
+    assert _feed(det, losses) == [8]  # the fifth high step; the lasting climb is one event, not one per step
+
+
+def test_a_transient_blow_up_that_recovers_by_itself_raises_nothing() -> None:
+    # Adam at 1e-2 on a 1500-layer residual net without warm-up (tests/test_do_no_harm.py): the loss went 54x up for
+    # four steps while Adam's second moments warmed up, then trained on. The default patience outlasts it.
+    losses = [0.879, 21.663, 47.51, 13.36, 14.649, 1.483, 3.741, 7.909, 2.876, 0.355, 2.035, 2.956, 1.703, 0.565]
+    assert _feed(DivergenceDetector(), losses) == []
+    assert _feed(DivergenceDetector(patience=3), losses) == [3]
+
+
+def test_a_new_event_needs_the_loss_to_come_back_down_first() -> None:
+    det = DivergenceDetector(patience=2)
+    losses = [2.0, 2.0, 50.0, 50.0, 50.0, 2.0, 50.0, 50.0]
+    assert _feed(det, losses) == [3, 7]
+
+
+def test_isolated_spikes_and_spikes_between_calm_steps_raise_nothing() -> None:
+    det = DivergenceDetector(patience=3)
+    losses = [2.0, 1.9] + [1.8, 90.0, 1.8, 80.0, 80.0, 1.7] * 5  # a bad batch, then two in a row, repeatedly
+    assert _feed(det, losses) == []
+
+
+def test_a_gradual_climb_past_twice_the_untrained_loss_is_caught_when_asked() -> None:
+    # Adam at a too-high rate: no single step is 10x the running mean, but the model ends far worse than untrained.
+    det = DivergenceDetector(start_ratio=2.0, patience=3)
+    losses = [4.4, 6.0, 7.8, 9.0, 11.0, 12.5, 13.6, 12.0, 14.0]
+    events = _feed(det, losses)
+    assert len(events) == 1 and losses[events[0]] > 2 * 4.4
+    assert _feed(DivergenceDetector(patience=3), losses) == []  # opt-in: no step is 10x the running mean
+
+
+def test_a_loss_that_climbs_but_stays_below_the_untrained_loss_is_no_divergence() -> None:
+    # A trained model's loss rising 20x (a data shift, a GAN-like game) is no event while it is below the start.
+    det = DivergenceDetector(patience=2)
+    losses = [3.0] + [0.01] * 60 + [1.0] * 10
+    assert _feed(det, losses) == []
+
+
+def test_exact_zero_and_non_finite_losses_are_no_observation() -> None:
+    det = DivergenceDetector(patience=2)
+    # A fully masked first batch (loss 0) must not become the untrained loss, nor drag the running mean to 0.
+    losses = [0.0, 0.0, 2.0, 2.1, math.nan, 0.0, 1.9, math.inf, 2.0, 2.2]
+    assert _feed(det, losses) == []
+    mean, first = det.level().tolist()
+    assert first == 2.0 and 1.9 < mean < 2.2
+    assert det._state is not None and det._state[1].item() == 5  # observations: the five finite, non-zero losses
+
+
+def test_a_new_level_is_absorbed_by_the_running_mean() -> None:
+    # The running mean follows a lasting change within a few dozen steps, so a later spike is judged against it.
+    det = DivergenceDetector(patience=1)
+    losses = [5.0] * 10 + [0.5] * 200
+    assert _feed(det, losses) == []
+    mean, _ = det.level().tolist()
+    assert mean == pytest.approx(0.5, rel=0.2)  # from 5.0: an EMA over about 50 steps, after 200
+
+
+def test_negative_losses_are_never_judged() -> None:
+    det = DivergenceDetector(patience=1)
+    assert _feed(det, [-1.0, -0.5, 50.0, 80.0, 100.0]) == []
+
+
+def test_state_dict_round_trip_continues_the_same_decisions() -> None:
+    losses = [2.0, 2.1, 1.9, 40.0, 45.0, 50.0, 55.0]
+    whole = DivergenceDetector(patience=3)
+    expected = _feed(whole, losses)
+    first, second = DivergenceDetector(patience=3), DivergenceDetector(patience=3)
+    _feed(first, losses[:4])
+    second.load_state_dict(first.state_dict())
+    assert [i + 4 for i in _feed(second, losses[4:])] == expected == [5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"ratio": 1.0}, "ratio"), ({"start_ratio": 0.5}, "start_ratio"), ({"patience": 0}, "patience"),
+     ({"alpha": 1.0}, "alpha")],
+)  # fmt: skip
+def test_bad_arguments_name_themselves(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        DivergenceDetector(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------- plain loop
+def _adam_regression(lr: float, seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 16, generator=g)
+    y = x @ torch.randn(16, 1, generator=g)
+    return model, torch.optim.Adam(model.parameters(), lr=lr), x, y
+
+
+def test_engine_restarts_a_diverging_adam_run_and_trains_where_the_gradient_signals_alone_do_not() -> None:
+    def run(divergence: DivergenceDetector | None) -> tuple[float, dict[str, int]]:
+        model, opt, x, y = _adam_regression(lr=3.0)
+        engine = GuardEngine(model, lr_guard=LRGuard(), rollback="default", divergence=divergence)
+        engine.attach(opt)
+        losses = []
+        for i in range(100):
+            xb, yb = x[i % 32 * 16 : i % 32 * 16 + 16], y[i % 32 * 16 : i % 32 * 16 + 16]
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(xb), yb)
+            loss.backward()
+            losses.append(loss.detach())
+            engine.step(optimizer=opt, loss=loss)
+            opt.step()
+        # The last 25 training losses: a too-high Adam rate makes any single final iterate a matter of luck.
+        return torch.stack(losses[-25:]).mean().item(), engine.summary()
+
+    blind, blind_events = run(None)
+    watched, events = run(DivergenceDetector())
+    # The gradient signals restart the run once, at a rate still too high for Adam; the loss then stays 100x its
+    # untrained level with ordinary-looking norms (Adam normalises them), until the loss signal restarts it again.
+    assert blind_events["rolled_back"] == 1
+    assert events["diverging"] >= 1 and events["rolled_back"] > blind_events["rolled_back"]
+    assert watched < 0.5 * blind, (watched, blind)
+
+
+def test_engine_without_a_loss_observes_nothing() -> None:
+    model, opt, x, y = _adam_regression(lr=1.0)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x[:16]), y[:16]).backward()
+        engine.step(optimizer=opt)
+        opt.step()
+    assert engine.divergence is not None and engine.divergence.level().isnan().all()
+    with pytest.raises(ValueError, match="scalar"):
+        engine.step(loss=torch.ones(2))
+
+
+# ------------------------------------------------------------------------------------------------- Trainer
+class _LossSpy(L.Callback):
+    """The untrained loss the guard recorded, read after the first optimizer step."""
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.first: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        engine = self.guard._states.get(0)
+        if self.first is None and engine is not None and engine.steps and engine.divergence is not None:
+            self.first = engine.divergence.level()[1].item()
+
+
+@pytest.mark.parametrize("case", ["fp32", "accumulate", "16-mixed"])
+def test_the_guard_sees_the_unscaled_mean_loss_of_the_step(case: str) -> None:
+    torch.manual_seed(0)
+    model = Regressor(lr=1e-3)
+    guard = GradGuard()
+    spy = _LossSpy(guard)
+    extra: dict[str, Any] = {}
+    if case == "accumulate":
+        extra = {"accumulate_grad_batches": 3}
+    elif case == "16-mixed":
+        # On the CPU `precision="16-mixed"` becomes bf16: fp16 with a GradScaler, asked for explicitly.
+        extra = {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]}
+    trainer(max_steps=2, max_epochs=-1, callbacks=[guard, spy], **extra).fit(model, regression_data())
+    micro = 3 if case == "accumulate" else 1
+    expected = torch.stack(model.losses[:micro]).float().mean().item()
+    assert spy.first == pytest.approx(expected, rel=1e-3)  # the loss scale (65536) is divided out
+
+
+def test_a_trainer_run_at_a_too_high_adam_rate_is_restarted_and_warned_about() -> None:
+    def fit(guard: GradGuard | None) -> tuple[Regressor, list[str]]:
+        torch.manual_seed(0)
+        model = Regressor(optimizer="adam", lr=1.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            callbacks = [guard] if guard is not None else []
+            trainer(max_steps=100, max_epochs=-1, callbacks=callbacks).fit(model, regression_data(n=512))
+        return model, [str(w.message) for w in caught if "diverged" in str(w.message)]
+
+    def mse(model: Regressor) -> float:
+        x, y = regression_data(n=512).dataset.tensors  # type: ignore[attr-defined]
+        with torch.no_grad():
+            return nn.functional.mse_loss(model(x), y).item()
+
+    unguarded, _ = fit(None)
+    blind_guard = GradGuard(divergence=None)
+    blind, _ = fit(blind_guard)
+    guard = GradGuard()
+    rescued, messages = fit(guard)
+    assert blind_guard.summary()["lr_reduced"] == 0 and mse(blind) == pytest.approx(mse(unguarded))
+    events = guard.summary()
+    assert events["diverging"] >= 1 and events["rolled_back"] >= 1
+    assert mse(rescued) < 0.75 * mse(unguarded)
+    assert len(messages) == events["diverging"] and "untrained model's" in messages[0]
+
+
+def test_on_diverging_raise() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(on_diverging="raise")
+    with pytest.raises(LossDivergenceError, match="diverged"):
+        trainer(max_steps=60, max_epochs=-1, callbacks=[guard]).fit(
+            Regressor(optimizer="adam", lr=1.0), regression_data(n=512)
+        )
+
+
+class _TwoOptimizers(L.LightningModule):
+    """Manual optimization with two optimizers, each on its own half (a GAN's shape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 1), nn.Linear(4, 1)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for net, opt in zip((self.a, self.b), self.optimizers()):  # type: ignore[arg-type]
+            opt.zero_grad()
+            self.manual_backward(nn.functional.mse_loss(net(x[:, :4]), y))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)]
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_several_optimizers_are_watched_only_when_asked(explicit: bool) -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(divergence=DivergenceDetector() if explicit else "default")
+    trainer(max_steps=4, max_epochs=-1, callbacks=[guard]).fit(_TwoOptimizers(), regression_data())
+    for key in (0, 1):
+        det = guard._states[key].divergence
+        if explicit:
+            # Each optimizer's own loss: the one backpropagated just before its step.
+            assert det is not None and math.isfinite(det.level()[1].item())
+        else:
+            assert det is None
+
+
+def test_a_noisy_loss_that_stays_at_its_level_raises_nothing() -> None:
+    # A model stuck at its untrained level, whose per-step loss is the mean of 8 squared Gaussians (a small-batch
+    # regression): its spread must never look like a divergence, from the very first steps on.
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        det = DivergenceDetector()
+        losses = torch.randn(300, 8, generator=g).square().mean(1).tolist()
+        assert _feed(det, losses) == []
