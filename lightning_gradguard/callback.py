@@ -463,10 +463,13 @@ class GradGuard(Callback):
             return
         if self._divergence_default and len(trainer.optimizers) > 1:
             return
-        value = loss.detach().float().reshape(())
+        value = loss.detach()
+        if value.dtype != torch.float32:  # summed over micro-batches: in fp32
+            value = value.float()
         scaler = _grad_scaler(trainer)
         if scaler is not None and getattr(scaler, "_scale", None) is not None:
-            value = value / scaler._scale.to(value.device)  # 16-bit AMP hands over the scaled loss
+            scale = scaler._scale
+            value = value / (scale if scale.device == value.device else scale.to(value.device))  # 16-mixed: scaled
         # Lightning divides each micro-batch's loss by the accumulation: the sum is the window's mean.
         self._loss = value if self._loss is None else self._loss + value
 

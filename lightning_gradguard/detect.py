@@ -451,6 +451,7 @@ class DivergenceDetector:
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
         # Device state, created on the first update: [running mean, observations, first loss, high steps in a row].
         self._state: Tensor | None = None
+        self._slow: Tensor | None = None
 
     def update(self, loss: Tensor) -> Tensor:
         """Test this step's loss (a 0-d tensor; NaN: no loss this step), then fold it into the running mean.
@@ -458,29 +459,40 @@ class DivergenceDetector:
         Returns:
             0-d bool: this step completes a divergence event.
         """
-        loss = _as_float(loss).reshape(())
+        loss = _as_float(loss)
+        if loss.dim() != 0:
+            loss = loss.reshape(())
+        device = loss.device
         if self._state is None:
-            self._state = torch.zeros(4, device=loss.device)
-        elif self._state.device != loss.device:
-            self._state = self._state.to(loss.device)
+            self._state = torch.zeros(4, device=device)
+        elif self._state.device != device:
+            self._state = self._state.to(device)
+        if self._slow is None or self._slow.device != device:
+            self._slow = torch.full((), 1.0 - self.alpha, device=device)  # made once: a per-step constant is an op
         mean, count, first, streak = self._state.unbind()
-        # ``0 < |loss| < inf``: drops NaN, inf and the exact zero of a fully masked batch.
-        observed = (loss != 0) & (loss.abs() < math.inf)
-        started = count > 0
-        limit = self.ratio * mean
-        high = observed & started & (first > 0) & (mean > 0) & (loss > first) & (loss > limit)
+        # ``0 < |loss| < inf`` drops NaN, inf and the exact zero of a fully masked batch (``isfinite`` is six ops).
+        size = loss.abs()
+        observed = (size > 0) & (size < math.inf)
+        limit = mean * self.ratio
+        # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
+        # loss enters it winsorized to at least mean / ratio).
+        gated = observed & (first > 0)
+        high = gated & (loss > torch.maximum(first, limit))
         if self.start_ratio is not None:
-            high |= observed & started & (first > 0) & (loss > self.start_ratio * first)
+            high |= gated & (loss > first * self.start_ratio)
         run = torch.where(observed, (streak + 1) * high, streak)
         event = high & (run == self.patience)
-        # Winsorized into [mean / ratio, mean * ratio]; the first observation is taken as it is.
-        x = torch.where(started, torch.minimum(torch.maximum(loss, mean / self.ratio), limit), loss)
-        rate = torch.where(high, 1.0 - self.alpha, torch.clamp_min((count + 1.0).reciprocal(), 1.0 - self.alpha))
+        # Winsorized into [mean / ratio, mean * ratio]; the first observation is taken as it is. A high loss enters
+        # with the EMA's weight even during the warm-up, so that a blow-up in the first steps does not become the
+        # level it is judged against.
+        fresh = first == 0
+        x = torch.where(fresh, loss, torch.clamp(loss, mean / self.ratio, limit))
+        rate = torch.where(high, self._slow, torch.clamp_min((count + 1.0).reciprocal(), 1.0 - self.alpha))
         new = torch.stack(
             [
-                torch.where(observed, mean + rate * (x - mean), mean),
+                torch.where(observed, torch.lerp(mean, x, rate), mean),
                 count + observed,
-                torch.where(observed & ~started, loss, first),
+                torch.where(observed & fresh, loss, first),
                 run,
             ]
         )

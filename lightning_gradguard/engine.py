@@ -742,10 +742,16 @@ class GuardEngine:
             return record.nan
         if not isinstance(loss, Tensor):
             return torch.full((), float(loss), device=record.device)
-        loss = loss.detach()
         if loss.numel() != 1:
             raise ValueError(f"GuardEngine.step: `loss` must be a scalar, got a tensor of shape {tuple(loss.shape)}")
-        return loss.reshape(()).to(record.device, torch.float32)
+        # Each call below is an op even when it changes nothing: only the ones that do are made.
+        if loss.requires_grad:
+            loss = loss.detach()
+        if loss.dim() != 0:
+            loss = loss.reshape(())
+        if loss.device != record.device or loss.dtype != torch.float32:
+            loss = loss.to(record.device, torch.float32)
+        return loss
 
     def _rollback_step(self, optimizer: torch.optim.Optimizer | None) -> bool:
         """Take the rollback's copies, or roll back when the LR guard lowered the rate; ``True``: rolled back (the
