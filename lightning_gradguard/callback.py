@@ -422,9 +422,7 @@ class GradGuard(Callback):
             clip=copy.deepcopy(self.clip),
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
-            divergence=copy.deepcopy(self.divergence)
-            if not (self._divergence_default and len(trainer.optimizers) > 1)
-            else None,
+            divergence=copy.deepcopy(self.divergence) if self._watches_loss(trainer) else None,
             lr_guard=self.lr_guard,
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
@@ -459,9 +457,7 @@ class GradGuard(Callback):
             self._diag.batch_start(trainer, batch, batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self.divergence is None or loss.numel() != 1:
-            return
-        if self._divergence_default and len(trainer.optimizers) > 1:
+        if loss.numel() != 1 or not self._watches_loss(trainer):
             return
         value = loss.detach()
         if value.dtype != torch.float32:  # summed over micro-batches: in fp32
@@ -472,6 +468,10 @@ class GradGuard(Callback):
             value = value / (scale if scale.device == value.device else scale.to(value.device))  # 16-mixed: scaled
         # Lightning divides each micro-batch's loss by the accumulation: the sum is the window's mean.
         self._loss = value if self._loss is None else self._loss + value
+
+    def _watches_loss(self, trainer: pl.Trainer) -> bool:
+        """Whether the divergence detector watches this fit's losses."""
+        return self.divergence is not None and not (self._divergence_default and len(trainer.optimizers) > 1)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._diag.first_backward_pending:

@@ -270,3 +270,39 @@ def test_a_noisy_loss_that_stays_at_its_level_raises_nothing() -> None:
         det = DivergenceDetector()
         losses = torch.randn(300, 8, generator=g).square().mean(1).tolist()
         assert _feed(det, losses) == []
+
+
+class _LBFGSRegressor(Regressor):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_each_closure_evaluation_brings_its_own_loss() -> None:
+    # LBFGS calls the closure (training_step and backward) several times inside `optimizer.step`; Lightning runs
+    # `on_before_optimizer_step` after each, so each evaluation is one step of the guard, with its own loss (not a sum).
+    torch.manual_seed(0)
+    model = _LBFGSRegressor()
+    guard = GradGuard()
+    trainer(max_steps=3, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
+    engine = guard._states[0]
+    det = engine.divergence
+    assert det is not None and det._state is not None
+    assert len(model.losses) > 3 and engine.steps == len(model.losses)
+    assert det._state[1].item() == len(model.losses)
+    assert det.level()[1].item() == pytest.approx(model.losses[0].item())
+    assert det.level()[0].item() <= max(loss.item() for loss in model.losses)
+
+
+def test_a_state_saved_before_the_diverging_counter_still_loads() -> None:
+    model, opt, x, y = _adam_regression(lr=1e-3)
+    engine = GuardEngine(model)
+    opt.zero_grad()
+    nn.functional.mse_loss(model(x[:16]), y[:16]).backward()
+    engine.step(loss=torch.tensor(1.0))
+    state = engine.state_dict()
+    state["counts"] = torch.tensor([3, 1, 2, 0, 7])  # exploding, vanishing, nonfinite, overflow, clipped
+    del state["divergence"]
+    fresh = GuardEngine(model)
+    fresh.load_state_dict(state)
+    summary = fresh.summary()
+    assert (summary["exploding"], summary["clipped"], summary["diverging"]) == (3, 7, 0)
