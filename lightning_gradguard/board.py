@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.render import ABSENT as _ABSENT
 from lightning_gradguard.render import (
@@ -36,18 +37,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DIAGNOSTIC_CHARTS", "EVENT_KINDS", "TROUBLE_KINDS", "GradGuardBoard", "sample_gradients"]
 
-#: Event counters written as ``gradguard/events/<kind>``.
-EVENT_KINDS: tuple[str, ...] = (
-    "exploding",
-    "vanishing",
-    "nonfinite",
-    "skipped",
-    "overflow",
-    "lr_reduced",
-    "clipped",
-    "rolled_back",
-    "diverging",
-)
 #: Event kinds that name a layer: each event is also written as ``gradguard/trouble/<kind>/<layer>``.
 TROUBLE_KINDS: tuple[str, ...] = ("exploding", "vanishing", "nonfinite")
 

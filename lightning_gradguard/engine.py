@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_gradguard._compat import nan_to_num_
 from lightning_gradguard._host import HostFlags
+from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import check_bool, check_number
 from lightning_gradguard.clip import Clipper, NormClip, default_clipper
 from lightning_gradguard.detect import (
@@ -61,17 +62,6 @@ if not logging.getLogger().hasHandlers():
     log.addHandler(logging.StreamHandler())
     log.propagate = False
 
-EVENT_KINDS = (
-    "exploding",
-    "vanishing",
-    "nonfinite",
-    "skipped",
-    "overflow",
-    "lr_reduced",
-    "clipped",
-    "rolled_back",
-    "diverging",
-)
 NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 # What ``torch.compile`` uses for the fused per-step tail (tests swap in a cheaper backend).
 _COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
