@@ -148,8 +148,8 @@ class Rollback:
     ``GradGuard()`` uses :func:`default_rollback` (early, one copy of the initial weights, at most 1 GiB);
     ``GradGuard(rollback=Rollback())`` (or ``rollback=True``) and ``GuardEngine(..., rollback=Rollback())`` keep two
     copies for the whole run. It acts only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where
-    the guard lowers its multiplier (an exploding step, repeated non-finite steps). A run that never has its rate
-    lowered is never touched: the copies change no number of it.
+    the guard lowers its multiplier (an exploding step, repeated non-finite steps, a divergence of the loss). A run
+    that never has its rate lowered is never touched: the copies change no number of it.
 
     Every ``every`` optimizer steps, the trainable parameters (``requires_grad``) of the optimizer and their optimizer
     state (momentum, Adam's moments and step) are copied into a spare buffer, one fused copy per device (the
@@ -374,13 +374,14 @@ def default_rollback() -> Rollback:
 
     ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB)``: one copy of the initial trainable
     parameters (no optimizer state exists yet), kept for the first 500 optimizer steps and then freed. When the rate
-    is lowered after two exploding or non-finite steps in a row, the run restarts from the initial weights at the
-    lowered rate (the LR guard's ``factor``). A diverging run explodes on every step once its weights are wrecked;
-    bad batches (a corrupted label, a NaN) explode alone, between calm steps, and only lower the rate. A too-high
-    learning rate wrecks the weights in its first updates, before any statistic has a calm history, and lowering the
-    rate then leaves the run where it landed; a restart at the lower rate is what a person would do, and early on it
-    loses little. A model whose trainable parameters take more than 1 GiB gets no rollback (one warning), so the default
-    never makes a large run run out of memory.
+    is lowered after two exploding or non-finite steps in a row, or on a divergence event of the loss (itself several
+    high steps in a row), the run restarts from the initial weights at the lowered rate (the LR guard's ``factor``).
+    A diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted label, a NaN)
+    explode alone, between calm steps, and only lower the rate. A too-high learning rate wrecks the weights in its
+    first updates, before any statistic has a calm history, and lowering the rate then leaves the run where it
+    landed; a restart at the lower rate is what a person would do, and early on it loses little. A model whose
+    trainable parameters take more than 1 GiB gets no rollback (one warning), so the default never makes a large run
+    run out of memory.
 
     Example:
         >>> default_rollback()
