@@ -55,6 +55,7 @@ Run from the repository root::
 
     python benchmarks/stability.py                              # default suite, a few minutes on 2 CPU cores
     python benchmarks/stability.py --configs lstm_10x,resnet20 --json out.json
+    python benchmarks/stability.py --configs resnet20 --variants guarded      # unguarded and GradGuard() only
     python benchmarks/stability.py --full --device cuda
     python benchmarks/stability.py --quick --json -             # seconds; JSON on stdout
 
@@ -557,14 +558,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # --quick's batches are too small to share between threads.
                 threads = args.threads or (1 if size == "quick" else _auto_threads(job, host["cpus"]))
                 torch.set_num_threads(threads)
+            variants = [
+                v
+                for v in job.variants(args.sweep)
+                if args.variants is None or v == "unguarded" or v in args.variants or job.sweep_lr(v) is not None
+            ]
             configs.append(
                 {
                     "config": job.name,
                     "title": job.title,
                     "settings": job.settings,
                     "steps": job.steps,
-                    "variants": job.variants(args.sweep),
-                    "guards": {v: job.guard_label(v) for v in job.variants(args.sweep)},
+                    "variants": variants,
+                    "guards": {v: job.guard_label(v) for v in variants},
                     "metric": job.metric,
                     "threshold": job.threshold,
                     "chance": job.chance,
@@ -572,7 +578,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "threads": threads,
                 }
             )
-            for variant in job.variants(args.sweep):
+            for variant in variants:
                 row = _run_one(job, variant, args)
                 rows.append(row)
                 print(
@@ -782,6 +788,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         action="store_false",
         help="skip the unguarded tuned-rate sweep of the diverging configs",
     )
+    p.add_argument(
+        "--variants",
+        default=None,
+        help=f"comma-separated subset of the guarded runs ({', '.join((*VARIANTS[1:], 'guarded_example'))}); the "
+        "unguarded run and the sweep always run (default: all)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: a new temporary folder)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
@@ -791,6 +803,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if unknown or not names:
         p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     args.configs = names
+    if args.variants is not None:
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+        allowed = (*VARIANTS[1:], "guarded_example")
+        if not chosen or any(v not in allowed for v in chosen):
+            p.error(f"--variants: choose from {', '.join(allowed)}, got {args.variants!r}")
+        args.variants = chosen
     if args.threads < 0:
         p.error("--threads must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():

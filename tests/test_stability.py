@@ -161,7 +161,26 @@ def test_json_to_stdout_and_config_selection(tmp_path: Path) -> None:
     assert {r["config"] for r in result["rows"]} == {"rnn_tanh"}
 
 
-@pytest.mark.parametrize("argv", [["--configs", "nope"], ["--quick", "--full"], ["--threads", "-1"]])
+def test_variant_selection_keeps_the_unguarded_reference_and_the_sweep(tmp_path: Path) -> None:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        main(["--quick", "--configs", "rnn_tanh", "--variants", "guarded", "--json", "-", "--logdir", str(tmp_path)])
+    result = json.loads(stdout.getvalue(), parse_constant=_reject_constant)
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants[:2] == ["unguarded", "guarded"]
+    assert variants[2:] and all(v.startswith("unguarded_lr") for v in variants[2:])  # the tuned-rate sweep
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--configs", "nope"],
+        ["--quick", "--full"],
+        ["--threads", "-1"],
+        ["--variants", "unguarded"],
+        ["--variants", ""],
+    ],
+)
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         main(argv)
