@@ -369,6 +369,7 @@ class GradGuard(Callback):
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
+        self._loss = None  # a loss left over by an earlier fit that ended between backward and step
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

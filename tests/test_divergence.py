@@ -220,13 +220,18 @@ def test_a_trainer_run_at_a_too_high_adam_rate_is_restarted_and_warned_about() -
     assert len(messages) == events["diverging"] and "untrained model's" in messages[0]
 
 
-def test_on_diverging_raise() -> None:
+def test_on_diverging_raise_and_the_guard_reused_afterwards() -> None:
     torch.manual_seed(0)
     guard = GradGuard(on_diverging="raise")
     with pytest.raises(LossDivergenceError, match="diverged"):
         trainer(max_steps=60, max_epochs=-1, callbacks=[guard]).fit(
             Regressor(optimizer="adam", lr=1.0), regression_data(n=512)
         )
+    guard._loss = torch.tensor(100.0)  # as if a fit had ended between a backward and its optimizer step
+    # The next fit starts afresh: its first loss is its own, not a sum with a loss left over.
+    model, spy = Regressor(lr=1e-3), _LossSpy(guard)
+    trainer(max_steps=1, max_epochs=-1, callbacks=[guard, spy]).fit(model, regression_data())
+    assert spy.first == pytest.approx(model.losses[0].item(), rel=1e-6)
 
 
 class _TwoOptimizers(L.LightningModule):
