@@ -1051,10 +1051,7 @@ class GuardEngine:
     def state_dict(self) -> dict[str, Any]:
         """Detector, clipper and counter state (plain values and tensors: loads with ``weights_only=True``)."""
         state: dict[str, Any] = {
-            "clip": self.clipper.state_dict() if self.clipper is not None else None,
-            "exploding": self.exploding.state_dict() if self.exploding is not None else None,
-            "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
-            "divergence": self.divergence.state_dict() if self.divergence is not None else None,
+            name: part.state_dict() if part is not None else None for name, part in self._stateful()
         }
         for b in _BUFFERS:
             if b.saved:
