@@ -393,6 +393,9 @@ class VanishingDetector:
         return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"
 
 
+_DIVERGENCE_STATE = 5  # DivergenceDetector's state vector: see its __init__
+
+
 class DivergenceDetector:
     """Flags a training loss that has blown up: an order of magnitude above its running level, and above where
     training started, for several steps in a row.
@@ -403,9 +406,13 @@ class DivergenceDetector:
     (tests/test_divergence.py). The loss does not hide it. This detector watches the loss of each optimizer step (the
     losses backpropagated since the previous step, summed: the mean over an accumulation window).
 
-    A step is *high* when its loss is more than ``ratio`` times the running mean of the losses before it **and**
+    A step is *high* when its loss is more than ``ratio`` times the running level of the losses before it **and**
     above the first loss observed (the untrained model's): a healthy run does get worse than it was for a while (a
     data shift, a restart of the schedule), but seldom worse than untrained, and by an order of magnitude at once.
+    The running level is the running mean, or the lowest value the running mean has held since it settled (after
+    ``1 / (1 - alpha)`` observations) when that is lower: a climb slow enough for the mean to follow it (a tanh RNN
+    whose loss rose from 0.17 to 7 over 20 steps and to 16 later, under constant clipping, in the stability suite)
+    is still measured against where training had got to.
     After ``patience`` high steps in a row the step is one *divergence event*; the next one needs the loss to come
     back down first, so a lasting climb is one event, not one per step. The default patience outlasts the transient
     of Adam's first steps without warm-up: a healthy 1500-layer residual net went 54x up for four steps while Adam's
@@ -449,7 +456,9 @@ class DivergenceDetector:
         self.start_ratio = None if start_ratio is None else check_number("start_ratio", start_ratio, low=1.0)
         self.patience = check_int("patience", patience, low=1)
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
-        # Device state, created on the first update: [running mean, observations, first loss, high steps in a row].
+        self._settle = 1.0 / (1.0 - self.alpha)  # observations after which the mean is an EMA
+        # Device state, created on the first update: [running mean, observations, first loss, high steps in a row,
+        # lowest settled running mean (0: none yet)].
         self._state: Tensor | None = None
         self._slow: Tensor | None = None
 
@@ -464,12 +473,12 @@ class DivergenceDetector:
             loss = loss.reshape(())
         device = loss.device
         if self._state is None:
-            self._state = torch.zeros(4, device=device)
+            self._state = torch.zeros(_DIVERGENCE_STATE, device=device)
         elif self._state.device != device:
             self._state = self._state.to(device)
         if self._slow is None or self._slow.device != device:
             self._slow = torch.full((), 1.0 - self.alpha, device=device)  # made once: a per-step constant is an op
-        mean, count, first, streak = self._state.unbind()
+        mean, count, first, streak, lowest = self._state.unbind()
         # ``0 < |loss| < inf`` drops NaN, inf and the exact zero of a fully masked batch (``isfinite`` is six ops).
         size = loss.abs()
         observed = (size > 0) & (size < math.inf)
@@ -477,7 +486,9 @@ class DivergenceDetector:
         # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
         # loss enters it winsorized to at least mean / ratio).
         gated = observed & (first > 0)
-        high = gated & (loss > torch.maximum(first, limit))
+        has_lowest = lowest > 0
+        level = torch.minimum(torch.where(has_lowest, lowest, mean), mean)
+        high = gated & (loss > torch.maximum(first, level * self.ratio))
         if self.start_ratio is not None:
             high |= gated & (loss > first * self.start_ratio)
         run = torch.where(observed, (streak + 1) * high, streak)
@@ -487,13 +498,20 @@ class DivergenceDetector:
         # level it is judged against.
         fresh = first == 0
         x = torch.where(fresh, loss, torch.clamp(loss, mean / self.ratio, limit))
-        rate = torch.where(high, self._slow, torch.clamp_min((count + 1.0).reciprocal(), 1.0 - self.alpha))
+        n = count + 1.0
+        rate = torch.where(high, self._slow, torch.clamp_min(n.reciprocal(), 1.0 - self.alpha))
+        new_mean = torch.where(observed, torch.lerp(mean, x, rate), mean)
+        # Only once the mean has settled: the plain mean of the first few losses is too noisy to be a floor (in the
+        # flat-run simulation, tracking it from the start tripled the false events with one sample per loss). A high
+        # loss only raises the mean, so it never lowers this.
+        settled = n >= self._settle
         new = torch.stack(
             [
-                torch.where(observed, torch.lerp(mean, x, rate), mean),
+                new_mean,
                 count + observed,
                 torch.where(observed & fresh, loss, first),
                 run,
+                torch.where(settled, torch.minimum(torch.where(has_lowest, lowest, new_mean), new_mean), lowest),
             ]
         )
         self._state = new
@@ -510,7 +528,11 @@ class DivergenceDetector:
         return {"state": None if self._state is None else self._state.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = state["state"]
+        saved = state["state"]
+        if saved is not None and saved.numel() < _DIVERGENCE_STATE:
+            # Saved before the lowest settled mean was kept: none yet (it settles again from the running mean).
+            saved = torch.cat([saved, saved.new_zeros(_DIVERGENCE_STATE - saved.numel())])
+        self._state = saved
 
     def __repr__(self) -> str:
         return (

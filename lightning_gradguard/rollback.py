@@ -233,9 +233,7 @@ class Rollback:
         self._last_event = _NEVER  # the last engine step with an exploding or non-finite event, as the host knows
         # The current stretch of troubled steps: its length, its last step, whether one of them exploded (finite).
         self._stretch = (0, _NEVER, False)
-        # The LR guard's state at the first troubled step since the weights the safe copy holds: every cut taken
-        # after it answered weights that a rollback throws away.
-        self.stretch_start: dict[str, Any] | None = None
+        self.stretch_start: dict[str, Any] | None = None  # the LR guard's state when the stretch began
         self._known = 0  # the last engine step whose flags the host has seen
         self._off = False  # past ``until``, or over ``max_bytes``: no copies, no rollback
         self.count = 0  # rollbacks so far
@@ -257,10 +255,8 @@ class Rollback:
         """Record the flags of engine step ``step`` (1-based) once they have reached the host.
 
         ``before`` returns the LR guard's state (:meth:`LRGuard.snapshot`) before it acts on this step; it is called
-        only on the first troubled step since the safe copy was taken (or since the last rollback), and kept as
-        :attr:`stretch_start`: a rollback rewinds the guard to it, so a rate cut in one stretch and then exploding
-        again only because the weights were already wrecked is not cut twice. ``diverging`` (the loss has stayed
-        blown up for the divergence detector's patience) is a full stretch by itself.
+        only when the step begins a stretch of trouble, and kept as :attr:`stretch_start`. ``diverging`` (the loss
+        has stayed blown up for the divergence detector's patience) is a full stretch by itself.
         """
         self._known = max(self._known, step)
         if exploding or nonfinite or diverging:
@@ -268,8 +264,7 @@ class Rollback:
             length, last, exploded = self._stretch
             if step - last >= self.within:
                 length, exploded = 0, False  # too far from the last one: a new stretch
-            if self.stretch_start is None and before is not None:
-                self.stretch_start = before()
+                self.stretch_start = before() if before is not None else None
             length += 1
             if diverging:
                 length = max(length, self.patience)
@@ -300,7 +295,6 @@ class Rollback:
         elif self.every is not None and candidate.valid and self._known >= candidate.step + self.every:
             self._safe, self._candidate = candidate, self._safe  # calm since the copy: trusted from now on
             self._candidate.valid = False
-            self.stretch_start = None  # the trouble before it is behind the new safe copy
         if not self._safe.valid:
             slot = self._safe
         elif (

@@ -68,6 +68,27 @@ def test_a_loss_that_climbs_but_stays_below_the_untrained_loss_is_no_divergence(
     assert _feed(det, losses) == []
 
 
+def test_a_climb_slow_enough_for_the_running_mean_to_follow_is_caught_against_the_lowest_settled_level() -> None:
+    # The tanh RNN of the stability suite (seed 1): under constant clipping its loss rose 0.17 -> 7 over 20 steps,
+    # then to 16, and the running mean followed it, so no step was 10x the mean. Here: settled at 1.0, then x1.1 per
+    # step up to 40x.
+    det = DivergenceDetector()
+    losses = [2.0] + [1.0] * 99 + [min(1.1**k, 40.0) for k in range(1, 80)]
+    events = _feed(det, losses)
+    assert len(events) == 1
+    assert 10.0 < losses[events[0]] < 10 * det.level()[0].item()  # 10x the lowest level, not 10x the mean
+    # Before the mean has settled (1 / (1 - alpha) = 50 observations) its lowest value is no reference: the first
+    # few losses' plain mean is too noisy.
+    assert _feed(DivergenceDetector(), [2.0] + [1.0] * 9 + [min(1.1**k, 40.0) for k in range(1, 80)]) == []
+
+
+def test_a_state_saved_before_the_lowest_level_was_kept_loads() -> None:
+    det = DivergenceDetector(patience=2)
+    det.load_state_dict({"state": torch.tensor([1.0, 60.0, 2.0, 0.0])})  # [mean, observations, first, streak]
+    assert _feed(det, [1.0, 50.0, 50.0]) == [2]
+    assert det._state is not None and det._state.numel() == 5
+
+
 def test_exact_zero_and_non_finite_losses_are_no_observation() -> None:
     det = DivergenceDetector(patience=2)
     # A fully masked first batch (loss 0) must not become the untrained loss, nor drag the running mean to 0.
