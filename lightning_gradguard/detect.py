@@ -420,7 +420,9 @@ class DivergenceDetector:
 
     The running mean starts as the plain mean of the first losses, then is an EMA (``alpha``); every loss enters it
     winsorized to within ``ratio`` of it, and a high loss with the EMA's small weight even in the first steps, so one
-    outlier moves it little and a genuinely new level is absorbed within a few dozen steps. A non-finite loss (the
+    outlier moves it little and a genuinely new level is absorbed within a few dozen steps (a level more than
+    ``ratio`` times the lowest settled mean and above the first loss is not: that is a model worse than untrained and
+    an order of magnitude worse than it had been, however slowly it got there). A non-finite loss (the
     non-finite gradient path handles it), an exactly-zero loss (a fully masked batch) and a step without a loss are
     no observation; a running mean at or below 0 (a loss that can be negative: a density's log-likelihood, a critic's
     score) reports nothing. The first loss stands for the untrained level, so it must not be much easier than the
