@@ -77,7 +77,7 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
         assert set(variants) - set(sweep) <= allowed
         # The configs that diverge unguarded get the tuned-rate sweep: lower rates, unguarded.
         diverging = cfg["config"] in ("lstm_10x", "rnn_tanh", "resnet20_nobn")
-        assert len(sweep) == (3 if diverging else 0), cfg["config"]
+        assert len(sweep) == ((6 if cfg["config"] == "resnet20_nobn" else 3) if diverging else 0), cfg["config"]
         for v in sweep:
             assert cfg["guards"][v] is None
         assert cfg["guards"]["unguarded"] is None and cfg["guards"]["guarded"] == "GradGuard()"
