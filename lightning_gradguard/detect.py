@@ -396,6 +396,11 @@ class VanishingDetector:
 _DIVERGENCE_STATE = 5  # DivergenceDetector's state vector: see its __init__
 
 
+def _at_most_lowest(value: Tensor, lowest: Tensor, has_lowest: Tensor) -> Tensor:
+    """``min(value, lowest)``, or ``value`` where there is no lowest yet (stored as 0, what a fresh state holds)."""
+    return torch.minimum(torch.where(has_lowest, lowest, value), value)
+
+
 class DivergenceDetector:
     """Flags a training loss that has blown up: an order of magnitude above its running level, and above where
     training started, for several steps in a row.
@@ -489,7 +494,7 @@ class DivergenceDetector:
         # loss enters it winsorized to at least mean / ratio).
         gated = observed & (first > 0)
         has_lowest = lowest > 0
-        level = torch.minimum(torch.where(has_lowest, lowest, mean), mean)
+        level = _at_most_lowest(mean, lowest, has_lowest)
         high = gated & (loss > torch.maximum(first, level * self.ratio))
         if self.start_ratio is not None:
             high |= gated & (loss > first * self.start_ratio)
@@ -513,7 +518,7 @@ class DivergenceDetector:
                 count + observed,
                 torch.where(observed & fresh, loss, first),
                 run,
-                torch.where(settled, torch.minimum(torch.where(has_lowest, lowest, new_mean), new_mean), lowest),
+                torch.where(settled, _at_most_lowest(new_mean, lowest, has_lowest), lowest),
             ]
         )
         self._state = new
