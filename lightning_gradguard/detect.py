@@ -396,11 +396,6 @@ class VanishingDetector:
 _DIVERGENCE_STATE = 5  # DivergenceDetector's state vector: see its __init__
 
 
-def _at_most_lowest(value: Tensor, lowest: Tensor, has_lowest: Tensor) -> Tensor:
-    """``min(value, lowest)``, or ``value`` where there is no lowest yet (stored as 0, what a fresh state holds)."""
-    return torch.minimum(torch.where(has_lowest, lowest, value), value)
-
-
 class DivergenceDetector:
     """Flags a training loss that has blown up: an order of magnitude above its running level, and above where
     training started, for several steps in a row.
@@ -493,8 +488,10 @@ class DivergenceDetector:
         # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
         # loss enters it winsorized to at least mean / ratio).
         gated = observed & (first > 0)
+        # 0 (what a fresh state holds): no lowest yet. Once there is one it is never above the mean (it is the
+        # minimum of every mean since it settled), so it is the level as it stands.
         has_lowest = lowest > 0
-        level = _at_most_lowest(mean, lowest, has_lowest)
+        level = torch.where(has_lowest, lowest, mean)
         high = gated & (loss > torch.maximum(first, level * self.ratio))
         if self.start_ratio is not None:
             high |= gated & (loss > first * self.start_ratio)
@@ -518,7 +515,7 @@ class DivergenceDetector:
                 count + observed,
                 torch.where(observed & fresh, loss, first),
                 run,
-                torch.where(settled, _at_most_lowest(new_mean, lowest, has_lowest), lowest),
+                torch.where(settled, torch.minimum(torch.where(has_lowest, lowest, new_mean), new_mean), lowest),
             ]
         )
         self._state = new
