@@ -21,10 +21,12 @@ evaluated on held-out data. The table reports, per run:
   rolled_back, vanishing with the layer named first), and how many warnings the guard raised (kept out of the output,
   counted).
 
-The configs that diverge unguarded (``lstm_10x``, ``rnn_tanh``, ``resnet20_nobn``) also train unguarded at three
+The configs that diverge unguarded (``lstm_10x``, ``rnn_tanh``, ``resnet20_nobn``) also train unguarded at a few
 lower learning rates (variants ``unguarded_lr<rate>``; ``--no-sweep`` skips them): the best of them is the *tuned
 rate*, and a guarded run at the too-high rate counts as **rescued** only when its held-out loss is no worse than
-the tuned rate's, in the same number of steps. A run that merely stays finite is not a rescue.
+the tuned rate's, in the same number of steps. A run that merely stays finite is not a rescue. ``--sweep-idle N``
+zeroes the sweep runs' gradients for their first N steps: the tuned rate then shows the best that a guard could
+reach which restarted at that rate after N steps (a guard has to see a rate fail before it can lower it).
 
 Under the table one line per config says what its runs show (diverged, rescued, finite but not learning, as good).
 
@@ -445,6 +447,20 @@ class _LossTrace(Callback):
             trainer.should_stop = True
 
 
+class _Idle(Callback):
+    """Zeroes the gradients of the first ``steps`` optimizer steps (weight decay still applies): a sweep run that
+    starts to learn only at step ``steps + 1``, as a run restarted at its rate by a perfect guard would."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if trainer.global_step < self.steps:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+
+
 _VANISHING = re.compile(r"vanishing gradients in layer '([^']+)' at step (\d+)")
 
 
@@ -456,6 +472,8 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     guard = job.make_guard(variant)
     trace = _LossTrace()
     callbacks: list[Callback] = [trace] if guard is None else [guard, trace]
+    if rate is not None and args.sweep_idle:
+        callbacks.append(_Idle(args.sweep_idle))
     logger = TensorBoardLogger(args.logdir, name=job.name, version=variant, default_hp_metric=False)
     trainer = L.Trainer(
         max_steps=job.steps,
@@ -597,6 +615,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": host,
         "wall_s": time.perf_counter() - start,
         "stop_after_nonfinite": STOP_AFTER_NONFINITE,
+        "sweep_idle": args.sweep_idle,
     }
     return {"meta": meta, "configs": configs, "rows": rows}
 
@@ -617,7 +636,7 @@ def _learned(cfg: dict[str, Any], row: dict[str, Any]) -> bool:
     return row["heldout_acc"] > p + 2 * math.sqrt(p * (1 - p) / cfg["n_test"])
 
 
-def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
+def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]], sweep_idle: int = 0) -> str:
     """What the runs of one config show, in one line."""
     un = runs["unguarded"]
     name = cfg["config"]
@@ -629,7 +648,8 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> str:
     parts = [f"{name}: {head}"]
     tuned = _tuned(runs)
     if tuned is not None:
-        parts.append(f"tuned rate (best of the unguarded sweep): lr {tuned['sweep_lr']:g}, {_heldout(tuned)}")
+        idle = f", idle for its first {sweep_idle} steps" if sweep_idle else ""
+        parts.append(f"tuned rate (best of the unguarded sweep{idle}): lr {tuned['sweep_lr']:g}, {_heldout(tuned)}")
     for variant in cfg["variants"][1:]:
         g = runs[variant]
         if g["sweep_lr"] is not None:
@@ -695,9 +715,13 @@ def report(result: dict[str, Any]) -> str:
         "nonfinite/skipped steps, div = diverging (the loss), lr_red = lr_reduced, rollb = rolled_back, van = "
         "vanishing (first layer @ step); "
         "warns = the guard's warnings (hidden here, counted)",
-        "",
-        "configs:",
     ]
+    if meta.get("sweep_idle"):
+        lines.append(
+            f"sweep runs (unguarded_lr*) idle for their first {meta['sweep_idle']} steps (gradients zeroed): the best "
+            "a guard that restarted at their rate after that many steps could do"
+        )
+    lines += ["", "configs:"]
     for cfg in result["configs"]:
         threads = f"; {cfg['threads']} CPU thread(s)" if cfg["threads"] else ""
         lines.append(f"  {cfg['config']}: {cfg['title']}")
@@ -758,7 +782,7 @@ def report(result: dict[str, Any]) -> str:
     for cfg in result["configs"]:
         runs = by_config.get(cfg["config"], {})
         if all(v in runs for v in cfg["variants"]):
-            lines.append(_verdict(cfg, runs))
+            lines.append(_verdict(cfg, runs, meta.get("sweep_idle", 0)))
     if meta["size"] == "quick":
         lines.append("(--quick: a few steps per config, to check that everything runs; these verdicts mean nothing)")
     lines.append(f"total wall time {meta['wall_s']:.0f} s")
@@ -795,6 +819,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help=f"comma-separated subset of the guarded runs ({', '.join((*VARIANTS[1:], 'guarded_example'))}); the "
         "unguarded run and the sweep always run (default: all)",
     )
+    p.add_argument(
+        "--sweep-idle",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the sweep runs zero their gradients for the first N steps and learn only in the rest: what a guard "
+        "that restarted at the tuned rate after N steps could reach at best (default: 0)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: a new temporary folder)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
@@ -812,6 +844,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         args.variants = chosen
     if args.threads < 0:
         p.error("--threads must be >= 0")
+    if args.sweep_idle < 0:
+        p.error("--sweep-idle must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     return args

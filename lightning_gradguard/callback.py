@@ -100,7 +100,8 @@ class GradGuard(Callback):
         regularizers: gradient-term regularizers (:class:`L1`, :class:`L2`, :class:`Orthogonal`).
         on_nonfinite: what to do with a step whose gradients hold inf/NaN: ``"skip"`` the optimizer step (parameters
             and optimizer state untouched), ``"zero"`` the non-finite entries, ``"raise"`` an error naming the layers,
-            or ``"warn"`` and let it through. Under 16-bit AMP with a GradScaler the scaler already skips such steps;
+            or ``"warn"`` and let it through (one warning per optimizer, at the first such step; the logging step
+            after it names the layers). Under 16-bit AMP with a GradScaler the scaler already skips such steps;
             they are counted as ``overflow`` and not handled twice.
         on_exploding: ``"warn"``, ``"raise"`` (:class:`GradientExplosionError`) or ``"ignore"``.
         on_vanishing: ``"warn"``, ``"raise"`` (:class:`VanishingGradientError`) or ``"ignore"``.
@@ -532,9 +533,15 @@ class GradGuard(Callback):
         if event.diverging:
             self._on_diverging(trainer, engine, key, event.step)
         if event.nonfinite and self.on_nonfinite == "warn":
-            rank_zero_warn(
-                f"GradGuard: non-finite gradients at step {event.step} (optimizer {key}); the step was applied."
-            )
+            # Once per optimizer: an applied non-finite step usually makes every later step non-finite too.
+            warned = self._reporter.warned.setdefault(key, set())
+            if ("(applied)", "nonfinite") not in warned:
+                warned.add(("(applied)", "nonfinite"))
+                rank_zero_warn(
+                    f"GradGuard: non-finite gradients at step {event.step} (optimizer {key}); the step was applied"
+                    " (`on_nonfinite='warn'`). Later non-finite steps are applied without a warning; `summary()"
+                    "['nonfinite']` counts them."
+                )
 
     def _on_diverging(self, trainer: pl.Trainer, engine: GuardEngine, key: int, step: int) -> None:
         action = self._reporter.explode_action(diverging=True)

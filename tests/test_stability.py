@@ -171,9 +171,28 @@ def test_variant_selection_keeps_the_unguarded_reference_and_the_sweep(tmp_path:
     assert variants[2:] and all(v.startswith("unguarded_lr") for v in variants[2:])  # the tuned-rate sweep
 
 
+def test_sweep_idle_holds_the_sweep_runs_still_for_their_first_steps(tmp_path: Path) -> None:
+    def sweep(*extra: str) -> tuple[list[float], str]:
+        out = io.StringIO()
+        argv = ["--quick", "--configs", "rnn_tanh", "--variants", "guarded", "--logdir", str(tmp_path), *extra]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            result = main(argv)
+        losses = [r["heldout_loss"] for r in result["rows"] if r["sweep_lr"] is not None]
+        return losses, out.getvalue()
+
+    moving, _ = sweep()
+    assert len(set(moving)) == len(moving) > 1  # each rate trains to its own weights
+    # Idle for longer than the run: no rate moves the weights (no weight decay here), so every sweep run ends at the
+    # initial weights' held-out loss.
+    still, table = sweep("--sweep-idle", "1000")
+    assert len(set(still)) == 1 and still[0] not in moving
+    assert "idle for their first 1000 steps" in table and "idle for its first 1000 steps" in table
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--sweep-idle", "-1"],
         ["--configs", "nope"],
         ["--quick", "--full"],
         ["--threads", "-1"],

@@ -212,3 +212,30 @@ def test_max_warnings_zero_counts_the_layers_without_naming_them() -> None:
     (message,) = _exploding_warnings(guard, Spiky(12), every=10)
     assert re.match(r"GradGuard: exploding gradients in \d+ layers at step 12; action: ", message)
     assert "'" not in message
+
+
+class Poisoned(Regressor):
+    """One NaN loss at step ``at``: with ``on_nonfinite="warn"`` the step is applied, and the weights stay NaN."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(lr=0.01)
+        self.at = at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step == self.at else loss
+
+
+def test_warn_on_nonfinite_warns_once_and_counts_every_applied_step() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(on_nonfinite="warn", lr_guard=None, rollback=None, diagnostics=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], log_every_n_steps=5).fit(Poisoned(5), regression_data())
+    messages = [str(w.message) for w in caught if "GradGuard: non-finite gradients at step" in str(w.message)]
+    assert messages == [
+        "GradGuard: non-finite gradients at step 5 (optimizer 0); the step was applied (`on_nonfinite='warn'`). "
+        "Later non-finite steps are applied without a warning; `summary()['nonfinite']` counts them."
+    ]
+    assert guard.summary()["nonfinite"] == 15  # the NaN step was applied: every later step is NaN too
+    assert guard.summary()["skipped"] == 0
