@@ -330,7 +330,13 @@ too high for it (about 1e-3 is usual)"]
         parts: list[str] = []
         for direction, bound, advice in (
             (1, self.high, "the learning rate may be too high for {them} (about 1e-3 is usual)"),
-            (-1, self.low, "{they} barely train{s}: the learning rate may be too low for {them}"),
+            # A tiny ratio is a tiny lr or a tiny gradient: a converged task reads the same as a starved layer.
+            (
+                -1,
+                self.low,
+                "{they} barely train{s}: the learning rate may be too low for {them}, or the gradient has become"
+                " small (a task already fitted, or vanishing gradients)",
+            ),
         ):
             found = sorted(due[direction], key=lambda item: -item[0])
             if not found:
