@@ -623,7 +623,37 @@ class GradGuard(Callback):
             self._flush(trainer, pl_module, last, prog_bar=False)
         if self._board is not None and trainer.is_global_zero:
             self._board.close_run(last)
+        for key, engine in self._states.items():
+            note = self._rate_note(trainer, key, engine)
+            if note:
+                rank_zero_info(note)
         self._release_hooks()
+
+    def _rate_note(self, trainer: pl.Trainer, key: int, engine: GuardEngine) -> str:
+        """One line for a run that ends below its scheduled rate: the rate the guard settled on, for the next run."""
+        guard = self.lr_guard
+        scale = guard.scale(key) if guard is not None else 1.0
+        counts = engine.host_counts
+        restarts = counts["rolled_back"]
+        # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high.
+        if scale >= 1.0 or (counts["lr_reduced"] < 2 and not restarts):
+            return ""
+        done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
+        if restarts:
+            done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
+        rate = ""
+        if key < len(trainer.optimizers):
+            scheduled = {float(group["lr"]) for group in trainer.optimizers[key].param_groups}
+            if len(scheduled) == 1:
+                (lr,) = scheduled
+                rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
+        which = f" of optimizer {key}" if len(self._states) > 1 else ""
+        # The guard finds the edge of stability, not the best rate: say so, so the figure is read as a ceiling.
+        return (
+            f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. To train this"
+            " setup again, start at or below that rate: the guard settles near the highest rate that stays finite,"
+            " and a lower one may train better."
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._diag.epoch_logged:  # the epoch's last batch was a logging step: the summary went with that log

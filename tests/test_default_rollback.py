@@ -4,6 +4,7 @@ large for the copy never restarts anything."""
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any
@@ -165,6 +166,26 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
     assert double.lr_guard is not None and double.lr_guard.ceiling() < 1.0
     off, _, restarts = _fit({40, 41}, rollback=None)
     assert off.summary()["lr_reduced"] == 2 and off.summary()["rolled_back"] == 0 and restarts == []
+
+
+def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: pytest.LogCaptureFixture) -> None:
+    def fit(spikes: set[int]) -> tuple[float, list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            guard, _, _ = _fit(spikes)
+        assert guard.lr_guard is not None
+        notes = [r.getMessage() for r in caplog.records if "GradGuard: the learning rate" in r.getMessage()]
+        return guard.lr_guard.scale(), notes
+
+    # A restart: one line with the multiplier in force at the end, the rate it means and what happened.
+    scale, notes = fit({40, 41})
+    assert 0.0 < scale < 1.0 and len(notes) == 1
+    assert notes[0].startswith(f"GradGuard: the learning rate ends at {scale:.3g}x its scheduled value")
+    assert f"(lr {0.02 * scale:.3g}; the schedule says 0.02) after 2 reductions and 1 rollback." in notes[0]
+    # One spike ends below the rate too, but one cut may answer one bad batch: nothing to say; nor for a healthy run.
+    scale, notes = fit({40})
+    assert scale < 1.0 and notes == []
+    assert fit(set()) == (1.0, [])
 
 
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
