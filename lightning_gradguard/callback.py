@@ -96,7 +96,9 @@ class GradGuard(Callback):
             With ``Trainer(gradient_clip_val=v)`` (by norm) GradGuard clips once to ``min(this clipper's threshold,
             v)`` and switches Lightning's clipping off for the fit, so its logs describe what the optimizer receives
             (README, "Clipping").
-        lr_guard: the learning-rate guard; ``"default"`` is ``LRGuard()``, ``None`` disables it.
+        lr_guard: the learning-rate guard; ``"default"`` is ``LRGuard()``, ``None`` disables it. A run whose rate ends
+            below its schedule after a rollback or two or more cuts gets one INFO line at the end of ``fit`` with
+            the rate it ended at (a ceiling for the next run's rate).
         regularizers: gradient-term regularizers (:class:`L1`, :class:`L2`, :class:`Orthogonal`).
         on_nonfinite: what to do with a step whose gradients hold inf/NaN: ``"skip"`` the optimizer step (parameters
             and optimizer state untouched), ``"zero"`` the non-finite entries, ``"raise"`` an error naming the layers,
