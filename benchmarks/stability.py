@@ -58,6 +58,7 @@ Run from the repository root::
     python benchmarks/stability.py                              # default suite, a few minutes on 2 CPU cores
     python benchmarks/stability.py --configs lstm_10x,resnet20 --json out.json
     python benchmarks/stability.py --configs resnet20 --variants guarded      # unguarded and GradGuard() only
+    python benchmarks/stability.py --configs resnet20_nobn --variants guarded --sweep-idle 20   # a perfect restart
     python benchmarks/stability.py --full --device cuda
     python benchmarks/stability.py --quick --json -             # seconds; JSON on stdout
 
