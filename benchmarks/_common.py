@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from lightning_gradguard import AGC, AutoClip, GradGuard, NormClip
+
 _LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
 
 
@@ -36,6 +38,16 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+#: Each clipper other than the default ZClip in place of it, every other default of ``GradGuard()`` kept (the early
+#: restart included), each at its own defaults; NormClip needs a norm: 1.0, the usual ``gradient_clip_val``.
+#: Run name -> (the guard as written in user code, a factory).
+CLIPPER_GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
+    "clip_autoclip": ("GradGuard(clip=AutoClip())", lambda: GradGuard(clip=AutoClip())),
+    "clip_agc": ("GradGuard(clip=AGC())", lambda: GradGuard(clip=AGC())),
+    "clip_normclip": ("GradGuard(clip=NormClip(max_norm=1.0))", lambda: GradGuard(clip=NormClip(max_norm=1.0))),
+}
 
 
 def num(x: float | None, fmt: str = ".4g") -> str:

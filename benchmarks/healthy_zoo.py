@@ -96,11 +96,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 try:
-    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
     from lightning_gradguard import GradGuard
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
     from lightning_gradguard import GradGuard
 
 __all__ = [
@@ -944,7 +944,7 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     module = job.module()
     data = job.data(variant)
     init = _evaluate(job, module)  # no global RNG is drawn: the training run is unaffected
-    guard = GradGuard() if variant == "guarded" else None
+    guard = GradGuard() if variant == "guarded" else CLIPPER_GUARDS[variant][1]() if variant in CLIPPER_GUARDS else None
     trace = _Trace(guard)
     callbacks: list[Callback] = [trace] if guard is None else [guard, trace]  # the trace reads after the guard
     logger: TensorBoardLogger | bool = False
@@ -993,7 +993,7 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     return {
         "config": job.name,
         "variant": variant,
-        "guard": GUARD_LABEL if guard is not None else None,
+        "guard": GUARD_LABEL if variant == "guarded" else CLIPPER_GUARDS[variant][0] if guard is not None else None,
         "steps": job.steps,
         "global_step": trainer.global_step,
         "metric": job.metric,
@@ -1027,9 +1027,9 @@ def _unhealthy(cfg: dict[str, Any], ref: dict[str, Any]) -> list[str]:
     return why
 
 
-def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """PASS/FAIL of one config, with the reasons and the relative difference of the held-out metric."""
-    ref, g = runs[cfg["reference"]], runs["guarded"]
+def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]], variant: str = "guarded") -> dict[str, Any]:
+    """PASS/FAIL of one guarded run of a config, with the reasons and the relative difference of the held-out metric."""
+    ref, g = runs[cfg["reference"]], runs[variant]
     ev = g["events"] or {}
     u, v = ref["heldout"], g["heldout"]
     rel = (v - u) / abs(u) * 100 if math.isfinite(u) and math.isfinite(v) and u != 0 else (0.0 if u == v else math.nan)
@@ -1048,6 +1048,8 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]]) -> dict[str, 
         reasons.append(f"skipped={ev.get('skipped')} (expected exactly {cfg['expect_skipped']})")
     return {
         "config": cfg["config"],
+        "variant": variant,
+        "guard": g["guard"],
         "verdict": "FAIL" if reasons else "PASS",
         "reasons": reasons,
         "rel_diff_pct": rel,
@@ -1066,6 +1068,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     configs: list[dict[str, Any]] = []
     verdicts: list[dict[str, Any]] = []
+    clipper_verdicts: list[dict[str, Any]] = []
     threads_before = torch.get_num_threads()
     start = time.perf_counter()
     try:
@@ -1076,7 +1079,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "title": job.title,
                 "settings": job.settings,
                 "steps": job.steps,
-                "variants": list(job.variants),
+                "variants": [*job.variants, *(CLIPPER_GUARDS if args.clippers else ())],
                 "reference": job.reference,
                 "metric": job.metric,
                 "expect_skipped": job.expect_skipped,
@@ -1084,7 +1087,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             configs.append(cfg)
             runs = {}
-            for variant in job.variants:
+            for variant in cfg["variants"]:
                 row = _run_one(job, variant, args)
                 rows.append(row)
                 runs[variant] = row
@@ -1094,6 +1097,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
             verdicts.append(_verdict(cfg, runs))
+            clipper_verdicts += [_verdict(cfg, runs, v) for v in runs if v in CLIPPER_GUARDS]
     finally:
         torch.set_num_threads(threads_before)
     meta = {
@@ -1107,7 +1111,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "tolerance_pct": TOLERANCE_PCT,
         "wall_s": time.perf_counter() - start,
     }
-    return {"meta": meta, "configs": configs, "rows": rows, "verdicts": verdicts}
+    return {"meta": meta, "configs": configs, "rows": rows, "verdicts": verdicts, "clipper_verdicts": clipper_verdicts}
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -1152,14 +1156,15 @@ def report(result: dict[str, Any]) -> str:
         "warns",
         "wall s",
     )
-    rel = {v["config"]: v["rel_diff_pct"] for v in result["verdicts"]}
+    rel = {(v["config"], v["variant"]): v["rel_diff_pct"] for v in result["verdicts"] + result["clipper_verdicts"]}
     refs = {c["config"]: c["reference"] for c in result["configs"]}
     table: list[tuple[str, ...]] = []
     for row in result["rows"]:
         ev = row["events"]
         diff = "-"
-        if row["variant"] == "guarded":
-            diff = f"{rel[row['config']]:+.2f}%" if math.isfinite(rel[row["config"]]) else "nan"
+        if (row["config"], row["variant"]) in rel:
+            r = rel[row["config"], row["variant"]]
+            diff = f"{r:+.2f}%" if math.isfinite(r) else "nan"
         elif row["variant"] == refs[row["config"]]:
             diff = "(ref)"
         table.append(
@@ -1211,6 +1216,13 @@ def report(result: dict[str, Any]) -> str:
     passed = sum(v["verdict"] == "PASS" for v in result["verdicts"])
     lines.append("")
     lines.append(f"{passed}/{len(result['verdicts'])} configs PASS; total wall time {meta['wall_s']:.0f} s")
+    if result["clipper_verdicts"]:
+        lines += ["", "The same bar for each other clipper (--clippers; the verdicts above are the default's):"]
+        for label in dict.fromkeys(v["guard"] for v in result["clipper_verdicts"]):
+            mine = [v for v in result["clipper_verdicts"] if v["guard"] == label]
+            fails = [f"`{v['config']}` ({'; '.join(v['reasons'])})" for v in mine if v["verdict"] == "FAIL"]
+            fail = f"; FAIL: {', '.join(fails)}" if fails else ""
+            lines.append(f"- `{label}`: {len(mine) - len(fails)}/{len(mine)} PASS{fail}")
     if meta["size"] == "quick":
         lines.append("(--quick: a few steps per config, to check that everything runs; these verdicts mean nothing)")
     return "\n".join(lines)
@@ -1229,6 +1241,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=None,
         help="optimizer steps of every selected config (GAN: iterations), instead of its default",
+    )
+    p.add_argument(
+        "--clippers",
+        action="store_true",
+        help="also train each config with each other clipper in place of ZClip: "
+        + ", ".join(label for label, _ in CLIPPER_GUARDS.values()),
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: no logger)")

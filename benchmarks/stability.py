@@ -6,8 +6,10 @@ with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="sk
 ``GradGuard()`` whose exploding detector holds the total norm to 5x its running mean
 (``ExplodingDetector(max_ratio=5)``: the guard for runs that may diverge in their first steps) and with the opt-in
 rollback (``GradGuard(rollback=Rollback())``: on an LR cut, back to the last weights and optimizer state known to
-have trained calmly); the configs taken from an example that recommends its own guard (``build_guard()`` of
-``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get a sixth run with that guard. Every run is then
+have trained calmly), and with each other clipper in place of the default ZClip, every other default kept
+(``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``, ``GradGuard(clip=NormClip(max_norm=1.0))``, the last with
+the usual ``gradient_clip_val``); the configs taken from an example that recommends its own guard (``build_guard()``
+of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get one more run with that guard. Every run is then
 evaluated on held-out data. The table reports, per run:
 
 * **held-out**: the loss of the final weights on data the run never trained on (MSE for the adding problem,
@@ -92,13 +94,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import ExplodingDetector, GradGuard, Rollback
 
 try:
-    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
@@ -106,8 +108,8 @@ except ImportError:  # run as a script: the repository root is not on the path
 __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
 Size = Literal["quick", "default", "full"]
-#: Every config runs these five; some add "guarded_example", with the guard their example recommends.
-VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback")
+#: Every config runs these; some add "guarded_example", with the guard their example recommends.
+VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", *CLIPPER_GUARDS)
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "guarded": ("GradGuard()", GradGuard),
@@ -120,6 +122,7 @@ GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     ),
     # The opt-in rollback: on an LR cut, back to the last weights and optimizer state known to have trained calmly.
     "guarded_rollback": ("GradGuard(rollback=Rollback())", lambda: GradGuard(rollback=Rollback())),
+    **CLIPPER_GUARDS,
 }
 #: Variant name prefix of the unguarded tuned-rate sweep runs ("unguarded_lr0.3").
 SWEEP_PREFIX = "unguarded_lr"

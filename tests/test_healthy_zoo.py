@@ -142,6 +142,35 @@ def test_json_to_stdout_config_selection_and_steps(tmp_path: Path) -> None:
     assert any(tmp_path.glob("lora/guarded/events.out.tfevents.*"))
 
 
+def test_clippers_add_one_run_and_one_verdict_per_clipper() -> None:
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        result = main(["--quick", "--clippers", "--configs", "nan_batch,masked"])
+    clippers = {
+        "clip_autoclip": "GradGuard(clip=AutoClip())",
+        "clip_agc": "GradGuard(clip=AGC())",
+        "clip_normclip": "GradGuard(clip=NormClip(max_norm=1.0))",
+    }
+    for cfg in result["configs"]:
+        assert cfg["variants"][-3:] == list(clippers), cfg["config"]
+    rows = {(r["config"], r["variant"]): r for r in result["rows"]}
+    for variant, label in clippers.items():
+        for config in ("nan_batch", "masked"):
+            assert rows[config, variant]["guard"] == label
+        # Skipping the NaN step is the guard's, whatever the clipper.
+        assert rows["nan_batch", variant]["events"]["skipped"] == 1, variant
+    # The clipped counts differ from the default's: each run really used its own clipper (AutoClip's 10th
+    # percentile clips most steps, the default ZClip none in its warm-up).
+    assert rows["masked", "clip_autoclip"]["events"]["clipped"] > rows["masked", "guarded"]["events"]["clipped"]
+    assert [(v["config"], v["guard"]) for v in result["clipper_verdicts"]] == [
+        (c, label) for c in ("nan_batch", "masked") for label in clippers.values()
+    ]
+    assert [v["variant"] for v in result["verdicts"]] == ["guarded", "guarded"]  # the zoo's verdict stays the default's
+    text = stdout.getvalue()
+    for label in clippers.values():
+        assert any(line.startswith(f"- `{label}`: ") and "/2 PASS" in line for line in text.splitlines()), label
+
+
 @pytest.mark.parametrize("argv", [["--configs", "nope"], ["--steps", "0"]])
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):

@@ -16,8 +16,16 @@ from typing import Any
 
 import pytest
 
-from benchmarks.stability import CONFIGS, DeepMLPModule, main
+from benchmarks.stability import CONFIGS, GUARDS, DeepMLPModule, main
+from lightning_gradguard import AGC, AutoClip, NormClip, ZClip
 from lightning_gradguard.callback import EVENT_KINDS
+
+#: The runs with each other clipper in place of the default, and their labels.
+CLIPPERS = {
+    "clip_autoclip": "GradGuard(clip=AutoClip())",
+    "clip_agc": "GradGuard(clip=AGC())",
+    "clip_normclip": "GradGuard(clip=NormClip(max_norm=1.0))",
+}
 
 ROW_FIELDS = {
     "config",
@@ -71,10 +79,10 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
     for cfg in saved["configs"]:
         variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
         assert variants == cfg["variants"], cfg["config"]
-        assert variants[:5] == ["unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback"]
+        guards = ["guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", *CLIPPERS]
+        assert variants[:8] == ["unguarded", *guards]
         sweep = [v for v in variants if v.startswith("unguarded_lr")]
-        allowed = {"unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", "guarded_example"}
-        assert set(variants) - set(sweep) <= allowed
+        assert set(variants) - set(sweep) <= {"unguarded", *guards, "guarded_example"}
         # The configs that diverge unguarded get the tuned-rate sweep: lower rates, unguarded.
         diverging = cfg["config"] in ("lstm_10x", "rnn_tanh", "resnet20_nobn")
         assert len(sweep) == ((6 if cfg["config"] == "resnet20_nobn" else 3) if diverging else 0), cfg["config"]
@@ -84,6 +92,7 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
         assert cfg["guards"]["guarded_ratio5"] == "GradGuard(exploding=ExplodingDetector(max_ratio=5))"
         assert cfg["guards"]["guarded_norestart"] == "GradGuard(rollback=None)"
         assert cfg["guards"]["guarded_rollback"] == "GradGuard(rollback=Rollback())"
+        assert [cfg["guards"][v] for v in CLIPPERS] == list(CLIPPERS.values())
         if "guarded_example" in variants:
             assert cfg["guards"]["guarded_example"].endswith("build_guard()")
     assert len(saved["rows"]) == len(result["rows"])
@@ -133,6 +142,18 @@ def test_the_table_names_machine_command_and_every_run(quick: tuple[str, dict, d
     for row in saved["rows"]:
         assert Path(row["log_dir"]).parent.parent == logs
         assert any(Path(row["log_dir"]).glob("events.out.tfevents.*")), row["log_dir"]
+
+
+def test_each_clipper_run_swaps_the_clipper_only() -> None:
+    default = GUARDS["guarded"][1]()
+    assert isinstance(default.clip, ZClip)
+    for variant, kind in (("clip_autoclip", AutoClip), ("clip_agc", AGC), ("clip_normclip", NormClip)):
+        guard = GUARDS[variant][1]()
+        assert type(guard.clip) is kind, variant
+        # Everything else is the default's: the same LR guard, detectors and early restart.
+        assert repr(guard.lr_guard) == repr(default.lr_guard) and guard.rollback is not None, variant
+        assert repr(guard.exploding) == repr(default.exploding), variant
+    assert GUARDS["clip_normclip"][1]().clip.max_norm == 1.0
 
 
 def test_the_deep_sigmoid_mlp_is_reported_as_vanishing(quick: tuple[str, dict, dict, Path]) -> None:
