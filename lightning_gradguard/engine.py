@@ -706,6 +706,8 @@ class GuardEngine:
                 "post", total, layer_norm, layer_finite, valid, measured.present, exploding, vanishing, diverging, coef,
                 clipped, grad_scaler,
             )  # fmt: skip
+        if self.rollback is not None and self.rollback.rescuing and not self.skipped:
+            self._rescue_clip(measured, total, valid)
         self._last_total = total
         if not self._stamps or self._stamps[-1][1] + (self.steps_since_log - self._stamps[-1][0]) != number:
             self._stamps.append((self.steps_since_log, number))  # runs of consecutive step numbers: O(1) memory
@@ -753,11 +755,13 @@ class GuardEngine:
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         before = rollback.stretch_start
+        rescue = rollback.rescue is not None and not rollback.rescuing  # this rollback puts the rescue to work
         self._load_statistics(rollback.restore(optimizer))
         if before is not None:
             # The cuts taken during the stretch answered weights that the restart throws away: the restarted run
-            # gets one cut from the rate in force when the trouble began, not all of them.
-            self.lr_guard.rewind(before, self.key)
+            # gets one cut from the rate in force when the trouble began, not all of them (none when the rescue
+            # clipper is the remedy tried first).
+            self.lr_guard.rewind(before, self.key, cut=not rescue)
         self._free.extend(flags for flags, _, _ in self._pending)
         self._pending.clear()  # the flags of the abandoned trajectory
         for p in self.index.params:
@@ -768,6 +772,24 @@ class GuardEngine:
         self.skipped = True
         self.steps += 1
         return True
+
+    def _rescue_clip(self, measured: FlatStats, total: Tensor, valid: Tensor) -> None:
+        """The rollback's rescue clipper, after the guard's own (only in a run that has rolled back)."""
+        rescue = self.rollback.rescue if self.rollback is not None else None
+        assert rescue is not None
+        keep: Sequence[int] = range(len(measured.grads))
+        if rescue.needs_params and any(g.is_sparse for g in measured.grads):
+            # Unit-wise clipping has no rows to work on in a sparse gradient: those keep the guard's clipping only
+            # (an error here, after a rollback, would end a run that is being rescued).
+            keep = [i for i, g in enumerate(measured.grads) if not g.is_sparse]
+        grads = [measured.grads[i] for i in keep]
+        params = [measured.params[i] for i in keep]
+        names, owners = self._owners([measured.param_indices[i] for i in keep])
+        rescue.clip_grads_(grads, total, valid, params=params, names=names, owner_types=owners)
+
+    def _owners(self, param_indices: list[int]) -> tuple[list[str], list[type]]:
+        """The qualified names and owner module types of the given parameters (for AGC's ``exclude``)."""
+        return [self.index.param_names[i] for i in param_indices], [self.index.owner_types[i] for i in param_indices]
 
     def _statistics(self) -> dict[str, Any]:
         """The clipper's and the detectors' state, cloned on the device (no wait): kept with a rollback copy."""
@@ -915,8 +937,7 @@ class GuardEngine:
                     " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip or"
                     " AutoClip, which clip sparse gradients."
                 )
-            names = [self.index.param_names[i] for i in measured.param_indices]
-            owners = [self.index.owner_types[i] for i in measured.param_indices]
+            names, owners = self._owners(measured.param_indices)
         cap = self._cap(exploding)
         coef = clipper.clip_grads_(
             measured.grads, total, valid, params=measured.params, names=names, owner_types=owners, cap=cap

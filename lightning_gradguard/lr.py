@@ -256,19 +256,24 @@ class LRGuard:
         """The multiplier and counters of optimizer ``key`` (plain values), for :meth:`rewind`."""
         return self._states.get(key, _KeyState()).as_dict()
 
-    def rewind(self, snapshot: dict[str, Any], key: int = 0) -> bool:
+    def rewind(self, snapshot: dict[str, Any], key: int = 0, cut: bool = True) -> bool:
         """Go back to a :meth:`snapshot` of optimizer ``key`` and take one reduction from there.
 
         Used by a rollback: the reductions taken since the snapshot answered weights that the rollback throws away,
         so the restarted run gets one reduction from the rate in force when the trouble began, not all of them.
 
+        Args:
+            snapshot: a :meth:`snapshot` of the same optimizer.
+            key: which optimizer.
+            cut: ``False``: go back without the reduction (a rollback whose remedy is a clipper, not the rate).
+
         Returns:
-            ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor).
+            ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor, or with ``cut=False``).
         """
         state = _KeyState.from_dict(snapshot)
         state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
         self._states[key] = state
-        return self._explode(state, force=True)
+        return self._explode(state, force=True) if cut else False
 
     def update(self, exploding: bool, key: int = 0, nonfinite: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.
