@@ -632,14 +632,24 @@ class GradGuard(Callback):
         self._release_hooks()
 
     def _rate_note(self, trainer: pl.Trainer, key: int, engine: GuardEngine) -> str:
-        """One line for a run that ends below its scheduled rate: the rate the guard settled on, for the next run."""
+        """What a run that needed rescuing should change next time: the clipper that rescued it, or the rate the
+        guard settled on below its schedule (empty for a run that needed neither)."""
         guard = self.lr_guard
         scale = guard.scale(key) if guard is not None else 1.0
         counts = engine.host_counts
         restarts = counts["rolled_back"]
+        which = f" of optimizer {key}" if len(self._states) > 1 else ""
+        notes = []
+        rollback = engine.rollback
+        if rollback is not None and rollback.rescuing:
+            notes.append(
+                f"GradGuard: the gradients{which} exploded early and the run restarted from its initial weights, with"
+                f" {rollback.rescue!r} clipping them unit-wise from then on. To train this setup again, clip that way"
+                f" from the start (`GradGuard(clip={rollback.rescue!r})`) or lower the learning rate."
+            )
         # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high.
         if scale >= 1.0 or (counts["lr_reduced"] < 2 and not restarts):
-            return ""
+            return " ".join(notes)
         done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
@@ -649,13 +659,13 @@ class GradGuard(Callback):
             if len(scheduled) == 1:
                 (lr,) = scheduled
                 rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
-        which = f" of optimizer {key}" if len(self._states) > 1 else ""
         # The guard finds the edge of stability, not the best rate: say so, so the figure is read as a ceiling.
-        return (
+        notes.append(
             f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. To train this"
             " setup again, start at or below that rate: the guard settles near the highest rate that stays finite,"
             " and a lower one may train better."
         )
+        return " ".join(notes)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._diag.epoch_logged:  # the epoch's last batch was a logging step: the summary went with that log

@@ -755,7 +755,7 @@ class GuardEngine:
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         before = rollback.stretch_start
-        rescue = rollback.rescue is not None and not rollback.rescuing  # this rollback puts the rescue to work
+        rescue = rollback.rescues(optimizer)  # this rollback puts the rescue clipper to work
         self._load_statistics(rollback.restore(optimizer))
         if before is not None:
             # The cuts taken during the stretch answered weights that the restart throws away: the restarted run

@@ -14,10 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard import GradGuard, GuardEngine, LRGuard, Rollback
+from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, Rollback
 from lightning_gradguard.rollback import default_rollback
 from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
+
+def no_rescue() -> Rollback:
+    """The default restart without its rescue clipper: every rollback lowers the rate."""
+    return Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30)
 
 
 class SpikyRegressor(Regressor):
@@ -33,26 +37,54 @@ class SpikyRegressor(Regressor):
         return loss * self.factor if self.global_step + 1 in self.spikes else loss
 
 
-def _fit(spikes: set[int], rollback: Any = "default", steps: int = 80) -> tuple[GradGuard, Regressor, list[int]]:
+class UnitRatios(L.Callback):
+    """Listed after a ``GradGuard``: the largest ``||G_i|| / max(||W_i||, 1e-3)`` over the output units of every
+    weight matrix, per optimizer step, as the optimizer gets the gradients (AGC's quantity)."""
+
+    def __init__(self) -> None:
+        self.ratios: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        ratios = [
+            (p.grad.flatten(1).norm(dim=1) / p.detach().flatten(1).norm(dim=1).clamp_min(1e-3)).max()
+            for p in pl_module.parameters()
+            if p.grad is not None and p.dim() >= 2
+        ]
+        if ratios:
+            self.ratios[trainer.global_step + 1] = float(torch.stack(ratios).max())
+
+
+def _fit(
+    spikes: set[int], rollback: Any = "default", steps: int = 80, extra: list[L.Callback] | None = None
+) -> tuple[GradGuard, Regressor, list[int]]:
     L.seed_everything(0, verbose=False)
     model = SpikyRegressor(spikes, lr=0.02)
     guard = GradGuard(rollback=rollback)
     watch = RestartWatch(guard)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(max_steps=steps, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=1024))
+        callbacks = [guard, watch, *(extra or [])]
+        trainer(max_steps=steps, max_epochs=-1, callbacks=callbacks).fit(model, regression_data(n=1024))
     assert all(clean for _, clean in watch.restarts)  # back at the initial weights, the step skipped
     return guard, model, [step for step, _ in watch.restarts]
 
 
 def _engine_run(
-    rollback: Rollback, spikes: set[int], steps: int = 60, nans: frozenset[int] = frozenset()
+    rollback: Rollback,
+    spikes: set[int],
+    steps: int = 60,
+    nans: frozenset[int] = frozenset(),
+    adam: bool = False,
+    ratios: dict[int, float] | None = None,
 ) -> tuple[GuardEngine, nn.Module, list[torch.Tensor], list[int]]:
-    """A plain loop; returns the engine, the model, its initial weights and the steps that rolled back."""
+    """A plain loop (SGD with momentum, or Adam); returns the engine, the model, its initial weights and the steps
+    that rolled back. ``ratios`` collects each step's largest unit ratio ``||G_i|| / max(||W_i||, 1e-3)`` as the
+    optimizer gets the gradients."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     initial = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    params = model.parameters()
+    opt = torch.optim.Adam(params, lr=0.01) if adam else torch.optim.SGD(params, lr=0.05, momentum=0.9)
     engine = GuardEngine(model, lr_guard=LRGuard(), rollback=rollback)
     engine.attach(opt)
     g = torch.Generator().manual_seed(0)
@@ -68,8 +100,16 @@ def _engine_run(
             restarts.append(step)
             assert all(torch.equal(p, w) for p, w in zip(model.parameters(), initial))
             assert not opt.state or all(not s for s in opt.state.values())  # no optimizer state at the start
+        if ratios is not None and model[0].weight.grad is not None:
+            ratios[step] = max(_unit_ratio(layer) for layer in (model[0], model[2]))
         opt.step()
     return engine, model, initial, restarts
+
+
+def _unit_ratio(layer: nn.Linear) -> float:
+    grad, weight = layer.weight.grad, layer.weight.detach()
+    assert grad is not None
+    return float((grad.norm(dim=1) / weight.norm(dim=1).clamp_min(1e-3)).max())
 
 
 def test_the_default_guard_restarts_early_and_cheaply() -> None:
@@ -99,9 +139,78 @@ def test_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
     summary = engine.summary()
     assert summary["lr_reduced"] == 2 and summary["rolled_back"] == 1
     # Cut twice (1 -> 0.5 -> 0.25) on the wrecked weights; the restart replaces both with one cut from the rate
-    # in force when the trouble began (1 -> 0.5), recovering towards just below the rate that exploded.
+    # in force when the trouble began (1 -> 0.5), recovering towards just below the rate that exploded. Trouble
+    # after 30 calm steps (past `rescue_until`): no rescue clipper.
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     assert 0.5 <= engine.lr_guard.scale() < 0.6
+    assert engine.rollback is not None and not engine.rollback.rescuing
+
+
+def test_early_trouble_restarts_at_the_rate_with_the_rescue_clipper_at_work() -> None:
+    ratios: dict[int, float] = {}
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6}, ratios=ratios)
+    assert restarts == [7] and engine.summary()["lr_reduced"] == 2
+    # Cut twice on the wrecked weights; the restart goes back to the rate in force when the trouble began and puts
+    # AGC to work instead: from then on no unit's gradient exceeds 0.01 x its weights' norm.
+    assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
+    assert engine.rollback is not None and engine.rollback.rescuing
+    assert max(ratios[s] for s in range(1, 7)) > 0.02  # before: unbounded
+    after = [ratios[s] for s in range(8, 61)]
+    assert max(after) <= 0.01 * (1 + 1e-4) and sum(r > 0.0099 for r in after) >= 10  # it binds
+
+
+def test_the_trouble_must_begin_by_rescue_until() -> None:
+    for until, rescued in ((4, False), (5, True)):
+        rollback = Rollback(every=None, until=500, patience=2, within=2, rescue=AGC(), rescue_until=until)
+        engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+        assert restarts == [7] and rollback.rescuing is rescued
+        assert engine.lr_guard is not None and (engine.lr_guard.scale() == 1.0) is rescued
+
+
+def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> None:
+    ratios: dict[int, float] = {}
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6, 40, 41}, ratios=ratios)
+    assert restarts == [7, 42]
+    after = [ratios[s] for s in range(8, 61) if s in ratios]  # the restart steps have no gradient
+    assert len(after) == 52 and max(after) <= 0.01 * (1 + 1e-4)  # the two spikes between the restarts included
+    # The first restart kept the rate; the second, with the clipper already at work, cuts it as before.
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+    assert 0.5 <= engine.lr_guard.scale() < 0.6
+
+
+def test_an_adaptive_optimizer_gets_the_cut_and_no_rescue_clipper() -> None:
+    # Adam divides the gradient's size away: clipping cannot slow it, only a lower rate can.
+    ratios: dict[int, float] = {}
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6}, adam=True, ratios=ratios)
+    assert restarts == [7] and engine.rollback is not None and not engine.rollback.rescuing
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+    assert max(ratios[s] for s in range(8, 61)) > 0.02
+
+
+def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
+    engine, model, _, _ = _engine_run(default_rollback(), spikes={5, 6}, steps=30)
+    assert engine.rollback is not None and engine.rollback.rescuing
+    resumed = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
+    assert resumed.rollback is not None and not resumed.rollback.rescuing
+    resumed.load_state_dict(engine.state_dict())
+    assert resumed.rollback.rescuing
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    resumed.attach(opt)
+    (1e3 * model(torch.ones(2, 4)).sum()).backward()
+    resumed.step(optimizer=opt)
+    assert _unit_ratio(model[0]) <= 0.01 * (1 + 1e-4) and _unit_ratio(model[2]) <= 0.01 * (1 + 1e-4)
+    with pytest.raises(ValueError, match="`rescue` must be a Clipper"):
+        Rollback(rescue="agc")  # type: ignore[arg-type]
+    assert "rescue=AGC(" in repr(default_rollback()) and "rescue" not in repr(Rollback())
+    with pytest.raises(ValueError, match="rescue_until"):
+        Rollback(rescue=AGC(), rescue_until=0)
+
+
+def test_without_a_rescue_clipper_early_trouble_restarts_one_cut_below_the_rate() -> None:
+    rollback = no_rescue()
+    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    assert restarts == [7] and not rollback.rescuing
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
 
 
 def test_a_copy_that_trouble_followed_is_dropped_and_a_later_calm_one_taken() -> None:
@@ -163,9 +272,31 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
     double, _, restarts = _fit({40, 41})
     assert double.summary()["lr_reduced"] == 2 and double.summary()["rolled_back"] == 1
     assert restarts == [42]  # step 41's flags land before step 42: the restart skips step 42
+    # After 40 calm steps: the restart lowers the rate, no rescue clipper.
     assert double.lr_guard is not None and double.lr_guard.ceiling() < 1.0
+    rollback = double._states[0].rollback  # the optimizer's own copy of the guard's rollback
+    assert rollback is not None and not rollback.rescuing
     off, _, restarts = _fit({40, 41}, rollback=None)
     assert off.summary()["lr_reduced"] == 2 and off.summary()["rolled_back"] == 0 and restarts == []
+
+
+def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
+    def fit(rollback: Any) -> dict[int, float]:
+        ratios = UnitRatios()
+        guard, _, restarts = _fit({8, 9}, rollback=rollback, extra=[ratios])
+        assert restarts == [10] and guard.summary()["lr_reduced"] == 2
+        assert guard.lr_guard is not None and (guard.lr_guard.scale() == 1.0) is (rollback == "default")
+        return ratios.ratios
+
+    rescued = fit("default")
+    # Before the restart, units step past AGC's bound; from the restart on none does, on every step to the end.
+    assert max(rescued[s] for s in range(1, 10)) > 0.02
+    after = [rescued[s] for s in range(11, 81)]
+    assert len(after) == 70 and max(after) <= 0.01 * (1 + 1e-4)
+    assert sum(r > 0.0099 for r in after) >= 10  # the bound is what binds, not a coincidence of small gradients
+    # Without a rescue clipper nothing bounds them after the restart (at a lower rate).
+    plain = fit(no_rescue())
+    assert max(plain[s] for s in range(11, 81)) > 0.02
 
 
 def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -174,10 +305,17 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
         with caplog.at_level(logging.INFO):
             guard, _, _ = _fit(spikes)
         assert guard.lr_guard is not None
-        notes = [r.getMessage() for r in caplog.records if "GradGuard: the learning rate" in r.getMessage()]
+        starts = ("GradGuard: the learning rate", "GradGuard: the gradients exploded")
+        notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith(starts)]
         return guard.lr_guard.scale(), notes
 
-    # A restart: one line with the multiplier in force at the end, the rate it means and what happened.
+    # The default's restart keeps the rate and rescues with AGC: the line names the clipper to start with.
+    scale, notes = fit({8, 9})
+    assert scale == 1.0 and len(notes) == 1
+    assert notes[0].startswith("GradGuard: the gradients exploded early and the run restarted from its initial")
+    assert "`GradGuard(clip=AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()))`" in notes[0]
+    # A restart that lowered the rate: one line with the multiplier in force at the end, the rate it means and what
+    # happened.
     scale, notes = fit({40, 41})
     assert 0.0 < scale < 1.0 and len(notes) == 1
     assert notes[0].startswith(f"GradGuard: the learning rate ends at {scale:.3g}x its scheduled value")
