@@ -1,6 +1,7 @@
 """The default early restart: a run whose rate explodes twice in a row early starts again from its initial weights, one
-LR cut below the rate in force when the trouble began; one isolated spike, bad batches, a late explosion or a model too
-large for the copy never restarts anything."""
+LR cut below the rate in force when the trouble began, or (trouble in the first 20 steps of an SGD run) at that rate
+with AGC clipping unit-wise from then on; one isolated spike, bad batches, a late explosion or a model too large for
+the copy never restarts anything."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, Rollback
 from lightning_gradguard.rollback import default_rollback
 from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
+
 
 def no_rescue() -> Rollback:
     """The default restart without its rescue clipper: every rollback lowers the rate."""
@@ -371,3 +373,26 @@ def test_max_bytes_counts_the_optimizer_state_once_it_exists() -> None:
                 assert rollback._safe.valid  # the first copy (no optimizer state yet) fits
             opt.step()
     assert len(caught) == 1 and not rollback._safe.valid and not rollback.can_restore()
+
+
+def test_the_rescue_is_configurable_from_yaml() -> None:
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(GradGuard, "guard")
+    cfg = parser.parse_string(
+        """
+        guard:
+          rollback:
+            class_path: lightning_gradguard.Rollback
+            init_args:
+              every: null
+              patience: 2
+              rescue: {class_path: lightning_gradguard.AGC, init_args: {clip_factor: 0.02}}
+              rescue_until: 10
+        """
+    )
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    rollback = instantiate(cfg).guard.rollback
+    assert isinstance(rollback, Rollback)
+    assert (rollback.every, rollback.patience, rollback.rescue_until) == (None, 2, 10)
+    assert isinstance(rollback.rescue, AGC) and rollback.rescue.clip_factor == 0.02
