@@ -939,12 +939,25 @@ def _evaluate(job: _Job, module: L.LightningModule) -> float:
         module.train(was_training)
 
 
-def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any]:
+def _run_one(
+    job: _Job,
+    variant: str,
+    args: argparse.Namespace,
+    guard_as: tuple[str, Callable[[], GradGuard]] | None = None,
+    prepare: Callable[[L.LightningModule], None] | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate one run. ``guard_as``: (label, factory) in place of the variant's own guard; ``prepare``
+    changes the module before training (another benchmark's bad batches)."""
     L.seed_everything(args.seed, verbose=False)
     module = job.module()
+    if prepare is not None:
+        prepare(module)
     data = job.data(variant)
     init = _evaluate(job, module)  # no global RNG is drawn: the training run is unaffected
-    guard = GradGuard() if variant == "guarded" else CLIPPER_GUARDS[variant][1]() if variant in CLIPPER_GUARDS else None
+    if guard_as is None:
+        guard_as = (GUARD_LABEL, GradGuard) if variant == "guarded" else CLIPPER_GUARDS.get(variant)
+    label = guard_as[0] if guard_as is not None else None
+    guard = guard_as[1]() if guard_as is not None else None
     trace = _Trace(guard)
     callbacks: list[Callback] = [trace] if guard is None else [guard, trace]  # the trace reads after the guard
     logger: TensorBoardLogger | bool = False
@@ -993,7 +1006,7 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
     return {
         "config": job.name,
         "variant": variant,
-        "guard": GUARD_LABEL if variant == "guarded" else CLIPPER_GUARDS[variant][0] if guard is not None else None,
+        "guard": label,
         "steps": job.steps,
         "global_step": trainer.global_step,
         "metric": job.metric,
@@ -1006,6 +1019,8 @@ def _run_one(job: _Job, variant: str, args: argparse.Namespace) -> dict[str, Any
         "first_nonfinite_batch": bad[0] if bad else None,
         "events": guard.summary() if guard is not None else None,
         "min_lr_scale": trace.min_lr_scale if guard is not None and guard.lr_guard is not None else None,
+        # The early restart's rescue clipper at work (for any optimizer): never in a healthy run.
+        "rescued": any(guard.rescuing(i) for i in range(len(trainer.optimizers))) if guard is not None else None,
         "guard_warnings": len(guard_warnings),
         "guard_warning_samples": guard_warnings[:3],
         "other_warnings": len(messages) - len(guard_warnings),

@@ -98,7 +98,8 @@ class GradGuard(Callback):
             (README, "Clipping").
         lr_guard: the learning-rate guard; ``"default"`` is ``LRGuard()``, ``None`` disables it. A run whose rate ends
             below its schedule after a rollback or two or more cuts gets one INFO line at the end of ``fit`` with
-            the rate it ended at (a ceiling for the next run's rate).
+            the rate it ended at (a ceiling for the next run's rate); a run that the rollback's rescue clipper
+            trained gets one naming that clipper.
         regularizers: gradient-term regularizers (:class:`L1`, :class:`L2`, :class:`Orthogonal`).
         on_nonfinite: what to do with a step whose gradients hold inf/NaN: ``"skip"`` the optimizer step (parameters
             and optimizer state untouched), ``"zero"`` the non-finite entries, ``"raise"`` an error naming the layers,
@@ -152,11 +153,12 @@ class GradGuard(Callback):
             parameters, optimizer state and statistics known to have trained calmly (counted as ``rolled_back``);
             needs ``lr_guard``. ``"default"``: :func:`default_rollback`, an early restart: for the first 500 steps,
             after two troubled steps in a row (or a divergence of the loss), back to the initial weights one cut
-            below the rate in force when the trouble began (one copy of the trainable parameters, only when it takes
-            at most 1 GiB; off without an ``lr_guard``). ``True``: ``Rollback()``, for the whole run, with two
-            copies of the trainable parameters and their optimizer state on their device (4x the trainable
-            parameters' memory with SGD and momentum, 6x with Adam). ``None`` or ``False``: no rollback. A run whose
-            rate is never lowered is not changed by any of them.
+            below the rate in force when the trouble began, or at that rate with ``AGC()`` clipping unit-wise from
+            then on when the trouble began in the first 20 steps of an SGD run (one copy of the trainable
+            parameters, only when it takes at most 1 GiB; off without an ``lr_guard``). ``True``: ``Rollback()``,
+            for the whole run, with two copies of the trainable parameters and their optimizer state on their
+            device (4x the trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or
+            ``False``: no rollback. A run whose rate is never lowered is not changed by any of them.
         divergence: the :class:`DivergenceDetector`, fed the training loss of each optimizer step (the losses
             backpropagated since the previous step, taken in ``on_before_backward``: unscaled under 16-bit AMP,
             the mean over an accumulation window, averaged over processes under DDP/FSDP2 with one scalar
@@ -837,6 +839,12 @@ class GradGuard(Callback):
     def layer_names(self, optimizer_index: int = 0) -> list[str]:
         """The layers GradGuard watches for one optimizer, in definition order."""
         return list(self._states[optimizer_index].index.names)
+
+    def rescuing(self, optimizer_index: int = 0) -> bool:
+        """Whether the rollback's rescue clipper is at work for one optimizer (see :class:`Rollback`); ``False``
+        before that optimizer's first step."""
+        engine = self._states.get(optimizer_index)
+        return engine is not None and engine.rollback is not None and engine.rollback.rescuing
 
 
 def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:

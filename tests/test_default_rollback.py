@@ -276,8 +276,7 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
     assert restarts == [42]  # step 41's flags land before step 42: the restart skips step 42
     # After 40 calm steps: the restart lowers the rate, no rescue clipper.
     assert double.lr_guard is not None and double.lr_guard.ceiling() < 1.0
-    rollback = double._states[0].rollback  # the optimizer's own copy of the guard's rollback
-    assert rollback is not None and not rollback.rescuing
+    assert not double.rescuing()
     off, _, restarts = _fit({40, 41}, rollback=None)
     assert off.summary()["lr_reduced"] == 2 and off.summary()["rolled_back"] == 0 and restarts == []
 
@@ -288,6 +287,7 @@ def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
         guard, _, restarts = _fit({8, 9}, rollback=rollback, extra=[ratios])
         assert restarts == [10] and guard.summary()["lr_reduced"] == 2
         assert guard.lr_guard is not None and (guard.lr_guard.scale() == 1.0) is (rollback == "default")
+        assert guard.rescuing() is (rollback == "default")
         return ratios.ratios
 
     rescued = fit("default")

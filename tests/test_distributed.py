@@ -367,7 +367,7 @@ def _ddp_restart_worker(outdir: Path, rank: int) -> dict[str, Any]:
         "summary": guard.summary(),
         "restarts": probe.restarts,
         "scale": guard.lr_guard.scale(0) if guard.lr_guard is not None else None,
-        "rescuing": guard._states[0].rollback.rescuing if guard._states[0].rollback is not None else None,
+        "rescuing": guard.rescuing(),
         "weights": [p.detach().clone() for p in model.parameters()],
     }
 

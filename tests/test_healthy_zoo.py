@@ -35,6 +35,7 @@ ROW_FIELDS = {
     "first_nonfinite_batch",
     "events",
     "min_lr_scale",
+    "rescued",
     "guard_warnings",
     "guard_warning_samples",
     "other_warnings",
@@ -91,11 +92,13 @@ def test_rows_hold_the_documented_fields_and_finite_losses(quick: tuple[str, dic
         assert row["nonfinite_losses"] == expected_nonfinite, where
         if row["variant"] == "unguarded":
             assert row["guard"] is None and row["events"] is None and row["min_lr_scale"] is None, where
+            assert row["rescued"] is None, where
         else:
             assert row["guard"] == "GradGuard()", where
             assert set(row["events"]) == set(EVENT_KINDS), where
             assert all(isinstance(v, int) and v >= 0 for v in row["events"].values()), where
             assert 0 < row["min_lr_scale"] <= 1, where
+            assert row["rescued"] is False, where  # no healthy run puts the rescue clipper to work
     # Both runs of a config start from the same weights.
     by_config: dict[str, set[float]] = {}
     for row in saved["rows"]:

@@ -1,0 +1,185 @@
+"""What do two bad batches in a row do to a healthy run under GradGuard? The price of the early restart's rescue.
+
+Two consecutive batches whose loss is multiplied by ``--factor`` (10^4 by default: a corrupted label scale, a unit
+mistake) at optimizer steps ``--step`` and ``--step + 1`` of an otherwise healthy configuration of the healthy zoo
+(``benchmarks/healthy_zoo.py``, same models, data, seeds and held-out metrics). Two troubled steps in a row is what
+the default early restart (``default_rollback()``) acts on: the run restarts from its initial weights. When the
+trouble began by step ``rescue_until`` (20) with an SGD optimizer, the restart keeps the rate and puts AGC to work for
+the rest of the run (the rescue meant for a rate too high from the start); otherwise it restarts one LR cut lower.
+The runs of a config, all from the same weights on the same batches:
+
+* ``clean``: unguarded, without the bad batches: the reference;
+* ``unguarded``: unguarded, with the bad batches (for information: often wrecked);
+* ``guarded``: ``GradGuard()``, with the bad batches;
+* ``guarded_norescue``: ``GradGuard()`` whose early restart has no rescue clipper, with the bad batches;
+* ``guarded_laterescue``: ``GradGuard()`` whose rescue clipper also answers trouble that begins after step 20
+  (``rescue_until=500``), with the bad batches: why the rescue waits for nothing later than the first steps.
+
+The table gives each run's held-out metric, its difference from ``clean`` in percent, and the guard's events
+(whether the rescue clipper came to work: ``rescued``). The default configs are the zoo's two SGD runs (the warm-up
+and the dropout classifier), where clipping changes the step; the zoo's GAN (manual optimization) is refused.
+
+Run from the repository root::
+
+    python benchmarks/bad_batches.py                  # steps 40 and 41, about a minute on 2 CPU cores
+    python benchmarks/bad_batches.py --step 10        # inside the rescue's window
+    python benchmarks/bad_batches.py --configs masked --factor 1e3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+try:
+    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+    from benchmarks.healthy_zoo import CONFIGS, _run_one
+    from lightning_gradguard import AGC, GradGuard, Rollback
+except ImportError:  # run as a script: the repository root is not on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+    from benchmarks.healthy_zoo import CONFIGS, _run_one
+    from lightning_gradguard import AGC, GradGuard, Rollback
+
+__all__ = ["main", "report", "run"]
+
+_EARLY = "every=None, until=500, patience=2, within=2, max_bytes=1 << 30"
+#: The default early restart without its rescue clipper, and with it at any step of the window, as written in code.
+NO_RESCUE = f"GradGuard(rollback=Rollback({_EARLY}))"
+LATE_RESCUE = f"GradGuard(rollback=Rollback({_EARLY}, rescue=AGC(), rescue_until=500))"
+
+
+def _no_rescue() -> GradGuard:
+    return GradGuard(rollback=Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30))
+
+
+def _late_rescue() -> GradGuard:
+    early = Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30, rescue=AGC(), rescue_until=500)
+    return GradGuard(rollback=early)
+
+
+def _bad_batches(steps: set[int], factor: float) -> Any:
+    """Multiplies the training loss by ``factor`` on the given optimizer steps (counted from 1)."""
+
+    def prepare(module: L.LightningModule) -> None:
+        training_step = module.training_step
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            loss = training_step(*args, **kwargs)
+            return loss * factor if module.trainer.global_step + 1 in steps else loss
+
+        module.training_step = step  # type: ignore[method-assign]
+
+    return prepare
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train each selected config clean, and with the bad batches unguarded and under both guards."""
+    bad = {args.step, args.step + 1}
+    prepare = _bad_batches(bad, args.factor)
+    runs = (
+        ("clean", None, None),
+        ("unguarded", None, prepare),
+        ("guarded", ("GradGuard()", GradGuard), prepare),
+        ("guarded_norescue", (NO_RESCUE, _no_rescue), prepare),
+        ("guarded_laterescue", (LATE_RESCUE, _late_rescue), prepare),
+    )
+    rows: list[dict[str, Any]] = []
+    threads_before = torch.get_num_threads()
+    start = time.perf_counter()
+    try:
+        torch.set_num_threads(1)
+        for name in args.configs:
+            job = CONFIGS[name]("default", args.seed, None)
+            for variant, guard_as, hook in runs:
+                row = _run_one(job, "unguarded", args, guard_as=guard_as, prepare=hook)
+                row["variant"] = variant
+                rows.append(row)
+                print(f"  {name:<10} {variant:<17} {row['wall_s']:6.1f} s", file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads_before)
+    meta = {
+        "command": args.command,
+        "seed": args.seed,
+        "bad_steps": sorted(bad),
+        "factor": args.factor,
+        "machine": machine(),
+        "wall_s": time.perf_counter() - start,
+    }
+    return {"meta": meta, "rows": rows}
+
+
+def report(result: dict[str, Any]) -> str:
+    """The result of :func:`run` as a markdown table."""
+    meta = result["meta"]
+    m = meta["machine"]
+    lines = [
+        f"# Two bad batches in a row (loss x {meta['factor']:g} at steps {meta['bad_steps'][0]} and "
+        f"{meta['bad_steps'][1]}) in healthy runs",
+        "",
+        f"command: `{meta['command']}`  ",
+        f"machine: {m['cpus']} CPUs available, 1 thread per run, python {m['python']}, torch {m['torch']}, "
+        f"lightning {m['lightning']}; seed {meta['seed']}",
+        "",
+        "| config | run | guard | held-out | vs clean | exploding | lr_reduced | rolled back | rescued |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    clean = {r["config"]: r["heldout"] for r in result["rows"] if r["variant"] == "clean"}
+    for r in result["rows"]:
+        ref = clean[r["config"]]
+        rel = (r["heldout"] - ref) / abs(ref) * 100
+        diff = "(ref)" if r["variant"] == "clean" else f"{rel:+.1f}%" if math.isfinite(rel) else "nan"
+        ev = r["events"]
+        counts = (str(ev["exploding"]), str(ev["lr_reduced"]), str(ev["rolled_back"])) if ev else ("-",) * 3
+        rescued = "-" if r["rescued"] is None else ("yes" if r["rescued"] else "no")
+        lines.append(
+            f"| {r['config']} | {r['variant']} | {r['guard'] or '-'} | {r['metric']} {num(r['heldout'])} | {diff} | "
+            + " | ".join(counts)
+            + f" | {rescued} |"
+        )
+    lines += ["", f"total wall time {meta['wall_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/bad_batches.py",
+        description="Two bad batches in a row in healthy zoo runs: unguarded, GradGuard(), and without the rescue.",
+    )
+    p.add_argument("--configs", default="warmup,dropout", help="comma-separated healthy-zoo configs (not gan)")
+    p.add_argument("--step", type=int, default=40, help="the first bad batch's optimizer step, >= 1 (default: 40)")
+    p.add_argument("--factor", type=float, default=1e4, help="loss multiplier of the bad batches, > 1 (default 1e4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
+    args = p.parse_args(argv)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    allowed = [c for c in CONFIGS if c != "gan"]
+    if not names or any(c not in allowed for c in names):
+        p.error(f"--configs: choose from {', '.join(allowed)} (the GAN optimizes manually), got {args.configs!r}")
+    args.configs = names
+    if args.step < 1:
+        p.error("--step must be >= 1")
+    if not args.factor > 1:
+        p.error("--factor must be > 1")
+    args.logdir = None
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
+    argv, command = command_line(argv, "bad_batches.py")
+    args = _parse(argv)
+    args.command = command
+    return run_quietly_and_emit(run, report, args)
+
+
+if __name__ == "__main__":
+    main()
