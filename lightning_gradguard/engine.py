@@ -755,8 +755,12 @@ class GuardEngine:
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         before = rollback.stretch_start
-        rescue = rollback.rescues(optimizer)  # this rollback puts the rescue clipper to work
-        self._load_statistics(rollback.restore(optimizer))
+        # This rollback puts the rescue clipper to work, unless some gradients are sparse: it would leave those
+        # unclipped at the rate that wrecked them, so the rate is cut instead (a host check, on rollback steps only).
+        rescue = rollback.rescues(optimizer) and not any(
+            p.grad is not None and p.grad.is_sparse for p in self.index.params
+        )
+        self._load_statistics(rollback.restore(optimizer, rescue=rescue))
         if before is not None:
             # The cuts taken during the stretch answered weights that the restart throws away: the restarted run
             # gets one cut from the rate in force when the trouble began, not all of them (none when the rescue
@@ -779,8 +783,8 @@ class GuardEngine:
         assert rescue is not None
         keep: Sequence[int] = range(len(measured.grads))
         if rescue.needs_params and any(g.is_sparse for g in measured.grads):
-            # Unit-wise clipping has no rows to work on in a sparse gradient: those keep the guard's clipping only
-            # (an error here, after a rollback, would end a run that is being rescued).
+            # A sparse gradient that appears after the rescue began (none did at the rollback): unit-wise clipping
+            # has no rows to work on in it, and an error here would end a run that is being rescued.
             keep = [i for i, g in enumerate(measured.grads) if not g.is_sparse]
         grads = [measured.grads[i] for i in keep]
         params = [measured.params[i] for i in keep]

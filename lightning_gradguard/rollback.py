@@ -18,9 +18,10 @@ safe from the start.
 ``GradGuard()`` rolls back by default, but only early and cheaply (:func:`default_rollback`): one copy of the
 initial trainable parameters, kept for the first 500 optimizer steps and only when it takes at most 1 GiB, used only
 after two troubled steps in a row (so isolated spikes, bad batches between calm steps, never restart a run). That is
-where a too-high learning rate shows itself, and where a restart loses least. The full rollback
-(``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of their optimizer state for the whole
-run: opt-in, for its memory.
+where a too-high learning rate shows itself, and where a restart loses least. When that trouble began in the first 20
+steps of an SGD run, the restart keeps the rate and puts a rescue clipper (AGC) to work instead (``rescue``). The
+full rollback (``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of their optimizer state
+for the whole run: opt-in, for its memory.
 """
 
 from __future__ import annotations
@@ -192,9 +193,11 @@ class Rollback:
         rescue: a :class:`~lightning_gradguard.Clipper` that the first rollback puts to work, after the guard's own
             clipper, for the rest of the run (:func:`default_rollback` uses ``AGC()``), when the optimizer's step
             grows with the gradient (``torch.optim.SGD`` and its subclasses; Adam, RMSprop and other adaptive
-            optimizers divide the gradient's size away, so clipping cannot slow them). That rollback returns to
-            the copy at the rate in force when the trouble began instead of lowering it: the clipper is the remedy
-            tried first; the rollbacks after it lower the rate as usual. ``None``: every rollback lowers the rate.
+            optimizers divide the gradient's size away, so clipping cannot slow them) and no gradient is sparse (AGC
+            has no rows to clip there, and would leave those parameters at the rate that wrecked them). That
+            rollback returns to the copy at the rate in force when the trouble began instead of lowering it: the
+            clipper is the remedy tried first; the rollbacks after it lower the rate as usual. ``None``: every
+            rollback lowers the rate.
             A run that never rolls back never calls it. Its clipping is not in ``clipped`` or ``clip_coef`` (those
             describe the guard's clipper); :attr:`rescuing` says whether it is at work, and it stays at work after a
             checkpoint resume.
@@ -208,9 +211,9 @@ class Rollback:
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
     2021) bounds every unit's step relative to its own weights, which is what the too-high rate lacks, and trains at
     that rate. In the stability suite the default's rescue took the ResNet-20 without BN at 1000x its best rate from
-    chance to CE 1.80 / 1.68 / 1.39 (seeds 0 / 1 / 2; its best rate unguarded: 1.73 / 1.93 / 2.09). Used from the
+    chance to CE 1.98 / 1.91 / 1.74 (seeds 0 / 1 / 2; its best rate unguarded: 1.73 / 1.93 / 2.09). Used from the
     first step, AGC slows healthy SGD runs (+30% and +55% held-out loss in two configs of the healthy zoo), which is
-    why it waits for a failure.
+    why it waits for a failure, and only for one in the first steps (``benchmarks/bad_batches.py``).
 
     Checkpoints keep the counters only, not the copies (they would double a checkpoint's size): after resuming,
     the resumed weights become the safe copy.
@@ -383,10 +386,10 @@ class Rollback:
         early = 0 < self._stretch_began <= self.rescue_until
         return self.rescue is not None and not self.rescuing and early and isinstance(optimizer, _PROPORTIONAL)
 
-    def restore(self, optimizer: torch.optim.Optimizer | None) -> Any:
+    def restore(self, optimizer: torch.optim.Optimizer | None, rescue: bool = False) -> Any:
         """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
-        when the copy was taken."""
-        self.rescuing = self.rescuing or self.rescues(optimizer)
+        when the copy was taken. ``rescue``: put the rescue clipper to work from now on (see :meth:`rescues`)."""
+        self.rescuing = self.rescuing or (rescue and self.rescue is not None)
         self._safe.restore(optimizer)
         self._candidate.valid = False
         self._stretch = (0, _NEVER, False)  # the abandoned trajectory's events: the next rollback needs fresh evidence
@@ -401,9 +404,9 @@ class Rollback:
 
     def state_dict(self) -> dict[str, Any]:
         """The rollback count and the rescue clipper's state (the copies are not saved; see the class docstring)."""
-        state: dict[str, Any] = {"count": self.count, "rescuing": self.rescuing}
+        state: dict[str, Any] = {"count": self.count}
         if self.rescue is not None:
-            state["rescue"] = self.rescue.state_dict()
+            state.update(rescuing=self.rescuing, rescue=self.rescue.state_dict())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

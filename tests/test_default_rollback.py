@@ -189,6 +189,24 @@ def test_an_adaptive_optimizer_gets_the_cut_and_no_rescue_clipper() -> None:
     assert max(ratios[s] for s in range(8, 61)) > 0.02
 
 
+def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> None:
+    # AGC cannot clip a sparse gradient: the embedding would stay at the rate that wrecked it.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="mean", sparse=True), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=default_rollback())
+    engine.attach(opt)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 31):
+        opt.zero_grad()
+        loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean() * (1e4 if step in (5, 6) else 1.0)
+        loss.backward()
+        engine.step(optimizer=opt)
+        opt.step()
+    assert engine.summary()["rolled_back"] == 1 and engine.rollback is not None and not engine.rollback.rescuing
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+
+
 def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
     engine, model, _, _ = _engine_run(default_rollback(), spikes={5, 6}, steps=30)
     assert engine.rollback is not None and engine.rollback.rescuing
