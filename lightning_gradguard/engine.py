@@ -476,8 +476,9 @@ class GuardEngine:
         rollback: a :class:`~lightning_gradguard.Rollback` (``True``: ``Rollback()``; ``"default"``: the early
             restart :func:`~lightning_gradguard.rollback.default_rollback` that ``GradGuard()`` uses): when the LR
             guard lowers the rate, skip the step and put back the last parameters and optimizer state known to have
-            trained calmly (pass the optimizer to :meth:`step`); needs ``lr_guard``. ``None`` (default) or
-            ``False``: no rollback (the engine takes no copy of anything unless asked).
+            trained calmly (pass the optimizer to :meth:`step`: its state is restored too, and its type decides
+            whether a rescue clipper may work); needs ``lr_guard``. ``None`` (default) or ``False``: no rollback
+            (the engine takes no copy of anything unless asked).
         divergence: the :class:`~lightning_gradguard.DivergenceDetector`, fed the ``loss`` given to :meth:`step`
             (a step without one is no observation); ``"default"`` is ``DivergenceDetector()``, ``None`` disables it.
             A divergence event is an explosion to the LR guard and a full stretch of trouble to the rollback.
