@@ -662,7 +662,7 @@ class GuardEngine:
                 if flags.event is not None:
                     flags.event.synchronize()
             self._process_landed()
-        if self.rollback is not None and self._rollback_step(optimizer):
+        if self.rollback is not None and self._rollback_step(optimizer, scaled=grad_scale is not None):
             return None
         for r in self.regularizers:
             r.add_grad_(grad_scale if grad_scale is not None else 1.0)
@@ -707,7 +707,7 @@ class GuardEngine:
                 "post", total, layer_norm, layer_finite, valid, measured.present, exploding, vanishing, diverging, coef,
                 clipped, grad_scaler,
             )  # fmt: skip
-        if self.rollback is not None and self.rollback.rescuing and not self.skipped:
+        if self.rollback is not None and self.rollback.rescuing and not self.skipped and grad_scale is None:
             self._rescue_clip(measured, total, valid)
         self._last_total = total
         if not self._stamps or self._stamps[-1][1] + (self.steps_since_log - self._stamps[-1][0]) != number:
@@ -746,9 +746,9 @@ class GuardEngine:
             loss = loss.to(record.device, torch.float32)
         return loss
 
-    def _rollback_step(self, optimizer: torch.optim.Optimizer | None) -> bool:
+    def _rollback_step(self, optimizer: torch.optim.Optimizer | None, scaled: bool = False) -> bool:
         """Take the rollback's copies, or roll back when the LR guard lowered the rate; ``True``: rolled back (the
-        step is skipped)."""
+        step is skipped). ``scaled``: the gradients still carry a GradScaler's scale (no rescue clipper then)."""
         rollback = self.rollback
         assert rollback is not None
         due, self._rollback_due = self._rollback_due, False
@@ -756,10 +756,14 @@ class GuardEngine:
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         before = rollback.stretch_start
-        # This rollback puts the rescue clipper to work, unless some gradients are sparse: it would leave those
-        # unclipped at the rate that wrecked them, so the rate is cut instead (a host check, on rollback steps only).
-        rescue = rollback.rescues(optimizer) and not any(
-            p.grad is not None and p.grad.is_sparse for p in self.index.params
+        # This rollback puts the rescue clipper to work, unless some gradients are sparse (it would leave those
+        # unclipped at the rate that wrecked them) or still scaled (a fused optimizer under a GradScaler: AGC would
+        # compare them with the weights off by the loss scale); the rate is cut instead. Host checks, on rollback
+        # steps only.
+        rescue = (
+            rollback.rescues(optimizer)
+            and not scaled
+            and not any(p.grad is not None and p.grad.is_sparse for p in self.index.params)
         )
         self._load_statistics(rollback.restore(optimizer, rescue=rescue))
         if before is not None:

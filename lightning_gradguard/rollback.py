@@ -193,8 +193,9 @@ class Rollback:
         rescue: a :class:`~lightning_gradguard.Clipper` that the first rollback puts to work, after the guard's own
             clipper, for the rest of the run (:func:`default_rollback` uses ``AGC()``), when the optimizer's step
             grows with the gradient (``torch.optim.SGD`` and its subclasses; Adam, RMSprop and other adaptive
-            optimizers divide the gradient's size away, so clipping cannot slow them) and no gradient is sparse (AGC
-            has no rows to clip there, and would leave those parameters at the rate that wrecked them). That
+            optimizers divide the gradient's size away, so clipping cannot slow them), no gradient is sparse (AGC
+            has no rows to clip there, and would leave those parameters at the rate that wrecked them) and none
+            still carries a GradScaler's scale (a fused optimizer under 16-bit AMP unscales inside its step). That
             rollback returns to the copy at the rate in force when the trouble began instead of lowering it: the
             clipper is the remedy tried first; the rollbacks after it lower the rate as usual. ``None``: every
             rollback lowers the rate.

@@ -207,6 +207,28 @@ def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> N
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
 
 
+def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipper() -> None:
+    # A fused optimizer under 16-bit AMP unscales inside its step: here the gradients still carry the loss scale, and
+    # AGC would compare them with the weights off by that factor.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=default_rollback())
+    engine.attach(opt)
+    scale = torch.tensor(1024.0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 31):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in (5, 6) else 1.0)
+        (loss * scale).backward()
+        engine.step(optimizer=opt, grad_scale=scale)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(scale)  # what the fused step does
+        opt.step()
+    assert engine.summary()["rolled_back"] == 1 and engine.rollback is not None and not engine.rollback.rescuing
+
+
 def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
     engine, model, _, _ = _engine_run(default_rollback(), spikes={5, 6}, steps=30)
     assert engine.rollback is not None and engine.rollback.rescuing
