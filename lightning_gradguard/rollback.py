@@ -190,17 +190,16 @@ class Rollback:
             ``>= 1`` (2: in a row).
         max_bytes: the most memory the copies may take, ``> 0``: a larger model gets no rollback (one warning says
             so) rather than a slower or out-of-memory run. ``None``: no limit.
-        rescue: a :class:`~lightning_gradguard.Clipper` that a rollback puts to work, after the guard's own
-            clipper, for the rest of the run (:func:`default_rollback` uses ``AGC()``), when the optimizer's step
-            grows with the gradient (``torch.optim.SGD`` and its subclasses; Adam, RMSprop and other adaptive
-            optimizers divide the gradient's size away, so clipping cannot slow them), no gradient is sparse (AGC
-            has no rows to clip there, and would leave those parameters at the rate that wrecked them) and none
-            still carries a GradScaler's scale (a fused optimizer under 16-bit AMP unscales inside its step). That
-            rollback returns to the copy at the rate in force when the trouble began instead of lowering it: the
-            clipper is the remedy tried first; the rollbacks after it lower the rate as usual. ``None``: every
-            rollback lowers the rate. A run that never rolls back never calls it. Its clipping is not in ``clipped`` or ``clip_coef`` (those
-            describe the guard's clipper); :attr:`rescuing` says whether it is at work, and it stays at work after a
-            checkpoint resume.
+        rescue: a :class:`~lightning_gradguard.Clipper` that a rollback puts to work, after the guard's own clipper, for
+            the rest of the run (:func:`default_rollback` uses ``AGC()``), when the optimizer's step grows with the
+            gradient (``torch.optim.SGD`` and its subclasses; Adam, RMSprop and other adaptive optimizers divide the
+            gradient's size away, so clipping cannot slow them), no gradient is sparse (AGC has no rows to clip there,
+            and would leave those parameters at the rate that wrecked them) and none still carries a GradScaler's scale
+            (a fused optimizer under 16-bit AMP unscales inside its step). That rollback returns to the copy at the rate
+            in force when the trouble began instead of lowering it: the clipper is the remedy tried first; the rollbacks
+            after it lower the rate as usual. ``None``: every rollback lowers the rate. A run that never rolls back
+            never calls it. Its clipping is not in ``clipped`` or ``clip_coef`` (those describe the guard's clipper);
+            :attr:`rescuing` says whether it is at work, and it stays at work after a checkpoint resume.
         rescue_until: the rescue clipper is put to work only for trouble that began by this optimizer step, ``>= 1``:
             a rate too high from the start fails in its first steps, before the run has been calm; trouble after a
             calm stretch is more often a few bad batches, which a clipper kept for the rest of the run would only
@@ -431,13 +430,13 @@ def default_rollback() -> Rollback:
     trainable parameters (no optimizer state exists yet), kept for the first 500 optimizer steps and then freed. When
     the rate is lowered after two exploding or non-finite steps in a row, or on a divergence event of the loss (itself
     several high steps in a row), the run restarts from the initial weights at the lowered rate (the LR guard's
-    ``factor``), or, the first time, when the trouble began in the first 20 steps of an SGD run (``rescue_until``),
-    at its rate with unit-wise clipping (``AGC()``, clip factor 0.01) from then on. A diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted label, a NaN)
-    explode alone, between calm steps, and only lower the rate. A too-high learning rate wrecks the weights in its
-    first updates, before any statistic has a calm history, and lowering the rate then leaves the run where it
-    landed; a restart at the lower rate is what a person would do, and early on it loses little. A model whose
-    trainable parameters take more than 1 GiB gets no rollback (one warning), so the default never makes a large run
-    run out of memory.
+    ``factor``), or, the first time, when the trouble began in the first 20 steps of an SGD run (``rescue_until``), at
+    its rate with unit-wise clipping (``AGC()``, clip factor 0.01) from then on. A diverging run explodes on every step
+    once its weights are wrecked; bad batches (a corrupted label, a NaN) explode alone, between calm steps, and only
+    lower the rate. A too-high learning rate wrecks the weights in its first updates, before any statistic has a calm
+    history, and lowering the rate then leaves the run where it landed; a restart at the lower rate is what a person
+    would do, and early on it loses little. A model whose trainable parameters take more than 1 GiB gets no rollback
+    (one warning), so the default never makes a large run run out of memory.
 
     Example:
         >>> rollback = default_rollback()
