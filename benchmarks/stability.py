@@ -6,9 +6,9 @@ with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="sk
 (``GradGuard(rollback=None)``), with ``GradGuard()`` whose exploding detector holds the total norm to 5x its running
 mean (``ExplodingDetector(max_ratio=5)``: the guard for runs that may diverge in their first steps) and with the
 opt-in rollback (``GradGuard(rollback=Rollback())``: on an LR cut, back to the last weights and optimizer state
-known to have trained calmly), and with each other clipper in place of the default ZClip, every other default kept
-(``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``, ``GradGuard(clip=NormClip(max_norm=1.0))``, the last
-with the usual ``gradient_clip_val``); the configs taken from an example that recommends its own guard
+known to have trained calmly), and, with ``--clippers``, with each other clipper in place of the default ZClip, every
+other default kept (``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``, ``GradGuard(clip=NormClip(max_norm=
+1.0))``, the last with the usual ``gradient_clip_val``); the configs taken from an example that recommends its own guard
 (``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get one more run with that guard.
 Every run is then evaluated on held-out data. The table reports, per run:
 
@@ -59,6 +59,7 @@ Run from the repository root::
 
     python benchmarks/stability.py                              # default suite, a few minutes on 2 CPU cores
     python benchmarks/stability.py --configs lstm_10x,resnet20 --json out.json
+    python benchmarks/stability.py --configs lstm_10x,rnn_tanh,resnet20_nobn --clippers   # and each other clipper
     python benchmarks/stability.py --configs resnet20 --variants guarded      # unguarded and GradGuard() only
     python benchmarks/stability.py --configs resnet20_nobn --variants guarded --sweep-idle 20   # a perfect restart
     python benchmarks/stability.py --full --device cuda
@@ -108,8 +109,11 @@ except ImportError:  # run as a script: the repository root is not on the path
 __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
 Size = Literal["quick", "default", "full"]
-#: Every config runs these; some add "guarded_example", with the guard their example recommends.
-VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", *CLIPPER_GUARDS)
+#: Every config runs these; some add "guarded_example", with the guard their example recommends, and ``--clippers``
+#: adds the runs of CLIPPER_GUARDS.
+VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback")
+#: The guarded runs ``--variants`` may pick.
+_GUARDED = (*VARIANTS[1:], *CLIPPER_GUARDS, "guarded_example")
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "guarded": ("GradGuard()", GradGuard),
@@ -223,8 +227,10 @@ class _Job:
     sweep: tuple[float, ...] = ()
     module_at: Callable[[float], L.LightningModule] | None = None
 
-    def variants(self, sweep: bool = True) -> list[str]:
-        variants = [*VARIANTS, "guarded_example"] if self.example_guard is not None else list(VARIANTS)
+    def variants(self, sweep: bool = True, clippers: bool = False) -> list[str]:
+        variants = [*VARIANTS, *(CLIPPER_GUARDS if clippers else ())]
+        if self.example_guard is not None:
+            variants.append("guarded_example")
         if sweep:
             variants += [f"{SWEEP_PREFIX}{lr:g}" for lr in self.sweep]
         return variants
@@ -583,7 +589,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.set_num_threads(threads)
             variants = [
                 v
-                for v in job.variants(args.sweep)
+                for v in job.variants(args.sweep, args.clippers)
                 if args.variants is None or v == "unguarded" or v in args.variants or job.sweep_lr(v) is not None
             ]
             configs.append(
@@ -820,8 +826,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated subset of the guarded runs ({', '.join((*VARIANTS[1:], 'guarded_example'))}); the "
-        "unguarded run and the sweep always run (default: all)",
+        help=f"comma-separated subset of the guarded runs ({', '.join(_GUARDED)}); the "
+        "unguarded run and the sweep always run (default: all but the clipper runs)",
+    )
+    p.add_argument(
+        "--clippers",
+        action="store_true",
+        help="also train each config with each other clipper in place of ZClip: "
+        + ", ".join(label for label, _ in CLIPPER_GUARDS.values()),
     )
     p.add_argument(
         "--sweep-idle",
@@ -842,10 +854,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     args.configs = names
     if args.variants is not None:
         chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-        allowed = (*VARIANTS[1:], "guarded_example")
-        if not chosen or any(v not in allowed for v in chosen):
-            p.error(f"--variants: choose from {', '.join(allowed)}, got {args.variants!r}")
+        if not chosen or any(v not in _GUARDED for v in chosen):
+            p.error(f"--variants: choose from {', '.join(_GUARDED)}, got {args.variants!r}")
         args.variants = chosen
+        args.clippers = args.clippers or any(v in CLIPPER_GUARDS for v in chosen)  # a clipper run named is one asked
     if args.threads < 0:
         p.error("--threads must be >= 0")
     if args.sweep_idle < 0:

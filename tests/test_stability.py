@@ -79,10 +79,10 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
     for cfg in saved["configs"]:
         variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
         assert variants == cfg["variants"], cfg["config"]
-        guards = ["guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", *CLIPPERS]
-        assert variants[:8] == ["unguarded", *guards]
+        guards = ["guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback"]
+        assert variants[:5] == ["unguarded", *guards]
         sweep = [v for v in variants if v.startswith("unguarded_lr")]
-        assert set(variants) - set(sweep) <= {"unguarded", *guards, "guarded_example"}
+        assert set(variants) - set(sweep) <= {"unguarded", *guards, "guarded_example"}  # no clipper runs by default
         # The configs that diverge unguarded get the tuned-rate sweep: lower rates, unguarded.
         diverging = cfg["config"] in ("lstm_10x", "rnn_tanh", "resnet20_nobn")
         assert len(sweep) == ((6 if cfg["config"] == "resnet20_nobn" else 3) if diverging else 0), cfg["config"]
@@ -92,7 +92,6 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
         assert cfg["guards"]["guarded_ratio5"] == "GradGuard(exploding=ExplodingDetector(max_ratio=5))"
         assert cfg["guards"]["guarded_norestart"] == "GradGuard(rollback=None)"
         assert cfg["guards"]["guarded_rollback"] == "GradGuard(rollback=Rollback())"
-        assert [cfg["guards"][v] for v in CLIPPERS] == list(CLIPPERS.values())
         if "guarded_example" in variants:
             assert cfg["guards"]["guarded_example"].endswith("build_guard()")
     assert len(saved["rows"]) == len(result["rows"])
@@ -142,6 +141,23 @@ def test_the_table_names_machine_command_and_every_run(quick: tuple[str, dict, d
     for row in saved["rows"]:
         assert Path(row["log_dir"]).parent.parent == logs
         assert any(Path(row["log_dir"]).glob("events.out.tfevents.*")), row["log_dir"]
+
+
+def test_clippers_add_one_run_per_clipper(tmp_path: Path) -> None:
+    stdout = io.StringIO()
+    argv = ["--quick", "--configs", "lstm_10x", "--no-sweep", "--clippers", "--json", "-", "--logdir", str(tmp_path)]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        main(argv)
+    result = json.loads(stdout.getvalue())
+    (cfg,) = result["configs"]
+    assert cfg["variants"][5:8] == list(CLIPPERS) and cfg["variants"][-1] == "guarded_example"
+    assert [cfg["guards"][v] for v in CLIPPERS] == list(CLIPPERS.values())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert all(rows[v]["guard"] == label and rows[v]["events"] is not None for v, label in CLIPPERS.items())
+    # Naming one clipper run in --variants runs it without --clippers.
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
+        main(["--quick", "--configs", "lstm_10x", "--no-sweep", "--variants", "clip_agc", "--json", "-"])
+    assert [r["variant"] for r in json.loads(out.getvalue())["rows"]] == ["unguarded", "clip_agc"]
 
 
 def test_each_clipper_run_swaps_the_clipper_only() -> None:
