@@ -209,7 +209,7 @@ class Rollback:
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
     2021) bounds every unit's step relative to its own weights, which is what the too-high rate lacks, and trains at
-    that rate. In the stability suite the default's rescue took the ResNet-20 without BN at 1000x its best rate from
+    that rate. In the stability suite the default's rescue took the ResNet-20 without BN at 100-1000x its best rate from
     chance to CE 1.98 / 1.91 / 1.74 (seeds 0 / 1 / 2; its best rate unguarded: 1.73 / 1.93 / 2.09). Used from the
     first step, AGC slows healthy SGD runs (+30% and +55% held-out loss in two configs of the healthy zoo), which is
     why it waits for a failure, and only for one in the first steps (``benchmarks/bad_batches.py``).
