@@ -756,15 +756,7 @@ class GuardEngine:
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         before = rollback.stretch_start
-        # This rollback puts the rescue clipper to work, unless some gradients are sparse (it would leave those
-        # unclipped at the rate that wrecked them) or still scaled (a fused optimizer under a GradScaler: AGC would
-        # compare them with the weights off by the loss scale); the rate is cut instead. Host checks, on rollback
-        # steps only.
-        rescue = (
-            rollback.rescues(optimizer)
-            and not scaled
-            and not any(p.grad is not None and p.grad.is_sparse for p in self.index.params)
-        )
+        rescue = rollback.rescues(optimizer, self.index.params, scaled)  # host checks, on rollback steps only
         self._load_statistics(rollback.restore(optimizer, rescue=rescue))
         if before is not None:
             # The cuts taken during the stretch answered weights that the restart throws away: the restarted run

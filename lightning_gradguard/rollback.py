@@ -377,13 +377,24 @@ class Rollback:
         length, _, exploded = self._stretch
         return length >= (self.patience if exploded or self.patience == 1 else 2 * self.patience)
 
-    def rescues(self, optimizer: torch.optim.Optimizer | None) -> bool:
+    def rescues(
+        self, optimizer: torch.optim.Optimizer | None, params: Sequence[Tensor] = (), scaled: bool = False
+    ) -> bool:
         """Whether a rollback now would put the :attr:`rescue` clipper to work (and keep the rate): there is one, it
-        is not at work yet, the trouble began by step ``rescue_until``, and ``optimizer``'s step grows with the
-        gradient (``torch.optim.SGD``)."""
+        is not at work yet, the trouble began by step ``rescue_until``, ``optimizer``'s step grows with the gradient
+        (``torch.optim.SGD``), no gradient of ``params`` is sparse (unit-wise clipping would leave it at the rate that
+        wrecked it) and the gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit
+        AMP unscales inside its step, and AGC would compare them with the weights off by that factor)."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         early = 0 < self._stretch_began <= self.rescue_until
-        return self.rescue is not None and not self.rescuing and early and isinstance(optimizer, _PROPORTIONAL)
+        return (
+            self.rescue is not None
+            and not self.rescuing
+            and early
+            and isinstance(optimizer, _PROPORTIONAL)
+            and not scaled
+            and not any(p.grad is not None and p.grad.is_sparse for p in params)
+        )
 
     def restore(self, optimizer: torch.optim.Optimizer | None, rescue: bool = False) -> Any:
         """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
