@@ -50,6 +50,16 @@ CLIPPER_GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
 }
 
 
+def add_clippers_argument(parser: Any) -> None:
+    """The ``--clippers`` flag of the benchmarks that can also train with each of :data:`CLIPPER_GUARDS`."""
+    parser.add_argument(
+        "--clippers",
+        action="store_true",
+        help="also train each config with each other clipper in place of ZClip: "
+        + ", ".join(label for label, _ in CLIPPER_GUARDS.values()),
+    )
+
+
 def num(x: float | None, fmt: str = ".4g") -> str:
     """A number for a table: ``-`` for ``None``, ``nan``/``inf`` spelled out."""
     if x is None:

@@ -21,7 +21,7 @@ and the dropout classifier), where clipping changes the step; the zoo's GAN (man
 
 Run from the repository root::
 
-    python benchmarks/bad_batches.py                  # steps 40 and 41, about a minute on 2 CPU cores
+    python benchmarks/bad_batches.py                  # steps 40 and 41, about 15 s on 2 CPU cores
     python benchmarks/bad_batches.py --step 10        # inside the rescue's window
     python benchmarks/bad_batches.py --configs masked --factor 1e3 --json out.json
 """

@@ -101,11 +101,25 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 try:
-    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import (
+        CLIPPER_GUARDS,
+        add_clippers_argument,
+        command_line,
+        machine,
+        num,
+        run_quietly_and_emit,
+    )
     from lightning_gradguard import GradGuard
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import (
+        CLIPPER_GUARDS,
+        add_clippers_argument,
+        command_line,
+        machine,
+        num,
+        run_quietly_and_emit,
+    )
     from lightning_gradguard import GradGuard
 
 __all__ = [
@@ -1262,12 +1276,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="optimizer steps of every selected config (GAN: iterations), instead of its default",
     )
-    p.add_argument(
-        "--clippers",
-        action="store_true",
-        help="also train each config with each other clipper in place of ZClip: "
-        + ", ".join(label for label, _ in CLIPPER_GUARDS.values()),
-    )
+    add_clippers_argument(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: no logger)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")

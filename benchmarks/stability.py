@@ -95,13 +95,27 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_gradguard import ExplodingDetector, GradGuard, Rollback
 
 try:
-    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import (
+        CLIPPER_GUARDS,
+        add_clippers_argument,
+        command_line,
+        machine,
+        num,
+        run_quietly_and_emit,
+    )
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import CLIPPER_GUARDS, command_line, machine, num, run_quietly_and_emit
+    from benchmarks._common import (
+        CLIPPER_GUARDS,
+        add_clippers_argument,
+        command_line,
+        machine,
+        num,
+        run_quietly_and_emit,
+    )
     from examples import cifar_resnet, lstm_adding
     from examples.cifar_resnet import CifarDataModule, ResNetModule
     from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
@@ -829,12 +843,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help=f"comma-separated subset of the guarded runs ({', '.join(_GUARDED)}); the "
         "unguarded run and the sweep always run (default: all but the clipper runs)",
     )
-    p.add_argument(
-        "--clippers",
-        action="store_true",
-        help="also train each config with each other clipper in place of ZClip: "
-        + ", ".join(label for label, _ in CLIPPER_GUARDS.values()),
-    )
+    add_clippers_argument(p)
     p.add_argument(
         "--sweep-idle",
         type=int,
