@@ -42,28 +42,26 @@ import torch
 try:
     from benchmarks._common import command_line, machine, num, run_quietly_and_emit
     from benchmarks.healthy_zoo import CONFIGS, _run_one
-    from lightning_gradguard import AGC, GradGuard, Rollback
+    from lightning_gradguard import GradGuard, default_rollback
 except ImportError:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from benchmarks._common import command_line, machine, num, run_quietly_and_emit
     from benchmarks.healthy_zoo import CONFIGS, _run_one
-    from lightning_gradguard import AGC, GradGuard, Rollback
+    from lightning_gradguard import GradGuard, default_rollback
 
 __all__ = ["main", "report", "run"]
 
-_EARLY = "every=None, until=500, patience=2, within=2, max_bytes=1 << 30"
 #: The default early restart without its rescue clipper, and with it at any step of the window, as written in code.
-NO_RESCUE = f"GradGuard(rollback=Rollback({_EARLY}))"
-LATE_RESCUE = f"GradGuard(rollback=Rollback({_EARLY}, rescue=AGC(), rescue_until=500))"
+NO_RESCUE = "GradGuard(rollback=default_rollback(rescue=False))"
+LATE_RESCUE = "GradGuard(rollback=default_rollback(rescue_until=500))"
 
 
 def _no_rescue() -> GradGuard:
-    return GradGuard(rollback=Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30))
+    return GradGuard(rollback=default_rollback(rescue=False))
 
 
 def _late_rescue() -> GradGuard:
-    early = Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30, rescue=AGC(), rescue_until=500)
-    return GradGuard(rollback=early)
+    return GradGuard(rollback=default_rollback(rescue_until=500))
 
 
 def _bad_batches(steps: set[int], factor: float) -> Any:

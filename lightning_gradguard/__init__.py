@@ -43,6 +43,7 @@ _EXPORTS = {
     "Orthogonal": "regularize",
     "Regularizer": "regularize",
     "Rollback": "rollback",
+    "default_rollback": "rollback",
     "SaturationMonitor": "saturation",
     "FlatStats": "stats",
     "GradStats": "stats",
@@ -78,7 +79,7 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
     from lightning_gradguard.layers import LayerIndex, build_layer_index
     from lightning_gradguard.lr import LRGuard
     from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
-    from lightning_gradguard.rollback import Rollback
+    from lightning_gradguard.rollback import Rollback, default_rollback
     from lightning_gradguard.saturation import SaturationMonitor
     from lightning_gradguard.stats import FlatStats, GradStats, StepStats, total_norm
     from lightning_gradguard.tensorboard import GradGuardBoard

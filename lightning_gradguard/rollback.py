@@ -434,7 +434,7 @@ class Rollback:
         self.reset()
 
 
-def default_rollback() -> Rollback:
+def default_rollback(rescue: Clipper | bool = True, rescue_until: int = 20) -> Rollback:
     """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
 
     ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC())``: one copy of the initial
@@ -449,14 +449,32 @@ def default_rollback() -> Rollback:
     would do, and early on it loses little. A model whose trainable parameters take more than 1 GiB gets no rollback
     (one warning), so the default never makes a large run run out of memory.
 
+    Args:
+        rescue: the rescue clipper (see :class:`Rollback`): ``True``, the default, for a fresh ``AGC()``; ``False``
+            for none, so that every restart lowers the rate; or a :class:`~lightning_gradguard.Clipper`.
+        rescue_until: the last optimizer step at which trouble may begin and still get the rescue, ``>= 1``.
+
+    Raises:
+        ValueError: for a ``rescue`` that is neither a bool nor a clipper, or ``rescue_until < 1``.
+
     Example:
         >>> rollback = default_rollback()
         >>> rollback.every, rollback.until, rollback.patience, rollback.within, rollback.max_bytes
         (None, 500, 2, 2, 1073741824)
         >>> rollback.rescue
         AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=())
+        >>> default_rollback(rescue=False).rescue is None
+        True
     """
-    return Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30, rescue=AGC())
+    if isinstance(rescue, bool):
+        clipper: Clipper | None = AGC() if rescue else None
+    elif isinstance(rescue, Clipper):
+        clipper = rescue
+    else:
+        raise ValueError(f"`rescue` must be True (AGC()), False (no rescue) or a Clipper, got {rescue!r}.")
+    return Rollback(
+        every=None, until=500, patience=2, within=2, max_bytes=1 << 30, rescue=clipper, rescue_until=rescue_until
+    )
 
 
 def rollback_from(value: Rollback | bool | str | None) -> Rollback | None:

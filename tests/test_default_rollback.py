@@ -15,15 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, Rollback
+import lightning_gradguard
+from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, NormClip, Rollback
 from lightning_gradguard.rollback import default_rollback
 from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
-
-
-def no_rescue() -> Rollback:
-    """The default restart without its rescue clipper: every rollback lowers the rate."""
-    return Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 << 30)
 
 
 class SpikyRegressor(Regressor):
@@ -248,8 +244,22 @@ def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
         Rollback(rescue=AGC(), rescue_until=0)
 
 
+def test_default_rollback_takes_its_rescue_clipper_and_window() -> None:
+    plain, own = default_rollback(rescue=False), default_rollback(rescue=NormClip(max_norm=0.5), rescue_until=7)
+    assert plain.rescue is None and isinstance(own.rescue, NormClip) and own.rescue.max_norm == 0.5
+    assert own.rescue_until == 7
+    # Everything but the rescue is the default's, and each call has a fresh clipper (its state is its own).
+    assert repr(own).split(", rescue=")[0] == repr(default_rollback()).split(", rescue=")[0] == repr(plain)[:-1]
+    assert default_rollback().rescue is not default_rollback().rescue
+    with pytest.raises(ValueError, match="`rescue` must be True"):
+        default_rollback(rescue="agc")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rescue_until"):
+        default_rollback(rescue_until=0)
+    assert lightning_gradguard.default_rollback is default_rollback
+
+
 def test_without_a_rescue_clipper_early_trouble_restarts_one_cut_below_the_rate() -> None:
-    rollback = no_rescue()
+    rollback = default_rollback(rescue=False)
     engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
     assert restarts == [7] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
@@ -337,7 +347,7 @@ def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
     assert len(after) == 70 and max(after) <= 0.01 * (1 + 1e-4)
     assert sum(r > 0.0099 for r in after) >= 10  # the bound is what binds, not a coincidence of small gradients
     # Without a rescue clipper nothing bounds them after the restart (at a lower rate).
-    plain = fit(no_rescue())
+    plain = fit(default_rollback(rescue=False))
     assert max(plain[s] for s in range(11, 81)) > 0.02
 
 

@@ -68,7 +68,9 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]
     out = tmp / "result.json"
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        result = main(["--quick", "--json", str(out), "--logdir", str(tmp / "logs")])
+        # The default guard only (and the unguarded reference and sweep): every other guarded variant costs a run per
+        # config; the variants' order and labels are checked on one config below.
+        result = main(["--quick", "--variants", "guarded", "--json", str(out), "--logdir", str(tmp / "logs")])
     saved = json.loads(out.read_text(), parse_constant=_reject_constant)
     return stdout.getvalue(), result, saved, tmp / "logs"
 
@@ -79,21 +81,19 @@ def test_every_config_has_an_unguarded_and_a_guarded_row(quick: tuple[str, dict,
     for cfg in saved["configs"]:
         variants = [r["variant"] for r in saved["rows"] if r["config"] == cfg["config"]]
         assert variants == cfg["variants"], cfg["config"]
-        guards = ["guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback"]
-        assert variants[:5] == ["unguarded", *guards]
-        sweep = [v for v in variants if v.startswith("unguarded_lr")]
-        assert set(variants) - set(sweep) <= {"unguarded", *guards, "guarded_example"}  # no clipper runs by default
+        assert variants[:2] == ["unguarded", "guarded"]
+        sweep = variants[2:]
+        assert all(v.startswith("unguarded_lr") for v in sweep), cfg["config"]
         # The configs that diverge unguarded get the tuned-rate sweep: lower rates, unguarded.
         diverging = cfg["config"] in ("lstm_10x", "rnn_tanh", "resnet20_nobn")
         assert len(sweep) == ((6 if cfg["config"] == "resnet20_nobn" else 3) if diverging else 0), cfg["config"]
         for v in sweep:
             assert cfg["guards"][v] is None
         assert cfg["guards"]["unguarded"] is None and cfg["guards"]["guarded"] == "GradGuard()"
-        assert cfg["guards"]["guarded_ratio5"] == "GradGuard(exploding=ExplodingDetector(max_ratio=5))"
-        assert cfg["guards"]["guarded_norestart"] == "GradGuard(rollback=None)"
-        assert cfg["guards"]["guarded_rollback"] == "GradGuard(rollback=Rollback())"
-        if "guarded_example" in variants:
-            assert cfg["guards"]["guarded_example"].endswith("build_guard()")
+        # Without --variants, every config runs every guarded variant, and no clipper run.
+        every = CONFIGS[cfg["config"]]("quick", 0).variants(sweep=False)
+        guards = ["guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback"]
+        assert every[:5] == ["unguarded", *guards] and set(every) <= {"unguarded", *guards, "guarded_example"}
     assert len(saved["rows"]) == len(result["rows"])
 
 
@@ -126,7 +126,7 @@ def test_rows_hold_the_documented_fields(quick: tuple[str, dict, dict, Path]) ->
 
 def test_the_table_names_machine_command_and_every_run(quick: tuple[str, dict, dict, Path]) -> None:
     text, _, saved, logs = quick
-    assert "command: python benchmarks/stability.py --quick --json" in text
+    assert "command: python benchmarks/stability.py --quick --variants guarded --json" in text
     assert "machine:" in text and f"torch {saved['meta']['machine']['torch']}" in text
     for column in ("held-out", "diverged?", "NaN at", "clipped", "expl", "nonfin/skip", "lr_red", "van", "warns"):
         assert column in text, column
@@ -144,20 +144,18 @@ def test_the_table_names_machine_command_and_every_run(quick: tuple[str, dict, d
 
 
 def test_clippers_add_one_run_per_clipper(tmp_path: Path) -> None:
+    assert CONFIGS["lstm_10x"]("quick", 0).variants(sweep=False, clippers=True)[5:] == [*CLIPPERS, "guarded_example"]
+    # Naming clipper runs in --variants runs them without --clippers.
     stdout = io.StringIO()
-    argv = ["--quick", "--configs", "lstm_10x", "--no-sweep", "--clippers", "--json", "-", "--logdir", str(tmp_path)]
+    argv = ["--quick", "--configs", "lstm_10x", "--no-sweep", "--variants", ",".join(CLIPPERS), "--json", "-"]
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        main(argv)
+        main([*argv, "--logdir", str(tmp_path)])
     result = json.loads(stdout.getvalue())
     (cfg,) = result["configs"]
-    assert cfg["variants"][5:8] == list(CLIPPERS) and cfg["variants"][-1] == "guarded_example"
+    assert [r["variant"] for r in result["rows"]] == cfg["variants"] == ["unguarded", *CLIPPERS]
     assert [cfg["guards"][v] for v in CLIPPERS] == list(CLIPPERS.values())
     rows = {r["variant"]: r for r in result["rows"]}
     assert all(rows[v]["guard"] == label and rows[v]["events"] is not None for v, label in CLIPPERS.items())
-    # Naming one clipper run in --variants runs it without --clippers.
-    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
-        main(["--quick", "--configs", "lstm_10x", "--no-sweep", "--variants", "clip_agc", "--json", "-"])
-    assert [r["variant"] for r in json.loads(out.getvalue())["rows"]] == ["unguarded", "clip_agc"]
 
 
 def test_each_clipper_run_swaps_the_clipper_only() -> None:
@@ -189,13 +187,26 @@ def test_the_deep_sigmoid_mlp_is_reported_as_vanishing(quick: tuple[str, dict, d
     assert layers.index(first["layer"]) < len(layers) // 2
 
 
-def test_json_to_stdout_and_config_selection(tmp_path: Path) -> None:
+def test_json_to_stdout_config_selection_and_every_guarded_variant(tmp_path: Path) -> None:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        main(["--quick", "--configs", "rnn_tanh", "--json", "-", "--logdir", str(tmp_path)])
+        main(["--quick", "--configs", "lstm_10x", "--no-sweep", "--json", "-", "--logdir", str(tmp_path)])
     result = json.loads(stdout.getvalue(), parse_constant=_reject_constant)
-    assert [c["config"] for c in result["configs"]] == ["rnn_tanh"]
-    assert {r["config"] for r in result["rows"]} == {"rnn_tanh"}
+    (cfg,) = result["configs"]
+    assert cfg["config"] == "lstm_10x" and {r["config"] for r in result["rows"]} == {"lstm_10x"}
+    guards = ["guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback", "guarded_example"]
+    assert [r["variant"] for r in result["rows"]] == cfg["variants"] == ["unguarded", *guards]
+    assert cfg["guards"] == {
+        "unguarded": None,
+        "guarded": "GradGuard()",
+        "guarded_norestart": "GradGuard(rollback=None)",
+        "guarded_ratio5": "GradGuard(exploding=ExplodingDetector(max_ratio=5))",
+        "guarded_rollback": "GradGuard(rollback=Rollback())",
+        "guarded_example": cfg["guards"]["guarded_example"],
+    }
+    assert cfg["guards"]["guarded_example"].endswith("build_guard()")
+    for row in result["rows"][1:]:
+        assert set(row["events"]) == set(EVENT_KINDS) and row["guard"] == cfg["guards"][row["variant"]], row
 
 
 def test_variant_selection_keeps_the_unguarded_reference_and_the_sweep(tmp_path: Path) -> None:
