@@ -4,16 +4,19 @@ Two consecutive batches whose loss is multiplied by ``--factor`` (10^4 by defaul
 mistake) at optimizer steps ``--step`` and ``--step + 1`` of an otherwise healthy configuration of the healthy zoo
 (``benchmarks/healthy_zoo.py``, same models, data, seeds and held-out metrics). Two troubled steps in a row is what
 the default early restart (``default_rollback()``) acts on: the run restarts from its initial weights. When the
-trouble began by step ``rescue_until`` (20) with an SGD optimizer, the restart keeps the rate and puts AGC to work for
-the rest of the run (the rescue meant for a rate too high from the start); otherwise it restarts one LR cut lower.
-The runs of a config, all from the same weights on the same batches:
+trouble began by step ``rescue_until`` (20) of an SGD run that had no calm start (``calm_factor``: the total norms
+of at least 3 steps before it within 4x of each other), the restart keeps the rate and puts AGC to work for the rest
+of the run (the rescue meant for a rate too high from the start); otherwise it restarts one LR cut lower. The runs of
+a config, all from the same weights on the same batches:
 
 * ``clean``: unguarded, without the bad batches: the reference;
 * ``unguarded``: unguarded, with the bad batches (for information: often wrecked);
 * ``guarded``: ``GradGuard()``, with the bad batches;
 * ``guarded_norescue``: ``GradGuard()`` whose early restart has no rescue clipper, with the bad batches;
-* ``guarded_laterescue``: ``GradGuard()`` whose rescue clipper also answers trouble that begins after step 20
-  (``rescue_until=500``), with the bad batches: why the rescue waits for nothing later than the first steps.
+* ``guarded_nocalm``: ``GradGuard()`` whose rescue answers any trouble in the first 20 steps, calm start or not
+  (``calm_factor=None``), with the bad batches: what the calm-start test saves;
+* ``guarded_laterescue``: the same at any step of the window (``rescue_until=500``): why the rescue waits for
+  nothing later than the first steps.
 
 The table gives each run's held-out metric, its difference from ``clean`` in percent, and the guard's events
 (whether the rescue clipper came to work: ``rescued``). The default configs are the zoo's two SGD runs (the warm-up
@@ -33,7 +36,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -51,17 +54,18 @@ except ImportError:  # run as a script: the repository root is not on the path
 
 __all__ = ["main", "report", "run"]
 
-#: The default early restart without its rescue clipper, and with it at any step of the window, as written in code.
-NO_RESCUE = "GradGuard(rollback=default_rollback(rescue=False))"
-LATE_RESCUE = "GradGuard(rollback=default_rollback(rescue_until=500))"
+#: The guarded runs besides ``GradGuard()``: variant -> the keyword arguments of ``default_rollback``.
+ROLLBACKS: dict[str, dict[str, Any]] = {
+    "guarded_norescue": {"rescue": False},
+    "guarded_nocalm": {"calm_factor": None},
+    "guarded_laterescue": {"rescue_until": 500, "calm_factor": None},
+}
 
 
-def _no_rescue() -> GradGuard:
-    return GradGuard(rollback=default_rollback(rescue=False))
-
-
-def _late_rescue() -> GradGuard:
-    return GradGuard(rollback=default_rollback(rescue_until=500))
+def _guard_as(kwargs: dict[str, Any]) -> tuple[str, Callable[[], GradGuard]]:
+    """The label (as written in code) and the factory of ``GradGuard(rollback=default_rollback(**kwargs))``."""
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return f"GradGuard(rollback=default_rollback({args}))", lambda: GradGuard(rollback=default_rollback(**kwargs))
 
 
 def _bad_batches(steps: set[int], factor: float) -> Any:
@@ -87,8 +91,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("clean", None, None),
         ("unguarded", None, prepare),
         ("guarded", ("GradGuard()", GradGuard), prepare),
-        ("guarded_norescue", (NO_RESCUE, _no_rescue), prepare),
-        ("guarded_laterescue", (LATE_RESCUE, _late_rescue), prepare),
+        *((variant, _guard_as(kwargs), prepare) for variant, kwargs in ROLLBACKS.items()),
     )
     rows: list[dict[str, Any]] = []
     threads_before = torch.get_num_threads()

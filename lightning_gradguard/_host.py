@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,7 @@ class HostFlags:
     event: Any = None
     step: int = -1
     filled: bool = False
+    _heads: dict[int, Tensor] = field(default_factory=dict)  # views of ``host``'s first entries, by length
 
     @classmethod
     def create(cls, size: int, device: torch.device) -> HostFlags:
@@ -34,7 +35,15 @@ class HostFlags:
         return cls(host=torch.from_numpy(values), values=values)
 
     def fill(self, flags: Tensor, step: int) -> None:
-        self.host.copy_(flags, non_blocking=self.event is not None)
+        """Copy ``flags`` into the first ``flags.numel()`` entries; the entries after them read NaN."""
+        n = flags.numel()
+        target = self.host
+        if n < self.values.size:
+            self.values[n:] = np.nan
+            # A view made once per length: slicing on every fill would be one more op on every step.
+            head = self._heads.get(n)
+            target = head if head is not None else self._heads.setdefault(n, self.host[:n])
+        target.copy_(flags, non_blocking=self.event is not None)
         if self.event is not None:
             self.event.record()
         self.step = step

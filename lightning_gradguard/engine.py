@@ -712,7 +712,11 @@ class GuardEngine:
         self._last_total = total
         if not self._stamps or self._stamps[-1][1] + (self.steps_since_log - self._stamps[-1][0]) != number:
             self._stamps.append((self.steps_since_log, number))  # runs of consecutive step numbers: O(1) memory
-        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS), total.device)
+        # One more entry than the counts: the total norm, sent to the host only while the rollback's rescue needs it
+        # (the first ``rescue_until`` steps).
+        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 1, total.device)
+        if self.rollback is not None and self.rollback.wants_norm(self.steps + 1):
+            increment = torch.cat([increment, total.reshape(1)])
         flags.fill(increment, number)
         self._pending.append((flags, grad_scaler, self.steps + 1))
         self.steps += 1
@@ -952,7 +956,8 @@ class GuardEngine:
         """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
         while self._pending and self._pending[0][0].ready():
             flags, grad_scaler, local = self._pending.popleft()
-            exploding, vanishing, nonfinite, overflow, _, diverging = (bool(v) for v in flags.values)
+            exploding, vanishing, nonfinite, overflow, _, diverging = (bool(v) for v in flags.values[: len(_COUNTS)])
+            norm = float(flags.values[len(_COUNTS)])  # NaN when not sent
             self._free.append(flags)
             lr_reduced = False
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
@@ -964,7 +969,7 @@ class GuardEngine:
                     guard = self.lr_guard
                     troubled = exploding or nonfinite or diverging
                     before = functools.partial(guard.snapshot, self.key) if troubled and guard is not None else None
-                    self.rollback.observe(local, exploding, nonfinite, before=before, diverging=diverging)
+                    self.rollback.observe(local, exploding, nonfinite, before=before, diverging=diverging, norm=norm)
                 # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say.
                 too_high = exploding or diverging
                 if self.lr_guard is not None and self.lr_guard.update(too_high, self.key, nonfinite=nonfinite):

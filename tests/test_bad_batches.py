@@ -1,8 +1,10 @@
 """The bad-batches benchmark: two bad batches in a row in a healthy zoo run, with and without the rescue clipper.
 
-Real Trainer runs of the zoo's warm-up classifier (SGD). Asserted: the rescue clipper comes to work exactly when the
-trouble begins by ``rescue_until`` (step 20) under ``GradGuard()``, never without a rescue clipper, and at any step
-with ``rescue_until=500``; every guarded run restarts once. The held-out figures are the benchmark's output.
+Real Trainer runs of the zoo's warm-up classifier (SGD). Asserted: under ``GradGuard()`` the rescue clipper comes to
+work only for trouble without a calm start before it (bad batches at step 2: nothing before them to call calm; at
+steps 5 and 40: the cut), never without a rescue clipper, without the calm-start test exactly when the trouble begins
+by ``rescue_until`` (step 20), and at any step with ``rescue_until=500``; every guarded run restarts once. The
+held-out figures are the benchmark's output.
 """
 
 from __future__ import annotations
@@ -23,17 +25,24 @@ def _run(step: int) -> dict:
     return json.loads(stdout.getvalue())
 
 
-@pytest.mark.parametrize(("step", "rescued_by_default"), [(5, True), (40, False)])
-def test_the_rescue_answers_early_trouble_only(step: int, rescued_by_default: bool) -> None:
+@pytest.mark.parametrize(
+    ("step", "rescued_by_default", "early"), [(2, True, True), (5, False, True), (40, False, False)]
+)
+def test_the_rescue_answers_early_trouble_without_a_calm_start_only(
+    step: int, rescued_by_default: bool, early: bool
+) -> None:
     result = _run(step)
     assert result["meta"]["bad_steps"] == [step, step + 1]
     rows = {r["variant"]: r for r in result["rows"]}
-    assert list(rows) == ["clean", "unguarded", "guarded", "guarded_norescue", "guarded_laterescue"]
+    guarded = ["guarded", "guarded_norescue", "guarded_nocalm", "guarded_laterescue"]
+    assert list(rows) == ["clean", "unguarded", *guarded]
     assert rows["clean"]["guard"] is None and rows["clean"]["rescued"] is None
-    for variant in ("guarded", "guarded_norescue", "guarded_laterescue"):
+    assert rows["guarded_nocalm"]["guard"] == "GradGuard(rollback=default_rollback(calm_factor=None))"
+    for variant in guarded:
         assert rows[variant]["events"]["rolled_back"] == 1, variant  # two troubled steps in a row: one restart
     assert rows["guarded"]["rescued"] is rescued_by_default
     assert rows["guarded_norescue"]["rescued"] is False
+    assert rows["guarded_nocalm"]["rescued"] is early
     assert rows["guarded_laterescue"]["rescued"] is True
     # Without the bad batches nothing happens, with them unguarded the run is wrecked or worse.
     clean, unguarded = rows["clean"]["heldout"], rows["unguarded"]["heldout"]

@@ -74,10 +74,11 @@ def _engine_run(
     nans: frozenset[int] = frozenset(),
     adam: bool = False,
     ratios: dict[int, float] | None = None,
+    scales: dict[int, float] | None = None,
 ) -> tuple[GuardEngine, nn.Module, list[torch.Tensor], list[int]]:
     """A plain loop (SGD with momentum, or Adam); returns the engine, the model, its initial weights and the steps
     that rolled back. ``ratios`` collects each step's largest unit ratio ``||G_i|| / max(||W_i||, 1e-3)`` as the
-    optimizer gets the gradients."""
+    optimizer gets the gradients; ``scales`` multiplies the loss of the steps it names."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     initial = [p.detach().clone() for p in model.parameters()]
@@ -89,7 +90,7 @@ def _engine_run(
     restarts = []
     for step in range(1, steps + 1):
         opt.zero_grad()
-        scale = 1e4 if step in spikes else math.nan if step in nans else 1.0
+        scale = 1e4 if step in spikes else math.nan if step in nans else (scales or {}).get(step, 1.0)
         loss = model(torch.randn(8, 4, generator=g)).square().mean() * scale
         loss.backward()
         before = engine.summary()["rolled_back"]
@@ -146,31 +147,93 @@ def test_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
 
 def test_early_trouble_restarts_at_the_rate_with_the_rescue_clipper_at_work() -> None:
     ratios: dict[int, float] = {}
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6}, ratios=ratios)
-    assert restarts == [7] and engine.summary()["lr_reduced"] == 2
+    # Trouble from the second step: no calm start to call it bad batches (see the calm-start tests below).
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3}, ratios=ratios)
+    assert restarts == [4] and engine.summary()["lr_reduced"] == 2
     # Cut twice on the wrecked weights; the restart goes back to the rate in force when the trouble began and puts
     # AGC to work instead: from then on no unit's gradient exceeds 0.01 x its weights' norm.
     assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
     assert engine.rollback is not None and engine.rollback.rescuing
-    assert max(ratios[s] for s in range(1, 7)) > 0.02  # before: unbounded
-    after = [ratios[s] for s in range(8, 61)]
+    assert max(ratios[s] for s in range(1, 4)) > 0.02  # before: unbounded
+    after = [ratios[s] for s in range(5, 61)]
     assert max(after) <= 0.01 * (1 + 1e-4) and sum(r > 0.0099 for r in after) >= 10  # it binds
 
 
 def test_the_trouble_must_begin_by_rescue_until() -> None:
     for until, rescued in ((4, False), (5, True)):
-        rollback = Rollback(every=None, until=500, patience=2, within=2, rescue=AGC(), rescue_until=until)
+        rollback = Rollback(
+            every=None, until=500, patience=2, within=2, rescue=AGC(), rescue_until=until, calm_factor=None
+        )
         engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
         assert restarts == [7] and rollback.rescuing is rescued
         assert engine.lr_guard is not None and (engine.lr_guard.scale() == 1.0) is rescued
 
 
+def test_trouble_after_a_calm_start_is_bad_batches_and_gets_the_cut() -> None:
+    # Four calm steps, then two spikes: bad batches, not a rate too high. One cut below the rate, no clipper.
+    rollback = default_rollback()
+    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    assert restarts == [7] and not rollback.rescuing
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+    # Without the calm-start test the same run gets the rescue (what calm_factor=None keeps).
+    rollback = default_rollback(calm_factor=None)
+    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    assert restarts == [7] and rollback.rescuing and engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
+
+
+def test_a_start_whose_norms_grow_is_no_calm_start_and_gets_the_rescue() -> None:
+    # The loss grows 3x a step before the spikes (as at a rate too high): 27x across the first four steps.
+    rollback = default_rollback()
+    _, _, _, restarts = _engine_run(rollback, spikes={5, 6}, scales={2: 3.0, 3: 9.0, 4: 27.0})
+    assert restarts and restarts[0] <= 7 and rollback.rescuing
+    # Within 4x (the default calm_factor) it is still a calm start; a calm_factor below the spread makes it none.
+    for factor, rescued in ((4.0, False), (1.5, True)):
+        rollback = default_rollback(calm_factor=factor)
+        _, _, _, restarts = _engine_run(rollback, spikes={5, 6}, scales={2: 1.4, 3: 1.9, 4: 2.5})
+        assert restarts == [7] and rollback.rescuing is rescued, factor
+
+
+def test_a_masked_batch_does_not_break_a_calm_start() -> None:
+    # Step 3's gradients are exactly zero (a fully masked batch): no observation, so steps 1, 2 and 4 are the calm
+    # start. Counted as a norm of 0 it would be an infinite spread, and the bad batches would get the rescue.
+    rollback = default_rollback()
+    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6}, scales={3: 0.0})
+    assert restarts == [7] and not rollback.rescuing
+
+
+def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
+    rollback = default_rollback()
+    assert rollback.wants_norm(1) and rollback.wants_norm(20) and not rollback.wants_norm(21)
+    assert not default_rollback(calm_factor=None).wants_norm(1) and not default_rollback(rescue=False).wants_norm(1)
+    rollback.rescuing = True
+    assert not rollback.wants_norm(1)
+    # In a run: the norms of the untroubled steps of the window, each its step's true total norm.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=default_rollback(rescue_until=5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine.attach(opt)
+    seen = []
+    for step in range(1, 9):
+        opt.zero_grad()
+        (model(torch.full((2, 4), float(step))).sum()).backward()
+        seen.append(float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))))
+        engine.step(optimizer=opt)
+        opt.step()
+    assert engine.rollback is not None
+    assert [s for s, _ in engine.rollback._early_norms] == [1, 2, 3, 4, 5]
+    assert [n for _, n in engine.rollback._early_norms] == pytest.approx(seen[:5], rel=1e-5)
+    for bad in (1.0, 0.5, math.nan, "4"):
+        with pytest.raises(ValueError, match="calm_factor"):
+            Rollback(rescue=AGC(), calm_factor=bad)  # type: ignore[arg-type]
+
+
 def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> None:
     ratios: dict[int, float] = {}
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6, 40, 41}, ratios=ratios)
-    assert restarts == [7, 42]
-    after = [ratios[s] for s in range(8, 61) if s in ratios]  # the restart steps have no gradient
-    assert len(after) == 52 and max(after) <= 0.01 * (1 + 1e-4)  # the two spikes between the restarts included
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3, 40, 41}, ratios=ratios)
+    assert restarts == [4, 42]
+    after = [ratios[s] for s in range(5, 61) if s in ratios]  # the restart steps have no gradient
+    assert len(after) == 55 and max(after) <= 0.01 * (1 + 1e-4)  # the two spikes between the restarts included
     # The first restart kept the rate; the second, with the clipper already at work, cuts it as before.
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     assert 0.5 <= engine.lr_guard.scale() < 0.6
@@ -179,10 +242,10 @@ def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> No
 def test_an_adaptive_optimizer_gets_the_cut_and_no_rescue_clipper() -> None:
     # Adam divides the gradient's size away: clipping cannot slow it, only a lower rate can.
     ratios: dict[int, float] = {}
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6}, adam=True, ratios=ratios)
-    assert restarts == [7] and engine.rollback is not None and not engine.rollback.rescuing
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3}, adam=True, ratios=ratios)
+    assert restarts == [4] and engine.rollback is not None and not engine.rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
-    assert max(ratios[s] for s in range(8, 61)) > 0.02
+    assert max(ratios[s] for s in range(5, 61)) > 0.02
 
 
 def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> None:
@@ -195,7 +258,7 @@ def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> N
     g = torch.Generator().manual_seed(0)
     for step in range(1, 31):
         opt.zero_grad()
-        loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean() * (1e4 if step in (5, 6) else 1.0)
+        loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean() * (1e4 if step in (2, 3) else 1.0)
         loss.backward()
         engine.step(optimizer=opt)
         opt.step()
@@ -215,7 +278,7 @@ def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipp
     g = torch.Generator().manual_seed(0)
     for step in range(1, 31):
         opt.zero_grad()
-        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in (5, 6) else 1.0)
+        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in (2, 3) else 1.0)
         (loss * scale).backward()
         engine.step(optimizer=opt, grad_scale=scale)
         for p in model.parameters():
@@ -226,7 +289,7 @@ def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipp
 
 
 def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
-    engine, model, _, _ = _engine_run(default_rollback(), spikes={5, 6}, steps=30)
+    engine, model, _, _ = _engine_run(default_rollback(), spikes={2, 3}, steps=30)
     assert engine.rollback is not None and engine.rollback.rescuing
     resumed = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
     assert resumed.rollback is not None and not resumed.rollback.rescuing
@@ -260,8 +323,8 @@ def test_default_rollback_takes_its_rescue_clipper_and_window() -> None:
 
 def test_without_a_rescue_clipper_early_trouble_restarts_one_cut_below_the_rate() -> None:
     rollback = default_rollback(rescue=False)
-    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
-    assert restarts == [7] and not rollback.rescuing
+    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3})
+    assert restarts == [4] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
 
 
@@ -334,21 +397,21 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
 def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
     def fit(rollback: Any) -> dict[int, float]:
         ratios = UnitRatios()
-        guard, _, restarts = _fit({8, 9}, rollback=rollback, extra=[ratios])
-        assert restarts == [10] and guard.summary()["lr_reduced"] == 2
+        guard, _, restarts = _fit({2, 3}, rollback=rollback, extra=[ratios])
+        assert restarts == [4] and guard.summary()["lr_reduced"] == 2
         assert guard.lr_guard is not None and (guard.lr_guard.scale() == 1.0) is (rollback == "default")
         assert guard.rescuing() is (rollback == "default")
         return ratios.ratios
 
     rescued = fit("default")
     # Before the restart, units step past AGC's bound; from the restart on none does, on every step to the end.
-    assert max(rescued[s] for s in range(1, 10)) > 0.02
-    after = [rescued[s] for s in range(11, 81)]
-    assert len(after) == 70 and max(after) <= 0.01 * (1 + 1e-4)
+    assert max(rescued[s] for s in range(1, 4)) > 0.02
+    after = [rescued[s] for s in range(5, 81)]
+    assert len(after) == 76 and max(after) <= 0.01 * (1 + 1e-4)
     assert sum(r > 0.0099 for r in after) >= 10  # the bound is what binds, not a coincidence of small gradients
     # Without a rescue clipper nothing bounds them after the restart (at a lower rate).
     plain = fit(default_rollback(rescue=False))
-    assert max(plain[s] for s in range(11, 81)) > 0.02
+    assert max(plain[s] for s in range(5, 81)) > 0.02
 
 
 def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -362,7 +425,7 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
         return guard.lr_guard.scale(), notes
 
     # The default's restart keeps the rate and rescues with AGC: the line names the clipper to start with.
-    scale, notes = fit({8, 9})
+    scale, notes = fit({2, 3})
     assert scale == 1.0 and len(notes) == 1
     assert notes[0].startswith("GradGuard: the gradients exploded early and the run restarted from its initial")
     assert "`GradGuard(clip=AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()))`" in notes[0]

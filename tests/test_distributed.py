@@ -10,6 +10,7 @@ single-process run of the same model on the same samples.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import signal
@@ -347,21 +348,23 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
 class SpikyDDPRegressor(Regressor):
     """Rank 0 blows up the loss on two optimizer steps in a row: after the all-reduce both ranks see a diverging run."""
 
-    SPIKES = (8, 9)
+    def __init__(self, spikes: tuple[int, int], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spikes = spikes
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        if self.global_rank == 0 and self.global_step + 1 in self.SPIKES:
+        if self.global_rank == 0 and self.global_step + 1 in self.spikes:
             loss = loss * 1e4
         return loss
 
 
-def _ddp_restart_worker(outdir: Path, rank: int) -> dict[str, Any]:
+def _ddp_restart_worker(outdir: Path, rank: int, spikes: tuple[int, int] = (2, 3)) -> dict[str, Any]:
     torch.manual_seed(0)
     guard = GradGuard()  # the default, with its early restart
     probe = RestartWatch(guard)
     trainer = _ddp_trainer([guard, probe], logger=False, max_epochs=8)  # 8 steps per epoch: 64 steps
-    model = SpikyDDPRegressor(lr=0.02)
+    model = SpikyDDPRegressor(spikes, lr=0.02)
     trainer.fit(model, _rank_data(rank))
     return {
         "summary": guard.summary(),
@@ -372,7 +375,12 @@ def _ddp_restart_worker(outdir: Path, rank: int) -> dict[str, Any]:
     }
 
 
-WORKERS = {"ddp": _ddp_worker, "fsdp2": _fsdp2_worker, "ddp_restart": _ddp_restart_worker}
+WORKERS = {
+    "ddp": _ddp_worker,
+    "fsdp2": _fsdp2_worker,
+    "ddp_restart": _ddp_restart_worker,
+    "ddp_restart_calm": functools.partial(_ddp_restart_worker, spikes=(8, 9)),
+}
 
 
 def _main(scenario: str, outdir: str) -> None:
@@ -573,15 +581,23 @@ def test_fsdp2_with_orthogonal_regularizer_is_refused(fsdp2_results: Any) -> Non
         assert "Orthogonal regularizer needs whole weight matrices" in rank["orthogonal_refusal"]
 
 
-def test_ddp_ranks_restart_together_on_the_same_step(tmp_path: Path) -> None:
-    r0, r1 = _launch("ddp_restart", tmp_path)
+@pytest.mark.parametrize(
+    ("worker", "spikes", "rescued"), [("ddp_restart", (2, 3), True), ("ddp_restart_calm", (8, 9), False)]
+)
+def test_ddp_ranks_restart_together_on_the_same_step(
+    tmp_path: Path, worker: str, spikes: tuple[int, int], rescued: bool
+) -> None:
+    r0, r1 = _launch(worker, tmp_path)
+    restart = spikes[1] + 1
     for rank in (r0, r1):
-        # The flags of step 9 land before step 10: both ranks skip step 10 and go back to their initial weights.
-        assert rank["restarts"] == [(10, True)]
+        # The flags of the second spike land before the next step: both ranks skip it and go back to their initial
+        # weights.
+        assert rank["restarts"] == [(restart, True)]
         assert rank["summary"]["rolled_back"] == 1 and rank["summary"]["lr_reduced"] == 2
-    # The restart keeps the rate and puts AGC to work on both ranks, on the same all-reduced gradients.
-    assert r0["summary"] == r1["summary"] and r0["scale"] == r1["scale"] == 1.0
-    assert r0["rescuing"] is r1["rescuing"] is True
+    # From the second step, the restart keeps the rate and puts AGC to work on both ranks, on the same all-reduced
+    # gradients; after seven calm steps it cuts the rate on both (the calm-start test reads the same norms).
+    assert r0["summary"] == r1["summary"] and r0["scale"] == r1["scale"]
+    assert (r0["scale"] == 1.0) is rescued and r0["rescuing"] is r1["rescuing"] is rescued
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
 
 
