@@ -20,9 +20,8 @@ initial trainable parameters, kept for the first 500 optimizer steps and only wh
 after two troubled steps in a row (so isolated spikes, bad batches between calm steps, never restart a run). That is
 where a too-high learning rate shows itself, and where a restart loses least. When that trouble began in the first 20
 steps of an SGD run that had no calm start (``calm_factor``), the restart keeps the rate and puts a rescue clipper (AGC)
-to work instead (``rescue``). The
-full rollback (``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of their optimizer state
-for the whole run: opt-in, for its memory.
+to work instead (``rescue``). The full rollback (``GradGuard(rollback=Rollback())``) keeps two copies of the
+parameters and of their optimizer state for the whole run: opt-in, for its memory.
 """
 
 from __future__ import annotations
@@ -214,7 +213,7 @@ class Rollback:
             other (largest <= ``calm_factor`` x smallest; zero norms, of masked batches, and troubled steps not
             counted), the rollback cuts the rate instead of putting the rescue clipper to work, ``> 1``. A rate too
             high from the start has no calm start: its norms grow 10-100x per step from the first (measured in the
-            stability suite), while the healthy zoo's SGD runs keep theirs within 1.4x until a bad batch. ``None``:
+            stability suite), while the healthy zoo's SGD runs keep theirs within 1.5x until a bad batch. ``None``:
             no such test (any trouble that began by ``rescue_until`` gets the rescue). Costs one concatenation per
             step, in the first ``rescue_until`` steps only, to send the total norm to the host with the flags.
 
@@ -485,18 +484,18 @@ def default_rollback(
 ) -> Rollback:
     """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
 
-    ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC())``: one copy of the initial
-    trainable parameters (no optimizer state exists yet), kept for the first 500 optimizer steps and then freed. When
-    the rate is lowered after two exploding or non-finite steps in a row, or on a divergence event of the loss (itself
-    several high steps in a row), the run restarts from the initial weights at the lowered rate (the LR guard's
-    ``factor``), or, the first time, when the trouble began in the first 20 steps of an SGD run (``rescue_until``)
-    without a calm start before it (``calm_factor``), at its rate with unit-wise clipping (``AGC()``, clip factor
-    0.01) from then on. A diverging run explodes on every step
-    once its weights are wrecked; bad batches (a corrupted label, a NaN) explode alone, between calm steps, and only
-    lower the rate. A too-high learning rate wrecks the weights in its first updates, before any statistic has a calm
-    history, and lowering the rate then leaves the run where it landed; a restart at the lower rate is what a person
-    would do, and early on it loses little. A model whose trainable parameters take more than 1 GiB gets no rollback
-    (one warning), so the default never makes a large run run out of memory.
+    ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC(), calm_factor=4.0)``: one copy
+    of the initial trainable parameters (no optimizer state exists yet), kept for the first 500 optimizer steps and then
+    freed. When the rate is lowered after two exploding or non-finite steps in a row, or on a divergence event of the
+    loss (itself several high steps in a row), the run restarts from the initial weights at the lowered rate (the LR
+    guard's ``factor``), or, the first time, when the trouble began in the first 20 steps of an SGD run
+    (``rescue_until``) without a calm start before it (``calm_factor``), at its rate with unit-wise clipping (``AGC()``,
+    clip factor 0.01) from then on. A diverging run explodes on every step once its weights are wrecked; bad batches (a
+    corrupted label, a NaN) explode alone, between calm steps, and only lower the rate. A too-high learning rate wrecks
+    the weights in its first updates, before any statistic has a calm history, and lowering the rate then leaves the run
+    where it landed; a restart at the lower rate is what a person would do, and early on it loses little. A model whose
+    trainable parameters take more than 1 GiB gets no rollback (one warning), so the default never makes a large run run
+    out of memory.
 
     Args:
         rescue: the rescue clipper (see :class:`Rollback`): ``True``, the default, for a fresh ``AGC()``; ``False``

@@ -324,3 +324,17 @@ def test_several_processes_wait_for_the_previous_steps_flags_one_never_does(
         assert waits == 6 and summary["lr_reduced"] == summary["rolled_back"] == 1
         assert engine.lr_guard is not None and engine.lr_guard.scale() < 1.0
         assert all(torch.equal(a, b) for a, b in zip(seen[6], seen[1]))  # step 5 went back to the initial weights
+
+
+def test_host_flags_take_a_shorter_vector_and_read_nan_after_it() -> None:
+    # The engine sends its total norm in the flags' last entry in the first steps only; later steps send the counts.
+    flags = HostFlags.create(4, torch.device("cpu"))
+    flags.fill(torch.tensor([1.0, 2.0, 3.0, 4.0]), step=1)
+    assert flags.values.tolist() == [1.0, 2.0, 3.0, 4.0] and flags.step == 1
+    flags.fill(torch.tensor([5, 6, 7]), step=2)
+    assert flags.values[:3].tolist() == [5.0, 6.0, 7.0] and np.isnan(flags.values[3])
+    head = flags._heads[3]
+    flags.fill(torch.tensor([True, False, True]), step=3)  # the view is made once, not on every step
+    assert flags._heads[3] is head and flags.values[:3].tolist() == [1.0, 0.0, 1.0] and np.isnan(flags.values[3])
+    flags.fill(torch.tensor([1.0, 2.0, 3.0, 9.0]), step=4)
+    assert flags.values.tolist() == [1.0, 2.0, 3.0, 9.0]
