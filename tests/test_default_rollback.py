@@ -502,10 +502,11 @@ def test_the_rescue_is_configurable_from_yaml() -> None:
               patience: 2
               rescue: {class_path: lightning_gradguard.AGC, init_args: {clip_factor: 0.02}}
               rescue_until: 10
+              calm_factor: 2.5
         """
     )
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     rollback = instantiate(cfg).guard.rollback
     assert isinstance(rollback, Rollback)
-    assert (rollback.every, rollback.patience, rollback.rescue_until) == (None, 2, 10)
+    assert (rollback.every, rollback.patience, rollback.rescue_until, rollback.calm_factor) == (None, 2, 10, 2.5)
     assert isinstance(rollback.rescue, AGC) and rollback.rescue.clip_factor == 0.02
