@@ -42,15 +42,12 @@ from typing import Any
 import lightning as L
 import torch
 
-try:
-    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
-    from benchmarks.healthy_zoo import CONFIGS, _run_one
-    from lightning_gradguard import GradGuard, default_rollback
-except ImportError:  # run as a script: the repository root is not on the path
+if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import command_line, machine, num, run_quietly_and_emit
-    from benchmarks.healthy_zoo import CONFIGS, _run_one
-    from lightning_gradguard import GradGuard, default_rollback
+
+from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+from benchmarks.healthy_zoo import CONFIGS, _run_one
+from lightning_gradguard import GradGuard, default_rollback
 
 __all__ = ["main", "report", "run"]
 

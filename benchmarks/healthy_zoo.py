@@ -100,27 +100,18 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-try:
-    from benchmarks._common import (
-        CLIPPER_GUARDS,
-        add_clippers_argument,
-        command_line,
-        machine,
-        num,
-        run_quietly_and_emit,
-    )
-    from lightning_gradguard import GradGuard
-except ImportError:  # run as a script: the repository root is not on the path
+if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import (
-        CLIPPER_GUARDS,
-        add_clippers_argument,
-        command_line,
-        machine,
-        num,
-        run_quietly_and_emit,
-    )
-    from lightning_gradguard import GradGuard
+
+from benchmarks._common import (
+    CLIPPER_GUARDS,
+    add_clippers_argument,
+    command_line,
+    machine,
+    num,
+    run_quietly_and_emit,
+)
+from lightning_gradguard import GradGuard
 
 __all__ = [
     "CONFIGS",

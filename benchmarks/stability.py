@@ -94,31 +94,20 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import ExplodingDetector, GradGuard, Rollback
 
-try:
-    from benchmarks._common import (
-        CLIPPER_GUARDS,
-        add_clippers_argument,
-        command_line,
-        machine,
-        num,
-        run_quietly_and_emit,
-    )
-    from examples import cifar_resnet, lstm_adding
-    from examples.cifar_resnet import CifarDataModule, ResNetModule
-    from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
-except ImportError:  # run as a script: the repository root is not on the path
+if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from benchmarks._common import (
-        CLIPPER_GUARDS,
-        add_clippers_argument,
-        command_line,
-        machine,
-        num,
-        run_quietly_and_emit,
-    )
-    from examples import cifar_resnet, lstm_adding
-    from examples.cifar_resnet import CifarDataModule, ResNetModule
-    from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
+
+from benchmarks._common import (
+    CLIPPER_GUARDS,
+    add_clippers_argument,
+    command_line,
+    machine,
+    num,
+    run_quietly_and_emit,
+)
+from examples import cifar_resnet, lstm_adding
+from examples.cifar_resnet import CifarDataModule, ResNetModule
+from examples.lstm_adding import BASELINE_MSE, SOLVED_MSE, AddingModule, AddingStream, adding_problem
 
 __all__ = ["CONFIGS", "DeepMLPModule", "main", "report", "run"]
 
