@@ -761,12 +761,13 @@ class GuardEngine:
             return False
         before = rollback.stretch_start
         rescue = rollback.rescues(optimizer, self.index.params, scaled)  # host checks, on rollback steps only
+        # The cuts taken during the stretch answered weights that the restart throws away: the restarted run gets one
+        # cut from the rate in force when the trouble began, not all of them (none when the rescue clipper is the
+        # remedy tried first, unless the norm blew up by orders of magnitude in one step).
+        cut = not rescue or rollback.blew_up()
         self._load_statistics(rollback.restore(optimizer, rescue=rescue))
         if before is not None:
-            # The cuts taken during the stretch answered weights that the restart throws away: the restarted run
-            # gets one cut from the rate in force when the trouble began, not all of them (none when the rescue
-            # clipper is the remedy tried first).
-            self.lr_guard.rewind(before, self.key, cut=not rescue)
+            self.lr_guard.rewind(before, self.key, cut=cut)
         self._free.extend(flags for flags, _, _ in self._pending)
         self._pending.clear()  # the flags of the abandoned trajectory
         for p in self.index.params:

@@ -204,7 +204,9 @@ def test_a_masked_batch_does_not_break_a_calm_start() -> None:
 def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
     rollback = default_rollback()
     assert rollback.wants_norm(1) and rollback.wants_norm(20) and not rollback.wants_norm(21)
-    assert not default_rollback(calm_factor=None).wants_norm(1) and not default_rollback(rescue=False).wants_norm(1)
+    assert default_rollback(calm_factor=None).wants_norm(1) and default_rollback(blowup_factor=None).wants_norm(1)
+    assert not default_rollback(calm_factor=None, blowup_factor=None).wants_norm(1)
+    assert not default_rollback(rescue=False).wants_norm(1)
     rollback.rescuing = True
     assert not rollback.wants_norm(1)
     # In a run: the norms of the untroubled steps of the window, each its step's true total norm.
@@ -223,9 +225,32 @@ def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
     assert engine.rollback is not None
     assert [s for s, _ in engine.rollback._early_norms] == [1, 2, 3, 4, 5]
     assert [n for _, n in engine.rollback._early_norms] == pytest.approx(seen[:5], rel=1e-5)
+    # The largest step-to-step growth of those norms: steps 6-8 are past the window.
+    assert engine.rollback.growth == pytest.approx(max(b / a for a, b in zip(seen[:4], seen[1:5])), rel=1e-5)
     for bad in (1.0, 0.5, math.nan, "4"):
         with pytest.raises(ValueError, match="calm_factor"):
             Rollback(rescue=AGC(), calm_factor=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="blowup_factor"):
+            default_rollback(blowup_factor=bad)  # type: ignore[arg-type]
+
+
+def test_a_blow_up_by_orders_of_magnitude_gets_the_rescue_and_one_cut() -> None:
+    # The norm jumps 10^8x from step 1 to 2 (as the stability suite's ResNet without BN does at its rate): the rescue
+    # clipper goes to work and the restart also takes one cut, held and then recovered to just below the rate.
+    ratios: dict[int, float] = {}
+    rollback = default_rollback()
+    engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales={2: 1e8, 3: 1e8}, ratios=ratios)
+    assert restarts == [4] and rollback.rescuing and rollback.count == 1
+    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+    assert max(ratios[s] for s in range(5, 61)) <= 0.01 * (1 + 1e-4)
+    assert rollback.growth == 0.0  # forgotten with the abandoned trajectory
+    # 10^4x (the spikes of the tests above) is below the default's 10^6: the rescue keeps the rate; so does a 10^8x
+    # jump with blowup_factor=None, or above a larger factor.
+    for kwargs in ({"blowup_factor": None}, {"blowup_factor": 1e9}):
+        rollback = default_rollback(**kwargs)
+        engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales={2: 1e8, 3: 1e8})
+        assert restarts == [4] and rollback.rescuing, kwargs
+        assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0, kwargs
 
 
 def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> None:
@@ -503,10 +528,12 @@ def test_the_rescue_is_configurable_from_yaml() -> None:
               rescue: {class_path: lightning_gradguard.AGC, init_args: {clip_factor: 0.02}}
               rescue_until: 10
               calm_factor: 2.5
+              blowup_factor: 1000.0
         """
     )
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
     rollback = instantiate(cfg).guard.rollback
     assert isinstance(rollback, Rollback)
     assert (rollback.every, rollback.patience, rollback.rescue_until, rollback.calm_factor) == (None, 2, 10, 2.5)
+    assert rollback.blowup_factor == 1000.0
     assert isinstance(rollback.rescue, AGC) and rollback.rescue.clip_factor == 0.02
