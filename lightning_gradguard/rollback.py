@@ -336,7 +336,7 @@ class Rollback:
         if step <= self.rescue_until and math.isfinite(norm) and norm > 0:
             if not troubled:
                 self._early_norms.append((step, norm))
-            elif self._last_norm > 0:  # only a jump into trouble: a tiny first norm (a zero-initialised head) is none
+            elif self._last_norm > 0:  # a jump into trouble, not the growth of a calm start
                 self.growth = max(self.growth, norm / self._last_norm)
             self._last_norm = norm
         if troubled:
