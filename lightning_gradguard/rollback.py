@@ -200,10 +200,11 @@ class Rollback:
             gradient's size away, so clipping cannot slow them), no gradient is sparse (AGC has no rows to clip there,
             and would leave those parameters at the rate that wrecked them) and none still carries a GradScaler's scale
             (a fused optimizer under 16-bit AMP unscales inside its step). That rollback returns to the copy at the rate
-            in force when the trouble began instead of lowering it: the clipper is the remedy tried first; the rollbacks
-            after it lower the rate as usual. ``None``: every rollback lowers the rate. A run that never rolls back
-            never calls it. Its clipping is not in ``clipped`` or ``clip_coef`` (those describe the guard's clipper);
-            :attr:`rescuing` says whether it is at work, and it stays at work after a checkpoint resume.
+            in force when the trouble began instead of lowering it (unless the norm blew up, ``blowup_factor``): the
+            clipper is the remedy tried first; the rollbacks after it lower the rate as usual. ``None``: every rollback
+            lowers the rate. A run that never rolls back never calls it. Its clipping is not in ``clipped`` or
+            ``clip_coef`` (those describe the guard's clipper); :attr:`rescuing` says whether it is at work, and it
+            stays at work after a checkpoint resume.
         rescue_until: the rescue clipper is put to work only for trouble that began by this optimizer step, ``>= 1``:
             a rate too high from the start fails in its first steps, before the run has been calm; trouble after a
             calm stretch is more often a few bad batches, which a clipper kept for the rest of the run would only
@@ -219,12 +220,11 @@ class Rollback:
             step, in the first ``rescue_until`` steps only, to send the total norm to the host with the flags.
         blowup_factor: a rescue whose trouble multiplied the total gradient norm by more than this in one step (a
             troubled step's norm over the step's before it, in the first ``rescue_until`` steps; zero and non-finite
-            norms not compared) also takes the LR guard's cut,
-            ``> 1``. Such a jump (10^8-10^12x on the stability suite's ResNet-20 without normalisation, against at most
-            541x on its LSTM) says the rate is orders of magnitude too high, where unit-wise clipping at that rate
-            still moves the whole net too far: a bounded step of every layer compounds through the depth. ``None``:
-            the rescue keeps the rate. The cut lasts as the LR guard's cuts do (held, then recovered to just below
-            the rate that exploded).
+            norms not compared) also takes the LR guard's cut, ``> 1``. Such a jump (10^8-10^12x on the stability
+            suite's ResNet-20 without normalisation, against at most 541x on its LSTM) says the rate is orders of
+            magnitude too high, where unit-wise clipping at that rate still moves the whole net too far: a bounded step
+            of every layer compounds through the depth. ``None``: the rescue keeps the rate. The cut lasts as the LR
+            guard's cuts do (held, then recovered to just below the rate that exploded).
 
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
@@ -447,12 +447,12 @@ class Rollback:
     def rescues(
         self, optimizer: torch.optim.Optimizer | None, params: Sequence[Tensor] = (), scaled: bool = False
     ) -> bool:
-        """Whether a rollback now would put the :attr:`rescue` clipper to work (and keep the rate): there is one, it
-        is not at work yet, the trouble began by step ``rescue_until`` and did not follow a calm start
-        (``calm_factor``), ``optimizer``'s step grows with the gradient (``torch.optim.SGD``), no gradient of
-        ``params`` is sparse (unit-wise clipping would leave it at the rate that wrecked it) and the gradients do not
-        carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP unscales inside its step, and AGC
-        would compare them with the weights off by that factor)."""
+        """Whether a rollback now would put the :attr:`rescue` clipper to work (and keep the rate, unless
+        :meth:`blew_up`): there is one, it is not at work yet, the trouble began by step ``rescue_until`` and did not
+        follow a calm start (``calm_factor``), ``optimizer``'s step grows with the gradient (``torch.optim.SGD``), no
+        gradient of ``params`` is sparse (unit-wise clipping would leave it at the rate that wrecked it) and the
+        gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP unscales inside
+        its step, and AGC would compare them with the weights off by that factor)."""
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         early = 0 < self._stretch_began <= self.rescue_until
         return (
@@ -542,7 +542,8 @@ def default_rollback(
             the rate (see :class:`Rollback`); ``None``: the rescue keeps the rate.
 
     Raises:
-        ValueError: for a ``rescue`` that is neither a bool nor a clipper, or ``rescue_until < 1``.
+        ValueError: for a ``rescue`` that is neither a bool nor a clipper, ``rescue_until < 1``, or a ``calm_factor``
+            or ``blowup_factor`` that is neither ``None`` nor a finite number above 1.
 
     Example:
         >>> rollback = default_rollback()
