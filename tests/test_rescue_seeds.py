@@ -1,0 +1,99 @@
+"""The rescue-over-seeds benchmark: its counts on known inputs, and a --quick run end to end.
+
+The figures of a --quick run mean nothing (a few steps per config); the test checks that the summary agrees with the
+rows it was computed from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import rescue_seeds
+from benchmarks.rescue_seeds import _seeds, summarize
+
+
+def _row(seed: int, variant: str, loss: float, diverged: bool = False) -> dict[str, Any]:
+    rate = float(variant.removeprefix("unguarded_lr")) if variant.startswith("unguarded_lr") else None
+    return {
+        "config": "c",
+        "variant": variant,
+        "seed": seed,
+        "sweep_lr": rate,
+        "heldout_loss": loss,
+        "heldout_acc": None,
+        "metric": "mse",
+        "diverged": diverged,
+    }
+
+
+def _result(table: dict[int, dict[str, float]]) -> dict[str, Any]:
+    variants = ["unguarded", "guarded", "unguarded_lr0.3", "unguarded_lr0.1"]
+    cfg = {
+        "config": "c",
+        "variants": variants,
+        "guards": {"unguarded": None, "guarded": "GradGuard()", "unguarded_lr0.3": None, "unguarded_lr0.1": None},
+        "chance": 0.5,
+        "n_test": 100,
+    }
+    rows = [
+        _row(seed, v, losses[v], diverged=v == "unguarded" and not math.isfinite(losses[v]))
+        for seed, losses in table.items()
+        for v in variants
+    ]
+    return {"configs": [cfg], "seeds": list(table), "rows": rows}
+
+
+def test_counts_against_the_best_of_each_seed_and_the_one_tuned_rate() -> None:
+    nan = math.nan
+    result = _result(
+        {
+            # lr 0.3 has the lowest median (0.2) although lr 0.1 wins seed 2.
+            0: {"unguarded": nan, "guarded": 0.15, "unguarded_lr0.3": 0.2, "unguarded_lr0.1": 0.4},
+            1: {"unguarded": nan, "guarded": 0.25, "unguarded_lr0.3": 0.2, "unguarded_lr0.1": 0.3},
+            2: {"unguarded": 0.9, "guarded": 0.12, "unguarded_lr0.3": nan, "unguarded_lr0.1": 0.1},
+        }
+    )
+    (s,) = summarize(result)
+    assert s["tuned_rate"] == 0.3
+    assert s["diverged_unguarded"] == 2
+    assert s["le_best_of_sweep"] == 1  # seed 0 only: seed 1 loses to 0.2, seed 2 to 0.1
+    assert s["le_tuned_rate"] == 2  # seed 0, and seed 2 where the tuned rate diverged (NaN: worse than anything)
+    assert s["median"] == 0.15
+    assert s["median_best_of_sweep"] == 0.2
+    assert s["median_tuned_rate"] == 0.2
+    assert s["learned"] == 3 and s["learned_tuned_rate"] == 2  # below 0.9 x 0.5; NaN never learned
+    assert s["per_seed"][2] == (0.12, 0.1, math.inf)
+
+
+@pytest.mark.parametrize(("text", "seeds"), [("0-3", [0, 1, 2, 3]), ("4,1", [4, 1]), ("0-2,1,7", [0, 1, 2, 7])])
+def test_seed_lists(text: str, seeds: list[int]) -> None:
+    assert _seeds(text) == seeds
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "3-1"], ["--seeds", "a"], ["--configs", "resnet20"], ["--variants", "x"]])
+def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        rescue_seeds._parse(argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_quick_run_summarizes_its_own_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    rescue_seeds.main(["--quick", "--configs", "lstm_10x", "--seeds", "0-1", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert "GradGuard rescue over seeds" in text and "lstm_10x  GradGuard()" in text
+    result = json.loads(out.read_text())
+    assert result["seeds"] == [0, 1]
+    assert {r["seed"] for r in result["rows"]} == {0, 1}
+    (s,) = result["summary"]
+    # JSON spells a non-finite number as a string; the summary ranks NaN as inf.
+    guarded = [float(r["heldout_loss"]) for r in result["rows"] if r["variant"] == "guarded"]
+    expected = statistics.median(x if math.isfinite(x) else math.inf for x in guarded)
+    assert float(s["median"]) == pytest.approx(expected)
+    assert 0 <= s["le_best_of_sweep"] <= s["le_tuned_rate"] <= 2  # the best of a seed is never above one rate
