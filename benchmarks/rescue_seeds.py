@@ -15,7 +15,8 @@ guarded runs asked for, the unguarded sweep) on many seeds and reports, per conf
   tuned the rate once would train at);
 * **median** held-out loss of the guarded runs, of the best sweep run per seed and of the tuned rate;
 * **learned**: on how many seeds the run learned (for the adding problem: MSE below 0.9x predicting the mean; for
-  classification: accuracy above chance by more than 2 standard errors), guarded / tuned rate.
+  classification: accuracy above chance by more than 2 standard errors), guarded / tuned rate, and for the adding
+  problem on how many it **solved** the task (MSE below 0.01).
 
 Each seed is a full stability suite run (``stability.run``) of the chosen configs; a non-finite held-out loss counts
 as worse than any finite one. Run from the repository root::
@@ -34,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ if not __package__:  # run as a script: the repository root is not on the path
 
 from benchmarks import stability
 from benchmarks._common import command_line, num, run_quietly_and_emit
+from examples.lstm_adding import SOLVED_MSE
 
 __all__ = ["main", "report", "run", "summarize"]
 
@@ -59,6 +61,11 @@ def _loss(row: dict[str, Any]) -> float:
 
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
+
+
+def _solved(cfg: dict[str, Any], losses: Iterable[float]) -> int | None:
+    """How many of these held-out MSEs solve the adding problem (``None`` for classification)."""
+    return sum(x < SOLVED_MSE for x in losses) if cfg["metric"] == "mse" else None
 
 
 def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -99,6 +106,8 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "median_tuned_rate": _median([_loss(runs[s][tuned]) for s in seeds]),
                     "learned": sum(stability._learned(cfg, runs[s][variant]) for s in seeds),
                     "learned_tuned_rate": sum(stability._learned(cfg, runs[s][tuned]) for s in seeds),
+                    "solved": _solved(cfg, losses.values()),
+                    "solved_tuned_rate": _solved(cfg, (_loss(runs[s][tuned]) for s in seeds)),
                     "per_seed": {s: (losses[s], best[s], _loss(runs[s][tuned])) for s in seeds},
                 }
             )
@@ -155,7 +164,8 @@ def report(result: dict[str, Any]) -> str:
             f"{s['tuned_rate']:g}",
             f"{s['le_tuned_rate']}/{s['seeds']}",
             f"{num(s['median'])} (best {num(s['median_best_of_sweep'])}, tuned {num(s['median_tuned_rate'])})",
-            f"{s['learned']}/{s['seeds']} (tuned {s['learned_tuned_rate']}/{s['seeds']})",
+            f"{s['learned']}/{s['seeds']} (tuned {s['learned_tuned_rate']}/{s['seeds']})"
+            + ("" if s["solved"] is None else f"; solved {s['solved']}/{s['seeds']} (tuned {s['solved_tuned_rate']})"),
         )
         for s in result["summary"]
     ]

@@ -38,6 +38,7 @@ def _result(table: dict[int, dict[str, float]]) -> dict[str, Any]:
         "config": "c",
         "variants": variants,
         "guards": {"unguarded": None, "guarded": "GradGuard()", "unguarded_lr0.3": None, "unguarded_lr0.1": None},
+        "metric": "mse",
         "chance": 0.5,
         "n_test": 100,
     }
@@ -69,6 +70,12 @@ def test_counts_against_the_best_of_each_seed_and_the_one_tuned_rate() -> None:
     assert s["median_tuned_rate"] == 0.2
     assert s["learned"] == 3 and s["learned_tuned_rate"] == 2  # below 0.9 x 0.5; NaN never learned
     assert s["per_seed"][2] == (0.12, 0.1, math.inf)
+    assert s["solved"] == 0 and s["solved_tuned_rate"] == 0  # MSE below 0.01: none here
+
+
+def test_solved_counts_mse_below_the_adding_problems_bar_and_not_classification() -> None:
+    assert rescue_seeds._solved({"metric": "mse"}, [0.005, 0.0099, 0.01, math.inf]) == 2
+    assert rescue_seeds._solved({"metric": "acc"}, [0.005]) is None
 
 
 @pytest.mark.parametrize(("text", "seeds"), [("0-3", [0, 1, 2, 3]), ("4,1", [4, 1]), ("0-2,1,7", [0, 1, 2, 7])])
