@@ -3,16 +3,16 @@
 ``benchmarks/stability.py`` compares one guarded run with the best of a few unguarded lower rates, on one seed. On
 the configs that diverge, the seed decides much of the held-out loss: the LSTM at its tuned rate ends anywhere from
 MSE 0.001 to 0.008, or fails to solve the task at all. One seed then says little about whether a guard rescues, and
-"the best of the sweep on this seed" is the minimum of several noisy runs, a bar that a single run misses about as
-often as not even when it trains just as well. This benchmark runs the stability suite's configs (``unguarded``, the
-guarded runs asked for, the unguarded sweep) on many seeds and reports, per config and guard:
+"the best of the sweep on this seed" is the minimum of several noisy runs: a single run that trains just as well as
+the best rate still misses that bar at least half the time. This benchmark runs the stability suite's configs
+(``unguarded``, the guarded runs asked for, the unguarded sweep) on many seeds and reports, per config and guard:
 
 * **diverged**: on how many seeds the unguarded run at the too-high rate diverged (the premise of a rescue);
 * **<= best of sweep**: on how many seeds the guarded run ended no worse than the best sweep run of that seed
   (the stability suite's per-seed "rescued");
-* **<= tuned rate**: on how many seeds it ended no worse than the *tuned rate* of that seed, where the tuned rate is
-  one rate for the config: the sweep rate with the lowest median held-out loss over the seeds (what a user who
-  tuned the rate once would train at);
+* **<= tuned rate**: on how many seeds it ended no worse than that seed's run at the *tuned rate*, one rate for the
+  config: the sweep rate with the lowest median held-out loss over the seeds (what a user who tuned the rate once
+  would train at);
 * **median** held-out loss of the guarded runs, of the best sweep run per seed and of the tuned rate;
 * **learned**: on how many seeds the run learned (for the adding problem: MSE below 0.9x predicting the mean; for
   classification: accuracy above chance by more than 2 standard errors), guarded / tuned rate, and for the adding
