@@ -28,7 +28,8 @@ lower learning rates (variants ``unguarded_lr<rate>``; ``--no-sweep`` skips them
 rate*, and a guarded run at the too-high rate counts as **rescued** only when its held-out loss is no worse than
 the tuned rate's, in the same number of steps. A run that merely stays finite is not a rescue. ``--sweep-idle N``
 zeroes the sweep runs' gradients for their first N steps: the tuned rate then shows the best that a guard could
-reach which restarted at that rate after N steps (a guard has to see a rate fail before it can lower it).
+reach which restarted at that rate after N steps (a guard has to see a rate fail before it can lower it). One seed says
+little on these configs: ``benchmarks/rescue_seeds.py`` runs them on many seeds and counts the rescues.
 
 Under the table one line per config says what its runs show (diverged, rescued, finite but not learning, as good).
 
