@@ -9,6 +9,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,3 +108,21 @@ def run_quietly_and_emit(
             with open(args.json, "w") as f:
                 json.dump(plain(result), f, indent=1)
     return result
+
+
+def run_main(
+    argv: Sequence[str] | None,
+    script: str,
+    parse: Callable[[Sequence[str]], Any],
+    run: Callable[[Any], dict[str, Any]],
+    report: Callable[[dict[str, Any]], str],
+    logdir_prefix: str | None = None,
+) -> dict[str, Any]:
+    """A benchmark's ``main``: parse ``argv`` (the command line when ``None``), note the command as typed, give
+    ``--logdir`` a new temporary folder when ``logdir_prefix`` is set and none was named, then run and emit."""
+    argv, command = command_line(argv, script)
+    args = parse(argv)
+    args.command = command
+    if logdir_prefix is not None and args.logdir is None:
+        args.logdir = tempfile.mkdtemp(prefix=logdir_prefix)
+    return run_quietly_and_emit(run, report, args)

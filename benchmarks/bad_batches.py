@@ -45,7 +45,7 @@ import torch
 if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+from benchmarks._common import machine, num, run_main
 from benchmarks.healthy_zoo import CONFIGS, _run_one
 from lightning_gradguard import GradGuard, default_rollback
 
@@ -173,10 +173,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
-    argv, command = command_line(argv, "bad_batches.py")
-    args = _parse(argv)
-    args.command = command
-    return run_quietly_and_emit(run, report, args)
+    return run_main(argv, "bad_batches.py", _parse, run, report)
 
 
 if __name__ == "__main__":

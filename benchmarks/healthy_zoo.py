@@ -106,10 +106,9 @@ if not __package__:  # run as a script: the repository root is not on the path
 from benchmarks._common import (
     CLIPPER_GUARDS,
     add_clippers_argument,
-    command_line,
     machine,
     num,
-    run_quietly_and_emit,
+    run_main,
 )
 from lightning_gradguard import GradGuard
 
@@ -1284,10 +1283,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
-    argv, command = command_line(argv, "healthy_zoo.py")
-    args = _parse(argv)
-    args.command = command
-    return run_quietly_and_emit(run, report, args)
+    return run_main(argv, "healthy_zoo.py", _parse, run, report)
 
 
 if __name__ == "__main__":

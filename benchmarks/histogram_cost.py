@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks._common import command_line, machine, num, run_quietly_and_emit
+from benchmarks._common import machine, num, run_main
 from lightning_gradguard import GradGuard
 
 MODELS = {
@@ -214,10 +214,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the measurement, print the table (or the JSON with ``--json -``) and return the results."""
-    argv, command = command_line(argv, "histogram_cost.py")
-    args = _parse(argv)
-    args.command = command
-    return run_quietly_and_emit(run, report, args)
+    return run_main(argv, "histogram_cost.py", _parse, run, report)
 
 
 if __name__ == "__main__":

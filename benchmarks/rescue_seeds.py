@@ -33,18 +33,15 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
-
-import torch
 
 if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import stability
-from benchmarks._common import command_line, num, run_quietly_and_emit
+from benchmarks._common import num, run_main
 from examples.lstm_adding import SOLVED_MSE
 
 __all__ = ["main", "report", "run", "summarize"]
@@ -104,8 +101,8 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "median": _median(list(losses.values())),
                     "median_best_of_sweep": _median(list(best.values())),
                     "median_tuned_rate": _median([_loss(runs[s][tuned]) for s in seeds]),
-                    "learned": sum(stability._learned(cfg, runs[s][variant]) for s in seeds),
-                    "learned_tuned_rate": sum(stability._learned(cfg, runs[s][tuned]) for s in seeds),
+                    "learned": sum(stability.learned_more_than_chance(cfg, runs[s][variant]) for s in seeds),
+                    "learned_tuned_rate": sum(stability.learned_more_than_chance(cfg, runs[s][tuned]) for s in seeds),
                     "solved": _solved(cfg, losses.values()),
                     "solved_tuned_rate": _solved(cfg, (_loss(runs[s][tuned]) for s in seeds)),
                     "per_seed": {s: (losses[s], best[s], _loss(runs[s][tuned])) for s in seeds},
@@ -202,9 +199,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         prog="python benchmarks/rescue_seeds.py",
         description="Train the stability suite's diverging configs on many seeds; count where the guard rescues.",
     )
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
-    size.add_argument("--full", action="store_true", help="longer runs on larger batches (meant for a GPU)")
+    stability.add_size_arguments(p)
     p.add_argument("--configs", default=",".join(DIVERGING), help=f"comma-separated subset of {', '.join(DIVERGING)}")
     p.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-19 or 0,3,7 (default: 0-4)")
     p.add_argument(
@@ -222,30 +217,19 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     if not names or any(c not in DIVERGING for c in names):
         p.error(f"--configs: choose from {', '.join(DIVERGING)}, got {args.configs!r}")
     args.configs = names
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if not chosen or any(v not in stability._GUARDED for v in chosen):
-        p.error(f"--variants: choose from {', '.join(stability._GUARDED)}, got {args.variants!r}")
-    args.variants = chosen
-    args.clippers = any(v in stability.CLIPPER_GUARDS for v in chosen)
+    args.variants = stability.parse_variants(p, args.variants)
+    args.clippers = any(v in stability.CLIPPER_GUARDS for v in args.variants)
     try:
         args.seeds = _seeds(args.seeds)
     except ValueError as e:
         p.error(str(e))
-    if args.threads < 0:
-        p.error("--threads must be >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
+    stability.check_machine_arguments(p, args)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
-    argv, command = command_line(argv, "rescue_seeds.py")
-    args = _parse(argv)
-    args.command = command
-    if args.logdir is None:
-        args.logdir = tempfile.mkdtemp(prefix="gradguard_rescue_seeds_")
-    return run_quietly_and_emit(run, report, args)
+    return run_main(argv, "rescue_seeds.py", _parse, run, report, logdir_prefix="gradguard_rescue_seeds_")
 
 
 if __name__ == "__main__":

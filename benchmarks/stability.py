@@ -78,7 +78,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -101,10 +100,9 @@ if not __package__:  # run as a script: the repository root is not on the path
 from benchmarks._common import (
     CLIPPER_GUARDS,
     add_clippers_argument,
-    command_line,
     machine,
     num,
-    run_quietly_and_emit,
+    run_main,
 )
 from examples import cifar_resnet, lstm_adding
 from examples.cifar_resnet import CifarDataModule, ResNetModule
@@ -642,7 +640,7 @@ def _heldout(row: dict[str, Any]) -> str:
     return f"CE {num(row['heldout_loss'], '.3g')}, acc " + (f"{100 * acc:.1f}%" if math.isfinite(acc) else str(acc))
 
 
-def _learned(cfg: dict[str, Any], row: dict[str, Any]) -> bool:
+def learned_more_than_chance(cfg: dict[str, Any], row: dict[str, Any]) -> bool:
     """Better than chance by more than the held-out sampling error (2 standard errors)."""
     if row["metric"] == "mse":
         return math.isfinite(row["heldout_loss"]) and row["heldout_loss"] < 0.9 * cfg["chance"]
@@ -657,7 +655,7 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]], sweep_idle: i
     if un["diverged"]:
         head = "unguarded diverged" + (f" (NaN loss from step {un['first_nan_step']})" if un["first_nan_step"] else "")
     else:
-        chance = "" if _learned(cfg, un) else ", no better than chance"
+        chance = "" if learned_more_than_chance(cfg, un) else ", no better than chance"
         head = f"unguarded did not diverge ({_heldout(un)}{chance})"
     parts = [f"{name}: {head}"]
     tuned = _tuned(runs)
@@ -675,7 +673,7 @@ def _verdict(cfg: dict[str, Any], runs: dict[str, dict[str, Any]], sweep_idle: i
         elif un["diverged"]:
             if g["metric"] == "mse" and g["heldout_loss"] < SOLVED_MSE:
                 how = f"solved the task (MSE below {SOLVED_MSE})"
-            elif _learned(cfg, g):
+            elif learned_more_than_chance(cfg, g):
                 how = "learning"
             else:
                 how = "no better than chance: it did not learn in this budget"
@@ -809,9 +807,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         prog="python benchmarks/stability.py",
         description="Train each config unguarded and with GradGuards; print what diverged and what the guard did.",
     )
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
-    size.add_argument("--full", action="store_true", help="longer runs on larger batches (meant for a GPU)")
+    add_size_arguments(p)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
     p.add_argument(
@@ -852,28 +848,40 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
     args.configs = names
     if args.variants is not None:
-        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-        if not chosen or any(v not in _GUARDED for v in chosen):
-            p.error(f"--variants: choose from {', '.join(_GUARDED)}, got {args.variants!r}")
-        args.variants = chosen
-        args.clippers = args.clippers or any(v in CLIPPER_GUARDS for v in chosen)  # a clipper run named is one asked
-    if args.threads < 0:
-        p.error("--threads must be >= 0")
+        args.variants = parse_variants(p, args.variants)
+        args.clippers = args.clippers or any(v in CLIPPER_GUARDS for v in args.variants)  # a clipper run named is asked
     if args.sweep_idle < 0:
         p.error("--sweep-idle must be >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device available")
+    check_machine_arguments(p, args)
     return args
+
+
+def add_size_arguments(parser: argparse.ArgumentParser) -> None:
+    """The suite's sizes, ``--quick`` or ``--full`` (the default size without either)."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
+    size.add_argument("--full", action="store_true", help="longer runs on larger batches (meant for a GPU)")
+
+
+def parse_variants(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The guarded runs that ``--variants`` names (comma-separated), or a parser error naming the allowed ones."""
+    chosen = [v.strip() for v in text.split(",") if v.strip()]
+    if not chosen or any(v not in _GUARDED for v in chosen):
+        parser.error(f"--variants: choose from {', '.join(_GUARDED)}, got {text!r}")
+    return chosen
+
+
+def check_machine_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A parser error for a negative ``--threads`` or ``--device cuda`` without a CUDA device."""
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark, print the table (or the JSON with ``--json -``) and return the results."""
-    argv, command = command_line(argv, "stability.py")
-    args = _parse(argv)
-    args.command = command
-    if args.logdir is None:
-        args.logdir = tempfile.mkdtemp(prefix="gradguard_stability_")
-    return run_quietly_and_emit(run, report, args)
+    return run_main(argv, "stability.py", _parse, run, report, logdir_prefix="gradguard_stability_")
 
 
 if __name__ == "__main__":
