@@ -8,8 +8,8 @@ the best rate still misses that bar at least half the time. This benchmark runs 
 (``unguarded``, the guarded runs asked for, the unguarded sweep) on many seeds and reports, per config and guard:
 
 * **diverged**: on how many seeds the unguarded run at the too-high rate diverged (the premise of a rescue);
-* **<= best of sweep**: on how many seeds the guarded run ended no worse than the best sweep run of that seed
-  (the stability suite's per-seed "rescued");
+* **<= best of sweep**: on how many seeds the guarded run did not diverge and ended no worse than the best sweep run
+  of that seed (the stability suite's per-seed "rescued");
 * **<= tuned rate**: on how many seeds it ended no worse than that seed's run at the *tuned rate*, one rate for the
   config: the sweep rate with the lowest median held-out loss over the seeds (what a user who tuned the rate once
   would train at);
@@ -88,6 +88,8 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
         best = {s: min(_loss(runs[s][v]) for v in sweep) for s in seeds}
         for variant in guarded:
             losses = {s: _loss(runs[s][variant]) for s in seeds}
+            # A diverged run rescues nothing, even where every sweep run diverged too.
+            finite = {s: not runs[s][variant]["diverged"] for s in seeds}
             summaries.append(
                 {
                     "config": cfg["config"],
@@ -95,9 +97,9 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                     "guard": cfg["guards"][variant],
                     "seeds": len(seeds),
                     "diverged_unguarded": sum(runs[s]["unguarded"]["diverged"] for s in seeds),
-                    "le_best_of_sweep": sum(losses[s] <= best[s] for s in seeds),
+                    "le_best_of_sweep": sum(finite[s] and losses[s] <= best[s] for s in seeds),
                     "tuned_rate": runs[seeds[0]][tuned]["sweep_lr"],
-                    "le_tuned_rate": sum(losses[s] <= _loss(runs[s][tuned]) for s in seeds),
+                    "le_tuned_rate": sum(finite[s] and losses[s] <= _loss(runs[s][tuned]) for s in seeds),
                     "median": _median(list(losses.values())),
                     "median_best_of_sweep": _median(list(best.values())),
                     "median_tuned_rate": _median([_loss(runs[s][tuned]) for s in seeds]),

@@ -73,6 +73,15 @@ def test_counts_against_the_best_of_each_seed_and_the_one_tuned_rate() -> None:
     assert s["solved"] == 0 and s["solved_tuned_rate"] == 0  # MSE below 0.01: none here
 
 
+def test_a_diverged_guarded_run_is_never_counted_even_where_the_sweep_diverged_too() -> None:
+    nan = math.nan
+    result = _result({0: {"unguarded": nan, "guarded": nan, "unguarded_lr0.3": nan, "unguarded_lr0.1": nan}})
+    for row in result["rows"]:
+        row["diverged"] = True
+    (s,) = summarize(result)
+    assert s["le_best_of_sweep"] == 0 and s["le_tuned_rate"] == 0
+
+
 def test_solved_counts_mse_below_the_adding_problems_bar_and_not_classification() -> None:
     assert rescue_seeds._solved({"metric": "mse"}, [0.005, 0.0099, 0.01, math.inf]) == 2
     assert rescue_seeds._solved({"metric": "acc"}, [0.005]) is None
