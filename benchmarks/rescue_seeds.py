@@ -207,7 +207,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default="guarded",
-        help=f"comma-separated guarded runs from the stability suite's ({', '.join(stability._GUARDED)}); the "
+        help=f"comma-separated guarded runs from the stability suite's ({', '.join(stability.GUARDED_VARIANTS)}); the "
         "unguarded run and the sweep always run (default: guarded, that is GradGuard())",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")

@@ -115,7 +115,7 @@ Size = Literal["quick", "default", "full"]
 #: adds the runs of CLIPPER_GUARDS.
 VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback")
 #: The guarded runs ``--variants`` may pick.
-_GUARDED = (*VARIANTS[1:], *CLIPPER_GUARDS, "guarded_example")
+GUARDED_VARIANTS = (*VARIANTS[1:], *CLIPPER_GUARDS, "guarded_example")
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "guarded": ("GradGuard()", GradGuard),
@@ -826,7 +826,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument(
         "--variants",
         default=None,
-        help=f"comma-separated subset of the guarded runs ({', '.join(_GUARDED)}); the "
+        help=f"comma-separated subset of the guarded runs ({', '.join(GUARDED_VARIANTS)}); the "
         "unguarded run and the sweep always run (default: all but the clipper runs)",
     )
     add_clippers_argument(p)
@@ -866,8 +866,8 @@ def add_size_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_variants(parser: argparse.ArgumentParser, text: str) -> list[str]:
     """The guarded runs that ``--variants`` names (comma-separated), or a parser error naming the allowed ones."""
     chosen = [v.strip() for v in text.split(",") if v.strip()]
-    if not chosen or any(v not in _GUARDED for v in chosen):
-        parser.error(f"--variants: choose from {', '.join(_GUARDED)}, got {text!r}")
+    if not chosen or any(v not in GUARDED_VARIANTS for v in chosen):
+        parser.error(f"--variants: choose from {', '.join(GUARDED_VARIANTS)}, got {text!r}")
     return chosen
 
 
