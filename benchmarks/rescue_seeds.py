@@ -132,7 +132,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         configs, meta = one["configs"], one["meta"]
         rows += [{**row, "seed": seed} for row in one["rows"]]
-    meta = {**meta, "command": args.command, "seeds": args.seeds, "wall_s": time.perf_counter() - start}
+    meta = {
+        **meta,
+        "command": args.command,
+        "seeds": args.seeds,
+        "logdir": args.logdir,
+        "wall_s": time.perf_counter() - start,
+    }
     meta.pop("seed", None)
     result = {"meta": meta, "configs": configs, "seeds": args.seeds, "rows": rows}
     result["summary"] = summarize(result)
@@ -148,7 +154,8 @@ def report(result: dict[str, Any]) -> str:
         f"command: {meta['command']}",
         f"machine: {m['cpus']} CPUs available, python {m['python']}, torch {m['torch']}, lightning {m['lightning']}, "
         f"device {m['device']}",
-        f"suite: {meta['size']}, seeds {', '.join(map(str, seeds))}; held-out loss (MSE or CE) of the final weights",
+        f"suite: {meta['size']}, seeds {', '.join(map(str, seeds))}; held-out loss (MSE or CE) of the final weights; "
+        f"TensorBoard logs: {meta['logdir']} (a folder per seed)",
         "<= best of sweep: seeds where the guarded run ended no worse than the best unguarded sweep run of that seed; "
         "<= tuned rate: no worse than the one sweep rate with the lowest median over the seeds",
         "",

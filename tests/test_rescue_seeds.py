@@ -101,9 +101,14 @@ def test_bad_arguments_are_refused(argv: list[str], capsys: pytest.CaptureFixtur
 
 def test_quick_run_summarizes_its_own_rows(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    rescue_seeds.main(["--quick", "--configs", "lstm_10x", "--seeds", "0-1", "--json", str(out)])
+    logdir = tmp_path / "logs"
+    argv = ["--quick", "--configs", "lstm_10x", "--seeds", "0-1", "--json", str(out), "--logdir", str(logdir)]
+    rescue_seeds.main(argv)
     text = capsys.readouterr().out
     assert "GradGuard rescue over seeds" in text and "lstm_10x  GradGuard()" in text
+    # The report says where the TensorBoard runs went: a folder per seed under --logdir.
+    assert f"TensorBoard logs: {logdir} (a folder per seed)" in text
+    assert sorted(p.name for p in logdir.iterdir()) == ["seed0", "seed1"]
     result = json.loads(out.read_text())
     assert result["seeds"] == [0, 1]
     assert {r["seed"] for r in result["rows"]} == {0, 1}
