@@ -971,9 +971,12 @@ class GuardEngine:
                     troubled = exploding or nonfinite or diverging
                     before = functools.partial(guard.snapshot, self.key) if troubled and guard is not None else None
                     self.rollback.observe(local, exploding, nonfinite, before=before, diverging=diverging, norm=norm)
-                # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say.
-                too_high = exploding or diverging
-                if self.lr_guard is not None and self.lr_guard.update(too_high, self.key, nonfinite=nonfinite):
+                # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say, and already a
+                # persistent one: it cuts at once (one gradient spike waits for a second, `LRGuard.patience`).
+                reduced = self.lr_guard is not None and self.lr_guard.update(
+                    exploding, self.key, nonfinite=nonfinite, diverging=diverging
+                )
+                if reduced:
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
                     self._rollback_due = True

@@ -123,7 +123,10 @@ class LRGuard:
       ``m <- max(m * factor, min_scale)`` and the count restarts. The count is forgotten after more than
       ``cooldown`` consecutive calm steps, so with ``cooldown=0`` the events must be consecutive, and with the
       default they must fall within ``cooldown`` calm steps of each other. ``m`` is taken at its current value,
-      so an event during recovery lowers it from wherever recovery had reached.
+      so an event during recovery lowers it from wherever recovery had reached. The default ``patience=2`` leaves
+      the rate alone for one isolated spike (GradGuard's clipper has already bounded that step): healthy runs with
+      heavy-tailed gradient norms (a mixture of experts on small batches) have such spikes, and halving the rate
+      for each cost them progress, while a rate that is too high explodes again within a few steps.
     * **Non-finite steps.** One isolated non-finite step (a bad batch, skipped by GradGuard) is no evidence that
       the learning rate is too high: it changes nothing. ``nonfinite_patience`` of them with at most ``cooldown``
       steps between each and the next count as one exploding event (which reduces at once).
@@ -145,7 +148,8 @@ class LRGuard:
 
     Args:
         factor: multiplier applied on a reduction, in ``(0, 1)``.
-        patience: number of exploding events that trigger a reduction, ``>= 1``.
+        patience: number of exploding events (each within ``cooldown`` calm steps of the one before) that trigger a
+            reduction, ``>= 1``; 1 reduces on every event.
         cooldown: calm steps the reduced multiplier is held before recovery starts, ``>= 0``. Also the longest calm
             gap over which events (exploding or non-finite) still count towards their patience.
         min_scale: lowest multiplier, in ``(0, 1]``.
@@ -168,7 +172,9 @@ class LRGuard:
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=2, memory=False)
         >>> handle = guard.attach(opt)
-        >>> guard.update(True)
+        >>> guard.update(True)  # one spike: the rate is kept
+        False
+        >>> guard.update(True)  # a second within `cooldown` calm steps: cut
         True
         >>> guard.scale()
         0.5
@@ -187,7 +193,7 @@ class LRGuard:
     def __init__(
         self,
         factor: float = 0.5,
-        patience: int = 1,
+        patience: int = 2,
         cooldown: int = 20,
         min_scale: float = 1e-2,
         recovery_steps: int = 100,
@@ -275,7 +281,7 @@ class LRGuard:
         self._states[key] = state
         return self._explode(state, force=True) if cut else False
 
-    def update(self, exploding: bool, key: int = 0, nonfinite: bool = False) -> bool:
+    def update(self, exploding: bool, key: int = 0, nonfinite: bool = False, diverging: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.
 
         Args:
@@ -283,6 +289,8 @@ class LRGuard:
             key: which optimizer.
             nonfinite: whether this step's gradients were non-finite (the step was skipped or zeroed); only
                 ``nonfinite_patience`` of them close together count as an exploding event.
+            diverging: whether the training loss diverged (a :class:`DivergenceDetector` event, itself several
+                high steps in a row): an exploding event that reduces at once, whatever ``patience``.
 
         Returns:
             ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
@@ -298,8 +306,8 @@ class LRGuard:
             state.nonfinite = 0
             return self._explode(state, force=True)
         state.since_nonfinite += 1
-        if exploding:
-            return self._explode(state, force=False)
+        if exploding or diverging:
+            return self._explode(state, force=diverging)
         recovered = self.cooldown + self.recovery_steps
         if state.calm >= recovered:
             # Recovered: the ceiling creeps back towards 1 (slow increase), and the multiplier with it.

@@ -188,8 +188,8 @@ class Rollback:
         until: the last optimizer step at which a rollback may happen, ``>= 1``; the copies are freed after it.
             ``None``: the whole run.
         patience: troubled steps (exploding or non-finite) in one stretch that a rollback needs, ``>= 1``: with 2,
-            one isolated spike lowers the rate (the LR guard's decision) but does not roll back. Above 1, a stretch of
-            non-finite steps only (bad batches in a row) needs twice as many.
+            spikes apart from each other may lower the rate (the LR guard's decision) but do not roll back. Above 1,
+            a stretch of non-finite steps only (bad batches in a row) needs twice as many.
         within: troubled steps form one stretch while each comes fewer than ``within`` steps after the one before,
             ``>= 1`` (2: in a row).
         max_bytes: the most memory the copies may take, ``> 0``: a larger model gets no rollback (one warning says
@@ -525,8 +525,8 @@ def default_rollback(
     at the lowered rate (the LR guard's ``factor``), or, the first time, when the trouble began in the first 20 steps of
     an SGD run (``rescue_until``) without a calm start before it (``calm_factor``), at its rate with unit-wise clipping
     (``AGC()``, clip factor 0.01) from then on (one cut below it when the norm blew up by more than ``blowup_factor``
-    in one step). A diverging run explodes on every step once its weights are wrecked; bad batches (a
-    corrupted label, a NaN) explode alone, between calm steps, and only lower the rate. A too-high learning rate wrecks
+    in one step). A diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted
+    label, a NaN) explode alone, between calm steps, and at most lower the rate. A too-high learning rate wrecks
     the weights in its first updates, before any statistic has a calm history, and lowering the rate then leaves the run
     where it landed; a restart at the lower rate is what a person would do, and early on it loses little. A model whose
     trainable parameters take more than 1 GiB gets no rollback (one warning), so the default never makes a large run run

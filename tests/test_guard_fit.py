@@ -157,7 +157,7 @@ def test_lr_guard_rescues_a_run_that_diverges_without_it() -> None:
         return torch.stack(model.losses).tolist(), probe, guard, model
 
     bare, _, bare_guard, _ = fit(None)
-    losses, probe, guard, model = fit(LRGuard(factor=0.1, cooldown=25, recovery_steps=20, memory=False))
+    losses, probe, guard, model = fit(LRGuard(factor=0.1, patience=1, cooldown=25, recovery_steps=20, memory=False))
     assert bare_guard.summary()["exploding"] >= 1
 
     # Without the guard the loss blows up by many orders of magnitude and is still huge at the end.
@@ -233,7 +233,7 @@ def test_lr_guard_leaves_the_schedule_alone_and_scales_it_inside_the_step(tmp_pa
         model = Shifting(spikes=spikes, spike=1e4, scheduler=make_scheduler(steps), lr=0.05)
         guard = GradGuard(
             clip=ZClip(warmup_steps=5),  # clips the spike, so the run goes on calmly after it
-            lr_guard=LRGuard(factor=0.5, cooldown=cooldown, recovery_steps=recovery, memory=False),
+            lr_guard=LRGuard(factor=0.5, patience=1, cooldown=cooldown, recovery_steps=recovery, memory=False),
             exploding=ExplodingDetector(warmup_steps=5),
             vanishing=None,
         )
@@ -296,7 +296,7 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     """A fit stopped by ``on_exploding="raise"`` never reaches ``on_train_end``; the next fit must start clean."""
     guard = GradGuard(
         clip=ZClip(warmup_steps=5),
-        lr_guard=LRGuard(factor=0.5, cooldown=50),
+        lr_guard=LRGuard(factor=0.5, patience=1, cooldown=50),
         exploding=ExplodingDetector(warmup_steps=5),
         vanishing=None,
         on_exploding="raise",
@@ -571,7 +571,7 @@ def test_checkpoint_resume_keeps_lr_multiplier_cooldown_and_strength(tmp_path: P
     def make_guard() -> GradGuard:
         return GradGuard(
             clip=ZClip(warmup_steps=5),
-            lr_guard=LRGuard(factor=0.5, cooldown=8, recovery_steps=10),
+            lr_guard=LRGuard(factor=0.5, patience=1, cooldown=8, recovery_steps=10),
             regularizers=[L2(1e-4, adaptive=True, decay=0.9)],
             exploding=ExplodingDetector(warmup_steps=5),
             vanishing=None,

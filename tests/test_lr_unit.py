@@ -29,9 +29,28 @@ def test_untouched_guard_has_unit_scale():
     assert _calm(guard, 5) == [1.0] * 5
 
 
+def test_by_default_an_isolated_spike_keeps_the_rate_and_a_second_within_cooldown_cuts():
+    guard = LRGuard()
+    assert guard.patience == 2 and guard.cooldown == 20
+    assert guard.update(True) is False  # one spike: the clipper has bounded it, the rate stays
+    assert _calm(guard, 21) == [1.0] * 21  # more than `cooldown` calm steps: that spike is forgotten
+    assert guard.update(True) is False and guard.scale() == 1.0
+    _calm(guard, 20)  # exactly `cooldown` calm steps: still counted
+    assert guard.update(True) is True and guard.scale() == 0.5
+
+
+def test_a_divergence_event_cuts_at_once_whatever_the_patience():
+    # A diverged loss is already persistent evidence (several high steps in a row), unlike one gradient spike.
+    guard = LRGuard(patience=3)
+    assert guard.update(False, diverging=True) is True and guard.scale() == 0.5
+    assert guard.update(True) is False  # a gradient spike still waits for its patience
+
+
 @pytest.mark.parametrize("recovery", ["linear", "exponential"])
 def test_drop_hold_and_exact_recovery(recovery):
-    guard = LRGuard(factor=0.25, cooldown=4, recovery_steps=8, recovery=recovery, min_scale=0.01, memory=False)
+    guard = LRGuard(
+        factor=0.25, patience=1, cooldown=4, recovery_steps=8, recovery=recovery, min_scale=0.01, memory=False
+    )
     assert guard.update(True) is True
     assert guard.scale() == 0.25
     assert _calm(guard, 4) == [0.25] * 4  # hold for `cooldown` calm steps
@@ -48,14 +67,14 @@ def test_drop_hold_and_exact_recovery(recovery):
 
 
 def test_min_scale_floor():
-    guard = LRGuard(factor=0.5, min_scale=0.1, cooldown=3, settle_steps=0)
+    guard = LRGuard(factor=0.5, patience=1, min_scale=0.1, cooldown=3, settle_steps=0)
     lowered = [guard.update(True) for _ in range(6)]
     assert lowered == [True, True, True, True, False, False]  # 0.5, 0.25, 0.125, 0.1, 0.1, 0.1
     assert guard.scale() == 0.1
 
 
 def test_event_during_recovery_lowers_from_current_value():
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4, memory=False)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4, memory=False)
     guard.update(True)
     _calm(guard, 4)  # hold 2, then half-way through recovery
     current = guard.scale()
@@ -112,7 +131,7 @@ def test_event_below_patience_freezes_recovery_and_restarts_hold():
 
 
 def test_keys_are_independent():
-    guard = LRGuard(factor=0.5, cooldown=1, recovery_steps=1, settle_steps=0)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=1, recovery_steps=1, settle_steps=0)
     guard.update(True, key=1)
     guard.update(False, key=0)
     assert guard.scale(1) == 0.5
@@ -190,7 +209,7 @@ def _flat(rows):
 
 def test_apply_restore_several_groups_and_idempotent():
     _, opt = _model_and_optimizer()
-    guard = LRGuard(factor=0.5)
+    guard = LRGuard(factor=0.5, patience=1)
     guard.update(True)
     guard.apply(opt)
     assert _lrs(opt) == [0.05, 0.005]
@@ -215,7 +234,7 @@ def test_restore_without_apply_and_unit_scale_are_noops():
 def test_keys_apply_to_their_own_optimizer():
     _, opt_a = _model_and_optimizer()
     _, opt_b = _model_and_optimizer()
-    guard = LRGuard(factor=0.5)
+    guard = LRGuard(factor=0.5, patience=1)
     guard.update(True, key=1)
     guard.apply(opt_a, key=0)
     guard.apply(opt_b, key=1)
@@ -228,7 +247,7 @@ def test_keys_apply_to_their_own_optimizer():
 def test_tensor_lr_is_scaled_as_a_copy():
     _, opt = _model_and_optimizer(lr_type=torch.tensor)
     originals = [g["lr"] for g in opt.param_groups]
-    guard = LRGuard(factor=0.5)
+    guard = LRGuard(factor=0.5, patience=1)
     guard.update(True)
     guard.apply(opt)
     for group, original in zip(opt.param_groups, originals):
@@ -241,7 +260,7 @@ def test_tensor_lr_is_scaled_as_a_copy():
 
 def test_tensor_lr_apply_and_restore_have_no_host_sync():
     _, opt = _model_and_optimizer(lr_type=torch.tensor)
-    guard = LRGuard(factor=0.5)
+    guard = LRGuard(factor=0.5, patience=1)
     guard.update(True)
     with SyncRecorder() as recorder:
         guard.apply(opt)
@@ -254,7 +273,7 @@ def test_restore_after_a_scheduler_already_stepped_keeps_the_scheduler_value():
     # The documented order is restore-then-schedule; if a scheduler got there first, its value must win.
     _, opt = _model_and_optimizer()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    guard = LRGuard(factor=0.5)
+    guard = LRGuard(factor=0.5, patience=1)
     guard.update(True)
     guard.apply(opt)
     sched.step()
@@ -271,7 +290,7 @@ def test_restore_after_a_scheduler_already_stepped_keeps_the_scheduler_value():
 
 def test_attach_handle_removes_hooks_and_restores():
     model, opt = _model_and_optimizer()
-    guard = LRGuard(factor=0.5)
+    guard = LRGuard(factor=0.5, patience=1)
     guard.update(True)
     seen = []
     with guard.attach(opt):
@@ -308,7 +327,7 @@ def _train(sched_name, mode, events=frozenset(), skipped=frozenset()):
     """Plain loop; returns the scheduled lrs per step, the lrs seen inside optimizer.step, and the scales."""
     model, opt = _model_and_optimizer(lr_type=torch.tensor if sched_name == "lambda_tensor" else float)
     sched = _make_scheduler(sched_name, opt)
-    guard = LRGuard(factor=0.5, cooldown=3, recovery_steps=6, memory=False, settle_steps=0)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=3, recovery_steps=6, memory=False, settle_steps=0)
     if mode == "attach":
         guard.attach(opt)
     seen = {}
@@ -366,7 +385,7 @@ def test_every_nonfinite_step_counts_with_patience_one():
 
 
 def test_settle_steps_hold_without_cutting_again():
-    guard = LRGuard(factor=0.5, settle_steps=2)
+    guard = LRGuard(factor=0.5, patience=1, settle_steps=2)
     assert guard.update(True) is True
     assert guard.update(True) is False  # the next two flags reflect weights from before the cut
     assert guard.update(True) is False
@@ -386,7 +405,7 @@ def test_settle_steps_hold_without_cutting_again():
 def test_a_reduction_zeroes_the_first_moments_before_the_next_step(reset, make_opt):
     model = torch.nn.Linear(3, 1)
     opt = make_opt(model.parameters())
-    guard = LRGuard(factor=0.5, reset_momentum=reset)
+    guard = LRGuard(factor=0.5, patience=1, reset_momentum=reset)
     guard.attach(opt)
     x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     model(x).sum().backward()
@@ -410,10 +429,10 @@ def test_a_reduction_zeroes_the_first_moments_before_the_next_step(reset, make_o
 
 
 def test_state_with_memory_loads_with_weights_only_and_is_checked():
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=3)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=3)
     guard.update(True)
     guard.update(False, nonfinite=True)
-    resumed = LRGuard(factor=0.5, cooldown=2, recovery_steps=3)
+    resumed = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=3)
     resumed.load_state_dict(torch.load(_roundtrip(guard.state_dict()), weights_only=True))
     assert resumed.state_dict() == guard.state_dict()
     with pytest.raises(ValueError, match="ceiling"):
@@ -430,7 +449,7 @@ def _roundtrip(state):
 
 
 def test_rewind_replaces_the_cuts_since_a_snapshot_with_one():
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     for _ in range(10):
         guard.update(False)
     before = guard.snapshot()

@@ -388,7 +388,7 @@ def test_manual_optimization_two_optimizers_keep_separate_state_and_tags(tmp_pat
     pre = NormProbe()
     guard = Recorder(
         clip=ZClip(warmup_steps=3),
-        lr_guard=LRGuard(cooldown=5, recovery_steps=100),
+        lr_guard=LRGuard(patience=1, cooldown=5, recovery_steps=100),
         exploding=ExplodingDetector(warmup_steps=3),
     )
     logger = TensorBoardLogger(tmp_path, name="", version=0)
@@ -466,7 +466,7 @@ def _spiky_data() -> DataLoader:
 def _resume_guard() -> GradGuard:
     return GradGuard(
         clip=ZClip(warmup_steps=3),
-        lr_guard=LRGuard(cooldown=1, recovery_steps=20),
+        lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=20),
         regularizers=[L2(1e-3, adaptive=True)],
         exploding=ExplodingDetector(warmup_steps=3),
         vanishing=VanishingDetector(patience=3),

@@ -281,7 +281,7 @@ def _calm(guard: LRGuard, n: int) -> list[float]:
 
 
 def test_lrguard_recovers_to_just_below_the_rate_that_exploded_then_creeps_up() -> None:
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     assert guard.update(True) is True
     assert guard.scale() == 0.5
     ceiling = math.sqrt(0.5)
@@ -300,7 +300,7 @@ def test_lrguard_recovers_to_just_below_the_rate_that_exploded_then_creeps_up() 
 
 
 def test_lrguard_second_explosion_at_the_ceiling_lowers_it() -> None:
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     guard.update(True)
     _calm(guard, 6)
     first = guard.ceiling()
@@ -313,12 +313,12 @@ def test_lrguard_second_explosion_at_the_ceiling_lowers_it() -> None:
 
 
 def test_lrguard_state_round_trip_keeps_ceiling_and_nonfinite_counters() -> None:
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     guard.update(True)
     _calm(guard, 6)
     assert guard.update(False, nonfinite=True) is False  # one bad batch pending
     state = guard.state_dict()
-    restored = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    restored = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     restored.load_state_dict(state)
     assert restored.ceiling() == guard.ceiling() == pytest.approx(math.sqrt(0.5))
     assert restored.scale() == guard.scale()
@@ -332,7 +332,7 @@ def test_lrguard_state_round_trip_keeps_ceiling_and_nonfinite_counters() -> None
 
 def test_lrguard_loads_a_state_saved_before_ceiling_and_nonfinite_existed() -> None:
     old = {"keys": {"0": {"anchor": 0.5, "calm": 1, "pending": 0}}}
-    guard = LRGuard(factor=0.5, cooldown=2, recovery_steps=4)
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     guard.load_state_dict(old)
     assert guard.scale() == 0.5
     assert guard.ceiling() == 1.0
