@@ -755,18 +755,49 @@ def _loader(*tensors: Tensor, batch: int) -> DataLoader:
     return DataLoader(TensorDataset(*tensors), batch_size=batch, shuffle=False)
 
 
+def _regression_task(
+    teacher: Callable[[Tensor], Tensor],
+    in_features: int,
+    seed: int,
+    salts: tuple[int, int],
+    n_train: int,
+    batch: int,
+    n_test: int,
+) -> tuple[Callable[[str], DataLoader], Callable[[L.LightningModule], float]]:
+    """A teacher regression's batches (the same for every variant) and held-out MSE, drawn from two private salts."""
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_regression(n_train, in_features, teacher, _gen(seed, salts[0])), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _regression(n_test, in_features, teacher, _gen(seed, salts[1]))
+        return float(F.mse_loss(module(x), y))
+
+    return data, evaluate
+
+
+def _classification_task(
+    in_features: int, classes: int, seed: int, salts: tuple[int, int], n_train: int, batch: int, n_test: int
+) -> tuple[Callable[[str], DataLoader], Callable[[L.LightningModule], float]]:
+    """A teacher-labelled classification's batches (the same for every variant) and held-out cross-entropy."""
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*_classification(n_train, in_features, classes, seed, _gen(seed, salts[0])), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _classification(n_test, in_features, classes, seed, _gen(seed, salts[1]))
+        return float(F.cross_entropy(module(x), y))
+
+    return data, evaluate
+
+
 def _job_lora(size: Size, seed: int, steps: int | None) -> _Job:
     steps = steps or (8 if size == "quick" else 200)
     batch, n_test, sizes, rank, lr = 64, 2000, [32, 64, 64, 8], 4, 5e-3
     base = _lora_base(seed, sizes)
     teacher = _LoRATeacher(base, seed, rank)
 
-    def data(variant: str) -> DataLoader:
-        return _loader(*_regression(steps * batch, sizes[0], teacher, _gen(seed, 1)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _regression(n_test, sizes[0], teacher, _gen(seed, 2))
-        return float(F.mse_loss(module(x), y))
+    data, evaluate = _regression_task(teacher, sizes[0], seed, (1, 2), steps * batch, batch, n_test)
 
     return _Job(
         name="lora",
@@ -843,12 +874,7 @@ def _job_rezero(size: Size, seed: int, steps: int | None) -> _Job:
     batch, n_test, d_in, d_out, lr, blocks = 64, 2000, 32, 4, 1e-3, 4
     teacher = _Teacher(d_in, d_out, seed)
 
-    def data(variant: str) -> DataLoader:
-        return _loader(*_regression(steps * batch, d_in, teacher, _gen(seed, 5)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _regression(n_test, d_in, teacher, _gen(seed, 6))
-        return float(F.mse_loss(module(x), y))
+    data, evaluate = _regression_task(teacher, d_in, seed, (5, 6), steps * batch, batch, n_test)
 
     return _Job(
         name="rezero",
@@ -884,12 +910,7 @@ def _classifier_job(name: str, size: Size, seed: int, steps: int | None, kind: L
         title = "dropout 0.5 on batches of 8 (noisy gradients)"
         extra = "dropout 0.5 after each hidden layer"
 
-    def data(variant: str) -> DataLoader:
-        return _loader(*_classification(steps * batch, d_in, classes, seed, _gen(seed, 7)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _classification(n_test, d_in, classes, seed, _gen(seed, 8))
-        return float(F.cross_entropy(module(x), y))
+    data, evaluate = _classification_task(d_in, classes, seed, (7, 8), steps * batch, batch, n_test)
 
     return _Job(
         name=name,
@@ -910,12 +931,7 @@ def _job_unfreeze(size: Size, seed: int, steps: int | None) -> _Job:
     at = _scaled(50, steps, default_steps)
     batch, d_in, classes, n_test, lr = 64, 32, 10, 2000, 1e-3
 
-    def data(variant: str) -> DataLoader:
-        return _loader(*_classification(steps * batch, d_in, classes, seed, _gen(seed, 9)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _classification(n_test, d_in, classes, seed, _gen(seed, 10))
-        return float(F.cross_entropy(module(x), y))
+    data, evaluate = _classification_task(d_in, classes, seed, (9, 10), steps * batch, batch, n_test)
 
     return _Job(
         name="unfreeze",
@@ -997,12 +1013,7 @@ def _job_deep(size: Size, seed: int, steps: int | None) -> _Job:
     depth, width, d_out, batch, n_test, lr = 600, 16, 4, 64, 2000, 1e-3
     teacher = _Teacher(width, d_out, seed)
 
-    def data(variant: str) -> DataLoader:
-        return _loader(*_regression(steps * batch, width, teacher, _gen(seed, 18)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _regression(n_test, width, teacher, _gen(seed, 19))
-        return float(F.mse_loss(module(x), y))
+    data, evaluate = _regression_task(teacher, width, seed, (18, 19), steps * batch, batch, n_test)
 
     return _Job(
         name="deep1000",
@@ -1021,15 +1032,9 @@ def _job_moe(size: Size, seed: int, steps: int | None) -> _Job:
     steps = steps or (8 if size == "quick" else 300)
     batch, n_test, d_in, d_out, experts, lr = 8, 2000, 16, 4, 8, 1e-3
     teacher = _Teacher(d_in, d_out, seed)
-
     # Salts 31 and 32 (the LoRA config's too; the configs are independent): the draw of the first MoE run tried, whose
     # seeds 0 and 4 (of 0-9) hold one genuine isolated spike of the total norm (4.5x its average on seed 0).
-    def data(variant: str) -> DataLoader:
-        return _loader(*_regression(steps * batch, d_in, teacher, _gen(seed, 31)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _regression(n_test, d_in, teacher, _gen(seed, 32))
-        return float(F.mse_loss(module(x), y))
+    data, evaluate = _regression_task(teacher, d_in, seed, (31, 32), steps * batch, batch, n_test)
 
     return _Job(
         name="moe",
@@ -1049,12 +1054,7 @@ def _job_checkpointed(size: Size, seed: int, steps: int | None) -> _Job:
     steps = steps or (8 if size == "quick" else 200)
     batch, d_in, classes, n_test, blocks, lr = 64, 32, 10, 2000, 6, 1e-3
 
-    def data(variant: str) -> DataLoader:
-        return _loader(*_classification(steps * batch, d_in, classes, seed, _gen(seed, 24)), batch=batch)
-
-    def evaluate(module: L.LightningModule) -> float:
-        x, y = _classification(n_test, d_in, classes, seed, _gen(seed, 25))
-        return float(F.cross_entropy(module(x), y))
+    data, evaluate = _classification_task(d_in, classes, seed, (24, 25), steps * batch, batch, n_test)
 
     return _Job(
         name="checkpointed",
