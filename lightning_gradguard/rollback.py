@@ -5,7 +5,7 @@ history to compare with: the LSTM of the stability suite goes from loss 0.8 to 9
 rate. Lowering the rate afterwards leaves the run where it landed (saturated gates, a ResNet full of NaN).
 :class:`Rollback` keeps a copy of the trainable parameters and of their optimizer state from a point known to have
 trained calmly, and puts it back when the LR guard lowers the rate, so that the lower rate starts again from
-healthy weights. Repeated, this is an automatic learning-rate finder: each explosion halves the rate (the LR guard's
+healthy weights. Repeated, this is an automatic learning-rate finder: each cut halves the rate (the LR guard's
 ``factor``) and returns to the last healthy point.
 
 A copy is *known healthy* once ``every`` further steps have passed without an exploding or non-finite event: the
