@@ -143,8 +143,7 @@ def test_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
     summary = engine.summary()
     assert summary["lr_reduced"] == 1 and summary["rolled_back"] == 1
     # The restart takes one cut from the rate in force when the trouble began (1 -> 0.5), recovering towards just
-    # below the rate that exploded. Trouble
-    # after 30 calm steps (past `rescue_until`): no rescue clipper.
+    # below the rate that exploded. Trouble after 30 calm steps (past `rescue_until`): no rescue clipper.
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     assert 0.5 <= engine.lr_guard.scale() < 0.6
     assert engine.rollback is not None and not engine.rollback.rescuing
