@@ -265,6 +265,11 @@ class GradGuard(Callback):
         self._diag = _Diagnostics()
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
         self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
+        # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
+        # every evaluation, so only the first of a step is the step's; keys, and each key's global step at its last
+        # call.
+        self._reevaluating: set[int] = set()
+        self._evaluated: dict[int, int] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -375,6 +380,7 @@ class GradGuard(Callback):
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
+        self._evaluated.clear()
         self._loss = None  # a loss left over by an earlier fit that ended between backward and step
         self._diag.start_fit(self, trainer, pl_module, index)
 
@@ -424,16 +430,19 @@ class GradGuard(Callback):
             raise MisconfigurationException(
                 f"GradGuard: optimizer {key} holds none of the LightningModule's parameters."
             )
+        reevaluating = self._reevaluates(optimizer, key)
         new = GuardEngine(
             index,
-            clip=copy.deepcopy(self.clip),
+            # A quasi-Newton step builds its curvature estimate from differences of the gradients of its
+            # evaluations: clipping one of them bends that estimate (an LBFGS run ended at twice the loss).
+            clip=None if reevaluating else copy.deepcopy(self.clip),
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
             divergence=copy.deepcopy(self.divergence) if self._watches_loss(trainer) else None,
             lr_guard=self.lr_guard,
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
-            clip_exploding=self.clip_exploding,
+            clip_exploding=self.clip_exploding and not reevaluating,
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
@@ -448,6 +457,49 @@ class GradGuard(Callback):
         self._reporter.forget(key)
         self._signatures[key] = signature
         return new
+
+    def _reevaluates(self, optimizer: torch.optim.Optimizer, key: int) -> bool:
+        """Whether ``optimizer``'s step evaluates the closure several times: LBFGS, or one seen doing it."""
+        if key in self._reevaluating:
+            return True
+        if not isinstance(getattr(optimizer, "_optimizer", optimizer), torch.optim.LBFGS):
+            return False  # found out on its first step instead, if it does (`_repeated_evaluation`)
+        self._reevaluating.add(key)
+        self._warn_reevaluating(optimizer, key)
+        return True
+
+    def _warn_reevaluating(self, optimizer: torch.optim.Optimizer, key: int) -> None:
+        if self.clip is None and not (self.clip_exploding and self.exploding is not None):
+            return  # nothing this guard would have done is left out
+        name = type(getattr(optimizer, "_optimizer", optimizer)).__name__
+        rank_zero_warn(
+            f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
+            " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step and"
+            " clips none of them (a quasi-Newton step builds its curvature estimate from the gradients of all its"
+            " evaluations, and clipping some of them bends it); regularizers act on every evaluation, and non-finite"
+            " first evaluations are still skipped, the LR guard and the rollback still act.",
+            category=UserWarning,
+        )
+
+    def _repeated_evaluation(self, optimizer: torch.optim.Optimizer, key: int, stamp: int) -> bool:
+        """``True`` when this hook call is a further closure evaluation of a step the guard has already seen (it
+        then applies only what every evaluation needs)."""
+        repeated = self._evaluated.get(key) == stamp
+        self._evaluated[key] = stamp
+        if not repeated:
+            return False
+        if key not in self._reevaluating:
+            # Found out on its first step: the engine was built with a clipper; the next step gets one without.
+            self._reevaluating.add(key)
+            self._signatures.pop(key, None)
+            self._warn_reevaluating(optimizer, key)
+        self._loss = None  # the trial points' losses are not the step's
+        engine = self._states[key]
+        for r in engine.regularizers:  # part of the objective, at every point the optimizer evaluates
+            r.add_grad_()
+        if self._clip_norm is not None:  # Trainer(gradient_clip_val=...) clips every evaluation, as Lightning does
+            torch.nn.utils.clip_grad_norm_([p for p in engine.index.params if p.grad is not None], self._clip_norm)
+        return True
 
     # ------------------------------------------------------------------ the step
     def on_train_batch_start(
@@ -488,6 +540,10 @@ class GradGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         key = self._optimizer_key(trainer, optimizer)
+        # Lightning's optimizer-step count, not its batch count: manual optimization may step an optimizer twice in a
+        # batch, and those are two steps; a closure evaluated again inside one step leaves the count where it was.
+        if self._repeated_evaluation(optimizer, key, trainer.global_step):
+            return
         engine = self._state_for(trainer, optimizer, key)
         self._drain(trainer, engine, key)
 

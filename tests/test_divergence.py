@@ -303,18 +303,21 @@ class _LBFGSRegressor(Regressor):
         return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
 
 
-def test_each_closure_evaluation_brings_its_own_loss() -> None:
+def test_a_step_that_evaluates_its_closure_several_times_brings_its_first_loss() -> None:
     # LBFGS calls the closure (training_step and backward) several times inside `optimizer.step`; Lightning runs
-    # `on_before_optimizer_step` after each, so each evaluation is one step of the guard, with its own loss (not a sum).
+    # `on_before_optimizer_step` after each. The first evaluation is the step's (the loss at the weights the step
+    # starts from); the trial points' losses are neither summed into it nor carried into the next step.
     torch.manual_seed(0)
     model = _LBFGSRegressor()
     guard = GradGuard()
-    trainer(max_steps=3, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
+    fit = trainer(max_steps=3, max_epochs=-1, callbacks=[guard])
+    with pytest.warns(UserWarning, match="evaluates the closure several times"):
+        fit.fit(model, regression_data())
     engine = guard._states[0]
     det = engine.divergence
     assert det is not None and det._state is not None
-    assert len(model.losses) > 3 and engine.steps == len(model.losses)
-    assert det._state[1].item() == len(model.losses)
+    assert len(model.losses) > 2 * fit.global_step and engine.steps == fit.global_step == 3
+    assert det._state[1].item() == 3
     assert det.level()[1].item() == pytest.approx(model.losses[0].item())
     assert det.level()[0].item() <= max(loss.item() for loss in model.losses)
 

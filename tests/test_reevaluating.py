@@ -1,0 +1,206 @@
+"""Optimizers whose ``step`` evaluates the closure several times (LBFGS): Lightning runs ``on_before_optimizer_step``
+on every evaluation, so GradGuard must treat the first evaluation as the step and change no gradient the optimizer
+compares across evaluations. Real ``Trainer.fit`` runs on CPU."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard import L2, GradGuard
+from tests.models import regression_data, trainer
+
+
+class TwiceSGD(torch.optim.SGD):
+    """SGD whose step evaluates the closure twice at the same point (as a SAM-style or line-search step would)."""
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        assert closure is not None
+        with torch.enable_grad():
+            closure()
+            loss = closure()
+        super().step()
+        return loss
+
+
+class Fit(L.LightningModule):
+    """An MLP regressor whose loss is multiplied by ``scale_at[batch_idx]`` (a spike, or NaN), and which adds
+    ``penalty`` to its loss (the reference for a regularizer applied by the guard)."""
+
+    def __init__(
+        self,
+        optimizer: str,
+        scale_at: dict[int, float] | None = None,
+        penalty: L2 | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 1))
+        self.optimizer = optimizer
+        self.scale_at = scale_at or {}
+        self.penalty = penalty
+        self.closure_calls = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.closure_calls += 1
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y) * self.scale_at.get(batch_idx, 1.0)
+        if self.penalty is not None:
+            loss = loss + self.penalty.penalty()
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "lbfgs":
+            return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+        return TwiceSGD(self.parameters(), lr=0.05)
+
+
+class GradRecorder(L.Callback):
+    """The gradients the optimizer is handed at each evaluation (after the guard's hook, which runs first)."""
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]))
+
+
+class BatchParams(L.Callback):
+    """The parameters before and after batch ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == self.at:
+            self.before = _params(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if idx == self.at:
+            self.after = _params(pl_module)
+
+
+def _fit(
+    optimizer: str,
+    guard: GradGuard | None,
+    scale_at: dict[int, float] | None = None,
+    penalty: L2 | None = None,
+    epochs: int = 3,
+    extra: tuple[L.Callback, ...] = (),
+) -> tuple[Fit, L.Trainer, list[str]]:
+    L.seed_everything(0, verbose=False)
+    module = Fit(optimizer, scale_at, penalty)
+    if penalty is not None:
+        penalty.bind(module)
+    fit = trainer(max_epochs=epochs, callbacks=([guard] if guard is not None else []) + list(extra))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(module, regression_data(n=640, batch_size=32))
+    return module, fit, [str(w.message) for w in caught if str(w.message).startswith("GradGuard")]
+
+
+def _params(module: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_lbfgs_with_the_default_guard_trains_exactly_as_without_it() -> None:
+    plain, fit, _ = _fit("lbfgs", None)
+    guard = GradGuard(log_every_n_steps=5)
+    guarded, guarded_fit, messages = _fit("lbfgs", guard)
+    # Several evaluations per step: each one ran the hook, but the guard counted steps, not evaluations.
+    assert guarded.closure_calls > 2 * guarded_fit.global_step
+    assert guard._states[0].steps == guarded_fit.global_step == fit.global_step
+    assert all(torch.equal(a, b) for a, b in zip(_params(plain), _params(guarded)))
+    assert guard.summary()["clipped"] == 0
+    assert sum("evaluates the closure several times" in m and "LBFGS" in m for m in messages) == 1
+
+
+def test_lbfgs_step_with_a_nonfinite_first_evaluation_is_skipped() -> None:
+    guard, probe = GradGuard(), BatchParams(at=7)
+    module, fit, _ = _fit("lbfgs", guard, scale_at={7: math.nan}, epochs=1, extra=(probe,))
+    events = guard.summary()
+    assert events["nonfinite"] == 1 and events["skipped"] == 1 and events["lr_reduced"] == 0
+    # No gradient for the step: LBFGS returns before moving the weights, as any optimizer leaves them.
+    assert all(torch.equal(a, b) for a, b in zip(probe.before, probe.after))
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert fit.global_step == 20
+
+
+def test_a_regularizer_acts_on_every_evaluation_as_a_penalty_in_the_loss_would() -> None:
+    # Compared evaluation by evaluation: LBFGS turns fp32 rounding into different trajectories after a few steps.
+    reference, guarded = GradRecorder(), GradRecorder()
+    _fit("lbfgs", None, penalty=L2(0.01), epochs=1, extra=(reference,))
+    _fit("lbfgs", GradGuard(clip=None, lr_guard=None, regularizers=[L2(0.01)]), epochs=1, extra=(guarded,))
+    unregularized = GradRecorder()
+    _fit("lbfgs", None, epochs=1, extra=(unregularized,))
+    assert len(reference.grads) == len(guarded.grads) > 20
+    for a, b, c in zip(reference.grads[:12], guarded.grads[:12], unregularized.grads[:12]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        assert not torch.allclose(c, a, rtol=1e-4, atol=1e-6)  # the penalty does change each gradient
+
+
+@pytest.mark.parametrize("optimizer", ["twice", "lbfgs"])
+def test_a_spike_is_reported_but_not_clipped_when_the_closure_runs_several_times(optimizer: str) -> None:
+    # A spike after ZClip's warm-up: an optimizer that evaluates once gets it clipped (the control, plain SGD
+    # through the same guard, is in test_guard_fit); one that evaluates twice is found out on its first step and
+    # from then on its gradients are measured, never changed.
+    guard = GradGuard(lr_guard=None, rollback=None)
+    _, fit, messages = _fit(optimizer, guard, scale_at={15: 1e4})
+    events = guard.summary()
+    assert events["exploding"] >= 1
+    assert events["clipped"] == 0
+    assert guard._states[0].steps == fit.global_step
+    assert sum("evaluates the closure several times" in m for m in messages) == 1
+
+
+def test_a_single_evaluation_optimizer_gets_the_same_spike_clipped() -> None:
+    class Once(Fit):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    guard = GradGuard(lr_guard=None, rollback=None)
+    L.seed_everything(0, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=3, callbacks=[guard]).fit(Once("sgd", {15: 1e4}), regression_data(n=640, batch_size=32))
+    assert guard.summary()["exploding"] >= 1 and guard.summary()["clipped"] >= 1
+
+
+def test_manual_optimization_stepping_an_optimizer_twice_in_a_batch_takes_two_steps() -> None:
+    # Two optimizer steps in one batch (a critic trained several times per batch) are two steps, not one step that
+    # evaluated its closure twice: both are measured and clipped.
+    class TwoSteps(Fit):
+        def __init__(self) -> None:
+            super().__init__("sgd", {15: 1e4})
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            opt = self.optimizers()
+            for _ in range(2):
+                opt.zero_grad()
+                self.manual_backward(super().training_step(batch, batch_idx))
+                opt.step()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    guard = GradGuard(lr_guard=None, rollback=None)
+    L.seed_everything(0, verbose=False)
+    fit = trainer(max_epochs=1, callbacks=[guard])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit.fit(TwoSteps(), regression_data(n=640, batch_size=32))
+    assert fit.global_step == 40
+    assert guard._states[0].steps == 40
+    assert guard.summary()["clipped"] >= 1
+    assert not any("evaluates the closure several times" in str(w.message) for w in caught)
