@@ -2,16 +2,19 @@
 
 Two consecutive batches whose loss is multiplied by ``--factor`` (10^4 by default: a corrupted label scale, a unit
 mistake) at optimizer steps ``--step`` and ``--step + 1`` of an otherwise healthy configuration of the healthy zoo
-(``benchmarks/healthy_zoo.py``, same models, data, seeds and held-out metrics). Two troubled steps in a row is what
-the default early restart (``default_rollback()``) acts on: the run restarts from its initial weights. When the
-trouble began by step ``rescue_until`` (20) of an SGD run that had no calm start (``calm_factor``: the total norms
-of at least 3 steps before it within 4x of each other), the restart keeps the rate and puts AGC to work for the rest
-of the run (the rescue meant for a rate too high from the start); otherwise it restarts one LR cut lower. The runs of
-a config, all from the same weights on the same batches:
+(``benchmarks/healthy_zoo.py``, same models, data, seeds and held-out metrics). The flagged steps are clipped to
+twice the average norm. When the trouble began by step ``rescue_until`` (20) with no calm start before it
+(``calm_factor``: the total norms of at least 3 steps before it within 4x of each other), it looks like a rate too
+high from the start, and the default early restart (``default_rollback()``) restarts from the initial weights: in an
+SGD run at its rate with AGC at work for the rest of the run (the rescue), otherwise one LR cut lower. After a calm
+start, or later, the LR guard's cut is all (``early_only``). The runs of a config, all from the same weights on the
+same batches:
 
 * ``clean``: unguarded, without the bad batches: the reference;
 * ``unguarded``: unguarded, with the bad batches (for information: often wrecked);
 * ``guarded``: ``GradGuard()``, with the bad batches;
+* ``guarded_restart``: ``GradGuard()`` whose early restart answers every cut of its 500-step window
+  (``early_only=False``, the previous default), with the bad batches: what restarting a run that had trained costs;
 * ``guarded_norescue``: ``GradGuard()`` whose early restart has no rescue clipper, with the bad batches;
 * ``guarded_nocalm``: ``GradGuard()`` whose rescue answers any trouble in the first 20 steps, calm start or not
   (``calm_factor=None``), with the bad batches: what the calm-start test saves;
@@ -53,6 +56,7 @@ __all__ = ["main", "report", "run"]
 
 #: The guarded runs besides ``GradGuard()``: variant -> the keyword arguments of ``default_rollback``.
 ROLLBACKS: dict[str, dict[str, Any]] = {
+    "guarded_restart": {"early_only": False},
     "guarded_norescue": {"rescue": False},
     "guarded_nocalm": {"calm_factor": None},
     "guarded_laterescue": {"rescue_until": 500, "calm_factor": None},

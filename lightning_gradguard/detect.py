@@ -24,8 +24,8 @@ class ExplodingResult(NamedTuple):
         total: 0-d bool, the total norm spiked or crossed the ceiling.
         layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling.
         any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
-        cap: 0-d, when ``total`` is set the lowest of the band's upper edge, ``max_ratio`` times the EMA norm and
-            the ceiling ``max_norm``, else ``inf``: the norm a flagged step can be clipped to.
+        cap: 0-d, when ``total`` is set ``min_ratio`` times the (geometric) average norm, or the ceiling
+            ``max_norm`` where that is lower, else ``inf``: the norm a flagged step can be clipped to.
     """
 
     total: Tensor
@@ -278,11 +278,11 @@ class ExplodingDetector:
         flags = use & spike & (norms >= norms[0] * self.min_share) if self.min_share > 0 else use & spike
         if not self.per_layer:
             flags[1:] = False
-        # Where a flagged total may be clipped to: the lowest of the band's upper edge, the max_ratio boundary and
-        # the ceiling, judged before this step enters the history. A few noisy warm-up steps can put the band's
-        # edge above a norm that the max_ratio test flags; the boundary it crossed still holds it.
-        top = half[0] if jumps is None else torch.minimum(half[0], jumps[0])
-        edge = (mean[0] + top).exp()
+        # Where a flagged total may be clipped to: min_ratio times the average norm (the least a spike is), or the
+        # ceiling, judged before this step enters the history. Not the band's upper edge: a history whose norms
+        # trend (Adam's first steps) makes the band wide, and a bad batch clipped to a 50x edge still wrecks
+        # Adam's second moments for hundreds of steps (+257% held-out loss, two bad batches at step 20).
+        edge = mean[0].add(math.log(self.min_ratio)).exp()
         if self.max_norm is not None:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
             edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)

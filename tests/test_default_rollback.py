@@ -135,8 +135,17 @@ def test_the_default_guard_restarts_early_and_cheaply() -> None:
             Rollback(**bad)
 
 
-def test_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={30, 31})
+def test_two_spikes_after_a_calm_start_cut_the_rate_and_keep_the_weights() -> None:
+    # Bad batches at step 30 of a calm run: the LR guard cuts on the second, the run goes on from where it is (the
+    # spikes were clipped to twice the average norm). A restart would throw 30 steps away.
+    engine, model, initial, restarts = _engine_run(default_rollback(), spikes={30, 31})
+    assert restarts == [] and engine.summary()["lr_reduced"] == 1 and engine.summary()["rolled_back"] == 0
+    assert engine.lr_guard is not None and engine.lr_guard.scale() < 1.0
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), initial))
+
+
+def test_with_early_only_off_two_spikes_in_a_row_restart_from_the_initial_weights() -> None:
+    engine, _, _, restarts = _engine_run(default_rollback(early_only=False), spikes={30, 31})
     # The flags of step 31 land before step 32: the cut (the LR guard's second event) is taken there, and with it
     # the restart.
     assert restarts == [32]
@@ -174,8 +183,12 @@ def test_the_trouble_must_begin_by_rescue_until() -> None:
 
 
 def test_trouble_after_a_calm_start_is_bad_batches_and_gets_the_cut() -> None:
-    # Four calm steps, then two spikes: bad batches, not a rate too high. One cut below the rate, no clipper.
+    # Four calm steps, then two spikes: bad batches, not a rate too high. The LR guard's cut, no restart.
     rollback = default_rollback()
+    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    assert restarts == [] and not rollback.rescuing and engine.summary()["lr_reduced"] == 1
+    # A restart for them (early_only=False) is one cut below the rate, with no clipper.
+    rollback = default_rollback(early_only=False)
     engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
     assert restarts == [7] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
@@ -194,7 +207,7 @@ def test_a_start_whose_norms_grow_is_no_calm_start_and_gets_the_rescue() -> None
     for factor, rescued in ((4.0, False), (1.5, True)):
         rollback = default_rollback(calm_factor=factor)
         _, _, _, restarts = _engine_run(rollback, spikes={5, 6}, scales={2: 1.4, 3: 1.9, 4: 2.5})
-        assert restarts == [7] and rollback.rescuing is rescued, factor
+        assert restarts == ([7] if rescued else []) and rollback.rescuing is rescued, factor
 
 
 def test_a_masked_batch_does_not_break_a_calm_start() -> None:
@@ -202,7 +215,7 @@ def test_a_masked_batch_does_not_break_a_calm_start() -> None:
     # start. Counted as a norm of 0 it would be an infinite spread, and the bad batches would get the rescue.
     rollback = default_rollback()
     engine, _, _, restarts = _engine_run(rollback, spikes={5, 6}, scales={3: 0.0})
-    assert restarts == [7] and not rollback.rescuing
+    assert restarts == [] and not rollback.rescuing
 
 
 def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
@@ -210,7 +223,10 @@ def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
     assert rollback.wants_norm(1) and rollback.wants_norm(20) and not rollback.wants_norm(21)
     assert default_rollback(calm_factor=None).wants_norm(1) and default_rollback(blowup_factor=None).wants_norm(1)
     assert not default_rollback(calm_factor=None, blowup_factor=None).wants_norm(1)
-    assert not default_rollback(rescue=False).wants_norm(1)
+    # Without a rescue the calm-start test still decides whether to restart at all (early_only).
+    assert default_rollback(rescue=False).wants_norm(1) and not default_rollback(rescue=False).wants_norm(21)
+    assert not default_rollback(rescue=False, early_only=False).wants_norm(1)
+    rollback = default_rollback(early_only=False)
     rollback.rescuing = True
     assert not rollback.wants_norm(1)
     # In a run: the norms of the untroubled steps of the window, each its step's true total norm.
@@ -259,7 +275,8 @@ def test_a_blow_up_by_orders_of_magnitude_gets_the_rescue_and_one_cut() -> None:
 
 def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> None:
     ratios: dict[int, float] = {}
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3, 40, 41}, ratios=ratios)
+    rollback = default_rollback(early_only=False)  # the default leaves the later trouble to the LR guard
+    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3, 40, 41}, ratios=ratios)
     assert restarts == [4, 42]
     after = [ratios[s] for s in range(5, 61) if s in ratios]  # the restart steps have no gradient
     assert len(after) == 55 and max(after) <= 0.01 * (1 + 1e-4)  # the two spikes between the restarts included
@@ -385,12 +402,17 @@ def test_non_finite_batches_in_a_row_need_twice_the_stretch_without_a_finite_exp
     for nans in ({30, 31}, {30, 31, 32}):
         engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), nans=frozenset(nans))
         assert restarts == [] and engine.summary()["skipped"] == len(nans)
-    # Four in a row: a model wrecked straight into NaN stays there; the cut on the fourth restarts.
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), nans=frozenset({30, 31, 32, 33}))
+    # Four in a row: a model wrecked straight into NaN stays there; the cut on the fourth restarts (with
+    # early_only=False: the default restarts only for early trouble without a calm start).
+    late = default_rollback(early_only=False)
+    engine, _, _, restarts = _engine_run(late, spikes=set(), nans=frozenset({30, 31, 32, 33}))
     assert restarts == [34] and engine.summary()["lr_reduced"] == 2
     # A finite explosion (a cut), then NaN twice (the second cuts): the weights the explosion wrecked.
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={30}, nans=frozenset({31, 32}))
+    engine, _, _, restarts = _engine_run(default_rollback(early_only=False), spikes={30}, nans=frozenset({31, 32}))
     assert restarts == [33] and engine.summary()["rolled_back"] == 1
+    # The same with no calm start before it: four NaN batches from the second step restart by default.
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), nans=frozenset({2, 3, 4, 5}))
+    assert restarts == [6]
 
 
 def test_past_until_the_copy_is_freed_and_nothing_restarts() -> None:
@@ -416,7 +438,9 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
     single, _, restarts = _fit({40})
     assert single.summary()["exploding"] == 1 and single.summary()["lr_reduced"] == 0 and restarts == []
     assert single.summary()["rolled_back"] == 0 and single.lr_guard is not None and single.lr_guard.scale() == 1.0
-    double, _, restarts = _fit({40, 41})
+    kept, _, restarts = _fit({40, 41})  # after 40 calm steps: the cut, and training goes on from there
+    assert kept.summary()["lr_reduced"] == 1 and kept.summary()["rolled_back"] == 0 and restarts == []
+    double, _, restarts = _fit({40, 41}, rollback=default_rollback(early_only=False))
     assert double.summary()["lr_reduced"] == 1 and double.summary()["rolled_back"] == 1
     assert restarts == [42]  # step 41's flags land before step 42: the restart skips step 42
     # After 40 calm steps: the restart lowers the rate, no rescue clipper.
@@ -457,10 +481,10 @@ def test_in_a_trainer_a_blow_up_gets_the_rescue_and_one_cut() -> None:
 
 
 def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: pytest.LogCaptureFixture) -> None:
-    def fit(spikes: set[int]) -> tuple[float, list[str]]:
+    def fit(spikes: set[int], rollback: Any = "default") -> tuple[float, list[str]]:
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            guard, _, _ = _fit(spikes)
+            guard, _, _ = _fit(spikes, rollback=rollback)
         assert guard.lr_guard is not None
         starts = ("GradGuard: the learning rate", "GradGuard: the gradients exploded")
         notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith(starts)]
@@ -473,12 +497,14 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
     assert "`GradGuard(clip=AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()))`" in notes[0]
     # A restart that lowered the rate: one line with the multiplier in force at the end, the rate it means and what
     # happened.
-    scale, notes = fit({40, 41})
+    scale, notes = fit({40, 41}, rollback=default_rollback(early_only=False))
     assert 0.0 < scale < 1.0 and len(notes) == 1
     assert notes[0].startswith(f"GradGuard: the learning rate ends at {scale:.3g}x its scheduled value")
     assert f"(lr {0.02 * scale:.3g}; the schedule says 0.02) after 1 reduction and 1 rollback." in notes[0]
-    # One spike keeps the rate: nothing to say; nor for a healthy run.
+    # One spike keeps the rate: nothing to say; nor for a healthy run, nor for a single cut that is recovering.
     assert fit({40}) == (1.0, [])
+    scale, notes = fit({40, 41})
+    assert scale < 1.0 and notes == []
     assert fit(set()) == (1.0, [])
 
 
