@@ -128,10 +128,11 @@ class GradGuard(Callback):
             vanishing, non-finite) per optimizer and logging step, about the layers not reported before, naming the
             worst ``max_warnings`` of them and counting the rest; ``0`` names none. Update-ratio hints come as one
             message per log.
-        clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to the lowest
-            of the detector's boundaries (the top of its band, ``max_ratio`` times its average, its ceiling). A safety
-            net for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip
-            during its warm-up); folded into the clipper's coefficient, no extra pass.
+        clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to
+            ``min_ratio`` (2) times the detector's average norm, or its ceiling ``max_norm`` where lower. A safety net
+            for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip during
+            its warm-up), and a bound on what one bad batch can do (to Adam's second moments too); folded into the
+            clipper's coefficient, no extra pass.
         compile: run the fused per-step tail compiled with ``torch.compile`` (see :class:`GuardEngine`): ``True``,
             ``False``, or ``"auto"``: on CUDA only (compiling on a CPU takes tens of seconds).
         diagnostics: the logging-step-only diagnostics to log: ``True`` (default) all of them, ``False`` none, or a
@@ -434,7 +435,7 @@ class GradGuard(Callback):
         new = GuardEngine(
             index,
             # A quasi-Newton step builds its curvature estimate from differences of the gradients of its
-            # evaluations: clipping one of them bends that estimate (an LBFGS run ended at twice the loss).
+            # evaluations: clipping one of them bends that estimate (an LBFGS run ended at 1.8x the loss).
             clip=None if reevaluating else copy.deepcopy(self.clip),
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
@@ -469,8 +470,8 @@ class GradGuard(Callback):
         return True
 
     def _warn_reevaluating(self, optimizer: torch.optim.Optimizer, key: int) -> None:
-        if self.clip is None and not (self.clip_exploding and self.exploding is not None):
-            return  # nothing this guard would have done is left out
+        if self.clip is None:
+            return  # nothing this guard would have done is left out (clip_exploding needs a clipper)
         name = type(getattr(optimizer, "_optimizer", optimizer)).__name__
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"

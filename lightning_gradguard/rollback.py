@@ -231,8 +231,8 @@ class Rollback:
             cut answers it, and the run goes on from where it is. A divergence event of the loss (blown up above its
             first value for several steps: the weights are wrecked) still rolls back at any step up to ``until``.
             :func:`default_rollback` sets it, because its only copy is the initial weights: two bad batches in a row
-            at step 150 of 200 restarted a healthy Adam run from scratch and it ended +354% (held-out loss), against
-            +1.3% with the cut alone (``benchmarks/bad_batches.py``).
+            at step 150 of 200 restarted the healthy zoo's masked-batch Adam run from scratch, and it ended +354%
+            (held-out loss), against +1.3% with the cut alone.
 
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
@@ -438,8 +438,8 @@ class Rollback:
 
     def wants_norm(self, step: int) -> bool:
         """Whether engine step ``step`` should send its total gradient norm to :meth:`observe` (``calm_factor``'s
-        and ``blowup_factor``'s tests: only in the first ``rescue_until`` steps, before the rescue clipper is at
-        work)."""
+        and ``blowup_factor``'s tests: only in the first ``rescue_until`` steps, and for the rescue's tests only
+        before the rescue clipper is at work; ``early_only``'s calm-start test needs them after it too)."""
         rescue_tests = (
             self.rescue is not None
             and (self.calm_factor is not None or self.blowup_factor is not None)

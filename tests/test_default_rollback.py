@@ -121,6 +121,7 @@ def test_the_default_guard_restarts_early_and_cheaply() -> None:
     rollback = guard.rollback
     assert rollback is not None
     assert (rollback.every, rollback.until, rollback.patience, rollback.within) == (None, 500, 2, 2)
+    assert rollback.early_only and not Rollback().early_only and "early_only=True" in repr(rollback)
     assert rollback.max_bytes == 1 << 30 and not rollback.pin_lr
     assert GradGuard(rollback="default").rollback is not None
     assert GradGuard(lr_guard=None).rollback is None  # nothing to act on: off, not an error
@@ -130,7 +131,8 @@ def test_the_default_guard_restarts_early_and_cheaply() -> None:
     assert repr(engine_rollback) == repr(default_rollback())
     with pytest.raises(ValueError, match="needs an `lr_guard`"):
         GradGuard(lr_guard=None, rollback=default_rollback())
-    for bad in ({"until": 0}, {"patience": 0}, {"within": 0}, {"max_bytes": 0}, {"every": 0}, {"until": 2.5}):
+    bad_args = ({"until": 0}, {"patience": 0}, {"within": 0}, {"max_bytes": 0}, {"every": 0}, {"until": 2.5})
+    for bad in (*bad_args, {"early_only": 1}, {"early_only": "yes"}):
         with pytest.raises(ValueError):
             Rollback(**bad)
 
