@@ -151,9 +151,9 @@ def test_a_regularizer_acts_on_every_evaluation_as_a_penalty_in_the_loss_would()
 
 @pytest.mark.parametrize("optimizer", ["twice", "lbfgs"])
 def test_a_spike_is_reported_but_not_clipped_when_the_closure_runs_several_times(optimizer: str) -> None:
-    # A spike after ZClip's warm-up: an optimizer that evaluates once gets it clipped (the control, plain SGD
-    # through the same guard, is in test_guard_fit); one that evaluates twice is found out on its first step and
-    # from then on its gradients are measured, never changed.
+    # A spike after ZClip's warm-up: an optimizer that evaluates once gets it clipped (the control, the next test);
+    # one that evaluates twice is found out on its first step and from then on its gradients are measured, never
+    # changed.
     guard = GradGuard(lr_guard=None, rollback=None)
     _, fit, messages = _fit(optimizer, guard, scale_at={15: 1e4})
     events = guard.summary()
