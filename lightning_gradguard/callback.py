@@ -475,10 +475,10 @@ class GradGuard(Callback):
         name = type(getattr(optimizer, "_optimizer", optimizer)).__name__
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
-            " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step and"
-            " clips none of them (a quasi-Newton step builds its curvature estimate from the gradients of all its"
-            " evaluations, and clipping some of them bends it); regularizers act on every evaluation, and non-finite"
-            " first evaluations are still skipped, the LR guard and the rollback still act.",
+            " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step, and"
+            " its clipper clips none of them (a quasi-Newton step builds its curvature estimate from the gradients of"
+            " all its evaluations, and clipping some of them bends it); regularizers act on every evaluation, and"
+            " non-finite first evaluations are still skipped, the LR guard and the rollback still act.",
             category=UserWarning,
         )
 
