@@ -267,10 +267,11 @@ class GradGuard(Callback):
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
         self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
-        # every evaluation, so only the first of a step is the step's; keys, and each key's global step at its last
-        # call.
+        # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
+        # the optimizer.step() call under way (absent: none under way), kept by the optimizer's own step hooks.
         self._reevaluating: set[int] = set()
-        self._evaluated: dict[int, int] = {}
+        self._in_step: dict[int, int] = {}
+        self._step_hooks: dict[int, tuple[Any, Any]] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -381,7 +382,7 @@ class GradGuard(Callback):
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
-        self._evaluated.clear()
+        self._in_step.clear()
         self._loss = None  # a loss left over by an earlier fit that ended between backward and step
         self._diag.start_fit(self, trainer, pl_module, index)
 
@@ -395,6 +396,8 @@ class GradGuard(Callback):
             self._state_for(trainer, optimizer, key)
             if self.lr_guard is not None and key not in self._lr_hooks:
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
+            if key not in self._step_hooks:
+                self._step_hooks[key] = self._count_evaluations(optimizer, key)
         every, done = self._log_every(trainer), _lightning_step(trainer)
         # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
         # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
@@ -482,12 +485,27 @@ class GradGuard(Callback):
             category=UserWarning,
         )
 
-    def _repeated_evaluation(self, optimizer: torch.optim.Optimizer, key: int, stamp: int) -> bool:
-        """``True`` when this hook call is a further closure evaluation of a step the guard has already seen (it
-        then applies only what every evaluation needs)."""
-        repeated = self._evaluated.get(key) == stamp
-        self._evaluated[key] = stamp
-        if not repeated:
+    def _count_evaluations(self, optimizer: torch.optim.Optimizer, key: int) -> tuple[Any, Any]:
+        """Hooks on ``optimizer.step()`` that open and close its count of closure evaluations (the hook calls made
+        inside it: Lightning evaluates the closure from within the step, except under a GradScaler, which is never
+        given a closure that it re-evaluates)."""
+
+        def began(*_: Any) -> None:
+            self._in_step[key] = 0
+
+        def ended(*_: Any) -> None:
+            self._in_step.pop(key, None)
+
+        return optimizer.register_step_pre_hook(began), optimizer.register_step_post_hook(ended)
+
+    def _repeated_evaluation(self, optimizer: torch.optim.Optimizer, key: int) -> bool:
+        """``True`` when this hook call is a further closure evaluation inside an ``optimizer.step()`` whose first
+        one the guard has already seen (it then applies only what every evaluation needs)."""
+        seen = self._in_step.get(key)
+        if seen is None:
+            return False  # outside a step: the closure ran before it (a GradScaler), or the hook was called directly
+        self._in_step[key] = seen + 1
+        if seen == 0:
             return False
         if key not in self._reevaluating:
             # Found out on its first step: the engine was built with a clipper; the next step gets one without.
@@ -541,9 +559,7 @@ class GradGuard(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         key = self._optimizer_key(trainer, optimizer)
-        # Lightning's optimizer-step count, not its batch count: manual optimization may step an optimizer twice in a
-        # batch, and those are two steps; a closure evaluated again inside one step leaves the count where it was.
-        if self._repeated_evaluation(optimizer, key, trainer.global_step):
+        if self._repeated_evaluation(optimizer, key):
             return
         engine = self._state_for(trainer, optimizer, key)
         self._drain(trainer, engine, key)
@@ -751,6 +767,11 @@ class GradGuard(Callback):
         for handle in self._lr_hooks.values():
             handle.remove()
         self._lr_hooks.clear()
+        for handles in self._step_hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._step_hooks.clear()
+        self._in_step.clear()
 
     def _disarm_saturation(self) -> dict[str, Tensor]:
         if self._saturation is not None and self._sat_armed:
