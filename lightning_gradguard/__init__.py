@@ -16,6 +16,7 @@ _EXPORTS = {
     "NonFiniteGradientError": "callback",
     "VanishingGradientError": "callback",
     "AGC": "clip",
+    "AdaGC": "clip",
     "AutoClip": "clip",
     "Clipper": "clip",
     "NormClip": "clip",
@@ -62,7 +63,7 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
         NonFiniteGradientError,
         VanishingGradientError,
     )
-    from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
+    from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, ZClip
     from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
     from lightning_gradguard.diagnostics import (
         ActivationGradients,

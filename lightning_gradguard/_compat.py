@@ -37,6 +37,7 @@ __all__ = [
     "foreach_copy_",
     "foreach_mul",
     "foreach_mul_",
+    "foreach_mul_each_",
     "foreach_norm",
     "foreach_sign",
     "foreach_zero_",
@@ -233,6 +234,21 @@ def foreach_mul_(tensors: Sequence[Tensor], scalar: Tensor | float) -> None:
             return
     for t in tensors:
         t.mul_(scalar)
+
+
+def foreach_mul_each_(tensors: Sequence[Tensor], scalars: Sequence[Tensor]) -> None:
+    """``t.mul_(s)`` for each pair of ``tensors`` (one device) and 0-d ``scalars``, in place: one fused kernel where
+    the device has them (a per-tensor clip coefficient), else one multiply per tensor."""
+    if len(tensors) != len(scalars):
+        raise ValueError(f"foreach_mul_each_: {len(tensors)} tensors but {len(scalars)} scalars")
+    if len(tensors) == 0:
+        return
+    fused = _private("_foreach_mul_")
+    if fused is not None and _foreach_ok(tensors) and _all_plain(scalars):
+        fused(list(tensors), list(scalars))
+        return
+    for t, s in zip(tensors, scalars):
+        t.mul_(s)
 
 
 def foreach_mul(tensors: Sequence[Tensor], other: Tensor | float | Sequence[Tensor]) -> list[Tensor]:

@@ -57,7 +57,7 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None) -> fl
             f" changes the gradient's direction, so no norm coefficient can describe it: {before}"
         )
         return None
-    if clip is not None and (clip.needs_params or getattr(clip, "norm_type", 2.0) != 2.0):
+    if clip is not None and (not clip.takes_cap or getattr(clip, "norm_type", 2.0) != 2.0):
         rank_zero_warn(
             f"GradGuard clips gradients with {type(clip).__name__} and {clipping} clips their L2 norm again after it:"
             f" clipping happens twice. {before} Set one of them."

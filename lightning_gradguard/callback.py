@@ -91,8 +91,9 @@ class GradGuard(Callback):
     the strategy and AMP checks, the loggers, the checkpoints and the raise/warn policy.
 
     Args:
-        clip: the clipper (:class:`ZClip`, :class:`AutoClip`, :class:`AGC`, :class:`NormClip`); ``"default"`` is
-            ``ZClip(z_thresh=4.0)`` (:func:`~lightning_gradguard.clip.default_clipper`), ``None`` disables clipping.
+        clip: the clipper (:class:`ZClip`, :class:`AutoClip`, :class:`AGC`, :class:`AdaGC`, :class:`NormClip`);
+            ``"default"`` is ``ZClip(z_thresh=4.0)`` (:func:`~lightning_gradguard.clip.default_clipper`), ``None``
+            disables clipping.
             With ``Trainer(gradient_clip_val=v)`` (by norm) GradGuard clips once to ``min(this clipper's threshold,
             v)`` and switches Lightning's clipping off for the fit, so its logs describe what the optimizer receives
             (README, "Clipping").

@@ -1,4 +1,4 @@
-"""Gradient clippers: :class:`NormClip`, :class:`AutoClip`, :class:`ZClip` and :class:`AGC`.
+"""Gradient clippers: :class:`NormClip`, :class:`AutoClip`, :class:`ZClip`, :class:`AGC` and :class:`AdaGC`.
 
 Each clipper can be used on its own in a plain PyTorch loop, like :func:`torch.nn.utils.clip_grad_norm_`::
 
@@ -26,19 +26,28 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._compat import foreach_copy_, foreach_mul_, foreach_norm, group_by_device_and_dtype
+from lightning_gradguard._compat import (
+    foreach_copy_,
+    foreach_mul_,
+    foreach_mul_each_,
+    foreach_norm,
+    group_by_device_and_dtype,
+)
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_int, check_number
+from lightning_gradguard.stats import _dense, _grouped_norms
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
 except ImportError:  # torch built without distributed support
     _DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["AGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_clipper"]
+__all__ = ["AGC", "AdaGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_clipper"]
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
 _NORM_EPS = 1e-6
+_TINY = 1e-30  # floor of a norm that is divided by
+_SLOT_CACHE_SIZE = 64
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -51,13 +60,14 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype | None:
 def _total_norm(grads: Sequence[Tensor], norm_type: float = 2.0) -> Tensor:
     """The ``norm_type``-norm of all ``grads`` seen as one vector: a 0-d fp32 tensor on the first gradient's device.
 
-    One ``torch._foreach_norm`` per (device, dtype) group; no host synchronisation.
+    One ``torch._foreach_norm`` per (device, dtype) group; no host synchronisation. A sparse gradient counts with its
+    stored values (coalesced).
     """
     if len(grads) == 0:
         return torch.tensor(0.0)
     first_device = grads[0].device
     per_group: list[Tensor] = []
-    for (_, dtype), ([tensors], _) in group_by_device_and_dtype([list(grads)]).items():
+    for (_, dtype), ([tensors], _) in group_by_device_and_dtype([[_dense(g) for g in grads]]).items():
         norms = foreach_norm(tensors, norm_type, dtype=_norm_dtype(dtype))
         group_norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms), norm_type)
         per_group.append(group_norm.to(device=first_device, dtype=torch.float32))
@@ -127,6 +137,8 @@ class Clipper(abc.ABC):
 
     Attributes:
         needs_params: ``True`` when :meth:`clip_grads_` needs the parameters themselves (``AGC``).
+        needs_names: ``True`` when :meth:`clip_grads_` needs the parameter names (``AdaGC``).
+        takes_cap: ``False`` when :meth:`clip_grads_` ignores ``cap`` (``AGC``).
         last_threshold: 0-d fp32 tensor, the clipping threshold of the last call (``inf`` when there is none).
         last_coef: 0-d fp32 tensor, the clipping coefficient of the last call (``1.0`` = gradients unchanged).
 
@@ -141,6 +153,12 @@ class Clipper(abc.ABC):
     """
 
     needs_params: bool = False
+    #: ``True`` when the clipper keeps statistics per parameter and needs the ``names`` of :meth:`clip_grads_` to
+    #: tell them apart (:class:`AdaGC`).
+    needs_names: bool = False
+    #: ``False`` when the clipper ignores :meth:`clip_grads_`'s ``cap`` (:class:`AGC`): no bound on the total norm
+    #: (``GradGuard(max_norm=...)``, a Trainer's ``gradient_clip_val``) can be folded into its clipping.
+    takes_cap: bool = True
     #: ``True`` when the clipper splits into :meth:`prepare_` (host bookkeeping), :meth:`coefficient_` (a pure tensor
     #: function of fixed-shape state: what a compiled per-step tail can take in) and :meth:`scale_`.
     fusable: bool = False
@@ -879,6 +897,7 @@ class AGC(Clipper):
     """
 
     needs_params = True
+    takes_cap = False
 
     # Elements per temporary buffer (per gradient and per parameter): bounds the extra memory of batching.
     _CHUNK_NUMEL = 1 << 24
@@ -998,6 +1017,222 @@ class AGC(Clipper):
     def extra_repr(self) -> str:
         types = "(" + ", ".join(t.__name__ for t in self.exclude_types) + ("," if len(self.exclude_types) == 1 else "")
         return f"clip_factor={self.clip_factor}, eps={self.eps}, exclude={self.exclude!r}, exclude_types={types})"
+
+
+class AdaGC(Clipper):
+    """Per-tensor adaptive clipping: AdaGC (Wang et al., 2025, arXiv 2502.11034).
+
+    Each parameter tensor ``i`` keeps ``gamma_i``, an EMA of its own *clipped* gradient norms, and its gradient is
+    clipped to ``lambda_rel`` times it::
+
+        h_i = min(1, lambda_rel * gamma_i / ||G_i||)
+        G_i <- h_i * G_i
+        gamma_i <- beta * gamma_i + (1 - beta) * ||h_i * G_i||
+
+    During the first ``warmup_steps`` valid steps the whole gradient is clipped to the global norm ``lambda_abs``
+    instead (as :func:`torch.nn.utils.clip_grad_norm_`), and ``gamma_i`` is the smallest clipped norm tensor ``i``
+    had. A spike in one tensor is clipped there, without shrinking the others' steps (a global clip scales them all);
+    since ``gamma_i`` only averages clipped norms, it rises by at most ``(1 - beta) * (lambda_rel - 1)`` per step
+    (0.1% with the paper's values), so a spike never lifts the threshold.
+
+    What the paper leaves open is decided so that a healthy run is not harmed:
+
+    * an exactly-zero gradient (a fully masked batch, LoRA's ``A`` while ``B`` is still zero, an idle expert) is no
+      observation: the tensor's ``gamma_i`` and its count stay as they were (a zero would become a threshold of 0
+      and clip the tensor to nothing for good);
+    * every tensor counts its own observations, and is clipped relative to ``gamma_i`` only once it has
+      ``warmup_steps`` of them: a tensor that starts receiving gradients late (an unfrozen layer, a new param group)
+      gets its own warm-up, unclipped after the global one;
+    * invalid steps (non-finite norm, AMP overflow) change nothing, and the gradients are left as they are.
+
+    The paper trains LLMs with AdamW, which divides a tensor's gradient scale away: there the clip mostly bounds the
+    relative weight of a spiking tensor. With SGD every clipped step is a smaller step, and the threshold, which
+    rises by at most 0.1% per step, slows a run whose norms grow (see the healthy zoo benchmark in the README).
+
+    Statistics are kept per parameter *name* (``names`` of :meth:`Clipper.clip_grads_`, or the names of an
+    ``nn.Module`` passed to :meth:`Clipper.clip_`), so the set of gradients may change from step to step (idle
+    experts, frozen layers); without names they are kept by position, and the number of gradients must not change.
+    Sparse gradients are clipped as one tensor each (their stored values); FSDP2-sharded (DTensor) gradients are not
+    supported. Cost per step: one foreach norm and one foreach multiply, plus about twenty small vector kernels.
+
+    Args:
+        lambda_rel: the largest allowed ratio of a tensor's gradient norm to its ``gamma_i``, ``>= 1`` (paper:
+            1.05).
+        beta: EMA decay of ``gamma_i``, in ``[0, 1)`` (paper: 0.98).
+        warmup_steps: valid steps clipped to ``lambda_abs`` globally, and observations a tensor needs before it is
+            clipped relative to its own ``gamma_i``, ``>= 1`` (paper: 100).
+        lambda_abs: the global norm the gradients are clipped to during the warm-up, ``> 0`` (paper: 1.0); ``None``
+            leaves the warm-up unclipped (``gamma_i`` is then the smallest raw norm).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        >>> clipper = AdaGC(warmup_steps=3)
+        >>> x = torch.ones(16, 4)
+        >>> for _ in range(5):
+        ...     model.zero_grad()
+        ...     model(x).square().mean().backward()
+        ...     total_norm = clipper.clip_(model)
+        >>> model.zero_grad()
+        >>> model[0](x).sum().mul(1e3).backward()  # a spike in the first layer's gradients only
+        >>> total_norm = clipper.clip_(model)
+        >>> bool(clipper.last_coef < 0.01)
+        True
+    """
+
+    needs_names = True
+
+    def __init__(
+        self,
+        lambda_rel: float = 1.05,
+        beta: float = 0.98,
+        warmup_steps: int = 100,
+        lambda_abs: float | None = 1.0,
+    ) -> None:
+        super().__init__()
+        self.lambda_rel = check_number("lambda_rel", lambda_rel, low=1.0, low_inclusive=True)
+        self.beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=True)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
+        self.lambda_abs = None if lambda_abs is None else check_number("lambda_abs", lambda_abs, low=0.0)
+        self._slots: dict[str | int, int] = {}  # parameter name (or position) -> index into the state vectors
+        # Index tensors per set of keys: a model whose gradients come and go (idle experts) cycles through a few.
+        self._slot_cache: dict[tuple[str | int, ...], Tensor] = {}
+        # Device state: gamma and the observation count per tensor, the number of valid steps.
+        self._gamma = torch.zeros(0)
+        self._count = torch.zeros(0)
+        self._steps = torch.zeros(())
+        self._no_threshold: dict[torch.device, Tensor] = {}
+
+    def _slots_for(self, keys: tuple[str | int, ...], device: torch.device) -> Tensor:
+        """The state indices of ``keys`` as a device tensor (cached while the keys stay the same); new keys get new,
+        empty slots."""
+        cached = self._slot_cache.get(keys)
+        if cached is not None and cached.device == device:
+            return cached
+        new = [k for k in dict.fromkeys(keys) if k not in self._slots]
+        for key in new:
+            self._slots[key] = len(self._slots)
+        if new or self._gamma.device != device:
+            grow = len(self._slots) - self._gamma.numel()
+            self._gamma = torch.cat([self._gamma.to(device), torch.zeros(grow, device=device)])
+            self._count = torch.cat([self._count.to(device), torch.zeros(grow, device=device)])
+            self._steps = self._steps.to(device)
+        slots = torch.tensor([self._slots[k] for k in keys], dtype=torch.int64, device=device)
+        if len(self._slot_cache) >= _SLOT_CACHE_SIZE:
+            self._slot_cache.clear()
+        self._slot_cache[keys] = slots
+        return slots
+
+    def _keys(self, grads: list[Tensor], names: list[str] | None) -> tuple[str | int, ...]:
+        if names is not None:
+            return tuple(names)
+        if self._slots and (len(self._slots) != len(grads) or not all(isinstance(k, int) for k in self._slots)):
+            raise ValueError(
+                f"AdaGC keeps one statistic per gradient tensor and has {len(self._slots)} of them; this call has"
+                f" {len(grads)} gradients and no `names`. Pass `names` to clip_grads_ (or the nn.Module to clip_)"
+                " when the set of gradients changes between steps."
+            )
+        return tuple(range(len(grads)))
+
+    def _clip(
+        self,
+        grads: list[Tensor],
+        total_norm: Tensor,
+        valid: Tensor,
+        params: list[Tensor] | None,
+        names: list[str] | None,
+        owner_types: list[type] | None,
+        cap: Tensor | None,
+    ) -> Tensor:
+        device = total_norm.device
+        if _DTensor is not None and any(isinstance(g, _DTensor) for g in grads):
+            raise ValueError(
+                "AdaGC does not support sharded (FSDP2 DTensor) gradients: use ZClip, AutoClip or NormClip."
+            )
+        slots = self._slots_for(self._keys(grads, names), device)
+        raw, order = _grouped_norms([_dense(g) for g in grads], device)
+        if order is not None:  # several devices or dtypes: back into the order of ``grads``
+            raw = torch.empty_like(raw).index_copy_(0, torch.tensor(order, device=device), raw)
+        # The norms of the true gradients: ``total_norm`` is, and a fused optimizer under a GradScaler leaves ``grads``
+        # still multiplied by the loss scale, which this ratio divides away (1 otherwise).
+        norms = raw * (total_norm / torch.linalg.vector_norm(raw).clamp_min(_TINY))
+        valid = valid.to(device)
+        gamma, count = self._gamma[slots], self._count[slots]
+        observed = valid & (norms > 0) & (norms < math.inf)  # no NaN, inf or exact zero
+
+        in_warmup = self._steps < self.warmup_steps
+        if self.lambda_abs is None:
+            h_abs = torch.ones((), device=device)
+        else:
+            h_abs = torch.where(in_warmup, (self.lambda_abs / (total_norm + _NORM_EPS)).clamp_max(1.0), 1.0)
+        relative = (self.lambda_rel * gamma / norms.clamp_min(_TINY)).clamp_max(1.0)
+        own_warmup = count < self.warmup_steps
+        coef = torch.where(own_warmup, h_abs, relative)
+        coef = torch.where(valid & (norms < math.inf), coef, 1.0)
+        clipped = norms * coef
+        warm_gamma = torch.where(count > 0, torch.minimum(gamma, clipped), clipped)
+        new_gamma = torch.where(own_warmup, warm_gamma, gamma * self.beta + clipped * (1.0 - self.beta))
+        # Scatter back: every key appears once per call.
+        self._gamma = self._gamma.index_copy(0, slots, torch.where(observed, new_gamma, gamma))
+        self._count = self._count.index_copy(0, slots, count + observed)
+        self._steps = self._steps + (valid & (total_norm > 0) & (total_norm < math.inf))  # steps with a gradient
+
+        if cap is not None:
+            coef = coef * self._capped(torch.ones((), device=device), torch.linalg.vector_norm(clipped), cap)
+        per_device = group_by_device_and_dtype([grads], with_indices=True)
+        if len(per_device) == 1:
+            foreach_mul_each_(grads, coef.unbind())
+        else:
+            for (grad_device, _), ([group], indices) in per_device.items():
+                part = coef[torch.tensor(indices, device=device)].to(grad_device)
+                foreach_mul_each_(group, part.unbind())
+
+        if device not in self._no_threshold:
+            self._no_threshold[device] = torch.full((), math.inf, device=device)
+        abs_threshold = self._no_threshold[device] if self.lambda_abs is None else self.lambda_abs
+        self.last_threshold = torch.where(in_warmup, abs_threshold, self._no_threshold[device])
+        self.last_coef = coef.amin() if coef.numel() else torch.ones((), device=device)
+        return self.last_coef
+
+    def state_dict(self) -> dict[str, Any]:
+        """``keys`` (parameter names, or positions), ``gamma`` and ``count`` per key, and the valid ``steps``."""
+        return {
+            "keys": list(self._slots),
+            "gamma": _to_cpu(self._gamma),
+            "count": _to_cpu(self._count),
+            "steps": _to_cpu(self._steps),
+        }
+
+    def device_state(self) -> dict[str, Any]:
+        return {
+            "keys": list(self._slots),
+            "gamma": self._gamma.clone(),
+            "count": self._count.clone(),
+            "steps": self._steps.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
+        call."""
+        if set(state) != {"keys", "gamma", "count", "steps"}:
+            raise ValueError(f"Not an AdaGC state: keys {sorted(state)}.")
+        keys = list(state["keys"])
+        gamma = torch.as_tensor(state["gamma"], dtype=torch.float32).reshape(-1)
+        count = torch.as_tensor(state["count"], dtype=torch.float32).reshape(-1)
+        if gamma.numel() != len(keys) or count.numel() != len(keys):
+            raise ValueError(
+                f"AdaGC state holds {len(keys)} keys but {gamma.numel()} gamma and {count.numel()} count entries."
+            )
+        self._slots = {key: i for i, key in enumerate(keys)}
+        self._slot_cache.clear()
+        self._gamma, self._count = gamma.clone(), count.clone()
+        self._steps = torch.as_tensor(state["steps"], dtype=torch.float32).reshape(()).clone()
+
+    def extra_repr(self) -> str:
+        return (
+            f"lambda_rel={self.lambda_rel}, beta={self.beta}, warmup_steps={self.warmup_steps},"
+            f" lambda_abs={self.lambda_abs}"
+        )
 
 
 def _local_tensors(tensors: list[Tensor]) -> list[Tensor]:

@@ -576,10 +576,10 @@ class GuardEngine:
             if self.clipper is None:
                 self.clipper = NormClip(self.max_norm)
                 self._exploding_cap = False
-            elif self.clipper.needs_params or getattr(self.clipper, "norm_type", 2.0) != 2.0:
+            elif not self.clipper.takes_cap or getattr(self.clipper, "norm_type", 2.0) != 2.0:
                 raise ValueError(
-                    f"`max_norm` bounds the total L2 norm, which {self.clipper!r} does not scale by: use a clipper"
-                    " that scales all gradients by one coefficient of the L2 norm (ZClip, AutoClip, NormClip)."
+                    f"`max_norm` bounds the total L2 norm, which {self.clipper!r} cannot bound: use a clipper that"
+                    " takes a bound on the L2 norm (ZClip, AutoClip, NormClip, AdaGC)."
                 )
             if not (isinstance(self.clipper, NormClip) and self.clipper.max_norm <= self.max_norm):
                 self._max_norm_cap = torch.full((), self.max_norm, dtype=torch.float32, device=index.params[0].device)
@@ -937,13 +937,13 @@ class GuardEngine:
         if self.skipped:
             return clipper.last_coef.to(total.device, torch.float32), record.unclipped
         names = owners = None
-        if clipper.needs_params:
-            if any(g.is_sparse for g in measured.grads):
-                raise SparseGradientError(
-                    f"GradGuard(clip={type(clipper).__name__}(...)) cannot clip sparse gradients (e.g."
-                    " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip or"
-                    " AutoClip, which clip sparse gradients."
-                )
+        if clipper.needs_params and any(g.is_sparse for g in measured.grads):
+            raise SparseGradientError(
+                f"GradGuard(clip={type(clipper).__name__}(...)) cannot clip sparse gradients (e.g."
+                " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip, AutoClip"
+                " or AdaGC, which clip sparse gradients."
+            )
+        if clipper.needs_params or clipper.needs_names:
             names, owners = self._owners(measured.param_indices)
         cap = self._cap(exploding)
         coef = clipper.clip_grads_(

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.clip import AGC, AutoClip, Clipper, NormClip, ZClip
+from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, ZClip
 from tests.helpers import SyncRecorder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -483,6 +483,8 @@ CLIPPERS: dict[str, Callable[[], Clipper]] = {
     "zclip": lambda: ZClip(warmup_steps=5),
     "zclip-percentile": lambda: ZClip(warmup_steps=5, mode="percentile", max_grad_norm=2.0),
     "agc": lambda: AGC(exclude=r"^fc\."),
+    "adagc": lambda: AdaGC(warmup_steps=5),
+    "adagc-no-abs": lambda: AdaGC(warmup_steps=3, lambda_abs=None),
 }
 
 
@@ -704,6 +706,11 @@ def test_no_host_sync(make: Callable[[], Clipper], device: str, monkeypatch: pyt
         (AGC, dict(exclude="fc("), "exclude"),
         (AGC, dict(exclude=3), "exclude"),
         (AGC, dict(exclude_types=("Linear",)), "exclude_types"),
+        (AdaGC, dict(lambda_rel=0.9), "lambda_rel"),
+        (AdaGC, dict(beta=1.0), "beta"),
+        (AdaGC, dict(beta=-0.1), "beta"),
+        (AdaGC, dict(warmup_steps=0), "warmup_steps"),
+        (AdaGC, dict(lambda_abs=0.0), "lambda_abs"),
     ],
 )
 def test_invalid_arguments(cls: type, kwargs: dict, argument: str) -> None:
@@ -744,7 +751,9 @@ def test_repr_shows_arguments() -> None:
     assert eval(repr(ZClip(alpha=0.9)), {"ZClip": ZClip}).alpha == 0.9
 
 
-@pytest.mark.parametrize("make", [lambda: NormClip(100.0), lambda: AutoClip(), lambda: ZClip(warmup_steps=3)])
+@pytest.mark.parametrize(
+    "make", [lambda: NormClip(100.0), lambda: AutoClip(), lambda: ZClip(warmup_steps=3), lambda: AdaGC(warmup_steps=2)]
+)
 def test_cap_bounds_the_clipped_norm_without_touching_the_statistics(make: Callable[[], Clipper]) -> None:
     capped, plain = make(), make()
     for step in range(6):
@@ -762,7 +771,7 @@ def test_cap_bounds_the_clipped_norm_without_touching_the_statistics(make: Calla
     for key, value in plain.state_dict().items():  # the cap never enters the clipper's state
         other = capped.state_dict()[key]
         assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
-    bad = [torch.full((2,), math.nan)]
+    bad = [torch.full((4, 4), math.nan), torch.full((3,), math.nan, dtype=torch.float64)]
     coef = capped.clip_grads_(bad, torch.tensor(math.nan), torch.tensor(False), cap=torch.tensor(0.5))
     assert coef.item() == 1.0  # an invalid step with a cap: untouched, no NaN coefficient
 
