@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from lightning_gradguard import AGC, AutoClip, GradGuard, NormClip
+from lightning_gradguard import AGC, AdaGC, AutoClip, GradGuard, NormClip
 
 _LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
 
@@ -47,6 +47,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
 CLIPPER_GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "clip_autoclip": ("GradGuard(clip=AutoClip())", lambda: GradGuard(clip=AutoClip())),
     "clip_agc": ("GradGuard(clip=AGC())", lambda: GradGuard(clip=AGC())),
+    "clip_adagc": ("GradGuard(clip=AdaGC())", lambda: GradGuard(clip=AdaGC())),
     "clip_normclip": ("GradGuard(clip=NormClip(max_norm=1.0))", lambda: GradGuard(clip=NormClip(max_norm=1.0))),
 }
 

@@ -73,14 +73,14 @@ config with smaller data (the event positions above move inside those steps): it
 verdicts mean nothing. ``--steps N`` trains every selected config for N steps (events at or before the default
 positions, scaled down for a shorter run). On the CPU a rerun reproduces the table (wall times aside).
 
-``--clippers`` trains every config three more times, with ``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``
-and ``GradGuard(clip=NormClip(max_norm=1.0))`` (every other default kept), and reports one PASS count per clipper
-under the same bar; the zoo's verdicts stay the default guard's.
+``--clippers`` trains every config four more times, with ``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``,
+``GradGuard(clip=AdaGC())`` and ``GradGuard(clip=NormClip(max_norm=1.0))`` (every other default kept), and reports one
+PASS count per clipper under the same bar; the zoo's verdicts stay the default guard's.
 
 Run from the repository root::
 
     python benchmarks/healthy_zoo.py                            # the default zoo, about 5 minutes on 2 CPU cores
-    python benchmarks/healthy_zoo.py --clippers                 # and each other clipper, about 3x as long
+    python benchmarks/healthy_zoo.py --clippers                 # and each other clipper, about 4x as long
     python benchmarks/healthy_zoo.py --configs lora,gan --json out.json
     python benchmarks/healthy_zoo.py --quick --json -           # seconds; JSON on stdout
 

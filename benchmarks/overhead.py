@@ -72,7 +72,7 @@ from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_gradguard import AGC, AutoClip, GradGuard, NormClip, ZClip
+from lightning_gradguard import AGC, AdaGC, AutoClip, GradGuard, NormClip, ZClip
 
 try:
     from examples.cifar_resnet import cifar_resnet
@@ -259,6 +259,7 @@ VARIANTS: tuple[_Variant, ...] = (
     _Variant("gg_normclip", "GradGuard(clip=NormClip(1.0))", lambda: GradGuard(clip=NormClip(1.0))),
     _Variant("gg_autoclip", "GradGuard(clip=AutoClip())", lambda: GradGuard(clip=AutoClip())),
     _Variant("gg_agc", "GradGuard(clip=AGC())", lambda: GradGuard(clip=AGC())),
+    _Variant("gg_adagc", "GradGuard(clip=AdaGC())", lambda: GradGuard(clip=AdaGC())),
     _Variant("lightning_grad_norm", "log_dict(grad_norm(self, 2)) recipe", recipe=True, max_steps=8),
     _Variant("zclip_callback", "zclip.ZClipLightningCallback()", _zclip_callback, requires="zclip"),
     _Variant("gradient_clip_val", "Trainer(gradient_clip_val=1.0)", clip_val=1.0),

@@ -7,9 +7,10 @@ with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="sk
 mean (``ExplodingDetector(max_ratio=5)``: the guard for runs that may diverge in their first steps) and with the
 opt-in rollback (``GradGuard(rollback=Rollback())``: on an LR cut, back to the last weights and optimizer state
 known to have trained calmly), and, with ``--clippers``, with each other clipper in place of the default ZClip, every
-other default kept (``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``, ``GradGuard(clip=NormClip(max_norm=
-1.0))``, the last with the usual ``gradient_clip_val``); the configs taken from an example that recommends its own guard
-(``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``) get one more run with that guard.
+other default kept (``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``, ``GradGuard(clip=AdaGC())``,
+``GradGuard(clip=NormClip(max_norm=1.0))``, the last with the usual ``gradient_clip_val``); the configs taken from an
+example that recommends its own guard (``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``)
+get one more run with that guard.
 Every run is then evaluated on held-out data. The table reports, per run:
 
 * **held-out**: the loss of the final weights on data the run never trained on (MSE for the adding problem,

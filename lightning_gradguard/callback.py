@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
-from lightning_gradguard.clip import Clipper, default_clipper
+from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,
@@ -375,6 +375,11 @@ class GradGuard(Callback):
             raise MisconfigurationException(
                 "GradGuard: the Orthogonal regularizer needs whole weight matrices (W^T W), but the parameters are"
                 " sharded DTensors (FSDP2). Use L1/L2 with FSDP2, or Orthogonal with DDP."
+            )
+        if sharded and isinstance(self.clip, AdaGC):
+            raise MisconfigurationException(
+                "GradGuard(clip=AdaGC(...)) clips each parameter by its whole gradient norm, but the parameters are"
+                " sharded DTensors (FSDP2). Use ZClip, AutoClip, NormClip or AGC with FSDP2, or AdaGC with DDP."
             )
         # Trainer(gradient_clip_val=...) clips after this hook: folded into the engines' clipping (see _trainer_clip).
         self._clip_norm = take_over_clipping(trainer, pl_module, self.clip)

@@ -52,6 +52,7 @@ def test_json_holds_every_variant_and_case(quick_run: tuple[str, dict]) -> None:
         "gg_normclip",
         "gg_autoclip",
         "gg_agc",
+        "gg_adagc",
         "lightning_grad_norm",
         "gradient_clip_val",
     }

@@ -32,7 +32,18 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_gradguard import AGC, L2, AutoClip, ExplodingDetector, GradGuard, LRGuard, NormClip, Orthogonal, ZClip
+from lightning_gradguard import (
+    AGC,
+    L2,
+    AdaGC,
+    AutoClip,
+    ExplodingDetector,
+    GradGuard,
+    LRGuard,
+    NormClip,
+    Orthogonal,
+    ZClip,
+)
 from tests.helpers import RestartWatch, assert_same_state, event_files, load_events
 from tests.models import Regressor, regression_data
 
@@ -332,6 +343,20 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
         ).fit(ShardedRegressor(), _rank_data(rank))
     except MisconfigurationException as err:
         refusal = str(err)
+    adagc_refusal = ""
+    try:
+        L.Trainer(
+            accelerator="cpu",
+            devices=WORLD,
+            strategy=_fsdp2_strategy(),
+            callbacks=[GradGuard(clip=AdaGC())],
+            max_steps=1,
+            logger=False,
+            use_distributed_sampler=False,
+            **_QUIET,
+        ).fit(ShardedRegressor(), _rank_data(rank))
+    except MisconfigurationException as err:
+        adagc_refusal = str(err)
     return {
         "steps": guard.steps_seen,
         "batches": guard.batches,
@@ -341,6 +366,7 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
         "param_types": sorted(grad_types),
         "global_step": trainer.global_step,
         "orthogonal_refusal": refusal,
+        "adagc_refusal": adagc_refusal,
     }
 
 
@@ -575,10 +601,11 @@ def test_fsdp2_clippers_on_sharded_gradients_match_the_gathered_ones(fsdp2_resul
     assert r0["clippers"][name + "_coef"] == r1["clippers"][name + "_coef"] or name == "AGC"
 
 
-def test_fsdp2_with_orthogonal_regularizer_is_refused(fsdp2_results: Any) -> None:
+def test_fsdp2_with_orthogonal_regularizer_or_adagc_is_refused(fsdp2_results: Any) -> None:
     (r0, r1), _ = fsdp2_results
     for rank in (r0, r1):
         assert "Orthogonal regularizer needs whole weight matrices" in rank["orthogonal_refusal"]
+        assert "AdaGC(...)) clips each parameter by its whole gradient norm" in rank["adagc_refusal"]
 
 
 @pytest.mark.parametrize(

@@ -152,10 +152,11 @@ def test_clippers_add_one_run_and_one_verdict_per_clipper() -> None:
     clippers = {
         "clip_autoclip": "GradGuard(clip=AutoClip())",
         "clip_agc": "GradGuard(clip=AGC())",
+        "clip_adagc": "GradGuard(clip=AdaGC())",
         "clip_normclip": "GradGuard(clip=NormClip(max_norm=1.0))",
     }
     for cfg in result["configs"]:
-        assert cfg["variants"][-3:] == list(clippers), cfg["config"]
+        assert cfg["variants"][-len(clippers) :] == list(clippers), cfg["config"]
     rows = {(r["config"], r["variant"]): r for r in result["rows"]}
     for variant, label in clippers.items():
         for config in ("nan_batch", "masked"):

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 
 from benchmarks.stability import CONFIGS, GUARDS, DeepMLPModule, main
-from lightning_gradguard import AGC, AutoClip, NormClip, ZClip
+from lightning_gradguard import AGC, AdaGC, AutoClip, NormClip, ZClip
 from lightning_gradguard.callback import EVENT_KINDS
 
 #: The runs with each other clipper in place of the default, and their labels.
 CLIPPERS = {
     "clip_autoclip": "GradGuard(clip=AutoClip())",
     "clip_agc": "GradGuard(clip=AGC())",
+    "clip_adagc": "GradGuard(clip=AdaGC())",
     "clip_normclip": "GradGuard(clip=NormClip(max_norm=1.0))",
 }
 
@@ -161,7 +162,12 @@ def test_clippers_add_one_run_per_clipper(tmp_path: Path) -> None:
 def test_each_clipper_run_swaps_the_clipper_only() -> None:
     default = GUARDS["guarded"][1]()
     assert isinstance(default.clip, ZClip)
-    for variant, kind in (("clip_autoclip", AutoClip), ("clip_agc", AGC), ("clip_normclip", NormClip)):
+    for variant, kind in (
+        ("clip_autoclip", AutoClip),
+        ("clip_agc", AGC),
+        ("clip_adagc", AdaGC),
+        ("clip_normclip", NormClip),
+    ):
         guard = GUARDS[variant][1]()
         assert type(guard.clip) is kind, variant
         # Everything else is the default's: the same LR guard, detectors and early restart.
