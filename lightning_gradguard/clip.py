@@ -1053,7 +1053,8 @@ class AdaGC(Clipper):
     ``nn.Module`` passed to :meth:`Clipper.clip_`), so the set of gradients may change from step to step (idle
     experts, frozen layers); without names they are kept by position, and the number of gradients must not change.
     Sparse gradients are clipped as one tensor each (their stored values); FSDP2-sharded (DTensor) gradients are not
-    supported. Cost per step: one foreach norm and one foreach multiply, plus about twenty small vector kernels.
+    supported. Cost per step: one foreach norm and one foreach multiply, plus about 45 small kernels on vectors with
+    one entry per tensor (49 top-level ops per call in all, whatever the number of tensors).
 
     Args:
         lambda_rel: the largest allowed ratio of a tensor's gradient norm to its ``gamma_i``, ``>= 1`` (paper:
@@ -1196,12 +1197,7 @@ class AdaGC(Clipper):
 
     def state_dict(self) -> dict[str, Any]:
         """``keys`` (parameter names, or positions), ``gamma`` and ``count`` per key, and the valid ``steps``."""
-        return {
-            "keys": list(self._slots),
-            "gamma": _to_cpu(self._gamma),
-            "count": _to_cpu(self._count),
-            "steps": _to_cpu(self._steps),
-        }
+        return {k: _to_cpu(v) if isinstance(v, Tensor) else v for k, v in self.device_state().items()}
 
     def device_state(self) -> dict[str, Any]:
         return {

@@ -311,6 +311,24 @@ class ClipperCheck(Callback):
             self.results[type(clipper).__name__ + "_coef"] = float(_full(coef)) if torch.is_tensor(coef) else coef
 
 
+def _refusal(rank: int, guard: GradGuard) -> str:
+    """The message with which a one-step FSDP2 fit with ``guard`` is refused at fit start ("" if it is not)."""
+    try:
+        L.Trainer(
+            accelerator="cpu",
+            devices=WORLD,
+            strategy=_fsdp2_strategy(),
+            callbacks=[guard],
+            max_steps=1,
+            logger=False,
+            use_distributed_sampler=False,
+            **_QUIET,
+        ).fit(ShardedRegressor(), _rank_data(rank))
+    except MisconfigurationException as err:
+        return str(err)
+    return ""
+
+
 def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
     torch.manual_seed(0)
     guard, post, check = _fsdp_guard(), RefProbe(), ClipperCheck()
@@ -329,34 +347,9 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
     model = ShardedRegressor()
     trainer.fit(model, _rank_data(rank))
     grad_types = {type(p).__name__ for p in model.parameters()}
-    refusal = ""
-    try:  # last: a second fit in the same processes, refused at fit start on every rank
-        L.Trainer(
-            accelerator="cpu",
-            devices=WORLD,
-            strategy=_fsdp2_strategy(),
-            callbacks=[GradGuard(regularizers=[Orthogonal(1e-3)])],
-            max_steps=1,
-            logger=False,
-            use_distributed_sampler=False,
-            **_QUIET,
-        ).fit(ShardedRegressor(), _rank_data(rank))
-    except MisconfigurationException as err:
-        refusal = str(err)
-    adagc_refusal = ""
-    try:
-        L.Trainer(
-            accelerator="cpu",
-            devices=WORLD,
-            strategy=_fsdp2_strategy(),
-            callbacks=[GradGuard(clip=AdaGC())],
-            max_steps=1,
-            logger=False,
-            use_distributed_sampler=False,
-            **_QUIET,
-        ).fit(ShardedRegressor(), _rank_data(rank))
-    except MisconfigurationException as err:
-        adagc_refusal = str(err)
+    # Last: further fits in the same processes, each refused at fit start on every rank.
+    refusal = _refusal(rank, GradGuard(regularizers=[Orthogonal(1e-3)]))
+    adagc_refusal = _refusal(rank, GradGuard(clip=AdaGC()))
     return {
         "steps": guard.steps_seen,
         "batches": guard.batches,
