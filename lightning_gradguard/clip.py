@@ -35,7 +35,7 @@ from lightning_gradguard._compat import (
 )
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_int, check_number
-from lightning_gradguard.stats import _dense, _grouped_norms
+from lightning_gradguard.stats import _dense, _grouped_norms, _upload
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -1118,7 +1118,8 @@ class AdaGC(Clipper):
             self._gamma = torch.cat([self._gamma.to(device), torch.zeros(grow, device=device)])
             self._count = torch.cat([self._count.to(device), torch.zeros(grow, device=device)])
             self._steps = self._steps.to(device)
-        slots = torch.tensor([self._slots[k] for k in keys], dtype=torch.int64, device=device)
+        # Pinned and asynchronous: a plain host-to-device copy would make the host wait for the device.
+        slots = _upload(torch.tensor([self._slots[k] for k in keys], dtype=torch.int64), device)
         if len(self._slot_cache) >= _SLOT_CACHE_SIZE:
             self._slot_cache.clear()
         self._slot_cache[keys] = slots
@@ -1153,7 +1154,7 @@ class AdaGC(Clipper):
         slots = self._slots_for(self._keys(grads, names), device)
         raw, order = _grouped_norms([_dense(g) for g in grads], device)
         if order is not None:  # several devices or dtypes: back into the order of ``grads``
-            raw = torch.empty_like(raw).index_copy_(0, torch.tensor(order, device=device), raw)
+            raw = torch.empty_like(raw).index_copy_(0, _upload(torch.tensor(order), device), raw)
         # The norms of the true gradients: ``total_norm`` is, and a fused optimizer under a GradScaler leaves ``grads``
         # still multiplied by the loss scale, which this ratio divides away (1 otherwise).
         norms = raw * (total_norm / torch.linalg.vector_norm(raw).clamp_min(_TINY))
@@ -1185,7 +1186,7 @@ class AdaGC(Clipper):
             foreach_mul_each_(grads, coef.unbind())
         else:
             for (grad_device, _), ([group], indices) in per_device.items():
-                part = coef[torch.tensor(indices, device=device)].to(grad_device)
+                part = coef[_upload(torch.tensor(indices), device)].to(grad_device)
                 foreach_mul_each_(group, part.unbind())
 
         if device not in self._no_threshold:
