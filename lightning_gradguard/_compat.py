@@ -43,6 +43,7 @@ __all__ = [
     "foreach_zero_",
     "group_by_device_and_dtype",
     "nan_to_num_",
+    "unwrap_optimizer",
     "private_torch_enabled",
     "use_private_torch",
 ]
@@ -356,3 +357,8 @@ def nan_to_num_(grad: Tensor, nan: float = 0.0, posinf: float = 0.0, neginf: flo
         grad.values().nan_to_num_(nan=nan, posinf=posinf, neginf=neginf)
         return grad
     return torch.nan_to_num_(grad, nan=nan, posinf=posinf, neginf=neginf)
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer itself: Lightning hands hooks a ``LightningOptimizer`` that wraps it (``_optimizer``)."""
+    return getattr(optimizer, "_optimizer", optimizer)

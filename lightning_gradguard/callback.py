@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_gradguard._compat import unwrap_optimizer
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
@@ -418,7 +419,7 @@ class GradGuard(Callback):
         key = self._opt_keys.get(id(optimizer))
         if key is None:
             for i, opt in enumerate(trainer.optimizers):
-                if opt is optimizer or getattr(opt, "_optimizer", None) is optimizer:
+                if opt is optimizer or unwrap_optimizer(opt) is optimizer:
                     key = i
                     break
             else:
@@ -472,7 +473,7 @@ class GradGuard(Callback):
         """Whether ``optimizer``'s step evaluates the closure several times: LBFGS, or one seen doing it."""
         if key in self._reevaluating:
             return True
-        if not isinstance(getattr(optimizer, "_optimizer", optimizer), torch.optim.LBFGS):
+        if not isinstance(unwrap_optimizer(optimizer), torch.optim.LBFGS):
             return False  # found out on its first step instead, if it does (`_repeated_evaluation`)
         self._reevaluating.add(key)
         self._warn_reevaluating(optimizer, key)
@@ -481,7 +482,7 @@ class GradGuard(Callback):
     def _warn_reevaluating(self, optimizer: torch.optim.Optimizer, key: int) -> None:
         if self.clip is None:
             return  # nothing this guard would have done is left out (clip_exploding needs a clipper)
-        name = type(getattr(optimizer, "_optimizer", optimizer)).__name__
+        name = type(unwrap_optimizer(optimizer)).__name__
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
             " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step, and"

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_copy_
+from lightning_gradguard._compat import foreach_copy_, unwrap_optimizer
 from lightning_gradguard._validation import check_bool, check_int, check_number
 from lightning_gradguard.clip import AGC, Clipper
 
@@ -477,7 +477,7 @@ class Rollback:
         gradient of ``params`` is sparse (unit-wise clipping would leave it at the rate that wrecked it) and the
         gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP unscales inside
         its step, and AGC would compare them with the weights off by that factor)."""
-        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        optimizer = unwrap_optimizer(optimizer)
         return (
             self.rescue is not None
             and not self.rescuing
@@ -493,13 +493,16 @@ class Rollback:
         self.rescuing = self.rescuing or (rescue and self.rescue is not None)
         self._safe.restore(optimizer)
         self._candidate.valid = False
-        self._stretch = (0, _NEVER, False)  # the abandoned trajectory's events: the next rollback needs fresh evidence
-        self._stretch_began = _NEVER
-        self._stretch_diverged = False
+        self._forget_stretch()  # the abandoned trajectory's events: the next rollback needs fresh evidence
         self._forget_norms()
-        self.stretch_start = None
         self.count += 1
         return self._safe.extra
+
+    def _forget_stretch(self) -> None:
+        self._stretch = (0, _NEVER, False)
+        self._stretch_began = _NEVER
+        self._stretch_diverged = False
+        self.stretch_start = None
 
     def _forget_norms(self) -> None:
         # The norms of a trajectory that a restart or a resume leaves behind say nothing about the next one.
@@ -525,11 +528,8 @@ class Rollback:
         if self.rescue is not None and state.get("rescue") is not None:
             self.rescue.load_state_dict(state["rescue"])
         self._last_event, self._known = _NEVER, 0
-        self._stretch = (0, _NEVER, False)
-        self._stretch_began = _NEVER
-        self._stretch_diverged = False
+        self._forget_stretch()
         self._forget_norms()
-        self.stretch_start = None
         self._off = False
         self.reset()
 
