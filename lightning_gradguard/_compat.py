@@ -39,7 +39,7 @@ __all__ = [
     "foreach_mul_",
     "foreach_mul_each_",
     "foreach_norm",
-    "foreach_sign",
+    "foreach_sgn",
     "foreach_zero_",
     "group_by_device_and_dtype",
     "nan_to_num_",
@@ -310,14 +310,15 @@ def foreach_zero_(tensors: Sequence[Tensor]) -> None:
         t.zero_()
 
 
-def foreach_sign(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """``[torch.sign(t) for t in tensors]`` (one device), as new tensors."""
+def foreach_sgn(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``[torch.sgn(t) for t in tensors]`` (one device), as new tensors: the sign, and ``z / |z|`` for a complex
+    entry (the gradient of ``|z|``, which ``torch.sign`` refuses)."""
     if len(tensors) == 0:
         return []
     fused = _private("_foreach_sign")
-    if fused is not None and _foreach_ok(tensors):
+    if fused is not None and _foreach_ok(tensors) and not any(t.is_complex() for t in tensors):
         return list(fused(list(tensors)))
-    return [torch.sign(t) for t in tensors]
+    return [torch.sgn(t) for t in tensors]
 
 
 def foreach_copy_(tensors: Sequence[Tensor], sources: Sequence[Tensor]) -> None:

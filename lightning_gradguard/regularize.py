@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, foreach_sign, group_by_device_and_dtype
+from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, foreach_sgn, group_by_device_and_dtype
 from lightning_gradguard._validation import check_bool, check_number
 from lightning_gradguard.layers import (
     PARAMETRIZATION,
@@ -339,7 +339,8 @@ class Regularizer(abc.ABC):
 
 
 class L1(Regularizer):
-    """L1 penalty ``weight * sum(|w|)``; its gradient is ``weight * sign(w)`` (0 at exactly 0).
+    """L1 penalty ``weight * sum(|w|)``; its gradient is ``weight * sign(w)`` (0 at exactly 0; ``w / |w|`` for a
+    complex ``w``).
 
     Pushes weights towards exact zeros (sparsity). Arguments and selection as in :class:`Regularizer`.
 
@@ -365,7 +366,7 @@ class L1(Regularizer):
         return torch.stack(foreach_norm(params, 1, dtype=dtype)).sum()
 
     def _grad_terms(self, params: list[Tensor], layouts: list[Any]) -> list[Tensor]:
-        return foreach_sign(params)
+        return foreach_sgn(params)
 
 
 class L2(Regularizer):
@@ -406,7 +407,8 @@ class Orthogonal(Regularizer):
     Each parameter is viewed as a matrix ``[rows, -1]`` (a convolution kernel ``[out, in, kh, kw]`` becomes
     ``[out, in * kh * kw]``) and the smaller Gram matrix is used: ``W^T W`` when ``rows >= cols``, ``W W^T`` when
     ``rows < cols``, so a wide matrix is pushed towards orthonormal rows and a tall one towards orthonormal
-    columns. The gradient is analytic: ``4 W (W^T W - I)``, respectively ``4 (W W^T - I) W``.
+    columns. The gradient is analytic: ``4 W (W^T W - I)``, respectively ``4 (W W^T - I) W``. A complex matrix is
+    pushed towards a unitary one, with the conjugate transpose ``W^H`` in place of ``W^T``.
 
     The input and hidden weights of ``nn.LSTM``/``nn.LSTMCell`` (4 gates) and ``nn.GRU``/``nn.GRUCell``
     (3 gates), ``weight_ih*`` and ``weight_hh*``, stack one block per gate along the rows; each gate block
@@ -467,20 +469,21 @@ class Orthogonal(Regularizer):
         return param.to(dtype).reshape(gates, param.shape[0] // gates, -1)
 
     def _penalty_sum(self, params: list[Tensor], layouts: list[int], dtype: torch.dtype) -> Tensor:
-        total = torch.zeros((), dtype=dtype, device=params[0].device)
+        distances = []
         for param, gates in zip(params, layouts):
             w = self._blocks(param, gates, dtype)
-            gram = w @ w.mT if w.shape[-2] < w.shape[-1] else w.mT @ w
+            gram = w @ w.mH if w.shape[-2] < w.shape[-1] else w.mH @ w
             eye = torch.eye(gram.shape[-1], dtype=dtype, device=gram.device)
-            total = total + (gram - eye).pow(2).sum()
-        return total
+            # The norm, not ``pow(2).sum()``: it is real for a complex Gram matrix too.
+            distances.append(torch.linalg.vector_norm(gram - eye))
+        return torch.stack(distances).square().sum()
 
     def _grad_terms(self, params: list[Tensor], layouts: list[int]) -> list[Tensor]:
         terms = []
         for param, gates in zip(params, layouts):
             w = self._blocks(param, gates, _accumulation_dtype(param.dtype))
             wide = w.shape[-2] < w.shape[-1]
-            gram = w @ w.mT if wide else w.mT @ w
+            gram = w @ w.mH if wide else w.mH @ w
             gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
             term = gram @ w if wide else w @ gram
             terms.append(term.mul_(4.0).reshape(param.shape).to(param.dtype))

@@ -593,6 +593,43 @@ def test_mixed_dtypes_and_none_grads(make: Callable[[], Clipper]) -> None:
     assert float(clipper.last_coef) < 1.0  # the last step's spike was clipped
 
 
+class _Spectral(nn.Module):
+    """A complex weight (as in a Fourier layer) beside a real one."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+        self.fc = nn.Linear(4, 2)
+
+
+# The infinity norm of a complex tensor is its largest modulus, not the largest of its real and imaginary parts.
+_L2_CLIPPERS = {name: make for name, make in CLIPPERS.items() if name != "normclip-inf"}
+
+
+@pytest.mark.parametrize("make", _L2_CLIPPERS.values(), ids=_L2_CLIPPERS.keys())
+def test_complex_gradients_are_clipped_like_their_real_view(make: Callable[[], Clipper]) -> None:
+    # |z|^2 = re^2 + im^2, so every L2 norm (total, per tensor, per unit) of a complex gradient is that of its real
+    # view [..., 2], and so must be the clipping.
+    gen = torch.Generator().manual_seed(12)
+    model = _Spectral(torch.randn(6, 4, generator=gen, dtype=torch.cfloat))
+    real = _Spectral(torch.view_as_real(model.weight.detach()).clone())
+    real.fc.load_state_dict(model.fc.state_dict())
+    clipper, reference = make(), make()
+    for step in range(10):
+        spike = 30.0 if step == 9 else 1.0
+        model.weight.grad = torch.randn(6, 4, generator=gen, dtype=torch.cfloat) * spike
+        model.fc.weight.grad = torch.randn(2, 4, generator=gen) * spike
+        model.fc.bias.grad = torch.randn(2, generator=gen)
+        for p, q in zip(model.parameters(), real.parameters()):
+            q.grad = torch.view_as_real(p.grad).clone() if p.is_complex() else p.grad.clone()
+        total = clipper.clip_(model)
+        assert total.dtype == torch.float32
+        assert_rel(float(total), float(reference.clip_(real)), 1e-5, "total norm")
+        torch.testing.assert_close(torch.view_as_real(model.weight.grad), real.weight.grad)
+        torch.testing.assert_close(model.fc.weight.grad, real.fc.weight.grad)
+    assert float(clipper.last_coef) < 1.0
+
+
 @pytest.mark.parametrize("make", CLIPPERS.values(), ids=CLIPPERS.keys())
 def test_zero_gradients_and_infinite_norms_never_give_nan(make: Callable[[], Clipper]) -> None:
     model = Net()

@@ -26,7 +26,7 @@ from lightning_gradguard._compat import (
     foreach_mul,
     foreach_mul_,
     foreach_norm,
-    foreach_sign,
+    foreach_sgn,
     foreach_zero_,
     group_by_device_and_dtype,
     nan_to_num_,
@@ -143,7 +143,7 @@ def test_empty_inputs() -> None:
         assert group_by_device_and_dtype([[]]) == {}
         assert group_by_device_and_dtype([[], []], with_indices=True) == {}
         assert foreach_mul([], torch.tensor(2.0)) == []
-        assert foreach_sign([]) == []
+        assert foreach_sgn([]) == []
         foreach_mul_([], torch.tensor(2.0))
         foreach_add_([], [])
         foreach_copy_([], [])
@@ -266,7 +266,7 @@ def test_foreach_mul_agrees_and_rounds_once(device: str, dtype: torch.dtype) -> 
 def test_out_of_place_and_binary_ops_agree(dtype: torch.dtype) -> None:
     def run() -> list[torch.Tensor]:
         a, b = tensors(dtype, seed=1), tensors(dtype, seed=2)
-        out = foreach_mul(a, torch.tensor(0.3, dtype=dtype)) + foreach_mul(a, 2.5) + foreach_sign(b)
+        out = foreach_mul(a, torch.tensor(0.3, dtype=dtype)) + foreach_mul(a, 2.5) + foreach_sgn(b)
         out += foreach_mul(a, b)
         foreach_add_(a, b, alpha=-0.75)
         c = [torch.empty_like(t) for t in b]

@@ -365,6 +365,18 @@ class SequenceRegressor(Shifting):
         return self.net(out[:, -1])
 
 
+class SpectralNet(nn.Module):
+    """A complex weight mixing the inputs (as in a Fourier layer), then a real head on its real and imaginary parts."""
+
+    def __init__(self, dim: int = 16, width: int = 8) -> None:
+        super().__init__()
+        self.mix = nn.Parameter(torch.randn(dim, width, dtype=torch.cfloat) / dim**0.5)
+        self.head = nn.Linear(2 * width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.view_as_real(x.to(torch.cfloat) @ self.mix).flatten(1))
+
+
 def _sequence_data(n: int = 128, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 6, 4, generator=g)
@@ -378,18 +390,22 @@ def _final_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "case",
-    ["fp32", "16-mixed", "16-mixed-fused", "accumulate", "orthogonal-lstm"],
+    ["fp32", "16-mixed", "16-mixed-fused", "accumulate", "orthogonal-lstm", "complex"],
 )
 def test_gradient_terms_equal_penalties_added_to_the_loss(case: str) -> None:
     def regs() -> list[Regularizer]:
         if case == "orthogonal-lstm":
             return [Orthogonal(1e-2, modules=r"lstm\.weight_hh"), L2(1e-2)]
+        if case == "complex":
+            return [Orthogonal(1e-2), L2(1e-2), L1(1e-3)]
         return [L2(1e-2), L1(1e-3)]
 
     def make(penalties: list[Regularizer] | None) -> Shifting:
         torch.manual_seed(0)
         if case == "orthogonal-lstm":
             return SequenceRegressor(penalties=penalties, lr=0.1, optimizer="sgd")
+        if case == "complex":
+            return Shifting(net=SpectralNet(), penalties=penalties, lr=0.05)
         if case == "16-mixed-fused":
             return Shifting(penalties=penalties, lr=1e-2, optimizer="adam-fused")
         return Shifting(penalties=penalties, lr=0.05)

@@ -88,6 +88,38 @@ def test_add_grad_equals_autograd_in_float32():
 
 
 @pytest.mark.parametrize("make_reg", [L1, L2, Orthogonal], ids=["l1", "l2", "orthogonal"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_weights_penalty_and_gradient(make_reg, dtype):
+    # Complex weights (Fourier layers): |w| and the conjugate transpose, and the gradient autograd gives a real loss.
+    torch.manual_seed(0)
+    model = nn.ParameterDict(
+        {"wide": nn.Parameter(torch.randn(3, 5, dtype=dtype)), "tall": nn.Parameter(torch.randn(6, 2, dtype=dtype))}
+    )
+    with torch.no_grad():
+        model["wide"].view(-1)[:2] = 0.0  # L1's subgradient at exactly 0
+    reg = make_reg(0.3)
+    assert sorted(reg.bind(model)) == ["tall", "wide"]
+
+    def gram(w: torch.Tensor) -> torch.Tensor:
+        return w @ w.mH if w.shape[0] < w.shape[1] else w.mH @ w
+
+    expected = {
+        "l1": lambda w: w.abs().sum(),
+        "l2": lambda w: 0.5 * w.abs().square().sum(),
+        "orthogonal": lambda w: (gram(w) - torch.eye(gram(w).shape[0], dtype=dtype)).abs().square().sum(),
+    }[type(reg).__name__.lower()]
+    reference = 0.3 * sum(expected(w) for w in model.values())
+    penalty = reg.penalty()
+    assert penalty.dtype == torch.float32
+    assert penalty.item() == pytest.approx(reference.item(), rel=1e-5)
+    want = torch.autograd.grad(reference, list(model.values()))
+    reg.add_grad_()
+    for p, g in zip(model.values(), want):
+        assert p.grad.dtype == dtype
+        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make_reg", [L1, L2, Orthogonal], ids=["l1", "l2", "orthogonal"])
 def test_add_grad_has_no_host_sync(make_reg):
     torch.manual_seed(0)
     model = nn.ModuleDict({"fc": nn.Linear(4, 6), "lstm": nn.LSTM(6, 3), "low": nn.Linear(3, 5).to(torch.bfloat16)})
