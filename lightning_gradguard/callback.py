@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -1012,6 +1012,11 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
         )
 
 
+def _accumulation(trainer: pl.Trainer) -> int:
+    """The micro-batches per optimizer step now (a ``GradientAccumulationScheduler`` changes it per epoch)."""
+    return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+
+
 class _Diagnostics:
     """The logging-step-only diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
 
@@ -1058,21 +1063,29 @@ class _Diagnostics:
             # FSDP2: the per-layer sums and the gradient norms would each add a collective to the logging step.
             self.on = self.on - {"update_ratio", "zero_fraction", "noise_scale"}
             self.enabled = bool(self.on)
-        self.accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+        self.accumulate = _accumulation(trainer)
         self.world_size = int(getattr(trainer, "world_size", 1) or 1)
         self.source, self.local, self.noise, self.params = None, None, None, []
         if "noise_scale" in self.on:
             automatic = getattr(pl_module, "automatic_optimization", True)
-            source = noise_scale_source(self.accumulate, self.world_size)
-            if source is None:
+            # A GradientAccumulationScheduler changes the accumulation at epoch starts: the source is chosen anew at
+            # each logging step, and the noise scale is measured on the steps that have a second batch size.
+            scheduled = max(
+                [self.accumulate]
+                + [
+                    max(callback.scheduling.values(), default=1)
+                    for callback in trainer.callbacks  # type: ignore[attr-defined]
+                    if isinstance(callback, GradientAccumulationScheduler)
+                ]
+            )
+            if noise_scale_source(scheduled, self.world_size) is None:
                 if not self.noted:
                     self.noted = True
                     rank_zero_info(NOISE_SCALE_NOTE)
             elif automatic and len(trainer.optimizers) == 1:
-                self.source = source
                 self.params = [p for p in index.params if p.requires_grad]
                 self.noise = NoiseScale()
-                if source == "distributed":
+                if self.world_size > 1:
                     self.local = LocalGradNorm(self.params)
                 if "noise" in self.loaded:
                     self.noise.load_state_dict(self.loaded.pop("noise"))
@@ -1132,8 +1145,10 @@ class _Diagnostics:
             self.step_armed = trainer.global_step
             self.sizes = []
             self.small = self.big = None
-            self.first_backward_pending = True
-            if self.local is not None:
+            self.accumulate = _accumulation(trainer)
+            self.source = noise_scale_source(self.accumulate, self.world_size)
+            self.first_backward_pending = self.source is not None
+            if self.source == "distributed" and self.local is not None:
                 self.local.arm()
         try:
             from lightning.pytorch.utilities.data import extract_batch_size
@@ -1149,7 +1164,7 @@ class _Diagnostics:
         if self.source == "accumulation":
             scale: Any = (loss_scale if loss_scale is not None else 1.0) / self.accumulate
             self.small = squared_grad_norm(self.params, scale=scale)
-        elif self.local is not None:
+        elif self.source == "distributed" and self.local is not None:
             self.small = self.local.disarm(scale=loss_scale)
 
     def before_engine_step(

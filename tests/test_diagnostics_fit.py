@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -127,7 +128,9 @@ def test_activation_gradient_norms_match_own_hooks(tmp_path: Any) -> None:
             assert value == pytest.approx(model.norms[step][layer], rel=1e-5)
 
 
-def test_noise_scale_from_accumulation_is_near_the_true_b_simple(tmp_path: Any) -> None:
+def _noise_scale_fit(tmp_path: Any, **trainer_kwargs: Any) -> tuple[list[tuple[int, float]], float]:
+    """A linear regression with GradGuard logging every step: the logged (step, noise scale) pairs, and the true
+    ``B_simple`` at the final weights."""
     g = torch.Generator().manual_seed(0)
     n, dim = 4096, 8
     x = torch.randn(n, dim, generator=g)
@@ -138,9 +141,10 @@ def test_noise_scale_from_accumulation_is_near_the_true_b_simple(tmp_path: Any) 
     model = Regressor(net=nn.Linear(dim, 1), dim=dim, lr=0.003)
     guard = GradGuard(clip=None, lr_guard=None, log_every_n_steps=1)
     logger = CSVLogger(tmp_path)
-    trainer(max_steps=200, max_epochs=-1, accumulate_grad_batches=4, callbacks=[guard], logger=logger).fit(model, data)
-    values = [float(r["gradguard/noise_scale"]) for r in _csv(logger) if r.get("gradguard/noise_scale")]
-    assert len(values) > 150
+    trainer(callbacks=[guard, *trainer_kwargs.pop("callbacks", [])], logger=logger, **trainer_kwargs).fit(model, data)
+    values = [
+        (int(r["step"]), float(r["gradguard/noise_scale"])) for r in _csv(logger) if r.get("gradguard/noise_scale")
+    ]
     # The truth at the final weights, from per-example gradients of the per-example loss (w·x + b - y)².
     with torch.no_grad():
         lin = model.net
@@ -148,7 +152,31 @@ def test_noise_scale_from_accumulation_is_near_the_true_b_simple(tmp_path: Any) 
         per_example = torch.cat([2 * residual[:, None] * x, 2 * residual[:, None]], dim=1).double()  # [n, dim + 1]
         mean = per_example.mean(0)
         true = float((per_example - mean).square().sum(1).mean() / mean.square().sum())
-    assert true / 2 <= values[-1] <= true * 2, (values[-1], true)
+    return values, true
+
+
+def test_noise_scale_from_accumulation_is_near_the_true_b_simple(tmp_path: Any) -> None:
+    values, true = _noise_scale_fit(tmp_path, max_steps=200, max_epochs=-1, accumulate_grad_batches=4)
+    assert len(values) > 150
+    assert true / 2 <= values[-1][1] <= true * 2, (values[-1], true)
+
+
+@pytest.mark.parametrize("schedule", [{0: 1, 1: 4}, {0: 2, 1: 8}])
+def test_noise_scale_follows_a_gradient_accumulation_scheduler(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, schedule: dict[int, int]
+) -> None:
+    # The scheduler sets the accumulation at each epoch start: each logging step compares the batch sizes it has.
+    with caplog.at_level(logging.INFO):
+        values, true = _noise_scale_fit(
+            tmp_path, max_epochs=3, callbacks=[GradientAccumulationScheduler(schedule)], enable_checkpointing=False
+        )
+    assert not any(NOISE_SCALE_NOTE in r.getMessage() for r in caplog.records)
+    first_epoch = 256 // schedule[0]  # 4096 examples in batches of 16
+    steps = [step for step, _ in values]
+    if schedule[0] == 1:  # nothing to compare with before the scheduler raises the accumulation
+        assert min(steps) == first_epoch
+    assert len(values) == 2 * 256 // schedule[1] + (first_epoch if schedule[0] > 1 else 0)
+    assert true / 2 <= values[-1][1] <= true * 2, (values[-1], true)
 
 
 def test_one_note_when_there_is_no_second_batch_size(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
