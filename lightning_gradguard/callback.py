@@ -559,8 +559,8 @@ class GradGuard(Callback):
         return self.divergence is not None and not (self._divergence_default and len(trainer.optimizers) > 1)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._diag.first_backward_pending:
-            self._diag.after_first_backward(trainer)
+        if self._diag.pending_size is not None:
+            self._diag.after_backward(trainer)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -1041,6 +1041,7 @@ class _Diagnostics:
         self.loaded: dict[str, Any] = {}
         self.noted = False
         self.first_backward_pending = False
+        self.pending_size: int | None = None
         self.sizes: list[int] = []
         self.small: Tensor | None = None
         self.big: Tensor | None = None
@@ -1153,11 +1154,18 @@ class _Diagnostics:
         try:
             from lightning.pytorch.utilities.data import extract_batch_size
 
-            self.sizes.append(int(extract_batch_size(batch)))
+            self.pending_size = int(extract_batch_size(batch))
         except Exception:  # a batch without a batch dimension Lightning can find: no noise scale this step
-            self.sizes.append(0)
+            self.pending_size = 0
 
-    def after_first_backward(self, trainer: pl.Trainer) -> None:
+    def after_backward(self, trainer: pl.Trainer) -> None:
+        """A micro-batch of the logging step reached its backward: count its examples (a ``training_step`` that
+        returned ``None`` has none and adds nothing to the step's gradient), and measure the first one."""
+        if self.pending_size is not None:
+            self.sizes.append(self.pending_size)
+            self.pending_size = None
+        if not self.first_backward_pending:
+            return
         self.first_backward_pending = False
         scaler = _grad_scaler(trainer)
         loss_scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
@@ -1252,6 +1260,10 @@ class _Diagnostics:
         if noise is not None and self.noise is not None:
             small, big = float(noise[0]), float(noise[1])
             sizes = self.sizes
+            if sizes:
+                # Lightning divides every micro-batch's loss by the accumulation, also when a training_step returned
+                # None: the step's gradient is then the mean over the micro-batches that ran, times this.
+                big *= (self.accumulate / len(sizes)) ** 2
             b_small, b_big = (sizes[0], sum(sizes) * self.world_size) if sizes else (0, 0)
             if math.isfinite(small) and math.isfinite(big) and 0 < b_small < b_big:
                 value = self.noise.update(small, big, b_small, b_big)
@@ -1286,6 +1298,7 @@ class _Diagnostics:
         self.zero = {}
         self.small = self.big = self.act_norms = None
         self.first_backward_pending = False
+        self.pending_size = None
         self.step_armed = None
 
 

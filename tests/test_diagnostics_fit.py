@@ -128,7 +128,22 @@ def test_activation_gradient_norms_match_own_hooks(tmp_path: Any) -> None:
             assert value == pytest.approx(model.norms[step][layer], rel=1e-5)
 
 
-def _noise_scale_fit(tmp_path: Any, **trainer_kwargs: Any) -> tuple[list[tuple[int, float]], float]:
+class Skipping(Regressor):
+    """Returns ``None`` from every ``every``-th ``training_step`` (Lightning then runs no backward for that batch)."""
+
+    def __init__(self, every: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.every, self.calls = every, 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        self.calls += 1
+        loss = super().training_step(batch, batch_idx)
+        return None if self.calls % self.every == 0 else loss
+
+
+def _noise_scale_fit(
+    tmp_path: Any, skip_every: int | None = None, **trainer_kwargs: Any
+) -> tuple[list[tuple[int, float]], float]:
     """A linear regression with GradGuard logging every step: the logged (step, noise scale) pairs, and the true
     ``B_simple`` at the final weights."""
     g = torch.Generator().manual_seed(0)
@@ -138,7 +153,10 @@ def _noise_scale_fit(tmp_path: Any, **trainer_kwargs: Any) -> tuple[list[tuple[i
     y = x @ w_true + 1.0 * torch.randn(n, 1, generator=g)
     data = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    model = Regressor(net=nn.Linear(dim, 1), dim=dim, lr=0.003)
+    if skip_every is None:
+        model = Regressor(net=nn.Linear(dim, 1), dim=dim, lr=0.003)
+    else:
+        model = Skipping(skip_every, net=nn.Linear(dim, 1), dim=dim, lr=0.003)
     guard = GradGuard(clip=None, lr_guard=None, log_every_n_steps=1)
     logger = CSVLogger(tmp_path)
     trainer(callbacks=[guard, *trainer_kwargs.pop("callbacks", [])], logger=logger, **trainer_kwargs).fit(model, data)
@@ -157,6 +175,14 @@ def _noise_scale_fit(tmp_path: Any, **trainer_kwargs: Any) -> tuple[list[tuple[i
 
 def test_noise_scale_from_accumulation_is_near_the_true_b_simple(tmp_path: Any) -> None:
     values, true = _noise_scale_fit(tmp_path, max_steps=200, max_epochs=-1, accumulate_grad_batches=4)
+    assert len(values) > 150
+    assert true / 2 <= values[-1][1] <= true * 2, (values[-1], true)
+
+
+def test_noise_scale_counts_only_the_micro_batches_that_ran(tmp_path: Any) -> None:
+    # Every third training_step returns None: a step whose window lost a batch averages fewer examples, while
+    # Lightning still divides each loss by the full accumulation (counting them all put the estimate 17x too high).
+    values, true = _noise_scale_fit(tmp_path, skip_every=3, max_steps=200, max_epochs=-1, accumulate_grad_batches=4)
     assert len(values) > 150
     assert true / 2 <= values[-1][1] <= true * 2, (values[-1], true)
 
