@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_gradguard._compat import unwrap_optimizer
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
@@ -250,6 +250,7 @@ class GradGuard(Callback):
         self._loaded: dict[str, Any] | None = None
         self._next_log_step = 0
         self._model_index: LayerIndex | None = None
+        self._unbound: list[Regularizer] = []  # regularizers not yet bound to this fit's module (lazy modules)
         self._board: Any = None
         self._board_checked = False
         self._board_loaded: dict[str, Any] | None = None  # a checkpoint's board state, for the board once it opens
@@ -369,8 +370,11 @@ class GradGuard(Callback):
         index = build_layer_index(pl_module, self.group_depth, self.group_fn, include_frozen=True)
         _check_fit(self, trainer, index)
         self._model_index = index
-        for r in self.regularizers:
-            r.bind(pl_module)
+        # Lazy modules (nn.LazyLinear) get their parameters in the first forward pass: bind the regularizers at the
+        # first optimizer step, after it.
+        self._unbound = list(self.regularizers)
+        if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in pl_module.parameters()):
+            self._bind_regularizers(pl_module)
         sharded = any(hasattr(p, "placements") for p in index.params)
         if sharded and any(isinstance(r, Orthogonal) for r in self.regularizers):
             raise MisconfigurationException(
@@ -426,6 +430,11 @@ class GradGuard(Callback):
                 key = len(trainer.optimizers) + len(self._opt_keys)
             self._opt_keys[id(optimizer)] = key
         return key
+
+    def _bind_regularizers(self, pl_module: pl.LightningModule) -> None:
+        """Select each regularizer's parameters, once per fit."""
+        while self._unbound:
+            self._unbound.pop(0).bind(pl_module)
 
     def _state_for(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> GuardEngine:
         # The first parameter's identity tells a new model (the guard reused for another fit) from the same one; the
@@ -565,6 +574,8 @@ class GradGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._unbound:
+            self._bind_regularizers(pl_module)
         key = self._optimizer_key(trainer, optimizer)
         if self._repeated_evaluation(optimizer, key):
             return
