@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_gradguard._compat import unwrap_optimizer
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
@@ -49,7 +49,7 @@ from lightning_gradguard.engine import (
 )
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
-from lightning_gradguard.regularize import Orthogonal, Regularizer
+from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.saturation import SaturationMonitor
 from lightning_gradguard.stats import StepStats
@@ -370,11 +370,7 @@ class GradGuard(Callback):
         index = build_layer_index(pl_module, self.group_depth, self.group_fn, include_frozen=True)
         _check_fit(self, trainer, index)
         self._model_index = index
-        # Lazy modules (nn.LazyLinear) get their parameters in the first forward pass: bind the regularizers at the
-        # first optimizer step, after it.
-        self._unbound = list(self.regularizers)
-        if not any(isinstance(p, nn.parameter.UninitializedParameter) for p in pl_module.parameters()):
-            self._bind_regularizers(pl_module)
+        self._unbound = bind_all(self.regularizers, pl_module, wait_for_lazy=True)  # the rest at the first step
         sharded = any(hasattr(p, "placements") for p in index.params)
         if sharded and any(isinstance(r, Orthogonal) for r in self.regularizers):
             raise MisconfigurationException(
@@ -430,11 +426,6 @@ class GradGuard(Callback):
                 key = len(trainer.optimizers) + len(self._opt_keys)
             self._opt_keys[id(optimizer)] = key
         return key
-
-    def _bind_regularizers(self, pl_module: pl.LightningModule) -> None:
-        """Select each regularizer's parameters, once per fit."""
-        while self._unbound:
-            self._unbound.pop(0).bind(pl_module)
 
     def _state_for(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> GuardEngine:
         # The first parameter's identity tells a new model (the guard reused for another fit) from the same one; the
@@ -574,8 +565,8 @@ class GradGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._unbound:
-            self._bind_regularizers(pl_module)
+        if self._unbound:  # a lazy module, whose parameters the first forward pass created
+            self._unbound = bind_all(self._unbound, pl_module)
         key = self._optimizer_key(trainer, optimizer)
         if self._repeated_evaluation(optimizer, key):
             return

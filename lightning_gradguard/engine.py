@@ -39,7 +39,7 @@ from lightning_gradguard.detect import (
 )
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
-from lightning_gradguard.regularize import Regularizer
+from lightning_gradguard.regularize import Regularizer, bind_all
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.stats import FlatStats, GradStats, StepStats, split_flat
 
@@ -546,12 +546,14 @@ class GuardEngine:
         ):
             if value is not None and value != "default" and not isinstance(value, cls):
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+        self._lazy_module: nn.Module | None = None
         if isinstance(model, LayerIndex):
             index = model
         elif isinstance(model, nn.Module):
             index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
-            for r in regularizers:
-                r.bind(model)
+            if bind_all(regularizers, model, wait_for_lazy=True):
+                # A lazy module's parameters come with its first forward pass: bound at the first step, after it.
+                self._lazy_module = model
         else:
             raise ValueError(f"`model` must be an nn.Module or a LayerIndex, got {type(model).__name__}")
         if not index.params:
@@ -665,6 +667,9 @@ class GuardEngine:
             self._process_landed()
         if self.rollback is not None and self._rollback_step(optimizer, scaled=grad_scale is not None):
             return None
+        if self._lazy_module is not None:
+            bind_all(self.regularizers, self._lazy_module)
+            self._lazy_module = None
         for r in self.regularizers:
             r.add_grad_(grad_scale if grad_scale is not None else 1.0)
         measured = self._stats.measure(grad_scale=grad_scale)

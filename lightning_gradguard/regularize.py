@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import re
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -336,6 +337,25 @@ class Regularizer(abc.ABC):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the state returned by :meth:`state_dict`."""
         self._strength = float(state_dict["strength"])
+
+
+def bind_all(regularizers: Sequence[Regularizer], module: nn.Module, wait_for_lazy: bool = False) -> list[Regularizer]:
+    """Bind each regularizer to ``module``.
+
+    Args:
+        regularizers: the regularizers to bind.
+        module: the module whose parameters they select.
+        wait_for_lazy: when ``module`` still has uninitialized parameters (lazy modules get theirs in the first forward
+            pass), bind none of them yet and return them all, to be bound after that pass.
+
+    Returns:
+        The regularizers left to bind (empty once bound).
+    """
+    if wait_for_lazy and any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        return list(regularizers)
+    for r in regularizers:
+        r.bind(module)
+    return []
 
 
 class L1(Regularizer):

@@ -205,6 +205,29 @@ def test_a_non_finite_step_is_skipped_in_a_plain_loop() -> None:
     assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0  # one bad batch changes nothing
 
 
+def test_regularizers_of_a_lazy_module_are_bound_at_the_first_step() -> None:
+    def run(guarded: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.LazyLinear(1))
+        reg = L2(0.1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = GuardEngine(model, clip=None, exploding=None, vanishing=None, regularizers=[reg] if guarded else [])
+        for _ in range(5):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            if not guarded:
+                loss = loss + reg.penalty(model)  # the reference: the penalty in the loss
+            loss.backward()
+            engine.step()
+            optimizer.step()
+        assert reg.param_names == ["0.weight", "2.weight"]
+        return [p.detach().clone() for p in model.parameters()]
+
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b)
+
+
 def test_raise_names_the_layers() -> None:
     model = nn.Sequential(nn.Linear(4, 2), nn.Linear(2, 1))
     engine = GuardEngine(model, on_nonfinite="raise")
