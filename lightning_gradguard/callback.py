@@ -714,6 +714,10 @@ class GradGuard(Callback):
             note = self._rate_note(trainer, key, engine)
             if note:
                 rank_zero_info(note)
+        # Under `ddp_spawn`/`ddp_notebook` this process is a worker and the launching process's GradGuard never sees
+        # a step; the launcher sends `callback_metrics` back to it.
+        for kind, count in self.summary().items():
+            trainer.callback_metrics[f"gradguard/summary/{kind}"] = torch.tensor(float(count))
         self._release_hooks()
 
     def _rate_note(self, trainer: pl.Trainer, key: int, engine: GuardEngine) -> str:
@@ -917,7 +921,11 @@ class GradGuard(Callback):
         }
 
     def summary(self) -> dict[str, int]:
-        """Cumulative event counts over all optimizers (reads device counters: call it after training)."""
+        """Cumulative event counts over all optimizers (reads device counters: call it after training).
+
+        The counts of the process that trained: after a fit with ``strategy="ddp_spawn"`` or ``"ddp_notebook"``,
+        which trains in worker processes, read ``trainer.callback_metrics["gradguard/summary/<kind>"]`` (set at the
+        end of training) instead."""
         totals = dict.fromkeys(EVENT_KINDS, 0)
         for engine in self._states.values():
             for kind, value in engine.summary().items():

@@ -626,6 +626,32 @@ def _stub_trainer(strategy: Any) -> Any:
     return SimpleNamespace(strategy=strategy)
 
 
+class NaNAtStep(Regressor):
+    """A regressor whose loss is NaN on every rank at one optimizer step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.nan_step = step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == self.nan_step else loss
+
+
+def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
+    # `ddp_spawn` trains in worker processes: the GradGuard object of this process sees no step, and the counts come
+    # back through the trainer's callback metrics, which the launcher returns.
+    guard = GradGuard()
+    trainer = L.Trainer(
+        max_steps=30, accelerator="cpu", devices=WORLD, strategy="ddp_spawn", logger=False, callbacks=[guard], **_QUIET
+    )
+    trainer.fit(NaNAtStep(25), regression_data())
+    assert guard.summary()["skipped"] == 0
+    counts = {k[len("gradguard/summary/") :]: v.item() for k, v in trainer.callback_metrics.items() if "summary" in k}
+    assert counts == {**dict.fromkeys(counts, 0.0), "nonfinite": 1.0, "skipped": 1.0}
+    assert set(counts) == set(guard.summary())
+
+
 def test_fsdp1_is_refused_with_a_clear_error() -> None:
     # Lightning itself only runs FSDPStrategy on GPUs; the refusal is GradGuard's own, tested on a real instance.
     class MyFSDP(FSDPStrategy):
