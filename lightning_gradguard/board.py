@@ -99,8 +99,9 @@ def sample_gradients(
     """Sample gradient values per block on their device, for histograms.
 
     Each block gets at most ``max_per_block`` values, shared among its tensors in proportion to their sizes (a
-    tensor smaller than its share is taken whole). Indices are a fixed, scattered stride (no random generator is
-    touched, no host-device synchronisation happens); the result stays on the device, cast to float32.
+    tensor smaller than its share is taken whole; a complex tensor counts as its real and imaginary parts). Indices are
+    a fixed, scattered stride (no random generator is touched, no host-device synchronisation happens); the result
+    stays on the device, cast to float32.
 
     Args:
         named_grads: ``(name, grad)`` pairs; ``None`` gradients are skipped. Pass local shards of distributed tensors.
@@ -125,7 +126,8 @@ def sample_gradients(
     per_block: dict[str, list[torch.Tensor]] = {}
     for name, grad in named_grads:
         if grad is not None and grad.numel() > 0:
-            per_block.setdefault(blocks(name), []).append(grad)
+            # A complex gradient's real and imaginary parts, both: a cast to float32 would keep the real part only.
+            per_block.setdefault(blocks(name), []).append(torch.view_as_real(grad) if grad.is_complex() else grad)
 
     out: dict[str, torch.Tensor] = {}
     for block, grads in per_block.items():

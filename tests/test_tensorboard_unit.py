@@ -6,6 +6,7 @@ import doctest
 import io
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -489,6 +490,18 @@ def test_sample_gradients_budget_values_and_no_rng():
     assert idx.max() > 0.9 * grads[0][1].numel()
     again = sample_gradients(grads, lambda n: n.split(".")[0], max_per_block=500)
     assert all(torch.equal(samples[k], again[k]) for k in samples)
+
+
+def test_sample_gradients_of_complex_tensors_hold_both_parts():
+    torch.manual_seed(0)
+    spectral = torch.randn(6, 5, dtype=torch.complex64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cast to float32 would warn and drop the imaginary parts
+        whole = sample_gradients([("fno.w", spectral)], lambda n: n.split(".")[0])["fno"]
+        part = sample_gradients([("fno.w", spectral.t())], lambda n: n.split(".")[0], max_per_block=20)["fno"]
+    assert whole.numel() == 60
+    torch.testing.assert_close(whole.sort().values, torch.view_as_real(spectral).flatten().sort().values)
+    assert part.numel() == 20 and torch.isin(part, torch.view_as_real(spectral)).all()
 
 
 @pytest.mark.parametrize("module", [render_module, board_module])
