@@ -52,7 +52,7 @@ from lightning_gradguard.lr import LRGuard
 from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.saturation import SaturationMonitor
-from lightning_gradguard.stats import StepStats
+from lightning_gradguard.stats import StepStats, nonfinite_weights
 
 __all__ = [
     "GradGuard",
@@ -736,8 +736,9 @@ class GradGuard(Callback):
                 f" {rollback.rescue!r} clipping them unit-wise from then on. To train this setup again, clip that way"
                 f" from the start (`GradGuard(clip={rollback.rescue!r})`) or lower the learning rate."
             )
-        # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high.
-        if scale >= 1.0 or (counts["lr_reduced"] < 2 and not restarts):
+        # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high. Weights that
+        # ended non-finite were the non-finite warning's subject: no rate would have trained them.
+        if scale >= 1.0 or (counts["lr_reduced"] < 2 and not restarts) or self._reporter.broken_weights(key):
             return " ".join(notes)
         done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
         if restarts:
@@ -1362,11 +1363,36 @@ class _EventReporter:
         previous = self.previous.setdefault(key, {})
         where = f" (optimizer {key})" if several else ""
         for kind, found in fresh.items():
-            rank_zero_warn(self._message(kind, found, previous, where), category=UserWarning)
+            message = self._message(kind, found, previous, where)
+            if kind == "nonfinite":
+                message += self._weights_note(key)
+            rank_zero_warn(message, category=UserWarning)
         # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer).
         for name, norm, present in zip(snap.layer_names, snap.layer_norms, snap.present):
             if present and math.isfinite(norm) and norm > 0:
                 previous[name] = float(norm)
+
+    def broken_weights(self, key: int) -> list[str]:
+        """The layers of optimizer ``key`` whose weights hold inf/NaN now (reads the device)."""
+        engine = self.guard._states.get(key)
+        if engine is None:
+            return []
+        index = engine.index
+        return nonfinite_weights(index.params, index.layer_of_param, index.names)
+
+    def _weights_note(self, key: int) -> str:
+        """Why every step is non-finite when the weights themselves are: the warning's second sentence, or ''."""
+        bad = self.broken_weights(key)
+        if not bad:
+            return ""
+        layers = "layer holds" if len(bad) == 1 else "layers hold"
+        return (
+            f" The weights themselves are non-finite now ({len(bad)} {layers} inf/NaN: "
+            f"{_listing([repr(n) for n in bad[: max(self.guard.max_warnings, 1)]], len(bad))}): every later gradient"
+            " will be too, and skipping steps cannot undo it. An optimizer step wrote them; from finite gradients this"
+            ' is usually pure fp16 (`precision="16-true"`) with Adam, whose eps=1e-8 is 0 in fp16: use 16-mixed or'
+            " bf16, or a larger eps."
+        )
 
     def _message(self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str) -> str:
         """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""

@@ -144,6 +144,28 @@ class FlatStats:
         return split_flat(self.flat, self.present.numel())
 
 
+def nonfinite_weights(params: Sequence[Tensor], layer_of_param: Sequence[int], names: Sequence[str]) -> list[str]:
+    """The layers whose trainable parameters hold an inf or NaN, in definition order.
+
+    Reads the device (one copy): for a warning about non-finite gradients, not for the quiet step. Weights that are
+    non-finite themselves make every later gradient non-finite, whatever the batch.
+
+    Example:
+        >>> w = [torch.nn.Parameter(torch.tensor([1.0, v])) for v in (2.0, float("nan"), 3.0)]
+        >>> nonfinite_weights(w, [0, 0, 1], ["a", "b"])
+        ['a']
+    """
+    trainable = [i for i, p in enumerate(params) if p.requires_grad]
+    if not trainable:
+        return []
+    tensors = [_local(params[i].detach()) for i in trainable]
+    norms, order = _grouped_norms(tensors, tensors[0].device)
+    positions = order if order is not None else range(len(tensors))
+    finite = norms.isfinite().tolist()
+    bad = {layer_of_param[trainable[i]] for i, ok in zip(positions, finite) if not ok}
+    return [names[layer] for layer in sorted(bad)]
+
+
 def split_flat(flat: Tensor, num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
     """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "all entries finite" of a
     :attr:`FlatStats.flat` vector."""

@@ -9,6 +9,7 @@ optimization with several optimizers, Lightning's own gradient clipping, checkpo
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from typing import Any
@@ -270,6 +271,40 @@ class NaNRegressor(Regressor):
                 self.net[2].weight.grad[0, 3] = math.nan
 
 
+class PoisonedRegressor(Regressor):
+    """Its optimizer writes a NaN into the first weight matrix after step ``at``, from finite gradients (what pure
+    fp16 Adam does when its eps=1e-8 rounds to 0)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr)
+
+        def poison(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            if self.trainer.global_step == self.at:
+                with torch.no_grad():
+                    self.net[0].weight[0, 0] = math.nan
+
+        optimizer.register_step_post_hook(poison)
+        return optimizer
+
+
+def test_non_finite_weights_are_named_as_the_cause(caplog: pytest.LogCaptureFixture) -> None:
+    guard = GradGuard(rollback=None)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer(max_steps=16, callbacks=[guard], log_every_n_steps=4).fit(PoisonedRegressor(at=2), regression_data())
+    messages = [str(w.message) for w in caught if "non-finite gradients" in str(w.message)]
+    assert len(messages) == 1
+    assert "The weights themselves are non-finite now (1 layer holds inf/NaN: 'net.0')" in messages[0]
+    summary = guard.summary()
+    assert summary["skipped"] == 13 and summary["lr_reduced"] >= 2
+    # The end-of-fit advice about a lower learning rate would mislead: no rate trains NaN weights.
+    assert not any("learning rate" in r.getMessage() and "ends at" in r.getMessage() for r in caplog.records)
+
+
 def test_bf16_mixed_skip_leaves_parameters_and_adam_state_bit_identical() -> None:
     torch.manual_seed(0)
     nan_at = 3
@@ -285,6 +320,7 @@ def test_bf16_mixed_skip_leaves_parameters_and_adam_state_bit_identical() -> Non
     summary = guard.summary()
     assert summary["nonfinite"] == 1 and summary["skipped"] == 1 and summary["overflow"] == 0
     assert any("non-finite gradients in layer 'net.2'" in str(w.message) for w in caught)
+    assert not any("weights themselves" in str(w.message) for w in caught)  # one bad gradient, finite weights
     before, during = nan_at - 1, nan_at
     assert all(torch.equal(a, b) for a, b in zip(snaps.params[before], snaps.params[during]))
     state_before, state_during = snaps.opt_state[before], snaps.opt_state[during]
