@@ -431,8 +431,10 @@ class Orthogonal(Regularizer):
     pushed towards a unitary one, with the conjugate transpose ``W^H`` in place of ``W^T``.
 
     The input and hidden weights of ``nn.LSTM``/``nn.LSTMCell`` (4 gates) and ``nn.GRU``/``nn.GRUCell``
-    (3 gates), ``weight_ih*`` and ``weight_hh*``, stack one block per gate along the rows; each gate block
-    ``[H, cols]`` is penalized on its own, since the stacked matrix ``[k*H, H]`` cannot be orthogonal.
+    (3 gates), ``weight_ih*`` and ``weight_hh*``, stack one block per gate along the rows, and
+    ``nn.MultiheadAttention``'s ``in_proj_weight`` stacks the query, key and value projections; each block
+    ``[H, cols]`` is penalized on its own: orthonormal columns of the stacked matrix ``[k*H, H]`` would only make the
+    blocks' Gram matrices sum to the identity, not any one of them orthogonal.
 
     By default every matrix-shaped parameter (``ndim >= 2``) is selected except those of embeddings and
     normalization layers; ``module_types`` overrides the module filter. ``include_bias`` is not supported.
@@ -482,6 +484,8 @@ class Orthogonal(Regularizer):
             for types, gates in _GATE_BLOCKS:
                 if isinstance(owner, types) and param.shape[0] % gates == 0:
                     return gates
+        if param_name == "in_proj_weight" and isinstance(owner, nn.MultiheadAttention) and param.shape[0] % 3 == 0:
+            return 3  # the query, key and value projections, stacked along the rows
         return 1
 
     @staticmethod

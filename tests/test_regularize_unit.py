@@ -45,6 +45,7 @@ GRAD_CASES = {
     "orth_lstm": (lambda: Orthogonal(0.3), lambda: nn.LSTM(6, 5, num_layers=2)),
     "orth_lstm_cell": (lambda: Orthogonal(0.3), lambda: nn.LSTMCell(3, 4)),
     "orth_gru": (lambda: Orthogonal(0.3), lambda: nn.GRU(4, 6)),
+    "orth_attention": (lambda: Orthogonal(0.3), lambda: nn.MultiheadAttention(6, 2)),
     "orth_conv": (lambda: Orthogonal(0.3), lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 40, 1))),
     "orth_wide_tall": (lambda: Orthogonal(0.3), lambda: nn.Sequential(nn.Linear(10, 3), nn.Linear(3, 10))),
 }
@@ -173,17 +174,21 @@ def test_orthogonal_penalty_per_gate_block_and_smaller_gram():
     lstm, gru = nn.LSTM(3, 5).double(), nn.GRU(7, 5).double()
     wide, tall = nn.Linear(9, 4, bias=False).double(), nn.Linear(4, 9, bias=False).double()
     conv = nn.Conv2d(2, 3, 2, bias=False).double()
+    attention = nn.MultiheadAttention(6, 2, bias=False).double()
     cases = [
         (lstm, 4),  # weight_ih [20, 3], weight_hh [20, 5]
         (gru, 3),  # weight_ih [15, 7], weight_hh [15, 5]
+        (attention, 3),  # in_proj_weight [18, 6]: query, key, value (out_proj.weight [6, 6] is one block)
         (wide, 1),
         (tall, 1),
         (conv, 1),  # [3, 8]
     ]
     for module, gates in cases:
         reg = Orthogonal(2.0)
-        reg.bind(module)
-        manual = sum(_orth_manual(p.detach(), gates) for p in reg._params)
+        names = reg.bind(module)
+        manual = sum(
+            _orth_manual(p.detach(), 1 if name.startswith("out_proj") else gates) for name, p in zip(names, reg._params)
+        )
         torch.testing.assert_close(reg.penalty().double(), 2.0 * manual, rtol=1e-6, atol=0)
     # The smaller Gram matters: for a tall matrix the larger one differs by rows - cols.
     w = tall.weight.detach()
