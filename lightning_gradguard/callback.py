@@ -521,8 +521,7 @@ class GradGuard(Callback):
             self._warn_reevaluating(optimizer, key)
         self._loss = None  # the trial points' losses are not the step's
         engine = self._states[key]
-        for r in engine.regularizers:  # part of the objective, at every point the optimizer evaluates
-            r.add_grad_()
+        engine.add_regularizer_grads_()  # part of the objective, at every point the optimizer evaluates
         if self._clip_norm is not None:  # Trainer(gradient_clip_val=...) clips every evaluation, as Lightning does
             torch.nn.utils.clip_grad_norm_([p for p in engine.index.params if p.grad is not None], self._clip_norm)
         return True

@@ -565,6 +565,8 @@ class GuardEngine:
         self.divergence: DivergenceDetector | None = _default(divergence, DivergenceDetector)
         self.lr_guard = lr_guard
         self.regularizers = list(regularizers)
+        # A regularizer selects from the whole model; each optimizer's step adds the terms of its own parameters.
+        self._own = frozenset(id(p) for p in index.params)
         self.on_nonfinite = on_nonfinite
         self.clip_exploding = clip_exploding
         self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
@@ -626,6 +628,20 @@ class GuardEngine:
         return self.lr_guard.attach(optimizer, self.key)
 
     @torch.no_grad()
+    def add_regularizer_grads_(self, scale: Tensor | float = 1.0) -> None:
+        """Add the regularizers' gradient terms to the ``.grad`` of this engine's parameters (what :meth:`step` does
+        first; also for the extra closure evaluations of an optimizer like LBFGS).
+
+        Args:
+            scale: the factor on the terms: the loss scale while the gradients are still scaled (fused optimizer
+                under a GradScaler), else 1.
+        """
+        if self._lazy_module is not None:
+            bind_all(self.regularizers, self._lazy_module)
+            self._lazy_module = None
+        for r in self.regularizers:
+            r.add_grad_(scale, only=self._own)
+
     def step(
         self,
         step: int | None = None,
@@ -667,11 +683,7 @@ class GuardEngine:
             self._process_landed()
         if self.rollback is not None and self._rollback_step(optimizer, scaled=grad_scale is not None):
             return None
-        if self._lazy_module is not None:
-            bind_all(self.regularizers, self._lazy_module)
-            self._lazy_module = None
-        for r in self.regularizers:
-            r.add_grad_(grad_scale if grad_scale is not None else 1.0)
+        self.add_regularizer_grads_(grad_scale if grad_scale is not None else 1.0)
         measured = self._stats.measure(grad_scale=grad_scale)
         self.skipped = False
         if measured is None:

@@ -159,6 +159,8 @@ class Regularizer(abc.ABC):
         self._params: list[nn.Parameter] = []
         self._layouts: list[Any] = []
         self._module_ref: weakref.ref[nn.Module] | None = None
+        # Per ``only`` set of add_grad_ (one per optimizer): (the bound list, that set, the positions it keeps).
+        self._subsets: dict[int, tuple[list[nn.Parameter], frozenset[int], list[int]]] = {}
         self._strength = 1.0
 
     def __repr__(self) -> str:
@@ -298,8 +300,19 @@ class Regularizer(abc.ABC):
             total = total + value.to(device=out_device, dtype=torch.float32)
         return total * self.effective_weight
 
+    def _selection(self, only: frozenset[int] | None) -> tuple[list[nn.Parameter], list[Any]]:
+        """The bound parameters and their layouts, or those of them whose ``id`` is in ``only``."""
+        params = self._bound_params(None)
+        if only is None:
+            return params, self._layouts
+        cached = self._subsets.get(id(only))
+        if cached is None or cached[0] is not params or cached[1] is not only:
+            cached = self._subsets[id(only)] = (params, only, [i for i, p in enumerate(params) if id(p) in only])
+        keep = cached[2]
+        return [params[i] for i in keep], [self._layouts[i] for i in keep]
+
     @torch.no_grad()
-    def add_grad_(self, scale: Tensor | float = 1.0) -> None:
+    def add_grad_(self, scale: Tensor | float = 1.0, only: frozenset[int] | None = None) -> None:
         """Add the gradient of :meth:`penalty` times ``scale`` to each selected parameter's ``.grad``.
 
         Equivalent to adding ``penalty()`` to the loss once per optimizer step. A missing ``.grad`` is created
@@ -308,10 +321,13 @@ class Regularizer(abc.ABC):
         Args:
             scale: extra factor, a Python number or a 0-d tensor on any device (e.g. the AMP loss scale while
                 gradients are still scaled).
+            only: the ``id`` of each parameter to act on, e.g. those of the optimizer about to step (``None``: every
+                selected parameter). With several optimizers each step then adds the terms of its own parameters
+                only, as the penalty of those parameters added to that optimizer's loss would.
         """
-        params = self._bound_params(None)
+        params, layouts = self._selection(only)
         coef = self.effective_weight
-        if coef == 0.0:
+        if coef == 0.0 or not params:
             return
         for param in params:
             if param.grad is None:
@@ -321,7 +337,7 @@ class Regularizer(abc.ABC):
         grads = [p.grad for p in params]
         groups = group_by_device_and_dtype([params, grads], with_indices=True)
         for (device, dtype), ((group_params, group_grads), indices) in groups.items():
-            terms = self._grad_terms(group_params, [self._layouts[i] for i in indices])
+            terms = self._grad_terms(group_params, [layouts[i] for i in indices])
             if isinstance(scale, Tensor):
                 factor = (scale.detach().to(device=device, dtype=torch.float32) * coef).to(dtype)
                 foreach_add_(group_grads, foreach_mul(terms, factor))

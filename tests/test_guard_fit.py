@@ -440,6 +440,51 @@ def test_gradient_terms_equal_penalties_added_to_the_loss(case: str) -> None:
     assert start is None or any((a[k] - start[k]).abs().max().item() > 0 for k in a)
 
 
+class TwoPlayers(L.LightningModule):
+    """Manual optimization with two optimizers on disjoint parameters (as in a GAN), each stepped after its own loss,
+    zeroing its gradients after the step; ``penalized`` adds ``L2(0.1)`` and ``L1(0.01)`` of the stepping player's
+    weight to its loss (the reference for GradGuard's terms)."""
+
+    def __init__(self, penalized: bool = False) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 1)
+        self.penalized = penalized
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for optimizer, player in zip(self.optimizers(), (self.first, self.second)):
+            self.toggle_optimizer(optimizer)
+            loss = nn.functional.mse_loss(self.second(torch.tanh(self.first(x))), y)
+            if self.penalized:
+                loss = loss + 0.05 * player.weight.square().sum() + 0.01 * player.weight.abs().sum()
+            self.manual_backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            self.untoggle_optimizer(optimizer)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.first.parameters(), lr=0.1), torch.optim.SGD(self.second.parameters(), lr=0.1)
+
+
+def test_each_optimizer_gets_the_penalty_terms_of_its_own_parameters() -> None:
+    # Every optimizer's step used to add every selected parameter's term: the other player's parameters got a
+    # gradient while it was not stepping, which its own step then counted a second time.
+    def fit(penalized: bool, callbacks: list[L.Callback]) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = TwoPlayers(penalized)
+        _quiet_fit(trainer(max_steps=30, max_epochs=-1, callbacks=callbacks), model, regression_data(dim=8))
+        return _final_params(model)
+
+    guard = GradGuard(clip=None, lr_guard=None, exploding=None, vanishing=None, regularizers=[L2(0.1), L1(1e-2)])
+    a = fit(False, [guard])
+    b = fit(True, [])
+    plain = fit(False, [])
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert max((a[k] - plain[k]).abs().max().item() for k in a) > 1e-3
+
+
 def test_orthogonal_penalty_drives_lstm_gate_blocks_orthogonal(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = SequenceRegressor(lr=0.05, optimizer="adam")

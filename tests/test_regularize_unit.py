@@ -89,6 +89,23 @@ def test_add_grad_equals_autograd_in_float32():
 
 
 @pytest.mark.parametrize("make_reg", [L1, L2, Orthogonal], ids=["l1", "l2", "orthogonal"])
+def test_add_grad_only_touches_the_given_parameters(make_reg):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3), nn.Linear(3, 5))
+    reg = make_reg(0.3)
+    reg.bind(model)
+    expected = dict(zip((id(p) for p in reg._params), _autograd_grads(reg, list(reg._params))))
+    mine = frozenset(id(p) for p in model[2].parameters())
+    for _ in range(2):  # the second call takes the cached subset
+        reg.add_grad_(only=mine)
+    assert model[0].weight.grad is None and model[3].weight.grad is None  # not created for the others
+    torch.testing.assert_close(model[2].weight.grad, 2 * expected[id(model[2].weight)])
+    reg.add_grad_(only=frozenset())  # nothing to do
+    reg.add_grad_()
+    torch.testing.assert_close(model[0].weight.grad, expected[id(model[0].weight)])
+
+
+@pytest.mark.parametrize("make_reg", [L1, L2, Orthogonal], ids=["l1", "l2", "orthogonal"])
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
 def test_complex_weights_penalty_and_gradient(make_reg, dtype):
     # Complex weights (Fourier layers): |w| and the conjugate transpose, and the gradient autograd gives a real loss.
