@@ -642,6 +642,7 @@ class GuardEngine:
         for r in self.regularizers:
             r.add_grad_(scale, only=self._own)
 
+    @torch.no_grad()
     def step(
         self,
         step: int | None = None,
