@@ -307,6 +307,8 @@ class Regularizer(abc.ABC):
             return params, self._layouts
         cached = self._subsets.get(id(only))
         if cached is None or cached[0] is not params or cached[1] is not only:
+            if len(self._subsets) >= 16:  # engines rebuilt (new param groups) leave their sets behind
+                self._subsets.clear()
             cached = self._subsets[id(only)] = (params, only, [i for i, p in enumerate(params) if id(p) in only])
         keep = cached[2]
         return [params[i] for i in keep], [self._layouts[i] for i in keep]
