@@ -159,8 +159,8 @@ class Regularizer(abc.ABC):
         self._params: list[nn.Parameter] = []
         self._layouts: list[Any] = []
         self._module_ref: weakref.ref[nn.Module] | None = None
-        # Per ``only`` set of add_grad_ (one per optimizer): (the bound list, that set, the positions it keeps).
-        self._subsets: dict[int, tuple[list[nn.Parameter], frozenset[int], list[int]]] = {}
+        # Per ``only`` set of add_grad_ (one per optimizer): (the bound list, that set, its parameters, their layouts).
+        self._subsets: dict[int, tuple[list[nn.Parameter], frozenset[int], list[nn.Parameter], list[Any]]] = {}
         self._strength = 1.0
 
     def __repr__(self) -> str:
@@ -309,9 +309,10 @@ class Regularizer(abc.ABC):
         if cached is None or cached[0] is not params or cached[1] is not only:
             if len(self._subsets) >= 16:  # engines rebuilt (new param groups) leave their sets behind
                 self._subsets.clear()
-            cached = self._subsets[id(only)] = (params, only, [i for i, p in enumerate(params) if id(p) in only])
-        keep = cached[2]
-        return [params[i] for i in keep], [self._layouts[i] for i in keep]
+            keep = [i for i, p in enumerate(params) if id(p) in only]
+            cached = (params, only, [params[i] for i in keep], [self._layouts[i] for i in keep])
+            self._subsets[id(only)] = cached
+        return cached[2], cached[3]
 
     @torch.no_grad()
     def add_grad_(self, scale: Tensor | float = 1.0, only: frozenset[int] | None = None) -> None:
