@@ -213,6 +213,28 @@ def test_orthogonal_penalty_per_gate_block_and_smaller_gram():
     assert big - _orth_manual(w, 1) == pytest.approx(9 - 4)
 
 
+def test_orthogonal_stacks_in_bounded_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_gradguard.regularize as regularize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(5)], nn.LSTM(6, 6), nn.Linear(6, 9), nn.Linear(9, 6))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        reg = Orthogonal(0.5)
+        reg.bind(model)
+        for p in model.parameters():
+            p.grad = None
+        reg.add_grad_()
+        return reg.penalty().detach(), [p.grad.clone() for p in reg._params]
+
+    whole_penalty, whole = run()
+    monkeypatch.setattr(regularize, "_STACK_ELEMENTS", 80)  # two 6x6 blocks per stack at most
+    chunked_penalty, chunked = run()
+    torch.testing.assert_close(chunked_penalty, whole_penalty)
+    for a, b in zip(chunked, whole):
+        torch.testing.assert_close(a, b)
+
+
 def test_orthogonal_sgd_drives_lstm_gate_blocks_orthogonal():
     torch.manual_seed(0)
     lstm = nn.LSTM(8, 16)
