@@ -1,7 +1,8 @@
 """Which parameters form a "layer", and what the layer is called in the logs.
 
 Names read as in the plain, uncompiled model: the wrapper that ``torch.compile`` puts around a module
-(``net._orig_mod.0`` is ``net.0``) and the activation-checkpoint wrapper are looked through, the parameters of a
+(``net._orig_mod.0`` is ``net.0``), the activation-checkpoint wrapper and a plain loop's ``DistributedDataParallel``,
+``DataParallel`` and Fabric wrappers are looked through, the parameters of a
 parametrized tensor (``torch.nn.utils.parametrize``: ``weight_norm``, ``spectral_norm``, ``orthogonal``, ...) belong to
 the module that uses the tensor (``net.0``, not ``net.0.parametrizations.weight``), and a parameter set directly on the
 root module is called by its attribute name (``scale``).
@@ -145,14 +146,22 @@ def _loaded_type(module_name: str, type_name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
+# Pass-through wrappers: (module that defines the type, type name, attribute holding the wrapped module).
+_WRAPPERS = (
+    ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),  # torch.compile
+    ("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper", "_checkpoint_wrapped_module"),
+    ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),  # a plain loop's DDP
+    ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
+    ("lightning.fabric.wrappers", "_FabricModule", "_forward_module"),  # Fabric's setup()
+)
+
+
 def _wrapped_child(module: nn.Module) -> str | None:
     """The attribute holding the wrapped module, when ``module`` is a pass-through wrapper."""
-    compiled = _loaded_type("torch._dynamo.eval_frame", "OptimizedModule")
-    if compiled is not None and isinstance(module, compiled):
-        return "_orig_mod"
-    checkpointed = _loaded_type("torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "ActivationWrapper")
-    if checkpointed is not None and isinstance(module, checkpointed):
-        return "_checkpoint_wrapped_module"
+    for source, type_name, attribute in _WRAPPERS:
+        wrapper = _loaded_type(source, type_name)
+        if wrapper is not None and isinstance(module, wrapper):
+            return attribute
     return None
 
 

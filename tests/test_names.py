@@ -120,6 +120,46 @@ def test_a_compiled_submodule_is_named_as_uncompiled() -> None:
     assert all(s.compiled for s in module_sites(in_place) if s.name.startswith("net"))
 
 
+@pytest.fixture
+def process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A one-process gloo group, for wrapping a module in DistributedDataParallel in this process."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_plain_loop_wrappers_are_looked_through(process_group: None) -> None:
+    # DataParallel, DistributedDataParallel and Fabric's setup() wrap the model a plain loop hands to GuardEngine.
+    from lightning.fabric import Fabric
+
+    torch.manual_seed(0)
+    expected = build_layer_index(Holder(_mlp()))
+    fabric = Fabric(accelerator="cpu", devices=1)
+    for wrapped in (
+        nn.DataParallel(Holder(_mlp())),
+        nn.parallel.DistributedDataParallel(Holder(_mlp())),
+        fabric.setup_module(Holder(_mlp())),
+        nn.parallel.DistributedDataParallel(torch.compile(Holder(_mlp()))),
+    ):
+        index = build_layer_index(wrapped)
+        assert index.names == expected.names, type(wrapped).__name__
+        assert index.param_names == expected.param_names
+        assert [s.name for s in module_sites(wrapped)] == ["", "net", "net.0", "net.1", "net.2", "net.3", "head"]
+        assert SaturationMonitor(wrapped).names == ["net.1", "net.3"]
+        assert L2(1e-3, modules=r"^net\.0$").bind(wrapped) == ["net.0.weight"]
+
+
 def test_regularizer_selection_under_compile_uses_the_plain_names() -> None:
     reg = L2(1e-3, modules=r"^net\.0$")
     assert reg.bind(Holder(torch.compile(_mlp()))) == ["net.0.weight"]
