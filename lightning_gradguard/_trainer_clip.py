@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_gradguard._lightning import overrides_hook
 from lightning_gradguard.clip import Clipper
 
 __all__ = ["restore_clipping", "take_over_clipping"]
@@ -44,7 +44,7 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None) -> fl
         "GradGuard's total_norm, clip_coef, clip_threshold and events/clipped describe the gradients before that"
         " clipping; the optimizer receives gradients clipped by both."
     )
-    if is_overridden("configure_gradient_clipping", pl_module):
+    if overrides_hook(pl_module, "configure_gradient_clipping"):
         rank_zero_warn(
             f"GradGuard: {clipping} goes to the LightningModule's own `configure_gradient_clipping`, which runs after"
             f" GradGuard's hook: clipping happens twice if it clips. {before}"

@@ -12,13 +12,12 @@ from typing import Any, Literal, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard._compat import unwrap_optimizer
+from lightning_gradguard._lightning import CallbackBase, lightning_types
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
@@ -77,7 +76,7 @@ def _default(value: Any, factory: Callable[[], Any]) -> Any:
     return factory() if isinstance(value, str) and value == "default" else value
 
 
-class GradGuard(Callback):
+class GradGuard(CallbackBase):
     r"""Watch every optimizer step's per-layer gradients; clip, skip and back off the learning rate when they go wrong.
 
     GradGuard runs in ``on_before_optimizer_step``, where gradients are complete (after accumulation) and unscaled
@@ -348,17 +347,15 @@ class GradGuard(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-
         # By class, so that subclasses are caught too; the name test covers integrations outside Lightning.
         strategy = type(trainer.strategy).__name__
-        if isinstance(trainer.strategy, DeepSpeedStrategy) or "DeepSpeed" in strategy:
+        if isinstance(trainer.strategy, lightning_types("strategies.DeepSpeedStrategy")) or "DeepSpeed" in strategy:
             raise MisconfigurationException(
                 f"GradGuard does not support DeepSpeed (`{strategy}`): DeepSpeed keeps gradients inside its engine"
                 " (`param.grad` is None) and calls `on_before_optimizer_step` on every micro-batch, so per-layer norms"
                 " cannot be read there. Use DDP or FSDP2 (`ModelParallelStrategy`)."
             )
-        if isinstance(trainer.strategy, FSDPStrategy):
+        if isinstance(trainer.strategy, lightning_types("strategies.FSDPStrategy")):
             raise MisconfigurationException(
                 f"GradGuard does not support `FSDPStrategy` (FSDP1, got `{strategy}`): its flattened, sharded"
                 " parameters do not map to layers. Use `ModelParallelStrategy` (FSDP2, `fully_shard`), which GradGuard"
@@ -1081,14 +1078,9 @@ class _Diagnostics:
             automatic = getattr(pl_module, "automatic_optimization", True)
             # A GradientAccumulationScheduler changes the accumulation at epoch starts: the source is chosen anew at
             # each logging step, and the noise scale is measured on the steps that have a second batch size.
-            scheduled = max(
-                [self.accumulate]
-                + [
-                    max(callback.scheduling.values(), default=1)
-                    for callback in trainer.callbacks  # type: ignore[attr-defined]
-                    if isinstance(callback, GradientAccumulationScheduler)
-                ]
-            )
+            kind = lightning_types("callbacks.GradientAccumulationScheduler")
+            schedulers: list[Any] = [c for c in trainer.callbacks if isinstance(c, kind)]  # type: ignore[attr-defined]
+            scheduled = max([self.accumulate] + [max(s.scheduling.values(), default=1) for s in schedulers])
             if noise_scale_source(scheduled, self.world_size) is None:
                 if not self.noted:
                     self.noted = True
@@ -1472,7 +1464,8 @@ class _EventReporter:
 
 def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     """The TensorBoard writer for ``trainer``'s TensorBoardLogger (layout and configuration written), or None."""
-    tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    tensorboard = lightning_types("loggers.TensorBoardLogger")
+    tb: Any = next((lg for lg in trainer.loggers if isinstance(lg, tensorboard)), None)
     if tb is None:
         if getattr(trainer, "fast_dev_run", False):
             # Lightning swaps every logger for a DummyLogger under fast_dev_run: say that, not "none attached".

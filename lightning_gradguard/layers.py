@@ -153,6 +153,7 @@ _WRAPPERS = (
     ("torch.nn.parallel.distributed", "DistributedDataParallel", "module"),  # a plain loop's DDP
     ("torch.nn.parallel.data_parallel", "DataParallel", "module"),
     ("lightning.fabric.wrappers", "_FabricModule", "_forward_module"),  # Fabric's setup()
+    ("lightning_fabric.wrappers", "_FabricModule", "_forward_module"),  # the same, from `pip install lightning-fabric`
 )
 
 

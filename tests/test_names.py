@@ -140,16 +140,18 @@ def process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_plain_loop_wrappers_are_looked_through(process_group: None) -> None:
-    # DataParallel, DistributedDataParallel and Fabric's setup() wrap the model a plain loop hands to GuardEngine.
+    # DataParallel, DistributedDataParallel and Fabric's setup() (of `lightning` and of the standalone
+    # `lightning_fabric`) wrap the model a plain loop hands to GuardEngine.
     from lightning.fabric import Fabric
 
+    standalone = pytest.importorskip("lightning_fabric")
     torch.manual_seed(0)
     expected = build_layer_index(Holder(_mlp()))
-    fabric = Fabric(accelerator="cpu", devices=1)
     for wrapped in (
         nn.DataParallel(Holder(_mlp())),
         nn.parallel.DistributedDataParallel(Holder(_mlp())),
-        fabric.setup_module(Holder(_mlp())),
+        Fabric(accelerator="cpu", devices=1).setup_module(Holder(_mlp())),
+        standalone.Fabric(accelerator="cpu", devices=1).setup_module(Holder(_mlp())),
         nn.parallel.DistributedDataParallel(torch.compile(Holder(_mlp()))),
     ):
         index = build_layer_index(wrapped)

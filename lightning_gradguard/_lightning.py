@@ -1,0 +1,90 @@
+"""Both Lightning packages: ``lightning.pytorch`` (from ``pip install lightning``) and ``pytorch_lightning``.
+
+Lightning ships one Trainer under two names. Their classes are distinct objects, so ``isinstance(logger,
+lightning.pytorch.loggers.TensorBoardLogger)`` is false for a ``pytorch_lightning`` TensorBoardLogger, and
+``pytorch_lightning``'s LightningCLI rejects a callback that is not its own ``Callback``. GradGuard is therefore a
+``Callback`` of every installed package (:data:`CallbackBase`), and each check of a Lightning class goes through
+:func:`lightning_types`, which accepts the class of either package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["CallbackBase", "lightning_types", "overrides_hook"]
+
+PACKAGES = ("lightning.pytorch", "pytorch_lightning")
+
+
+def _standalone() -> ModuleType | None:
+    """``pytorch_lightning`` when it is installed (imported here if it was not: 0.3 s after ``lightning``)."""
+    try:
+        import pytorch_lightning
+    except ImportError:
+        return None
+    return pytorch_lightning
+
+
+def _callback_base() -> type:
+    standalone = _standalone()
+    if standalone is None:
+        return Callback
+
+    class _Callback(Callback, standalone.Callback):  # type: ignore[name-defined]
+        """A Callback to the Trainers of both Lightning packages (their hooks are the same)."""
+
+    return _Callback
+
+
+if TYPE_CHECKING:
+    CallbackBase = Callback
+else:
+    CallbackBase = _callback_base()
+
+
+def lightning_types(path: str) -> tuple[type, ...]:
+    """The class ``path`` (relative to the package, e.g. ``"loggers.TensorBoardLogger"``) of every Lightning package
+    already imported: a Trainer of a package that was never imported cannot hold its objects.
+
+    Example:
+        >>> from lightning.pytorch.loggers import TensorBoardLogger
+        >>> TensorBoardLogger in lightning_types("loggers.TensorBoardLogger")
+        True
+    """
+    module_path, _, name = path.rpartition(".")
+    found: list[type] = []
+    for package in PACKAGES:
+        if package not in sys.modules:
+            continue
+        try:
+            value: Any = getattr(importlib.import_module(f"{package}.{module_path}"), name)
+        except (ImportError, AttributeError):  # a class that this package's version does not have
+            continue
+        if isinstance(value, type):
+            found.append(value)
+    return tuple(found)
+
+
+def overrides_hook(instance: Any, name: str) -> bool:
+    """Whether ``instance``'s class overrides the ``LightningModule`` method ``name`` (either package's module).
+
+    Lightning's own ``is_overridden`` resolves the base class in ``lightning.pytorch`` only and raises for a
+    ``pytorch_lightning`` module.
+
+    Example:
+        >>> import lightning as L
+        >>> class Module(L.LightningModule):
+        ...     def configure_gradient_clipping(self, *args, **kwargs): ...
+        >>> overrides_hook(Module(), "configure_gradient_clipping"), overrides_hook(Module(), "on_fit_start")
+        (True, False)
+    """
+    cls = type(instance)
+    for base in cls.__mro__:
+        if base.__name__ == "LightningModule" and base.__module__.startswith(tuple(f"{p}." for p in PACKAGES)):
+            return getattr(cls, name, None) is not getattr(base, name, None)
+    return False
