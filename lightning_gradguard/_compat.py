@@ -361,5 +361,30 @@ def nan_to_num_(grad: Tensor, nan: float = 0.0, posinf: float = 0.0, neginf: flo
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer itself: Lightning hands hooks a ``LightningOptimizer`` that wraps it (``_optimizer``)."""
-    return getattr(optimizer, "_optimizer", optimizer)
+    """The torch optimizer itself, under the wrappers frameworks hand out: Lightning's ``LightningOptimizer``
+    (``_optimizer``) and accelerate's ``AcceleratedOptimizer`` (``optimizer``).
+
+    A wrapper is told by what it lacks: it never ran ``Optimizer.__init__``, so it has no step-hook registry of its
+    own (``AcceleratedOptimizer`` subclasses ``Optimizer``, and registering a hook on it fails). Fabric's optimizer
+    shares the wrapped one's ``__dict__``, hooks included, and is returned as it is.
+
+    Example:
+        >>> import torch
+        >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> class Wrapper(torch.optim.Optimizer):
+        ...     def __init__(self, optimizer):  # no super().__init__(), as accelerate's
+        ...         self.optimizer = optimizer
+        >>> unwrap_optimizer(Wrapper(sgd)) is sgd, unwrap_optimizer(sgd) is sgd, unwrap_optimizer(None)
+        (True, True, None)
+    """
+    for _ in range(_MAX_WRAPPERS):
+        if isinstance(optimizer, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in vars(optimizer):
+            return optimizer
+        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "__dict__", {}).get("optimizer")
+        if inner is None:
+            return optimizer
+        optimizer = inner
+    return optimizer
+
+
+_MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most

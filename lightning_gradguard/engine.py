@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._compat import nan_to_num_
+from lightning_gradguard._compat import nan_to_num_, unwrap_optimizer
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import check_bool, check_number
@@ -660,8 +660,8 @@ class GuardEngine:
                 optimizer unscales inside ``step``): norms and clipping work on the true gradients.
             grad_scaler: a GradScaler skips non-finite steps itself (16-bit AMP): they are counted as overflow and
                 neither handled, nor fed to the LR guard.
-            optimizer: the optimizer about to step, whose state a :class:`~lightning_gradguard.Rollback` copies and
-                restores (without it, only the parameters are).
+            optimizer: the optimizer about to step (or a framework's wrapper of it), whose state a
+                :class:`~lightning_gradguard.Rollback` copies and restores (without it, only the parameters are).
             loss: this step's training loss (unscaled; summed over an accumulation window, i.e. the losses
                 backpropagated for this step), for the divergence detector; ``None``: no observation this step.
 
@@ -682,7 +682,9 @@ class GuardEngine:
                 if flags.event is not None:
                     flags.event.synchronize()
             self._process_landed()
-        if self.rollback is not None and self._rollback_step(optimizer, scaled=grad_scale is not None):
+        if self.rollback is not None and self._rollback_step(
+            unwrap_optimizer(optimizer), scaled=grad_scale is not None
+        ):
             return None
         self.add_regularizer_grads_(grad_scale if grad_scale is not None else 1.0)
         measured = self._stats.measure(grad_scale=grad_scale)

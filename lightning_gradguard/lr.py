@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradguard._compat import foreach_zero_
+from lightning_gradguard._compat import foreach_zero_, unwrap_optimizer
 from lightning_gradguard._validation import check_bool, check_int, check_number
 
 __all__ = ["LRGuard", "LRGuardHandle"]
@@ -389,13 +389,16 @@ class LRGuard:
     def attach(self, optimizer: torch.optim.Optimizer, key: int = 0) -> LRGuardHandle:
         """Scale the lr of ``optimizer`` inside each ``optimizer.step`` call only.
 
-        Registers a step pre-hook that calls :meth:`apply` and a step post-hook that calls :meth:`restore`. A
+        Registers a step pre-hook that calls :meth:`apply` and a step post-hook that calls :meth:`restore` on the
+        torch optimizer itself (under a wrapper such as accelerate's ``AcceleratedOptimizer``). A
         step that is never taken (skipped by ``GradScaler``, or not called) therefore never shows the scaled lr
         to a scheduler. Hooks registered on ``optimizer`` after this call see the scaled lr.
 
         Returns:
             A handle whose ``remove()`` removes both hooks.
         """
+
+        optimizer = unwrap_optimizer(optimizer)  # a framework's wrapper has no hooks of its own (accelerate)
 
         def pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.apply(opt, key)

@@ -205,6 +205,71 @@ def test_a_non_finite_step_is_skipped_in_a_plain_loop() -> None:
     assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0  # one bad batch changes nothing
 
 
+class WrappedOptimizer(torch.optim.Optimizer):
+    """Built as accelerate's ``AcceleratedOptimizer``: an ``Optimizer`` subclass that never runs
+    ``Optimizer.__init__`` (so it has no step hooks of its own) and forwards to the optimizer it holds."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none)
+
+
+def test_a_wrapped_optimizer_gets_the_lr_guard_inside_its_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = WrappedOptimizer(inner)
+    engine = GuardEngine(model, lr_guard=LRGuard(cooldown=3, recovery_steps=50))
+    handle = engine.attach(optimizer)  # raised AttributeError ("_optimizer_step_pre_hooks") before
+    seen: list[float] = []
+    inner.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    for step in range(1, 31):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * (1e4 if step in (25, 26) else 1.0)
+        loss.backward()
+        engine.step()
+        optimizer.step()
+    assert [e.step for e in engine.drain() if e.lr_reduced] == [26]
+    assert seen[:26] == [0.1] * 26 and max(seen[27:]) < 0.1  # the cut applies from the step after the flags land
+    assert inner.param_groups[0]["lr"] == 0.1  # outside step() the scheduled rate stays
+    handle.remove()
+
+
+def test_a_rollback_restores_the_state_of_a_wrapped_optimizer() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    optimizer = WrappedOptimizer(inner)
+    engine = GuardEngine(model, lr_guard=LRGuard(cooldown=3), rollback=Rollback(every=5))
+    engine.attach(optimizer)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    copies: dict[int, list[torch.Tensor]] = {}
+    for step in range(1, 31):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * (1e4 if step in (23, 24) else 1.0)
+        loss.backward()
+        engine.step(optimizer=optimizer)
+        if engine.skipped:
+            restored = [inner.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+        optimizer.step()
+        copies[step] = [inner.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    assert engine.snapshot().counts["rolled_back"] == 1
+    # The inner optimizer's momentum as it was after step 14: the copy taken then was trusted after the calm
+    # stretch up to step 20 (`every=5`); the one taken at step 20 had no calm stretch before the trouble.
+    for a, b in zip(restored, copies[14]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_regularizers_of_a_lazy_module_are_bound_at_the_first_step() -> None:
     def run(guarded: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
