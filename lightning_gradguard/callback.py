@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard._compat import unwrap_optimizer
+from lightning_gradguard._compat import foreach_norm, unwrap_optimizer
 from lightning_gradguard._lightning import CallbackBase, lightning_types
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
@@ -1019,6 +1019,23 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
         )
 
 
+def _zero_layers(index: LayerIndex) -> frozenset[str]:
+    """The layers whose trainable parameters are all exactly zero (LoRA's ``B``, a ReZero gate): one fused norm and
+    one copy to the host, once per fit."""
+    sites = [
+        (layer, param.detach())
+        for layer, param in zip(index.layer_of_param, index.params)
+        if not isinstance(param, torch.nn.parameter.UninitializedParameter)  # a lazy module before its first batch
+    ]
+    if not sites or any(hasattr(param, "placements") for _, param in sites):  # FSDP2 shards: no ratio is measured
+        return frozenset()
+    device = sites[0][1].device
+    norms = foreach_norm([param for _, param in sites])
+    nonzero = torch.stack([(norm.reshape(()) > 0).to(device) for norm in norms]).tolist()
+    moving = {layer for (layer, _), flag in zip(sites, nonzero) if flag}
+    return frozenset(name for layer, name in enumerate(index.names) if layer not in moving)
+
+
 def _accumulation(trainer: pl.Trainer) -> int:
     """The micro-batches per optimizer step now (a ``GradientAccumulationScheduler`` changes it per epoch)."""
     return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
@@ -1044,6 +1061,7 @@ class _Diagnostics:
         self.ratios: dict[int, UpdateRatio] = {}
         self.zeros: dict[int, ZeroFraction] = {}
         self.hints: dict[int, UpdateRatioHints] = {}
+        self.from_zero: frozenset[str] = frozenset()  # layers whose weights were all zero when the fit started
         self.epochs: dict[int, EpochSummary] = {}
         self.loaded: dict[str, Any] = {}
         self.noted = False
@@ -1071,6 +1089,7 @@ class _Diagnostics:
             # FSDP2: the per-layer sums and the gradient norms would each add a collective to the logging step.
             self.on = self.on - {"update_ratio", "zero_fraction", "noise_scale"}
             self.enabled = bool(self.on)
+        self.from_zero = _zero_layers(index) if "update_ratio" in self.on else frozenset()
         self.accumulate = _accumulation(trainer)
         self.world_size = int(getattr(trainer, "world_size", 1) or 1)
         self.source, self.local, self.noise, self.params = None, None, None, []
@@ -1099,7 +1118,11 @@ class _Diagnostics:
         self.zeros.pop(key, None)
 
     def _hints(self, key: int) -> UpdateRatioHints:
-        return self._per_optimizer(self.hints, "hints", key, UpdateRatioHints)
+        new = key not in self.hints
+        hints = self._per_optimizer(self.hints, "hints", key, UpdateRatioHints)
+        if new:
+            hints.start_from_zero(self.from_zero)
+        return hints
 
     def _epoch(self, key: int) -> EpochSummary:
         return self._per_optimizer(self.epochs, "epoch", key, EpochSummary)

@@ -261,7 +261,9 @@ class UpdateRatioHints:
 
     A ratio around ``1e-3`` is the usual rule of thumb, not a law: small layers trained with Adam at a high learning
     rate can sit above ``1e-2`` and still train. The message therefore says what was measured and what it *may*
-    mean.
+    mean. A layer whose weights start at exactly zero (LoRA's ``B``, a ReZero gate; see :meth:`start_from_zero`) gets
+    no "too high" hint until its ratio first comes into the band: growing from zero, its ratio starts infinite and
+    falls as the weights grow (about ``1 / steps`` with Adam), whatever the learning rate.
 
     Args:
         high: a ratio above this counts as too high (the learning rate may be too high for the layer), ``> low``.
@@ -289,6 +291,19 @@ too high for it (about 1e-3 is usual)"]
         # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1),
         # consecutive logs back in the band since the hint]
         self._streaks: dict[str, list[float]] = {}
+        self._from_zero: set[str] = set()  # layers still growing from all-zero weights
+
+    def start_from_zero(self, names: Iterable[str]) -> None:
+        """Hold back the "too high" hint for layers whose weights are exactly zero now, until their ratio first
+        comes into the band (at or below ``high``); from then on they are judged as any other layer.
+
+        Example:
+            >>> hints = UpdateRatioHints(patience=1)
+            >>> hints.start_from_zero(["lora_B"])
+            >>> hints.update(["lora_B"], [0.5]), hints.update(["lora_B"], [5e-3]), len(hints.update(["lora_B"], [0.5]))
+            ([], [], 1)
+        """
+        self._from_zero.update(str(name) for name in names)
 
     def update(self, names: Sequence[str], ratios: Sequence[float] | np.ndarray) -> list[str]:
         """Fold in one log's ratios (host floats, e.g. from :meth:`UpdateRatio.after_step` after the copy to host).
@@ -309,6 +324,10 @@ too high for it (about 1e-3 is usual)"]
             ratio = float(value)
             if not math.isfinite(ratio) or ratio <= 0.0:
                 continue
+            if name in self._from_zero:
+                if ratio > self.high:
+                    continue  # still growing from zero: the ratio says nothing of the learning rate yet
+                self._from_zero.discard(name)
             direction = 1 if ratio > self.high else -1 if ratio < self.low else 0
             streak = self._streaks.get(name)
             if direction == 0:
@@ -354,13 +373,18 @@ too high for it (about 1e-3 is usual)"]
         return ["update/weight ratio " + "; and ".join(parts)] if parts else []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": _STATE_VERSION, "streaks": {name: list(s) for name, s in self._streaks.items()}}
+        return {
+            "version": _STATE_VERSION,
+            "streaks": {name: list(s) for name, s in self._streaks.items()},
+            "from_zero": sorted(self._from_zero),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"UpdateRatioHints: unknown state version {state.get('version')!r}")
         # A streak saved before the recovery count existed has four entries: none of its logs were in the band.
         self._streaks = {str(name): [*(float(v) for v in s), 0.0][:5] for name, s in state["streaks"].items()}
+        self._from_zero = {str(name) for name in state.get("from_zero", ())}  # absent from older checkpoints
 
 
 def _scientific(value: float, digits: int = 1) -> str:

@@ -149,6 +149,31 @@ def test_update_ratio_of_a_step_that_changed_nothing_is_zero_and_discard_drops_t
     assert not ratio.pending and ratio.after_step() is None
 
 
+def test_a_layer_growing_from_zero_is_not_hinted_about_until_its_ratio_comes_into_the_band() -> None:
+    # LoRA's B starts at zero: its ratio starts infinite and falls as ~1/steps with Adam, whatever the rate.
+    hints = UpdateRatioHints(high=1e-2, low=1e-5, patience=2)
+    hints.start_from_zero(["lora_B"])
+    names = ["lora_B", "lora_A"]
+    assert hints.update(names, [0.5, 3e-2]) == []
+    assert hints.update(names, [0.2, 3e-2]) == [  # lora_A: an ordinary layer, hinted as before
+        "update/weight ratio above 1e-2 over the last 2 logs for 1 layer: 'lora_A' 3.0e-2; the learning rate may be"
+        " too high for it (about 1e-3 is usual)"
+    ]
+    restored = UpdateRatioHints(high=1e-2, low=1e-5, patience=2)
+    restored.load_state_dict(hints.state_dict())  # the layer still growing is remembered
+    for h in (hints, restored):
+        assert h.update(names, [0.1, 1e-3]) == [] and h.update(names, [0.1, 1e-3]) == []
+        assert h.update(names, [5e-3, 1e-3]) == []  # in the band once: from now on an ordinary layer
+        assert h.update(names, [0.1, 1e-3]) == []
+        assert h.update(names, [0.1, 1e-3]) == [
+            "update/weight ratio above 1e-2 over the last 2 logs for 1 layer: 'lora_B' 1.0e-1; the learning rate may"
+            " be too high for it (about 1e-3 is usual)"
+        ]
+    legacy = hints.state_dict()
+    del legacy["from_zero"]  # a checkpoint saved before layers growing from zero were told apart
+    UpdateRatioHints().load_state_dict(legacy)
+
+
 def test_update_ratio_hints_fire_once_per_streak_and_ignore_non_observations() -> None:
     hints = UpdateRatioHints(high=1e-2, low=1e-5, patience=3)
     names = ["encoder.3", "head", "frozen"]

@@ -57,6 +57,32 @@ class Recording(Regressor):
         }
 
 
+class LoRA(Regressor):
+    """A frozen base layer with a LoRA adapter (``lora_B`` zero-initialised, as usual) and a head whose weights are
+    100x smaller than usual, trained with Adam: the head's update/weight ratio is far above 1e-2."""
+
+    def __init__(self) -> None:
+        super().__init__(net=nn.Identity(), lr=3e-3, optimizer="adam")
+        self.base = nn.Linear(16, 16).requires_grad_(False)
+        self.lora_A = nn.Linear(16, 4, bias=False)
+        self.lora_B = nn.Linear(4, 16, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.head = nn.Linear(16, 1)
+        with torch.no_grad():
+            self.head.weight.mul_(0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.base(x) + self.lora_B(self.lora_A(x))))
+
+
+def test_no_too_high_hint_for_a_layer_growing_from_zero(recwarn: pytest.WarningsRecorder) -> None:
+    # Before, the LoRA B of every such run was said to have a learning rate that "may be too high".
+    trainer(max_steps=40, max_epochs=-1, callbacks=[GradGuard(log_every_n_steps=5)]).fit(LoRA(), regression_data())
+    hints = [str(w.message) for w in recwarn.list if "update/weight ratio above" in str(w.message)]
+    assert len(hints) == 1 and "'head'" in hints[0], hints
+    assert "lora_B" not in hints[0]
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_update_ratio_is_the_applied_update(tmp_path: Any, optimizer: str) -> None:
     torch.manual_seed(0)
