@@ -398,7 +398,14 @@ class GradGuard(CallbackBase):
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
             self._state_for(trainer, optimizer, key)
-            if self.lr_guard is not None and key not in self._lr_hooks:
+            if self.lr_guard is not None and _sizes_own_steps(optimizer):
+                rank_zero_warn(
+                    f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has lr=None in every"
+                    " param group: it sizes its own steps (e.g. Adafactor(relative_step=True)), so the LR guard and"
+                    " the rollback (a restart goes with a lower rate) are off for it. Clipping, skipping and the"
+                    " detectors still act; give it an explicit lr for the LR guard."
+                )
+            elif self.lr_guard is not None and key not in self._lr_hooks:
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
             if key not in self._step_hooks:
                 self._step_hooks[key] = self._count_evaluations(optimizer, key)
@@ -447,14 +454,15 @@ class GradGuard(CallbackBase):
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
             divergence=copy.deepcopy(self.divergence) if self._watches_loss(trainer) else None,
-            lr_guard=self.lr_guard,
+            lr_guard=None if _sizes_own_steps(optimizer) else self.lr_guard,
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
             clip_exploding=self.clip_exploding and not reevaluating,
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
-            rollback=copy.deepcopy(self.rollback),
+            # A restart goes with a lower rate: an optimizer with no rate to lower would only repeat its trouble.
+            rollback=None if _sizes_own_steps(optimizer) else copy.deepcopy(self.rollback),
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
@@ -627,7 +635,7 @@ class GradGuard(CallbackBase):
                 )
 
     def _on_diverging(self, trainer: pl.Trainer, engine: GuardEngine, key: int, step: int) -> None:
-        action = self._reporter.explode_action(diverging=True)
+        action = self._reporter.explode_action(engine, diverging=True)
         if self._may_write_board(trainer):  # the events table, as for the detectors' per-layer events
             row = {
                 "step": step,
@@ -741,7 +749,8 @@ class GradGuard(CallbackBase):
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
         rate = ""
         if key < len(trainer.optimizers):
-            scheduled = {float(group["lr"]) for group in trainer.optimizers[key].param_groups}
+            groups = trainer.optimizers[key].param_groups
+            scheduled = {float(group["lr"]) for group in groups if group["lr"] is not None}
             if len(scheduled) == 1:
                 (lr,) = scheduled
                 rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
@@ -830,7 +839,8 @@ class GradGuard(CallbackBase):
             snap = engine.snapshot(host[offset : offset + part.numel()])
             offset += part.numel()
             opt = trainer.optimizers[key] if key < len(trainer.optimizers) else None
-            lr = float(opt.param_groups[0]["lr"]) if opt is not None else None
+            lr = opt.param_groups[0]["lr"] if opt is not None else None
+            lr = float(lr) if lr is not None else None  # None: an optimizer that sizes its own steps (Adafactor)
             metrics.update(snap.metrics(self._prefix(key), lr=lr))
             snapshots.append((key, snap))
             self._reporter.report(key, step, snap, several=len(self._states) > 1)
@@ -1017,6 +1027,11 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
             " optimizer that unscales inside `step` (a fused optimizer): the gradients are still scaled when they"
             " are compared with the weights. Use a non-fused optimizer, or ZClip, AutoClip or NormClip."
         )
+
+
+def _sizes_own_steps(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param group has ``lr=None`` (``Adafactor(lr=None, relative_step=True)``): no rate to scale."""
+    return all(group.get("lr", 0.0) is None for group in optimizer.param_groups)
 
 
 def _zero_layers(index: LayerIndex) -> frozenset[str]:
@@ -1357,7 +1372,7 @@ class _EventReporter:
     def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
         guard = self.guard
         actions = {
-            "exploding": self.explode_action(),
+            "exploding": self.explode_action(guard._states[key]),
             "vanishing": "none" if guard.on_vanishing != "raise" else "raise",
             "nonfinite": guard.on_nonfinite,
         }
@@ -1377,7 +1392,7 @@ class _EventReporter:
         previous = self.previous.setdefault(key, {})
         where = f" (optimizer {key})" if several else ""
         for kind, found in fresh.items():
-            message = self._message(kind, found, previous, where)
+            message = self._message(kind, found, previous, where, actions[kind])
             if kind == "nonfinite":
                 message += self._weights_note(key)
             rank_zero_warn(message, category=UserWarning)
@@ -1408,7 +1423,9 @@ class _EventReporter:
             " bf16, or a larger eps."
         )
 
-    def _message(self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str) -> str:
+    def _message(
+        self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str, action: str
+    ) -> str:
         """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""
         guard = self.guard
 
@@ -1434,13 +1451,13 @@ class _EventReporter:
                 text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
             return text
 
-        action = {"exploding": f"; action: {self.explode_action()}", "nonfinite": f"; action: {guard.on_nonfinite}"}
+        action = f"; action: {action}" if kind != "vanishing" else ""
         title, named = self._TITLES[kind], guard.max_warnings
         if named == 0:
             layers = "layer" if len(rows) == 1 else "layers"
             first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
             at = f"at step {first}" if first == last else f"at steps {first} to {last}"
-            return f"GradGuard: {title} in {len(rows)} {layers} {at}{where}{action.get(kind, '')}."
+            return f"GradGuard: {title} in {len(rows)} {layers} {at}{where}{action}."
         lead = rows[0]
         lead_detail = detail(lead, lead=True)
         message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}{where}"
@@ -1455,21 +1472,23 @@ class _EventReporter:
             layers = "layer" if len(rows) == 2 else "layers"
             message += f"; also in {len(rows) - 1} more {layers}" + (": " if others else "")
             message += _listing(others, len(rows) - 1)
-        message += action.get(kind, "") + "."
+        message += action + "."
         if kind == "vanishing":
             hint = self._saturation_hint(lead["layer"])
             if hint:
                 message += " " + hint
         return message
 
-    def explode_action(self, diverging: bool = False) -> str:
-        """What GradGuard does about an exploding step (or, with ``diverging``, a diverged loss), in words."""
+    def explode_action(self, engine: GuardEngine, diverging: bool = False) -> str:
+        """What ``engine`` does about an exploding step (or, with ``diverging``, a diverged loss), in words: its own
+        parts, since an optimizer may go without some of GradGuard's (LBFGS is not clipped, an optimizer with
+        ``lr=None`` has no LR guard)."""
         guard = self.guard
         actions = []
-        if guard.clip is not None and not diverging:
-            actions.append(f"clipped ({type(guard.clip).__name__})")
-        if guard.lr_guard is not None:
-            actions.append("LR guard" + (" (and the rollback, while it is on)" if guard.rollback is not None else ""))
+        if engine.clipper is not None and not diverging:
+            actions.append(f"clipped ({type(engine.clipper).__name__})")
+        if engine.lr_guard is not None:
+            actions.append("LR guard" + (" (and the rollback, while it is on)" if engine.rollback is not None else ""))
         if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
             actions.append("raise")
         return ", ".join(actions) or "none"

@@ -10,6 +10,7 @@ right after, so every scheduler only ever sees its own numbers.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,8 +55,8 @@ _STATE_FIELDS = ("anchor", "calm", "pending", "ceiling", "nonfinite", "since_non
 
 @dataclass
 class _Swap:
-    scheduled: float | Tensor
-    applied: float | Tensor
+    scheduled: float | Tensor | None  # None: an optimizer that sizes its own steps
+    applied: float | Tensor | None
     # For a tensor lr: the applied copy's version counter, so an in-place write by a scheduler is noticed.
     version: int | None
 
@@ -362,6 +363,9 @@ class LRGuard:
         swaps = []
         for group in optimizer.param_groups:
             scheduled = group["lr"]
+            if scheduled is None:  # the optimizer sizes its own steps (Adafactor(lr=None)): nothing to scale
+                swaps.append(_Swap(None, None, None))
+                continue
             applied = scheduled * m
             group["lr"] = applied
             swaps.append(_Swap(scheduled, applied, applied._version if isinstance(applied, Tensor) else None))
@@ -399,6 +403,14 @@ class LRGuard:
         """
 
         optimizer = unwrap_optimizer(optimizer)  # a framework's wrapper has no hooks of its own (accelerate)
+        if any(group.get("lr") is None for group in optimizer.param_groups):
+            warnings.warn(
+                f"LRGuard: {type(optimizer).__name__} has param groups with lr=None: it sizes its own steps (e.g."
+                " Adafactor(relative_step=True)), so the LR guard cannot lower their rate. Clipping, skipping and"
+                " rollback still act; give the optimizer an explicit lr for the LR guard to act on it.",
+                UserWarning,
+                stacklevel=2,
+            )
 
         def pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.apply(opt, key)

@@ -713,3 +713,40 @@ def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: P
     assert later[-1] < 1.01
     penalty = {s + 1: v for s, v in scalar_series(tmp_path)["gradguard/reg/l2"]}
     assert penalty[16] / strength[16] == pytest.approx(penalty[12] / strength[12], rel=0.2)
+
+
+class SelfSizedSteps(torch.optim.Optimizer):
+    """An optimizer that sizes its own steps and keeps ``lr=None`` in its param groups, as
+    ``Adafactor(lr=None, relative_step=True)`` of transformers: every step moves each entry by 1e-3 against the
+    sign of its gradient."""
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params, {"lr": None})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.sub_(1e-3 * p.grad.sign())
+        return loss
+
+
+class SelfSized(Shifting):
+    def configure_optimizers(self) -> Any:
+        return SelfSizedSteps(self.parameters())
+
+
+def test_an_optimizer_without_a_learning_rate_gets_no_lr_guard(recwarn: pytest.WarningsRecorder) -> None:
+    # The LR guard multiplied `None` on its first cut (TypeError), and logging read `float(None)`.
+    torch.manual_seed(0)
+    guard = GradGuard(log_every_n_steps=5)
+    model = SelfSized(spikes=(30, 31), spike=1e4)
+    trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
+    messages = [str(w.message) for w in recwarn.list]
+    assert any("lr=None in every param group" in m and "LR guard and the rollback" in m for m in messages)
+    exploding = [m for m in messages if "exploding gradients" in m]
+    assert exploding and all(m.endswith("action: clipped (ZClip).") for m in exploding)  # no LR guard claimed
+    counts = guard.summary()
+    assert counts["exploding"] == 2 and counts["lr_reduced"] == counts["rolled_back"] == 0
