@@ -42,6 +42,7 @@ __all__ = [
     "foreach_sgn",
     "foreach_zero_",
     "group_by_device_and_dtype",
+    "loaded_type",
     "nan_to_num_",
     "unwrap_optimizer",
     "private_torch_enabled",
@@ -358,6 +359,14 @@ def nan_to_num_(grad: Tensor, nan: float = 0.0, posinf: float = 0.0, neginf: flo
         grad.values().nan_to_num_(nan=nan, posinf=posinf, neginf=neginf)
         return grad
     return torch.nan_to_num_(grad, nan=nan, posinf=posinf, neginf=neginf)
+
+
+def loaded_type(module_name: str, type_name: str) -> type | None:
+    """The class ``type_name`` of ``module_name`` if that module was imported already, else ``None``: no instance of
+    it can exist otherwise, and importing ``torch._dynamo``, ``torch.distributed`` or ``transformers`` just to find
+    out is slow."""
+    found = getattr(sys.modules.get(module_name), type_name, None)
+    return found if isinstance(found, type) else None
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

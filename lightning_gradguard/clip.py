@@ -32,6 +32,7 @@ from lightning_gradguard._compat import (
     foreach_mul_each_,
     foreach_norm,
     group_by_device_and_dtype,
+    loaded_type,
 )
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import check_bool, check_int, check_number
@@ -863,7 +864,10 @@ class AGC(Clipper):
         G_i <- G_i * min(1, max_norm_i / max(||G_i||, 1e-6))
 
     For a parameter with 2 or more dimensions a unit is one output unit: the norm runs over every dimension but the
-    first (a row of a ``Linear`` weight, a filter of a convolution); 1-D and 0-d parameters form a single unit.
+    first (a row of a ``Linear`` weight, a filter of a convolution); 1-D and 0-d parameters form a single unit. A
+    module that stores its 2-D weight as ``[in_features, out_features]`` (transformers' ``Conv1D`` in GPT-2, found
+    by default once ``transformers`` is imported; others through ``column_types``) has its output units in columns,
+    and they are clipped as such (except for a weight sharded by FSDP2, whose columns straddle the shards: rows there).
     ``total_norm`` plays no part in the decision. :attr:`last_coef` is the smallest unit coefficient of the step
     (``1.0`` = nothing clipped); :attr:`last_threshold` is ``inf`` (there is no single threshold).
 
@@ -884,6 +888,8 @@ class AGC(Clipper):
         eps: floor of the weight norm, so that zero-initialised units can still move (``> 0``).
         exclude: regular expression; parameters whose qualified name matches (``re.search``) are not clipped.
         exclude_types: module types whose own parameters are not clipped.
+        column_types: module types whose 2-D weights hold one output unit per column; ``None``: transformers'
+            ``Conv1D`` when ``transformers`` is imported. Needs ``owner_types`` (pass the ``nn.Module`` to ``clip_``).
 
     Example:
         >>> import torch
@@ -908,6 +914,7 @@ class AGC(Clipper):
         eps: float = 1e-3,
         exclude: str | None = None,
         exclude_types: tuple[type, ...] = (),
+        column_types: tuple[type, ...] | None = None,
     ) -> None:
         super().__init__()
         self.clip_factor = check_number("clip_factor", clip_factor, low=0.0)
@@ -927,6 +934,13 @@ class AGC(Clipper):
         if not isinstance(exclude_types, (tuple, list)) or not all(isinstance(t, type) for t in exclude_types):
             raise ValueError(f"`exclude_types` must be a tuple of classes, got {exclude_types!r}.")
         self.exclude_types = tuple(exclude_types)
+        if column_types is not None:
+            if isinstance(column_types, type):
+                column_types = (column_types,)
+            if not isinstance(column_types, (tuple, list)) or not all(isinstance(t, type) for t in column_types):
+                raise ValueError(f"`column_types` must be a tuple of classes or None, got {column_types!r}.")
+            column_types = tuple(column_types)
+        self.column_types = column_types
         self._excluded_names: dict[str, bool] = {}
         self._no_threshold: dict[torch.device, Tensor] = {}
 
@@ -951,6 +965,17 @@ class AGC(Clipper):
             keep.append(i)
         return keep
 
+    def _columns(self, grads: list[Tensor], owner_types: list[type] | None) -> set[int]:
+        """The indices of 2-D gradients whose output units are columns (a DTensor's columns straddle its shards)."""
+        types = self.column_types if self.column_types is not None else _default_column_types()
+        if not types or owner_types is None:
+            return set()
+        return {
+            i
+            for i, (grad, owner) in enumerate(zip(grads, owner_types))
+            if grad.ndim == 2 and issubclass(owner, types) and not hasattr(grad, "placements")
+        }
+
     def _clip(
         self,
         grads: list[Tensor],
@@ -963,7 +988,11 @@ class AGC(Clipper):
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
+        columns = self._columns(grads, owner_types)
         grads, params = _local_tensors(grads), _local_tensors(params)
+        if columns:  # transposed views: their rows are the output units, and clipping them clips the gradient
+            grads = [g.t() if i in columns else g for i, g in enumerate(grads)]
+            params = [p.t() if i in columns else p for i, p in enumerate(params)]
         # Same-shaped tensors are stacked into one [units, unit_len] matrix: a handful of kernels per distinct shape
         # (one norm for all their units, one multiply, one foreach copy back) instead of several per parameter.
         groups: dict[tuple[torch.device, torch.dtype, torch.dtype, torch.Size], list[int]] = {}
@@ -1015,8 +1044,12 @@ class AGC(Clipper):
         return min_coef
 
     def extra_repr(self) -> str:
-        types = "(" + ", ".join(t.__name__ for t in self.exclude_types) + ("," if len(self.exclude_types) == 1 else "")
-        return f"clip_factor={self.clip_factor}, eps={self.eps}, exclude={self.exclude!r}, exclude_types={types})"
+        text = (
+            f"clip_factor={self.clip_factor}, eps={self.eps}, exclude={self.exclude!r},"
+            f" exclude_types={_type_names(self.exclude_types)}"
+        )
+        # The default (transformers' Conv1D when it is loaded) is left out: the repr goes into the rescue's advice.
+        return text if self.column_types is None else f"{text}, column_types={_type_names(self.column_types)}"
 
 
 class AdaGC(Clipper):
@@ -1230,6 +1263,19 @@ class AdaGC(Clipper):
             f"lambda_rel={self.lambda_rel}, beta={self.beta}, warmup_steps={self.warmup_steps},"
             f" lambda_abs={self.lambda_abs}"
         )
+
+
+def _type_names(types: tuple[type, ...]) -> str:
+    return "(" + ", ".join(t.__name__ for t in types) + ("," if len(types) == 1 else "") + ")"
+
+
+# Modules that keep a 2-D weight as [in_features, out_features]: transformers' Conv1D (GPT-2), in its current home and
+# its former one.
+_COLUMN_TYPES = (("transformers.pytorch_utils", "Conv1D"), ("transformers.modeling_utils", "Conv1D"))
+
+
+def _default_column_types() -> tuple[type, ...]:
+    return tuple({found for module, name in _COLUMN_TYPES if (found := loaded_type(module, name)) is not None})
 
 
 def _local_tensors(tensors: list[Tensor]) -> list[Tensor]:

@@ -10,13 +10,14 @@ root module is called by its attribute name (``scale``).
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from torch import nn
 from torch.nn.utils import parametrize
+
+from lightning_gradguard._compat import loaded_type
 
 # The name of the root module itself where a module name is needed (SaturationMonitor, for a model that is a single
 # activation). Layers are never called this: a parameter of the root module is named by its attribute.
@@ -139,13 +140,6 @@ class ParamSite(NamedTuple):
     kind: str
 
 
-def _loaded_type(module_name: str, type_name: str) -> type | None:
-    # Only look where the type would come from if it was imported already: no wrapper exists otherwise, and importing
-    # torch._dynamo or torch.distributed just to find out is slow.
-    found = getattr(sys.modules.get(module_name), type_name, None)
-    return found if isinstance(found, type) else None
-
-
 # Pass-through wrappers: (module that defines the type, type name, attribute holding the wrapped module).
 _WRAPPERS = (
     ("torch._dynamo.eval_frame", "OptimizedModule", "_orig_mod"),  # torch.compile
@@ -160,14 +154,14 @@ _WRAPPERS = (
 def _wrapped_child(module: nn.Module) -> str | None:
     """The attribute holding the wrapped module, when ``module`` is a pass-through wrapper."""
     for source, type_name, attribute in _WRAPPERS:
-        wrapper = _loaded_type(source, type_name)
+        wrapper = loaded_type(source, type_name)
         if wrapper is not None and isinstance(module, wrapper):
             return attribute
     return None
 
 
 def _is_compile_wrapper(module: nn.Module) -> bool:
-    compiled = _loaded_type("torch._dynamo.eval_frame", "OptimizedModule")
+    compiled = loaded_type("torch._dynamo.eval_frame", "OptimizedModule")
     return compiled is not None and isinstance(module, compiled)
 
 

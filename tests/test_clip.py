@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -438,6 +439,58 @@ def test_agc_last_coef_is_min_unit_coef_and_total_norm_is_ignored() -> None:
         assert float(coef) < 1e-2
 
 
+class Conv1D(nn.Module):
+    """Built as transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in_features, out_features]``,
+    so each output unit is a column of ``W``."""
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) * 0.1)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight + self.bias
+
+
+def _conv1d_and_its_linear() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    conv = nn.Sequential(Conv1D(6, 5), nn.Tanh(), Conv1D(6, 6), Conv1D(3, 6))  # two weights of one shape: batched
+    linear = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Linear(6, 3))
+    with torch.no_grad():
+        for c, lin in zip(conv, linear):
+            if isinstance(c, Conv1D):
+                lin.weight.copy_(c.weight.t())
+                lin.bias.copy_(c.bias)
+    x = torch.randn(8, 5)
+    for net in (conv, linear):
+        (100 * net(x)).pow(2).sum().backward()
+    return conv, linear
+
+
+@pytest.mark.parametrize("how", ["column_types", "transformers"])
+def test_agc_clips_the_output_columns_of_a_conv1d_as_the_rows_of_the_same_linear(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conv, linear = _conv1d_and_its_linear()
+    if how == "transformers":  # found by default when transformers is imported
+        import types
+
+        monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.SimpleNamespace(Conv1D=Conv1D))
+        clipper = AGC(clip_factor=0.01)
+    else:
+        clipper = AGC(clip_factor=0.01, column_types=(Conv1D,))
+    clipper.clip_(conv)
+    AGC(clip_factor=0.01).clip_(linear)
+    assert float(clipper.last_coef) < 0.1
+    for c, lin in zip(conv, linear):
+        if isinstance(c, Conv1D):
+            torch.testing.assert_close(c.weight.grad, lin.weight.grad.t(), rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(c.bias.grad, lin.bias.grad, rtol=1e-5, atol=1e-8)
+    plain, _ = _conv1d_and_its_linear()
+    AGC(clip_factor=0.01, column_types=()).clip_(plain)  # rows of the stored weight: another clipping
+    assert not torch.allclose(plain[0].weight.grad, conv[0].weight.grad)
+
+
 def test_agc_clip_grads_with_names_and_owner_types() -> None:
     model = Net()
     random_grads_(model, torch.Generator().manual_seed(8), spike=True)
@@ -785,6 +838,7 @@ def test_repr_shows_arguments() -> None:
     assert repr(AGC(0.02, exclude=r"^fc\.", exclude_types=(Head,))) == (
         r"AGC(clip_factor=0.02, eps=0.001, exclude='^fc\\.', exclude_types=(Head,))"
     )
+    assert repr(AGC(column_types=(Head,))).endswith("exclude_types=(), column_types=(Head,))")
     assert eval(repr(ZClip(alpha=0.9)), {"ZClip": ZClip}).alpha == 0.9
 
 
