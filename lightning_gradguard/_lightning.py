@@ -25,7 +25,7 @@ def _standalone() -> ModuleType | None:
     """``pytorch_lightning`` when it is installed (imported here if it was not: 0.3 s after ``lightning``)."""
     try:
         import pytorch_lightning
-    except ImportError:
+    except Exception:  # not installed, or an install that fails to import: GradGuard must not fail with it
         return None
     return pytorch_lightning
 
