@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["CallbackBase", "lightning_types", "overrides_hook"]
+__all__ = ["CallbackBase", "grad_scaler", "lightning_types", "overrides_hook"]
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -88,3 +88,8 @@ def overrides_hook(instance: Any, name: str) -> bool:
         if base.__name__ == "LightningModule" and base.__module__.startswith(tuple(f"{p}." for p in PACKAGES)):
             return getattr(cls, name, None) is not getattr(base, name, None)
     return False
+
+
+def grad_scaler(trainer: Any) -> Any:
+    """The trainer's ``GradScaler`` (16-bit AMP), or ``None``."""
+    return getattr(trainer.precision_plugin, "scaler", None)

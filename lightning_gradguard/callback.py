@@ -8,7 +8,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -16,24 +16,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_norm, unwrap_optimizer
-from lightning_gradguard._lightning import CallbackBase, lightning_types
+from lightning_gradguard._compat import unwrap_optimizer
+from lightning_gradguard._events import EventReporter
+from lightning_gradguard._fit_diagnostics import FitDiagnostics
+from lightning_gradguard._lightning import CallbackBase, grad_scaler, lightning_types
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
-from lightning_gradguard.diagnostics import (
-    NOISE_SCALE_NOTE,
-    ActivationGradients,
-    EpochSummary,
-    LocalGradNorm,
-    NoiseScale,
-    UpdateRatio,
-    UpdateRatioHints,
-    ZeroFraction,
-    noise_scale_source,
-    squared_grad_norm,
-)
 from lightning_gradguard.engine import (
     EVENT_KINDS,
     NONFINITE_MODES,
@@ -51,7 +41,7 @@ from lightning_gradguard.lr import LRGuard
 from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.saturation import SaturationMonitor
-from lightning_gradguard.stats import StepStats, nonfinite_weights
+from lightning_gradguard.stats import StepStats
 
 __all__ = [
     "GradGuard",
@@ -67,9 +57,6 @@ _EVENT_MODES = ("warn", "raise", "ignore")
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
 _BOARD_CHECKPOINT_KEY = "gradguard_board"
 DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
-
-
-_T = TypeVar("_T")
 
 
 def _default(value: Any, factory: Callable[[], Any]) -> Any:
@@ -257,7 +244,7 @@ class GradGuard(CallbackBase):
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
         self._lr_hooks: dict[int, Any] = {}
-        self._reporter = _EventReporter(self)
+        self._reporter = EventReporter(self)
         self._hist_samples: dict[str, Tensor] = {}
         # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
         self._last_hist_count = 0
@@ -265,7 +252,7 @@ class GradGuard(CallbackBase):
         self._batch_stepped = False  # an optimizer step ran in the current batch (Lightning logs only then)
         self._last_stamp: int | None = None  # Lightning's step of the latest optimizer step
         self._last_saturation: dict[str, float] = {}
-        self._diag = _Diagnostics()
+        self._diag = FitDiagnostics()
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
         self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
@@ -551,7 +538,7 @@ class GradGuard(CallbackBase):
         value = loss.detach()
         if value.dtype != torch.float32:  # summed over micro-batches: in fp32
             value = value.float()
-        scaler = _grad_scaler(trainer)
+        scaler = grad_scaler(trainer)
         if scaler is not None and getattr(scaler, "_scale", None) is not None:
             scale = scaler._scale
             value = value / (scale if scale.device == value.device else scale.to(value.device))  # 16-mixed: scaled
@@ -577,7 +564,7 @@ class GradGuard(CallbackBase):
         engine = self._state_for(trainer, optimizer, key)
         self._drain(trainer, engine, key)
 
-        scaler = _grad_scaler(trainer)
+        scaler = grad_scaler(trainer)
         grad_scale: Tensor | None = None
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and scaler._scale is not None:
             # Fused optimizers unscale inside step(): the gradients here are still multiplied by the loss scale.
@@ -1015,7 +1002,7 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
             " there are no gradients to watch. Unfreeze some parameters or remove GradGuard."
         )
     if (
-        _grad_scaler(trainer) is not None
+        grad_scaler(trainer) is not None
         and guard.clip is not None
         and guard.clip.needs_params
         and any(getattr(opt, "_step_supports_amp_scaling", False) for opt in trainer.optimizers)
@@ -1032,476 +1019,6 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
 def _sizes_own_steps(optimizer: torch.optim.Optimizer) -> bool:
     """Whether every param group has ``lr=None`` (``Adafactor(lr=None, relative_step=True)``): no rate to scale."""
     return all(group.get("lr", 0.0) is None for group in optimizer.param_groups)
-
-
-def _zero_layers(index: LayerIndex) -> frozenset[str]:
-    """The layers whose trainable parameters are all exactly zero (LoRA's ``B``, a ReZero gate): one fused norm and
-    one copy to the host, once per fit."""
-    sites = [
-        (layer, param.detach())
-        for layer, param in zip(index.layer_of_param, index.params)
-        if not isinstance(param, torch.nn.parameter.UninitializedParameter)  # a lazy module before its first batch
-    ]
-    if not sites or any(hasattr(param, "placements") for _, param in sites):  # FSDP2 shards: no ratio is measured
-        return frozenset()
-    device = sites[0][1].device
-    norms = foreach_norm([param for _, param in sites])
-    nonzero = torch.stack([(norm.reshape(()) > 0).to(device) for norm in norms]).tolist()
-    moving = {layer for (layer, _), flag in zip(sites, nonzero) if flag}
-    return frozenset(name for layer, name in enumerate(index.names) if layer not in moving)
-
-
-def _accumulation(trainer: pl.Trainer) -> int:
-    """The micro-batches per optimizer step now (a ``GradientAccumulationScheduler`` changes it per epoch)."""
-    return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-
-
-class _Diagnostics:
-    """The logging-step-only diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
-
-    Everything here runs on logging steps only: every entry point is reached behind a test of the logging step (or a
-    flag set on one), so a quiet step runs no op and has no hook.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = False
-        self.on: frozenset[str] = frozenset()
-        self.act: ActivationGradients | None = None
-        self.local: LocalGradNorm | None = None
-        self.noise: NoiseScale | None = None
-        self.source: str | None = None
-        self.params: list[Tensor] = []
-        self.accumulate = 1
-        self.world_size = 1
-        self.ratios: dict[int, UpdateRatio] = {}
-        self.zeros: dict[int, ZeroFraction] = {}
-        self.hints: dict[int, UpdateRatioHints] = {}
-        self.from_zero: frozenset[str] = frozenset()  # layers whose weights were all zero when the fit started
-        self.epochs: dict[int, EpochSummary] = {}
-        self.loaded: dict[str, Any] = {}
-        self.noted = False
-        self.first_backward_pending = False
-        self.pending_size: int | None = None
-        self.sizes: list[int] = []
-        self.small: Tensor | None = None
-        self.big: Tensor | None = None
-        self.act_norms: Tensor | None = None
-        self.zero: dict[int, Tensor] = {}
-        self.pending_ratio: set[int] = set()
-        self.step_armed: int | None = None
-        self.epoch_logged = False
-
-    # -------------------------------------------------------------- setup and state
-    def start_fit(
-        self, guard: GradGuard, trainer: pl.Trainer, pl_module: pl.LightningModule, index: LayerIndex
-    ) -> None:
-        self.disarm()
-        self.on = guard._diag_on
-        self.enabled = bool(self.on)
-        self.ratios, self.zeros = {}, {}
-        self.act = ActivationGradients(pl_module, index.names) if "act_grad" in self.on else None
-        if any(hasattr(p, "placements") for p in index.params):
-            # FSDP2: the per-layer sums and the gradient norms would each add a collective to the logging step.
-            self.on = self.on - {"update_ratio", "zero_fraction", "noise_scale"}
-            self.enabled = bool(self.on)
-        self.from_zero = _zero_layers(index) if "update_ratio" in self.on else frozenset()
-        self.accumulate = _accumulation(trainer)
-        self.world_size = int(getattr(trainer, "world_size", 1) or 1)
-        self.source, self.local, self.noise, self.params = None, None, None, []
-        if "noise_scale" in self.on:
-            automatic = getattr(pl_module, "automatic_optimization", True)
-            # A GradientAccumulationScheduler changes the accumulation at epoch starts: the source is chosen anew at
-            # each logging step, and the noise scale is measured on the steps that have a second batch size.
-            kind = lightning_types("callbacks.GradientAccumulationScheduler")
-            schedulers: list[Any] = [c for c in trainer.callbacks if isinstance(c, kind)]  # type: ignore[attr-defined]
-            scheduled = max([self.accumulate] + [max(s.scheduling.values(), default=1) for s in schedulers])
-            if noise_scale_source(scheduled, self.world_size) is None:
-                if not self.noted:
-                    self.noted = True
-                    rank_zero_info(NOISE_SCALE_NOTE)
-            elif automatic and len(trainer.optimizers) == 1:
-                self.params = [p for p in index.params if p.requires_grad]
-                self.noise = NoiseScale()
-                if self.world_size > 1:
-                    self.local = LocalGradNorm(self.params)
-                if "noise" in self.loaded:
-                    self.noise.load_state_dict(self.loaded.pop("noise"))
-
-    def forget(self, key: int) -> None:
-        """A new engine for optimizer ``key``: its per-layer measures follow its new layers."""
-        self.ratios.pop(key, None)
-        self.zeros.pop(key, None)
-
-    def _hints(self, key: int) -> UpdateRatioHints:
-        new = key not in self.hints
-        hints = self._per_optimizer(self.hints, "hints", key, UpdateRatioHints)
-        if new:
-            hints.start_from_zero(self.from_zero)
-        return hints
-
-    def _epoch(self, key: int) -> EpochSummary:
-        return self._per_optimizer(self.epochs, "epoch", key, EpochSummary)
-
-    def _per_optimizer(self, store: dict[int, _T], section: str, key: int, factory: Callable[[], _T]) -> _T:
-        """``store[key]``, created on first use and given the state a checkpoint saved for it (``section``)."""
-        item = store.get(key)
-        if item is None:
-            item = store[key] = factory()
-            saved = self.loaded.get(section, {}).pop(str(key), None)
-            if saved is not None:
-                item.load_state_dict(saved)  # type: ignore[attr-defined]
-        return item
-
-    def state_dict(self) -> dict[str, Any]:
-        hints = {str(k): h.state_dict() for k, h in self.hints.items()}
-        epochs = {str(k): e.state_dict() for k, e in self.epochs.items()}
-        for name, target in (("hints", hints), ("epoch", epochs)):
-            for k, v in self.loaded.get(name, {}).items():  # not yet claimed: survives a save
-                target.setdefault(k, v)
-        state: dict[str, Any] = {"version": 1, "hints": hints, "epoch": epochs}
-        noise = self.noise.state_dict() if self.noise is not None else self.loaded.get("noise")
-        if noise is not None:
-            state["noise"] = noise
-        return state
-
-    def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        if not state:
-            return
-        if state.get("version") != 1:
-            raise ValueError(f"Unsupported GradGuard diagnostics state version {state.get('version')!r}")
-        self.loaded = {"hints": dict(state.get("hints", {})), "epoch": dict(state.get("epoch", {}))}
-        if state.get("noise") is not None:
-            self.loaded["noise"] = state["noise"]
-        self.hints, self.epochs = {}, {}
-        if self.noise is not None and "noise" in self.loaded:
-            self.noise.load_state_dict(self.loaded.pop("noise"))
-
-    # -------------------------------------------------------------- the step (logging steps only)
-    def batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
-        if self.act is not None:
-            self.act.arm()
-        if self.noise is None:
-            return
-        if self.step_armed != trainer.global_step:  # the first micro-batch of the logging step
-            self.step_armed = trainer.global_step
-            self.sizes = []
-            self.small = self.big = None
-            self.accumulate = _accumulation(trainer)
-            self.source = noise_scale_source(self.accumulate, self.world_size)
-            self.first_backward_pending = self.source is not None
-            if self.source == "distributed" and self.local is not None:
-                self.local.arm()
-        try:
-            from lightning.pytorch.utilities.data import extract_batch_size
-
-            self.pending_size = int(extract_batch_size(batch))
-        except Exception:  # a batch without a batch dimension Lightning can find: no noise scale this step
-            self.pending_size = 0
-
-    def after_backward(self, trainer: pl.Trainer) -> None:
-        """A micro-batch of the logging step reached its backward: count its examples (a ``training_step`` that
-        returned ``None`` has none and adds nothing to the step's gradient), and measure the first one."""
-        if self.pending_size is not None:
-            self.sizes.append(self.pending_size)
-            self.pending_size = None
-        if not self.first_backward_pending:
-            return
-        self.first_backward_pending = False
-        scaler = _grad_scaler(trainer)
-        loss_scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
-        if self.source == "accumulation":
-            scale: Any = (loss_scale if loss_scale is not None else 1.0) / self.accumulate
-            self.small = squared_grad_norm(self.params, scale=scale)
-        elif self.source == "distributed" and self.local is not None:
-            self.small = self.local.disarm(scale=loss_scale)
-
-    def before_engine_step(
-        self, guard: GradGuard, key: int, engine: GuardEngine, scaler: Any, grad_scale: Tensor | None
-    ) -> None:
-        if "zero_fraction" in self.on:
-            zeros = self.zeros.get(key)
-            if zeros is None:
-                zeros = self.zeros[key] = ZeroFraction(engine.index)
-            self.zero[key] = zeros.compute()
-        if self.noise is not None and self.small is not None and self.big is None:
-            self.big = squared_grad_norm(self.params, scale=grad_scale)
-        if self.act is not None and self.act.armed:
-            scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
-            self.act_norms = self.act.disarm(grad_scale=scale)
-
-    def after_engine_step(self, key: int, engine: GuardEngine) -> None:
-        if "update_ratio" in self.on:
-            ratio = self.ratios.get(key)
-            if ratio is None:
-                ratio = self.ratios[key] = UpdateRatio(engine.index)
-            ratio.before_step()
-            self.pending_ratio.add(key)
-
-    # -------------------------------------------------------------- logging
-    def collect(self, guard: GradGuard) -> list[tuple[str, Tensor]]:
-        """The device tensors of this logging step, for the one batched copy (and drop every measurement)."""
-        parts: list[tuple[str, Tensor]] = []
-        if not self.enabled:
-            return parts
-        for key in sorted(self.pending_ratio):
-            ratio = self.ratios[key].after_step()
-            if ratio is not None:
-                parts.append((f"ratio/{key}", ratio.float()))
-        self.pending_ratio.clear()
-        for key, zero in sorted(self.zero.items()):
-            parts.append((f"zero/{key}", zero.float()))
-        self.zero = {}
-        if self.act is not None and self.act.armed:  # no optimizer step came (e.g. an accumulation tail)
-            self.act.disarm()
-        if self.act_norms is not None:
-            parts.append(("act", self.act_norms.float()))
-            self.act_norms = None
-        if self.small is not None and self.big is not None:
-            parts.append(("noise", torch.stack([self.small.float().reshape(()), self.big.float().reshape(())])))
-        self.small = self.big = None
-        return parts
-
-    def report(
-        self,
-        guard: GradGuard,
-        trainer: pl.Trainer,
-        values: dict[str, Any],
-        snapshots: list[tuple[int, EngineSnapshot]],
-        metrics: dict[str, float],
-        step: int,
-    ) -> dict[str, float]:
-        """Fold the host values into ``metrics`` (all loggers) and return the per-layer scalars (TensorBoard)."""
-        layer_scalars: dict[str, float] = {}
-        if not self.enabled:
-            return layer_scalars
-        for key, engine in sorted(guard._states.items()):
-            prefix = guard._prefix(key)
-            names = engine.index.names
-            ratio = values.get(f"ratio/{key}")
-            if ratio is not None and len(ratio) == len(names):
-                for name, value in zip(names, ratio):
-                    if math.isfinite(value):
-                        layer_scalars[f"{prefix}update_ratio/{name}"] = float(value)
-                # At most one message per log (UpdateRatioHints groups the layers and directions itself).
-                where = f", optimizer {key}" if len(guard._states) > 1 else ""
-                for message in self._hints(key).update(names, ratio):
-                    rank_zero_warn(f"GradGuard: {message} (step {step}{where}).", category=UserWarning)
-            zero = values.get(f"zero/{key}")
-            if zero is not None and len(zero) == len(names):
-                for name, value in zip(names, zero):
-                    if math.isfinite(value):
-                        layer_scalars[f"{prefix}zero_fraction/{name}"] = float(value)
-        act = values.get("act")
-        if act is not None and self.act is not None:
-            for name, value in zip(self.act.names, act):
-                if math.isfinite(value):
-                    layer_scalars[f"gradguard/act_grad/{name}"] = float(value)
-        noise = values.get("noise")
-        if noise is not None and self.noise is not None:
-            small, big = float(noise[0]), float(noise[1])
-            sizes = self.sizes
-            if sizes:
-                # Lightning divides every micro-batch's loss by the accumulation, also when a training_step returned
-                # None: the step's gradient is then the mean over the micro-batches that ran, times this.
-                big *= (self.accumulate / len(sizes)) ** 2
-            b_small, b_big = (sizes[0], sum(sizes) * self.world_size) if sizes else (0, 0)
-            if math.isfinite(small) and math.isfinite(big) and 0 < b_small < b_big:
-                value = self.noise.update(small, big, b_small, b_big)
-                if math.isfinite(value):
-                    metrics["gradguard/noise_scale"] = value
-        if "epoch" in self.on:
-            for key, snap in snapshots:
-                self._epoch(key).update(
-                    snap.total_norm,
-                    snap.total_norm_max if snap.total_norm_max > -math.inf else None,
-                    events={kind: float(count) for kind, count in snap.counts.items()},
-                )
-        return layer_scalars
-
-    def end_epoch(self, guard: GradGuard) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if "epoch" not in self.on:
-            return metrics
-        for key, epoch in sorted(self.epochs.items()):
-            metrics.update(epoch.end_epoch(prefix=f"{guard._prefix(key)}epoch/"))
-        return metrics
-
-    def disarm(self) -> None:
-        """Remove every hook and drop every pending measurement (end of fit, or an exception)."""
-        if self.act is not None and self.act.armed:
-            self.act.disarm()
-        if self.local is not None and self.local.armed:
-            self.local.disarm()
-        for ratio in self.ratios.values():
-            ratio.discard()
-        self.pending_ratio.clear()
-        self.zero = {}
-        self.small = self.big = self.act_norms = None
-        self.first_backward_pending = False
-        self.pending_size = None
-        self.step_armed = None
-
-
-class _EventReporter:
-    """Turns the first-event records of each logging window into event rows (TensorBoard) and warnings.
-
-    One warning per kind, optimizer and logging step, about the layers not reported before (each layer and kind warns
-    once): a spike that flags 28 layers is one warning naming the worst ``max_warnings`` and counting the rest.
-    """
-
-    _TITLES = {
-        "exploding": "exploding gradients",
-        "vanishing": "vanishing gradients",
-        "nonfinite": "non-finite gradients",
-    }
-
-    def __init__(self, guard: GradGuard) -> None:
-        self.guard = guard
-        self.rows: list[dict[str, Any]] = []
-        self.warned: dict[int, set[tuple[str, str]]] = {}  # optimizer key -> (layer, kind) already warned about
-        self.previous: dict[int, dict[str, float]] = {}  # optimizer key -> layer -> its norm at an earlier log
-
-    def forget(self, key: int) -> None:
-        self.warned[key] = set()
-        self.previous.pop(key, None)
-
-    def take_rows(self) -> list[dict[str, Any]]:
-        rows, self.rows = self.rows, []
-        return rows
-
-    def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
-        guard = self.guard
-        actions = {
-            "exploding": self.explode_action(guard._states[key]),
-            "vanishing": "none" if guard.on_vanishing != "raise" else "raise",
-            "nonfinite": guard.on_nonfinite,
-        }
-        rows = [{**row, "opt": key, "action": actions[row["kind"]]} for row in snap.events]
-        self.rows.extend(rows)
-        warned = self.warned.setdefault(key, set())
-        fresh: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            kind = row["kind"]
-            mode = {"exploding": guard.on_exploding, "vanishing": guard.on_vanishing}.get(kind, "warn")
-            if mode == "ignore" or (row["layer"], kind) in warned:
-                continue
-            if kind == "nonfinite" and guard.on_nonfinite not in ("warn", "skip", "zero"):
-                continue
-            warned.add((row["layer"], kind))
-            fresh.setdefault(kind, []).append(row)
-        previous = self.previous.setdefault(key, {})
-        where = f" (optimizer {key})" if several else ""
-        for kind, found in fresh.items():
-            message = self._message(kind, found, previous, where, actions[kind])
-            if kind == "nonfinite":
-                message += self._weights_note(key)
-            rank_zero_warn(message, category=UserWarning)
-        # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer).
-        for name, norm, present in zip(snap.layer_names, snap.layer_norms, snap.present):
-            if present and math.isfinite(norm) and norm > 0:
-                previous[name] = float(norm)
-
-    def broken_weights(self, key: int) -> list[str]:
-        """The layers of optimizer ``key`` whose weights hold inf/NaN now (reads the device)."""
-        engine = self.guard._states.get(key)
-        if engine is None:
-            return []
-        index = engine.index
-        return nonfinite_weights(index.params, index.layer_of_param, index.names)
-
-    def _weights_note(self, key: int) -> str:
-        """Why every step is non-finite when the weights themselves are: the warning's second sentence, or ''."""
-        bad = self.broken_weights(key)
-        if not bad:
-            return ""
-        layers = "layer holds" if len(bad) == 1 else "layers hold"
-        return (
-            f" The weights themselves are non-finite now ({len(bad)} {layers} inf/NaN: "
-            f"{_listing([repr(n) for n in bad[: max(self.guard.max_warnings, 1)]], len(bad))}): every later gradient"
-            " will be too, and skipping steps cannot undo it. An optimizer step wrote them; from finite gradients this"
-            ' is usually pure fp16 (`precision="16-true"`) with Adam, whose eps=1e-8 is 0 in fp16: use 16-mixed or'
-            " bf16, or a larger eps."
-        )
-
-    def _message(
-        self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str, action: str
-    ) -> str:
-        """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""
-        guard = self.guard
-
-        def ratio(row: dict[str, Any]) -> float:
-            before = previous.get(row["layer"])
-            return row["value"] / before if before and math.isfinite(row["value"]) else math.nan
-
-        if kind == "exploding":  # the largest jump against the layer's norm at an earlier log, then the largest norm
-            rows = sorted(
-                rows,
-                key=lambda r: (
-                    (0, -ratio(r)) if math.isfinite(ratio(r)) else (1, -r["value"] if math.isfinite(r["value"]) else 0)
-                ),
-            )
-        # Vanishing and non-finite rows stay in event order: earliest step, then definition order (the root cause).
-
-        def detail(row: dict[str, Any], lead: bool) -> str:
-            if kind == "nonfinite":
-                return ""
-            text = f"norm {row['value']:.3g}"
-            jump = ratio(row) if kind == "exploding" else math.nan
-            if math.isfinite(jump):
-                text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
-            return text
-
-        action = f"; action: {action}" if kind != "vanishing" else ""
-        title, named = self._TITLES[kind], guard.max_warnings
-        if named == 0:
-            layers = "layer" if len(rows) == 1 else "layers"
-            first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
-            at = f"at step {first}" if first == last else f"at steps {first} to {last}"
-            return f"GradGuard: {title} in {len(rows)} {layers} {at}{where}{action}."
-        lead = rows[0]
-        lead_detail = detail(lead, lead=True)
-        message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}{where}"
-        message += f": {lead_detail}" if lead_detail else ""
-        if len(rows) > 1:
-            others = []
-            for row in rows[1:named]:
-                text = detail(row, lead=False)
-                if row["step"] != lead["step"]:
-                    text += (", " if text else "") + f"at step {row['step']}"
-                others.append(f"{row['layer']!r}" + (f" ({text})" if text else ""))
-            layers = "layer" if len(rows) == 2 else "layers"
-            message += f"; also in {len(rows) - 1} more {layers}" + (": " if others else "")
-            message += _listing(others, len(rows) - 1)
-        message += action + "."
-        if kind == "vanishing":
-            hint = self._saturation_hint(lead["layer"])
-            if hint:
-                message += " " + hint
-        return message
-
-    def explode_action(self, engine: GuardEngine, diverging: bool = False) -> str:
-        """What ``engine`` does about an exploding step (or, with ``diverging``, a diverged loss), in words: its own
-        parts, since an optimizer may go without some of GradGuard's (LBFGS is not clipped, an optimizer with
-        ``lr=None`` has no LR guard)."""
-        guard = self.guard
-        actions = []
-        if engine.clipper is not None and not diverging:
-            actions.append(f"clipped ({type(engine.clipper).__name__})")
-        if engine.lr_guard is not None:
-            actions.append("LR guard" + (" (and the rollback, while it is on)" if engine.rollback is not None else ""))
-        if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
-            actions.append("raise")
-        return ", ".join(actions) or "none"
-
-    def _saturation_hint(self, layer: str) -> str:
-        fractions, monitor = self.guard._last_saturation, self.guard._saturation
-        if not fractions or monitor is None:
-            return ""
-        top = [(n, f) for n, f in monitor.most_saturated(fractions, upstream_of=layer) if f > 0.5]
-        if not top:
-            return ""
-        listed = ", ".join(f"{n!r} ({f:.0%} saturated)" for n, f in top)
-        return f"Most saturated activations upstream: {listed}. {SaturationMonitor.advice()}"
 
 
 def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
@@ -1567,20 +1084,6 @@ def _lightning_step(trainer: pl.Trainer) -> int:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     value = getattr(loop, "_batches_that_stepped", None)
     return int(value) if isinstance(value, int) else int(trainer.global_step)
-
-
-def _listing(named: list[str], total: int) -> str:
-    """``'a' (x), 'b' (y) and 25 more``: the named items, then how many of ``total`` were left out."""
-    rest = total - len(named)
-    if not named:
-        return ""
-    if rest <= 0:
-        return named[0] if len(named) == 1 else ", ".join(named[:-1]) + f" and {named[-1]}"
-    return ", ".join(named) + f" and {rest} more"
-
-
-def _grad_scaler(trainer: pl.Trainer) -> Any:
-    return getattr(trainer.precision_plugin, "scaler", None)
 
 
 def _averaged(value: Tensor, world_size: int) -> Tensor:

@@ -1,0 +1,192 @@
+"""GradGuard's warnings: one message per kind of event and logging step, naming the worst layers first.
+
+:class:`EventReporter` turns the events of a logging step's snapshot into rows for the TensorBoard events table and
+into warnings that say what happened, where, and what GradGuard did about it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from lightning_gradguard.engine import EngineSnapshot, GuardEngine
+from lightning_gradguard.stats import nonfinite_weights
+
+if TYPE_CHECKING:
+    from lightning_gradguard.callback import GradGuard
+
+__all__ = ["EventReporter"]
+
+
+class EventReporter:
+    """Turns the first-event records of each logging window into event rows (TensorBoard) and warnings.
+
+    One warning per kind, optimizer and logging step, about the layers not reported before (each layer and kind warns
+    once): a spike that flags 28 layers is one warning naming the worst ``max_warnings`` and counting the rest.
+    """
+
+    _TITLES = {
+        "exploding": "exploding gradients",
+        "vanishing": "vanishing gradients",
+        "nonfinite": "non-finite gradients",
+    }
+
+    def __init__(self, guard: GradGuard) -> None:
+        self.guard = guard
+        self.rows: list[dict[str, Any]] = []
+        self.warned: dict[int, set[tuple[str, str]]] = {}  # optimizer key -> (layer, kind) already warned about
+        self.previous: dict[int, dict[str, float]] = {}  # optimizer key -> layer -> its norm at an earlier log
+
+    def forget(self, key: int) -> None:
+        self.warned[key] = set()
+        self.previous.pop(key, None)
+
+    def take_rows(self) -> list[dict[str, Any]]:
+        rows, self.rows = self.rows, []
+        return rows
+
+    def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
+        guard = self.guard
+        actions = {
+            "exploding": self.explode_action(guard._states[key]),
+            "vanishing": "none" if guard.on_vanishing != "raise" else "raise",
+            "nonfinite": guard.on_nonfinite,
+        }
+        rows = [{**row, "opt": key, "action": actions[row["kind"]]} for row in snap.events]
+        self.rows.extend(rows)
+        warned = self.warned.setdefault(key, set())
+        fresh: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            kind = row["kind"]
+            mode = {"exploding": guard.on_exploding, "vanishing": guard.on_vanishing}.get(kind, "warn")
+            if mode == "ignore" or (row["layer"], kind) in warned:
+                continue
+            if kind == "nonfinite" and guard.on_nonfinite not in ("warn", "skip", "zero"):
+                continue
+            warned.add((row["layer"], kind))
+            fresh.setdefault(kind, []).append(row)
+        previous = self.previous.setdefault(key, {})
+        where = f" (optimizer {key})" if several else ""
+        for kind, found in fresh.items():
+            message = self._message(kind, found, previous, where, actions[kind])
+            if kind == "nonfinite":
+                message += self._weights_note(key)
+            rank_zero_warn(message, category=UserWarning)
+        # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer).
+        for name, norm, present in zip(snap.layer_names, snap.layer_norms, snap.present):
+            if present and math.isfinite(norm) and norm > 0:
+                previous[name] = float(norm)
+
+    def broken_weights(self, key: int) -> list[str]:
+        """The layers of optimizer ``key`` whose weights hold inf/NaN now (reads the device)."""
+        engine = self.guard._states.get(key)
+        if engine is None:
+            return []
+        index = engine.index
+        return nonfinite_weights(index.params, index.layer_of_param, index.names)
+
+    def _weights_note(self, key: int) -> str:
+        """Why every step is non-finite when the weights themselves are: the warning's second sentence, or ''."""
+        bad = self.broken_weights(key)
+        if not bad:
+            return ""
+        layers = "layer holds" if len(bad) == 1 else "layers hold"
+        return (
+            f" The weights themselves are non-finite now ({len(bad)} {layers} inf/NaN: "
+            f"{_listing([repr(n) for n in bad[: max(self.guard.max_warnings, 1)]], len(bad))}): every later gradient"
+            " will be too, and skipping steps cannot undo it. An optimizer step wrote them; from finite gradients this"
+            ' is usually pure fp16 (`precision="16-true"`) with Adam, whose eps=1e-8 is 0 in fp16: use 16-mixed or'
+            " bf16, or a larger eps."
+        )
+
+    def _message(
+        self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str, action: str
+    ) -> str:
+        """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""
+        guard = self.guard
+
+        def ratio(row: dict[str, Any]) -> float:
+            before = previous.get(row["layer"])
+            return row["value"] / before if before and math.isfinite(row["value"]) else math.nan
+
+        if kind == "exploding":  # the largest jump against the layer's norm at an earlier log, then the largest norm
+            rows = sorted(
+                rows,
+                key=lambda r: (
+                    (0, -ratio(r)) if math.isfinite(ratio(r)) else (1, -r["value"] if math.isfinite(r["value"]) else 0)
+                ),
+            )
+        # Vanishing and non-finite rows stay in event order: earliest step, then definition order (the root cause).
+
+        def detail(row: dict[str, Any], lead: bool) -> str:
+            if kind == "nonfinite":
+                return ""
+            text = f"norm {row['value']:.3g}"
+            jump = ratio(row) if kind == "exploding" else math.nan
+            if math.isfinite(jump):
+                text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
+            return text
+
+        action = f"; action: {action}" if kind != "vanishing" else ""
+        title, named = self._TITLES[kind], guard.max_warnings
+        if named == 0:
+            layers = "layer" if len(rows) == 1 else "layers"
+            first, last = min(r["step"] for r in rows), max(r["step"] for r in rows)
+            at = f"at step {first}" if first == last else f"at steps {first} to {last}"
+            return f"GradGuard: {title} in {len(rows)} {layers} {at}{where}{action}."
+        lead = rows[0]
+        lead_detail = detail(lead, lead=True)
+        message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}{where}"
+        message += f": {lead_detail}" if lead_detail else ""
+        if len(rows) > 1:
+            others = []
+            for row in rows[1:named]:
+                text = detail(row, lead=False)
+                if row["step"] != lead["step"]:
+                    text += (", " if text else "") + f"at step {row['step']}"
+                others.append(f"{row['layer']!r}" + (f" ({text})" if text else ""))
+            layers = "layer" if len(rows) == 2 else "layers"
+            message += f"; also in {len(rows) - 1} more {layers}" + (": " if others else "")
+            message += _listing(others, len(rows) - 1)
+        message += action + "."
+        if kind == "vanishing":
+            hint = self._saturation_hint(lead["layer"])
+            if hint:
+                message += " " + hint
+        return message
+
+    def explode_action(self, engine: GuardEngine, diverging: bool = False) -> str:
+        """What ``engine`` does about an exploding step (or, with ``diverging``, a diverged loss), in words: its own
+        parts, since an optimizer may go without some of GradGuard's (LBFGS is not clipped, an optimizer with
+        ``lr=None`` has no LR guard)."""
+        guard = self.guard
+        actions = []
+        if engine.clipper is not None and not diverging:
+            actions.append(f"clipped ({type(engine.clipper).__name__})")
+        if engine.lr_guard is not None:
+            actions.append("LR guard" + (" (and the rollback, while it is on)" if engine.rollback is not None else ""))
+        if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
+            actions.append("raise")
+        return ", ".join(actions) or "none"
+
+    def _saturation_hint(self, layer: str) -> str:
+        fractions, monitor = self.guard._last_saturation, self.guard._saturation
+        if not fractions or monitor is None:
+            return ""
+        top = [(n, f) for n, f in monitor.most_saturated(fractions, upstream_of=layer) if f > 0.5]
+        if not top:
+            return ""
+        listed = ", ".join(f"{n!r} ({f:.0%} saturated)" for n, f in top)
+        return f"Most saturated activations upstream: {listed}. {monitor.advice()}"
+
+
+def _listing(named: list[str], total: int) -> str:
+    """``'a' (x), 'b' (y) and 25 more``: the named items, then how many of ``total`` were left out."""
+    rest = total - len(named)
+    if not named:
+        return ""
+    if rest <= 0:
+        return named[0] if len(named) == 1 else ", ".join(named[:-1]) + f" and {named[-1]}"
+    return ", ".join(named) + f" and {rest} more"

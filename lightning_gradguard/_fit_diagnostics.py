@@ -1,0 +1,349 @@
+"""The logging-step diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
+
+:class:`FitDiagnostics` owns, for one fit, which measures run, when they are armed and disarmed, how their values come
+back from the batched host copy of a logging step, and their warnings and checkpointed state. The measures themselves
+are Lightning-free (:mod:`lightning_gradguard.diagnostics`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_gradguard._compat import foreach_norm
+from lightning_gradguard._lightning import grad_scaler, lightning_types
+from lightning_gradguard.diagnostics import (
+    NOISE_SCALE_NOTE,
+    ActivationGradients,
+    EpochSummary,
+    LocalGradNorm,
+    NoiseScale,
+    UpdateRatio,
+    UpdateRatioHints,
+    ZeroFraction,
+    noise_scale_source,
+    squared_grad_norm,
+)
+from lightning_gradguard.engine import EngineSnapshot, GuardEngine
+from lightning_gradguard.layers import LayerIndex
+
+if TYPE_CHECKING:
+    from lightning_gradguard.callback import GradGuard
+
+__all__ = ["FitDiagnostics"]
+
+_T = TypeVar("_T")
+
+
+def _zero_layers(index: LayerIndex) -> frozenset[str]:
+    """The layers whose trainable parameters are all exactly zero (LoRA's ``B``, a ReZero gate): one fused norm and
+    one copy to the host, once per fit."""
+    sites = [
+        (layer, param.detach())
+        for layer, param in zip(index.layer_of_param, index.params)
+        if not isinstance(param, torch.nn.parameter.UninitializedParameter)  # a lazy module before its first batch
+    ]
+    if not sites or any(hasattr(param, "placements") for _, param in sites):  # FSDP2 shards: no ratio is measured
+        return frozenset()
+    device = sites[0][1].device
+    norms = foreach_norm([param for _, param in sites])
+    nonzero = torch.stack([(norm.reshape(()) > 0).to(device) for norm in norms]).tolist()
+    moving = {layer for (layer, _), flag in zip(sites, nonzero) if flag}
+    return frozenset(name for layer, name in enumerate(index.names) if layer not in moving)
+
+
+def _accumulation(trainer: pl.Trainer) -> int:
+    """The micro-batches per optimizer step now (a ``GradientAccumulationScheduler`` changes it per epoch)."""
+    return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+
+
+class FitDiagnostics:
+    """The logging-step-only diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
+
+    Everything here runs on logging steps only: every entry point is reached behind a test of the logging step (or a
+    flag set on one), so a quiet step runs no op and has no hook.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.on: frozenset[str] = frozenset()
+        self.act: ActivationGradients | None = None
+        self.local: LocalGradNorm | None = None
+        self.noise: NoiseScale | None = None
+        self.source: str | None = None
+        self.params: list[Tensor] = []
+        self.accumulate = 1
+        self.world_size = 1
+        self.ratios: dict[int, UpdateRatio] = {}
+        self.zeros: dict[int, ZeroFraction] = {}
+        self.hints: dict[int, UpdateRatioHints] = {}
+        self.from_zero: frozenset[str] = frozenset()  # layers whose weights were all zero when the fit started
+        self.epochs: dict[int, EpochSummary] = {}
+        self.loaded: dict[str, Any] = {}
+        self.noted = False
+        self.first_backward_pending = False
+        self.pending_size: int | None = None
+        self.sizes: list[int] = []
+        self.small: Tensor | None = None
+        self.big: Tensor | None = None
+        self.act_norms: Tensor | None = None
+        self.zero: dict[int, Tensor] = {}
+        self.pending_ratio: set[int] = set()
+        self.step_armed: int | None = None
+        self.epoch_logged = False
+
+    # -------------------------------------------------------------- setup and state
+    def start_fit(
+        self, guard: GradGuard, trainer: pl.Trainer, pl_module: pl.LightningModule, index: LayerIndex
+    ) -> None:
+        self.disarm()
+        self.on = guard._diag_on
+        self.enabled = bool(self.on)
+        self.ratios, self.zeros = {}, {}
+        self.act = ActivationGradients(pl_module, index.names) if "act_grad" in self.on else None
+        if any(hasattr(p, "placements") for p in index.params):
+            # FSDP2: the per-layer sums and the gradient norms would each add a collective to the logging step.
+            self.on = self.on - {"update_ratio", "zero_fraction", "noise_scale"}
+            self.enabled = bool(self.on)
+        self.from_zero = _zero_layers(index) if "update_ratio" in self.on else frozenset()
+        self.accumulate = _accumulation(trainer)
+        self.world_size = int(getattr(trainer, "world_size", 1) or 1)
+        self.source, self.local, self.noise, self.params = None, None, None, []
+        if "noise_scale" in self.on:
+            automatic = getattr(pl_module, "automatic_optimization", True)
+            # A GradientAccumulationScheduler changes the accumulation at epoch starts: the source is chosen anew at
+            # each logging step, and the noise scale is measured on the steps that have a second batch size.
+            kind = lightning_types("callbacks.GradientAccumulationScheduler")
+            schedulers: list[Any] = [c for c in trainer.callbacks if isinstance(c, kind)]  # type: ignore[attr-defined]
+            scheduled = max([self.accumulate] + [max(s.scheduling.values(), default=1) for s in schedulers])
+            if noise_scale_source(scheduled, self.world_size) is None:
+                if not self.noted:
+                    self.noted = True
+                    rank_zero_info(NOISE_SCALE_NOTE)
+            elif automatic and len(trainer.optimizers) == 1:
+                self.params = [p for p in index.params if p.requires_grad]
+                self.noise = NoiseScale()
+                if self.world_size > 1:
+                    self.local = LocalGradNorm(self.params)
+                if "noise" in self.loaded:
+                    self.noise.load_state_dict(self.loaded.pop("noise"))
+
+    def forget(self, key: int) -> None:
+        """A new engine for optimizer ``key``: its per-layer measures follow its new layers."""
+        self.ratios.pop(key, None)
+        self.zeros.pop(key, None)
+
+    def _hints(self, key: int) -> UpdateRatioHints:
+        new = key not in self.hints
+        hints = self._per_optimizer(self.hints, "hints", key, UpdateRatioHints)
+        if new:
+            hints.start_from_zero(self.from_zero)
+        return hints
+
+    def _epoch(self, key: int) -> EpochSummary:
+        return self._per_optimizer(self.epochs, "epoch", key, EpochSummary)
+
+    def _per_optimizer(self, store: dict[int, _T], section: str, key: int, factory: Callable[[], _T]) -> _T:
+        """``store[key]``, created on first use and given the state a checkpoint saved for it (``section``)."""
+        item = store.get(key)
+        if item is None:
+            item = store[key] = factory()
+            saved = self.loaded.get(section, {}).pop(str(key), None)
+            if saved is not None:
+                item.load_state_dict(saved)  # type: ignore[attr-defined]
+        return item
+
+    def state_dict(self) -> dict[str, Any]:
+        hints = {str(k): h.state_dict() for k, h in self.hints.items()}
+        epochs = {str(k): e.state_dict() for k, e in self.epochs.items()}
+        for name, target in (("hints", hints), ("epoch", epochs)):
+            for k, v in self.loaded.get(name, {}).items():  # not yet claimed: survives a save
+                target.setdefault(k, v)
+        state: dict[str, Any] = {"version": 1, "hints": hints, "epoch": epochs}
+        noise = self.noise.state_dict() if self.noise is not None else self.loaded.get("noise")
+        if noise is not None:
+            state["noise"] = noise
+        return state
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if not state:
+            return
+        if state.get("version") != 1:
+            raise ValueError(f"Unsupported GradGuard diagnostics state version {state.get('version')!r}")
+        self.loaded = {"hints": dict(state.get("hints", {})), "epoch": dict(state.get("epoch", {}))}
+        if state.get("noise") is not None:
+            self.loaded["noise"] = state["noise"]
+        self.hints, self.epochs = {}, {}
+        if self.noise is not None and "noise" in self.loaded:
+            self.noise.load_state_dict(self.loaded.pop("noise"))
+
+    # -------------------------------------------------------------- the step (logging steps only)
+    def batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        if self.act is not None:
+            self.act.arm()
+        if self.noise is None:
+            return
+        if self.step_armed != trainer.global_step:  # the first micro-batch of the logging step
+            self.step_armed = trainer.global_step
+            self.sizes = []
+            self.small = self.big = None
+            self.accumulate = _accumulation(trainer)
+            self.source = noise_scale_source(self.accumulate, self.world_size)
+            self.first_backward_pending = self.source is not None
+            if self.source == "distributed" and self.local is not None:
+                self.local.arm()
+        try:
+            from lightning.pytorch.utilities.data import extract_batch_size
+
+            self.pending_size = int(extract_batch_size(batch))
+        except Exception:  # a batch without a batch dimension Lightning can find: no noise scale this step
+            self.pending_size = 0
+
+    def after_backward(self, trainer: pl.Trainer) -> None:
+        """A micro-batch of the logging step reached its backward: count its examples (a ``training_step`` that
+        returned ``None`` has none and adds nothing to the step's gradient), and measure the first one."""
+        if self.pending_size is not None:
+            self.sizes.append(self.pending_size)
+            self.pending_size = None
+        if not self.first_backward_pending:
+            return
+        self.first_backward_pending = False
+        scaler = grad_scaler(trainer)
+        loss_scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+        if self.source == "accumulation":
+            scale: Any = (loss_scale if loss_scale is not None else 1.0) / self.accumulate
+            self.small = squared_grad_norm(self.params, scale=scale)
+        elif self.source == "distributed" and self.local is not None:
+            self.small = self.local.disarm(scale=loss_scale)
+
+    def before_engine_step(
+        self, guard: GradGuard, key: int, engine: GuardEngine, scaler: Any, grad_scale: Tensor | None
+    ) -> None:
+        if "zero_fraction" in self.on:
+            zeros = self.zeros.get(key)
+            if zeros is None:
+                zeros = self.zeros[key] = ZeroFraction(engine.index)
+            self.zero[key] = zeros.compute()
+        if self.noise is not None and self.small is not None and self.big is None:
+            self.big = squared_grad_norm(self.params, scale=grad_scale)
+        if self.act is not None and self.act.armed:
+            scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+            self.act_norms = self.act.disarm(grad_scale=scale)
+
+    def after_engine_step(self, key: int, engine: GuardEngine) -> None:
+        if "update_ratio" in self.on:
+            ratio = self.ratios.get(key)
+            if ratio is None:
+                ratio = self.ratios[key] = UpdateRatio(engine.index)
+            ratio.before_step()
+            self.pending_ratio.add(key)
+
+    # -------------------------------------------------------------- logging
+    def collect(self, guard: GradGuard) -> list[tuple[str, Tensor]]:
+        """The device tensors of this logging step, for the one batched copy (and drop every measurement)."""
+        parts: list[tuple[str, Tensor]] = []
+        if not self.enabled:
+            return parts
+        for key in sorted(self.pending_ratio):
+            ratio = self.ratios[key].after_step()
+            if ratio is not None:
+                parts.append((f"ratio/{key}", ratio.float()))
+        self.pending_ratio.clear()
+        for key, zero in sorted(self.zero.items()):
+            parts.append((f"zero/{key}", zero.float()))
+        self.zero = {}
+        if self.act is not None and self.act.armed:  # no optimizer step came (e.g. an accumulation tail)
+            self.act.disarm()
+        if self.act_norms is not None:
+            parts.append(("act", self.act_norms.float()))
+            self.act_norms = None
+        if self.small is not None and self.big is not None:
+            parts.append(("noise", torch.stack([self.small.float().reshape(()), self.big.float().reshape(())])))
+        self.small = self.big = None
+        return parts
+
+    def report(
+        self,
+        guard: GradGuard,
+        trainer: pl.Trainer,
+        values: dict[str, Any],
+        snapshots: list[tuple[int, EngineSnapshot]],
+        metrics: dict[str, float],
+        step: int,
+    ) -> dict[str, float]:
+        """Fold the host values into ``metrics`` (all loggers) and return the per-layer scalars (TensorBoard)."""
+        layer_scalars: dict[str, float] = {}
+        if not self.enabled:
+            return layer_scalars
+        for key, engine in sorted(guard._states.items()):
+            prefix = guard._prefix(key)
+            names = engine.index.names
+            ratio = values.get(f"ratio/{key}")
+            if ratio is not None and len(ratio) == len(names):
+                for name, value in zip(names, ratio):
+                    if math.isfinite(value):
+                        layer_scalars[f"{prefix}update_ratio/{name}"] = float(value)
+                # At most one message per log (UpdateRatioHints groups the layers and directions itself).
+                where = f", optimizer {key}" if len(guard._states) > 1 else ""
+                for message in self._hints(key).update(names, ratio):
+                    rank_zero_warn(f"GradGuard: {message} (step {step}{where}).", category=UserWarning)
+            zero = values.get(f"zero/{key}")
+            if zero is not None and len(zero) == len(names):
+                for name, value in zip(names, zero):
+                    if math.isfinite(value):
+                        layer_scalars[f"{prefix}zero_fraction/{name}"] = float(value)
+        act = values.get("act")
+        if act is not None and self.act is not None:
+            for name, value in zip(self.act.names, act):
+                if math.isfinite(value):
+                    layer_scalars[f"gradguard/act_grad/{name}"] = float(value)
+        noise = values.get("noise")
+        if noise is not None and self.noise is not None:
+            small, big = float(noise[0]), float(noise[1])
+            sizes = self.sizes
+            if sizes:
+                # Lightning divides every micro-batch's loss by the accumulation, also when a training_step returned
+                # None: the step's gradient is then the mean over the micro-batches that ran, times this.
+                big *= (self.accumulate / len(sizes)) ** 2
+            b_small, b_big = (sizes[0], sum(sizes) * self.world_size) if sizes else (0, 0)
+            if math.isfinite(small) and math.isfinite(big) and 0 < b_small < b_big:
+                value = self.noise.update(small, big, b_small, b_big)
+                if math.isfinite(value):
+                    metrics["gradguard/noise_scale"] = value
+        if "epoch" in self.on:
+            for key, snap in snapshots:
+                self._epoch(key).update(
+                    snap.total_norm,
+                    snap.total_norm_max if snap.total_norm_max > -math.inf else None,
+                    events={kind: float(count) for kind, count in snap.counts.items()},
+                )
+        return layer_scalars
+
+    def end_epoch(self, guard: GradGuard) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if "epoch" not in self.on:
+            return metrics
+        for key, epoch in sorted(self.epochs.items()):
+            metrics.update(epoch.end_epoch(prefix=f"{guard._prefix(key)}epoch/"))
+        return metrics
+
+    def disarm(self) -> None:
+        """Remove every hook and drop every pending measurement (end of fit, or an exception)."""
+        if self.act is not None and self.act.armed:
+            self.act.disarm()
+        if self.local is not None and self.local.armed:
+            self.local.disarm()
+        for ratio in self.ratios.values():
+            ratio.discard()
+        self.pending_ratio.clear()
+        self.zero = {}
+        self.small = self.big = self.act_norms = None
+        self.first_backward_pending = False
+        self.pending_size = None
+        self.step_armed = None
