@@ -7,7 +7,10 @@ import copy
 import io
 import logging
 import math
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -468,3 +471,22 @@ def test_compiling_is_announced_once(monkeypatch: pytest.MonkeyPatch, caplog: py
         _run(_engine, range(1, 4))  # an eager engine says nothing
     lines = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(lines) == 1 and "compile=False" in lines[0]
+
+
+def test_the_plain_loop_pipeline_does_not_import_lightning() -> None:
+    # GuardEngine is what a plain loop uses: it must work where Lightning is not installed.
+    code = (
+        "import sys, torch\n"
+        "from lightning_gradguard import AGC, L2, GuardEngine, LRGuard, Rollback, ZClip\n"
+        "model = torch.nn.Linear(3, 1)\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        "engine = GuardEngine(model, clip=ZClip(), lr_guard=LRGuard(), regularizers=[L2(1e-3)], rollback=Rollback())\n"
+        "engine.attach(optimizer)\n"
+        "model(torch.randn(4, 3)).sum().backward()\n"
+        "engine.step(optimizer=optimizer)\n"
+        "AGC().clip_(model)\n"
+        "engine.snapshot()\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning'))\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
