@@ -53,7 +53,9 @@ def _zero_layers(index: LayerIndex) -> frozenset[str]:
         return frozenset()
     device = sites[0][1].device
     norms = foreach_norm([param for _, param in sites])
-    nonzero = torch.stack([(norm.reshape(()) > 0).to(device) for norm in norms]).tolist()
+    if any(norm.device != device for norm in norms):  # a model spread over devices
+        norms = [norm.to(device) for norm in norms]
+    nonzero = (torch.stack(norms) > 0).tolist()
     moving = {layer for (layer, _), flag in zip(sites, nonzero) if flag}
     return frozenset(name for layer, name in enumerate(index.names) if layer not in moving)
 
