@@ -42,12 +42,16 @@ _T = TypeVar("_T")
 
 
 def _zero_layers(index: LayerIndex) -> frozenset[str]:
-    """The layers whose trainable parameters are all exactly zero (LoRA's ``B``, a ReZero gate): one fused norm and
-    one copy to the host, once per fit."""
+    """The layers with trainable parameters, all of them exactly zero (LoRA's ``B``, a ReZero gate): one fused norm
+    and one copy to the host, once per fit."""
     sites = [
         (layer, param.detach())
         for layer, param in zip(index.layer_of_param, index.params)
-        if not isinstance(param, torch.nn.parameter.UninitializedParameter)  # a lazy module before its first batch
+        # Trainable floating-point values only: not a lazy module's before its first batch, nor a frozen integer
+        # (a step counter kept as a parameter)
+        if param.requires_grad
+        and (param.is_floating_point() or param.is_complex())
+        and not isinstance(param, torch.nn.parameter.UninitializedParameter)
     ]
     if not sites or any(hasattr(param, "placements") for _, param in sites):  # FSDP2 shards: no ratio is measured
         return frozenset()
@@ -56,8 +60,9 @@ def _zero_layers(index: LayerIndex) -> frozenset[str]:
     if any(norm.device != device for norm in norms):  # a model spread over devices
         norms = [norm.to(device) for norm in norms]
     nonzero = (torch.stack(norms) > 0).tolist()
+    trained = {layer for layer, _ in sites}
     moving = {layer for (layer, _), flag in zip(sites, nonzero) if flag}
-    return frozenset(name for layer, name in enumerate(index.names) if layer not in moving)
+    return frozenset(index.names[layer] for layer in trained - moving)
 
 
 def _accumulation(trainer: pl.Trainer) -> int:

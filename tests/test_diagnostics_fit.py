@@ -83,6 +83,17 @@ def test_no_too_high_hint_for_a_layer_growing_from_zero(recwarn: pytest.Warnings
     assert "lora_B" not in hints[0]
 
 
+def test_frozen_integer_parameters_do_not_stop_the_fit(tmp_path: Any) -> None:
+    # Finding the layers that start at zero took a norm of every parameter, integers included, and crashed.
+    model = Regressor()
+    model.count = nn.Parameter(torch.tensor(3), requires_grad=False)  # a step counter kept as a parameter
+    guard = GradGuard(log_every_n_steps=2)
+    trainer(max_steps=4, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        model, regression_data()
+    )
+    assert {"gradguard/update_ratio/net.0", "gradguard/update_ratio/net.2"} <= set(_tb(tmp_path))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_update_ratio_is_the_applied_update(tmp_path: Any, optimizer: str) -> None:
     torch.manual_seed(0)
