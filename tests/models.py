@@ -43,17 +43,19 @@ class Regressor(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+# A quiet CPU trainer for tests (the arguments are the same for the standalone `pytorch_lightning` Trainer).
+TRAINER_DEFAULTS: dict[str, Any] = dict(
+    accelerator="cpu",
+    devices=1,
+    max_epochs=1,
+    logger=False,
+    enable_checkpointing=False,
+    enable_progress_bar=False,
+    enable_model_summary=False,
+    log_every_n_steps=10,
+)
+
+
 def trainer(**kwargs: Any) -> L.Trainer:
     """A quiet CPU trainer for tests."""
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=10,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return L.Trainer(**{**TRAINER_DEFAULTS, **kwargs})

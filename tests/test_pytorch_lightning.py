@@ -24,7 +24,7 @@ from lightning_gradguard import GradGuard
 from lightning_gradguard._lightning import overrides_hook
 from lightning_gradguard.diagnostics import NOISE_SCALE_NOTE
 from tests.helpers import assert_same_state, scalar_series
-from tests.models import regression_data
+from tests.models import TRAINER_DEFAULTS, regression_data
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -63,17 +63,7 @@ class NormProbe(pl.Callback):  # type: ignore[misc,name-defined]
 
 
 def _trainer(**kwargs: Any) -> Any:
-    defaults: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=5,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    return pl.Trainer(**{**TRAINER_DEFAULTS, "log_every_n_steps": 5, **kwargs})
 
 
 def test_guard_is_a_callback_of_both_packages() -> None:
