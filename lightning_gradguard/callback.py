@@ -433,6 +433,8 @@ class GradGuard(CallbackBase):
                 f"GradGuard: optimizer {key} holds none of the LightningModule's parameters."
             )
         reevaluating = self._reevaluates(optimizer, key)
+        # No rate to lower (lr=None): no LR guard, and no rollback, whose restart goes with a lower rate.
+        sizes_own_steps = _sizes_own_steps(optimizer)
         new = GuardEngine(
             index,
             # A quasi-Newton step builds its curvature estimate from differences of the gradients of its
@@ -441,15 +443,14 @@ class GradGuard(CallbackBase):
             exploding=copy.deepcopy(self.exploding),
             vanishing=copy.deepcopy(self.vanishing),
             divergence=copy.deepcopy(self.divergence) if self._watches_loss(trainer) else None,
-            lr_guard=None if _sizes_own_steps(optimizer) else self.lr_guard,
+            lr_guard=None if sizes_own_steps else self.lr_guard,
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
             clip_exploding=self.clip_exploding and not reevaluating,
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
-            # A restart goes with a lower rate: an optimizer with no rate to lower would only repeat its trouble.
-            rollback=None if _sizes_own_steps(optimizer) else copy.deepcopy(self.rollback),
+            rollback=None if sizes_own_steps else copy.deepcopy(self.rollback),
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
