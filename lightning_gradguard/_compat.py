@@ -44,6 +44,8 @@ __all__ = [
     "group_by_device_and_dtype",
     "loaded_type",
     "nan_to_num_",
+    "optimizer_scaler",
+    "unscale_once",
     "unwrap_optimizer",
     "private_torch_enabled",
     "use_private_torch",
@@ -397,3 +399,41 @@ def unwrap_optimizer(optimizer: Any) -> Any:
 
 
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most
+
+
+def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
+    """The enabled ``GradScaler`` that a framework's optimizer wrapper steps through (accelerate's
+    ``AcceleratedOptimizer.scaler`` under fp16), or ``None``.
+
+    Example:
+        >>> import torch
+        >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> class Wrapper(torch.optim.Optimizer):
+        ...     def __init__(self, optimizer, scaler):  # no super().__init__(), as accelerate's
+        ...         self.optimizer, self.scaler = optimizer, scaler
+        >>> scaler = torch.amp.GradScaler("cpu")
+        >>> optimizer_scaler(Wrapper(sgd, scaler)) is scaler, optimizer_scaler(Wrapper(sgd, None))
+        (True, None)
+    """
+    for _ in range(_MAX_WRAPPERS):
+        if (
+            optimizer is None
+            or isinstance(optimizer, torch.optim.Optimizer)
+            and "_optimizer_step_pre_hooks" in vars(optimizer)
+        ):
+            return None  # the torch optimizer itself: no scaler beyond this point
+        scaler = getattr(optimizer, "__dict__", {}).get("scaler")
+        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+            return scaler
+        optimizer = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "__dict__", {}).get("optimizer")
+    return None
+
+
+def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler.unscale_(optimizer)`` unless it was called since the scaler's last ``update()`` (by the user, or by
+    accelerate's ``clip_grad_norm_``): a second call raises, and the gradients are unscaled already."""
+    try:
+        scaler.unscale_(optimizer)
+    except RuntimeError as err:
+        if "already been called" not in str(err):
+            raise

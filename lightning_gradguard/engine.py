@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._compat import nan_to_num_, unwrap_optimizer
+from lightning_gradguard._compat import nan_to_num_, optimizer_scaler, unscale_once, unwrap_optimizer
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import check_bool, check_number
@@ -428,14 +428,14 @@ def _to_device(state: Any, device: torch.device) -> Any:
 class GuardEngine:
     r"""GradGuard's per-step pipeline for one optimizer's parameters, in plain PyTorch (no Lightning).
 
-    Call :meth:`step` once per optimizer step, after ``backward`` (and after ``scaler.unscale_`` under AMP) and
-    before ``optimizer.step()``. It adds the regularizers' gradient terms, measures the per-layer gradient norms in
-    one pass, runs the detectors, handles non-finite gradients (``"skip"`` sets every ``.grad`` to ``None``, so
-    ``optimizer.step()`` leaves parameters and optimizer state untouched), clips, and folds the step into a few flat
-    device buffers. :meth:`drain` returns the steps on which something happened (and feeds the LR guard and the
-    adaptive regularizers from them); :meth:`snapshot` reads everything recorded since the last snapshot with one
-    device-to-host copy. :class:`~lightning_gradguard.GradGuard` is a thin Lightning adapter around one engine per
-    optimizer.
+    Call :meth:`step` once per optimizer step, after ``backward`` (under AMP, with ``grad_scaler=scaler``, or after
+    ``scaler.unscale_`` with ``grad_scaler=True``) and before ``optimizer.step()``. It adds the regularizers' gradient
+    terms, measures the per-layer gradient norms in one pass, runs the detectors, handles non-finite gradients
+    (``"skip"`` sets every ``.grad`` to ``None``, so ``optimizer.step()`` leaves parameters and optimizer state
+    untouched), clips, and folds the step into a few flat device buffers. :meth:`drain` returns the steps on which
+    something happened (and feeds the LR guard and the adaptive regularizers from them); :meth:`snapshot` reads
+    everything recorded since the last snapshot with one device-to-host copy. :class:`~lightning_gradguard.GradGuard` is
+    a thin Lightning adapter around one engine per optimizer.
 
     With ``compile=True`` (``"auto"``: on CUDA only) the per-step tail, from the measured norms through the detectors,
     the clipper's coefficient (:class:`ZClip`, :class:`NormClip`: their :meth:`~Clipper.coefficient_`) and the record,
@@ -648,7 +648,7 @@ class GuardEngine:
         step: int | None = None,
         *,
         grad_scale: Tensor | None = None,
-        grad_scaler: bool = False,
+        grad_scaler: bool | torch.amp.GradScaler = False,
         optimizer: torch.optim.Optimizer | None = None,
         loss: Tensor | float | None = None,
     ) -> StepStats | None:
@@ -659,9 +659,13 @@ class GuardEngine:
             grad_scale: the factor the gradients are still multiplied by (a GradScaler's scale, when a fused
                 optimizer unscales inside ``step``): norms and clipping work on the true gradients.
             grad_scaler: a GradScaler skips non-finite steps itself (16-bit AMP): they are counted as overflow and
-                neither handled, nor fed to the LR guard.
+                neither handled, nor fed to the LR guard. ``True``: the gradients were unscaled already
+                (``scaler.unscale_(optimizer)``); the ``GradScaler`` itself: it unscales ``optimizer``'s gradients
+                first, unless that was done since its last ``update()``. A wrapper that steps through its own
+                enabled scaler (accelerate's ``AcceleratedOptimizer`` under fp16) is unscaled so without being told.
             optimizer: the optimizer about to step (or a framework's wrapper of it), whose state a
                 :class:`~lightning_gradguard.Rollback` copies and restores (without it, only the parameters are).
+                Required with a ``GradScaler`` as ``grad_scaler``.
             loss: this step's training loss (unscaled; summed over an accumulation window, i.e. the losses
                 backpropagated for this step), for the divergence detector; ``None``: no observation this step.
 
@@ -671,7 +675,9 @@ class GuardEngine:
 
         Raises:
             NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
+            ValueError: a ``GradScaler`` without ``optimizer``, or with ``grad_scale`` (it unscales the gradients).
         """
+        grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
         self._process_landed()
         if self._pending and self._acts_on_flags and _distributed():
             # Several processes: a decision that changes training (the LR guard's cut, a rollback, an adaptive
@@ -749,6 +755,31 @@ class GuardEngine:
             layer_present=measured.present, grads=measured.grads, params=measured.params,
             param_indices=measured.param_indices,
         )  # fmt: skip
+
+    @staticmethod
+    def _unscaled(
+        grad_scaler: bool | torch.amp.GradScaler, optimizer: torch.optim.Optimizer | None, grad_scale: Tensor | None
+    ) -> bool:
+        """Unscale the gradients with the scaler given, or the one ``optimizer``'s wrapper steps through, and say
+        whether a GradScaler owns this step. Measured on scaled gradients, every norm and threshold would be off by
+        the scale, and an inf step that the guard skipped would leave the scaler nothing to back off from."""
+        if not isinstance(grad_scaler, (bool, torch.amp.GradScaler)):
+            kind = type(grad_scaler).__name__
+            raise ValueError(f"`grad_scaler` must be a bool or a torch.amp.GradScaler, got {kind}")
+        scaler = grad_scaler if isinstance(grad_scaler, torch.amp.GradScaler) else optimizer_scaler(optimizer)
+        if scaler is None or not scaler.is_enabled():
+            return grad_scaler is True
+        inner = unwrap_optimizer(optimizer)
+        if inner is None:
+            raise ValueError(
+                "`grad_scaler`: a GradScaler unscales the gradients of one optimizer; pass it as `optimizer=...`"
+            )
+        if grad_scale is not None:
+            raise ValueError(
+                "`grad_scale` and a GradScaler: the scaler unscales the gradients here, so leave `grad_scale` out"
+            )
+        unscale_once(scaler, inner)
+        return True
 
     def _loss_input(self, loss: Tensor | float | None) -> Tensor | None:
         """The loss as the 0-d fp32 device tensor the tail takes (NaN: none this step), or ``None`` without a

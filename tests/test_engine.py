@@ -273,6 +273,93 @@ def test_a_rollback_restores_the_state_of_a_wrapped_optimizer() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class ScalingOptimizer(WrappedOptimizer):
+    """``WrappedOptimizer`` with accelerate's fp16 step: through its own ``GradScaler``, which unscales (unless that
+    was done already), skips a step with inf/NaN gradients and backs the scale off."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        super().__init__(optimizer)
+        self.scaler = scaler
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        self.scaler.step(self.optimizer, closure)
+        self.scaler.update()
+
+
+def _scaled_run(how: str) -> tuple[list[float], list[float], GuardEngine, list[torch.Tensor]]:
+    """Ten steps on scaled gradients, an inf loss at step 5; the engine told of the scaler as ``how`` says. Returns
+    the total norms it measured, the scales after each step, the engine and the final weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    optimizer = ScalingOptimizer(inner, scaler) if how == "wrapper" else inner
+    engine = GuardEngine(model)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    norms, scales = [], []
+    for step in range(1, 11):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) * (math.inf if step == 5 else 1.0)
+        scaler.scale(loss).backward()
+        if how == "unscaled first":
+            scaler.unscale_(inner)
+        stats = engine.step(optimizer=optimizer, grad_scaler=True if how == "unscaled first" else (
+            scaler if how == "scaler" else False))  # fmt: skip
+        assert stats is not None
+        norms.append(float(stats.total_norm))
+        if how == "wrapper":
+            optimizer.step()
+        else:
+            scaler.step(inner)
+            scaler.update()
+        scales.append(scaler.get_scale())
+    return norms, scales, engine, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("how", ["scaler", "wrapper", "unscaled first"])
+def test_a_grad_scaler_is_unscaled_once_and_keeps_its_inf_steps(how: str) -> None:
+    norms, scales, engine, weights = _scaled_run(how)
+    # The reference: the same steps without a scaler, the inf step left out of the optimizer by hand.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    expected = []
+    for step in range(1, 11):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        expected.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        if step != 5:
+            optimizer.step()
+    # Unscaled norms: before, the wrapper's run measured them 4096 times too large.
+    assert [n for i, n in enumerate(norms) if i != 4] == pytest.approx([n for i, n in enumerate(expected) if i != 4])
+    assert not math.isfinite(norms[4])
+    # The inf step is the scaler's: it backed the scale off, and counts as overflow, not skipped. Before, the guard
+    # skipped it and set every .grad to None, and the scaler's step raised "No inf checks were recorded".
+    assert scales[3] == 2.0**12 and scales[4] == 2.0**11
+    counts = engine.snapshot().counts
+    assert (counts["overflow"], counts["skipped"], counts["nonfinite"]) == (1, 0, 0)
+    for a, b in zip(weights, model.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_grad_scaler_needs_its_optimizer_and_no_grad_scale() -> None:
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = GuardEngine(model)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    with pytest.raises(ValueError, match="pass it as `optimizer=...`"):
+        engine.step(grad_scaler=scaler)
+    with pytest.raises(ValueError, match="leave `grad_scale` out"):
+        engine.step(grad_scaler=scaler, optimizer=optimizer, grad_scale=scaler._scale)
+    with pytest.raises(ValueError, match="`grad_scaler` must be a bool or a torch.amp.GradScaler"):
+        engine.step(grad_scaler=1)  # type: ignore[arg-type]
+    # A disabled scaler scales nothing: the step runs as without one.
+    assert engine.step(grad_scaler=torch.amp.GradScaler("cpu", enabled=False)) is not None
+
+
 def test_regularizers_of_a_lazy_module_are_bound_at_the_first_step() -> None:
     def run(guarded: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
