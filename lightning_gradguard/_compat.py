@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,7 @@ __all__ = [
     "loaded_type",
     "nan_to_num_",
     "optimizer_scaler",
+    "step_deferred",
     "unscale_once",
     "unwrap_optimizer",
     "private_torch_enabled",
@@ -388,17 +389,29 @@ def unwrap_optimizer(optimizer: Any) -> Any:
         >>> unwrap_optimizer(Wrapper(sgd)) is sgd, unwrap_optimizer(sgd) is sgd, unwrap_optimizer(None)
         (True, True, None)
     """
-    for _ in range(_MAX_WRAPPERS):
-        if isinstance(optimizer, torch.optim.Optimizer) and "_optimizer_step_pre_hooks" in vars(optimizer):
-            return optimizer
-        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "__dict__", {}).get("optimizer")
-        if inner is None:
-            return optimizer
-        optimizer = inner
+    for wrapper in _wrappers(optimizer):
+        optimizer = _inner(wrapper) or wrapper
     return optimizer
 
 
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most
+
+
+def _inner(wrapper: Any) -> Any:
+    return getattr(wrapper, "_optimizer", None) or getattr(wrapper, "__dict__", {}).get("optimizer")
+
+
+def _wrappers(optimizer: Any) -> Iterator[Any]:
+    """The wrappers from ``optimizer`` inwards, the torch optimizer (which has its own step-hook registry) left out."""
+    for _ in range(_MAX_WRAPPERS):
+        if (
+            optimizer is None
+            or isinstance(optimizer, torch.optim.Optimizer)
+            and "_optimizer_step_pre_hooks" in vars(optimizer)
+        ):
+            return
+        yield optimizer
+        optimizer = _inner(optimizer)
 
 
 def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
@@ -415,18 +428,32 @@ def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
         >>> optimizer_scaler(Wrapper(sgd, scaler)) is scaler, optimizer_scaler(Wrapper(sgd, None))
         (True, None)
     """
-    for _ in range(_MAX_WRAPPERS):
-        if (
-            optimizer is None
-            or isinstance(optimizer, torch.optim.Optimizer)
-            and "_optimizer_step_pre_hooks" in vars(optimizer)
-        ):
-            return None  # the torch optimizer itself: no scaler beyond this point
-        scaler = getattr(optimizer, "__dict__", {}).get("scaler")
+    for wrapper in _wrappers(optimizer):
+        scaler = getattr(wrapper, "__dict__", {}).get("scaler")
         if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
             return scaler
-        optimizer = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "__dict__", {}).get("optimizer")
     return None
+
+
+def step_deferred(optimizer: Any) -> bool:
+    """Whether a framework's optimizer wrapper will let this ``step()`` pass without stepping: accelerate's
+    ``AcceleratedOptimizer`` inside ``accelerator.accumulate()`` on a micro-batch that does not end the accumulation
+    window (``gradient_state.sync_gradients`` is ``False``; its ``zero_grad`` passes too).
+
+    Example:
+        >>> import torch
+        >>> from types import SimpleNamespace
+        >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> class Wrapper(torch.optim.Optimizer):
+        ...     def __init__(self, optimizer, sync):  # no super().__init__(), as accelerate's
+        ...         self.optimizer, self.gradient_state = optimizer, SimpleNamespace(sync_gradients=sync)
+        >>> step_deferred(Wrapper(sgd, False)), step_deferred(Wrapper(sgd, True)), step_deferred(sgd)
+        (True, False, False)
+    """
+    return any(
+        getattr(getattr(wrapper, "__dict__", {}).get("gradient_state"), "sync_gradients", True) is False
+        for wrapper in _wrappers(optimizer)
+    )
 
 
 def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:

@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard._compat import nan_to_num_, optimizer_scaler, unscale_once, unwrap_optimizer
+from lightning_gradguard._compat import (
+    nan_to_num_,
+    optimizer_scaler,
+    step_deferred,
+    unscale_once,
+    unwrap_optimizer,
+)
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import check_bool, check_number
@@ -670,13 +676,19 @@ class GuardEngine:
                 backpropagated for this step), for the divergence detector; ``None``: no observation this step.
 
         Returns:
-            The step's measurements (device tensors), or ``None`` when no parameter had a gradient or the step rolled
-            back. After a skipped (or rolled-back) step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``.
+            The step's measurements (device tensors), or ``None`` when no parameter had a gradient, the step rolled
+            back, or ``optimizer`` will not step: accelerate's optimizer on a micro-batch inside
+            ``accelerator.accumulate()`` that does not end the window (nothing is done then, and no step counted).
+            After a skipped (or rolled-back) step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``.
 
         Raises:
             NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
             ValueError: a ``GradScaler`` without ``optimizer``, or with ``grad_scale`` (it unscales the gradients).
         """
+        if optimizer is not None and step_deferred(optimizer):
+            # Partial sums of the window's gradients: neither a step to judge nor gradients to clip or drop.
+            self.skipped = False
+            return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
         self._process_landed()
         if self._pending and self._acts_on_flags and _distributed():

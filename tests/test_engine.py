@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -358,6 +359,61 @@ def test_a_grad_scaler_needs_its_optimizer_and_no_grad_scale() -> None:
         engine.step(grad_scaler=1)  # type: ignore[arg-type]
     # A disabled scaler scales nothing: the step runs as without one.
     assert engine.step(grad_scaler=torch.amp.GradScaler("cpu", enabled=False)) is not None
+
+
+class AccumulatingOptimizer(WrappedOptimizer):
+    """``WrappedOptimizer`` with accelerate's gradient accumulation: ``step`` and ``zero_grad`` pass on the
+    micro-batches that do not end the window (``gradient_state.sync_gradients`` is ``False``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        self.gradient_state = SimpleNamespace(sync_gradients=True)
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.gradient_state.sync_gradients:
+            self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.gradient_state.sync_gradients:
+            self.optimizer.zero_grad(set_to_none)
+
+
+def test_micro_batches_that_do_not_end_an_accumulation_window_are_left_alone() -> None:
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(24)]
+    batches[9] = (torch.full((8, 4), math.nan), batches[9][1])  # the second micro-batch of the third window
+
+    def run(wrapped: bool) -> tuple[list[float], GuardEngine | None, list[torch.Tensor]]:
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        inner = torch.optim.SGD(model.parameters(), lr=0.1)
+        optimizer = AccumulatingOptimizer(inner)
+        engine = GuardEngine(model) if wrapped else None
+        norms = []
+        for i, (x, y) in enumerate(batches):
+            optimizer.gradient_state.sync_gradients = i % 4 == 3
+            (nn.functional.mse_loss(model(x), y) / 4).backward()
+            if engine is not None:
+                stats = engine.step(optimizer=optimizer)
+                if stats is not None:
+                    norms.append(float(stats.total_norm))
+            elif optimizer.gradient_state.sync_gradients:  # the reference: the window's norm, its NaN step left out
+                norms.append(float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))))
+                if not math.isfinite(norms[-1]):
+                    inner.zero_grad()
+            optimizer.step()
+            optimizer.zero_grad()
+        return norms, engine, [p.detach().clone() for p in model.parameters()]
+
+    norms, engine, weights = run(True)
+    expected, _, reference = run(False)
+    assert engine is not None and engine.steps == 6  # one per window; before, one per micro-batch (24)
+    assert norms[:2] + norms[3:] == pytest.approx(expected[:2] + expected[3:]) and math.isnan(norms[2])
+    assert engine.snapshot().counts["skipped"] == 1
+    # The whole NaN window is skipped; before, the skip dropped the window's first micro-batch only, and the step
+    # went on with the last two.
+    for a, b in zip(weights, reference):
+        torch.testing.assert_close(a, b)
 
 
 def test_regularizers_of_a_lazy_module_are_bound_at_the_first_step() -> None:
