@@ -415,8 +415,8 @@ def _wrappers(optimizer: Any) -> Iterator[Any]:
 
 
 def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
-    """The enabled ``GradScaler`` that a framework's optimizer wrapper steps through (accelerate's
-    ``AcceleratedOptimizer.scaler`` under fp16), or ``None``.
+    """The enabled ``GradScaler`` that a framework's optimizer wrapper steps through under fp16 (accelerate's
+    ``AcceleratedOptimizer.scaler``, the precision plugin's of Lightning Fabric's optimizer), or ``None``.
 
     Example:
         >>> import torch
@@ -429,9 +429,11 @@ def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
         (True, None)
     """
     for wrapper in _wrappers(optimizer):
-        scaler = getattr(wrapper, "__dict__", {}).get("scaler")
-        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
-            return scaler
+        attributes = getattr(wrapper, "__dict__", {})
+        fabric_precision = getattr(attributes.get("_strategy"), "precision", None)
+        for scaler in (attributes.get("scaler"), getattr(fabric_precision, "scaler", None)):
+            if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+                return scaler
     return None
 
 

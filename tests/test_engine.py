@@ -361,6 +361,35 @@ def test_a_grad_scaler_needs_its_optimizer_and_no_grad_scale() -> None:
     assert engine.step(grad_scaler=torch.amp.GradScaler("cpu", enabled=False)) is not None
 
 
+def test_fabric_under_fp16_is_unscaled_through_its_precision_plugin() -> None:
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    # On the CPU "16-mixed" means bf16 without a scaler: fp16 with a GradScaler, asked for explicitly.
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    torch.manual_seed(0)
+    model = fabric.setup_module(nn.Linear(4, 1))
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    engine = GuardEngine(model)
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    norms, scales = [], []
+    for step in range(1, 5):
+        optimizer.zero_grad()
+        fabric.backward(nn.functional.mse_loss(model(x).float(), y) * (math.inf if step == 2 else 1.0))
+        if step == 3:
+            fabric.clip_gradients(model, optimizer, max_norm=1e3)  # unscales first: not unscaled twice
+        expected = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+        stats = engine.step(optimizer=optimizer)
+        assert stats is not None
+        norms.append((float(stats.total_norm), expected / (1.0 if step == 3 else scaler.get_scale())))
+        optimizer.step()  # before, the inf step's raised here: the guard had dropped every .grad
+        scales.append(scaler.get_scale())
+    assert scales == [2.0**12, 2.0**11, 2.0**11, 2.0**11]
+    assert [a for a, _ in norms if math.isfinite(a)] == pytest.approx([b for a, b in norms if math.isfinite(a)])
+    assert engine.snapshot().counts["overflow"] == 1
+
+
 class AccumulatingOptimizer(WrappedOptimizer):
     """``WrappedOptimizer`` with accelerate's gradient accumulation: ``step`` and ``zero_grad`` pass on the
     micro-batches that do not end the window (``gradient_state.sync_gradients`` is ``False``)."""
