@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard._compat import (
+    loaded_type,
     nan_to_num_,
     optimizer_scaler,
     step_deferred,
@@ -430,6 +431,16 @@ def _to_device(state: Any, device: torch.device) -> Any:
     return state
 
 
+def _refuse_fsdp1(model: nn.Module) -> None:
+    fsdp1 = loaded_type("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
+    if fsdp1 is not None and any(isinstance(module, fsdp1) for module in model.modules()):
+        raise ValueError(
+            "GuardEngine does not support FSDP1 (`FullyShardedDataParallel`): its flattened, sharded parameters do"
+            " not map to layers, and each process would judge, clip and skip its own shard alone. Shard with FSDP2"
+            " (`fully_shard`), whose DTensor gradients GuardEngine measures whole, or use DDP."
+        )
+
+
 # ------------------------------------------------------------------------------------------------------ engine
 class GuardEngine:
     r"""GradGuard's per-step pipeline for one optimizer's parameters, in plain PyTorch (no Lightning).
@@ -491,7 +502,8 @@ class GuardEngine:
             A divergence event is an explosion to the LR guard and a full stretch of trouble to the rollback.
 
     Raises:
-        ValueError: for an argument outside its allowed values.
+        ValueError: for an argument outside its allowed values, and for a model wrapped in FSDP1
+            (``FullyShardedDataParallel``; FSDP2's ``fully_shard`` is supported).
 
     Example:
         >>> import torch
@@ -556,6 +568,7 @@ class GuardEngine:
         if isinstance(model, LayerIndex):
             index = model
         elif isinstance(model, nn.Module):
+            _refuse_fsdp1(model)
             index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
             if bind_all(regularizers, model, wait_for_lazy=True):
                 # A lazy module's parameters come with its first forward pass: bound at the first step, after it.

@@ -390,6 +390,26 @@ def test_fabric_under_fp16_is_unscaled_through_its_precision_plugin() -> None:
     assert engine.snapshot().counts["overflow"] == 1
 
 
+def test_fsdp1_is_refused_with_what_to_use_instead() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed with gloo")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        inner = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+        model = nn.Sequential(FullyShardedDataParallel(inner, device_id=torch.device("cpu")), nn.Linear(1, 1))
+        # Before: one layer, "0._fsdp_wrapped_module", measured on this process's shard alone.
+        with pytest.raises(ValueError, match=r"does not support FSDP1 .*`fully_shard`"):
+            GuardEngine(model)
+    finally:
+        dist.destroy_process_group()
+
+
 class AccumulatingOptimizer(WrappedOptimizer):
     """``WrappedOptimizer`` with accelerate's gradient accumulation: ``step`` and ``zero_grad`` pass on the
     micro-batches that do not end the window (``gradient_state.sync_gradients`` is ``False``)."""
