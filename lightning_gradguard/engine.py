@@ -16,6 +16,7 @@ import bisect
 import functools
 import logging
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -609,6 +610,7 @@ class GuardEngine:
         self.compile = compile
         self.key = key
         self.steps = 0  # steps recorded (cumulative, saved)
+        self._warned_no_gradient = False
         self.steps_since_log = 0
         self.host_counts = {"skipped": 0, "lr_reduced": 0, "rolled_back": 0}
         self.rollback = rollback
@@ -721,6 +723,14 @@ class GuardEngine:
         measured = self._stats.measure(grad_scale=grad_scale)
         self.skipped = False
         if measured is None:
+            if self.steps == 0 and not self._warned_no_gradient:
+                self._warned_no_gradient = True
+                warnings.warn(
+                    "GuardEngine.step() found no gradient on any of its parameters, so nothing was measured. Call it"
+                    " after backward() and before optimizer.step(). A framework that keeps the gradients to itself"
+                    " (DeepSpeed) leaves every .grad empty, and its steps cannot be guarded.",
+                    stacklevel=2,
+                )
             return None
         number = self.steps + 1 if step is None else int(step)
         loss_in = self._loss_input(loss)

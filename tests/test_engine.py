@@ -9,6 +9,7 @@ import logging
 import math
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -388,6 +389,21 @@ def test_fabric_under_fp16_is_unscaled_through_its_precision_plugin() -> None:
     assert scales == [2.0**12, 2.0**11, 2.0**11, 2.0**11]
     assert [a for a, _ in norms if math.isfinite(a)] == pytest.approx([b for a, b in norms if math.isfinite(a)])
     assert engine.snapshot().counts["overflow"] == 1
+
+
+def test_a_first_step_without_any_gradient_is_warned_about_once() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    engine = GuardEngine(model)
+    with pytest.warns(UserWarning, match=r"found no gradient .* after backward\(\)"):
+        assert engine.step() is None  # called before backward (or DeepSpeed, which leaves .grad empty)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert engine.step() is None  # once
+        model(torch.randn(2, 4)).sum().backward()
+        assert engine.step() is not None
+        for p in model.parameters():
+            p.grad = None
+        assert engine.step() is None  # a later step without gradients (an idle optimizer): nothing said
 
 
 def test_fsdp1_is_refused_with_what_to_use_instead() -> None:
