@@ -459,8 +459,9 @@ def step_deferred(optimizer: Any) -> bool:
 
 
 def unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
-    """``scaler.unscale_(optimizer)`` unless it was called since the scaler's last ``update()`` (by the user, or by
-    accelerate's ``clip_grad_norm_``): a second call raises, and the gradients are unscaled already."""
+    """``scaler.unscale_(optimizer)`` unless it was called since the scaler's last ``update()`` (by the user, by
+    accelerate's ``clip_grad_norm_`` or Fabric's ``clip_gradients``): a second call raises, and the gradients are
+    unscaled already."""
     try:
         scaler.unscale_(optimizer)
     except RuntimeError as err:

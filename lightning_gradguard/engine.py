@@ -682,8 +682,8 @@ class GuardEngine:
             grad_scaler: a GradScaler skips non-finite steps itself (16-bit AMP): they are counted as overflow and
                 neither handled, nor fed to the LR guard. ``True``: the gradients were unscaled already
                 (``scaler.unscale_(optimizer)``); the ``GradScaler`` itself: it unscales ``optimizer``'s gradients
-                first, unless that was done since its last ``update()``. A wrapper that steps through its own
-                enabled scaler (accelerate's ``AcceleratedOptimizer`` under fp16) is unscaled so without being told.
+                first, unless that was done since its last ``update()``. An optimizer wrapper that steps through
+                its own enabled scaler (accelerate's, Lightning Fabric's, under fp16) is unscaled so untold.
             optimizer: the optimizer about to step (or a framework's wrapper of it), whose state a
                 :class:`~lightning_gradguard.Rollback` copies and restores (without it, only the parameters are).
                 Required with a ``GradScaler`` as ``grad_scaler``.
