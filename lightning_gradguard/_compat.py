@@ -428,13 +428,21 @@ def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
         >>> optimizer_scaler(Wrapper(sgd, scaler)) is scaler, optimizer_scaler(Wrapper(sgd, None))
         (True, None)
     """
+    fabric = tuple(t for m in _FABRIC_WRAPPERS if (t := loaded_type(m, "_FabricOptimizer")) is not None)
     for wrapper in _wrappers(optimizer):
-        attributes = getattr(wrapper, "__dict__", {})
-        fabric_precision = getattr(attributes.get("_strategy"), "precision", None)
-        for scaler in (attributes.get("scaler"), getattr(fabric_precision, "scaler", None)):
-            if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
-                return scaler
+        if fabric and isinstance(wrapper, fabric):
+            precision = getattr(getattr(wrapper, "_strategy", None), "precision", None)
+            scaler = getattr(precision, "scaler", None)
+        else:
+            scaler = getattr(wrapper, "__dict__", {}).get("scaler")
+        if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled():
+            return scaler
     return None
+
+
+# Lightning Fabric's optimizer wrapper, in both packages (Lightning's own optimizer, whose gradients Lightning
+# unscales before any callback sees them, is not one).
+_FABRIC_WRAPPERS = ("lightning.fabric.wrappers", "lightning_fabric.wrappers")
 
 
 def step_deferred(optimizer: Any) -> bool:
