@@ -579,9 +579,6 @@ class GradGuard(CallbackBase):
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
         loss, self._loss = self._loss, None
-        if loss is not None and trainer.world_size > 1:
-            # Every rank must see the same loss, or the LR guard would cut (and restart) on some ranks only.
-            loss = _averaged(loss, trainer.world_size)
         try:
             stats = engine.step(
                 stamp, grad_scale=grad_scale, grad_scaler=scaler is not None, optimizer=optimizer, loss=loss
@@ -1085,13 +1082,6 @@ def _lightning_step(trainer: pl.Trainer) -> int:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     value = getattr(loop, "_batches_that_stepped", None)
     return int(value) if isinstance(value, int) else int(trainer.global_step)
-
-
-def _averaged(value: Tensor, world_size: int) -> Tensor:
-    """The mean of a 0-d tensor over all processes (one small all-reduce)."""
-    total = value.clone()
-    torch.distributed.all_reduce(total)
-    return total / world_size
 
 
 def _gathered(t: Tensor) -> Tensor:

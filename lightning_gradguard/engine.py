@@ -422,6 +422,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _rank_mean(loss: Tensor) -> Tensor:
+    """The mean of this step's loss over the processes that have one (NaN where none has), in one ``all_reduce``
+    that every process takes part in, whether it passed a loss or not."""
+    missing = torch.isnan(loss)
+    pair = torch.stack([torch.where(missing, torch.zeros_like(loss), loss), (~missing).to(loss.dtype)])
+    torch.distributed.all_reduce(pair)
+    return pair[0] / pair[1]
+
+
 def _to_device(state: Any, device: torch.device) -> Any:
     if isinstance(state, Tensor):
         return state.to(device)
@@ -689,6 +698,8 @@ class GuardEngine:
                 Required with a ``GradScaler`` as ``grad_scaler``.
             loss: this step's training loss (unscaled; summed over an accumulation window, i.e. the losses
                 backpropagated for this step), for the divergence detector; ``None``: no observation this step.
+                Under several processes the detector judges the mean over the processes (one ``all_reduce`` per
+                step, which every process joins, with or without a loss of its own).
 
         Returns:
             The step's measurements (device tensors), or ``None`` when no parameter had a gradient, the step rolled
@@ -734,6 +745,9 @@ class GuardEngine:
             return None
         number = self.steps + 1 if step is None else int(step)
         loss_in = self._loss_input(loss)
+        if loss_in is not None and _distributed():
+            # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only.
+            loss_in = _rank_mean(loss_in)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).

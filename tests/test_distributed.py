@@ -39,6 +39,7 @@ from lightning_gradguard import (
     AutoClip,
     ExplodingDetector,
     GradGuard,
+    GuardEngine,
     LRGuard,
     NormClip,
     Orthogonal,
@@ -394,7 +395,49 @@ def _ddp_restart_worker(outdir: Path, rank: int, spikes: tuple[int, int] = (2, 3
     }
 
 
+# ------------------------------------------------------------------------------------------ plain loop under torch DDP
+def _plain_ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    """``GuardEngine`` in a plain loop under torch's DDP. From step 20 rank 0 alone reports a diverging loss (its
+    gradients stay as they are), and every seventh step it reports none."""
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = GuardEngine(model, lr_guard=LRGuard())
+        engine.attach(optimizer)
+        torch.manual_seed(1 + rank)
+        x, y = torch.randn(64, 4), torch.randn(64, 1)
+        diverging = []
+        for step in range(1, 41):
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            reported = None if rank == 0 and step % 7 == 0 else loss.detach() * (1e3 if rank == 0 and step >= 20 else 1)
+            engine.step(optimizer=optimizer, loss=reported)  # before, a loss of rank 0's own
+            optimizer.step()
+            diverging += [event.step for event in engine.drain() if event.diverging]
+        return {
+            "diverging": diverging,
+            "counts": engine.snapshot().counts,
+            "scale": engine.lr_guard.scale(0) if engine.lr_guard is not None else None,
+            "weights": [p.detach().clone() for p in model.parameters()],
+        }
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_plain_ddp_ranks_judge_the_same_loss(tmp_path: Path) -> None:
+    r0, r1 = _launch("plain_ddp", tmp_path)
+    # The mean of the two ranks' losses diverges: both ranks see it on the same step, and cut the rate alike.
+    assert r0["diverging"] and r0["diverging"] == r1["diverging"]
+    assert r0["counts"] == r1["counts"] and r0["counts"]["lr_reduced"] >= 1
+    assert r0["scale"] == r1["scale"] < 1.0
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
+
+
 WORKERS = {
+    "plain_ddp": _plain_ddp_worker,
     "ddp": _ddp_worker,
     "fsdp2": _fsdp2_worker,
     "ddp_restart": _ddp_restart_worker,
