@@ -9,6 +9,7 @@ complete, so it is unaffected by gradient accumulation and can follow the AMP lo
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 import weakref
 from collections.abc import Sequence
@@ -46,6 +47,15 @@ _GATE_BLOCKS: tuple[tuple[tuple[type[nn.Module], ...], int], ...] = (
 # stacking copy and the batched product made 48 blocks of 512 x 512 10-30% slower (benchmarks/regularizer_cost.py).
 _STACK_BLOCK = 64 * 64
 _STACK_ELEMENTS = 1 << 26
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """No autocast on ``device`` while a penalty or its gradient is computed: a plain loop may call ``add_grad_`` (or
+    ``GuardEngine.step``) inside ``torch.autocast``, where a Gram matrix in bf16 would round ``W^T W - I``, whose
+    entries are differences of numbers near 1, to noise."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -303,7 +313,8 @@ class Regularizer(abc.ABC):
         total = torch.zeros((), dtype=torch.float32, device=out_device)
         groups = group_by_device_and_dtype([params], with_indices=True)
         for (_, dtype), ((group,), indices) in groups.items():
-            value = self._penalty_sum(group, [self._layouts[i] for i in indices], _accumulation_dtype(dtype))
+            with _autocast_off(group[0].device):
+                value = self._penalty_sum(group, [self._layouts[i] for i in indices], _accumulation_dtype(dtype))
             total = total + value.to(device=out_device, dtype=torch.float32)
         return total * self.effective_weight
 
@@ -347,7 +358,8 @@ class Regularizer(abc.ABC):
         grads = [p.grad for p in params]
         groups = group_by_device_and_dtype([params, grads], with_indices=True)
         for (device, dtype), ((group_params, group_grads), indices) in groups.items():
-            terms = self._grad_terms(group_params, [layouts[i] for i in indices])
+            with _autocast_off(device):
+                terms = self._grad_terms(group_params, [layouts[i] for i in indices])
             if isinstance(scale, Tensor):
                 factor = (scale.detach().to(device=device, dtype=torch.float32) * coef).to(dtype)
                 foreach_add_(group_grads, foreach_mul(terms, factor))

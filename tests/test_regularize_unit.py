@@ -396,3 +396,27 @@ def test_invalid_arguments(kwargs, name):
 def test_orthogonal_refuses_include_bias():
     with pytest.raises(ValueError, match="include_bias"):
         Orthogonal(1.0, include_bias=True)
+
+
+def test_orthogonal_is_exact_inside_autocast() -> None:
+    # A plain loop may run the whole step under torch.autocast: the Gram matrix must not be taken in bf16, where
+    # W^T W - I (differences of numbers near 1) is rounded to noise.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    nn.init.orthogonal_(model[0].weight)
+    with torch.no_grad():
+        model[0].weight.add_(torch.randn(64, 64) * 1e-3)  # near orthogonal: the terms are small differences
+    reg = Orthogonal(1.0)
+    reg.bind(model)
+    results = []
+    for autocast in (False, True):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            reg.add_grad_()
+            penalty = reg.penalty()
+        results.append((penalty.detach(), [p.grad.clone() for p in model.parameters()]))
+    (exact, exact_grads), (under, under_grads) = results
+    assert torch.equal(exact, under)
+    for a, b in zip(exact_grads, under_grads):
+        assert torch.equal(a, b)
