@@ -305,8 +305,8 @@ def _scaled_run(how: str) -> tuple[list[float], list[float], GuardEngine, list[t
         scaler.scale(loss).backward()
         if how == "unscaled first":
             scaler.unscale_(inner)
-        stats = engine.step(optimizer=optimizer, grad_scaler=True if how == "unscaled first" else (
-            scaler if how == "scaler" else False))  # fmt: skip
+        told: dict[str, bool | torch.amp.GradScaler] = {"scaler": scaler, "wrapper": False, "unscaled first": True}
+        stats = engine.step(optimizer=optimizer, grad_scaler=told[how])
         assert stats is not None
         norms.append(float(stats.total_norm))
         if how == "wrapper":

@@ -311,7 +311,8 @@ def test_several_processes_wait_for_the_previous_steps_flags_one_never_does(
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), rollback=Rollback(every=5))
+    # No divergence detector: under several processes it would all-reduce the loss, and no process group exists.
+    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), rollback=Rollback(every=5), divergence=None)
     engine.attach(opt)
     seen = _engine_loop(model, opt, engine, bad={3, 4}, steps=8)
     waits = sum(e.waits for e in events)
