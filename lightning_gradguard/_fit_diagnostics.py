@@ -130,7 +130,7 @@ class FitDiagnostics:
             schedulers: list[Any] = [c for c in trainer.callbacks if isinstance(c, kind)]  # type: ignore[attr-defined]
             scheduled = max([self.accumulate] + [max(s.scheduling.values(), default=1) for s in schedulers])
             if noise_scale_source(scheduled, self.world_size) is None:
-                if not self.noted:
+                if not self.noted and trainer.loggers:  # without a logger no diagnostic is logged anywhere
                     self.noted = True
                     rank_zero_info(NOISE_SCALE_NOTE)
             elif automatic and len(trainer.optimizers) == 1:

@@ -249,6 +249,11 @@ def test_one_note_when_there_is_no_second_batch_size(tmp_path: Any, caplog: pyte
         trainer(max_steps=6, max_epochs=-1, callbacks=[guard], logger=logger).fit(Regressor(), regression_data())
     assert sum(NOISE_SCALE_NOTE in r.getMessage() for r in caplog.records) == 1
     assert not any(r.get("gradguard/noise_scale") for r in _csv(logger))
+    # Without a logger no diagnostic goes anywhere: nothing to advise about.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=6, max_epochs=-1, callbacks=[GradGuard()], logger=False).fit(Regressor(), regression_data())
+    assert not any(NOISE_SCALE_NOTE in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("every, logs", [(2, 8), (3, 5)])  # the epoch ends on a logging step, or between two
