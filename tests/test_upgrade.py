@@ -18,7 +18,7 @@ from tests.models import trainer
 # What GradGuard 0.2.0 saved (its callback state and its diagnostics' state) after 64 steps of `_Model` below, on
 # `_data()` in batches of 16, with `GradGuard(log_every_n_steps=5)` and `Trainer(max_epochs=2, log_every_n_steps=5)`:
 # the loss was multiplied by 1e4 at global steps 40, 41, 50 and 51, and the guard counted 4 exploding steps,
-# clipped 4 and cut the rate 4 times (to 0.077x).
+# clipped 4 and cut the rate 4 times (to 0.0625x at the save).
 STATE_0_2_0 = Path(__file__).parent / "data" / "gradguard-0.2.0-state.pt"
 
 
