@@ -377,8 +377,9 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     (``_optimizer``) and accelerate's ``AcceleratedOptimizer`` (``optimizer``).
 
     A wrapper is told by what it lacks: it never ran ``Optimizer.__init__``, so it has no step-hook registry of its
-    own (``AcceleratedOptimizer`` subclasses ``Optimizer``, and registering a hook on it fails). Fabric's optimizer
-    shares the wrapped one's ``__dict__``, hooks included, and is returned as it is.
+    own (``AcceleratedOptimizer`` subclasses ``Optimizer``, and registering a hook on it fails). Lightning Fabric's
+    optimizer is looked through to ``_optimizer``; older Fabric releases copy the wrapped one's ``__dict__``, hooks
+    included, and theirs is returned as it is (its hooks are the optimizer's).
 
     Example:
         >>> import torch
@@ -429,7 +430,9 @@ def optimizer_scaler(optimizer: Any) -> torch.amp.GradScaler | None:
         (True, None)
     """
     fabric = tuple(t for m in _FABRIC_WRAPPERS if (t := loaded_type(m, "_FabricOptimizer")) is not None)
-    for wrapper in _wrappers(optimizer):
+    # Older Fabric releases copy the optimizer's attributes, hooks included, so their wrapper passes for the optimizer
+    # itself: it is looked at before the walk through wrappers.
+    for wrapper in (optimizer, *_wrappers(optimizer)):
         if fabric and isinstance(wrapper, fabric):
             precision = getattr(getattr(wrapper, "_strategy", None), "precision", None)
             scaler = getattr(precision, "scaler", None)

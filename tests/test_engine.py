@@ -391,6 +391,24 @@ def test_fabric_under_fp16_is_unscaled_through_its_precision_plugin() -> None:
     assert engine.snapshot().counts["overflow"] == 1
 
 
+def test_the_scaler_of_an_older_fabric_optimizer_is_found_too() -> None:
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    from lightning_gradguard._compat import optimizer_scaler, unwrap_optimizer
+
+    scaler = torch.amp.GradScaler("cpu")
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    model = fabric.setup_module(nn.Linear(4, 1))
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = fabric.setup_optimizers(inner)
+    assert optimizer_scaler(optimizer) is scaler and unwrap_optimizer(optimizer) is inner
+    # Older Fabric releases copied the optimizer's attributes into their wrapper, hooks included: the wrapper then
+    # passes for the optimizer itself, and its scaler must still be found.
+    optimizer.__dict__.update({k: v for k, v in inner.__dict__.items() if k not in ("state_dict", "step")})
+    assert unwrap_optimizer(optimizer) is optimizer and optimizer_scaler(optimizer) is scaler
+
+
 def test_a_first_step_without_any_gradient_is_warned_about_once() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
     engine = GuardEngine(model)
