@@ -716,6 +716,11 @@ class GuardEngine:
             self.skipped = False
             return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
+        loss_in = self._loss_input(loss)
+        if loss_in is not None and _distributed():
+            # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
+            # before anything that may end the step early, so that every process joins this all_reduce every step.
+            loss_in = _rank_mean(loss_in)
         self._process_landed()
         if self._pending and self._acts_on_flags and _distributed():
             # Several processes: a decision that changes training (the LR guard's cut, a rollback, an adaptive
@@ -744,10 +749,6 @@ class GuardEngine:
                 )
             return None
         number = self.steps + 1 if step is None else int(step)
-        loss_in = self._loss_input(loss)
-        if loss_in is not None and _distributed():
-            # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only.
-            loss_in = _rank_mean(loss_in)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
