@@ -717,12 +717,13 @@ class GuardEngine:
             return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
         loss_in = self._loss_input(loss)
-        if loss_in is not None and _distributed():
+        distributed = _distributed()
+        if loss_in is not None and distributed:
             # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
             # before anything that may end the step early, so that every process joins this all_reduce every step.
             loss_in = _rank_mean(loss_in)
         self._process_landed()
-        if self._pending and self._acts_on_flags and _distributed():
+        if self._pending and self._acts_on_flags and distributed:
             # Several processes: a decision that changes training (the LR guard's cut, a rollback, an adaptive
             # strength) must fall on the same step on every rank. Land the previous steps' flags now (copies issued
             # a forward and backward pass ago) rather than whenever each rank sees them arrive. A single process
