@@ -15,8 +15,9 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
-__all__ = ["CallbackBase", "grad_scaler", "lightning_types", "overrides_hook"]
+__all__ = ["CallbackBase", "grad_scaler", "lightning_types", "overrides_hook", "restart_weight_averages"]
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -93,3 +94,26 @@ def overrides_hook(instance: Any, name: str) -> bool:
 def grad_scaler(trainer: Any) -> Any:
     """The trainer's ``GradScaler`` (16-bit AMP), or ``None``."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def restart_weight_averages(trainer: Any) -> list[str]:
+    """Make the averages of Lightning's weight-averaging callbacks (``EMAWeightAveraging`` and the other
+    ``WeightAveraging`` callbacks, ``StochasticWeightAveraging``) start again from the model's current weights, and
+    return the names of the callbacks restarted.
+
+    Called after a rollback: the average holds the weights the rollback abandoned, which an EMA carries for thousands
+    of steps (a share of ``decay ** n`` after ``n`` more), and for ever if they held a NaN. Each of these averages
+    copies the model's weights at its next update when its count of averaged models is 0.
+    """
+    restarted: list[str] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, lightning_types("callbacks.WeightAveraging")):
+            count = getattr(getattr(callback, "_average_model", None), "n_averaged", None)
+        elif isinstance(callback, lightning_types("callbacks.StochasticWeightAveraging")):
+            count = getattr(callback, "n_averaged", None)  # None until averaging has begun: nothing to restart
+        else:
+            continue
+        if isinstance(count, Tensor):
+            count.zero_()
+            restarted.append(type(callback).__name__)
+    return restarted

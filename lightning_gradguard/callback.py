@@ -19,7 +19,7 @@ from torch import Tensor
 from lightning_gradguard._compat import unwrap_optimizer
 from lightning_gradguard._events import EventReporter
 from lightning_gradguard._fit_diagnostics import FitDiagnostics
-from lightning_gradguard._lightning import CallbackBase, grad_scaler, lightning_types
+from lightning_gradguard._lightning import CallbackBase, grad_scaler, lightning_types, restart_weight_averages
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
@@ -585,6 +585,8 @@ class GradGuard(CallbackBase):
             )
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
+        if engine.rolled_back:
+            restart_weight_averages(trainer)
         if logging:
             self._diag.after_engine_step(key, engine)
         if stats is not None and self._histogram_due(stamp + 1) and self._may_write_board(trainer):

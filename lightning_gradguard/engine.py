@@ -628,6 +628,9 @@ class GuardEngine:
         # step on every rank (see ``step``).
         self._acts_on_flags = lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
         self.skipped = False  # whether the last step was skipped
+        # Whether the last step put the weights back: an average of the weights kept elsewhere (an EMA) holds the
+        # abandoned ones and should start again from the restored weights.
+        self.rolled_back = False
         self._stats = GradStats(index.params, index.layer_of_param, index.num_layers)
         self._record = _Record(index.num_layers, index.params[0].device)
         self._last_total = torch.zeros((), device=self._record.device)
@@ -705,7 +708,10 @@ class GuardEngine:
             The step's measurements (device tensors), or ``None`` when no parameter had a gradient, the step rolled
             back, or ``optimizer`` will not step: accelerate's optimizer on a micro-batch inside
             ``accelerator.accumulate()`` that does not end the window (nothing is done then, and no step counted).
-            After a skipped (or rolled-back) step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``.
+            After a skipped (or rolled-back) step :attr:`skipped` is ``True`` and every ``.grad`` is ``None``;
+            after a rolled-back one :attr:`rolled_back` is ``True`` too: restart any average of the weights kept
+            beside the model (``torch.optim.swa_utils.AveragedModel``: ``ema.n_averaged.zero_()``), which holds the
+            weights the rollback abandoned.
 
         Raises:
             NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
@@ -713,7 +719,7 @@ class GuardEngine:
         """
         if optimizer is not None and step_deferred(optimizer):
             # Partial sums of the window's gradients: neither a step to judge nor gradients to clip or drop.
-            self.skipped = False
+            self.skipped = self.rolled_back = False
             return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
         loss_in = self._loss_input(loss)
@@ -732,9 +738,10 @@ class GuardEngine:
                 if flags.event is not None:
                     flags.event.synchronize()
             self._process_landed()
-        if self.rollback is not None and self._rollback_step(
+        self.rolled_back = self.rollback is not None and self._rollback_step(
             unwrap_optimizer(optimizer), scaled=grad_scale is not None
-        ):
+        )
+        if self.rolled_back:
             return None
         self.add_regularizer_grads_(grad_scale if grad_scale is not None else 1.0)
         measured = self._stats.measure(grad_scale=grad_scale)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -17,6 +18,7 @@ from torch import nn
 
 import lightning_gradguard
 from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, NormClip, Rollback
+from lightning_gradguard._lightning import lightning_types, restart_weight_averages
 from lightning_gradguard.rollback import default_rollback
 from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
@@ -99,7 +101,8 @@ def _engine_run(
         loss.backward()
         before = engine.summary()["rolled_back"]
         engine.step(optimizer=opt)
-        if engine.summary()["rolled_back"] > before:
+        assert engine.rolled_back is (engine.summary()["rolled_back"] > before)
+        if engine.rolled_back:
             restarts.append(step)
             assert all(torch.equal(p, w) for p, w in zip(model.parameters(), initial))
             assert not opt.state or all(not s for s in opt.state.values())  # no optimizer state at the start
@@ -480,6 +483,66 @@ def test_in_a_trainer_a_blow_up_gets_the_rescue_and_one_cut() -> None:
     assert guard.lr_guard is not None and guard.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     assert guard.lr_guard.scale() < 1.0  # still recovering at step 80 (held 20 steps, then 100 to recover)
     assert max(ratios.ratios[s] for s in range(5, 81)) <= 0.01 * (1 + 1e-4)
+
+
+class AverageWatch(L.Callback):
+    """Listed after a weight-averaging callback: after each optimizer step, the count of models in its average and
+    the average's weights."""
+
+    def __init__(self, averaging: Any) -> None:
+        self.averaging = averaging
+        self.counts: list[int] = []
+        self.averages: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        average = self.averaging._average_model
+        self.counts.append(int(average.n_averaged))
+        self.averages.append([p.detach().clone() for p in average.module.parameters()])
+
+
+@pytest.mark.skipif(not lightning_types("callbacks.EMAWeightAveraging"), reason="Lightning 2.5 added it")
+@pytest.mark.parametrize("restart_averages", [True, False])
+def test_a_restart_starts_a_weight_average_again_from_the_restored_weights(
+    restart_averages: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    if not restart_averages:  # what the average holds when nothing restarts it (the check that the test can fail)
+        monkeypatch.setattr(lightning_gradguard.callback, "restart_weight_averages", lambda trainer: [])
+    # Without a clipper the blow-up of steps 2 and 3 reaches the weights (10^6 and more), as a too-high rate does.
+    L.seed_everything(0, verbose=False)
+    model = SpikyRegressor({2, 3}, factor=1e8, lr=0.02)
+    guard = GradGuard(clip=None)
+    ema = EMAWeightAveraging()  # decay 0.999: the average keeps 0.999^n of what it once held
+    restarts, averages = RestartWatch(guard), AverageWatch(ema)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callbacks = [guard, restarts, ema, averages]
+        trainer(max_steps=40, max_epochs=-1, callbacks=callbacks).fit(model, regression_data(n=1024))
+    assert len(restarts.restarts) == 1 and restarts.restarts[0][1]
+    step = restarts.restarts[0][0]
+    before = averages.averages[step - 2]  # after the step before the restart
+    assert max(p.abs().max() for p in before) > 1e4  # the blow-up is in the average
+    counts = averages.counts[step - 2 : step + 1]
+    if not restart_averages:
+        assert counts == [step - 1, step, step + 1]
+        assert max(p.abs().max() for p in model.parameters()) > 1e3  # the model ends as the average: wrecked
+        return
+    # The restart's update copies the restored (initial) weights: the average starts again there.
+    assert counts == [step - 1, 1, 2]
+    assert all(torch.equal(a, w) for a, w in zip(averages.averages[step - 1], restarts.initial))
+    # What the run ends with (Lightning copies the average into the model) holds no trace of the blow-up.
+    assert max(p.abs().max() for p in model.parameters()) < 5.0
+
+
+def test_restart_weight_averages_restarts_swa_once_it_averages() -> None:
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    swa = StochasticWeightAveraging(swa_lrs=0.01)
+    fit = SimpleNamespace(callbacks=[swa, GradGuard()])
+    assert restart_weight_averages(fit) == []  # averaging has not begun: nothing to restart
+    swa.n_averaged = torch.tensor(3)
+    assert restart_weight_averages(fit) == ["StochasticWeightAveraging"] and int(swa.n_averaged) == 0
 
 
 def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: pytest.LogCaptureFixture) -> None:
