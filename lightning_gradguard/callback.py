@@ -40,6 +40,7 @@ from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
 from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all
 from lightning_gradguard.rollback import Rollback, rollback_from
+from lightning_gradguard.running_stats import RunningStats
 from lightning_gradguard.saturation import SaturationMonitor
 from lightning_gradguard.stats import StepStats
 
@@ -242,6 +243,7 @@ class GradGuard(CallbackBase):
         self._board_loaded: dict[str, Any] | None = None  # a checkpoint's board state, for the board once it opens
         self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
+        self._running_stats: RunningStats | None = None
         self._sat_armed = False
         self._lr_hooks: dict[int, Any] = {}
         self._reporter = EventReporter(self)
@@ -370,6 +372,9 @@ class GradGuard(CallbackBase):
         self._clip_norm = take_over_clipping(trainer, pl_module, self.clip)
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)
+        # A skipped step keeps the weights, but the bad batch's forward pass has already moved the running statistics.
+        stats = RunningStats(pl_module) if self.on_nonfinite in ("skip", "zero") else None
+        self._running_stats = stats if stats else None
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
@@ -564,6 +569,8 @@ class GradGuard(CallbackBase):
             return
         engine = self._state_for(trainer, optimizer, key)
         self._drain(trainer, engine, key)
+        if self._running_stats is not None:
+            self._running_stats.repair_()
 
         scaler = grad_scaler(trainer)
         grad_scale: Tensor | None = None

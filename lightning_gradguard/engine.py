@@ -49,6 +49,7 @@ from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer, bind_all
 from lightning_gradguard.rollback import Rollback, rollback_from
+from lightning_gradguard.running_stats import RunningStats
 from lightning_gradguard.stats import FlatStats, GradStats, StepStats, split_flat
 
 __all__ = [
@@ -575,10 +576,15 @@ class GuardEngine:
             if value is not None and value != "default" and not isinstance(value, cls):
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
         self._lazy_module: nn.Module | None = None
+        # A skipped step keeps the weights, but its forward pass has already moved the normalization layers' running
+        # statistics: put back the entries it made non-finite (with "warn" and "raise" nothing is kept from harm).
+        self._running_stats: RunningStats | None = None
         if isinstance(model, LayerIndex):
             index = model
         elif isinstance(model, nn.Module):
             _refuse_fsdp1(model)
+            if on_nonfinite in ("skip", "zero") and len(stats := RunningStats(model)):
+                self._running_stats = stats
             index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
             if bind_all(regularizers, model, wait_for_lazy=True):
                 # A lazy module's parameters come with its first forward pass: bound at the first step, after it.
@@ -722,6 +728,8 @@ class GuardEngine:
             self.skipped = self.rolled_back = False
             return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
+        if self._running_stats is not None:
+            self._running_stats.repair_()
         loss_in = self._loss_input(loss)
         distributed = _distributed()
         if loss_in is not None and distributed:

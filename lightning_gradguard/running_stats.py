@@ -1,0 +1,85 @@
+"""Running statistics of normalization layers that a bad batch cannot poison.
+
+Skipping a step with non-finite gradients keeps the parameters and the optimizer state as they were, but the forward
+pass of the bad batch has already moved every ``BatchNorm``'s ``running_mean`` and ``running_var``: one NaN in the
+batch makes them NaN, and an exponential average never recovers from a NaN (``0.9 * nan + 0.1 * x`` is ``nan``).
+Training goes on unharmed, since training mode normalizes with the batch's own statistics, but every evaluation after
+it (validation, test, the deployed model) outputs NaN. :class:`RunningStats` puts back the last finite value of each
+entry that turned non-finite, once per optimizer step, on the device and without waiting for it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.parameter import UninitializedBuffer
+
+from lightning_gradguard._compat import foreach_copy_
+
+__all__ = ["RunningStats"]
+
+
+class RunningStats:
+    """Keeps the running statistics of a model's normalization layers finite across bad batches.
+
+    Watches ``running_mean`` and ``running_var`` of every module with running statistics (``BatchNorm1d/2d/3d``,
+    ``SyncBatchNorm``, ``InstanceNorm*`` with ``track_running_stats=True``, their lazy forms once initialized). Each
+    :meth:`repair_` puts back, in every entry that is NaN or infinite, its value at the previous call, and keeps the
+    finite entries as the new values to fall back on. Finite but unusual updates (a batch of huge inputs) are left
+    alone: the exponential average forgets them within some ``1 / momentum`` steps, a NaN never.
+
+    Per call and per device and dtype of the buffers: one concatenation, one finiteness test, one ``where`` and one
+    fused copy back, all on the device (no host sync). A model without such layers costs nothing.
+
+    Args:
+        model: the model whose normalization layers are watched; their current statistics are the first values to
+            fall back on (build it before the first forward pass of training).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> stats = RunningStats(model)
+        >>> _ = model(torch.tensor([[float("nan"), 0.0, 0.0], [1.0, 2.0, 3.0]]))  # a bad batch
+        >>> bool(model[1].running_mean.isnan().any())
+        True
+        >>> stats.repair_()
+        >>> bool(model[1].running_mean.isfinite().all())
+        True
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        self._modules = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+        # Per (device, dtype): the flat values to fall back on, and the size of each buffer in it.
+        self._saved: dict[tuple[object, object], tuple[Tensor, list[int]]] = {}
+        self.repair_()
+
+    def __len__(self) -> int:
+        """The number of normalization layers watched."""
+        return len(self._modules)
+
+    def _buffers(self) -> dict[tuple[object, object], list[Tensor]]:
+        # Read through the modules on every call: ``model.to(...)`` replaces the buffer tensors.
+        groups: dict[tuple[object, object], list[Tensor]] = {}
+        for module in self._modules:
+            for buffer in (module.running_mean, module.running_var):
+                if isinstance(buffer, Tensor) and not isinstance(buffer, UninitializedBuffer):
+                    groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
+        return groups
+
+    def repair_(self) -> None:
+        """Put back the previous value of every non-finite entry, and keep the current values to fall back on."""
+        for key, buffers in self._buffers().items():
+            flat = torch.cat(buffers)  # running statistics are 1-d: no reshape (one op fewer per buffer)
+            sizes = [b.numel() for b in buffers]
+            saved = self._saved.get(key)
+            if saved is None or saved[1] != sizes:
+                # First sight (or the layers changed): nothing earlier to fall back on.
+                self._saved[key] = (flat, sizes)
+                continue
+            values = saved[0]
+            torch.where(flat.isfinite(), flat, values, out=values)
+            foreach_copy_(buffers, values.split(sizes))

@@ -1,0 +1,164 @@
+"""Running statistics of normalization layers across a bad batch: the skipped step keeps the weights, and the NaN its
+forward pass wrote into ``running_mean``/``running_var`` is put back, so evaluation after it is not NaN for ever."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+from torch import nn
+
+from lightning_gradguard import GradGuard, GuardEngine, RunningStats
+from lightning_gradguard.layers import build_layer_index
+from tests.models import Regressor, regression_data, trainer
+
+
+def _stats(module: nn.Module) -> list[torch.Tensor]:
+    return [module.running_mean.clone(), module.running_var.clone()]
+
+
+def test_a_non_finite_entry_gets_its_previous_value_and_finite_updates_stay() -> None:
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(3)
+    stats = RunningStats(norm)
+    assert len(stats) == 1
+    norm(torch.randn(8, 3))
+    stats.repair_()
+    before = _stats(norm)
+    batch = torch.randn(8, 3)
+    batch[0, 0] = float("nan")  # feature 0 alone
+    batch[1, 2] = float("inf")  # feature 2: an infinite variance
+    norm(batch)
+    updated_mean = norm.running_mean[1].clone()
+    assert norm.running_mean[0].isnan() and not norm.running_var[2].isfinite()
+    stats.repair_()
+    assert torch.equal(norm.running_mean[0], before[0][0]) and torch.equal(norm.running_var[0], before[1][0])
+    assert torch.equal(norm.running_var[2], before[1][2])
+    assert torch.equal(norm.running_mean[1], updated_mean) and not torch.equal(updated_mean, before[0][1])
+    # The repaired values are the ones to fall back on next time.
+    norm(torch.full((4, 3), float("nan")))
+    stats.repair_()
+    assert torch.equal(norm.running_mean[0], before[0][0]) and torch.equal(norm.running_mean[1], updated_mean)
+
+
+def test_layers_of_several_dtypes_lazy_ones_and_a_model_moved_to_another_dtype() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyBatchNorm1d(), nn.BatchNorm1d(4).double(), nn.InstanceNorm1d(4), nn.Linear(4, 4))
+    stats = RunningStats(model)  # the lazy layer has no statistics yet; InstanceNorm keeps none by default
+    assert len(stats) == 2
+    model[0](torch.randn(8, 4))  # the lazy layer takes its shape, its first statistics are the ones to fall back on
+    stats.repair_()
+    kept = [*_stats(model[0]), *_stats(model[1])]
+    model[0](torch.full((8, 4), float("nan")))
+    model[1](torch.full((8, 4), float("nan"), dtype=torch.float64))
+    stats.repair_()
+    assert all(torch.equal(a, b) for a, b in zip([*_stats(model[0]), *_stats(model[1])], kept))
+    model.double()  # new buffer tensors, now one dtype: read through the modules, first sight again
+    model[0](torch.randn(8, 4, dtype=torch.float64))
+    stats.repair_()
+    kept = _stats(model[0])
+    model[0](torch.full((8, 4), float("nan"), dtype=torch.float64))
+    stats.repair_()
+    assert all(torch.equal(a, b) for a, b in zip(_stats(model[0]), kept))
+
+
+def test_a_model_without_running_statistics_costs_nothing_and_bad_input_is_refused() -> None:
+    assert (
+        len(RunningStats(nn.Sequential(nn.Linear(2, 2), nn.LayerNorm(2), nn.BatchNorm1d(2, track_running_stats=False))))
+        == 0
+    )
+    with pytest.raises(ValueError, match="`model` must be an nn.Module"):
+        RunningStats(build_layer_index(nn.Linear(2, 2)))  # type: ignore[arg-type]
+
+
+class BatchNormRegressor(Regressor):
+    """An MLP with a BatchNorm layer; one input entry of the batch that makes optimizer step ``bad_step`` is NaN."""
+
+    def __init__(self, bad_step: int, **kwargs: Any) -> None:
+        net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
+        super().__init__(net=net, **kwargs)
+        self.bad_step = bad_step
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step + 1 == self.bad_step and batch_idx % self.trainer.accumulate_grad_batches == 0:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return super().training_step((x, y), batch_idx)
+
+
+class StatsWatch(L.Callback):
+    """The BatchNorm layer's running statistics at the start of each optimizer step's window and after its step."""
+
+    def __init__(self) -> None:
+        self.at_start: dict[int, list[torch.Tensor]] = {}
+        self.after: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self.at_start.setdefault(trainer.global_step + 1, _stats(pl_module.net[1]))
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.after.setdefault(trainer.global_step, _stats(pl_module.net[1]))  # right after the step
+
+
+def _fit(on_nonfinite: str = "skip", accumulate: int = 1, plugins: Any = None) -> tuple[BatchNormRegressor, Any]:
+    L.seed_everything(0, verbose=False)
+    model = BatchNormRegressor(bad_step=6, optimizer="adam", lr=1e-2)
+    watch = StatsWatch()
+    guard = GradGuard(on_nonfinite=on_nonfinite)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = trainer(
+            max_steps=12, max_epochs=-1, callbacks=[guard, watch], accumulate_grad_batches=accumulate, plugins=plugins
+        )
+        fit.fit(model, regression_data())
+    return model, watch, guard
+
+
+@pytest.mark.parametrize(
+    ("accumulate", "plugins"),
+    [(1, None), (2, None), (1, MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10)))],
+    ids=["plain", "accumulation", "16-mixed-gradscaler"],
+)
+def test_in_a_trainer_a_nan_batch_leaves_the_running_statistics_as_they_were(accumulate: int, plugins: Any) -> None:
+    model, watch, guard = _fit(accumulate=accumulate, plugins=plugins)
+    events = guard.summary()
+    assert events["skipped"] + events["overflow"] == 1  # the NaN batch's step did not update the weights
+    # After the bad step, the statistics of its window's start: the NaN was put back everywhere it went.
+    assert all(torch.equal(a, b) for a, b in zip(watch.after[6], watch.at_start[6]))
+    assert all(t.isfinite().all() for t in watch.after[12])
+    model.eval()
+    x, _ = next(iter(regression_data(seed=1)))
+    assert model(x).isfinite().all()
+
+
+def test_with_on_nonfinite_warn_nothing_is_kept_from_harm() -> None:
+    # "warn" lets the bad step through: the statistics turn NaN and stay so (what happened before with "skip" too).
+    model, watch, _ = _fit(on_nonfinite="warn")
+    assert watch.after[6][0].isnan().all() and watch.after[12][0].isnan().all()
+
+
+def test_a_plain_loop_engine_repairs_them_at_its_step() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = GuardEngine(model)
+    kept: list[torch.Tensor] = []
+    for step in range(1, 6):
+        opt.zero_grad()
+        x = torch.randn(16, 4)
+        if step == 4:
+            kept = _stats(model[1])
+            x[0, 0] = float("nan")
+        model(x).square().mean().backward()
+        engine.step(optimizer=opt)
+        if step == 4:
+            assert engine.skipped and all(torch.equal(a, b) for a, b in zip(_stats(model[1]), kept))
+        opt.step()
+    assert all(t.isfinite().all() for t in _stats(model[1]))
+    # An engine built from a LayerIndex has no modules to watch.
+    assert GuardEngine(build_layer_index(model))._running_stats is None
