@@ -20,27 +20,46 @@ def check_number(
     low_inclusive: bool = False,
     high_inclusive: bool = False,
     allow_inf: bool = False,
+    low_name: str | None = None,
+    optional: bool = False,
 ) -> float:
-    """``value`` as a float, if it is a real number (not a bool, not NaN) within the given bounds."""
+    """``value`` as a float, if it is a real number (not a bool, not NaN) within the given bounds.
+
+    ``low_name``: the argument the lower bound comes from, named in the message; ``optional``: the argument also takes
+    ``None``, which the message says (use :func:`optional_number`).
+    """
+    alternative = " (or None)" if optional else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+        raise ValueError(f"`{name}` must be a real number{alternative}, got {value!r}.")
     value = float(value)
     if math.isinf(value) and not allow_inf:
-        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+        raise ValueError(f"`{name}` must be finite{alternative}, got {value!r}.")
     bad_low = low is not None and (value < low if low_inclusive else value <= low)
     bad_high = high is not None and (value > high if high_inclusive else value >= high)
     if bad_low or bad_high:
-        left = "" if low is None else f"{low} {'<=' if low_inclusive else '<'} "
+        bound = f"{low}" if low_name is None else f"{low_name} ({low})"
+        left = "" if low is None else f"{bound} {'<=' if low_inclusive else '<'} "
         right = "" if high is None else f" {'<=' if high_inclusive else '<'} {high}"
-        raise ValueError(f"`{name}` must satisfy {left}{name}{right}, got {value!r}.")
+        raise ValueError(f"`{name}` must satisfy {left}{name}{right}{alternative}, got {value!r}.")
     return value
 
 
-def check_int(name: str, value: Any, *, low: int) -> int:
-    """``value`` as an int, if it is an integer (not a bool) ``>= low``."""
+def optional_number(name: str, value: Any, **bounds: Any) -> float | None:
+    """``None``, or ``value`` checked as by :func:`check_number` (whose message then offers ``None`` too)."""
+    return None if value is None else check_number(name, value, optional=True, **bounds)
+
+
+def check_int(name: str, value: Any, *, low: int, optional: bool = False) -> int:
+    """``value`` as an int, if it is an integer (not a bool) ``>= low``; ``optional``: the message offers ``None``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}.")
+        alternative = " or None" if optional else ""
+        raise ValueError(f"`{name}` must be an integer >= {low}{alternative}, got {value!r}.")
     return int(value)
+
+
+def optional_int(name: str, value: Any, *, low: int) -> int | None:
+    """``None``, or ``value`` checked as by :func:`check_int` (whose message then offers ``None`` too)."""
+    return None if value is None else check_int(name, value, low=low, optional=True)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -48,3 +67,10 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     return value
+
+
+def check_compile(value: Any) -> bool | str:
+    """``compile``: ``True``, ``False`` or ``"auto"``."""
+    if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
+        return value
+    raise ValueError(f"`compile` must be True, False or 'auto', got {value!r}.")

@@ -21,7 +21,7 @@ from lightning_gradguard._events import EventReporter
 from lightning_gradguard._fit_diagnostics import FitDiagnostics
 from lightning_gradguard._lightning import CallbackBase, grad_scaler, lightning_types, restart_weight_averages
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
-from lightning_gradguard._validation import check_bool, check_int
+from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
 from lightning_gradguard.engine import (
@@ -38,7 +38,7 @@ from lightning_gradguard.engine import (
 )
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
-from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all
+from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.running_stats import RunningStats
 from lightning_gradguard.saturation import SaturationMonitor
@@ -956,8 +956,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         if args[name] not in allowed:
             raise ValueError(f"`{name}` must be one of {allowed}, got {args[name]!r}")
     for name in ("log_every_n_steps", "image_every_n_steps", "histogram_every_n_steps", "group_depth"):
-        if args[name] is not None:
-            check_int(name, args[name], low=1)
+        optional_int(name, args[name], low=1)
     check_int("max_warnings", args["max_warnings"], low=0)
     for name in ("log_layers", "saturation", "clip_exploding"):
         check_bool(name, args[name])
@@ -968,8 +967,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
         unknown = [d for d in diagnostics if d not in DIAGNOSTICS]
         if unknown:
             raise ValueError(f"`diagnostics` names must be among {list(DIAGNOSTICS)}, got {unknown!r}")
-    if args["compile"] != "auto":
-        check_bool("compile", args["compile"])
+    check_compile(args["compile"])
     if args["group_fn"] is not None and not callable(args["group_fn"]):
         raise ValueError(f"`group_fn` must be a callable or None, got {args['group_fn']!r}")
     for name, cls in (
@@ -984,17 +982,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
             raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
     if args["rollback"] != "default" and rollback_from(args["rollback"]) is not None and args["lr_guard"] is None:
         raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
-    regularizers = args["regularizers"]
-    if regularizers is not None and not isinstance(regularizers, (list, tuple)):
-        raise ValueError(f"`regularizers` must be a list of Regularizer instances or None, got {regularizers!r}")
-    regularizers = list(regularizers or [])
-    for r in regularizers:
-        if not isinstance(r, Regularizer):
-            raise ValueError(f"`regularizers` must hold Regularizer instances, got {r!r}")
-    names = [r.name for r in regularizers]
-    if len(set(names)) != len(names):
-        raise ValueError(f"`regularizers` need distinct names (pass name=...), got {names}")
-    return regularizers
+    return check_regularizers(args["regularizers"])
 
 
 def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None:

@@ -452,13 +452,22 @@ def summarize_run(run: RunData) -> dict[str, Any]:
     first_event = _first(events, order) if events else _first_from_counts(run, optimizers)
 
     finite = present & np.isfinite(norms)
-    top_max: list[dict[str, Any]] = []
+    # Each layer's largest norm with its step: the logged norms are each log's last one, so a spike between two logs
+    # is found in the trouble tags, which hold the layer's norm when its event fired.
+    peaks: dict[int, tuple[float, int]] = {}
     if names:
         masked = np.where(finite, norms, -np.inf)
         peak_col = masked.argmax(axis=1)
-        peak = masked[np.arange(len(names)), peak_col]
-        for row in sorted(np.flatnonzero(np.isfinite(peak)).tolist(), key=lambda r: (-peak[r], r))[:TOP_K]:
-            top_max.append({"layer": names[row], "max_norm": float(peak[row]), "step": int(steps[peak_col[row]])})
+        for row in np.flatnonzero(np.isfinite(masked[np.arange(len(names)), peak_col])).tolist():
+            peaks[row] = (float(masked[row, peak_col[row]]), int(steps[peak_col[row]]))
+    for event in events:
+        row, value = order.get(event["layer"]), event["value"]
+        if row is not None and value is not None and math.isfinite(value) and value > peaks.get(row, (-math.inf,))[0]:
+            peaks[row] = (value, event["step"])
+    top_max = [
+        {"layer": names[row], "max_norm": peaks[row][0], "step": peaks[row][1]}
+        for row in sorted(peaks, key=lambda r: (-peaks[r][0], r))[:TOP_K]
+    ]
     weak_steps = weak_mask(norms, present).sum(axis=1) if names else np.zeros(0, dtype=int)
     top_weak = [
         {"layer": names[row], "steps": int(weak_steps[row])}

@@ -35,7 +35,7 @@ from lightning_gradguard._compat import (
     loaded_type,
 )
 from lightning_gradguard._host import HostFlags
-from lightning_gradguard._validation import check_bool, check_int, check_number
+from lightning_gradguard._validation import check_bool, check_int, check_number, optional_int, optional_number
 from lightning_gradguard.stats import _dense, _grouped_norms, _upload
 
 try:
@@ -434,7 +434,7 @@ class AutoClip(Clipper):
         self.percentile = check_number(
             "percentile", percentile, low=0.0, high=100.0, low_inclusive=True, high_inclusive=True
         )
-        self.history = None if history is None else check_int("history", history, low=1)
+        self.history = optional_int("history", history, low=1)
         self._calls = 0  # host-side, an upper bound of the number of valid entries: sizes the unbounded buffer
         self._values: Tensor | None = None  # sorted (history=None, +inf padded) or a ring buffer (history=N)
         self._count: Tensor | None = None  # valid steps seen, int64 on the device
@@ -634,12 +634,10 @@ class ZClip(Clipper):
         self.mode = mode
         self.clip_option = clip_option
         self.clip_factor = check_number("clip_factor", clip_factor, low=0.0)
-        self.max_grad_norm = None if max_grad_norm is None else check_number("max_grad_norm", max_grad_norm, low=0.0)
+        self.max_grad_norm = optional_number("max_grad_norm", max_grad_norm, low=0.0)
         self.skip_update_on_spike = check_bool("skip_update_on_spike", skip_update_on_spike)
         self.eps = check_number("eps", eps, low=0.0)
-        self.warmup_ratio = (
-            None if warmup_ratio is None else check_number("warmup_ratio", warmup_ratio, low=1.0, low_inclusive=True)
-        )
+        self.warmup_ratio = optional_number("warmup_ratio", warmup_ratio, low=1.0, low_inclusive=True)
         self._buffer: Tensor | None = None  # warm-up norms
         self._count: Tensor | None = None  # valid steps seen (int64); the EMA is live once it reaches warmup_steps
         self._mean: Tensor | None = None
@@ -1127,7 +1125,7 @@ class AdaGC(Clipper):
         self.lambda_rel = check_number("lambda_rel", lambda_rel, low=1.0, low_inclusive=True)
         self.beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=True)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.lambda_abs = None if lambda_abs is None else check_number("lambda_abs", lambda_abs, low=0.0)
+        self.lambda_abs = optional_number("lambda_abs", lambda_abs, low=0.0)
         self._slots: dict[str | int, int] = {}  # parameter name (or position) -> index into the state vectors
         # Index tensors per set of keys: a model whose gradients come and go (idle experts) cycles through a few.
         self._slot_cache: dict[tuple[str | int, ...], Tensor] = {}

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_gradguard._validation import check_bool, check_int, check_number
+from lightning_gradguard._validation import check_bool, check_int, check_number, optional_number
 
 __all__ = ["DivergenceDetector", "ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
 
@@ -150,17 +150,13 @@ class ExplodingDetector:
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
         self.min_ratio = check_number("min_ratio", min_ratio, low=1.0, low_inclusive=True)
         # ``None`` switches a test off; a ratio limit at or below min_ratio would flag every step.
-        self.max_ratio = None if max_ratio is None else check_number("max_ratio", max_ratio, low=self.min_ratio)
-        self.max_layer_ratio = (
-            None if max_layer_ratio is None else check_number("max_layer_ratio", max_layer_ratio, low=self.min_ratio)
+        self.max_ratio = optional_number("max_ratio", max_ratio, low=self.min_ratio, low_name="min_ratio")
+        self.max_layer_ratio = optional_number(
+            "max_layer_ratio", max_layer_ratio, low=self.min_ratio, low_name="min_ratio"
         )
-        self.warmup_ratio = (
-            None if warmup_ratio is None else check_number("warmup_ratio", warmup_ratio, low=self.min_ratio)
-        )
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
-        self.max_layer_norm = (
-            None if max_layer_norm is None else check_number("max_layer_norm", max_layer_norm, low=0.0)
-        )
+        self.warmup_ratio = optional_number("warmup_ratio", warmup_ratio, low=self.min_ratio, low_name="min_ratio")
+        self.max_norm = optional_number("max_norm", max_norm, low=0.0)
+        self.max_layer_norm = optional_number("max_layer_norm", max_layer_norm, low=0.0)
         self.per_layer = check_bool("per_layer", per_layer)
         self.min_share = check_number(
             "min_share", min_share, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True
@@ -455,7 +451,7 @@ class DivergenceDetector:
         self, ratio: float = 10.0, start_ratio: float | None = None, patience: int = 5, alpha: float = 0.98
     ) -> None:
         self.ratio = check_number("ratio", ratio, low=1.0)
-        self.start_ratio = None if start_ratio is None else check_number("start_ratio", start_ratio, low=1.0)
+        self.start_ratio = optional_number("start_ratio", start_ratio, low=1.0)
         self.patience = check_int("patience", patience, low=1)
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
         self._settle = 1.0 / (1.0 - self.alpha)  # observations after which the mean is an EMA

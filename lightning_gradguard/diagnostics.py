@@ -285,7 +285,7 @@ too high for it (about 1e-3 is usual)"]
 
     def __init__(self, high: float = 1e-2, low: float = 1e-5, patience: int = 3, max_named: int = 3) -> None:
         self.low = check_number("low", low, low=0.0)
-        self.high = check_number("high", high, low=self.low)
+        self.high = check_number("high", high, low=self.low, low_name="low")
         self.patience = check_int("patience", patience, low=1)
         self.max_named = check_int("max_named", max_named, low=1)
         # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1),
@@ -728,9 +728,12 @@ class LocalGradNorm:
     """
 
     def __init__(self, params: Iterable[Tensor]) -> None:
-        if isinstance(params, Tensor):
-            raise ValueError("`params` must be an iterable of parameters, got a single tensor")
-        self.params = [p for p in params if isinstance(p, Tensor) and p.requires_grad]
+        if isinstance(params, (Tensor, nn.Module)) or not isinstance(params, Iterable):
+            raise ValueError(f"`params` must be an iterable of parameters (`model.parameters()`), got {params!r}")
+        given = list(params)
+        if not all(isinstance(p, Tensor) for p in given):
+            raise ValueError("`params` must hold tensors (`model.parameters()`)")
+        self.params = [p for p in given if p.requires_grad]
         self._handles: list[RemovableHandle] = []
         self._norms: list[Tensor] = []
         self._lock = threading.Lock()
@@ -879,7 +882,7 @@ class NoiseScale:
             big_batch: ``B_big > B_small``.
         """
         b_small = check_number("small_batch", small_batch, low=0.0)
-        b_big = check_number("big_batch", big_batch, low=b_small)
+        b_big = check_number("big_batch", big_batch, low=b_small, low_name="small_batch")
         small, big = float(small_sq_norm), float(big_sq_norm)
         if not (math.isfinite(small) and math.isfinite(big)):
             return self.value

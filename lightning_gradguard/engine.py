@@ -16,6 +16,7 @@ import bisect
 import functools
 import logging
 import math
+import numbers
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -36,7 +37,7 @@ from lightning_gradguard._compat import (
 )
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._kinds import EVENT_KINDS
-from lightning_gradguard._validation import check_bool, check_number
+from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_number
 from lightning_gradguard.clip import Clipper, NormClip, default_clipper
 from lightning_gradguard.detect import (
     DivergenceDetector,
@@ -47,7 +48,7 @@ from lightning_gradguard.detect import (
 )
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
-from lightning_gradguard.regularize import Regularizer, bind_all
+from lightning_gradguard.regularize import Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.running_stats import RunningStats
 from lightning_gradguard.stats import FlatStats, GradStats, StepStats, split_flat
@@ -442,6 +443,11 @@ def _to_device(state: Any, device: torch.device) -> Any:
     return state
 
 
+def _is_real(value: Any) -> bool:
+    """A real number that is no bool (``True`` is no loss, nor a scale)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _refuse_fsdp1(model: nn.Module) -> None:
     fsdp1 = loaded_type("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
     if fsdp1 is not None and any(isinstance(module, fsdp1) for module in model.modules()):
@@ -547,7 +553,7 @@ class GuardEngine:
         exploding: ExplodingDetector | None | Literal["default"] = "default",
         vanishing: VanishingDetector | None | Literal["default"] = "default",
         lr_guard: LRGuard | None = None,
-        regularizers: Sequence[Regularizer] = (),
+        regularizers: Sequence[Regularizer] | None = (),
         on_nonfinite: Literal["skip", "zero", "raise", "warn"] = "skip",
         clip_exploding: bool = True,
         compile: bool | Literal["auto"] = "auto",
@@ -563,8 +569,7 @@ class GuardEngine:
         rollback = rollback_from(rollback)
         if rollback is not None and lr_guard is None:
             raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
-        if compile != "auto":
-            check_bool("compile", compile)
+        check_compile(compile)
         check_bool("clip_exploding", clip_exploding)
         for name, value, cls in (
             ("clip", clip, Clipper),
@@ -575,7 +580,9 @@ class GuardEngine:
         ):
             if value is not None and value != "default" and not isinstance(value, cls):
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+        regularizers = check_regularizers(regularizers)
         self._lazy_module: nn.Module | None = None
+        self._checked_optimizer: Any = None  # the last optimizer that passed _check_optimizer
         # A skipped step keeps the weights, but its forward pass has already moved the normalization layers' running
         # statistics: put back the entries it made non-finite (with "warn" and "raise" nothing is kept from harm).
         self._running_stats: RunningStats | None = None
@@ -598,13 +605,13 @@ class GuardEngine:
         self.exploding: ExplodingDetector | None = _default(exploding, ExplodingDetector)
         self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
         self.divergence: DivergenceDetector | None = _default(divergence, DivergenceDetector)
-        self.lr_guard = lr_guard
-        self.regularizers = list(regularizers)
+        self.lr_guard: LRGuard | None = _default(lr_guard, LRGuard)
+        self.regularizers = regularizers
         # A regularizer selects from the whole model; each optimizer's step adds the terms of its own parameters.
         self._own = frozenset(id(p) for p in index.params)
         self.on_nonfinite = on_nonfinite
         self.clip_exploding = clip_exploding
-        self.max_norm = None if max_norm is None else check_number("max_norm", max_norm, low=0.0)
+        self.max_norm = optional_number("max_norm", max_norm, low=0.0)
         # The bound as a device constant, folded into the clipper's coefficient as a cap (None: none, or the clipper
         # is the bound itself).
         self._max_norm_cap: Tensor | None = None
@@ -623,7 +630,7 @@ class GuardEngine:
             if not (isinstance(self.clipper, NormClip) and self.clipper.max_norm <= self.max_norm):
                 self._max_norm_cap = torch.full((), self.max_norm, dtype=torch.float32, device=index.params[0].device)
         self.compile = compile
-        self.key = key
+        self.key = check_int("key", key, low=0)
         self.steps = 0  # steps recorded (cumulative, saved)
         self._warned_no_gradient = False
         self.steps_since_log = 0
@@ -632,7 +639,7 @@ class GuardEngine:
         self._rollback_due = False
         # Host decisions from the flags that change training: under several processes they must fall on the same
         # step on every rank (see ``step``).
-        self._acts_on_flags = lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
+        self._acts_on_flags = self.lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
         self.skipped = False  # whether the last step was skipped
         # Whether the last step put the weights back: an average of the weights kept elsewhere (an EMA) holds the
         # abandoned ones and should start again from the restored weights.
@@ -664,7 +671,23 @@ class GuardEngine:
         """Apply the LR guard's multiplier inside ``optimizer.step()`` (see :meth:`LRGuard.attach`)."""
         if self.lr_guard is None:
             raise ValueError("GuardEngine.attach: the engine has no lr_guard.")
+        self._check_optimizer(optimizer)
         return self.lr_guard.attach(optimizer, self.key)
+
+    def _check_optimizer(self, optimizer: Any) -> None:
+        """Refuse what is no optimizer, or one that holds none of this engine's parameters (another model's: the LR
+        guard would then cut the rate of one model for the other's explosions), once per optimizer."""
+        if optimizer is self._checked_optimizer:
+            return
+        inner = unwrap_optimizer(optimizer)
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise ValueError(f"`optimizer` must be a torch.optim.Optimizer (or a wrapper of one), got {optimizer!r}")
+        if not any(id(p) in self._own for group in inner.param_groups for p in group["params"]):
+            raise ValueError(
+                f"`optimizer` ({type(inner).__name__}) holds none of the parameters this GuardEngine watches: pass the"
+                " optimizer of the model the engine was built for."
+            )
+        self._checked_optimizer = optimizer
 
     @torch.no_grad()
     def add_regularizer_grads_(self, scale: Tensor | float = 1.0) -> None:
@@ -686,7 +709,7 @@ class GuardEngine:
         self,
         step: int | None = None,
         *,
-        grad_scale: Tensor | None = None,
+        grad_scale: Tensor | float | None = None,
         grad_scaler: bool | torch.amp.GradScaler = False,
         optimizer: torch.optim.Optimizer | None = None,
         loss: Tensor | float | None = None,
@@ -723,6 +746,14 @@ class GuardEngine:
             NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
             ValueError: a ``GradScaler`` without ``optimizer``, or with ``grad_scale`` (it unscales the gradients).
         """
+        if optimizer is not None:
+            self._check_optimizer(optimizer)
+        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
+            raise ValueError(f"`step` must be an integer step number or None, got {step!r}")
+        if grad_scale is not None and not isinstance(grad_scale, Tensor):
+            if not _is_real(grad_scale):
+                raise ValueError(f"`grad_scale` must be a tensor, a real number or None, got {grad_scale!r}")
+            grad_scale = torch.tensor(float(grad_scale))  # as GradScaler.get_scale() returns it
         if optimizer is not None and step_deferred(optimizer):
             # Partial sums of the window's gradients: neither a step to judge nor gradients to clip or drop.
             self.skipped = self.rolled_back = False
@@ -850,6 +881,8 @@ class GuardEngine:
     def _loss_input(self, loss: Tensor | float | None) -> Tensor | None:
         """The loss as the 0-d fp32 device tensor the tail takes (NaN: none this step), or ``None`` without a
         divergence detector."""
+        if loss is not None and not isinstance(loss, Tensor) and not _is_real(loss):
+            raise ValueError(f"GuardEngine.step: `loss` must be a tensor, a real number or None, got {loss!r}")
         if self.divergence is None:
             return None
         record = self._record
@@ -1216,6 +1249,8 @@ class GuardEngine:
         Raises:
             ValueError: when the state was saved for other layers (nothing is restored then).
         """
+        if not isinstance(state, dict):
+            raise ValueError(f"`state` must be a dict from GuardEngine.state_dict(), got {type(state).__name__}")
         if state.get("layers") != list(self.index.names):
             raise ValueError("the saved layers differ from the model's; detector and clipper state is not restored.")
         device = self._record.device

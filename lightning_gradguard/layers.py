@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_gradguard._compat import loaded_type
+from lightning_gradguard._validation import optional_int
 
 # The name of the root module itself where a module name is needed (SaturationMonitor, for a model that is a single
 # activation). Layers are never called this: a parameter of the root module is named by its attribute.
@@ -354,7 +355,7 @@ def build_layer_index(
     modules (tied weights) is counted once, in the layer where it first appears.
 
     Raises:
-        ValueError: on an invalid ``group_depth``.
+        ValueError: on a ``module`` that is no ``nn.Module``, an invalid ``group_depth`` or ``group_fn``.
 
     Example:
         >>> from torch import nn
@@ -362,8 +363,11 @@ def build_layer_index(
         >>> build_layer_index(model, group_depth=1).names
         ['0', '1']
     """
-    if group_depth is not None and (not isinstance(group_depth, int) or group_depth < 1):
-        raise ValueError(f"`group_depth` must be a positive int or None, got {group_depth!r}")
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"`module` must be an nn.Module (the model), got {module!r}")
+    optional_int("group_depth", group_depth, low=1)
+    if group_fn is not None and not callable(group_fn):
+        raise ValueError(f"`group_fn` must be a callable or None, got {group_fn!r}")
     index = LayerIndex()
     layer_ids: dict[str, int] = {}
     for site in parameter_sites(module):

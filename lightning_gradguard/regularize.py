@@ -30,7 +30,7 @@ from lightning_gradguard.layers import (
     parameter_sites,
 )
 
-__all__ = ["L1", "L2", "Orthogonal", "Regularizer"]
+__all__ = ["L1", "L2", "Orthogonal", "Regularizer", "check_regularizers"]
 
 # _NormBase is the common base of BatchNorm*, SyncBatchNorm and InstanceNorm* (lazy variants included).
 _NORM_TYPES: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
@@ -579,3 +579,23 @@ class Orthogonal(Regularizer):
                 terms[i] = flat[offset : offset + size].view(params[i].shape)
                 offset += size
         return terms
+
+
+def check_regularizers(regularizers: Any) -> list[Regularizer]:
+    """``regularizers`` (a list or tuple of :class:`Regularizer` instances with distinct names, or ``None``) as a
+    list; a :class:`ValueError` naming the argument otherwise.
+
+    Example:
+        >>> [r.name for r in check_regularizers([L2(1e-4), L1(1e-5)])]
+        ['l2', 'l1']
+    """
+    if regularizers is not None and not isinstance(regularizers, (list, tuple)):
+        raise ValueError(f"`regularizers` must be a list of Regularizer instances or None, got {regularizers!r}")
+    checked = list(regularizers or [])
+    for r in checked:
+        if not isinstance(r, Regularizer):
+            raise ValueError(f"`regularizers` must hold Regularizer instances, got {r!r}")
+    names = [r.name for r in checked]
+    if len(set(names)) != len(names):
+        raise ValueError(f"`regularizers` need distinct names (pass name=...), got {names}")
+    return checked

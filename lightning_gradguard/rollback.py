@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard._compat import foreach_copy_, unwrap_optimizer
-from lightning_gradguard._validation import check_bool, check_int, check_number
+from lightning_gradguard._validation import check_bool, check_int, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
 __all__ = ["Rollback", "default_rollback", "rollback_from"]
@@ -283,19 +283,19 @@ class Rollback:
         blowup_factor: float | None = 1e6,
         early_only: bool = False,
     ) -> None:
-        self.every = None if every is None else check_int("every", every, low=1)
+        self.every = optional_int("every", every, low=1)
         self.pin_lr = check_bool("pin_lr", pin_lr)
-        self.max_rollbacks = None if max_rollbacks is None else check_int("max_rollbacks", max_rollbacks, low=0)
-        self.until = None if until is None else check_int("until", until, low=1)
+        self.max_rollbacks = optional_int("max_rollbacks", max_rollbacks, low=0)
+        self.until = optional_int("until", until, low=1)
         self.patience = check_int("patience", patience, low=1)
         self.within = check_int("within", within, low=1)
-        self.max_bytes = None if max_bytes is None else check_int("max_bytes", max_bytes, low=1)
+        self.max_bytes = optional_int("max_bytes", max_bytes, low=1)
         if rescue is not None and not isinstance(rescue, Clipper):
             raise ValueError(f"`rescue` must be a Clipper (e.g. AGC()) or None, got {rescue!r}.")
         self.rescue = rescue
         self.rescue_until = check_int("rescue_until", rescue_until, low=1)
-        self.calm_factor = None if calm_factor is None else check_number("calm_factor", calm_factor, low=1.0)
-        self.blowup_factor = None if blowup_factor is None else check_number("blowup_factor", blowup_factor, low=1.0)
+        self.calm_factor = optional_number("calm_factor", calm_factor, low=1.0)
+        self.blowup_factor = optional_number("blowup_factor", blowup_factor, low=1.0)
         self.early_only = check_bool("early_only", early_only)
         self._early_norms: list[tuple[int, float]] = []  # (step, total norm) of the untroubled steps by rescue_until
         self._last_norm = math.nan  # the last positive finite total norm by rescue_until, troubled steps included

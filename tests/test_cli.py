@@ -200,6 +200,23 @@ def test_the_reports_own_rule_is_not_an_event(tmp_path, capsys):
     assert "weak layers" in capsys.readouterr().out
 
 
+def test_the_largest_norm_of_a_layer_includes_a_spike_between_two_logs(tmp_path, capsys):
+    # The logged per-layer norm is each log's last one; "b" exploded to 500 at step 37, between the logs of 30 and 40,
+    # which only its trouble tag holds. Before, "a" (at most 3.0, logged) topped the list and "b" showed 1.0.
+    writer = SummaryWriter(str(tmp_path / "run"))
+    board = GradGuardBoard(writer, {0: ["a", "b"]}, ["SGD"], image_every_n_steps=None)
+    for step in range(0, 100, 10):
+        board.write_layer_norms(
+            step, 0, np.array([3.0 if step == 60 else 2.0, 1.0]), np.zeros(2, bool), np.zeros(2, bool)
+        )
+        board.write_scalars(step, {"total_norm": 3.0, "events/exploding": float(step >= 40)})
+        if step == 40:
+            board.write_events(step, [{"step": 37, "kind": "exploding", "layer": "b", "value": 500.0}])
+    writer.close()
+    top = _json(capsys, ["report", str(tmp_path), "--json"])["runs"]["run"]["top_max_norm"]
+    assert top == [{"layer": "b", "max_norm": 500.0, "step": 37}, {"layer": "a", "max_norm": 3.0, "step": 60}]
+
+
 def test_runs_without_trouble_tags_fall_back_to_the_counts(tmp_path, capsys):
     writer = SummaryWriter(str(tmp_path / "old"))
     for step, count in ((10, 0.0), (20, 0.0), (30, 2.0)):

@@ -1,0 +1,138 @@
+"""A plain loop's mistakes meet a ValueError that names the argument, at the call that makes them, instead of an
+AttributeError deep inside a later step or a silent wrong result."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard import L2, ExplodingDetector, GradGuard, GuardEngine, LocalGradNorm, LRGuard, ZClip
+from lightning_gradguard.diagnostics import UpdateRatioHints
+from lightning_gradguard.layers import build_layer_index
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def test_lr_guard_default_is_an_lr_guard_as_in_gradguard() -> None:
+    model = _model()
+    engine = GuardEngine(model, lr_guard="default")
+    assert isinstance(engine.lr_guard, LRGuard)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    for _ in range(3):  # the second step lands the first one's flags on the LR guard
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        engine.step(optimizer=opt)
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"key": "encoder"}, "`key` must be an integer >= 0"),
+        ({"key": -1}, "`key` must be an integer >= 0"),
+        ({"key": True}, "`key` must be an integer >= 0"),
+        ({"regularizers": L2(1e-4)}, "`regularizers` must be a list"),
+        ({"regularizers": [L2]}, "`regularizers` must hold Regularizer instances"),
+        ({"regularizers": [ZClip()]}, "`regularizers` must hold Regularizer instances"),
+        ({"regularizers": [L2(1e-4), L2(1e-3)]}, "`regularizers` need distinct names"),
+        ({"group_fn": "layer"}, "`group_fn` must be a callable or None"),
+        ({"group_depth": True}, "`group_depth` must be an integer >= 1 or None"),
+        ({"group_depth": 0}, "`group_depth` must be an integer >= 1 or None"),
+        ({"compile": "Auto"}, "`compile` must be True, False or 'auto'"),
+    ],
+)
+def test_constructor_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GuardEngine(_model(), **kwargs)
+
+
+def test_no_regularizers_may_be_none_as_in_gradguard() -> None:
+    assert GuardEngine(_model(), regularizers=None).regularizers == []
+
+
+def test_an_optimizer_of_another_model_or_no_optimizer_is_refused() -> None:
+    model, other = _model(), _model()
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    foreign = torch.optim.SGD(other.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="holds none of the parameters this GuardEngine watches"):
+        engine.attach(foreign)
+    for wrong in (model, "sgd"):
+        with pytest.raises(ValueError, match="`optimizer` must be a torch.optim.Optimizer"):
+            engine.attach(wrong)  # type: ignore[arg-type]
+    model(torch.randn(8, 4)).square().mean().backward()
+    with pytest.raises(ValueError, match="holds none of the parameters"):
+        engine.step(optimizer=foreign)
+    with pytest.raises(ValueError, match="`optimizer` must be a torch.optim.Optimizer"):
+        engine.step(optimizer=model)  # type: ignore[arg-type]
+    # An optimizer holding part of the model (one of several) is fine.
+    part = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    assert engine.step(optimizer=part) is not None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss": "abc"}, "`loss` must be a tensor, a real number or None"),
+        ({"loss": "1.0"}, "`loss` must be a tensor, a real number or None"),
+        ({"loss": True}, "`loss` must be a tensor, a real number or None"),
+        ({"loss": [1.0]}, "`loss` must be a tensor, a real number or None"),
+        ({"step": "x"}, "`step` must be an integer step number or None"),
+        ({"step": 1.7}, "`step` must be an integer step number or None"),
+        ({"grad_scale": "1024"}, "`grad_scale` must be a tensor, a real number or None"),
+    ],
+)
+def test_step_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:
+    model = _model()
+    engine = GuardEngine(model, divergence=None)  # the loss is checked whether or not a detector reads it
+    model(torch.randn(8, 4)).square().mean().backward()
+    with pytest.raises(ValueError, match=match):
+        engine.step(**kwargs)
+
+
+def test_a_python_number_as_grad_scale_is_the_same_as_the_tensor() -> None:
+    norms = []
+    for scale in (1024.0, torch.tensor(1024.0)):
+        model = _model()
+        engine = GuardEngine(model)
+        (model(torch.ones(8, 4)).square().mean() * 1024.0).backward()
+        stats = engine.step(grad_scale=scale)
+        assert stats is not None
+        norms.append(engine.snapshot().total_norm)
+    assert norms[0] == norms[1] and math.isfinite(norms[0])
+
+
+def test_load_state_dict_names_what_it_needs() -> None:
+    with pytest.raises(ValueError, match="`state` must be a dict from GuardEngine.state_dict"):
+        GuardEngine(_model()).load_state_dict(None)  # type: ignore[arg-type]
+
+
+def test_messages_name_the_argument_a_bound_comes_from_and_offer_none() -> None:
+    with pytest.raises(ValueError, match=r"`max_ratio` must satisfy min_ratio \(200.0\) < max_ratio"):
+        ExplodingDetector(min_ratio=200)
+    with pytest.raises(ValueError, match=r"`high` must satisfy low \(0.5\) < high"):
+        UpdateRatioHints(low=0.5)
+    with pytest.raises(ValueError, match=r"`image_every_n_steps` must be an integer >= 1 or None, got 0"):
+        GradGuard(image_every_n_steps=0)
+    with pytest.raises(ValueError, match=r"`max_grad_norm` must satisfy 0.0 < max_grad_norm \(or None\)"):
+        ZClip(max_grad_norm=0)
+    with pytest.raises(ValueError, match="`compile` must be True, False or 'auto'"):
+        GradGuard(compile="Auto")  # type: ignore[arg-type]
+
+
+def test_a_module_where_parameters_belong_is_refused() -> None:
+    model = _model()
+    for wrong in (model, [1, 2], None):
+        with pytest.raises(ValueError, match="`params` must"):
+            LocalGradNorm(wrong)  # type: ignore[arg-type]
+    assert len(LocalGradNorm(model.parameters()).params) == 4
+    for wrong_model in (None, nn.Sequential):
+        with pytest.raises(ValueError, match="`module` must be an nn.Module"):
+            build_layer_index(wrong_model)  # type: ignore[arg-type]
