@@ -702,6 +702,7 @@ class GradGuardBoard:
         exploding: np.ndarray,
         vanishing: np.ndarray,
         present: np.ndarray | None = None,
+        nonfinite: np.ndarray | None = None,
     ) -> None:
         """Write ``gradguard/layer/<name>`` for each layer of one optimizer and add a heatmap column.
 
@@ -716,6 +717,8 @@ class GradGuardBoard:
             vanishing: ``[L]`` flags of layers vanishing at this step.
             present: optional ``[L]`` flags of layers that had a gradient; others are not written and show as "no
                 gradient" in the heatmap.
+            nonfinite: optional ``[L]`` flags of layers with a non-finite gradient since the last column: shown as
+                non-finite in the heatmap, whatever their latest norm (written as the scalar).
         """
         names = self._names(opt_idx)
         num = len(names)
@@ -737,6 +740,10 @@ class GradGuardBoard:
                     items += [(max_tag, float(values.max())), (median_tag, float(np.median(values)))]
         self._add_scalars(int(step), items)
         column = np.where(mask, norms, _ABSENT)
+        if nonfinite is not None:
+            # A skipped NaN step between two logs leaves a finite latest norm: the column shows the event, as for an
+            # explosion between two logs.
+            column[np.asarray(nonfinite, dtype=bool).reshape(-1)] = np.nan
         self._histories[opt_idx].append(int(step), column, exploding & mask, vanishing & mask)
         self._latest[opt_idx] = (int(step), column, exploding & mask, vanishing & mask)
 

@@ -872,7 +872,13 @@ class GradGuard(CallbackBase):
             if self.log_layers:
                 for key, snap in snapshots:
                     board.write_layer_norms(
-                        step, key, snap.layer_norms, snap.exploding, snap.vanishing, present=snap.present
+                        step,
+                        key,
+                        snap.layer_norms,
+                        snap.exploding,
+                        snap.vanishing,
+                        present=snap.present,
+                        nonfinite=snap.nonfinite,
                     )
             if layer_scalars:
                 board.write_scalars(step, layer_scalars)

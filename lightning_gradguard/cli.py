@@ -701,6 +701,7 @@ def render_run_png(run: RunData, path: str) -> None:
     masks = event_masks(layer_events(run), names, steps)
     # The renderers read a negative norm as "no gradient at this step".
     drawn = np.where(present, norms, -1.0)
+    drawn[masks["nonfinite"]] = np.nan  # a non-finite step between two logs, as the TensorBoard heatmap shows it
     last = int(np.flatnonzero(present.any(axis=0))[-1])
     figure = flow_figure(
         drawn,

@@ -318,6 +318,7 @@ class EngineSnapshot:
         vanishing: ``[L]`` which layers had a vanishing event during the window.
         events: one row per layer and kind, the first event of the window: ``step``, ``kind``, ``layer``, ``value``
             (the layer's norm then; NaN for non-finite), sorted by step.
+        nonfinite: ``[L]`` which layers had a non-finite gradient during the window (``None``: not known).
 
     Example:
         >>> import torch
@@ -348,6 +349,7 @@ class EngineSnapshot:
     exploding: np.ndarray
     vanishing: np.ndarray
     events: list[dict[str, Any]] = field(default_factory=list)
+    nonfinite: np.ndarray | None = None
 
     def metrics(self, prefix: str = "gradguard/", lr: float | None = None) -> dict[str, float]:
         """The run-level scalars under their TensorBoard tags (``prefix`` + ``total_norm``, ``events/exploding``, ...).
@@ -411,6 +413,7 @@ class EngineSnapshot:
             exploding=row["exploding_step"] >= 0,
             vanishing=row["vanishing_step"] >= 0,
             events=events,
+            nonfinite=row["nonfinite_step"] >= 0,
         )
 
 

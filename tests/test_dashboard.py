@@ -162,3 +162,47 @@ def test_report_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     empty = tmp_path / "empty"
     empty.mkdir()
     assert gradguard(["report", str(empty)]) == 2
+
+
+class NaNAt(Regressor):
+    """One NaN input entry on the batch of optimizer step ``at`` (counted from 1)."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(lr=0.05)
+        self.at = at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step + 1 == self.at:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return super().training_step((x, y), batch_idx)
+
+
+def test_a_non_finite_step_between_two_logs_shows_in_the_heatmap_and_the_report_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Logs at steps 5, 10, 15, 20; the NaN batch is step 8, skipped: the latest norms at step 10 are finite.
+    guard = GradGuard(log_every_n_steps=5, image_every_n_steps=5)
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    with pytest.warns(UserWarning):
+        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+            NaNAt(8), regression_data()
+        )
+    assert guard.summary()["skipped"] == 1
+    steps, norms, _, _ = guard._board._histories[0].columns()
+    bad = steps == 9  # the log after the bad step (Lightning's 0-based step)
+    assert bad.sum() == 1 and np.isnan(norms[:, bad]).all()  # both layers: shown non-finite, as a NaN at a log is
+    assert np.isfinite(norms[:, ~bad]).all()
+    acc = load_events(tmp_path / "version_0")
+    layer_tags = [t for t in acc.Tags()["scalars"] if t.startswith("gradguard/layer/")]
+    assert layer_tags and all(np.isfinite(e.value) for t in layer_tags for e in acc.Scalars(t))  # the latest norms
+    # The report's picture marks the same cell.
+    import lightning_gradguard.render as render
+
+    drawn: list[np.ndarray] = []
+    real = render.flow_figure
+    monkeypatch.setattr(render, "flow_figure", lambda norms, *a, **k: drawn.append(norms) or real(norms, *a, **k))
+    png = tmp_path / "flow.png"
+    assert gradguard(["report", str(tmp_path), "--png", str(png)]) == 0 and png.stat().st_size > 0
+    assert np.isnan(drawn[0][:, 1]).all() and np.isfinite(drawn[0][:, [0, 2, 3]]).all()
