@@ -100,6 +100,10 @@ class FitDiagnostics:
         self.small: Tensor | None = None
         self.big: Tensor | None = None
         self.act_norms: Tensor | None = None
+        # Several optimizers (manual optimization, a GAN): each step's backward reaches other layers, so the
+        # activation gradients are read at the end of the batch, not at its first optimizer step.
+        self.act_until_batch_end = False
+        self.scaler: Any = None
         self.zero: dict[int, Tensor] = {}
         self.pending_ratio: set[int] = set()
         self.step_armed: int | None = None
@@ -194,6 +198,8 @@ class FitDiagnostics:
     def batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         if self.act is not None:
             self.act.arm()
+            self.act_until_batch_end = len(trainer.optimizers) > 1
+            self.scaler = grad_scaler(trainer)
         if self.noise is None:
             return
         if self.step_armed != trainer.global_step:  # the first micro-batch of the logging step
@@ -222,7 +228,7 @@ class FitDiagnostics:
             return
         self.first_backward_pending = False
         scaler = grad_scaler(trainer)
-        loss_scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+        loss_scale = _loss_scale(scaler)
         if self.source == "accumulation":
             scale: Any = (loss_scale if loss_scale is not None else 1.0) / self.accumulate
             self.small = squared_grad_norm(self.params, scale=scale)
@@ -239,9 +245,8 @@ class FitDiagnostics:
             self.zero[key] = zeros.compute()
         if self.noise is not None and self.small is not None and self.big is None:
             self.big = squared_grad_norm(self.params, scale=grad_scale)
-        if self.act is not None and self.act.armed:
-            scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
-            self.act_norms = self.act.disarm(grad_scale=scale)
+        if self.act is not None and self.act.armed and not self.act_until_batch_end:
+            self.act_norms = self.act.disarm(grad_scale=_loss_scale(scaler))
 
     def after_engine_step(self, key: int, engine: GuardEngine) -> None:
         if "update_ratio" in self.on:
@@ -265,8 +270,11 @@ class FitDiagnostics:
         for key, zero in sorted(self.zero.items()):
             parts.append((f"zero/{key}", zero.float()))
         self.zero = {}
-        if self.act is not None and self.act.armed:  # no optimizer step came (e.g. an accumulation tail)
-            self.act.disarm()
+        if self.act is not None and self.act.armed:
+            if self.act_until_batch_end:  # every optimizer's backward of the batch has run
+                self.act_norms = self.act.disarm(grad_scale=_loss_scale(self.scaler))
+            else:  # no optimizer step came (e.g. an accumulation tail)
+                self.act.disarm()
         if self.act_norms is not None:
             parts.append(("act", self.act_norms.float()))
             self.act_norms = None
@@ -354,3 +362,8 @@ class FitDiagnostics:
         self.first_backward_pending = False
         self.pending_size = None
         self.step_armed = None
+
+
+def _loss_scale(scaler: Any) -> Tensor | None:
+    """A GradScaler's current scale (the factor in the backward pass's gradients), or ``None``."""
+    return scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None

@@ -456,6 +456,7 @@ class GradGuard(CallbackBase):
             key=key,
             max_norm=self._clip_norm,
             rollback=None if sizes_own_steps else copy.deepcopy(self.rollback),
+            running_stats=self._running_stats,  # the whole model's, shared by the optimizers' engines
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
@@ -569,8 +570,6 @@ class GradGuard(CallbackBase):
             return
         engine = self._state_for(trainer, optimizer, key)
         self._drain(trainer, engine, key)
-        if self._running_stats is not None:
-            self._running_stats.repair_()
 
         scaler = grad_scaler(trainer)
         grad_scale: Tensor | None = None

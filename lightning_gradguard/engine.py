@@ -520,6 +520,10 @@ class GuardEngine:
         divergence: the :class:`~lightning_gradguard.DivergenceDetector`, fed the ``loss`` given to :meth:`step`
             (a step without one is no observation); ``"default"`` is ``DivergenceDetector()``, ``None`` disables it.
             A divergence event is an explosion to the LR guard and a full stretch of trouble to the rollback.
+        running_stats: the normalization layers' running statistics to keep from harm
+            (:class:`~lightning_gradguard.RunningStats`): each step puts back the entries a bad batch made non-finite,
+            and a rollback restores them with the weights. ``"default"``: those of ``model`` when it is a module and
+            ``on_nonfinite`` is ``"skip"`` or ``"zero"``; ``None``: none.
 
     Raises:
         ValueError: for an argument outside its allowed values, and for a model wrapped in FSDP1
@@ -555,7 +559,7 @@ class GuardEngine:
         clip: Clipper | None | Literal["default"] = "default",
         exploding: ExplodingDetector | None | Literal["default"] = "default",
         vanishing: VanishingDetector | None | Literal["default"] = "default",
-        lr_guard: LRGuard | None = None,
+        lr_guard: LRGuard | Literal["default"] | None = None,
         regularizers: Sequence[Regularizer] | None = (),
         on_nonfinite: Literal["skip", "zero", "raise", "warn"] = "skip",
         clip_exploding: bool = True,
@@ -566,6 +570,7 @@ class GuardEngine:
         group_fn: Callable[[str], str] | None = None,
         rollback: Rollback | bool | Literal["default"] | None = None,
         divergence: DivergenceDetector | None | Literal["default"] = "default",
+        running_stats: RunningStats | None | Literal["default"] = "default",
     ) -> None:
         if on_nonfinite not in NONFINITE_MODES:
             raise ValueError(f"`on_nonfinite` must be one of {NONFINITE_MODES}, got {on_nonfinite!r}")
@@ -586,14 +591,16 @@ class GuardEngine:
         regularizers = check_regularizers(regularizers)
         self._lazy_module: nn.Module | None = None
         self._checked_optimizer: Any = None  # the last optimizer that passed _check_optimizer
+        if not (running_stats is None or running_stats == "default" or isinstance(running_stats, RunningStats)):
+            raise ValueError(f"`running_stats` must be a RunningStats, None or 'default', got {running_stats!r}")
         # A skipped step keeps the weights, but its forward pass has already moved the normalization layers' running
         # statistics: put back the entries it made non-finite (with "warn" and "raise" nothing is kept from harm).
-        self._running_stats: RunningStats | None = None
+        self._running_stats = running_stats if isinstance(running_stats, RunningStats) else None
         if isinstance(model, LayerIndex):
             index = model
         elif isinstance(model, nn.Module):
             _refuse_fsdp1(model)
-            if on_nonfinite in ("skip", "zero") and len(stats := RunningStats(model)):
+            if running_stats == "default" and on_nonfinite in ("skip", "zero") and len(stats := RunningStats(model)):
                 self._running_stats = stats
             index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
             if bind_all(regularizers, model, wait_for_lazy=True):
@@ -958,6 +965,7 @@ class GuardEngine:
             "exploding": self.exploding.state_dict() if self.exploding is not None else None,
             "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
             "divergence": self.divergence.state_dict() if self.divergence is not None else None,
+            "running_stats": self._running_stats.snapshot() if self._running_stats is not None else None,
         }
 
     def _stateful(self) -> tuple[tuple[str, Any], ...]:
@@ -972,6 +980,8 @@ class GuardEngine:
     def _load_statistics(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
             return
+        if self._running_stats is not None and saved.get("running_stats") is not None:
+            self._running_stats.restore_(saved["running_stats"])
         for name, part in self._stateful():
             if part is None or saved.get(name) is None:
                 continue

@@ -6,6 +6,11 @@ batch makes them NaN, and an exponential average never recovers from a NaN (``0.
 Training goes on unharmed, since training mode normalizes with the batch's own statistics, but every evaluation after
 it (validation, test, the deployed model) outputs NaN. :class:`RunningStats` puts back the last finite value of each
 entry that turned non-finite, once per optimizer step, on the device and without waiting for it.
+
+A rollback has the same blind spot: it puts the weights back, while the running statistics keep what the wrecked
+weights produced (a ``running_var`` of 1e5 where 1 is usual, which an average with ``momentum=0.1`` takes hundreds of
+steps to forget, and every evaluation until then is off). :meth:`RunningStats.snapshot` and
+:meth:`RunningStats.restore_` let a rollback keep them with its copy of the weights.
 """
 
 from __future__ import annotations
@@ -69,6 +74,20 @@ class RunningStats:
                 if isinstance(buffer, Tensor) and not isinstance(buffer, UninitializedBuffer):
                     groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
         return groups
+
+    def snapshot(self) -> dict[tuple[object, object], Tensor]:
+        """The current running statistics, one flat device copy per device and dtype (no host sync), for
+        :meth:`restore_`."""
+        return {key: torch.cat(buffers) for key, buffers in self._buffers().items()}
+
+    def restore_(self, snapshot: dict[tuple[object, object], Tensor]) -> None:
+        """Write a :meth:`snapshot` back into the running statistics (the layers that changed since are left alone)."""
+        for key, buffers in self._buffers().items():
+            values = snapshot.get(key)
+            sizes = [b.numel() for b in buffers]
+            if values is not None and values.numel() == sum(sizes):
+                foreach_copy_(buffers, values.split(sizes))
+                self._saved[key] = (values.clone(), sizes)  # what a later bad batch falls back to
 
     def repair_(self) -> None:
         """Put back the previous value of every non-finite entry, and keep the current values to fall back on."""

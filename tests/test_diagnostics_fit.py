@@ -6,6 +6,7 @@ import csv
 import logging
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
@@ -345,3 +346,59 @@ def test_quiet_steps_stay_free_of_syncs_and_hooks(tmp_path: Any) -> None:
     assert guard.quiet_calls == []
     assert {s for s, n in model.hooks.items() if n} == {5, 10}  # hooks only on the passes of logging steps
     assert "gradguard/noise_scale" in _tb(tmp_path)
+
+
+class HookedGAN(L.LightningModule):
+    """Manual optimization, D's step then G's in every batch; the norm of the gradient at each G layer's output in G's
+    backward, from its own hooks (G's first forward pass feeds D detached: no gradient reaches it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.norms: dict[int, dict[str, float]] = {}
+        for name in ("0", "2"):
+            self.g.get_submodule(name).register_forward_hook(self._hook(f"g.{name}"))
+
+    def _hook(self, name: str) -> Any:
+        def forward(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            step = self.trainer.global_step // 2 + 1  # two optimizer steps per batch
+            out.register_hook(lambda g: self.norms.setdefault(step, {}).__setitem__(name, float(g.norm())))
+
+        return forward
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, noise = batch[0][:, :8], batch[0][:, 8:12]
+        opt_d, opt_g = self.optimizers()
+        bce = nn.functional.binary_cross_entropy_with_logits
+        logits_real, logits_fake = self.d(real), self.d(self.g(noise).detach())
+        opt_d.zero_grad()
+        self.manual_backward(
+            bce(logits_real, torch.ones_like(logits_real)) + bce(logits_fake, torch.zeros_like(logits_fake))
+        )
+        opt_d.step()
+        logits = self.d(self.g(noise))
+        opt_g.zero_grad()
+        self.manual_backward(bce(logits, torch.ones_like(logits)))
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.d.parameters(), lr=1e-2), torch.optim.SGD(self.g.parameters(), lr=1e-2)]
+
+
+def test_with_several_optimizers_activation_gradients_cover_every_backward_of_the_batch(tmp_path: Any) -> None:
+    # Before, the first optimizer step of the batch (D's) ended the measurement: G's layers were never measured.
+    torch.manual_seed(0)
+    model = HookedGAN()
+    guard = GradGuard(log_every_n_steps=3, diagnostics=["act_grad"])
+    trainer(max_steps=18, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        model, regression_data(dim=16)
+    )
+    logged = _tb(tmp_path)
+    assert {"gradguard/act_grad/d.0", "gradguard/act_grad/d.2"} <= set(logged)
+    for layer in ("g.0", "g.2"):
+        values = logged[f"gradguard/act_grad/{layer}"]
+        assert sorted(values) == [3, 6, 9]  # logs by batch (Lightning's step of a batch with two optimizer steps)
+        for step, value in values.items():
+            assert value == pytest.approx(model.norms[step][layer], rel=1e-5)

@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, GuardEngine, RunningStats
 from lightning_gradguard.layers import build_layer_index
+from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -162,3 +163,49 @@ def test_a_plain_loop_engine_repairs_them_at_its_step() -> None:
     assert all(t.isfinite().all() for t in _stats(model[1]))
     # An engine built from a LayerIndex has no modules to watch.
     assert GuardEngine(build_layer_index(model))._running_stats is None
+
+
+class BlowUpRegressor(Regressor):
+    """A BatchNorm MLP whose loss is multiplied by 1e8 on optimizer steps 2 and 3: without a clipper the updates wreck
+    the weights and, through them, the running statistics, and the default early restart follows."""
+
+    def __init__(self) -> None:
+        net = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
+        super().__init__(net=net, lr=0.02)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e8 if self.global_step + 1 in (2, 3) else loss
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_restart_puts_the_running_statistics_back_with_the_weights(
+    keep: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not keep:  # what the statistics hold when the rollback leaves them (the check that the test can fail)
+        monkeypatch.setattr(RunningStats, "restore_", lambda self, snapshot: None)
+    L.seed_everything(0, verbose=False)
+    model, watch, guard = BlowUpRegressor(), StatsWatch(), GradGuard(clip=None)
+    restarts = RestartWatch(guard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=12, max_epochs=-1, callbacks=[guard, restarts, watch]).fit(model, regression_data(n=1024))
+    assert len(restarts.restarts) == 1 and restarts.restarts[0][1]
+    step = restarts.restarts[0][0]
+    wrecked = watch.after[step - 1][1].max()
+    after_restart = watch.after[step]
+    if not keep:
+        assert after_restart[1].max() > 100.0 and wrecked > 100.0
+        return
+    # The copy was taken at step 1's optimizer step, after its forward pass: the statistics that went with the weights.
+    assert wrecked > 100.0 and all(torch.equal(a, b) for a, b in zip(after_restart, watch.after[1]))
+
+
+def test_the_engine_takes_a_shared_instance_none_or_the_default() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    shared = RunningStats(model)
+    assert GuardEngine(model, running_stats=shared)._running_stats is shared
+    assert GuardEngine(model, running_stats=None)._running_stats is None
+    assert GuardEngine(model, on_nonfinite="warn")._running_stats is None
+    with pytest.raises(ValueError, match="`running_stats` must be a RunningStats, None or 'default'"):
+        GuardEngine(model, running_stats=True)  # type: ignore[arg-type]
