@@ -49,11 +49,13 @@ def optional_number(name: str, value: Any, **bounds: Any) -> float | None:
     return None if value is None else check_number(name, value, optional=True, **bounds)
 
 
-def check_int(name: str, value: Any, *, low: int, optional: bool = False) -> int:
-    """``value`` as an int, if it is an integer (not a bool) ``>= low``; ``optional``: the message offers ``None``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+def check_int(name: str, value: Any, *, low: int | None, optional: bool = False) -> int:
+    """``value`` as an int, if it is an integer (not a bool) ``>= low`` (``None``: any); ``optional``: the message
+    offers ``None``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
+        bound = "" if low is None else f" >= {low}"
         alternative = " or None" if optional else ""
-        raise ValueError(f"`{name}` must be an integer >= {low}{alternative}, got {value!r}.")
+        raise ValueError(f"`{name}` must be an integer{bound}{alternative}, got {value!r}.")
     return int(value)
 
 

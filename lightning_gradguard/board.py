@@ -740,11 +740,13 @@ class GradGuardBoard:
                     items += [(max_tag, float(values.max())), (median_tag, float(np.median(values)))]
         self._add_scalars(int(step), items)
         column = np.where(mask, norms, _ABSENT)
+        heat = column
         if nonfinite is not None:
-            # A skipped NaN step between two logs leaves a finite latest norm: the column shows the event, as for an
-            # explosion between two logs.
-            column[np.asarray(nonfinite, dtype=bool).reshape(-1)] = np.nan
-        self._histories[opt_idx].append(int(step), column, exploding & mask, vanishing & mask)
+            # A skipped NaN step between two logs leaves a finite latest norm: the heatmap shows the event, as for an
+            # explosion between two logs; the bar chart keeps the latest norms.
+            heat = column.copy()
+            heat[np.asarray(nonfinite, dtype=bool).reshape(-1)] = np.nan
+        self._histories[opt_idx].append(int(step), heat, exploding & mask, vanishing & mask)
         self._latest[opt_idx] = (int(step), column, exploding & mask, vanishing & mask)
 
     def _names(self, opt_idx: int) -> list[str]:

@@ -243,7 +243,6 @@ class GradGuard(CallbackBase):
         self._board_loaded: dict[str, Any] | None = None  # a checkpoint's board state, for the board once it opens
         self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
-        self._running_stats: RunningStats | None = None
         self._sat_armed = False
         self._lr_hooks: dict[int, Any] = {}
         self._reporter = EventReporter(self)
@@ -372,9 +371,6 @@ class GradGuard(CallbackBase):
         self._clip_norm = take_over_clipping(trainer, pl_module, self.clip)
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)
-        # A skipped step keeps the weights, but the bad batch's forward pass has already moved the running statistics.
-        stats = RunningStats(pl_module) if self.on_nonfinite in ("skip", "zero") else None
-        self._running_stats = stats if stats else None
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
@@ -423,6 +419,15 @@ class GradGuard(CallbackBase):
             self._opt_keys[id(optimizer)] = key
         return key
 
+    def _running_stats_of(self, trainer: pl.Trainer, index: LayerIndex) -> RunningStats | None:
+        """The running statistics an optimizer's engine keeps from harm: with one optimizer every normalization
+        layer's, with several those of the layers it trains (another optimizer's rollback leaves them alone)."""
+        if self.on_nonfinite not in ("skip", "zero"):  # "warn" and "raise" keep nothing from harm
+            return None
+        owned = index.params if len(trainer.optimizers) > 1 else None
+        stats = RunningStats(trainer.lightning_module, owned)
+        return stats if len(stats) else None
+
     def _state_for(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> GuardEngine:
         # The first parameter's identity tells a new model (the guard reused for another fit) from the same one; the
         # engine holds its parameters, so their ids cannot be reused while it lives.
@@ -456,7 +461,7 @@ class GradGuard(CallbackBase):
             key=key,
             max_norm=self._clip_norm,
             rollback=None if sizes_own_steps else copy.deepcopy(self.rollback),
-            running_stats=self._running_stats,  # the whole model's, shared by the optimizers' engines
+            running_stats=self._running_stats_of(trainer, index),
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart

@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import numbers
+import operator
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -446,6 +447,16 @@ def _to_device(state: Any, device: torch.device) -> Any:
     return state
 
 
+def _step_number(step: Any) -> int:
+    """``step`` as an int: an integer (a NumPy one, a one-element integer tensor too), not a bool or a float."""
+    if isinstance(step, (bool, float)) or (isinstance(step, Tensor) and step.is_floating_point()):
+        raise ValueError(f"`step` must be an integer step number or None, got {step!r}")
+    try:
+        return operator.index(step)
+    except TypeError:
+        raise ValueError(f"`step` must be an integer step number or None, got {step!r}") from None
+
+
 def _is_real(value: Any) -> bool:
     """A real number that is no bool (``True`` is no loss, nor a scale)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -640,7 +651,7 @@ class GuardEngine:
             if not (isinstance(self.clipper, NormClip) and self.clipper.max_norm <= self.max_norm):
                 self._max_norm_cap = torch.full((), self.max_norm, dtype=torch.float32, device=index.params[0].device)
         self.compile = compile
-        self.key = check_int("key", key, low=0)
+        self.key = check_int("key", key, low=None)
         self.steps = 0  # steps recorded (cumulative, saved)
         self._warned_no_gradient = False
         self.steps_since_log = 0
@@ -685,17 +696,22 @@ class GuardEngine:
         return self.lr_guard.attach(optimizer, self.key)
 
     def _check_optimizer(self, optimizer: Any) -> None:
-        """Refuse what is no optimizer, or one that holds none of this engine's parameters (another model's: the LR
-        guard would then cut the rate of one model for the other's explosions), once per optimizer."""
+        """Refuse what is no optimizer (no ``param_groups``); warn about one that holds none of this engine's
+        parameters, once per optimizer: another model's would have the LR guard cut one model's rate for the other's
+        explosions, but DeepSpeed's ZeRO optimizer, which holds flat copies, looks the same (and leaves the
+        gradients empty, which :meth:`step` says)."""
         if optimizer is self._checked_optimizer:
             return
         inner = unwrap_optimizer(optimizer)
-        if not isinstance(inner, torch.optim.Optimizer):
+        groups = getattr(inner, "param_groups", None)
+        if not isinstance(groups, (list, tuple)):
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer (or a wrapper of one), got {optimizer!r}")
-        if not any(id(p) in self._own for group in inner.param_groups for p in group["params"]):
-            raise ValueError(
-                f"`optimizer` ({type(inner).__name__}) holds none of the parameters this GuardEngine watches: pass the"
-                " optimizer of the model the engine was built for."
+        if not any(id(p) in self._own for group in groups for p in group.get("params", ())):
+            warnings.warn(
+                f"GuardEngine: the optimizer ({type(inner).__name__}) holds none of the parameters this engine watches."
+                " If it is another model's, its LR guard acts on this model's explosions: pass the optimizer of the"
+                " model the engine was built for.",
+                stacklevel=3,
             )
         self._checked_optimizer = optimizer
 
@@ -758,12 +774,13 @@ class GuardEngine:
         """
         if optimizer is not None:
             self._check_optimizer(optimizer)
-        if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral)):
-            raise ValueError(f"`step` must be an integer step number or None, got {step!r}")
+        if step is not None:
+            step = _step_number(step)
         if grad_scale is not None and not isinstance(grad_scale, Tensor):
             if not _is_real(grad_scale):
                 raise ValueError(f"`grad_scale` must be a tensor, a real number or None, got {grad_scale!r}")
-            grad_scale = torch.tensor(float(grad_scale))  # as GradScaler.get_scale() returns it
+            # Made on the device: a host tensor would be copied to it on every use (a blocking copy on CUDA).
+            grad_scale = torch.full((), float(grad_scale), device=self._record.device)
         if optimizer is not None and step_deferred(optimizer):
             # Partial sums of the window's gradients: neither a step to judge nor gradients to clip or drop.
             self.skipped = self.rolled_back = False

@@ -15,6 +15,8 @@ steps to forget, and every evaluation until then is off). :meth:`RunningStats.sn
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
@@ -37,9 +39,14 @@ class RunningStats:
     Per call and per device and dtype of the buffers: one concatenation, one finiteness test, one ``where`` and one
     fused copy back, all on the device (no host sync). A model without such layers costs nothing.
 
+    The writes do not count as in-place changes for autograd: a graph built before them (a GAN's fake batch, reused
+    for the generator's backward after the discriminator's step) stays valid.
+
     Args:
         model: the model whose normalization layers are watched; their current statistics are the first values to
             fall back on (build it before the first forward pass of training).
+        params: watch only the layers that own one of these parameters (one optimizer's share of a model with
+            several); ``None``: every layer of ``model``.
 
     Example:
         >>> import torch
@@ -54,10 +61,13 @@ class RunningStats:
         True
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
         self._modules = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+        if params is not None:
+            owned = {id(p) for p in params}
+            self._modules = [m for m in self._modules if any(id(p) in owned for p in m.parameters(recurse=False))]
         # Per (device, dtype): the flat values to fall back on, and the size of each buffer in it.
         self._saved: dict[tuple[object, object], tuple[Tensor, list[int]]] = {}
         self.repair_()
@@ -75,6 +85,13 @@ class RunningStats:
                     groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
         return groups
 
+    @staticmethod
+    def _write(buffers: list[Tensor], values: Tensor, sizes: list[int]) -> None:
+        # Through ``.data``: the version counter stays. Batch norm's backward checks that its running statistics are
+        # unchanged since the forward pass, and a graph built before this write (a GAN's fake batch, used again after
+        # the other optimizer's step) would otherwise fail in backward.
+        foreach_copy_([b.data for b in buffers], values.split(sizes))
+
     def snapshot(self) -> dict[tuple[object, object], Tensor]:
         """The current running statistics, one flat device copy per device and dtype (no host sync), for
         :meth:`restore_`."""
@@ -86,7 +103,7 @@ class RunningStats:
             values = snapshot.get(key)
             sizes = [b.numel() for b in buffers]
             if values is not None and values.numel() == sum(sizes):
-                foreach_copy_(buffers, values.split(sizes))
+                self._write(buffers, values, sizes)
                 self._saved[key] = (values.clone(), sizes)  # what a later bad batch falls back to
 
     def repair_(self) -> None:
@@ -101,4 +118,4 @@ class RunningStats:
                 continue
             values = saved[0]
             torch.where(flat.isfinite(), flat, values, out=values)
-            foreach_copy_(buffers, values.split(sizes))
+            self._write(buffers, values, sizes)

@@ -194,6 +194,7 @@ def test_a_non_finite_step_between_two_logs_shows_in_the_heatmap_and_the_report_
     bad = steps == 9  # the log after the bad step (Lightning's 0-based step)
     assert bad.sum() == 1 and np.isnan(norms[:, bad]).all()  # both layers: shown non-finite, as a NaN at a log is
     assert np.isfinite(norms[:, ~bad]).all()
+    assert np.isfinite(guard._board._latest[0][1]).all()  # the bar chart draws the latest norms, finite
     acc = load_events(tmp_path / "version_0")
     layer_tags = [t for t in acc.Tags()["scalars"] if t.startswith("gradguard/layer/")]
     assert layer_tags and all(np.isfinite(e.value) for t in layer_tags for e in acc.Scalars(t))  # the latest norms

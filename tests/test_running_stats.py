@@ -209,3 +209,62 @@ def test_the_engine_takes_a_shared_instance_none_or_the_default() -> None:
     assert GuardEngine(model, on_nonfinite="warn")._running_stats is None
     with pytest.raises(ValueError, match="`running_stats` must be a RunningStats, None or 'default'"):
         GuardEngine(model, running_stats=True)  # type: ignore[arg-type]
+
+
+def test_writes_leave_autograds_version_counter_and_params_select_the_layers() -> None:
+    # A graph built before the write (a GAN's fake batch, used again after the other optimizer's step) must stay
+    # valid: batch norm's backward checks that its running statistics are unchanged since the forward pass.
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 8), nn.BatchNorm1d(8, affine=False))
+    stats = RunningStats(model)
+    out = model(torch.randn(16, 4, requires_grad=True))
+    versions = [model[1].running_mean._version, model[3].running_var._version]
+    stats.repair_()
+    stats.restore_(stats.snapshot())
+    assert [model[1].running_mean._version, model[3].running_var._version] == versions
+    out.sum().backward()  # before: "modified by an inplace operation"
+    assert len(RunningStats(model, params=model[1].parameters())) == 1  # an affine-free layer owns no parameter
+    assert len(RunningStats(model, params=model[0].parameters())) == 0
+
+
+class BatchNormGAN(L.LightningModule):
+    """DCGAN-style manual optimization: the fake batch is made once, D steps, then G's loss backpropagates through
+    G's graph built before D's step; G has a BatchNorm layer, and one noise batch holds a NaN."""
+
+    def __init__(self, nan_at: int) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.g = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 8))
+        self.d = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+        self.nan_at = nan_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        real, noise = batch[0][:, :8], batch[0][:, 8:12].clone()
+        if batch_idx == self.nan_at:
+            noise[0, 0] = float("nan")
+        opt_d, opt_g = self.optimizers()
+        bce = nn.functional.binary_cross_entropy_with_logits
+        fake = self.g(noise)
+        logits_real, logits_fake = self.d(real), self.d(fake.detach())
+        opt_d.zero_grad()
+        self.manual_backward(
+            bce(logits_real, torch.ones_like(logits_real)) + bce(logits_fake, torch.zeros_like(logits_fake))
+        )
+        opt_d.step()
+        logits = self.d(fake)
+        opt_g.zero_grad()
+        self.manual_backward(bce(logits, torch.ones_like(logits)))
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.d.parameters(), lr=2e-4), torch.optim.Adam(self.g.parameters(), lr=2e-4)]
+
+
+def test_a_gan_that_reuses_its_fake_batch_trains_and_its_generators_statistics_stay_finite() -> None:
+    L.seed_everything(0, verbose=False)
+    model = BatchNormGAN(nan_at=5)
+    guard = GradGuard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=24, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(dim=16))
+    assert guard.summary()["skipped"] >= 1  # the NaN batch's steps
+    assert all(t.isfinite().all() for t in _stats(model.g[1]))
