@@ -507,7 +507,7 @@ class GuardEngine:
         exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
         vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
         lr_guard: an :class:`LRGuard` fed from the exploding and non-finite steps (connect it to the optimizer with
-            :meth:`attach`); ``None``: no LR guard.
+            :meth:`attach`); ``"default"``: ``LRGuard()``; ``None``: no LR guard.
         regularizers: gradient-term regularizers, bound to ``model`` when it is a module.
         on_nonfinite: ``"skip"``, ``"zero"`` (the non-finite entries), ``"raise"`` (:class:`NonFiniteGradientError`)
             or ``"warn"`` (let it through; reported by :meth:`drain`).
