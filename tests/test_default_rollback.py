@@ -12,13 +12,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
+import lightning.pytorch.callbacks
 import pytest
 import torch
 from torch import nn
 
 import lightning_gradguard
 from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, NormClip, Rollback
-from lightning_gradguard._lightning import lightning_types, restart_weight_averages
+from lightning_gradguard._lightning import restart_weight_averages
 from lightning_gradguard.rollback import default_rollback
 from tests.helpers import RestartWatch
 from tests.models import Regressor, regression_data, trainer
@@ -500,7 +501,9 @@ class AverageWatch(L.Callback):
         self.averages.append([p.detach().clone() for p in average.module.parameters()])
 
 
-@pytest.mark.skipif(not lightning_types("callbacks.EMAWeightAveraging"), reason="Lightning 2.5 added it")
+@pytest.mark.skipif(
+    not hasattr(lightning.pytorch.callbacks, "EMAWeightAveraging"), reason="lightning.pytorch 2.5 added it"
+)
 @pytest.mark.parametrize("restart_averages", [True, False])
 def test_a_restart_starts_a_weight_average_again_from_the_restored_weights(
     restart_averages: bool, monkeypatch: pytest.MonkeyPatch
