@@ -460,6 +460,17 @@ def _free_port() -> int:
 
 
 def _launch(scenario: str, outdir: Path, timeout: float = 180.0) -> list[dict[str, Any]]:
+    # A second try on a fresh port when the workers hang: the free port is found before the workers bind it, so
+    # another test's process group (a ddp_spawn run in a parallel test worker) can take it in between, and two groups
+    # meeting on one port wait for ever. A real hang hangs twice.
+    for _ in range(2):
+        outputs = _launch_once(scenario, outdir, timeout)
+        if outputs is not None:
+            return outputs
+    pytest.fail(f"{scenario} workers did not finish within {timeout} s, twice (fresh ports)")
+
+
+def _launch_once(scenario: str, outdir: Path, timeout: float) -> list[dict[str, Any]] | None:
     port = _free_port()
     procs = []
     for rank in range(WORLD):
@@ -494,7 +505,7 @@ def _launch(scenario: str, outdir: Path, timeout: float = 180.0) -> list[dict[st
         for proc in procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)  # our own worker's process group
-        pytest.fail(f"{scenario} workers did not finish within {timeout} s")
+        return None
     for rank, (proc, out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, f"{scenario} rank {rank} failed:\n{out[-6000:]}"
     return [torch.load(outdir / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
