@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard._compat import foreach_norm
-from lightning_gradguard._lightning import grad_scaler, lightning_types
+from lightning_gradguard._lightning import grad_scaler, lightning_types, loss_scale
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,
     ActivationGradients,
@@ -228,12 +228,12 @@ class FitDiagnostics:
             return
         self.first_backward_pending = False
         scaler = grad_scaler(trainer)
-        loss_scale = _loss_scale(scaler)
+        scaled_by = loss_scale(scaler)
         if self.source == "accumulation":
-            scale: Any = (loss_scale if loss_scale is not None else 1.0) / self.accumulate
+            scale: Any = (scaled_by if scaled_by is not None else 1.0) / self.accumulate
             self.small = squared_grad_norm(self.params, scale=scale)
         elif self.source == "distributed" and self.local is not None:
-            self.small = self.local.disarm(scale=loss_scale)
+            self.small = self.local.disarm(scale=scaled_by)
 
     def before_engine_step(
         self, guard: GradGuard, key: int, engine: GuardEngine, scaler: Any, grad_scale: Tensor | None
@@ -246,7 +246,7 @@ class FitDiagnostics:
         if self.noise is not None and self.small is not None and self.big is None:
             self.big = squared_grad_norm(self.params, scale=grad_scale)
         if self.act is not None and self.act.armed and not self.act_until_batch_end:
-            self.act_norms = self.act.disarm(grad_scale=_loss_scale(scaler))
+            self.act_norms = self.act.disarm(grad_scale=loss_scale(scaler))
 
     def after_engine_step(self, key: int, engine: GuardEngine) -> None:
         if "update_ratio" in self.on:
@@ -272,7 +272,7 @@ class FitDiagnostics:
         self.zero = {}
         if self.act is not None and self.act.armed:
             if self.act_until_batch_end:  # every optimizer's backward of the batch has run
-                self.act_norms = self.act.disarm(grad_scale=_loss_scale(self.scaler))
+                self.act_norms = self.act.disarm(grad_scale=loss_scale(self.scaler))
             else:  # no optimizer step came (e.g. an accumulation tail)
                 self.act.disarm()
         if self.act_norms is not None:
@@ -362,8 +362,3 @@ class FitDiagnostics:
         self.first_backward_pending = False
         self.pending_size = None
         self.step_armed = None
-
-
-def _loss_scale(scaler: Any) -> Tensor | None:
-    """A GradScaler's current scale (the factor in the backward pass's gradients), or ``None``."""
-    return scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None

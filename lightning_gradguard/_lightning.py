@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-__all__ = ["CallbackBase", "grad_scaler", "lightning_types", "overrides_hook", "restart_weight_averages"]
+__all__ = ["CallbackBase", "grad_scaler", "lightning_types", "loss_scale", "overrides_hook", "restart_weight_averages"]
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 
@@ -94,6 +94,12 @@ def overrides_hook(instance: Any, name: str) -> bool:
 def grad_scaler(trainer: Any) -> Any:
     """The trainer's ``GradScaler`` (16-bit AMP), or ``None``."""
     return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def loss_scale(scaler: Any) -> Tensor | None:
+    """A GradScaler's current scale (the factor in the backward pass's gradients) as its device tensor, or ``None``
+    (no scaler, or one that has not scaled yet)."""
+    return scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
 
 
 def restart_weight_averages(trainer: Any) -> list[str]:

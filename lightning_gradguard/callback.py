@@ -19,7 +19,13 @@ from torch import Tensor
 from lightning_gradguard._compat import unwrap_optimizer
 from lightning_gradguard._events import EventReporter
 from lightning_gradguard._fit_diagnostics import FitDiagnostics
-from lightning_gradguard._lightning import CallbackBase, grad_scaler, lightning_types, restart_weight_averages
+from lightning_gradguard._lightning import (
+    CallbackBase,
+    grad_scaler,
+    lightning_types,
+    loss_scale,
+    restart_weight_averages,
+)
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
@@ -550,9 +556,8 @@ class GradGuard(CallbackBase):
         value = loss.detach()
         if value.dtype != torch.float32:  # summed over micro-batches: in fp32
             value = value.float()
-        scaler = grad_scaler(trainer)
-        if scaler is not None and getattr(scaler, "_scale", None) is not None:
-            scale = scaler._scale
+        scale = loss_scale(grad_scaler(trainer))
+        if scale is not None:
             value = value / (scale if scale.device == value.device else scale.to(value.device))  # 16-mixed: scaled
         # Lightning divides each micro-batch's loss by the accumulation: the sum is the window's mean.
         self._loss = value if self._loss is None else self._loss + value
