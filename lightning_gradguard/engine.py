@@ -364,7 +364,9 @@ class EngineSnapshot:
             metrics[prefix + "total_norm_max"] = self.total_norm_max
             metrics[prefix + "total_norm_min"] = self.total_norm_min
         if self.clip_threshold is not None and self.clip_coef is not None:
-            metrics[prefix + "clip_threshold"] = self.clip_threshold
+            # No threshold yet (ZClip's and AutoClip's warm-up) is no point: an inf wrecks the chart's axis.
+            if math.isfinite(self.clip_threshold):
+                metrics[prefix + "clip_threshold"] = self.clip_threshold
             metrics[prefix + "clip_coef"] = self.clip_coef
         if self.ema is not None:
             metrics[prefix + "ema_mean"], metrics[prefix + "ema_lower"], metrics[prefix + "ema_upper"] = self.ema

@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_gradguard import ExplodingDetector, GradGuard, VanishingDetector
-from tests.helpers import SyncRecorder, event_files, load_events
+from lightning_gradguard import ExplodingDetector, GradGuard, VanishingDetector, ZClip
+from tests.helpers import MetricsLogger, SyncRecorder, event_files, load_events
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -312,3 +312,17 @@ def test_the_logger_message_says_what_really_happened(
     else:
         assert "no TensorBoardLogger attached" in text
         assert "fast_dev_run" not in text
+
+
+def test_clip_threshold_is_not_logged_before_the_clipper_has_one() -> None:
+    torch.manual_seed(0)
+    logger = MetricsLogger()
+    guard = GradGuard(clip=ZClip(warmup_steps=6))
+    trainer(max_steps=12, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=1).fit(
+        Regressor(), regression_data()
+    )
+    steps = [step for step, m in logger.rows if "gradguard/clip_threshold" in m]
+    coefs = [step for step, m in logger.rows if "gradguard/clip_coef" in m]
+    assert len(coefs) == 12  # the coefficient (1: nothing clipped) is logged from the first step
+    assert steps == coefs[6:]  # the threshold from the first step after the six of the warm-up
+    assert all(math.isfinite(v) for v in logger.series("gradguard/clip_threshold"))
