@@ -129,7 +129,7 @@ class EventReporter:
                 text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
             return text
 
-        action = f"; action: {action}" if kind != "vanishing" else ""
+        action = f"; guarded by: {action}" if kind != "vanishing" else ""
         title, named = self._TITLES[kind], guard.max_warnings
         if named == 0:
             layers = "layer" if len(rows) == 1 else "layers"
@@ -164,9 +164,18 @@ class EventReporter:
         guard = self.guard
         actions = []
         if engine.clipper is not None and not diverging:
-            actions.append(f"clipped ({type(engine.clipper).__name__})")
+            # What the clipper does depends on the step (a layer's spike under a calm total is not clipped): say
+            # which clipper answers, not that it clipped.
+            actions.append(f"{type(engine.clipper).__name__} clipping")
         if engine.lr_guard is not None:
-            actions.append("LR guard" + (" (and the rollback, while it is on)" if engine.rollback is not None else ""))
+            lr_guard = engine.lr_guard
+            when = "now" if diverging or lr_guard.patience == 1 else f"at {lr_guard.patience} such events within"
+            if not diverging and lr_guard.patience > 1:
+                when += f" {lr_guard.cooldown} steps"
+            actions.append(
+                f"the LR guard lowers the rate {when}"
+                + (" (and the rollback, while it is on)" if engine.rollback is not None else "")
+            )
         if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
             actions.append("raise")
         return ", ".join(actions) or "none"

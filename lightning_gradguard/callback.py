@@ -61,6 +61,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EVENT_MODES = ("warn", "raise", "ignore")
+_NEVER = 2**62  # a logging interval no run reaches
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
 _BOARD_CHECKPOINT_KEY = "gradguard_board"
 DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
@@ -237,6 +238,13 @@ class GradGuard(CallbackBase):
             DIAGNOSTICS if diagnostics is True else () if diagnostics is False else diagnostics
         )
 
+        # What a fresh guard starts from: a new model (the guard reused for another fit) starts from it again.
+        self._initial_regularizer_states = {r.name: r.state_dict() for r in self.regularizers}
+        self._fitted_model: weakref.ref[pl.LightningModule] | None = None
+        self._reset_run_state()
+
+    def _reset_run_state(self) -> None:
+        """Everything one model's training builds up, as a fresh guard has it."""
         self._states: dict[int, GuardEngine] = {}  # optimizer key -> its engine
         self._signatures: dict[int, tuple[tuple[int, int], ...]] = {}  # per param group: size, id of first param
         self._opt_keys: dict[int, int] = {}  # id(optimizer) -> optimizer index
@@ -268,6 +276,9 @@ class GradGuard(CallbackBase):
         self._reevaluating: set[int] = set()
         self._in_step: dict[int, int] = {}
         self._step_hooks: dict[int, tuple[Any, Any]] = {}
+        # Per optimizer key, the learning rate of param group 0 the latest optimizer step ran with and the LR
+        # guard's multiplier in it (see ``_watch_steps``).
+        self._step_rates: dict[int, tuple[float | None, float | None]] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -341,6 +352,9 @@ class GradGuard(CallbackBase):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        if self._fitted_model is not None and self._fitted_model() is not pl_module:
+            self._start_over()
+        self._fitted_model = weakref.ref(pl_module)
         # By class, so that subclasses are caught too; the name test covers integrations outside Lightning.
         strategy = type(trainer.strategy).__name__
         if isinstance(trainer.strategy, lightning_types("strategies.DeepSpeedStrategy")) or "DeepSpeed" in strategy:
@@ -355,6 +369,19 @@ class GradGuard(CallbackBase):
                 " parameters do not map to layers. Use `ModelParallelStrategy` (FSDP2, `fully_shard`), which GradGuard"
                 " supports."
             )
+
+    def _start_over(self) -> None:
+        """The guard reused for another model (a sweep, a notebook): the previous model's statistics, counts, lowered
+        rate and early-restart window say nothing about this one (they kept its rescue off and its rate cut)."""
+        self._release_hooks()
+        self._reset_run_state()
+        if self.lr_guard is not None:
+            self.lr_guard.load_state_dict({"keys": {}})
+        for r in self.regularizers:
+            r.load_state_dict(self._initial_regularizer_states[r.name])
+        rank_zero_info(
+            "GradGuard: a new LightningModule; its statistics, event counts and learning-rate multiplier start afresh."
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
@@ -402,7 +429,7 @@ class GradGuard(CallbackBase):
             elif self.lr_guard is not None and key not in self._lr_hooks:
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
             if key not in self._step_hooks:
-                self._step_hooks[key] = self._count_evaluations(optimizer, key)
+                self._step_hooks[key] = self._watch_steps(trainer, optimizer, key)
         every, done = self._log_every(trainer), _lightning_step(trainer)
         # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
         # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
@@ -411,7 +438,14 @@ class GradGuard(CallbackBase):
             self._next_log_step = (done // every + 1) * every
 
     def _log_every(self, trainer: pl.Trainer) -> int:
-        return self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", None) or 50), 1)
+        if self.log_every_n_steps is not None:
+            return self.log_every_n_steps
+        every = getattr(trainer, "log_every_n_steps", None)
+        if every is None:
+            return 50
+        # Trainer(log_every_n_steps=0) (and barebones=True) logs no step: GradGuard logs the last window only, at the
+        # end of training.
+        return int(every) if every > 0 else _NEVER
 
     def _optimizer_key(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> int:
         key = self._opt_keys.get(id(optimizer))
@@ -497,18 +531,29 @@ class GradGuard(CallbackBase):
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
             " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step, and"
             " its clipper clips none of them (a quasi-Newton step builds its curvature estimate from the gradients of"
-            " all its evaluations, and clipping some of them bends it); regularizers act on every evaluation, and"
-            " non-finite first evaluations are still skipped, the LR guard and the rollback still act.",
+            " all its evaluations, and clipping some of them bends it); regularizers act on every evaluation, a step"
+            " whose first evaluation is non-finite is still skipped (every evaluation of it), and the LR guard and the"
+            " rollback still act.",
             category=UserWarning,
         )
 
-    def _count_evaluations(self, optimizer: torch.optim.Optimizer, key: int) -> tuple[Any, Any]:
+    def _watch_steps(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> tuple[Any, Any]:
         """Hooks on ``optimizer.step()`` that open and close its count of closure evaluations (the hook calls made
         inside it: Lightning evaluates the closure from within the step, except under a GradScaler, which is never
-        given a closure that it re-evaluates)."""
+        given a closure that it re-evaluates), and note the learning rate the step runs with."""
+        trainer_ref = weakref.ref(trainer)
 
-        def began(*_: Any) -> None:
+        def began(opt: torch.optim.Optimizer, *_: Any) -> None:
             self._in_step[key] = 0
+            # Registered after the LR guard's hook: the rate is the one this step applies, which the scheduler and
+            # the LR guard move on from before the log is written. A tensor rate is read on logging steps only (the
+            # read waits for the device).
+            lr = opt.param_groups[0].get("lr")
+            if isinstance(lr, Tensor):
+                run = trainer_ref()
+                lr = float(lr) if run is not None and _lightning_step(run) + 1 >= self._next_log_step else None
+            scale = self.lr_guard.scale(key) if key in self._lr_hooks and self.lr_guard is not None else None
+            self._step_rates[key] = (None if lr is None else float(lr), scale)
 
         def ended(*_: Any) -> None:
             self._in_step.pop(key, None)
@@ -531,6 +576,12 @@ class GradGuard(CallbackBase):
             self._warn_reevaluating(optimizer, key)
         self._loss = None  # the trial points' losses are not the step's
         engine = self._states[key]
+        if engine.skipped:
+            # The step's first evaluation was skipped: so is the rest of the step. A SAM-style step applies the
+            # gradient of its second evaluation, which a bad batch makes non-finite as well.
+            for p in engine.index.params:
+                p.grad = None
+            return True
         engine.add_regularizer_grads_()  # part of the objective, at every point the optimizer evaluates
         if self._clip_norm is not None:  # Trainer(gradient_clip_val=...) clips every evaluation, as Lightning does
             torch.nn.utils.clip_grad_norm_([p for p in engine.index.params if p.grad is not None], self._clip_norm)
@@ -603,6 +654,13 @@ class GradGuard(CallbackBase):
             raise MisconfigurationException(str(err)) from None
         if engine.rolled_back:
             restart_weight_averages(trainer)
+        if engine.skipped and key in self._reevaluating:
+            # Skipped, but the step goes on evaluating: a SAM-style step climbs along this gradient before its second
+            # evaluation, and common implementations stack the gradients they find (none: an error). Zeros move
+            # nothing, and for LBFGS read as None does (converged: no move); the later evaluations are skipped too.
+            for p in engine.index.params:
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
         if logging:
             self._diag.after_engine_step(key, engine)
         if stats is not None and self._histogram_due(stamp + 1) and self._may_write_board(trainer):
@@ -841,10 +899,13 @@ class GradGuard(CallbackBase):
         for (key, engine), part in zip(engines, engine_parts):
             snap = engine.snapshot(host[offset : offset + part.numel()])
             offset += part.numel()
-            opt = trainer.optimizers[key] if key < len(trainer.optimizers) else None
-            lr = opt.param_groups[0]["lr"] if opt is not None else None
-            lr = float(lr) if lr is not None else None  # None: an optimizer that sizes its own steps (Adafactor)
-            metrics.update(snap.metrics(self._prefix(key), lr=lr))
+            # The rate the window's last step ran with (None: an optimizer that sizes its own steps, Adafactor).
+            lr, scale = self._step_rates.get(key, (None, None))
+            if scale is not None:
+                snap.lr_scale = scale
+            metrics.update(snap.metrics(self._prefix(key)))
+            if lr is not None and snap.lr_scale is not None:
+                metrics[f"{self._prefix(key)}lr"] = lr
             snapshots.append((key, snap))
             self._reporter.report(key, step, snap, several=len(self._states) > 1)
         diag_values: dict[str, Any] = {}
@@ -870,7 +931,8 @@ class GradGuard(CallbackBase):
                 if "/events/" in k and "/epoch/" not in k and not k.endswith(("lr_reduced", "clipped"))
             )
         )
-        if prog_bar:  # Lightning allows self.log in on_train_batch_end only
+        # Lightning allows self.log in on_train_batch_end only; barebones=True refuses it.
+        if prog_bar and not getattr(trainer, "barebones", False):
             pl_module.log_dict(
                 {f"gg_{k}": v for k, v in status.items()}, prog_bar=True, logger=False, on_step=True, on_epoch=False
             )

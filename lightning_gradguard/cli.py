@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -101,6 +102,7 @@ class RunData:
     path: str
     scalars: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     config: dict[str, str] = field(default_factory=dict)  # GradGuard's configuration text, setting -> value
+    damaged: list[str] = field(default_factory=list)  # event files with a record that failed its checksum
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -145,8 +147,9 @@ def load_run(name: str, path: str) -> RunData:
     # 0 = keep every scalar; the report never looks at images, histograms or text, so keep one of each.
     guidance = {ea.SCALARS: 0, ea.IMAGES: 1, ea.AUDIO: 1, ea.HISTOGRAMS: 1, ea.COMPRESSED_HISTOGRAMS: 1, ea.TENSORS: 1}
     accumulator = ea.EventAccumulator(path, size_guidance=guidance)
-    accumulator.Reload()
-    run = RunData(name=name, path=path)
+    with _DamageWatch() as damage:
+        accumulator.Reload()
+    run = RunData(name=name, path=path, damaged=damage.files)
     for tag in accumulator.Tags().get("scalars", []):
         if not tag.startswith(_PREFIX):
             continue
@@ -158,6 +161,38 @@ def load_run(name: str, path: str) -> RunData:
         if events and events[-1].tensor_proto.string_val:
             run.config = parse_config_text(events[-1].tensor_proto.string_val[0].decode("utf-8", "replace"))
     return run
+
+
+class _DamageWatch(logging.Handler):
+    """Collects the event files TensorBoard's reader found damaged while reading (a record that failed its checksum:
+    the reader stops there, and everything after it is lost). TensorBoard says so at debug level only; a truncated
+    last record, which a run still writing leaves, is not damage."""
+
+    _DAMAGED = re.compile(r"^Truncated record in (.+?) \(.*failed \w+ crc32 check")
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.files: list[str] = []
+        self._logger = logging.getLogger("tensorboard")
+        self._saved: tuple[int, bool] = (logging.NOTSET, True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = self._DAMAGED.match(record.getMessage())
+        if found and found.group(1) not in self.files:
+            self.files.append(found.group(1))
+
+    def __enter__(self) -> _DamageWatch:
+        # Debug records reach this handler only: the user's own logging setup sees what it saw before.
+        self._saved = (self._logger.level, self._logger.propagate)
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.propagate = False
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._saved[0])
+        self._logger.propagate = self._saved[1]
 
 
 def parse_config_text(text: str) -> dict[str, str]:
@@ -476,6 +511,7 @@ def summarize_run(run: RunData) -> dict[str, Any]:
 
     return {
         "path": run.path,
+        "damaged": list(run.damaged),
         "steps": {
             "first": int(all_steps[0]) if len(all_steps) else None,
             "last": int(all_steps[-1]) if len(all_steps) else None,
@@ -636,7 +672,10 @@ def format_diagnostics(summary: dict[str, Any]) -> list[str]:
 
 def format_summary(name: str, summary: dict[str, Any]) -> str:
     """The text report of one run."""
-    parts = [f"run {name}  ({summary['path']})", format_table(metric_rows(summary), indent="  ")]
+    parts = [f"run {name}  ({summary['path']})"]
+    for path in summary.get("damaged", []):
+        parts.append(f"  warning: damaged event file (a record failed its checksum), read up to the damage: {path}")
+    parts.append(format_table(metric_rows(summary), indent="  "))
     if summary["top_max_norm"]:
         parts.append(f"  top {TOP_K} layers by max norm")
         rows = [
@@ -751,6 +790,8 @@ def _load_runs(candidates: list[tuple[str, str]]) -> tuple[list[RunData], dict[s
             continue
         if run.scalars:
             runs.append(run)
+        elif run.damaged:
+            skipped[name] = f"damaged event file, nothing read before the damage: {', '.join(run.damaged)}"
         else:
             skipped[name] = _NO_DATA
     return runs, skipped

@@ -19,6 +19,7 @@ import math
 import numbers
 import operator
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -562,8 +563,8 @@ class GuardEngine:
         >>> snap = engine.snapshot()  # one device-to-host copy
         >>> snap.counts["nonfinite"], snap.counts["skipped"], snap.layer_names
         (1, 1, ['0', '2'])
-        >>> sorted(snap.metrics())[:3]
-        ['gradguard/clip_coef', 'gradguard/clip_threshold', 'gradguard/ema_lower']
+        >>> sorted(snap.metrics())[:3]  # no clip_threshold before ZClip's 25 warm-up steps are over
+        ['gradguard/clip_coef', 'gradguard/ema_lower', 'gradguard/ema_mean']
     """
 
     def __init__(
@@ -656,6 +657,10 @@ class GuardEngine:
         self.key = check_int("key", key, low=None)
         self.steps = 0  # steps recorded (cumulative, saved)
         self._warned_no_gradient = False
+        # The first gradient the last step left behind and its version: the same tensor, unwritten since, on the
+        # next call means no backward (nor zero_grad) came between, i.e. step() was called twice for one step.
+        self._processed: tuple[weakref.ref[Tensor], weakref.ref[Tensor], int] | None = None
+        self._warned_twice = False
         self.steps_since_log = 0
         self.host_counts = {"skipped": 0, "lr_reduced": 0, "rolled_back": 0}
         self.rollback = rollback
@@ -787,10 +792,13 @@ class GuardEngine:
             # Partial sums of the window's gradients: neither a step to judge nor gradients to clip or drop.
             self.skipped = self.rolled_back = False
             return None
+        loss_in = self._loss_input(loss)
+        if self._called_twice():
+            # Going on would add the regularizer terms and clip a second time and count one step twice.
+            return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
         if self._running_stats is not None:
             self._running_stats.repair_()
-        loss_in = self._loss_input(loss)
         distributed = _distributed()
         if loss_in is not None and distributed:
             # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
@@ -875,12 +883,34 @@ class GuardEngine:
         self.steps += 1
         self.steps_since_log += 1
         self._tail.step_done()
+        if not self.skipped:  # after the clipping and the rescue, which write the gradients in place
+            first = measured.grads[0]
+            self._processed = (weakref.ref(measured.params[0]), weakref.ref(first), first._version)
         return StepStats(
             layer_norm=layer_norm, total_norm=total, nonfinite=nonfinite,
             layer_nonfinite=~layer_finite if layer_nonfinite is None else layer_nonfinite,
             layer_present=measured.present, grads=measured.grads, params=measured.params,
             param_indices=measured.param_indices,
         )  # fmt: skip
+
+    def _called_twice(self) -> bool:
+        """The gradients of the last step are still there, unwritten (no backward in between): warn once."""
+        if self._processed is None:
+            return False
+        param_ref, grad_ref, version = self._processed
+        param, grad = param_ref(), grad_ref()
+        if grad is None or param is None or param.grad is not grad or grad._version != version:
+            self._processed = None
+            return False
+        if not self._warned_twice:
+            self._warned_twice = True
+            warnings.warn(
+                "GuardEngine.step() was called again on the gradients of the step before (no backward in between);"
+                " the call was ignored. Call it once per optimizer step, after backward() and before"
+                " optimizer.step().",
+                stacklevel=3,
+            )
+        return True
 
     @staticmethod
     def _unscaled(
@@ -1018,8 +1048,8 @@ class GuardEngine:
         self, flat: Tensor, present: Tensor, loss: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, ExplodingResult | None, VanishingResult | None, Tensor | None]:
         """From the flat measurement (and the loss) to the detectors' verdicts (the first compiled part)."""
-        total, layer_norm, layer_finite = split_flat(flat, self.index.num_layers)
-        valid = layer_finite.all()
+        total, layer_norm, layer_finite = split_flat(flat)
+        valid = total < math.inf  # False also for finite layers whose norms overflow together
         exploding = self.exploding.update(total, layer_norm, valid, present) if self.exploding is not None else None
         vanishing = self.vanishing.update(layer_norm, valid, present) if self.vanishing is not None else None
         diverging = self.divergence.update(loss) if self.divergence is not None and loss is not None else None
@@ -1099,9 +1129,9 @@ class GuardEngine:
             return False
         if mode == "raise":
             bad = [n for n, ok in zip(self.index.names, layer_finite.tolist()) if not ok]
+            where = f"in layer(s) {bad[:5]}{' and more' if len(bad) > 5 else ''}" if bad else "(their total norm)"
             raise NonFiniteGradientError(
-                f"GradGuard: non-finite gradients at step {step} in layer(s) {bad[:5]}"
-                f"{' and more' if len(bad) > 5 else ''}."
+                f"GradGuard: non-finite gradients, or a norm beyond the float32 range, at step {step} {where}."
             )
         for p in self.index.params:
             p.grad = None  # torch optimizers then leave the parameter and its state (moments, step) untouched

@@ -62,7 +62,7 @@ def _grouped_norms(tensors: list[Tensor], device: torch.device) -> tuple[Tensor,
 def _flat_source(
     local: list[Tensor], device: torch.device, grad_scale: Tensor | None
 ) -> tuple[Tensor, list[int] | None]:
-    """``[2P]`` fp32 on ``device``: the squared norms, then the norms; and their order (see :func:`_grouped_norms`).
+    """``[P]`` fp32 on ``device``: the squared norms; and their order (see :func:`_grouped_norms`).
 
     The norms are stacked into one vector before squaring: a ``_foreach_mul`` over the list of 0-d norms would save
     an op on paper, but allocates one tensor per parameter and, on a CPU, runs one kernel per parameter (twice the
@@ -71,7 +71,7 @@ def _flat_source(
     vector, order = _grouped_norms(local, device)
     if grad_scale is not None:
         vector = vector / grad_scale.to(device=device, dtype=torch.float32)
-    return torch.cat([vector * vector, vector]), order
+    return vector * vector, order
 
 
 def _upload(host: Tensor, device: torch.device) -> Tensor:
@@ -106,8 +106,7 @@ class _Segments:
     layer_ids: Tensor  # [P] layer of each norm, in the order the norms come out
     present: Tensor  # [L] bool
     order: list[int] | None  # order of the norms (None: parameter order)
-    index: Tensor  # [2P] layer_ids followed by layer_ids + L: where each entry of the source goes
-    zeros: Tensor  # [2L] fp32 zeros, the base of the index_add
+    zeros: Tensor  # [L] fp32 zeros, the base of the index_add
 
 
 @dataclass
@@ -115,8 +114,8 @@ class FlatStats:
     """One step's gradient measurement as a single flat device vector, the input of the per-step pipeline.
 
     Attributes:
-        flat: ``[2L]`` fp32: each layer's squared norm, then each layer's sum of parameter norms (finite exactly when
-            every gradient entry of the layer is; the summation order does not matter for that).
+        flat: ``[L]`` fp32: each layer's squared gradient norm (``inf`` or ``NaN`` for a layer with an inf/NaN
+            entry, and ``inf`` for one whose squared norm overflows float32).
         present: ``[L]`` bool, which layers received a gradient this step.
         grads: the gradients that are not ``None``, in parameter order.
         params: their parameters.
@@ -130,7 +129,7 @@ class FlatStats:
         >>> measured = GradStats(params, [0, 0, 1, 1], 2).measure()
         >>> total, layer_norm, finite = measured.split()
         >>> measured.flat.shape, layer_norm.shape, finite.tolist()
-        (torch.Size([4]), torch.Size([2]), [True, True])
+        (torch.Size([2]), torch.Size([2]), [True, True])
     """
 
     flat: Tensor
@@ -140,8 +139,8 @@ class FlatStats:
     param_indices: list[int]
 
     def split(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "all entries finite" (four ops)."""
-        return split_flat(self.flat, self.present.numel())
+        """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "norm finite" (see :func:`split_flat`)."""
+        return split_flat(self.flat)
 
 
 def nonfinite_weights(params: Sequence[Tensor], layer_of_param: Sequence[int], names: Sequence[str]) -> list[str]:
@@ -166,15 +165,15 @@ def nonfinite_weights(params: Sequence[Tensor], layer_of_param: Sequence[int], n
     return [names[layer] for layer in sorted(bad)]
 
 
-def split_flat(flat: Tensor, num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "all entries finite" of a
-    :attr:`FlatStats.flat` vector."""
-    # The square root of the norm sums changes nothing that matters (finite stays finite, inf and NaN stay), and
-    # taking it on the whole vector is one op.
-    layer_norm, sums = flat.sqrt().split(num_layers)
+def split_flat(flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "norm finite" of a :attr:`FlatStats.flat`
+    vector: a layer's norm is not finite when an entry is inf or NaN, or when the gradient, finite, is too large for
+    its squared norm to be a float32 (a norm above about 1.8e19: fp64 gradients, or the last step before inf)."""
+    layer_norm = flat.sqrt()
     # The total is a fixed-order reduction over the layers (not an atomic sum over parameters), so every rank of a
-    # distributed run, and every rerun, gets the same bits and takes the same decisions.
-    return torch.linalg.vector_norm(layer_norm), layer_norm, sums < math.inf
+    # distributed run, and every rerun, gets the same bits and takes the same decisions. A norm that overflows is
+    # not finite either: no clipper can scale by it, and a step nobody can measure is not one to apply.
+    return torch.linalg.vector_norm(layer_norm), layer_norm, layer_norm < math.inf
 
 
 @dataclass
@@ -269,9 +268,7 @@ class GradStats:
                 layer_ids=layer_ids,
                 present=_upload(mask, device),
                 order=order,
-                # One index_add fills the per-layer squares and the per-layer norm sums (see FlatStats).
-                index=torch.cat([layer_ids, layer_ids + self.num_layers]),
-                zeros=torch.zeros(2 * self.num_layers, dtype=torch.float32, device=device),
+                zeros=torch.zeros(self.num_layers, dtype=torch.float32, device=device),
             )
             if len(self._cache) > 64:  # layers appearing mid-run (unfreezing) must not grow this forever
                 self._cache.clear()
@@ -304,7 +301,7 @@ class GradStats:
     def measure(self, *, grad_scale: Tensor | None = None) -> FlatStats | None:
         """Measure the gradients currently in ``.grad`` into one flat vector (``None``: no parameter has one).
 
-        Five ops in the usual case (one device and dtype): ``_foreach_norm``, ``stack``, the squares, ``cat`` and
+        Four ops in the usual case (one device and dtype): ``_foreach_norm``, ``stack``, the squares and
         ``index_add``; under FSDP2 one ``all_reduce`` more.
 
         Args:
@@ -324,7 +321,7 @@ class GradStats:
             grads, params, present, local = found
             source, order = _flat_source(local, device, grad_scale)
         seg = self._segments(present, order, device, len(present) == len(self.params))
-        flat = torch.index_add(seg.zeros, 0, seg.index, source)
+        flat = torch.index_add(seg.zeros, 0, seg.layer_ids, source)
         if self._should_all_reduce(grads[0]):
             torch.distributed.all_reduce(flat)
         return FlatStats(flat=flat, present=seg.present, grads=grads, params=params, param_indices=present)
@@ -348,7 +345,7 @@ class GradStats:
         stats = StepStats(
             layer_norm=layer_norm,
             total_norm=total,
-            nonfinite=layer_nonfinite.any(),
+            nonfinite=~(total < math.inf),  # also finite layers whose norms overflow together
             layer_nonfinite=layer_nonfinite,
             layer_present=measured.present,
             grads=measured.grads,

@@ -7,6 +7,7 @@ import math
 import warnings
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -200,7 +201,7 @@ def test_tensorboard_tags(tmp_path: Any) -> None:
     torch.manual_seed(0)
     guard = GradGuard()
     logger = TensorBoardLogger(tmp_path)
-    trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+    trainer(max_steps=30, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
         Regressor(), regression_data()
     )
     acc = _scalars(tmp_path)
@@ -221,7 +222,7 @@ def test_tensorboard_tags(tmp_path: Any) -> None:
     ]:
         assert tag in tags, tag
     steps = [e.step for e in acc.Scalars("gradguard/total_norm")]
-    assert steps == [n - 1 for n in (5, 10, 15, 20)]  # Lightning's step of the 5th, 10th, ... optimizer step
+    assert steps == [n - 1 for n in (5, 10, 15, 20, 25, 30)]  # Lightning's step of the 5th, 10th, ... optimizer step
     maxes = [e.value for e in acc.Scalars("gradguard/total_norm_max")]
     lasts = [e.value for e in acc.Scalars("gradguard/total_norm")]
     assert all(m >= v - 1e-6 for m, v in zip(maxes, lasts))
@@ -326,3 +327,24 @@ def test_clip_threshold_is_not_logged_before_the_clipper_has_one() -> None:
     assert len(coefs) == 12  # the coefficient (1: nothing clipped) is logged from the first step
     assert steps == coefs[6:]  # the threshold from the first step after the six of the warm-up
     assert all(math.isfinite(v) for v in logger.series("gradguard/clip_threshold"))
+
+
+def test_trainer_log_every_n_steps_0_logs_the_last_window_only() -> None:
+    logger = MetricsLogger()
+    guard = GradGuard()
+    trainer(max_steps=120, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=0).fit(
+        Regressor(), regression_data()
+    )
+    # Before, 0 read as "unset": a row every 50 steps.
+    assert [step for step, m in logger.rows if "gradguard/total_norm" in m] == [119]  # at the end of training
+
+
+def test_barebones_trainer_gets_no_logging_from_the_guard() -> None:
+    guard = GradGuard()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(barebones=True, accelerator="cpu", devices=1, max_steps=60, max_epochs=-1, callbacks=[guard]).fit(
+            Regressor(), regression_data()
+        )
+    assert not [str(w.message) for w in caught if "barebones" in str(w.message)]
+    assert guard.summary()["exploding"] == 0

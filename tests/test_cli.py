@@ -362,3 +362,32 @@ def test_usage_errors_exit_2(capsys):
     assert "report" in capsys.readouterr().err
     assert main(["report"]) == 2  # LOGDIR missing: argparse's own message
     assert "LOGDIR" in capsys.readouterr().err
+
+
+def _damage(run_dir, at: float) -> str:
+    """Overwrite a stretch of bytes at fraction ``at`` of the run's event file; returns its path."""
+    (path,) = [p for p in run_dir.iterdir() if p.name.startswith("events.out.tfevents")]
+    data = bytearray(path.read_bytes())
+    start = int(len(data) * at)
+    data[start : start + 40] = bytes((b + 1) % 256 for b in data[start : start + 40])
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+def test_a_damaged_event_file_is_named_not_reported_as_a_short_run(tmp_path, capsys):
+    # A record failing its checksum stops TensorBoard's reader, which says so at debug level only: before, the
+    # report showed the records before it as if the run had logged no more (or "no gradguard/ scalars").
+    write_run(tmp_path / "middle", seed=0)
+    write_run(tmp_path / "early", seed=1)
+    write_run(tmp_path / "intact", seed=2)
+    middle = _damage(tmp_path / "middle", 0.5)
+    early = _damage(tmp_path / "early", 0.0005)  # inside the first records, before any gradguard/ scalar
+    report = _json(capsys, ["report", str(tmp_path), "--json"])
+    assert report["runs"]["middle"]["damaged"] == [middle]
+    assert report["runs"]["middle"]["steps"]["logged"] < len(STEPS)
+    assert report["runs"]["intact"]["damaged"] == [] and report["runs"]["intact"]["steps"]["logged"] == len(STEPS)
+    assert report["skipped"] == {"early": f"damaged event file, nothing read before the damage: {early}"}
+    assert main(["report", str(tmp_path / "middle")]) == 0
+    assert f"warning: damaged event file (a record failed its checksum), read up to the damage: {middle}" in (
+        capsys.readouterr().out
+    )

@@ -210,6 +210,27 @@ def test_a_non_finite_step_is_skipped_in_a_plain_loop() -> None:
     assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0  # one bad batch changes nothing
 
 
+@pytest.mark.parametrize("mode", ["skip", "raise"])
+def test_finite_gradients_whose_squared_norm_overflows_float32_are_not_applied(mode: str) -> None:
+    # Eight tensors of one layer, each with a norm of 8e18: every entry and every tensor's norm is a finite float32,
+    # but the layer's squared norm (5.1e38) is not. Before, the step counted as finite with an inf total norm, which
+    # neither the detectors nor the clipper act on: it went through unclipped and uncounted.
+    layer = nn.ParameterList([nn.Parameter(torch.zeros(4)) for _ in range(8)])
+    model = nn.ModuleDict({"big": layer, "small": nn.Linear(2, 1)})
+    engine = GuardEngine(model, on_nonfinite=mode)  # type: ignore[arg-type]
+    for p in layer:
+        p.grad = torch.full((4,), 4e18)
+    for p in model["small"].parameters():
+        p.grad = torch.ones_like(p)
+    if mode == "raise":
+        with pytest.raises(NonFiniteGradientError, match=r"beyond the float32 range.*\['big'\]"):
+            engine.step()
+        return
+    engine.step()
+    assert engine.skipped and all(p.grad is None for p in model.parameters())
+    assert [(e.nonfinite, e.exploding) for e in engine.drain()] == [(True, False)]
+
+
 class WrappedOptimizer(torch.optim.Optimizer):
     """Built as accelerate's ``AcceleratedOptimizer``: an ``Optimizer`` subclass that never runs
     ``Optimizer.__init__`` (so it has no step hooks of its own) and forwards to the optimizer it holds."""
@@ -532,7 +553,7 @@ def test_raise_names_the_layers() -> None:
 
 
 def test_snapshot_reads_the_window_once_and_starts_the_next() -> None:
-    engine, _, _ = _run(_engine, range(1, 12))
+    engine, model, _ = _run(_engine, range(1, 12))
     snap = engine.snapshot()
     assert snap.layer_names == ["0", "2", "4"]
     assert snap.present.tolist() == [True, True, True]
@@ -544,7 +565,7 @@ def test_snapshot_reads_the_window_once_and_starts_the_next() -> None:
     )
     assert "gradguard/lr" not in metrics  # no LR guard
     # Layer "2" had no gradient on steps 10 and 11: the next window starts without it.
-    _run(_engine, range(12, 13), engine=engine, model=_model())
+    _run(_engine, range(12, 13), engine=engine, model=model)
     later = engine.snapshot()
     assert later.events == [] and later.total_norm_max > -math.inf
     assert engine.snapshot().total_norm_max == -math.inf  # an empty window

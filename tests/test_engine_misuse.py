@@ -78,6 +78,7 @@ def test_no_optimizer_is_refused_and_another_models_is_warned_about_once() -> No
         engine.step(optimizer=model)  # type: ignore[arg-type]
     # An optimizer holding part of the model (one of several) is fine.
     part = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    model(torch.randn(8, 4)).square().mean().backward()  # the next step's gradients
     assert engine.step(optimizer=part) is not None
 
 
@@ -151,3 +152,42 @@ def test_a_module_where_parameters_belong_is_refused() -> None:
     for wrong_model in (None, nn.Sequential):
         with pytest.raises(ValueError, match="`module` must be an nn.Module"):
             build_layer_index(wrong_model)  # type: ignore[arg-type]
+
+
+def _backward(model: nn.Module, scale: float = 1.0) -> None:
+    (model(torch.randn(8, 4)).square().mean() * scale).backward()
+
+
+def test_a_second_step_call_on_the_same_gradients_is_ignored_with_one_warning() -> None:
+    model = _model()
+    engine = GuardEngine(model, clip=ZClip(), regularizers=[L2(0.1)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        opt.zero_grad(set_to_none=step % 2 == 0)  # both ways of clearing start a new step
+        _backward(model)
+        assert engine.step(optimizer=opt) is not None
+        after_first = [p.grad.clone() for p in model.parameters()]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert engine.step(optimizer=opt) is None
+        # Nothing was added (L2's term) or counted a second time.
+        for p, want in zip(model.parameters(), after_first):
+            torch.testing.assert_close(p.grad, want, rtol=0, atol=0)
+        assert engine.steps == step + 1
+        messages = [str(w.message) for w in caught]
+        if step == 0:
+            assert len(messages) == 1 and messages[0].startswith("GuardEngine.step() was called again"), messages
+        else:  # once per engine
+            assert messages == []
+        opt.step()
+
+
+def test_accumulating_into_the_same_gradients_is_a_new_step() -> None:
+    model = _model()
+    engine = GuardEngine(model, clip=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):  # no zero_grad: each backward adds into the same tensors, which is a new step's gradient
+            _backward(model)
+            assert engine.step() is not None
+    assert engine.steps == 3

@@ -29,7 +29,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.regularize import Regularizer
-from tests.helpers import scalar_series
+from tests.helpers import MetricsLogger, scalar_series
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -267,15 +267,16 @@ def test_lr_guard_leaves_the_schedule_alone_and_scales_it_inside_the_step(tmp_pa
     assert all(a < b for a, b in zip(rising, rising[1:])) and rising[-1] == 1.0
     assert multipliers[spike + 1 + cooldown + recovery :] == [1.0] * (steps - spike - 1 - cooldown - recovery)
 
-    # Logged after each logging step: the multiplier and the LR the next step will take (scheduled x multiplier).
+    # Logged on each logging step: the multiplier and the LR that step ran with (as LearningRateMonitor's scheduled
+    # rate, logged at the same step), not the next step's, which the scheduler and the LR guard have moved on to.
     scalars = scalar_series(tmp_path)
     logged_scale = dict(scalars["gradguard/lr_scale"])
     logged_lr = dict(scalars["gradguard/lr"])
-    # Lightning numbers the n-th optimizer step n - 1: logged at 4, 9, ..., the values after steps 5, 10, ...
+    # Lightning numbers the n-th optimizer step n - 1: logged at 4, 9, ..., the values of steps 5, 10, ...
     assert sorted(logged_scale) == [n - 1 for n in range(5, steps + 1, 5)]
     for s in logged_scale:
-        assert logged_scale[s] == pytest.approx(hit.scales[s], rel=1e-6)
-        assert logged_lr[s] == pytest.approx(hit.after[s] * hit.scales[s], rel=1e-6)
+        assert logged_scale[s] == pytest.approx(multipliers[s], rel=1e-6)
+        assert logged_lr[s] == pytest.approx(hit.effective[s], rel=1e-6)
     assert min(logged_scale.values()) == 0.5
     reduced = dict(scalars["gradguard/events/lr_reduced"])
     assert reduced[10 - 1] == 0.0 and reduced[steps - 1] == 1.0
@@ -323,7 +324,7 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     old.step()
     assert seen == [0.05]
 
-    second = Shifting(lr=0.05)
+    # The same model again, with a new Trainer (and so a new optimizer): training goes on where it stopped.
     probe = LRProbe(guard)
     norms = GradNorm()
     _quiet_fit(
@@ -334,10 +335,10 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
             log_every_n_steps=4,
             logger=TensorBoardLogger(tmp_path / "b", name="", version=""),
         ),
-        second,
+        first,
         regression_data(),
     )
-    # The lowered multiplier carries over (same guard) and reaches the new optimizer.
+    # The lowered multiplier carries over (the same model's run goes on) and reaches the new optimizer.
     assert probe.effective[:3] == [0.025] * 3
     # The new run logs on its own cadence, with saturation, into its own directory only.
     new = scalar_series(tmp_path / "b")
@@ -346,8 +347,56 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     assert [s for s, _ in new["gradguard/saturation/net.1"]] == logged
     assert [s for s, _ in new["gradguard/layer/net.0"]] == logged
     assert [s for s, _ in scalar_series(tmp_path / "a")["gradguard/layer/net.0"]] == logged
-    # It measures the new model's gradients, not the stopped run's.
+    # It measures the new optimizer's gradients, not the stopped run's.
     assert dict(new["gradguard/total_norm"])[logged[-1]] == pytest.approx(norms.norms[-1], rel=1e-5)
+
+
+def test_guard_reused_for_a_new_model_starts_afresh() -> None:
+    """A sweep or a notebook reusing one GradGuard: a new LightningModule starts with fresh statistics, counts, rate
+    multiplier and early-restart window (before, a first run's 25 steps had closed the second model's window, so a
+    rate that diverged from the start was never rescued, and a cut of the first run lowered the second's rate)."""
+
+    def fit(guard: GradGuard, model: Shifting, steps: int) -> LRProbe:
+        probe = LRProbe(guard)
+        _quiet_fit(trainer(max_steps=steps, max_epochs=-1, callbacks=[guard, probe]), model, regression_data())
+        return probe
+
+    reused = GradGuard()
+    torch.manual_seed(0)
+    fit(reused, Shifting(spikes=(30, 32), lr=0.05), 40)  # two spikes within the cooldown: one cut
+    assert reused.summary()["lr_reduced"] == 1 and reused.lr_guard.scale(0) < 1.0
+
+    results = []
+    for guard in (reused, GradGuard()):
+        torch.manual_seed(1)
+        model = Shifting(lr=3.0)  # diverges from its first steps: restarted and rescued
+        probe = fit(guard, model, 60)
+        results.append((guard.summary(), guard.rescuing(0), probe.effective, [p.detach() for p in model.parameters()]))
+    (reused_summary, reused_rescuing, reused_rates, reused_params), fresh = results
+    assert reused_summary == fresh[0] and reused_summary["rolled_back"] == 1
+    assert reused_rescuing and fresh[1]
+    assert reused_rates == fresh[2] and reused_rates[0] == 3.0
+    for a, b in zip(reused_params, fresh[3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_logged_lr_is_the_rate_each_logged_step_ran_with() -> None:
+    # Lightning steps a per-step scheduler before the batch's log is written, and the LR guard's multiplier moves on
+    # after a cut: read then, `gradguard/lr` was the next step's rate (2x off after a StepLR halving).
+    torch.manual_seed(0)
+    model = Shifting(
+        spikes=(12, 14), lr=0.05, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    )
+    guard, logger = GradGuard(), MetricsLogger()
+    probe = LRProbe(guard)
+    _quiet_fit(
+        trainer(max_steps=30, max_epochs=-1, callbacks=[guard, probe], logger=logger, log_every_n_steps=1),
+        model,
+        regression_data(),
+    )
+    assert guard.summary()["lr_reduced"] == 1  # the multiplier changes inside the run too
+    assert logger.series("gradguard/lr") == pytest.approx(probe.effective, rel=1e-6)
+    assert len(probe.effective) == 30
 
 
 # ---------------------------------------------------------------------------------------------- regularizers
@@ -747,6 +796,6 @@ def test_an_optimizer_without_a_learning_rate_gets_no_lr_guard(recwarn: pytest.W
     messages = [str(w.message) for w in recwarn.list]
     assert any("lr=None in every param group" in m and "LR guard and the rollback" in m for m in messages)
     exploding = [m for m in messages if "exploding gradients" in m]
-    assert exploding and all(m.endswith("action: clipped (ZClip).") for m in exploding)  # no LR guard claimed
+    assert exploding and all(m.endswith("guarded by: ZClip clipping.") for m in exploding)  # no LR guard claimed
     counts = guard.summary()
     assert counts["exploding"] == 2 and counts["lr_reduced"] == counts["rolled_back"] == 0

@@ -812,3 +812,30 @@ def test_runs_without_regular_training(tmp_path: Any, kind: str) -> None:
         assert guard.summary() == dict.fromkeys(guard.summary(), 0)
     if kind == "validate":
         assert "val_loss" in tags  # the logger did write: just nothing of GradGuard's
+
+
+class HugeGradientRegressor(Regressor):
+    """Multiplies one step's loss by ``factor``: finite gradients whose norm lies beyond the float32 range."""
+
+    def __init__(self, at: int, factor: float) -> None:
+        super().__init__(lr=0.01)
+        self.at, self.factor = at, factor
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.factor if self.trainer.global_step == self.at else loss
+
+
+def test_a_finite_gradient_beyond_the_float32_range_is_skipped_not_applied() -> None:
+    # Under 64-true the gradients of 1e25 times the loss stay finite, but their squared norm overflows float32, which
+    # no clipper can scale by. Before, the step went through unclipped and uncounted, and wrecked the weights.
+    torch.manual_seed(0)
+    model = HugeGradientRegressor(at=6, factor=1e25)
+    snaps = ParamSnapshots()
+    guard = GradGuard()
+    with pytest.warns(UserWarning, match="non-finite gradients"):
+        trainer(precision="64-true", max_steps=12, callbacks=[guard, snaps]).fit(model, regression_data())
+    assert all(torch.equal(a, b) for a, b in zip(snaps.params[5], snaps.params[6]))  # the step was skipped
+    summary = guard.summary()
+    assert summary["nonfinite"] == 1 and summary["skipped"] == 1 and summary["lr_reduced"] == 0
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in model.parameters())

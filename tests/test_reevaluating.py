@@ -213,3 +213,54 @@ def test_hook_calls_outside_an_optimizer_step_are_one_step_each() -> None:
         nn.functional.mse_loss(module.net(x), y).backward()
         guard.on_before_optimizer_step(fit, module, optimizer)
     assert engine.steps == before + 3 and 0 not in guard._reevaluating
+
+
+class SAM(torch.optim.SGD):
+    """Sharpness-aware minimization as commonly written: climb along the normalized gradient, evaluate again there,
+    step from the original weights with that second gradient. ``_grad_norm`` stacks the gradients it finds, as the
+    widely used implementation does (so it fails on a step with none)."""
+
+    def __init__(self, params: Any, lr: float = 0.05, rho: float = 0.05) -> None:
+        super().__init__(params, lr=lr, momentum=0.9)
+        self.rho = rho
+
+    def _grad_norm(self) -> torch.Tensor:
+        return torch.stack([p.grad.norm() for g in self.param_groups for p in g["params"] if p.grad is not None]).norm()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        assert closure is not None
+        with torch.enable_grad():
+            loss = closure()
+        with torch.no_grad():
+            scale = self.rho / (self._grad_norm() + 1e-12)
+            old = {p: p.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None}
+            for p in old:
+                p.add_(p.grad * scale)
+        with torch.enable_grad():
+            closure()
+        with torch.no_grad():
+            for p, w in old.items():
+                p.copy_(w)
+        super().step()
+        return loss
+
+
+class SAMFit(Fit):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return SAM(self.parameters())
+
+
+def test_a_sam_step_with_a_nonfinite_batch_is_skipped_with_every_evaluation() -> None:
+    # Before, the first evaluation's skip left no gradient (this SAM's norm then failed), and a SAM that tolerates
+    # that applied the second evaluation's NaN gradient: the weights ended NaN.
+    L.seed_everything(0, verbose=False)
+    module = SAMFit("sam", scale_at={7: math.nan})
+    guard, probe = GradGuard(), BatchParams(at=7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=1, callbacks=[guard, probe]).fit(module, regression_data(n=640, batch_size=32))
+    events = guard.summary()
+    assert events["nonfinite"] == 1 and events["skipped"] == 1 and events["lr_reduced"] == 0
+    assert module.closure_calls == 40  # two evaluations on each of the 20 steps
+    assert all(torch.equal(a, b) for a, b in zip(probe.before, probe.after))
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -210,7 +210,7 @@ def test_max_warnings_zero_counts_the_layers_without_naming_them() -> None:
     torch.manual_seed(0)
     guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False, max_warnings=0)
     (message,) = _exploding_warnings(guard, Spiky(12), every=10)
-    assert re.match(r"GradGuard: exploding gradients in \d+ layers at step 12; action: ", message)
+    assert re.match(r"GradGuard: exploding gradients in \d+ layers at step 12; guarded by: ", message)
     assert "'" not in message
 
 
