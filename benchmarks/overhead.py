@@ -550,6 +550,10 @@ def _guard_step(guard: GradGuard, trainer: L.Trainer, module: _BenchModule) -> C
     optimizer = trainer.optimizers[0]
 
     def step() -> None:
+        # Each call is a new optimizer step on the same (fixed) gradients: the engine would take a second call on
+        # unchanged gradients for a repeated one and ignore it, so forget the last step's gradients first.
+        for engine in guard._states.values():
+            engine._processed = None
         # The hooks GradGuard runs on a step that does not log, in the order Lightning calls them.
         guard.on_train_batch_start(trainer, module, None, 0)
         guard.on_before_optimizer_step(trainer, module, optimizer)

@@ -72,6 +72,9 @@ def test_json_holds_every_variant_and_case(quick_run: tuple[str, dict]) -> None:
     assert cases["torch._foreach_norm"]["x_foreach_norm"] == 1.0
     assert cases["clip_grad_norm_(1.0)"]["x_clip_grad_norm"] == 1.0
     assert all(r["ms"] > 0 for r in cases.values())
+    # Each guarded call is a whole quiet step (over a hundred small ops eagerly): a benchmark whose calls the guard
+    # took for repeats of one step, and skipped, would time almost nothing.
+    assert cases["gg_defaults"]["ops"] > 100 and cases["gg_monitor"]["ops"] > 50
 
 
 def test_logging_memory_and_goals(quick_run: tuple[str, dict]) -> None:
