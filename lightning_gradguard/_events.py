@@ -129,7 +129,9 @@ class EventReporter:
                 text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
             return text
 
-        action = f"; guarded by: {action}" if kind != "vanishing" else ""
+        # A non-finite step's action was taken (skip, zero, warn); an exploding one is answered by parts that act
+        # depending on the step (see explode_action).
+        action = {"nonfinite": f"; action: {action}", "exploding": f"; guarded by: {action}"}.get(kind, "")
         title, named = self._TITLES[kind], guard.max_warnings
         if named == 0:
             layers = "layer" if len(rows) == 1 else "layers"
@@ -169,9 +171,12 @@ class EventReporter:
             actions.append(f"{type(engine.clipper).__name__} clipping")
         if engine.lr_guard is not None:
             lr_guard = engine.lr_guard
-            when = "now" if diverging or lr_guard.patience == 1 else f"at {lr_guard.patience} such events within"
-            if not diverging and lr_guard.patience > 1:
-                when += f" {lr_guard.cooldown} steps"
+            if diverging or lr_guard.patience == 1:
+                when = "now"
+            elif lr_guard.cooldown == 0:
+                when = f"at {lr_guard.patience} such events in a row"
+            else:
+                when = f"at {lr_guard.patience} such events within {lr_guard.cooldown} steps"
             actions.append(
                 f"the LR guard lowers the rate {when}"
                 + (" (and the rollback, while it is on)" if engine.rollback is not None else "")

@@ -278,7 +278,7 @@ class GradGuard(CallbackBase):
         self._step_hooks: dict[int, tuple[Any, Any]] = {}
         # Per optimizer key, the learning rate of param group 0 the latest optimizer step ran with and the LR
         # guard's multiplier in it (see ``_watch_steps``).
-        self._step_rates: dict[int, tuple[float | None, float | None]] = {}
+        self._step_rates: dict[int, tuple[float | Tensor | None, float | None]] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -429,7 +429,7 @@ class GradGuard(CallbackBase):
             elif self.lr_guard is not None and key not in self._lr_hooks:
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
             if key not in self._step_hooks:
-                self._step_hooks[key] = self._watch_steps(trainer, optimizer, key)
+                self._step_hooks[key] = self._watch_steps(optimizer, key)
         every, done = self._log_every(trainer), _lightning_step(trainer)
         # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
         # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
@@ -537,23 +537,21 @@ class GradGuard(CallbackBase):
             category=UserWarning,
         )
 
-    def _watch_steps(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> tuple[Any, Any]:
+    def _watch_steps(self, optimizer: torch.optim.Optimizer, key: int) -> tuple[Any, Any]:
         """Hooks on ``optimizer.step()`` that open and close its count of closure evaluations (the hook calls made
         inside it: Lightning evaluates the closure from within the step, except under a GradScaler, which is never
         given a closure that it re-evaluates), and note the learning rate the step runs with."""
-        trainer_ref = weakref.ref(trainer)
 
         def began(opt: torch.optim.Optimizer, *_: Any) -> None:
             self._in_step[key] = 0
             # Registered after the LR guard's hook: the rate is the one this step applies, which the scheduler and
-            # the LR guard move on from before the log is written. A tensor rate is read on logging steps only (the
-            # read waits for the device).
+            # the LR guard move on from before the log is written. A tensor rate is copied (a scheduler fills it in
+            # place), and read when the log is written (reading it now would wait for the device).
             lr = opt.param_groups[0].get("lr")
             if isinstance(lr, Tensor):
-                run = trainer_ref()
-                lr = float(lr) if run is not None and _lightning_step(run) + 1 >= self._next_log_step else None
+                lr = lr.detach().clone()
             scale = self.lr_guard.scale(key) if key in self._lr_hooks and self.lr_guard is not None else None
-            self._step_rates[key] = (None if lr is None else float(lr), scale)
+            self._step_rates[key] = (lr, scale)
 
         def ended(*_: Any) -> None:
             self._in_step.pop(key, None)
@@ -905,7 +903,7 @@ class GradGuard(CallbackBase):
                 snap.lr_scale = scale
             metrics.update(snap.metrics(self._prefix(key)))
             if lr is not None and snap.lr_scale is not None:
-                metrics[f"{self._prefix(key)}lr"] = lr
+                metrics[f"{self._prefix(key)}lr"] = float(lr)
             snapshots.append((key, snap))
             self._reporter.report(key, step, snap, several=len(self._states) > 1)
         diag_values: dict[str, Any] = {}

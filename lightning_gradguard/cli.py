@@ -163,36 +163,42 @@ def load_run(name: str, path: str) -> RunData:
     return run
 
 
-class _DamageWatch(logging.Handler):
+class _DamageWatch(logging.Filter):
     """Collects the event files TensorBoard's reader found damaged while reading (a record that failed its checksum:
     the reader stops there, and everything after it is lost). TensorBoard says so at debug level only; a truncated
-    last record, which a run still writing leaves, is not damage."""
+    last record, which a run still writing leaves, is not damage.
 
-    _DAMAGED = re.compile(r"^Truncated record in (.+?) \(.*failed \w+ crc32 check")
+    A filter on TensorBoard's logger, which is lowered to debug level meanwhile: it sees every record first and lets
+    through only those the logger passed before, so the user's own logging setup sees what it saw before.
+    """
+
+    # TensorBoard's own reader says "... failed ... crc32 check"; TensorFlow's, when installed, "corrupted record".
+    _DAMAGE = re.compile(r"crc32|corrupt", re.IGNORECASE)
 
     def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
+        super().__init__()
         self.files: list[str] = []
         self._logger = logging.getLogger("tensorboard")
-        self._saved: tuple[int, bool] = (logging.NOTSET, True)
+        self._level = logging.NOTSET
+        self._passed = logging.NOTSET
 
-    def emit(self, record: logging.LogRecord) -> None:
-        found = self._DAMAGED.match(record.getMessage())
-        if found and found.group(1) not in self.files:
-            self.files.append(found.group(1))
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg == "Truncated record in %s (%s)" and len(args) == 2 and self._DAMAGE.search(str(args[1])):
+            path = str(args[0])
+            if path not in self.files:
+                self.files.append(path)
+        return record.levelno >= self._passed
 
     def __enter__(self) -> _DamageWatch:
-        # Debug records reach this handler only: the user's own logging setup sees what it saw before.
-        self._saved = (self._logger.level, self._logger.propagate)
+        self._level, self._passed = self._logger.level, self._logger.getEffectiveLevel()
         self._logger.setLevel(logging.DEBUG)
-        self._logger.propagate = False
-        self._logger.addHandler(self)
+        self._logger.addFilter(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._logger.removeHandler(self)
-        self._logger.setLevel(self._saved[0])
-        self._logger.propagate = self._saved[1]
+        self._logger.removeFilter(self)
+        self._logger.setLevel(self._level)
 
 
 def parse_config_text(text: str) -> dict[str, str]:

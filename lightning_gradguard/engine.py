@@ -465,6 +465,20 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _witnesses(
+    params: Sequence[Tensor], grads: Sequence[Tensor]
+) -> list[tuple[weakref.ref[Tensor], weakref.ref[Tensor], int]]:
+    """The first and the last gradient of a trainable parameter, with their autograd versions: a backward writes both
+    (accumulating or after ``zero_grad``), a frozen parameter's stale gradient never changes, and in a network the
+    first and last trainable layers take part in every backward. Plain tensors only: a sharded (DTensor) gradient
+    can be written around its version counter. Empty: nothing to tell a repeated call by."""
+    ends = [i for i in (0, len(params) - 1) if params[i].requires_grad and type(grads[i]) is Tensor]
+    if len(ends) < 2:  # frozen ends (a frozen backbone keeps its last gradient): the first and last trainable ones
+        trainable = [i for i, p in enumerate(params) if p.requires_grad and type(grads[i]) is Tensor]
+        ends = trainable[:1] + trainable[-1:]
+    return [(weakref.ref(params[i]), weakref.ref(grads[i]), grads[i]._version) for i in dict.fromkeys(ends)]
+
+
 def _refuse_fsdp1(model: nn.Module) -> None:
     fsdp1 = loaded_type("torch.distributed.fsdp.fully_sharded_data_parallel", "FullyShardedDataParallel")
     if fsdp1 is not None and any(isinstance(module, fsdp1) for module in model.modules()):
@@ -657,9 +671,9 @@ class GuardEngine:
         self.key = check_int("key", key, low=None)
         self.steps = 0  # steps recorded (cumulative, saved)
         self._warned_no_gradient = False
-        # The first gradient the last step left behind and its version: the same tensor, unwritten since, on the
-        # next call means no backward (nor zero_grad) came between, i.e. step() was called twice for one step.
-        self._processed: tuple[weakref.ref[Tensor], weakref.ref[Tensor], int] | None = None
+        # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
+        # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
+        self._processed: list[tuple[weakref.ref[Tensor], weakref.ref[Tensor], int]] = []
         self._warned_twice = False
         self.steps_since_log = 0
         self.host_counts = {"skipped": 0, "lr_reduced": 0, "rolled_back": 0}
@@ -793,17 +807,17 @@ class GuardEngine:
             self.skipped = self.rolled_back = False
             return None
         loss_in = self._loss_input(loss)
+        distributed = _distributed()
+        if loss_in is not None and distributed:
+            # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
+            # before anything that may end the step early, so that every process joins this all_reduce every step.
+            loss_in = _rank_mean(loss_in)
         if self._called_twice():
             # Going on would add the regularizer terms and clip a second time and count one step twice.
             return None
         grad_scaler = self._unscaled(grad_scaler, optimizer, grad_scale)
         if self._running_stats is not None:
             self._running_stats.repair_()
-        distributed = _distributed()
-        if loss_in is not None and distributed:
-            # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
-            # before anything that may end the step early, so that every process joins this all_reduce every step.
-            loss_in = _rank_mean(loss_in)
         self._process_landed()
         if self._pending and self._acts_on_flags and distributed:
             # Several processes: a decision that changes training (the LR guard's cut, a rollback, an adaptive
@@ -883,9 +897,8 @@ class GuardEngine:
         self.steps += 1
         self.steps_since_log += 1
         self._tail.step_done()
-        if not self.skipped:  # after the clipping and the rescue, which write the gradients in place
-            first = measured.grads[0]
-            self._processed = (weakref.ref(measured.params[0]), weakref.ref(first), first._version)
+        # After the clipping and the rescue, which write the gradients in place.
+        self._processed = [] if self.skipped else _witnesses(measured.params, measured.grads)
         return StepStats(
             layer_norm=layer_norm, total_norm=total, nonfinite=nonfinite,
             layer_nonfinite=~layer_finite if layer_nonfinite is None else layer_nonfinite,
@@ -895,13 +908,13 @@ class GuardEngine:
 
     def _called_twice(self) -> bool:
         """The gradients of the last step are still there, unwritten (no backward in between): warn once."""
-        if self._processed is None:
+        if not self._processed:
             return False
-        param_ref, grad_ref, version = self._processed
-        param, grad = param_ref(), grad_ref()
-        if grad is None or param is None or param.grad is not grad or grad._version != version:
-            self._processed = None
-            return False
+        for param_ref, grad_ref, version in self._processed:
+            param, grad = param_ref(), grad_ref()
+            if grad is None or param is None or param.grad is not grad or grad._version != version:
+                self._processed = []
+                return False
         if not self._warned_twice:
             self._warned_twice = True
             warnings.warn(

@@ -391,3 +391,20 @@ def test_a_damaged_event_file_is_named_not_reported_as_a_short_run(tmp_path, cap
     assert f"warning: damaged event file (a record failed its checksum), read up to the damage: {middle}" in (
         capsys.readouterr().out
     )
+
+
+def test_reading_leaves_tensorboards_own_log_records_to_the_users_logging(tmp_path, caplog):
+    import logging
+
+    from lightning_gradguard.cli import _DamageWatch
+
+    damaged = str(tmp_path / "a (copy)" / "events.out.tfevents.1")
+    with caplog.at_level(logging.INFO), _DamageWatch() as watch:
+        logger = logging.getLogger("tensorboard")
+        logger.warning("Found more than one graph event per run")
+        logger.debug("Truncated record in %s (%s)", damaged, "b'x' failed event crc32 check")
+        logger.debug("Truncated record in %s (%s)", str(tmp_path / "live"), "b'y' has truncated record in data")
+    messages = [r.getMessage() for r in caplog.records if r.name == "tensorboard"]
+    assert messages == ["Found more than one graph event per run"]  # the warning passes, the debug records do not
+    assert watch.files == [damaged]  # a path with " (" in it is kept whole; the live file's cut-off end is no damage
+    assert logging.getLogger("tensorboard").level == logging.NOTSET

@@ -191,3 +191,32 @@ def test_accumulating_into_the_same_gradients_is_a_new_step() -> None:
             _backward(model)
             assert engine.step() is not None
     assert engine.steps == 3
+
+
+def test_a_frozen_layers_stale_gradient_does_not_make_every_step_look_repeated() -> None:
+    # Train everything, then freeze the first layer and train the rest with a new optimizer: the frozen layer keeps
+    # its last gradient, which nothing writes again. The steps that follow are new ones (a NaN batch among them is
+    # skipped), not repeats of the last.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    engine = GuardEngine(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        engine.step(optimizer=opt)
+        opt.step()
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model[1].parameters(), lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*non-finite", category=UserWarning)
+        for step in range(4):
+            opt.zero_grad()
+            (model(x).square().mean() * (math.nan if step == 3 else 1.0)).backward()
+            assert engine.step(optimizer=opt) is not None
+            assert engine.skipped == (step == 3)
+            opt.step()
+    assert engine.steps == 7
+    assert all(torch.isfinite(p).all() for p in model.parameters())
