@@ -303,7 +303,8 @@ def build_guard(
     Args:
         orthogonal: Strength of the orthogonality penalty on the recurrent weights (0 disables it).
         max_grad_norm: Absolute cap of ZClip's threshold (``None``: adaptive only).
-        max_ratio: The exploding detector's ratio limit for the total norm (``None``: its default, 100).
+        max_ratio: The exploding detector's ratio limit for the total norm, at every step (``None``: its default, none;
+            100 during its warm-up).
 
     Example:
         >>> guard = build_guard(max_ratio=5.0)
@@ -371,7 +372,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-ratio",
         type=float,
         default=None,
-        help="flag a total gradient norm this many times its running mean as exploding (default: 100)",
+        help="flag a total norm this many times its running mean as exploding (default: none; 100 in the warm-up)",
     )
     p.add_argument("--quick", action="store_true", help="8 steps on short sequences (seconds; for tests)")
     p.add_argument("--logdir", default="gradguard_logs", help="TensorBoard log root (default: gradguard_logs)")

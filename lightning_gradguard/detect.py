@@ -80,7 +80,7 @@ class ExplodingDetector:
     mean **and** the norm is at least ``min_ratio`` times the mean norm (so a very steady history does not turn
     small wiggles into events), or when it exceeds the absolute ceiling ``max_norm``. A run that diverges from its
     first steps gives no calm history to compare with, so from the second step on a total norm more than
-    ``warmup_ratio`` times the (geometric) mean so far is exploding too during the warm-up, and more than
+    ``warmup_ratio`` times the (geometric) mean so far is exploding too during the warm-up, and, when set, more than
     ``max_ratio`` times it at any time. Observations enter the average winsorized on both sides (to ``z_thresh``
     standard deviations around it after the warm-up, to the ratio boundaries before), so one outlier, a spike or a
     nearly-zero gradient, moves it by a bounded amount: one explosion does not hide the next, and a steady climb is
@@ -94,28 +94,34 @@ class ExplodingDetector:
     named when it carries at least ``min_share`` of the step's total norm, so a layer that is usually silent (norm ~0)
     does not raise alarms when it wakes up with a tiny gradient.
 
-    The ratio limits trade differently, hence three of them, and only the loose ones are on by default. 5x on the
+    The ratio limits trade differently, hence three of them, and only a loose one is on by default. 5x on the
     total catches a too-high learning rate in its very first steps, but held for the whole run (``max_ratio=5``) it
     flagged 67 steps of a healthy, spiky run (the LSTM example on the adding problem, Adam), which then took 5500
     steps to solve the task instead of 3400; held during the warm-up only (``warmup_ratio=5``) it still flagged a
     healthy GAN, whose generator norm grows 80x in its first 20 steps (the healthy zoo benchmark), and the LR guard
     then cost it most of its progress. The same 5x on single layers, which swing far more than their sum, gave a
-    healthy ResNet-20 75 events and cost it most of its accuracy. Hence 100x for the total and for each layer (after
-    the layer's own warm-up), and ``warmup_ratio`` opt-in.
+    healthy ResNet-20 75 events and cost it most of its accuracy. Hence 100x for the total during the warm-up, where
+    there is no band yet. After the warm-up a fixed ratio adds something only where the history is so noisy that
+    the band is wider than it (a log-norm standard deviation above log(ratio) / ``z_thresh``), and there it flagged
+    healthy steps: a denoiser trained with one noise level per batch, whose norm legitimately spans four orders of
+    magnitude, raised 49 events and was cut to 1% of its rate at 100x. Hence ``max_ratio`` and ``max_layer_ratio``
+    opt-in.
 
     Args:
         z_thresh: z-score (in log-norm) above which a norm is a spike.
         alpha: EMA decay of the mean and variance (closer to 1: longer memory).
         warmup_steps: valid steps observed before any spike can be reported.
         min_ratio: a spike must also be at least this multiple of the EMA norm.
-        max_ratio: a total norm this many times its EMA is exploding even during warm-up (``None``: off); 5 guards
-            the first steps of a run against a too-high learning rate.
-        max_layer_ratio: the same test for each layer's norm, after the layer's own warm-up (``None``: off).
+        max_ratio: a total norm this many times its EMA is exploding at any time, warm-up included (``None``, the
+            default: off); 5 guards the first steps of a run against a too-high learning rate, and holds a steady
+            run to 5x as well.
+        max_layer_ratio: the same test for each layer's norm, after the layer's own warm-up (``None``, the default:
+            off).
         warmup_ratio: during the warm-up, a total norm this many times its running (geometric) mean is exploding
-            (``None``, the default: only ``max_ratio``). Before there is a band, this is what catches a run that
-            diverges in its first steps; a flagged step is clipped to the boundary (GradGuard's ``clip_exploding``)
-            and the LR guard backs off. After the warm-up the band and ``max_ratio`` take over, so healthy but spiky
-            runs are not held to it; healthy runs whose norm grows fast at first (a GAN) are, hence opt-in.
+            (``None``: only ``max_ratio``). Before there is a band, this is what catches a run that diverges in its
+            first steps; a flagged step is clipped towards the average (GradGuard's ``clip_exploding``) and the LR
+            guard backs off. After the warm-up the band takes over. 5 flags healthy runs whose norm grows fast at
+            first (a GAN), hence 100.
         max_norm: absolute ceiling for the total norm (``None``: none).
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.
@@ -137,9 +143,9 @@ class ExplodingDetector:
         alpha: float = 0.95,
         warmup_steps: int = 20,
         min_ratio: float = 2.0,
-        max_ratio: float | None = 100.0,
-        max_layer_ratio: float | None = 100.0,
-        warmup_ratio: float | None = None,
+        max_ratio: float | None = None,
+        max_layer_ratio: float | None = None,
+        warmup_ratio: float | None = 100.0,
         max_norm: float | None = None,
         max_layer_norm: float | None = None,
         per_layer: bool = True,

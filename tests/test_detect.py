@@ -17,15 +17,17 @@ def _feed(det: ExplodingDetector, norms: list[float], layers: int = 1) -> list[b
 
 
 def test_exploding_after_warmup_only() -> None:
-    det = ExplodingDetector(warmup_steps=10, warmup_ratio=None)
+    det = ExplodingDetector(warmup_steps=10, warmup_ratio=None, max_ratio=100.0)
     torch.manual_seed(0)
     history = (1.0 + 0.1 * torch.randn(30)).abs().tolist()
     assert not any(_feed(det, history[:5] + [50.0]))  # a 50x spike during warm-up is not reported...
     assert _feed(det, [5000.0]) == [True]  # ...but a jump past max_ratio is, warm-up or not
-    # warmup_ratio holds the total to 5x its mean during the warm-up (opt-in: healthy GANs grow faster than that).
+    # warmup_ratio holds the total to that many times its mean during the warm-up (5: healthy GANs grow faster).
     det = ExplodingDetector(warmup_steps=10, warmup_ratio=5.0)
     assert _feed(det, history[:5] + [4.0, 10.0]) == [False] * 6 + [True]
-    assert ExplodingDetector().warmup_ratio is None
+    defaults = ExplodingDetector()
+    assert (defaults.max_ratio, defaults.max_layer_ratio, defaults.warmup_ratio) == (None, None, 100.0)
+    assert _feed(defaults, history[:5] + [50.0, 5000.0]) == [False] * 6 + [True]  # 100x in the warm-up
     det = ExplodingDetector(warmup_steps=10)
     assert not any(_feed(det, history))
     assert _feed(det, [50.0]) == [True]
@@ -66,12 +68,11 @@ def test_cap_is_min_ratio_times_the_average_or_the_ceiling() -> None:
 def test_total_and_layer_ratio_tests_have_their_own_limits() -> None:
     # Layers fluctuate more than their sum: the total can be held to 5x while a layer must still jump 100x. A huge
     # z_thresh leaves the ratio tests as the only ones that can fire.
-    assert (ExplodingDetector().max_ratio, ExplodingDetector().max_layer_ratio) == (100.0, 100.0)
     det = ExplodingDetector(warmup_steps=3, z_thresh=1e3, max_ratio=5.0, warmup_ratio=None)
     det.update(T(1.5), T([1.0, 1.0]), T(True))
     r = det.update(T(1.5), T([500.0, 1.0]), T(True))  # a layer 500x up inside its own warm-up: no event yet
     assert not bool(r.any)
-    det = ExplodingDetector(warmup_steps=4, z_thresh=1e3, max_ratio=5.0)
+    det = ExplodingDetector(warmup_steps=4, z_thresh=1e3, max_ratio=5.0, max_layer_ratio=100.0)
     for noisy in (1.0, 10.0, 1.0, 10.0):  # the first layer's band becomes very wide; its geometric mean is ~3.2
         det.update(T(1.5), T([noisy, 1.0]), T(True))
     r = det.update(T(1.5), T([20.0, 1.0]), T(True))  # a layer ~6x its mean, the total steady
@@ -169,3 +170,20 @@ def test_exploding_invalid_arguments(kwargs: dict) -> None:
 def test_vanishing_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         VanishingDetector(**kwargs)
+
+
+def test_after_the_warm_up_a_noisy_history_is_judged_by_its_band_not_a_fixed_ratio() -> None:
+    # Norms that legitimately span orders of magnitude (a denoiser with one noise level per batch): a 300x step is
+    # inside such a history's band. Before, the default max_ratio=100 (and max_layer_ratio) flagged it, and the LR
+    # guard cut such a run to 1% of its rate. Set, max_ratio still holds the run to it.
+    noisy = [10.0**e for e in (0, 2, -1, 1, -2, 0, 2, -1, 1, -2) * 3]
+    default = ExplodingDetector(warmup_steps=20)
+    assert not any(_feed(default, noisy))  # no step of the warm-up above 100x its running mean
+    assert _feed(default, [300.0]) == [False]
+    strict = ExplodingDetector(warmup_steps=20, max_ratio=100.0, max_layer_ratio=100.0)
+    _feed(strict, noisy)
+    assert _feed(strict, [300.0]) == [True]
+    # A steady history still meets its band: far less than 100x is exploding.
+    steady = ExplodingDetector(warmup_steps=20)
+    _feed(steady, [1.0, 1.1, 0.9] * 8)
+    assert _feed(steady, [20.0]) == [True]

@@ -272,6 +272,16 @@ def test_two_nan_batches_close_together_lower_the_lr() -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+def test_recurring_nan_batches_that_a_cut_does_not_stop_are_not_cut_for_again() -> None:
+    # Every ninth batch non-finite by itself (as a masked mean over a fully masked batch is): the first close pair
+    # cuts once; the rest, with nothing exploding, are skipped without further cuts (before: a cut per pair).
+    guard, model = _nan_run(tuple(range(9, 60, 9)))
+    events = guard.summary()
+    assert events["skipped"] == 6 and events["exploding"] == 0, events
+    assert events["lr_reduced"] == 1, events
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------- 4. 1500 layers
 
 

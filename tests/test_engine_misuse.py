@@ -131,8 +131,10 @@ def test_load_state_dict_names_what_it_needs() -> None:
 
 
 def test_messages_name_the_argument_a_bound_comes_from_and_offer_none() -> None:
-    with pytest.raises(ValueError, match=r"`max_ratio` must satisfy min_ratio \(200.0\) < max_ratio"):
+    with pytest.raises(ValueError, match=r"`warmup_ratio` must satisfy min_ratio \(200.0\) < warmup_ratio \(or None\)"):
         ExplodingDetector(min_ratio=200)
+    with pytest.raises(ValueError, match=r"`max_ratio` must satisfy min_ratio \(200.0\) < max_ratio"):
+        ExplodingDetector(min_ratio=200, warmup_ratio=None, max_ratio=100)
     with pytest.raises(ValueError, match=r"`high` must satisfy low \(0.5\) < high"):
         UpdateRatioHints(low=0.5)
     with pytest.raises(ValueError, match=r"`image_every_n_steps` must be an integer >= 1 or None, got 0"):

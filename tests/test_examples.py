@@ -126,8 +126,8 @@ def test_lstm_max_ratio_flag_reaches_the_detector(tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(lstm_adding, "build_guard", spy)
     lstm_adding.main(["--quick", "--max-ratio", "5", "--logdir", str(tmp_path)])
     lstm_adding.main(["--quick", "--logdir", str(tmp_path)])
-    assert [g.exploding.max_ratio for g in built] == [5.0, 100.0]
-    assert all(g.exploding.max_layer_ratio == 100.0 for g in built)
+    assert [g.exploding.max_ratio for g in built] == [5.0, None]  # None: the detector's default (off)
+    assert all(g.exploding.max_layer_ratio is None for g in built)  # the flag sets the total's limit only
 
 
 def test_lstm_quick_run_logs_gradguard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -272,6 +272,23 @@ def test_lrguard_two_nonfinite_steps_far_apart_do_not_reduce() -> None:
     assert guard.scale() == 1.0
 
 
+def test_lrguard_non_finite_steps_that_a_cut_did_not_stop_cut_no_further() -> None:
+    # Batches non-finite by themselves (a masked mean over a fully masked batch, 0/0), every few steps: the first
+    # pair cuts, as two close non-finite steps do; the pairs after it, with nothing exploding, are the data's doing.
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    cuts = 0
+    for step in range(1, 200):
+        cuts += guard.update(False, nonfinite=step % 9 == 0)
+    assert cuts == 1
+    # Non-finite steps in a row (a model wrecked straight into NaN) still cut: four, twice the patience.
+    assert [guard.update(False, nonfinite=True) for _ in range(4)] == [False, False, False, True]
+    # So does a pair after an explosion, which says the rate is in question again.
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    assert [guard.update(False, nonfinite=s in (3, 6)) for s in range(1, 8)].count(True) == 1
+    guard.update(True)
+    assert [guard.update(False, nonfinite=s in (3, 6)) for s in range(1, 8)].count(True) == 1
+
+
 def _calm(guard: LRGuard, n: int) -> list[float]:
     out = []
     for _ in range(n):
