@@ -331,8 +331,23 @@ class GradGuard(CallbackBase):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(self.state_key))  # absent: older
-        self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(self.state_key)
+        key = self.state_key
+        saved = checkpoint.get("callbacks") or {}
+        if key not in saved:
+            # The key names part of the configuration, so a guard configured otherwise than the one that saved
+            # (another clipper, no LR guard) is not handed its state by Lightning: take it here. What does not fit
+            # (the other clipper's statistics) starts afresh, with a warning; the counts, detectors and the lowered
+            # rate go on.
+            found = [k for k in saved if isinstance(k, str) and k.startswith(f"{type(self).__qualname__}{{")]
+            if len(found) == 1:
+                key = found[0]
+                rank_zero_warn(
+                    f"GradGuard: the checkpoint was saved by a GradGuard configured otherwise ({key}); its state is"
+                    " restored where it fits this one."
+                )
+                self.load_state_dict(copy.deepcopy(saved[key]))
+        self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(key))  # absent: older
+        self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(key)
 
     def _restore_optimizer_state(self, key: int, engine: GuardEngine) -> None:
         if self._loaded is None:
@@ -341,17 +356,28 @@ class GradGuard(CallbackBase):
         if saved is None:
             return
         try:
-            engine.load_state_dict(saved)
+            problems = engine._load_state(saved)
         except ValueError:
             rank_zero_warn(
                 f"GradGuard: the checkpoint's layers for optimizer {key} differ from the model's; detector and"
                 " clipper state is not restored."
             )
+            return
+        for problem in problems:
+            rank_zero_warn(f"GradGuard (optimizer {key}): {problem}")
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        others = [c for c in trainer.callbacks if isinstance(c, GradGuard) and c is not self]  # type: ignore[attr-defined]
+        if others:
+            # Both would clip, skip and lower the rate of the same steps, and the second finds gradients the first
+            # already clipped (or dropped): their LR guards would compound on the same optimizer.
+            raise MisconfigurationException(
+                f"GradGuard: the Trainer has {len(others) + 1} GradGuard callbacks; one guards a model. Configure one"
+                " GradGuard with everything it should do."
+            )
         if self._fitted_model is not None and self._fitted_model() is not pl_module:
             self._start_over()
         self._fitted_model = weakref.ref(pl_module)
@@ -432,9 +458,11 @@ class GradGuard(CallbackBase):
                 self._step_hooks[key] = self._watch_steps(optimizer, key)
         every, done = self._log_every(trainer), _lightning_step(trainer)
         # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
-        # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
-        # reused with a new Trainer, which starts at step 0).
-        if not done < self._next_log_step <= done + every:
+        # (done, done + every + 1]: a stale value, or one left by an earlier fit of a Trainer that ran further (the
+        # guard reused with a new Trainer, which starts at step 0). The + 1: a checkpoint written at a batch's end
+        # (ModelCheckpoint(every_n_train_steps=...)) holds the count before that batch's own increment, which
+        # Lightning adds after this hook on resume.
+        if not done < self._next_log_step <= done + every + 1:
             self._next_log_step = (done // every + 1) * every
 
     def _log_every(self, trainer: pl.Trainer) -> int:
@@ -476,7 +504,14 @@ class GradGuard(CallbackBase):
         if engine is not None and self._signatures.get(key) == signature:
             return engine
         assert self._model_index is not None, "GradGuard.on_fit_start did not run"
-        index = self._model_index.subset(p for g in optimizer.param_groups for p in g["params"])
+        held = [p for g in optimizer.param_groups for p in g["params"]]
+        known = {id(p) for p in self._model_index.params}
+        if any(id(p) not in known for p in held):
+            # A module created after the fit began (a new head given to the optimizer with add_param_group).
+            self._model_index = build_layer_index(
+                trainer.lightning_module, self.group_depth, self.group_fn, include_frozen=True
+            )
+        index = self._model_index.subset(held)
         self._diag.forget(key)
         if not index.params:
             raise MisconfigurationException(

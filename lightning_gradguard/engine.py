@@ -455,9 +455,12 @@ def _step_number(step: Any) -> int:
     if isinstance(step, (bool, float)) or (isinstance(step, Tensor) and step.is_floating_point()):
         raise ValueError(f"`step` must be an integer step number or None, got {step!r}")
     try:
-        return operator.index(step)
+        number = operator.index(step)
     except TypeError:
         raise ValueError(f"`step` must be an integer step number or None, got {step!r}") from None
+    if number < 0:  # the event records keep -1 for "no event"
+        raise ValueError(f"`step` must be a step number >= 0 or None, got {number}")
+    return number
 
 
 def _is_real(value: Any) -> bool:
@@ -618,7 +621,12 @@ class GuardEngine:
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
         regularizers = check_regularizers(regularizers)
         self._lazy_module: nn.Module | None = None
-        self._checked_optimizer: Any = None  # the last optimizer that passed _check_optimizer
+        # The last optimizer that passed _check_optimizer with its number of param groups, its parameters outside
+        # the index (a skip drops their gradients too), and the optimizer the LR guard's hooks sit on.
+        self._checked_optimizer: tuple[Any, int] | None = None
+        self._unwatched: list[Tensor] = []
+        self._warned_unwatched = False
+        self._attached: weakref.ref[torch.optim.Optimizer] | None = None
         if not (running_stats is None or running_stats == "default" or isinstance(running_stats, RunningStats)):
             raise ValueError(f"`running_stats` must be a RunningStats, None or 'default', got {running_stats!r}")
         # A skipped step keeps the weights, but its forward pass has already moved the normalization layers' running
@@ -714,27 +722,54 @@ class GuardEngine:
         if self.lr_guard is None:
             raise ValueError("GuardEngine.attach: the engine has no lr_guard.")
         self._check_optimizer(optimizer)
-        return self.lr_guard.attach(optimizer, self.key)
+        handle = self.lr_guard.attach(optimizer, self.key)
+        self._attached = weakref.ref(unwrap_optimizer(optimizer))
+        return handle
 
     def _check_optimizer(self, optimizer: Any) -> None:
         """Refuse what is no optimizer (no ``param_groups``); warn about one that holds none of this engine's
         parameters, once per optimizer: another model's would have the LR guard cut one model's rate for the other's
         explosions, but DeepSpeed's ZeRO optimizer, which holds flat copies, looks the same (and leaves the
         gradients empty, which :meth:`step` says)."""
-        if optimizer is self._checked_optimizer:
-            return
         inner = unwrap_optimizer(optimizer)
         groups = getattr(inner, "param_groups", None)
         if not isinstance(groups, (list, tuple)):
             raise ValueError(f"`optimizer` must be a torch.optim.Optimizer (or a wrapper of one), got {optimizer!r}")
-        if not any(id(p) in self._own for group in groups for p in group.get("params", ())):
+        attached = self._attached() if self._attached is not None else None
+        if attached is not None and self.lr_guard is not None and not self.lr_guard.is_attached(attached, self.key):
+            attached = self._attached = None  # its handle was removed
+        if attached is not None and inner is not attached:
+            # The multiplier lives in the step hooks of the optimizer given to attach(): this one would step at the
+            # full rate, whatever the guard decided.
+            raise ValueError(
+                f"GuardEngine: the LR guard is attached to another optimizer ({type(attached).__name__} at"
+                f" {id(attached):#x}) than the one passed to step(). For a new optimizer, remove the old handle and"
+                " call `engine.attach(new_optimizer)`."
+            )
+        # A param group added since the last check (add_param_group) changes the count.
+        checked = self._checked_optimizer
+        if checked is not None and checked[0] is optimizer and checked[1] == len(groups):
+            return
+        self._checked_optimizer = (optimizer, len(groups))
+        held = [p for group in groups for p in group.get("params", ())]
+        mine = any(id(p) in self._own for p in held)
+        # None of them: another model's optimizer, or DeepSpeed's flat copies (said below, and left alone).
+        self._unwatched = [p for p in held if id(p) not in self._own] if mine else []
+        if self._unwatched and not self._warned_unwatched:
+            self._warned_unwatched = True
+            warnings.warn(
+                f"GuardEngine: the optimizer holds {len(self._unwatched)} parameter(s) outside the model this engine"
+                " watches (added after the engine was built?): they are neither measured nor clipped, and a skipped"
+                " step drops their gradients too. Build the engine on the model that owns them to have them guarded.",
+                stacklevel=3,
+            )
+        if not mine:
             warnings.warn(
                 f"GuardEngine: the optimizer ({type(inner).__name__}) holds none of the parameters this engine watches."
                 " If it is another model's, its LR guard acts on this model's explosions: pass the optimizer of the"
                 " model the engine was built for.",
                 stacklevel=3,
             )
-        self._checked_optimizer = optimizer
 
     @torch.no_grad()
     def add_regularizer_grads_(self, scale: Tensor | float = 1.0) -> None:
@@ -798,8 +833,9 @@ class GuardEngine:
         if step is not None:
             step = _step_number(step)
         if grad_scale is not None and not isinstance(grad_scale, Tensor):
-            if not _is_real(grad_scale):
-                raise ValueError(f"`grad_scale` must be a tensor, a real number or None, got {grad_scale!r}")
+            if not _is_real(grad_scale) or not 0.0 < float(grad_scale) < math.inf:
+                # 0 or NaN would make every step non-finite, a negative scale flips every clipped gradient.
+                raise ValueError(f"`grad_scale` must be a tensor, a real number > 0 and finite, or None, got {grad_scale!r}")
             # Made on the device: a host tensor would be copied to it on every use (a blocking copy on CUDA).
             grad_scale = torch.full((), float(grad_scale), device=self._record.device)
         if optimizer is not None and step_deferred(optimizer):
@@ -1146,7 +1182,7 @@ class GuardEngine:
             raise NonFiniteGradientError(
                 f"GradGuard: non-finite gradients, or a norm beyond the float32 range, at step {step} {where}."
             )
-        for p in self.index.params:
+        for p in (*self.index.params, *self._unwatched):
             p.grad = None  # torch optimizers then leave the parameter and its state (moments, step) untouched
         self.host_counts["skipped"] += 1
         return True
@@ -1321,17 +1357,29 @@ class GuardEngine:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`.
 
+        A part that does not fit (a clipper of another kind or size, e.g. ZClip with another ``warmup_steps``) starts
+        afresh, with a warning that names it and why; everything else is restored.
+
         Raises:
             ValueError: when the state was saved for other layers (nothing is restored then).
         """
+        for problem in self._load_state(state):
+            warnings.warn(f"GuardEngine: {problem}", stacklevel=2)
+
+    def _load_state(self, state: dict[str, Any]) -> list[str]:
+        """:meth:`load_state_dict`, returning what was not restored (and why) instead of warning."""
         if not isinstance(state, dict):
             raise ValueError(f"`state` must be a dict from GuardEngine.state_dict(), got {type(state).__name__}")
         if state.get("layers") != list(self.index.names):
             raise ValueError("the saved layers differ from the model's; detector and clipper state is not restored.")
         device = self._record.device
+        problems = []
         for name, part in self._stateful():
             if part is not None and state.get(name) is not None:
-                part.load_state_dict(_to_device(state[name], device))
+                try:
+                    part.load_state_dict(_to_device(state[name], device))
+                except (ValueError, KeyError, TypeError) as err:  # saved by a part configured otherwise
+                    problems.append(f"the saved {name} state does not fit {part!r} ({err}); it starts afresh.")
         for b in _BUFFERS:
             if b.saved and b.name in state:
                 saved = state[b.name].to(device)
@@ -1341,6 +1389,7 @@ class GuardEngine:
         self.steps = int(state.get("steps", 0))
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])
+        return problems
 
     def carry_over(self, old: GuardEngine) -> None:
         """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed)."""

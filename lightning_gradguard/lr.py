@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,9 @@ class _KeyState:
     # steps then come from the data, which a lower rate does not cure
     nonfinite_cut: int = 0
     nonfinite_streak: int = 0  # non-finite steps in a row, up to this one
+    # 1 once a reduction was followed by calm past its hold: an explosion after that is a recurrence, and the
+    # reduction that answers it sets the ceiling (a first burst may be the data's: bad batches in a row)
+    armed: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
@@ -65,6 +69,7 @@ _STATE_FIELDS = (
     "reset_due",
     "nonfinite_cut",
     "nonfinite_streak",
+    "armed",
 )
 
 
@@ -94,6 +99,9 @@ def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
 
 _FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
 
+# The LR guard (its id, the key) whose step hooks each optimizer carries: a second one would compound with it.
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int]] = weakref.WeakKeyDictionary()
+
 
 class LRGuardHandle:
     """Detaches an :class:`LRGuard` from an optimizer: removes its step hooks and puts the scheduled lr back.
@@ -121,6 +129,8 @@ class LRGuardHandle:
         for handle in self._handles:
             handle.remove()
         self._guard.restore(self._optimizer, self._key)
+        if _ATTACHED.get(self._optimizer) == (id(self._guard), self._key):
+            del _ATTACHED[self._optimizer]
 
     def __enter__(self) -> LRGuardHandle:
         return self
@@ -297,6 +307,7 @@ class LRGuard:
         """
         state = _KeyState.from_dict(snapshot)
         state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
+        state.armed = 1  # trouble bad enough to go back for: the rate it came at is remembered at once
         self._states[key] = state
         return self._explode(state, force=True) if cut else False
 
@@ -348,6 +359,8 @@ class LRGuard:
         state.calm += 1
         if state.calm > self.cooldown:
             state.pending = 0
+            if state.since_cut < 1 << 30:
+                state.armed = 1
         if state.calm == recovered:
             state.anchor = max(state.ceiling, state.anchor)
         return False
@@ -366,8 +379,8 @@ class LRGuard:
         state.pending = 0
         state.since_cut = 0
         state.anchor = max(current * self.factor, self.min_scale)
-        if self.memory:
-            # Just below the rate that exploded: the geometric middle of it and the reduced rate.
+        if self.memory and state.armed:
+            # Just below the rate that exploded again: the geometric middle of it and the reduced rate.
             state.ceiling = max(min(state.ceiling, current * math.sqrt(self.factor)), state.anchor)
         if self.reset_momentum:
             state.reset_due = 1
@@ -419,6 +432,11 @@ class LRGuard:
                 swap.scheduled.copy_(current)  # type: ignore[union-attr,arg-type]
             group["lr"] = swap.scheduled
 
+    def is_attached(self, optimizer: torch.optim.Optimizer, key: int = 0) -> bool:
+        """Whether :meth:`attach` put this guard's hooks for ``key`` on ``optimizer`` (or the optimizer it wraps), and
+        they have not been removed since."""
+        return _ATTACHED.get(unwrap_optimizer(optimizer)) == (id(self), key)
+
     def attach(self, optimizer: torch.optim.Optimizer, key: int = 0) -> LRGuardHandle:
         """Scale the lr of ``optimizer`` inside each ``optimizer.step`` call only.
 
@@ -432,6 +450,14 @@ class LRGuard:
         """
 
         optimizer = unwrap_optimizer(optimizer)  # a framework's wrapper has no hooks of its own (accelerate)
+        owner = _ATTACHED.get(optimizer)
+        if owner is not None and owner != (id(self), key):
+            # Each would take the other's scaled rate for the scheduled one: the rate would shrink on every step.
+            raise ValueError(
+                f"LRGuard.attach: {type(optimizer).__name__} already has an LR guard attached (another LRGuard, or"
+                " another key of this one, e.g. a second GradGuard callback). One optimizer takes one LR guard: remove"
+                " the other's handle first."
+            )
         if any(group.get("lr") is None for group in optimizer.param_groups):
             warnings.warn(
                 f"LRGuard: {type(optimizer).__name__} has param groups with lr=None: it sizes its own steps (e.g."
@@ -448,6 +474,7 @@ class LRGuard:
             self.restore(opt, key)
 
         handles = (optimizer.register_step_pre_hook(pre_hook), optimizer.register_step_post_hook(post_hook))
+        _ATTACHED[optimizer] = (id(self), key)
         return LRGuardHandle(self, optimizer, key, handles)
 
     # ------------------------------------------------------------------ checkpointing

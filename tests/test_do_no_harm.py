@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
+from tests.models import Regressor, regression_data, trainer
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -371,3 +372,22 @@ def test_lr_warmup_and_warm_restart_raise_nothing() -> None:
     _no_harm(guard)
     bare = run(None)
     _assert_close(_mse(guarded, x, y), _mse(bare, x, y), "final train loss")
+
+
+class _BadBurst(Regressor):
+    """Adam; the loss of steps 41-44 is multiplied by 1e4 (four bad batches in a row, as a corrupted shard gives)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if 40 <= self.trainer.global_step < 44 else loss
+
+
+def test_a_burst_of_bad_batches_lowers_the_rate_for_a_while_not_for_the_rest_of_the_run() -> None:
+    guard = GradGuard()
+    trainer(max_steps=200, max_epochs=-1, callbacks=[guard]).fit(
+        _BadBurst(lr=1e-2, optimizer="adam"), regression_data()
+    )
+    assert guard.summary()["lr_reduced"] >= 1
+    assert guard.lr_guard is not None
+    # Before, the burst set the ceiling: the rate stayed at about a third of its schedule for good.
+    assert guard.lr_guard.ceiling() == 1.0 and guard.lr_guard.scale() == 1.0

@@ -76,9 +76,14 @@ def test_no_optimizer_is_refused_and_another_models_is_warned_about_once() -> No
         engine.step(optimizer=foreign)  # checked already
     with pytest.raises(ValueError, match="`optimizer` must be a torch.optim.Optimizer"):
         engine.step(optimizer=model)  # type: ignore[arg-type]
-    # An optimizer holding part of the model (one of several) is fine.
+    # The LR guard's hooks sit on the optimizer given to attach(): another one would step at the full rate.
     part = torch.optim.SGD(model[0].parameters(), lr=0.1)
     model(torch.randn(8, 4)).square().mean().backward()  # the next step's gradients
+    with pytest.raises(ValueError, match="attached to another optimizer"):
+        engine.step(optimizer=part)
+    # An optimizer holding part of the model (one of several) is fine.
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(part)
     assert engine.step(optimizer=part) is not None
 
 
@@ -91,7 +96,13 @@ def test_no_optimizer_is_refused_and_another_models_is_warned_about_once() -> No
         ({"loss": [1.0]}, "`loss` must be a tensor, a real number or None"),
         ({"step": "x"}, "`step` must be an integer step number or None"),
         ({"step": 1.7}, "`step` must be an integer step number or None"),
-        ({"grad_scale": "1024"}, "`grad_scale` must be a tensor, a real number or None"),
+        ({"step": -3}, "`step` must be a step number >= 0 or None"),
+        ({"grad_scale": "1024"}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
+        # 0 or NaN would make every step non-finite; a negative scale would flip the clipped gradients
+        ({"grad_scale": 0}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
+        ({"grad_scale": -1.0}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
+        ({"grad_scale": float("nan")}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
+        ({"grad_scale": float("inf")}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
     ],
 )
 def test_step_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:

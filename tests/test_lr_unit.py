@@ -471,7 +471,8 @@ def test_rewind_replaces_the_cuts_since_a_snapshot_with_one():
     assert before["anchor"] == 1.0 and before["ceiling"] == 1.0
     for _ in range(3):  # three cuts in a row on weights that a rollback is about to throw away
         assert guard.update(True)
-    assert guard.scale() == 0.125 and guard.ceiling() == pytest.approx(0.25 * math.sqrt(0.5))
+    # One burst: no ceiling yet (it may have been bad batches); the rollback's restart is evidence enough.
+    assert guard.scale() == 0.125 and guard.ceiling() == 1.0
     assert guard.rewind(before)
     assert guard.scale() == 0.5 and guard.ceiling() == pytest.approx(math.sqrt(0.5))
     # From there on it behaves as if that one cut had been the only one: hold, then recover to the ceiling.

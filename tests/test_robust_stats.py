@@ -297,15 +297,19 @@ def _calm(guard: LRGuard, n: int) -> list[float]:
     return out
 
 
-def test_lrguard_recovers_to_just_below_the_rate_that_exploded_then_creeps_up() -> None:
+def test_lrguard_recovers_to_just_below_the_rate_that_exploded_again_then_creeps_up() -> None:
     guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
+    # A first burst may be the data's (bad batches in a row): cut, then recover all the way.
+    assert guard.update(True) is True
+    assert guard.scale() == 0.5 and guard.ceiling() == 1.0
+    assert _calm(guard, 6)[-1] == 1.0
+    # The rate explodes again: now it is remembered, just below.
     assert guard.update(True) is True
     assert guard.scale() == 0.5
     ceiling = math.sqrt(0.5)
     assert guard.ceiling() == pytest.approx(ceiling)
     scales = _calm(guard, 6)  # hold 2, recover 4
     assert scales[-1] == pytest.approx(ceiling), f"recovered to {scales[-1]}, not to sqrt(factor)"
-    assert scales[-1] < 1.0
     # Then the ceiling creeps up by `increase` per calm step (relative), and the multiplier with it, up to 1.
     creep = _calm(guard, 10)
     assert creep[0] == pytest.approx(ceiling * (1 + guard.increase))
@@ -316,11 +320,30 @@ def test_lrguard_recovers_to_just_below_the_rate_that_exploded_then_creeps_up() 
     assert rest[-1] == 1.0 and guard.ceiling() == 1.0
 
 
+def test_lrguard_cuts_within_one_burst_set_no_ceiling() -> None:
+    # Four flagged steps in a row (four bad batches): two cuts, then recovery to the full rate.
+    guard = LRGuard(factor=0.5, patience=2, cooldown=2, recovery_steps=4)
+    cuts = [guard.update(True) for _ in range(4)]
+    assert cuts == [False, True, False, True] and guard.scale() == 0.25
+    assert guard.ceiling() == 1.0
+    assert _calm(guard, 6)[-1] == 1.0
+
+
+def test_lrguard_without_memory_never_sets_a_ceiling() -> None:
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4, memory=False)
+    for _ in range(3):
+        assert guard.update(True) is True
+        assert _calm(guard, 6)[-1] == 1.0 and guard.ceiling() == 1.0
+
+
 def test_lrguard_second_explosion_at_the_ceiling_lowers_it() -> None:
     guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     guard.update(True)
     _calm(guard, 6)
+    guard.update(True)  # the recurrence sets the ceiling
+    _calm(guard, 6)
     first = guard.ceiling()
+    assert first == pytest.approx(math.sqrt(0.5))
     assert guard.scale() == pytest.approx(first)
     assert guard.update(True) is True
     assert guard.ceiling() < first
@@ -331,8 +354,9 @@ def test_lrguard_second_explosion_at_the_ceiling_lowers_it() -> None:
 
 def test_lrguard_state_round_trip_keeps_ceiling_and_nonfinite_counters() -> None:
     guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
-    guard.update(True)
-    _calm(guard, 6)
+    for _ in range(2):  # two bursts: the second sets the ceiling
+        guard.update(True)
+        _calm(guard, 6)
     assert guard.update(False, nonfinite=True) is False  # one bad batch pending
     state = guard.state_dict()
     restored = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
@@ -356,3 +380,4 @@ def test_lrguard_loads_a_state_saved_before_ceiling_and_nonfinite_existed() -> N
     # One non-finite step is still an isolated one (no counter carried over).
     assert guard.update(False, nonfinite=True) is False
     assert guard.scale() == 0.5
+

@@ -1,0 +1,168 @@
+"""How the guard is wired to a fit: one guard per Trainer and per optimizer, parameters added mid-fit, a resume under
+another configuration, and the log schedule of a resume from a mid-epoch checkpoint."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import AutoClip, GradGuard, GuardEngine, LRGuard, ZClip
+from tests.helpers import MetricsLogger
+from tests.models import Regressor, regression_data, trainer
+
+
+# ------------------------------------------------------------------------------------------- one guard per optimizer
+def test_a_second_lr_guard_on_one_optimizer_is_refused() -> None:
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    first, second = LRGuard(), LRGuard()
+    handle = first.attach(opt)
+    # Each would take the other's scaled rate for the scheduled one: the rate would shrink on every step.
+    with pytest.raises(ValueError, match="already has an LR guard attached"):
+        second.attach(opt)
+    with pytest.raises(ValueError, match="already has an LR guard attached"):
+        first.attach(opt, key=1)
+    first.attach(opt).remove()  # the same guard and key again is harmless (apply never compounds)
+    handle.remove()
+    second.attach(opt).remove()  # free again once the first is removed
+
+
+def test_two_gradguards_in_one_trainer_are_refused() -> None:
+    guards = [GradGuard(clip=None, rollback=None), GradGuard(clip=None, rollback=None, group_depth=1)]
+    with pytest.raises(MisconfigurationException, match="2 GradGuard callbacks"):
+        trainer(max_steps=2, callbacks=guards).fit(Regressor(), regression_data())
+
+
+# --------------------------------------------------------------------------------------- parameters added mid-fit
+class _AddHead(L.Callback):
+    """At step 5, adds a module to the model and its parameters to the optimizer (``add_param_group``)."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == 5 and not hasattr(pl_module, "extra"):
+            pl_module.extra = nn.Linear(16, 1)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.extra.parameters())})
+
+
+class _GrowingRegressor(Regressor):
+    """Uses the added module once it is there; batch 8 (step 9) has a NaN loss."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out + self.extra(x) if hasattr(self, "extra") else out
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if batch_idx == 8 else loss
+
+
+def test_a_module_added_with_add_param_group_mid_fit_is_guarded() -> None:
+    model, guard = _GrowingRegressor(), GradGuard()
+    trainer(max_steps=12, callbacks=[guard, _AddHead()]).fit(model, regression_data())
+    assert guard.layer_names() == ["net.0", "net.2", "extra"]
+    assert guard.summary()["skipped"] == 1
+    # The skipped NaN step left the new head alone (before, it was not watched and took the NaN step).
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_a_plain_loop_optimizer_with_parameters_outside_the_engine_is_warned_about_and_skipped_whole() -> None:
+    model, head = nn.Linear(4, 1), nn.Linear(4, 1)
+    engine = GuardEngine(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.add_param_group({"params": list(head.parameters())})
+    (model(torch.randn(8, 4)) * float("nan") + head(torch.randn(8, 4))).sum().backward()
+    with pytest.warns(UserWarning, match="2 parameter\\(s\\) outside the model"):
+        engine.step(optimizer=opt)
+    assert engine.skipped and head.weight.grad is None and model.weight.grad is None
+    opt.step()
+    assert head.weight.isfinite().all()
+
+
+def test_a_plain_loop_step_with_another_optimizer_than_the_attached_one_is_refused() -> None:
+    model = nn.Linear(4, 1)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    old, new = (torch.optim.SGD(model.parameters(), lr=0.1) for _ in range(2))
+    handle = engine.attach(old)
+    model(torch.randn(8, 4)).sum().backward()
+    # The cut lives in the old optimizer's hooks: the new one would step at the full rate.
+    with pytest.raises(ValueError, match="attached to another optimizer"):
+        engine.step(optimizer=new)
+    handle.remove()
+    engine.attach(new)
+    assert engine.step(optimizer=new) is not None
+
+
+# --------------------------------------------------------------------------------- resume under another configuration
+def _spiky() -> DataLoader:
+    """8 batches per epoch; batch 5's targets are 1000x too large: an explosion every epoch."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 16, generator=g)
+    y = x @ torch.randn(16, 1, generator=g)
+    y[80:96] *= 1000.0
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+
+
+def _checkpoint(tmp_path: Path) -> tuple[str, GradGuard]:
+    guard = GradGuard(lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=3, callbacks=[guard, ckpt], enable_checkpointing=True).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky()
+        )
+    assert guard.summary()["exploding"] >= 2 and guard.lr_guard is not None and guard.lr_guard.scale() < 1.0
+    return ckpt.last_model_path, guard
+
+
+@pytest.mark.parametrize("clip", [AutoClip(), None], ids=["autoclip", "no-clipper"])
+def test_resuming_with_another_clipper_keeps_the_counts_and_the_lowered_rate(tmp_path: Path, clip: Any) -> None:
+    path, saved = _checkpoint(tmp_path)
+    resumed = GradGuard(clip=clip, lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None)
+    assert resumed.state_key != saved.state_key  # Lightning does not hand it the state: the guard takes it
+    with pytest.warns(UserWarning, match="configured otherwise"):
+        trainer(max_epochs=4, callbacks=[resumed]).fit(Regressor(lr=1e-2, optimizer="adam"), _spiky(), ckpt_path=path)
+    before, after = saved.summary(), resumed.summary()
+    # A fresh state would have counted the resumed epoch only (at most one event, in the detector's warm-up).
+    assert after["exploding"] >= before["exploding"] >= 2 and after["lr_reduced"] >= before["lr_reduced"]
+    assert resumed.lr_guard is not None and resumed.lr_guard.scale() < 1.0
+
+
+def test_resuming_with_a_clipper_of_another_size_restores_everything_else(tmp_path: Path) -> None:
+    path, saved = _checkpoint(tmp_path)
+    counts = saved.summary()
+    resumed = GradGuard(
+        clip=ZClip(warmup_steps=5), lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None
+    )
+    with pytest.warns(UserWarning, match=r"the saved clip state does not fit ZClip\(.*warmup_steps=5") as caught:
+        trainer(max_epochs=4, callbacks=[resumed]).fit(Regressor(lr=1e-2, optimizer="adam"), _spiky(), ckpt_path=path)
+    assert not [w for w in caught if "layers" in str(w.message)]  # the layers are the same: not blamed
+    # The counts and the step count carried on from the checkpoint (24 steps) through the 8 resumed ones.
+    assert resumed.summary()["exploding"] >= counts["exploding"] >= 2
+    assert resumed._states[0].steps == 32
+
+
+# ------------------------------------------------------------------------------------------- the log schedule on resume
+def test_a_resume_from_a_mid_epoch_checkpoint_logs_on_lightnings_schedule(tmp_path: Path) -> None:
+    def fit(max_steps: int, ckpt_path: str | None = None) -> list[int]:
+        logger = MetricsLogger()
+        ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+        trainer(
+            max_steps=max_steps,
+            max_epochs=-1,
+            callbacks=[GradGuard(), ckpt],
+            logger=logger,
+            log_every_n_steps=5,
+            enable_checkpointing=True,
+        ).fit(Regressor(), regression_data(n=512), ckpt_path=ckpt_path)
+        return [step for step, row in logger.rows if "gradguard/total_norm" in row]
+
+    full = fit(30)
+    resumed = fit(30, ckpt_path=str(tmp_path / "epoch=0-step=20.ckpt"))
+    assert resumed == [s for s in full if s >= 20]
