@@ -1127,6 +1127,8 @@ class AdaGC(Clipper):
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
         self.lambda_abs = optional_number("lambda_abs", lambda_abs, low=0.0)
         self._slots: dict[str | int, int] = {}  # parameter name (or position) -> index into the state vectors
+        # By position: the parameters' ids (or the gradients' shapes) of the last call; not saved (ids are per process).
+        self._seen: list[Any] | None = None
         # Index tensors per set of keys: a model whose gradients come and go (idle experts) cycles through a few.
         self._slot_cache: dict[tuple[str | int, ...], Tensor] = {}
         # Device state: gamma and the observation count per tensor, the number of valid steps.
@@ -1156,15 +1158,23 @@ class AdaGC(Clipper):
         self._slot_cache[keys] = slots
         return slots
 
-    def _keys(self, grads: list[Tensor], names: list[str] | None) -> tuple[str | int, ...]:
+    def _keys(
+        self, grads: list[Tensor], names: list[str] | None, params: list[Tensor] | None
+    ) -> tuple[str | int, ...]:
         if names is not None:
             return tuple(names)
-        if self._slots and (len(self._slots) != len(grads) or not all(isinstance(k, int) for k in self._slots)):
+        # What identifies the tensors by position: the parameters themselves where given (clip_), else the shapes.
+        seen = [id(p) for p in params] if params is not None else [tuple(g.shape) for g in grads]
+        positional = all(isinstance(k, int) for k in self._slots)
+        same = len(self._slots) == len(grads) and (self._seen is None or self._seen == seen)
+        if self._slots and not (positional and same):
+            # By position, another set of tensors of the same count would take one tensor's statistics for another's.
             raise ValueError(
                 f"AdaGC keeps one statistic per gradient tensor and has {len(self._slots)} of them; this call has"
-                f" {len(grads)} gradients and no `names`. Pass `names` to clip_grads_ (or the nn.Module to clip_)"
-                " when the set of gradients changes between steps."
+                f" {len(grads)}{' other' if len(self._slots) == len(grads) else ''} gradients and no `names`. Pass"
+                " `names` to clip_grads_ (or the nn.Module to clip_) when the set of gradients changes between steps."
             )
+        self._seen = seen
         return tuple(range(len(grads)))
 
     def _clip(
@@ -1182,7 +1192,7 @@ class AdaGC(Clipper):
             raise ValueError(
                 "AdaGC does not support sharded (FSDP2 DTensor) gradients: use ZClip, AutoClip or NormClip."
             )
-        slots = self._slots_for(self._keys(grads, names), device)
+        slots = self._slots_for(self._keys(grads, names, params), device)
         raw, order = _grouped_norms([_dense(g) for g in grads], device)
         if order is not None:  # several devices or dtypes: back into the order of ``grads``
             raw = torch.empty_like(raw).index_copy_(0, _upload(torch.tensor(order), device), raw)

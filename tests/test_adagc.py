@@ -137,6 +137,18 @@ def test_statistics_follow_names_when_the_set_of_gradients_changes() -> None:
     by_position.clip_grads_([torch.ones(2), torch.ones(3)], torch.tensor(math.sqrt(5.0)), torch.tensor(True))
     with pytest.raises(ValueError, match="names"):
         by_position.clip_grads_([torch.ones(2)], torch.tensor(math.sqrt(2.0)), torch.tensor(True))
+    # Nor is another set of the same count: other shapes, or (clip_) other parameters of the same shapes.
+    with pytest.raises(ValueError, match="2 other gradients"):
+        by_position.clip_grads_([torch.ones(3), torch.ones(2)], torch.tensor(math.sqrt(5.0)), torch.tensor(True))
+    a, b, clipper = nn.Linear(4, 4), nn.Linear(4, 4), AdaGC()
+    for expert in (a, a, b):  # expert a's two tensors, then expert b's: same count and shapes
+        a.zero_grad(), b.zero_grad()
+        expert(torch.ones(1, 4)).sum().backward()
+        if expert is b:
+            with pytest.raises(ValueError, match="2 other gradients"):
+                clipper.clip_([*a.parameters(), *b.parameters()])
+        else:
+            clipper.clip_([*a.parameters(), *b.parameters()])
 
 
 def test_gradients_still_carrying_a_loss_scale_are_clipped_like_unscaled_ones() -> None:
