@@ -1,7 +1,7 @@
 """What do two bad batches in a row do to a healthy run under GradGuard? The price of the early restart's rescue.
 
-Two consecutive batches whose loss is multiplied by ``--factor`` (10^4 by default: a corrupted label scale, a unit
-mistake) at optimizer steps ``--step`` and ``--step + 1`` of an otherwise healthy configuration of the healthy zoo
+Two consecutive batches (``--count``) whose loss is multiplied by ``--factor`` (10^4 by default: a corrupted label
+scale, a unit mistake) from optimizer step ``--step`` on, of an otherwise healthy configuration of the healthy zoo
 (``benchmarks/healthy_zoo.py``, same models, data, seeds and held-out metrics). The flagged steps are clipped to
 twice the average norm. When the trouble began by step ``rescue_until`` (20) with no calm start before it
 (``calm_factor``: the total norms of at least 3 steps before it within 4x of each other), it looks like a rate too
@@ -30,6 +30,7 @@ Run from the repository root::
     python benchmarks/bad_batches.py                  # steps 40 and 41, about 15 s on 2 CPU cores
     python benchmarks/bad_batches.py --step 10        # inside the rescue's window
     python benchmarks/bad_batches.py --configs masked --factor 1e3 --json out.json
+    python benchmarks/bad_batches.py --count 4 --configs rezero,masked,lora,dropout,warmup   # a burst of four
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _bad_batches(steps: set[int], factor: float) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train each selected config clean, and with the bad batches unguarded and under both guards."""
-    bad = {args.step, args.step + 1}
+    bad = set(range(args.step, args.step + args.count))
     prepare = _bad_batches(bad, args.factor)
     runs = (
         ("clean", None, None),
@@ -124,15 +125,15 @@ def report(result: dict[str, Any]) -> str:
     meta = result["meta"]
     m = meta["machine"]
     lines = [
-        f"# Two bad batches in a row (loss x {meta['factor']:g} at steps {meta['bad_steps'][0]} and "
-        f"{meta['bad_steps'][1]}) in healthy runs",
+        f"# {len(meta['bad_steps'])} bad batch(es) in a row (loss x {meta['factor']:g} at steps "
+        f"{meta['bad_steps'][0]}-{meta['bad_steps'][-1]}) in healthy runs",
         "",
         f"command: `{meta['command']}`  ",
         f"machine: {m['cpus']} CPUs available, 1 thread per run, python {m['python']}, torch {m['torch']}, "
         f"lightning {m['lightning']}; seed {meta['seed']}",
         "",
-        "| config | run | guard | held-out | vs clean | exploding | lr_reduced | rolled back | rescued |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | run | guard | held-out | vs clean | exploding | lr_reduced | LR at end | rolled back | rescued |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     clean = {r["config"]: r["heldout"] for r in result["rows"] if r["variant"] == "clean"}
     for r in result["rows"]:
@@ -140,7 +141,8 @@ def report(result: dict[str, Any]) -> str:
         rel = (r["heldout"] - ref) / abs(ref) * 100
         diff = "(ref)" if r["variant"] == "clean" else f"{rel:+.1f}%" if math.isfinite(rel) else "nan"
         ev = r["events"]
-        counts = (str(ev["exploding"]), str(ev["lr_reduced"]), str(ev["rolled_back"])) if ev else ("-",) * 3
+        end = "-" if r["final_lr_scale"] is None else f"{r['final_lr_scale']:.2f}x"
+        counts = (str(ev["exploding"]), str(ev["lr_reduced"]), end, str(ev["rolled_back"])) if ev else ("-",) * 4
         rescued = "-" if r["rescued"] is None else ("yes" if r["rescued"] else "no")
         lines.append(
             f"| {r['config']} | {r['variant']} | {r['guard'] or '-'} | {r['metric']} {num(r['heldout'])} | {diff} | "
@@ -158,6 +160,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     p.add_argument("--configs", default="warmup,dropout", help="comma-separated healthy-zoo configs (not gan)")
     p.add_argument("--step", type=int, default=40, help="the first bad batch's optimizer step, >= 1 (default: 40)")
+    p.add_argument("--count", type=int, default=2, help="bad batches in a row, >= 1 (default: 2)")
     p.add_argument("--factor", type=float, default=1e4, help="loss multiplier of the bad batches, > 1 (default 1e4)")
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
@@ -169,6 +172,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     args.configs = names
     if args.step < 1:
         p.error("--step must be >= 1")
+    if args.count < 1:
+        p.error("--count must be >= 1")
     if not args.factor > 1:
         p.error("--factor must be > 1")
     args.logdir = None

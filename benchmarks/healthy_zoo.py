@@ -1237,6 +1237,11 @@ def _run_one(
         "first_nonfinite_batch": bad[0] if bad else None,
         "events": guard.summary() if guard is not None else None,
         "min_lr_scale": trace.min_lr_scale if guard is not None and guard.lr_guard is not None else None,
+        "final_lr_scale": (
+            min(guard.lr_guard.scale(i) for i in range(len(trainer.optimizers)))
+            if guard is not None and guard.lr_guard is not None
+            else None
+        ),
         # The early restart's rescue clipper at work (for any optimizer): never in a healthy run.
         "rescued": any(guard.rescuing(i) for i in range(len(trainer.optimizers))) if guard is not None else None,
         "guard_warnings": len(guard_warnings),

@@ -700,8 +700,8 @@ class GuardEngine:
         self._pending: deque[tuple[HostFlags, bool, int]] = deque()  # flags, GradScaler step, engine step
         self._free: list[HostFlags] = []
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
-        # (index in the window, step number) where the caller's step numbers stop running consecutively.
-        self._stamps: list[tuple[int, int]] = []
+        # Runs of evenly spaced step numbers in the window: (index of the first, its number, stride, length).
+        self._stamps: list[tuple[int, int, int, int]] = []
         self._tail = _Tail(
             {"pre": self._pre, "post": self._post, "whole": self._whole, "whole_clip": self._whole_clip},
             compile,
@@ -921,8 +921,7 @@ class GuardEngine:
         if self.rollback is not None and self.rollback.rescuing and not self.skipped and grad_scale is None:
             self._rescue_clip(measured, total, valid)
         self._last_total = total
-        if not self._stamps or self._stamps[-1][1] + (self.steps_since_log - self._stamps[-1][0]) != number:
-            self._stamps.append((self.steps_since_log, number))  # runs of consecutive step numbers: O(1) memory
+        self._stamp(number)
         # One more entry than the counts: the total norm, sent to the host only while the rollback's rescue needs it
         # (the first ``rescue_until`` steps).
         flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 1, total.device)
@@ -1327,11 +1326,21 @@ class GuardEngine:
         self.steps_since_log = 0
         self._stamps = []
 
+    def _stamp(self, number: int) -> None:
+        """Record the step number of the window's next step. Runs of evenly spaced numbers (consecutive ones, or a
+        second optimizer's every fifth step) are one entry each: O(1) memory however long a window lasts."""
+        if self._stamps:
+            first, start, stride, count = self._stamps[-1]
+            if count == 1 or start + stride * count == number:
+                self._stamps[-1] = (first, start, number - start if count == 1 else stride, count + 1)
+                return
+        self._stamps.append((self.steps_since_log, number, 1, 1))
+
     def _step_number(self, local: int) -> int:
         """The caller's step number of the window's ``local``-th step (1-based)."""
         position = bisect.bisect_right(self._stamps, (local - 1, math.inf)) - 1
-        first, number = self._stamps[position]
-        return number + (local - 1 - first)
+        first, start, stride, _ = self._stamps[position]
+        return start + stride * (local - 1 - first)
 
     def layer_report(self, kind: str) -> str:
         """The layers with a ``kind`` event in the current window and their norms (a host read: for error messages)."""

@@ -41,8 +41,8 @@ class _KeyState:
     # steps then come from the data, which a lower rate does not cure
     nonfinite_cut: int = 0
     nonfinite_streak: int = 0  # non-finite steps in a row, up to this one
-    # 1 once a reduction was followed by calm past its hold: an explosion after that is a recurrence, and the
-    # reduction that answers it sets the ceiling (a first burst may be the data's: bad batches in a row)
+    # 1 once a reduction was followed by calm past its hold: a reduction after that, soon enough, answers a
+    # recurrence and sets the ceiling (a first burst may be the data's: bad batches in a row)
     armed: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
@@ -159,11 +159,16 @@ class LRGuard:
       after that reduction with nothing exploding, they are the data's (a masked mean over a fully masked batch is
       0/0), and only an explosion, or twice ``nonfinite_patience`` of them in a row (a model wrecked into NaN),
       reduces again.
-    * **Memory.** A reduction remembers the rate that exploded: recovery returns to ``ceiling``, the lowest
-      multiplier that exploded times ``sqrt(factor)``, not to 1. Repeated explosions therefore converge on a rate
-      that trains instead of oscillating between the scheduled rate and the reduced one. Once recovered, the
-      ceiling creeps back up by ``increase`` (relative) per calm step, up to 1, so a rate that was too high early
-      in training is tried again later (multiplicative decrease, slow increase).
+    * **Memory.** A rate that explodes again is remembered: a reduction that answers a recurrence (an explosion
+      after an earlier reduction had calmed the run past its hold, within ``2 * (cooldown + recovery_steps)`` steps
+      of that reduction) sets the ``ceiling`` that recovery returns to, that multiplier times ``sqrt(factor)``, not 1.
+      Repeated explosions therefore converge on a rate that trains instead of oscillating between the scheduled
+      rate and the reduced one. The first burst of reductions sets no ceiling, nor do bursts further apart: bad
+      batches in a row look just like a rate too high, and a ceiling would keep a run that only met bad data at a
+      fraction of its rate for good (measured: four 1e4x batches in a row held Adam runs at a third of their rate,
+      +14% to +112% held-out loss). A rollback's restart (:meth:`rewind`) is evidence enough and sets it at once.
+      Once recovered, the ceiling creeps back up by ``increase`` (relative) per calm step, up to 1, so a rate that
+      was too high early in training is tried again later (multiplicative decrease, slow increase).
     * **Hold.** Every exploding event (reducing or not) freezes ``m`` at its current value and restarts the hold:
       ``m`` stays put for ``cooldown`` consecutive calm steps.
     * **Recovery.** Over the next ``recovery_steps`` calm steps ``m`` returns from the held value ``a`` to the
@@ -186,7 +191,8 @@ class LRGuard:
         recovery: ``"linear"`` or ``"exponential"``.
         nonfinite_patience: non-finite steps (within ``cooldown`` steps of each other) that count as one exploding
             event, ``>= 1``; 1 treats every non-finite step as an explosion.
-        memory: remember the rate that exploded and recover to just below it (see above); ``False`` recovers to 1.
+        memory: remember a rate that exploded again and recover to just below it (see above); ``False`` recovers
+            to 1.
         increase: relative rise of the ceiling per calm step once recovered, ``>= 0`` (1e-3: doubles in about 700
             calm steps).
         settle_steps: after a reduction, exploding events in the next ``settle_steps`` steps only hold the
@@ -307,9 +313,9 @@ class LRGuard:
         """
         state = _KeyState.from_dict(snapshot)
         state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
-        state.armed = 1  # trouble bad enough to go back for: the rate it came at is remembered at once
         self._states[key] = state
-        return self._explode(state, force=True) if cut else False
+        # Trouble bad enough to go back for: the rate it came at is remembered at once.
+        return self._explode(state, force=True, remember=True) if cut else False
 
     def update(self, exploding: bool, key: int = 0, nonfinite: bool = False, diverging: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.
@@ -365,8 +371,12 @@ class LRGuard:
             state.anchor = max(state.ceiling, state.anchor)
         return False
 
-    def _explode(self, state: _KeyState, force: bool) -> bool:
+    def _explode(self, state: _KeyState, force: bool, remember: bool = False) -> bool:
         current = self._multiplier(state)
+        # A recurrence: the rate exploded again after a cut had calmed it, within two holds and recoveries of that
+        # cut (a rate too high explodes again as recovery brings it back). Bursts further apart (occasional bad
+        # data in a long run) are each answered by a cut, never by a ceiling that would ratchet the rate down.
+        recurrence = state.armed and state.since_cut <= 2 * (self.cooldown + self.recovery_steps)
         state.calm = 0
         state.anchor = current
         if state.since_cut <= self.settle_steps:
@@ -379,7 +389,7 @@ class LRGuard:
         state.pending = 0
         state.since_cut = 0
         state.anchor = max(current * self.factor, self.min_scale)
-        if self.memory and state.armed:
+        if self.memory and (recurrence or remember):
             # Just below the rate that exploded again: the geometric middle of it and the reduced rate.
             state.ceiling = max(min(state.ceiling, current * math.sqrt(self.factor)), state.anchor)
         if self.reset_momentum:

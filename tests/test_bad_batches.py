@@ -18,10 +18,10 @@ import pytest
 from benchmarks.bad_batches import main
 
 
-def _run(step: int) -> dict:
+def _run(step: int, *extra: str) -> dict:
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        main(["--configs", "warmup", "--step", str(step), "--json", "-"])
+        main(["--configs", "warmup", "--step", str(step), "--json", "-", *extra])
     return json.loads(stdout.getvalue())
 
 
@@ -61,7 +61,19 @@ def test_the_default_restarts_for_early_trouble_without_a_calm_start_only(
     assert isinstance(clean, float) and (unguarded in ("nan", "inf") or unguarded > clean)
 
 
-@pytest.mark.parametrize("argv", [["--configs", "gan"], ["--step", "0"], ["--factor", "1"], ["--configs", "nope"]])
+def test_a_burst_of_four_cuts_the_rate_but_sets_no_ceiling() -> None:
+    result = _run(40, "--count", "4")
+    assert result["meta"]["bad_steps"] == [40, 41, 42, 43]
+    rows = {r["variant"]: r for r in result["rows"]}
+    guarded = rows["guarded"]
+    assert guarded["events"]["lr_reduced"] >= 1 and guarded["events"]["rolled_back"] == 0
+    # The rate came back to its schedule: one burst is no evidence that the rate was too high.
+    assert guarded["min_lr_scale"] < 1.0 and guarded["final_lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "argv", [["--configs", "gan"], ["--step", "0"], ["--factor", "1"], ["--configs", "nope"], ["--count", "0"]]
+)
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         main(argv)

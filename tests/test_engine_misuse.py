@@ -233,3 +233,24 @@ def test_a_frozen_layers_stale_gradient_does_not_make_every_step_look_repeated()
             opt.step()
     assert engine.steps == 7
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_evenly_spaced_step_numbers_keep_the_window_small_and_are_reported_right() -> None:
+    # A second optimizer stepping every fourth batch, in a window that is never read: one record, not one per step.
+    model = _model()
+    engine = GuardEngine(model, lr_guard=None)
+    for i in range(1, 301):
+        model.zero_grad()
+        loss = model(torch.randn(8, 4)).square().mean()
+        (loss * (float("nan") if i in (7, 250) else 1.0)).backward()
+        engine.step(4 * i)
+    assert len(engine._stamps) == 1
+    nonfinite = [e["step"] for e in engine.snapshot().events if e["kind"] == "nonfinite"]
+    assert nonfinite and set(nonfinite) <= {28, 1000}
+    # Irregular numbers still map exactly.
+    for number in (1003, 1004, 1010, 1011, 1012):
+        model.zero_grad()
+        loss = model(torch.randn(8, 4)).square().mean()
+        (loss * (float("nan") if number == 1010 else 1.0)).backward()
+        engine.step(number)
+    assert {e["step"] for e in engine.snapshot().events if e["kind"] == "nonfinite"} == {1010}  # one per layer

@@ -329,6 +329,15 @@ def test_lrguard_cuts_within_one_burst_set_no_ceiling() -> None:
     assert _calm(guard, 6)[-1] == 1.0
 
 
+def test_lrguard_bursts_far_apart_never_ratchet_the_rate_down() -> None:
+    # Occasional bad data in a long run: a pair of flagged steps every 400 steps. Each pair cuts; none sets a
+    # ceiling, so the rate is back on schedule between them (before: 0.012x by step 8000, for good).
+    guard = LRGuard()
+    for _ in range(20):
+        assert [guard.update(True) for _ in range(2)] == [False, True]
+        assert _calm(guard, 398)[-1] == 1.0 and guard.ceiling() == 1.0
+
+
 def test_lrguard_without_memory_never_sets_a_ceiling() -> None:
     guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4, memory=False)
     for _ in range(3):
