@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, ZClip
+from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, ZClip, default_clipper
 from tests.helpers import SyncRecorder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -39,7 +39,11 @@ class RefZClip:
         max_grad_norm: float | None = None,
         skip_update_on_spike: bool = False,
         eps: float = 1e-6,
+        spike_update: str = "clip",
     ) -> None:
+        # ``spike_update="clip"`` is the authors' code: a spike enters the EMA as its clip value. ``"boundary"``
+        # (ZClip's default here) feeds it the spike boundary ``mean + z_thresh * (std + eps)`` in zscore mode.
+        self.spike_update = spike_update
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.max_grad_norm, self.skip, self.eps = max_grad_norm, skip_update_on_spike, eps
@@ -62,6 +66,7 @@ class RefZClip:
             return min(1.0, self.max_grad_norm / (norm + 1e-6)), None  # torch.nn.utils.clip_grad_norm_
         std = self.var**0.5
         clip_value = None
+        fed = None
         if self.mode == "percentile":
             threshold = self.mean + self.z_thresh * std
             if norm > threshold:
@@ -69,6 +74,8 @@ class RefZClip:
         else:
             z = (norm - self.mean) / (std + self.eps)
             if z > self.z_thresh:
+                if self.spike_update == "boundary":
+                    fed = self.mean + self.z_thresh * (std + self.eps)
                 if self.clip_option == "adaptive_scaling":
                     eta = z / self.z_thresh
                     clip_value = (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
@@ -80,6 +87,8 @@ class RefZClip:
         coef = effective / (norm + 1e-6) if norm > effective else 1.0
         if not (clip_value is not None and self.skip):
             x = clip_value if clip_value is not None else norm
+            if fed is not None:
+                x = fed
             self.mean = self.alpha * self.mean + (1 - self.alpha) * x
             self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
         return coef, (effective if coef < 1.0 else None)
@@ -302,11 +311,12 @@ ZCLIP_CONFIGS = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("warmup_steps", [1, 25])
+@pytest.mark.parametrize("spike_update", ["clip", "boundary"])
 @pytest.mark.parametrize("config", ZCLIP_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_zclip_matches_reference(device: str, warmup_steps: int, config: dict) -> None:
+def test_zclip_matches_reference(device: str, warmup_steps: int, spike_update: str, config: dict) -> None:
     norms = norm_sequence(140, seed=4, spikes=10)
-    ref = RefZClip(warmup_steps=warmup_steps, **config)
-    clipper = ZClip(warmup_steps=warmup_steps, **config)
+    ref = RefZClip(warmup_steps=warmup_steps, spike_update=spike_update, **config)
+    clipper = ZClip(warmup_steps=warmup_steps, spike_update=spike_update, **config)
     clipped = 0
     for step, norm in enumerate(norms):
         expected_coef, target = ref.step(norm)
@@ -366,7 +376,7 @@ def test_zclip_adaptive_threshold_formula() -> None:
 def test_zclip_invalid_steps_do_not_count(config: dict) -> None:
     norms = norm_sequence(80, seed=5)
     invalid = {1, 2, 10, 26, 30, 31, 60}  # inside and after the warm-up
-    ref = RefZClip(warmup_steps=8, **config)
+    ref = RefZClip(warmup_steps=8, spike_update="boundary", **config)
     clipper = ZClip(warmup_steps=8, **config)
     for step, norm in enumerate(norms):
         if step in invalid:
@@ -791,6 +801,7 @@ def test_no_host_sync(make: Callable[[], Clipper], device: str, monkeypatch: pyt
         (ZClip, dict(max_grad_norm=-1.0), "max_grad_norm"),
         (ZClip, dict(skip_update_on_spike=1), "skip_update_on_spike"),
         (ZClip, dict(eps=0.0), "eps"),
+        (ZClip, dict(spike_update="raw"), "spike_update"),
         (AGC, dict(clip_factor=0.0), "clip_factor"),
         (AGC, dict(eps=-1.0), "eps"),
         (AGC, dict(exclude="fc("), "exclude"),
@@ -833,6 +844,7 @@ def test_repr_shows_arguments() -> None:
         "max_grad_norm=1.0",
         "skip_update_on_spike=False",
         "eps=1e-06",
+        "spike_update='boundary'",
     ):
         assert argument in zclip
     assert repr(AGC(0.02, exclude=r"^fc\.", exclude_types=(Head,))) == (
@@ -910,3 +922,44 @@ def test_zero_norms_are_no_observation_for_zclip_and_autoclip():
     _feed_norms(auto, [1.0, 0.0, 0.0, 2.0])
     assert int(auto.state_dict()["count"]) == 2
     assert float(auto.last_threshold) == pytest.approx(1.5)
+
+
+def _level_shift_norms(jump: float, before: int = 60, after: int = 120, seed: int = 0) -> list[float]:
+    """Norms around 1 (10% noise), then around ``jump`` (same relative noise) for good: a legitimate new level."""
+    noise = 1.0 + 0.1 * torch.randn(before + after, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return [float(n) * (1.0 if step < before else jump) for step, n in enumerate(noise.abs())]
+
+
+@pytest.mark.parametrize("jump", [16.0, 40.0, 100.0])
+def test_zclip_absorbs_a_lasting_new_norm_level_within_a_few_dozen_steps(jump: float) -> None:
+    # A harder task from step 60 on (or an auxiliary loss switched on): the norm level jumps for good. The spikes
+    # enter the EMA winsorized to the spike boundary, so its variance grows by a fixed factor per step and the new
+    # level stops being clipped; the reference's clip value (about the old mean) kept every later step clipped
+    # 40x, which cost Adam runs +4% to +308% held-out loss.
+    norms = _level_shift_norms(jump)
+    coefs = _feed_norms(default_clipper(), norms)
+    clipped_after = [step - 60 for step, coef in enumerate(coefs) if coef < 1.0 and step >= 60]
+    assert coefs[60] < 0.2  # the first step at the new level is still clipped hard
+    assert clipped_after and max(clipped_after) < 40, clipped_after
+    assert all(coef == 1.0 for coef in coefs[:60])
+
+
+def test_zclip_spike_update_clip_keeps_the_references_lock_in() -> None:
+    # The authors' behaviour, kept as an option: the EMA is fed the clip value and never follows the new level.
+    coefs = _feed_norms(ZClip(z_thresh=4.0, spike_update="clip"), _level_shift_norms(40.0))
+    assert all(coef < 0.1 for coef in coefs[60:])
+
+
+def test_zclip_still_clips_a_single_spike_and_a_short_burst_and_barely_moves_for_them() -> None:
+    base = _level_shift_norms(1.0, before=80, after=0)
+    clipper = default_clipper()
+    _feed_norms(clipper, base[:60])
+    mean, std = float(clipper.state_dict()["mean"]), float(clipper.state_dict()["var"]) ** 0.5
+    # One outlier 50x the level: clipped to about the mean, and the mean moves by (1 - alpha) * z_thresh deviations.
+    (coef,) = _feed_norms(clipper, [50.0])
+    assert coef < 0.05
+    assert float(clipper.state_dict()["mean"]) - mean < 0.03 * 4.0 * std * 1.01
+    # The ordinary steps right after it are not clipped, and a burst of three outliers is clipped all three times.
+    assert _feed_norms(clipper, base[60:70]) == [1.0] * 10
+    assert all(coef < 0.1 for coef in _feed_norms(clipper, [50.0, 60.0, 50.0]))
+    assert _feed_norms(clipper, base[70:80]) == [1.0] * 10

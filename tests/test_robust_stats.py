@@ -331,7 +331,7 @@ def test_lrguard_cuts_within_one_burst_set_no_ceiling() -> None:
 
 def test_lrguard_bursts_far_apart_never_ratchet_the_rate_down() -> None:
     # Occasional bad data in a long run: a pair of flagged steps every 400 steps. Each pair cuts; none sets a
-    # ceiling, so the rate is back on schedule between them (before: 0.012x by step 8000, for good).
+    # ceiling, so the rate is back on schedule between them (before: 0.25x after 20 pairs, and falling).
     guard = LRGuard()
     for _ in range(20):
         assert [guard.update(True) for _ in range(2)] == [False, True]
