@@ -288,7 +288,7 @@ class ClipperCheck(Callback):
         history[0] = 0.05 * total  # AutoClip(percentile=0) then clips to this norm
         for clipper in (
             NormClip(max_norm=0.05),
-            ZClip(warmup_steps=1, max_grad_norm=0.05),
+            ZClip(warmup_steps=2, max_grad_norm=0.05),
             AutoClip(percentile=0.0, history=4),
             AGC(clip_factor=0.01),
         ):
