@@ -370,7 +370,7 @@ class GradGuard(CallbackBase):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        others = [c for c in trainer.callbacks if isinstance(c, GradGuard) and c is not self]  # type: ignore[attr-defined]
+        others = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradGuard) and c is not self]
         if others:
             # Both would clip, skip and lower the rate of the same steps, and the second finds gradients the first
             # already clipped (or dropped): their LR guards would compound on the same optimizer.

@@ -1194,9 +1194,7 @@ class AdaGC(Clipper):
         self._slot_cache[keys] = slots
         return slots
 
-    def _keys(
-        self, grads: list[Tensor], names: list[str] | None, params: list[Tensor] | None
-    ) -> tuple[str | int, ...]:
+    def _keys(self, grads: list[Tensor], names: list[str] | None, params: list[Tensor] | None) -> tuple[str | int, ...]:
         if names is not None:
             return tuple(names)
         # What identifies the tensors by position: the parameters themselves where given (clip_), else the shapes.

@@ -835,7 +835,9 @@ class GuardEngine:
         if grad_scale is not None and not isinstance(grad_scale, Tensor):
             if not _is_real(grad_scale) or not 0.0 < float(grad_scale) < math.inf:
                 # 0 or NaN would make every step non-finite, a negative scale flips every clipped gradient.
-                raise ValueError(f"`grad_scale` must be a tensor, a real number > 0 and finite, or None, got {grad_scale!r}")
+                raise ValueError(
+                    f"`grad_scale` must be a tensor, a real number > 0 and finite, or None, got {grad_scale!r}"
+                )
             # Made on the device: a host tensor would be copied to it on every use (a blocking copy on CUDA).
             grad_scale = torch.full((), float(grad_scale), device=self._record.device)
         if optimizer is not None and step_deferred(optimizer):

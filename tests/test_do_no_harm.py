@@ -427,7 +427,7 @@ def test_a_legitimate_new_loss_level_is_left_alone_by_the_default_guard() -> Non
     _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.02)
 
 
-# ---------------------------------------------------------------------------------------------- 7. a burst of bad batches
+# ------------------------------------------------------------------------------------ 7. a burst of bad batches
 
 
 class _BadBurst(Regressor):

@@ -389,4 +389,3 @@ def test_lrguard_loads_a_state_saved_before_ceiling_and_nonfinite_existed() -> N
     # One non-finite step is still an isolated one (no counter carried over).
     assert guard.update(False, nonfinite=True) is False
     assert guard.scale() == 0.5
-
