@@ -1043,6 +1043,24 @@ class GradGuard(CallbackBase):
                 totals[kind] += value
         return totals
 
+    def new_phase(self) -> None:
+        """Tell the guard that a new phase of training begins, whose loss and gradient levels are meant to differ: a
+        harder curriculum stage, an auxiliary loss switched on, a new task. Every optimizer's clipper and detectors
+        start their statistics afresh (see :meth:`GuardEngine.new_phase`); counts, the LR multiplier and the
+        rollback's state are kept.
+
+        Without it, a legitimate jump of the loss by 10x or more looks like a divergence: the LR guard cuts the rate
+        and, in the first 500 steps, the default early restart restarts the run. Call it from any hook or from
+        ``training_step`` when the phase begins, e.g. ``self.trainer.callbacks``' GradGuard at the first step of
+        the new stage.
+
+        Example:
+            >>> guard = GradGuard()
+            >>> guard.new_phase()  # before the first step: nothing to reset yet
+        """
+        for engine in self._states.values():
+            engine.new_phase()
+
     def layer_names(self, optimizer_index: int = 0) -> list[str]:
         """The layers GradGuard watches for one optimizer, in definition order."""
         return list(self._states[optimizer_index].index.names)

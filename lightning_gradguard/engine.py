@@ -13,6 +13,7 @@ batched copy on logging steps (:meth:`GuardEngine.snapshot`).
 from __future__ import annotations
 
 import bisect
+import copy
 import functools
 import logging
 import math
@@ -702,6 +703,8 @@ class GuardEngine:
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
         # Runs of evenly spaced step numbers in the window: (index of the first, its number, stride, length).
         self._stamps: list[tuple[int, int, int, int]] = []
+        # The state of each part before any step, for new_phase().
+        self._fresh = {name: copy.deepcopy(part.state_dict()) for name, part in self._stateful() if part is not None}
         self._tail = _Tail(
             {"pre": self._pre, "post": self._post, "whole": self._whole, "whole_clip": self._whole_clip},
             compile,
@@ -1401,6 +1404,20 @@ class GuardEngine:
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])
         return problems
+
+    def new_phase(self) -> None:
+        """Start the clipper's and the detectors' statistics afresh, for a new phase of training whose gradient and
+        loss levels are meant to differ (a harder curriculum stage, a loss term switched on, a new task).
+
+        Call it when the phase begins (before that step's :meth:`step`). The detectors judge a lasting jump of the
+        loss or of the gradient norms against the old level, and a jump of 10x or more looks like a divergence to
+        them (the LR guard would cut, the early restart would go back): after this call the clipper and the
+        detectors warm up again on the new level, and the divergence detector takes the next loss as its starting
+        point. Counts, the LR guard's multiplier and the rollback's state are kept.
+        """
+        for name, part in self._stateful():
+            if part is not None:
+                part.load_state_dict(_to_device(self._fresh[name], self._record.device))
 
     def carry_over(self, old: GuardEngine) -> None:
         """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed)."""

@@ -39,6 +39,7 @@ def _fit(
     steps: int,
     guard: GradGuard | None = None,
     logger: Any = False,
+    callbacks: list[L.Callback] | None = None,
 ) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
@@ -50,7 +51,7 @@ def _fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         log_every_n_steps=1 if logger else 50,
-        callbacks=[guard] if guard is not None else [],
+        callbacks=([guard] if guard is not None else []) + (callbacks or []),
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -378,8 +379,19 @@ def test_lr_warmup_and_warm_restart_raise_nothing() -> None:
 # ---------------------------------------------------------------------------------------------- 6. a new loss level
 
 
+class _NewPhaseAt(L.Callback):
+    """Tells the guard that a new phase begins at optimizer step ``at`` (counted from 0)."""
+
+    def __init__(self, guard: GradGuard, at: int) -> None:
+        self.guard, self.at = guard, at
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            self.guard.new_phase()
+
+
 def _level_shift_run(
-    guard: GradGuard | None, steps: int = 240, at: int = 120, scale: float = 10.0
+    guard: GradGuard | None, steps: int = 240, at: int = 120, scale: float = 10.0, tell: bool = False
 ) -> tuple[_Task, float]:
     """Adam regression whose task gets harder for good at step ``at``: a second teacher, ``scale`` times larger, is
     added to the target (the gradient norm jumps from about 0.4 to about 13). Returns the model and its held-out MSE
@@ -395,7 +407,8 @@ def _level_shift_run(
     y = torch.where((torch.arange(len(x)) >= at * batch)[:, None], hard, easy)
     L.seed_everything(0, verbose=False)
     model = _Task(_mlp(dim), lambda params: torch.optim.Adam(params, lr=1e-3))
-    _fit(model, _loader(x[: steps * batch], y[: steps * batch], batch), steps, guard)
+    told = [_NewPhaseAt(guard, at)] if tell and guard is not None else None
+    _fit(model, _loader(x[: steps * batch], y[: steps * batch], batch), steps, guard, callbacks=told)
     return model, _mse(model, x[steps * batch :], hard[steps * batch :])
 
 
@@ -416,7 +429,7 @@ def test_a_lasting_new_gradient_level_is_absorbed_by_the_clipper() -> None:
     strict=True,
     reason="the detectors still answer a legitimate new loss level: the divergence detector (a loss 10x its settled "
     "level and above the first loss) cuts the rate and the early restart restarts the run; the exploding detector "
-    "cuts it too (held-out +434% here)",
+    "cuts it too (held-out +434% here); `guard.new_phase()` is the way out (next test)",
 )
 def test_a_legitimate_new_loss_level_is_left_alone_by_the_default_guard() -> None:
     _, bare = _level_shift_run(None)
@@ -424,6 +437,16 @@ def test_a_legitimate_new_loss_level_is_left_alone_by_the_default_guard() -> Non
     _, guarded = _level_shift_run(guard)
     events = guard.summary()
     assert events["lr_reduced"] == 0 and events["rolled_back"] == 0, events
+    _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.02)
+
+
+def test_a_new_loss_level_announced_with_new_phase_is_left_alone() -> None:
+    # The way out of the limitation above: the run says when its new phase begins.
+    _, bare = _level_shift_run(None)
+    guard = GradGuard()
+    _, guarded = _level_shift_run(guard, tell=True)
+    events = guard.summary()
+    assert events["lr_reduced"] == 0 and events["rolled_back"] == 0 and events["diverging"] == 0, events
     _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.02)
 
 

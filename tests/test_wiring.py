@@ -166,3 +166,25 @@ def test_a_resume_from_a_mid_epoch_checkpoint_logs_on_lightnings_schedule(tmp_pa
     full = fit(30)
     resumed = fit(30, ckpt_path=str(tmp_path / "epoch=0-step=20.ckpt"))
     assert resumed == [s for s in full if s >= 20]
+
+
+# ------------------------------------------------------------------------------------------------------- new phase
+def test_new_phase_starts_the_statistics_afresh_in_a_plain_loop() -> None:
+    def run(tell: bool) -> dict[str, int]:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 1)
+        engine = GuardEngine(model, lr_guard=LRGuard())
+        for step in range(1, 121):
+            if step == 61 and tell:
+                engine.new_phase()
+            scale = 40.0 if step > 60 else 1.0  # from step 61 on the loss is 40x larger, for good
+            model.zero_grad()
+            (scale * model(torch.randn(32, 8)).square().mean()).backward()
+            engine.step(loss=None)
+        engine.drain()
+        return engine.summary()
+
+    told, untold = run(True), run(False)
+    # The jump looks like an explosion to statistics of the old level: events, a cut, steps clipped to the old level.
+    assert untold["exploding"] >= 1 and untold["lr_reduced"] >= 1 and untold["clipped"] >= 10, untold
+    assert told["exploding"] == 0 and told["lr_reduced"] == 0 and told["clipped"] <= 1, told
