@@ -250,6 +250,7 @@ class GradGuard(CallbackBase):
         self._opt_keys: dict[int, int] = {}  # id(optimizer) -> optimizer index
         self._loaded: dict[str, Any] | None = None
         self._next_log_step = 0
+        self._log_step_restored = False  # _next_log_step came from a checkpoint (see on_train_start)
         self._model_index: LayerIndex | None = None
         self._unbound: list[Regularizer] = []  # regularizers not yet bound to this fit's module (lazy modules)
         self._board: Any = None
@@ -313,6 +314,7 @@ class GradGuard(CallbackBase):
             if r.name in state_dict.get("regularizers", {}):
                 r.load_state_dict(state_dict["regularizers"][r.name])
         self._next_log_step = int(state_dict.get("next_log_step", 0))
+        self._log_step_restored = True
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
@@ -346,6 +348,11 @@ class GradGuard(CallbackBase):
                     " restored where it fits this one."
                 )
                 self.load_state_dict(copy.deepcopy(saved[key]))
+            elif found:
+                rank_zero_warn(
+                    f"GradGuard: the checkpoint holds the states of {len(found)} GradGuards configured otherwise"
+                    f" ({', '.join(found)}); which one was this guard's cannot be told, so none is restored."
+                )
         self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(key))  # absent: older
         self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(key)
 
@@ -458,11 +465,12 @@ class GradGuard(CallbackBase):
                 self._step_hooks[key] = self._watch_steps(optimizer, key)
         every, done = self._log_every(trainer), _lightning_step(trainer)
         # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
-        # (done, done + every + 1]: a stale value, or one left by an earlier fit of a Trainer that ran further (the
-        # guard reused with a new Trainer, which starts at step 0). The + 1: a checkpoint written at a batch's end
-        # (ModelCheckpoint(every_n_train_steps=...)) holds the count before that batch's own increment, which
-        # Lightning adds after this hook on resume.
-        if not done < self._next_log_step <= done + every + 1:
+        # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
+        # reused with a new Trainer, which starts at step 0). One more for a value restored from a checkpoint: one
+        # written at a batch's end (ModelCheckpoint(every_n_train_steps=...)) holds the count before that batch's
+        # own increment, which Lightning adds after this hook on resume.
+        restored, self._log_step_restored = self._log_step_restored, False
+        if not done < self._next_log_step <= done + every + restored:
             self._next_log_step = (done // every + 1) * every
 
     def _log_every(self, trainer: pl.Trainer) -> int:

@@ -622,9 +622,9 @@ class GuardEngine:
                 raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
         regularizers = check_regularizers(regularizers)
         self._lazy_module: nn.Module | None = None
-        # The last optimizer that passed _check_optimizer with its number of param groups, its parameters outside
+        # The last optimizer that passed _check_optimizer with the layout of its param groups, its parameters outside
         # the index (a skip drops their gradients too), and the optimizer the LR guard's hooks sit on.
-        self._checked_optimizer: tuple[Any, int] | None = None
+        self._checked_optimizer: tuple[Any, tuple[tuple[int, int], ...]] | None = None
         self._unwatched: list[Tensor] = []
         self._warned_unwatched = False
         self._attached: weakref.ref[torch.optim.Optimizer] | None = None
@@ -749,11 +749,12 @@ class GuardEngine:
                 f" {id(attached):#x}) than the one passed to step(). For a new optimizer, remove the old handle and"
                 " call `engine.attach(new_optimizer)`."
             )
-        # A param group added since the last check (add_param_group) changes the count.
+        # A param group added since the last check (add_param_group), or parameters added to one, change it.
+        layout = tuple((len(g.get("params", ())), id(g["params"][0]) if g.get("params") else 0) for g in groups)
         checked = self._checked_optimizer
-        if checked is not None and checked[0] is optimizer and checked[1] == len(groups):
+        if checked is not None and checked[0] is optimizer and checked[1] == layout:
             return
-        self._checked_optimizer = (optimizer, len(groups))
+        self._checked_optimizer = (optimizer, layout)
         held = [p for group in groups for p in group.get("params", ())]
         mine = any(id(p) in self._own for p in held)
         # None of them: another model's optimizer, or DeepSpeed's flat copies (said below, and left alone).
@@ -1033,14 +1034,19 @@ class GuardEngine:
             self.lr_guard.rewind(before, self.key, cut=cut)
         self._free.extend(flags for flags, _, _ in self._pending)
         self._pending.clear()  # the flags of the abandoned trajectory
-        for p in self.index.params:
-            p.grad = None  # computed on the abandoned weights: the optimizer step leaves everything as restored
+        self._drop_grads()  # computed on the abandoned weights: the optimizer step leaves everything as restored
         self.host_counts["rolled_back"] += 1
         if rollback.pin_lr:
             self.lr_guard.pin(self.key)
         self.skipped = True
         self.steps += 1
         return True
+
+    def _drop_grads(self) -> None:
+        """Drop every gradient the optimizer would step with, those of parameters outside the index included: torch
+        optimizers then leave the parameters and their state (moments, step count) untouched."""
+        for p in (*self.index.params, *self._unwatched):
+            p.grad = None
 
     def _rescue_clip(self, measured: FlatStats, total: Tensor, valid: Tensor) -> None:
         """The rollback's rescue clipper, after the guard's own (only in a run that has rolled back)."""
@@ -1186,8 +1192,7 @@ class GuardEngine:
             raise NonFiniteGradientError(
                 f"GradGuard: non-finite gradients, or a norm beyond the float32 range, at step {step} {where}."
             )
-        for p in (*self.index.params, *self._unwatched):
-            p.grad = None  # torch optimizers then leave the parameter and its state (moments, step) untouched
+        self._drop_grads()
         self.host_counts["skipped"] += 1
         return True
 
@@ -1316,7 +1321,7 @@ class GuardEngine:
         snap = EngineSnapshot.from_gathered(
             values,
             list(self.index.names),
-            self._step_number,
+            self._number_at,
             self.host_counts,
             clipped=self.clipper is not None,
             lr_scale=self.lr_guard.scale(self.key) if self.lr_guard is not None else None,
@@ -1341,7 +1346,7 @@ class GuardEngine:
                 return
         self._stamps.append((self.steps_since_log, number, 1, 1))
 
-    def _step_number(self, local: int) -> int:
+    def _number_at(self, local: int) -> int:
         """The caller's step number of the window's ``local``-th step (1-based)."""
         position = bisect.bisect_right(self._stamps, (local - 1, math.inf)) - 1
         first, start, stride, _ = self._stamps[position]
@@ -1415,9 +1420,9 @@ class GuardEngine:
         detectors warm up again on the new level, and the divergence detector takes the next loss as its starting
         point. Counts, the LR guard's multiplier and the rollback's state are kept.
         """
-        for name, part in self._stateful():
-            if part is not None:
-                part.load_state_dict(_to_device(self._fresh[name], self._record.device))
+        # As a rollback restores: a fresh None becomes zeros of the current shape, so a compiled tail does not
+        # recompile.
+        self._load_statistics({name: _to_device(state, self._record.device) for name, state in self._fresh.items()})
 
     def carry_over(self, old: GuardEngine) -> None:
         """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed)."""

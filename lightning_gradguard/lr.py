@@ -388,6 +388,7 @@ class LRGuard:
             return False
         state.pending = 0
         state.since_cut = 0
+        state.armed = 0  # a recurrence is judged against this cut from now on: it must calm past its hold first
         state.anchor = max(current * self.factor, self.min_scale)
         if self.memory and (recurrence or remember):
             # Just below the rate that exploded again: the geometric middle of it and the reduced rate.
@@ -460,13 +461,13 @@ class LRGuard:
         """
 
         optimizer = unwrap_optimizer(optimizer)  # a framework's wrapper has no hooks of its own (accelerate)
-        owner = _ATTACHED.get(optimizer)
-        if owner is not None and owner != (id(self), key):
-            # Each would take the other's scaled rate for the scheduled one: the rate would shrink on every step.
+        if optimizer in _ATTACHED:
+            # Two sets of hooks would each take the other's scaled rate for the scheduled one: the rate would shrink
+            # on every step. The same guard twice is refused too: removing one handle would leave hooks behind.
             raise ValueError(
-                f"LRGuard.attach: {type(optimizer).__name__} already has an LR guard attached (another LRGuard, or"
-                " another key of this one, e.g. a second GradGuard callback). One optimizer takes one LR guard: remove"
-                " the other's handle first."
+                f"LRGuard.attach: {type(optimizer).__name__} already has an LR guard attached (another LRGuard, this"
+                " one already, or a second GradGuard callback). One optimizer takes one LR guard: remove the other"
+                " handle first."
             )
         if any(group.get("lr") is None for group in optimizer.param_groups):
             warnings.warn(

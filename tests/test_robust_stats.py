@@ -338,6 +338,16 @@ def test_lrguard_bursts_far_apart_never_ratchet_the_rate_down() -> None:
         assert _calm(guard, 398)[-1] == 1.0 and guard.ceiling() == 1.0
 
 
+def test_lrguard_bursts_of_two_cuts_far_apart_never_ratchet_the_rate_down() -> None:
+    # Each burst cuts twice; the second cut of a burst is no recurrence of the burst before it, however many came.
+    guard = LRGuard()
+    for _ in range(3):
+        for _ in range(4):
+            guard.update(True)
+        assert guard.scale() == 0.25 and guard.ceiling() == 1.0
+        assert _calm(guard, 996)[-1] == 1.0
+
+
 def test_lrguard_without_memory_never_sets_a_ceiling() -> None:
     guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4, memory=False)
     for _ in range(3):

@@ -30,8 +30,12 @@ def test_a_second_lr_guard_on_one_optimizer_is_refused() -> None:
         second.attach(opt)
     with pytest.raises(ValueError, match="already has an LR guard attached"):
         first.attach(opt, key=1)
-    first.attach(opt).remove()  # the same guard and key again is harmless (apply never compounds)
+    # The same guard twice too: removing one of its handles would leave the other's hooks behind, unregistered.
+    with pytest.raises(ValueError, match="already has an LR guard attached"):
+        first.attach(opt)
+    assert first.is_attached(opt) and not second.is_attached(opt)
     handle.remove()
+    assert not first.is_attached(opt)
     second.attach(opt).remove()  # free again once the first is removed
 
 
@@ -83,6 +87,42 @@ def test_a_plain_loop_optimizer_with_parameters_outside_the_engine_is_warned_abo
     assert engine.skipped and head.weight.grad is None and model.weight.grad is None
     opt.step()
     assert head.weight.isfinite().all()
+
+
+def test_parameters_added_to_an_existing_group_are_noticed() -> None:
+    model, head = nn.Linear(4, 1), nn.Linear(4, 1)
+    engine = GuardEngine(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(8, 4)).sum().backward()
+    engine.step(optimizer=opt)
+    opt.param_groups[0]["params"].extend(head.parameters())  # no new group: the same number of groups
+    (model(torch.randn(8, 4)) * float("nan") + head(torch.randn(8, 4))).sum().backward()
+    with pytest.warns(UserWarning, match="outside the model"):
+        engine.step(optimizer=opt)
+    assert engine.skipped and head.weight.grad is None
+
+
+def test_a_rolled_back_step_drops_the_gradients_of_parameters_outside_the_engine_too() -> None:
+    torch.manual_seed(0)
+    model, head = nn.Linear(4, 1), nn.Linear(4, 1)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt.add_param_group({"params": list(head.parameters())})
+    engine.attach(opt)
+    rolled = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 30):
+            opt.zero_grad()
+            x = torch.randn(16, 4)
+            loss = (model(x) + head(x)).square().mean() * (1e4 if step in (4, 5) else 1.0)
+            loss.backward()
+            engine.step(optimizer=opt, loss=loss)
+            if engine.rolled_back:
+                rolled += 1
+                assert head.weight.grad is None and model.weight.grad is None
+            opt.step()
+    assert rolled == 1
 
 
 def test_a_plain_loop_step_with_another_optimizer_than_the_attached_one_is_refused() -> None:
@@ -166,6 +206,20 @@ def test_a_resume_from_a_mid_epoch_checkpoint_logs_on_lightnings_schedule(tmp_pa
     full = fit(30)
     resumed = fit(30, ckpt_path=str(tmp_path / "epoch=0-step=20.ckpt"))
     assert resumed == [s for s in full if s >= 20]
+
+
+def test_a_guard_fitted_again_with_a_new_trainer_logs_its_first_step() -> None:
+    # The one step of slack a checkpoint needs must not keep a stale value from an earlier fit.
+    def fit(guard: GradGuard, model: Regressor, steps: int) -> list[int]:
+        logger = MetricsLogger()
+        trainer(max_steps=steps, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=1).fit(
+            model, regression_data()
+        )
+        return [step for step, row in logger.rows if "gradguard/total_norm" in row]
+
+    model, guard = Regressor(), GradGuard()
+    fit(guard, model, 1)
+    assert fit(guard, model, 6) == fit(GradGuard(), Regressor(), 6) == [0, 1, 2, 3, 4, 5]
 
 
 # ------------------------------------------------------------------------------------------------------- new phase
