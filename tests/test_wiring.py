@@ -190,22 +190,36 @@ def test_resuming_with_a_clipper_of_another_size_restores_everything_else(tmp_pa
 
 # ------------------------------------------------------------------------------------------- the log schedule on resume
 def test_a_resume_from_a_mid_epoch_checkpoint_logs_on_lightnings_schedule(tmp_path: Path) -> None:
-    def fit(max_steps: int, ckpt_path: str | None = None) -> list[int]:
+    class OwnLog(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            self.log("own", loss.detach())
+            return loss
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> tuple[list[int], list[int], int]:
         logger = MetricsLogger()
         ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
-        trainer(
+        fitted = trainer(
             max_steps=max_steps,
             max_epochs=-1,
             callbacks=[GradGuard(), ckpt],
             logger=logger,
             log_every_n_steps=5,
             enable_checkpointing=True,
-        ).fit(Regressor(), regression_data(n=512), ckpt_path=ckpt_path)
-        return [step for step, row in logger.rows if "gradguard/total_norm" in row]
+        )
+        fitted.fit(OwnLog(), regression_data(n=512), ckpt_path=ckpt_path)
+        ours = [step for step, row in logger.rows if "gradguard/total_norm" in row]
+        own = [step for step, row in logger.rows if "own" in row]
+        return ours, own, fitted.fit_loop.epoch_loop._batches_that_stepped - 1
 
-    full = fit(30)
-    resumed = fit(30, ckpt_path=str(tmp_path / "epoch=0-step=20.ckpt"))
-    assert resumed == [s for s in full if s >= 20]
+    full, own_full, _ = fit(30)
+    resumed, own, last = fit(30, ckpt_path=str(tmp_path / "epoch=0-step=20.ckpt"))
+    # GradGuard logs where the module's own `self.log` metrics land, plus the last batch (the end of training).
+    # Older Lightning (2.4) restores its step count one behind from such a checkpoint: it stamps the first resumed
+    # batch 19 again; that stamp belongs to the run before the checkpoint, and GradGuard does not write it twice.
+    assert resumed == sorted({s for s in own if s >= 20} | {last})
+    if own == [s for s in own_full if s >= 20]:  # where Lightning resumes its own schedule exactly, so does GradGuard
+        assert resumed == [s for s in full if s >= 20]
 
 
 def test_a_guard_fitted_again_with_a_new_trainer_logs_its_first_step() -> None:
