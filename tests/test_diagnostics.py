@@ -208,8 +208,19 @@ def test_update_ratio_hints_fire_once_per_streak_and_ignore_non_observations() -
         hints.update(names, [1.0])
 
 
+def test_update_ratio_hints_by_default_wait_for_a_tenth_of_the_weights_per_step() -> None:
+    # Fresh heads and adapters trained with Adam sit at a few 1e-2 in healthy runs: no hint for them by default.
+    hints = UpdateRatioHints()
+    for _ in range(10):
+        assert hints.update(["head", "adapter"], [4e-2, 9e-2]) == []
+    assert hints.update(["head", "adapter"], [2e-1, 9e-2]) == []
+    assert hints.update(["head", "adapter"], [2e-1, 9e-2]) == []
+    (message,) = hints.update(["head", "adapter"], [2e-1, 9e-2])
+    assert message.startswith("update/weight ratio above 1e-1 over the last 3 logs for 1 layer: 'head' 2.0e-1;")
+
+
 def test_update_ratio_hints_name_the_worst_layers_in_one_message() -> None:
-    hints = UpdateRatioHints(patience=2, max_named=3)
+    hints = UpdateRatioHints(high=1e-2, patience=2, max_named=3)
     names = [f"block.{i}" for i in range(9)]
     ratios = [1.5e-2 * (i + 1) for i in range(9)]  # all nine above 1e-2, block.8 the furthest out
     assert hints.update(names, ratios) == []

@@ -60,10 +60,10 @@ class Recording(Regressor):
 
 class LoRA(Regressor):
     """A frozen base layer with a LoRA adapter (``lora_B`` zero-initialised, as usual) and a head whose weights are
-    100x smaller than usual, trained with Adam: the head's update/weight ratio is far above 1e-2."""
+    100x smaller than usual, trained with Adam at a high rate: the head's update/weight ratio is far above 1e-1."""
 
     def __init__(self) -> None:
-        super().__init__(net=nn.Identity(), lr=3e-3, optimizer="adam")
+        super().__init__(net=nn.Identity(), lr=5e-2, optimizer="adam")
         self.base = nn.Linear(16, 16).requires_grad_(False)
         self.lora_A = nn.Linear(16, 4, bias=False)
         self.lora_B = nn.Linear(4, 16, bias=False)
@@ -78,10 +78,10 @@ class LoRA(Regressor):
 
 def test_no_too_high_hint_for_a_layer_growing_from_zero(recwarn: pytest.WarningsRecorder) -> None:
     # Before, the LoRA B of every such run was said to have a learning rate that "may be too high".
-    trainer(max_steps=40, max_epochs=-1, callbacks=[GradGuard(log_every_n_steps=5)]).fit(LoRA(), regression_data())
+    trainer(max_steps=40, max_epochs=-1, callbacks=[GradGuard(log_every_n_steps=1)]).fit(LoRA(), regression_data())
     hints = [str(w.message) for w in recwarn.list if "update/weight ratio above" in str(w.message)]
-    assert len(hints) == 1 and "'head'" in hints[0], hints
-    assert "lora_B" not in hints[0]
+    assert hints and any("'head'" in hint for hint in hints), hints
+    assert not any("lora_B" in hint for hint in hints)
 
 
 def test_frozen_integer_parameters_do_not_stop_the_fit(tmp_path: Any) -> None:
