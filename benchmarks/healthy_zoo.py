@@ -67,6 +67,9 @@ The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iteratio
 * ``contrastive``: two MLP encoders, a symmetric InfoNCE loss and a learnable temperature as in CLIP (a scalar
   ``logit_scale``, initialised to log(1/0.07), capped at log(100)), AdamW 1e-3 with weight decay 0.1, on paired
   noisy views of Gaussian samples; held-out: InfoNCE of new pairs. 300 steps.
+* ``last_batch``: an MLP regression with label noise (std 0.3), Adam 1e-3, batches of 64 over 64 x 20 + 1 examples
+  (``drop_last=False``, the default): every epoch ends on a batch of one example, whose gradient carries about 8x
+  the noise of the others. 25 epochs, 525 steps.
 
 The default zoo takes about a minute on two CPU cores (one thread per run). ``--quick`` runs a few steps per
 config with smaller data (the event positions above move inside those steps): it checks that everything runs, its
@@ -1050,6 +1053,39 @@ def _job_moe(size: Size, seed: int, steps: int | None) -> _Job:
     )
 
 
+def _job_last_batch(size: Size, seed: int, steps: int | None) -> _Job:
+    per_epoch = 21  # 20 batches of 64, then one of 1
+    steps = steps or (per_epoch + 2 if size == "quick" else 25 * per_epoch)
+    batch, n_test, d_in, d_out, lr, noise = 64, 2000, 32, 4, 1e-3, 0.3
+    teacher = _Teacher(d_in, d_out, seed)
+
+    def noisy(n: int, salt: int) -> tuple[Tensor, Tensor]:
+        g = _gen(seed, salt)
+        x, y = _regression(n, d_in, teacher, g)
+        return x, y + noise * torch.randn(y.shape, generator=g)
+
+    def data(variant: str) -> DataLoader:
+        x, y = noisy(batch * (per_epoch - 1) + 1, 28)
+        return _loader(x, y, torch.ones(len(x), 1), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = noisy(n_test, 29)
+        return float(F.mse_loss(module(x), y))
+
+    return _Job(
+        name="last_batch",
+        title="a last batch of one example every epoch",
+        settings=f"MLP {d_in}-64-64-{d_out}, teacher regression + label noise (std {noise:g}), "
+        f"{batch * (per_epoch - 1) + 1} examples in batches of {batch} (the last of each epoch: 1), {steps} steps, "
+        f"Adam lr {lr:g}, {n_test} held-out (noisy labels)",
+        steps=steps,
+        module=lambda: RegressionModule(d_in, d_out, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+    )
+
+
 def _job_checkpointed(size: Size, seed: int, steps: int | None) -> _Job:
     steps = steps or (8 if size == "quick" else 200)
     batch, d_in, classes, n_test, blocks, lr = 64, 32, 10, 2000, 6, 1e-3
@@ -1114,6 +1150,7 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
     "moe": _job_moe,
     "checkpointed": _job_checkpointed,
     "contrastive": _job_contrastive,
+    "last_batch": _job_last_batch,
 }
 
 

@@ -102,6 +102,30 @@ def loss_scale(scaler: Any) -> Tensor | None:
     return scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
 
 
+def batch_size(batch: Any) -> int | None:
+    """The first dimension of the first tensor in ``batch`` (nested in dicts, lists and tuples), or ``None`` when
+    there is none. Host-side only: a shape, never a value."""
+    stack = [batch]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Tensor):
+            return int(item.shape[0]) if item.dim() > 0 else None
+        if isinstance(item, dict):
+            stack.extend(reversed(list(item.values())))
+        elif isinstance(item, (list, tuple)):
+            stack.extend(reversed(item))
+    return None
+
+
+def same_batch_size_on_every_rank(trainer: Any) -> bool:
+    """Whether every process trains on batches of the same size: one process, or Lightning's distributed sampler
+    (which pads the data set to an equal share per process)."""
+    if getattr(trainer, "world_size", 1) <= 1:
+        return True
+    connector = getattr(trainer, "_accelerator_connector", None)
+    return bool(getattr(connector, "use_distributed_sampler", False))
+
+
 def restart_weight_averages(trainer: Any) -> list[str]:
     """Make the averages of Lightning's weight-averaging callbacks (``EMAWeightAveraging`` and the other
     ``WeightAveraging`` callbacks, ``StochasticWeightAveraging``) start again from the model's current weights, and

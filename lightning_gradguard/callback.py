@@ -21,10 +21,12 @@ from lightning_gradguard._events import EventReporter
 from lightning_gradguard._fit_diagnostics import FitDiagnostics
 from lightning_gradguard._lightning import (
     CallbackBase,
+    batch_size,
     grad_scaler,
     lightning_types,
     loss_scale,
     restart_weight_averages,
+    same_batch_size_on_every_rank,
 )
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_int
@@ -271,6 +273,11 @@ class GradGuard(CallbackBase):
         self._diag = FitDiagnostics()
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
         self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
+        # Examples seen this fit (None: a batch without a size found), and the count at each optimizer's last step:
+        # the difference is the examples behind a step (see GuardEngine.step's `samples`).
+        self._samples: int | None = 0
+        self._samples_at_step: dict[int, int | None] = {}
+        self._count_samples = True
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
         # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
         # the optimizer.step() call under way (absent: none under way), kept by the optimizer's own step hooks.
@@ -442,6 +449,9 @@ class GradGuard(CallbackBase):
         self._last_stamp = None
         self._in_step.clear()
         self._loss = None  # a loss left over by an earlier fit that ended between backward and step
+        self._samples, self._samples_at_step = 0, {}
+        # Every process must judge the same steps short: only where their batches are the same size.
+        self._count_samples = same_batch_size_on_every_rank(trainer)
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -633,6 +643,9 @@ class GradGuard(CallbackBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_stepped = False
+        if self._count_samples and self._samples is not None:
+            size = batch_size(batch)
+            self._samples = None if size is None else self._samples + size
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
         due = _lightning_step(trainer) + 1 >= self._next_log_step
@@ -653,6 +666,13 @@ class GradGuard(CallbackBase):
             value = value / (scale if scale.device == value.device else scale.to(value.device))  # 16-mixed: scaled
         # Lightning divides each micro-batch's loss by the accumulation: the sum is the window's mean.
         self._loss = value if self._loss is None else self._loss + value
+
+    def _step_samples(self, key: int) -> int | None:
+        """The examples behind this optimizer's step: those of the batches since its last step."""
+        seen, self._samples_at_step[key] = self._samples_at_step.get(key, 0), self._samples
+        if seen is None or self._samples is None or self._samples <= seen:
+            return None
+        return self._samples - seen
 
     def _watches_loss(self, trainer: pl.Trainer) -> bool:
         """Whether the divergence detector watches this fit's losses."""
@@ -687,9 +707,15 @@ class GradGuard(CallbackBase):
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
         loss, self._loss = self._loss, None
+        samples = self._step_samples(key)
         try:
             stats = engine.step(
-                stamp, grad_scale=grad_scale, grad_scaler=scaler is not None, optimizer=optimizer, loss=loss
+                stamp,
+                grad_scale=grad_scale,
+                grad_scaler=scaler is not None,
+                optimizer=optimizer,
+                loss=loss,
+                samples=samples,
             )
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None

@@ -679,6 +679,11 @@ class GuardEngine:
         self.compile = compile
         self.key = check_int("key", key, low=None)
         self.steps = 0  # steps recorded (cumulative, saved)
+        # The batch size the detectors are calibrated on, and how many steps in a row came with less than half of it
+        # (see `_judged`); host ints, from `step(samples=...)`.
+        self._batch_size = 0
+        self._short_run = 0
+        self._blind: Tensor | None = None  # the `valid` a short batch gives the exploding detector: a constant False
         self._warned_no_gradient = False
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
         # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
@@ -799,6 +804,7 @@ class GuardEngine:
         grad_scaler: bool | torch.amp.GradScaler = False,
         optimizer: torch.optim.Optimizer | None = None,
         loss: Tensor | float | None = None,
+        samples: int | None = None,
     ) -> StepStats | None:
         """Run the pipeline on the gradients in ``.grad``; call it before ``optimizer.step()``.
 
@@ -818,6 +824,13 @@ class GuardEngine:
                 backpropagated for this step), for the divergence detector; ``None``: no observation this step.
                 Under several processes the detector judges the mean over the processes (one ``all_reduce`` per
                 step, which every process joins, with or without a loss of its own).
+            samples: the number of examples behind this step's gradient (the batch size, summed over an
+                accumulation window); ``None``: unknown, every step is judged. A step on less than half the usual
+                batch (the short last batch of an epoch) is noisier by design, so the exploding and divergence
+                detectors neither judge it nor learn from it (non-finite gradients are still handled, the clipper
+                still clips); two such steps in a row are a new batch size, and start a :meth:`new_phase` on it.
+                Under several processes pass the same number on every process (the global batch, or the per-process
+                one where they are equal): the processes' detectors must agree.
 
         Returns:
             The step's measurements (device tensors), or ``None`` when no parameter had a gradient, the step rolled
@@ -836,6 +849,8 @@ class GuardEngine:
             self._check_optimizer(optimizer)
         if step is not None:
             step = _step_number(step)
+        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+            raise ValueError(f"`samples` must be an int >= 1 (the examples behind this step) or None, got {samples!r}")
         if grad_scale is not None and not isinstance(grad_scale, Tensor):
             if not _is_real(grad_scale) or not 0.0 < float(grad_scale) < math.inf:
                 # 0 or NaN would make every step non-finite, a negative scale flips every clipped gradient.
@@ -889,11 +904,12 @@ class GuardEngine:
                 )
             return None
         number = self.steps + 1 if step is None else int(step)
+        blind = None if self._judged(samples) else self._blind_flag(measured.flat.device)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
             (total, layer_norm, layer_finite, valid, *_), (increment, nonfinite, layer_nonfinite) = self._tail(
-                "whole", measured.flat, measured.present, loss_in, grad_scaler
+                "whole", measured.flat, measured.present, loss_in, grad_scaler, blind
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
@@ -907,7 +923,7 @@ class GuardEngine:
             # scaling of the gradients after the non-finite handling (as in the eager order).
             clipper.prepare_(measured.flat.device)
             (total, layer_norm, layer_finite, valid, *_), coef, (increment, nonfinite, layer_nonfinite) = self._tail(
-                "whole_clip", measured.flat, measured.present, loss_in, grad_scaler
+                "whole_clip", measured.flat, measured.present, loss_in, grad_scaler, blind
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
@@ -915,7 +931,7 @@ class GuardEngine:
                 clipper.scale_(measured.grads, coef)
         else:
             total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = self._tail(
-                "pre", measured.flat, measured.present, loss_in
+                "pre", measured.flat, measured.present, loss_in, blind
             )
             if not grad_scaler:
                 self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
@@ -946,6 +962,30 @@ class GuardEngine:
             layer_present=measured.present, grads=measured.grads, params=measured.params,
             param_indices=measured.param_indices,
         )  # fmt: skip
+
+    def _judged(self, samples: int | None) -> bool:
+        """Whether the detectors judge a step on ``samples`` examples: not a step on less than half the usual batch.
+        The noise in a mean gradient grows as the batch shrinks (a last batch of 1 after batches of 64: about 8x),
+        so the short last batch of every epoch looked like an explosion against the full batches' history."""
+        if samples is None:
+            return True
+        if 2 * samples >= self._batch_size:
+            self._batch_size = max(self._batch_size, samples)
+            self._short_run = 0
+            return True
+        self._short_run += 1
+        if self._short_run < 2:
+            return False
+        # Two short steps in a row: not an epoch's last batch but a smaller batch size from now on (a schedule, a
+        # new data set). Its norms are the new level: the statistics start again on it.
+        self._batch_size, self._short_run = samples, 0
+        self.new_phase()
+        return True
+
+    def _blind_flag(self, device: torch.device) -> Tensor:
+        if self._blind is None or self._blind.device != device:
+            self._blind = torch.zeros((), dtype=torch.bool, device=device)
+        return self._blind
 
     def _called_twice(self) -> bool:
         """The gradients of the last step are still there, unwritten (no backward in between): warn once."""
@@ -1104,14 +1144,20 @@ class GuardEngine:
             part.load_state_dict(state)
 
     def _pre(
-        self, flat: Tensor, present: Tensor, loss: Tensor | None
+        self, flat: Tensor, present: Tensor, loss: Tensor | None, blind: Tensor | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, ExplodingResult | None, VanishingResult | None, Tensor | None]:
-        """From the flat measurement (and the loss) to the detectors' verdicts (the first compiled part)."""
+        """From the flat measurement (and the loss) to the detectors' verdicts (the first compiled part).
+
+        ``blind``: a short batch's constant ``False``, which the exploding detector takes as its ``valid`` (it then
+        neither flags nor learns), and which keeps the loss from the divergence detector."""
         total, layer_norm, layer_finite = split_flat(flat)
         valid = total < math.inf  # False also for finite layers whose norms overflow together
-        exploding = self.exploding.update(total, layer_norm, valid, present) if self.exploding is not None else None
+        judged = valid if blind is None else blind
+        exploding = self.exploding.update(total, layer_norm, judged, present) if self.exploding is not None else None
         vanishing = self.vanishing.update(layer_norm, valid, present) if self.vanishing is not None else None
-        diverging = self.divergence.update(loss) if self.divergence is not None and loss is not None else None
+        diverging = None
+        if self.divergence is not None and loss is not None and blind is None:
+            diverging = self.divergence.update(loss)
         return total, layer_norm, layer_finite, valid, exploding, vanishing, diverging
 
     def _post(self, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -1119,10 +1165,10 @@ class GuardEngine:
         return self._record.update(*args)
 
     def _whole(
-        self, flat: Tensor, present: Tensor, loss: Tensor | None, grad_scaler: bool
+        self, flat: Tensor, present: Tensor, loss: Tensor | None, grad_scaler: bool, blind: Tensor | None = None
     ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         """``_pre`` and ``_post`` as one part, for an engine without a clipper."""
-        found = self._pre(flat, present, loss)
+        found = self._pre(flat, present, loss, blind)
         total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = found
         record = self._record
         args = (
@@ -1140,14 +1186,14 @@ class GuardEngine:
         return found, record.update(*args, grad_scaler)
 
     def _whole_clip(
-        self, flat: Tensor, present: Tensor, loss: Tensor | None, grad_scaler: bool
+        self, flat: Tensor, present: Tensor, loss: Tensor | None, grad_scaler: bool, blind: Tensor | None = None
     ) -> tuple[tuple[Any, ...], Tensor, tuple[Any, ...]]:
         """``_pre``, the clipper's coefficient and ``_post`` as one part, for a :attr:`~Clipper.fusable` clipper.
 
         Returns the ``_pre`` figures, the coefficient to scale the gradients by (unless the step is skipped) and the
         record's results; the same values as the eager order (pre, skip, clip, post).
         """
-        found = self._pre(flat, present, loss)
+        found = self._pre(flat, present, loss, blind)
         total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = found
         clipper = self.clipper
         assert clipper is not None
@@ -1368,7 +1414,13 @@ class GuardEngine:
         for b in _BUFFERS:
             if b.saved:
                 state[b.name] = self._record.buffers[b.name].clone()
-        state.update(host_counts=dict(self.host_counts), steps=self.steps, layers=list(self.index.names))
+        state.update(
+            host_counts=dict(self.host_counts),
+            steps=self.steps,
+            layers=list(self.index.names),
+            batch_size=self._batch_size,
+            short_run=self._short_run,
+        )
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
         return state
@@ -1406,6 +1458,8 @@ class GuardEngine:
                 self._record.buffers[b.name][: saved.shape[0]].copy_(saved)
         self.host_counts.update(state.get("host_counts", {}))
         self.steps = int(state.get("steps", 0))
+        self._batch_size = int(state.get("batch_size", 0))  # an older state has none: the next batch sets it
+        self._short_run = int(state.get("short_run", 0))
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])
         return problems

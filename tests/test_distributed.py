@@ -30,7 +30,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from lightning_gradguard import (
     AGC,
@@ -436,12 +436,41 @@ def test_plain_ddp_ranks_judge_the_same_loss(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
 
 
+def _ddp_short_batch_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    """Lightning's own distributed sampler; 2 x (64 x 5 + 1) noisy examples: every epoch ends on a batch of one on
+    each rank."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * (64 * 5 + 1), 16, generator=g)
+    y = torch.tanh(x @ torch.randn(16, 1, generator=g)) + 0.3 * torch.randn(len(x), 1, generator=g)
+    torch.manual_seed(0)
+    guard = GradGuard()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=WORLD, strategy="ddp", callbacks=[guard], max_epochs=15, logger=False, **_QUIET
+    )
+    model = Regressor(lr=1e-3, optimizer="adam")
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True))
+    return {
+        "summary": guard.summary(),
+        "batch_size": guard._states[0].state_dict()["batch_size"],
+        "weights": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+def test_ddp_ranks_agree_on_short_batches(tmp_path: Path) -> None:
+    r0, r1 = _launch("ddp_short", tmp_path)
+    assert r0["batch_size"] == r1["batch_size"] == 64  # the batch sizes were counted: the rule was on
+    assert r0["summary"] == r1["summary"]
+    assert r0["summary"]["exploding"] == 0 and r0["summary"]["lr_reduced"] == 0, r0["summary"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
+
+
 WORKERS = {
     "plain_ddp": _plain_ddp_worker,
     "ddp": _ddp_worker,
     "fsdp2": _fsdp2_worker,
     "ddp_restart": _ddp_restart_worker,
     "ddp_restart_calm": functools.partial(_ddp_restart_worker, spikes=(8, 9)),
+    "ddp_short": _ddp_short_batch_worker,
 }
 
 

@@ -1,0 +1,197 @@
+"""A short batch (the last of an epoch, or a batch size lowered mid-run) is noisier by design, not an explosion.
+
+The noise in a mean gradient grows as the batch shrinks: a last batch of 1 after batches of 64 has about 8x the noise
+of the others. Before, such a batch at the end of every epoch (``DataLoader(drop_last=False)``, the default) was
+flagged as exploding against the full batches' history, and the LR guard cut the rate of a healthy run.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gradguard import GradGuard, GuardEngine
+from lightning_gradguard._lightning import batch_size
+
+# ------------------------------------------------------------------------------------------- the engine's rule
+
+
+def _engine(**kwargs: Any) -> tuple[nn.Linear, GuardEngine]:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    return model, GuardEngine(model, clip=None, lr_guard=None, **kwargs)
+
+
+def _step(engine: GuardEngine, model: nn.Linear, norm: float, samples: int | None, loss: float | None = None) -> None:
+    model.weight.grad = torch.full_like(model.weight, norm / math.sqrt(model.weight.numel() + 1))
+    model.bias.grad = torch.full_like(model.bias, norm / math.sqrt(model.weight.numel() + 1))
+    engine.step(samples=samples, loss=loss)
+
+
+def test_a_short_batch_is_neither_judged_nor_learned_from() -> None:
+    model, engine = _engine()
+    for i in range(40):
+        _step(engine, model, 1.0 + 0.05 * math.sin(i), samples=64)
+    before = engine.state_dict()["exploding"]
+    _step(engine, model, 8.0, samples=1)  # the last batch of the epoch: 8x the norm
+    assert engine.summary()["exploding"] == 0
+    after = engine.state_dict()["exploding"]
+    assert all(torch.equal(before[k], after[k]) for k in ("mean", "var", "count"))
+    _step(engine, model, 1.0, samples=64)
+    _step(engine, model, 8.0, samples=64)  # the same norm on a full batch is an explosion
+    assert engine.summary()["exploding"] == 1
+
+
+def test_a_short_batch_still_has_its_non_finite_gradients_skipped() -> None:
+    model, engine = _engine(on_nonfinite="skip")
+    for _ in range(5):
+        _step(engine, model, 1.0, samples=64)
+    _step(engine, model, math.inf, samples=3)
+    assert engine.skipped and model.weight.grad is None
+    assert engine.summary()["nonfinite"] == 1
+
+
+def test_a_short_batch_keeps_its_loss_from_the_divergence_detector() -> None:
+    model, engine = _engine()
+    for _ in range(30):
+        _step(engine, model, 1.0, samples=64, loss=1.0)
+    _step(engine, model, 1.0, samples=2, loss=1e3)  # one example with a huge error: no divergence
+    _step(engine, model, 1.0, samples=64, loss=1.0)
+    assert engine.summary()["diverging"] == 0
+
+
+def test_a_batch_size_that_lasts_is_the_new_normal() -> None:
+    model, engine = _engine()
+    for i in range(30):
+        _step(engine, model, 1.0 + 0.05 * math.sin(i), samples=256)
+    _step(engine, model, 8.0, samples=4)  # short: not judged
+    _step(engine, model, 8.0, samples=4)  # the second in a row: a new batch size, the statistics start again on it
+    assert engine.state_dict()["batch_size"] == 4
+    assert float(engine.state_dict()["exploding"]["count"][0]) == 1
+    for i in range(40):
+        _step(engine, model, 8.0 + 0.4 * math.sin(i), samples=4)
+    assert engine.summary()["exploding"] == 0
+    # A larger batch again is judged (less noise cannot look like an explosion) and becomes the usual size.
+    _step(engine, model, 8.0, samples=64)
+    assert engine.state_dict()["batch_size"] == 64
+
+
+def test_the_usual_batch_size_is_saved_and_restored() -> None:
+    model, engine = _engine()
+    for _ in range(3):
+        _step(engine, model, 1.0, samples=32)
+    _step(engine, model, 1.0, samples=3)
+    state = engine.state_dict()
+    assert (state["batch_size"], state["short_run"]) == (32, 1)
+    _, restored = _engine()
+    restored.load_state_dict(state)
+    assert (restored.state_dict()["batch_size"], restored.state_dict()["short_run"]) == (32, 1)
+    legacy = {k: v for k, v in state.items() if k not in ("batch_size", "short_run")}
+    restored.load_state_dict(legacy)  # a state saved before the rule: the next batch sets the size
+    assert restored.state_dict()["batch_size"] == 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0, "8"])
+def test_samples_must_be_a_positive_int(bad: Any) -> None:
+    model, engine = _engine()
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    with pytest.raises(ValueError, match="`samples`"):
+        engine.step(samples=bad)
+
+
+def test_batch_size_finds_the_first_tensor() -> None:
+    x = torch.zeros(5, 3)
+    assert batch_size(x) == 5
+    assert batch_size((x[:2], torch.zeros(7))) == 2
+    assert batch_size({"input_ids": torch.zeros(3, 9), "labels": [torch.zeros(3)]}) == 3
+    assert batch_size([{"a": "text"}, [torch.zeros(4, 1)]]) == 4
+    assert batch_size(["no", "tensors"]) is None
+    assert batch_size(torch.tensor(1.0)) is None
+
+
+# ----------------------------------------------------------------------------------------- in Trainer.fit
+
+
+class _Noisy(L.LightningModule):
+    """A small regression with label noise, so that one example's gradient is far from the batch mean's."""
+
+    def __init__(self, lr: float) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1))
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def _data(n: int, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 16, generator=g)
+    y = torch.tanh(x @ torch.randn(16, 1, generator=g)) + 0.3 * torch.randn(n, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def _fit(loader: DataLoader, guard: GradGuard | None, **trainer_kwargs: Any) -> tuple[_Noisy, L.Trainer]:
+    L.seed_everything(0, verbose=False)
+    model = _Noisy(lr=1e-3)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard] if guard is not None else [],
+        **trainer_kwargs,
+    )
+    trainer.fit(model, loader)
+    return model, trainer
+
+
+@torch.no_grad()
+def _mse(model: _Noisy, data: TensorDataset) -> float:
+    x, y = data.tensors
+    return float(nn.functional.mse_loss(model.net(x), y))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_last_batch_of_one_every_epoch_is_no_explosion(accumulate: int) -> None:
+    # 64 x 20 + 1 examples: every epoch ends on a batch of one (before: 15 exploding events, 6 LR cuts, +9%).
+    data = _data(64 * 20 + 1)
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+
+    guard = GradGuard()
+    guarded, _ = _fit(loader(), guard, max_epochs=25, accumulate_grad_batches=accumulate)
+    bare, _ = _fit(loader(), None, max_epochs=25, accumulate_grad_batches=accumulate)
+    events = guard.summary()
+    assert events["exploding"] == 0 and events["lr_reduced"] == 0 and events["diverging"] == 0, events
+    assert _mse(guarded, data) <= 1.02 * _mse(bare, data)
+
+
+def test_a_batch_size_lowered_mid_run_raises_nothing() -> None:
+    # 256 examples a step for 100 steps, then 4: before, an exploding event (and, on another seed, an LR cut).
+    data = _data(20000)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+    batches, start = [], 0
+    for step in range(300):
+        size = 256 if step < 100 else 4
+        batches.append(order[start : start + size])
+        start = (start + size) % (len(data) - 256)
+    guard = GradGuard()
+    guarded, _ = _fit(DataLoader(data, batch_sampler=batches), guard, max_epochs=1)
+    bare, _ = _fit(DataLoader(data, batch_sampler=batches), None, max_epochs=1)
+    events = guard.summary()
+    assert events["exploding"] == 0 and events["lr_reduced"] == 0, events
+    assert _mse(guarded, data) <= 1.02 * _mse(bare, data)
