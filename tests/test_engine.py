@@ -88,7 +88,8 @@ def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> N
             loss = Troubled.scaled(nn.functional.mse_loss(model(x), y), step)
             loss.backward()
             events += engine.drain()
-            engine.step(optimizer=optimizer, loss=loss)  # the loss GradGuard takes from on_before_backward
+            # The loss GradGuard takes from on_before_backward, the examples it counts from the batch.
+            engine.step(optimizer=optimizer, loss=loss, samples=len(x))
             optimizer.step()
             if step == steps:
                 break
