@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -103,14 +104,14 @@ def loss_scale(scaler: Any) -> Tensor | None:
 
 
 def batch_size(batch: Any) -> int | None:
-    """The first dimension of the first tensor in ``batch`` (nested in dicts, lists and tuples), or ``None`` when
+    """The first dimension of the first tensor in ``batch`` (nested in mappings, lists and tuples), or ``None`` when
     there is none. Host-side only: a shape, never a value."""
     stack = [batch]
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
             return int(item.shape[0]) if item.dim() > 0 else None
-        if isinstance(item, dict):
+        if isinstance(item, Mapping):  # a dict, or a UserDict such as Hugging Face's BatchEncoding
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))

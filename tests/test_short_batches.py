@@ -8,6 +8,7 @@ flagged as exploding against the full batches' history, and the LR guard cut the
 from __future__ import annotations
 
 import math
+from collections import UserDict
 from typing import Any
 
 import lightning as L
@@ -111,6 +112,7 @@ def test_batch_size_finds_the_first_tensor() -> None:
     assert batch_size((x[:2], torch.zeros(7))) == 2
     assert batch_size({"input_ids": torch.zeros(3, 9), "labels": [torch.zeros(3)]}) == 3
     assert batch_size([{"a": "text"}, [torch.zeros(4, 1)]]) == 4
+    assert batch_size(UserDict(input_ids=torch.zeros(6, 2))) == 6  # e.g. Hugging Face's BatchEncoding
     assert batch_size(["no", "tensors"]) is None
     assert batch_size(torch.tensor(1.0)) is None
 
