@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 __all__ = ["CallbackBase", "grad_scaler", "lightning_types", "loss_scale", "overrides_hook", "restart_weight_averages"]
 
@@ -120,11 +121,28 @@ def batch_size(batch: Any) -> int | None:
 
 def same_batch_size_on_every_rank(trainer: Any) -> bool:
     """Whether every process trains on batches of the same size: one process, or Lightning's distributed sampler
-    (which pads the data set to an equal share per process)."""
+    (which gives each process an equal share) over map-style data in batches of a fixed size. A batch sampler of the
+    user's own (bucketing, dynamic batches) or an iterable data set may size each process's batches differently."""
     if getattr(trainer, "world_size", 1) <= 1:
         return True
     connector = getattr(trainer, "_accelerator_connector", None)
-    return bool(getattr(connector, "use_distributed_sampler", False))
+    if not getattr(connector, "use_distributed_sampler", False):
+        return False
+    loaders = _loaders(getattr(trainer, "train_dataloader", None))
+    return bool(loaders) and all(
+        loader.batch_size is not None and not isinstance(loader.dataset, IterableDataset) for loader in loaders
+    )
+
+
+def _loaders(iterables: Any) -> list[DataLoader]:
+    """The DataLoaders in Lightning's ``train_dataloader`` (one, or nested in mappings, lists and tuples)."""
+    if isinstance(iterables, DataLoader):
+        return [iterables]
+    if isinstance(iterables, Mapping):
+        iterables = list(iterables.values())
+    if isinstance(iterables, (list, tuple)):
+        return [loader for item in iterables for loader in _loaders(item)]
+    return []
 
 
 def restart_weight_averages(trainer: Any) -> list[str]:

@@ -273,11 +273,12 @@ class GradGuard(CallbackBase):
         self._diag = FitDiagnostics()
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
         self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
-        # Examples seen this fit (None: a batch without a size found), and the count at each optimizer's last step:
-        # the difference is the examples behind a step (see GuardEngine.step's `samples`).
+        # Examples that reached a backward pass this fit (None: a batch without a size found), and the count at each
+        # optimizer's last step: the difference is the examples behind a step (see GuardEngine.step's `samples`).
         self._samples: int | None = 0
         self._samples_at_step: dict[int, int | None] = {}
         self._count_samples = True
+        self._batch_samples: int | None = None  # the current batch's size, until its first backward counts it
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
         # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
         # the optimizer.step() call under way (absent: none under way), kept by the optimizer's own step hooks.
@@ -449,9 +450,7 @@ class GradGuard(CallbackBase):
         self._last_stamp = None
         self._in_step.clear()
         self._loss = None  # a loss left over by an earlier fit that ended between backward and step
-        self._samples, self._samples_at_step = 0, {}
-        # Every process must judge the same steps short: only where their batches are the same size.
-        self._count_samples = same_batch_size_on_every_rank(trainer)
+        self._samples, self._samples_at_step, self._batch_samples = 0, {}, None
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -473,6 +472,9 @@ class GradGuard(CallbackBase):
                 self._lr_hooks[key] = self.lr_guard.attach(optimizer, key)
             if key not in self._step_hooks:
                 self._step_hooks[key] = self._watch_steps(optimizer, key)
+        # Every process must judge the same steps short: only where their batches are the same size (the loaders
+        # are known from here on).
+        self._count_samples = same_batch_size_on_every_rank(trainer)
         every, done = self._log_every(trainer), _lightning_step(trainer)
         # `_next_log_step` counts batches that stepped, as Lightning's `batches_that_stepped + 1`. Out of
         # (done, done + every]: a stale value, or one left by an earlier fit of a Trainer that ran further (the guard
@@ -643,9 +645,7 @@ class GradGuard(CallbackBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_stepped = False
-        if self._count_samples and self._samples is not None:
-            size = batch_size(batch)
-            self._samples = None if size is None else self._samples + size
+        self._batch_samples = batch_size(batch) if self._count_samples else None
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
         due = _lightning_step(trainer) + 1 >= self._next_log_step
@@ -681,6 +681,11 @@ class GradGuard(CallbackBase):
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._diag.pending_size is not None:
             self._diag.after_backward(trainer)
+        # A batch counts once, at its first backward: a training_step that returned None adds no examples to a step,
+        # and the second backward of a GAN's batch (or of a closure evaluated again) the same ones.
+        if self._count_samples and self._samples is not None and self._batch_samples != 0:
+            size, self._batch_samples = self._batch_samples, 0
+            self._samples = None if size is None else self._samples + size
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

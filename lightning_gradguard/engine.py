@@ -849,8 +849,12 @@ class GuardEngine:
             self._check_optimizer(optimizer)
         if step is not None:
             step = _step_number(step)
-        if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-            raise ValueError(f"`samples` must be an int >= 1 (the examples behind this step) or None, got {samples!r}")
+        if samples is not None:
+            if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+                raise ValueError(
+                    f"`samples` must be an int >= 1 (the examples behind this step) or None, got {samples!r}"
+                )
+            samples = int(samples)
         if grad_scale is not None and not isinstance(grad_scale, Tensor):
             if not _is_real(grad_scale) or not 0.0 < float(grad_scale) < math.inf:
                 # 0 or NaN would make every step non-finite, a negative scale flips every clipped gradient.

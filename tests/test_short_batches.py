@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import math
 from collections import UserDict
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard, GuardEngine
-from lightning_gradguard._lightning import batch_size
+from lightning_gradguard._lightning import batch_size, same_batch_size_on_every_rank
 
 # ------------------------------------------------------------------------------------------- the engine's rule
 
@@ -98,7 +100,14 @@ def test_the_usual_batch_size_is_saved_and_restored() -> None:
     assert restored.state_dict()["batch_size"] == 0
 
 
-@pytest.mark.parametrize("bad", [0, -3, True, 2.0, "8"])
+def test_samples_takes_numpy_integers() -> None:
+    model, engine = _engine()
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    engine.step(samples=np.int64(32))
+    assert engine.state_dict()["batch_size"] == 32
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.0, "8", torch.tensor(8)])
 def test_samples_must_be_a_positive_int(bad: Any) -> None:
     model, engine = _engine()
     model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
@@ -115,6 +124,27 @@ def test_batch_size_finds_the_first_tensor() -> None:
     assert batch_size(UserDict(input_ids=torch.zeros(6, 2))) == 6  # e.g. Hugging Face's BatchEncoding
     assert batch_size(["no", "tensors"]) is None
     assert batch_size(torch.tensor(1.0)) is None
+
+
+def test_several_processes_count_examples_only_where_their_batches_are_the_same_size() -> None:
+    data = TensorDataset(torch.zeros(10, 1))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self) -> Any:
+            return iter(range(3))
+
+    def ranks(loader: Any, distributed_sampler: bool = True, world_size: int = 2) -> bool:
+        connector = SimpleNamespace(use_distributed_sampler=distributed_sampler)
+        trainer = SimpleNamespace(world_size=world_size, _accelerator_connector=connector, train_dataloader=loader)
+        return same_batch_size_on_every_rank(trainer)
+
+    assert ranks(DataLoader(data, batch_size=4), world_size=1, distributed_sampler=False)
+    assert ranks(DataLoader(data, batch_size=4))
+    assert ranks({"a": DataLoader(data, batch_size=4), "b": [DataLoader(data, batch_size=2)]})
+    assert not ranks(DataLoader(data, batch_size=4), distributed_sampler=False)  # each process's own sampler
+    assert not ranks(DataLoader(data, batch_sampler=[[0, 1], [2]]))  # a batch sampler of the user's: sizes may differ
+    assert not ranks(DataLoader(Stream(), batch_size=2))  # an iterable data set: each process's share may differ
+    assert not ranks(None)
 
 
 # ----------------------------------------------------------------------------------------- in Trainer.fit
@@ -180,6 +210,33 @@ def test_a_last_batch_of_one_every_epoch_is_no_explosion(accumulate: int) -> Non
     events = guard.summary()
     assert events["exploding"] == 0 and events["lr_reduced"] == 0 and events["diverging"] == 0, events
     assert _mse(guarded, data) <= 1.02 * _mse(bare, data)
+
+
+class _Skips(_Noisy):
+    """Returns no loss for batches 3-5 of each epoch: Lightning skips their optimizer step."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        return None if 3 <= batch_idx <= 5 else super().training_step(batch, batch_idx)
+
+
+def test_a_batch_without_a_loss_adds_no_examples_to_the_next_step() -> None:
+    guard = GradGuard()
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard],
+    )
+    trainer.fit(_Skips(lr=1e-3), DataLoader(_data(64 * 12), batch_size=64))
+    # The step after the skipped batches was on 64 examples, not 4 x 64 (which would make the usual size 256, the
+    # next steps short, and two of them in a row would start the statistics again).
+    engine = guard._states[0]
+    assert engine.state_dict()["batch_size"] == 64 and engine.steps == 2 * 9
+    assert float(engine.state_dict()["exploding"]["count"][0]) == engine.steps  # every step judged, none forgotten
 
 
 def test_a_batch_size_lowered_mid_run_raises_nothing() -> None:
