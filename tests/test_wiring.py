@@ -13,11 +13,11 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import AutoClip, GradGuard, GuardEngine, LRGuard, ZClip
 from tests.helpers import MetricsLogger
 from tests.models import Regressor, regression_data, trainer
+from tests.test_modes import _spiky_data
 
 
 # ------------------------------------------------------------------------------------------- one guard per optimizer
@@ -140,22 +140,13 @@ def test_a_plain_loop_step_with_another_optimizer_than_the_attached_one_is_refus
 
 
 # --------------------------------------------------------------------------------- resume under another configuration
-def _spiky() -> DataLoader:
-    """8 batches per epoch; batch 5's targets are 1000x too large: an explosion every epoch."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 16, generator=g)
-    y = x @ torch.randn(16, 1, generator=g)
-    y[80:96] *= 1000.0
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
-
-
 def _checkpoint(tmp_path: Path) -> tuple[str, GradGuard]:
     guard = GradGuard(lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_epochs=3, callbacks=[guard, ckpt], enable_checkpointing=True).fit(
-            Regressor(lr=1e-2, optimizer="adam"), _spiky()
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data()
         )
     assert guard.summary()["exploding"] >= 2 and guard.lr_guard is not None and guard.lr_guard.scale() < 1.0
     return ckpt.last_model_path, guard
@@ -167,7 +158,9 @@ def test_resuming_with_another_clipper_keeps_the_counts_and_the_lowered_rate(tmp
     resumed = GradGuard(clip=clip, lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None)
     assert resumed.state_key != saved.state_key  # Lightning does not hand it the state: the guard takes it
     with pytest.warns(UserWarning, match="configured otherwise"):
-        trainer(max_epochs=4, callbacks=[resumed]).fit(Regressor(lr=1e-2, optimizer="adam"), _spiky(), ckpt_path=path)
+        trainer(max_epochs=4, callbacks=[resumed]).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data(), ckpt_path=path
+        )
     before, after = saved.summary(), resumed.summary()
     # A fresh state would have counted the resumed epoch only (at most one event, in the detector's warm-up).
     assert after["exploding"] >= before["exploding"] >= 2 and after["lr_reduced"] >= before["lr_reduced"]
@@ -181,7 +174,9 @@ def test_resuming_with_a_clipper_of_another_size_restores_everything_else(tmp_pa
         clip=ZClip(warmup_steps=5), lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None
     )
     with pytest.warns(UserWarning, match=r"the saved clip state does not fit ZClip\(.*warmup_steps=5") as caught:
-        trainer(max_epochs=4, callbacks=[resumed]).fit(Regressor(lr=1e-2, optimizer="adam"), _spiky(), ckpt_path=path)
+        trainer(max_epochs=4, callbacks=[resumed]).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data(), ckpt_path=path
+        )
     assert not [w for w in caught if "layers" in str(w.message)]  # the layers are the same: not blamed
     # The counts and the step count carried on from the checkpoint (24 steps) through the 8 resumed ones.
     assert resumed.summary()["exploding"] >= counts["exploding"] >= 2
