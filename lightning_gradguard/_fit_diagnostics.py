@@ -197,8 +197,10 @@ class FitDiagnostics:
     # -------------------------------------------------------------- the step (logging steps only)
     def batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         if self.act is not None:
-            self.act.arm()
             self.act_until_batch_end = len(trainer.optimizers) > 1
+            # With several optimizers each steps (and updates the GradScaler) before the next backward of the batch:
+            # each backward's norms are divided by its own scale.
+            self.act.arm(grad_scale=self._scale if self.act_until_batch_end else None)
             self.scaler = grad_scaler(trainer)
         if self.noise is None:
             return
@@ -217,6 +219,9 @@ class FitDiagnostics:
             self.pending_size = int(extract_batch_size(batch))
         except Exception:  # a batch without a batch dimension Lightning can find: no noise scale this step
             self.pending_size = 0
+
+    def _scale(self) -> Tensor | None:
+        return loss_scale(self.scaler)
 
     def after_backward(self, trainer: pl.Trainer) -> None:
         """A micro-batch of the logging step reached its backward: count its examples (a ``training_step`` that
@@ -272,7 +277,7 @@ class FitDiagnostics:
         self.zero = {}
         if self.act is not None and self.act.armed:
             if self.act_until_batch_end:  # every optimizer's backward of the batch has run
-                self.act_norms = self.act.disarm(grad_scale=loss_scale(self.scaler))
+                self.act_norms = self.act.disarm()
             else:  # no optimizer step came (e.g. an accumulation tail)
                 self.act.disarm()
         if self.act_norms is not None:

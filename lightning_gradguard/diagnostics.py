@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -500,8 +500,10 @@ class ActivationGradients:
     While armed, a forward hook on each watched module puts a gradient hook on the module's (first) output; each
     backward through it adds the squared norm of that gradient, so several forward calls (weight sharing, recurrent
     cells) and the micro-batches of gradient accumulation add up to the norm over everything the step saw. Under
-    16-bit AMP the gradients flowing backward are multiplied by the loss scale: pass it to :meth:`disarm`. Constructing
-    the object registers nothing, and :meth:`disarm` removes every hook: arm it for logging steps only.
+    16-bit AMP the gradients flowing backward are multiplied by the loss scale: pass it to :meth:`disarm`, or, where
+    the scale may change between the backward passes of one measurement (several optimizers, each stepping and
+    updating the GradScaler before the next backward), a function that reads it to :meth:`arm`. Constructing the
+    object registers nothing, and :meth:`disarm` removes every hook: arm it for logging steps only.
 
     Modules that run under ``torch.compile`` are skipped (hooks added after compilation are not seen by the compiled
     code), as are names that are not modules (a parameter set on the root module); :attr:`skipped` says which and why.
@@ -556,6 +558,7 @@ class ActivationGradients:
         self._generation = 0
         self._handles: list[RemovableHandle] = []
         self._lock = threading.Lock()  # backward hooks may run on the autograd engine's device threads
+        self._scale_of: Callable[[], Tensor | float | None] | None = None
         self._found: list[tuple[int, Tensor]] = []  # (module, norm of one output gradient)
         self._order: list[int] = []  # modules in the order their outputs were computed
         self._seen: set[int] = set()
@@ -566,10 +569,21 @@ class ActivationGradients:
         """Whether the hooks are registered."""
         return self._armed
 
-    def arm(self) -> None:
-        """Register the forward hooks and start a fresh measurement (a no-op when already armed)."""
+    def arm(self, grad_scale: Callable[[], Tensor | float | None] | None = None) -> None:
+        """Register the forward hooks and start a fresh measurement (a no-op when already armed).
+
+        Args:
+            grad_scale: a function returning the factor the backward pass's gradients are multiplied by now (e.g.
+                ``lambda: scaler._scale``), read at each output gradient: each backward's norms are divided by the
+                scale it ran with. ``None``: pass the scale to :meth:`disarm`, if any.
+        """
+        if grad_scale is not None and not callable(grad_scale):
+            raise ValueError(
+                f"`grad_scale` must be a function returning the current scale, or None, got {grad_scale!r}"
+            )
         if self._armed:
             return
+        self._scale_of = grad_scale
         self._armed = True
         self._generation += 1
         self._found, self._order, self._seen = [], [], set()
@@ -584,6 +598,9 @@ class ActivationGradients:
             with torch.no_grad():
                 dense = _dense(grad)
                 norm = torch.linalg.vector_norm(dense, dtype=torch.float32 if dense.dtype in _LOW_PRECISION else None)
+                scale = self._scale_of() if self._scale_of is not None else None
+                if scale is not None:  # divided now: a GradScaler updates its scale in place after its step
+                    norm = norm.float() / (scale.to(norm.device) if isinstance(scale, Tensor) else float(scale))
             with self._lock:
                 self._found.append((position, norm))
 
@@ -614,6 +631,8 @@ class ActivationGradients:
             no gradient. ``None`` when not armed.
         """
         scale = _check_scale("grad_scale", grad_scale)
+        if scale is not None and self._scale_of is not None and self._armed:
+            raise ValueError("`grad_scale`: the scale was given to arm() already, as a function; leave it out here")
         if not self._armed:
             return None
         self._armed = False

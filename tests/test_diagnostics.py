@@ -771,3 +771,30 @@ def test_the_hook_points_work_in_trainer_fit_with_gradient_accumulation() -> Non
         trace, grad_sq = (small - big) / (1 / 4 - 1 / 8), (8 * big - 4 * small) / 4
         expected = trace / grad_sq if trace > 0 and grad_sq > 0 else math.nan
         assert r["noise"] == pytest.approx(expected, rel=1e-4, nan_ok=True)
+
+
+def test_activation_gradients_divide_each_backward_by_the_scale_it_ran_with() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    x1, x2 = torch.randn(16, 4), torch.randn(16, 4)
+
+    def measure(scales: tuple[float, float], by_arm: bool) -> torch.Tensor:
+        grads = ActivationGradients(net)
+        scale = torch.tensor(scales[0])
+        grads.arm(grad_scale=(lambda: scale) if by_arm else None)
+        (net(x1).pow(2).mean() * scales[0]).backward()
+        scale.fill_(scales[1])  # in place, as GradScaler.update() does between two optimizers' backwards
+        (net(x2).pow(2).mean() * scales[1]).backward()
+        net.zero_grad()
+        result = grads.disarm()
+        assert result is not None
+        return result
+
+    plain = measure((1.0, 1.0), by_arm=False)
+    assert torch.allclose(measure((256.0, 512.0), by_arm=True), plain, rtol=1e-5)
+    grads = ActivationGradients(net)
+    with pytest.raises(ValueError, match="`grad_scale`"):
+        grads.arm(grad_scale=2.0)  # type: ignore[arg-type]
+    grads.arm(grad_scale=lambda: 2.0)
+    with pytest.raises(ValueError, match="`grad_scale`"):
+        grads.disarm(grad_scale=2.0)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -402,3 +403,43 @@ def test_with_several_optimizers_activation_gradients_cover_every_backward_of_th
         assert sorted(values) == [3, 6, 9]  # logs by batch (Lightning's step of a batch with two optimizer steps)
         for step, value in values.items():
             assert value == pytest.approx(model.norms[step][layer], rel=1e-5)
+
+
+class ScaledHookedGAN(HookedGAN):
+    """HookedGAN whose own hooks divide by the GradScaler's scale in effect during each backward."""
+
+    def _hook(self, name: str) -> Any:
+        def forward(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            step = self.trainer.global_step // 2 + 1
+            scaler = self.trainer.precision_plugin.scaler  # type: ignore[attr-defined]
+
+            def on_grad(g: torch.Tensor) -> None:
+                self.norms.setdefault(step, {})[name] = float(g.float().norm()) / scaler.get_scale()
+
+            out.register_hook(on_grad)
+
+        return forward
+
+
+def test_activation_gradients_of_several_optimizers_are_unscaled_with_each_backwards_own_scale(tmp_path: Any) -> None:
+    # growth_interval=1: the GradScaler doubles its scale at each optimizer step, so G's backward runs with twice the
+    # scale of D's, and the scale at the end of the batch is twice G's. Before, every norm of the batch was divided by
+    # that last scale: G's layers were logged at half their norm.
+    torch.manual_seed(0)
+    model = ScaledHookedGAN()
+    guard = GradGuard(log_every_n_steps=3, diagnostics=["act_grad"])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+    trainer(
+        max_steps=18,
+        max_epochs=-1,
+        callbacks=[guard],
+        logger=TensorBoardLogger(tmp_path),
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+    ).fit(model, regression_data(dim=16))
+    assert scaler.get_scale() > 2.0**8  # the scale did change along the way
+    logged = _tb(tmp_path)
+    for layer in ("g.0", "g.2"):
+        values = logged[f"gradguard/act_grad/{layer}"]
+        assert sorted(values) == [3, 6, 9]
+        for step, value in values.items():
+            assert value == pytest.approx(model.norms[step][layer], rel=1e-3)
