@@ -197,11 +197,11 @@ class FitDiagnostics:
     # -------------------------------------------------------------- the step (logging steps only)
     def batch_start(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         if self.act is not None:
+            self.scaler = grad_scaler(trainer)
             self.act_until_batch_end = len(trainer.optimizers) > 1
             # With several optimizers each steps (and updates the GradScaler) before the next backward of the batch:
             # each backward's norms are divided by its own scale.
             self.act.arm(grad_scale=self._scale if self.act_until_batch_end else None)
-            self.scaler = grad_scaler(trainer)
         if self.noise is None:
             return
         if self.step_armed != trainer.global_step:  # the first micro-batch of the logging step
