@@ -683,7 +683,6 @@ class GuardEngine:
         # (see `_judged`); host ints, from `step(samples=...)`.
         self._batch_size = 0
         self._short_run = 0
-        self._blind: Tensor | None = None  # the `valid` a short batch gives the exploding detector: a constant False
         self._warned_no_gradient = False
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
         # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
@@ -908,7 +907,8 @@ class GuardEngine:
                 )
             return None
         number = self.steps + 1 if step is None else int(step)
-        blind = None if self._judged(samples) else self._blind_flag(measured.flat.device)
+        # A short batch gives the exploding detector the record's constant False as its `valid`.
+        blind = None if self._judged(samples) else self._record.false
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
@@ -985,11 +985,6 @@ class GuardEngine:
         self._batch_size, self._short_run = samples, 0
         self.new_phase()
         return True
-
-    def _blind_flag(self, device: torch.device) -> Tensor:
-        if self._blind is None or self._blind.device != device:
-            self._blind = torch.zeros((), dtype=torch.bool, device=device)
-        return self._blind
 
     def _called_twice(self) -> bool:
         """The gradients of the last step are still there, unwritten (no backward in between): warn once."""
