@@ -21,11 +21,13 @@ class ExplodingResult(NamedTuple):
     """What :meth:`ExplodingDetector.update` found this step (device tensors).
 
     Attributes:
-        total: 0-d bool, the total norm spiked or crossed the ceiling.
-        layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling.
+        total: 0-d bool, the total norm spiked or crossed the ceiling (the first step of a streak of flagged steps,
+            or one that climbs past it: see :class:`ExplodingDetector`).
+        layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling (the same rule).
         any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
-        cap: 0-d, when ``total`` is set ``min_ratio`` times the (geometric) average norm, or the ceiling
-            ``max_norm`` where that is lower, else ``inf``: the norm a flagged step can be clipped to.
+        cap: 0-d, on every step whose total norm is flagged (in a streak too) ``min_ratio`` times the (geometric)
+            average norm, or the ceiling ``max_norm`` where that is lower, else ``inf``: the norm a flagged step can
+            be clipped to.
     """
 
     total: Tensor
@@ -87,6 +89,17 @@ class ExplodingDetector:
     absorbed only slowly. Non-finite and AMP-overflow steps are not fed in at all, and neither is an exactly-zero
     norm (a fully masked batch, LoRA's ``A`` while ``B`` is still zero): its log would pull the average towards
     log(0) and turn every ordinary norm after it into a spike.
+
+    After the warm-up, a streak of flagged steps in a row is one event unless the norm keeps climbing, past
+    ``min_ratio`` times the streak's first norm: a jump to a new level that then holds (a task made harder for good,
+    a loss term switched on, a run of bad batches of one size) is reported once, while a blow-up grows from step to
+    step and counts on each step that climbs. Every flagged step is still given the ``cap``. Counting each step of
+    the new level made the LR guard cut for a jump the data made: an Adam regression made 10x to 100x harder for
+    good mid-run ended up to +110% above unguarded (now at most +7.7%: the clipped first steps of the new level, in
+    a run that ends 60 steps later), and two or four 1e4x bad batches in a row at step 40 of the healthy zoo's runs
+    cost up to +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most +0.9%). During the warm-up every
+    flagged step counts (a run that diverges from its first steps must meet the rollback's "two in a row" at once),
+    and so does every step over an absolute ceiling.
 
     Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``, once the
     layer has its own ``warmup_steps`` observations: a layer that starts receiving gradients late (an unfrozen
@@ -171,6 +184,8 @@ class ExplodingDetector:
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
         self._count: Tensor | None = None
+        # The first norm of each entry's current streak of flagged steps (0: not in one).
+        self._onset: Tensor | None = None
         self._const_cache: Any = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
@@ -178,8 +193,14 @@ class ExplodingDetector:
             self._mean = torch.zeros(num_layers + 1, device=device)
             self._var = torch.zeros(num_layers + 1, device=device)
             self._count = torch.zeros(num_layers + 1, device=device)
+            self._onset = torch.zeros(num_layers + 1, device=device)
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
+        if self._onset is None or self._onset.numel() != num_layers + 1:
+            # A state saved before streaks were tracked: in none.
+            self._onset = torch.zeros(num_layers + 1, device=device)
+        elif self._onset.device != device:
+            self._onset = self._onset.to(device)
 
     def _constants(
         self, size: int, device: torch.device
@@ -238,8 +259,8 @@ class ExplodingDetector:
         layer_norm = _as_float(layer_norm)
         device = layer_norm.device
         self._ensure_state(layer_norm.numel(), device)
-        mean, var, count = self._mean, self._var, self._count
-        assert mean is not None and var is not None and count is not None
+        mean, var, count, onset = self._mean, self._var, self._count, self._onset
+        assert mean is not None and var is not None and count is not None and onset is not None
         total = _as_float(total_norm)
         if total.device != device:
             total = total.to(device)
@@ -289,6 +310,18 @@ class ExplodingDetector:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
             edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
         cap = torch.where(flags[0], edge, math.inf)
+        # After the warm-up, a streak of flagged steps is one event unless its norm keeps climbing (past min_ratio
+        # times the streak's first norm): a jump to a new level that then holds (a harder task, a loss term switched
+        # on, a run of bad batches) is reported once, while a blow-up grows from step to step. Every flagged step
+        # is still clipped to ``cap``. During the warm-up each flagged step counts: a run that diverges from its
+        # first steps must meet the rollback's "two in a row" at once. An absolute ceiling counts on every step.
+        in_streak = onset > 0
+        counts = norms > onset * self.min_ratio  # every observed norm when not in a streak (onset 0)
+        counts |= ~warm
+        if ceilings is not None:
+            counts |= norms > ceilings
+        self._onset = torch.where(flags, torch.where(in_streak, onset, norms), 0.0)
+        events = flags & counts
 
         # Warm-up uses a plain running mean (1/n), afterwards the EMA. Every observation enters winsorized, on both
         # sides: to the band after warm-up, to the ratio boundaries before it. One outlier (a spike, or a batch
@@ -303,7 +336,7 @@ class ExplodingDetector:
         self._mean = torch.where(use, new_mean, mean)
         self._var = torch.where(use, new_var, var)
         self._count = count + use
-        return ExplodingResult(total=flags[0], layers=flags[1:], any=flags.any(), cap=cap)
+        return ExplodingResult(total=events[0], layers=events[1:], any=events.any(), cap=cap)
 
     def band(self) -> Tensor:
         """``[3]`` device tensor: the EMA total norm and the lower/upper edges of its detection band."""
@@ -318,10 +351,12 @@ class ExplodingDetector:
             "mean": None if self._mean is None else self._mean.clone(),
             "var": None if self._var is None else self._var.clone(),
             "count": None if self._count is None else self._count.clone(),
+            "onset": None if self._onset is None else self._onset.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._mean, self._var, self._count = state["mean"], state["var"], state["count"]
+        self._onset = state.get("onset")  # absent from states saved before streaks were tracked
 
     def __repr__(self) -> str:
         return (
@@ -395,7 +430,7 @@ class VanishingDetector:
         return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"
 
 
-_DIVERGENCE_STATE = 5  # DivergenceDetector's state vector: see its __init__
+_DIVERGENCE_STATE = 7  # DivergenceDetector's state vector: see its __init__
 
 
 class DivergenceDetector:
@@ -432,6 +467,18 @@ class DivergenceDetector:
     in 13 of 200 runs with ``n=1`` and 7 with ``n=2``, none with 4, 8 or 32; for a loss of one or two samples per
     step, pass ``divergence=None``.
 
+    A loss that jumps by ``ratio`` or more in one step after a settled, calm history (over ``1 / (1 - alpha)``
+    observations, the loss before the jump within ``sqrt(ratio)`` of the level) and then holds its new level without
+    climbing further (after ``patience`` high steps, within ``sqrt(ratio)`` of the streak's first loss) is a new
+    level of the *data*, not a divergence of the weights (``level_shifts``): a harder curriculum stage, a loss term
+    switched on, a new task. One update with a calm gradient cannot raise the loss tenfold; a too-high rate wrecks
+    the weights over several updates, and its loss keeps climbing. Such a jump raises no event: the detector starts
+    its running level again from the new loss (the first loss is kept), so a divergence later in the new phase is
+    judged against the new level. Before this rule, the default guard answered a tenfold harder task at step 120 with
+    a divergence event, a cut and a restart from the initial weights (held-out +434%). What it cannot tell apart: a
+    model whose loss jumps tenfold in one step and then stays there, which a corrupted stretch of data longer than
+    ``patience`` batches also does; the gradient detectors still see the jump's norms.
+
     ``start_ratio`` (opt-in) also calls high a loss more than that many times the first loss, which catches a climb
     that is gradual rather than sudden (no step 10x the running mean, but the model ends worse than untrained). Its
     reference is one batch's loss, so it suits a loss averaged over many samples (a language model's tokens): in the
@@ -444,6 +491,9 @@ class DivergenceDetector:
             only ``ratio``).
         patience: high steps in a row that make one event, ``>= 1``.
         alpha: EMA decay of the running mean, in ``(0, 1)`` (0.98: about the last 50 steps).
+        level_shifts: take a sudden jump that then holds its level as a new level of the data (above); ``False``:
+            every ``patience`` high steps in a row are an event. Needs ``patience >= 2`` (one step shows no plateau),
+            and is off at ``patience=1``.
 
     Example:
         >>> import torch
@@ -454,17 +504,26 @@ class DivergenceDetector:
     """
 
     def __init__(
-        self, ratio: float = 10.0, start_ratio: float | None = None, patience: int = 5, alpha: float = 0.98
+        self,
+        ratio: float = 10.0,
+        start_ratio: float | None = None,
+        patience: int = 5,
+        alpha: float = 0.98,
+        level_shifts: bool = True,
     ) -> None:
         self.ratio = check_number("ratio", ratio, low=1.0)
         self.start_ratio = optional_number("start_ratio", start_ratio, low=1.0)
         self.patience = check_int("patience", patience, low=1)
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
+        self.level_shifts = check_bool("level_shifts", level_shifts)
         self._settle = 1.0 / (1.0 - self.alpha)  # observations after which the mean is an EMA
+        self._calm = math.sqrt(self.ratio)  # "calm before" and "holds its level" in a level shift
         # Device state, created on the first update: [running mean, observations, first loss, high steps in a row,
-        # lowest settled running mean (0: none yet)].
+        # lowest settled running mean (0: none yet), previous loss (0: none), the loss that began a sudden high
+        # streak (0: none, or the streak began gradually)].
         self._state: Tensor | None = None
-        self._slow: Tensor | None = None
+        # 1 - alpha, 1 and 0 on the device, made once: a per-step constant is an op.
+        self._consts: tuple[Tensor, ...] | None = None
 
     def update(self, loss: Tensor) -> Tensor:
         """Test this step's loss (a 0-d tensor; NaN: no loss this step), then fold it into the running mean.
@@ -480,9 +539,10 @@ class DivergenceDetector:
             self._state = torch.zeros(_DIVERGENCE_STATE, device=device)
         elif self._state.device != device:
             self._state = self._state.to(device)
-        if self._slow is None or self._slow.device != device:
-            self._slow = torch.full((), 1.0 - self.alpha, device=device)  # made once: a per-step constant is an op
-        mean, count, first, streak, lowest = self._state.unbind()
+        if self._consts is None or self._consts[0].device != device:
+            self._consts = tuple(torch.tensor(v, device=device) for v in (1.0 - self.alpha, 1.0, 0.0))
+        slow, one, zero = self._consts
+        mean, count, first, streak, lowest, prev, onset = self._state.unbind()
         # ``0 < |loss| < inf`` drops NaN, inf and the exact zero of a fully masked batch (``isfinite`` is six ops).
         size = loss.abs()
         observed = (size > 0) & (size < math.inf)
@@ -499,13 +559,24 @@ class DivergenceDetector:
             high |= gated & (loss > first * self.start_ratio)
         run = torch.where(observed, (streak + 1) * high, streak)
         event = high & (run == self.patience)
+        shift = None
+        if self.level_shifts and self.patience > 1:
+            # A streak that begins with a jump from a calm loss after a settled history remembers its first loss; if
+            # the streak's last loss has not climbed well past it, the jump is the data's (class docstring).
+            sudden = high & (streak == 0) & has_lowest & (prev <= level * self._calm)
+            onset = torch.where(sudden, loss, onset * (run > 0))
+            complete = event
+            event = complete & (loss > onset * self._calm)
+            shift = complete ^ event
+        else:
+            onset = zero
         # Winsorized into [mean / ratio, mean * ratio]; the first observation is taken as it is. A high loss enters
         # with the EMA's weight even during the warm-up, so that a blow-up in the first steps does not become the
         # level it is judged against.
         fresh = first == 0
         x = torch.where(fresh, loss, torch.clamp(loss, mean / self.ratio, limit))
         n = count + 1.0
-        rate = torch.where(high, self._slow, torch.clamp_min(n.reciprocal(), 1.0 - self.alpha))
+        rate = torch.where(high, slow, torch.clamp_min(n.reciprocal(), 1.0 - self.alpha))
         new_mean = torch.where(observed, torch.lerp(mean, x, rate), mean)
         # Only once the mean has settled: the plain mean of the first few losses is too noisy to be a floor (in the
         # flat-run simulation, tracking it from the start gave 57 runs of 200 an event instead of 13 with one sample
@@ -518,8 +589,13 @@ class DivergenceDetector:
                 torch.where(observed & fresh, loss, first),
                 run,
                 torch.where(settled, torch.minimum(torch.where(has_lowest, lowest, new_mean), new_mean), lowest),
+                torch.where(observed, loss, prev),
+                onset,
             ]
         )
+        if shift is not None:
+            # The new level starts afresh from this loss, as the first losses of a run do; the first loss is kept.
+            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero]), new)
         self._state = new
         return event
 
@@ -536,12 +612,13 @@ class DivergenceDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["state"]
         if saved is not None and saved.numel() < _DIVERGENCE_STATE:
-            # Saved before the lowest settled mean was kept: none yet (it settles again from the running mean).
+            # Saved before the lowest settled mean (or the previous loss and a streak's onset) was kept: none yet (it
+            # settles again from the running mean).
             saved = torch.cat([saved, saved.new_zeros(_DIVERGENCE_STATE - saved.numel())])
         self._state = saved
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(ratio={self.ratio}, start_ratio={self.start_ratio}, patience={self.patience},"
-            f" alpha={self.alpha})"
+            f" alpha={self.alpha}, level_shifts={self.level_shifts})"
         )

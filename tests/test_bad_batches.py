@@ -2,9 +2,10 @@
 
 Real Trainer runs of the zoo's warm-up classifier (SGD). Asserted: under ``GradGuard()`` the rescue clipper comes to
 work only for trouble without a calm start before it (bad batches at step 2: nothing before them to call calm; at
-steps 5 and 40: the cut), never without a rescue clipper, without the calm-start test exactly when the trouble begins
-by ``rescue_until`` (step 20), and at any step with ``rescue_until=500``; every guarded run restarts once. The
-held-out figures are the benchmark's output.
+step 5: the cut), never without a rescue clipper, without the calm-start test exactly when the trouble begins by
+``rescue_until`` (step 20), and at any step with ``rescue_until=500``. After the exploding detector's warm-up (step
+40), bad batches of one size in a row are one event: no cut, no restart, in every variant. The held-out figures are
+the benchmark's output.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ def _run(step: int, *extra: str) -> dict:
 
 
 @pytest.mark.parametrize(
-    ("step", "restarted_by_default", "early"), [(2, True, True), (5, False, True), (40, False, False)]
+    ("step", "cut", "restarted_by_default", "early"),
+    [(2, True, True, True), (5, True, False, True), (40, False, False, False)],
 )
 def test_the_default_restarts_for_early_trouble_without_a_calm_start_only(
-    step: int, restarted_by_default: bool, early: bool
+    step: int, cut: bool, restarted_by_default: bool, early: bool
 ) -> None:
     result = _run(step)
     assert result["meta"]["bad_steps"] == [step, step + 1]
@@ -39,36 +41,41 @@ def test_the_default_restarts_for_early_trouble_without_a_calm_start_only(
     assert rows["clean"]["guard"] is None and rows["clean"]["rescued"] is None
     assert rows["guarded_nocalm"]["guard"] == "GradGuard(rollback=default_rollback(calm_factor=None))"
     for variant in guarded:
-        assert rows[variant]["events"]["lr_reduced"] >= 1, variant  # two troubled steps in a row: a cut
+        # Two troubled steps in a row: a cut during the warm-up; after it, one event for the pair.
+        assert (rows[variant]["events"]["lr_reduced"] >= 1) is cut, variant
+        assert rows[variant]["events"]["exploding"] == (2 if cut else 1), variant
     rolled = {v: rows[v]["events"]["rolled_back"] for v in guarded}
     # The default and its variant without a rescue restart only when nothing calm came before the trouble; the
     # previous default (early_only=False) on every cut; without the calm-start test any trouble by rescue_until
     # looks like a rate too high from the start, and with rescue_until=500 any trouble does.
     assert rolled == {
         "guarded": int(restarted_by_default),
-        "guarded_restart": 1,
+        "guarded_restart": int(cut),
         "guarded_norescue": int(restarted_by_default),
         "guarded_nocalm": int(early),
-        "guarded_laterescue": 1,
+        "guarded_laterescue": int(cut),
     }
     assert rows["guarded"]["rescued"] is restarted_by_default
     assert rows["guarded_restart"]["rescued"] is restarted_by_default
     assert rows["guarded_norescue"]["rescued"] is False
     assert rows["guarded_nocalm"]["rescued"] is early
-    assert rows["guarded_laterescue"]["rescued"] is True
+    assert rows["guarded_laterescue"]["rescued"] is cut
     # Without the bad batches nothing happens, with them unguarded the run is wrecked or worse.
     clean, unguarded = rows["clean"]["heldout"], rows["unguarded"]["heldout"]
     assert isinstance(clean, float) and (unguarded in ("nan", "inf") or unguarded > clean)
 
 
-def test_a_burst_of_four_cuts_the_rate_but_sets_no_ceiling() -> None:
+def test_a_burst_of_four_after_the_warm_up_is_one_event_and_leaves_the_rate_alone() -> None:
+    # Four bad batches of one size: a jump that holds, not a blow-up. Before, each counted, the LR guard cut twice
+    # and the run ended +0.3% here (+1.5% to +55.7% on the zoo's Adam runs); every step is still clipped.
     result = _run(40, "--count", "4")
     assert result["meta"]["bad_steps"] == [40, 41, 42, 43]
     rows = {r["variant"]: r for r in result["rows"]}
     guarded = rows["guarded"]
-    assert guarded["events"]["lr_reduced"] >= 1 and guarded["events"]["rolled_back"] == 0
-    # The rate came back to its schedule: one burst is no evidence that the rate was too high.
-    assert guarded["min_lr_scale"] < 1.0 and guarded["final_lr_scale"] == 1.0
+    assert guarded["events"]["exploding"] == 1 and guarded["events"]["clipped"] >= 4
+    assert guarded["events"]["lr_reduced"] == 0 and guarded["events"]["rolled_back"] == 0
+    assert guarded["min_lr_scale"] == 1.0 and guarded["final_lr_scale"] == 1.0
+    assert guarded["heldout"] <= rows["clean"]["heldout"] * 1.02
 
 
 @pytest.mark.parametrize(

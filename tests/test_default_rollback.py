@@ -26,16 +26,21 @@ from tests.models import Regressor, regression_data, trainer
 
 
 class SpikyRegressor(Regressor):
-    """Multiplies the loss by ``factor`` on the given optimizer steps (counted from 1): one bad batch each."""
+    """Multiplies the loss by ``factor`` on the given optimizer steps (counted from 1): one bad batch each; a dict
+    gives each step its own factor."""
 
-    def __init__(self, spikes: set[int], factor: float = 1e4, **kwargs: Any) -> None:
+    def __init__(self, spikes: set[int] | dict[int, float], factor: float = 1e4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.spikes = spikes
-        self.factor = factor
+        self.factors = spikes if isinstance(spikes, dict) else dict.fromkeys(spikes, factor)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        return loss * self.factor if self.global_step + 1 in self.spikes else loss
+        return loss * self.factors.get(self.global_step + 1, 1.0)
+
+
+# Two troubled steps in a row after the exploding detector's warm-up: the second 100x the first, a blow-up. Two of
+# one size would be one jump that holds, one event (tests/test_level_shifts.py).
+_CLIMB = {40: 1e2, 41: 1e4}
 
 
 class UnitRatios(L.Callback):
@@ -56,7 +61,7 @@ class UnitRatios(L.Callback):
 
 
 def _fit(
-    spikes: set[int],
+    spikes: set[int] | dict[int, float],
     rollback: Any = "default",
     steps: int = 80,
     extra: list[L.Callback] | None = None,
@@ -282,7 +287,7 @@ def test_a_blow_up_by_orders_of_magnitude_gets_the_rescue_and_one_cut() -> None:
 def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> None:
     ratios: dict[int, float] = {}
     rollback = default_rollback(early_only=False)  # the default leaves the later trouble to the LR guard
-    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3, 40, 41}, ratios=ratios)
+    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3}, scales=_CLIMB, ratios=ratios)
     assert restarts == [4, 42]
     after = [ratios[s] for s in range(5, 61) if s in ratios]  # the restart steps have no gradient
     assert len(after) == 55 and max(after) <= 0.01 * (1 + 1e-4)  # the two spikes between the restarts included
@@ -444,15 +449,17 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
     single, _, restarts = _fit({40})
     assert single.summary()["exploding"] == 1 and single.summary()["lr_reduced"] == 0 and restarts == []
     assert single.summary()["rolled_back"] == 0 and single.lr_guard is not None and single.lr_guard.scale() == 1.0
-    kept, _, restarts = _fit({40, 41})  # after 40 calm steps: the cut, and training goes on from there
+    pair, _, restarts = _fit({40, 41})  # two of one size after the warm-up: one jump that holds, one event
+    assert pair.summary()["exploding"] == 1 and pair.summary()["lr_reduced"] == 0 and restarts == []
+    kept, _, restarts = _fit(_CLIMB)  # after 40 calm steps: the cut, and training goes on from there
     assert kept.summary()["lr_reduced"] == 1 and kept.summary()["rolled_back"] == 0 and restarts == []
-    double, _, restarts = _fit({40, 41}, rollback=default_rollback(early_only=False))
+    double, _, restarts = _fit(_CLIMB, rollback=default_rollback(early_only=False))
     assert double.summary()["lr_reduced"] == 1 and double.summary()["rolled_back"] == 1
     assert restarts == [42]  # step 41's flags land before step 42: the restart skips step 42
     # After 40 calm steps: the restart lowers the rate, no rescue clipper.
     assert double.lr_guard is not None and double.lr_guard.ceiling() < 1.0
     assert not double.rescuing()
-    off, _, restarts = _fit({40, 41}, rollback=None)
+    off, _, restarts = _fit(_CLIMB, rollback=None)
     assert off.summary()["lr_reduced"] == 1 and off.summary()["rolled_back"] == 0 and restarts == []
 
 
@@ -549,7 +556,7 @@ def test_restart_weight_averages_restarts_swa_once_it_averages() -> None:
 
 
 def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: pytest.LogCaptureFixture) -> None:
-    def fit(spikes: set[int], rollback: Any = "default") -> tuple[float, list[str]]:
+    def fit(spikes: set[int] | dict[int, float], rollback: Any = "default") -> tuple[float, list[str]]:
         caplog.clear()
         with caplog.at_level(logging.INFO):
             guard, _, _ = _fit(spikes, rollback=rollback)
@@ -565,13 +572,13 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
     assert "`GradGuard(clip=AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()))`" in notes[0]
     # A restart that lowered the rate: one line with the multiplier in force at the end, the rate it means and what
     # happened.
-    scale, notes = fit({40, 41}, rollback=default_rollback(early_only=False))
+    scale, notes = fit(_CLIMB, rollback=default_rollback(early_only=False))
     assert 0.0 < scale < 1.0 and len(notes) == 1
     assert notes[0].startswith(f"GradGuard: the learning rate ends at {scale:.3g}x its scheduled value")
     assert f"(lr {0.02 * scale:.3g}; the schedule says 0.02) after 1 reduction and 1 rollback." in notes[0]
     # One spike keeps the rate: nothing to say; nor for a healthy run, nor for a single cut that is recovering.
     assert fit({40}) == (1.0, [])
-    scale, notes = fit({40, 41})
+    scale, notes = fit(_CLIMB)
     assert scale < 1.0 and notes == []
     assert fit(set()) == (1.0, [])
 

@@ -85,8 +85,8 @@ def test_a_climb_slow_enough_for_the_running_mean_to_follow_is_caught_against_th
 def test_a_state_saved_before_the_lowest_level_was_kept_loads() -> None:
     det = DivergenceDetector(patience=2)
     det.load_state_dict({"state": torch.tensor([1.0, 60.0, 2.0, 0.0])})  # [mean, observations, first, streak]
-    assert _feed(det, [1.0, 50.0, 50.0]) == [2]
-    assert det._state is not None and det._state.numel() == 5
+    assert _feed(det, [1.0, 50.0, 500.0]) == [2]
+    assert det._state is not None and det._state.numel() == 7
 
 
 def test_exact_zero_and_non_finite_losses_are_no_observation() -> None:

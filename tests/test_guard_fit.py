@@ -791,7 +791,7 @@ def test_an_optimizer_without_a_learning_rate_gets_no_lr_guard(recwarn: pytest.W
     # The LR guard multiplied `None` on its first cut (TypeError), and logging read `float(None)`.
     torch.manual_seed(0)
     guard = GradGuard(log_every_n_steps=5)
-    model = SelfSized(spikes=(30, 31), spike=1e4)
+    model = SelfSized(spikes=(30, 33), spike=1e4)  # two jumps within the LR guard's cooldown: a cut if it had one
     trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
     messages = [str(w.message) for w in recwarn.list]
     assert any("lr=None in every param group" in m and "LR guard and the rollback" in m for m in messages)
