@@ -17,7 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_gradguard._compat import foreach_norm
-from lightning_gradguard._lightning import grad_scaler, lightning_types, loss_scale
+from lightning_gradguard._lightning import batch_size, grad_scaler, lightning_types, loss_scale
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_NOTE,
     ActivationGradients,
@@ -213,12 +213,8 @@ class FitDiagnostics:
             self.first_backward_pending = self.source is not None
             if self.source == "distributed" and self.local is not None:
                 self.local.arm()
-        try:
-            from lightning.pytorch.utilities.data import extract_batch_size
-
-            self.pending_size = int(extract_batch_size(batch))
-        except Exception:  # a batch without a batch dimension Lightning can find: no noise scale this step
-            self.pending_size = 0
+        # The reader the short-batch rule uses; a batch without a batch dimension: no noise scale this step.
+        self.pending_size = batch_size(batch) or 0
 
     def _scale(self) -> Tensor | None:
         return loss_scale(self.scaler)

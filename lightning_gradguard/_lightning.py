@@ -9,6 +9,7 @@ lightning.pytorch.loggers.TensorBoardLogger)`` is false for a ``pytorch_lightnin
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 from collections.abc import Mapping
@@ -105,17 +106,22 @@ def loss_scale(scaler: Any) -> Tensor | None:
 
 
 def batch_size(batch: Any) -> int | None:
-    """The first dimension of the first tensor in ``batch`` (nested in mappings, lists and tuples), or ``None`` when
-    there is none. Host-side only: a shape, never a value."""
+    """The first dimension of the first tensor with one in ``batch`` (nested in mappings, lists, tuples and
+    dataclasses, in order), as Lightning's ``self.log`` reads a batch size, or ``None`` when there is none. A 0-d
+    tensor (a scalar field beside the data) is passed over. Host-side only: a shape, never a value; other iterables
+    are not entered (a generator would be consumed)."""
     stack = [batch]
     while stack:
         item = stack.pop()
         if isinstance(item, Tensor):
-            return int(item.shape[0]) if item.dim() > 0 else None
-        if isinstance(item, Mapping):  # a dict, or a UserDict such as Hugging Face's BatchEncoding
+            if item.dim() > 0:
+                return int(item.shape[0])
+        elif isinstance(item, Mapping):  # a dict, or a UserDict such as Hugging Face's BatchEncoding
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(reversed([getattr(item, field.name) for field in dataclasses.fields(item)]))
     return None
 
 

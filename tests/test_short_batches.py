@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import UserDict
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -124,6 +125,10 @@ def test_batch_size_finds_the_first_tensor() -> None:
     assert batch_size(UserDict(input_ids=torch.zeros(6, 2))) == 6  # e.g. Hugging Face's BatchEncoding
     assert batch_size(["no", "tensors"]) is None
     assert batch_size(torch.tensor(1.0)) is None
+    # A 0-d tensor beside the data is passed over; dataclasses are looked into, field by field.
+    assert batch_size({"epoch": torch.tensor(3), "x": torch.zeros(8, 2)}) == 8
+    assert batch_size(_Batch(step=torch.tensor(0), x=torch.zeros(9, 16), y=torch.zeros(9, 1))) == 9
+    assert batch_size(_Batch) is None  # the class itself is no batch
 
 
 def test_several_processes_count_examples_only_where_their_batches_are_the_same_size() -> None:
@@ -212,6 +217,34 @@ def test_a_last_batch_of_one_every_epoch_is_no_explosion(accumulate: int) -> Non
     events = guard.summary()
     assert events["exploding"] == 0 and events["lr_reduced"] == 0 and events["diverging"] == 0, events
     assert _mse(guarded, data) <= 1.02 * _mse(bare, data)
+
+
+@dataclass
+class _Batch:
+    step: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class _Dataclass(_Noisy):
+    """Trains on :class:`_Batch` batches, whose first field is a 0-d tensor."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step((batch.x, batch.y), batch_idx)
+
+
+def test_a_dataclass_batch_is_counted_and_its_short_last_batch_raises_nothing() -> None:
+    # Before, the short-batch count stopped at the 0-d tensor and never looked into dataclasses: the rule was off
+    # for such batches, while the noise scale read them through Lightning's own reader.
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> _Batch:
+        x, y = (torch.stack(t) for t in zip(*items))
+        return _Batch(step=torch.tensor(0), x=x, y=y)
+
+    guard = GradGuard()
+    _fit(DataLoader(_data(64 * 20 + 1), batch_size=64, collate_fn=collate), guard, _Dataclass, max_epochs=10)
+    assert guard._states[0].state_dict()["batch_size"] == 64
+    events = guard.summary()
+    assert events["exploding"] == 0 and events["lr_reduced"] == 0 and events["diverging"] == 0, events
 
 
 class _Skips(_Noisy):
