@@ -503,5 +503,9 @@ class LRGuard:
                 value = getattr(state, name)
                 if not (math.isfinite(value) and 0.0 < value <= 1.0):
                     raise ValueError(f"invalid {name} {value!r} for key {key!r} in the LRGuard state")
+            if "armed" not in s and state.since_cut < 1 << 30 and state.calm > self.cooldown:
+                # Saved before ``armed`` was kept: a cut that had calmed past its hold is armed, as it would have
+                # been (a fully recovered state is never visited by the calm-step code that arms it).
+                state.armed = 1
             states[int(key)] = state
         self._states = states

@@ -371,6 +371,30 @@ def test_lrguard_second_explosion_at_the_ceiling_lowers_it() -> None:
     assert scales[-1] == pytest.approx(guard.ceiling())
 
 
+def test_lrguard_state_saved_before_arming_was_kept_still_remembers_a_recurrence() -> None:
+    # A cut that had calmed past its hold, saved without "armed": a recurrence after the resume sets the ceiling, as
+    # in the run that was not interrupted (before, the state was never armed until another cut).
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
+    guard.update(True)
+    _calm(guard, 10)
+    state = guard.state_dict()
+    older = {"keys": {k: {n: v for n, v in s.items() if n != "armed"} for k, s in state["keys"].items()}}
+    resumed = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
+    resumed.load_state_dict(older)
+    for g in (guard, resumed):
+        g.update(True)
+        assert g.ceiling() == pytest.approx(math.sqrt(0.5))
+    # A state saved without a cut stays unarmed: its first cut sets no ceiling.
+    fresh = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
+    _calm(fresh, 10)
+    unarmed = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
+    unarmed.load_state_dict(
+        {"keys": {k: {n: v for n, v in s.items() if n != "armed"} for k, s in fresh.state_dict()["keys"].items()}}
+    )
+    unarmed.update(True)
+    assert unarmed.ceiling() == 1.0
+
+
 def test_lrguard_state_round_trip_keeps_ceiling_and_nonfinite_counters() -> None:
     guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
     for _ in range(2):  # two bursts: the second sets the ceiling
