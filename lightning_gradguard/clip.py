@@ -669,6 +669,7 @@ class ZClip(Clipper):
         self._count: Tensor | None = None  # valid steps seen (int64); the EMA is live once it reaches warmup_steps
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
+        self._run: Tensor | None = None  # bool: the last valid step was a spike
         self._arange: Tensor | None = None
         # Once the host knows the warm-up is over, the warm-up bookkeeping (about 15 small kernels) is skipped. It
         # learns it from a copy of ``count >= warmup_steps`` that lands without a wait (see ``_watch_warmup``).
@@ -682,6 +683,7 @@ class ZClip(Clipper):
             "count": torch.zeros((), dtype=torch.int64, device=device),
             "mean": torch.zeros((), dtype=dtype, device=device),
             "var": torch.zeros((), dtype=dtype, device=device),
+            "run": torch.zeros((), dtype=torch.bool, device=device),
         }
 
     def _prepare(self, device: torch.device) -> None:
@@ -689,7 +691,7 @@ class ZClip(Clipper):
         if self._buffer is None or self._count is None or self._mean is None or self._var is None:
             state = self._empty_state(device, dtype)
             self._buffer, self._count = state["buffer"], state["count"]
-            self._mean, self._var = state["mean"], state["var"]
+            self._mean, self._var, self._run = state["mean"], state["var"], state["run"]
             self._forget_warmup()
         elif self._count.device != device or self._mean.dtype != dtype:
             self._forget_warmup()
@@ -697,6 +699,9 @@ class ZClip(Clipper):
             self._count = self._count.to(device)
             self._mean = self._mean.to(device=device, dtype=dtype)
             self._var = self._var.to(device=device, dtype=dtype)
+        if self._run is None or self._run.device != device:
+            # A state saved before runs of spikes were tracked: in none.
+            self._run = torch.zeros((), dtype=torch.bool, device=device) if self._run is None else self._run.to(device)
         if self._arange is None or self._arange.device != device:
             self._arange = torch.arange(self.warmup_steps, device=device)
 
@@ -728,8 +733,9 @@ class ZClip(Clipper):
     def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
         device = total_norm.device
         buffer, count, mean, var, arange = self._buffer, self._count, self._mean, self._var, self._arange
+        run = self._run
         assert buffer is not None and count is not None and mean is not None and var is not None
-        assert arange is not None
+        assert arange is not None and run is not None
         # On the host: the warm-up bookkeeping below may still matter. A compiled tail always traces it (checked
         # first, so the host flag is never read there): a Python flag inside the graph would recompile it when the
         # warm-up ends, and once fused the bookkeeping costs nothing. After the warm-up it changes no value.
@@ -798,14 +804,16 @@ class ZClip(Clipper):
                 coef = torch.where(collect, torch.clamp(warm_limit / (x + _NORM_EPS), max=1.0), coef)
         coef = coef.to(torch.float32)
 
-        # What enters the EMA: the norm winsorized to the spike boundary (``spike_update="boundary"``), or the clip
-        # value as in the reference (``"clip"``; in percentile mode the two are the same). The clip value of a far
-        # outlier is about the mean, so under a lasting new level the reference's EMA never moves (see the class
-        # docstring); the boundary lets the variance grow by a fixed factor per spike, so the new level is absorbed
-        # within a few dozen steps while one spike moves the mean by only ``(1 - alpha) * z_thresh`` deviations.
+        # What enters the EMA: the clip value as in the reference (in percentile mode the boundary), or, with
+        # ``spike_update="boundary"``, from the second spike in a row on the norm winsorized to the spike boundary.
+        # The clip value of a far outlier is about the mean, so under a lasting new level the reference's EMA never
+        # moves (see the class docstring); the boundary lets the variance grow by a fixed factor per spike in a row,
+        # so the new level is absorbed within a few dozen steps. A lone spike enters as the reference has it: fed the
+        # boundary too, spikes every few steps (corrupted labels) widened the spread faster than it decayed, until
+        # they were no longer clipped.
         fed = target
         if self.spike_update == "boundary" and self.mode != "percentile":
-            fed = torch.where(spike, boundary, x)
+            fed = torch.where(spike & run, boundary, target)
         update = live & ~spike if self.skip_update_on_spike else live
         new_mean = self.alpha * mean + (1.0 - self.alpha) * fed
         new_var = self.alpha * var + (1.0 - self.alpha) * (fed - new_mean).square()
@@ -818,6 +826,7 @@ class ZClip(Clipper):
             new_var = torch.where(update, new_var, var)
         self._mean, self._var = new_mean, new_var
         self._count = count + ok
+        self._run = torch.where(live, spike, run)
 
         coef = self._capped(coef, total_norm, cap)
         if in_warmup:
@@ -847,26 +856,22 @@ class ZClip(Clipper):
         self._warmup_calls = 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Warm-up buffer, valid-step count, EMA mean and variance."""
+        """Warm-up buffer, valid-step count, EMA mean and variance, whether the last valid step was a spike."""
         if self._buffer is None or self._count is None or self._mean is None or self._var is None:
             return self._empty_state("cpu", torch.float64)
-        return {
-            "buffer": _to_cpu(self._buffer),
-            "count": _to_cpu(self._count),
-            "mean": _to_cpu(self._mean),
-            "var": _to_cpu(self._var),
-        }
+        return {k: _to_cpu(v) for k, v in self.device_state().items()}
 
     def device_state(self) -> dict[str, Any]:
         if self._buffer is None or self._count is None or self._mean is None or self._var is None:
             return self.state_dict()
+        run = self._run if self._run is not None else torch.zeros((), dtype=torch.bool, device=self._count.device)
         return {"buffer": self._buffer.clone(), "count": self._count.clone(), "mean": self._mean.clone(),
-                "var": self._var.clone()}  # fmt: skip
+                "var": self._var.clone(), "run": run.clone()}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
-        call."""
-        if set(state) != {"buffer", "count", "mean", "var"}:
+        """Restore a state produced by :meth:`state_dict` (one saved before ``run`` was kept loads too); the tensors
+        move to the gradients' device on the next call."""
+        if not {"buffer", "count", "mean", "var"} <= set(state) <= {"buffer", "count", "mean", "var", "run"}:
             raise ValueError(f"Not a ZClip state: keys {sorted(state)}.")
         # fp64 here; the next call casts to the device's state dtype.
         buffer = torch.as_tensor(state["buffer"], dtype=torch.float64).detach().clone()
@@ -878,6 +883,7 @@ class ZClip(Clipper):
         self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
         self._mean = torch.as_tensor(state["mean"], dtype=torch.float64).reshape(()).clone()
         self._var = torch.as_tensor(state["var"], dtype=torch.float64).reshape(()).clone()
+        self._run = torch.as_tensor(state.get("run", False), dtype=torch.bool).reshape(()).clone()
         self._forget_warmup()
 
     def extra_repr(self) -> str:

@@ -42,8 +42,10 @@ class RefZClip:
         spike_update: str = "clip",
     ) -> None:
         # ``spike_update="clip"`` is the authors' code: a spike enters the EMA as its clip value. ``"boundary"``
-        # (ZClip's default here) feeds it the spike boundary ``mean + z_thresh * (std + eps)`` in zscore mode.
+        # (ZClip's default here) feeds a spike that follows a spike the spike boundary ``mean + z_thresh * (std +
+        # eps)`` in zscore mode; the first spike of a run enters as its clip value.
         self.spike_update = spike_update
+        self.run = False  # the last step after the warm-up was a spike
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.max_grad_norm, self.skip, self.eps = max_grad_norm, skip_update_on_spike, eps
@@ -74,13 +76,14 @@ class RefZClip:
         else:
             z = (norm - self.mean) / (std + self.eps)
             if z > self.z_thresh:
-                if self.spike_update == "boundary":
+                if self.spike_update == "boundary" and self.run:
                     fed = self.mean + self.z_thresh * (std + self.eps)
                 if self.clip_option == "adaptive_scaling":
                     eta = z / self.z_thresh
                     clip_value = (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
                 else:
                     clip_value = self.mean
+        self.run = clip_value is not None
         effective = clip_value if clip_value is not None else norm
         if self.max_grad_norm is not None:
             effective = min(effective, self.max_grad_norm)
@@ -943,6 +946,20 @@ def test_zclip_absorbs_a_lasting_new_norm_level_within_a_few_dozen_steps(jump: f
     assert coefs[60] < 0.2  # the first step at the new level is still clipped hard
     assert clipped_after and max(clipped_after) < 40, clipped_after
     assert all(coef == 1.0 for coef in coefs[:60])
+
+
+@pytest.mark.parametrize("every", [2, 3, 6])
+def test_zclip_keeps_clipping_spikes_that_come_every_few_steps(every: int) -> None:
+    # Corrupted labels: a 50x spike every few steps, ordinary steps in between. A lone spike enters the EMA as its
+    # clip value (as in the reference); before, each entered at the spike boundary, the spread grew faster than it
+    # decayed, and after 300 steps the threshold stood at 77-122 and the spikes went through unclipped.
+    norms = _level_shift_norms(1.0, before=400, after=0)
+    for step in range(100, 400, every):
+        norms[step] = 50.0
+    clipper = default_clipper()
+    coefs = _feed_norms(clipper, norms)
+    assert all(coefs[step] < 0.05 for step in range(100, 400, every))
+    assert float(clipper.last_threshold) < 2.0
 
 
 def test_zclip_spike_update_clip_keeps_the_references_lock_in() -> None:
