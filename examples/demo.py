@@ -115,6 +115,10 @@ def fmt(x: float) -> str:
     return "NaN (training diverged)" if math.isnan(x) else f"{x:.3g}"
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 def _events(events: dict[str, int]) -> str:
     return ", ".join(f"{k}={v}" for k, v in events.items() if v) or "none"
 
@@ -136,7 +140,7 @@ def explain(
         f" within ±3; {seen} such samples in {steps} steps), and each one sends a gradient spike. Unguarded, the"
         f" monitor saw {bare_events['exploding']} exploding steps and let them through: {outcome(bare_mse)}"
         f" (clean-data MSE {fmt(bare_mse)}). GradGuard clipped {events['clipped']} steps and lowered the learning rate"
-        f" {events['lr_reduced']} times: {outcome(mse)} (clean-data MSE {fmt(mse)})."
+        f" {_times(events['lr_reduced'])}: {outcome(mse)} (clean-data MSE {fmt(mse)})."
     )
 
 

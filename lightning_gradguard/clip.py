@@ -567,8 +567,9 @@ class ZClip(Clipper):
 
     The clip value is capped by ``max_grad_norm`` when set; gradients above it are scaled by
     ``clip / (norm + 1e-6)``. The EMA is then updated with ``x``, the raw norm on an ordinary step and on a spike
-    the norm winsorized to the spike boundary ``mean + z_thresh * (std + eps)`` (``spike_update="boundary"``, the
-    default) or the clip value (``spike_update="clip"``, the reference): ``mean = alpha * mean + (1 - alpha) * x``
+    the clip value (the reference), or, for a spike that follows a spike, the norm winsorized to the spike boundary
+    ``mean + z_thresh * (std + eps)`` (``spike_update="boundary"``, the default; ``spike_update="clip"``: the
+    reference on every spike): ``mean = alpha * mean + (1 - alpha) * x``
     followed by ``var = alpha * var + (1 - alpha) * (x - mean) ** 2`` with the *new* mean, unless
     ``skip_update_on_spike`` is set and the step was a spike. In percentile mode the clip value is the boundary, so
     the two agree there.
@@ -579,12 +580,14 @@ class ZClip(Clipper):
     clipped to the old level. In the level-shift runs this was measured on (an Adam MLP regression whose loss jumps
     50-80x at step 100 or 520, or an auxiliary loss switched on at step 150; two seeds), ZClip alone clipped all
     180-200 later steps by 10-70x and ended +4%, +15% and +300% in held-out loss. Fed the boundary, each spike in a
-    row multiplies the standard deviation by ``sqrt(alpha + (1 - alpha) * (alpha * z_thresh) ** 2)`` (1.19 at
-    ``z_thresh=4``, the default clipper's; 1.07 at 2.5), so the new level stops being a spike after a number of
-    steps that grows with the logarithm of the jump: 13-24 steps clipped in those runs, which ended -17% to +0.01%
-    from unguarded. One outlier, or a burst of a few, is still clipped as before and moves the mean by only
-    ``(1 - alpha) * z_thresh`` standard deviations (0.12 at 4.0); it widens the boundary by the factor above, which
-    then decays with ``alpha``. Steps that are not valid
+    row after the first multiplies the standard deviation by ``sqrt(alpha + (1 - alpha) * (alpha * z_thresh) **
+    2)`` (1.19 at ``z_thresh=4``, the default clipper's; 1.07 at 2.5), so the new level stops being a spike after a
+    number of steps that grows with the logarithm of the jump: 13-24 steps clipped in those runs, which ended -17%
+    to +0.01% from unguarded. Why only in a row: fed the boundary on every spike, spikes a few steps apart (one
+    corrupted label in 500, batches of 64: the demo) widened the spread faster than ``alpha`` let it decay, until
+    50x spikes every 2-6 steps went through unclipped (threshold 77-122 after 300 steps) and the demo's guarded run
+    diverged and ended ruined. A lone spike enters as the reference has it, and moves the mean by about ``(1 -
+    alpha)`` times the clip value's distance from it. Steps that are not valid
     (non-finite, AMP overflow) neither count towards the warm-up nor touch the EMA. The statistics are kept in fp64
     (fp32 on MPS), as the reference's Python floats are. Despite its name, ``mode="percentile"`` (the authors' term)
     uses no percentile: its threshold is the fixed ``mean + z_thresh * std``.
@@ -609,10 +612,11 @@ class ZClip(Clipper):
             collected so far; the warm-up buffer then keeps the clipped norms, so a run that diverges in its first
             steps meets a ceiling at once and the EMA starts from the calm level. ``None`` (default) follows the
             reference implementation: no clipping during the warm-up except ``max_grad_norm``.
-        spike_update: what a spike feeds the EMA in zscore mode: ``"boundary"`` (default), the spike boundary
-            ``mean + z_thresh * (std + eps)``, so that a lasting new level is absorbed within a few dozen steps;
-            ``"clip"``, the clip value, as the reference implementation does (a lasting new level is then clipped
-            to the old one for good). Not used in percentile mode, whose clip value is the boundary.
+        spike_update: what a spike feeds the EMA in zscore mode: ``"boundary"`` (default), the clip value for a
+            lone spike and the spike boundary ``mean + z_thresh * (std + eps)`` for each spike that follows a spike,
+            so that a lasting new level is absorbed within a few dozen steps; ``"clip"``, the clip value on every
+            spike, as the reference implementation does (a lasting new level is then clipped to the old one for
+            good). Not used in percentile mode, whose clip value is the boundary.
 
     Exactly-zero norms (a fully masked batch) are no observation: they neither count towards the warm-up nor move
     the EMA, which would otherwise make every ordinary norm after them look like a spike.
