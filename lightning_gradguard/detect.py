@@ -95,9 +95,9 @@ class ExplodingDetector:
     a loss term switched on, a run of bad batches of one size) is reported once, while a blow-up grows from step to
     step and counts on each step that climbs. Every flagged step is still given the ``cap``. Counting each step of
     the new level made the LR guard cut for a jump the data made: an Adam regression made 10x to 100x harder for
-    good mid-run ended up to +110% above unguarded (now at most +7.7%: the clipped first steps of the new level, in
+    good mid-run ended up to +110% above unguarded (now at most +9.8%: the clipped first steps of the new level, in
     a run that ends 60 steps later), and two or four 1e4x bad batches in a row at step 40 of the healthy zoo's runs
-    cost up to +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most +0.9%). During the warm-up every
+    cost up to +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most +0.7%). During the warm-up every
     flagged step counts (a run that diverges from its first steps must meet the rollback's "two in a row" at once),
     and so does every step over an absolute ceiling.
 
