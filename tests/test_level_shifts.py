@@ -7,6 +7,7 @@ good mid-run (in ``tests/test_do_no_harm.py``) and bad batches in a row (``tests
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_gradguard import DivergenceDetector, ExplodingDetector
@@ -128,3 +129,10 @@ def test_the_streak_survives_a_round_trip_and_an_older_state_loads() -> None:
     older.load_state_dict({k: v for k, v in state.items() if k != "onset"})
     events, _ = _norms(older, [31.0])
     assert events == [0]
+
+
+def test_level_shifts_must_be_a_bool() -> None:
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="level_shifts"):
+            DivergenceDetector(level_shifts=bad)  # type: ignore[arg-type]
+    assert "level_shifts=False" in repr(DivergenceDetector(level_shifts=False))
