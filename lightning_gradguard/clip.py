@@ -692,20 +692,19 @@ class ZClip(Clipper):
 
     def _prepare(self, device: torch.device) -> None:
         dtype = _state_float_dtype(device)
-        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
+        buffer, count, mean, var, run = self._buffer, self._count, self._mean, self._var, self._run
+        if buffer is None or count is None or mean is None or var is None or run is None:
             state = self._empty_state(device, dtype)
             self._buffer, self._count = state["buffer"], state["count"]
             self._mean, self._var, self._run = state["mean"], state["var"], state["run"]
             self._forget_warmup()
-        elif self._count.device != device or self._mean.dtype != dtype:
+        elif count.device != device or mean.dtype != dtype:
             self._forget_warmup()
-            self._buffer = self._buffer.to(device=device, dtype=dtype)
-            self._count = self._count.to(device)
-            self._mean = self._mean.to(device=device, dtype=dtype)
-            self._var = self._var.to(device=device, dtype=dtype)
-        if self._run is None or self._run.device != device:
-            # A state saved before runs of spikes were tracked: in none.
-            self._run = torch.zeros((), dtype=torch.bool, device=device) if self._run is None else self._run.to(device)
+            self._buffer = buffer.to(device=device, dtype=dtype)
+            self._count = count.to(device)
+            self._mean = mean.to(device=device, dtype=dtype)
+            self._var = var.to(device=device, dtype=dtype)
+            self._run = run.to(device)
         if self._arange is None or self._arange.device != device:
             self._arange = torch.arange(self.warmup_steps, device=device)
 
@@ -859,18 +858,19 @@ class ZClip(Clipper):
         self._warm_probe = None
         self._warmup_calls = 0
 
+    def _parts(self) -> dict[str, Tensor] | None:
+        """The live state tensors by name, or ``None`` before the first call."""
+        parts = {"buffer": self._buffer, "count": self._count, "mean": self._mean, "var": self._var, "run": self._run}
+        return None if any(v is None for v in parts.values()) else parts  # type: ignore[return-value]
+
     def state_dict(self) -> dict[str, Any]:
         """Warm-up buffer, valid-step count, EMA mean and variance, whether the last valid step was a spike."""
-        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
-            return self._empty_state("cpu", torch.float64)
-        return {k: _to_cpu(v) for k, v in self.device_state().items()}
+        parts = self._parts()
+        return self._empty_state("cpu", torch.float64) if parts is None else {k: _to_cpu(v) for k, v in parts.items()}
 
     def device_state(self) -> dict[str, Any]:
-        if self._buffer is None or self._count is None or self._mean is None or self._var is None:
-            return self.state_dict()
-        run = self._run if self._run is not None else torch.zeros((), dtype=torch.bool, device=self._count.device)
-        return {"buffer": self._buffer.clone(), "count": self._count.clone(), "mean": self._mean.clone(),
-                "var": self._var.clone(), "run": run.clone()}  # fmt: skip
+        parts = self._parts()
+        return self.state_dict() if parts is None else {k: v.clone() for k, v in parts.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict` (one saved before ``run`` was kept loads too); the tensors

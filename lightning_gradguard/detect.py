@@ -193,11 +193,10 @@ class ExplodingDetector:
             self._mean = torch.zeros(num_layers + 1, device=device)
             self._var = torch.zeros(num_layers + 1, device=device)
             self._count = torch.zeros(num_layers + 1, device=device)
-            self._onset = torch.zeros(num_layers + 1, device=device)
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
         if self._onset is None or self._onset.numel() != num_layers + 1:
-            # A state saved before streaks were tracked: in none.
+            # A fresh state, a new layer count, or a state saved before streaks were tracked: in no streak.
             self._onset = torch.zeros(num_layers + 1, device=device)
         elif self._onset.device != device:
             self._onset = self._onset.to(device)
