@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_gradguard._validation import check_bool, check_int, check_number, optional_number
+from lightning_gradguard._validation import check_bool, check_int, check_number, optional_int, optional_number
 
 __all__ = ["DivergenceDetector", "ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
 
@@ -21,11 +21,11 @@ class ExplodingResult(NamedTuple):
     """What :meth:`ExplodingDetector.update` found this step (device tensors).
 
     Attributes:
-        total: 0-d bool, the total norm spiked or crossed the ceiling (the first step of a streak of flagged steps,
-            or one that climbs past it: see :class:`ExplodingDetector`).
+        total: 0-d bool, the total norm spiked or crossed the ceiling (on a step that does not hold the level of a
+            stretch of flagged steps before it: see :class:`ExplodingDetector`).
         layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling (the same rule).
         any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
-        cap: 0-d, on every step whose total norm is flagged (in a streak too) ``min_ratio`` times the (geometric)
+        cap: 0-d, on every step whose total norm is flagged (in a stretch too) ``min_ratio`` times the (geometric)
             average norm, or the ceiling ``max_norm`` where that is lower, else ``inf``: the norm a flagged step can
             be clipped to.
     """
@@ -90,16 +90,25 @@ class ExplodingDetector:
     norm (a fully masked batch, LoRA's ``A`` while ``B`` is still zero): its log would pull the average towards
     log(0) and turn every ordinary norm after it into a spike.
 
-    After the warm-up, a streak of flagged steps in a row is one event unless the norm keeps climbing, past
-    ``min_ratio`` times the streak's first norm: a jump to a new level that then holds (a task made harder for good,
-    a loss term switched on, a run of bad batches of one size) is reported once, while a blow-up grows from step to
-    step and counts on each step that climbs. Every flagged step is still given the ``cap``. Counting each step of
-    the new level made the LR guard cut for a jump the data made: an Adam regression made 10x to 100x harder for
-    good mid-run ended up to +110% above unguarded (now at most +9.8%: the clipped first steps of the new level, in
-    a run that ends 60 steps later), and two or four 1e4x bad batches in a row at step 40 of the healthy zoo's runs
-    cost up to +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most +0.7%). During the warm-up every
-    flagged step counts (a run that diverges from its first steps must meet the rollback's "two in a row" at once),
-    and so does every step over an absolute ceiling.
+    After the warm-up, steps beyond the band at one level are one *stretch*: each still ``min_ratio`` beyond the
+    average on the same side as the first, and within ``min_ratio`` of the first's norm. A stretch is one event: a
+    jump to a new level that then holds (a task made harder for good, a loss term switched on, a run of bad batches
+    of one size) is reported once, while a blow-up grows from step to step, starts a new stretch at each jump past
+    ``min_ratio`` and counts each time. Every flagged step is still given the ``cap``. Counting each step of the new
+    level made the LR guard cut for a jump the data made: an Adam regression made 10x to 100x harder for good mid-run
+    ended up to +110% above unguarded (now at most +9.8%: the clipped first steps of the new level, in a run that
+    ends 60 steps later), and two or four 1e4x bad batches in a row at step 40 of the healthy zoo's runs cost up to
+    +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most +0.7%). During the warm-up every flagged step
+    counts (a run that diverges from its first steps must meet the rollback's "two in a row" at once), and so does
+    every step over an absolute ceiling.
+
+    A level that holds is taken in at once (``level_steps``): a stretch's first step enters winsorized, as any
+    outlier, its later steps leave the variance alone, and once it is ``level_steps`` long the mean moves to its
+    average. Before, each step of a new level entered winsorized and widened the band until the level fit inside it:
+    after a 30x jump the log-norm's standard deviation went from 0.1 to 1.6 within ten steps, and a 100x spike on the
+    new level 34 steps later (a bad batch) went unflagged. A shorter stretch (bad batches in a row) leaves the level
+    where it was, a blow-up never becomes the level (each jump starts a new stretch), and a level that drops and
+    holds is taken in the same way.
 
     Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``, once the
     layer has its own ``warmup_steps`` observations: a layer that starts receiving gradients late (an unfrozen
@@ -139,6 +148,9 @@ class ExplodingDetector:
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.
         min_share: fraction of the total norm a layer must carry to be reported as exploding.
+        level_steps: the length of a stretch (steps beyond the band at one level) at which the mean moves to its
+            level (above), ``>= 2``; ``None``: every step enters winsorized (the band widens until the level fits);
+            a stretch is still one event.
 
     Example:
         >>> import torch
@@ -163,6 +175,7 @@ class ExplodingDetector:
         max_layer_norm: float | None = None,
         per_layer: bool = True,
         min_share: float = 0.05,
+        level_steps: int | None = 5,
     ) -> None:
         self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
@@ -180,12 +193,14 @@ class ExplodingDetector:
         self.min_share = check_number(
             "min_share", min_share, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True
         )
+        self.level_steps = optional_int("level_steps", level_steps, low=2)
         # Device state, created on the first update: [mean, var, count] for the total (index 0) and each layer.
         self._mean: Tensor | None = None
         self._var: Tensor | None = None
         self._count: Tensor | None = None
-        # The first norm of each entry's current streak of flagged steps (0: not in one).
-        self._onset: Tensor | None = None
+        # Each entry's current stretch of steps at one level beyond the band: its signed length (+ above, - below,
+        # 0: in none), its first log-norm and the sum of its log-norms.
+        self._stretch: Tensor | None = None
         self._const_cache: Any = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
@@ -195,11 +210,11 @@ class ExplodingDetector:
             self._count = torch.zeros(num_layers + 1, device=device)
         elif self._mean.device != device:
             self._mean, self._var, self._count = (t.to(device) for t in (self._mean, self._var, self._count))  # type: ignore[union-attr]
-        if self._onset is None or self._onset.numel() != num_layers + 1:
-            # A fresh state, a new layer count, or a state saved before streaks were tracked: in no streak.
-            self._onset = torch.zeros(num_layers + 1, device=device)
-        elif self._onset.device != device:
-            self._onset = self._onset.to(device)
+        if self._stretch is None or self._stretch.shape != (3, num_layers + 1):
+            # A fresh state, a new layer count, or a state saved before stretches were kept: in no stretch.
+            self._stretch = torch.zeros(3, num_layers + 1, device=device)
+        elif self._stretch.device != device:
+            self._stretch = self._stretch.to(device)
 
     def _constants(
         self, size: int, device: torch.device
@@ -258,8 +273,8 @@ class ExplodingDetector:
         layer_norm = _as_float(layer_norm)
         device = layer_norm.device
         self._ensure_state(layer_norm.numel(), device)
-        mean, var, count, onset = self._mean, self._var, self._count, self._onset
-        assert mean is not None and var is not None and count is not None and onset is not None
+        mean, var, count, stretch = self._mean, self._var, self._count, self._stretch
+        assert mean is not None and var is not None and count is not None and stretch is not None
         total = _as_float(total_norm)
         if total.device != device:
             total = total.to(device)
@@ -285,7 +300,8 @@ class ExplodingDetector:
         warm = count >= self.warmup_steps
         # The band's half-width: (dev > z * std) & (dev > log(min_ratio)) in one comparison.
         half = z_std.clamp_min(math.log(self.min_ratio))
-        spike = warm & (dev > half)
+        side = dev.sign() * (warm & (dev.abs() > half))  # +1 above the band, -1 below it, 0 inside or warming up
+        spike = side > 0
         # The ratio test runs on the total from its second observation (a run that diverges from its first steps),
         # but on a layer only after the layer's own warm-up: a layer that starts receiving gradients late (an
         # unfrozen backbone, LoRA's A once B leaves zero) grows by orders of magnitude before it settles.
@@ -309,17 +325,24 @@ class ExplodingDetector:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
             edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
         cap = torch.where(flags[0], edge, math.inf)
-        # After the warm-up, a streak of flagged steps is one event unless its norm keeps climbing (past min_ratio
-        # times the streak's first norm): a jump to a new level that then holds (a harder task, a loss term switched
-        # on, a run of bad batches) is reported once, while a blow-up grows from step to step. Every flagged step
-        # is still clipped to ``cap``. During the warm-up each flagged step counts: a run that diverges from its
-        # first steps must meet the rollback's "two in a row" at once. An absolute ceiling counts on every step.
-        in_streak = onset > 0
-        counts = norms > onset * self.min_ratio  # every observed norm when not in a streak (onset 0)
-        counts |= ~warm
+        # After the warm-up, steps beyond the band at one level are one stretch: each still min_ratio beyond the
+        # average on the stretch's side, and within min_ratio of the stretch's first norm. A step that holds the
+        # stretch's level is no new event: a jump to a new level that then holds (a harder task, a loss term switched
+        # on, a run of bad batches) is reported once, even where later steps of it fall inside a band that its first
+        # step widened. A norm that keeps climbing starts a new stretch, and counts, at each jump past min_ratio: a
+        # blow-up grows from step to step. Every flagged step is still clipped to ``cap``. During the warm-up each
+        # flagged step counts (no stretch begins there): a run that diverges from its first steps must meet the
+        # rollback's "two in a row" at once. An absolute ceiling counts on every step.
+        length, first, level_sum = stretch.unbind()
+        direction = length.sign()
+        ratio = math.log(self.min_ratio)
+        holds = (dev * direction > ratio) & ((x - first).abs() <= ratio)
+        counts = ~holds
         if ceilings is not None:
             counts |= norms > ceilings
-        self._onset = torch.where(flags, torch.where(in_streak, onset, norms), 0.0)
+        length = torch.where(holds, length + direction, side)
+        first = torch.where(holds, first, x)
+        level_sum = torch.where(holds, level_sum + x, x)
         events = flags & counts
 
         # Warm-up uses a plain running mean (1/n), afterwards the EMA. Every observation enters winsorized, on both
@@ -332,6 +355,17 @@ class ExplodingDetector:
         delta = x_in - mean
         new_mean = mean + rate * delta
         new_var = (1.0 - rate) * (var + rate * delta.square())
+        if self.level_steps is not None:
+            # The first step of a stretch enters winsorized, as any outlier; the steps that hold its level leave the
+            # variance alone: folded in one after another, they widened the band until the new level fit inside it
+            # (a 30x jump: the standard deviation went from 0.1 to 1.6 in ten steps, and a 100x spike 34 steps
+            # later was not flagged). Held for level_steps steps, the level is the new mean, and the band keeps the
+            # width the stretch's first step left it: the next spike is measured against the level the norms are at.
+            new_var = torch.where(holds, var, new_var)
+            moved = length.abs() >= self.level_steps
+            new_mean = torch.where(moved, level_sum / self.level_steps, new_mean)
+            length = length * ~moved
+        self._stretch = torch.where(use, torch.stack([length, first, level_sum]), stretch)
         self._mean = torch.where(use, new_mean, mean)
         self._var = torch.where(use, new_var, var)
         self._count = count + use
@@ -350,12 +384,14 @@ class ExplodingDetector:
             "mean": None if self._mean is None else self._mean.clone(),
             "var": None if self._var is None else self._var.clone(),
             "count": None if self._count is None else self._count.clone(),
-            "onset": None if self._onset is None else self._onset.clone(),
+            "stretch": None if self._stretch is None else self._stretch.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._mean, self._var, self._count = state["mean"], state["var"], state["count"]
-        self._onset = state.get("onset")  # absent from states saved before streaks were tracked
+        # Absent from states saved before stretches were kept (they may hold the "onset" of a streak of flagged
+        # steps instead, which stretches replace): in no stretch.
+        self._stretch = state.get("stretch")
 
     def __repr__(self) -> str:
         return (
@@ -364,7 +400,7 @@ class ExplodingDetector:
             f" warmup_ratio={self.warmup_ratio},"
             f" max_norm={self.max_norm},"
             f" max_layer_norm={self.max_layer_norm},"
-            f" per_layer={self.per_layer}, min_share={self.min_share})"
+            f" per_layer={self.per_layer}, min_share={self.min_share}, level_steps={self.level_steps})"
         )
 
 

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard
+from lightning_gradguard import ExplodingDetector, GradGuard
 from tests.models import Regressor, regression_data, trainer
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -393,11 +393,16 @@ class _NewPhaseAt(L.Callback):
 
 
 def _level_shift_run(
-    guard: GradGuard | None, steps: int = 240, at: int = 120, scale: float = 10.0, tell: bool = False
+    guard: GradGuard | None,
+    steps: int = 240,
+    at: int = 120,
+    scale: float = 10.0,
+    tell: bool = False,
+    spike_at: int | None = None,
 ) -> tuple[_Task, float]:
     """Adam regression whose task gets harder for good at step ``at``: a second teacher, ``scale`` times larger, is
-    added to the target (the gradient norm jumps from about 0.4 to about 13). Returns the model and its held-out MSE
-    on the hard task."""
+    added to the target (the gradient norm jumps from about 0.4 to about 13). The batch ``spike_at`` (0-based), if
+    given, has its targets 100x too large: a bad batch. Returns the model and its held-out MSE on the hard task."""
     batch, dim = 32, 16
     x, easy = _teacher_data(steps * batch + 1024, dim, seed=0)
     g = torch.Generator().manual_seed(1)
@@ -407,6 +412,8 @@ def _level_shift_run(
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
         hard = easy + scale * teacher(x)
     y = torch.where((torch.arange(len(x)) >= at * batch)[:, None], hard, easy)
+    if spike_at is not None:
+        y[spike_at * batch : (spike_at + 1) * batch] *= 100.0
     L.seed_everything(0, verbose=False)
     model = _Task(_mlp(dim), lambda params: torch.optim.Adam(params, lr=1e-3))
     told = [_NewPhaseAt(guard, at)] if tell and guard is not None else None
@@ -440,6 +447,19 @@ def test_a_legitimate_new_loss_level_is_left_alone_by_the_default_guard(at: int,
     assert events["exploding"] == 1 and events["diverging"] == 0, events
     assert events["lr_reduced"] == 0 and events["rolled_back"] == 0, events
     _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.02)
+
+
+def test_a_bad_batch_on_the_new_level_is_caught() -> None:
+    # 30 steps into the harder task a batch's targets are 100x too large. The exploding detector takes the new level
+    # in after five steps at it (``level_steps``), so the bad batch stands out against it: a second event, clipped.
+    # Before, the held level widened the band instead, and the bad batch 30 steps later went through unflagged.
+    guard = GradGuard()
+    _level_shift_run(guard, spike_at=150)
+    events = guard.summary()
+    assert events["exploding"] == 2 and events["lr_reduced"] == 0 and events["rolled_back"] == 0, events
+    blind = GradGuard(exploding=ExplodingDetector(level_steps=None))
+    _level_shift_run(blind, spike_at=150)
+    assert blind.summary()["exploding"] == 1
 
 
 def test_a_new_loss_level_announced_with_new_phase_is_left_alone() -> None:

@@ -7,6 +7,8 @@ good mid-run (in ``tests/test_do_no_harm.py``) and bad batches in a row (``tests
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -114,25 +116,102 @@ def test_an_absolute_ceiling_counts_on_every_step() -> None:
     assert events == [len(_CALM), len(_CALM) + 1, len(_CALM) + 2]
 
 
-def test_the_streak_survives_a_round_trip_and_an_older_state_loads() -> None:
-    whole, first = ExplodingDetector(), ExplodingDetector()
-    head, tail = _CALM + [30.0], [31.0, 32.0, 100.0]
-    _norms(whole, head)
-    _norms(first, head)
-    state = first.state_dict()
-    assert state["onset"] is not None and state["onset"][0].item() == 30.0
-    second = ExplodingDetector()
-    second.load_state_dict(state)
-    assert _norms(second, tail) == _norms(whole, tail)
-    # A state saved before streaks were kept (no "onset") loads as "in no streak".
-    older = ExplodingDetector()
-    older.load_state_dict({k: v for k, v in state.items() if k != "onset"})
-    events, _ = _norms(older, [31.0])
-    assert events == [0]
-
-
 def test_level_shifts_must_be_a_bool() -> None:
     for bad in (1, "yes", None):
         with pytest.raises(ValueError, match="level_shifts"):
             DivergenceDetector(level_shifts=bad)  # type: ignore[arg-type]
     assert "level_shifts=False" in repr(DivergenceDetector(level_shifts=False))
+
+
+# --------------------------------------------------------------------------- the band follows a level that holds
+def _noisy(n: int, level: float = 1.0, seed: int = 0) -> list[float]:
+    """``n`` norms around ``level``, log-normal with a standard deviation of 0.1 (a steady run's step-to-step noise)."""
+    g = torch.Generator().manual_seed(seed)
+    return (level * (0.1 * torch.randn(n, generator=g)).exp()).tolist()
+
+
+def _jump(scale: float, spike_after: int | None = None, spike: float = 100.0) -> list[float]:
+    """100 calm steps, then the level ``scale`` times higher for 150 steps; ``spike`` times it ``spike_after`` steps
+    into the new level."""
+    norms = _noisy(100) + _noisy(150, scale, seed=1)
+    if spike_after is not None:
+        norms[100 + spike_after] *= spike
+    return norms
+
+
+@pytest.mark.parametrize("scale", [10.0, 30.0, 100.0])
+@pytest.mark.parametrize("after", [10, 34])
+def test_after_a_jump_that_holds_a_spike_on_the_new_level_is_caught(scale: float, after: int) -> None:
+    # Folded into the variance step after step, the new level widened the band until it fit inside: the standard
+    # deviation of the log-norm went from 0.1 to 1.6, and a 100x spike on the new level went unflagged for 60 steps.
+    events, capped = _norms(ExplodingDetector(), _jump(scale, after))
+    assert events == [100, 100 + after]
+    assert capped == [100, 101, 102, 103, 104, 100 + after]  # the jump's steps until the level is taken in, the spike
+    blind, _ = _norms(ExplodingDetector(level_steps=None), _jump(scale, after))
+    assert blind == [100]  # the behaviour this replaces
+
+
+def test_the_mean_moves_to_a_level_held_for_level_steps_and_the_band_keeps_its_width() -> None:
+    det = ExplodingDetector(level_steps=3)
+    _norms(det, _jump(30.0)[:103])  # the jump and two more steps at its level
+    mean, low, high = det.band().tolist()
+    assert 25.0 < mean < 36.0
+    assert high / mean < 4.0  # a band as wide as one outlier left it, not one that spans the jump
+
+
+def test_bad_batches_in_a_row_shorter_than_level_steps_leave_the_level_alone() -> None:
+    det = ExplodingDetector()
+    norms = _noisy(100) + [1e4] * 4 + _noisy(30, seed=2)
+    norms[120] = 100.0  # a spike 16 steps after the bad batches
+    events, _ = _norms(det, norms)
+    assert events == [100, 120]  # the four bad batches once (one level, held), then the spike
+    assert det.band()[0] < 2.0
+
+
+def test_a_drop_that_holds_moves_the_level_down() -> None:
+    # The norm falls 30x for good (a loss term switched off, a smaller learning signal): a spike of 10x the new
+    # level is still a third of the old one, and only a band that came down with the level sees it.
+    norms = _noisy(100) + _noisy(60, 1 / 30, seed=1)
+    norms[140] *= 10.0
+    events, _ = _norms(ExplodingDetector(), norms)
+    assert events == [140]
+    blind, _ = _norms(ExplodingDetector(level_steps=None), norms)
+    assert blind == []
+
+
+def test_a_norm_that_keeps_climbing_never_becomes_the_level() -> None:
+    # 1.6x per step: past twice the stretch's first norm every other step, so each stretch restarts before it holds
+    # for level_steps. The climb is an event more often than before (the held steps no longer widen the band), enough
+    # for the LR guard's two events, and the mean only walks, winsorized.
+    climb = [2.0 * 1.6**k for k in range(12)]
+    det = ExplodingDetector()
+    events, _ = _norms(det, _noisy(100) + climb)
+    before, _ = _norms(ExplodingDetector(level_steps=None), _noisy(100) + climb)
+    assert events[:2] == [100, 102] and len(events) > len(before) == 1
+    assert det.band()[0] < climb[4]
+
+
+def test_the_stretch_survives_a_round_trip_and_an_older_state_loads() -> None:
+    norms = _jump(30.0, 20)
+    whole, first = ExplodingDetector(), ExplodingDetector()
+    _norms(whole, norms[:102])
+    _norms(first, norms[:102])
+    state = first.state_dict()
+    length, start, _ = state["stretch"][:, 0].tolist()
+    assert length == 2.0 and start == pytest.approx(math.log(norms[100]))  # two steps at the new level so far
+    second = ExplodingDetector()
+    second.load_state_dict(state)
+    assert _norms(second, norms[102:]) == _norms(whole, norms[102:])
+    # A state saved before stretches were kept (it may hold the "onset" of a streak of flagged steps instead) loads
+    # as "in no stretch": the held level is reported once more, then taken in five steps later; the spike is caught.
+    older = ExplodingDetector()
+    older.load_state_dict({**{k: v for k, v in state.items() if k != "stretch"}, "onset": torch.zeros(2)})
+    assert _norms(older, norms[102:])[0] == [0, 18]
+
+
+def test_level_steps_is_checked_and_shown() -> None:
+    for bad in (1, 0, 2.5, "5"):
+        with pytest.raises(ValueError, match="level_steps"):
+            ExplodingDetector(level_steps=bad)  # type: ignore[arg-type]
+    assert "level_steps=None" in repr(ExplodingDetector(level_steps=None))
+    assert "level_steps=5" in repr(ExplodingDetector())
