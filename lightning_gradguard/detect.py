@@ -96,11 +96,11 @@ class ExplodingDetector:
     of one size) is reported once, while a blow-up grows from step to step, starts a new stretch at each jump past
     ``min_ratio`` and counts each time. Every flagged step is still given the ``cap``. Counting each step of the new
     level made the LR guard cut for a jump the data made: an Adam regression made 10x to 100x harder for good mid-run
-    ended up to +110% above unguarded (now at most +9.8%: the clipped first steps of the new level, in a run that
-    ends 60 steps later), and two or four 1e4x bad batches in a row at step 40 of the healthy zoo's runs cost up to
-    +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most +0.7%). During the warm-up every flagged step
-    counts (a run that diverges from its first steps must meet the rollback's "two in a row" at once), and so does
-    every step over an absolute ceiling.
+    ended up to +110% above unguarded (now at most +2.4%: the first steps of the new level, clipped until ZClip's
+    ``level_steps`` takes it in, in a run that ends 60 steps later), and two or four 1e4x bad batches in a row at
+    step 40 of the healthy zoo's runs cost up to +34.5% and +55.7% (``benchmarks/bad_batches.py``; now at most
+    +0.7%). During the warm-up every flagged step counts (a run that diverges from its first steps must meet the
+    rollback's "two in a row" at once), and so does every step over an absolute ceiling.
 
     A level that holds is taken in at once (``level_steps``): a stretch's first step enters winsorized, as any
     outlier, its later steps leave the variance alone, and once it is ``level_steps`` long the mean moves to its

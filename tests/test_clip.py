@@ -948,6 +948,62 @@ def test_zclip_absorbs_a_lasting_new_norm_level_within_a_few_dozen_steps(jump: f
     assert all(coef == 1.0 for coef in coefs[:60])
 
 
+@pytest.mark.parametrize("jump", [16.0, 40.0, 100.0])
+def test_zclip_takes_a_level_held_for_level_steps_spikes_in_at_once(jump: float) -> None:
+    # Fed the boundary alone, the new level is clipped for 13-30 steps; after five spikes at one level the EMA moves
+    # there (the mean to their average, the spread scaled with it), and the rest of the new level passes unclipped.
+    norms = _level_shift_norms(jump)
+    clipper = default_clipper()
+    coefs = _feed_norms(clipper, norms)
+    assert [step - 60 for step, coef in enumerate(coefs) if coef < 1.0] == [0, 1, 2, 3, 4]
+    state = clipper.state_dict()
+    assert 0.8 * jump < float(state["mean"]) < 1.2 * jump
+    assert 0.05 * jump < float(state["var"]) ** 0.5 < 0.2 * jump  # the 10% spread of the new level, not the old one
+    # A spike on the new level is still clipped.
+    assert _feed_norms(clipper, [20.0 * jump])[0] < 0.1
+    # Without it (the boundary update alone), more of the new level is clipped.
+    alone = _feed_norms(ZClip(z_thresh=4.0, level_steps=None), norms)
+    assert sum(coef < 1.0 for coef in alone[60:]) > 10
+
+
+def test_zclip_leaves_its_level_alone_for_a_short_burst_and_a_climb() -> None:
+    base = _level_shift_norms(1.0, before=120, after=0)
+    # Four bad batches in a row, one short of level_steps: clipped each time, and the level stays where it was.
+    burst = default_clipper()
+    coefs = _feed_norms(burst, base[:60] + [50.0, 55.0, 50.0, 52.0] + base[60:])
+    assert all(coef < 0.1 for coef in coefs[60:64])
+    assert float(burst.state_dict()["mean"]) < 1.5 and coefs[64:] == [1.0] * 60
+    # A norm that climbs past twice the first spike of its stretch at each step never becomes the level.
+    climb = default_clipper()
+    coefs = _feed_norms(climb, base[:60] + [3.0 * 2.5**k for k in range(8)])
+    assert all(coef < 1.0 for coef in coefs[60:])
+    assert float(climb.state_dict()["mean"]) < 50.0
+
+
+def test_zclip_level_survives_a_round_trip_and_an_older_state_loads() -> None:
+    norms = _level_shift_norms(40.0)
+    whole, first = default_clipper(), default_clipper()
+    _feed_norms(whole, norms[:63])
+    _feed_norms(first, norms[:63])
+    state = first.state_dict()
+    assert state["level"][0].item() == 3.0  # three spikes at the new level so far
+    second = default_clipper()
+    second.load_state_dict(state)
+    assert _feed_norms(second, norms[63:]) == _feed_norms(whole, norms[63:])
+    older = default_clipper()
+    older.load_state_dict({k: v for k, v in state.items() if k != "level"})  # saved before levels were kept
+    coefs = _feed_norms(older, norms[63:])
+    assert [i for i, coef in enumerate(coefs) if coef < 1.0] == [0, 1, 2, 3, 4]  # five more at the level, then in
+
+
+def test_zclip_level_steps_is_checked_and_shown() -> None:
+    for bad in (1, 0, 2.5, "5"):
+        with pytest.raises(ValueError, match="level_steps"):
+            ZClip(level_steps=bad)  # type: ignore[arg-type]
+    assert "level_steps=5" in repr(default_clipper())
+    assert "level_steps=None" in repr(ZClip(level_steps=None))
+
+
 @pytest.mark.parametrize("every", [2, 3, 6])
 def test_zclip_keeps_clipping_spikes_that_come_every_few_steps(every: int) -> None:
     # Corrupted labels: a 50x spike every few steps, ordinary steps in between. A lone spike enters the EMA as its
