@@ -105,24 +105,38 @@ def loss_scale(scaler: Any) -> Tensor | None:
     return scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
 
 
+#: The most tensors of a batch whose first dimensions :func:`batch_size` compares (a batch of many images, a list
+#: of per-sample tensors, is not walked to its end every step).
+_SIZE_PROBES = 32
+
+
 def batch_size(batch: Any) -> int | None:
-    """The first dimension of the first tensor with one in ``batch`` (nested in mappings, lists, tuples and
-    dataclasses, in order), as Lightning's ``self.log`` reads a batch size, or ``None`` when there is none. A 0-d
-    tensor (a scalar field beside the data) is passed over. Host-side only: a shape, never a value; other iterables
-    are not entered (a generator would be consumed)."""
+    """The batch size of ``batch``: the first dimension that its tensors (nested in mappings, lists, tuples and
+    dataclasses) share, or ``None`` when it holds none or they disagree. A sequence batch in PyTorch's default
+    time-major layout (``pad_sequence``, ``nn.LSTM``: inputs ``(T, B, ...)``) beside targets ``(B,)`` has no shared
+    first dimension, and its length ``T`` is no number of examples: read as one, sequences bucketed by length looked
+    like batch-size changes, and the statistics started again every few steps. A 0-d tensor (a scalar field beside
+    the data) is passed over. Host-side only: shapes, never values; other iterables are not entered (a generator
+    would be consumed); the first ``_SIZE_PROBES`` tensors are compared."""
+    size: int | None = None
+    probes = 0
     stack = [batch]
-    while stack:
+    while stack and probes < _SIZE_PROBES:
         item = stack.pop()
         if isinstance(item, Tensor):
             if item.dim() > 0:
-                return int(item.shape[0])
+                probes += 1
+                if size is None:
+                    size = int(item.shape[0])
+                elif item.shape[0] != size:
+                    return None
         elif isinstance(item, Mapping):  # a dict, or a UserDict such as Hugging Face's BatchEncoding
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
             stack.extend(reversed([getattr(item, field.name) for field in dataclasses.fields(item)]))
-    return None
+    return size
 
 
 def same_batch_size_on_every_rank(trainer: Any) -> bool:

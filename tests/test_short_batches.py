@@ -116,10 +116,12 @@ def test_samples_must_be_a_positive_int(bad: Any) -> None:
         engine.step(samples=bad)
 
 
-def test_batch_size_finds_the_first_tensor() -> None:
+def test_batch_size_is_the_first_dimension_every_tensor_shares() -> None:
     x = torch.zeros(5, 3)
     assert batch_size(x) == 5
-    assert batch_size((x[:2], torch.zeros(7))) == 2
+    assert batch_size((x, torch.zeros(5))) == 5
+    # Time-major sequences (T, B, F) beside targets (B,): no shared first dimension, no batch size.
+    assert batch_size((torch.zeros(40, 5, 3), torch.zeros(5))) is None
     assert batch_size({"input_ids": torch.zeros(3, 9), "labels": [torch.zeros(3)]}) == 3
     assert batch_size([{"a": "text"}, [torch.zeros(4, 1)]]) == 4
     assert batch_size(UserDict(input_ids=torch.zeros(6, 2))) == 6  # e.g. Hugging Face's BatchEncoding
@@ -279,3 +281,63 @@ def test_a_batch_size_lowered_mid_run_raises_nothing() -> None:
     events = guard.summary()
     assert events["exploding"] == 0 and events["lr_reduced"] == 0, events
     assert _mse(guarded, data) <= 1.02 * _mse(bare, data)
+
+
+class _TimeMajor(L.LightningModule):
+    """An LSTM on sequences in PyTorch's default time-major layout: inputs (T, B, 4), targets (B,)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(4, 16)
+        self.head = nn.Linear(16, 1)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(self.head(out[-1]).squeeze(-1), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def test_time_major_sequences_bucketed_by_length_keep_their_statistics() -> None:
+    # Batches of 8 sequences each, bucketed by length (5 to 60 steps), padded time-major as `pad_sequence` does. Read
+    # as a batch size, the length made every bucket of short sequences after long ones look like a smaller batch
+    # size: the statistics started again every few steps, and the clipper and the detectors were in their warm-up
+    # most of the run.
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 61, (320,), generator=g).sort().values.tolist()
+    sequences = [torch.randn(n, 4, generator=g) for n in lengths]
+    buckets = [list(range(i, i + 8)) for i in range(0, 320, 8)]
+    order = torch.randperm(len(buckets), generator=g).tolist()
+
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*items)
+        return nn.utils.rnn.pad_sequence(list(xs)), torch.stack(ys)
+
+    data = [(x, x.sum()) for x in sequences]
+    loader = DataLoader(data, batch_sampler=[buckets[i] for i in order], collate_fn=collate)  # type: ignore[arg-type]
+    phases = []
+    guard = GradGuard()
+    original = GuardEngine.new_phase
+
+    def counted(engine: GuardEngine) -> None:
+        phases.append(engine)
+        original(engine)
+
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard],
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuardEngine, "new_phase", counted)
+        trainer.fit(_TimeMajor(), loader)
+    assert phases == []
+    state = guard._states[0].state_dict()
+    assert int(state["clip"]["count"]) == 40  # every step observed, none judged short
+    assert state["batch_size"] == 0 and state["short_run"] == 0  # no batch size read from these batches
