@@ -437,16 +437,16 @@ def test_a_lasting_new_gradient_level_is_absorbed_by_the_clipper() -> None:
 def test_the_first_steps_of_a_new_level_are_clipped_only_until_the_clipper_takes_it_in() -> None:
     # 30x harder from step 180 of 240: the first steps of the new task matter most. Fed the spike boundary alone,
     # ZClip clipped 21 of them to the old level and the run ended +9.8% above unguarded; with ``level_steps`` the
-    # level is taken in after five.
+    # level is taken in after five (+2.4% on the machine this was written on).
     _, bare = _level_shift_run(None, at=180, scale=30.0)
     guard = GradGuard()
     _, guarded = _level_shift_run(guard, at=180, scale=30.0)
     events = guard.summary()
     assert events["clipped"] == 5 and events["exploding"] == 1 and events["lr_reduced"] == 0, events
-    _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.03)
+    _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.06)
     slow = GradGuard(clip=ZClip(z_thresh=4.0, level_steps=None))
     _, boundary_only = _level_shift_run(slow, at=180, scale=30.0)
-    assert slow.summary()["clipped"] > 15 and boundary_only > 1.05 * bare
+    assert slow.summary()["clipped"] > 15 and boundary_only > 1.06 * bare
 
 
 @pytest.mark.parametrize(("at", "scale"), [(120, 10.0), (60, 100.0)])
