@@ -366,7 +366,8 @@ def _fsdp2_worker(outdir: Path, rank: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ DDP, early restart
 class SpikyDDPRegressor(Regressor):
-    """Rank 0 blows up the loss on two optimizer steps in a row: after the all-reduce both ranks see a diverging run."""
+    """Rank 0 blows up the loss on two optimizer steps in a row, climbing (1e4x, then 1e8x): after the all-reduce both
+    ranks see a diverging run (a pair of one size after a calm start would be one jump, one event and no cut)."""
 
     def __init__(self, spikes: tuple[int, int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -374,8 +375,9 @@ class SpikyDDPRegressor(Regressor):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        if self.global_rank == 0 and self.global_step + 1 in self.spikes:
-            loss = loss * 1e4
+        step = self.global_step + 1
+        if self.global_rank == 0 and step in self.spikes:
+            loss = loss * 1e4 ** (1 + self.spikes.index(step))
         return loss
 
 
