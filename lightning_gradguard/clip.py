@@ -951,10 +951,7 @@ class ZClip(Clipper):
         self._mean = torch.as_tensor(state["mean"], dtype=torch.float64).reshape(()).clone()
         self._var = torch.as_tensor(state["var"], dtype=torch.float64).reshape(()).clone()
         self._run = torch.as_tensor(state.get("run", False), dtype=torch.bool).reshape(()).clone()
-        level = state.get("level")
-        self._level = torch.zeros(3, dtype=torch.float64)
-        if level is not None:
-            self._level = torch.as_tensor(level, dtype=torch.float64).reshape(3).clone()
+        self._level = torch.as_tensor(state.get("level", torch.zeros(3)), dtype=torch.float64).reshape(3).clone()
         self._forget_warmup()
 
     def extra_repr(self) -> str:

@@ -16,8 +16,9 @@ __all__ = ["DivergenceDetector", "ExplodingDetector", "ExplodingResult", "Vanish
 
 # Norms are compared in log space: gradient norms span orders of magnitude and a spike is a *ratio*.
 _TINY = 1e-30
-# A calm start, as the rollback's (norms within 4x of each other): the log-norms' spread at most half of log(4).
-_CALM_SPREAD = math.log(4.0) / 2.0
+# A calm start, as the rollback's (norms within 4x of each other): the log-norms' spread (as a variance) at most that
+# of half of log(4).
+_CALM_VAR = (math.log(4.0) / 2.0) ** 2
 
 
 class ExplodingResult(NamedTuple):
@@ -309,7 +310,7 @@ class ExplodingDetector:
         half = z_std.clamp_min(math.log(self.min_ratio))
         # Where the step lies: +1 above the band, -1 below it, 0 inside. After the warm-up, or during it after a calm
         # start (judged on the spread before this step, which a first bad batch would widen).
-        calm = (count >= CALM_STEPS) & (var <= _CALM_SPREAD**2)
+        calm = (count >= CALM_STEPS) & (var <= _CALM_VAR)
         side = dev.sign() * ((warm | calm) & (dev.abs() > half))
         spike = (side > 0) & warm
         # The ratio test runs on the total from its second observation (a run that diverges from its first steps),
