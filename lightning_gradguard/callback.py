@@ -127,7 +127,7 @@ class GradGuard(CallbackBase):
             worst ``max_warnings`` of them and counting the rest; ``0`` names none. Update-ratio hints come as one
             message per log.
         clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to
-            ``min_ratio`` (2) times the detector's average norm, or its ceiling ``max_norm`` where lower. A safety net
+            ``cap_ratio`` (1) times the detector's average norm, or its ceiling ``max_norm`` where lower. A safety net
             for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip during
             its warm-up), and a bound on what one bad batch can do (to Adam's second moments too); folded into the
             clipper's coefficient, no extra pass.

@@ -532,7 +532,7 @@ class GuardEngine:
         regularizers: gradient-term regularizers, bound to ``model`` when it is a module.
         on_nonfinite: ``"skip"``, ``"zero"`` (the non-finite entries), ``"raise"`` (:class:`NonFiniteGradientError`)
             or ``"warn"`` (let it through; reported by :meth:`drain`).
-        clip_exploding: also clip a step that the exploding detector flags down to ``min_ratio`` times its average
+        clip_exploding: also clip a step that the exploding detector flags down to ``cap_ratio`` times its average
             norm (see :class:`~lightning_gradguard.ExplodingResult`).
         max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
             gradients are clipped to ``min(clipper's threshold, max_norm)``, which is what chaining

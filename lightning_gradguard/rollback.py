@@ -551,8 +551,8 @@ def default_rollback(
     the initial weights at the lowered rate (the LR guard's ``factor``), or, the first time, for early trouble in an
     SGD run, at its rate with unit-wise clipping (``AGC()``, clip factor 0.01) from then on (one cut below it when the
     norm blew up by more than ``blowup_factor`` in one step). Trouble after a calm start, or later, is left to the LR
-    guard's cut (``early_only``): the run had weights worth keeping, and the flagged steps were clipped to twice the
-    average norm. A diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted
+    guard's cut (``early_only``): the run had weights worth keeping, and the flagged steps were clipped to the average
+    norm. A diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted
     label, a NaN) explode alone, between calm steps, and at most lower the rate. A too-high learning rate wrecks
     the weights in its first updates, before any statistic has a calm history, and lowering the rate then leaves the run
     where it landed; a restart at the lower rate is what a person would do, and early on it loses little. A model whose

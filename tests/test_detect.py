@@ -35,19 +35,20 @@ def test_exploding_after_warmup_only() -> None:
     assert _feed(det, [60.0]) == [True]  # the first spike entered clipped, so the next one is still seen
 
 
-def test_cap_is_min_ratio_times_the_average_or_the_ceiling() -> None:
+def test_cap_is_cap_ratio_times_the_average_or_the_ceiling() -> None:
     # Unflagged steps carry no cap.
     det = ExplodingDetector(warmup_steps=5, max_ratio=10.0)
     r = det.update(T(1.0), T([1.0]), T(True))
     assert math.isinf(float(r.cap))
     # A noisy warm-up history puts the band's edge far above the norms (its log-std ~0.7: the edge is ~60x); a
-    # step that the max_ratio test flags is clipped to min_ratio (2x) times the geometric mean so far, not to the
-    # boundary it crossed: a bad batch clipped to 10x still moves Adam's second moments for hundreds of steps.
-    det = ExplodingDetector(warmup_steps=20, max_ratio=10.0, warmup_ratio=None)
-    _feed(det, [0.5, 2.0, 0.5, 2.0])  # geometric mean 1
-    r = det.update(T(500.0), T([500.0]), T(True))
-    assert bool(r.total)
-    assert float(r.cap) == pytest.approx(2.0, rel=1e-5)
+    # step that the max_ratio test flags is clipped to the geometric mean so far (cap_ratio=1), not to the boundary
+    # it crossed: a bad batch clipped to 10x still moves Adam's second moments for hundreds of steps.
+    for cap_ratio in (1.0, 2.0, 0.5):
+        det = ExplodingDetector(warmup_steps=20, max_ratio=10.0, warmup_ratio=None, cap_ratio=cap_ratio)
+        _feed(det, [0.5, 2.0, 0.5, 2.0])  # geometric mean 1
+        r = det.update(T(500.0), T([500.0]), T(True))
+        assert bool(r.total)
+        assert float(r.cap) == pytest.approx(cap_ratio, rel=1e-5)
     # After warm-up, a z-score spike is clipped the same way, however wide the band.
     det = ExplodingDetector(warmup_steps=5, max_ratio=1000.0)
     _feed(det, [1.0, 4.0, 0.25, 1.0, 4.0, 0.25])
@@ -55,14 +56,21 @@ def test_cap_is_min_ratio_times_the_average_or_the_ceiling() -> None:
     mean = math.exp(float(det._mean[0]))
     r = det.update(T(1e4), T([1e4]), T(True))
     assert bool(r.total)
-    assert float(r.cap) == pytest.approx(2.0 * mean, rel=1e-5)
+    assert float(r.cap) == pytest.approx(mean, rel=1e-5)
     # A lower ceiling wins.
-    det = ExplodingDetector(warmup_steps=5, max_norm=3.0)
+    det = ExplodingDetector(warmup_steps=5, max_norm=3.0, cap_ratio=2.0)
     _feed(det, [1.0, 1.0])
     assert float(det.update(T(50.0), T([50.0]), T(True)).cap) == pytest.approx(2.0)
-    det = ExplodingDetector(warmup_steps=5, max_norm=1.5)
+    det = ExplodingDetector(warmup_steps=5, max_norm=1.5, cap_ratio=2.0)
     _feed(det, [1.0, 1.0])
     assert float(det.update(T(50.0), T([50.0]), T(True)).cap) == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("cap_ratio", [0.0, -1.0, math.nan, math.inf, "1", True])
+def test_cap_ratio_must_be_a_positive_number(cap_ratio: object) -> None:
+    with pytest.raises(ValueError, match="cap_ratio"):
+        ExplodingDetector(cap_ratio=cap_ratio)  # type: ignore[arg-type]
+    assert "cap_ratio=1.0" in repr(ExplodingDetector())
 
 
 def test_total_and_layer_ratio_tests_have_their_own_limits() -> None:

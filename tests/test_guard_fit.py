@@ -207,7 +207,10 @@ def test_ratio_test_at_5x_keeps_a_run_finite_that_diverges_from_its_first_steps(
     guard = GradGuard(exploding=ExplodingDetector(max_ratio=5.0))
     losses = fit(guard)
     assert all(math.isfinite(v) for v in losses)
-    assert max(losses) < 1e3 and max(losses[-20:]) < 10.0  # the predict-1 baseline is 0.167
+    # Flagged steps clipped to the average norm grow more slowly, so seeds 0 and 1 restart at the rate (no blow-up
+    # to cut for) and need a second restart, one cut lower, for the divergence that follows: their losses peak at
+    # 1.3e3 and 2.2e3 before it (1.1e2 and 1.3e2 when clipped to twice the average).
+    assert max(losses) < 1e4 and max(losses[-20:]) < 10.0  # the predict-1 baseline is 0.167
     events = guard.summary()
     assert events["exploding"] >= 1 and events["lr_reduced"] >= 1
 
