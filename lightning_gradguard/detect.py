@@ -162,7 +162,7 @@ class ExplodingDetector:
         cap_ratio: a flagged step's ``cap`` (the norm GradGuard clips it to) is this multiple of the (geometric)
             average norm, ``> 0``. 1, the default: a flagged step stands in for a typical one. A larger cap still
             inflates Adam's second moments where they are young: two 10^4x bad batches at step 10 of a LoRA run
-            (AdamW), clipped to 2x and 3.4x its average, ended it 26% above its clean run, and 5% when clipped to
+            (AdamW), clipped to 2x and 3.2x the average before them, ended it 26% above its clean run, 5% clipped to
             1x. The price is in a genuine jump of the level: its first ``level_steps`` steps are clipped to the old
             level (a regression whose target got 10x larger at step 180 of 240 ended 2.8% above unguarded instead
             of 2.3%).

@@ -92,7 +92,7 @@ def test_bad_arguments_are_refused(argv: list[str]) -> None:
 
 def test_bad_batches_in_an_adam_warm_up_are_clipped_to_the_average_norm() -> None:
     # The zoo's LoRA run (AdamW): two 10^4x batches at steps 10-11, after a calm start. Clipped to twice the
-    # average (and 3.4x for the second, whose average the first had raised), they inflated Adam's young second
+    # average (3.2x for the second: the first had raised the average), they inflated Adam's young second
     # moments and the run ended 26% above clean; clipped to the average (cap_ratio=1), 5%.
     job = CONFIGS["lora"]("default", 0, None)
     args = argparse.Namespace(seed=0, logdir=None)
