@@ -340,6 +340,7 @@ class ExplodingDetector:
         # this step enters the history. Not the band's upper edge: a history whose norms trend (Adam's first steps)
         # makes the band wide, and a bad batch clipped to a 50x edge still wrecks Adam's second moments for
         # hundreds of steps (+257% held-out loss, two bad batches at step 20).
+        # At the default ratio the add would be a kernel that adds 0.
         edge = (mean[0] if self.cap_ratio == 1.0 else mean[0].add(math.log(self.cap_ratio))).exp()
         if self.max_norm is not None:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
