@@ -603,9 +603,9 @@ class ZClip(Clipper):
     burst (bad batches in a row) and a norm that keeps climbing never become the level. A bad stretch long enough
     to become the level does: when the clean data returns, the mean decays back at ``alpha`` alone, with a spread
     the drop widened, and for about 150 steps a 20x spike passes this clipper (six 50x batches in a row; in
-    GradGuard the exploding detector comes back down after five clean steps, and its cap held such a spike to 2x
-    the clean norm from ten steps after the stretch on). Taking a held drop in the
-    same way was tried: it fixed that, and in the fragile suite's LSTM it made the clipper tighter as the norms fell
+    GradGuard the exploding detector comes back down after five clean steps, and its cap, then twice its average,
+    held such a spike to 2x the clean norm from ten steps after the stretch on). Taking a held drop in the same way
+    was tried: it fixed that, and in the fragile suite's LSTM it made the clipper tighter as the norms fell
     (held-out MSE 0.0075 against 0.0051), so it was left out.
 
     Steps that are not valid (non-finite, AMP overflow) neither count towards the warm-up nor touch the EMA. The
