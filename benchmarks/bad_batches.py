@@ -3,10 +3,11 @@
 Two consecutive batches (``--count``) whose loss is multiplied by ``--factor`` (10^4 by default: a corrupted label
 scale, a unit mistake) from optimizer step ``--step`` on, of an otherwise healthy configuration of the healthy zoo
 (``benchmarks/healthy_zoo.py``, same models, data, seeds and held-out metrics). The flagged steps are clipped to
-twice the average norm. When the trouble began by step ``rescue_until`` (20) with no calm start before it
-(``calm_factor``: the total norms of at least 3 steps before it within 4x of each other), it looks like a rate too
-high from the start, and the default early restart (``default_rollback()``) restarts from the initial weights: in an
-SGD run at its rate with AGC at work for the rest of the run (the rescue), otherwise one LR cut lower. After a calm
+the exploding detector's average norm. When the trouble began by step ``rescue_until`` (20) with no calm start before
+it (``calm_factor``: the total norms of at least 3 steps before it within 4x of each other), it looks like a rate too
+high from the start, and the default early restart (``default_rollback()``) restarts from the initial weights. The
+first such restart is a plain retry, at the same rate (``retry``); when the trouble comes back, the next one restarts
+an SGD run at its rate with AGC at work for the rest of the run (the rescue), any other one LR cut lower. After a calm
 start, or later, the LR guard's cut is all (``early_only``). The runs of a config, all from the same weights on the
 same batches:
 
@@ -19,7 +20,9 @@ same batches:
 * ``guarded_nocalm``: ``GradGuard()`` whose rescue answers any trouble in the first 20 steps, calm start or not
   (``calm_factor=None``), with the bad batches: what the calm-start test saves;
 * ``guarded_laterescue``: the same at any step of the window (``rescue_until=500``): why the rescue waits for
-  nothing later than the first steps.
+  nothing later than the first steps;
+* ``guarded_noretry``: ``GradGuard()`` whose first early restart already brings the remedy (``retry=False``, the
+  previous default): what the plain retry saves.
 
 The table gives each run's held-out metric, its difference from ``clean`` in percent, and the guard's events
 (whether the rescue clipper came to work: ``rescued``). The default configs are the zoo's two SGD runs (the warm-up
@@ -61,6 +64,7 @@ ROLLBACKS: dict[str, dict[str, Any]] = {
     "guarded_norescue": {"rescue": False},
     "guarded_nocalm": {"calm_factor": None},
     "guarded_laterescue": {"rescue_until": 500, "calm_factor": None},
+    "guarded_noretry": {"retry": False},
 }
 
 

@@ -1063,12 +1063,14 @@ class GuardEngine:
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
             return False
         before = rollback.stretch_start
-        rescue = rollback.rescues(optimizer, self.index.params, scaled)  # host checks, on rollback steps only
+        # Host checks, on rollback steps only. A plain retry (the first early restart) changes nothing but the weights.
+        retry = rollback.retries()
+        rescue = not retry and rollback.rescues(optimizer, self.index.params, scaled)
         # The cuts taken during the stretch answered weights that the restart throws away: the restarted run gets one
         # cut from the rate in force when the trouble began, not all of them (none when the rescue clipper is the
         # remedy tried first, unless the norm blew up by orders of magnitude in one step).
-        cut = not rescue or rollback.blew_up()
-        self._load_statistics(rollback.restore(optimizer, rescue=rescue))
+        cut = not retry and (not rescue or rollback.blew_up())
+        self._load_statistics(rollback.restore(optimizer, rescue=rescue, retry=retry))
         if before is not None:
             self.lr_guard.rewind(before, self.key, cut=cut)
         self._free.extend(flags for flags, _, _ in self._pending)

@@ -18,11 +18,13 @@ safe from the start.
 ``GradGuard()`` rolls back by default, but only early and cheaply (:func:`default_rollback`): one copy of the
 initial trainable parameters, kept for the first 500 optimizer steps and only when it takes at most 1 GiB, used only
 after two troubled steps in a row (so isolated spikes, bad batches between calm steps, never restart a run). That is
-where a too-high learning rate shows itself, and where a restart loses least. When that trouble began in the first 20
-steps of an SGD run that had no calm start (``calm_factor``), the restart puts a rescue clipper (AGC) to work instead
-of cutting the rate (``rescue``), unless one of those steps blew the gradient norm up by more than ``blowup_factor``:
-then it does both. The full rollback (``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of
-their optimizer state for the whole run: opt-in, for its memory.
+where a too-high learning rate shows itself, and where a restart loses least. The first restart for trouble in the
+first 20 steps of a run that had no calm start (``calm_factor``) is a plain retry at the same rate (``retry``): bad
+batches there look just like a rate too high, and only the rate's trouble comes back. When it does, in an SGD run,
+the restart puts a rescue clipper (AGC) to work instead of cutting the rate (``rescue``), unless one of those steps
+blew the gradient norm up by more than ``blowup_factor``: then it does both, with no retry before. The full rollback
+(``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of their optimizer state for the whole
+run: opt-in, for its memory.
 """
 
 from __future__ import annotations
@@ -205,11 +207,11 @@ class Rollback:
             lowers the rate. A run that never rolls back never calls it. Its clipping is not in ``clipped`` or
             ``clip_coef`` (those describe the guard's clipper); :attr:`rescuing` says whether it is at work, and it
             stays at work after a checkpoint resume.
-        rescue_until: the rescue clipper is put to work only for trouble that began by this optimizer step, ``>= 1``:
-            a rate too high from the start fails in its first steps, before the run has been calm; trouble after a
-            calm stretch is more often a few bad batches, which a clipper kept for the rest of the run would only
-            slow down (measured: two bad batches in a row at step 40 of a healthy SGD run, +45% held-out loss with
-            the rescue, +0.1% with the cut).
+        rescue_until: the rescue clipper is put to work only for trouble that began by this optimizer step (counted from
+            the plain retry after one, ``retry``), ``>= 1``: a rate too high from the start fails in its first steps,
+            before the run has been calm; trouble after a calm stretch is more often a few bad batches, which a clipper
+            kept for the rest of the run would only slow down (measured: two bad batches in a row at step 40 of a
+            healthy SGD run, +45% held-out loss with the rescue, +0.1% with the cut).
         calm_factor: trouble that follows a calm start is bad batches, not a bad rate: when at least
             :data:`CALM_STEPS` (3) steps before the trouble began had total gradient norms within this factor of each
             other (largest <= ``calm_factor`` x smallest; zero norms, of masked batches, and troubled steps not
@@ -233,6 +235,15 @@ class Rollback:
             :func:`default_rollback` sets it, because its only copy is the initial weights: two bad batches in a row
             at step 150 of 200 restarted the healthy zoo's masked-batch Adam run from scratch, and it ended +354%
             (held-out loss), against +1.3% with the cut alone.
+        retry: the first rollback for trouble that began by ``rescue_until`` without a calm start (``calm_factor``)
+            is a plain retry: it returns to the copy at the rate in force when the trouble began, with no cut and no
+            rescue clipper, and only the next such stretch gets the remedy. One attempt cannot tell a rate too high
+            from bad batches among the first steps: a rate too high fails again, on fresh batches, within a few steps;
+            bad batches do not come back. The steps after the retry are counted from it, as a run's first steps
+            (``rescue_until``, the calm start). A divergence event of the loss, or a blow-up (``blowup_factor``), gets
+            the remedy at once. :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy
+            zoo's SGD runs otherwise put the rescue clipper to work for the whole run (+30% and +55% held-out loss on
+            two of them).
 
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
@@ -282,6 +293,7 @@ class Rollback:
         calm_factor: float | None = 4.0,
         blowup_factor: float | None = 1e6,
         early_only: bool = False,
+        retry: bool = False,
     ) -> None:
         self.every = optional_int("every", every, low=1)
         self.pin_lr = check_bool("pin_lr", pin_lr)
@@ -297,6 +309,9 @@ class Rollback:
         self.calm_factor = optional_number("calm_factor", calm_factor, low=1.0)
         self.blowup_factor = optional_number("blowup_factor", blowup_factor, low=1.0)
         self.early_only = check_bool("early_only", early_only)
+        self.retry = check_bool("retry", retry)
+        self.retried = False  # the plain retry (``retry``) has been used
+        self._origin = 0  # the step the run last started from: 0, or that of the plain retry (windows count from it)
         self._early_norms: list[tuple[int, float]] = []  # (step, total norm) of the untroubled steps by rescue_until
         self._last_norm = math.nan  # the last positive finite total norm by rescue_until, troubled steps included
         self.growth = 0.0  # the largest growth of the total norm into a troubled step by rescue_until
@@ -318,6 +333,7 @@ class Rollback:
             f"Rollback(every={self.every}, pin_lr={self.pin_lr}, max_rollbacks={self.max_rollbacks}, "
             f"until={self.until}, patience={self.patience}, within={self.within}, max_bytes={self.max_bytes}"
             + (", early_only=True" if self.early_only else "")
+            + (", retry=True" if self.retry else "")
             + (
                 f", rescue={self.rescue!r}, rescue_until={self.rescue_until}, calm_factor={self.calm_factor}, "
                 f"blowup_factor={self.blowup_factor})"
@@ -345,7 +361,7 @@ class Rollback:
         """
         self._known = max(self._known, step)
         troubled = exploding or nonfinite or diverging
-        if step <= self.rescue_until and math.isfinite(norm) and norm > 0:
+        if step - self._origin <= self.rescue_until and math.isfinite(norm) and norm > 0:
             if not troubled:
                 self._early_norms.append((step, norm))
             elif self._last_norm > 0:  # a jump into trouble, not the growth of a calm start
@@ -448,13 +464,13 @@ class Rollback:
         return (
             (rescue_tests or (self.early_only and self.calm_factor is not None))
             and not self._off
-            and step <= self.rescue_until
+            and step - self._origin <= self.rescue_until
         )
 
     def _early_trouble(self) -> bool:
         """The current stretch began by ``rescue_until`` and did not follow a calm start: a rate too high from the
         start (``early_only``)."""
-        return 0 < self._stretch_began <= self.rescue_until and not self.calm_start()
+        return 0 < self._stretch_began - self._origin <= self.rescue_until and not self.calm_start()
 
     def calm_start(self) -> bool:
         """Whether the steps before the current stretch of trouble were calm (see ``calm_factor``)."""
@@ -467,6 +483,17 @@ class Rollback:
         """Whether a troubled step by ``rescue_until`` had a total gradient norm more than ``blowup_factor`` times the
         step's before it: the rescue then also cuts the rate."""
         return self.blowup_factor is not None and self.growth > self.blowup_factor
+
+    def retries(self) -> bool:
+        """Whether a rollback now is the plain retry (see ``retry``): not used yet, for trouble that began by
+        ``rescue_until`` without a calm start, with no divergence event and no blow-up in it."""
+        return (
+            self.retry
+            and not self.retried
+            and not self._stretch_diverged
+            and self._early_trouble()
+            and not self.blew_up()
+        )
 
     def rescues(
         self, optimizer: torch.optim.Optimizer | None, params: Sequence[Tensor] = (), scaled: bool = False
@@ -487,10 +514,14 @@ class Rollback:
             and not any(p.grad is not None and p.grad.is_sparse for p in params)
         )
 
-    def restore(self, optimizer: torch.optim.Optimizer | None, rescue: bool = False) -> Any:
+    def restore(self, optimizer: torch.optim.Optimizer | None, rescue: bool = False, retry: bool = False) -> Any:
         """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
-        when the copy was taken. ``rescue``: put the rescue clipper to work from now on (see :meth:`rescues`)."""
+        when the copy was taken. ``rescue``: put the rescue clipper to work from now on (see :meth:`rescues`).
+        ``retry``: this is the plain retry (see :meth:`retries`)."""
         self.rescuing = self.rescuing or (rescue and self.rescue is not None)
+        if retry:
+            # The run starts again: its first steps are first steps again, for the rescue's window and calm start.
+            self.retried, self._origin = True, self._known
         self._safe.restore(optimizer)
         self._candidate.valid = False
         self._forget_stretch()  # the abandoned trajectory's events: the next rollback needs fresh evidence
@@ -515,7 +546,7 @@ class Rollback:
 
     def state_dict(self) -> dict[str, Any]:
         """The rollback count and the rescue clipper's state (the copies are not saved; see the class docstring)."""
-        state: dict[str, Any] = {"count": self.count}
+        state: dict[str, Any] = {"count": self.count, "retried": self.retried, "origin": self._origin}
         if self.rescue is not None:
             state.update(rescuing=self.rescuing, rescue=self.rescue.state_dict())
         return state
@@ -524,6 +555,8 @@ class Rollback:
         """Restore a :meth:`state_dict`; the copies are forgotten, so the next step's weights become the safe copy
         (unless the run is past ``until``)."""
         self.count = int(state.get("count", 0))
+        self.retried = bool(state.get("retried", False))
+        self._origin = int(state.get("origin", 0))
         self.rescuing = bool(state.get("rescuing", False)) and self.rescue is not None
         if self.rescue is not None and state.get("rescue") is not None:
             self.rescue.load_state_dict(state["rescue"])
@@ -540,24 +573,27 @@ def default_rollback(
     calm_factor: float | None = 4.0,
     blowup_factor: float | None = 1e6,
     early_only: bool = True,
+    retry: bool = True,
 ) -> Rollback:
     """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
 
     ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC(), calm_factor=4.0,
-    blowup_factor=1e6, early_only=True)``: one copy of the initial trainable parameters (no optimizer state exists
-    yet), kept for the first 500 optimizer steps and then freed. When the rate is lowered after two exploding or
+    blowup_factor=1e6, early_only=True, retry=True)``: one copy of the initial trainable parameters (no optimizer state
+    exists yet), kept for the first 500 optimizer steps and then freed. When the rate is lowered after two exploding or
     non-finite steps in a row that began in the first 20 steps (``rescue_until``) without a calm start before them
-    (``calm_factor``), or on a divergence event of the loss (itself several high steps in a row), the run restarts from
-    the initial weights at the lowered rate (the LR guard's ``factor``), or, the first time, for early trouble in an
-    SGD run, at its rate with unit-wise clipping (``AGC()``, clip factor 0.01) from then on (one cut below it when the
-    norm blew up by more than ``blowup_factor`` in one step). Trouble after a calm start, or later, is left to the LR
-    guard's cut (``early_only``): the run had weights worth keeping, and the flagged steps were clipped to the average
-    norm. A diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted
-    label, a NaN) explode alone, between calm steps, and at most lower the rate. A too-high learning rate wrecks
-    the weights in its first updates, before any statistic has a calm history, and lowering the rate then leaves the run
-    where it landed; a restart at the lower rate is what a person would do, and early on it loses little. A model whose
-    trainable parameters take more than 1 GiB gets no rollback (one warning), so the default never makes a large run run
-    out of memory.
+    (``calm_factor``), the run restarts from the initial weights at the same rate: a plain retry (``retry``), since bad
+    batches among the first steps look just like a rate too high, and do not come back. When such trouble comes back,
+    or on a divergence event of the loss (itself several high steps in a row), or a blow-up (``blowup_factor``), the
+    run restarts from the initial weights at the lowered rate (the LR guard's ``factor``), or, the first time, for
+    early trouble in an SGD run, at its rate with unit-wise clipping (``AGC()``, clip factor 0.01) from then on (one cut
+    below it when the norm blew up by more than ``blowup_factor`` in one step). Trouble after a calm start, or
+    later, is left to the LR guard's cut (``early_only``): the run had weights worth keeping, and the flagged steps
+    were clipped to the average norm. A diverging run explodes on every step once its weights are wrecked; bad
+    batches (a corrupted label, a NaN) explode alone, between calm steps, and at most lower the rate. A too-high
+    learning rate wrecks the weights in its first updates, before any statistic has a calm history, and lowering the
+    rate then leaves the run where it landed; a restart at the lower rate is what a person would do, and early on it
+    loses little. A model whose trainable parameters take more than 1 GiB gets no rollback (one warning), so the
+    default never makes a large run run out of memory.
 
     Args:
         rescue: the rescue clipper (see :class:`Rollback`): ``True``, the default, for a fresh ``AGC()``; ``False``
@@ -570,6 +606,8 @@ def default_rollback(
         early_only: restart only for trouble that began by ``rescue_until`` without a calm start, or on a divergence
             event of the loss (see :class:`Rollback`); ``False``: on every cut of the first 500 steps (the previous
             default, which restarted healthy runs from scratch for two bad batches in a row).
+        retry: the first restart for early trouble is a plain retry, at the same rate and without the rescue (see
+            :class:`Rollback`); ``False``: the remedy at the first restart (the previous default).
 
     Raises:
         ValueError: for a ``rescue`` that is neither a bool nor a clipper, ``rescue_until < 1``, or a ``calm_factor``
@@ -601,6 +639,7 @@ def default_rollback(
         calm_factor=calm_factor,
         blowup_factor=blowup_factor,
         early_only=early_only,
+        retry=retry,
     )
 
 

@@ -1,7 +1,7 @@
-"""The default early restart: a run whose rate explodes twice in a row early starts again from its initial weights, one
-LR cut below the rate in force when the trouble began, or (trouble in the first 20 steps of an SGD run) at that rate
-with AGC clipping unit-wise from then on; one isolated spike, bad batches, a late explosion or a model too large for
-the copy never restarts anything."""
+"""The default early restart: a run whose rate explodes twice in a row early starts again from its initial weights,
+first as a plain retry at the same rate; when the trouble comes back, one LR cut below the rate in force when it began,
+or (trouble in the first 20 steps of an SGD run) at that rate with AGC clipping unit-wise from then on; one isolated
+spike, bad batches, a late explosion or a model too large for the copy never restarts anything."""
 
 from __future__ import annotations
 
@@ -141,9 +141,10 @@ def test_the_default_guard_restarts_early_and_cheaply() -> None:
     with pytest.raises(ValueError, match="needs an `lr_guard`"):
         GradGuard(lr_guard=None, rollback=default_rollback())
     bad_args = ({"until": 0}, {"patience": 0}, {"within": 0}, {"max_bytes": 0}, {"every": 0}, {"until": 2.5})
-    for bad in (*bad_args, {"early_only": 1}, {"early_only": "yes"}):
-        with pytest.raises(ValueError):
+    for bad in (*bad_args, {"early_only": 1}, {"early_only": "yes"}, {"retry": 1}, {"retry": None}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
             Rollback(**bad)
+    assert rollback.retry and not Rollback().retry
 
 
 def test_two_spikes_after_a_calm_start_cut_the_rate_and_keep_the_weights() -> None:
@@ -169,18 +170,51 @@ def test_with_early_only_off_two_spikes_in_a_row_restart_from_the_initial_weight
     assert engine.rollback is not None and not engine.rollback.rescuing
 
 
-def test_early_trouble_restarts_at_the_rate_with_the_rescue_clipper_at_work() -> None:
+def test_early_trouble_is_first_retried_at_the_rate_and_the_run_goes_on_when_it_does_not_come_back() -> None:
+    # Trouble from the second step: no calm start to call it bad batches (see the calm-start tests below). The LR
+    # guard cuts on the second troubled step; the restart is a plain retry: the initial weights, the rate in force
+    # when the trouble began, no rescue clipper. These spikes were bad batches: nothing else happens.
     ratios: dict[int, float] = {}
-    # Trouble from the second step: no calm start to call it bad batches (see the calm-start tests below).
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3}, ratios=ratios)
-    assert restarts == [4] and engine.summary()["lr_reduced"] == 1
-    # Cut on the second troubled step; the restart goes back to the rate in force when the trouble began and puts
-    # AGC to work instead: from then on no unit's gradient exceeds 0.01 x its weights' norm.
+    rollback = default_rollback()
+    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3}, ratios=ratios)
+    assert restarts == [4] and engine.summary()["lr_reduced"] == 1 and rollback.count == 1
+    assert rollback.retried and not rollback.rescuing and "retry=True" in repr(rollback)
+    assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0 and engine.lr_guard.ceiling() == 1.0
+    assert max(ratios[s] for s in range(5, 61)) > 0.02  # nothing clips unit-wise
+    # Without the retry (the previous default) the first restart brings the rescue clipper for the rest of the run.
+    rollback = default_rollback(retry=False)
+    _, _, _, restarts = _engine_run(rollback, spikes={2, 3})
+    assert restarts == [4] and rollback.rescuing and not rollback.retried and "retry" not in repr(rollback)
+
+
+def test_early_trouble_that_comes_back_after_the_retry_restarts_at_the_rate_with_the_rescue_clipper_at_work() -> None:
+    ratios: dict[int, float] = {}
+    rollback = default_rollback()
+    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3, 7, 8}, ratios=ratios)
+    # The retry at 4; three steps after it (no calm start yet) the trouble is back: a rate too high from the start.
+    assert restarts == [4, 9] and engine.summary()["lr_reduced"] == 2 and rollback.retried
+    # The second restart goes back to the rate in force when the trouble began and puts AGC to work instead of
+    # cutting: from then on no unit's gradient exceeds 0.01 x its weights' norm.
     assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
-    assert engine.rollback is not None and engine.rollback.rescuing
-    assert max(ratios[s] for s in range(1, 4)) > 0.02  # before: unbounded
-    after = [ratios[s] for s in range(5, 61)]
+    assert rollback.rescuing
+    assert max(ratios[s] for s in (1, 2, 3, 5, 6, 7, 8)) > 0.02  # before: unbounded
+    after = [ratios[s] for s in range(10, 61)]
     assert max(after) <= 0.01 * (1 + 1e-4) and sum(r > 0.0099 for r in after) >= 10  # it binds
+
+
+def test_after_the_retry_the_window_counts_from_it() -> None:
+    # Trouble at steps 15-16: the retry at 17. Back at 25-26, past step 20 but within 20 steps of the retry: the run's
+    # first steps again, so the rescue (and without the retry's window it would get only the LR guard's cut). Every
+    # other loss 10x: no calm start, before the trouble or after the retry.
+    rollback = default_rollback()
+    noisy = {s: 10.0 for s in range(1, 25, 2)}
+    engine, _, _, restarts = _engine_run(rollback, spikes={15, 16, 25, 26}, scales=noisy)
+    assert restarts == [17, 27] and rollback.retried and rollback.rescuing
+    assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
+    # Trouble that comes back more than `rescue_until` steps after the retry is a later trouble: the cut alone.
+    rollback = default_rollback(rescue_until=5)
+    _, _, _, restarts = _engine_run(rollback, spikes={2, 3, 12, 13})
+    assert restarts == [4] and rollback.retried and not rollback.rescuing
 
 
 def test_the_trouble_must_begin_by_rescue_until() -> None:
@@ -203,22 +237,27 @@ def test_trouble_after_a_calm_start_is_bad_batches_and_gets_the_cut() -> None:
     engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
     assert restarts == [7] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
-    # Without the calm-start test the same run gets the rescue (what calm_factor=None keeps).
+    # Without the calm-start test the same run looks like a rate too high from the start: first the plain retry,
+    # and without it the rescue.
     rollback = default_rollback(calm_factor=None)
+    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    assert restarts == [7] and rollback.retried and not rollback.rescuing
+    rollback = default_rollback(calm_factor=None, retry=False)
     engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
     assert restarts == [7] and rollback.rescuing and engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
 
 
 def test_a_start_whose_norms_grow_is_no_calm_start_and_gets_the_rescue() -> None:
-    # The loss grows 3x a step before the spikes (as at a rate too high): 27x across the first four steps.
-    rollback = default_rollback()
+    # The loss grows 3x a step before the spikes (as at a rate too high): 27x across the first four steps. The retry
+    # off, the first restart shows the remedy that the calm-start test chose.
+    rollback = default_rollback(retry=False)
     _, _, _, restarts = _engine_run(rollback, spikes={5, 6}, scales={2: 3.0, 3: 9.0, 4: 27.0})
     assert restarts and restarts[0] <= 7 and rollback.rescuing
     # Within 4x (the default calm_factor) it is still a calm start; a calm_factor below the spread makes it none.
     # The spikes climb (1e4x, then 1e8x): after the detector's own calm start (4x), two of one size would be one
     # event, a single troubled step to the rollback.
     for factor, rescued in ((4.0, False), (1.5, True)):
-        rollback = default_rollback(calm_factor=factor)
+        rollback = default_rollback(calm_factor=factor, retry=False)
         _, _, _, restarts = _engine_run(rollback, spikes={5}, scales={2: 1.4, 3: 1.9, 4: 2.5, 6: 1e8})
         assert restarts == ([7] if rescued else []) and rollback.rescuing is rescued, factor
 
@@ -269,17 +308,18 @@ def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
 
 def test_a_blow_up_by_orders_of_magnitude_gets_the_rescue_and_one_cut() -> None:
     # The norm jumps 10^8x from step 1 to 2 (as the stability suite's ResNet without BN does at its rate): the rescue
-    # clipper goes to work and the restart also takes one cut, held and then recovered to just below the rate.
+    # clipper goes to work and the restart also takes one cut, held and then recovered to just below the rate. No
+    # plain retry first: bad batches do not blow the norm up by orders of magnitude.
     ratios: dict[int, float] = {}
     rollback = default_rollback()
     engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales={2: 1e8, 3: 1e8}, ratios=ratios)
-    assert restarts == [4] and rollback.rescuing and rollback.count == 1
+    assert restarts == [4] and rollback.rescuing and rollback.count == 1 and not rollback.retried
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     assert max(ratios[s] for s in range(5, 61)) <= 0.01 * (1 + 1e-4)
     assert rollback.growth == 0.0  # forgotten with the abandoned trajectory
     # 10^4x (the spikes of the tests above) is below the default's 10^6: the rescue keeps the rate; so does a 10^8x
-    # jump with blowup_factor=None, or above a larger factor.
-    for kwargs in ({"blowup_factor": None}, {"blowup_factor": 1e9}):
+    # jump with blowup_factor=None, or above a larger factor (the retry off: without a blow-up it would come first).
+    for kwargs in ({"blowup_factor": None, "retry": False}, {"blowup_factor": 1e9, "retry": False}):
         rollback = default_rollback(**kwargs)
         engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales={2: 1e8, 3: 1e8})
         assert restarts == [4] and rollback.rescuing, kwargs
@@ -288,7 +328,8 @@ def test_a_blow_up_by_orders_of_magnitude_gets_the_rescue_and_one_cut() -> None:
 
 def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> None:
     ratios: dict[int, float] = {}
-    rollback = default_rollback(early_only=False)  # the default leaves the later trouble to the LR guard
+    # The default leaves the later trouble to the LR guard, and retries the first.
+    rollback = default_rollback(early_only=False, retry=False)
     engine, _, _, restarts = _engine_run(rollback, spikes={2, 3}, scales=_CLIMB, ratios=ratios)
     assert restarts == [4, 42]
     after = [ratios[s] for s in range(5, 61) if s in ratios]  # the restart steps have no gradient
@@ -299,12 +340,12 @@ def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> No
 
 
 def test_an_adaptive_optimizer_gets_the_cut_and_no_rescue_clipper() -> None:
-    # Adam divides the gradient's size away: clipping cannot slow it, only a lower rate can.
+    # Adam divides the gradient's size away: clipping cannot slow it, only a lower rate can. The retry first.
     ratios: dict[int, float] = {}
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3}, adam=True, ratios=ratios)
-    assert restarts == [4] and engine.rollback is not None and not engine.rollback.rescuing
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3, 7, 8}, adam=True, ratios=ratios)
+    assert restarts == [4, 9] and engine.rollback is not None and not engine.rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
-    assert max(ratios[s] for s in range(5, 61)) > 0.02
+    assert max(ratios[s] for s in range(10, 61)) > 0.02
 
 
 def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> None:
@@ -317,11 +358,12 @@ def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> N
     g = torch.Generator().manual_seed(0)
     for step in range(1, 31):
         opt.zero_grad()
-        loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean() * (1e4 if step in (2, 3) else 1.0)
-        loss.backward()
+        loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean()
+        (loss * (1e4 if step in (2, 3, 7, 8) else 1.0)).backward()
         engine.step(optimizer=opt)
         opt.step()
-    assert engine.summary()["rolled_back"] == 1 and engine.rollback is not None and not engine.rollback.rescuing
+    # The retry, then the cut.
+    assert engine.summary()["rolled_back"] == 2 and engine.rollback is not None and not engine.rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
 
 
@@ -337,23 +379,24 @@ def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipp
     g = torch.Generator().manual_seed(0)
     for step in range(1, 31):
         opt.zero_grad()
-        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in (2, 3) else 1.0)
+        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in (2, 3, 7, 8) else 1.0)
         (loss * scale).backward()
         engine.step(optimizer=opt, grad_scale=scale)
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.div_(scale)  # what the fused step does
         opt.step()
-    assert engine.summary()["rolled_back"] == 1 and engine.rollback is not None and not engine.rollback.rescuing
+    # The retry, then the cut.
+    assert engine.summary()["rolled_back"] == 2 and engine.rollback is not None and not engine.rollback.rescuing
 
 
 def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
-    engine, model, _, _ = _engine_run(default_rollback(), spikes={2, 3}, steps=30)
-    assert engine.rollback is not None and engine.rollback.rescuing
+    engine, model, _, _ = _engine_run(default_rollback(), spikes={2, 3, 7, 8}, steps=30)
+    assert engine.rollback is not None and engine.rollback.rescuing and engine.rollback.retried
     resumed = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
     assert resumed.rollback is not None and not resumed.rollback.rescuing
     resumed.load_state_dict(engine.state_dict())
-    assert resumed.rollback.rescuing
+    assert resumed.rollback.rescuing and resumed.rollback.retried
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     resumed.attach(opt)
     (1e3 * model(torch.ones(2, 4)).sum()).backward()
@@ -382,8 +425,8 @@ def test_default_rollback_takes_its_rescue_clipper_and_window() -> None:
 
 def test_without_a_rescue_clipper_early_trouble_restarts_one_cut_below_the_rate() -> None:
     rollback = default_rollback(rescue=False)
-    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3})
-    assert restarts == [4] and not rollback.rescuing
+    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3, 7, 8})
+    assert restarts == [4, 9] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
 
 
@@ -468,21 +511,22 @@ def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
 def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
     def fit(rollback: Any) -> dict[int, float]:
         ratios = UnitRatios()
-        guard, _, restarts = _fit({2, 3}, rollback=rollback, extra=[ratios])
-        assert restarts == [4] and guard.summary()["lr_reduced"] == 1
+        # Early trouble, retried at step 4, and back at steps 7 and 8: a rate too high from the start.
+        guard, _, restarts = _fit({2, 3, 7, 8}, rollback=rollback, extra=[ratios])
+        assert restarts == [4, 9] and guard.summary()["lr_reduced"] == 2
         assert guard.lr_guard is not None and (guard.lr_guard.scale() == 1.0) is (rollback == "default")
         assert guard.rescuing() is (rollback == "default")
         return ratios.ratios
 
     rescued = fit("default")
     # Before the restart, units step past AGC's bound; from the restart on none does, on every step to the end.
-    assert max(rescued[s] for s in range(1, 4)) > 0.02
-    after = [rescued[s] for s in range(5, 81)]
-    assert len(after) == 76 and max(after) <= 0.01 * (1 + 1e-4)
+    assert max(rescued[s] for s in range(1, 9) if s in rescued) > 0.02
+    after = [rescued[s] for s in range(10, 81)]
+    assert len(after) == 71 and max(after) <= 0.01 * (1 + 1e-4)
     assert sum(r > 0.0099 for r in after) >= 10  # the bound is what binds, not a coincidence of small gradients
     # Without a rescue clipper nothing bounds them after the restart (at a lower rate).
     plain = fit(default_rollback(rescue=False))
-    assert max(plain[s] for s in range(5, 81)) > 0.02
+    assert max(plain[s] for s in range(10, 81)) > 0.02
 
 
 def test_in_a_trainer_a_blow_up_gets_the_rescue_and_one_cut() -> None:
@@ -567,8 +611,10 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
         notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith(starts)]
         return guard.lr_guard.scale(), notes
 
-    # The default's restart keeps the rate and rescues with AGC: the line names the clipper to start with.
-    scale, notes = fit({2, 3})
+    # The default's restart keeps the rate and rescues with AGC: the line names the clipper to start with. A plain
+    # retry that trains on (bad batches at steps 2 and 3 alone) changed nothing to report.
+    assert fit({2, 3}) == (1.0, [])
+    scale, notes = fit({2, 3, 7, 8})
     assert scale == 1.0 and len(notes) == 1
     assert notes[0].startswith("GradGuard: the gradients exploded early and the run restarted from its initial")
     assert "`GradGuard(clip=AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()))`" in notes[0]

@@ -168,14 +168,14 @@ def test_rollback_state_round_trips_and_forgets_the_copies() -> None:
     engine.attach(opt)
     _engine_loop(model, opt, engine, bad={3, 4}, steps=6)
     state = engine.state_dict()
-    assert state["rollback"] == {"count": 1}
+    assert state["rollback"] == {"count": 1, "retried": False, "origin": 0}
     fresh = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
     fresh.load_state_dict(state)
     assert fresh.rollback is not None and fresh.rollback.count == 1 and not fresh.rollback.can_restore()
     saved = io.BytesIO()
     torch.save(state, saved)
     saved.seek(0)
-    assert torch.load(saved, weights_only=True)["rollback"] == {"count": 1}
+    assert torch.load(saved, weights_only=True)["rollback"] == {"count": 1, "retried": False, "origin": 0}
 
 
 def test_the_full_rollback_is_opt_in_and_validated() -> None:
