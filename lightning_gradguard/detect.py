@@ -118,6 +118,17 @@ class ExplodingDetector:
     where it was, a blow-up never becomes the level (each jump starts a new stretch), and a level that drops and
     holds is taken in the same way.
 
+    Norms that fall steadily (training settling fast, a loss term annealed away) leave the mean behind them by about
+    ``alpha / (1 - alpha)`` steps of their slope, and that lag used to enter the variance: log-norms falling 0.04 per
+    step widened the band to 25x, and a 30x spike went unflagged (0.08 per step: a 1000x one). So each entry also
+    keeps the average deviation of its log-norm from the mean (an EMA at the mean's rate): after the warm-up, where
+    that average is negative, the band is centred on the mean plus it (where the norms are) and the variance is
+    measured around that centre; a flagged step's ``cap`` is taken there too. Only downwards: a falling norm is never
+    an explosion, while a rising one (a GAN's generator, growing 80x in 20 steps) keeps its lag inside the band as
+    before. When the fall stops, the average deviation decays a little slower than the mean's lag, and the centre
+    dips below the norms by at most about 0.4 of that lag (tested: no flag for falls of up to 0.08 per step that
+    level off).
+
     Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``, once the
     layer has its own ``warmup_steps`` observations: a layer that starts receiving gradients late (an unfrozen
     backbone, a LoRA adapter leaving zero, a new param group) starts its own statistics silently. A layer is only
@@ -218,6 +229,8 @@ class ExplodingDetector:
         # Each entry's current stretch of steps at one level beyond the band: its signed length (+ above, - below,
         # 0: in none), its first log-norm and the sum of its log-norms.
         self._stretch: Tensor | None = None
+        # The average deviation of each entry's log-norm from its mean: the mean's lag behind a trend.
+        self._bias: Tensor | None = None
         self._const_cache: Any = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
@@ -232,6 +245,10 @@ class ExplodingDetector:
             self._stretch = torch.zeros(3, num_layers + 1, device=device)
         elif self._stretch.device != device:
             self._stretch = self._stretch.to(device)
+        if self._bias is None or self._bias.numel() != num_layers + 1:
+            self._bias = torch.zeros(num_layers + 1, device=device)  # a state saved before it was kept: no lag
+        elif self._bias.device != device:
+            self._bias = self._bias.to(device)
 
     def _constants(
         self, size: int, device: torch.device
@@ -290,8 +307,9 @@ class ExplodingDetector:
         layer_norm = _as_float(layer_norm)
         device = layer_norm.device
         self._ensure_state(layer_norm.numel(), device)
-        mean, var, count, stretch = self._mean, self._var, self._count, self._stretch
+        mean, var, count, stretch, bias = self._mean, self._var, self._count, self._stretch, self._bias
         assert mean is not None and var is not None and count is not None and stretch is not None
+        assert bias is not None
         total = _as_float(total_norm)
         if total.device != device:
             total = total.to(device)
@@ -315,12 +333,18 @@ class ExplodingDetector:
         z_std = self.z_thresh * std
         dev = x - mean
         warm = count >= self.warmup_steps
-        # The band's half-width: (dev > z * std) & (dev > log(min_ratio)) in one comparison.
+        # Norms falling steadily (training settling) leave the mean behind them: the deviation's average is that
+        # lag, and the band is centred on it. Only downwards: a falling norm is never an explosion, while a rising
+        # one (a GAN's generator, a warm-up) keeps the lag inside its variance, as before.
+        shift = bias.clamp_max(0.0).where(warm, 0.0)
+        centre = mean + shift
+        dev_c = x - centre
+        # The band's half-width: (dev_c > z * std) & (dev_c > log(min_ratio)) in one comparison.
         half = z_std.clamp_min(math.log(self.min_ratio))
         # Where the step lies: +1 above the band, -1 below it, 0 inside. After the warm-up, or during it after a calm
         # start (judged on the spread before this step, which a first bad batch would widen).
         calm = (count >= CALM_STEPS) & (var <= _CALM_VAR)
-        side = dev.sign() * ((warm | calm) & (dev.abs() > half))
+        side = dev_c.sign() * ((warm | calm) & (dev_c.abs() > half))
         spike = (side > 0) & warm
         # The ratio test runs on the total from its second observation (a run that diverges from its first steps),
         # but on a layer only after the layer's own warm-up: a layer that starts receiving gradients late (an
@@ -341,7 +365,8 @@ class ExplodingDetector:
         # makes the band wide, and a bad batch clipped to a 50x edge still wrecks Adam's second moments for
         # hundreds of steps (+257% held-out loss, two bad batches at step 20).
         # At the default ratio the add would be a kernel that adds 0.
-        edge = (mean[0] if self.cap_ratio == 1.0 else mean[0].add(math.log(self.cap_ratio))).exp()
+        level = centre[0]  # where the norms are: below the mean when they fall
+        edge = (level if self.cap_ratio == 1.0 else level.add(math.log(self.cap_ratio))).exp()
         if self.max_norm is not None:
             # Only the ceiling can flag the very first step, before there is any average to clip towards.
             edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
@@ -357,7 +382,7 @@ class ExplodingDetector:
         length, first, level_sum = stretch.unbind()
         direction = length.sign()
         ratio = math.log(self.min_ratio)
-        holds = (dev * direction > ratio) & ((x - first).abs() <= ratio)
+        holds = (dev_c * direction > ratio) & ((x - first).abs() <= ratio)
         counts = ~holds
         if ceilings is not None:
             counts |= norms > ceilings
@@ -372,10 +397,11 @@ class ExplodingDetector:
         # next spike nor turns ordinary norms into spikes.
         rate = torch.where(warm, 1.0 - self.alpha, (count + 1.0).reciprocal())
         bound = torch.where(warm, z_std, math.inf if jumps is None else torch.where(count >= 1, jumps, math.inf))
-        x_in = torch.clamp(x, mean - bound, mean + bound)
+        x_in = torch.clamp(x, centre - bound, centre + bound)
         delta = x_in - mean
         new_mean = mean + rate * delta
-        new_var = (1.0 - rate) * (var + rate * delta.square())
+        new_var = (1.0 - rate) * (var + rate * (delta - shift).square())
+        new_bias = bias.lerp(delta, rate)
         if self.level_steps is not None:
             # The first step of a stretch enters winsorized, as any outlier; the steps that hold its level leave the
             # variance alone: folded in one after another, they widened the band until the new level fit inside it
@@ -385,20 +411,27 @@ class ExplodingDetector:
             new_var = torch.where(holds, var, new_var)
             moved = length.abs() >= self.level_steps
             new_mean = torch.where(moved, level_sum / self.level_steps, new_mean)
+            new_bias = torch.where(moved, 0.0, new_bias)  # at its level: no lag
             length = length * ~moved
         self._stretch = torch.where(use, torch.stack([length, first, level_sum]), stretch)
         self._mean = torch.where(use, new_mean, mean)
         self._var = torch.where(use, new_var, var)
+        # Not from a first observation: its deviation is from the mean's starting 0, not a lag (a norm of 1e-4 would
+        # have started the average at -9). Nor from a layer's warm-up, whose norms settle from wherever they start.
+        self._bias = torch.where(use & started, new_bias, bias)
         self._count = count + use
         return ExplodingResult(total=events[0], layers=events[1:], any=events.any(), cap=cap)
 
     def band(self) -> Tensor:
-        """``[3]`` device tensor: the EMA total norm and the lower/upper edges of its detection band."""
-        if self._mean is None or self._var is None:
+        """``[3]`` device tensor: the average total norm (where a falling norm has come to, past the mean's lag) and
+        the lower/upper edges of its detection band."""
+        if self._mean is None or self._var is None or self._count is None or self._bias is None:
             return torch.full((3,), math.nan)
-        mean, std = self._mean[0], self._var[0].sqrt().clamp_min(self._min_std())
+        warm = self._count[0] >= self.warmup_steps
+        level = self._mean[0] + self._bias[0].clamp_max(0.0) * warm
+        std = self._var[0].sqrt().clamp_min(self._min_std())
         half = (self.z_thresh * std).clamp_min(math.log(self.min_ratio))
-        return torch.stack([mean, mean - half, mean + half]).exp()
+        return torch.stack([level, level - half, level + half]).exp()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -406,6 +439,7 @@ class ExplodingDetector:
             "var": None if self._var is None else self._var.clone(),
             "count": None if self._count is None else self._count.clone(),
             "stretch": None if self._stretch is None else self._stretch.clone(),
+            "bias": None if self._bias is None else self._bias.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -413,6 +447,7 @@ class ExplodingDetector:
         # Absent from states saved before stretches were kept (they may hold the "onset" of a streak of flagged
         # steps instead, which stretches replace): in no stretch.
         self._stretch = state.get("stretch")
+        self._bias = state.get("bias")  # absent from states saved before it was kept: no lag
 
     def __repr__(self) -> str:
         return (

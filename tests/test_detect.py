@@ -195,3 +195,77 @@ def test_after_the_warm_up_a_noisy_history_is_judged_by_its_band_not_a_fixed_rat
     steady = ExplodingDetector(warmup_steps=20)
     _feed(steady, [1.0, 1.1, 0.9] * 8)
     assert _feed(steady, [20.0]) == [True]
+
+
+def _trend(slope: float, steps: int, start: float = 0.0, seed: int = 0) -> list[float]:
+    """Norms whose log follows ``start + slope * step`` with Gaussian noise of 0.1."""
+    g = torch.Generator().manual_seed(seed)
+    noise = 0.1 * torch.randn(steps, generator=g)
+    return [math.exp(start + slope * i + float(e)) for i, e in enumerate(noise)]
+
+
+@pytest.mark.parametrize(("slope", "spike"), [(-0.04, 30.0), (-0.08, 30.0), (-0.08, 1000.0)])
+def test_a_spike_on_a_falling_norm_is_flagged(slope: float, spike: float) -> None:
+    # An EMA lags a steadily falling log-norm by about alpha / (1 - alpha) steps of the slope (19 at the default):
+    # before, that lag entered the variance, the band widened to 25x (slope -0.04) or 1000x (-0.08), and such
+    # spikes went through unflagged. The band is now centred where the norms are.
+    for seed in range(3):
+        det = ExplodingDetector()
+        norms = _trend(slope, 60, seed=seed)
+        assert not any(_feed(det, norms[:50]))
+        assert float(det._var[0].sqrt()) < 0.5  # near the noise (0.1), not the lag (0.76 / 1.52)
+        flagged = _feed(det, [norms[50] * spike] + norms[51:])
+        assert flagged[0] and not any(flagged[1:]), (seed, flagged)
+        # The band's centre (and a flagged step's cap) is the falling level, not the lagging mean.
+        level = det.band()[0]
+        assert norms[-1] / 2 < float(level) < norms[-1] * 2
+        assert float(det._mean[0].exp()) > 1.5 * norms[-1]
+
+
+@pytest.mark.parametrize("slope", [-0.02, -0.04, -0.08])
+def test_a_falling_norm_that_levels_off_raises_nothing(slope: float) -> None:
+    for seed in range(3):
+        det = ExplodingDetector()
+        falling = _trend(slope, 60, seed=seed)
+        flat = _trend(0.0, 150, start=math.log(falling[-1]), seed=seed + 10)
+        assert not any(_feed(det, falling + flat)), seed
+
+
+@pytest.mark.parametrize("slope", [0.02, 0.05, 0.1])
+def test_a_rising_norm_keeps_its_lag_in_the_band(slope: float) -> None:
+    # Rising norms (a GAN's generator, a warm-up) are not centred: their lag stays in the variance, as before, and a
+    # steady rise raises nothing.
+    for seed in range(3):
+        det = ExplodingDetector()
+        assert not any(_feed(det, _trend(slope, 100, seed=seed))), seed
+        assert float(det._bias[0]) > 0 and float(det.band()[0]) == pytest.approx(float(det._mean[0].exp()))
+
+
+def test_the_lag_is_kept_with_the_state_and_an_older_state_has_none() -> None:
+    a = ExplodingDetector()
+    _feed(a, _trend(-0.05, 40))
+    state = a.state_dict()
+    assert float(state["bias"][0]) < -0.3
+    b = ExplodingDetector()
+    b.load_state_dict(state)
+    rest = _trend(-0.05, 20, start=-2.0, seed=1)
+    assert _feed(a, rest) == _feed(b, rest)
+    old = {k: v for k, v in a.state_dict().items() if k != "bias"}
+    c = ExplodingDetector()
+    c.load_state_dict(old)
+    _feed(c, rest[:1])
+    assert c._bias is not None and c._bias.shape == a._bias.shape
+
+
+@pytest.mark.parametrize("level", [1e-4, 1.0, 1e4])
+def test_a_flat_history_has_no_lag_at_any_scale(level: float) -> None:
+    # The first observation's deviation is from the mean's starting 0, not a lag: counted, a norm of 1e-4 (log -9.2)
+    # started the average deviation near -0.46 after the warm-up, which pulled the band's centre down, and a step
+    # 1.5x the history was flagged.
+    det = ExplodingDetector()
+    g = torch.Generator().manual_seed(0)
+    flat = [level * math.exp(0.02 * float(e)) for e in torch.randn(30, generator=g)]
+    assert not any(_feed(det, flat))
+    assert abs(float(det._bias[0])) < 0.02
+    assert _feed(det, [1.5 * level]) == [False]
+    assert _feed(det, [30 * level]) == [True]
