@@ -241,9 +241,9 @@ class Rollback:
             from bad batches among the first steps: a rate too high fails again, on fresh batches, within a few steps;
             bad batches do not come back. The steps after the retry are counted from it, as a run's first steps
             (``rescue_until``, the calm start). A divergence event of the loss, or a blow-up (``blowup_factor``), gets
-            the remedy at once. :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy
-            zoo's SGD runs otherwise put the rescue clipper to work for the whole run (+30% and +55% held-out loss on
-            two of them).
+            the remedy at once. :attr:`retried` says whether the retry was used; it is kept with the state.
+            :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy zoo's SGD runs otherwise
+            put the rescue clipper to work for the whole run (+30% and +55% held-out loss on two of them).
 
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
