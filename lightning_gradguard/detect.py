@@ -285,6 +285,11 @@ class ExplodingDetector:
             )
         return hit[1], hit[2], hit[3], hit[4], hit[5]
 
+    @staticmethod
+    def _lag(bias: Tensor, warm: Tensor) -> Tensor:
+        """How far below the mean the norms sit: the average deviation where it is negative, after the warm-up."""
+        return bias.clamp_max(0.0).where(warm, 0.0)
+
     def _min_std(self) -> float:
         # The ratio test already demands min_ratio; the std floor keeps z finite on a perfectly steady history.
         return math.log(self.min_ratio) / self.z_thresh
@@ -336,7 +341,7 @@ class ExplodingDetector:
         # Norms falling steadily (training settling) leave the mean behind them: the deviation's average is that
         # lag, and the band is centred on it. Only downwards: a falling norm is never an explosion, while a rising
         # one (a GAN's generator, a warm-up) keeps the lag inside its variance, as before.
-        shift = bias.clamp_max(0.0).where(warm, 0.0)
+        shift = self._lag(bias, warm)
         centre = mean + shift
         dev_c = x - centre
         # The band's half-width: (dev_c > z * std) & (dev_c > log(min_ratio)) in one comparison.
@@ -428,7 +433,7 @@ class ExplodingDetector:
         if self._mean is None or self._var is None or self._count is None or self._bias is None:
             return torch.full((3,), math.nan)
         warm = self._count[0] >= self.warmup_steps
-        level = self._mean[0] + self._bias[0].clamp_max(0.0) * warm
+        level = self._mean[0] + self._lag(self._bias[0], warm)
         std = self._var[0].sqrt().clamp_min(self._min_std())
         half = (self.z_thresh * std).clamp_min(math.log(self.min_ratio))
         return torch.stack([level, level - half, level + half]).exp()
