@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_gradguard._compat import foreach_norm
 from lightning_gradguard._lightning import batch_size, grad_scaler, lightning_types, loss_scale
 from lightning_gradguard.diagnostics import (
+    NOISE_SCALE_MANUAL_NOTE,
     NOISE_SCALE_NOTE,
     ActivationGradients,
     EpochSummary,
@@ -133,11 +134,13 @@ class FitDiagnostics:
             kind = lightning_types("callbacks.GradientAccumulationScheduler")
             schedulers: list[Any] = [c for c in trainer.callbacks if isinstance(c, kind)]  # type: ignore[attr-defined]
             scheduled = max([self.accumulate] + [max(s.scheduling.values(), default=1) for s in schedulers])
-            if noise_scale_source(scheduled, self.world_size) is None:
+            single = automatic and len(trainer.optimizers) == 1
+            if not single or noise_scale_source(scheduled, self.world_size) is None:
                 if not self.noted and trainer.loggers:  # without a logger no diagnostic is logged anywhere
                     self.noted = True
-                    rank_zero_info(NOISE_SCALE_NOTE)
-            elif automatic and len(trainer.optimizers) == 1:
+                    # Accumulation is refused under manual optimization: advise it only where it would help.
+                    rank_zero_info(NOISE_SCALE_NOTE if single else NOISE_SCALE_MANUAL_NOTE)
+            else:
                 self.params = [p for p in index.params if p.requires_grad]
                 self.noise = NoiseScale()
                 if self.world_size > 1:
@@ -307,7 +310,17 @@ class FitDiagnostics:
                         layer_scalars[f"{prefix}update_ratio/{name}"] = float(value)
                 # At most one message per log (UpdateRatioHints groups the layers and directions itself).
                 where = f", optimizer {key}" if len(guard._states) > 1 else ""
-                for message in self._hints(key).update(names, ratio):
+                lr, _ = guard._step_rates.get(key, (None, None))  # the rate of the step the ratios measure
+                # A torch scheduler keeps the rate it scales as `initial_lr`: the logs alone may all fall in troughs.
+                groups = trainer.optimizers[key].param_groups if key < len(trainer.optimizers) else [{}]
+                base = groups[0].get("initial_lr")
+                hints = self._hints(key)
+                for message in hints.update(
+                    names,
+                    ratio,
+                    lr=None if lr is None else float(lr),
+                    base_lr=float(base) if isinstance(base, (float, int, Tensor)) else None,
+                ):
                     rank_zero_warn(f"GradGuard: {message} (step {step}{where}).", category=UserWarning)
             zero = values.get(f"zero/{key}")
             if zero is not None and len(zero) == len(names):

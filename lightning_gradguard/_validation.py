@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 
@@ -76,3 +77,13 @@ def check_compile(value: Any) -> bool | str:
     if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
         return value
     raise ValueError(f"`compile` must be True, False or 'auto', got {value!r}.")
+
+
+def check_state(owner: str, state: Any, required: tuple[str, ...] = ()) -> None:
+    """Refuse a ``load_state_dict`` argument that is no mapping from ``owner.state_dict()``, or lacks one of the
+    ``required`` keys, with a message that names both (instead of a ``TypeError``/``KeyError`` from inside)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"`state` must be a dict from {owner}.state_dict(), got {type(state).__name__}.")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise ValueError(f"`state` must be a dict from {owner}.state_dict(): it lacks {missing}.")

@@ -242,6 +242,22 @@ class _LayerHistory:
             vanishing = np.concatenate([vanishing, self.pending_vanishing[:, None]], axis=1)
         return steps, norms, exploding, vanishing
 
+    def remapped(self, rows: Sequence[int]) -> _LayerHistory:
+        """This history for another list of layers: row ``i`` of the new one is row ``rows[i]`` of this one, or a
+        layer without gradient so far where ``rows[i]`` is ``-1`` (a layer that joined)."""
+        new = _LayerHistory(len(rows), self.capacity)
+        new.size, new.stride, new.steps = self.size, self.stride, self.steps.copy()
+        new.pending_count, new.pending_step = self.pending_count, self.pending_step
+        for i, row in enumerate(rows):
+            if row < 0:
+                new.norms[i, : self.size] = _ABSENT
+                continue
+            new.norms[i], new.exploding[i], new.vanishing[i] = self.norms[row], self.exploding[row], self.vanishing[row]
+            new.pending_norms[i] = self.pending_norms[row]
+            new.pending_exploding[i] = self.pending_exploding[row]
+            new.pending_vanishing[i] = self.pending_vanishing[row]
+        return new
+
     def state_dict(self) -> dict[str, Any]:
         import torch
 
@@ -436,18 +452,8 @@ class GradGuardBoard:
         # Optimizers whose layers are charted as block summaries: (block, max tag, median tag, layer indices) each.
         self._blocks: dict[int, list[tuple[str, str, str, np.ndarray]]] = {}
         self._setup_diagnostics()  # before the budget: the diagnostics' charts come out of it
-        budget = self._layer_chart_budget()
-        for idx, names in self.layer_names.items():
-            if len(group_layer_names(names)) > budget:
-                self._blocks[idx] = [
-                    (
-                        block,
-                        self.tag(f"block/{block}/max", idx),
-                        self.tag(f"block/{block}/median", idx),
-                        np.asarray(members, dtype=np.int64),
-                    )
-                    for block, members in layer_blocks(names, budget)
-                ]
+        for idx in self.layer_names:
+            self._plan_blocks(idx)
         self._events: list[dict[str, Any]] = []
         self._last_image_step: int | None = None
         self._last_histogram_step: int | None = None
@@ -478,6 +484,49 @@ class GradGuardBoard:
         charts = 6 * len(self.optimizer_names)
         charts += 0 if self.regularizers is not None and not self.regularizers else 2
         return charts + int(self.saturation) + len(self._diagnostic_charts())
+
+    def _plan_blocks(self, idx: int) -> None:
+        """Chart optimizer ``idx``'s layers as block summaries when their per-layer charts would not fit."""
+        names, budget = self.layer_names[idx], self._layer_chart_budget()
+        self._blocks.pop(idx, None)
+        if len(group_layer_names(names)) > budget:
+            self._blocks[idx] = [
+                (
+                    block,
+                    self.tag(f"block/{block}/max", idx),
+                    self.tag(f"block/{block}/median", idx),
+                    np.asarray(members, dtype=np.int64),
+                )
+                for block, members in layer_blocks(names, budget)
+            ]
+
+    def set_layers(self, opt_idx: int, layer_names: Sequence[str]) -> None:
+        """Change the layers of optimizer ``opt_idx``, in the order of the norms written from now on: a param group
+        added mid-run (layers unfrozen, a new head) changes them.
+
+        The pictures' histories keep the rows of the layers that stay (by name); a layer that joined shows as "no
+        gradient" before it. The dashboard keeps the charts it was written with (TensorBoard reads one layout per
+        run): a layer that joined has its ``gradguard/layer/<name>`` scalar in the Scalars tab, and its row in the
+        pictures.
+
+        Raises:
+            ValueError: for an unknown ``opt_idx`` or a repeated name.
+        """
+        old, names = self._names(opt_idx), list(layer_names)
+        if names == old:
+            return
+        if len(set(names)) != len(names):
+            raise ValueError(f"`layer_names` must not repeat a name, got {len(names) - len(set(names))} repeats")
+        where = {name: row for row, name in enumerate(old)}
+        rows = [where.get(name, -1) for name in names]
+        self.layer_names[opt_idx] = names
+        self._layer_tags[opt_idx] = [f"{_PREFIX}layer/{name}" for name in names]
+        self._histories[opt_idx] = self._histories[opt_idx].remapped(rows)
+        if opt_idx in self._ratio_histories:
+            self._ratio_histories[opt_idx] = self._ratio_histories[opt_idx].remapped(rows)
+        self._latest.pop(opt_idx, None)  # the bar chart's next latest norms come with the new layers
+        self._diag_tables()
+        self._plan_blocks(opt_idx)
 
     def _layer_chart_budget(self) -> int:
         # What the run-level charts and the two "layers in trouble" charts leave, shared by the optimizers.
@@ -563,6 +612,17 @@ class GradGuardBoard:
     # ---------------------------------------------------------------------------------------------------- diagnostics
     def _setup_diagnostics(self) -> None:
         """Tag tables, block statistics and picture histories of the diagnostics this board is fed."""
+        self._diag_tables()
+        self._ratio_histories: dict[int, _LayerHistory] = {}
+        if "update_ratio" in self.diagnostics:
+            self._ratio_histories = {
+                idx: _LayerHistory(len(names), self.history) for idx, names in self.layer_names.items()
+            }
+        self._flow_columns: list[tuple[int, dict[str, float]]] = []  # (step, {layer: norm}), thinned when full
+        self._flow_order: list[str] = []  # the layers of the flow picture in depth (definition) order
+
+    def _diag_tables(self) -> None:
+        """The diagnostics' tag tables and block statistics, for the current layers."""
         # Activation gradients are model-wide: their layers are the optimizers' layers in definition order.
         self._act_names: list[str] = list(dict.fromkeys(name for names in self.layer_names.values() for name in names))
         # tag -> (quantity, optimizer index, layer row) of every per-layer diagnostic scalar fed to this board
@@ -585,13 +645,6 @@ class GradGuardBoard:
                         )
                         for block, members in layer_blocks(names, _DIAG_LINES)
                     ]
-        self._ratio_histories: dict[int, _LayerHistory] = {}
-        if "update_ratio" in self.diagnostics:
-            self._ratio_histories = {
-                idx: _LayerHistory(len(names), self.history) for idx, names in self.layer_names.items()
-            }
-        self._flow_columns: list[tuple[int, dict[str, float]]] = []  # (step, {layer: norm}), thinned when full
-        self._flow_order: list[str] = []  # the layers of the flow picture in depth (definition) order
 
     def _diag_tag(self, name: str, opt_idx: int) -> str:
         # A per-optimizer diagnostic follows :meth:`tag`; a model-wide one (opt_idx -1) has no optimizer component.

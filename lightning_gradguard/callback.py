@@ -1015,6 +1015,7 @@ class GradGuard(CallbackBase):
             board.write_derived(step, metrics)
             if self.log_layers:
                 for key, snap in snapshots:
+                    board.set_layers(key, snap.layer_names)  # a param group added since the last log
                     board.write_layer_norms(
                         step,
                         key,
@@ -1147,7 +1148,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
     ):
         value = args[name]
         if value is not None and value != "default" and not isinstance(value, cls):
-            raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+            raise ValueError(f"`{name}` must be an instance of {cls.__name__}, None or 'default', got {value!r}")
     if args["rollback"] != "default" and rollback_from(args["rollback"]) is not None and args["lr_guard"] is None:
         raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
     return check_regularizers(args["regularizers"])

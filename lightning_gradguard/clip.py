@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import math
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
@@ -35,7 +36,14 @@ from lightning_gradguard._compat import (
     loaded_type,
 )
 from lightning_gradguard._host import HostFlags
-from lightning_gradguard._validation import check_bool, check_int, check_number, optional_int, optional_number
+from lightning_gradguard._validation import (
+    check_bool,
+    check_int,
+    check_number,
+    check_state,
+    optional_int,
+    optional_number,
+)
 from lightning_gradguard.stats import _dense, _grouped_norms, _upload
 
 try:
@@ -119,7 +127,15 @@ def _collect(
                 names.append(f"{module_name}.{param_name}" if module_name else param_name)
                 owner_types.append(type(module))
         return grads, params, names, owner_types
+    if hasattr(parameters, "param_groups"):
+        raise ValueError(
+            "`parameters` must be a module, an iterable of parameters or a parameter, got an optimizer: pass the"
+            " model (or `model.parameters()`)."
+        )
     tensors = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+    if not all(isinstance(p, Tensor) for p in tensors):
+        bad = next(p for p in tensors if not isinstance(p, Tensor))
+        raise ValueError(f"`parameters` must hold tensors (parameters), got a {type(bad).__name__}.")
     with_grad = [p for p in tensors if p.grad is not None]
     return [p.grad for p in with_grad], with_grad, None, None  # type: ignore[misc]
 
@@ -310,6 +326,7 @@ class Clipper(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`."""
+        check_state(type(self).__name__, state)
         if state:
             raise ValueError(f"{type(self).__name__} is stateless, got state keys {sorted(state)}.")
 
@@ -439,6 +456,15 @@ class AutoClip(Clipper):
         self.percentile = check_number(
             "percentile", percentile, low=0.0, high=100.0, low_inclusive=True, high_inclusive=True
         )
+        if 0.0 < self.percentile < 1.0:
+            # A fraction where a percentile is meant (0.5 for the median) clips nearly every step to the smallest norm.
+            warnings.warn(
+                f"AutoClip(percentile={self.percentile}) clips to the {self.percentile}th percentile of the norms seen,"
+                f" near their minimum: `percentile` is on a 0-100 scale (the median is 50, the paper's 10 the default)."
+                " Pass a value of 1 or more unless this is meant.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.history = optional_int("history", history, low=1)
         self._calls = 0  # host-side, an upper bound of the number of valid entries: sizes the unbounded buffer
         self._values: Tensor | None = None  # sorted (history=None, +inf padded) or a ring buffer (history=N)
@@ -523,6 +549,7 @@ class AutoClip(Clipper):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
         call."""
+        check_state("AutoClip", state)
         if set(state) != {"values", "count", "calls"}:
             raise ValueError(f"Not an AutoClip state: keys {sorted(state)}.")
         values = torch.as_tensor(state["values"], dtype=torch.float32)
@@ -938,6 +965,7 @@ class ZClip(Clipper):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict` (one saved before ``run`` or ``level`` was kept loads too);
         the tensors move to the gradients' device on the next call."""
+        check_state("ZClip", state)
         if not {"buffer", "count", "mean", "var"} <= set(state) <= {"buffer", "count", "mean", "var", "run", "level"}:
             raise ValueError(f"Not a ZClip state: keys {sorted(state)}.")
         # fp64 here; the next call casts to the device's state dtype.
@@ -1360,6 +1388,7 @@ class AdaGC(Clipper):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state produced by :meth:`state_dict`; the tensors move to the gradients' device on the next
         call."""
+        check_state("AdaGC", state)
         if set(state) != {"keys", "gamma", "count", "steps"}:
             raise ValueError(f"Not an AdaGC state: keys {sorted(state)}.")
         keys = list(state["keys"])

@@ -9,7 +9,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from lightning_gradguard._validation import check_bool, check_int, check_number, optional_int, optional_number
+from lightning_gradguard._validation import (
+    check_bool,
+    check_int,
+    check_number,
+    check_state,
+    optional_int,
+    optional_number,
+)
 from lightning_gradguard.rollback import CALM_STEPS
 
 __all__ = ["DivergenceDetector", "ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
@@ -448,6 +455,7 @@ class ExplodingDetector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(type(self).__name__, state, ("mean", "var", "count"))
         self._mean, self._var, self._count = state["mean"], state["var"], state["count"]
         # Absent from states saved before stretches were kept (they may hold the "onset" of a streak of flagged
         # steps instead, which stretches replace): in no stretch.
@@ -521,6 +529,7 @@ class VanishingDetector:
         return {"run": None if self._run is None else self._run.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(type(self).__name__, state, ("run",))
         self._run = state["run"]
 
     def __repr__(self) -> str:
@@ -707,6 +716,7 @@ class DivergenceDetector:
         return {"state": None if self._state is None else self._state.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(type(self).__name__, state, ("state",))
         saved = state["state"]
         if saved is not None and saved.numel() < _DIVERGENCE_STATE:
             # Saved before the lowest settled mean (or the previous loss and a streak's onset) was kept: none yet (it

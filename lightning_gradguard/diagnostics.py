@@ -38,6 +38,7 @@ from lightning_gradguard.layers import LayerIndex, ModuleSite, build_layer_index
 from lightning_gradguard.stats import _dense, _local, total_norm
 
 __all__ = [
+    "NOISE_SCALE_MANUAL_NOTE",
     "NOISE_SCALE_NOTE",
     "ActivationGradients",
     "EpochSummary",
@@ -59,6 +60,12 @@ NOISE_SCALE_NOTE = (
     "GradGuard: the gradient noise scale (gradguard/noise_scale) is not logged: it compares the gradient of two batch"
     " sizes without an extra backward pass, and this run has only one (no gradient accumulation and a single"
     " process). Set `Trainer(accumulate_grad_batches=2)` or more, or train on several devices, to get it."
+)
+#: The info message of a run whose optimization is manual, or has several optimizers: no setting gives it.
+NOISE_SCALE_MANUAL_NOTE = (
+    "GradGuard: the gradient noise scale (gradguard/noise_scale) is not logged: it is measured from Lightning's own"
+    " gradient accumulation or DDP averaging of one optimizer's gradients, which a run with manual optimization or"
+    " several optimizers does not go through."
 )
 
 
@@ -248,6 +255,10 @@ class UpdateRatio:
             return torch.where(old_sq > 0, ratio, torch.full_like(ratio, math.nan))
 
 
+#: A log whose learning rate is below this fraction of the highest one seen gives no "too low" update ratio.
+_LOW_RATE = 0.1
+
+
 class UpdateRatioHints:
     """Hints for layers whose update-to-weight ratio stays too high or too low, from the ratios of successive logs.
 
@@ -265,7 +276,10 @@ class UpdateRatioHints:
     was measured and what it *may* mean; the TensorBoard heatmap still marks the usual ``1e-5..1e-2`` band. A layer
     whose weights start at exactly zero (LoRA's ``B``, a ReZero gate; see :meth:`start_from_zero`) gets no "too high"
     hint until its ratio first comes into the band: growing from zero, its ratio starts infinite and
-    falls as the weights grow (about ``1 / steps`` with Adam), whatever the learning rate.
+    falls as the weights grow (about ``1 / steps`` with Adam), whatever the learning rate. A log whose learning rate
+    (``lr``, when given) is below a tenth of the highest one known (seen, or the schedule's ``base_lr``) is no
+    observation for the "too low" hint: a schedule's warm-up, its decay to zero and the troughs of warm restarts
+    shrink every update on purpose.
 
     Args:
         high: a ratio above this counts as too high (the learning rate may be too high for the layer), ``> low``.
@@ -294,6 +308,7 @@ too high for it (about 1e-3 is usual)"]
         # consecutive logs back in the band since the hint]
         self._streaks: dict[str, list[float]] = {}
         self._from_zero: set[str] = set()  # layers still growing from all-zero weights
+        self._peak_lr = 0.0  # the highest learning rate given to update()
 
     def start_from_zero(self, names: Iterable[str]) -> None:
         """Hold back the "too high" hint for layers whose weights are exactly zero now, until their ratio first
@@ -307,12 +322,22 @@ too high for it (about 1e-3 is usual)"]
         """
         self._from_zero.update(str(name) for name in names)
 
-    def update(self, names: Sequence[str], ratios: Sequence[float] | np.ndarray) -> list[str]:
+    def update(
+        self,
+        names: Sequence[str],
+        ratios: Sequence[float] | np.ndarray,
+        lr: float | None = None,
+        base_lr: float | None = None,
+    ) -> list[str]:
         """Fold in one log's ratios (host floats, e.g. from :meth:`UpdateRatio.after_step` after the copy to host).
 
         Args:
             names: the layer names, in the order of ``ratios``.
             ratios: one ratio per name.
+            lr: the learning rate of the step the ratios measure (``None``: unknown); below a tenth of the highest
+                one known, no ratio counts as too low.
+            base_lr: the rate a schedule scales (a torch scheduler's ``initial_lr``), known before any log reaches
+                it: logs that all fall in a schedule's troughs see no higher one.
 
         Returns:
             The hint this log completes, as a list of at most one message (empty when no streak reached
@@ -322,9 +347,13 @@ too high for it (about 1e-3 is usual)"]
             raise ValueError(f"`ratios` must have one entry per name ({len(names)}), got {len(ratios)}")
         # (decades out of the band, name, geometric mean) of the streaks this log completes, per direction
         due: dict[int, list[tuple[float, str, float]]] = {1: [], -1: []}
+        for rate in (lr, base_lr):
+            if rate is not None and math.isfinite(rate) and rate > 0.0:
+                self._peak_lr = max(self._peak_lr, float(rate))
+        scheduled_low = lr is not None and lr < _LOW_RATE * self._peak_lr
         for name, value in zip(names, ratios):
             ratio = float(value)
-            if not math.isfinite(ratio) or ratio <= 0.0:
+            if not math.isfinite(ratio) or ratio <= 0.0 or (scheduled_low and ratio < self.low):
                 continue
             if name in self._from_zero:
                 if ratio > self.high:
@@ -379,6 +408,7 @@ too high for it (about 1e-3 is usual)"]
             "version": _STATE_VERSION,
             "streaks": {name: list(s) for name, s in self._streaks.items()},
             "from_zero": sorted(self._from_zero),
+            "peak_lr": self._peak_lr,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -387,6 +417,7 @@ too high for it (about 1e-3 is usual)"]
         # A streak saved before the recovery count existed has four entries: none of its logs were in the band.
         self._streaks = {str(name): [*(float(v) for v in s), 0.0][:5] for name, s in state["streaks"].items()}
         self._from_zero = {str(name) for name in state.get("from_zero", ())}  # absent from older checkpoints
+        self._peak_lr = float(state.get("peak_lr", 0.0))  # likewise
 
 
 def _scientific(value: float, digits: int = 1) -> str:

@@ -619,7 +619,7 @@ class GuardEngine:
             ("divergence", divergence, DivergenceDetector),
         ):
             if value is not None and value != "default" and not isinstance(value, cls):
-                raise ValueError(f"`{name}` must be a {cls.__name__}, None or 'default', got {value!r}")
+                raise ValueError(f"`{name}` must be an instance of {cls.__name__}, None or 'default', got {value!r}")
         regularizers = check_regularizers(regularizers)
         self._lazy_module: nn.Module | None = None
         # The last optimizer that passed _check_optimizer with the layout of its param groups, its parameters outside
@@ -629,7 +629,9 @@ class GuardEngine:
         self._warned_unwatched = False
         self._attached: weakref.ref[torch.optim.Optimizer] | None = None
         if not (running_stats is None or running_stats == "default" or isinstance(running_stats, RunningStats)):
-            raise ValueError(f"`running_stats` must be a RunningStats, None or 'default', got {running_stats!r}")
+            raise ValueError(
+                f"`running_stats` must be an instance of RunningStats, None or 'default', got {running_stats!r}"
+            )
         # A skipped step keeps the weights, but its forward pass has already moved the normalization layers' running
         # statistics: put back the entries it made non-finite (with "warn" and "raise" nothing is kept from harm).
         self._running_stats = running_stats if isinstance(running_stats, RunningStats) else None
@@ -684,6 +686,7 @@ class GuardEngine:
         self._batch_size = 0
         self._short_run = 0
         self._warned_no_gradient = False
+        self._warned_unattached = False
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
         # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
         self._processed: list[tuple[weakref.ref[Tensor], weakref.ref[Tensor], int]] = []
@@ -1256,7 +1259,7 @@ class GuardEngine:
         names = owners = None
         if clipper.needs_params and any(g.is_sparse for g in measured.grads):
             raise SparseGradientError(
-                f"GradGuard(clip={type(clipper).__name__}(...)) cannot clip sparse gradients (e.g."
+                f"clip={type(clipper).__name__}(...) cannot clip sparse gradients (e.g."
                 " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip, AutoClip"
                 " or AdaGC, which clip sparse gradients."
             )
@@ -1298,12 +1301,25 @@ class GuardEngine:
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
                     self._rollback_due = True
+                    self._warn_unattached(flags.step)
                 for r in self.regularizers:
                     r.on_exploding(exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
                 self._events.append(
                     StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced, diverging)
                 )
+
+    def _warn_unattached(self, step: int) -> None:
+        """Say once that a cut reached no optimizer: the LR guard's multiplier acts through :meth:`attach` only."""
+        if self._warned_unattached or self.lr_guard is None or self.lr_guard.attached(self.key):
+            return
+        self._warned_unattached = True
+        warnings.warn(
+            f"GuardEngine: the LR guard lowered the learning rate at step {step}, but it is attached to no optimizer,"
+            " so every optimizer still steps at its full rate (the guard's scale and `lr_reduced` count the cut"
+            " anyway). Call `engine.attach(optimizer)` once, before training.",
+            stacklevel=3,
+        )
 
     def drain(self) -> list[StepEvent]:
         """The steps on which something happened, as far as the host has learned (never waits for the device).
@@ -1338,7 +1354,8 @@ class GuardEngine:
 
     @property
     def counts(self) -> Tensor:
-        """``[6]`` int64 device counters: exploding, vanishing, non-finite, overflow, clipped and diverging steps."""
+        """``[6]`` int64 device counters: exploding, vanishing, non-finite, overflow, clipped and diverging steps;
+        vanishing counts layers instead, one per layer each time it begins to vanish (after the detector's patience)."""
         return self._record.buffers["counts"]
 
     @property
@@ -1442,7 +1459,11 @@ class GuardEngine:
         """:meth:`load_state_dict`, returning what was not restored (and why) instead of warning."""
         if not isinstance(state, dict):
             raise ValueError(f"`state` must be a dict from GuardEngine.state_dict(), got {type(state).__name__}")
-        if state.get("layers") != list(self.index.names):
+        if "layers" not in state:
+            raise ValueError(
+                f"`state` must be a dict from GuardEngine.state_dict() (it has 'layers'), got keys {sorted(state)[:8]}"
+            )
+        if state["layers"] != list(self.index.names):
             raise ValueError("the saved layers differ from the model's; detector and clipper state is not restored.")
         device = self._record.device
         problems = []
@@ -1486,6 +1507,7 @@ class GuardEngine:
         self.steps = old.steps
 
     def summary(self) -> dict[str, int]:
-        """Cumulative count of each event kind (reads the device counters: a host sync)."""
+        """Cumulative count of each event kind (reads the device counters: a host sync): steps, except
+        ``vanishing``, which counts layers as they begin to vanish (see :attr:`counts`)."""
         device_counts = dict(zip(_COUNTS, self.counts.tolist()))
         return {kind: int(device_counts.get(kind, self.host_counts.get(kind, 0))) for kind in EVENT_KINDS}

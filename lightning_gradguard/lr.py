@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from lightning_gradguard._compat import foreach_zero_, unwrap_optimizer
-from lightning_gradguard._validation import check_bool, check_int, check_number
+from lightning_gradguard._validation import check_bool, check_int, check_number, check_state
 
 __all__ = ["LRGuard", "LRGuardHandle"]
 
@@ -448,6 +448,11 @@ class LRGuard:
         they have not been removed since."""
         return _ATTACHED.get(unwrap_optimizer(optimizer)) == (id(self), key)
 
+    def attached(self, key: int = 0) -> bool:
+        """Whether :meth:`attach` put this guard's hooks for ``key`` on some optimizer, not removed since: without
+        them the multiplier reaches no learning rate."""
+        return (id(self), key) in _ATTACHED.values()
+
     def attach(self, optimizer: torch.optim.Optimizer, key: int = 0) -> LRGuardHandle:
         """Scale the lr of ``optimizer`` inside each ``optimizer.step`` call only.
 
@@ -496,6 +501,7 @@ class LRGuard:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the state returned by :meth:`state_dict` (a state saved before ``ceiling`` existed loads too)."""
+        check_state("LRGuard", state_dict, ("keys",))
         states = {}
         for key, s in state_dict["keys"].items():
             state = _KeyState.from_dict(s)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, foreach_sgn, group_by_device_and_dtype
-from lightning_gradguard._validation import check_bool, check_number
+from lightning_gradguard._validation import check_bool, check_number, check_state
 from lightning_gradguard.layers import (
     PARAMETRIZATION,
     PARAMETRIZED,
@@ -374,6 +374,7 @@ class Regularizer(abc.ABC):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the state returned by :meth:`state_dict`."""
+        check_state(type(self).__name__, state_dict, ("strength",))
         self._strength = float(state_dict["strength"])
 
 

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard._compat import foreach_copy_, unwrap_optimizer
-from lightning_gradguard._validation import check_bool, check_int, optional_int, optional_number
+from lightning_gradguard._validation import check_bool, check_int, check_state, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
 __all__ = ["Rollback", "default_rollback", "rollback_from"]
@@ -554,6 +554,7 @@ class Rollback:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the copies are forgotten, so the next step's weights become the safe copy
         (unless the run is past ``until``)."""
+        check_state("Rollback", state)
         self.count = int(state.get("count", 0))
         self.retried = bool(state.get("retried", False))
         self._origin = int(state.get("origin", 0))

@@ -6,6 +6,7 @@ import copy
 import io
 import math
 import sys
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -270,6 +271,15 @@ def test_autoclip_matches_numpy_percentile(
         assert_rel(float(coef), coefs[step], what=f"coef at step {step}")
         torch.testing.assert_close(after, before * coefs[step], rtol=1e-6, atol=0)
     assert int(clipper.state_dict()["count"]) == len(norms)
+
+
+def test_autoclip_warns_about_a_fraction_where_a_percentile_is_meant() -> None:
+    with pytest.warns(UserWarning, match=r"0-100 scale \(the median is 50"):
+        AutoClip(percentile=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for percentile in (0.0, 1.0, 10.0, 50.0):  # 0: the minimum, on purpose
+            AutoClip(percentile=percentile)
 
 
 @pytest.mark.parametrize("history", [None, 5])

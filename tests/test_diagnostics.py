@@ -174,6 +174,24 @@ def test_a_layer_growing_from_zero_is_not_hinted_about_until_its_ratio_comes_int
     UpdateRatioHints().load_state_dict(legacy)
 
 
+def test_a_scheduled_low_rate_gives_no_too_low_hint_and_the_peak_is_kept_with_the_state() -> None:
+    names = ["emb", "head"]
+    hints = UpdateRatioHints(patience=2)
+    assert hints.update(names, [1e-3, 1e-3], lr=1e-2) == []  # the peak so far
+    # Warm restarts logged at their troughs (lr 1e-4): tiny updates by the schedule's choice, not a starved layer.
+    assert hints.update(names, [8e-6, 1e-3], lr=1e-4) == []
+    assert hints.update(names, [9e-6, 1e-3], lr=1e-4) == []
+    restored = UpdateRatioHints(patience=2)
+    restored.load_state_dict(hints.state_dict())
+    for h in (hints, restored):
+        assert h.update(names, [8e-6, 0.5], lr=1e-4) == []
+        assert h.update(names, [8e-6, 0.5], lr=1e-4)[0].startswith("update/weight ratio above 1e-1 ")  # still judged
+        # At a tenth of the peak or more, a tiny ratio counts again.
+        assert h.update(names, [8e-6, 1e-3], lr=2e-3) == []
+        assert "'emb' 8.0e-6; it barely trains" in h.update(names, [8e-6, 1e-3], lr=2e-3)[0]
+    assert UpdateRatioHints(patience=1).update(names, [8e-6, 1e-3])  # no rate given: judged as before
+
+
 def test_update_ratio_hints_fire_once_per_streak_and_ignore_non_observations() -> None:
     hints = UpdateRatioHints(high=1e-2, low=1e-5, patience=3)
     names = ["encoder.3", "head", "frozen"]

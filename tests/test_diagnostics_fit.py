@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.diagnostics import NOISE_SCALE_NOTE
+from lightning_gradguard.diagnostics import NOISE_SCALE_MANUAL_NOTE, NOISE_SCALE_NOTE
 from tests.helpers import scalar_series
 from tests.models import Regressor, regression_data, trainer
 
@@ -94,6 +94,38 @@ def test_no_too_high_hint_for_a_layer_growing_from_zero(recwarn: pytest.Warnings
     hints = [str(w.message) for w in recwarn.list if "update/weight ratio above" in str(w.message)]
     assert hints and any("'head'" in hint for hint in hints), hints
     assert not any("lora_B" in hint for hint in hints)
+
+
+class Troughs(Regressor):
+    """SGD whose step-wise schedule drops the rate 10^5-fold on every fifth step (a warm-restart trough), or on every
+    step from step 30 on (a decay to zero), with the logs on those steps: tiny updates by the schedule's choice."""
+
+    def __init__(self, decay: bool) -> None:
+        super().__init__()
+        self.decay = decay
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+
+        def factor(step: int) -> float:
+            return 1e-5 if (step + 1) % 5 == 0 or (self.decay and step >= 30) else 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_no_too_low_hint_where_the_schedule_lowered_the_rate(
+    tmp_path: Any, recwarn: pytest.WarningsRecorder, decay: bool
+) -> None:
+    # Before, every run logged at its schedule's troughs was told its layers "barely train".
+    guard = GradGuard(log_every_n_steps=5, diagnostics=["update_ratio"])
+    trainer(max_steps=60, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        Troughs(decay), regression_data()
+    )
+    logged = list(_tb(tmp_path)["gradguard/update_ratio/net.2"].values())
+    assert len(logged) == 12 and max(logged) < 1e-5  # every log below the hint's floor: 3 in a row would hint
+    assert not [str(w.message) for w in recwarn.list if "barely train" in str(w.message)]
 
 
 def test_frozen_integer_parameters_do_not_stop_the_fit(tmp_path: Any) -> None:
@@ -392,6 +424,19 @@ class HookedGAN(L.LightningModule):
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         return [torch.optim.SGD(self.d.parameters(), lr=1e-2), torch.optim.SGD(self.g.parameters(), lr=1e-2)]
+
+
+def test_manual_optimization_is_not_advised_to_accumulate_for_the_noise_scale(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lightning refuses accumulate_grad_batches under manual optimization: the note must not advise it there.
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=4, max_epochs=-1, callbacks=[GradGuard()], logger=CSVLogger(tmp_path)).fit(
+            HookedGAN(), regression_data(dim=16)
+        )
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(NOISE_SCALE_MANUAL_NOTE in m for m in messages) == 1
+    assert not any(NOISE_SCALE_NOTE in m for m in messages)
 
 
 def test_with_several_optimizers_activation_gradients_cover_every_backward_of_the_batch(tmp_path: Any) -> None:

@@ -11,7 +11,22 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_gradguard import L2, ExplodingDetector, GradGuard, GuardEngine, LocalGradNorm, LRGuard, ZClip
+from lightning_gradguard import (
+    AGC,
+    L2,
+    AdaGC,
+    AutoClip,
+    DivergenceDetector,
+    ExplodingDetector,
+    GradGuard,
+    GuardEngine,
+    LocalGradNorm,
+    LRGuard,
+    NormClip,
+    Rollback,
+    VanishingDetector,
+    ZClip,
+)
 from lightning_gradguard.diagnostics import UpdateRatioHints
 from lightning_gradguard.layers import build_layer_index
 
@@ -136,9 +151,82 @@ def test_a_python_number_as_grad_scale_is_the_same_as_the_tensor() -> None:
     assert norms[0] == norms[1] and math.isfinite(norms[0])
 
 
+def _cut_run(attach: bool) -> tuple[GuardEngine, list[float], list[str]]:
+    """SGD at 0.05 with two x1e4 losses (steps 40 and 42): the LR guard cuts once."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=None)
+    if attach:
+        engine.attach(opt)
+    rates: list[float] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: rates.append(o.param_groups[0]["lr"]))
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 80):
+            opt.zero_grad()
+            x = torch.randn(32, 4, generator=gen)
+            loss = (model(x) - x.sum(1, keepdim=True)).square().mean() * (1e4 if step in (40, 42) else 1.0)
+            loss.backward()
+            engine.step(optimizer=opt)
+            opt.step()
+            engine.drain()
+    return engine, rates, [str(w.message) for w in caught if "attached to no optimizer" in str(w.message)]
+
+
+def test_a_cut_of_an_lr_guard_attached_to_no_optimizer_is_said_once() -> None:
+    engine, rates, said = _cut_run(attach=False)
+    assert engine.summary()["lr_reduced"] >= 1 and engine.lr_guard.scale(0) < 1.0
+    assert min(rates) == 0.05  # the cut reached no learning rate ...
+    assert len(said) == 1 and "engine.attach(optimizer)" in said[0]  # ... and the user is told, once
+    engine, rates, said = _cut_run(attach=True)
+    assert engine.summary()["lr_reduced"] >= 1 and min(rates) < 0.05 and not said
+
+
 def test_load_state_dict_names_what_it_needs() -> None:
     with pytest.raises(ValueError, match="`state` must be a dict from GuardEngine.state_dict"):
         GuardEngine(_model()).load_state_dict(None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"GuardEngine.state_dict\(\) \(it has 'layers'\), got keys \['mean'\]"):
+        GuardEngine(_model()).load_state_dict({"mean": 1})
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        ZClip(),
+        AutoClip(),
+        AdaGC(),
+        AGC(),
+        NormClip(1.0),
+        ExplodingDetector(),
+        VanishingDetector(),
+        DivergenceDetector(),
+        LRGuard(),
+        Rollback(),
+        L2(1e-4),
+    ],
+    ids=lambda part: type(part).__name__,
+)
+def test_every_part_refuses_a_state_that_is_no_dict_naming_itself(part: Any) -> None:
+    name = type(part).__name__
+    with pytest.raises(ValueError, match=rf"`state` must be a dict from {name}.state_dict\(\), got NoneType"):
+        part.load_state_dict(None)
+    part.load_state_dict(part.state_dict())  # its own state still loads
+
+
+@pytest.mark.parametrize("part", [ExplodingDetector(), VanishingDetector(), DivergenceDetector(), LRGuard()])
+def test_a_state_without_its_keys_is_refused_with_the_missing_ones_named(part: Any) -> None:
+    with pytest.raises(ValueError, match=r"state_dict\(\): it lacks \["):
+        part.load_state_dict({})
+
+
+def test_a_clipper_given_an_optimizer_or_no_tensors_says_what_it_takes() -> None:
+    model = _model()
+    model(torch.randn(2, 4)).sum().backward()
+    with pytest.raises(ValueError, match="`parameters` must be a module, .* got an optimizer"):
+        ZClip().clip_(torch.optim.SGD(model.parameters(), lr=0.1))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="`parameters` must hold tensors .* got a str"):
+        NormClip(1.0).clip_(["weight"])  # type: ignore[list-item]
 
 
 def test_messages_name_the_argument_a_bound_comes_from_and_offer_none() -> None:

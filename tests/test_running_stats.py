@@ -207,7 +207,7 @@ def test_the_engine_takes_a_shared_instance_none_or_the_default() -> None:
     assert GuardEngine(model, running_stats=shared)._running_stats is shared
     assert GuardEngine(model, running_stats=None)._running_stats is None
     assert GuardEngine(model, on_nonfinite="warn")._running_stats is None
-    with pytest.raises(ValueError, match="`running_stats` must be a RunningStats, None or 'default'"):
+    with pytest.raises(ValueError, match="`running_stats` must be an instance of RunningStats, None or 'default'"):
         GuardEngine(model, running_stats=True)  # type: ignore[arg-type]
 
 

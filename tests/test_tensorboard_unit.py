@@ -241,6 +241,28 @@ def test_present_mask_skips_absent_layers(tmp_path):
     assert hist_norms[1, 0] < 0  # drawn as "no gradient"
 
 
+def test_set_layers_keeps_each_layers_history_by_name_and_shows_a_joined_one_without_gradient(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    board = GradGuardBoard(writer, {0: ["b", "c"]}, ["SGD"], diagnostics=["update_ratio"])
+    flags = np.zeros(2, bool)
+    board.write_layer_norms(0, 0, np.array([2.0, 3.0]), flags, np.array([False, True]))
+    board.set_layers(0, ["a", "b", "c"])  # "a" unfrozen: it comes first in definition order
+    board.write_layer_norms(1, 0, np.array([1.0, 2.5, 3.5]), np.zeros(3, bool), np.zeros(3, bool))
+    writer.close()
+    steps, norms, _, vanishing = board._histories[0].columns()
+    assert steps.tolist() == [0, 1]
+    assert norms[0, 0] < 0 and norms[0, 1] == 1.0  # no gradient before it joined
+    assert norms[1:, 0].tolist() == [2.0, 3.0] and norms[1:, 1].tolist() == [2.5, 3.5]
+    assert vanishing[:, 0].tolist() == [False, False, True]  # the flags moved with their layer
+    assert board._ratio_histories[0].num_layers == 3
+    assert board.heatmap_image(0) is not None
+    assert {e.step for e in load_events(tmp_path).Scalars("gradguard/layer/a")} == {1}
+    with pytest.raises(ValueError, match="must not repeat a name"):
+        board.set_layers(0, ["a", "a"])
+    with pytest.raises(ValueError, match="opt_idx"):
+        board.set_layers(3, ["a"])
+
+
 def test_events_table_keeps_last_rows_and_multi_optimizer_column():
     writer = _FakeWriter()
     board = GradGuardBoard(writer, {0: ["a"], 1: ["b"]}, ["Adam", "SGD"])

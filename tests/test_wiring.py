@@ -12,10 +12,11 @@ import pytest
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_gradguard import AutoClip, GradGuard, GuardEngine, LRGuard, ZClip
-from tests.helpers import MetricsLogger
+from tests.helpers import MetricsLogger, load_events, scalar_series
 from tests.models import Regressor, regression_data, trainer
 from tests.test_modes import _spiky_data
 
@@ -74,6 +75,35 @@ def test_a_module_added_with_add_param_group_mid_fit_is_guarded() -> None:
     assert guard.summary()["skipped"] == 1
     # The skipped NaN step left the new head alone (before, it was not watched and took the NaN step).
     assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_layers_unfrozen_mid_fit_join_the_tensorboard_board(tmp_path: Path) -> None:
+    """An unfreezing schedule under a TensorBoardLogger: the board takes the layers that joined (before, the first
+    log after the unfreeze stopped the fit: "`norms` must have 1 entries ..., got 2")."""
+
+    class Unfreeze(L.Callback):
+        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step == 6:
+                pl_module.net[0].requires_grad_(True)
+                trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters())})
+
+    class Frozen(Regressor):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            self.net[0].requires_grad_(False)
+            return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
+
+    guard = GradGuard(image_every_n_steps=4)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0, default_hp_metric=False)
+    trainer(max_steps=16, callbacks=[guard, Unfreeze()], logger=logger, log_every_n_steps=2).fit(
+        Frozen(), regression_data()
+    )
+    assert guard.layer_names() == ["net.0", "net.2"]  # definition order: the rows of the pictures move
+    series = scalar_series(tmp_path / "run" / "version_0")
+    joined = [step for step, _ in series["gradguard/layer/net.0"]]
+    assert joined and min(joined) >= 6  # logged from the unfreeze on
+    assert len(series["gradguard/layer/net.2"]) == 8  # every log, before and after
+    images = load_events(tmp_path / "run" / "version_0").Images("gradguard/gradient_flow")
+    assert [event.step for event in images][-1] == 15  # the pictures went on after the unfreeze
 
 
 def test_a_plain_loop_optimizer_with_parameters_outside_the_engine_is_warned_about_and_skipped_whole() -> None:
