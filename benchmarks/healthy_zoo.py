@@ -67,6 +67,9 @@ The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iteratio
 * ``contrastive``: two MLP encoders, a symmetric InfoNCE loss and a learnable temperature as in CLIP (a scalar
   ``logit_scale``, initialised to log(1/0.07), capped at log(100)), AdamW 1e-3 with weight decay 0.1, on paired
   noisy views of Gaussian samples; held-out: InfoNCE of new pairs. 300 steps.
+* ``alternating``: the ``masked`` config's regression whose loss weight alternates between 1 and 0.01 every 50
+  steps (two tasks trained in turn, a loss term switched off and on): the gradient norm drops 100x and comes back
+  five times. 300 steps.
 * ``last_batch``: an MLP regression with label noise (std 0.3), Adam 1e-3, batches of 64 over 64 x 20 + 1 examples
   (``drop_last=False``, the default): every epoch ends on a batch of one example, whose gradient carries about 8x
   the noise of the others. 25 epochs, 525 steps.
@@ -816,15 +819,24 @@ def _job_lora(size: Size, seed: int, steps: int | None) -> _Job:
     )
 
 
-def _regression_job(name: str, size: Size, seed: int, steps: int | None, kind: Literal["masked", "nan_batch"]) -> _Job:
-    default_steps = 200
+#: The ``alternating`` config's loss weight on its quiet phases.
+_QUIET = 0.01
+
+
+def _regression_job(
+    name: str, size: Size, seed: int, steps: int | None, kind: Literal["masked", "nan_batch", "alternating"]
+) -> _Job:
+    default_steps = 300 if kind == "alternating" else 200
     steps = steps or (10 if size == "quick" else default_steps)
     batch, n_test, d_in, d_out, lr = 64, 2000, 32, 4, 1e-3
     teacher = _Teacher(d_in, d_out, seed)
+    period = max(1, _scaled(50, steps, default_steps))  # alternating: the steps of each phase
     if kind == "masked":
         first = _scaled(10, steps, default_steps)
         count = min(5, max(1, steps - first - 1)) if steps < default_steps else 5
         bad = list(range(first, first + count))
+    elif kind == "alternating":
+        bad = [b for b in range(steps) if b // period % 2 == 1]  # the quiet phases' batches
     else:
         bad = [_scaled(30, steps, default_steps)]
 
@@ -833,6 +845,8 @@ def _regression_job(name: str, size: Size, seed: int, steps: int | None, kind: L
         mask = torch.ones(steps, batch, 1)
         if kind == "masked":
             mask[bad] = 0.0
+        elif kind == "alternating":
+            mask[bad] = _QUIET
         elif variant != "unguarded":  # "unguarded" is the clean reference; the others train on the NaN batch
             x = x.clone()
             x[bad[0] * batch, 0] = math.nan
@@ -844,6 +858,18 @@ def _regression_job(name: str, size: Size, seed: int, steps: int | None, kind: L
 
     common = f"MLP {d_in}-64-64-{d_out}, teacher-generated regression, batch {batch}, {steps} steps, Adam lr {lr:g}, "
     common += f"{n_test} held-out"
+    if kind == "alternating":
+        return _Job(
+            name=name,
+            title=f"two loss levels in turn (weight 1, then {_QUIET:g}, every {period} steps)",
+            settings=f"{common}; the loss mask is {_QUIET:g} on steps {period + 1}-{2 * period}, "
+            f"{3 * period + 1}-{4 * period}, ... (the gradient norm drops 100x and comes back)",
+            steps=steps,
+            module=lambda: RegressionModule(d_in, d_out, lr=lr),
+            data=data,
+            evaluate=evaluate,
+            metric="MSE",
+        )
     if kind == "masked":
         return _Job(
             name=name,
@@ -1151,6 +1177,7 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
     "checkpointed": _job_checkpointed,
     "contrastive": _job_contrastive,
     "last_batch": _job_last_batch,
+    "alternating": lambda size, seed, steps: _regression_job("alternating", size, seed, steps, "alternating"),
 }
 
 

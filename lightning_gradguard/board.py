@@ -506,8 +506,8 @@ class GradGuardBoard:
 
         The pictures' histories keep the rows of the layers that stay (by name); a layer that joined shows as "no
         gradient" before it. The dashboard keeps the charts it was written with (TensorBoard reads one layout per
-        run): a layer that joined has its ``gradguard/layer/<name>`` scalar in the Scalars tab, and its row in the
-        pictures.
+        run): a layer that joined has its ``gradguard/layer/<name>`` scalar in the Scalars tab and its row in the
+        pictures, and where the layers are charted as blocks it joins the block of the layer before it.
 
         Raises:
             ValueError: for an unknown ``opt_idx`` or a repeated name.
@@ -526,7 +526,22 @@ class GradGuardBoard:
             self._ratio_histories[opt_idx] = self._ratio_histories[opt_idx].remapped(rows)
         self._latest.pop(opt_idx, None)  # the bar chart's next latest norms come with the new layers
         self._diag_tables()
-        self._plan_blocks(opt_idx)
+        if opt_idx in self._blocks:
+            # The written layout charts these blocks by name: keep them, each layer in its block by name, and a
+            # layer that joined in the block of the layer before it (the first block for the first layer).
+            new_row = {name: row for row, name in enumerate(names)}
+            blocks = [
+                (block, top, median, [new_row[old[m]] for m in members if old[m] in new_row])
+                for block, top, median, members in self._blocks[opt_idx]
+            ]
+            owner = {row: b for b, (_, _, _, rows_) in enumerate(blocks) for row in rows_}
+            for row in range(len(names)):
+                if row not in owner:
+                    owner[row] = owner.get(row - 1, 0)
+                    blocks[owner[row]][3].append(row)
+            self._blocks[opt_idx] = [
+                (block, top, median, np.asarray(sorted(rows_), dtype=np.int64)) for block, top, median, rows_ in blocks
+            ]
 
     def _layer_chart_budget(self) -> int:
         # What the run-level charts and the two "layers in trouble" charts leave, shared by the optimizers.

@@ -26,6 +26,13 @@ _TINY = 1e-30
 # A calm start, as the rollback's (norms within 4x of each other): the log-norms' spread (as a variance) at most that
 # of half of log(4).
 _CALM_VAR = (math.log(4.0) / 2.0) ** 2
+# A drop remembered (see ExplodingDetector, "a return"): the norm this far below the band's centre (in log-norm: 4x)
+# for this many steps in a row, from a level the mean held for this many observations (since it last moved to a new
+# level), forgotten by this much per observation (in log-norm: halved every 200).
+_DROP = math.log(4.0)
+_DROP_STEPS = 3
+_ESTABLISHED = 10
+_FORGET = math.log(2.0) / 200
 
 
 class ExplodingResult(NamedTuple):
@@ -136,6 +143,19 @@ class ExplodingDetector:
     dips below the norms by at most about 0.4 of that lag (tested: no flag for falls of up to 0.08 per step that
     level off).
 
+    A norm back at a level it dropped from is a return, not a spike: two tasks trained in turn, or a loss term
+    switched off and on again, move the gradient between two levels, and after a stretch on the quieter one the
+    band has narrowed around it. So each entry remembers the level it last dropped from: when the norm falls 4x
+    below the band's centre for 3 steps in a row, from a level held for at least 10 observations (after the warm-up,
+    and since the mean last moved to a new level), that level (where the norms were, past the mean's lag) is kept,
+    and a later norm from ``1 / min_ratio`` of it (half, by default) to 4x above it is not flagged; a spike that stays
+    further below it (a third of it) still is. The memory fades (halved every 200 observations), and it excuses
+    nothing once the mean is back within 4x of it. A level that a run of bad batches became (``level_steps``) is kept
+    only after 10 more observations on it (14 bad batches of one size in a row, at the default ``level_steps=5``),
+    and a level held only during the warm-up (a too-high rate's first steps) never is. Before, an Adam regression
+    whose loss weight alternated between 1 and 0.01 every 50 or 100 steps had each return flagged (often twice, its
+    first steps climbing), and the LR guard's cuts cost it up to 36% of held-out loss.
+
     Per layer the same tests run on each layer's own norm, with ``max_layer_ratio`` and ``max_layer_norm``, once the
     layer has its own ``warmup_steps`` observations: a layer that starts receiving gradients late (an unfrozen
     backbone, a LoRA adapter leaving zero, a new param group) starts its own statistics silently. A layer is only
@@ -238,6 +258,10 @@ class ExplodingDetector:
         self._stretch: Tensor | None = None
         # The average deviation of each entry's log-norm from its mean: the mean's lag behind a trend.
         self._bias: Tensor | None = None
+        # Each entry's memory of its levels: the level it last dropped from (log-norm, fading; -inf: none), the
+        # observations since its mean last moved to a new level, the centre before the current run of low steps, and
+        # that run's length.
+        self._levels: Tensor | None = None
         self._const_cache: Any = None
 
     def _ensure_state(self, num_layers: int, device: torch.device) -> None:
@@ -256,6 +280,15 @@ class ExplodingDetector:
             self._bias = torch.zeros(num_layers + 1, device=device)  # a state saved before it was kept: no lag
         elif self._bias.device != device:
             self._bias = self._bias.to(device)
+        if self._levels is None or self._levels.shape != (4, num_layers + 1):
+            # A fresh state, or one saved before levels were remembered: no drop remembered, the level not yet
+            # established.
+            mean = self._mean
+            assert mean is not None
+            zeros = torch.zeros_like(mean)
+            self._levels = torch.stack([torch.full_like(mean, -math.inf), zeros, mean, zeros])
+        elif self._levels.device != device:
+            self._levels = self._levels.to(device)
 
     def _constants(
         self, size: int, device: torch.device
@@ -321,7 +354,8 @@ class ExplodingDetector:
         self._ensure_state(layer_norm.numel(), device)
         mean, var, count, stretch, bias = self._mean, self._var, self._count, self._stretch, self._bias
         assert mean is not None and var is not None and count is not None and stretch is not None
-        assert bias is not None
+        assert bias is not None and self._levels is not None
+        prior, age, origin, run = self._levels.unbind()
         total = _as_float(total_norm)
         if total.device != device:
             total = total.to(device)
@@ -357,7 +391,14 @@ class ExplodingDetector:
         # start (judged on the spread before this step, which a first bad batch would widen).
         calm = (count >= CALM_STEPS) & (var <= _CALM_VAR)
         side = dev_c.sign() * ((warm | calm) & (dev_c.abs() > half))
-        spike = (side > 0) & warm
+        ratio = math.log(self.min_ratio)
+        # A norm back up at a level it dropped from is a return, not a spike (a task or a loss term that alternates
+        # with a quieter one): from 1 / min_ratio of that level to 4x above it, while it is remembered and lies 4x
+        # above the centre (once the mean is back up there, the band judges as before). A spike on the new level that
+        # stays well below the old one (a third of it) is still a spike.
+        back = x - prior
+        returned = (back >= -ratio) & (back <= _DROP) & (prior >= centre + _DROP)
+        spike = (side > 0) & warm & ~returned
         # The ratio test runs on the total from its second observation (a run that diverges from its first steps),
         # but on a layer only after the layer's own warm-up: a layer that starts receiving gradients late (an
         # unfrozen backbone, LoRA's A once B leaves zero) grows by orders of magnitude before it settles.
@@ -393,7 +434,6 @@ class ExplodingDetector:
         # steps counts (the rollback's "two in a row" must come at once). An absolute ceiling counts on every step.
         length, first, level_sum = stretch.unbind()
         direction = length.sign()
-        ratio = math.log(self.min_ratio)
         holds = (dev_c * direction > ratio) & ((x - first).abs() <= ratio)
         counts = ~holds
         if ceilings is not None:
@@ -402,6 +442,17 @@ class ExplodingDetector:
         first = torch.where(holds, first, x)
         level_sum = torch.where(holds, level_sum + x, x)
         events = flags & counts
+        # A drop that holds (the norm 4x below the centre, _DROP_STEPS in a row) from an established level remembers
+        # that level, the highest one while several are remembered, and the memory fades. Not the band: one that
+        # widened with earlier drops hides the next one, and narrows again before the norm returns. A level that a
+        # run of bad batches became (level_steps) is young, and one held only in the warm-up is never established.
+        low = dev_c < -_DROP
+        # Where the norms were before the run's first low step, past the mean's lag either way.
+        origin = torch.where(low & (run > 0), origin, mean + bias)
+        run = (run + 1) * low
+        # Established: held since the warm-up for _ESTABLISHED observations before the run of low steps began.
+        dropped = (run >= _DROP_STEPS) & (age - run >= _ESTABLISHED - 1)
+        prior = torch.where(dropped, torch.maximum(prior, origin), prior) - _FORGET
 
         # Warm-up uses a plain running mean (1/n), afterwards the EMA. Every observation enters winsorized, on both
         # sides: to the band after warm-up, to the ratio boundaries before it. One outlier (a spike, or a batch
@@ -424,13 +475,16 @@ class ExplodingDetector:
             moved = length.abs() >= self.level_steps
             new_mean = torch.where(moved, level_sum / self.level_steps, new_mean)
             new_bias = torch.where(moved, 0.0, new_bias)  # at its level: no lag
-            length = length * ~moved
+            stays = ~moved
+            age = age * stays
+            length = length * stays
         self._stretch = torch.where(use, torch.stack([length, first, level_sum]), stretch)
         self._mean = torch.where(use, new_mean, mean)
         self._var = torch.where(use, new_var, var)
         # Not from a first observation: its deviation is from the mean's starting 0, not a lag (a norm of 1e-4 would
         # have started the average at -9). Nor from a layer's warm-up, whose norms settle from wherever they start.
         self._bias = torch.where(use & started, new_bias, bias)
+        self._levels = torch.where(use, torch.stack([prior, (age + 1) * warm, origin, run]), self._levels)
         self._count = count + use
         return ExplodingResult(total=events[0], layers=events[1:], any=events.any(), cap=cap)
 
@@ -452,6 +506,7 @@ class ExplodingDetector:
             "count": None if self._count is None else self._count.clone(),
             "stretch": None if self._stretch is None else self._stretch.clone(),
             "bias": None if self._bias is None else self._bias.clone(),
+            "levels": None if self._levels is None else self._levels.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -461,6 +516,7 @@ class ExplodingDetector:
         # steps instead, which stretches replace): in no stretch.
         self._stretch = state.get("stretch")
         self._bias = state.get("bias")  # absent from states saved before it was kept: no lag
+        self._levels = state.get("levels")  # likewise: no drop remembered
 
     def __repr__(self) -> str:
         return (

@@ -279,7 +279,7 @@ class UpdateRatioHints:
     falls as the weights grow (about ``1 / steps`` with Adam), whatever the learning rate. A log whose learning rate
     (``lr``, when given) is below a tenth of the highest one known (seen, or the schedule's ``base_lr``) is no
     observation for the "too low" hint: a schedule's warm-up, its decay to zero and the troughs of warm restarts
-    shrink every update on purpose.
+    shrink every update on purpose, and so does an LR guard that has cut the rate below a tenth.
 
     Args:
         high: a ratio above this counts as too high (the learning rate may be too high for the layer), ``> low``.

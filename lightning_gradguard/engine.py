@@ -1318,7 +1318,7 @@ class GuardEngine:
             f"GuardEngine: the LR guard lowered the learning rate at step {step}, but it is attached to no optimizer,"
             " so every optimizer still steps at its full rate (the guard's scale and `lr_reduced` count the cut"
             " anyway). Call `engine.attach(optimizer)` once, before training.",
-            stacklevel=3,
+            stacklevel=4,  # step() or drain(), through _process_landed: the user's line
         )
 
     def drain(self) -> list[StepEvent]:

@@ -76,6 +76,26 @@ def test_1500_layers_board_writes_block_summaries_within_the_chart_budget(tmp_pa
     assert sum(tag.startswith("gradguard/layer/") for tag in scalars) == 1400
 
 
+def test_layers_that_join_a_deep_model_keep_the_written_block_charts_fed(tmp_path: Path) -> None:
+    # The layout names its blocks once; a param group added mid-run must not rename them (every block chart would stop
+    # getting data): the blocks keep their names and layers, and a layer that joined goes into its predecessor's.
+    writer = SummaryWriter(str(tmp_path))
+    board = GradGuardBoard(writer, {0: DEEP[1:]}, ["AdamW"], image_every_n_steps=None, regularizers=[])
+    board.write_layout()
+    zeros = np.zeros(1499, dtype=bool)
+    board.write_layer_norms(0, 0, np.ones(1499), zeros, zeros)
+    board.set_layers(0, DEEP)  # net.0 unfrozen: it comes first
+    board.write_layer_norms(1, 0, np.full(1500, 2.0), np.zeros(1500, bool), np.zeros(1500, bool))
+    writer.close()
+    acc = load_events(tmp_path)
+    charted = {tag for tags in _charts(acc).values() for tag in tags if "block/" in tag}
+    written = {tag for tag in acc.Tags()["scalars"] if tag.startswith("gradguard/block/")}
+    assert charted and {f"^{re.escape(tag)}$" for tag in written} == charted
+    assert all([e.step for e in acc.Scalars(tag)] == [0, 1] for tag in written)  # every block chart, before and after
+    first = min(board._blocks[0], key=lambda block: block[3].min())
+    assert first[3].min() == 0 and sorted(np.concatenate([b[3] for b in board._blocks[0]])) == list(range(1500))
+
+
 def test_two_deep_optimizers_share_the_chart_budget() -> None:
     board = GradGuardBoard(_NoWriter(), {0: DEEP, 1: [f"disc.{i}" for i in range(900)]}, ["G", "D"])
     layout = board.layout()
