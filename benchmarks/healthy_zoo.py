@@ -858,24 +858,22 @@ def _regression_job(
 
     common = f"MLP {d_in}-64-64-{d_out}, teacher-generated regression, batch {batch}, {steps} steps, Adam lr {lr:g}, "
     common += f"{n_test} held-out"
-    if kind == "alternating":
+    if kind != "nan_batch":
+        title, detail = {
+            "alternating": (
+                f"two loss levels in turn (weight 1, then {_QUIET:g}, every {period} steps)",
+                f"the loss mask is {_QUIET:g} on steps {period + 1}-{2 * period}, {3 * period + 1}-{4 * period}, ... "
+                "(the gradient norm drops 100x and comes back)",
+            ),
+            "masked": (
+                "five fully masked batches (all gradients exactly 0)",
+                f"batches {bad[0]}-{bad[-1]} (steps {bad[0] + 1}-{bad[-1] + 1}) have an all-zero loss mask",
+            ),
+        }[kind]
         return _Job(
             name=name,
-            title=f"two loss levels in turn (weight 1, then {_QUIET:g}, every {period} steps)",
-            settings=f"{common}; the loss mask is {_QUIET:g} on steps {period + 1}-{2 * period}, "
-            f"{3 * period + 1}-{4 * period}, ... (the gradient norm drops 100x and comes back)",
-            steps=steps,
-            module=lambda: RegressionModule(d_in, d_out, lr=lr),
-            data=data,
-            evaluate=evaluate,
-            metric="MSE",
-        )
-    if kind == "masked":
-        return _Job(
-            name=name,
-            title="five fully masked batches (all gradients exactly 0)",
-            settings=f"{common}; batches {bad[0]}-{bad[-1]} (steps {bad[0] + 1}-{bad[-1] + 1}) have an all-zero "
-            "loss mask",
+            title=title,
+            settings=f"{common}; {detail}",
             steps=steps,
             module=lambda: RegressionModule(d_in, d_out, lr=lr),
             data=data,
