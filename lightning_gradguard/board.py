@@ -1032,22 +1032,31 @@ class GradGuardBoard:
         return {
             "histories": {idx: history.state_dict() for idx, history in self._histories.items()},
             "ratio_histories": {idx: history.state_dict() for idx, history in self._ratio_histories.items()},
+            "layer_names": {idx: list(names) for idx, names in self.layer_names.items()},
             "events": [dict(event) for event in self._events],
             "last_image_step": self._last_image_step,
             "last_histogram_step": self._last_histogram_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; histories of optimizers whose layer count changed are dropped (the
-        flow-through-depth picture starts afresh)."""
-        for idx, history_state in state.get("histories", {}).items():
-            idx = int(idx)
-            if idx in self._histories and history_state["norms"].shape[0] == len(self.layer_names[idx]):
-                self._histories[idx].load_state_dict(history_state)
-        for idx, history_state in state.get("ratio_histories", {}).items():
-            idx = int(idx)
-            if idx in self._ratio_histories and history_state["norms"].shape[0] == len(self.layer_names[idx]):
-                self._ratio_histories[idx].load_state_dict(history_state)
+        """Restore :meth:`state_dict`. Each history follows its layers by name where the state names them (layers
+        added or dropped since, e.g. an unfreezing schedule); a state without names (an older version) restores
+        only the histories whose layer count is unchanged. The flow-through-depth picture starts afresh."""
+        saved_names = {int(idx): list(names) for idx, names in state.get("layer_names", {}).items()}
+        for key, histories in (("histories", self._histories), ("ratio_histories", self._ratio_histories)):
+            for idx, history_state in state.get(key, {}).items():
+                idx = int(idx)
+                if idx not in histories:
+                    continue
+                rows = len(history_state["norms"])
+                names = saved_names.get(idx)
+                if names is not None and len(names) == rows:
+                    saved = _LayerHistory(rows, self.history)
+                    saved.load_state_dict(history_state)
+                    where = {name: row for row, name in enumerate(names)}
+                    histories[idx] = saved.remapped([where.get(name, -1) for name in self.layer_names[idx]])
+                elif rows == len(self.layer_names[idx]):
+                    histories[idx].load_state_dict(history_state)
         self._events = [dict(event) for event in state.get("events", [])][-_MAX_EVENT_ROWS:]
         self._last_image_step = state.get("last_image_step")
         self._last_histogram_step = state.get("last_histogram_step")

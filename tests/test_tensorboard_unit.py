@@ -241,6 +241,13 @@ def test_present_mask_skips_absent_layers(tmp_path):
     assert hist_norms[1, 0] < 0  # drawn as "no gradient"
 
 
+def _round_trip(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
 def test_set_layers_keeps_each_layers_history_by_name_and_shows_a_joined_one_without_gradient(tmp_path):
     writer = SummaryWriter(str(tmp_path))
     board = GradGuardBoard(writer, {0: ["b", "c"]}, ["SGD"], diagnostics=["update_ratio"])
@@ -261,6 +268,25 @@ def test_set_layers_keeps_each_layers_history_by_name_and_shows_a_joined_one_wit
         board.set_layers(0, ["a", "a"])
     with pytest.raises(ValueError, match="opt_idx"):
         board.set_layers(3, ["a"])
+
+
+def test_a_saved_board_restores_each_layers_history_by_name_into_other_layers():
+    # A checkpoint written after layers joined (set_layers), resumed where the model starts with its first layers
+    # again (or the other way round): each layer's history follows it by name. Before, the histories were dropped
+    # whenever the layer count differed.
+    flags = np.zeros(3, bool)
+    board = GradGuardBoard(_FakeWriter(), {0: ["b", "c"]}, ["SGD"], diagnostics=["update_ratio"])
+    board.set_layers(0, ["a", "b", "c"])
+    board.write_layer_norms(0, 0, np.array([1.0, 2.0, 3.0]), flags, flags)
+    state = torch.load(_round_trip(board.state_dict()), weights_only=True)
+    resumed = GradGuardBoard(_FakeWriter(), {0: ["b", "c"]}, ["SGD"], diagnostics=["update_ratio"])
+    resumed.load_state_dict(state)
+    steps, norms, _, _ = resumed._histories[0].columns()
+    assert steps.tolist() == [0] and norms[:, 0].tolist() == [2.0, 3.0]
+    older = {k: v for k, v in state.items() if k != "layer_names"}  # no names: the count decides, as before
+    again = GradGuardBoard(_FakeWriter(), {0: ["b", "c"]}, ["SGD"])
+    again.load_state_dict(older)
+    assert again._histories[0].columns()[0].size == 0
 
 
 def test_events_table_keeps_last_rows_and_multi_optimizer_column():
