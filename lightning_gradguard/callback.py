@@ -137,7 +137,7 @@ class GradGuard(CallbackBase):
             list of names (YAML: ``diagnostics: [update_ratio, noise_scale]``). None runs anything on steps that do
             not log. ``"update_ratio"``: ``gradguard/update_ratio/<layer>``, ``‖Δθ‖/‖θ‖`` of the update the optimizer
             step applied (costs one copy of the updated parameters on a logging step), with a warning for a layer
-            whose ratio stays above ``1e-2`` or below ``1e-5`` for 3 logs; ``"zero_fraction"``:
+            whose ratio stays above ``1e-1`` or below ``1e-5`` for 3 logs; ``"zero_fraction"``:
             ``gradguard/zero_fraction/<layer>``, the fraction of exactly-zero gradient entries; ``"act_grad"``:
             ``gradguard/act_grad/<layer>``, ``‖∂L/∂y‖`` of each layer module's output (hooks on the logging step's
             forward/backward passes only; unscaled under AMP; model-wide, without an optimizer prefix);

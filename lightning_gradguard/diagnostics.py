@@ -839,6 +839,10 @@ class LocalGradNorm:
 def noise_scale_source(accumulate_grad_batches: int, world_size: int) -> str | None:
     """Which pair of batch sizes the noise scale can compare without an extra backward pass.
 
+    Args:
+        accumulate_grad_batches: micro-batches per optimizer step, ``>= 1``.
+        world_size: processes that average their gradients (DDP), ``>= 1``.
+
     Returns:
         ``"accumulation"``: the first micro-batch of a step against the whole (accumulated, and under DDP averaged)
         step, read with :func:`squared_grad_norm` after the first backward; ``"distributed"``: this process's

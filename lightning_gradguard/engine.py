@@ -83,19 +83,52 @@ _MAX_EVENTS = 1000  # undrained events kept (a plain loop that never calls drain
 
 
 class GradientExplosionError(RuntimeError):
-    """Raised by ``GradGuard(on_exploding="raise")``."""
+    """Raised by ``GradGuard(on_exploding="raise")`` at the step whose gradients exploded, naming the layers.
+
+    Example:
+        >>> from lightning_gradguard import GradGuard
+        >>> guard = GradGuard(on_exploding="raise")  # a fit then stops with GradientExplosionError at an explosion
+        >>> issubclass(GradientExplosionError, RuntimeError)
+        True
+    """
 
 
 class LossDivergenceError(RuntimeError):
-    """Raised by ``GradGuard(on_diverging="raise")``."""
+    """Raised by ``GradGuard(on_diverging="raise")`` when the training loss has diverged.
+
+    Example:
+        >>> from lightning_gradguard import GradGuard
+        >>> guard = GradGuard(on_diverging="raise")  # a fit then stops with LossDivergenceError
+        >>> issubclass(LossDivergenceError, RuntimeError)
+        True
+    """
 
 
 class VanishingGradientError(RuntimeError):
-    """Raised by ``GradGuard(on_vanishing="raise")``."""
+    """Raised by ``GradGuard(on_vanishing="raise")`` when layers' gradients have vanished, naming them.
+
+    Example:
+        >>> from lightning_gradguard import GradGuard
+        >>> guard = GradGuard(on_vanishing="raise")  # a fit then stops with VanishingGradientError
+        >>> issubclass(VanishingGradientError, RuntimeError)
+        True
+    """
 
 
 class NonFiniteGradientError(FloatingPointError):
-    """Raised by ``on_nonfinite="raise"`` (:class:`GuardEngine`, ``GradGuard``)."""
+    """Raised by ``on_nonfinite="raise"`` (:class:`GuardEngine`, ``GradGuard``), naming the layers with inf/NaN.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(2, 1)
+        >>> engine = GuardEngine(model, on_nonfinite="raise")
+        >>> (model(torch.ones(1, 2)) * float("nan")).sum().backward()
+        >>> try:
+        ...     engine.step()
+        ... except NonFiniteGradientError as err:
+        ...     print(type(err).__name__)
+        NonFiniteGradientError
+    """
 
 
 class SparseGradientError(ValueError):

@@ -407,6 +407,11 @@ class L1(Regularizer):
     sum of the norms of ``W``'s output units (a group lasso: it pushes whole units to zero, not single entries);
     the direction ``v`` is left alone.
 
+    Args:
+        weight: penalty coefficient, ``>= 0``.
+        modules, module_types, include_bias, adaptive, adaptive_factor, max_strength, decay, name: the parameter
+            selection, the adaptive strength and the name in logs, as in :class:`Regularizer`.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Linear(2, 1, bias=False)
@@ -438,6 +443,11 @@ class L2(Regularizer):
     A ``weight_norm`` weight ``W = g * v / ||v||`` gets exactly the L2 penalty of ``W``: each output unit of ``W``
     has norm ``|g|``, so ``||W||^2 = ||g||^2``, whose gradient is ``g`` on the magnitude and zero on the direction
     ``v`` (decaying ``v`` would not shrink ``W``, only speed up its direction's updates). Only ``g`` is selected.
+
+    Args:
+        weight: penalty coefficient, ``>= 0``.
+        modules, module_types, include_bias, adaptive, adaptive_factor, max_strength, decay, name: the parameter
+            selection, the adaptive strength and the name in logs, as in :class:`Regularizer`.
 
     Example:
         >>> import torch
@@ -482,6 +492,12 @@ class Orthogonal(Regularizer):
     A ``weight_norm`` weight ``W = g * v / ||v||`` is penalized through its direction: the matrix ``v`` (its
     magnitude ``g`` is a vector and is left alone). A ``spectral_norm`` weight through its raw weight ``original``,
     and an ``orthogonal`` one not at all (it is orthogonal already).
+
+    Args:
+        weight: penalty coefficient, ``>= 0``.
+        include_bias: must be ``False`` (vectors have no orthogonality).
+        modules, module_types, adaptive, adaptive_factor, max_strength, decay, name: the parameter selection, the
+            adaptive strength and the name in logs, as in :class:`Regularizer`.
 
     Example:
         >>> import torch

@@ -190,6 +190,15 @@ class StepStats:
         params: their parameters.
         param_indices: their positions in the engine's parameter list.
         layer_param_norm: ``[L]`` fp32 L2 norm of each layer's parameters, when asked for.
+
+    Example:
+        >>> import torch
+        >>> from lightning_gradguard import GuardEngine
+        >>> model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+        >>> model(torch.ones(4, 2)).sum().backward()
+        >>> stats = GuardEngine(model).step()  # what a step measured, before the optimizer steps
+        >>> stats.layer_norm.shape, bool(stats.nonfinite)
+        (torch.Size([2]), False)
     """
 
     layer_norm: Tensor
