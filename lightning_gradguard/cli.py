@@ -664,7 +664,13 @@ def format_diagnostics(summary: dict[str, Any]) -> list[str]:
     noise = summary.get("noise_scale")
     if noise is not None:
         line = f"  gradient noise scale: critical batch size about {_fmt(_round2(noise['critical_batch_size']))}"
-        if noise["batch_size"] is not None:
+        if noise["critical_batch_size"] < 1:
+            # An estimate from two noisy squared norms: below one example it says nothing about the batch size.
+            line += (
+                " (below one example: the estimate is too noisy to read here; it compares few micro-batches per"
+                " step, so read it over a longer run or more accumulation)"
+            )
+        elif noise["batch_size"] is not None:
             line += f"; you train at {noise['batch_size']}"
             if noise["ratio"] < 0.5:
                 line += " (well below: a larger batch would likely cut the steps needed about in proportion)"

@@ -217,6 +217,23 @@ def test_the_largest_norm_of_a_layer_includes_a_spike_between_two_logs(tmp_path,
     assert top == [{"layer": "b", "max_norm": 500.0, "step": 37}, {"layer": "a", "max_norm": 3.0, "step": 60}]
 
 
+@pytest.mark.parametrize(("last", "says"), [(0.068, "below one example"), (100.0, "you train at 32 (well below")])
+def test_a_noise_scale_below_one_example_is_called_too_noisy_not_advice(tmp_path, capsys, last, says):
+    # A noisy estimate (few micro-batches per step) can fall below 1; before, the report set it against the batch
+    # size: "critical batch size about 0.068; you train at 32 (well above: extra examples per step likely bring
+    # little)".
+    writer = SummaryWriter(str(tmp_path / "run"))
+    for step, value in ((10, 6.1), (20, 0.5), (30, last)):
+        writer.add_scalar("gradguard/total_norm", 1.0, step)
+        writer.add_scalar("gradguard/noise_scale", value, step)
+    writer.add_text("gradguard/config", "| setting | value |\n|---|---|\n| batch_size | 32 |", 0)
+    writer.close()
+    assert main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert says in text
+    assert ("you train at" in text) == (last >= 1)
+
+
 def test_runs_without_trouble_tags_fall_back_to_the_counts(tmp_path, capsys):
     writer = SummaryWriter(str(tmp_path / "old"))
     for step, count in ((10, 0.0), (20, 0.0), (30, 2.0)):
