@@ -718,6 +718,10 @@ class GuardEngine:
         # (see `_judged`); host ints, from `step(samples=...)`.
         self._batch_size = 0
         self._short_run = 0
+        # The last full step's size, and how many full steps in a row came on another size than the one before; from
+        # 2 on, the batch size varies by design and the rule is off (`_judged`).
+        self._last_size = 0
+        self._size_changes = 0
         self._warned_no_gradient = False
         self._warned_unattached = False
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
@@ -864,6 +868,8 @@ class GuardEngine:
                 batch (the short last batch of an epoch) is noisier by design, so the exploding and divergence
                 detectors neither judge it nor learn from it (non-finite gradients are still handled, the clipper
                 still clips); two such steps in a row are a new batch size, and start a :meth:`new_phase` on it.
+                Sizes that change from step to step (two full steps in a row on another size than the step before:
+                lengths read along a time-major layout, dynamic batches) turn this rule off for the run.
                 Under several processes pass the same number on every process (the global batch, or the per-process
                 one where they are equal): the processes' detectors must agree.
 
@@ -1007,9 +1013,14 @@ class GuardEngine:
         """Whether the detectors judge a step on ``samples`` examples: not a step on less than half the usual batch.
         The noise in a mean gradient grows as the batch shrinks (a last batch of 1 after batches of 64: about 8x),
         so the short last batch of every epoch looked like an explosion against the full batches' history."""
-        if samples is None:
+        if samples is None or self._size_changes >= 2:
+            # Sizes that change from step to step (batches bucketed by length, read along a time-major layout; dynamic
+            # batching) have no usual batch to fall short of: every step is judged, and no size is a new phase.
             return True
         if 2 * samples >= self._batch_size:
+            changed = self._last_size > 0 and samples != self._last_size
+            self._size_changes = self._size_changes + 1 if changed else 0
+            self._last_size = samples
             self._batch_size = max(self._batch_size, samples)
             self._short_run = 0
             return True
@@ -1471,6 +1482,8 @@ class GuardEngine:
             layers=list(self.index.names),
             batch_size=self._batch_size,
             short_run=self._short_run,
+            last_size=self._last_size,
+            size_changes=self._size_changes,
         )
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
@@ -1515,6 +1528,8 @@ class GuardEngine:
         self.steps = int(state.get("steps", 0))
         self._batch_size = int(state.get("batch_size", 0))  # an older state has none: the next batch sets it
         self._short_run = int(state.get("short_run", 0))
+        self._last_size = int(state.get("last_size", 0))
+        self._size_changes = int(state.get("size_changes", 0))
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])
         return problems

@@ -86,6 +86,30 @@ def test_a_batch_size_that_lasts_is_the_new_normal() -> None:
     assert engine.state_dict()["batch_size"] == 64
 
 
+def test_sizes_that_change_from_step_to_step_turn_the_rule_off() -> None:
+    # Batches bucketed by length and read along a time-major layout (or dynamic batches) have no usual size: two full
+    # steps in a row on another size than the step before turn the rule off, so a small one is judged and starts
+    # no new phase. Before, every bucket of short sequences after long ones restarted the statistics.
+    model, engine = _engine()
+    for samples in (40, 55, 50):
+        _step(engine, model, 1.0, samples=samples)
+    assert engine.state_dict()["size_changes"] == 2
+    for _ in range(2):
+        _step(engine, model, 1.0, samples=10)  # two "short" steps in a row: judged, no new phase
+    assert float(engine.state_dict()["exploding"]["count"][0]) == 5
+    _, restored = _engine()
+    restored.load_state_dict(engine.state_dict())
+    assert restored.state_dict()["size_changes"] == 2
+    # One change of a fixed size (a GradientAccumulationScheduler, a new data set) keeps the rule: the short last
+    # batch after it is still left unjudged.
+    for sizes in ((64, 64, 256, 256, 256, 8), (64, 64, 40, 40, 40, 8)):  # larger for good, or smaller within half
+        model, engine = _engine()
+        for samples in sizes:
+            _step(engine, model, 1.0, samples=samples)
+        state = engine.state_dict()
+        assert state["size_changes"] == 0 and state["short_run"] == 1 and float(state["exploding"]["count"][0]) == 5
+
+
 def test_the_usual_batch_size_is_saved_and_restored() -> None:
     model, engine = _engine()
     for _ in range(3):
@@ -341,3 +365,52 @@ def test_time_major_sequences_bucketed_by_length_keep_their_statistics() -> None
     state = guard._states[0].state_dict()
     assert int(state["clip"]["count"]) == 40  # every step observed, none judged short
     assert state["batch_size"] == 0 and state["short_run"] == 0  # no batch size read from these batches
+
+
+class _TimeMajorTargets(_TimeMajor):
+    """The same LSTM with time-major targets too, ``(T, B)``: every tensor of a batch shares ``T`` first."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(self.head(out).squeeze(-1), y)
+
+
+def test_fully_time_major_batches_bucketed_by_length_restart_at_most_once() -> None:
+    # Every tensor time-major: the length is read as the batch size, and it changes from bucket to bucket. Before,
+    # each bucket of short sequences after long ones was "a smaller batch size" and restarted the statistics (3 times
+    # in these 40 steps); the sizes changing from step to step now turn the rule off after the first few steps.
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 61, (320,), generator=g).sort().values.tolist()
+    sequences = [torch.randn(n, 4, generator=g) for n in lengths]
+    buckets = [list(range(i, i + 8)) for i in range(0, 320, 8)]
+    order = torch.randperm(len(buckets), generator=g).tolist()
+
+    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*items)
+        return nn.utils.rnn.pad_sequence(list(xs)), nn.utils.rnn.pad_sequence(list(ys))
+
+    data = [(x, x.cumsum(0)[:, 0]) for x in sequences]
+    loader = DataLoader(data, batch_sampler=[buckets[i] for i in order], collate_fn=collate)  # type: ignore[arg-type]
+    phases: list[GuardEngine] = []
+    original = GuardEngine.new_phase
+
+    def counted(engine: GuardEngine) -> None:
+        phases.append(engine)
+        original(engine)
+
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard()
+    trainer = L.Trainer(
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[guard],
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GuardEngine, "new_phase", counted)
+        trainer.fit(_TimeMajorTargets(), loader)
+    assert len(phases) <= 1, len(phases)
+    assert guard._states[0].state_dict()["size_changes"] >= 2
