@@ -324,11 +324,10 @@ class _TimeMajor(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def test_time_major_sequences_bucketed_by_length_keep_their_statistics() -> None:
-    # Batches of 8 sequences each, bucketed by length (5 to 60 steps), padded time-major as `pad_sequence` does. Read
-    # as a batch size, the length made every bucket of short sequences after long ones look like a smaller batch
-    # size: the statistics started again every few steps, and the clipper and the detectors were in their warm-up
-    # most of the run.
+def _bucketed_fit(module: _TimeMajor, time_major_targets: bool) -> tuple[list[GuardEngine], GradGuard]:
+    """40 steps on batches of 8 sequences each, bucketed by length (5 to 60 steps) and padded time-major as
+    `pad_sequence` does (the targets too, with ``time_major_targets``); returns the engines that started a new phase
+    (one entry per restart) and the guard."""
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 61, (320,), generator=g).sort().values.tolist()
     sequences = [torch.randn(n, 4, generator=g) for n in lengths]
@@ -337,60 +336,10 @@ def test_time_major_sequences_bucketed_by_length_keep_their_statistics() -> None
 
     def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = zip(*items)
-        return nn.utils.rnn.pad_sequence(list(xs)), torch.stack(ys)
+        targets = nn.utils.rnn.pad_sequence(list(ys)) if time_major_targets else torch.stack(ys)
+        return nn.utils.rnn.pad_sequence(list(xs)), targets
 
-    data = [(x, x.sum()) for x in sequences]
-    loader = DataLoader(data, batch_sampler=[buckets[i] for i in order], collate_fn=collate)  # type: ignore[arg-type]
-    phases = []
-    guard = GradGuard()
-    original = GuardEngine.new_phase
-
-    def counted(engine: GuardEngine) -> None:
-        phases.append(engine)
-        original(engine)
-
-    L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(
-        max_steps=40,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[guard],
-    )
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(GuardEngine, "new_phase", counted)
-        trainer.fit(_TimeMajor(), loader)
-    assert phases == []
-    state = guard._states[0].state_dict()
-    assert int(state["clip"]["count"]) == 40  # every step observed, none judged short
-    assert state["batch_size"] == 0 and state["short_run"] == 0  # no batch size read from these batches
-
-
-class _TimeMajorTargets(_TimeMajor):
-    """The same LSTM with time-major targets too, ``(T, B)``: every tensor of a batch shares ``T`` first."""
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        out, _ = self.rnn(x)
-        return nn.functional.mse_loss(self.head(out).squeeze(-1), y)
-
-
-def test_fully_time_major_batches_bucketed_by_length_restart_at_most_once() -> None:
-    # Every tensor time-major: the length is read as the batch size, and it changes from bucket to bucket. Before,
-    # each bucket of short sequences after long ones was "a smaller batch size" and restarted the statistics (3 times
-    # in these 40 steps); the sizes changing from step to step now turn the rule off after the first few steps.
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(5, 61, (320,), generator=g).sort().values.tolist()
-    sequences = [torch.randn(n, 4, generator=g) for n in lengths]
-    buckets = [list(range(i, i + 8)) for i in range(0, 320, 8)]
-    order = torch.randperm(len(buckets), generator=g).tolist()
-
-    def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*items)
-        return nn.utils.rnn.pad_sequence(list(xs)), nn.utils.rnn.pad_sequence(list(ys))
-
-    data = [(x, x.cumsum(0)[:, 0]) for x in sequences]
+    data = [(x, x.cumsum(0)[:, 0] if time_major_targets else x.sum()) for x in sequences]
     loader = DataLoader(data, batch_sampler=[buckets[i] for i in order], collate_fn=collate)  # type: ignore[arg-type]
     phases: list[GuardEngine] = []
     original = GuardEngine.new_phase
@@ -411,6 +360,34 @@ def test_fully_time_major_batches_bucketed_by_length_restart_at_most_once() -> N
     )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(GuardEngine, "new_phase", counted)
-        trainer.fit(_TimeMajorTargets(), loader)
+        trainer.fit(module, loader)
+    return phases, guard
+
+
+def test_time_major_sequences_bucketed_by_length_keep_their_statistics() -> None:
+    # Read as a batch size, the length made every bucket of short sequences after long ones look like a smaller batch
+    # size: the statistics started again every few steps, and the clipper and the detectors were in their warm-up
+    # most of the run. With targets (B,) the tensors disagree on their first dimension: no batch size at all.
+    phases, guard = _bucketed_fit(_TimeMajor(), time_major_targets=False)
+    assert phases == []
+    state = guard._states[0].state_dict()
+    assert int(state["clip"]["count"]) == 40  # every step observed, none judged short
+    assert state["batch_size"] == 0 and state["short_run"] == 0  # no batch size read from these batches
+
+
+class _TimeMajorTargets(_TimeMajor):
+    """The same LSTM with time-major targets too, ``(T, B)``: every tensor of a batch shares ``T`` first."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(self.head(out).squeeze(-1), y)
+
+
+def test_fully_time_major_batches_bucketed_by_length_restart_at_most_once() -> None:
+    # Every tensor time-major: the length is read as the batch size, and it changes from bucket to bucket. Before,
+    # each bucket of short sequences after long ones was "a smaller batch size" and restarted the statistics (3 times
+    # in these 40 steps); the sizes changing from step to step now turn the rule off after the first few steps.
+    phases, guard = _bucketed_fit(_TimeMajorTargets(), time_major_targets=True)
     assert len(phases) <= 1, len(phases)
     assert guard._states[0].state_dict()["size_changes"] >= 2
