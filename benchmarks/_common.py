@@ -52,13 +52,14 @@ CLIPPER_GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
 }
 
 
-def add_clippers_argument(parser: Any) -> None:
-    """The ``--clippers`` flag of the benchmarks that can also train with each of :data:`CLIPPER_GUARDS`."""
+def add_clippers_argument(parser: Any, guards: dict[str, tuple[str, Callable[[], GradGuard]]] = CLIPPER_GUARDS) -> None:
+    """The ``--clippers`` flag of the benchmarks that can also train with each of ``guards`` (by default
+    :data:`CLIPPER_GUARDS`)."""
     parser.add_argument(
         "--clippers",
         action="store_true",
         help="also train each config with each other clipper in place of ZClip: "
-        + ", ".join(label for label, _ in CLIPPER_GUARDS.values()),
+        + ", ".join(label for label, _ in guards.values()),
     )
 
 

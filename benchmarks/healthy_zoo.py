@@ -70,6 +70,19 @@ The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iteratio
 * ``alternating``: the ``masked`` config's regression whose loss weight alternates between 1 and 0.01 every 50
   steps (two tasks trained in turn, a loss term switched off and on): the gradient norm drops 100x and comes back
   five times. 300 steps.
+* ``diffusion``: a DDPM-style denoiser on a ring of 8 Gaussians: an MLP predicts the noise from the noised point and
+  a sinusoidal embedding of its timestep (1000 timesteps, linear noise schedule, drawn uniformly per example); the
+  output layer starts at exactly zero (as diffusion codebases often initialise it), so every other layer's gradient
+  is exactly zero at the first step, and each batch mixes timesteps whose losses differ by orders of magnitude. Adam
+  1e-3, batch 32; held-out: the denoising MSE of new (point, timestep, noise) triples. 400 steps.
+* ``reinforce``: REINFORCE on a contextual bandit (8 contexts, 4 arms; a softmax policy starting uniform), each arm
+  paying 20 with probability 0.02-0.12, else nothing; no baseline, Adam 1e-2, batch 32. Most batches carry small
+  gradients, and the rare jackpot of an arm the policy seldom picks a large one: that gradient is the learning
+  signal, which clipping takes away. Held-out: the exact regret (the best arm's expected reward minus the policy's).
+  400 steps.
+* ``catapult``: an MLP regression without normalisation on plain SGD (no momentum) at rate 0.8, past the edge of
+  stability: the training loss first rises to 1.5-2.3x its start, then falls (the catapult of Lewkowycz et al.,
+  2020), and the run converges (at 1.0 it barely learns). 400 steps.
 * ``last_batch``: an MLP regression with label noise (std 0.3), Adam 1e-3, batches of 64 over 64 x 20 + 1 examples
   (``drop_last=False``, the default): every epoch ends on a batch of one example, whose gradient carries about 8x
   the noise of the others. 25 epochs, 525 steps.
@@ -79,9 +92,10 @@ config with smaller data (the event positions above move inside those steps): it
 verdicts mean nothing. ``--steps N`` trains every selected config for N steps (events at or before the default
 positions, scaled down for a shorter run). On the CPU a rerun reproduces the table (wall times aside).
 
-``--clippers`` trains every config four more times, with ``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``,
-``GradGuard(clip=AdaGC())`` and ``GradGuard(clip=NormClip(max_norm=1.0))`` (every other default kept), and reports one
-PASS count per clipper under the same bar; the zoo's verdicts stay the default guard's.
+``--clippers`` trains every config five more times, with ``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``,
+``GradGuard(clip=AdaGC())``, ``GradGuard(clip=NormClip(max_norm=1.0))`` and ``GradGuard(clip=None)`` (no clipper;
+every other default kept), and reports one PASS count per clipper under the same bar; the zoo's verdicts stay the
+default guard's.
 
 Run from the repository root::
 
@@ -129,9 +143,11 @@ from lightning_gradguard import GradGuard
 
 __all__ = [
     "CONFIGS",
+    "BanditPolicyModule",
     "CheckpointedModule",
     "ContrastiveModule",
     "DeepResidualModule",
+    "DenoiserModule",
     "GANModule",
     "LoRAModule",
     "MLPClassifierModule",
@@ -148,6 +164,14 @@ __all__ = [
 Size = Literal["quick", "default"]
 #: Largest relative difference (%) of the held-out metric between the guarded and the unguarded run for a PASS.
 TOLERANCE_PCT = 2.0
+#: The runs ``--clippers`` adds: each other clipper, and no clipper at all (detection, skipping and the LR guard
+#: only), the setting for gradients whose rare spikes are the signal (``reinforce``).
+ZOO_CLIPPERS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
+    **CLIPPER_GUARDS,
+    "clip_none": ("GradGuard(clip=None)", lambda: GradGuard(clip=None)),
+}
+#: The ``catapult`` config's SGD rate (see its entry in the module docstring).
+CATAPULT_LR = 0.8
 #: The guard under test, as written in user code.
 GUARD_LABEL = "GradGuard()"
 
@@ -206,7 +230,8 @@ def _classification(n: int, in_features: int, classes: int, seed: int, g: torch.
 
 # ------------------------------------------------------------------------------------------------------- models
 class RegressionModule(L.LightningModule):
-    """An MLP regressor on batches ``(x, y, mask)``; the loss is the masked MSE ``mean(mask * (f(x) - y) ** 2)``.
+    """An MLP regressor on batches ``(x, y, mask)``; the loss is the masked MSE ``mean(mask * (f(x) - y) ** 2)``
+    (Adam, or plain SGD with ``optimizer="sgd"``).
 
     A batch whose mask is all zero contributes a loss of exactly 0 and gradients of exactly 0 (``masked``); a NaN in
     ``x`` makes the loss and every gradient NaN (``nan_batch``).
@@ -217,10 +242,18 @@ class RegressionModule(L.LightningModule):
         torch.Size([3, 2])
     """
 
-    def __init__(self, in_features: int = 32, out_features: int = 4, hidden: int = 64, lr: float = 1e-3) -> None:
+    def __init__(
+        self,
+        in_features: int = 32,
+        out_features: int = 4,
+        hidden: int = 64,
+        lr: float = 1e-3,
+        optimizer: Literal["adam", "sgd"] = "adam",
+    ) -> None:
         super().__init__()
         self.net = _mlp([in_features, hidden, hidden, out_features])
         self.lr = lr
+        self.optimizer = optimizer
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -230,6 +263,8 @@ class RegressionModule(L.LightningModule):
         return (mask * (self(x) - y) ** 2).mean()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "sgd":  # plain SGD, no momentum: the step is the rate times the gradient
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
@@ -731,6 +766,98 @@ class ContrastiveModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.1)
 
 
+class DenoiserModule(L.LightningModule):
+    """A DDPM-style denoiser on 2-D points: an MLP predicts the noise ``eps`` of ``x_t = sqrt(abar_t) * x_0 +
+    sqrt(1 - abar_t) * eps`` from ``x_t`` and a sinusoidal embedding of the timestep ``t`` (Adam, MSE on ``eps``).
+
+    Its output layer starts at exactly zero, as diffusion codebases often initialise it, so every other layer's
+    gradient is exactly zero at the first step; each batch mixes timesteps drawn uniformly from ``timesteps``, whose
+    losses differ by orders of magnitude (almost clean points at small ``t``, almost pure noise at large ``t``).
+
+    Example:
+        >>> m = DenoiserModule(timesteps=10)
+        >>> float(m(torch.zeros(3, 2), torch.tensor([0, 4, 9])).abs().sum())  # the zero output layer
+        0.0
+    """
+
+    def __init__(self, timesteps: int = 1000, hidden: int = 128, embedding: int = 16, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(2 + embedding, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2)
+        )
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        # The DDPM paper's linear schedule of the noise variances, 1e-4 to 0.02.
+        self.register_buffer("abar", torch.cumprod(1 - torch.linspace(1e-4, 0.02, timesteps), dim=0))
+        self.embedding = embedding
+        self.lr = lr
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        half = self.embedding // 2
+        angles = t.float()[:, None] * torch.exp(-math.log(1000.0) * torch.arange(half, device=t.device) / half)
+        return self.net(torch.cat([x_t, angles.sin(), angles.cos()], dim=1))
+
+    def loss(self, x_0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """The denoising loss: MSE between ``eps`` and its prediction from the noised ``x_0`` at timesteps ``t``."""
+        abar = self.abar[t][:, None]
+        return F.mse_loss(self(abar.sqrt() * x_0 + (1 - abar).sqrt() * eps, t), eps)
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.loss(*batch)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class BanditPolicyModule(L.LightningModule):
+    """REINFORCE on a contextual bandit: a softmax policy over the arms of each one-hot context, trained on
+    ``-reward * log pi(action | context)`` with no baseline (Adam).
+
+    Arm ``a`` of context ``c`` pays ``jackpot`` with probability ``payout[c, a]``, else nothing. Most batches carry
+    small gradients; the rare jackpot of an arm the policy seldom picks carries a large one, and that gradient is the
+    signal the policy learns from. Batches are ``(context, u_action, u_reward)``: the action is drawn from the policy
+    by inverting its CDF at ``u_action``, the reward paid when ``u_reward < payout``, so a batch is the same in every
+    run that has the same policy.
+
+    Example:
+        >>> m = BanditPolicyModule(torch.tensor([[0.1, 0.2], [0.3, 0.05]]))
+        >>> round(float(m.regret()), 3)  # the uniform start: best arms pay 20 * (0.2 + 0.3) / 2, it gets 20 * 0.1625
+        1.75
+    """
+
+    def __init__(self, payout: Tensor, jackpot: float = 20.0, hidden: int = 32, lr: float = 1e-2) -> None:
+        super().__init__()
+        contexts, arms = payout.shape
+        self.net = nn.Sequential(nn.Linear(contexts, hidden), nn.Tanh(), nn.Linear(hidden, arms))
+        with torch.no_grad():  # a uniform policy at the start: every arm is tried
+            self.net[-1].weight.zero_()
+            self.net[-1].bias.zero_()
+        self.register_buffer("payout", payout.clone())
+        self.jackpot = jackpot
+        self.lr = lr
+
+    def forward(self, context: Tensor) -> Tensor:
+        return self.net(F.one_hot(context, self.payout.shape[0]).to(self.payout.dtype))
+
+    def regret(self) -> Tensor:
+        """The mean over contexts of the best arm's expected reward minus the policy's (exact; 0 is optimal)."""
+        contexts = torch.arange(self.payout.shape[0], device=self.payout.device)
+        expected = self.jackpot * self.payout
+        return (expected.max(dim=1).values - (self(contexts).softmax(dim=-1) * expected).sum(dim=1)).mean()
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        context, u_action, u_reward = batch
+        log_probs = F.log_softmax(self(context), dim=-1)
+        with torch.no_grad():
+            cdf = log_probs.exp().cumsum(dim=-1)
+            action = (u_action[:, None] > cdf).sum(dim=-1).clamp(max=self.payout.shape[1] - 1)
+            reward = self.jackpot * (u_reward < self.payout[context, action]).to(log_probs.dtype)
+        return -(reward * log_probs.gather(1, action[:, None]).squeeze(1)).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
 # ------------------------------------------------------------------------------------------------------- configs
 @dataclass
 class _Job:
@@ -1160,6 +1287,92 @@ def _job_contrastive(size: Size, seed: int, steps: int | None) -> _Job:
     )
 
 
+def _job_diffusion(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (8 if size == "quick" else 400)
+    batch, n_test, timesteps, lr = 32, 4000, 1000, 1e-3
+
+    def draw(n: int, salt: int) -> tuple[Tensor, Tensor, Tensor]:
+        g = _gen(seed, salt)
+        return _ring(n, g), torch.randint(0, timesteps, (n,), generator=g), torch.randn(n, 2, generator=g)
+
+    def data(variant: str) -> DataLoader:
+        return _loader(*draw(steps * batch, 61), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        return float(module.loss(*draw(n_test, 62)))  # type: ignore[operator]
+
+    return _Job(
+        name="diffusion",
+        title="DDPM denoiser with a zero-initialised output layer",
+        settings=f"eps-prediction MLP (2 + 16-dim timestep embedding)-128-128-2, SiLU, output layer zero-initialised, "
+        f"{timesteps} timesteps (linear betas 1e-4 to 0.02), uniform timesteps, ring of 8 Gaussians, batch {batch}, "
+        f"{steps} steps, Adam lr {lr:g}, held-out: denoising MSE on {n_test} new (point, timestep, noise) triples",
+        steps=steps,
+        module=lambda: DenoiserModule(timesteps, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+    )
+
+
+def _job_reinforce(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (8 if size == "quick" else 400)
+    contexts, arms, batch, lr = 8, 4, 32, 1e-2
+    payout = 0.02 + 0.1 * torch.rand(contexts, arms, generator=_gen(seed, 63))
+
+    def data(variant: str) -> DataLoader:
+        g = _gen(seed, 64)
+        n = steps * batch
+        return _loader(
+            torch.randint(0, contexts, (n,), generator=g),
+            torch.rand(n, generator=g),
+            torch.rand(n, generator=g),
+            batch=batch,
+        )
+
+    def evaluate(module: L.LightningModule) -> float:
+        return float(module.regret())  # type: ignore[operator]
+
+    return _Job(
+        name="reinforce",
+        title="REINFORCE on a bandit with rare jackpots (no baseline)",
+        settings=f"softmax policy, one-hot context ({contexts})-32-{arms}, tanh, uniform start; each arm pays 20 with "
+        f"probability 0.02-0.12, else 0; loss -reward * log pi, no baseline, batch {batch}, {steps} steps, Adam lr "
+        f"{lr:g}; held-out: the exact regret (best arm's expected reward minus the policy's, mean over contexts)",
+        steps=steps,
+        module=lambda: BanditPolicyModule(payout, lr=lr),
+        data=data,
+        evaluate=evaluate,
+        metric="regret",
+    )
+
+
+def _job_catapult(size: Size, seed: int, steps: int | None) -> _Job:
+    steps = steps or (10 if size == "quick" else 400)
+    batch, n_test, d_in, d_out, lr = 64, 2000, 32, 4, CATAPULT_LR
+    teacher = _Teacher(d_in, d_out, seed)
+
+    def data(variant: str) -> DataLoader:
+        x, y = _regression(steps * batch, d_in, teacher, _gen(seed, 65))
+        return _loader(x, y, torch.ones(len(x), 1), batch=batch)
+
+    def evaluate(module: L.LightningModule) -> float:
+        x, y = _regression(n_test, d_in, teacher, _gen(seed, 66))
+        return float(F.mse_loss(module(x), y))
+
+    return _Job(
+        name="catapult",
+        title="plain SGD at a rate past the edge of stability (a catapult)",
+        settings=f"MLP {d_in}-64-64-{d_out}, no normalisation, teacher regression, batch {batch}, {steps} steps, plain "
+        f"SGD (no momentum) lr {lr:g}: the training loss first rises above its start, then falls; {n_test} held-out",
+        steps=steps,
+        module=lambda: RegressionModule(d_in, d_out, lr=lr, optimizer="sgd"),
+        data=data,
+        evaluate=evaluate,
+        metric="MSE",
+    )
+
+
 CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
     "lora": _job_lora,
     "masked": lambda size, seed, steps: _regression_job("masked", size, seed, steps, "masked"),
@@ -1176,6 +1389,9 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
     "contrastive": _job_contrastive,
     "last_batch": _job_last_batch,
     "alternating": lambda size, seed, steps: _regression_job("alternating", size, seed, steps, "alternating"),
+    "diffusion": _job_diffusion,
+    "reinforce": _job_reinforce,
+    "catapult": _job_catapult,
 }
 
 
@@ -1235,7 +1451,7 @@ def _run_one(
     data = job.data(variant)
     init = _evaluate(job, module)  # no global RNG is drawn: the training run is unaffected
     if guard_as is None:
-        guard_as = (GUARD_LABEL, GradGuard) if variant == "guarded" else CLIPPER_GUARDS.get(variant)
+        guard_as = (GUARD_LABEL, GradGuard) if variant == "guarded" else ZOO_CLIPPERS.get(variant)
     label = guard_as[0] if guard_as is not None else None
     guard = guard_as[1]() if guard_as is not None else None
     trace = _Trace(guard)
@@ -1379,7 +1595,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "title": job.title,
                 "settings": job.settings,
                 "steps": job.steps,
-                "variants": [*job.variants, *(CLIPPER_GUARDS if args.clippers else ())],
+                "variants": [*job.variants, *(ZOO_CLIPPERS if args.clippers else ())],
                 "reference": job.reference,
                 "metric": job.metric,
                 "expect_skipped": job.expect_skipped,
@@ -1397,7 +1613,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     flush=True,
                 )
             verdicts.append(_verdict(cfg, runs))
-            clipper_verdicts += [_verdict(cfg, runs, v) for v in runs if v in CLIPPER_GUARDS]
+            clipper_verdicts += [_verdict(cfg, runs, v) for v in runs if v in ZOO_CLIPPERS]
     finally:
         torch.set_num_threads(threads_before)
     meta = {
@@ -1542,7 +1758,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="optimizer steps of every selected config (GAN: iterations), instead of its default",
     )
-    add_clippers_argument(p)
+    add_clippers_argument(p, ZOO_CLIPPERS)
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--logdir", default=None, help="TensorBoard log root (default: no logger)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")

@@ -154,6 +154,7 @@ def test_clippers_add_one_run_and_one_verdict_per_clipper() -> None:
         "clip_agc": "GradGuard(clip=AGC())",
         "clip_adagc": "GradGuard(clip=AdaGC())",
         "clip_normclip": "GradGuard(clip=NormClip(max_norm=1.0))",
+        "clip_none": "GradGuard(clip=None)",
     }
     for cfg in result["configs"]:
         assert cfg["variants"][-len(clippers) :] == list(clippers), cfg["config"]
@@ -166,6 +167,7 @@ def test_clippers_add_one_run_and_one_verdict_per_clipper() -> None:
     # The clipped counts differ from the default's: each run really used its own clipper (AutoClip's 10th
     # percentile clips most steps, the default ZClip none in its warm-up).
     assert rows["masked", "clip_autoclip"]["events"]["clipped"] > rows["masked", "guarded"]["events"]["clipped"]
+    assert rows["masked", "clip_none"]["events"]["clipped"] == 0
     assert [(v["config"], v["guard"]) for v in result["clipper_verdicts"]] == [
         (c, label) for c in ("nan_batch", "masked") for label in clippers.values()
     ]
