@@ -80,6 +80,9 @@ NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 _COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 _compile_announced = False  # whether the line that says the tail compiles was shown
 _MAX_EVENTS = 1000  # undrained events kept (a plain loop that never calls drain() must not grow without bound)
+# Steps whose statistics are kept for a plain retry: its stretch began at most this many steps before the rollback
+# (two troubled steps in a row, their flags a step late, the cut acted on at the next step).
+_KEEP_BEFORE = 5
 
 
 class GradientExplosionError(RuntimeError):
@@ -732,6 +735,7 @@ class GuardEngine:
         self.host_counts = {"skipped": 0, "lr_reduced": 0, "rolled_back": 0}
         self.rollback = rollback
         self._rollback_due = False
+        self._before_steps: dict[int, dict[str, Any]] = {}  # engine step -> statistics before it (for a retry)
         # Host decisions from the flags that change training: under several processes they must fall on the same
         # step on every rank (see ``step``).
         self._acts_on_flags = self.lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
@@ -1108,6 +1112,13 @@ class GuardEngine:
         due, self._rollback_due = self._rollback_due, False
         if not (due and self.lr_guard is not None and rollback.can_restore(self.steps + 1)):
             rollback.before_step(self.steps + 1, self.index.params, optimizer, self._statistics)
+            if rollback.may_retry(self.steps + 1):
+                # The statistics before this step, for a retry of trouble that begins here (one clone per step, in
+                # the first steps only; the flags that tell arrive a step or two later).
+                self._before_steps[self.steps + 1] = self._statistics()
+                self._before_steps.pop(self.steps + 1 - _KEEP_BEFORE, None)
+            elif self._before_steps:
+                self._before_steps.clear()
             return False
         before = rollback.stretch_start
         # Host checks, on rollback steps only. A plain retry (the first early restart) changes nothing but the weights.
@@ -1117,7 +1128,19 @@ class GuardEngine:
         # cut from the rate in force when the trouble began, not all of them (none when the rescue clipper is the
         # remedy tried first, unless the norm blew up by orders of magnitude in one step).
         cut = not retry and (not rescue or rollback.blew_up())
-        self._load_statistics(rollback.restore(optimizer, rescue=rescue, retry=retry))
+        began = rollback.stretch_began
+        saved = rollback.restore(optimizer, rescue=rescue, retry=retry)
+        calm = self._before_steps.get(began) if retry and began is not None else None
+        self._before_steps.clear()
+        if calm is not None:
+            # A plain retry restarts the same run from the same weights at the same rate: what the clipper and the
+            # detectors had learned when the trouble began is what the restarted run should expect. The copy's
+            # statistics (the initial weights': nothing learned) would let a bad batch right after the restart
+            # through unclipped (four bad batches in a row from step 2 of an SGD run: +7036%), and the statistics of
+            # now, which took in the troubled steps, would widen the band the next trouble is judged against.
+            calm["running_stats"] = saved.get("running_stats") if saved is not None else None  # the weights' own
+            saved = calm
+        self._load_statistics(saved)
         if before is not None:
             self.lr_guard.rewind(before, self.key, cut=cut)
         self._free.extend(flags for flags, _, _ in self._pending)

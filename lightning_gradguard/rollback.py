@@ -240,8 +240,11 @@ class Rollback:
             rescue clipper, and only the next such stretch gets the remedy. One attempt cannot tell a rate too high
             from bad batches among the first steps: a rate too high fails again, on fresh batches, within a few steps;
             bad batches do not come back. The steps after the retry are counted from it, as a run's first steps
-            (``rescue_until``, the calm start). A divergence event of the loss, or a blow-up (``blowup_factor``), gets
-            the remedy at once. :attr:`retried` says whether the retry was used; it is kept with the state.
+            (``rescue_until``, the calm start), and judged against the clipper's and the detectors' statistics of the
+            step before the trouble began (the engine keeps them for the first steps), not the copy's: the retried run
+            is the same run, and a bad batch right after the retry is clipped like one before it. A divergence event of
+            the loss, or a blow-up (``blowup_factor``), gets the remedy at once. :attr:`retried` says whether the retry
+            was used; it is kept with the state.
             :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy zoo's SGD runs otherwise
             put the rescue clipper to work for the whole run (+30% and +55% held-out loss on two of them).
 
@@ -483,6 +486,17 @@ class Rollback:
         """Whether a troubled step by ``rescue_until`` had a total gradient norm more than ``blowup_factor`` times the
         step's before it: the rescue then also cuts the rate."""
         return self.blowup_factor is not None and self.growth > self.blowup_factor
+
+    @property
+    def stretch_began(self) -> int | None:
+        """The engine step at which the current stretch of trouble began (``None``: no trouble since the last
+        restart)."""
+        return None if self._stretch_began == _NEVER else self._stretch_began
+
+    def may_retry(self, step: int) -> bool:
+        """Whether trouble that began at engine step ``step`` could still get the plain retry (see ``retry``). The
+        engine then keeps its statistics from before that step: the retry starts from them."""
+        return self.retry and not self.retried and not self._off and 0 < step - self._origin <= self.rescue_until
 
     def retries(self) -> bool:
         """Whether a rollback now is the plain retry (see ``retry``): not used yet, for trouble that began by

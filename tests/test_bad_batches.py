@@ -124,3 +124,19 @@ def test_bad_batches_in_an_adam_warm_up_are_clipped_to_the_average_norm() -> Non
         assert row["events"]["lr_reduced"] == 0 and row["events"]["rolled_back"] == 0
     assert rows[1.0]["heldout"] <= clean * 1.12
     assert rows[2.0]["heldout"] > rows[1.0]["heldout"] * 1.1
+
+
+def test_a_bad_batch_right_after_the_plain_retry_is_clipped_against_the_steps_before_it() -> None:
+    # Four 10^4x batches from step 2 of the SGD warm-up run: steps 2-3 restart it from the initial weights at its
+    # rate (the plain retry), and step 5 is the first step after the restart. The retry keeps what the clipper and
+    # the detectors learned of the run's steps, so that batch is flagged and clipped. Before, they went back to the
+    # copy's blank statistics: it went through unclipped, 2 exploding events, and the run ended at CE 60.5 (+7036%).
+    job = CONFIGS["warmup"]("default", 0, None)
+    args = argparse.Namespace(seed=0, logdir=None)
+    clean = _run_one(job, "unguarded", args)["heldout"]
+    row = _run_one(job, "unguarded", args, guard_as=("GradGuard()", GradGuard), prepare=_bad_batches({2, 3, 4, 5}, 1e4))
+    events = row["events"]
+    assert events["rolled_back"] == 1 and row["rescued"] is False
+    assert events["exploding"] == 3 and events["clipped"] == 3
+    assert row["final_lr_scale"] == 1.0
+    assert row["heldout"] <= clean * 1.05

@@ -42,6 +42,11 @@ class SpikyRegressor(Regressor):
 # one size would be one jump that holds, one event (tests/test_level_shifts.py).
 _CLIMB = {40: 1e2, 41: 1e4}
 
+# Early trouble (10^4x batches at steps 2-3, retried at step 4) that comes back climbing, as a rate too high does. The
+# retry restarts from the statistics of before the trouble, against which two spikes of one size would be a burst of
+# bad batches: one event, clipped, no cut.
+_BACK = {2: 1e4, 3: 1e4, 7: 1e4, 8: 1e6}
+
 
 class UnitRatios(L.Callback):
     """Listed after a ``GradGuard``: the largest ``||G_i|| / max(||W_i||, 1e-3)`` over the output units of every
@@ -190,7 +195,7 @@ def test_early_trouble_is_first_retried_at_the_rate_and_the_run_goes_on_when_it_
 def test_early_trouble_that_comes_back_after_the_retry_restarts_at_the_rate_with_the_rescue_clipper_at_work() -> None:
     ratios: dict[int, float] = {}
     rollback = default_rollback()
-    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3, 7, 8}, ratios=ratios)
+    engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales=_BACK, ratios=ratios)
     # The retry at 4; three steps after it (no calm start yet) the trouble is back: a rate too high from the start.
     assert restarts == [4, 9] and engine.summary()["lr_reduced"] == 2 and rollback.retried
     # The second restart goes back to the rate in force when the trouble began and puts AGC to work instead of
@@ -205,10 +210,12 @@ def test_early_trouble_that_comes_back_after_the_retry_restarts_at_the_rate_with
 def test_after_the_retry_the_window_counts_from_it() -> None:
     # Trouble at steps 15-16: the retry at 17. Back at 25-26, past step 20 but within 20 steps of the retry: the run's
     # first steps again, so the rescue (and without the retry's window it would get only the LR guard's cut). Every
-    # other loss 10x: no calm start, before the trouble or after the retry.
+    # other loss 10x: no calm start, before the trouble or after the retry. The retry restarts from the detector's
+    # statistics of before the trouble, whose band that noise makes about 1000x wide, and against them two spikes of
+    # one size in a row are one event: the trouble comes back climbing (10^5x, then 10^7x), as a rate too high does.
     rollback = default_rollback()
     noisy = {s: 10.0 for s in range(1, 25, 2)}
-    engine, _, _, restarts = _engine_run(rollback, spikes={15, 16, 25, 26}, scales=noisy)
+    engine, _, _, restarts = _engine_run(rollback, spikes={15, 16}, scales={**noisy, 25: 1e5, 26: 1e7})
     assert restarts == [17, 27] and rollback.retried and rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
     # Trouble that comes back more than `rescue_until` steps after the retry is a later trouble: the cut alone.
@@ -342,7 +349,7 @@ def test_the_rescue_clips_unit_wise_and_the_next_restart_lowers_the_rate() -> No
 def test_an_adaptive_optimizer_gets_the_cut_and_no_rescue_clipper() -> None:
     # Adam divides the gradient's size away: clipping cannot slow it, only a lower rate can. The retry first.
     ratios: dict[int, float] = {}
-    engine, _, _, restarts = _engine_run(default_rollback(), spikes={2, 3, 7, 8}, adam=True, ratios=ratios)
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), scales=_BACK, adam=True, ratios=ratios)
     assert restarts == [4, 9] and engine.rollback is not None and not engine.rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     assert max(ratios[s] for s in range(10, 61)) > 0.02
@@ -359,7 +366,7 @@ def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> N
     for step in range(1, 31):
         opt.zero_grad()
         loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean()
-        (loss * (1e4 if step in (2, 3, 7, 8) else 1.0)).backward()
+        (loss * _BACK.get(step, 1.0)).backward()
         engine.step(optimizer=opt)
         opt.step()
     # The retry, then the cut.
@@ -379,7 +386,7 @@ def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipp
     g = torch.Generator().manual_seed(0)
     for step in range(1, 31):
         opt.zero_grad()
-        loss = model(torch.randn(8, 4, generator=g)).square().mean() * (1e4 if step in (2, 3, 7, 8) else 1.0)
+        loss = model(torch.randn(8, 4, generator=g)).square().mean() * _BACK.get(step, 1.0)
         (loss * scale).backward()
         engine.step(optimizer=opt, grad_scale=scale)
         for p in model.parameters():
@@ -391,7 +398,7 @@ def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipp
 
 
 def test_the_rescue_survives_a_checkpoint_and_is_validated() -> None:
-    engine, model, _, _ = _engine_run(default_rollback(), spikes={2, 3, 7, 8}, steps=30)
+    engine, model, _, _ = _engine_run(default_rollback(), spikes=set(), scales=_BACK, steps=30)
     assert engine.rollback is not None and engine.rollback.rescuing and engine.rollback.retried
     resumed = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
     assert resumed.rollback is not None and not resumed.rollback.rescuing
@@ -425,7 +432,7 @@ def test_default_rollback_takes_its_rescue_clipper_and_window() -> None:
 
 def test_without_a_rescue_clipper_early_trouble_restarts_one_cut_below_the_rate() -> None:
     rollback = default_rollback(rescue=False)
-    engine, _, _, restarts = _engine_run(rollback, spikes={2, 3, 7, 8})
+    engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales=_BACK)
     assert restarts == [4, 9] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
 
@@ -512,7 +519,7 @@ def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
     def fit(rollback: Any) -> dict[int, float]:
         ratios = UnitRatios()
         # Early trouble, retried at step 4, and back at steps 7 and 8: a rate too high from the start.
-        guard, _, restarts = _fit({2, 3, 7, 8}, rollback=rollback, extra=[ratios])
+        guard, _, restarts = _fit(_BACK, rollback=rollback, extra=[ratios])
         assert restarts == [4, 9] and guard.summary()["lr_reduced"] == 2
         assert guard.lr_guard is not None and (guard.lr_guard.scale() == 1.0) is (rollback == "default")
         assert guard.rescuing() is (rollback == "default")
@@ -614,7 +621,7 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
     # The default's restart keeps the rate and rescues with AGC: the line names the clipper to start with. A plain
     # retry that trains on (bad batches at steps 2 and 3 alone) changed nothing to report.
     assert fit({2, 3}) == (1.0, [])
-    scale, notes = fit({2, 3, 7, 8})
+    scale, notes = fit(_BACK)
     assert scale == 1.0 and len(notes) == 1
     assert notes[0].startswith("GradGuard: the gradients exploded early and the run restarted from its initial")
     assert "`GradGuard(clip=AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()))`" in notes[0]
