@@ -1,10 +1,12 @@
 """What several test files share: the host-sync recorder, a metrics-keeping logger, nested-state equality,
-TensorBoard event readers and the synthetic layer names."""
+TensorBoard event readers, the synthetic layer names and the teardown of an in-process process group."""
 
 from __future__ import annotations
 
 import glob
 import math
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,3 +164,22 @@ def scalar_series(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of ``path`` (as for ``load_events``): ``{tag: [(step, value), ...]}``."""
     acc = load_events(path)
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def destroy_process_group(timeout_s: float = 60.0) -> None:
+    """Tear down the default process group of a test that made one in this process.
+
+    Now and then a gloo teardown never returns (pytorch/pytorch#75097; seen once in CI on torch 2.7, after the
+    test had passed), and a pytest worker that waits for it stalls the whole suite. The teardown runs in a daemon
+    thread: after ``timeout_s`` it is left to the process's exit, with a warning, and the later tests that need a
+    fresh group skip themselves (they skip when one is already initialized).
+    """
+    dist = torch.distributed
+    dist.barrier()  # no collective still in flight when the group goes
+    teardown = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    teardown.start()
+    teardown.join(timeout_s)
+    if teardown.is_alive():
+        warnings.warn(
+            f"destroy_process_group did not return within {timeout_s:g} s; left to the process's exit", stacklevel=2
+        )

@@ -34,6 +34,7 @@ from lightning_gradguard._compat import (
     use_private_torch,
 )
 from lightning_gradguard.regularize import L1, L2
+from tests.helpers import destroy_process_group
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOATS = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -379,7 +380,7 @@ def mesh() -> Iterator[Any]:
     try:
         yield init_device_mesh("cpu", (1,))
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def _sharded(mesh: Any, t: torch.Tensor) -> Any:

@@ -33,7 +33,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.engine import NonFiniteGradientError, StepEvent
-from tests.helpers import SyncRecorder, assert_same_state
+from tests.helpers import SyncRecorder, assert_same_state, destroy_process_group
 from tests.models import Regressor, regression_data, trainer
 
 SPIKE, NAN = 9, 14
@@ -464,7 +464,7 @@ def test_fsdp1_is_refused_with_what_to_use_instead() -> None:
         with pytest.raises(ValueError, match=r"does not support FSDP1 .*`fully_shard`"):
             GuardEngine(model)
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 class AccumulatingOptimizer(WrappedOptimizer):

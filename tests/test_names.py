@@ -22,7 +22,7 @@ from lightning_gradguard import GradGuard
 from lightning_gradguard.layers import ROOT_LAYER, build_layer_index, module_sites, parameter_sites
 from lightning_gradguard.regularize import L1, L2, Orthogonal
 from lightning_gradguard.saturation import SaturationMonitor
-from tests.helpers import MetricsLogger
+from tests.helpers import MetricsLogger, destroy_process_group
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -136,7 +136,7 @@ def process_group(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     try:
         yield
     finally:
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 def test_plain_loop_wrappers_are_looked_through(process_group: None) -> None:
