@@ -1130,16 +1130,16 @@ class GuardEngine:
         cut = not retry and (not rescue or rollback.blew_up())
         began = rollback.stretch_began
         saved = rollback.restore(optimizer, rescue=rescue, retry=retry)
-        calm = self._before_steps.get(began) if retry and began is not None else None
+        before_trouble = self._before_steps.get(began) if retry and began is not None else None
         self._before_steps.clear()
-        if calm is not None:
+        if before_trouble is not None:
             # A plain retry restarts the same run from the same weights at the same rate: what the clipper and the
             # detectors had learned when the trouble began is what the restarted run should expect. The copy's
             # statistics (the initial weights': nothing learned) would let a bad batch right after the restart
             # through unclipped (four bad batches in a row from step 2 of an SGD run: +7036%), and the statistics of
             # now, which took in the troubled steps, would widen the band the next trouble is judged against.
-            calm["running_stats"] = saved.get("running_stats") if saved is not None else None  # the weights' own
-            saved = calm
+            before_trouble["running_stats"] = saved.get("running_stats") if saved is not None else None  # weights' own
+            saved = before_trouble
         self._load_statistics(saved)
         if before is not None:
             self.lr_guard.rewind(before, self.key, cut=cut)

@@ -128,9 +128,9 @@ def test_bad_batches_in_an_adam_warm_up_are_clipped_to_the_average_norm() -> Non
 
 def test_a_bad_batch_right_after_the_plain_retry_is_clipped_against_the_steps_before_it() -> None:
     # Four 10^4x batches from step 2 of the SGD warm-up run: steps 2-3 restart it from the initial weights at its
-    # rate (the plain retry), and step 5 is the first step after the restart. The retry keeps what the clipper and
-    # the detectors learned of the run's steps, so that batch is flagged and clipped. Before, they went back to the
-    # copy's blank statistics: it went through unclipped, 2 exploding events, and the run ended at CE 60.5 (+7036%).
+    # rate (the plain retry), and step 5 is the first step after the restart. The retry starts from the clipper's and
+    # the detectors' statistics of the step before the trouble, so that batch is flagged and clipped. Before, they
+    # went back to the copy's blank ones: it went through unclipped, 2 exploding events, CE 60.5 (+7036%).
     job = CONFIGS["warmup"]("default", 0, None)
     args = argparse.Namespace(seed=0, logdir=None)
     clean = _run_one(job, "unguarded", args)["heldout"]
