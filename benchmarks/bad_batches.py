@@ -22,7 +22,8 @@ same batches:
 * ``guarded_laterescue``: the same at any step of the window (``rescue_until=500``): why the rescue waits for
   nothing later than the first steps;
 * ``guarded_noretry``: ``GradGuard()`` whose first early restart already brings the remedy (``retry=False``, the
-  previous default): what the plain retry saves.
+  previous default): what the plain retry saves;
+* ``guarded_skip``: ``GradGuard(skip_exploding=True)``: the flagged steps skipped instead of clipped.
 
 The table gives each run's held-out metric, its difference from ``clean`` in percent, and the guard's events
 (whether the rescue clipper came to work: ``rescued``). The default configs are the zoo's two SGD runs (the warm-up
@@ -68,6 +69,13 @@ ROLLBACKS: dict[str, dict[str, Any]] = {
 }
 
 
+#: The guard that skips the flagged steps instead of clipping them.
+SKIP_GUARD: tuple[str, Callable[[], GradGuard]] = (
+    "GradGuard(skip_exploding=True)",
+    lambda: GradGuard(skip_exploding=True),
+)
+
+
 def _guard_as(kwargs: dict[str, Any]) -> tuple[str, Callable[[], GradGuard]]:
     """The label (as written in code) and the factory of ``GradGuard(rollback=default_rollback(**kwargs))``."""
     args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
@@ -98,6 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("unguarded", None, prepare),
         ("guarded", ("GradGuard()", GradGuard), prepare),
         *((variant, _guard_as(kwargs), prepare) for variant, kwargs in ROLLBACKS.items()),
+        ("guarded_skip", SKIP_GUARD, prepare),
     )
     rows: list[dict[str, Any]] = []
     threads_before = torch.get_num_threads()

@@ -116,7 +116,7 @@ Size = Literal["quick", "default", "full"]
 #: adds the runs of CLIPPER_GUARDS.
 VARIANTS = ("unguarded", "guarded", "guarded_norestart", "guarded_ratio5", "guarded_rollback")
 #: The guarded runs ``--variants`` may pick.
-GUARDED_VARIANTS = (*VARIANTS[1:], *CLIPPER_GUARDS, "guarded_example")
+GUARDED_VARIANTS = (*VARIANTS[1:], "guarded_skip", *CLIPPER_GUARDS, "guarded_example")
 #: The guard of each variant (besides the example's), as written in user code, and how to build it.
 GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     "guarded": ("GradGuard()", GradGuard),
@@ -129,6 +129,8 @@ GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
     ),
     # The opt-in rollback: on an LR cut, back to the last weights and optimizer state known to have trained calmly.
     "guarded_rollback": ("GradGuard(rollback=Rollback())", lambda: GradGuard(rollback=Rollback())),
+    # Opt-in (`--variants guarded_skip`): the flagged steps skipped instead of clipped.
+    "guarded_skip": ("GradGuard(skip_exploding=True)", lambda: GradGuard(skip_exploding=True)),
     **CLIPPER_GUARDS,
 }
 #: Variant name prefix of the unguarded tuned-rate sweep runs ("unguarded_lr0.3").
@@ -595,6 +597,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for v in job.variants(args.sweep, args.clippers)
                 if args.variants is None or v == "unguarded" or v in args.variants or job.sweep_lr(v) is not None
             ]
+            if args.variants is not None and "guarded_skip" in args.variants:
+                # Opt-in, asked for by name only: after GradGuard()'s run when there is one.
+                variants.insert(variants.index("guarded" if "guarded" in variants else "unguarded") + 1, "guarded_skip")
             configs.append(
                 {
                     "config": job.name,

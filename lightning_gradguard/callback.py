@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard._compat import unwrap_optimizer
+from lightning_gradguard._compat import unscale_once, unwrap_optimizer
 from lightning_gradguard._events import EventReporter
 from lightning_gradguard._fit_diagnostics import FitDiagnostics
 from lightning_gradguard._lightning import (
@@ -80,7 +80,8 @@ class GradGuard(CallbackBase):
     (after AMP's ``unscale_``). Per optimizer step, in order: add the regularizers' gradient terms, measure the
     per-layer norms in one pass, run the detectors, handle non-finite gradients, clip, apply the LR guard, and fold
     the figures into device-side accumulators. Nothing is copied to the host on steps that do not log (with the one
-    documented exception of ``on_nonfinite="skip"`` outside 16-bit AMP: one boolean per step, as a GradScaler does;
+    documented exception of ``on_nonfinite="skip"`` outside 16-bit AMP: one boolean per step, as a GradScaler does,
+    and of ``skip_exploding=True``, which shares that boolean;
     under DDP/FSDP2 each step also waits for the previous step's small flag copy, so that the LR guard's cut falls on
     the same step on every rank).
     On logging steps one batched copy feeds every scalar, warning and picture. The per-step work is done by one
@@ -131,6 +132,13 @@ class GradGuard(CallbackBase):
             for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip during
             its warm-up), and a bound on what one bad batch can do (to Adam's second moments too); folded into the
             clipper's coefficient, no extra pass.
+        skip_exploding: skip the optimizer step on every step the exploding detector flags instead of clipping it
+            (OLMo-core's skip step): the gradients are dropped, so the parameters and the optimizer state stay as
+            they were, as on a skipped non-finite step (counted as ``skipped``). With Adam-type optimizers a clipped
+            bad batch still makes a full-size step in its direction; a skipped one makes none. The cost: a jump to a
+            new level that holds (a harder task) is skipped until the detector takes it in (``level_steps``, 5
+            steps). Needs ``exploding``; one host read per step, shared with ``on_nonfinite="skip"`` (under 16-bit
+            AMP too). README, "Skipping flagged steps".
         compile: run the fused per-step tail compiled with ``torch.compile`` (see :class:`GuardEngine`): ``True``,
             ``False``, or ``"auto"``: on CUDA only (compiling on a CPU takes tens of seconds).
         diagnostics: the logging-step-only diagnostics to log: ``True`` (default) all of them, ``False`` none, or a
@@ -199,6 +207,7 @@ class GradGuard(CallbackBase):
         histogram_every_n_steps: int | None = 1000,
         max_warnings: int = 3,
         clip_exploding: bool = True,
+        skip_exploding: bool = False,
         compile: bool | Literal["auto"] = "auto",
         diagnostics: bool | list[str] = True,
         rollback: Rollback | bool | None | Literal["default"] = "default",
@@ -231,6 +240,9 @@ class GradGuard(CallbackBase):
         self.histogram_every_n_steps = histogram_every_n_steps
         self.max_warnings = max_warnings
         self.clip_exploding = clip_exploding
+        if skip_exploding and self.exploding is None:
+            raise ValueError("`skip_exploding` skips the steps the exploding detector flags: it needs `exploding`.")
+        self.skip_exploding = skip_exploding
         self.compile = compile
         self.diagnostics = diagnostics
         # The default restart needs the LR guard's cut to act on; without a guard it is simply off.
@@ -553,6 +565,7 @@ class GradGuard(CallbackBase):
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
             clip_exploding=self.clip_exploding and not reevaluating,
+            skip_exploding=self.skip_exploding,
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
@@ -704,6 +717,11 @@ class GradGuard(CallbackBase):
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False) and scaler._scale is not None:
             # Fused optimizers unscale inside step(): the gradients here are still multiplied by the loss scale.
             grad_scale = scaler._scale
+        # A step whose gradients the engine drops (a skip, a rollback) leaves a fused optimizer's scaler no gradient to
+        # check for infs: it unscales them first, so that its update() finds the check it needs.
+        engine.before_drop = (
+            None if grad_scale is None else functools.partial(unscale_once, scaler, unwrap_optimizer(optimizer))
+        )
         # Events are stamped with Lightning's step for this batch, the x-axis value of its `self.log` metrics and of
         # GradGuard's scalars. The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see
         # `LRGuard.attach`), so a step that GradScaler skips never shows the lowered LR to a scheduler.
@@ -1127,7 +1145,7 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
     for name in ("log_every_n_steps", "image_every_n_steps", "histogram_every_n_steps", "group_depth"):
         optional_int(name, args[name], low=1)
     check_int("max_warnings", args["max_warnings"], low=0)
-    for name in ("log_layers", "saturation", "clip_exploding"):
+    for name in ("log_layers", "saturation", "clip_exploding", "skip_exploding"):
         check_bool(name, args[name])
     diagnostics = args["diagnostics"]
     if not isinstance(diagnostics, bool):

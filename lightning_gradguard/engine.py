@@ -570,6 +570,9 @@ class GuardEngine:
             or ``"warn"`` (let it through; reported by :meth:`drain`).
         clip_exploding: also clip a step that the exploding detector flags down to ``cap_ratio`` times its average
             norm (see :class:`~lightning_gradguard.ExplodingResult`).
+        skip_exploding: skip a step that the exploding detector flags instead (every gradient dropped: parameters
+            and optimizer state untouched, as for a non-finite step; counted as ``skipped``); needs ``exploding``.
+            One host read per step (shared with ``on_nonfinite="skip"``), under a GradScaler too.
         max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
             gradients are clipped to ``min(clipper's threshold, max_norm)``, which is what chaining
             ``torch.nn.utils.clip_grad_norm_(max_norm)`` after the clipper does (``GradGuard`` folds
@@ -631,6 +634,7 @@ class GuardEngine:
         regularizers: Sequence[Regularizer] | None = (),
         on_nonfinite: Literal["skip", "zero", "raise", "warn"] = "skip",
         clip_exploding: bool = True,
+        skip_exploding: bool = False,
         compile: bool | Literal["auto"] = "auto",
         key: int = 0,
         max_norm: float | None = None,
@@ -647,6 +651,7 @@ class GuardEngine:
             raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
         check_compile(compile)
         check_bool("clip_exploding", clip_exploding)
+        check_bool("skip_exploding", skip_exploding)
         for name, value, cls in (
             ("clip", clip, Clipper),
             ("exploding", exploding, ExplodingDetector),
@@ -696,6 +701,9 @@ class GuardEngine:
         self._own = frozenset(id(p) for p in index.params)
         self.on_nonfinite = on_nonfinite
         self.clip_exploding = clip_exploding
+        if skip_exploding and self.exploding is None:
+            raise ValueError("`skip_exploding` skips the steps the exploding detector flags: it needs `exploding`.")
+        self.skip_exploding = skip_exploding
         self.max_norm = optional_number("max_norm", max_norm, low=0.0)
         # The bound as a device constant, folded into the clipper's coefficient as a cap (None: none, or the clipper
         # is the bound itself).
@@ -736,6 +744,11 @@ class GuardEngine:
         self.rollback = rollback
         self._rollback_due = False
         self._before_steps: dict[int, dict[str, Any]] = {}  # engine step -> statistics before it (for a retry)
+        # Called before the gradients of a step are dropped (a skip, a rollback) while they still carry a GradScaler's
+        # scale (a fused optimizer unscales inside step()): the scaler must record its inf check first, or its
+        # update() finds none ("No inf checks were recorded") and the run stops. GradGuard sets it for such steps; a
+        # plain loop that passes `grad_scale` sets it to `lambda: scaler.unscale_(optimizer)`.
+        self.before_drop: Callable[[], None] | None = None
         # Host decisions from the flags that change training: under several processes they must fall on the same
         # step on every rank (see ``step``).
         self._acts_on_flags = self.lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
@@ -958,11 +971,10 @@ class GuardEngine:
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
-            (total, layer_norm, layer_finite, valid, *_), (increment, nonfinite, layer_nonfinite) = self._tail(
-                "whole", measured.flat, measured.present, loss_in, grad_scaler, blind
+            (total, layer_norm, layer_finite, valid, exploding, *_), (increment, nonfinite, layer_nonfinite) = (
+                self._tail("whole", measured.flat, measured.present, loss_in, grad_scaler, blind)
             )
-            if not grad_scaler:
-                self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+            self.skipped = self._skip(measured, valid, layer_finite, exploding, number, grad_scaler)
         elif (
             (clipper := self.clipper) is not None
             and clipper.fusable
@@ -972,19 +984,17 @@ class GuardEngine:
             # Compiled: the clipper's coefficient joins the one fused part; its host bookkeeping comes before, the
             # scaling of the gradients after the non-finite handling (as in the eager order).
             clipper.prepare_(measured.flat.device)
-            (total, layer_norm, layer_finite, valid, *_), coef, (increment, nonfinite, layer_nonfinite) = self._tail(
-                "whole_clip", measured.flat, measured.present, loss_in, grad_scaler, blind
+            (total, layer_norm, layer_finite, valid, exploding, *_), coef, (increment, nonfinite, layer_nonfinite) = (
+                self._tail("whole_clip", measured.flat, measured.present, loss_in, grad_scaler, blind)
             )
-            if not grad_scaler:
-                self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+            self.skipped = self._skip(measured, valid, layer_finite, exploding, number, grad_scaler)
             if not self.skipped:
                 clipper.scale_(measured.grads, coef)
         else:
             total, layer_norm, layer_finite, valid, exploding, vanishing, diverging = self._tail(
                 "pre", measured.flat, measured.present, loss_in, blind
             )
-            if not grad_scaler:
-                self.skipped = self._handle_nonfinite(measured, valid, layer_finite, number)
+            self.skipped = self._skip(measured, valid, layer_finite, exploding, number, grad_scaler)
             coef, clipped = self._clip(measured, total, valid, exploding)
             increment, nonfinite, layer_nonfinite = self._tail(
                 "post", total, layer_norm, layer_finite, valid, measured.present, exploding, vanishing, diverging, coef,
@@ -1156,6 +1166,8 @@ class GuardEngine:
     def _drop_grads(self) -> None:
         """Drop every gradient the optimizer would step with, those of parameters outside the index included: torch
         optimizers then leave the parameters and their state (moments, step count) untouched."""
+        if self.before_drop is not None:
+            self.before_drop()
         for p in (*self.index.params, *self._unwatched):
             p.grad = None
 
@@ -1270,16 +1282,21 @@ class GuardEngine:
         assert clipper is not None
         cap = self._cap(exploding)
         old_coef, old_threshold = clipper.last_coef, clipper.last_threshold
-        coef = clipper.coefficient_(total, valid, cap)
+        flagged = self._flagged(exploding)
+        # The clipper learns from the steps that are neither invalid nor skipped for a flag, as eagerly.
+        coef = clipper.coefficient_(total, valid if flagged is None else valid & ~flagged, cap)
         clipped = coef < 1.0
-        if self.on_nonfinite == "skip" and not grad_scaler:
-            # Eagerly, a non-finite step is skipped before it reaches the clipper: its state is untouched (an invalid
-            # step changes none of it here either), it keeps its last figures, and the record takes its last
-            # coefficient. Here the skip is decided after this part, so the same choice is a ``where``.
-            coef = torch.where(valid, coef, old_coef)
+        kept = valid if self.on_nonfinite == "skip" and not grad_scaler else None  # the steps not skipped
+        if flagged is not None:
+            kept = ~flagged if kept is None else kept & ~flagged
+        if kept is not None:
+            # Eagerly, a skipped step never reaches the clipper: its state is untouched (an invalid step changes none
+            # of it here either), it keeps its last figures, and the record takes its last coefficient. Here the skip
+            # is decided after this part, so the same choice is a ``where``.
+            coef = torch.where(kept, coef, old_coef)
             clipper.last_coef = coef
-            clipper.last_threshold = torch.where(valid, clipper.last_threshold, old_threshold)
-            clipped = clipped & valid
+            clipper.last_threshold = torch.where(kept, clipper.last_threshold, old_threshold)
+            clipped = clipped & kept
         record = self._record
         args = (total, layer_norm, layer_finite, valid, present, exploding, vanishing, diverging, coef, clipped)
         return found, coef, record.update(*args, grad_scaler)
@@ -1291,18 +1308,45 @@ class GuardEngine:
             cap = self._max_norm_cap if cap is None else torch.minimum(cap, self._max_norm_cap)
         return cap
 
-    def _handle_nonfinite(self, measured: FlatStats, valid: Tensor, layer_finite: Tensor, step: int) -> bool:
-        mode = self.on_nonfinite
+    def _flagged(self, exploding: ExplodingResult | None) -> Tensor | None:
+        """With ``skip_exploding``: whether the exploding detector flagged this step's total norm (a stretch too: its
+        ``cap`` is finite exactly then); ``None`` otherwise."""
+        if not self.skip_exploding or exploding is None:
+            return None
+        return exploding.cap < math.inf
+
+    def _skip(
+        self,
+        measured: FlatStats,
+        valid: Tensor,
+        layer_finite: Tensor,
+        exploding: ExplodingResult | None,
+        step: int,
+        grad_scaler: bool,
+    ) -> bool:
+        """Handle a non-finite step (``on_nonfinite``; a GradScaler handles its own) and, with ``skip_exploding``, a
+        flagged one; ``True``: the step is skipped (every gradient dropped)."""
+        mode = None if grad_scaler else self.on_nonfinite
         if mode == "zero":
             # One kernel per gradient, sync-free; only inf/NaN entries change.
             for g in measured.grads:
                 nan_to_num_(g)
-            return False
-        if mode == "warn":
-            return False  # reported by drain(), at most a step late
-        # "skip" and "raise" must decide before optimizer.step: the one documented host read per step.
-        if bool(valid):
-            return False
+        flagged = self._flagged(exploding)
+        reads_valid = mode in ("skip", "raise")
+        if not reads_valid and flagged is None:
+            return False  # "warn": reported by drain(), at most a step late
+        # "skip", "raise" and skip_exploding must decide before optimizer.step: the one documented host read per step.
+        if flagged is None:
+            finite, spiked = bool(valid), False
+        elif not reads_valid:
+            finite, spiked = True, bool(flagged)
+        else:
+            finite, spiked = torch.stack((valid, flagged)).tolist()
+        if finite:
+            if spiked:
+                self._drop_grads()
+                self.host_counts["skipped"] += 1
+            return spiked
         if mode == "raise":
             bad = [n for n, ok in zip(self.index.names, layer_finite.tolist()) if not ok]
             where = f"in layer(s) {bad[:5]}{' and more' if len(bad) > 5 else ''}" if bad else "(their total norm)"

@@ -47,7 +47,7 @@ def test_the_default_restarts_for_early_trouble_without_a_calm_start_only(
         "guarded_laterescue",
         "guarded_noretry",
     ]
-    assert list(rows) == ["clean", "unguarded", *guarded]
+    assert list(rows) == ["clean", "unguarded", *guarded, "guarded_skip"]
     assert rows["clean"]["guard"] is None and rows["clean"]["rescued"] is None
     assert rows["guarded_nocalm"]["guard"] == "GradGuard(rollback=default_rollback(calm_factor=None))"
     for variant in guarded:
@@ -75,6 +75,14 @@ def test_the_default_restarts_for_early_trouble_without_a_calm_start_only(
     if restarted_by_default:
         assert rows["guarded"]["heldout"] < 0.9 * rows["guarded_noretry"]["heldout"]
         assert rows["guarded"]["heldout"] < 1.05 * rows["clean"]["heldout"]
+    # Skipping the flagged steps instead of clipping them: the same flags, cuts and restarts, and no step clipped for
+    # them (on the restarted run's calm steps ZClip clips as in any run).
+    skip = rows["guarded_skip"]
+    assert skip["guard"] == "GradGuard(skip_exploding=True)"
+    for key in ("exploding", "lr_reduced", "rolled_back"):
+        assert skip["events"][key] == rows["guarded"]["events"][key], key
+    assert rows["guarded"]["events"]["skipped"] == 0
+    assert skip["events"]["skipped"] == 2  # both bad batches
     # Without the bad batches nothing happens, with them unguarded the run is wrecked or worse.
     clean, unguarded = rows["clean"]["heldout"], rows["unguarded"]["heldout"]
     assert isinstance(clean, float) and (unguarded in ("nan", "inf") or unguarded > clean)

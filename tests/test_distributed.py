@@ -382,9 +382,11 @@ class SpikyDDPRegressor(Regressor):
         return loss
 
 
-def _ddp_restart_worker(outdir: Path, rank: int, spikes: tuple[int, ...] = (2, 3, 7, 8)) -> dict[str, Any]:
+def _ddp_restart_worker(
+    outdir: Path, rank: int, spikes: tuple[int, ...] = (2, 3, 7, 8), skip: bool = False
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    guard = GradGuard()  # the default, with its early restart
+    guard = GradGuard(skip_exploding=skip)  # the default, with its early restart
     probe = RestartWatch(guard)
     trainer = _ddp_trainer([guard, probe], logger=False, max_epochs=8)  # 8 steps per epoch: 64 steps
     model = SpikyDDPRegressor(spikes, lr=0.02)
@@ -473,6 +475,7 @@ WORKERS = {
     "fsdp2": _fsdp2_worker,
     "ddp_restart": _ddp_restart_worker,
     "ddp_restart_calm": functools.partial(_ddp_restart_worker, spikes=(8, 9)),
+    "ddp_skip": functools.partial(_ddp_restart_worker, spikes=(8, 9), skip=True),
     "ddp_short": _ddp_short_batch_worker,
 }
 
@@ -707,6 +710,14 @@ def test_ddp_ranks_take_the_same_restart_decision_on_the_same_step(
     assert r0["summary"] == r1["summary"] and r0["scale"] == r1["scale"]
     assert (r0["scale"] == 1.0) is rescued and r0["rescuing"] is r1["rescuing"] is rescued
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
+
+
+def test_ddp_ranks_skip_the_same_flagged_steps(tmp_path: Path) -> None:
+    r0, r1 = _launch("ddp_skip", tmp_path)
+    # Two spikes after a calm start: flagged on the same all-reduced norms, skipped on both ranks (not clipped).
+    assert r0["summary"] == r1["summary"]
+    assert r0["summary"]["skipped"] == 2 and r0["summary"]["rolled_back"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))
 
 
 # ------------------------------------------------------------------------------------------------------------ refusals

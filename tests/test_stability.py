@@ -159,6 +159,19 @@ def test_clippers_add_one_run_per_clipper(tmp_path: Path) -> None:
     assert all(rows[v]["guard"] == label and rows[v]["events"] is not None for v, label in CLIPPERS.items())
 
 
+def test_the_skip_run_is_opt_in_and_comes_after_the_default(tmp_path: Path) -> None:
+    assert "guarded_skip" not in CONFIGS["lstm_10x"]("quick", 0).variants(sweep=True, clippers=True)
+    stdout = io.StringIO()
+    argv = ["--quick", "--configs", "lstm_10x", "--no-sweep", "--variants", "guarded_skip,guarded", "--json", "-"]
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        main([*argv, "--logdir", str(tmp_path)])
+    result = json.loads(stdout.getvalue())
+    (cfg,) = result["configs"]
+    assert [r["variant"] for r in result["rows"]] == cfg["variants"] == ["unguarded", "guarded", "guarded_skip"]
+    assert cfg["guards"]["guarded_skip"] == "GradGuard(skip_exploding=True)"
+    assert GUARDS["guarded_skip"][1]().skip_exploding and not GUARDS["guarded"][1]().skip_exploding
+
+
 def test_each_clipper_run_swaps_the_clipper_only() -> None:
     default = GUARDS["guarded"][1]()
     assert isinstance(default.clip, ZClip)
