@@ -165,7 +165,10 @@ class EventReporter:
         ``lr=None`` has no LR guard)."""
         guard = self.guard
         actions = []
-        if engine.clipper is not None and not diverging:
+        if engine.skip_exploding and not diverging:
+            # As for clipping, a layer's spike under a calm total is not skipped: say what answers, not that it did.
+            actions.append("skipping the flagged steps")
+        elif engine.clipper is not None and not diverging:
             # What the clipper does depends on the step (a layer's spike under a calm total is not clipped): say
             # which clipper answers, not that it clipped.
             actions.append(f"{type(engine.clipper).__name__} clipping")

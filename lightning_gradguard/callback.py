@@ -132,13 +132,14 @@ class GradGuard(CallbackBase):
             for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip during
             its warm-up), and a bound on what one bad batch can do (to Adam's second moments too); folded into the
             clipper's coefficient, no extra pass.
-        skip_exploding: skip the optimizer step on every step the exploding detector flags instead of clipping it
-            (OLMo-core's skip step): the gradients are dropped, so the parameters and the optimizer state stay as
-            they were, as on a skipped non-finite step (counted as ``skipped``). With Adam-type optimizers a clipped
-            bad batch still makes a full-size step in its direction; a skipped one makes none. The cost: a jump to a
-            new level that holds (a harder task) is skipped until the detector takes it in (``level_steps``, 5
-            steps). Needs ``exploding``; one host read per step, shared with ``on_nonfinite="skip"`` (under 16-bit
-            AMP too). README, "Skipping flagged steps".
+        skip_exploding: skip the optimizer step on every step whose total norm the exploding detector flags (the
+            steps ``clip_exploding`` clips) instead of clipping it (OLMo-core's skip step): the gradients are
+            dropped, so the parameters and the optimizer state stay as they were, as on a skipped non-finite step
+            (counted as ``skipped``). With Adam-type optimizers a clipped bad batch still makes a full-size step in
+            its direction; a skipped one makes none. The cost: a jump to a new level that holds (a harder task) is
+            skipped until the detector takes it in (``level_steps``, 5 steps). A spike in one layer under a calm
+            total is reported, not skipped. Needs ``exploding``; one host read per step, shared with
+            ``on_nonfinite="skip"`` (under 16-bit AMP too). README, "Skipping flagged steps".
         compile: run the fused per-step tail compiled with ``torch.compile`` (see :class:`GuardEngine`): ``True``,
             ``False``, or ``"auto"``: on CUDA only (compiling on a CPU takes tens of seconds).
         diagnostics: the logging-step-only diagnostics to log: ``True`` (default) all of them, ``False`` none, or a
@@ -718,10 +719,9 @@ class GradGuard(CallbackBase):
             # Fused optimizers unscale inside step(): the gradients here are still multiplied by the loss scale.
             grad_scale = scaler._scale
         # A step whose gradients the engine drops (a skip, a rollback) leaves a fused optimizer's scaler no gradient to
-        # check for infs: it unscales them first, so that its update() finds the check it needs.
-        engine.before_drop = (
-            None if grad_scale is None else functools.partial(unscale_once, scaler, unwrap_optimizer(optimizer))
-        )
+        # check for infs: it unscales them first, so that its update() finds the check it needs (this step only).
+        if grad_scale is not None:
+            engine.before_drop = functools.partial(unscale_once, scaler, unwrap_optimizer(optimizer))
         # Events are stamped with Lightning's step for this batch, the x-axis value of its `self.log` metrics and of
         # GradGuard's scalars. The LR multiplier is applied by the guard's own optimizer step pre/post hooks (see
         # `LRGuard.attach`), so a step that GradScaler skips never shows the lowered LR to a scheduler.
@@ -743,6 +743,8 @@ class GradGuard(CallbackBase):
             )
         except SparseGradientError as err:
             raise MisconfigurationException(str(err)) from None
+        finally:
+            engine.before_drop = None  # holds the scaler and the optimizer: not beyond the step
         if engine.rolled_back:
             restart_weight_averages(trainer)
         if engine.skipped and key in self._reevaluating:

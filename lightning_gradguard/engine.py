@@ -570,9 +570,10 @@ class GuardEngine:
             or ``"warn"`` (let it through; reported by :meth:`drain`).
         clip_exploding: also clip a step that the exploding detector flags down to ``cap_ratio`` times its average
             norm (see :class:`~lightning_gradguard.ExplodingResult`).
-        skip_exploding: skip a step that the exploding detector flags instead (every gradient dropped: parameters
-            and optimizer state untouched, as for a non-finite step; counted as ``skipped``); needs ``exploding``.
-            One host read per step (shared with ``on_nonfinite="skip"``), under a GradScaler too.
+        skip_exploding: skip a step whose total norm the exploding detector flags instead (every gradient dropped:
+            parameters and optimizer state untouched, as for a non-finite step; counted as ``skipped``); needs
+            ``exploding``. One host read per step (shared with ``on_nonfinite="skip"``), under a GradScaler too.
+            With a fused optimizer under a GradScaler (``grad_scale`` given), set :attr:`before_drop`.
         max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
             gradients are clipped to ``min(clipper's threshold, max_norm)``, which is what chaining
             ``torch.nn.utils.clip_grad_norm_(max_norm)`` after the clipper does (``GradGuard`` folds
@@ -595,6 +596,12 @@ class GuardEngine:
             (:class:`~lightning_gradguard.RunningStats`): each step puts back the entries a bad batch made non-finite,
             and a rollback restores them with the weights. ``"default"``: those of ``model`` when it is a module and
             ``on_nonfinite`` is ``"skip"`` or ``"zero"``; ``None``: none.
+
+    Attributes:
+        before_drop: called before the engine drops a step's gradients (a skip, a rollback), ``None`` by default.
+            With a fused optimizer under a GradScaler the gradients are still scaled when the engine runs, and a
+            step without gradients leaves the scaler no inf check (its ``update()`` raises "No inf checks were
+            recorded"): set it to ``lambda: scaler.unscale_(optimizer)``. GradGuard sets it on such steps.
 
     Raises:
         ValueError: for an argument outside its allowed values, and for a model wrapped in FSDP1
@@ -744,10 +751,7 @@ class GuardEngine:
         self.rollback = rollback
         self._rollback_due = False
         self._before_steps: dict[int, dict[str, Any]] = {}  # engine step -> statistics before it (for a retry)
-        # Called before the gradients of a step are dropped (a skip, a rollback) while they still carry a GradScaler's
-        # scale (a fused optimizer unscales inside step()): the scaler must record its inf check first, or its
-        # update() finds none ("No inf checks were recorded") and the run stops. GradGuard sets it for such steps; a
-        # plain loop that passes `grad_scale` sets it to `lambda: scaler.unscale_(optimizer)`.
+        # See "Attributes": a fused optimizer's scaler must record its inf check before a step's gradients go.
         self.before_drop: Callable[[], None] | None = None
         # Host decisions from the flags that change training: under several processes they must fall on the same
         # step on every rank (see ``step``).

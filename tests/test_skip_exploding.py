@@ -181,8 +181,12 @@ def test_the_compiled_tail_skips_the_same_steps_as_the_eager_one(scaler: bool, m
     assert_same_state(eager.state_dict(), compiled.state_dict())
 
 
-@pytest.mark.parametrize(("skip", "on_nonfinite", "reads"), [(False, "skip", 1), (True, "skip", 1), (True, "warn", 1)])
-def test_the_decision_is_one_host_read_per_step(skip: bool, on_nonfinite: str, reads: int) -> None:
+@pytest.mark.parametrize(
+    ("skip", "on_nonfinite", "scaler", "reads"),
+    [(False, "skip", False, 1), (True, "skip", False, 1), (True, "warn", False, 1), (False, "skip", True, 0),
+     (True, "skip", True, 1)],
+)  # fmt: skip
+def test_the_decision_is_one_host_read_per_step(skip: bool, on_nonfinite: str, scaler: bool, reads: int) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     engine = GuardEngine(model, skip_exploding=skip, on_nonfinite=on_nonfinite)  # type: ignore[arg-type]
@@ -192,8 +196,40 @@ def test_the_decision_is_one_host_read_per_step(skip: bool, on_nonfinite: str, r
         model(torch.randn(32, 8, generator=g)).square().mean().backward()
         calls: list[str] = []
         with SyncRecorder(calls):
-            engine.step()
+            engine.step(grad_scaler=scaler)  # with a GradScaler, non-finite steps are the scaler's to skip
         assert len(calls) == reads, (step, calls)
+
+
+def test_a_plain_loop_with_a_fused_optimizer_under_a_gradscaler_skips_through_before_drop() -> None:
+    # The gradients are still scaled when the engine runs (the fused step unscales them): a step without gradients
+    # leaves the scaler no inf check unless it unscales first, which `before_drop` asks for.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    engine = GuardEngine(model, exploding=ExplodingDetector(warmup_steps=5), skip_exploding=True)
+    engine.before_drop = lambda: scaler.unscale_(opt)
+    g = torch.Generator().manual_seed(1)
+    skipped = []
+    for step in range(1, 31):
+        opt.zero_grad()
+        x = torch.randn(32, 8, generator=g)
+        loss = (model(x) - x[:, :1]).square().mean() * (1e3 if step in (20, 21) else 1.0)
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        engine.step(grad_scaler=True, grad_scale=scaler._scale)
+        scaler.step(opt)
+        scaler.update()
+        if engine.skipped:
+            skipped.append(step)
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert skipped == [20, 21] and scaler.get_scale() == 4.0
+
+
+def test_the_warning_says_the_flagged_steps_are_skipped() -> None:
+    with pytest.warns(UserWarning, match="guarded by: skipping the flagged steps") as caught:
+        _fit(_guard(skip=True))
+    assert not any("ZClip clipping" in str(w.message) for w in caught)
 
 
 def test_without_skip_or_raise_nothing_is_read() -> None:
