@@ -46,6 +46,8 @@ _CLIMB = {40: 1e2, 41: 1e4}
 # retry restarts from the statistics of before the trouble, against which two spikes of one size would be a burst of
 # bad batches: one event, clipped, no cut.
 _BACK = {2: 1e4, 3: 1e4, 7: 1e4, 8: 1e6}
+# Trouble at steps 5-6 that climbs: two events after the calm start too (a stretch there holds steps within 4x).
+_CLIMB_AT_5 = {5: 1e4, 6: 1e6}
 
 
 class UnitRatios(L.Callback):
@@ -86,7 +88,7 @@ def _fit(
 
 def _engine_run(
     rollback: Rollback,
-    spikes: set[int],
+    spikes: set[int] | dict[int, float],
     steps: int = 60,
     nans: frozenset[int] = frozenset(),
     adam: bool = False,
@@ -95,7 +97,8 @@ def _engine_run(
 ) -> tuple[GuardEngine, nn.Module, list[torch.Tensor], list[int]]:
     """A plain loop (SGD with momentum, or Adam); returns the engine, the model, its initial weights and the steps
     that rolled back. ``ratios`` collects each step's largest unit ratio ``||G_i|| / max(||W_i||, 1e-3)`` as the
-    optimizer gets the gradients; ``scales`` multiplies the loss of the steps it names."""
+    optimizer gets the gradients; ``scales`` multiplies the loss of the steps it names. ``spikes``: steps whose loss is
+    multiplied by 1e4, or by the factor given."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     initial = [p.detach().clone() for p in model.parameters()]
@@ -107,7 +110,8 @@ def _engine_run(
     restarts = []
     for step in range(1, steps + 1):
         opt.zero_grad()
-        scale = 1e4 if step in spikes else math.nan if step in nans else (scales or {}).get(step, 1.0)
+        spike = spikes.get(step) if isinstance(spikes, dict) else 1e4 if step in spikes else None
+        scale = spike if spike is not None else math.nan if step in nans else (scales or {}).get(step, 1.0)
         loss = model(torch.randn(8, 4, generator=g)).square().mean() * scale
         loss.backward()
         before = engine.summary()["rolled_back"]
@@ -229,28 +233,32 @@ def test_the_trouble_must_begin_by_rescue_until() -> None:
         rollback = Rollback(
             every=None, until=500, patience=2, within=2, rescue=AGC(), rescue_until=until, calm_factor=None
         )
-        engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+        engine, _, _, restarts = _engine_run(rollback, spikes=_CLIMB_AT_5)
         assert restarts == [7] and rollback.rescuing is rescued
         assert engine.lr_guard is not None and (engine.lr_guard.scale() == 1.0) is rescued
 
 
 def test_trouble_after_a_calm_start_is_bad_batches_and_gets_the_cut() -> None:
-    # Four calm steps, then two spikes: bad batches, not a rate too high. The LR guard's cut, no restart.
+    # Four calm steps, then two bad batches of one size: one event (within 4x of each other), clipped, no cut.
+    engine, _, _, restarts = _engine_run(default_rollback(), spikes={5, 6})
+    assert restarts == [] and engine.summary()["exploding"] == 1 and engine.summary()["lr_reduced"] == 0
+    # Trouble that climbs after a calm start (two events): bad batches, not a rate too high. The LR guard's cut, no
+    # restart.
     rollback = default_rollback()
-    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    engine, _, _, restarts = _engine_run(rollback, spikes=_CLIMB_AT_5)
     assert restarts == [] and not rollback.rescuing and engine.summary()["lr_reduced"] == 1
     # A restart for them (early_only=False) is one cut below the rate, with no clipper.
     rollback = default_rollback(early_only=False)
-    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    engine, _, _, restarts = _engine_run(rollback, spikes=_CLIMB_AT_5)
     assert restarts == [7] and not rollback.rescuing
     assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
     # Without the calm-start test the same run looks like a rate too high from the start: first the plain retry,
     # and without it the rescue.
     rollback = default_rollback(calm_factor=None)
-    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    engine, _, _, restarts = _engine_run(rollback, spikes=_CLIMB_AT_5)
     assert restarts == [7] and rollback.retried and not rollback.rescuing
     rollback = default_rollback(calm_factor=None, retry=False)
-    engine, _, _, restarts = _engine_run(rollback, spikes={5, 6})
+    engine, _, _, restarts = _engine_run(rollback, spikes=_CLIMB_AT_5)
     assert restarts == [7] and rollback.rescuing and engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
 
 

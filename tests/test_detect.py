@@ -24,7 +24,8 @@ def test_exploding_after_warmup_only() -> None:
     assert _feed(det, [5000.0]) == [True]  # ...but a jump past max_ratio is, warm-up or not
     # warmup_ratio holds the total to that many times its mean during the warm-up (5: healthy GANs grow faster).
     det = ExplodingDetector(warmup_steps=10, warmup_ratio=5.0)
-    assert _feed(det, history[:5] + [4.0, 10.0]) == [False] * 6 + [True]
+    # (A calm step between: 10 right after 4 would hold the stretch 4 began, flagged and capped but no new event.)
+    assert _feed(det, history[:5] + [4.0, 1.0, 10.0]) == [False] * 7 + [True]
     defaults = ExplodingDetector()
     assert (defaults.max_ratio, defaults.max_layer_ratio, defaults.warmup_ratio) == (None, None, 100.0)
     assert _feed(defaults, history[:5] + [50.0, 5000.0]) == [False] * 6 + [True]  # 100x in the warm-up
