@@ -3,6 +3,7 @@ TensorBoard event readers, the synthetic layer names and the teardown of an in-p
 
 from __future__ import annotations
 
+import copy
 import glob
 import math
 import threading
@@ -114,6 +115,18 @@ class RestartWatch(L.Callback):
             at_start = all(torch.equal(p, w) for p, w in zip(params, self.initial))
             skipped = all(p.grad is None for p in params)
             self.restarts.append((trainer.global_step + 1, at_start and skipped))
+
+
+class ParamSnapshots(L.Callback):
+    """Parameters and optimizer state (of the first optimizer) after every batch."""
+
+    def __init__(self) -> None:
+        self.params: list[list[torch.Tensor]] = []
+        self.opt_state: list[Any] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self.params.append([p.detach().clone() for p in pl_module.parameters()])
+        self.opt_state.append(copy.deepcopy(trainer.optimizers[0].state_dict()["state"]))
 
 
 def assert_same_state(a: Any, b: Any, path: str = "state") -> None:

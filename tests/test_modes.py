@@ -35,7 +35,7 @@ from lightning_gradguard import (
     VanishingDetector,
     ZClip,
 )
-from tests.helpers import assert_same_state, event_files, load_events
+from tests.helpers import ParamSnapshots, assert_same_state, event_files, load_events
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -165,18 +165,6 @@ class AmpRegressor(Regressor):
         if self.trainer.global_step == self.inf_at:
             with torch.no_grad():
                 self.net[0].weight.grad[0, 0] = math.inf  # still scaled here: the scaler will see it
-
-
-class ParamSnapshots(Callback):
-    """Parameters and optimizer state after every batch."""
-
-    def __init__(self) -> None:
-        self.params: list[list[torch.Tensor]] = []
-        self.opt_state: list[Any] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self.params.append([p.detach().clone() for p in pl_module.parameters()])
-        self.opt_state.append(copy.deepcopy(trainer.optimizers[0].state_dict()["state"]))
 
 
 def _gradscaler_plugin() -> MixedPrecision:

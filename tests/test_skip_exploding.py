@@ -4,19 +4,16 @@ step dropped under a fused optimizer's GradScaler (a skip, a rollback) does not 
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
-import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_gradguard import ExplodingDetector, GradGuard, GuardEngine, LRGuard, Rollback, ZClip
 from lightning_gradguard import engine as engine_module
-from tests.helpers import SyncRecorder, assert_same_state
+from tests.helpers import ParamSnapshots, SyncRecorder, assert_same_state
 from tests.models import Regressor, regression_data, trainer
 
 BAD = (30, 31)  # optimizer steps (0-based global_step) whose loss is multiplied: two bad batches in a row
@@ -40,28 +37,16 @@ class BadBatches(Regressor):
         return torch.optim.Adam(self.parameters(), lr=self.lr, fused=self.fused)
 
 
-class Snapshots(Callback):
-    """Parameters and Adam's state after every batch."""
-
-    def __init__(self) -> None:
-        self.params: list[list[torch.Tensor]] = []
-        self.opt_state: list[Any] = []
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        self.params.append([p.detach().clone() for p in pl_module.parameters()])
-        self.opt_state.append(copy.deepcopy(trainer.optimizers[0].state_dict()["state"]))
-
-
 def _fit(
     guard: GradGuard, fused: bool = False, plugins: list[Any] | None = None, factor: float = 1e3
-) -> tuple[BadBatches, Snapshots]:
+) -> tuple[BadBatches, ParamSnapshots]:
     torch.manual_seed(0)
-    model, snaps = BadBatches(fused=fused, factor=factor), Snapshots()
+    model, snaps = BadBatches(fused=fused, factor=factor), ParamSnapshots()
     trainer(max_steps=40, callbacks=[guard, snaps], plugins=plugins or []).fit(model, regression_data(n=640))
     return model, snaps
 
 
-def _moved(snaps: Snapshots, step: int) -> bool:
+def _moved(snaps: ParamSnapshots, step: int) -> bool:
     """Whether optimizer step ``step`` (0-based) changed any parameter."""
     return any(not torch.equal(a, b) for a, b in zip(snaps.params[step - 1], snaps.params[step]))
 
