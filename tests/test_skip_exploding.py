@@ -15,6 +15,7 @@ from lightning_gradguard import ExplodingDetector, GradGuard, GuardEngine, LRGua
 from lightning_gradguard import engine as engine_module
 from tests.helpers import ParamSnapshots, SyncRecorder, assert_same_state
 from tests.models import Regressor, regression_data, trainer
+from tests.test_do_no_harm import _level_shift_run
 
 BAD = (30, 31)  # optimizer steps (0-based global_step) whose loss is multiplied: two bad batches in a row
 
@@ -235,3 +236,17 @@ def test_bad_arguments_are_refused(make: Any) -> None:
         make(skip_exploding="yes")
     with pytest.raises(ValueError, match="skip_exploding.*needs `exploding`"):
         make(skip_exploding=True, exploding=None)
+
+
+def test_a_jump_that_holds_is_skipped_until_taken_in_unless_the_new_phase_is_announced() -> None:
+    # The task gets 30x harder for good at step 180 of 240 (a second, larger teacher): its first level_steps (5)
+    # steps are skipped, which costs the run; announced with new_phase(), nothing is flagged and nothing skipped.
+    _, unguarded = _level_shift_run(None, at=180, scale=30.0)
+    guard = GradGuard(skip_exploding=True)
+    _, skipping = _level_shift_run(guard, at=180, scale=30.0)
+    assert guard.summary()["exploding"] == 1 and guard.summary()["skipped"] == 5
+    assert skipping > unguarded * 1.02
+    guard = GradGuard(skip_exploding=True)
+    _, told = _level_shift_run(guard, at=180, scale=30.0, tell=True)
+    assert guard.summary()["exploding"] == 0 and guard.summary()["skipped"] == 0
+    assert told == pytest.approx(unguarded, rel=1e-3)
