@@ -1287,12 +1287,13 @@ class GuardEngine:
         cap = self._cap(exploding)
         old_coef, old_threshold = clipper.last_coef, clipper.last_threshold
         flagged = self._flagged(exploding)
+        unflagged = None if flagged is None else ~flagged
         # The clipper learns from the steps that are neither invalid nor skipped for a flag, as eagerly.
-        coef = clipper.coefficient_(total, valid if flagged is None else valid & ~flagged, cap)
+        coef = clipper.coefficient_(total, valid if unflagged is None else valid & unflagged, cap)
         clipped = coef < 1.0
         kept = valid if self.on_nonfinite == "skip" and not grad_scaler else None  # the steps not skipped
-        if flagged is not None:
-            kept = ~flagged if kept is None else kept & ~flagged
+        if unflagged is not None:
+            kept = unflagged if kept is None else kept & unflagged
         if kept is not None:
             # Eagerly, a skipped step never reaches the clipper: its state is untouched (an invalid step changes none
             # of it here either), it keeps its last figures, and the record takes its last coefficient. Here the skip
