@@ -17,7 +17,7 @@ def _feed(det: ExplodingDetector, norms: list[float], layers: int = 1) -> list[b
 
 
 def test_exploding_after_warmup_only() -> None:
-    det = ExplodingDetector(warmup_steps=10, warmup_ratio=None, max_ratio=100.0)
+    det = ExplodingDetector(warmup_steps=10, warmup_ratio=None, calm_ratio=None, max_ratio=100.0)
     torch.manual_seed(0)
     history = (1.0 + 0.1 * torch.randn(30)).abs().tolist()
     assert not any(_feed(det, history[:5] + [50.0]))  # a 50x spike during warm-up is not reported...
@@ -27,13 +27,48 @@ def test_exploding_after_warmup_only() -> None:
     # (A calm step between: 10 right after 4 would hold the stretch 4 began, flagged and capped but no new event.)
     assert _feed(det, history[:5] + [4.0, 1.0, 10.0]) == [False] * 7 + [True]
     defaults = ExplodingDetector()
-    assert (defaults.max_ratio, defaults.max_layer_ratio, defaults.warmup_ratio) == (None, None, 100.0)
-    assert _feed(defaults, history[:5] + [50.0, 5000.0]) == [False] * 6 + [True]  # 100x in the warm-up
+    limits = (defaults.max_ratio, defaults.max_layer_ratio, defaults.warmup_ratio, defaults.calm_ratio)
+    assert limits == (None, None, 100.0, 10.0)
+    # After a calm start (three steps within about 4x), 10x in the warm-up; 5000x is past 4x of the 50x stretch.
+    assert _feed(defaults, history[:5] + [2.0, 50.0, 5000.0]) == [False] * 6 + [True, True]
+    # Without one, 100x: norms that climb 3x a step (a too-high rate) are never calm (their mean: 15.6).
+    climb = [3.0**k for k in range(6)]
+    assert _feed(ExplodingDetector(), [*climb, 729.0]) == [False] * 7  # 47x
+    assert _feed(ExplodingDetector(), [*climb, 7290.0]) == [False] * 6 + [True]  # 467x
     det = ExplodingDetector(warmup_steps=10)
     assert not any(_feed(det, history))
     assert _feed(det, [50.0]) == [True]
     assert _feed(det, [1.0]) == [False]
     assert _feed(det, [60.0]) == [True]  # the first spike entered clipped, so the next one is still seen
+
+
+def test_a_step_flagged_in_a_calm_warm_up_stays_out_of_the_average() -> None:
+    calm = [1.0, 1.1, 0.9, 1.0, 1.05]
+    det = ExplodingDetector()
+    caps = []
+    for n in [*calm, 150.0, 150.0, 1.0]:
+        caps.append(float(det.update(torch.tensor(n), torch.tensor([n]), torch.tensor(True)).cap))
+    # Both bad batches are clipped to the calm average (one stretch, one event), and the band is still the calm one:
+    # entered at the 100x boundary, the first had doubled the mean and widened the band to 1e-4..5e4.
+    assert all(math.isfinite(c) and 0.9 < c < 1.1 for c in caps[5:7]) and math.isinf(caps[7])
+    average, low, high = det.band().tolist()
+    assert 0.9 < average < 1.1 and high <= 2.5 * average and low >= average / 2.5
+    # A level that holds is taken in after level_steps (5) steps, as after the warm-up.
+    det = ExplodingDetector()
+    flagged = [
+        math.isfinite(float(det.update(torch.tensor(n), torch.tensor([n]), torch.tensor(True)).cap))
+        for n in [*calm, *[150.0] * 8]
+    ]
+    assert flagged == [False] * 5 + [True] * 5 + [False] * 3
+    assert 140.0 < det.band()[0] < 160.0
+    # A young band wider than the bad batch (calm: within 4x) still makes the pair one stretch, one event.
+    det = ExplodingDetector()
+    assert _feed(det, [0.5, 1.0, 2.0, 0.5, 1.0, 2.0, 15.0, 15.0, 1.0]) == [False] * 6 + [True, False, False]
+    assert 0.9 < det.band()[0] < 1.1
+    # Without a calm start (a rate too high from the first step) a flagged step still enters the mean.
+    det = ExplodingDetector()
+    assert _feed(det, [1.0, 10.0, 100.0, 1e3, 1e4]) == [False] * 4 + [True]
+    assert det.band()[0] > 50.0  # 31.6 before it
 
 
 def test_cap_is_cap_ratio_times_the_average_or_the_ceiling() -> None:
@@ -162,6 +197,8 @@ def test_vanishing_needs_patience_and_absent_layers_keep_their_streak() -> None:
         {"min_ratio": 0.5},
         {"max_ratio": 1.5},
         {"max_layer_ratio": 2.0},
+        {"calm_ratio": 1.5},
+        {"calm_ratio": "10"},
         {"max_layer_ratio": "10"},
         {"max_norm": -1.0},
         {"max_layer_norm": math.inf},
