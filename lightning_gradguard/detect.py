@@ -334,17 +334,17 @@ class ExplodingDetector:
             if early is not None and late is None:
                 late = torch.full((size,), math.inf, device=device)
             # During the warm-up after a calm start the total is held to calm_ratio as well (layers as before).
-            calm = early
+            calm_limits = early
             if self.calm_ratio is not None:
                 calm_total = min(self.calm_ratio, math.inf if early_total is None else early_total)
-                calm = _per_entry(size, device, calm_total, self.max_layer_ratio, math.inf, transform=math.log)
+                calm_limits = _per_entry(size, device, calm_total, self.max_layer_ratio, math.inf, transform=math.log)
             hit = self._const_cache = (
                 key,
                 one,
                 _per_entry(size, device, self.max_norm, self.max_layer_norm, math.inf),
                 late,
                 early,
-                calm,
+                calm_limits,
                 start_at,
             )
         return hit[1], hit[2], hit[3], hit[4], hit[5], hit[6]
