@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def test_counts_against_the_best_of_each_seed_and_the_one_tuned_rate() -> None:
             2: {"unguarded": 0.9, "guarded": 0.12, "unguarded_lr0.3": nan, "unguarded_lr0.1": 0.1},
         }
     )
-    (s,) = summarize(result)
+    s, reference = summarize(result)
+    assert s["variant"] == "guarded" and not s["reference"]
     assert s["tuned_rate"] == 0.3
     assert s["diverged_unguarded"] == 2
     assert s["le_best_of_sweep"] == 1  # seed 0 only: seed 1 loses to 0.2, seed 2 to 0.1
@@ -71,6 +73,33 @@ def test_counts_against_the_best_of_each_seed_and_the_one_tuned_rate() -> None:
     assert s["learned"] == 3 and s["learned_tuned_rate"] == 2  # below 0.9 x 0.5; NaN never learned
     assert s["per_seed"][2] == (0.12, 0.1, math.inf)
     assert s["solved"] == 0 and s["solved_tuned_rate"] == 0  # MSE below 0.01: none here
+    # The sweep's other rate, counted against the same bars as the guarded run.
+    assert reference["variant"] == "unguarded_lr0.1" and reference["reference"]
+    assert reference["guard"] == "unguarded lr 0.1"
+    assert reference["le_best_of_sweep"] == 1  # seed 2, where it is the best
+    assert reference["le_tuned_rate"] == 1  # seed 2 again: seeds 0 and 1 lose to lr 0.3
+    assert reference["median"] == 0.3
+    assert reference["per_seed"][0] == (0.4, 0.2, 0.2)
+
+
+def test_the_report_shows_the_other_rates_without_their_seeds() -> None:
+    result = _result({0: {"unguarded": math.nan, "guarded": 0.15, "unguarded_lr0.3": 0.2, "unguarded_lr0.1": 0.4}})
+    result["summary"] = summarize(result)
+    result["meta"] = {
+        "command": "c",
+        "machine": {"cpus": 2, "python": "3", "torch": "t", "lightning": "l", "device": "cpu"},
+        "size": "default",
+        "logdir": "d",
+        "wall_s": 1.0,
+    }
+    lines = rescue_seeds.report(result).splitlines()
+    rows = [re.split(r"\s{2,}", line) for line in lines if line.startswith("c ")]
+    assert [row[1] for row in rows] == ["GradGuard()", "unguarded lr 0.1"]
+    # run, diverged, <= best of sweep, tuned rate, <= tuned rate: lr 0.1 lost to the tuned rate 0.3 on the one seed
+    assert rows[0][2:6] == ["1/1", "1/1", "0.3", "1/1"]
+    assert rows[1][2:6] == ["1/1", "0/1", "0.3", "0/1"]
+    per_seed = lines[lines.index("per seed: guarded / best of sweep / tuned rate") + 1 :]
+    assert [line for line in per_seed if line.startswith("  c ")] == ["  c guarded: 0: 0.15 / 0.2 / 0.2"]
 
 
 def test_a_diverged_guarded_run_is_never_counted_even_where_the_sweep_diverged_too() -> None:
@@ -78,8 +107,8 @@ def test_a_diverged_guarded_run_is_never_counted_even_where_the_sweep_diverged_t
     result = _result({0: {"unguarded": nan, "guarded": nan, "unguarded_lr0.3": nan, "unguarded_lr0.1": nan}})
     for row in result["rows"]:
         row["diverged"] = True
-    (s,) = summarize(result)
-    assert s["le_best_of_sweep"] == 0 and s["le_tuned_rate"] == 0
+    for s in summarize(result):
+        assert s["le_best_of_sweep"] == 0 and s["le_tuned_rate"] == 0
 
 
 def test_solved_counts_mse_below_the_adding_problems_bar_and_not_classification() -> None:
@@ -112,7 +141,13 @@ def test_quick_run_summarizes_its_own_rows(tmp_path: Path, capsys: pytest.Captur
     result = json.loads(out.read_text())
     assert result["seeds"] == [0, 1]
     assert {r["seed"] for r in result["rows"]} == {0, 1}
-    (s,) = result["summary"]
+    s, *references = result["summary"]
+    assert not s["reference"]
+    # The sweep's two rates other than the tuned one, each no worse than the tuned rate at most on every seed.
+    assert sorted(r["variant"] for r in references) == sorted(
+        f"unguarded_lr{rate:g}" for rate in (0.3, 0.1, 0.03) if rate != s["tuned_rate"]
+    )
+    assert all(r["reference"] and 0 <= r["le_best_of_sweep"] <= r["le_tuned_rate"] <= 2 for r in references)
     # JSON spells a non-finite number as a string; the summary ranks NaN as inf.
     guarded = [float(r["heldout_loss"]) for r in result["rows"] if r["variant"] == "guarded"]
     expected = statistics.median(x if math.isfinite(x) else math.inf for x in guarded)
