@@ -42,7 +42,7 @@ def test_a_transient_blow_up_that_recovers_by_itself_raises_nothing() -> None:
 
 def test_a_new_event_needs_the_loss_to_come_back_down_first() -> None:
     det = DivergenceDetector(patience=2)
-    losses = [2.0, 2.0, 50.0, 50.0, 50.0, 2.0, 50.0, 50.0]
+    losses = [2.0, 2.0, 50.0, 500.0, 600.0, 2.0, 50.0, 500.0]  # climbing after each jump: no new level of the data
     assert _feed(det, losses) == [3, 7]
 
 
@@ -114,7 +114,7 @@ def test_negative_losses_are_never_judged() -> None:
 
 
 def test_state_dict_round_trip_continues_the_same_decisions() -> None:
-    losses = [2.0, 2.1, 1.9, 40.0, 45.0, 50.0, 55.0]
+    losses = [2.0, 2.1, 1.9, 40.0, 150.0, 500.0, 1600.0]  # a jump, then a climb
     whole = DivergenceDetector(patience=3)
     expected = _feed(whole, losses)
     first, second = DivergenceDetector(patience=3), DivergenceDetector(patience=3)

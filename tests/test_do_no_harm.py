@@ -464,6 +464,20 @@ def test_a_legitimate_new_loss_level_is_left_alone_by_the_default_guard(at: int,
     _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.02)
 
 
+@pytest.mark.parametrize(("at", "scale"), [(5, 30.0), (10, 30.0), (25, 100.0)])
+def test_a_new_loss_level_in_the_first_steps_is_no_divergence(at: int, scale: float) -> None:
+    # A harder task (a loss term switched on) before the divergence detector's running mean has settled (its first
+    # 50 losses). The jump used to count as a new level only after a settled mean, so the jump and the plateau were
+    # a divergence: a cut and a restart from the initial weights, held-out +21%, +24% and +31% here. A history of
+    # `patience` calm losses now suffices.
+    _, bare = _level_shift_run(None, at=at, scale=scale)
+    guard = GradGuard()
+    _, guarded = _level_shift_run(guard, at=at, scale=scale)
+    events = guard.summary()
+    assert events["diverging"] == 0 and events["lr_reduced"] == 0 and events["rolled_back"] == 0, events
+    _assert_close(guarded, bare, "held-out loss on the hard task", rel=0.02)
+
+
 def test_a_bad_batch_on_the_new_level_is_caught() -> None:
     # 30 steps into the harder task a batch's targets are 100x too large. The exploding detector takes the new level
     # in after five steps at it (``level_steps``), so the bad batch stands out against it: a second event, clipped.

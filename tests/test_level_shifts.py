@@ -61,10 +61,22 @@ def test_a_gradual_climb_is_a_divergence() -> None:
     assert _losses(det, losses) == [len(_SETTLED) + 7]
 
 
-def test_a_jump_before_the_level_has_settled_is_a_divergence() -> None:
+def test_a_jump_within_the_first_patience_observations_is_a_divergence() -> None:
     # Adam at a rate far too high: the loss jumps in the first steps and stays up. There is no calm history yet.
     det = DivergenceDetector()
     assert _losses(det, [16.0, 15.0, 15.0, 400.0, 380.0, 390.0, 410.0, 400.0]) == [7]
+
+
+def test_a_jump_that_holds_after_patience_calm_observations_is_no_divergence_before_the_mean_settles() -> None:
+    # A loss term switched on at step 6, long before the running mean settles (50 observations): a new level.
+    start = [3.0, 2.6, 2.3, 2.1, 2.0, 1.9]
+    det = DivergenceDetector()
+    assert _losses(det, start + [200.0, 190.0, 205.0, 195.0, 200.0] + [185.0] * 20) == []
+    assert det.level()[0] > 150.0  # the level starts again from the new loss
+    # The same jump two observations earlier has too short a history to be judged calm; one that keeps climbing is
+    # the weights'.
+    assert _losses(DivergenceDetector(), start[:4] + [200.0] * 6) == [8]
+    assert _losses(DivergenceDetector(), start + [200.0, 300.0, 500.0, 1000.0, 2000.0]) == [10]
 
 
 def test_level_shifts_off_or_patience_one_keep_every_event() -> None:
