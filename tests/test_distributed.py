@@ -402,8 +402,9 @@ def _ddp_restart_worker(
 
 # ------------------------------------------------------------------------------------------ plain loop under torch DDP
 def _plain_ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
-    """``GuardEngine`` in a plain loop under torch's DDP. From step 20 rank 0 alone reports a diverging loss (its
-    gradients stay as they are), and every seventh step it reports none."""
+    """``GuardEngine`` in a plain loop under torch's DDP. From step 20 rank 0 alone reports a diverging loss, 1000x
+    its own and doubling every step (its gradients stay as they are; a jump that held would be a new level of the
+    data), and every seventh step it reports none."""
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
@@ -418,7 +419,10 @@ def _plain_ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
-            reported = None if rank == 0 and step % 7 == 0 else loss.detach() * (1e3 if rank == 0 and step >= 20 else 1)
+            blown_up = rank == 0 and step >= 20
+            reported = (
+                None if rank == 0 and step % 7 == 0 else loss.detach() * (1e3 * 2.0 ** (step - 20) if blown_up else 1)
+            )
             engine.step(optimizer=optimizer, loss=reported)  # before, a loss of rank 0's own
             optimizer.step()
             diverging += [event.step for event in engine.drain() if event.diverging]
