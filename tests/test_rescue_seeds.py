@@ -143,7 +143,7 @@ def test_quick_run_summarizes_its_own_rows(tmp_path: Path, capsys: pytest.Captur
     assert {r["seed"] for r in result["rows"]} == {0, 1}
     s, *references = result["summary"]
     assert not s["reference"]
-    # The sweep's two rates other than the tuned one, each no worse than the tuned rate at most on every seed.
+    # The sweep's two rates other than the tuned one, each counted on at most the two seeds.
     assert sorted(r["variant"] for r in references) == sorted(
         f"unguarded_lr{rate:g}" for rate in (0.3, 0.1, 0.03) if rate != s["tuned_rate"]
     )
