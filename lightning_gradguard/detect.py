@@ -335,9 +335,11 @@ class ExplodingDetector:
                 late = torch.full((size,), math.inf, device=device)
             # During the warm-up after a calm start the total is held to calm_ratio as well (layers as before).
             calm_limits = early
-            if self.calm_ratio is not None:
-                calm_total = min(self.calm_ratio, math.inf if early_total is None else early_total)
-                calm_limits = _per_entry(size, device, calm_total, self.max_layer_ratio, math.inf, transform=math.log)
+            if self.calm_ratio is not None and (early_total is None or self.calm_ratio < early_total):
+                # Only where it is tighter: the same object as ``early`` saves the step a ``where``.
+                calm_limits = _per_entry(
+                    size, device, self.calm_ratio, self.max_layer_ratio, math.inf, transform=math.log
+                )
             hit = self._const_cache = (
                 key,
                 one,
