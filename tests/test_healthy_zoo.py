@@ -177,7 +177,43 @@ def test_clippers_add_one_run_and_one_verdict_per_clipper() -> None:
         assert any(line.startswith(f"- `{label}`: ") and "/2 PASS" in line for line in text.splitlines()), label
 
 
-@pytest.mark.parametrize("argv", [["--configs", "nope"], ["--steps", "0"]])
+@pytest.mark.parametrize("scale", [1e-3, 0.0])
+def test_noise_nudges_one_step_of_the_reference_per_run(monkeypatch: pytest.MonkeyPatch, scale: float) -> None:
+    # The GAN steps its two optimizers by hand: the nudge must reach manual optimization too. With a nudge of 0 the
+    # extra runs repeat the reference bit for bit, so whatever they move comes from the nudged gradients alone.
+    monkeypatch.setattr("benchmarks.healthy_zoo.NOISE_SCALE", scale)
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        result = main(["--quick", "--configs", "masked,gan", "--noise", "2"])
+    for cfg in result["configs"]:
+        noise = cfg["noise"]
+        max_steps = CONFIGS[cfg["config"]]("quick", 0, None).max_steps
+        assert noise["runs"] == 2 and noise["scale"] == scale
+        assert noise["factors"] == [1.0 + scale, 1.0 - scale]
+        assert noise["steps"] == sorted(noise["steps"]) and all(1 <= at <= max_steps for at in noise["steps"])
+        rels = noise["rel_diff_pct"]
+        assert all(_finite(r) for r in rels), rels
+        assert (noise["low_pct"], noise["high_pct"]) == (min(rels), max(rels))
+        if scale:
+            assert any(r != 0.0 for r in rels), cfg["config"]
+        else:
+            assert rels == [0.0, 0.0], cfg["config"]
+    for v in result["verdicts"]:
+        assert isinstance(v["inside_noise"], bool)
+        floor = next(c["noise"] for c in result["configs"] if c["config"] == v["config"])
+        assert v["inside_noise"] == (v["rel_diff_pct"] <= floor["high_pct"])
+    text = stdout.getvalue()
+    assert sum("; noise floor " in line for line in text.splitlines() if line.startswith("- **")) == 2
+
+
+def test_without_noise_no_floor_is_reported(quick: tuple[str, dict, dict]) -> None:
+    text, result, _ = quick
+    assert all(c["noise"] is None for c in result["configs"])
+    assert all(v["inside_noise"] is None for v in result["verdicts"])
+    assert "noise floor" not in text
+
+
+@pytest.mark.parametrize("argv", [["--configs", "nope"], ["--steps", "0"], ["--noise", "-1"]])
 def test_bad_arguments_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         main(argv)
