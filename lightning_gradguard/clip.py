@@ -51,7 +51,7 @@ try:
 except ImportError:  # torch built without distributed support
     _DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["AGC", "AdaGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_clipper"]
+__all__ = ["AGC", "AdaGC", "AutoClip", "Clipper", "NormClip", "SparseGradientError", "ZClip", "default_clipper"]
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
 _NORM_EPS = 1e-6
@@ -148,6 +148,10 @@ def _state_float_dtype(device: torch.device) -> torch.dtype:
 
 def _to_cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", copy=True)
+
+
+class SparseGradientError(ValueError):
+    """A clipper that works on rows of dense tensors (AGC) met a sparse gradient."""
 
 
 class Clipper(abc.ABC):
@@ -1124,6 +1128,11 @@ class AGC(Clipper):
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
+        if any(g.is_sparse for g in grads):
+            raise SparseGradientError(
+                "AGC cannot clip sparse gradients (e.g. `nn.Embedding(sparse=True)`): its units are rows of dense"
+                " tensors. Use NormClip, ZClip, AutoClip or AdaGC, which clip sparse gradients."
+            )
         columns = self._columns(grads, owner_types)
         grads, params = _local_tensors(grads), _local_tensors(params)
         if columns:  # transposed views: their rows are the output units, and clipping them clips the gradient

@@ -134,10 +134,6 @@ class NonFiniteGradientError(FloatingPointError):
     """
 
 
-class SparseGradientError(ValueError):
-    """A clipper that works on rows of dense tensors (AGC) met a sparse gradient."""
-
-
 # ---------------------------------------------------------------------------------------------------- flat state
 class _Buffer(NamedTuple):
     """One device buffer of the per-step record."""
@@ -1373,12 +1369,6 @@ class GuardEngine:
         if self.skipped:
             return clipper.last_coef.to(total.device, torch.float32), record.unclipped
         names = owners = None
-        if clipper.needs_params and any(g.is_sparse for g in measured.grads):
-            raise SparseGradientError(
-                f"clip={type(clipper).__name__}(...) cannot clip sparse gradients (e.g."
-                " `nn.Embedding(sparse=True)`): its units are rows of dense tensors. Use NormClip, ZClip, AutoClip"
-                " or AdaGC, which clip sparse gradients."
-            )
         if clipper.needs_params or clipper.needs_names:
             names, owners = self._owners(measured.param_indices)
         cap = self._cap(exploding)

@@ -14,7 +14,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, ZClip, default_clipper
+from lightning_gradguard.clip import (
+    AGC,
+    AdaGC,
+    AutoClip,
+    Clipper,
+    NormClip,
+    SparseGradientError,
+    ZClip,
+    default_clipper,
+)
 from tests.helpers import SyncRecorder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -445,6 +454,19 @@ def test_agc_matches_reference(device: str, exclusion: str, chunk: int | None, m
         else:
             assert 0.0 < float(clipper.last_coef) <= 1.0
     assert clipped > 0 and untouched > 0  # both branches of the formula were compared
+
+
+def test_agc_refuses_sparse_gradients_in_a_plain_loop_before_touching_any() -> None:
+    # GradGuard turns this into a MisconfigurationException (test_modes); a plain loop gets the same advice, not
+    # the ``reshape`` error of a sparse tensor from deep inside the clipper.
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4, sparse=True), "head": nn.Linear(4, 1)})
+    (1e3 * model["head"](model["emb"](torch.tensor([[1, 2, 2]])).mean(1))).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(SparseGradientError, match=r"AGC cannot clip sparse gradients.*Use NormClip, ZClip"):
+        AGC().clip_(model)
+    assert isinstance(SparseGradientError("x"), ValueError)
+    for grad, old in zip((p.grad for p in model.parameters()), before, strict=True):
+        assert grad is not None and torch.equal(grad.to_dense(), old.to_dense())
 
 
 def test_agc_last_coef_is_min_unit_coef_and_total_norm_is_ignored() -> None:
