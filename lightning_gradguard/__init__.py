@@ -20,7 +20,6 @@ _EXPORTS = {
     "AutoClip": "clip",
     "Clipper": "clip",
     "NormClip": "clip",
-    "SparseGradientError": "clip",
     "ZClip": "clip",
     "EngineSnapshot": "engine",
     "GuardEngine": "engine",
@@ -65,7 +64,7 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
         NonFiniteGradientError,
         VanishingGradientError,
     )
-    from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, SparseGradientError, ZClip
+    from lightning_gradguard.clip import AGC, AdaGC, AutoClip, Clipper, NormClip, ZClip
     from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
     from lightning_gradguard.diagnostics import (
         ActivationGradients,

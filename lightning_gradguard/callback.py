@@ -30,7 +30,7 @@ from lightning_gradguard._lightning import (
 )
 from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_int
-from lightning_gradguard.clip import AdaGC, Clipper, SparseGradientError, default_clipper
+from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
 from lightning_gradguard.engine import (
     EVENT_KINDS,
@@ -740,8 +740,6 @@ class GradGuard(CallbackBase):
                 loss=loss,
                 samples=samples,
             )
-        except SparseGradientError as err:
-            raise MisconfigurationException(str(err)) from None
         finally:
             engine.before_drop = None  # holds the scaler and the optimizer: not beyond the step
         if engine.rolled_back:

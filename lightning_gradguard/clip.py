@@ -51,7 +51,7 @@ try:
 except ImportError:  # torch built without distributed support
     _DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["AGC", "AdaGC", "AutoClip", "Clipper", "NormClip", "SparseGradientError", "ZClip", "default_clipper"]
+__all__ = ["AGC", "AdaGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_clipper"]
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
 _NORM_EPS = 1e-6
@@ -148,10 +148,6 @@ def _state_float_dtype(device: torch.device) -> torch.dtype:
 
 def _to_cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", copy=True)
-
-
-class SparseGradientError(ValueError):
-    """A clipper that works on rows of dense tensors (AGC) met a sparse gradient."""
 
 
 class Clipper(abc.ABC):
@@ -1008,8 +1004,10 @@ class AGC(Clipper):
     module that stores its 2-D weight as ``[in_features, out_features]`` (transformers' ``Conv1D`` in GPT-2, found
     by default once ``transformers`` is imported; others through ``column_types``) has its output units in columns,
     and they are clipped as such (except for a weight sharded by FSDP2, whose columns straddle the shards: rows there).
-    ``total_norm`` plays no part in the decision. :attr:`last_coef` is the smallest unit coefficient of the step
-    (``1.0`` = nothing clipped); :attr:`last_threshold` is ``inf`` (there is no single threshold).
+    A sparse gradient (``nn.Embedding(sparse=True)``) is clipped as its dense form would be: each row it holds
+    against the same row of the weights, which are read at those rows only. ``total_norm`` plays no part in the
+    decision. :attr:`last_coef` is the smallest unit coefficient of the step (``1.0`` = nothing clipped);
+    :attr:`last_threshold` is ``inf`` (there is no single threshold).
 
     The NFNets practice is to exclude the final classifier layer, e.g. ``exclude=r"^fc\\."`` or
     ``exclude_types=(MyHead,)``. Exclusion goes by qualified parameter name (a regular expression searched in names
@@ -1113,7 +1111,7 @@ class AGC(Clipper):
         return {
             i
             for i, (grad, owner) in enumerate(zip(grads, owner_types))
-            if grad.ndim == 2 and issubclass(owner, types) and not hasattr(grad, "placements")
+            if grad.ndim == 2 and issubclass(owner, types) and not hasattr(grad, "placements") and not grad.is_sparse
         }
 
     def _clip(
@@ -1128,11 +1126,6 @@ class AGC(Clipper):
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
-        if any(g.is_sparse for g in grads):
-            raise SparseGradientError(
-                "AGC cannot clip sparse gradients (e.g. `nn.Embedding(sparse=True)`): its units are rows of dense"
-                " tensors. Use NormClip, ZClip, AutoClip or AdaGC, which clip sparse gradients."
-            )
         columns = self._columns(grads, owner_types)
         grads, params = _local_tensors(grads), _local_tensors(params)
         if columns:  # transposed views: their rows are the output units, and clipping them clips the gradient
@@ -1141,12 +1134,23 @@ class AGC(Clipper):
         # Same-shaped tensors are stacked into one [units, unit_len] matrix: a handful of kernels per distinct shape
         # (one norm for all their units, one multiply, one foreach copy back) instead of several per parameter.
         groups: dict[tuple[torch.device, torch.dtype, torch.dtype, torch.Size], list[int]] = {}
+        sparse: list[int] = []
         for i in self._selected(len(grads), names, owner_types):
             grad = grads[i]
-            groups.setdefault((grad.device, grad.dtype, params[i].dtype, grad.shape), []).append(i)
+            if grad.is_sparse:
+                sparse.append(i)
+            else:
+                groups.setdefault((grad.device, grad.dtype, params[i].dtype, grad.shape), []).append(i)
 
         minima: list[Tensor] = []
         valid_on: dict[torch.device, Tensor] = {}
+        for i in sparse:
+            grad = grads[i]
+            if grad._nnz() == 0:  # host metadata: an empty gradient has no unit to clip
+                continue
+            if grad.device not in valid_on:
+                valid_on[grad.device] = valid.to(grad.device)
+            minima.append(self._clip_sparse_(grad, params[i], valid_on[grad.device]).to(total_norm.device))
         for (device, _, _, shape), indices in groups.items():
             numel = shape.numel()
             if numel == 0:
@@ -1187,6 +1191,29 @@ class AGC(Clipper):
         self.last_threshold = self._no_threshold[total_norm.device]
         self.last_coef = min_coef
         return min_coef
+
+    def _clip_sparse_(self, grad: Tensor, param: Tensor, valid: Tensor) -> Tensor:
+        """Clip a sparse COO gradient (``nn.Embedding(sparse=True)``) in place, unit by unit as its dense form would
+        be: each row it holds against the same row of the weights, which are read at those rows only. A repeated row
+        adds up first (coalescing, as the norm measurement already does; on CUDA it waits for the number of rows),
+        then one ``index_add`` over the parameter's rows sums each row's squares. Returns the smallest coefficient."""
+        coalesced = grad if grad.is_coalesced() else grad.coalesce()
+        values = coalesced._values()  # shares storage with ``coalesced``: scaling it scales the gradient
+        if param.dim() >= 2:
+            units, rows = param.shape[0], coalesced._indices()[0]
+            weight_norms = _row_norms(param.reshape(units, -1).index_select(0, rows))
+        else:  # a 1-D parameter is a single unit: every stored entry belongs to it
+            units, rows = 1, torch.zeros_like(coalesced._indices()[0])
+            weight_norms = _row_norms(param.reshape(1, -1)).expand(values.shape[0])
+        entry_sq = values.float().square().reshape(values.shape[0], -1).sum(1)
+        row_norms = torch.zeros(units, device=values.device).index_add_(0, rows, entry_sq).sqrt_()
+        max_norm = weight_norms.clamp_min(self.eps).mul_(self.clip_factor)
+        coef = max_norm.div_(row_norms.index_select(0, rows).clamp_min_(_NORM_EPS)).clamp_max_(1.0)
+        coef = torch.where(valid, coef, 1.0)
+        values.mul_(coef.to(values.dtype).view(-1, *([1] * (values.dim() - 1))))
+        if coalesced is not grad:
+            grad.copy_(coalesced)  # the same object keeps the clipped entries (an optimizer may hold it)
+        return coef.amin()
 
     def extra_repr(self) -> str:
         text = (

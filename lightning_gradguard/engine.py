@@ -1133,7 +1133,7 @@ class GuardEngine:
         before = rollback.stretch_start
         # Host checks, on rollback steps only. A plain retry (the first early restart) changes nothing but the weights.
         retry = rollback.retries()
-        rescue = not retry and rollback.rescues(optimizer, self.index.params, scaled)
+        rescue = not retry and rollback.rescues(optimizer, scaled)
         # The cuts taken during the stretch answered weights that the restart throws away: the restarted run gets one
         # cut from the rate in force when the trouble began, not all of them (none when the rescue clipper is the
         # remedy tried first, unless the norm blew up by orders of magnitude in one step).
@@ -1175,15 +1175,8 @@ class GuardEngine:
         """The rollback's rescue clipper, after the guard's own (only in a run that has rolled back)."""
         rescue = self.rollback.rescue if self.rollback is not None else None
         assert rescue is not None
-        keep: Sequence[int] = range(len(measured.grads))
-        if rescue.needs_params and any(g.is_sparse for g in measured.grads):
-            # A sparse gradient that appears after the rescue began (none did at the rollback): unit-wise clipping
-            # has no rows to work on in it, and an error here would end a run that is being rescued.
-            keep = [i for i, g in enumerate(measured.grads) if not g.is_sparse]
-        grads = [measured.grads[i] for i in keep]
-        params = [measured.params[i] for i in keep]
-        names, owners = self._owners([measured.param_indices[i] for i in keep])
-        rescue.clip_grads_(grads, total, valid, params=params, names=names, owner_types=owners)
+        names, owners = self._owners(measured.param_indices)
+        rescue.clip_grads_(measured.grads, total, valid, params=measured.params, names=names, owner_types=owners)
 
     def _owners(self, param_indices: list[int]) -> tuple[list[str], list[type]]:
         """The qualified names and owner module types of the given parameters (for AGC's ``exclude``)."""

@@ -199,9 +199,8 @@ class Rollback:
         rescue: a :class:`~lightning_gradguard.Clipper` that a rollback puts to work, after the guard's own clipper, for
             the rest of the run (:func:`default_rollback` uses ``AGC()``), when the optimizer's step grows with the
             gradient (``torch.optim.SGD`` and its subclasses; Adam, RMSprop and other adaptive optimizers divide the
-            gradient's size away, so clipping cannot slow them), no gradient is sparse (AGC has no rows to clip there,
-            and would leave those parameters at the rate that wrecked them) and none still carries a GradScaler's scale
-            (a fused optimizer under 16-bit AMP unscales inside its step). That rollback returns to the copy at the rate
+            gradient's size away, so clipping cannot slow them) and no gradient still carries a GradScaler's scale (a
+            fused optimizer under 16-bit AMP unscales inside its step). That rollback returns to the copy at the rate
             in force when the trouble began instead of lowering it (unless the norm blew up, ``blowup_factor``): the
             clipper is the remedy tried first; the rollbacks after it lower the rate as usual. ``None``: every rollback
             lowers the rate. A run that never rolls back never calls it. Its clipping is not in ``clipped`` or
@@ -509,14 +508,11 @@ class Rollback:
             and not self.blew_up()
         )
 
-    def rescues(
-        self, optimizer: torch.optim.Optimizer | None, params: Sequence[Tensor] = (), scaled: bool = False
-    ) -> bool:
+    def rescues(self, optimizer: torch.optim.Optimizer | None, scaled: bool = False) -> bool:
         """Whether a rollback now would put the :attr:`rescue` clipper to work (and keep the rate, unless
         :meth:`blew_up`): there is one, it is not at work yet, the trouble began by step ``rescue_until`` and did not
-        follow a calm start (``calm_factor``), ``optimizer``'s step grows with the gradient (``torch.optim.SGD``), no
-        gradient of ``params`` is sparse (unit-wise clipping would leave it at the rate that wrecked it) and the
-        gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP unscales inside
+        follow a calm start (``calm_factor``), ``optimizer``'s step grows with the gradient (``torch.optim.SGD``) and
+        the gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP unscales inside
         its step, and AGC would compare them with the weights off by that factor)."""
         optimizer = unwrap_optimizer(optimizer)
         return (
@@ -525,7 +521,6 @@ class Rollback:
             and self._early_trouble()
             and isinstance(optimizer, _PROPORTIONAL)
             and not scaled
-            and not any(p.grad is not None and p.grad.is_sparse for p in params)
         )
 
     def restore(self, optimizer: torch.optim.Optimizer | None, rescue: bool = False, retry: bool = False) -> Any:

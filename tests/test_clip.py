@@ -20,7 +20,6 @@ from lightning_gradguard.clip import (
     AutoClip,
     Clipper,
     NormClip,
-    SparseGradientError,
     ZClip,
     default_clipper,
 )
@@ -456,17 +455,47 @@ def test_agc_matches_reference(device: str, exclusion: str, chunk: int | None, m
     assert clipped > 0 and untouched > 0  # both branches of the formula were compared
 
 
-def test_agc_refuses_sparse_gradients_in_a_plain_loop_before_touching_any() -> None:
-    # GradGuard turns this into a MisconfigurationException (test_modes); a plain loop gets the same advice, not
-    # the ``reshape`` error of a sparse tensor from deep inside the clipper.
-    model = nn.ModuleDict({"emb": nn.Embedding(10, 4, sparse=True), "head": nn.Linear(4, 1)})
-    (1e3 * model["head"](model["emb"](torch.tensor([[1, 2, 2]])).mean(1))).sum().backward()
-    before = [p.grad.clone() for p in model.parameters()]
-    with pytest.raises(SparseGradientError, match=r"AGC cannot clip sparse gradients.*Use NormClip, ZClip"):
-        AGC().clip_(model)
-    assert isinstance(SparseGradientError("x"), ValueError)
-    for grad, old in zip((p.grad for p in model.parameters()), before, strict=True):
-        assert grad is not None and torch.equal(grad.to_dense(), old.to_dense())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_agc_clips_a_sparse_gradient_as_its_dense_form(dtype: torch.dtype) -> None:
+    # nn.Embedding(sparse=True): an uncoalesced gradient (row 3 used six times, in two lookups), a zero weight row
+    # (the eps floor), rows with no gradient; the clipped result is the dense computation's, in the same object.
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 6, sparse=True).to(dtype)
+    with torch.no_grad():
+        emb.weight[3].zero_()
+    idx = torch.tensor([[1, 2, 2, 3, 3, 3, 7]])
+    (100 * emb(idx).square().sum() + 50 * emb(idx).sum()).backward()
+    grad = emb.weight.grad
+    assert grad is not None and grad.is_sparse and not grad.is_coalesced()
+    dense = grad.to_dense()
+    sparse_clipper, dense_clipper = AGC(clip_factor=0.05), AGC(clip_factor=0.05)
+    dense_clipper.clip_grads_([dense], torch.tensor(1.0), torch.tensor(True), params=[emb.weight.detach()])
+    sparse_clipper.clip_(emb)
+    assert emb.weight.grad is grad and grad.is_sparse
+    torch.testing.assert_close(grad.to_dense(), dense)
+    assert float(sparse_clipper.last_coef) == pytest.approx(float(dense_clipper.last_coef), rel=1e-6)
+    assert float(sparse_clipper.last_coef) < 1e-3  # the zero row met the eps floor
+    # An invalid step leaves the gradient alone, and an empty one has nothing to clip.
+    before = grad.to_dense().clone()
+    AGC(clip_factor=1e-6).clip_grads_([grad], torch.tensor(1.0), torch.tensor(False), params=[emb.weight.detach()])
+    assert torch.equal(grad.to_dense(), before)
+    empty = torch.sparse_coo_tensor(
+        torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 6, dtype=dtype), (20, 6), check_invariants=True
+    )
+    coef = AGC().clip_grads_([empty], torch.tensor(1.0), torch.tensor(True), params=[emb.weight.detach()])
+    assert float(coef) == 1.0
+
+
+def test_agc_clips_a_sparse_gradient_of_a_1d_parameter_as_one_unit() -> None:
+    weight = torch.arange(1.0, 9.0)
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[0, 5, 5]]), torch.tensor([30.0, 40.0, 10.0]), (8,), check_invariants=True
+    )
+    dense = grad.to_dense()
+    AGC(clip_factor=0.1).clip_grads_([dense], torch.tensor(1.0), torch.tensor(True), params=[weight])
+    AGC(clip_factor=0.1).clip_grads_([grad], torch.tensor(1.0), torch.tensor(True), params=[weight])
+    torch.testing.assert_close(grad.to_dense(), dense)
+    assert float(dense.norm()) == pytest.approx(0.1 * float(weight.norm()), rel=1e-6)  # one unit, clipped
 
 
 def test_agc_last_coef_is_min_unit_coef_and_total_norm_is_ignored() -> None:

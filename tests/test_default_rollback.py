@@ -363,23 +363,33 @@ def test_an_adaptive_optimizer_gets_the_cut_and_no_rescue_clipper() -> None:
     assert max(ratios[s] for s in range(10, 61)) > 0.02
 
 
-def test_a_model_with_sparse_gradients_gets_the_cut_and_no_rescue_clipper() -> None:
-    # AGC cannot clip a sparse gradient: the embedding would stay at the rate that wrecked it.
+def test_a_model_with_sparse_gradients_gets_the_rescue_clipper_on_its_embedding_rows_too() -> None:
+    # AGC clips a sparse gradient row by row, as its dense form: the embedding is slowed with the rest.
     torch.manual_seed(0)
     model = nn.Sequential(nn.EmbeddingBag(50, 8, mode="mean", sparse=True), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GuardEngine(model, lr_guard=LRGuard(), rollback=default_rollback())
     engine.attach(opt)
     g = torch.Generator().manual_seed(0)
+    rescued_rows = 0
     for step in range(1, 31):
         opt.zero_grad()
         loss = model(torch.randint(0, 50, (16, 4), generator=g)).square().mean()
         (loss * _BACK.get(step, 1.0)).backward()
         engine.step(optimizer=opt)
+        grad = model[0].weight.grad
+        if engine.rollback is not None and engine.rollback.rescuing and grad is not None:
+            assert grad.is_sparse
+            dense, weight = grad.to_dense(), model[0].weight.detach()
+            held = dense.norm(dim=1) > 0
+            ratio = dense[held].norm(dim=1) / weight[held].norm(dim=1).clamp_min(1e-3)
+            assert float(ratio.max()) <= 0.01 * (1 + 1e-4), step
+            rescued_rows += int(held.sum())
         opt.step()
-    # The retry, then the cut.
-    assert engine.summary()["rolled_back"] == 2 and engine.rollback is not None and not engine.rollback.rescuing
-    assert engine.lr_guard is not None and engine.lr_guard.ceiling() == pytest.approx(0.5**0.5)
+    # The retry, then the rescue at the rate in force (no cut), as for a dense model.
+    assert engine.summary()["rolled_back"] == 2 and engine.rollback is not None and engine.rollback.rescuing
+    assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0
+    assert rescued_rows > 0
 
 
 def test_gradients_still_scaled_by_a_grad_scaler_get_the_cut_and_no_rescue_clipper() -> None:

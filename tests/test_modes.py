@@ -634,9 +634,32 @@ def test_sparse_gradients_are_measured_on_coalesced_values_and_clipped(clip: Any
     assert torch.isfinite(model.emb.weight).all()
 
 
-def test_sparse_gradients_with_agc_give_a_clear_error() -> None:
-    with pytest.raises(MisconfigurationException, match="AGC.*cannot clip sparse gradients"):
-        trainer(max_steps=2, callbacks=[GradGuard(clip=AGC())]).fit(SparseBag(), regression_data())
+class DenseGrads(Callback):
+    """Records the embedding's weight and its gradient in dense form, each optimizer step."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        weight = pl_module.emb.weight
+        self.steps.append((weight.detach().clone(), weight.grad.to_dense()))
+
+
+def test_sparse_gradients_are_clipped_by_agc_as_their_dense_form() -> None:
+    # Each held row of the embedding is a unit, clipped against its own weights; a repeated row adds up first.
+    torch.manual_seed(0)
+    model = SparseBag()
+    pre, post = DenseGrads(), DenseGrads()
+    trainer(max_steps=6, callbacks=[pre, GradGuard(clip=AGC(clip_factor=0.01)), post]).fit(model, regression_data())
+    assert len(pre.steps) == len(post.steps) == 6
+    clipped = 0
+    for (weight, grad), (_, after) in zip(pre.steps, post.steps):
+        reference = grad.clone()
+        AGC(clip_factor=0.01).clip_grads_([reference], torch.tensor(1.0), torch.tensor(True), params=[weight])
+        torch.testing.assert_close(after, reference)
+        clipped += int(not torch.equal(after, grad))
+    assert clipped > 0  # the factor is small enough that AGC clipped
+    assert model.emb.weight.grad is None or model.emb.weight.grad.is_sparse
 
 
 class SparseNaN(SparseBag):
