@@ -128,3 +128,18 @@ def run_main(
     if logdir_prefix is not None and args.logdir is None:
         args.logdir = tempfile.mkdtemp(prefix=logdir_prefix)
     return run_quietly_and_emit(run, report, args)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"``, ``"0,3,7"`` or a mix (``"0-2,9"``) as a list of distinct seeds in order."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise ValueError(f"--seeds: expected seeds such as 0-4 or 0,3,7, got {text!r}")
+        span = range(int(lo), int(hi) + 1) if sep else [int(lo)]
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"--seeds: the range {part!r} is empty")
+        seeds += [s for s in span if s not in seeds]
+    return seeds

@@ -44,7 +44,7 @@ if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import stability
-from benchmarks._common import num, run_main
+from benchmarks._common import num, parse_seeds, run_main
 from examples.lstm_adding import SOLVED_MSE
 
 __all__ = ["main", "report", "run", "summarize"]
@@ -201,21 +201,6 @@ def report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _seeds(text: str) -> list[int]:
-    """``"0-4"``, ``"0,3,7"`` or a mix (``"0-2,9"``) as a list of distinct seeds in order."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        if not (lo.isdigit() and (not sep or hi.isdigit())):
-            raise ValueError(f"--seeds: expected seeds such as 0-4 or 0,3,7, got {text!r}")
-        span = range(int(lo), int(hi) + 1) if sep else [int(lo)]
-        if sep and int(hi) < int(lo):
-            raise ValueError(f"--seeds: the range {part!r} is empty")
-        seeds += [s for s in span if s not in seeds]
-    return seeds
-
-
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/rescue_seeds.py",
@@ -242,7 +227,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     args.variants = stability.parse_variants(p, args.variants)
     args.clippers = any(v in stability.CLIPPER_GUARDS for v in args.variants)
     try:
-        args.seeds = _seeds(args.seeds)
+        args.seeds = parse_seeds(args.seeds)
     except ValueError as e:
         p.error(str(e))
     stability.check_machine_arguments(p, args)

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from benchmarks import rescue_seeds
-from benchmarks.rescue_seeds import _seeds, summarize
+from benchmarks._common import parse_seeds
+from benchmarks.rescue_seeds import summarize
 
 
 def _row(seed: int, variant: str, loss: float, diverged: bool = False) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def test_solved_counts_mse_below_the_adding_problems_bar_and_not_classification(
 
 @pytest.mark.parametrize(("text", "seeds"), [("0-3", [0, 1, 2, 3]), ("4,1", [4, 1]), ("0-2,1,7", [0, 1, 2, 7])])
 def test_seed_lists(text: str, seeds: list[int]) -> None:
-    assert _seeds(text) == seeds
+    assert parse_seeds(text) == seeds
 
 
 @pytest.mark.parametrize("argv", [["--seeds", "3-1"], ["--seeds", "a"], ["--configs", "resnet20"], ["--variants", "x"]])
