@@ -1206,9 +1206,10 @@ class AGC(Clipper):
             units, rows = 1, torch.zeros_like(coalesced._indices()[0])
             weight_norms = _row_norms(param.reshape(1, -1)).expand(values.shape[0])
         entry_sq = values.float().square().reshape(values.shape[0], -1).sum(1)
-        row_norms = torch.zeros(units, device=values.device).index_add_(0, rows, entry_sq).sqrt_()
+        row_sq = torch.zeros(units, device=values.device).index_add_(0, rows, entry_sq)
+        grad_norms = row_sq.index_select(0, rows).sqrt_()  # at the held rows only, not the whole table
         max_norm = weight_norms.clamp_min(self.eps).mul_(self.clip_factor)
-        coef = max_norm.div_(row_norms.index_select(0, rows).clamp_min_(_NORM_EPS)).clamp_max_(1.0)
+        coef = max_norm.div_(grad_norms.clamp_min_(_NORM_EPS)).clamp_max_(1.0)
         coef = torch.where(valid, coef, 1.0)
         values.mul_(coef.to(values.dtype).view(-1, *([1] * (values.dim() - 1))))
         if coalesced is not grad:
