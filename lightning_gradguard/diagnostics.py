@@ -481,7 +481,9 @@ class ZeroFraction:
             local = _local(g)
             positions.append(i)
             numels.append(local.numel())  # a sparse tensor's numel is its dense size
-            values.append(_dense(local))
+            dense = _dense(local)
+            # A complex entry is zero when its modulus is; torch's 0-"norm" of a complex tensor warns that it casts.
+            values.append(dense.abs() if dense.is_complex() else dense)
         num_layers = self.index.num_layers
         if first is None:
             device = self.index.params[0].device if self.index.params else torch.device("cpu")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from typing import Any
 
 import lightning as L
@@ -295,6 +296,26 @@ def test_zero_fraction_of_a_sparse_embedding_gradient_counts_the_unused_rows() -
     assert embedding.weight.grad is not None and embedding.weight.grad.is_sparse
     got = zeros.compute()
     assert got.tolist() == pytest.approx([8 / 10, 0.0])  # rows 1 and 2 of 10 used
+
+
+def test_zero_fraction_of_complex_gradients_counts_entries_whose_modulus_is_zero_without_a_cast_warning() -> None:
+    # Shapes whose fused 0-norm made torch cast the complex gradients to real: a cast warning, and purely imaginary
+    # entries counted as zero.
+    model = nn.Module()
+    for name, shape in (("w1", (8, 32)), ("b1", (32,)), ("w2", (32, 1)), ("b2", (1,))):
+        model.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=torch.complex64)))
+    zeros = ZeroFraction(build_layer_index(model))
+    expected = []  # each parameter set on the module is its own layer
+    for p in model.parameters():
+        grad = torch.zeros_like(p).flatten()
+        grad[0] = 1j  # purely imaginary: not zero
+        grad[-1] = grad[-1] + 2.0
+        p.grad = grad.reshape(p.shape)
+        expected.append(1.0 - int((grad != 0).sum()) / p.numel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Casting complex values to real discards the imaginary part"
+        got = zeros.compute()
+    assert got.tolist() == pytest.approx(expected)
 
 
 # ---------------------------------------------------------------------- activation-gradient norms
