@@ -387,7 +387,7 @@ class GradGuard(CallbackBase):
             problems = engine._load_state(saved)
         except ValueError:
             rank_zero_warn(
-                f"GradGuard: the checkpoint's layers for optimizer {key} differ from the model's; detector and"
+                f"GradGuard: the checkpoint's parameters for optimizer {key} differ from the model's; detector and"
                 " clipper state is not restored."
             )
             return

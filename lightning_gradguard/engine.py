@@ -1535,6 +1535,7 @@ class GuardEngine:
             host_counts=dict(self.host_counts),
             steps=self.steps,
             layers=list(self.index.names),
+            params=list(self.index.param_names),
             batch_size=self._batch_size,
             short_run=self._short_run,
             last_size=self._last_size,
@@ -1550,8 +1551,12 @@ class GuardEngine:
         A part that does not fit (a clipper of another kind or size, e.g. ZClip with another ``warmup_steps``) starts
         afresh, with a warning that names it and why; everything else is restored.
 
+        Saved for the same parameters grouped into other layers (another ``group_depth`` or ``group_fn``), the
+        per-layer statistics (the exploding and vanishing detectors) start afresh, with a warning; the counts, the
+        clipper, the divergence detector and the rollback's state are restored.
+
         Raises:
-            ValueError: when the state was saved for other layers (nothing is restored then).
+            ValueError: when the state was saved for other parameters (nothing is restored then).
         """
         for problem in self._load_state(state):
             warnings.warn(f"GuardEngine: {problem}", stacklevel=2)
@@ -1564,12 +1569,23 @@ class GuardEngine:
             raise ValueError(
                 f"`state` must be a dict from GuardEngine.state_dict() (it has 'layers'), got keys {sorted(state)[:8]}"
             )
+        per_layer: tuple[str, ...] = ()
         if state["layers"] != list(self.index.names):
-            raise ValueError("the saved layers differ from the model's; detector and clipper state is not restored.")
+            # A state saved before the parameter names were kept cannot tell a regrouping from another model.
+            if state.get("params") != list(self.index.param_names):
+                raise ValueError(
+                    "the saved layers differ from the model's; detector and clipper state is not restored."
+                )
+            per_layer = ("exploding", "vanishing")
         device = self._record.device
         problems = []
+        if per_layer:
+            problems.append(
+                "the parameters are grouped into other layers than when the state was saved; the exploding and"
+                " vanishing detectors start afresh, everything else is restored."
+            )
         for name, part in self._stateful():
-            if part is not None and state.get(name) is not None:
+            if part is not None and state.get(name) is not None and name not in per_layer:
                 try:
                     part.load_state_dict(_to_device(state[name], device))
                 except (ValueError, KeyError, TypeError) as err:  # saved by a part configured otherwise

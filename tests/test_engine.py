@@ -183,6 +183,19 @@ def test_load_state_dict_refuses_other_layers() -> None:
         other.load_state_dict(engine.state_dict())
 
 
+def test_load_state_dict_of_the_same_parameters_grouped_otherwise_restarts_the_per_layer_detectors() -> None:
+    first, model, _ = _run(_engine, range(1, 16))
+    regrouped = _engine(model, group_fn=lambda name: "net")  # one layer where the state has three
+    assert len(regrouped.index.names) != len(first.index.names)
+    with pytest.warns(UserWarning, match="grouped into other layers"):
+        regrouped.load_state_dict(first.state_dict())
+    assert regrouped.steps == first.steps == 15
+    assert regrouped.summary() == first.summary()
+    assert_same_state(regrouped.state_dict()["clip"], first.state_dict()["clip"])
+    fresh = _engine(model, group_fn=lambda name: "net").state_dict()
+    assert_same_state(regrouped.state_dict()["exploding"], fresh["exploding"])
+
+
 def test_a_non_finite_step_is_skipped_in_a_plain_loop() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))

@@ -213,6 +213,22 @@ def test_resuming_with_a_clipper_of_another_size_restores_everything_else(tmp_pa
     assert resumed._states[0].steps == 32
 
 
+def test_resuming_with_the_layers_grouped_otherwise_restarts_only_the_per_layer_detectors(tmp_path: Path) -> None:
+    path, saved = _checkpoint(tmp_path)
+    counts = saved.summary()
+    resumed = GradGuard(group_depth=1, lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None)
+    with pytest.warns(UserWarning, match="grouped into other layers") as caught:
+        trainer(max_epochs=4, callbacks=[resumed]).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data(), ckpt_path=path
+        )
+    assert not [w for w in caught if "differ from the model" in str(w.message)]
+    assert len(resumed._states[0].index.names) != len(saved._states[0].index.names)
+    # Before, the regrouping dropped the whole engine state: the counts and the step count started from zero.
+    assert resumed.summary()["exploding"] >= counts["exploding"] >= 2
+    assert resumed._states[0].steps == 32
+    assert resumed.lr_guard is not None and resumed.lr_guard.scale() < 1.0
+
+
 # ------------------------------------------------------------------------------------------- the log schedule on resume
 def test_a_resume_from_a_mid_epoch_checkpoint_logs_on_lightnings_schedule(tmp_path: Path) -> None:
     class OwnLog(Regressor):
