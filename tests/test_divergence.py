@@ -52,6 +52,30 @@ def test_isolated_spikes_and_spikes_between_calm_steps_raise_nothing() -> None:
     assert _feed(det, losses) == []
 
 
+# GradGuard(clip=AutoClip()) on the fragile suite's tanh RNN (seed 1): a calm start, then a loss that oscillates
+# between blown up and merely bad (and later into the thousands).
+_OSCILLATING = [1.35, 0.117, 0.678, 0.83, 0.089, 0.485, 1.5, 1.16, 0.501, 0.32, 0.229, 0.671, 1.37, 1.96, 0.338] + [
+    4.56,
+    35.6,
+    9.56,
+    14.4,
+    30.9,
+    44.4,
+    85.9,
+    41.3,
+    10.4,
+    3.36,
+]
+
+
+def test_a_loss_that_oscillates_between_blown_up_and_merely_bad_is_an_event() -> None:
+    # Each step under 10x the level broke the streak (and entered the running mean), so there was no event, and the
+    # run ended at MSE 720 against 0.17 at its start.
+    assert _feed(DivergenceDetector(), _OSCILLATING) == [22]  # the fifth high step; the two between held the streak
+    # A merely bad step holds a streak only above sqrt(ratio) x the level: a calm one still ends it.
+    assert _feed(DivergenceDetector(), _OSCILLATING[:15] + [35.6, 44.4, 1.0, 85.9, 41.3, 30.9, 1.0, 50.0]) == []
+
+
 def test_a_gradual_climb_past_twice_the_untrained_loss_is_caught_when_asked() -> None:
     # Adam at a too-high rate: no single step is 10x the running mean, but the model ends far worse than untrained.
     det = DivergenceDetector(start_ratio=2.0, patience=3)
@@ -242,6 +266,24 @@ def test_a_trainer_run_at_a_too_high_adam_rate_is_restarted_and_warned_about() -
     assert len(messages) == events["diverging"] and "untrained model's" in messages[0]
 
 
+def test_a_trainer_run_whose_loss_oscillates_between_blown_up_and_merely_bad_gets_its_rate_cut() -> None:
+    class Scripted(Regressor):
+        """The loss the guard sees is the tanh RNN's of the test above (then calm again); the gradients are the
+        regression's own."""
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            value = _OSCILLATING[self.global_step] if self.global_step < len(_OSCILLATING) else 0.3
+            return loss - loss.detach() + value
+
+    guard = GradGuard(exploding=None, clip=None, rollback=None)  # the loss is the only signal
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(Scripted(lr=1e-3), regression_data(n=512))
+    summary = guard.summary()
+    assert summary["diverging"] == 1 and summary["lr_reduced"] == 1
+
+
 def test_on_diverging_raise_and_the_guard_reused_afterwards() -> None:
     torch.manual_seed(0)
     guard = GradGuard(on_diverging="raise")
@@ -290,13 +332,14 @@ def test_several_optimizers_are_watched_only_when_asked(explicit: bool) -> None:
 
 
 def test_a_noisy_loss_that_stays_at_its_level_raises_nothing() -> None:
-    # A model stuck at its untrained level, whose per-step loss is the mean of 8 squared Gaussians (a small-batch
+    # A model stuck at its untrained level, whose per-step loss is the mean of 4 or 8 squared Gaussians (a small-batch
     # regression): its spread must never look like a divergence, from the very first steps on.
     g = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        det = DivergenceDetector()
-        losses = torch.randn(300, 8, generator=g).square().mean(1).tolist()
-        assert _feed(det, losses) == []
+    for samples in (4, 8):
+        for _ in range(40):
+            det = DivergenceDetector()
+            losses = torch.randn(300, samples, generator=g).square().mean(1).tolist()
+            assert _feed(det, losses) == []
 
 
 class _LBFGSRegressor(Regressor):
