@@ -773,9 +773,12 @@ class DivergenceDetector:
         if self.start_ratio is not None:
             high |= gated & (loss > first * self.start_ratio)
         # A step between the calm level and a high one (above sqrt(ratio) x the level and the first loss) holds a
-        # streak without extending it: a loss that oscillates between blown up and merely bad has diverged.
-        elevated = gated & (loss > torch.maximum(first, level * self._calm))
-        run = torch.where(observed, torch.where(high, streak + 1, streak * elevated), streak)
+        # streak without extending it: a loss that oscillates between blown up and merely bad has diverged. No
+        # ``gated`` needed: an unobserved step keeps the streak below, and a fresh state has no streak to hold.
+        elevated = loss > torch.maximum(first, level * self._calm)
+        if self.start_ratio is not None:
+            elevated |= high  # high by the first loss alone, under the level's bar
+        run = torch.where(observed, (streak + high) * elevated, streak)
         event = high & (run == self.patience)
         shift = None
         if self.level_shifts and self.patience > 1:
