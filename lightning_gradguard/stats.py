@@ -286,7 +286,9 @@ class GradStats:
 
     def _gradients(self, general: bool = False) -> tuple[list[Tensor], list[Tensor], list[int], list[Tensor]] | None:
         """Gradients, parameters, positions and plain local tensors of the parameters that have a gradient."""
-        all_grads = [p.grad for p in self.params]
+        # A parameter frozen mid-run keeps the zeros of ``zero_grad(set_to_none=False)``: frozen, it has no gradient
+        # (its zero norm would read as a vanishing layer).
+        all_grads = [p.grad if p.requires_grad else None for p in self.params]
         # The usual step: every parameter has a plain tensor gradient (no None, no DTensor), so the gradient list is
         # the parameter list's and nothing needs converting. A set of the types is the cheapest test of that.
         if not general and all_grads and {type(g) for g in all_grads} == _PLAIN:

@@ -597,6 +597,30 @@ def test_layers_unfrozen_mid_run_join_the_watch_and_unused_layers_stay_silent() 
     assert guard.summary()["vanishing"] == 0
 
 
+def test_layers_frozen_mid_run_with_gradients_zeroed_in_place_are_absent_not_vanishing() -> None:
+    class FrozenLater(Regressor):
+        """Freezes the first layer at step 10; gradients are zeroed in place, so it keeps a zero ``.grad``."""
+
+        def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+            optimizer.zero_grad(set_to_none=False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.global_step == 10:
+                self.net[0].requires_grad_(False)
+            return super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    guard = Recorder(vanishing=VanishingDetector(patience=5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=30, max_epochs=-1, callbacks=[guard]).fit(FrozenLater(), regression_data())
+    assert not [w for w in caught if "vanishing" in str(w.message)]
+    assert guard.summary()["vanishing"] == 0
+    after = guard.measured[10:]
+    assert after and all(not m["present"]["net.0"] and m["present"]["net.2"] for m in after)
+    assert all(m["layers"]["net.2"] > 0 for m in after)
+
+
 class SparseBag(L.LightningModule):
     """An ``nn.Embedding(sparse=True)`` trained by ``SparseAdam``: every gradient is a sparse COO tensor."""
 
