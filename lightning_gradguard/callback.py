@@ -285,7 +285,10 @@ class GradGuard(CallbackBase):
         self._last_saturation: dict[str, float] = {}
         self._diag = FitDiagnostics()
         self._clip_norm: float | None = None  # Trainer(gradient_clip_val=...) when GradGuard took it over
-        self._loss: Tensor | None = None  # the losses backpropagated since the last optimizer step, unscaled
+        # Per optimizer key: the losses backpropagated for its next step since its last one, unscaled. With several
+        # optimizers, a loss whose optimizer cannot be told waits in ``_unowned`` for the next step (see _loss_owner).
+        self._losses: dict[int, Tensor] = {}
+        self._unowned: Tensor | None = None
         # Examples that reached a backward pass this fit (None: a batch without a size found), and the count at each
         # optimizer's last step: the difference is the examples behind a step (see GuardEngine.step's `samples`).
         self._samples: int | None = 0
@@ -462,7 +465,8 @@ class GradGuard(CallbackBase):
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
         self._in_step.clear()
-        self._loss = None  # a loss left over by an earlier fit that ended between backward and step
+        self._losses.clear()  # a loss left over by an earlier fit that ended between backward and step
+        self._unowned = None
         self._samples, self._samples_at_step, self._batch_samples = 0, {}, None
         self._diag.start_fit(self, trainer, pl_module, index)
 
@@ -641,7 +645,8 @@ class GradGuard(CallbackBase):
             self._reevaluating.add(key)
             self._signatures.pop(key, None)
             self._warn_reevaluating(optimizer, key)
-        self._loss = None  # the trial points' losses are not the step's
+        self._losses.pop(key, None)  # the trial points' losses are not the step's
+        self._unowned = None
         engine = self._states[key]
         if engine.skipped:
             # The step's first evaluation was skipped: so is the rest of the step. A SAM-style step applies the
@@ -678,8 +683,28 @@ class GradGuard(CallbackBase):
         scale = loss_scale(grad_scaler(trainer))
         if scale is not None:
             value = value / (scale if scale.device == value.device else scale.to(value.device))  # 16-mixed: scaled
+        owner = self._loss_owner(trainer)
+        if owner is None:
+            # Several optimizers train on this pass: the loss belongs to the step that follows it, if no other
+            # backward pass comes first (an unowned loss left waiting across another backward pass is dropped).
+            # Summed into whichever optimizer stepped next, a slow critic's accumulated loss made its actor's
+            # detector see a divergence, and the healthy actor was cut and restarted.
+            self._unowned = value
+            return
+        self._unowned = None
         # Lightning divides each micro-batch's loss by the accumulation: the sum is the window's mean.
-        self._loss = value if self._loss is None else self._loss + value
+        pending = self._losses.get(owner)
+        self._losses[owner] = value if pending is None else pending + value
+
+    def _loss_owner(self, trainer: pl.Trainer) -> int | None:
+        """The key of the optimizer whose step a backward pass's loss belongs to: the only optimizer, or with several
+        the only one whose parameters require gradients (``LightningModule.toggle_optimizer`` freezes the others' for
+        the pass). ``None``: it cannot be told."""
+        optimizers = trainer.optimizers
+        if len(optimizers) == 1:
+            return self._optimizer_key(trainer, optimizers[0])
+        live = [opt for opt in optimizers if any(p.requires_grad for g in opt.param_groups for p in g["params"])]
+        return self._optimizer_key(trainer, live[0]) if len(live) == 1 else None
 
     def _step_samples(self, key: int) -> int | None:
         """The examples behind this optimizer's step: those of the batches since its last step."""
@@ -729,7 +754,9 @@ class GradGuard(CallbackBase):
         logging = self._diag.enabled and stamp + 1 >= self._next_log_step
         if logging:
             self._diag.before_engine_step(self, key, engine, scaler, grad_scale)
-        loss, self._loss = self._loss, None
+        loss, unowned, self._unowned = self._losses.pop(key, None), self._unowned, None
+        if unowned is not None:
+            loss = unowned if loss is None else loss + unowned
         samples = self._step_samples(key)
         try:
             stats = engine.step(

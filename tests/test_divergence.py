@@ -321,6 +321,65 @@ def test_several_optimizers_are_watched_only_when_asked(explicit: bool) -> None:
             assert det is None
 
 
+class _SlowCritic(L.LightningModule):
+    """An actor that steps on every batch and a critic whose loss (about 1000x the actor's) is accumulated over three
+    batches before it steps; ``toggle`` freezes the other optimizer's parameters around each backward pass."""
+
+    def __init__(self, toggle: bool) -> None:
+        super().__init__()
+        self.actor, self.critic = nn.Linear(16, 1), nn.Linear(17, 1)
+        self.toggle = toggle
+        self.automatic_optimization = False
+        self.critic_losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        actor_opt, critic_opt = self.optimizers()  # type: ignore[misc]
+        for opt, loss_of in ((actor_opt, self._actor_loss), (critic_opt, self._critic_loss)):
+            if self.toggle:
+                self.toggle_optimizer(opt)
+            loss = loss_of(x, y)
+            self.manual_backward(loss)
+            if opt is actor_opt or batch_idx % 3 == 2:
+                opt.step()
+                opt.zero_grad()
+            if self.toggle:
+                self.untoggle_optimizer(opt)
+
+    def _actor_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.mse_loss(self.actor(x), y)
+
+    def _critic_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        error = 30.0 * (self.actor(x).detach() - y).abs()
+        loss = nn.functional.mse_loss(self.critic(torch.cat([x, error], 1)), error) / 3
+        self.critic_losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(self.actor.parameters(), lr=1e-2), torch.optim.Adam(self.critic.parameters(), lr=1e-3)]
+
+
+@pytest.mark.parametrize("toggle", [False, True])
+def test_with_several_optimizers_each_detector_judges_its_own_loss(toggle: bool) -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(divergence=DivergenceDetector())
+    model = _SlowCritic(toggle)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=60, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(n=512))
+    # Before, the critic's losses waiting for its step went to the actor's detector with the actor's own: a
+    # divergence of a healthy actor, a cut and a restart.
+    assert guard.summary()["diverging"] == 0 and guard.summary()["lr_reduced"] == 0
+    (actor_mean, actor_first), (_, critic_first) = (
+        guard._states[key].divergence.level().tolist()  # type: ignore[union-attr]
+        for key in (0, 1)
+    )
+    assert actor_first < 100 and actor_mean < 100 < critic_first  # the actor's detector never saw a critic's loss
+    # Toggled, the critic's detector sees its whole accumulation window; otherwise the pass just before its step.
+    window = model.critic_losses[:3] if toggle else model.critic_losses[2:3]
+    assert critic_first == pytest.approx(sum(window), rel=1e-5)
+
+
 def test_a_noisy_loss_that_stays_at_its_level_raises_nothing() -> None:
     # A model stuck at its untrained level, whose per-step loss is the mean of 4 or 8 squared Gaussians (a small-batch
     # regression): its spread must never look like a divergence, from the very first steps on.
