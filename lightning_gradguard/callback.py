@@ -317,21 +317,31 @@ class GradGuard(CallbackBase):
 
     def state_dict(self) -> dict[str, Any]:
         optimizers = {str(key): engine.state_dict() for key, engine in self._states.items()}
+        # The layers each optimizer has warned about (each layer and kind warns once, across a resume too).
+        warned = {
+            str(key): sorted([layer, kind] for layer, kind in pairs) for key, pairs in self._reporter.warned.items()
+        }
         if self._loaded is not None:  # state not yet claimed by an optimizer survives a save
             for key, value in self._loaded.get("optimizers", {}).items():
                 optimizers.setdefault(key, value)
+            for key, value in self._loaded.get("warned", {}).items():
+                warned.setdefault(key, value)
         return {
             "version": 1,
             "optimizers": optimizers,
             "lr_guard": self.lr_guard.state_dict() if self.lr_guard is not None else None,
             "regularizers": {r.name: r.state_dict() for r in self.regularizers},
             "next_log_step": self._next_log_step,
+            "warned": warned,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard state version {state_dict.get('version')!r}")
-        self._loaded = {"optimizers": dict(state_dict.get("optimizers", {}))}
+        self._loaded = {
+            "optimizers": dict(state_dict.get("optimizers", {})),
+            "warned": dict(state_dict.get("warned", {})),  # absent from states saved before it was kept
+        }
         if self.lr_guard is not None and state_dict.get("lr_guard") is not None:
             self.lr_guard.load_state_dict(state_dict["lr_guard"])
         for r in self.regularizers:
@@ -342,6 +352,7 @@ class GradGuard(CallbackBase):
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
+            self._restore_warned(key)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -379,6 +390,11 @@ class GradGuard(CallbackBase):
                 )
         self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(key))  # absent: older
         self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(key)
+
+    def _restore_warned(self, key: int) -> None:
+        warned = self._loaded.get("warned", {}).pop(str(key), None) if self._loaded is not None else None
+        if warned is not None:
+            self._reporter.warned[key] = {(layer, kind) for layer, kind in warned}
 
     def _restore_optimizer_state(self, key: int, engine: GuardEngine) -> None:
         if self._loaded is None:
@@ -583,6 +599,7 @@ class GradGuard(CallbackBase):
         self._restore_optimizer_state(key, new)
         self._states[key] = new
         self._reporter.forget(key)
+        self._restore_warned(key)
         self._signatures[key] = signature
         return new
 

@@ -229,6 +229,22 @@ def test_resuming_with_the_layers_grouped_otherwise_restarts_only_the_per_layer_
     assert resumed.lr_guard is not None and resumed.lr_guard.scale() < 1.0
 
 
+def test_a_resumed_guard_does_not_warn_again_about_the_layers_it_warned_about_before(tmp_path: Path) -> None:
+    path, saved = _checkpoint(tmp_path)  # every epoch has a spike; the first ones were warned about
+    before = saved._reporter.warned[0]
+    assert ("net.2", "exploding") in before
+    resumed = GradGuard(lr_guard=LRGuard(patience=1, cooldown=1, recovery_steps=50), rollback=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=5, callbacks=[resumed]).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data(), ckpt_path=path
+        )
+    assert resumed.summary()["exploding"] > saved.summary()["exploding"]  # the resumed epochs spiked as well
+    # Each layer and kind warns once, across the resume too (before, the resumed guard warned about them again).
+    again = [str(w.message) for w in caught if "exploding gradients in layer 'net.2'" in str(w.message)]
+    assert again == [] and resumed._reporter.warned[0] >= before
+
+
 # ------------------------------------------------------------------------------------------- the log schedule on resume
 def test_a_resume_from_a_mid_epoch_checkpoint_logs_on_lightnings_schedule(tmp_path: Path) -> None:
     class OwnLog(Regressor):
