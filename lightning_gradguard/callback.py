@@ -65,6 +65,7 @@ _EVENT_MODES = ("warn", "raise", "ignore")
 _NEVER = 2**62  # a logging interval no run reaches
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
 _BOARD_CHECKPOINT_KEY = "gradguard_board"
+_WARNED_CHECKPOINT_KEY = "gradguard_warned"
 DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
 
 
@@ -271,6 +272,7 @@ class GradGuard(CallbackBase):
         self._board: Any = None
         self._board_checked = False
         self._board_loaded: dict[str, Any] | None = None  # a checkpoint's board state, for the board once it opens
+        self._warned_loaded: dict[str, list[list[str]]] | None = None  # a checkpoint's warned layers, per optimizer
         self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
@@ -317,31 +319,21 @@ class GradGuard(CallbackBase):
 
     def state_dict(self) -> dict[str, Any]:
         optimizers = {str(key): engine.state_dict() for key, engine in self._states.items()}
-        # The layers each optimizer has warned about (each layer and kind warns once, across a resume too).
-        warned = {
-            str(key): sorted([layer, kind] for layer, kind in pairs) for key, pairs in self._reporter.warned.items()
-        }
         if self._loaded is not None:  # state not yet claimed by an optimizer survives a save
             for key, value in self._loaded.get("optimizers", {}).items():
                 optimizers.setdefault(key, value)
-            for key, value in self._loaded.get("warned", {}).items():
-                warned.setdefault(key, value)
         return {
             "version": 1,
             "optimizers": optimizers,
             "lr_guard": self.lr_guard.state_dict() if self.lr_guard is not None else None,
             "regularizers": {r.name: r.state_dict() for r in self.regularizers},
             "next_log_step": self._next_log_step,
-            "warned": warned,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard state version {state_dict.get('version')!r}")
-        self._loaded = {
-            "optimizers": dict(state_dict.get("optimizers", {})),
-            "warned": dict(state_dict.get("warned", {})),  # absent from states saved before it was kept
-        }
+        self._loaded = {"optimizers": dict(state_dict.get("optimizers", {}))}
         if self.lr_guard is not None and state_dict.get("lr_guard") is not None:
             self.lr_guard.load_state_dict(state_dict["lr_guard"])
         for r in self.regularizers:
@@ -352,7 +344,6 @@ class GradGuard(CallbackBase):
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
-            self._restore_warned(key)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -364,6 +355,12 @@ class GradGuard(CallbackBase):
         # writer on rank zero: a resumed run's pictures go on from them instead of starting blank.
         if self._board is not None and trainer.is_global_zero:
             checkpoint.setdefault(_BOARD_CHECKPOINT_KEY, {})[self.state_key] = self._board.state_dict()
+        # The layers each optimizer has warned about (each layer and kind warns once, across a resume too): warnings
+        # are rank zero's, so this travels beside `state_dict` as well.
+        warned = dict(self._warned_loaded or {})
+        for key, pairs in self._reporter.warned.items():
+            warned[str(key)] = sorted([layer, kind] for layer, kind in pairs)
+        checkpoint.setdefault(_WARNED_CHECKPOINT_KEY, {})[self.state_key] = warned
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -390,9 +387,12 @@ class GradGuard(CallbackBase):
                 )
         self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(key))  # absent: older
         self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(key)
+        self._warned_loaded = dict(checkpoint.get(_WARNED_CHECKPOINT_KEY, {}).get(key) or {})  # absent: older
+        for built in self._states:
+            self._restore_warned(built)
 
     def _restore_warned(self, key: int) -> None:
-        warned = self._loaded.get("warned", {}).pop(str(key), None) if self._loaded is not None else None
+        warned = self._warned_loaded.pop(str(key), None) if self._warned_loaded is not None else None
         if warned is not None:
             self._reporter.warned[key] = {(layer, kind) for layer, kind in warned}
 
