@@ -95,6 +95,7 @@ class FitDiagnostics:
         self.epochs: dict[int, EpochSummary] = {}
         self.loaded: dict[str, Any] = {}
         self.noted = False
+        self.noted_noise = False  # said once: the noise scale's estimate of |G|^2 is not positive yet
         self.first_backward_pending = False
         self.pending_size: int | None = None
         self.sizes: list[int] = []
@@ -345,6 +346,15 @@ class FitDiagnostics:
                 value = self.noise.update(small, big, b_small, b_big)
                 if math.isfinite(value):
                     metrics["gradguard/noise_scale"] = value
+                elif not self.noted_noise:
+                    # Not left to an empty chart: at this batch size the gradient is still mostly noise.
+                    self.noted_noise = True
+                    rank_zero_info(
+                        "GradGuard: the gradient noise scale (gradguard/noise_scale) is not logged yet: its estimate"
+                        " of the true gradient's squared norm is not positive, so the gradient measured on"
+                        f" {b_big} examples is still mostly noise. It is logged from the first logging step whose"
+                        " smoothed estimates are both positive."
+                    )
         if "epoch" in self.on:
             for key, snap in snapshots:
                 self._epoch(key).update(

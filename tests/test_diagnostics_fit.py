@@ -296,6 +296,31 @@ def test_one_note_when_there_is_no_second_batch_size(tmp_path: Any, caplog: pyte
     assert not any(NOISE_SCALE_NOTE in r.getMessage() for r in caplog.records)
 
 
+def test_one_note_while_the_noise_scale_estimate_is_not_positive(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Targets that are pure noise, and a model at their optimum (zero weights, a rate too small to move them): the
+    # true gradient is 0, so the estimate of |G|^2 is noise around 0, and the noise scale has no positive value.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1024, 8, generator=g), torch.randn(1024, 1, generator=g)
+    model = Regressor(net=nn.Linear(8, 1), dim=8, lr=1e-9)
+    nn.init.zeros_(model.net.weight)
+    nn.init.zeros_(model.net.bias)
+    logger = CSVLogger(tmp_path)
+    with caplog.at_level(logging.INFO):
+        trainer(
+            max_steps=40,
+            max_epochs=-1,
+            accumulate_grad_batches=4,
+            callbacks=[GradGuard(clip=None, lr_guard=None, log_every_n_steps=1)],
+            logger=logger,
+        ).fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    notes = [r.getMessage() for r in caplog.records if "is not logged yet" in r.getMessage()]
+    assert len(notes) == 1 and "on 64 examples" in notes[0]
+    logged = [r for r in _csv(logger) if r.get("gradguard/noise_scale")]
+    assert len(logged) < 40  # the steps whose smoothed |G|^2 was not positive logged none
+
+
 @pytest.mark.parametrize("every, logs", [(2, 8), (3, 5)])  # the epoch ends on a logging step, or between two
 def test_epoch_summaries_go_to_every_logger(tmp_path: Any, every: int, logs: int) -> None:
     guard = GradGuard(log_every_n_steps=every)
