@@ -1172,9 +1172,7 @@ class AGC(Clipper):
                     param_rows = batch_params[0].reshape(units, -1)
                 else:
                     param_rows = torch.stack(batch_params).reshape(len(batch) * units, -1)
-                max_norm = _row_norms(param_rows).clamp_min_(self.eps).mul_(self.clip_factor)
-                coef = max_norm.div_(_row_norms(grad_rows).clamp_min_(_NORM_EPS)).clamp_max_(1.0)
-                coef = torch.where(valid_on[device], coef, 1.0)
+                coef = self._unit_coef(_row_norms(param_rows), _row_norms(grad_rows), valid_on[device])
                 grad_rows.mul_(coef.unsqueeze(1))
                 if not in_place:
                     foreach_copy_(batch_grads, grad_rows.view(len(batch), *shape).unbind(0))
@@ -1192,6 +1190,12 @@ class AGC(Clipper):
         self.last_coef = min_coef
         return min_coef
 
+    def _unit_coef(self, weight_norms: Tensor, grad_norms: Tensor, valid: Tensor) -> Tensor:
+        """Each unit's ``min(1, clip_factor * max(|W_i|, eps) / |G_i|)``, 1 on an invalid step. ``grad_norms`` is
+        overwritten; ``weight_norms`` is not (a 1-D parameter's is an expanded view)."""
+        max_norm = weight_norms.clamp_min(self.eps).mul_(self.clip_factor)
+        return torch.where(valid, max_norm.div_(grad_norms.clamp_min_(_NORM_EPS)).clamp_max_(1.0), 1.0)
+
     def _clip_sparse_(self, grad: Tensor, param: Tensor, valid: Tensor) -> Tensor:
         """Clip a sparse COO gradient (``nn.Embedding(sparse=True)``) in place, unit by unit as its dense form would
         be: each row it holds against the same row of the weights, which are read at those rows only. A repeated row
@@ -1208,9 +1212,7 @@ class AGC(Clipper):
         entry_sq = values.float().square().reshape(values.shape[0], -1).sum(1)
         row_sq = torch.zeros(units, device=values.device).index_add_(0, rows, entry_sq)
         grad_norms = row_sq.index_select(0, rows).sqrt_()  # at the held rows only, not the whole table
-        max_norm = weight_norms.clamp_min(self.eps).mul_(self.clip_factor)
-        coef = max_norm.div_(grad_norms.clamp_min_(_NORM_EPS)).clamp_max_(1.0)
-        coef = torch.where(valid, coef, 1.0)
+        coef = self._unit_coef(weight_norms, grad_norms, valid)
         values.mul_(coef.to(values.dtype).view(-1, *([1] * (values.dim() - 1))))
         if coalesced is not grad:
             grad.copy_(coalesced)  # the same object keeps the clipped entries (an optimizer may hold it)
