@@ -120,6 +120,19 @@ class FitDiagnostics:
         self.enabled = bool(self.on)
         self.ratios, self.zeros = {}, {}
         self.act = ActivationGradients(pl_module, index.names) if "act_grad" in self.on else None
+        if self.act is not None:
+            compiled = [name for name, why in self.act.skipped.items() if why == ActivationGradients.COMPILED]
+            if compiled and trainer.loggers:
+                named = ", ".join(f"'{name}'" for name in compiled[:3]) + (", ..." if len(compiled) > 3 else "")
+                rank_zero_info(
+                    f"GradGuard: activation gradients (gradguard/act_grad) are not measured for {len(compiled)}"
+                    f" layer{'s' if len(compiled) != 1 else ''} that run under torch.compile ({named}): compiled code"
+                    " does not call the hooks that measure them."
+                )
+            if not self.act.names:  # nothing to measure: no chart for it either
+                self.act = None
+                self.on = self.on - {"act_grad"}
+                self.enabled = bool(self.on)
         if any(hasattr(p, "placements") for p in index.params):
             # FSDP2: the per-layer sums and the gradient norms would each add a collective to the logging step.
             self.on = self.on - {"update_ratio", "zero_fraction", "noise_scale"}

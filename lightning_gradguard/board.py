@@ -443,9 +443,8 @@ class GradGuardBoard:
         self.max_charts = max_charts
         self.diagnostics = frozenset(diagnostics)
 
-        self._layer_tags = {
-            idx: [f"{_PREFIX}layer/{name}" for name in names] for idx, names in self.layer_names.items()
-        }
+        self._layer_tags: dict[int, list[str]] = {}
+        self._retag_layers()
         self._histories = {idx: _LayerHistory(len(names), history) for idx, names in self.layer_names.items()}
         self._latest: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
         self._bands: dict[int, tuple[float | None, float | None, float | None]] = {}
@@ -472,6 +471,25 @@ class GradGuardBoard:
         With a single optimizer no ``opt{i}`` component is inserted.
         """
         return f"{_PREFIX}opt{opt_idx}/{name}" if self.multi_optimizer else f"{_PREFIX}{name}"
+
+    def layer_key(self, name: str, opt_idx: int = 0) -> str:
+        """The name a layer's scalars are written under: ``gradguard/layer/<key>``, ``gradguard/trouble/<kind>/<key>``.
+
+        The layer's own name, or ``opt{i}/<name>`` where several optimizers each train part of a layer of that name
+        (Muon's matrices beside AdamW's biases): one tag would otherwise hold two different norms per step.
+        """
+        return f"opt{opt_idx}/{name}" if name in self._shared_names else name
+
+    def _retag_layers(self) -> None:
+        seen: dict[str, int] = {}
+        for names in self.layer_names.values():
+            for name in names:
+                seen[name] = seen.get(name, 0) + 1
+        self._shared_names = frozenset(name for name, times in seen.items() if times > 1)
+        self._layer_tags = {
+            idx: [f"{_PREFIX}layer/{self.layer_key(name, idx)}" for name in names]
+            for idx, names in self.layer_names.items()
+        }
 
     def _image_tag(self, name: str, opt_idx: int) -> str:
         return f"{_PREFIX}{name}/opt{opt_idx}" if self.multi_optimizer else f"{_PREFIX}{name}"
@@ -520,7 +538,7 @@ class GradGuardBoard:
         where = {name: row for row, name in enumerate(old)}
         rows = [where.get(name, -1) for name in names]
         self.layer_names[opt_idx] = names
-        self._layer_tags[opt_idx] = [f"{_PREFIX}layer/{name}" for name in names]
+        self._retag_layers()
         self._histories[opt_idx] = self._histories[opt_idx].remapped(rows)
         if opt_idx in self._ratio_histories:
             self._ratio_histories[opt_idx] = self._ratio_histories[opt_idx].remapped(rows)
@@ -606,7 +624,7 @@ class GradGuardBoard:
                     add(f"{block} ({len(members)} layers): max, median", exact(max_tag, median_tag))
             else:
                 for title, group in group_layer_names(names):
-                    add(title, exact(*(f"{_PREFIX}layer/{name}" for name in group)))
+                    add(title, exact(*(f"{_PREFIX}layer/{self.layer_key(name, idx)}" for name in group)))
         layout = {"GradGuard": main, "GradGuard layers": layers}
         diagnostics = self._diagnostic_charts()
         if diagnostics:
@@ -969,7 +987,9 @@ class GradGuardBoard:
                 number = float(value) if isinstance(value, (int, float, np.number)) else math.nan
                 at = row.get("step")
                 at = int(at) if isinstance(at, (int, np.integer)) else int(step)
-                trouble.setdefault(at, []).append((f"{_PREFIX}trouble/{kind}/{layer}", number))
+                opt = row.get("opt")
+                key = self.layer_key(str(layer), opt) if isinstance(opt, int) else layer
+                trouble.setdefault(at, []).append((f"{_PREFIX}trouble/{kind}/{key}", number))
         for at, items in sorted(trouble.items()):
             self._add_scalars(at, items)
         for row in rows:

@@ -1273,7 +1273,8 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
         image_every_n_steps=guard.image_every_n_steps,
         histogram_every_n_steps=guard.histogram_every_n_steps,
         regularizers=[r.name for r in guard.regularizers],
-        saturation=guard.saturation,
+        # Charted only where an activation module is watched (functional activations are not modules).
+        saturation=guard._saturation is not None and bool(guard._saturation.names),
         # The diagnostics that feed the board (the noise scale only with a second batch size to compare with).
         diagnostics=[d for d in sorted(guard._diag.on) if d != "noise_scale" or guard._diag.noise is not None],
     )

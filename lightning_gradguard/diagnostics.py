@@ -530,9 +530,11 @@ class ActivationGradients:
     the network in the backward pass; a norm that shrinks by orders of magnitude from the output towards the input is
     vanishing gradient flow, one that grows is exploding.
 
-    While armed, a forward hook on each watched module puts a gradient hook on the module's (first) output; each
-    backward through it adds the squared norm of that gradient, so several forward calls (weight sharing, recurrent
-    cells) and the micro-batches of gradient accumulation add up to the norm over everything the step saw. Under
+    While armed, a forward hook on each watched module puts a gradient hook on each tensor of the module's output
+    (an LSTM's output sequence and its ``(h_n, c_n)``, the values of a dict); each backward through one adds the
+    squared norm of its gradient, so outputs the loss reads in any combination, several forward calls (weight
+    sharing, recurrent cells) and the micro-batches of gradient accumulation add up to the norm over everything the
+    step saw. Under
     16-bit AMP the gradients flowing backward are multiplied by the loss scale: pass it to :meth:`disarm`, or, where
     the scale may change between the backward passes of one measurement (several optimizers, each stepping and
     updating the GradScaler before the next backward), a function that reads it to :meth:`arm`. Constructing the
@@ -566,6 +568,9 @@ class ActivationGradients:
         ['0', '2']
     """
 
+    #: The reason :attr:`skipped` gives for a module that runs under ``torch.compile``.
+    COMPILED = "runs under torch.compile"
+
     def __init__(self, module: nn.Module, names: Sequence[str] | None = None) -> None:
         if not isinstance(module, nn.Module):
             raise ValueError(f"`module` must be an nn.Module, got {module!r}")
@@ -583,7 +588,7 @@ class ActivationGradients:
             if found is None:
                 self.skipped[name] = "not a module of the model"
             elif found.compiled:
-                self.skipped[name] = "runs under torch.compile"
+                self.skipped[name] = self.COMPILED
             elif name not in self.names:
                 self.names.append(name)
                 self._modules.append(found.module)
@@ -638,13 +643,14 @@ class ActivationGradients:
                 self._found.append((position, norm))
 
         def on_output(module: nn.Module, args: object, output: object) -> None:
-            y = _first_tensor(output)
-            if y is None or not y.requires_grad:
+            outputs = [y for y in _output_tensors(output) if y.requires_grad]
+            if not outputs:
                 return
             if position not in self._seen:
                 self._seen.add(position)
                 self._order.append(position)
-            y.register_hook(on_grad)
+            for y in outputs:
+                y.register_hook(on_grad)
 
         return on_output
 
@@ -709,22 +715,28 @@ class ActivationGradients:
         return points
 
 
-def _first_tensor(output: object) -> Tensor | None:
-    """The (first) output tensor of a module: the tensor itself, the first element of a tuple or list (an LSTM's
-    output sequence), the data of a PackedSequence, the first tensor value of a dict."""
-    if isinstance(output, Tensor):
-        return output
-    data = getattr(output, "data", None)  # PackedSequence
-    if isinstance(data, Tensor) and hasattr(output, "batch_sizes"):
-        return data
-    if isinstance(output, (tuple, list)) and output:
-        return _first_tensor(output[0])
-    if isinstance(output, Mapping):
-        for value in output.values():
-            found = _first_tensor(value)
-            if found is not None:
-                return found
-    return None
+def _output_tensors(output: object) -> list[Tensor]:
+    """The tensors of a module's output, each once: the tensor itself, those inside tuples, lists and dict values
+    (an LSTM's ``(output, (h_n, c_n))``), the data of a PackedSequence. Only the first occurrence of a tensor
+    returned twice counts: its gradient is one."""
+    found: dict[int, Tensor] = {}
+
+    def visit(value: object) -> None:
+        if isinstance(value, Tensor):
+            found.setdefault(id(value), value)
+            return
+        data = getattr(value, "data", None)  # PackedSequence
+        if isinstance(data, Tensor) and hasattr(value, "batch_sizes"):
+            found.setdefault(id(data), data)
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                visit(item)
+        elif isinstance(value, Mapping):
+            for item in value.values():
+                visit(item)
+
+    visit(output)
+    return list(found.values())
 
 
 # ---------------------------------------------------------------------- gradient noise scale

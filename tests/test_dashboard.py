@@ -207,3 +207,51 @@ def test_a_non_finite_step_between_two_logs_shows_in_the_heatmap_and_the_report_
     png = tmp_path / "flow.png"
     assert gradguard(["report", str(tmp_path), "--png", str(png)]) == 0 and png.stat().st_size > 0
     assert np.isnan(drawn[0][:, 1]).all() and np.isfinite(drawn[0][:, [0, 2, 3]]).all()
+
+
+class _SplitLayers(Regressor):
+    """A layer split over two optimizers (the Muon recipe: matrices to one, biases to another), manual steps."""
+
+    def __init__(self) -> None:
+        super().__init__(net=nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        first, last = self.net[0], self.net[2]
+        return [
+            torch.optim.SGD([first.weight], lr=0.05),
+            torch.optim.SGD([first.bias, last.weight, last.bias], lr=0.05),
+        ]
+
+
+def test_a_layer_split_over_two_optimizers_gets_one_tag_per_optimizer(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _SplitLayers()
+    logger = TensorBoardLogger(tmp_path, name="split", version=0)
+    trainer(max_steps=20, callbacks=[GradGuard()], logger=logger, log_every_n_steps=5).fit(model, regression_data())
+    acc = load_events(Path(logger.log_dir))
+    tags = set(acc.Tags()["scalars"])
+    # The first Linear is in both optimizers: one tag each, none shared. The last one is in the second optimizer only.
+    assert "gradguard/layer/net.0" not in tags
+    assert {"gradguard/layer/opt0/net.0", "gradguard/layer/opt1/net.0", "gradguard/layer/net.2"} <= tags
+    weight = acc.Scalars("gradguard/layer/opt0/net.0")
+    bias = acc.Scalars("gradguard/layer/opt1/net.0")
+    steps = [e.step for e in weight]
+    assert steps == [e.step for e in bias] and len(steps) >= 2 and len(set(steps)) == len(steps)  # one point per log
+    first = model.net[0]
+    assert weight[-1].value == pytest.approx(float(first.weight.grad.norm()), rel=1e-5)
+    assert bias[-1].value == pytest.approx(float(first.bias.grad.norm()), rel=1e-5)
+    charted = {
+        tag for category in custom_layout(acc).category for chart in category.chart for tag in chart.multiline.tag
+    }
+    assert any("layer/opt0/net\\.0" in tag for tag in charted) and any("layer/opt1/net\\.0" in tag for tag in charted)

@@ -428,6 +428,44 @@ def test_activation_gradient_of_an_lstm_is_that_of_its_output_sequence() -> None
     torch.testing.assert_close(got, torch.stack([g.norm() for g in reference]), rtol=1e-5, atol=0.0)
 
 
+def test_activation_gradient_adds_up_every_output_tensor_the_loss_reads() -> None:
+    """A classifier on an LSTM's last hidden state reads ``h_n``, not the output sequence; a dict-returning module
+    whose first value is unused: both layers are measured, over every output tensor that got a gradient."""
+    torch.manual_seed(6)
+
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> dict[str, Tensor]:
+            y = self.proj(x)
+            return {"unused": y * 0.5, "logits": y, "same": y}  # the same tensor twice counts once
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = nn.LSTM(3, 4, batch_first=True)
+            self.heads = Heads()
+
+        def forward(self, x: Tensor) -> Tensor:
+            out, (h_n, c_n) = self.lstm(x)
+            return self.heads(h_n[-1] + c_n[-1].sum(1, keepdim=True))["logits"]
+
+    model = Classifier()
+    grads = ActivationGradients(model, names=["lstm", "heads.proj", "heads"])
+    x = torch.randn(6, 5, 3)
+    grads.arm()
+    model(x).pow(2).mean().backward()
+    got = grads.disarm()
+    out, (h_n, c_n) = model.lstm(x)
+    y = model.heads.proj(h_n[-1] + c_n[-1].sum(1, keepdim=True))
+    g_h, g_c, g_y = torch.autograd.grad(y.pow(2).mean(), [h_n, c_n, y])
+    expected = torch.stack([(g_h.square().sum() + g_c.square().sum()).sqrt(), g_y.norm(), g_y.norm()])
+    assert got is not None
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0.0)
+
+
 # ---------------------------------------------------------------------- noise scale
 
 

@@ -511,3 +511,49 @@ def test_activation_gradients_of_several_optimizers_are_unscaled_with_each_backw
     ).fit(model, regression_data(dim=16))
     assert scaler.get_scale() > 2.0**8  # the scale did change along the way
     _assert_act_grad_matches(_tb(tmp_path), model.norms, ("g.0", "g.2"), rel=1e-3)
+
+
+class _Functional(Regressor):
+    """An MLP whose activation is a function, not a module: nothing for the saturation measure to watch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](torch.nn.functional.gelu(self.net[0](x)))
+
+
+def _layout_titles(tmp_path: Any) -> set[str]:
+    from tests.helpers import custom_layout, load_events
+
+    layout = custom_layout(load_events(tmp_path / "lightning_logs" / "version_0"))
+    return {chart.title for category in layout.category for chart in category.chart}
+
+
+@pytest.mark.parametrize("functional", [True, False], ids=["functional-gelu", "tanh-module"])
+def test_the_saturation_chart_is_laid_out_only_when_a_module_is_watched(tmp_path: Any, functional: bool) -> None:
+    activation = nn.Identity() if functional else nn.Tanh()
+    model = (_Functional if functional else Regressor)(
+        net=nn.Sequential(nn.Linear(16, 32), activation, nn.Linear(32, 1))
+    )
+    logger = TensorBoardLogger(tmp_path, name="lightning_logs", version=0)
+    trainer(max_steps=6, callbacks=[GradGuard(log_every_n_steps=3)], logger=logger).fit(model, regression_data())
+    written = {tag for tag in scalar_series(tmp_path / "lightning_logs" / "version_0") if "saturation/" in tag}
+    assert ("saturation" in _layout_titles(tmp_path)) is (not functional)
+    assert written == (set() if functional else {"gradguard/saturation/net.1"})
+
+
+def test_compiled_layers_get_one_note_and_no_activation_gradient_chart(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch._dynamo.reset()
+    # The eager backend: a compiled module's hooks behave as under Inductor, without its compile time.
+    net = torch.compile(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)), backend="eager")
+    logger = TensorBoardLogger(tmp_path, name="lightning_logs", version=0)
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=6, callbacks=[GradGuard(log_every_n_steps=3)], logger=logger).fit(
+            Regressor(net=net), regression_data()
+        )
+    notes = [r.getMessage() for r in caplog.records if "gradguard/act_grad" in r.getMessage()]
+    assert len(notes) == 1 and "2 layers that run under torch.compile ('net.0', 'net.2')" in notes[0]
+    tags = scalar_series(tmp_path / "lightning_logs" / "version_0")
+    assert "gradguard/layer/net.0" in tags and not any(tag.startswith("gradguard/act_grad/") for tag in tags)
+    assert not any("activation-gradient" in title for title in _layout_titles(tmp_path))
+    torch._dynamo.reset()

@@ -184,6 +184,25 @@ def test_layout_with_two_optimizers_has_per_optimizer_charts():
     assert any("disc" in title and title.startswith("opt1") for title in layout["GradGuard layers"])
 
 
+def test_a_layer_name_two_optimizers_share_is_tagged_per_optimizer():
+    writer = _FakeWriter()
+    board = GradGuardBoard(writer, {0: ["fc1"], 1: ["fc1", "fc2"]}, ["Muon", "AdamW"])
+    assert [board.layer_key(name, 1) for name in ("fc1", "fc2")] == ["opt1/fc1", "fc2"]
+    board.write_layer_norms(4, 0, np.array([2.0]), np.zeros(1, bool), np.zeros(1, bool))
+    board.write_layer_norms(4, 1, np.array([0.5, 1.0]), np.zeros(2, bool), np.zeros(2, bool))
+    board.write_events(4, [{"step": 3, "kind": "exploding", "layer": "fc1", "value": 9.0, "action": "", "opt": 1}])
+    written = {(tag, value) for tag, value, _ in writer.scalars}
+    assert {
+        ("gradguard/layer/opt0/fc1", 2.0),
+        ("gradguard/layer/opt1/fc1", 0.5),
+        ("gradguard/layer/fc2", 1.0),
+    } <= written
+    assert ("gradguard/trouble/exploding/opt1/fc1", 9.0) in written
+    # A name that is no longer shared goes back to its plain tag.
+    board.set_layers(0, ["fc0"])
+    assert board.layer_key("fc1", 1) == "fc1"
+
+
 # ------------------------------------------------------------------------------------------------------------ writing
 def test_scalars_and_layer_norms_read_back(written_run):
     acc, norms = written_run["acc"], written_run["norms"]
