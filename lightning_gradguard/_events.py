@@ -196,7 +196,8 @@ class EventReporter:
         if not top:
             return ""
         listed = ", ".join(f"{n!r} ({f:.0%} saturated)" for n, f in top)
-        return f"Most saturated activations upstream: {listed}. {monitor.advice()}"
+        dead_units = all(monitor.counts_dead_units(name) for name, _ in top)
+        return f"Most saturated activations upstream: {listed}. {monitor.advice(dead_units)}"
 
 
 def _listing(named: list[str], total: int) -> str:

@@ -942,18 +942,29 @@ class GradGuard(CallbackBase):
         done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
-        rate = ""
+        rate, advice = "", "start at or below that rate"
         if key < len(trainer.optimizers):
             groups = trainer.optimizers[key].param_groups
             scheduled = {float(group["lr"]) for group in groups if group["lr"] is not None}
             if len(scheduled) == 1:
                 (lr,) = scheduled
                 rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
+            # A scheduler that moved the rate (OneCycleLR's annealed tail, a decay) makes the last rate no advice
+            # for a start: scale the schedule instead, named by its peak (cyclic schedules) or its base rate.
+            kind = "peak" if all("max_lr" in group for group in groups) else "base"
+            bases = {float(group.get("max_lr" if kind == "peak" else "initial_lr", math.nan)) for group in groups}
+            if len(bases) == 1 and len(scheduled) == 1:
+                (base,) = bases
+                if math.isfinite(base) and not math.isclose(base, lr):
+                    advice = (
+                        f"scale the whole schedule by about {scale:.3g} (its {kind} rate {base * scale:.3g} instead of"
+                        f" {base:.3g})"
+                    )
         # The guard finds the edge of stability, not the best rate: say so, so the figure is read as a ceiling.
         notes.append(
             f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. To train this"
-            " setup again, start at or below that rate: the guard settles near the highest rate that stays finite,"
-            " and a lower one may train better."
+            f" setup again, {advice}: the guard settles near the highest rate that stays finite, and a lower one may"
+            " train better."
         )
         return " ".join(notes)
 
@@ -972,8 +983,10 @@ class GradGuard(CallbackBase):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # A fit stopped by an error (e.g. on_exploding="raise") never reaches on_train_end: without this the LR hooks
-        # would stay on the dead optimizer and keep the next fit's optimizer from getting its own.
+        # would stay on the dead optimizer and keep the next fit's optimizer from getting its own. Nor teardown: the
+        # Trainer would keep the gradient_clip_val it lent the guard as None, and a later fit without it would not clip.
         self._release_hooks()
+        restore_clipping(trainer)
 
     def _release_hooks(self) -> None:
         self._disarm_saturation()
@@ -1037,7 +1050,12 @@ class GradGuard(CallbackBase):
             lr, scale = self._step_rates.get(key, (None, None))
             if scale is not None:
                 snap.lr_scale = scale
-            metrics.update(snap.metrics(self._prefix(key)))
+            scalars = snap.metrics(self._prefix(key))
+            if engine.steps == 0:
+                # An optimizer that has not stepped yet (a critic stepping every 5th batch) has no last total norm:
+                # the record's initial 0 would read as a vanishing gradient.
+                del scalars[f"{self._prefix(key)}total_norm"]
+            metrics.update(scalars)
             if lr is not None and snap.lr_scale is not None:
                 metrics[f"{self._prefix(key)}lr"] = float(lr)
             snapshots.append((key, snap))

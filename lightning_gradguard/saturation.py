@@ -41,7 +41,9 @@ class _Probe:
         self.total: Tensor | None = None  # [sum of fractions, number of calls], fp32 on the outputs' device
 
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
-        if not self.active or self.rule is None:
+        # A forward pass without gradients (validation between two micro-batches of a logging step, a teacher's
+        # forward) neither trains nor passes a gradient back: its activations are not this step's.
+        if not self.active or self.rule is None or not torch.is_grad_enabled():
             return
         y = output[0] if isinstance(output, tuple) and not isinstance(output, PackedSequence) else output
         if isinstance(y, PackedSequence):
@@ -311,9 +313,27 @@ class SaturationMonitor:
         candidates.sort(key=lambda item: -item[1])  # stable: ties keep definition order
         return candidates[:k]
 
+    def counts_dead_units(self, name: str) -> bool:
+        """Whether the watched module ``name`` is a ReLU (or a ReLU RNN): its saturated outputs are dead units."""
+        return any(
+            watched == name and (isinstance(module, nn.ReLU) or getattr(module, "nonlinearity", None) == "relu")
+            for watched, module, _, _ in self._watched
+        )
+
     @staticmethod
-    def advice() -> str:
-        """One sentence of remedies for saturated activations, for warnings."""
+    def advice(dead_units: bool = False) -> str:
+        """One sentence of remedies for saturated activations, for warnings.
+
+        Args:
+            dead_units: the saturated activations are ReLUs, whose saturation is units stuck at 0: a remedy for those
+                (recommending ReLU to them would be none).
+        """
+        if dead_units:
+            return (
+                "A ReLU unit that outputs 0 for every input is dead and passes no gradient: lower the learning rate (a"
+                " too-high one pushes units below zero for good), use LeakyReLU or GELU, or normalize the layer's"
+                " inputs (BatchNorm/LayerNorm)."
+            )
         return (
             "Saturated activations pass almost no gradient: prefer non-saturating activations (ReLU, LeakyReLU, "
             "GELU), normalize their inputs (BatchNorm/LayerNorm), add residual connections, and use orthogonal "

@@ -656,6 +656,45 @@ def test_a_run_that_ends_below_its_rate_says_which_rate_it_settled_on(caplog: py
     assert fit(set()) == (1.0, [])
 
 
+class _Scheduled(SpikyRegressor):
+    """SpikyRegressor under a per-step schedule: a linear decay to a tenth, or a one-cycle schedule."""
+
+    def __init__(self, spikes: dict[int, float], schedule: str) -> None:
+        super().__init__(spikes, lr=0.02)
+        self.schedule = schedule
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        if self.schedule == "decay":
+            sched: Any = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=80)
+        else:
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=80)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize(("schedule", "kind", "base"), [("decay", "base", 0.02), ("onecycle", "peak", 0.05)])
+def test_under_a_schedule_the_rate_note_scales_the_schedule(
+    caplog: pytest.LogCaptureFixture, schedule: str, kind: str, base: float
+) -> None:
+    """The last rate of a decaying schedule is no rate to start at: the note scales the schedule's base or peak."""
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard(rollback=default_rollback(early_only=False))
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("ignore")
+        trainer(max_steps=80, max_epochs=-1, callbacks=[guard]).fit(
+            _Scheduled(_CLIMB, schedule), regression_data(n=1024)
+        )
+    assert guard.lr_guard is not None
+    scale = guard.lr_guard.scale()
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard: the learning rate")]
+    assert 0.0 < scale < 1.0 and len(notes) == 1
+    assert (
+        f"scale the whole schedule by about {scale:.3g} (its {kind} rate {base * scale:.3g} instead of {base:.3g})"
+        in notes[0]
+    )
+    assert "start at or below" not in notes[0]
+
+
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
     def weights(rollback: Any) -> list[torch.Tensor]:
         guard, model, _ = _fit(set(), rollback=rollback, steps=60)

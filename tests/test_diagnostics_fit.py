@@ -557,3 +557,35 @@ def test_compiled_layers_get_one_note_and_no_activation_gradient_chart(
     assert "gradguard/layer/net.0" in tags and not any(tag.startswith("gradguard/act_grad/") for tag in tags)
     assert not any("activation-gradient" in title for title in _layout_titles(tmp_path))
     torch._dynamo.reset()
+
+
+class _HugeValidation(Regressor):
+    """Validation on inputs 1000x the training ones: every tanh output saturates there, none in training."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x * 1e3), y))
+
+
+def test_validation_inside_a_logging_window_is_not_training_saturation(tmp_path: Any) -> None:
+    rows = {}
+    for interval in (None, 7):
+        torch.manual_seed(0)
+        model = _HugeValidation(net=nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 1)), lr=0.01)
+        logger = CSVLogger(tmp_path, name=f"val{interval}")
+        extra: dict[str, Any] = {} if interval is None else {"val_check_interval": interval, "num_sanity_val_steps": 0}
+        # Accumulation over 4 batches: validation after batch 7 falls inside the window of the log at step 2.
+        trainer(
+            max_steps=3,
+            max_epochs=-1,
+            callbacks=[GradGuard(log_every_n_steps=1)],
+            logger=logger,
+            accumulate_grad_batches=4,
+            limit_val_batches=2,
+            **extra,
+        ).fit(model, regression_data(), regression_data() if interval else None)
+        rows[interval] = [
+            float(r["gradguard/saturation/net.1"]) for r in _csv(logger) if r.get("gradguard/saturation/net.1")
+        ]
+    assert len(rows[7]) == 3 and rows[7] == rows[None]
+    assert max(rows[7]) < 0.5

@@ -183,6 +183,21 @@ def test_a_second_fit_of_the_same_trainer_still_takes_it_over() -> None:
     assert all(Received.norm(g) == pytest.approx(0.01, rel=1e-5) for g in probe.received)
 
 
+class _Fails(Regressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2:
+            raise RuntimeError("the user's bug")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_that_raises_gives_gradient_clip_val_back() -> None:
+    """Lightning calls no teardown when a fit raises: the Trainer must not be left without its clipping."""
+    run = trainer(max_steps=5, gradient_clip_val=1.0, callbacks=[GradGuard()])
+    with pytest.raises(RuntimeError, match="the user's bug"):
+        run.fit(_Fails(), regression_data())
+    assert run.gradient_clip_val == 1.0
+
+
 # ------------------------------------------------------------------------------------------------- the engine
 def test_engine_max_norm_is_the_clipper_chained_with_clip_grad_norm() -> None:
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ from lightning_gradguard import (
     VanishingDetector,
     ZClip,
 )
-from tests.helpers import ParamSnapshots, assert_same_state, event_files, load_events
+from tests.helpers import MetricsLogger, ParamSnapshots, assert_same_state, event_files, load_events
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -446,6 +446,39 @@ def test_manual_optimization_two_optimizers_keep_separate_state_and_tags(tmp_pat
 
 
 # -------------------------------------------------------------------------------------------- Lightning's clipping too
+class SlowHead(L.LightningModule):
+    """Manual optimization: the body steps on every batch, the head on every 5th."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.body = nn.Sequential(nn.Linear(16, 32), nn.ReLU())
+        self.head = nn.Linear(32, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        body, head = self.optimizers()
+        self.manual_backward(nn.functional.mse_loss(self.head(self.body(x)), y))
+        body.step()
+        body.zero_grad()
+        if (batch_idx + 1) % 5 == 0:
+            head.step()
+            head.zero_grad()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.body.parameters(), lr=0.05), torch.optim.SGD(self.head.parameters(), lr=0.01)]
+
+
+def test_an_optimizer_that_has_not_stepped_yet_logs_no_total_norm() -> None:
+    logger = MetricsLogger()
+    trainer(max_steps=24, max_epochs=-1, logger=logger, log_every_n_steps=2, callbacks=[GradGuard()]).fit(
+        SlowHead(), regression_data()
+    )
+    body, head = logger.series("gradguard/opt0/total_norm"), logger.series("gradguard/opt1/total_norm")
+    # Logs at batches 2, 4, 6, ...: the head's first step is at batch 5, so its first total norm is in the third log.
+    assert len(body) == len(head) + 2 and all(value > 0 for value in body + head)
+
+
 class PreStepNorms(Callback):
     """The total gradient norm each ``optimizer.step`` really receives (after every clipping)."""
 

@@ -214,6 +214,40 @@ def test_advice_is_one_sentence():
     assert advice.count(".") == 1 and advice.endswith(".")
     for word in ("ReLU", "LeakyReLU", "GELU", "LayerNorm", "residual", "orthogonal"):
         assert word in advice
+    # Dead ReLUs are not told to use ReLU.
+    dead = SaturationMonitor.advice(dead_units=True)
+    assert dead.count(".") == 1 and dead.endswith(".") and "learning rate" in dead and "LeakyReLU" in dead
+    assert "prefer non-saturating" not in dead
+
+
+def test_dead_units_are_told_apart_by_module_type():
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Tanh(), nn.RNN(2, 2, nonlinearity="relu"), nn.RNN(2, 2))
+    monitor = SaturationMonitor(model)
+    assert [monitor.counts_dead_units(name) for name in ("1", "2", "3", "4", "no.such")] == [
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
+
+
+def test_forward_passes_without_gradients_are_not_counted():
+    """Validation between two micro-batches of a logging step runs under no_grad: not the training activations."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
+    monitor = SaturationMonitor(model)
+    monitor.arm()
+    x = torch.randn(16, 4)
+    model(x)
+    with torch.no_grad():
+        model(x * 1e3)  # all saturated
+    with torch.inference_mode():
+        model(x * 1e3)
+    measured = monitor.disarm()
+    monitor.arm()
+    model(x)
+    alone = monitor.disarm()
+    assert measured["1"].item() == alone["1"].item() < 0.5
 
 
 @pytest.mark.parametrize(
