@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import gc
 import math
 import os
 import signal
@@ -407,33 +408,42 @@ def _plain_ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
     data), and every seventh step it reports none."""
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.manual_seed(0)
-        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
-        engine = GuardEngine(model, lr_guard=LRGuard())
-        engine.attach(optimizer)
-        torch.manual_seed(1 + rank)
-        x, y = torch.randn(64, 4), torch.randn(64, 1)
-        diverging = []
-        for step in range(1, 41):
-            optimizer.zero_grad()
-            loss = nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            blown_up = rank == 0 and step >= 20
-            reported = (
-                None if rank == 0 and step % 7 == 0 else loss.detach() * (1e3 * 2.0 ** (step - 20) if blown_up else 1)
-            )
-            engine.step(optimizer=optimizer, loss=reported)  # before, a loss of rank 0's own
-            optimizer.step()
-            diverging += [event.step for event in engine.drain() if event.diverging]
-        return {
-            "diverging": diverging,
-            "counts": engine.snapshot().counts,
-            "scale": engine.lr_guard.scale(0) if engine.lr_guard is not None else None,
-            "weights": [p.detach().clone() for p in model.parameters()],
-        }
+        # The DDP model's reducer holds the process group. Freed only after destroy_process_group(), it drops the
+        # group's last reference with the GIL held, and ProcessGroupGloo's destructor joins gloo threads that may still
+        # need the GIL to release the last all_reduce's tensor: a deadlock, 5 runs in 28 on a loaded 2-core machine.
+        # The steps run in a function of their own, so that the model is gone before the group is destroyed.
+        return _plain_ddp_steps(rank)
     finally:
+        gc.collect()  # anything in a cycle with the model too
         torch.distributed.destroy_process_group()
+
+
+def _plain_ddp_steps(rank: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(optimizer)
+    torch.manual_seed(1 + rank)
+    x, y = torch.randn(64, 4), torch.randn(64, 1)
+    diverging = []
+    for step in range(1, 41):
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        blown_up = rank == 0 and step >= 20
+        reported = (
+            None if rank == 0 and step % 7 == 0 else loss.detach() * (1e3 * 2.0 ** (step - 20) if blown_up else 1)
+        )
+        engine.step(optimizer=optimizer, loss=reported)  # before, a loss of rank 0's own
+        optimizer.step()
+        diverging += [event.step for event in engine.drain() if event.diverging]
+    return {
+        "diverging": diverging,
+        "counts": engine.snapshot().counts,
+        "scale": engine.lr_guard.scale(0) if engine.lr_guard is not None else None,
+        "weights": [p.detach().clone() for p in model.parameters()],
+    }
 
 
 def test_plain_ddp_ranks_judge_the_same_loss(tmp_path: Path) -> None:
@@ -500,8 +510,8 @@ def _free_port() -> int:
 
 def _launch(scenario: str, outdir: Path, timeout: float = 180.0) -> list[dict[str, Any]]:
     # A second try on a fresh port when the workers hang: the free port is found before the workers bind it, so
-    # another test's process group (a ddp_spawn run in a parallel test worker) can take it in between, and two groups
-    # meeting on one port wait for ever. A real hang hangs twice.
+    # another process group can take it in between, and two groups meeting on one port wait for ever. (The plain DDP
+    # workers' teardown deadlock, which a retry only made less likely, is avoided in _plain_ddp_worker.)
     for _ in range(2):
         outputs = _launch_once(scenario, outdir, timeout)
         if outputs is not None:
