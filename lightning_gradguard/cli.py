@@ -87,6 +87,7 @@ _TROUBLE_PREFIX = "gradguard/trouble/"
 _NO_DATA = "no gradguard/ scalars (was GradGuard used with a TensorBoard logger?)"
 _EVENT_FILE = "events.out.tfevents."
 _OPT_RE = re.compile(r"^gradguard/(opt\d+)/")
+_EPOCH_RE = re.compile(r"^gradguard/(?:opt\d+/)?epoch/")
 _PER_OPTIMIZER = re.compile(r"^gradguard/(?:(opt\d+)/)?(total_norm|total_norm_max|lr_scale|events/[^/]+)$")
 
 
@@ -475,7 +476,13 @@ def noise_scale_summary(run: RunData) -> dict[str, Any] | None:
 
 def summarize_run(run: RunData) -> dict[str, Any]:
     """The report of one run as plain JSON-ready data (non-finite numbers become ``None``)."""
-    logged = [steps for tag, (steps, _) in run.scalars.items() if not tag.startswith(_TROUBLE_PREFIX)]
+    # Event points and per-epoch summaries are written at steps of their own (an event's step, an epoch's last
+    # batch): not logging steps.
+    logged = [
+        steps
+        for tag, (steps, _) in run.scalars.items()
+        if not tag.startswith(_TROUBLE_PREFIX) and not _EPOCH_RE.match(tag)
+    ]
     all_steps = np.unique(np.concatenate(logged)) if logged else np.zeros(0, dtype=np.int64)
     prefixes = sorted(
         {m.group(1) for tag in run.scalars if (m := _PER_OPTIMIZER.match(tag)) and m.group(1)}, key=_natural_key

@@ -77,6 +77,8 @@ def write_run(logdir, seed: int = 0, trouble: bool = True) -> dict:
         ]
         board.write_events(step, rows)
     writer.add_scalar("train/loss", 1.0, 0)  # foreign tags are ignored
+    # A per-epoch summary at an epoch's last batch, between two logs: not a logging step.
+    writer.add_scalar("gradguard/epoch/total_norm_max", float(total_max.max()), int(STEPS[3]) + 3)
     writer.close()
     return {
         "norms": norms,
@@ -111,7 +113,7 @@ def test_json_numbers_match_raw_scalars(logdir, capsys):
     assert list(report["runs"]) == ["version_0", "version_1"] and report["skipped"] == {}
     summary, data = report["runs"]["version_0"], raw["version_0"]
 
-    # The trouble tags are stamped with event steps (247): they are not logged steps.
+    # The trouble tags are stamped with event steps (247), the epoch summary with an epoch's end: not logged steps.
     assert summary["steps"] == {"first": 0, "last": int(STEPS[-1]), "logged": len(STEPS)}
     assert summary["num_layers"] == len(LAYERS)
     opt = summary["optimizers"]["opt0"]
