@@ -370,6 +370,8 @@ class FitDiagnostics:
                     )
         if "epoch" in self.on:
             for key, snap in snapshots:
+                if guard._states[key].steps == 0:
+                    continue  # not stepped yet: its record's initial 0 is no norm
                 self._epoch(key).update(
                     snap.total_norm,
                     snap.total_norm_max if snap.total_norm_max > -math.inf else None,

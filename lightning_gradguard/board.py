@@ -340,7 +340,8 @@ class GradGuardBoard:
     It is called on logging steps only, with host values (numpy arrays and Python numbers). Tags follow
     ``gradguard/...``; with several optimizers, per-optimizer tags get ``opt{i}/`` after ``gradguard/`` (see
     :meth:`tag`) and image tags get a ``/opt{i}`` suffix, while layer, trouble, regularizer and saturation tags are
-    shared. Scalars go to the writer as one multi-value event per step, so thousands of per-layer norms stay cheap.
+    shared (a layer name that several optimizers hold gets an ``opt{i}/`` of its own, see :meth:`layer_key`).
+    Scalars go to the writer as one multi-value event per step, so thousands of per-layer norms stay cheap.
 
     The custom-scalars layout stays browsable at any depth (at most ``max_charts`` charts): the run-level charts, two
     *layers in trouble* charts over ``gradguard/trouble/<kind>/<layer>`` (written by :meth:`write_events` for each
@@ -444,6 +445,7 @@ class GradGuardBoard:
         self.diagnostics = frozenset(diagnostics)
 
         self._layer_tags: dict[int, list[str]] = {}
+        self._shared_names: frozenset[str] = frozenset()
         self._retag_layers()
         self._histories = {idx: _LayerHistory(len(names), history) for idx, names in self.layer_names.items()}
         self._latest: dict[int, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -485,7 +487,10 @@ class GradGuardBoard:
         for names in self.layer_names.values():
             for name in names:
                 seen[name] = seen.get(name, 0) + 1
-        self._shared_names = frozenset(name for name, times in seen.items() if times > 1)
+        # Once shared, always: a param group added mid-run must not move an unchanged layer's series to another tag
+        # and back (the layout's line takes both forms).
+        shared = frozenset(name for name, times in seen.items() if times > 1)
+        self._shared_names = self._shared_names | shared
         self._layer_tags = {
             idx: [f"{_PREFIX}layer/{self.layer_key(name, idx)}" for name in names]
             for idx, names in self.layer_names.items()
@@ -524,8 +529,9 @@ class GradGuardBoard:
 
         The pictures' histories keep the rows of the layers that stay (by name); a layer that joined shows as "no
         gradient" before it. The dashboard keeps the charts it was written with (TensorBoard reads one layout per
-        run): a layer that joined has its ``gradguard/layer/<name>`` scalar in the Scalars tab and its row in the
-        pictures, and where the layers are charted as blocks it joins the block of the layer before it.
+        run): a layer that joined has its ``gradguard/layer/<name>`` scalar (see :meth:`layer_key`) in the Scalars
+        tab and its row in the pictures, and where the layers are charted as blocks it joins the block of the layer
+        before it.
 
         Raises:
             ValueError: for an unknown ``opt_idx`` or a repeated name.
@@ -624,7 +630,9 @@ class GradGuardBoard:
                     add(f"{block} ({len(members)} layers): max, median", exact(max_tag, median_tag))
             else:
                 for title, group in group_layer_names(names):
-                    add(title, exact(*(f"{_PREFIX}layer/{self.layer_key(name, idx)}" for name in group)))
+                    # With or without an optimizer component: a name that becomes shared later keeps its line.
+                    prefix = f"^{re.escape(_PREFIX)}layer/" + (r"(?:opt\d+/)?" if self.multi_optimizer else "")
+                    add(title, [f"{prefix}{re.escape(name)}$" for name in group])
         layout = {"GradGuard": main, "GradGuard layers": layers}
         diagnostics = self._diagnostic_charts()
         if diagnostics:

@@ -306,6 +306,9 @@ class GradGuard(CallbackBase):
         # Per optimizer key, the learning rate of param group 0 the latest optimizer step ran with and the LR
         # guard's multiplier in it (see ``_watch_steps``).
         self._step_rates: dict[int, tuple[float | Tensor | None, float | None]] = {}
+        # Per optimizer key, each param group's rate when training started: the base of a schedule that keeps none
+        # (ReduceLROnPlateau), for the end-of-fit rate line.
+        self._start_rates: dict[int, list[Any]] = {}
 
     # ------------------------------------------------------------------ identity and state
     @property
@@ -494,6 +497,7 @@ class GradGuard(CallbackBase):
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
             self._state_for(trainer, optimizer, key)
+            self._start_rates[key] = [group.get("lr") for group in optimizer.param_groups]
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
                     f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has lr=None in every"
@@ -949,17 +953,17 @@ class GradGuard(CallbackBase):
             if len(scheduled) == 1:
                 (lr,) = scheduled
                 rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
-            # A scheduler that moved the rate (OneCycleLR's annealed tail, a decay) makes the last rate no advice
-            # for a start: scale the schedule instead, named by its peak (cyclic schedules) or its base rate.
-            kind = "peak" if all("max_lr" in group for group in groups) else "base"
-            bases = {float(group.get("max_lr" if kind == "peak" else "initial_lr", math.nan)) for group in groups}
-            if len(bases) == 1 and len(scheduled) == 1:
-                (base,) = bases
-                if math.isfinite(base) and not math.isclose(base, lr):
-                    advice = (
-                        f"scale the whole schedule by about {scale:.3g} (its {kind} rate {base * scale:.3g} instead of"
-                        f" {base:.3g})"
-                    )
+            # A scheduler that moved the rate (OneCycleLR's annealed tail, a decay, ReduceLROnPlateau's cuts) makes
+            # the last rate no advice for a start: scale the schedule instead, named by its peak or base rate.
+            kind, bases = self._schedule_bases(trainer, key)
+            moved = any(
+                base is not None and group["lr"] is not None and not math.isclose(base, float(group["lr"]))
+                for base, group in zip(bases, groups)
+            )
+            if moved:
+                advice = f"scale the whole schedule by about {scale:.3g}"
+                if len(set(bases)) == 1 and bases[0] is not None:
+                    advice += f" (its {kind} rate {bases[0] * scale:.3g} instead of {bases[0]:.3g})"
         # The guard finds the edge of stability, not the best rate: say so, so the figure is read as a ceiling.
         notes.append(
             f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. To train this"
@@ -967,6 +971,24 @@ class GradGuard(CallbackBase):
             " train better."
         )
         return " ".join(notes)
+
+    def _schedule_bases(self, trainer: pl.Trainer, key: int) -> tuple[str, list[float | None]]:
+        """Each param group's peak rate (a cyclic schedule: ``max_lr`` in the group, as OneCycleLR keeps it, or
+        CyclicLR's ``max_lrs``), else its base rate (``initial_lr``, or the rate when training started)."""
+        optimizer = trainer.optimizers[key]
+        groups = optimizer.param_groups
+        peaks: list[Any] = [group.get("max_lr") for group in groups]
+        if any(peak is None for peak in peaks):
+            for config in getattr(trainer, "lr_scheduler_configs", []):
+                scheduler = getattr(config, "scheduler", None)
+                max_lrs = getattr(scheduler, "max_lrs", None)
+                if getattr(scheduler, "optimizer", None) is optimizer and isinstance(max_lrs, (list, tuple)):
+                    peaks = list(max_lrs)
+        if len(peaks) == len(groups) and all(isinstance(peak, (int, float)) for peak in peaks):
+            return "peak", [float(peak) for peak in peaks]
+        start = self._start_rates.get(key, [])
+        bases = [group.get("initial_lr", start[i] if i < len(start) else None) for i, group in enumerate(groups)]
+        return "base", [float(base) if isinstance(base, (int, float)) else None for base in bases]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._diag.epoch_logged:  # the epoch's last batch was a logging step: the summary went with that log
@@ -1073,7 +1095,9 @@ class GradGuard(CallbackBase):
 
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        status = {"gn": metrics.get("gradguard/total_norm", metrics.get("gradguard/opt0/total_norm", math.nan))}
+        # The first optimizer that has stepped (a generator stepping every 5th batch may not have yet).
+        norms = (metrics.get(f"{self._prefix(key)}total_norm") for key in sorted(self._states))
+        status = {"gn": next((value for value in norms if value is not None), math.nan)}
         if "gradguard/clip_coef" in metrics:
             status["clip"] = metrics["gradguard/clip_coef"]
         status["ev"] = float(

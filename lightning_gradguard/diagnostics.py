@@ -531,10 +531,11 @@ class ActivationGradients:
     vanishing gradient flow, one that grows is exploding.
 
     While armed, a forward hook on each watched module puts a gradient hook on each tensor of the module's output
-    (an LSTM's output sequence and its ``(h_n, c_n)``, the values of a dict); each backward through one adds the
-    squared norm of its gradient, so outputs the loss reads in any combination, several forward calls (weight
-    sharing, recurrent cells) and the micro-batches of gradient accumulation add up to the norm over everything the
-    step saw. Under
+    (an LSTM's output sequence and its ``(h_n, c_n)``, the values of a dict), except an input passed through, a 0-d
+    auxiliary loss, and an output computed from another one (``y[:, -1]`` beside ``y``, looked for a few autograd
+    nodes back); each backward through one adds the squared norm of its gradient, so outputs the loss reads in any
+    combination, several forward calls (weight sharing, recurrent cells) and the micro-batches of gradient
+    accumulation add up to the norm over everything the step saw. Under
     16-bit AMP the gradients flowing backward are multiplied by the loss scale: pass it to :meth:`disarm`, or, where
     the scale may change between the backward passes of one measurement (several optimizers, each stepping and
     updating the GradScaler before the next backward), a function that reads it to :meth:`arm`. Constructing the
@@ -643,7 +644,7 @@ class ActivationGradients:
                 self._found.append((position, norm))
 
         def on_output(module: nn.Module, args: object, output: object) -> None:
-            outputs = [y for y in _output_tensors(output) if y.requires_grad]
+            outputs = _measured_outputs(output, args)
             if not outputs:
                 return
             if position not in self._seen:
@@ -737,6 +738,33 @@ def _output_tensors(output: object) -> list[Tensor]:
 
     visit(output)
     return list(found.values())
+
+
+#: How many autograd nodes back an output is looked through for another output it was computed from.
+_DERIVED_DEPTH = 4
+
+
+def _measured_outputs(output: object, args: object) -> list[Tensor]:
+    """The outputs whose gradients make up a module's ``‖∂L/∂y‖``: each tensor that requires a gradient, except an
+    input passed through (its gradient is the layer before's), a 0-d one (an auxiliary loss returned beside ``y``: its
+    gradient is the loss weight), and one computed from another output within a few autograd nodes (``y[:, -1]`` or
+    ``y.mean(1)`` beside ``y``: ``y``'s hook already receives the gradient that flows through it)."""
+    inputs = {id(t) for t in _output_tensors(args)}
+    outputs = [y for y in _output_tensors(output) if y.requires_grad and y.dim() > 0 and id(y) not in inputs]
+    if len(outputs) < 2:
+        return outputs
+    nodes = {y.grad_fn for y in outputs if y.grad_fn is not None}
+    return [y for y in outputs if not _reaches(y.grad_fn, nodes - {y.grad_fn})]
+
+
+def _reaches(node: Any, targets: set[Any]) -> bool:
+    """Whether ``targets`` holds an autograd node within :data:`_DERIVED_DEPTH` steps back from ``node``."""
+    frontier = [node] if node is not None and targets else []
+    for _ in range(_DERIVED_DEPTH):
+        frontier = [n for f in frontier for n, _ in f.next_functions if n is not None]
+        if any(n in targets for n in frontier):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------- gradient noise scale

@@ -72,7 +72,9 @@ class _Spy:
         self.ran = False
 
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
-        self.ran = True
+        # As the probes: a pass without gradients (a frozen compiled teacher) is not one the probes should have seen.
+        if torch.is_grad_enabled():
+            self.ran = True
 
 
 # The probes of activation modules that run inside compiled code: registered once and never removed, so that the

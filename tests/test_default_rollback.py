@@ -663,18 +663,47 @@ class _Scheduled(SpikyRegressor):
         super().__init__(spikes, lr=0.02)
         self.schedule = schedule
 
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
-        if self.schedule == "decay":
-            sched: Any = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.1, total_iters=80)
+        if self.schedule == "groups":  # two param groups at different rates, one decay
+            first, last = self.net[0], self.net[2]
+            groups = [{"params": first.parameters(), "lr": self.lr}, {"params": last.parameters(), "lr": self.lr / 2}]
+            opt = torch.optim.SGD(groups, lr=self.lr)
         else:
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=80)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+            opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        config: dict[str, Any] = {"interval": "step"}
+        if self.schedule in ("decay", "groups"):
+            config["scheduler"] = torch.optim.lr_scheduler.LinearLR(
+                opt, start_factor=1.0, end_factor=0.1, total_iters=80
+            )
+        elif self.schedule == "onecycle":
+            config["scheduler"] = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=80)
+        elif self.schedule == "cyclic":
+            config["scheduler"] = torch.optim.lr_scheduler.CyclicLR(
+                opt, base_lr=0.002, max_lr=0.05, step_size_up=20, cycle_momentum=False
+            )
+        else:  # plateau: keeps no initial_lr, the rate training started with is its base
+            config["scheduler"] = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+            config["monitor"] = "train_loss"
+        return {"optimizer": opt, "lr_scheduler": config}
 
 
-@pytest.mark.parametrize(("schedule", "kind", "base"), [("decay", "base", 0.02), ("onecycle", "peak", 0.05)])
+@pytest.mark.parametrize(
+    ("schedule", "kind", "base"),
+    [
+        ("decay", "base", 0.02),
+        ("onecycle", "peak", 0.05),
+        ("cyclic", "peak", 0.05),
+        ("plateau", "base", 0.02),
+        ("groups", "base", None),
+    ],
+)
 def test_under_a_schedule_the_rate_note_scales_the_schedule(
-    caplog: pytest.LogCaptureFixture, schedule: str, kind: str, base: float
+    caplog: pytest.LogCaptureFixture, schedule: str, kind: str, base: float | None
 ) -> None:
     """The last rate of a decaying schedule is no rate to start at: the note scales the schedule's base or peak."""
     L.seed_everything(0, verbose=False)
@@ -688,10 +717,13 @@ def test_under_a_schedule_the_rate_note_scales_the_schedule(
     scale = guard.lr_guard.scale()
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard: the learning rate")]
     assert 0.0 < scale < 1.0 and len(notes) == 1
-    assert (
-        f"scale the whole schedule by about {scale:.3g} (its {kind} rate {base * scale:.3g} instead of {base:.3g})"
-        in notes[0]
-    )
+    if base is None:  # the groups' rates differ: no one rate to name
+        assert f"scale the whole schedule by about {scale:.3g}:" in notes[0]
+    else:
+        assert (
+            f"scale the whole schedule by about {scale:.3g} (its {kind} rate {base * scale:.3g} instead of {base:.3g})"
+            in notes[0]
+        )
     assert "start at or below" not in notes[0]
 
 

@@ -466,6 +466,55 @@ def test_activation_gradient_adds_up_every_output_tensor_the_loss_reads() -> Non
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0.0)
 
 
+def test_activation_gradient_counts_no_output_twice() -> None:
+    """Outputs computed from another output (a view, a mean), an input passed through and a 0-d auxiliary loss are
+    left out: the main output's gradient already holds what flows through the first two, the layer before owns the
+    third's, and the fourth's is the loss weight."""
+    torch.manual_seed(7)
+
+    class Views(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3, 4)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            y = self.proj(x)
+            return y, y[:, -1], y.mean(1)
+
+    class PassThrough(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            y = self.proj(x)
+            return y, x, (y - 1.0).square().mean()  # the output, the input, an auxiliary loss
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.views = Views()
+            self.passing = PassThrough()
+
+        def forward(self, x: Tensor) -> Tensor:
+            y, last, mean = self.views(x)
+            z, same, aux = self.passing(y)
+            return z.square().mean() + last.square().mean() + mean.sum() + same.mean() + 0.5 * aux
+
+    model = Net()
+    grads = ActivationGradients(model, names=["views", "passing"])
+    x = torch.randn(6, 3)
+    grads.arm()
+    model(x).backward()
+    got = grads.disarm()
+    y, last, mean = model.views(x)
+    z, same, aux = model.passing(y)
+    loss = z.square().mean() + last.square().mean() + mean.sum() + same.mean() + 0.5 * aux
+    g_y, g_z = torch.autograd.grad(loss, [y, z])  # y's gradient through every use, z's
+    assert got is not None
+    torch.testing.assert_close(got, torch.stack([g_y.norm(), g_z.norm()]), rtol=1e-5, atol=0.0)
+
+
 # ---------------------------------------------------------------------- noise scale
 
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -413,6 +414,9 @@ def _plain_ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
         # need the GIL to release the last all_reduce's tensor: a deadlock, 5 runs in 28 on a loaded 2-core machine.
         # The steps run in a function of their own, so that the model is gone before the group is destroyed.
         return _plain_ddp_steps(rank)
+    except BaseException as error:
+        traceback.clear_frames(error.__traceback__)  # nor may a failure's frames keep the model alive
+        raise
     finally:
         gc.collect()  # anything in a cycle with the model too
         torch.distributed.destroy_process_group()

@@ -15,6 +15,7 @@ import warnings
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback, ModelCheckpoint
@@ -471,12 +472,15 @@ class SlowHead(L.LightningModule):
 
 def test_an_optimizer_that_has_not_stepped_yet_logs_no_total_norm() -> None:
     logger = MetricsLogger()
-    trainer(max_steps=24, max_epochs=-1, logger=logger, log_every_n_steps=2, callbacks=[GradGuard()]).fit(
+    trainer(max_epochs=1, logger=logger, log_every_n_steps=2, callbacks=[GradGuard()]).fit(
         SlowHead(), regression_data()
     )
     body, head = logger.series("gradguard/opt0/total_norm"), logger.series("gradguard/opt1/total_norm")
     # Logs at batches 2, 4, 6, ...: the head's first step is at batch 5, so its first total norm is in the third log.
     assert len(body) == len(head) + 2 and all(value > 0 for value in body + head)
+    # Nor does its epoch summary count the logs before it stepped.
+    assert logger.series("gradguard/opt1/epoch/logs") == [len(head)]
+    assert logger.series("gradguard/opt1/epoch/total_norm_p50") == [pytest.approx(float(np.median(head)))]
 
 
 class PreStepNorms(Callback):

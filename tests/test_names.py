@@ -223,6 +223,19 @@ def test_saturation_compiled_before_the_monitor_is_reported_once(fresh_dynamo: N
     assert sorted(monitor.disarm()) == ["net.1", "net.3"]
 
 
+def test_a_compiled_module_run_only_without_gradients_is_no_missed_measurement(fresh_dynamo: None) -> None:
+    """A frozen compiled teacher runs under no_grad: the probes skip such passes, so it must not be reported as
+    compiled before the hooks (a warning whose cause and remedy would both be wrong)."""
+    model = Holder(torch.compile(_mlp(), backend="eager"))
+    monitor = SaturationMonitor(model)
+    monitor.arm()
+    with torch.no_grad():
+        model(torch.randn(2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert monitor.disarm() == {}
+
+
 def test_copies_of_a_compiled_model_get_inert_hooks(fresh_dynamo: None) -> None:
     import copy
     import pickle

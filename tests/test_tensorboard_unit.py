@@ -198,9 +198,16 @@ def test_a_layer_name_two_optimizers_share_is_tagged_per_optimizer():
         ("gradguard/layer/fc2", 1.0),
     } <= written
     assert ("gradguard/trouble/exploding/opt1/fc1", 9.0) in written
-    # A name that is no longer shared goes back to its plain tag.
+    # Once shared, always: a param group that changes which names are shared must not move a series to another tag.
     board.set_layers(0, ["fc0"])
-    assert board.layer_key("fc1", 1) == "fc1"
+    assert board.layer_key("fc1", 1) == "opt1/fc1"
+    board.set_layers(0, ["fc0", "fc2"])
+    assert [board.layer_key("fc2", i) for i in (0, 1)] == ["opt0/fc2", "opt1/fc2"]
+    # The layout's line of a layer takes both forms, so a name shared later stays on its chart.
+    lines = [tag for chart in board.layout()["GradGuard layers"].values() for tag in chart[1] if "fc2" in tag]
+    assert lines and all(
+        re.match(line, "gradguard/layer/fc2") and re.match(line, "gradguard/layer/opt1/fc2") for line in lines
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ writing
