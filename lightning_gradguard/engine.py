@@ -1401,8 +1401,9 @@ class GuardEngine:
                     lr_reduced = True
                     self._rollback_due = True
                     self._warn_unattached(flags.step)
-                for r in self.regularizers:
-                    r.on_exploding(exploding)
+                if not nonfinite:  # a skipped bad batch is neither an explosion nor a calm step (as for the LR guard)
+                    for r in self.regularizers:
+                        r.on_exploding(exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
                 self._events.append(
                     StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced, diverging)

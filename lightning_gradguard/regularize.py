@@ -68,7 +68,6 @@ class Regularizer(abc.ABC):
 
     **Selection.** A parameter is selected when all of the following hold:
 
-    * it requires grad;
     * ``modules`` is ``None``, or the regex is found (``re.search``) in the qualified name of the module owning
       the parameter (``"encoder.0"``) or in the parameter's qualified name (``"encoder.0.weight"``). Names read as
       in the plain model: ``torch.compile``'s ``_orig_mod.`` is left out (``net.0``, not ``net._orig_mod.0``);
@@ -78,7 +77,10 @@ class Regularizer(abc.ABC):
       (biases, normalization gains, scalars) or an own name ending in ``"bias"``;
     * the subclass accepts it (:class:`Orthogonal` needs matrices, see there).
 
-    Shared parameters are considered once, under the module that defines them first.
+    Shared parameters are considered once, under the module that defines them first. A selected parameter that is
+    frozen (``requires_grad`` false) is left alone, in :meth:`penalty` and :meth:`add_grad_`, for as long as it is:
+    a backbone frozen at the start and unfrozen mid-run is regularized from then on, and one frozen mid-run stops
+    being pulled (the optimizer would move it by the term alone).
 
     **Parametrized weights** (``torch.nn.utils.parametrize``: ``parametrizations.weight_norm``,
     ``spectral_norm``, ``orthogonal``; the deprecated hook-based ``torch.nn.utils.weight_norm`` and
@@ -205,7 +207,9 @@ class Regularizer(abc.ABC):
     ) -> bool:
         """The common selection. ``param_name`` is the parameter's name on ``owner`` (for the originals of a
         parametrized tensor, the tensor's name), ``qualified`` its real qualified name, ``kind`` what it is."""
-        if not param.requires_grad or kind not in self._kinds:
+        # Frozen parameters are selected too: they are left alone while frozen (see _trainable), and regularized
+        # from the step they train (a backbone unfrozen mid-run).
+        if kind not in self._kinds:
             return False
         if self._pattern is not None:
             names = [owner_name, f"{owner_name}.{param_name}" if owner_name else param_name]
@@ -302,19 +306,30 @@ class Regularizer(abc.ABC):
         May return the parameters themselves; callers must not write into the result.
         """
 
+    @staticmethod
+    def _trainable(params: list[nn.Parameter], layouts: list[Any]) -> tuple[list[nn.Parameter], list[Any]]:
+        """The parameters that train now (``requires_grad``), and their layouts: a frozen one is left alone, as the
+        penalty added to the loss would leave it (one host attribute read per parameter)."""
+        if all(p.requires_grad for p in params):
+            return params, layouts
+        keep = [i for i, p in enumerate(params) if p.requires_grad]
+        return [params[i] for i in keep], [layouts[i] for i in keep]
+
     def penalty(self, module: nn.Module | None = None) -> Tensor:
-        """The penalty times ``weight * strength``: a differentiable 0-d fp32 tensor.
+        """The penalty times ``weight * strength`` over the selected parameters that train now (``requires_grad``):
+        a differentiable 0-d fp32 tensor.
 
         Args:
             module: bind to this module first if it is not the bound one; ``None`` uses the bound parameters.
         """
-        params = self._bound_params(module)
-        out_device = params[0].device
+        bound = self._bound_params(module)
+        params, layouts = self._trainable(bound, self._layouts)
+        out_device = bound[0].device
         total = torch.zeros((), dtype=torch.float32, device=out_device)
-        groups = group_by_device_and_dtype([params], with_indices=True)
+        groups = group_by_device_and_dtype([params], with_indices=True) if params else {}
         for (_, dtype), ((group,), indices) in groups.items():
             with _autocast_off(group[0].device):
-                value = self._penalty_sum(group, [self._layouts[i] for i in indices], _accumulation_dtype(dtype))
+                value = self._penalty_sum(group, [layouts[i] for i in indices], _accumulation_dtype(dtype))
             total = total + value.to(device=out_device, dtype=torch.float32)
         return total * self.effective_weight
 
@@ -346,7 +361,7 @@ class Regularizer(abc.ABC):
                 selected parameter). With several optimizers each step then adds the terms of its own parameters
                 only, as the penalty of those parameters added to that optimizer's loss would.
         """
-        params, layouts = self._selection(only)
+        params, layouts = self._trainable(*self._selection(only))
         coef = self.effective_weight
         if coef == 0.0 or not params:
             return

@@ -767,6 +767,34 @@ def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: P
     assert penalty[16] / strength[16] == pytest.approx(penalty[12] / strength[12], rel=0.2)
 
 
+class NaNAfterSpike(Shifting):
+    """Shifting with a non-finite loss at step 13 (``global_step``, as ``spikes``)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step == 13 else loss
+
+
+def test_non_finite_steps_do_not_decay_the_adaptive_strength(tmp_path: Path) -> None:
+    """A skipped bad batch is neither an explosion nor a calm step, for the adaptive regularizers as for the LR
+    guard: after the spike of step 12 only steps 14 and 15 of 13-15 decay the strength (as in the test above)."""
+    torch.manual_seed(0)
+    reg = L2(1e-3, adaptive=True, adaptive_factor=4.0, decay=0.8)
+    guard = GradGuard(
+        clip=ZClip(warmup_steps=5), regularizers=[reg], exploding=ExplodingDetector(warmup_steps=5), vanishing=None
+    )
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    _quiet_fit(
+        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=4),
+        NaNAfterSpike(spikes=(12,), spike=1e4, lr=0.05),
+        regression_data(),
+    )
+    assert guard.summary()["exploding"] == 1 and guard.summary()["nonfinite"] == 1
+    assert guard.summary()["lr_reduced"] == 0
+    strength = {s + 1: v for s, v in scalar_series(tmp_path)["gradguard/reg_strength/l2"]}
+    assert strength[16] == pytest.approx(1.0 + 3.0 * 0.8**2, rel=1e-6)
+
+
 class SelfSizedSteps(torch.optim.Optimizer):
     """An optimizer that sizes its own steps and keeps ``lr=None`` in its param groups, as
     ``Adafactor(lr=None, relative_step=True)`` of transformers: every step moves each entry by 1e-3 against the

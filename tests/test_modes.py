@@ -634,6 +634,42 @@ def test_layers_unfrozen_mid_run_join_the_watch_and_unused_layers_stay_silent() 
     assert guard.summary()["vanishing"] == 0
 
 
+class AfterGuard(Callback):
+    """Placed after GradGuard: each step's backbone weight and its gradient as the optimizer gets it."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        weight = pl_module.backbone[0].weight
+        grad = None if weight.grad is None else weight.grad.detach().clone()
+        self.steps.append((weight.detach().clone(), grad))
+
+
+def test_a_backbone_unfrozen_mid_run_is_regularized_from_then_on() -> None:
+    def run(regularizers: list[Any]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        torch.manual_seed(0)
+        after = AfterGuard()
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_lr=0.01)
+        guard = GradGuard(regularizers=regularizers, clip=None)
+        trainer(max_epochs=2, callbacks=[finetuning, guard, after]).fit(Finetune(), regression_data(n=64))
+        return after.steps
+
+    # Only the backbone is regularized: up to its first trained step both runs are the same.
+    regularized, plain = run([L2(0.5, modules=r"^backbone")]), run([])
+    assert len(regularized) == 8 and all(grad is None for _, grad in regularized[:4])
+    assert all(torch.equal(regularized[0][0], weight) for weight, _ in regularized[:4])  # frozen: not pulled
+    (weight, grad), (same_weight, loss_grad) = regularized[4], plain[4]
+    assert torch.equal(weight, same_weight) and grad is not None and loss_grad is not None
+    probe = nn.Linear(16, 32)
+    with torch.no_grad():
+        probe.weight.copy_(weight)
+    reg = L2(0.5)
+    reg.bind(probe)
+    (term,) = torch.autograd.grad(reg.penalty(), [probe.weight])
+    torch.testing.assert_close(grad, loss_grad + term)
+
+
 def test_layers_frozen_mid_run_with_gradients_zeroed_in_place_are_absent_not_vanishing() -> None:
     class FrozenLater(Regressor):
         """Freezes the first layer at step 10; gradients are zeroed in place, so it keeps a zero ``.grad``."""

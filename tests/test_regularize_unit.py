@@ -287,7 +287,7 @@ def test_l1_with_sgd_makes_weights_sparse():
     assert (sparse[:5].abs() > 0.5).all()  # the relevant weights survive
 
 
-def test_default_selection_skips_biases_norms_and_frozen():
+def test_default_selection_skips_biases_and_norms():
     net = Net()
     assert L2(1e-3).bind(net) == [
         "proj",
@@ -296,11 +296,41 @@ def test_default_selection_skips_biases_norms_and_frozen():
         "conv.weight",
         "lstm.weight_ih_l0",
         "lstm.weight_hh_l0",
+        "frozen.weight",  # selected, and left alone while frozen (below)
     ]
-    assert Orthogonal(1e-3).bind(net) == ["proj", "fc.weight", "conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0"]
+    assert Orthogonal(1e-3).bind(net) == [
+        "proj",
+        "fc.weight",
+        "conv.weight",
+        "lstm.weight_ih_l0",
+        "lstm.weight_hh_l0",
+        "frozen.weight",
+    ]
     with_bias = L1(1e-3, include_bias=True).bind(net)
     assert {"gain", "fc.bias", "conv.bias", "lstm.bias_ih_l0", "lstm.bias_hh_l0"} <= set(with_bias)
-    assert not [n for n in with_bias if n.startswith(("ln.", "bn.", "frozen."))]
+    assert not [n for n in with_bias if n.startswith(("ln.", "bn."))]
+
+
+@pytest.mark.parametrize("reg_class", [L1, L2, Orthogonal])
+def test_frozen_parameters_are_left_alone_while_frozen(reg_class: type) -> None:
+    """A backbone frozen at the start and unfrozen mid-run is regularized from then on; one frozen mid-run is no
+    longer pulled (its optimizer would move it by the term alone)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    net[0].requires_grad_(False)
+    reg = reg_class(0.5)
+    reg.bind(net)
+    for frozen, trained in ((net[0], net[1]), (net[1], net[0])):
+        frozen.requires_grad_(False)
+        trained.requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        reg.add_grad_()
+        assert frozen.weight.grad is None and trained.weight.grad is not None
+        added = trained.weight.grad.clone()
+        alone = reg_class(0.5)
+        alone.bind(trained)
+        torch.testing.assert_close(reg.penalty(), alone.penalty())
+        torch.testing.assert_close(added, _autograd_grads(alone, [trained.weight])[0])
 
 
 def test_regex_and_type_selection():
