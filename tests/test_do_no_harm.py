@@ -522,3 +522,35 @@ def test_a_burst_of_bad_batches_lowers_the_rate_for_a_while_not_for_the_rest_of_
     assert guard.lr_guard is not None
     # Before, the burst set the ceiling: the rate stayed at about a third of its schedule for good.
     assert guard.lr_guard.ceiling() == 1.0 and guard.lr_guard.scale() == 1.0
+
+
+class _PairOfBadBatches(L.LightningModule):
+    """SGD with momentum; the loss 10^4x on two steps in a row after the warm-up. In one layer the second bad batch's
+    norm is 2.3x below the first's (1968.6 then 852.1), in the others within 2x."""
+
+    def __init__(self, bad: tuple[int, ...]) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh())
+        self.head = nn.Linear(32, 1)
+        self.bad = bad
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.head(self.enc(x)), y)
+        return loss * 1e4 if self.trainer.global_step in self.bad else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_a_pair_of_bad_batches_whose_second_is_smaller_in_one_layer_is_one_event() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4096, 8)
+    data = DataLoader(TensorDataset(x, torch.sin(x[:, :3].sum(1, keepdim=True))), batch_size=32, shuffle=True)
+    torch.manual_seed(1)
+    guard = GradGuard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=60, max_epochs=-1, callbacks=[guard]).fit(_PairOfBadBatches((40, 41)), data)
+    summary = guard.summary()
+    assert summary["exploding"] == 1 and summary["lr_reduced"] == 0 and summary["clipped"] >= 2

@@ -115,6 +115,17 @@ def test_a_norm_that_keeps_climbing_counts_on_every_step_past_twice_the_streaks_
     assert capped == [start, start + 1, start + 2, start + 3, start + 4]
 
 
+def test_a_stretch_holds_a_step_back_down_towards_the_band() -> None:
+    """Two bad batches in a row, the second 2.3x smaller (in one layer: 1968.6 then 852.1 in a real run): one event.
+    Each is still clipped; a step further up than twice the first still counts."""
+    det = ExplodingDetector()
+    start = len(_CALM)
+    events, capped = _norms(det, _CALM + [2000.0, 850.0] + [1.0] * 10 + [2000.0, 850.0, 5000.0])
+    again = start + 12
+    assert events == [start, again, again + 2]
+    assert capped[:2] == [start, start + 1] and capped[-3:] == [again, again + 1, again + 2]
+
+
 def test_during_the_warm_up_every_flagged_step_counts() -> None:
     # A run that diverges from its first steps: the rollback needs two events in a row at once.
     det = ExplodingDetector()
