@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         torch.set_num_threads(1)
         for name in args.configs:
-            job = CONFIGS[name]("default", args.seed, None)
+            job = CONFIGS[name]("quick" if args.quick else "default", args.seed, None)
             for variant, guard_as, hook in runs:
                 row = _run_one(job, "unguarded", args, guard_as=guard_as, prepare=hook)
                 row["variant"] = variant
@@ -125,6 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     meta = {
         "command": args.command,
         "seed": args.seed,
+        "size": "quick" if args.quick else "default",
         "bad_steps": sorted(bad),
         "factor": args.factor,
         "machine": machine(),
@@ -172,12 +173,20 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         description="Two bad batches in a row in healthy zoo runs: unguarded, GradGuard(), and without the rescue.",
     )
     p.add_argument("--configs", default="warmup,dropout", help="comma-separated healthy-zoo configs (not gan)")
-    p.add_argument("--step", type=int, default=40, help="the first bad batch's optimizer step, >= 1 (default: 40)")
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="the first bad batch's optimizer step, >= 1 (default: 40; 3 with --quick)",
+    )
     p.add_argument("--count", type=int, default=2, help="bad batches in a row, >= 1 (default: 2)")
     p.add_argument("--factor", type=float, default=1e4, help="loss multiplier of the bad batches, > 1 (default 1e4)")
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
+    p.add_argument("--quick", action="store_true", help="the zoo's tiny sizes, a few steps: checks that it runs")
     args = p.parse_args(argv)
+    if args.step is None:
+        args.step = 3 if args.quick else 40
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     allowed = [c for c in CONFIGS if c != "gan"]
     if not names or any(c not in allowed for c in names):

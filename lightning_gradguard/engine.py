@@ -786,6 +786,14 @@ class GuardEngine:
         if self.lr_guard is None:
             raise ValueError("GuardEngine.attach: the engine has no lr_guard.")
         self._check_optimizer(optimizer)
+        if self.lr_guard.attached(self.key) and not self.lr_guard.is_attached(optimizer, self.key):
+            # Two engines sharing one LRGuard under one key would share one multiplier and one event count: one
+            # spike seen by both is "two events", a cut.
+            raise ValueError(
+                f"GuardEngine.attach: the LR guard already has `key={self.key}` attached to another optimizer. Engines"
+                " that share an LRGuard need a key each (`GuardEngine(..., key=1)`); for a new optimizer, remove the"
+                " old handle first."
+            )
         handle = self.lr_guard.attach(optimizer, self.key)
         self._attached = weakref.ref(unwrap_optimizer(optimizer))
         return handle
@@ -1384,26 +1392,32 @@ class GuardEngine:
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
             # step. Without a GradScaler, one non-finite step is a bad batch (skipped, counted); the LR guard lowers
             # the rate only when they repeat (``LRGuard.nonfinite_patience``).
-            if not (grad_scaler and overflow):
+            calibration = grad_scaler and overflow
+            # A diverging loss is judged from the loss, not the gradients: it counts on an overflow step too (a loss
+            # that blows up is when fp16 gradients overflow), where the gradients' flags say nothing.
+            if not calibration or diverging:
+                gradient_exploding, gradient_nonfinite = (False, False) if calibration else (exploding, nonfinite)
                 if self.rollback is not None:
                     # Before the LR guard acts: a stretch of trouble remembers the guard as it was when it began.
                     guard = self.lr_guard
-                    troubled = exploding or nonfinite or diverging
+                    troubled = gradient_exploding or gradient_nonfinite or diverging
                     before = functools.partial(guard.snapshot, self.key) if troubled and guard is not None else None
-                    self.rollback.observe(local, exploding, nonfinite, before=before, diverging=diverging, norm=norm)
+                    self.rollback.observe(
+                        local, gradient_exploding, gradient_nonfinite, before=before, diverging=diverging, norm=norm
+                    )
                 # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say, and already a
                 # persistent one: it cuts at once (one gradient spike waits for a second, `LRGuard.patience`).
                 reduced = self.lr_guard is not None and self.lr_guard.update(
-                    exploding, self.key, nonfinite=nonfinite, diverging=diverging
+                    gradient_exploding, self.key, nonfinite=gradient_nonfinite, diverging=diverging
                 )
                 if reduced:
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
                     self._rollback_due = True
                     self._warn_unattached(flags.step)
-                if not nonfinite:  # a skipped bad batch is neither an explosion nor a calm step (as for the LR guard)
+                if not gradient_nonfinite:  # a skipped bad batch is neither an explosion nor a calm step
                     for r in self.regularizers:
-                        r.on_exploding(exploding)
+                        r.on_exploding(gradient_exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
                 self._events.append(
                     StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced, diverging)
@@ -1544,6 +1558,22 @@ class GuardEngine:
         )
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
+        # The decisions of the last steps whose flags have not been acted on yet (not landed, or no step since): a run
+        # resumed from here takes them at its first step, as this one would have (the LR guard's cut of a second
+        # spike, a rollback it called for). A checkpoint may wait for the copies.
+        for flags, _, _ in self._pending:
+            if flags.event is not None:
+                flags.event.synchronize()
+        state["pending"] = [
+            {
+                "values": [float(v) for v in flags.values],
+                "step": flags.step,
+                "grad_scaler": bool(scaled),
+                "local": local,
+            }
+            for flags, scaled, local in self._pending
+        ]
+        state["rollback_due"] = self._rollback_due
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1604,6 +1634,13 @@ class GuardEngine:
         self._size_changes = int(state.get("size_changes", 0))
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])
+        self._pending.clear()
+        for saved_flags in state.get("pending", ()):  # absent from older states
+            flags = HostFlags.create(len(saved_flags["values"]), torch.device("cpu"))
+            flags.values[:] = np.asarray(saved_flags["values"], dtype=np.float32)
+            flags.step, flags.filled = int(saved_flags["step"]), True
+            self._pending.append((flags, bool(saved_flags["grad_scaler"]), int(saved_flags["local"])))
+        self._rollback_due = bool(state.get("rollback_due", False))
         return problems
 
     def new_phase(self) -> None:

@@ -181,3 +181,10 @@ def test_bad_batches_in_the_warm_up_after_a_calm_start_are_clipped(config: str, 
     assert guarded["events"]["lr_reduced"] == 0 and guarded["events"]["rolled_back"] == 0
     assert guarded["heldout"] <= rows["clean"]["heldout"] * within
     assert rows["unguarded"]["heldout"] >= rows["clean"]["heldout"] * 1.4
+
+
+def test_the_quick_run_runs_every_variant_on_the_tiny_sizes() -> None:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        result = main(["--quick", "--configs", "warmup", "--json", "-"])
+    assert result["meta"]["size"] == "quick" and result["meta"]["bad_steps"] == [3, 4]
+    assert [row["variant"] for row in result["rows"]][:3] == ["clean", "unguarded", "guarded"]

@@ -752,3 +752,102 @@ def test_the_plain_loop_pipeline_does_not_import_lightning() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# ----------------------------------------------------------------------------- decisions around a checkpoint, AMP, keys
+def _spiky_loop(spikes: tuple[int, ...]) -> tuple[nn.Module, torch.optim.Optimizer, GuardEngine]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(optimizer)
+    return model, optimizer, engine
+
+
+def _steps(
+    model: nn.Module, optimizer: Any, engine: GuardEngine, first: int, last: int, spikes: tuple[int, ...]
+) -> None:
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)) for _ in range(last)]
+    for i in range(first, last + 1):
+        x, y = data[i - 1]
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y * (1000.0 if i in spikes else 1.0))
+        loss.backward()
+        engine.step(i, optimizer=optimizer, loss=loss.detach())
+        optimizer.step()
+
+
+def test_a_checkpoint_right_after_a_step_keeps_the_decisions_still_on_their_way() -> None:
+    """Saved right after the second spike's step, before its flags were acted on (no drain(), as in an accelerate
+    loop; on a GPU the copy may not have landed): the resumed run cuts where the whole run does, bitwise."""
+    spikes = (60, 62)
+    whole = _spiky_loop(spikes)
+    _steps(*whole, 1, 80, spikes)
+    model, optimizer, engine = _spiky_loop(spikes)
+    _steps(model, optimizer, engine, 1, 62, spikes)
+    assert engine.lr_guard is not None and engine.lr_guard.scale() == 1.0  # not acted on yet
+    buffer = io.BytesIO()
+    torch.save(
+        {"model": model.state_dict(), "opt": optimizer.state_dict(), "engine": engine.state_dict(),
+         "lr": engine.lr_guard.state_dict()},
+        buffer,
+    )  # fmt: skip
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model, optimizer, engine = _spiky_loop(spikes)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["opt"])
+    engine.load_state_dict(saved["engine"])
+    assert engine.lr_guard is not None
+    engine.lr_guard.load_state_dict(saved["lr"])
+    _steps(model, optimizer, engine, 63, 80, spikes)
+    for part in (whole[2], engine):
+        part.drain()
+    assert whole[2].lr_guard is not None and whole[2].lr_guard.scale() < 1.0
+    assert engine.lr_guard.scale() == whole[2].lr_guard.scale()
+    assert engine.summary() == whole[2].summary()
+    for a, b in zip(model.parameters(), whole[0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_divergence_on_a_grad_scaler_overflow_step_is_acted_on() -> None:
+    """An overflow step is routine scale calibration, its gradients no observation; its loss still is one. A loss that
+    blows up is when fp16 gradients overflow: the divergence on that step cuts the rate."""
+
+    def run(overflow_at: int | None) -> tuple[dict[str, int], float]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        engine = GuardEngine(model, lr_guard=LRGuard())
+        engine.attach(optimizer)
+        g = torch.Generator().manual_seed(0)
+        for i in range(1, 61):
+            x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            scaled = scaler.scale(loss) * (math.inf if i == overflow_at else 1.0)
+            scaled.backward()
+            reported = loss.detach() * (10.0 ** min(i - 39, 8) if i >= 40 else 1.0)  # diverging from step 40
+            engine.step(i, optimizer=optimizer, grad_scaler=scaler, loss=reported)
+            scaler.step(optimizer)
+            scaler.update()
+            engine.drain()
+        assert engine.lr_guard is not None
+        return engine.summary(), engine.lr_guard.scale()
+
+    clean, clean_scale = run(None)
+    summary, scale = run(45)  # the step the divergence is called on
+    assert clean["diverging"] == summary["diverging"] == 1 and summary["overflow"] == 1
+    assert clean["lr_reduced"] == summary["lr_reduced"] == 1 and scale == clean_scale < 1.0
+
+
+def test_two_engines_sharing_an_lr_guard_under_one_key_are_refused() -> None:
+    guard = LRGuard()
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    GuardEngine(a, lr_guard=guard).attach(torch.optim.SGD(a.parameters(), lr=0.1))
+    second = torch.optim.SGD(b.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="key=0"):
+        GuardEngine(b, lr_guard=guard).attach(second)
+    GuardEngine(b, lr_guard=guard, key=1).attach(second)  # a key each: fine
