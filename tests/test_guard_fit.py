@@ -741,19 +741,26 @@ def test_checkpoint_resume_keeps_lr_multiplier_cooldown_and_strength(tmp_path: P
     assert after.effective[0] == pytest.approx(0.05 * saved_scale, rel=1e-12)  # the first resumed step is scaled
 
 
-def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: Path) -> None:
+def _adaptive_fit(tmp_path: Path, model: Shifting, steps: int) -> GradGuard:
+    """A fit with an adaptive L2 (4x per exploding step, 0.8 of the excess left per calm step), logged every 4 steps
+    to TensorBoard under ``tmp_path``."""
     torch.manual_seed(0)
-    model = Shifting(spikes=(12,), spike=1e4, lr=0.05)
     reg = L2(1e-3, adaptive=True, adaptive_factor=4.0, decay=0.8)
     guard = GradGuard(
         clip=ZClip(warmup_steps=5), regularizers=[reg], exploding=ExplodingDetector(warmup_steps=5), vanishing=None
     )
     logger = TensorBoardLogger(tmp_path, name="", version="")
     _quiet_fit(
-        trainer(max_steps=40, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=4),
+        trainer(max_steps=steps, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=4),
         model,
         regression_data(),
     )
+    return guard
+
+
+def test_adaptive_regularizer_strength_rises_on_explosion_and_decays(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    guard = _adaptive_fit(tmp_path, Shifting(spikes=(12,), spike=1e4, lr=0.05), 40)
     assert guard.summary()["exploding"] == 1
     # Keyed by optimizer step: Lightning logs the n-th one at step n - 1.
     strength = {s + 1: v for s, v in scalar_series(tmp_path)["gradguard/reg_strength/l2"]}
@@ -779,16 +786,7 @@ def test_non_finite_steps_do_not_decay_the_adaptive_strength(tmp_path: Path) -> 
     """A skipped bad batch is neither an explosion nor a calm step, for the adaptive regularizers as for the LR
     guard: after the spike of step 12 only steps 14 and 15 of 13-15 decay the strength (as in the test above)."""
     torch.manual_seed(0)
-    reg = L2(1e-3, adaptive=True, adaptive_factor=4.0, decay=0.8)
-    guard = GradGuard(
-        clip=ZClip(warmup_steps=5), regularizers=[reg], exploding=ExplodingDetector(warmup_steps=5), vanishing=None
-    )
-    logger = TensorBoardLogger(tmp_path, name="", version="")
-    _quiet_fit(
-        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=4),
-        NaNAfterSpike(spikes=(12,), spike=1e4, lr=0.05),
-        regression_data(),
-    )
+    guard = _adaptive_fit(tmp_path, NaNAfterSpike(spikes=(12,), spike=1e4, lr=0.05), 20)
     assert guard.summary()["exploding"] == 1 and guard.summary()["nonfinite"] == 1
     assert guard.summary()["lr_reduced"] == 0
     strength = {s + 1: v for s, v in scalar_series(tmp_path)["gradguard/reg_strength/l2"]}
