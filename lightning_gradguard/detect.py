@@ -463,10 +463,11 @@ class ExplodingDetector:
             edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
         cap = torch.where(flags[0], edge, math.inf)
         # After the warm-up, steps beyond the band at one level are one stretch: each still min_ratio beyond the
-        # average on the stretch's side, and within min_ratio of the stretch's first norm (above the band, only a
-        # step further up breaks it: a 10^4x bad batch beside one 2.3x smaller is one stretch, where one layer's
-        # falling norm counted a second event and the LR guard cut for one pair; below it, a step back up breaks it
-        # too, which shapes the level memory of alternating runs). A step that holds the
+        # average on the stretch's side, and within min_ratio of the stretch's first norm. A step back towards the
+        # band by more than that starts a stretch of its own without counting (a 10^4x bad batch beside one 2.3x
+        # smaller is one event, where one layer's falling norm counted a second and the LR guard cut for one pair;
+        # holding the level instead took a decaying spike's tail in as a level, and a spike after it passed). A step
+        # that holds the
         # stretch's level is no new event: a jump to a new level that then holds (a harder task, a loss term switched
         # on, a run of bad batches) is reported once, even where later steps of it fall inside a band that its first
         # step widened. A norm that keeps climbing starts a new stretch, and counts, at each jump past min_ratio: a
@@ -481,8 +482,10 @@ class ExplodingDetector:
         direction = length.sign()
         spread = torch.where(warm, ratio, _WARMUP_SPREAD)
         drift = x - first
-        holds = (dev_c * direction > ratio) & (torch.where(direction > 0, drift, drift.abs()) <= spread)
-        counts = ~holds
+        beyond = dev_c * direction > ratio
+        holds = beyond & (drift.abs() <= spread)
+        # A step back towards the band is no new event (it holds no level either: a spike that decays is not one).
+        counts = ~(beyond & (drift * direction <= spread))
         if ceilings is not None:
             counts |= norms > ceilings
         length = torch.where(holds, length + direction, side)

@@ -786,14 +786,6 @@ class GuardEngine:
         if self.lr_guard is None:
             raise ValueError("GuardEngine.attach: the engine has no lr_guard.")
         self._check_optimizer(optimizer)
-        if self.lr_guard.attached(self.key) and not self.lr_guard.is_attached(optimizer, self.key):
-            # Two engines sharing one LRGuard under one key would share one multiplier and one event count: one
-            # spike seen by both is "two events", a cut.
-            raise ValueError(
-                f"GuardEngine.attach: the LR guard already has `key={self.key}` attached to another optimizer. Engines"
-                " that share an LRGuard need a key each (`GuardEngine(..., key=1)`); for a new optimizer, remove the"
-                " old handle first."
-            )
         handle = self.lr_guard.attach(optimizer, self.key)
         self._attached = weakref.ref(unwrap_optimizer(optimizer))
         return handle
@@ -951,10 +943,7 @@ class GuardEngine:
             # strength) must fall on the same step on every rank. Land the previous steps' flags now (copies issued
             # a forward and backward pass ago) rather than whenever each rank sees them arrive. A single process
             # never waits here.
-            for flags, _, _ in self._pending:
-                if flags.event is not None:
-                    flags.event.synchronize()
-            self._process_landed()
+            self._settle()
         self.rolled_back = self.rollback is not None and self._rollback_step(
             unwrap_optimizer(optimizer), scaled=grad_scale is not None
         )
@@ -1381,6 +1370,13 @@ class GuardEngine:
         return coef, coef < 1.0
 
     # ------------------------------------------------------------------------------------------ host side
+    def _settle(self) -> None:
+        """Wait for the flags of every step not acted on yet, and act on them."""
+        for flags, _, _ in self._pending:
+            if flags.event is not None:
+                flags.event.synchronize()
+        self._process_landed()
+
     def _process_landed(self) -> None:
         """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
         while self._pending and self._pending[0][0].ready():
@@ -1415,7 +1411,7 @@ class GuardEngine:
                     lr_reduced = True
                     self._rollback_due = True
                     self._warn_unattached(flags.step)
-                if not gradient_nonfinite:  # a skipped bad batch is neither an explosion nor a calm step
+                if not (gradient_nonfinite or calibration):  # neither an explosion nor a calm step
                     for r in self.regularizers:
                         r.on_exploding(gradient_exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
@@ -1539,7 +1535,13 @@ class GuardEngine:
 
     # ----------------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Detector, clipper and counter state (plain values and tensors: loads with ``weights_only=True``)."""
+        """Detector, clipper and counter state (plain values and tensors: loads with ``weights_only=True``).
+
+        The decisions of steps whose flags have not been acted on yet (not landed, or no :meth:`drain` or step since)
+        are taken first, waiting for the copies: a run resumed from the state would never take them (the LR guard's
+        cut called for by a second spike). Take this state before the LR guard's.
+        """
+        self._settle()
         state: dict[str, Any] = {
             name: part.state_dict() if part is not None else None for name, part in self._stateful()
         }
@@ -1558,22 +1560,6 @@ class GuardEngine:
         )
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
-        # The decisions of the last steps whose flags have not been acted on yet (not landed, or no step since): a run
-        # resumed from here takes them at its first step, as this one would have (the LR guard's cut of a second
-        # spike, a rollback it called for). A checkpoint may wait for the copies.
-        for flags, _, _ in self._pending:
-            if flags.event is not None:
-                flags.event.synchronize()
-        state["pending"] = [
-            {
-                "values": [float(v) for v in flags.values],
-                "step": flags.step,
-                "grad_scaler": bool(scaled),
-                "local": local,
-            }
-            for flags, scaled, local in self._pending
-        ]
-        state["rollback_due"] = self._rollback_due
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1634,13 +1620,6 @@ class GuardEngine:
         self._size_changes = int(state.get("size_changes", 0))
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"])
-        self._pending.clear()
-        for saved_flags in state.get("pending", ()):  # absent from older states
-            flags = HostFlags.create(len(saved_flags["values"]), torch.device("cpu"))
-            flags.values[:] = np.asarray(saved_flags["values"], dtype=np.float32)
-            flags.step, flags.filled = int(saved_flags["step"]), True
-            self._pending.append((flags, bool(saved_flags["grad_scaler"]), int(saved_flags["local"])))
-        self._rollback_due = bool(state.get("rollback_due", False))
         return problems
 
     def new_phase(self) -> None:

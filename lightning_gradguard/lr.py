@@ -474,6 +474,14 @@ class LRGuard:
                 " one already, or a second GradGuard callback). One optimizer takes one LR guard: remove the other"
                 " handle first."
             )
+        if (id(self), key) in _ATTACHED.values():
+            # Two optimizers under one key share one multiplier and one event count: one spike seen by the engines of
+            # both is "two events", a cut.
+            raise ValueError(
+                f"LRGuard.attach: `key={key}` is already attached to another optimizer. Optimizers that share an"
+                " LRGuard need a key each (`GuardEngine(..., key=1)`); for a new optimizer, remove the old handle"
+                " first."
+            )
         if any(group.get("lr") is None for group in optimizer.param_groups):
             warnings.warn(
                 f"LRGuard: {type(optimizer).__name__} has param groups with lr=None: it sizes its own steps (e.g."

@@ -850,4 +850,6 @@ def test_two_engines_sharing_an_lr_guard_under_one_key_are_refused() -> None:
     second = torch.optim.SGD(b.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="key=0"):
         GuardEngine(b, lr_guard=guard).attach(second)
+    with pytest.raises(ValueError, match="key=0"):
+        guard.attach(second)  # as GradGuard attaches: the same check
     GuardEngine(b, lr_guard=guard, key=1).attach(second)  # a key each: fine

@@ -126,6 +126,15 @@ def test_a_stretch_holds_a_step_back_down_towards_the_band() -> None:
     assert capped[:2] == [start, start + 1] and capped[-3:] == [again, again + 1, again + 2]
 
 
+def test_a_spike_after_a_decaying_spike_is_still_caught() -> None:
+    """A spike whose norm decays over a few steps (20x down to 3x) is no level: a 30x spike right after it is flagged
+    and capped, as after any spike."""
+    det = ExplodingDetector()
+    start = len(_CALM)
+    events, capped = _norms(det, _CALM + [20.0, 12.0, 8.0, 5.0, 3.5, 3.0, 1.0, 30.0])
+    assert events[0] == start and events[-1] == start + 7 and capped[-1] == start + 7
+
+
 def test_during_the_warm_up_every_flagged_step_counts() -> None:
     # A run that diverges from its first steps: the rollback needs two events in a row at once.
     det = ExplodingDetector()
