@@ -317,7 +317,7 @@ class Regularizer(abc.ABC):
 
     def penalty(self, module: nn.Module | None = None) -> Tensor:
         """The penalty times ``weight * strength`` over the selected parameters that train now (``requires_grad``):
-        a differentiable 0-d fp32 tensor.
+        a differentiable 0-d fp32 tensor (a constant 0 while every selected parameter is frozen).
 
         Args:
             module: bind to this module first if it is not the bound one; ``None`` uses the bound parameters.
