@@ -846,10 +846,13 @@ def test_a_divergence_on_a_grad_scaler_overflow_step_is_acted_on() -> None:
 def test_two_engines_sharing_an_lr_guard_under_one_key_are_refused() -> None:
     guard = LRGuard()
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
-    GuardEngine(a, lr_guard=guard).attach(torch.optim.SGD(a.parameters(), lr=0.1))
+    first = torch.optim.SGD(a.parameters(), lr=0.1)  # kept alive: a collected optimizer holds no key
+    handle = GuardEngine(a, lr_guard=guard).attach(first)
     second = torch.optim.SGD(b.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="key=0"):
         GuardEngine(b, lr_guard=guard).attach(second)
     with pytest.raises(ValueError, match="key=0"):
         guard.attach(second)  # as GradGuard attaches: the same check
     GuardEngine(b, lr_guard=guard, key=1).attach(second)  # a key each: fine
+    handle.remove()
+    GuardEngine(b, lr_guard=guard).attach(torch.optim.SGD(b.parameters(), lr=0.1))  # key 0 free again
