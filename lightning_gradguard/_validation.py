@@ -11,6 +11,9 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
+#: The largest float32: bounds are compared with norms in float32 tensors on the device.
+FLOAT32_MAX = 3.4028234663852886e38
+
 
 def check_number(
     name: str,

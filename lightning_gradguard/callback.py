@@ -278,7 +278,9 @@ class GradGuard(CallbackBase):
         self._sat_armed = False
         self._lr_hooks: dict[int, Any] = {}
         self._reporter = EventReporter(self)
-        self._hist_samples: dict[str, Tensor] = {}
+        # Per optimizer key, the gradient samples of its blocks at the last histogram step (merged when written: a
+        # block whose layers are split over optimizers gets all its values, not one optimizer's).
+        self._hist_samples: dict[int, dict[str, Tensor]] = {}
         # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
         self._last_hist_count = 0
         self._last_image_count: int | None = None
@@ -802,7 +804,7 @@ class GradGuard(CallbackBase):
         if logging:
             self._diag.after_engine_step(key, engine)
         if stats is not None and self._histogram_due(stamp + 1) and self._may_write_board(trainer):
-            self._sample_histograms(engine, stats)
+            self._sample_histograms(key, engine, stats)
 
     def _drain(self, trainer: pl.Trainer, engine: GuardEngine, key: int) -> None:
         """Turn the steps the engine reports into raises and warnings (the LR guard already acted on them)."""
@@ -878,7 +880,7 @@ class GradGuard(CallbackBase):
         last = self._last_image_count
         return every is not None and (last is None or count // every > last // every)
 
-    def _sample_histograms(self, engine: GuardEngine, stats: StepStats) -> None:
+    def _sample_histograms(self, key: int, engine: GuardEngine, stats: StepStats) -> None:
         from lightning_gradguard.stats import _dense, _local
         from lightning_gradguard.tensorboard import block_name, sample_gradients
 
@@ -888,7 +890,7 @@ class GradGuard(CallbackBase):
             (index.names[index.layer_of_param[i]], _dense(_local(g))) for i, g in zip(stats.param_indices, stats.grads)
         ]
         # Blocks are the first two name components ("encoder.3.linear" -> "encoder.3").
-        self._hist_samples.update(sample_gradients(named, functools.partial(block_name, depth=2)))
+        self._hist_samples[key] = sample_gradients(named, functools.partial(block_name, depth=2))
 
     # ------------------------------------------------------------------ logging
     def on_train_batch_end(
@@ -1137,7 +1139,7 @@ class GradGuard(CallbackBase):
                 board.write_images(step)
                 self._last_image_count = step + 1
             if self._hist_samples:
-                board.write_histograms(step, self._hist_samples)
+                board.write_histograms(step, _merged_samples(self._hist_samples))
         if self._hist_samples:  # due on every rank alike, written or not
             self._last_hist_count = step + 1
         self._hist_samples = {}
@@ -1358,3 +1360,15 @@ def _gathered(t: Tensor) -> Tensor:
     # A DTensor (FSDP2) as the plain tensor it stands for; other tensors as they are.
     full_tensor = getattr(t, "full_tensor", None)
     return full_tensor() if callable(full_tensor) else t
+
+
+def _merged_samples(per_optimizer: dict[int, dict[str, Tensor]]) -> dict[str, Tensor]:
+    """One sample per block: the samples of a block that several optimizers hold side by side, in key order."""
+    merged: dict[str, list[Tensor]] = {}
+    for key in sorted(per_optimizer):
+        for block, values in per_optimizer[key].items():
+            merged.setdefault(block, []).append(values)
+    return {
+        block: parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].device) for p in parts])
+        for block, parts in merged.items()
+    }

@@ -425,7 +425,8 @@ def zero_fraction_summary(run: RunData) -> dict[str, Any] | None:
 def act_grad_summary(run: RunData) -> dict[str, Any] | None:
     """The activation-gradient flow through depth at the last logged step: the input-side (first in definition
     order) and output-side (last) layer with their norms, the change between them in decades (``log10`` of input-side
-    over output-side: negative = the signal shrinks towards the input), and the smallest layer. ``None`` when the run
+    over output-side: negative = the signal shrinks towards the input; ``None`` when either is exactly 0), the smallest
+    layer, and the layers whose activation gradient is exactly 0 (no gradient reaches them). ``None`` when the run
     logged no activation gradient."""
     series = {tag[len(_ACT_PREFIX) :]: value for tag, value in run.scalars.items() if tag.startswith(_ACT_PREFIX)}
     if not series:
@@ -434,10 +435,19 @@ def act_grad_summary(run: RunData) -> dict[str, Any] | None:
     at_step: list[tuple[str, float]] = []
     for layer, (steps, values) in series.items():
         hit = np.flatnonzero(steps == step)
-        if hit.size and math.isfinite(values[hit[-1]]) and values[hit[-1]] > 0:
+        # Exact zeros count: a flow that vanished completely is the worst case, not a missing value.
+        if hit.size and math.isfinite(values[hit[-1]]) and values[hit[-1]] >= 0:
             at_step.append((layer, float(values[hit[-1]])))
     if not at_step:
-        return {"step": step, "layers": 0, "input_side": None, "output_side": None, "decades": None, "smallest": None}
+        return {
+            "step": step,
+            "layers": 0,
+            "input_side": None,
+            "output_side": None,
+            "decades": None,
+            "smallest": None,
+            "zero_layers": [],
+        }
     (first, first_norm), (last, last_norm) = at_step[0], at_step[-1]
     smallest = min(at_step, key=lambda item: item[1])
     return {
@@ -445,8 +455,9 @@ def act_grad_summary(run: RunData) -> dict[str, Any] | None:
         "layers": len(at_step),
         "input_side": {"layer": first, "norm": first_norm},
         "output_side": {"layer": last, "norm": last_norm},
-        "decades": math.log10(first_norm / last_norm),
+        "decades": math.log10(first_norm / last_norm) if first_norm > 0 and last_norm > 0 else None,
         "smallest": {"layer": smallest[0], "norm": smallest[1]},
+        "zero_layers": [layer for layer, norm in at_step if norm == 0],
     }
 
 
@@ -610,6 +621,8 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
     act = summary.get("act_grad")
     if act is not None and act["decades"] is not None:
         rows.append(("act-grad input/output (decades)", f"{act['decades']:+.2f}"))
+    elif act is not None and act["input_side"] is not None:
+        rows.append(("act-grad input/output (decades)", f"- ({len(act['zero_layers'])} layers at 0)"))
     noise = summary.get("noise_scale")
     if noise is not None:
         rows.append(("critical batch size", _fmt(_round2(noise["critical_batch_size"]))))
@@ -662,12 +675,19 @@ def format_diagnostics(summary: dict[str, Any]) -> list[str]:
     act = summary.get("act_grad")
     if act is not None and act["input_side"] is not None:
         first, last, smallest = act["input_side"], act["output_side"], act["smallest"]
-        trend = "shrinks" if act["decades"] < 0 else "grows"
-        parts.append(
+        line = (
             f"  activation-gradient flow at step {act['step']}: output side {last['layer']} {_scientific(last['norm'])}"
-            f" -> input side {first['layer']} {_scientific(first['norm'])} ({trend} {abs(act['decades']):.1f}"
-            f" decades towards the input); smallest {smallest['layer']} {_scientific(smallest['norm'])}"
+            f" -> input side {first['layer']} {_scientific(first['norm'])}"
         )
+        if act["decades"] is not None:
+            trend = "shrinks" if act["decades"] < 0 else "grows"
+            line += f" ({trend} {abs(act['decades']):.1f} decades towards the input)"
+        line += f"; smallest {smallest['layer']} {_scientific(smallest['norm'])}"
+        zeros = act["zero_layers"]
+        if zeros:
+            named = ", ".join(zeros[:TOP_K]) + (f" and {len(zeros) - TOP_K} more" if len(zeros) > TOP_K else "")
+            line += f"; {len(zeros)} of {act['layers']} layers at exactly 0, no gradient reaches them: {named}"
+        parts.append(line)
     noise = summary.get("noise_scale")
     if noise is not None:
         line = f"  gradient noise scale: critical batch size about {_fmt(_round2(noise['critical_batch_size']))}"

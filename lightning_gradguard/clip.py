@@ -37,6 +37,7 @@ from lightning_gradguard._compat import (
 )
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._validation import (
+    FLOAT32_MAX,
     check_bool,
     check_int,
     check_number,
@@ -363,7 +364,7 @@ class NormClip(Clipper):
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         super().__init__()
-        self.max_norm = check_number("max_norm", max_norm, low=0.0)
+        self.max_norm = check_number("max_norm", max_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
         self.norm_type = check_number("norm_type", norm_type, low=0.0, allow_inf=True)
         self._threshold: dict[torch.device, Tensor] = {}
         self._device_threshold: Tensor = self.last_threshold  # the threshold on the device of the last prepare_

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard._validation import (
+    FLOAT32_MAX,
     check_bool,
     check_int,
     check_number,
@@ -259,7 +260,7 @@ class ExplodingDetector:
         )
         self.warmup_ratio = optional_number("warmup_ratio", warmup_ratio, low=self.min_ratio, low_name="min_ratio")
         self.calm_ratio = optional_number("calm_ratio", calm_ratio, low=self.min_ratio, low_name="min_ratio")
-        self.max_norm = optional_number("max_norm", max_norm, low=0.0)
+        self.max_norm = optional_number("max_norm", max_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
         self.max_layer_norm = optional_number("max_layer_norm", max_layer_norm, low=0.0)
         self.per_layer = check_bool("per_layer", per_layer)
         self.min_share = check_number(

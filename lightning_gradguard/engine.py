@@ -40,7 +40,7 @@ from lightning_gradguard._compat import (
 )
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._kinds import EVENT_KINDS
-from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_number
+from lightning_gradguard._validation import FLOAT32_MAX, check_bool, check_compile, check_int, optional_number
 from lightning_gradguard.clip import Clipper, NormClip, default_clipper
 from lightning_gradguard.detect import (
     DivergenceDetector,
@@ -693,6 +693,15 @@ class GuardEngine:
             raise ValueError(f"`model` must be an nn.Module or a LayerIndex, got {type(model).__name__}")
         if not index.params:
             raise ValueError("GuardEngine: the model has no parameters, so there are no gradients to watch.")
+        on_meta = [name for name, p in zip(index.param_names, index.params) if p.device.type == "meta"]
+        if on_meta:
+            # `to_empty()` materializes a meta model into new Parameter objects: an engine built before it would
+            # watch the old ones, which never get a gradient.
+            raise ValueError(
+                f"GuardEngine: the model's parameters are on the meta device ({on_meta[0]!r}"
+                f"{f' and {len(on_meta) - 1} more' if len(on_meta) > 1 else ''}); build the engine after materializing"
+                " them (`model.to_empty(device=...)` and their initialization)."
+            )
         self.index = index
         self.clipper: Clipper | None = _default(clip, default_clipper)
         self.exploding: ExplodingDetector | None = _default(exploding, ExplodingDetector)
@@ -707,7 +716,7 @@ class GuardEngine:
         if skip_exploding and self.exploding is None:
             raise ValueError("`skip_exploding` skips the steps the exploding detector flags: it needs `exploding`.")
         self.skip_exploding = skip_exploding
-        self.max_norm = optional_number("max_norm", max_norm, low=0.0)
+        self.max_norm = optional_number("max_norm", max_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
         # The bound as a device constant, folded into the clipper's coefficient as a cap (None: none, or the clipper
         # is the bound itself).
         self._max_norm_cap: Tensor | None = None
@@ -921,6 +930,14 @@ class GuardEngine:
                 )
             # Made on the device: a host tensor would be copied to it on every use (a blocking copy on CUDA).
             grad_scale = torch.full((), float(grad_scale), device=self._record.device)
+        elif grad_scale is not None and (
+            grad_scale.numel() != 1 or grad_scale.dtype == torch.bool or grad_scale.is_complex()
+        ):
+            # Its value is not read here (a host sync on every step): a scaler's scale is positive by construction.
+            raise ValueError(
+                "`grad_scale` must be a one-element real tensor (a GradScaler's scale), got a"
+                f" {grad_scale.dtype} tensor of shape {tuple(grad_scale.shape)}"
+            )
         if optimizer is not None and step_deferred(optimizer):
             # Partial sums of the window's gradients: neither a step to judge nor gradients to clip or drop.
             self.skipped = self.rolled_back = False
@@ -1201,6 +1218,7 @@ class GuardEngine:
     def _load_statistics(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
             return
+        saved = _to_device(saved, self._record.device)  # kept with a copy that a checkpoint may have moved
         if self._running_stats is not None and saved.get("running_stats") is not None:
             self._running_stats.restore_(saved["running_stats"])
         for name, part in self._stateful():
@@ -1560,6 +1578,11 @@ class GuardEngine:
         )
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
+            if "copies" in state["rollback"]:
+                # With the copies, a resumed run takes the rollback the next step was due to take, and a plain retry
+                # starts from the statistics of before its trouble, as the uninterrupted run would.
+                state["rollback_due"] = self._rollback_due
+                state["before_steps"] = [[step, stats] for step, stats in self._before_steps.items()]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1619,7 +1642,10 @@ class GuardEngine:
         self._last_size = int(state.get("last_size", 0))
         self._size_changes = int(state.get("size_changes", 0))
         if self.rollback is not None and state.get("rollback") is not None:
-            self.rollback.load_state_dict(state["rollback"])
+            self.rollback.load_state_dict(state["rollback"], params=self.index.params)
+            held = self.rollback.holds_copy
+            self._rollback_due = bool(state.get("rollback_due", False)) and held
+            self._before_steps = {int(step): stats for step, stats in state.get("before_steps", [])} if held else {}
         return problems
 
     def new_phase(self) -> None:

@@ -77,6 +77,7 @@ class _Slot:
     def clear(self) -> None:
         """Drop the copies (their memory is freed once nothing else holds them)."""
         self.params: list[Tensor] = []  # the parameters copied (references, to restore into)
+        self.positions: list[int] = []  # their positions among the parameters the copy was taken from
         self.values: list[Tensor] = []  # their copies
         self.state_keys: list[tuple[int, str]] = []  # (position in ``params``, name) of each optimizer state tensor
         self.state: list[Tensor] = []
@@ -85,13 +86,21 @@ class _Slot:
         self.valid = False
         self.extra: Any = None  # the caller's own state at the copy (the engine's statistics)
 
-    def take(self, params: list[Tensor], optimizer: torch.optim.Optimizer | None, step: int, extra: Any) -> None:
+    def take(
+        self,
+        params: list[Tensor],
+        optimizer: torch.optim.Optimizer | None,
+        step: int,
+        extra: Any,
+        positions: list[int] | None = None,
+    ) -> None:
         sources = [p.detach() for p in params]
         if _same_layout(self.values, sources):
             _copy_(self.values, sources)
         else:
             self.values = [s.clone() for s in sources]
         self.params = list(params)
+        self.positions = list(range(len(params))) if positions is None else list(positions)
         keys: list[tuple[int, str]] = []
         tensors: list[Tensor] = []
         plain: dict[tuple[int, str], Any] = {}
@@ -140,6 +149,45 @@ class _Slot:
                     new[name] = value.clone() if isinstance(value, Tensor) else value
             optimizer.state[p] = new
         _copy_(targets, sources)
+
+    def portable(self) -> bool:
+        """Whether the copies are plain tensors, the same on every rank of a data-parallel run (a sharded DTensor's
+        copy holds one rank's shard, which no other rank could load)."""
+        return all(type(t) is Tensor for t in (*self.values, *self.state))
+
+    def saved(self) -> dict[str, Any]:
+        """The copy as plain values and tensors (references to the copy's buffers, as ``Module.state_dict`` gives)."""
+        return {
+            "positions": list(self.positions),
+            "values": list(self.values),
+            "state_keys": [[i, name] for i, name in self.state_keys],
+            "state": list(self.state),
+            "plain": [[i, name, value] for (i, name), value in self.plain.items()],
+            "step": self.step,
+            "extra": self.extra,
+        }
+
+    def load_(self, saved: dict[str, Any], params: Sequence[Tensor]) -> bool:
+        """Take a :meth:`saved` copy back, into the parameters at its positions among ``params``; ``False`` (and no
+        change) when they do not match it in number, shape or dtype."""
+        positions = [int(i) for i in saved["positions"]]
+        values = saved["values"]
+        if len(values) != len(positions) or any(not 0 <= i < len(params) for i in positions):
+            return False
+        bound = [params[i] for i in positions]
+        if any(v.shape != p.shape or v.dtype != p.dtype for v, p in zip(values, bound)):
+            return False
+        self.params, self.positions = bound, positions
+        self.values = [v.to(p.device) for v, p in zip(values, bound)]
+        self.state_keys = [(int(i), str(name)) for i, name in saved["state_keys"]]
+        # Optimizer state beside its parameter, but 0-d values (Adam's step counts) where they were saved: a
+        # non-capturable optimizer keeps them on the CPU.
+        self.state = [t.to(bound[i].device) if t.dim() > 0 else t for (i, _), t in zip(self.state_keys, saved["state"])]
+        self.plain = {(int(i), str(name)): value for i, name, value in saved["plain"]}
+        self.step = int(saved["step"])
+        self.extra = saved["extra"]
+        self.valid = True
+        return True
 
 
 def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> int:
@@ -244,6 +292,11 @@ class Rollback:
             is the same run, and a bad batch right after the retry is clipped like one before it. A divergence event of
             the loss, or a blow-up (``blowup_factor``), gets the remedy at once. :attr:`retried` says whether the retry
             was used; it is kept with the state.
+        save_copies: keep the copies in :meth:`state_dict` (and so in Lightning checkpoints) while they are held,
+            for a resume that restarts from the same weights as the run that was not interrupted. ``False`` keeps
+            checkpoints small: a resumed run's weights at its first step become its safe copy, and trouble after the
+            resume goes back only to them. The copies of sharded parameters (FSDP2's DTensors) are never saved: each
+            rank holds its own shard.
             :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy zoo's SGD runs otherwise
             put the rescue clipper to work for the whole run (+30% and +55% held-out loss on two of them).
 
@@ -256,8 +309,11 @@ class Rollback:
     first step, AGC slows healthy SGD runs (+30% and +55% held-out loss in two configs of the healthy zoo), which is
     why it waits for a failure, and only for one in the first steps (``benchmarks/bad_batches.py``).
 
-    Checkpoints keep the counters only, not the copies (they would double a checkpoint's size): after resuming,
-    the resumed weights become the safe copy.
+    Checkpoints keep the copies while they are held (``save_copies``), with the record of the steps since, so that a
+    run resumed inside the rollback's window restarts from the same weights as the run that was not interrupted
+    (the default's: the initial weights, for its first 500 steps). They add the copies' size to the checkpoint: one
+    copy of the trainable parameters for the default (at most ``max_bytes``), up to two copies of them and of their
+    optimizer state for :class:`Rollback` with ``every``.
 
     Raises:
         ValueError: for an argument outside its allowed values.
@@ -296,6 +352,7 @@ class Rollback:
         blowup_factor: float | None = 1e6,
         early_only: bool = False,
         retry: bool = False,
+        save_copies: bool = True,
     ) -> None:
         self.every = optional_int("every", every, low=1)
         self.pin_lr = check_bool("pin_lr", pin_lr)
@@ -312,6 +369,7 @@ class Rollback:
         self.blowup_factor = optional_number("blowup_factor", blowup_factor, low=1.0)
         self.early_only = check_bool("early_only", early_only)
         self.retry = check_bool("retry", retry)
+        self.save_copies = check_bool("save_copies", save_copies)
         self.retried = False  # the plain retry (``retry``) has been used
         self._origin = 0  # the step the run last started from: 0, or that of the plain retry (windows count from it)
         self._early_norms: list[tuple[int, float]] = []  # (step, total norm) of the untroubled steps by rescue_until
@@ -336,6 +394,7 @@ class Rollback:
             f"until={self.until}, patience={self.patience}, within={self.within}, max_bytes={self.max_bytes}"
             + (", early_only=True" if self.early_only else "")
             + (", retry=True" if self.retry else "")
+            + ("" if self.save_copies else ", save_copies=False")
             + (
                 f", rescue={self.rescue!r}, rescue_until={self.rescue_until}, calm_factor={self.calm_factor}, "
                 f"blowup_factor={self.blowup_factor})"
@@ -419,7 +478,8 @@ class Rollback:
             slot = self._candidate
         else:
             return  # the usual step: a few integer comparisons, nothing per parameter
-        trainable = [p for p in params if p.requires_grad]
+        positions = [i for i, p in enumerate(params) if p.requires_grad]
+        trainable = [params[i] for i in positions]
         if self.max_bytes is not None:
             # Checked at every copy: the optimizer's state (Adam's moments) only exists after its first step.
             needed = _nbytes(trainable, optimizer) * (1 if self.every is None else 2)
@@ -432,7 +492,7 @@ class Rollback:
                 )
                 self._release()
                 return
-        slot.take(trainable, optimizer, step, capture() if capture is not None else None)
+        slot.take(trainable, optimizer, step, capture() if capture is not None else None, positions)
 
     def _release(self) -> None:
         self._off = True
@@ -554,15 +614,50 @@ class Rollback:
         self._safe.valid = self._candidate.valid = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The rollback count and the rescue clipper's state (the copies are not saved; see the class docstring)."""
+        """The rollback count, the rescue clipper's state and, while a copy is held (``save_copies``), the copies
+        and the record of the steps since (under ``"copies"``; see the class docstring)."""
         state: dict[str, Any] = {"count": self.count, "retried": self.retried, "origin": self._origin}
         if self.rescue is not None:
             state.update(rescuing=self.rescuing, rescue=self.rescue.state_dict())
+        if self.saves_copies():
+            state["copies"] = {
+                "safe": self._safe.saved(),
+                "candidate": self._candidate.saved() if self._candidate.valid else None,
+                "last_event": self._last_event,
+                "known": self._known,
+                "stretch": list(self._stretch),
+                "stretch_began": self._stretch_began,
+                "stretch_diverged": self._stretch_diverged,
+                "stretch_start": self.stretch_start,
+                "early_norms": [list(pair) for pair in self._early_norms],
+                "last_norm": self._last_norm,
+                "growth": self.growth,
+            }
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the copies are forgotten, so the next step's weights become the safe copy
-        (unless the run is past ``until``)."""
+    @property
+    def holds_copy(self) -> bool:
+        """Whether a safe copy is held: one taken at a first step, or loaded with a checkpoint."""
+        return not self._off and self._safe.valid
+
+    def saves_copies(self) -> bool:
+        """Whether :meth:`state_dict` holds the copies: ``save_copies``, a copy held, and plain tensors (not the
+        shards of sharded parameters)."""
+        return (
+            self.save_copies
+            and self.holds_copy
+            and self._safe.portable()
+            and (not self._candidate.valid or self._candidate.portable())
+        )
+
+    def load_state_dict(self, state: dict[str, Any], params: Sequence[Tensor] | None = None) -> None:
+        """Restore a :meth:`state_dict`.
+
+        The copies it holds are written back into their places among ``params`` (all the parameters the rollback
+        was given, in that order: the engine's), and the run goes on exactly as it would have. Without copies (or
+        without ``params``, or for parameters that no longer match them) the copies are forgotten, and the next
+        step's weights become the safe copy (unless the run is past ``until``).
+        """
         check_state("Rollback", state)
         self.count = int(state.get("count", 0))
         self.retried = bool(state.get("retried", False))
@@ -575,6 +670,19 @@ class Rollback:
         self._forget_norms()
         self._off = False
         self.reset()
+        copies = state.get("copies")
+        if copies is None or params is None or not self._safe.load_(copies["safe"], params):
+            return
+        if copies.get("candidate") is not None and not self._candidate.load_(copies["candidate"], params):
+            self._candidate.valid = False
+        self._last_event, self._known = int(copies["last_event"]), int(copies["known"])
+        length, last, exploded = copies["stretch"]
+        self._stretch = (int(length), int(last), bool(exploded))
+        self._stretch_began = int(copies["stretch_began"])
+        self._stretch_diverged = bool(copies["stretch_diverged"])
+        self.stretch_start = copies["stretch_start"]
+        self._early_norms = [(int(step), float(norm)) for step, norm in copies["early_norms"]]
+        self._last_norm, self.growth = float(copies["last_norm"]), float(copies["growth"])
 
 
 def default_rollback(
@@ -584,12 +692,14 @@ def default_rollback(
     blowup_factor: float | None = 1e6,
     early_only: bool = True,
     retry: bool = True,
+    save_copies: bool = True,
 ) -> Rollback:
     """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
 
     ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC(), calm_factor=4.0,
-    blowup_factor=1e6, early_only=True, retry=True)``: one copy of the initial trainable parameters (no optimizer state
-    exists yet), kept for the first 500 optimizer steps and then freed. When the rate is lowered after two exploding or
+    blowup_factor=1e6, early_only=True, retry=True, save_copies=True)``: one copy of the initial trainable
+    parameters (no optimizer state exists yet), kept for the first 500 optimizer steps (and in the checkpoints taken
+    then) and then freed. When the rate is lowered after two exploding or
     non-finite steps in a row that began in the first 20 steps (``rescue_until``) without a calm start before them
     (``calm_factor``), the run restarts from the initial weights at the same rate: a plain retry (``retry``), since bad
     batches among the first steps look just like a rate too high, and do not come back. When such trouble comes back,
@@ -618,6 +728,7 @@ def default_rollback(
             default, which restarted healthy runs from scratch for two bad batches in a row).
         retry: the first restart for early trouble is a plain retry, at the same rate and without the rescue (see
             :class:`Rollback`); ``False``: the remedy at the first restart (the previous default).
+        save_copies: checkpoints keep the copy of the initial weights while it is held (see :class:`Rollback`).
 
     Raises:
         ValueError: for a ``rescue`` that is neither a bool nor a clipper, ``rescue_until < 1``, or a ``calm_factor``
@@ -650,6 +761,7 @@ def default_rollback(
         blowup_factor=blowup_factor,
         early_only=early_only,
         retry=retry,
+        save_copies=save_copies,
     )
 
 

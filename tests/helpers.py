@@ -105,12 +105,14 @@ class RestartWatch(L.Callback):
         self.guard = guard
         self.initial: list[torch.Tensor] = []
         self.restarts: list[tuple[int, bool]] = []
+        self.before = 0  # rollbacks before this fit (a resumed run's)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.initial = [p.detach().clone() for p in pl_module.parameters()]
+        self.before = self.guard.summary()["rolled_back"]
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        if self.guard.summary()["rolled_back"] > len(self.restarts):
+        if self.guard.summary()["rolled_back"] > self.before + len(self.restarts):
             params = list(pl_module.parameters())
             at_start = all(torch.equal(p, w) for p, w in zip(params, self.initial))
             skipped = all(p.grad is None for p in params)

@@ -256,3 +256,37 @@ def test_a_layer_split_over_two_optimizers_gets_one_tag_per_optimizer(tmp_path: 
     }
     for tag in ("gradguard/layer/opt0/net.0", "gradguard/layer/opt1/net.0", "gradguard/layer/net.2"):
         assert any(re.match(line, tag) for line in charted), tag
+
+
+def test_a_block_split_over_two_optimizers_gets_all_its_values_in_its_histogram(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="split", version=0)
+    guard = GradGuard(histogram_every_n_steps=5)
+    trainer(max_steps=20, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(_SplitLayers(), regression_data())
+    acc = load_events(Path(logger.log_dir))
+    first, last = acc.Histograms("gradguard/grad_hist/net.0"), acc.Histograms("gradguard/grad_hist/net.2")
+    assert len(first) == len(last) >= 2
+    # net.0's weight (512 values) is the first optimizer's, its bias (32) the second's: both, not the last one's.
+    assert {h.histogram_value.num for h in first} == {16 * 32 + 32}
+    assert {h.histogram_value.num for h in last} == {32 + 1}
+
+
+def test_the_report_counts_layers_whose_activation_gradient_is_exactly_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Every unit of the first ReLU is dead: no gradient reaches net.0's output, while net.2 and net.4 get one.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    with torch.no_grad():
+        net[0].bias.fill_(-100.0)
+    logger = TensorBoardLogger(tmp_path, name="dead", version=0)
+    guard = GradGuard(log_every_n_steps=2, diagnostics=["act_grad"])
+    trainer(max_steps=4, callbacks=[guard], logger=logger, log_every_n_steps=2).fit(Regressor(net), regression_data())
+    assert gradguard(["report", str(tmp_path), "--json"]) == 0
+    (summary,) = json.loads(capsys.readouterr().out)["runs"].values()
+    act = summary["act_grad"]
+    assert act["layers"] == 3 and act["zero_layers"] == ["net.0"]
+    assert act["input_side"] == {"layer": "net.0", "norm": 0.0} and act["output_side"]["layer"] == "net.4"
+    assert act["decades"] is None and act["smallest"]["norm"] == 0.0
+    assert gradguard(["report", str(tmp_path)]) == 0
+    assert "1 of 3 layers at exactly 0, no gradient reaches them: net.0" in capsys.readouterr().out

@@ -5,6 +5,7 @@ spike, bad batches, a late explosion or a model too large for the copy never res
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -736,9 +737,10 @@ def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
     assert all(torch.equal(a, b) for a, b in zip(weights("default"), weights(None)))
 
 
-def test_a_resumed_run_copies_the_resumed_weights_only_before_until() -> None:
-    engine, model, _, _ = _engine_run(default_rollback(), spikes=set(), steps=30)
+def test_a_resumed_run_without_saved_copies_copies_the_resumed_weights_only_before_until() -> None:
+    engine, model, _, _ = _engine_run(default_rollback(save_copies=False), spikes=set(), steps=30)
     state = engine.state_dict()
+    assert "copies" not in state["rollback"]
     for until, copied in ((40, True), (25, False)):
         resumed = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=None, until=until, patience=2))
         resumed.load_state_dict(state)
@@ -752,6 +754,86 @@ def test_a_resumed_run_copies_the_resumed_weights_only_before_until() -> None:
         if copied:
             assert all(torch.equal(v, w) for v, w in zip(rollback._safe.values, at_resume))
         model.zero_grad()
+
+
+class StepBatches(SpikyRegressor):
+    """Its batch is a function of the optimizer step alone: a run resumed mid-epoch sees the batches the run that was
+    not interrupted saw."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.global_step)
+        x = torch.randn(16, 16, generator=g)
+        return super().training_step((x, x[:, :4].sum(1, keepdim=True)), batch_idx)
+
+
+def _step_fit(
+    rollback: Any, spikes: dict[int, float], steps: int, callbacks: list[L.Callback], ckpt_path: str | None = None
+) -> tuple[GradGuard, StepBatches, RestartWatch]:
+    torch.manual_seed(0 if ckpt_path is None else 1)  # resumed: everything must come from the checkpoint
+    model = StepBatches(spikes, lr=0.02)
+    guard = GradGuard(rollback=rollback)
+    watch = RestartWatch(guard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(
+            max_steps=steps, max_epochs=-1, callbacks=[guard, watch, *callbacks], enable_checkpointing=bool(callbacks)
+        ).fit(model, regression_data(n=1024), ckpt_path=ckpt_path)
+    return guard, model, watch
+
+
+@pytest.mark.parametrize(
+    ("rollback", "spikes", "restarts", "copies"),
+    [
+        # _BACK's trouble: a retry at step 4, then the rescue at step 9, both from the initial weights.
+        ("default", _BACK, [4, 9], {1}),
+        # A full rollback after a calm start: back to the copy of step 9. A copy is on trial until the flags of the
+        # `every` steps after it have landed, so one is taken every other multiple of 3 (at steps 3 and 9).
+        (Rollback(every=3), {13: 1e4, 14: 1e6}, [15], {1, 3, 9}),
+    ],
+    ids=["default", "every3"],
+)
+def test_a_run_resumed_inside_the_rollback_window_restarts_from_the_same_copy(
+    rollback: Any, spikes: dict[int, float], restarts: list[int], copies: set[int], tmp_path: Any
+) -> None:
+    full_guard, full_model, full_watch = _step_fit(copy.deepcopy(rollback), spikes, 20, [])
+    assert [step for step, _ in full_watch.restarts] == restarts
+    saver = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    last = restarts[-1] - 1
+    _step_fit(copy.deepcopy(rollback), spikes, last, [saver])
+    seen = set()
+    for at in range(1, last + 1):
+        path = str(tmp_path / f"epoch=0-step={at}.ckpt")
+        saved = next(iter(torch.load(path, weights_only=True)["callbacks"].values()))
+        held = saved["optimizers"]["0"]["rollback"]["copies"]
+        seen |= {held["safe"]["step"], *([held["candidate"]["step"]] if held["candidate"] else [])}
+        guard, model, watch = _step_fit(copy.deepcopy(rollback), spikes, 20, [], ckpt_path=path)
+        assert all(torch.equal(a, b) for a, b in zip(full_model.parameters(), model.parameters())), at
+        assert guard.summary() == full_guard.summary(), at
+        assert [step for step, _ in watch.restarts] == [step for step in restarts if step > at], at
+    assert seen == copies
+
+
+def test_save_copies_false_keeps_the_copies_out_of_the_state() -> None:
+    engine, _, _, _ = _engine_run(Rollback(every=3, save_copies=False), spikes=set(), steps=10)
+    assert "copies" not in engine.state_dict()["rollback"]
+    engine, _, _, _ = _engine_run(Rollback(every=3), spikes=set(), steps=10)
+    copies = engine.state_dict()["rollback"]["copies"]
+    assert copies["safe"]["step"] == 3 and copies["candidate"]["step"] == 9  # the calm copy, and the one on trial
+    assert "save_copies=False" in repr(Rollback(save_copies=False))
+    with pytest.raises(ValueError, match="save_copies"):
+        Rollback(save_copies=1)  # type: ignore[arg-type]
+
+
+def test_copies_that_no_longer_fit_the_parameters_are_forgotten() -> None:
+    engine, _, _, _ = _engine_run(default_rollback(), spikes=set(), steps=5)
+    state = engine.state_dict()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    model[0].weight.requires_grad_(False)  # the copy was of four trainable tensors; three now
+    rollback = default_rollback()
+    rollback.load_state_dict(state["rollback"], params=[model[2].weight, model[2].bias])
+    assert not rollback.holds_copy
+    rollback.load_state_dict(state["rollback"], params=list(model.parameters()))
+    assert rollback.holds_copy  # the positions hold the shapes the copy was taken of
 
 
 def test_max_bytes_counts_the_optimizer_state_once_it_exists() -> None:

@@ -118,6 +118,10 @@ def test_no_optimizer_is_refused_and_another_models_is_warned_about_once() -> No
         ({"grad_scale": -1.0}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
         ({"grad_scale": float("nan")}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
         ({"grad_scale": float("inf")}, "`grad_scale` must be a tensor, a real number > 0 and finite, or None"),
+        # a tensor's value is not read (a sync), but its shape and kind are
+        ({"grad_scale": torch.ones(3)}, r"`grad_scale` must be a one-element real tensor .* shape \(3,\)"),
+        ({"grad_scale": torch.tensor(True)}, "`grad_scale` must be a one-element real tensor"),
+        ({"grad_scale": torch.tensor(2j)}, "`grad_scale` must be a one-element real tensor"),
     ],
 )
 def test_step_arguments_are_checked(kwargs: dict[str, Any], match: str) -> None:

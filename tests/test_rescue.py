@@ -161,21 +161,26 @@ def test_rollback_copies_only_trainable_parameters_and_pins_the_rate_when_asked(
     assert guard.ceiling() == guard.scale() == 0.5  # recovery stops at the lowered rate
 
 
-def test_rollback_state_round_trips_and_forgets_the_copies() -> None:
+def test_rollback_state_round_trips_with_or_without_the_copies() -> None:
     model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
-    engine.attach(opt)
-    _engine_loop(model, opt, engine, bad={3, 4}, steps=6)
-    state = engine.state_dict()
-    assert state["rollback"] == {"count": 1, "retried": False, "origin": 0}
-    fresh = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
-    fresh.load_state_dict(state)
-    assert fresh.rollback is not None and fresh.rollback.count == 1 and not fresh.rollback.can_restore()
-    saved = io.BytesIO()
-    torch.save(state, saved)
-    saved.seek(0)
-    assert torch.load(saved, weights_only=True)["rollback"] == {"count": 1, "retried": False, "origin": 0}
+    for save_copies in (False, True):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5, save_copies=save_copies))
+        engine.attach(opt)
+        _engine_loop(model, opt, engine, bad={3, 4}, steps=6)
+        state = engine.state_dict()
+        counts = {"count": 1, "retried": False, "origin": 0}
+        assert {key: state["rollback"][key] for key in counts} == counts
+        assert ("copies" in state["rollback"]) is save_copies
+        fresh = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
+        fresh.load_state_dict(state)
+        assert fresh.rollback is not None and fresh.rollback.count == 1
+        assert fresh.rollback.holds_copy is save_copies  # the copy the run rolled back to, or none until the next step
+        saved = io.BytesIO()
+        torch.save(state, saved)
+        saved.seek(0)
+        loaded = torch.load(saved, weights_only=True)["rollback"]  # plain containers and tensors only
+        assert {key: loaded[key] for key in counts} == counts
 
 
 def test_the_full_rollback_is_opt_in_and_validated() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 from torch import nn
 
 from lightning_gradguard import (
@@ -19,6 +20,7 @@ from lightning_gradguard import (
     AutoClip,
     ExplodingDetector,
     GradGuard,
+    GuardEngine,
     LRGuard,
     NormClip,
     Orthogonal,
@@ -104,3 +106,29 @@ def test_other_wrong_types_are_value_errors_too() -> None:
         GradGuard(group_fn="net")  # type: ignore[arg-type]
     # A single module type is accepted as shorthand for a one-element tuple.
     assert L2(1e-4, module_types=nn.Linear).module_types == (nn.Linear,)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda bound: NormClip(max_norm=bound),
+        lambda bound: ExplodingDetector(max_norm=bound),
+        lambda bound: GuardEngine(nn.Linear(2, 1), max_norm=bound),
+    ],
+    ids=["NormClip", "ExplodingDetector", "GuardEngine"],
+)
+def test_a_norm_bound_beyond_float32_is_refused_at_construction(make: Callable[[float], Any]) -> None:
+    # The bound is compared with float32 norms on the device: 1e300 would fail there, at the first step.
+    with pytest.raises(ValueError, match="`max_norm` must satisfy"):
+        make(1e300)
+    make(3e38)  # just within float32
+
+
+def test_an_engine_on_meta_parameters_is_refused() -> None:
+    # `to_empty()` gives the model new Parameter objects: an engine built before it would watch the old ones.
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    with pytest.raises(ValueError, match=r"meta device \('0.weight' and 3 more\).*to_empty"):
+        GuardEngine(model)
+    model.to_empty(device="cpu")
+    GuardEngine(model)
