@@ -257,6 +257,7 @@ class GradGuard(CallbackBase):
         # What a fresh guard starts from: a new model (the guard reused for another fit) starts from it again.
         self._initial_regularizer_states = {r.name: r.state_dict() for r in self.regularizers}
         self._fitted_model: weakref.ref[pl.LightningModule] | None = None
+        self._carried_state: dict[str, Any] | None = None  # the state the last copy carried (see __getstate__)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -313,6 +314,27 @@ class GradGuard(CallbackBase):
         self._start_rates: dict[int, list[Any]] = {}
 
     # ------------------------------------------------------------------ identity and state
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or pickle (``copy.deepcopy``, ``ddp_spawn``) carries the configuration and the checkpoint state, not
+        the fit in progress: its engines watch the model's own parameters, and its hooks, writer and references
+        belong to that fit. Fitted, the copy goes on as a guard resumed from a checkpoint of this one."""
+        skipped = _run_state_names() | {"_carried_state"}
+        state = {name: value for name, value in self.__dict__.items() if name not in skipped}
+        state["_fitted_model"] = None
+        carried = self.state_dict() if self._states or self._loaded is not None else None
+        # Held until the next copy: a spawned process receives tensors as shared-memory file descriptors, which close
+        # when the tensor is freed, and the start of `ddp_spawn`'s processes comes after this returns.
+        self._carried_state = state["_carried_state"] = carried
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        carried = state.pop("_carried_state", None)
+        self.__dict__.update(state)
+        self._carried_state = None
+        self._reset_run_state()
+        if carried is not None:
+            self.load_state_dict(carried)
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(
@@ -433,6 +455,10 @@ class GradGuard(CallbackBase):
         if self._fitted_model is not None and self._fitted_model() is not pl_module:
             self._start_over()
         self._fitted_model = weakref.ref(pl_module)
+        if self._board_trainer is not None and self._board_trainer() is not trainer:
+            # Another Trainer counts its steps from its own start: the histogram schedule with them (a new board
+            # draws its pictures at its first log too).
+            self._last_hist_count = 0
         # By class, so that subclasses are caught too; the name test covers integrations outside Lightning.
         strategy = type(trainer.strategy).__name__
         if isinstance(trainer.strategy, lightning_types("strategies.DeepSpeedStrategy")) or "DeepSpeed" in strategy:
@@ -1372,3 +1398,11 @@ def _merged_samples(per_optimizer: dict[int, dict[str, Tensor]]) -> dict[str, Te
         block: parts[0] if len(parts) == 1 else torch.cat([p.to(parts[0].device) for p in parts])
         for block, parts in merged.items()
     }
+
+
+@functools.cache
+def _run_state_names() -> frozenset[str]:
+    """The attributes :meth:`GradGuard._reset_run_state` sets: what one fit builds up."""
+    probe = GradGuard.__new__(GradGuard)
+    GradGuard._reset_run_state(probe)
+    return frozenset(probe.__dict__)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +31,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.regularize import Regularizer
-from tests.helpers import MetricsLogger, scalar_series
+from tests.helpers import MetricsLogger, load_events, scalar_series
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -381,6 +383,44 @@ def test_guard_reused_for_a_new_model_starts_afresh() -> None:
     assert reused_rates == fresh[2] and reused_rates[0] == 3.0
     for a, b in zip(reused_params, fresh[3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_fitted_guard_goes_on_as_the_guard_itself_would(how: str) -> None:
+    # A copy kept the fit's engines, which watched deep copies of the parameters: used on the same model it measured
+    # and clipped copies that never got a gradient (two 10^4x spikes went through). With the default diagnostics the
+    # copy failed outright (a lock), and a pickle (`ddp_spawn`) failed on weak references.
+    def fit(guard: GradGuard, model: Shifting, steps: int) -> None:
+        _quiet_fit(trainer(max_steps=steps, max_epochs=-1, callbacks=[guard]), model, regression_data())
+
+    runs = []
+    for copied in (False, True):
+        torch.manual_seed(0)
+        model, guard = Shifting(spikes=(30, 32), lr=0.05), GradGuard()
+        fit(guard, model, 20)  # calm: the spikes come in the next Trainer's run (its steps count from 0 again)
+        if copied:
+            guard = copy.deepcopy(guard) if how == "deepcopy" else pickle.loads(pickle.dumps(guard))
+        assert guard.summary()["exploding"] == 0
+        fit(guard, model, 40)
+        runs.append((guard.summary(), guard.lr_guard.scale(0), [p.detach().clone() for p in model.parameters()]))
+    (summary, scale, params), (copy_summary, copy_scale, copy_params) = runs
+    assert summary["exploding"] >= 1 and summary["lr_reduced"] == 1 and scale < 1.0  # the spikes were caught
+    assert copy_summary == summary and copy_scale == scale
+    assert all(torch.equal(a, b) for a, b in zip(params, copy_params))
+
+
+def test_a_guard_reused_with_a_new_trainer_writes_histograms_on_its_schedule(tmp_path: Path) -> None:
+    guard = GradGuard(histogram_every_n_steps=5)
+    model = Regressor()
+    for run in ("a", "b"):
+        logger = TensorBoardLogger(tmp_path / run, name="", version="")
+        _quiet_fit(
+            trainer(max_steps=12, callbacks=[guard], logger=logger, log_every_n_steps=5), model, regression_data()
+        )
+    steps = [
+        [event.step for event in load_events(tmp_path / run).Histograms("gradguard/grad_hist/net.0")] for run in "ab"
+    ]
+    assert steps[0] == steps[1] == [4, 9]  # the second Trainer counts its steps from 0 again
 
 
 def test_logged_lr_is_the_rate_each_logged_step_ran_with() -> None:
