@@ -303,9 +303,10 @@ class Rollback:
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
     2021) bounds every unit's step relative to its own weights, which is what the too-high rate lacks, and trains at
-    that rate. In the stability suite the default's rescue (with its cut, ``blowup_factor``) took the ResNet-20 without
-    BN at 100-1000x its best rate from chance to CE 1.53 / 0.661 / 1.49 (seeds 0 / 1 / 2; its best rate unguarded:
-    1.73 / 1.93 / 2.09), and the LSTM at 10x its rate (no cut) to MSE 0.0034 / 0.0073 / 0.0013. Used from the
+    that rate. In the stability suite (README, "Fragile suite") the default's restarts took the ResNet-20 without BN
+    at 100-1000x its best rate from chance to CE 1.72 / 0.549 / 1.45 (seeds 0 / 1 / 2; its best rate unguarded:
+    1.73 / 1.93 / 2.09; the rescue with its cut, ``blowup_factor``), and the LSTM at 10x its rate to MSE 0.027 /
+    0.010 / 0.0087 (its best rate: 0.0026 / 0.0047 / 0.143; a retry first, then the rescue). Used from the
     first step, AGC slows healthy SGD runs (+30% and +55% held-out loss in two configs of the healthy zoo), which is
     why it waits for a failure, and only for one in the first steps (``benchmarks/bad_batches.py``).
 

@@ -217,10 +217,10 @@ class SaturationMonitor:
             return lambda y: (y <= min_val) | (y >= max_val)
         if isinstance(module, nn.Hardsigmoid):
             return lambda y: (y <= 0) | (y >= 1)
-        if isinstance(module, nn.ReLU):
+        if _dead_at_zero(module):
             return relu_rule
         if isinstance(module, nn.RNN):
-            return tanh_rule if module.nonlinearity == "tanh" else relu_rule
+            return tanh_rule
         return None
 
     # ------------------------------------------------------------------ measuring
@@ -317,10 +317,7 @@ class SaturationMonitor:
 
     def counts_dead_units(self, name: str) -> bool:
         """Whether the watched module ``name`` is a ReLU (or a ReLU RNN): its saturated outputs are dead units."""
-        return any(
-            watched == name and (isinstance(module, nn.ReLU) or getattr(module, "nonlinearity", None) == "relu")
-            for watched, module, _, _ in self._watched
-        )
+        return any(watched == name and _dead_at_zero(module) for watched, module, _, _ in self._watched)
 
     @staticmethod
     def advice(dead_units: bool = False) -> str:
@@ -341,3 +338,8 @@ class SaturationMonitor:
             "GELU), normalize their inputs (BatchNorm/LayerNorm), add residual connections, and use orthogonal "
             "initialization for recurrent weights."
         )
+
+
+def _dead_at_zero(module: nn.Module) -> bool:
+    """A ReLU, or an RNN with ``nonlinearity="relu"``: its saturated outputs are 0, units that pass no gradient."""
+    return isinstance(module, nn.ReLU) or (isinstance(module, nn.RNN) and module.nonlinearity == "relu")
