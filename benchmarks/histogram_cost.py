@@ -92,8 +92,9 @@ class _Guard(GradGuard):
         self.held_after_log: list[int] = []
 
     @staticmethod
-    def _bytes(samples: dict[str, torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in samples.values())
+    def _bytes(samples: dict[int, dict[str, torch.Tensor]]) -> int:
+        """The bytes of the samples held, over every optimizer's blocks."""
+        return sum(t.numel() * t.element_size() for blocks in samples.values() for t in blocks.values())
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         super().on_before_optimizer_step(trainer, pl_module, optimizer)

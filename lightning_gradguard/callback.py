@@ -258,6 +258,7 @@ class GradGuard(CallbackBase):
         self._initial_regularizer_states = {r.name: r.state_dict() for r in self.regularizers}
         self._fitted_model: weakref.ref[pl.LightningModule] | None = None
         self._carried_state: dict[str, Any] | None = None  # the state the last copy carried (see __getstate__)
+        self._copied_from: list[tuple[tuple[int, ...], float, float]] | None = None  # a copy's model (__getstate__)
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -317,13 +318,19 @@ class GradGuard(CallbackBase):
     def __getstate__(self) -> dict[str, Any]:
         """A copy or pickle (``copy.deepcopy``, ``ddp_spawn``) carries the configuration and the checkpoint state, not
         the fit in progress: its engines watch the model's own parameters, and its hooks, writer and references
-        belong to that fit. Fitted, the copy goes on as a guard resumed from a checkpoint of this one."""
-        skipped = _run_state_names() | {"_carried_state"}
+        belong to that fit. Fitted to the model it was copied from (the same weights, as in ``ddp_spawn``'s workers),
+        the copy goes on as a guard resumed from a checkpoint of this one; fitted to another, it starts afresh, as
+        this guard would."""
+        skipped = _run_state_names(type(self)) | {"_carried_state"}
         state = {name: value for name, value in self.__dict__.items() if name not in skipped}
+        model = self._fitted_model() if self._fitted_model is not None else None
         state["_fitted_model"] = None
-        carried = self.state_dict() if self._states or self._loaded is not None else None
-        # Held until the next copy: a spawned process receives tensors as shared-memory file descriptors, which close
-        # when the tensor is freed, and the start of `ddp_spawn`'s processes comes after this returns.
+        # A model's identity does not survive a pickle: its weights, summed, stand for it.
+        state["_copied_from"] = _fingerprint(model) if model is not None else None
+        gone = self._fitted_model is not None and model is None  # nothing left for a copy to go on with
+        carried = self.state_dict() if (self._states or self._loaded is not None) and not gone else None
+        # Held until the next fit or copy: a spawned process receives tensors as shared-memory file descriptors, which
+        # close when the tensor is freed, and `ddp_spawn` starts its processes after this returns.
         self._carried_state = state["_carried_state"] = carried
         return state
 
@@ -452,9 +459,12 @@ class GradGuard(CallbackBase):
                 f"GradGuard: the Trainer has {len(others) + 1} GradGuard callbacks; one guards a model. Configure one"
                 " GradGuard with everything it should do."
             )
-        if self._fitted_model is not None and self._fitted_model() is not pl_module:
+        if (self._fitted_model is not None and self._fitted_model() is not pl_module) or (
+            self._copied_from is not None and not _same_weights(self._copied_from, _fingerprint(pl_module))
+        ):
             self._start_over()
         self._fitted_model = weakref.ref(pl_module)
+        self._copied_from = self._carried_state = None
         if self._board_trainer is not None and self._board_trainer() is not trainer:
             # Another Trainer counts its steps from its own start: the histogram schedule with them (a new board
             # draws its pictures at its first log too).
@@ -1400,9 +1410,41 @@ def _merged_samples(per_optimizer: dict[int, dict[str, Tensor]]) -> dict[str, Te
     }
 
 
-@functools.cache
-def _run_state_names() -> frozenset[str]:
-    """The attributes :meth:`GradGuard._reset_run_state` sets: what one fit builds up."""
-    probe = GradGuard.__new__(GradGuard)
-    GradGuard._reset_run_state(probe)
-    return frozenset(probe.__dict__)
+_RUN_STATE_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _run_state_names(cls: type[GradGuard]) -> frozenset[str]:
+    """The attributes ``cls._reset_run_state`` sets: what one fit builds up."""
+    names = _RUN_STATE_NAMES.get(cls)
+    if names is None:
+        probe = cls.__new__(cls)
+        cls._reset_run_state(probe)
+        names = _RUN_STATE_NAMES[cls] = frozenset(probe.__dict__)
+    return names
+
+
+def _fingerprint(module: pl.LightningModule) -> list[tuple[tuple[int, ...], float, float]] | None:
+    """Each plain parameter's shape, sum and sum of squares (one host read); ``None`` without any."""
+    materialized = (p for p in module.parameters() if not isinstance(p, torch.nn.parameter.UninitializedParameter))
+    params = [p for p in (q.detach() for q in materialized) if type(p) is Tensor]
+    if not params:
+        return None
+    with torch.no_grad():
+        sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]).cpu() for p in params]).tolist()
+    return [(tuple(p.shape), total, squares) for p, (total, squares) in zip(params, sums)]
+
+
+def _same_weights(
+    a: list[tuple[tuple[int, ...], float, float]], b: list[tuple[tuple[int, ...], float, float]] | None
+) -> bool:
+    # Close, not equal: the sums of the same weights on another device may differ in their last digits.
+    return (
+        b is not None
+        and len(a) == len(b)
+        and all(
+            x[0] == y[0]
+            and math.isclose(x[1], y[1], rel_tol=1e-9, abs_tol=1e-12)
+            and math.isclose(x[2], y[2], rel_tol=1e-9, abs_tol=1e-12)
+            for x, y in zip(a, b)
+        )
+    )

@@ -1057,7 +1057,7 @@ class AGC(Clipper):
     ) -> None:
         super().__init__()
         self.clip_factor = check_number("clip_factor", clip_factor, low=0.0)
-        self.eps = check_number("eps", eps, low=0.0)
+        self.eps = check_number("eps", eps, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
         if exclude is not None:
             if not isinstance(exclude, str):
                 raise ValueError(f"`exclude` must be a regular expression string or None, got {exclude!r}.")
@@ -1303,7 +1303,7 @@ class AdaGC(Clipper):
         self.lambda_rel = check_number("lambda_rel", lambda_rel, low=1.0, low_inclusive=True)
         self.beta = check_number("beta", beta, low=0.0, high=1.0, low_inclusive=True)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, low=1)
-        self.lambda_abs = optional_number("lambda_abs", lambda_abs, low=0.0)
+        self.lambda_abs = optional_number("lambda_abs", lambda_abs, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
         self._slots: dict[str | int, int] = {}  # parameter name (or position) -> index into the state vectors
         # By position: the parameters' ids (or the gradients' shapes) of the last call; not saved (ids are per process).
         self._seen: list[Any] | None = None

@@ -261,7 +261,9 @@ class ExplodingDetector:
         self.warmup_ratio = optional_number("warmup_ratio", warmup_ratio, low=self.min_ratio, low_name="min_ratio")
         self.calm_ratio = optional_number("calm_ratio", calm_ratio, low=self.min_ratio, low_name="min_ratio")
         self.max_norm = optional_number("max_norm", max_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
-        self.max_layer_norm = optional_number("max_layer_norm", max_layer_norm, low=0.0)
+        self.max_layer_norm = optional_number(
+            "max_layer_norm", max_layer_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True
+        )
         self.per_layer = check_bool("per_layer", per_layer)
         self.min_share = check_number(
             "min_share", min_share, low=0.0, high=1.0, low_inclusive=True, high_inclusive=True
@@ -606,7 +608,9 @@ class VanishingDetector:
     """
 
     def __init__(self, min_norm: float = 1e-9, ratio: float = 1e-4, patience: int = 25) -> None:
-        self.min_norm = check_number("min_norm", min_norm, low=0.0, low_inclusive=True)
+        self.min_norm = check_number(
+            "min_norm", min_norm, low=0.0, low_inclusive=True, high=FLOAT32_MAX, high_inclusive=True
+        )
         self.ratio = check_number("ratio", ratio, low=0.0, high=1.0, low_inclusive=True)
         self.patience = check_int("patience", patience, low=1)
         self._run: Tensor | None = None

@@ -182,6 +182,13 @@ class Regularizer(abc.ABC):
         self._subsets: dict[int, tuple[list[nn.Parameter], frozenset[int], list[nn.Parameter], list[Any]]] = {}
         self._strength = 1.0
 
+    def __getstate__(self) -> dict[str, Any]:
+        """A copy or pickle is unbound: the binding holds one model's parameters (and a weak reference to it). Bind it
+        again (``GradGuard`` binds its regularizers at every fit); the strength and the configuration are kept."""
+        state = self.__dict__.copy()
+        state.update(param_names=[], _params=[], _layouts=[], _module_ref=None, _subsets={})
+        return state
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(weight={self.weight!r}, modules={self.modules!r}, "

@@ -169,25 +169,36 @@ class _Slot:
 
     def load_(self, saved: dict[str, Any], params: Sequence[Tensor]) -> bool:
         """Take a :meth:`saved` copy back, into the parameters at its positions among ``params``; ``False`` (and no
-        change) when they do not match it in number, shape or dtype."""
+        change) when they do not match it in number, shape or dtype, or are sharded."""
         positions = [int(i) for i in saved["positions"]]
         values = saved["values"]
         if len(values) != len(positions) or any(not 0 <= i < len(params) for i in positions):
             return False
         bound = [params[i] for i in positions]
-        if any(v.shape != p.shape or v.dtype != p.dtype for v, p in zip(values, bound)):
-            return False
+        if any(
+            v.shape != p.shape or v.dtype != p.dtype or type(p.detach()) is not Tensor for v, p in zip(values, bound)
+        ):
+            return False  # another layout, or sharded parameters (a DTensor's shape is the whole tensor's)
         self.params, self.positions = bound, positions
-        self.values = [v.to(p.device) for v, p in zip(values, bound)]
+        # Copies, not the loaded tensors: the caller may hold on to the state (or load it twice), and a slot is
+        # written in place by later copies.
+        self.values = [v.to(p.device, copy=True) for v, p in zip(values, bound)]
         self.state_keys = [(int(i), str(name)) for i, name in saved["state_keys"]]
         # Optimizer state beside its parameter, but 0-d values (Adam's step counts) where they were saved: a
         # non-capturable optimizer keeps them on the CPU.
-        self.state = [t.to(bound[i].device) if t.dim() > 0 else t for (i, _), t in zip(self.state_keys, saved["state"])]
+        self.state = [
+            t.to(bound[i].device if t.dim() > 0 else t.device, copy=True)
+            for (i, _), t in zip(self.state_keys, saved["state"])
+        ]
         self.plain = {(int(i), str(name)): value for i, name, value in saved["plain"]}
         self.step = int(saved["step"])
         self.extra = saved["extra"]
         self.valid = True
         return True
+
+
+def _slot_nbytes(slot: _Slot) -> int:
+    return sum(t.numel() * t.element_size() for t in (*slot.values, *slot.state))
 
 
 def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> int:
@@ -656,8 +667,9 @@ class Rollback:
 
         The copies it holds are written back into their places among ``params`` (all the parameters the rollback
         was given, in that order: the engine's), and the run goes on exactly as it would have. Without copies (or
-        without ``params``, or for parameters that no longer match them) the copies are forgotten, and the next
-        step's weights become the safe copy (unless the run is past ``until``).
+        without ``params``, for parameters that no longer match them or are sharded, or for copies larger than
+        ``max_bytes``) the copies are forgotten, and the next step's weights become the safe copy (unless the run is
+        past ``until``).
         """
         check_state("Rollback", state)
         self.count = int(state.get("count", 0))
@@ -674,8 +686,14 @@ class Rollback:
         copies = state.get("copies")
         if copies is None or params is None or not self._safe.load_(copies["safe"], params):
             return
-        if copies.get("candidate") is not None and not self._candidate.load_(copies["candidate"], params):
-            self._candidate.valid = False
+        # A candidate only under `every` (one loaded into a rollback without would never be trusted).
+        if self.every is not None and copies.get("candidate") is not None:
+            self._candidate.load_(copies["candidate"], params)
+        held = _slot_nbytes(self._safe) + (_slot_nbytes(self._candidate) if self._candidate.valid else 0)
+        if self.max_bytes is not None and held > self.max_bytes:
+            self._safe.clear()  # saved under a larger `max_bytes`: the next step takes a copy, or warns
+            self._candidate.clear()
+            return
         self._last_event, self._known = int(copies["last_event"]), int(copies["known"])
         length, last, exploded = copies["stretch"]
         self._stretch = (int(length), int(last), bool(exploded))

@@ -101,6 +101,11 @@ class RunningStats:
         """Write a :meth:`snapshot` back into the running statistics (the layers that changed since are left alone)."""
         for key, buffers in self._buffers().items():
             values = snapshot.get(key)
+            if values is None:
+                # Taken on another device (rank 0's checkpoint on another rank, a GPU's on the CPU): the one of the
+                # same dtype.
+                same = [v for (_, dtype), v in snapshot.items() if dtype == key[1]]
+                values = same[0].to(buffers[0].device) if len(same) == 1 else None
             sizes = [b.numel() for b in buffers]
             if values is not None and values.numel() == sum(sizes):
                 self._write(buffers, values, sizes)

@@ -834,6 +834,22 @@ def test_copies_that_no_longer_fit_the_parameters_are_forgotten() -> None:
     assert not rollback.holds_copy
     rollback.load_state_dict(state["rollback"], params=list(model.parameters()))
     assert rollback.holds_copy  # the positions hold the shapes the copy was taken of
+    # Its own copies: the state stays as it was when the run goes on (later copies are written in place).
+    saved = state["rollback"]["copies"]["safe"]["values"]
+    held = rollback.state_dict()["copies"]["safe"]["values"]
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(saved, held))
+    # Saved under a larger `max_bytes` (4 tensors of 49 float32 values: 196 bytes).
+    for max_bytes, kept in ((195, False), (196, True)):
+        bounded = Rollback(every=None, max_bytes=max_bytes)
+        bounded.load_state_dict(state["rollback"], params=list(model.parameters()))
+        assert bounded.holds_copy is kept
+
+    class Shard(torch.Tensor):  # stands for a sharded parameter (a DTensor's shape is the whole tensor's)
+        pass
+
+    sharded = [nn.Parameter(p.detach().as_subclass(Shard)) for p in model.parameters()]
+    rollback.load_state_dict(state["rollback"], params=sharded)
+    assert not rollback.holds_copy
 
 
 def test_max_bytes_counts_the_optimizer_state_once_it_exists() -> None:

@@ -772,15 +772,15 @@ def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
 def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
     # `ddp_spawn` pickles the callbacks into its workers: a guard that had fitted here held weak references, hooks and
     # a lock, and the launch failed. Its copy now carries its checkpoint state: the count of the first fit goes on.
-    guard = GradGuard()
+    guard, model = GradGuard(regularizers=[L2(1e-4)]), NaNAtStep(5)  # a regularizer holds a weak reference too
     L.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, callbacks=[guard], **_QUIET).fit(
-        NaNAtStep(5), regression_data()
+        model, regression_data()
     )
     assert guard.summary()["skipped"] == 1
     trainer = L.Trainer(
         max_steps=10, accelerator="cpu", devices=WORLD, strategy="ddp_spawn", logger=False, callbacks=[guard], **_QUIET
     )
-    trainer.fit(NaNAtStep(5), regression_data())
+    trainer.fit(model, regression_data())  # the same model: its workers' copies have its weights
     counts = {k[len("gradguard/summary/") :]: v.item() for k, v in trainer.callback_metrics.items() if "summary" in k}
     # The second NaN batch comes 10 engine steps after the first: a repeat within the LR guard's window, one cut.
     assert counts == {**dict.fromkeys(counts, 0.0), "nonfinite": 2.0, "skipped": 2.0, "lr_reduced": 1.0}

@@ -31,7 +31,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.regularize import Regularizer
-from tests.helpers import MetricsLogger, load_events, scalar_series
+from tests.helpers import MetricsLogger, RestartWatch, load_events, scalar_series
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -407,6 +407,25 @@ def test_a_copy_of_a_fitted_guard_goes_on_as_the_guard_itself_would(how: str) ->
     assert summary["exploding"] >= 1 and summary["lr_reduced"] == 1 and scale < 1.0  # the spikes were caught
     assert copy_summary == summary and copy_scale == scale
     assert all(torch.equal(a, b) for a, b in zip(params, copy_params))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_of_a_fitted_guard_starts_afresh_on_another_model(how: str) -> None:
+    # The copy cannot know the model it was fitted on by identity (a pickle does not keep it): it compares weights.
+    # Carried to another model of the same layout, the first model's state had its early restart write the first
+    # model's initial weights into the second.
+    torch.manual_seed(0)
+    first, guard = Shifting(lr=0.05), GradGuard(regularizers=[L2(1e-4)])  # a bound regularizer copies too
+    _quiet_fit(trainer(max_steps=3, max_epochs=-1, callbacks=[guard]), first, regression_data())
+    carried = copy.deepcopy(guard) if how == "deepcopy" else pickle.loads(pickle.dumps(guard))
+    torch.manual_seed(1)
+    second = Shifting(spikes=(1, 2), lr=0.05)  # early trouble: a plain retry from its own initial weights
+    initial = [p.detach().clone() for p in second.parameters()]
+    watch = RestartWatch(carried)
+    _quiet_fit(trainer(max_steps=6, max_epochs=-1, callbacks=[carried, watch]), second, regression_data())
+    assert [clean for _, clean in watch.restarts] == [True]  # back at the second model's initial weights
+    assert all(torch.equal(a, b) for a, b in zip(watch.initial, initial)) and carried.summary()["rolled_back"] == 1
+    assert carried.regularizers[0].param_names == ["net.0.weight", "net.2.weight"]  # bound to the second model
 
 
 def test_a_guard_reused_with_a_new_trainer_writes_histograms_on_its_schedule(tmp_path: Path) -> None:

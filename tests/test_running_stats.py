@@ -268,3 +268,17 @@ def test_a_gan_that_reuses_its_fake_batch_trains_and_its_generators_statistics_s
         trainer(max_steps=24, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(dim=16))
     assert guard.summary()["skipped"] >= 1  # the NaN batch's steps
     assert all(t.isfinite().all() for t in _stats(model.g[1]))
+
+
+def test_a_snapshot_taken_on_another_device_is_restored_by_dtype() -> None:
+    # A checkpoint's snapshot is keyed by the device it was taken on (rank 0's GPU, or a GPU run resumed on the CPU):
+    # the retry it is for would otherwise leave the running statistics where the troubled steps put them.
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    stats = RunningStats(model)
+    before = stats.snapshot()
+    elsewhere = {(torch.device("cuda", 0), dtype): values for (_, dtype), values in before.items()}
+    model.train()
+    model(torch.randn(16, 4) * 5 + 3)  # moves the running statistics
+    stats.restore_(elsewhere)
+    assert torch.equal(torch.cat([model[1].running_mean, model[1].running_var]), before[next(iter(before))][:8])
+    assert torch.equal(model[3].running_var, torch.ones(2))

@@ -17,6 +17,7 @@ from torch import nn
 from lightning_gradguard import (
     AGC,
     L2,
+    AdaGC,
     AutoClip,
     ExplodingDetector,
     GradGuard,
@@ -109,17 +110,21 @@ def test_other_wrong_types_are_value_errors_too() -> None:
 
 
 @pytest.mark.parametrize(
-    "make",
+    ("make", "name"),
     [
-        lambda bound: NormClip(max_norm=bound),
-        lambda bound: ExplodingDetector(max_norm=bound),
-        lambda bound: GuardEngine(nn.Linear(2, 1), max_norm=bound),
+        (lambda bound: NormClip(max_norm=bound), "max_norm"),
+        (lambda bound: ExplodingDetector(max_norm=bound), "max_norm"),
+        (lambda bound: ExplodingDetector(max_layer_norm=bound), "max_layer_norm"),
+        (lambda bound: VanishingDetector(min_norm=bound), "min_norm"),
+        (lambda bound: AdaGC(lambda_abs=bound), "lambda_abs"),
+        (lambda bound: AGC(eps=bound), "eps"),
+        (lambda bound: GuardEngine(nn.Linear(2, 1), max_norm=bound), "max_norm"),
     ],
-    ids=["NormClip", "ExplodingDetector", "GuardEngine"],
+    ids=["NormClip", "ExplodingDetector", "max_layer_norm", "VanishingDetector", "AdaGC", "AGC", "GuardEngine"],
 )
-def test_a_norm_bound_beyond_float32_is_refused_at_construction(make: Callable[[float], Any]) -> None:
+def test_a_norm_bound_beyond_float32_is_refused_at_construction(make: Callable[[float], Any], name: str) -> None:
     # The bound is compared with float32 norms on the device: 1e300 would fail there, at the first step.
-    with pytest.raises(ValueError, match="`max_norm` must satisfy"):
+    with pytest.raises(ValueError, match=f"`{name}` must satisfy"):
         make(1e300)
     make(3e38)  # just within float32
 
