@@ -169,6 +169,29 @@ def test_an_overridden_configure_gradient_clipping_is_left_alone() -> None:
     assert model.seen == 0.5
 
 
+class OwnHooks(Regressor):
+    """Clips its own gradients after every callback's hook, without `gradient_clip_val`."""
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, **kwargs: Any) -> None:
+        self.clip_gradients(optimizer, gradient_clip_val=0.01, gradient_clip_algorithm="norm")
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        pass
+
+
+def test_module_hooks_that_run_after_the_guard_get_one_note(caplog: pytest.LogCaptureFixture) -> None:
+    # The module clips every step to 0.01 where the norms are about 1: GradGuard's logs describe the gradients before
+    # that, and said nothing about it.
+    notes = []
+    for model in (OwnHooks(), Regressor()):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            trainer(max_steps=2, max_epochs=-1, callbacks=[GradGuard()]).fit(model, regression_data())
+        notes.append([r.getMessage() for r in caplog.records if "run(s) after GradGuard's hook" in r.getMessage()])
+    assert [len(found) for found in notes] == [1, 0]
+    assert "own `on_before_optimizer_step` and `configure_gradient_clipping` run(s)" in notes[0][0]
+
+
 def test_a_second_fit_of_the_same_trainer_still_takes_it_over() -> None:
     guard = GradGuard(clip=None, lr_guard=None)
     probe, logger = Received(), MetricsLogger()
