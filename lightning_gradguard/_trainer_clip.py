@@ -36,7 +36,6 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None) -> fl
     """
     val = getattr(trainer, _ATTRIBUTE, None) or trainer.gradient_clip_val  # a second fit of the same Trainer
     if not val:
-        _note_later_hooks(pl_module)
         return None
     if not getattr(pl_module, "automatic_optimization", True):
         return None  # Lightning refuses gradient_clip_val under manual optimization itself
@@ -88,16 +87,11 @@ def restore_clipping(trainer: Any) -> None:
         delattr(trainer, _ATTRIBUTE)
 
 
-def _note_later_hooks(pl_module: Any) -> None:
-    """One info line when the LightningModule has hooks that Lightning runs after GradGuard's and that may change the
-    gradients (a module that clips or scales them itself): GradGuard's logs describe the gradients before them."""
+def later_hooks(pl_module: Any, clipping_hook: bool = True) -> list[str]:
+    """The LightningModule's own hooks that Lightning runs after GradGuard's and that may change the gradients (a
+    module that clips or scales them itself), as ``"`name`"``: ``on_before_optimizer_step``, and, under automatic
+    optimization and with ``clipping_hook``, ``configure_gradient_clipping``."""
     hooks = ["on_before_optimizer_step"]
-    if getattr(pl_module, "automatic_optimization", True):
+    if clipping_hook and getattr(pl_module, "automatic_optimization", True):
         hooks.append("configure_gradient_clipping")  # called by Lightning under automatic optimization only
-    overridden = [f"`{hook}`" for hook in hooks if overrides_hook(pl_module, hook)]
-    if overridden:
-        rank_zero_info(
-            f"GradGuard: the LightningModule's own {' and '.join(overridden)} run(s) after GradGuard's hook. If they"
-            " change the gradients (clip or scale them), GradGuard's total_norm, clip_coef and events describe the"
-            " gradients before that change, and its clipping comes first."
-        )
+    return [f"`{hook}`" for hook in hooks if overrides_hook(pl_module, hook)]

@@ -28,7 +28,7 @@ from lightning_gradguard._lightning import (
     restart_weight_averages,
     same_batch_size_on_every_rank,
 )
-from lightning_gradguard._trainer_clip import restore_clipping, take_over_clipping
+from lightning_gradguard._trainer_clip import later_hooks, restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
@@ -259,6 +259,7 @@ class GradGuard(CallbackBase):
         self._fitted_model: weakref.ref[pl.LightningModule] | None = None
         self._carried_state: dict[str, Any] | None = None  # the state the last copy carried (see __getstate__)
         self._copied_from: list[tuple[tuple[int, ...], float, float]] | None = None  # a copy's model (__getstate__)
+        self._noted_hooks = False  # the note on the module's own later hooks was given
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -321,12 +322,14 @@ class GradGuard(CallbackBase):
         belong to that fit. Fitted to the model it was copied from (the same weights, as in ``ddp_spawn``'s workers),
         the copy goes on as a guard resumed from a checkpoint of this one; fitted to another, it starts afresh, as
         this guard would."""
-        skipped = _run_state_names(type(self)) | {"_carried_state"}
+        # Lightning binds `log` and `log_dict` of the fitted model to every callback: not part of the guard.
+        skipped = _run_state_names(type(self)) | {"_carried_state", "log", "log_dict"}
         state = {name: value for name, value in self.__dict__.items() if name not in skipped}
         model = self._fitted_model() if self._fitted_model is not None else None
         state["_fitted_model"] = None
-        # A model's identity does not survive a pickle: its weights, summed, stand for it.
-        state["_copied_from"] = _fingerprint(model) if model is not None else None
+        # A model's identity does not survive a pickle: its weights, summed, stand for it (a copy of a copy that has
+        # not fitted passes on the one it was given).
+        state["_copied_from"] = _fingerprint(model) if model is not None else self._copied_from
         gone = self._fitted_model is not None and model is None  # nothing left for a copy to go on with
         carried = self.state_dict() if (self._states or self._loaded is not None) and not gone else None
         # Held until the next fit or copy: a spawned process receives tensors as shared-memory file descriptors, which
@@ -459,10 +462,10 @@ class GradGuard(CallbackBase):
                 f"GradGuard: the Trainer has {len(others) + 1} GradGuard callbacks; one guards a model. Configure one"
                 " GradGuard with everything it should do."
             )
-        if (self._fitted_model is not None and self._fitted_model() is not pl_module) or (
-            self._copied_from is not None and not _same_weights(self._copied_from, _fingerprint(pl_module))
-        ):
-            self._start_over()
+        if self._fitted_model is not None and self._fitted_model() is not pl_module:
+            self._start_over("a new LightningModule")
+        elif self._copied_from is not None and not _same_weights(self._copied_from, _fingerprint(pl_module)):
+            self._start_over("a copy of a guard, given a model whose weights differ from those it was copied with")
         self._fitted_model = weakref.ref(pl_module)
         self._copied_from = self._carried_state = None
         if self._board_trainer is not None and self._board_trainer() is not trainer:
@@ -484,7 +487,7 @@ class GradGuard(CallbackBase):
                 " supports."
             )
 
-    def _start_over(self) -> None:
+    def _start_over(self, why: str) -> None:
         """The guard reused for another model (a sweep, a notebook): the previous model's statistics, counts, lowered
         rate and early-restart window say nothing about this one (they kept its rescue off and its rate cut)."""
         self._release_hooks()
@@ -493,9 +496,7 @@ class GradGuard(CallbackBase):
             self.lr_guard.load_state_dict({"keys": {}})
         for r in self.regularizers:
             r.load_state_dict(self._initial_regularizer_states[r.name])
-        rank_zero_info(
-            "GradGuard: a new LightningModule; its statistics, event counts and learning-rate multiplier start afresh."
-        )
+        rank_zero_info(f"GradGuard: {why}; its statistics, event counts and learning-rate multiplier start afresh.")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
@@ -516,6 +517,15 @@ class GradGuard(CallbackBase):
             )
         # Trainer(gradient_clip_val=...) clips after this hook: folded into the engines' clipping (see _trainer_clip).
         self._clip_norm = take_over_clipping(trainer, pl_module, self.clip)
+        # With `gradient_clip_val`, an own `configure_gradient_clipping` got a warning from the take-over instead.
+        hooks = later_hooks(pl_module, clipping_hook=not (trainer.gradient_clip_val or self._clip_norm))
+        if hooks and not self._noted_hooks:
+            self._noted_hooks = True  # once per guard: the same module class fits again
+            rank_zero_info(
+                f"GradGuard: the LightningModule's own {' and '.join(hooks)} run(s) after GradGuard's hook. If they"
+                " change the gradients (clip or scale them), GradGuard's total_norm, clip_coef, events and decisions"
+                " describe the gradients before that change."
+            )
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)
         if self._next_log_step == 0:
@@ -1424,27 +1434,36 @@ def _run_state_names(cls: type[GradGuard]) -> frozenset[str]:
 
 
 def _fingerprint(module: pl.LightningModule) -> list[tuple[tuple[int, ...], float, float]] | None:
-    """Each plain parameter's shape, sum and sum of squares (one host read); ``None`` without any."""
-    materialized = (p for p in module.parameters() if not isinstance(p, torch.nn.parameter.UninitializedParameter))
-    params = [p for p in (q.detach() for q in materialized) if type(p) is Tensor]
+    """Each plain, materialized parameter's shape, sum and norm (one host read per device); ``None`` without any."""
+    params = [
+        p
+        for p in (
+            q.detach() for q in module.parameters() if not isinstance(q, torch.nn.parameter.UninitializedParameter)
+        )
+        if type(p) is Tensor and p.device.type != "meta"
+    ]
     if not params:
         return None
+    per_device: dict[torch.device, list[Tensor]] = {}
     with torch.no_grad():
-        sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]).cpu() for p in params]).tolist()
-    return [(tuple(p.shape), total, squares) for p, (total, squares) in zip(params, sums)]
+        for p in params:
+            wide = torch.float32 if p.device.type == "mps" else torch.float64  # MPS has no float64
+            pair = torch.stack([p.sum(dtype=wide), torch.linalg.vector_norm(p, dtype=wide)]).to(torch.float64)
+            per_device.setdefault(p.device, []).append(pair)
+    read = {device: iter(torch.stack(pairs).cpu().tolist()) for device, pairs in per_device.items()}
+    return [(tuple(p.shape), *next(read[p.device])) for p in params]
 
 
 def _same_weights(
     a: list[tuple[tuple[int, ...], float, float]], b: list[tuple[tuple[int, ...], float, float]] | None
 ) -> bool:
-    # Close, not equal: the sums of the same weights on another device may differ in their last digits.
+    # Close, not equal: the sums of the same weights on another device may differ in their last digits. NaN matches
+    # NaN: a diverged model is still the same model.
+    def close(x: float, y: float) -> bool:
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(x) and math.isnan(y))
+
     return (
         b is not None
         and len(a) == len(b)
-        and all(
-            x[0] == y[0]
-            and math.isclose(x[1], y[1], rel_tol=1e-9, abs_tol=1e-12)
-            and math.isclose(x[2], y[2], rel_tol=1e-9, abs_tol=1e-12)
-            for x, y in zip(a, b)
-        )
+        and all(x[0] == y[0] and close(x[1], y[1]) and close(x[2], y[2]) for x, y in zip(a, b))
     )

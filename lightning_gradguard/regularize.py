@@ -183,10 +183,10 @@ class Regularizer(abc.ABC):
         self._strength = 1.0
 
     def __getstate__(self) -> dict[str, Any]:
-        """A copy or pickle is unbound: the binding holds one model's parameters (and a weak reference to it). Bind it
-        again (``GradGuard`` binds its regularizers at every fit); the strength and the configuration are kept."""
+        """A copy or pickle keeps the selected parameters (a module deep-copied with it maps them to its own), not the
+        weak reference to the module, which cannot be pickled: the next call given a module binds to it again."""
         state = self.__dict__.copy()
-        state.update(param_names=[], _params=[], _layouts=[], _module_ref=None, _subsets={})
+        state.update(_module_ref=None, _subsets={})
         return state
 
     def __repr__(self) -> str:

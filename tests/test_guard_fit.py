@@ -409,7 +409,7 @@ def test_a_copy_of_a_fitted_guard_goes_on_as_the_guard_itself_would(how: str) ->
     assert all(torch.equal(a, b) for a, b in zip(params, copy_params))
 
 
-@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "copy of a copy"])
 def test_a_copy_of_a_fitted_guard_starts_afresh_on_another_model(how: str) -> None:
     # The copy cannot know the model it was fitted on by identity (a pickle does not keep it): it compares weights.
     # Carried to another model of the same layout, the first model's state had its early restart write the first
@@ -417,7 +417,11 @@ def test_a_copy_of_a_fitted_guard_starts_afresh_on_another_model(how: str) -> No
     torch.manual_seed(0)
     first, guard = Shifting(lr=0.05), GradGuard(regularizers=[L2(1e-4)])  # a bound regularizer copies too
     _quiet_fit(trainer(max_steps=3, max_epochs=-1, callbacks=[guard]), first, regression_data())
-    carried = copy.deepcopy(guard) if how == "deepcopy" else pickle.loads(pickle.dumps(guard))
+    if how == "copy of a copy":  # the first copy has not fitted: it passes on the weights it was copied with
+        carried = pickle.loads(pickle.dumps(copy.deepcopy(guard)))
+    else:
+        carried = copy.deepcopy(guard) if how == "deepcopy" else pickle.loads(pickle.dumps(guard))
+    assert "log" not in vars(carried)  # Lightning's binding of the model's `log`: the copy holds no model
     torch.manual_seed(1)
     second = Shifting(spikes=(1, 2), lr=0.05)  # early trouble: a plain retry from its own initial weights
     initial = [p.detach().clone() for p in second.parameters()]
@@ -426,6 +430,19 @@ def test_a_copy_of_a_fitted_guard_starts_afresh_on_another_model(how: str) -> No
     assert [clean for _, clean in watch.restarts] == [True]  # back at the second model's initial weights
     assert all(torch.equal(a, b) for a, b in zip(watch.initial, initial)) and carried.summary()["rolled_back"] == 1
     assert carried.regularizers[0].param_names == ["net.0.weight", "net.2.weight"]  # bound to the second model
+
+
+def test_the_weights_a_copy_compares_a_model_by() -> None:
+    from lightning_gradguard.callback import _fingerprint, _same_weights
+
+    torch.manual_seed(0)
+    model, other = Regressor(), Regressor()
+    with torch.no_grad():
+        model.net[0].weight[0, 0] = math.nan  # a diverged model is still the same model
+    assert _same_weights(_fingerprint(model), _fingerprint(model))
+    assert not _same_weights(_fingerprint(model), _fingerprint(other))
+    with torch.device("meta"):
+        assert _fingerprint(Regressor()) is None  # nothing to compare: no check
 
 
 def test_a_guard_reused_with_a_new_trainer_writes_histograms_on_its_schedule(tmp_path: Path) -> None:

@@ -182,14 +182,35 @@ class OwnHooks(Regressor):
 def test_module_hooks_that_run_after_the_guard_get_one_note(caplog: pytest.LogCaptureFixture) -> None:
     # The module clips every step to 0.01 where the norms are about 1: GradGuard's logs describe the gradients before
     # that, and said nothing about it.
+    guard, other = GradGuard(), GradGuard()
     notes = []
-    for model in (OwnHooks(), Regressor()):
+    # A second fit of the same guard says nothing again.
+    for model, fit_guard, clip_val in (
+        (OwnHooks(), guard, None),
+        (OwnHooks(), guard, None),
+        (Regressor(), other, None),
+    ):
         caplog.clear()
         with caplog.at_level(logging.INFO):
-            trainer(max_steps=2, max_epochs=-1, callbacks=[GradGuard()]).fit(model, regression_data())
+            trainer(max_steps=2, max_epochs=-1, callbacks=[fit_guard], gradient_clip_val=clip_val).fit(
+                model, regression_data()
+            )
         notes.append([r.getMessage() for r in caplog.records if "run(s) after GradGuard's hook" in r.getMessage()])
-    assert [len(found) for found in notes] == [1, 0]
+    assert [len(found) for found in notes] == [1, 0, 0]
     assert "own `on_before_optimizer_step` and `configure_gradient_clipping` run(s)" in notes[0][0]
+    # With `gradient_clip_val` (taken over here), `on_before_optimizer_step` still runs after GradGuard's clipping.
+
+    class StepHook(Regressor):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:
+            pass
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=2, max_epochs=-1, callbacks=[GradGuard()], gradient_clip_val=1.0).fit(
+            StepHook(), regression_data()
+        )
+    (note,) = [r.getMessage() for r in caplog.records if "run(s) after GradGuard's hook" in r.getMessage()]
+    assert "own `on_before_optimizer_step` run(s)" in note
 
 
 def test_a_second_fit_of_the_same_trainer_still_takes_it_over() -> None:

@@ -450,3 +450,23 @@ def test_orthogonal_is_exact_inside_autocast() -> None:
     assert torch.equal(exact, under)
     for a, b in zip(exact_grads, under_grads):
         assert torch.equal(a, b)
+
+
+class _SelfRegularized(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.reg = L2(1e-2)
+        self.reg.bind(self)
+
+
+def test_a_copy_keeps_its_selection_and_a_pickle_drops_the_weak_reference() -> None:
+    import copy
+    import pickle
+
+    net = _SelfRegularized()
+    twin = copy.deepcopy(net)  # a teacher/student pair, an EMA model: the copy's regularizer selects its own weights
+    twin.reg.penalty().backward()
+    assert twin.lin.weight.grad is not None and net.lin.weight.grad is None
+    unpickled = pickle.loads(pickle.dumps(net))  # a weak reference cannot be pickled
+    assert unpickled.reg.penalty(unpickled).item() == pytest.approx(net.reg.penalty(net).item())
