@@ -1448,9 +1448,9 @@ def _fingerprint(module: pl.LightningModule) -> list[tuple[tuple[int, ...], floa
     with torch.no_grad():
         for p in params:
             wide = torch.float32 if p.device.type == "mps" else torch.float64  # MPS has no float64
-            pair = torch.stack([p.sum(dtype=wide), torch.linalg.vector_norm(p, dtype=wide)]).to(torch.float64)
+            pair = torch.stack([p.sum(dtype=wide), torch.linalg.vector_norm(p, dtype=wide)])
             per_device.setdefault(p.device, []).append(pair)
-    read = {device: iter(torch.stack(pairs).cpu().tolist()) for device, pairs in per_device.items()}
+    read = {device: iter(torch.stack(pairs).cpu().double().tolist()) for device, pairs in per_device.items()}
     return [(tuple(p.shape), *next(read[p.device])) for p in params]
 
 

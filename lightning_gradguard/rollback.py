@@ -303,13 +303,13 @@ class Rollback:
             is the same run, and a bad batch right after the retry is clipped like one before it. A divergence event of
             the loss, or a blow-up (``blowup_factor``), gets the remedy at once. :attr:`retried` says whether the retry
             was used; it is kept with the state.
+            :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy zoo's SGD runs otherwise
+            put the rescue clipper to work for the whole run (+30% and +55% held-out loss on two of them).
         save_copies: keep the copies in :meth:`state_dict` (and so in Lightning checkpoints) while they are held,
             for a resume that restarts from the same weights as the run that was not interrupted. ``False`` keeps
             checkpoints small: a resumed run's weights at its first step become its safe copy, and trouble after the
             resume goes back only to them. The copies of sharded parameters (FSDP2's DTensors) are never saved: each
             rank holds its own shard.
-            :func:`default_rollback` sets it: two bad batches at steps 2 and 3 of the healthy zoo's SGD runs otherwise
-            put the rescue clipper to work for the whole run (+30% and +55% held-out loss on two of them).
 
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
