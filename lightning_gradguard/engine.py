@@ -1619,6 +1619,11 @@ class GuardEngine:
             per_layer = ("exploding", "vanishing")
         device = self._record.device
         problems = []
+        # The flags and events of steps this engine took before the load belong to the run the state replaces (an
+        # engine reloaded in place after a blow-up would otherwise count the blow-up's steps in the restored run).
+        self._free.extend(flags for flags, _, _ in self._pending)
+        self._pending.clear()
+        self._events.clear()
         if per_layer:
             problems.append(
                 "the parameters are grouped into other layers than when the state was saved; the exploding and"

@@ -856,3 +856,46 @@ def test_two_engines_sharing_an_lr_guard_under_one_key_are_refused() -> None:
     GuardEngine(b, lr_guard=guard, key=1).attach(second)  # a key each: fine
     handle.remove()
     GuardEngine(b, lr_guard=guard).attach(torch.optim.SGD(b.parameters(), lr=0.1))  # key 0 free again
+
+
+def test_a_state_loaded_into_an_engine_that_has_been_stepping_continues_as_in_a_fresh_one() -> None:
+    # "The loss blew up: reload the last good checkpoint" into the same objects. The flags of the engine's last
+    # (abandoned) step were still waiting, and the restored run counted them: an LR cut the fresh engine never took.
+    def build() -> tuple[nn.Module, torch.optim.Optimizer, GuardEngine]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        engine = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
+        engine.attach(opt)
+        return model, opt, engine
+
+    def train(run: tuple[nn.Module, torch.optim.Optimizer, GuardEngine], steps: range, spikes: set[int]) -> None:
+        model, opt, engine = run
+        for s in steps:
+            x = torch.randn(16, 8, generator=torch.Generator().manual_seed(s))
+            opt.zero_grad()
+            loss = (model(x) - x[:, :4].sum(1, keepdim=True)).square().mean() * (1e4 if s in spikes else 1.0)
+            loss.backward()
+            engine.step(optimizer=opt, loss=loss)
+            opt.step()
+
+    def load(run: tuple[nn.Module, torch.optim.Optimizer, GuardEngine], saved: dict[str, Any]) -> None:
+        model, opt, engine = run
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        engine.load_state_dict(saved["guard"])
+        engine.lr_guard.load_state_dict(saved["lr_guard"])
+
+    live = build()
+    train(live, range(1, 41), set())
+    model, opt, engine = live
+    state = {"guard": engine.state_dict(), "lr_guard": engine.lr_guard.state_dict()}
+    saved = copy.deepcopy({**state, "model": model.state_dict(), "opt": opt.state_dict()})
+    train(live, range(41, 43), {41, 42})  # two bad batches, then the reload
+    load(live, copy.deepcopy(saved))  # each its own: an optimizer takes the loaded momentum tensors as they are
+    fresh = build()
+    load(fresh, copy.deepcopy(saved))
+    for run in (live, fresh):
+        train(run, range(43, 81), {50})
+    assert live[2].summary() == fresh[2].summary() and live[2].summary()["lr_reduced"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(live[0].parameters(), fresh[0].parameters()))
