@@ -1624,6 +1624,7 @@ class GuardEngine:
         self._free.extend(flags for flags, _, _ in self._pending)
         self._pending.clear()
         self._events.clear()
+        self.start_window()  # and the logging window they were recorded in
         if per_layer:
             problems.append(
                 "the parameters are grouped into other layers than when the state was saved; the exploding and"
