@@ -1167,8 +1167,7 @@ class GuardEngine:
         self._load_statistics(saved)
         if before is not None:
             self.lr_guard.rewind(before, self.key, cut=cut)
-        self._free.extend(flags for flags, _, _ in self._pending)
-        self._pending.clear()  # the flags of the abandoned trajectory
+        self._drop_pending()  # the flags of the abandoned trajectory
         self._drop_grads()  # computed on the abandoned weights: the optimizer step leaves everything as restored
         self.host_counts["rolled_back"] += 1
         if rollback.pin_lr:
@@ -1176,6 +1175,11 @@ class GuardEngine:
         self.skipped = True
         self.steps += 1
         return True
+
+    def _drop_pending(self) -> None:
+        """Forget the flags of the steps not acted on yet (their buffers go back for reuse)."""
+        self._free.extend(flags for flags, _, _ in self._pending)
+        self._pending.clear()
 
     def _drop_grads(self) -> None:
         """Drop every gradient the optimizer would step with, those of parameters outside the index included: torch
@@ -1621,8 +1625,7 @@ class GuardEngine:
         problems = []
         # The flags and events of steps this engine took before the load belong to the run the state replaces (an
         # engine reloaded in place after a blow-up would otherwise count the blow-up's steps in the restored run).
-        self._free.extend(flags for flags, _, _ in self._pending)
-        self._pending.clear()
+        self._drop_pending()
         self._events.clear()
         self.start_window()  # and the logging window they were recorded in
         if per_layer:
