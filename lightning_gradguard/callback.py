@@ -468,10 +468,6 @@ class GradGuard(CallbackBase):
             self._start_over("a copy of a guard, given a model whose weights differ from those it was copied with")
         self._fitted_model = weakref.ref(pl_module)
         self._copied_from = self._carried_state = None
-        if self._board_trainer is not None and self._board_trainer() is not trainer:
-            # Another Trainer counts its steps from its own start: the histogram schedule with them (a new board
-            # draws its pictures at its first log too).
-            self._last_hist_count = 0
         # By class, so that subclasses are caught too; the name test covers integrations outside Lightning.
         strategy = type(trainer.strategy).__name__
         if isinstance(trainer.strategy, lightning_types("strategies.DeepSpeedStrategy")) or "DeepSpeed" in strategy:
@@ -541,6 +537,9 @@ class GradGuard(CallbackBase):
         restore_clipping(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The histogram schedule goes on from this fit's step count (restored by now): another Trainer counts from its
+        # own start, a resumed one from its checkpoint (whose histogram at that step was written before it).
+        self._last_hist_count = _lightning_step(trainer)
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)

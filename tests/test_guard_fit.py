@@ -459,6 +459,28 @@ def test_a_guard_reused_with_a_new_trainer_writes_histograms_on_its_schedule(tmp
     assert steps[0] == steps[1] == [4, 9]  # the second Trainer counts its steps from 0 again
 
 
+def test_a_resumed_run_writes_histograms_on_the_schedule_it_saved_with(tmp_path: Path) -> None:
+    def fit(run: str, max_steps: int, ckpt_path: str | None = None) -> list[int]:
+        logger = TensorBoardLogger(tmp_path / run, name="", version="")
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
+        guard = GradGuard(histogram_every_n_steps=5)
+        callbacks = [guard, saver]
+        torch.manual_seed(0)
+        _quiet_fit(
+            trainer(
+                max_steps=max_steps, callbacks=callbacks, logger=logger, log_every_n_steps=1, enable_checkpointing=True
+            ),
+            Regressor(),
+            regression_data(),
+            ckpt_path=ckpt_path,
+        )
+        return [event.step for event in load_events(tmp_path / run).Histograms("gradguard/grad_hist/net.0")]
+
+    assert fit("a", 12) == [4, 9]
+    # A new guard and Trainer from the checkpoint at step 7: the next multiple, not the first log after the resume.
+    assert fit("b", 12, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=7.ckpt")) == [9]
+
+
 def test_logged_lr_is_the_rate_each_logged_step_ran_with() -> None:
     # Lightning steps a per-step scheduler before the batch's log is written, and the LR guard's multiplier moves on
     # after a cut: read then, `gradguard/lr` was the next step's rate (2x off after a StepLR halving).
