@@ -547,8 +547,9 @@ class GradGuard(CallbackBase):
             self._start_rates[key] = [group.get("lr") for group in optimizer.param_groups]
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
-                    f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has lr=None in every"
-                    " param group: it sizes its own steps (e.g. Adafactor(relative_step=True)), so the LR guard and"
+                    f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has no lr in any param"
+                    " group (lr=None, or no 'lr' key): it sizes its own steps (e.g. Adafactor(relative_step=True)) or"
+                    " names its rate otherwise, so the LR guard and"
                     " the rollback (a restart goes with a lower rate) are off for it. Clipping, skipping and the"
                     " detectors still act; give it an explicit lr for the LR guard."
                 )
@@ -996,7 +997,7 @@ class GradGuard(CallbackBase):
         rate, advice = "", "start at or below that rate"
         if key < len(trainer.optimizers):
             groups = trainer.optimizers[key].param_groups
-            scheduled = {float(group["lr"]) for group in groups if group["lr"] is not None}
+            scheduled = {float(group["lr"]) for group in groups if group.get("lr") is not None}
             if len(scheduled) == 1:
                 (lr,) = scheduled
                 rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
@@ -1004,7 +1005,7 @@ class GradGuard(CallbackBase):
             # the last rate no advice for a start: scale the schedule instead, named by its peak or base rate.
             kind, bases = self._schedule_bases(trainer, key)
             moved = any(
-                base is not None and group["lr"] is not None and not math.isclose(base, float(group["lr"]))
+                base is not None and group.get("lr") is not None and not math.isclose(base, float(group["lr"]))
                 for base, group in zip(bases, groups)
             )
             if moved:
@@ -1331,8 +1332,9 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
 
 
 def _sizes_own_steps(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every param group has ``lr=None`` (``Adafactor(lr=None, relative_step=True)``): no rate to scale."""
-    return all(group.get("lr", 0.0) is None for group in optimizer.param_groups)
+    """Whether no param group has a rate to scale: ``lr=None`` (``Adafactor(lr=None, relative_step=True)``), or no
+    ``lr`` key at all (a custom optimizer that names its step size otherwise)."""
+    return all(group.get("lr") is None for group in optimizer.param_groups)
 
 
 def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:

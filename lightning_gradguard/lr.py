@@ -415,8 +415,10 @@ class LRGuard:
             return
         swaps = []
         for group in optimizer.param_groups:
-            scheduled = group["lr"]
-            if scheduled is None:  # the optimizer sizes its own steps (Adafactor(lr=None)): nothing to scale
+            scheduled = group.get("lr")
+            # The optimizer sizes its own steps (Adafactor(lr=None)) or has no rate (a custom one's "step_size"):
+            # nothing to scale.
+            if scheduled is None:
                 swaps.append(_Swap(None, None, None))
                 continue
             applied = scheduled * m
@@ -434,8 +436,8 @@ class LRGuard:
         if swaps is None:
             return
         for group, swap in zip(optimizer.param_groups, swaps):
-            current = group["lr"]
-            if current is not swap.applied:
+            current = group.get("lr")
+            if swap.applied is None or current is not swap.applied:
                 continue
             # A tensor lr that a scheduler filled in place since apply: keep what it wrote.
             tensors = isinstance(current, Tensor) and isinstance(swap.scheduled, Tensor)
@@ -484,9 +486,10 @@ class LRGuard:
             )
         if any(group.get("lr") is None for group in optimizer.param_groups):
             warnings.warn(
-                f"LRGuard: {type(optimizer).__name__} has param groups with lr=None: it sizes its own steps (e.g."
-                " Adafactor(relative_step=True)), so the LR guard cannot lower their rate. Clipping, skipping and"
-                " rollback still act; give the optimizer an explicit lr for the LR guard to act on it.",
+                f"LRGuard: {type(optimizer).__name__} has param groups with lr=None or no 'lr' at all: it sizes its own"
+                " steps (e.g. Adafactor(relative_step=True)) or names its rate otherwise, so the LR guard cannot lower"
+                " their rate. Clipping, skipping and rollback still act; give the optimizer an explicit lr for the LR"
+                " guard to act on it.",
                 UserWarning,
                 stacklevel=2,
             )

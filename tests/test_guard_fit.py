@@ -894,10 +894,11 @@ def test_non_finite_steps_do_not_decay_the_adaptive_strength(tmp_path: Path) -> 
 class SelfSizedSteps(torch.optim.Optimizer):
     """An optimizer that sizes its own steps and keeps ``lr=None`` in its param groups, as
     ``Adafactor(lr=None, relative_step=True)`` of transformers: every step moves each entry by 1e-3 against the
-    sign of its gradient."""
+    sign of its gradient. With ``named=True`` its groups have no ``lr`` key at all: a custom optimizer naming its rate
+    otherwise (``step_size``)."""
 
-    def __init__(self, params: Any) -> None:
-        super().__init__(params, {"lr": None})
+    def __init__(self, params: Any, named: bool = False) -> None:
+        super().__init__(params, {"step_size": 1e-3} if named else {"lr": None})
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -910,18 +911,25 @@ class SelfSizedSteps(torch.optim.Optimizer):
 
 
 class SelfSized(Shifting):
+    def __init__(self, named: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.named = named
+
     def configure_optimizers(self) -> Any:
-        return SelfSizedSteps(self.parameters())
+        return SelfSizedSteps(self.parameters(), named=self.named)
 
 
-def test_an_optimizer_without_a_learning_rate_gets_no_lr_guard(recwarn: pytest.WarningsRecorder) -> None:
-    # The LR guard multiplied `None` on its first cut (TypeError), and logging read `float(None)`.
+@pytest.mark.parametrize("named", [False, True], ids=["lr=None", "no lr key"])
+def test_an_optimizer_without_a_learning_rate_gets_no_lr_guard(named: bool, recwarn: pytest.WarningsRecorder) -> None:
+    # The LR guard multiplied `None` on its first cut (TypeError), and logging read `float(None)`; an optimizer
+    # with no "lr" key died of a KeyError at the first cut.
     torch.manual_seed(0)
     guard = GradGuard(log_every_n_steps=5)
-    model = SelfSized(spikes=(30, 33), spike=1e4)  # two jumps within the LR guard's cooldown: a cut if it had one
+    # Two jumps within the LR guard's cooldown: a cut if it had one.
+    model = SelfSized(named=named, spikes=(30, 33), spike=1e4)
     trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
     messages = [str(w.message) for w in recwarn.list]
-    assert any("lr=None in every param group" in m and "LR guard and the rollback" in m for m in messages)
+    assert any("has no lr in any param group" in m and "LR guard and the rollback" in m for m in messages)
     exploding = [m for m in messages if "exploding gradients" in m]
     assert exploding and all(m.endswith("guarded by: ZClip clipping.") for m in exploding)  # no LR guard claimed
     counts = guard.summary()

@@ -221,18 +221,24 @@ def test_apply_restore_several_groups_and_idempotent():
     assert _lrs(opt) == [0.1, 0.01]
 
 
-def test_a_group_without_lr_is_left_alone_and_attach_says_so():
-    # Adafactor(lr=None, relative_step=True) sizes its own steps: `None * m` crashed the first scaled step.
+@pytest.mark.parametrize("missing", ["none", "no key"])
+def test_a_group_without_lr_is_left_alone_and_attach_says_so(missing):
+    # Adafactor(lr=None, relative_step=True) sizes its own steps: `None * m` crashed the first scaled step. A custom
+    # optimizer may name its rate otherwise (no "lr" key): a KeyError at the first scaled step.
     _, opt = _model_and_optimizer()
-    opt.param_groups[1]["lr"] = None
+    if missing == "none":
+        opt.param_groups[1]["lr"] = None
+    else:
+        del opt.param_groups[1]["lr"]
     guard = LRGuard(factor=0.5, patience=1)
     with pytest.warns(UserWarning, match=r"lr=None.*cannot lower their rate"):
         handle = guard.attach(opt)
     guard.update(True)
     guard.apply(opt)
-    assert [g["lr"] for g in opt.param_groups] == [0.05, None]
+    assert [g.get("lr") for g in opt.param_groups] == [0.05, None]
     guard.restore(opt)
-    assert [g["lr"] for g in opt.param_groups] == [0.1, None]
+    assert [g.get("lr") for g in opt.param_groups] == [0.1, None]
+    assert ("lr" in opt.param_groups[1]) == (missing == "none")
     handle.remove()
 
 
