@@ -315,7 +315,11 @@ class LRGuard:
         state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
         self._states[key] = state
         # Trouble bad enough to go back for: the rate it came at is remembered at once.
-        return self._explode(state, force=True, remember=True) if cut else False
+        reduced = self._explode(state, force=True, remember=True) if cut else False
+        # The rollback restored the optimizer state of its copy (or cleared it): no velocity of the exploding steps
+        # is left to stop, and zeroing the copy's moments would throw away what the calm steps built.
+        state.reset_due = 0
+        return reduced
 
     def update(self, exploding: bool, key: int = 0, nonfinite: bool = False, diverging: bool = False) -> bool:
         """Advance optimizer ``key`` by one step.

@@ -29,6 +29,7 @@ run: opt-in, for its memory.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -81,7 +82,9 @@ class _Slot:
         self.values: list[Tensor] = []  # their copies
         self.state_keys: list[tuple[int, str]] = []  # (position in ``params``, name) of each optimizer state tensor
         self.state: list[Tensor] = []
-        self.plain: dict[tuple[int, str], Any] = {}  # optimizer state that is not a tensor (ints, floats)
+        # Optimizer state that is not a tensor: ints and floats, or containers (LBFGS's lists of past directions),
+        # copied deeply because the optimizer changes them in place.
+        self.plain: dict[tuple[int, str], Any] = {}
         self.step = -1  # the engine step (1-based) whose gradients were computed on these weights
         self.valid = False
         self.extra: Any = None  # the caller's own state at the copy (the engine's statistics)
@@ -111,7 +114,7 @@ class _Slot:
                     keys.append((i, name))
                     tensors.append(value.detach())
                 else:
-                    plain[(i, name)] = value
+                    plain[(i, name)] = copy.deepcopy(value)
         if keys == self.state_keys and _same_layout(self.state, tensors):
             _copy_(self.state, tensors)
         else:
@@ -146,7 +149,8 @@ class _Slot:
                     sources.append(value if old.dtype == value.dtype else value.to(old.dtype))
                     new[name] = old
                 else:
-                    new[name] = value.clone() if isinstance(value, Tensor) else value
+                    # The slot's own values stay as they were copied: the same copy may be restored again.
+                    new[name] = value.clone() if isinstance(value, Tensor) else copy.deepcopy(value)
             optimizer.state[p] = new
         _copy_(targets, sources)
 
@@ -190,15 +194,26 @@ class _Slot:
             t.to(bound[i].device if t.dim() > 0 else t.device, copy=True)
             for (i, _), t in zip(self.state_keys, saved["state"])
         ]
-        self.plain = {(int(i), str(name)): value for i, name, value in saved["plain"]}
+        self.plain = {(int(i), str(name)): copy.deepcopy(value) for i, name, value in saved["plain"]}
         self.step = int(saved["step"])
         self.extra = saved["extra"]
         self.valid = True
         return True
 
 
+def _tensor_nbytes(value: Any) -> int:
+    """The memory of the tensors in ``value``: a tensor, or a list, tuple or dict of them (LBFGS's history)."""
+    if isinstance(value, Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_nbytes(v) for v in value)
+    if isinstance(value, dict):
+        return sum(_tensor_nbytes(v) for v in value.values())
+    return 0
+
+
 def _slot_nbytes(slot: _Slot) -> int:
-    return sum(t.numel() * t.element_size() for t in (*slot.values, *slot.state))
+    return _tensor_nbytes([slot.values, slot.state, list(slot.plain.values())])
 
 
 def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> int:
@@ -206,9 +221,7 @@ def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> in
     total = sum(p.numel() * p.element_size() for p in params)
     if optimizer is not None:
         for p in params:
-            for value in (optimizer.state.get(p) or {}).values():
-                if isinstance(value, Tensor):
-                    total += value.numel() * value.element_size()
+            total += _tensor_nbytes(optimizer.state.get(p) or {})
     return total
 
 

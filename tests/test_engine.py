@@ -311,6 +311,66 @@ def test_a_rollback_restores_the_state_of_a_wrapped_optimizer() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _state_of(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[dict[str, Any]]:
+    return [copy.deepcopy(optimizer.state.get(p, {})) for p in model.parameters()]
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "lbfgs"])
+def test_after_a_rollback_the_optimizer_state_is_the_copys(name: str) -> None:
+    # The LR guard's cut zeroed the restored moments before the next step (momentum reset), and LBFGS's history
+    # (Python lists the optimizer appends to) was the abandoned run's: the copy had kept references to the lists.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = {
+        "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+        "lbfgs": lambda p: torch.optim.LBFGS(p, lr=0.1, max_iter=3, history_size=4),
+    }[name](model.parameters())
+    engine = GuardEngine(model, lr_guard=LRGuard(cooldown=3), rollback=Rollback(every=5))
+    engine.attach(optimizer)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    states: dict[int, list[dict[str, Any]]] = {}
+    rolled_back_at = None
+    for step in range(1, 31):
+        spike = {23: 1e2, 24: 1e4}.get(step, 1.0)
+        first = True
+
+        def closure() -> torch.Tensor:
+            nonlocal first
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y) * spike
+            loss.backward()
+            if first:  # the engine judges the step's gradients once; LBFGS's re-evaluations only regularize
+                first = False
+                engine.step(optimizer=optimizer, loss=loss)
+            return loss
+
+        if name == "lbfgs":
+            optimizer.step(closure)
+        else:
+            closure()
+            optimizer.step()
+        if engine.rolled_back:
+            rolled_back_at = step
+            after_rollback = _state_of(optimizer, model)
+        states[step] = _state_of(optimizer, model)
+    assert rolled_back_at is not None and engine.summary()["rolled_back"] == 1
+    # The copy taken after step 14 was trusted after the calm stretch up to step 20 (`every=5`).
+    assert name != "lbfgs" or len(states[14][0]["old_dirs"]) == 4  # a full history to restore
+    assert _same_state(after_rollback, states[14])
+    assert not _same_state(states[rolled_back_at - 1], states[14])
+
+
 class ScalingOptimizer(WrappedOptimizer):
     """``WrappedOptimizer`` with accelerate's fp16 step: through its own ``GradScaler``, which unscales (unless that
     was done already), skips a step with inf/NaN gradients and backs the scale off."""
