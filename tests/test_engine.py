@@ -345,7 +345,7 @@ def test_after_a_rollback_the_optimizer_state_is_the_copys(name: str) -> None:
         spike = {23: 1e2, 24: 1e4}.get(step, 1.0)
         first = True
 
-        def closure() -> torch.Tensor:
+        def closure(spike: float = spike) -> torch.Tensor:
             nonlocal first
             optimizer.zero_grad()
             loss = nn.functional.mse_loss(model(x), y) * spike
