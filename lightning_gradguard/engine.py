@@ -1672,10 +1672,16 @@ class GuardEngine:
         self._load_statistics({name: _to_device(state, self._record.device) for name, state in self._fresh.items()})
 
     def carry_over(self, old: GuardEngine) -> None:
-        """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed)."""
+        """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed), and its
+        rollback's decisions: a run rescued by the rescue clipper stays rescued, a used retry stays used. The copies
+        are of the old parameters: the next step takes new ones."""
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps
+        if self.rollback is not None and old.rollback is not None:
+            decisions = old.rollback.state_dict()
+            decisions.pop("copies", None)
+            self.rollback.load_state_dict(decisions)
 
     def summary(self) -> dict[str, int]:
         """Cumulative count of each event kind (reads the device counters: a host sync): steps, except

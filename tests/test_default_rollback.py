@@ -555,6 +555,31 @@ def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
     assert max(plain[s] for s in range(10, 81)) > 0.02
 
 
+class AddGroup(L.Callback):
+    """At step ``at`` (counted from 1), gives the optimizer a new param group (a fine-tuning schedule's unfreeze)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step + 1 == self.at:
+            pl_module.gate = nn.Parameter(torch.ones(()))  # a new module's parameter: the guard rebuilds its engine
+            trainer.optimizers[0].add_param_group({"params": [pl_module.gate], "lr": 1e-3})
+
+
+def test_a_param_group_added_after_the_rescue_keeps_it_at_work() -> None:
+    # The engine rebuilt for the new group took a fresh rollback: the rescue clipper stopped, the used retry was
+    # available again (the unfrozen run blew up to 1e11 and was restarted 5 more times, where it was rescued).
+    ratios = UnitRatios()
+    guard, _, restarts = _fit(_BACK, extra=[ratios, AddGroup(at=30)])
+    assert restarts == [4, 9] and guard.rescuing() and guard.summary()["rolled_back"] == 2
+    rollback = guard._states[0].rollback
+    assert rollback is not None and rollback.retried and rollback.count == 2
+    assert "gate" in guard._states[0].index.param_names  # the rebuilt engine, which watches the new group too
+    after = [ratios.ratios[s] for s in range(30, 81)]
+    assert max(after) <= 0.01 * (1 + 1e-4) and sum(r > 0.0099 for r in after) >= 5
+
+
 def test_in_a_trainer_a_blow_up_gets_the_rescue_and_one_cut() -> None:
     # Spikes of 10^8 (the 10^4 ones above keep the rate): the same restart, the rescue clipper at work, one cut.
     ratios = UnitRatios()
