@@ -270,6 +270,7 @@ class GradGuard(CallbackBase):
         self._loaded: dict[str, Any] | None = None
         self._next_log_step = 0
         self._log_step_restored = False  # _next_log_step came from a checkpoint (see on_train_start)
+        self._evaluating = False  # inside validate/test/predict: a checkpoint loaded there is not the training's
         self._model_index: LayerIndex | None = None
         self._unbound: list[Regularizer] = []  # regularizers not yet bound to this fit's module (lazy modules)
         self._board: Any = None
@@ -368,6 +369,10 @@ class GradGuard(CallbackBase):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._evaluating:
+            # Lightning restores every callback's state in `validate/test/predict(ckpt_path=...)` too: taken, it would
+            # rewind this guard's counts and rate to the checkpoint's after a fit, or hand them to the next fresh fit.
+            return
         if state_dict.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard state version {state_dict.get('version')!r}")
         self._loaded = {"optimizers": dict(state_dict.get("optimizers", {}))}
@@ -402,6 +407,8 @@ class GradGuard(CallbackBase):
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
+        if self._evaluating:
+            return  # see load_state_dict
         key = self.state_key
         saved = checkpoint.get("callbacks") or {}
         if key not in saved:
@@ -452,6 +459,7 @@ class GradGuard(CallbackBase):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._evaluating = stage != "fit"
         if stage != "fit":
             return
         others = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradGuard) and c is not self]
@@ -534,6 +542,7 @@ class GradGuard(CallbackBase):
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._evaluating = False
         restore_clipping(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -954,9 +963,12 @@ class GradGuard(CallbackBase):
                 every = self._log_every(trainer)
                 self._next_log_step = (count // every + 1) * every
 
+    def _last_step(self, trainer: pl.Trainer) -> int:
+        """The latest optimizer step, as Lightning numbers it: the row the steps since the last log end with."""
+        return self._last_stamp if self._last_stamp is not None else max(_lightning_step(trainer) - 1, 0)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The steps since the last log end with the latest optimizer step: its row, as Lightning numbers it.
-        last = self._last_stamp if self._last_stamp is not None else max(_lightning_step(trainer) - 1, 0)
+        last = self._last_step(trainer)
         if any(e.steps_since_log for e in self._states.values()):
             self._flush(trainer, pl_module, last, prog_bar=False)
         if self._board is not None and trainer.is_global_zero:
@@ -1055,6 +1067,18 @@ class GradGuard(CallbackBase):
         # A fit stopped by an error (e.g. on_exploding="raise") never reaches on_train_end: without this the LR hooks
         # would stay on the dead optimizer and keep the next fit's optimizer from getting its own. Nor teardown: the
         # Trainer would keep the gradient_clip_val it lent the guard as None, and a later fit without it would not clip.
+        self._evaluating = False
+        # The steps since the last log are the ones that led up to the error: written (and warned about) now, not
+        # left for the next fit of this guard to report as its own. One process only: the write gathers
+        # diagnostics over ranks, and the others may not have stopped.
+        pending = any(e.steps_since_log for e in self._states.values())
+        if pending and trainer.world_size == 1:
+            try:
+                self._flush(trainer, pl_module, self._last_step(trainer), prog_bar=False)
+            except Exception as error:  # never in the way of the error that stopped the run
+                rank_zero_warn(f"GradGuard: the steps since the last log could not be written ({error!r}).")
+        for engine in self._states.values():
+            engine.start_window()
         self._release_hooks()
         restore_clipping(trainer)
 

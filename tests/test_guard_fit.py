@@ -351,7 +351,8 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     assert [s for s, _ in new["gradguard/total_norm"]] == logged
     assert [s for s, _ in new["gradguard/saturation/net.1"]] == logged
     assert [s for s, _ in new["gradguard/layer/net.0"]] == logged
-    assert [s for s, _ in scalar_series(tmp_path / "a")["gradguard/layer/net.0"]] == logged
+    # The stopped run's directory: its own logs, then the steps up to the error, written when it stopped.
+    assert [s for s, _ in scalar_series(tmp_path / "a")["gradguard/layer/net.0"]] == [*logged, 10]
     # It measures the new optimizer's gradients, not the stopped run's.
     assert dict(new["gradguard/total_norm"])[logged[-1]] == pytest.approx(norms.norms[-1], rel=1e-5)
 
@@ -479,6 +480,87 @@ def test_a_resumed_run_writes_histograms_on_the_schedule_it_saved_with(tmp_path:
     assert fit("a", 12) == [4, 9]
     # A new guard and Trainer from the checkpoint at step 7: the next multiple, not the first log after the resume.
     assert fit("b", 12, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=7.ckpt")) == [9]
+
+
+class CrashesAt(Shifting):
+    """``Shifting`` whose ``training_step`` raises at optimizer step ``crash`` (counted from 0, as ``global_step``)."""
+
+    def __init__(self, crash: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.crash = crash
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.crash:
+            raise RuntimeError("a bad record")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_stopped_by_an_error_writes_its_last_steps_and_the_next_fit_does_not_report_them(
+    tmp_path: Path,
+) -> None:
+    # The steps since the last log were neither written nor warned about, and the same guard's next fit reported
+    # them as its own: a warning and a trouble point at the old step, the old maximum in its first row.
+    torch.manual_seed(0)
+    guard, model = GradGuard(), CrashesAt(crash=23, spikes=(22,), lr=0.01)
+    run = dict(max_epochs=-1, max_steps=40, callbacks=[guard], log_every_n_steps=5)
+    with pytest.raises(RuntimeError, match="a bad record"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(logger=TensorBoardLogger(tmp_path / "a", name="", version=""), **run).fit(model, regression_data())
+    assert any("exploding gradients" in str(w.message) and "at step 22" in str(w.message) for w in caught)
+    first = load_events(tmp_path / "a")
+    assert [e.step for e in first.Scalars("gradguard/trouble/exploding/net.0")] == [22]
+    assert [e.step for e in first.Scalars("gradguard/total_norm_max")][-1] == 22
+
+    model.crash, model.spikes = None, ()
+    messages = _quiet_fit(
+        trainer(logger=TensorBoardLogger(tmp_path / "b", name="", version=""), **run), model, regression_data()
+    )
+    assert not any("exploding" in m for m in messages)
+    second = load_events(tmp_path / "b")
+    assert "gradguard/trouble/exploding/net.0" not in second.Tags()["scalars"]
+    assert max(e.value for e in second.Scalars("gradguard/total_norm_max")) < 100
+    assert guard.summary()["exploding"] == 1  # the counts go on
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_evaluating_a_checkpoint_leaves_the_guards_training_state_alone(stage: str, tmp_path: Path) -> None:
+    # Lightning restores callback states in validate/test/predict(ckpt_path=...) too: GradGuard took them, so
+    # evaluating an early checkpoint after a fit rewound its counts and rate, and evaluating one before a fresh fit
+    # started that fit at the checkpoint's lowered rate and step count.
+    torch.manual_seed(0)
+
+    class Evaluated(Shifting):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self.log("val_loss", nn.functional.mse_loss(self(batch[0]), batch[1]))
+
+        def test_step(self, batch: Any, batch_idx: int) -> None:
+            self.validation_step(batch, batch_idx)
+
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self(batch[0])
+
+    guard = GradGuard()
+    model = Evaluated(spikes=(20, 24), lr=0.01)
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+    fitted = trainer(max_epochs=-1, max_steps=30, callbacks=[guard, saver], enable_checkpointing=True)
+    _quiet_fit(fitted, model, regression_data())
+    early = str(tmp_path / "epoch=0-step=10.ckpt")  # saved before either spike
+    assert guard.summary()["lr_reduced"] == 1 and guard.lr_guard is not None
+    before = (guard.summary(), guard.lr_guard.scale(), guard._states[0].steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        getattr(fitted, stage)(model, regression_data(n=64), ckpt_path=early)
+    assert (guard.summary(), guard.lr_guard.scale(), guard._states[0].steps) == before
+
+    fresh = GradGuard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        getattr(trainer(callbacks=[fresh]), stage)(
+            Evaluated(), regression_data(n=64), ckpt_path=str(next(tmp_path.glob("*step=30.ckpt")))
+        )
+    _quiet_fit(trainer(max_steps=12, callbacks=[fresh]), Evaluated(lr=0.01), regression_data())
+    assert fresh.lr_guard is not None and fresh.lr_guard.scale() == 1.0
+    assert fresh._states[0].steps == 12 and fresh.summary()["exploding"] == 0
 
 
 def test_logged_lr_is_the_rate_each_logged_step_ran_with() -> None:
