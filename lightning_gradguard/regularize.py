@@ -74,7 +74,9 @@ class Regularizer(abc.ABC):
     * ``module_types`` is ``None`` and the owner is not a normalization layer (BatchNorm, SyncBatchNorm,
       InstanceNorm, LayerNorm, GroupNorm, RMSNorm), or the owner is an instance of one of ``module_types``;
     * ``include_bias`` is true, or the parameter is not bias-like. Bias-like means: fewer than two dimensions
-      (biases, normalization gains, scalars) or an own name ending in ``"bias"``;
+      (biases, normalization gains, scalars) or an own name that ends or begins with ``"bias"`` (``in_proj_bias``,
+      and ``MultiheadAttention``'s ``bias_k``/``bias_v``, which are ``[1, 1, E]``);
+    * the parameter holds at least one entry (a rank-0 adapter, ``nn.Linear(d, 0)``: nothing to regularize);
     * the subclass accepts it (:class:`Orthogonal` needs matrices, see there).
 
     Shared parameters are considered once, under the module that defines them first. A selected parameter that is
@@ -230,8 +232,11 @@ class Regularizer(abc.ABC):
         elif isinstance(owner, _NORM_TYPES):
             return False
         # weight_norm's magnitude g has the weight's role whatever its shape (0-d with dim=None).
-        bias_like = param_name.endswith("bias") or (param.ndim < 2 and kind != WEIGHT_NORM_G)
+        bias_like = param_name.endswith("bias") or param_name.startswith("bias")
+        bias_like = bias_like or (param.ndim < 2 and kind != WEIGHT_NORM_G)
         if not self.include_bias and bias_like:
+            return False
+        if param.numel() == 0:
             return False
         return self._accepts(owner, param_name, param)
 

@@ -312,6 +312,21 @@ def test_default_selection_skips_biases_and_norms():
 
 
 @pytest.mark.parametrize("reg_class", [L1, L2, Orthogonal])
+def test_attention_bias_k_v_and_empty_parameters_are_not_weights(reg_class: type) -> None:
+    # MultiheadAttention's bias_k/bias_v ([1, 1, E]) were selected as weights (Orthogonal pulled each towards unit
+    # norm), and Orthogonal divided by zero on an empty matrix (a rank-0 adapter) at its first penalty.
+    net = nn.Module()
+    net.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+    net.adapter = nn.Parameter(torch.zeros(0, 8))
+    net.head = nn.Linear(8, 0)
+    reg = reg_class(1e-3)
+    assert reg.bind(net) == ["attn.in_proj_weight", "attn.out_proj.weight"]
+    torch.testing.assert_close(reg.penalty(), reg_class(1e-3, modules=r"weight$").penalty(net))
+    with_bias = L2(1e-3, include_bias=True).bind(net)
+    assert {"attn.bias_k", "attn.bias_v"} <= set(with_bias) and "adapter" not in with_bias
+
+
+@pytest.mark.parametrize("reg_class", [L1, L2, Orthogonal])
 def test_frozen_parameters_are_left_alone_while_frozen(reg_class: type) -> None:
     """A backbone frozen at the start and unfrozen mid-run is regularized from then on; one frozen mid-run is no
     longer pulled (its optimizer would move it by the term alone)."""
