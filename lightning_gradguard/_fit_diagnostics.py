@@ -343,9 +343,14 @@ class FitDiagnostics:
                         layer_scalars[f"{prefix}zero_fraction/{name}"] = float(value)
         act = values.get("act")
         if act is not None and self.act is not None:
-            for name, value in zip(self.act.names, act):
-                if math.isfinite(value):
-                    layer_scalars[f"gradguard/act_grad/{name}"] = float(value)
+            # In forward order (the order the outputs were computed), which `gradguard report` reads as input to
+            # output: a module owning a parameter of its own (a temperature, a LayerScale gain) is defined before its
+            # children but computes its output after them.
+            seen = self.act.last_order
+            unseen = set(range(len(self.act.names))) - set(seen)
+            for i in [*seen, *sorted(unseen)]:
+                if math.isfinite(act[i]):
+                    layer_scalars[f"gradguard/act_grad/{self.act.names[i]}"] = float(act[i])
         noise = values.get("noise")
         if noise is not None and self.noise is not None:
             small, big = float(noise[0]), float(noise[1])

@@ -423,8 +423,9 @@ def zero_fraction_summary(run: RunData) -> dict[str, Any] | None:
 
 
 def act_grad_summary(run: RunData) -> dict[str, Any] | None:
-    """The activation-gradient flow through depth at the last logged step: the input-side (first in definition
-    order) and output-side (last) layer with their norms, the change between them in decades (``log10`` of input-side
+    """The activation-gradient flow through depth at the last logged step: the input-side (first in the order
+    GradGuard wrote them: forward order, the order the layers' outputs were computed) and output-side (last) layer
+    with their norms, the change between them in decades (``log10`` of input-side
     over output-side: negative = the signal shrinks towards the input; ``None`` when either is exactly 0), the smallest
     layer, and the layers whose activation gradient is exactly 0 (no gradient reaches them). ``None`` when the run
     logged no activation gradient."""

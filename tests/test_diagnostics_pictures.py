@@ -101,6 +101,40 @@ def test_diagnostics_charts_match_written_tags_within_the_budget(run: Path) -> N
     assert sum(bool(re.match(charts["update/weight ratio"][0], t)) for t in tags) == 4
 
 
+class Tempered(nn.Module):
+    """Three layers, then a learnable temperature that the module owns itself: defined before its children, its
+    output (the model's) computed after theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x))))) / self.temperature
+
+
+def test_the_report_reads_the_flow_from_input_to_output_in_forward_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The report took definition order for depth: the model's output (`net`, which owns the temperature) was its
+    # "input side".
+    torch.manual_seed(0)
+    guard = GradGuard(diagnostics=["act_grad"], log_every_n_steps=2)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=4, callbacks=[guard], logger=logger).fit(Regressor(net=Tempered()), regression_data())
+    assert guard.layer_names() == ["net", "net.fc1", "net.fc2", "net.fc3"]  # definition order
+    assert gradguard(["report", str(tmp_path), "--json"]) == 0
+    (summary,) = json.loads(capsys.readouterr().out)["runs"].values()
+    act = summary["act_grad"]
+    assert act["input_side"]["layer"] == "net.fc1" and act["output_side"]["layer"] == "net"
+    scalars = _scalars(load_events(tmp_path))
+    first, last = (scalars[f"gradguard/act_grad/{name}"][act["step"]] for name in ("net.fc1", "net"))
+    assert act["decades"] == pytest.approx(np.log10(first / last), rel=1e-5)
+
+
 def test_batch_size_is_recorded_and_the_report_sets_it_against_the_noise_scale(
     run: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
