@@ -289,6 +289,8 @@ class GradGuard(CallbackBase):
         self._last_hist_count = 0
         self._last_image_count: int | None = None
         self._batch_stepped = False  # an optimizer step ran in the current batch (Lightning logs only then)
+        self._fit_batches = 0  # training batches of this fit, for the "no optimizer step seen" warning
+        self._warned_unguarded = False
         self._last_stamp: int | None = None  # Lightning's step of the latest optimizer step
         self._last_saturation: dict[str, float] = {}
         self._diag = FitDiagnostics()
@@ -535,6 +537,7 @@ class GradGuard(CallbackBase):
         if self._next_log_step == 0:
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
+        self._fit_batches, self._warned_unguarded = 0, False
         self._in_step.clear()
         self._losses.clear()  # a loss left over by an earlier fit that ended between backward and step
         self._unowned = None
@@ -953,6 +956,7 @@ class GradGuard(CallbackBase):
     ) -> None:
         for key, engine in self._states.items():
             self._drain(trainer, engine, key)
+        self._fit_batches += 1
         # Lightning's rule (`LoggerConnector.should_update_logs`): log a batch that ran an optimizer step when
         # `batches_that_stepped + 1` reaches a multiple, or when training was asked to stop.
         count = _lightning_step(trainer) + 1
@@ -967,7 +971,22 @@ class GradGuard(CallbackBase):
         """The latest optimizer step, as Lightning numbers it: the row the steps since the last log end with."""
         return self._last_stamp if self._last_stamp is not None else max(_lightning_step(trainer) - 1, 0)
 
+    def _warn_if_unguarded(self) -> None:
+        """Warn (once per fit) when training batches ran and no optimizer step reached this guard."""
+        if self._last_stamp is not None or self._fit_batches == 0 or self._warned_unguarded:
+            return
+        self._warned_unguarded = True
+        rank_zero_warn(
+            f"GradGuard: {self._fit_batches} training batch(es) ran and no optimizer step reached GradGuard, so"
+            " nothing was measured, guarded or logged. Lightning calls `on_before_optimizer_step` only for the"
+            " optimizers of `configure_optimizers`, stepped by Lightning or through `self.optimizers()`: an optimizer"
+            " stepped inside the backward pass (`register_post_accumulate_grad_hook`) or a torch optimizer stepped"
+            " directly in `training_step` is not guarded.",
+            category=UserWarning,
+        )
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_if_unguarded()
         last = self._last_step(trainer)
         if any(e.steps_since_log for e in self._states.values()):
             self._flush(trainer, pl_module, last, prog_bar=False)
@@ -1051,6 +1070,7 @@ class GradGuard(CallbackBase):
         return "base", [float(base) if isinstance(base, (int, float)) else None for base in bases]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_if_unguarded()
         if self._diag.epoch_logged:  # the epoch's last batch was a logging step: the summary went with that log
             self._diag.epoch_logged = False
             return

@@ -975,7 +975,9 @@ class GuardEngine:
                 warnings.warn(
                     "GuardEngine.step() found no gradient on any of its parameters, so nothing was measured. Call it"
                     " after backward() and before optimizer.step(). A framework that keeps the gradients to itself"
-                    " (DeepSpeed) leaves every .grad empty, and its steps cannot be guarded.",
+                    " (DeepSpeed) leaves every .grad empty, and so does an optimizer stepped inside the backward pass"
+                    " (`register_post_accumulate_grad_hook`, which frees each gradient as it is applied): such steps"
+                    " cannot be guarded.",
                     stacklevel=2,
                 )
             return None

@@ -239,3 +239,45 @@ def test_warn_on_nonfinite_warns_once_and_counts_every_applied_step() -> None:
     ]
     assert guard.summary()["nonfinite"] == 15  # the NaN step was applied: every later step is NaN too
     assert guard.summary()["skipped"] == 0
+
+
+class StepsInBackward(Regressor):
+    """Manual optimization whose parameters are stepped inside the backward pass (one SGD per parameter, from
+    ``register_post_accumulate_grad_hook``), as PyTorch's fused-optimizer-in-backward recipe does; with
+    ``in_backward=False`` the module's optimizer is stepped every other batch through Lightning instead."""
+
+    def __init__(self, in_backward: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.in_backward = in_backward
+        if in_backward:
+            self.own = {p: torch.optim.SGD([p], lr=0.05) for p in self.parameters()}
+            for p in self.parameters():
+                p.register_post_accumulate_grad_hook(self._step_now)
+
+    def _step_now(self, p: torch.Tensor) -> None:
+        self.own[p].step()
+        self.own[p].zero_grad()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.manual_backward(nn.functional.mse_loss(self(x), y))
+        if not self.in_backward and batch_idx % 2 == 1:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("in_backward", [True, False])
+def test_a_fit_whose_optimizer_steps_never_reach_the_guard_says_so_once(in_backward: bool) -> None:
+    # Optimizers stepped inside the backward pass never pass through Lightning's hook: GradGuard measured nothing,
+    # logged nothing and said nothing.
+    torch.manual_seed(0)
+    guard = GradGuard()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, callbacks=[guard]).fit(StepsInBackward(in_backward), regression_data())
+    unguarded = [w for w in caught if "no optimizer step reached GradGuard" in str(w.message)]
+    assert len(unguarded) == (1 if in_backward else 0)
+    assert not in_backward or "16 training batch(es)" in str(unguarded[0].message)  # at the first epoch's end
+    assert (guard._states[0].steps if guard._states else 0) == (0 if in_backward else 16)
