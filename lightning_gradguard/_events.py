@@ -44,8 +44,10 @@ class EventReporter:
         self.previous.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
+        """The rows since the last call, in step order (the detectors' come with the log, the guard's actions as
+        they happen)."""
         rows, self.rows = self.rows, []
-        return rows
+        return sorted(rows, key=lambda row: row["step"])
 
     def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
         guard = self.guard
@@ -164,6 +166,9 @@ class EventReporter:
         parts, since an optimizer may go without some of GradGuard's (LBFGS is not clipped, an optimizer with
         ``lr=None`` has no LR guard)."""
         guard = self.guard
+        if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
+            # The run stops at the event: what would answer it later does not matter.
+            return f"{'on_diverging' if diverging else 'on_exploding'}='raise' stops the run"
         actions = []
         if engine.skip_exploding and not diverging:
             # As for clipping, a layer's spike under a calm total is not skipped: say what answers, not that it did.
@@ -184,8 +189,6 @@ class EventReporter:
                 f"the LR guard lowers the rate {when}"
                 + (" (and the rollback, while it is on)" if engine.rollback is not None else "")
             )
-        if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
-            actions.append("raise")
         return ", ".join(actions) or "none"
 
     def _saturation_hint(self, layer: str) -> str:

@@ -852,6 +852,9 @@ class GradGuard(CallbackBase):
             engine.before_drop = None  # holds the scaler and the optimizer: not beyond the step
         if engine.rolled_back:
             restart_weight_averages(trainer)
+            self._table_row(
+                trainer, key, stamp, "rolled_back", "(weights)", math.nan, self._rollback_action(key, engine)
+            )
         if engine.skipped and key in self._reevaluating:
             # Skipped, but the step goes on evaluating: a SAM-style step climbs along this gradient before its second
             # evaluation, and common implementations stack the gradients they find (none: an error). Zeros move
@@ -869,7 +872,35 @@ class GradGuard(CallbackBase):
         for event in engine.drain():
             self._on_event(trainer, engine, key, event)
 
+    def _table_row(
+        self, trainer: pl.Trainer, key: int, step: int, kind: str, layer: str, value: float, action: str
+    ) -> None:
+        """A row of the events table for what the guard did (a cut, a rollback) or found beyond the layers."""
+        if self._may_write_board(trainer):
+            self._reporter.rows.append(
+                {"step": step, "kind": kind, "layer": layer, "value": value, "opt": key, "action": action}
+            )
+
+    def _rollback_action(self, key: int, engine: GuardEngine) -> str:
+        rollback = engine.rollback
+        assert rollback is not None
+        # The copy's step counts the engine's steps, as ``engine.steps`` does (the rolled-back step included).
+        undone = engine.steps - rollback.copy_step
+        action = (
+            "restarted from the initial weights"
+            if rollback.copy_step <= 1
+            else f"back {undone} step{'s' if undone != 1 else ''}, to the last calm copy"
+        )
+        if rollback.rescuing:
+            action += f", {type(rollback.rescue).__name__} clipping from now on"
+        if self.lr_guard is not None:  # the cuts taken on the abandoned weights are undone (LRGuard.rewind)
+            action += f", rate {self.lr_guard.scale(key):.3g}x its schedule"
+        return action
+
     def _on_event(self, trainer: pl.Trainer, engine: GuardEngine, key: int, event: StepEvent) -> None:
+        if event.lr_reduced and self.lr_guard is not None:
+            scale = self.lr_guard.scale(key)
+            self._table_row(trainer, key, event.step, "lr_reduced", "(rate)", scale, f"rate {scale:.3g}x its schedule")
         if event.exploding and self.on_exploding == "raise":
             raise GradientExplosionError(
                 f"GradGuard: exploding gradients at step {event.step} (optimizer {key}); see"
@@ -895,16 +926,7 @@ class GradGuard(CallbackBase):
 
     def _on_diverging(self, trainer: pl.Trainer, engine: GuardEngine, key: int, step: int) -> None:
         action = self._reporter.explode_action(engine, diverging=True)
-        if self._may_write_board(trainer):  # the events table, as for the detectors' per-layer events
-            row = {
-                "step": step,
-                "kind": "diverging",
-                "layer": "(loss)",
-                "value": math.nan,
-                "opt": key,
-                "action": action,
-            }
-            self._reporter.rows.append(row)
+        self._table_row(trainer, key, step, "diverging", "(loss)", math.nan, action)  # as the per-layer events
         if self.on_diverging == "ignore":
             return
         message = f"GradGuard: the training loss diverged at step {step} (optimizer {key})"

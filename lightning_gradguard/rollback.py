@@ -661,6 +661,12 @@ class Rollback:
         return state
 
     @property
+    def copy_step(self) -> int:
+        """The engine step whose gradients were computed on the safe copy's weights (1: the initial weights; -1:
+        no copy). After a rollback, the step the run went back to."""
+        return self._safe.step if self._safe.valid else -1
+
+    @property
     def holds_copy(self) -> bool:
         """Whether a safe copy is held: one taken at a first step, or loaded with a checkpoint."""
         return not self._off and self._safe.valid

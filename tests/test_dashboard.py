@@ -290,3 +290,38 @@ def test_the_report_counts_layers_whose_activation_gradient_is_exactly_zero(
     assert act["decades"] is None and act["smallest"]["norm"] == 0.0
     assert gradguard(["report", str(tmp_path)]) == 0
     assert "1 of 3 layers at exactly 0, no gradient reaches them: net.0" in capsys.readouterr().out
+
+
+class _Spiky(Regressor):
+    """10^4x losses at the given optimizer steps (counted from 0, as ``global_step``)."""
+
+    def __init__(self, spikes: tuple[int, ...]) -> None:
+        super().__init__(lr=0.05)
+        self.spikes = spikes
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if self.global_step in self.spikes else loss
+
+
+def test_the_events_table_shows_the_cuts_and_restarts_in_step_order(tmp_path: Path) -> None:
+    # The table held the detectors' events only, each with a fixed sentence of what would answer it: when the rate
+    # was cut and when the run restarted could not be read from it.
+    torch.manual_seed(0)
+    guard = GradGuard()
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    with pytest.warns(UserWarning):
+        trainer(max_steps=30, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+            _Spiky(spikes=(1, 2, 5, 6)), regression_data()
+        )
+    assert guard.summary()["rolled_back"] == 2 and guard.summary()["lr_reduced"] == 2
+    table = load_events(tmp_path).Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert [int(row[0]) for row in rows] == sorted(int(row[0]) for row in rows)
+    actions = [(row[1], row[4]) for row in rows if row[1] in ("lr_reduced", "rolled_back")]
+    assert actions == [
+        ("lr_reduced", "rate 0.5x its schedule"),
+        ("rolled_back", "restarted from the initial weights, rate 1x its schedule"),  # the plain retry: no cut
+        ("lr_reduced", "rate 0.5x its schedule"),
+        ("rolled_back", "restarted from the initial weights, AGC clipping from now on, rate 1x its schedule"),
+    ]
