@@ -368,7 +368,8 @@ class CifarDataModule(L.LightningDataModule):
             self.synthetic = True
             print(
                 f"SYNTHETIC data: {self.synthetic_train} training and {self.synthetic_test} test images of "
-                "class-coloured stripes, NOT CIFAR-10 (pass --data-dir, with --download, for the real thing)"
+                "class-coloured stripes, NOT CIFAR-10 (pass --data-dir, with --download, for the real thing; under"
+                " LightningCLI: --data.data_dir, with --data.download true)"
             )
             train_x, train_y = synthetic_cifar(self.synthetic_train, seed=self.seed)
             test_x, test_y = synthetic_cifar(self.synthetic_test, seed=self.seed + 1)

@@ -147,10 +147,12 @@ def explain(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the demo; returns both runs' figures (``baseline``, ``unguarded`` and ``guarded``: mse, events, log_dir)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default: 600)")
     parser.add_argument("--quick", action="store_true", help="60 steps per run: a smoke test of a few seconds")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--logdir", default="gradguard_logs")
+    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate of both runs (default: 0.05)")
+    parser.add_argument(
+        "--logdir", default="gradguard_logs", help="TensorBoard directory of both runs (default: gradguard_logs)"
+    )
     args = parser.parse_args(argv)
     steps = 60 if args.quick else args.steps
     baseline = float(target(torch.randn(100_000, 16, generator=torch.Generator().manual_seed(1))).var())

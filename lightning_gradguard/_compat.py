@@ -67,6 +67,21 @@ _PLAIN = frozenset((Tensor, nn.Parameter))
 # the PrivateUse1 backend, whose name only a private function gives).
 _FOREACH_DEVICE_TYPES = frozenset(("cpu", "cuda", "xpu", "mtia"))
 
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first line outside this package and torch's decorators
+    (``torch.no_grad`` adds a frame of its own), for ``warnings.warn(..., stacklevel=user_stacklevel())``."""
+    frame = sys._getframe(1)  # the function that calls warnings.warn
+    level = 1
+    while frame.f_back is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_PACKAGE_DIR) or name.endswith(os.path.join("torch", "utils", "_contextlib.py"))):
+            break
+        frame, level = frame.f_back, level + 1
+    return level
+
 
 def _env_enabled() -> bool:
     return os.environ.get(ENV_VAR, "").strip().lower() in ("", "0", "false", "no", "off")

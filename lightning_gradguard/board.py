@@ -373,6 +373,7 @@ class GradGuardBoard:
 
     Example:
         >>> import tempfile
+        >>> import numpy as np
         >>> from torch.utils.tensorboard import SummaryWriter
         >>> writer = SummaryWriter(tempfile.mkdtemp())
         >>> board = GradGuardBoard(writer, {0: ["encoder.0", "encoder.1", "head"]}, ["Adam"])

@@ -348,6 +348,24 @@ class GradGuard(CallbackBase):
         if carried is not None:
             self.load_state_dict(carried)
 
+    def __repr__(self) -> str:
+        # What decides what the guard does, as in the components' own reprs; logging options are left out.
+        parts = {
+            "clip": self.clip,
+            "lr_guard": self.lr_guard,
+            "rollback": self.rollback,
+            "exploding": self.exploding,
+            "vanishing": self.vanishing,
+            "divergence": self.divergence,
+            "regularizers": self.regularizers,
+            "on_nonfinite": self.on_nonfinite,
+            "on_exploding": self.on_exploding,
+            "on_vanishing": self.on_vanishing,
+            "on_diverging": self.on_diverging,
+            "skip_exploding": self.skip_exploding,
+        }
+        return f"{type(self).__name__}({', '.join(f'{name}={value!r}' for name, value in parts.items())})"
+
     @property
     def state_key(self) -> str:
         return self._generate_state_key(

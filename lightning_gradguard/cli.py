@@ -621,7 +621,8 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((f"{prefix}layers out of ratio band", f"{len(data['out_of_band'])} of {len(data['layers'])}"))
     act = summary.get("act_grad")
     if act is not None and act["decades"] is not None:
-        rows.append(("act-grad input/output (decades)", f"{act['decades']:+.2f}"))
+        decades = act["decades"] if abs(act["decades"]) >= 0.005 else 0.0  # +0.00, not -0.00
+        rows.append(("act-grad input/output (decades)", f"{decades:+.2f}"))
     elif act is not None and act["input_side"] is not None:
         rows.append(("act-grad input/output (decades)", f"- ({len(act['zero_layers'])} layers at 0)"))
     noise = summary.get("noise_scale")
@@ -680,7 +681,9 @@ def format_diagnostics(summary: dict[str, Any]) -> list[str]:
             f"  activation-gradient flow at step {act['step']}: output side {last['layer']} {_scientific(last['norm'])}"
             f" -> input side {first['layer']} {_scientific(first['norm'])}"
         )
-        if act["decades"] is not None:
+        if act["decades"] is not None and abs(act["decades"]) < 0.05:
+            line += " (about the same at the input as at the output)"
+        elif act["decades"] is not None:
             trend = "shrinks" if act["decades"] < 0 else "grows"
             line += f" ({trend} {abs(act['decades']):.1f} decades towards the input)"
         line += f"; smallest {smallest['layer']} {_scientific(smallest['norm'])}"
@@ -880,6 +883,11 @@ def main(argv: list[str] | None = None) -> int:
     except ReportError as err:
         print(f"gradguard report: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader stopped early (`gradguard report ... | head`): no traceback, and none at exit either, when
+        # Python flushes stdout into the closed pipe (the recipe of Python's `signal` documentation).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -647,7 +647,8 @@ class ZClip(Clipper):
     Args:
         alpha: EMA smoothing factor, in ``(0, 1)``.
         z_thresh: z-score above which a norm is a spike (``> 0``); in percentile mode, the number of standard
-            deviations above the mean of the threshold.
+            deviations above the mean of the threshold. 2.5 is the paper's; GradGuard's default clipper is
+            ``ZClip(z_thresh=4.0)`` (fewer healthy steps clipped), so keep 4.0 when changing only another argument.
         warmup_steps: number of valid steps collected before the EMA starts (``>= 2``: the spread of one norm is 0,
             and with it ZClip clipped 298 of 299 healthy steps).
         mode: ``"zscore"`` or ``"percentile"``.

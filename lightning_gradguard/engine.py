@@ -37,6 +37,7 @@ from lightning_gradguard._compat import (
     step_deferred,
     unscale_once,
     unwrap_optimizer,
+    user_stacklevel,
 )
 from lightning_gradguard._host import HostFlags
 from lightning_gradguard._kinds import EVENT_KINDS
@@ -835,14 +836,14 @@ class GuardEngine:
                 f"GuardEngine: the optimizer holds {len(self._unwatched)} parameter(s) outside the model this engine"
                 " watches (added after the engine was built?): they are neither measured nor clipped, and a skipped"
                 " step drops their gradients too. Build the engine on the model that owns them to have them guarded.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         if not mine:
             warnings.warn(
                 f"GuardEngine: the optimizer ({type(inner).__name__}) holds none of the parameters this engine watches."
                 " If it is another model's, its LR guard acts on this model's explosions: pass the optimizer of the"
                 " model the engine was built for.",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     @torch.no_grad()
@@ -978,7 +979,7 @@ class GuardEngine:
                     " (DeepSpeed) leaves every .grad empty, and so does an optimizer stepped inside the backward pass"
                     " (`register_post_accumulate_grad_hook`, which frees each gradient as it is applied): such steps"
                     " cannot be guarded.",
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
             return None
         number = self.steps + 1 if step is None else int(step)
@@ -1078,7 +1079,7 @@ class GuardEngine:
                 "GuardEngine.step() was called again on the gradients of the step before (no backward in between);"
                 " the call was ignored. Call it once per optimizer step, after backward() and before"
                 " optimizer.step().",
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         return True
 
@@ -1452,7 +1453,7 @@ class GuardEngine:
             f"GuardEngine: the LR guard lowered the learning rate at step {step}, but it is attached to no optimizer,"
             " so every optimizer still steps at its full rate (the guard's scale and `lr_reduced` count the cut"
             " anyway). Call `engine.attach(optimizer)` once, before training.",
-            stacklevel=4,  # step() or drain(), through _process_landed: the user's line
+            stacklevel=user_stacklevel(),  # step() or drain(), through _process_landed: the user's line
         )
 
     def drain(self) -> list[StepEvent]:
@@ -1605,7 +1606,7 @@ class GuardEngine:
             ValueError: when the state was saved for other parameters (nothing is restored then).
         """
         for problem in self._load_state(state):
-            warnings.warn(f"GuardEngine: {problem}", stacklevel=2)
+            warnings.warn(f"GuardEngine: {problem}", stacklevel=user_stacklevel())
 
     def _load_state(self, state: dict[str, Any]) -> list[str]:
         """:meth:`load_state_dict`, returning what was not restored (and why) instead of warning."""

@@ -13,7 +13,7 @@ import math
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -232,7 +232,7 @@ class LRGuard:
         cooldown: int = 20,
         min_scale: float = 1e-2,
         recovery_steps: int = 100,
-        recovery: str = "linear",
+        recovery: Literal["linear", "exponential"] = "linear",
         nonfinite_patience: int = 2,
         memory: bool = True,
         increase: float = 1e-3,

@@ -348,3 +348,14 @@ def test_barebones_trainer_gets_no_logging_from_the_guard() -> None:
         )
     assert not [str(w.message) for w in caught if "barebones" in str(w.message)]
     assert guard.summary()["exploding"] == 0
+
+
+def test_the_guard_shows_what_decides_its_actions() -> None:
+    # The repr was object's default (`<GradGuard object at 0x...>`) where every component has its own.
+    from lightning_gradguard import L2, AutoClip, LRGuard
+
+    guard = GradGuard(clip=AutoClip(), lr_guard=LRGuard(factor=0.3), regularizers=[L2(1e-4)], on_nonfinite="zero")
+    text = repr(guard)
+    assert text.startswith("GradGuard(clip=AutoClip(") and f"lr_guard={guard.lr_guard!r}" in text
+    assert f"regularizers=[{guard.regularizers[0]!r}]" in text and "on_nonfinite='zero'" in text
+    assert "rollback=Rollback(" in text and "clip=None" in repr(GradGuard(clip=None))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +327,16 @@ def test_the_events_table_shows_the_cuts_and_restarts_in_step_order(tmp_path: Pa
         ("lr_reduced", "rate 0.5x its schedule"),
         ("rolled_back", "restarted from the initial weights, AGC clipping from now on, rate 1x its schedule"),
     ]
+
+
+def test_a_report_whose_reader_stops_early_exits_without_a_traceback(run_dir: Path) -> None:
+    # `gradguard report logs | head`: the closed pipe ended in a BrokenPipeError traceback.
+    command = [sys.executable, "-c", "import sys; from lightning_gradguard.cli import main; sys.exit(main())"]
+    process = subprocess.Popen(
+        [*command, "report", str(run_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).parent
+    )
+    assert process.stdout is not None
+    process.stdout.close()  # before the report writes anything: its first write meets a closed pipe
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1
+    assert b"Traceback" not in err and b"BrokenPipe" not in err

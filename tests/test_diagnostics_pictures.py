@@ -305,3 +305,24 @@ def test_cost_benchmark_runs_quick(tmp_path: Path, capsys: pytest.CaptureFixture
     assert variants["off"]["ratio"] == 1.0 and variants["off"]["extra_ms"] == 0.0
     assert json.loads(out.read_text())["meta"]["quick"] is True
     assert all(label in text for label in variants)
+
+
+@pytest.mark.parametrize("decades", [-0.0004, 0.0004])
+def test_a_flow_that_does_not_change_reads_as_unchanged(decades: float) -> None:
+    # It read "-0.00" in the table and "shrinks 0.0 decades towards the input" in the text.
+    from lightning_gradguard.cli import format_diagnostics
+
+    act = {
+        "step": 9,
+        "layers": 2,
+        "input_side": {"layer": "net.0", "norm": 1.0},
+        "output_side": {"layer": "net.2", "norm": 1.0},
+        "decades": decades,
+        "smallest": {"layer": "net.0", "norm": 1.0},
+        "zero_layers": [],
+    }
+    (line,) = format_diagnostics({"act_grad": act})
+    assert "(about the same at the input as at the output)" in line and "decades" not in line
+    act["decades"] = -1.26
+    (line,) = format_diagnostics({"act_grad": act})
+    assert "(shrinks 1.3 decades towards the input)" in line

@@ -346,3 +346,17 @@ def test_evenly_spaced_step_numbers_keep_the_window_small_and_are_reported_right
         (loss * (float("nan") if number == 1010 else 1.0)).backward()
         engine.step(number)
     assert {e["step"] for e in engine.snapshot().events if e["kind"] == "nonfinite"} == {1010}  # one per layer
+
+
+def test_the_engines_warnings_point_at_the_callers_line() -> None:
+    # `step()` runs under `torch.no_grad`, whose wrapper is a frame of its own: the warnings pointed at torch's
+    # `_contextlib.py` instead of the line that called the engine.
+    model = nn.Linear(2, 1)
+    engine = GuardEngine(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.step()  # no gradient yet
+        model.weight.grad, model.bias.grad = torch.ones(1, 2), torch.ones(1)
+        engine.step()
+        engine.step()  # the same gradients again
+    assert len(caught) == 2 and {w.filename for w in caught} == {__file__}
