@@ -556,6 +556,7 @@ class GradGuard(CallbackBase):
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
         self._fit_batches, self._warned_unguarded = 0, False
+        self._reporter.take_rows()  # an earlier fit's, never written
         self._in_step.clear()
         self._losses.clear()  # a loss left over by an earlier fit that ended between backward and step
         self._unowned = None
@@ -1110,7 +1111,10 @@ class GradGuard(CallbackBase):
         return "base", [float(base) if isinstance(base, (int, float)) else None for base in bases]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._warn_if_unguarded()
+        if pl_module.automatic_optimization:
+            # Under manual optimization the module may step later (in its own epoch-end hook, which runs after
+            # this one, or every few epochs): judged at the end of the fit only.
+            self._warn_if_unguarded()
         if self._diag.epoch_logged:  # the epoch's last batch was a logging step: the summary went with that log
             self._diag.epoch_logged = False
             return
@@ -1128,19 +1132,20 @@ class GradGuard(CallbackBase):
         # would stay on the dead optimizer and keep the next fit's optimizer from getting its own. Nor teardown: the
         # Trainer would keep the gradient_clip_val it lent the guard as None, and a later fit without it would not clip.
         self._evaluating = False
-        # The steps since the last log are the ones that led up to the error: written (and warned about) now, not
-        # left for the next fit of this guard to report as its own. One process only: the write gathers
-        # diagnostics over ranks, and the others may not have stopped.
-        pending = any(e.steps_since_log for e in self._states.values())
-        if pending and trainer.world_size == 1:
-            try:
+        try:
+            # The steps since the last log are the ones that led up to the error: written (and warned about) now,
+            # not left for the next fit of this guard to report as its own. One process only: the write gathers
+            # diagnostics over ranks, and the others may not have stopped.
+            if trainer.world_size == 1 and any(e.steps_since_log for e in self._states.values()):
                 self._flush(trainer, pl_module, self._last_step(trainer), prog_bar=False)
-            except Exception as error:  # never in the way of the error that stopped the run
-                rank_zero_warn(f"GradGuard: the steps since the last log could not be written ({error!r}).")
-        for engine in self._states.values():
-            engine.start_window()
-        self._release_hooks()
-        restore_clipping(trainer)
+        except Exception as error:  # never in the way of the error that stopped the run (nor a warning turned error)
+            log.warning("GradGuard: the steps since the last log could not be written (%r).", error)
+        finally:
+            self._reporter.take_rows()
+            for engine in self._states.values():
+                engine.start_window()
+            self._release_hooks()
+            restore_clipping(trainer)
 
     def _release_hooks(self) -> None:
         self._disarm_saturation()
@@ -1270,6 +1275,8 @@ class GradGuard(CallbackBase):
                 self._last_image_count = step + 1
             if self._hist_samples:
                 board.write_histograms(step, _merged_samples(self._hist_samples))
+        else:
+            self._reporter.take_rows()  # nowhere to write them: not for the next fit's board either
         if self._hist_samples:  # due on every rank alike, written or not
             self._last_hist_count = step + 1
         self._hist_samples = {}

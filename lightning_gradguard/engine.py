@@ -1169,7 +1169,7 @@ class GuardEngine:
             saved = before_trouble
         self._load_statistics(saved)
         if before is not None:
-            self.lr_guard.rewind(before, self.key, cut=cut)
+            self.lr_guard.rewind(before, self.key, cut=cut, state_restored=optimizer is not None)
         self._drop_pending()  # the flags of the abandoned trajectory
         self._drop_grads()  # computed on the abandoned weights: the optimizer step leaves everything as restored
         self.host_counts["rolled_back"] += 1

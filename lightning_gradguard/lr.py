@@ -297,7 +297,7 @@ class LRGuard:
         """The multiplier and counters of optimizer ``key`` (plain values), for :meth:`rewind`."""
         return self._states.get(key, _KeyState()).as_dict()
 
-    def rewind(self, snapshot: dict[str, Any], key: int = 0, cut: bool = True) -> bool:
+    def rewind(self, snapshot: dict[str, Any], key: int = 0, cut: bool = True, state_restored: bool = True) -> bool:
         """Go back to a :meth:`snapshot` of optimizer ``key`` and take one reduction from there.
 
         Used by a rollback: the reductions taken since the snapshot answered weights that the rollback throws away,
@@ -307,6 +307,8 @@ class LRGuard:
             snapshot: a :meth:`snapshot` of the same optimizer.
             key: which optimizer.
             cut: ``False``: go back without the reduction (a rollback whose remedy is a clipper, not the rate).
+            state_restored: the rollback restored (or cleared) the optimizer's state with the weights: no momentum
+                reset then. ``False`` (weights only): the moments of the exploding steps are zeroed as on any cut.
 
         Returns:
             ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor, or with ``cut=False``).
@@ -316,9 +318,10 @@ class LRGuard:
         self._states[key] = state
         # Trouble bad enough to go back for: the rate it came at is remembered at once.
         reduced = self._explode(state, force=True, remember=True) if cut else False
-        # The rollback restored the optimizer state of its copy (or cleared it): no velocity of the exploding steps
-        # is left to stop, and zeroing the copy's moments would throw away what the calm steps built.
-        state.reset_due = 0
+        if state_restored:
+            # No velocity of the exploding steps is left to stop, and zeroing the copy's moments would throw away
+            # what the calm steps built.
+            state.reset_due = 0
         return reduced
 
     def update(self, exploding: bool, key: int = 0, nonfinite: bool = False, diverging: bool = False) -> bool:

@@ -371,6 +371,30 @@ def test_after_a_rollback_the_optimizer_state_is_the_copys(name: str) -> None:
     assert not _same_state(states[rolled_back_at - 1], states[14])
 
 
+def test_a_rollback_of_the_weights_only_still_stops_the_exploded_momentum() -> None:
+    # `step()` without `optimizer=` restores the weights only: the momentum the exploding steps built is still in
+    # the optimizer, and the rollback's cut must zero it (it kept it, and the loss was back at 1e10 a step later).
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), rollback=Rollback(every=5))
+    engine.attach(optimizer)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    losses = []
+    for step in range(1, 18):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).mul(1e4 if step in (12, 13) else 1.0).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine.step()
+        rolled_back = engine.rolled_back
+        optimizer.step()
+        if rolled_back:
+            assert optimizer.state[model.weight]["momentum_buffer"].abs().max() == 0
+        losses.append(float(nn.functional.mse_loss(model(x), y)))
+    assert engine.summary()["rolled_back"] == 1 and max(losses[-3:]) < 1.0
+
+
 class ScalingOptimizer(WrappedOptimizer):
     """``WrappedOptimizer`` with accelerate's fp16 step: through its own ``GradScaler``, which unscales (unless that
     was done already), skips a step with inf/NaN gradients and backs the scale off."""

@@ -525,6 +525,36 @@ def test_a_fit_stopped_by_an_error_writes_its_last_steps_and_the_next_fit_does_n
     assert guard.summary()["exploding"] == 1  # the counts go on
 
 
+def test_a_fit_stopped_by_an_error_under_warnings_as_errors_still_raises_that_error() -> None:
+    # Under `-W error` the window written at the stop warns of the spike, which raised from `on_exception`: the
+    # user's error came two levels down the context chain, and the LR hooks and the lent clipping stayed in place.
+    torch.manual_seed(0)
+    guard, model = GradGuard(), CrashesAt(crash=23, spikes=(22,), lr=0.01)
+    fit = trainer(max_epochs=-1, max_steps=40, callbacks=[guard], log_every_n_steps=5)
+    with pytest.raises(RuntimeError, match="a bad record") as raised, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("error", message="GradGuard")
+        fit.fit(model, regression_data())
+    assert raised.value.__context__ is None
+    assert not guard._lr_hooks and not guard._step_hooks
+
+
+def test_events_of_a_fit_without_tensorboard_stay_out_of_the_next_fits_board(tmp_path: Path) -> None:
+    # With no TensorBoardLogger the events table's rows were never taken: the next fit with one wrote them (and their
+    # trouble points) into its own directory.
+    torch.manual_seed(0)
+    guard, model = GradGuard(), Shifting(spikes=(20, 24), lr=0.01)
+    _quiet_fit(trainer(max_epochs=-1, max_steps=30, callbacks=[guard], log_every_n_steps=5), model, regression_data())
+    assert guard.summary()["exploding"] >= 1 and guard.summary()["lr_reduced"] == 1
+    model.spikes = ()
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    fit = trainer(max_epochs=-1, max_steps=20, callbacks=[guard], logger=logger, log_every_n_steps=5)
+    _quiet_fit(fit, model, regression_data())
+    tags = load_events(tmp_path).Tags()
+    assert "gradguard/events_log/text_summary" not in tags["tensors"]
+    assert not [tag for tag in tags["scalars"] if tag.startswith("gradguard/trouble/")]
+
+
 @pytest.mark.parametrize("stage", ["validate", "test", "predict"])
 def test_evaluating_a_checkpoint_leaves_the_guards_training_state_alone(stage: str, tmp_path: Path) -> None:
     # Lightning restores callback states in validate/test/predict(ckpt_path=...) too: GradGuard took them, so
