@@ -287,6 +287,8 @@ class GradGuard(CallbackBase):
         self._hist_samples: dict[int, dict[str, Tensor]] = {}
         # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
         self._last_hist_count = 0
+        self._hist_loaded: int | None = None  # the count a checkpoint brought, for this fit's start
+        self._hist_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer the schedule counts the steps of
         self._last_image_count: int | None = None
         self._batch_stepped = False  # an optimizer step ran in the current batch (Lightning logs only then)
         self._fit_batches = 0  # training batches of this fit, for the "no optimizer step seen" warning
@@ -386,6 +388,7 @@ class GradGuard(CallbackBase):
             "lr_guard": self.lr_guard.state_dict() if self.lr_guard is not None else None,
             "regularizers": {r.name: r.state_dict() for r in self.regularizers},
             "next_log_step": self._next_log_step,
+            "last_hist_count": self._last_hist_count,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -402,6 +405,8 @@ class GradGuard(CallbackBase):
             if r.name in state_dict.get("regularizers", {}):
                 r.load_state_dict(state_dict["regularizers"][r.name])
         self._next_log_step = int(state_dict.get("next_log_step", 0))
+        hist = state_dict.get("last_hist_count")
+        self._hist_loaded = None if hist is None else int(hist)
         self._log_step_restored = True
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
@@ -568,9 +573,13 @@ class GradGuard(CallbackBase):
         restore_clipping(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The histogram schedule goes on from this fit's step count (restored by now): another Trainer counts from its
-        # own start, a resumed one from its checkpoint (whose histogram at that step was written before it).
-        self._last_hist_count = _lightning_step(trainer)
+        # The histogram schedule: a resumed run goes on from its checkpoint's; another Trainer counts its steps from
+        # its own start (a checkpoint without the count, from where it resumed); the same Trainer fitting again goes on.
+        if self._hist_loaded is not None:
+            self._last_hist_count = self._hist_loaded
+        elif self._hist_trainer is None or self._hist_trainer() is not trainer:
+            self._last_hist_count = _lightning_step(trainer)
+        self._hist_loaded, self._hist_trainer = None, weakref.ref(trainer)
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
@@ -917,8 +926,8 @@ class GradGuard(CallbackBase):
         return action
 
     def _on_event(self, trainer: pl.Trainer, engine: GuardEngine, key: int, event: StepEvent) -> None:
-        if event.lr_reduced and self.lr_guard is not None:
-            scale = self.lr_guard.scale(key)
+        if event.lr_reduced and event.lr_scale is not None:
+            scale = event.lr_scale  # as the cut left it: flags landing late, a rollback may have rewound it since
             self._table_row(trainer, key, event.step, "lr_reduced", "(rate)", scale, f"rate {scale:.3g}x its schedule")
         if event.exploding and self.on_exploding == "raise":
             raise GradientExplosionError(

@@ -314,6 +314,8 @@ class StepEvent(NamedTuple):
         overflow: the gradients held inf/NaN under a GradScaler (routine loss-scale calibration).
         lr_reduced: the LR guard lowered its multiplier on this step.
         diverging: the divergence detector found the training loss blown up (see :class:`DivergenceDetector`).
+        lr_scale: with ``lr_reduced``, the LR guard's multiplier right after the cut (a later rollback may rewind it);
+            otherwise ``None``.
 
     Example:
         >>> import torch
@@ -332,6 +334,7 @@ class StepEvent(NamedTuple):
     overflow: bool
     lr_reduced: bool
     diverging: bool = False
+    lr_scale: float | None = None
 
 
 @dataclass
@@ -1441,7 +1444,16 @@ class GuardEngine:
                         r.on_exploding(gradient_exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
                 self._events.append(
-                    StepEvent(flags.step, exploding, vanishing, nonfinite, overflow, lr_reduced, diverging)
+                    StepEvent(
+                        flags.step,
+                        exploding,
+                        vanishing,
+                        nonfinite,
+                        overflow,
+                        lr_reduced,
+                        diverging,
+                        self.lr_guard.scale(self.key) if lr_reduced and self.lr_guard is not None else None,
+                    )
                 )
 
     def _warn_unattached(self, step: int) -> None:

@@ -395,6 +395,26 @@ def test_a_rollback_of_the_weights_only_still_stops_the_exploded_momentum() -> N
     assert engine.summary()["rolled_back"] == 1 and max(losses[-3:]) < 1.0
 
 
+def test_a_cut_event_carries_the_rate_it_left_and_other_events_none() -> None:
+    # The events table read the multiplier when the event was drained: with the flags landing inside the next step
+    # (several processes, a late device copy), after a rollback had rewound it (1x instead of the cut's 0.5x).
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(factor=0.5, patience=1))
+    engine.attach(optimizer)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    events = []
+    for step in range(1, 40):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).mul(1e4 if step == 30 else 1.0).backward()
+        engine.step()
+        optimizer.step()
+        events += engine.drain()
+    (cut,) = [e for e in events if e.lr_reduced]
+    assert cut.lr_scale == 0.5 and all(e.lr_scale is None for e in events if not e.lr_reduced)
+
+
 class ScalingOptimizer(WrappedOptimizer):
     """``WrappedOptimizer`` with accelerate's fp16 step: through its own ``GradScaler``, which unscales (unless that
     was done already), skips a step with inf/NaN gradients and backs the scale off."""

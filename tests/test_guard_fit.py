@@ -463,26 +463,31 @@ def test_a_guard_reused_with_a_new_trainer_writes_histograms_on_its_schedule(tmp
     assert steps[0] == steps[1] == [4, 9]  # the second Trainer counts its steps from 0 again
 
 
-def test_a_resumed_run_writes_histograms_on_the_schedule_it_saved_with(tmp_path: Path) -> None:
-    def fit(run: str, max_steps: int, ckpt_path: str | None = None) -> list[int]:
+@pytest.mark.parametrize(
+    ("log_every", "hist_every", "saved_at", "first", "resumed"),
+    [(1, 5, 7, [4, 9, 14], [9, 14]), (5, 7, 8, [9, 14], [9, 14])],
+    ids=["histogram at each multiple", "histogram at the first log past a multiple"],
+)
+def test_a_resumed_run_writes_histograms_on_the_schedule_it_saved_with(
+    log_every: int, hist_every: int, saved_at: int, first: list[int], resumed: list[int], tmp_path: Path
+) -> None:
+    # A resumed run counted its histograms from 0 and wrote one at its first log; then, from the step it resumed at,
+    # which skipped a histogram due at the first log past a multiple (every 7 steps, logged every 5, saved at step
+    # 8: the one at Lightning's step 9, due since step 7, was missing).
+    def fit(run: str, ckpt_path: str | None = None) -> list[int]:
         logger = TensorBoardLogger(tmp_path / run, name="", version="")
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=7, save_top_k=-1)
-        guard = GradGuard(histogram_every_n_steps=5)
-        callbacks = [guard, saver]
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=saved_at, save_top_k=-1)
+        callbacks = [GradGuard(histogram_every_n_steps=hist_every), saver]
         torch.manual_seed(0)
-        _quiet_fit(
-            trainer(
-                max_steps=max_steps, callbacks=callbacks, logger=logger, log_every_n_steps=1, enable_checkpointing=True
-            ),
-            Regressor(),
-            regression_data(),
-            ckpt_path=ckpt_path,
+        fit = trainer(
+            max_steps=15, callbacks=callbacks, logger=logger, log_every_n_steps=log_every, enable_checkpointing=True
         )
+        _quiet_fit(fit, Regressor(), regression_data(), ckpt_path=ckpt_path)
         return [event.step for event in load_events(tmp_path / run).Histograms("gradguard/grad_hist/net.0")]
 
-    assert fit("a", 12) == [4, 9]
-    # A new guard and Trainer from the checkpoint at step 7: the next multiple, not the first log after the resume.
-    assert fit("b", 12, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=7.ckpt")) == [9]
+    assert fit("a") == first
+    # A new guard and Trainer from the checkpoint: the uninterrupted run's histograms after that step.
+    assert fit("b", ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={saved_at}.ckpt")))) == resumed
 
 
 class CrashesAt(Shifting):
