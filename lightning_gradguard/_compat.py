@@ -77,7 +77,9 @@ def user_stacklevel() -> int:
     level = 1
     while frame.f_back is not None:
         name = frame.f_code.co_filename
-        if not (name.startswith(_PACKAGE_DIR) or name.endswith(os.path.join("torch", "utils", "_contextlib.py"))):
+        if not (
+            name.startswith(_PACKAGE_DIR + os.sep) or name.endswith(os.path.join("torch", "utils", "_contextlib.py"))
+        ):
             break
         frame, level = frame.f_back, level + 1
     return level

@@ -1687,16 +1687,23 @@ class GuardEngine:
         self._load_statistics({name: _to_device(state, self._record.device) for name, state in self._fresh.items()})
 
     def carry_over(self, old: GuardEngine) -> None:
-        """Continue the counters of ``old`` (an engine for the same optimizer before its parameters changed), and its
-        rollback's decisions: a run rescued by the rescue clipper stays rescued, a used retry stays used. The copies
-        are of the old parameters: the next step takes new ones."""
+        """Continue ``old``, the engine of the same optimizer before its parameters changed (a param group added).
+
+        The steps ``old`` has not acted on yet are settled first (their flags waited for: a parameter change is
+        rare), so a cut or a rollback they call for is not lost. Then its counters, its undrained events, a rollback
+        due and the rollback itself go on here: a run rescued by the rescue clipper stays rescued, a used retry stays
+        used, a stretch of trouble goes on, and the copies restore the parameters they were taken of (see
+        :meth:`Rollback.rebind`). The per-layer statistics start afresh.
+        """
+        old._settle()
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps
+        self._events.extend(old._events)
         if self.rollback is not None and old.rollback is not None:
-            decisions = old.rollback.state_dict()
-            decisions.pop("copies", None)
-            self.rollback.load_state_dict(decisions)
+            self.rollback = old.rollback
+            self.rollback.rebind(self.index.params)
+            self._rollback_due = old._rollback_due
 
     def summary(self) -> dict[str, int]:
         """Cumulative count of each event kind (reads the device counters: a host sync): steps, except

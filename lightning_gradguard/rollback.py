@@ -519,6 +519,22 @@ class Rollback:
                 return
         slot.take(trainable, optimizer, step, capture() if capture is not None else None, positions)
 
+    def rebind(self, params: Sequence[Tensor]) -> None:
+        """Go on for an engine rebuilt on ``params`` (its optimizer got a param group): each copy restores the
+        parameters it was taken of, now found at their positions among ``params`` (a copy holding one that is gone
+        is dropped: the next step takes a new one). The statistics kept with the copies describe the old layers:
+        dropped, so a rollback leaves the new engine's statistics as they are. Parameters new since have no copy:
+        a rollback leaves them as they are."""
+        where = {id(p): i for i, p in enumerate(params)}
+        for slot in (self._safe, self._candidate):
+            if not slot.valid:
+                continue
+            if any(id(p) not in where for p in slot.params):
+                slot.clear()
+                continue
+            slot.positions = [where[id(p)] for p in slot.params]
+            slot.extra = None
+
     def _release(self) -> None:
         self._off = True
         self._safe.clear()

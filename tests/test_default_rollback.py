@@ -563,8 +563,18 @@ class AddGroup(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step + 1 == self.at:
-            pl_module.gate = nn.Parameter(torch.ones(()))  # a new module's parameter: the guard rebuilds its engine
-            trainer.optimizers[0].add_param_group({"params": [pl_module.gate], "lr": 1e-3})
+            # A parameter new to the model (the guard rebuilds its engine), last in `parameters()`.
+            head = pl_module.net[-1]
+            head.gate = nn.Parameter(torch.ones(()))
+            trainer.optimizers[0].add_param_group({"params": [head.gate], "lr": 1e-3})
+
+
+@pytest.mark.parametrize("at", [4, 9])
+def test_a_param_group_added_when_a_restart_is_due_does_not_lose_it(at: int) -> None:
+    # Added on the step the retry (4) or the rescue's restart (9) was due: the rebuilt engine dropped the old one's
+    # due restart, so the run went on with the cut instead (one restart, no rescue, for `at=4`).
+    guard, _, restarts = _fit(_BACK, extra=[AddGroup(at=at)])
+    assert restarts == [4, 9] and guard.rescuing()
 
 
 def test_a_param_group_added_after_the_rescue_keeps_it_at_work() -> None:
@@ -575,7 +585,7 @@ def test_a_param_group_added_after_the_rescue_keeps_it_at_work() -> None:
     assert restarts == [4, 9] and guard.rescuing() and guard.summary()["rolled_back"] == 2
     rollback = guard._states[0].rollback
     assert rollback is not None and rollback.retried and rollback.count == 2
-    assert "gate" in guard._states[0].index.param_names  # the rebuilt engine, which watches the new group too
+    assert "net.2.gate" in guard._states[0].index.param_names  # the rebuilt engine, which watches the new group too
     after = [ratios.ratios[s] for s in range(30, 81)]
     assert max(after) <= 0.01 * (1 + 1e-4) and sum(r > 0.0099 for r in after) >= 5
 
