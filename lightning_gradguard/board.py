@@ -358,7 +358,9 @@ class GradGuardBoard:
             :meth:`close_run`); ``None`` = no pictures at all.
         histogram_every_n_steps: write gradient histograms when the step crosses a multiple of this; ``None`` = never.
         max_heatmap_rows: the most heatmap rows (and bars); more layers are grouped into consecutive ranges.
-        history: the most heatmap columns kept per optimizer; older columns are merged pairwise beyond it.
+        history: the most heatmap columns kept per optimizer; older columns are merged pairwise beyond it. The
+            histories are kept per layer and checkpointed (6 bytes per layer and column, twice with the update
+            ratios): 500 columns are more than the picture's width in pixels draws apart.
         regularizers: the names of the configured regularizers: their two charts are laid out only when there is at
             least one; ``None`` (not told) lays them out.
         saturation: whether saturation is measured: its chart is laid out only then.
@@ -394,7 +396,7 @@ class GradGuardBoard:
         image_every_n_steps: int | None = 500,
         histogram_every_n_steps: int | None = None,
         max_heatmap_rows: int = 64,
-        history: int = 2000,
+        history: int = 500,
         regularizers: Sequence[str] | None = None,
         saturation: bool = True,
         max_charts: int = 30,

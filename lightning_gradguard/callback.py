@@ -571,6 +571,14 @@ class GradGuard(CallbackBase):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._evaluating = False
         restore_clipping(trainer)
+        self._unbind_log()
+
+    def _unbind_log(self) -> None:
+        """Drop the module's ``log``/``log_dict`` that Lightning binds to every callback at each run: they held the
+        module (and through it the Trainer and the optimizers' state) alive as long as this guard. GradGuard logs
+        through the module it is given; Lightning binds them again at the next run."""
+        self.__dict__.pop("log", None)
+        self.__dict__.pop("log_dict", None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The histogram schedule: a resumed run goes on from its checkpoint's; another Trainer counts its steps from
@@ -1155,6 +1163,7 @@ class GradGuard(CallbackBase):
                 engine.start_window()
             self._release_hooks()
             restore_clipping(trainer)
+            self._unbind_log()
 
     def _release_hooks(self) -> None:
         self._disarm_saturation()

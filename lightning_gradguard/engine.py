@@ -672,7 +672,9 @@ class GuardEngine:
         self._lazy_module: nn.Module | None = None
         # The last optimizer that passed _check_optimizer with the layout of its param groups, its parameters outside
         # the index (a skip drops their gradients too), and the optimizer the LR guard's hooks sit on.
-        self._checked_optimizer: tuple[Any, tuple[tuple[int, int], ...]] | None = None
+        # The optimizer last checked (by weak reference: a finished fit's optimizer and its state must not outlive
+        # it through the engine a guard keeps) and its param groups' layout then.
+        self._checked_optimizer: tuple[Callable[[], Any], tuple[tuple[int, int], ...]] | None = None
         self._unwatched: list[Tensor] = []
         self._warned_unwatched = False
         self._attached: weakref.ref[torch.optim.Optimizer] | None = None
@@ -826,9 +828,13 @@ class GuardEngine:
         # A param group added since the last check (add_param_group), or parameters added to one, change it.
         layout = tuple((len(g.get("params", ())), id(g["params"][0]) if g.get("params") else 0) for g in groups)
         checked = self._checked_optimizer
-        if checked is not None and checked[0] is optimizer and checked[1] == layout:
+        if checked is not None and checked[0]() is optimizer and checked[1] == layout:
             return
-        self._checked_optimizer = (optimizer, layout)
+        try:
+            reference: Callable[[], Any] = weakref.ref(optimizer)
+        except TypeError:  # a wrapper without weak references: held, as before
+            reference = functools.partial(lambda held: held, optimizer)
+        self._checked_optimizer = (reference, layout)
         held = [p for group in groups for p in group.get("params", ())]
         mine = any(id(p) in self._own for p in held)
         # None of them: another model's optimizer, or DeepSpeed's flat copies (said below, and left alone).

@@ -490,6 +490,24 @@ def test_a_resumed_run_writes_histograms_on_the_schedule_it_saved_with(
     assert fit("b", ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={saved_at}.ckpt")))) == resumed
 
 
+def test_a_finished_fit_leaves_its_module_trainer_and_optimizer_to_the_garbage_collector() -> None:
+    # Lightning binds the module's `log` to every callback: kept by the guard, the module held the Trainer and the
+    # optimizer with its state (Adam: twice the parameters) for as long as the guard lived.
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    guard, model = GradGuard(), Regressor(optimizer="adam")
+    fit = trainer(max_steps=5, callbacks=[guard])
+    _quiet_fit(fit, model, regression_data())
+    optimizer = fit.optimizers[0]
+    module, state = weakref.ref(model), weakref.ref(optimizer.state[model.net[0].weight]["exp_avg"])
+    del fit, model, optimizer
+    gc.collect()
+    assert module() is None and state() is None
+    assert guard.summary()["exploding"] == 0  # the guard itself goes on
+
+
 class CrashesAt(Shifting):
     """``Shifting`` whose ``training_step`` raises at optimizer step ``crash`` (counted from 0, as ``global_step``)."""
 
