@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 __all__ = ["EventReporter"]
 
 
+#: Kinds of the events table's rows that record what the guard did, not what it found.
+_ACTION_KINDS = ("lr_reduced", "rolled_back")
+
+
 class EventReporter:
     """Turns the first-event records of each logging window into event rows (TensorBoard) and warnings.
 
@@ -45,9 +49,9 @@ class EventReporter:
 
     def take_rows(self) -> list[dict[str, Any]]:
         """The rows since the last call, in step order (the detectors' come with the log, the guard's actions as
-        they happen)."""
+        they happen), a step's events before what the guard did about them."""
         rows, self.rows = self.rows, []
-        return sorted(rows, key=lambda row: row["step"])
+        return sorted(rows, key=lambda row: (row["step"], row["kind"] in _ACTION_KINDS))
 
     def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
         guard = self.guard

@@ -288,6 +288,7 @@ class GradGuard(CallbackBase):
         # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
         self._last_hist_count = 0
         self._hist_loaded: int | None = None  # the count a checkpoint brought, for this fit's start
+        self._hist_taken = False  # a histogram was due in the window being logged (on every rank)
         self._hist_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer the schedule counts the steps of
         self._last_image_count: int | None = None
         self._batch_stepped = False  # an optimizer step ran in the current batch (Lightning logs only then)
@@ -900,8 +901,10 @@ class GradGuard(CallbackBase):
                     p.grad = torch.zeros_like(p)
         if logging:
             self._diag.after_engine_step(key, engine)
-        if stats is not None and self._histogram_due(stamp + 1) and self._may_write_board(trainer):
-            self._sample_histograms(key, engine, stats)
+        if stats is not None and self._histogram_due(stamp + 1):
+            self._hist_taken = True  # on every rank: the schedule is part of the state, the same on each
+            if self._may_write_board(trainer):
+                self._sample_histograms(key, engine, stats)
 
     def _drain(self, trainer: pl.Trainer, engine: GuardEngine, key: int) -> None:
         """Turn the steps the engine reports into raises and warnings (the LR guard already acted on them)."""
@@ -1199,7 +1202,7 @@ class GradGuard(CallbackBase):
         if not trainer.is_global_zero:
             for engine in self._states.values():
                 engine.start_window()
-            self._hist_samples = {}
+            self._end_histogram_window(step)
             return
         engines = sorted(self._states.items())
         device = engines[0][1].layer_last.device
@@ -1295,9 +1298,12 @@ class GradGuard(CallbackBase):
                 board.write_histograms(step, _merged_samples(self._hist_samples))
         else:
             self._reporter.take_rows()  # nowhere to write them: not for the next fit's board either
-        if self._hist_samples:  # due on every rank alike, written or not
+        self._end_histogram_window(step)
+
+    def _end_histogram_window(self, step: int) -> None:
+        if self._hist_taken:  # due on every rank alike, written or not: the checkpointed schedule is the same
             self._last_hist_count = step + 1
-        self._hist_samples = {}
+        self._hist_samples, self._hist_taken = {}, False
 
     def _get_board(self, trainer: pl.Trainer) -> Any:
         if not (self._board_checked and self._board_trainer is not None and self._board_trainer() is trainer):

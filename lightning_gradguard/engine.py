@@ -1706,6 +1706,19 @@ class GuardEngine:
         self.host_counts = old.host_counts
         self.steps = old.steps
         self._events.extend(old._events)
+        # The logging window goes on: its extremes, its step numbers, and each layer's record by name (a spike
+        # between two logs is not lost to the change; layers new since start blank).
+        for name in ("clock", "extremes"):
+            self._record.buffers[name].copy_(old._record.buffers[name])
+        self._last_total = old._last_total
+        self.steps_since_log, self._stamps = old.steps_since_log, list(old._stamps)
+        old_column = {name: i for i, name in enumerate(old.index.names)}
+        pairs = [(i, old_column[name]) for i, name in enumerate(self.index.names) if name in old_column]
+        if pairs:
+            device = self._record.device
+            new = torch.tensor([i for i, _ in pairs], device=device)
+            kept = torch.tensor([j for _, j in pairs], device=old._record.device)
+            self._record.buffers["layers"][:, new] = old._record.buffers["layers"][:, kept].to(device)
         if self.rollback is not None and old.rollback is not None:
             self.rollback = old.rollback
             self.rollback.rebind(self.index.params)

@@ -203,6 +203,9 @@ def _ddp_guard(cls: type[GradGuard] = DumpGuard) -> GradGuard:
         regularizers=[L2(1e-3, adaptive=True)],
         exploding=ExplodingDetector(warmup_steps=3),
         on_nonfinite="skip",
+        # Due inside the run: rank zero alone samples and writes them, and the schedule in the state must still be
+        # the same on every rank (it stayed at 0 on the others).
+        histogram_every_n_steps=4,
     )
 
 
