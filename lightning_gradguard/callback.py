@@ -65,6 +65,8 @@ _EVENT_MODES = ("warn", "raise", "ignore")
 _NEVER = 2**62  # a logging interval no run reaches
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
 _BOARD_CHECKPOINT_KEY = "gradguard_board"
+# Rows of the events table not yet written when a checkpoint was taken (rank zero's), under each guard's state key.
+_ROWS_CHECKPOINT_KEY = "gradguard_rows"
 _WARNED_CHECKPOINT_KEY = "gradguard_warned"
 DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
 
@@ -423,6 +425,9 @@ class GradGuard(CallbackBase):
         # writer on rank zero: a resumed run's pictures go on from them instead of starting blank.
         if self._board is not None and trainer.is_global_zero:
             checkpoint.setdefault(_BOARD_CHECKPOINT_KEY, {})[self.state_key] = self._board.state_dict()
+        if self._reporter.rows and trainer.is_global_zero:
+            # Rows of the events table not written yet (a cut or a rollback since the last log), rank zero's.
+            checkpoint.setdefault(_ROWS_CHECKPOINT_KEY, {})[self.state_key] = list(self._reporter.rows)
         # The layers each optimizer has warned about (each layer and kind warns once, across a resume too): warnings
         # are rank zero's, so this travels beside `state_dict` as well.
         warned = dict(self._warned_loaded or {})
@@ -457,6 +462,7 @@ class GradGuard(CallbackBase):
                 )
         self._diag.load_state_dict(checkpoint.get(_DIAG_CHECKPOINT_KEY, {}).get(key))  # absent: older
         self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(key)
+        self._reporter.rows = list(checkpoint.get(_ROWS_CHECKPOINT_KEY, {}).get(key) or [])
         self._warned_loaded = dict(checkpoint.get(_WARNED_CHECKPOINT_KEY, {}).get(key) or {})  # absent: older
         for built in self._states:
             self._restore_warned(built)
@@ -488,6 +494,7 @@ class GradGuard(CallbackBase):
         self._evaluating = stage != "fit"
         if stage != "fit":
             return
+        self._reporter.take_rows()  # an earlier fit's, never written (here: a checkpoint restored next brings its own)
         others = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradGuard) and c is not self]
         if others:
             # Both would clip, skip and lower the rate of the same steps, and the second finds gradients the first
@@ -562,7 +569,6 @@ class GradGuard(CallbackBase):
             self._next_log_step = _lightning_step(trainer) + self._log_every(trainer)
         self._last_stamp = None
         self._fit_batches, self._warned_unguarded = 0, False
-        self._reporter.take_rows()  # an earlier fit's, never written
         self._in_step.clear()
         self._losses.clear()  # a loss left over by an earlier fit that ended between backward and step
         self._unowned = None

@@ -1601,6 +1601,18 @@ class GuardEngine:
             last_size=self._last_size,
             size_changes=self._size_changes,
         )
+        # The logging window so far: a run resumed from this state logs the steps since the last log as the
+        # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
+        state["window"] = {
+            "clock": self._record.buffers["clock"].clone(),
+            "extremes": self._record.buffers["extremes"].clone(),
+            "layers": self._record.buffers["layers"].clone(),
+            "last_total": self._last_total.detach().clone(),
+            "steps_since_log": self.steps_since_log,
+            "stamps": [list(run) for run in self._stamps],
+            # Events acted on but not drained yet (settled above, or landed since the last drain).
+            "events": [list(event) for event in self._events],
+        }
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
             if "copies" in state["rollback"]:
@@ -1665,6 +1677,14 @@ class GuardEngine:
                 saved = state[b.name].to(device)
                 # A state saved before a kind was added has fewer counters: those it has keep their slots.
                 self._record.buffers[b.name][: saved.shape[0]].copy_(saved)
+        window = state.get("window")
+        if window is not None and not per_layer:  # else (an older state, other layers): the window starts here
+            for name in ("clock", "extremes", "layers"):
+                self._record.buffers[name].copy_(window[name].to(device))
+            self._last_total = window["last_total"].to(device)
+            self.steps_since_log = int(window["steps_since_log"])
+            self._stamps = [(int(a), int(b), int(c), int(d)) for a, b, c, d in window["stamps"]]
+            self._events.extend(StepEvent(*event) for event in window.get("events", []))
         self.host_counts.update(state.get("host_counts", {}))
         self.steps = int(state.get("steps", 0))
         self._batch_size = int(state.get("batch_size", 0))  # an older state has none: the next batch sets it

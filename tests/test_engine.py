@@ -98,7 +98,9 @@ def test_a_plain_loop_takes_the_callbacks_decisions_on_the_same_gradients() -> N
 
     for a, b in zip(fitted.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
-    assert_same_state(guard.state_dict()["optimizers"]["0"], engine.state_dict())
+    # The logging windows differ: GradGuard logged every 5 steps, the plain loop never took a snapshot.
+    logged, plain = guard.state_dict()["optimizers"]["0"], engine.state_dict()
+    assert_same_state({**logged, "window": None}, {**plain, "window": None})
     assert guard.lr_guard is not None and guard.lr_guard.state_dict() == parts["lr_guard"].state_dict()
     assert guard.summary() == engine.summary()
     summary = engine.summary()
@@ -167,7 +169,6 @@ def test_state_dict_round_trip_continues_exactly() -> None:
     buffer.seek(0)
     resumed = _engine(model)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    resumed.snapshot()  # the window starts over; the cumulative state does not
     second, _, after = _run(_engine, range(16, 31), engine=resumed, model=model)
     assert_same_state(whole.state_dict(), second.state_dict())
     assert whole.summary() == second.summary()

@@ -536,6 +536,38 @@ def test_a_param_group_added_between_two_logs_keeps_the_windows_record(tmp_path:
     assert "net.2.gate" in guard._states[0].index.param_names  # the engine was rebuilt
 
 
+def test_a_run_resumed_between_two_logs_logs_that_window_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    # The window since the last log was not in the checkpoint: the resumed run's first log read a calm maximum and
+    # lost the spikes' trouble points and table rows, and the cut's row (a host-side row not yet written) too.
+    def fit(run: str, ckpt_path: str | None = None) -> tuple[dict[str, list[tuple[int, float]]], str]:
+        torch.manual_seed(0)
+        logger = TensorBoardLogger(tmp_path / run, name="", version="")
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        callbacks = [GradGuard(), saver] if ckpt_path is None else [GradGuard()]
+        model = Shifting(spikes=(1, 2), lr=0.01)
+        fit = trainer(max_steps=12, callbacks=callbacks, logger=logger, log_every_n_steps=5, enable_checkpointing=True)
+        _quiet_fit(fit, model, regression_data(), ckpt_path=ckpt_path)
+        events = load_events(tmp_path / run)
+        table = events.Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
+        return scalar_series(tmp_path / run), table
+
+    def first_window(series: dict[str, list[tuple[int, float]]], table: str) -> Any:
+        # Up to the first log (Lightning's step 4): a mid-epoch resume replays the epoch's batches from its start, so
+        # later steps see other batches than the uninterrupted run's.
+        rows = [line for line in table.splitlines()[2:] if int(line.strip("|").split("|")[0]) <= 4]
+        tags = [
+            tag
+            for tag in series
+            if tag.startswith(("gradguard/total_norm_max", "gradguard/trouble/", "gradguard/events/"))
+        ]
+        return rows, {tag: [(step, value) for step, value in series[tag] if 3 <= step <= 4] for tag in tags}
+
+    scalars, table = fit("whole")
+    whole = first_window(scalars, table)
+    assert any("lr_reduced" in row for row in whole[0]) and whole[1]["gradguard/total_norm_max"][0][1] > 1e3
+    assert first_window(*fit("resumed", ckpt_path=str(tmp_path / "ckpt" / "step=3.ckpt"))) == whole
+
+
 class CrashesAt(Shifting):
     """``Shifting`` whose ``training_step`` raises at optimizer step ``crash`` (counted from 0, as ``global_step``)."""
 
