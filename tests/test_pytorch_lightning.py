@@ -133,7 +133,13 @@ def test_checkpoint_resume_restores_the_guard(tmp_path: Path) -> None:
     _trainer(callbacks=[first, checkpoint], **common).fit(PLRegressor(), regression_data())
     resumed = GradGuard()
     _trainer(callbacks=[resumed], **common).fit(PLRegressor(), regression_data(), ckpt_path=str(tmp_path / "last.ckpt"))
-    assert_same_state(resumed.state_dict(), first.state_dict())
+    # The logging window aside: the checkpoint holds the steps since the last log, which the first run's end then
+    # wrote (and started a new window); the resumed run, at max_steps already, took no step to write them in.
+    restored, saved = resumed.state_dict(), first.state_dict()
+    for state in (restored, saved):
+        for engine in state["optimizers"].values():
+            engine.pop("window")
+    assert_same_state(restored, saved)
 
 
 def test_lightning_cli_of_the_standalone_package_accepts_the_guard(
