@@ -1603,16 +1603,7 @@ class GuardEngine:
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
-        state["window"] = {
-            "clock": self._record.buffers["clock"].clone(),
-            "extremes": self._record.buffers["extremes"].clone(),
-            "layers": self._record.buffers["layers"].clone(),
-            "last_total": self._last_total.detach().clone(),
-            "steps_since_log": self.steps_since_log,
-            "stamps": [list(run) for run in self._stamps],
-            # Events acted on but not drained yet (settled above, or landed since the last drain).
-            "events": [list(event) for event in self._events],
-        }
+        state["window"] = self._window_state()
         if self.rollback is not None:
             state["rollback"] = self.rollback.state_dict()
             if "copies" in state["rollback"]:
@@ -1679,12 +1670,7 @@ class GuardEngine:
                 self._record.buffers[b.name][: saved.shape[0]].copy_(saved)
         window = state.get("window")
         if window is not None and not per_layer:  # else (an older state, other layers): the window starts here
-            for name in ("clock", "extremes", "layers"):
-                self._record.buffers[name].copy_(window[name].to(device))
-            self._last_total = window["last_total"].to(device)
-            self.steps_since_log = int(window["steps_since_log"])
-            self._stamps = [(int(a), int(b), int(c), int(d)) for a, b, c, d in window["stamps"]]
-            self._events.extend(StepEvent(*event) for event in window.get("events", []))
+            self._take_window(window)
         self.host_counts.update(state.get("host_counts", {}))
         self.steps = int(state.get("steps", 0))
         self._batch_size = int(state.get("batch_size", 0))  # an older state has none: the next batch sets it
@@ -1725,24 +1711,45 @@ class GuardEngine:
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps
-        self._events.extend(old._events)
-        # The logging window goes on: its extremes, its step numbers, and each layer's record by name (a spike
-        # between two logs is not lost to the change; layers new since start blank).
-        for name in ("clock", "extremes"):
-            self._record.buffers[name].copy_(old._record.buffers[name])
-        self._last_total = old._last_total
-        self.steps_since_log, self._stamps = old.steps_since_log, list(old._stamps)
-        old_column = {name: i for i, name in enumerate(old.index.names)}
-        pairs = [(i, old_column[name]) for i, name in enumerate(self.index.names) if name in old_column]
-        if pairs:
-            device = self._record.device
-            new = torch.tensor([i for i, _ in pairs], device=device)
-            kept = torch.tensor([j for _, j in pairs], device=old._record.device)
-            self._record.buffers["layers"][:, new] = old._record.buffers["layers"][:, kept].to(device)
+        # The logging window goes on (a spike between two logs is not lost to the change), each layer's record by
+        # name: layers new since start blank.
+        self._take_window(old._window_state(), layers=old.index.names)
         if self.rollback is not None and old.rollback is not None:
             self.rollback = old.rollback
             self.rollback.rebind(self.index.params)
             self._rollback_due = old._rollback_due
+
+    def _window_state(self) -> dict[str, Any]:
+        """The logging window since the last snapshot, and the events not drained yet (settled, or landed since the
+        last drain): plain values and tensors."""
+        return {
+            "clock": self._record.buffers["clock"].clone(),
+            "extremes": self._record.buffers["extremes"].clone(),
+            "layers": self._record.buffers["layers"].clone(),
+            "last_total": self._last_total.detach().clone(),
+            "steps_since_log": self.steps_since_log,
+            "stamps": [list(run) for run in self._stamps],
+            "events": [list(event) for event in self._events],
+        }
+
+    def _take_window(self, window: dict[str, Any], layers: Sequence[str] | None = None) -> None:
+        """Go on with a :meth:`_window_state`: of these layers, or of ``layers`` (names), matched to these by name."""
+        device = self._record.device
+        for name in ("clock", "extremes"):
+            self._record.buffers[name].copy_(window[name].to(device))
+        saved = window["layers"].to(device)
+        if layers is None:
+            self._record.buffers["layers"].copy_(saved)
+        else:
+            column = {name: i for i, name in enumerate(layers)}
+            pairs = [(i, column[name]) for i, name in enumerate(self.index.names) if name in column]
+            if pairs:
+                mine, theirs = (torch.tensor(side, device=device) for side in zip(*pairs))
+                self._record.buffers["layers"][:, mine] = saved[:, theirs]
+        self._last_total = window["last_total"].to(device)
+        self.steps_since_log = int(window["steps_since_log"])
+        self._stamps = [(int(a), int(b), int(c), int(d)) for a, b, c, d in window["stamps"]]
+        self._events.extend(StepEvent(*event) for event in window.get("events", []))
 
     def summary(self) -> dict[str, int]:
         """Cumulative count of each event kind (reads the device counters: a host sync): steps, except
