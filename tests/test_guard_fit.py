@@ -464,30 +464,36 @@ def test_a_guard_reused_with_a_new_trainer_writes_histograms_on_its_schedule(tmp
 
 
 @pytest.mark.parametrize(
-    ("log_every", "hist_every", "saved_at", "first", "resumed"),
-    [(1, 5, 7, [4, 9, 14], [9, 14]), (5, 7, 8, [9, 14], [9, 14])],
+    ("log_every", "hist_every", "first", "resumed"),
+    [(1, 5, [4, 9, 14], [9, 14]), (5, 7, [9, 14], [9, 14])],
     ids=["histogram at each multiple", "histogram at the first log past a multiple"],
 )
 def test_a_resumed_run_writes_histograms_on_the_schedule_it_saved_with(
-    log_every: int, hist_every: int, saved_at: int, first: list[int], resumed: list[int], tmp_path: Path
+    log_every: int, hist_every: int, first: list[int], resumed: list[int], tmp_path: Path
 ) -> None:
-    # A resumed run counted its histograms from 0 and wrote one at its first log; then, from the step it resumed at,
-    # which skipped a histogram due at the first log past a multiple (every 7 steps, logged every 5, saved at step
-    # 8: the one at Lightning's step 9, due since step 7, was missing).
+    # A resumed run counted its histograms from 0 and wrote one at its first log (step 8); then, from the step it
+    # resumed at, which skipped a histogram due at the first log past a multiple (every 7 steps, logged every 5: the
+    # one at Lightning's step 9, due since step 7, was missing). Saved at an epoch's end (8 batches), where every
+    # supported Lightning numbers the resumed steps alike.
     def fit(run: str, ckpt_path: str | None = None) -> list[int]:
         logger = TensorBoardLogger(tmp_path / run, name="", version="")
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=saved_at, save_top_k=-1)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
         callbacks = [GradGuard(histogram_every_n_steps=hist_every), saver]
         torch.manual_seed(0)
         fit = trainer(
-            max_steps=15, callbacks=callbacks, logger=logger, log_every_n_steps=log_every, enable_checkpointing=True
+            max_steps=15,
+            max_epochs=-1,
+            callbacks=callbacks,
+            logger=logger,
+            log_every_n_steps=log_every,
+            enable_checkpointing=True,
         )
-        _quiet_fit(fit, Regressor(), regression_data(), ckpt_path=ckpt_path)
+        _quiet_fit(fit, Regressor(), regression_data(n=128), ckpt_path=ckpt_path)
         return [event.step for event in load_events(tmp_path / run).Histograms("gradguard/grad_hist/net.0")]
 
     assert fit("a") == first
     # A new guard and Trainer from the checkpoint: the uninterrupted run's histograms after that step.
-    assert fit("b", ckpt_path=str(next((tmp_path / "ckpt").glob(f"*step={saved_at}.ckpt")))) == resumed
+    assert fit("b", ckpt_path=str(tmp_path / "ckpt" / "step=8.ckpt")) == resumed
 
 
 def test_a_finished_fit_leaves_its_module_trainer_and_optimizer_to_the_garbage_collector() -> None:
@@ -538,34 +544,32 @@ def test_a_param_group_added_between_two_logs_keeps_the_windows_record(tmp_path:
 
 def test_a_run_resumed_between_two_logs_logs_that_window_as_the_uninterrupted_run(tmp_path: Path) -> None:
     # The window since the last log was not in the checkpoint: the resumed run's first log read a calm maximum and
-    # lost the spikes' trouble points and table rows, and the cut's row (a host-side row not yet written) too.
-    def fit(run: str, ckpt_path: str | None = None) -> tuple[dict[str, list[tuple[int, float]]], str]:
+    # lost the spikes' trouble points and table rows, and the cut's row (a host-side row not yet written) too. Saved
+    # at an epoch's end (8 batches, step 8), before the first log (step 9): the spikes at steps 4 and 7 and the cut they
+    # bring are in the window the checkpoint holds.
+    def fit(run: str, ckpt_path: str | None = None) -> tuple[list[str], dict[str, list[tuple[int, float]]]]:
         torch.manual_seed(0)
         logger = TensorBoardLogger(tmp_path / run, name="", version="")
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
         callbacks = [GradGuard(), saver] if ckpt_path is None else [GradGuard()]
-        model = Shifting(spikes=(1, 2), lr=0.01)
-        fit = trainer(max_steps=12, callbacks=callbacks, logger=logger, log_every_n_steps=5, enable_checkpointing=True)
-        _quiet_fit(fit, model, regression_data(), ckpt_path=ckpt_path)
+        fit = trainer(
+            max_steps=10,
+            max_epochs=-1,
+            callbacks=callbacks,
+            logger=logger,
+            log_every_n_steps=10,
+            enable_checkpointing=True,
+        )
+        _quiet_fit(fit, Shifting(spikes=(4, 7), lr=0.01), regression_data(n=128), ckpt_path=ckpt_path)
         events = load_events(tmp_path / run)
         table = events.Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
-        return scalar_series(tmp_path / run), table
+        series = scalar_series(tmp_path / run)
+        tags = [tag for tag in series if tag.startswith(("gradguard/total_norm_max", "gradguard/trouble/"))]
+        return table.splitlines()[2:], {tag: series[tag] for tag in tags}
 
-    def first_window(series: dict[str, list[tuple[int, float]]], table: str) -> Any:
-        # Up to the first log (Lightning's step 4): a mid-epoch resume replays the epoch's batches from its start, so
-        # later steps see other batches than the uninterrupted run's.
-        rows = [line for line in table.splitlines()[2:] if int(line.strip("|").split("|")[0]) <= 4]
-        tags = [
-            tag
-            for tag in series
-            if tag.startswith(("gradguard/total_norm_max", "gradguard/trouble/", "gradguard/events/"))
-        ]
-        return rows, {tag: [(step, value) for step, value in series[tag] if 3 <= step <= 4] for tag in tags}
-
-    scalars, table = fit("whole")
-    whole = first_window(scalars, table)
-    assert any("lr_reduced" in row for row in whole[0]) and whole[1]["gradguard/total_norm_max"][0][1] > 1e3
-    assert first_window(*fit("resumed", ckpt_path=str(tmp_path / "ckpt" / "step=3.ckpt"))) == whole
+    rows, scalars = fit("whole")
+    assert any("lr_reduced" in row for row in rows) and scalars["gradguard/total_norm_max"][0][1] > 1e3
+    assert fit("resumed", ckpt_path=str(tmp_path / "ckpt" / "step=8.ckpt")) == (rows, scalars)
 
 
 class CrashesAt(Shifting):
