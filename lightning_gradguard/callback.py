@@ -1157,7 +1157,6 @@ class GradGuard(CallbackBase):
         # A fit stopped by an error (e.g. on_exploding="raise") never reaches on_train_end: without this the LR hooks
         # would stay on the dead optimizer and keep the next fit's optimizer from getting its own. Nor teardown: the
         # Trainer would keep the gradient_clip_val it lent the guard as None, and a later fit without it would not clip.
-        self._evaluating = False
         try:
             # The steps since the last log are the ones that led up to the error: written (and warned about) now,
             # not left for the next fit of this guard to report as its own. One process only: the write gathers
@@ -1171,8 +1170,7 @@ class GradGuard(CallbackBase):
             for engine in self._states.values():
                 engine.start_window()
             self._release_hooks()
-            restore_clipping(trainer)
-            self._unbind_log()
+            self.teardown(trainer, pl_module, "fit")  # which Lightning does not call after an error
 
     def _release_hooks(self) -> None:
         self._disarm_saturation()
