@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 if TYPE_CHECKING:
@@ -198,3 +199,17 @@ def destroy_process_group(timeout_s: float = 60.0) -> None:
         warnings.warn(
             f"destroy_process_group did not return within {timeout_s:g} s; left to the process's exit", stacklevel=2
         )
+
+
+class AddGroup(L.Callback):
+    """At step ``at`` (counted from 1), gives the optimizer a new param group (a fine-tuning schedule's unfreeze)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step + 1 == self.at:
+            # A parameter new to the model (the guard rebuilds its engine), last in `parameters()`.
+            head = pl_module.net[-1]
+            head.gate = nn.Parameter(torch.ones(()))
+            trainer.optimizers[0].add_param_group({"params": [head.gate], "lr": 1e-3})

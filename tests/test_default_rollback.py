@@ -22,7 +22,7 @@ import lightning_gradguard
 from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, NormClip, Rollback
 from lightning_gradguard._lightning import restart_weight_averages
 from lightning_gradguard.rollback import default_rollback
-from tests.helpers import RestartWatch
+from tests.helpers import AddGroup, RestartWatch
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -553,20 +553,6 @@ def test_in_a_trainer_the_restart_clips_unit_wise_from_then_on() -> None:
     # Without a rescue clipper nothing bounds them after the restart (at a lower rate).
     plain = fit(default_rollback(rescue=False))
     assert max(plain[s] for s in range(10, 81)) > 0.02
-
-
-class AddGroup(L.Callback):
-    """At step ``at`` (counted from 1), gives the optimizer a new param group (a fine-tuning schedule's unfreeze)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step + 1 == self.at:
-            # A parameter new to the model (the guard rebuilds its engine), last in `parameters()`.
-            head = pl_module.net[-1]
-            head.gate = nn.Parameter(torch.ones(()))
-            trainer.optimizers[0].add_param_group({"params": [head.gate], "lr": 1e-3})
 
 
 @pytest.mark.parametrize("at", [4, 9])

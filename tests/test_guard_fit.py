@@ -31,7 +31,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.regularize import Regularizer
-from tests.helpers import MetricsLogger, RestartWatch, load_events, scalar_series
+from tests.helpers import AddGroup, MetricsLogger, RestartWatch, load_events, scalar_series
 from tests.models import Regressor, regression_data, trainer
 
 
@@ -514,26 +514,13 @@ def test_a_finished_fit_leaves_its_module_trainer_and_optimizer_to_the_garbage_c
     assert guard.summary()["exploding"] == 0  # the guard itself goes on
 
 
-class AddsGroup(L.Callback):
-    """Gives the optimizer a new param group (a new head parameter) at optimizer step ``at`` (counted from 0)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            head = pl_module.net[-1]
-            head.gate = nn.Parameter(torch.ones(()))
-            trainer.optimizers[0].add_param_group({"params": [head.gate]})
-
-
 def test_a_param_group_added_between_two_logs_keeps_the_windows_record(tmp_path: Path) -> None:
     # The engine rebuilt for the new group started a blank window: the spike of step 16 was counted but had no
     # trouble point, no table row, no warning, and the window's maximum read 6.8 instead of 2.9e4.
     torch.manual_seed(0)
     guard = GradGuard()
     logger = TensorBoardLogger(tmp_path, name="", version="")
-    fit = trainer(max_epochs=-1, max_steps=20, callbacks=[guard, AddsGroup(at=18)], logger=logger)
+    fit = trainer(max_epochs=-1, max_steps=20, callbacks=[guard, AddGroup(at=19)], logger=logger)
     messages = _quiet_fit(fit, Shifting(spikes=(16,), lr=0.01), regression_data())
     assert any("exploding gradients in layer" in m and "at step 16" in m for m in messages)
     scalars = scalar_series(tmp_path)
