@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -553,6 +553,21 @@ class ExplodingDetector:
         half = (self.z_thresh * std).clamp_min(math.log(self.min_ratio))
         return torch.stack([level, level - half, level + half]).exp()
 
+    def _take_layers(self, old: ExplodingDetector, source: Sequence[int]) -> None:
+        """Go on from ``old``'s history: the total's, and layer ``i``'s from ``old``'s layer ``source[i]`` (``-1``:
+        a layer new since, which starts its own, silently, as a layer that receives gradients late)."""
+        if old._mean is None:
+            return
+        device = old._mean.device
+        old._ensure_state(old._mean.numel() - 1, device)
+        self._ensure_state(len(source), device)
+        pairs = [(0, 0)] + [(i + 1, j + 1) for i, j in enumerate(source) if j >= 0]
+        mine, theirs = (torch.tensor(side, device=device) for side in zip(*pairs))
+        for name in ("_mean", "_var", "_count", "_bias"):
+            getattr(self, name)[mine] = getattr(old, name)[theirs]
+        for name in ("_stretch", "_levels"):
+            getattr(self, name)[:, mine] = getattr(old, name)[:, theirs]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "mean": None if self._mean is None else self._mean.clone(),
@@ -636,6 +651,17 @@ class VanishingDetector:
         run = torch.where(use, (self._run + 1) * low, self._run)
         self._run = run
         return VanishingResult(layers=run >= self.patience, new=use & (run == self.patience))
+
+    def _take_layers(self, old: VanishingDetector, source: Sequence[int]) -> None:
+        """Go on from ``old``'s streaks: layer ``i``'s from ``old``'s layer ``source[i]`` (``-1``: none yet)."""
+        if old._run is None:
+            return
+        run = torch.zeros(len(source), dtype=old._run.dtype, device=old._run.device)
+        pairs = [(i, j) for i, j in enumerate(source) if j >= 0]
+        if pairs:
+            mine, theirs = (torch.tensor(side, device=run.device) for side in zip(*pairs))
+            run[mine] = old._run[theirs]
+        self._run = run
 
     def state_dict(self) -> dict[str, Any]:
         return {"run": None if self._run is None else self._run.clone()}

@@ -1705,9 +1705,11 @@ class GuardEngine:
         rare), so a cut or a rollback they call for is not lost. Then its counters, its undrained events, a rollback
         due and the rollback itself go on here: a run rescued by the rescue clipper stays rescued, a used retry stays
         used, a stretch of trouble goes on, and the copies restore the parameters they were taken of (see
-        :meth:`Rollback.rebind`). The per-layer statistics start afresh.
+        :meth:`Rollback.rebind`). So do the statistics (see :meth:`_take_statistics`): the detectors stay out of
+        their warm-up, and the clipper keeps its thresholds, on the very step a fine-tuning schedule is riskiest.
         """
         old._settle()
+        self._take_statistics(old)
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps
@@ -1718,6 +1720,23 @@ class GuardEngine:
             self.rollback = old.rollback
             self.rollback.rebind(self.index.params)
             self._rollback_due = old._rollback_due
+
+    def _take_statistics(self, old: GuardEngine) -> None:
+        """Go on from ``old``'s statistics: each layer's by name (a layer new since starts its own, silently, as
+        one that receives gradients late), the total's, the clipper's and the loss's. The total goes on although the
+        new parameters join it, as it does where layers are unfrozen within a group (``requires_grad``): a joining
+        backbone is a level its statistics take in. Started afresh instead, a spike on the step a group joined went
+        through whole (a 10x loss then blew a regression up to 3e14 despite a rollback and two cuts)."""
+        column = {name: i for i, name in enumerate(old.index.names)}
+        source = [column.get(name, -1) for name in self.index.names]
+        if self.exploding is not None and old.exploding is not None:
+            self.exploding._take_layers(old.exploding, source)
+        if self.vanishing is not None and old.vanishing is not None:
+            self.vanishing._take_layers(old.vanishing, source)
+        if self.divergence is not None and old.divergence is not None:
+            self.divergence.load_state_dict(old.divergence.state_dict())
+        if self.clipper is not None and type(old.clipper) is type(self.clipper):
+            self.clipper.load_state_dict(old.clipper.device_state())
 
     def _window_state(self) -> dict[str, Any]:
         """The logging window since the last snapshot, and the events not drained yet (settled, or landed since the

@@ -3,6 +3,7 @@ another configuration, and the log schedule of a resume from a mid-epoch checkpo
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,25 +78,42 @@ def test_a_module_added_with_add_param_group_mid_fit_is_guarded() -> None:
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+class _Unfreeze(L.Callback):
+    """At step ``at`` (counted from 1), unfreezes ``net.0`` and gives it to the optimizer in a group of its own (what
+    ``BackboneFinetuning`` does)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step + 1 == self.at:
+            pl_module.net[0].requires_grad_(True)
+            trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters())})
+
+
+class _FrozenBackbone(Regressor):
+    """``net.0`` frozen and outside the optimizer until unfrozen; the loss of step ``spike_at`` scaled by ``spike``."""
+
+    def __init__(self, spike_at: int | None = None, spike: float = 100.0) -> None:
+        super().__init__()
+        self.spike_at, self.spike = spike_at, spike
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.spike if self.global_step + 1 == self.spike_at else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self.net[0].requires_grad_(False)
+        return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
+
+
 def test_layers_unfrozen_mid_fit_join_the_tensorboard_board(tmp_path: Path) -> None:
     """An unfreezing schedule under a TensorBoardLogger: the board takes the layers that joined (before, the first
     log after the unfreeze stopped the fit: "`norms` must have 1 entries ..., got 2")."""
-
-    class Unfreeze(L.Callback):
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if trainer.global_step == 6:
-                pl_module.net[0].requires_grad_(True)
-                trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters())})
-
-    class Frozen(Regressor):
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            self.net[0].requires_grad_(False)
-            return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
-
     guard = GradGuard(image_every_n_steps=4)
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0, default_hp_metric=False)
-    trainer(max_steps=16, callbacks=[guard, Unfreeze()], logger=logger, log_every_n_steps=2).fit(
-        Frozen(), regression_data()
+    trainer(max_steps=16, callbacks=[guard, _Unfreeze(at=7)], logger=logger, log_every_n_steps=2).fit(
+        _FrozenBackbone(), regression_data()
     )
     assert guard.layer_names() == ["net.0", "net.2"]  # definition order: the rows of the pictures move
     series = scalar_series(tmp_path / "run" / "version_0")
@@ -104,6 +122,37 @@ def test_layers_unfrozen_mid_fit_join_the_tensorboard_board(tmp_path: Path) -> N
     assert len(series["gradguard/layer/net.2"]) == 8  # every log, before and after
     images = load_events(tmp_path / "run" / "version_0").Images("gradguard/gradient_flow")
     assert [event.step for event in images][-1] == 15  # the pictures went on after the unfreeze
+
+
+def test_the_statistics_go_on_across_a_param_group_added_mid_fit() -> None:
+    """The engine rebuilt for a new param group goes on from the old one's statistics, each layer's by name, and the
+    joined layer starts its own. Before, every statistic started afresh and the detectors were in their warm-up
+    again: a 10x loss on the step the group joined (a fine-tuning schedule's riskiest) went through whole, and the
+    run blew up to a loss of 3e14 despite a rollback and two cuts."""
+
+    def fit(guarded: bool, spike_at: int | None) -> tuple[float, GradGuard]:
+        torch.manual_seed(0)
+        model, guard = _FrozenBackbone(spike_at, spike=10.0), GradGuard()
+        callbacks = [guard, _Unfreeze(at=20)] if guarded else [_Unfreeze(at=20)]
+        data = regression_data()
+        trainer(max_epochs=-1, max_steps=30, callbacks=callbacks).fit(model, data)
+        x, y = data.dataset.tensors  # type: ignore[attr-defined]
+        with torch.no_grad():
+            return float(nn.functional.mse_loss(model(x), y)), guard
+
+    clean, _ = fit(False, None)
+    healthy, guard = fit(True, None)
+    assert sum(guard.summary().values()) == 0  # the join alone is no event, no clip
+    assert healthy == clean
+    counts = guard._states[0].exploding._count
+    assert counts is not None and guard.layer_names() == ["net.0", "net.2"]
+    assert counts.tolist() == [30, 11, 30]  # total, net.0 (since it joined at step 20), net.2 (every step)
+    assert int(guard._states[0].clipper._count) == 30  # ZClip's history goes on too
+
+    assert math.isnan(fit(False, 20)[0])
+    rescued, guard = fit(True, 20)
+    assert {kind: n for kind, n in guard.summary().items() if n} == {"exploding": 1, "clipped": 1}
+    assert rescued < 1.5 * clean
 
 
 def test_a_plain_loop_optimizer_with_parameters_outside_the_engine_is_warned_about_and_skipped_whole() -> None:
