@@ -45,6 +45,9 @@ The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iteratio
 * ``unfreeze``: a backbone (2 Linear layers) and a head; the backbone is frozen (``requires_grad_(False)``) for the
   first 50 steps and unfrozen in ``on_train_batch_start`` at step 50; AdamW (1e-3) holds all parameters from the
   start (frozen ones simply have no gradient). 200 steps.
+* ``finetune``: the same, fine-tuned as Lightning's ``BackboneFinetuning`` does it: AdamW (1e-3) holds the head alone,
+  and at step 50 ``BaseFinetuning.unfreeze_and_add_param_group`` gives it the backbone as a param group of its own at
+  a tenth of the rate (the guard rebuilds its per-optimizer state and keeps its statistics). 200 steps.
 * ``transformer_bf16``: a tiny causal transformer LM (2 pre-norm layers, d_model 64, 4 heads, vocab 64, sequences
   of 32) on a synthetic language (a random sparse Markov chain: 4 successors per token), ``precision="bf16-mixed"``,
   batches of 4 with ``accumulate_grad_batches=2``, AdamW 3e-3 with a 20-step linear warm-up, then cosine decay. 150
@@ -131,7 +134,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import BaseFinetuning, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -164,6 +167,7 @@ __all__ = [
     "RegressionModule",
     "TinyLMModule",
     "UnfreezeModule",
+    "FinetuneModule",
     "main",
     "report",
     "run",
@@ -482,6 +486,26 @@ class UnfreezeModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+
+
+class FinetuneModule(UnfreezeModule):
+    """:class:`UnfreezeModule` fine-tuned as ``BackboneFinetuning`` does it: the optimizer holds the head alone, and
+    the backbone joins it at ``unfreeze_at`` as a param group of its own at a tenth of the rate
+    (``BaseFinetuning.unfreeze_and_add_param_group``).
+
+    Example:
+        >>> m = FinetuneModule(in_features=4, classes=3, hidden=8, unfreeze_at=5)
+        >>> len(m.configure_optimizers().param_groups)
+        1
+    """
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == self.unfreeze_at:
+            optimizer = self.trainer.optimizers[0]
+            BaseFinetuning.unfreeze_and_add_param_group(self.backbone, optimizer, initial_denom_lr=10.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=0.01)
 
 
 class TinyLMModule(L.LightningModule):
@@ -1090,21 +1114,29 @@ def _classifier_job(name: str, size: Size, seed: int, steps: int | None, kind: L
     )
 
 
-def _job_unfreeze(size: Size, seed: int, steps: int | None) -> _Job:
+def _job_unfreeze(size: Size, seed: int, steps: int | None, name: Literal["unfreeze", "finetune"]) -> _Job:
     default_steps = 200
     steps = steps or (8 if size == "quick" else default_steps)
     at = _scaled(50, steps, default_steps)
     batch, d_in, classes, n_test, lr = 64, 32, 10, 2000, 1e-3
 
     data, evaluate = _classification_task(d_in, classes, seed, (9, 10), steps * batch, batch, n_test)
+    if name == "unfreeze":
+        title, optimizer, module = "backbone frozen, then unfrozen mid-run", "on all parameters", UnfreezeModule
+    else:
+        title = "backbone frozen, then given to the optimizer mid-run (BackboneFinetuning's way)"
+        optimizer, module = (
+            f"on the head, the backbone's param group at lr {lr / 10:g} from step {at + 1}",
+            FinetuneModule,
+        )
 
     return _Job(
-        name="unfreeze",
-        title="backbone frozen, then unfrozen mid-run",
+        name=name,
+        title=title,
         settings=f"backbone {d_in}-128-128 (frozen for steps 1-{at}, unfrozen at step {at + 1}) + head 128-{classes}, "
-        f"teacher-labelled data, batch {batch}, {steps} steps, AdamW lr {lr:g} on all parameters, {n_test} held-out",
+        f"teacher-labelled data, batch {batch}, {steps} steps, AdamW lr {lr:g} {optimizer}, {n_test} held-out",
         steps=steps,
-        module=lambda: UnfreezeModule(d_in, classes, unfreeze_at=at, lr=lr),
+        module=lambda: module(d_in, classes, unfreeze_at=at, lr=lr),
         data=data,
         evaluate=evaluate,
         metric="CE",
@@ -1390,7 +1422,8 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
     "rezero": _job_rezero,
     "warmup": lambda size, seed, steps: _classifier_job("warmup", size, seed, steps, "warmup"),
     "nan_batch": lambda size, seed, steps: _regression_job("nan_batch", size, seed, steps, "nan_batch"),
-    "unfreeze": _job_unfreeze,
+    "unfreeze": lambda size, seed, steps: _job_unfreeze(size, seed, steps, "unfreeze"),
+    "finetune": lambda size, seed, steps: _job_unfreeze(size, seed, steps, "finetune"),
     "transformer_bf16": _job_transformer,
     "gan": _job_gan,
     "deep1000": _job_deep,
