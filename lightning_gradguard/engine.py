@@ -753,6 +753,10 @@ class GuardEngine:
         self._size_changes = 0
         self._warned_no_gradient = False
         self._warned_unattached = False
+        self._present_seen: Tensor | None = None  # the last mask of the layers with a gradient the rollback saw
+        # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
+        self._called = False
+        self._warned_order = False
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
         # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
         self._processed: list[tuple[weakref.ref[Tensor], weakref.ref[Tensor], int]] = []
@@ -800,12 +804,36 @@ class GuardEngine:
         """Apply the LR guard's multiplier inside ``optimizer.step()`` (see :meth:`LRGuard.attach`)."""
         if self.lr_guard is None:
             raise ValueError("GuardEngine.attach: the engine has no lr_guard.")
-        self._check_optimizer(optimizer)
+        self._check_optimizer(optimizer, caller="attach()")
         handle = self.lr_guard.attach(optimizer, self.key)
-        self._attached = weakref.ref(unwrap_optimizer(optimizer))
+        inner = unwrap_optimizer(optimizer)
+        self._attached = weakref.ref(inner)
+        engine = weakref.ref(self)  # the optimizer must not keep the engine alive
+
+        def stepped(*_: Any) -> None:
+            live = engine()
+            if live is not None:
+                live._optimizer_stepped()
+
+        handle.hold(inner.register_step_post_hook(stepped))
         return handle
 
-    def _check_optimizer(self, optimizer: Any) -> None:
+    def _optimizer_stepped(self) -> None:
+        """After each step of the attached optimizer: one warning if no :meth:`step` came before it (called after
+        ``optimizer.step()``, the engine's skips and clips reach no step: a NaN batch stepped, while the counts
+        reported the skips)."""
+        called, self._called = self._called, False
+        if called or self._warned_order:
+            return
+        self._warned_order = True
+        warnings.warn(
+            "GuardEngine: the attached optimizer stepped without a GuardEngine.step() since its previous step. Call"
+            " engine.step() after backward() and before optimizer.step(): called after it (or not at all), its"
+            " skips and clips reach no step, and its counts describe steps it did not change.",
+            stacklevel=user_stacklevel(),
+        )
+
+    def _check_optimizer(self, optimizer: Any, caller: str = "step()") -> None:
         """Refuse what is no optimizer (no ``param_groups``); warn about one that holds none of this engine's
         parameters, once per optimizer: another model's would have the LR guard cut one model's rate for the other's
         explosions, but DeepSpeed's ZeRO optimizer, which holds flat copies, looks the same (and leaves the
@@ -822,7 +850,7 @@ class GuardEngine:
             # full rate, whatever the guard decided.
             raise ValueError(
                 f"GuardEngine: the LR guard is attached to another optimizer ({type(attached).__name__} at"
-                f" {id(attached):#x}) than the one passed to step(). For a new optimizer, remove the old handle and"
+                f" {id(attached):#x}) than the one passed to {caller}. For a new optimizer, remove the old handle and"
                 " call `engine.attach(new_optimizer)`."
             )
         # A param group added since the last check (add_param_group), or parameters added to one, change it.
@@ -922,6 +950,7 @@ class GuardEngine:
             NonFiniteGradientError: with ``on_nonfinite="raise"``, on a step whose gradients hold inf/NaN.
             ValueError: a ``GradScaler`` without ``optimizer``, or with ``grad_scale`` (it unscales the gradients).
         """
+        self._called = True
         if optimizer is not None:
             self._check_optimizer(optimizer)
         if step is not None:
@@ -991,6 +1020,11 @@ class GuardEngine:
                     stacklevel=user_stacklevel(),
                 )
             return None
+        if self.rollback is not None and measured.present is not self._present_seen:
+            # The parameters with a gradient changed (the measurement's cached mask is another): one unfrozen since
+            # a copy joins it now, before its first update.
+            self._present_seen = measured.present
+            self.rollback.join(self.index.params, measured.param_indices, unwrap_optimizer(optimizer))
         number = self.steps + 1 if step is None else int(step)
         # A short batch gives the exploding detector the record's constant False as its `valid`.
         blind = None if self._judged(samples) else self._record.false
@@ -1679,6 +1713,7 @@ class GuardEngine:
         self._size_changes = int(state.get("size_changes", 0))
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"], params=self.index.params)
+            self._present_seen = None  # the loaded copies may leave out parameters that have gradients now
             held = self.rollback.holds_copy
             self._rollback_due = bool(state.get("rollback_due", False)) and held
             self._before_steps = {int(step): stats for step, stats in state.get("before_steps", [])} if held else {}

@@ -124,6 +124,10 @@ class LRGuardHandle:
         self._key = key
         self._handles = handles
 
+    def hold(self, handle: RemovableHandle) -> None:
+        """Remove ``handle`` too (a hook of the attaching engine's) when this one is removed."""
+        self._handles = (*self._handles, handle)
+
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
         for handle in self._handles:

@@ -69,6 +69,25 @@ def _copy_(targets: list[Tensor], sources: list[Tensor]) -> None:
         foreach_copy_(t_list, s_list)
 
 
+def _optimizer_state(
+    params: Sequence[Tensor], optimizer: torch.optim.Optimizer | None
+) -> tuple[list[tuple[int, str]], list[Tensor], dict[tuple[int, str], Any]]:
+    """The optimizer state of ``params``: the (position, name) of each tensor, the tensors (not copied), and the
+    values that are not tensors (copied deeply: the optimizer changes LBFGS's lists in place)."""
+    keys: list[tuple[int, str]] = []
+    tensors: list[Tensor] = []
+    plain: dict[tuple[int, str], Any] = {}
+    for i, p in enumerate(params):
+        state = optimizer.state.get(p) if optimizer is not None else None
+        for name, value in (state or {}).items():
+            if isinstance(value, Tensor):
+                keys.append((i, name))
+                tensors.append(value.detach())
+            else:
+                plain[(i, name)] = copy.deepcopy(value)
+    return keys, tensors, plain
+
+
 class _Slot:
     """One copy of some parameters and of their optimizer state (buffers reused from one copy to the next)."""
 
@@ -79,6 +98,8 @@ class _Slot:
         """Drop the copies (their memory is freed once nothing else holds them)."""
         self.params: list[Tensor] = []  # the parameters copied (references, to restore into)
         self.positions: list[int] = []  # their positions among the parameters the copy was taken from
+        # Positions among those parameters of the ones left out (frozen at the copy): see :meth:`Rollback.join`.
+        self.frozen: list[int] = []
         self.values: list[Tensor] = []  # their copies
         self.state_keys: list[tuple[int, str]] = []  # (position in ``params``, name) of each optimizer state tensor
         self.state: list[Tensor] = []
@@ -96,7 +117,10 @@ class _Slot:
         step: int,
         extra: Any,
         positions: list[int] | None = None,
+        total: int | None = None,
     ) -> None:
+        """Copy ``params`` (at ``positions`` among ``total`` parameters, the others frozen) and their optimizer
+        state, at engine step ``step``; ``extra``: the caller's own state."""
         sources = [p.detach() for p in params]
         if _same_layout(self.values, sources):
             _copy_(self.values, sources)
@@ -104,17 +128,9 @@ class _Slot:
             self.values = [s.clone() for s in sources]
         self.params = list(params)
         self.positions = list(range(len(params))) if positions is None else list(positions)
-        keys: list[tuple[int, str]] = []
-        tensors: list[Tensor] = []
-        plain: dict[tuple[int, str], Any] = {}
-        for i, p in enumerate(params):
-            state = optimizer.state.get(p) if optimizer is not None else None
-            for name, value in (state or {}).items():
-                if isinstance(value, Tensor):
-                    keys.append((i, name))
-                    tensors.append(value.detach())
-                else:
-                    plain[(i, name)] = copy.deepcopy(value)
+        copied = set(self.positions)
+        self.frozen = [i for i in range(total) if i not in copied] if total is not None else []
+        keys, tensors, plain = _optimizer_state(params, optimizer)
         if keys == self.state_keys and _same_layout(self.state, tensors):
             _copy_(self.state, tensors)
         else:
@@ -124,6 +140,24 @@ class _Slot:
         self.step = step
         self.extra = extra
         self.valid = True
+
+    def join(self, params: Sequence[Tensor], joined: list[int], optimizer: torch.optim.Optimizer | None) -> bool:
+        """Add the parameters at positions ``joined`` among ``params`` (frozen at the copy) as they are now, with
+        their optimizer state; ``True`` when any were added."""
+        if not joined:
+            return False
+        added = [params[i] for i in joined]
+        offset = len(self.params)
+        keys, tensors, plain = _optimizer_state(added, optimizer)
+        self.params += added
+        self.positions += joined
+        self.values += [p.detach().clone() for p in added]
+        self.state_keys += [(offset + i, name) for i, name in keys]
+        self.state += [t.clone() for t in tensors]
+        self.plain.update({(offset + i, name): value for (i, name), value in plain.items()})
+        taken = set(joined)
+        self.frozen = [i for i in self.frozen if i not in taken]
+        return True
 
     def restore(self, optimizer: torch.optim.Optimizer | None) -> None:
         _copy_([p.detach() for p in self.params], self.values)
@@ -184,6 +218,8 @@ class _Slot:
         ):
             return False  # another layout, or sharded parameters (a DTensor's shape is the whole tensor's)
         self.params, self.positions = bound, positions
+        copied = set(positions)
+        self.frozen = [i for i in range(len(params)) if i not in copied]
         # Copies, not the loaded tensors: the caller may hold on to the state (or load it twice), and a slot is
         # written in place by later copies.
         self.values = [v.to(p.device, copy=True) for v, p in zip(values, bound)]
@@ -509,15 +545,27 @@ class Rollback:
             # Checked at every copy: the optimizer's state (Adam's moments) only exists after its first step.
             needed = _nbytes(trainable, optimizer) * (1 if self.every is None else 2)
             if needed > self.max_bytes:
-                warnings.warn(
-                    f"GradGuard: no rollback in this run: its copies would take {needed / 2**20:.0f} MiB, more than "
-                    f"`Rollback(max_bytes={self.max_bytes})` allows. Raise `max_bytes` (or `None`) to keep it, or "
-                    "pass `rollback=None` to silence this.",
-                    stacklevel=2,
-                )
-                self._release()
+                self._refuse(needed)
                 return
-        slot.take(trainable, optimizer, step, capture() if capture is not None else None, positions)
+        slot.take(trainable, optimizer, step, capture() if capture is not None else None, positions, len(params))
+
+    def join(self, params: Sequence[Tensor], present: Sequence[int], optimizer: torch.optim.Optimizer | None) -> None:
+        """Add to the copies the parameters among ``present`` (positions among ``params``, the engine's: those with a
+        gradient this step) that were frozen when they were taken (an unfrozen backbone, a param group added), before
+        their first update: they still hold their values at the copy. Frozen parameters are not copied; left out,
+        a rollback after the unfreeze restored the rest and left them wrecked, and repeated to no effect down to the
+        LR guard's floor. The engine calls it when the set of parameters with a gradient changes."""
+        held = [slot for slot in (self._safe, self._candidate) if slot.valid and slot.frozen]
+        if self._off or not held:
+            return
+        grew = False
+        for slot in held:
+            frozen = set(slot.frozen)
+            grew |= slot.join(params, [i for i in present if i in frozen], optimizer)
+        if grew and self.max_bytes is not None:
+            needed = _slot_nbytes(self._safe) + (_slot_nbytes(self._candidate) if self._candidate.valid else 0)
+            if needed > self.max_bytes:
+                self._refuse(needed)
 
     def rebind(self, params: Sequence[Tensor]) -> None:
         """Go on for an engine rebuilt on ``params`` (its optimizer got a param group): each copy restores the
@@ -533,7 +581,19 @@ class Rollback:
                 slot.clear()
                 continue
             slot.positions = [where[id(p)] for p in slot.params]
+            copied = set(slot.positions)
+            slot.frozen = [i for i in range(len(params)) if i not in copied]  # the new ones join at their first step
             slot.extra = None
+
+    def _refuse(self, needed: int) -> None:
+        """No rollback for this run: its copies would take ``needed`` bytes, more than ``max_bytes``."""
+        warnings.warn(
+            f"GradGuard: no rollback in this run: its copies would take {needed / 2**20:.0f} MiB, more than "
+            f"`Rollback(max_bytes={self.max_bytes})` allows. Raise `max_bytes` (or `None`) to keep it, or "
+            "pass `rollback=None` to silence this.",
+            stacklevel=3,
+        )
+        self._release()
 
     def _release(self) -> None:
         self._off = True

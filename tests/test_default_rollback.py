@@ -497,6 +497,44 @@ def test_non_finite_batches_in_a_row_need_twice_the_stretch_without_a_finite_exp
     assert restarts == [6]
 
 
+def test_a_parameter_unfrozen_after_the_copy_joins_it_at_its_first_step() -> None:
+    # Frozen parameters are not copied. One unfrozen later joins the copy as it is at its first step with a gradient
+    # (still its value at the copy): a rollback restores it too, also after the state's round trip. Before, it
+    # stayed wrecked.
+    head, backbone = torch.zeros(2, requires_grad=True), torch.ones(3, requires_grad=False)
+    opt = torch.optim.SGD([head, backbone], lr=0.1, momentum=0.9)
+    rollback = Rollback(every=None)
+    rollback.before_step(1, [head, backbone], opt)
+    assert rollback._safe.positions == [0] and rollback._safe.frozen == [1]
+    rollback.join([head, backbone], [0], opt)  # no change while it stays frozen
+    assert rollback._safe.positions == [0]
+    backbone.requires_grad_(True)
+    rollback.join([head, backbone], [0, 1], opt)
+    assert rollback._safe.positions == [0, 1] and rollback._safe.frozen == []
+    saved = copy.deepcopy(rollback.state_dict())
+    with torch.no_grad():
+        head.fill_(5.0), backbone.fill_(1e6)
+    rollback.restore(opt)
+    assert torch.equal(head, torch.zeros(2)) and torch.equal(backbone, torch.ones(3))
+    with torch.no_grad():
+        backbone.fill_(1e6)
+    resumed = Rollback(every=None)
+    resumed.load_state_dict(saved, [head, backbone])
+    resumed.restore(opt)
+    assert torch.equal(backbone, torch.ones(3))
+
+
+def test_a_copy_that_an_unfreeze_grows_over_max_bytes_is_dropped_with_one_warning() -> None:
+    head, backbone = torch.zeros(2, requires_grad=True), torch.ones(100, requires_grad=False)
+    rollback = Rollback(every=None, max_bytes=100)  # 8 bytes fit, 408 do not
+    rollback.before_step(1, [head, backbone], None)
+    assert rollback.holds_copy
+    backbone.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"no rollback in this run: its copies would take 0 MiB.*max_bytes=100"):
+        rollback.join([head, backbone], [0, 1], None)
+    assert not rollback.holds_copy and not rollback.can_restore()
+
+
 def test_past_until_the_copy_is_freed_and_nothing_restarts() -> None:
     rollback = Rollback(every=None, until=20, patience=2)
     engine, _, _, restarts = _engine_run(rollback, spikes={30, 31})

@@ -360,3 +360,41 @@ def test_the_engines_warnings_point_at_the_callers_line() -> None:
         engine.step()
         engine.step()  # the same gradients again
     assert len(caught) == 2 and {w.filename for w in caught} == {__file__}
+
+
+def test_an_optimizer_step_before_the_engines_is_warned_about_once() -> None:
+    # step() called after optimizer.step(): its skip of the NaN batch reached no step, the weights went NaN, and the
+    # counts reported the skips, silently. The attached optimizer's step now says so, once, at the user's line.
+    def run(order: str) -> tuple[nn.Module, list[warnings.WarningMessage]]:
+        model = _model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = GuardEngine(model, lr_guard=LRGuard())
+        engine.attach(opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 8):
+                opt.zero_grad()
+                x = torch.randn(8, 4) * (math.nan if step == 4 else 1.0)
+                model(x).square().mean().backward()
+                if order == "after":
+                    opt.step()
+                    engine.step()
+                else:
+                    engine.step()
+                    opt.step()
+        return model, [w for w in caught if "stepped without a GuardEngine.step()" in str(w.message)]
+
+    model, said = run("after")
+    assert not all(p.isfinite().all() for p in model.parameters())
+    assert len(said) == 1 and said[0].filename == __file__
+    model, said = run("before")
+    assert all(p.isfinite().all() for p in model.parameters()) and not said
+
+
+def test_attaching_a_second_optimizer_names_attach_in_its_message() -> None:
+    model = _model()
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    first = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(first)
+    with pytest.raises(ValueError, match=r"than the one passed to attach\(\)"):
+        engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))

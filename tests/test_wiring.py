@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_gradguard import AutoClip, GradGuard, GuardEngine, LRGuard, ZClip
+from lightning_gradguard import AutoClip, GradGuard, GuardEngine, LRGuard, Rollback, ZClip
 from tests.helpers import MetricsLogger, load_events, scalar_series
 from tests.models import Regressor, regression_data, trainer
 from tests.test_modes import _spiky_data
@@ -79,24 +79,28 @@ def test_a_module_added_with_add_param_group_mid_fit_is_guarded() -> None:
 
 
 class _Unfreeze(L.Callback):
-    """At step ``at`` (counted from 1), unfreezes ``net.0`` and gives it to the optimizer in a group of its own (what
-    ``BackboneFinetuning`` does)."""
+    """At step ``at`` (counted from 1), unfreezes ``net.0``: gives it to the optimizer in a group of its own (what
+    ``BackboneFinetuning`` does; at ``lr`` when given), or, for a module whose optimizer holds it already
+    (``_FrozenBackbone(backbone_lr=...)``), only lets it take gradients."""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, lr: float | None = None) -> None:
+        self.at, self.lr = at, lr
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if trainer.global_step + 1 == self.at:
             pl_module.net[0].requires_grad_(True)
-            trainer.optimizers[0].add_param_group({"params": list(pl_module.net[0].parameters())})
+            if pl_module.backbone_lr is None:
+                group = {"params": list(pl_module.net[0].parameters())}
+                trainer.optimizers[0].add_param_group(group if self.lr is None else {**group, "lr": self.lr})
 
 
 class _FrozenBackbone(Regressor):
-    """``net.0`` frozen and outside the optimizer until unfrozen; the loss of step ``spike_at`` scaled by ``spike``."""
+    """``net.0`` frozen until unfrozen, and outside the optimizer until then (or, with ``backbone_lr``, in a group
+    of its own from the start); the loss of step ``spike_at`` scaled by ``spike``."""
 
-    def __init__(self, spike_at: int | None = None, spike: float = 100.0) -> None:
+    def __init__(self, spike_at: int | None = None, spike: float = 100.0, backbone_lr: float | None = None) -> None:
         super().__init__()
-        self.spike_at, self.spike = spike_at, spike
+        self.spike_at, self.spike, self.backbone_lr = spike_at, spike, backbone_lr
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
@@ -104,7 +108,10 @@ class _FrozenBackbone(Regressor):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         self.net[0].requires_grad_(False)
-        return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
+        if self.backbone_lr is None:
+            return torch.optim.SGD(self.net[2].parameters(), lr=0.05)
+        groups = [{"params": self.net[2].parameters()}, {"params": self.net[0].parameters(), "lr": self.backbone_lr}]
+        return torch.optim.SGD(groups, lr=0.05)
 
 
 def test_layers_unfrozen_mid_fit_join_the_tensorboard_board(tmp_path: Path) -> None:
@@ -153,6 +160,24 @@ def test_the_statistics_go_on_across_a_param_group_added_mid_fit() -> None:
     rescued, guard = fit(True, 20)
     assert {kind: n for kind, n in guard.summary().items() if n} == {"exploding": 1, "clipped": 1}
     assert rescued < 1.5 * clean
+
+
+@pytest.mark.parametrize("how", ["param_group", "requires_grad"])
+@pytest.mark.parametrize("rollback", ["default", "every"])
+def test_a_rollback_after_an_unfreeze_restores_the_unfrozen_layer_too(how: str, rollback: str) -> None:
+    """The backbone joins at step 20 at a rate 20x too high. The rollback's copy was taken while it was frozen (frozen
+    parameters are not copied): before, a rollback restored the head and left the backbone as the blow-up had made
+    it, and the run ended at a loss of 1e22-1e28, its rate cut to the floor."""
+    torch.manual_seed(0)
+    model = _FrozenBackbone(backbone_lr=1.0 if how == "requires_grad" else None)
+    guard = GradGuard() if rollback == "default" else GradGuard(rollback=Rollback(every=10))
+    data = regression_data()
+    trainer(max_epochs=-1, max_steps=80, callbacks=[guard, _Unfreeze(at=20, lr=1.0)]).fit(model, data)
+    assert guard.summary()["rolled_back"] >= 1
+    x, y = data.dataset.tensors  # type: ignore[attr-defined]
+    with torch.no_grad():
+        assert float(nn.functional.mse_loss(model(x), y)) < 1.0
+    assert float(model.net[0].weight.abs().max()) < 10.0  # it started within 0.25
 
 
 def test_a_plain_loop_optimizer_with_parameters_outside_the_engine_is_warned_about_and_skipped_whole() -> None:
