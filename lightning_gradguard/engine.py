@@ -753,7 +753,9 @@ class GuardEngine:
         self._size_changes = 0
         self._warned_no_gradient = False
         self._warned_unattached = False
-        self._present_seen: Tensor | None = None  # the last mask of the layers with a gradient the rollback saw
+        self._present_seen: Tensor | None = None  # the last mask of the layers with a gradient seen
+        self._seen_params: set[int] = set()  # positions of the parameters that have had a gradient
+
         # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
         self._called = False
         self._warned_order = False
@@ -817,6 +819,34 @@ class GuardEngine:
 
         handle.hold(inner.register_step_post_hook(stepped))
         return handle
+
+    def _gradients_changed(self, present: list[int], optimizer: torch.optim.Optimizer | None) -> None:
+        """The parameters with a gradient (positions ``present``) are another set than on the last step. One that
+        never had a gradient before (an unfrozen backbone, a param group added) joins the rollback's copies before
+        its first update, and joins the total norm: the total's statistics go back into their warm-up at their level,
+        and the clipper's (when it clips the total) start afresh. Each layer's own statistics go on, and a joining
+        layer starts its own, as always."""
+        if self.rollback is not None:
+            self.rollback.join(self.index.params, present, unwrap_optimizer(optimizer))
+        seen = self._seen_params
+        if len(seen) == len(self.index.params):
+            return
+        joined = seen and any(i not in seen for i in present)
+        seen.update(present)
+        if not joined:
+            return
+        self._total_joined()
+
+    def _total_joined(self) -> None:
+        """Parameters joined the total norm: its statistics go back into their warm-up at their level, and the
+        clipper's, when it clips the total, start afresh (AdaGC's are per tensor). Not after a rollback to
+        statistics of before the join: a restarted run is a troubled one, and a backbone whose rate was still too
+        high after the restart's cut held the total 10-50x up, which a warm-up took in (the run ended at a loss of
+        125 where the carried band's cuts got 0.7)."""
+        if self.exploding is not None:
+            self.exploding._rewarm_total()
+        if self.clipper is not None and not self.clipper.needs_names:
+            self._load_statistics({"clip": self._fresh["clip"]})
 
     def _optimizer_stepped(self) -> None:
         """After each step of the attached optimizer: one warning if no :meth:`step` came before it (called after
@@ -1020,11 +1050,10 @@ class GuardEngine:
                     stacklevel=user_stacklevel(),
                 )
             return None
-        if self.rollback is not None and measured.present is not self._present_seen:
-            # The parameters with a gradient changed (the measurement's cached mask is another): one unfrozen since
-            # a copy joins it now, before its first update.
+        if measured.present is not self._present_seen:
+            # The parameters with a gradient changed (the measurement's cached mask is another one): rare.
             self._present_seen = measured.present
-            self.rollback.join(self.index.params, measured.param_indices, unwrap_optimizer(optimizer))
+            self._gradients_changed(measured.param_indices, optimizer)
         number = self.steps + 1 if step is None else int(step)
         # A short batch gives the exploding detector the record's constant False as its `valid`.
         blind = None if self._judged(samples) else self._record.false
@@ -1634,6 +1663,7 @@ class GuardEngine:
             short_run=self._short_run,
             last_size=self._last_size,
             size_changes=self._size_changes,
+            seen_params=sorted(self._seen_params),
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
@@ -1711,9 +1741,12 @@ class GuardEngine:
         self._short_run = int(state.get("short_run", 0))
         self._last_size = int(state.get("last_size", 0))
         self._size_changes = int(state.get("size_changes", 0))
+        # Absent from older states: the first step's parameters are taken as seen, as on a fresh start.
+        seen = [int(i) for i in state.get("seen_params", [])]
+        self._seen_params = set(seen) if all(0 <= i < len(self.index.params) for i in seen) else set()
+        self._present_seen = None
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"], params=self.index.params)
-            self._present_seen = None  # the loaded copies may leave out parameters that have gradients now
             held = self.rollback.holds_copy
             self._rollback_due = bool(state.get("rollback_due", False)) and held
             self._before_steps = {int(step): stats for step, stats in state.get("before_steps", [])} if held else {}
@@ -1748,13 +1781,48 @@ class GuardEngine:
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps
+        # The batch size the short-batch rule knows (else an epoch's short last batch right after the change was
+        # judged against the carried statistics), and the parameters that have had a gradient, at their new places:
+        # the new ones join the total at their first gradient.
+        self._batch_size, self._short_run = old._batch_size, old._short_run
+        self._last_size, self._size_changes = old._last_size, old._size_changes
+        where = {id(p): i for i, p in enumerate(self.index.params)}
+        self._seen_params = {
+            where[id(old.index.params[i])] for i in old._seen_params if id(old.index.params[i]) in where
+        }
         # The logging window goes on (a spike between two logs is not lost to the change), each layer's record by
         # name: layers new since start blank.
         self._take_window(old._window_state(), layers=old.index.names)
         if self.rollback is not None and old.rollback is not None:
             self.rollback = old.rollback
-            self.rollback.rebind(self.index.params)
+            self.rollback.rebind(self.index.params, statistics=lambda saved: self._statistics_from(old, saved))
             self._rollback_due = old._rollback_due
+
+    def _statistics_from(self, old: GuardEngine, saved: dict[str, Any]) -> dict[str, Any]:
+        """``old``'s statistics ``saved`` (a rollback copy's, see :meth:`_statistics`) for this engine's layers, each
+        layer's by name (a new one's as it is now). Dropped instead, a rollback after a param group was added kept the
+        statistics that took in the blow-up, and a backbone whose rate was still too high after the restart held
+        the loss 100x up for the rest of the run."""
+        source = self._layer_source(old)
+        out = dict(saved)
+        parts: tuple[tuple[str, Any, Any], ...] = (
+            ("exploding", self.exploding, old.exploding),
+            ("vanishing", self.vanishing, old.vanishing),
+        )
+        for name, part, old_part in parts:
+            state = saved.get(name)
+            if part is None or old_part is None or state is None or all(v is None for v in state.values()):
+                continue  # nothing learned at the copy: restored as zeros of the current shape
+            before, after = copy.deepcopy(old_part), copy.deepcopy(part)
+            before.load_state_dict(state)
+            after._take_layers(before, source)
+            out[name] = after.state_dict()
+        return out
+
+    def _layer_source(self, old: GuardEngine) -> list[int]:
+        """For each of this engine's layers, its position among ``old``'s (``-1``: new)."""
+        column = {name: i for i, name in enumerate(old.index.names)}
+        return [column.get(name, -1) for name in self.index.names]
 
     def _take_statistics(self, old: GuardEngine) -> None:
         """Go on from ``old``'s statistics: each layer's by name (a layer new since starts its own, silently, as
@@ -1762,8 +1830,7 @@ class GuardEngine:
         new parameters join it, as it does where layers are unfrozen within a group (``requires_grad``): a joining
         backbone is a level its statistics take in. Started afresh instead, a spike on the step a group joined went
         through whole (a 10x loss then blew a regression up to 3e14 despite a rollback and two cuts)."""
-        column = {name: i for i, name in enumerate(old.index.names)}
-        source = [column.get(name, -1) for name in self.index.names]
+        source = self._layer_source(old)
         if self.exploding is not None and old.exploding is not None:
             self.exploding._take_layers(old.exploding, source)
         if self.vanishing is not None and old.vanishing is not None:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_copy_, unwrap_optimizer
+from lightning_gradguard._compat import foreach_copy_, unwrap_optimizer, user_stacklevel
 from lightning_gradguard._validation import check_bool, check_int, check_state, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
@@ -567,12 +567,12 @@ class Rollback:
             if needed > self.max_bytes:
                 self._refuse(needed)
 
-    def rebind(self, params: Sequence[Tensor]) -> None:
+    def rebind(self, params: Sequence[Tensor], statistics: Callable[[Any], Any] | None = None) -> None:
         """Go on for an engine rebuilt on ``params`` (its optimizer got a param group): each copy restores the
         parameters it was taken of, now found at their positions among ``params`` (a copy holding one that is gone
-        is dropped: the next step takes a new one). The statistics kept with the copies describe the old layers:
-        dropped, so a rollback leaves the new engine's statistics as they are. Parameters new since have no copy:
-        a rollback leaves them as they are."""
+        is dropped: the next step takes a new one); parameters new since join a copy at their first gradient
+        (:meth:`join`). ``statistics`` maps the caller's state kept with a copy to the rebuilt engine's (its
+        layers); without it that state is dropped, and a rollback leaves the new engine's statistics as they are."""
         where = {id(p): i for i, p in enumerate(params)}
         for slot in (self._safe, self._candidate):
             if not slot.valid:
@@ -582,8 +582,8 @@ class Rollback:
                 continue
             slot.positions = [where[id(p)] for p in slot.params]
             copied = set(slot.positions)
-            slot.frozen = [i for i in range(len(params)) if i not in copied]  # the new ones join at their first step
-            slot.extra = None
+            slot.frozen = [i for i in range(len(params)) if i not in copied]
+            slot.extra = statistics(slot.extra) if statistics is not None and slot.extra is not None else None
 
     def _refuse(self, needed: int) -> None:
         """No rollback for this run: its copies would take ``needed`` bytes, more than ``max_bytes``."""
@@ -591,7 +591,7 @@ class Rollback:
             f"GradGuard: no rollback in this run: its copies would take {needed / 2**20:.0f} MiB, more than "
             f"`Rollback(max_bytes={self.max_bytes})` allows. Raise `max_bytes` (or `None`) to keep it, or "
             "pass `rollback=None` to silence this.",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
         self._release()
 

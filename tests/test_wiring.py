@@ -3,6 +3,7 @@ another configuration, and the log schedule of a resume from a mid-epoch checkpo
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -98,8 +99,14 @@ class _FrozenBackbone(Regressor):
     """``net.0`` frozen until unfrozen, and outside the optimizer until then (or, with ``backbone_lr``, in a group
     of its own from the start); the loss of step ``spike_at`` scaled by ``spike``."""
 
-    def __init__(self, spike_at: int | None = None, spike: float = 100.0, backbone_lr: float | None = None) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        spike_at: int | None = None,
+        spike: float = 100.0,
+        backbone_lr: float | None = None,
+        net: nn.Module | None = None,
+    ) -> None:
+        super().__init__(net)
         self.spike_at, self.spike, self.backbone_lr = spike_at, spike, backbone_lr
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -132,14 +139,15 @@ def test_layers_unfrozen_mid_fit_join_the_tensorboard_board(tmp_path: Path) -> N
 
 
 def test_the_statistics_go_on_across_a_param_group_added_mid_fit() -> None:
-    """The engine rebuilt for a new param group goes on from the old one's statistics, each layer's by name, and the
-    joined layer starts its own. Before, every statistic started afresh and the detectors were in their warm-up
-    again: a 10x loss on the step the group joined (a fine-tuning schedule's riskiest) went through whole, and the
-    run blew up to a loss of 3e14 despite a rollback and two cuts."""
+    """The engine rebuilt for a new param group goes on from the old one's statistics: each layer's by name (the
+    joined layer starts its own), and the total's at its level, back in its warm-up since the joined layer's norm
+    joins it. Before, every statistic started afresh: a 100x loss on the step the group joined (a fine-tuning
+    schedule's riskiest) went through whole, and the run blew up to a loss of 4e19 despite a rollback and three
+    cuts."""
 
     def fit(guarded: bool, spike_at: int | None) -> tuple[float, GradGuard]:
         torch.manual_seed(0)
-        model, guard = _FrozenBackbone(spike_at, spike=10.0), GradGuard()
+        model, guard = _FrozenBackbone(spike_at, spike=100.0), GradGuard()
         callbacks = [guard, _Unfreeze(at=20)] if guarded else [_Unfreeze(at=20)]
         data = regression_data()
         trainer(max_epochs=-1, max_steps=30, callbacks=callbacks).fit(model, data)
@@ -153,13 +161,37 @@ def test_the_statistics_go_on_across_a_param_group_added_mid_fit() -> None:
     assert healthy == clean
     counts = guard._states[0].exploding._count
     assert counts is not None and guard.layer_names() == ["net.0", "net.2"]
-    assert counts.tolist() == [30, 11, 30]  # total, net.0 (since it joined at step 20), net.2 (every step)
-    assert int(guard._states[0].clipper._count) == 30  # ZClip's history goes on too
+    # net.2 goes on (every step), net.0 has its own since it joined at step 20, and the total went back into its
+    # warm-up there, its level kept as one observation; ZClip, which clips the total, started afresh.
+    assert counts.tolist() == [12, 11, 30]
+    assert int(guard._states[0].clipper._count) == 11
 
     assert math.isnan(fit(False, 20)[0])
     rescued, guard = fit(True, 20)
     assert {kind: n for kind, n in guard.summary().items() if n} == {"exploding": 1, "clipped": 1}
     assert rescued < 1.5 * clean
+
+
+@pytest.mark.parametrize("how", ["param_group", "requires_grad"])
+def test_a_healthy_unfreeze_of_a_backbone_that_outweighs_the_head_is_left_alone(how: str) -> None:
+    """A deep backbone joins at step 20 and its gradient outweighs the head's several times: the total norm jumps.
+    The total's statistics go back into their warm-up at the join, the clipper's start afresh: no event, no clip,
+    the run as unguarded. Before, the jump was judged against the head's history: an exploding event and clipped
+    steps (with the statistics carried over a param group, and within one group in every earlier version)."""
+    blocks = [m for _ in range(8) for m in (nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 64))]
+
+    def fit(guarded: bool) -> tuple[_FrozenBackbone, GradGuard]:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Sequential(nn.Linear(16, 64), *copy.deepcopy(blocks)), nn.ReLU(), nn.Linear(64, 1))
+        model, guard = _FrozenBackbone(backbone_lr=0.01 if how == "requires_grad" else None, net=net), GradGuard()
+        callbacks = [guard, _Unfreeze(at=20, lr=0.01)] if guarded else [_Unfreeze(at=20, lr=0.01)]
+        trainer(max_epochs=-1, max_steps=40, callbacks=callbacks).fit(model, regression_data())
+        return model, guard
+
+    clean, _ = fit(False)
+    guarded, guard = fit(True)
+    assert sum(guard.summary().values()) == 0
+    assert all(torch.equal(p, q) for p, q in zip(guarded.parameters(), clean.parameters()))
 
 
 @pytest.mark.parametrize("how", ["param_group", "requires_grad"])
@@ -178,6 +210,24 @@ def test_a_rollback_after_an_unfreeze_restores_the_unfrozen_layer_too(how: str, 
     with torch.no_grad():
         assert float(nn.functional.mse_loss(model(x), y)) < 1.0
     assert float(model.net[0].weight.abs().max()) < 10.0  # it started within 0.25
+
+
+def test_both_ways_of_unfreezing_take_the_same_decisions_through_a_rollback() -> None:
+    """A backbone joining at 60x the head's rate under `Rollback(every=10)`: given to the optimizer as a new param
+    group, or held by it from the start and unfrozen, the run is the same. Before, the engine rebuilt for the new
+    group dropped the statistics kept with the copies, and a rollback left those that took in the blow-up: one
+    rollback and 18 clipped steps against two and 6 (or 8), and other weights."""
+
+    def fit(how: str) -> tuple[list[torch.Tensor], dict[str, int]]:
+        torch.manual_seed(0)
+        model = _FrozenBackbone(backbone_lr=3.0 if how == "requires_grad" else None)
+        guard = GradGuard(rollback=Rollback(every=10))
+        trainer(max_epochs=-1, max_steps=80, callbacks=[guard, _Unfreeze(at=20, lr=3.0)]).fit(model, regression_data())
+        return [p.detach() for p in model.parameters()], guard.summary()
+
+    grouped, joined = fit("param_group"), fit("requires_grad")
+    assert grouped[1] == joined[1] and grouped[1]["rolled_back"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(grouped[0], joined[0]))
 
 
 def test_a_plain_loop_optimizer_with_parameters_outside_the_engine_is_warned_about_and_skipped_whole() -> None:
