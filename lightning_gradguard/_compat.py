@@ -70,18 +70,18 @@ _FOREACH_DEVICE_TYPES = frozenset(("cpu", "cuda", "xpu", "mtia"))
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-_TORCH_WRAPPERS = (os.path.join("torch", "utils", "_contextlib.py"), os.path.join("torch", "optim", "optimizer.py"))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 
 
 def user_stacklevel() -> int:
-    """The ``stacklevel`` that points a warning at the first line outside this package and torch's wrappers
-    (``torch.no_grad`` adds a frame of its own, and a step hook runs inside ``Optimizer.step``'s), for
+    """The ``stacklevel`` that points a warning at the first line outside this package and torch (``torch.no_grad``
+    adds a frame of its own, a step hook runs inside ``Optimizer.step``, and that inside ``GradScaler.step``), for
     ``warnings.warn(..., stacklevel=user_stacklevel())``."""
     frame = sys._getframe(1)  # the function that calls warnings.warn
     level = 1
     while frame.f_back is not None:
         name = frame.f_code.co_filename
-        if not (name.startswith(_PACKAGE_DIR + os.sep) or name.endswith(_TORCH_WRAPPERS)):
+        if not (name.startswith(_PACKAGE_DIR + os.sep) or name.startswith(_TORCH_DIR + os.sep)):
             break
         frame, level = frame.f_back, level + 1
     return level

@@ -398,3 +398,17 @@ def test_attaching_a_second_optimizer_names_attach_in_its_message() -> None:
     engine.attach(first)
     with pytest.raises(ValueError, match=r"than the one passed to attach\(\)"):
         engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_the_order_warning_points_at_the_users_line_through_a_grad_scaler() -> None:
+    # The step hook runs inside GradScaler.step too: the warning pointed at torch's grad_scaler.py.
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler("cpu")
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(opt)
+    with pytest.warns(UserWarning, match="stepped without a GuardEngine.step") as caught:
+        scaler.scale(model(torch.randn(8, 4)).square().mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert [w.filename for w in caught if "stepped without" in str(w.message)] == [__file__]
