@@ -755,7 +755,6 @@ class GuardEngine:
         self._warned_unattached = False
         self._present_seen: Tensor | None = None  # the last mask of the layers with a gradient seen
         self._seen_params: set[int] = set()  # positions of the parameters that have had a gradient
-
         # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
         self._called = False
         self._warned_order = False
@@ -842,7 +841,7 @@ class GuardEngine:
         clipper's, when it clips the total, start afresh (AdaGC's are per tensor). Not after a rollback to
         statistics of before the join: a restarted run is a troubled one, and a backbone whose rate was still too
         high after the restart's cut held the total 10-50x up, which a warm-up took in (the run ended at a loss of
-        125 where the carried band's cuts got 0.7)."""
+        125 where the kept band's cuts got 0.82)."""
         if self.exploding is not None:
             self.exploding._rewarm_total()
         if self.clipper is not None and not self.clipper.needs_names:
@@ -1773,8 +1772,8 @@ class GuardEngine:
         rare), so a cut or a rollback they call for is not lost. Then its counters, its undrained events, a rollback
         due and the rollback itself go on here: a run rescued by the rescue clipper stays rescued, a used retry stays
         used, a stretch of trouble goes on, and the copies restore the parameters they were taken of (see
-        :meth:`Rollback.rebind`). So do the statistics (see :meth:`_take_statistics`): the detectors stay out of
-        their warm-up, and the clipper keeps its thresholds, on the very step a fine-tuning schedule is riskiest.
+        :meth:`Rollback.rebind`). So do the statistics (see :meth:`_take_statistics`): each layer's detectors stay
+        out of their warm-up, and the total's keep their level, on the very step a fine-tuning schedule is riskiest.
         """
         old._settle()
         self._take_statistics(old)
@@ -1801,8 +1800,8 @@ class GuardEngine:
     def _statistics_from(self, old: GuardEngine, saved: dict[str, Any]) -> dict[str, Any]:
         """``old``'s statistics ``saved`` (a rollback copy's, see :meth:`_statistics`) for this engine's layers, each
         layer's by name (a new one's as it is now). Dropped instead, a rollback after a param group was added kept the
-        statistics that took in the blow-up, and a backbone whose rate was still too high after the restart held
-        the loss 100x up for the rest of the run."""
+        statistics that took in the blow-up: a backbone whose rate was still too high after the restart ended at a
+        loss of 73, against 0.82 where it was unfrozen within its group."""
         source = self._layer_source(old)
         out = dict(saved)
         parts: tuple[tuple[str, Any, Any], ...] = (
@@ -1826,10 +1825,11 @@ class GuardEngine:
 
     def _take_statistics(self, old: GuardEngine) -> None:
         """Go on from ``old``'s statistics: each layer's by name (a layer new since starts its own, silently, as
-        one that receives gradients late), the total's, the clipper's and the loss's. The total goes on although the
-        new parameters join it, as it does where layers are unfrozen within a group (``requires_grad``): a joining
-        backbone is a level its statistics take in. Started afresh instead, a spike on the step a group joined went
-        through whole (a 10x loss then blew a regression up to 3e14 despite a rollback and two cuts)."""
+        one that receives gradients late), the total's, the clipper's and the loss's. When the new parameters first
+        get a gradient, the total's go back into their warm-up at their level and the clipper's start afresh
+        (:meth:`_total_joined`), as where layers are unfrozen within a group. Started afresh instead, a blow-up on
+        the step a group joined went through whole (a 100x loss then blew a regression up to 4e19 despite a rollback
+        and three cuts)."""
         source = self._layer_source(old)
         if self.exploding is not None and old.exploding is not None:
             self.exploding._take_layers(old.exploding, source)
