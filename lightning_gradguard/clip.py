@@ -316,6 +316,12 @@ class Clipper(abc.ABC):
         ``cap`` (or ``None``) is :meth:`clip_grads_`'s; a global-norm clipper folds it in with :meth:`_capped`.
         """
 
+    def rescale_(self, factor: Tensor) -> None:
+        """Scale what the clipper has learned of the total norm by ``factor`` (0-d device tensor): parameters joined
+        the total (an unfrozen backbone), and its level moved with them. A no-op for clippers without total-norm
+        statistics (``NormClip``, ``AGC``, and ``AdaGC``, whose statistics are per tensor)."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         """The clipper's state: plain Python values and CPU tensors (empty for stateless clippers)."""
         return {}
@@ -532,6 +538,10 @@ class AutoClip(Clipper):
         self.last_threshold = threshold
         self.last_coef = coef
         return coef
+
+    def rescale_(self, factor: Tensor) -> None:
+        if self._values is not None:
+            self._values = self._values * factor.to(self._values)  # +inf padding stays +inf, the order stays
 
     def state_dict(self) -> dict[str, Any]:
         """The history (``values``: sorted for ``history=None``, a ring buffer otherwise), the valid-step count and
@@ -953,6 +963,14 @@ class ZClip(Clipper):
             "level": self._level,
         }
         return None if any(v is None for v in parts.values()) else parts  # type: ignore[return-value]
+
+    def rescale_(self, factor: Tensor) -> None:
+        parts = self._parts()
+        if parts is None:
+            return
+        f = factor.to(parts["mean"])
+        self._buffer, self._mean, self._var = parts["buffer"] * f, parts["mean"] * f, parts["var"] * f.square()
+        self._level = parts["level"] * torch.stack([f.new_ones(()), f, f])  # (count, first norm, sum)
 
     def state_dict(self) -> dict[str, Any]:
         """Warm-up buffer, valid-step count, EMA mean and variance, whether the last valid step was a spike, and the

@@ -568,22 +568,19 @@ class ExplodingDetector:
         for name in ("_stretch", "_levels"):
             getattr(self, name)[:, mine] = getattr(old, name)[:, theirs]
 
-    def _rewarm_total(self) -> None:
-        """Put the total's statistics back into their warm-up, at the level they hold: parameters joined the total
-        (an unfrozen backbone), whose norms may outweigh the rest's, so its old band says nothing of the new sum, while
-        a blow-up 100x its level (``warmup_ratio``) is still flagged and capped there. A healthy fine-tune whose
-        backbone carried 5x the head's norm got an exploding event and five clipped steps at its join."""
+    def _shift_total(self, log_factor: Tensor) -> None:
+        """Move the total's statistics by ``log_factor`` (0-d device tensor, in log-norm), keeping their spread and
+        their warm-up: the level where the total now is, parameters having joined it (see
+        :meth:`GuardEngine._gradients_changed`). A level it remembers dropping from moves with it."""
         if self._mean is None:
             return
         self._ensure_state(self._mean.numel() - 1, self._mean.device)
-        assert self._count is not None and self._stretch is not None and self._bias is not None
         assert self._levels is not None
-        count, stretch, bias, levels = (t.clone() for t in (self._count, self._stretch, self._bias, self._levels))
-        count[0] = count[0].clamp_max(1.0)  # the level, as one observation: the next ones move it at 1/n
-        stretch[:, 0] = 0.0
-        bias[0] = 0.0
-        levels[:, 0] = torch.stack([levels.new_tensor(-math.inf), bias[0], self._mean[0], bias[0]])
-        self._count, self._stretch, self._bias, self._levels = count, stretch, bias, levels
+        mean, levels = self._mean.clone(), self._levels.clone()
+        mean[0] = mean[0] + log_factor
+        levels[0, 0] = levels[0, 0] + log_factor  # -inf (nothing remembered) stays -inf
+        levels[2, 0] = levels[2, 0] + log_factor
+        self._mean, self._levels = mean, levels
 
     def state_dict(self) -> dict[str, Any]:
         return {

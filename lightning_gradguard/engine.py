@@ -55,7 +55,7 @@ from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
 from lightning_gradguard.running_stats import RunningStats
-from lightning_gradguard.stats import FlatStats, GradStats, StepStats, split_flat
+from lightning_gradguard.stats import FlatStats, GradStats, StepStats, _upload, split_flat
 
 __all__ = [
     "EVENT_KINDS",
@@ -755,6 +755,8 @@ class GuardEngine:
         self._warned_unattached = False
         self._present_seen: Tensor | None = None  # the last mask of the layers with a gradient seen
         self._seen_params: set[int] = set()  # positions of the parameters that have had a gradient
+        self._present_last: list[int] | None = None  # those with a gradient at the last change of that set
+        self._joins: list[tuple[int, Tensor]] = []  # (engine step, log factor) of each move of the total's level
         # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
         self._called = False
         self._warned_order = False
@@ -819,33 +821,45 @@ class GuardEngine:
         handle.hold(inner.register_step_post_hook(stepped))
         return handle
 
-    def _gradients_changed(self, present: list[int], optimizer: torch.optim.Optimizer | None) -> None:
-        """The parameters with a gradient (positions ``present``) are another set than on the last step. One that
-        never had a gradient before (an unfrozen backbone, a param group added) joins the rollback's copies before
-        its first update, and joins the total norm: the total's statistics go back into their warm-up at their level,
-        and the clipper's (when it clips the total) start afresh. Each layer's own statistics go on, and a joining
-        layer starts its own, as always."""
+    def _gradients_changed(self, present: list[int], optimizer: torch.optim.Optimizer | None, flat: Tensor) -> None:
+        """The parameters with a gradient (positions ``present``) are another set than on the last step; ``flat``:
+        this step's per-layer squared norms. One that never had a gradient before (an unfrozen backbone, a param
+        group added) joins the rollback's copies before its first update. Layers that join the last step's add their
+        norm to the total, which a backbone can multiply: the total's statistics (the exploding detector's and the
+        clipper's) move to where the total now is, by the joining layers' share of this step's norm. The share is
+        the same on a bad batch (it scales every layer alike), so a spike on the join step is still one. Each
+        layer's own statistics go on, and a joining layer starts its own, as always."""
         if self.rollback is not None:
             self.rollback.join(self.index.params, present, unwrap_optimizer(optimizer))
+        previous, self._present_last = self._present_last, list(present)
         seen = self._seen_params
         if len(seen) == len(self.index.params):
             return
-        joined = seen and any(i not in seen for i in present)
+        new = [i for i in present if i not in seen] if seen else []
+        layer_of = self._stats.layer_of_param
+        old_layers = {layer_of[i] for i in seen}
         seen.update(present)
-        if not joined:
+        joining = sorted({layer_of[i] for i in new} - old_layers)
+        # Only layers added to the last step's: where they take turns (one task head per batch, routed experts) the
+        # total's make-up changes every step and its statistics cover that; moved at each first use, they drifted
+        # up until no bad batch was clipped.
+        if not joining or previous is None or len(present) <= len(previous) or not set(previous) <= set(present):
             return
-        self._total_joined()
+        # Layers silent until now, over the rest: the total is sqrt(1 + r) times what it would have been.
+        rows = _upload(torch.tensor(joining, dtype=torch.long), flat.device)
+        joined = flat.index_select(0, rows).sum()
+        rest = flat.sum() - joined
+        r = joined / rest
+        factor = torch.where(torch.isfinite(r) & (rest > 0), r, 0.0).log1p().mul(0.5)
+        self._joins.append((self.steps + 1, factor))
+        self._shift_total(factor)
 
-    def _total_joined(self) -> None:
-        """Parameters joined the total norm: its statistics go back into their warm-up at their level, and the
-        clipper's, when it clips the total, start afresh (AdaGC's are per tensor). Not after a rollback to
-        statistics of before the join: a restarted run is a troubled one, and a backbone whose rate was still too
-        high after the restart's cut held the total 10-50x up, which a warm-up took in (the run ended at a loss of
-        125 where the kept band's cuts got 0.82)."""
+    def _shift_total(self, factor: Tensor) -> None:
+        """Move the total norm's statistics (the exploding detector's, the clipper's) by ``factor``, in log-norm."""
         if self.exploding is not None:
-            self.exploding._rewarm_total()
-        if self.clipper is not None and not self.clipper.needs_names:
-            self._load_statistics({"clip": self._fresh["clip"]})
+            self.exploding._shift_total(factor)
+        if self.clipper is not None:
+            self.clipper.rescale_(factor.exp())
 
     def _optimizer_stepped(self) -> None:
         """After each step of the attached optimizer: one warning if no :meth:`step` came before it (called after
@@ -1052,7 +1066,7 @@ class GuardEngine:
         if measured.present is not self._present_seen:
             # The parameters with a gradient changed (the measurement's cached mask is another one): rare.
             self._present_seen = measured.present
-            self._gradients_changed(measured.param_indices, optimizer)
+            self._gradients_changed(measured.param_indices, optimizer, measured.flat)
         number = self.steps + 1 if step is None else int(step)
         # A short batch gives the exploding detector the record's constant False as its `valid`.
         blind = None if self._judged(samples) else self._record.false
@@ -1227,6 +1241,7 @@ class GuardEngine:
         # remedy tried first, unless the norm blew up by orders of magnitude in one step).
         cut = not retry and (not rescue or rollback.blew_up())
         began = rollback.stretch_began
+        copied_at = rollback.copy_step
         saved = rollback.restore(optimizer, rescue=rescue, retry=retry)
         before_trouble = self._before_steps.get(began) if retry and began is not None else None
         self._before_steps.clear()
@@ -1239,6 +1254,14 @@ class GuardEngine:
             before_trouble["running_stats"] = saved.get("running_stats") if saved is not None else None  # weights' own
             saved = before_trouble
         self._load_statistics(saved)
+        # Statistics of before a join (taken before that step was measured) know nothing of the layers that joined,
+        # which the restarted run trains: moved again, as at the join. Left at the old level, a backbone whose rate
+        # was still too high after the restart's cut climbed inside the new level it made, clipped but never cut
+        # again (a loss of 3177 at the end).
+        since = began if before_trouble is not None and began is not None else copied_at
+        for at, factor in self._joins:
+            if at >= since:
+                self._shift_total(factor)
         if before is not None:
             self.lr_guard.rewind(before, self.key, cut=cut, state_restored=optimizer is not None)
         self._drop_pending()  # the flags of the abandoned trajectory
@@ -1663,6 +1686,8 @@ class GuardEngine:
             last_size=self._last_size,
             size_changes=self._size_changes,
             seen_params=sorted(self._seen_params),
+            present_last=self._present_last,
+            joins=[[at, factor.clone()] for at, factor in self._joins],
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
@@ -1743,6 +1768,10 @@ class GuardEngine:
         # Absent from older states: the first step's parameters are taken as seen, as on a fresh start.
         seen = [int(i) for i in state.get("seen_params", [])]
         self._seen_params = set(seen) if all(0 <= i < len(self.index.params) for i in seen) else set()
+        last = [int(i) for i in state.get("present_last") or []]
+        fits = bool(last) and all(0 <= i < len(self.index.params) for i in last)
+        self._present_last = last if fits else None
+        self._joins = [(int(at), factor.to(self._record.device)) for at, factor in state.get("joins", [])]
         self._present_seen = None
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"], params=self.index.params)
@@ -1789,6 +1818,11 @@ class GuardEngine:
         self._seen_params = {
             where[id(old.index.params[i])] for i in old._seen_params if id(old.index.params[i]) in where
         }
+        self._joins = list(old._joins)
+        if old._present_last is not None:
+            self._present_last = [
+                where[id(old.index.params[i])] for i in old._present_last if id(old.index.params[i]) in where
+            ]
         # The logging window goes on (a spike between two logs is not lost to the change), each layer's record by
         # name: layers new since start blank.
         self._take_window(old._window_state(), layers=old.index.names)
@@ -1826,10 +1860,9 @@ class GuardEngine:
     def _take_statistics(self, old: GuardEngine) -> None:
         """Go on from ``old``'s statistics: each layer's by name (a layer new since starts its own, silently, as
         one that receives gradients late), the total's, the clipper's and the loss's. When the new parameters first
-        get a gradient, the total's go back into their warm-up at their level and the clipper's start afresh
-        (:meth:`_total_joined`), as where layers are unfrozen within a group. Started afresh instead, a blow-up on
-        the step a group joined went through whole (a 100x loss then blew a regression up to 4e19 despite a rollback
-        and three cuts)."""
+        get a gradient, the total's move by their share (:meth:`_gradients_changed`), as where layers are unfrozen
+        within a group. Started afresh instead, a spike on the step a group joined went through whole (a 10x loss
+        then blew a regression up to 3e14 despite a rollback and two cuts)."""
         source = self._layer_source(old)
         if self.exploding is not None and old.exploding is not None:
             self.exploding._take_layers(old.exploding, source)

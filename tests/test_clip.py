@@ -8,6 +8,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -1098,3 +1099,23 @@ def test_zclip_still_clips_a_single_spike_and_a_short_burst_and_barely_moves_for
     assert _feed_norms(clipper, base[60:70]) == [1.0] * 10
     assert all(coef < 0.1 for coef in _feed_norms(clipper, [50.0, 60.0, 50.0]))
     assert _feed_norms(clipper, base[70:80]) == [1.0] * 10
+
+
+@pytest.mark.parametrize("make", [lambda: ZClip(warmup_steps=5), lambda: AutoClip(percentile=50.0)])
+def test_rescale_moves_a_total_norm_clippers_thresholds_with_the_norms_level(make: Callable[[], Any]) -> None:
+    # Parameters joining the total (an unfrozen backbone) move its level: the engine rescales what the clipper has
+    # learned, so the new level is not one long spike, and a spike over the new level is still one.
+    def step(clipper: Any, grad: Tensor) -> float:
+        return float(clipper.clip_grads_([grad], torch.linalg.vector_norm(grad), torch.tensor(True)))
+
+    def coef(rescaled: bool, norm: float) -> float:
+        torch.manual_seed(0)
+        clipper = make()
+        for _ in range(30):
+            step(clipper, torch.ones(4) * 0.5 + 0.01 * torch.randn(4))  # total norm near 1
+        if rescaled:
+            clipper.rescale_(torch.tensor(3.0))
+        return step(clipper, torch.ones(4) * norm / 2)
+
+    assert coef(False, 3.0) < 0.5 and coef(True, 3.0) > 0.9  # the new level: clipped before the rescale only
+    assert coef(True, 30.0) < 0.2  # a spike over the new level
