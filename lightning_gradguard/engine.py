@@ -22,7 +22,7 @@ import operator
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -1815,14 +1815,13 @@ class GuardEngine:
         self._batch_size, self._short_run = old._batch_size, old._short_run
         self._last_size, self._size_changes = old._last_size, old._size_changes
         where = {id(p): i for i, p in enumerate(self.index.params)}
-        self._seen_params = {
-            where[id(old.index.params[i])] for i in old._seen_params if id(old.index.params[i]) in where
-        }
+
+        def moved(positions: Iterable[int]) -> list[int]:
+            return [where[id(old.index.params[i])] for i in positions if id(old.index.params[i]) in where]
+
+        self._seen_params = set(moved(old._seen_params))
+        self._present_last = None if old._present_last is None else moved(old._present_last)
         self._joins = list(old._joins)
-        if old._present_last is not None:
-            self._present_last = [
-                where[id(old.index.params[i])] for i in old._present_last if id(old.index.params[i]) in where
-            ]
         # The logging window goes on (a spike between two logs is not lost to the change), each layer's record by
         # name: layers new since start blank.
         self._take_window(old._window_state(), layers=old.index.names)
