@@ -21,6 +21,7 @@ import numpy as np
 
 from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import check_bool, check_int
+from lightning_gradguard.layers import layer_source
 from lightning_gradguard.render import ABSENT as _ABSENT
 from lightning_gradguard.render import (
     group_layer_names,
@@ -544,8 +545,7 @@ class GradGuardBoard:
             return
         if len(set(names)) != len(names):
             raise ValueError(f"`layer_names` must not repeat a name, got {len(names) - len(set(names))} repeats")
-        where = {name: row for row, name in enumerate(old)}
-        rows = [where.get(name, -1) for name in names]
+        rows = layer_source(old, names)
         self.layer_names[opt_idx] = names
         self._retag_layers()
         self._histories[opt_idx] = self._histories[opt_idx].remapped(rows)

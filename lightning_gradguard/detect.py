@@ -18,6 +18,7 @@ from lightning_gradguard._validation import (
     optional_int,
     optional_number,
 )
+from lightning_gradguard.layers import mapped_columns
 from lightning_gradguard.rollback import CALM_STEPS
 
 __all__ = ["DivergenceDetector", "ExplodingDetector", "ExplodingResult", "VanishingDetector", "VanishingResult"]
@@ -561,8 +562,9 @@ class ExplodingDetector:
         device = old._mean.device
         old._ensure_state(old._mean.numel() - 1, device)
         self._ensure_state(len(source), device)
-        pairs = [(0, 0)] + [(i + 1, j + 1) for i, j in enumerate(source) if j >= 0]
-        mine, theirs = (torch.tensor(side, device=device) for side in zip(*pairs))
+        columns = mapped_columns([0, *(j + 1 if j >= 0 else -1 for j in source)], device)
+        assert columns is not None  # the total's column always goes on
+        mine, theirs = columns
         for name in ("_mean", "_var", "_count", "_bias"):
             getattr(self, name)[mine] = getattr(old, name)[theirs]
         for name in ("_stretch", "_levels"):
@@ -671,10 +673,9 @@ class VanishingDetector:
         if old._run is None:
             return
         run = torch.zeros(len(source), dtype=old._run.dtype, device=old._run.device)
-        pairs = [(i, j) for i, j in enumerate(source) if j >= 0]
-        if pairs:
-            mine, theirs = (torch.tensor(side, device=run.device) for side in zip(*pairs))
-            run[mine] = old._run[theirs]
+        columns = mapped_columns(source, run.device)
+        if columns is not None:
+            run[columns[0]] = old._run[columns[1]]
         self._run = run
 
     def state_dict(self) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from lightning_gradguard.detect import (
     VanishingDetector,
     VanishingResult,
 )
-from lightning_gradguard.layers import LayerIndex, build_layer_index
+from lightning_gradguard.layers import LayerIndex, build_layer_index, layer_source, mapped_columns
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
@@ -1835,7 +1835,7 @@ class GuardEngine:
         layer's by name (a new one's as it is now). Dropped instead, a rollback after a param group was added kept the
         statistics that took in the blow-up: a backbone whose rate was still too high after the restart ended at a
         loss of 73, against 0.82 where it was unfrozen within its group."""
-        source = self._layer_source(old)
+        source = layer_source(old.index.names, self.index.names)
         out = dict(saved)
         parts: tuple[tuple[str, Any, Any], ...] = (
             ("exploding", self.exploding, old.exploding),
@@ -1851,18 +1851,13 @@ class GuardEngine:
             out[name] = after.state_dict()
         return out
 
-    def _layer_source(self, old: GuardEngine) -> list[int]:
-        """For each of this engine's layers, its position among ``old``'s (``-1``: new)."""
-        column = {name: i for i, name in enumerate(old.index.names)}
-        return [column.get(name, -1) for name in self.index.names]
-
     def _take_statistics(self, old: GuardEngine) -> None:
         """Go on from ``old``'s statistics: each layer's by name (a layer new since starts its own, silently, as
         one that receives gradients late), the total's, the clipper's and the loss's. When the new parameters first
         get a gradient, the total's move by their share (:meth:`_gradients_changed`), as where layers are unfrozen
         within a group. Started afresh instead, a spike on the step a group joined went through whole (a 10x loss
         then blew a regression up to 3e14 despite a rollback and two cuts)."""
-        source = self._layer_source(old)
+        source = layer_source(old.index.names, self.index.names)
         if self.exploding is not None and old.exploding is not None:
             self.exploding._take_layers(old.exploding, source)
         if self.vanishing is not None and old.vanishing is not None:
@@ -1894,11 +1889,9 @@ class GuardEngine:
         if layers is None:
             self._record.buffers["layers"].copy_(saved)
         else:
-            column = {name: i for i, name in enumerate(layers)}
-            pairs = [(i, column[name]) for i, name in enumerate(self.index.names) if name in column]
-            if pairs:
-                mine, theirs = (torch.tensor(side, device=device) for side in zip(*pairs))
-                self._record.buffers["layers"][:, mine] = saved[:, theirs]
+            columns = mapped_columns(layer_source(layers, self.index.names), device)
+            if columns is not None:
+                self._record.buffers["layers"][:, columns[0]] = saved[:, columns[1]]
         self._last_total = window["last_total"].to(device)
         self.steps_since_log = int(window["steps_since_log"])
         self._stamps = [(int(a), int(b), int(c), int(d)) for a, b, c, d in window["stamps"]]

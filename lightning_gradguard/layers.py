@@ -10,11 +10,12 @@ root module is called by its attribute name (``scale``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_gradguard._compat import loaded_type
@@ -150,6 +151,23 @@ _WRAPPERS = (
     ("lightning.fabric.wrappers", "_FabricModule", "_forward_module"),  # Fabric's setup()
     ("lightning_fabric.wrappers", "_FabricModule", "_forward_module"),  # the same, from `pip install lightning-fabric`
 )
+
+
+def layer_source(old: Sequence[str], new: Sequence[str]) -> list[int]:
+    """For each layer name of ``new``, its position in ``old`` (``-1``: not there): how per-layer state follows the
+    layers by name when they change (a param group added, a resume with other layers)."""
+    where = {name: i for i, name in enumerate(old)}
+    return [where.get(name, -1) for name in new]
+
+
+def mapped_columns(source: Sequence[int], device: torch.device, offset: int = 0) -> tuple[Tensor, Tensor] | None:
+    """The columns of a per-layer state that a :func:`layer_source` carries over, as index tensors on ``device``:
+    ``(new, old)``, each shifted by ``offset`` (a leading total column); ``None`` when no layer is carried."""
+    pairs = [(i + offset, j + offset) for i, j in enumerate(source) if j >= 0]
+    if not pairs:
+        return None
+    new, old = zip(*pairs)
+    return torch.tensor(new, device=device), torch.tensor(old, device=device)
 
 
 def _wrapped_child(module: nn.Module) -> str | None:
