@@ -1766,11 +1766,9 @@ class GuardEngine:
         self._last_size = int(state.get("last_size", 0))
         self._size_changes = int(state.get("size_changes", 0))
         # Absent from older states: the first step's parameters are taken as seen, as on a fresh start.
-        seen = [int(i) for i in state.get("seen_params", [])]
-        self._seen_params = set(seen) if all(0 <= i < len(self.index.params) for i in seen) else set()
-        last = [int(i) for i in state.get("present_last") or []]
-        fits = bool(last) and all(0 <= i < len(self.index.params) for i in last)
-        self._present_last = last if fits else None
+        seen, last = (self._positions(state.get(key)) for key in ("seen_params", "present_last"))
+        self._seen_params = set(seen or ())
+        self._present_last = last
         self._joins = [(int(at), factor.to(self._record.device)) for at, factor in state.get("joins", [])]
         self._present_seen = None
         if self.rollback is not None and state.get("rollback") is not None:
@@ -1850,6 +1848,11 @@ class GuardEngine:
             after._take_layers(before, source)
             out[name] = after.state_dict()
         return out
+
+    def _positions(self, saved: Any) -> list[int] | None:
+        """Saved positions among this engine's parameters; ``None`` when absent, empty or not all among them."""
+        positions = [int(i) for i in saved or []]
+        return positions if positions and all(0 <= i < len(self.index.params) for i in positions) else None
 
     def _take_statistics(self, old: GuardEngine) -> None:
         """Go on from ``old``'s statistics: each layer's by name (a layer new since starts its own, silently, as
