@@ -130,17 +130,19 @@ class GradGuard(CallbackBase):
             worst ``max_warnings`` of them and counting the rest; ``0`` names none. Update-ratio hints come as one
             message per log.
         clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to
-            ``cap_ratio`` (1) times the detector's average norm, or its ceiling ``max_norm`` where lower. A safety net
+            ``cap_ratio`` (1) times the detector's average norm, or its ceiling ``max_norm`` where lower (where only
+            layers are flagged: by what brings them to their own average, not lower; see
+            :class:`~lightning_gradguard.ExplodingResult`). A safety net
             for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip during
             its warm-up), and a bound on what one bad batch can do (to Adam's second moments too); folded into the
             clipper's coefficient, no extra pass.
-        skip_exploding: skip the optimizer step on every step whose total norm the exploding detector flags (the
-            steps ``clip_exploding`` clips) instead of clipping it (OLMo-core's skip step): the gradients are
+        skip_exploding: skip the optimizer step on every step the exploding detector caps (the steps
+            ``clip_exploding`` clips) instead of clipping it (OLMo-core's skip step): the gradients are
             dropped, so the parameters and the optimizer state stay as they were, as on a skipped non-finite step
             (counted as ``skipped``). With Adam-type optimizers a clipped bad batch still makes a full-size step in
             its direction; a skipped one makes none. The cost: a jump to a new level that holds (a harder task) is
-            skipped until the detector takes it in (``level_steps``, 5 steps). A spike in one layer under a calm
-            total is reported, not skipped. Needs ``exploding``; one host read per step, shared with
+            skipped until the detector takes it in (``level_steps``, 5 steps). A spike in one layer under a total
+            at or below its cap is reported, not skipped. Needs ``exploding``; one host read per step, shared with
             ``on_nonfinite="skip"`` (under 16-bit AMP too). README, "Skipping flagged steps".
         compile: run the fused per-step tail compiled with ``torch.compile`` (see :class:`GuardEngine`): ``True``,
             ``False``, or ``"auto"``: on CUDA only (compiling on a CPU takes tens of seconds).

@@ -48,9 +48,11 @@ class ExplodingResult(NamedTuple):
             stretch of flagged steps before it: see :class:`ExplodingDetector`).
         layers: ``[L]`` bool, the layers whose own norm spiked or crossed the layer ceiling (the same rule).
         any: 0-d bool, ``total`` or any layer: one exploding *event* for the step.
-        cap: 0-d, on every step whose total norm is flagged (in a stretch too) ``cap_ratio`` times the (geometric)
-            average norm, or the ceiling ``max_norm`` where that is lower, else ``inf``: the norm a flagged step can
-            be clipped to.
+        cap: 0-d, the norm a flagged step can be clipped to, ``inf`` on a step with no flag. Where the total norm is
+            flagged (in a stretch too), ``cap_ratio`` times its (geometric) average norm, or the ceiling ``max_norm``
+            where that is lower; where only layers are flagged, the total norm scaled by what brings each flagged
+            layer to ``cap_ratio`` times its own average (or to ``max_layer_norm``), but not below the total's own
+            cap, and ``inf`` where that leaves the step as it is (the total at or below it).
     """
 
     total: Tensor
@@ -460,12 +462,19 @@ class ExplodingDetector:
         # makes the band wide, and a bad batch clipped to a 50x edge still wrecks Adam's second moments for
         # hundreds of steps (+257% held-out loss, two bad batches at step 20).
         # At the default ratio the add would be a kernel that adds 0.
-        level = centre[0]  # where the norms are: below the mean when they fall
-        edge = (level if self.cap_ratio == 1.0 else level.add(math.log(self.cap_ratio))).exp()
-        if self.max_norm is not None:
-            # Only the ceiling can flag the very first step, before there is any average to clip towards.
-            edge = torch.where(count[0] >= 1, edge, math.inf).clamp_max(self.max_norm)
-        cap = torch.where(flags[0], edge, math.inf)
+        # A flagged layer bounds the step too: the total is scaled by what brings that layer back to its own average
+        # (a bad batch scales every layer alike), but not below the total's own cap, so a layer waking up from a
+        # near-silent level costs no more than a typical step, and one under a total at or below its average costs
+        # nothing. Without it, a layer named exploding was not clipped wherever the total's band was wider than the
+        # layer's: a 10x bad batch the step after a backbone joined (the total's level moved up by the backbone's
+        # large first gradient) was named by the head's detector and went through whole, a regression ending at
+        # 7.5 against 0.32 clean (now 0.33).
+        edge = (centre if self.cap_ratio == 1.0 else centre.add(math.log(self.cap_ratio))).exp()
+        if ceilings is not None:
+            # Only a ceiling can flag an entry's very first step, before there is any average to clip towards.
+            edge = torch.where(count >= 1, edge, math.inf).minimum(ceilings)
+        bound = (norms[0] * torch.where(flags, edge / norms, math.inf).amin()).maximum(edge[0])
+        cap = torch.where(flags[0], edge[0], torch.where(bound < norms[0], bound, math.inf))
         # After the warm-up, steps beyond the band at one level are one stretch: each still min_ratio beyond the
         # average on the stretch's side, and within min_ratio of the stretch's first norm. A step back towards the
         # band by more than that starts a stretch of its own without counting (a 10^4x bad batch beside one 2.3x

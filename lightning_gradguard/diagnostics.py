@@ -644,12 +644,12 @@ class ActivationGradients:
                 self._found.append((position, norm))
 
         def on_output(module: nn.Module, args: object, output: object) -> None:
-            outputs = _measured_outputs(output, args)
-            if not outputs:
-                return
+            # The order of the first forward, gradient or not: reentrant activation checkpointing runs it under
+            # no_grad and recomputes each block during the backward, last block first (the flow came out reversed).
             if position not in self._seen:
                 self._seen.add(position)
                 self._order.append(position)
+            outputs = _measured_outputs(output, args)
             for y in outputs:
                 y.register_hook(on_grad)
 

@@ -570,8 +570,9 @@ class GuardEngine:
             or ``"warn"`` (let it through; reported by :meth:`drain`).
         clip_exploding: also clip a step that the exploding detector flags down to ``cap_ratio`` times its average
             norm (see :class:`~lightning_gradguard.ExplodingResult`).
-        skip_exploding: skip a step whose total norm the exploding detector flags instead (every gradient dropped:
-            parameters and optimizer state untouched, as for a non-finite step; counted as ``skipped``); needs
+        skip_exploding: skip a step the exploding detector caps (the steps ``clip_exploding`` clips) instead (every
+            gradient dropped: parameters and optimizer state untouched, as for a non-finite step; counted as
+            ``skipped``); needs
             ``exploding``. One host read per step (shared with ``on_nonfinite="skip"``), under a GradScaler too.
             With a fused optimizer under a GradScaler (``grad_scale`` given), set :attr:`before_drop`.
         max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
@@ -714,6 +715,8 @@ class GuardEngine:
         self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
         self.divergence: DivergenceDetector | None = _default(divergence, DivergenceDetector)
         self.lr_guard: LRGuard | None = _default(lr_guard, LRGuard)
+        if self.lr_guard is not None:
+            self.lr_guard._feeders.add(self)
         self.regularizers = regularizers
         # A regularizer selects from the whole model; each optimizer's step adds the terms of its own parameters.
         self._own = frozenset(id(p) for p in index.params)
@@ -1419,8 +1422,9 @@ class GuardEngine:
         return cap
 
     def _flagged(self, exploding: ExplodingResult | None) -> Tensor | None:
-        """With ``skip_exploding``: whether the exploding detector flagged this step's total norm (a stretch too: its
-        ``cap`` is finite exactly then); ``None`` otherwise."""
+        """With ``skip_exploding``: whether the exploding detector capped this step (its total norm flagged, a stretch
+        too, or a flagged layer under a total above its cap: its ``cap`` is finite exactly then); ``None``
+        otherwise."""
         if not self.skip_exploding or exploding is None:
             return None
         return exploding.cap < math.inf
@@ -1667,7 +1671,8 @@ class GuardEngine:
 
         The decisions of steps whose flags have not been acted on yet (not landed, or no :meth:`drain` or step since)
         are taken first, waiting for the copies: a run resumed from the state would never take them (the LR guard's
-        cut called for by a second spike). Take this state before the LR guard's.
+        cut called for by a second spike). The LR guard's own ``state_dict`` does the same, so the two may be taken in
+        either order.
         """
         self._settle()
         state: dict[str, Any] = {

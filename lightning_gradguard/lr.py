@@ -258,6 +258,16 @@ class LRGuard:
         self.reset_momentum = check_bool("reset_momentum", reset_momentum)
         self._states: dict[int, _KeyState] = {}
         self._swaps: dict[int, list[_Swap]] = {}
+        # The engines that feed this guard their decisions (``GuardEngine``s; weak: a guard does not keep them).
+        self._feeders: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy or pickle is fed by the engines built for it, not by this guard's.
+        return {**self.__dict__, "_feeders": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._feeders = weakref.WeakSet()
 
     def __repr__(self) -> str:
         return (
@@ -518,7 +528,14 @@ class LRGuard:
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        """Multipliers and counters per optimizer key (keys as strings; plain Python values only)."""
+        """Multipliers and counters per optimizer key (keys as strings; plain Python values only).
+
+        The engines that feed this guard first act on the steps they have not acted on yet (see
+        :meth:`GuardEngine.state_dict <lightning_gradguard.GuardEngine.state_dict>`), so the state holds a cut their
+        last step called for, whichever of the two states is taken first.
+        """
+        for engine in list(self._feeders):
+            engine._settle()
         return {"keys": {str(key): s.as_dict() for key, s in self._states.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -102,6 +102,54 @@ def test_cap_is_cap_ratio_times_the_average_or_the_ceiling() -> None:
     assert float(det.update(T(50.0), T([50.0]), T(True)).cap) == pytest.approx(1.5)
 
 
+def _noisy_total_steady_layer(det: ExplodingDetector) -> tuple[float, float]:
+    """Feeds 30 steps of a noisy layer ``a`` (about 10, swinging 4x) beside a steady layer ``b`` (2); returns the
+    geometric averages of the total and of ``b``."""
+    for i in range(30):
+        a = 10.0 * (2.0 if i % 2 else 0.5)
+        det.update(T(math.hypot(a, 2.0)), T([a, 2.0]), T(True))
+    assert det._mean is not None
+    return math.exp(float(det._mean[0])), math.exp(float(det._mean[2]))
+
+
+def _step(det: ExplodingDetector, a: float, b: float) -> tuple[bool, list[bool], float]:
+    r = det.update(T(math.hypot(a, b)), T([a, b]), T(True))
+    return bool(r.total), r.layers.tolist(), float(r.cap)
+
+
+def test_a_flagged_layer_caps_the_step_by_its_own_excess_but_not_below_the_totals_average() -> None:
+    # A bad batch scales every layer alike: 20x here is inside the noisy total's band but far out of the steady
+    # layer's. Before, the layer was named and the step left whole.
+    det = ExplodingDetector(warmup_steps=5)
+    total_avg, b_avg = _noisy_total_steady_layer(det)
+    total, layers, cap = _step(det, 400.0, 40.0)
+    assert not total and layers == [False, True]
+    assert cap == pytest.approx(math.hypot(400.0, 40.0) * b_avg / 40.0, rel=1e-5)  # b back at its own average
+    assert cap > total_avg
+    # Where that would take the total below its average, the average bounds it.
+    det = ExplodingDetector(warmup_steps=5)
+    total_avg, b_avg = _noisy_total_steady_layer(det)
+    total, layers, cap = _step(det, 100.0, 40.0)
+    assert not total and layers == [False, True]
+    assert math.hypot(100.0, 40.0) * b_avg / 40.0 < total_avg
+    assert cap == pytest.approx(total_avg, rel=1e-5)
+    # A layer flagged under a total at or below its average (a near-silent layer waking up) costs nothing.
+    det = ExplodingDetector(warmup_steps=5)
+    total_avg, _ = _noisy_total_steady_layer(det)
+    total, layers, cap = _step(det, 3.0, 8.0)
+    assert layers == [False, True] and math.hypot(3.0, 8.0) <= total_avg
+    assert math.isinf(cap)
+    # The total's own flag keeps its cap, the lower one.
+    det = ExplodingDetector(warmup_steps=5)
+    total_avg, _ = _noisy_total_steady_layer(det)
+    total, _, cap = _step(det, 1e5, 1e4)
+    assert total and cap == pytest.approx(total_avg, rel=1e-5)
+    # Layers that are not tested (per_layer=False) bound nothing.
+    det = ExplodingDetector(warmup_steps=5, per_layer=False)
+    _noisy_total_steady_layer(det)
+    assert math.isinf(_step(det, 400.0, 40.0)[2])
+
+
 @pytest.mark.parametrize("cap_ratio", [0.0, -1.0, math.nan, math.inf, "1", True])
 def test_cap_ratio_must_be_a_positive_number(cap_ratio: object) -> None:
     with pytest.raises(ValueError, match="cap_ratio"):

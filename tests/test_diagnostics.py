@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard.diagnostics import (
@@ -399,6 +400,50 @@ def test_flow_through_depth_follows_the_forward_order() -> None:
         assert p.log10_norm == pytest.approx(math.log10(values[grads.names.index(p.name)]))
     with pytest.raises(ValueError, match="`norms`"):
         grads.flow(values[:1])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_flow_through_depth_follows_the_forward_order_under_activation_checkpointing(reentrant: bool) -> None:
+    """Checkpointed blocks recompute their forward during the backward, last block first; reentrant checkpointing
+    runs the first forward under no_grad. Before, its flow came out in that recompute order (output to input)."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.tanh(self.fc(x))
+
+    class Checkpointed(nn.Module):
+        def __init__(self, checkpointed: bool) -> None:
+            super().__init__()
+            self.inp, self.blocks, self.head = (
+                nn.Linear(4, 8),
+                nn.ModuleList([Block() for _ in range(3)]),
+                nn.Linear(8, 1),
+            )
+            self.checkpointed = checkpointed
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.inp(x)
+            for block in self.blocks:
+                h = checkpoint(block, h, use_reentrant=reentrant) if self.checkpointed else block(h)
+            return self.head(h)
+
+    x = torch.randn(16, 4)
+    measured = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = Checkpointed(checkpointed)
+        grads = ActivationGradients(model)
+        grads.arm()
+        model(x).pow(2).mean().backward()
+        norms = grads.disarm()
+        assert norms is not None
+        measured.append(([p.name for p in grads.flow(norms.tolist())], norms))
+    assert measured[1][0] == measured[0][0] == ["inp", "blocks.0.fc", "blocks.1.fc", "blocks.2.fc", "head"]
+    torch.testing.assert_close(measured[1][1], measured[0][1])
 
 
 def test_activation_gradient_of_an_lstm_is_that_of_its_output_sequence() -> None:

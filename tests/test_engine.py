@@ -7,6 +7,7 @@ import copy
 import io
 import logging
 import math
+import pickle
 import subprocess
 import sys
 import warnings
@@ -175,6 +176,42 @@ def test_state_dict_round_trip_continues_exactly() -> None:
     # The detectors and the clipper continue as if never interrupted: the recorded counters follow the same path.
     for a, b in zip(straight[15:], after):
         assert torch.equal(a[8:13], b[8:13])
+
+
+@pytest.mark.parametrize("lr_first", [True, False])
+def test_the_lr_guards_state_holds_the_cut_of_the_last_step_whichever_state_is_taken_first(lr_first: bool) -> None:
+    """Two spikes three steps apart call for a cut; the second one's flags are not acted on before the states are
+    taken. Each state acts on them first: before, the LR guard's own did not, and taken before the engine's it
+    lost the cut (a resumed run trained on at the full rate)."""
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine = GuardEngine(model, exploding=ExplodingDetector(warmup_steps=3), lr_guard=LRGuard(), rollback=None)
+    engine.attach(opt)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 17):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * (1e3 if step in (13, 16) else 1.0)
+        engine.step(optimizer=opt)
+        opt.step()
+    lr_guard = engine.lr_guard
+    assert lr_guard is not None
+    if lr_first:
+        saved_lr, saved = lr_guard.state_dict(), engine.state_dict()
+    else:
+        saved, saved_lr = engine.state_dict(), lr_guard.state_dict()
+    assert engine.summary()["exploding"] == 2 and engine.summary()["lr_reduced"] == 1
+    resumed = LRGuard()
+    resumed.load_state_dict(copy.deepcopy(saved_lr))
+    assert resumed.scale() == lr_guard.scale() == 0.5
+    assert saved["host_counts"] == engine.host_counts
+
+
+def test_an_lr_guard_copied_or_pickled_leaves_its_engines_behind() -> None:
+    lr_guard = LRGuard()
+    GuardEngine(_model(), lr_guard=lr_guard, rollback=None)
+    assert len(lr_guard._feeders) == 1
+    for copied in (copy.deepcopy(lr_guard), pickle.loads(pickle.dumps(lr_guard))):
+        assert len(copied._feeders) == 0 and copied.state_dict() == lr_guard.state_dict()
 
 
 def test_load_state_dict_refuses_other_layers() -> None:
