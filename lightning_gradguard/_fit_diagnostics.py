@@ -364,7 +364,7 @@ class FitDiagnostics:
                 value = self.noise.update(small, big, b_small, b_big)
                 if math.isfinite(value):
                     metrics["gradguard/noise_scale"] = value
-                elif not self.noted_noise:
+                elif not self.noted_noise and trainer.loggers:
                     # Not left to an empty chart: at this batch size the gradient is still mostly noise.
                     self.noted_noise = True
                     rank_zero_info(

@@ -42,6 +42,7 @@ from lightning_gradguard.engine import (
     NonFiniteGradientError,
     StepEvent,
     VanishingGradientError,
+    _saved_event_counts,
 )
 from lightning_gradguard.layers import LayerIndex, build_layer_index
 from lightning_gradguard.lr import LRGuard
@@ -1116,7 +1117,8 @@ class GradGuard(CallbackBase):
         notes.append(
             f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. To train this"
             f" setup again, {advice}: the guard settles near the highest rate that stays finite, and a lower one may"
-            " train better."
+            " train better. Unless the cuts answered bad batches (isolated spikes between calm steps, in the events):"
+            " those say nothing about the rate."
         )
         return " ".join(notes)
 
@@ -1351,8 +1353,12 @@ class GradGuard(CallbackBase):
         which trains in worker processes, read ``trainer.callback_metrics["gradguard/summary/<kind>"]`` (set at the
         end of training) instead."""
         totals = dict.fromkeys(EVENT_KINDS, 0)
-        for engine in self._states.values():
-            for kind, value in engine.summary().items():
+        counted = [engine.summary() for engine in self._states.values()]
+        if self._loaded is not None:
+            # A checkpoint's counts not claimed by an engine yet: resumed from a finished run, the fit built none.
+            counted += [_saved_event_counts(state) for state in self._loaded["optimizers"].values()]
+        for counts in counted:
+            for kind, value in counts.items():
                 totals[kind] += value
         return totals
 
@@ -1463,7 +1469,7 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     tensorboard = lightning_types("loggers.TensorBoardLogger")
     tb: Any = next((lg for lg in trainer.loggers if isinstance(lg, tensorboard)), None)
     if tb is None:
-        if getattr(trainer, "fast_dev_run", False):
+        if getattr(trainer, "fast_dev_run", False) and trainer.loggers:
             # Lightning swaps every logger for a DummyLogger under fast_dev_run: say that, not "none attached".
             rank_zero_info(
                 "GradGuard: `fast_dev_run` replaces the loggers with a dummy logger, so nothing GradGuard logs is"

@@ -438,7 +438,6 @@ class EngineSnapshot:
                     {"step": step_number(int(steps[i])), "kind": kind, "layer": layer_names[i], "value": value}
                 )
         events.sort(key=lambda r: (r["step"], r["kind"]))
-        device_counts = dict(zip(_COUNTS, (int(c) for c in counts)))
         return cls(
             layer_names=layer_names,
             total_norm=float(scalars[0]),
@@ -448,7 +447,7 @@ class EngineSnapshot:
             clip_coef=float(scalars[4]) if clipped else None,
             ema=None if math.isnan(scalars[5]) else (float(scalars[5]), float(scalars[6]), float(scalars[7])),
             lr_scale=lr_scale,
-            counts={kind: device_counts.get(kind, host_counts.get(kind, 0)) for kind in EVENT_KINDS},
+            counts=_event_counts(counts, host_counts),
             layer_norms=row["last"],
             present=row["seen"] >= 0,
             exploding=row["exploding_step"] >= 0,
@@ -456,6 +455,20 @@ class EngineSnapshot:
             events=events,
             nonfinite=row["nonfinite_step"] >= 0,
         )
+
+
+def _event_counts(device: Iterable[Any], host: dict[str, int]) -> dict[str, int]:
+    """Each kind of :data:`EVENT_KINDS` from the device counters (in :attr:`GuardEngine.counts` order) and the
+    host-side ones (``rolled_back``, ``skipped``, ...)."""
+    device_counts = dict(zip(_COUNTS, (int(c) for c in device)))
+    return {kind: int(device_counts.get(kind, host.get(kind, 0))) for kind in EVENT_KINDS}
+
+
+def _saved_event_counts(state: dict[str, Any]) -> dict[str, int]:
+    """:meth:`GuardEngine.summary` of a saved :meth:`GuardEngine.state_dict` (no engine needed)."""
+    counts = state.get("counts")
+    device = counts.tolist() if isinstance(counts, Tensor) else []
+    return _event_counts(device, dict(state.get("host_counts") or {}))
 
 
 def _default(value: Any, factory: Callable[[], Any]) -> Any:
@@ -1908,5 +1921,4 @@ class GuardEngine:
     def summary(self) -> dict[str, int]:
         """Cumulative count of each event kind (reads the device counters: a host sync): steps, except
         ``vanishing``, which counts layers as they begin to vanish (see :attr:`counts`)."""
-        device_counts = dict(zip(_COUNTS, self.counts.tolist()))
-        return {kind: int(device_counts.get(kind, self.host_counts.get(kind, 0))) for kind in EVENT_KINDS}
+        return _event_counts(self.counts.tolist(), self.host_counts)

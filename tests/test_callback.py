@@ -296,18 +296,21 @@ def test_a_spike_during_the_clipper_warmup_is_clipped_to_the_detector_band(clip_
     assert guard.summary()["exploding"] >= 1
 
 
-@pytest.mark.parametrize("fast_dev_run", [True, False])
+@pytest.mark.parametrize("fast_dev_run", [True, False, "no logger"])
 def test_the_logger_message_says_what_really_happened(
-    tmp_path: Any, caplog: pytest.LogCaptureFixture, fast_dev_run: bool
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, fast_dev_run: bool | str
 ) -> None:
-    # fast_dev_run swaps the TensorBoardLogger for a DummyLogger: GradGuard must not claim none was attached.
-    logger = CSVLogger(tmp_path) if not fast_dev_run else TensorBoardLogger(tmp_path)
+    # fast_dev_run swaps the TensorBoardLogger for a DummyLogger: GradGuard must not claim none was attached. With
+    # no logger at all (logger=False) there is nothing to say about logs.
+    logger = CSVLogger(tmp_path) if not fast_dev_run else TensorBoardLogger(tmp_path) if fast_dev_run is True else False
     kwargs: dict[str, Any] = {"fast_dev_run": True} if fast_dev_run else {"max_steps": 3, "log_every_n_steps": 1}
     with caplog.at_level("INFO", logger="lightning_gradguard"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(logger=logger, callbacks=[GradGuard(log_every_n_steps=1)], **kwargs).fit(Regressor(), regression_data())
     text = caplog.text
-    if fast_dev_run:
+    if fast_dev_run == "no logger":
+        assert "GradGuard: `fast_dev_run`" not in text and "TensorBoardLogger" not in text
+    elif fast_dev_run:
         assert "`fast_dev_run` replaces the loggers with a dummy logger" in text
         assert "no TensorBoardLogger attached" not in text
     else:

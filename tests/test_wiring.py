@@ -79,6 +79,22 @@ def test_a_module_added_with_add_param_group_mid_fit_is_guarded() -> None:
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+def test_the_summary_of_a_fit_resumed_from_a_finished_checkpoint_holds_its_counts(tmp_path: Path) -> None:
+    """Resumed from a checkpoint that reached ``max_steps`` already, Lightning runs no step and the guard builds no
+    engine: before, ``summary()`` said nothing happened while the LR guard's state said otherwise."""
+    guard = GradGuard()
+    fitted = trainer(max_steps=12, callbacks=[guard])
+    fitted.fit(_GrowingRegressor(), regression_data())
+    fitted.save_checkpoint(tmp_path / "done.ckpt")
+    expected = guard.summary()
+    assert expected["skipped"] == expected["nonfinite"] == 1
+    resumed = GradGuard()
+    trainer(max_steps=12, callbacks=[resumed]).fit(
+        _GrowingRegressor(), regression_data(), ckpt_path=tmp_path / "done.ckpt"
+    )
+    assert resumed.summary() == expected
+
+
 class _Unfreeze(L.Callback):
     """At step ``at`` (counted from 1), unfreezes ``net.0``: gives it to the optimizer in a group of its own (what
     ``BackboneFinetuning`` does; at ``lr`` when given), or, for a module whose optimizer holds it already
