@@ -791,13 +791,15 @@ class GuardEngine:
         # step on every rank (see ``step``).
         self._acts_on_flags = self.lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
         self.skipped = False  # whether the last step was skipped
+        self._spike_skipped = False  # whether it was skipped for its norm (skip_exploding)
         # Whether the last step put the weights back: an average of the weights kept elsewhere (an EMA) holds the
         # abandoned ones and should start again from the restored weights.
         self.rolled_back = False
         self._stats = GradStats(index.params, index.layer_of_param, index.num_layers)
         self._record = _Record(index.num_layers, index.params[0].device)
         self._last_total = torch.zeros((), device=self._record.device)
-        self._pending: deque[tuple[HostFlags, bool, int]] = deque()  # flags, GradScaler step, engine step
+        # flags, GradScaler step, engine step, skipped for its norm (skip_exploding)
+        self._pending: deque[tuple[HostFlags, bool, int, bool]] = deque()
         self._free: list[HostFlags] = []
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
         # Runs of evenly spaced step numbers in the window: (index of the first, its number, stride, length).
@@ -1128,7 +1130,7 @@ class GuardEngine:
         if self.rollback is not None and self.rollback.wants_norm(self.steps + 1):
             increment = torch.cat([increment, total.reshape(1)])
         flags.fill(increment, number)
-        self._pending.append((flags, grad_scaler, self.steps + 1))
+        self._pending.append((flags, grad_scaler, self.steps + 1, self._spike_skipped))
         self.steps += 1
         self.steps_since_log += 1
         self._tail.step_done()
@@ -1291,7 +1293,7 @@ class GuardEngine:
 
     def _drop_pending(self) -> None:
         """Forget the flags of the steps not acted on yet (their buffers go back for reuse)."""
-        self._free.extend(flags for flags, _, _ in self._pending)
+        self._free.extend(flags for flags, *_ in self._pending)
         self._pending.clear()
 
     def _drop_grads(self) -> None:
@@ -1454,6 +1456,7 @@ class GuardEngine:
         """Handle a non-finite step (``on_nonfinite``; a GradScaler handles its own) and, with ``skip_exploding``, a
         flagged one; ``True``: the step is skipped (every gradient dropped)."""
         mode = None if grad_scaler else self.on_nonfinite
+        self._spike_skipped = False
         if mode == "zero":
             # One kernel per gradient, sync-free; only inf/NaN entries change.
             for g in measured.grads:
@@ -1473,6 +1476,7 @@ class GuardEngine:
             if spiked:
                 self._drop_grads()
                 self.host_counts["skipped"] += 1
+                self._spike_skipped = True
             return spiked
         if mode == "raise":
             bad = [n for n, ok in zip(self.index.names, layer_finite.tolist()) if not ok]
@@ -1508,7 +1512,7 @@ class GuardEngine:
     # ------------------------------------------------------------------------------------------ host side
     def _settle(self) -> None:
         """Wait for the flags of every step not acted on yet, and act on them."""
-        for flags, _, _ in self._pending:
+        for flags, *_ in self._pending:
             if flags.event is not None:
                 flags.event.synchronize()
         self._process_landed()
@@ -1516,8 +1520,10 @@ class GuardEngine:
     def _process_landed(self) -> None:
         """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
         while self._pending and self._pending[0][0].ready():
-            flags, grad_scaler, local = self._pending.popleft()
-            exploding, vanishing, nonfinite, overflow, _, diverging = (bool(v) for v in flags.values[: len(_COUNTS)])
+            flags, grad_scaler, local, dropped = self._pending.popleft()
+            exploding, vanishing, nonfinite, overflow, clipped, diverging = (
+                bool(v) for v in flags.values[: len(_COUNTS)]
+            )
             norm = float(flags.values[len(_COUNTS)])  # NaN when not sent
             self._free.append(flags)
             lr_reduced = False
@@ -1539,8 +1545,14 @@ class GuardEngine:
                     )
                 # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say, and already a
                 # persistent one: it cuts at once (one gradient spike waits for a second, `LRGuard.patience`).
+                # A spike the clipper bounded (or the step skipped for it) between calm steps counts for nothing
+                # (`LRGuard.spare_lone`).
                 reduced = self.lr_guard is not None and self.lr_guard.update(
-                    gradient_exploding, self.key, nonfinite=gradient_nonfinite, diverging=diverging
+                    gradient_exploding,
+                    self.key,
+                    nonfinite=gradient_nonfinite,
+                    diverging=diverging,
+                    clipped=clipped or dropped,
                 )
                 if reduced:
                     self.host_counts["lr_reduced"] += 1

@@ -468,10 +468,12 @@ def test_a_copy_that_trouble_followed_is_dropped_and_a_later_calm_one_taken() ->
     assert rollback._safe.valid and rollback._safe.step == 30
 
 
-def test_one_isolated_spike_keeps_the_rate_and_two_with_a_calm_step_between_only_cut_it() -> None:
-    # One spike: clipped, nothing else. A second within the LR guard's cooldown: one cut, and no restart (the
-    # restart needs two troubled steps in a row).
-    for spikes, cuts in (({30}, 0), ({30, 32}, 1)):
+def test_isolated_spikes_keep_the_rate_and_a_climbing_pair_only_cuts_it() -> None:
+    # One spike: clipped, nothing else. A second within the LR guard's cooldown with a calm step between: each
+    # clipped between calm steps, a lone spike (`LRGuard.spare_lone`): no cut either (before, one cut). Two in a
+    # row, the second 100x the first (a climb, two events): one cut, and no restart (the restart needs two
+    # troubled steps in a row that began without a calm start).
+    for spikes, cuts in (({30: 1e4}, 0), ({30: 1e4, 32: 1e4}, 0), ({30: 1e2, 31: 1e4}, 1)):
         engine, model, initial, restarts = _engine_run(default_rollback(), spikes=spikes)
         assert restarts == [] and engine.summary()["rolled_back"] == 0
         assert engine.summary()["exploding"] == len(spikes) and engine.summary()["lr_reduced"] == cuts

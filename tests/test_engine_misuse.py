@@ -156,10 +156,10 @@ def test_a_python_number_as_grad_scale_is_the_same_as_the_tensor() -> None:
 
 
 def _cut_run(attach: bool) -> tuple[GuardEngine, list[float], list[str]]:
-    """SGD at 0.05 with two x1e4 losses (steps 40 and 42): the LR guard cuts once."""
+    """SGD at 0.05 with two x1e4 losses (steps 40 and 42): the LR guard, counting lone spikes too, cuts once."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=None)
+    engine = GuardEngine(model, lr_guard=LRGuard(spare_lone=False), rollback=None)
     if attach:
         engine.attach(opt)
     rates: list[float] = []

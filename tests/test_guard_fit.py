@@ -86,6 +86,12 @@ class Shifting(Regressor):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_fn(optimizer), "interval": "step"}}
 
 
+def _counting(**kwargs: Any) -> GradGuard:
+    """``GradGuard(**kwargs)`` whose LR guard counts lone spikes too: ``Shifting``'s spikes a few steps apart, each
+    clipped between calm steps, then cut the rate (by default they count for nothing: ``LRGuard.spare_lone``)."""
+    return GradGuard(lr_guard=LRGuard(spare_lone=False), **kwargs)
+
+
 class LRProbe(L.Callback):
     """Placed after the guard: records, per optimizer step, the scheduled LR, the LR seen inside
     ``optimizer.step`` and the guard's multiplier."""
@@ -370,13 +376,13 @@ def test_guard_reused_for_a_new_model_starts_afresh() -> None:
         _quiet_fit(trainer(max_steps=steps, max_epochs=-1, callbacks=[guard, probe]), model, regression_data())
         return probe
 
-    reused = GradGuard()
+    reused = _counting()
     torch.manual_seed(0)
     fit(reused, Shifting(spikes=(30, 32), lr=0.05), 40)  # two spikes within the cooldown: one cut
     assert reused.summary()["lr_reduced"] == 1 and reused.lr_guard.scale(0) < 1.0
 
     results = []
-    for guard in (reused, GradGuard()):
+    for guard in (reused, _counting()):
         torch.manual_seed(1)
         model = Shifting(lr=3.0)  # diverges from its first steps: restarted and rescued
         probe = fit(guard, model, 60)
@@ -400,7 +406,7 @@ def test_a_copy_of_a_fitted_guard_goes_on_as_the_guard_itself_would(how: str) ->
     runs = []
     for copied in (False, True):
         torch.manual_seed(0)
-        model, guard = Shifting(spikes=(30, 32), lr=0.05), GradGuard()
+        model, guard = Shifting(spikes=(30, 32), lr=0.05), _counting()
         fit(guard, model, 20)  # calm: the spikes come in the next Trainer's run (its steps count from 0 again)
         if copied:
             guard = copy.deepcopy(guard) if how == "deepcopy" else pickle.loads(pickle.dumps(guard))
@@ -538,7 +544,7 @@ def test_a_run_resumed_between_two_logs_logs_that_window_as_the_uninterrupted_ru
         torch.manual_seed(0)
         logger = TensorBoardLogger(tmp_path / run, name="", version="")
         saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{step}")
-        callbacks = [GradGuard(), saver] if ckpt_path is None else [GradGuard()]
+        callbacks = [_counting(), saver] if ckpt_path is None else [_counting()]
         fit = trainer(
             max_steps=10,
             max_epochs=-1,
@@ -617,7 +623,7 @@ def test_events_of_a_fit_without_tensorboard_stay_out_of_the_next_fits_board(tmp
     # With no TensorBoardLogger the events table's rows were never taken: the next fit with one wrote them (and their
     # trouble points) into its own directory.
     torch.manual_seed(0)
-    guard, model = GradGuard(), Shifting(spikes=(20, 24), lr=0.01)
+    guard, model = _counting(), Shifting(spikes=(20, 24), lr=0.01)
     _quiet_fit(trainer(max_epochs=-1, max_steps=30, callbacks=[guard], log_every_n_steps=5), model, regression_data())
     assert guard.summary()["exploding"] >= 1 and guard.summary()["lr_reduced"] == 1
     model.spikes = ()
@@ -646,7 +652,7 @@ def test_evaluating_a_checkpoint_leaves_the_guards_training_state_alone(stage: s
         def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self(batch[0])
 
-    guard = GradGuard()
+    guard = _counting()
     model = Evaluated(spikes=(20, 24), lr=0.01)
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
     fitted = trainer(max_epochs=-1, max_steps=30, callbacks=[guard, saver], enable_checkpointing=True)
@@ -659,7 +665,7 @@ def test_evaluating_a_checkpoint_leaves_the_guards_training_state_alone(stage: s
         getattr(fitted, stage)(model, regression_data(n=64), ckpt_path=early)
     assert (guard.summary(), guard.lr_guard.scale(), guard._states[0].steps) == before
 
-    fresh = GradGuard()
+    fresh = _counting()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         getattr(trainer(callbacks=[fresh]), stage)(
@@ -677,7 +683,7 @@ def test_logged_lr_is_the_rate_each_logged_step_ran_with() -> None:
     model = Shifting(
         spikes=(12, 14), lr=0.05, scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
     )
-    guard, logger = GradGuard(), MetricsLogger()
+    guard, logger = _counting(), MetricsLogger()
     probe = LRProbe(guard)
     _quiet_fit(
         trainer(max_steps=30, max_epochs=-1, callbacks=[guard, probe], logger=logger, log_every_n_steps=1),

@@ -488,3 +488,56 @@ def test_rewind_replaces_the_cuts_since_a_snapshot_with_one():
     # Another key is untouched; the snapshot of a key never updated is the fresh state.
     assert guard.scale(1) == 1.0 and guard.snapshot(1)["anchor"] == 1.0
     assert guard.rewind(guard.snapshot(1), key=1) and guard.scale(1) == 0.5
+
+
+# ---------------------------------------------------------------------------------------------- lone spikes
+
+
+def test_clipped_spikes_between_calm_steps_count_for_nothing():
+    # Bad batches a few steps apart, each clipped: before, the second one within the cooldown cut the rate.
+    guard = LRGuard(cooldown=20)
+    for _ in range(5):
+        assert guard.update(True, clipped=True) is False
+        _calm(guard, 2)
+    assert guard.scale() == 1.0 and guard.state_dict()["keys"]["0"]["pending"] == 0
+    # Unclipped (no clipper), or with spare_lone=False, each counts: the second cuts.
+    for guard, clipped in ((LRGuard(), False), (LRGuard(spare_lone=False), True)):
+        assert guard.update(True, clipped=clipped) is False
+        _calm(guard, 2)
+        assert guard.update(True, clipped=clipped) is True
+        assert guard.scale() == 0.5
+
+
+@pytest.mark.parametrize("after", ["exploding", "clipped", "nonfinite", "diverging"])
+def test_a_clipped_spike_followed_by_trouble_counts_on_the_next_step(after: str):
+    # A rate too high climbs from step to step: its first spike counts once the next step shows trouble too, so the
+    # cut comes on the same step as when every event counted at once.
+    guard = LRGuard(nonfinite_patience=3)
+    assert guard.update(True, clipped=True) is False  # decided with the next step
+    kwargs = {"clipped": True} if after in ("clipped", "exploding") else {after: True}
+    reduced = guard.update(after == "exploding", **kwargs)
+    # The deferred spike counts (patience 1 of 2); an exploding or diverging step then cuts, as before.
+    assert reduced is (after in ("exploding", "diverging"))
+    assert guard.state_dict()["keys"]["0"]["pending"] == (0 if reduced else 1)
+    # A spike after a troubled step is no lone one: it counts at once.
+    guard = LRGuard()
+    guard.update(False, clipped=True)
+    guard.update(True, clipped=True)
+    assert guard.state_dict()["keys"]["0"]["pending"] == 1
+
+
+def test_a_deferred_spike_survives_the_state_round_trip():
+    guard = LRGuard()
+    guard.update(True, clipped=True)
+    guard.update(True)  # a first event (unclipped): pending 1
+    guard.update(False)
+    guard.update(True, clipped=True)  # after a calm step: deferred
+    state = guard.state_dict()
+    assert state["keys"]["0"]["deferred"] == 1
+    resumed = LRGuard()
+    resumed.load_state_dict(state)
+    for g in (guard, resumed):
+        assert g.update(True) is True  # the deferred spike and this one: the cut
+    assert resumed.state_dict() == guard.state_dict()
+    with pytest.raises(ValueError, match="spare_lone"):
+        LRGuard(spare_lone="yes")  # type: ignore[arg-type]
