@@ -23,7 +23,12 @@ same batches:
   nothing later than the first steps;
 * ``guarded_noretry``: ``GradGuard()`` whose first early restart already brings the remedy (``retry=False``, the
   previous default): what the plain retry saves;
-* ``guarded_skip``: ``GradGuard(skip_exploding=True)``: the flagged steps skipped instead of clipped.
+* ``guarded_skip``: ``GradGuard(skip_exploding=True)``: the flagged steps skipped instead of clipped;
+* ``guarded_counting``: ``GradGuard()`` whose LR guard counts lone spikes too (``LRGuard(spare_lone=False)``, the
+  previous default): what sparing a clipped spike between calm steps saves.
+
+With ``--every N`` the bad batches are scattered instead: from step ``--step`` on, each step is bad with probability
+``1/N`` (drawn with ``--seed``), bad data a batch at a time through the rest of the run.
 
 The table gives each run's held-out metric, its difference from ``clean`` in percent, and the guard's events
 (whether the rescue clipper came to work: ``rescued``). The default configs are the zoo's two SGD runs (the warm-up
@@ -35,6 +40,7 @@ Run from the repository root::
     python benchmarks/bad_batches.py --step 10        # inside the rescue's window
     python benchmarks/bad_batches.py --configs masked --factor 1e3 --json out.json
     python benchmarks/bad_batches.py --count 4 --configs rezero,masked,lora,dropout,warmup   # a burst of four
+    python benchmarks/bad_batches.py --every 20 --step 1 --configs lora,masked,dropout      # one in 20, scattered
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,7 +62,7 @@ if not __package__:  # run as a script: the repository root is not on the path
 
 from benchmarks._common import machine, num, run_main
 from benchmarks.healthy_zoo import CONFIGS, _run_one
-from lightning_gradguard import GradGuard, default_rollback
+from lightning_gradguard import GradGuard, LRGuard, default_rollback
 
 __all__ = ["main", "report", "run"]
 
@@ -74,6 +81,16 @@ SKIP_GUARD: tuple[str, Callable[[], GradGuard]] = (
     "GradGuard(skip_exploding=True)",
     lambda: GradGuard(skip_exploding=True),
 )
+
+
+#: The guard whose LR guard counts every exploding event, lone spikes too (the previous default).
+COUNTING_GUARD: tuple[str, Callable[[], GradGuard]] = (
+    "GradGuard(lr_guard=LRGuard(spare_lone=False))",
+    lambda: GradGuard(lr_guard=LRGuard(spare_lone=False)),
+)
+
+#: The last step scattered bad batches are drawn for (beyond every config's length).
+_LAST_STEP = 5000
 
 
 def _guard_as(kwargs: dict[str, Any]) -> tuple[str, Callable[[], GradGuard]]:
@@ -99,7 +116,11 @@ def _bad_batches(steps: set[int], factor: float) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train each selected config clean, and with the bad batches unguarded and under both guards."""
-    bad = set(range(args.step, args.step + args.count))
+    if args.every is None:
+        bad = set(range(args.step, args.step + args.count))
+    else:
+        draw = random.Random(args.seed)
+        bad = {step for step in range(args.step, _LAST_STEP) if draw.random() < 1.0 / args.every}
     prepare = _bad_batches(bad, args.factor)
     runs = (
         ("clean", None, None),
@@ -107,6 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("guarded", ("GradGuard()", GradGuard), prepare),
         *((variant, _guard_as(kwargs), prepare) for variant, kwargs in ROLLBACKS.items()),
         ("guarded_skip", SKIP_GUARD, prepare),
+        ("guarded_counting", COUNTING_GUARD, prepare),
     )
     rows: list[dict[str, Any]] = []
     threads_before = torch.get_num_threads()
@@ -127,6 +149,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seed": args.seed,
         "size": "quick" if args.quick else "default",
         "bad_steps": sorted(bad),
+        "every": args.every,
         "factor": args.factor,
         "machine": machine(),
         "wall_s": time.perf_counter() - start,
@@ -138,9 +161,16 @@ def report(result: dict[str, Any]) -> str:
     """The result of :func:`run` as a markdown table."""
     meta = result["meta"]
     m = meta["machine"]
+    steps = meta["bad_steps"]
+    if meta.get("every") is None:
+        what = f"{len(steps)} bad batch(es) in a row (loss x {meta['factor']:g} at steps {steps[0]}-{steps[-1]})"
+    else:
+        what = (
+            f"scattered bad batches (loss x {meta['factor']:g}, one step in {meta['every']} from step {steps[0]}"
+            f" on: {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})"
+        )
     lines = [
-        f"# {len(meta['bad_steps'])} bad batch(es) in a row (loss x {meta['factor']:g} at steps "
-        f"{meta['bad_steps'][0]}-{meta['bad_steps'][-1]}) in healthy runs",
+        f"# {what} in healthy runs",
         "",
         f"command: `{meta['command']}`  ",
         f"machine: {m['cpus']} CPUs available, 1 thread per run, python {m['python']}, torch {m['torch']}, "
@@ -180,6 +210,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="the first bad batch's optimizer step, >= 1 (default: 40; 3 with --quick)",
     )
     p.add_argument("--count", type=int, default=2, help="bad batches in a row, >= 1 (default: 2)")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="scattered instead: each step from --step on bad with probability 1/N, N >= 2 (--count is not used)",
+    )
     p.add_argument("--factor", type=float, default=1e4, help="loss multiplier of the bad batches, > 1 (default 1e4)")
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
@@ -196,6 +233,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--step must be >= 1")
     if args.count < 1:
         p.error("--count must be >= 1")
+    if args.every is not None and args.every < 2:
+        p.error("--every must be >= 2")
     if not args.factor > 1:
         p.error("--factor must be > 1")
     args.logdir = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import random
 import json
 
 import pytest
@@ -191,3 +192,17 @@ def test_the_quick_run_runs_every_variant_on_the_tiny_sizes() -> None:
         result = main(["--quick", "--configs", "warmup", "--json", "-"])
     assert result["meta"]["size"] == "quick" and result["meta"]["bad_steps"] == [3, 4]
     assert [row["variant"] for row in result["rows"]][:3] == ["clean", "unguarded", "guarded"]
+
+
+def test_scattered_bad_batches_are_drawn_from_the_seed_and_spared_as_lone_spikes() -> None:
+    # One step in 3 bad from step 1 on, in the quick warm-up run: the draw is the seed's, the same for every run;
+    # the default leaves the rate alone where counting every spike cut it.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        result = main(["--quick", "--configs", "warmup", "--every", "3", "--step", "1", "--json", "-"])
+    draw = random.Random(0)
+    assert result["meta"]["bad_steps"] == [s for s in range(1, 5000) if draw.random() < 1 / 3]
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert rows["guarded"]["events"]["exploding"] >= 2 and rows["guarded"]["events"]["lr_reduced"] == 0
+    assert rows["guarded_counting"]["events"]["lr_reduced"] >= 1
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        main(["--every", "1"])
