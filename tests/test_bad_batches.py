@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import random
 import json
+import random
 
 import pytest
 
