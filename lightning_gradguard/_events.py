@@ -189,7 +189,8 @@ class EventReporter:
                 when = f"at {lr_guard.patience} such events in a row"
             else:
                 when = f"at {lr_guard.patience} such events within {lr_guard.cooldown} steps"
-            if lr_guard.spare_lone and lr_guard.patience > 1 and engine.clipper is not None and not diverging:
+            bounded = engine.clipper is not None or engine.skip_exploding
+            if lr_guard.spare_lone and lr_guard.patience > 1 and bounded and not diverging:
                 when += " (a clipped spike between calm steps counts for nothing)"
             actions.append(
                 f"the LR guard lowers the rate {when}"

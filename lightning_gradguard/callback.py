@@ -533,6 +533,7 @@ class GradGuard(CallbackBase):
         self._release_hooks()
         self._reset_run_state()
         if self.lr_guard is not None:
+            self.lr_guard._feeders.clear()  # the previous model's engines: their last steps are not this model's
             self.lr_guard.load_state_dict({"keys": {}})
         for r in self.regularizers:
             r.load_state_dict(self._initial_regularizer_states[r.name])

@@ -196,7 +196,9 @@ class Clipper(abc.ABC):
             self.last_coef = self.last_coef.to(device, torch.float32)
             self.last_threshold = self.last_threshold.to(device, torch.float32)
 
-    def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
+    def coefficient_(
+        self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None, flag_cap: Tensor | None = None
+    ) -> Tensor:
         """The clipping coefficient of a step whose gradients have the L2 norm ``total_norm``, from the clipper's
         state alone; updates that state, :attr:`last_coef` and :attr:`last_threshold` (device tensors, no host
         read, no Python decision on a value), but does not touch the gradients: :meth:`scale_` does. Only for a
@@ -207,6 +209,7 @@ class Clipper(abc.ABC):
             total_norm: 0-d fp32 tensor, the L2 norm of the gradients.
             valid: 0-d bool tensor; ``False`` leaves the state untouched (coefficient 1).
             cap: as in :meth:`clip_grads_`.
+            flag_cap: as in :meth:`clip_grads_`.
         """
         raise NotImplementedError(f"{type(self).__name__} clips in one piece: use clip_grads_.")
 
@@ -247,6 +250,7 @@ class Clipper(abc.ABC):
         names: list[str] | None = None,
         owner_types: list[type] | None = None,
         cap: Tensor | None = None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         """Clip ``grads`` in place given their already computed total L2 norm.
 
@@ -263,6 +267,9 @@ class Clipper(abc.ABC):
                 none). GradGuard passes the exploding detector's band edge on a flagged step, a safety net while an
                 adaptive clipper is still warming up. It is folded into the clipper's own coefficient (no extra
                 pass) and never enters the clipper's statistics. Ignored by :class:`AGC`.
+            flag_cap: optional 0-d tensor, the part of ``cap`` that the exploding detector set for a flagged step
+                (``inf`` on others). :class:`ZClip` collects ``min(norm, flag_cap)`` during its warm-up: a bad batch
+                enters as what it was held to, not raw. The others ignore it.
 
         Returns:
             The clipping coefficient applied (0-d fp32 tensor, also stored in :attr:`last_coef`).
@@ -278,7 +285,7 @@ class Clipper(abc.ABC):
         if total_norm.dtype != torch.float32:
             total_norm = total_norm.float()
         total_norm = self._norm_for_clipping(grads, total_norm)
-        return self._clip(grads, total_norm, valid, params, names, owner_types, cap)
+        return self._clip(grads, total_norm, valid, params, names, owner_types, cap, flag_cap)
 
     @staticmethod
     def _capped(coef: Tensor, total_norm: Tensor, cap: Tensor | None) -> Tensor:
@@ -310,6 +317,7 @@ class Clipper(abc.ABC):
         names: list[str] | None,
         owner_types: list[type] | None,
         cap: Tensor | None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         """Scale ``grads`` in place, update the state, set ``last_coef``/``last_threshold``, return the coef.
 
@@ -392,6 +400,7 @@ class NormClip(Clipper):
         names: list[str] | None,
         owner_types: list[type] | None,
         cap: Tensor | None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         self.prepare_(total_norm.device)
         coef = self.coefficient_(total_norm, valid, cap)
@@ -409,7 +418,9 @@ class NormClip(Clipper):
             self._threshold[device] = torch.full((), self.max_norm, dtype=torch.float32, device=device)
         self._device_threshold = self._threshold[device]
 
-    def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
+    def coefficient_(
+        self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None, flag_cap: Tensor | None = None
+    ) -> Tensor:
         # An inf norm gives coef 0 (not NaN): max_norm / inf.
         coef = torch.clamp(self.max_norm / (total_norm + _NORM_EPS), max=1.0)
         coef = self._capped(torch.where(valid, coef, 1.0), total_norm, cap)
@@ -507,6 +518,7 @@ class AutoClip(Clipper):
         names: list[str] | None,
         owner_types: list[type] | None,
         cap: Tensor | None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         device = total_norm.device
         self._prepare(device)
@@ -786,10 +798,11 @@ class ZClip(Clipper):
         names: list[str] | None,
         owner_types: list[type] | None,
         cap: Tensor | None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         device = total_norm.device
         self.prepare_(device)
-        coef = self.coefficient_(total_norm, valid, cap)
+        coef = self.coefficient_(total_norm, valid, cap, flag_cap)
         _scale_(grads, coef)
         if not self._warm_known:
             self._watch_warmup(device)
@@ -802,7 +815,9 @@ class ZClip(Clipper):
             self._warm_known = bool(self._warm_probe.values[0])
             self._warm_probe.filled = False
 
-    def coefficient_(self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None) -> Tensor:
+    def coefficient_(
+        self, total_norm: Tensor, valid: Tensor, cap: Tensor | None = None, flag_cap: Tensor | None = None
+    ) -> Tensor:
         device = total_norm.device
         buffer, count, mean, var, arange = self._buffer, self._count, self._mean, self._var, self._arange
         run = self._run
@@ -849,10 +864,11 @@ class ZClip(Clipper):
             warm = count < self.warmup_steps
             collect = ok & warm
             live = ok & ~warm
-            # What the step was held to, where GradGuard capped it (a bad batch its exploding detector flagged): the
-            # warm-up's statistics are those of the steps as taken. Collected raw, three 10^4x bad batches in a
-            # warm-up of 25 steps set the threshold at 10^4x the norms, and ZClip clipped nothing for 300 steps.
-            stored = x if cap is None else torch.minimum(x, cap.to(device=device, dtype=x.dtype))
+            # What a step the exploding detector flagged was held to (a bad batch): the warm-up's statistics are
+            # those of the steps as taken. Collected raw, three 10^4x bad batches in a warm-up of 25 steps set the
+            # threshold at 10^4x the norms, and ZClip clipped nothing for hundreds of steps. Not ``cap``, which
+            # holds a fixed ``max_norm`` too: a warm-up at that bound would say nothing of the norms.
+            stored = x if flag_cap is None else torch.minimum(x, flag_cap.to(device=device, dtype=x.dtype))
             if self.warmup_ratio is not None:
                 # A ceiling from the calm first steps: ``warmup_ratio`` times the (lower) median of the norms
                 # collected so far. A run that diverges inside the warm-up meets it at once; the median does not
@@ -1146,6 +1162,7 @@ class AGC(Clipper):
         names: list[str] | None,
         owner_types: list[type] | None,
         cap: Tensor | None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
@@ -1384,6 +1401,7 @@ class AdaGC(Clipper):
         names: list[str] | None,
         owner_types: list[type] | None,
         cap: Tensor | None,
+        flag_cap: Tensor | None = None,
     ) -> Tensor:
         device = total_norm.device
         if _DTensor is not None and any(isinstance(g, _DTensor) for g in grads):

@@ -728,8 +728,6 @@ class GuardEngine:
         self.vanishing: VanishingDetector | None = _default(vanishing, VanishingDetector)
         self.divergence: DivergenceDetector | None = _default(divergence, DivergenceDetector)
         self.lr_guard: LRGuard | None = _default(lr_guard, LRGuard)
-        if self.lr_guard is not None:
-            self.lr_guard._feeders.add(self)
         self.regularizers = regularizers
         # A regularizer selects from the whole model; each optimizer's step adds the terms of its own parameters.
         self._own = frozenset(id(p) for p in index.params)
@@ -758,6 +756,8 @@ class GuardEngine:
                 self._max_norm_cap = torch.full((), self.max_norm, dtype=torch.float32, device=index.params[0].device)
         self.compile = compile
         self.key = check_int("key", key, low=None)
+        if self.lr_guard is not None:
+            self.lr_guard._feeders[self.key] = weakref.ref(self)
         self.steps = 0  # steps recorded (cumulative, saved)
         # The batch size the detectors are calibrated on, and how many steps in a row came with less than half of it
         # (see `_judged`); host ints, from `step(samples=...)`.
@@ -1412,7 +1412,9 @@ class GuardEngine:
         flagged = self._flagged(exploding)
         unflagged = None if flagged is None else ~flagged
         # The clipper learns from the steps that are neither invalid nor skipped for a flag, as eagerly.
-        coef = clipper.coefficient_(total, valid if unflagged is None else valid & unflagged, cap)
+        coef = clipper.coefficient_(
+            total, valid if unflagged is None else valid & unflagged, cap, self._flag_cap(exploding)
+        )
         clipped = coef < 1.0
         kept = valid if self.on_nonfinite == "skip" and not grad_scaler else None  # the steps not skipped
         if unflagged is not None:
@@ -1431,10 +1433,15 @@ class GuardEngine:
 
     def _cap(self, exploding: ExplodingResult | None) -> Tensor | None:
         """The bound on this step's clipped norm beyond the clipper's own (``None``: none)."""
-        cap = exploding.cap if (exploding is not None and self._exploding_cap) else None
+        cap = self._flag_cap(exploding)
         if self._max_norm_cap is not None:
             cap = self._max_norm_cap if cap is None else torch.minimum(cap, self._max_norm_cap)
         return cap
+
+    def _flag_cap(self, exploding: ExplodingResult | None) -> Tensor | None:
+        """The exploding detector's part of :meth:`_cap` (``None``: none), what a flagged step stands for in the
+        clipper's warm-up."""
+        return exploding.cap if (exploding is not None and self._exploding_cap) else None
 
     def _flagged(self, exploding: ExplodingResult | None) -> Tensor | None:
         """With ``skip_exploding``: whether the exploding detector capped this step (its total norm flagged, a stretch
@@ -1501,10 +1508,10 @@ class GuardEngine:
         names = owners = None
         if clipper.needs_params or clipper.needs_names:
             names, owners = self._owners(measured.param_indices)
-        cap = self._cap(exploding)
         coef = clipper.clip_grads_(
-            measured.grads, total, valid, params=measured.params, names=names, owner_types=owners, cap=cap
-        )
+            measured.grads, total, valid, params=measured.params, names=names, owner_types=owners,
+            cap=self._cap(exploding), flag_cap=self._flag_cap(exploding),
+        )  # fmt: skip
         if coef.device != total.device or coef.dtype != torch.float32:
             coef = coef.to(total.device, torch.float32)
         return coef, coef < 1.0

@@ -164,10 +164,12 @@ class LRGuard:
       heavy-tailed gradient norms (a mixture of experts on small batches) have such spikes, and halving the rate
       for each cost them progress, while a rate that is too high explodes again within a few steps.
     * **Lone spikes.** An exploding event on a step whose gradients were clipped (``clipped=True``: the spike was
-      bounded), between two calm steps, counts for nothing (``spare_lone``): bad data a step at a time, which the
-      clipper has already made harmless. Its count is decided one step late, when the next step shows whether it
-      was alone: a troubled next step (exploding, clipped, non-finite or diverging) counts it then, so a rate too
-      high, whose norms climb from step to step, is cut on the same step as before. Counted, clipped bad batches
+      bounded), between two calm steps, counts for nothing (``spare_lone``, with ``patience`` of 2 or more): bad data
+      a step at a time, which the clipper has already made harmless. A step clipped for any reason is not calm, so
+      under a fixed clip that bounds most steps every event counts. Its count is decided one step late, when the
+      next step shows whether it was alone: a troubled next step (exploding, clipped, non-finite or diverging)
+      counts it then, so a rate too high, whose norms climb from step to step, is cut on the same step as before
+      (one cut, where the next step would cut by itself too). Counted, clipped bad batches
       a few steps apart cut the rate and, recurring within a few hundred steps, set its ceiling (memory, below):
       one in 30 steps of a healthy Adam regression took the rate to 5% of its schedule in 1000 steps and the run
       ended at 18x its clean loss (unguarded: 33x; clipped with no LR guard: as clean).
@@ -276,8 +278,9 @@ class LRGuard:
         self.spare_lone = check_bool("spare_lone", spare_lone)
         self._states: dict[int, _KeyState] = {}
         self._swaps: dict[int, list[_Swap]] = {}
-        # The engines that feed this guard their decisions (``GuardEngine``s; weak: a guard does not keep them).
-        self._feeders: weakref.WeakSet[Any] = weakref.WeakSet()
+        # The engine that feeds this guard the decisions of each key (a ``GuardEngine``; weak: a guard does not keep
+        # it alive). An engine built for a key later (a new fit, a param group added) takes its place.
+        self._feeders: dict[int, weakref.ref[Any]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy or pickle is fed by the engines built for it, not by this guard's.
@@ -285,7 +288,7 @@ class LRGuard:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._feeders = weakref.WeakSet()
+        self._feeders = {}
 
     def __repr__(self) -> str:
         return (
@@ -403,10 +406,12 @@ class LRGuard:
             state.since_cut = min(state.since_cut + 1, 1 << 30)
             state.since_nonfinite += 1
             return reduced
-        return self._step(state, exploding, nonfinite, diverging) or reduced
+        # A deferred spike that completed a cut makes this step's trouble part of the same cut: it holds, not cuts
+        # again (one cut per call, as the engine counts them).
+        return self._step(state, exploding, nonfinite, diverging, hold=reduced) or reduced
 
-    def _step(self, state: _KeyState, exploding: bool, nonfinite: bool, diverging: bool) -> bool:
-        """:meth:`update` of a step whose events count now."""
+    def _step(self, state: _KeyState, exploding: bool, nonfinite: bool, diverging: bool, hold: bool = False) -> bool:
+        """:meth:`update` of a step whose events count now (``hold``: they may hold the multiplier, not cut it)."""
         state.since_cut = min(state.since_cut + 1, 1 << 30)
         if nonfinite:
             recent = state.nonfinite > 0 and state.since_nonfinite <= self.cooldown
@@ -423,13 +428,13 @@ class LRGuard:
                 # the run (measured: a GRU with one such batch in eleven, cut 8 times to 1% of its rate). A long run
                 # of them in a row (a model wrecked straight into NaN) still cuts.
                 return False
-            cut = self._explode(state, force=True)
+            cut = self._explode(state, force=True, hold=hold)
             state.nonfinite_cut = 1
             return cut
         state.since_nonfinite += 1
         if exploding or diverging:
             state.nonfinite_cut = 0
-            return self._explode(state, force=diverging)
+            return self._explode(state, force=diverging, hold=hold)
         recovered = self.cooldown + self.recovery_steps
         if state.calm >= recovered:
             # Recovered: the ceiling creeps back towards 1 (slow increase), and the multiplier with it.
@@ -446,7 +451,7 @@ class LRGuard:
             state.anchor = max(state.ceiling, state.anchor)
         return False
 
-    def _explode(self, state: _KeyState, force: bool, remember: bool = False) -> bool:
+    def _explode(self, state: _KeyState, force: bool, remember: bool = False, hold: bool = False) -> bool:
         current = self._multiplier(state)
         # A recurrence: the rate exploded again after a cut had calmed it, within two holds and recoveries of that
         # cut (a rate too high explodes again as recovery brings it back). Bursts further apart (occasional bad
@@ -454,7 +459,7 @@ class LRGuard:
         recurrence = state.armed and state.since_cut <= 2 * (self.cooldown + self.recovery_steps)
         state.calm = 0
         state.anchor = current
-        if state.since_cut <= self.settle_steps:
+        if hold or state.since_cut <= self.settle_steps:
             # The last reduction has not had time to show in the gradients (the flag arrives a step late, and
             # the step after a reduction still carries the weights that the old rate produced): hold, don't cut.
             return False
@@ -588,8 +593,10 @@ class LRGuard:
         :meth:`GuardEngine.state_dict <lightning_gradguard.GuardEngine.state_dict>`), so the state holds a cut their
         last step called for, whichever of the two states is taken first.
         """
-        for engine in list(self._feeders):
-            engine._settle()
+        for ref in list(self._feeders.values()):
+            engine = ref()
+            if engine is not None:
+                engine._settle()
         return {"keys": {str(key): s.as_dict() for key, s in self._states.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -1119,3 +1119,22 @@ def test_rescale_moves_a_total_norm_clippers_thresholds_with_the_norms_level(mak
 
     assert coef(False, 3.0) < 0.5 and coef(True, 3.0) > 0.9  # the new level: clipped before the rescale only
     assert coef(True, 30.0) < 0.2  # a spike over the new level
+
+
+def test_zclip_warm_up_takes_a_flagged_step_as_it_was_held_and_ignores_a_fixed_cap() -> None:
+    # GradGuard passes the exploding detector's cap of a flagged step (flag_cap) and its fixed max_norm inside
+    # `cap`. Collected raw, bad batches in the warm-up set the threshold at their size for hundreds of steps.
+    norms = [1.0, 1.2, 5000.0, 0.9, 1.1]
+    clipper = ZClip(warmup_steps=5)
+    for n in norms:
+        flagged = n > 100
+        cap = torch.tensor(1.05 if flagged else 0.5)  # a max_norm of 0.5 on every step, the flagged step's cap
+        clipper.prepare_(torch.device("cpu"))
+        clipper.coefficient_(torch.tensor(n), torch.tensor(True), cap, torch.tensor(1.05 if flagged else math.inf))
+    assert clipper._buffer is not None
+    assert clipper._buffer.tolist() == pytest.approx([1.0, 1.2, 1.05, 0.9, 1.1])
+    raw = ZClip(warmup_steps=5)
+    for n in norms:
+        raw.prepare_(torch.device("cpu"))
+        raw.coefficient_(torch.tensor(n), torch.tensor(True), torch.tensor(0.5))
+    assert raw._buffer is not None and raw._buffer.tolist() == pytest.approx(norms)

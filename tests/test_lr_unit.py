@@ -527,17 +527,28 @@ def test_a_clipped_spike_followed_by_trouble_counts_on_the_next_step(after: str)
 
 
 def test_a_deferred_spike_survives_the_state_round_trip():
-    guard = LRGuard()
-    guard.update(True, clipped=True)
-    guard.update(True)  # a first event (unclipped): pending 1
+    guard = LRGuard(cooldown=5)
+    guard.update(True)  # an unclipped event counts at once: pending 1
     guard.update(False)
-    guard.update(True, clipped=True)  # after a calm step: deferred
+    guard.update(True, clipped=True)  # a clipped one after a calm step: deferred
     state = guard.state_dict()
+    assert state["keys"]["0"]["pending"] == 1
     assert state["keys"]["0"]["deferred"] == 1
     resumed = LRGuard()
     resumed.load_state_dict(state)
     for g in (guard, resumed):
-        assert g.update(True) is True  # the deferred spike and this one: the cut
+        assert g.update(True) is True  # the deferred spike counts (pending 2): the cut; this step only holds
+        assert g.scale() == 0.5
     assert resumed.state_dict() == guard.state_dict()
     with pytest.raises(ValueError, match="spare_lone"):
         LRGuard(spare_lone="yes")  # type: ignore[arg-type]
+
+
+def test_a_deferred_spike_that_completes_a_cut_on_a_step_that_cuts_by_itself_makes_one_cut():
+    # Both are the same trouble on adjacent steps: one cut, as the engine counts one per call.
+    guard = LRGuard()
+    guard.update(True)  # pending 1
+    guard.update(False)
+    guard.update(True, clipped=True)  # deferred
+    assert guard.update(False, diverging=True) is True
+    assert guard.scale() == 0.5
