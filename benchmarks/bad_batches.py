@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "size": "quick" if args.quick else "default",
         "bad_steps": sorted(bad),
         "every": args.every,
+        "from_step": args.step,
         "factor": args.factor,
         "machine": machine(),
         "wall_s": time.perf_counter() - start,
@@ -166,8 +167,8 @@ def report(result: dict[str, Any]) -> str:
         what = f"{len(steps)} bad batch(es) in a row (loss x {meta['factor']:g} at steps {steps[0]}-{steps[-1]})"
     else:
         what = (
-            f"scattered bad batches (loss x {meta['factor']:g}, one step in {meta['every']} from step {steps[0]}"
-            f" on: {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})"
+            f"scattered bad batches (loss x {meta['factor']:g}, each step from {meta['from_step']} on with"
+            f" probability 1/{meta['every']}: {', '.join(map(str, steps[:12]))}{', ...' if len(steps) > 12 else ''})"
         )
     lines = [
         f"# {what} in healthy runs",
