@@ -48,7 +48,7 @@ def test_the_default_restarts_for_early_trouble_without_a_calm_start_only(
         "guarded_laterescue",
         "guarded_noretry",
     ]
-    assert list(rows) == ["clean", "unguarded", *guarded, "guarded_skip"]
+    assert list(rows) == ["clean", "unguarded", *guarded, "guarded_skip", "guarded_counting"]
     assert rows["clean"]["guard"] is None and rows["clean"]["rescued"] is None
     assert rows["guarded_nocalm"]["guard"] == "GradGuard(rollback=default_rollback(calm_factor=None))"
     for variant in guarded:
