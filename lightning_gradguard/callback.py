@@ -1118,8 +1118,8 @@ class GradGuard(CallbackBase):
         notes.append(
             f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. To train this"
             f" setup again, {advice}: the guard settles near the highest rate that stays finite, and a lower one may"
-            " train better. Unless the cuts answered bad batches (isolated spikes between calm steps, in the events):"
-            " those say nothing about the rate."
+            " train better. Unless the cuts answered bad batches (bursts of spikes between calm stretches, in the"
+            " events): those say nothing about the rate."
         )
         return " ".join(notes)
 

@@ -169,10 +169,10 @@ class LRGuard:
       under a fixed clip that bounds most steps every event counts. Its count is decided one step late, when the
       next step shows whether it was alone: a troubled next step (exploding, clipped, non-finite or diverging)
       counts it then, so a rate too high, whose norms climb from step to step, is cut on the same step as before
-      (one cut, where the next step would cut by itself too). Counted, clipped bad batches
-      a few steps apart cut the rate and, recurring within a few hundred steps, set its ceiling (memory, below):
-      one in 30 steps of a healthy Adam regression took the rate to 5% of its schedule in 1000 steps and the run
-      ended at 18x its clean loss (unguarded: 33x; clipped with no LR guard: as clean).
+      (one cut, where the next step would cut by itself too). Counted, clipped bad batches a few steps apart cut
+      the rate and, recurring within a few hundred steps, set its ceiling (memory, below): one in 30 steps of a
+      healthy Adam regression took the rate to 5% of its schedule in 1000 steps and the run ended at 18x its clean
+      loss (unguarded: 33x; clipped with no LR guard: as clean).
     * **Non-finite steps.** One isolated non-finite step (a bad batch, skipped by GradGuard) is no evidence that
       the learning rate is too high: it changes nothing. ``nonfinite_patience`` of them with at most ``cooldown``
       steps between each and the next count as one exploding event (which reduces at once). Once: when they go on
