@@ -218,7 +218,8 @@ class _Record:
         """Fold one step into the buffers.
 
         Returns:
-            The ``[6]`` int64 increment of the counters (the host's flags), the step's non-finite flag and, without
+            The ``[7]`` int64 increment of the counters and whether the step was capped (the host's flags), the
+            step's non-finite flag and, without
             a GradScaler, the per-layer non-finite flags.
         """
         nonfinite = ~valid
@@ -253,9 +254,12 @@ class _Record:
                 nonfinite if grad_scaler else self.false,
                 clipped,
                 diverging if diverging is not None else self.false,
+                # Not a counter: whether the exploding detector capped the step (flagged it), for the LR guard's
+                # lone-spike test, where a step clipped only by a fixed max_norm is calm.
+                exploding.cap < math.inf if exploding is not None else self.false,
             ]
         )
-        self.buffers["counts"].add_(increment)
+        self.buffers["counts"].add_(increment[: len(_COUNTS)])
         return increment, nonfinite, layer_nonfinite
 
 
@@ -1124,9 +1128,9 @@ class GuardEngine:
             self._rescue_clip(measured, total, valid)
         self._last_total = total
         self._stamp(number)
-        # One more entry than the counts: the total norm, sent to the host only while the rollback's rescue needs it
-        # (the first ``rescue_until`` steps).
-        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 1, total.device)
+        # Two more entries than the counts: whether the detector capped the step, and the total norm, sent to the
+        # host only while the rollback's rescue needs it (the first ``rescue_until`` steps).
+        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 2, total.device)
         if self.rollback is not None and self.rollback.wants_norm(self.steps + 1):
             increment = torch.cat([increment, total.reshape(1)])
         flags.fill(increment, number)
@@ -1528,10 +1532,10 @@ class GuardEngine:
         """Act on the flags of past steps that have landed on the host: LR guard, adaptive regularizers."""
         while self._pending and self._pending[0][0].ready():
             flags, grad_scaler, local, dropped = self._pending.popleft()
-            exploding, vanishing, nonfinite, overflow, clipped, diverging = (
-                bool(v) for v in flags.values[: len(_COUNTS)]
+            exploding, vanishing, nonfinite, overflow, clipped, diverging, capped = (
+                bool(v) for v in flags.values[: len(_COUNTS) + 1]
             )
-            norm = float(flags.values[len(_COUNTS)])  # NaN when not sent
+            norm = float(flags.values[len(_COUNTS) + 1])  # NaN when not sent
             self._free.append(flags)
             lr_reduced = False
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
@@ -1560,6 +1564,7 @@ class GuardEngine:
                     nonfinite=gradient_nonfinite,
                     diverging=diverging,
                     clipped=clipped or dropped,
+                    flagged=capped,
                 )
                 if reduced:
                     self.host_counts["lr_reduced"] += 1

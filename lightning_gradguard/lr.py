@@ -47,7 +47,7 @@ class _KeyState:
     # 1: the last step was a clipped exploding event after a calm step, not counted yet: it counts when the next
     # step is troubled too, and not at all when the next step is calm (a lone spike)
     deferred: int = 0
-    troubled: int = 0  # 1: the last step exploded, was clipped, non-finite or diverging
+    troubled: int = 0  # 1: the last step exploded, was flagged (or clipped), non-finite or diverging
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
@@ -165,11 +165,12 @@ class LRGuard:
       for each cost them progress, while a rate that is too high explodes again within a few steps.
     * **Lone spikes.** An exploding event on a step whose gradients were clipped (``clipped=True``: the spike was
       bounded), between two calm steps, counts for nothing (``spare_lone``, with ``patience`` of 2 or more): bad data
-      a step at a time, which the clipper has already made harmless. A step clipped for any reason is not calm, so
-      under a fixed clip that bounds most steps every event counts. Its count is decided one step late, when the
-      next step shows whether it was alone: a troubled next step (exploding, clipped, non-finite or diverging)
-      counts it then, so a rate too high, whose norms climb from step to step, is cut on the same step as before
-      (one cut, where the next step would cut by itself too). Counted, clipped bad batches a few steps apart cut
+      a step at a time, which the clipper has already made harmless. A calm step is one neither exploding, flagged by
+      the detector (``flagged``; without it, clipped), non-finite nor diverging: GradGuard passes ``flagged``, so a
+      step clipped only by a fixed ``max_norm`` that bounds most steps is calm. Its count is decided one step late,
+      when the next step shows whether it was alone: a troubled next step counts it then, so a rate too high, whose
+      norms climb from step to step, is cut on the same step as before (one cut, where the next step would cut by
+      itself too). Counted, clipped bad batches a few steps apart cut
       the rate and, recurring within a few hundred steps, set its ceiling (memory, below): one in 30 steps of a
       healthy Adam regression took the rate to 5% of its schedule in 1000 steps and the run ended at 18x its clean
       loss (unguarded: 33x; clipped with no LR guard: as clean).
@@ -368,6 +369,7 @@ class LRGuard:
         nonfinite: bool = False,
         diverging: bool = False,
         clipped: bool = False,
+        flagged: bool | None = None,
     ) -> bool:
         """Advance optimizer ``key`` by one step.
 
@@ -380,12 +382,16 @@ class LRGuard:
                 high steps in a row): an exploding event that reduces at once, whatever ``patience``.
             clipped: whether this step's gradients were clipped (or the step skipped) for their norm: an exploding
                 event on such a step between two calm steps is a lone spike (``spare_lone``).
+            flagged: whether the exploding detector flagged (capped) this step; ``None``: as ``clipped``. A step is
+                calm for the lone-spike test when it is neither exploding, flagged, non-finite nor diverging: with
+                ``flagged`` given, a step clipped only by a fixed bound (``max_norm``, ``gradient_clip_val``) or by
+                the clipper's own statistics is calm.
 
         Returns:
             ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
         """
         state = self._states.setdefault(key, _KeyState())
-        troubled = exploding or nonfinite or diverging or clipped
+        troubled = exploding or nonfinite or diverging or (clipped if flagged is None else flagged)
         lone = (
             self.spare_lone
             and self.patience > 1

@@ -552,3 +552,21 @@ def test_a_deferred_spike_that_completes_a_cut_on_a_step_that_cuts_by_itself_mak
     guard.update(True, clipped=True)  # deferred
     assert guard.update(False, diverging=True) is True
     assert guard.scale() == 0.5
+
+
+def test_a_step_clipped_only_by_a_fixed_bound_is_calm_when_flagged_is_given():
+    # Under a max_norm below the usual norm every step is clipped; only the detector's flag says trouble.
+    guard = LRGuard(cooldown=20)
+    for _ in range(4):
+        guard.update(True, clipped=True, flagged=True)
+        for _ in range(2):
+            guard.update(False, clipped=True, flagged=False)
+    assert guard.scale() == 1.0
+    # Without `flagged`, a clipped step is trouble: the spikes are not alone, and the second cuts.
+    guard = LRGuard(cooldown=20)
+    cuts = 0
+    for _ in range(2):
+        cuts += guard.update(True, clipped=True)
+        for _ in range(2):
+            cuts += guard.update(False, clipped=True)
+    assert cuts == 1 and guard.scale() == 0.5
