@@ -191,7 +191,7 @@ class EventReporter:
                 when = f"at {lr_guard.patience} such events within {lr_guard.cooldown} steps"
             bounded = engine.clipper is not None or engine.skip_exploding
             if lr_guard.spare_lone and lr_guard.patience > 1 and bounded and not diverging:
-                when += " (a clipped spike between calm steps counts for nothing)"
+                when += " (a clipped spike alone among calm steps counts for nothing)"
             actions.append(
                 f"the LR guard lowers the rate {when}"
                 + (" (and the rollback, while it is on)" if engine.rollback is not None else "")

@@ -1556,7 +1556,7 @@ class GuardEngine:
                     )
                 # A blown-up loss is an explosion to the LR guard, whatever the gradient norms say, and already a
                 # persistent one: it cuts at once (one gradient spike waits for a second, `LRGuard.patience`).
-                # A spike the clipper bounded (or the step skipped for it) between calm steps counts for nothing
+                # A spike the clipper bounded (or the step skipped for it) alone among calm steps counts for nothing
                 # (`LRGuard.spare_lone`).
                 reduced = self.lr_guard is not None and self.lr_guard.update(
                     gradient_exploding,

@@ -469,8 +469,8 @@ def test_a_copy_that_trouble_followed_is_dropped_and_a_later_calm_one_taken() ->
 
 
 def test_isolated_spikes_keep_the_rate_and_a_climbing_pair_only_cuts_it() -> None:
-    # One spike: clipped, nothing else. A second within the LR guard's cooldown with a calm step between: each
-    # clipped between calm steps, a lone spike (`LRGuard.spare_lone`): no cut either (before, one cut). Two in a
+    # One spike: clipped, nothing else. A second within the LR guard's cooldown with a calm step between: the
+    # first is a lone spike (`LRGuard.spare_lone`), the second counts alone: no cut either (before, one cut). Two in a
     # row, the second 100x the first (a climb, two events): one cut, and no restart (the restart needs two
     # troubled steps in a row that began without a calm start).
     for spikes, cuts in (({30: 1e4}, 0), ({30: 1e4, 32: 1e4}, 0), ({30: 1e2, 31: 1e4}, 1)):

@@ -496,9 +496,10 @@ def test_rewind_replaces_the_cuts_since_a_snapshot_with_one():
 def test_clipped_spikes_between_calm_steps_count_for_nothing():
     # Bad batches a few steps apart, each clipped: before, the second one within the cooldown cut the rate.
     guard = LRGuard(cooldown=20)
+    _calm(guard, 3)
     for _ in range(5):
         assert guard.update(True, clipped=True) is False
-        _calm(guard, 2)
+        _calm(guard, 3)
     assert guard.scale() == 1.0 and guard.state_dict()["keys"]["0"]["pending"] == 0
     # Unclipped (no clipper), or with spare_lone=False, each counts: the second cuts.
     for guard, clipped in ((LRGuard(), False), (LRGuard(spare_lone=False), True)):
@@ -513,6 +514,7 @@ def test_a_clipped_spike_followed_by_trouble_counts_on_the_next_step(after: str)
     # A rate too high climbs from step to step: its first spike counts once the next step shows trouble too, so the
     # cut comes on the same step as when every event counted at once.
     guard = LRGuard(nonfinite_patience=3)
+    _calm(guard, 3)
     assert guard.update(True, clipped=True) is False  # decided with the next step
     kwargs = {"clipped": True} if after in ("clipped", "exploding") else {after: True}
     reduced = guard.update(after == "exploding", **kwargs)
@@ -529,8 +531,8 @@ def test_a_clipped_spike_followed_by_trouble_counts_on_the_next_step(after: str)
 def test_a_deferred_spike_survives_the_state_round_trip():
     guard = LRGuard(cooldown=5)
     guard.update(True)  # an unclipped event counts at once: pending 1
-    guard.update(False)
-    guard.update(True, clipped=True)  # a clipped one after a calm step: deferred
+    _calm(guard, 3)
+    guard.update(True, clipped=True)  # a clipped one after three calm steps: deferred
     state = guard.state_dict()
     assert state["keys"]["0"]["pending"] == 1
     assert state["keys"]["0"]["deferred"] == 1
@@ -548,7 +550,7 @@ def test_a_deferred_spike_that_completes_a_cut_on_a_step_that_cuts_by_itself_mak
     # Both are the same trouble on adjacent steps: one cut, as the engine counts one per call.
     guard = LRGuard()
     guard.update(True)  # pending 1
-    guard.update(False)
+    _calm(guard, 3)
     guard.update(True, clipped=True)  # deferred
     assert guard.update(False, diverging=True) is True
     assert guard.scale() == 0.5
@@ -558,15 +560,29 @@ def test_a_step_clipped_only_by_a_fixed_bound_is_calm_when_flagged_is_given():
     # Under a max_norm below the usual norm every step is clipped; only the detector's flag says trouble.
     guard = LRGuard(cooldown=20)
     for _ in range(4):
-        guard.update(True, clipped=True, flagged=True)
-        for _ in range(2):
+        for _ in range(3):
             guard.update(False, clipped=True, flagged=False)
+        guard.update(True, clipped=True, flagged=True)
+    guard.update(False, clipped=True, flagged=False)
     assert guard.scale() == 1.0
     # Without `flagged`, a clipped step is trouble: the spikes are not alone, and the second cuts.
     guard = LRGuard(cooldown=20)
     cuts = 0
     for _ in range(2):
-        cuts += guard.update(True, clipped=True)
-        for _ in range(2):
+        for _ in range(3):
             cuts += guard.update(False, clipped=True)
+        cuts += guard.update(True, clipped=True)
     assert cuts == 1 and guard.scale() == 0.5
+
+
+def test_spikes_every_other_step_are_no_lone_ones():
+    # A rate at the edge of stability: a clipped spike, an ordinary step, a spike... Each had a calm step on either
+    # side; spared, the rate was never cut. A spike needs three calm steps before it to be a lone one.
+    guard = LRGuard()
+    _calm(guard, 5)
+    cuts = []
+    for _ in range(3):
+        cuts.append(guard.update(True, clipped=True))
+        cuts.append(guard.update(False))
+    assert cuts.count(True) == 1 and guard.scale() == 0.5
+    assert cuts.index(True) == 4  # on the third spike: the first was spared, the second and third counted
