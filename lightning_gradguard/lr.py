@@ -179,9 +179,10 @@ class LRGuard:
       itself too). Counted, clipped bad batches a few steps apart cut
       the rate and, recurring within a few hundred steps, set its ceiling (memory, below): one in 30 steps of a
       healthy Adam regression took the rate to 5% of its schedule in 1000 steps and the run ended at 18x its clean
-      loss (unguarded: 33x; clipped with no LR guard: as clean). Three calm steps before, not one: a plain-SGD ReLU
-      regression whose rate was raised 10x mid-run alternated spikes and ordinary steps, each spike spared, and
-      ended 40-170% above the cut it got when every event counted (4 of 8 seeds).
+      loss (unguarded: 33x; clipped with no LR guard: as clean). Three calm steps before, not one: a rate at the
+      edge of stability alternates spikes and ordinary steps, and is then cut at its third spike. Two spikes two
+      steps apart are not cut: a plain-SGD ReLU regression whose rate was raised 10x mid-run ended 40-130% above
+      counting every event on 4 of 8 seeds (``spare_lone=False`` counts them all).
     * **Non-finite steps.** One isolated non-finite step (a bad batch, skipped by GradGuard) is no evidence that
       the learning rate is too high: it changes nothing. ``nonfinite_patience`` of them with at most ``cooldown``
       steps between each and the next count as one exploding event (which reduces at once). Once: when they go on
