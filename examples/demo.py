@@ -8,8 +8,9 @@ Run:
 After a clean start, one sample in 500 carries a corrupted label (a broken sensor reporting 300 instead of a value
 near 1). Each such sample makes one gradient step orders of magnitude too large. Without the guard, they throw the
 weights so far that the model is ruined. With the default ``GradGuard()``, ZClip
-clips those spikes back to the usual norm, the LR guard lowers the learning rate while they last, and the model
-keeps learning: the error on clean held-out data keeps falling.
+clips those spikes back to the usual norm, the LR guard leaves the rate alone for a clipped spike between calm steps
+(it would lower it if they came in bursts), and the model keeps learning: the error on clean held-out data keeps
+falling.
 
 Both runs log their gradient norms: the unguarded one through a monitor-only guard (no clipping, no LR guard, every
 event let through), so the two runs' ``gradguard/`` curves sit side by side in TensorBoard.
@@ -115,8 +116,10 @@ def fmt(x: float) -> str:
     return "NaN (training diverged)" if math.isnan(x) else f"{x:.3g}"
 
 
-def _times(n: int) -> str:
-    return "once" if n == 1 else f"{n} times"
+def _lowered(n: int) -> str:
+    if n == 0:
+        return "did not lower the learning rate"
+    return "lowered the learning rate " + ("once" if n == 1 else f"{n} times")
 
 
 def _events(events: dict[str, int]) -> str:
@@ -139,8 +142,8 @@ def explain(
         f"What went wrong: after a clean start, about 1 label in 500 is corrupted ({CORRUPT_LABEL:g} instead of a value"
         f" within ±3; {seen} such samples in {steps} steps), and each one sends a gradient spike. Unguarded, the"
         f" monitor saw {bare_events['exploding']} exploding steps and let them through: {outcome(bare_mse)}"
-        f" (clean-data MSE {fmt(bare_mse)}). GradGuard clipped {events['clipped']} steps and lowered the learning rate"
-        f" {_times(events['lr_reduced'])}: {outcome(mse)} (clean-data MSE {fmt(mse)})."
+        f" (clean-data MSE {fmt(bare_mse)}). GradGuard clipped {events['clipped']} steps and"
+        f" {_lowered(events['lr_reduced'])}: {outcome(mse)} (clean-data MSE {fmt(mse)})."
     )
 
 

@@ -133,7 +133,7 @@ class GradGuard(CallbackBase):
         clip_exploding: when a clipper is set, also clip a step that the exploding detector flags down to
             ``cap_ratio`` (1) times the detector's average norm, or its ceiling ``max_norm`` where lower (where only
             layers are flagged: by what brings them to their own average, not lower; see
-            :class:`~lightning_gradguard.ExplodingResult`). A safety net
+            :class:`~lightning_gradguard.detect.ExplodingResult`). A safety net
             for the first steps of a run, while an adaptive clipper is still warming up (ZClip does not clip during
             its warm-up), and a bound on what one bad batch can do (to Adam's second moments too); folded into the
             clipper's coefficient, no extra pass.
