@@ -112,12 +112,13 @@ class GradGuard(CallbackBase):
         on_vanishing: ``"warn"``, ``"raise"`` (:class:`VanishingGradientError`) or ``"ignore"``.
         exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
         vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
-        log_every_n_steps: optimizer steps between logs; ``None`` takes the Trainer's ``log_every_n_steps``. Logs
-            follow Lightning's own convention for ``self.log``: a log is written on the batch for which
-            ``(batches_that_stepped + 1) % log_every_n_steps == 0`` and carries Lightning's step for that batch
-            (``trainer.fit_loop.epoch_loop._batches_that_stepped``: 9, 19, ... for 10), so a logger row holds both
-            GradGuard's scalars and the module's ``train_loss``. Event steps, images and histograms use the same
-            numbers.
+        log_every_n_steps: optimizer steps between logs (Lightning's count: batches that stepped, so under manual
+            optimization with several ``opt.step()`` calls per batch, those batches); ``None`` takes the Trainer's
+            ``log_every_n_steps``. Logs follow Lightning's own convention for ``self.log``: a log is written on the
+            batch for which ``(batches_that_stepped + 1) % log_every_n_steps == 0`` and carries Lightning's step for
+            that batch (``trainer.fit_loop.epoch_loop._batches_that_stepped``: 9, 19, ... for 10), so a logger row
+            holds both GradGuard's scalars and the module's ``train_loss``. Event steps, images and histograms use
+            the same numbers.
         group_depth: group parameters into layers by the first ``group_depth`` components of the module name.
         group_fn: a callable mapping a parameter name to a layer name (not settable from YAML).
         log_layers: write one scalar per layer (TensorBoard only).
