@@ -291,6 +291,8 @@ class GradGuard(CallbackBase):
         # Per optimizer key, the gradient samples of its blocks at the last histogram step (merged when written: a
         # block whose layers are split over optimizers gets all its values, not one optimizer's).
         self._hist_samples: dict[int, dict[str, Tensor]] = {}
+        # Per optimizer key: the layer index the histogram blocks were worked out for, and each layer's block.
+        self._hist_blocks: dict[int, tuple[LayerIndex, dict[str, str]]] = {}
         # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
         self._last_hist_count = 0
         self._hist_loaded: int | None = None  # the count a checkpoint brought, for this fit's start
@@ -1011,16 +1013,21 @@ class GradGuard(CallbackBase):
         return every is not None and (last is None or count // every > last // every)
 
     def _sample_histograms(self, key: int, engine: GuardEngine, stats: StepStats) -> None:
+        from lightning_gradguard.board import histogram_blocks
         from lightning_gradguard.stats import _dense, _local
-        from lightning_gradguard.tensorboard import block_name, sample_gradients
+        from lightning_gradguard.tensorboard import sample_gradients
 
         # Histograms take plain tensors: a DTensor's local shard, a sparse gradient's stored values.
         index = engine.index
         named = [
             (index.names[index.layer_of_param[i]], _dense(_local(g))) for i, g in zip(stats.param_indices, stats.grads)
         ]
-        # Blocks are the first two name components ("encoder.3.linear" -> "encoder.3").
-        self._hist_samples[key] = sample_gradients(named, functools.partial(block_name, depth=2))
+        # Blocks are the first two name components ("encoder.3.linear" -> "encoder.3"), or ranges of layers where
+        # those are too many (a flat ModuleList); worked out once per layer index, on histogram steps only.
+        cached = self._hist_blocks.get(key)
+        if cached is None or cached[0] is not index:
+            cached = self._hist_blocks[key] = (index, histogram_blocks(index.names))
+        self._hist_samples[key] = sample_gradients(named, cached[1].__getitem__)
 
     # ------------------------------------------------------------------ logging
     def on_train_batch_end(

@@ -113,10 +113,21 @@ def test_fit_1500_layers_layout_stays_browsable(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(*[m for _ in range(750) for m in (nn.Linear(16, 16), nn.LayerNorm(16))], nn.Linear(16, 1))
     logger = TensorBoardLogger(tmp_path, name="deep")
-    trainer(max_steps=10, max_epochs=-1, callbacks=[GradGuard()], logger=logger, log_every_n_steps=5).fit(
+    guard = GradGuard(histogram_every_n_steps=10)
+    trainer(max_steps=10, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
         Regressor(net=net), regression_data()
     )
     acc = load_events(tmp_path / "deep" / "version_0")
+    # Histograms by ranges of consecutive layers, at most 64 of them (one per layer was 1501 panels), covering each
+    # layer once.
+    hists = [tag for tag in acc.Tags()["histograms"] if tag.startswith("gradguard/grad_hist/")]
+    assert 16 <= len(hists) <= 64
+    covered = []
+    for tag in hists:
+        first, last = re.fullmatch(r"gradguard/grad_hist/net\.(\d+)\.\.(\d+)", tag).groups()
+        covered += range(int(first), int(last) + 1)
+        assert [e.step for e in acc.Histograms(tag)] == [10 - 1]
+    assert sorted(covered) == list(range(1501))
     charts = _charts(acc)
     assert len(charts) <= MAX_CHARTS
     scalars = acc.Tags()["scalars"]
