@@ -112,8 +112,9 @@ class GradGuard(CallbackBase):
         on_vanishing: ``"warn"``, ``"raise"`` (:class:`VanishingGradientError`) or ``"ignore"``.
         exploding: the exploding-gradient detector; ``"default"`` is ``ExplodingDetector()``, ``None`` disables it.
         vanishing: the vanishing-gradient detector; ``"default"`` is ``VanishingDetector()``, ``None`` disables it.
-        log_every_n_steps: optimizer steps between logs (Lightning's count: batches that stepped, so under manual
-            optimization with several ``opt.step()`` calls per batch, those batches); ``None`` takes the Trainer's
+        log_every_n_steps: optimizer steps between logs (Lightning's count; under manual optimization Lightning
+            counts every training batch, whatever number of ``opt.step()`` calls it makes, and GradGuard logs on the
+            first batch at or after each multiple that ran a step); ``None`` takes the Trainer's
             ``log_every_n_steps``. Logs follow Lightning's own convention for ``self.log``: a log is written on the
             batch for which ``(batches_that_stepped + 1) % log_every_n_steps == 0`` and carries Lightning's step for
             that batch (``trainer.fit_loop.epoch_loop._batches_that_stepped``: 9, 19, ... for 10), so a logger row
@@ -291,8 +292,8 @@ class GradGuard(CallbackBase):
         # Per optimizer key, the gradient samples of its blocks at the last histogram step (merged when written: a
         # block whose layers are split over optimizers gets all its values, not one optimizer's).
         self._hist_samples: dict[int, dict[str, Tensor]] = {}
-        # Per optimizer key: the layer index the histogram blocks were worked out for, and each layer's block.
-        self._hist_blocks: dict[int, tuple[LayerIndex, dict[str, str]]] = {}
+        # The model's layer index the histogram blocks were worked out for, and each layer's block.
+        self._hist_blocks: tuple[LayerIndex, dict[str, str]] | None = None
         # Schedules count optimizer-stepping batches as Lightning does (`batches_that_stepped + 1`), not log steps.
         self._last_hist_count = 0
         self._hist_loaded: int | None = None  # the count a checkpoint brought, for this fit's start
@@ -1013,9 +1014,9 @@ class GradGuard(CallbackBase):
         return every is not None and (last is None or count // every > last // every)
 
     def _sample_histograms(self, key: int, engine: GuardEngine, stats: StepStats) -> None:
-        from lightning_gradguard.board import histogram_blocks
+        from lightning_gradguard.board import histogram_blocks, sample_gradients
+        from lightning_gradguard.render import block_name
         from lightning_gradguard.stats import _dense, _local
-        from lightning_gradguard.tensorboard import sample_gradients
 
         # Histograms take plain tensors: a DTensor's local shard, a sparse gradient's stored values.
         index = engine.index
@@ -1023,11 +1024,16 @@ class GradGuard(CallbackBase):
             (index.names[index.layer_of_param[i]], _dense(_local(g))) for i, g in zip(stats.param_indices, stats.grads)
         ]
         # Blocks are the first two name components ("encoder.3.linear" -> "encoder.3"), or ranges of layers where
-        # those are too many (a flat ModuleList); worked out once per layer index, on histogram steps only.
-        cached = self._hist_blocks.get(key)
-        if cached is None or cached[0] is not index:
-            cached = self._hist_blocks[key] = (index, histogram_blocks(index.names))
-        self._hist_samples[key] = sample_gradients(named, cached[1].__getitem__)
+        # those are too many (a flat ModuleList). Cut over the whole model, frozen layers included, so that every
+        # optimizer's share of a block gets the block's name (the samples are merged by name) and the names stay
+        # when layers join; worked out on histogram steps only, once per model index.
+        model = self._model_index
+        if model is None:  # pragma: no cover - on_fit_start sets it before any step
+            return
+        if self._hist_blocks is None or self._hist_blocks[0] is not model:
+            self._hist_blocks = (model, histogram_blocks(model.names))
+        blocks = self._hist_blocks[1]
+        self._hist_samples[key] = sample_gradients(named, lambda name: blocks.get(name) or block_name(name, depth=2))
 
     # ------------------------------------------------------------------ logging
     def on_train_batch_end(

@@ -1,4 +1,4 @@
-"""Running statistics of normalization layers that a bad batch cannot poison.
+"""Running statistics of normalization layers and quantization observers that a bad batch cannot poison.
 
 Skipping a step with non-finite gradients keeps the parameters and the optimizer state as they were, but the forward
 pass of the bad batch has already moved every ``BatchNorm``'s ``running_mean`` and ``running_var``: one NaN in the
@@ -6,6 +6,11 @@ batch makes them NaN, and an exponential average never recovers from a NaN (``0.
 Training goes on unharmed, since training mode normalizes with the batch's own statistics, but every evaluation after
 it (validation, test, the deployed model) outputs NaN. :class:`RunningStats` puts back the last finite value of each
 entry that turned non-finite, once per optimizer step, on the device and without waiting for it.
+
+Quantization-aware training has the same trap in its observers: a ``FakeQuantize``'s observer takes the batch's
+minimum and maximum into ``min_val``/``max_val``, and from them its ``scale``; one NaN input makes them NaN, and every
+later forward pass quantizes to NaN. The weights stay finite and every step after it is skipped, so training stops
+for good while the LR guard, seeing only non-finite steps, keeps lowering the rate.
 
 A rollback has the same blind spot: it puts the weights back, while the running statistics keep what the wrecked
 weights produced (a ``running_var`` of 1e5 where 1 is usual, which an average with ``momentum=0.1`` takes hundreds of
@@ -26,12 +31,40 @@ from lightning_gradguard._compat import foreach_copy_
 
 __all__ = ["RunningStats"]
 
+_NORM_BUFFERS = ("running_mean", "running_var")
+
+
+def _watched(module: nn.Module) -> tuple[str, ...]:
+    """The names of ``module``'s buffers that a forward pass averages into: a normalization layer's running
+    statistics, a quantization observer's or fake-quantize module's floating-point buffers (``min_val``,
+    ``max_val``, ``scale``; the integer ones, a zero point or an on/off flag, are not averaged from the data)."""
+    if isinstance(module, _NormBase):
+        return _NORM_BUFFERS if module.track_running_stats else ()
+    if isinstance(module, _QUANT_OBSERVERS):
+        return tuple(name for name, b in module.named_buffers(recurse=False) if b.is_floating_point())
+    return ()
+
+
+def _quant_observers() -> tuple[type, ...]:
+    try:
+        from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+        from torch.ao.quantization.observer import ObserverBase
+    except ImportError:  # pragma: no cover - a torch built without quantization
+        return ()
+    return (ObserverBase, FakeQuantizeBase)
+
+
+_QUANT_OBSERVERS = _quant_observers()
+
 
 class RunningStats:
-    """Keeps the running statistics of a model's normalization layers finite across bad batches.
+    """Keeps the running statistics of a model's normalization layers and quantization observers finite across bad
+    batches.
 
     Watches ``running_mean`` and ``running_var`` of every module with running statistics (``BatchNorm1d/2d/3d``,
-    ``SyncBatchNorm``, ``InstanceNorm*`` with ``track_running_stats=True``, their lazy forms once initialized). Each
+    ``SyncBatchNorm``, ``InstanceNorm*`` with ``track_running_stats=True``, their lazy forms once initialized), and
+    the floating-point buffers of every quantization observer and fake-quantize module of ``torch.ao.quantization``
+    (``min_val``, ``max_val``, ``scale``: an observer that has seen no data yet keeps its ``inf`` start). Each
     :meth:`repair_` puts back, in every entry that is NaN or infinite, its value at the previous call, and keeps the
     finite entries as the new values to fall back on. Finite but unusual updates (a batch of huge inputs) are left
     alone: the exponential average forgets them within some ``1 / momentum`` steps, a NaN never.
@@ -64,23 +97,26 @@ class RunningStats:
     def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
-        self._modules = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+        self._modules = [(m, names) for m in model.modules() if (names := _watched(m))]
         if params is not None:
             owned = {id(p) for p in params}
-            self._modules = [m for m in self._modules if any(id(p) in owned for p in m.parameters(recurse=False))]
+            self._modules = [
+                (m, names) for m, names in self._modules if any(id(p) in owned for p in m.parameters(recurse=False))
+            ]
         # Per (device, dtype): the flat values to fall back on, and the size of each buffer in it.
         self._saved: dict[tuple[object, object], tuple[Tensor, list[int]]] = {}
         self.repair_()
 
     def __len__(self) -> int:
-        """The number of normalization layers watched."""
+        """The number of modules watched (normalization layers and quantization observers)."""
         return len(self._modules)
 
     def _buffers(self) -> dict[tuple[object, object], list[Tensor]]:
         # Read through the modules on every call: ``model.to(...)`` replaces the buffer tensors.
         groups: dict[tuple[object, object], list[Tensor]] = {}
-        for module in self._modules:
-            for buffer in (module.running_mean, module.running_var):
+        for module, names in self._modules:
+            for name in names:
+                buffer = getattr(module, name, None)
                 if isinstance(buffer, Tensor) and not isinstance(buffer, UninitializedBuffer):
                     groups.setdefault((buffer.device, buffer.dtype), []).append(buffer)
         return groups
@@ -90,12 +126,19 @@ class RunningStats:
         # Through ``.data``: the version counter stays. Batch norm's backward checks that its running statistics are
         # unchanged since the forward pass, and a graph built before this write (a GAN's fake batch, used again after
         # the other optimizer's step) would otherwise fail in backward.
-        foreach_copy_([b.data for b in buffers], values.split(sizes))
+        pieces = [v if b.dim() == 1 else v.view(b.shape) for b, v in zip(buffers, values.split(sizes))]
+        foreach_copy_([b.data for b in buffers], pieces)
+
+    @staticmethod
+    def _flat(buffers: list[Tensor]) -> Tensor:
+        # Running statistics are 1-d and go in as they are (a reshape would be one more op per buffer); an observer's
+        # minimum and maximum are 0-d.
+        return torch.cat([b if b.dim() == 1 else b.reshape(-1) for b in buffers])
 
     def snapshot(self) -> dict[tuple[object, object], Tensor]:
         """The current running statistics, one flat device copy per device and dtype (no host sync), for
         :meth:`restore_`."""
-        return {key: torch.cat(buffers) for key, buffers in self._buffers().items()}
+        return {key: self._flat(buffers) for key, buffers in self._buffers().items()}
 
     def restore_(self, snapshot: dict[tuple[object, object], Tensor]) -> None:
         """Write a :meth:`snapshot` back into the running statistics (the layers that changed since are left alone)."""
@@ -114,7 +157,7 @@ class RunningStats:
     def repair_(self) -> None:
         """Put back the previous value of every non-finite entry, and keep the current values to fall back on."""
         for key, buffers in self._buffers().items():
-            flat = torch.cat(buffers)  # running statistics are 1-d: no reshape (one op fewer per buffer)
+            flat = self._flat(buffers)
             sizes = [b.numel() for b in buffers]
             saved = self._saved.get(key)
             if saved is None or saved[1] != sizes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_gradguard import GradGuard
-from lightning_gradguard.tensorboard import GradGuardBoard
+from lightning_gradguard.tensorboard import GradGuardBoard, histogram_blocks
 from tests.helpers import custom_layout, load_events
 from tests.models import Regressor, regression_data, trainer
 
@@ -148,6 +149,93 @@ def test_fit_1500_layers_layout_stays_browsable(tmp_path: Path) -> None:
     assert all(min(layer_values) <= v <= max(layer_values) for tag, v in last.items() if tag.endswith("/median"))
     assert "layers in trouble: vanishing" in charts
     assert {e.step for e in acc.Images("gradguard/gradient_flow")} == {5 - 1, 10 - 1}
+
+
+def _deep(pairs: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(16, 8), *[m for _ in range(pairs) for m in (nn.Linear(8, 8), nn.LayerNorm(8))], nn.Linear(8, 1)
+    )
+
+
+class _DeepSplit(Regressor):
+    """A deep model whose matrices one optimizer holds and whose biases and norms another (manual steps)."""
+
+    def __init__(self) -> None:
+        super().__init__(net=_deep(60))
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        matrices = [p for p in self.parameters() if p.ndim == 2]
+        rest = [p for p in self.parameters() if p.ndim != 2]
+        return [torch.optim.SGD(matrices, lr=0.01), torch.optim.SGD(rest, lr=0.01)]
+
+
+def _histogram_sizes(path: Path) -> dict[str, set[float]]:
+    acc = load_events(path)
+    tags = [tag for tag in acc.Tags()["histograms"] if tag.startswith("gradguard/grad_hist/")]
+    return {
+        tag.removeprefix("gradguard/grad_hist/"): {h.histogram_value.num for h in acc.Histograms(tag)} for tag in tags
+    }
+
+
+def test_deep_histogram_blocks_are_the_models_whatever_optimizer_holds_a_layer(tmp_path: Path) -> None:
+    # 122 layers split over two optimizers: the ranges are cut over the model, so a layer's weight (one optimizer) and
+    # bias (the other) land in one histogram, with every value of its block; at most 64 tags in all.
+    torch.manual_seed(0)
+    model = _DeepSplit()
+    logger = TensorBoardLogger(tmp_path, name="split", version=0)
+    guard = GradGuard(histogram_every_n_steps=5)
+    trainer(max_steps=10, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(model, regression_data())
+    sizes = _histogram_sizes(Path(logger.log_dir))
+    names = [f"net.{i}" for i in range(len(model.net))]
+    blocks = histogram_blocks(names)
+    assert 1 < len(sizes) <= 64 and set(sizes) == set(blocks.values())
+    for block in sizes:
+        values = sum(
+            p.numel()
+            for name, m in model.net.named_children()
+            if blocks[f"net.{name}"] == block
+            for p in m.parameters()
+        )
+        assert sizes[block] == {values}, block
+
+
+def test_deep_histogram_blocks_keep_their_names_when_layers_join(tmp_path: Path) -> None:
+    # A frozen 122-layer backbone joins at step 5: the blocks were cut over every layer from the start, so the
+    # head's histogram keeps its tag and the backbone's appear under the model's ranges.
+    torch.manual_seed(0)
+    backbone = _deep(60)
+    backbone.requires_grad_(False)
+    head = nn.Linear(1, 1)
+
+    class _Join(Regressor):
+        def __init__(self) -> None:
+            super().__init__(net=nn.Sequential(backbone, head))
+
+        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+            if self.global_step == 5:
+                backbone.requires_grad_(True)
+
+    logger = TensorBoardLogger(tmp_path, name="join", version=0)
+    guard = GradGuard(histogram_every_n_steps=2)
+    trainer(max_steps=10, callbacks=[guard], logger=logger, log_every_n_steps=2).fit(_Join(), regression_data())
+    acc = load_events(Path(logger.log_dir))
+    tags = [tag for tag in acc.Tags()["histograms"] if tag.startswith("gradguard/grad_hist/")]
+    assert 1 < len(tags) <= 64
+    steps = {tag: [e.step for e in acc.Histograms(tag)] for tag in tags}
+    (head_tag,) = [tag for tag in tags if tag.endswith("net.1")]
+    assert steps[head_tag] == [1, 3, 5, 7, 9]  # before and after the join, under one tag
+    assert all(s == [5, 7, 9] for tag, s in steps.items() if tag != head_tag)  # the backbone, once it joined
 
 
 class _NoWriter:

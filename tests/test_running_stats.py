@@ -282,3 +282,72 @@ def test_a_snapshot_taken_on_another_device_is_restored_by_dtype() -> None:
     stats.restore_(elsewhere)
     assert torch.equal(torch.cat([model[1].running_mean, model[1].running_var]), before[next(iter(before))][:8])
     assert torch.equal(model[3].running_var, torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------------- quantization observers
+
+
+def test_an_observers_minimum_maximum_and_scale_get_their_previous_values() -> None:
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver
+
+    fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+    unseen = MinMaxObserver()  # has seen no data: its inf start stays
+    model = nn.Sequential(fq, nn.Linear(4, 1), unseen)
+    stats = RunningStats(model)
+    assert len(stats) == 3  # the fake-quantize module, its observer and the other observer
+    fq(torch.randn(8, 4))
+    stats.repair_()
+    before = [fq.scale.clone(), fq.activation_post_process.min_val.clone(), fq.activation_post_process.max_val.clone()]
+    bad = torch.randn(8, 4)
+    bad[0, 0] = float("nan")
+    fq(bad)
+    assert fq.activation_post_process.min_val.isnan()  # the trap: every later forward would quantize to NaN
+    stats.repair_()
+    after = [fq.scale, fq.activation_post_process.min_val, fq.activation_post_process.max_val]
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+    assert float(unseen.min_val) == float("inf") and float(unseen.max_val) == float("-inf")
+    assert fq(torch.randn(8, 4)).isfinite().all()
+
+
+class _FakeQuantRegressor(Regressor):
+    """Quantization-aware training of a linear model: a fake-quantized input, one NaN input at ``bad_step``."""
+
+    def __init__(self, bad_step: int | None) -> None:
+        from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+        super().__init__(optimizer="adam", lr=1e-2)
+        self.quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+        self.bad_step = bad_step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.quant(x))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step + 1 == self.bad_step:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return nn.functional.mse_loss(self(x), y)
+
+
+def test_in_a_trainer_one_nan_batch_leaves_quantization_aware_training_going() -> None:
+    # Before, the NaN the bad batch wrote into the observer made every later step non-finite: all skipped, the weights
+    # frozen, and the LR guard cut the rate 7 times (to 0.01x) for a rate that was never the cause.
+    def fit(bad_step: int | None) -> tuple[_FakeQuantRegressor, GradGuard]:
+        L.seed_everything(0, verbose=False)
+        model, guard = _FakeQuantRegressor(bad_step), GradGuard()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
+        return model, guard
+
+    model, guard = fit(bad_step=6)
+    events = guard.summary()
+    assert events["skipped"] == 1 and events["nonfinite"] == 1 and events["lr_reduced"] == 0
+    assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 1.0
+    assert model.quant.scale.isfinite().all()
+    clean, _ = fit(bad_step=None)
+    x, y = next(iter(regression_data(seed=1)))
+    with torch.no_grad():
+        loss, clean_loss = (nn.functional.mse_loss(m(x), y).item() for m in (model, clean))
+    assert loss < 1.2 * clean_loss  # it kept training (one batch fewer)
