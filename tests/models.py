@@ -43,6 +43,25 @@ class Regressor(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
+class SplitRegressor(Regressor):
+    """A regressor whose parameters several optimizers hold (``configure_optimizers`` of a subclass), stepped
+    manually: one backward, then every optimizer's step."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net=net)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+
+
 # A quiet CPU trainer for tests (the arguments are the same for the standalone `pytorch_lightning` Trainer).
 TRAINER_DEFAULTS: dict[str, Any] = dict(
     accelerator="cpu",

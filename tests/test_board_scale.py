@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from lightning_gradguard import GradGuard
 from lightning_gradguard.tensorboard import GradGuardBoard, histogram_blocks
 from tests.helpers import custom_layout, load_events
-from tests.models import Regressor, regression_data, trainer
+from tests.models import Regressor, SplitRegressor, regression_data, trainer
 
 MAX_CHARTS = 30
 DEEP = [f"net.{i}" for i in range(1500)]
@@ -157,22 +157,11 @@ def _deep(pairs: int) -> nn.Sequential:
     )
 
 
-class _DeepSplit(Regressor):
+class _DeepSplit(SplitRegressor):
     """A deep model whose matrices one optimizer holds and whose biases and norms another (manual steps)."""
 
     def __init__(self) -> None:
-        super().__init__(net=_deep(60))
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        optimizers = self.optimizers()
-        for opt in optimizers:
-            opt.zero_grad()
-        self.manual_backward(loss)
-        for opt in optimizers:
-            opt.step()
+        super().__init__(_deep(60))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
         matrices = [p for p in self.parameters() if p.ndim == 2]

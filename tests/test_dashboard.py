@@ -19,7 +19,7 @@ from torch import nn
 from lightning_gradguard import GradGuard, VanishingDetector
 from lightning_gradguard.cli import main as gradguard
 from tests.helpers import custom_layout, load_events
-from tests.models import Regressor, regression_data, trainer
+from tests.models import Regressor, SplitRegressor, regression_data, trainer
 
 
 def _deep_sigmoid(depth: int = 10) -> nn.Module:
@@ -211,22 +211,11 @@ def test_a_non_finite_step_between_two_logs_shows_in_the_heatmap_and_the_report_
     assert np.isnan(drawn[0][:, 1]).all() and np.isfinite(drawn[0][:, [0, 2, 3]]).all()
 
 
-class _SplitLayers(Regressor):
+class _SplitLayers(SplitRegressor):
     """A layer split over two optimizers (the Muon recipe: matrices to one, biases to another), manual steps."""
 
     def __init__(self) -> None:
-        super().__init__(net=nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)))
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        optimizers = self.optimizers()
-        for opt in optimizers:
-            opt.zero_grad()
-        self.manual_backward(loss)
-        for opt in optimizers:
-            opt.step()
+        super().__init__(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)))
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
         first, last = self.net[0], self.net[2]
