@@ -655,13 +655,17 @@ class GradGuard(CallbackBase):
             self._opt_keys[id(optimizer)] = key
         return key
 
-    def _running_stats_of(self, trainer: pl.Trainer, index: LayerIndex) -> RunningStats | None:
+    def _running_stats_of(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, index: LayerIndex
+    ) -> RunningStats | None:
         """The running statistics an optimizer's engine keeps from harm: with one optimizer every normalization
-        layer's, with several those of the layers it trains (another optimizer's rollback leaves them alone)."""
+        layer's and observer's, with several those of the layers it trains (another optimizer's rollback leaves them
+        alone), the first optimizer's also those of the observers that own no parameter (an input's fake-quantize)."""
         if self.on_nonfinite not in ("skip", "zero"):  # "warn" and "raise" keep nothing from harm
             return None
-        owned = index.params if len(trainer.optimizers) > 1 else None
-        stats = RunningStats(trainer.lightning_module, owned)
+        several = len(trainer.optimizers) > 1
+        first = several and unwrap_optimizer(trainer.optimizers[0]) is unwrap_optimizer(optimizer)
+        stats = RunningStats(trainer.lightning_module, index.params if several else None, unowned=first)
         return stats if len(stats) else None
 
     def _state_for(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int) -> GuardEngine:
@@ -705,7 +709,7 @@ class GradGuard(CallbackBase):
             key=key,
             max_norm=self._clip_norm,
             rollback=None if sizes_own_steps else copy.deepcopy(self.rollback),
-            running_stats=self._running_stats_of(trainer, index),
+            running_stats=self._running_stats_of(trainer, optimizer, index),
         )
         if engine is not None:
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart

@@ -28,6 +28,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedBuffer
 
 from lightning_gradguard._compat import foreach_copy_
+from lightning_gradguard._validation import check_bool
 
 __all__ = ["RunningStats"]
 
@@ -80,6 +81,8 @@ class RunningStats:
             fall back on (build it before the first forward pass of training).
         params: watch only the layers that own one of these parameters (one optimizer's share of a model with
             several); ``None``: every layer of ``model``.
+        unowned: with ``params``, also watch the modules that own no parameter (an observer of an input's
+            ``FakeQuantize``): give it to one optimizer's share, so that some share watches them.
 
     Example:
         >>> import torch
@@ -94,15 +97,19 @@ class RunningStats:
         True
     """
 
-    def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None) -> None:
+    def __init__(self, model: nn.Module, params: Iterable[Tensor] | None = None, unowned: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"`model` must be an nn.Module, got {type(model).__name__}")
+        check_bool("unowned", unowned)
         self._modules = [(m, names) for m in model.modules() if (names := _watched(m))]
         if params is not None:
             owned = {id(p) for p in params}
-            self._modules = [
-                (m, names) for m, names in self._modules if any(id(p) in owned for p in m.parameters(recurse=False))
-            ]
+
+            def mine(module: nn.Module) -> bool:
+                own = list(module.parameters(recurse=False))
+                return any(id(p) in owned for p in own) or (unowned and not own)
+
+            self._modules = [(m, names) for m, names in self._modules if mine(m)]
         # Per (device, dtype): the flat values to fall back on, and the size of each buffer in it.
         self._saved: dict[tuple[object, object], tuple[Tensor, list[int]]] = {}
         self.repair_()

@@ -15,7 +15,7 @@ from torch import nn
 from lightning_gradguard import GradGuard, GuardEngine, RunningStats
 from lightning_gradguard.layers import build_layer_index
 from tests.helpers import RestartWatch
-from tests.models import Regressor, regression_data, trainer
+from tests.models import Regressor, SplitRegressor, regression_data, trainer
 
 
 def _stats(module: nn.Module) -> list[torch.Tensor]:
@@ -351,3 +351,33 @@ def test_in_a_trainer_one_nan_batch_leaves_quantization_aware_training_going() -
     with torch.no_grad():
         loss, clean_loss = (nn.functional.mse_loss(m(x), y).item() for m in (model, clean))
     assert loss < 1.2 * clean_loss  # it kept training (one batch fewer)
+
+
+class _SplitQuant(SplitRegressor):
+    """An input fake-quantize (it owns no parameter) before two layers that two optimizers hold; NaN at step 6."""
+
+    def __init__(self) -> None:
+        from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+        quant = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+        super().__init__(nn.Sequential(quant, nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)))
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        if batch_idx == 5:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        super().training_step((x, y), batch_idx)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        return [torch.optim.SGD(self.net[1].parameters(), lr=0.01), torch.optim.SGD(self.net[3].parameters(), lr=0.01)]
+
+
+def test_with_several_optimizers_an_observer_that_owns_no_parameter_is_kept_by_the_first() -> None:
+    L.seed_everything(0, verbose=False)
+    model, guard = _SplitQuant(), GradGuard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=30, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
+    assert model.net[0].scale.isfinite().all()
+    assert guard.summary()["skipped"] == 2  # the NaN batch's step, once per optimizer; none after it
