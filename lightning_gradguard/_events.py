@@ -161,6 +161,13 @@ class EventReporter:
         message += action + "."
         if kind == "vanishing":
             hint = self._saturation_hint(lead["layer"])
+            if not hint and lead["value"] == 0.0:
+                # Exactly zero with nothing saturated on the way (saturation can underflow to zero too): the loss
+                # does not reach it. CLIP's logit scale clamped at 100 got advice for an ordinary ReLU instead.
+                hint = (
+                    "Its gradient is exactly zero and no watched activation is saturated: the loss does not depend on"
+                    " it at this point (a value clamped at its bound, a detached or unused branch)."
+                )
             if hint:
                 message += " " + hint
         return message
@@ -202,12 +209,21 @@ class EventReporter:
         fractions, monitor = self.guard._last_saturation, self.guard._saturation
         if not fractions or monitor is None:
             return ""
-        top = [(n, f) for n, f in monitor.most_saturated(fractions, upstream_of=layer) if f > 0.5]
+        # Half of a ReLU's outputs at 0 is ordinary; a dead layer has nearly all of them there.
+        top = [
+            (n, f)
+            for n, f in monitor.most_saturated(fractions, upstream_of=layer)
+            if f > (_DEAD_FRACTION if monitor.counts_dead_units(n) else 0.5)
+        ]
         if not top:
             return ""
         listed = ", ".join(f"{n!r} ({f:.0%} saturated)" for n, f in top)
         dead_units = all(monitor.counts_dead_units(name) for name, _ in top)
         return f"Most saturated activations upstream: {listed}. {monitor.advice(dead_units)}"
+
+
+#: The saturated fraction of a ReLU's outputs above which the vanishing warning names it (dead units).
+_DEAD_FRACTION = 0.9
 
 
 def _listing(named: list[str], total: int) -> str:

@@ -955,6 +955,34 @@ def test_vanishing_warning_names_the_saturated_activations(tmp_path: Path) -> No
     assert "non-saturating activations" in first  # the suggested fix
 
 
+class _ClampedScale(Regressor):
+    """A learnable output scale clamped at 1 from its start at 2 (CLIP's logit scale at its bound): its gradient is
+    exactly zero on every step, while most outputs of the ReLU before it are 0."""
+
+    def __init__(self) -> None:
+        super().__init__(net=nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 1)))
+        with torch.no_grad():
+            self.net[0].bias.fill_(-0.5)  # most ReLU outputs at 0
+        self.scale = nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale.clamp(max=1.0)
+
+
+def test_a_vanishing_warning_for_an_exactly_zero_gradient_says_so_not_what_saturates() -> None:
+    # Before: "Most saturated activations upstream: 'net.1' (78% saturated). A ReLU unit ... is dead ... lower the
+    # learning rate", for a parameter no activation stands between (and 78% is no dead layer).
+    torch.manual_seed(0)
+    guard = GradGuard(vanishing=VanishingDetector(patience=3))
+    messages = _quiet_fit(
+        trainer(max_steps=10, max_epochs=-1, callbacks=[guard], log_every_n_steps=5), _ClampedScale(), regression_data()
+    )
+    (vanishing,) = [m for m in messages if "vanishing gradients" in m]
+    assert "'scale'" in vanishing and "norm 0" in vanishing
+    assert "exactly zero" in vanishing and "clamped" in vanishing
+    assert "Most saturated" not in vanishing and "ReLU" not in vanishing
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
