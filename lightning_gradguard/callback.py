@@ -569,7 +569,8 @@ class GradGuard(CallbackBase):
             rank_zero_info(
                 f"GradGuard: the LightningModule's own {' and '.join(hooks)} run(s) after GradGuard's hook. If they"
                 " change the gradients (clip or scale them), GradGuard's total_norm, clip_coef, events and decisions"
-                " describe the gradients before that change."
+                " describe the gradients before that change. On a step GradGuard skips (a non-finite or, with"
+                " skip_exploding, a flagged one), every gradient they see is None."
             )
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)

@@ -213,6 +213,40 @@ def test_module_hooks_that_run_after_the_guard_get_one_note(caplog: pytest.LogCa
     assert "own `on_before_optimizer_step` run(s)" in note
 
 
+class _OwnClipping(Regressor):
+    """Clips in its own ``configure_gradient_clipping`` and records which steps it saw without gradients; its third
+    batch is NaN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.without_grads: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if batch_idx == 2:
+            x = torch.full_like(x, float("nan"))
+        return nn.functional.mse_loss(self(x), y)
+
+    def configure_gradient_clipping(self, optimizer: Any, *args: Any, **kwargs: Any) -> None:
+        grads = [p.grad for p in self.parameters()]
+        if all(g is None for g in grads):
+            self.without_grads.append(self.trainer.global_step)
+            return
+        for g in grads:
+            g.clamp_(-1.0, 1.0)
+
+
+def test_an_own_clipping_hook_sees_no_gradients_on_a_skipped_step_and_the_note_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    model = _OwnClipping()
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=5, max_epochs=-1, callbacks=[GradGuard()]).fit(model, regression_data())
+    assert model.without_grads == [2]  # the NaN batch's step, skipped: every .grad is None there
+    (note,) = [r.getMessage() for r in caplog.records if "run(s) after GradGuard's hook" in r.getMessage()]
+    assert "every gradient they see is None" in note
+
+
 def test_a_second_fit_of_the_same_trainer_still_takes_it_over() -> None:
     guard = GradGuard(clip=None, lr_guard=None)
     probe, logger = Received(), MetricsLogger()
