@@ -287,6 +287,25 @@ def test_a_snapshot_taken_on_another_device_is_restored_by_dtype() -> None:
 # ---------------------------------------------------------------------------------------------- quantization observers
 
 
+def _observer_refuses_nan() -> bool:
+    """Older torch (2.7) asserts ``min_val <= max_val`` when an observer computes its scale, so a NaN input stops the
+    forward pass itself, before any guard: nothing of this trap exists there."""
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+    fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255)
+    try:
+        fq(torch.tensor([[float("nan"), 1.0]]))
+    except AssertionError:
+        return True
+    return False
+
+
+needs_nan_observers = pytest.mark.skipif(
+    _observer_refuses_nan(), reason="this torch's observers raise on a NaN input in the forward pass"
+)
+
+
+@needs_nan_observers
 def test_an_observers_minimum_maximum_and_scale_get_their_previous_values() -> None:
     from torch.ao.quantization import FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver
 
@@ -330,6 +349,7 @@ class _FakeQuantRegressor(Regressor):
         return nn.functional.mse_loss(self(x), y)
 
 
+@needs_nan_observers
 def test_in_a_trainer_one_nan_batch_leaves_quantization_aware_training_going() -> None:
     # Before, the NaN the bad batch wrote into the observer made every later step non-finite: all skipped, the weights
     # frozen, and the LR guard cut the rate 7 times (to 0.01x) for a rate that was never the cause.
@@ -373,6 +393,7 @@ class _SplitQuant(SplitRegressor):
         return [torch.optim.SGD(self.net[1].parameters(), lr=0.01), torch.optim.SGD(self.net[3].parameters(), lr=0.01)]
 
 
+@needs_nan_observers
 def test_with_several_optimizers_an_observer_that_owns_no_parameter_is_kept_by_the_first() -> None:
     L.seed_everything(0, verbose=False)
     model, guard = _SplitQuant(), GradGuard()
