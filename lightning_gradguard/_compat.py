@@ -414,6 +414,23 @@ def unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def state_optimizer(optimizer: Any) -> Any:
+    """The optimizer whose ``state`` holds the per-parameter state (momentum, Adam's moments) of ``optimizer``: the
+    optimizer itself under its wrappers (:func:`unwrap_optimizer`), or the local optimizer of a
+    ``ZeroRedundancyOptimizer``, which keeps its shard's state there (``optim``) while its own ``state`` stays empty:
+    a momentum reset or a rollback that read that found nothing to reset or restore.
+
+    Example:
+        >>> import torch
+        >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> state_optimizer(sgd) is sgd, state_optimizer(None)
+        (True, None)
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    zero = loaded_type("torch.distributed.optim.zero_redundancy_optimizer", "ZeroRedundancyOptimizer")
+    return optimizer.optim if zero is not None and isinstance(optimizer, zero) else optimizer
+
+
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.engine import EngineSnapshot, GuardEngine
@@ -41,7 +42,8 @@ class EventReporter:
         self.guard = guard
         self.rows: list[dict[str, Any]] = []
         self.warned: dict[int, set[tuple[str, str]]] = {}  # optimizer key -> (layer, kind) already warned about
-        self.previous: dict[int, dict[str, float]] = {}  # optimizer key -> layer -> its norm at an earlier log
+        # optimizer key -> layer -> (step, norm) at the latest report that saw it: the exploding warning's yardstick
+        self.previous: dict[int, dict[str, tuple[int, float]]] = {}
 
     def forget(self, key: int) -> None:
         self.warned[key] = set()
@@ -74,16 +76,18 @@ class EventReporter:
             warned.add((row["layer"], kind))
             fresh.setdefault(kind, []).append(row)
         previous = self.previous.setdefault(key, {})
-        where = f" (optimizer {key})" if several else ""
+        opt = key if several else None
         for kind, found in fresh.items():
-            message = self._message(kind, found, previous, where, actions[kind])
+            message = self._message(kind, found, previous, opt, actions[kind])
             if kind == "nonfinite":
                 message += self._weights_note(key)
             rank_zero_warn(message, category=UserWarning)
-        # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer).
-        for name, norm, present in zip(snap.layer_names, snap.layer_norms, snap.present):
+        # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer). Named
+        # by its step: reports follow the logging schedule even without a logger, so "at an earlier log" misled.
+        seen = snap.seen_steps if snap.seen_steps is not None else np.full(len(snap.layer_names), step)
+        for name, norm, present, at in zip(snap.layer_names, snap.layer_norms, snap.present, seen):
             if present and math.isfinite(norm) and norm > 0:
-                previous[name] = float(norm)
+                previous[name] = (int(at), float(norm))
 
     def broken_weights(self, key: int) -> list[str]:
         """The layers of optimizer ``key`` whose weights hold inf/NaN now (reads the device)."""
@@ -108,16 +112,31 @@ class EventReporter:
         )
 
     def _message(
-        self, kind: str, rows: list[dict[str, Any]], previous: dict[str, float], where: str, action: str
+        self,
+        kind: str,
+        rows: list[dict[str, Any]],
+        previous: dict[str, tuple[int, float]],
+        opt: int | None,
+        action: str,
     ) -> str:
-        """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all."""
+        """One warning for the new ``rows`` of one kind: the worst layer first, then up to ``max_warnings`` in all
+        (``opt``: the optimizer's key, named when there are several)."""
         guard = self.guard
+        where = f" (optimizer {opt})" if opt is not None else ""
+
+        def counted(row: dict[str, Any]) -> str:
+            # Steps are Lightning's (a batch's, as its logged metrics); an optimizer stepping several times per batch
+            # (manual optimization) or every few batches gets the count of its own steps as well.
+            count = row["count"]
+            if count == row["step"] + 1:
+                return ""
+            return f"its step {count}" if opt is not None else f"optimizer step {count}"
 
         def ratio(row: dict[str, Any]) -> float:
-            before = previous.get(row["layer"])
+            _, before = previous.get(row["layer"], (0, 0.0))
             return row["value"] / before if before and math.isfinite(row["value"]) else math.nan
 
-        if kind == "exploding":  # the largest jump against the layer's norm at an earlier log, then the largest norm
+        if kind == "exploding":  # the largest jump against the layer's norm at an earlier report, then the largest
             rows = sorted(
                 rows,
                 key=lambda r: (
@@ -132,7 +151,7 @@ class EventReporter:
             text = f"norm {row['value']:.3g}"
             jump = ratio(row) if kind == "exploding" else math.nan
             if math.isfinite(jump):
-                text += f" ({jump:.3g}x its norm at an earlier log)" if lead else f", {jump:.3g}x"
+                text += f" ({jump:.3g}x its norm at step {previous[row['layer']][0]})" if lead else f", {jump:.3g}x"
             return text
 
         # A non-finite step's action was taken (skip, zero, warn); an exploding one is answered by parts that act
@@ -146,14 +165,17 @@ class EventReporter:
             return f"GradGuard: {title} in {len(rows)} {layers} {at}{where}{action}."
         lead = rows[0]
         lead_detail = detail(lead, lead=True)
-        message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}{where}"
+        lead_at = ", ".join(part for part in (f"optimizer {opt}" if opt is not None else "", counted(lead)) if part)
+        message = f"GradGuard: {title} in layer {lead['layer']!r} at step {lead['step']}"
+        message += f" ({lead_at})" if lead_at else ""
         message += f": {lead_detail}" if lead_detail else ""
         if len(rows) > 1:
             others = []
             for row in rows[1:named]:
                 text = detail(row, lead=False)
-                if row["step"] != lead["step"]:
+                if row["step"] != lead["step"] or row["count"] != lead["count"]:
                     text += (", " if text else "") + f"at step {row['step']}"
+                    text += f", {counted(row)}" if counted(row) else ""
                 others.append(f"{row['layer']!r}" + (f" ({text})" if text else ""))
             layers = "layer" if len(rows) == 2 else "layers"
             message += f"; also in {len(rows) - 1} more {layers}" + (": " if others else "")

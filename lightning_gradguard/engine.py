@@ -359,9 +359,11 @@ class EngineSnapshot:
         present: ``[L]`` which layers had a gradient during the window.
         exploding: ``[L]`` which layers had an exploding event during the window.
         vanishing: ``[L]`` which layers had a vanishing event during the window.
-        events: one row per layer and kind, the first event of the window: ``step``, ``kind``, ``layer``, ``value``
-            (the layer's norm then; NaN for non-finite), sorted by step.
+        events: one row per layer and kind, the first event of the window: ``step``, ``count`` (the engine's count of
+            steps then), ``kind``, ``layer``, ``value`` (the layer's norm then; NaN for
+            non-finite), sorted by step.
         nonfinite: ``[L]`` which layers had a non-finite gradient during the window (``None``: not known).
+        seen_steps: ``[L]`` the step of each layer's latest norm in the window (-1: none; ``None``: not known).
 
     Example:
         >>> import torch
@@ -393,6 +395,7 @@ class EngineSnapshot:
     vanishing: np.ndarray
     events: list[dict[str, Any]] = field(default_factory=list)
     nonfinite: np.ndarray | None = None
+    seen_steps: np.ndarray | None = None
 
     def metrics(self, prefix: str = "gradguard/", lr: float | None = None) -> dict[str, float]:
         """The run-level scalars under their TensorBoard tags (``prefix`` + ``total_norm``, ``events/exploding``, ...).
@@ -426,11 +429,13 @@ class EngineSnapshot:
         values: np.ndarray,
         layer_names: list[str],
         step_number: Callable[[int], int],
+        step_count: Callable[[int], int],
         host_counts: dict[str, int],
         clipped: bool,
         lr_scale: float | None,
     ) -> EngineSnapshot:
-        """Parse a host copy of :meth:`GuardEngine.gather` (``step_number`` maps window indices to step numbers)."""
+        """Parse a host copy of :meth:`GuardEngine.gather` (``step_number`` maps window indices to step numbers,
+        ``step_count`` to the engine's count of steps then)."""
         scalars, counts = values[:8], values[8 : 8 + len(_COUNTS)]
         row = dict(zip(_ROWS, values[8 + len(_COUNTS) :].reshape(len(_ROWS), len(layer_names))))
         events = []
@@ -438,8 +443,15 @@ class EngineSnapshot:
             steps, norms = row[f"{kind}_step"], row.get(f"{kind}_value")
             for i in np.flatnonzero(steps >= 0):
                 value = float(norms[i]) if norms is not None else math.nan
+                local = int(steps[i])
                 events.append(
-                    {"step": step_number(int(steps[i])), "kind": kind, "layer": layer_names[i], "value": value}
+                    {
+                        "step": step_number(local),
+                        "count": step_count(local),
+                        "kind": kind,
+                        "layer": layer_names[i],
+                        "value": value,
+                    }
                 )
         events.sort(key=lambda r: (r["step"], r["kind"]))
         return cls(
@@ -458,6 +470,7 @@ class EngineSnapshot:
             vanishing=row["vanishing_step"] >= 0,
             events=events,
             nonfinite=row["nonfinite_step"] >= 0,
+            seen_steps=np.array([step_number(int(s)) if s >= 0 else -1 for s in row["seen"]], dtype=np.int64),
         )
 
 
@@ -806,8 +819,9 @@ class GuardEngine:
         self._pending: deque[tuple[HostFlags, bool, int, bool]] = deque()
         self._free: list[HostFlags] = []
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
-        # Runs of evenly spaced step numbers in the window: (index of the first, its number, stride, length).
-        self._stamps: list[tuple[int, int, int, int]] = []
+        # Runs of evenly spaced step numbers in the window: (index of the first, its number, stride, length, and the
+        # engine's count of steps at the first).
+        self._stamps: list[tuple[int, int, int, int, int]] = []
         # The state of each part before any step, for new_phase().
         self._fresh = {name: copy.deepcopy(part.state_dict()) for name, part in self._stateful() if part is not None}
         self._tail = _Tail(
@@ -832,6 +846,20 @@ class GuardEngine:
         self._check_optimizer(optimizer, caller="attach()")
         handle = self.lr_guard.attach(optimizer, self.key)
         inner = unwrap_optimizer(optimizer)
+        held = {id(p) for group in inner.param_groups for p in group.get("params", ())}
+        trainable = [p for p in self.index.params if p.requires_grad]
+        missing = sum(id(p) not in held for p in trainable)
+        if 0 < missing < len(trainable):  # none at all: _check_optimizer warned
+            # Another optimizer steps the rest at its full rate whatever the guard decides, and a rollback restores
+            # only this one's state: the cuts and restarts would reach half a model.
+            warnings.warn(
+                f"GuardEngine.attach: the optimizer holds {len(trainable) - missing} of the {len(trainable)} trainable"
+                f" parameters this engine watches; the other {missing} step at their full rate whatever the LR guard"
+                " decides, and a rollback restores only this optimizer's state. With several optimizers, build one"
+                " engine per optimizer on the module it trains (`GuardEngine(model.generator, key=0)`,"
+                " `GuardEngine(model.discriminator, key=1)`) and attach each to its own.",
+                stacklevel=user_stacklevel(),
+            )
         self._attached = weakref.ref(inner)
         engine = weakref.ref(self)  # the optimizer must not keep the engine alive
 
@@ -1592,6 +1620,8 @@ class GuardEngine:
         """Say once that a cut reached no optimizer: the LR guard's multiplier acts through :meth:`attach` only."""
         if self._warned_unattached or self.lr_guard is None or self.lr_guard.attached(self.key):
             return
+        if self._attached is not None and self._attached() is None:
+            return  # the optimizer it was attached to is gone (a drain() after training): no rate left to lower
         self._warned_unattached = True
         warnings.warn(
             f"GuardEngine: the LR guard lowered the learning rate at step {step}, but it is attached to no optimizer,"
@@ -1665,6 +1695,7 @@ class GuardEngine:
             values,
             list(self.index.names),
             self._number_at,
+            self._count_at,
             self.host_counts,
             clipped=self.clipper is not None,
             lr_scale=self.lr_guard.scale(self.key) if self.lr_guard is not None else None,
@@ -1682,18 +1713,26 @@ class GuardEngine:
     def _stamp(self, number: int) -> None:
         """Record the step number of the window's next step. Runs of evenly spaced numbers (consecutive ones, or a
         second optimizer's every fifth step) are one entry each: O(1) memory however long a window lasts."""
+        counted = self.steps + 1  # this step's count: a rollback counts a step it does not stamp, and ends a run
         if self._stamps:
-            first, start, stride, count = self._stamps[-1]
-            if count == 1 or start + stride * count == number:
-                self._stamps[-1] = (first, start, number - start if count == 1 else stride, count + 1)
+            first, start, stride, length, at = self._stamps[-1]
+            if (length == 1 or start + stride * length == number) and at + length == counted:
+                self._stamps[-1] = (first, start, number - start if length == 1 else stride, length + 1, at)
                 return
-        self._stamps.append((self.steps_since_log, number, 1, 1))
+        self._stamps.append((self.steps_since_log, number, 1, 1, counted))
+
+    def _run_at(self, local: int) -> tuple[int, int, int, int, int]:
+        return self._stamps[bisect.bisect_right(self._stamps, (local - 1, math.inf)) - 1]
 
     def _number_at(self, local: int) -> int:
         """The caller's step number of the window's ``local``-th step (1-based)."""
-        position = bisect.bisect_right(self._stamps, (local - 1, math.inf)) - 1
-        first, start, stride, _ = self._stamps[position]
+        first, start, stride, _, _ = self._run_at(local)
         return start + stride * (local - 1 - first)
+
+    def _count_at(self, local: int) -> int:
+        """The engine's count of steps (:attr:`steps`) at the window's ``local``-th step (1-based)."""
+        first, _, _, _, at = self._run_at(local)
+        return at + local - 1 - first
 
     def layer_report(self, kind: str) -> str:
         """The layers with a ``kind`` event in the current window and their norms (a host read: for error messages)."""
@@ -1939,10 +1978,12 @@ class GuardEngine:
                 self._record.buffers["layers"][:, columns[0]] = saved[:, columns[1]]
         self._last_total = window["last_total"].to(device)
         self.steps_since_log = int(window["steps_since_log"])
-        self._stamps = [(int(a), int(b), int(c), int(d)) for a, b, c, d in window["stamps"]]
+        self._stamps = [(int(a), int(b), int(c), int(d), int(e)) for a, b, c, d, e in window["stamps"]]
         self._events.extend(StepEvent(*event) for event in window.get("events", []))
 
     def summary(self) -> dict[str, int]:
         """Cumulative count of each event kind (reads the device counters: a host sync): steps, except
-        ``vanishing``, which counts layers as they begin to vanish (see :attr:`counts`)."""
+        ``vanishing``, which counts layers as they begin to vanish (see :attr:`counts`). The flags of past steps that
+        have landed are acted on first, as :meth:`drain` does: a cut on the last step is counted without a drain."""
+        self._process_landed()
         return _event_counts(self.counts.tolist(), self.host_counts)

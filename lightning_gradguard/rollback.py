@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_copy_, unwrap_optimizer, user_stacklevel
+from lightning_gradguard._compat import foreach_copy_, state_optimizer, user_stacklevel
 from lightning_gradguard._validation import check_bool, check_int, check_state, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
@@ -77,6 +77,7 @@ def _optimizer_state(
     keys: list[tuple[int, str]] = []
     tensors: list[Tensor] = []
     plain: dict[tuple[int, str], Any] = {}
+    optimizer = state_optimizer(optimizer)
     for i, p in enumerate(params):
         state = optimizer.state.get(p) if optimizer is not None else None
         for name, value in (state or {}).items():
@@ -163,6 +164,7 @@ class _Slot:
         _copy_([p.detach() for p in self.params], self.values)
         if optimizer is None:
             return
+        optimizer = state_optimizer(optimizer)
         saved: dict[int, dict[str, Any]] = {i: {} for i in range(len(self.params))}
         for (i, name), value in zip(self.state_keys, self.state):
             saved[i][name] = value
@@ -255,6 +257,7 @@ def _slot_nbytes(slot: _Slot) -> int:
 def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> int:
     """The memory one copy of ``params`` and of their optimizer state takes."""
     total = sum(p.numel() * p.element_size() for p in params)
+    optimizer = state_optimizer(optimizer)
     if optimizer is not None:
         for p in params:
             total += _tensor_nbytes(optimizer.state.get(p) or {})
@@ -675,7 +678,7 @@ class Rollback:
         follow a calm start (``calm_factor``), ``optimizer``'s step grows with the gradient (``torch.optim.SGD``) and
         the gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP unscales inside
         its step, and AGC would compare them with the weights off by that factor)."""
-        optimizer = unwrap_optimizer(optimizer)
+        optimizer = state_optimizer(optimizer)  # a ZeroRedundancyOptimizer over SGD steps as SGD
         return (
             self.rescue is not None
             and not self.rescuing

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -410,13 +411,17 @@ def _plain_ddp_worker(outdir: Path, rank: int) -> dict[str, Any]:
     """``GuardEngine`` in a plain loop under torch's DDP. From step 20 rank 0 alone reports a diverging loss, 1000x
     its own and doubling every step (its gradients stay as they are; a jump that held would be a new level of the
     data), and every seventh step it reports none."""
+    return _in_process_group(rank, _plain_ddp_steps)
+
+
+def _in_process_group(rank: int, steps: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         # The DDP model's reducer holds the process group. Freed only after destroy_process_group(), it drops the
         # group's last reference with the GIL held, and ProcessGroupGloo's destructor joins gloo threads that may still
         # need the GIL to release the last all_reduce's tensor: a deadlock, 5 runs in 28 on a loaded 2-core machine.
         # The steps run in a function of their own, so that the model is gone before the group is destroyed.
-        return _plain_ddp_steps(rank)
+        return steps(rank)
     except BaseException as error:
         traceback.clear_frames(error.__traceback__)  # nor may a failure's frames keep the model alive
         raise
@@ -462,6 +467,57 @@ def test_plain_ddp_ranks_judge_the_same_loss(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
 
 
+def _plain_zero_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    """The plain DDP loop at a too-high SGD rate (momentum 0.9), with ``torch.optim.SGD`` and with a
+    ``ZeroRedundancyOptimizer`` over SGD, which keeps each rank's shard of the momentum in its local optimizer."""
+    return _in_process_group(rank, _zero_steps)
+
+
+def _zero_steps(rank: int) -> dict[str, Any]:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    results: dict[str, Any] = {}
+    for name in ("sgd", "zero"):
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)))
+        if name == "zero":
+            optimizer: Any = ZeroRedundancyOptimizer(
+                model.parameters(), optimizer_class=torch.optim.SGD, lr=1.2, momentum=0.9
+            )
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=1.2, momentum=0.9)
+        engine = GuardEngine(model, lr_guard=LRGuard(), rollback="default")
+        engine.attach(optimizer)
+        g = torch.Generator().manual_seed(1 + rank)
+        w = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
+        for _ in range(60):
+            x = torch.randn(16, 8, generator=g)
+            optimizer.zero_grad()
+            loss = nn.functional.mse_loss(model(x), x @ w)
+            loss.backward()
+            engine.step(optimizer=optimizer, loss=loss.detach())
+            optimizer.step()
+            engine.drain()
+        results[name] = {
+            "summary": engine.summary(),
+            "scale": engine.lr_guard.scale(0) if engine.lr_guard is not None else None,
+            "weights": [p.detach().clone() for p in model.parameters()],
+        }
+        del model, optimizer, engine
+    return results
+
+
+def test_a_zero_redundancy_optimizer_is_guarded_as_the_optimizer_it_shards(tmp_path: Path) -> None:
+    # The momentum reset of an LR cut and a rollback's restore of the optimizer state reach the local optimizer that
+    # holds each rank's shard. Before, they read the wrapper's empty `state`: the restarted runs kept the momentum of
+    # the abandoned weights, and one that plain SGD rescued with 2 rollbacks took 6, down to the rate's floor.
+    for rank in _launch("plain_zero", tmp_path):
+        sgd, zero = rank["sgd"], rank["zero"]
+        assert sgd["summary"]["rolled_back"] >= 1 and sgd["summary"]["lr_reduced"] >= 1
+        assert zero["summary"] == sgd["summary"] and zero["scale"] == sgd["scale"]
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(zero["weights"], sgd["weights"]))
+
+
 def _ddp_short_batch_worker(outdir: Path, rank: int) -> dict[str, Any]:
     """Lightning's own distributed sampler; 2 x (64 x 5 + 1) noisy examples: every epoch ends on a batch of one on
     each rank."""
@@ -492,6 +548,7 @@ def test_ddp_ranks_agree_on_short_batches(tmp_path: Path) -> None:
 
 WORKERS = {
     "plain_ddp": _plain_ddp_worker,
+    "plain_zero": _plain_zero_worker,
     "ddp": _ddp_worker,
     "fsdp2": _fsdp2_worker,
     "ddp_restart": _ddp_restart_worker,

@@ -3,6 +3,7 @@ AttributeError deep inside a later step or a silent wrong result."""
 
 from __future__ import annotations
 
+import gc
 import math
 import warnings
 from typing import Any
@@ -412,3 +413,50 @@ def test_the_order_warning_points_at_the_users_line_through_a_grad_scaler() -> N
         scaler.step(opt)
         scaler.update()
     assert [w.filename for w in caught if "stepped without" in str(w.message)] == [__file__]
+
+
+def test_attach_warns_when_the_optimizer_holds_only_part_of_the_watched_parameters() -> None:
+    # One engine on a model that two optimizers train: the cuts would reach the attached one's parameters only.
+    model = _model()
+    model[0].weight.requires_grad_(False)  # frozen: no optimizer needs to hold it
+    body, head = torch.optim.SGD([model[0].bias], lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match=r"holds 1 of the 3 trainable parameters .* the other 2 step at their full"):
+        GuardEngine(model, lr_guard=LRGuard()).attach(body)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GuardEngine(model[2], lr_guard=LRGuard()).attach(head)  # the engine of the module it trains: no warning
+        both = torch.optim.SGD([model[0].bias, *model[2].parameters()], lr=0.1)
+        GuardEngine(model, lr_guard=LRGuard()).attach(both)  # every trainable parameter; the frozen one is not needed
+
+
+def _cut_on_the_last_step() -> tuple[GuardEngine, torch.optim.Optimizer]:
+    """A plain loop that never drains, whose last two steps explode (x1e4, x1e5): the LR guard cuts on the last."""
+    model = _model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(optimizer)
+    g = torch.Generator().manual_seed(1)
+    for i in range(1, 61):
+        x = torch.randn(32, 4, generator=g)
+        optimizer.zero_grad()
+        loss = model(x).square().mean() * (10.0 ** (4 + i - 59) if i >= 59 else 1.0)
+        loss.backward()
+        engine.step(loss=loss.detach(), samples=32, optimizer=optimizer)
+        optimizer.step()
+    return engine, optimizer
+
+
+def test_summary_counts_a_cut_on_the_last_step_without_a_drain() -> None:
+    engine, _ = _cut_on_the_last_step()
+    assert engine.summary()["lr_reduced"] == 1  # before, 0 until a drain() acted on the last step's flags
+    assert [event.step for event in engine.drain() if event.lr_reduced] == [60]
+
+
+def test_a_cut_landing_after_the_optimizer_is_gone_does_not_ask_to_attach_one() -> None:
+    engine, optimizer = _cut_on_the_last_step()
+    del optimizer
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # before: "attached to no optimizer ... Call `engine.attach(optimizer)`"
+        events = engine.drain()
+    assert [event.step for event in events if event.lr_reduced] == [60]

@@ -176,7 +176,11 @@ def test_a_loss_spike_is_one_warning_naming_the_worst_layers() -> None:
     assert len(exploding) == 1, messages
     (message,) = exploding
     # Lightning's step of the spike (its 13th optimizer step), the worst layer first, two more named, the rest counted.
-    lead = re.match(r"GradGuard: exploding gradients in layer '([^']+)' at step 12: norm \S+ \((\S+)x", message)
+    # The yardstick is the layer's norm at the last report (the 10th optimizer step), named by its step: no logger
+    # here, so "at an earlier log" would name nothing the user can look up.
+    lead = re.match(
+        r"GradGuard: exploding gradients in layer '([^']+)' at step 12: norm \S+ \((\S+)x its norm at step 9\)", message
+    )
     assert lead, message
     more = re.search(
         r"also in (\d+) more layers: '[^']+' \(norm \S+, (\S+)x\), '[^']+' \(norm \S+, (\S+)x\) and (\d+) more", message
@@ -187,6 +191,38 @@ def test_a_loss_spike_is_one_warning_naming_the_worst_layers() -> None:
     ratios = [float(lead[2]), float(more[2]), float(more[3])]
     assert ratios == sorted(ratios, reverse=True) and ratios[0] > 10  # largest jump first
     assert guard.summary()["exploding"] >= 1
+
+
+class SpikyBranch(Regressor):
+    """An auxiliary head trained on even steps only, its loss x1e4 at step 12: the only layer that jumps."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.01)
+        self.branch = nn.Linear(16, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        step = self.trainer.global_step
+        if step % 2 == 0:
+            loss = loss + self.branch(batch[0]).pow(2).mean() * (1e4 if step == 12 else 1.0)
+        return loss
+
+
+def test_an_exploding_warning_compares_with_the_step_the_layer_was_last_seen() -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5), diagnostics=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=20, max_epochs=-1, callbacks=[guard], log_every_n_steps=10).fit(
+            SpikyBranch(), regression_data()
+        )
+    (message,) = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+    # The first report (step 9) saw the branch last at step 8, its latest even step: the jump is against that norm.
+    lead = re.match(
+        r"GradGuard: exploding gradients in layer 'branch' at step 12: norm \S+ \((\S+)x its norm at step 8\)", message
+    )
+    assert lead, message
+    assert float(lead[1]) > 100
 
 
 def _exploding_warnings(guard: GradGuard, model: Spiky, every: int) -> list[str]:
@@ -309,3 +345,47 @@ def test_a_module_stepping_in_its_own_epoch_end_hook_gets_no_unguarded_warning()
         trainer(max_epochs=3, callbacks=[guard]).fit(StepsAtEpochEnd(), regression_data())
     assert guard._states[0].steps == 3
     assert not [w for w in caught if "no optimizer step reached GradGuard" in str(w.message)]
+
+
+class SeveralStepsPerBatch(Regressor):
+    """Manual optimization with four optimizer steps per batch (a PPO-style epoch over each batch); the loss of the
+    first optimizer's 50th step is x1e4. With ``second``, another optimizer steps a scalar offset once per batch."""
+
+    def __init__(self, second: bool) -> None:
+        super().__init__(lr=0.01)
+        self.automatic_optimization = False
+        self.offset = nn.Parameter(torch.zeros(())) if second else None
+        self.stepped = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opts = self.optimizers()
+        opt = opts[0] if isinstance(opts, list) else opts
+        for _ in range(4):
+            self.stepped += 1
+            loss = nn.functional.mse_loss(self(batch[0]), batch[1]) * (1e4 if self.stepped == 50 else 1.0)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        if isinstance(opts, list):
+            opts[1].zero_grad()
+            self.manual_backward(nn.functional.mse_loss(self(batch[0]).detach() + self.offset, batch[1]))
+            opts[1].step()
+
+    def configure_optimizers(self) -> Any:
+        net = torch.optim.SGD(self.net.parameters(), lr=self.lr)
+        return net if self.offset is None else [net, torch.optim.SGD([self.offset], lr=self.lr)]
+
+
+@pytest.mark.parametrize("second", [False, True])
+def test_a_warning_under_manual_optimization_names_the_optimizers_own_step(second: bool) -> None:
+    torch.manual_seed(0)
+    guard = GradGuard(diagnostics=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=1, limit_train_batches=20, callbacks=[guard], log_every_n_steps=5).fit(
+            SeveralStepsPerBatch(second), regression_data()
+        )
+    (message,) = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+    # Lightning's step is the batch's (its logged metrics' x-axis): the 50th optimizer step ran in the 13th batch.
+    at = r"\(optimizer 0, its step 50\)" if second else r"\(optimizer step 50\)"
+    assert re.match(rf"GradGuard: exploding gradients in layer '[^']+' at step 12 {at}: ", message), message
