@@ -428,7 +428,7 @@ def state_optimizer(optimizer: Any) -> Any:
     """
     optimizer = unwrap_optimizer(optimizer)
     zero = loaded_type("torch.distributed.optim.zero_redundancy_optimizer", "ZeroRedundancyOptimizer")
-    return optimizer.optim if zero is not None and isinstance(optimizer, zero) else optimizer
+    return getattr(optimizer, "optim", optimizer) if zero is not None and isinstance(optimizer, zero) else optimizer
 
 
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most
