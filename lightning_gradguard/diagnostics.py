@@ -1065,7 +1065,7 @@ class EpochSummary:
         """The epoch's summary as ``{tag: value}``, and start the next epoch. Empty when no step was logged.
 
         Tags: ``total_norm_p<q>`` per percentile, ``total_norm_max``, ``events/<kind>`` and ``logs`` (the number of
-        logging steps summarized), after ``prefix``.
+        logging steps with a finite total norm: the percentiles' sample), after ``prefix``.
         """
         metrics: dict[str, float] = {}
         if self._norms:

@@ -177,9 +177,12 @@ def _reset_value(buffer: _Buffer, num_layers: int, device: torch.device) -> Tens
 class _Record:
     """The flat device buffers of one :class:`GuardEngine` and the few fused ops that fold a step into them."""
 
-    def __init__(self, num_layers: int, device: torch.device) -> None:
+    def __init__(self, num_layers: int, device: torch.device, share: float = 0.05) -> None:
         self.num_layers = num_layers
         self.device = device
+        # A layer's share of the total norm that files a total-norm explosion under it (the detector's min_share; a
+        # little above 0 where that is 0, so that the layers without a gradient are not named).
+        self.share = max(share, 1e-6)
         # Each buffer's reset value, made once on the device: starting a window is then a device-side copy.
         self.resets = {b.name: _reset_value(b, num_layers, device) for b in _BUFFERS}
         self.buffers: dict[str, Tensor] = {name: value.clone() for name, value in self.resets.items()}
@@ -228,9 +231,12 @@ class _Record:
         self.buffers["extremes"] = torch.where(self.gated & nonfinite, extremes, torch.maximum(extremes, candidates))
 
         if exploding is not None:
-            # A total-norm explosion with no single layer to blame is filed under the largest layer.
+            # A total-norm explosion that no layer's own test flagged (their statistics still warming up, or each
+            # jump inside its band) is filed under every layer that carries a share of it, as a layer's own event
+            # would be: a bad batch at step 2 multiplied every layer's norm 4000-10000x, and only the largest was
+            # named, as if the trouble were its own.
             exploding_layers = torch.where(
-                exploding.layers.any(), exploding.layers, exploding.total & (layer_norm == layer_norm.max())
+                exploding.layers.any(), exploding.layers, exploding.total & (layer_norm >= total * self.share)
             )
         else:
             exploding_layers = self.no_layers
@@ -813,7 +819,8 @@ class GuardEngine:
         # abandoned ones and should start again from the restored weights.
         self.rolled_back = False
         self._stats = GradStats(index.params, index.layer_of_param, index.num_layers)
-        self._record = _Record(index.num_layers, index.params[0].device)
+        share = self.exploding.min_share if self.exploding is not None else 0.05
+        self._record = _Record(index.num_layers, index.params[0].device, share)
         self._last_total = torch.zeros((), device=self._record.device)
         # flags, GradScaler step, engine step, skipped for its norm (skip_exploding)
         self._pending: deque[tuple[HostFlags, bool, int, bool]] = deque()

@@ -389,3 +389,21 @@ def test_a_warning_under_manual_optimization_names_the_optimizers_own_step(secon
     # Lightning's step is the batch's (its logged metrics' x-axis): the 50th optimizer step ran in the 13th batch.
     at = r"\(optimizer 0, its step 50\)" if second else r"\(optimizer step 50\)"
     assert re.match(rf"GradGuard: exploding gradients in layer '[^']+' at step 12 {at}: ", message), message
+
+
+def test_a_bad_batch_in_the_warm_up_is_filed_under_every_layer_it_moved(tmp_path: Path) -> None:
+    # Step 5: no layer has its own statistics yet, only the total's warm-up test flags the x50 batch. Every layer
+    # that carries a share of the total is named and gets a trouble tag, not the largest alone.
+    torch.manual_seed(0)
+    guard = GradGuard(diagnostics=False)
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=10, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=1).fit(
+            Spiky(5), regression_data()
+        )
+    (message,) = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+    named = re.match(r"GradGuard: exploding gradients in layer '[^']+' at step 5: .*also in (\d+) more layers", message)
+    assert named and int(named[1]) >= 3, message
+    tags = [t for t in load_events(tmp_path / "version_0").Tags()["scalars"] if "trouble/exploding/" in t]
+    assert len(tags) == int(named[1]) + 1
