@@ -1220,7 +1220,9 @@ class GuardEngine:
             warnings.warn(
                 "GuardEngine.step() was called again on the gradients of the step before (no backward in between);"
                 " the call was ignored. Call it once per optimizer step, after backward() and before"
-                " optimizer.step().",
+                " optimizer.step(). If backward() did run, the model's parameters were replaced since the engine was"
+                " built (`load_state_dict(..., assign=True)`, `to_empty()`): its backward writes other tensors'"
+                " gradients, and every later call is ignored too; build a new engine on the model as it is now.",
                 stacklevel=user_stacklevel(),
             )
         return True

@@ -460,3 +460,18 @@ def test_a_cut_landing_after_the_optimizer_is_gone_does_not_ask_to_attach_one() 
         warnings.simplefilter("error")  # before: "attached to no optimizer ... Call `engine.attach(optimizer)`"
         events = engine.drain()
     assert [event.step for event in events if event.lr_reduced] == [60]
+
+
+def test_parameters_replaced_under_the_engine_are_named_in_the_ignored_call_warning() -> None:
+    # load_state_dict(assign=True) puts new Parameters in the model: backward writes their gradients, while the
+    # engine's old ones keep the last step's. The engine ignores the call, and its warning says why it may be.
+    model = _model()
+    engine = GuardEngine(model, lr_guard=None)
+    for _ in range(3):
+        model.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        engine.step()
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model(torch.randn(8, 4)).square().mean().backward()
+    with pytest.warns(UserWarning, match=r"called again .* parameters were replaced .* build a new engine"):
+        assert engine.step() is None
