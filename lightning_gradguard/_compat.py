@@ -431,6 +431,12 @@ def state_optimizer(optimizer: Any) -> Any:
     return getattr(optimizer, "optim", optimizer) if zero is not None and isinstance(optimizer, zero) else optimizer
 
 
+def shards_state(optimizer: Any) -> bool:
+    """Whether ``optimizer`` keeps only this rank's shard of the per-parameter state (a ``ZeroRedundancyOptimizer``):
+    a copy of that state is no other rank's."""
+    return state_optimizer(optimizer) is not unwrap_optimizer(optimizer)
+
+
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most
 
 

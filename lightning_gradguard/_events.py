@@ -128,7 +128,7 @@ class EventReporter:
             # Steps are Lightning's (a batch's, as its logged metrics); an optimizer stepping several times per batch
             # (manual optimization) or every few batches gets the count of its own steps as well.
             count = row["count"]
-            if count == row["step"] + 1:
+            if count is None:
                 return ""
             return f"its step {count}" if opt is not None else f"optimizer step {count}"
 

@@ -180,8 +180,8 @@ class _Record:
     def __init__(self, num_layers: int, device: torch.device, share: float = 0.05) -> None:
         self.num_layers = num_layers
         self.device = device
-        # A layer's share of the total norm that files a total-norm explosion under it (the detector's min_share; a
-        # little above 0 where that is 0, so that the layers without a gradient are not named).
+        # The fraction of the largest layer's norm that files a total-norm explosion under a layer too (the
+        # detector's min_share; a little above 0 where that is 0, so that the layers without a gradient are not named).
         self.share = max(share, 1e-6)
         # Each buffer's reset value, made once on the device: starting a window is then a device-side copy.
         self.resets = {b.name: _reset_value(b, num_layers, device) for b in _BUFFERS}
@@ -232,11 +232,14 @@ class _Record:
 
         if exploding is not None:
             # A total-norm explosion that no layer's own test flagged (their statistics still warming up, or each
-            # jump inside its band) is filed under every layer that carries a share of it, as a layer's own event
-            # would be: a bad batch at step 2 multiplied every layer's norm 4000-10000x, and only the largest was
-            # named, as if the trouble were its own.
+            # jump inside its band) is filed under every layer with at least `min_share` x the largest layer's
+            # norm: a bad batch at step 2 multiplied every layer's norm 4000-10000x, and the largest alone was named,
+            # as if the trouble were its own. (Of the largest, not of the total: spread evenly over 400 layers, none
+            # carries 5% of the total.)
             exploding_layers = torch.where(
-                exploding.layers.any(), exploding.layers, exploding.total & (layer_norm >= total * self.share)
+                exploding.layers.any(),
+                exploding.layers,
+                exploding.total & (layer_norm >= layer_norm.max() * self.share),
             )
         else:
             exploding_layers = self.no_layers
@@ -366,8 +369,8 @@ class EngineSnapshot:
         exploding: ``[L]`` which layers had an exploding event during the window.
         vanishing: ``[L]`` which layers had a vanishing event during the window.
         events: one row per layer and kind, the first event of the window: ``step``, ``count`` (the engine's count of
-            steps then), ``kind``, ``layer``, ``value`` (the layer's norm then; NaN for
-            non-finite), sorted by step.
+            steps then, where the step numbers around it do not follow it one for one; else ``None``), ``kind``,
+            ``layer``, ``value`` (the layer's norm then; NaN for non-finite), sorted by step.
         nonfinite: ``[L]`` which layers had a non-finite gradient during the window (``None``: not known).
         seen_steps: ``[L]`` the step of each layer's latest norm in the window (-1: none; ``None``: not known).
 
@@ -435,7 +438,7 @@ class EngineSnapshot:
         values: np.ndarray,
         layer_names: list[str],
         step_number: Callable[[int], int],
-        step_count: Callable[[int], int],
+        step_count: Callable[[int], int | None],
         host_counts: dict[str, int],
         clipped: bool,
         lr_scale: float | None,
@@ -827,7 +830,7 @@ class GuardEngine:
         self._free: list[HostFlags] = []
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
         # Runs of evenly spaced step numbers in the window: (index of the first, its number, stride, length, and the
-        # engine's count of steps at the first).
+        # engine's count of steps at the first, -1 where not known).
         self._stamps: list[tuple[int, int, int, int, int]] = []
         # The state of each part before any step, for new_phase().
         self._fresh = {name: copy.deepcopy(part.state_dict()) for name, part in self._stateful() if part is not None}
@@ -861,10 +864,11 @@ class GuardEngine:
             # only this one's state: the cuts and restarts would reach half a model.
             warnings.warn(
                 f"GuardEngine.attach: the optimizer holds {len(trainable) - missing} of the {len(trainable)} trainable"
-                f" parameters this engine watches; the other {missing} step at their full rate whatever the LR guard"
-                " decides, and a rollback restores only this optimizer's state. With several optimizers, build one"
-                " engine per optimizer on the module it trains (`GuardEngine(model.generator, key=0)`,"
-                " `GuardEngine(model.discriminator, key=1)`) and attach each to its own.",
+                f" parameters this engine watches; if another optimizer steps the other {missing}, they step at its"
+                " full rate whatever the LR guard decides, and a rollback restores only this optimizer's state. With"
+                " several optimizers, build one engine per optimizer on the module it trains"
+                " (`GuardEngine(model.generator, key=0)`, `GuardEngine(model.discriminator, key=1)`) and attach each"
+                " to its own.",
                 stacklevel=user_stacklevel(),
             )
         self._attached = weakref.ref(inner)
@@ -1725,7 +1729,7 @@ class GuardEngine:
         counted = self.steps + 1  # this step's count: a rollback counts a step it does not stamp, and ends a run
         if self._stamps:
             first, start, stride, length, at = self._stamps[-1]
-            if (length == 1 or start + stride * length == number) and at + length == counted:
+            if (length == 1 or start + stride * length == number) and (at < 0 or at + length == counted):
                 self._stamps[-1] = (first, start, number - start if length == 1 else stride, length + 1, at)
                 return
         self._stamps.append((self.steps_since_log, number, 1, 1, counted))
@@ -1738,10 +1742,13 @@ class GuardEngine:
         first, start, stride, _, _ = self._run_at(local)
         return start + stride * (local - 1 - first)
 
-    def _count_at(self, local: int) -> int:
-        """The engine's count of steps (:attr:`steps`) at the window's ``local``-th step (1-based)."""
-        first, _, _, _, at = self._run_at(local)
-        return at + local - 1 - first
+    def _count_at(self, local: int) -> int | None:
+        """The engine's count of steps (:attr:`steps`) at the window's ``local``-th step (1-based), where the step
+        numbers around it do not follow the count one for one (several steps under one number, manual optimization;
+        or an optimizer stepping every few numbers); ``None`` elsewhere: a count that runs beside the numbers at an
+        offset (a second fit, a batch without a step) says nothing the number does not."""
+        first, _, stride, length, at = self._run_at(local)
+        return at + local - 1 - first if length > 1 and stride != 1 and at >= 0 else None
 
     def layer_report(self, kind: str) -> str:
         """The layers with a ``kind`` event in the current window and their norms (a host read: for error messages)."""
@@ -1987,7 +1994,10 @@ class GuardEngine:
                 self._record.buffers["layers"][:, columns[0]] = saved[:, columns[1]]
         self._last_total = window["last_total"].to(device)
         self.steps_since_log = int(window["steps_since_log"])
-        self._stamps = [(int(a), int(b), int(c), int(d), int(e)) for a, b, c, d, e in window["stamps"]]
+        # A window saved before the counts were kept has four entries per run: its counts are not known (-1).
+        self._stamps = [
+            (int(a), int(b), int(c), int(d), int(e)) for a, b, c, d, e, *_ in (r + [-1] for r in window["stamps"])
+        ]
         self._events.extend(StepEvent(*event) for event in window.get("events", []))
 
     def summary(self) -> dict[str, int]:

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_copy_, state_optimizer, user_stacklevel
+from lightning_gradguard._compat import foreach_copy_, shards_state, state_optimizer, user_stacklevel
 from lightning_gradguard._validation import check_bool, check_int, check_state, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
@@ -108,6 +108,7 @@ class _Slot:
         # copied deeply because the optimizer changes them in place.
         self.plain: dict[tuple[int, str], Any] = {}
         self.step = -1  # the engine step (1-based) whose gradients were computed on these weights
+        self.sharded_state = False  # the optimizer state copied is one rank's shard (ZeroRedundancyOptimizer)
         self.valid = False
         self.extra: Any = None  # the caller's own state at the copy (the engine's statistics)
 
@@ -132,6 +133,7 @@ class _Slot:
         copied = set(self.positions)
         self.frozen = [i for i in range(total) if i not in copied] if total is not None else []
         keys, tensors, plain = _optimizer_state(params, optimizer)
+        self.sharded_state = shards_state(optimizer)
         if keys == self.state_keys and _same_layout(self.state, tensors):
             _copy_(self.state, tensors)
         else:
@@ -158,6 +160,7 @@ class _Slot:
         self.plain.update({(offset + i, name): value for (i, name), value in plain.items()})
         taken = set(joined)
         self.frozen = [i for i in self.frozen if i not in taken]
+        self.sharded_state |= shards_state(optimizer)
         return True
 
     def restore(self, optimizer: torch.optim.Optimizer | None) -> None:
@@ -192,8 +195,8 @@ class _Slot:
 
     def portable(self) -> bool:
         """Whether the copies are plain tensors, the same on every rank of a data-parallel run (a sharded DTensor's
-        copy holds one rank's shard, which no other rank could load)."""
-        return all(type(t) is Tensor for t in (*self.values, *self.state))
+        copy holds one rank's shard, which no other rank could load, and so does a ZeroRedundancyOptimizer's state)."""
+        return not self.sharded_state and all(type(t) is Tensor for t in (*self.values, *self.state))
 
     def saved(self) -> dict[str, Any]:
         """The copy as plain values and tensors (references to the copy's buffers, as ``Module.state_dict`` gives)."""
@@ -235,6 +238,7 @@ class _Slot:
         self.plain = {(int(i), str(name)): copy.deepcopy(value) for i, name, value in saved["plain"]}
         self.step = int(saved["step"])
         self.extra = saved["extra"]
+        self.sharded_state = False  # only portable copies are saved
         self.valid = True
         return True
 
@@ -257,7 +261,8 @@ def _slot_nbytes(slot: _Slot) -> int:
 def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> int:
     """The memory one copy of ``params`` and of their optimizer state takes."""
     total = sum(p.numel() * p.element_size() for p in params)
-    optimizer = state_optimizer(optimizer)
+    # ZeroRedundancyOptimizer's own `state` is empty (each rank's shard is in its local optimizer): counting the shard
+    # would let ranks whose shards differ in size decide differently whether to keep a copy.
     if optimizer is not None:
         for p in params:
             total += _tensor_nbytes(optimizer.state.get(p) or {})

@@ -502,6 +502,7 @@ def _zero_steps(rank: int) -> dict[str, Any]:
             "summary": engine.summary(),
             "scale": engine.lr_guard.scale(0) if engine.lr_guard is not None else None,
             "weights": [p.detach().clone() for p in model.parameters()],
+            "saves_copies": engine.rollback is not None and engine.rollback.saves_copies(),
         }
         del model, optimizer, engine
     return results
@@ -516,6 +517,8 @@ def test_a_zero_redundancy_optimizer_is_guarded_as_the_optimizer_it_shards(tmp_p
         assert sgd["summary"]["rolled_back"] >= 1 and sgd["summary"]["lr_reduced"] >= 1
         assert zero["summary"] == sgd["summary"] and zero["scale"] == sgd["scale"]
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(zero["weights"], sgd["weights"]))
+        # A checkpoint keeps the copy of plain SGD's state, not of one rank's shard, which no other rank could load.
+        assert sgd["saves_copies"] and not zero["saves_copies"]
 
 
 def _ddp_short_batch_worker(outdir: Path, rank: int) -> dict[str, Any]:

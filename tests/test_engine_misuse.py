@@ -420,7 +420,9 @@ def test_attach_warns_when_the_optimizer_holds_only_part_of_the_watched_paramete
     model = _model()
     model[0].weight.requires_grad_(False)  # frozen: no optimizer needs to hold it
     body, head = torch.optim.SGD([model[0].bias], lr=0.1), torch.optim.SGD(model[2].parameters(), lr=0.1)
-    with pytest.warns(UserWarning, match=r"holds 1 of the 3 trainable parameters .* the other 2 step at their full"):
+    with pytest.warns(
+        UserWarning, match=r"holds 1 of the 3 trainable parameters .* steps the other 2, they step at its full"
+    ):
         GuardEngine(model, lr_guard=LRGuard()).attach(body)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -475,3 +477,47 @@ def test_parameters_replaced_under_the_engine_are_named_in_the_ignored_call_warn
     model(torch.randn(8, 4)).square().mean().backward()
     with pytest.warns(UserWarning, match=r"called again .* parameters were replaced .* build a new engine"):
         assert engine.step() is None
+
+
+class _Even(nn.Module):
+    """Five parameters that always get the same gradient: each carries 1/sqrt(5) of the total norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(nn.Linear(4, 1, bias=False) for _ in range(5))
+        for part in self.parts:
+            nn.init.constant_(part.weight, 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(part(x) for part in self.parts)  # type: ignore[return-value]
+
+
+def test_a_total_explosion_shared_evenly_is_still_filed_under_a_layer() -> None:
+    # No layer carries min_share (0.5) of the total, so no layer's own test can flag the x1000 step: the event is
+    # filed under the largest (here: all five, equal), not under none.
+    model = _Even()
+    engine = GuardEngine(model, clip=None, exploding=ExplodingDetector(warmup_steps=5, min_share=0.5), lr_guard=None)
+    g = torch.Generator().manual_seed(0)
+    for i in range(1, 31):
+        model.zero_grad()
+        (model(torch.randn(8, 4, generator=g)).mean() * (1000.0 if i == 30 else 1.0)).backward()
+        engine.step()
+    events = [row for row in engine.snapshot().events if row["kind"] == "exploding"]
+    assert [(row["step"], row["layer"]) for row in events] == [(30, f"parts.{i}") for i in range(5)]
+
+
+def test_a_window_saved_with_four_entries_per_run_still_loads() -> None:
+    # States written before the runs kept the engine's count: the window loads, with its counts unknown.
+    model = _model()
+    engine = GuardEngine(model, lr_guard=None)
+    for i in range(1, 31):
+        model.zero_grad()
+        (model(torch.randn(8, 4)).square().mean() * (math.nan if i == 25 else 1.0)).backward()
+        engine.step(2 * i)
+    state = engine.state_dict()
+    state["window"]["stamps"] = [run[:4] for run in state["window"]["stamps"]]
+    fresh = GuardEngine(model, lr_guard=None)
+    fresh.load_state_dict(state)
+    (row,) = [row for row in fresh.snapshot().events if row["kind"] == "nonfinite"][:1]
+    assert (row["step"], row["count"]) == (50, None)
+    assert fresh.steps == 30

@@ -156,13 +156,14 @@ def _deep(depth: int = 12, width: int = 24) -> nn.Module:
 class Spiky(Regressor):
     """The loss is multiplied by 50 on some optimizer steps: every layer's gradient jumps 50x at once."""
 
-    def __init__(self, *spikes: int) -> None:
+    def __init__(self, *spikes: int, factor: float = 50.0) -> None:
         super().__init__(net=_deep(), lr=0.01)
         self.spikes = spikes
+        self.factor = factor
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
-        return loss * (50.0 if self.trainer.global_step in self.spikes else 1.0)
+        return loss * (self.factor if self.trainer.global_step in self.spikes else 1.0)
 
 
 def test_a_loss_spike_is_one_warning_naming_the_worst_layers() -> None:
@@ -407,3 +408,18 @@ def test_a_bad_batch_in_the_warm_up_is_filed_under_every_layer_it_moved(tmp_path
     assert named and int(named[1]) >= 3, message
     tags = [t for t in load_events(tmp_path / "version_0").Tags()["scalars"] if "trouble/exploding/" in t]
     assert len(tags) == int(named[1]) + 1
+
+
+def test_a_second_fit_names_its_own_steps_only() -> None:
+    # The guard and its engine go on into a second fit of the same model: the engine's count of steps runs 20 ahead
+    # of Lightning's step, which says nothing the step does not, and the first fit's norms are no yardstick.
+    torch.manual_seed(0)
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5), diagnostics=False)
+    model = Spiky(factor=1e4)  # the norms fell since the first steps: 50x would be back at that level, not a spike
+    trainer(max_steps=20, max_epochs=-1, callbacks=[guard], log_every_n_steps=10).fit(model, regression_data())
+    model.spikes = (12,)
+    messages = _exploding_warnings(guard, model, every=10)
+    assert len(messages) == 1 and "optimizer step" not in messages[0], messages
+    assert re.match(
+        r"GradGuard: exploding gradients in layer '[^']+' at step 12: norm \S+ \(\S+x its norm at step 9\)", messages[0]
+    )
