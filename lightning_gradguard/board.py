@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lightning_gradguard._kinds import EVENT_KINDS
-from lightning_gradguard._validation import check_bool, check_int
+from lightning_gradguard._validation import check_bool, check_int, optional_int
 from lightning_gradguard.layers import layer_source
 from lightning_gradguard.render import ABSENT as _ABSENT
 from lightning_gradguard.render import (
@@ -457,16 +457,10 @@ class GradGuardBoard:
         for idx, names in layer_names.items():
             if len(set(names)) != len(names):
                 raise ValueError(f"`layer_names[{idx}]` must not repeat a name")
-        for arg, value in (
-            ("image_every_n_steps", image_every_n_steps),
-            ("histogram_every_n_steps", histogram_every_n_steps),
-        ):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"`{arg}` must be None or an integer >= 1, got {value!r}")
-        if not isinstance(max_heatmap_rows, int) or max_heatmap_rows < 2:
-            raise ValueError(f"`max_heatmap_rows` must be an integer >= 2, got {max_heatmap_rows!r}")
-        if not isinstance(history, int) or history < 2:
-            raise ValueError(f"`history` must be an integer >= 2, got {history!r}")
+        image_every_n_steps = optional_int("image_every_n_steps", image_every_n_steps, low=1)
+        histogram_every_n_steps = optional_int("histogram_every_n_steps", histogram_every_n_steps, low=1)
+        max_heatmap_rows = check_int("max_heatmap_rows", max_heatmap_rows, low=2)
+        history = check_int("history", history, low=2)
         if regularizers is not None and (
             isinstance(regularizers, str) or not all(isinstance(name, str) for name in regularizers)
         ):

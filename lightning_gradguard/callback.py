@@ -29,7 +29,7 @@ from lightning_gradguard._lightning import (
     same_batch_size_on_every_rank,
 )
 from lightning_gradguard._trainer_clip import later_hooks, restore_clipping, take_over_clipping
-from lightning_gradguard._validation import check_bool, check_compile, check_int, optional_int
+from lightning_gradguard._validation import check_bool, check_compile, check_int, check_state, optional_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
 from lightning_gradguard.engine import (
@@ -239,13 +239,14 @@ class GradGuard(CallbackBase):
         # it rises whenever the other player gets better.
         self._divergence_default = isinstance(divergence, str) and divergence == "default"
         self.on_diverging = on_diverging
-        self.log_every_n_steps = log_every_n_steps
-        self.group_depth = group_depth
+        # Checked above as integers of any kind: kept as Python ints (a numpy int64 from a config failed in the board).
+        self.log_every_n_steps = _plain_int(log_every_n_steps)
+        self.group_depth = _plain_int(group_depth)
         self.group_fn = group_fn
         self.log_layers = log_layers
         self.saturation = saturation
-        self.image_every_n_steps = image_every_n_steps
-        self.histogram_every_n_steps = histogram_every_n_steps
+        self.image_every_n_steps = _plain_int(image_every_n_steps)
+        self.histogram_every_n_steps = _plain_int(histogram_every_n_steps)
         self.max_warnings = max_warnings
         self.clip_exploding = clip_exploding
         if skip_exploding and self.exploding is None:
@@ -404,9 +405,13 @@ class GradGuard(CallbackBase):
             # Lightning restores every callback's state in `validate/test/predict(ckpt_path=...)` too: taken, it would
             # rewind this guard's counts and rate to the checkpoint's after a fit, or hand them to the next fresh fit.
             return
+        check_state("GradGuard", state_dict)
         if state_dict.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard state version {state_dict.get('version')!r}")
-        self._loaded = {"optimizers": dict(state_dict.get("optimizers", {}))}
+        optimizers = state_dict.get("optimizers", {})
+        if not isinstance(optimizers, dict):
+            raise ValueError(f"`state['optimizers']` must be a dict from GradGuard.state_dict(), got {optimizers!r}.")
+        self._loaded = {"optimizers": dict(optimizers)}
         if self.lr_guard is not None and state_dict.get("lr_guard") is not None:
             self.lr_guard.load_state_dict(state_dict["lr_guard"])
         for r in self.regularizers:
@@ -1528,6 +1533,10 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     except Exception as err:  # a logger that refuses late hparams must not stop training
         log.debug("GradGuard: hparams not written: %s", err)
     return board
+
+
+def _plain_int(value: int | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _epoch_complete(trainer: pl.Trainer) -> bool:

@@ -1480,8 +1480,14 @@ class AdaGC(Clipper):
             )
         self._slots = {key: i for i, key in enumerate(keys)}
         self._slot_cache.clear()
+        self._seen = None  # the state names no tensors: the next call's, by position, take it
         self._gamma, self._count = gamma.clone(), count.clone()
         self._steps = torch.as_tensor(state["steps"], dtype=torch.float32).reshape(()).clone()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Parameter ids mean nothing in a copy or another process: a copied or unpickled AdaGC takes the next call's
+        # tensors by position, as one loaded from a state_dict does (it refused its own copied model before).
+        return {**self.__dict__, "_seen": None}
 
     def extra_repr(self) -> str:
         return (

@@ -464,12 +464,15 @@ class Rollback:
             + (", early_only=True" if self.early_only else "")
             + (", retry=True" if self.retry else "")
             + ("" if self.save_copies else ", save_copies=False")
+            + (f", rescue={self.rescue!r}" if self.rescue is not None else "")
+            # Read by early_only and retry as well as by the rescue: shown whenever one of them is on.
             + (
-                f", rescue={self.rescue!r}, rescue_until={self.rescue_until}, calm_factor={self.calm_factor}, "
-                f"blowup_factor={self.blowup_factor})"
-                if self.rescue is not None
-                else ")"
+                f", rescue_until={self.rescue_until}, calm_factor={self.calm_factor},"
+                f" blowup_factor={self.blowup_factor}"
+                if self.rescue is not None or self.early_only or self.retry
+                else ""
             )
+            + ")"
         )
 
     def observe(

@@ -35,7 +35,7 @@ def reference_adagc(
             for i, n in enumerate(norms):
                 gamma[i] = h * n if gamma[i] is None else min(gamma[i], h * n)  # type: ignore[type-var]
         else:
-            coefs = []
+            grads = []
             for i, n in enumerate(norms):
                 h = min(1.0, lambda_rel * gamma[i] / n)  # type: ignore[operator]
                 coefs.append(h)
@@ -323,3 +323,34 @@ def test_state_dict_round_trip_and_rejects_a_foreign_state() -> None:
     with pytest.raises(ValueError, match="keys"):
         other.load_state_dict({"keys": ["a"], "gamma": torch.zeros(2), "count": torch.zeros(2), "steps": 0})
     assert repr(other) == "AdaGC(lambda_rel=1.05, beta=0.98, warmup_steps=2, lambda_abs=1.0)"
+
+
+def _adagc_steps(model: nn.Module, clip: AdaGC, steps: int, seed: int) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for _ in range(steps):
+        model.zero_grad()
+        model(torch.randn(8, 4, generator=g)).square().mean().backward()
+        clip.clip_(model.parameters())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return grads
+
+
+def test_a_copied_or_reloaded_adagc_clips_its_copied_model_by_position() -> None:
+    # By position, AdaGC remembers the ids of the last call's parameters. A deepcopy (or pickle) of the clipper with
+    # its model, or a state loaded into a used clipper, refused the copied model's parameters as "other gradients".
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    clip = AdaGC(warmup_steps=3)
+    _adagc_steps(model, clip, 6, seed=1)
+    copied = copy.deepcopy({"model": model, "clip": clip})
+    expected = _adagc_steps(model, clip, 4, seed=2)
+    got = _adagc_steps(copied["model"], copied["clip"], 4, seed=2)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    # A used clipper given a saved state goes on with a model restored beside it.
+    restored = copy.deepcopy(copied["model"])
+    copied["clip"].load_state_dict(clip.state_dict())
+    again = _adagc_steps(restored, copied["clip"], 2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(_adagc_steps(model, clip, 2, seed=3), again))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,10 +22,12 @@ from lightning_gradguard import (
     AutoClip,
     ExplodingDetector,
     GradGuard,
+    GradGuardBoard,
     GuardEngine,
     LRGuard,
     NormClip,
     Orthogonal,
+    Rollback,
     SaturationMonitor,
     VanishingDetector,
     ZClip,
@@ -137,3 +140,38 @@ def test_an_engine_on_meta_parameters_is_refused() -> None:
         GuardEngine(model)
     model.to_empty(device="cpu")
     GuardEngine(model)
+
+
+def test_numpy_integers_from_a_config_work_through_a_fit(tmp_path: Any) -> None:
+    # np.int64 passes GradGuard's integer check; kept as it was, the board refused it at the first log, mid-fit.
+    import numpy as np
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.helpers import load_events
+    from tests.models import Regressor, regression_data, trainer
+
+    guard = GradGuard(
+        log_every_n_steps=np.int64(2), image_every_n_steps=np.int64(4), histogram_every_n_steps=np.int64(4)
+    )
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    trainer(max_steps=8, max_epochs=-1, callbacks=[guard], logger=logger).fit(Regressor(), regression_data())
+    assert type(guard.histogram_every_n_steps) is int and type(guard.log_every_n_steps) is int
+    acc = load_events(tmp_path / "version_0")
+    hist = next(t for t in acc.Tags()["histograms"] if t.startswith("gradguard/grad_hist/"))
+    assert [e.step for e in acc.Histograms(hist)] == [3, 7]  # the 4th and 8th optimizer steps
+
+
+def test_the_board_refuses_a_bool_for_a_step_interval() -> None:
+    with pytest.raises(ValueError, match="`image_every_n_steps` must be an integer >= 1 or None, got True"):
+        GradGuardBoard(SimpleNamespace(add_scalar=print), {0: ["a"]}, ["SGD"], image_every_n_steps=True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("state", [None, [1, 2], {"version": 1, "optimizers": 5}])
+def test_gradguard_refuses_a_malformed_state_with_a_clear_error(state: Any) -> None:
+    with pytest.raises(ValueError, match=r"GradGuard\.state_dict\(\)"):
+        GradGuard().load_state_dict(state)
+
+
+def test_rollback_repr_shows_what_early_only_and_retry_read() -> None:
+    text = repr(Rollback(early_only=True, retry=True, calm_factor=2.5, rescue_until=5))
+    assert "rescue_until=5" in text and "calm_factor=2.5" in text  # it printed as the defaults did
