@@ -57,8 +57,12 @@ class EventReporter:
 
     def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
         guard = self.guard
+        engine = guard._states[key]
+        # The engine's count at the window's first exploding step, for what could answer it then (the count runs
+        # beside Lightning's step; this report is at `step`).
+        first = min((row["step"] for row in snap.events if row["kind"] == "exploding"), default=step)
         actions = {
-            "exploding": self.explode_action(guard._states[key]),
+            "exploding": self.explode_action(engine, at=engine.steps - (step - first)),
             "vanishing": "none" if guard.on_vanishing != "raise" else "raise",
             "nonfinite": guard.on_nonfinite,
         }
@@ -194,10 +198,10 @@ class EventReporter:
                 message += " " + hint
         return message
 
-    def explode_action(self, engine: GuardEngine, diverging: bool = False) -> str:
-        """What ``engine`` does about an exploding step (or, with ``diverging``, a diverged loss), in words: its own
-        parts, since an optimizer may go without some of GradGuard's (LBFGS is not clipped, an optimizer with
-        ``lr=None`` has no LR guard)."""
+    def explode_action(self, engine: GuardEngine, diverging: bool = False, at: int | None = None) -> str:
+        """What ``engine`` does about an exploding step (or, with ``diverging``, a diverged loss) at its step ``at``
+        (default: its latest), in words: its own parts, since an optimizer may go without some of GradGuard's (LBFGS
+        is not clipped, an optimizer with ``lr=None`` has no LR guard)."""
         guard = self.guard
         if (guard.on_diverging if diverging else guard.on_exploding) == "raise":
             # The run stops at the event: what would answer it later does not matter.
@@ -223,7 +227,14 @@ class EventReporter:
                 when += " (a clipped spike alone among calm steps counts for nothing)"
             actions.append(
                 f"the LR guard lowers the rate {when}"
-                + (" (and the rollback, while it is on)" if engine.rollback is not None else "")
+                # Past its window the default rollback answers a diverging loss only: naming it for a late spike
+                # promised a restart that could not come.
+                + (
+                    " (and the rollback, while it is on)"
+                    if engine.rollback is not None
+                    and engine.rollback.answers(engine.steps if at is None else at, diverging)
+                    else ""
+                )
             )
         return ", ".join(actions) or "none"
 

@@ -646,6 +646,12 @@ class Rollback:
         start (``early_only``)."""
         return 0 < self._stretch_began - self._origin <= self.rescue_until and not self.calm_start()
 
+    def answers(self, step: int, diverging: bool = False) -> bool:
+        """Whether trouble now, at engine step ``step``, could still make this rollback restart: it holds a copy,
+        and the trouble is a diverging loss, or any trouble without ``early_only``, or trouble by ``rescue_until``
+        (for the warnings, which say what answers an event)."""
+        return self.holds_copy and (diverging or not self.early_only or step - self._origin <= self.rescue_until)
+
     def calm_start(self) -> bool:
         """Whether the steps before the current stretch of trouble were calm (see ``calm_factor``)."""
         if self.calm_factor is None:

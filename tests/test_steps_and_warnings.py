@@ -423,3 +423,20 @@ def test_a_second_fit_names_its_own_steps_only() -> None:
     assert re.match(
         r"GradGuard: exploding gradients in layer '[^']+' at step 12: norm \S+ \(\S+x its norm at step 9\)", messages[0]
     )
+
+
+@pytest.mark.parametrize(("spike", "named"), [(12, True), (45, False)])
+def test_an_exploding_warning_names_the_rollback_only_while_it_could_answer(spike: int, named: bool) -> None:
+    # The default rollback restarts for trouble that begins by step 20 (or a diverging loss): a later spike's warning
+    # promised "the rollback" too, and none could come.
+    torch.manual_seed(0)
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5), diagnostics=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # Reported at step 49: the first spike's warning still names the rollback that could answer it then.
+        trainer(max_steps=60, max_epochs=-1, callbacks=[guard], log_every_n_steps=50).fit(
+            Spiky(spike, factor=1e4), regression_data()
+        )
+    (message,) = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+    assert message.startswith("GradGuard: exploding gradients in layer ") and f"at step {spike}" in message
+    assert ("and the rollback" in message) is named, message
