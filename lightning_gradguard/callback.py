@@ -239,14 +239,14 @@ class GradGuard(CallbackBase):
         # it rises whenever the other player gets better.
         self._divergence_default = isinstance(divergence, str) and divergence == "default"
         self.on_diverging = on_diverging
-        # Checked above as integers of any kind: kept as Python ints (a numpy int64 from a config failed in the board).
-        self.log_every_n_steps = _plain_int(log_every_n_steps)
-        self.group_depth = _plain_int(group_depth)
+        # Integers of any kind kept as Python ints (a numpy int64 from a config failed in the board, mid-fit).
+        self.log_every_n_steps = optional_int("log_every_n_steps", log_every_n_steps, low=1)
+        self.group_depth = optional_int("group_depth", group_depth, low=1)
         self.group_fn = group_fn
         self.log_layers = log_layers
         self.saturation = saturation
-        self.image_every_n_steps = _plain_int(image_every_n_steps)
-        self.histogram_every_n_steps = _plain_int(histogram_every_n_steps)
+        self.image_every_n_steps = optional_int("image_every_n_steps", image_every_n_steps, low=1)
+        self.histogram_every_n_steps = optional_int("histogram_every_n_steps", histogram_every_n_steps, low=1)
         self.max_warnings = max_warnings
         self.clip_exploding = clip_exploding
         if skip_exploding and self.exploding is None:
@@ -1533,10 +1533,6 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     except Exception as err:  # a logger that refuses late hparams must not stop training
         log.debug("GradGuard: hparams not written: %s", err)
     return board
-
-
-def _plain_int(value: int | None) -> int | None:
-    return None if value is None else int(value)
 
 
 def _epoch_complete(trainer: pl.Trainer) -> bool:
