@@ -23,6 +23,11 @@ __all__ = ["EventReporter"]
 
 #: Kinds of the events table's rows that record what the guard did, not what it found.
 _ACTION_KINDS = ("lr_reduced", "rolled_back")
+#: The share of its progress a run must have given back (:meth:`DivergenceDetector.progress`) for the relapse warning,
+#: at every log over at least ``RELAPSE_HOLD`` steps (the running mean's time constant): its noise on small-batch
+#: losses passes the share for a while now and then, a collapse stays.
+RELAPSE_WARNING = 0.4
+RELAPSE_HOLD = 50
 
 
 class EventReporter:
@@ -44,10 +49,14 @@ class EventReporter:
         self.warned: dict[int, set[tuple[str, str]]] = {}  # optimizer key -> (layer, kind) already warned about
         # optimizer key -> layer -> (step, norm) at the latest report that saw it: the exploding warning's yardstick
         self.previous: dict[int, dict[str, tuple[int, float]]] = {}
+        self.relapsed: set[int] = set()  # optimizer keys warned about a relapse of the loss this fit
+        self.relapsing: dict[int, int] = {}  # optimizer key -> step of the first log of its run over the share
 
     def forget(self, key: int) -> None:
         self.warned[key] = set()
         self.previous.pop(key, None)
+        self.relapsed.discard(key)
+        self.relapsing.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
         """The rows since the last call, in step order (the detectors' come with the log, the guard's actions as
@@ -92,6 +101,32 @@ class EventReporter:
         for name, norm, present, at in zip(snap.layer_names, snap.layer_norms, snap.present, seen):
             if present and math.isfinite(norm) and norm > 0:
                 previous[name] = (int(at), float(norm))
+        self._check_relapse(key, step, snap, opt)
+
+    def _check_relapse(self, key: int, step: int, snap: EngineSnapshot, opt: int | None) -> None:
+        """Warn, once per fit and optimizer, when the loss has climbed back towards its starting level: a model that
+        collapses late without a blown-up loss or an exploding gradient (a warm-up to too high a peak) is seen by
+        nothing else."""
+        progress = snap.loss_progress
+        if progress is None or key in self.relapsed:
+            return
+        if not progress[0] >= RELAPSE_WARNING:
+            self.relapsing.pop(key, None)
+            return
+        if step - self.relapsing.setdefault(key, step) < RELAPSE_HOLD:
+            return
+        self.relapsed.add(key)
+        share, mean, start, lowest = progress
+        which = f" (optimizer {opt})" if opt is not None else ""
+        rank_zero_warn(
+            f"GradGuard: the training loss{which} has climbed back {share:.0%} of the way from its lowest running mean"
+            f" {lowest:.4g} to its starting level {start:.4g} (the mean of its first losses): its running mean is"
+            f" {mean:.4g} at step {step}. The model is losing what it learned. A learning rate too high for this stage"
+            " of training does this (a warm-up to too high a peak, a rate raised mid-run): lower the peak rate. So does"
+            " a change of the data (a new task, a harder curriculum stage), which the loss alone cannot tell apart, so"
+            " the guard does not act on it. `gradguard/loss_relapse` charts the share.",
+            category=UserWarning,
+        )
 
     def broken_weights(self, key: int) -> list[str]:
         """The layers of optimizer ``key`` whose weights hold inf/NaN now (reads the device)."""

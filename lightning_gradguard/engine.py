@@ -149,6 +149,8 @@ class _Buffer(NamedTuple):
 
 
 # Device counters (cumulative, saved): one slot per kind, in this order.
+#: Entries of :meth:`DivergenceDetector.progress` in :meth:`GuardEngine.gather`.
+_PROGRESS = 4
 _COUNTS = ("exploding", "vanishing", "nonfinite", "overflow", "clipped", "diverging")
 # Per-layer rows. "last" (the latest norm) survives a log; the others describe the window since the last log: the
 # last step with a gradient ("seen"), and the first step of each event with the layer's norm at that step.
@@ -373,6 +375,9 @@ class EngineSnapshot:
             ``layer``, ``value`` (the layer's norm then; NaN for non-finite), sorted by step.
         nonfinite: ``[L]`` which layers had a non-finite gradient during the window (``None``: not known).
         seen_steps: ``[L]`` the step of each layer's latest norm in the window (-1: none; ``None``: not known).
+        loss_progress: the divergence detector's :meth:`~lightning_gradguard.DivergenceDetector.progress`: the share
+            of its progress the run has given back, the running mean of the loss, the first loss and the lowest
+            settled running mean (NaN for each not known yet; ``None``: no loss observed).
 
     Example:
         >>> import torch
@@ -405,6 +410,7 @@ class EngineSnapshot:
     events: list[dict[str, Any]] = field(default_factory=list)
     nonfinite: np.ndarray | None = None
     seen_steps: np.ndarray | None = None
+    loss_progress: tuple[float, float, float, float] | None = None
 
     def metrics(self, prefix: str = "gradguard/", lr: float | None = None) -> dict[str, float]:
         """The run-level scalars under their TensorBoard tags (``prefix`` + ``total_norm``, ``events/exploding``, ...).
@@ -430,6 +436,8 @@ class EngineSnapshot:
                 metrics[prefix + "lr"] = lr * self.lr_scale
         for kind, value in self.counts.items():
             metrics[f"{prefix}events/{kind}"] = float(value)
+        if self.loss_progress is not None and math.isfinite(self.loss_progress[0]):
+            metrics[prefix + "loss_relapse"] = self.loss_progress[0]
         return metrics
 
     @classmethod
@@ -445,8 +453,9 @@ class EngineSnapshot:
     ) -> EngineSnapshot:
         """Parse a host copy of :meth:`GuardEngine.gather` (``step_number`` maps window indices to step numbers,
         ``step_count`` to the engine's count of steps then)."""
-        scalars, counts = values[:8], values[8 : 8 + len(_COUNTS)]
-        row = dict(zip(_ROWS, values[8 + len(_COUNTS) :].reshape(len(_ROWS), len(layer_names))))
+        rows_at = 8 + len(_COUNTS) + _PROGRESS
+        scalars, counts, progress = values[:8], values[8 : 8 + len(_COUNTS)], values[8 + len(_COUNTS) : rows_at]
+        row = dict(zip(_ROWS, values[rows_at:].reshape(len(_ROWS), len(layer_names))))
         events = []
         for kind in ("exploding", "vanishing", "nonfinite"):
             steps, norms = row[f"{kind}_step"], row.get(f"{kind}_value")
@@ -480,6 +489,9 @@ class EngineSnapshot:
             events=events,
             nonfinite=row["nonfinite_step"] >= 0,
             seen_steps=np.array([step_number(int(s)) if s >= 0 else -1 for s in row["seen"]], dtype=np.int64),
+            loss_progress=None
+            if math.isnan(progress[1])
+            else (float(progress[0]), float(progress[1]), float(progress[2]), float(progress[3])),
         )
 
 
@@ -1692,7 +1704,12 @@ class GuardEngine:
 
     def gather(self) -> Tensor:
         """Everything :meth:`snapshot` reads, as one flat fp32 device vector (to batch several engines' copies)."""
-        return torch.cat([self.scalars, self.counts.float(), self._record.buffers["layers"].reshape(-1)])
+        device = self._record.device
+        if self.divergence is not None:
+            progress = self.divergence.progress().to(device, torch.float32)
+        else:
+            progress = torch.full((_PROGRESS,), math.nan, device=device)
+        return torch.cat([self.scalars, self.counts.float(), progress, self._record.buffers["layers"].reshape(-1)])
 
     def snapshot(self, values: np.ndarray | None = None, reset: bool = True) -> EngineSnapshot:
         """What was recorded since the last snapshot, on the host.

@@ -100,7 +100,7 @@ def test_a_state_saved_before_the_lowest_level_was_kept_loads() -> None:
     det = DivergenceDetector(patience=2)
     det.load_state_dict({"state": torch.tensor([1.0, 60.0, 2.0, 0.0])})  # [mean, observations, first, streak]
     assert _feed(det, [1.0, 50.0, 500.0]) == [2]
-    assert det._state is not None and det._state.numel() == 7
+    assert det._state is not None and det._state.numel() == 8
 
 
 def test_exact_zero_and_non_finite_losses_are_no_observation() -> None:
