@@ -702,9 +702,9 @@ _DIVERGENCE_STATE = 8  # DivergenceDetector's state vector: see its __init__
 #: A run has learned, for :meth:`DivergenceDetector.progress`, once its lowest settled running mean of the loss is at
 #: most this share of its starting level: closer to it, the noise of the running mean is a large part of the progress.
 LEARNED = 0.8
-#: Losses whose plain mean is the starting level that :meth:`DivergenceDetector.progress` measures progress from: one
-#: batch's loss was too noisy a reference (a learning curve of small-batch losses, simulated, was read as having
-#: given back 40% of its progress in 7-18% of runs with 1-8 samples per loss).
+#: Losses whose plain mean is the starting level that :meth:`DivergenceDetector.progress` measures progress from: the
+#: first loss alone made the share hang on one batch (an easy first batch, 0.65 where a run starts near 1, read the
+#: noise of its plateau as 27% given back; 12% from this level).
 START_LOSSES = 8
 
 

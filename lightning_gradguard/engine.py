@@ -148,9 +148,9 @@ class _Buffer(NamedTuple):
     saved: bool  # part of state_dict()
 
 
-# Device counters (cumulative, saved): one slot per kind, in this order.
 #: Entries of :meth:`DivergenceDetector.progress` in :meth:`GuardEngine.gather`.
 _PROGRESS = 4
+# Device counters (cumulative, saved): one slot per kind, in this order.
 _COUNTS = ("exploding", "vanishing", "nonfinite", "overflow", "clipped", "diverging")
 # Per-layer rows. "last" (the latest norm) survives a log; the others describe the window since the last log: the
 # last step with a gradient ("seen"), and the first step of each event with the layer's norm at that step.
@@ -376,7 +376,7 @@ class EngineSnapshot:
         nonfinite: ``[L]`` which layers had a non-finite gradient during the window (``None``: not known).
         seen_steps: ``[L]`` the step of each layer's latest norm in the window (-1: none; ``None``: not known).
         loss_progress: the divergence detector's :meth:`~lightning_gradguard.DivergenceDetector.progress`: the share
-            of its progress the run has given back, the running mean of the loss, the first loss and the lowest
+            of its progress the run has given back, the running mean of the loss, its starting level and its lowest
             settled running mean (NaN for each not known yet; ``None``: no loss observed).
 
     Example:
