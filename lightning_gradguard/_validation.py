@@ -53,19 +53,26 @@ def optional_number(name: str, value: Any, **bounds: Any) -> float | None:
     return None if value is None else check_number(name, value, optional=True, **bounds)
 
 
-def check_int(name: str, value: Any, *, low: int | None, optional: bool = False) -> int:
-    """``value`` as an int, if it is an integer (not a bool) ``>= low`` (``None``: any); ``optional``: the message
-    offers ``None``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (low is not None and value < low):
-        bound = "" if low is None else f" >= {low}"
+def check_int(name: str, value: Any, *, low: int | None, high: int | None = None, optional: bool = False) -> int:
+    """``value`` as an int, if it is an integer (not a bool) ``>= low`` and ``<= high`` (``None``: unbounded);
+    ``optional``: the message offers ``None``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or (low is not None and value < low)
+        or (high is not None and value > high)
+    ):
+        bounds = [f">= {low}"] if low is not None else []
+        bounds += [f"<= {high}"] if high is not None else []
+        bound = f" {' and '.join(bounds)}" if bounds else ""
         alternative = " or None" if optional else ""
         raise ValueError(f"`{name}` must be an integer{bound}{alternative}, got {value!r}.")
     return int(value)
 
 
-def optional_int(name: str, value: Any, *, low: int) -> int | None:
+def optional_int(name: str, value: Any, *, low: int, high: int | None = None) -> int | None:
     """``None``, or ``value`` checked as by :func:`check_int` (whose message then offers ``None`` too)."""
-    return None if value is None else check_int(name, value, low=low, optional=True)
+    return None if value is None else check_int(name, value, low=low, high=high, optional=True)
 
 
 def check_bool(name: str, value: Any) -> bool:

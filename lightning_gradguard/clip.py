@@ -56,6 +56,9 @@ __all__ = ["AGC", "AdaGC", "AutoClip", "Clipper", "NormClip", "ZClip", "default_
 
 # Same guard as torch.nn.utils.clip_grad_norm_, so that NormClip reproduces it exactly.
 _NORM_EPS = 1e-6
+#: The largest ``ZClip(warmup_steps=...)`` and ``AutoClip(history=...)``: their buffers are that many floats on the
+#: gradients' device, scanned every step (40 MB at this bound).
+MAX_BUFFER = 10_000_000
 _TINY = 1e-30  # floor of a norm that is divided by
 _SLOT_CACHE_SIZE = 64
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -453,7 +456,7 @@ class AutoClip(Clipper):
 
     Args:
         percentile: the percentile of the history used as threshold, in ``[0, 100]``; the paper recommends 10.
-        history: ``None`` to keep every norm, or the number of most recent norms to keep (``>= 1``).
+        history: ``None`` to keep every norm, or the number of most recent norms to keep (``>= 1``, at most 10^7).
 
     Example:
         >>> import torch
@@ -483,7 +486,9 @@ class AutoClip(Clipper):
                 UserWarning,
                 stacklevel=2,
             )
-        self.history = optional_int("history", history, low=1)
+        # Held on the device, whole, from the first call: a bound the constructor checks rather than an allocation
+        # that fails there (``None`` keeps every norm, growing as it goes).
+        self.history = optional_int("history", history, low=1, high=MAX_BUFFER)
         self._calls = 0  # host-side, an upper bound of the number of valid entries: sizes the unbounded buffer
         self._values: Tensor | None = None  # sorted (history=None, +inf padded) or a ring buffer (history=N)
         self._count: Tensor | None = None  # valid steps seen, int64 on the device
@@ -672,7 +677,7 @@ class ZClip(Clipper):
             deviations above the mean of the threshold. 2.5 is the paper's; GradGuard's default clipper is
             ``ZClip(z_thresh=4.0)`` (fewer healthy steps clipped), so keep 4.0 when changing only another argument.
         warmup_steps: number of valid steps collected before the EMA starts (``>= 2``: the spread of one norm is 0,
-            and with it ZClip clipped 298 of 299 healthy steps).
+            and with it ZClip clipped 298 of 299 healthy steps; at most 10^7, the buffer that collects them).
         mode: ``"zscore"`` or ``"percentile"``.
         clip_option: in zscore mode, ``"adaptive_scaling"`` or ``"mean"``.
         clip_factor: multiplier of the adaptive-scaling threshold (``> 0``; 0.3 to 0.7 clips more aggressively).
@@ -729,7 +734,8 @@ class ZClip(Clipper):
         self.alpha = check_number("alpha", alpha, low=0.0, high=1.0)
         self.z_thresh = check_number("z_thresh", z_thresh, low=0.0)
         # One norm has no spread: the EMA would start with std 0, and every later norm above it would be a spike.
-        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=2)
+        # The warm-up's norms are kept in a buffer of this size, allocated at the first call (bounded here).
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, low=2, high=MAX_BUFFER)
         if mode not in ("zscore", "percentile"):
             raise ValueError(f"`mode` must be 'zscore' or 'percentile', got {mode!r}.")
         if clip_option not in ("adaptive_scaling", "mean"):

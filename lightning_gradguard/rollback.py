@@ -783,7 +783,7 @@ class Rollback:
         ``max_bytes``) the copies are forgotten, and the next step's weights become the safe copy (unless the run is
         past ``until``).
         """
-        check_state("Rollback", state)
+        check_state("Rollback", state, ("count",))
         self.count = int(state.get("count", 0))
         self.retried = bool(state.get("retried", False))
         self._origin = int(state.get("origin", 0))

@@ -855,12 +855,14 @@ def test_no_host_sync(make: Callable[[], Clipper], device: str, monkeypatch: pyt
         (AutoClip, dict(history=0), "history"),
         (AutoClip, dict(history=2.5), "history"),
         (AutoClip, dict(history=True), "history"),
+        (AutoClip, dict(history=10**12), "history"),  # a buffer allocated whole at the first call: refused here
         (ZClip, dict(alpha=0.0), "alpha"),
         (ZClip, dict(alpha=1.0), "alpha"),
         (ZClip, dict(z_thresh=0.0), "z_thresh"),
         (ZClip, dict(warmup_steps=0), "warmup_steps"),
         (ZClip, dict(warmup_steps=1), "warmup_steps"),  # the spread of one norm is 0
         (ZClip, dict(warmup_steps=2.0), "warmup_steps"),
+        (ZClip, dict(warmup_steps=2**31), "warmup_steps"),
         (ZClip, dict(mode="zScore"), "mode"),
         (ZClip, dict(clip_option="max"), "clip_option"),
         (ZClip, dict(clip_factor=0.0), "clip_factor"),

@@ -219,7 +219,9 @@ def test_every_part_refuses_a_state_that_is_no_dict_naming_itself(part: Any) -> 
     part.load_state_dict(part.state_dict())  # its own state still loads
 
 
-@pytest.mark.parametrize("part", [ExplodingDetector(), VanishingDetector(), DivergenceDetector(), LRGuard()])
+@pytest.mark.parametrize(
+    "part", [ExplodingDetector(), VanishingDetector(), DivergenceDetector(), LRGuard(), Rollback()]
+)
 def test_a_state_without_its_keys_is_refused_with_the_missing_ones_named(part: Any) -> None:
     with pytest.raises(ValueError, match=r"state_dict\(\): it lacks \["):
         part.load_state_dict({})
