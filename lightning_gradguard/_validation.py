@@ -56,18 +56,14 @@ def optional_number(name: str, value: Any, **bounds: Any) -> float | None:
 def check_int(name: str, value: Any, *, low: int | None, high: int | None = None, optional: bool = False) -> int:
     """``value`` as an int, if it is an integer (not a bool) ``>= low`` and ``<= high`` (``None``: unbounded);
     ``optional``: the message offers ``None``."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or (low is not None and value < low)
-        or (high is not None and value > high)
-    ):
+    number = None if isinstance(value, bool) or not isinstance(value, numbers.Integral) else int(value)
+    if number is None or (low is not None and number < low) or (high is not None and number > high):
         bounds = [f">= {low}"] if low is not None else []
         bounds += [f"<= {high}"] if high is not None else []
         bound = f" {' and '.join(bounds)}" if bounds else ""
         alternative = " or None" if optional else ""
         raise ValueError(f"`{name}` must be an integer{bound}{alternative}, got {value!r}.")
-    return int(value)
+    return number
 
 
 def optional_int(name: str, value: Any, *, low: int, high: int | None = None) -> int | None:
