@@ -52,6 +52,11 @@ class EventReporter:
         self.relapsed: set[int] = set()  # optimizer keys warned about a relapse of the loss this fit
         self.relapsing: dict[int, int] = {}  # optimizer key -> step of the first log of its run over the share
 
+    def start_fit(self) -> None:
+        """Warn about a relapse once per fit: an earlier fit's warning and hold (at its own step numbers) go."""
+        self.relapsed.clear()
+        self.relapsing.clear()
+
     def forget(self, key: int) -> None:
         self.warned[key] = set()
         self.previous.pop(key, None)
@@ -108,9 +113,10 @@ class EventReporter:
         collapses late without a blown-up loss or an exploding gradient (a warm-up to too high a peak) is seen by
         nothing else."""
         progress = snap.loss_progress
-        if progress is None or key in self.relapsed:
+        if key in self.relapsed:
             return
-        if not progress[0] >= RELAPSE_WARNING:
+        # No share (no loss since a restart or a new phase, or nothing learned yet) ends a hold as a low one does.
+        if progress is None or not progress[0] >= RELAPSE_WARNING:
             self.relapsing.pop(key, None)
             return
         if step - self.relapsing.setdefault(key, step) < RELAPSE_HOLD:

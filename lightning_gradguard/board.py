@@ -544,7 +544,7 @@ class GradGuardBoard:
 
     # ---------------------------------------------------------------------------------------------------- layout
     def _main_charts(self) -> int:
-        charts = 6 * len(self.optimizer_names)
+        charts = 7 * len(self.optimizer_names)
         charts += 0 if self.regularizers is not None and not self.regularizers else 2
         return charts + int(self.saturation) + len(self._diagnostic_charts())
 
@@ -624,7 +624,7 @@ class GradGuardBoard:
         main: dict[str, list[Any]] = {}
         for idx in range(len(self.optimizer_names)):
             suffix = f" ({self._opt_label(idx)})" if self.multi_optimizer else ""
-            total, total_max, total_min, threshold, clip_coef, lr_scale, lr, events = (
+            total, total_max, total_min, threshold, clip_coef, lr_scale, lr, events, relapse = (
                 self.tag(name, idx)
                 for name in (
                     "total_norm",
@@ -635,6 +635,7 @@ class GradGuardBoard:
                     "lr_scale",
                     "lr",
                     "events/",
+                    "loss_relapse",
                 )
             )
             main[f"total norm{suffix}"] = ["Multiline", exact(total, total_max, total_min, threshold)]
@@ -645,6 +646,7 @@ class GradGuardBoard:
             main[f"lr scale{suffix}"] = ["Multiline", exact(lr_scale)]
             main[f"learning rate{suffix}"] = ["Multiline", exact(lr)]
             main[f"events{suffix}"] = ["Multiline", [f"^{re.escape(events)}.*"]]
+            main[f"loss relapse{suffix}"] = ["Multiline", exact(relapse)]
         if self.regularizers is None or self.regularizers:
             main["regularizers"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg/')}.*"]]
             main["regularizer strength"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg_strength/')}.*"]]

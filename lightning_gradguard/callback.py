@@ -506,6 +506,7 @@ class GradGuard(CallbackBase):
             return
         self._reporter.take_rows()  # an earlier fit's, never written (here: a checkpoint restored next brings its own)
         self._reporter.previous.clear()  # an earlier fit's norms are no yardstick for this fit's steps
+        self._reporter.start_fit()
         others = [c for c in getattr(trainer, "callbacks", ()) if isinstance(c, GradGuard) and c is not self]
         if others:
             # Both would clip, skip and lower the rate of the same steps, and the second finds gradients the first

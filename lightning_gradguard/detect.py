@@ -702,7 +702,7 @@ _DIVERGENCE_STATE = 8  # DivergenceDetector's state vector: see its __init__
 #: A run has learned, for :meth:`DivergenceDetector.progress`, once its lowest settled running mean of the loss is at
 #: most this share of its starting level: closer to it, the noise of the running mean is a large part of the progress.
 LEARNED = 0.8
-#: Losses whose plain mean is the starting level that :meth:`DivergenceDetector.progress` measures progress from: the
+#: Losses whose running mean is the starting level that :meth:`DivergenceDetector.progress` measures progress from: the
 #: first loss alone made the share hang on one batch (an easy first batch, 0.65 where a run starts near 1, read the
 #: noise of its plateau as 27% given back; 12% from this level).
 START_LOSSES = 8
@@ -808,8 +808,8 @@ class DivergenceDetector:
         self._calm = math.sqrt(self.ratio)  # "calm before" and "holds its level" in a level shift
         # Device state, created on the first update: [running mean, observations, first loss, high steps in a row,
         # lowest settled running mean (0: none yet), previous loss (0: none), the loss that began a sudden high
-        # streak (0: none, or the streak began gradually), the plain mean of the first START_LOSSES losses (0: not
-        # yet)].
+        # streak (0: none, or the streak began gradually), the running mean after the first START_LOSSES losses (0:
+        # not yet)].
         self._state: Tensor | None = None
         # 1 - alpha, 1 and 0 on the device, made once: a per-step constant is an op.
         self._consts: tuple[Tensor, ...] | None = None
@@ -908,8 +908,9 @@ class DivergenceDetector:
         """``[4]`` device tensor: the share of its progress the run has given back, the running mean of the loss, the
         starting level and the lowest settled running mean (NaN for each that does not exist yet).
 
-        The starting level is the plain mean of the first :data:`START_LOSSES` losses (of the current level, after a
-        level shift). The share is ``(mean - lowest) / (start - lowest)``: 0 at the lowest level, 1 back at the
+        The starting level is the running mean after the first :data:`START_LOSSES` losses (of the current level,
+        after a level shift): their mean, each winsorized as the running mean takes it, so one outlier among them
+        moves it little. The share is ``(mean - lowest) / (start - lowest)``: 0 at the lowest level, 1 back at the
         start. It exists once the lowest settled mean is at most :data:`LEARNED` times the start (NaN before). A
         model that collapses late (a warm-up to too high a peak, a rate raised mid-run) gives back what it learned
         with a loss that never rises above the first, so no divergence event: this measures it, and GradGuard warns

@@ -50,7 +50,7 @@ def test_1500_layers_board_writes_block_summaries_within_the_chart_budget(tmp_pa
     norms = 10 ** rng.normal(-2, 1, (1500, 3))
     norms[5, 1] = np.nan  # a non-finite layer is left out of its block's summary
     present = np.ones(1500, dtype=bool)
-    present[300:400] = False  # layers without a gradient too
+    present[300:340] = False  # layers without a gradient too (fewer than a block: each block has a summary)
     for col, step in enumerate((10, 20, 30)):
         board.write_layer_norms(step, 0, norms[:, col], np.zeros(1500, bool), np.zeros(1500, bool), present=present)
     writer.close()
@@ -74,7 +74,7 @@ def test_1500_layers_board_writes_block_summaries_within_the_chart_budget(tmp_pa
             values = values[present[members] & np.isfinite(values)]
             want = values.max() if tag.endswith("/max") else np.median(values)
             assert event.value == pytest.approx(want, rel=1e-6)
-    assert sum(tag.startswith("gradguard/layer/") for tag in scalars) == 1400
+    assert sum(tag.startswith("gradguard/layer/") for tag in scalars) == 1460
 
 
 def test_layers_that_join_a_deep_model_keep_the_written_block_charts_fed(tmp_path: Path) -> None:

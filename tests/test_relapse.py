@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -191,3 +192,31 @@ def test_the_warning_needs_the_share_to_hold_for_the_running_means_time_constant
     messages = [str(w.message) for w in caught if "climbed back" in str(w.message)]
     assert max(logger.series("gradguard/loss_relapse")) > RELAPSE_WARNING
     assert len(messages) == int(warned)
+
+
+def test_every_fit_is_warned_about_once_and_a_hold_does_not_carry_into_the_next_fit() -> None:
+    collapse = [2.0 - i / 100 for i in range(100)] + [1.0] * 100 + [2.0] * 150
+    guard, module = GradGuard(), _Scripted(collapse)
+    for _ in range(2):  # the second fit's steps start from 0 again
+        data = DataLoader(TensorDataset(torch.zeros(len(collapse), 1)), batch_size=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_steps=len(collapse), callbacks=[guard]).fit(module, data)
+        assert sum("climbed back" in str(w.message) for w in caught) == 1
+
+
+def test_a_log_without_a_share_ends_the_hold() -> None:
+    reporter = GradGuard()._reporter
+
+    def log(step: int, share: float | None) -> None:
+        progress = None if share is None else (share, 1.5, 2.0, 1.0)
+        reporter._check_relapse(0, step, SimpleNamespace(loss_progress=progress), None)  # type: ignore[arg-type]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log(100, 0.5)
+        log(110, None)  # a restart or a new phase: no loss seen since
+        log(800, 0.5)  # relearned and over the bar again: a new hold starts here
+        assert not caught
+        log(850, 0.5)
+    assert len(caught) == 1
