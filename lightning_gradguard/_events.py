@@ -28,6 +28,8 @@ _ACTION_KINDS = ("lr_reduced", "rolled_back")
 #: losses passes the share for a while now and then, a collapse stays.
 RELAPSE_WARNING = 0.4
 RELAPSE_HOLD = 50
+#: The relapse warning's mark among an optimizer's warned (layer, kind) pairs, which a checkpoint keeps.
+RELAPSE_MARK = ("(loss)", "relapse")
 
 
 class EventReporter:
@@ -49,18 +51,18 @@ class EventReporter:
         self.warned: dict[int, set[tuple[str, str]]] = {}  # optimizer key -> (layer, kind) already warned about
         # optimizer key -> layer -> (step, norm) at the latest report that saw it: the exploding warning's yardstick
         self.previous: dict[int, dict[str, tuple[int, float]]] = {}
-        self.relapsed: set[int] = set()  # optimizer keys warned about a relapse of the loss this fit
         self.relapsing: dict[int, int] = {}  # optimizer key -> step of the first log of its run over the share
 
     def start_fit(self) -> None:
-        """Warn about a relapse once per fit: an earlier fit's warning and hold (at its own step numbers) go."""
-        self.relapsed.clear()
+        """Warn about a relapse once per fit: an earlier fit's warning and hold (at its own step numbers) go. A
+        checkpoint restored next brings its warning back (a resumed fit is the same fit)."""
+        for pairs in self.warned.values():
+            pairs.discard(RELAPSE_MARK)
         self.relapsing.clear()
 
     def forget(self, key: int) -> None:
         self.warned[key] = set()
         self.previous.pop(key, None)
-        self.relapsed.discard(key)
         self.relapsing.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
@@ -113,7 +115,8 @@ class EventReporter:
         collapses late without a blown-up loss or an exploding gradient (a warm-up to too high a peak) is seen by
         nothing else."""
         progress = snap.loss_progress
-        if key in self.relapsed:
+        warned = self.warned.setdefault(key, set())
+        if RELAPSE_MARK in warned or self.guard.on_diverging == "ignore":
             return
         # No share (no loss since a restart or a new phase, or nothing learned yet) ends a hold as a low one does.
         if progress is None or not progress[0] >= RELAPSE_WARNING:
@@ -121,16 +124,19 @@ class EventReporter:
             return
         if step - self.relapsing.setdefault(key, step) < RELAPSE_HOLD:
             return
-        self.relapsed.add(key)
+        warned.add(RELAPSE_MARK)
         share, mean, start, lowest = progress
         which = f" (optimizer {opt})" if opt is not None else ""
         rank_zero_warn(
             f"GradGuard: the training loss{which} has climbed back {share:.0%} of the way from its lowest running mean"
-            f" {lowest:.4g} to its starting level {start:.4g} (the mean of its first losses): its running mean is"
-            f" {mean:.4g} at step {step}. The model is losing what it learned. A learning rate too high for this stage"
-            " of training does this (a warm-up to too high a peak, a rate raised mid-run): lower the peak rate. So does"
-            " a change of the data (a new task, a harder curriculum stage), which the loss alone cannot tell apart, so"
-            " the guard does not act on it. `gradguard/loss_relapse` charts the share.",
+            f" {lowest:.4g} to its starting level {start:.4g} (its running mean after the first losses)"
+            f"{', and past it' if share > 1 else ''}: its running mean is {mean:.4g} at step {step}. If the data did"
+            " not change, the model is losing what it learned, and a learning rate too high for this stage of training"
+            " is the usual cause (a warm-up to too high a peak, a rate raised mid-run): lower it. A change of the data"
+            " gives back progress the same way (a new task or curriculum stage, label noise, more negatives for a"
+            " contrastive loss, a critic's value loss growing with the returns), so the guard does not act on this."
+            " Call `guard.new_phase()` where the data change to measure from there, or pass"
+            " `GradGuard(on_diverging='ignore')`. `gradguard/loss_relapse` charts the share.",
             category=UserWarning,
         )
 

@@ -135,7 +135,7 @@ def test_a_rate_raised_tenfold_mid_run_collapses_the_model_and_is_warned_about_o
     assert guard.summary()["diverging"] == 0
     # ... but most of the progress is given back, charted, and warned about once.
     assert max(shares) > 0.8 and len(messages) == 1
-    assert "lower the peak rate" in messages[0] and "at step" in messages[0]
+    assert "too high for this stage of training" in messages[0] and "at step" in messages[0]
 
 
 def test_a_healthy_run_gives_nothing_back_and_is_not_warned_about() -> None:
@@ -220,3 +220,33 @@ def test_a_log_without_a_share_ends_the_hold() -> None:
         assert not caught
         log(850, 0.5)
     assert len(caught) == 1
+
+
+def test_a_resumed_fit_is_the_same_fit_and_is_not_warned_about_again(tmp_path: Any) -> None:
+    collapse = [2.0 - i / 100 for i in range(100)] + [1.0] * 100 + [2.0] * 250
+
+    def fit(steps: int, ckpt_path: str | None = None) -> tuple[L.Trainer, int]:
+        data = DataLoader(TensorDataset(torch.zeros(len(collapse), 1)), batch_size=1)
+        run = trainer(max_steps=steps, max_epochs=-1, callbacks=[GradGuard()], default_root_dir=tmp_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run.fit(_Scripted(collapse), data, ckpt_path=ckpt_path)
+        return run, sum("climbed back" in str(w.message) for w in caught)
+
+    first, warned = fit(350)
+    assert warned == 1
+    first.save_checkpoint(tmp_path / "collapsed.ckpt")
+    _, warned = fit(450, ckpt_path=str(tmp_path / "collapsed.ckpt"))  # still collapsed, for 100 more steps
+    assert warned == 0
+
+
+def test_on_diverging_ignore_silences_the_relapse_warning_too() -> None:
+    collapse = [2.0 - i / 100 for i in range(100)] + [1.0] * 100 + [2.0] * 150
+    data = DataLoader(TensorDataset(torch.zeros(len(collapse), 1)), batch_size=1)
+    logger = MetricsLogger()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = trainer(max_steps=len(collapse), callbacks=[GradGuard(on_diverging="ignore")], logger=logger)
+        run.fit(_Scripted(collapse), data)
+    assert not any("climbed back" in str(w.message) for w in caught)
+    assert max(logger.series("gradguard/loss_relapse")) > 0.9  # still measured and charted
