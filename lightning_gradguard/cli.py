@@ -324,6 +324,18 @@ def _optimizer_summary(run: RunData, opt: str | None) -> dict[str, Any]:
     lr_scale = run.scalars.get(base + "lr_scale", (None, np.zeros(0)))[1]
     lr_scale = lr_scale[np.isfinite(lr_scale)]
     summary["min_lr_scale"] = float(lr_scale.min()) if lr_scale.size else None
+    # The late-collapse measure: its peak and where (absent for a run logged before it, or one that never learned).
+    steps, shares = run.scalars.get(base + "loss_relapse", (np.zeros(0), np.zeros(0)))
+    known = np.isfinite(shares)
+    if known.any():
+        peak = int(np.argmax(np.where(known, shares, -np.inf)))
+        summary["loss_relapse"] = {
+            "max": float(shares[peak]),
+            "step": int(steps[peak]),
+            "last": float(shares[known][-1]),
+        }
+    else:
+        summary["loss_relapse"] = None
     return summary
 
 
@@ -603,6 +615,9 @@ def metric_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
             label = "lr reductions" if kind == "lr_reduced" else f"events {kind}"
             rows.append((f"{prefix}{label}", _fmt(count)))
         rows.append((f"{prefix}min lr scale", _fmt(data["min_lr_scale"])))
+        relapse = data.get("loss_relapse")
+        if relapse is not None:
+            rows.append((f"{prefix}loss relapse max", f"{relapse['max']:.2f} at step {relapse['step']}"))
     event = summary["first_event"]
     rows.append(("first event step", _fmt(event and event["step"])))
     if event is not None:

@@ -7,7 +7,9 @@ measures how much of its progress the run has given back (:meth:`DivergenceDetec
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import warnings
 from types import SimpleNamespace
 from typing import Any
@@ -15,13 +17,15 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import DivergenceDetector, GradGuard, GuardEngine
 from lightning_gradguard._events import RELAPSE_WARNING
+from lightning_gradguard.cli import main
 from lightning_gradguard.detect import START_LOSSES
-from tests.helpers import MetricsLogger
+from tests.helpers import MetricsLogger, event_files, scalar_series
 from tests.models import trainer
 
 
@@ -250,3 +254,20 @@ def test_on_diverging_ignore_silences_the_relapse_warning_too() -> None:
         run.fit(_Scripted(collapse), data)
     assert not any("climbed back" in str(w.message) for w in caught)
     assert max(logger.series("gradguard/loss_relapse")) > 0.9  # still measured and charted
+
+
+def test_the_share_reaches_tensorboard_and_gradguard_report_names_its_peak(tmp_path: Any, capsys: Any) -> None:
+    collapse = [2.0 - i / 100 for i in range(100)] + [1.0] * 100 + [2.0] * 150
+    data = DataLoader(TensorDataset(torch.zeros(len(collapse), 1)), batch_size=1)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=len(collapse), callbacks=[GradGuard()], logger=logger).fit(_Scripted(collapse), data)
+    assert main(["report", str(tmp_path), "--json"]) == 0
+    (summary,) = json.loads(capsys.readouterr().out)["runs"].values()
+    relapse = summary["optimizers"]["opt0"]["loss_relapse"]
+    shares = scalar_series(event_files(tmp_path)[0])["gradguard/loss_relapse"]
+    peak_step, peak = max(shares, key=lambda point: point[1])
+    assert relapse["max"] == pytest.approx(peak) and relapse["step"] == peak_step and peak > 0.9
+    assert main(["report", str(tmp_path)]) == 0
+    assert re.search(rf"loss relapse max\s+{peak:.2f} at step {peak_step}\b", capsys.readouterr().out)
