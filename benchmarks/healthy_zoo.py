@@ -1441,18 +1441,25 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
 
 # -------------------------------------------------------------------------------------------------------- runs
 class _Trace(Callback):
-    """Records every training loss and the lowest LR multiplier of the guard's LRGuard (after the guard's hooks)."""
+    """Records every training loss, the lowest LR multiplier of the guard's LRGuard and the largest share of its
+    progress a run gave back (``gradguard/loss_relapse``, read at each log; after the guard's hooks)."""
 
     def __init__(self, guard: GradGuard | None) -> None:
         self.guard = guard
         self.losses: list[Tensor] = []
         self.min_lr_scale = 1.0
+        self.max_relapse: float | None = None
 
     def _watch(self, trainer: L.Trainer) -> None:
-        lr_guard = self.guard.lr_guard if self.guard is not None else None
-        if lr_guard is not None:
-            for key in range(len(trainer.optimizers)):
+        if self.guard is None:
+            return
+        lr_guard = self.guard.lr_guard
+        for key in range(len(trainer.optimizers)):
+            if lr_guard is not None:
                 self.min_lr_scale = min(self.min_lr_scale, lr_guard.scale(key))
+            share = self.guard.loss_relapse(key)
+            if share is not None:
+                self.max_relapse = share if self.max_relapse is None else max(self.max_relapse, share)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -1566,6 +1573,9 @@ def _run_one(
         ),
         # The early restart's rescue clipper at work (for any optimizer): never in a healthy run.
         "rescued": any(guard.rescuing(i) for i in range(len(trainer.optimizers))) if guard is not None else None,
+        # The late-collapse measure's peak (None: unguarded, or never learned enough to be measured): no healthy
+        # run should come near the warning's 0.4.
+        "max_loss_relapse": trace.max_relapse,
         "guard_warnings": len(guard_warnings),
         "guard_warning_samples": guard_warnings[:3],
         "other_warnings": len(messages) - len(guard_warnings),

@@ -52,6 +52,7 @@ class EventReporter:
         # optimizer key -> layer -> (step, norm) at the latest report that saw it: the exploding warning's yardstick
         self.previous: dict[int, dict[str, tuple[int, float]]] = {}
         self.relapsing: dict[int, int] = {}  # optimizer key -> step of the first log of its run over the share
+        self.shares: dict[int, float] = {}  # optimizer key -> the share at the last log (absent: not measured)
 
     def start_fit(self) -> None:
         """Warn about a relapse once per fit: an earlier fit's warning and hold (at its own step numbers) go. A
@@ -59,11 +60,13 @@ class EventReporter:
         for pairs in self.warned.values():
             pairs.discard(RELAPSE_MARK)
         self.relapsing.clear()
+        self.shares.clear()
 
     def forget(self, key: int) -> None:
         self.warned[key] = set()
         self.previous.pop(key, None)
         self.relapsing.pop(key, None)
+        self.shares.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
         """The rows since the last call, in step order (the detectors' come with the log, the guard's actions as
@@ -115,6 +118,10 @@ class EventReporter:
         collapses late without a blown-up loss or an exploding gradient (a warm-up to too high a peak) is seen by
         nothing else."""
         progress = snap.loss_progress
+        if progress is not None and math.isfinite(progress[0]):
+            self.shares[key] = progress[0]
+        else:
+            self.shares.pop(key, None)
         warned = self.warned.setdefault(key, set())
         if RELAPSE_MARK in warned or self.guard.on_diverging == "ignore":
             return

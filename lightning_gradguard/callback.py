@@ -1401,6 +1401,18 @@ class GradGuard(CallbackBase):
         for engine in self._states.values():
             engine.new_phase()
 
+    def loss_relapse(self, optimizer_index: int = 0) -> float | None:
+        """The share of its progress one optimizer's training loss had given back at the last log
+        (``gradguard/loss_relapse``, see :meth:`DivergenceDetector.progress`): 0 at its lowest running mean, 1 back
+        at its starting level. ``None`` before the run has learned (or without a divergence detector). A host value
+        from the last log: no device read, also without a logger.
+
+        Example:
+            >>> GradGuard().loss_relapse() is None  # nothing logged yet
+            True
+        """
+        return self._reporter.shares.get(optimizer_index)
+
     def layer_names(self, optimizer_index: int = 0) -> list[str]:
         """The layers GradGuard watches for one optimizer, in definition order."""
         return list(self._states[optimizer_index].index.names)

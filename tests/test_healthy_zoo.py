@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from benchmarks.healthy_zoo import CONFIGS, main
+from lightning_gradguard._events import RELAPSE_WARNING
 from lightning_gradguard.callback import EVENT_KINDS
 
 ROW_FIELDS = {
@@ -36,6 +37,7 @@ ROW_FIELDS = {
     "events",
     "min_lr_scale",
     "rescued",
+    "max_loss_relapse",
     "guard_warnings",
     "guard_warning_samples",
     "other_warnings",
@@ -92,13 +94,15 @@ def test_rows_hold_the_documented_fields_and_finite_losses(quick: tuple[str, dic
         assert row["nonfinite_losses"] == expected_nonfinite, where
         if row["variant"] == "unguarded":
             assert row["guard"] is None and row["events"] is None and row["min_lr_scale"] is None, where
-            assert row["rescued"] is None, where
+            assert row["rescued"] is None and row["max_loss_relapse"] is None, where
         else:
             assert row["guard"] == "GradGuard()", where
             assert set(row["events"]) == set(EVENT_KINDS), where
             assert all(isinstance(v, int) and v >= 0 for v in row["events"].values()), where
             assert 0 < row["min_lr_scale"] <= 1, where
             assert row["rescued"] is False, where  # no healthy run puts the rescue clipper to work
+            # A healthy run gives nothing back (None: too short to have learned by this measure).
+            assert row["max_loss_relapse"] is None or row["max_loss_relapse"] < RELAPSE_WARNING, where
     # Both runs of a config start from the same weights.
     by_config: dict[str, set[float]] = {}
     for row in saved["rows"]:

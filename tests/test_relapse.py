@@ -139,6 +139,7 @@ def test_a_rate_raised_tenfold_mid_run_collapses_the_model_and_is_warned_about_o
     assert guard.summary()["diverging"] == 0
     # ... but most of the progress is given back, charted, and warned about once.
     assert max(shares) > 0.8 and len(messages) == 1
+    assert guard.loss_relapse() == shares[-1]  # the last log's share, on the host
     assert "too high for this stage of training" in messages[0] and "at step" in messages[0]
 
 
