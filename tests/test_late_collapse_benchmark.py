@@ -140,7 +140,7 @@ def test_summary_and_table(short: tuple[str, dict, dict]) -> None:
         assert all(_finite(p) for p in summary[rate]["peaks"])
     assert set(summary["median_heldout"]) == {"unguarded high", "guarded high", "guarded tuned"}
     assert all(_finite(v) for v in summary["median_heldout"].values())
-    assert "command: `python benchmarks/late_collapse.py --scenarios mlp" in text
+    assert "command: `python benchmarks/late_collapse.py --quick" in text
     lines = text.splitlines()
     header = next(line for line in lines if line.startswith("| scenario |"))
     for column in ("held-out", "acc", "peak relapse (step)", "low/start", "warned at (share)", "events"):
