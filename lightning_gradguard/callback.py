@@ -1465,6 +1465,13 @@ def _check_arguments(args: dict[str, Any]) -> list[Regularizer]:
     return check_regularizers(args["regularizers"])
 
 
+def _optimizer_name(trainer: pl.Trainer, key: int) -> str:
+    """Optimizer ``key``'s class name (``Adam``), or ``opt{key}`` for one the Trainer does not list."""
+    if key < len(trainer.optimizers):
+        return type(unwrap_optimizer(trainer.optimizers[key])).__name__
+    return f"opt{key}"
+
+
 def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None:
     """Refuse a fit GradGuard cannot watch, with a message that says what to change."""
     if not index.params:
@@ -1520,7 +1527,8 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
     board = GradGuardBoard(
         tb.experiment,
         {key: list(engine.index.names) for key, engine in engines.items()},
-        [f"opt{key}" for key in sorted(engines)],
+        # The optimizer's class as its name: the board labels it "opt{key}: <name>".
+        [_optimizer_name(trainer, key) for key in sorted(engines)],
         image_every_n_steps=guard.image_every_n_steps,
         histogram_every_n_steps=guard.histogram_every_n_steps,
         regularizers=[r.name for r in guard.regularizers],

@@ -1009,10 +1009,13 @@ class EpochSummary:
 
     The percentiles are over the total norms of the epoch's logging steps; the maximum is over the per-window maxima
     when given (a spike between two logs is not lost), and the events are the growth of cumulative counters over the
-    epoch (counters that grew after the epoch's last log count in the next epoch).
+    epoch (counters that grew after the epoch's last log count in the next epoch). Past ``2 * max_samples`` logs in one
+    epoch (a run of one endless epoch), every other kept norm is dropped and only every second log is kept from then
+    on, and so on: the percentiles come from logs spread evenly over the epoch, and the state stays bounded.
 
     Args:
         percentiles: the percentiles to report, each in ``(0, 100]``.
+        max_samples: half the most total norms kept per epoch for the percentiles, ``>= 1``.
 
     Raises:
         ValueError: a percentile is out of range.
@@ -1028,13 +1031,16 @@ class EpochSummary:
         2.0
     """
 
-    def __init__(self, percentiles: Sequence[float] = (50, 90, 99)) -> None:
+    def __init__(self, percentiles: Sequence[float] = (50, 90, 99), max_samples: int = 4096) -> None:
         if isinstance(percentiles, str) or not isinstance(percentiles, Sequence) or not percentiles:
             raise ValueError(f"`percentiles` must be a non-empty sequence of numbers in (0, 100], got {percentiles!r}")
         self.percentiles = [
             check_number("percentiles", q, low=0.0, high=100.0, high_inclusive=True) for q in percentiles
         ]
+        self.max_samples = check_int("max_samples", max_samples, low=1)
         self._norms: list[float] = []
+        self._logs = 0  # the epoch's logs with a finite total norm
+        self._stride = 1  # a norm is kept from every ``_stride``-th of them
         self._max = -math.inf
         self._events: dict[str, float] = {}
         self._baseline: dict[str, float] = {}
@@ -1054,7 +1060,12 @@ class EpochSummary:
         """
         value = float(total_norm)
         if math.isfinite(value):
-            self._norms.append(value)
+            if self._logs % self._stride == 0:
+                self._norms.append(value)
+                if len(self._norms) >= 2 * self.max_samples:
+                    self._norms = self._norms[::2]
+                    self._stride *= 2
+            self._logs += 1
             self._max = max(self._max, value)
         if total_norm_max is not None and math.isfinite(float(total_norm_max)):
             self._max = max(self._max, float(total_norm_max))
@@ -1077,15 +1088,18 @@ class EpochSummary:
         for kind, count in self._events.items():
             metrics[f"{prefix}events/{kind}"] = count - self._baseline.get(kind, 0.0)
         if metrics:
-            metrics[f"{prefix}logs"] = float(len(self._norms))
+            metrics[f"{prefix}logs"] = float(self._logs)
         self._baseline.update(self._events)
         self._norms, self._max, self._events = [], -math.inf, {}
+        self._logs, self._stride = 0, 1
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": _STATE_VERSION,
             "norms": list(self._norms),
+            "logs": self._logs,
+            "stride": self._stride,
             "max": self._max,
             "events": dict(self._events),
             "baseline": dict(self._baseline),
@@ -1095,6 +1109,9 @@ class EpochSummary:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"EpochSummary: unknown state version {state.get('version')!r}")
         self._norms = [float(v) for v in state["norms"]]
+        # Saved before the norms were thinned: every log's norm was kept.
+        self._logs = int(state.get("logs", len(self._norms)))
+        self._stride = int(state.get("stride", 1))
         self._max = float(state["max"])
         self._events = {str(k): float(v) for k, v in state["events"].items()}
         self._baseline = {str(k): float(v) for k, v in state["baseline"].items()}

@@ -221,7 +221,7 @@ class _SplitLayers(SplitRegressor):
         first, last = self.net[0], self.net[2]
         return [
             torch.optim.SGD([first.weight], lr=0.05),
-            torch.optim.SGD([first.bias, last.weight, last.bias], lr=0.05),
+            torch.optim.Adam([first.bias, last.weight, last.bias], lr=1e-3),
         ]
 
 
@@ -247,6 +247,9 @@ def test_a_layer_split_over_two_optimizers_gets_one_tag_per_optimizer(tmp_path: 
     }
     for tag in ("gradguard/layer/opt0/net.0", "gradguard/layer/opt1/net.0", "gradguard/layer/net.2"):
         assert any(re.match(line, tag) for line in charted), tag
+    # Charts are labelled by index and optimizer class (they read "opt1: opt1" before).
+    titles = {chart.title for category in custom_layout(acc).category for chart in category.chart}
+    assert {"total norm (opt0: SGD)", "total norm (opt1: Adam)"} <= titles
 
 
 def test_a_block_split_over_two_optimizers_gets_all_its_values_in_its_histogram(tmp_path: Path) -> None:

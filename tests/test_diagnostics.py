@@ -681,6 +681,23 @@ def test_epoch_summary_percentiles_max_and_event_counts_per_epoch() -> None:
     assert manual.tolist() == [50.0, 90.0, 99.0]
 
 
+def test_an_endless_epoch_keeps_a_bounded_evenly_spread_sample_of_its_norms() -> None:
+    # A run of one endless epoch (an IterableDataset) logged every 50 steps for a million steps: 20,000 logs.
+    summary = EpochSummary(percentiles=(50, 90), max_samples=64)
+    for value in range(20_000):
+        summary.update(float(value))
+        assert len(summary.state_dict()["norms"]) < 128
+    epoch = summary.end_epoch()
+    assert epoch["gradguard/epoch/logs"] == 20_000.0  # every log counted, not only the kept ones
+    # The kept norms are spread evenly over the epoch: the percentiles land within one stride of the exact ones.
+    assert abs(epoch["gradguard/epoch/total_norm_p50"] - 9_999.5) < 512
+    assert abs(epoch["gradguard/epoch/total_norm_p90"] - 17_999.1) < 512
+    restored = EpochSummary(max_samples=64)  # a state saved before the thinning still loads, counting its norms
+    legacy = {k: v for k, v in summary.state_dict().items() if k not in ("logs", "stride")}
+    restored.load_state_dict({**legacy, "norms": [1.0, 2.0, 3.0]})
+    assert restored.end_epoch()["gradguard/epoch/logs"] == 3.0
+
+
 def test_host_state_survives_a_weights_only_checkpoint() -> None:
     noise, hints, summary = NoiseScale(), UpdateRatioHints(patience=2), EpochSummary()
     noise.update(3.0, 1.5, 8, 32)
