@@ -63,7 +63,9 @@ class EventReporter:
         self.shares.clear()
 
     def forget(self, key: int) -> None:
-        self.warned[key] = set()
+        # A rebuilt engine carries its statistics over, and with them the loss's share: the fit's relapse warning,
+        # once given, stays given.
+        self.warned[key] = self.warned.get(key, set()) & {RELAPSE_MARK}
         self.previous.pop(key, None)
         self.relapsing.pop(key, None)
         self.shares.pop(key, None)

@@ -1405,7 +1405,8 @@ class GradGuard(CallbackBase):
         """The share of its progress one optimizer's training loss had given back at the last log
         (``gradguard/loss_relapse``, see :meth:`DivergenceDetector.progress`): 0 at its lowest running mean, 1 back
         at its starting level. ``None`` before the run has learned (or without a divergence detector). A host value
-        from the last log: no device read, also without a logger.
+        from the last log: no device read, also without a logger. Logs are read on global rank zero only: under DDP
+        the other ranks get ``None`` (broadcast the value to act on it on every rank).
 
         Example:
             >>> GradGuard().loss_relapse() is None  # nothing logged yet

@@ -1062,7 +1062,7 @@ class EpochSummary:
         if math.isfinite(value):
             if self._logs % self._stride == 0:
                 self._norms.append(value)
-                if len(self._norms) >= 2 * self.max_samples:
+                while len(self._norms) >= 2 * self.max_samples:  # once, but for a larger loaded state
                     self._norms = self._norms[::2]
                     self._stride *= 2
             self._logs += 1

@@ -696,6 +696,9 @@ def test_an_endless_epoch_keeps_a_bounded_evenly_spread_sample_of_its_norms() ->
     legacy = {k: v for k, v in summary.state_dict().items() if k not in ("logs", "stride")}
     restored.load_state_dict({**legacy, "norms": [1.0, 2.0, 3.0]})
     assert restored.end_epoch()["gradguard/epoch/logs"] == 3.0
+    restored.load_state_dict({**legacy, "norms": [float(v) for v in range(10_000)]})  # kept whole before: thinned
+    restored.update(1.0)
+    assert len(restored.state_dict()["norms"]) < 128
 
 
 def test_host_state_survives_a_weights_only_checkpoint() -> None:

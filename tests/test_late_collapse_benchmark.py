@@ -158,7 +158,7 @@ def test_simulation_counts(simulated: tuple[str, dict]) -> None:
     assert [s["n"] for s in sim] == [1, 8]
     for s in sim:
         assert (s["runs"], s["steps"], s["check_every"]) == (4, 120, 10)
-        assert 0 <= s["at_two_checks"] <= s["at_one_check"] <= s["measured"] <= s["runs"]
+        assert 0 <= s["held"] <= s["at_one_check"] <= s["measured"] <= s["runs"]
         if s["measured"]:
             assert _finite(s["median_peak"]) and _finite(s["max_peak"]) and s["max_peak"] >= s["median_peak"]
         else:

@@ -272,3 +272,32 @@ def test_the_share_reaches_tensorboard_and_gradguard_report_names_its_peak(tmp_p
     assert relapse["max"] == pytest.approx(peak) and relapse["step"] == peak_step and peak > 0.9
     assert main(["report", str(tmp_path)]) == 0
     assert re.search(rf"loss relapse max\s+{peak:.2f} at step {peak_step}\b", capsys.readouterr().out)
+
+
+class _GrowingScripted(_Scripted):
+    """The scripted loss, with a head the optimizer is given as a param group at step ``add_at`` (the engine is
+    rebuilt then, its statistics carried over)."""
+
+    def __init__(self, losses: list[float], add_at: int) -> None:
+        super().__init__(losses)
+        self.head = nn.Linear(1, 1)
+        self.add_at = add_at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + (self.head.weight * 0.0).sum()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == self.add_at:
+            self.optimizers().optimizer.add_param_group({"params": list(self.head.parameters()), "lr": 0.1})
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([self.w], lr=0.1)
+
+
+def test_an_engine_rebuilt_mid_fit_keeps_the_fits_relapse_warning() -> None:
+    collapse = [2.0 - i / 100 for i in range(100)] + [1.0] * 100 + [2.0] * 250
+    data = DataLoader(TensorDataset(torch.zeros(len(collapse), 1)), batch_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=len(collapse), callbacks=[GradGuard()]).fit(_GrowingScripted(collapse, 300), data)
+    assert sum("climbed back" in str(w.message) for w in caught) == 1  # it warned twice: before the rebuild and after
