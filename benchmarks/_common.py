@@ -15,10 +15,41 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 
 from lightning_gradguard import AGC, AdaGC, AutoClip, GradGuard, NormClip
 
 _LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_gradguard")
+
+
+class MetricsLogger(Logger):
+    """A Lightning logger that keeps, in ``rows``, every metrics dict it is sent with its step (nothing on disk)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "capture"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((int(step or 0), dict(metrics)))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def series(self, tag: str) -> list[float]:
+        """The values logged under ``tag``, in order."""
+        return [m[tag] for _, m in self.rows if tag in m]
+
+    def points(self, tag: str) -> list[tuple[int, float]]:
+        """``(step, value)`` of each value logged under ``tag``, in order."""
+        return [(step, float(m[tag])) for step, m in self.rows if tag in m]
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:

@@ -75,14 +75,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import machine, num, parse_seeds, run_main
+from benchmarks._common import MetricsLogger, machine, num, parse_seeds, run_main
 from lightning_gradguard import DivergenceDetector, GradGuard
 from lightning_gradguard._events import RELAPSE_HOLD, RELAPSE_WARNING
 
@@ -246,31 +245,6 @@ def _warmup_steps(steps: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------- capture
-class _MemoryLogger(Logger):
-    """Keeps every metrics dict Lightning's loggers are sent, with its step: the guard's scalars without a disk."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def series(self, tag: str) -> list[tuple[int, float]]:
-        return [(step, float(m[tag])) for step, m in self.rows if tag in m]
-
-
 class _Losses(Callback):
     """Every training loss, kept on the device until the end (a read per step would sync)."""
 
@@ -331,7 +305,7 @@ def _run_one(setup: _Setup, guarded: bool, lr: float, rate: str) -> dict[str, An
     data = DataLoader(TensorDataset(x_train, y_train), batch_size=BATCH, shuffle=False, drop_last=True)
     module = LateCollapseModule(kind, lr, steps)
     guard = GradGuard() if guarded else None
-    losses, logger = _Losses(), _MemoryLogger()
+    losses, logger = _Losses(), MetricsLogger()
     callbacks: list[Callback] = [losses] if guard is None else [guard, losses]
     trainer = L.Trainer(
         accelerator="cpu",
@@ -358,7 +332,7 @@ def _run_one(setup: _Setup, guarded: bool, lr: float, rate: str) -> dict[str, An
     guard_warnings = [m for m in messages if m.startswith("GradGuard")]
     relapse = [m for m in guard_warnings if "climbed back" in m]
     found = _WARNED.search(relapse[0]) if relapse else None
-    shares = logger.series(RELAPSE_TAG)
+    shares = logger.points(RELAPSE_TAG)
     peak = max(shares, key=lambda s: s[1]) if shares else None
     replay_share, low_over_start = _replayed_progress(losses.values())
     return {

@@ -784,7 +784,7 @@ class Rollback:
         past ``until``).
         """
         check_state("Rollback", state, ("count",))
-        self.count = int(state.get("count", 0))
+        self.count = int(state["count"])
         self.retried = bool(state.get("retried", False))
         self._origin = int(state.get("origin", 0))
         self.rescuing = bool(state.get("rescuing", False)) and self.rescue is not None

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+# The tests' in-memory logger, shared with the benchmarks (re-exported).
+from benchmarks._common import MetricsLogger as MetricsLogger
 
 if TYPE_CHECKING:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -70,32 +72,6 @@ class SyncRecorder(TorchFunctionMode):
         if name in SYNC_METHODS:
             self.calls.append(name)
         return func(*args, **(kwargs or {}))
-
-
-class MetricsLogger(Logger):
-    """A Lightning logger that keeps, in ``rows``, every metrics dict it is sent with its step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "capture"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((int(step or 0), dict(metrics)))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def series(self, tag: str) -> list[float]:
-        """The values logged under ``tag``, in order."""
-        return [m[tag] for _, m in self.rows if tag in m]
 
 
 class RestartWatch(L.Callback):
