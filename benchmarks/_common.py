@@ -52,6 +52,24 @@ class MetricsLogger(Logger):
         return [(step, float(m[tag])) for step, m in self.rows if tag in m]
 
 
+class LossRecorder(L.Callback):
+    """Every training loss, kept on the device until the end (a read per step would sync)."""
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self.losses.append(loss.detach().float().reshape(1))
+
+    def recorded(self) -> torch.Tensor:
+        """The losses so far, one tensor (empty before any)."""
+        return torch.cat(self.losses) if self.losses else torch.zeros(0)
+
+
 def machine(device: str = "cpu") -> dict[str, Any]:
     """The CPUs this process may use, the Python/torch/lightning versions and the device (and GPU name)."""
     try:

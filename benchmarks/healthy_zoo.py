@@ -145,6 +145,7 @@ if not __package__:  # run as a script: the repository root is not on the path
 
 from benchmarks._common import (
     CLIPPER_GUARDS,
+    LossRecorder,
     add_clippers_argument,
     machine,
     num,
@@ -1440,13 +1441,13 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
 
 
 # -------------------------------------------------------------------------------------------------------- runs
-class _Trace(Callback):
+class _Trace(LossRecorder):
     """Records every training loss, the lowest LR multiplier of the guard's LRGuard and the largest share of its
     progress a run gave back (``gradguard/loss_relapse``, read at each log; after the guard's hooks)."""
 
     def __init__(self, guard: GradGuard | None) -> None:
+        super().__init__()
         self.guard = guard
-        self.losses: list[Tensor] = []
         self.min_lr_scale = 1.0
         self.max_relapse: float | None = None
 
@@ -1464,16 +1465,14 @@ class _Trace(Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor):
-            self.losses.append(loss.detach().float().reshape(1))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self._watch(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._watch(trainer)
 
     def values(self) -> list[float]:
-        return torch.cat(self.losses).tolist() if self.losses else []
+        return self.recorded().tolist()
 
 
 @torch.no_grad()

@@ -81,7 +81,7 @@ from torch.utils.data import DataLoader, TensorDataset
 if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._common import MetricsLogger, machine, num, parse_seeds, run_main
+from benchmarks._common import LossRecorder, MetricsLogger, machine, num, parse_seeds, run_main
 from lightning_gradguard import DivergenceDetector, GradGuard
 from lightning_gradguard._events import RELAPSE_HOLD, RELAPSE_WARNING
 
@@ -245,23 +245,6 @@ def _warmup_steps(steps: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------- capture
-class _Losses(Callback):
-    """Every training loss, kept on the device until the end (a read per step would sync)."""
-
-    def __init__(self) -> None:
-        self.losses: list[Tensor] = []
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if isinstance(loss, Tensor):
-            self.losses.append(loss.detach().float().reshape(1))
-
-    def values(self) -> Tensor:
-        return torch.cat(self.losses) if self.losses else torch.zeros(0)
-
-
 def _replayed_progress(losses: Tensor) -> tuple[float, float]:
     """The share and the lowest settled running mean over the start of a fresh ``DivergenceDetector()`` fed these
     losses (NaN where it has none): how far a run got, also without a guard."""
@@ -305,7 +288,7 @@ def _run_one(setup: _Setup, guarded: bool, lr: float, rate: str) -> dict[str, An
     data = DataLoader(TensorDataset(x_train, y_train), batch_size=BATCH, shuffle=False, drop_last=True)
     module = LateCollapseModule(kind, lr, steps)
     guard = GradGuard() if guarded else None
-    losses, logger = _Losses(), MetricsLogger()
+    losses, logger = LossRecorder(), MetricsLogger()
     callbacks: list[Callback] = [losses] if guard is None else [guard, losses]
     trainer = L.Trainer(
         accelerator="cpu",
@@ -334,7 +317,7 @@ def _run_one(setup: _Setup, guarded: bool, lr: float, rate: str) -> dict[str, An
     found = _WARNED.search(relapse[0]) if relapse else None
     shares = logger.points(RELAPSE_TAG)
     peak = max(shares, key=lambda s: s[1]) if shares else None
-    replay_share, low_over_start = _replayed_progress(losses.values())
+    replay_share, low_over_start = _replayed_progress(losses.recorded())
     return {
         "scenario": kind,
         "seed": seed,
