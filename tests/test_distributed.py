@@ -818,6 +818,15 @@ class NaNAtStep(Regressor):
         return loss * math.nan if self.global_step == self.nan_step else loss
 
 
+@pytest.fixture
+def fresh_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Lightning takes `MASTER_PORT` from the environment when it is there, and `ddp_spawn` leaves its port there: a
+    # second spawn in this process met on the first one's port, which another test's process group may hold by then
+    # (a worker aborted, SIGABRT). Each spawn gets a fresh port, and the environment is restored after it.
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+
+
+@pytest.mark.usefixtures("fresh_port")
 def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
     # `ddp_spawn` trains in worker processes: the GradGuard object of this process sees no step, and the counts come
     # back through the trainer's callback metrics, which the launcher returns.
@@ -832,6 +841,7 @@ def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
     assert set(counts) == set(guard.summary())
 
 
+@pytest.mark.usefixtures("fresh_port")
 def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
     # `ddp_spawn` pickles the callbacks into its workers: a guard that had fitted here held weak references, hooks and
     # a lock, and the launch failed. Its copy now carries its checkpoint state: the count of the first fit goes on.
