@@ -9,7 +9,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 #: The largest float32: bounds are compared with norms in float32 tensors on the device.
 FLOAT32_MAX = 3.4028234663852886e38
@@ -83,6 +86,18 @@ def check_compile(value: Any) -> bool | str:
     if isinstance(value, bool) or (isinstance(value, str) and value == "auto"):
         return value
     raise ValueError(f"`compile` must be True, False or 'auto', got {value!r}.")
+
+
+def check_state_values(owner: str, key: str, values: Tensor, *, allow_inf: bool = False) -> None:
+    """Refuse a loaded statistic that holds NaN, a negative value or (unless ``allow_inf``) inf: one such entry would
+    silence the loaded object for good (a NaN mean gives a NaN threshold, which never clips)."""
+    bad = values.isnan() | (values < 0)
+    if not allow_inf:
+        bad |= values.isinf()
+    if bool(bad.any()):
+        allowed = "non-negative numbers (inf allowed)" if allow_inf else "finite non-negative numbers"
+        first = values.reshape(-1)[bad.reshape(-1)][0].item()
+        raise ValueError(f"`state[{key!r}]` of {owner} must hold {allowed}, got {first!r} among them.")
 
 
 def check_state(owner: str, state: Any, required: tuple[str, ...] = ()) -> None:

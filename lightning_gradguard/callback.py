@@ -325,9 +325,9 @@ class GradGuard(CallbackBase):
         # Per optimizer key, the learning rate of param group 0 the latest optimizer step ran with and the LR
         # guard's multiplier in it (see ``_watch_steps``).
         self._step_rates: dict[int, tuple[float | Tensor | None, float | None]] = {}
-        # Per optimizer key, each param group's rate when training started: the base of a schedule that keeps none
-        # (ReduceLROnPlateau), for the end-of-fit rate line.
-        self._start_rates: dict[int, list[Any]] = {}
+        # Per optimizer key, each param group's base rate when training started (a scheduler's `initial_lr`, else
+        # its rate), for the end-of-fit rate line and to notice a rate changed between two fits.
+        self._start_rates: dict[int, list[float | None]] = {}
 
     # ------------------------------------------------------------------ identity and state
     def __getstate__(self) -> dict[str, Any]:
@@ -536,6 +536,25 @@ class GradGuard(CallbackBase):
                 " supports."
             )
 
+    def _forget_rate(self, key: int, engine: GuardEngine, bases: list[float | None]) -> None:
+        """The same model fitted again at another rate (a rate set by hand or by `Tuner.lr_find` between fits): the
+        cut and the rescue clipping found at the old rate say nothing about the new one (a cut to 0.5x of 3.0 went on
+        halving a rate of 0.0012)."""
+        scale = self.lr_guard.scale(key) if self.lr_guard is not None else 1.0
+        rescuing = engine.rollback is not None and engine.rollback.rescuing
+        if scale == 1.0 and not rescuing:
+            return
+        if self.lr_guard is not None:
+            self.lr_guard.forget(key)
+        if rescuing:
+            engine.rollback.rescuing = False  # type: ignore[union-attr]
+        dropped = [f"its {scale:.3g}x multiplier"] * (scale != 1.0) + ["the rescue clipping"] * rescuing
+        old = self._start_rates[key]
+        rank_zero_info(
+            f"GradGuard: optimizer {key}'s learning rate changed since the last fit ({_rates_text(old)} ->"
+            f" {_rates_text(bases)}): what the guard found at the old rate starts afresh ({', '.join(dropped)})."
+        )
+
     def _start_over(self, why: str) -> None:
         """The guard reused for another model (a sweep, a notebook): the previous model's statistics, counts, lowered
         rate and early-restart window say nothing about this one (they kept its rescue off and its rate cut)."""
@@ -612,8 +631,12 @@ class GradGuard(CallbackBase):
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
-            self._state_for(trainer, optimizer, key)
-            self._start_rates[key] = [group.get("lr") for group in optimizer.param_groups]
+            engine = self._state_for(trainer, optimizer, key)
+            # Each group's base rate (a scheduler's `initial_lr`, which SWA later overwrites with its `swa_lrs`).
+            bases = [_plain_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups]
+            if _rates_differ(self._start_rates.get(key), bases):
+                self._forget_rate(key, engine, bases)
+            self._start_rates[key] = bases
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
                     f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has no lr in any param"
@@ -1157,9 +1180,13 @@ class GradGuard(CallbackBase):
                     peaks = list(max_lrs)
         if len(peaks) == len(groups) and all(isinstance(peak, (int, float)) for peak in peaks):
             return "peak", [float(peak) for peak in peaks]
+        # The base rates the fit started with: SWA overwrites `initial_lr` with its `swa_lrs` when it takes over.
         start = self._start_rates.get(key, [])
-        bases = [group.get("initial_lr", start[i] if i < len(start) else None) for i, group in enumerate(groups)]
-        return "base", [float(base) if isinstance(base, (int, float)) else None for base in bases]
+        bases = [
+            start[i] if i < len(start) and start[i] is not None else _plain_rate(group.get("initial_lr"))
+            for i, group in enumerate(groups)
+        ]
+        return "base", bases
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.automatic_optimization:
@@ -1591,6 +1618,25 @@ def _merged_samples(per_optimizer: dict[int, dict[str, Tensor]]) -> dict[str, Te
 
 
 _RUN_STATE_NAMES: dict[type, frozenset[str]] = {}
+
+
+def _plain_rate(rate: Any) -> float | None:
+    """A param group's rate as a float (a tensor rate read once, at the start of a fit), ``None`` where it has none."""
+    if isinstance(rate, Tensor) and rate.numel() == 1:
+        return float(rate)
+    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
+
+
+def _rates_differ(before: list[float | None] | None, after: list[float | None]) -> bool:
+    """Whether a fit starts at other base rates than the last fit did (``False`` for a first fit, and for param
+    groups laid out otherwise: a rebuilt engine's affair)."""
+    if before is None or len(before) != len(after):
+        return False
+    return any(a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-6) for a, b in zip(before, after))
+
+
+def _rates_text(rates: list[float | None]) -> str:
+    return ", ".join("none" if rate is None else f"{rate:.3g}" for rate in rates)
 
 
 def _run_state_names(cls: type[GradGuard]) -> frozenset[str]:

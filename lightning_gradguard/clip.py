@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Sequence
@@ -42,6 +43,7 @@ from lightning_gradguard._validation import (
     check_int,
     check_number,
     check_state,
+    check_state_values,
     optional_int,
     optional_number,
 )
@@ -136,11 +138,17 @@ def _collect(
             "`parameters` must be a module, an iterable of parameters or a parameter, got an optimizer: pass the"
             " model (or `model.parameters()`)."
         )
+    if not isinstance(parameters, (Tensor, Iterable)):
+        raise ValueError(
+            f"`parameters` must be a module, an iterable of parameters or a parameter, got {type(parameters).__name__}."
+        )
     tensors = [parameters] if isinstance(parameters, Tensor) else list(parameters)
     if not all(isinstance(p, Tensor) for p in tensors):
         bad = next(p for p in tensors if not isinstance(p, Tensor))
         raise ValueError(f"`parameters` must hold tensors (parameters), got a {type(bad).__name__}.")
-    with_grad = [p for p in tensors if p.grad is not None]
+    # Once each, as for a module: a tied weight listed twice (two submodules' parameter lists joined) would count
+    # twice in the norm and be scaled twice (`clip_grad_norm_` does both).
+    with_grad = list({id(p): p for p in tensors if p.grad is not None}.values())
     return [p.grad for p in with_grad], with_grad, None, None  # type: ignore[misc]
 
 
@@ -225,7 +233,8 @@ class Clipper(abc.ABC):
         """Clip the gradients of ``parameters`` in place and return their total norm before clipping.
 
         Works like :func:`torch.nn.utils.clip_grad_norm_`: parameters whose ``.grad`` is ``None`` are ignored, and a
-        step with a non-finite norm is left untouched (and does not enter the clipper's statistics). Passing an
+        step with a non-finite norm is left untouched (and does not enter the clipper's statistics). A parameter
+        listed twice (a tied weight) counts once, where ``clip_grad_norm_`` counts and scales it twice. Passing an
         ``nn.Module`` gives :class:`AGC` the parameter names and owning module types it needs for ``exclude`` /
         ``exclude_types``.
 
@@ -259,7 +268,7 @@ class Clipper(abc.ABC):
 
         Args:
             grads: the non-``None`` gradients, clipped in place.
-            total_norm: 0-d fp32 tensor, the L2 norm of all ``grads`` together.
+            total_norm: 0-d fp32 tensor, the L2 norm of all ``grads`` together (a number is taken too).
             valid: 0-d bool tensor; ``False`` when the step's gradients are non-finite or an AMP overflow. The
                 clipper then leaves the gradients and its own state (history, EMA, warm-up) untouched.
             params: the parameters of ``grads`` (same order); required when :attr:`needs_params` is ``True``.
@@ -283,6 +292,12 @@ class Clipper(abc.ABC):
                 raise ValueError(f"`{arg_name}` must have one entry per gradient ({len(grads)}), got {len(seq)}.")
         if self.needs_params and params is None:
             raise ValueError(f"{type(self).__name__} needs `params` (the parameters of `grads`).")
+        if not isinstance(total_norm, Tensor):
+            if isinstance(total_norm, bool) or not isinstance(total_norm, numbers.Real):
+                raise ValueError(f"`total_norm` must be a 0-d tensor or a number, got {type(total_norm).__name__}.")
+            # A norm known on the host: on the gradients' device, as a computed one would be (inf, NaN: invalid).
+            device = grads[0].device if grads else torch.device("cpu")
+            total_norm = torch.tensor(float(total_norm), dtype=torch.float32, device=device)
         if not isinstance(valid, Tensor):
             valid = torch.full((), bool(valid), dtype=torch.bool, device=total_norm.device)
         if total_norm.dtype != torch.float32:
@@ -583,6 +598,7 @@ class AutoClip(Clipper):
         values = torch.as_tensor(state["values"], dtype=torch.float32)
         if values.ndim != 1 or (self.history is not None and values.numel() != self.history):
             raise ValueError(f"AutoClip(history={self.history}) cannot load a history of shape {tuple(values.shape)}.")
+        check_state_values("AutoClip", "values", values, allow_inf=True)  # inf: the free slots
         self._values = values.clone()
         self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
         self._calls = int(state["calls"])
@@ -1019,12 +1035,14 @@ class ZClip(Clipper):
             raise ValueError(
                 f"ZClip(warmup_steps={self.warmup_steps}) cannot load a warm-up buffer of shape {tuple(buffer.shape)}."
             )
-        self._buffer = buffer
+        mean = torch.as_tensor(state["mean"], dtype=torch.float64).reshape(()).clone()
+        var = torch.as_tensor(state["var"], dtype=torch.float64).reshape(()).clone()
+        level = torch.as_tensor(state.get("level", torch.zeros(3)), dtype=torch.float64).reshape(3).clone()
+        for key, values in (("buffer", buffer), ("mean", mean), ("var", var), ("level", level)):
+            check_state_values("ZClip", key, values)
+        self._buffer, self._mean, self._var, self._level = buffer, mean, var, level
         self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
-        self._mean = torch.as_tensor(state["mean"], dtype=torch.float64).reshape(()).clone()
-        self._var = torch.as_tensor(state["var"], dtype=torch.float64).reshape(()).clone()
         self._run = torch.as_tensor(state.get("run", False), dtype=torch.bool).reshape(()).clone()
-        self._level = torch.as_tensor(state.get("level", torch.zeros(3)), dtype=torch.float64).reshape(3).clone()
         self._forget_warmup()
 
     def extra_repr(self) -> str:
@@ -1484,6 +1502,7 @@ class AdaGC(Clipper):
             raise ValueError(
                 f"AdaGC state holds {len(keys)} keys but {gamma.numel()} gamma and {count.numel()} count entries."
             )
+        check_state_values("AdaGC", "gamma", gamma)
         self._slots = {key: i for i, key in enumerate(keys)}
         self._slot_cache.clear()
         self._seen = None  # the state names no tensors: the next call's, by position, take it

@@ -208,8 +208,9 @@ class ExplodingDetector:
             first (a GAN), hence 100.
         calm_ratio: during the warm-up, once the run has started calmly (three observations within about 4x of
             each other), a total norm this many times its running (geometric) mean is exploding (``None``: only
-            ``warmup_ratio``). A too-high rate never starts calmly and meets ``warmup_ratio``; the healthy zoo's GAN,
-            whose generator norm grows 80x in 20 steps, raises no event with it.
+            ``warmup_ratio``; the lower of the two holds, so a ``calm_ratio`` above ``warmup_ratio`` adds nothing).
+            A too-high rate never starts calmly and meets ``warmup_ratio``; the healthy zoo's GAN, whose generator
+            norm grows 80x in 20 steps, raises no event with it.
         max_norm: absolute ceiling for the total norm (``None``: none).
         max_layer_norm: absolute ceiling for any layer's norm (``None``: none).
         per_layer: also test each layer.

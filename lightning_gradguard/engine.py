@@ -24,7 +24,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, NoReturn, SupportsIndex
 
 import numpy as np
 import torch
@@ -850,6 +850,15 @@ class GuardEngine:
             {"pre": self._pre, "post": self._post, "whole": self._whole, "whole_clip": self._whole_clip},
             compile,
             self._record.device,
+        )
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        # A copy would watch the original's parameters (by identity: its regularizers added nothing to the copied
+        # model's gradients) and keep no hook on a copied optimizer (torch drops them), yet look healthy.
+        raise TypeError(
+            "A GuardEngine cannot be copied or pickled: it is bound to its model's parameters and its optimizer. To"
+            " carry it over to a copied model, build a GuardEngine for the copy (and `attach` the copy's optimizer),"
+            " then `load_state_dict(engine.state_dict())`."
         )
 
     def __repr__(self) -> str:

@@ -340,6 +340,11 @@ class LRGuard:
         if state is not None:
             state.ceiling = min(state.ceiling, max(self._multiplier(state), self.min_scale))
 
+    def forget(self, key: int = 0) -> None:
+        """Forget what optimizer ``key``'s rate taught: its multiplier, ceiling and counters start afresh (the
+        rate it applies to was changed: a multiplier found for another rate says nothing about it)."""
+        self._states.pop(key, None)
+
     def snapshot(self, key: int = 0) -> dict[str, Any]:
         """The multiplier and counters of optimizer ``key`` (plain values), for :meth:`rewind`."""
         return self._states.get(key, _KeyState()).as_dict()

@@ -898,6 +898,65 @@ def test_load_state_dict_rejects_mismatched_state() -> None:
         NormClip(1.0).load_state_dict({"mean": torch.tensor(0.0)})
 
 
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: ZClip(warmup_steps=5), "mean"),
+        (lambda: ZClip(warmup_steps=5), "var"),
+        (AutoClip, "values"),
+        (AdaGC, "gamma"),
+    ],
+)
+@pytest.mark.parametrize("bad", [math.nan, -1.0])
+def test_load_state_dict_refuses_a_statistic_that_would_silence_the_clipper(
+    make: Callable[[], Clipper], key: str, bad: float
+) -> None:
+    # A NaN mean loaded into ZClip gave a NaN threshold: a 10^6x spike then went through unclipped, for good.
+    donor = make()
+    grads, params = [torch.ones(3, 3)], [torch.ones(3, 3)]
+    for step in range(8):
+        donor.clip_grads_(grads, torch.tensor(float(step + 1)), torch.tensor(True), params=params)
+    state = donor.state_dict()
+    values = torch.as_tensor(state[key]).clone()
+    values.reshape(-1)[0] = bad
+    state[key] = values
+    with pytest.raises(ValueError, match=rf"`state\['{key}'\]` of {type(donor).__name__} must hold"):
+        make().load_state_dict(state)
+
+
+_BY_LIST = {**CLIPPERS, "agc": AGC}  # AGC's `exclude` needs names, which a list does not give
+
+
+@pytest.mark.parametrize("make", _BY_LIST.values(), ids=_BY_LIST.keys())
+def test_a_parameter_listed_twice_is_clipped_once(make: Callable[[], Clipper]) -> None:
+    # A tied weight in two submodules' joined parameter lists counted twice in the norm and was scaled twice
+    # (AdaGC 23x over-clipped); the module path already took each parameter once.
+    def clipped(twice: bool) -> tuple[Tensor, list[Tensor]]:
+        torch.manual_seed(0)
+        a, b, fc = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+        b.weight = a.weight
+        model = nn.ModuleDict({"a": a, "b": b, "fc": fc})
+        fc(b(a(torch.randn(8, 4)).tanh()).tanh()).square().sum().mul(10.0).backward()
+        clipper = make()
+        params = list(model.parameters())
+        norm = clipper.clip_(params + params[:1] if twice else params)
+        return norm, [p.grad.clone() for p in params]
+
+    (norm, grads), (once, reference) = clipped(True), clipped(False)
+    assert torch.equal(norm, once)
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference))
+
+
+def test_clip_refuses_what_is_no_parameter_and_clip_grads_takes_a_number() -> None:
+    with pytest.raises(ValueError, match="`parameters` must be a module, an iterable of parameters or a parameter"):
+        NormClip(1.0).clip_(None)  # type: ignore[arg-type]
+    grads = [torch.full((4,), 3.0)]
+    coef = NormClip(1.0).clip_grads_(grads, 6.0, True)
+    assert torch.equal(coef, torch.tensor(1.0 / (6.0 + 1e-6))) and torch.allclose(grads[0], torch.full((4,), 0.5))
+    with pytest.raises(ValueError, match="`total_norm` must be a 0-d tensor or a number"):
+        NormClip(1.0).clip_grads_(grads, "6", True)  # type: ignore[arg-type]
+
+
 def test_repr_shows_arguments() -> None:
     assert repr(NormClip(2.0, norm_type=math.inf)) == "NormClip(max_norm=2.0, norm_type=inf)"
     assert repr(AutoClip(5.0, history=100)) == "AutoClip(percentile=5.0, history=100)"

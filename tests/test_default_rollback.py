@@ -790,6 +790,25 @@ def test_under_a_schedule_the_rate_note_scales_the_schedule(
     assert "start at or below" not in notes[0]
 
 
+def test_under_stochastic_weight_averaging_the_rate_note_names_the_rate_training_started_with(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SWA writes its `swa_lrs` into the groups' `initial_lr` when it takes over: the note scaled that (0.005) as the
+    schedule's base rate, advising a lower SWA rate beside the rate that exploded."""
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard(rollback=default_rollback(early_only=False))
+    swa = lightning.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.005, swa_epoch_start=3)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("ignore")
+        # 16 steps an epoch: the climb at steps 40-41 comes at the rate of 0.02, SWA takes over in epoch 3.
+        trainer(max_epochs=5, callbacks=[guard, swa]).fit(SpikyRegressor(_CLIMB, lr=0.02), regression_data())
+    assert guard.lr_guard is not None
+    scale = guard.lr_guard.scale()
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard: the learning rate")]
+    assert 0.0 < scale < 1.0 and len(notes) == 1
+    assert f"(its base rate {0.02 * scale:.3g} instead of 0.02)" in notes[0]
+
+
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
     def weights(rollback: Any) -> list[torch.Tensor]:
         guard, model, _ = _fit(set(), rollback=rollback, steps=60)

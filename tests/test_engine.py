@@ -213,6 +213,45 @@ def test_an_lr_guard_copied_or_pickled_leaves_its_engines_behind() -> None:
         assert len(copied._feeders) == 0 and copied.state_dict() == lr_guard.state_dict()
 
 
+def test_an_engine_refuses_a_copy_and_its_state_carries_over_to_a_copied_model() -> None:
+    # A deep copy watched the original's parameters by identity: its regularizers added nothing to the copy's
+    # gradients, the copied optimizer had no LR hook (torch drops them), and it warned of an optimizer "holding none
+    # of its parameters". It is refused; the state goes over as the message says.
+    def loop(model: nn.Module, optimizer: torch.optim.Optimizer, engine: GuardEngine, steps: range) -> None:
+        for step in steps:
+            optimizer.zero_grad()
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().mean() * (1e4 if step == 12 else 1.0)
+            loss.backward()
+            engine.step(loss=loss, optimizer=optimizer)
+            optimizer.step()
+            engine.drain()  # feeds the LR guard
+
+    def guarded(model: nn.Module) -> tuple[torch.optim.Optimizer, GuardEngine]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = _engine(model, lr_guard=LRGuard(patience=1, spare_lone=False), regularizers=[L2(0.1)])
+        engine.attach(optimizer)
+        return optimizer, engine
+
+    model = _model()
+    optimizer, engine = guarded(model)
+    loop(model, optimizer, engine, range(1, 15))
+    for copied in (copy.deepcopy, copy.copy, pickle.dumps):
+        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*`load_state_dict\(engine.state_dict\(\)\)`"):
+            copied(engine)
+    twin = copy.deepcopy(model)
+    twin_optimizer, twin_engine = guarded(twin)
+    twin_optimizer.load_state_dict(optimizer.state_dict())
+    twin_engine.load_state_dict(engine.state_dict())
+    assert twin_engine.lr_guard is not None and engine.lr_guard is not None
+    twin_engine.lr_guard.load_state_dict(engine.lr_guard.state_dict())
+    assert engine.lr_guard.scale() < 1.0  # the spike cut the rate: the twin goes on at the lowered rate too
+    loop(model, optimizer, engine, range(15, 30))
+    loop(twin, twin_optimizer, twin_engine, range(15, 30))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+    assert twin_engine.summary() == engine.summary()
+
+
 def test_load_state_dict_refuses_other_layers() -> None:
     engine = _engine(_model())
     other = GuardEngine(nn.Linear(3, 1))

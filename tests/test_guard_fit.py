@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import pickle
 import warnings
@@ -364,6 +365,65 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     assert [s for s, _ in scalar_series(tmp_path / "a")["gradguard/layer/net.0"]] == [*logged, 10]
     # It measures the new optimizer's gradients, not the stopped run's.
     assert dict(new["gradguard/total_norm"])[logged[-1]] == pytest.approx(norms.norms[-1], rel=1e-5)
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_the_same_model_fitted_again_at_another_rate_drops_the_cut(
+    changed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rate set anew between two fits (by hand, or by `Tuner.lr_find`): the first fit's cut to 0.5x of 3.0 went on
+    halving a rate 2500x lower. The same rate again still goes on where it stopped."""
+    guard = GradGuard(
+        clip=ZClip(warmup_steps=5),
+        lr_guard=LRGuard(factor=0.5, patience=1, cooldown=50),
+        exploding=ExplodingDetector(warmup_steps=5),
+        vanishing=None,
+    )
+    torch.manual_seed(0)
+    model = Shifting(spikes=(10,), lr=0.05)
+    _quiet_fit(trainer(max_steps=20, max_epochs=-1, callbacks=[guard]), model, regression_data())
+    assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 0.5
+    if changed:
+        model.lr = 0.01
+    model.spikes = ()
+    probe = LRProbe(guard)
+    with caplog.at_level(logging.INFO):
+        _quiet_fit(trainer(max_steps=5, max_epochs=-1, callbacks=[guard, probe]), model, regression_data())
+    notes = [r.getMessage() for r in caplog.records if "changed since the last fit" in r.getMessage()]
+    if changed:
+        assert probe.effective == [0.01] * 5 and guard.lr_guard.scale(0) == 1.0
+        assert notes == [
+            "GradGuard: optimizer 0's learning rate changed since the last fit (0.05 -> 0.01): what the guard found at"
+            " the old rate starts afresh (its 0.5x multiplier)."
+        ]
+    else:
+        assert probe.effective == [0.025] * 5 and not notes
+    assert guard.summary()["lr_reduced"] == 1  # the counts are the guard's, over both fits
+
+
+@pytest.mark.parametrize("changed", [False, True])
+def test_the_same_model_fitted_again_at_another_rate_drops_the_rescue(
+    changed: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The default's rescue (AGC from a restart) answered SGD at 10.0; at a rate set anew it has nothing to answer.
+    torch.manual_seed(0)
+    model, guard = Regressor(lr=10.0), GradGuard()
+    _quiet_fit(trainer(max_steps=40, max_epochs=-1, callbacks=[guard]), model, regression_data())
+    assert guard.rescuing()
+    if changed:
+        model.lr = 0.01
+    with caplog.at_level(logging.INFO):
+        _quiet_fit(trainer(max_steps=5, max_epochs=-1, callbacks=[guard]), model, regression_data())
+    notes = [r.getMessage() for r in caplog.records if "changed since the last fit" in r.getMessage()]
+    assert guard.rescuing() is not changed
+    assert notes == (
+        [
+            "GradGuard: optimizer 0's learning rate changed since the last fit (10 -> 0.01): what the guard"
+            " found at the old rate starts afresh (the rescue clipping)."
+        ]
+        if changed
+        else []
+    )
 
 
 def test_guard_reused_for_a_new_model_starts_afresh() -> None:
