@@ -8,7 +8,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -69,7 +69,9 @@ _BOARD_CHECKPOINT_KEY = "gradguard_board"
 # Rows of the events table not yet written when a checkpoint was taken (rank zero's), under each guard's state key.
 _ROWS_CHECKPOINT_KEY = "gradguard_rows"
 _WARNED_CHECKPOINT_KEY = "gradguard_warned"
-DIAGNOSTICS = ("update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch")
+#: The diagnostics' names, typed so that LightningCLI refuses a wrong one with a usage error.
+Diagnostic = Literal["update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch"]
+DIAGNOSTICS: tuple[str, ...] = get_args(Diagnostic)
 
 
 def _default(value: Any, factory: Callable[[], Any]) -> Any:
@@ -217,7 +219,7 @@ class GradGuard(CallbackBase):
         clip_exploding: bool = True,
         skip_exploding: bool = False,
         compile: bool | Literal["auto"] = "auto",
-        diagnostics: bool | list[str] = True,
+        diagnostics: bool | list[Diagnostic] = True,
         rollback: Rollback | bool | None | Literal["default"] = "default",
         divergence: DivergenceDetector | None | Literal["default"] = "default",
         on_diverging: Literal["warn", "raise", "ignore"] = "warn",
@@ -268,6 +270,11 @@ class GradGuard(CallbackBase):
         self._carried_state: dict[str, Any] | None = None  # the state the last copy carried (see __getstate__)
         self._copied_from: list[tuple[tuple[int, ...], float, float]] | None = None  # a copy's model (__getstate__)
         self._noted_hooks = False  # the note on the module's own later hooks was given
+        # Per optimizer key, each param group's rate as `configure_optimizers` gave it at the last fit's start (before
+        # a checkpoint's rates are restored): a fit of the same model at other rates drops the cut and the rescue
+        # found at the old ones (`_note_rates`). Carried by a copy, as the state it goes with.
+        self._fit_rates: dict[int, list[float | None]] = {}
+        self._rates_changed: dict[int, str] = {}  # keys whose rates changed at this fit's start -> "old -> new"
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -536,7 +543,19 @@ class GradGuard(CallbackBase):
                 " supports."
             )
 
-    def _forget_rate(self, key: int, engine: GuardEngine, bases: list[float | None]) -> None:
+    def _note_rates(self, trainer: pl.Trainer) -> None:
+        """Compare each optimizer's rates as `configure_optimizers` gives them with the last fit's (the same model
+        fitted again; a resume from a checkpoint brings its own rates, and is no change)."""
+        self._rates_changed.clear()
+        for optimizer in trainer.optimizers:
+            key = self._optimizer_key(trainer, optimizer)
+            rates = [_plain_rate(group.get("lr")) for group in optimizer.param_groups]
+            before = self._fit_rates.get(key)
+            if before is not None and trainer.ckpt_path is None and _rates_differ(before, rates):
+                self._rates_changed[key] = f"{_rates_text(before)} -> {_rates_text(rates)}"
+            self._fit_rates[key] = rates
+
+    def _forget_rate(self, key: int, engine: GuardEngine, change: str) -> None:
         """The same model fitted again at another rate (a rate set by hand or by `Tuner.lr_find` between fits): the
         cut and the rescue clipping found at the old rate say nothing about the new one (a cut to 0.5x of 3.0 went on
         halving a rate of 0.0012)."""
@@ -549,10 +568,9 @@ class GradGuard(CallbackBase):
         if rescuing:
             engine.rollback.rescuing = False  # type: ignore[union-attr]
         dropped = [f"its {scale:.3g}x multiplier"] * (scale != 1.0) + ["the rescue clipping"] * rescuing
-        old = self._start_rates[key]
         rank_zero_info(
-            f"GradGuard: optimizer {key}'s learning rate changed since the last fit ({_rates_text(old)} ->"
-            f" {_rates_text(bases)}): what the guard found at the old rate starts afresh ({', '.join(dropped)})."
+            f"GradGuard: optimizer {key}'s learning rate changed since the last fit ({change}): what the guard found at"
+            f" the old rate starts afresh ({', '.join(dropped)})."
         )
 
     def _start_over(self, why: str) -> None:
@@ -560,6 +578,7 @@ class GradGuard(CallbackBase):
         rate and early-restart window say nothing about this one (they kept its rescue off and its rate cut)."""
         self._release_hooks()
         self._reset_run_state()
+        self._fit_rates.clear()
         if self.lr_guard is not None:
             self.lr_guard._feeders.clear()  # the previous model's engines: their last steps are not this model's
             self.lr_guard.load_state_dict({"keys": {}})
@@ -569,6 +588,7 @@ class GradGuard(CallbackBase):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
+        self._note_rates(trainer)
         index = build_layer_index(pl_module, self.group_depth, self.group_fn, include_frozen=True)
         _check_fit(self, trainer, index)
         self._model_index = index
@@ -632,11 +652,12 @@ class GradGuard(CallbackBase):
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
             engine = self._state_for(trainer, optimizer, key)
+            if key in self._rates_changed:
+                self._forget_rate(key, engine, self._rates_changed.pop(key))
             # Each group's base rate (a scheduler's `initial_lr`, which SWA later overwrites with its `swa_lrs`).
-            bases = [_plain_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups]
-            if _rates_differ(self._start_rates.get(key), bases):
-                self._forget_rate(key, engine, bases)
-            self._start_rates[key] = bases
+            self._start_rates[key] = [
+                _plain_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups
+            ]
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
                     f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has no lr in any param"
@@ -1627,12 +1648,17 @@ def _plain_rate(rate: Any) -> float | None:
     return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
 
 
-def _rates_differ(before: list[float | None] | None, after: list[float | None]) -> bool:
-    """Whether a fit starts at other base rates than the last fit did (``False`` for a first fit, and for param
-    groups laid out otherwise: a rebuilt engine's affair)."""
-    if before is None or len(before) != len(after):
-        return False
-    return any(a is not None and b is not None and not math.isclose(a, b, rel_tol=1e-6) for a, b in zip(before, after))
+def _rates_differ(before: list[float | None], after: list[float | None]) -> bool:
+    """Whether a fit starts at other rates than the last fit did: a group's rate changed, or, with the param groups
+    laid out otherwise, the set of rates (a rate of none, an optimizer that sizes its own steps, is no evidence)."""
+
+    def missing(rates: list[float | None], among: list[float | None]) -> bool:
+        known = [b for b in among if b is not None]
+        return any(a is not None and not any(math.isclose(a, b, rel_tol=1e-6) for b in known) for a in rates)
+
+    if len(before) == len(after):
+        return any(a is not None and b is not None and missing([a], [b]) for a, b in zip(before, after))
+    return missing(after, before) or missing(before, after)
 
 
 def _rates_text(rates: list[float | None]) -> str:

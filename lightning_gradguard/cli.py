@@ -860,7 +860,10 @@ def _report(args: argparse.Namespace) -> int:
     if args.run is not None:
         chosen = [(name, path) for name, path in candidates if name == args.run]
         if not chosen:
-            raise ReportError(f"no run named {args.run!r}; runs: {', '.join(name for name, _ in candidates)}")
+            # Only the runs a report would show: the event files of a run without GradGuard's data are none.
+            loaded, _ = _load_runs(candidates)
+            names = ", ".join(run.name for run in loaded) or "none with GradGuard data"
+            raise ReportError(f"no run named {args.run!r}; runs: {names}")
         candidates = chosen
     runs, skipped = _load_runs(candidates)
     if not runs:

@@ -138,18 +138,20 @@ def _collect(
             "`parameters` must be a module, an iterable of parameters or a parameter, got an optimizer: pass the"
             " model (or `model.parameters()`)."
         )
-    if not isinstance(parameters, (Tensor, Iterable)):
+    try:
+        items = iter([parameters] if isinstance(parameters, Tensor) else parameters)
+    except TypeError:
         raise ValueError(
             f"`parameters` must be a module, an iterable of parameters or a parameter, got {type(parameters).__name__}."
-        )
-    tensors = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        ) from None
+    tensors = list(items)
     if not all(isinstance(p, Tensor) for p in tensors):
         bad = next(p for p in tensors if not isinstance(p, Tensor))
         raise ValueError(f"`parameters` must hold tensors (parameters), got a {type(bad).__name__}.")
     # Once each, as for a module: a tied weight listed twice (two submodules' parameter lists joined) would count
     # twice in the norm and be scaled twice (`clip_grad_norm_` does both).
     with_grad = list({id(p): p for p in tensors if p.grad is not None}.values())
-    return [p.grad for p in with_grad], with_grad, None, None  # type: ignore[misc]
+    return [p.grad for p in with_grad], with_grad, None, None
 
 
 def _state_float_dtype(device: torch.device) -> torch.dtype:
@@ -295,7 +297,7 @@ class Clipper(abc.ABC):
         if not isinstance(total_norm, Tensor):
             if isinstance(total_norm, bool) or not isinstance(total_norm, numbers.Real):
                 raise ValueError(f"`total_norm` must be a 0-d tensor or a number, got {type(total_norm).__name__}.")
-            # A norm known on the host: on the gradients' device, as a computed one would be (inf, NaN: invalid).
+            # A norm known on the host: on the gradients' device, as a computed one would be.
             device = grads[0].device if grads else torch.device("cpu")
             total_norm = torch.tensor(float(total_norm), dtype=torch.float32, device=device)
         if not isinstance(valid, Tensor):
@@ -598,9 +600,12 @@ class AutoClip(Clipper):
         values = torch.as_tensor(state["values"], dtype=torch.float32)
         if values.ndim != 1 or (self.history is not None and values.numel() != self.history):
             raise ValueError(f"AutoClip(history={self.history}) cannot load a history of shape {tuple(values.shape)}.")
-        check_state_values("AutoClip", "values", values, allow_inf=True)  # inf: the free slots
+        count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
+        # The first `count` entries are the norms seen (sorted, or the ring's filled slots); the free ones are inf.
+        check_state_values("AutoClip", "values", values[: int(count.clamp_min(0))])
+        check_state_values("AutoClip", "values", values, allow_inf=True)
         self._values = values.clone()
-        self._count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
+        self._count = count
         self._calls = int(state["calls"])
 
     def extra_repr(self) -> str:

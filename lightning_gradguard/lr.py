@@ -548,6 +548,16 @@ class LRGuard:
                 swap.scheduled.copy_(current)  # type: ignore[union-attr,arg-type]
             group["lr"] = swap.scheduled
 
+    def scheduled_rates(self, optimizer: torch.optim.Optimizer, key: int = 0) -> list[Any]:
+        """Each param group's scheduled rate: its ``lr``, or, while :meth:`apply` has put the multiplier in (inside
+        ``optimizer.step()``), the value it replaced."""
+        swaps = self._swaps.get(key) or []
+        rates = [group.get("lr") for group in optimizer.param_groups]
+        for i, swap in enumerate(swaps[: len(rates)]):
+            if swap.applied is not None and rates[i] is swap.applied:
+                rates[i] = swap.scheduled
+        return rates
+
     def is_attached(self, optimizer: torch.optim.Optimizer, key: int = 0) -> bool:
         """Whether :meth:`attach` put this guard's hooks for ``key`` on ``optimizer`` (or the optimizer it wraps), and
         they have not been removed since."""

@@ -367,7 +367,13 @@ def test_errors_exit_2_with_message(tmp_path, logdir, capsys, case):
         writer.close()
         argv, expect = ["report", str(tmp_path)], "no gradguard/ scalars"
     elif case == "unknown-run":
-        argv, expect = ["report", str(root), "--run", "version_9"], "version_0, version_1"
+        # Beside a run without GradGuard's data (a plain model's logs), which is no run to name.
+        write_run(tmp_path / "version_0", seed=0)
+        write_run(tmp_path / "version_1", seed=1, trouble=False)
+        writer = SummaryWriter(str(tmp_path / "plain"))
+        writer.add_scalar("train/loss", 0.5, 1)
+        writer.close()
+        argv, expect = ["report", str(tmp_path), "--run", "version_9"], "runs: version_0, version_1\n"
     else:
         argv, expect = ["report", str(root), "--png", str(tmp_path / "no" / "dir" / "x.png")], "cannot write"
     assert main(argv) == 2

@@ -947,9 +947,34 @@ def test_a_parameter_listed_twice_is_clipped_once(make: Callable[[], Clipper]) -
     assert all(torch.equal(a, b) for a, b in zip(grads, reference))
 
 
+def test_an_autoclip_history_may_hold_inf_in_its_free_slots_only() -> None:
+    donor = AutoClip(history=8)
+    grads = [torch.ones(3)]
+    for step in range(4):
+        donor.clip_grads_(grads, torch.tensor(float(step + 1)), torch.tensor(True))
+    state = donor.state_dict()
+    assert torch.isinf(state["values"][4:]).all()  # the free slots
+    AutoClip(history=8).load_state_dict(state)
+    state["values"] = state["values"].clone()
+    state["values"][3] = math.inf  # a norm it has seen: its threshold would be NaN
+    with pytest.raises(ValueError, match=r"`state\['values'\]` of AutoClip must hold finite"):
+        AutoClip(history=8).load_state_dict(state)
+
+
 def test_clip_refuses_what_is_no_parameter_and_clip_grads_takes_a_number() -> None:
     with pytest.raises(ValueError, match="`parameters` must be a module, an iterable of parameters or a parameter"):
         NormClip(1.0).clip_(None)  # type: ignore[arg-type]
+
+    class Indexed:  # iterable through the sequence protocol only
+        def __init__(self, items: list[Tensor]) -> None:
+            self.items = items
+
+        def __getitem__(self, i: int) -> Tensor:
+            return self.items[i]
+
+    weight = nn.Parameter(torch.ones(4))
+    weight.grad = torch.full((4,), 3.0)
+    assert NormClip(1.0).clip_(Indexed([weight])) == 6.0  # type: ignore[arg-type]
     grads = [torch.full((4,), 3.0)]
     coef = NormClip(1.0).clip_grads_(grads, 6.0, True)
     assert torch.equal(coef, torch.tensor(1.0 / (6.0 + 1e-6))) and torch.allclose(grads[0], torch.full((4,), 0.5))

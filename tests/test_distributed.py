@@ -859,6 +859,37 @@ def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
     assert counts == {**dict.fromkeys(counts, 0.0), "nonfinite": 2.0, "skipped": 2.0, "lr_reduced": 1.0}
 
 
+class _RateLogged(Regressor):
+    """NaN losses at given optimizer steps (two cut the rate once), and the rate each step runs at logged: inside
+    ``optimizer.step``, with the LR guard's multiplier in, where ``training_step`` runs."""
+
+    def __init__(self, nan_steps: tuple[int, ...], lr: float) -> None:
+        super().__init__(lr=lr)
+        self.nan_steps = nan_steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.log("lr_seen", float(self.trainer.optimizers[0].param_groups[0]["lr"]))
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step in self.nan_steps else loss
+
+
+@pytest.mark.usefixtures("fresh_port")
+def test_a_rate_changed_before_a_ddp_spawn_fit_drops_the_cut_in_the_workers() -> None:
+    # The workers' copies compare the rate with the one the guard last fitted at (carried with its state): they ran
+    # the new rate at the old cut.
+    guard, model = GradGuard(), _RateLogged(nan_steps=(2, 4), lr=0.05)
+    single = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, callbacks=[guard], **_QUIET)
+    single.fit(model, regression_data())
+    assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 0.5
+    assert single.callback_metrics["lr_seen"].item() == pytest.approx(0.025)
+    model.lr, model.nan_steps = 0.01, ()
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=WORLD, strategy="ddp_spawn", logger=False, callbacks=[guard], **_QUIET
+    )
+    trainer.fit(model, regression_data())
+    assert trainer.callback_metrics["lr_seen"].item() == pytest.approx(0.01)  # sent back: the rate set, uncut
+
+
 def test_fsdp1_is_refused_with_a_clear_error() -> None:
     # Lightning itself only runs FSDPStrategy on GPUs; the refusal is GradGuard's own, tested on a real instance.
     class MyFSDP(FSDPStrategy):

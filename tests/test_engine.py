@@ -213,10 +213,10 @@ def test_an_lr_guard_copied_or_pickled_leaves_its_engines_behind() -> None:
         assert len(copied._feeders) == 0 and copied.state_dict() == lr_guard.state_dict()
 
 
-def test_an_engine_refuses_a_copy_and_its_state_carries_over_to_a_copied_model() -> None:
+def test_a_copied_engine_refuses_to_be_used_and_its_state_carries_over_to_a_copied_model() -> None:
     # A deep copy watched the original's parameters by identity: its regularizers added nothing to the copy's
     # gradients, the copied optimizer had no LR hook (torch drops them), and it warned of an optimizer "holding none
-    # of its parameters". It is refused; the state goes over as the message says.
+    # of its parameters". A copy is now a placeholder that refuses every use; the state goes over as it says.
     def loop(model: nn.Module, optimizer: torch.optim.Optimizer, engine: GuardEngine, steps: range) -> None:
         for step in steps:
             optimizer.zero_grad()
@@ -236,9 +236,10 @@ def test_an_engine_refuses_a_copy_and_its_state_carries_over_to_a_copied_model()
     model = _model()
     optimizer, engine = guarded(model)
     loop(model, optimizer, engine, range(1, 15))
-    for copied in (copy.deepcopy, copy.copy, pickle.dumps):
-        with pytest.raises(TypeError, match=r"cannot be copied or pickled.*`load_state_dict\(engine.state_dict\(\)\)`"):
-            copied(engine)
+    for copied in (copy.deepcopy(engine), copy.copy(engine), pickle.loads(pickle.dumps(engine))):
+        assert repr(copied) == "<copy of a GuardEngine of 3 layers: unusable>"
+        with pytest.raises(TypeError, match=r"cannot be used.*`load_state_dict\(engine.state_dict\(\)\)`"):
+            copied.step()
     twin = copy.deepcopy(model)
     twin_optimizer, twin_engine = guarded(twin)
     twin_optimizer.load_state_dict(optimizer.state_dict())
@@ -250,6 +251,33 @@ def test_an_engine_refuses_a_copy_and_its_state_carries_over_to_a_copied_model()
     loop(twin, twin_optimizer, twin_engine, range(15, 30))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
     assert twin_engine.summary() == engine.summary()
+
+
+def test_a_module_that_holds_an_engine_can_be_averaged_by_stochastic_weight_averaging() -> None:
+    # SWA (and EMA) deep-copy the LightningModule: a module keeping its plain-loop engine must still train (a copy
+    # that raised at once broke the fit).
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    class Manual(Regressor):
+        def __init__(self) -> None:
+            super().__init__()
+            self.engine = GuardEngine(self.net)
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            optimizer = self.optimizers()
+            x, y = batch
+            loss = nn.functional.mse_loss(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            self.engine.step(loss=loss.detach(), optimizer=optimizer)
+            optimizer.step()
+
+    model = Manual()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, callbacks=[StochasticWeightAveraging(swa_lrs=0.01)]).fit(model, regression_data())
+    assert isinstance(model.engine, GuardEngine) and model.engine.steps == 32
 
 
 def test_load_state_dict_refuses_other_layers() -> None:

@@ -367,12 +367,34 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     assert dict(new["gradguard/total_norm"])[logged[-1]] == pytest.approx(norms.norms[-1], rel=1e-5)
 
 
-@pytest.mark.parametrize("changed", [False, True])
+class _Refitted(Shifting):
+    """``Shifting`` whose second fit may lay its parameters out in two groups, under a plateau schedule that halves
+    the rate every epoch (a rate moved within a fit, which a resume brings back: no change of rate)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.groups = 1
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("plateau", 1.0)  # never improves
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        first, rest = list(self.net[0].parameters()), [p for m in list(self.net)[1:] for p in m.parameters()]
+        groups = [{"params": first + rest}] if self.groups == 1 else [{"params": first}, {"params": rest}]
+        optimizer = torch.optim.SGD(groups, lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "plateau"}}
+
+
+@pytest.mark.parametrize("change", ["none", "rate", "regrouped", "resumed"])
 def test_the_same_model_fitted_again_at_another_rate_drops_the_cut(
-    changed: bool, caplog: pytest.LogCaptureFixture
+    change: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """A rate set anew between two fits (by hand, or by `Tuner.lr_find`): the first fit's cut to 0.5x of 3.0 went on
-    halving a rate 2500x lower. The same rate again still goes on where it stopped."""
+    halving a rate 2500x lower. The same rates again, or a resume (whose checkpoint brings back the rate the plateau
+    schedule had lowered), go on where they stopped."""
     guard = GradGuard(
         clip=ZClip(warmup_steps=5),
         lr_guard=LRGuard(factor=0.5, patience=1, cooldown=50),
@@ -380,24 +402,32 @@ def test_the_same_model_fitted_again_at_another_rate_drops_the_cut(
         vanishing=None,
     )
     torch.manual_seed(0)
-    model = Shifting(spikes=(10,), lr=0.05)
-    _quiet_fit(trainer(max_steps=20, max_epochs=-1, callbacks=[guard]), model, regression_data())
+    model = _Refitted(spikes=(10,), lr=0.05)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first = trainer(max_epochs=3, callbacks=[guard, checkpoint], enable_checkpointing=True)
+    _quiet_fit(first, model, regression_data())  # 48 steps; the plateau schedule halves the rate from epoch 2 on
     assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 0.5
-    if changed:
+    if change in ("rate", "regrouped"):
         model.lr = 0.01
+    model.groups = 2 if change == "regrouped" else 1
     model.spikes = ()
     probe = LRProbe(guard)
+    resume = {"ckpt_path": tmp_path / "last.ckpt"} if change == "resumed" else {}
     with caplog.at_level(logging.INFO):
-        _quiet_fit(trainer(max_steps=5, max_epochs=-1, callbacks=[guard, probe]), model, regression_data())
+        _quiet_fit(trainer(max_epochs=4, callbacks=[guard, probe]), model, regression_data(), **resume)
     notes = [r.getMessage() for r in caplog.records if "changed since the last fit" in r.getMessage()]
-    if changed:
-        assert probe.effective == [0.01] * 5 and guard.lr_guard.scale(0) == 1.0
-        assert notes == [
-            "GradGuard: optimizer 0's learning rate changed since the last fit (0.05 -> 0.01): what the guard found at"
-            " the old rate starts afresh (its 0.5x multiplier)."
-        ]
+    if change == "none":
+        assert probe.effective[0] == 0.025 and not notes
+    elif change == "resumed":
+        # The checkpoint's rate, once halved by the plateau schedule, times the cut it restored.
+        assert probe.scheduled[0] == 0.025 and probe.effective[0] == 0.0125 and not notes
     else:
-        assert probe.effective == [0.025] * 5 and not notes
+        assert probe.effective[0] == 0.01 and guard.lr_guard.scale(0) == 1.0
+        rates = "0.01, 0.01" if change == "regrouped" else "0.01"
+        assert notes == [
+            f"GradGuard: optimizer 0's learning rate changed since the last fit (0.05 -> {rates}): what the guard"
+            " found at the old rate starts afresh (its 0.5x multiplier)."
+        ]
     assert guard.summary()["lr_reduced"] == 1  # the counts are the guard's, over both fits
 
 

@@ -175,3 +175,21 @@ def test_gradguard_refuses_a_malformed_state_with_a_clear_error(state: Any) -> N
 def test_rollback_repr_shows_what_early_only_and_retry_read() -> None:
     text = repr(Rollback(early_only=True, retry=True, calm_factor=2.5, rescue_until=5))
     assert "rescue_until=5" in text and "calm_factor=2.5" in text  # it printed as the defaults did
+
+
+def test_lightning_cli_refuses_an_unknown_diagnostic_with_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    # Typed as a list of str, a wrong name passed the parser and failed in the constructor with a 74-line traceback.
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_gradguard import GradGuard
+    from tests.models import Regressor
+
+    def cli(names: str) -> LightningCLI:
+        args = ["--trainer.callbacks+=lightning_gradguard.GradGuard", f"--trainer.callbacks.diagnostics={names}"]
+        return LightningCLI(Regressor, run=False, args=args, save_config_callback=None)
+
+    (guard,) = [c for c in cli("[noise_scale, epoch]").trainer.callbacks if isinstance(c, GradGuard)]
+    assert guard.diagnostics == ["noise_scale", "epoch"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli("[noise_scale, bogus]")
+    assert exit_info.value.code == 2 and "bogus" in capsys.readouterr().err
