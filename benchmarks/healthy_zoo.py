@@ -37,6 +37,9 @@ The zoo (``--configs`` picks a subset); steps are optimizer steps (GAN: iteratio
   branches): the branch weights get exactly-zero gradients at the first step. Adam 1e-3. 200 steps.
 * ``warmup``: an MLP classifier, SGD (0.1, momentum 0.9), a linear warm-up from 1e-4 of the rate over 50 steps,
   then cosine decay with one warm restart (cycles of 100 and 150 steps), stepped every step. 300 steps.
+* ``warmup_zero``: the same classifier, SGD (0.1, momentum 0.9), a linear warm-up from exactly 0 over 40 steps (as
+  Hugging Face's schedules start), then constant. 300 steps. At a rate near 0 the weights hardly move, so the norms
+  of the first steps vary by the batch alone.
 * ``nan_batch``: an MLP regression (Adam 1e-3) where one batch (index 30, step 31) holds a NaN input, so that step's
   loss and gradients are NaN. Unguarded, that batch destroys the weights; the unguarded reference of the verdict is
   therefore the same run with that batch replaced by a clean one (``unguarded``), and the run that trains on the
@@ -413,6 +416,15 @@ def _warmup_restart(
                 return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t / length))
             t -= length
         return floor
+
+    return factor
+
+
+def _linear_warmup(warmup: int) -> Callable[[int], float]:
+    """LR factor: linear from exactly 0 to 1 over ``warmup`` steps, then 1."""
+
+    def factor(step: int) -> float:
+        return min(1.0, step / warmup)
 
     return factor
 
@@ -1079,7 +1091,9 @@ def _job_rezero(size: Size, seed: int, steps: int | None) -> _Job:
     )
 
 
-def _classifier_job(name: str, size: Size, seed: int, steps: int | None, kind: Literal["warmup", "dropout"]) -> _Job:
+def _classifier_job(
+    name: str, size: Size, seed: int, steps: int | None, kind: Literal["warmup", "warmup_zero", "dropout"]
+) -> _Job:
     default_steps = 300
     steps = steps or (10 if size == "quick" else default_steps)
     d_in, classes, n_test = 32, 10, 2000
@@ -1094,6 +1108,12 @@ def _classifier_job(name: str, size: Size, seed: int, steps: int | None, kind: L
             f"linear warm-up from 1e-4 of the rate over {warm} steps, cosine cycles of {cycles[0]} and "
             f"{cycles[1]} steps (restart at step {warm + cycles[0] + 1})"
         )
+    elif kind == "warmup_zero":
+        batch, lr, dropout = 64, 0.1, 0.0
+        warm = _scaled(40, steps, default_steps)
+        schedule = _linear_warmup(warm)
+        title = "SGD, linear warm-up from exactly 0, then constant"
+        extra = f"linear warm-up from 0 over {warm} steps (as Hugging Face's schedules), then constant"
     else:
         batch, lr, dropout = 8, 0.01, 0.5  # 0.05 (0.5 with momentum) on batches of 8 does not learn
         schedule = None
@@ -1422,6 +1442,7 @@ CONFIGS: dict[str, Callable[[Size, int, int | None], _Job]] = {
     "masked": lambda size, seed, steps: _regression_job("masked", size, seed, steps, "masked"),
     "rezero": _job_rezero,
     "warmup": lambda size, seed, steps: _classifier_job("warmup", size, seed, steps, "warmup"),
+    "warmup_zero": lambda size, seed, steps: _classifier_job("warmup_zero", size, seed, steps, "warmup_zero"),
     "nan_batch": lambda size, seed, steps: _regression_job("nan_batch", size, seed, steps, "nan_batch"),
     "unfreeze": lambda size, seed, steps: _job_unfreeze(size, seed, steps, "unfreeze"),
     "finetune": lambda size, seed, steps: _job_unfreeze(size, seed, steps, "finetune"),
