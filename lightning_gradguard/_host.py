@@ -51,3 +51,13 @@ class HostFlags:
 
     def ready(self) -> bool:
         return self.filled and (self.event is None or self.event.query())
+
+
+def host_rate(rate: Any) -> float | None:
+    """A learning rate as a host float without waiting: a number (not a bool), or a one-element CPU tensor; ``None``
+    for anything else (a rate on a device would wait for it, an optimizer that sizes its own steps has none)."""
+    if isinstance(rate, Tensor):
+        return float(rate) if rate.device.type == "cpu" and rate.numel() == 1 else None
+    return (
+        float(rate) if isinstance(rate, (int, float, np.floating, np.integer)) and not isinstance(rate, bool) else None
+    )

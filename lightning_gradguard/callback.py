@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_gradguard._compat import unscale_once, unwrap_optimizer
 from lightning_gradguard._events import EventReporter
 from lightning_gradguard._fit_diagnostics import FitDiagnostics
+from lightning_gradguard._host import host_rate
 from lightning_gradguard._lightning import (
     CallbackBase,
     batch_size,
@@ -549,7 +550,8 @@ class GradGuard(CallbackBase):
         self._rates_changed.clear()
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
-            rates = [_plain_rate(group.get("lr")) for group in optimizer.param_groups]
+            # A schedule's base (`initial_lr`): a warm-up from 0 has already set `lr` to 0 here.
+            rates = [host_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups]
             before = self._fit_rates.get(key)
             if before is not None and trainer.ckpt_path is None and _rates_differ(before, rates):
                 self._rates_changed[key] = f"{_rates_text(before)} -> {_rates_text(rates)}"
@@ -656,7 +658,7 @@ class GradGuard(CallbackBase):
                 self._forget_rate(key, engine, self._rates_changed.pop(key))
             # Each group's base rate (a scheduler's `initial_lr`, which SWA later overwrites with its `swa_lrs`).
             self._start_rates[key] = [
-                _plain_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups
+                host_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups
             ]
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
@@ -1204,7 +1206,7 @@ class GradGuard(CallbackBase):
         # The base rates the fit started with: SWA overwrites `initial_lr` with its `swa_lrs` when it takes over.
         start = self._start_rates.get(key, [])
         bases = [
-            start[i] if i < len(start) and start[i] is not None else _plain_rate(group.get("initial_lr"))
+            start[i] if i < len(start) and start[i] is not None else host_rate(group.get("initial_lr"))
             for i, group in enumerate(groups)
         ]
         return "base", bases
@@ -1639,13 +1641,6 @@ def _merged_samples(per_optimizer: dict[int, dict[str, Tensor]]) -> dict[str, Te
 
 
 _RUN_STATE_NAMES: dict[type, frozenset[str]] = {}
-
-
-def _plain_rate(rate: Any) -> float | None:
-    """A param group's rate as a float (a tensor rate read once, at the start of a fit), ``None`` where it has none."""
-    if isinstance(rate, Tensor) and rate.numel() == 1:
-        return float(rate)
-    return float(rate) if isinstance(rate, (int, float)) and not isinstance(rate, bool) else None
 
 
 def _rates_differ(before: list[float | None], after: list[float | None]) -> bool:

@@ -601,6 +601,12 @@ class AutoClip(Clipper):
         if values.ndim != 1 or (self.history is not None and values.numel() != self.history):
             raise ValueError(f"AutoClip(history={self.history}) cannot load a history of shape {tuple(values.shape)}.")
         count = torch.as_tensor(state["count"], dtype=torch.int64).reshape(()).clone()
+        # The sorted history holds every norm seen; a ring holds the last `history` of a count that goes on.
+        if int(count) < 0 or (self.history is None and int(count) > values.numel()):
+            raise ValueError(
+                f"`state['count']` of AutoClip must be between 0 and the history's {values.numel()} entries,"
+                f" got {int(count)}."
+            )
         # The first `count` entries are the norms seen (sorted, or the ring's filled slots); the free ones are inf.
         check_state_values("AutoClip", "values", values[: int(count.clamp_min(0))])
         check_state_values("AutoClip", "values", values, allow_inf=True)

@@ -39,7 +39,7 @@ from lightning_gradguard._compat import (
     unwrap_optimizer,
     user_stacklevel,
 )
-from lightning_gradguard._host import HostFlags
+from lightning_gradguard._host import HostFlags, host_rate
 from lightning_gradguard._kinds import EVENT_KINDS
 from lightning_gradguard._validation import FLOAT32_MAX, check_bool, check_compile, check_int, optional_number
 from lightning_gradguard.clip import Clipper, NormClip, default_clipper
@@ -551,6 +551,10 @@ def _step_number(step: Any) -> int:
     return number
 
 
+#: Where a learning-rate warm-up stands, for the clipper's fresh start (`GuardEngine._watch_rate_warmup`).
+_RATE_UNKNOWN, _WARMING_UP, _WARMED_UP = 0, 1, 2
+
+
 def _is_real(value: Any) -> bool:
     """A real number that is no bool (``True`` is no loss, nor a scale)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -846,8 +850,8 @@ class GuardEngine:
         # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
         self._called = False
         self._warned_order = False
-        # Whether a step ran at under half its scheduled peak rate (a warm-up) since the clipper last started afresh.
-        self._rate_ramping = False
+        # Where the learning rate's warm-up stands (`_watch_rate_warmup`): not known yet, under half its peak, past it.
+        self._rate_warmup = _RATE_UNKNOWN
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
         # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
         self._processed: list[tuple[weakref.ref[Tensor], weakref.ref[Tensor], int]] = []
@@ -1241,16 +1245,18 @@ class GuardEngine:
         )  # fmt: skip
 
     def _watch_rate_warmup(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Start the clipper afresh once a learning-rate warm-up first reaches half its peak.
+        """Start the clipper afresh once, when a learning-rate warm-up first reaches half its peak.
 
         At a rate near 0 the weights hardly move, and the gradient norms vary by the batch alone: statistics taken
         there are far narrower than the same run's at its rate, and the default ZClip clipped healthy steps as the
         rate rose (a warm-up from 0 over 40 steps: 10 steps clipped over 8 seeds, held-out +8.6% on one; none with
-        a constant rate, or with the clipper started afresh at half the peak). Host floats only: the param groups'
-        rates against their schedule's peak (OneCycleLR's ``max_lr``, else the scheduler's ``initial_lr``); a
-        group without either, or with a device tensor rate, is no evidence.
+        a constant rate, or with the clipper started afresh at half the peak). Once only: at every warm restart of
+        a cyclic schedule, a cycle shorter than the clipper's own warm-up would keep it from ever clipping. Host
+        values only: the param groups' scheduled rates against their schedule's peak (OneCycleLR's ``max_lr``, else
+        the scheduler's ``initial_lr``; with several groups, the highest share); a group without either, or with a
+        rate on a device, is no evidence.
         """
-        if self.clipper is None:
+        if self.clipper is None or self._rate_warmup == _WARMED_UP:
             return
         if optimizer is None and self._attached is not None:
             optimizer = self._attached()
@@ -1264,19 +1270,17 @@ class GuardEngine:
         )
         shares = []
         for group, rate in zip(inner.param_groups, rates):
-            peak = group.get("max_lr", group.get("initial_lr"))
-            if isinstance(rate, Tensor) and rate.device.type == "cpu" and rate.numel() == 1:
-                rate = float(rate)
-            if _is_real(peak) and _is_real(rate) and float(peak) > 0:
-                shares.append(float(rate) / float(peak))
+            peak, rate = host_rate(group.get("max_lr", group.get("initial_lr"))), host_rate(rate)
+            if peak is not None and rate is not None and peak > 0:
+                shares.append(rate / peak)
         if not shares:
             return
         if max(shares) < 0.5:
-            self._rate_ramping = True
-        elif self._rate_ramping:
-            self._rate_ramping = False
-            if self.steps > 0:
-                self._load_statistics({"clip": self._fresh["clip"]})
+            self._rate_warmup = _WARMING_UP
+            return
+        if self._rate_warmup == _WARMING_UP and self.steps > 0:
+            self._load_statistics({"clip": self._fresh["clip"]})
+        self._rate_warmup = _WARMED_UP
 
     def _judged(self, samples: int | None) -> bool:
         """Whether the detectors judge a step on ``samples`` examples: not a step on less than half the usual batch.
@@ -1460,6 +1464,8 @@ class GuardEngine:
             "vanishing": self.vanishing.state_dict() if self.vanishing is not None else None,
             "divergence": self.divergence.state_dict() if self.divergence is not None else None,
             "running_stats": self._running_stats.snapshot() if self._running_stats is not None else None,
+            # A rollback to before the warm-up's crossing brings back the clipper of then: it starts afresh again.
+            "rate_warmup": self._rate_warmup,
         }
 
     def _stateful(self) -> tuple[tuple[str, Any], ...]:
@@ -1474,6 +1480,8 @@ class GuardEngine:
     def _load_statistics(self, saved: dict[str, Any] | None) -> None:
         if saved is None:
             return
+        if saved.get("rate_warmup") is not None:
+            self._rate_warmup = int(saved["rate_warmup"])
         saved = _to_device(saved, self._record.device)  # kept with a copy that a checkpoint may have moved
         if self._running_stats is not None and saved.get("running_stats") is not None:
             self._running_stats.restore_(saved["running_stats"])
@@ -1882,7 +1890,7 @@ class GuardEngine:
             seen_params=sorted(self._seen_params),
             present_last=self._present_last,
             joins=[[at, factor.clone()] for at, factor in self._joins],
-            rate_ramping=self._rate_ramping,
+            rate_warmup=self._rate_warmup,
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
@@ -1960,7 +1968,7 @@ class GuardEngine:
         self._short_run = int(state.get("short_run", 0))
         self._last_size = int(state.get("last_size", 0))
         self._size_changes = int(state.get("size_changes", 0))
-        self._rate_ramping = bool(state.get("rate_ramping", False))  # older states: the next step below half sets it
+        self._rate_warmup = int(state.get("rate_warmup", _RATE_UNKNOWN))  # older states: the next step tells
         # Absent from older states: the first step's parameters are taken as seen, as on a fresh start.
         seen, last = (self._positions(state.get(key)) for key in ("seen_params", "present_last"))
         self._seen_params = set(seen or ())
@@ -2008,6 +2016,7 @@ class GuardEngine:
         # the new ones join the total at their first gradient.
         self._batch_size, self._short_run = old._batch_size, old._short_run
         self._last_size, self._size_changes = old._last_size, old._size_changes
+        self._rate_warmup = old._rate_warmup  # a group added on the warm-up's crossing step must not miss it
         where = {id(p): i for i, p in enumerate(self.index.params)}
 
         def moved(positions: Iterable[int]) -> list[int]:

@@ -959,6 +959,13 @@ def test_an_autoclip_history_may_hold_inf_in_its_free_slots_only() -> None:
     state["values"][3] = math.inf  # a norm it has seen: its threshold would be NaN
     with pytest.raises(ValueError, match=r"`state\['values'\]` of AutoClip must hold finite"):
         AutoClip(history=8).load_state_dict(state)
+    # A count past the sorted history's entries read free slots as norms seen (a NaN threshold too).
+    sorted_state = {"values": torch.tensor([1.0, 2.0]), "count": torch.tensor(5), "calls": 5}
+    with pytest.raises(ValueError, match=r"`state\['count'\]` of AutoClip must be between 0 and"):
+        AutoClip().load_state_dict(sorted_state)
+    with pytest.raises(ValueError, match=r"`state\['count'\]`"):
+        AutoClip(history=2).load_state_dict({**sorted_state, "count": torch.tensor(-1)})
+    AutoClip(history=2).load_state_dict(sorted_state)  # a ring's count goes on past its length
 
 
 def test_clip_refuses_what_is_no_parameter_and_clip_grads_takes_a_number() -> None:

@@ -371,9 +371,10 @@ class _Refitted(Shifting):
     """``Shifting`` whose second fit may lay its parameters out in two groups, under a plateau schedule that halves
     the rate every epoch (a rate moved within a fit, which a resume brings back: no change of rate)."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, warm: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.groups = 1
+        self.warm = warm  # a warm-up from 0 over 5 steps instead (its `lr` is 0 when the fit starts)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)
@@ -384,11 +385,14 @@ class _Refitted(Shifting):
         first, rest = list(self.net[0].parameters()), [p for m in list(self.net)[1:] for p in m.parameters()]
         groups = [{"params": first + rest}] if self.groups == 1 else [{"params": first}, {"params": rest}]
         optimizer = torch.optim.SGD(groups, lr=self.lr)
+        if self.warm:
+            warm_up = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 5))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warm_up, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "plateau"}}
 
 
-@pytest.mark.parametrize("change", ["none", "rate", "regrouped", "resumed"])
+@pytest.mark.parametrize("change", ["none", "rate", "regrouped", "resumed", "warmed up"])
 def test_the_same_model_fitted_again_at_another_rate_drops_the_cut(
     change: str, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -402,12 +406,12 @@ def test_the_same_model_fitted_again_at_another_rate_drops_the_cut(
         vanishing=None,
     )
     torch.manual_seed(0)
-    model = _Refitted(spikes=(10,), lr=0.05)
+    model = _Refitted(spikes=(10,), lr=0.05, warm=change == "warmed up")
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     first = trainer(max_epochs=3, callbacks=[guard, checkpoint], enable_checkpointing=True)
     _quiet_fit(first, model, regression_data())  # 48 steps; the plateau schedule halves the rate from epoch 2 on
     assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 0.5
-    if change in ("rate", "regrouped"):
+    if change in ("rate", "regrouped", "warmed up"):
         model.lr = 0.01
     model.groups = 2 if change == "regrouped" else 1
     model.spikes = ()
@@ -422,7 +426,8 @@ def test_the_same_model_fitted_again_at_another_rate_drops_the_cut(
         # The checkpoint's rate, once halved by the plateau schedule, times the cut it restored.
         assert probe.scheduled[0] == 0.025 and probe.effective[0] == 0.0125 and not notes
     else:
-        assert probe.effective[0] == 0.01 and guard.lr_guard.scale(0) == 1.0
+        # Compared by the schedule's base: a warm-up from 0 has its `lr` at 0 when the fit starts (it went unnoticed).
+        assert probe.effective[5 if change == "warmed up" else 0] == 0.01 and guard.lr_guard.scale(0) == 1.0
         rates = "0.01, 0.01" if change == "regrouped" else "0.01"
         assert notes == [
             f"GradGuard: optimizer 0's learning rate changed since the last fit (0.05 -> {rates}): what the guard"

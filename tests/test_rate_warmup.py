@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard, GuardEngine, LRGuard, ZClip
+from lightning_gradguard import GradGuard, GuardEngine, LRGuard, Rollback, ZClip
 from tests.models import trainer
 
 WARMUP = 40
@@ -157,3 +157,113 @@ def test_a_run_resumed_just_before_the_warm_up_reaches_half_its_peak_restarts_th
     assert int(whole[3].state_dict()["clip"]["count"]) == 20  # started afresh at the 11th step
     assert resumed[3].state_dict()["clip"]["count"] == whole[3].state_dict()["clip"]["count"]
     assert all(torch.equal(a, b) for a, b in zip(whole[0].parameters(), resumed[0].parameters(), strict=True))
+
+
+def _plain_run(
+    schedule: Any,
+    steps: int,
+    *,
+    lr: Any = 0.05,
+    rollback: Rollback | None = None,
+    spikes: tuple[int, ...] = (),
+    add_group_at: int | None = None,
+) -> GuardEngine:
+    """A plain loop under ``schedule(optimizer)``; with ``add_group_at``, the head joins the optimizer as a group at
+    that step (the engine rebuilt and carried over, as GradGuard does)."""
+    torch.manual_seed(0)
+    body, head = nn.Sequential(nn.Linear(8, 16), nn.Tanh()), nn.Linear(16, 1)
+    model = nn.Sequential(body, head)
+    optimizer = torch.optim.SGD(model.parameters() if add_group_at is None else body.parameters(), lr=lr, momentum=0.9)
+    scheduler = schedule(optimizer)
+    lr_guard = LRGuard(patience=1)
+
+    def build() -> tuple[GuardEngine, Any]:
+        engine = GuardEngine(model, clip=ZClip(warmup_steps=5), lr_guard=lr_guard, rollback=rollback)
+        return engine, engine.attach(optimizer)
+
+    engine, handle = build()
+    for step in range(1, steps + 1):
+        if step == add_group_at:
+            base = optimizer.param_groups[0]
+            optimizer.add_param_group({"params": head.parameters(), "lr": base["lr"], "initial_lr": base["initial_lr"]})
+            handle.remove()
+            old, (engine, handle) = engine, build()
+            engine.carry_over(old)
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        (model(x).square().mean() * (1e3 if step in spikes else 1.0)).backward()
+        engine.step(optimizer=optimizer)
+        optimizer.step()
+        scheduler.step()
+        engine.drain()
+    return engine
+
+
+def _clip_count(engine: GuardEngine) -> int:
+    return int(engine.state_dict()["clip"]["count"])
+
+
+def test_the_clipper_starts_afresh_once_not_at_every_warm_restart() -> None:
+    # At every warm restart a cycle shorter than ZClip's warm-up (25 steps) kept it from ever clipping.
+    def restarts(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=20, eta_min=0.0)
+
+    assert _clip_count(_plain_run(restarts, 100)) == 100  # it starts at its peak: no warm-up, no fresh start
+
+    def warm_then_restarts(optimizer: torch.optim.Optimizer) -> Any:
+        warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=20)
+        cycles = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=20, eta_min=0.0)
+        return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cycles], milestones=[20])
+
+    engine = _plain_run(warm_then_restarts, 100)
+    assert 80 <= _clip_count(engine) < 100  # afresh once, in the warm-up (near step 10), not at each of 4 restarts
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_a_tensor_rate_warms_up_as_a_float_one(tensor_lr: bool) -> None:
+    # Schedulers copy a tensor rate into `initial_lr`, which was no evidence: the fresh start never came.
+    def warm(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 20))
+
+    engine = _plain_run(warm, 40, lr=torch.tensor(0.05) if tensor_lr else 0.05)
+    assert _clip_count(engine) == 30  # afresh at the 11th step, when the rate reached half its peak
+
+
+def test_a_rollback_to_before_the_crossing_starts_the_clipper_afresh_again() -> None:
+    # The rollback brings back the clipper's statistics of its copy, taken in the warm-up: without the warm-up's
+    # place with them, the run went on for good on statistics of steps at 0-22% of its peak rate.
+    def warm(optimizer: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 40))
+
+    engine = _plain_run(warm, 60, rollback=Rollback(every=10, rescue=None), spikes=(26, 27))
+    assert engine.summary()["rolled_back"] == 1
+    # Afresh at step 21, back to a copy of before it at the rollback, afresh again at the next step.
+    assert _clip_count(engine) <= 60 - 27
+
+
+class _HandWarmUp:
+    """A warm-up written by hand, over every param group there is (torch's schedulers refuse a group added later)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, steps: int = 20) -> None:
+        self.optimizer, self.steps, self.count = optimizer, steps, 0
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        self._set()
+
+    def _set(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * min(1.0, self.count / self.steps)
+
+    def step(self) -> None:
+        self.count += 1
+        self._set()
+
+
+@pytest.mark.parametrize("added_at", [8, 11, 15])
+def test_a_param_group_added_on_the_crossing_step_does_not_miss_it(added_at: int) -> None:
+    # The engine rebuilt for the new group on the very step the warm-up reached half its peak had forgotten that it
+    # was warming up: the clipper kept the statistics of the steps near a rate of 0 for good.
+    warm = _HandWarmUp
+
+    engine = _plain_run(warm, 30, add_group_at=added_at)
+    assert _clip_count(engine) == 20  # afresh at the 11th step wherever the group joined
