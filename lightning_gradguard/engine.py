@@ -850,8 +850,8 @@ class GuardEngine:
         # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
         self._called = False
         self._warned_order = False
-        # Where the learning rate's warm-up stands (`_watch_rate_warmup`): not known yet, under half its peak, past it.
-        self._rate_warmup = _RATE_UNKNOWN
+        # Where each param group's warm-up stands (`_watch_rate_warmup`): not known yet, under half its peak, past it.
+        self._rate_warmup: list[int] = []
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
         # since, on the next call mean no backward (nor zero_grad) came between: step() was called twice for one step.
         self._processed: list[tuple[weakref.ref[Tensor], weakref.ref[Tensor], int]] = []
@@ -1245,42 +1245,46 @@ class GuardEngine:
         )  # fmt: skip
 
     def _watch_rate_warmup(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """Start the clipper afresh once, when a learning-rate warm-up first reaches half its peak.
+        """Start the clipper afresh when a param group's warm-up first reaches half its peak, once per group.
 
         At a rate near 0 the weights hardly move, and the gradient norms vary by the batch alone: statistics taken
         there are far narrower than the same run's at its rate, and the default ZClip clipped healthy steps as the
         rate rose (a warm-up from 0 over 40 steps: 10 steps clipped over 8 seeds, held-out +8.6% on one; none with
-        a constant rate, or with the clipper started afresh at half the peak). Once only: at every warm restart of
-        a cyclic schedule, a cycle shorter than the clipper's own warm-up would keep it from ever clipping. Host
-        values only: the param groups' scheduled rates against their schedule's peak (OneCycleLR's ``max_lr``, else
-        the scheduler's ``initial_lr``; with several groups, the highest share); a group without either, or with a
-        rate on a device, is no evidence.
+        a constant rate, or with the clipper started afresh at half the peak). Per group: a backbone held at a rate
+        of 0 while the head trained, then given its rate, was clipped as it began to learn (+9.7% on a CNN). Once
+        per group: at every warm restart of a cyclic schedule, a cycle shorter than the clipper's own warm-up would
+        keep it from ever clipping. Host values only: each group's scheduled rate against its schedule's peak
+        (OneCycleLR's ``max_lr``, else the scheduler's ``initial_lr``); a group without either, or with a rate on a
+        device, is no evidence.
         """
-        if self.clipper is None or self._rate_warmup == _WARMED_UP:
+        if self.clipper is None:
             return
         if optimizer is None and self._attached is not None:
             optimizer = self._attached()
         if optimizer is None:
             return
         inner = unwrap_optimizer(optimizer)
+        if len(self._rate_warmup) == len(inner.param_groups) and min(self._rate_warmup, default=0) == _WARMED_UP:
+            return
         rates = (
             self.lr_guard.scheduled_rates(inner, self.key)
             if self.lr_guard is not None
             else [group.get("lr") for group in inner.param_groups]
         )
-        shares = []
-        for group, rate in zip(inner.param_groups, rates):
+        places = self._rate_warmup + [_RATE_UNKNOWN] * (len(rates) - len(self._rate_warmup))
+        crossed = False
+        for i, (group, rate) in enumerate(zip(inner.param_groups, rates)):
             peak, rate = host_rate(group.get("max_lr", group.get("initial_lr"))), host_rate(rate)
-            if peak is not None and rate is not None and peak > 0:
-                shares.append(rate / peak)
-        if not shares:
-            return
-        if max(shares) < 0.5:
-            self._rate_warmup = _WARMING_UP
-            return
-        if self._rate_warmup == _WARMING_UP and self.steps > 0:
+            if peak is None or rate is None or peak <= 0 or places[i] == _WARMED_UP:
+                continue
+            if rate < 0.5 * peak:
+                places[i] = _WARMING_UP
+            else:
+                crossed |= places[i] == _WARMING_UP
+                places[i] = _WARMED_UP
+        self._rate_warmup = places
+        if crossed and self.steps > 0:
             self._load_statistics({"clip": self._fresh["clip"]})
-        self._rate_warmup = _WARMED_UP
 
     def _judged(self, samples: int | None) -> bool:
         """Whether the detectors judge a step on ``samples`` examples: not a step on less than half the usual batch.
@@ -1465,7 +1469,7 @@ class GuardEngine:
             "divergence": self.divergence.state_dict() if self.divergence is not None else None,
             "running_stats": self._running_stats.snapshot() if self._running_stats is not None else None,
             # A rollback to before the warm-up's crossing brings back the clipper of then: it starts afresh again.
-            "rate_warmup": self._rate_warmup,
+            "rate_warmup": list(self._rate_warmup),
         }
 
     def _stateful(self) -> tuple[tuple[str, Any], ...]:
@@ -1481,7 +1485,7 @@ class GuardEngine:
         if saved is None:
             return
         if saved.get("rate_warmup") is not None:
-            self._rate_warmup = int(saved["rate_warmup"])
+            self._rate_warmup = [int(place) for place in saved["rate_warmup"]]
         saved = _to_device(saved, self._record.device)  # kept with a copy that a checkpoint may have moved
         if self._running_stats is not None and saved.get("running_stats") is not None:
             self._running_stats.restore_(saved["running_stats"])
@@ -1890,7 +1894,7 @@ class GuardEngine:
             seen_params=sorted(self._seen_params),
             present_last=self._present_last,
             joins=[[at, factor.clone()] for at, factor in self._joins],
-            rate_warmup=self._rate_warmup,
+            rate_warmup=list(self._rate_warmup),
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
@@ -1968,7 +1972,7 @@ class GuardEngine:
         self._short_run = int(state.get("short_run", 0))
         self._last_size = int(state.get("last_size", 0))
         self._size_changes = int(state.get("size_changes", 0))
-        self._rate_warmup = int(state.get("rate_warmup", _RATE_UNKNOWN))  # older states: the next step tells
+        self._rate_warmup = [int(place) for place in state.get("rate_warmup", [])]  # older states: the next step tells
         # Absent from older states: the first step's parameters are taken as seen, as on a fresh start.
         seen, last = (self._positions(state.get(key)) for key in ("seen_params", "present_last"))
         self._seen_params = set(seen or ())
@@ -2016,7 +2020,7 @@ class GuardEngine:
         # the new ones join the total at their first gradient.
         self._batch_size, self._short_run = old._batch_size, old._short_run
         self._last_size, self._size_changes = old._last_size, old._size_changes
-        self._rate_warmup = old._rate_warmup  # a group added on the warm-up's crossing step must not miss it
+        self._rate_warmup = list(old._rate_warmup)  # a group added on the warm-up's crossing step must not miss it
         where = {id(p): i for i, p in enumerate(self.index.params)}
 
         def moved(positions: Iterable[int]) -> list[int]:
