@@ -58,6 +58,5 @@ def host_rate(rate: Any) -> float | None:
     for anything else (a rate on a device would wait for it, an optimizer that sizes its own steps has none)."""
     if isinstance(rate, Tensor):
         return float(rate) if rate.device.type == "cpu" and rate.numel() == 1 else None
-    return (
-        float(rate) if isinstance(rate, (int, float, np.floating, np.integer)) and not isinstance(rate, bool) else None
-    )
+    real = isinstance(rate, (int, float, np.floating, np.integer)) and not isinstance(rate, bool)
+    return float(rate) if real else None

@@ -334,7 +334,7 @@ class GradGuard(CallbackBase):
         # guard's multiplier in it (see ``_watch_steps``).
         self._step_rates: dict[int, tuple[float | Tensor | None, float | None]] = {}
         # Per optimizer key, each param group's base rate when training started (a scheduler's `initial_lr`, else
-        # its rate), for the end-of-fit rate line and to notice a rate changed between two fits.
+        # its rate), for the end-of-fit rate line.
         self._start_rates: dict[int, list[float | None]] = {}
 
     # ------------------------------------------------------------------ identity and state

@@ -551,7 +551,7 @@ def _step_number(step: Any) -> int:
     return number
 
 
-#: Where a learning-rate warm-up stands, for the clipper's fresh start (`GuardEngine._watch_rate_warmup`).
+#: Where a param group's learning-rate warm-up stands, for the clipper's fresh start (`GuardEngine._watch_rate_warmup`).
 _RATE_UNKNOWN, _WARMING_UP, _WARMED_UP = 0, 1, 2
 
 
