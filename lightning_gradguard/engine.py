@@ -593,6 +593,11 @@ _COPY_REFUSED = (
 )
 
 
+class _CopyRefused(AttributeError, TypeError):
+    """A use of a copied :class:`GuardEngine`: a ``TypeError`` to the user, an ``AttributeError`` to ``hasattr`` and
+    ``getattr(obj, name, default)``, so that code probing a copied module's attributes goes on."""
+
+
 class _EngineCopy:
     """What copying or pickling a :class:`GuardEngine` gives: a placeholder whose every use raises ``TypeError``."""
 
@@ -600,9 +605,7 @@ class _EngineCopy:
         object.__setattr__(self, "_layers", layers)
 
     def __getattr__(self, name: str) -> NoReturn:
-        if name.startswith("__") and name.endswith("__"):  # protocol probes (copy, pickle, numpy) find nothing
-            raise AttributeError(name)
-        raise TypeError(_COPY_REFUSED)
+        raise _CopyRefused(_COPY_REFUSED)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _EngineCopy:
         return self  # nothing in it to copy

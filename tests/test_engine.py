@@ -238,6 +238,7 @@ def test_a_copied_engine_refuses_to_be_used_and_its_state_carries_over_to_a_copi
     loop(model, optimizer, engine, range(1, 15))
     for copied in (copy.deepcopy(engine), copy.copy(engine), pickle.loads(pickle.dumps(engine))):
         assert repr(copied) == "<copy of a GuardEngine of 3 layers: unusable>"
+        assert not hasattr(copied, "step") and getattr(copied, "steps", None) is None  # probes go on
         with pytest.raises(TypeError, match=r"cannot be used.*`load_state_dict\(engine.state_dict\(\)\)`"):
             copied.step()
     twin = copy.deepcopy(model)
