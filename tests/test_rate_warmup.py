@@ -70,6 +70,24 @@ def _fit(guard: GradGuard | None, schedule: str = "warmup") -> list[torch.Tensor
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _plain_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    engine: GuardEngine,
+    step: int,
+    scale: float = 1.0,
+) -> None:
+    """One step of a plain loop on the step's own batch (the same batch for the same step number in any run)."""
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
+    optimizer.zero_grad()
+    (model(x).square().mean() * scale).backward()
+    engine.step(optimizer=optimizer)
+    optimizer.step()
+    scheduler.step()
+    engine.drain()
+
+
 def test_a_warm_up_from_zero_leaves_a_healthy_run_unclipped() -> None:
     # Before, ZClip clipped steps 27 and 32 (norms 1.72 and 2.60 after a warm-up at 0.6-0.8) and the held-out loss
     # ended 8.6% higher; now the run is the unguarded one, weight for weight.
@@ -135,15 +153,8 @@ def test_a_run_resumed_just_before_the_warm_up_reaches_half_its_peak_restarts_th
         return model, optimizer, scheduler, engine
 
     def train(parts: tuple[nn.Module, torch.optim.Optimizer, Any, GuardEngine], steps: range) -> None:
-        model, optimizer, scheduler, engine = parts
         for step in steps:
-            x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
-            optimizer.zero_grad()
-            model(x).square().mean().backward()
-            engine.step(optimizer=optimizer)
-            optimizer.step()
-            scheduler.step()
-            engine.drain()
+            _plain_step(*parts, step)
 
     whole = build()
     train(whole, range(0, 30))
@@ -189,13 +200,7 @@ def _plain_run(
             handle.remove()
             old, (engine, handle) = engine, build()
             engine.carry_over(old)
-        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
-        optimizer.zero_grad()
-        (model(x).square().mean() * (1e3 if step in spikes else 1.0)).backward()
-        engine.step(optimizer=optimizer)
-        optimizer.step()
-        scheduler.step()
-        engine.drain()
+        _plain_step(model, optimizer, scheduler, engine, step, 1e3 if step in spikes else 1.0)
     return engine
 
 
@@ -281,11 +286,5 @@ def test_a_group_held_at_a_rate_of_0_then_given_its_rate_starts_the_clipper_afre
     engine = GuardEngine(model, clip=ZClip(warmup_steps=5), lr_guard=LRGuard())
     engine.attach(optimizer)
     for step in range(60):
-        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(step))
-        optimizer.zero_grad()
-        model(x).square().mean().backward()
-        engine.step(optimizer=optimizer)
-        optimizer.step()
-        scheduler.step()
-        engine.drain()
+        _plain_step(model, optimizer, scheduler, engine, step)
     assert _clip_count(engine) == 30  # afresh at the 31st step, when the backbone got its rate
