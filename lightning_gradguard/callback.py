@@ -64,6 +64,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _EVENT_MODES = ("warn", "raise", "ignore")
+# The counters that make the progress bar's ``gg_ev``: the problems found. Not what answered them (skipped, clipped,
+# lr_reduced, rolled_back), nor a GradScaler's overflows, which calibrate its scale in every healthy fp16 run.
+_PROBLEM_EVENTS = frozenset({"exploding", "vanishing", "nonfinite", "diverging"})
 _NEVER = 2**62  # a logging interval no run reaches
 _DIAG_CHECKPOINT_KEY = "gradguard_diagnostics"
 _BOARD_CHECKPOINT_KEY = "gradguard_board"
@@ -1335,14 +1338,13 @@ class GradGuard(CallbackBase):
         # The first optimizer that has stepped (a generator stepping every 5th batch may not have yet).
         norms = (metrics.get(f"{self._prefix(key)}total_norm") for key in sorted(self._states))
         status = {"gn": next((value for value in norms if value is not None), math.nan)}
-        if "gradguard/clip_coef" in metrics:
-            status["clip"] = metrics["gradguard/clip_coef"]
+        # With several optimizers, the strongest clipping of the step (1: none clipped); no clipper, no coefficient.
+        coefs = [metrics[name] for key in self._states if (name := f"{self._prefix(key)}clip_coef") in metrics]
+        if coefs:
+            status["clip"] = min(coefs)
+        # The problems found, not what answered them: one NaN batch is one event, not "nonfinite" and "skipped".
         status["ev"] = float(
-            sum(
-                v
-                for k, v in metrics.items()
-                if "/events/" in k and "/epoch/" not in k and not k.endswith(("lr_reduced", "clipped"))
-            )
+            sum(v for k, v in metrics.items() if "/epoch/" not in k and k.partition("/events/")[2] in _PROBLEM_EVENTS)
         )
         # Lightning allows self.log in on_train_batch_end only; barebones=True refuses it.
         if prog_bar and not getattr(trainer, "barebones", False):

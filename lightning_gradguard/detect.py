@@ -699,7 +699,11 @@ class VanishingDetector:
         return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"
 
 
-_DIVERGENCE_STATE = 8  # DivergenceDetector's state vector: see its __init__
+_DIVERGENCE_STATE = 9  # DivergenceDetector's state vector: see its __init__
+#: The share of its gap to the running mean that :class:`DivergenceDetector`'s floor (the lowest settled running mean,
+#: as the level that a loss is judged against) closes per observation: a climb to 10x over 150 steps or more (a summed
+#: loss over a length curriculum) is a change of scale, a faster one (a blow-up: 10x within 25 steps) is not.
+FLOOR_FADE = 0.003
 #: A run has learned, for :meth:`DivergenceDetector.progress`, once its lowest settled running mean of the loss is at
 #: most this share of its starting level: closer to it, the noise of the running mean is a large part of the progress.
 LEARNED = 0.8
@@ -725,7 +729,12 @@ class DivergenceDetector:
     The running level is the running mean, or the lowest value the running mean has held since it settled (after
     ``1 / (1 - alpha)`` observations) when that is lower: a climb slow enough for the mean to follow it (a tanh RNN
     whose loss rose from 0.17 to 7 over 20 steps and to 16 later, under constant clipping, in the stability suite)
-    is still measured against where training had got to.
+    is still measured against where training had got to. That lowest value closes 0.3% of its gap to the running
+    mean each step (:data:`FLOOR_FADE`): a climb to 10x within about 100 steps is still measured against where
+    training had got to, while one over 150 steps or more, noise included, is a loss whose scale grows by design: a
+    GRU tagger's loss summed over tokens (``reduction="sum"``), its batches growing from 4 to 160 tokens over 400
+    steps, rose 25x and was a divergence 10x past its lowest mean, cut and restarted from its initial weights
+    (held-out +109%; now no event, as unguarded).
     After ``patience`` high steps in a row the step is one *divergence event*; the next one needs the loss to come
     back down first, so a lasting climb is one event, not one per step. A step between, above ``sqrt(ratio)`` times
     the level and above the first loss but not high, holds the streak without extending it: a loss that oscillates
@@ -738,8 +747,8 @@ class DivergenceDetector:
     The running mean starts as the plain mean of the first losses, then is an EMA (``alpha``); every loss enters it
     winsorized to within ``ratio`` of it, and a high loss with the EMA's small weight even in the first steps, so one
     outlier moves it little and a genuinely new level is absorbed within a few dozen steps (a level more than
-    ``ratio`` times the lowest settled mean and above the first loss is not: that is a model worse than untrained and
-    an order of magnitude worse than it had been, however slowly it got there). A non-finite loss (the
+    ``ratio`` times the lowest settled mean and above the first loss, reached within a hundred steps or so, is not:
+    that is a model worse than untrained and an order of magnitude worse than it had just been). A non-finite loss (the
     non-finite gradient path handles it), an exactly-zero loss (a fully masked batch) and a step without a loss are
     no observation; a running mean at or below 0 (a loss that can be negative: a density's log-likelihood, a critic's
     score) reports nothing. The first loss stands for the untrained level, so it must not be much easier than the
@@ -810,7 +819,7 @@ class DivergenceDetector:
         # Device state, created on the first update: [running mean, observations, first loss, high steps in a row,
         # lowest settled running mean (0: none yet), previous loss (0: none), the loss that began a sudden high
         # streak (0: none, or the streak began gradually), the running mean after the first START_LOSSES losses (0:
-        # not yet)].
+        # not yet), the floor: the lowest settled running mean, fading up towards the mean (0: none yet)].
         self._state: Tensor | None = None
         # 1 - alpha, 1 and 0 on the device, made once: a per-step constant is an op.
         self._consts: tuple[Tensor, ...] | None = None
@@ -832,7 +841,7 @@ class DivergenceDetector:
         if self._consts is None or self._consts[0].device != device:
             self._consts = tuple(torch.tensor(v, device=device) for v in (1.0 - self.alpha, 1.0, 0.0))
         slow, one, zero = self._consts
-        mean, count, first, streak, lowest, prev, onset, start = self._state.unbind()
+        mean, count, first, streak, lowest, prev, onset, start, floor = self._state.unbind()
         # ``0 < |loss| < inf`` drops NaN, inf and the exact zero of a fully masked batch (``isfinite`` is six ops).
         size = loss.abs()
         observed = (size > 0) & (size < math.inf)
@@ -840,10 +849,10 @@ class DivergenceDetector:
         # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
         # loss enters it winsorized to at least mean / ratio).
         gated = observed & (first > 0)
-        # 0 (what a fresh state holds): no lowest yet. Once there is one it is never above the mean (it is the
+        # 0 (what a fresh state holds): no floor yet. Once there is one it is never above the mean (at most the
         # minimum of every mean since it settled), so it is the level as it stands.
-        has_lowest = lowest > 0
-        level = torch.where(has_lowest, lowest, mean)
+        has_floor = floor > 0
+        level = torch.where(has_floor, floor, mean)
         high = gated & (loss > torch.maximum(first, level * self.ratio))
         if self.start_ratio is not None:
             high |= gated & (loss > first * self.start_ratio)
@@ -879,6 +888,11 @@ class DivergenceDetector:
         # flat-run simulation, tracking it from the start gave 57 runs of 200 an event instead of 13 with one sample
         # per loss). A high loss only raises the mean, so it never lowers this.
         settled = n >= self._settle
+        has_lowest = lowest > 0
+        # The floor closes a little of its gap to the mean each step: the lowest mean ever seen made a loss summed
+        # over a length curriculum (40x over 400 steps, by design) a divergence, with a cut and a restart from the
+        # initial weights (held-out +109%), while a blow-up is 10x past it long before it has moved.
+        faded = torch.where(has_floor, torch.lerp(floor, new_mean, FLOOR_FADE), new_mean)
         new = torch.stack(
             [
                 new_mean,
@@ -890,11 +904,12 @@ class DivergenceDetector:
                 onset,
                 # After a level shift too: progress is then measured within the new level.
                 torch.where(n == START_LOSSES, new_mean, start),
+                torch.where(settled, torch.minimum(faded, new_mean), floor),
             ]
         )
         if shift is not None:
             # The new level starts afresh from this loss, as the first losses of a run do; the first loss is kept.
-            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero, start]), new)
+            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero, start, zero]), new)
         self._state = new
         return event
 
@@ -919,7 +934,7 @@ class DivergenceDetector:
         """
         if self._state is None:
             return torch.full((4,), math.nan)
-        mean, count, first, _, lowest, _, _, start = self._state.unbind()
+        mean, count, first, _, lowest, _, _, start, _ = self._state.unbind()
         # A state saved before the start was kept: the first loss stands in for it.
         start = torch.where((start == 0) & (count >= START_LOSSES), first, start)
         learned = (lowest > 0) & (start > 0) & (lowest <= start * LEARNED)
@@ -935,8 +950,11 @@ class DivergenceDetector:
         saved = state["state"]
         if saved is not None and saved.numel() < _DIVERGENCE_STATE:
             # Saved before the lowest settled mean (or the previous loss and a streak's onset) was kept: none yet (it
-            # settles again from the running mean).
-            saved = torch.cat([saved, saved.new_zeros(_DIVERGENCE_STATE - saved.numel())])
+            # settles again from the running mean). Saved before the floor faded: the floor starts at the lowest.
+            kept = saved.numel()
+            saved = torch.cat([saved, saved.new_zeros(_DIVERGENCE_STATE - kept)])
+            if kept == _DIVERGENCE_STATE - 1:
+                saved[-1] = saved[4]
         self._state = saved
 
     def __repr__(self) -> str:

@@ -100,7 +100,26 @@ def test_a_state_saved_before_the_lowest_level_was_kept_loads() -> None:
     det = DivergenceDetector(patience=2)
     det.load_state_dict({"state": torch.tensor([1.0, 60.0, 2.0, 0.0])})  # [mean, observations, first, streak]
     assert _feed(det, [1.0, 50.0, 500.0]) == [2]
-    assert det._state is not None and det._state.numel() == 8
+    assert det._state is not None and det._state.numel() == 9
+
+
+def test_a_state_saved_before_the_floor_faded_starts_its_floor_at_the_lowest_level() -> None:
+    # [mean, observations, first, streak, lowest, previous, onset, start]: settled at 2.0, once as low as 1.0.
+    det = DivergenceDetector(patience=1)
+    det.load_state_dict({"state": torch.tensor([2.0, 80.0, 5.0, 0.0, 1.0, 2.0, 0.0, 2.0])})
+    assert _feed(det, [12.0]) == [0]  # 10x the lowest level and above the first loss, not 10x the mean
+
+
+def test_a_summed_loss_over_a_length_curriculum_is_no_divergence() -> None:
+    # A user's GRU tagger with `reduction="sum"`, batch lengths growing from 4 to 160 tokens over 400 steps: the loss
+    # rose 25x by design, 10x past its lowest settled mean at step 322. Judged against that lowest mean the run was
+    # cut and restarted from its initial weights (held-out +109%). Here: settled at 1.0, then 1% more per step, the
+    # batches' lengths varying +-50%; the same climb at 5% per step is a divergence.
+    generator = torch.Generator().manual_seed(0)
+    jitter = torch.empty(500).uniform_(0.5, 1.5, generator=generator).tolist()
+    for rate, events in ((1.01, 0), (1.05, 1)):
+        losses = [2.0] + [1.0] * 99 + [min(rate**k, 40.0) for k in range(1, 400)]
+        assert len(_feed(DivergenceDetector(), [x * j for x, j in zip(losses, jitter)])) == events, rate
 
 
 def test_exact_zero_and_non_finite_losses_are_no_observation() -> None:
