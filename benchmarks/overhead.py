@@ -85,7 +85,7 @@ try:
 except ImportError:
     ZClipLightningCallback = None
 
-MODELS = ("mlp800", "mlp3000", "resnet20", "lstm")
+MODELS = ("mlp800", "mlp3000", "resnet20", "lstm", "mlp_tiny")
 LOG_EVERY = 50  # Lightning's default logging interval
 # GradGuard's default picture interval: the logging share amortizes one picture over it.
 IMAGE_EVERY: int = inspect.signature(GradGuard).parameters["image_every_n_steps"].default
@@ -184,6 +184,17 @@ SPECS: dict[str, _ModelSpec] = {
         20,
         3,
         4,
+    ),
+    # A step of about a millisecond: the guard's fixed cost against the smallest models users try first.
+    "mlp_tiny": _ModelSpec(
+        "mlp_tiny",
+        lambda quick: nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1)),
+        lambda g, quick: (torch.randn(32, 16, generator=g), torch.randn(32, 1, generator=g)),
+        F.mse_loss,
+        "Linear(16,64), ReLU, Linear(64,64), ReLU, Linear(64,1), batch 32 (6 tensors)",
+        200,
+        10,
+        5,
     ),
 }
 
