@@ -1078,6 +1078,25 @@ def test_a_vanishing_warning_for_an_exactly_zero_gradient_says_so_not_what_satur
     assert "Most saturated" not in vanishing and "ReLU" not in vanishing
 
 
+class _MetMargin(Regressor):
+    """A hinge loss whose margin every example meets: the loss, and every gradient, exactly 0 (a converged triplet
+    loss with SGD was 0 on 26 and 52 batches in a row)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        return torch.relu(0.5 - (self(x).abs() + 1.0)).mean()
+
+
+def test_a_vanishing_warning_for_an_all_zero_loss_names_a_met_margin() -> None:
+    guard = GradGuard(vanishing=VanishingDetector(patience=3))
+    messages = _quiet_fit(
+        trainer(max_steps=10, max_epochs=-1, callbacks=[guard], log_every_n_steps=5), _MetMargin(), regression_data()
+    )
+    (vanishing, *_) = [m for m in messages if "vanishing gradients" in m]
+    assert "exactly zero" in vanishing and "a loss that is exactly 0 on these batches" in vanishing
+    assert guard.summary()["exploding"] == 0 and guard.summary()["diverging"] == 0
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
