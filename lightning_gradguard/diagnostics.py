@@ -385,7 +385,7 @@ too high for it (about 1e-3 is usual)"]
                 -1,
                 self.low,
                 "{they} barely train{s}: the learning rate may be too low for {them}, or the gradient has become"
-                " small (a task already fitted, or vanishing gradients)",
+                " small (a task already fitted, vanishing gradients, or a model that a too-high rate has collapsed)",
             ),
         ):
             found = sorted(due[direction], key=lambda item: -item[0])

@@ -210,7 +210,7 @@ def test_update_ratio_hints_fire_once_per_streak_and_ignore_non_observations() -
             "update/weight ratio above 1e-2 over the last 3 logs for 1 layer: 'encoder.3' 3.1e-2; the learning rate"
             " may be too high for it (about 1e-3 is usual); and below 1e-5 over the last 3 logs for 1 layer: 'head'"
             " 1.0e-6; it barely trains: the learning rate may be too low for it, or the gradient has become small"
-            " (a task already fitted, or vanishing gradients)"
+            " (a task already fitted, vanishing gradients, or a model that a too-high rate has collapsed)"
         ]
         assert h.update(names, [5e-2, 1e-6, 0.0]) == []  # once per streak
     # One log back in the band is no recovery (a layer hovering at the edge of the band does not hint at every
