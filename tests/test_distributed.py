@@ -9,7 +9,6 @@ single-process run of the same model on the same samples.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import functools
 import gc
@@ -826,29 +825,29 @@ class NaNAtStep(Regressor):
         return loss * math.nan if self.global_step == self.nan_step else loss
 
 
-class _LeaveWithoutTeardown(Callback):
-    """In a ``ddp_spawn`` worker whose fit has ended: leave at interpreter exit without running the C++ destructors,
-    whose teardown of gloo's threads can abort the process after its results are sent (see ``_main``). Only after a
-    fit that ended: a worker that raised exits as before, with its error."""
-
-    def __init__(self) -> None:
-        self.launcher = os.getpid()  # pickled into the workers: theirs differ
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if os.getpid() != self.launcher:
-            atexit.register(os._exit, 0)  # run first (last registered), once the launcher has the results
-
-
-def _spawn_trainer(guard: GradGuard, max_steps: int) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=WORLD,
-        strategy="ddp_spawn",
-        logger=False,
-        callbacks=[guard, _LeaveWithoutTeardown()],
-        **_QUIET,
-    )
+def _fit_spawned(guard: GradGuard, max_steps: int, model: L.LightningModule, data: DataLoader) -> L.Trainer:
+    """``trainer.fit`` under ``ddp_spawn``, once more if a worker died of SIGABRT: gloo's teardown at the interpreter's
+    exit can abort a worker after its results are sent (see ``_main``), and the launcher then raises. A failed spawn
+    changes nothing here (the workers train copies), and an exception in a worker is raised, never retried."""
+    for attempt in range(2):
+        trainer = L.Trainer(
+            max_steps=max_steps,
+            accelerator="cpu",
+            devices=WORLD,
+            strategy="ddp_spawn",
+            logger=False,
+            callbacks=[guard],
+            **_QUIET,
+        )
+        try:
+            trainer.fit(model, data)
+        except torch.multiprocessing.ProcessExitedException as error:
+            if attempt or error.signal_name != "SIGABRT":
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())  # the fixture restores the environment
+            continue
+        return trainer
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture
@@ -864,8 +863,7 @@ def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
     # `ddp_spawn` trains in worker processes: the GradGuard object of this process sees no step, and the counts come
     # back through the trainer's callback metrics, which the launcher returns.
     guard = GradGuard()
-    trainer = _spawn_trainer(guard, max_steps=30)
-    trainer.fit(NaNAtStep(25), regression_data())
+    trainer = _fit_spawned(guard, 30, NaNAtStep(25), regression_data())
     assert guard.summary()["skipped"] == 0
     counts = {k[len("gradguard/summary/") :]: v.item() for k, v in trainer.callback_metrics.items() if "summary" in k}
     assert counts == {**dict.fromkeys(counts, 0.0), "nonfinite": 1.0, "skipped": 1.0}
@@ -881,8 +879,7 @@ def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
         model, regression_data()
     )
     assert guard.summary()["skipped"] == 1
-    trainer = _spawn_trainer(guard, max_steps=10)
-    trainer.fit(model, regression_data())  # the same model: its workers' copies have its weights
+    trainer = _fit_spawned(guard, 10, model, regression_data())  # the same model: its workers' copies have its weights
     counts = {k[len("gradguard/summary/") :]: v.item() for k, v in trainer.callback_metrics.items() if "summary" in k}
     # The second NaN batch comes 10 engine steps after the first: a repeat within the LR guard's window, one cut.
     assert counts == {**dict.fromkeys(counts, 0.0), "nonfinite": 2.0, "skipped": 2.0, "lr_reduced": 1.0}
@@ -912,8 +909,7 @@ def test_a_rate_changed_before_a_ddp_spawn_fit_drops_the_cut_in_the_workers() ->
     assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 0.5
     assert single.callback_metrics["lr_seen"].item() == pytest.approx(0.025)
     model.lr, model.nan_steps = 0.01, ()
-    trainer = _spawn_trainer(guard, max_steps=4)
-    trainer.fit(model, regression_data())
+    trainer = _fit_spawned(guard, 4, model, regression_data())
     assert trainer.callback_metrics["lr_seen"].item() == pytest.approx(0.01)  # sent back: the rate set, uncut
 
 
