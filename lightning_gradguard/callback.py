@@ -1165,7 +1165,8 @@ class GradGuard(CallbackBase):
         done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
-        rate, advice = "", "start well below that rate (a third or a tenth of it, or one `Tuner.lr_find` finds)"
+        rate, ceiling = "", "That rate"
+        advice = "start well below it (a tenth of it, or a rate `Tuner.lr_find` finds)"
         if key < len(trainer.optimizers):
             groups = trainer.optimizers[key].param_groups
             scheduled = {float(group["lr"]) for group in groups if group.get("lr") is not None}
@@ -1180,16 +1181,17 @@ class GradGuard(CallbackBase):
                 for base, group in zip(bases, groups)
             )
             if moved:
-                advice = f"scale the whole schedule well below {scale:.3g}x"
+                # The last rate is the schedule's, decayed: the ceiling is the schedule scaled.
+                ceiling = f"The schedule scaled by {scale:.3g}x"
                 if len(set(bases)) == 1 and bases[0] is not None:
-                    advice += f" (its {kind} rate {bases[0] * scale:.3g} instead of {bases[0]:.3g} is the ceiling)"
-                advice += ", by a third or a tenth of that"
+                    ceiling += f" (its {kind} rate {bases[0] * scale:.3g} instead of {bases[0]:.3g})"
+                advice = "scale it well below that (by a tenth of it)"
         # The guard finds the edge of stability, not the best rate: a user read "start at or below that rate" as the
         # rate to use, 13x and 80x the best of a sweep (a CNN and an LSTM with Adam, user trial).
         notes.append(
-            f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. That is a"
-            " ceiling, the highest rate that stayed finite here; the best rate is often ten times lower or more. To"
-            f" train this setup again, {advice}. Unless the cuts answered bad batches (bursts of spikes between calm"
+            f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value{rate} {done}. {ceiling} is"
+            " a ceiling, the highest that stayed finite here; the best is often ten times lower or more. To train"
+            f" this setup again, {advice}. Unless the cuts answered bad batches (bursts of spikes between calm"
             " stretches, in the events): those say nothing about the rate."
         )
         return " ".join(notes)

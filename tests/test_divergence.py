@@ -103,11 +103,28 @@ def test_a_state_saved_before_the_lowest_level_was_kept_loads() -> None:
     assert det._state is not None and det._state.numel() == 9
 
 
-def test_a_state_saved_before_the_floor_faded_starts_its_floor_at_the_lowest_level() -> None:
+@pytest.mark.parametrize("kept", [5, 7, 8])
+def test_a_state_saved_before_the_floor_faded_starts_its_floor_at_the_lowest_level(kept: int) -> None:
     # [mean, observations, first, streak, lowest, previous, onset, start]: settled at 2.0, once as low as 1.0.
     det = DivergenceDetector(patience=1)
-    det.load_state_dict({"state": torch.tensor([2.0, 80.0, 5.0, 0.0, 1.0, 2.0, 0.0, 2.0])})
+    det.load_state_dict({"state": torch.tensor([2.0, 80.0, 5.0, 0.0, 1.0, 2.0, 0.0, 2.0])[:kept]})
     assert _feed(det, [12.0]) == [0]  # 10x the lowest level and above the first loss, not 10x the mean
+
+
+def test_a_state_longer_than_this_version_keeps_is_refused() -> None:
+    with pytest.raises(ValueError, match="holds 10 values, this version keeps 9"):
+        DivergenceDetector().load_state_dict({"state": torch.zeros(10)})
+
+
+def test_steps_without_a_loss_leave_the_floor_where_it_is() -> None:
+    # Settled at 1.0 after a climb to 2.0 (the floor 1.0 while the mean is 2.0), then 300 steps without a loss
+    # (NaN, 0, non-finite): the floor faded towards the mean on each, to 1.6, and a loss of 12 went unjudged.
+    det = DivergenceDetector(patience=1)
+    _feed(det, [5.0] + [1.0] * 99 + [2.0] * 100)
+    before = det._state.clone() if det._state is not None else None
+    _feed(det, [math.nan, 0.0, math.inf] * 100)
+    assert before is not None and det._state is not None and torch.equal(det._state[8], before[8])
+    assert _feed(det, [12.0]) == [0]
 
 
 def test_a_summed_loss_over_a_length_curriculum_is_no_divergence() -> None:
