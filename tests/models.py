@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -41,6 +42,18 @@ class Regressor(L.LightningModule):
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class NaNAtSteps(Regressor):
+    """A regressor whose loss is NaN (on every rank) at the given optimizer steps."""
+
+    def __init__(self, *steps: int) -> None:
+        super().__init__()
+        self.nan_steps = steps
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step in self.nan_steps else loss
 
 
 class SplitRegressor(Regressor):

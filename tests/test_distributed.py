@@ -49,7 +49,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from tests.helpers import RestartWatch, assert_same_state, event_files, load_events
-from tests.models import Regressor, regression_data
+from tests.models import NaNAtSteps, Regressor, regression_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -813,18 +813,6 @@ def _stub_trainer(strategy: Any) -> Any:
     return SimpleNamespace(strategy=strategy)
 
 
-class NaNAtStep(Regressor):
-    """A regressor whose loss is NaN on every rank at one optimizer step."""
-
-    def __init__(self, step: int) -> None:
-        super().__init__()
-        self.nan_step = step
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        return loss * math.nan if self.global_step == self.nan_step else loss
-
-
 def _fit_spawned(guard: GradGuard, max_steps: int, model: L.LightningModule, data: DataLoader) -> L.Trainer:
     """``trainer.fit`` under ``ddp_spawn``, once more if a worker died of SIGABRT: gloo's teardown at the interpreter's
     exit can abort a worker after its results are sent (see ``_main``), and the launcher then raises. A failed spawn
@@ -863,7 +851,7 @@ def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
     # `ddp_spawn` trains in worker processes: the GradGuard object of this process sees no step, and the counts come
     # back through the trainer's callback metrics, which the launcher returns.
     guard = GradGuard()
-    trainer = _fit_spawned(guard, 30, NaNAtStep(25), regression_data())
+    trainer = _fit_spawned(guard, 30, NaNAtSteps(25), regression_data())
     assert guard.summary()["skipped"] == 0
     counts = {k[len("gradguard/summary/") :]: v.item() for k, v in trainer.callback_metrics.items() if "summary" in k}
     assert counts == {**dict.fromkeys(counts, 0.0), "nonfinite": 1.0, "skipped": 1.0}
@@ -874,7 +862,7 @@ def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
 def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
     # `ddp_spawn` pickles the callbacks into its workers: a guard that had fitted here held weak references, hooks and
     # a lock, and the launch failed. Its copy now carries its checkpoint state: the count of the first fit goes on.
-    guard, model = GradGuard(regularizers=[L2(1e-4)]), NaNAtStep(5)  # a regularizer holds a weak reference too
+    guard, model = GradGuard(regularizers=[L2(1e-4)]), NaNAtSteps(5)  # a regularizer holds a weak reference too
     L.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, callbacks=[guard], **_QUIET).fit(
         model, regression_data()
     )

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytest
@@ -12,19 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 
 from lightning_gradguard import GradGuard
 from tests.helpers import MetricsLogger
-from tests.models import Regressor, SplitRegressor, regression_data, trainer
-
-
-class NaNBatch(Regressor):
-    """One NaN loss, at batch ``at``."""
-
-    def __init__(self, at: int) -> None:
-        super().__init__()
-        self.at = at
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        return loss * math.nan if batch_idx == self.at else loss
+from tests.models import NaNAtSteps, Regressor, SplitRegressor, regression_data, trainer
 
 
 class TwoOptimizers(SplitRegressor):
@@ -50,7 +37,7 @@ def test_one_nan_batch_is_one_event_on_the_progress_bar() -> None:
     # threshold of one event stopped the run for a single bad batch).
     guard = GradGuard()
     fit = trainer(callbacks=[guard], log_every_n_steps=1)
-    fit.fit(NaNBatch(at=5), regression_data())
+    fit.fit(NaNAtSteps(5), regression_data())
     assert guard.summary()["nonfinite"] == 1 and guard.summary()["skipped"] == 1
     assert fit.callback_metrics["gg_ev"].item() == 1.0
 
@@ -75,12 +62,7 @@ def test_without_a_clipper_there_is_no_clip_coefficient_to_watch() -> None:
 
 def test_early_stopping_watches_the_event_count() -> None:
     # The second NaN batch of the epoch makes two events: a threshold of 1.5 stops the run at the epoch's end.
-    class TwoNaNBatches(NaNBatch):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            loss = super().training_step(batch, batch_idx)
-            return loss * math.nan if batch_idx == 12 else loss
-
     stop = EarlyStopping(monitor="gg_ev", mode="min", divergence_threshold=1.5, check_on_train_epoch_end=True)
     fit = trainer(callbacks=[GradGuard(), stop], log_every_n_steps=1, max_epochs=5)
-    fit.fit(TwoNaNBatches(at=5), regression_data())
+    fit.fit(NaNAtSteps(5, 12), regression_data())
     assert fit.current_epoch == 1 and fit.callback_metrics["gg_ev"].item() == 2.0
