@@ -73,6 +73,13 @@ _BOARD_CHECKPOINT_KEY = "gradguard_board"
 # Rows of the events table not yet written when a checkpoint was taken (rank zero's), under each guard's state key.
 _ROWS_CHECKPOINT_KEY = "gradguard_rows"
 _WARNED_CHECKPOINT_KEY = "gradguard_warned"
+
+
+def _base_rates(optimizer: Any) -> list[float | None]:
+    """Each param group's base rate as a host float: a scheduler's ``initial_lr``, else its ``lr``."""
+    return [host_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups]
+
+
 #: The diagnostics' names, typed so that LightningCLI refuses a wrong one with a usage error.
 Diagnostic = Literal["update_ratio", "zero_fraction", "act_grad", "noise_scale", "epoch"]
 DIAGNOSTICS: tuple[str, ...] = get_args(Diagnostic)
@@ -554,7 +561,7 @@ class GradGuard(CallbackBase):
         for optimizer in trainer.optimizers:
             key = self._optimizer_key(trainer, optimizer)
             # A schedule's base (`initial_lr`): a warm-up from 0 has already set `lr` to 0 here.
-            rates = [host_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups]
+            rates = _base_rates(optimizer)
             before = self._fit_rates.get(key)
             if before is not None and trainer.ckpt_path is None and _rates_differ(before, rates):
                 self._rates_changed[key] = f"{_rates_text(before)} -> {_rates_text(rates)}"
@@ -659,10 +666,8 @@ class GradGuard(CallbackBase):
             engine = self._state_for(trainer, optimizer, key)
             if key in self._rates_changed:
                 self._forget_rate(key, engine, self._rates_changed.pop(key))
-            # Each group's base rate (a scheduler's `initial_lr`, which SWA later overwrites with its `swa_lrs`).
-            self._start_rates[key] = [
-                host_rate(group.get("initial_lr", group.get("lr"))) for group in optimizer.param_groups
-            ]
+            # Each group's base rate now (SWA later overwrites `initial_lr` with its `swa_lrs`).
+            self._start_rates[key] = _base_rates(optimizer)
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
                     f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has no lr in any param"
