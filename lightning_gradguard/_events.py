@@ -248,8 +248,9 @@ class EventReporter:
                 # does not reach it. CLIP's logit scale clamped at 100 got advice for an ordinary ReLU instead.
                 hint = (
                     "Its gradient is exactly zero and no watched activation is saturated: the loss does not depend on"
-                    " it at this point (a value clamped at its bound, a detached or unused branch, or a loss that is"
-                    " exactly 0 on these batches: a hinge or triplet margin that every example meets)."
+                    " it at this point (a value clamped at its bound, a detached or unused branch, a loss term weighted"
+                    " 0 for now by a schedule that switches it on later, or a loss that is exactly 0 on these batches:"
+                    " a hinge or triplet margin that every example meets)."
                 )
             if hint:
                 message += " " + hint

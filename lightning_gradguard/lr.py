@@ -349,7 +349,14 @@ class LRGuard:
         """The multiplier and counters of optimizer ``key`` (plain values), for :meth:`rewind`."""
         return self._states.get(key, _KeyState()).as_dict()
 
-    def rewind(self, snapshot: dict[str, Any], key: int = 0, cut: bool = True, state_restored: bool = True) -> bool:
+    def rewind(
+        self,
+        snapshot: dict[str, Any],
+        key: int = 0,
+        cut: bool = True,
+        state_restored: bool = True,
+        factor: float | None = None,
+    ) -> bool:
         """Go back to a :meth:`snapshot` of optimizer ``key`` and take one reduction from there.
 
         Used by a rollback: the reductions taken since the snapshot answered weights that the rollback throws away,
@@ -361,6 +368,8 @@ class LRGuard:
             cut: ``False``: go back without the reduction (a rollback whose remedy is a clipper, not the rate).
             state_restored: the rollback restored (or cleared) the optimizer's state with the weights: no momentum
                 reset then. ``False`` (weights only): the moments of the exploding steps are zeroed as on any cut.
+            factor: the reduction, in ``(0, 1)``, when it is to be deeper than the guard's own ``factor`` (the lower
+                of the two is taken; ``None``: ``factor``). The ceiling is then set from it as from ``factor``.
 
         Returns:
             ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor, or with ``cut=False``).
@@ -371,7 +380,9 @@ class LRGuard:
         state.calm_run = _LONE_CALM  # the restarted run starts calm
         self._states[key] = state
         # Trouble bad enough to go back for: the rate it came at is remembered at once.
-        reduced = self._explode(state, force=True, remember=True) if cut else False
+        if factor is not None:
+            factor = check_number("factor", factor, low=0.0, high=1.0)
+        reduced = self._explode(state, force=True, remember=True, factor=factor) if cut else False
         if state_restored:
             # No velocity of the exploding steps is left to stop, and zeroing the copy's moments would throw away
             # what the calm steps built.
@@ -474,7 +485,10 @@ class LRGuard:
             state.anchor = max(state.ceiling, state.anchor)
         return False
 
-    def _explode(self, state: _KeyState, force: bool, remember: bool = False, hold: bool = False) -> bool:
+    def _explode(
+        self, state: _KeyState, force: bool, remember: bool = False, hold: bool = False, factor: float | None = None
+    ) -> bool:
+        factor = self.factor if factor is None else min(factor, self.factor)
         current = self._multiplier(state)
         # A recurrence: the rate exploded again after a cut had calmed it, within two holds and recoveries of that
         # cut (a rate too high explodes again as recovery brings it back). Bursts further apart (occasional bad
@@ -492,10 +506,10 @@ class LRGuard:
         state.pending = 0
         state.since_cut = 0
         state.armed = 0  # a recurrence is judged against this cut from now on: it must calm past its hold first
-        state.anchor = max(current * self.factor, self.min_scale)
+        state.anchor = max(current * factor, self.min_scale)
         if self.memory and (recurrence or remember):
             # Just below the rate that exploded again: the geometric middle of it and the reduced rate.
-            state.ceiling = max(min(state.ceiling, current * math.sqrt(self.factor)), state.anchor)
+            state.ceiling = max(min(state.ceiling, current * math.sqrt(factor)), state.anchor)
         if self.reset_momentum:
             state.reset_due = 1
         return state.anchor < current

@@ -367,6 +367,12 @@ class Rollback:
             checkpoints small: a resumed run's weights at its first step become its safe copy, and trouble after the
             resume goes back only to them. The copies of sharded parameters (FSDP2's DTensors) are never saved: each
             rank holds its own shard.
+        diverged_factor: the LR guard's reduction on a rollback for a divergence event of the loss, in ``(0, 1)``
+            (the deeper of it and the guard's ``factor`` is taken); recovery then returns to just below the rate
+            that diverged, as after any cut (the geometric middle of the two). A loss an order of magnitude above both
+            its running level and its untrained level says that the rate is far too high, not a little: an LR range
+            test takes a tenth of the rate at which the loss blows up. :func:`default_rollback` sets 0.1 (see "Why a
+            tenth" below). ``None``: the guard's ``factor``.
 
     Why a rescue clipper: at a learning rate 10-1000x too high, halving the rate after each failure takes several
     failures to get there, each one a restart; unit-wise clipping (:class:`~lightning_gradguard.AGC`, Brock et al.,
@@ -377,6 +383,12 @@ class Rollback:
     0.010 / 0.0087 (its best rate: 0.0026 / 0.0047 / 0.143; a retry first, then the rescue). Used from the
     first step, AGC slows healthy SGD runs (+30% and +55% held-out loss in two configs of the healthy zoo), which is
     why it waits for a failure, and only for one in the first steps (``benchmarks/bad_batches.py``).
+
+    Why a tenth on a divergence of the loss: a halving restarted such runs at a rate that still trained noisily. The
+    stability suite's tanh RNN (SGD 0.1, the loss 40x up in 20 steps) restarted at 0.05 and recovered to 0.09, ending
+    at MSE 0.1765 / 0.1833 / 0.1662 (seeds 0-2; its best lower rate: 0.1678 / 0.1646 / 0.1650); at a tenth, 0.1704 /
+    0.1718 / 0.1646. A no-norm transformer language model at Adam 0.03 that blew up late in its warm-up ended 2.7-4.1%
+    above its best lower rate after a halving, 2.0-2.2% after a tenth (user trial, seeds 0-2).
 
     Checkpoints keep the copies while they are held (``save_copies``), with the record of the steps since, so that a
     run resumed inside the rollback's window restarts from the same weights as the run that was not interrupted
@@ -422,6 +434,7 @@ class Rollback:
         early_only: bool = False,
         retry: bool = False,
         save_copies: bool = True,
+        diverged_factor: float | None = None,
     ) -> None:
         self.every = optional_int("every", every, low=1)
         self.pin_lr = check_bool("pin_lr", pin_lr)
@@ -439,6 +452,7 @@ class Rollback:
         self.early_only = check_bool("early_only", early_only)
         self.retry = check_bool("retry", retry)
         self.save_copies = check_bool("save_copies", save_copies)
+        self.diverged_factor = optional_number("diverged_factor", diverged_factor, low=0.0, high=1.0)
         self.retried = False  # the plain retry (``retry``) has been used
         self._origin = 0  # the step the run last started from: 0, or that of the plain retry (windows count from it)
         self._early_norms: list[tuple[int, float]] = []  # (step, total norm) of the untroubled steps by rescue_until
@@ -464,6 +478,7 @@ class Rollback:
             + (", early_only=True" if self.early_only else "")
             + (", retry=True" if self.retry else "")
             + ("" if self.save_copies else ", save_copies=False")
+            + (f", diverged_factor={self.diverged_factor}" if self.diverged_factor is not None else "")
             + (f", rescue={self.rescue!r}" if self.rescue is not None else "")
             # Read by early_only and retry as well as by the rescue: shown whenever one of them is on.
             + (
@@ -686,6 +701,11 @@ class Rollback:
             and not self.blew_up()
         )
 
+    def cut_factor(self) -> float | None:
+        """The LR guard's reduction for a rollback now: ``diverged_factor`` when the current stretch of trouble holds
+        a divergence event of the loss, else ``None`` (the guard's own ``factor``)."""
+        return self.diverged_factor if self._stretch_diverged else None
+
     def rescues(self, optimizer: torch.optim.Optimizer | None, scaled: bool = False) -> bool:
         """Whether a rollback now would put the :attr:`rescue` clipper to work (and keep the rate, unless
         :meth:`blew_up`): there is one, it is not at work yet, the trouble began by step ``rescue_until`` and did not
@@ -824,27 +844,28 @@ def default_rollback(
     early_only: bool = True,
     retry: bool = True,
     save_copies: bool = True,
+    diverged_factor: float | None = 0.1,
 ) -> Rollback:
     """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
 
     ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC(), calm_factor=4.0,
-    blowup_factor=1e6, early_only=True, retry=True, save_copies=True)``: one copy of the initial trainable
-    parameters (no optimizer state exists yet), kept for the first 500 optimizer steps (and in the checkpoints taken
-    then) and then freed. When the rate is lowered after two exploding or
-    non-finite steps in a row that began in the first 20 steps (``rescue_until``) without a calm start before them
-    (``calm_factor``), the run restarts from the initial weights at the same rate: a plain retry (``retry``), since bad
-    batches among the first steps look just like a rate too high, and do not come back. When such trouble comes back,
-    or on a divergence event of the loss (itself several high steps in a row), or a blow-up (``blowup_factor``), the
-    run restarts from the initial weights at the lowered rate (the LR guard's ``factor``), or, the first time, for
-    early trouble in an SGD run, at its rate with unit-wise clipping (``AGC()``, clip factor 0.01) from then on (one cut
-    below it when the norm blew up by more than ``blowup_factor`` in one step). Trouble after a calm start, or
-    later, is left to the LR guard's cut (``early_only``): the run had weights worth keeping, and the flagged steps
-    were clipped to the average norm. A diverging run explodes on every step once its weights are wrecked; bad
-    batches (a corrupted label, a NaN) explode alone, between calm steps, and at most lower the rate. A too-high
-    learning rate wrecks the weights in its first updates, before any statistic has a calm history, and lowering the
-    rate then leaves the run where it landed; a restart at the lower rate is what a person would do, and early on it
-    loses little. A model whose trainable parameters take more than 1 GiB gets no rollback (one warning), so the
-    default never makes a large run run out of memory.
+    blowup_factor=1e6, early_only=True, retry=True, save_copies=True, diverged_factor=0.1)``: one copy of the initial
+    trainable parameters (no optimizer state exists yet), kept for the first 500 optimizer steps (and in the checkpoints
+    taken then) and then freed. When the rate is lowered after two exploding or non-finite steps in a row that began in
+    the first 20 steps (``rescue_until``) without a calm start before them (``calm_factor``), the run restarts from the
+    initial weights at the same rate: a plain retry (``retry``), since bad batches among the first steps look just like
+    a rate too high, and do not come back. When such trouble comes back, or on a divergence event of the loss (itself
+    several high steps in a row), or a blow-up (``blowup_factor``), the run restarts from the initial weights at the
+    lowered rate (the LR guard's ``factor``; after a divergence of the loss, a tenth of the rate: ``diverged_factor``),
+    or, the first time, for early trouble in an SGD run, at its rate with unit-wise clipping (``AGC()``, clip factor
+    0.01) from then on (one cut below it when the norm blew up by more than ``blowup_factor`` in one step). Trouble
+    after a calm start, or later, is left to the LR guard's cut (``early_only``): the run had weights worth keeping, and
+    the flagged steps were clipped to the average norm. A diverging run explodes on every step once its weights are
+    wrecked; bad batches (a corrupted label, a NaN) explode alone, between calm steps, and at most lower the rate. A
+    too-high learning rate wrecks the weights in its first updates, before any statistic has a calm history, and
+    lowering the rate then leaves the run where it landed; a restart at the lower rate is what a person would do, and
+    early on it loses little. A model whose trainable parameters take more than 1 GiB gets no rollback (one warning), so
+    the default never makes a large run run out of memory.
 
     Args:
         rescue: the rescue clipper (see :class:`Rollback`): ``True``, the default, for a fresh ``AGC()``; ``False``
@@ -860,10 +881,13 @@ def default_rollback(
         retry: the first restart for early trouble is a plain retry, at the same rate and without the rescue (see
             :class:`Rollback`); ``False``: the remedy at the first restart (the previous default).
         save_copies: checkpoints keep the copy of the initial weights while it is held (see :class:`Rollback`).
+        diverged_factor: the reduction of a restart for a divergence event of the loss (see :class:`Rollback`);
+            ``None``: the LR guard's ``factor`` (the previous default, a halving).
 
     Raises:
-        ValueError: for a ``rescue`` that is neither a bool nor a clipper, ``rescue_until < 1``, or a ``calm_factor``
-            or ``blowup_factor`` that is neither ``None`` nor a finite number above 1.
+        ValueError: for a ``rescue`` that is neither a bool nor a clipper, ``rescue_until < 1``, a ``calm_factor``
+            or ``blowup_factor`` that is neither ``None`` nor a finite number above 1, or a ``diverged_factor`` that
+            is neither ``None`` nor in ``(0, 1)``.
 
     Example:
         >>> rollback = default_rollback()
@@ -893,6 +917,7 @@ def default_rollback(
         early_only=early_only,
         retry=retry,
         save_copies=save_copies,
+        diverged_factor=diverged_factor,
     )
 
 

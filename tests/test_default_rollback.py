@@ -450,6 +450,41 @@ def test_default_rollback_takes_its_rescue_clipper_and_window() -> None:
     assert lightning_gradguard.default_rollback is default_rollback
 
 
+def test_a_divergence_cut_is_a_tenth_by_default_and_validated() -> None:
+    assert default_rollback().diverged_factor == 0.1 and Rollback().diverged_factor is None
+    assert default_rollback(diverged_factor=None).diverged_factor is None
+    assert "diverged_factor=0.1" in repr(default_rollback()) and "diverged_factor" not in repr(Rollback())
+    for bad in (0.0, 1.0, -0.5, "0.1", math.nan):
+        with pytest.raises(ValueError, match="diverged_factor"):
+            Rollback(diverged_factor=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("diverged_factor", [0.1, None])
+def test_in_a_trainer_a_divergence_restarts_at_a_tenth_of_the_rate(diverged_factor: float | None) -> None:
+    class Scales(L.Callback):
+        def __init__(self, guard: GradGuard) -> None:
+            self.guard, self.scales = guard, []
+
+        def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+            assert self.guard.lr_guard is not None
+            self.scales.append(self.guard.lr_guard.scale(0))
+
+    torch.manual_seed(0)
+    # Adam at a rate that wrecks the model: its norms look ordinary (Adam divides their size away), the loss blows up.
+    guard = GradGuard(rollback=default_rollback(diverged_factor=diverged_factor))
+    watch = Scales(guard)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=60, max_epochs=-1, callbacks=[guard, watch]).fit(
+            Regressor(optimizer="adam", lr=1.0), regression_data(n=512)
+        )
+    summary = guard.summary()
+    assert summary["diverging"] >= 1 and summary["rolled_back"] == 1 and summary["lr_reduced"] == 1
+    cut = 0.5 if diverged_factor is None else diverged_factor
+    assert min(watch.scales) == pytest.approx(cut)  # the restart's rate, held through the cooldown
+    assert guard.lr_guard is not None and guard.lr_guard.ceiling(0) == pytest.approx(math.sqrt(cut))
+
+
 def test_without_a_rescue_clipper_early_trouble_restarts_one_cut_below_the_rate() -> None:
     rollback = default_rollback(rescue=False)
     engine, _, _, restarts = _engine_run(rollback, spikes=set(), scales=_BACK)

@@ -1097,6 +1097,28 @@ def test_a_vanishing_warning_for_an_all_zero_loss_names_a_met_margin() -> None:
     assert guard.summary()["exploding"] == 0 and guard.summary()["diverging"] == 0
 
 
+class _AuxLater(Regressor):
+    """An auxiliary head whose loss term a schedule weights 0 for the first steps (user trial: weighted 0 until step
+    200, then ramped up): its gradient is exactly zero until the term is switched on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.aux_head = nn.Linear(16, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        weight = 0.0 if self.global_step < 50 else 1.0
+        return nn.functional.mse_loss(self(x), y) + weight * nn.functional.mse_loss(self.aux_head(x), y)
+
+
+def test_a_vanishing_warning_for_a_loss_term_weighted_0_by_a_schedule_names_it() -> None:
+    guard = GradGuard(vanishing=VanishingDetector(patience=3))
+    messages = _quiet_fit(trainer(max_steps=10, max_epochs=-1, callbacks=[guard]), _AuxLater(), regression_data())
+    (vanishing, *_) = [m for m in messages if "vanishing gradients" in m]
+    assert "'aux_head'" in vanishing and "exactly zero" in vanishing
+    assert "a loss term weighted 0 for now by a schedule" in vanishing
+
+
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 

@@ -490,6 +490,23 @@ def test_rewind_replaces_the_cuts_since_a_snapshot_with_one():
     assert guard.rewind(guard.snapshot(1), key=1) and guard.scale(1) == 0.5
 
 
+def test_rewind_takes_the_deeper_of_its_factor_and_the_guards():
+    guard = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
+    before = guard.snapshot()
+    assert guard.rewind(before, factor=0.1)
+    # A tenth, and recovery to just below the rate that diverged: the geometric middle of the two.
+    assert guard.scale() == pytest.approx(0.1) and guard.ceiling() == pytest.approx(math.sqrt(0.1))
+    for _ in range(2 + 4):
+        guard.update(False)
+    assert guard.scale() == pytest.approx(math.sqrt(0.1))
+    # A guard whose own factor is deeper keeps it; a factor outside (0, 1) is refused, naming the argument.
+    deep = LRGuard(factor=0.05)
+    assert deep.rewind(deep.snapshot(), factor=0.1) and deep.scale() == pytest.approx(0.05)
+    for bad in (0.0, 1.0, 2.0):
+        with pytest.raises(ValueError, match="factor"):
+            guard.rewind(before, factor=bad)
+
+
 # ---------------------------------------------------------------------------------------------- lone spikes
 
 
