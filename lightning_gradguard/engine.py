@@ -1408,7 +1408,7 @@ class GuardEngine:
         cut = not retry and (not rescue or rollback.blew_up())
         began = rollback.stretch_began
         copied_at = rollback.copy_step
-        factor = rollback.cut_factor()  # read before the restore forgets the stretch
+        reduction = rollback.cut_factor()  # read before the restore forgets the stretch
         saved = rollback.restore(optimizer, rescue=rescue, retry=retry)
         before_trouble = self._before_steps.get(began) if retry and began is not None else None
         self._before_steps.clear()
@@ -1430,7 +1430,7 @@ class GuardEngine:
             if at >= since:
                 self._shift_total(factor)
         if before is not None:
-            self.lr_guard.rewind(before, self.key, cut=cut, state_restored=optimizer is not None, factor=factor)
+            self.lr_guard.rewind(before, self.key, cut=cut, state_restored=optimizer is not None, factor=reduction)
         self._drop_pending()  # the flags of the abandoned trajectory
         self._drop_grads()  # computed on the abandoned weights: the optimizer step leaves everything as restored
         self.host_counts["rolled_back"] += 1
