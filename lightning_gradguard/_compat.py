@@ -393,7 +393,8 @@ def loaded_type(module_name: str, type_name: str) -> type | None:
 
 def unwrap_optimizer(optimizer: Any) -> Any:
     """The torch optimizer itself, under the wrappers frameworks hand out: Lightning's ``LightningOptimizer``
-    (``_optimizer``) and accelerate's ``AcceleratedOptimizer`` (``optimizer``).
+    (``_optimizer``) and accelerate's ``AcceleratedOptimizer`` (``optimizer``), and under a user's wrapper written
+    the same way (a Lookahead: ``optimizer``, or timm's ``_base_optimizer``).
 
     A wrapper is told by what it lacks: it never ran ``Optimizer.__init__``, so it has no step-hook registry of its
     own (``AcceleratedOptimizer`` subclasses ``Optimizer``, and registering a hook on it fails). Lightning Fabric's
@@ -440,8 +441,15 @@ def shards_state(optimizer: Any) -> bool:
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most
 
 
+#: Where wrappers keep the optimizer they wrap, after Lightning's and Fabric's ``_optimizer``: accelerate's and most
+#: Lookahead implementations' ``optimizer``, timm's Lookahead's ``_base_optimizer``, others' ``base_optimizer``.
+_INNER_NAMES = ("optimizer", "_base_optimizer", "base_optimizer")
+
+
 def _inner(wrapper: Any) -> Any:
-    return getattr(wrapper, "_optimizer", None) or getattr(wrapper, "__dict__", {}).get("optimizer")
+    attributes = getattr(wrapper, "__dict__", {})
+    found = getattr(wrapper, "_optimizer", None)
+    return found or next((attributes[name] for name in _INNER_NAMES if attributes.get(name) is not None), None)
 
 
 def _wrappers(optimizer: Any) -> Iterator[Any]:

@@ -826,7 +826,10 @@ class GradGuard(CallbackBase):
         def ended(*_: Any) -> None:
             self._in_step.pop(key, None)
 
-        return optimizer.register_step_pre_hook(began), optimizer.register_step_post_hook(ended)
+        # A wrapper that never ran ``Optimizer.__init__`` (a Lookahead, written the common way) has no hooks of its
+        # own: the optimizer it wraps steps inside its step, and evaluates the closure there.
+        stepping = unwrap_optimizer(optimizer)
+        return stepping.register_step_pre_hook(began), stepping.register_step_post_hook(ended)
 
     def _repeated_evaluation(self, optimizer: torch.optim.Optimizer, key: int) -> bool:
         """``True`` when this hook call is a further closure evaluation inside an ``optimizer.step()`` whose first

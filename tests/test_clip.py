@@ -50,11 +50,16 @@ class RefZClip:
         skip_update_on_spike: bool = False,
         eps: float = 1e-6,
         spike_update: str = "clip",
+        trend_ratio: float | None = None,
     ) -> None:
         # ``spike_update="clip"`` is the authors' code: a spike enters the EMA as its clip value. ``"boundary"``
         # (ZClip's default here) feeds a spike that follows a spike the spike boundary ``mean + z_thresh * (std +
-        # eps)`` in zscore mode; the first spike of a run enters as its clip value.
+        # eps)`` in zscore mode; the first spike of a run enters as its clip value. ``trend_ratio`` (ZClip's default
+        # here: 1.5; ``None`` is the authors' code): a norm within that ratio of the norm before it, when that step
+        # was no spike, is no spike.
         self.spike_update = spike_update
+        self.trend_ratio = trend_ratio
+        self.prev = 0.0  # the last norm seen
         self.run = False  # the last step after the warm-up was a spike
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
@@ -66,6 +71,7 @@ class RefZClip:
 
     def step(self, norm: float) -> tuple[float, float | None]:
         """Returns (coefficient applied to the gradients, clip target when clipped after the warm-up)."""
+        prev, self.prev = self.prev, norm
         if not self.initialized:
             self.buffer.append(norm)
             if len(self.buffer) >= self.warmup_steps:
@@ -93,6 +99,8 @@ class RefZClip:
                     clip_value = (self.mean + (self.z_thresh * std) / eta) * self.clip_factor
                 else:
                     clip_value = self.mean
+        if self.trend_ratio is not None and not self.run and norm <= self.trend_ratio * prev:
+            clip_value = fed = None  # a climb from an ordinary step, not a jump
         self.run = clip_value is not None
         effective = clip_value if clip_value is not None else norm
         if self.max_grad_norm is not None:
@@ -333,12 +341,14 @@ ZCLIP_CONFIGS = [
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("warmup_steps", [2, 25])
-@pytest.mark.parametrize("spike_update", ["clip", "boundary"])
+@pytest.mark.parametrize(("spike_update", "trend_ratio"), [("clip", None), ("boundary", None), ("boundary", 1.5)])
 @pytest.mark.parametrize("config", ZCLIP_CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
-def test_zclip_matches_reference(device: str, warmup_steps: int, spike_update: str, config: dict) -> None:
+def test_zclip_matches_reference(
+    device: str, warmup_steps: int, spike_update: str, trend_ratio: float | None, config: dict
+) -> None:
     norms = norm_sequence(140, seed=4, spikes=10)
-    ref = RefZClip(warmup_steps=warmup_steps, spike_update=spike_update, **config)
-    clipper = ZClip(warmup_steps=warmup_steps, spike_update=spike_update, **config)
+    ref = RefZClip(warmup_steps=warmup_steps, spike_update=spike_update, trend_ratio=trend_ratio, **config)
+    clipper = ZClip(warmup_steps=warmup_steps, spike_update=spike_update, trend_ratio=trend_ratio, **config)
     clipped = 0
     for step, norm in enumerate(norms):
         expected_coef, target = ref.step(norm)
@@ -398,7 +408,7 @@ def test_zclip_adaptive_threshold_formula() -> None:
 def test_zclip_invalid_steps_do_not_count(config: dict) -> None:
     norms = norm_sequence(80, seed=5)
     invalid = {1, 2, 10, 26, 30, 31, 60}  # inside and after the warm-up
-    ref = RefZClip(warmup_steps=8, spike_update="boundary", **config)
+    ref = RefZClip(warmup_steps=8, spike_update="boundary", trend_ratio=1.5, **config)
     clipper = ZClip(warmup_steps=8, **config)
     for step, norm in enumerate(norms):
         if step in invalid:
@@ -1149,6 +1159,48 @@ def test_zclip_level_survives_a_round_trip_and_an_older_state_loads() -> None:
     older.load_state_dict({k: v for k, v in state.items() if k != "level"})  # saved before levels were kept
     coefs = _feed_norms(older, norms[63:])
     assert [i for i, coef in enumerate(coefs) if coef < 1.0] == [0, 1, 2, 3, 4]  # five more at the level, then in
+
+
+def _climb_after_warmup(rate: float) -> list[float]:
+    """25 calm norms around 4 (the warm-up), then a climb by ``rate`` a step for 15 steps, then calm again."""
+    calm = [4.0 + 0.2 * ((k * 7) % 5 - 2) for k in range(25)]
+    climb = [calm[-1] * rate ** (k + 1) for k in range(15)]
+    return calm + climb + [climb[-1]] * 5
+
+
+def test_zclip_does_not_clip_a_climb_from_ordinary_steps_and_clips_a_jump() -> None:
+    # A healthy model's norm climbing 1.3x a step as it starts to learn (a VAE's rose 3.6 -> 85): no step is a spike.
+    assert _feed_norms(default_clipper(), _climb_after_warmup(1.3)) == [1.0] * 45
+    # The reference's test alone clipped it, harder as the EMA fell behind.
+    reference = _feed_norms(ZClip(z_thresh=4.0, trend_ratio=None), _climb_after_warmup(1.3))
+    assert sum(coef < 1.0 for coef in reference) >= 5 and min(reference) < 0.5
+    # A jump from an ordinary step is a spike, and so is every step after a spike that stays up (bad batches in a
+    # row): the climb is judged from an ordinary step only.
+    calm = _climb_after_warmup(1.0)[:30]
+    coefs = _feed_norms(default_clipper(), [*calm, 20.0, 21.0, 22.0, 4.0, 4.1])
+    assert [coef < 1.0 for coef in coefs[30:]] == [True, True, True, False, False]
+    # Faster than the ratio a step (a too-high rate climbs 10-100x): clipped from the first step that leaves the band.
+    assert sum(coef < 1.0 for coef in _feed_norms(default_clipper(), _climb_after_warmup(2.0))) >= 5
+
+
+def test_zclip_trend_ratio_is_checked_shown_and_kept_in_the_state() -> None:
+    for bad in (1.0, 0.5, -2.0, "1.5", math.nan, True):
+        with pytest.raises(ValueError, match="trend_ratio"):
+            ZClip(trend_ratio=bad)  # type: ignore[arg-type]
+    assert "trend_ratio=1.5" in repr(ZClip()) and "trend_ratio=None" in repr(ZClip(trend_ratio=None))
+    norms = _climb_after_warmup(1.3)
+    whole, first = default_clipper(), default_clipper()
+    _feed_norms(whole, norms[:30])
+    _feed_norms(first, norms[:30])
+    state = first.state_dict()
+    assert float(state["prev"]) == pytest.approx(norms[29])
+    second = default_clipper()
+    second.load_state_dict(state)
+    assert _feed_norms(second, norms[30:]) == _feed_norms(whole, norms[30:])
+    # A state saved before the last norm was kept loads; its first step is judged by the z-score alone.
+    older = default_clipper()
+    older.load_state_dict({k: v for k, v in state.items() if k != "prev"})
+    assert _feed_norms(older, norms[30:])[0] < 1.0
 
 
 def test_zclip_level_steps_is_checked_and_shown() -> None:

@@ -37,7 +37,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from tests.helpers import MetricsLogger, ParamSnapshots, assert_same_state, event_files, load_events
-from tests.models import Regressor, regression_data, trainer
+from tests.models import NaNAtSteps, Regressor, regression_data, trainer
 
 
 # ------------------------------------------------------------------------------------------------------------- helpers
@@ -950,3 +950,61 @@ def test_a_finite_gradient_beyond_the_float32_range_is_skipped_not_applied() -> 
     summary = guard.summary()
     assert summary["nonfinite"] == 1 and summary["skipped"] == 1 and summary["lr_reduced"] == 0
     assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in model.parameters())
+
+
+class _Lookahead(torch.optim.Optimizer):
+    """Lookahead (Zhang et al., 2019) written as most implementations are: a subclass that never runs
+    ``Optimizer.__init__`` (so it has no step hooks of its own) and keeps the optimizer it wraps as ``optimizer``
+    (lonePatient's, torch_optimizer's) or ``_base_optimizer`` (timm's)."""
+
+    def __init__(self, base: torch.optim.Optimizer, attribute: str, k: int = 5, alpha: float = 0.5) -> None:
+        setattr(self, attribute, base)
+        self.base, self.k, self.alpha, self.steps = base, k, alpha, 0
+        self.param_groups = base.param_groups
+        self.defaults = base.defaults
+        self.state: dict[Any, Any] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        loss = self.base.step(closure)
+        self.steps += 1
+        if self.steps % self.k == 0:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    slow = self.state.setdefault(p, p.detach().clone())
+                    slow += self.alpha * (p - slow)
+                    p.copy_(slow)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+
+@pytest.mark.parametrize("attribute", ["optimizer", "_base_optimizer"])
+def test_a_lookahead_wrapper_without_hooks_of_its_own_is_guarded_through_the_optimizer_it_wraps(
+    attribute: str,
+) -> None:
+    rates: list[float] = []
+
+    class Looking(NaNAtSteps):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return _Lookahead(torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9), attribute)
+
+    class Rates(Callback):
+        """After the guard: a hook on the wrapped optimizer, after the LR guard's, reads the rate it steps with."""
+
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            inner = trainer.optimizers[0].base
+            inner.register_step_pre_hook(lambda opt, args, kwargs: rates.append(opt.param_groups[0]["lr"]))
+
+    torch.manual_seed(0)
+    model = Looking(10)
+    guard = GradGuard(lr_guard=LRGuard(nonfinite_patience=1, cooldown=50))
+    # It raised AttributeError ('_optimizer_step_pre_hooks') in on_train_start, with or without the LR guard.
+    trainer(max_steps=30, max_epochs=-1, callbacks=[guard, Rates()]).fit(model, regression_data())
+    summary = guard.summary()
+    assert summary["nonfinite"] == 1 and summary["skipped"] == 1 and summary["lr_reduced"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # The cut reaches the rate the wrapped optimizer steps with; outside its steps the scheduled rate is back.
+    assert rates[:10] == [0.05] * 10 and max(rates[12:]) == pytest.approx(0.025)
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == 0.05
