@@ -800,8 +800,9 @@ class GradGuard(CallbackBase):
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
             " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step, and"
-            " its clipper clips none of them (a quasi-Newton step builds its curvature estimate from the gradients of"
-            " all its evaluations, and clipping some of them bends it); regularizers act on every evaluation, a step"
+            " its clipper clips none of them (the step combines the gradients of all its evaluations: LBFGS builds its"
+            " curvature estimate from them, SAM steps with the one at its perturbed weights, and clipping some of them"
+            " bends the step); regularizers act on every evaluation, a step"
             " whose first evaluation is non-finite is still skipped (every evaluation of it), and the LR guard and the"
             " rollback still act.",
             category=UserWarning,

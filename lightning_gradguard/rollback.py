@@ -379,7 +379,7 @@ class Rollback:
     2021) bounds every unit's step relative to its own weights, which is what the too-high rate lacks, and trains at
     that rate. In the stability suite (README, "Fragile suite") the default's restarts took the ResNet-20 without BN
     at 100-1000x its best rate from chance to CE 1.72 / 0.549 / 1.45 (seeds 0 / 1 / 2; its best rate unguarded:
-    1.73 / 1.93 / 2.09; the rescue with its cut, ``blowup_factor``), and the LSTM at 10x its rate to MSE 0.027 /
+    1.73 / 1.93 / 2.09; the rescue with its cut, ``blowup_factor``), and the LSTM at 10x its rate to MSE 0.0048 /
     0.010 / 0.0087 (its best rate: 0.0026 / 0.0047 / 0.143; a retry first, then the rescue). Used from the
     first step, AGC slows healthy SGD runs (+30% and +55% held-out loss in two configs of the healthy zoo), which is
     why it waits for a failure, and only for one in the first steps (``benchmarks/bad_batches.py``).
