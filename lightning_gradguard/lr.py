@@ -374,14 +374,14 @@ class LRGuard:
         Returns:
             ``True`` when the multiplier was lowered (``False`` at the ``min_scale`` floor, or with ``cut=False``).
         """
+        if factor is not None:
+            factor = check_number("factor", factor, low=0.0, high=1.0)
         state = _KeyState.from_dict(snapshot)
         state.since_cut = 1 << 30  # the reduction below is the one the trouble asked for: never "settling"
         state.deferred = 0
         state.calm_run = _LONE_CALM  # the restarted run starts calm
         self._states[key] = state
         # Trouble bad enough to go back for: the rate it came at is remembered at once.
-        if factor is not None:
-            factor = check_number("factor", factor, low=0.0, high=1.0)
         reduced = self._explode(state, force=True, remember=True, factor=factor) if cut else False
         if state_restored:
             # No velocity of the exploding steps is left to stop, and zeroing the copy's moments would throw away

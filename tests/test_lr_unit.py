@@ -502,9 +502,11 @@ def test_rewind_takes_the_deeper_of_its_factor_and_the_guards():
     # A guard whose own factor is deeper keeps it; a factor outside (0, 1) is refused, naming the argument.
     deep = LRGuard(factor=0.05)
     assert deep.rewind(deep.snapshot(), factor=0.1) and deep.scale() == pytest.approx(0.05)
+    kept = guard.snapshot()
     for bad in (0.0, 1.0, 2.0):
         with pytest.raises(ValueError, match="factor"):
             guard.rewind(before, factor=bad)
+    assert guard.snapshot() == kept  # a refused call changes nothing
 
 
 # ---------------------------------------------------------------------------------------------- lone spikes
