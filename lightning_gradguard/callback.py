@@ -33,6 +33,7 @@ from lightning_gradguard._trainer_clip import later_hooks, restore_clipping, tak
 from lightning_gradguard._validation import check_bool, check_compile, check_int, check_state, optional_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
+from lightning_gradguard.diagnostics import STEP_SIZE_HIGH, adaptive_step_ratio
 from lightning_gradguard.engine import (
     EVENT_KINDS,
     NONFINITE_MODES,
@@ -166,7 +167,8 @@ class GradGuard(CallbackBase):
             list of names (YAML: ``diagnostics: [update_ratio, noise_scale]``). None runs anything on steps that do
             not log. ``"update_ratio"``: ``gradguard/update_ratio/<layer>``, ``‖Δθ‖/‖θ‖`` of the update the optimizer
             step applied (costs one copy of the updated parameters on a logging step), with a warning for a layer
-            whose ratio stays above ``1e-1`` or below ``1e-5`` for 3 logs; ``"zero_fraction"``:
+            whose ratio stays above ``1e-1`` or below ``1e-5`` for 3 logs, and one when training starts for an
+            Adam-type optimizer whose rate is above 0.3x the typical size of its weights; ``"zero_fraction"``:
             ``gradguard/zero_fraction/<layer>``, the fraction of exactly-zero gradient entries; ``"act_grad"``:
             ``gradguard/act_grad/<layer>``, ``‖∂L/∂y‖`` of each layer module's output (hooks on the logging step's
             forward/backward passes only; unscaled under AMP; model-wide, without an optimizer prefix);
@@ -669,6 +671,8 @@ class GradGuard(CallbackBase):
                 self._forget_rate(key, engine, self._rates_changed.pop(key))
             # Each group's base rate now (SWA later overwrites `initial_lr` with its `swa_lrs`).
             self._start_rates[key] = _base_rates(optimizer)
+            if "update_ratio" in self._diag_on:
+                self._hint_step_size(trainer, optimizer, key, engine)
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
                     f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has no lr in any param"
@@ -693,6 +697,32 @@ class GradGuard(CallbackBase):
         restored, self._log_step_restored = self._log_step_restored, False
         if not done < self._next_log_step <= done + every + restored:
             self._next_log_step = (done // every + 1) * every
+
+    def _hint_step_size(
+        self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, key: int, engine: GuardEngine
+    ) -> None:
+        """Warn when an Adam-type optimizer's rate (its schedule's peak) is large against the weights it trains: such
+        a run can train far worse than at a lower rate without a gradient ever exploding, which is all the LR guard
+        and the rollback act on (see :data:`~lightning_gradguard.diagnostics.STEP_SIZE_HIGH`)."""
+        kind, rates = self._schedule_bases(trainer, key)
+        index = engine.index
+        names = {id(p): name for p, name in zip(index.params, index.param_names)}
+        size = adaptive_step_ratio(optimizer, rates, names)
+        if size is None or size.ratio <= STEP_SIZE_HIGH:
+            return
+        shown = {rate for rate in rates if rate is not None}
+        rate = f"its {kind} rate {shown.pop():.3g}" if len(shown) == 1 else f"its {kind} rates"
+        rank_zero_warn(
+            f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) moves each weight by about its"
+            f" learning rate per step, and {rate} is {size.ratio:.2g}x the typical size of the weights it trains (the"
+            f" median root-mean-square of its {size.tensors} weight tensors: {size.rms:.2g}; {size.worst!r}:"
+            f" {size.worst_ratio:.2g}x). Steps that size rewrite such weights within a few steps, and a run can train"
+            " far worse than at a lower rate without a gradient ever exploding, which is what GradGuard acts on. Tuned"
+            f" Adam rates usually sit below {STEP_SIZE_HIGH:g}x (the best of a sweep at 0.09-0.2x in GradGuard's"
+            " trials): try a rate 3-10x lower, or `Tuner.lr_find`. (`GradGuard(diagnostics=[...])` without"
+            " 'update_ratio' turns this off.)",
+            category=UserWarning,
+        )
 
     def _log_every(self, trainer: pl.Trainer) -> int:
         if self.log_every_n_steps is not None:

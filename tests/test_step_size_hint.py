@@ -1,0 +1,109 @@
+"""The start-of-training hint for an Adam-type optimizer whose rate is large against the weights it trains."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard import GradGuard
+from lightning_gradguard.diagnostics import STEP_SIZE_HIGH, adaptive_step_ratio
+from tests.models import Regressor, regression_data, trainer
+
+
+def _net(scale: float) -> nn.Sequential:
+    """Two weight matrices whose entries are all ``scale`` (root-mean-square ``scale``), biases far larger."""
+    net = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    with torch.no_grad():
+        for layer in net:
+            layer.weight.fill_(scale)
+            layer.bias.fill_(100.0)
+    return net
+
+
+def test_the_ratio_is_the_rate_over_each_weight_tensors_root_mean_square() -> None:
+    net = _net(0.05)
+    size = adaptive_step_ratio(torch.optim.Adam(net.parameters(), lr=0.1), [0.1])
+    assert size is not None
+    # Biases (one dimension) are left out: with them the median would be far lower.
+    assert size.tensors == 2
+    assert size.ratio == pytest.approx(2.0)
+    assert size.rms == pytest.approx(0.05)
+    assert size.worst_ratio == pytest.approx(2.0)
+
+
+def test_each_group_is_judged_at_its_own_rate_and_zero_or_unrated_tensors_are_left_out() -> None:
+    net = _net(0.05)
+    zero = nn.Linear(8, 8)
+    nn.init.zeros_(zero.weight)  # LoRA's B, a zero-initialised output layer: grows from its own start
+    groups = [
+        {"params": [net[0].weight], "lr": 0.5},
+        {"params": [net[1].weight, zero.weight], "lr": 0.01},
+    ]
+    optimizer = torch.optim.AdamW(groups)
+    size = adaptive_step_ratio(optimizer, [0.5, 0.01], names={id(net[0].weight): "enc.weight"})
+    assert size is not None
+    assert size.tensors == 2
+    assert size.ratio == pytest.approx((10.0 + 0.2) / 2)
+    assert (size.worst, size.worst_ratio) == ("enc.weight", pytest.approx(10.0))
+    only_second = adaptive_step_ratio(optimizer, [None, 0.01])
+    assert only_second is not None and only_second.tensors == 1
+    assert only_second.ratio == pytest.approx(0.2)
+    assert only_second.worst == "a (1, 8) tensor"  # no name given: its shape
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda p: torch.optim.SGD(p, lr=10.0),
+        lambda p: torch.optim.Adagrad(p, lr=10.0),
+        lambda p: torch.optim.Adafactor(p, lr=10.0),
+    ],
+)
+def test_optimizers_whose_steps_do_not_follow_the_rate_per_weight_are_not_judged(optimizer: Any) -> None:
+    net = _net(0.05)
+    assert adaptive_step_ratio(optimizer(net.parameters()), [10.0]) is None
+
+
+def _fit(lr: float, optimizer: str = "adam", **guard: Any) -> list[str]:
+    model = Regressor(net=_net(0.05), dim=4, lr=lr, optimizer=optimizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=2, callbacks=[GradGuard(**guard)]).fit(model, regression_data(n=64, dim=4))
+    return [str(w.message) for w in caught if "moves each weight" in str(w.message)]
+
+
+def test_a_fit_at_a_rate_above_the_weights_size_gets_one_hint() -> None:
+    (hint,) = _fit(lr=0.1)
+    assert "optimizer 0 (Adam)" in hint
+    assert "base rate 0.1 is 2x the typical size of the weights" in hint
+    assert "2 weight tensors: 0.05" in hint
+    assert "try a rate 3-10x lower" in hint
+
+
+def test_no_hint_at_a_usual_rate_for_sgd_or_with_the_update_ratio_off() -> None:
+    assert STEP_SIZE_HIGH > 0.01 / 0.05  # the usual rate below
+    assert _fit(lr=0.01) == []
+    assert _fit(lr=0.1, optimizer="sgd") == []
+    assert _fit(lr=0.1, diagnostics=["noise_scale"]) == []
+    assert len(_fit(lr=0.1, diagnostics=["update_ratio"])) == 1
+
+
+class _OneCycle(Regressor):
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=0.001)
+        cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.2, total_steps=10)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cycle, "interval": "step"}}
+
+
+def test_a_schedule_is_judged_by_its_peak() -> None:
+    # OneCycleLR starts at max_lr / 25: the rate it reaches is the one the weights meet.
+    model = _OneCycle(net=_net(0.05), dim=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=2, callbacks=[GradGuard()]).fit(model, regression_data(n=64, dim=4))
+    (hint,) = [str(w.message) for w in caught if "moves each weight" in str(w.message)]
+    assert "peak rate 0.2 is 4x" in hint
