@@ -359,7 +359,11 @@ class FitDiagnostics:
                 # Lightning divides every micro-batch's loss by the accumulation, also when a training_step returned
                 # None: the step's gradient is then the mean over the micro-batches that ran, times this.
                 big *= (self.accumulate / len(sizes)) ** 2
-            b_small, b_big = (sizes[0], sum(sizes) * self.world_size) if sizes else (0, 0)
+            # The mean of the micro-batches' mean gradients, equally weighted, is as noisy as one batch of the count
+            # squared over the sum of reciprocal sizes: the plain sum when all are equal, but a short last batch (32
+            # and 4 examples: 14, not 36) counts for less. A window no less noisy than its first batch measures nothing.
+            b_small = sizes[0] if sizes else 0
+            b_big = len(sizes) ** 2 / sum(1.0 / b for b in sizes) * self.world_size if sizes and min(sizes) > 0 else 0.0
             if math.isfinite(small) and math.isfinite(big) and 0 < b_small < b_big:
                 value = self.noise.update(small, big, b_small, b_big)
                 if math.isfinite(value):
@@ -370,7 +374,7 @@ class FitDiagnostics:
                     rank_zero_info(
                         "GradGuard: the gradient noise scale (gradguard/noise_scale) is not logged yet: its estimate"
                         " of the true gradient's squared norm is not positive, so the gradient measured on"
-                        f" {b_big} examples is still mostly noise. It is logged from the first logging step whose"
+                        f" {b_big:.4g} examples is still mostly noise. It is logged from the first logging step whose"
                         " smoothed estimates are both positive."
                     )
         if "epoch" in self.on:
