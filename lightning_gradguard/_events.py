@@ -205,12 +205,17 @@ class EventReporter:
             )
         # Vanishing and non-finite rows stay in event order: earliest step, then definition order (the root cause).
 
+        # The detector flags a norm against its running average, not against the one norm an earlier report saw: a
+        # jump below its min_ratio from there explains nothing, and "0.916x its norm at step 349" under "exploding"
+        # read as a contradiction (user trial: a learned quantization step whose norm had spiked at that report).
+        telling = self.guard.exploding.min_ratio if self.guard.exploding is not None else 1.0
+
         def detail(row: dict[str, Any], lead: bool) -> str:
             if kind == "nonfinite":
                 return ""
             text = f"norm {row['value']:.3g}"
             jump = ratio(row) if kind == "exploding" else math.nan
-            if math.isfinite(jump):
+            if math.isfinite(jump) and jump >= telling:
                 text += f" ({jump:.3g}x its norm at step {previous[row['layer']][0]})" if lead else f", {jump:.3g}x"
             return text
 

@@ -440,3 +440,23 @@ def test_an_exploding_warning_names_the_rollback_only_while_it_could_answer(spik
     (message,) = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
     assert message.startswith("GradGuard: exploding gradients in layer ") and f"at step {spike}" in message
     assert ("and the rollback" in message) is named, message
+
+
+@pytest.mark.parametrize("before", [0.5, 2.0])
+def test_an_exploding_warning_quotes_only_a_jump_that_explains_it(before: float) -> None:
+    # A layer flagged against its running average may lie below the norm an earlier report saw (a spike then): a
+    # ratio under the detector's min_ratio (2) is left out rather than quoted as "0.5x" under "exploding".
+    from lightning_gradguard._events import EventReporter
+
+    reporter = EventReporter(GradGuard())
+    rows = [
+        {"step": 12, "count": None, "kind": "exploding", "layer": "a", "value": 4.0},
+        {"step": 12, "count": None, "kind": "exploding", "layer": "b", "value": 1.0},
+    ]
+    previous = {"a": (9, 1.0), "b": (9, before)}
+    message = reporter._message("exploding", rows, previous, None, "ZClip clipping")
+    assert message.startswith("GradGuard: exploding gradients in layer 'a' at step 12: norm 4 (4x its norm at step 9)")
+    if before == 0.5:
+        assert "'b' (norm 1, 2x)" in message
+    else:
+        assert "'b' (norm 1)" in message and "0.5x" not in message
