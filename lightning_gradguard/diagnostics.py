@@ -464,9 +464,10 @@ def adaptive_step_ratio(
 
     Adam and its kin move each weight by about the learning rate per step, so a rate near the weights' own typical
     size (their root-mean-square) rewrites the initialization in the first few steps, and a run can train far worse
-    than at a lower rate without an exploding gradient. For each weight tensor of two or more dimensions that is not
-    all zero (biases, norms' scales and zero-initialised layers such as LoRA's ``B`` grow from their own start), the
-    ratio of its param group's rate to its root-mean-square; their median says how the rate sits against the model.
+    than at a lower rate without an exploding gradient. For each trainable weight tensor of two or more dimensions
+    that is not all zero (biases, norms' scales and zero-initialised layers such as LoRA's ``B`` grow from their own
+    start), the ratio of its param group's rate to its root-mean-square; their median says how the rate sits against
+    the model.
     Reads the weights once (one device-to-host copy): meant for the start of training, not for every step.
 
     Args:
@@ -494,8 +495,14 @@ def adaptive_step_ratio(
         if rate is None or not math.isfinite(rate) or rate <= 0:
             continue
         for p in group["params"]:
-            # Sharded weights would need a collective; uninitialized ones (lazy modules) have no size yet.
-            if p.dim() >= 2 and not _is_sharded(p) and not isinstance(p, nn.parameter.UninitializedParameter):
+            # Frozen weights are not stepped; sharded ones would need a collective; uninitialized ones (lazy modules)
+            # have no size yet.
+            if (
+                p.requires_grad
+                and p.dim() >= 2
+                and not _is_sharded(p)
+                and not isinstance(p, nn.parameter.UninitializedParameter)
+            ):
                 params.append(p)
                 tensor_rates.append(float(rate))
     if not params:

@@ -39,9 +39,12 @@ def test_each_group_is_judged_at_its_own_rate_and_zero_or_unrated_tensors_are_le
     net = _net(0.05)
     zero = nn.Linear(8, 8)
     nn.init.zeros_(zero.weight)  # LoRA's B, a zero-initialised output layer: grows from its own start
+    frozen = nn.Linear(8, 8)
+    nn.init.constant_(frozen.weight, 1e-6)
+    frozen.weight.requires_grad_(False)  # a frozen backbone handed to the optimizer: never stepped
     groups = [
         {"params": [net[0].weight], "lr": 0.5},
-        {"params": [net[1].weight, zero.weight], "lr": 0.01},
+        {"params": [net[1].weight, zero.weight, frozen.weight], "lr": 0.01},
     ]
     optimizer = torch.optim.AdamW(groups)
     size = adaptive_step_ratio(optimizer, [0.5, 0.01], names={id(net[0].weight): "enc.weight"})
