@@ -1175,12 +1175,22 @@ class GuardEngine:
         if measured is None:
             if self.steps == 0 and not self._warned_no_gradient:
                 self._warned_no_gradient = True
+                if not any(p.requires_grad for p in self.index.params):
+                    # Frozen parameters are watched (unfrozen later, they need no new engine), but with none trainable
+                    # the advice below about call order points the wrong way (user trial).
+                    why = (
+                        f"none of its {len(self.index.params)} parameters requires a gradient (all frozen): unfreeze"
+                        " the ones to train (`requires_grad_(True)`) before backward()."
+                    )
+                else:
+                    why = (
+                        "Call it after backward() and before optimizer.step(). A framework that keeps the gradients to"
+                        " itself (DeepSpeed) leaves every .grad empty, and so does an optimizer stepped inside the"
+                        " backward pass (`register_post_accumulate_grad_hook`, which frees each gradient as it is"
+                        " applied): such steps cannot be guarded."
+                    )
                 warnings.warn(
-                    "GuardEngine.step() found no gradient on any of its parameters, so nothing was measured. Call it"
-                    " after backward() and before optimizer.step(). A framework that keeps the gradients to itself"
-                    " (DeepSpeed) leaves every .grad empty, and so does an optimizer stepped inside the backward pass"
-                    " (`register_post_accumulate_grad_hook`, which frees each gradient as it is applied): such steps"
-                    " cannot be guarded.",
+                    f"GuardEngine.step() found no gradient on any of its parameters, so nothing was measured. {why}",
                     stacklevel=user_stacklevel(),
                 )
             return None

@@ -660,6 +660,16 @@ def test_a_first_step_without_any_gradient_is_warned_about_once() -> None:
         assert engine.step() is None  # a later step without gradients (an idle optimizer): nothing said
 
 
+def test_a_first_step_of_an_all_frozen_model_says_so() -> None:
+    # Frozen parameters are watched (to be unfrozen later), so the engine builds; its first step must name the cause
+    # rather than the call order (user trial: a model frozen by mistake was pointed at backward() and DeepSpeed).
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1)).requires_grad_(False)
+    engine = GuardEngine(model)
+    with pytest.warns(UserWarning, match=r"none of its 4 parameters requires a gradient \(all frozen\)") as caught:
+        assert engine.step() is None
+    assert "DeepSpeed" not in str(caught[0].message)
+
+
 def test_fsdp1_is_refused_with_what_to_use_instead() -> None:
     import torch.distributed as dist
 
