@@ -81,6 +81,11 @@ NONFINITE_MODES = ("skip", "zero", "raise", "warn")
 _COMPILE_BACKEND: str | Callable[..., Any] = "inductor"
 _compile_announced = False  # whether the line that says the tail compiles was shown
 _MAX_EVENTS = 1000  # undrained events kept (a plain loop that never calls drain() must not grow without bound)
+#: A short batch (an epoch's short last batch) is flagged exploding only beyond this many times what a batch of its
+#: size shows on average: the loosest bound the exploding detector knows (its ``warmup_ratio``), since a short batch's
+#: norm is noisier by design, and judging it with the band gave healthy runs 12-16 events and 4-7 cuts.
+SHORT_GROSS = 100.0
+
 # Steps whose statistics are kept for a plain retry: its stretch began at most this many steps before the rollback
 # (two troubled steps in a row, their flags a step late, the cut acted on at the next step).
 _KEEP_BEFORE = 5
@@ -1200,8 +1205,8 @@ class GuardEngine:
             self._gradients_changed(measured.param_indices, optimizer, measured.flat)
         number = self.steps + 1 if step is None else int(step)
         self._watch_rate_warmup(optimizer)
-        # A short batch gives the exploding detector the record's constant False as its `valid`.
-        blind = None if self._judged(samples) else self._record.false
+        # A short batch is not judged; it carries how much noisier its mean gradient is (see `_pre`).
+        blind = None if self._judged(samples) else self._short_scale(samples, measured.flat.device)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
@@ -1521,17 +1526,36 @@ class GuardEngine:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, ExplodingResult | None, VanishingResult | None, Tensor | None]:
         """From the flat measurement (and the loss) to the detectors' verdicts (the first compiled part).
 
-        ``blind``: a short batch's constant ``False``, which the exploding detector takes as its ``valid`` (it then
-        neither flags nor learns), and which keeps the loss from the divergence detector."""
+        ``blind``: for a short batch, ``sqrt(usual batch / its size)``, how much larger the noise makes its norm: the
+        exploding detector takes a constant ``False`` as its ``valid`` (it then neither flags nor learns), and the
+        loss is kept from the divergence detector. Only a gross outlier is flagged (:data:`SHORT_GROSS`)."""
         total, layer_norm, layer_finite = split_flat(flat)
         valid = total < math.inf  # False also for finite layers whose norms overflow together
-        judged = valid if blind is None else blind
+        judged = valid if blind is None else self._record.false
         exploding = self.exploding.update(total, layer_norm, judged, present) if self.exploding is not None else None
+        if blind is not None and exploding is not None:
+            exploding = self._gross(exploding, total, valid, blind)
         vanishing = self.vanishing.update(layer_norm, valid, present) if self.vanishing is not None else None
         diverging = None
         if self.divergence is not None and loss is not None and blind is None:
             diverging = self.divergence.update(loss)
         return total, layer_norm, layer_finite, valid, exploding, vanishing, diverging
+
+    def _gross(self, result: ExplodingResult, total: Tensor, valid: Tensor, noise: Tensor) -> ExplodingResult:
+        """A short batch's verdict: flagged only when its total norm is more than :data:`SHORT_GROSS` times what a
+        batch of its size shows on average (the detector's average norm times ``noise``), and then capped to that.
+        Unjudged, a 1e4x bad batch that fell on an epoch's short last batch within ZClip's warm-up went through whole
+        and wrecked an SGD run that the same spike on a full batch left at 1.8x its clean loss (user trial)."""
+        assert self.exploding is not None
+        typical = self.exploding.band()[0] * noise  # NaN before the first observation: never flagged then
+        gross = valid & (total > typical * SHORT_GROSS)
+        cap = torch.where(gross, typical * self.exploding.cap_ratio, result.cap)
+        return ExplodingResult(total=gross, layers=result.layers, any=gross | result.any, cap=cap)
+
+    def _short_scale(self, samples: int | None, device: torch.device) -> Tensor:
+        """``sqrt(usual batch / samples)`` on ``device``: the noise in a mean gradient grows as the batch shrinks."""
+        ratio = self._batch_size / samples if samples else 1.0
+        return torch.tensor(math.sqrt(max(ratio, 1.0)), dtype=torch.float32).to(device, non_blocking=True)
 
     def _post(self, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """The record (the second compiled part); see :meth:`_Record.update`."""

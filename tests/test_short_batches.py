@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import GradGuard, GuardEngine
+from lightning_gradguard import GradGuard, GuardEngine, NormClip
 from lightning_gradguard._lightning import batch_size, same_batch_size_on_every_rank
 
 # ------------------------------------------------------------------------------------------- the engine's rule
@@ -49,6 +49,34 @@ def test_a_short_batch_is_neither_judged_nor_learned_from() -> None:
     assert all(torch.equal(before[k], after[k]) for k in ("mean", "var", "count"))
     _step(engine, model, 1.0, samples=64)
     _step(engine, model, 8.0, samples=64)  # the same norm on a full batch is an explosion
+    assert engine.summary()["exploding"] == 1
+
+
+def test_a_short_batch_far_beyond_its_noise_is_flagged_and_capped_without_being_learned_from() -> None:
+    # A batch of 1 after batches of 64 is about 8x noisier: judged against 100x that (800x the average), a bad batch on
+    # the short last batch is still one. Its cap is what a batch of its size shows on average.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    # A clipper that never binds by itself: what clips is the exploding detector's cap.
+    engine = GuardEngine(model, clip=NormClip(max_norm=1e9), lr_guard=None)
+    for i in range(40):
+        _step(engine, model, 1.0 + 0.05 * math.sin(i), samples=64)
+    _step(engine, model, 500.0, samples=1)  # 62x its noise: a noisy batch, not judged
+    assert engine.summary()["exploding"] == 0
+    _step(engine, model, 1.0, samples=64)  # (two short batches in a row would be a new batch size)
+    before = engine.state_dict()["exploding"]
+    _step(engine, model, 1e4, samples=1)
+    assert engine.summary()["exploding"] == 1 and engine.summary()["clipped"] == 1
+    grad = torch.cat([model.weight.grad.flatten(), model.bias.grad.flatten()])
+    assert float(grad.norm()) == pytest.approx(8.0, rel=0.05)  # the average norm, 1.0, times the noise of one example
+    after = engine.state_dict()["exploding"]
+    assert all(torch.equal(before[k], after[k]) for k in ("mean", "var", "count"))
+
+
+def test_a_short_batch_is_judged_from_the_first_observation_on() -> None:
+    model, engine = _engine()
+    _step(engine, model, 64.0, samples=64)
+    _step(engine, model, 1e6, samples=1)  # one observation: an average exists, and this is far beyond it
     assert engine.summary()["exploding"] == 1
 
 
@@ -243,6 +271,39 @@ def test_a_last_batch_of_one_every_epoch_is_no_explosion(accumulate: int) -> Non
     events = guard.summary()
     assert events["exploding"] == 0 and events["lr_reduced"] == 0 and events["diverging"] == 0, events
     assert _mse(guarded, data) <= 1.02 * _mse(bare, data)
+
+
+class _SpikyLast(_Noisy):
+    """Every epoch's short last batch, from the second epoch on, has its loss multiplied by 1e4 (a bad batch)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e4 if batch[0].shape[0] < 16 and self.current_epoch >= 1 else loss
+
+
+def test_a_bad_batch_on_the_short_last_batch_is_caught_within_the_clippers_warm_up() -> None:
+    # 6 batches of 16 and one of 6 per epoch: the epoch-2 bad batch (step 13) comes within ZClip's 25-step warm-up,
+    # where the unjudged short batch went through whole (user trial: an SGD run wrecked, held-out 5.7e27; now flagged
+    # and capped). The same spike on a full batch was always flagged.
+    data = _data(102)
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=16, shuffle=False)
+
+    class _Sgd(_SpikyLast):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    class _Clean(_Noisy):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    guard = GradGuard()
+    guarded, _ = _fit(loader(), guard, _Sgd, max_epochs=6)
+    events = guard.summary()
+    assert events["exploding"] == 5 and events["clipped"] >= 5 and events["lr_reduced"] == 0, events
+    clean, _ = _fit(loader(), None, _Clean, max_epochs=6)
+    assert _mse(guarded, data) <= 1.05 * _mse(clean, data)  # unguarded with the bad batches: NaN
 
 
 @dataclass
