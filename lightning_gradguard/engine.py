@@ -1100,7 +1100,9 @@ class GuardEngine:
                 accumulation window); ``None``: unknown, every step is judged. A step on less than half the usual
                 batch (the short last batch of an epoch) is noisier by design, so the exploding and divergence
                 detectors neither judge it nor learn from it (non-finite gradients are still handled, the clipper
-                still clips); two such steps in a row are a new batch size, and start a :meth:`new_phase` on it.
+                still clips), but for a total norm over :data:`SHORT_GROSS` times what a batch of its size shows on
+                average, which is flagged and capped to that; two such steps in a row are a new batch size, and
+                start a :meth:`new_phase` on it.
                 Sizes that change from step to step (two full steps in a row on another size than the step before:
                 lengths read along a time-major layout, dynamic batches) turn this rule off for the run.
                 Under several processes pass the same number on every process (the global batch, or the per-process
