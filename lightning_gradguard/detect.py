@@ -555,14 +555,15 @@ class ExplodingDetector:
 
     def band(self) -> Tensor:
         """``[3]`` device tensor: the average total norm (where a falling norm has come to, past the mean's lag) and
-        the lower/upper edges of its detection band."""
+        the lower/upper edges of its detection band; NaN before the total's first observation."""
         if self._mean is None or self._var is None or self._count is None or self._bias is None:
             return torch.full((3,), math.nan)
         warm = self._count[0] >= self.warmup_steps
         level = self._mean[0] + self._lag(self._bias[0], warm)
         std = self._var[0].sqrt().clamp_min(self._min_std())
         half = (self.z_thresh * std).clamp_min(math.log(self.min_ratio))
-        return torch.stack([level, level - half, level + half]).exp()
+        # A fresh state's mean of 0 would read as an average norm of 1.
+        return torch.stack([level, level - half, level + half]).exp().where(self._count[0] >= 1, math.nan)
 
     def _take_layers(self, old: ExplodingDetector, source: Sequence[int]) -> None:
         """Go on from ``old``'s history: the total's, and layer ``i``'s from ``old``'s layer ``source[i]`` (``-1``:

@@ -1549,7 +1549,7 @@ class GuardEngine:
         Unjudged, a 1e4x bad batch that fell on an epoch's short last batch within ZClip's warm-up went through whole
         and wrecked an SGD run that the same spike on a full batch left at 1.8x its clean loss (user trial)."""
         assert self.exploding is not None
-        typical = self.exploding.band()[0] * noise  # NaN before the first observation: never flagged then
+        typical = self.exploding.band()[0] * noise  # NaN before the total's first observation: never flagged then
         gross = valid & (total > typical * SHORT_GROSS)
         cap = torch.where(gross, typical * self.exploding.cap_ratio, result.cap)
         return ExplodingResult(total=gross, layers=result.layers, any=gross | result.any, cap=cap)

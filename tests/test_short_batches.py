@@ -78,6 +78,11 @@ def test_a_short_batch_is_judged_from_the_first_observation_on() -> None:
     _step(engine, model, 64.0, samples=64)
     _step(engine, model, 1e6, samples=1)  # one observation: an average exists, and this is far beyond it
     assert engine.summary()["exploding"] == 1
+    # A usual batch whose gradients were non-finite is no observation: no average to judge a short batch by.
+    model, engine = _engine(on_nonfinite="skip")
+    _step(engine, model, math.inf, samples=64)
+    _step(engine, model, 1e6, samples=1)
+    assert engine.summary()["exploding"] == 0
 
 
 def test_a_short_batch_still_has_its_non_finite_gradients_skipped() -> None:
