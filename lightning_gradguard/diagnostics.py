@@ -441,8 +441,8 @@ _PER_WEIGHT_STEP = (
 
 #: The rate, as a multiple of the typical weight's size, above which an Adam-type optimizer gets a hint at the start
 #: of training. A user trial's Adam runs (two small transformers, an LSTM, a CNN; seed 0) trained best at 0.09-0.2x;
-#: at 0.4-0.6x one of three ended 35% worse (two within 1%), at 1.4-6x all three 9-30% worse or at chance, none with
-#: an exploding gradient to act on.
+#: at 0.4-0.6x one of three ended 35% worse (two within 1%), at 1.4-6x all three 9-30% worse or at chance, and with
+#: GradGuard the two that were not at chance ran as unguarded, with no exploding gradient to act on.
 STEP_SIZE_HIGH = 0.3
 
 
