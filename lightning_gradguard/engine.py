@@ -1555,9 +1555,10 @@ class GuardEngine:
         return ExplodingResult(total=gross, layers=result.layers, any=gross | result.any, cap=cap)
 
     def _short_scale(self, samples: int | None, device: torch.device) -> Tensor:
-        """``sqrt(usual batch / samples)`` on ``device``: the noise in a mean gradient grows as the batch shrinks."""
+        """``sqrt(usual batch / samples)`` on ``device``: the noise in a mean gradient grows as the batch shrinks.
+        Filled on the device, not copied there: no transfer on the step."""
         ratio = self._batch_size / samples if samples else 1.0
-        return torch.tensor(math.sqrt(max(ratio, 1.0)), dtype=torch.float32).to(device, non_blocking=True)
+        return torch.full((), math.sqrt(max(ratio, 1.0)), dtype=torch.float32, device=device)
 
     def _post(self, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """The record (the second compiled part); see :meth:`_Record.update`."""
