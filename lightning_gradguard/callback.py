@@ -795,7 +795,9 @@ class GradGuard(CallbackBase):
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
             clip_exploding=self.clip_exploding and not reevaluating,
-            skip_exploding=self.skip_exploding,
+            # Its gradients cannot be clipped, so a step the detector would have clipped is skipped whole (with every
+            # later evaluation): a closure-form SAM given a 10^4x batch stepped it unclipped and never trained again.
+            skip_exploding=self.skip_exploding or (reevaluating and self._skips_in_place_of_clip()),
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
@@ -823,18 +825,23 @@ class GradGuard(CallbackBase):
         self._warn_reevaluating(optimizer, key)
         return True
 
+    def _skips_in_place_of_clip(self) -> bool:
+        """Whether an optimizer that evaluates the closure several times gets the steps that this guard would clip
+        for the exploding detector (``clip_exploding``) skipped instead."""
+        return self.clip is not None and self.clip_exploding and self.exploding is not None
+
     def _warn_reevaluating(self, optimizer: torch.optim.Optimizer, key: int) -> None:
         if self.clip is None:
             return  # nothing this guard would have done is left out (clip_exploding needs a clipper)
         name = type(unwrap_optimizer(optimizer)).__name__
+        skipped = " or that the exploding detector flags" if self._skips_in_place_of_clip() else ""
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
             " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step, and"
             " its clipper clips none of them (the step combines the gradients of all its evaluations: LBFGS builds its"
             " curvature estimate from them, SAM steps with the one at its perturbed weights, and clipping some of them"
-            " bends the step); regularizers act on every evaluation, a step"
-            " whose first evaluation is non-finite is still skipped (every evaluation of it), and the LR guard and the"
-            " rollback still act.",
+            " bends the step); regularizers act on every evaluation, a step whose first evaluation is non-finite"
+            f"{skipped} is skipped whole (every evaluation of it), and the LR guard and the rollback still act.",
             category=UserWarning,
         )
 

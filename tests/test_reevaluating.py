@@ -152,17 +152,27 @@ def test_a_regularizer_acts_on_every_evaluation_as_a_penalty_in_the_loss_would()
 
 
 @pytest.mark.parametrize("optimizer", ["twice", "lbfgs"])
-def test_a_spike_is_reported_but_not_clipped_when_the_closure_runs_several_times(optimizer: str) -> None:
+def test_a_spike_is_skipped_not_clipped_when_the_closure_runs_several_times(optimizer: str) -> None:
     # A spike after ZClip's warm-up: an optimizer that evaluates once gets it clipped (the control, the next test);
     # one that evaluates twice is found out on its first step and from then on its gradients are measured, never
-    # changed.
-    guard = GradGuard(lr_guard=None, rollback=None)
-    _, fit, messages = _fit(optimizer, guard, scale_at={15: 1e4})
+    # changed: the step the detector would have clipped is skipped whole.
+    guard, probe = GradGuard(lr_guard=None, rollback=None), BatchParams(at=15)
+    _, fit, messages = _fit(optimizer, guard, scale_at={15: 1e4}, extra=(probe,))
     events = guard.summary()
     assert events["exploding"] >= 1
-    assert events["clipped"] == 0
+    assert events["clipped"] == 0 and events["skipped"] == 3  # batch 15 of each of the three epochs
+    assert all(torch.equal(a, b) for a, b in zip(probe.before, probe.after))
     assert guard._states[0].steps == fit.global_step
-    assert sum("evaluates the closure several times" in m for m in messages) == 1
+    warned = [m for m in messages if "evaluates the closure several times" in m]
+    assert len(warned) == 1 and "or that the exploding detector flags is skipped whole" in warned[0]
+
+
+def test_without_a_clipper_a_spike_of_a_reevaluating_optimizer_goes_through() -> None:
+    # clip=None asks for no intervention on spikes: nothing is skipped in place of a clip either.
+    guard, probe = GradGuard(clip=None, lr_guard=None, rollback=None), BatchParams(at=15)
+    _fit("twice", guard, scale_at={15: 1e4}, extra=(probe,))
+    assert guard.summary()["exploding"] >= 1 and guard.summary()["skipped"] == 0
+    assert not all(torch.equal(a, b) for a, b in zip(probe.before, probe.after))
 
 
 def test_a_single_evaluation_optimizer_gets_the_same_spike_clipped() -> None:
@@ -264,3 +274,27 @@ def test_a_sam_step_with_a_nonfinite_batch_is_skipped_with_every_evaluation() ->
     assert module.closure_calls == 40  # two evaluations on each of the 20 steps
     assert all(torch.equal(a, b) for a, b in zip(probe.before, probe.after))
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_a_sam_step_on_a_bad_batch_is_skipped_and_training_goes_on() -> None:
+    # Before, the clipper was off for a SAM (its step combines two evaluations), and the flagged 10^4x batch was
+    # stepped whole: the weights blew up and every later step was non-finite.
+    def run(scale_at: dict[int, float]) -> tuple[SAMFit, GradGuard | None]:
+        L.seed_everything(0, verbose=False)
+        module, guard = SAMFit("sam", scale_at=scale_at), GradGuard() if scale_at else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            callbacks = [guard] if guard is not None else []
+            trainer(max_epochs=3, callbacks=callbacks).fit(module, regression_data(n=640, batch_size=32))
+        return module, guard
+
+    clean, _ = run({})
+    spiked, guard = run({15: 1e4})  # batch 15 of each of the three epochs
+    assert guard is not None
+    events = guard.summary()
+    assert events["skipped"] == 3 and events["nonfinite"] == 0 and events["lr_reduced"] == 0
+    x, y = next(iter(regression_data(n=640, batch_size=640)))
+    with torch.no_grad():
+        loss_clean = nn.functional.mse_loss(clean.net(x), y).item()
+        loss_spiked = nn.functional.mse_loss(spiked.net(x), y).item()
+    assert math.isfinite(loss_spiked) and loss_spiked < 1.5 * loss_clean
