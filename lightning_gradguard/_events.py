@@ -10,10 +10,11 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.engine import EngineSnapshot, GuardEngine
-from lightning_gradguard.stats import nonfinite_weights
+from lightning_gradguard.stats import nonfinite_buffers, nonfinite_weights
 
 if TYPE_CHECKING:
     from lightning_gradguard.callback import GradGuard
@@ -30,6 +31,11 @@ RELAPSE_WARNING = 0.4
 RELAPSE_HOLD = 50
 #: The relapse warning's mark among an optimizer's warned (layer, kind) pairs, which a checkpoint keeps.
 RELAPSE_MARK = ("(loss)", "relapse")
+#: Non-finite optimizer steps in a row, whole logging windows of them, after which the run has stopped training:
+#: bad batches come in bursts of a few (a NaN chunk of truncated BPTT carried into its next four), this does not end.
+STALL_STEPS = 20
+#: The stall warning's mark among an optimizer's warned (layer, kind) pairs.
+STALL_MARK = ("(weights)", "stalled")
 
 
 class EventReporter:
@@ -53,6 +59,10 @@ class EventReporter:
         self.previous: dict[int, dict[str, tuple[int, float]]] = {}
         self.relapsing: dict[int, int] = {}  # optimizer key -> step of the first log of its run over the share
         self.shares: dict[int, float] = {}  # optimizer key -> the share at the last log (absent: not measured)
+        # optimizer key -> (engine steps, non-finite count) at its last report, and the first step of the unbroken
+        # run of wholly non-finite logging windows up to it with the engine's steps before it (None: the last window
+        # had a finite step)
+        self.stall: dict[int, tuple[int, int, tuple[int, int] | None]] = {}
 
     def start_fit(self) -> None:
         """Warn about a relapse once per fit: an earlier fit's warning and hold (at its own step numbers) go. A
@@ -69,6 +79,7 @@ class EventReporter:
         self.previous.pop(key, None)
         self.relapsing.pop(key, None)
         self.shares.pop(key, None)
+        self.stall.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
         """The rows since the last call, in step order (the detectors' come with the log, the guard's actions as
@@ -76,7 +87,11 @@ class EventReporter:
         rows, self.rows = self.rows, []
         return sorted(rows, key=lambda row: (row["step"], row["kind"] in _ACTION_KINDS))
 
-    def report(self, key: int, step: int, snap: EngineSnapshot, several: bool) -> None:
+    def report(
+        self, key: int, step: int, snap: EngineSnapshot, several: bool, module: torch.nn.Module | None = None
+    ) -> None:
+        """Rows and warnings for one logging window of optimizer ``key`` (``module``: the model, whose buffers the
+        warning about a run that stopped training looks through)."""
         guard = self.guard
         engine = guard._states[key]
         # The engine's count at the window's first exploding step, for what could answer it then (the count runs
@@ -114,6 +129,68 @@ class EventReporter:
             if present and math.isfinite(norm) and norm > 0:
                 previous[name] = (int(at), float(norm))
         self._check_relapse(key, step, snap, opt)
+        self._check_stall(key, step, snap, engine, opt, module)
+
+    def stalled_since(self, key: int) -> int | None:
+        """The step from which every optimizer step of ``key`` had non-finite gradients, up to its last report, once
+        that run is long enough to have been warned about (``None``: it is not)."""
+        state = self.stall.get(key)
+        if state is None or state[2] is None or STALL_MARK not in self.warned.get(key, set()):
+            return None
+        return state[2][0]
+
+    def _check_stall(
+        self,
+        key: int,
+        step: int,
+        snap: EngineSnapshot,
+        engine: GuardEngine,
+        opt: int | None,
+        module: torch.nn.Module | None,
+    ) -> None:
+        """Warn, once per optimizer, when every step for ``STALL_STEPS`` or more had non-finite gradients while the
+        weights stayed finite: skipped each time, the run has stopped training, and the only warning was the first
+        step's (user trial: one NaN batch left a running-mean buffer NaN, and 150 steps later the run ended with
+        advice about its rate, cut seven times to no effect)."""
+        steps, bad = engine.steps, snap.counts.get("nonfinite", 0)
+        before = self.stall.get(key)
+        if before is None:  # the first report of this engine: a baseline
+            self.stall[key] = (steps, bad, None)
+            return
+        last_steps, last_bad, run = before
+        window = steps - last_steps
+        if window <= 0:
+            return
+        if bad - last_bad < window:
+            self.stall[key] = (steps, bad, None)
+            return
+        run = run if run is not None else (step - window + 1, last_steps)
+        self.stall[key] = (steps, bad, run)
+        warned = self.warned.setdefault(key, set())
+        since, steps_before = run
+        if STALL_MARK in warned or steps - steps_before < STALL_STEPS or self.broken_weights(key):
+            return  # non-finite weights are the non-finite warning's subject
+        warned.add(STALL_MARK)
+        which = f" of optimizer {opt}" if opt is not None else ""
+        done = {"skip": "skipped", "zero": "its inf/NaN entries zeroed"}.get(self.guard.on_nonfinite, "left as it was")
+        buffers = nonfinite_buffers(module) if module is not None else []
+        found = (
+            f" The model's {'buffer' if len(buffers) == 1 else 'buffers'} "
+            f"{_listing([repr(n) for n in buffers[: max(self.guard.max_warnings, 1)]], len(buffers))}"
+            f" {'holds' if len(buffers) == 1 else 'hold'} inf/NaN: the likely cause."
+            if buffers
+            else ""
+        )
+        cuts = engine.host_counts.get("lr_reduced", 0)
+        cut = f" (it was cut {cuts} time{'s' if cuts != 1 else ''})" if cuts else ""
+        rank_zero_warn(
+            f"GradGuard: every optimizer step{which} since step {since} at the latest ({steps - steps_before} steps, up"
+            f" to step {step}) had non-finite gradients, each {done}: the model has not trained since. Its weights"
+            " are finite, so the inf/NaN arises anew on every batch: in a buffer or running statistic that took one"
+            f" in (a running mean, a teacher's centre), in the data, or in the loss.{found} A lower learning rate"
+            f" does not cure that{cut}.",
+            category=UserWarning,
+        )
 
     def _check_relapse(self, key: int, step: int, snap: EngineSnapshot, opt: int | None) -> None:
         """Warn, once per fit and optimizer, when the loss has climbed back towards its starting level: a model that
@@ -166,9 +243,10 @@ class EventReporter:
         return (
             f" The weights themselves are non-finite now ({len(bad)} {layers} inf/NaN: "
             f"{_listing([repr(n) for n in bad[: max(self.guard.max_warnings, 1)]], len(bad))}): every later gradient"
-            " will be too, and skipping steps cannot undo it. An optimizer step wrote them; from finite gradients this"
-            ' is usually pure fp16 (`precision="16-true"`) with Adam, whose eps=1e-8 is 0 in fp16: use 16-mixed or'
-            " bf16, or a larger eps."
+            " will be too, and skipping steps cannot undo it. An optimizer step wrote them, or code that changes the"
+            " weights in place (a SAM-style climb along a NaN gradient, a weight update in a hook); from finite"
+            ' gradients an optimizer step does it usually in pure fp16 (`precision="16-true"`) with Adam, whose'
+            " eps=1e-8 is 0 in fp16: use 16-mixed or bf16, or a larger eps."
         )
 
     def _message(

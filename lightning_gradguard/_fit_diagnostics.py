@@ -236,6 +236,16 @@ class FitDiagnostics:
     def _scale(self) -> Tensor | None:
         return loss_scale(self.scaler)
 
+    def backward_began(self) -> None:
+        """Lightning's backward pass of the loss begins: activation gradients count from it, and not from a
+        ``torch.autograd.grad`` of the model's own (a gradient penalty)."""
+        if self.act is not None and self.act.armed:
+            self.act.backward_began()
+
+    def backward_ended(self) -> None:
+        if self.act is not None:
+            self.act.backward_ended()
+
     def after_backward(self, trainer: pl.Trainer) -> None:
         """A micro-batch of the logging step reached its backward: count its examples (a ``training_step`` that
         returned ``None`` has none and adds nothing to the step's gradient), and measure the first one."""

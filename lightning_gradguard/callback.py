@@ -913,6 +913,7 @@ class GradGuard(CallbackBase):
             self._diag.batch_start(trainer, batch, batch_idx)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._diag.backward_began()
         if loss.numel() != 1 or not self._watches_loss(trainer):
             return
         value = loss.detach()
@@ -956,6 +957,7 @@ class GradGuard(CallbackBase):
         return self.divergence is not None and not (self._divergence_default and len(trainer.optimizers) > 1)
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._diag.backward_ended()
         if self._diag.pending_size is not None:
             self._diag.after_backward(trainer)
         # A batch counts once, at its first backward: a training_step that returned None adds no examples to a step,
@@ -1212,6 +1214,15 @@ class GradGuard(CallbackBase):
         done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
+        stalled = self._reporter.stalled_since(key)
+        if stalled is not None:
+            # The cuts answered a run whose every step was non-finite at any rate: no ceiling for the next run.
+            notes.append(
+                f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value {done}, but every step"
+                f" since step {stalled} had non-finite gradients (see the warning about it): the cuts answered a run"
+                " that had stopped training, and say nothing about the rate for the next one."
+            )
+            return " ".join(notes)
         rate, ceiling = "", "That rate"
         advice = "start well below it (a tenth of it, or a rate `Tuner.lr_find` finds)"
         if key < len(trainer.optimizers):
@@ -1372,7 +1383,7 @@ class GradGuard(CallbackBase):
             if lr is not None and snap.lr_scale is not None:
                 metrics[f"{self._prefix(key)}lr"] = float(lr)
             snapshots.append((key, snap))
-            self._reporter.report(key, step, snap, several=len(self._states) > 1)
+            self._reporter.report(key, step, snap, several=len(self._states) > 1, module=pl_module)
         diag_values: dict[str, Any] = {}
         for name, part in diag_parts:
             diag_values[name] = host[offset : offset + part.numel()]

@@ -643,6 +643,12 @@ class ActivationGradients:
     updating the GradScaler before the next backward), a function that reads it to :meth:`arm`. Constructing the
     object registers nothing, and :meth:`disarm` removes every hook: arm it for logging steps only.
 
+    A ``torch.autograd.grad`` call of the training step's own (a WGAN-GP gradient penalty, an input saliency) runs the
+    hooks too, with the gradient of another output than the loss (the penalty's ``D(x).sum()`` read 8.0 where the
+    loss's gradient was 0.125). Mark the loss's backward passes with :meth:`backward_began` and
+    :meth:`backward_ended`: once a pass is marked, the measurement keeps only marked passes (GradGuard marks
+    Lightning's). Several marked passes for one step (SAM's two) add up, as micro-batches do.
+
     Modules that run under ``torch.compile`` are skipped (hooks added after compilation are not seen by the compiled
     code), as are names that are not modules (a parameter set on the root module); :attr:`skipped` says which and why.
     The norms are those of this process's activations, of this process's loss.
@@ -700,7 +706,9 @@ class ActivationGradients:
         self._handles: list[RemovableHandle] = []
         self._lock = threading.Lock()  # backward hooks may run on the autograd engine's device threads
         self._scale_of: Callable[[], Tensor | float | None] | None = None
-        self._found: list[tuple[int, Tensor]] = []  # (module, norm of one output gradient)
+        self._found: list[tuple[int, Tensor, bool]] = []  # (module, norm of one output gradient, in a marked pass)
+        self._in_marked = False  # between backward_began() and backward_ended()
+        self._marked = False  # a pass was marked since arm()
         self._order: list[int] = []  # modules in the order their outputs were computed
         self._seen: set[int] = set()
         self.last_order: list[int] = []
@@ -709,6 +717,16 @@ class ActivationGradients:
     def armed(self) -> bool:
         """Whether the hooks are registered."""
         return self._armed
+
+    def backward_began(self) -> None:
+        """Mark the start of a backward pass of the loss (``loss.backward()``): from now on until :meth:`disarm`,
+        passes outside the marks (a ``torch.autograd.grad`` call of the model's own) are left out."""
+        self._in_marked = True
+        self._marked = True
+
+    def backward_ended(self) -> None:
+        """Mark the end of the backward pass :meth:`backward_began` marked."""
+        self._in_marked = False
 
     def arm(self, grad_scale: Callable[[], Tensor | float | None] | None = None) -> None:
         """Register the forward hooks and start a fresh measurement (a no-op when already armed).
@@ -728,6 +746,7 @@ class ActivationGradients:
         self._armed = True
         self._generation += 1
         self._found, self._order, self._seen = [], [], set()
+        self._marked = self._in_marked
         for position, module in enumerate(self._modules):
             self._handles.append(module.register_forward_hook(self._forward_hook(position, self._generation)))
 
@@ -743,7 +762,7 @@ class ActivationGradients:
                 if scale is not None:  # divided now: a GradScaler updates its scale in place after its step
                     norm = norm.float() / (scale.to(norm.device) if isinstance(scale, Tensor) else float(scale))
             with self._lock:
-                self._found.append((position, norm))
+                self._found.append((position, norm, self._in_marked))
 
         def on_output(module: nn.Module, args: object, output: object) -> None:
             # The order of the first forward, gradient or not: reentrant activation checkpointing runs it under
@@ -783,7 +802,8 @@ class ActivationGradients:
             handle.remove()
         self._handles = []
         with self._lock:
-            found, self._found = self._found, []
+            found = [(m, norm) for m, norm, marked in self._found if marked or not self._marked]
+            self._found = []
         self.last_order = list(self._order)
         count = len(self.names)
         if not found:

@@ -165,6 +165,25 @@ def nonfinite_weights(params: Sequence[Tensor], layer_of_param: Sequence[int], n
     return [names[layer] for layer in sorted(bad)]
 
 
+def nonfinite_buffers(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point buffers that hold an inf or NaN, in definition order.
+
+    Reads the device (one copy per buffer): for a warning, not for the quiet step. A buffer the forward pass reads (a
+    running mean, an EMA teacher's centre) that took a NaN in makes every later batch's loss NaN, with finite weights.
+
+    Example:
+        >>> net = torch.nn.BatchNorm1d(2)
+        >>> net.running_mean[1] = float("nan")
+        >>> nonfinite_buffers(net)
+        ['running_mean']
+    """
+    return [
+        name
+        for name, buffer in module.named_buffers()
+        if buffer.is_floating_point() and not bool(torch.isfinite(_local(buffer.detach())).all())
+    ]
+
+
 def split_flat(flat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The total norm (0-d), the per-layer norms ``[L]`` and ``[L]`` bool "norm finite" of a :attr:`FlatStats.flat`
     vector: a layer's norm is not finite when an entry is inf or NaN, or when the gradient, finite, is too large for

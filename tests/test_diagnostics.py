@@ -384,6 +384,33 @@ def test_activation_gradient_norms_match_autograd_on_the_outputs() -> None:
     torch.testing.assert_close(got, _reference_norms(model, [x]), rtol=1e-5, atol=0.0)
 
 
+def test_activation_gradients_leave_out_an_autograd_grad_call_outside_the_marked_backward() -> None:
+    # A gradient penalty's torch.autograd.grad runs the hooks with the gradient of D(x).sum(), ones, not the loss's.
+    torch.manual_seed(3)
+    model = Stack()
+    grads = ActivationGradients(model)
+    x = torch.randn(16, 5)
+
+    def step(mark: bool) -> torch.Tensor:
+        grads.arm()
+        xi = x.clone().requires_grad_(True)
+        penalty = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)[0].pow(2).sum()
+        loss = model(x).pow(2).mean() + 0.0 * penalty
+        if mark:
+            grads.backward_began()
+        loss.backward()
+        if mark:
+            grads.backward_ended()
+        got = grads.disarm()
+        assert got is not None
+        return got
+
+    reference = _reference_norms(model, [x])
+    torch.testing.assert_close(step(mark=True), reference, rtol=1e-5, atol=0.0)
+    # Unmarked (a plain loop that does not mark), every pass counts: the penalty's ones dominate.
+    assert bool((step(mark=False) > 2 * reference).all())
+
+
 def test_flow_through_depth_follows_the_forward_order() -> None:
     torch.manual_seed(4)
     model = Stack()

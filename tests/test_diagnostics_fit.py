@@ -205,6 +205,39 @@ def test_activation_gradient_norms_match_own_hooks(tmp_path: Any) -> None:
     _assert_act_grad_matches(_tb(tmp_path), model.norms, ("net.0", "net.2"), rel=1e-5)
 
 
+class PenalizedActHooks(ActHooks):
+    """ActHooks with a gradient penalty on the inputs (WGAN-GP style, ``torch.autograd.grad`` with
+    ``create_graph=True``) taken before the loss's own forward pass; its own hooks count only that pass."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        xi = x.clone().requires_grad_(True)
+        self.penalizing = True
+        slope = torch.autograd.grad(self(xi).sum(), xi, create_graph=True)[0]
+        self.penalizing = False
+        return nn.functional.mse_loss(self(x), y) + 1e-6 * slope.pow(2).sum(1).mean()
+
+    def _hook(self, name: str) -> Any:
+        def forward(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            if getattr(self, "penalizing", False):
+                return
+            step = self.trainer.global_step + 1
+            out.register_hook(lambda g: self.norms.setdefault(step, {}).__setitem__(name, float(g.norm())))
+
+        return forward
+
+
+def test_activation_gradients_are_those_of_the_loss_under_a_gradient_penalty(tmp_path: Any) -> None:
+    # Before, the penalty's autograd.grad call counted too: the head's output read the norm of D(x).sum()'s ones.
+    torch.manual_seed(0)
+    model = PenalizedActHooks()
+    guard = GradGuard(log_every_n_steps=3, diagnostics=["act_grad"])
+    trainer(max_steps=9, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        model, regression_data()
+    )
+    _assert_act_grad_matches(_tb(tmp_path), model.norms, ("net.0", "net.2"), rel=1e-4)
+
+
 class Skipping(Regressor):
     """Returns ``None`` from every ``every``-th ``training_step`` (Lightning then runs no backward for that batch)."""
 

@@ -1,0 +1,74 @@
+"""A run whose every step has non-finite gradients while its weights stay finite has stopped training: GradGuard says
+so once, names a non-finite buffer where one is the cause, and gives no advice about the rate at the end of the fit.
+Real ``Trainer.fit`` runs on CPU."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_gradguard import GradGuard
+from tests.models import NaNAtSteps, Regressor, regression_data, trainer
+
+STOPPED = "had non-finite gradients, each"
+
+
+class PoisonedBuffer(Regressor):
+    """A regressor that centres its inputs by a running mean (a buffer); one NaN input at ``at`` leaves the mean NaN,
+    and every later loss with it."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.register_buffer("centre", torch.zeros(16))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step == self.at:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        with torch.no_grad():
+            self.centre.lerp_(x.mean(0), 0.1)
+        return nn.functional.mse_loss(self(x - self.centre), y)
+
+
+def _fit(module: Regressor, caplog: pytest.LogCaptureFixture, **guard: Any) -> tuple[GradGuard, list[str], str]:
+    torch.manual_seed(0)
+    gg = GradGuard(**guard)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer(max_epochs=8, callbacks=[gg]).fit(module, regression_data(n=320, batch_size=16))
+    messages = [str(w.message) for w in caught if str(w.message).startswith("GradGuard")]
+    return gg, messages, caplog.text
+
+
+def test_a_run_that_stopped_training_is_named_once_with_the_buffer_behind_it(caplog: pytest.LogCaptureFixture) -> None:
+    module = PoisonedBuffer(at=30)
+    guard, messages, log = _fit(module, caplog)
+    assert guard.summary()["skipped"] == 160 - 30 and guard.summary()["lr_reduced"] >= 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    stopped = [m for m in messages if STOPPED in m]
+    assert len(stopped) == 1
+    assert "since step 30 at the latest" in stopped[0] and "skipped" in stopped[0]
+    assert "buffer 'centre' holds inf/NaN" in stopped[0]
+    # The end-of-fit rate line gives no ceiling for the next run: the cuts answered a run that had stopped.
+    assert "say nothing about the rate for the next one" in log
+    assert "a ceiling, the highest that stayed finite" not in log
+
+
+def test_a_burst_of_nonfinite_batches_is_no_stopped_run(caplog: pytest.LogCaptureFixture) -> None:
+    # Six non-finite steps in a row (a logging window of ten with four finite steps): bad batches, not a stop.
+    guard, messages, _ = _fit(NaNAtSteps(*range(41, 47)), caplog)
+    assert guard.summary()["skipped"] == 6
+    assert not any(STOPPED in m for m in messages)
+
+
+def test_zeroed_steps_of_a_stopped_run_are_said_to_be_zeroed(caplog: pytest.LogCaptureFixture) -> None:
+    _, messages, _ = _fit(PoisonedBuffer(at=30), caplog, on_nonfinite="zero")
+    stopped = [m for m in messages if STOPPED in m]
+    assert len(stopped) == 1 and "its inf/NaN entries zeroed" in stopped[0]
