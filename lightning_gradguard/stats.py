@@ -166,7 +166,7 @@ def nonfinite_weights(params: Sequence[Tensor], layer_of_param: Sequence[int], n
 
 
 def nonfinite_buffers(module: torch.nn.Module) -> list[str]:
-    """The names of ``module``'s floating-point buffers that hold an inf or NaN, in definition order.
+    """The names of ``module``'s floating-point and complex buffers that hold an inf or NaN, in definition order.
 
     Reads the device (one copy per buffer): for a warning, not for the quiet step. A buffer the forward pass reads (a
     running mean, an EMA teacher's centre) that took a NaN in makes every later batch's loss NaN, with finite weights.
@@ -180,7 +180,8 @@ def nonfinite_buffers(module: torch.nn.Module) -> list[str]:
     return [
         name
         for name, buffer in module.named_buffers()
-        if buffer.is_floating_point() and not bool(torch.isfinite(_local(buffer.detach())).all())
+        if (buffer.is_floating_point() or buffer.is_complex())
+        and not bool(torch.isfinite(_local(buffer.detach())).all())
     ]
 
 
