@@ -218,7 +218,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         metavar="N",
         help="scattered instead: each step from --step on bad with probability 1/N, N >= 2 (--count is not used)",
     )
-    p.add_argument("--factor", type=float, default=1e4, help="loss multiplier of the bad batches, > 1 (default 1e4)")
+    p.add_argument(
+        "--factor",
+        type=float,
+        default=1e4,
+        help="loss multiplier of the bad batches, > 1, or nan for non-finite batches (default 1e4)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of every run (default: 0)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON ('-': stdout only)")
     p.add_argument("--quick", action="store_true", help="the zoo's tiny sizes, a few steps: checks that it runs")
@@ -236,8 +241,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         p.error("--count must be >= 1")
     if args.every is not None and args.every < 2:
         p.error("--every must be >= 2")
-    if not args.factor > 1:
-        p.error("--factor must be > 1")
+    if not (args.factor > 1 or math.isnan(args.factor)):
+        p.error("--factor must be > 1, or nan")
     args.logdir = None
     return args
 

@@ -188,8 +188,11 @@ class LRGuard:
       the learning rate is too high: it changes nothing. ``nonfinite_patience`` of them with at most ``cooldown``
       steps between each and the next count as one exploding event (which reduces at once). Once: when they go on
       after that reduction with nothing exploding, they are the data's (a masked mean over a fully masked batch is
-      0/0), and only an explosion, or twice ``nonfinite_patience`` of them in a row (a model wrecked into NaN),
-      reduces again.
+      0/0), and only an explosion, or twice ``nonfinite_patience`` of them in a row (a model wrecked into NaN, which
+      the rollback can restart), reduces again: once per such run. While every step is skipped the weights do not
+      move and no rate is applied, so a run of them that goes on is no more evidence against the rate (measured: a
+      corrupted stretch of 10-60 NaN batches in a row cut 5-7 times, to 1%, and an SGD and an Adam regression ended
+      +17% to +29% above clean, against +2% to +14% skipping them without a cut).
     * **Memory.** A rate that explodes again is remembered: a reduction that answers a recurrence (an explosion
       after an earlier reduction had calmed the run past its hold, within ``2 * (cooldown + recovery_steps)`` steps
       of that reduction) sets the ``ceiling`` that recovery returns to, that multiplier times ``sqrt(factor)``, not 1.
@@ -456,11 +459,14 @@ class LRGuard:
             if state.nonfinite < self.nonfinite_patience:
                 return False  # an isolated bad batch: neither calm nor an explosion
             state.nonfinite = 0
-            if state.nonfinite_cut and state.nonfinite_streak < 2 * self.nonfinite_patience:
+            patience = self.nonfinite_patience
+            if state.nonfinite_cut and not 2 * patience <= state.nonfinite_streak < 3 * patience:
                 # A lower rate did not stop them and nothing exploded: batches that are non-finite by themselves (a
                 # masked mean over a fully masked batch is 0/0), skipped each time. Cutting again would only stall
-                # the run (measured: a GRU with one such batch in eleven, cut 8 times to 1% of its rate). A long run
-                # of them in a row (a model wrecked straight into NaN) still cuts.
+                # the run (measured: a GRU with one such batch in eleven, cut 8 times to 1% of its rate). A run of
+                # them in a row (a model wrecked straight into NaN) cuts once more, when it reaches twice the
+                # patience (the count reaches the patience once in every ``patience`` steps of it): not again
+                # while it goes on, since skipped steps apply no rate (a NaN stretch of the data cut 7 times).
                 return False
             cut = self._explode(state, force=True, hold=hold)
             state.nonfinite_cut = 1

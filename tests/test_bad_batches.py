@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import io
 import json
+import math
 import random
 
 import pytest
@@ -99,6 +100,17 @@ def test_a_burst_of_four_after_the_warm_up_is_one_event_and_leaves_the_rate_alon
     assert guarded["events"]["exploding"] == 1 and guarded["events"]["clipped"] >= 4
     assert guarded["events"]["lr_reduced"] == 0 and guarded["events"]["rolled_back"] == 0
     assert guarded["min_lr_scale"] == 1.0 and guarded["final_lr_scale"] == 1.0
+    assert guarded["heldout"] <= rows["clean"]["heldout"] * 1.02
+
+
+def test_a_stretch_of_nan_batches_is_skipped_with_two_cuts() -> None:
+    # A corrupted shard: ten NaN batches in a row. Every one skipped; the rate cut for the pair within the cooldown
+    # and once more for the run in a row, not at every second step of it (before: 5 cuts).
+    result = _run(100, "--count", "10", "--factor", "nan")
+    rows = {r["variant"]: r for r in result["rows"]}
+    guarded = rows["guarded"]
+    assert math.isnan(float(rows["unguarded"]["heldout"]))  # written to JSON as "nan"
+    assert guarded["events"]["skipped"] == 10 and guarded["events"]["lr_reduced"] == 2
     assert guarded["heldout"] <= rows["clean"]["heldout"] * 1.02
 
 

@@ -280,8 +280,15 @@ def test_lrguard_non_finite_steps_that_a_cut_did_not_stop_cut_no_further() -> No
     for step in range(1, 200):
         cuts += guard.update(False, nonfinite=step % 9 == 0)
     assert cuts == 1
-    # Non-finite steps in a row (a model wrecked straight into NaN) still cut: four, twice the patience.
+    # Non-finite steps in a row (a model wrecked straight into NaN) still cut: four, twice the patience; once per run
+    # of them, since skipped steps apply no rate (before, every second step of the run cut again: 7 cuts for 30).
+    assert [guard.update(False, nonfinite=True) for _ in range(30)].count(True) == 1
+    guard.update(False)
     assert [guard.update(False, nonfinite=True) for _ in range(4)] == [False, False, False, True]
+    # With another patience too: the count reaches it once in every `patience` steps of the run.
+    for patience in (1, 3):
+        guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=patience)
+        assert [guard.update(False, nonfinite=True) for _ in range(30)].count(True) == 2
     # So does a pair after an explosion, which says the rate is in question again.
     guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
     assert [guard.update(False, nonfinite=s in (3, 6)) for s in range(1, 8)].count(True) == 1

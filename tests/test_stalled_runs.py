@@ -50,7 +50,8 @@ def _fit(module: Regressor, caplog: pytest.LogCaptureFixture, **guard: Any) -> t
 def test_a_run_that_stopped_training_is_named_once_with_the_buffer_behind_it(caplog: pytest.LogCaptureFixture) -> None:
     module = PoisonedBuffer(at=30)
     guard, messages, log = _fit(module, caplog)
-    assert guard.summary()["skipped"] == 160 - 30 and guard.summary()["lr_reduced"] >= 2
+    # One cut for the first pair, one more for the run in a row (twice the patience), none after: nothing applied.
+    assert guard.summary()["skipped"] == 160 - 30 and guard.summary()["lr_reduced"] == 2
     assert all(torch.isfinite(p).all() for p in module.parameters())
     stopped = [m for m in messages if STOPPED in m]
     assert len(stopped) == 1
