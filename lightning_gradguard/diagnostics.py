@@ -496,12 +496,13 @@ def adaptive_step_ratio(
             continue
         for p in group["params"]:
             # Frozen weights are not stepped; sharded ones would need a collective; uninitialized ones (lazy modules)
-            # have no size yet.
+            # have no size yet, and empty ones (a soft prompt of 0 tokens) none at all.
             if (
                 p.requires_grad
                 and p.dim() >= 2
                 and not _is_sharded(p)
                 and not isinstance(p, nn.parameter.UninitializedParameter)
+                and p.numel() > 0
             ):
                 params.append(p)
                 tensor_rates.append(float(rate))

@@ -341,6 +341,11 @@ def _group_name(site: ParamSite, group_depth: int | None, group_fn: Callable[[st
     return site.module_name
 
 
+def _empty(param: nn.Parameter) -> bool:
+    """Whether ``param`` has no elements (a lazy module's parameter, not materialized yet, has a size to come)."""
+    return not isinstance(param, nn.parameter.UninitializedParameter) and param.numel() == 0
+
+
 def build_layer_index(
     module: nn.Module,
     group_depth: int | None = None,
@@ -369,8 +374,9 @@ def build_layer_index(
             unfrozen mid-run (fine-tuning schedules) are already indexed; a frozen layer has no gradient and is
             simply absent from every step's figures.
 
-    Frozen parameters (``requires_grad=False``) are left out unless ``include_frozen``; a parameter shared by several
-    modules (tied weights) is counted once, in the layer where it first appears.
+    Frozen parameters (``requires_grad=False``) are left out unless ``include_frozen``, and so are parameters with no
+    elements (a soft prompt of 0 tokens); a parameter shared by several modules (tied weights) is counted once, in the
+    layer where it first appears.
 
     Raises:
         ValueError: on a ``module`` that is no ``nn.Module``, an invalid ``group_depth`` or ``group_fn``.
@@ -391,6 +397,8 @@ def build_layer_index(
     for site in parameter_sites(module):
         if not site.param.requires_grad and not include_frozen:
             continue
+        if _empty(site.param):
+            continue  # nothing to measure: its norm, always 0, read as a vanishing layer
         layer = _group_name(site, group_depth, group_fn)
         if layer not in layer_ids:
             layer_ids[layer] = len(index.names)

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import ExplodingDetector, GradGuard, ZClip
+from lightning_gradguard.layers import build_layer_index
 from tests.models import Regressor, regression_data, trainer
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -598,3 +599,29 @@ def test_sporadic_bad_batches_are_clipped_and_cost_nothing(skip: bool, clip_val:
     if clip_val is not None:
         assert summary["clipped"] > 200  # the bound clips most steps
     _assert_close(guarded, clean, "sporadic bad batches", rel=0.05)
+
+
+class EmptyParameters(Regressor):
+    """A regressor with a soft prompt of 0 tokens (``[0, 16]``) and a 1-D parameter with no elements, both in the
+    loss (their gradients are empty tensors), trained with Adam."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="adam", lr=1e-3)
+        self.prompt = nn.Parameter(torch.zeros(0, 16))
+        self.nothing = nn.Parameter(torch.empty(0))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(torch.cat([self.prompt, x])), y) + self.nothing.sum()
+
+
+def test_parameters_without_elements_are_no_layer_and_break_nothing() -> None:
+    # Before, the empty parameter's norm, always 0, made a vanishing layer, and the Adam step-size hint divided by
+    # the prompt's 0 elements (ZeroDivisionError in on_train_start).
+    assert build_layer_index(EmptyParameters()).names == ["net.0", "net.2"]
+    guard = GradGuard()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, callbacks=[guard]).fit(EmptyParameters(), regression_data())
+    assert not any(str(w.message).startswith("GradGuard") for w in caught)
+    assert guard.summary()["vanishing"] == 0 and guard._states[0].steps == 32

@@ -42,9 +42,10 @@ def test_each_group_is_judged_at_its_own_rate_and_zero_or_unrated_tensors_are_le
     frozen = nn.Linear(8, 8)
     nn.init.constant_(frozen.weight, 1e-6)
     frozen.weight.requires_grad_(False)  # a frozen backbone handed to the optimizer: never stepped
+    empty = nn.Parameter(torch.zeros(0, 4))  # a soft prompt of 0 tokens: before, a division by its 0 elements
     groups = [
         {"params": [net[0].weight], "lr": 0.5},
-        {"params": [net[1].weight, zero.weight, frozen.weight], "lr": 0.01},
+        {"params": [net[1].weight, zero.weight, frozen.weight, empty], "lr": 0.01},
     ]
     optimizer = torch.optim.AdamW(groups)
     size = adaptive_step_ratio(optimizer, [0.5, 0.01], names={id(net[0].weight): "enc.weight"})
