@@ -62,6 +62,18 @@ _NORM_EPS = 1e-6
 #: gradients' device, scanned every step (40 MB at this bound).
 MAX_BUFFER = 10_000_000
 _TINY = 1e-30  # floor of a norm that is divided by
+#: The largest share of a norm that the guard against dividing by it adds (see ``_scaled_eps``).
+_EPS_SHARE = 1e-3
+
+
+def _scaled_eps(scale: Tensor, eps: float = _NORM_EPS) -> Tensor:
+    """``eps``, or ``_EPS_SHARE`` of ``scale`` where that is less (at least ``_TINY``): exactly ``eps`` from
+    ``scale = eps / _EPS_SHARE`` (1e-3) up, so clipping does not turn on the gradients' scale below it. An absolute
+    1e-6 made ZClip's threshold 40x the mean of norms about 1e-7 (nothing clipped), and a norm of 1e-8 clipped to a
+    cap came out 100x under it (user trial: a loss scaled by 1e-8)."""
+    return torch.clamp(scale * _EPS_SHARE, min=_TINY, max=eps)
+
+
 _SLOT_CACHE_SIZE = 64
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # ZClip's ``level_steps``: a spike within a factor of 2 of a stretch's first one holds its level (its ratio to the
@@ -318,7 +330,7 @@ class Clipper(abc.ABC):
             total_norm = total_norm.to(coef.device)
         # An inf cap gives 1; a non-finite norm (an invalid step) keeps its coefficient rather than 0 or NaN. Norms
         # are >= 0, inf or NaN, so ``< inf`` is ``isfinite`` in one kernel instead of four.
-        limit = (cap / (total_norm + _NORM_EPS)).clamp_max(1.0)
+        limit = (cap / (total_norm + _scaled_eps(total_norm))).clamp_max(1.0)
         return torch.where(total_norm < math.inf, torch.minimum(coef, limit), coef)
 
     def _standalone_norm(self, grads: list[Tensor]) -> Tensor:
@@ -564,7 +576,7 @@ class AutoClip(Clipper):
             ordered = torch.sort(values).values
             n = torch.clamp(new_count, max=self.history)
         threshold = _sorted_percentile(ordered, n, self.percentile)
-        coef = torch.clamp(threshold / (norm + _NORM_EPS), max=1.0)
+        coef = torch.clamp(threshold / (norm + _scaled_eps(norm)), max=1.0)
         coef = self._capped(torch.where(ok, coef, 1.0), norm, cap)
         _scale_(grads, coef)
         self._values, self._count = values, new_count
@@ -647,20 +659,20 @@ class ZClip(Clipper):
     collect the total norms (clipped to ``max_grad_norm`` if set); then the EMA mean and variance are initialised from
     them (population variance). After the warm-up, with ``std = sqrt(var)``:
 
-    - ``mode="zscore"``: ``z = (norm - mean) / (std + eps)``; when ``z > z_thresh`` the step is a spike and is
-      clipped to ``clip_factor * (mean + z_thresh * std / (z / z_thresh))`` (``clip_option="adaptive_scaling"``: the
-      larger the outlier, the harder it is clipped) or to ``mean`` (``clip_option="mean"``);
+    - ``mode="zscore"``: ``z = (norm - mean) / (std + eps)`` (``eps`` at most 0.1% of ``mean``); when
+      ``z > z_thresh`` the step is a spike and is clipped to ``clip_factor * (mean + z_thresh * std / (z /
+      z_thresh))`` (``clip_option="adaptive_scaling"``: the larger the outlier, the harder it is clipped) or to
+      ``mean`` (``clip_option="mean"``);
     - ``mode="percentile"``: a norm above ``mean + z_thresh * std`` is a spike and is clipped to that value
       (``clip_option`` and ``clip_factor`` are not used).
 
-    The clip value is capped by ``max_grad_norm`` when set; gradients above it are scaled by
-    ``clip / (norm + 1e-6)``. The EMA is then updated with ``x``, the raw norm on an ordinary step and on a spike
-    the clip value (the reference), or, for a spike that follows a spike, the norm winsorized to the spike boundary
-    ``mean + z_thresh * (std + eps)`` (``spike_update="boundary"``, the default; ``spike_update="clip"``: the
-    reference on every spike): ``mean = alpha * mean + (1 - alpha) * x``
-    followed by ``var = alpha * var + (1 - alpha) * (x - mean) ** 2`` with the *new* mean, unless
-    ``skip_update_on_spike`` is set and the step was a spike. In percentile mode the clip value is the boundary, so
-    the two agree there.
+    The clip value is capped by ``max_grad_norm`` when set; gradients above it are scaled by ``clip / (norm +
+    1e-6)`` (the 1e-6 at most 0.1% of the norm). The EMA is then updated with ``x``, the raw norm on an ordinary
+    step and on a spike the clip value (the reference), or, for a spike that follows a spike, the norm winsorized to
+    the spike boundary ``mean + z_thresh * (std + eps)`` (``spike_update="boundary"``, the default;
+    ``spike_update="clip"``: the reference on every spike): ``mean = alpha * mean + (1 - alpha) * x`` followed by
+    ``var = alpha * var + (1 - alpha) * (x - mean) ** 2`` with the *new* mean, unless ``skip_update_on_spike`` is
+    set and the step was a spike. In percentile mode the clip value is the boundary, so the two agree there.
 
     Why the boundary: the adaptive clip value of a far outlier is about the mean, so with the reference a lasting
     new norm level (a harder task from step N on, an auxiliary loss switched on) is never learned: every later step
@@ -712,7 +724,10 @@ class ZClip(Clipper):
         clip_factor: multiplier of the adaptive-scaling threshold (``> 0``; 0.3 to 0.7 clips more aggressively).
         max_grad_norm: optional absolute cap on the clipping threshold (``> 0``), also applied during warm-up.
         skip_update_on_spike: leave the EMA unchanged on a spike.
-        eps: added to the standard deviation in the z-score (``> 0``).
+        eps: added to the standard deviation in the z-score (``>= 0``), at most 0.1% of the EMA mean norm: exactly
+            ``eps`` from a mean of ``1000 * eps`` up, scaled with the mean below it, so that the test does not
+            depend on the gradients' scale (the reference's absolute 1e-6 made the threshold 40x the mean of norms
+            about 1e-7).
         warmup_ratio: optional ceiling during the warm-up, as a multiple (``>= 1``) of the lower median of the norms
             collected so far; the warm-up buffer then keeps the clipped norms, so a run that diverges in its first
             steps meets a ceiling at once and the EMA starts from the calm level. ``None`` (default) follows the
@@ -896,8 +911,10 @@ class ZClip(Clipper):
             spike = x > boundary
             clip_value = boundary
         else:
-            z = (x - mean) / (std + self.eps)
-            boundary = mean + self.z_thresh * (std + self.eps)
+            # The eps, at most 0.1% of the mean norm: an absolute one would make the test depend on the norms' scale.
+            spread = std + _scaled_eps(mean, self.eps)
+            z = (x - mean) / spread
+            boundary = mean + self.z_thresh * spread
             spike = z > self.z_thresh
             if self.clip_option == "adaptive_scaling":
                 eta = z / self.z_thresh
@@ -949,14 +966,14 @@ class ZClip(Clipper):
             init_now = collect & (count == self.warmup_steps - 1)
             init_mean = buffer.mean()
             init_var = (buffer - init_mean).square().mean()
-        coef = torch.where(live & (x > effective), effective / (x + _NORM_EPS), 1.0)
+        coef = torch.where(live & (x > effective), effective / (x + _scaled_eps(x)), 1.0)
         if in_warmup:
             # During warm-up the reference calls torch.nn.utils.clip_grad_norm_(max_grad_norm).
             warm_limit = None if self.max_grad_norm is None else torch.full_like(x, self.max_grad_norm)
             if self.warmup_ratio is not None:
                 warm_limit = warm_cap if warm_limit is None else torch.minimum(warm_cap, warm_limit)
             if warm_limit is not None:
-                coef = torch.where(collect, torch.clamp(warm_limit / (x + _NORM_EPS), max=1.0), coef)
+                coef = torch.where(collect, torch.clamp(warm_limit / (x + _scaled_eps(x)), max=1.0), coef)
         coef = coef.to(torch.float32)
 
         # What enters the EMA: the clip value as in the reference (in percentile mode the boundary), or, with

@@ -124,7 +124,8 @@ def ref_autoclip(norms: list[float], percentile: float, history: int | None) -> 
         window = seen if history is None else seen[-history:]
         threshold = float(np.percentile(np.asarray(window, dtype=np.float64), percentile))
         thresholds.append(threshold)
-        coefs.append(min(1.0, threshold / (norm + 1e-6)))
+        # clip_grad_norm_'s 1e-6, at most 0.1% of the norm: the sequence's dips (x1e-4) reach below 1e-3.
+        coefs.append(min(1.0, threshold / (norm + min(1e-6, max(1e-3 * norm, 1e-30)))))
     return thresholds, coefs
 
 
@@ -402,6 +403,32 @@ def test_zclip_adaptive_threshold_formula() -> None:
     z = (3.0 - 1.0) / (0.5 + 1e-6)
     assert_rel(float(clipper.last_threshold), 1.0 + 2.0 * 0.5 / (z / 2.0))
     assert_rel(float(coef), float(clipper.last_threshold) / (3.0 + 1e-6))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ZClip(z_thresh=4.0), lambda: AutoClip(percentile=50.0)], ids=["zclip", "autoclip"]
+)
+def test_clipping_does_not_depend_on_the_gradients_scale(make: Callable[[], Clipper]) -> None:
+    # One sequence of norms with 10x, 5x and 20x spikes, at its own scale and 10^8 times smaller. Before, the
+    # absolute eps of 1e-6 made ZClip's threshold 40x the mean of norms about 1e-7 (nothing clipped), and a clipped
+    # norm of 1e-8 came out about 100x under its threshold; the eps is now at most 0.1% of the norm.
+    rng = np.random.default_rng(0)
+    norms = 1.0 + 0.1 * rng.standard_normal(80)
+    norms[[40, 55, 70]] *= (10.0, 5.0, 20.0)
+
+    def coefficients(scale: float) -> list[float]:
+        clipper = make()
+        return [float(drive(clipper, float(n) * scale, "cpu")[0]) for n in norms]
+
+    big, small = coefficients(1.0), coefficients(1e-8)
+    assert all(big[i] < 0.5 for i in (40, 55, 70))
+    np.testing.assert_allclose(small, big, rtol=1e-3)
+
+
+def test_the_detector_cap_does_not_depend_on_the_gradients_scale() -> None:
+    for scale in (1.0, 1e-8):
+        coef = Clipper._capped(torch.tensor(1.0), torch.tensor(4.0 * scale), torch.tensor(2.0 * scale))
+        assert_rel(float(coef), 0.5, rtol=1e-3)
 
 
 @pytest.mark.parametrize("config", [dict(mode="zscore"), dict(mode="percentile", max_grad_norm=1.0)])
