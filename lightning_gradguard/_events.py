@@ -120,7 +120,10 @@ class EventReporter:
         for kind, found in fresh.items():
             message = self._message(kind, found, previous, opt, actions[kind])
             if kind == "nonfinite":
-                message += self._weights_note(key)
+                message += self._weights_note(key) or (
+                    " A gradient counts as non-finite when an entry is inf or NaN, or when its norm lies beyond the"
+                    " float32 range (about 1.8e19: a loss scaled far up), which no clipper can measure."
+                )
             rank_zero_warn(message, category=UserWarning)
         # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer). Named
         # by its step: reports follow the logging schedule even without a logger, so "at an earlier log" misled.
@@ -187,7 +190,8 @@ class EventReporter:
             f"GradGuard: every optimizer step{which} since step {since} at the latest ({steps - steps_before} steps, up"
             f" to step {step}) had non-finite gradients, each {done}: the model has not trained since. Its weights"
             " are finite, so the inf/NaN arises anew on every batch: in a buffer or running statistic that took one"
-            f" in (a running mean, a teacher's centre), in the data, or in the loss.{found} A lower learning rate"
+            " in (a running mean, a teacher's centre), in the data, or in the loss (or the gradients are finite and"
+            f" their norm lies beyond the float32 range: a loss scaled far up).{found} A lower learning rate"
             f" does not cure that{cut}.",
             category=UserWarning,
         )
@@ -330,10 +334,11 @@ class EventReporter:
                 # Exactly zero with nothing saturated on the way (saturation can underflow to zero too): the loss
                 # does not reach it. CLIP's logit scale clamped at 100 got advice for an ordinary ReLU instead.
                 hint = (
-                    "Its gradient is exactly zero and no watched activation is saturated: the loss does not depend on"
-                    " it at this point (a value clamped at its bound, a detached or unused branch, a loss term weighted"
-                    " 0 for now by a schedule that switches it on later, or a loss that is exactly 0 on these batches:"
-                    " a hinge or triplet margin that every example meets)."
+                    "Its gradient norm is exactly zero in float32 and no watched activation is saturated: the loss does"
+                    " not depend on it at this point (a value clamped at its bound, a detached or unused branch, a loss"
+                    " term weighted 0 for now by a schedule that switches it on later, or a loss that is exactly 0 on"
+                    " these batches: a hinge or triplet margin that every example meets), or its entries are below"
+                    " about 1e-22, whose squares underflow float32 (a loss scaled far down)."
                 )
             if hint:
                 message += " " + hint
