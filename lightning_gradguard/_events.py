@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from lightning_gradguard.engine import EngineSnapshot, GuardEngine
-from lightning_gradguard.stats import nonfinite_buffers, nonfinite_weights
+from lightning_gradguard.stats import nan_buffers, nonfinite_weights
 
 if TYPE_CHECKING:
     from lightning_gradguard.callback import GradGuard
@@ -69,17 +69,18 @@ class EventReporter:
         checkpoint restored next brings its warning back (a resumed fit is the same fit)."""
         for pairs in self.warned.values():
             pairs.discard(RELAPSE_MARK)
+            pairs.discard(STALL_MARK)
         self.relapsing.clear()
         self.shares.clear()
+        self.stall.clear()
 
     def forget(self, key: int) -> None:
-        # A rebuilt engine carries its statistics over, and with them the loss's share: the fit's relapse warning,
-        # once given, stays given.
-        self.warned[key] = self.warned.get(key, set()) & {RELAPSE_MARK}
+        # A rebuilt engine carries its statistics and counts over, and with them the loss's share and a run of
+        # non-finite steps: the fit's relapse and stall warnings, once given, stay given.
+        self.warned[key] = self.warned.get(key, set()) & {RELAPSE_MARK, STALL_MARK}
         self.previous.pop(key, None)
         self.relapsing.pop(key, None)
         self.shares.pop(key, None)
-        self.stall.pop(key, None)
 
     def take_rows(self) -> list[dict[str, Any]]:
         """The rows since the last call, in step order (the detectors' come with the log, the guard's actions as
@@ -121,8 +122,8 @@ class EventReporter:
             message = self._message(kind, found, previous, opt, actions[kind])
             if kind == "nonfinite":
                 message += self._weights_note(key) or (
-                    " A gradient counts as non-finite when an entry is inf or NaN, or when its norm lies beyond the"
-                    " float32 range (about 1.8e19: a loss scaled far up), which no clipper can measure."
+                    " A gradient counts as non-finite when an entry is inf or NaN, or when its norm is above about"
+                    " 1.8e19, whose square overflows float32 (a loss scaled far up): no clipper can measure it."
                 )
             rank_zero_warn(message, category=UserWarning)
         # Each layer's latest norm, the yardstick for the next exploding warning (host floats, one per layer). Named
@@ -151,18 +152,18 @@ class EventReporter:
         opt: int | None,
         module: torch.nn.Module | None,
     ) -> None:
-        """Warn, once per optimizer, when every step for ``STALL_STEPS`` or more had non-finite gradients while the
-        weights stayed finite: skipped each time, the run has stopped training, and the only warning was the first
-        step's (user trial: one NaN batch left a running-mean buffer NaN, and 150 steps later the run ended with
+        """Warn, once per fit and optimizer, when every step for ``STALL_STEPS`` or more had non-finite gradients while
+        the weights stayed finite: skipped each time, the run has stopped training, and the only warning was the
+        first step's (user trial: one NaN batch left a running-mean buffer NaN, and 150 steps later the run ended with
         advice about its rate, cut seven times to no effect)."""
         steps, bad = engine.steps, snap.counts.get("nonfinite", 0)
         before = self.stall.get(key)
-        if before is None:  # the first report of this engine: a baseline
-            self.stall[key] = (steps, bad, None)
+        if before is None or steps < before[0] or bad < before[1]:
+            self.stall[key] = (steps, bad, None)  # the first report of this engine's count: a baseline
             return
         last_steps, last_bad, run = before
         window = steps - last_steps
-        if window <= 0:
+        if window == 0:
             return
         if bad - last_bad < window:
             self.stall[key] = (steps, bad, None)
@@ -171,16 +172,18 @@ class EventReporter:
         self.stall[key] = (steps, bad, run)
         warned = self.warned.setdefault(key, set())
         since, steps_before = run
-        if STALL_MARK in warned or steps - steps_before < STALL_STEPS or self.broken_weights(key):
-            return  # non-finite weights are the non-finite warning's subject
+        if STALL_MARK in warned or steps - steps_before < STALL_STEPS:
+            return
         warned.add(STALL_MARK)
+        if self.broken_weights(key):
+            return  # non-finite weights are the non-finite warning's subject
         which = f" of optimizer {opt}" if opt is not None else ""
         done = {"skip": "skipped", "zero": "its inf/NaN entries zeroed"}.get(self.guard.on_nonfinite, "left as it was")
-        buffers = nonfinite_buffers(module) if module is not None else []
+        buffers = nan_buffers(module) if module is not None else []
         found = (
             f" The model's {'buffer' if len(buffers) == 1 else 'buffers'} "
             f"{_listing([repr(n) for n in buffers[: max(self.guard.max_warnings, 1)]], len(buffers))}"
-            f" {'holds' if len(buffers) == 1 else 'hold'} inf/NaN: the likely cause."
+            f" {'holds' if len(buffers) == 1 else 'hold'} NaN: the likely cause."
             if buffers
             else ""
         )
@@ -191,7 +194,8 @@ class EventReporter:
             f" to step {step}) had non-finite gradients, each {done}: the model has not trained since. Its weights"
             " are finite, so the inf/NaN arises anew on every batch: in a buffer or running statistic that took one"
             " in (a running mean, a teacher's centre), in the data, or in the loss (or the gradients are finite and"
-            f" their norm lies beyond the float32 range: a loss scaled far up).{found} A lower learning rate"
+            f" their norm is above about 1.8e19, whose square overflows float32: a loss scaled far up).{found} A"
+            " lower learning rate"
             f" does not cure that{cut}.",
             category=UserWarning,
         )

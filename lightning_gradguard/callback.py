@@ -74,6 +74,8 @@ _BOARD_CHECKPOINT_KEY = "gradguard_board"
 # Rows of the events table not yet written when a checkpoint was taken (rank zero's), under each guard's state key.
 _ROWS_CHECKPOINT_KEY = "gradguard_rows"
 _WARNED_CHECKPOINT_KEY = "gradguard_warned"
+# Per optimizer, the run of wholly non-finite logging windows the stall warning counts (see EventReporter.stall).
+_STALL_CHECKPOINT_KEY = "gradguard_stall"
 
 
 def _base_rates(optimizer: Any) -> list[float | None]:
@@ -306,6 +308,7 @@ class GradGuard(CallbackBase):
         self._board_checked = False
         self._board_loaded: dict[str, Any] | None = None  # a checkpoint's board state, for the board once it opens
         self._warned_loaded: dict[str, list[list[str]]] | None = None  # a checkpoint's warned layers, per optimizer
+        self._stall_loaded: dict[str, list[int | None]] = {}  # a checkpoint's stall counts, per optimizer
         self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
@@ -465,6 +468,11 @@ class GradGuard(CallbackBase):
         for key, pairs in self._reporter.warned.items():
             warned[str(key)] = sorted([layer, kind] for layer, kind in pairs)
         checkpoint.setdefault(_WARNED_CHECKPOINT_KEY, {})[self.state_key] = warned
+        # A run of non-finite steps goes on across a resume: its start, and the warning's "see the warning" after it.
+        stall = dict(self._stall_loaded)
+        for key, (steps, bad, run) in self._reporter.stall.items():
+            stall[str(key)] = [steps, bad, *(run if run is not None else (None, None))]
+        checkpoint.setdefault(_STALL_CHECKPOINT_KEY, {})[self.state_key] = stall
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -495,6 +503,7 @@ class GradGuard(CallbackBase):
         self._board_loaded = checkpoint.get(_BOARD_CHECKPOINT_KEY, {}).get(key)
         self._reporter.rows = list(checkpoint.get(_ROWS_CHECKPOINT_KEY, {}).get(key) or [])
         self._warned_loaded = dict(checkpoint.get(_WARNED_CHECKPOINT_KEY, {}).get(key) or {})  # absent: older
+        self._stall_loaded = dict(checkpoint.get(_STALL_CHECKPOINT_KEY, {}).get(key) or {})
         for built in self._states:
             self._restore_warned(built)
 
@@ -502,6 +511,11 @@ class GradGuard(CallbackBase):
         warned = self._warned_loaded.pop(str(key), None) if self._warned_loaded is not None else None
         if warned is not None:
             self._reporter.warned[key] = {(layer, kind) for layer, kind in warned}
+        stall = self._stall_loaded.pop(str(key), None)
+        if stall is not None:
+            steps, bad, since, before = stall
+            run = None if since is None or before is None else (int(since), int(before))
+            self._reporter.stall[key] = (int(steps or 0), int(bad or 0), run)
 
     def _restore_optimizer_state(self, key: int, engine: GuardEngine) -> None:
         if self._loaded is None:

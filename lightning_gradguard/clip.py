@@ -67,10 +67,10 @@ _EPS_SHARE = 1e-3
 
 
 def _scaled_eps(scale: Tensor, eps: float = _NORM_EPS) -> Tensor:
-    """``eps``, or ``_EPS_SHARE`` of ``scale`` where that is less (at least ``_TINY``): exactly ``eps`` from
-    ``scale = eps / _EPS_SHARE`` (1e-3) up, so clipping does not turn on the gradients' scale below it. An absolute
-    1e-6 made ZClip's threshold 40x the mean of norms about 1e-7 (nothing clipped), and a norm of 1e-8 clipped to a
-    cap came out 100x under it (user trial: a loss scaled by 1e-8)."""
+    """``eps``, or ``_EPS_SHARE`` of ``scale`` where that is less (at least ``_TINY``, unless ``eps`` is smaller
+    still): exactly ``eps`` from ``scale = eps / _EPS_SHARE`` (1e-3) up, so clipping does not turn on the gradients'
+    scale below it. An absolute 1e-6 made ZClip's threshold 40x the mean of norms about 1e-7 (nothing clipped), and a
+    norm of 1e-8 clipped to a cap came out 100x under it (user trial: a loss scaled by 1e-8)."""
     return torch.clamp(scale * _EPS_SHARE, min=_TINY, max=eps)
 
 
@@ -474,8 +474,8 @@ class AutoClip(Clipper):
 
     Each valid step appends its total L2 norm to the history; the threshold is the ``percentile``-th percentile of
     the history, the current norm included (linear interpolation, as ``numpy.percentile``'s default), and the
-    gradients are scaled by ``min(1, threshold / (norm + 1e-6))``. Invalid steps (non-finite norm, AMP overflow) and
-    exactly-zero norms (a fully masked batch) never enter the history.
+    gradients are scaled by ``min(1, threshold / (norm + 1e-6))`` (the 1e-6 at most 0.1% of the norm). Invalid steps
+    (non-finite norm, AMP overflow) and exactly-zero norms (a fully masked batch) never enter the history.
 
     Cost: with ``history=None`` (the paper's setting) every norm of the run is kept, sorted, on the gradients'
     device: 4 bytes per step, and each step inserts with ``searchsorted`` in a constant number of kernels that read
@@ -724,10 +724,10 @@ class ZClip(Clipper):
         clip_factor: multiplier of the adaptive-scaling threshold (``> 0``; 0.3 to 0.7 clips more aggressively).
         max_grad_norm: optional absolute cap on the clipping threshold (``> 0``), also applied during warm-up.
         skip_update_on_spike: leave the EMA unchanged on a spike.
-        eps: added to the standard deviation in the z-score (``>= 0``), at most 0.1% of the EMA mean norm: exactly
+        eps: added to the standard deviation in the z-score (``> 0``), at most 0.1% of the EMA mean norm: exactly
             ``eps`` from a mean of ``1000 * eps`` up, scaled with the mean below it, so that the test does not
-            depend on the gradients' scale (the reference's absolute 1e-6 made the threshold 40x the mean of norms
-            about 1e-7).
+            depend on the gradients' scale there (the reference's absolute 1e-6 made the threshold 40x the mean of
+            norms about 1e-7).
         warmup_ratio: optional ceiling during the warm-up, as a multiple (``>= 1``) of the lower median of the norms
             collected so far; the warm-up buffer then keeps the clipped norms, so a run that diverges in its first
             steps meets a ceiling at once and the EMA starts from the calm level. ``None`` (default) follows the

@@ -648,7 +648,8 @@ class ActivationGradients:
     hooks too, with the gradient of another output than the loss (the penalty's ``D(x).sum()`` read 8.0 where the
     loss's gradient was 0.125). Mark the loss's backward passes with :meth:`backward_began` and
     :meth:`backward_ended`: once a pass is marked, the measurement keeps only marked passes (GradGuard marks
-    Lightning's). Several marked passes for one step (SAM's two) add up, as micro-batches do.
+    Lightning's). Several marked passes for one measurement (a manual-optimization SAM's two, micro-batches) add up
+    as root-sum-squares.
 
     Modules that run under ``torch.compile`` are skipped (hooks added after compilation are not seen by the compiled
     code), as are names that are not modules (a parameter set on the root module); :attr:`skipped` says which and why.
@@ -720,8 +721,9 @@ class ActivationGradients:
         return self._armed
 
     def backward_began(self) -> None:
-        """Mark the start of a backward pass of the loss (``loss.backward()``): from now on until :meth:`disarm`,
-        passes outside the marks (a ``torch.autograd.grad`` call of the model's own) are left out."""
+        """Mark the start of a backward pass of the loss (``loss.backward()``): once a pass is marked, the
+        measurement since :meth:`arm` keeps only marked passes (a ``torch.autograd.grad`` call of the model's own,
+        before or after, is left out)."""
         self._in_marked = True
         self._marked = True
 

@@ -165,23 +165,24 @@ def nonfinite_weights(params: Sequence[Tensor], layer_of_param: Sequence[int], n
     return [names[layer] for layer in sorted(bad)]
 
 
-def nonfinite_buffers(module: torch.nn.Module) -> list[str]:
-    """The names of ``module``'s floating-point and complex buffers that hold an inf or NaN, in definition order.
+def nan_buffers(module: torch.nn.Module) -> list[str]:
+    """The names of ``module``'s floating-point and complex buffers that hold a NaN, in definition order.
 
     Reads the device (one copy per buffer): for a warning, not for the quiet step. A buffer the forward pass reads (a
     running mean, an EMA teacher's centre) that took a NaN in makes every later batch's loss NaN, with finite weights.
+    An infinity alone is left out: a causal attention mask holds ``-inf`` by design.
 
     Example:
         >>> net = torch.nn.BatchNorm1d(2)
         >>> net.running_mean[1] = float("nan")
-        >>> nonfinite_buffers(net)
+        >>> net.register_buffer("mask", torch.tensor([0.0, -math.inf]))
+        >>> nan_buffers(net)
         ['running_mean']
     """
     return [
         name
         for name, buffer in module.named_buffers()
-        if (buffer.is_floating_point() or buffer.is_complex())
-        and not bool(torch.isfinite(_local(buffer.detach())).all())
+        if (buffer.is_floating_point() or buffer.is_complex()) and bool(torch.isnan(_local(buffer.detach())).any())
     ]
 
 

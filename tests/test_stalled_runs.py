@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lightning_gradguard import GradGuard
@@ -37,12 +38,26 @@ class PoisonedBuffer(Regressor):
         return nn.functional.mse_loss(self(x - self.centre), y)
 
 
-def _fit(module: Regressor, caplog: pytest.LogCaptureFixture, **guard: Any) -> tuple[GradGuard, list[str], str]:
+def _fit(
+    module: Regressor,
+    caplog: pytest.LogCaptureFixture,
+    log_every_n_steps: int = 10,
+    callbacks: tuple[Any, ...] = (),
+    ckpt_path: str | None = None,
+    **guard: Any,
+) -> tuple[GradGuard, list[str], str]:
     torch.manual_seed(0)
     gg = GradGuard(**guard)
+    caplog.clear()
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
-        trainer(max_epochs=8, callbacks=[gg]).fit(module, regression_data(n=320, batch_size=16))
+        fit = trainer(
+            max_epochs=8,
+            callbacks=[gg, *callbacks],
+            log_every_n_steps=log_every_n_steps,
+            enable_checkpointing=bool(callbacks),
+        )
+        fit.fit(module, regression_data(n=320, batch_size=16), ckpt_path=ckpt_path)
     messages = [str(w.message) for w in caught if str(w.message).startswith("GradGuard")]
     return gg, messages, caplog.text
 
@@ -56,7 +71,7 @@ def test_a_run_that_stopped_training_is_named_once_with_the_buffer_behind_it(cap
     stopped = [m for m in messages if STOPPED in m]
     assert len(stopped) == 1
     assert "since step 30 at the latest" in stopped[0] and "skipped" in stopped[0]
-    assert "buffer 'centre' holds inf/NaN" in stopped[0]
+    assert "buffer 'centre' holds NaN" in stopped[0]
     # The end-of-fit rate line gives no ceiling for the next run: the cuts answered a run that had stopped.
     assert "say nothing about the rate for the next one" in log
     assert "a ceiling, the highest that stayed finite" not in log
@@ -67,6 +82,40 @@ def test_a_burst_of_nonfinite_batches_is_no_stopped_run(caplog: pytest.LogCaptur
     guard, messages, _ = _fit(NaNAtSteps(*range(41, 47)), caplog)
     assert guard.summary()["skipped"] == 6
     assert not any(STOPPED in m for m in messages)
+
+
+@pytest.mark.parametrize(("every", "since"), [(50, None), (10, 40)])
+def test_only_whole_logging_windows_of_nonfinite_steps_make_a_stopped_run(
+    caplog: pytest.LogCaptureFixture, every: int, since: int | None
+) -> None:
+    # Thirty non-finite steps in a row, 35-64: in logging windows of 50 each window has finite steps; in windows of
+    # 10, two whole windows (40-49, 50-59) are non-finite, 20 steps, and the run has stopped since step 40 so far.
+    guard, messages, _ = _fit(NaNAtSteps(*range(35, 65)), caplog, log_every_n_steps=every)
+    assert guard.summary()["skipped"] == 30
+    stopped = [m for m in messages if STOPPED in m]
+    assert len(stopped) == (0 if since is None else 1)
+    if since is not None:
+        assert f"since step {since} at the latest (20 steps, up to step 59)" in stopped[0]
+
+
+@pytest.mark.parametrize("at", [40, 60])
+def test_a_stopped_run_resumed_from_a_checkpoint_counts_from_the_same_step(
+    caplog: pytest.LogCaptureFixture, tmp_path: Any, at: int
+) -> None:
+    # Checkpoints before the warning (step 40: the run of non-finite windows has begun) and after it (step 60). Before,
+    # the count started again at the resume: the warning came 20 steps late and named a later step, or the end of
+    # the fit referred to a warning the resumed fit never gave, at a later step.
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=at, save_top_k=-1, save_last=False)
+    _fit(PoisonedBuffer(at=30), caplog, callbacks=(saver,))
+    path = next(tmp_path.glob(f"*step={at}.ckpt"))
+    guard, messages, log = _fit(PoisonedBuffer(at=30), caplog, ckpt_path=str(path))
+    stopped = [m for m in messages if STOPPED in m]
+    if at == 40:
+        assert len(stopped) == 1 and "since step 30 at the latest (20 steps, up to step 49)" in stopped[0]
+    else:
+        assert stopped == []  # given before the checkpoint
+    assert "every step since step 30 had non-finite gradients" in log
+    assert guard.summary()["lr_reduced"] == 2
 
 
 def test_zeroed_steps_of_a_stopped_run_are_said_to_be_zeroed(caplog: pytest.LogCaptureFixture) -> None:
