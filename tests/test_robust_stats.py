@@ -280,11 +280,23 @@ def test_lrguard_non_finite_steps_that_a_cut_did_not_stop_cut_no_further() -> No
     for step in range(1, 200):
         cuts += guard.update(False, nonfinite=step % 9 == 0)
     assert cuts == 1
-    # Non-finite steps in a row (a model wrecked straight into NaN) still cut: four, twice the patience; once per run
-    # of them, since skipped steps apply no rate (before, every second step of the run cut again: 7 cuts for 30).
-    assert [guard.update(False, nonfinite=True) for _ in range(30)].count(True) == 1
-    guard.update(False)
-    assert [guard.update(False, nonfinite=True) for _ in range(4)] == [False, False, False, True]
+    # They ended by themselves (a finite step on the weights they began with): a run of them in a row is the
+    # batches' too, and cuts no more (before, one cut per run of four or more).
+    assert [guard.update(False, nonfinite=True) for _ in range(30)].count(True) == 0
+    # Non-finite steps in a row from the first (a model wrecked straight into NaN) still cut: the pair, and once more
+    # at four, twice the patience; once per run, since skipped steps apply no rate (before, every second step of
+    # the run cut again: 7 cuts for 30).
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    assert [i for i in range(30) if guard.update(False, nonfinite=True)] == [1, 3]
+    # Runs of five with a finite step between: the first run cuts twice, the later ones not at all.
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    pattern = ([True] * 5 + [False]) * 30
+    assert [i for i, bad in enumerate(pattern) if guard.update(False, nonfinite=bad)] == [1, 3]
+    # An explosion puts the rate in question again: a run in a row after it cuts as a first one does.
+    guard.update(True)
+    for _ in range(60):
+        guard.update(False)
+    assert [guard.update(False, nonfinite=True) for _ in range(4)].count(True) == 2
     # With another patience too: the count reaches it once in every `patience` steps of the run.
     for patience in (1, 3):
         guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=patience)

@@ -122,3 +122,17 @@ def test_zeroed_steps_of_a_stopped_run_are_said_to_be_zeroed(caplog: pytest.LogC
     _, messages, _ = _fit(PoisonedBuffer(at=30), caplog, on_nonfinite="zero")
     stopped = [m for m in messages if STOPPED in m]
     assert len(stopped) == 1 and "its inf/NaN entries zeroed" in stopped[0]
+
+
+def test_runs_of_nonfinite_batches_that_end_by_themselves_cut_no_more(caplog: pytest.LogCaptureFixture) -> None:
+    # Runs of five NaN batches with a finite step between (a loss NaN on some batches by itself: 0 * log 0 in a
+    # hand-written BCE): the pair cuts, the first run cuts once more; a run that ended on the weights it began with
+    # was the batches' doing, and the later ones cut nothing (before, one cut per run: 20 here).
+    bad = [s for s in range(42, 142) if s % 6 != 5]
+    guard, messages, log = _fit(NaNAtSteps(*bad), caplog, log_every_n_steps=50)
+    assert guard.summary()["skipped"] == len(bad) and guard.summary()["lr_reduced"] == 2
+    assert not any(STOPPED in m for m in messages)
+    # Ended below its schedule: the end-of-fit line gives no ceiling, since nothing exploded.
+    assert guard.lr_guard is not None and guard.lr_guard.scale() < 1.0
+    assert "all for non-finite gradients with nothing exploding" in log
+    assert "a ceiling, the highest that stayed finite" not in log
