@@ -1240,7 +1240,7 @@ class GradGuard(CallbackBase):
         events = engine.summary()  # the end of the fit: the device's counts may be read
         if not (restarts or events["exploding"] or events["diverging"]):
             # Cut for non-finite batches alone, with nothing exploding before or after them: a hand-written BCE whose
-            # 0 * log 0 was NaN on 40-50% of the steps got "a ceiling ... a tenth of it", and a tenth trained far worse.
+            # 0 * log 0 was NaN on 35-50% of the steps got "a ceiling ... a tenth of it", and a tenth trained far worse.
             notes.append(
                 f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value {done}, all for"
                 " non-finite gradients with nothing exploding: a loss or data that is non-finite on some batches by"

@@ -195,10 +195,10 @@ class LRGuard:
       0/0), and only an explosion, or twice ``nonfinite_patience`` of them in a row (a model wrecked into NaN, which
       the rollback can restart), reduces again: once per such run, and not once such a run has ended by itself. While
       every step is skipped the weights do not move and no rate is applied, so a run of them that goes on is no more
-      evidence against the rate (measured: a corrupted stretch of 10-60 NaN batches in a row cut 5-7 times, to 1%, and
-      an SGD and an Adam regression ended +17% to +29% above clean, against +2% to +14% skipping them without a cut),
-      and one that ends on the weights it began with was the batches' doing (a hand-written BCE whose ``0 * log 0`` is
-      NaN on 40-50% of the steps was cut 4-7 times: +3% to +12%).
+      evidence against the rate (``benchmarks/bad_batches.py --count 30 --factor nan``: 7 cuts, to 1%, and the zoo's
+      dropout run +15.4% above clean; 2 cuts, +12.6%), and one that ends on the weights it began with was the
+      batches' doing (a hand-written BCE whose ``0 * log 0`` is NaN on 35-50% of the steps was cut 4-7 times: +3% to
+      +12%).
     * **Memory.** A rate that explodes again is remembered: a reduction that answers a recurrence (an explosion
       after an earlier reduction had calmed the run past its hold, within ``2 * (cooldown + recovery_steps)`` steps
       of that reduction) sets the ``ceiling`` that recovery returns to, that multiplier times ``sqrt(factor)``, not 1.
@@ -475,7 +475,7 @@ class LRGuard:
                 # patience (the count reaches the patience once in every ``patience`` steps of it): not again
                 # while it goes on, since skipped steps apply no rate (a NaN stretch of the data cut 7 times), and
                 # not once such a run has ended by itself (a loss that is NaN on some batches, 0 * log 0 in a
-                # hand-written BCE on 40-50% of the steps, was cut 4-7 times: +3% to +12% held-out).
+                # hand-written BCE on 35-50% of the steps, was cut 4-7 times: +3% to +12% held-out).
                 return False
             cut = self._explode(state, force=True, hold=hold)
             state.nonfinite_cut = 1
