@@ -340,6 +340,11 @@ class GradGuard(CallbackBase):
         self._samples_at_step: dict[int, int | None] = {}
         self._count_samples = True
         self._batch_samples: int | None = None  # the current batch's size, until its first backward counts it
+        # Batches that reached a backward pass since the last optimizer step: Lightning divides each one's loss by
+        # `accumulate_grad_batches`, also in an epoch's last window, which may hold fewer (see GuardEngine.step's
+        # `share`).
+        self._window_batches = 0
+        self._batch_fresh = False
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
         # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
         # the optimizer.step() call under way (absent: none under way), kept by the optimizer's own step hooks.
@@ -655,6 +660,7 @@ class GradGuard(CallbackBase):
         self._losses.clear()  # a loss left over by an earlier fit that ended between backward and step
         self._unowned = None
         self._samples, self._samples_at_step, self._batch_samples = 0, {}, None
+        self._window_batches, self._batch_fresh = 0, False
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -917,6 +923,7 @@ class GradGuard(CallbackBase):
     ) -> None:
         self._batch_stepped = False
         self._batch_samples = batch_size(batch) if self._count_samples else None
+        self._batch_fresh = True
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
         due = _lightning_step(trainer) + 1 >= self._next_log_step
@@ -966,6 +973,15 @@ class GradGuard(CallbackBase):
             return None
         return self._samples - seen
 
+    def _window_share(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """The share of a full accumulation window behind this step: ``k / N`` for an epoch's last window of ``k``
+        batches, whose losses Lightning divided by ``N = accumulate_grad_batches`` all the same; else 1."""
+        batches, self._window_batches = self._window_batches, 0
+        window = trainer.accumulate_grad_batches
+        if not pl_module.automatic_optimization or not 0 < batches < window:
+            return 1.0  # manual optimization scales its own losses
+        return batches / window
+
     def _watches_loss(self, trainer: pl.Trainer) -> bool:
         """Whether the divergence detector watches this fit's losses."""
         return self.divergence is not None and not (self._divergence_default and len(trainer.optimizers) > 1)
@@ -976,6 +992,8 @@ class GradGuard(CallbackBase):
             self._diag.after_backward(trainer)
         # A batch counts once, at its first backward: a training_step that returned None adds no examples to a step,
         # and the second backward of a GAN's batch (or of a closure evaluated again) the same ones.
+        if self._batch_fresh:
+            self._window_batches, self._batch_fresh = self._window_batches + 1, False
         if self._count_samples and self._samples is not None and self._batch_samples != 0:
             size, self._batch_samples = self._batch_samples, 0
             self._samples = None if size is None else self._samples + size
@@ -1012,6 +1030,7 @@ class GradGuard(CallbackBase):
         if unowned is not None:
             loss = unowned if loss is None else loss + unowned
         samples = self._step_samples(key)
+        share = self._window_share(trainer, pl_module)
         try:
             stats = engine.step(
                 stamp,
@@ -1020,6 +1039,7 @@ class GradGuard(CallbackBase):
                 optimizer=optimizer,
                 loss=loss,
                 samples=samples,
+                share=share,
             )
         finally:
             engine.before_drop = None  # holds the scaler and the optimizer: not beyond the step

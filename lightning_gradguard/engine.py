@@ -41,7 +41,14 @@ from lightning_gradguard._compat import (
 )
 from lightning_gradguard._host import HostFlags, host_rate
 from lightning_gradguard._kinds import EVENT_KINDS
-from lightning_gradguard._validation import FLOAT32_MAX, check_bool, check_compile, check_int, optional_number
+from lightning_gradguard._validation import (
+    FLOAT32_MAX,
+    check_bool,
+    check_compile,
+    check_int,
+    check_number,
+    optional_number,
+)
 from lightning_gradguard.clip import Clipper, NormClip, default_clipper
 from lightning_gradguard.detect import (
     DivergenceDetector,
@@ -1077,6 +1084,7 @@ class GuardEngine:
         optimizer: torch.optim.Optimizer | None = None,
         loss: Tensor | float | None = None,
         samples: int | None = None,
+        share: float = 1.0,
     ) -> StepStats | None:
         """Run the pipeline on the gradients in ``.grad``; call it before ``optimizer.step()``.
 
@@ -1107,6 +1115,12 @@ class GuardEngine:
                 lengths read along a time-major layout, dynamic batches) turn this rule off for the run.
                 Under several processes pass the same number on every process (the global batch, or the per-process
                 one where they are equal): the processes' detectors must agree.
+            share: the share of a full step's loss behind this step's gradients and ``loss``, in ``(0, 1]``: ``k / N``
+                for an accumulation window of ``k`` micro-batches whose losses were each divided by ``N`` (Lightning
+                divides by ``accumulate_grad_batches`` in an epoch's last, partial window too). Its gradients are then
+                about ``share`` (signal) to ``sqrt(share)`` (noise) of a full window's: a short step's gross limit is
+                taken that much lower, and ``loss`` is divided by ``share`` (the window's mean loss). Pass it with
+                ``samples`` (the window's examples); 1: a full step.
 
         Returns:
             The step's measurements (device tensors), or ``None`` when no parameter had a gradient, the step rolled
@@ -1132,6 +1146,7 @@ class GuardEngine:
                     f"`samples` must be an int >= 1 (the examples behind this step) or None, got {samples!r}"
                 )
             samples = int(samples)
+        share = check_number("share", share, low=0.0, high=1.0, high_inclusive=True)
         if grad_scale is not None and not isinstance(grad_scale, Tensor):
             if not _is_real(grad_scale) or not 0.0 < float(grad_scale) < math.inf:
                 # 0 or NaN would make every step non-finite, a negative scale flips every clipped gradient.
@@ -1153,6 +1168,8 @@ class GuardEngine:
             self.skipped = self.rolled_back = False
             return None
         loss_in = self._loss_input(loss)
+        if loss_in is not None and share != 1.0:
+            loss_in = loss_in / share  # only on a partial window: one op there, none on the others
         distributed = _distributed()
         if loss_in is not None and distributed:
             # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
@@ -1208,7 +1225,7 @@ class GuardEngine:
         number = self.steps + 1 if step is None else int(step)
         self._watch_rate_warmup(optimizer)
         # A short batch is not judged; it carries how much noisier its mean gradient is (see `_pre`).
-        blind = None if self._judged(samples) else self._short_scale(samples, measured.flat.device)
+        blind = None if self._judged(samples) else self._short_scale(samples, share, measured.flat.device)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
@@ -1554,11 +1571,13 @@ class GuardEngine:
         cap = torch.where(gross, typical * self.exploding.cap_ratio, result.cap)
         return ExplodingResult(total=gross, layers=result.layers, any=gross | result.any, cap=cap)
 
-    def _short_scale(self, samples: int | None, device: torch.device) -> Tensor:
-        """``sqrt(usual batch / samples)`` on ``device``: the noise in a mean gradient grows as the batch shrinks.
-        Filled on the device, not copied there: no transfer on the step."""
+    def _short_scale(self, samples: int | None, share: float, device: torch.device) -> Tensor:
+        """``sqrt(usual batch / samples) * share`` on ``device``: the noise in a mean gradient grows as the batch
+        shrinks, and a partial accumulation window's gradient is ``share`` of a mean (its losses were divided by the
+        full window's size): a 300x bad batch alone in an epoch's last window of 1 of 4 micro-batches went unflagged
+        (user trial). Filled on the device, not copied there: no transfer on the step."""
         ratio = self._batch_size / samples if samples else 1.0
-        return torch.full((), math.sqrt(max(ratio, 1.0)), dtype=torch.float32, device=device)
+        return torch.full((), math.sqrt(max(ratio, 1.0)) * share, dtype=torch.float32, device=device)
 
     def _post(self, *args: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         """The record (the second compiled part); see :meth:`_Record.update`."""

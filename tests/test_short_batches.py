@@ -173,6 +173,50 @@ def test_samples_must_be_a_positive_int(bad: Any) -> None:
         engine.step(samples=bad)
 
 
+def test_a_partial_window_is_judged_at_its_share_of_the_norm() -> None:
+    # An epoch's last window of 1 of 4 micro-batches, each loss divided by 4: its gradient is a quarter of a mean over
+    # its batch, so the gross limit is 100 x 2 (noise) x 1/4 = 50x the average, not 200x.
+    def engine_after_history() -> tuple[nn.Linear, GuardEngine]:
+        model, engine = _engine()
+        for i in range(40):
+            _step(engine, model, 1.0 + 0.05 * math.sin(i), samples=64)
+        return model, engine
+
+    model, engine = engine_after_history()
+    model.weight.grad = torch.full_like(model.weight, 100.0 / math.sqrt(5))
+    model.bias.grad = torch.full_like(model.bias, 100.0 / math.sqrt(5))
+    engine.step(samples=16, share=0.25)
+    assert engine.summary()["exploding"] == 1
+    model, engine = engine_after_history()
+    model.weight.grad = torch.full_like(model.weight, 100.0 / math.sqrt(5))
+    model.bias.grad = torch.full_like(model.bias, 100.0 / math.sqrt(5))
+    engine.step(samples=16)  # a short batch of its own (a mean over 16): 100x is within 200x
+    assert engine.summary()["exploding"] == 0
+
+
+def test_a_partial_window_gives_the_divergence_detector_its_mean_loss() -> None:
+    # Half a window whose losses were each divided by the full window's size sums to half the mean: divided by its
+    # share, the detector sees the mean (0.5 * 1e3 / 0.5), and so the blown-up loss is one.
+    model, engine = _engine()
+    for _ in range(30):
+        _step(engine, model, 1.0, samples=64, loss=1.0)
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight) / 2, torch.ones_like(model.bias) / 2
+    seen: list[float] = []
+    assert engine.divergence is not None
+    update = engine.divergence.update
+    engine.divergence.update = lambda loss: (seen.append(float(loss)), update(loss))[1]  # type: ignore[method-assign]
+    engine.step(samples=32, share=0.5, loss=0.5)
+    assert seen == [1.0]
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, math.nan, True, "1"])
+def test_share_must_be_in_zero_one(bad: Any) -> None:
+    model, engine = _engine()
+    model.weight.grad, model.bias.grad = torch.ones_like(model.weight), torch.ones_like(model.bias)
+    with pytest.raises(ValueError, match="`share`"):
+        engine.step(samples=8, share=bad)
+
+
 def test_batch_size_is_the_first_dimension_every_tensor_shares() -> None:
     x = torch.zeros(5, 3)
     assert batch_size(x) == 5
@@ -309,6 +353,37 @@ def test_a_bad_batch_on_the_short_last_batch_is_caught_within_the_clippers_warm_
     assert events["exploding"] == 5 and events["clipped"] >= 5 and events["lr_reduced"] == 0, events
     clean, _ = _fit(loader(), None, _Clean, max_epochs=6)
     assert _mse(guarded, data) <= 1.05 * _mse(clean, data)  # unguarded with the bad batches: NaN
+
+
+class _SpikyPartial(_Noisy):
+    """In epoch 9, the batch ``at`` has its loss multiplied by 300 (a bad batch)."""
+
+    at = 8
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * 300.0 if (self.current_epoch, batch_idx) == (9, self.at) else loss
+
+
+@pytest.mark.parametrize("at", [4, 8], ids=["full_window", "partial_window"])
+def test_a_bad_batch_alone_in_an_epochs_last_accumulation_window_is_flagged(at: int) -> None:
+    # 9 batches per epoch, accumulated by 4: each epoch's last window holds one batch, whose loss Lightning divides by
+    # 4 all the same. Before, that window counted as a short batch of a quarter of the usual size, 2x noisier: a 300x
+    # bad batch there was clipped but not flagged (its norm came out 132x, under the 200x limit), where the same batch
+    # in a full window was (user trial).
+    data = _data(9 * 32)
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=32, shuffle=False)
+
+    model_cls = type("_Spiky", (_SpikyPartial,), {"at": at})
+    guard = GradGuard()
+    _fit(loader(), guard, model_cls, max_epochs=14, accumulate_grad_batches=4)
+    events = guard.summary()
+    assert events["exploding"] == 1 and events["lr_reduced"] == 0, events
+    healthy = GradGuard()
+    _fit(loader(), healthy, max_epochs=14, accumulate_grad_batches=4)
+    assert healthy.summary()["exploding"] == 0
 
 
 @dataclass
