@@ -862,7 +862,9 @@ def test_ddp_spawn_sends_the_summary_back_to_the_launching_process() -> None:
 def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
     # `ddp_spawn` pickles the callbacks into its workers: a guard that had fitted here held weak references, hooks and
     # a lock, and the launch failed. Its copy now carries its checkpoint state: the count of the first fit goes on.
-    guard, model = GradGuard(regularizers=[L2(1e-4)]), NaNAtSteps(5)  # a regularizer holds a weak reference too
+    # A regularizer holds a weak reference too. `spare_lone=False`: the two NaN batches cut though calm steps follow.
+    guard = GradGuard(regularizers=[L2(1e-4)], lr_guard=LRGuard(spare_lone=False))
+    model = NaNAtSteps(5)
     L.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, callbacks=[guard], **_QUIET).fit(
         model, regression_data()
     )
@@ -874,8 +876,8 @@ def test_a_guard_that_fitted_in_this_process_goes_on_under_ddp_spawn() -> None:
 
 
 class _RateLogged(Regressor):
-    """NaN losses at given optimizer steps (two cut the rate once), and the rate each step runs at logged: inside
-    ``optimizer.step``, with the LR guard's multiplier in, where ``training_step`` runs."""
+    """NaN losses at given optimizer steps (two cut the rate once, with ``spare_lone=False``), and the rate each step
+    runs at logged: inside ``optimizer.step``, with the LR guard's multiplier in, where ``training_step`` runs."""
 
     def __init__(self, nan_steps: tuple[int, ...], lr: float) -> None:
         super().__init__(lr=lr)
@@ -891,7 +893,7 @@ class _RateLogged(Regressor):
 def test_a_rate_changed_before_a_ddp_spawn_fit_drops_the_cut_in_the_workers() -> None:
     # The workers' copies compare the rate with the one the guard last fitted at (carried with its state): they ran
     # the new rate at the old cut.
-    guard, model = GradGuard(), _RateLogged(nan_steps=(2, 4), lr=0.05)
+    guard, model = GradGuard(lr_guard=LRGuard(spare_lone=False)), _RateLogged(nan_steps=(2, 4), lr=0.05)
     single = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, callbacks=[guard], **_QUIET)
     single.fit(model, regression_data())
     assert guard.lr_guard is not None and guard.lr_guard.scale(0) == 0.5

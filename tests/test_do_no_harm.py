@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import ExplodingDetector, GradGuard, ZClip
+from lightning_gradguard import ExplodingDetector, GradGuard, LRGuard, ZClip
 from lightning_gradguard.layers import build_layer_index
 from tests.models import Regressor, regression_data, trainer
 
@@ -249,12 +249,14 @@ def test_fully_masked_batches_are_no_observation(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- 3. NaN batches
 
 
-def _nan_run(nan_steps: tuple[int, ...], logger: Any = False, steps: int = 60) -> tuple[GradGuard, _Task]:
+def _nan_run(
+    nan_steps: tuple[int, ...], logger: Any = False, steps: int = 60, guard: GradGuard | None = None
+) -> tuple[GradGuard, _Task]:
     batch = 32
     x, y = _teacher_data(steps * batch, seed=3)
     L.seed_everything(0, verbose=False)
     model = _Task(_mlp(), lambda params: torch.optim.Adam(params, lr=3e-3), nan_steps=nan_steps)
-    guard = GradGuard()
+    guard = GradGuard() if guard is None else guard
     _fit(model, _loader(x, y, batch), steps, guard, logger)
     return guard, model
 
@@ -272,21 +274,35 @@ def test_one_nan_batch_is_skipped_not_punished(tmp_path: Path) -> None:
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_two_nan_batches_close_together_lower_the_lr() -> None:
+def test_two_nan_batches_close_together_then_calm_steps_are_the_batches() -> None:
+    # The steps after each ran on the weights the skipped step left, and calmly: the batches were non-finite, not the
+    # model. Before, the pair cut the rate (user trial: +6% to +21% held-out against skipping them alone).
     guard, model = _nan_run((30, 33))
     events = guard.summary()
     assert events["skipped"] == 2, events
-    assert events["lr_reduced"] >= 1, f"two NaN batches 3 steps apart did not lower the LR: {events}"
+    assert events["lr_reduced"] == 0, f"two NaN batches followed by calm steps lowered the LR: {events}"
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # Counting every pair, as the first rule did, is one argument away.
+    guard, _ = _nan_run((30, 33), guard=GradGuard(lr_guard=LRGuard(spare_lone=False)))
+    assert guard.summary()["lr_reduced"] == 1
+
+
+def test_nan_batches_that_go_on_lower_the_lr() -> None:
+    # Non-finite steps in a row: the steps after the pair are troubled too, so the pair cuts.
+    guard, model = _nan_run((30, 31, 32))
+    events = guard.summary()
+    assert events["skipped"] == 3, events
+    assert events["lr_reduced"] == 1, f"three NaN batches in a row did not lower the LR: {events}"
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def test_recurring_nan_batches_that_a_cut_does_not_stop_are_not_cut_for_again() -> None:
-    # Every ninth batch non-finite by itself (as a masked mean over a fully masked batch is): the first close pair
-    # cuts once; the rest, with nothing exploding, are skipped without further cuts (before: a cut per pair).
+def test_recurring_nan_batches_each_followed_by_calm_steps_are_not_cut_for() -> None:
+    # Every ninth batch non-finite by itself (as a masked mean over a fully masked batch is): skipped, never cut for
+    # (before: one cut, for the first pair).
     guard, model = _nan_run(tuple(range(9, 60, 9)))
     events = guard.summary()
     assert events["skipped"] == 6 and events["exploding"] == 0, events
-    assert events["lr_reduced"] == 1, events
+    assert events["lr_reduced"] == 0, events
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 

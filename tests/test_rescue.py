@@ -85,7 +85,10 @@ def test_rollback_changes_nothing_on_a_healthy_run() -> None:
 def _engine_loop(
     model: nn.Module, opt: torch.optim.Optimizer, engine: GuardEngine, bad: set[int], steps: int
 ) -> dict[int, list[torch.Tensor]]:
-    """Train ``steps`` steps (NaN loss on the steps in ``bad``); the weights each step's gradients were taken on."""
+    """Train ``steps`` steps (NaN loss on the steps in ``bad``); the weights each step's gradients were taken on.
+
+    The tests that need a pair of NaN steps to cut (and so roll back) at once give the LR guard ``spare_lone=False``:
+    by default a pair followed by a calm step is the batches' doing and cuts nothing (tested below)."""
     g = torch.Generator().manual_seed(0)
     seen: dict[int, list[torch.Tensor]] = {}
     for step in range(1, steps + 1):
@@ -107,7 +110,7 @@ def test_rollback_restores_the_copy_that_a_calm_stretch_confirmed(optimizer: str
         opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    guard = LRGuard(reset_momentum=False)  # by default the cut also zeroes the restored first moments
+    guard = LRGuard(reset_momentum=False, spare_lone=False)  # by default the cut also zeroes the restored first moments
     engine = GuardEngine(model, lr_guard=guard, rollback=Rollback(every=5))
     engine.attach(opt)
     # Copies: the initial weights (safe), a candidate at step 5, confirmed once steps 5-9 landed calm (at step
@@ -133,11 +136,32 @@ def test_rollback_restores_the_copy_that_a_calm_stretch_confirmed(optimizer: str
     assert guard.scale() == 0.5
 
 
-def test_a_copy_followed_by_an_explosion_is_never_restored() -> None:
+def test_a_pair_of_nan_steps_followed_by_calm_ones_rolls_nothing_back() -> None:
+    # The step after the pair ran on the weights the skipped steps left, and calmly: they were fine.
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
+    engine.attach(opt)
+    _engine_loop(model, opt, engine, bad={3, 4}, steps=8)
+    assert engine.summary()["rolled_back"] == engine.summary()["lr_reduced"] == 0
+    # Three in a row: the step after the pair is troubled too, and the cut rolls back (a step later than the pair
+    # alone would, with `spare_lone=False`).
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
+    engine.attach(opt)
+    seen = _engine_loop(model, opt, engine, bad={3, 4, 5}, steps=8)
+    assert engine.summary()["rolled_back"] == engine.summary()["lr_reduced"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(seen[7], seen[1]))  # step 6 went back to the initial weights
+
+
+def test_a_copy_followed_by_an_explosion_is_never_restored() -> None:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard(spare_lone=False), rollback=Rollback(every=5))
     engine.attach(opt)
     # The candidate of step 5 sees non-finite steps 6 and 7 before it is confirmed: the cut at step 8 goes back to
     # the initial weights instead.
@@ -151,7 +175,7 @@ def test_rollback_copies_only_trainable_parameters_and_pins_the_rate_when_asked(
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
     model[0].requires_grad_(False)
     opt = torch.optim.SGD(model[1].parameters(), lr=0.05)
-    guard = LRGuard()
+    guard = LRGuard(spare_lone=False)
     engine = GuardEngine(model, lr_guard=guard, rollback=Rollback(every=5, pin_lr=True))
     engine.attach(opt)
     _engine_loop(model, opt, engine, bad={3, 4}, steps=5)
@@ -165,7 +189,9 @@ def test_rollback_state_round_trips_with_or_without_the_copies() -> None:
     model = nn.Linear(4, 1)
     for save_copies in (False, True):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5, save_copies=save_copies))
+        engine = GuardEngine(
+            model, lr_guard=LRGuard(spare_lone=False), rollback=Rollback(every=5, save_copies=save_copies)
+        )
         engine.attach(opt)
         _engine_loop(model, opt, engine, bad={3, 4}, steps=6)
         state = engine.state_dict()
@@ -216,7 +242,7 @@ def test_the_full_rollback_is_opt_in_and_validated() -> None:
 def test_max_rollbacks_leaves_the_lr_guard_alone_afterwards() -> None:
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5, max_rollbacks=0))
+    engine = GuardEngine(model, lr_guard=LRGuard(spare_lone=False), rollback=Rollback(every=5, max_rollbacks=0))
     engine.attach(opt)
     _engine_loop(model, opt, engine, bad={3, 4}, steps=6)
     summary = engine.summary()
@@ -247,7 +273,7 @@ def test_rollback_with_the_compiled_tail_matches_eager_and_compiles_once(
             model,
             clip=copy.deepcopy(clip),
             exploding=ExplodingDetector(warmup_steps=3),
-            lr_guard=LRGuard(cooldown=3, recovery_steps=5),
+            lr_guard=LRGuard(cooldown=3, recovery_steps=5, spare_lone=False),
             rollback=Rollback(every=5),
             compile=compile,
         )
@@ -317,7 +343,9 @@ def test_several_processes_wait_for_the_previous_steps_flags_one_never_does(
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     # No divergence detector: under several processes it would all-reduce the loss, and no process group exists.
-    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), rollback=Rollback(every=5), divergence=None)
+    engine = GuardEngine(
+        model, clip=None, lr_guard=LRGuard(spare_lone=False), rollback=Rollback(every=5), divergence=None
+    )
     engine.attach(opt)
     seen = _engine_loop(model, opt, engine, bad={3, 4}, steps=8)
     waits = sum(e.waits for e in events)
