@@ -50,9 +50,6 @@ class _KeyState:
     # 1: the last step was a clipped exploding event after a calm step, not counted yet: it counts when the next
     # step is troubled too, and not at all when the next step is calm (a lone spike)
     deferred: int = 0
-    # 1: the last step completed ``nonfinite_patience``; its cut comes when the next step is troubled too, and not
-    # at all when training goes on calmly on the weights the skipped steps left (the batches were non-finite)
-    nonfinite_due: int = 0
     # calm steps in a row up to the last one (neither exploding, flagged or clipped, non-finite nor diverging)
     calm_run: int = 0
 
@@ -87,7 +84,6 @@ _STATE_FIELDS = (
     "nonfinite_passed",
     "armed",
     "deferred",
-    "nonfinite_due",
     "calm_run",
 )
 
@@ -192,21 +188,20 @@ class LRGuard:
       edge of stability alternates spikes and ordinary steps, and is then cut at its third spike. Two spikes two
       steps apart are not cut: a plain-SGD ReLU regression whose rate was raised 10x mid-run ended 40-130% above
       counting every event on 4 of 8 seeds (``spare_lone=False`` counts them all).
-    * **Non-finite steps.** One isolated non-finite step (a bad batch, skipped by GradGuard) is no evidence that
-      the learning rate is too high: it changes nothing. ``nonfinite_patience`` of them with at most ``cooldown``
-      steps between each and the next count as one exploding event (which reduces at once), when the step after
-      the last of them is troubled too (``spare_lone``, with ``nonfinite_patience`` of 2 or more): a calm, finite
-      step there runs on the weights the skipped steps left, so those were fine and the batches were non-finite (a
-      triplet loss on ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two
-      such steps within the cooldown: +6% to +21% held-out against skipping them alone). Once: when they go on
-      after that reduction with nothing exploding, they are the data's (a masked mean over a fully masked batch is
-      0/0), and only an explosion, or twice ``nonfinite_patience`` of them in a row (a model wrecked into NaN, which
-      the rollback can restart), reduces again: once per such run, and not once such a run has ended by itself. While
-      every step is skipped the weights do not move and no rate is applied, so a run of them that goes on is no more
-      evidence against the rate (``benchmarks/bad_batches.py --count 30 --factor nan``: 7 cuts, to 1%, and the zoo's
-      dropout run +15.4% above clean; 2 cuts, +12.6%), and one that ends on the weights it began with was the
-      batches' doing (a hand-written BCE whose ``0 * log 0`` is NaN on 35-50% of the steps was cut 4-7 times: +3% to
-      +12%).
+    * **Non-finite steps.** A non-finite step (a bad batch, skipped by GradGuard) moves no weight, so the finite
+      step after it runs on the weights it had: when that step is calm, those weights were fine and the batch was
+      non-finite by itself, which a lower rate does not cure. So, with ``spare_lone`` and ``nonfinite_patience`` of
+      2 or more, scattered non-finite steps cut nothing, however close together: only a run of twice
+      ``nonfinite_patience`` of them in a row (4: a model wrecked into NaN stays there, and a cut lets the rollback
+      restart it) reduces, once per run, and not once a run that was cut has ended by itself. Measured: a triplet
+      loss on ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them
+      within the cooldown, +9% to +14% held-out against skipping them alone; a hand-written BCE whose ``0 * log 0``
+      is NaN on 35-50% of the steps was cut 4-7 times (+3% to +12%) by an earlier rule; ``benchmarks/bad_batches.py
+      --count 30 --factor nan``: 7 cuts, to 1%, and the zoo's dropout run +15.4% above clean by an earlier rule.
+      Without sparing (``spare_lone=False``, or ``nonfinite_patience=1``), ``nonfinite_patience`` of them with at
+      most ``cooldown`` steps between each and the next count as one exploding event (which reduces at once); once
+      they go on after that reduction with nothing exploding, only an explosion, or twice ``nonfinite_patience`` of
+      them in a row, reduces again, once per run, and not once such a run has ended by itself.
     * **Memory.** A rate that explodes again is remembered: a reduction that answers a recurrence (an explosion
       after an earlier reduction had calmed the run past its hold, within ``2 * (cooldown + recovery_steps)`` steps
       of that reduction) sets the ``ceiling`` that recovery returns to, that multiplier times ``sqrt(factor)``, not 1.
@@ -237,8 +232,9 @@ class LRGuard:
         min_scale: lowest multiplier, in ``(0, 1]``.
         recovery_steps: calm steps over which the multiplier returns to its ceiling after the hold, ``>= 1``.
         recovery: ``"linear"`` or ``"exponential"``.
-        nonfinite_patience: non-finite steps (within ``cooldown`` steps of each other) that count as one exploding
-            event, ``>= 1``; 1 treats every non-finite step as an explosion.
+        nonfinite_patience: with ``spare_lone``, half the run of non-finite steps in a row that counts as one
+            exploding event; without it, the non-finite steps (within ``cooldown`` steps of each other) that do,
+            ``>= 1``; 1 treats every non-finite step as an explosion.
         memory: remember a rate that exploded again and recover to just below it (see above); ``False`` recovers
             to 1.
         increase: relative rise of the ceiling per calm step once recovered, ``>= 0`` (1e-3: doubles in about 700
@@ -249,9 +245,8 @@ class LRGuard:
             ``exp_avg``) before its next step, so the velocity built by the exploding steps stops at once (as SPAM,
             arXiv 2501.06842, resets moments on spikes). Needs :meth:`attach` or :meth:`apply`.
         spare_lone: a clipped exploding event alone among calm steps counts for nothing (see "Lone spikes"), and
-            non-finite steps followed by a calm one cut nothing (see "Non-finite steps"); ``False`` counts every
-            event at once, as does ``patience=1`` (a cut at every event) and, for non-finite steps,
-            ``nonfinite_patience=1``.
+            only a run of non-finite steps in a row cuts (see "Non-finite steps"); ``False`` counts every event at
+            once, as does ``patience=1`` (a cut at every event) and, for non-finite steps, ``nonfinite_patience=1``.
 
     Example:
         >>> import torch
@@ -422,9 +417,8 @@ class LRGuard:
         Args:
             exploding: whether this step's gradients exploded (a host-side Python bool).
             key: which optimizer.
-            nonfinite: whether this step's gradients were non-finite (the step was skipped or zeroed); only
-                ``nonfinite_patience`` of them close together, and then a troubled step, count as an exploding
-                event.
+            nonfinite: whether this step's gradients were non-finite (the step was skipped or zeroed); only a run
+                of them in a row counts as an exploding event (see "Non-finite steps").
             diverging: whether the training loss diverged (a :class:`DivergenceDetector` event, itself several
                 high steps in a row): an exploding event that reduces at once, whatever ``patience``.
             clipped: whether this step's gradients were clipped (or the step skipped) for their norm: an exploding
@@ -454,10 +448,6 @@ class LRGuard:
             if troubled:  # the spike before was not alone: it counts, before this step
                 state.nonfinite_cut = state.nonfinite_passed = 0
                 reduced = self._explode(state, force=False)
-        if state.nonfinite_due:
-            state.nonfinite_due = 0
-            if troubled:  # the non-finite steps before were not the batches' alone: they cut, before this step
-                reduced = self._nonfinite_cut(state, hold=reduced) or reduced
         if lone:
             # Decided with the next step; until then neither an explosion nor a calm step.
             state.deferred = 1
@@ -477,10 +467,20 @@ class LRGuard:
             state.nonfinite_streak = state.nonfinite_streak + 1 if in_a_row else 1
             state.nonfinite = state.nonfinite + 1 if recent else 1
             state.since_nonfinite = 0
-            if state.nonfinite < self.nonfinite_patience:
+            patience = self.nonfinite_patience
+            if self.spare_lone and patience > 1:
+                # Only a run in a row cuts, once, at twice the patience: the steps between scattered ones ran on the
+                # weights the skipped steps left, so those were fine and the batches were non-finite (user trial:
+                # a triplet loss on `sqrt` distances, NaN for identical pairs on ~15% of the steps, cut for two of
+                # them within the cooldown, +9% to +14% held-out against skipping alone). A run that goes on (a
+                # model wrecked into NaN) is cut then, and the rollback can restart it.
+                if state.nonfinite_streak != 2 * patience or state.nonfinite_passed:
+                    return False
+                state.nonfinite = 0
+                return self._nonfinite_cut(state, hold)
+            if state.nonfinite < patience:
                 return False  # an isolated bad batch: neither calm nor an explosion
             state.nonfinite = 0
-            patience = self.nonfinite_patience
             row_cut = 2 * patience <= state.nonfinite_streak < 3 * patience and not state.nonfinite_passed
             if state.nonfinite_cut and not row_cut:
                 # A lower rate did not stop them and nothing exploded: batches that are non-finite by themselves (a
@@ -491,13 +491,6 @@ class LRGuard:
                 # while it goes on, since skipped steps apply no rate (a NaN stretch of the data cut 7 times), and
                 # not once such a run has ended by itself (a loss that is NaN on some batches, 0 * log 0 in a
                 # hand-written BCE on 35-50% of the steps, was cut 4-7 times: +3% to +12% held-out).
-                return False
-            if self.spare_lone and patience > 1:
-                # Decided with the next step: a calm, finite step on the same weights (a skipped step moves none)
-                # shows that the batches were non-finite, not the model, and a lower rate would only slow the run
-                # (user trial: two NaN steps within the cooldown cut a triplet loss with sqrt distances of identical
-                # pairs, +6% to +21% held-out against skipping them alone).
-                state.nonfinite_due = 1
                 return False
             return self._nonfinite_cut(state, hold)
         if state.nonfinite_cut and state.since_nonfinite == 0:

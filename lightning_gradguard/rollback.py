@@ -408,9 +408,9 @@ class Rollback:
         >>> engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=10))
         >>> handle = engine.attach(opt)
         >>> start = model.weight.detach().clone()
-        >>> for step in range(1, 7):
+        >>> for step in range(1, 8):
         ...     opt.zero_grad()
-        ...     loss = model(torch.ones(2, 4)).sum() * (float("nan") if step in (3, 4, 5) else 1.0)
+        ...     loss = model(torch.ones(2, 4)).sum() * (float("nan") if step in (3, 4, 5, 6) else 1.0)
         ...     loss.backward()
         ...     _ = engine.step(optimizer=opt)  # before opt.step(): copies, or rolls back and skips the step
         ...     opt.step()

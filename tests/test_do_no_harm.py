@@ -288,11 +288,14 @@ def test_two_nan_batches_close_together_then_calm_steps_are_the_batches() -> Non
 
 
 def test_nan_batches_that_go_on_lower_the_lr() -> None:
-    # Non-finite steps in a row: the steps after the pair are troubled too, so the pair cuts.
-    guard, model = _nan_run((30, 31, 32))
+    # Three in a row that end by themselves are the batches'; a run of four (a model wrecked into NaN stays there)
+    # cuts once.
+    guard, _ = _nan_run((30, 31, 32))
+    assert guard.summary()["lr_reduced"] == 0
+    guard, model = _nan_run((30, 31, 32, 33))
     events = guard.summary()
-    assert events["skipped"] == 3, events
-    assert events["lr_reduced"] == 1, f"three NaN batches in a row did not lower the LR: {events}"
+    assert events["skipped"] == 4, events
+    assert events["lr_reduced"] == 1, f"four NaN batches in a row did not lower the LR: {events}"
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 

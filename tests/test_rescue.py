@@ -145,16 +145,15 @@ def test_a_pair_of_nan_steps_followed_by_calm_ones_rolls_nothing_back() -> None:
     engine.attach(opt)
     _engine_loop(model, opt, engine, bad={3, 4}, steps=8)
     assert engine.summary()["rolled_back"] == engine.summary()["lr_reduced"] == 0
-    # Three in a row: the step after the pair is troubled too, and the cut rolls back (a step later than the pair
-    # alone would, with `spare_lone=False`).
+    # Four in a row (a model wrecked into NaN stays there): the fourth cuts, and the cut rolls back.
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
     engine.attach(opt)
-    seen = _engine_loop(model, opt, engine, bad={3, 4, 5}, steps=8)
+    seen = _engine_loop(model, opt, engine, bad={3, 4, 5, 6}, steps=9)
     assert engine.summary()["rolled_back"] == engine.summary()["lr_reduced"] == 1
-    assert all(torch.equal(a, b) for a, b in zip(seen[7], seen[1]))  # step 6 went back to the initial weights
+    assert all(torch.equal(a, b) for a, b in zip(seen[8], seen[1]))  # step 7 went back to the initial weights
 
 
 def test_a_copy_followed_by_an_explosion_is_never_restored() -> None:

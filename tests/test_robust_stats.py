@@ -252,34 +252,20 @@ def test_lrguard_isolated_nonfinite_step_changes_nothing() -> None:
         assert guard.scale() == 1.0
 
 
-def test_lrguard_two_nonfinite_steps_within_cooldown_reduce_when_trouble_follows() -> None:
-    def guard_after_pair() -> LRGuard:
-        guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
-        for _ in range(10):
-            guard.update(False)
-        assert guard.update(False, nonfinite=True) is False
-        for _ in range(3):
-            guard.update(False)
-        assert guard.update(False, nonfinite=True) is False  # decided with the next step
-        return guard
-
-    # A calm step after the pair ran on the weights the skipped steps left: the batches were non-finite.
-    guard = guard_after_pair()
-    assert guard.update(False) is False and guard.scale() == 1.0
-    # A troubled one (non-finite again, or exploding) says the model is in question: the pair cuts then.
-    for trouble in (
-        {"exploding": False, "nonfinite": True},
-        {"exploding": True},
-        {"exploding": False, "diverging": True},
-    ):
-        guard = guard_after_pair()
-        assert guard.update(**trouble) is True, trouble
-        assert guard.scale() == 0.5
-    # Without sparing (or with a patience of 1) the pair cuts at once, as before.
-    for kwargs in ({"spare_lone": False}, {"nonfinite_patience": 1}):
+def test_lrguard_scattered_nonfinite_steps_cut_nothing_and_a_run_in_a_row_cuts_once() -> None:
+    # Two within the cooldown, and even two or three in a row: the calm steps after them ran on the weights the
+    # skipped steps left, so the batches were non-finite. A run of four (twice the patience) cuts, once.
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    pattern = [s in (3, 6, 10, 11, 15, 16, 17) for s in range(30)]
+    assert [guard.update(False, nonfinite=bad) for bad in pattern].count(True) == 0 and guard.scale() == 1.0
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
+    assert [i for i in range(10) if guard.update(False, nonfinite=True)] == [3]
+    assert guard.scale() == 0.5
+    # Without sparing (or with a patience of 1) two within the cooldown cut at once, as the first rule did.
+    for kwargs, first in (({"spare_lone": False}, 6), ({"nonfinite_patience": 1}, 3)):
         guard = LRGuard(factor=0.5, cooldown=20, **kwargs)
         cuts = [guard.update(False, nonfinite=step in (3, 6)) for step in range(10)]
-        assert cuts.index(True) == (6 if kwargs.get("nonfinite_patience") != 1 else 3), kwargs
+        assert cuts.index(True) == first, kwargs
 
 
 def test_lrguard_two_nonfinite_steps_far_apart_do_not_reduce() -> None:
@@ -299,32 +285,28 @@ def test_lrguard_non_finite_steps_that_a_cut_did_not_stop_cut_no_further() -> No
     for step in range(1, 200):
         cuts += guard.update(False, nonfinite=step % 9 == 0)
     assert cuts == 0
-    # Non-finite steps in a row from the first (a model wrecked straight into NaN) still cut: the pair, once the
-    # step after it is non-finite too, and once more at four, twice the patience; once per run, since skipped steps
-    # apply no rate (before the run rule, every second step of the run cut again: 7 cuts for 30).
+    # Non-finite steps in a row from the first (a model wrecked straight into NaN) cut once, at four, twice the
+    # patience: skipped steps apply no rate (before: a cut at two and one at four; earlier, 7 cuts for 30).
     guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
-    assert [i for i in range(30) if guard.update(False, nonfinite=True)] == [2, 4]
-    # Runs of five with a finite step between: the first run cuts twice; once it has ended by itself, on the weights
-    # it began with, the later ones are the batches' and cut not at all.
+    assert [i for i in range(30) if guard.update(False, nonfinite=True)] == [3]
+    # Runs of five with a finite step between: the first run cuts; once it has ended by itself, on the weights it
+    # began with, the later ones are the batches' and cut not at all.
     guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
     pattern = ([True] * 5 + [False]) * 30
-    assert [i for i, bad in enumerate(pattern) if guard.update(False, nonfinite=bad)] == [2, 4]
+    assert [i for i, bad in enumerate(pattern) if guard.update(False, nonfinite=bad)] == [3]
     # An explosion puts the rate in question again: a run in a row after it cuts as a first one does.
     guard.update(True)
     for _ in range(60):
         guard.update(False)
-    assert [guard.update(False, nonfinite=True) for _ in range(5)].count(True) == 2
-    # With another patience too: the count reaches it once in every `patience` steps of the run.
-    for patience in (1, 3):
-        guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=patience)
-        assert [guard.update(False, nonfinite=True) for _ in range(30)].count(True) == 2
-    # A pair whose next step is non-finite too cuts, after an explosion as before it.
-    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2)
-    assert [guard.update(False, nonfinite=s in (3, 6, 7)) for s in range(1, 9)].count(True) == 1
-    guard.update(True)
-    for _ in range(60):
-        guard.update(False)
-    assert [guard.update(False, nonfinite=s in (3, 6, 7)) for s in range(1, 9)].count(True) == 1
+    assert [guard.update(False, nonfinite=True) for _ in range(5)].count(True) == 1
+    # The run is twice the patience for another patience too; a patience of 1 treats each as an explosion.
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=3)
+    assert [i for i in range(30) if guard.update(False, nonfinite=True)] == [5]
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=1)
+    assert [guard.update(False, nonfinite=True) for _ in range(30)].count(True) == 2
+    # Without sparing, the first rule: the pair cuts, the pairs after it (nothing exploding) do not.
+    guard = LRGuard(factor=0.5, cooldown=20, nonfinite_patience=2, spare_lone=False)
+    assert sum(guard.update(False, nonfinite=step % 9 == 0) for step in range(1, 200)) == 1
 
 
 def _calm(guard: LRGuard, n: int) -> list[float]:
@@ -445,17 +427,14 @@ def test_lrguard_state_round_trip_keeps_ceiling_and_nonfinite_counters() -> None
     assert restored.ceiling() == guard.ceiling() == pytest.approx(math.sqrt(0.5))
     assert restored.scale() == guard.scale()
     assert restored.state_dict() == state
-    # The pending non-finite step survived: a second one within `cooldown` completes the count in both, and its cut,
-    # decided with the next step, survives a round trip too.
-    assert guard.update(False, nonfinite=True) is False
-    assert restored.update(False, nonfinite=True) is False
-    again = LRGuard(factor=0.5, patience=1, cooldown=2, recovery_steps=4)
-    again.load_state_dict(guard.state_dict())
-    assert again.state_dict() == guard.state_dict()
-    for g in (guard, restored, again):
-        assert g.update(False, nonfinite=True) is True
-    assert restored.scale() == guard.scale() == again.scale()
-    assert restored.state_dict() == guard.state_dict() == again.state_dict()
+    # The run in a row survived: its fourth step cuts in both, and identically.
+    for _ in range(2):
+        assert guard.update(False, nonfinite=True) is False
+        assert restored.update(False, nonfinite=True) is False
+    assert guard.update(False, nonfinite=True) is True
+    assert restored.update(False, nonfinite=True) is True
+    assert restored.scale() == guard.scale()
+    assert restored.state_dict() == guard.state_dict()
 
 
 def test_lrguard_loads_a_state_saved_before_ceiling_and_nonfinite_existed() -> None:
