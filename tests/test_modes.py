@@ -289,7 +289,7 @@ def test_non_finite_weights_are_named_as_the_cause(caplog: pytest.LogCaptureFixt
     assert len(messages) == 1
     assert "The weights themselves are non-finite now (1 layer holds inf/NaN: 'net.0')" in messages[0]
     summary = guard.summary()
-    assert summary["skipped"] == 13 and summary["lr_reduced"] >= 2
+    assert summary["skipped"] == 13 and summary["lr_reduced"] >= 1  # at four in a row
     # The end-of-fit advice about a lower learning rate would mislead: no rate trains NaN weights.
     assert not any("learning rate" in r.getMessage() and "ends at" in r.getMessage() for r in caplog.records)
 

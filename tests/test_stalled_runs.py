@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from lightning_gradguard import GradGuard
+from lightning_gradguard import GradGuard, LRGuard
 from tests.models import NaNAtSteps, Regressor, regression_data, trainer
 
 STOPPED = "had non-finite gradients, each"
@@ -65,14 +65,18 @@ def _fit(
 def test_a_run_that_stopped_training_is_named_once_with_the_buffer_behind_it(caplog: pytest.LogCaptureFixture) -> None:
     module = PoisonedBuffer(at=30)
     guard, messages, log = _fit(module, caplog)
-    # One cut for the first pair, one more for the run in a row (twice the patience), none after: nothing applied.
-    assert guard.summary()["skipped"] == 160 - 30 and guard.summary()["lr_reduced"] == 2
+    # One cut for the run in a row, at twice the patience, none after: nothing applied.
+    assert guard.summary()["skipped"] == 160 - 30 and guard.summary()["lr_reduced"] == 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
     stopped = [m for m in messages if STOPPED in m]
     assert len(stopped) == 1
     assert "since step 30 at the latest" in stopped[0] and "skipped" in stopped[0]
     assert "buffer 'centre' holds NaN" in stopped[0]
-    # The end-of-fit rate line gives no ceiling for the next run: the cuts answered a run that had stopped.
+    assert "a ceiling, the highest that stayed finite" not in log
+    # Cut twice (without sparing: the pair, then the run), the end-of-fit rate line gives no ceiling for the next run
+    # either: the cuts answered a run that had stopped.
+    guard, messages, log = _fit(PoisonedBuffer(at=30), caplog, lr_guard=LRGuard(spare_lone=False))
+    assert guard.summary()["lr_reduced"] == 2 and len([m for m in messages if STOPPED in m]) == 1
     assert "say nothing about the rate for the next one" in log
     assert "a ceiling, the highest that stayed finite" not in log
 
@@ -105,10 +109,11 @@ def test_a_stopped_run_resumed_from_a_checkpoint_counts_from_the_same_step(
     # Checkpoints before the warning (step 40: the run of non-finite windows has begun) and after it (step 60). Before,
     # the count started again at the resume: the warning came 20 steps late and named a later step, or the end of
     # the fit referred to a warning the resumed fit never gave, at a later step.
+    # Without sparing, the run is cut twice, and the end of the fit refers to the warning.
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=at, save_top_k=-1, save_last=False)
-    _fit(PoisonedBuffer(at=30), caplog, callbacks=(saver,))
+    _fit(PoisonedBuffer(at=30), caplog, callbacks=(saver,), lr_guard=LRGuard(spare_lone=False))
     path = next(tmp_path.glob(f"*step={at}.ckpt"))
-    guard, messages, log = _fit(PoisonedBuffer(at=30), caplog, ckpt_path=str(path))
+    guard, messages, log = _fit(PoisonedBuffer(at=30), caplog, ckpt_path=str(path), lr_guard=LRGuard(spare_lone=False))
     stopped = [m for m in messages if STOPPED in m]
     if at == 40:
         # The count of steps between them read 21 under Lightning 2.4.0 (20 on later versions); the steps agree.
@@ -127,12 +132,19 @@ def test_zeroed_steps_of_a_stopped_run_are_said_to_be_zeroed(caplog: pytest.LogC
 
 def test_runs_of_nonfinite_batches_that_end_by_themselves_cut_no_more(caplog: pytest.LogCaptureFixture) -> None:
     # Runs of five NaN batches with a finite step between (a loss NaN on some batches by itself: 0 * log 0 in a
-    # hand-written BCE): the pair cuts, the first run cuts once more; a run that ended on the weights it began with
+    # hand-written BCE): the first run cuts once, at four in a row; a run that ended on the weights it began with
     # was the batches' doing, and the later ones cut nothing (before, one cut per run: 20 here).
     bad = [s for s in range(42, 142) if s % 6 != 5]
     guard, messages, log = _fit(NaNAtSteps(*bad), caplog, log_every_n_steps=50)
-    assert guard.summary()["skipped"] == len(bad) and guard.summary()["lr_reduced"] == 2
+    assert guard.summary()["skipped"] == len(bad) and guard.summary()["lr_reduced"] == 1
     assert not any(STOPPED in m for m in messages)
+    assert "a ceiling, the highest that stayed finite" not in log
+    # Without sparing the pair cuts too: two cuts, and the end-of-fit line gives no ceiling, since nothing exploded.
+    guard, messages, log = _fit(NaNAtSteps(*bad), caplog, log_every_n_steps=50, lr_guard=LRGuard(spare_lone=False))
+    assert guard.summary()["lr_reduced"] == 2
+    assert guard.lr_guard is not None and guard.lr_guard.scale() < 1.0
+    assert "all for non-finite gradients with nothing exploding" in log
+    assert "a ceiling, the highest that stayed finite" not in log
     # Ended below its schedule: the end-of-fit line gives no ceiling, since nothing exploded.
     assert guard.lr_guard is not None and guard.lr_guard.scale() < 1.0
     assert "all for non-finite gradients with nothing exploding" in log
