@@ -52,6 +52,9 @@ class _KeyState:
     deferred: int = 0
     # calm steps in a row up to the last one (neither exploding, flagged or clipped, non-finite nor diverging)
     calm_run: int = 0
+    # The cut a run of non-finite steps in a row holds while it lasts (1: none): made real when trouble follows the
+    # run, withdrawn when a calm step does (the run's skipped steps applied no rate)
+    held: float = 1.0
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
@@ -85,6 +88,7 @@ _STATE_FIELDS = (
     "armed",
     "deferred",
     "calm_run",
+    "held",
 )
 
 
@@ -191,13 +195,14 @@ class LRGuard:
     * **Non-finite steps.** A non-finite step (a bad batch, skipped by GradGuard) moves no weight, so the finite
       step after it runs on the weights it had: when that step is calm, those weights were fine and the batch was
       non-finite by itself, which a lower rate does not cure. So, with ``spare_lone`` and ``nonfinite_patience`` of
-      2 or more, scattered non-finite steps cut nothing, however close together: only a run of twice
-      ``nonfinite_patience`` of them in a row (4: a model wrecked into NaN stays there, and a cut lets the rollback
-      restart it) reduces, once per run, and not once a run that was cut has ended by itself. Measured: a triplet
-      loss on ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them
-      within the cooldown, +9% to +14% held-out against skipping them alone; a hand-written BCE whose ``0 * log 0``
-      is NaN on 35-50% of the steps was cut 4-7 times (+3% to +12%) by an earlier rule; ``benchmarks/bad_batches.py
-      --count 30 --factor nan``: 7 cuts, to 1%, and the zoo's dropout run +15.4% above clean by an earlier rule.
+      2 or more, scattered non-finite steps cut nothing, however close together, and only a run of twice
+      ``nonfinite_patience`` of them in a row (4) cuts: a model wrecked into NaN stays there, and the cut lets the
+      rollback restart it. That cut is held while the run lasts, made real when trouble (an explosion, a
+      divergence) follows the run, and withdrawn when a calm step does: the run's skipped steps applied no rate. Once
+      a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
+      ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
+      cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor
+      nan`` (a corrupted shard) cut the zoo's dropout run 7 times, to 1%, +15.4% above clean, under the first rule.
       Without sparing (``spare_lone=False``, or ``nonfinite_patience=1``), ``nonfinite_patience`` of them with at
       most ``cooldown`` steps between each and the next count as one exploding event (which reduces at once); once
       they go on after that reduction with nothing exploding, only an explosion, or twice ``nonfinite_patience`` of
@@ -340,7 +345,7 @@ class LRGuard:
     def scale(self, key: int = 0) -> float:
         """The current multiplier of optimizer ``key`` (1.0 for a key never updated)."""
         state = self._states.get(key)
-        return 1.0 if state is None else self._multiplier(state)
+        return 1.0 if state is None else self._multiplier(state) * state.held
 
     def ceiling(self, key: int = 0) -> float:
         """The multiplier that recovery of optimizer ``key`` returns to (1.0 until a rate has exploded)."""
@@ -469,15 +474,16 @@ class LRGuard:
             state.since_nonfinite = 0
             patience = self.nonfinite_patience
             if self.spare_lone and patience > 1:
-                # Only a run in a row cuts, once, at twice the patience: the steps between scattered ones ran on the
+                # Only a run in a row cuts, at twice the patience: the steps between scattered ones ran on the
                 # weights the skipped steps left, so those were fine and the batches were non-finite (user trial:
                 # a triplet loss on `sqrt` distances, NaN for identical pairs on ~15% of the steps, cut for two of
                 # them within the cooldown, +9% to +14% held-out against skipping alone). A run that goes on (a
-                # model wrecked into NaN) is cut then, and the rollback can restart it.
+                # model wrecked into NaN) is cut then, and the rollback can restart it; the cut is held only while
+                # the run lasts, since its skipped steps apply no rate (see `_end_of_run`).
                 if state.nonfinite_streak != 2 * patience or state.nonfinite_passed:
                     return False
                 state.nonfinite = 0
-                return self._nonfinite_cut(state, hold)
+                return self._hold_run(state)
             if state.nonfinite < patience:
                 return False  # an isolated bad batch: neither calm nor an explosion
             state.nonfinite = 0
@@ -493,6 +499,8 @@ class LRGuard:
                 # hand-written BCE on 35-50% of the steps, was cut 4-7 times: +3% to +12% held-out).
                 return False
             return self._nonfinite_cut(state, hold)
+        if state.held < 1.0 and state.since_nonfinite == 0:
+            hold = self._end_of_run(state, exploding or diverging, hold)
         if state.nonfinite_cut and state.since_nonfinite == 0:
             state.nonfinite_passed = 1  # a finite step right after non-finite ones, on the same weights
         state.since_nonfinite += 1
@@ -514,6 +522,27 @@ class LRGuard:
         if state.calm == recovered:
             state.anchor = max(state.ceiling, state.anchor)
         return False
+
+    def _hold_run(self, state: _KeyState) -> bool:
+        """Cut the rate while a run of non-finite steps lasts (``factor``, down to ``min_scale``)."""
+        current = self._multiplier(state) * state.held
+        held = state.held * max(self.factor, self.min_scale / current)
+        if held >= state.held:
+            return False
+        state.held, state.nonfinite_cut = held, 1
+        return True
+
+    def _end_of_run(self, state: _KeyState, troubled: bool, hold: bool) -> bool:
+        """The first finite step after a run of non-finite steps whose cut is held: a calm one ran on the weights
+        the run began with (its skipped steps moved none), so the batches were non-finite, and the cut, which applied
+        to no step, is withdrawn (the zoo's dropout run after 30 NaN batches: +9.8% held-out with the cut kept, as a
+        corrupted shard would have it). A troubled one makes it real. Returns ``hold`` for this step's own events:
+        the cut just made real is the one reduction this step is counted for."""
+        state.held = 1.0
+        if not troubled:
+            return hold
+        self._nonfinite_cut(state, hold)
+        return True
 
     def _nonfinite_cut(self, state: _KeyState, hold: bool) -> bool:
         """The cut that ``nonfinite_patience`` non-finite steps count for."""

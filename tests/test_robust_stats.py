@@ -277,6 +277,42 @@ def test_lrguard_two_nonfinite_steps_far_apart_do_not_reduce() -> None:
     assert guard.scale() == 1.0
 
 
+def test_lrguard_holds_a_runs_cut_while_it_lasts_and_withdraws_it_after_a_calm_step() -> None:
+    # The run's skipped steps applied no rate: a calm step after it ran on the weights it began with, and the rate
+    # goes back to where it was, counters and all, as if no run had been cut.
+    guard, untouched = LRGuard(factor=0.5, cooldown=20), LRGuard(factor=0.5, cooldown=20)
+    for g in (guard, untouched):
+        for _ in range(5):
+            g.update(False)
+    assert [guard.update(False, nonfinite=True) for _ in range(6)] == [False, False, False, True, False, False]
+    assert guard.scale() == 0.5
+    guard.update(False)
+    assert guard.scale() == 1.0
+    untouched.update(False)
+    assert guard.state_dict()["keys"]["0"]["held"] == 1.0
+    assert {k: v for k, v in guard.state_dict()["keys"]["0"].items() if "nonfinite" not in k} == {
+        k: v for k, v in untouched.state_dict()["keys"]["0"].items() if "nonfinite" not in k
+    }
+    # Trouble after the run makes the cut real: it stays, held as any cut, and the trouble counts for no second one.
+    for trouble in ({"exploding": True}, {"exploding": False, "diverging": True}):
+        guard = LRGuard(factor=0.5, cooldown=20)
+        for _ in range(4):
+            guard.update(False, nonfinite=True)
+        assert guard.update(**trouble) is False and guard.scale() == 0.5, trouble
+        for _ in range(20):
+            guard.update(False)
+        assert guard.scale() == 0.5  # held through the cooldown, then recovered as after any cut
+    # A held cut survives a checkpoint: the restored guard withdraws it the same way.
+    guard = LRGuard(factor=0.5, cooldown=20)
+    for _ in range(4):
+        guard.update(False, nonfinite=True)
+    restored = LRGuard(factor=0.5, cooldown=20)
+    restored.load_state_dict(guard.state_dict())
+    assert restored.scale() == 0.5
+    restored.update(False)
+    assert restored.scale() == 1.0
+
+
 def test_lrguard_non_finite_steps_that_a_cut_did_not_stop_cut_no_further() -> None:
     # Batches non-finite by themselves (a masked mean over a fully masked batch, 0/0), every few steps, each followed
     # by calm steps: the data's doing, no cut (before: the first pair cut).
