@@ -8,7 +8,7 @@ DESIGN, "Decisions: first, do no harm":
   silently: no exploding event for its first norms (its own warm-up);
 * one outlier never poisons running statistics: after one 1000x spike the next ordinary steps are not flagged, and
   a second spike of the same size some steps later is still flagged;
-* an isolated non-finite step is skipped and counted, not punished with a lower LR; repeated ones do lower it.
+* non-finite steps are skipped and counted, not punished with a lower LR, unless a run of them in a row goes on.
 
 Every pattern goes straight into one component (no Lightning).
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -290,9 +291,11 @@ def test_lrguard_holds_a_runs_cut_while_it_lasts_and_withdraws_it_after_a_calm_s
     assert guard.scale() == 1.0
     untouched.update(False)
     assert guard.state_dict()["keys"]["0"]["held"] == 1.0
-    assert {k: v for k, v in guard.state_dict()["keys"]["0"].items() if "nonfinite" not in k} == {
-        k: v for k, v in untouched.state_dict()["keys"]["0"].items() if "nonfinite" not in k
-    }
+
+    def rate_state(g: LRGuard) -> dict[str, Any]:  # the run's own counters, and the calm run it broke, left out
+        return {k: v for k, v in g.state_dict()["keys"]["0"].items() if "nonfinite" not in k and k != "calm_run"}
+
+    assert rate_state(guard) == rate_state(untouched)
     # Trouble after the run makes the cut real: it stays, held as any cut, and the trouble counts for no second one.
     for trouble in ({"exploding": True}, {"exploding": False, "diverging": True}):
         guard = LRGuard(factor=0.5, cooldown=20)
