@@ -24,8 +24,9 @@ same batches:
 * ``guarded_noretry``: ``GradGuard()`` whose first early restart already brings the remedy (``retry=False``, the
   previous default): what the plain retry saves;
 * ``guarded_skip``: ``GradGuard(skip_exploding=True)``: the flagged steps skipped instead of clipped;
-* ``guarded_counting``: ``GradGuard()`` whose LR guard counts lone spikes too (``LRGuard(spare_lone=False)``, the
-  previous default): what sparing a clipped spike between calm steps saves.
+* ``guarded_counting``: ``GradGuard()`` whose LR guard counts lone spikes and every non-finite step too
+  (``LRGuard(spare_lone=False)``, the previous default): what sparing a clipped spike between calm steps, and
+  non-finite steps that a calm step follows, saves.
 
 With ``--every N`` the bad batches are scattered instead: from step ``--step`` on, each step is bad with probability
 ``1/N`` (drawn with ``--seed``), bad data a batch at a time through the rest of the run.

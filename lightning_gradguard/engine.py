@@ -1744,8 +1744,8 @@ class GuardEngine:
             self._free.append(flags)
             lr_reduced = False
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
-            # step. Without a GradScaler, one non-finite step is a bad batch (skipped, counted); the LR guard lowers
-            # the rate only when they repeat (``LRGuard.nonfinite_patience``).
+            # step. Without a GradScaler, a non-finite step is a bad batch (skipped, counted); the LR guard lowers
+            # the rate only for a run of them in a row (``LRGuard.nonfinite_patience``).
             calibration = grad_scaler and overflow
             # A diverging loss is judged from the loss, not the gradients: it counts on an overflow step too (a loss
             # that blows up is when fp16 gradients overflow), where the gradients' flags say nothing.

@@ -198,7 +198,9 @@ class LRGuard:
       2 or more, scattered non-finite steps cut nothing, however close together, and only a run of twice
       ``nonfinite_patience`` of them in a row (4) cuts: a model wrecked into NaN stays there, and the cut lets the
       rollback restart it. That cut is held while the run lasts, made real when trouble (an explosion, a
-      divergence) follows the run, and withdrawn when a calm step does: the run's skipped steps applied no rate. Once
+      divergence) follows the run, and withdrawn when a calm step does: the run's skipped steps applied no rate (the
+      step after the run may, where the flags land a step late: it runs at the held rate). It counts as a reduction
+      (``lr_reduced``) either way, and the logged ``lr_scale`` shows it withdrawn. Once
       a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
       cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor
@@ -524,7 +526,10 @@ class LRGuard:
         return False
 
     def _hold_run(self, state: _KeyState) -> bool:
-        """Cut the rate while a run of non-finite steps lasts (``factor``, down to ``min_scale``)."""
+        """Cut the rate while a run of non-finite steps lasts (``factor``, down to ``min_scale``; not while the
+        last cut settles, whose rule the cut made real at the run's end would meet)."""
+        if state.since_cut <= self.settle_steps:
+            return False
         current = self._multiplier(state) * state.held
         held = state.held * max(self.factor, self.min_scale / current)
         if held >= state.held:
@@ -535,9 +540,10 @@ class LRGuard:
     def _end_of_run(self, state: _KeyState, troubled: bool, hold: bool) -> bool:
         """The first finite step after a run of non-finite steps whose cut is held: a calm one ran on the weights
         the run began with (its skipped steps moved none), so the batches were non-finite, and the cut, which applied
-        to no step, is withdrawn (the zoo's dropout run after 30 NaN batches: +9.8% held-out with the cut kept, as a
-        corrupted shard would have it). A troubled one makes it real. Returns ``hold`` for this step's own events:
-        the cut just made real is the one reduction this step is counted for."""
+        to no step but this one where the flags land a step late, is withdrawn (``bad_batches.py --count 30 --factor
+        nan``, a corrupted shard: the zoo's dropout run +9.8% held-out with the cut kept, +4.5% withdrawn). A troubled
+        one makes it real. Returns ``hold`` for this step's own events: the cut just made real is the one reduction
+        this step is counted for."""
         state.held = 1.0
         if not troubled:
             return hold
@@ -717,7 +723,7 @@ class LRGuard:
         states = {}
         for key, s in state_dict["keys"].items():
             state = _KeyState.from_dict(s)
-            for name in ("anchor", "ceiling"):
+            for name in ("anchor", "ceiling", "held"):
                 value = getattr(state, name)
                 if not (math.isfinite(value) and 0.0 < value <= 1.0):
                     raise ValueError(f"invalid {name} {value!r} for key {key!r} in the LRGuard state")

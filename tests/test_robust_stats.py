@@ -316,6 +316,20 @@ def test_lrguard_holds_a_runs_cut_while_it_lasts_and_withdraws_it_after_a_calm_s
     assert restored.scale() == 1.0
 
 
+def test_lrguard_holds_no_run_cut_while_the_last_cut_settles_and_refuses_a_bad_held_value() -> None:
+    # Within `settle_steps` of a cut, a cut made real at the run's end would be held back: none is held either
+    # (before, the held cut vanished at the run's end and the trouble after it counted for nothing).
+    guard = LRGuard(factor=0.5, patience=1, cooldown=20, settle_steps=10)
+    assert guard.update(True) is True
+    assert [guard.update(False, nonfinite=True) for _ in range(4)] == [False] * 4
+    assert guard.scale() == 0.5 and guard.state_dict()["keys"]["0"]["held"] == 1.0
+    for bad in (0.0, math.nan, 1.5):
+        state = guard.state_dict()
+        state["keys"]["0"]["held"] = bad
+        with pytest.raises(ValueError, match="invalid held"):
+            LRGuard().load_state_dict(state)
+
+
 def test_lrguard_non_finite_steps_that_a_cut_did_not_stop_cut_no_further() -> None:
     # Batches non-finite by themselves (a masked mean over a fully masked batch, 0/0), every few steps, each followed
     # by calm steps: the data's doing, no cut (before: the first pair cut).
