@@ -1225,7 +1225,7 @@ class GuardEngine:
         number = self.steps + 1 if step is None else int(step)
         self._watch_rate_warmup(optimizer)
         # A short batch is not judged; it carries how much noisier its mean gradient is (see `_pre`).
-        blind = None if self._judged(samples) else self._short_scale(samples, share, measured.flat.device)
+        blind = None if self._judged(samples, share) else self._short_scale(samples, share, measured.flat.device)
         if self.clipper is None and self.on_nonfinite != "raise":
             # Nothing between the detectors and the record: one fused part, then the non-finite handling (which
             # the record does not depend on; "raise" keeps its order: the step that raises is not recorded).
@@ -1323,10 +1323,15 @@ class GuardEngine:
         if crossed and self.steps > 0:
             self._load_statistics({"clip": self._fresh["clip"]})
 
-    def _judged(self, samples: int | None) -> bool:
+    def _judged(self, samples: int | None, share: float = 1.0) -> bool:
         """Whether the detectors judge a step on ``samples`` examples: not a step on less than half the usual batch.
         The noise in a mean gradient grows as the batch shrinks (a last batch of 1 after batches of 64: about 8x),
-        so the short last batch of every epoch looked like an explosion against the full batches' history."""
+        so the short last batch of every epoch looked like an explosion against the full batches' history. A
+        partial accumulation window (``share < 1``) is neither a new batch size nor a change of it: the next window is
+        whole again (a window of 2 of 4 batches at each epoch's end, then a whole one, counted as two changes in a row
+        and turned this rule off for the run)."""
+        if share < 1.0 and samples is not None and self._size_changes < 2:
+            return 2 * samples >= self._batch_size
         if samples is None or self._size_changes >= 2:
             # Sizes that change from step to step (batches bucketed by length, read along a time-major layout; dynamic
             # batching) have no usual batch to fall short of: every step is judged, and no size is a new phase.

@@ -386,6 +386,23 @@ def test_a_bad_batch_alone_in_an_epochs_last_accumulation_window_is_flagged(at: 
     assert healthy.summary()["exploding"] == 0
 
 
+def test_partial_windows_of_half_a_window_leave_the_short_batch_rule_on() -> None:
+    # 10 batches per epoch, accumulated by 4: windows of 4, 4 and 2 batches. The window of 2 is judged like a whole one
+    # and is no change of the batch size: before, it and the whole window after it counted as two changes in a row,
+    # which turned the short-batch rule off for the rest of the run.
+    data = _data(10 * 32)
+
+    def loader() -> DataLoader:
+        return DataLoader(data, batch_size=32, shuffle=False)
+
+    guard = GradGuard()
+    _fit(loader(), guard, type("_Spiky", (_SpikyPartial,), {"at": 9}), max_epochs=14, accumulate_grad_batches=4)
+    state = guard._states[0].state_dict()
+    assert state["size_changes"] == 0 and state["batch_size"] == 4 * 32, state
+    events = guard.summary()
+    assert events["exploding"] == 1 and events["lr_reduced"] == 0, events  # the 300x batch in a window of 2
+
+
 @dataclass
 class _Batch:
     step: torch.Tensor
