@@ -199,7 +199,8 @@ class LRGuard:
       ``nonfinite_patience`` of them in a row (4) cuts: a model wrecked into NaN stays there, and the cut lets the
       rollback restart it. That cut is held while the run lasts, made real when trouble (an explosion, a
       divergence) follows the run, and withdrawn when a calm step does: the run's skipped steps applied no rate (the
-      step after the run may, where the flags land a step late: it runs at the held rate). It counts as a reduction
+      step after the run may, where the flags land a step late: it runs at the held rate; under
+      ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's momentum). It counts as a reduction
       (``lr_reduced``) either way, and the logged ``lr_scale`` shows it withdrawn. Once
       a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
