@@ -192,24 +192,23 @@ class LRGuard:
       edge of stability alternates spikes and ordinary steps, and is then cut at its third spike. Two spikes two
       steps apart are not cut: a plain-SGD ReLU regression whose rate was raised 10x mid-run ended 40-130% above
       counting every event on 4 of 8 seeds (``spare_lone=False`` counts them all).
-    * **Non-finite steps.** A non-finite step (a bad batch, skipped by GradGuard) moves no weight, so the finite
-      step after it runs on the weights it had: when that step is calm, those weights were fine and the batch was
-      non-finite by itself, which a lower rate does not cure. So, with ``spare_lone`` and ``nonfinite_patience`` of
-      2 or more, scattered non-finite steps cut nothing, however close together, and only a run of twice
-      ``nonfinite_patience`` of them in a row (4) cuts: a model wrecked into NaN stays there, and the cut lets the
-      rollback restart it. That cut is held while the run lasts, made real when trouble (an explosion, a
-      divergence) follows the run, and withdrawn when a calm step does: the run's skipped steps applied no rate (the
-      step after the run may, where the flags land a step late: it runs at the held rate; under
-      ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's momentum). It counts as a reduction
-      (``lr_reduced``) either way, and the logged ``lr_scale`` shows it withdrawn. Once
-      a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
+    * **Non-finite steps.** A non-finite step (a bad batch, skipped by GradGuard) moves no weight, so the finite step
+      after it runs on the weights it had: when that step is calm, those weights were fine and the batch was non-finite
+      by itself, which a lower rate does not cure. So, with ``spare_lone`` and ``nonfinite_patience`` of 2 or more,
+      scattered non-finite steps cut nothing, however close together, and only a run of twice ``nonfinite_patience`` of
+      them in a row (4) cuts: a model wrecked into NaN stays there, and the cut lets the rollback restart it. That cut
+      is held while the run lasts, made real when trouble (an explosion, a divergence) follows the run, and withdrawn
+      when a calm step does: the run's skipped steps applied no rate (the step after the run may, where the flags land a
+      step late: it runs at the held rate; under ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's
+      momentum). It counts as a reduction (``lr_reduced``) either way, and the logged ``lr_scale`` shows it withdrawn.
+      Once a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
-      cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor
-      nan`` (a corrupted shard) cut the zoo's dropout run 7 times, to 1%, +15.4% above clean, under the first rule.
-      Without sparing (``spare_lone=False``, or ``nonfinite_patience=1``), ``nonfinite_patience`` of them with at
-      most ``cooldown`` steps between each and the next count as one exploding event (which reduces at once); once
-      they go on after that reduction with nothing exploding, only an explosion, or twice ``nonfinite_patience`` of
-      them in a row, reduces again, once per run, and not once such a run has ended by itself.
+      cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor nan``
+      (a corrupted shard) cut the zoo's dropout run 7 times, to 1%, +15.4% above clean, under an earlier rule; now
+      +4.5%. Without sparing (``spare_lone=False``, or ``nonfinite_patience=1``), ``nonfinite_patience`` of them with at
+      most ``cooldown`` steps between each and the next count as one exploding event (which reduces at once); once they
+      go on after that reduction with nothing exploding, only an explosion, or twice ``nonfinite_patience`` of them in a
+      row, reduces again, once per run, and not once such a run has ended by itself.
     * **Memory.** A rate that explodes again is remembered: a reduction that answers a recurrence (an explosion
       after an earlier reduction had calmed the run past its hold, within ``2 * (cooldown + recovery_steps)`` steps
       of that reduction) sets the ``ceiling`` that recovery returns to, that multiplier times ``sqrt(factor)``, not 1.
@@ -527,8 +526,8 @@ class LRGuard:
         return False
 
     def _hold_run(self, state: _KeyState) -> bool:
-        """Cut the rate while a run of non-finite steps lasts (``factor``, down to ``min_scale``; not while the
-        last cut settles, whose rule the cut made real at the run's end would meet)."""
+        """Cut the rate while a run of non-finite steps lasts (``factor``, down to ``min_scale``). Not while the last
+        cut settles (``settle_steps``), which would hold back the cut made real at the run's end."""
         if state.since_cut <= self.settle_steps:
             return False
         current = self._multiplier(state) * state.held
