@@ -1096,6 +1096,17 @@ class GradGuard(CallbackBase):
         if event.lr_reduced and event.lr_scale is not None:
             scale = event.lr_scale  # as the cut left it: flags landing late, a rollback may have rewound it since
             self._table_row(trainer, key, event.step, "lr_reduced", "(rate)", scale, f"rate {scale:.3g}x its schedule")
+        if event.lr_restored and event.lr_scale is not None:
+            scale = event.lr_scale
+            self._table_row(
+                trainer,
+                key,
+                event.step,
+                "lr_restored",
+                "(rate)",
+                scale,
+                f"the cut for the non-finite run withdrawn (a calm step followed it), rate {scale:.3g}x its schedule",
+            )
         if event.exploding and self.on_exploding == "raise":
             raise GradientExplosionError(
                 f"GradGuard: exploding gradients at step {event.step} (optimizer {key}); see"

@@ -341,8 +341,10 @@ class StepEvent(NamedTuple):
         overflow: the gradients held inf/NaN under a GradScaler (routine loss-scale calibration).
         lr_reduced: the LR guard lowered its multiplier on this step.
         diverging: the divergence detector found the training loss blown up (see :class:`DivergenceDetector`).
-        lr_scale: with ``lr_reduced``, the LR guard's multiplier right after the cut (a later rollback may rewind it);
-            otherwise ``None``.
+        lr_scale: with ``lr_reduced`` or ``lr_restored``, the LR guard's multiplier right after the change (a later
+            rollback may rewind it); otherwise ``None``.
+        lr_restored: the LR guard withdrew the cut it held for a run of non-finite steps in a row, since a calm step
+            followed the run (:meth:`LRGuard.withdrew`).
 
     Example:
         >>> import torch
@@ -362,6 +364,7 @@ class StepEvent(NamedTuple):
     lr_reduced: bool
     diverging: bool = False
     lr_scale: float | None = None
+    lr_restored: bool = False
 
 
 @dataclass
@@ -1747,7 +1750,7 @@ class GuardEngine:
             )
             norm = float(flags.values[len(_COUNTS) + 1])  # NaN when not sent
             self._free.append(flags)
-            lr_reduced = False
+            lr_reduced = lr_restored = False
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
             # step. Without a GradScaler, a non-finite step is a bad batch (skipped, counted); the LR guard lowers
             # the rate only for a run of them in a row (``LRGuard.nonfinite_patience``).
@@ -1781,10 +1784,13 @@ class GuardEngine:
                     lr_reduced = True
                     self._rollback_due = True
                     self._warn_unattached(flags.step)
+                lr_restored = self.lr_guard is not None and self.lr_guard.withdrew(self.key)
                 if not (gradient_nonfinite or calibration):  # neither an explosion nor a calm step
                     for r in self.regularizers:
                         r.on_exploding(gradient_exploding)
-            if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging:
+            if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging or lr_restored:
+                guard = self.lr_guard
+                scale = guard.scale(self.key) if (lr_reduced or lr_restored) and guard is not None else None
                 self._events.append(
                     StepEvent(
                         flags.step,
@@ -1794,7 +1800,8 @@ class GuardEngine:
                         overflow,
                         lr_reduced,
                         diverging,
-                        self.lr_guard.scale(self.key) if lr_reduced and self.lr_guard is not None else None,
+                        scale,
+                        lr_restored,
                     )
                 )
 

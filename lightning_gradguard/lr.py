@@ -55,6 +55,8 @@ class _KeyState:
     # The cut a run of non-finite steps in a row holds while it lasts (1: none): made real when trouble follows the
     # run, withdrawn when a calm step does (the run's skipped steps applied no rate)
     held: float = 1.0
+    # 1: the last update withdrew a held cut (not saved: it describes that one call, for the engine to report)
+    withdrew: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
@@ -200,7 +202,8 @@ class LRGuard:
       is held while the run lasts, made real when trouble (an explosion, a divergence) follows the run, and withdrawn
       when a calm step does: the run's skipped steps applied no rate (the step after the run may, where the flags land a
       step late: it runs at the held rate; under ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's
-      momentum). It counts as a reduction (``lr_reduced``) either way, and the logged ``lr_scale`` shows it withdrawn.
+      momentum). It counts as a reduction (``lr_reduced``) either way; a withdrawal is reported by :meth:`withdrew`
+      (GradGuard's events table lists it as ``lr_restored``), and the logged ``lr_scale`` shows it.
       Once a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
       cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor nan``
@@ -349,6 +352,12 @@ class LRGuard:
         state = self._states.get(key)
         return 1.0 if state is None else self._multiplier(state) * state.held
 
+    def withdrew(self, key: int = 0) -> bool:
+        """Whether the last :meth:`update` of optimizer ``key`` withdrew a held cut: a run of non-finite steps in a
+        row ended on a calm step, so its batches were non-finite by themselves (see "Non-finite steps")."""
+        state = self._states.get(key)
+        return state is not None and bool(state.withdrew)
+
     def ceiling(self, key: int = 0) -> float:
         """The multiplier that recovery of optimizer ``key`` returns to (1.0 until a rate has exploded)."""
         state = self._states.get(key)
@@ -439,6 +448,7 @@ class LRGuard:
             ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
         """
         state = self._states.setdefault(key, _KeyState())
+        state.withdrew = 0
         troubled = exploding or nonfinite or diverging or (clipped if flagged is None else flagged)
         lone = (
             self.spare_lone
@@ -546,6 +556,7 @@ class LRGuard:
         this step is counted for."""
         state.held = 1.0
         if not troubled:
+            state.withdrew = 1
             return hold
         self._nonfinite_cut(state, hold)
         return True

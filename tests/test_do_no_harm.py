@@ -25,12 +25,13 @@ from typing import Any, cast
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_gradguard import ExplodingDetector, GradGuard, LRGuard, ZClip
 from lightning_gradguard.layers import build_layer_index
+from tests.helpers import load_events
 from tests.models import Regressor, regression_data, trainer
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -303,6 +304,20 @@ def test_a_run_of_nan_batches_is_cut_while_it_lasts_and_leaves_training_as_skipp
     x, y = _teacher_data(60 * 32, seed=3)
     _, skipped_only = _nan_run((30, 31, 32, 33), guard=GradGuard(lr_guard=None))
     _assert_close(_mse(model, x, y), _mse(skipped_only, x, y), "a withdrawn cut", rel=0.005)
+
+
+def test_the_events_table_lists_a_withdrawn_cut_after_the_cut(tmp_path: Path) -> None:
+    # The withdrawal had no row: the table showed a cut to 0.5x that `lr_scale` no longer showed.
+    guard, _ = _nan_run((30, 31, 32, 33), TensorBoardLogger(tmp_path, name="", version=""))
+    assert guard.summary()["lr_reduced"] == 1
+    table = load_events(tmp_path).Tensors("gradguard/events_log/text_summary")[-1].tensor_proto.string_val[0].decode()
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    rate = [(int(row[0]), row[1], row[4]) for row in rows if row[2] == "(rate)"]
+    assert [kind for _, kind, _ in rate] == ["lr_reduced", "lr_restored"], rows
+    (cut_at, _, cut), (back_at, _, back) = rate
+    assert cut == "rate 0.5x its schedule" and back.endswith("rate 1x its schedule"), rate
+    # The cut at the run's fourth step, the withdrawal at the calm step after it.
+    assert (cut_at, back_at) == (33, 34), rate
 
 
 def test_recurring_nan_batches_each_followed_by_calm_steps_are_not_cut_for() -> None:

@@ -605,3 +605,17 @@ def test_spikes_every_other_step_are_no_lone_ones():
         cuts.append(guard.update(False))
     assert cuts.count(True) == 1 and guard.scale() == 0.5
     assert cuts.index(True) == 4  # on the third spike: the first was spared, the second and third counted
+
+
+@pytest.mark.parametrize("after", ["calm", "exploding"])
+def test_withdrew_reports_the_held_cut_withdrawn_by_the_calm_step_after_a_run(after: str) -> None:
+    # A calm step after a run of non-finite steps withdraws the cut the run held; trouble makes it real.
+    guard = LRGuard()
+    assert [guard.update(False, nonfinite=True) for _ in range(4)] == [False, False, False, True]
+    assert guard.scale() == 0.5 and not guard.withdrew()
+    guard.update(after == "exploding", clipped=after == "exploding")
+    assert guard.withdrew() is (after == "calm")
+    assert guard.scale() == (1.0 if after == "calm" else 0.5)
+    guard.update(False)
+    assert not guard.withdrew()  # it describes one update only
+    assert "withdrew" not in guard.state_dict()["keys"]["0"]
