@@ -1750,6 +1750,7 @@ class GuardEngine:
             )
             norm = float(flags.values[len(_COUNTS) + 1])  # NaN when not sent
             self._free.append(flags)
+            guard = self.lr_guard
             lr_reduced = lr_restored = False
             # An AMP overflow is routine scale calibration: no observation at all, neither an explosion nor a calm
             # step. Without a GradScaler, a non-finite step is a bad batch (skipped, counted); the LR guard lowers
@@ -1761,7 +1762,6 @@ class GuardEngine:
                 gradient_exploding, gradient_nonfinite = (False, False) if calibration else (exploding, nonfinite)
                 if self.rollback is not None:
                     # Before the LR guard acts: a stretch of trouble remembers the guard as it was when it began.
-                    guard = self.lr_guard
                     troubled = gradient_exploding or gradient_nonfinite or diverging
                     before = functools.partial(guard.snapshot, self.key) if troubled and guard is not None else None
                     self.rollback.observe(
@@ -1771,7 +1771,7 @@ class GuardEngine:
                 # persistent one: it cuts at once (one gradient spike waits for a second, `LRGuard.patience`).
                 # A spike the clipper bounded (or the step skipped for it) alone among calm steps counts for nothing
                 # (`LRGuard.spare_lone`).
-                reduced = self.lr_guard is not None and self.lr_guard.update(
+                reduced = guard is not None and guard.update(
                     gradient_exploding,
                     self.key,
                     nonfinite=gradient_nonfinite,
@@ -1782,14 +1782,16 @@ class GuardEngine:
                 if reduced:
                     self.host_counts["lr_reduced"] += 1
                     lr_reduced = True
-                    self._rollback_due = True
                     self._warn_unattached(flags.step)
-                lr_restored = self.lr_guard is not None and self.lr_guard.withdrew(self.key)
+                # A cut held for a run of non-finite steps calls for the rollback once confirmed: the run may be a
+                # stretch of bad batches on healthy weights, which a restart would only throw away.
+                if guard is not None and (reduced and not guard.holds_cut(self.key) or guard.confirmed(self.key)):
+                    self._rollback_due = True
+                lr_restored = guard is not None and guard.withdrew(self.key)
                 if not (gradient_nonfinite or calibration):  # neither an explosion nor a calm step
                     for r in self.regularizers:
                         r.on_exploding(gradient_exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging or lr_restored:
-                guard = self.lr_guard
                 scale = guard.scale(self.key) if (lr_reduced or lr_restored) and guard is not None else None
                 self._events.append(
                     StepEvent(

@@ -55,8 +55,10 @@ class _KeyState:
     # The cut a run of non-finite steps in a row holds while it lasts (1: none): made real when trouble follows the
     # run, withdrawn when a calm step does (the run's skipped steps applied no rate)
     held: float = 1.0
-    # 1: the last update withdrew a held cut (not saved: it describes that one call, for the engine to report)
+    # What the last update did to a held cut (not saved: they describe that one call, for the engine): withdrew it,
+    # or confirmed it (trouble followed the run, or the run went on to twice the length that cut)
     withdrew: int = 0
+    confirmed: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in _STATE_FIELDS}
@@ -203,7 +205,10 @@ class LRGuard:
       when a calm step does: the run's skipped steps applied no rate (the step after the run may, where the flags land a
       step late: it runs at the held rate; under ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's
       momentum). It counts as a reduction (``lr_reduced``) either way; a withdrawal is reported by :meth:`withdrew`
-      (GradGuard's events table lists it as ``lr_restored``), and the logged ``lr_scale`` shows it.
+      (GradGuard's events table lists it as ``lr_restored``), and the logged ``lr_scale`` shows it. A rollback waits
+      for the cut to be confirmed (:meth:`confirmed`): by trouble after the run, or by the run going on to twice the
+      length that cut it (user trial: with ``Rollback()``, four NaN batches in a row restarted a healthy Adam run
+      from its initial weights, 28x its loss at the end).
       Once a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
       cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor nan``
@@ -352,11 +357,24 @@ class LRGuard:
         state = self._states.get(key)
         return 1.0 if state is None else self._multiplier(state) * state.held
 
+    def holds_cut(self, key: int = 0) -> bool:
+        """Whether the multiplier of optimizer ``key`` holds a cut for a run of non-finite steps in a row that is
+        still going on: neither withdrawn nor made real yet (see "Non-finite steps")."""
+        state = self._states.get(key)
+        return state is not None and state.held < 1.0
+
     def withdrew(self, key: int = 0) -> bool:
         """Whether the last :meth:`update` of optimizer ``key`` withdrew a held cut: a run of non-finite steps in a
         row ended on a calm step, so its batches were non-finite by themselves (see "Non-finite steps")."""
         state = self._states.get(key)
         return state is not None and bool(state.withdrew)
+
+    def confirmed(self, key: int = 0) -> bool:
+        """Whether the last :meth:`update` of optimizer ``key`` confirmed a held cut: trouble (an explosion, a
+        divergence) followed the run, which made the cut real, or the run went on to twice the length that cut it
+        (a model wrecked into NaN stays there; a stretch of bad batches ends). A rollback waits for this."""
+        state = self._states.get(key)
+        return state is not None and bool(state.confirmed)
 
     def ceiling(self, key: int = 0) -> float:
         """The multiplier that recovery of optimizer ``key`` returns to (1.0 until a rate has exploded)."""
@@ -448,7 +466,7 @@ class LRGuard:
             ``True`` when the multiplier was lowered by this call (``False`` at the ``min_scale`` floor).
         """
         state = self._states.setdefault(key, _KeyState())
-        state.withdrew = 0
+        state.withdrew = state.confirmed = 0
         troubled = exploding or nonfinite or diverging or (clipped if flagged is None else flagged)
         lone = (
             self.spare_lone
@@ -492,6 +510,8 @@ class LRGuard:
                 # them within the cooldown, +9% to +14% held-out against skipping alone). A run that goes on (a
                 # model wrecked into NaN) is cut then, and the rollback can restart it; the cut is held only while
                 # the run lasts, since its skipped steps apply no rate (see `_end_of_run`).
+                if state.held < 1.0 and state.nonfinite_streak == 4 * patience:
+                    state.confirmed = 1
                 if state.nonfinite_streak != 2 * patience or state.nonfinite_passed:
                     return False
                 state.nonfinite = 0
@@ -559,6 +579,7 @@ class LRGuard:
             state.withdrew = 1
             return hold
         self._nonfinite_cut(state, hold)
+        state.confirmed = 1
         return True
 
     def _nonfinite_cut(self, state: _KeyState, hold: bool) -> bool:

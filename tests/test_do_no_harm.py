@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import ExplodingDetector, GradGuard, LRGuard, ZClip
+from lightning_gradguard import ExplodingDetector, GradGuard, LRGuard, Rollback, ZClip
 from lightning_gradguard.layers import build_layer_index
 from tests.helpers import load_events
 from tests.models import Regressor, regression_data, trainer
@@ -304,6 +304,17 @@ def test_a_run_of_nan_batches_is_cut_while_it_lasts_and_leaves_training_as_skipp
     x, y = _teacher_data(60 * 32, seed=3)
     _, skipped_only = _nan_run((30, 31, 32, 33), guard=GradGuard(lr_guard=None))
     _assert_close(_mse(model, x, y), _mse(skipped_only, x, y), "a withdrawn cut", rel=0.005)
+
+
+def test_a_run_of_nan_batches_followed_by_calm_steps_restarts_nothing_under_the_full_rollback() -> None:
+    # The run's cut called for the full rollback at once, before the calm step after the run withdrew it: the healthy
+    # run went back to its initial weights (user trial, a plain loop: 28x the loss at the end).
+    x, y = _teacher_data(60 * 32, seed=3)
+    guard, model = _nan_run((30, 31, 32, 33), guard=GradGuard(rollback=Rollback()))
+    events = guard.summary()
+    assert events["skipped"] == 4 and events["lr_reduced"] == 1 and events["rolled_back"] == 0, events
+    _, default = _nan_run((30, 31, 32, 33))
+    _assert_close(_mse(model, x, y), _mse(default, x, y), "the full rollback after a withdrawn cut", rel=1e-6)
 
 
 def test_the_events_table_lists_a_withdrawn_cut_after_the_cut(tmp_path: Path) -> None:

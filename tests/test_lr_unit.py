@@ -612,10 +612,23 @@ def test_withdrew_reports_the_held_cut_withdrawn_by_the_calm_step_after_a_run(af
     # A calm step after a run of non-finite steps withdraws the cut the run held; trouble makes it real.
     guard = LRGuard()
     assert [guard.update(False, nonfinite=True) for _ in range(4)] == [False, False, False, True]
-    assert guard.scale() == 0.5 and not guard.withdrew()
+    assert guard.scale() == 0.5 and guard.holds_cut() and not (guard.withdrew() or guard.confirmed())
     guard.update(after == "exploding", clipped=after == "exploding")
-    assert guard.withdrew() is (after == "calm")
-    assert guard.scale() == (1.0 if after == "calm" else 0.5)
+    assert guard.withdrew() is (after == "calm") and guard.confirmed() is (after == "exploding")
+    assert guard.scale() == (1.0 if after == "calm" else 0.5) and not guard.holds_cut()
     guard.update(False)
-    assert not guard.withdrew()  # it describes one update only
+    assert not (guard.withdrew() or guard.confirmed())  # they describe one update only
     assert "withdrew" not in guard.state_dict()["keys"]["0"]
+
+
+def test_a_run_that_goes_on_to_twice_the_length_that_cut_confirms_the_held_cut() -> None:
+    # A model wrecked into NaN stays there: the rollback waits for this, not for the cut at four.
+    guard = LRGuard()
+    confirmed = []
+    for _ in range(10):
+        guard.update(False, nonfinite=True)
+        confirmed.append(guard.confirmed())
+    assert confirmed == [False] * 7 + [True, False, False]
+    assert guard.holds_cut() and guard.scale() == 0.5  # still held: a calm step would withdraw it
+    guard.update(False)
+    assert guard.withdrew() and guard.scale() == 1.0

@@ -145,15 +145,18 @@ def test_a_pair_of_nan_steps_followed_by_calm_ones_rolls_nothing_back() -> None:
     engine.attach(opt)
     _engine_loop(model, opt, engine, bad={3, 4}, steps=8)
     assert engine.summary()["rolled_back"] == engine.summary()["lr_reduced"] == 0
-    # Four in a row (a model wrecked into NaN stays there): the fourth cuts, and the cut rolls back.
-    torch.manual_seed(0)
-    model = nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
-    engine.attach(opt)
-    seen = _engine_loop(model, opt, engine, bad={3, 4, 5, 6}, steps=9)
-    assert engine.summary()["rolled_back"] == engine.summary()["lr_reduced"] == 1
-    assert all(torch.equal(a, b) for a, b in zip(seen[8], seen[1]))  # step 7 went back to the initial weights
+    # Four in a row cut, held while the run lasts; the calm step after it withdraws the cut and rolls nothing back.
+    # Eight in a row (a model wrecked into NaN stays there) confirm it, and the cut rolls back.
+    for bad, rolled in ({3, 4, 5, 6}, 0), (set(range(3, 11)), 1):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=5))
+        engine.attach(opt)
+        seen = _engine_loop(model, opt, engine, bad=bad, steps=13)
+        assert engine.summary()["rolled_back"] == rolled and engine.summary()["lr_reduced"] == 1
+        back = all(torch.equal(a, b) for a, b in zip(seen[12], seen[1]))
+        assert back is bool(rolled)  # step 11 went back to the initial weights (the copy of step 5 saw the run)
 
 
 def test_a_copy_followed_by_an_explosion_is_never_restored() -> None:
