@@ -1103,8 +1103,9 @@ class GuardEngine:
             optimizer: the optimizer about to step (or a framework's wrapper of it), whose state a
                 :class:`~lightning_gradguard.Rollback` copies and restores (without it, only the parameters are).
                 Required with a ``GradScaler`` as ``grad_scaler``.
-            loss: this step's training loss (unscaled; summed over an accumulation window, i.e. the losses
-                backpropagated for this step), for the divergence detector; ``None``: no observation this step.
+            loss: this step's training loss (unscaled; over an accumulation window, the sum of the losses
+                backpropagated for this step: the window's mean when each micro-batch's loss was divided by the
+                number of micro-batches, as usual), for the divergence detector; ``None``: no observation this step.
                 Under several processes the detector judges the mean over the processes (one ``all_reduce`` per
                 step, which every process joins, with or without a loss of its own).
             samples: the number of examples behind this step's gradient (the batch size, summed over an
@@ -2011,7 +2012,9 @@ class GuardEngine:
             # A state saved before the parameter names were kept cannot tell a regrouping from another model.
             if state.get("params") != list(self.index.param_names):
                 raise ValueError(
-                    "the saved layers differ from the model's; detector and clipper state is not restored."
+                    "GuardEngine.load_state_dict: the state was saved for other parameters (its layers and parameter"
+                    " names differ from this model's); nothing was restored. Load it into an engine of the model it"
+                    " was saved from."
                 )
             per_layer = ("exploding", "vanishing")
         device = self._record.device
