@@ -508,8 +508,9 @@ class LRGuard:
                 # weights the skipped steps left, so those were fine and the batches were non-finite (user trial:
                 # a triplet loss on `sqrt` distances, NaN for identical pairs on ~15% of the steps, cut for two of
                 # them within the cooldown, +9% to +14% held-out against skipping alone). A run that goes on (a
-                # model wrecked into NaN) is cut then, and the rollback can restart it; the cut is held only while
-                # the run lasts, since its skipped steps apply no rate (see `_end_of_run`).
+                # model wrecked into NaN) is cut then; the cut is held only while the run lasts, since its skipped
+                # steps apply no rate (see `_end_of_run`). Twice that length confirms it for a rollback: a stretch of
+                # bad batches on healthy weights, restarted at once, lost them all (see `confirmed`).
                 if state.held < 1.0 and state.nonfinite_streak == 4 * patience:
                     state.confirmed = 1
                 if state.nonfinite_streak != 2 * patience or state.nonfinite_passed:

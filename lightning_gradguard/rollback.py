@@ -275,8 +275,10 @@ class Rollback:
     ``GradGuard()`` uses :func:`default_rollback` (early, one copy of the initial weights, at most 1 GiB);
     ``GradGuard(rollback=Rollback())`` (or ``rollback=True``) and ``GuardEngine(..., rollback=Rollback())`` keep two
     copies for the whole run. It acts only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where
-    the guard lowers its multiplier (an exploding step, repeated non-finite steps, a divergence of the loss). A run
-    that never has its rate lowered is never touched: the copies change no number of it.
+    the guard lowers its multiplier (an exploding step, a divergence of the loss, or a run of non-finite steps in a
+    row once the guard confirms its cut: trouble right after the run, or the run going on to twice the length that
+    cut; a calm step after it withdraws the cut, and the run's weights are kept). A run that never has its rate
+    lowered is never touched: the copies change no number of it.
 
     Every ``every`` optimizer steps, the trainable parameters (``requires_grad``) of the optimizer and their optimizer
     state (momentum, Adam's moments and step) are copied into a spare buffer, one fused copy per device (the
