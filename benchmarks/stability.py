@@ -5,11 +5,12 @@ with plain ``GradGuard()`` (``ZClip(z_thresh=4.0)``, LRGuard, ``on_nonfinite="sk
 ``default_rollback()`` with its rescue clipper), with the same guard without that restart
 (``GradGuard(rollback=None)``), with ``GradGuard()`` whose exploding detector holds the total norm to 5x its running
 mean (``ExplodingDetector(max_ratio=5)``: the guard for runs that may diverge in their first steps) and with the
-opt-in rollback (``GradGuard(rollback=Rollback())``: on an LR cut, back to the last weights and optimizer state
-known to have trained calmly), and, with ``--clippers``, with each other clipper in place of the default ZClip, every
-other default kept (``GradGuard(clip=AutoClip())``, ``GradGuard(clip=AGC())``, ``GradGuard(clip=AdaGC())``,
-``GradGuard(clip=NormClip(max_norm=1.0))``, the last with the usual ``gradient_clip_val``); the configs taken from an
-example that recommends its own guard (``build_guard()`` of ``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``)
+opt-in full rollback (``GradGuard(rollback=True)``, ``full_rollback()``: on an LR cut, back to the last weights and
+optimizer state known to have trained calmly, with the early restart's remedies), and, with ``--clippers``, with each
+other clipper in place of the default ZClip, every other default kept (``GradGuard(clip=AutoClip())``,
+``GradGuard(clip=AGC())``, ``GradGuard(clip=AdaGC())``, ``GradGuard(clip=NormClip(max_norm=1.0))``, the last with the
+usual ``gradient_clip_val``); the configs taken from an example that recommends its own guard (``build_guard()`` of
+``examples/lstm_adding.py`` or ``examples/cifar_resnet.py``)
 get one more run with that guard.
 Every run is then evaluated on held-out data. The table reports, per run:
 
@@ -93,7 +94,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gradguard import ExplodingDetector, GradGuard, Rollback
+from lightning_gradguard import ExplodingDetector, GradGuard
 
 if not __package__:  # run as a script: the repository root is not on the path
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -127,8 +128,9 @@ GUARDS: dict[str, tuple[str, Callable[[], GradGuard]]] = {
         "GradGuard(exploding=ExplodingDetector(max_ratio=5))",
         lambda: GradGuard(exploding=ExplodingDetector(max_ratio=5.0)),
     ),
-    # The opt-in rollback: on an LR cut, back to the last weights and optimizer state known to have trained calmly.
-    "guarded_rollback": ("GradGuard(rollback=Rollback())", lambda: GradGuard(rollback=Rollback())),
+    # The opt-in full rollback: on an LR cut, back to the last weights and optimizer state known to have trained
+    # calmly (`full_rollback()`: with the early restart's remedies).
+    "guarded_rollback": ("GradGuard(rollback=True)", lambda: GradGuard(rollback=True)),
     # Opt-in (`--variants guarded_skip`): the flagged steps skipped instead of clipped.
     "guarded_skip": ("GradGuard(skip_exploding=True)", lambda: GradGuard(skip_exploding=True)),
     **CLIPPER_GUARDS,

@@ -45,6 +45,7 @@ _EXPORTS = {
     "Regularizer": "regularize",
     "Rollback": "rollback",
     "default_rollback": "rollback",
+    "full_rollback": "rollback",
     "RunningStats": "running_stats",
     "SaturationMonitor": "saturation",
     "FlatStats": "stats",
@@ -81,7 +82,7 @@ if TYPE_CHECKING:  # the names the lazy loader below serves, for type checkers a
     from lightning_gradguard.layers import LayerIndex, build_layer_index
     from lightning_gradguard.lr import LRGuard
     from lightning_gradguard.regularize import L1, L2, Orthogonal, Regularizer
-    from lightning_gradguard.rollback import Rollback, default_rollback
+    from lightning_gradguard.rollback import Rollback, default_rollback, full_rollback
     from lightning_gradguard.running_stats import RunningStats
     from lightning_gradguard.saturation import SaturationMonitor
     from lightning_gradguard.stats import FlatStats, GradStats, StepStats, total_norm

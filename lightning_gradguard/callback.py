@@ -190,10 +190,10 @@ class GradGuard(CallbackBase):
             start (with one cut as well when the norm blew up more than 10^6x in one step). The first restart for such
             early trouble is a plain retry at the same rate (bad batches there look the same, and do not come back); the
             remedy comes when the trouble does (one copy of the trainable parameters, only when it takes at most 1 GiB;
-            off without an ``lr_guard``). ``True``: ``Rollback()``, for the whole run, with two copies of the trainable
-            parameters and their optimizer state on their device (4x the trainable parameters' memory with SGD and
-            momentum, 6x with Adam). ``None`` or ``False``: no rollback. A run whose rate is never lowered is not
-            changed by any of them.
+            off without an ``lr_guard``). ``True``: :func:`~lightning_gradguard.full_rollback`, the same remedies for
+            the whole run, with two copies of the trainable parameters and their optimizer state on their device (4x the
+            trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or ``False``: no rollback. A run
+            whose rate is never lowered is not changed by any of them.
         divergence: the :class:`DivergenceDetector`, fed the training loss of each optimizer step (the losses
             backpropagated since the previous step, taken in ``on_before_backward``: unscaled under 16-bit AMP,
             the mean over an accumulation window, averaged over processes under DDP/FSDP2 with one scalar

@@ -270,10 +270,11 @@ _LOW_RATE = 0.1
 class UpdateRatioHints:
     """Hints for layers whose update-to-weight ratio stays too high or too low, from the ratios of successive logs.
 
-    A layer whose ratio is above ``high`` (or below ``low``) on ``patience`` consecutive logging steps is hinted about
-    once per such streak, quoting the geometric mean of those ratios. The layer is hinted about again only after it
-    recovered (back in the band on ``patience`` consecutive logs: a layer hovering at the edge of the band does not
-    hint at every crossing) or crossed to the other side, and then stayed out for ``patience`` logs anew. A NaN,
+    A layer whose ratio is above ``high`` (or below ``low``) on ``patience`` consecutive logging steps is hinted about,
+    quoting the geometric mean of those ratios, once per direction: a hint is advice, and a layer that hovers at the
+    edge of the band in a long run came back out of it again and again (a long-run trial of a healthy 60-layer
+    MLP: the same "barely trains" hint 9 times in 8000 steps, when each recovery, ``patience`` logs back in the band,
+    allowed another). The TensorBoard heatmap shows the ratios throughout. A NaN,
     infinite or exactly-zero ratio (no gradient, zero weights, a skipped step) is no observation: it neither extends
     nor breaks a streak. All the layers of one log go into one message, the furthest out of the band first (at most
     ``max_named`` named, the rest counted), so a log yields at most one hint however many layers are out of band.
@@ -314,6 +315,7 @@ too high for it (about 1e-3 is usual)"]
         self.max_named = check_int("max_named", max_named, low=1)
         # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1),
         # consecutive logs back in the band since the hint]
+        self._hinted: set[tuple[str, int]] = set()  # (name, direction) pairs already hinted about
         self._streaks: dict[str, list[float]] = {}
         self._from_zero: set[str] = set()  # layers still growing from all-zero weights
         self._peak_lr = 0.0  # the highest learning rate given to update()
@@ -382,6 +384,9 @@ too high for it (about 1e-3 is usual)"]
             streak[2] += math.log10(ratio)
             if streak[1] >= self.patience and not streak[3]:
                 streak[3] = 1
+                if (name, direction) in self._hinted:
+                    continue
+                self._hinted.add((name, direction))
                 mean = 10 ** (streak[2] / streak[1])
                 bound = self.high if direction > 0 else self.low
                 due[direction].append((abs(math.log10(mean / bound)), name, mean))
@@ -417,6 +422,7 @@ too high for it (about 1e-3 is usual)"]
             "streaks": {name: list(s) for name, s in self._streaks.items()},
             "from_zero": sorted(self._from_zero),
             "peak_lr": self._peak_lr,
+            "hinted": sorted([name, direction] for name, direction in self._hinted),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -426,6 +432,7 @@ too high for it (about 1e-3 is usual)"]
         self._streaks = {str(name): [*(float(v) for v in s), 0.0][:5] for name, s in state["streaks"].items()}
         self._from_zero = {str(name) for name in state.get("from_zero", ())}  # absent from older checkpoints
         self._peak_lr = float(state.get("peak_lr", 0.0))  # likewise
+        self._hinted = {(str(name), int(direction)) for name, direction in state.get("hinted", ())}  # likewise
 
 
 #: Optimizers whose step moves each weight by about the learning rate, whatever the gradient's size (Adam's first step

@@ -206,9 +206,9 @@ class LRGuard:
       step late: it runs at the held rate; under ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's
       momentum). It counts as a reduction (``lr_reduced``) either way; a withdrawal is reported by :meth:`withdrew`
       (GradGuard's events table lists it as ``lr_restored``), and the logged ``lr_scale`` shows it. A rollback waits
-      for the cut to be confirmed (:meth:`confirmed`): by trouble after the run, or by the run going on to twice the
-      length that cut it (user trial: with ``Rollback()``, four NaN batches in a row restarted a healthy Adam run
-      from its initial weights, 28x its loss at the end).
+      for the cut to be confirmed (:meth:`confirmed`): by trouble after the run, or, among the first steps with no
+      calm start, by the run going on to twice the length that cut it (user trial: with ``Rollback()``, four NaN
+      batches in a row restarted a healthy Adam run from its initial weights, 28x its loss at the end).
       Once a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
       cooldown, +9% to +14% held-out against skipping them alone; ``benchmarks/bad_batches.py --count 30 --factor nan``
@@ -371,8 +371,9 @@ class LRGuard:
 
     def confirmed(self, key: int = 0) -> bool:
         """Whether the last :meth:`update` of optimizer ``key`` confirmed a held cut: trouble (an explosion, a
-        divergence) followed the run, which made the cut real, or the run went on to twice the length that cut it
-        (a model wrecked into NaN stays there; a stretch of bad batches ends). A rollback waits for this."""
+        divergence) followed the run, which made the cut real, or the run went on to twice the length that cut it (a
+        model wrecked into NaN stays there; a stretch of bad batches ends). A rollback waits for this (GradGuard's takes
+        the length for early trouble only: a run after a calm start left the weights that calm steps made)."""
         state = self._states.get(key)
         return state is not None and bool(state.confirmed)
 

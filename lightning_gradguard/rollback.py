@@ -20,11 +20,11 @@ initial trainable parameters, kept for the first 500 optimizer steps and only wh
 after two troubled steps in a row (so isolated spikes, bad batches between calm steps, never restart a run). That is
 where a too-high learning rate shows itself, and where a restart loses least. The first restart for trouble in the
 first 20 steps of a run that had no calm start (``calm_factor``) is a plain retry at the same rate (``retry``): bad
-batches there look just like a rate too high, and only the rate's trouble comes back. When it does, in an SGD run,
-the restart puts a rescue clipper (AGC) to work instead of cutting the rate (``rescue``), unless one of those steps
-blew the gradient norm up by more than ``blowup_factor``: then it does both, with no retry before. The full rollback
-(``GradGuard(rollback=Rollback())``) keeps two copies of the parameters and of their optimizer state for the whole
-run: opt-in, for its memory.
+batches there look just like a rate too high, and only the rate's trouble comes back. When it does, in an SGD run, the
+restart puts a rescue clipper (AGC) to work instead of cutting the rate (``rescue``), unless one of those steps blew the
+gradient norm up by more than ``blowup_factor``: then it does both, with no retry before. The full rollback
+(``GradGuard(rollback=True)``, :func:`full_rollback`) keeps two copies of the parameters and of their optimizer state
+for the whole run: opt-in, for its memory.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from lightning_gradguard._compat import foreach_copy_, shards_state, state_optim
 from lightning_gradguard._validation import check_bool, check_int, check_state, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
-__all__ = ["Rollback", "default_rollback", "rollback_from"]
+__all__ = ["Rollback", "default_rollback", "full_rollback", "rollback_from"]
 
 _NEVER = -(1 << 62)  # "no event yet", as a step number
 #: Calm steps (total gradient norm known, positive and untroubled) that a calm start needs before its trouble began.
@@ -273,12 +273,13 @@ class Rollback:
     """Go back to the last known-healthy parameters and optimizer state when the LR guard lowers the rate.
 
     ``GradGuard()`` uses :func:`default_rollback` (early, one copy of the initial weights, at most 1 GiB);
-    ``GradGuard(rollback=Rollback())`` (or ``rollback=True``) and ``GuardEngine(..., rollback=Rollback())`` keep two
-    copies for the whole run. It acts only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where
-    the guard lowers its multiplier (an exploding step, a divergence of the loss, or a run of non-finite steps in a
-    row once the guard confirms its cut: trouble right after the run, or the run going on to twice the length that
-    cut; a calm step after it withdraws the cut, and the run's weights are kept). A run that never has its rate
-    lowered is never touched: the copies change no number of it.
+    ``GradGuard(rollback=True)`` (:func:`full_rollback`, this class with the early restart's remedies), a
+    ``Rollback(...)`` of one's own, and ``GuardEngine(..., rollback=True)`` keep two copies for the whole run. It acts
+    only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where the guard lowers its multiplier (an
+    exploding step, a divergence of the loss, or a run of non-finite steps in a row once the guard confirms its cut:
+    trouble right after the run, or, for early trouble, the run going on to twice the length that cut; a calm step after
+    it withdraws the cut, and the run's weights are kept). A run that never has its rate lowered is never touched: the
+    copies change no number of it.
 
     Every ``every`` optimizer steps, the trainable parameters (``requires_grad``) of the optimizer and their optimizer
     state (momentum, Adam's moments and step) are copied into a spare buffer, one fused copy per device (the
@@ -404,15 +405,15 @@ class Rollback:
     Example:
         >>> import torch
         >>> from lightning_gradguard import GradGuard, GuardEngine, LRGuard
-        >>> guard = GradGuard(rollback=Rollback(every=50))  # in a Trainer; GradGuard(rollback=True) is the same
+        >>> guard = GradGuard(rollback=Rollback(every=50))  # in a Trainer (GradGuard(rollback=True): full_rollback())
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
         >>> engine = GuardEngine(model, lr_guard=LRGuard(), rollback=Rollback(every=10))
         >>> handle = engine.attach(opt)
         >>> start = model.weight.detach().clone()
-        >>> for step in range(1, 8):
+        >>> for step in range(1, 12):  # non-finite from step 3 on: wrecked, as far as the first steps can tell
         ...     opt.zero_grad()
-        ...     loss = model(torch.ones(2, 4)).sum() * (float("nan") if step in (3, 4, 5, 6) else 1.0)
+        ...     loss = model(torch.ones(2, 4)).sum() * (float("nan") if 3 <= step <= 10 else 1.0)
         ...     loss.backward()
         ...     _ = engine.step(optimizer=opt)  # before opt.step(): copies, or rolls back and skips the step
         ...     opt.step()
@@ -658,6 +659,11 @@ class Rollback:
             and step - self._origin <= self.rescue_until
         )
 
+    def early_trouble(self) -> bool:
+        """Whether the current stretch of trouble began by ``rescue_until`` without a calm start: where bad batches
+        and a rate too high look alike, and a restart costs little."""
+        return self._early_trouble()
+
     def _early_trouble(self) -> bool:
         """The current stretch began by ``rescue_until`` and did not follow a calm start: a rate too high from the
         start (``early_only``)."""
@@ -901,19 +907,13 @@ def default_rollback(
         >>> default_rollback(rescue=False).rescue is None
         True
     """
-    if isinstance(rescue, bool):
-        clipper: Clipper | None = AGC() if rescue else None
-    elif isinstance(rescue, Clipper):
-        clipper = rescue
-    else:
-        raise ValueError(f"`rescue` must be True (AGC()), False (no rescue) or a Clipper, got {rescue!r}.")
     return Rollback(
         every=None,
         until=500,
         patience=2,
         within=2,
         max_bytes=1 << 30,
-        rescue=clipper,
+        rescue=_rescue_clipper(rescue),
         rescue_until=rescue_until,
         calm_factor=calm_factor,
         blowup_factor=blowup_factor,
@@ -924,23 +924,77 @@ def default_rollback(
     )
 
 
+def full_rollback(
+    every: int = 50,
+    rescue: Clipper | bool = True,
+    retry: bool = True,
+    diverged_factor: float | None = 0.1,
+    save_copies: bool = True,
+) -> Rollback:
+    """The rollback of ``GradGuard(rollback=True)``: copies for the whole run, with the early restart's remedies.
+
+    ``Rollback(every=50, rescue=AGC(), retry=True, diverged_factor=0.1)``: a copy of the trainable parameters and their
+    optimizer state every ``every`` steps, trusted once ``every`` calm steps followed it, restored whenever the LR guard
+    cuts (see :class:`Rollback`); for trouble among the first steps it answers as :func:`default_rollback` does (a
+    plain retry first, then, in an SGD run, ``AGC()`` at the rate), and after a divergence of the loss it restarts at a
+    tenth of the rate. A bare ``Rollback()`` has none of those remedies: in a user trial (an MLP regression, SGD at
+    40x and 100x its rate, and its rate raised 30x at step 150) it ended at held-out 0.574, 0.978 and 0.703 where this
+    one ended at 0.029, 0.336 and 0.594 (the default early restart: 0.017, 0.336, 0.605).
+
+    Args:
+        every: optimizer steps between copies, ``>= 1`` (see :class:`Rollback`).
+        rescue: the rescue clipper: ``True``, the default, for a fresh ``AGC()``; ``False`` for none; or a
+            :class:`~lightning_gradguard.Clipper`.
+        retry: the first restart for early trouble is a plain retry (see :class:`Rollback`).
+        diverged_factor: the reduction of a restart for a divergence event of the loss; ``None``: the LR guard's
+            ``factor``.
+        save_copies: checkpoints keep the copies (see :class:`Rollback`).
+
+    Raises:
+        ValueError: for a ``rescue`` that is neither a bool nor a clipper, and as :class:`Rollback` for the others.
+
+    Example:
+        >>> rollback = full_rollback()
+        >>> rollback.every, rollback.until, rollback.patience, rollback.retry, rollback.diverged_factor
+        (50, None, 1, True, 0.1)
+        >>> rollback.rescue
+        AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=())
+    """
+    return Rollback(
+        every=every,
+        rescue=_rescue_clipper(rescue),
+        retry=retry,
+        save_copies=save_copies,
+        diverged_factor=diverged_factor,
+    )
+
+
+def _rescue_clipper(rescue: Clipper | bool) -> Clipper | None:
+    """The ``rescue`` argument of :func:`default_rollback` and :func:`full_rollback` as a clipper."""
+    if isinstance(rescue, bool):
+        return AGC() if rescue else None
+    if isinstance(rescue, Clipper):
+        return rescue
+    raise ValueError(f"`rescue` must be True (AGC()), False (no rescue) or a Clipper, got {rescue!r}.")
+
+
 def rollback_from(value: Rollback | bool | str | None) -> Rollback | None:
-    """The ``rollback=`` argument of ``GradGuard`` and ``GuardEngine``: a :class:`Rollback`, ``True`` (the same as
-    ``Rollback()``), ``"default"`` (:func:`default_rollback`), ``False`` or ``None`` (no rollback).
+    """The ``rollback=`` argument of ``GradGuard`` and ``GuardEngine``: a :class:`Rollback`, ``True``
+    (:func:`full_rollback`), ``"default"`` (:func:`default_rollback`), ``False`` or ``None`` (no rollback).
 
     Raises:
         ValueError: for anything else.
 
     Example:
-        >>> rollback_from(True), rollback_from(None)
-        (Rollback(every=50, pin_lr=False, max_rollbacks=None, until=None, patience=1, within=2, max_bytes=None), None)
+        >>> rollback_from(True).every, rollback_from(None)
+        (50, None)
     """
     if value is None or value is False:
         return None
     if value is True:
-        return Rollback()
+        return full_rollback()
     if isinstance(value, str) and value == "default":
         return default_rollback()
     if isinstance(value, Rollback):
         return value
-    raise ValueError(f"`rollback` must be a Rollback, True (Rollback()), 'default', False or None, got {value!r}")
+    raise ValueError(f"`rollback` must be a Rollback, True (full_rollback()), 'default', False or None, got {value!r}")

@@ -533,11 +533,13 @@ def test_non_finite_batches_in_a_row_need_twice_the_stretch_without_a_finite_exp
     for rollback, nans in ((late(), range(30, 34)), (default_rollback(), range(2, 6))):
         engine, _, _, restarts = _engine_run(rollback, spikes=set(), nans=frozenset(nans))
         assert restarts == [] and engine.summary()["lr_reduced"] == 1 and engine.summary()["rolled_back"] == 0
-    # A run that goes on to twice that (a model wrecked straight into NaN stays there) restarts at once.
-    engine, _, _, restarts = _engine_run(late(), spikes=set(), nans=frozenset(range(30, 38)))
-    assert restarts == [38] and engine.summary()["lr_reduced"] == 1
+    # A run that goes on to twice that among the first steps, with no calm start (a model wrecked straight into NaN
+    # stays there), restarts at once. After a calm start it does not: its skipped steps left the weights calm steps
+    # made (user trial: 8-10 NaN batches at step 80 went back to the initial weights, +22% to +124% at the end).
     engine, _, _, restarts = _engine_run(default_rollback(), spikes=set(), nans=frozenset(range(2, 10)))
-    assert restarts == [10]
+    assert restarts == [10] and engine.summary()["lr_reduced"] == 1
+    engine, _, _, restarts = _engine_run(late(), spikes=set(), nans=frozenset(range(30, 40)))
+    assert restarts == [] and engine.summary()["lr_reduced"] == 1 and engine.summary()["skipped"] == 10
     # So does a run of four that trouble follows: a finite explosion after it makes the cut real.
     engine, _, _, restarts = _engine_run(late(), spikes={34}, nans=frozenset(range(30, 34)))
     assert restarts == [35] and engine.summary()["rolled_back"] == 1

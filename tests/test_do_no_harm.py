@@ -306,14 +306,17 @@ def test_a_run_of_nan_batches_is_cut_while_it_lasts_and_leaves_training_as_skipp
     _assert_close(_mse(model, x, y), _mse(skipped_only, x, y), "a withdrawn cut", rel=0.005)
 
 
-def test_a_run_of_nan_batches_followed_by_calm_steps_restarts_nothing_under_the_full_rollback() -> None:
+@pytest.mark.parametrize("length", [4, 10])
+def test_a_run_of_nan_batches_followed_by_calm_steps_restarts_nothing_under_the_full_rollback(length: int) -> None:
     # The run's cut called for the full rollback at once, before the calm step after the run withdrew it: the healthy
-    # run went back to its initial weights (user trial, a plain loop: 28x the loss at the end).
+    # run went back to its initial weights (user trial, a plain loop: 28x the loss at the end). A longer run is no
+    # reason either after a calm start: its skipped steps left the weights as calm steps made them.
     x, y = _teacher_data(60 * 32, seed=3)
-    guard, model = _nan_run((30, 31, 32, 33), guard=GradGuard(rollback=Rollback()))
+    nans = tuple(range(30, 30 + length))
+    guard, model = _nan_run(nans, guard=GradGuard(rollback=Rollback()))
     events = guard.summary()
-    assert events["skipped"] == 4 and events["lr_reduced"] == 1 and events["rolled_back"] == 0, events
-    _, default = _nan_run((30, 31, 32, 33))
+    assert events["skipped"] == length and events["lr_reduced"] == 1 and events["rolled_back"] == 0, events
+    _, default = _nan_run(nans)
     _assert_close(_mse(model, x, y), _mse(default, x, y), "the full rollback after a withdrawn cut", rel=1e-6)
 
 

@@ -220,7 +220,7 @@ def test_json_to_stdout_config_selection_and_every_guarded_variant(tmp_path: Pat
         "guarded": "GradGuard()",
         "guarded_norestart": "GradGuard(rollback=None)",
         "guarded_ratio5": "GradGuard(exploding=ExplodingDetector(max_ratio=5))",
-        "guarded_rollback": "GradGuard(rollback=Rollback())",
+        "guarded_rollback": "GradGuard(rollback=True)",
         "guarded_example": cfg["guards"]["guarded_example"],
     }
     assert cfg["guards"]["guarded_example"].endswith("build_guard()")
