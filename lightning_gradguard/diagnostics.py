@@ -315,8 +315,8 @@ too high for it (about 1e-3 is usual)"]
         self.max_named = check_int("max_named", max_named, low=1)
         # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1),
         # consecutive logs back in the band since the hint]
-        self._hinted: set[tuple[str, int]] = set()  # (name, direction) pairs already hinted about
         self._streaks: dict[str, list[float]] = {}
+        self._hinted: set[tuple[str, int]] = set()  # (name, direction) pairs already hinted about
         self._from_zero: set[str] = set()  # layers still growing from all-zero weights
         self._peak_lr = 0.0  # the highest learning rate given to update()
 

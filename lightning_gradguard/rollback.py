@@ -637,7 +637,7 @@ class Rollback:
             return False
         if self.max_rollbacks is not None and self.count >= self.max_rollbacks:
             return False
-        if self.early_only and not self._stretch_diverged and not self._early_trouble():
+        if self.early_only and not self._stretch_diverged and not self.early_trouble():
             return False
         # Without a finite explosion in it, a stretch needs twice the length: two non-finite batches in a row are
         # bad data far more often than a wrecked model; a model wrecked straight into NaN stays there.
@@ -660,13 +660,8 @@ class Rollback:
         )
 
     def early_trouble(self) -> bool:
-        """Whether the current stretch of trouble began by ``rescue_until`` without a calm start: where bad batches
-        and a rate too high look alike, and a restart costs little."""
-        return self._early_trouble()
-
-    def _early_trouble(self) -> bool:
-        """The current stretch began by ``rescue_until`` and did not follow a calm start: a rate too high from the
-        start (``early_only``)."""
+        """Whether the current stretch of trouble began by ``rescue_until`` without a calm start: a rate too high from
+        the start (``early_only``), or bad batches, which look the same there, and where a restart costs little."""
         return 0 < self._stretch_began - self._origin <= self.rescue_until and not self.calm_start()
 
     def answers(self, step: int, diverging: bool = False) -> bool:
@@ -705,7 +700,7 @@ class Rollback:
             self.retry
             and not self.retried
             and not self._stretch_diverged
-            and self._early_trouble()
+            and self.early_trouble()
             and not self.blew_up()
         )
 
@@ -724,7 +719,7 @@ class Rollback:
         return (
             self.rescue is not None
             and not self.rescuing
-            and self._early_trouble()
+            and self.early_trouble()
             and isinstance(optimizer, _PROPORTIONAL)
             and not scaled
         )
