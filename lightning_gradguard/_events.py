@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_gradguard.engine import EngineSnapshot, GuardEngine
+from lightning_gradguard.engine import STALL_STEPS, EngineSnapshot, GuardEngine
 from lightning_gradguard.stats import nan_buffers, nonfinite_weights
 
 if TYPE_CHECKING:
@@ -23,7 +23,7 @@ __all__ = ["EventReporter"]
 
 
 #: Kinds of the events table's rows that record what the guard did, not what it found.
-_ACTION_KINDS = ("lr_reduced", "rolled_back")
+_ACTION_KINDS = ("lr_reduced", "lr_restored", "rolled_back")
 #: The share of its progress a run must have given back (:meth:`DivergenceDetector.progress`) for the relapse warning,
 #: at every log over at least ``RELAPSE_HOLD`` steps (the running mean's time constant): its noise on small-batch
 #: losses passes the share for a while now and then, a collapse stays.
@@ -31,9 +31,6 @@ RELAPSE_WARNING = 0.4
 RELAPSE_HOLD = 50
 #: The relapse warning's mark among an optimizer's warned (layer, kind) pairs, which a checkpoint keeps.
 RELAPSE_MARK = ("(loss)", "relapse")
-#: Non-finite optimizer steps in a row, whole logging windows of them, after which the run has stopped training:
-#: bad batches come in bursts of a few (a NaN chunk of truncated BPTT carried into its next four), this does not end.
-STALL_STEPS = 20
 #: The stall warning's mark among an optimizer's warned (layer, kind) pairs.
 STALL_MARK = ("(weights)", "stalled")
 

@@ -191,9 +191,9 @@ class GradGuard(CallbackBase):
             early trouble is a plain retry at the same rate (bad batches there look the same, and do not come back); the
             remedy comes when the trouble does (one copy of the trainable parameters, only when it takes at most 1 GiB;
             off without an ``lr_guard``). ``True``: :func:`~lightning_gradguard.full_rollback`, the same remedies for
-            the whole run, with two copies of the trainable parameters and their optimizer state on their device (4x the
-            trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or ``False``: no rollback. A run
-            whose rate is never lowered is not changed by any of them.
+            early trouble, with two copies kept for the whole run of the trainable parameters and their optimizer state
+            on their device (4x the trainable parameters' memory with SGD and momentum, 6x with Adam). ``None`` or
+            ``False``: no rollback. A run whose rate is never lowered is not changed by any of them.
         divergence: the :class:`DivergenceDetector`, fed the training loss of each optimizer step (the losses
             backpropagated since the previous step, taken in ``on_before_backward``: unscaled under 16-bit AMP,
             the mean over an accumulation window, averaged over processes under DDP/FSDP2 with one scalar
@@ -1093,20 +1093,14 @@ class GradGuard(CallbackBase):
         return action
 
     def _on_event(self, trainer: pl.Trainer, engine: GuardEngine, key: int, event: StepEvent) -> None:
-        if event.lr_reduced and event.lr_scale is not None:
-            scale = event.lr_scale  # as the cut left it: flags landing late, a rollback may have rewound it since
-            self._table_row(trainer, key, event.step, "lr_reduced", "(rate)", scale, f"rate {scale:.3g}x its schedule")
-        if event.lr_restored and event.lr_scale is not None:
-            scale = event.lr_scale
-            self._table_row(
-                trainer,
-                key,
-                event.step,
-                "lr_restored",
-                "(rate)",
-                scale,
-                f"the cut for the non-finite run withdrawn (a calm step followed it), rate {scale:.3g}x its schedule",
+        if (event.lr_reduced or event.lr_restored) and event.lr_scale is not None:
+            scale = event.lr_scale  # as the change left it: flags landing late, a rollback may have rewound it since
+            kind, why = (
+                ("lr_restored", "the cut for the non-finite run withdrawn (a calm step followed it), ")
+                if event.lr_restored
+                else ("lr_reduced", "")
             )
+            self._table_row(trainer, key, event.step, kind, "(rate)", scale, f"{why}rate {scale:.3g}x its schedule")
         if event.exploding and self.on_exploding == "raise":
             raise GradientExplosionError(
                 f"GradGuard: exploding gradients at step {event.step} (optimizer {key}); see"

@@ -375,7 +375,7 @@ too high for it (about 1e-3 is usual)"]
                 if streak is not None and streak[3]:
                     streak[4] += 1  # a hinted layer counts as recovered after `patience` logs in the band
                 if streak is not None and (not streak[3] or streak[4] >= self.patience):
-                    del self._streaks[name]  # a later streak is a new problem and hints again
+                    del self._streaks[name]  # a later streak starts afresh (hinted only on a side not hinted yet)
                 continue
             if streak is None or streak[0] != direction:
                 streak = self._streaks[name] = [direction, 0, 0.0, 0, 0]
@@ -432,7 +432,9 @@ too high for it (about 1e-3 is usual)"]
         self._streaks = {str(name): [*(float(v) for v in s), 0.0][:5] for name, s in state["streaks"].items()}
         self._from_zero = {str(name) for name in state.get("from_zero", ())}  # absent from older checkpoints
         self._peak_lr = float(state.get("peak_lr", 0.0))  # likewise
-        self._hinted = {(str(name), int(direction)) for name, direction in state.get("hinted", ())}  # likewise
+        # Likewise; an older state's hinted streaks were hinted about already.
+        hinted = {(str(name), int(direction)) for name, direction in state.get("hinted", ())}
+        self._hinted = hinted | {(name, int(s[0])) for name, s in self._streaks.items() if s[3]}
 
 
 #: Optimizers whose step moves each weight by about the learning rate, whatever the gradient's size (Adam's first step

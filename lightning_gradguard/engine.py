@@ -96,6 +96,14 @@ SHORT_GROSS = 100.0
 # Steps whose statistics are kept for a plain retry: its stretch began at most this many steps before the rollback
 # (two troubled steps in a row, their flags a step late, the cut acted on at the next step).
 _KEEP_BEFORE = 5
+#: Non-finite optimizer steps in a row after which the run has stopped training: bad batches come in bursts of a few
+#: (a NaN chunk of truncated BPTT carried into its next four), this does not end. The stall warning's length, and the
+#: length at which such a run after a calm start calls for the rollback (``GuardEngine._calls_for_rollback``).
+STALL_STEPS = 20
+#: A held cut's run among the first steps with no calm start (the rollback's early trouble) calls for the rollback at
+#: this many times ``LRGuard.nonfinite_patience`` in a row: twice the run that cut (bad batches and a rate too high
+#: look alike there, and a restart costs little).
+_EARLY_RUN = 4
 
 
 class GradientExplosionError(RuntimeError):
@@ -1807,18 +1815,19 @@ class GuardEngine:
                 )
 
     def _calls_for_rollback(self, guard: LRGuard, reduced: bool) -> bool:
-        """Whether the LR guard's decision on this step calls for the rollback: a cut, but a cut held for a run of
-        non-finite steps only once confirmed. Trouble right after the run confirms it anywhere; the run's going on
-        confirms it only in the rollback's early trouble (no calm start yet, where bad batches and a rate too high
-        look alike). Later, its skipped steps left the weights that calm steps made, and restarting for a stretch of
-        bad batches threw those away (user trial, `Rollback()`: 8-10 NaN batches in a row at step 80 of 300 went back
-        to the initial weights and ended +22% (SGD) and +124% (AdamW) above the run that only skipped them)."""
-        held = guard.holds_cut(self.key)
-        if reduced and not held:
+        """Whether the LR guard's decision on this step calls for the rollback: any cut but one held for a run of
+        non-finite steps, which waits for trouble right after the run (that makes it real) or for the run to go on.
+        Among the first steps with no calm start (the rollback's early trouble) at ``_EARLY_RUN`` times the patience;
+        after a calm start only at ``STALL_STEPS``: the skipped steps left the weights that calm steps made, and
+        restarting for a stretch of bad batches threw those away (user trial, `Rollback()`: 4 NaN batches in a row
+        at step 80 ended at 28x the loss of the run that only skipped them, 8-10 at +22% (SGD) and +124% (AdamW)),
+        while a run that never ends (weights that make every batch non-finite) still needs the restart."""
+        if reduced and not guard.holds_cut(self.key):
             return True
-        if not guard.confirmed(self.key):
-            return False
-        return not held or (self.rollback is not None and self.rollback.early_trouble())
+        if guard.confirmed(self.key):
+            return True
+        early = self.rollback is not None and self.rollback.early_trouble()
+        return guard.nonfinite_run(self.key) == (_EARLY_RUN * guard.nonfinite_patience if early else STALL_STEPS)
 
     def _warn_unattached(self, step: int) -> None:
         """Say once that a cut reached no optimizer: the LR guard's multiplier acts through :meth:`attach` only."""

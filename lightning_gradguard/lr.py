@@ -55,8 +55,8 @@ class _KeyState:
     # The cut a run of non-finite steps in a row holds while it lasts (1: none): made real when trouble follows the
     # run, withdrawn when a calm step does (the run's skipped steps applied no rate)
     held: float = 1.0
-    # What the last update did to a held cut (not saved: they describe that one call, for the engine): withdrew it,
-    # or confirmed it (trouble followed the run, or the run went on to twice the length that cut)
+    # What the last update did to a held cut (not saved: they describe that one call, for the engine): withdrew it
+    # (a calm step followed the run), or confirmed it (trouble followed the run, which made the cut real)
     withdrew: int = 0
     confirmed: int = 0
 
@@ -206,8 +206,8 @@ class LRGuard:
       step late: it runs at the held rate; under ``on_nonfinite="zero"`` the zeroed steps apply it to the optimizer's
       momentum). It counts as a reduction (``lr_reduced``) either way; a withdrawal is reported by :meth:`withdrew`
       (GradGuard's events table lists it as ``lr_restored``), and the logged ``lr_scale`` shows it. A rollback waits
-      for the cut to be confirmed (:meth:`confirmed`): by trouble after the run, or, among the first steps with no
-      calm start, by the run going on to twice the length that cut it (user trial: with ``Rollback()``, four NaN
+      for the cut to be confirmed by trouble after the run (:meth:`confirmed`), or for the run to go on
+      (:meth:`nonfinite_run`; see :class:`~lightning_gradguard.Rollback`; user trial: with ``Rollback()``, four NaN
       batches in a row restarted a healthy Adam run from its initial weights, 28x its loss at the end).
       Once a run has ended by itself, later ones cut nothing until something explodes. Measured: a triplet loss on
       ``sqrt`` distances, NaN for identical pairs on about 15% of the steps, was cut once for two of them within the
@@ -371,11 +371,15 @@ class LRGuard:
 
     def confirmed(self, key: int = 0) -> bool:
         """Whether the last :meth:`update` of optimizer ``key`` confirmed a held cut: trouble (an explosion, a
-        divergence) followed the run, which made the cut real, or the run went on to twice the length that cut it (a
-        model wrecked into NaN stays there; a stretch of bad batches ends). A rollback waits for this (GradGuard's takes
-        the length for early trouble only: a run after a calm start left the weights that calm steps made)."""
+        divergence) followed the run, which made the cut real. A rollback waits for this, or for the run to go on
+        (:meth:`nonfinite_run`; see :class:`~lightning_gradguard.Rollback`)."""
         state = self._states.get(key)
         return state is not None and bool(state.confirmed)
+
+    def nonfinite_run(self, key: int = 0) -> int:
+        """The non-finite steps in a row of optimizer ``key`` up to its last :meth:`update` (0 after a finite one)."""
+        state = self._states.get(key)
+        return 0 if state is None or state.since_nonfinite else state.nonfinite_streak
 
     def ceiling(self, key: int = 0) -> float:
         """The multiplier that recovery of optimizer ``key`` returns to (1.0 until a rate has exploded)."""
@@ -510,10 +514,7 @@ class LRGuard:
                 # a triplet loss on `sqrt` distances, NaN for identical pairs on ~15% of the steps, cut for two of
                 # them within the cooldown, +9% to +14% held-out against skipping alone). A run that goes on (a
                 # model wrecked into NaN) is cut then; the cut is held only while the run lasts, since its skipped
-                # steps apply no rate (see `_end_of_run`). Twice that length confirms it for a rollback: a stretch of
-                # bad batches on healthy weights, restarted at once, lost them all (see `confirmed`).
-                if state.held < 1.0 and state.nonfinite_streak == 4 * patience:
-                    state.confirmed = 1
+                # steps apply no rate (see `_end_of_run`).
                 if state.nonfinite_streak != 2 * patience or state.nonfinite_passed:
                     return False
                 state.nonfinite = 0

@@ -647,17 +647,11 @@ class Rollback:
     def wants_norm(self, step: int) -> bool:
         """Whether engine step ``step`` should send its total gradient norm to :meth:`observe` (``calm_factor``'s
         and ``blowup_factor``'s tests: only in the first ``rescue_until`` steps, and for the rescue's tests only
-        before the rescue clipper is at work; ``early_only``'s calm-start test needs them after it too)."""
-        rescue_tests = (
-            self.rescue is not None
-            and (self.calm_factor is not None or self.blowup_factor is not None)
-            and not self.rescuing
-        )
-        return (
-            (rescue_tests or (self.early_only and self.calm_factor is not None))
-            and not self._off
-            and step - self._origin <= self.rescue_until
-        )
+        before the rescue clipper is at work; the calm-start test of :meth:`early_trouble`, which ``early_only`` and
+        a run of non-finite steps ask, needs them after it too)."""
+        rescue_tests = self.rescue is not None and self.blowup_factor is not None and not self.rescuing
+        early = step - self._origin <= self.rescue_until
+        return (rescue_tests or self.calm_factor is not None) and not self._off and early
 
     def early_trouble(self) -> bool:
         """Whether the current stretch of trouble began by ``rescue_until`` without a calm start: a rate too high from
@@ -854,22 +848,22 @@ def default_rollback(
     ``Rollback(every=None, until=500, patience=2, within=2, max_bytes=1 GiB, rescue=AGC(), calm_factor=4.0,
     blowup_factor=1e6, early_only=True, retry=True, save_copies=True, diverged_factor=0.1)``: one copy of the initial
     trainable parameters (no optimizer state exists yet), kept for the first 500 optimizer steps (and in the checkpoints
-    taken then) and then freed. When the rate is lowered after two exploding steps in a row, or four non-finite steps in
-    a row (the LR guard's run rule), that began in the first 20 steps (``rescue_until``) without a calm start before
-    them (``calm_factor``), the run restarts from the initial weights at the same rate: a plain retry (``retry``), since
-    bad batches among the first steps look just like a rate too high, and do not come back. When such trouble comes
-    back, or on a divergence event of the loss (itself several high steps in a row), or a blow-up (``blowup_factor``),
-    the run restarts from the initial weights at the lowered rate (the LR guard's ``factor``; after a divergence of the
-    loss, a tenth of the rate: ``diverged_factor``), or, the first time, for early trouble in an SGD run, at its rate
-    with unit-wise clipping (``AGC()``, clip factor 0.01) from then on (one cut below it when the norm blew up by more
-    than ``blowup_factor`` in one step). Trouble after a calm start, or later, is left to the LR guard's cut
-    (``early_only``): the run had weights worth keeping, and the flagged steps were clipped to the average norm. A
-    diverging run explodes on every step once its weights are wrecked; bad batches (a corrupted label, a NaN) explode
-    alone, between calm steps, and at most lower the rate. A too-high learning rate wrecks the weights in its first
-    updates, before any statistic has a calm history, and lowering the rate then leaves the run where it landed; a
-    restart at the lower rate is what a person would do, and early on it loses little. A model whose trainable
-    parameters take more than 1 GiB gets no rollback (one warning), so the default never makes a large run run out of
-    memory.
+    taken then) and then freed. When the rate is lowered after two exploding steps in a row, or for a run of non-finite
+    steps in a row (the LR guard's run rule: four) that an explosion or a divergence follows or that goes on to eight,
+    that began in the first 20 steps (``rescue_until``) without a calm start before them (``calm_factor``), the run
+    restarts from the initial weights at the same rate: a plain retry (``retry``), since bad batches among the first
+    steps look just like a rate too high, and do not come back. When such trouble comes back, or on a divergence event
+    of the loss (itself several high steps in a row), or a blow-up (``blowup_factor``), the run restarts from the
+    initial weights at the lowered rate (the LR guard's ``factor``; after a divergence of the loss, a tenth of the rate:
+    ``diverged_factor``), or, the first time, for early trouble in an SGD run, at its rate with unit-wise clipping
+    (``AGC()``, clip factor 0.01) from then on (one cut below it when the norm blew up by more than ``blowup_factor`` in
+    one step). Trouble after a calm start, or later, is left to the LR guard's cut (``early_only``): the run had weights
+    worth keeping, and the flagged steps were clipped to the average norm. A diverging run explodes on every step once
+    its weights are wrecked; bad batches (a corrupted label, a NaN) explode alone, between calm steps, and at most lower
+    the rate. A too-high learning rate wrecks the weights in its first updates, before any statistic has a calm history,
+    and lowering the rate then leaves the run where it landed; a restart at the lower rate is what a person would do,
+    and early on it loses little. A model whose trainable parameters take more than 1 GiB gets no rollback (one
+    warning), so the default never makes a large run run out of memory.
 
     Args:
         rescue: the rescue clipper (see :class:`Rollback`): ``True``, the default, for a fresh ``AGC()``; ``False``

@@ -21,6 +21,7 @@ from torch import nn
 import lightning_gradguard
 from lightning_gradguard import AGC, GradGuard, GuardEngine, LRGuard, NormClip, Rollback
 from lightning_gradguard._lightning import restart_weight_averages
+from lightning_gradguard.engine import STALL_STEPS
 from lightning_gradguard.rollback import default_rollback
 from tests.helpers import AddGroup, RestartWatch
 from tests.models import Regressor, regression_data, trainer
@@ -291,11 +292,13 @@ def test_the_norms_reach_the_host_only_while_the_rescue_needs_them() -> None:
     assert rollback.wants_norm(1) and rollback.wants_norm(20) and not rollback.wants_norm(21)
     assert default_rollback(calm_factor=None).wants_norm(1) and default_rollback(blowup_factor=None).wants_norm(1)
     assert not default_rollback(calm_factor=None, blowup_factor=None).wants_norm(1)
-    # Without a rescue the calm-start test still decides whether to restart at all (early_only).
+    # Without a rescue the calm-start test still decides whether to restart at all (early_only), and how long a run
+    # of non-finite steps must be to restart (`Rollback.early_trouble`): a bare `Rollback()` never saw a calm start.
     assert default_rollback(rescue=False).wants_norm(1) and not default_rollback(rescue=False).wants_norm(21)
-    assert not default_rollback(rescue=False, early_only=False).wants_norm(1)
-    rollback = default_rollback(early_only=False)
-    rollback.rescuing = True
+    assert default_rollback(rescue=False, early_only=False).wants_norm(1) and Rollback().wants_norm(1)
+    assert not Rollback(calm_factor=None).wants_norm(1)
+    rollback = default_rollback(early_only=False, calm_factor=None)
+    rollback.rescuing = True  # the blow-up test is the rescue's, and done once it is at work
     assert not rollback.wants_norm(1)
     # In a run: the norms of the untroubled steps of the window, each its step's true total norm.
     torch.manual_seed(0)
@@ -540,6 +543,13 @@ def test_non_finite_batches_in_a_row_need_twice_the_stretch_without_a_finite_exp
     assert restarts == [10] and engine.summary()["lr_reduced"] == 1
     engine, _, _, restarts = _engine_run(late(), spikes=set(), nans=frozenset(range(30, 40)))
     assert restarts == [] and engine.summary()["lr_reduced"] == 1 and engine.summary()["skipped"] == 10
+    # A run that never ends (weights that make every batch non-finite) restarts after a calm start too, at the stall
+    # warning's length (`STALL_STEPS`): before, it would have stayed stuck for good.
+    engine, _, _, restarts = _engine_run(late(), spikes=set(), nans=frozenset(range(30, 60)))
+    assert restarts == [30 + STALL_STEPS] and engine.summary()["rolled_back"] == 1
+    # Ten after a calm start and then an explosion: the cut is made real, and restarts.
+    engine, _, _, restarts = _engine_run(late(), spikes={40}, nans=frozenset(range(30, 40)))
+    assert restarts == [41] and engine.summary()["rolled_back"] == 1
     # So does a run of four that trouble follows: a finite explosion after it makes the cut real.
     engine, _, _, restarts = _engine_run(late(), spikes={34}, nans=frozenset(range(30, 34)))
     assert restarts == [35] and engine.summary()["rolled_back"] == 1

@@ -194,7 +194,7 @@ def test_a_scheduled_low_rate_gives_no_too_low_hint_and_the_peak_is_kept_with_th
     assert UpdateRatioHints(patience=1).update(names, [8e-6, 1e-3])  # no rate given: judged as before
 
 
-def test_update_ratio_hints_fire_once_per_streak_and_ignore_non_observations() -> None:
+def test_update_ratio_hints_fire_once_per_layer_and_side_and_ignore_non_observations() -> None:
     hints = UpdateRatioHints(high=1e-2, low=1e-5, patience=3)
     names = ["encoder.3", "head", "frozen"]
     assert hints.update(names, [3.0e-2, 1e-3, 0.0]) == []

@@ -307,7 +307,7 @@ def test_a_run_of_nan_batches_is_cut_while_it_lasts_and_leaves_training_as_skipp
 
 
 @pytest.mark.parametrize("length", [4, 10])
-def test_a_run_of_nan_batches_followed_by_calm_steps_restarts_nothing_under_the_full_rollback(length: int) -> None:
+def test_a_run_of_nan_batches_followed_by_calm_steps_restarts_nothing_under_a_whole_run_rollback(length: int) -> None:
     # The run's cut called for the full rollback at once, before the calm step after the run withdrew it: the healthy
     # run went back to its initial weights (user trial, a plain loop: 28x the loss at the end). A longer run is no
     # reason either after a calm start: its skipped steps left the weights as calm steps made them.

@@ -1116,3 +1116,23 @@ def test_a_state_loaded_into_an_engine_that_has_been_stepping_continues_as_in_a_
         train(run, range(46, 81), {50})
     assert live[2].summary() == fresh[2].summary() and live[2].summary()["lr_reduced"] == 0
     assert all(torch.equal(a, b) for a, b in zip(live[0].parameters(), fresh[0].parameters()))
+
+
+def test_drain_reports_a_held_cut_withdrawn_by_the_calm_step_after_its_run() -> None:
+    # A plain loop sees the withdrawal as the table does: `lr_restored`, with the rate it leaves.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(opt)
+    events = []
+    for step in range(1, 12):
+        opt.zero_grad()
+        loss = model(torch.ones(2, 4)).sum() * (math.nan if 4 <= step <= 7 else 1.0)
+        loss.backward()
+        engine.step(optimizer=opt)
+        opt.step()
+        events += engine.drain()
+    events += engine.drain()
+    changes = [(e.step, e.lr_reduced, e.lr_restored, e.lr_scale) for e in events if e.lr_reduced or e.lr_restored]
+    assert changes == [(7, True, False, 0.5), (8, False, True, 1.0)]
