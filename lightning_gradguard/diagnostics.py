@@ -313,8 +313,7 @@ too high for it (about 1e-3 is usual)"]
         self.high = check_number("high", high, low=self.low, low_name="low")
         self.patience = check_int("patience", patience, low=1)
         self.max_named = check_int("max_named", max_named, low=1)
-        # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it, hinted (0/1),
-        # consecutive logs back in the band since the hint]
+        # name -> [direction (+1 high, -1 low), length of the streak, sum of log10 ratios over it]
         self._streaks: dict[str, list[float]] = {}
         self._hinted: set[tuple[str, int]] = set()  # (name, direction) pairs already hinted about
         self._from_zero: set[str] = set()  # layers still growing from all-zero weights
@@ -370,22 +369,15 @@ too high for it (about 1e-3 is usual)"]
                     continue  # still growing from zero: the ratio says nothing of the learning rate yet
                 self._from_zero.discard(name)
             direction = 1 if ratio > self.high else -1 if ratio < self.low else 0
-            streak = self._streaks.get(name)
             if direction == 0:
-                if streak is not None and streak[3]:
-                    streak[4] += 1  # a hinted layer counts as recovered after `patience` logs in the band
-                if streak is not None and (not streak[3] or streak[4] >= self.patience):
-                    del self._streaks[name]  # a later streak starts afresh (hinted only on a side not hinted yet)
+                self._streaks.pop(name, None)  # back in the band: a later streak starts afresh
                 continue
+            streak = self._streaks.get(name)
             if streak is None or streak[0] != direction:
-                streak = self._streaks[name] = [direction, 0, 0.0, 0, 0]
-            streak[4] = 0
+                streak = self._streaks[name] = [direction, 0, 0.0]
             streak[1] += 1
             streak[2] += math.log10(ratio)
-            if streak[1] >= self.patience and not streak[3]:
-                streak[3] = 1
-                if (name, direction) in self._hinted:
-                    continue
+            if streak[1] >= self.patience and (name, direction) not in self._hinted:
                 self._hinted.add((name, direction))
                 mean = 10 ** (streak[2] / streak[1])
                 bound = self.high if direction > 0 else self.low
@@ -428,13 +420,13 @@ too high for it (about 1e-3 is usual)"]
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"UpdateRatioHints: unknown state version {state.get('version')!r}")
-        # A streak saved before the recovery count existed has four entries: none of its logs were in the band.
-        self._streaks = {str(name): [*(float(v) for v in s), 0.0][:5] for name, s in state["streaks"].items()}
+        # An older state's streaks carry two more entries: whether the streak was hinted about, and a recovery count.
+        streaks = {str(name): [float(v) for v in s] for name, s in state["streaks"].items()}
+        self._streaks = {name: s[:3] for name, s in streaks.items()}
         self._from_zero = {str(name) for name in state.get("from_zero", ())}  # absent from older checkpoints
         self._peak_lr = float(state.get("peak_lr", 0.0))  # likewise
-        # Likewise; an older state's hinted streaks were hinted about already.
-        hinted = {(str(name), int(direction)) for name, direction in state.get("hinted", ())}
-        self._hinted = hinted | {(name, int(s[0])) for name, s in self._streaks.items() if s[3]}
+        hinted = {(str(name), int(direction)) for name, direction in state.get("hinted", ())}  # likewise
+        self._hinted = hinted | {(name, int(s[0])) for name, s in streaks.items() if len(s) > 3 and s[3]}
 
 
 #: Optimizers whose step moves each weight by about the learning rate, whatever the gradient's size (Adam's first step

@@ -174,6 +174,18 @@ def test_a_layer_growing_from_zero_is_not_hinted_about_until_its_ratio_comes_int
     legacy = hints.state_dict()
     del legacy["from_zero"]  # a checkpoint saved before layers growing from zero were told apart
     UpdateRatioHints().load_state_dict(legacy)
+    # A checkpoint saved before the hints were once per side: streaks of five entries, the fourth saying whether the
+    # streak was hinted about. Such a streak's layer and side count as named.
+    older = {
+        "version": legacy["version"],
+        "streaks": {"head": [-1.0, 3.0, -18.0, 1.0, 0.0], "emb": [1.0, 1.0, -0.7, 0.0, 0.0]},
+    }
+    loaded = UpdateRatioHints(patience=2)
+    loaded.load_state_dict(older)
+    for _ in range(2):
+        assert loaded.update(["head"], [1e-3]) == []
+    assert loaded.update(["head"], [1e-6]) == [] and loaded.update(["head"], [1e-6]) == []
+    assert loaded.state_dict()["hinted"] == [["head", -1]]
 
 
 def test_a_scheduled_low_rate_gives_no_too_low_hint_and_the_peak_is_kept_with_the_state() -> None:
