@@ -277,9 +277,9 @@ class Rollback:
     ``Rollback(...)`` of one's own, and ``GuardEngine(..., rollback=True)`` keep two copies for the whole run. It acts
     only together with an :class:`~lightning_gradguard.LRGuard`, on the steps where the guard lowers its multiplier (an
     exploding step, a divergence of the loss, or a run of non-finite steps in a row once the guard confirms its cut:
-    trouble right after the run, or, for early trouble, the run going on to twice the length that cut; a calm step after
-    it withdraws the cut, and the run's weights are kept). A run that never has its rate lowered is never touched: the
-    copies change no number of it.
+    trouble right after the run, or the run going on: to twice the length that cut for early trouble, to 20 steps, the
+    stall warning's length, after a calm start; a calm step after it withdraws the cut, and the run's weights are kept).
+    A run that never has its rate lowered is never touched: the copies change no number of it.
 
     Every ``every`` optimizer steps, the trainable parameters (``requires_grad``) of the optimizer and their optimizer
     state (momentum, Adam's moments and step) are copied into a spare buffer, one fused copy per device (the
