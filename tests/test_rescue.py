@@ -77,7 +77,7 @@ def test_rollback_true_is_the_full_rollback_with_the_early_restarts_remedies() -
     assert isinstance(rollback, Rollback) and rollback.every == 50 and rollback.until is None
     assert isinstance(rollback.rescue, AGC) and rollback.retry and rollback.diverged_factor == 0.1
     # The LSTM at 10x its rate: trouble from the first steps, which the full rollback now answers as the default
-    # does (two plain retries here; measured: 0.1427 at the full rate, against 0.175 at 0.36x for the bare one).
+    # does (two restarts here; measured: 0.1427 at the full rate, against 0.175 at 0.36x for the bare one).
     tails = {}
     for name, guard in (("full", full), ("default", GradGuard()), ("bare", GradGuard(rollback=Rollback()))):
         losses = _lstm_at_ten_times_its_rate(guard)
