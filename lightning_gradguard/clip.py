@@ -1389,6 +1389,7 @@ class AdaGC(Clipper):
     Statistics are kept per parameter *name* (``names`` of :meth:`Clipper.clip_grads_`, or the names of an
     ``nn.Module`` passed to :meth:`Clipper.clip_`), so the set of gradients may change from step to step (idle
     experts, frozen layers); without names they are kept by position, and the number of gradients must not change.
+    Give names on every call or on none: a switch is refused, since the statistics would start afresh.
     Sparse gradients are clipped as one tensor each (their stored values); FSDP2-sharded (DTensor) gradients are not
     supported. Cost per step: one foreach norm and one foreach multiply, plus about 45 small kernels on vectors with
     one entry per tensor (49 top-level ops per call in all, whatever the number of tensors).
@@ -1466,6 +1467,12 @@ class AdaGC(Clipper):
 
     def _keys(self, grads: list[Tensor], names: list[str] | None, params: list[Tensor] | None) -> tuple[str | int, ...]:
         if names is not None:
+            if self._slots and all(isinstance(k, int) for k in self._slots):
+                # Switching to names would start every tensor's statistics afresh and leave the old ones unused.
+                raise ValueError(
+                    f"AdaGC keeps its {len(self._slots)} statistics by position (earlier calls had no `names`); this"
+                    " call passes `names`. Give names (or the nn.Module to clip_) on every call, or on none."
+                )
             return tuple(names)
         # What identifies the tensors by position: the parameters themselves where given (clip_), else the shapes.
         seen = [id(p) for p in params] if params is not None else [tuple(g.shape) for g in grads]

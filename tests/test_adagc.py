@@ -140,6 +140,17 @@ def test_statistics_follow_names_when_the_set_of_gradients_changes() -> None:
     # Nor is another set of the same count: other shapes, or (clip_) other parameters of the same shapes.
     with pytest.raises(ValueError, match="2 other gradients"):
         by_position.clip_grads_([torch.ones(3), torch.ones(2)], torch.tensor(math.sqrt(5.0)), torch.tensor(True))
+    # Nor is a switch between positions and names, either way: the statistics would silently start afresh.
+    before = by_position.state_dict()
+    with pytest.raises(ValueError, match="by position"):
+        by_position.clip_grads_(
+            [torch.ones(2), torch.ones(3)], torch.tensor(5.0**0.5), torch.tensor(True), names=["a", "b"]
+        )
+    assert by_position.state_dict()["keys"] == before["keys"] == [0, 1]
+    by_name = AdaGC()
+    by_name.clip_grads_([torch.ones(2)], torch.tensor(2.0**0.5), torch.tensor(True), names=["a"])
+    with pytest.raises(ValueError, match="names"):
+        by_name.clip_grads_([torch.ones(2)], torch.tensor(2.0**0.5), torch.tensor(True))
     a, b, clipper = nn.Linear(4, 4), nn.Linear(4, 4), AdaGC()
     for expert in (a, a, b):  # expert a's two tensors, then expert b's: same count and shapes
         a.zero_grad(), b.zero_grad()
