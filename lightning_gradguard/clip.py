@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_gradguard._compat import (
     foreach_copy_,
@@ -1132,6 +1133,9 @@ class AGC(Clipper):
     module that stores its 2-D weight as ``[in_features, out_features]`` (transformers' ``Conv1D`` in GPT-2, found
     by default once ``transformers`` is imported; others through ``column_types``) has its output units in columns,
     and they are clipped as such (except for a weight sharded by FSDP2, whose columns straddle the shards: rows there).
+    A transposed convolution (``nn.ConvTranspose1d/2d/3d``) stores ``[in, out/groups, k...]``: its units run along
+    the second dimension, one per output channel (with ``groups > 1``, one per position within a group, covering
+    that channel of every group). Both need the owners' types (pass the ``nn.Module`` to ``clip_``).
     A sparse gradient (``nn.Embedding(sparse=True)``) is clipped as its dense form would be: each row it holds
     against the same row of the weights, which are read at those rows only. ``total_norm`` plays no part in the
     decision. :attr:`last_coef` is the smallest unit coefficient of the step (``1.0`` = nothing clipped);
@@ -1232,14 +1236,21 @@ class AGC(Clipper):
         return keep
 
     def _columns(self, grads: list[Tensor], owner_types: list[type] | None) -> set[int]:
-        """The indices of 2-D gradients whose output units are columns (a DTensor's columns straddle its shards)."""
-        types = self.column_types if self.column_types is not None else _default_column_types()
-        if not types or owner_types is None:
+        """The indices of gradients whose output units run along their second dimension: 2-D weights stored
+        ``[in, out]`` and transposed convolutions' ``[in, out/groups, k...]`` (not a DTensor, whose second dimension
+        straddles its shards)."""
+        if owner_types is None:
             return set()
+        types = self.column_types if self.column_types is not None else _default_column_types()
         return {
             i
             for i, (grad, owner) in enumerate(zip(grads, owner_types))
-            if grad.ndim == 2 and issubclass(owner, types) and not hasattr(grad, "placements") and not grad.is_sparse
+            if not hasattr(grad, "placements")
+            and not grad.is_sparse
+            and (
+                (grad.ndim == 2 and bool(types) and issubclass(owner, types))
+                or (grad.ndim >= 3 and issubclass(owner, _ConvTransposeNd))
+            )
         }
 
     def _clip(
@@ -1258,8 +1269,8 @@ class AGC(Clipper):
         columns = self._columns(grads, owner_types)
         grads, params = _local_tensors(grads), _local_tensors(params)
         if columns:  # transposed views: their rows are the output units, and clipping them clips the gradient
-            grads = [g.t() if i in columns else g for i, g in enumerate(grads)]
-            params = [p.t() if i in columns else p for i, p in enumerate(params)]
+            grads = [g.transpose(0, 1) if i in columns else g for i, g in enumerate(grads)]
+            params = [p.transpose(0, 1) if i in columns else p for i, p in enumerate(params)]
         # Same-shaped tensors are stacked into one [units, unit_len] matrix: a handful of kernels per distinct shape
         # (one norm for all their units, one multiply, one foreach copy back) instead of several per parameter.
         groups: dict[tuple[torch.device, torch.dtype, torch.dtype, torch.Size], list[int]] = {}

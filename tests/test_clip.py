@@ -603,6 +603,28 @@ def test_agc_clips_the_output_columns_of_a_conv1d_as_the_rows_of_the_same_linear
     assert not torch.allclose(plain[0].weight.grad, conv[0].weight.grad)
 
 
+@pytest.mark.parametrize(("kind", "groups"), [("1d", 1), ("2d", 1), ("2d", 2)])
+def test_agc_clips_a_transposed_convolution_per_output_channel(kind: str, groups: int) -> None:
+    # Its weight is stored [in, out/groups, k...]: the units are its columns, not its input channels' rows.
+    torch.manual_seed(0)
+    conv = (nn.ConvTranspose1d if kind == "1d" else nn.ConvTranspose2d)(4, 6, 3, groups=groups)
+    column = (1, -1, *([1] * (conv.weight.ndim - 2)))
+    # Columns whose gradients differ in size by 10^3, so the two choices of unit clip differently.
+    conv.weight.grad = torch.randn_like(conv.weight) * torch.logspace(0, 3, 6 // groups).view(column)
+    weight, grad = conv.weight.detach().double(), conv.weight.grad.double()
+    # The reference: one unit per column (with groups, the same column of every group), eps as AGC's.
+    unit_w = weight.transpose(0, 1).reshape(6 // groups, -1).norm(dim=1).clamp_min(1e-3)
+    unit_g = grad.transpose(0, 1).reshape(6 // groups, -1).norm(dim=1)
+    coef = (0.01 * unit_w / unit_g).clamp_max(1.0).view(column)
+    assert float(coef.min()) < 0.01 and float(coef.max() / coef.min()) > 10
+    AGC(clip_factor=0.01).clip_(conv)
+    torch.testing.assert_close(conv.weight.grad.double(), grad * coef, rtol=1e-5, atol=0.0)
+    # Without the module (no owner types) the rows are taken: another clipping.
+    conv.weight.grad = grad.float().clone()
+    AGC(clip_factor=0.01).clip_grads_([conv.weight.grad], grad.norm().float(), torch.tensor(True), params=[conv.weight])
+    assert not torch.allclose(conv.weight.grad.double(), grad * coef, rtol=1e-3)
+
+
 def test_agc_clip_grads_with_names_and_owner_types() -> None:
     model = Net()
     random_grads_(model, torch.Generator().manual_seed(8), spike=True)
