@@ -356,7 +356,11 @@ class EventReporter:
         actions = []
         if engine.skip_exploding and not diverging:
             # As for clipping, a layer's spike under a calm total is not skipped: say what answers, not that it did.
-            actions.append("skipping the flagged steps")
+            actions.append(
+                "skipping the first flagged step of a stretch"
+                if engine.skip_exploding == "first"
+                else "skipping the flagged steps"
+            )
         elif engine.clipper is not None and not diverging:
             # What the clipper does depends on the step (a layer's spike under a calm total is not clipped): say
             # which clipper answers, not that it clipped.

@@ -815,9 +815,7 @@ class GradGuard(CallbackBase):
             regularizers=self.regularizers,
             on_nonfinite=self.on_nonfinite,
             clip_exploding=self.clip_exploding and not reevaluating,
-            # Its gradients cannot be clipped, so a step the detector would have clipped is skipped whole (with every
-            # later evaluation): a closure-form SAM given a 10^4x batch stepped it unclipped and never trained again.
-            skip_exploding=self.skip_exploding or (reevaluating and self._skips_in_place_of_clip()),
+            skip_exploding=self.skip_exploding or (reevaluating and self._skip_in_place_of_clip(optimizer)),
             compile=self.compile,
             key=key,
             max_norm=self._clip_norm,
@@ -845,16 +843,27 @@ class GradGuard(CallbackBase):
         self._warn_reevaluating(optimizer, key)
         return True
 
-    def _skips_in_place_of_clip(self) -> bool:
-        """Whether an optimizer that evaluates the closure several times gets the steps that this guard would clip
-        for the exploding detector (``clip_exploding``) skipped instead."""
-        return self.clip is not None and self.clip_exploding and self.exploding is not None
+    def _skip_in_place_of_clip(self, optimizer: torch.optim.Optimizer) -> bool | Literal["first"]:
+        """The engine's ``skip_exploding`` for an optimizer that evaluates the closure several times: which of the
+        steps this guard would clip for the exploding detector (``clip_exploding``) it skips instead."""
+        if self.clip is None or not self.clip_exploding or self.exploding is None:
+            return False
+        # Its gradients cannot be clipped, so a flagged step is skipped whole (with every later evaluation): a
+        # closure-form SAM given a 10^4x batch stepped it unclipped and never trained again. For LBFGS the first of a
+        # stretch only: its own overshoots leave weights on which every batch is flagged, and it recovers only by
+        # stepping on (skipping the stretch turned a healthy LBFGS regression that recovered by itself into a
+        # blow-up, MSE 0.015 -> 8e13).
+        return "first" if isinstance(unwrap_optimizer(optimizer), torch.optim.LBFGS) else True
 
     def _warn_reevaluating(self, optimizer: torch.optim.Optimizer, key: int) -> None:
         if self.clip is None:
             return  # nothing this guard would have done is left out (clip_exploding needs a clipper)
         name = type(unwrap_optimizer(optimizer)).__name__
-        skipped = " or that the exploding detector flags" if self._skips_in_place_of_clip() else ""
+        skip = self.skip_exploding or self._skip_in_place_of_clip(optimizer)
+        skipped = {
+            True: " or that the exploding detector flags",
+            "first": " or that the exploding detector flags after an unflagged one",
+        }.get(skip, "")
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({name}) evaluates the closure several times per step, and Lightning runs"
             " `on_before_optimizer_step` on each evaluation. GradGuard measures the first evaluation of each step, and"

@@ -687,6 +687,10 @@ class GuardEngine:
             gradient dropped: parameters and optimizer state untouched, as for a non-finite step; counted as
             ``skipped``); needs
             ``exploding``. One host read per step (shared with ``on_nonfinite="skip"``), under a GradScaler too.
+            ``"first"``: only the first capped step of a stretch is skipped, the next ones in a row go on (clipped,
+            where ``clip_exploding`` clips): for an optimizer whose own steps overshoot (LBFGS without a line
+            search), a bad batch is alone, while weights its step wrecked make the next batch capped too, and
+            skipping on would leave them there.
             With a fused optimizer under a GradScaler (``grad_scale`` given), set :attr:`before_drop`.
         max_norm: an upper bound on the total norm after clipping, on top of the clipper (``None``: none): the
             gradients are clipped to ``min(clipper's threshold, max_norm)``, which is what chaining
@@ -755,7 +759,7 @@ class GuardEngine:
         regularizers: Sequence[Regularizer] | None = (),
         on_nonfinite: Literal["skip", "zero", "raise", "warn"] = "skip",
         clip_exploding: bool = True,
-        skip_exploding: bool = False,
+        skip_exploding: bool | Literal["first"] = False,
         compile: bool | Literal["auto"] = "auto",
         key: int = 0,
         max_norm: float | None = None,
@@ -772,7 +776,8 @@ class GuardEngine:
             raise ValueError("`rollback` acts when the LR guard lowers the rate: it needs an `lr_guard`.")
         check_compile(compile)
         check_bool("clip_exploding", clip_exploding)
-        check_bool("skip_exploding", skip_exploding)
+        if skip_exploding not in (True, False, "first") or not isinstance(skip_exploding, (bool, str)):
+            raise ValueError(f"`skip_exploding` must be True, False or 'first', got {skip_exploding!r}.")
         for name, value, cls in (
             ("clip", clip, Clipper),
             ("exploding", exploding, ExplodingDetector),
@@ -894,6 +899,7 @@ class GuardEngine:
         self._acts_on_flags = self.lr_guard is not None or any(getattr(r, "adaptive", False) for r in self.regularizers)
         self.skipped = False  # whether the last step was skipped
         self._spike_skipped = False  # whether it was skipped for its norm (skip_exploding)
+        self._last_capped = False  # whether the detector capped the last step (skip_exploding="first")
         # Whether the last step put the weights back: an average of the weights kept elsewhere (an EMA) holds the
         # abandoned ones and should start again from the restored weights.
         self.rolled_back = False
@@ -1204,6 +1210,7 @@ class GuardEngine:
             unwrap_optimizer(optimizer), scaled=grad_scale is not None
         )
         if self.rolled_back:
+            self._last_capped = False  # other weights: their first capped step is a first again
             return None
         self.add_regularizer_grads_(grad_scale if grad_scale is not None else 1.0)
         measured = self._stats.measure(grad_scale=grad_scale)
@@ -1706,6 +1713,10 @@ class GuardEngine:
         else:
             finite, spiked = torch.stack((valid, flagged)).tolist()
         if finite:
+            capped = spiked
+            # "first": the next batch on the same weights capped too says the weights are the trouble, not a batch.
+            spiked = capped and not (self.skip_exploding == "first" and self._last_capped)
+            self._last_capped = capped
             if spiked:
                 self._drop_grads()
                 self.host_counts["skipped"] += 1

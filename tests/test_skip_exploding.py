@@ -4,7 +4,7 @@ step dropped under a fused optimizer's GradScaler (a skip, a rollback) does not 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import torch
@@ -105,7 +105,7 @@ def test_a_rollback_under_16_mixed_with_a_fused_optimizer_does_not_stop_the_run(
 
 
 def _engine_run(
-    skip: bool, compile: bool, on_nonfinite: str = "skip", scaler: bool = False, clip: bool = True
+    skip: bool | Literal["first"], compile: bool, on_nonfinite: str = "skip", scaler: bool = False, clip: bool = True
 ) -> tuple[GuardEngine, nn.Module, list[int]]:
     """A plain loop: Adam, a steady regression, two 1e3x batches at steps 20 and 21 and a NaN batch at 26 (with
     ``scaler``: an overflow that a GradScaler, played by the loop, skips)."""
@@ -144,6 +144,16 @@ def test_in_a_plain_loop_the_flagged_and_the_nonfinite_steps_are_skipped(clip: b
     assert counts["skipped"] == 3 and counts["nonfinite"] == 1 and counts["exploding"] >= 1
     _, _, skipped = _engine_run(skip=False, compile=False, clip=clip)
     assert skipped == [26]
+
+
+@pytest.mark.parametrize("clip", [True, False], ids=["zclip", "no-clipper"])
+def test_skip_exploding_first_skips_only_the_first_flagged_step_of_a_stretch(clip: bool) -> None:
+    # Step 21 is flagged right after step 20: it goes on (clipped, where a clipper is set).
+    engine, _, skipped = _engine_run(skip="first", compile=False, clip=clip)
+    assert skipped == [20, 26]
+    counts = engine.snapshot().counts
+    assert counts["skipped"] == 2 and counts["nonfinite"] == 1 and counts["exploding"] >= 1
+    assert (counts["clipped"] >= 1) == clip
 
 
 class _Backend:
@@ -234,6 +244,8 @@ def test_without_skip_or_raise_nothing_is_read() -> None:
 def test_bad_arguments_are_refused(make: Any) -> None:
     with pytest.raises(ValueError, match="skip_exploding"):
         make(skip_exploding="yes")
+    with pytest.raises(ValueError, match="skip_exploding"):
+        make(skip_exploding=1)
     with pytest.raises(ValueError, match="skip_exploding.*needs `exploding`"):
         make(skip_exploding=True, exploding=None)
 
