@@ -571,7 +571,7 @@ class ZeroFraction:
 
         Returns:
             ``[L]`` fp32 on the device of the first gradient: exactly-zero entries over all entries, per layer; NaN
-            for a layer without gradients.
+            for a layer without gradients or with a non-finite entry.
         """
         positions: list[int] = []
         values: list[Tensor] = []
@@ -595,15 +595,20 @@ class ZeroFraction:
         device = values[0].device
         with torch.no_grad():
             nonzero, order = _norms(values, 0.0, device)
+            # A NaN entry is not zero, so a non-finite gradient would read as dense: such a layer gets NaN instead.
+            largest, _ = _norms(values, math.inf, device)
             ids, counts = self._ids.get(positions, order, device, numels)
-            totals = torch.zeros(2 * num_layers, dtype=torch.float32, device=device)
-            totals.index_add_(0, torch.cat([ids, ids + num_layers]), torch.cat([nonzero, counts]))
+            totals = torch.zeros(3 * num_layers, dtype=torch.float32, device=device)
+            bad = (~torch.isfinite(largest)).float()
+            totals.index_add_(
+                0, torch.cat([ids, ids + num_layers, ids + 2 * num_layers]), torch.cat([nonzero, counts, bad])
+            )
             if self.distributed_sum is None:
                 self.distributed_sum = _is_sharded(first)
             _all_reduce_if(self.distributed_sum, totals)
-            nonzero_sum, count_sum = totals.split(num_layers)
+            nonzero_sum, count_sum, bad_sum = totals.split(num_layers)
             fraction = 1.0 - nonzero_sum / count_sum
-            return torch.where(count_sum > 0, fraction, torch.full_like(fraction, math.nan))
+            return torch.where((count_sum > 0) & (bad_sum == 0), fraction, torch.full_like(fraction, math.nan))
 
 
 # ---------------------------------------------------------------------- activation-gradient norms

@@ -811,6 +811,14 @@ class GuardEngine:
             if running_stats == "default" and on_nonfinite in ("skip", "zero") and len(stats := RunningStats(model)):
                 self._running_stats = stats
             index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
+            for r in regularizers:
+                bound = r.bound_module()
+                if bound is not None and bound is not model:
+                    # Binding it here would take it from the other model's engine, which would then add nothing.
+                    raise ValueError(
+                        f"GuardEngine: regularizer {r.name!r} is bound to another model ({type(bound).__name__}),"
+                        " whose engine would lose it; give each engine regularizers of its own."
+                    )
             if bind_all(regularizers, model, wait_for_lazy=True):
                 # A lazy module's parameters come with its first forward pass: bound at the first step, after it.
                 self._lazy_module = model
@@ -2002,6 +2010,8 @@ class GuardEngine:
             present_last=self._present_last,
             joins=[[at, factor.clone()] for at, factor in self._joins],
             rate_warmup=list(self._rate_warmup),
+            # The adaptive strengths: a plain loop resumed from this state alone goes on as the original would.
+            regularizers={r.name: r.state_dict() for r in self.regularizers},
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
@@ -2067,6 +2077,12 @@ class GuardEngine:
                     part.load_state_dict(_to_device(state[name], device))
                 except (ValueError, KeyError, TypeError) as err:  # saved by a part configured otherwise
                     problems.append(f"the saved {name} state does not fit {part!r} ({err}); it starts afresh.")
+        for r in self.regularizers:
+            if r.name in state.get("regularizers", {}):  # an older state has none: the strengths go on as they are
+                try:
+                    r.load_state_dict(state["regularizers"][r.name])
+                except ValueError as err:
+                    problems.append(f"the saved state of regularizer {r.name!r} does not fit ({err}); not restored.")
         for b in _BUFFERS:
             if b.saved and b.name in state:
                 saved = state[b.name].to(device)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 import re
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, foreach_sgn, group_by_device_and_dtype
 from lightning_gradguard._validation import check_bool, check_number, check_state
@@ -183,6 +186,7 @@ class Regularizer(abc.ABC):
         # Per ``only`` set of add_grad_ (one per optimizer): (the bound list, that set, its parameters, their layouts).
         self._subsets: dict[int, tuple[list[nn.Parameter], frozenset[int], list[nn.Parameter], list[Any]]] = {}
         self._strength = 1.0
+        self._warned_not_adaptive = False
 
     def __getstate__(self) -> dict[str, Any]:
         """A copy or pickle keeps the selected parameters (a module deep-copied with it maps them to its own), not the
@@ -276,6 +280,10 @@ class Regularizer(abc.ABC):
         self._params, self.param_names, self._layouts = params, names, layouts
         self._module_ref = weakref.ref(module)
         return list(names)
+
+    def bound_module(self) -> nn.Module | None:
+        """The module this regularizer is bound to (``None``: not bound, or that module is gone)."""
+        return self._module_ref() if self._module_ref is not None else None
 
     def _bound_params(self, module: nn.Module | None) -> list[nn.Parameter]:
         if module is not None and (self._module_ref is None or self._module_ref() is not module):
@@ -400,9 +408,28 @@ class Regularizer(abc.ABC):
         return {"strength": self._strength}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load the state returned by :meth:`state_dict`."""
+        """Load the state returned by :meth:`state_dict`, under this regularizer's configuration: the strength is
+        capped at ``max_strength``, and a regularizer that is not ``adaptive`` keeps 1 (with a warning when the saved
+        strength differs: it was saved by an adaptive one).
+
+        Raises:
+            ValueError: the saved strength is not a finite number ``>= 1``.
+        """
         check_state(type(self).__name__, state_dict, ("strength",))
-        self._strength = float(state_dict["strength"])
+        saved = state_dict["strength"]
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not 1.0 <= saved < math.inf:
+            raise ValueError(f"{self.name!r}: the saved `strength` must be a finite number >= 1, got {saved!r}.")
+        if not self.adaptive:
+            if saved != 1.0 and not self._warned_not_adaptive:
+                self._warned_not_adaptive = True  # GradGuard restores it with its own state and each engine's
+                warnings.warn(
+                    f"{type(self).__name__} {self.name!r} is not adaptive: the saved strength {saved:.4g} (of an"
+                    " adaptive one) is not restored; its strength stays 1.",
+                    stacklevel=2,
+                )
+            self._strength = 1.0
+            return
+        self._strength = min(float(saved), self.max_strength)
 
 
 def bind_all(regularizers: Sequence[Regularizer], module: nn.Module, wait_for_lazy: bool = False) -> list[Regularizer]:
@@ -501,7 +528,8 @@ class Orthogonal(Regularizer):
     """Soft orthogonality ``weight * sum ||W^T W - I||_F^2`` over the selected weight matrices.
 
     Each parameter is viewed as a matrix ``[rows, -1]`` (a convolution kernel ``[out, in, kh, kw]`` becomes
-    ``[out, in * kh * kw]``) and the smaller Gram matrix is used: ``W^T W`` when ``rows >= cols``, ``W W^T`` when
+    ``[out, in * kh * kw]``; a transposed convolution's ``[in, out, kh, kw]`` becomes ``[out, in * kh * kw]`` too)
+    and the smaller Gram matrix is used: ``W^T W`` when ``rows >= cols``, ``W W^T`` when
     ``rows < cols``, so a wide matrix is pushed towards orthonormal rows and a tall one towards orthonormal
     columns. The gradient is analytic: ``4 W (W^T W - I)``, respectively ``4 (W W^T - I) W``. A complex matrix is
     pushed towards a unitary one, with the conjugate transpose ``W^H`` in place of ``W^T``.
@@ -513,7 +541,9 @@ class Orthogonal(Regularizer):
     blocks' Gram matrices sum to the identity, not any one of them orthogonal.
 
     By default every matrix-shaped parameter (``ndim >= 2``) is selected except those of embeddings and
-    normalization layers; ``module_types`` overrides the module filter. ``include_bias`` is not supported.
+    normalization layers, and vectors in matrix shape (one row or one column, as a ``[1, 1, d]`` class token or the
+    ``[1, d]`` weight of a single-output head, whose only "orthogonality" would be a unit norm); ``module_types``
+    overrides the module filter. ``include_bias`` is not supported.
     Other arguments as in :class:`Regularizer`.
 
     A ``weight_norm`` weight ``W = g * v / ||v||`` is penalized through its direction: the matrix ``v`` (its
@@ -559,19 +589,25 @@ class Orthogonal(Regularizer):
     def _accepts(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
         if param.ndim < 2:
             return False
+        rows = param.shape[1] if _transposed(owner, param) else param.shape[0]
+        if rows <= 1 or param.numel() <= rows:
+            return False  # a vector in matrix shape (a [1, 1, d] token, a [1, d] head): orthogonality is only a norm
         return self.module_types is not None or not isinstance(owner, _EMBEDDING_TYPES)
 
-    def _layout(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> int:
+    def _layout(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> tuple[int, bool]:
+        """The number of blocks stacked along the rows, and whether the rows are the second dimension."""
         if param_name.startswith(("weight_ih", "weight_hh")):
             for types, gates in _GATE_BLOCKS:
                 if isinstance(owner, types) and param.shape[0] % gates == 0:
-                    return gates
+                    return gates, False
         if param_name == "in_proj_weight" and isinstance(owner, nn.MultiheadAttention) and param.shape[0] % 3 == 0:
-            return 3  # the query, key and value projections, stacked along the rows
-        return 1
+            return 3, False  # the query, key and value projections, stacked along the rows
+        return 1, _transposed(owner, param)
 
     @staticmethod
-    def _stacks(params: list[Tensor], layouts: list[int], dtype: torch.dtype) -> list[tuple[list[int], Tensor]]:
+    def _stacks(
+        params: list[Tensor], layouts: list[tuple[int, bool]], dtype: torch.dtype
+    ) -> list[tuple[list[int], Tensor]]:
         """The parameters' blocks, stacked by block shape: ``(indices into params, [n * gates, rows, cols])``.
 
         Small blocks of one shape share one batched matrix product instead of several kernels per parameter: 600
@@ -579,7 +615,8 @@ class Orthogonal(Regularizer):
         """
         shapes: dict[tuple[int, int], list[list[int]]] = {}
         filled: dict[tuple[int, int], int] = {}  # entries in the last chunk of each shape
-        for i, (param, gates) in enumerate(zip(params, layouts)):
+        params = [p.transpose(0, 1) if transposed else p for p, (_, transposed) in zip(params, layouts)]
+        for i, (param, (gates, _)) in enumerate(zip(params, layouts)):
             shape = (param.shape[0] // gates, param.numel() // param.shape[0])
             chunks = shapes.setdefault(shape, [[]])
             # A stack is a copy: only small blocks (where launching, not computing, is the cost) are stacked, and
@@ -602,7 +639,7 @@ class Orthogonal(Regularizer):
         # The smaller Gram matrix of each block: rows orthonormal for a wide block, columns for a tall one.
         return w @ w.mH if w.shape[-2] < w.shape[-1] else w.mH @ w
 
-    def _penalty_sum(self, params: list[Tensor], layouts: list[int], dtype: torch.dtype) -> Tensor:
+    def _penalty_sum(self, params: list[Tensor], layouts: list[tuple[int, bool]], dtype: torch.dtype) -> Tensor:
         total = []
         for _, w in self._stacks(params, layouts, dtype):
             gram = self._gram(w)
@@ -611,7 +648,7 @@ class Orthogonal(Regularizer):
             total.append(torch.linalg.vector_norm(gram - eye, dim=(-2, -1)).square().sum())
         return torch.stack(total).sum()
 
-    def _grad_terms(self, params: list[Tensor], layouts: list[int]) -> list[Tensor]:
+    def _grad_terms(self, params: list[Tensor], layouts: list[tuple[int, bool]]) -> list[Tensor]:
         terms: list[Tensor] = [params[0]] * len(params)  # every entry is replaced below
         for indices, w in self._stacks(params, layouts, _accumulation_dtype(params[0].dtype)):
             gram = self._gram(w)
@@ -619,10 +656,19 @@ class Orthogonal(Regularizer):
             flat = (gram @ w if w.shape[-2] < w.shape[-1] else w @ gram).mul_(4.0).view(-1).to(params[0].dtype)
             offset = 0
             for i in indices:  # views into the one result, no kernel per parameter
-                size = params[i].numel()
-                terms[i] = flat[offset : offset + size].view(params[i].shape)
+                size, shape = params[i].numel(), params[i].shape
+                if layouts[i][1]:  # computed on the transposed view: transposed back
+                    terms[i] = flat[offset : offset + size].view(shape[1], shape[0], *shape[2:]).transpose(0, 1)
+                else:
+                    terms[i] = flat[offset : offset + size].view(shape)
                 offset += size
         return terms
+
+
+def _transposed(owner: nn.Module, param: Tensor) -> bool:
+    """Whether ``param`` holds its output units along its second dimension: a transposed convolution's weight,
+    ``[in, out/groups, k...]`` (its bias is a vector)."""
+    return isinstance(owner, _ConvTransposeNd) and param.ndim >= 3
 
 
 def check_regularizers(regularizers: Any) -> list[Regularizer]:

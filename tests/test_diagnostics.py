@@ -311,6 +311,19 @@ def test_zero_fraction_counts_the_gradient_entries_of_dead_relu_units_exactly() 
     assert math.isnan(float(got[2]))
 
 
+def test_zero_fraction_of_a_layer_with_a_non_finite_gradient_is_nan_not_dense() -> None:
+    # A NaN entry is not zero: a NaN batch read as "no zero gradient at all" (0.0) while its gradients were all NaN.
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    zeros = ZeroFraction(build_layer_index(model))
+    model(torch.randn(4, 3)).sum().backward()
+    model[0].weight.grad[0, 0] = math.nan
+    model[1].bias.grad.zero_()  # the second layer: 1 zero of 3 entries
+    got = zeros.compute()
+    assert math.isnan(float(got[0])) and float(got[1]) == pytest.approx(1 / 3)
+    model[0].weight.grad[0, 0] = math.inf
+    assert math.isnan(float(zeros.compute()[0]))
+
+
 def test_zero_fraction_of_a_sparse_embedding_gradient_counts_the_unused_rows() -> None:
     embedding = nn.Embedding(10, 3, sparse=True)
     model = nn.Sequential(embedding, nn.Linear(3, 1))

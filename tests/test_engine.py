@@ -178,6 +178,41 @@ def test_state_dict_round_trip_continues_exactly() -> None:
         assert torch.equal(a[8:13], b[8:13])
 
 
+def test_the_state_holds_the_adaptive_regularizers_strengths() -> None:
+    # User trial: resumed from engine.state_dict() as the README shows, an adaptive L2 went from 4.78 back to 1.
+    def regularized(model: nn.Module) -> GuardEngine:
+        return _engine(model, regularizers=[L2(0.05, adaptive=True, decay=0.9)])
+
+    whole, whole_model, _ = _run(regularized, range(1, 31))
+    first, model, _ = _run(regularized, range(1, 16))
+    assert first.regularizers[0].strength > 1.5  # the spike of step 8 raised it
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = regularized(model)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.regularizers[0].strength == first.regularizers[0].strength
+    second, _, _ = _run(regularized, range(16, 31), engine=resumed, model=model)
+    assert second.regularizers[0].strength == whole.regularizers[0].strength
+    assert all(torch.equal(a, b) for a, b in zip(whole_model.parameters(), model.parameters()))
+    # A state from before the strengths were saved loads, leaving them as they are.
+    older = first.state_dict()
+    del older["regularizers"]
+    fresh = regularized(_model())
+    fresh.load_state_dict(older)
+    assert fresh.regularizers[0].strength == 1.0
+
+
+def test_a_regularizer_bound_to_another_models_engine_is_refused() -> None:
+    # Binding it to the second model silently took it from the first engine, which then added no term at all.
+    shared = L2(0.05)
+    generator, discriminator = _model(), _model()
+    GuardEngine(generator, regularizers=[shared])
+    with pytest.raises(ValueError, match="bound to another model.*regularizers of its own"):
+        GuardEngine(discriminator, regularizers=[shared])
+    GuardEngine(generator, regularizers=[shared])  # the same model again: the same selection
+
+
 @pytest.mark.parametrize("lr_first", [True, False])
 def test_the_lr_guards_state_holds_the_cut_of_the_last_step_whichever_state_is_taken_first(lr_first: bool) -> None:
     """Two spikes three steps apart call for a cut; the second one's flags are not acted on before the states are

@@ -574,6 +574,29 @@ def test_checkpoint_resume_continues_exactly_like_an_uninterrupted_run(tmp_path:
     assert resumed_guard.regularizers[0].strength == full_guard.regularizers[0].strength > 1.0
 
 
+def test_a_run_resumed_with_a_regularizer_that_is_not_adaptive_keeps_its_configured_weight(tmp_path: Any) -> None:
+    # User trial: resumed from an adaptive L2's checkpoint (strength 4.03), a plain L2 of the same name took the
+    # strength and trained at 4x its configured weight, silently.
+    torch.manual_seed(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    first_guard = _resume_guard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=1, callbacks=[first_guard, ckpt], enable_checkpointing=True).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data()
+        )
+    assert first_guard.regularizers[0].strength > 1.0
+    plain = L2(1e-3)
+    resumed_guard = GradGuard(clip=ZClip(warmup_steps=3), regularizers=[plain])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_epochs=2, callbacks=[resumed_guard]).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data(), ckpt_path=ckpt.last_model_path
+        )
+    assert plain.strength == 1.0 and plain.effective_weight == 1e-3
+    assert sum("is not adaptive: the saved strength" in str(w.message) for w in caught) == 1
+
+
 # -------------------------------------------------------------------------------------------------- unusual parameters
 class Frozen(Regressor):
     def __init__(self) -> None:

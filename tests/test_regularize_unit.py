@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import math
+import warnings
 
 import pytest
 import torch
@@ -184,6 +186,37 @@ def _orth_manual(w: torch.Tensor, gates: int) -> torch.Tensor:
         small = block @ block.T if block.shape[0] < block.shape[1] else block.T @ block
         total = total + (small - torch.eye(small.shape[0], dtype=w.dtype)).pow(2).sum()
     return total
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_orthogonal_views_a_transposed_convolution_as_out_by_the_rest(groups: int) -> None:
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(4, 6, 3, groups=groups)  # weight [in, out/groups, 3, 3]
+    reg = Orthogonal(0.3)
+    assert reg.bind(conv) == ["weight"]
+    w = conv.weight.detach().double().transpose(0, 1).reshape(6 // groups, -1)
+    gram = w @ w.T if w.shape[0] < w.shape[1] else w.T @ w
+    expected = 0.3 * (gram - torch.eye(gram.shape[0], dtype=torch.float64)).square().sum()
+    assert float(reg.penalty().detach()) == pytest.approx(float(expected), rel=1e-5)
+    stored_rows = conv.weight.detach().double().reshape(4, -1)  # the other view: another penalty
+    other = 0.3 * (stored_rows @ stored_rows.T - torch.eye(4, dtype=torch.float64)).square().sum()
+    assert float(other) != pytest.approx(float(expected), rel=1e-2)
+    expected_grads = _autograd_grads(reg, [conv.weight])
+    conv.weight.grad = torch.zeros_like(conv.weight)
+    reg.add_grad_()
+    torch.testing.assert_close(conv.weight.grad, expected_grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_orthogonal_leaves_vectors_in_matrix_shape_alone() -> None:
+    # A [1, 1, d] class token or a single-output head's [1, d] weight: "orthogonal" would only mean a unit norm.
+    model = nn.Module()
+    model.cls_token = nn.Parameter(torch.randn(1, 1, 6))
+    model.column = nn.Parameter(torch.randn(6, 1))
+    model.head = nn.Linear(6, 1)
+    model.body = nn.Linear(6, 6)
+    assert Orthogonal(0.1).bind(model) == ["body.weight"]
+    with pytest.raises(ValueError, match="selected no parameter"):
+        Orthogonal(0.1, modules=r"head").bind(model)
 
 
 def test_orthogonal_penalty_per_gate_block_and_smaller_gram():
@@ -413,6 +446,23 @@ def test_state_dict_round_trip():
     restored.on_exploding(True)
     reg.on_exploding(True)
     assert restored.state_dict() == reg.state_dict()
+
+
+def test_a_saved_strength_loads_under_the_configuration_it_meets() -> None:
+    saved = {"strength": 4.0}
+    capped = L2(0.05, adaptive=True, max_strength=2.0)
+    capped.load_state_dict(saved)
+    assert capped.strength == 2.0  # its own cap, not the saved run's
+    plain = L2(0.05)
+    with pytest.warns(UserWarning, match="not adaptive: the saved strength 4 .*stays 1"):
+        plain.load_state_dict(saved)  # before: 4.0, an L2 four times the configured weight
+    assert plain.strength == 1.0 and plain.effective_weight == 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.load_state_dict({"strength": 1.0})  # a non-adaptive one's own state: no warning
+    for bad in (math.nan, math.inf, -3.0, 0.0, 0.5, "2", True):
+        with pytest.raises(ValueError, match="strength"):
+            L2(0.05, adaptive=True).load_state_dict({"strength": bad})
 
 
 def test_names():
