@@ -52,13 +52,15 @@ def _net(name: str) -> nn.Module:
 def _per_matrix_terms(reg: Orthogonal) -> list[torch.Tensor]:
     """The Orthogonal terms one matrix at a time, as before the batching: the reference."""
     terms = []
-    for param, gates in zip(reg._params, reg._layouts):
-        w = param.detach().float().reshape(gates, param.shape[0] // gates, -1)
+    for param, (gates, transposed) in zip(reg._params, reg._layouts):
+        matrix = param.detach().float()
+        matrix = matrix.transpose(0, 1) if transposed else matrix  # a transposed conv's [in, out, k...]
+        w = matrix.reshape(gates, matrix.shape[0] // gates, -1)
         wide = w.shape[-2] < w.shape[-1]
         gram = w @ w.mT if wide else w.mT @ w
         gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
-        term = gram @ w if wide else w @ gram
-        terms.append(term.mul_(4.0).reshape(param.shape))
+        term = (gram @ w if wide else w @ gram).mul_(4.0).reshape(matrix.shape)
+        terms.append(term.transpose(0, 1) if transposed else term)
     return terms
 
 

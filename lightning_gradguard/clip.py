@@ -48,6 +48,7 @@ from lightning_gradguard._validation import (
     optional_int,
     optional_number,
 )
+from lightning_gradguard.layers import has_output_columns, note_output_columns
 from lightning_gradguard.stats import _dense, _grouped_norms, _upload
 
 try:
@@ -145,6 +146,7 @@ def _collect(
                 params.append(param)
                 names.append(f"{module_name}.{param_name}" if module_name else param_name)
                 owner_types.append(type(module))
+                note_output_columns(module, param_name, param)
         return grads, params, names, owner_types
     if hasattr(parameters, "param_groups"):
         raise ValueError(
@@ -1133,9 +1135,11 @@ class AGC(Clipper):
     module that stores its 2-D weight as ``[in_features, out_features]`` (transformers' ``Conv1D`` in GPT-2, found
     by default once ``transformers`` is imported; others through ``column_types``) has its output units in columns,
     and they are clipped as such (except for a weight sharded by FSDP2, whose columns straddle the shards: rows there).
-    A transposed convolution (``nn.ConvTranspose1d/2d/3d``) stores ``[in, out/groups, k...]``: its units run along
-    the second dimension, one per output channel (with ``groups > 1``, one per position within a group, covering
-    that channel of every group). Both need the owners' types (pass the ``nn.Module`` to ``clip_``).
+    A transposed convolution (``nn.ConvTranspose1d/2d/3d``) with one group stores ``[in, out, k...]``: its units
+    run along the second dimension, one per output channel. Both need the owners (pass the ``nn.Module`` to
+    ``clip_``; ``GuardEngine`` and ``GradGuard`` know them). A grouped transposed convolution's output channel spans
+    part of both dimensions (``[in, out/groups, k...]``); its weight, and a parametrized one's originals, are
+    clipped by their stored rows.
     A sparse gradient (``nn.Embedding(sparse=True)``) is clipped as its dense form would be: each row it holds
     against the same row of the weights, which are read at those rows only. ``total_norm`` plays no part in the
     decision. :attr:`last_coef` is the smallest unit coefficient of the step (``1.0`` = nothing clipped);
@@ -1235,21 +1239,21 @@ class AGC(Clipper):
             keep.append(i)
         return keep
 
-    def _columns(self, grads: list[Tensor], owner_types: list[type] | None) -> set[int]:
+    def _columns(self, grads: list[Tensor], params: list[Tensor], owner_types: list[type] | None) -> set[int]:
         """The indices of gradients whose output units run along their second dimension: 2-D weights stored
-        ``[in, out]`` and transposed convolutions' ``[in, out/groups, k...]`` (not a DTensor, whose second dimension
-        straddles its shards)."""
+        ``[in, out]`` and the weights of transposed convolutions with one group, ``[in, out, k...]`` (not a DTensor,
+        whose second dimension straddles its shards)."""
         if owner_types is None:
             return set()
         types = self.column_types if self.column_types is not None else _default_column_types()
         return {
             i
-            for i, (grad, owner) in enumerate(zip(grads, owner_types))
+            for i, (grad, param, owner) in enumerate(zip(grads, params, owner_types))
             if not hasattr(grad, "placements")
             and not grad.is_sparse
             and (
                 (grad.ndim == 2 and bool(types) and issubclass(owner, types))
-                or (grad.ndim >= 3 and issubclass(owner, _ConvTransposeNd))
+                or (grad.ndim >= 3 and issubclass(owner, _ConvTransposeNd) and has_output_columns(param))
             )
         }
 
@@ -1266,7 +1270,7 @@ class AGC(Clipper):
     ) -> Tensor:
         if params is None:
             raise ValueError("AGC needs `params` (the parameters of `grads`).")
-        columns = self._columns(grads, owner_types)
+        columns = self._columns(grads, params, owner_types)
         grads, params = _local_tensors(grads), _local_tensors(params)
         if columns:  # transposed views: their rows are the output units, and clipping them clips the gradient
             grads = [g.transpose(0, 1) if i in columns else g for i, g in enumerate(grads)]

@@ -643,6 +643,19 @@ class _EngineCopy:
         return f"<copy of a GuardEngine of {object.__getattribute__(self, '_layers')} layers: unusable>"
 
 
+def _refuse_taken(regularizers: Sequence[Regularizer], model: nn.Module) -> None:
+    """Refuse a regularizer bound to parameters outside ``model``: binding it here would take it from that model's
+    engine, which would then add no term at all (the same model, compiled or not, is fine)."""
+    own = {id(p) for p in model.parameters()}
+    for r in regularizers:
+        bound = r.bound_module()
+        if bound is not None and bound is not model and any(id(p) not in own for p in r.bound_parameters()):
+            raise ValueError(
+                f"GuardEngine: regularizer {r.name!r} is bound to another model ({type(bound).__name__}), whose"
+                " engine would lose it; give each engine regularizers of its own."
+            )
+
+
 class GuardEngine:
     r"""GradGuard's per-step pipeline for one optimizer's parameters, in plain PyTorch (no Lightning).
 
@@ -811,14 +824,7 @@ class GuardEngine:
             if running_stats == "default" and on_nonfinite in ("skip", "zero") and len(stats := RunningStats(model)):
                 self._running_stats = stats
             index = build_layer_index(model, group_depth, group_fn, include_frozen=True)
-            for r in regularizers:
-                bound = r.bound_module()
-                if bound is not None and bound is not model:
-                    # Binding it here would take it from the other model's engine, which would then add nothing.
-                    raise ValueError(
-                        f"GuardEngine: regularizer {r.name!r} is bound to another model ({type(bound).__name__}),"
-                        " whose engine would lose it; give each engine regularizers of its own."
-                    )
+            _refuse_taken(regularizers, model)
             if bind_all(regularizers, model, wait_for_lazy=True):
                 # A lazy module's parameters come with its first forward pass: bound at the first step, after it.
                 self._lazy_module = model
@@ -1094,6 +1100,7 @@ class GuardEngine:
                 under a GradScaler), else 1.
         """
         if self._lazy_module is not None:
+            _refuse_taken(self.regularizers, self._lazy_module)
             bind_all(self.regularizers, self._lazy_module)
             self._lazy_module = None
         for r in self.regularizers:
@@ -1716,10 +1723,10 @@ class GuardEngine:
         # "skip", "raise" and skip_exploding must decide before optimizer.step: the one documented host read per step.
         if flagged is None:
             finite, spiked = bool(valid), False
-        elif not reads_valid:
-            finite, spiked = True, bool(flagged)
         else:
             finite, spiked = torch.stack((valid, flagged)).tolist()
+            if not finite and not reads_valid:
+                return False  # "zero", "warn" or a GradScaler's own skip: not skipped here, and no observation
         if finite:
             capped = spiked
             # "first": the next batch on the same weights capped too says the weights are the trouble, not a batch.
@@ -2010,6 +2017,7 @@ class GuardEngine:
             present_last=self._present_last,
             joins=[[at, factor.clone()] for at, factor in self._joins],
             rate_warmup=list(self._rate_warmup),
+            last_capped=self._last_capped,
             # The adaptive strengths: a plain loop resumed from this state alone goes on as the original would.
             regularizers={r.name: r.state_dict() for r in self.regularizers},
         )
@@ -2098,6 +2106,7 @@ class GuardEngine:
         self._last_size = int(state.get("last_size", 0))
         self._size_changes = int(state.get("size_changes", 0))
         self._rate_warmup = [int(place) for place in state.get("rate_warmup", [])]  # older states: the next step tells
+        self._last_capped = bool(state.get("last_capped", False))
         # Absent from older states: the first step's parameters are taken as seen, as on a fresh start.
         seen, last = (self._positions(state.get(key)) for key in ("seen_params", "present_last"))
         self._seen_params = set(seen or ())
@@ -2124,6 +2133,7 @@ class GuardEngine:
         # As a rollback restores: a fresh None becomes zeros of the current shape, so a compiled tail does not
         # recompile.
         self._load_statistics({name: _to_device(state, self._record.device) for name, state in self._fresh.items()})
+        self._last_capped = False  # a capped step of the new phase is a first
 
     def carry_over(self, old: GuardEngine) -> None:
         """Continue ``old``, the engine of the same optimizer before its parameters changed (a param group added).
@@ -2137,6 +2147,7 @@ class GuardEngine:
         """
         old._settle()
         self._take_statistics(old)
+        self._last_capped = old._last_capped
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps

@@ -10,12 +10,14 @@ root module is called by its attribute name (``scale``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvTransposeNd
 from torch.nn.utils import parametrize
 
 from lightning_gradguard._compat import loaded_type
@@ -407,4 +409,37 @@ def build_layer_index(
         index.param_names.append(site.name)
         index.layer_of_param.append(layer_ids[layer])
         index.owner_types.append(type(site.module))
+        note_output_columns(site.module, site.attr, site.param)
     return index
+
+
+# The weights of transposed convolutions with one group: ``[in, out, k...]``, one output unit per column. Neither
+# their type nor their shape tells them from a grouped one's ``[in, out/groups, k...]``, whose output units are
+# neither rows nor columns; AGC, given owner types only, looks them up here.
+_OUTPUT_COLUMNS: dict[int, weakref.ref[Tensor]] = {}
+
+
+def note_output_columns(module: nn.Module, attr: str, param: Tensor) -> bool:
+    """Whether ``param`` (``module``'s ``attr``) is a transposed convolution's own weight with one group, whose output
+    units run along its second dimension; such a weight is noted for :func:`has_output_columns`."""
+    if not (
+        attr == "weight"
+        and isinstance(module, _ConvTransposeNd)
+        and module.groups == 1
+        and module._parameters.get("weight") is param  # not a parametrization's original
+    ):
+        return False
+    key = id(param)
+    if key not in _OUTPUT_COLUMNS:
+
+        def forget(_: weakref.ref[Tensor]) -> None:
+            _OUTPUT_COLUMNS.pop(key, None)
+
+        _OUTPUT_COLUMNS[key] = weakref.ref(param, forget)
+    return True
+
+
+def has_output_columns(param: Tensor) -> bool:
+    """Whether ``param`` was noted by :func:`note_output_columns` (a module's layer index or ``clip_`` saw it)."""
+    ref = _OUTPUT_COLUMNS.get(id(param))
+    return ref is not None and ref() is param

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_gradguard._compat import foreach_add_, foreach_mul, foreach_norm, foreach_sgn, group_by_device_and_dtype
 from lightning_gradguard._validation import check_bool, check_number, check_state
@@ -30,6 +29,7 @@ from lightning_gradguard.layers import (
     SPECTRAL_NORM,
     WEIGHT_NORM_G,
     WEIGHT_NORM_V,
+    note_output_columns,
     parameter_sites,
 )
 
@@ -285,6 +285,10 @@ class Regularizer(abc.ABC):
         """The module this regularizer is bound to (``None``: not bound, or that module is gone)."""
         return self._module_ref() if self._module_ref is not None else None
 
+    def bound_parameters(self) -> list[nn.Parameter]:
+        """The parameters selected at the last :meth:`bind` (empty before one)."""
+        return list(self._params)
+
     def _bound_params(self, module: nn.Module | None) -> list[nn.Parameter]:
         if module is not None and (self._module_ref is None or self._module_ref() is not module):
             self.bind(module)
@@ -528,7 +532,8 @@ class Orthogonal(Regularizer):
     """Soft orthogonality ``weight * sum ||W^T W - I||_F^2`` over the selected weight matrices.
 
     Each parameter is viewed as a matrix ``[rows, -1]`` (a convolution kernel ``[out, in, kh, kw]`` becomes
-    ``[out, in * kh * kw]``; a transposed convolution's ``[in, out, kh, kw]`` becomes ``[out, in * kh * kw]`` too)
+    ``[out, in * kh * kw]``; a transposed convolution's ``[in, out, kh, kw]`` becomes ``[out, in * kh * kw]`` too,
+    with one group: a grouped one's ``[in, out/groups, kh, kw]`` is taken by its stored rows)
     and the smaller Gram matrix is used: ``W^T W`` when ``rows >= cols``, ``W W^T`` when
     ``rows < cols``, so a wide matrix is pushed towards orthonormal rows and a tall one towards orthonormal
     columns. The gradient is analytic: ``4 W (W^T W - I)``, respectively ``4 (W W^T - I) W``. A complex matrix is
@@ -589,7 +594,7 @@ class Orthogonal(Regularizer):
     def _accepts(self, owner: nn.Module, param_name: str, param: nn.Parameter) -> bool:
         if param.ndim < 2:
             return False
-        rows = param.shape[1] if _transposed(owner, param) else param.shape[0]
+        rows = param.shape[1] if note_output_columns(owner, param_name, param) else param.shape[0]
         if rows <= 1 or param.numel() <= rows:
             return False  # a vector in matrix shape (a [1, 1, d] token, a [1, d] head): orthogonality is only a norm
         return self.module_types is not None or not isinstance(owner, _EMBEDDING_TYPES)
@@ -602,7 +607,7 @@ class Orthogonal(Regularizer):
                     return gates, False
         if param_name == "in_proj_weight" and isinstance(owner, nn.MultiheadAttention) and param.shape[0] % 3 == 0:
             return 3, False  # the query, key and value projections, stacked along the rows
-        return 1, _transposed(owner, param)
+        return 1, note_output_columns(owner, param_name, param)
 
     @staticmethod
     def _stacks(
@@ -663,12 +668,6 @@ class Orthogonal(Regularizer):
                     terms[i] = flat[offset : offset + size].view(shape)
                 offset += size
         return terms
-
-
-def _transposed(owner: nn.Module, param: Tensor) -> bool:
-    """Whether ``param`` holds its output units along its second dimension: a transposed convolution's weight,
-    ``[in, out/groups, k...]`` (its bias is a vector)."""
-    return isinstance(owner, _ConvTransposeNd) and param.ndim >= 3
 
 
 def check_regularizers(regularizers: Any) -> list[Regularizer]:

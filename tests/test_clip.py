@@ -24,6 +24,7 @@ from lightning_gradguard.clip import (
     ZClip,
     default_clipper,
 )
+from lightning_gradguard.engine import GuardEngine
 from tests.helpers import SyncRecorder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -603,26 +604,57 @@ def test_agc_clips_the_output_columns_of_a_conv1d_as_the_rows_of_the_same_linear
     assert not torch.allclose(plain[0].weight.grad, conv[0].weight.grad)
 
 
-@pytest.mark.parametrize(("kind", "groups"), [("1d", 1), ("2d", 1), ("2d", 2)])
+@pytest.mark.parametrize(("kind", "groups"), [("1d", 1), ("2d", 1), ("2d", 2), ("depthwise", 6)])
 def test_agc_clips_a_transposed_convolution_per_output_channel(kind: str, groups: int) -> None:
-    # Its weight is stored [in, out/groups, k...]: the units are its columns, not its input channels' rows.
+    # With one group its weight is stored [in, out, k...]: the units are its columns, not its input channels' rows.
+    # Grouped ([in, out/groups, k...]) an output channel is neither: the stored rows, as before (for a depthwise
+    # one, [channels, 1, k...], those are its output channels).
     torch.manual_seed(0)
-    conv = (nn.ConvTranspose1d if kind == "1d" else nn.ConvTranspose2d)(4, 6, 3, groups=groups)
-    column = (1, -1, *([1] * (conv.weight.ndim - 2)))
-    # Columns whose gradients differ in size by 10^3, so the two choices of unit clip differently.
-    conv.weight.grad = torch.randn_like(conv.weight) * torch.logspace(0, 3, 6 // groups).view(column)
+    in_channels = 6 if kind == "depthwise" else 4
+    conv = (nn.ConvTranspose1d if kind == "1d" else nn.ConvTranspose2d)(in_channels, 6, 3, groups=groups)
+    unit_dim = 1 if groups == 1 else 0
+    units = conv.weight.shape[unit_dim]
+    scales = torch.logspace(0, 3, units).view([-1 if d == unit_dim else 1 for d in range(conv.weight.ndim)])
+    # Units whose gradients differ in size by 10^3, so that each is clipped by its own factor.
+    conv.weight.grad = torch.randn_like(conv.weight) * scales
     weight, grad = conv.weight.detach().double(), conv.weight.grad.double()
-    # The reference: one unit per column (with groups, the same column of every group), eps as AGC's.
-    unit_w = weight.transpose(0, 1).reshape(6 // groups, -1).norm(dim=1).clamp_min(1e-3)
-    unit_g = grad.transpose(0, 1).reshape(6 // groups, -1).norm(dim=1)
-    coef = (0.01 * unit_w / unit_g).clamp_max(1.0).view(column)
+    unit_w = weight.transpose(0, unit_dim).reshape(units, -1).norm(dim=1).clamp_min(1e-3)
+    unit_g = grad.transpose(0, unit_dim).reshape(units, -1).norm(dim=1)
+    coef = (0.01 * unit_w / unit_g).clamp_max(1.0).view(scales.shape)
     assert float(coef.min()) < 0.01 and float(coef.max() / coef.min()) > 10
     AGC(clip_factor=0.01).clip_(conv)
     torch.testing.assert_close(conv.weight.grad.double(), grad * coef, rtol=1e-5, atol=0.0)
-    # Without the module (no owner types) the rows are taken: another clipping.
+    # The engine (a layer index of the module) takes the same units.
     conv.weight.grad = grad.float().clone()
-    AGC(clip_factor=0.01).clip_grads_([conv.weight.grad], grad.norm().float(), torch.tensor(True), params=[conv.weight])
-    assert not torch.allclose(conv.weight.grad.double(), grad * coef, rtol=1e-3)
+    engine = GuardEngine(conv, clip=AGC(clip_factor=0.01), exploding=None, vanishing=None, lr_guard=None)
+    engine.step()
+    torch.testing.assert_close(conv.weight.grad.double(), grad * coef, rtol=1e-5, atol=0.0)
+    if groups == 1:  # without the module (no owners) the rows are taken: another clipping
+        conv.weight.grad = grad.float().clone()
+        AGC(clip_factor=0.01).clip_grads_(
+            [conv.weight.grad], grad.norm().float(), torch.tensor(True), params=[conv.weight]
+        )
+        assert not torch.allclose(conv.weight.grad.double(), grad * coef, rtol=1e-3)
+
+
+def test_agc_takes_a_parametrized_transposed_convolution_by_its_stored_rows_either_way() -> None:
+    # clip_ sees the parametrization's originals under a ParametrizationList, the engine under the layer: the same
+    # rows for both.
+    torch.manual_seed(0)
+    conv = torch.nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(4, 6, 3))
+    grads = {n: torch.randn_like(p) * 100 for n, p in conv.named_parameters()}
+    for name, p in conv.named_parameters():
+        p.grad = grads[name].clone()
+    AGC(clip_factor=0.01).clip_(conv)
+    by_clip = {n: p.grad.clone() for n, p in conv.named_parameters()}
+    for name, p in conv.named_parameters():
+        p.grad = grads[name].clone()
+    GuardEngine(conv, clip=AGC(clip_factor=0.01), exploding=None, vanishing=None, lr_guard=None).step()
+    for name, p in conv.named_parameters():
+        torch.testing.assert_close(p.grad, by_clip[name], rtol=1e-6, atol=0.0)
+    v = conv.parametrizations.weight.original1
+    rows = grads["parametrizations.weight.original1"].double().reshape(4, -1).norm(dim=1)
+    assert float(rows.max()) > 0 and not torch.equal(v.grad, grads["parametrizations.weight.original1"])
 
 
 def test_agc_clip_grads_with_names_and_owner_types() -> None:

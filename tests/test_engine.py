@@ -198,9 +198,11 @@ def test_the_state_holds_the_adaptive_regularizers_strengths() -> None:
     # A state from before the strengths were saved loads, leaving them as they are.
     older = first.state_dict()
     del older["regularizers"]
-    fresh = regularized(_model())
-    fresh.load_state_dict(older)
-    assert fresh.regularizers[0].strength == 1.0
+    stepping = regularized(_model())
+    stepping.regularizers[0].on_exploding(True)
+    strength = stepping.regularizers[0].strength
+    stepping.load_state_dict(older)
+    assert stepping.regularizers[0].strength == strength > 1.0
 
 
 def test_a_regularizer_bound_to_another_models_engine_is_refused() -> None:
@@ -211,6 +213,18 @@ def test_a_regularizer_bound_to_another_models_engine_is_refused() -> None:
     with pytest.raises(ValueError, match="bound to another model.*regularizers of its own"):
         GuardEngine(discriminator, regularizers=[shared])
     GuardEngine(generator, regularizers=[shared])  # the same model again: the same selection
+    GuardEngine(torch.compile(generator), regularizers=[shared])  # compiled, the same parameters
+    # Lazy models bind at their first step: the second engine's is refused there.
+    lazy = L2(0.05)
+    first, second = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 1)), nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 1))
+    engines = [GuardEngine(m, regularizers=[lazy]) for m in (first, second)]
+    for model, engine in zip((first, second), engines):
+        model(torch.randn(2, 3)).sum().backward()
+        if engine is engines[0]:
+            engine.step()
+        else:
+            with pytest.raises(ValueError, match="bound to another model"):
+                engine.step()
 
 
 @pytest.mark.parametrize("lr_first", [True, False])

@@ -362,7 +362,8 @@ def test_regularizers_select_what_the_parametrized_weight_is_made_of() -> None:
     l2 = ["0.parametrizations.weight.original0", "2.parametrizations.weight.original", *others, "5.weight"]
     assert L2(1.0).bind(net) == l2
     assert L1(1.0).bind(net) == l2
-    orth = ["0.parametrizations.weight.original1", "2.parametrizations.weight.original", *others, "5.weight"]
+    # Not the head's [1, 4] weight: a vector in matrix shape.
+    orth = ["0.parametrizations.weight.original1", "2.parametrizations.weight.original", *others]
     assert Orthogonal(1.0).bind(net) == orth
     # `modules` matches the weight's own name as well as the real one; biases stay out
     assert L2(1.0, modules=r"^0\.weight$").bind(net) == ["0.parametrizations.weight.original0"]

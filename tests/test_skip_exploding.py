@@ -4,6 +4,8 @@ step dropped under a fused optimizer's GradScaler (a skip, a rollback) does not 
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Literal
 
 import pytest
@@ -238,6 +240,54 @@ def test_without_skip_or_raise_nothing_is_read() -> None:
         with SyncRecorder(calls):
             engine.step()
         assert calls == []
+
+
+def test_skip_exploding_first_goes_on_across_a_resume_a_non_finite_step_and_a_new_phase() -> None:
+    def steps(engine: GuardEngine, model: nn.Module, run: range, factors: dict[int, float]) -> list[int]:
+        g = torch.Generator().manual_seed(1)
+        skipped = []
+        for step in range(1, run.stop):
+            x = torch.randn(32, 8, generator=g)  # the same stream whatever the first step
+            if step not in run:
+                continue
+            model.zero_grad()
+            ((model(x) - x[:, :1]).square().mean() * factors.get(step, 1.0)).backward()
+            engine.step()
+            skipped += [step] if engine.skipped else []
+        return skipped
+
+    def engine_of(model: nn.Module, on_nonfinite: str = "skip") -> GuardEngine:
+        return GuardEngine(
+            model, clip=ZClip(warmup_steps=3), exploding=ExplodingDetector(warmup_steps=5), lr_guard=None,
+            skip_exploding="first", on_nonfinite=on_nonfinite,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    spikes = {20: 1e3, 21: 1e3, 22: 1e3}
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    whole = steps(engine_of(model), model, range(1, 26), spikes)
+    assert whole == [20]
+    # Resumed after the stretch's first step, the next one goes on as in the uninterrupted run.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    first = engine_of(model)
+    assert steps(first, model, range(1, 21), spikes) == [20]
+    resumed = engine_of(model)
+    resumed.load_state_dict(first.state_dict())
+    assert steps(resumed, model, range(21, 26), spikes) == []
+    # A non-finite step inside the stretch is no observation, whatever on_nonfinite says.
+    for mode in ("skip", "zero", "warn"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            skipped = steps(engine_of(model, mode), model, range(1, 24), {20: 1e3, 21: math.inf, 22: 1e3})
+        assert 20 in skipped and 22 not in skipped, mode
+    # A new phase starts afresh: its first capped step is a first.
+    engine = engine_of(model)
+    engine._last_capped = True
+    engine.new_phase()
+    assert not engine._last_capped
 
 
 @pytest.mark.parametrize("make", [lambda **kw: GradGuard(**kw), lambda **kw: GuardEngine(nn.Linear(2, 1), **kw)])
