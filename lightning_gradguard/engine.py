@@ -57,7 +57,7 @@ from lightning_gradguard.detect import (
     VanishingDetector,
     VanishingResult,
 )
-from lightning_gradguard.layers import LayerIndex, build_layer_index, layer_source, mapped_columns
+from lightning_gradguard.layers import LayerIndex, build_layer_index, layer_source, mapped_columns, unwrapped
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
@@ -644,12 +644,11 @@ class _EngineCopy:
 
 
 def _refuse_taken(regularizers: Sequence[Regularizer], model: nn.Module) -> None:
-    """Refuse a regularizer bound to parameters outside ``model``: binding it here would take it from that model's
-    engine, which would then add no term at all (the same model, compiled or not, is fine)."""
-    own = {id(p) for p in model.parameters()}
+    """Refuse a regularizer bound to another module than ``model`` (compiled or DDP-wrapped, the same module): binding
+    it here would take it from that module's engine, which would then add no term at all, or the term twice."""
     for r in regularizers:
         bound = r.bound_module()
-        if bound is not None and bound is not model and any(id(p) not in own for p in r.bound_parameters()):
+        if bound is not None and unwrapped(bound) is not unwrapped(model):
             raise ValueError(
                 f"GuardEngine: regularizer {r.name!r} is bound to another model ({type(bound).__name__}), whose"
                 " engine would lose it; give each engine regularizers of its own."

@@ -181,6 +181,13 @@ def _wrapped_child(module: nn.Module) -> str | None:
     return None
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module inside pass-through wrappers (``torch.compile``, DDP, Fabric's, activation checkpointing)."""
+    while (attribute := _wrapped_child(module)) is not None:
+        module = getattr(module, attribute)
+    return module
+
+
 def _is_compile_wrapper(module: nn.Module) -> bool:
     compiled = loaded_type("torch._dynamo.eval_frame", "OptimizedModule")
     return compiled is not None and isinstance(module, compiled)
@@ -421,15 +428,19 @@ _OUTPUT_COLUMNS: dict[int, weakref.ref[Tensor]] = {}
 
 def note_output_columns(module: nn.Module, attr: str, param: Tensor) -> bool:
     """Whether ``param`` (``module``'s ``attr``) is a transposed convolution's own weight with one group, whose output
-    units run along its second dimension; such a weight is noted for :func:`has_output_columns`."""
+    units run along its second dimension; such a weight is noted for :func:`has_output_columns`, and one that no longer
+    is (it became a parametrization's original) is forgotten."""
+    key = id(param)
     if not (
         attr == "weight"
         and isinstance(module, _ConvTransposeNd)
         and module.groups == 1
         and module._parameters.get("weight") is param  # not a parametrization's original
     ):
+        ref = _OUTPUT_COLUMNS.get(key)
+        if ref is not None and ref() is param:
+            del _OUTPUT_COLUMNS[key]
         return False
-    key = id(param)
     if key not in _OUTPUT_COLUMNS:
 
         def forget(_: weakref.ref[Tensor]) -> None:

@@ -637,6 +637,23 @@ def test_agc_clips_a_transposed_convolution_per_output_channel(kind: str, groups
         assert not torch.allclose(conv.weight.grad.double(), grad * coef, rtol=1e-3)
 
 
+def test_a_transposed_convolution_parametrized_after_it_was_indexed_is_taken_by_rows_either_way() -> None:
+    # spectral_norm keeps the weight's Parameter as its original: seen before as a plain weight (columns), it is rows
+    # now, for the engine as for clip_.
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(4, 6, 3)
+    GuardEngine(conv, clip=AGC(), exploding=None, vanishing=None, lr_guard=None)  # indexes the plain weight
+    conv = torch.nn.utils.parametrizations.spectral_norm(conv)
+    original = conv.parametrizations.weight.original
+    grad = torch.randn_like(original) * torch.logspace(0, 3, 6).view(1, -1, 1, 1)
+    original.grad = grad.clone()
+    AGC(clip_factor=0.01).clip_(conv)
+    by_clip = original.grad.clone()
+    original.grad = grad.clone()
+    GuardEngine(conv, clip=AGC(clip_factor=0.01), exploding=None, vanishing=None, lr_guard=None).step()
+    torch.testing.assert_close(original.grad, by_clip, rtol=1e-6, atol=0.0)
+
+
 def test_agc_takes_a_parametrized_transposed_convolution_by_its_stored_rows_either_way() -> None:
     # clip_ sees the parametrization's originals under a ParametrizationList, the engine under the layer: the same
     # rows for both.

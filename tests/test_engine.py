@@ -213,7 +213,15 @@ def test_a_regularizer_bound_to_another_models_engine_is_refused() -> None:
     with pytest.raises(ValueError, match="bound to another model.*regularizers of its own"):
         GuardEngine(discriminator, regularizers=[shared])
     GuardEngine(generator, regularizers=[shared])  # the same model again: the same selection
-    GuardEngine(torch.compile(generator), regularizers=[shared])  # compiled, the same parameters
+    GuardEngine(torch.compile(generator), regularizers=[shared])  # compiled, the same module
+    generator[4] = nn.Linear(8, 1)  # its head replaced: still the same module, compiled or not
+    GuardEngine(torch.compile(generator), regularizers=[shared])
+    # A model that holds the first one is another model: rebound there, the selection by name would move.
+    head = L2(1.0, modules=r"^2$")
+    inner = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    GuardEngine(inner, regularizers=[head])
+    with pytest.raises(ValueError, match="bound to another model"):
+        GuardEngine(nn.Sequential(inner, nn.Tanh(), nn.Linear(4, 1)), regularizers=[head])
     # Lazy models bind at their first step: the second engine's is refused there.
     lazy = L2(0.05)
     first, second = nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 1)), nn.Sequential(nn.LazyLinear(4), nn.Linear(4, 1))
