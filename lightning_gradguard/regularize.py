@@ -424,7 +424,7 @@ class Regularizer(abc.ABC):
         if isinstance(saved, bool) or not isinstance(saved, (int, float)) or not 1.0 <= saved < math.inf:
             raise ValueError(f"{self.name!r}: the saved `strength` must be a finite number >= 1, got {saved!r}.")
         if not self.adaptive:
-            if saved != 1.0 and not self._warned_not_adaptive:
+            if saved != 1.0 and not getattr(self, "_warned_not_adaptive", False):  # (unpickled from before it)
                 self._warned_not_adaptive = True  # GradGuard restores it with its own state and each engine's
                 warnings.warn(
                     f"{type(self).__name__} {self.name!r} is not adaptive: the saved strength {saved:.4g} (of an"
