@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvTransposeNd
 
 from lightning_gradguard._compat import (
     foreach_copy_,
@@ -1253,7 +1252,7 @@ class AGC(Clipper):
             and not grad.is_sparse
             and (
                 (grad.ndim == 2 and bool(types) and issubclass(owner, types))
-                or (grad.ndim >= 3 and issubclass(owner, _ConvTransposeNd) and has_output_columns(param))
+                or has_output_columns(param)  # a transposed convolution's weight with one group
             )
         }
 
