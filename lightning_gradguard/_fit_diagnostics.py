@@ -94,6 +94,8 @@ class FitDiagnostics:
         self.from_zero: frozenset[str] = frozenset()  # layers whose weights were all zero when the fit started
         self.epochs: dict[int, EpochSummary] = {}
         self.loaded: dict[str, Any] = {}
+        # A loaded checkpoint was saved on its epoch's last batch (see `_per_optimizer`).
+        self.saved_last_batch = False
         self.noted = False
         self.noted_noise = False  # said once: the noise scale's estimate of |G|^2 is not positive yet
         self.first_backward_pending = False
@@ -185,15 +187,23 @@ class FitDiagnostics:
             saved = self.loaded.get(section, {}).pop(str(key), None)
             if saved is not None:
                 item.load_state_dict(saved)  # type: ignore[attr-defined]
+                if section == "epoch" and self.saved_last_batch:
+                    # Saved on its epoch's last batch, before that epoch's end: Lightning resumes from there without
+                    # running the end (or, with a plain loader, replays the data as the same epoch), so the epoch's
+                    # logs are closed here, unwritten, rather than counted again in the next summary.
+                    item.end_epoch()  # type: ignore[attr-defined]
         return item
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, last_batch: bool = False) -> dict[str, Any]:
+        """The host-side state; ``last_batch``: saved on the last batch of an epoch."""
         hints = {str(k): h.state_dict() for k, h in self.hints.items()}
         epochs = {str(k): e.state_dict() for k, e in self.epochs.items()}
         for name, target in (("hints", hints), ("epoch", epochs)):
             for k, v in self.loaded.get(name, {}).items():  # not yet claimed: survives a save
                 target.setdefault(k, v)
         state: dict[str, Any] = {"version": 1, "hints": hints, "epoch": epochs}
+        if last_batch:
+            state["last_batch"] = True
         noise = self.noise.state_dict() if self.noise is not None else self.loaded.get("noise")
         if noise is not None:
             state["noise"] = noise
@@ -205,6 +215,7 @@ class FitDiagnostics:
         if state.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard diagnostics state version {state.get('version')!r}")
         self.loaded = {"hints": dict(state.get("hints", {})), "epoch": dict(state.get("epoch", {}))}
+        self.saved_last_batch = bool(state.get("last_batch", False))  # absent: saved before it was kept
         if state.get("noise") is not None:
             self.loaded["noise"] = state["noise"]
         self.hints, self.epochs = {}, {}

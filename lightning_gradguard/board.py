@@ -407,6 +407,10 @@ class GradGuardBoard:
         regularizers: the names of the configured regularizers: their two charts are laid out only when there is at
             least one; ``None`` (not told) lays them out.
         saturation: whether saturation is measured: its chart is laid out only then.
+        loss_relapse: whether the training loss is watched (``gradguard/loss_relapse``): its chart is laid out only
+            then.
+        vanishing: whether vanishing layers are detected: the "layers in trouble: vanishing" chart is laid out only
+            then.
         max_charts: the most custom-scalar charts; the per-layer or per-block charts get what the others leave.
         diagnostics: the diagnostics that feed this board (names of ``GradGuard(diagnostics=...)``): only these get
             charts ("GradGuard diagnostics") and pictures (``update_ratio``: the ``gradguard/update_ratio_heatmap``
@@ -444,6 +448,8 @@ class GradGuardBoard:
         saturation: bool = True,
         max_charts: int = 30,
         diagnostics: Sequence[str] = (),
+        loss_relapse: bool = True,
+        vanishing: bool = True,
     ) -> None:
         if writer is None or not hasattr(writer, "add_scalar"):
             raise ValueError(f"`writer` must be a SummaryWriter-like object with `add_scalar`, got {writer!r}")
@@ -466,6 +472,8 @@ class GradGuardBoard:
         ):
             raise ValueError(f"`regularizers` must be None or a list of names, got {regularizers!r}")
         check_bool("saturation", saturation)
+        check_bool("loss_relapse", loss_relapse)
+        check_bool("vanishing", vanishing)
         check_int("max_charts", max_charts, low=1)
         if isinstance(diagnostics, str) or not all(name in _DIAGNOSTIC_NAMES for name in diagnostics):
             raise ValueError(
@@ -481,6 +489,11 @@ class GradGuardBoard:
         self.history = history
         self.regularizers = None if regularizers is None else list(regularizers)
         self.saturation = saturation
+        self.loss_relapse = loss_relapse
+        # The "layers in trouble" charts of the kinds that can be written.
+        self._trouble_charts = {
+            title: kinds for title, kinds in _TROUBLE_CHARTS.items() if vanishing or "vanishing" not in kinds
+        }
         self.max_charts = max_charts
         self.diagnostics = frozenset(diagnostics)
 
@@ -544,7 +557,7 @@ class GradGuardBoard:
 
     # ---------------------------------------------------------------------------------------------------- layout
     def _main_charts(self) -> int:
-        charts = 7 * len(self.optimizer_names)
+        charts = (6 + int(self.loss_relapse)) * len(self.optimizer_names)
         charts += 0 if self.regularizers is not None and not self.regularizers else 2
         return charts + int(self.saturation) + len(self._diagnostic_charts())
 
@@ -607,8 +620,8 @@ class GradGuardBoard:
             ]
 
     def _layer_chart_budget(self) -> int:
-        # What the run-level charts and the two "layers in trouble" charts leave, shared by the optimizers.
-        spare = self.max_charts - self._main_charts() - len(_TROUBLE_CHARTS)
+        # What the run-level charts and the "layers in trouble" charts leave, shared by the optimizers.
+        spare = self.max_charts - self._main_charts() - len(self._trouble_charts)
         return max(1, spare // len(self.optimizer_names))
 
     def layout(self) -> dict[str, dict[str, list[Any]]]:
@@ -646,7 +659,8 @@ class GradGuardBoard:
             main[f"lr scale{suffix}"] = ["Multiline", exact(lr_scale)]
             main[f"learning rate{suffix}"] = ["Multiline", exact(lr)]
             main[f"events{suffix}"] = ["Multiline", [f"^{re.escape(events)}.*"]]
-            main[f"loss relapse{suffix}"] = ["Multiline", exact(relapse)]
+            if self.loss_relapse:
+                main[f"loss relapse{suffix}"] = ["Multiline", exact(relapse)]
         if self.regularizers is None or self.regularizers:
             main["regularizers"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg/')}.*"]]
             main["regularizer strength"] = ["Multiline", [f"^{re.escape(_PREFIX + 'reg_strength/')}.*"]]
@@ -655,7 +669,7 @@ class GradGuardBoard:
 
         layers: dict[str, list[Any]] = {
             title: ["Multiline", [f"^{re.escape(f'{_PREFIX}trouble/{kind}/')}" for kind in kinds]]
-            for title, kinds in _TROUBLE_CHARTS.items()
+            for title, kinds in self._trouble_charts.items()
         }
 
         def add(title: str, tags: list[str]) -> None:

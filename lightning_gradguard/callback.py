@@ -269,6 +269,14 @@ class GradGuard(CallbackBase):
         self.clip_exploding = clip_exploding
         if skip_exploding and self.exploding is None:
             raise ValueError("`skip_exploding` skips the steps the exploding detector flags: it needs `exploding`.")
+        # A "raise" without its detector could never fire: say so rather than leave a promise that is never kept.
+        for mode, value, detector, name in (
+            ("on_exploding", on_exploding, self.exploding, "exploding"),
+            ("on_vanishing", on_vanishing, self.vanishing, "vanishing"),
+            ("on_diverging", on_diverging, self.divergence, "divergence"),
+        ):
+            if value == "raise" and detector is None:
+                raise ValueError(f"`{mode}='raise'` raises on the events of `{name}`: it needs `{name}`, got None.")
         self.skip_exploding = skip_exploding
         self.compile = compile
         self.diagnostics = diagnostics
@@ -459,7 +467,8 @@ class GradGuard(CallbackBase):
     ) -> None:
         # The diagnostics' host-side state (noise-scale EMAs, hint streaks, the epoch so far) lives on global rank
         # zero only, so it travels beside `state_dict` (which is identical on every rank), under this guard's key.
-        checkpoint.setdefault(_DIAG_CHECKPOINT_KEY, {})[self.state_key] = self._diag.state_dict()
+        last_batch = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
+        checkpoint.setdefault(_DIAG_CHECKPOINT_KEY, {})[self.state_key] = self._diag.state_dict(last_batch)
         # The pictures' histories (gradient-norm and update-ratio heatmaps, events table) live with the TensorBoard
         # writer on rank zero: a resumed run's pictures go on from them instead of starting blank.
         if self._board is not None and trainer.is_global_zero:
@@ -1532,9 +1541,17 @@ class GradGuard(CallbackBase):
             "vanishing": repr(self.vanishing),
             "divergence": repr(self.divergence),
             "on_diverging": self.on_diverging,
+            "skip_exploding": self.skip_exploding,
+            "clip_exploding": self.clip_exploding,
             "rollback": repr(self.rollback),
+            "saturation": self.saturation,
             "log_every_n_steps": self.log_every_n_steps,
+            "log_layers": self.log_layers,
+            "image_every_n_steps": self.image_every_n_steps,
+            "histogram_every_n_steps": self.histogram_every_n_steps,
+            "max_warnings": self.max_warnings,
             "group_depth": self.group_depth,
+            "group_fn": getattr(self.group_fn, "__qualname__", repr(self.group_fn)),
             "compile": self.compile,
             "diagnostics": sorted(self._diag_on),
             "layers": {f"opt{k}": engine.index.num_layers for k, engine in sorted(self._states.items())},
@@ -1710,6 +1727,8 @@ def _open_board(guard: GradGuard, trainer: pl.Trainer) -> Any:
         saturation=guard._saturation is not None and bool(guard._saturation.names),
         # The diagnostics that feed the board (the noise scale only with a second batch size to compare with).
         diagnostics=[d for d in sorted(guard._diag.on) if d != "noise_scale" or guard._diag.noise is not None],
+        loss_relapse=guard._watches_loss(trainer),
+        vanishing=any(engine.vanishing is not None for engine in engines.values()),
     )
     for key, engine in engines.items():
         if engine.vanishing is not None or engine.exploding is not None:

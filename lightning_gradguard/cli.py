@@ -407,9 +407,11 @@ def update_ratio_summary(run: RunData, band: tuple[float, float] = RATIO_BAND) -
         out: list[dict[str, Any]] = []
         for row in rows:
             median = row["median"]
-            if median > high or (0 < median < low):
+            if median > high or median < low:
                 side = "above" if median > high else "below"
-                out.append({**row, "side": side, "decades": abs(math.log10(median / (high if median > high else low)))})
+                # A layer that never moved (a dead one: median 0) is the furthest below (`decades` null in JSON).
+                decades = abs(math.log10(median / (high if median > high else low))) if median > 0 else math.inf
+                out.append({**row, "side": side, "decades": decades})
         out.sort(key=lambda row: -row["decades"])
         latest = [float(row["latest"]) for row in rows]
         summary["optimizers"][opt] = {

@@ -99,6 +99,18 @@ def _per_entry(
     return values
 
 
+def _above_min_ratio(name: str, value: float | None, min_ratio: float, *, default: float) -> float | None:
+    """A warm-up ratio limit, checked above ``min_ratio``; a default left as it is gets a hint in the message."""
+    try:
+        return optional_number(name, value, low=min_ratio, low_name="min_ratio")
+    except ValueError as err:
+        if value != default:
+            raise
+        # The user raised `min_ratio` alone: the error is about an argument they never passed.
+        hint = f"That is `{name}`'s default: with this `min_ratio`, pass `{name}` above it, or None."
+        raise ValueError(f"{err} {hint}") from None
+
+
 class ExplodingDetector:
     """Flags steps whose gradient norm jumps far above its recent history, per layer as well as in total.
 
@@ -195,7 +207,8 @@ class ExplodingDetector:
         z_thresh: z-score (in log-norm) above which a norm is a spike.
         alpha: EMA decay of the mean and variance (closer to 1: longer memory).
         warmup_steps: valid steps observed before any spike can be reported.
-        min_ratio: a spike must also be at least this multiple of the EMA norm.
+        min_ratio: a spike must also be at least this multiple of the EMA norm. The ratio limits below must each be
+            above it (or ``None``).
         max_ratio: a total norm this many times its EMA is exploding at any time, warm-up included (``None``, the
             default: off); 5 guards the first steps of a run against a too-high learning rate, and holds a steady
             run to 5x as well.
@@ -262,8 +275,8 @@ class ExplodingDetector:
         self.max_layer_ratio = optional_number(
             "max_layer_ratio", max_layer_ratio, low=self.min_ratio, low_name="min_ratio"
         )
-        self.warmup_ratio = optional_number("warmup_ratio", warmup_ratio, low=self.min_ratio, low_name="min_ratio")
-        self.calm_ratio = optional_number("calm_ratio", calm_ratio, low=self.min_ratio, low_name="min_ratio")
+        self.warmup_ratio = _above_min_ratio("warmup_ratio", warmup_ratio, self.min_ratio, default=100.0)
+        self.calm_ratio = _above_min_ratio("calm_ratio", calm_ratio, self.min_ratio, default=10.0)
         self.max_norm = optional_number("max_norm", max_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True)
         self.max_layer_norm = optional_number(
             "max_layer_norm", max_layer_norm, low=0.0, high=FLOAT32_MAX, high_inclusive=True

@@ -498,11 +498,12 @@ def adaptive_step_ratio(
         for p in group["params"]:
             # Frozen weights are not stepped; sharded ones would need a collective; uninitialized ones (lazy modules)
             # have no size yet, and empty ones (a soft prompt of 0 tokens) none at all.
+            # (The lazy check first: an uninitialized parameter raises on `dim()`.)
             if (
                 p.requires_grad
+                and not isinstance(p, nn.parameter.UninitializedParameter)
                 and p.dim() >= 2
                 and not _is_sharded(p)
-                and not isinstance(p, nn.parameter.UninitializedParameter)
                 and p.numel() > 0
             ):
                 params.append(p)

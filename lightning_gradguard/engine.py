@@ -542,13 +542,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _rank_mean(loss: Tensor) -> Tensor:
+def _rank_mean(loss: Tensor, samples: int | None = None) -> tuple[Tensor, Tensor | None]:
     """The mean of this step's loss over the processes that have one (NaN where none has), in one ``all_reduce``
-    that every process takes part in, whether it passed a loss or not."""
+    that every process takes part in, whether it passed a loss or not; and, with ``samples``, whether this process's
+    differs from the mean of those the processes passed (the same collective: they must all pass the same)."""
     missing = torch.isnan(loss)
-    pair = torch.stack([torch.where(missing, torch.zeros_like(loss), loss), (~missing).to(loss.dtype)])
-    torch.distributed.all_reduce(pair)
-    return pair[0] / pair[1]
+    # `new_full` fills on the device: no host-to-device copy (which waits for the device on CUDA).
+    size, told = loss.new_full((), float(samples or 0)), loss.new_full((), float(samples is not None))
+    summed = torch.stack([torch.where(missing, torch.zeros_like(loss), loss), (~missing).to(loss.dtype), size, told])
+    torch.distributed.all_reduce(summed)
+    # Exact in float32 for sums of integers below 2**24 (16.7 million examples per step over all processes).
+    differs = None if samples is None else summed[2] != summed[3] * samples
+    return summed[0] / summed[1], differs
 
 
 def _to_device(state: Any, device: torch.device) -> Any:
@@ -894,6 +899,12 @@ class GuardEngine:
         # Whether step() was called since the attached optimizer last stepped, and whether that was warned about.
         self._called = False
         self._warned_order = False
+        # step() calls inside one step of the attached optimizer (None: outside one), and whether more than one was
+        # warned about (a closure that calls step() on every evaluation).
+        self._calls_in_step: int | None = None
+        self._warned_reevaluated = False
+        self._saved_lr_scale: float | None = None  # the LR guard's multiplier a loaded state was saved with
+        self._warned_samples = False  # the processes passed different `samples` (said once)
         # Where each param group's warm-up stands (`_watch_rate_warmup`): not known yet, under half its peak, past it.
         self._rate_warmup: list[int] = []
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
@@ -976,11 +987,18 @@ class GuardEngine:
         self._attached = weakref.ref(inner)
         engine = weakref.ref(self)  # the optimizer must not keep the engine alive
 
+        def stepping(*_: Any) -> None:
+            live = engine()
+            if live is not None:
+                live._calls_in_step = 0
+
         def stepped(*_: Any) -> None:
             live = engine()
             if live is not None:
+                live._calls_in_step = None
                 live._optimizer_stepped()
 
+        handle.hold(inner.register_step_pre_hook(stepping))
         handle.hold(inner.register_step_post_hook(stepped))
         return handle
 
@@ -1038,6 +1056,48 @@ class GuardEngine:
             " skips and clips reach no step, and its counts describe steps it did not change.",
             stacklevel=user_stacklevel(),
         )
+
+    def _check_lr_guard_loaded(self) -> None:
+        """The first step after :meth:`load_state_dict`: warn when the state was saved under a cut that the LR guard
+        no longer holds (its own state was not loaded: the resumed run would train at the full rate)."""
+        saved, self._saved_lr_scale = self._saved_lr_scale, None
+        if self.lr_guard is None or saved is None or saved >= 1.0 or self.lr_guard.scale(self.key) != 1.0:
+            return
+        warnings.warn(
+            f"GuardEngine: the state loaded was saved while the LR guard held the rate at {saved:.3g}x, but the LR"
+            " guard is at 1x: its own state was not loaded, and the run goes on at the full rate that exploded."
+            " Save and load `engine.lr_guard.state_dict()` beside `engine.state_dict()`.",
+            stacklevel=user_stacklevel(),
+        )
+
+    def _warn_samples(self, step: int) -> None:
+        """Once: the processes passed different ``samples`` (a step is judged against its own process's batch size,
+        so their decisions could differ and the replicas drift apart)."""
+        self._warned_samples = True
+        warnings.warn(
+            f"GuardEngine: at step {step} this process passed another `samples` than the others. Each judges a short"
+            " batch against its own usual batch size, so their detectors, clipping and LR guard can decide"
+            " differently and the replicas drift apart (a user trial under DDP: one rank cut its rate, the other did"
+            " not). Pass the same number on every process: the global batch size, or None.",
+            stacklevel=user_stacklevel(),
+        )
+
+    def _count_call_in_step(self) -> None:
+        """A call inside the attached optimizer's step (a closure's): warn once when there is more than one."""
+        assert self._calls_in_step is not None
+        self._calls_in_step += 1
+        if self._calls_in_step == 2 and not self._warned_reevaluated:
+            self._warned_reevaluated = True
+            # Each evaluation was counted, judged and clipped as a step of its own (a user trial: 150 steps counted
+            # for 30, held-out loss 0.205 against 0.170 called once per step).
+            warnings.warn(
+                "GuardEngine.step() was called several times inside one step of the attached optimizer: its closure"
+                " calls it on every evaluation (LBFGS evaluates it up to `max_iter` times). Each call counts, judges"
+                " and clips as a step of its own. Call engine.step() on the closure's first evaluation only"
+                " (engine.add_regularizer_grads_() on the later ones), and build the engine with clip=None and"
+                " skip_exploding='first', as in the README's LBFGS loop.",
+                stacklevel=user_stacklevel(),
+            )
 
     def _check_optimizer(self, optimizer: Any, caller: str = "step()") -> None:
         """Refuse what is no optimizer (no ``param_groups``); warn about one that holds none of this engine's
@@ -1129,7 +1189,8 @@ class GuardEngine:
                 first, unless that was done since its last ``update()``. An optimizer wrapper that steps through
                 its own enabled scaler (accelerate's, Lightning Fabric's, under fp16) is unscaled so untold.
             optimizer: the optimizer about to step (or a framework's wrapper of it), whose state a
-                :class:`~lightning_gradguard.Rollback` copies and restores (without it, only the parameters are).
+                :class:`~lightning_gradguard.Rollback` copies and restores (without it, the one given to
+                :meth:`attach`; with neither, only the parameters are).
                 Required with a ``GradScaler`` as ``grad_scaler``.
             loss: this step's training loss (unscaled; over an accumulation window, the sum of the losses
                 backpropagated for this step: the window's mean when each micro-batch's loss was divided by the
@@ -1168,6 +1229,10 @@ class GuardEngine:
             ValueError: a ``GradScaler`` without ``optimizer``, or with ``grad_scale`` (it unscales the gradients).
         """
         self._called = True
+        if self._calls_in_step is not None:
+            self._count_call_in_step()
+        if self._saved_lr_scale is not None:
+            self._check_lr_guard_loaded()
         if optimizer is not None:
             self._check_optimizer(optimizer)
         if step is not None:
@@ -1203,10 +1268,12 @@ class GuardEngine:
         if loss_in is not None and share != 1.0:
             loss_in = loss_in / share  # only on a partial window: one op there, none on the others
         distributed = _distributed()
+        samples_differ = None
         if loss_in is not None and distributed:
             # Every rank must judge the same loss, or the LR guard would cut (and restart) on some ranks only. Taken
             # before anything that may end the step early, so that every process joins this all_reduce every step.
-            loss_in = _rank_mean(loss_in)
+            # The same collective tells whether the processes passed the same `samples` (told a step later).
+            loss_in, samples_differ = _rank_mean(loss_in, samples)
         if self._called_twice():
             # Going on would add the regularizer terms and clip a second time and count one step twice.
             return None
@@ -1220,6 +1287,10 @@ class GuardEngine:
             # a forward and backward pass ago) rather than whenever each rank sees them arrive. A single process
             # never waits here.
             self._settle()
+        if self.rollback is not None and optimizer is None and self._attached is not None:
+            # The attached optimizer is the one about to step: a restart must clear its state (momentum, Adam's
+            # moments) with the weights, as when it is passed (a user trial: 5 restarts instead of 2, 15x the loss).
+            optimizer = self._attached()
         self.rolled_back = self.rollback is not None and self._rollback_step(
             unwrap_optimizer(optimizer), scaled=grad_scale is not None
         )
@@ -1295,11 +1366,15 @@ class GuardEngine:
             self._rescue_clip(measured, total, valid)
         self._last_total = total
         self._stamp(number)
-        # Two more entries than the counts: whether the detector capped the step, and the total norm, sent to the
-        # host only while the rollback's rescue needs it (the first ``rescue_until`` steps).
-        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 2, total.device)
-        if self.rollback is not None and self.rollback.wants_norm(self.steps + 1):
-            increment = torch.cat([increment, total.reshape(1)])
+        # Three more entries than the counts: whether the detector capped the step; the total norm, sent to the
+        # host only while the rollback's rescue needs it (the first ``rescue_until`` steps); and, under several
+        # processes that pass `samples`, whether this one's differed from theirs.
+        flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 3, total.device)
+        extra = [total.reshape(1)] if self.rollback is not None and self.rollback.wants_norm(self.steps + 1) else []
+        if samples_differ is not None and not self._warned_samples:
+            extra = [extra[0] if extra else self._record.nan.reshape(1), samples_differ.to(total.dtype).reshape(1)]
+        if extra:
+            increment = torch.cat([increment, *extra])
         flags.fill(increment, number)
         self._pending.append((flags, grad_scaler, self.steps + 1, self._spike_skipped))
         self.steps += 1
@@ -1783,6 +1858,8 @@ class GuardEngine:
                 bool(v) for v in flags.values[: len(_COUNTS) + 1]
             )
             norm = float(flags.values[len(_COUNTS) + 1])  # NaN when not sent
+            if flags.values[len(_COUNTS) + 2] > 0 and not self._warned_samples:  # NaN when not sent
+                self._warn_samples(flags.step)
             self._free.append(flags)
             guard = self.lr_guard
             lr_reduced = lr_restored = False
@@ -2019,6 +2096,8 @@ class GuardEngine:
             last_capped=self._last_capped,
             # The adaptive strengths: a plain loop resumed from this state alone goes on as the original would.
             regularizers={r.name: r.state_dict() for r in self.regularizers},
+            # The LR guard's multiplier for this engine's key, to tell a resume that left its state behind.
+            lr_scale=None if self.lr_guard is None else self.lr_guard.scale(self.key),
         )
         # The logging window so far: a run resumed from this state logs the steps since the last log as the
         # uninterrupted one would (its spikes, maxima and first events), not a window that starts at the resume.
@@ -2047,6 +2126,9 @@ class GuardEngine:
         """
         for problem in self._load_state(state):
             warnings.warn(f"GuardEngine: {problem}", stacklevel=user_stacklevel())
+        # The LR guard's state is saved on its own (it may serve several engines); checked at the next step, since
+        # the two states may be loaded in either order.
+        self._saved_lr_scale = state.get("lr_scale")
 
     def _load_state(self, state: dict[str, Any]) -> list[str]:
         """:meth:`load_state_dict`, returning what was not restored (and why) instead of warning."""

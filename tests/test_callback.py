@@ -255,11 +255,20 @@ def test_csv_logger_gets_the_summary_scalars(tmp_path: Any) -> None:
         {"vanishing": ExplodingDetector()},
         {"regularizers": ["l2"]},
         {"compile": "cuda"},
+        # A "raise" without its detector could never fire.
+        {"on_exploding": "raise", "exploding": None},
+        {"on_vanishing": "raise", "vanishing": None},
+        {"on_diverging": "raise", "divergence": None},
     ],
 )
 def test_invalid_arguments(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         GradGuard(**kwargs)
+
+
+def test_a_mode_other_than_raise_needs_no_detector() -> None:
+    guard = GradGuard(on_exploding="ignore", exploding=None, on_vanishing="warn", vanishing=None, divergence=None)
+    assert guard.exploding is None and guard.vanishing is None and guard.divergence is None
 
 
 class SpikeAt(Regressor):

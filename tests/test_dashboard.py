@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_gradguard import GradGuard, VanishingDetector
 from lightning_gradguard.cli import main as gradguard
+from lightning_gradguard.cli import parse_config_text
 from tests.helpers import custom_layout, load_events
 from tests.models import Regressor, SplitRegressor, regression_data, trainer
 
@@ -250,6 +251,30 @@ def test_a_layer_split_over_two_optimizers_gets_one_tag_per_optimizer(tmp_path: 
     # Charts are labelled by index and optimizer class (they read "opt1: opt1" before).
     titles = {chart.title for category in custom_layout(acc).category for chart in category.chart}
     assert {"total norm (opt0: SGD)", "total norm (opt1: Adam)"} <= titles
+    # The default divergence detector watches a module with one optimizer only: no loss relapse is written or charted.
+    assert not any(title.startswith("loss relapse") for title in titles)
+    assert not any(tag.endswith("loss_relapse") for tag in tags)
+
+
+def test_charts_of_switched_off_detectors_are_not_laid_out(run_dir: Path, tmp_path: Path) -> None:
+    def titles(acc: EventAccumulator) -> set[str]:
+        return {chart.title for category in custom_layout(acc).category for chart in category.chart}
+
+    assert {"loss relapse", "layers in trouble: vanishing"} <= titles(load_events(run_dir / "mlp" / "version_0"))
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="off", version=0)
+    guard = GradGuard(divergence=None, vanishing=None, skip_exploding=True, histogram_every_n_steps=7)
+    trainer(max_steps=10, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+        Regressor(), regression_data()
+    )
+    acc = load_events(Path(logger.log_dir))
+    off = titles(acc)
+    assert "total norm" in off and "layers in trouble: exploding, non-finite" in off
+    assert "loss relapse" not in off and "layers in trouble: vanishing" not in off
+    # The configuration text tells this run from a default one.
+    config = parse_config_text(acc.Tensors("gradguard/config/text_summary")[-1].tensor_proto.string_val[0].decode())
+    assert config["skip_exploding"] == "True" and config["histogram_every_n_steps"] == "7"
+    assert config["divergence"] == "None" and config["group_fn"] == "None"
 
 
 def test_a_block_split_over_two_optimizers_gets_all_its_values_in_its_histogram(tmp_path: Path) -> None:
@@ -274,7 +299,7 @@ def test_the_report_counts_layers_whose_activation_gradient_is_exactly_zero(
     with torch.no_grad():
         net[0].bias.fill_(-100.0)
     logger = TensorBoardLogger(tmp_path, name="dead", version=0)
-    guard = GradGuard(log_every_n_steps=2, diagnostics=["act_grad"])
+    guard = GradGuard(log_every_n_steps=2, diagnostics=["act_grad", "update_ratio"])
     trainer(max_steps=4, callbacks=[guard], logger=logger, log_every_n_steps=2).fit(Regressor(net), regression_data())
     assert gradguard(["report", str(tmp_path), "--json"]) == 0
     (summary,) = json.loads(capsys.readouterr().out)["runs"].values()
@@ -282,8 +307,15 @@ def test_the_report_counts_layers_whose_activation_gradient_is_exactly_zero(
     assert act["layers"] == 3 and act["zero_layers"] == ["net.0"]
     assert act["input_side"] == {"layer": "net.0", "norm": 0.0} and act["output_side"]["layer"] == "net.4"
     assert act["decades"] is None and act["smallest"]["norm"] == 0.0
+    # net.0 never moves: an update ratio of exactly 0 lies outside the band too, the furthest below it.
+    ratio = summary["update_ratio"]["optimizers"]["opt0"]
+    dead = ratio["out_of_band"][0]
+    assert (dead["layer"], dead["median"], dead["side"], dead["decades"]) == ("net.0", 0.0, "below", None)
+    assert all(row["median"] > 0 for row in ratio["out_of_band"][1:])
     assert gradguard(["report", str(tmp_path)]) == 0
-    assert "1 of 3 layers at exactly 0, no gradient reaches them: net.0" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "1 of 3 layers at exactly 0, no gradient reaches them: net.0" in text
+    assert re.search(r"net\.0\s+0\.0e\+0\s+0\.0e\+0\s+below", text), text
 
 
 class _Spiky(Regressor):

@@ -258,6 +258,17 @@ def test_exploding_invalid_arguments(kwargs: dict) -> None:
         ExplodingDetector(**kwargs)
 
 
+def test_a_min_ratio_above_a_default_limit_names_that_default() -> None:
+    # Only `min_ratio` was passed: the message says which default stands in the way, and how to pass it.
+    with pytest.raises(ValueError, match=r"calm_ratio.*got 10\.0\. That is `calm_ratio`'s default"):
+        ExplodingDetector(min_ratio=20.0)
+    with pytest.raises(ValueError, match=r"warmup_ratio.*got 100\.0\. That is `warmup_ratio`'s default"):
+        ExplodingDetector(min_ratio=150.0, calm_ratio=None)
+    with pytest.raises(ValueError, match=r"got 15\.0\.$"):  # a value the user passed: no hint
+        ExplodingDetector(min_ratio=20.0, calm_ratio=15.0)
+    assert ExplodingDetector(min_ratio=20.0, calm_ratio=None).calm_ratio is None
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"min_norm": -1.0}, {"ratio": 1.0}, {"ratio": -0.1}, {"patience": 0}, {"patience": 1.5}]
 )

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -467,6 +468,47 @@ def test_plain_ddp_ranks_judge_the_same_loss(tmp_path: Path) -> None:
     assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # the replicas never drifted
 
 
+def _plain_samples_worker(outdir: Path, rank: int) -> dict[str, Any]:
+    """Each rank passes ``samples=len(x)``: the same sizes on every rank ("same"), or short batches on rank 1 alone at
+    steps 10-11 ("differ", as per-rank batching by tokens or a hand-made shard gives)."""
+    return _in_process_group(rank, _plain_samples_steps)
+
+
+def _plain_samples_steps(rank: int) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for case in ("same", "differ"):
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        engine = GuardEngine(model, lr_guard=LRGuard())
+        engine.attach(optimizer)
+        g = torch.Generator().manual_seed(1 + rank)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(1, 21):
+                size = 4 if case == "differ" and rank == 1 and step in (10, 11) else 16
+                x = torch.randn(size, 4, generator=g)
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
+                loss.backward()
+                engine.step(optimizer=optimizer, loss=loss.detach(), samples=len(x))
+                optimizer.step()
+                engine.drain()
+        results[case] = [str(w.message) for w in caught if "another `samples`" in str(w.message)]
+        del model, optimizer, engine
+    return results
+
+
+def test_plain_ddp_ranks_that_pass_different_samples_are_told(tmp_path: Path) -> None:
+    # Each rank judged a short batch against its own batch size: one rank cut its rate and the replicas drifted apart,
+    # silently (user trial). The loss's all_reduce now carries the sizes too, and each rank whose size differed from
+    # the mean warns once (a step later: no wait on the device).
+    r0, r1 = _launch("plain_samples", tmp_path)
+    assert r0["same"] == [] and r1["same"] == []
+    for said in (r0["differ"], r1["differ"]):
+        assert len(said) == 1 and "at step 10 this process passed another `samples`" in said[0]
+
+
 def _plain_zero_worker(outdir: Path, rank: int) -> dict[str, Any]:
     """The plain DDP loop at a too-high SGD rate (momentum 0.9), with ``torch.optim.SGD`` and with a
     ``ZeroRedundancyOptimizer`` over SGD, which keeps each rank's shard of the momentum in its local optimizer."""
@@ -552,6 +594,7 @@ def test_ddp_ranks_agree_on_short_batches(tmp_path: Path) -> None:
 WORKERS = {
     "plain_ddp": _plain_ddp_worker,
     "plain_zero": _plain_zero_worker,
+    "plain_samples": _plain_samples_worker,
     "ddp": _ddp_worker,
     "fsdp2": _fsdp2_worker,
     "ddp_restart": _ddp_restart_worker,

@@ -394,6 +394,48 @@ def test_an_optimizer_step_before_the_engines_is_warned_about_once() -> None:
     assert all(p.isfinite().all() for p in model.parameters()) and not said
 
 
+@pytest.mark.parametrize("calls", ["every", "first", "skipped"])
+def test_step_called_on_every_closure_evaluation_is_warned_about_once(calls: str) -> None:
+    # A closure calling step() on every evaluation had each counted, judged and clipped as a step of its own, silently
+    # (a user trial: 150 steps counted for 30 LBFGS steps, held-out loss 0.205 against 0.170 called once per step).
+    # Once per optimizer step is right, and so are two step() calls between two optimizer steps (a skipped step not
+    # stepped, `if not engine.skipped: optimizer.step()`): neither is inside one optimizer step.
+    torch.manual_seed(0)
+    model = _model()
+    opt: torch.optim.Optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
+    if calls == "skipped":
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), skip_exploding="first")
+    engine.attach(opt)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(5):
+            first = True
+
+            def closure() -> torch.Tensor:
+                nonlocal first
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                if first or calls == "every":
+                    engine.step(loss=loss)
+                else:
+                    engine.add_regularizer_grads_()
+                first = False
+                return loss
+
+            if calls == "skipped":
+                closure()
+                closure()  # a second judged batch before the step: two calls, neither inside a step
+                opt.step()
+            else:
+                opt.step(closure)
+    said = [w for w in caught if "several times inside one step" in str(w.message)]
+    assert len(said) == (1 if calls == "every" else 0)
+    assert calls != "every" or engine.steps > 5  # what the warning is about: each evaluation counted as a step
+
+
 def test_attaching_a_second_optimizer_names_attach_in_its_message() -> None:
     model = _model()
     engine = GuardEngine(model, lr_guard=LRGuard())

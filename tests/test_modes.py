@@ -574,6 +574,65 @@ def test_checkpoint_resume_continues_exactly_like_an_uninterrupted_run(tmp_path:
     assert resumed_guard.regularizers[0].strength == full_guard.regularizers[0].strength > 1.0
 
 
+class _ResumableBatches:
+    """Fixed batches that resume mid-epoch from a checkpoint (Lightning's stateful-loader protocol), so that a resumed
+    run sees the batches the uninterrupted one does."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.batches, self._start, self._done = list(loader), 0, 0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Any:
+        start, self._start = self._start, 0
+        for done, batch in enumerate(self.batches[start:], start + 1):
+            self._done = done
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"done": self._done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._start = state["done"] % len(self.batches)
+
+
+@pytest.mark.parametrize(("saved_at", "resumable"), [(16, True), (16, False), (10, True)])
+def test_a_resumed_runs_epoch_summaries_are_the_uninterrupted_runs(
+    tmp_path: Any, saved_at: int, resumable: bool
+) -> None:
+    # Saved on an epoch's last batch (16 of 16), the checkpoint held that epoch's logs, and the resumed run never ran
+    # that epoch's end: the next summary counted them again (6 logs for 3, a p90 5x too high). Lightning resumes
+    # such a checkpoint at the next epoch with a resumable loader, and replays a plain loader as the same epoch; the
+    # epoch saved is closed, unwritten, either way. Saved mid-epoch (10), the epoch goes on from its logs.
+    def fit(ckpt_path: str | None = None, callbacks: tuple[L.Callback, ...] = ()) -> MetricsLogger:
+        logger = MetricsLogger()
+        guard = GradGuard(diagnostics=["epoch"], log_every_n_steps=5)
+        run = trainer(
+            max_epochs=-1,
+            max_steps=48,
+            callbacks=[guard, *callbacks],
+            logger=logger,
+            log_every_n_steps=5,
+            enable_checkpointing=bool(callbacks),
+        )
+        torch.manual_seed(0)
+        data = _ResumableBatches(regression_data()) if resumable else regression_data()
+        run.fit(Regressor(), data, ckpt_path=ckpt_path)
+        return logger
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=saved_at, save_top_k=-1)
+    full = fit(callbacks=(ckpt,))
+    (path,) = [p for p in tmp_path.iterdir() if f"step={saved_at}." in p.name]
+    resumed = fit(ckpt_path=str(path))
+    for tag in ("logs", "total_norm_p50", "total_norm_p90", "total_norm_max"):
+        points = full.points(f"gradguard/epoch/{tag}")
+        assert [step for step, _ in points] == [15, 31, 47]
+        # The epochs that end after the resume point, with the uninterrupted run's values.
+        expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in points if step >= saved_at]
+        assert resumed.points(f"gradguard/epoch/{tag}") == expected
+
+
 def test_a_run_resumed_with_a_regularizer_that_is_not_adaptive_keeps_its_configured_weight(tmp_path: Any) -> None:
     # User trial: resumed from an adaptive L2's checkpoint (strength 4.03), a plain L2 of the same name took the
     # strength and trained at 4x its configured weight, silently.

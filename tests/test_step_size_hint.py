@@ -111,3 +111,18 @@ def test_a_schedule_is_judged_by_its_peak() -> None:
         trainer(max_steps=2, callbacks=[GradGuard()]).fit(model, regression_data(n=64, dim=4))
     (hint,) = [str(w.message) for w in caught if "moves each weight" in str(w.message)]
     assert "peak rate 0.2 is 4x" in hint
+
+
+def test_a_lazy_module_trained_with_adam_is_judged_on_its_initialized_weights_only() -> None:
+    # Lightning starts training before the first forward pass creates a lazy module's weights: `dim()` of an
+    # uninitialized parameter raises, and the hint stopped such a fit before its first step.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.LazyLinear(1))
+    with torch.no_grad():
+        net[0].weight.fill_(0.05)
+    size = adaptive_step_ratio(torch.optim.Adam(net.parameters(), lr=0.1), [0.1])
+    assert size is not None and size.tensors == 1 and size.ratio == pytest.approx(2.0)
+    model = Regressor(net=nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.LazyLinear(1)), dim=4, optimizer="adam")
+    trainer(max_steps=3, callbacks=[GradGuard()]).fit(model, regression_data(n=64, dim=4))
+    assert model.trainer.global_step == 3
+    assert all(not isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
