@@ -26,7 +26,7 @@ as worse than any finite one. Run from the repository root::
 
     python benchmarks/rescue_seeds.py --configs lstm_10x --seeds 0-19       # about 5 minutes on 2 CPU cores
     python benchmarks/rescue_seeds.py --configs resnet20_nobn --seeds 0-9 --variants guarded,clip_agc
-    python benchmarks/rescue_seeds.py --quick --seeds 0-1 --json -          # seconds; JSON on stdout
+    python benchmarks/rescue_seeds.py --quick --seeds 0-1 --json -          # about 40 s; JSON on stdout
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ Run from the repository root::
     python benchmarks/stability.py --configs resnet20 --variants guarded      # unguarded and GradGuard() only
     python benchmarks/stability.py --configs resnet20_nobn --variants guarded --sweep-idle 20   # a perfect restart
     python benchmarks/stability.py --full --device cuda
-    python benchmarks/stability.py --quick --json -             # seconds; JSON on stdout
+    python benchmarks/stability.py --quick --json -             # about a minute; JSON on stdout
 
 TensorBoard logs go to a new temporary folder unless ``--logdir`` names one (``tensorboard --logdir DIR``).
 """
@@ -867,7 +867,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
 def add_size_arguments(parser: argparse.ArgumentParser) -> None:
     """The suite's sizes, ``--quick`` or ``--full`` (the default size without either)."""
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few steps per config (seconds; for tests)")
+    size.add_argument("--quick", action="store_true", help="a few steps per config (about a minute; for tests)")
     size.add_argument("--full", action="store_true", help="longer runs on larger batches (meant for a GPU)")
 
 

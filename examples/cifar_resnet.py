@@ -102,9 +102,10 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: not a readable CIFAR-10 batch ({type(err).__name__}: {err})") from err
     if not isinstance(entry, dict):
         raise ValueError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
-    missing = [k.decode() for k in (b"data", b"labels") if k not in entry]
+    missing = [k for k in (b"data", b"labels") if k not in entry]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}; found {sorted(map(repr, entry))}")
+        # Shown as the keys are (b'data', not 'data'): a batch written with str keys shows why it does not load.
+        raise ValueError(f"{path}: missing key(s) {missing} (bytes keys); found {sorted(map(repr, entry))}")
     data, labels = entry[b"data"], entry[b"labels"]
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
         kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
@@ -364,6 +365,7 @@ class CifarDataModule(L.LightningDataModule):
             return
         if self.data_dir is not None:
             train_x, train_y, test_x, test_y = load_cifar10(self.data_dir)
+            print(f"CIFAR-10 from {self.data_dir}: {len(train_y)} training and {len(test_y)} test images")
         else:
             self.synthetic = True
             print(
@@ -817,10 +819,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         + (" (no guard)" if guard is None else "")
     )
     batch_size = dm.batch_size
-    print(
-        f"Time per training step: {1000 * timer.per_step_s:.0f} ms at batch {batch_size}"
-        f" (mean of {timer.n_timed} timed steps); {epoch_estimate(timer.per_step_s, timer.n_timed, batch_size)}"
-    )
+    if timer.n_timed:
+        print(
+            f"Time per training step: {1000 * timer.per_step_s:.0f} ms at batch {batch_size}"
+            f" (mean of {timer.n_timed} timed steps); {epoch_estimate(timer.per_step_s, timer.n_timed, batch_size)}"
+        )
+    else:  # a run of a few steps: the first ones (warm-up) are not timed
+        print(f"Time per training step: not measured ({trainer.global_step} steps, the first {timer.skip} untimed)")
     if summary is not None:
         print("GradGuard events: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     data = "SYNTHETIC data, not comparable to the paper" if dm.synthetic else "CIFAR-10"

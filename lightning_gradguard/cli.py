@@ -872,8 +872,14 @@ def _report(args: argparse.Namespace) -> int:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped.items())
         raise ReportError(f"event files under {args.logdir!r} hold no GradGuard data ({reasons})")
     summaries = {run.name: summarize_run(run) for run in runs}
+    drawn = ""
     if args.png:
         render_run_png(runs[0], args.png)
+        # One picture of several runs: say which, and how to pick another.
+        others = f" (the first of {len(runs)}; pick another with --run)" if len(runs) > 1 else ""
+        drawn = f"gradient flow of run {runs[0].name}{others} written to {args.png}"
+        if args.json and others:
+            print(drawn, file=sys.stderr)
     if args.json:
         print(json.dumps({"runs": _json_ready(summaries), "skipped": skipped}, indent=2, allow_nan=False))
     else:
@@ -882,8 +888,8 @@ def _report(args: argparse.Namespace) -> int:
             blocks.append("comparison\n" + format_comparison(summaries))
         if skipped:
             blocks.append(format_skipped(skipped))
-        if args.png:
-            blocks.append(f"gradient flow of run {runs[0].name} written to {args.png}")
+        if drawn:
+            blocks.append(drawn)
         print("\n\n".join(blocks))
     return 0
 

@@ -293,7 +293,13 @@ def test_png_is_one_tight_picture_with_the_detectors_marks(logdir, tmp_path, cap
     root, _ = logdir
     out = tmp_path / "flow.png"
     assert main(["report", str(root), "--run", "version_0", "--png", str(out)]) == 0
-    assert "written to" in capsys.readouterr().out
+    assert f"gradient flow of run version_0 written to {out}" in capsys.readouterr().out
+    # Without --run, of several runs the first is drawn: the line says so (it said nothing of the others before).
+    assert main(["report", str(root), "--png", str(out)]) == 0
+    said = f"gradient flow of run version_0 (the first of 2; pick another with --run) written to {out}"
+    assert said in capsys.readouterr().out
+    assert main(["report", str(root), "--png", str(out), "--json"]) == 0
+    assert said in capsys.readouterr().err
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     img = _png(out)
     assert img.shape[0] > 300 and img.shape[1] >= 800 and img.std() > 10
