@@ -71,6 +71,14 @@ def _accumulation(trainer: pl.Trainer) -> int:
     return int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
 
 
+def _closed_epoch(state: dict[str, Any]) -> dict[str, Any]:
+    """An :class:`EpochSummary` state with its epoch ended (its logs dropped, its event counts the next baseline)."""
+    summary = EpochSummary()
+    summary.load_state_dict(state)
+    summary.end_epoch()
+    return summary.state_dict()
+
+
 class FitDiagnostics:
     """The logging-step-only diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
 
@@ -94,8 +102,6 @@ class FitDiagnostics:
         self.from_zero: frozenset[str] = frozenset()  # layers whose weights were all zero when the fit started
         self.epochs: dict[int, EpochSummary] = {}
         self.loaded: dict[str, Any] = {}
-        # A loaded checkpoint was saved on its epoch's last batch (see `_per_optimizer`).
-        self.saved_last_batch = False
         self.noted = False
         self.noted_noise = False  # said once: the noise scale's estimate of |G|^2 is not positive yet
         self.first_backward_pending = False
@@ -187,11 +193,6 @@ class FitDiagnostics:
             saved = self.loaded.get(section, {}).pop(str(key), None)
             if saved is not None:
                 item.load_state_dict(saved)  # type: ignore[attr-defined]
-                if section == "epoch" and self.saved_last_batch:
-                    # Saved on its epoch's last batch, before that epoch's end: Lightning resumes from there without
-                    # running the end (or, with a plain loader, replays the data as the same epoch), so the epoch's
-                    # logs are closed here, unwritten, rather than counted again in the next summary.
-                    item.end_epoch()  # type: ignore[attr-defined]
         return item
 
     def state_dict(self, last_batch: bool = False) -> dict[str, Any]:
@@ -215,7 +216,12 @@ class FitDiagnostics:
         if state.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard diagnostics state version {state.get('version')!r}")
         self.loaded = {"hints": dict(state.get("hints", {})), "epoch": dict(state.get("epoch", {}))}
-        self.saved_last_batch = bool(state.get("last_batch", False))  # absent: saved before it was kept
+        if state.get("last_batch", False):  # absent: saved before it was kept
+            # Saved on its epoch's last batch, before that epoch's end: Lightning resumes from there without running
+            # the end (or, with a plain loader, replays the data as the same epoch). The epoch's logs are closed now,
+            # unwritten, rather than counted again in the next summary, and a state saved again before they are
+            # claimed (no log since the resume) holds them closed.
+            self.loaded["epoch"] = {key: _closed_epoch(saved) for key, saved in self.loaded["epoch"].items()}
         if state.get("noise") is not None:
             self.loaded["noise"] = state["noise"]
         self.hints, self.epochs = {}, {}

@@ -551,8 +551,13 @@ def _rank_mean(loss: Tensor, samples: int | None = None) -> tuple[Tensor, Tensor
     size, told = loss.new_full((), float(samples or 0)), loss.new_full((), float(samples is not None))
     summed = torch.stack([torch.where(missing, torch.zeros_like(loss), loss), (~missing).to(loss.dtype), size, told])
     torch.distributed.all_reduce(summed)
-    # Exact in float32 for sums of integers below 2**24 (16.7 million examples per step over all processes).
-    differs = None if samples is None else summed[2] != summed[3] * samples
+    # Exact in float32 for sums of integers below 2**24 (16.7 million examples per step over all processes). Some
+    # processes passing a size and others None differ too: only the first judge a short batch as one.
+    told = summed[3]
+    if samples is None:
+        differs = told > 0
+    else:
+        differs = (told != torch.distributed.get_world_size()) | (summed[2] != told * samples)
     return summed[0] / summed[1], differs
 
 
@@ -995,7 +1000,11 @@ class GuardEngine:
         def stepped(*_: Any) -> None:
             live = engine()
             if live is not None:
-                live._calls_in_step = None
+                # Judged once the step is done: a step that raised has no post hook, and its count is dropped at the
+                # next step's start (a loop that catches it calls step() as it likes in between).
+                calls, live._calls_in_step = live._calls_in_step, None
+                if calls is not None and calls > 1:
+                    live._warn_reevaluated()
                 live._optimizer_stepped()
 
         handle.hold(inner.register_step_pre_hook(stepping))
@@ -1061,8 +1070,8 @@ class GuardEngine:
         """The first step after :meth:`load_state_dict`: warn when the state was saved under a cut that the LR guard
         no longer holds (its own state was not loaded: the resumed run would train at the full rate)."""
         saved, self._saved_lr_scale = self._saved_lr_scale, None
-        if self.lr_guard is None or saved is None or saved >= 1.0 or self.lr_guard.scale(self.key) != 1.0:
-            return
+        if self.lr_guard is None or saved is None or saved >= 1.0 or self.lr_guard.tracks(self.key):
+            return  # (a loaded state that recovers to 1x at once is still a loaded one)
         warnings.warn(
             f"GuardEngine: the state loaded was saved while the LR guard held the rate at {saved:.3g}x, but the LR"
             " guard is at 1x: its own state was not loaded, and the run goes on at the full rate that exploded."
@@ -1082,22 +1091,21 @@ class GuardEngine:
             stacklevel=user_stacklevel(),
         )
 
-    def _count_call_in_step(self) -> None:
-        """A call inside the attached optimizer's step (a closure's): warn once when there is more than one."""
-        assert self._calls_in_step is not None
-        self._calls_in_step += 1
-        if self._calls_in_step == 2 and not self._warned_reevaluated:
-            self._warned_reevaluated = True
-            # Each evaluation was counted, judged and clipped as a step of its own (a user trial: 150 steps counted
-            # for 30, held-out loss 0.205 against 0.170 called once per step).
-            warnings.warn(
-                "GuardEngine.step() was called several times inside one step of the attached optimizer: its closure"
-                " calls it on every evaluation (LBFGS evaluates it up to `max_iter` times). Each call counts, judges"
-                " and clips as a step of its own. Call engine.step() on the closure's first evaluation only"
-                " (engine.add_regularizer_grads_() on the later ones), and build the engine with clip=None and"
-                " skip_exploding='first', as in the README's LBFGS loop.",
-                stacklevel=user_stacklevel(),
-            )
+    def _warn_reevaluated(self) -> None:
+        """Once: step() ran more than once inside one step of the attached optimizer."""
+        if self._warned_reevaluated:
+            return
+        self._warned_reevaluated = True
+        # Each evaluation was counted, judged and clipped as a step of its own (a user trial: 150 steps counted for
+        # 30, held-out loss 0.205 against 0.170 called once per step).
+        warnings.warn(
+            "GuardEngine.step() was called several times inside one step of the attached optimizer: its closure"
+            " calls it on every evaluation (LBFGS evaluates it up to `max_iter` times). Each call counts, judges"
+            " and clips as a step of its own. Call engine.step() on the closure's first evaluation only"
+            " (engine.add_regularizer_grads_() on the later ones), and build the engine with clip=None and"
+            " skip_exploding='first', as in the README's LBFGS loop.",
+            stacklevel=user_stacklevel(),
+        )
 
     def _check_optimizer(self, optimizer: Any, caller: str = "step()") -> None:
         """Refuse what is no optimizer (no ``param_groups``); warn about one that holds none of this engine's
@@ -1230,7 +1238,7 @@ class GuardEngine:
         """
         self._called = True
         if self._calls_in_step is not None:
-            self._count_call_in_step()
+            self._calls_in_step += 1  # inside a step of the attached optimizer (a closure's call)
         if self._saved_lr_scale is not None:
             self._check_lr_guard_loaded()
         if optimizer is not None:
@@ -1290,7 +1298,10 @@ class GuardEngine:
         if self.rollback is not None and optimizer is None and self._attached is not None:
             # The attached optimizer is the one about to step: a restart must clear its state (momentum, Adam's
             # moments) with the weights, as when it is passed (a user trial: 5 restarts instead of 2, 15x the loss).
-            optimizer = self._attached()
+            # Not once its handle is removed.
+            attached = self._attached()
+            if attached is not None and self.lr_guard is not None and self.lr_guard.is_attached(attached, self.key):
+                optimizer = attached
         self.rolled_back = self.rollback is not None and self._rollback_step(
             unwrap_optimizer(optimizer), scaled=grad_scale is not None
         )

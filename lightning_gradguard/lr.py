@@ -357,6 +357,10 @@ class LRGuard:
         state = self._states.get(key)
         return 1.0 if state is None else self._multiplier(state) * state.held
 
+    def tracks(self, key: int = 0) -> bool:
+        """Whether optimizer ``key`` has a state here: updated by an engine, or loaded with :meth:`load_state_dict`."""
+        return key in self._states
+
     def holds_cut(self, key: int = 0) -> bool:
         """Whether the multiplier of optimizer ``key`` holds a cut for a run of non-finite steps in a row that is
         still going on: neither withdrawn nor made real yet (see "Non-finite steps")."""

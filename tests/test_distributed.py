@@ -470,13 +470,14 @@ def test_plain_ddp_ranks_judge_the_same_loss(tmp_path: Path) -> None:
 
 def _plain_samples_worker(outdir: Path, rank: int) -> dict[str, Any]:
     """Each rank passes ``samples=len(x)``: the same sizes on every rank ("same"), or short batches on rank 1 alone at
-    steps 10-11 ("differ", as per-rank batching by tokens or a hand-made shard gives)."""
+    steps 10-11 ("differ", as per-rank batching by tokens or a hand-made shard gives), or None on rank 1 alone there
+    ("mixed": only rank 0 would judge a short batch as one)."""
     return _in_process_group(rank, _plain_samples_steps)
 
 
 def _plain_samples_steps(rank: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for case in ("same", "differ"):
+    for case in ("same", "differ", "mixed"):
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -491,7 +492,8 @@ def _plain_samples_steps(rank: int) -> dict[str, Any]:
                 optimizer.zero_grad()
                 loss = nn.functional.mse_loss(model(x), x.sum(1, keepdim=True))
                 loss.backward()
-                engine.step(optimizer=optimizer, loss=loss.detach(), samples=len(x))
+                told = None if case == "mixed" and rank == 1 and step in (10, 11) else len(x)
+                engine.step(optimizer=optimizer, loss=loss.detach(), samples=told)
                 optimizer.step()
                 engine.drain()
         results[case] = [str(w.message) for w in caught if "another `samples`" in str(w.message)]
@@ -505,7 +507,7 @@ def test_plain_ddp_ranks_that_pass_different_samples_are_told(tmp_path: Path) ->
     # the mean warns once (a step later: no wait on the device).
     r0, r1 = _launch("plain_samples", tmp_path)
     assert r0["same"] == [] and r1["same"] == []
-    for said in (r0["differ"], r1["differ"]):
+    for said in (r0["differ"], r1["differ"], r0["mixed"], r1["mixed"]):
         assert len(said) == 1 and "at step 10 this process passed another `samples`" in said[0]
 
 

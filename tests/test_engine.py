@@ -262,7 +262,7 @@ def test_the_lr_guards_state_holds_the_cut_of_the_last_step_whichever_state_is_t
     assert saved["host_counts"] == engine.host_counts
 
 
-@pytest.mark.parametrize("load", ["engine only", "lr guard first", "lr guard second"])
+@pytest.mark.parametrize("load", ["engine only", "lr guard first", "lr guard second", "recovering at once"])
 def test_a_resume_that_leaves_the_lr_guards_state_behind_is_warned_about(load: str) -> None:
     # The README saves both states; with the engine's alone the held cut was dropped silently (the multiplier back at
     # 1x, while `summary()` still counted the cut) and the resumed run trained on at the rate that exploded.
@@ -285,10 +285,13 @@ def test_a_resume_that_leaves_the_lr_guards_state_behind_is_warned_about(load: s
     assert engine.lr_guard is not None and engine.lr_guard.scale() < 1.0
     saved, saved_lr = copy.deepcopy(engine.state_dict()), copy.deepcopy(engine.lr_guard.state_dict())
     handle.remove()
-    resumed = GuardEngine(model, exploding=ExplodingDetector(warmup_steps=3), lr_guard=LRGuard(spare_lone=False))
+    # A guard that recovers at once is at 1x right after its state is loaded: loaded all the same, no warning.
+    quick = load == "recovering at once"
+    lr_guard = LRGuard(spare_lone=False, **({"memory": False, "recovery_steps": 1, "cooldown": 0} if quick else {}))
+    resumed = GuardEngine(model, exploding=ExplodingDetector(warmup_steps=3), lr_guard=lr_guard)
     resumed.attach(opt)
     assert resumed.lr_guard is not None
-    if load == "lr guard first":
+    if load in ("lr guard first", "recovering at once"):
         resumed.lr_guard.load_state_dict(saved_lr)
     resumed.load_state_dict(saved)
     if load == "lr guard second":
@@ -299,6 +302,7 @@ def test_a_resume_that_leaves_the_lr_guards_state_behind_is_warned_about(load: s
         step(resumed)
     said = [str(w.message) for w in caught if "its own state was not loaded" in str(w.message)]
     assert len(said) == (1 if load == "engine only" else 0)
+    assert not quick or lr_guard.scale() == 1.0
     assert load != "engine only" or f"{engine.lr_guard.scale():.3g}x" in said[0]
 
 
@@ -591,6 +595,33 @@ def test_a_rollback_restores_the_attached_optimizers_state_when_step_is_not_give
     for a, b in zip(weights, weights_passed):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert_same_state(state, state_passed)
+
+
+def test_a_rollback_of_the_weights_only_still_stops_the_exploded_momentum() -> None:
+    # With no optimizer the engine may restore (none passed, and the LR guard attached directly rather than through
+    # the engine) a rollback restores the weights only: the momentum the exploding steps built is still in the
+    # optimizer, and the rollback's cut must zero it (it kept it, and the loss was back at 1e10 a step later).
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), rollback=Rollback(every=5))
+    assert engine.lr_guard is not None
+    engine.lr_guard.attach(optimizer)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+    losses, rolled_back_at = [], []
+    for step in range(1, 18):
+        optimizer.zero_grad()
+        nn.functional.mse_loss(model(x), y).mul(1e4 if step in (12, 13) else 1.0).backward()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine.step()
+        if engine.rolled_back:
+            rolled_back_at.append(step)
+        optimizer.step()
+        if engine.rolled_back:
+            assert optimizer.state[model.weight]["momentum_buffer"].abs().max() == 0
+        losses.append(float(nn.functional.mse_loss(model(x), y)))
+    assert len(rolled_back_at) == 1 and max(losses[-3:]) < 1.0
 
 
 def test_a_cut_event_carries_the_rate_it_left_and_other_events_none() -> None:

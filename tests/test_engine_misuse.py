@@ -394,16 +394,17 @@ def test_an_optimizer_step_before_the_engines_is_warned_about_once() -> None:
     assert all(p.isfinite().all() for p in model.parameters()) and not said
 
 
-@pytest.mark.parametrize("calls", ["every", "first", "skipped"])
+@pytest.mark.parametrize("calls", ["every", "first", "skipped", "after a raise"])
 def test_step_called_on_every_closure_evaluation_is_warned_about_once(calls: str) -> None:
     # A closure calling step() on every evaluation had each counted, judged and clipped as a step of its own, silently
     # (a user trial: 150 steps counted for 30 LBFGS steps, held-out loss 0.205 against 0.170 called once per step).
     # Once per optimizer step is right, and so are two step() calls between two optimizer steps (a skipped step not
-    # stepped, `if not engine.skipped: optimizer.step()`): neither is inside one optimizer step.
+    # stepped, `if not engine.skipped: optimizer.step()`): neither is inside one optimizer step. Nor after an
+    # optimizer step that raised (no post hook ran for it), which a loop may catch and go on from.
     torch.manual_seed(0)
     model = _model()
     opt: torch.optim.Optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=4)
-    if calls == "skipped":
+    if calls in ("skipped", "after a raise"):
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
     engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), skip_exploding="first")
     engine.attach(opt)
@@ -428,6 +429,18 @@ def test_step_called_on_every_closure_evaluation_is_warned_about_once(calls: str
             if calls == "skipped":
                 closure()
                 closure()  # a second judged batch before the step: two calls, neither inside a step
+                opt.step()
+            elif calls == "after a raise":
+
+                def fail(*_: Any) -> None:
+                    raise RuntimeError("a step that fails")
+
+                hook = opt.register_step_pre_hook(fail)
+                with pytest.raises(RuntimeError):
+                    opt.step()
+                hook.remove()
+                closure()
+                closure()
                 opt.step()
             else:
                 opt.step(closure)

@@ -597,14 +597,17 @@ class _ResumableBatches:
         self._start = state["done"] % len(self.batches)
 
 
-@pytest.mark.parametrize(("saved_at", "resumable"), [(16, True), (16, False), (10, True)])
+@pytest.mark.parametrize(
+    ("saved_at", "resumable", "again_at"), [(16, True, None), (16, False, None), (10, True, None), (16, True, 18)]
+)
 def test_a_resumed_runs_epoch_summaries_are_the_uninterrupted_runs(
-    tmp_path: Any, saved_at: int, resumable: bool
+    tmp_path: Any, saved_at: int, resumable: bool, again_at: int | None
 ) -> None:
     # Saved on an epoch's last batch (16 of 16), the checkpoint held that epoch's logs, and the resumed run never ran
     # that epoch's end: the next summary counted them again (6 logs for 3, a p90 5x too high). Lightning resumes
     # such a checkpoint at the next epoch with a resumable loader, and replays a plain loader as the same epoch; the
-    # epoch saved is closed, unwritten, either way. Saved mid-epoch (10), the epoch goes on from its logs.
+    # epoch saved is closed, unwritten, either way. Saved mid-epoch (10), the epoch goes on from its logs. Saved again
+    # (18) by the resumed run before its first log, the closed epoch stays closed in the second resume.
     def fit(ckpt_path: str | None = None, callbacks: tuple[L.Callback, ...] = ()) -> MetricsLogger:
         logger = MetricsLogger()
         guard = GradGuard(diagnostics=["epoch"], log_every_n_steps=5)
@@ -621,15 +624,19 @@ def test_a_resumed_runs_epoch_summaries_are_the_uninterrupted_runs(
         run.fit(Regressor(), data, ckpt_path=ckpt_path)
         return logger
 
-    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=saved_at, save_top_k=-1)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "a", every_n_train_steps=saved_at, save_top_k=-1)
     full = fit(callbacks=(ckpt,))
-    (path,) = [p for p in tmp_path.iterdir() if f"step={saved_at}." in p.name]
+    (path,) = (tmp_path / "a").glob(f"*step={saved_at}.ckpt")
+    if again_at is not None:
+        again = ModelCheckpoint(dirpath=tmp_path / "b", every_n_train_steps=again_at, save_top_k=-1)
+        fit(ckpt_path=str(path), callbacks=(again,))
+        (path,) = (tmp_path / "b").glob(f"*step={again_at}.ckpt")
     resumed = fit(ckpt_path=str(path))
     for tag in ("logs", "total_norm_p50", "total_norm_p90", "total_norm_max"):
         points = full.points(f"gradguard/epoch/{tag}")
         assert [step for step, _ in points] == [15, 31, 47]
         # The epochs that end after the resume point, with the uninterrupted run's values.
-        expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in points if step >= saved_at]
+        expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in points if step >= (again_at or saved_at)]
         assert resumed.points(f"gradguard/epoch/{tag}") == expected
 
 
