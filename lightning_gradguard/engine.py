@@ -910,6 +910,7 @@ class GuardEngine:
         self._warned_reevaluated = False
         self._saved_lr_scale: float | None = None  # the LR guard's multiplier a loaded state was saved with
         self._warned_samples = False  # the processes passed different `samples` (said once)
+        self._warned_events = False  # undrained events past _MAX_EVENTS are dropped (said once)
         # Where each param group's warm-up stands (`_watch_rate_warmup`): not known yet, under half its peak, past it.
         self._rate_warmup: list[int] = []
         # Witnesses of the gradients the last step left behind (see ``_witnesses``): the same tensors, unwritten
@@ -1913,6 +1914,14 @@ class GuardEngine:
                         r.on_exploding(gradient_exploding)
             if exploding or vanishing or nonfinite or overflow or lr_reduced or diverging or lr_restored:
                 scale = guard.scale(self.key) if (lr_reduced or lr_restored) and guard is not None else None
+                if len(self._events) == _MAX_EVENTS and not self._warned_events:
+                    self._warned_events = True
+                    warnings.warn(
+                        f"GuardEngine: {_MAX_EVENTS} events are waiting for drain(); from now on the oldest are"
+                        " dropped as new ones come (summary() still counts every one). Call engine.drain() every"
+                        " step, or whenever events matter, to read them all.",
+                        stacklevel=user_stacklevel(),
+                    )
                 self._events.append(
                     StepEvent(
                         flags.step,
@@ -1961,7 +1970,8 @@ class GuardEngine:
 
         Also advances the LR guard and the adaptive regularizers by every step whose flags have landed. Call it
         once per step (``GradGuard`` does, in its hooks) or whenever events matter; :meth:`step` advances the LR
-        guard by itself.
+        guard by itself. At most the last 1000 events wait for it: past that the oldest are dropped, with one warning
+        (:meth:`summary` counts every event all the same).
         """
         self._process_landed()
         events = list(self._events)

@@ -449,6 +449,28 @@ def test_step_called_on_every_closure_evaluation_is_warned_about_once(calls: str
     assert calls != "every" or engine.steps > 5  # what the warning is about: each evaluation counted as a step
 
 
+def test_undrained_events_past_the_cap_are_dropped_with_one_warning() -> None:
+    # A loop that never drained kept the last 1000 events and dropped the older ones silently (user trial).
+    from lightning_gradguard import engine as engine_module
+
+    model = _model()
+    engine = GuardEngine(model)
+    x = torch.randn(8, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(1005):
+            model.zero_grad()
+            model(x * math.nan).sum().backward()  # every step a NaN batch: one event each
+            engine.step()
+        engine.summary()  # lands the last step's flags
+    said = [w for w in caught if "events are waiting for drain()" in str(w.message)]
+    assert len(said) == 1 and said[0].filename == __file__
+    events = engine.drain()
+    assert len(events) == engine_module._MAX_EVENTS == 1000
+    assert events[-1].step == 1005 and events[0].step == 6  # the first five dropped
+    assert engine.summary()["nonfinite"] == 1005
+
+
 def test_attaching_a_second_optimizer_names_attach_in_its_message() -> None:
     model = _model()
     engine = GuardEngine(model, lr_guard=LRGuard())
