@@ -1000,13 +1000,16 @@ class GuardEngine:
 
         def stepped(*_: Any) -> None:
             live = engine()
-            if live is not None:
-                # Judged once the step is done: a step that raised has no post hook, and its count is dropped at the
-                # next step's start (a loop that catches it calls step() as it likes in between).
-                calls, live._calls_in_step = live._calls_in_step, None
-                if calls is not None and calls > 1:
-                    live._warn_reevaluated()
-                live._optimizer_stepped()
+            # None: no step under way, or this is a second post hook of one step (an optimizer subclass whose step()
+            # calls super().step() has both hooked by torch, and the second found the first's judgement undone).
+            if live is None or live._calls_in_step is None:
+                return
+            # Judged once the step is done: a step that raised has no post hook, and its count is dropped at the next
+            # step's start (a loop that catches it calls step() as it likes in between).
+            calls, live._calls_in_step = live._calls_in_step, None
+            if calls > 1:
+                live._warn_reevaluated()
+            live._optimizer_stepped()
 
         handle.hold(inner.register_step_pre_hook(stepping))
         handle.hold(inner.register_step_post_hook(stepped))

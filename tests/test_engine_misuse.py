@@ -471,6 +471,35 @@ def test_undrained_events_past_the_cap_are_dropped_with_one_warning() -> None:
     assert engine.summary()["nonfinite"] == 1005
 
 
+def test_an_optimizer_subclass_stepping_through_its_parent_is_judged_once_per_step() -> None:
+    # Torch hooks every optimizer class's step(): a subclass whose step() calls super().step() runs the step hooks
+    # twice per step (once a plain SGD has been built in the process), and the second post hook warned that the
+    # optimizer "stepped without a GuardEngine.step()" although step() came first every time (user trial).
+    torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)  # hooks SGD.step
+
+    class ThroughParent(torch.optim.SGD):
+        def step(self, closure: Any = None) -> Any:
+            return super().step(closure)
+
+    model = _model()
+    opt = ThroughParent(model.parameters(), lr=0.05)
+    engine = GuardEngine(model, lr_guard=LRGuard())
+    engine.attach(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(8, 4)).square().mean().backward()
+            engine.step(optimizer=opt)
+            opt.step()
+        assert not [w for w in caught if "GuardEngine" in str(w.message)]
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()  # this one without engine.step(): still said
+    said = [str(w.message) for w in caught if "GuardEngine" in str(w.message)]
+    assert len(said) == 1 and "stepped without a GuardEngine.step()" in said[0]
+
+
 def test_attaching_a_second_optimizer_names_attach_in_its_message() -> None:
     model = _model()
     engine = GuardEngine(model, lr_guard=LRGuard())
