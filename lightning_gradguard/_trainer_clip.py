@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_gradguard._lightning import overrides_hook
+from lightning_gradguard._lightning import PACKAGES, overrides_hook
 from lightning_gradguard.clip import Clipper
 
 __all__ = ["restore_clipping", "take_over_clipping"]
@@ -95,3 +95,20 @@ def later_hooks(pl_module: Any, clipping_hook: bool = True) -> list[str]:
     if clipping_hook and getattr(pl_module, "automatic_optimization", True):
         hooks.append("configure_gradient_clipping")  # called by Lightning under automatic optimization only
     return [f"`{hook}`" for hook in hooks if overrides_hook(pl_module, hook)]
+
+
+def gradient_callbacks(trainer: Any, guard: Any) -> tuple[list[str], list[str]]:
+    """The names of the other callbacks with an ``on_before_optimizer_step`` of their own (not Lightning's), that
+    Lightning runs before and after ``guard``'s: they may clip or scale the gradients GradGuard judges."""
+    before: list[str] = []
+    after: list[str] = []
+    seen = False
+    for callback in trainer.callbacks:
+        if callback is guard:
+            seen = True
+            continue
+        owner = next((c for c in type(callback).__mro__ if "on_before_optimizer_step" in vars(c)), None)
+        if owner is None or owner.__module__.startswith(tuple(f"{p}." for p in PACKAGES)):
+            continue
+        (after if seen else before).append(type(callback).__name__)
+    return before, after

@@ -852,6 +852,7 @@ class GradGuardBoard:
         vanishing: np.ndarray,
         present: np.ndarray | None = None,
         nonfinite: np.ndarray | None = None,
+        scalars: bool = True,
     ) -> None:
         """Write ``gradguard/layer/<name>`` for each layer of one optimizer and add a heatmap column.
 
@@ -868,6 +869,8 @@ class GradGuardBoard:
                 gradient" in the heatmap.
             nonfinite: optional ``[L]`` flags of layers with a non-finite gradient since the last column: shown as
                 non-finite in the heatmap, whatever their latest norm (written as the scalar).
+            scalars: write the per-layer (and block) scalars; ``False`` feeds the pictures only
+                (``GradGuard(log_layers=False)``).
         """
         names = self._names(opt_idx)
         num = len(names)
@@ -878,16 +881,17 @@ class GradGuardBoard:
         for arg, arr in (("norms", norms), ("exploding", exploding), ("vanishing", vanishing), ("present", mask)):
             if arr.shape != (num,):
                 raise ValueError(f"`{arg}` must have {num} entries (the layers of optimizer {opt_idx}), got {arr.size}")
-        tags = self._layer_tags[opt_idx]
-        items = [(tags[i], float(norms[i])) for i in np.flatnonzero(mask).tolist()]
-        if opt_idx in self._blocks:
-            # Block summaries over the layers that had a finite gradient; a block with none is not written.
-            usable = mask & np.isfinite(norms) & (norms >= 0)
-            for _, max_tag, median_tag, members in self._blocks[opt_idx]:
-                values = norms[members[usable[members]]]
-                if values.size:
-                    items += [(max_tag, float(values.max())), (median_tag, float(np.median(values)))]
-        self._add_scalars(int(step), items)
+        if scalars:
+            tags = self._layer_tags[opt_idx]
+            items = [(tags[i], float(norms[i])) for i in np.flatnonzero(mask).tolist()]
+            if opt_idx in self._blocks:
+                # Block summaries over the layers that had a finite gradient; a block with none is not written.
+                usable = mask & np.isfinite(norms) & (norms >= 0)
+                for _, max_tag, median_tag, members in self._blocks[opt_idx]:
+                    values = norms[members[usable[members]]]
+                    if values.size:
+                        items += [(max_tag, float(values.max())), (median_tag, float(np.median(values)))]
+            self._add_scalars(int(step), items)
         column = np.where(mask, norms, _ABSENT)
         heat = column
         if nonfinite is not None:

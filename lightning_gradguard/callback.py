@@ -29,7 +29,7 @@ from lightning_gradguard._lightning import (
     restart_weight_averages,
     same_batch_size_on_every_rank,
 )
-from lightning_gradguard._trainer_clip import later_hooks, restore_clipping, take_over_clipping
+from lightning_gradguard._trainer_clip import gradient_callbacks, later_hooks, restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, check_state, optional_int
 from lightning_gradguard.clip import AdaGC, Clipper, default_clipper
 from lightning_gradguard.detect import DivergenceDetector, ExplodingDetector, VanishingDetector
@@ -137,7 +137,7 @@ class GradGuard(CallbackBase):
             holds both GradGuard's scalars and the module's ``train_loss``. Event steps, images and histograms use
             the same numbers.
         group_depth: group parameters into layers by the first ``group_depth`` components of the module name.
-        group_fn: a callable mapping a parameter name to a layer name (not settable from YAML).
+        group_fn: a callable mapping a parameter name to a layer name (from YAML: the import path of a function).
         log_layers: write one scalar per layer (TensorBoard only).
         saturation: on logging steps, measure how saturated each activation module is (named in vanishing warnings).
         image_every_n_steps: steps between gradient-flow pictures (TensorBoard only); ``None`` disables them.
@@ -294,6 +294,7 @@ class GradGuard(CallbackBase):
         self._carried_state: dict[str, Any] | None = None  # the state the last copy carried (see __getstate__)
         self._copied_from: list[tuple[tuple[int, ...], float, float]] | None = None  # a copy's model (__getstate__)
         self._noted_hooks = False  # the note on the module's own later hooks was given
+        self._noted_callbacks = False  # the note on other callbacks' gradient hooks was given
         # Per optimizer key, each param group's rate as `configure_optimizers` gave it at the last fit's start (before
         # a checkpoint's rates are restored): a fit of the same model at other rates drops the cut and the rescue
         # found at the old ones (`_note_rates`). Carried by a copy, as the state it goes with.
@@ -659,6 +660,24 @@ class GradGuard(CallbackBase):
                 " describe the gradients before that change. On a step GradGuard skips (a non-finite or, with"
                 " skip_exploding, a flagged one), every gradient they see is None."
             )
+        before, after = gradient_callbacks(trainer, self)
+        if (before or after) and not self._noted_callbacks:
+            self._noted_callbacks = True
+            # A user trial's callback listed first clipped a 10^4x spike before GradGuard saw it: no event, no word.
+            said = []
+            if before:
+                said.append(
+                    f"{', '.join(before)} run(s) `on_before_optimizer_step` before GradGuard: if they clip or scale the"
+                    " gradients, GradGuard measures and judges the changed ones (a clip there hides spikes from its"
+                    " detectors); list GradGuard first in `callbacks=[...]` to judge the gradients as computed."
+                )
+            if after:
+                said.append(
+                    f"{', '.join(after)} run(s) `on_before_optimizer_step` after GradGuard: GradGuard's figures"
+                    " describe the gradients before them, and on a step GradGuard skips every gradient they see is"
+                    " None."
+                )
+            rank_zero_info("GradGuard: callback(s) " + " Callback(s) ".join(said))
         if self.saturation:
             self._saturation = SaturationMonitor(pl_module)
         if self._next_log_step == 0:
@@ -1485,18 +1504,19 @@ class GradGuard(CallbackBase):
         board = self._get_board(trainer)
         if board is not None:
             board.write_derived(step, metrics)
-            if self.log_layers:
-                for key, snap in snapshots:
-                    board.set_layers(key, snap.layer_names)  # a param group added since the last log
-                    board.write_layer_norms(
-                        step,
-                        key,
-                        snap.layer_norms,
-                        snap.exploding,
-                        snap.vanishing,
-                        present=snap.present,
-                        nonfinite=snap.nonfinite,
-                    )
+            for key, snap in snapshots:
+                board.set_layers(key, snap.layer_names)  # a param group added since the last log
+                # Without the per-layer scalars the pictures are still fed (they were left blank before).
+                board.write_layer_norms(
+                    step,
+                    key,
+                    snap.layer_norms,
+                    snap.exploding,
+                    snap.vanishing,
+                    present=snap.present,
+                    nonfinite=snap.nonfinite,
+                    scalars=self.log_layers,
+                )
             if layer_scalars:
                 board.write_scalars(step, layer_scalars)
             rows = self._reporter.take_rows()

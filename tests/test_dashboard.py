@@ -153,6 +153,20 @@ def test_image_every_n_steps_none_draws_no_picture(tmp_path: Path) -> None:
     assert "gradguard/layer/net.0" in acc.Tags()["scalars"]
 
 
+def test_without_layer_scalars_the_pictures_are_still_drawn(tmp_path: Path) -> None:
+    # `log_layers=False` left the gradient-flow pictures blank as well (user trial): only the scalars go now.
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(tmp_path, name="nolayers", version=0)
+    guard = GradGuard(log_layers=False, image_every_n_steps=5)
+    trainer(max_steps=10, max_epochs=-1, callbacks=[guard], logger=logger, log_every_n_steps=5).fit(
+        Regressor(), regression_data()
+    )
+    tags = load_events(Path(logger.log_dir)).Tags()
+    assert {"gradguard/gradient_flow", "gradguard/gradient_flow_bars"} <= set(tags["images"])
+    assert not [tag for tag in tags["scalars"] if tag.startswith("gradguard/layer/")]
+    assert "gradguard/total_norm" in tags["scalars"]
+
+
 def test_report_compares_several_runs(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert gradguard(["report", str(run_dir)]) == 0
     out = capsys.readouterr().out

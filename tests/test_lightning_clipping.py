@@ -213,6 +213,38 @@ def test_module_hooks_that_run_after_the_guard_get_one_note(caplog: pytest.LogCa
     assert "own `on_before_optimizer_step` run(s)" in note
 
 
+class _ClipsToo(L.Callback):
+    """A user's callback that clips the gradients itself."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        torch.nn.utils.clip_grad_norm_(pl_module.parameters(), 1.0)
+
+
+def test_other_callbacks_that_change_the_gradients_get_one_note_that_says_on_which_side(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Listed before GradGuard, a user's clipping callback hid a 10^4x spike from the detectors with no word (user
+    # trial); listed after it, its own clipping is what GradGuard's figures leave out.
+    def notes(callbacks: list[L.Callback]) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            trainer(max_steps=2, max_epochs=-1, callbacks=callbacks).fit(Regressor(), regression_data())
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if "on_before_optimizer_step` before GradGuard" in r.getMessage()
+            or "on_before_optimizer_step` after GradGuard" in r.getMessage()
+        ]
+
+    (before,) = notes([_ClipsToo(), GradGuard()])
+    assert "callback(s) _ClipsToo run(s) `on_before_optimizer_step` before GradGuard" in before
+    assert "list GradGuard first" in before and "after GradGuard" not in before
+    (after,) = notes([GradGuard(), _ClipsToo()])
+    assert "_ClipsToo run(s) `on_before_optimizer_step` after GradGuard" in after and "None" in after
+    # Lightning's own callbacks have no such hook of their own: nothing to say.
+    assert notes([GradGuard(), L.pytorch.callbacks.Timer()]) == []
+
+
 class _OwnClipping(Regressor):
     """Clips in its own ``configure_gradient_clipping`` and records which steps it saw without gradients; its third
     batch is NaN."""
