@@ -544,8 +544,9 @@ def _distributed() -> bool:
 
 def _rank_mean(loss: Tensor, samples: int | None = None) -> tuple[Tensor, Tensor | None]:
     """The mean of this step's loss over the processes that have one (NaN where none has), in one ``all_reduce``
-    that every process takes part in, whether it passed a loss or not; and, with ``samples``, whether this process's
-    differs from the mean of those the processes passed (the same collective: they must all pass the same)."""
+    that every process takes part in, whether it passed a loss or not; and, in the same collective, whether this
+    process's ``samples`` differs from the others' (a number where another passed ``None`` included): they must all
+    pass the same."""
     missing = torch.isnan(loss)
     # `new_full` fills on the device: no host-to-device copy (which waits for the device on CUDA).
     size, told = loss.new_full((), float(samples or 0)), loss.new_full((), float(samples is not None))
@@ -1383,7 +1384,7 @@ class GuardEngine:
         self._stamp(number)
         # Three more entries than the counts: whether the detector capped the step; the total norm, sent to the
         # host only while the rollback's rescue needs it (the first ``rescue_until`` steps); and, under several
-        # processes that pass `samples`, whether this one's differed from theirs.
+        # processes with a divergence detector (whose all_reduce tells), whether this one's `samples` differed.
         flags = self._free.pop() if self._free else HostFlags.create(len(_COUNTS) + 3, total.device)
         extra = [total.reshape(1)] if self.rollback is not None and self.rollback.wants_norm(self.steps + 1) else []
         if samples_differ is not None and not self._warned_samples:
