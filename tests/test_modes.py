@@ -597,6 +597,11 @@ class _ResumableBatches:
         self._start = state["done"] % len(self.batches)
 
 
+@pytest.mark.skipif(
+    tuple(int(part) for part in L.__version__.split(".")[:2]) < (2, 6),
+    reason="Lightning before 2.6 resumes these checkpoints with its own batch and step accounting (measured on 2.4:"
+    " norms from other batches, logs one step off): no uninterrupted run to compare the summaries with",
+)
 @pytest.mark.parametrize(
     ("saved_at", "resumable", "again_at"), [(16, True, None), (16, False, None), (10, True, None), (16, True, 18)]
 )
@@ -637,10 +642,7 @@ def test_a_resumed_runs_epoch_summaries_are_the_uninterrupted_runs(
         assert [step for step, _ in points] == [15, 31, 47]
         # The epochs that end after the resume point, with the uninterrupted run's values.
         expected = [(step, pytest.approx(value, rel=1e-6)) for step, value in points if step >= (again_at or saved_at)]
-        # Lightning 2.4 ends a resumed run at `max_steps` without its last epoch's end (2.6 runs it): the epochs the
-        # resumed run does end are the uninterrupted run's, the first after the resume point among them.
-        written = resumed.points(f"gradguard/epoch/{tag}")
-        assert written and written == expected[: len(written)]
+        assert resumed.points(f"gradguard/epoch/{tag}") == expected
 
 
 def test_a_run_resumed_with_a_regularizer_that_is_not_adaptive_keeps_its_configured_weight(tmp_path: Any) -> None:
