@@ -20,9 +20,23 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-__all__ = ["CallbackBase", "grad_scaler", "lightning_types", "loss_scale", "overrides_hook", "restart_weight_averages"]
+__all__ = [
+    "CallbackBase",
+    "grad_scaler",
+    "is_lightning_class",
+    "lightning_types",
+    "loss_scale",
+    "overrides_hook",
+    "restart_weight_averages",
+]
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
+_PREFIXES = tuple(f"{package}." for package in PACKAGES)
+
+
+def is_lightning_class(cls: type) -> bool:
+    """Whether ``cls`` is defined in either Lightning package (Lightning's own, not a user's subclass)."""
+    return cls.__module__.startswith(_PREFIXES)
 
 
 def _standalone() -> ModuleType | None:
@@ -89,7 +103,7 @@ def overrides_hook(instance: Any, name: str) -> bool:
     """
     cls = type(instance)
     for base in cls.__mro__:
-        if base.__name__ == "LightningModule" and base.__module__.startswith(tuple(f"{p}." for p in PACKAGES)):
+        if base.__name__ == "LightningModule" and is_lightning_class(base):
             return getattr(cls, name, None) is not getattr(base, name, None)
     return False
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_gradguard._lightning import PACKAGES, overrides_hook
+from lightning_gradguard._lightning import is_lightning_class, overrides_hook
 from lightning_gradguard.clip import Clipper
 
 __all__ = ["restore_clipping", "take_over_clipping"]
@@ -108,7 +108,7 @@ def gradient_callbacks(trainer: Any, guard: Any) -> tuple[list[str], list[str]]:
             seen = True
             continue
         owner = next((c for c in type(callback).__mro__ if "on_before_optimizer_step" in vars(c)), None)
-        if owner is None or owner.__module__.startswith(tuple(f"{p}." for p in PACKAGES)):
+        if owner is None or is_lightning_class(owner):
             continue
         (after if seen else before).append(type(callback).__name__)
     return before, after

@@ -335,6 +335,7 @@ class GradGuard(CallbackBase):
         self._batch_stepped = False  # an optimizer step ran in the current batch (Lightning logs only then)
         self._fit_batches = 0  # training batches of this fit, for the "no optimizer step seen" warning
         self._warned_unguarded = False
+        self._warned_outside: set[int] = set()  # the optimizers said to hold parameters of no submodule
         self._last_stamp: int | None = None  # Lightning's step of the latest optimizer step
         self._last_saturation: dict[str, float] = {}
         self._diag = FitDiagnostics()
@@ -713,6 +714,16 @@ class GradGuard(CallbackBase):
         self._hist_loaded, self._hist_trainer = None, weakref.ref(trainer)
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
         for optimizer in trainer.optimizers:
+            if _placeholder(optimizer):
+                # Said once, here: the warning at the end about batches without a guarded step would repeat it.
+                self._warned_unguarded = True
+                rank_zero_warn(
+                    "GradGuard: `configure_optimizers` returned None, so Lightning trains with no optimizer and"
+                    " GradGuard guards nothing in this fit. It guards the optimizers that `configure_optimizers`"
+                    " returns (stepped by Lightning or through `self.optimizers()`), not one created and stepped"
+                    " inside `training_step`."
+                )
+                continue
             key = self._optimizer_key(trainer, optimizer)
             engine = self._state_for(trainer, optimizer, key)
             if key in self._rates_changed:
@@ -828,6 +839,15 @@ class GradGuard(CallbackBase):
             raise MisconfigurationException(
                 f"GradGuard: optimizer {key} holds none of the LightningModule's parameters."
             )
+        outside = len({id(p) for p in held}) - len(index.params)
+        if outside and key not in self._warned_outside:
+            self._warned_outside.add(key)
+            rank_zero_warn(
+                f"GradGuard: optimizer {key} holds {outside} parameter(s) that are not the LightningModule's (no"
+                " submodule registers them): they are neither measured nor clipped, and a skipped step drops their"
+                " gradients too. Register them on the module (e.g. as an `nn.Parameter` attribute) to have them"
+                " guarded."
+            )
         reevaluating = self._reevaluates(optimizer, key)
         # No rate to lower (lr=None): no LR guard, and no rollback, whose restart goes with a lower rate.
         sizes_own_steps = _sizes_own_steps(optimizer)
@@ -854,6 +874,7 @@ class GradGuard(CallbackBase):
             # A param group was added (fine-tuning schedule) or a new model came: keep the counters, restart
             # per-layer statistics.
             new.carry_over(engine)
+        new._warned_unwatched = True  # said above, in GradGuard's words
         self._restore_optimizer_state(key, new)
         self._states[key] = new
         self._reporter.forget(key)
@@ -1040,6 +1061,8 @@ class GradGuard(CallbackBase):
     ) -> None:
         if self._unbound:  # a lazy module, whose parameters the first forward pass created
             self._unbound = bind_all(self._unbound, pl_module)
+        if _placeholder(optimizer):
+            return
         key = self._optimizer_key(trainer, optimizer)
         if self._repeated_evaluation(optimizer, key):
             return
@@ -1707,6 +1730,11 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
             " optimizer that unscales inside `step` (a fused optimizer): the gradients are still scaled when they"
             " are compared with the weights. Use a non-fused optimizer, or ZClip, AutoClip or NormClip."
         )
+
+
+def _placeholder(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is the stand-in Lightning trains with when ``configure_optimizers`` returns None."""
+    return isinstance(unwrap_optimizer(optimizer), lightning_types("core.optimizer._MockOptimizer"))
 
 
 def _sizes_own_steps(optimizer: torch.optim.Optimizer) -> bool:

@@ -691,6 +691,52 @@ def test_model_without_trainable_parameters_is_refused_at_fit_start(model_cls: t
             trainer(max_steps=2, callbacks=[GradGuard()]).fit(model_cls(), regression_data())
 
 
+class NoOptimizer(Regressor):
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def test_a_fit_without_an_optimizer_is_said_once_and_not_refused() -> None:
+    model = NoOptimizer()
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=4, callbacks=[GradGuard()]).fit(model, regression_data())
+    said = [str(w.message) for w in caught if "GradGuard" in str(w.message)]
+    assert len(said) == 1 and "`configure_optimizers` returned None" in said[0], said
+    assert len(model.losses) == 4 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class OutsideParameter(Regressor):
+    """An optimizer that also holds a parameter no submodule registers (a tensor made beside the module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "loose", nn.Parameter(torch.zeros(16)))  # past nn.Module's registration
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x + self.loose), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([*self.parameters(), self.loose], lr=self.lr)
+
+
+def test_a_parameter_of_no_submodule_is_named_in_gradguards_words() -> None:
+    model = OutsideParameter()
+    assert all(p is not model.loose for p in model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=4, callbacks=[GradGuard()]).fit(model, regression_data())
+    said = [str(w.message) for w in caught if "parameter(s)" in str(w.message)]
+    assert said == [
+        "GradGuard: optimizer 0 holds 1 parameter(s) that are not the LightningModule's (no submodule registers"
+        " them): they are neither measured nor clipped, and a skipped step drops their gradients too. Register them"
+        " on the module (e.g. as an `nn.Parameter` attribute) to have them guarded."
+    ]
+    assert model.loose.abs().sum() > 0  # trained, if not guarded
+
+
 class Finetune(Regressor):
     """A backbone frozen by ``BackboneFinetuning`` for epoch 0, a head, and a layer that never gets a gradient."""
 
