@@ -46,7 +46,7 @@ from lightning_gradguard.engine import (
     VanishingGradientError,
     _saved_event_counts,
 )
-from lightning_gradguard.layers import LayerIndex, build_layer_index
+from lightning_gradguard.layers import LayerIndex, build_layer_index, is_empty
 from lightning_gradguard.lr import LRGuard
 from lightning_gradguard.regularize import Orthogonal, Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
@@ -839,7 +839,7 @@ class GradGuard(CallbackBase):
             raise MisconfigurationException(
                 f"GradGuard: optimizer {key} holds none of the LightningModule's parameters."
             )
-        outside = len({id(p) for p in held}) - len(index.params)
+        outside = len({id(p) for p in held if not is_empty(p)}) - len(index.params)
         if outside and key not in self._warned_outside:
             self._warned_outside.add(key)
             rank_zero_warn(

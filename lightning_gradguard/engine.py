@@ -57,7 +57,14 @@ from lightning_gradguard.detect import (
     VanishingDetector,
     VanishingResult,
 )
-from lightning_gradguard.layers import LayerIndex, build_layer_index, layer_source, mapped_columns, unwrapped
+from lightning_gradguard.layers import (
+    LayerIndex,
+    build_layer_index,
+    is_empty,
+    layer_source,
+    mapped_columns,
+    unwrapped,
+)
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer, bind_all, check_regularizers
 from lightning_gradguard.rollback import Rollback, rollback_from
@@ -1145,7 +1152,8 @@ class GuardEngine:
         held = [p for group in groups for p in group.get("params", ())]
         mine = any(id(p) in self._own for p in held)
         # None of them: another model's optimizer, or DeepSpeed's flat copies (said below, and left alone).
-        self._unwatched = [p for p in held if id(p) not in self._own] if mine else []
+        # A parameter without elements (a soft prompt of 0 tokens) is no layer, and nothing to leave unguarded.
+        self._unwatched = [p for p in held if id(p) not in self._own and not is_empty(p)] if mine else []
         if self._unwatched and not self._warned_unwatched:
             self._warned_unwatched = True
             warnings.warn(

@@ -350,7 +350,7 @@ def _group_name(site: ParamSite, group_depth: int | None, group_fn: Callable[[st
     return site.module_name
 
 
-def _empty(param: nn.Parameter) -> bool:
+def is_empty(param: Tensor) -> bool:
     """Whether ``param`` has no elements (a lazy module's parameter, not materialized yet, has a size to come)."""
     return not isinstance(param, nn.parameter.UninitializedParameter) and param.numel() == 0
 
@@ -406,7 +406,7 @@ def build_layer_index(
     for site in parameter_sites(module):
         if not site.param.requires_grad and not include_frozen:
             continue
-        if _empty(site.param):
+        if is_empty(site.param):
             continue  # nothing to measure: its norm, always 0, read as a vanishing layer
         layer = _group_name(site, group_depth, group_fn)
         if layer not in layer_ids:

@@ -31,6 +31,7 @@ from lightning_gradguard import (
     AutoClip,
     ExplodingDetector,
     GradGuard,
+    GuardEngine,
     LRGuard,
     NormClip,
     VanishingDetector,
@@ -735,6 +736,32 @@ def test_a_parameter_of_no_submodule_is_named_in_gradguards_words() -> None:
         " on the module (e.g. as an `nn.Parameter` attribute) to have them guarded."
     ]
     assert model.loose.abs().sum() > 0  # trained, if not guarded
+
+
+class EmptyPrompt(Regressor):
+    """A soft prompt of 0 tokens: a parameter of the module with no elements, which is no layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.zeros(0, 16))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(torch.cat([self.prompt, x])), y)
+
+
+def test_a_parameter_without_elements_is_no_parameter_left_unguarded() -> None:
+    model = EmptyPrompt()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=4, callbacks=[GradGuard()]).fit(model, regression_data())
+    assert not [w for w in caught if "parameter(s)" in str(w.message)]
+    engine = GuardEngine(model)
+    optimizer = model.configure_optimizers()
+    model.training_step(next(iter(regression_data())), 0).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.step(optimizer=optimizer)
 
 
 class Finetune(Regressor):
