@@ -6,6 +6,7 @@ import copy
 import functools
 import logging
 import math
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any, Literal, get_args
@@ -588,15 +589,19 @@ class GradGuard(CallbackBase):
             )
 
     def _note_rates(self, trainer: pl.Trainer) -> None:
-        """Compare each optimizer's rates as `configure_optimizers` gives them with the last fit's (the same model
-        fitted again; a resume from a checkpoint brings its own rates, and is no change)."""
+        """Compare each optimizer's rates as the fit starts training with (`configure_optimizers`' own, or the rate a
+        `LearningRateFinder` callback chose in its `on_fit_start`) with the last fit's (the same model fitted again; a
+        resume from a checkpoint brings its own rates, and is no change)."""
         self._rates_changed.clear()
+        resumed = _resumed(trainer)
         for optimizer in trainer.optimizers:
+            if _placeholder(optimizer):
+                continue
             key = self._optimizer_key(trainer, optimizer)
             # A schedule's base (`initial_lr`): a warm-up from 0 has already set `lr` to 0 here.
             rates = _base_rates(optimizer)
             before = self._fit_rates.get(key)
-            if before is not None and trainer.ckpt_path is None and _rates_differ(before, rates):
+            if before is not None and not resumed and _rates_differ(before, rates):
                 self._rates_changed[key] = f"{_rates_text(before)} -> {_rates_text(rates)}"
             self._fit_rates[key] = rates
 
@@ -633,7 +638,6 @@ class GradGuard(CallbackBase):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
-        self._note_rates(trainer)
         index = build_layer_index(pl_module, self.group_depth, self.group_fn, include_frozen=True)
         _check_fit(self, trainer, index)
         self._model_index = index
@@ -712,6 +716,7 @@ class GradGuard(CallbackBase):
         elif self._hist_trainer is None or self._hist_trainer() is not trainer:
             self._last_hist_count = _lightning_step(trainer)
         self._hist_loaded, self._hist_trainer = None, weakref.ref(trainer)
+        self._note_rates(trainer)  # here, after every callback's `on_fit_start` (a learning-rate finder's)
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
         for optimizer in trainer.optimizers:
             if _placeholder(optimizer):
@@ -1730,6 +1735,17 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
             " optimizer that unscales inside `step` (a fused optimizer): the gradients are still scaled when they"
             " are compared with the weights. Use a non-fused optimizer, or ZClip, AutoClip or NormClip."
         )
+
+
+#: The checkpoints Lightning's tuners (`LearningRateFinder`, `BatchSizeFinder`, `Tuner`) save before their trial steps
+#: and restore after them: the fit that follows sets out afresh, though `trainer.ckpt_path` then names one.
+_TUNER_CHECKPOINTS = (".lr_find_", ".scale_batch_size_")
+
+
+def _resumed(trainer: pl.Trainer) -> bool:
+    """Whether this fit resumed from a checkpoint of its run (not a tuner's own temporary one)."""
+    path = trainer.ckpt_path
+    return path is not None and not os.path.basename(str(path)).startswith(_TUNER_CHECKPOINTS)
 
 
 def _placeholder(optimizer: torch.optim.Optimizer) -> bool:
