@@ -2227,6 +2227,20 @@ class GuardEngine:
         self._present_last = last
         self._joins = [(int(at), factor.to(self._record.device)) for at, factor in state.get("joins", [])]
         self._present_seen = None
+        # Protection the saved run relied on and that this engine has no part to take (a guard resumed with
+        # `rollback=None` or `lr_guard=None`): a user trial's resumed run blew up from 1.4 to 1700 without a word.
+        saved_rollback = state.get("rollback") or {}
+        if self.rollback is None and saved_rollback.get("rescuing"):
+            problems.append(
+                "the state was saved with the rescue clipping at work (turned on by a rollback's restart), and there"
+                " is no rollback here to take it: it is dropped, and only the clipper clips from now on."
+            )
+        saved_scale = state.get("lr_scale")
+        if self.lr_guard is None and saved_scale is not None and saved_scale < 1.0:
+            problems.append(
+                f"the state was saved while the LR guard held the rate at {saved_scale:.3g}x, and there is no LR guard"
+                " here: the run goes on at the full rate."
+            )
         if self.rollback is not None and state.get("rollback") is not None:
             self.rollback.load_state_dict(state["rollback"], params=self.index.params)
             held = self.rollback.holds_copy

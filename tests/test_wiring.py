@@ -365,6 +365,42 @@ def test_resuming_with_another_clipper_keeps_the_counts_and_the_lowered_rate(tmp
     assert resumed.lr_guard is not None and resumed.lr_guard.scale() < 1.0
 
 
+def test_resuming_without_an_lr_guard_names_the_cut_it_drops(tmp_path: Path) -> None:
+    path, saved = _checkpoint(tmp_path)
+    assert saved.lr_guard is not None
+    scale = saved.lr_guard.scale()
+    with pytest.warns(UserWarning) as caught:
+        trainer(max_epochs=4, callbacks=[GradGuard(lr_guard=None, rollback=None)]).fit(
+            Regressor(lr=1e-2, optimizer="adam"), _spiky_data(), ckpt_path=path
+        )
+    assert (
+        f"GradGuard (optimizer 0): the state was saved while the LR guard held the rate at {scale:.3g}x, and there is"
+        " no LR guard here: the run goes on at the full rate."
+    ) in [str(w.message) for w in caught]
+
+
+def test_resuming_without_a_rollback_names_the_rescue_clipping_it_drops(tmp_path: Path) -> None:
+    # The default's rescue (AGC from a restart) answered SGD at 10.0; a user trial's resume without the rollback lost
+    # it without a word, and the run blew up (held-out 1.4 -> 1700 in 10 steps).
+    torch.manual_seed(0)
+    saved, ckpt = GradGuard(), ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=40, max_epochs=-1, callbacks=[saved, ckpt], enable_checkpointing=True).fit(
+            Regressor(lr=10.0), regression_data()
+        )
+    assert saved.rescuing()
+    with pytest.warns(UserWarning) as caught:
+        trainer(max_steps=41, max_epochs=-1, callbacks=[GradGuard(rollback=None)]).fit(
+            Regressor(lr=10.0), regression_data(), ckpt_path=ckpt.last_model_path
+        )
+    said = [str(w.message) for w in caught if "rescue clipping" in str(w.message)]
+    assert said == [
+        "GradGuard (optimizer 0): the state was saved with the rescue clipping at work (turned on by a rollback's"
+        " restart), and there is no rollback here to take it: it is dropped, and only the clipper clips from now on."
+    ]
+
+
 def test_resuming_with_a_clipper_of_another_size_restores_everything_else(tmp_path: Path) -> None:
     path, saved = _checkpoint(tmp_path)
     counts = saved.summary()
