@@ -207,6 +207,7 @@ class Regularizer(abc.ABC):
 
     # Kinds of parameters (lightning_gradguard.layers) this regularizer penalizes; see "Parametrized weights".
     _kinds: frozenset[str] = frozenset({PLAIN, WEIGHT_NORM_G, SPECTRAL_NORM, PARAMETRIZED, PARAMETRIZATION})
+    _left_out = ""  # what a subclass leaves out beyond the selection rules, for the "selected no parameter" error
 
     def _selects(
         self,
@@ -275,7 +276,7 @@ class Regularizer(abc.ABC):
         if not params:
             raise ValueError(
                 f"{self!r} selected no parameter of {type(module).__name__}; "
-                "check `modules`, `module_types` and `include_bias`"
+                f"check `modules`, `module_types` and `include_bias`{self._left_out}"
             )
         self._params, self.param_names, self._layouts = params, names, layouts
         self._module_ref = weakref.ref(module)
@@ -570,6 +571,12 @@ class Orthogonal(Regularizer):
         >>> bool(reg.penalty() > 0)
         True
     """
+
+    # Said when nothing is selected: `modules=` naming an embedding alone selects nothing.
+    _left_out = (
+        " (Orthogonal also leaves out embeddings, normalization layers and vectors in matrix shape; name embeddings"
+        " with `module_types=(nn.Embedding,)`)"
+    )
 
     def __init__(
         self,

@@ -392,6 +392,11 @@ def test_regex_and_type_selection():
         L2(1e-3, modules=r"nothing_here").bind(net)
     with pytest.raises(ValueError, match="selected no parameter"):
         L2(1e-3, module_types=(nn.LayerNorm,)).bind(net)  # only bias-like parameters there
+    # An embedding named alone: Orthogonal leaves embeddings out unless `module_types` names them, and says so.
+    with pytest.raises(ValueError, match=r"include_bias` \(Orthogonal also leaves out embeddings.*module_types=\(nn"):
+        Orthogonal(1e-3, modules=r"^emb$").bind(net)
+    with pytest.raises(ValueError, match=r"include_bias`$"):
+        L2(1e-3, modules=r"nothing_here").bind(net)
 
 
 def test_penalty_rebinds_and_requires_binding():
