@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -124,15 +124,9 @@ def loss_scale(scaler: Any) -> Tensor | None:
 _SIZE_PROBES = 32
 
 
-def batch_size(batch: Any) -> int | None:
-    """The batch size of ``batch``: the first dimension that its tensors (nested in mappings, lists, tuples and
-    dataclasses) share, or ``None`` when it holds none or they disagree. A sequence batch in PyTorch's default
-    time-major layout (``pad_sequence``, ``nn.LSTM``: inputs ``(T, B, ...)``) beside targets ``(B,)`` has no shared
-    first dimension, and its length ``T`` is no number of examples: read as one, sequences bucketed by length looked
-    like batch-size changes, and the statistics started again every few steps. A 0-d tensor (a scalar field beside
-    the data) is passed over. Host-side only: shapes, never values; other iterables are not entered (a generator
-    would be consumed); the first ``_SIZE_PROBES`` tensors are compared."""
-    size: int | None = None
+def _probed_tensors(batch: Any) -> Iterator[Tensor]:
+    """The first ``_SIZE_PROBES`` tensors of ``batch`` with at least one dimension, in order (nested in mappings,
+    lists, tuples and dataclasses; other iterables are not entered: a generator would be consumed)."""
     probes = 0
     stack = [batch]
     while stack and probes < _SIZE_PROBES:
@@ -140,17 +134,31 @@ def batch_size(batch: Any) -> int | None:
         if isinstance(item, Tensor):
             if item.dim() > 0:
                 probes += 1
-                if size is None:
-                    size = int(item.shape[0])
-                elif item.shape[0] != size:
-                    return None
+                yield item
         elif isinstance(item, Mapping):  # a dict, or a UserDict such as Hugging Face's BatchEncoding
             stack.extend(reversed(list(item.values())))
         elif isinstance(item, (list, tuple)):
             stack.extend(reversed(item))
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
             stack.extend(reversed([getattr(item, field.name) for field in dataclasses.fields(item)]))
-    return size
+
+
+def batch_size(batch: Any) -> int | None:
+    """The batch size of ``batch``: the first dimension that its tensors (nested in mappings, lists, tuples and
+    dataclasses) share, or ``None`` when it holds none or they disagree. A sequence batch in PyTorch's default
+    time-major layout (``pad_sequence``, ``nn.LSTM``: inputs ``(T, B, ...)``) beside targets ``(B,)`` has no shared
+    first dimension, and its length ``T`` is no number of examples: read as one, sequences bucketed by length looked
+    like batch-size changes, and the statistics started again every few steps. A 0-d tensor (a scalar field beside
+    the data) is passed over. Host-side only: shapes, never values; the first ``_SIZE_PROBES`` tensors are
+    compared."""
+    sizes = {int(tensor.shape[0]) for tensor in _probed_tensors(batch)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def batch_layout(batch: Any) -> tuple[tuple[int, ...], ...]:
+    """The shapes of ``batch``'s first ``_SIZE_PROBES`` tensors (host-side: shapes, never values). A curriculum that
+    lengthens its sequences, or resizes its images, changes it for good at each stage."""
+    return tuple(tuple(tensor.shape) for tensor in _probed_tensors(batch))
 
 
 def same_batch_size_on_every_rank(trainer: Any) -> bool:

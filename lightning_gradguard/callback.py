@@ -23,6 +23,7 @@ from lightning_gradguard._fit_diagnostics import FitDiagnostics
 from lightning_gradguard._host import host_rate
 from lightning_gradguard._lightning import (
     CallbackBase,
+    batch_layout,
     batch_size,
     grad_scaler,
     lightning_types,
@@ -355,6 +356,11 @@ class GradGuard(CallbackBase):
         # `accumulate_grad_batches`, also in an epoch's last window, which may hold fewer (see GuardEngine.step's
         # `share`).
         self._window_batches = 0
+        # The batches' layout (`_note_layout`): the settled one, how many batches in a row had it, and another one
+        # seen on the last batch only.
+        self._layout: tuple[tuple[int, ...], ...] | None = None
+        self._layout_run = 0
+        self._odd_layout: tuple[tuple[int, ...], ...] | None = None
         self._batch_fresh = False
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
         # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
@@ -591,9 +597,9 @@ class GradGuard(CallbackBase):
             )
 
     def _note_rates(self, trainer: pl.Trainer) -> None:
-        """Compare each optimizer's rates as the fit starts training with (`configure_optimizers`' own, or the rate a
-        `LearningRateFinder` callback chose in its `on_fit_start`) with the last fit's (the same model fitted again; a
-        resume from a checkpoint brings its own rates, and is no change)."""
+        """Compare each optimizer's rates as `configure_optimizers` gives them (or a `LearningRateFinder` callback
+        set them) with the last fit's (the same model fitted again; a resume from a checkpoint brings its own rates,
+        and is no change)."""
         self._rates_changed.clear()
         resumed = _resumed(trainer)
         for optimizer in trainer.optimizers:
@@ -640,6 +646,9 @@ class GradGuard(CallbackBase):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
+        # Before a checkpoint's rates are restored. Lightning runs a LearningRateFinder or BatchSizeFinder callback
+        # first, wherever it is listed: a finder's rate is set by now.
+        self._note_rates(trainer)
         index = build_layer_index(pl_module, self.group_depth, self.group_fn, include_frozen=True)
         _check_fit(self, trainer, index)
         self._model_index = index
@@ -696,6 +705,7 @@ class GradGuard(CallbackBase):
         self._unowned = None
         self._samples, self._samples_at_step, self._batch_samples = 0, {}, None
         self._window_batches, self._batch_fresh = 0, False
+        self._layout, self._layout_run, self._odd_layout = None, 0, None
         self._diag.start_fit(self, trainer, pl_module, index)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -718,7 +728,6 @@ class GradGuard(CallbackBase):
         elif self._hist_trainer is None or self._hist_trainer() is not trainer:
             self._last_hist_count = _lightning_step(trainer)
         self._hist_loaded, self._hist_trainer = None, weakref.ref(trainer)
-        self._note_rates(trainer)  # here, after every callback's `on_fit_start` (a learning-rate finder's)
         # Every optimizer gets its state now, so tags and the dashboard know all of them from the first log.
         for optimizer in trainer.optimizers:
             if _placeholder(optimizer):
@@ -989,6 +998,8 @@ class GradGuard(CallbackBase):
         self._batch_stepped = False
         self._batch_samples = batch_size(batch) if self._count_samples else None
         self._batch_fresh = True
+        if trainer.world_size == 1:  # under several processes each rank's shapes may differ, and so its decisions
+            self._note_layout(batch)
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
         due = _lightning_step(trainer) + 1 >= self._next_log_step
@@ -1261,6 +1272,39 @@ class GradGuard(CallbackBase):
             if count >= self._next_log_step:
                 every = self._log_every(trainer)
                 self._next_log_step = (count // every + 1) * every
+
+    def _note_layout(self, batch: Any) -> None:
+        """A new phase (:meth:`new_phase`) when the batches' shapes change for good: a curriculum that lengthens its
+        sequences or resizes its images. A loss summed over a sequence length doubled every 50 steps climbed in
+        stages of 2-5x and was judged a divergence at its fourth stage: the run restarted from its initial weights
+        (held-out +827%); with its divergence level alone started again at each stage, the clipping of each stage's
+        first step still cost +39%.
+
+        The phase begins at the first batch of another layout after at least ``_SETTLED_LAYOUT`` batches of one, and
+        is undone (the statistics from before it put back) when the next batch is not of that layout too: a single
+        odd batch changes nothing lasting. A change of the batch size alone is left to the short-batch rule, and
+        shapes that vary from batch to batch (bucketed or padded lengths) never settle."""
+        layout = batch_layout(batch)
+        odd = self._odd_layout
+        if layout == self._layout or (odd is not None and layout != odd):
+            if odd is not None:  # the batch before was an odd one: not a new phase after all
+                for engine in self._states.values():
+                    engine._undo_phase()
+                self._odd_layout = None
+            if layout == self._layout:
+                self._layout_run += 1
+            else:  # a third layout in a row: the shapes vary, nothing is settled
+                self._layout, self._layout_run = layout, 1
+            return
+        if odd is not None:  # the second batch in a row of the new layout: it holds
+            for engine in self._states.values():
+                engine._before_phase = None
+            self._layout, self._layout_run, self._odd_layout = layout, 2, None
+            return
+        self._odd_layout = layout
+        if self._layout_run >= _SETTLED_LAYOUT and not _resized(self._layout, layout):
+            for engine in self._states.values():
+                engine._new_phase_until_undone()
 
     def _last_step(self, trainer: pl.Trainer) -> int:
         """The latest optimizer step, as Lightning numbers it: the row the steps since the last log end with."""
@@ -1632,7 +1676,8 @@ class GradGuard(CallbackBase):
         Without it, a legitimate jump of the loss by 10x or more looks like a divergence: the LR guard cuts the rate
         and, in the first 500 steps, the default early restart restarts the run. Call it from any hook or from
         ``training_step`` when the phase begins, e.g. ``self.trainer.callbacks``' GradGuard at the first step of
-        the new stage.
+        the new stage. In one process, a stage that changes the batches' shapes (longer sequences, larger images)
+        begins one by itself (README, "How it works").
 
         Example:
             >>> guard = GradGuard()
@@ -1739,9 +1784,21 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
         )
 
 
+#: Batches of one layout (their tensors' shapes) after which a lasting change of it starts a new level of the loss.
+_SETTLED_LAYOUT = 20
+
 #: The checkpoints Lightning's tuners (`LearningRateFinder`, `BatchSizeFinder`, `Tuner`) save before their trial steps
 #: and restore after them: the fit that follows sets out afresh, though `trainer.ckpt_path` then names one.
 _TUNER_CHECKPOINTS = (".lr_find_", ".scale_batch_size_")
+
+
+def _resized(before: Any, after: Any) -> bool:
+    """Whether two batch layouts differ in their batch size alone: every tensor's first dimension is the same
+    number, in each, and the rest of their shapes agree."""
+    if before is None or len(before) != len(after):
+        return False
+    firsts = {shape[0] for shape in before}, {shape[0] for shape in after}
+    return len(firsts[0]) == len(firsts[1]) == 1 and all(a[1:] == b[1:] for a, b in zip(before, after))
 
 
 def _resumed(trainer: pl.Trainer) -> bool:

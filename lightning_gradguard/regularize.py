@@ -207,7 +207,6 @@ class Regularizer(abc.ABC):
 
     # Kinds of parameters (lightning_gradguard.layers) this regularizer penalizes; see "Parametrized weights".
     _kinds: frozenset[str] = frozenset({PLAIN, WEIGHT_NORM_G, SPECTRAL_NORM, PARAMETRIZED, PARAMETRIZATION})
-    _left_out = ""  # what a subclass leaves out beyond the selection rules, for the "selected no parameter" error
 
     def _selects(
         self,
@@ -253,6 +252,10 @@ class Regularizer(abc.ABC):
         """Subclass hook: per-parameter information kept with the selection and passed to ``_grad_terms``."""
         return None
 
+    def _left_out(self) -> str:
+        """What this kind leaves out beyond the selection rules, for the "selected no parameter" error."""
+        return ""
+
     def bind(self, module: nn.Module) -> list[str]:
         """Select the parameters of ``module`` (see the class docstring) and remember them.
 
@@ -276,7 +279,7 @@ class Regularizer(abc.ABC):
         if not params:
             raise ValueError(
                 f"{self!r} selected no parameter of {type(module).__name__}; "
-                f"check `modules`, `module_types` and `include_bias`{self._left_out}"
+                f"check `modules`, `module_types` and `include_bias`{self._left_out()}"
             )
         self._params, self.param_names, self._layouts = params, names, layouts
         self._module_ref = weakref.ref(module)
@@ -572,11 +575,14 @@ class Orthogonal(Regularizer):
         True
     """
 
-    # Said when nothing is selected: `modules=` naming an embedding alone selects nothing.
-    _left_out = (
-        " (Orthogonal also leaves out embeddings, normalization layers and vectors in matrix shape; name embeddings"
-        " with `module_types=(nn.Embedding,)`)"
-    )
+    def _left_out(self) -> str:
+        # Said when nothing is selected: `modules=` naming an embedding alone selects nothing.
+        if self.module_types is not None:
+            return ""
+        return (
+            " (Orthogonal also leaves out embeddings, normalization layers and vectors in matrix shape; name"
+            " embeddings with `module_types=(nn.Embedding,)`)"
+        )
 
     def __init__(
         self,
