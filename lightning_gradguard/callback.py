@@ -1274,37 +1274,29 @@ class GradGuard(CallbackBase):
                 self._next_log_step = (count // every + 1) * every
 
     def _note_layout(self, batch: Any) -> None:
-        """A new phase (:meth:`new_phase`) when the batches' shapes change for good: a curriculum that lengthens its
-        sequences or resizes its images. A loss summed over a sequence length doubled every 50 steps climbed in
-        stages of 2-5x and was judged a divergence at its fourth stage: the run restarted from its initial weights
-        (held-out +827%); with its divergence level alone started again at each stage, the clipping of each stage's
-        first step still cost +39%.
+        """When the batches' shapes change for good (a curriculum that lengthens its sequences or resizes its
+        images), the divergence detectors forget the lowest level of the loss (:meth:`DivergenceDetector.forget_floor`):
+        a loss summed over a sequence length doubled every 50 steps climbed in stages of 2-5x and, 10x past the
+        level of its first stage, was judged a divergence at its fourth: the run restarted from its initial weights
+        (held-out +827%). The clipper's and the other detectors' statistics are kept, so a bad batch at the change
+        is judged as any other.
 
-        The phase begins at the first batch of another layout after at least ``_SETTLED_LAYOUT`` batches of one, and
-        is undone (the statistics from before it put back) when the next batch is not of that layout too: a single
-        odd batch changes nothing lasting. A change of the batch size alone is left to the short-batch rule, and
-        shapes that vary from batch to batch (bucketed or padded lengths) never settle."""
+        A change is lasting at the second batch in a row of another layout, after at least ``_SETTLED_LAYOUT``
+        batches of one: a single odd batch (an epoch's short last one) changes nothing, nor do shapes that vary from
+        batch to batch (bucketed or padded lengths), which never settle, nor a change of the batch size alone."""
         layout = batch_layout(batch)
-        odd = self._odd_layout
-        if layout == self._layout or (odd is not None and layout != odd):
-            if odd is not None:  # the batch before was an odd one: not a new phase after all
-                for engine in self._states.values():
-                    engine._undo_phase()
-                self._odd_layout = None
-            if layout == self._layout:
-                self._layout_run += 1
-            else:  # a third layout in a row: the shapes vary, nothing is settled
-                self._layout, self._layout_run = layout, 1
+        if layout == self._layout:
+            self._layout_run += 1
+            self._odd_layout = None
             return
-        if odd is not None:  # the second batch in a row of the new layout: it holds
-            for engine in self._states.values():
-                engine._before_phase = None
-            self._layout, self._layout_run, self._odd_layout = layout, 2, None
+        if layout != self._odd_layout:
+            self._odd_layout = layout
             return
-        self._odd_layout = layout
         if self._layout_run >= _SETTLED_LAYOUT and not _resized(self._layout, layout):
             for engine in self._states.values():
-                engine._new_phase_until_undone()
+                if engine.divergence is not None:
+                    engine.divergence.forget_floor()
+        self._layout, self._layout_run, self._odd_layout = layout, 2, None
 
     def _last_step(self, trainer: pl.Trainer) -> int:
         """The latest optimizer step, as Lightning numbers it: the row the steps since the last log end with."""
@@ -1676,8 +1668,9 @@ class GradGuard(CallbackBase):
         Without it, a legitimate jump of the loss by 10x or more looks like a divergence: the LR guard cuts the rate
         and, in the first 500 steps, the default early restart restarts the run. Call it from any hook or from
         ``training_step`` when the phase begins, e.g. ``self.trainer.callbacks``' GradGuard at the first step of
-        the new stage. In one process, a stage that changes the batches' shapes (longer sequences, larger images)
-        begins one by itself (README, "How it works").
+        the new stage. (In one process, a stage that changes the batches' shapes, longer sequences or larger images,
+        is no divergence by itself; its first steps are still clipped as a jump until the clipper takes in the new
+        level.)
 
         Example:
             >>> guard = GradGuard()
@@ -1784,7 +1777,7 @@ def _check_fit(guard: GradGuard, trainer: pl.Trainer, index: LayerIndex) -> None
         )
 
 
-#: Batches of one layout (their tensors' shapes) after which a lasting change of it starts a new level of the loss.
+#: Batches of one layout (their tensors' shapes) after which a lasting change of it is a new stage of the data.
 _SETTLED_LAYOUT = 20
 
 #: The checkpoints Lightning's tuners (`LearningRateFinder`, `BatchSizeFinder`, `Tuner`) save before their trial steps

@@ -844,6 +844,29 @@ class DivergenceDetector:
         # 1 - alpha, 1 and 0 on the device, made once: a per-step constant is an op.
         self._consts: tuple[Tensor, ...] | None = None
 
+    def forget_floor(self) -> None:
+        """Judge the loss against its running mean from here on, forgetting the lowest level the mean had held (it
+        settles again from the mean). For a change the caller knows of, after which the loss is meant to stay
+        higher: GradGuard calls it when the batches' shapes change for good (a curriculum stage). A loss summed over
+        a sequence length doubled every 50 steps climbed in stages of 2-5x; at its fourth stage it was 10x past that
+        lowest level, a divergence, and the run restarted from its initial weights (held-out +827%). The running
+        mean, the first loss and a streak in progress are kept, so one bad batch at the change moves nothing.
+
+        Example:
+            >>> import torch
+            >>> def stages(forget: bool) -> bool:
+            ...     det = DivergenceDetector(patience=1, alpha=0.5)
+            ...     for loss in [1.0, 1.0, 1.0, 4.0, 4.0]:
+            ...         det.update(torch.tensor(loss))
+            ...     if forget:
+            ...         det.forget_floor()
+            ...     return bool(det.update(torch.tensor(12.0)))
+            >>> stages(forget=False), stages(forget=True)  # 12x the first stage's level; 3.7x the running mean
+            (True, False)
+        """
+        if self._state is not None:
+            self._state[8] = 0.0  # no floor: the next settled step takes the running mean as its floor
+
     def update(self, loss: Tensor) -> Tensor:
         """Test this step's loss (a 0-d tensor; NaN: no loss this step), then fold it into the running mean.
 

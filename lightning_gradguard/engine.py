@@ -938,8 +938,6 @@ class GuardEngine:
         self.skipped = False  # whether the last step was skipped
         self._spike_skipped = False  # whether it was skipped for its norm (skip_exploding)
         self._last_capped = False  # whether the detector capped the last step (skip_exploding="first")
-        # The statistics a provisional new phase replaced, and `_last_capped` (see `_new_phase_until_undone`).
-        self._before_phase: tuple[dict[str, Any], bool] | None = None
         # Whether the last step put the weights back: an average of the weights kept elsewhere (an EMA) holds the
         # abandoned ones and should start again from the restored weights.
         self.rolled_back = False
@@ -2264,23 +2262,6 @@ class GuardEngine:
         # recompile.
         self._load_statistics({name: _to_device(state, self._record.device) for name, state in self._fresh.items()})
         self._last_capped = False  # a capped step of the new phase is a first
-        self._before_phase = None
-
-    def _new_phase_until_undone(self) -> None:
-        """:meth:`new_phase`, keeping the statistics it replaces (cloned on the device: no wait) for
-        :meth:`_undo_phase`, in case the change that began it lasts one batch only."""
-        kept = self._statistics()
-        kept["running_stats"] = None  # the model's own buffers, which a phase leaves alone
-        self.new_phase()
-        self._before_phase = (kept, self._last_capped)
-
-    def _undo_phase(self) -> None:
-        """Put back the statistics :meth:`_new_phase_until_undone` replaced (what the steps since taught them is
-        dropped)."""
-        if self._before_phase is not None:
-            kept, self._last_capped = self._before_phase
-            self._load_statistics(kept)
-            self._before_phase = None
 
     def carry_over(self, old: GuardEngine) -> None:
         """Continue ``old``, the engine of the same optimizer before its parameters changed (a param group added).
