@@ -550,10 +550,11 @@ class GradGuard(CallbackBase):
             problems = engine._load_state(saved)
         except ValueError:
             rank_zero_warn(
-                f"GradGuard: the checkpoint's parameters for optimizer {key} differ from the model's (a layer added or"
-                " removed since it was saved), so none of its state for them is restored: the counts, the step count,"
-                " the detectors' and clipper's statistics, the early-restart window and the rescue clipping start"
-                " afresh, as in a new run (the early restart may go back to the weights of this resume)."
+                f"GradGuard: the checkpoint's parameters for optimizer {key} differ from the model's (layers added or"
+                " removed since it was saved, or parameters given to other optimizers), so none of its state for them"
+                " is restored: the counts, the step count, the detectors' and clipper's statistics, the early-restart"
+                " window and the rescue clipping start afresh, as in a new run (the early restart may go back to the"
+                " weights of this resume)."
             )
             return
         for problem in problems:

@@ -865,7 +865,9 @@ class DivergenceDetector:
             (True, False)
         """
         if self._state is not None:
-            self._state[8] = 0.0  # no floor: the next settled step takes the running mean as its floor
+            state = self._state.clone()  # a loaded state may be a checkpoint's own tensor
+            state[8] = 0.0  # no floor: the next settled step takes the running mean as its floor
+            self._state = state
 
     def update(self, loss: Tensor) -> Tensor:
         """Test this step's loss (a 0-d tensor; NaN: no loss this step), then fold it into the running mean.
