@@ -151,14 +151,19 @@ def batch_size(batch: Any) -> int | None:
     like batch-size changes, and the statistics started again every few steps. A 0-d tensor (a scalar field beside
     the data) is passed over. Host-side only: shapes, never values; the first ``_SIZE_PROBES`` tensors are
     compared."""
-    sizes = {int(tensor.shape[0]) for tensor in _probed_tensors(batch)}
-    return sizes.pop() if len(sizes) == 1 else None
+    return layout_batch_size(batch_layout(batch))
 
 
 def batch_layout(batch: Any) -> tuple[tuple[int, ...], ...]:
     """The shapes of ``batch``'s first ``_SIZE_PROBES`` tensors (host-side: shapes, never values). A curriculum that
     lengthens its sequences, or resizes its images, changes it for good at each stage."""
     return tuple(tuple(tensor.shape) for tensor in _probed_tensors(batch))
+
+
+def layout_batch_size(layout: tuple[tuple[int, ...], ...]) -> int | None:
+    """:func:`batch_size` of a batch whose :func:`batch_layout` is ``layout``."""
+    sizes = {shape[0] for shape in layout}
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def same_batch_size_on_every_rank(trainer: Any) -> bool:

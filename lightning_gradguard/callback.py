@@ -24,8 +24,8 @@ from lightning_gradguard._host import host_rate
 from lightning_gradguard._lightning import (
     CallbackBase,
     batch_layout,
-    batch_size,
     grad_scaler,
+    layout_batch_size,
     lightning_types,
     loss_scale,
     restart_weight_averages,
@@ -997,10 +997,11 @@ class GradGuard(CallbackBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_stepped = False
-        self._batch_samples = batch_size(batch) if self._count_samples else None
+        layout = batch_layout(batch)
+        self._batch_samples = layout_batch_size(layout) if self._count_samples else None
         self._batch_fresh = True
         if trainer.world_size == 1:  # under several processes each rank's shapes may differ, and so its decisions
-            self._note_layout(batch)
+            self._note_layout(layout)
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
         due = _lightning_step(trainer) + 1 >= self._next_log_step
@@ -1274,7 +1275,7 @@ class GradGuard(CallbackBase):
                 every = self._log_every(trainer)
                 self._next_log_step = (count // every + 1) * every
 
-    def _note_layout(self, batch: Any) -> None:
+    def _note_layout(self, layout: tuple[tuple[int, ...], ...]) -> None:
         """When the batches' shapes change for good (a curriculum that lengthens its sequences or resizes its
         images), the divergence detectors forget the lowest level of the loss (:meth:`DivergenceDetector.forget_floor`):
         a loss summed over a sequence length doubled every 50 steps climbed in stages of 2-5x and, 10x past the
@@ -1285,7 +1286,6 @@ class GradGuard(CallbackBase):
         A change is lasting at the second batch in a row of another layout, after at least ``_SETTLED_LAYOUT``
         batches of one: a single odd batch (an epoch's short last one) changes nothing, nor do shapes that vary from
         batch to batch (bucketed or padded lengths), which never settle, nor a change of the batch size alone."""
-        layout = batch_layout(batch)
         if layout == self._layout:
             self._layout_run += 1
             self._odd_layout = None
