@@ -1791,8 +1791,8 @@ def _resized(before: Any, after: Any) -> bool:
     number, in each, and the rest of their shapes agree."""
     if before is None or len(before) != len(after):
         return False
-    firsts = {shape[0] for shape in before}, {shape[0] for shape in after}
-    return len(firsts[0]) == len(firsts[1]) == 1 and all(a[1:] == b[1:] for a, b in zip(before, after))
+    sized = layout_batch_size(before) is not None and layout_batch_size(after) is not None
+    return sized and all(a[1:] == b[1:] for a, b in zip(before, after))
 
 
 def _resumed(trainer: pl.Trainer) -> bool:
