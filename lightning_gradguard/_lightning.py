@@ -213,3 +213,10 @@ def restart_weight_averages(trainer: Any) -> list[str]:
             count.zero_()
             restarted.append(type(callback).__name__)
     return restarted
+
+
+def swa_took_over(trainer: Any) -> bool:
+    """Whether a ``StochasticWeightAveraging`` callback has set the rates to its ``swa_lrs`` in this fit (from its
+    start epoch on)."""
+    swa = lightning_types("callbacks.StochasticWeightAveraging")
+    return any(isinstance(c, swa) and bool(getattr(c, "_initialized", False)) for c in trainer.callbacks)

@@ -30,6 +30,7 @@ from lightning_gradguard._lightning import (
     loss_scale,
     restart_weight_averages,
     same_batch_size_on_every_rank,
+    swa_took_over,
 )
 from lightning_gradguard._trainer_clip import gradient_callbacks, later_hooks, restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, check_state, optional_int
@@ -374,6 +375,11 @@ class GradGuard(CallbackBase):
         # Per optimizer key, each param group's base rate when training started (a scheduler's `initial_lr`, else
         # its rate), for the end-of-fit rate line.
         self._start_rates: dict[int, list[float | None]] = {}
+        # Per optimizer key, param group 0's scheduled rate at its latest LR cut or rollback in this fit (None: not
+        # a host number), for the end-of-fit rate line.
+        self._trouble_rates: dict[int, float | None] = {}
+        # Optimizer keys whose rescue clipping an earlier fit of this guard began (a refit, not a resume).
+        self._rescued_before: set[int] = set()
 
     # ------------------------------------------------------------------ identity and state
     def __getstate__(self) -> dict[str, Any]:
@@ -647,6 +653,7 @@ class GradGuard(CallbackBase):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
+        self._trouble_rates.clear()
         # Before a checkpoint's rates are restored. Lightning runs a LearningRateFinder or BatchSizeFinder callback
         # first, wherever it is listed: a finder's rate is set by now.
         self._note_rates(trainer)
@@ -745,6 +752,10 @@ class GradGuard(CallbackBase):
             engine = self._state_for(trainer, optimizer, key)
             if key in self._rates_changed:
                 self._forget_rate(key, engine, self._rates_changed.pop(key))
+            if engine.rollback is not None and engine.rollback.rescuing and not _resumed(trainer):
+                self._rescued_before.add(key)
+            else:
+                self._rescued_before.discard(key)
             # Each group's base rate now (SWA later overwrites `initial_lr` with its `swa_lrs`).
             self._start_rates[key] = _base_rates(optimizer)
             if "update_ratio" in self._diag_on:
@@ -1124,6 +1135,7 @@ class GradGuard(CallbackBase):
         finally:
             engine.before_drop = None  # holds the scaler and the optimizer: not beyond the step
         if engine.rolled_back:
+            self._note_trouble(trainer, key)
             restart_weight_averages(trainer)
             self._table_row(
                 trainer, key, stamp, "rolled_back", "(weights)", math.nan, self._rollback_action(key, engine)
@@ -1181,6 +1193,8 @@ class GradGuard(CallbackBase):
                 else ("lr_reduced", "")
             )
             self._table_row(trainer, key, event.step, kind, "(rate)", scale, f"{why}rate {scale:.3g}x its schedule")
+            if event.lr_reduced:
+                self._note_trouble(trainer, key)
         if event.exploding and self.on_exploding == "raise":
             raise GradientExplosionError(
                 f"GradGuard: exploding gradients at step {event.step} (optimizer {key}); see"
@@ -1344,7 +1358,13 @@ class GradGuard(CallbackBase):
         which = f" of optimizer {key}" if len(self._states) > 1 else ""
         notes = []
         rollback = engine.rollback
-        if rollback is not None and rollback.rescuing:
+        if rollback is not None and rollback.rescuing and key in self._rescued_before:
+            # Nothing new: the line of the fit that restarted, said again at each refit, read as a new restart.
+            notes.append(
+                f"GradGuard: {rollback.rescue!r} still clips the gradients{which} unit-wise, as since an earlier fit"
+                " of this model restarted it (see that fit's last line)."
+            )
+        elif rollback is not None and rollback.rescuing:
             notes.append(
                 f"GradGuard: the gradients{which} exploded early and the run restarted from its initial weights, with"
                 f" {rollback.rescue!r} clipping them unit-wise from then on. To train this setup again, clip that way"
@@ -1392,7 +1412,15 @@ class GradGuard(CallbackBase):
                 base is not None and group.get("lr") is not None and not math.isclose(base, float(group["lr"]))
                 for base, group in zip(bases, groups)
             )
-            if moved:
+            swa = self._swa_rates(trainer, key)
+            if swa is not None:
+                # The trouble came at StochasticWeightAveraging's rate, which replaced the schedule's: the advice
+                # named the base rate, which had trained calmly (user trial).
+                ceiling = f"StochasticWeightAveraging's rate (`swa_lrs`) scaled by {scale:.3g}x"
+                if len(set(swa)) == 1:
+                    ceiling += f" ({swa[0] * scale:.3g} instead of {swa[0]:.3g})"
+                advice = "set `swa_lrs` well below that (a tenth of it)"
+            elif moved:
                 # The last rate is the schedule's, decayed: the ceiling is the schedule scaled.
                 ceiling = f"The schedule scaled by {scale:.3g}x"
                 if len(set(bases)) == 1 and bases[0] is not None:
@@ -1407,6 +1435,24 @@ class GradGuard(CallbackBase):
             " stretches, in the events): those say nothing about the rate."
         )
         return " ".join(notes)
+
+    def _note_trouble(self, trainer: pl.Trainer, key: int) -> None:
+        """Keep the rate optimizer ``key``'s schedule gave its group 0 when the guard cut the rate or rolled back."""
+        if self.lr_guard is not None and key < len(trainer.optimizers):
+            self._trouble_rates[key] = host_rate(self.lr_guard.scheduled_rates(trainer.optimizers[key], key)[0])
+
+    def _swa_rates(self, trainer: pl.Trainer, key: int) -> list[float] | None:
+        """StochasticWeightAveraging's rate of each param group of optimizer ``key`` (the ``initial_lr`` it sets),
+        when it took the rates over in this fit and the latest cut or rollback came at a rate nearer its rate than
+        the one training started with (SWA anneals towards its rate over epochs); else ``None``."""
+        if not swa_took_over(trainer):
+            return None
+        trouble, start = self._trouble_rates.get(key), (self._start_rates.get(key) or [None])[0]
+        rates = [host_rate(group.get("initial_lr")) for group in trainer.optimizers[key].param_groups]
+        swa = [rate for rate in rates if rate]
+        if not (trouble and start) or len(swa) < len(rates):
+            return None
+        return swa if abs(math.log(trouble / swa[0])) < abs(math.log(trouble / start)) else None
 
     def _schedule_bases(self, trainer: pl.Trainer, key: int) -> tuple[str, list[float | None]]:
         """Each param group's peak rate (a cyclic schedule: ``max_lr`` in the group, as OneCycleLR keeps it, or

@@ -845,23 +845,34 @@ def test_under_a_schedule_the_rate_note_scales_the_schedule(
     assert "scale it well below that (by a tenth of it)" in notes[0] and "start well below it" not in notes[0]
 
 
-def test_under_stochastic_weight_averaging_the_rate_note_names_the_rate_training_started_with(
-    caplog: pytest.LogCaptureFixture,
+@pytest.mark.parametrize(("swa_lrs", "annealing_epochs"), [(0.005, 10), (0.5, 1)])
+def test_under_stochastic_weight_averaging_the_rate_note_names_the_rate_in_force_at_the_trouble(
+    caplog: pytest.LogCaptureFixture, swa_lrs: float, annealing_epochs: int
 ) -> None:
-    """SWA writes its `swa_lrs` into the groups' `initial_lr` when it takes over: the note scaled that (0.005) as the
-    schedule's base rate, advising a lower SWA rate beside the rate that exploded."""
+    """SWA writes its `swa_lrs` into the groups' `initial_lr` when it takes over. Trouble while its rate still anneals
+    from the base rate (0.02 towards 0.005 over 10 epochs) is the base rate's: the note scaled 0.005 as the base,
+    advising a lower SWA rate beside the rate that exploded. Trouble at SWA's own rate (0.5, reached in one epoch) is
+    `swa_lrs`'s: the note blamed the base rate, which had trained calmly (user trial)."""
     L.seed_everything(0, verbose=False)
     guard = GradGuard(rollback=default_rollback(early_only=False))
-    swa = lightning.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.005, swa_epoch_start=3)
+    swa = lightning.pytorch.callbacks.StochasticWeightAveraging(
+        swa_lrs=swa_lrs, swa_epoch_start=2, annealing_epochs=annealing_epochs
+    )
     with warnings.catch_warnings(), caplog.at_level(logging.INFO):
         warnings.simplefilter("ignore")
-        # 16 steps an epoch: the climb at steps 40-41 comes at the rate of 0.02, SWA takes over in epoch 3.
+        # 16 steps an epoch: SWA takes over at step 16, the climb comes at steps 40-41.
         trainer(max_epochs=5, callbacks=[guard, swa]).fit(SpikyRegressor(_CLIMB, lr=0.02), regression_data())
     assert guard.lr_guard is not None
     scale = guard.lr_guard.scale()
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard: the learning rate")]
     assert 0.0 < scale < 1.0 and len(notes) == 1
-    assert f"(its base rate {0.02 * scale:.3g} instead of 0.02) is a ceiling" in notes[0]
+    if swa_lrs < 0.02:
+        assert f"(its base rate {0.02 * scale:.3g} instead of 0.02) is a ceiling" in notes[0]
+        assert "swa_lrs" not in notes[0]
+    else:
+        swa_scaled = f"StochasticWeightAveraging's rate (`swa_lrs`) scaled by {scale:.3g}x ({0.5 * scale:.3g} instead"
+        assert f"{swa_scaled} of 0.5) is a ceiling" in notes[0]
+        assert "set `swa_lrs` well below that" in notes[0] and "base rate" not in notes[0]
 
 
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:

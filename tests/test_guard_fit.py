@@ -455,6 +455,7 @@ def test_the_same_model_fitted_again_at_another_rate_drops_the_rescue(
     model, guard = Regressor(lr=10.0), GradGuard()
     _quiet_fit(trainer(max_steps=40, max_epochs=-1, callbacks=[guard]), model, regression_data())
     assert guard.rescuing()
+    caplog.clear()
     callbacks: list[Any] = [guard]
     if change == "by hand":
         model.lr = 0.01
@@ -489,6 +490,18 @@ def test_the_same_model_fitted_again_at_another_rate_drops_the_rescue(
         ]
     )
     assert change == "none" or model.lr < 0.1
+    # The refit's own line says the rescue goes on; the first fit's restart line, said again, read as a new restart.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard: AGC(")]
+    assert lines == (
+        [
+            "GradGuard: AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()) still clips the"
+            " gradients unit-wise, as since an earlier fit of this model restarted it (see that fit's last"
+            " line)."
+        ]
+        if change == "none"
+        else []
+    )
+    assert not [r for r in caplog.records if "exploded early and the run restarted" in r.getMessage()]
 
 
 def test_guard_reused_for_a_new_model_starts_afresh() -> None:
