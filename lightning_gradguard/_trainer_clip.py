@@ -6,7 +6,9 @@ log its own coefficient while the optimizer received gradients clipped once more
 ``clip_grad_norm_(val)`` after the guard's clipper clips to ``min(guard threshold, val)``: GradGuard's engines take
 ``val`` as their ``max_norm`` and Lightning's clipping is switched off for the fit (restored at teardown). Clipping by
 value cannot be folded into a norm coefficient (a clamp of each entry changes the gradient's direction), so it stays
-Lightning's and a warning says precisely what the logs then describe.
+Lightning's and a warning says precisely what the logs then describe. So does any clipping with a gradient hook that
+runs after GradGuard's (the module's ``on_before_optimizer_step``, a callback listed after GradGuard): Lightning's
+bound holds for what such a hook leaves, GradGuard's would not.
 """
 
 from __future__ import annotations
@@ -28,8 +30,15 @@ def _algorithm(trainer: Any) -> str:
     return str(getattr(algorithm, "value", algorithm) or "norm").lower()
 
 
-def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None) -> float | None:
+def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None, later: list[str]) -> float | None:
     """Fold ``Trainer(gradient_clip_val=...)`` into GradGuard's clipping where that is exact; warn where it is not.
+
+    Args:
+        trainer: The Trainer of the fit.
+        pl_module: Its LightningModule.
+        clip: GradGuard's clipper.
+        later: The hooks that run between GradGuard's and Lightning's clipping and may change the gradients (the
+            module's ``on_before_optimizer_step``, callbacks listed after GradGuard), named for the message.
 
     Returns:
         The norm bound GradGuard's engines take over (``GuardEngine(max_norm=...)``), or ``None``.
@@ -49,6 +58,19 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None) -> fl
             f"GradGuard: {clipping} goes to the LightningModule's own `configure_gradient_clipping`, which runs after"
             f" GradGuard's hook: clipping happens twice if it clips. {before}"
         )
+        return None
+    if later:
+        # A user's noise injection there reached the optimizer at norm 22 under a bound of 1.0 once GradGuard had
+        # taken the bound over (user trial): Lightning clips after every hook, so it keeps the bound.
+        said = (
+            f"GradGuard leaves {clipping} to Lightning: it clips after {' and '.join(later)}, which run(s) after"
+            f" GradGuard's hook and may change the gradients, so only Lightning's clipping bounds what the optimizer"
+            f" receives. {before}"
+        )
+        if clip is None:
+            rank_zero_info(said)
+        else:
+            rank_zero_warn(f"{said} Clipping happens twice when GradGuard clips too: set one of them.")
         return None
     if _algorithm(trainer) == "value":
         rank_zero_warn(

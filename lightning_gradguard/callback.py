@@ -672,8 +672,12 @@ class GradGuard(CallbackBase):
                 "GradGuard(clip=AdaGC(...)) clips each parameter by its whole gradient norm, but the parameters are"
                 " sharded DTensors (FSDP2). Use ZClip, AutoClip, NormClip or AGC with FSDP2, or AdaGC with DDP."
             )
-        # Trainer(gradient_clip_val=...) clips after this hook: folded into the engines' clipping (see _trainer_clip).
-        self._clip_norm = take_over_clipping(trainer, pl_module, self.clip)
+        before, after = gradient_callbacks(trainer, self)
+        # Trainer(gradient_clip_val=...) clips after this hook: folded into the engines' clipping (see _trainer_clip)
+        # unless other gradient hooks run in between.
+        between = [f"the LightningModule's {hook}" for hook in later_hooks(pl_module, clipping_hook=False)]
+        between += [f"callback {name}" for name in after]
+        self._clip_norm = take_over_clipping(trainer, pl_module, self.clip, between)
         # With `gradient_clip_val`, an own `configure_gradient_clipping` got a warning from the take-over instead.
         hooks = later_hooks(pl_module, clipping_hook=not (trainer.gradient_clip_val or self._clip_norm))
         if hooks and not self._noted_hooks:
@@ -684,7 +688,6 @@ class GradGuard(CallbackBase):
                 " describe the gradients before that change. On a step GradGuard skips (a non-finite or, with"
                 " skip_exploding, a flagged one), every gradient they see is None."
             )
-        before, after = gradient_callbacks(trainer, self)
         if (before or after) and not self._noted_callbacks:
             self._noted_callbacks = True
             # A user trial's callback listed first clipped a 10^4x spike before GradGuard saw it: no event, no word.

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from typing import Any
 
 import lightning as L
@@ -348,3 +349,46 @@ def test_engine_max_norm_alone_clips_like_clip_grad_norm_and_nothing_more() -> N
         engine.step()
     snap = engine.snapshot()
     assert snap.counts["exploding"] >= 1 and snap.counts["clipped"] == 0 and snap.clip_coef == 1.0
+
+
+class _Noisy(Recorded):
+    """Adds gradient noise in its own `on_before_optimizer_step`, which Lightning runs after every callback's."""
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.add_(torch.randn_like(p.grad), alpha=3.0)
+
+
+class _NoisyCallback(L.Callback):
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                p.grad.add_(torch.randn_like(p.grad), alpha=3.0)
+
+
+@pytest.mark.parametrize("where", ["module", "callback after"])
+@pytest.mark.parametrize("clip", ["default", None])
+def test_gradient_clip_val_still_bounds_what_a_later_gradient_hook_leaves(
+    where: str, clip: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taken over, the Trainer's bound was applied before the module's (or a later callback's) gradient hook: a
+    user's noise injection there reached the optimizer at norm 22 under `gradient_clip_val=1.0`, on every step. With
+    such a hook the clipping stays Lightning's, after it."""
+    torch.manual_seed(0)
+    received: list[list[torch.Tensor]] = []
+    model = _Noisy(received) if where == "module" else Recorded(received)
+    guard = GradGuard() if clip == "default" else GradGuard(clip=None)
+    callbacks: list[L.Callback] = [guard] if where == "module" else [guard, _NoisyCallback()]
+    fit = trainer(max_steps=20, max_epochs=-1, callbacks=callbacks, gradient_clip_val=1.0)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        fit.fit(model, regression_data())
+    norms = [torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() for grads in received]
+    assert len(norms) == 20 and max(norms) <= 1.0 + 1e-6 and min(norms) > 0.99  # the noise is far above the bound
+    # A line without a clipper of GradGuard's; a warning with one (clipping happens twice).
+    lines = [r.getMessage() for r in caplog.records] if clip is None else [str(w.message) for w in warned]
+    said = [line for line in lines if "leaves `Trainer(gradient_clip_val=1.0)` to Lightning" in line]
+    hook = "the LightningModule's `on_before_optimizer_step`" if where == "module" else "callback _NoisyCallback"
+    assert len(said) == 1 and f"it clips after {hook}, which run(s) after GradGuard's hook" in said[0]
+    assert fit.gradient_clip_val == 1.0
