@@ -609,6 +609,7 @@ class ExplodingDetector:
         self._mean, self._levels = mean, levels
 
     def state_dict(self) -> dict[str, Any]:
+        """The running state, to save beside the model; :meth:`load_state_dict` restores it."""
         return {
             "mean": None if self._mean is None else self._mean.clone(),
             "var": None if self._var is None else self._var.clone(),
@@ -619,6 +620,8 @@ class ExplodingDetector:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state that :meth:`state_dict` returned (a ``ValueError`` for one that lacks a key or has
+        another version)."""
         check_state(type(self).__name__, state, ("mean", "var", "count"))
         self._mean, self._var, self._count = state["mean"], state["var"], state["count"]
         # Absent from states saved before stretches were kept (they may hold the "onset" of a streak of flagged
@@ -703,9 +706,12 @@ class VanishingDetector:
         self._run = run
 
     def state_dict(self) -> dict[str, Any]:
+        """The running state, to save beside the model; :meth:`load_state_dict` restores it."""
         return {"run": None if self._run is None else self._run.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state that :meth:`state_dict` returned (a ``ValueError`` for one that lacks a key or has
+        another version)."""
         check_state(type(self).__name__, state, ("run",))
         self._run = state["run"]
 
@@ -989,9 +995,12 @@ class DivergenceDetector:
         return torch.where(torch.stack([learned, count > 0, start > 0, lowest > 0]), known, math.nan)
 
     def state_dict(self) -> dict[str, Any]:
+        """The running state, to save beside the model; :meth:`load_state_dict` restores it."""
         return {"state": None if self._state is None else self._state.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state that :meth:`state_dict` returned (a ``ValueError`` for one that lacks a key or has
+        another version)."""
         check_state(type(self).__name__, state, ("state",))
         saved = state["state"]
         if saved is not None and saved.numel() > _DIVERGENCE_STATE:

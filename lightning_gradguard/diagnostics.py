@@ -409,6 +409,7 @@ too high for it (about 1e-3 is usual)"]
         return ["update/weight ratio " + "; and ".join(parts)] if parts else []
 
     def state_dict(self) -> dict[str, Any]:
+        """The running state, to save beside the model; :meth:`load_state_dict` restores it."""
         return {
             "version": _STATE_VERSION,
             "streaks": {name: list(s) for name, s in self._streaks.items()},
@@ -418,6 +419,8 @@ too high for it (about 1e-3 is usual)"]
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state that :meth:`state_dict` returned (a ``ValueError`` for one that lacks a key or has
+        another version)."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"UpdateRatioHints: unknown state version {state.get('version')!r}")
         # An older state's streaks carry two more entries: whether the streak was hinted about, and a recovery count.
@@ -1124,9 +1127,12 @@ class NoiseScale:
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
+        """The running state, to save beside the model; :meth:`load_state_dict` restores it."""
         return {"version": _STATE_VERSION, "trace": self._trace, "grad_sq": self._grad_sq, "count": self._count}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state that :meth:`state_dict` returned (a ``ValueError`` for one that lacks a key or has
+        another version)."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"NoiseScale: unknown state version {state.get('version')!r}")
         self._trace, self._grad_sq, self._count = float(state["trace"]), float(state["grad_sq"]), int(state["count"])
@@ -1227,6 +1233,7 @@ class EpochSummary:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
+        """The running state, to save beside the model; :meth:`load_state_dict` restores it."""
         return {
             "version": _STATE_VERSION,
             "norms": list(self._norms),
@@ -1238,6 +1245,8 @@ class EpochSummary:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state that :meth:`state_dict` returned (a ``ValueError`` for one that lacks a key or has
+        another version)."""
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"EpochSummary: unknown state version {state.get('version')!r}")
         self._norms = [float(v) for v in state["norms"]]
