@@ -406,8 +406,8 @@ class FitDiagnostics:
                     )
         if "epoch" in self.on:
             for key, snap in snapshots:
-                if guard._states[key].steps == 0:
-                    continue  # not stepped yet: its record's initial 0 is no norm
+                if not snap.present.any():
+                    continue  # no step in the window: its last norm is an earlier window's (or the record's initial 0)
                 self._epoch(key).update(
                     snap.total_norm,
                     snap.total_norm_max if snap.total_norm_max > -math.inf else None,

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from lightning_gradguard._host import host_rate
+
 __all__ = [
     "CallbackBase",
     "grad_scaler",
@@ -215,8 +217,13 @@ def restart_weight_averages(trainer: Any) -> list[str]:
     return restarted
 
 
-def swa_took_over(trainer: Any) -> bool:
-    """Whether a ``StochasticWeightAveraging`` callback has set the rates to its ``swa_lrs`` in this fit (from its
-    start epoch on)."""
+def swa_rates(trainer: Any, optimizer: Any) -> list[float | None] | None:
+    """The rate of each param group of ``optimizer`` (the ``initial_lr`` it writes) of a ``StochasticWeightAveraging``
+    callback that trains it now, from its start epoch on; ``None`` when none does (one reused from an earlier fit
+    keeps its flag, so the epoch is checked too)."""
     swa = lightning_types("callbacks.StochasticWeightAveraging")
-    return any(isinstance(c, swa) and bool(getattr(c, "_initialized", False)) for c in trainer.callbacks)
+    for callback in trainer.callbacks:
+        start = getattr(callback, "swa_start", None) if isinstance(callback, swa) else None
+        if getattr(callback, "_initialized", False) and start is not None and start <= trainer.current_epoch:
+            return [host_rate(group.get("initial_lr")) for group in optimizer.param_groups]
+    return None

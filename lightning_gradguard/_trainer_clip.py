@@ -63,9 +63,10 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None, later
         # A user's noise injection there reached the optimizer at norm 22 under a bound of 1.0 once GradGuard had
         # taken the bound over (user trial): Lightning clips after every hook, so it keeps the bound.
         said = (
-            f"GradGuard leaves {clipping} to Lightning: it clips after {' and '.join(later)}, which run(s) after"
-            f" GradGuard's hook and may change the gradients, so only Lightning's clipping bounds what the optimizer"
-            f" receives. {before}"
+            f"GradGuard: leaves {clipping} to Lightning: it clips after {' and '.join(later)}, which run(s) after"
+            " GradGuard's hook and may change the gradients (one that only reads them counts too), so only"
+            f" Lightning's clipping bounds what the optimizer receives. {before} On a step GradGuard skips (a"
+            " non-finite or, with skip_exploding, a flagged one), every gradient those hooks see is None."
         )
         if clip is None:
             rank_zero_info(said)

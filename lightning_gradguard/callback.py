@@ -28,9 +28,10 @@ from lightning_gradguard._lightning import (
     layout_batch_size,
     lightning_types,
     loss_scale,
+    overrides_hook,
     restart_weight_averages,
     same_batch_size_on_every_rank,
-    swa_took_over,
+    swa_rates,
 )
 from lightning_gradguard._trainer_clip import gradient_callbacks, later_hooks, restore_clipping, take_over_clipping
 from lightning_gradguard._validation import check_bool, check_compile, check_int, check_state, optional_int
@@ -375,11 +376,13 @@ class GradGuard(CallbackBase):
         # Per optimizer key, each param group's base rate when training started (a scheduler's `initial_lr`, else
         # its rate), for the end-of-fit rate line.
         self._start_rates: dict[int, list[float | None]] = {}
-        # Per optimizer key, param group 0's scheduled rate at its latest LR cut or rollback in this fit (None: not
-        # a host number), for the end-of-fit rate line.
-        self._trouble_rates: dict[int, float | None] = {}
-        # Optimizer keys whose rescue clipping an earlier fit of this guard began (a refit, not a resume).
-        self._rescued_before: set[int] = set()
+        # Per optimizer key, at its latest LR cut or rollback: param group 0's scheduled rate, and the groups' rates
+        # of a StochasticWeightAveraging that trained them then (None: none did), for the end-of-fit rate line.
+        self._trouble: dict[int, tuple[float | None, list[float | None] | None]] = {}
+        # For a refit (not a resume) of the same model: per optimizer key, the counts of cuts and rollbacks at its
+        # start, and whether the rescue clipping was on; the end-of-fit lines then say what is new.
+        self._counts_before: dict[int, tuple[int, int, bool]] = {}
+        self._rates_loaded: dict[int, list[float | None]] = {}  # a checkpoint's `_start_rates`, for a resume
 
     # ------------------------------------------------------------------ identity and state
     def __getstate__(self) -> dict[str, Any]:
@@ -450,6 +453,11 @@ class GradGuard(CallbackBase):
             "regularizers": {r.name: r.state_dict() for r in self.regularizers},
             "next_log_step": self._next_log_step,
             "last_hist_count": self._last_hist_count,
+            # For the end-of-fit rate line of a resumed fit: the rates training started with, and the latest trouble.
+            "rate_record": {
+                str(key): {"start": rates, "trouble": list(self._trouble.get(key, (None, None)))}
+                for key, rates in self._start_rates.items()
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -473,6 +481,12 @@ class GradGuard(CallbackBase):
         hist = state_dict.get("last_hist_count")
         self._hist_loaded = None if hist is None else int(hist)
         self._log_step_restored = True
+        # Absent from checkpoints written before it was kept: the resumed fit's line then reads the restored rates.
+        record = state_dict.get("rate_record") or {}
+        self._rates_loaded = {int(key): list(value["start"]) for key, value in record.items()}
+        for key, value in record.items():
+            if value["trouble"][0]:
+                self._trouble[int(key)] = (value["trouble"][0], value["trouble"][1])
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
@@ -630,6 +644,7 @@ class GradGuard(CallbackBase):
             return
         if self.lr_guard is not None:
             self.lr_guard.forget(key)
+        self._trouble.pop(key, None)
         if rescuing:
             engine.rollback.rescuing = False  # type: ignore[union-attr]
         dropped = [f"its {scale:.3g}x multiplier"] * (scale != 1.0) + ["the rescue clipping"] * rescuing
@@ -644,6 +659,7 @@ class GradGuard(CallbackBase):
         self._release_hooks()
         self._reset_run_state()
         self._fit_rates.clear()
+        self._trouble.clear()
         if self.lr_guard is not None:
             self.lr_guard._feeders.clear()  # the previous model's engines: their last steps are not this model's
             self.lr_guard.load_state_dict({"keys": {}})
@@ -653,7 +669,6 @@ class GradGuard(CallbackBase):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._opt_keys.clear()  # a new fit brings new optimizer objects
-        self._trouble_rates.clear()
         # Before a checkpoint's rates are restored. Lightning runs a LearningRateFinder or BatchSizeFinder callback
         # first, wherever it is listed: a finder's rate is set by now.
         self._note_rates(trainer)
@@ -680,6 +695,8 @@ class GradGuard(CallbackBase):
         self._clip_norm = take_over_clipping(trainer, pl_module, self.clip, between)
         # With `gradient_clip_val`, an own `configure_gradient_clipping` got a warning from the take-over instead.
         hooks = later_hooks(pl_module, clipping_hook=not (trainer.gradient_clip_val or self._clip_norm))
+        if between and trainer.gradient_clip_val and not overrides_hook(pl_module, "configure_gradient_clipping"):
+            self._noted_hooks = True  # the line about leaving the clipping to Lightning named them
         if hooks and not self._noted_hooks:
             self._noted_hooks = True  # once per guard: the same module class fits again
             rank_zero_info(
@@ -755,12 +772,17 @@ class GradGuard(CallbackBase):
             engine = self._state_for(trainer, optimizer, key)
             if key in self._rates_changed:
                 self._forget_rate(key, engine, self._rates_changed.pop(key))
-            if engine.rollback is not None and engine.rollback.rescuing and not _resumed(trainer):
-                self._rescued_before.add(key)
+            counts = engine.host_counts
+            rescuing = engine.rollback is not None and engine.rollback.rescuing
+            self._counts_before[key] = (counts["lr_reduced"], counts["rolled_back"], rescuing)
+            if _resumed(trainer):
+                # The same fit: its lines say all it did, with the rates it started with (SWA's, restored as
+                # `initial_lr`, would be taken for the base).
+                self._counts_before.pop(key)
+                self._start_rates[key] = self._rates_loaded.get(key) or _base_rates(optimizer)
             else:
-                self._rescued_before.discard(key)
-            # Each group's base rate now (SWA later overwrites `initial_lr` with its `swa_lrs`).
-            self._start_rates[key] = _base_rates(optimizer)
+                # Each group's base rate now (SWA later overwrites `initial_lr` with its `swa_lrs`).
+                self._start_rates[key] = _base_rates(optimizer)
             if "update_ratio" in self._diag_on:
                 self._hint_step_size(trainer, optimizer, key, engine)
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
@@ -1361,11 +1383,12 @@ class GradGuard(CallbackBase):
         which = f" of optimizer {key}" if len(self._states) > 1 else ""
         notes = []
         rollback = engine.rollback
-        if rollback is not None and rollback.rescuing and key in self._rescued_before:
+        before = self._counts_before.get(key)
+        if rollback is not None and rollback.rescuing and before is not None and before[2]:
             # Nothing new: the line of the fit that restarted, said again at each refit, read as a new restart.
             notes.append(
-                f"GradGuard: {rollback.rescue!r} still clips the gradients{which} unit-wise, as since an earlier fit"
-                " of this model restarted it (see that fit's last line)."
+                f"GradGuard: {rollback.rescue!r} still clips the gradients{which} unit-wise, as it has since an"
+                " earlier fit of this model restarted it (see that fit's last line)."
             )
         elif rollback is not None and rollback.rescuing:
             notes.append(
@@ -1376,6 +1399,13 @@ class GradGuard(CallbackBase):
         # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high. Weights that
         # ended non-finite were the non-finite warning's subject: no rate would have trained them.
         if scale >= 1.0 or (counts["lr_reduced"] < 2 and not restarts) or self._reporter.broken_weights(key):
+            return " ".join(notes)
+        if before is not None and before[:2] == (counts["lr_reduced"], restarts):
+            # No cut or rollback in this fit: the earlier fit's advice, said again, read as this fit's.
+            notes.append(
+                f"GradGuard: the learning rate{which} is still at {scale:.3g}x its scheduled value, where an earlier"
+                " fit of this model left it (see that fit's last line)."
+            )
             return " ".join(notes)
         done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
         if restarts:
@@ -1415,7 +1445,7 @@ class GradGuard(CallbackBase):
                 base is not None and group.get("lr") is not None and not math.isclose(base, float(group["lr"]))
                 for base, group in zip(bases, groups)
             )
-            swa = self._swa_rates(trainer, key)
+            swa = self._swa_rates(key)
             if swa is not None:
                 # The trouble came at StochasticWeightAveraging's rate, which replaced the schedule's: the advice
                 # named the base rate, which had trained calmly (user trial).
@@ -1440,20 +1470,21 @@ class GradGuard(CallbackBase):
         return " ".join(notes)
 
     def _note_trouble(self, trainer: pl.Trainer, key: int) -> None:
-        """Keep the rate optimizer ``key``'s schedule gave its group 0 when the guard cut the rate or rolled back."""
+        """Keep the rate optimizer ``key``'s schedule gave its group 0 when the guard cut the rate or rolled back,
+        and StochasticWeightAveraging's rates if it trained the optimizer then."""
         if self.lr_guard is not None and key < len(trainer.optimizers):
-            self._trouble_rates[key] = host_rate(self.lr_guard.scheduled_rates(trainer.optimizers[key], key)[0])
+            optimizer = trainer.optimizers[key]
+            rate = host_rate(self.lr_guard.scheduled_rates(optimizer, key)[0])
+            self._trouble[key] = (rate, swa_rates(trainer, optimizer))
 
-    def _swa_rates(self, trainer: pl.Trainer, key: int) -> list[float] | None:
-        """StochasticWeightAveraging's rate of each param group of optimizer ``key`` (the ``initial_lr`` it sets),
-        when it took the rates over in this fit and the latest cut or rollback came at a rate nearer its rate than
-        the one training started with (SWA anneals towards its rate over epochs); else ``None``."""
-        if not swa_took_over(trainer):
-            return None
-        trouble, start = self._trouble_rates.get(key), (self._start_rates.get(key) or [None])[0]
-        rates = [host_rate(group.get("initial_lr")) for group in trainer.optimizers[key].param_groups]
-        swa = [rate for rate in rates if rate]
-        if not (trouble and start) or len(swa) < len(rates):
+    def _swa_rates(self, key: int) -> list[float] | None:
+        """StochasticWeightAveraging's rate of each param group of optimizer ``key``, when it trained the optimizer at
+        its latest cut or rollback, at a rate nearer its own than the one training started with (SWA anneals from one
+        to the other over epochs); else ``None``."""
+        trouble, rates = self._trouble.get(key, (None, None))
+        start = (self._start_rates.get(key) or [None])[0]
+        swa = [rate for rate in rates or [] if rate]
+        if not (trouble and start and rates) or len(swa) < len(rates):
             return None
         return swa if abs(math.log(trouble / swa[0])) < abs(math.log(trouble / start)) else None
 
@@ -1578,10 +1609,12 @@ class GradGuard(CallbackBase):
             if scale is not None:
                 snap.lr_scale = scale
             scalars = snap.metrics(self._prefix(key))
-            if engine.steps == 0:
-                # An optimizer that has not stepped yet (a critic stepping every 5th batch) has no last total norm:
-                # the record's initial 0 would read as a vanishing gradient.
-                del scalars[f"{self._prefix(key)}total_norm"]
+            if not snap.present.any():
+                # No step of this optimizer in the window (a critic stepping every 5th batch, a head not stepped yet):
+                # its last figures are an earlier window's, repeated as flat stretches that read as measurements, and
+                # before its first step the record's initial 0 would read as a vanishing gradient.
+                for name in ("total_norm", "clip_coef", "clip_threshold"):
+                    scalars.pop(f"{self._prefix(key)}{name}", None)
             metrics.update(scalars)
             if lr is not None and snap.lr_scale is not None:
                 metrics[f"{self._prefix(key)}lr"] = float(lr)

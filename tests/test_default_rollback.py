@@ -9,6 +9,7 @@ import copy
 import logging
 import math
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +17,7 @@ import lightning as L
 import lightning.pytorch.callbacks
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import lightning_gradguard
@@ -873,6 +875,73 @@ def test_under_stochastic_weight_averaging_the_rate_note_names_the_rate_in_force
         swa_scaled = f"StochasticWeightAveraging's rate (`swa_lrs`) scaled by {scale:.3g}x ({0.5 * scale:.3g} instead"
         assert f"{swa_scaled} of 0.5) is a ceiling" in notes[0]
         assert "set `swa_lrs` well below that" in notes[0] and "base rate" not in notes[0]
+
+
+class _StepDecayed(SpikyRegressor):
+    """SGD at 0.02, a tenth of it from epoch 2 (the usual recipe before SWA at the decayed rate)."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)}
+
+
+def _rate_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("GradGuard: the learning rate")]
+
+
+def test_the_rate_note_blames_swa_lrs_only_for_trouble_while_swa_trained(caplog: pytest.LogCaptureFixture) -> None:
+    """The climb at steps 40-41 comes in epoch 2 at the decayed 0.002, before SWA (at that same rate) starts in epoch
+    4: the trouble is the schedule's, though SWA's rate is nearer the rate at the trouble than the base rate is."""
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard(rollback=default_rollback(early_only=False))
+    swa = lightning.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.002, swa_epoch_start=4, annealing_epochs=1)
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=5, callbacks=[guard, swa]).fit(_StepDecayed(_CLIMB, lr=0.02), regression_data())
+    assert guard.lr_guard is not None
+    scale = guard.lr_guard.scale()
+    (note,) = _rate_lines(caplog)
+    assert 0.0 < scale < 1.0 and f"(its base rate {0.02 * scale:.3g} instead of 0.02) is a ceiling" in note
+    assert "swa_lrs" not in note
+
+
+def test_the_rate_note_after_swa_trouble_holds_across_a_resume_and_a_refit_says_what_is_new(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Trouble at SWA's rate (0.5 from epoch 2). A resume is the same fit: its line names `swa_lrs` as the
+    uninterrupted run's does (it read SWA's restored `initial_lr` as the base rate, and named no SWA). A refit with
+    nothing new said the first fit's advice again, with the base rate as the ceiling (the multiplier goes on)."""
+
+    def fit(epochs: int, guard: GradGuard, model: SpikyRegressor, **kwargs: Any) -> list[str]:
+        swa = lightning.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=0.5, swa_epoch_start=2, annealing_epochs=1)
+        save = ModelCheckpoint(dirpath=tmp_path / str(epochs), save_last=True, save_top_k=0)
+        caplog.clear()
+        with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+            warnings.simplefilter("ignore")
+            fit = trainer(max_epochs=epochs, callbacks=[guard, swa, save], enable_checkpointing=True)
+            fit.fit(model, regression_data(), **kwargs)
+        return _rate_lines(caplog)
+
+    def swa_line(scale: float) -> str:
+        return f"StochasticWeightAveraging's rate (`swa_lrs`) scaled by {scale:.3g}x ({0.5 * scale:.3g} instead of 0.5)"
+
+    L.seed_everything(0, verbose=False)
+    whole, first = GradGuard(rollback=default_rollback(early_only=False)), SpikyRegressor(_CLIMB, lr=0.02)
+    (line,) = fit(5, whole, first)
+    assert whole.lr_guard is not None and swa_line(whole.lr_guard.scale()) in line
+    L.seed_everything(0, verbose=False)
+    model = SpikyRegressor(_CLIMB, lr=0.02)
+    fit(3, GradGuard(rollback=default_rollback(early_only=False)), model)
+    L.seed_everything(0, verbose=False)
+    resumed = GradGuard(rollback=default_rollback(early_only=False))
+    (line,) = fit(5, resumed, SpikyRegressor(_CLIMB, lr=0.02), ckpt_path=tmp_path / "3" / "last.ckpt")
+    assert resumed.lr_guard is not None and swa_line(resumed.lr_guard.scale()) in line
+    # Fitted again, without the bad batches: nothing new to advise.
+    first.factors = {}
+    assert fit(4, whole, first) == [
+        f"GradGuard: the learning rate is still at {whole.lr_guard.scale():.3g}x its scheduled value, where an earlier"
+        " fit of this model left it (see that fit's last line)."
+    ]
 
 
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:

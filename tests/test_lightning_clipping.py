@@ -199,19 +199,22 @@ def test_module_hooks_that_run_after_the_guard_get_one_note(caplog: pytest.LogCa
         notes.append([r.getMessage() for r in caplog.records if "run(s) after GradGuard's hook" in r.getMessage()])
     assert [len(found) for found in notes] == [1, 0, 0]
     assert "own `on_before_optimizer_step` and `configure_gradient_clipping` run(s)" in notes[0][0]
-    # With `gradient_clip_val` (taken over here), `on_before_optimizer_step` still runs after GradGuard's clipping.
+    # With `gradient_clip_val`, `on_before_optimizer_step` runs between GradGuard's hook and Lightning's clipping,
+    # which therefore stays Lightning's: that one line names the hook.
 
     class StepHook(Regressor):
         def on_before_optimizer_step(self, optimizer: Any) -> None:
             pass
 
     caplog.clear()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         trainer(max_steps=2, max_epochs=-1, callbacks=[GradGuard()], gradient_clip_val=1.0).fit(
             StepHook(), regression_data()
         )
-    (note,) = [r.getMessage() for r in caplog.records if "run(s) after GradGuard's hook" in r.getMessage()]
-    assert "own `on_before_optimizer_step` run(s)" in note
+    said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
+    (note,) = [line for line in said if "run(s) after GradGuard's hook" in line]
+    assert "it clips after the LightningModule's `on_before_optimizer_step`, which run(s) after GradGuard's" in note
 
 
 class _ClipsToo(L.Callback):
@@ -388,7 +391,9 @@ def test_gradient_clip_val_still_bounds_what_a_later_gradient_hook_leaves(
     assert len(norms) == 20 and max(norms) <= 1.0 + 1e-6 and min(norms) > 0.99  # the noise is far above the bound
     # A line without a clipper of GradGuard's; a warning with one (clipping happens twice).
     lines = [r.getMessage() for r in caplog.records] if clip is None else [str(w.message) for w in warned]
-    said = [line for line in lines if "leaves `Trainer(gradient_clip_val=1.0)` to Lightning" in line]
+    said = [line for line in lines if "GradGuard: leaves `Trainer(gradient_clip_val=1.0)` to Lightning" in line]
     hook = "the LightningModule's `on_before_optimizer_step`" if where == "module" else "callback _NoisyCallback"
     assert len(said) == 1 and f"it clips after {hook}, which run(s) after GradGuard's hook" in said[0]
     assert fit.gradient_clip_val == 1.0
+    # One line, not a second one about the same hook.
+    assert not [r for r in caplog.records if "run(s) after GradGuard's hook. If they" in r.getMessage()]
