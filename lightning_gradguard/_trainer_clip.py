@@ -51,8 +51,10 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None, later
     clipping = f"`Trainer(gradient_clip_val={val})`"
     before = (
         "GradGuard's total_norm, clip_coef, clip_threshold and events/clipped describe the gradients before that"
-        " clipping; the optimizer receives gradients clipped by both."
+        " clipping" + ("." if clip is None else "; the optimizer receives gradients clipped by both.")
     )
+    # Without a clipper of GradGuard's nothing clips twice: a line, not a warning.
+    say = rank_zero_info if clip is None else rank_zero_warn
     if overrides_hook(pl_module, "configure_gradient_clipping"):
         rank_zero_warn(
             f"GradGuard: {clipping} goes to the LightningModule's own `configure_gradient_clipping`, which runs after"
@@ -68,16 +70,14 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None, later
             f" Lightning's clipping bounds what the optimizer receives. {before} On a step GradGuard skips (a"
             " non-finite or, with skip_exploding, a flagged one), every gradient those hooks see is None."
         )
-        if clip is None:
-            rank_zero_info(said)
-        else:
-            rank_zero_warn(f"{said} Clipping happens twice when GradGuard clips too: set one of them.")
+        say(said if clip is None else f"{said} Clipping happens twice when GradGuard clips too: set one of them.")
         return None
     if _algorithm(trainer) == "value":
-        rank_zero_warn(
+        twice = "" if clip is None else " (clipping happens twice when GradGuard clips too)"
+        say(
             f"GradGuard: {clipping[:-2]}, gradient_clip_algorithm='value')` clamps every gradient entry to"
-            f" [-{val}, {val}] after GradGuard's hook (clipping happens twice when GradGuard clips too). A clamp"
-            f" changes the gradient's direction, so no norm coefficient can describe it: {before}"
+            f" [-{val}, {val}] after GradGuard's hook{twice}. A clamp changes the gradient's direction, so no norm"
+            f" coefficient can describe it: {before}"
         )
         return None
     if clip is not None and (not clip.takes_cap or getattr(clip, "norm_type", 2.0) != 2.0):

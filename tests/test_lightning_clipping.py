@@ -141,14 +141,24 @@ def test_bf16_mixed_with_accumulation_logs_what_the_optimizer_received() -> None
     assert _check_logs_describe_the_received_gradients(probe, logger, steps) == steps
 
 
-def test_value_clipping_stays_lightnings_and_the_warning_says_what_the_logs_describe() -> None:
+def test_value_clipping_stays_lightnings_and_the_warning_says_what_the_logs_describe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     val = 0.01
-    with pytest.warns(UserWarning, match="clamps every gradient entry") as caught:
+    # Without a clipper of GradGuard's nothing clips twice: an info line, which claimed "clipped by both" (user trial).
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         probe, logger, _, run = _fit(
             GradGuard(clip=None, lr_guard=None), 2, gradient_clip_val=val, gradient_clip_algorithm="value"
         )
-    assert "describe the gradients before that clipping" in str(caught[0].message)
+    assert not [w for w in warned if "GradGuard" in str(w.message)]
+    (line,) = [r.getMessage() for r in caplog.records if "clamps every gradient entry" in r.getMessage()]
+    assert line.endswith("describe the gradients before that clipping.") and "twice" not in line
     assert run.gradient_clip_val == val
+    with pytest.warns(UserWarning, match="clamps every gradient entry") as caught:
+        _fit(GradGuard(lr_guard=None), 2, gradient_clip_val=val, gradient_clip_algorithm="value")
+    said = str(caught[0].message)
+    assert "clipping happens twice when GradGuard clips too" in said and "clipped by both" in said
     for before, received in zip(probe.before, probe.received):
         assert max(float(g.abs().max()) for g in received) <= val  # Lightning clamped...
         assert Received.norm(received) < Received.norm(before)
