@@ -456,7 +456,7 @@ class GradGuard(CallbackBase):
             # For the end-of-fit rate line of a resumed fit: the rates training started with, and the latest trouble.
             "rate_record": {
                 str(key): {"start": rates, "trouble": list(self._trouble.get(key, (None, None)))}
-                for key, rates in self._start_rates.items()
+                for key, rates in {**self._rates_loaded, **self._start_rates}.items()  # loaded, not yet claimed too
             },
         }
 

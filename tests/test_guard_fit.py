@@ -495,7 +495,7 @@ def test_the_same_model_fitted_again_at_another_rate_drops_the_rescue(
     assert lines == (
         [
             "GradGuard: AGC(clip_factor=0.01, eps=0.001, exclude=None, exclude_types=()) still clips the"
-            " gradients unit-wise, as since an earlier fit of this model restarted it (see that fit's last"
+            " gradients unit-wise, as it has since an earlier fit of this model restarted it (see that fit's last"
             " line)."
         ]
         if change == "none"

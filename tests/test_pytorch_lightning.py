@@ -52,12 +52,13 @@ class OwnClipping(PLRegressor):
 
 
 class NormProbe(pl.Callback):  # type: ignore[misc,name-defined]
-    """Placed after the guard: the total gradient norm its hook leaves to the optimizer, per step."""
+    """The total gradient norm the optimizer stepped with, per step (read after the step: a gradient hook of its own
+    after the guard's would keep the Trainer's clipping Lightning's)."""
 
     def __init__(self) -> None:
         self.norms: list[float] = []
 
-    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
