@@ -138,6 +138,13 @@ class FitDiagnostics:
                     " does not call the hooks that measure them."
                 )
             if not self.act.names:  # nothing to measure: no chart for it either
+                if guard.group_fn is not None and trainer.loggers:
+                    # A user trial's `group_fn=lambda n: n` lost the chart without a word.
+                    rank_zero_info(
+                        "GradGuard: activation gradients (gradguard/act_grad) are measured at the outputs of the"
+                        " modules that layers are named after, and no layer name from `group_fn` names a module of"
+                        " the model: none is measured. Return module names (e.g. 'encoder.layer1') to keep them."
+                    )
                 self.act = None
                 self.on = self.on - {"act_grad"}
                 self.enabled = bool(self.on)

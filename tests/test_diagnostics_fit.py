@@ -623,3 +623,27 @@ def test_validation_inside_a_logging_window_is_not_training_saturation(tmp_path:
         ]
     assert len(rows[7]) == 3 and rows[7] == rows[None]
     assert max(rows[7]) < 0.5
+
+
+def _parameter_names(name: str) -> str:
+    return name  # each parameter its own layer: 'net.0.weight' names no module
+
+
+@pytest.mark.parametrize("group_fn", [_parameter_names, None])
+def test_layer_names_that_name_no_module_get_one_note_about_activation_gradients(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture, group_fn: Any
+) -> None:
+    """`act_grad` hooks the modules that layers are named after: a `group_fn` returning parameter names dropped the
+    chart without a word (user trial)."""
+    logger = TensorBoardLogger(tmp_path, name="lightning_logs", version=0)
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=6, callbacks=[GradGuard(log_every_n_steps=3, group_fn=group_fn)], logger=logger).fit(
+            Regressor(), regression_data()
+        )
+    notes = [r.getMessage() for r in caplog.records if "no layer name from `group_fn` names a module" in r.getMessage()]
+    tags = scalar_series(tmp_path / "lightning_logs" / "version_0")
+    measured = any(tag.startswith("gradguard/act_grad/") for tag in tags)
+    if group_fn is None:
+        assert not notes and measured
+    else:
+        assert len(notes) == 1 and not measured and "gradguard/layer/net.0.weight" in tags
