@@ -65,7 +65,7 @@ def take_over_clipping(trainer: Any, pl_module: Any, clip: Clipper | None, later
         # A user's noise injection there reached the optimizer at norm 22 under a bound of 1.0 once GradGuard had
         # taken the bound over (user trial): Lightning clips after every hook, so it keeps the bound.
         said = (
-            f"GradGuard: leaves {clipping} to Lightning: it clips after {' and '.join(later)}, which run(s) after"
+            f"GradGuard: {clipping} stays Lightning's, which clips after {' and '.join(later)}: they run after"
             " GradGuard's hook and may change the gradients (one that only reads them counts too), so only"
             f" Lightning's clipping bounds what the optimizer receives. {before} On a step GradGuard skips (a"
             " non-finite or, with skip_exploding, a flagged one), every gradient those hooks see is None."

@@ -382,6 +382,9 @@ class GradGuard(CallbackBase):
         # For a refit (not a resume) of the same model: per optimizer key, the counts of cuts and rollbacks at its
         # start, and whether the rescue clipping was on; the end-of-fit lines then say what is new.
         self._counts_before: dict[int, tuple[int, int, bool]] = {}
+        # Per optimizer key, the counts of cuts and rollbacks when its multiplier last started afresh (a refit at
+        # another rate): the rate line counts those since.
+        self._counts_base: dict[int, tuple[int, int]] = {}
         self._rates_loaded: dict[int, list[float | None]] = {}  # a checkpoint's `_start_rates`, for a resume
 
     # ------------------------------------------------------------------ identity and state
@@ -468,6 +471,7 @@ class GradGuard(CallbackBase):
         check_state("GradGuard", state_dict)
         if state_dict.get("version") != 1:
             raise ValueError(f"Unsupported GradGuard state version {state_dict.get('version')!r}")
+        record = _rate_record(state_dict.get("rate_record"))  # checked before anything is taken
         optimizers = state_dict.get("optimizers", {})
         if not isinstance(optimizers, dict):
             raise ValueError(f"`state['optimizers']` must be a dict from GradGuard.state_dict(), got {optimizers!r}.")
@@ -482,11 +486,12 @@ class GradGuard(CallbackBase):
         self._hist_loaded = None if hist is None else int(hist)
         self._log_step_restored = True
         # Absent from checkpoints written before it was kept: the resumed fit's line then reads the restored rates.
-        record = state_dict.get("rate_record") or {}
-        self._rates_loaded = {int(key): list(value["start"]) for key, value in record.items()}
-        for key, value in record.items():
-            if value["trouble"][0]:
-                self._trouble[int(key)] = (value["trouble"][0], value["trouble"][1])
+        self._rates_loaded = {key: start for key, (start, _) in record.items()}
+        for key, (_, trouble) in record.items():
+            if trouble[0] is None:
+                self._trouble.pop(key, None)
+            else:
+                self._trouble[key] = trouble
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
@@ -645,6 +650,8 @@ class GradGuard(CallbackBase):
         if self.lr_guard is not None:
             self.lr_guard.forget(key)
         self._trouble.pop(key, None)
+        counts = engine.host_counts
+        self._counts_base[key] = (counts["lr_reduced"], counts["rolled_back"])
         if rescuing:
             engine.rollback.rescuing = False  # type: ignore[union-attr]
         dropped = [f"its {scale:.3g}x multiplier"] * (scale != 1.0) + ["the rescue clipping"] * rescuing
@@ -660,6 +667,8 @@ class GradGuard(CallbackBase):
         self._reset_run_state()
         self._fit_rates.clear()
         self._trouble.clear()
+        self._counts_base.clear()
+        self._rates_loaded.clear()
         if self.lr_guard is not None:
             self.lr_guard._feeders.clear()  # the previous model's engines: their last steps are not this model's
             self.lr_guard.load_state_dict({"keys": {}})
@@ -696,7 +705,8 @@ class GradGuard(CallbackBase):
         # With `gradient_clip_val`, an own `configure_gradient_clipping` got a warning from the take-over instead.
         hooks = later_hooks(pl_module, clipping_hook=not (trainer.gradient_clip_val or self._clip_norm))
         if between and trainer.gradient_clip_val and not overrides_hook(pl_module, "configure_gradient_clipping"):
-            self._noted_hooks = True  # the line about leaving the clipping to Lightning named them
+            # The line about the clipping staying Lightning's named them and what they see on a skipped step.
+            self._noted_hooks, after = True, []
         if hooks and not self._noted_hooks:
             self._noted_hooks = True  # once per guard: the same module class fits again
             rank_zero_info(
@@ -1379,7 +1389,9 @@ class GradGuard(CallbackBase):
         guard = self.lr_guard
         scale = guard.scale(key) if guard is not None else 1.0
         counts = engine.host_counts
-        restarts = counts["rolled_back"]
+        # Since the multiplier last started afresh: a refit at another rate counted the old rate's cuts too.
+        base = self._counts_base.get(key, (0, 0))
+        reductions, restarts = counts["lr_reduced"] - base[0], counts["rolled_back"] - base[1]
         which = f" of optimizer {key}" if len(self._states) > 1 else ""
         notes = []
         rollback = engine.rollback
@@ -1398,16 +1410,16 @@ class GradGuard(CallbackBase):
             )
         # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high. Weights that
         # ended non-finite were the non-finite warning's subject: no rate would have trained them.
-        if scale >= 1.0 or (counts["lr_reduced"] < 2 and not restarts) or self._reporter.broken_weights(key):
+        if scale >= 1.0 or (reductions < 2 and not restarts) or self._reporter.broken_weights(key):
             return " ".join(notes)
-        if before is not None and before[:2] == (counts["lr_reduced"], restarts):
+        if before is not None and before[:2] == (counts["lr_reduced"], counts["rolled_back"]):
             # No cut or rollback in this fit: the earlier fit's advice, said again, read as this fit's.
             notes.append(
                 f"GradGuard: the learning rate{which} is still at {scale:.3g}x its scheduled value, where an earlier"
                 " fit of this model left it (see that fit's last line)."
             )
             return " ".join(notes)
-        done = f"after {counts['lr_reduced']} reduction{'s' if counts['lr_reduced'] != 1 else ''}"
+        done = f"after {reductions} reduction{'s' if reductions != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
         stalled = self._reporter.stalled_since(key)
@@ -1613,7 +1625,7 @@ class GradGuard(CallbackBase):
                 # No step of this optimizer in the window (a critic stepping every 5th batch, a head not stepped yet):
                 # its last figures are an earlier window's, repeated as flat stretches that read as measurements, and
                 # before its first step the record's initial 0 would read as a vanishing gradient.
-                for name in ("total_norm", "clip_coef", "clip_threshold"):
+                for name in ("total_norm", "clip_coef", "clip_threshold", "ema_mean", "ema_lower", "ema_upper"):
                     scalars.pop(f"{self._prefix(key)}{name}", None)
             metrics.update(scalars)
             if lr is not None and snap.lr_scale is not None:
@@ -1881,6 +1893,34 @@ def _resumed(trainer: pl.Trainer) -> bool:
     """Whether this fit resumed from a checkpoint of its run (not a tuner's own temporary one)."""
     path = trainer.ckpt_path
     return path is not None and not os.path.basename(str(path)).startswith(_TUNER_CHECKPOINTS)
+
+
+def _rate_record(
+    record: Any,
+) -> dict[int, tuple[list[float | None], tuple[float | None, list[float | None] | None]]]:
+    """``GradGuard.state_dict()['rate_record']`` parsed: per optimizer key, the rates training started with and the
+    latest trouble (a ``ValueError`` naming what is wrong with a malformed one; ``None`` or absent: empty)."""
+
+    def rate(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    def rates(value: Any) -> bool:
+        return isinstance(value, list) and all(rate(v) for v in value)
+
+    if record is not None and not isinstance(record, dict):
+        raise ValueError(f"`state['rate_record']` must be a dict from GradGuard.state_dict(), got {record!r}.")
+    parsed: dict[int, tuple[list[float | None], tuple[float | None, list[float | None] | None]]] = {}
+    for key, value in (record or {}).items():
+        trouble = value.get("trouble") if isinstance(value, dict) else None
+        ok = str(key).isdigit() and isinstance(value, dict) and rates(value.get("start"))
+        ok = ok and isinstance(trouble, list) and len(trouble) == 2 and rate(trouble[0])
+        if not (ok and (trouble[1] is None or rates(trouble[1]))):  # type: ignore[index]
+            raise ValueError(
+                "`state['rate_record']` must map each optimizer index to {'start': [rates], 'trouble': [rate or"
+                f" None, [rates] or None]}} as GradGuard.state_dict() writes it, got {key!r}: {value!r}."
+            )
+        parsed[int(key)] = (list(value["start"]), (trouble[0], trouble[1]))  # type: ignore[index]
+    return parsed
 
 
 def _placeholder(optimizer: torch.optim.Optimizer) -> bool:

@@ -944,6 +944,26 @@ def test_the_rate_note_after_swa_trouble_holds_across_a_resume_and_a_refit_says_
     ]
 
 
+def test_after_a_refit_at_another_rate_the_rate_note_counts_the_new_rates_cuts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The multiplier found at 0.05 starts afresh at 0.03; the line counted the old rate's cuts and rollbacks too
+    ("after 3 reductions and 3 rollbacks" for one climb at the new rate, where a fresh guard says 1 and 1)."""
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard(rollback=default_rollback(early_only=False))
+    model = SpikyRegressor({40: 1e2, 41: 1e4, 60: 1e2, 61: 1e4}, lr=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=5, callbacks=[guard]).fit(model, regression_data())
+        assert guard.summary()["lr_reduced"] >= 2
+        model.lr, model.factors = 0.03, {26: 1e2, 27: 1e4}
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            trainer(max_epochs=2, callbacks=[guard]).fit(model, regression_data())
+    (note,) = _rate_lines(caplog)
+    assert "(lr 0.015; the schedule says 0.03) after 1 reduction and 1 rollback." in note
+
+
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:
     def weights(rollback: Any) -> list[torch.Tensor]:
         guard, model, _ = _fit(set(), rollback=rollback, steps=60)

@@ -629,3 +629,28 @@ def test_a_window_saved_with_four_entries_per_run_still_loads() -> None:
     (row,) = [row for row in fresh.snapshot().events if row["kind"] == "nonfinite"][:1]
     assert (row["step"], row["count"]) == (50, None)
     assert fresh.steps == 30
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        [[0.1]],
+        {"0": {"start": [0.1]}},
+        {"0": {"start": [0.1], "trouble": []}},
+        {"0": {"start": None, "trouble": [None, None]}},
+        {"opt0": {"start": [0.1], "trouble": [None, None]}},
+        {"0": {"start": [0.1], "trouble": ["0.5", None]}},
+    ],
+)
+def test_a_malformed_rate_record_is_refused_before_anything_is_loaded(record: Any) -> None:
+    """The end-of-fit rate line's record in GradGuard's state: a malformed one raised KeyError, IndexError or
+    TypeError after part of the state was already taken (or, a string rate, failed at the end of the fit)."""
+    guard = GradGuard()
+    state = {**guard.state_dict(), "next_log_step": 123, "rate_record": record}
+    with pytest.raises(ValueError, match=r"`state\['rate_record'\]` must"):
+        guard.load_state_dict(state)
+    assert guard._next_log_step == 0
+    written = {"0": {"start": [0.1, None], "trouble": [0.5, [0.5, None]]}, "1": {"start": [], "trouble": [None, None]}}
+    guard.load_state_dict({**state, "rate_record": written})
+    assert guard.state_dict()["rate_record"] == written
+    guard.load_state_dict({**state, "rate_record": None})  # as before the record was kept

@@ -223,8 +223,8 @@ def test_module_hooks_that_run_after_the_guard_get_one_note(caplog: pytest.LogCa
             StepHook(), regression_data()
         )
     said = [r.getMessage() for r in caplog.records] + [str(w.message) for w in warned]
-    (note,) = [line for line in said if "run(s) after GradGuard's hook" in line]
-    assert "it clips after the LightningModule's `on_before_optimizer_step`, which run(s) after GradGuard's" in note
+    (note,) = [line for line in said if "run after GradGuard's hook" in line]
+    assert "which clips after the LightningModule's `on_before_optimizer_step`: they run after GradGuard's" in note
 
 
 class _ClipsToo(L.Callback):
@@ -401,9 +401,10 @@ def test_gradient_clip_val_still_bounds_what_a_later_gradient_hook_leaves(
     assert len(norms) == 20 and max(norms) <= 1.0 + 1e-6 and min(norms) > 0.99  # the noise is far above the bound
     # A line without a clipper of GradGuard's; a warning with one (clipping happens twice).
     lines = [r.getMessage() for r in caplog.records] if clip is None else [str(w.message) for w in warned]
-    said = [line for line in lines if "GradGuard: leaves `Trainer(gradient_clip_val=1.0)` to Lightning" in line]
+    said = [line for line in lines if "GradGuard: `Trainer(gradient_clip_val=1.0)` stays Lightning's" in line]
     hook = "the LightningModule's `on_before_optimizer_step`" if where == "module" else "callback _NoisyCallback"
-    assert len(said) == 1 and f"it clips after {hook}, which run(s) after GradGuard's hook" in said[0]
+    assert len(said) == 1 and f"which clips after {hook}: they run after GradGuard's hook" in said[0]
     assert fit.gradient_clip_val == 1.0
     # One line, not a second one about the same hook.
     assert not [r for r in caplog.records if "run(s) after GradGuard's hook. If they" in r.getMessage()]
+    assert not [r for r in caplog.records if "on_before_optimizer_step` after GradGuard" in r.getMessage()]

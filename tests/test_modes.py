@@ -485,6 +485,7 @@ def test_an_optimizer_logs_its_norm_and_clipping_only_for_windows_in_which_it_st
     # in the windows without a step of its own, flat stretches that read as measurements (user trial, a WGAN-GP).
     assert len(body) == 8 and len(head) == 3 and all(value > 0 for value in body + head)
     assert len(logger.series("gradguard/opt1/clip_coef")) <= 3 and len(logger.series("gradguard/opt0/clip_coef")) > 3
+    assert len(logger.series("gradguard/opt1/ema_mean")) <= 3 and len(logger.series("gradguard/opt0/ema_mean")) > 3
     # Nor does its epoch summary count the logs before it stepped.
     assert logger.series("gradguard/opt1/epoch/logs") == [len(head)]
     assert logger.series("gradguard/opt1/epoch/total_norm_p50") == [pytest.approx(float(np.median(head)))]
