@@ -1043,10 +1043,11 @@ class GradGuard(CallbackBase):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._batch_stepped = False
-        layout = batch_layout(batch)
+        single = trainer.world_size == 1  # under several processes each rank's shapes may differ, and so its decisions
+        layout = batch_layout(batch) if self._count_samples or single else ()  # read once, only where it is used
         self._batch_samples = layout_batch_size(layout) if self._count_samples else None
         self._batch_fresh = True
-        if trainer.world_size == 1:  # under several processes each rank's shapes may differ, and so its decisions
+        if single:
             self._note_layout(layout)
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
