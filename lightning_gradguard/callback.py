@@ -458,7 +458,11 @@ class GradGuard(CallbackBase):
             "last_hist_count": self._last_hist_count,
             # For the end-of-fit rate line of a resumed fit: the rates training started with, and the latest trouble.
             "rate_record": {
-                str(key): {"start": rates, "trouble": list(self._trouble.get(key, (None, None)))}
+                str(key): {
+                    "start": rates,
+                    "trouble": list(self._trouble.get(key, (None, None))),
+                    "counts_base": list(self._counts_base.get(key, (0, 0))),
+                }
                 for key, rates in {**self._rates_loaded, **self._start_rates}.items()  # loaded, not yet claimed too
             },
         }
@@ -486,12 +490,17 @@ class GradGuard(CallbackBase):
         self._hist_loaded = None if hist is None else int(hist)
         self._log_step_restored = True
         # Absent from checkpoints written before it was kept: the resumed fit's line then reads the restored rates.
-        self._rates_loaded = {key: start for key, (start, _) in record.items()}
-        for key, (_, trouble) in record.items():
+        self._rates_loaded = {key: start for key, (start, _, _) in record.items()}
+        for key, (_, trouble, base) in record.items():
             if trouble[0] is None:
                 self._trouble.pop(key, None)
             else:
                 self._trouble[key] = trouble
+            # A resumed refit at another rate goes on counting the cuts since its multiplier started afresh.
+            if base == (0, 0):
+                self._counts_base.pop(key, None)
+            else:
+                self._counts_base[key] = base
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
@@ -1896,11 +1905,14 @@ def _resumed(trainer: pl.Trainer) -> bool:
     return path is not None and not os.path.basename(str(path)).startswith(_TUNER_CHECKPOINTS)
 
 
-def _rate_record(
-    record: Any,
-) -> dict[int, tuple[list[float | None], tuple[float | None, list[float | None] | None]]]:
-    """``GradGuard.state_dict()['rate_record']`` parsed: per optimizer key, the rates training started with and the
-    latest trouble (a ``ValueError`` naming what is wrong with a malformed one; ``None`` or absent: empty)."""
+_RateRecord = tuple[list[float | None], tuple[float | None, list[float | None] | None], tuple[int, int]]
+
+
+def _rate_record(record: Any) -> dict[int, _RateRecord]:
+    """``GradGuard.state_dict()['rate_record']`` parsed: per optimizer key, the rates training started with, the
+    latest trouble and the counts of cuts and rollbacks when the multiplier last started afresh (``(0, 0)`` when
+    absent, as in checkpoints written before it was kept); a ``ValueError`` names what is wrong with a malformed
+    record (``None`` or absent: empty)."""
 
     def rate(value: Any) -> bool:
         return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
@@ -1908,19 +1920,25 @@ def _rate_record(
     def rates(value: Any) -> bool:
         return isinstance(value, list) and all(rate(v) for v in value)
 
+    def counts(value: Any) -> bool:
+        pair = isinstance(value, list) and len(value) == 2
+        return pair and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
     if record is not None and not isinstance(record, dict):
         raise ValueError(f"`state['rate_record']` must be a dict from GradGuard.state_dict(), got {record!r}.")
-    parsed: dict[int, tuple[list[float | None], tuple[float | None, list[float | None] | None]]] = {}
+    parsed: dict[int, _RateRecord] = {}
     for key, value in (record or {}).items():
         trouble = value.get("trouble") if isinstance(value, dict) else None
-        ok = str(key).isdigit() and isinstance(value, dict) and rates(value.get("start"))
+        base = value.get("counts_base", [0, 0]) if isinstance(value, dict) else None
+        ok = str(key).isdigit() and isinstance(value, dict) and rates(value.get("start")) and counts(base)
         ok = ok and isinstance(trouble, list) and len(trouble) == 2 and rate(trouble[0])
         if not (ok and (trouble[1] is None or rates(trouble[1]))):  # type: ignore[index]
             raise ValueError(
                 "`state['rate_record']` must map each optimizer index to {'start': [rates], 'trouble': [rate or"
-                f" None, [rates] or None]}} as GradGuard.state_dict() writes it, got {key!r}: {value!r}."
+                " None, [rates] or None], 'counts_base': [cuts, rollbacks]} as GradGuard.state_dict() writes it, got"
+                f" {key!r}: {value!r}."
             )
-        parsed[int(key)] = (list(value["start"]), (trouble[0], trouble[1]))  # type: ignore[index]
+        parsed[int(key)] = (list(value["start"]), (trouble[0], trouble[1]), (base[0], base[1]))  # type: ignore[index]
     return parsed
 
 

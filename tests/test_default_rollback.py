@@ -945,23 +945,34 @@ def test_the_rate_note_after_swa_trouble_holds_across_a_resume_and_a_refit_says_
 
 
 def test_after_a_refit_at_another_rate_the_rate_note_counts_the_new_rates_cuts(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """The multiplier found at 0.05 starts afresh at 0.03; the line counted the old rate's cuts and rollbacks too
-    ("after 3 reductions and 3 rollbacks" for one climb at the new rate, where a fresh guard says 1 and 1)."""
+    ("after 3 reductions and 3 rollbacks" for one climb at the new rate, where a fresh guard says 1 and 1). A resume
+    of that refit is the same fit: its line counted the old rate's cuts again (the start was not checkpointed)."""
     L.seed_everything(0, verbose=False)
     guard = GradGuard(rollback=default_rollback(early_only=False))
     model = SpikyRegressor({40: 1e2, 41: 1e4, 60: 1e2, 61: 1e4}, lr=0.05)
+    line = "(lr 0.015; the schedule says 0.03) after 1 reduction and 1 rollback."
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer(max_epochs=5, callbacks=[guard]).fit(model, regression_data())
         assert guard.summary()["lr_reduced"] >= 2
         model.lr, model.factors = 0.03, {26: 1e2, 27: 1e4}
         caplog.clear()
+        save = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
         with caplog.at_level(logging.INFO):
-            trainer(max_epochs=2, callbacks=[guard]).fit(model, regression_data())
+            trainer(max_epochs=2, callbacks=[guard, save], enable_checkpointing=True).fit(model, regression_data())
+        (note,) = _rate_lines(caplog)
+        assert line in note
+        resumed = GradGuard(rollback=default_rollback(early_only=False))
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            fit = trainer(max_epochs=3, callbacks=[resumed], enable_checkpointing=False)
+            fit.fit(model, regression_data(), ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.summary()["lr_reduced"] > 1  # the counts go on from the checkpoint's
     (note,) = _rate_lines(caplog)
-    assert "(lr 0.015; the schedule says 0.03) after 1 reduction and 1 rollback." in note
+    assert line in note
 
 
 def test_a_healthy_run_is_bitwise_the_same_with_the_default_restart() -> None:

@@ -640,6 +640,9 @@ def test_a_window_saved_with_four_entries_per_run_still_loads() -> None:
         {"0": {"start": None, "trouble": [None, None]}},
         {"opt0": {"start": [0.1], "trouble": [None, None]}},
         {"0": {"start": [0.1], "trouble": ["0.5", None]}},
+        {"0": {"start": [0.1], "trouble": [None, None], "counts_base": [1]}},
+        {"0": {"start": [0.1], "trouble": [None, None], "counts_base": [-1, 0]}},
+        {"0": {"start": [0.1], "trouble": [None, None], "counts_base": ["1", 0]}},
     ],
 )
 def test_a_malformed_rate_record_is_refused_before_anything_is_loaded(record: Any) -> None:
@@ -650,7 +653,14 @@ def test_a_malformed_rate_record_is_refused_before_anything_is_loaded(record: An
     with pytest.raises(ValueError, match=r"`state\['rate_record'\]` must"):
         guard.load_state_dict(state)
     assert guard._next_log_step == 0
-    written = {"0": {"start": [0.1, None], "trouble": [0.5, [0.5, None]]}, "1": {"start": [], "trouble": [None, None]}}
+    written = {
+        "0": {"start": [0.1, None], "trouble": [0.5, [0.5, None]], "counts_base": [3, 1]},
+        "1": {"start": [], "trouble": [None, None], "counts_base": [0, 0]},
+    }
     guard.load_state_dict({**state, "rate_record": written})
     assert guard.state_dict()["rate_record"] == written
+    # Written before the counts were kept: none since a fresh start.
+    older = {key: {k: v for k, v in value.items() if k != "counts_base"} for key, value in written.items()}
+    guard.load_state_dict({**state, "rate_record": older})
+    assert guard.state_dict()["rate_record"] == {key: {**value, "counts_base": [0, 0]} for key, value in older.items()}
     guard.load_state_dict({**state, "rate_record": None})  # as before the record was kept
