@@ -719,7 +719,7 @@ class VanishingDetector:
         return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"
 
 
-_DIVERGENCE_STATE = 9  # DivergenceDetector's state vector: see its __init__
+_DIVERGENCE_STATE = 10  # DivergenceDetector's state vector: see its __init__
 #: The share of its gap to the running mean that :class:`DivergenceDetector`'s floor (the lowest settled running mean,
 #: as the level that a loss is judged against) closes per observation: a loss climbing about 1% a step or slower (a
 #: summed loss over a length curriculum) keeps within 10x of it, one climbing 1.5% a step or faster (a blow-up: 10% and
@@ -776,11 +776,15 @@ class DivergenceDetector:
     ``ratio`` times the lowest settled mean and above the first loss, reached within a hundred steps or so, is not:
     that is a model worse than untrained and an order of magnitude worse than it had just been). A non-finite loss (the
     non-finite gradient path handles it), an exactly-zero loss (a fully masked batch) and a step without a loss are
-    no observation; a running mean at or below 0 (a loss that can be negative: a density's log-likelihood, a critic's
-    score) reports nothing. The first loss stands for the untrained level, so it must not be much easier than the
-    typical batch: simulated flat runs (300 steps of a loss that is the mean of ``n`` squared Gaussians) had an event
-    in 12-15 of 200 runs with ``n=1`` and 7 with ``n=2``, none with 4 or 8; for a loss of one or two samples per
-    step, pass ``divergence=None``.
+    no observation. A loss that has once been below 0 reports nothing from then on, neither events nor
+    :meth:`progress`: such a loss has no natural zero (a PPO loss with its entropy bonus, a density's
+    log-likelihood, a critic's score), so a ratio to its level means nothing. A PPO run's loss, about 0.01 and of
+    either sign, rose to 0.2 for a few dozen steps when its value loss met the first rewards: a divergence, before
+    this rule, and a restart from the initial weights (mean training return 0.31 unguarded, -0.69 guarded). The
+    first loss stands for the untrained level, so it must not be much easier than the typical batch: simulated flat
+    runs (300 steps of a loss that is the mean of ``n`` squared Gaussians) had an event in 12-15 of 200 runs with
+    ``n=1`` and 7 with ``n=2``, none with 4 or 8; for a loss of one or two samples per step, pass
+    ``divergence=None``.
 
     A loss that jumps by ``ratio`` or more in one step after a calm history (at least ``patience`` observations, the
     loss before the jump within ``sqrt(ratio)`` of the level) and then holds its new level without climbing further
@@ -845,7 +849,8 @@ class DivergenceDetector:
         # Device state, created on the first update: [running mean, observations, first loss, high steps in a row,
         # lowest settled running mean (0: none yet), previous loss (0: none), the loss that began a sudden high
         # streak (0: none, or the streak began gradually), the running mean after the first START_LOSSES losses (0:
-        # not yet), the floor: the lowest settled running mean, fading up towards the mean (0: none yet)].
+        # not yet), the floor: the lowest settled running mean, fading up towards the mean (0: none yet), 1 once a
+        # loss below 0 was observed (0: none yet)].
         self._state: Tensor | None = None
         # 1 - alpha, 1 and 0 on the device, made once: a per-step constant is an op.
         self._consts: tuple[Tensor, ...] | None = None
@@ -892,14 +897,17 @@ class DivergenceDetector:
         if self._consts is None or self._consts[0].device != device:
             self._consts = tuple(torch.tensor(v, device=device) for v in (1.0 - self.alpha, 1.0, 0.0))
         slow, one, zero = self._consts
-        mean, count, first, streak, lowest, prev, onset, start, floor = self._state.unbind()
+        mean, count, first, streak, lowest, prev, onset, start, floor, signed = self._state.unbind()
         # ``0 < |loss| < inf`` drops NaN, inf and the exact zero of a fully masked batch (``isfinite`` is six ops).
         size = loss.abs()
         observed = (size > 0) & (size < math.inf)
         limit = mean * self.ratio
+        # A loss that was ever negative has no natural zero, so "10x its level" says nothing (class docstring).
+        signed = torch.maximum(signed, (observed & (loss < 0)).to(signed.dtype))
+        unsigned = signed == 0
         # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
         # loss enters it winsorized to at least mean / ratio).
-        gated = observed & (first > 0)
+        gated = observed & (first > 0) & unsigned
         # 0 (what a fresh state holds): no floor yet. Once there is one it is never above the mean (at most the
         # minimum of every mean since it settled), so it is the level as it stands.
         has_floor = floor > 0
@@ -913,7 +921,7 @@ class DivergenceDetector:
         elevated = loss > torch.maximum(first, level * self._calm)
         if self.start_ratio is not None:
             elevated |= high  # high by the first loss alone, under the level's bar
-        run = torch.where(observed, (streak + high) * elevated, streak)
+        run = torch.where(observed, (streak + high) * elevated, streak) * unsigned
         event = high & (run == self.patience)
         shift = None
         if self.level_shifts and self.patience > 1:
@@ -957,11 +965,12 @@ class DivergenceDetector:
                 # After a level shift too: progress is then measured within the new level.
                 torch.where(n == START_LOSSES, new_mean, start),
                 torch.where(fades, torch.minimum(faded, new_mean), floor),
+                signed,
             ]
         )
         if shift is not None:
             # The new level starts afresh from this loss, as the first losses of a run do; the first loss is kept.
-            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero, start, zero]), new)
+            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero, start, zero, signed]), new)
         self._state = new
         return event
 
@@ -986,10 +995,11 @@ class DivergenceDetector:
         """
         if self._state is None:
             return torch.full((4,), math.nan)
-        mean, count, first, _, lowest, _, _, start, _ = self._state.unbind()
+        mean, count, first, _, lowest, _, _, start, _, signed = self._state.unbind()
         # A state saved before the start was kept: the first loss stands in for it.
         start = torch.where((start == 0) & (count >= START_LOSSES), first, start)
-        learned = (lowest > 0) & (start > 0) & (lowest <= start * LEARNED)
+        # A loss that was ever negative: its running mean (of winsorized losses) and ratios mean nothing.
+        learned = (lowest > 0) & (start > 0) & (lowest <= start * LEARNED) & (signed == 0)
         share = torch.where(learned, (mean - lowest) / (start - lowest).clamp_min(1e-30), math.nan)
         known = torch.stack([share, mean, start, lowest])
         return torch.where(torch.stack([learned, count > 0, start > 0, lowest > 0]), known, math.nan)
@@ -1011,10 +1021,11 @@ class DivergenceDetector:
         if saved is not None and saved.numel() < _DIVERGENCE_STATE:
             # Saved before the lowest settled mean (or the previous loss and a streak's onset) was kept: none yet (it
             # settles again from the running mean). Saved before the floor faded: the floor starts at the lowest.
+            # Saved before negative losses were remembered: none seen yet.
             kept = saved.numel()
             saved = torch.cat([saved, saved.new_zeros(_DIVERGENCE_STATE - kept)])
-            if kept >= 5:
-                saved[-1] = saved[4]
+            if 5 <= kept < 9:
+                saved[8] = saved[4]
         self._state = saved
 
     def __repr__(self) -> str:

@@ -100,7 +100,7 @@ def test_a_state_saved_before_the_lowest_level_was_kept_loads() -> None:
     det = DivergenceDetector(patience=2)
     det.load_state_dict({"state": torch.tensor([1.0, 60.0, 2.0, 0.0])})  # [mean, observations, first, streak]
     assert _feed(det, [1.0, 50.0, 500.0]) == [2]
-    assert det._state is not None and det._state.numel() == 9
+    assert det._state is not None and det._state.numel() == 10
 
 
 @pytest.mark.parametrize("kept", [5, 7, 8])
@@ -112,8 +112,8 @@ def test_a_state_saved_before_the_floor_faded_starts_its_floor_at_the_lowest_lev
 
 
 def test_a_state_longer_than_this_version_keeps_is_refused() -> None:
-    with pytest.raises(ValueError, match="holds 10 values, this version keeps 9"):
-        DivergenceDetector().load_state_dict({"state": torch.zeros(10)})
+    with pytest.raises(ValueError, match="holds 11 values, this version keeps 10"):
+        DivergenceDetector().load_state_dict({"state": torch.zeros(11)})
 
 
 def test_steps_without_a_loss_leave_the_floor_where_it_is() -> None:
@@ -161,6 +161,59 @@ def test_a_new_level_is_absorbed_by_the_running_mean() -> None:
 def test_negative_losses_are_never_judged() -> None:
     det = DivergenceDetector(patience=1)
     assert _feed(det, [-1.0, -0.5, 50.0, 80.0, 100.0]) == []
+
+
+# A PPO loss (clipped policy loss + value loss - entropy bonus) on a gridworld before its first rewards: about 0.01,
+# of either sign; then the value loss meets the first returns, and the loss holds near 0.15-0.2 for a while.
+_REWARDS = [0.05, 0.19, 0.2, 0.15, 0.18, 0.21, 0.2, 0.17]
+
+
+def test_a_loss_once_below_zero_has_no_ratio_to_its_level() -> None:
+    # Its zero is arbitrary, so 10x its level says nothing: a PPO run was restarted from its initial weights when its
+    # first rewards came. The same climb from a loss that is never negative is an event, as before.
+    signed = [0.05] + [0.005 + 0.03 * math.sin(i) for i in range(1, 200)] + _REWARDS
+    det = DivergenceDetector()
+    assert _feed(det, signed) == []
+    assert math.isnan(float(det.progress()[0]))
+    positive = [0.05] + [0.01 + 0.005 * math.sin(i) for i in range(1, 200)] + _REWARDS
+    assert _feed(DivergenceDetector(), positive) == [205]
+    # The sign survives a checkpoint.
+    det = DivergenceDetector(patience=3, level_shifts=False)
+    _feed(det, [2.0] * 10 + [-1.0])
+    resumed = DivergenceDetector(patience=3, level_shifts=False)
+    resumed.load_state_dict(det.state_dict())
+    assert _feed(resumed, [2.0] * 5 + [200.0] * 5) == []
+    assert _feed(DivergenceDetector(patience=3, level_shifts=False), [2.0] * 15 + [200.0] * 5) == [17]
+
+
+class _SignedLoss(Regressor):
+    """Trains on its MSE while the loss it reports is a PPO-like value: about 0.01 of either sign, then 0.15-0.2 once
+    the first rewards come (step 200)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        mse = super().training_step(batch, batch_idx)
+        step = self.global_step
+        value = _REWARDS[step - 199] if 199 <= step < 199 + len(_REWARDS) else 0.005 + 0.03 * math.sin(step)
+        return mse - mse.detach() + (0.05 if step == 0 else value)
+
+
+def test_a_trainer_run_whose_loss_is_once_below_zero_is_not_restarted_for_a_rise_of_its_loss() -> None:
+    guard = GradGuard()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=230, max_epochs=-1, callbacks=[guard]).fit(_SignedLoss(), regression_data(n=512))
+    events = guard.summary()
+    assert events["diverging"] == 0 and events["rolled_back"] == 0 and events["lr_reduced"] == 0
+    assert not [w for w in caught if "diverged" in str(w.message)]
+
+
+def test_learning_progress_is_not_measured_on_a_loss_once_below_zero() -> None:
+    falling = [4.0 - 0.03 * i for i in range(100)]
+    det = DivergenceDetector()
+    _feed(det, falling)
+    assert float(det.progress()[0]) == pytest.approx(0.0, abs=0.05)  # at its lowest: nothing given back
+    _feed(det, [-0.5])
+    assert math.isnan(float(det.progress()[0]))
 
 
 def test_state_dict_round_trip_continues_the_same_decisions() -> None:
