@@ -1413,10 +1413,14 @@ class GradGuard(CallbackBase):
                 " earlier fit of this model restarted it (see that fit's last line)."
             )
         elif rollback is not None and rollback.rescuing:
+            # A divergence of the loss alone restarts with the rescue too: "the gradients exploded" misread it.
+            events = engine.summary()  # once, at the end of the fit
+            gradients = events["exploding"] + events["nonfinite"] > 0 or not events["diverging"]
+            trouble = f"the gradients{which} exploded" if gradients else f"the training loss{which} diverged"
             notes.append(
-                f"GradGuard: the gradients{which} exploded early and the run restarted from its initial weights, with"
-                f" {rollback.rescue!r} clipping them unit-wise from then on. To train this setup again, clip that way"
-                f" from the start (`GradGuard(clip={rollback.rescue!r})`) or lower the learning rate."
+                f"GradGuard: {trouble} early and the run restarted from its initial weights, with"
+                f" {rollback.rescue!r} clipping the gradients unit-wise from then on. To train this setup again, clip"
+                f" that way from the start (`GradGuard(clip={rollback.rescue!r})`) or lower the learning rate."
             )
         # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high. Weights that
         # ended non-finite were the non-finite warning's subject: no rate would have trained them.

@@ -944,6 +944,29 @@ def test_the_rate_note_after_swa_trouble_holds_across_a_resume_and_a_refit_says_
     ]
 
 
+class _LossBlownUp(Regressor):
+    """Reports its loss 1000x on steps 1-8 (the gradients stay its MSE's): a divergence of the loss alone."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        mse = super().training_step(batch, batch_idx)
+        return mse + mse.detach() * 999.0 if 1 <= self.global_step <= 8 else mse
+
+
+def test_the_rescue_line_names_the_loss_when_the_loss_alone_diverged(caplog: pytest.LogCaptureFixture) -> None:
+    """A restart for an early divergence of the loss (no gradient exploded) said "the gradients exploded early" (a
+    user trial's batch-2 regression, whose first norms spread too widely for a calm start)."""
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard(rollback=default_rollback(calm_factor=None))  # these norms are calm: no calm-start test
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("ignore")
+        trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(_LossBlownUp(), regression_data())
+    events = guard.summary()
+    assert events["diverging"] == 1 and events["exploding"] == events["nonfinite"] == 0 and events["rolled_back"] == 1
+    (line,) = [r.getMessage() for r in caplog.records if "restarted from its initial weights" in r.getMessage()]
+    assert line.startswith("GradGuard: the training loss diverged early and the run restarted from its initial")
+    assert "AGC(clip_factor=0.01" in line and "clipping the gradients unit-wise" in line
+
+
 def test_after_a_refit_at_another_rate_the_rate_note_counts_the_new_rates_cuts(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
