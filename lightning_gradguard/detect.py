@@ -720,6 +720,10 @@ class VanishingDetector:
 
 
 _DIVERGENCE_STATE = 10  # DivergenceDetector's state vector: see its __init__
+#: How far below 0, relative to its running mean, a loss must be for :class:`DivergenceDetector` to take it as a loss
+#: that can be negative (and judge it no more): a loss that cannot be (a KL divergence) may come out a rounding error
+#: below 0 once it is near it.
+SIGNED_TOLERANCE = 1e-3
 #: The share of its gap to the running mean that :class:`DivergenceDetector`'s floor (the lowest settled running mean,
 #: as the level that a loss is judged against) closes per observation: a loss climbing about 1% a step or slower (a
 #: summed loss over a length curriculum) keeps within 10x of it, one climbing 1.5% a step or faster (a blow-up: 10% and
@@ -776,15 +780,15 @@ class DivergenceDetector:
     ``ratio`` times the lowest settled mean and above the first loss, reached within a hundred steps or so, is not:
     that is a model worse than untrained and an order of magnitude worse than it had just been). A non-finite loss (the
     non-finite gradient path handles it), an exactly-zero loss (a fully masked batch) and a step without a loss are
-    no observation. A loss that has once been below 0 reports nothing from then on, neither events nor
-    :meth:`progress`: such a loss has no natural zero (a PPO loss with its entropy bonus, a density's
-    log-likelihood, a critic's score), so a ratio to its level means nothing. A PPO run's loss, about 0.01 and of
-    either sign, rose to 0.2 for a few dozen steps when its value loss met the first rewards: a divergence, before
-    this rule, and a restart from the initial weights (mean training return 0.31 unguarded, -0.69 guarded). The
-    first loss stands for the untrained level, so it must not be much easier than the typical batch: simulated flat
-    runs (300 steps of a loss that is the mean of ``n`` squared Gaussians) had an event in 12-15 of 200 runs with
-    ``n=1`` and 7 with ``n=2``, none with 4 or 8; for a loss of one or two samples per step, pass
-    ``divergence=None``.
+    no observation. A loss that has once been below 0 (by more than :data:`SIGNED_TOLERANCE` of its running mean:
+    more than a rounding error) reports nothing from then on, neither events nor :meth:`progress`: such a loss has
+    no natural zero (a PPO loss with its entropy bonus, a density's log-likelihood, a critic's score), so a ratio to
+    its level means nothing. A PPO run's loss, about 0.01 and of either sign, rose to 0.2 for a few dozen steps when
+    its value loss met the first rewards: a divergence, before this rule, and a restart from the initial weights
+    (mean training return 0.31 unguarded, -0.69 guarded). The first loss stands for the untrained level, so it must
+    not be much easier than the typical batch: simulated flat runs (300 steps of a loss that is the mean of ``n``
+    squared Gaussians) had an event in 12-15 of 200 runs with ``n=1`` and 7 with ``n=2``, none with 4 or 8; for a
+    loss of one or two samples per step, pass ``divergence=None``.
 
     A loss that jumps by ``ratio`` or more in one step after a calm history (at least ``patience`` observations, the
     loss before the jump within ``sqrt(ratio)`` of the level) and then holds its new level without climbing further
@@ -902,8 +906,10 @@ class DivergenceDetector:
         size = loss.abs()
         observed = (size > 0) & (size < math.inf)
         limit = mean * self.ratio
-        # A loss that was ever negative has no natural zero, so "10x its level" says nothing (class docstring).
-        signed = torch.maximum(signed, (observed & (loss < 0)).to(signed.dtype))
+        # A loss that was ever negative has no natural zero, so "10x its level" says nothing (class docstring). Not
+        # for a rounding error: a KL divergence near 0 can come out a hair below it.
+        below = loss < mean * -SIGNED_TOLERANCE
+        signed = torch.maximum(signed, (observed & below).to(signed.dtype))
         unsigned = signed == 0
         # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
         # loss enters it winsorized to at least mean / ratio).

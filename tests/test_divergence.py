@@ -177,6 +177,9 @@ def test_a_loss_once_below_zero_has_no_ratio_to_its_level() -> None:
     assert math.isnan(float(det.progress()[0]))
     positive = [0.05] + [0.01 + 0.005 * math.sin(i) for i in range(1, 200)] + _REWARDS
     assert _feed(DivergenceDetector(), positive) == [205]
+    # A rounding error below 0 (a KL divergence near 0) is no sign.
+    rounding = [2.0] * 10 + [-1e-7] + [2.0] * 5 + [200.0] * 5
+    assert _feed(DivergenceDetector(patience=3, level_shifts=False), rounding) == [18]
     # The sign survives a checkpoint.
     det = DivergenceDetector(patience=3, level_shifts=False)
     _feed(det, [2.0] * 10 + [-1.0])
