@@ -490,17 +490,11 @@ class GradGuard(CallbackBase):
         self._hist_loaded = None if hist is None else int(hist)
         self._log_step_restored = True
         # Absent from checkpoints written before it was kept: the resumed fit's line then reads the restored rates.
+        # The checkpoint's fit is the one that goes on: nothing of another fit of this guard's stays.
         self._rates_loaded = {key: start for key, (start, _, _) in record.items()}
-        for key, (_, trouble, base) in record.items():
-            if trouble[0] is None:
-                self._trouble.pop(key, None)
-            else:
-                self._trouble[key] = trouble
-            # A resumed refit at another rate goes on counting the cuts since its multiplier started afresh.
-            if base == (0, 0):
-                self._counts_base.pop(key, None)
-            else:
-                self._counts_base[key] = base
+        self._trouble = {key: trouble for key, (_, trouble, _) in record.items() if trouble[0] is not None}
+        # A resumed refit at another rate goes on counting the cuts since its multiplier started afresh.
+        self._counts_base = {key: base for key, (_, _, base) in record.items() if base != (0, 0)}
         # Already-built optimizer states take their part right away (load after on_fit_start: FSDP/DeepSpeed order).
         for key, engine in self._states.items():
             self._restore_optimizer_state(key, engine)
@@ -662,7 +656,7 @@ class GradGuard(CallbackBase):
         counts = engine.host_counts
         self._counts_base[key] = (counts["lr_reduced"], counts["rolled_back"])
         if rescuing:
-            engine.rollback.rescuing = False  # type: ignore[union-attr]
+            engine.rollback.rescuing, engine.rollback.rescue_cause = False, None  # type: ignore[union-attr]
         dropped = [f"its {scale:.3g}x multiplier"] * (scale != 1.0) + ["the rescue clipping"] * rescuing
         rank_zero_info(
             f"GradGuard: optimizer {key}'s learning rate changed since the last fit ({change}): what the guard found at"
@@ -1414,9 +1408,8 @@ class GradGuard(CallbackBase):
             )
         elif rollback is not None and rollback.rescuing:
             # A divergence of the loss alone restarts with the rescue too: "the gradients exploded" misread it.
-            events = engine.summary()  # once, at the end of the fit
-            gradients = events["exploding"] + events["nonfinite"] > 0 or not events["diverging"]
-            trouble = f"the gradients{which} exploded" if gradients else f"the training loss{which} diverged"
+            loss = rollback.rescue_cause == "loss"
+            trouble = f"the training loss{which} diverged" if loss else f"the gradients{which} exploded"
             notes.append(
                 f"GradGuard: {trouble} early and the run restarted from its initial weights, with"
                 f" {rollback.rescue!r} clipping the gradients unit-wise from then on. To train this setup again, clip"

@@ -781,14 +781,15 @@ class DivergenceDetector:
     that is a model worse than untrained and an order of magnitude worse than it had just been). A non-finite loss (the
     non-finite gradient path handles it), an exactly-zero loss (a fully masked batch) and a step without a loss are
     no observation. A loss that has once been below 0 (by more than :data:`SIGNED_TOLERANCE` of its running mean:
-    more than a rounding error) reports nothing from then on, neither events nor :meth:`progress`: such a loss has
-    no natural zero (a PPO loss with its entropy bonus, a density's log-likelihood, a critic's score), so a ratio to
-    its level means nothing. A PPO run's loss, about 0.01 and of either sign, rose to 0.2 for a few dozen steps when
-    its value loss met the first rewards: a divergence, before this rule, and a restart from the initial weights
-    (mean training return 0.31 unguarded, -0.69 guarded). The first loss stands for the untrained level, so it must
-    not be much easier than the typical batch: simulated flat runs (300 steps of a loss that is the mean of ``n``
-    squared Gaussians) had an event in 12-15 of 200 runs with ``n=1`` and 7 with ``n=2``, none with 4 or 8; for a
-    loss of one or two samples per step, pass ``divergence=None``.
+    more than a rounding error) reports nothing from then on (until a ``new_phase()`` of the engine starts it
+    afresh), neither events nor the share of :meth:`progress`: such a loss has no natural zero (a PPO loss with its
+    entropy bonus, a density's log-likelihood, a critic's score), so a ratio to its level means nothing. A PPO run's
+    loss, about 0.01 and of either sign, rose to 0.2 for a few dozen steps when its value loss met the first
+    rewards: a divergence, before this rule, and a restart from the initial weights (mean training return 0.31
+    unguarded, -0.69 guarded). The first loss stands for the untrained level, so it must not be much easier than the
+    typical batch: simulated flat runs (300 steps of a loss that is the mean of ``n`` squared Gaussians) had an
+    event in 12-15 of 200 runs with ``n=1`` and 7 with ``n=2``, none with 4 or 8; for a loss of one or two samples
+    per step, pass ``divergence=None``.
 
     A loss that jumps by ``ratio`` or more in one step after a calm history (at least ``patience`` observations, the
     loss before the jump within ``sqrt(ratio)`` of the level) and then holds its new level without climbing further
@@ -997,7 +998,7 @@ class DivergenceDetector:
         start. It exists once the lowest settled mean is at most :data:`LEARNED` times the start (NaN before). A
         model that collapses late (a warm-up to too high a peak, a rate raised mid-run) gives back what it learned
         with a loss that never rises above the first, so no divergence event: this measures it, and GradGuard warns
-        on it.
+        on it. The share is NaN for a loss that has been below 0 (see the class docstring): it has no natural zero.
         """
         if self._state is None:
             return torch.full((4,), math.nan)

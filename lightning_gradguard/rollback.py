@@ -462,6 +462,9 @@ class Rollback:
         self._last_norm = math.nan  # the last positive finite total norm by rescue_until, troubled steps included
         self.growth = 0.0  # the largest growth of the total norm into a troubled step by rescue_until
         self.rescuing = False  # the rescue clipper is at work (from the rollback that put it to work on)
+        # What the stretch that put the rescue clipper to work held: "loss" (a divergence of the loss alone) or
+        # "gradients" (an exploding or non-finite step), for the end-of-fit line; None while it is not at work.
+        self.rescue_cause: str | None = None
         self._safe = _Slot()
         self._candidate = _Slot()
         self._last_event = _NEVER  # the last engine step with an exploding or non-finite event, as the host knows
@@ -471,6 +474,7 @@ class Rollback:
         self._known = 0  # the last engine step whose flags the host has seen
         self._stretch_began = _NEVER  # the first step of the current stretch of trouble
         self._stretch_diverged = False  # the current stretch holds a divergence event of the loss
+        self._stretch_gradients = False  # the current stretch holds an exploding or non-finite step
         self._off = False  # past ``until``, or over ``max_bytes``: no copies, no rollback
         self.count = 0  # rollbacks so far
 
@@ -525,7 +529,8 @@ class Rollback:
                 length, exploded = 0, False  # too far from the last one: a new stretch
                 self.stretch_start = before() if before is not None else None
                 self._stretch_began = step
-                self._stretch_diverged = False
+                self._stretch_diverged = self._stretch_gradients = False
+            self._stretch_gradients = self._stretch_gradients or exploding or nonfinite
             length += 1
             if diverging:
                 length = max(length, self.patience)
@@ -722,6 +727,8 @@ class Rollback:
         """Write the safe copy back into the parameters and ``optimizer``'s state; returns what ``capture`` returned
         when the copy was taken. ``rescue``: put the rescue clipper to work from now on (see :meth:`rescues`).
         ``retry``: this is the plain retry (see :meth:`retries`)."""
+        if rescue and self.rescue is not None and not self.rescuing:
+            self.rescue_cause = "loss" if self._stretch_diverged and not self._stretch_gradients else "gradients"
         self.rescuing = self.rescuing or (rescue and self.rescue is not None)
         if retry:
             # The run starts again: its first steps are first steps again, for the rescue's window and calm start.
@@ -736,7 +743,7 @@ class Rollback:
     def _forget_stretch(self) -> None:
         self._stretch = (0, _NEVER, False)
         self._stretch_began = _NEVER
-        self._stretch_diverged = False
+        self._stretch_diverged = self._stretch_gradients = False
         self.stretch_start = None
 
     def _forget_norms(self) -> None:
@@ -753,7 +760,7 @@ class Rollback:
         and the record of the steps since (under ``"copies"``; see the class docstring)."""
         state: dict[str, Any] = {"count": self.count, "retried": self.retried, "origin": self._origin}
         if self.rescue is not None:
-            state.update(rescuing=self.rescuing, rescue=self.rescue.state_dict())
+            state.update(rescuing=self.rescuing, rescue=self.rescue.state_dict(), rescue_cause=self.rescue_cause)
         if self.saves_copies():
             state["copies"] = {
                 "safe": self._safe.saved(),
@@ -763,6 +770,7 @@ class Rollback:
                 "stretch": list(self._stretch),
                 "stretch_began": self._stretch_began,
                 "stretch_diverged": self._stretch_diverged,
+                "stretch_gradients": self._stretch_gradients,
                 "stretch_start": self.stretch_start,
                 "early_norms": [list(pair) for pair in self._early_norms],
                 "last_norm": self._last_norm,
@@ -801,10 +809,15 @@ class Rollback:
         past ``until``).
         """
         check_state("Rollback", state, ("count",))
+        # Saved before the cause was kept: the gradients, as the line said then.
+        cause = state.get("rescue_cause", "gradients")
+        if cause not in (None, "loss", "gradients"):
+            raise ValueError(f"`state['rescue_cause']` must be 'loss', 'gradients' or None, got {cause!r}.")
         self.count = int(state["count"])
         self.retried = bool(state.get("retried", False))
         self._origin = int(state.get("origin", 0))
         self.rescuing = bool(state.get("rescuing", False)) and self.rescue is not None
+        self.rescue_cause = cause if self.rescuing else None
         if self.rescue is not None and state.get("rescue") is not None:
             self.rescue.load_state_dict(state["rescue"])
         self._last_event, self._known = _NEVER, 0
@@ -828,6 +841,8 @@ class Rollback:
         self._stretch = (int(length), int(last), bool(exploded))
         self._stretch_began = int(copies["stretch_began"])
         self._stretch_diverged = bool(copies["stretch_diverged"])
+        # Saved before it was kept: count the stretch as the gradients' (the line's wording before).
+        self._stretch_gradients = bool(copies.get("stretch_gradients", True))
         self.stretch_start = copies["stretch_start"]
         self._early_norms = [(int(step), float(norm)) for step, norm in copies["early_norms"]]
         self._last_norm, self.growth = float(copies["last_norm"]), float(copies["growth"])

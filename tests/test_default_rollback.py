@@ -945,26 +945,49 @@ def test_the_rate_note_after_swa_trouble_holds_across_a_resume_and_a_refit_says_
 
 
 class _LossBlownUp(Regressor):
-    """Reports its loss 1000x on steps 1-8 (the gradients stay its MSE's): a divergence of the loss alone."""
+    """Reports its loss 1000x on steps 1-8 (the gradients stay its MSE's): a divergence of the loss alone; and, when
+    asked, one bad batch (10^4x loss and gradient) later."""
+
+    def __init__(self, spike_at: int | None = None) -> None:
+        super().__init__()
+        self.spike_at = spike_at
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         mse = super().training_step(batch, batch_idx)
+        if self.global_step == self.spike_at:
+            return mse * 1e4
         return mse + mse.detach() * 999.0 if 1 <= self.global_step <= 8 else mse
 
 
-def test_the_rescue_line_names_the_loss_when_the_loss_alone_diverged(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("spike_at", [None, 30])
+def test_the_rescue_line_names_the_loss_when_the_loss_alone_diverged(
+    caplog: pytest.LogCaptureFixture, spike_at: int | None
+) -> None:
     """A restart for an early divergence of the loss (no gradient exploded) said "the gradients exploded early" (a
-    user trial's batch-2 regression, whose first norms spread too widely for a calm start)."""
+    user trial's batch-2 regression, whose first norms spread too widely for a calm start). The line names what the
+    restart answered, not an exploding step that came later."""
     L.seed_everything(0, verbose=False)
     guard = GradGuard(rollback=default_rollback(calm_factor=None))  # these norms are calm: no calm-start test
     with warnings.catch_warnings(), caplog.at_level(logging.INFO):
         warnings.simplefilter("ignore")
-        trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(_LossBlownUp(), regression_data())
+        trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(_LossBlownUp(spike_at), regression_data())
     events = guard.summary()
-    assert events["diverging"] == 1 and events["exploding"] == events["nonfinite"] == 0 and events["rolled_back"] == 1
+    assert events["diverging"] == 1 and events["nonfinite"] == 0 and events["rolled_back"] == 1
+    assert events["exploding"] == (spike_at is not None)
     (line,) = [r.getMessage() for r in caplog.records if "restarted from its initial weights" in r.getMessage()]
     assert line.startswith("GradGuard: the training loss diverged early and the run restarted from its initial")
     assert "AGC(clip_factor=0.01" in line and "clipping the gradients unit-wise" in line
+    # The cause travels in the checkpoint (a resumed fit's line is the uninterrupted one's).
+    (engine,) = guard._states.values()
+    assert engine.rollback is not None and engine.rollback.rescue_cause == "loss"
+    state = engine.rollback.state_dict()
+    resumed = default_rollback()
+    resumed.load_state_dict(state)
+    assert resumed.rescuing and resumed.rescue_cause == "loss"
+    resumed.load_state_dict({k: v for k, v in state.items() if k != "rescue_cause"})  # saved before it was kept
+    assert resumed.rescue_cause == "gradients"
+    with pytest.raises(ValueError, match="rescue_cause"):
+        resumed.load_state_dict({**state, "rescue_cause": "weights"})
 
 
 def test_after_a_refit_at_another_rate_the_rate_note_counts_the_new_rates_cuts(

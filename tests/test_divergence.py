@@ -111,6 +111,15 @@ def test_a_state_saved_before_the_floor_faded_starts_its_floor_at_the_lowest_lev
     assert _feed(det, [12.0]) == [0]  # 10x the lowest level and above the first loss, not 10x the mean
 
 
+def test_a_state_saved_before_negative_losses_were_remembered_keeps_its_floor() -> None:
+    # [mean, observations, first, streak, lowest, previous, onset, start, floor]: the floor had faded up to 1.6.
+    det = DivergenceDetector(patience=1)
+    det.load_state_dict({"state": torch.tensor([2.0, 80.0, 5.0, 0.0, 1.0, 2.0, 0.0, 2.0, 1.6])})
+    assert det._state is not None and det._state[8] == 1.6 and det._state[9] == 0.0
+    assert _feed(det, [12.0]) == []  # 7.5x the floor: not 10x the lowest level, which the floor has left behind
+    assert _feed(det, [17.0]) == [0]
+
+
 def test_a_state_longer_than_this_version_keeps_is_refused() -> None:
     with pytest.raises(ValueError, match="holds 11 values, this version keeps 10"):
         DivergenceDetector().load_state_dict({"state": torch.zeros(11)})
