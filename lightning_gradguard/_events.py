@@ -190,10 +190,12 @@ class EventReporter:
             f"GradGuard: every optimizer step{which} since step {since} at the latest ({steps - steps_before} steps, up"
             f" to step {step}) had non-finite gradients, each {done}: the model has not trained since. Its weights"
             " are finite, so the inf/NaN arises anew on every batch: in a buffer or running statistic that took one"
-            " in (a running mean, a teacher's centre), in the data, or in the loss (or the gradients are finite and"
-            f" their norm is above about 1.8e19, whose square overflows float32: a loss scaled far up).{found} A"
-            " lower learning rate"
-            f" does not cure that{cut}.",
+            " in (a running mean, a teacher's centre), in the data, in the loss, or from the weights themselves (an"
+            " exp or a division that overflows on them: a variance a rate too high drove towards 0), or the gradients"
+            " are finite and their norm is above about 1.8e19, whose square overflows float32 (a loss scaled far"
+            f" up).{found} A lower learning rate alone does not cure that{cut}: the skipped steps leave the weights"
+            " where they are. If the loss climbed before this, go back to a checkpoint from before the climb with a"
+            " lower rate.",
             category=UserWarning,
         )
 

@@ -72,6 +72,8 @@ def test_a_run_that_stopped_training_is_named_once_with_the_buffer_behind_it(cap
     assert len(stopped) == 1
     assert "since step 30 at the latest" in stopped[0] and "skipped" in stopped[0]
     assert "buffer 'centre' holds NaN" in stopped[0]
+    # The weights themselves are among the sources named, and the skipped steps leave them where they are.
+    assert "from the weights themselves" in stopped[0] and "go back to a checkpoint" in stopped[0]
     assert "a ceiling, the highest that stayed finite" not in log
     # Cut twice (without sparing: the pair, then the run), the end-of-fit rate line gives no ceiling for the next run
     # either: the cuts answered a run that had stopped.
