@@ -341,7 +341,8 @@ class EventReporter:
                     " not depend on it at this point (a value clamped at its bound, a detached or unused branch, a loss"
                     " term weighted 0 for now by a schedule that switches it on later, or a loss that is exactly 0 on"
                     " these batches: a hinge or triplet margin that every example meets), or its entries are below"
-                    " about 1e-22, whose squares underflow float32 (a loss scaled far down)."
+                    " about 1e-22, whose squares underflow float32 (a loss scaled far down). Activations called as"
+                    " functions (`F.relu` in `forward`) are not watched: one that is 0 on every input reads the same."
                 )
             if hint:
                 message += " " + hint

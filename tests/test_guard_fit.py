@@ -1119,6 +1119,8 @@ def test_a_vanishing_warning_for_an_exactly_zero_gradient_says_so_not_what_satur
     assert "'scale'" in vanishing and "norm 0" in vanishing
     assert "exactly zero" in vanishing and "clamped" in vanishing
     assert "Most saturated" not in vanishing and "ReLU" not in vanishing
+    # An activation called as a function (dead on every input, in a quantization-aware MLP) is not watched: said.
+    assert "Activations called as functions (`F.relu` in `forward`) are not watched" in vanishing
 
 
 class _MetMargin(Regressor):
