@@ -186,16 +186,19 @@ class EventReporter:
         )
         cuts = engine.host_counts.get("lr_reduced", 0)
         cut = f" (it was cut {cuts} time{'s' if cuts != 1 else ''})" if cuts else ""
+        # Zeroing keeps the finite entries training; only skipped steps leave every weight where it is.
+        skipped = self.guard.on_nonfinite == "skip"
+        trained = "the model has not trained since" if skipped else "those entries have not trained since"
+        still = ": the skipped steps leave the weights where they are" if skipped else ""
         rank_zero_warn(
             f"GradGuard: every optimizer step{which} since step {since} at the latest ({steps - steps_before} steps, up"
-            f" to step {step}) had non-finite gradients, each {done}: the model has not trained since. Its weights"
+            f" to step {step}) had non-finite gradients, each {done}: {trained}. Its weights"
             " are finite, so the inf/NaN arises anew on every batch: in a buffer or running statistic that took one"
             " in (a running mean, a teacher's centre), in the data, in the loss, or from the weights themselves (an"
             " exp or a division that overflows on them: a variance a rate too high drove towards 0), or the gradients"
             " are finite and their norm is above about 1.8e19, whose square overflows float32 (a loss scaled far"
-            f" up).{found} A lower learning rate alone does not cure that{cut}: the skipped steps leave the weights"
-            " where they are. If the loss climbed before this, go back to a checkpoint from before the climb with a"
-            " lower rate.",
+            f" up).{found} A lower learning rate alone does not cure that{cut}{still}. If the loss climbed before this,"
+            " go back to a checkpoint from before the climb with a lower rate.",
             category=UserWarning,
         )
 
@@ -336,13 +339,21 @@ class EventReporter:
             if not hint and lead["value"] == 0.0:
                 # Exactly zero with nothing saturated on the way (saturation can underflow to zero too): the loss
                 # does not reach it. CLIP's logit scale clamped at 100 got advice for an ordinary ReLU instead.
+                watched = self.guard._saturation is not None
                 hint = (
-                    "Its gradient norm is exactly zero in float32 and no watched activation is saturated: the loss does"
-                    " not depend on it at this point (a value clamped at its bound, a detached or unused branch, a loss"
-                    " term weighted 0 for now by a schedule that switches it on later, or a loss that is exactly 0 on"
-                    " these batches: a hinge or triplet margin that every example meets), or its entries are below"
-                    " about 1e-22, whose squares underflow float32 (a loss scaled far down). Activations called as"
-                    " functions (`F.relu` in `forward`) are not watched: one that is 0 on every input reads the same."
+                    "Its gradient norm is exactly zero in float32"
+                    + (" and no watched activation is saturated" if watched else "")
+                    + ": the loss does not depend on it at this point (a value clamped at its bound, a detached or"
+                    " unused branch, a loss term weighted 0 for now by a schedule that switches it on later, or a loss"
+                    " that is exactly 0 on these batches: a hinge or triplet margin that every example meets), or its"
+                    " entries are below about 1e-22, whose squares underflow float32 (a loss scaled far down). "
+                    + (
+                        "Activations called as functions (`F.relu` in `forward`) are not watched: one that is 0 on"
+                        " every input reads the same."
+                        if watched
+                        else "Activations are not watched (`saturation=False`): dead ones (0 on every input) read the"
+                        " same."
+                    )
                 )
             if hint:
                 message += " " + hint

@@ -719,7 +719,7 @@ class VanishingDetector:
         return f"{type(self).__name__}(min_norm={self.min_norm}, ratio={self.ratio}, patience={self.patience})"
 
 
-_DIVERGENCE_STATE = 10  # DivergenceDetector's state vector: see its __init__
+_DIVERGENCE_STATE = 9  # DivergenceDetector's state vector: see its __init__
 #: How far below 0, relative to its running mean, a loss must be for :class:`DivergenceDetector` to take it as a loss
 #: that can be negative (and judge it no more): a loss that cannot be (a KL divergence) may come out a rounding error
 #: below 0 once it is near it.
@@ -854,8 +854,9 @@ class DivergenceDetector:
         # Device state, created on the first update: [running mean, observations, first loss, high steps in a row,
         # lowest settled running mean (0: none yet), previous loss (0: none), the loss that began a sudden high
         # streak (0: none, or the streak began gradually), the running mean after the first START_LOSSES losses (0:
-        # not yet), the floor: the lowest settled running mean, fading up towards the mean (0: none yet), 1 once a
-        # loss below 0 was observed (0: none yet)].
+        # not yet), the floor: the lowest settled running mean, fading up towards the mean (0: none yet)]. The first
+        # loss is never 0 once there is one, so its sign is free to record whether a loss below 0 has been seen
+        # since: negative, the detector judges nothing (class docstring).
         self._state: Tensor | None = None
         # 1 - alpha, 1 and 0 on the device, made once: a per-step constant is an op.
         self._consts: tuple[Tensor, ...] | None = None
@@ -902,19 +903,18 @@ class DivergenceDetector:
         if self._consts is None or self._consts[0].device != device:
             self._consts = tuple(torch.tensor(v, device=device) for v in (1.0 - self.alpha, 1.0, 0.0))
         slow, one, zero = self._consts
-        mean, count, first, streak, lowest, prev, onset, start, floor, signed = self._state.unbind()
+        mean, count, first, streak, lowest, prev, onset, start, floor = self._state.unbind()
         # ``0 < |loss| < inf`` drops NaN, inf and the exact zero of a fully masked batch (``isfinite`` is six ops).
         size = loss.abs()
         observed = (size > 0) & (size < math.inf)
         limit = mean * self.ratio
-        # A loss that was ever negative has no natural zero, so "10x its level" says nothing (class docstring). Not
-        # for a rounding error: a KL divergence near 0 can come out a hair below it.
-        below = loss < mean * -SIGNED_TOLERANCE
-        signed = torch.maximum(signed, (observed & below).to(signed.dtype))
-        unsigned = signed == 0
-        # ``first > 0`` also says that there is a first loss (it is never 0) and that the mean is positive (every
-        # loss enters it winsorized to at least mean / ratio).
-        gated = observed & (first > 0) & unsigned
+        # A loss that was ever negative has no natural zero, so "10x its level" says nothing (class docstring): the
+        # first loss turns negative for good (-inf too: such a loss can be negative). Not for a rounding error: a KL
+        # divergence near 0 can come out a hair below it.
+        first = first.copysign(torch.where(loss < mean * -SIGNED_TOLERANCE, -1.0, first))
+        # ``first > 0`` also says that there is a first loss (it is never 0), that no loss was below 0 and that the
+        # mean is positive (every loss enters it winsorized to at least mean / ratio).
+        gated = observed & (first > 0)
         # 0 (what a fresh state holds): no floor yet. Once there is one it is never above the mean (at most the
         # minimum of every mean since it settled), so it is the level as it stands.
         has_floor = floor > 0
@@ -928,7 +928,7 @@ class DivergenceDetector:
         elevated = loss > torch.maximum(first, level * self._calm)
         if self.start_ratio is not None:
             elevated |= high  # high by the first loss alone, under the level's bar
-        run = torch.where(observed, (streak + high) * elevated, streak) * unsigned
+        run = torch.where(observed, (streak + high) * elevated, streak)
         event = high & (run == self.patience)
         shift = None
         if self.level_shifts and self.patience > 1:
@@ -972,12 +972,11 @@ class DivergenceDetector:
                 # After a level shift too: progress is then measured within the new level.
                 torch.where(n == START_LOSSES, new_mean, start),
                 torch.where(fades, torch.minimum(faded, new_mean), floor),
-                signed,
             ]
         )
         if shift is not None:
             # The new level starts afresh from this loss, as the first losses of a run do; the first loss is kept.
-            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero, start, zero, signed]), new)
+            new = torch.where(shift, torch.stack([loss, one, first, zero, zero, loss, zero, start, zero]), new)
         self._state = new
         return event
 
@@ -1002,11 +1001,11 @@ class DivergenceDetector:
         """
         if self._state is None:
             return torch.full((4,), math.nan)
-        mean, count, first, _, lowest, _, _, start, _, signed = self._state.unbind()
+        mean, count, first, _, lowest, _, _, start, _ = self._state.unbind()
         # A state saved before the start was kept: the first loss stands in for it.
         start = torch.where((start == 0) & (count >= START_LOSSES), first, start)
         # A loss that was ever negative: its running mean (of winsorized losses) and ratios mean nothing.
-        learned = (lowest > 0) & (start > 0) & (lowest <= start * LEARNED) & (signed == 0)
+        learned = (lowest > 0) & (start > 0) & (lowest <= start * LEARNED) & (first > 0)
         share = torch.where(learned, (mean - lowest) / (start - lowest).clamp_min(1e-30), math.nan)
         known = torch.stack([share, mean, start, lowest])
         return torch.where(torch.stack([learned, count > 0, start > 0, lowest > 0]), known, math.nan)
@@ -1028,11 +1027,10 @@ class DivergenceDetector:
         if saved is not None and saved.numel() < _DIVERGENCE_STATE:
             # Saved before the lowest settled mean (or the previous loss and a streak's onset) was kept: none yet (it
             # settles again from the running mean). Saved before the floor faded: the floor starts at the lowest.
-            # Saved before negative losses were remembered: none seen yet.
             kept = saved.numel()
             saved = torch.cat([saved, saved.new_zeros(_DIVERGENCE_STATE - kept)])
-            if 5 <= kept < 9:
-                saved[8] = saved[4]
+            if kept >= 5:
+                saved[-1] = saved[4]
         self._state = saved
 
     def __repr__(self) -> str:

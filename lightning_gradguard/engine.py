@@ -67,7 +67,7 @@ from lightning_gradguard.layers import (
 )
 from lightning_gradguard.lr import LRGuard, LRGuardHandle
 from lightning_gradguard.regularize import Regularizer, bind_all, check_regularizers
-from lightning_gradguard.rollback import Rollback, rollback_from
+from lightning_gradguard.rollback import Rollback, rescue_cause_of, rollback_from
 from lightning_gradguard.running_stats import RunningStats
 from lightning_gradguard.stats import FlatStats, GradStats, StepStats, _upload, split_flat
 
@@ -2155,7 +2155,8 @@ class GuardEngine:
         clipper, the divergence detector and the rollback's state are restored.
 
         Raises:
-            ValueError: when the state was saved for other parameters (nothing is restored then).
+            ValueError: when the state was saved for other parameters, or its rollback's ``rescue_cause`` is none of
+                ``"loss"``, ``"gradients"`` or ``None`` (nothing is restored then).
         """
         for problem in self._load_state(state):
             warnings.warn(f"GuardEngine: {problem}", stacklevel=user_stacklevel())
@@ -2181,6 +2182,8 @@ class GuardEngine:
                     " was saved from."
                 )
             per_layer = ("exploding", "vanishing")
+        if isinstance(state.get("rollback"), dict):
+            rescue_cause_of(state["rollback"])  # a malformed one is refused before anything is restored
         device = self._record.device
         problems = []
         # The flags and events of steps this engine took before the load belong to the run the state replaces (an

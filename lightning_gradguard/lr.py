@@ -511,6 +511,12 @@ class LRGuard:
             state.nonfinite_streak = state.nonfinite_streak + 1 if in_a_row else 1
             state.nonfinite = state.nonfinite + 1 if recent else 1
             state.since_nonfinite = 0
+            if diverging:
+                # The loss stayed blown up for the detector's patience: a divergence, whatever this step's gradients
+                # (a blown-up loss often brings them non-finite). Taken as an isolated bad batch, it was lost: the
+                # detector reports each divergence once.
+                state.nonfinite = state.nonfinite_cut = state.nonfinite_passed = 0
+                return self._explode(state, force=True, hold=hold)
             patience = self.nonfinite_patience
             if self.spare_lone and patience > 1:
                 # Only a run in a row cuts, at twice the patience: the steps between scattered ones ran on the

@@ -809,10 +809,7 @@ class Rollback:
         past ``until``).
         """
         check_state("Rollback", state, ("count",))
-        # Saved before the cause was kept: the gradients, as the line said then.
-        cause = state.get("rescue_cause", "gradients")
-        if cause not in (None, "loss", "gradients"):
-            raise ValueError(f"`state['rescue_cause']` must be 'loss', 'gradients' or None, got {cause!r}.")
+        cause = rescue_cause_of(state)
         self.count = int(state["count"])
         self.retried = bool(state.get("retried", False))
         self._origin = int(state.get("origin", 0))
@@ -846,6 +843,16 @@ class Rollback:
         self.stretch_start = copies["stretch_start"]
         self._early_norms = [(int(step), float(norm)) for step, norm in copies["early_norms"]]
         self._last_norm, self.growth = float(copies["last_norm"]), float(copies["growth"])
+
+
+def rescue_cause_of(state: dict[str, Any]) -> str | None:
+    """``state['rescue_cause']`` of a :meth:`Rollback.state_dict`, checked (a ``ValueError`` for another value), so
+    that a caller can refuse a state before it loads any of it. Saved before the cause was kept: ``"gradients"``,
+    what the end-of-fit line said then."""
+    cause = state.get("rescue_cause", "gradients")
+    if cause not in (None, "loss", "gradients"):
+        raise ValueError(f"`state['rescue_cause']` must be 'loss', 'gradients' or None, got {cause!r}.")
+    return cause
 
 
 def default_rollback(

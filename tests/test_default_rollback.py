@@ -990,6 +990,27 @@ def test_the_rescue_line_names_the_loss_when_the_loss_alone_diverged(
         resumed.load_state_dict({**state, "rescue_cause": "weights"})
 
 
+class _LossBlownUpNaN(_LossBlownUp):
+    """The loss blown up on steps 1-8 as above, and one gradient NaN on step 5, where the divergence event comes."""
+
+    def on_after_backward(self) -> None:
+        if self.global_step == 5:
+            self.net[0].weight.grad[0, 0] = float("nan")
+
+
+def test_a_divergence_on_a_step_with_non_finite_gradients_still_restarts_the_run() -> None:
+    """The LR guard took the step as an isolated bad batch (no cut) and the divergence, reported once, was lost: no
+    restart, the run went on from the weights the blown-up loss left."""
+    L.seed_everything(0, verbose=False)
+    guard = GradGuard()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(_LossBlownUpNaN(), regression_data())
+    events = guard.summary()
+    assert events["diverging"] == 1 and events["nonfinite"] == 1
+    assert events["lr_reduced"] == 1 and events["rolled_back"] == 1
+
+
 def test_after_a_refit_at_another_rate_the_rate_note_counts_the_new_rates_cuts(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

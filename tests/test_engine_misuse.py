@@ -29,6 +29,7 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.diagnostics import UpdateRatioHints
+from lightning_gradguard.rollback import default_rollback
 from lightning_gradguard.layers import build_layer_index
 
 
@@ -629,6 +630,24 @@ def test_a_window_saved_with_four_entries_per_run_still_loads() -> None:
     (row,) = [row for row in fresh.snapshot().events if row["kind"] == "nonfinite"][:1]
     assert (row["step"], row["count"]) == (50, None)
     assert fresh.steps == 30
+
+
+def test_a_malformed_rescue_cause_is_refused_before_the_engine_restores_anything() -> None:
+    model = nn.Linear(4, 2)
+    engine = GuardEngine(model, lr_guard=LRGuard(), rollback=default_rollback())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.ones(2, 4)).sum().backward()
+        engine.step(optimizer=opt)
+        opt.step()
+        opt.zero_grad()
+    state = engine.state_dict()
+    assert state["rollback"]["rescue_cause"] is None
+    state["rollback"]["rescue_cause"] = "weights"
+    fresh = GuardEngine(model, lr_guard=LRGuard(), rollback=default_rollback())
+    with pytest.raises(ValueError, match="rescue_cause"):
+        fresh.load_state_dict(state)
+    assert fresh.steps == 0
 
 
 @pytest.mark.parametrize(

@@ -1121,6 +1121,15 @@ def test_a_vanishing_warning_for_an_exactly_zero_gradient_says_so_not_what_satur
     assert "Most saturated" not in vanishing and "ReLU" not in vanishing
     # An activation called as a function (dead on every input, in a quantization-aware MLP) is not watched: said.
     assert "Activations called as functions (`F.relu` in `forward`) are not watched" in vanishing
+    # Without the saturation monitor, no activation is watched: said so, not "no watched activation is saturated".
+    torch.manual_seed(0)
+    guard = GradGuard(vanishing=VanishingDetector(patience=3), saturation=False)
+    messages = _quiet_fit(
+        trainer(max_steps=10, max_epochs=-1, callbacks=[guard], log_every_n_steps=5), _ClampedScale(), regression_data()
+    )
+    (vanishing,) = [m for m in messages if "vanishing gradients" in m]
+    assert "exactly zero" in vanishing and "watched activation" not in vanishing
+    assert "Activations are not watched (`saturation=False`)" in vanishing
 
 
 class _MetMargin(Regressor):

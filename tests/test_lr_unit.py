@@ -44,6 +44,10 @@ def test_a_divergence_event_cuts_at_once_whatever_the_patience():
     guard = LRGuard(patience=3)
     assert guard.update(False, diverging=True) is True and guard.scale() == 0.5
     assert guard.update(True) is False  # a gradient spike still waits for its patience
+    # On a step whose gradients are non-finite too (a blown-up loss often brings them): it was taken as an isolated
+    # bad batch, and the divergence, reported once, was lost.
+    guard = LRGuard()
+    assert guard.update(False, nonfinite=True, diverging=True) is True and guard.scale() == 0.5
 
 
 @pytest.mark.parametrize("recovery", ["linear", "exponential"])
