@@ -29,8 +29,8 @@ from lightning_gradguard import (
     ZClip,
 )
 from lightning_gradguard.diagnostics import UpdateRatioHints
-from lightning_gradguard.rollback import default_rollback
 from lightning_gradguard.layers import build_layer_index
+from lightning_gradguard.rollback import default_rollback
 
 
 def _model() -> nn.Module:
