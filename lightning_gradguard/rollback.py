@@ -324,7 +324,9 @@ class Rollback:
             clipper is the remedy tried first; the rollbacks after it lower the rate as usual. ``None``: every rollback
             lowers the rate. A run that never rolls back never calls it. Its clipping is not in ``clipped`` or
             ``clip_coef`` (those describe the guard's clipper); :attr:`rescuing` says whether it is at work, and it
-            stays at work after a checkpoint resume.
+            stays at work after a checkpoint resume; :attr:`rescue_cause` says what the stretch of trouble that put it
+            to work held: ``"loss"`` (a divergence of the loss alone) or ``"gradients"`` (an exploding or non-finite
+            step).
         rescue_until: the rescue clipper is put to work only for trouble that began by this optimizer step (counted from
             the plain retry after one, ``retry``), ``>= 1``: a rate too high from the start fails in its first steps,
             before the run has been calm; trouble after a calm stretch is more often a few bad batches, which a clipper
