@@ -1434,8 +1434,8 @@ class GradGuard(CallbackBase):
             # The cuts answered a run whose every step was non-finite at any rate: no ceiling for the next run.
             notes.append(
                 f"GradGuard: the learning rate{which} ends at {scale:.3g}x its scheduled value {done}, but every step"
-                f" since step {stalled} had non-finite gradients (see the warning about it): the cuts answered a run"
-                " that had stopped training, and say nothing about the rate for the next one."
+                f" since step {stalled} at the latest had non-finite gradients (see the warning about it): the cuts"
+                " answered a run that had stopped training, and say nothing about the rate for the next one."
             )
             return " ".join(notes)
         events = engine.summary()  # the end of the fit: the device's counts may be read

@@ -80,6 +80,8 @@ def test_a_run_that_stopped_training_is_named_once_with_the_buffer_behind_it(cap
     guard, messages, log = _fit(PoisonedBuffer(at=30), caplog, lr_guard=LRGuard(spare_lone=False))
     assert guard.summary()["lr_reduced"] == 2 and len([m for m in messages if STOPPED in m]) == 1
     assert "say nothing about the rate for the next one" in log
+    # The run may have stopped before the first log that saw it: "at the latest", as the warning says.
+    assert "since step 30 at the latest had non-finite gradients (see the warning about it)" in log
     assert "a ceiling, the highest that stayed finite" not in log
 
 
