@@ -656,7 +656,7 @@ class GradGuard(CallbackBase):
         counts = engine.host_counts
         self._counts_base[key] = (counts["lr_reduced"], counts["rolled_back"])
         if rescuing:
-            engine.rollback.rescuing, engine.rollback.rescue_cause = False, None  # type: ignore[union-attr]
+            engine.rollback.stop_rescue()  # type: ignore[union-attr]
         dropped = [f"its {scale:.3g}x multiplier"] * (scale != 1.0) + ["the rescue clipping"] * rescuing
         rank_zero_info(
             f"GradGuard: optimizer {key}'s learning rate changed since the last fit ({change}): what the guard found at"

@@ -742,6 +742,10 @@ class Rollback:
         self.count += 1
         return self._safe.extra
 
+    def stop_rescue(self) -> None:
+        """Take the rescue clipper off (and its cause): the rate it answered is gone (a refit at another rate)."""
+        self.rescuing, self.rescue_cause = False, None
+
     def _forget_stretch(self) -> None:
         self._stretch = (0, _NEVER, False)
         self._stretch_began = _NEVER
