@@ -184,6 +184,15 @@ class EventReporter:
             if buffers
             else ""
         )
+        # An infinite loss on every batch is the loss's own doing (no rate, no checkpoint cures it): a CTC loss on
+        # targets that its inputs cannot align to gave +inf from step 0, and the run was restarted four times.
+        infinite = (
+            " The training loss is +inf: a loss that is infinite on some inputs gives it on every such batch (a CTC"
+            " loss on a target its input is too short for: `CTCLoss(zero_infinity=True)` drops those samples; a log"
+            " of 0 or of a probability that underflowed)."
+            if engine.last_loss() == math.inf
+            else ""
+        )
         cuts = engine.host_counts.get("lr_reduced", 0)
         cut = f" (it was cut {cuts} time{'s' if cuts != 1 else ''})" if cuts else ""
         # Zeroing keeps the finite entries training; only skipped steps leave every weight where it is.
@@ -197,8 +206,8 @@ class EventReporter:
             " in (a running mean, a teacher's centre), in the data, in the loss, or from the weights themselves (an"
             " exp or a division that overflows on them: a variance a rate too high drove towards 0), or the gradients"
             " are finite and their norm is above about 1.8e19, whose square overflows float32 (a loss scaled far"
-            f" up).{found} A lower learning rate alone does not cure that{cut}{still}. If the loss climbed before this,"
-            " go back to a checkpoint from before the climb with a lower rate.",
+            f" up).{found}{infinite} A lower learning rate alone does not cure that{cut}{still}. If the loss climbed"
+            " before this, go back to a checkpoint from before the climb with a lower rate.",
             category=UserWarning,
         )
 

@@ -1400,11 +1400,20 @@ class GradGuard(CallbackBase):
         notes = []
         rollback = engine.rollback
         before = self._counts_before.get(key)
+        stalled = self._reporter.stalled_since(key)
         if rollback is not None and rollback.rescuing and before is not None and before[2]:
             # Nothing new: the line of the fit that restarted, said again at each refit, read as a new restart.
             notes.append(
                 f"GradGuard: {rollback.rescue!r} still clips the gradients{which} unit-wise, as it has since an"
                 " earlier fit of this model restarted it (see that fit's last line)."
+            )
+        elif rollback is not None and rollback.rescuing and stalled is not None:
+            # Restarted for steps that were non-finite at any rate (a CTC loss that was +inf on every batch): neither
+            # the rescue clipper nor a lower rate is advice for the next run.
+            notes.append(
+                f"GradGuard: the run{which} restarted from its initial weights, with {rollback.rescue!r} clipping the"
+                f" gradients unit-wise from then on, but every step since step {stalled} at the latest had non-finite"
+                " gradients (see the warning about it): the restarts answered a run that had stopped training."
             )
         elif rollback is not None and rollback.rescuing:
             # A divergence of the loss alone restarts with the rescue too: "the gradients exploded" misread it.
@@ -1429,7 +1438,6 @@ class GradGuard(CallbackBase):
         done = f"after {reductions} reduction{'s' if reductions != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
-        stalled = self._reporter.stalled_since(key)
         if stalled is not None:
             # The cuts answered a run whose every step was non-finite at any rate: no ceiling for the next run.
             notes.append(

@@ -941,6 +941,9 @@ class GuardEngine:
         # Whether the last step put the weights back: an average of the weights kept elsewhere (an EMA) holds the
         # abandoned ones and should start again from the restored weights.
         self.rolled_back = False
+        # The last step's loss as the tail took it (a device tensor, never read on the hot path): a run stalled on
+        # non-finite steps is told whether its loss itself is infinite (`last_loss`).
+        self._last_loss: Tensor | None = None
         self._stats = GradStats(index.params, index.layer_of_param, index.num_layers)
         share = self.exploding.min_share if self.exploding is not None else 0.05
         self._record = _Record(index.num_layers, index.params[0].device, share)
@@ -1295,6 +1298,7 @@ class GuardEngine:
             # before anything that may end the step early, so that every process joins this all_reduce every step.
             # The same collective tells whether the processes passed the same `samples` (told a step later).
             loss_in, samples_differ = _rank_mean(loss_in, samples)
+        self._last_loss = loss_in
         if self._called_twice():
             # Going on would add the regularizer terms and clip a second time and count one step twice.
             return None
@@ -2033,6 +2037,13 @@ class GuardEngine:
         else:
             progress = torch.full((_PROGRESS,), math.nan, device=device)
         return torch.cat([self.scalars, self.counts.float(), progress, self._record.buffers["layers"].reshape(-1)])
+
+    def last_loss(self) -> float | None:
+        """The loss passed to the last :meth:`step` as the divergence detector took it (divided by its ``share``,
+        averaged over the processes): NaN for a step without one, ``None`` before the first step or without a
+        divergence detector. Reads the device: for a log or a warning, not for every step."""
+        loss = self._last_loss
+        return None if loss is None else float(loss)
 
     def snapshot(self, values: np.ndarray | None = None, reset: bool = True) -> EngineSnapshot:
         """What was recorded since the last snapshot, on the host.

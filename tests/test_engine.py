@@ -1269,3 +1269,23 @@ def test_drain_reports_a_held_cut_withdrawn_by_the_calm_step_after_its_run() -> 
     events += engine.drain()
     changes = [(e.step, e.lr_reduced, e.lr_restored, e.lr_scale) for e in events if e.lr_reduced or e.lr_restored]
     assert changes == [(7, True, False, 0.5), (8, False, True, 1.0)]
+
+
+def test_last_loss_is_the_loss_the_last_step_judged() -> None:
+    model = torch.nn.Linear(3, 1)
+    engine = GuardEngine(model, clip=None)
+    assert engine.last_loss() is None
+    for loss, share, expected in ((2.0, 1.0, 2.0), (torch.tensor(1.5), 0.5, 3.0), (math.inf, 1.0, math.inf)):
+        model.zero_grad()
+        model(torch.ones(4, 3)).sum().backward()
+        engine.step(loss=loss, share=share)
+        assert engine.last_loss() == expected  # a partial window's loss is the window's mean, as the detector takes it
+    model.zero_grad()
+    model(torch.ones(4, 3)).sum().backward()
+    engine.step()
+    last = engine.last_loss()
+    assert last is not None and math.isnan(last)  # no loss this step
+    # Without a divergence detector the engine takes no loss.
+    engine = GuardEngine(model, clip=None, divergence=None)
+    engine.step(loss=2.0)
+    assert engine.last_loss() is None

@@ -156,3 +156,37 @@ def test_runs_of_nonfinite_batches_that_end_by_themselves_cut_no_more(caplog: py
     assert guard.lr_guard is not None and guard.lr_guard.scale() < 1.0
     assert "all for non-finite gradients with nothing exploding" in log
     assert "a ceiling, the highest that stayed finite" not in log
+
+
+class InfeasibleCTC(Regressor):
+    """A CTC model whose targets are longer than its inputs: the loss is +inf on every batch (no alignment exists)."""
+
+    def __init__(self, feasible: bool) -> None:
+        super().__init__()
+        self.frames = 12 if feasible else 3
+        self.head = nn.Linear(16, 5)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, _ = batch
+        steps = self.head(x).unsqueeze(0).expand(self.frames, -1, -1)  # (T, N, C)
+        targets = torch.ones(x.shape[0], 4, dtype=torch.long)
+        inputs = torch.full((x.shape[0],), self.frames, dtype=torch.long)
+        lengths = torch.full((x.shape[0],), 4, dtype=torch.long)
+        return nn.functional.ctc_loss(steps.log_softmax(-1), targets, inputs, lengths)
+
+
+def test_a_run_stalled_on_an_infinite_loss_is_told_the_loss_is_infinite(caplog: pytest.LogCaptureFixture) -> None:
+    _, messages, log = _fit(InfeasibleCTC(feasible=False), caplog)
+    stopped = [m for m in messages if STOPPED in m]
+    # Restarted for the non-finite steps, the run is not told that its gradients exploded, nor to clip or lower the
+    # rate next time: it had stopped training.
+    assert "restarted from its initial weights" in log and "the restarts answered a run that had stopped" in log
+    assert "exploded early" not in log and "To train this setup again" not in log
+    assert len(stopped) == 1
+    assert "The training loss is +inf" in stopped[0] and "zero_infinity=True" in stopped[0]
+    # A loss that is finite while the gradients are not (a NaN buffer) is not called infinite.
+    _, messages, _ = _fit(PoisonedBuffer(at=30), caplog)
+    assert [m for m in messages if STOPPED in m] and not any("+inf" in m for m in messages)
+    # Feasible targets: the loss is finite and nothing stops.
+    _, messages, _ = _fit(InfeasibleCTC(feasible=True), caplog)
+    assert not any(STOPPED in m for m in messages)
