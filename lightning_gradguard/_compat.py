@@ -428,14 +428,30 @@ def state_optimizer(optimizer: Any) -> Any:
         (True, None)
     """
     optimizer = unwrap_optimizer(optimizer)
+    if _is_zero(optimizer):
+        return getattr(optimizer, "optim", optimizer)
+    # An optimizer built on another that shares its param groups (SAM and its kin: ``base_optimizer``) steps with
+    # the inner one, whose state holds the momentum; its own holds only its helpers (SAM's perturbation copies). Read
+    # there, a rollback of a closure-form SAM over SGD left the blown-up momentum in place, and every restart blew up.
+    for name in _INNER_NAMES:
+        inner = getattr(optimizer, name, None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+            continue
+        if inner.param_groups is getattr(optimizer, "param_groups", None):
+            return inner
+    return optimizer
+
+
+def _is_zero(optimizer: Any) -> bool:
     zero = loaded_type("torch.distributed.optim.zero_redundancy_optimizer", "ZeroRedundancyOptimizer")
-    return getattr(optimizer, "optim", optimizer) if zero is not None and isinstance(optimizer, zero) else optimizer
+    return zero is not None and isinstance(optimizer, zero)
 
 
 def shards_state(optimizer: Any) -> bool:
     """Whether ``optimizer`` keeps only this rank's shard of the per-parameter state (a ``ZeroRedundancyOptimizer``):
     a copy of that state is no other rank's."""
-    return state_optimizer(optimizer) is not unwrap_optimizer(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
+    return _is_zero(optimizer) and getattr(optimizer, "optim", optimizer) is not optimizer
 
 
 _MAX_WRAPPERS = 4  # a LightningOptimizer around a framework's wrapper around the optimizer, at most

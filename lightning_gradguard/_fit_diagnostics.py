@@ -177,6 +177,12 @@ class FitDiagnostics:
                 if "noise" in self.loaded:
                     self.noise.load_state_dict(self.loaded.pop("noise"))
 
+    def follow_modules(self, pl_module: pl.LightningModule, index: LayerIndex) -> None:
+        """Measure the activation gradients of the layers of ``index`` (modules created since the fit began included);
+        call it between measurements."""
+        if self.act is not None and not self.act.armed:
+            self.act = ActivationGradients(pl_module, index.names)
+
     def forget(self, key: int) -> None:
         """A new engine for optimizer ``key``: its per-layer measures follow its new layers."""
         self.ratios.pop(key, None)

@@ -325,6 +325,9 @@ class GradGuard(CallbackBase):
         self._board_trainer: weakref.ref[pl.Trainer] | None = None  # the Trainer whose logger the board writes to
         self._saturation: SaturationMonitor | None = None
         self._sat_armed = False
+        # A module created after the fit began joined the layers: the activation hooks (saturation, act_grad) follow
+        # it at the next batch start where none is armed (`_follow_new_modules`).
+        self._modules_joined = False
         self._lr_hooks: dict[int, Any] = {}
         self._reporter = EventReporter(self)
         # Per optimizer key, the gradient samples of its blocks at the last histogram step (merged when written: a
@@ -899,6 +902,7 @@ class GradGuard(CallbackBase):
             self._model_index = build_layer_index(
                 trainer.lightning_module, self.group_depth, self.group_fn, include_frozen=True
             )
+            self._modules_joined = True
         index = self._model_index.subset(held)
         self._diag.forget(key)
         if not index.params:
@@ -947,6 +951,19 @@ class GradGuard(CallbackBase):
         self._restore_warned(key)
         self._signatures[key] = signature
         return new
+
+    def _follow_new_modules(self, pl_module: pl.LightningModule) -> None:
+        """Give modules created after the fit began the activation hooks too: a block added with `add_param_group`
+        got per-layer norms but no `act_grad` or `saturation` chart, which a run resumed after it had (a user trial).
+        Both are measured anew from the module's current submodules, between steps (never while armed)."""
+        act = self._diag.act
+        if self._sat_armed or (act is not None and act.armed):
+            return  # a measurement under way: the next batch start
+        self._modules_joined = False
+        if self._saturation is not None:
+            self._saturation = SaturationMonitor(pl_module)
+        if self._model_index is not None:
+            self._diag.follow_modules(pl_module, self._model_index)
 
     def _reevaluates(self, optimizer: torch.optim.Optimizer, key: int) -> bool:
         """Whether ``optimizer``'s step evaluates the closure several times: LBFGS, or one seen doing it."""
@@ -1055,6 +1072,8 @@ class GradGuard(CallbackBase):
         # Activation hooks exist only for the forward passes that lead to a logging step (every micro-batch of an
         # accumulation window sees the same `batches_that_stepped`).
         due = _lightning_step(trainer) + 1 >= self._next_log_step
+        if self._modules_joined:
+            self._follow_new_modules(pl_module)
         if self._saturation is not None and not self._sat_armed and due:
             self._saturation.arm()
             self._sat_armed = True
@@ -1400,20 +1419,11 @@ class GradGuard(CallbackBase):
         notes = []
         rollback = engine.rollback
         before = self._counts_before.get(key)
-        stalled = self._reporter.stalled_since(key)
         if rollback is not None and rollback.rescuing and before is not None and before[2]:
             # Nothing new: the line of the fit that restarted, said again at each refit, read as a new restart.
             notes.append(
                 f"GradGuard: {rollback.rescue!r} still clips the gradients{which} unit-wise, as it has since an"
                 " earlier fit of this model restarted it (see that fit's last line)."
-            )
-        elif rollback is not None and rollback.rescuing and stalled is not None:
-            # Restarted for steps that were non-finite at any rate (a CTC loss that was +inf on every batch): neither
-            # the rescue clipper nor a lower rate is advice for the next run.
-            notes.append(
-                f"GradGuard: the run{which} restarted from its initial weights, with {rollback.rescue!r} clipping the"
-                f" gradients unit-wise from then on, but every step since step {stalled} at the latest had non-finite"
-                " gradients (see the warning about it): the restarts answered a run that had stopped training."
             )
         elif rollback is not None and rollback.rescuing:
             # A divergence of the loss alone restarts with the rescue too: "the gradients exploded" misread it.
@@ -1438,6 +1448,7 @@ class GradGuard(CallbackBase):
         done = f"after {reductions} reduction{'s' if reductions != 1 else ''}"
         if restarts:
             done += f" and {restarts} rollback{'s' if restarts != 1 else ''}"
+        stalled = self._reporter.stalled_since(key)
         if stalled is not None:
             # The cuts answered a run whose every step was non-finite at any rate: no ceiling for the next run.
             notes.append(

@@ -647,3 +647,52 @@ def test_layer_names_that_name_no_module_get_one_note_about_activation_gradients
         assert not notes and measured
     else:
         assert len(notes) == 1 and not measured and "gradguard/layer/net.0.weight" in tags
+
+
+class Growing(Regressor):
+    """A regressor that gains a residual block (Linear, Tanh) at step ``at``, given to the optimizer with
+    ``add_param_group``, and measures the block's output gradient with its own hook."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(dim=16)
+        self.at = at
+        self.blocks = nn.ModuleList()
+        self.norms: dict[int, dict[str, float]] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net[0](x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.net[2](self.net[1](h))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == self.at and not len(self.blocks):
+            block = nn.Sequential(nn.Linear(self.net[0].out_features, self.net[0].out_features), nn.Tanh())
+            block[0].register_forward_hook(self._hook("blocks.0.0"))
+            self.blocks.append(block)
+            self.trainer.optimizers[0].add_param_group({"params": list(block.parameters())})
+
+    def _hook(self, name: str) -> Any:
+        def forward(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            step = self.trainer.global_step + 1
+            out.register_hook(lambda g: self.norms.setdefault(step, {}).__setitem__(name, float(g.norm())))
+
+        return forward
+
+
+def test_a_module_created_mid_fit_gets_the_activation_diagnostics(tmp_path: Any) -> None:
+    # Before, a block given to the optimizer mid-fit got per-layer norms but neither `act_grad` nor `saturation`:
+    # the hooks were placed at the fit's start, and only a run resumed after the growth had them.
+    torch.manual_seed(0)
+    model = Growing(at=4)
+    guard = GradGuard(log_every_n_steps=3)
+    trainer(max_steps=12, max_epochs=-1, callbacks=[guard], logger=TensorBoardLogger(tmp_path)).fit(
+        model, regression_data()
+    )
+    logged = _tb(tmp_path)
+    assert sorted(logged["gradguard/layer/blocks.0.0"]) == [6, 9, 12]
+    act = logged["gradguard/act_grad/blocks.0.0"]
+    assert sorted(act) == [6, 9, 12]
+    for step, value in act.items():
+        assert value == pytest.approx(model.norms[step]["blocks.0.0"], rel=1e-5)
+    assert sorted(logged["gradguard/saturation/blocks.0.1"]) == [6, 9, 12]

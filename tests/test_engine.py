@@ -1289,3 +1289,36 @@ def test_last_loss_is_the_loss_the_last_step_judged() -> None:
     engine = GuardEngine(model, clip=None, divergence=None)
     engine.step(loss=2.0)
     assert engine.last_loss() is None
+
+
+def test_non_finite_steps_before_any_applied_step_are_not_the_rates_doing() -> None:
+    def run(finite_first: int, nan_steps: int, resume_at: int | None = None) -> GuardEngine:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = GuardEngine(model, clip=None, lr_guard=LRGuard(), rollback=None)
+        handle = engine.attach(optimizer)
+        for step in range(finite_first + nan_steps):
+            if step == resume_at:
+                state = engine.state_dict()
+                handle.remove()
+                engine = GuardEngine(model, clip=None, lr_guard=engine.lr_guard, rollback=None)
+                handle = engine.attach(optimizer)
+                engine.load_state_dict(state)
+            optimizer.zero_grad()
+            scale = 1.0 if step < finite_first else math.nan
+            (scale * model(torch.ones(4, 3))).sum().backward()
+            engine.step(loss=1.0)
+            optimizer.step()
+        engine.drain()
+        return engine
+
+    # Twelve non-finite steps from the first: all skipped, no weight moved, no cut; a resume among them knows it.
+    for resume_at in (None, 5):
+        engine = run(0, 12, resume_at=resume_at)
+        assert engine.summary()["skipped"] == 12 and engine.summary()["lr_reduced"] == 0
+    # The same run after three applied steps is the weights' (the rate's) trouble: cut, as before; a resume between
+    # the two keeps that the weights have moved.
+    for resume_at in (None, 3):
+        engine = run(3, 12, resume_at=resume_at)
+        assert engine.summary()["skipped"] == 12 and engine.summary()["lr_reduced"] >= 1
