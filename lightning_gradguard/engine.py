@@ -953,7 +953,7 @@ class GuardEngine:
         share = self.exploding.min_share if self.exploding is not None else 0.05
         self._record = _Record(index.num_layers, index.params[0].device, share)
         self._last_total = torch.zeros((), device=self._record.device)
-        # flags, GradScaler step, engine step, skipped for its norm (skip_exploding)
+        # flags, GradScaler step, engine step, skipped for its norm (skip_exploding), on untouched weights
         self._pending: deque[tuple[HostFlags, bool, int, bool, bool]] = deque()
         self._free: list[HostFlags] = []
         self._events: deque[StepEvent] = deque(maxlen=_MAX_EVENTS)
@@ -2301,6 +2301,7 @@ class GuardEngine:
         old._settle()
         self._take_statistics(old)
         self._last_capped = old._last_capped
+        self._untouched = old._untouched  # the weights the old engine let move are the same weights
         self._record.buffers["counts"].copy_(old.counts)
         self.host_counts = old.host_counts
         self.steps = old.steps

@@ -79,6 +79,20 @@ def test_a_module_added_with_add_param_group_mid_fit_is_guarded() -> None:
     assert all(p.isfinite().all() for p in model.parameters())
 
 
+def test_a_run_of_non_finite_steps_after_a_param_group_joined_is_still_the_weights_trouble() -> None:
+    # The engine built when the group joins (step 5) goes on from the old one: the weights have moved, so a run of
+    # non-finite steps from that very step is cut for (untouched weights, as at a fit's start, are not).
+    class Broken(_GrowingRegressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = Regressor.training_step(self, batch, batch_idx)
+            return loss * float("nan") if 5 <= self.global_step < 17 else loss
+
+    guard = GradGuard(rollback=None)
+    trainer(max_steps=24, callbacks=[guard, _AddHead()]).fit(Broken(), regression_data())
+    summary = guard.summary()
+    assert summary["skipped"] == summary["nonfinite"] >= 8 and summary["lr_reduced"] == 1
+
+
 def test_the_summary_of_a_fit_resumed_from_a_finished_checkpoint_holds_its_counts(tmp_path: Path) -> None:
     """Resumed from a checkpoint that reached ``max_steps`` already, Lightning runs no step and the guard builds no
     engine: before, ``summary()`` said nothing happened while the LR guard's state said otherwise."""
