@@ -428,18 +428,35 @@ def state_optimizer(optimizer: Any) -> Any:
         (True, None)
     """
     optimizer = unwrap_optimizer(optimizer)
-    if _is_zero(optimizer):
-        return getattr(optimizer, "optim", optimizer)
-    # An optimizer built on another that shares its param groups (SAM and its kin: ``base_optimizer``) steps with
-    # the inner one, whose state holds the momentum; its own holds only its helpers (SAM's perturbation copies). Read
-    # there, a rollback of a closure-form SAM over SGD left the blown-up momentum in place, and every restart blew up.
+    return getattr(optimizer, "optim", optimizer) if _is_zero(optimizer) else optimizer
+
+
+def state_holders(optimizer: Any) -> list[tuple[str, Any]]:
+    """Each optimizer whose per-parameter ``state`` steps with the weights of ``optimizer``, with the prefix that
+    names its entries: :func:`state_optimizer`'s (prefix ``""``), and the base optimizer of one built on another that
+    shares its param groups (SAM, a Lookahead that runs ``Optimizer.__init__``: ``"base_optimizer."``). The base one
+    holds the momentum, the outer one its own (a Lookahead's slow weights): a rollback of a closure-form SAM over SGD
+    that restored the SAM's state alone restarted into the blown-up momentum each time, and one that restored the base
+    optimizer's alone put a Lookahead back onto its blown-up slow weights at the next sync.
+
+    Example:
+        >>> import torch
+        >>> sgd = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        >>> [prefix for prefix, _ in state_holders(sgd)], state_holders(None)
+        ([''], [])
+    """
+    outer = state_optimizer(optimizer)
+    if outer is None:
+        return []
+    holders: list[tuple[str, Any]] = [("", outer)]
     for name in _INNER_NAMES:
-        inner = getattr(optimizer, name, None)
-        if not isinstance(inner, torch.optim.Optimizer) or inner is optimizer:
+        inner = getattr(outer, name, None)
+        if not isinstance(inner, torch.optim.Optimizer) or inner is outer:
             continue
-        if inner.param_groups is getattr(optimizer, "param_groups", None):
-            return inner
-    return optimizer
+        if inner.param_groups is getattr(outer, "param_groups", None):
+            holders.append((f"{name}.", inner))
+            break
+    return holders
 
 
 def _is_zero(optimizer: Any) -> bool:

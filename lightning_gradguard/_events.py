@@ -155,8 +155,10 @@ class EventReporter:
         advice about its rate, cut seven times to no effect)."""
         steps, bad = engine.steps, snap.counts.get("nonfinite", 0)
         before = self.stall.get(key)
-        if before is None and 0 < steps <= bad:
-            before = (0, 0, None)  # non-finite from the engine's first step: the run began there, not at this report
+        if before is None and 0 < steps <= bad and steps <= step + 1:
+            # Non-finite from the engine's first step, which was this fit's (not a refit's engine that goes on): the
+            # run began there, not at this report.
+            before = (0, 0, None)
         if before is None or steps < before[0] or bad < before[1]:
             self.stall[key] = (steps, bad, None)  # the first report of this engine's count: a baseline
             return

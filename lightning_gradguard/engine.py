@@ -1901,8 +1901,12 @@ class GuardEngine:
             # step. Without a GradScaler, a non-finite step is a bad batch (skipped, counted); the LR guard lowers
             # the rate only for a run of them in a row (``LRGuard.nonfinite_patience``).
             calibration = grad_scaler and overflow
-            # Non-finite on weights no step has changed: the data's or the loss's, not the rate's (see __init__).
-            calibration = calibration or (nonfinite and untouched)
+            if nonfinite and untouched:
+                # On weights no step has changed: the data's or the loss's, not the rate's (see __init__). The run has
+                # not started yet, and the rollback's early windows count from after the step.
+                calibration = True
+                if self.rollback is not None:
+                    self.rollback.not_started(local)
             # A diverging loss is judged from the loss, not the gradients: it counts on an overflow step too (a loss
             # that blows up is when fp16 gradients overflow), where the gradients' flags say nothing.
             if not calibration or diverging:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from lightning_gradguard._compat import foreach_zero_, state_optimizer, unwrap_optimizer
+from lightning_gradguard._compat import foreach_zero_, state_holders, unwrap_optimizer
 from lightning_gradguard._validation import check_bool, check_int, check_number, check_state
 
 __all__ = ["LRGuard", "LRGuardHandle"]
@@ -109,13 +109,14 @@ def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
     would otherwise keep moving the weights at the old rate for ~1/(1 - momentum) steps (SPAM, arXiv 2501.06842,
     resets the moments for the same reason). Second moments are kept: zeroing them would make Adam's next steps
     larger, not smaller."""
-    optimizer = state_optimizer(optimizer)
+    # The base optimizer of a SAM holds its momentum (`state_holders`).
     buffers = [
         buffer
-        for group in optimizer.param_groups
+        for _, holder in state_holders(optimizer)
+        for group in holder.param_groups
         for p in group["params"]
         for name in _FIRST_MOMENTS
-        if isinstance(buffer := optimizer.state.get(p, {}).get(name), Tensor)
+        if isinstance(buffer := holder.state.get(p, {}).get(name), Tensor)
     ]
     if buffers:
         foreach_zero_(buffers)
