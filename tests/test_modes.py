@@ -1214,41 +1214,43 @@ class _SharpnessAware(torch.optim.Optimizer):
         return loss
 
 
+def _tanh_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
+
+
+class _AfterRestarts(Callback):
+    """Calls ``read(trainer)`` on the batch after each restart of ``guard``'s run and keeps what it returns."""
+
+    def __init__(self, guard: GradGuard, read: Any) -> None:
+        self.guard, self.read, self.restarts, self.seen = guard, read, 0, []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+        restarts = self.guard.summary()["rolled_back"]
+        if restarts > self.restarts:
+            self.restarts = restarts
+            self.seen.append(self.read(trainer))
+
+
+def _momentum(optimizer: torch.optim.Optimizer) -> float:
+    buffers = [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]
+    return float(sum(b.square().sum() for b in buffers)) ** 0.5
+
+
 def test_a_sharpness_aware_optimizer_is_restarted_with_its_base_optimizers_state() -> None:
     # At a rate far too high, the early restart put the initial weights back but kept the base SGD's momentum, which
     # the blow-up had made (norms of 80-5000 after each restart, in a user trial): each restart blew up again, and
     # the run ended at a loss of 3622. The momentum lives in the base optimizer's state, not in the SAM's own. (The
     # rate the restarts end at is a separate matter: this run ends finite, not yet trained.)
-    momenta: list[float] = []
-
     class Sharp(Regressor):
-        def __init__(self) -> None:
-            super().__init__(
-                net=nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
-            )
-
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return _SharpnessAware(self.parameters(), lr=1.5, momentum=0.9)
 
-    class Momenta(Callback):
-        """The base optimizer's momentum on the batch after each restart."""
-
-        def __init__(self) -> None:
-            self.restarts = 0
-
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
-            restarts = guard.summary()["rolled_back"]
-            if restarts > self.restarts:
-                self.restarts = restarts
-                base = trainer.optimizers[0].base_optimizer
-                buffers = [s["momentum_buffer"] for s in base.state.values() if "momentum_buffer" in s]
-                momenta.append(float(sum(b.square().sum() for b in buffers)) ** 0.5)
-
     torch.manual_seed(0)
-    model = Sharp()
+    model = Sharp(net=_tanh_net())
     guard = GradGuard()
-    trainer(max_steps=150, max_epochs=-1, callbacks=[guard, Momenta()]).fit(model, regression_data(n=512))
-    assert guard.summary()["rolled_back"] >= 1 and momenta == [0.0] * len(momenta)
+    watch = _AfterRestarts(guard, lambda trainer: _momentum(trainer.optimizers[0].base_optimizer))
+    trainer(max_steps=150, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=512))
+    assert guard.summary()["rolled_back"] >= 1 and watch.seen == [0.0] * len(watch.seen)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -1290,34 +1292,19 @@ def test_a_restart_puts_back_the_state_of_an_optimizer_and_of_its_base_optimizer
     # At a rate far too high. Restoring only the base's state left the slow weights blown up, and the next sync pulled
     # the restarted weights halfway back to them (held-out 3604 / 59.2 / 13240 on three seeds of a review's run);
     # restoring only the outer's left the momentum (4.30 / 15.8 / 7.67). Now both: 0.35 / 0.46 / 0.21.
-    after: list[tuple[float, int]] = []
-
     class Slow(Regressor):
-        def __init__(self) -> None:
-            net = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1))
-            super().__init__(net=net)
-
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return _SlowWeights(torch.optim.SGD(self.parameters(), lr=1.0, momentum=0.9))
 
-    class AfterRestarts(Callback):
-        def __init__(self) -> None:
-            self.restarts = 0
-
-        def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
-            restarts = guard.summary()["rolled_back"]
-            if restarts > self.restarts:
-                self.restarts = restarts
-                outer = trainer.optimizers[0]
-                buffers = [s["momentum_buffer"] for s in outer.optimizer.state.values() if "momentum_buffer" in s]
-                after.append((float(sum(b.square().sum() for b in buffers)), len(outer.state)))
-
     torch.manual_seed(0)
-    model = Slow()
+    model = Slow(net=_tanh_net())
     guard = GradGuard()
-    trainer(max_steps=200, max_epochs=-1, callbacks=[guard, AfterRestarts()]).fit(model, regression_data(n=512))
+    watch = _AfterRestarts(
+        guard, lambda trainer: (_momentum(trainer.optimizers[0].optimizer), len(trainer.optimizers[0].state))
+    )
+    trainer(max_steps=200, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=512))
     # Back to the initial copy: no momentum, no slow weights (both optimizers start afresh).
-    assert guard.summary()["rolled_back"] >= 1 and after == [(0.0, 0)] * len(after)
+    assert guard.summary()["rolled_back"] >= 1 and watch.seen == [(0.0, 0)] * len(watch.seen)
     x, y = next(iter(regression_data(n=512, batch_size=512)))
     with torch.no_grad():
         assert nn.functional.mse_loss(model(x), y) < 0.15 * y.var()
