@@ -328,6 +328,8 @@ class GradGuard(CallbackBase):
         # A module created after the fit began joined the layers: the activation hooks (saturation, act_grad) follow
         # it at the next batch start where none is armed (`_follow_new_modules`).
         self._modules_joined = False
+        # Optimizers of lazy modules whose Adam-type rate hint waits for their first step (`_hint_step_size`).
+        self._hint_due: set[int] = set()
         self._lr_hooks: dict[int, Any] = {}
         self._reporter = EventReporter(self)
         # Per optimizer key, the gradient samples of its blocks at the last histogram step (merged when written: a
@@ -800,7 +802,12 @@ class GradGuard(CallbackBase):
                 # Each group's base rate now (SWA later overwrites `initial_lr` with its `swa_lrs`).
                 self._start_rates[key] = _base_rates(optimizer)
             if "update_ratio" in self._diag_on:
-                self._hint_step_size(trainer, optimizer, key, engine)
+                held = (p for group in optimizer.param_groups for p in group["params"])
+                if any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in held):
+                    # A lazy module's weights exist from its first forward pass on: judged at the first step.
+                    self._hint_due.add(key)
+                else:
+                    self._hint_step_size(trainer, optimizer, key, engine)
             if self.lr_guard is not None and _sizes_own_steps(optimizer):
                 rank_zero_warn(
                     f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) has no lr in any param"
@@ -1156,6 +1163,9 @@ class GradGuard(CallbackBase):
         if self._repeated_evaluation(optimizer, key):
             return
         engine = self._state_for(trainer, optimizer, key)
+        if key in self._hint_due:
+            self._hint_due.discard(key)
+            self._hint_step_size(trainer, optimizer, key, engine)
         self._drain(trainer, engine, key)
 
         scaler = grad_scaler(trainer)
