@@ -748,6 +748,8 @@ class GradGuard(CallbackBase):
         self._fit_batches, self._warned_unguarded = 0, False
         self._in_step.clear()
         self._losses.clear()  # a loss left over by an earlier fit that ended between backward and step
+        self._hint_due.clear()  # a hint an earlier fit that took no step left waiting
+        self._modules_joined = False  # this fit's hooks are placed on the model as it is now
         self._unowned = None
         self._samples, self._samples_at_step, self._batch_samples = 0, {}, None
         self._window_batches, self._batch_fresh = 0, False
