@@ -205,3 +205,20 @@ def test_only_an_infinite_loss_is_called_infinite(caplog: pytest.LogCaptureFixtu
     # Feasible targets: the loss is finite and nothing stops.
     _, messages, _ = _fit(InfeasibleCTC(bad_from=None), caplog)
     assert not any(STOPPED in m for m in messages)
+
+
+def test_a_refit_that_stalls_from_its_first_step_names_no_step_before_it(caplog: pytest.LogCaptureFixture) -> None:
+    # The same guard and model fitted again, +inf throughout: the engine's steps go on from the first fit, and the
+    # run was named "since step -40". A refit's run is named from its first log, "at the latest".
+    guard = GradGuard()
+    model = InfeasibleCTC(bad_from=0)
+    stopped: list[str] = []
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_steps=40, max_epochs=-1, callbacks=[guard], log_every_n_steps=10).fit(
+                model, regression_data(n=320)
+            )
+        stopped += [str(w.message) for w in caught if STOPPED in str(w.message)]
+    assert len(stopped) == 2 and "since step 0 at the latest" in stopped[0]
+    assert "since step -" not in stopped[1] and "since step 10 at the latest" in stopped[1]
