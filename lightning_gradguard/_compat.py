@@ -449,11 +449,16 @@ def state_holders(optimizer: Any) -> list[tuple[str, Any]]:
     if outer is None:
         return []
     holders: list[tuple[str, Any]] = [("", outer)]
+    groups = getattr(outer, "param_groups", None) or []
     for name in _INNER_NAMES:
         inner = getattr(outer, name, None)
         if not isinstance(inner, torch.optim.Optimizer) or inner is outer:
             continue
-        if inner.param_groups is getattr(outer, "param_groups", None):
+        # The same groups: the same list, or the same group dicts in a list of its own (a SAM that keeps its own).
+        shared = inner.param_groups is groups or (
+            len(inner.param_groups) == len(groups) > 0 and all(a is b for a, b in zip(inner.param_groups, groups))
+        )
+        if shared:
             holders.append((f"{name}.", inner))
             break
     return holders

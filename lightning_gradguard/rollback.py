@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_gradguard._compat import foreach_copy_, shards_state, state_holders, state_optimizer, user_stacklevel
+from lightning_gradguard._compat import foreach_copy_, shards_state, state_holders, user_stacklevel
 from lightning_gradguard._validation import check_bool, check_int, check_state, optional_int, optional_number
 from lightning_gradguard.clip import AGC, Clipper
 
@@ -77,15 +77,17 @@ def _optimizer_state(
     keys: list[tuple[int, str]] = []
     tensors: list[Tensor] = []
     plain: dict[tuple[int, str], Any] = {}
-    # A base optimizer's entries are named with its prefix (`state_holders`): "base_optimizer.momentum_buffer".
+    # A base optimizer's entries are named with its prefix (`state_holders`): "base_optimizer.momentum_buffer". The
+    # outer optimizer's keep their names as they are (a key need not be a string).
     for prefix, holder in state_holders(optimizer):
         for i, p in enumerate(params):
             for name, value in (holder.state.get(p) or {}).items():
+                key = f"{prefix}{name}" if prefix else name
                 if isinstance(value, Tensor):
-                    keys.append((i, prefix + name))
+                    keys.append((i, key))
                     tensors.append(value.detach())
                 else:
-                    plain[(i, prefix + name)] = copy.deepcopy(value)
+                    plain[(i, key)] = copy.deepcopy(value)
     return keys, tensors, plain
 
 
@@ -168,12 +170,12 @@ class _Slot:
         if optimizer is None:
             return
         holders = state_holders(optimizer)
-        # Each entry goes back to the optimizer its prefix names (the longest first: "" matches every name).
-        holders.sort(key=lambda holder: -len(holder[0]))
-        saved: dict[tuple[int, int], dict[str, Any]] = {}
+        # Each entry goes back to the optimizer its prefix names; the rest (any key) to the outer one.
+        saved: dict[tuple[int, int], dict[Any, Any]] = {}
         for (i, name), value in [*zip(self.state_keys, self.state), *self.plain.items()]:
-            which = next(k for k, (prefix, _) in enumerate(holders) if name.startswith(prefix))
-            saved.setdefault((which, i), {})[name[len(holders[which][0]) :]] = value
+            which = next((k for k, (prefix, _) in enumerate(holders) if prefix and str(name).startswith(prefix)), 0)
+            key = name[len(holders[which][0]) :] if which else name
+            saved.setdefault((which, i), {})[key] = value
         targets: list[Tensor] = []
         sources: list[Tensor] = []
         for which, (_, holder) in enumerate(holders):
@@ -269,6 +271,10 @@ def _nbytes(params: list[Tensor], optimizer: torch.optim.Optimizer | None) -> in
     if optimizer is not None:
         for p in params:
             total += _tensor_nbytes(optimizer.state.get(p) or {})
+        # A base optimizer that shares its groups (a SAM's) holds the momentum, copied too (`state_holders`).
+        for prefix, holder in state_holders(optimizer):
+            if prefix:
+                total += sum(_tensor_nbytes(holder.state.get(p) or {}) for p in params)
     return total
 
 
@@ -728,7 +734,9 @@ class Rollback:
         follow a calm start (``calm_factor``), ``optimizer``'s step grows with the gradient (``torch.optim.SGD``,
         ``ASGD``) and the gradients do not carry a GradScaler's scale (``scaled``: a fused optimizer under 16-bit AMP
         unscales inside its step, and AGC would compare them with the weights off by that factor)."""
-        optimizer = state_optimizer(optimizer)  # a ZeroRedundancyOptimizer over SGD steps as SGD
+        # The optimizer that steps the weights: a ZeroRedundancyOptimizer's local one, a SAM's base optimizer.
+        holders = state_holders(optimizer)
+        optimizer = holders[-1][1] if holders else None
         return (
             self.rescue is not None
             and not self.rescuing

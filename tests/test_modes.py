@@ -1236,7 +1236,9 @@ def _momentum(optimizer: torch.optim.Optimizer) -> float:
     return float(sum(b.square().sum() for b in buffers)) ** 0.5
 
 
-def test_a_sharpness_aware_optimizer_is_restarted_with_its_base_optimizers_state() -> None:
+def test_a_sharpness_aware_optimizer_is_restarted_with_its_base_optimizers_state(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # At a rate far too high, the early restart put the initial weights back but kept the base SGD's momentum, which
     # the blow-up had made (norms of 80-5000 after each restart, in a user trial): each restart blew up again, and
     # the run ended at a loss of 3622. The momentum lives in the base optimizer's state, not in the SAM's own. (The
@@ -1249,9 +1251,12 @@ def test_a_sharpness_aware_optimizer_is_restarted_with_its_base_optimizers_state
     model = Sharp(net=_tanh_net())
     guard = GradGuard()
     watch = _AfterRestarts(guard, lambda trainer: _momentum(trainer.optimizers[0].base_optimizer))
-    trainer(max_steps=150, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=512))
+    with caplog.at_level(logging.INFO):
+        trainer(max_steps=150, max_epochs=-1, callbacks=[guard, watch]).fit(model, regression_data(n=512))
     assert guard.summary()["rolled_back"] >= 1 and watch.seen == [0.0] * len(watch.seen)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Its base optimizer steps the weights, and SGD's steps grow with the gradient: the rescue clipper is put to work.
+    assert "restarted from its initial weights, with AGC" in caplog.text
 
 
 def test_the_state_of_an_optimizer_built_on_a_base_optimizer_is_both_optimizers() -> None:
@@ -1260,9 +1265,30 @@ def test_the_state_of_an_optimizer_built_on_a_base_optimizer_is_both_optimizers(
     sam = _SharpnessAware([torch.zeros(2, requires_grad=True)], lr=0.1, momentum=0.9)
     assert state_holders(sam) == [("", sam), ("base_optimizer.", sam.base_optimizer)]
     assert state_optimizer(sam) is sam and not shards_state(sam)
+    # The same group dicts in a list of the SAM's own are the same groups.
+    sam.param_groups = list(sam.base_optimizer.param_groups)
+    assert state_holders(sam) == [("", sam), ("base_optimizer.", sam.base_optimizer)]
     # A base optimizer of other parameters is another optimizer's business.
     sam.base_optimizer = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
     assert state_holders(sam) == [("", sam)]
+
+
+def test_a_copy_holds_and_counts_both_states_and_keeps_keys_that_are_not_strings() -> None:
+    from lightning_gradguard.rollback import _nbytes, _Slot
+
+    weight = torch.nn.Parameter(torch.ones(4))
+    sam = _SharpnessAware([weight], lr=0.1, momentum=0.9)
+    sam.state[weight]["ascent"] = torch.zeros(4)
+    sam.base_optimizer.state[weight]["momentum_buffer"] = torch.full((4,), 0.5)
+    sam.state[weight][0] = torch.ones(4)  # a key that is no string (a user's optimizer)
+    assert _nbytes([weight], sam) == 4 * 4 * 4  # the weight, two entries of the SAM's own, the base's momentum
+    slot = _Slot()
+    slot.take([weight], sam, step=1, extra=None)
+    sam.state[weight].clear()
+    sam.base_optimizer.state[weight]["momentum_buffer"].fill_(9.0)
+    slot.restore(sam)
+    assert set(sam.state[weight]) == {"ascent", 0}
+    assert sam.base_optimizer.state[weight]["momentum_buffer"].tolist() == [0.5] * 4
 
 
 class _SlowWeights(torch.optim.Optimizer):
@@ -1291,7 +1317,8 @@ class _SlowWeights(torch.optim.Optimizer):
 def test_a_restart_puts_back_the_state_of_an_optimizer_and_of_its_base_optimizer() -> None:
     # At a rate far too high. Restoring only the base's state left the slow weights blown up, and the next sync pulled
     # the restarted weights halfway back to them (held-out 3604 / 59.2 / 13240 on three seeds of a review's run);
-    # restoring only the outer's left the momentum (4.30 / 15.8 / 7.67). Now both: 0.35 / 0.46 / 0.21.
+    # restoring only the outer's left the momentum (4.30 / 15.8 / 7.67). Now both, with the rescue clipper, as the
+    # base optimizer is SGD: 0.14 / 0.16 / 0.16.
     class Slow(Regressor):
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return _SlowWeights(torch.optim.SGD(self.parameters(), lr=1.0, momentum=0.9))
