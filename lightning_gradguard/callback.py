@@ -1441,10 +1441,18 @@ class GradGuard(CallbackBase):
             # A divergence of the loss alone restarts with the rescue too: "the gradients exploded" misread it.
             loss = rollback.rescue_cause == "loss"
             trouble = f"the training loss{which} diverged" if loss else f"the gradients{which} exploded"
+            # A clipper set from the start is left off an optimizer that evaluates the closure several times (see
+            # `_warn_reevaluating`): only the rescue clips its first evaluation, so that advice would do nothing.
+            again = (
+                "lower the learning rate (a clipper given to GradGuard does not clip an optimizer that evaluates the"
+                " closure several times; only this rescue does)"
+                if key in self._reevaluating
+                else f"clip that way from the start (`GradGuard(clip={rollback.rescue!r})`) or lower the learning rate"
+            )
             notes.append(
                 f"GradGuard: {trouble} early and the run restarted from its initial weights, with"
-                f" {rollback.rescue!r} clipping the gradients unit-wise from then on. To train this setup again, clip"
-                f" that way from the start (`GradGuard(clip={rollback.rescue!r})`) or lower the learning rate."
+                f" {rollback.rescue!r} clipping the gradients unit-wise from then on. To train this setup again,"
+                f" {again}."
             )
         # One cut can answer one bad spike; a rollback or repeated cuts say the rate itself was too high. Weights that
         # ended non-finite were the non-finite warning's subject: no rate would have trained them.

@@ -1257,6 +1257,9 @@ def test_a_sharpness_aware_optimizer_is_restarted_with_its_base_optimizers_state
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # Its base optimizer steps the weights, and SGD's steps grow with the gradient: the rescue clipper is put to work.
     assert "restarted from its initial weights, with AGC" in caplog.text
+    # A clipper set from the start is left off a SAM: the advice is the rate alone.
+    assert "To train this setup again, lower the learning rate (a clipper given to GradGuard" in caplog.text
+    assert "GradGuard(clip=AGC" not in caplog.text
 
 
 def test_the_state_of_an_optimizer_built_on_a_base_optimizer_is_both_optimizers() -> None:
