@@ -190,13 +190,25 @@ class EventReporter:
         )
         # An infinite loss on every batch is the loss's own doing (no rate, no checkpoint cures it): a CTC loss on
         # targets that its inputs cannot align to gave +inf from step 0, and the run was restarted four times.
-        infinite = (
+        loss = engine.last_loss()
+        about_loss = (
             " The training loss is +inf: a loss that is infinite on some inputs gives it on every such batch (a CTC"
             " loss on a target its input is too short for: `CTCLoss(zero_infinity=True)` drops those samples; a log"
             " of 0 or of a probability that underflowed)."
-            if engine.last_loss() == math.inf
+            if loss == math.inf
             else ""
         )
+        # A finite loss over NaN gradients points at the backward pass: a user trial's `torch.where` over NaN targets
+        # skipped all 600 steps while the warning listed buffers, data and checkpoints.
+        if loss is not None and math.isfinite(loss) and not buffers:
+            about_loss = (
+                f" The training loss is finite ({loss:.4g} at the last step), so unless the gradients' norm overflows"
+                " (above), the inf/NaN arises in the backward pass: a NaN that the loss masks out still sends NaN back"
+                " through the op that drops it (`torch.where(mask, (pred - y) ** 2, 0)` or `torch.nanmean` over NaN"
+                " targets: replace the NaN in the targets first, e.g. `torch.nan_to_num(y)`, or index the observed"
+                " entries), or an op whose gradient is infinite where its value is finite (`sqrt` of a sum of squares"
+                " at 0)."
+            )
         cuts = engine.host_counts.get("lr_reduced", 0)
         cut = f" (it was cut {cuts} time{'s' if cuts != 1 else ''})" if cuts else ""
         # Zeroing keeps the finite entries training; only skipped steps leave every weight where it is.
@@ -210,7 +222,7 @@ class EventReporter:
             " in (a running mean, a teacher's centre), in the data, in the loss, or from the weights themselves (an"
             " exp or a division that overflows on them: a variance a rate too high drove towards 0), or the gradients"
             " are finite and their norm is above about 1.8e19, whose square overflows float32 (a loss scaled far"
-            f" up).{found}{infinite} A lower learning rate alone does not cure that{cut}{still}. If the loss climbed"
+            f" up).{found}{about_loss} A lower learning rate alone does not cure that{cut}{still}. If the loss climbed"
             " before this, go back to a checkpoint from before the climb with a lower rate.",
             category=UserWarning,
         )

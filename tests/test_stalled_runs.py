@@ -222,3 +222,36 @@ def test_a_refit_that_stalls_from_its_first_step_names_no_step_before_it(caplog:
         stopped += [str(w.message) for w in caught if STOPPED in str(w.message)]
     assert len(stopped) == 2 and "since step 0 at the latest" in stopped[0]
     assert "since step -" not in stopped[1] and "since step 10 at the latest" in stopped[1]
+
+
+class MaskedNaNTargets(Regressor):
+    """Targets with missing entries (NaN) masked out with ``torch.where``: the loss is finite, but the discarded branch
+    sends NaN gradients back on every batch (``masked=False``; ``masked=True`` fills the NaN first)."""
+
+    def __init__(self, fill_first: bool) -> None:
+        super().__init__()
+        self.fill_first = fill_first
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        y = y.clone()
+        y[::4] = float("nan")
+        observed = ~torch.isnan(y)
+        if self.fill_first:
+            y = torch.nan_to_num(y)
+        squared = (self(x) - y) ** 2
+        return torch.where(observed, squared, torch.zeros_like(squared)).sum() / observed.sum()
+
+
+def test_a_finite_loss_over_nan_gradients_is_traced_to_the_backward_pass(caplog: pytest.LogCaptureFixture) -> None:
+    # A user trial skipped all 600 steps of this bug while the warning listed buffers, data and checkpoints.
+    guard, messages, _ = _fit(MaskedNaNTargets(fill_first=False), caplog)
+    assert guard.summary()["skipped"] == 160
+    stopped = [m for m in messages if STOPPED in m]
+    assert len(stopped) == 1 and "The training loss is finite (" in stopped[0]
+    assert "arises in the backward pass" in stopped[0] and "torch.nan_to_num(y)" in stopped[0]
+    # A NaN loss (the poisoned buffer's) is not called finite; filling the NaN first trains without a warning.
+    _, messages, _ = _fit(PoisonedBuffer(at=30), caplog)
+    assert [m for m in messages if STOPPED in m] and not any("backward pass" in m for m in messages)
+    guard, messages, _ = _fit(MaskedNaNTargets(fill_first=True), caplog)
+    assert guard.summary().get("nonfinite", 0) == 0 and not any(STOPPED in m for m in messages)
