@@ -331,7 +331,7 @@ def test_guard_reused_after_a_fit_stopped_by_an_error(tmp_path: Path) -> None:
     assert guard.lr_guard.scale(0) == 0.5
     # Written when the run stopped; what would have answered the spike later (the LR guard's next cut) is moot.
     (exploding,) = [str(w.message) for w in caught if "exploding gradients in layer" in str(w.message)]
-    assert exploding.endswith("guarded by: on_exploding='raise' stops the run.")
+    assert "guarded by: on_exploding='raise' stops the run." in exploding
 
     # The stopped run's optimizer no longer carries the guard's LR hooks.
     old = first_trainer.optimizers[0]
@@ -1344,7 +1344,7 @@ def test_an_optimizer_without_a_learning_rate_gets_no_lr_guard(named: bool, recw
     messages = [str(w.message) for w in recwarn.list]
     assert any("has no lr in any param group" in m and "LR guard and the rollback" in m for m in messages)
     exploding = [m for m in messages if "exploding gradients" in m]
-    assert exploding and all(m.endswith("guarded by: ZClip clipping.") for m in exploding)  # no LR guard claimed
+    assert exploding and all("guarded by: ZClip clipping." in m for m in exploding)  # no LR guard claimed
     counts = guard.summary()
     assert counts["exploding"] == 2 and counts["lr_reduced"] == counts["rolled_back"] == 0
 

@@ -460,3 +460,24 @@ def test_an_exploding_warning_quotes_only_a_jump_that_explains_it(before: float)
         assert "'b' (norm 1, 2x)" in message
     else:
         assert "'b' (norm 1)" in message and "0.5x" not in message
+
+
+class TwoJumps(SpikyBranch):
+    """The auxiliary head jumps at step 12, every layer at step 17 (the whole loss x50)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * (50.0 if self.trainer.global_step == 17 else 1.0)
+
+
+def test_the_first_exploding_warning_alone_names_new_phase() -> None:
+    # A task switch is a jump like any other, clipped for its first steps; the user who made it on purpose learns of
+    # `new_phase()` from the first warning, and not again from every later one.
+    torch.manual_seed(0)
+    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=25, max_epochs=-1, callbacks=[guard], log_every_n_steps=5).fit(TwoJumps(), regression_data())
+    messages = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+    assert len(messages) == 2 and "at step 12" in messages[0] and "at step 17" in messages[1]
+    assert "call `guard.new_phase()` at that step" in messages[0] and "new_phase" not in messages[1]
