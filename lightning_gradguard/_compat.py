@@ -23,6 +23,7 @@ except that coalescing a sparse gradient (:func:`nan_to_num_`) needs its number 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -200,10 +201,14 @@ def foreach_norm(tensors: Sequence[Tensor], ord: float = 2.0, dtype: torch.dtype
     Differentiable. One fused ``torch._foreach_norm`` for plain tensors on a foreach device; per tensor otherwise. A
     DTensor's norm is a DTensor standing for the norm of the whole tensor (see the module docstring). ``dtype`` as in
     ``vector_norm``: the accumulation and result dtype, which may widen but not narrow the input's (pass ``None`` to
-    keep it). An empty input gives ``[]``.
+    keep it). An empty input gives ``[]``; a tensor with no entries has norm 0, for every ``ord``.
     """
     if len(tensors) == 0:
         return []
+    if math.isinf(ord) and any(t.numel() == 0 for t in tensors):
+        # torch raises for the largest entry of none (no identity): a sparse gradient of a batch of padding ids
+        # alone crashed a recommender's fit. The other norms of nothing are 0 already.
+        tensors = [t if t.numel() else t.new_zeros(1) for t in tensors]
     fused = _private("_foreach_norm")
     if fused is not None and _foreach_ok(tensors):
         return list(fused(list(tensors), ord, dtype=dtype))

@@ -951,6 +951,43 @@ def test_sparse_gradient_nan_is_zeroed_and_histogrammed(tmp_path: Any) -> None:
     assert any(t.startswith("gradguard/grad_hist/") for t in _event_tags(tmp_path))
 
 
+class PaddedBag(L.LightningModule):
+    """A sparse ``nn.EmbeddingBag`` whose every other batch holds padding ids alone: its gradient then stores no
+    entries (values of shape ``(0, 8)``), beside a dense head's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(50, 8, mode="sum", sparse=True, padding_idx=0)
+        self.head = nn.Linear(8, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        idx = 1 + (x[:, :6].abs() * 7).long() % 49
+        if batch_idx % 2:
+            idx = torch.zeros_like(idx)
+        return nn.functional.mse_loss(self.head(self.emb(idx)), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("clip", ["default", NormClip(max_norm=0.5, norm_type=math.inf)], ids=["default", "inf_norm"])
+def test_a_sparse_gradient_with_no_entries_is_measured_as_zero(clip: Any, tmp_path: Any) -> None:
+    # The largest entry of none raised (torch's infinity norm of an empty tensor has no identity): a recommender's fit
+    # died at its first logging step whose batch was padding alone, and a max-norm clipper at its first such step.
+    torch.manual_seed(0)
+    guard = Recorder() if clip == "default" else Recorder(clip=clip)
+    logger = TensorBoardLogger(tmp_path, name="", version=0)
+    trainer(max_steps=8, callbacks=[guard], logger=logger, log_every_n_steps=1).fit(PaddedBag(), regression_data())
+    assert len(guard.measured) == 8
+    assert [m["layers"]["emb"] == 0.0 for m in guard.measured] == [False, True] * 4
+    assert guard.summary()["vanishing"] == 0 and guard.summary()["nonfinite"] == 0
+    # The padding batches' gradient is all zeros: fraction 1; the others store some of the table's rows.
+    (path,) = event_files(tmp_path)
+    fractions = [event.value for event in load_events(path).Scalars("gradguard/zero_fraction/emb")]
+    assert len(fractions) == 8 and [f == 1.0 for f in fractions] == [False, True] * 4
+
+
 class ComplexModel(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
