@@ -643,8 +643,9 @@ class Rollback:
         """No rollback for this run: its copies would take ``needed`` bytes, more than ``max_bytes``."""
         warnings.warn(
             f"GradGuard: no rollback in this run: its copies would take {needed / 2**20:.0f} MiB, more than "
-            f"`Rollback(max_bytes={self.max_bytes})` allows. Raise `max_bytes` (or `None`) to keep it, or "
-            "pass `rollback=None` to silence this.",
+            f"`max_bytes={self.max_bytes}` allows. Raise it (or pass `None`) to keep it: for the default,"
+            " `GradGuard(rollback=default_rollback(max_bytes=...))` (a bare `Rollback(max_bytes=...)` lacks the"
+            " default's retry and rescue); or pass `rollback=None` to silence this.",
             stacklevel=user_stacklevel(),
         )
         self._release()
@@ -890,6 +891,7 @@ def default_rollback(
     retry: bool = True,
     save_copies: bool = True,
     diverged_factor: float | None = 0.1,
+    max_bytes: int | None = 1 << 30,
 ) -> Rollback:
     """The rollback of ``GradGuard(rollback="default")``, the default: an early restart.
 
@@ -929,6 +931,8 @@ def default_rollback(
         save_copies: checkpoints keep the copy of the initial weights while it is held (see :class:`Rollback`).
         diverged_factor: the reduction of a restart for a divergence event of the loss (see :class:`Rollback`);
             ``None``: the LR guard's ``factor`` (the previous default, a halving).
+        max_bytes: the most memory the copy may take (see :class:`Rollback`), 1 GiB by default: a larger model gets
+            no rollback (one warning); ``None``: no limit.
 
     Raises:
         ValueError: for a ``rescue`` that is neither a bool nor a clipper, ``rescue_until < 1``, a ``calm_factor``
@@ -949,7 +953,7 @@ def default_rollback(
         until=500,
         patience=2,
         within=2,
-        max_bytes=1 << 30,
+        max_bytes=max_bytes,
         rescue=_rescue_clipper(rescue),
         rescue_until=rescue_until,
         calm_factor=calm_factor,

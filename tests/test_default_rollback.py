@@ -614,6 +614,18 @@ def test_a_model_over_max_bytes_gets_no_copy_and_one_warning() -> None:
     assert restarts == [32]
 
 
+def test_the_default_rollback_takes_max_bytes_and_the_warning_names_it() -> None:
+    # The warning advised `Rollback(max_bytes=...)`, which lacks the default's retry and rescue, and the default had
+    # no way to raise its limit (user trial: a 1.03 GiB embedding table).
+    rollback = default_rollback(max_bytes=100)
+    assert rollback.max_bytes == 100 and rollback.retry and rollback.rescue is not None
+    with pytest.warns(UserWarning, match=r"max_bytes=100.*default_rollback\(max_bytes=\.\.\.\)"):
+        _engine_run(rollback, spikes={30, 31})
+    assert default_rollback(max_bytes=None).max_bytes is None and default_rollback().max_bytes == 1 << 30
+    with pytest.raises(ValueError, match="max_bytes"):
+        default_rollback(max_bytes=0)
+
+
 def test_in_a_trainer_one_spike_keeps_training_and_two_restart() -> None:
     single, _, restarts = _fit({40})
     assert single.summary()["exploding"] == 1 and single.summary()["lr_reduced"] == 0 and restarts == []
