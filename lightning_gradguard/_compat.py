@@ -201,7 +201,8 @@ def foreach_norm(tensors: Sequence[Tensor], ord: float = 2.0, dtype: torch.dtype
     Differentiable. One fused ``torch._foreach_norm`` for plain tensors on a foreach device; per tensor otherwise. A
     DTensor's norm is a DTensor standing for the norm of the whole tensor (see the module docstring). ``dtype`` as in
     ``vector_norm``: the accumulation and result dtype, which may widen but not narrow the input's (pass ``None`` to
-    keep it). An empty input gives ``[]``; a tensor with no entries has norm 0, for every ``ord``.
+    keep it). An empty input gives ``[]``; a tensor with no entries has norm 0, its largest entry (``ord=inf``)
+    included, where torch raises (a DTensor is judged by its global size: an empty local shard still raises).
     """
     if len(tensors) == 0:
         return []

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_gradguard._lightning import rank_zero_warn
 from lightning_gradguard.engine import STALL_STEPS, EngineSnapshot, GuardEngine
 from lightning_gradguard.stats import nan_buffers, nonfinite_weights
 
@@ -33,7 +33,7 @@ RELAPSE_HOLD = 50
 RELAPSE_MARK = ("(loss)", "relapse")
 #: The stall warning's mark among an optimizer's warned (layer, kind) pairs.
 STALL_MARK = ("(weights)", "stalled")
-#: The mark of the hint to call ``new_phase()``, given with an optimizer's first exploding warning only.
+#: The mark of the hint to call ``new_phase()``, given with an optimizer's first exploding warning of a fit only.
 PHASE_MARK = ("(phase)", "new_phase")
 
 
@@ -64,11 +64,13 @@ class EventReporter:
         self.stall: dict[int, tuple[int, int, tuple[int, int] | None]] = {}
 
     def start_fit(self) -> None:
-        """Warn about a relapse once per fit: an earlier fit's warning and hold (at its own step numbers) go. A
-        checkpoint restored next brings its warning back (a resumed fit is the same fit)."""
+        """Warn about a relapse or a stall, and name ``new_phase()``, once per fit: an earlier fit's warnings and hold
+        (at its own step numbers) go. A checkpoint restored next brings its warnings back (a resumed fit is the same
+        fit)."""
         for pairs in self.warned.values():
             pairs.discard(RELAPSE_MARK)
             pairs.discard(STALL_MARK)
+            pairs.discard(PHASE_MARK)  # a second fit is often the next task: the hint is for it too
         self.relapsing.clear()
         self.shares.clear()
         self.stall.clear()

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_gradguard._compat import foreach_norm
-from lightning_gradguard._lightning import batch_size, grad_scaler, lightning_types, loss_scale
+from lightning_gradguard._lightning import batch_size, grad_scaler, lightning_types, loss_scale, rank_zero_warn
 from lightning_gradguard.diagnostics import (
     NOISE_SCALE_MANUAL_NOTE,
     NOISE_SCALE_NOTE,

@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -29,11 +31,30 @@ __all__ = [
     "lightning_types",
     "loss_scale",
     "overrides_hook",
+    "rank_zero_warn",
     "restart_weight_averages",
 ]
 
 PACKAGES = ("lightning.pytorch", "pytorch_lightning")
 _PREFIXES = tuple(f"{package}." for package in PACKAGES)
+
+
+@rank_zero_only
+def rank_zero_warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """Lightning's ``rank_zero_warn`` without Python's memory of what a code location has said: each call is shown,
+    unless a filter ignores it or turns it into an error. GradGuard says each thing once per fit itself, and Python's
+    default filter also hid a later fit's warning whose text matched an earlier one's (a hyperparameter search that
+    tried one setup four times in one process saw its three warnings in the first trial only)."""
+    caller = sys._getframe(2)  # past rank_zero_only's wrapper: where GradGuard warns, as Lightning's names it
+    warnings.warn_explicit(
+        message,
+        category,
+        caller.f_code.co_filename,
+        caller.f_lineno,
+        module=caller.f_globals.get("__name__"),
+        registry=None,
+        module_globals=caller.f_globals,
+    )
 
 
 def is_lightning_class(cls: type) -> bool:

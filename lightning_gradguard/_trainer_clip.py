@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gradguard._lightning import is_lightning_class, overrides_hook
+from lightning_gradguard._lightning import is_lightning_class, overrides_hook, rank_zero_warn
 from lightning_gradguard.clip import Clipper
 
 __all__ = ["restore_clipping", "take_over_clipping"]

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
 from lightning_gradguard._compat import unscale_once, unwrap_optimizer
@@ -29,6 +29,7 @@ from lightning_gradguard._lightning import (
     lightning_types,
     loss_scale,
     overrides_hook,
+    rank_zero_warn,
     restart_weight_averages,
     same_batch_size_on_every_rank,
     swa_rates,
@@ -370,9 +371,10 @@ class GradGuard(CallbackBase):
         self._odd_layout: tuple[tuple[int, ...], ...] | None = None
         self._batch_fresh = False
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
-        # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
-        # the optimizer.step() call under way (absent: none under way), kept by the optimizer's own step hooks.
-        self._reevaluating: set[int] = set()
+        # every evaluation, so only the first of a step is the step's. Their keys, with the optimizer's type; per key,
+        # the hook calls seen inside the optimizer.step() call under way (absent: none under way), kept by the
+        # optimizer's own step hooks.
+        self._reevaluating: dict[int, type] = {}
         self._in_step: dict[int, int] = {}
         self._step_hooks: dict[int, tuple[Any, Any]] = {}
         # Per optimizer key, the learning rate of param group 0 the latest optimizer step ran with and the LR
@@ -900,6 +902,11 @@ class GradGuard(CallbackBase):
         # The first parameter's identity tells a new model (the guard reused for another fit) from the same one; the
         # engine holds its parameters, so their ids cannot be reused while it lives.
         signature = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in optimizer.param_groups)
+        if key in self._reevaluating and self._reevaluating[key] is not type(unwrap_optimizer(optimizer)):
+            # Another optimizer at this key (the same model refitted with another `configure_optimizers`): an SGD
+            # after a SAM kept the SAM's engine, unclipped. Found out afresh.
+            del self._reevaluating[key]
+            self._signatures.pop(key, None)
         engine = self._states.get(key)
         if engine is not None and self._signatures.get(key) == signature:
             return engine
@@ -980,7 +987,7 @@ class GradGuard(CallbackBase):
             return True
         if not isinstance(unwrap_optimizer(optimizer), torch.optim.LBFGS):
             return False  # found out on its first step instead, if it does (`_repeated_evaluation`)
-        self._reevaluating.add(key)
+        self._reevaluating[key] = type(unwrap_optimizer(optimizer))
         self._warn_reevaluating(optimizer, key)
         return True
 
@@ -1050,7 +1057,7 @@ class GradGuard(CallbackBase):
             return False
         if key not in self._reevaluating:
             # Found out on its first step: the engine was built with a clipper; the next step gets one without.
-            self._reevaluating.add(key)
+            self._reevaluating[key] = type(unwrap_optimizer(optimizer))
             self._signatures.pop(key, None)
             self._warn_reevaluating(optimizer, key)
         self._losses.pop(key, None)  # the trial points' losses are not the step's

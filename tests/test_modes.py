@@ -1299,6 +1299,32 @@ def test_a_sharpness_aware_optimizer_is_restarted_with_its_base_optimizers_state
     assert "GradGuard(clip=AGC" not in caplog.text
 
 
+def test_an_sgd_that_follows_a_sam_on_the_same_model_is_clipped() -> None:
+    # The same model and guard, fitted with a SAM and then with SGD (another `configure_optimizers`): the SGD kept
+    # the SAM's engine, which clips nothing, and a spike was skipped instead of clipped.
+    class Switching(Regressor):
+        sam = True
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * (1e3 if not self.sam and self.trainer.global_step == 30 else 1.0)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            if self.sam:
+                return _SharpnessAware(self.parameters(), lr=0.05, momentum=0.9)
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    torch.manual_seed(0)
+    model, guard = Switching(net=_tanh_net()), GradGuard()
+    trainer(max_steps=10, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(n=512))
+    before = guard.summary()
+    model.sam = False
+    trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(n=512))
+    after = guard.summary()
+    assert after["exploding"] > before["exploding"]
+    assert after["clipped"] > before["clipped"] and after["skipped"] == before["skipped"]
+
+
 def test_the_state_of_an_optimizer_built_on_a_base_optimizer_is_both_optimizers() -> None:
     from lightning_gradguard._compat import shards_state, state_holders, state_optimizer
 

@@ -250,8 +250,11 @@ def test_a_finite_loss_over_nan_gradients_is_traced_to_the_backward_pass(caplog:
     stopped = [m for m in messages if STOPPED in m]
     assert len(stopped) == 1 and "The training loss is finite (" in stopped[0]
     assert "arises in the backward pass" in stopped[0] and "torch.nan_to_num(y)" in stopped[0]
-    # A NaN loss (the poisoned buffer's) is not called finite; filling the NaN first trains without a warning.
+    # A NaN loss is not called finite: NaN inputs on every batch (no buffer to name), the poisoned buffer's.
+    _, messages, _ = _fit(NaNAtSteps(*range(200)), caplog)
+    assert [m for m in messages if STOPPED in m] and not any("backward pass" in m for m in messages)
     _, messages, _ = _fit(PoisonedBuffer(at=30), caplog)
     assert [m for m in messages if STOPPED in m] and not any("backward pass" in m for m in messages)
+    # Filling the NaN first trains without a warning.
     guard, messages, _ = _fit(MaskedNaNTargets(fill_first=True), caplog)
     assert guard.summary().get("nonfinite", 0) == 0 and not any(STOPPED in m for m in messages)

@@ -474,10 +474,50 @@ def test_the_first_exploding_warning_alone_names_new_phase() -> None:
     # A task switch is a jump like any other, clipped for its first steps; the user who made it on purpose learns of
     # `new_phase()` from the first warning, and not again from every later one.
     torch.manual_seed(0)
-    guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False)
+    model, guard = TwoJumps(), GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(max_steps=25, max_epochs=-1, callbacks=[guard], log_every_n_steps=5).fit(TwoJumps(), regression_data())
+        trainer(max_steps=25, max_epochs=-1, callbacks=[guard], log_every_n_steps=5).fit(model, regression_data())
     messages = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
     assert len(messages) == 2 and "at step 12" in messages[0] and "at step 17" in messages[1]
     assert "call `guard.new_phase()` at that step" in messages[0] and "new_phase" not in messages[1]
+    # A second fit with the same guard is often the next task: its first exploding warning names it again. (The
+    # first fit stops before the jump of step 17, so its layers have not been warned about.)
+    model, guard = TwoJumps(), GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False)
+    named = []
+    for steps in (15, 25):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer(max_steps=steps, max_epochs=-1, callbacks=[guard], log_every_n_steps=5).fit(
+                model, regression_data()
+            )
+        messages = [str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)]
+        named.append([("at step 17" in m, "guard.new_phase()" in m) for m in messages])
+    assert named == [[(False, True)], [(True, True)]]
+
+
+def test_a_later_fit_shows_a_warning_an_earlier_fit_gave_in_the_same_words() -> None:
+    # Under Python's default filter a code location says a text once per process: a hyperparameter search that
+    # tried one setup four times saw its warnings in the first trial only.
+    shown = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            torch.manual_seed(0)
+            guard = GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0), diagnostics=False)
+            trainer(max_steps=15, max_epochs=-1, callbacks=[guard], log_every_n_steps=5).fit(
+                Spiky(12), regression_data()
+            )
+            shown.append([str(w.message) for w in caught if "GradGuard: exploding" in str(w.message)])
+            caught.clear()
+    assert len(shown[0]) == 1 and shown[1] == shown[2] == shown[0]
+    # Where GradGuard warns, as before: its own code, which a filter by module can name.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        warnings.filterwarnings("ignore", module="lightning_gradguard")
+        trainer(
+            max_steps=15,
+            max_epochs=-1,
+            callbacks=[GradGuard(exploding=ExplodingDetector(warmup_steps=5, min_share=0.0))],
+        ).fit(Spiky(12), regression_data())
+    assert not [w for w in caught if str(w.message).startswith("GradGuard")]
