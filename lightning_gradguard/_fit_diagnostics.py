@@ -79,6 +79,22 @@ def _closed_epoch(state: dict[str, Any]) -> dict[str, Any]:
     return summary.state_dict()
 
 
+def _rate_scales(index: LayerIndex, groups: list[dict[str, Any]]) -> list[float] | None:
+    """Per layer of ``index``, the highest rate of the param groups its parameters are in, over the highest rate of
+    all groups (``None`` for one rate, or rates that are not numbers): a layer-wise decay of the rate slows the deep
+    layers on purpose. Host floats, read on logging steps only."""
+    rates = {
+        id(p): float(g["lr"]) for g in groups if isinstance(g.get("lr"), (float, int, Tensor)) for p in g["params"]
+    }
+    peak = max(rates.values(), default=0.0)
+    if peak <= 0.0 or len(set(rates.values())) < 2:
+        return None
+    scales = [0.0] * index.num_layers
+    for param, layer in zip(index.params, index.layer_of_param):
+        scales[layer] = max(scales[layer], rates.get(id(param), peak) / peak)
+    return scales
+
+
 class FitDiagnostics:
     """The logging-step-only diagnostics of :mod:`lightning_gradguard.diagnostics`, wired into GradGuard's hooks.
 
@@ -374,6 +390,7 @@ class FitDiagnostics:
                     ratio,
                     lr=None if lr is None else float(lr),
                     base_lr=float(base) if isinstance(base, (float, int, Tensor)) else None,
+                    rate_scales=_rate_scales(engine.index, groups),
                 ):
                     rank_zero_warn(f"GradGuard: {message} (step {step}{where}).", category=UserWarning)
             zero = values.get(f"zero/{key}")

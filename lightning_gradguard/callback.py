@@ -850,10 +850,10 @@ class GradGuard(CallbackBase):
         if size is None or size.ratio <= STEP_SIZE_HIGH:
             return
         shown = {rate for rate in rates if rate is not None}
-        rate = f"its {kind} rate {shown.pop():.3g}" if len(shown) == 1 else f"its {kind} rates"
+        rate = f"its {kind} rate {shown.pop():.3g} is" if len(shown) == 1 else f"its {kind} rates are"
         rank_zero_warn(
             f"GradGuard: optimizer {key} ({type(unwrap_optimizer(optimizer)).__name__}) moves each weight by about its"
-            f" learning rate per step, and {rate} is {size.ratio:.2g}x the typical size of the weights it trains (the"
+            f" learning rate per step, and {rate} {size.ratio:.2g}x the typical size of the weights it trains (the"
             f" median root-mean-square of its {size.tensors} weight tensors: {size.rms:.2g}; {size.worst!r}:"
             f" {size.worst_ratio:.2g}x). Steps that size rewrite such weights within a few steps, and a run can train"
             " far worse than at a lower rate without a gradient ever exploding, which is what GradGuard acts on. Tuned"
@@ -1500,9 +1500,6 @@ class GradGuard(CallbackBase):
         if key < len(trainer.optimizers):
             groups = trainer.optimizers[key].param_groups
             scheduled = {float(group["lr"]) for group in groups if group.get("lr") is not None}
-            if len(scheduled) == 1:
-                (lr,) = scheduled
-                rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
             # A scheduler that moved the rate (OneCycleLR's annealed tail, a decay, ReduceLROnPlateau's cuts) makes
             # the last rate no advice for a start: scale the schedule instead, named by its peak or base rate.
             kind, bases = self._schedule_bases(trainer, key)
@@ -1510,6 +1507,11 @@ class GradGuard(CallbackBase):
                 base is not None and group.get("lr") is not None and not math.isclose(base, float(group["lr"]))
                 for base, group in zip(bases, groups)
             )
+            if len(scheduled) == 1 and not moved and scheduled != {0.0}:
+                # The rate the run ends at; where a schedule moved it (a cosine to 0: "lr 0; the schedule says 0",
+                # user trial) the schedule's peak is named below instead.
+                (lr,) = scheduled
+                rate = f" (lr {lr * scale:.3g}; the schedule says {lr:.3g})"
             swa = self._swa_rates(key)
             if swa is not None:
                 # The trouble came at StochasticWeightAveraging's rate, which replaced the schedule's: the advice

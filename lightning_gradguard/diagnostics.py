@@ -288,7 +288,9 @@ class UpdateRatioHints:
     falls as the weights grow (about ``1 / steps`` with Adam), whatever the learning rate. A log whose learning rate
     (``lr``, when given) is below a tenth of the highest one known (seen, or the schedule's ``base_lr``) is no
     observation for the "too low" hint: a schedule's warm-up, its decay to zero and the troughs of warm restarts
-    shrink every update on purpose, and so does an LR guard that has cut the rate below a tenth.
+    shrink every update on purpose, and so does an LR guard that has cut the rate below a tenth. So is a layer whose
+    param group's rate is below a tenth of the highest group's (``rate_scales``): a layer-wise decay of the rate
+    (``0.8 ** depth`` over 12 blocks) shrinks the deep layers' updates on purpose too.
 
     Args:
         high: a ratio above this counts as too high (the learning rate may be too high for the layer), ``> low``.
@@ -337,6 +339,7 @@ too high for it (about 1e-3 is usual)"]
         ratios: Sequence[float] | np.ndarray,
         lr: float | None = None,
         base_lr: float | None = None,
+        rate_scales: Sequence[float] | None = None,
     ) -> list[str]:
         """Fold in one log's ratios (host floats, e.g. from :meth:`UpdateRatio.after_step` after the copy to host).
 
@@ -347,6 +350,8 @@ too high for it (about 1e-3 is usual)"]
                 one known, no ratio counts as too low.
             base_lr: the rate a schedule scales (a torch scheduler's ``initial_lr``), known before any log reaches
                 it: logs that all fall in a schedule's troughs see no higher one.
+            rate_scales: per name, the rate of its param group over the highest group's (``None``: one rate for
+                all); below a tenth, its ratio does not count as too low.
 
         Returns:
             The hint this log completes, as a list of at most one message (empty when no streak reached
@@ -354,15 +359,19 @@ too high for it (about 1e-3 is usual)"]
         """
         if len(names) != len(ratios):
             raise ValueError(f"`ratios` must have one entry per name ({len(names)}), got {len(ratios)}")
+        if rate_scales is not None and len(rate_scales) != len(names):
+            raise ValueError(f"`rate_scales` must have one entry per name ({len(names)}), got {len(rate_scales)}")
         # (decades out of the band, name, geometric mean) of the streaks this log completes, per direction
         due: dict[int, list[tuple[float, str, float]]] = {1: [], -1: []}
         for rate in (lr, base_lr):
             if rate is not None and math.isfinite(rate) and rate > 0.0:
                 self._peak_lr = max(self._peak_lr, float(rate))
         scheduled_low = lr is not None and lr < _LOW_RATE * self._peak_lr
-        for name, value in zip(names, ratios):
+        scales = rate_scales if rate_scales is not None else [1.0] * len(names)
+        for name, value, scale in zip(names, ratios, scales):
             ratio = float(value)
-            if not math.isfinite(ratio) or ratio <= 0.0 or (scheduled_low and ratio < self.low):
+            low_rate = scheduled_low or scale < _LOW_RATE
+            if not math.isfinite(ratio) or ratio <= 0.0 or (low_rate and ratio < self.low):
                 continue
             if name in self._from_zero:
                 if ratio > self.high:

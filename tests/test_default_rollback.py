@@ -857,6 +857,8 @@ def test_under_a_schedule_the_rate_note_scales_the_schedule(
         scaled = f"The schedule scaled by {scale:.3g}x (its {kind} rate {base * scale:.3g} instead of {base:.3g})"
         assert f"{scaled} is a ceiling" in notes[0]
     assert "scale it well below that (by a tenth of it)" in notes[0] and "start well below it" not in notes[0]
+    if schedule in ("decay", "onecycle", "cyclic"):  # the rate the schedule ended at is no rate to quote: "lr 0"
+        assert "the schedule says" not in notes[0]
 
 
 @pytest.mark.parametrize(("swa_lrs", "annealing_epochs"), [(0.005, 10), (0.5, 1)])

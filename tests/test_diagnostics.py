@@ -206,6 +206,25 @@ def test_a_scheduled_low_rate_gives_no_too_low_hint_and_the_peak_is_kept_with_th
     assert UpdateRatioHints(patience=1).update(names, [8e-6, 1e-3])  # no rate given: judged as before
 
 
+def test_a_layer_whose_group_rate_is_below_a_tenth_of_the_highest_gets_no_too_low_hint() -> None:
+    # A layer-wise decay (0.8 ** depth over 12 blocks: 0.07x) slows the deep layers on purpose.
+    names = ["blocks.0", "blocks.11", "head"]
+    hints = UpdateRatioHints(patience=2)
+    for _ in range(2):
+        assert hints.update(names, [6e-6, 6e-6, 1e-3], lr=1e-3, rate_scales=[0.07, 0.9, 1.0]) in (
+            [],
+            [
+                "update/weight ratio below 1e-5 over the last 2 logs for 1 layer: 'blocks.11' 6.0e-6; it barely trains:"
+                " the learning rate may be too low for it, or the gradient has become small (a task already fitted,"
+                " vanishing gradients, or a model that a too-high rate has collapsed)"
+            ],
+        )
+    assert not any("blocks.0" in h for h in hints.update(names, [6e-6, 6e-6, 1e-3], rate_scales=[0.07, 0.9, 1.0]))
+    assert "'blocks.0'" in UpdateRatioHints(patience=1).update(names, [6e-6, 1e-3, 1e-3])[0]  # one rate: judged
+    with pytest.raises(ValueError, match="rate_scales"):
+        UpdateRatioHints().update(names, [1e-3] * 3, rate_scales=[1.0])
+
+
 def test_update_ratio_hints_fire_once_per_layer_and_side_and_ignore_non_observations() -> None:
     hints = UpdateRatioHints(high=1e-2, low=1e-5, patience=3)
     names = ["encoder.3", "head", "frozen"]

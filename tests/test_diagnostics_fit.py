@@ -128,6 +128,35 @@ def test_no_too_low_hint_where_the_schedule_lowered_the_rate(
     assert not [str(w.message) for w in recwarn.list if "barely train" in str(w.message)]
 
 
+class LayerwiseRates(Regressor):
+    """SGD with the first layer's param group at ``first`` times the head's rate (a layer-wise decay), the head's
+    rate so low that every layer's update ratio is below the "too low" floor."""
+
+    def __init__(self, first: float) -> None:
+        super().__init__()
+        self.first = first
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(
+            [
+                {"params": self.net[0].parameters(), "lr": 5e-6 * self.first},
+                {"params": self.net[2].parameters(), "lr": 5e-6},
+            ]
+        )
+
+
+@pytest.mark.parametrize("first", [0.05, 1.0])
+def test_no_too_low_hint_for_a_layer_whose_group_rate_was_lowered_on_purpose(
+    recwarn: pytest.WarningsRecorder, first: float
+) -> None:
+    # A fine-tuning run with a layer-wise decay was told its deep layers "barely train" (user trial); the rate
+    # read was the first group's alone.
+    guard = GradGuard(log_every_n_steps=5, diagnostics=["update_ratio"])
+    trainer(max_steps=30, max_epochs=-1, callbacks=[guard]).fit(LayerwiseRates(first), regression_data())
+    low = " ".join(str(w.message) for w in recwarn.list if "barely train" in str(w.message))
+    assert ("'net.0'" in low) == (first == 1.0)
+
+
 def test_frozen_integer_parameters_do_not_stop_the_fit(tmp_path: Any) -> None:
     # Finding the layers that start at zero took a norm of every parameter, integers included, and crashed.
     model = Regressor()

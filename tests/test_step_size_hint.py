@@ -113,6 +113,22 @@ def test_a_schedule_is_judged_by_its_peak() -> None:
     assert "peak rate 0.2 is 4x" in hint
 
 
+class _TwoRates(Regressor):
+    def configure_optimizers(self) -> Any:
+        first, last = self.net[0], self.net[1]
+        return torch.optim.Adam([{"params": first.parameters(), "lr": 0.2}, {"params": last.parameters(), "lr": 0.1}])
+
+
+def test_several_rates_are_named_as_such() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=2, callbacks=[GradGuard()]).fit(
+            _TwoRates(net=_net(0.05), dim=4), regression_data(n=64, dim=4)
+        )
+    (hint,) = [str(w.message) for w in caught if "moves each weight" in str(w.message)]
+    assert "and its base rates are 3x the typical size" in hint  # "rates is", before
+
+
 def test_a_lazy_module_trained_with_adam_is_judged_on_its_initialized_weights_only() -> None:
     # Lightning starts training before the first forward pass creates a lazy module's weights: `dim()` of an
     # uninitialized parameter raises, and the hint stopped such a fit before its first step.
