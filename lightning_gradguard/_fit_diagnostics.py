@@ -79,14 +79,28 @@ def _closed_epoch(state: dict[str, Any]) -> dict[str, Any]:
     return summary.state_dict()
 
 
+#: The share of an optimizer's trainable entries a rate must step to be the reference of `_rate_scales`.
+_PEAK_SHARE = 0.01
+
+
 def _rate_scales(index: LayerIndex, groups: list[dict[str, Any]]) -> list[float] | None:
-    """Per layer of ``index``, the highest rate of the param groups its parameters are in, over the highest rate of
-    all groups (``None`` for one rate, or rates that are not numbers): a layer-wise decay of the rate slows the deep
-    layers on purpose. Host floats, read on logging steps only."""
-    rates = {
-        id(p): float(g["lr"]) for g in groups if isinstance(g.get("lr"), (float, int, Tensor)) for p in g["params"]
-    }
-    peak = max(rates.values(), default=0.0)
+    """Per layer of ``index``, the highest rate of the param groups its parameters are in, over the highest rate that
+    steps at least ``_PEAK_SHARE`` of the trainable entries (``None`` for one rate, or rates that are not numbers): a
+    layer-wise decay of the rate slows the deep layers on purpose. Host floats, read on logging steps only."""
+    rates: dict[int, float] = {}
+    trained: dict[float, int] = {}  # per rate, the trainable entries it steps
+    for group in groups:
+        if not isinstance(group.get("lr"), (float, int, Tensor)):
+            continue
+        rate = float(group["lr"])
+        for p in group["params"]:
+            rates[id(p)] = rate
+            if p.requires_grad and not isinstance(p, torch.nn.parameter.UninitializedParameter):
+                trained[rate] = trained.get(rate, 0) + p.numel()
+    # The highest rate that trains a share of the weights: a one-entry temperature at 100x the others' rate made
+    # every other layer's rate "below a tenth" (a review), and so did a group of frozen weights.
+    total = sum(trained.values())
+    peak = max((rate for rate, size in trained.items() if size >= _PEAK_SHARE * total), default=0.0)
     if peak <= 0.0 or len(set(rates.values())) < 2:
         return None
     scales = [0.0] * index.num_layers

@@ -311,6 +311,7 @@ class GradGuard(CallbackBase):
         """Everything one model's training builds up, as a fresh guard has it."""
         self._states: dict[int, GuardEngine] = {}  # optimizer key -> its engine
         self._signatures: dict[int, tuple[tuple[int, int], ...]] = {}  # per param group: size, id of first param
+        self._optimizer_types: dict[int, type] = {}  # the type of the optimizer each engine was built for
         self._opt_keys: dict[int, int] = {}  # id(optimizer) -> optimizer index
         self._loaded: dict[str, Any] | None = None
         self._next_log_step = 0
@@ -371,10 +372,9 @@ class GradGuard(CallbackBase):
         self._odd_layout: tuple[tuple[int, ...], ...] | None = None
         self._batch_fresh = False
         # Optimizers whose step() evaluates the closure several times (LBFGS): Lightning runs this callback's hook on
-        # every evaluation, so only the first of a step is the step's. Their keys, with the optimizer's type; per key,
-        # the hook calls seen inside the optimizer.step() call under way (absent: none under way), kept by the
-        # optimizer's own step hooks.
-        self._reevaluating: dict[int, type] = {}
+        # every evaluation, so only the first of a step is the step's. Their keys; per key, the hook calls seen inside
+        # the optimizer.step() call under way (absent: none under way), kept by the optimizer's own step hooks.
+        self._reevaluating: set[int] = set()
         self._in_step: dict[int, int] = {}
         self._step_hooks: dict[int, tuple[Any, Any]] = {}
         # Per optimizer key, the learning rate of param group 0 the latest optimizer step ran with and the LR
@@ -902,11 +902,14 @@ class GradGuard(CallbackBase):
         # The first parameter's identity tells a new model (the guard reused for another fit) from the same one; the
         # engine holds its parameters, so their ids cannot be reused while it lives.
         signature = tuple((len(g["params"]), id(g["params"][0]) if g["params"] else 0) for g in optimizer.param_groups)
-        if key in self._reevaluating and self._reevaluating[key] is not type(unwrap_optimizer(optimizer)):
+        kind = type(unwrap_optimizer(optimizer))
+        if self._optimizer_types.get(key, kind) is not kind:
             # Another optimizer at this key (the same model refitted with another `configure_optimizers`): an SGD
-            # after a SAM kept the SAM's engine, unclipped. Found out afresh.
-            del self._reevaluating[key]
+            # after a SAM kept the SAM's engine, unclipped, and an LBFGS after an SGD the SGD's, clipped. Its engine
+            # is built afresh, and whether it evaluates several times is found out afresh.
+            self._reevaluating.discard(key)
             self._signatures.pop(key, None)
+        self._optimizer_types[key] = kind
         engine = self._states.get(key)
         if engine is not None and self._signatures.get(key) == signature:
             return engine
@@ -987,7 +990,7 @@ class GradGuard(CallbackBase):
             return True
         if not isinstance(unwrap_optimizer(optimizer), torch.optim.LBFGS):
             return False  # found out on its first step instead, if it does (`_repeated_evaluation`)
-        self._reevaluating[key] = type(unwrap_optimizer(optimizer))
+        self._reevaluating.add(key)
         self._warn_reevaluating(optimizer, key)
         return True
 
@@ -1057,7 +1060,7 @@ class GradGuard(CallbackBase):
             return False
         if key not in self._reevaluating:
             # Found out on its first step: the engine was built with a clipper; the next step gets one without.
-            self._reevaluating[key] = type(unwrap_optimizer(optimizer))
+            self._reevaluating.add(key)
             self._signatures.pop(key, None)
             self._warn_reevaluating(optimizer, key)
         self._losses.pop(key, None)  # the trial points' losses are not the step's

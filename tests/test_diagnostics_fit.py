@@ -130,29 +130,38 @@ def test_no_too_low_hint_where_the_schedule_lowered_the_rate(
 
 class LayerwiseRates(Regressor):
     """SGD with the first layer's param group at ``first`` times the head's rate (a layer-wise decay), the head's
-    rate so low that every layer's update ratio is below the "too low" floor."""
+    rate so low that every layer's update ratio is below the "too low" floor; with ``temperature``, a one-entry
+    output scale in a group of its own at 100 times the head's rate."""
 
-    def __init__(self, first: float) -> None:
+    def __init__(self, first: float, temperature: bool = False) -> None:
         super().__init__()
         self.first = first
+        self.temperature = nn.Parameter(torch.ones(())) if temperature else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if self.temperature is None else out * self.temperature
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(
-            [
-                {"params": self.net[0].parameters(), "lr": 5e-6 * self.first},
-                {"params": self.net[2].parameters(), "lr": 5e-6},
-            ]
-        )
+        groups = [
+            {"params": self.net[0].parameters(), "lr": 5e-6 * self.first},
+            {"params": self.net[2].parameters(), "lr": 5e-6},
+        ]
+        if self.temperature is not None:
+            groups.append({"params": [self.temperature], "lr": 5e-4})
+        return torch.optim.SGD(groups)
 
 
-@pytest.mark.parametrize("first", [0.05, 1.0])
+@pytest.mark.parametrize(("first", "temperature"), [(0.05, False), (1.0, False), (1.0, True)])
 def test_no_too_low_hint_for_a_layer_whose_group_rate_was_lowered_on_purpose(
-    recwarn: pytest.WarningsRecorder, first: float
+    recwarn: pytest.WarningsRecorder, first: float, temperature: bool
 ) -> None:
     # A fine-tuning run with a layer-wise decay was told its deep layers "barely train" (user trial); the rate
-    # read was the first group's alone.
+    # read was the first group's alone. The reference is a rate that trains a share of the weights: a one-entry
+    # temperature at 100x silenced the hint for every other layer (a review).
     guard = GradGuard(log_every_n_steps=5, diagnostics=["update_ratio"])
-    trainer(max_steps=30, max_epochs=-1, callbacks=[guard]).fit(LayerwiseRates(first), regression_data())
+    model = LayerwiseRates(first, temperature)
+    trainer(max_steps=30, max_epochs=-1, callbacks=[guard]).fit(model, regression_data())
     low = " ".join(str(w.message) for w in recwarn.list if "barely train" in str(w.message))
     assert ("'net.0'" in low) == (first == 1.0)
 

@@ -1325,6 +1325,32 @@ def test_an_sgd_that_follows_a_sam_on_the_same_model_is_clipped() -> None:
     assert after["clipped"] > before["clipped"] and after["skipped"] == before["skipped"]
 
 
+def test_an_lbfgs_that_follows_an_sgd_on_the_same_model_is_not_clipped() -> None:
+    # The other way round: the LBFGS kept the SGD's engine, whose clipper clipped its first evaluation of a spike
+    # (bending its curvature estimate) where a fresh guard skips the step.
+    class Switching(Regressor):
+        lbfgs = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            loss = super().training_step(batch, batch_idx)
+            return loss * (1e3 if self.lbfgs and self.trainer.global_step == 0 else 1.0)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            if self.lbfgs:
+                return torch.optim.LBFGS(self.parameters(), lr=0.05, max_iter=2)
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    torch.manual_seed(0)
+    model, guard = Switching(net=_tanh_net()), GradGuard()
+    trainer(max_steps=40, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(n=512))
+    before = guard.summary()
+    model.lbfgs = True
+    trainer(max_steps=3, max_epochs=-1, callbacks=[guard]).fit(model, regression_data(n=512))
+    after = guard.summary()
+    assert after["exploding"] > before["exploding"]
+    assert after["clipped"] == before["clipped"] and after["skipped"] == before["skipped"] + 1
+
+
 def test_the_state_of_an_optimizer_built_on_a_base_optimizer_is_both_optimizers() -> None:
     from lightning_gradguard._compat import shards_state, state_holders, state_optimizer
 
