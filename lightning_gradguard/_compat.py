@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "device_has_foreach_support",
+    "in_function_transform",
     "foreach_add_",
     "foreach_copy_",
     "foreach_mul",
@@ -395,6 +396,18 @@ def loaded_type(module_name: str, type_name: str) -> type | None:
     out is slow."""
     found = getattr(sys.modules.get(module_name), type_name, None)
     return found if isinstance(found, type) else None
+
+
+def in_function_transform() -> bool:
+    """Whether this runs inside a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``): a tensor made here is
+    wrapped for the transform and must not be kept past it. Per-sample gradients taken with ``vmap(grad(...))`` run
+    the model's own modules, and a forward hook that kept their outputs crashed the fit at its first logging step
+    (a user trial's DP-SGD). ``False`` while ``torch.compile`` traces (no transform is traced there) and on a torch
+    without ``torch._C._functorch``."""
+    if torch.compiler.is_compiling():
+        return False
+    level = getattr(getattr(torch._C, "_functorch", None), "maybe_current_level", None)
+    return level is not None and level() is not None
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:

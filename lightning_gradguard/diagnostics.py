@@ -37,6 +37,7 @@ from lightning_gradguard._compat import (
     foreach_mul,
     foreach_norm,
     group_by_device_and_dtype,
+    in_function_transform,
     unwrap_optimizer,
 )
 from lightning_gradguard._validation import check_int, check_number
@@ -787,6 +788,8 @@ class ActivationGradients:
                 self._found.append((position, norm, self._in_marked))
 
         def on_output(module: nn.Module, args: object, output: object) -> None:
+            if in_function_transform():
+                return  # per-sample gradients (`vmap(grad(...))`): its outputs are not the step's and cannot leave
             # The order of the first forward, gradient or not: reentrant activation checkpointing runs it under
             # no_grad and recomputes each block during the backward, last block first (the flow came out reversed).
             if position not in self._seen:

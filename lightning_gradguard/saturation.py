@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
+from lightning_gradguard._compat import in_function_transform
 from lightning_gradguard._validation import check_bool, check_int, check_number
 from lightning_gradguard.layers import ROOT_LAYER, module_sites
 
@@ -43,8 +44,8 @@ class _Probe:
     def __call__(self, module: nn.Module, args: object, output: object) -> None:
         # A forward pass without gradients (validation between two micro-batches of a logging step, a teacher's
         # forward) neither trains nor passes a gradient back: its activations are not this step's.
-        if not self.active or self.rule is None or not torch.is_grad_enabled():
-            return
+        if not self.active or self.rule is None or not torch.is_grad_enabled() or in_function_transform():
+            return  # (inside `vmap(grad(...))` the outputs are per-sample copies that must not leave the transform)
         y = output[0] if isinstance(output, tuple) and not isinstance(output, PackedSequence) else output
         if isinstance(y, PackedSequence):
             y = y.data

@@ -1427,3 +1427,53 @@ def test_a_restart_puts_back_the_state_of_an_optimizer_and_of_its_base_optimizer
     x, y = next(iter(regression_data(n=512, batch_size=512)))
     with torch.no_grad():
         assert nn.functional.mse_loss(model(x), y) < 0.15 * y.var()
+
+
+class PerSampleGradients(Regressor):
+    """DP-SGD written by hand: per-sample gradients with ``torch.func.vmap(grad(...))`` over the model's own modules,
+    each clipped to norm 1 and averaged (no noise: deterministic), set as ``.grad`` (manual optimization) or written
+    over the loss's gradients in ``on_after_backward`` (automatic)."""
+
+    def __init__(self, manual: bool) -> None:
+        super().__init__(net=_tanh_net())
+        self.automatic_optimization = not manual
+
+    def _private_grads(self, batch: Any) -> list[torch.Tensor]:
+        x, y = batch
+        params = {name: p.detach() for name, p in self.named_parameters()}
+
+        def loss(weights: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            out = torch.func.functional_call(self, weights, (xi.unsqueeze(0),))
+            return nn.functional.mse_loss(out, yi.unsqueeze(0))
+
+        per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+        flat = torch.cat([g.flatten(1) for g in per_sample.values()], dim=1)
+        scale = (1.0 / flat.norm(dim=1).clamp_min(1.0)).view(-1)
+        return [(g * scale.view(-1, *[1] * (g.dim() - 1))).mean(0) for g in per_sample.values()]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.automatic_optimization:
+            self._batch = batch
+            return super().training_step(batch, batch_idx)
+        opt = self.optimizers()
+        for p, g in zip(self.parameters(), self._private_grads(batch)):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+        return None
+
+    def on_after_backward(self) -> None:
+        if self.automatic_optimization:
+            for p, g in zip(self.parameters(), self._private_grads(self._batch)):
+                p.grad = g
+
+
+@pytest.mark.parametrize("manual", [True, False], ids=["manual", "automatic"])
+def test_per_sample_gradients_taken_with_vmap_do_not_stop_the_fit(manual: bool) -> None:
+    # The activation hooks kept the outputs of the vmapped forward passes, which cannot leave the transform: the
+    # fit died at its first logging step ("tensor may have escaped from inside a function being vmapped").
+    torch.manual_seed(0)
+    model, guard = PerSampleGradients(manual), GradGuard()
+    trainer(max_steps=6, max_epochs=-1, callbacks=[guard], log_every_n_steps=2).fit(model, regression_data())
+    assert guard.summary()["nonfinite"] == 0 and model.trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in model.parameters())
